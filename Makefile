@@ -1,0 +1,52 @@
+# yimaporc: two commands (make run, make test); see README.md.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools
+APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
+PYTEST_ARGS ?=
+
+.PHONY: install system-tools run test lint typecheck unit integration bench clean
+
+install: system-tools $(STAMP)
+
+# System tools the end-to-end tests drive (installed only when missing, only as root).
+system-tools:
+	@missing=""; for pair in $(APT_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system tools:$$missing"; \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing $(APT_EXTRA) >/dev/null; \
+	  else echo "warning: missing system tools ($$missing); run as root or install them"; fi; \
+	fi
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+run: install
+	$(BIN)/yimaporc local-cluster
+
+lint: install
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/mypy src/yimaporc
+
+test: install lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+unit: install
+	$(BIN)/python -m pytest -q --ignore=tests/integration $(PYTEST_ARGS)
+
+integration: install
+	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .mypy_cache .pytest_cache .ruff_cache
