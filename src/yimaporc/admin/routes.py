@@ -28,9 +28,14 @@ class ApiError(Exception):
 
 @attrs.frozen
 class Route:
-    """One admin endpoint: ``method`` and ``path`` (e.g. ``"/api/mail/users"``)."""
+    """One admin endpoint: ``method`` and ``path`` (e.g. ``"/api/mail/users"``).
+
+    With ``raw`` the handler's body argument is ``{"content": file, "size": n}``
+    (the uploaded bytes, e.g. a media file) instead of decoded JSON.
+    """
 
     method: str
     path: str
     handler: JsonHandler
     mutates: bool = True
+    raw: bool = False

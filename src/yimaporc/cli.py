@@ -1,0 +1,150 @@
+"""The ``yimaporc`` command (CONTRACT §3).
+
+Every subcommand exits 0 on success and otherwise prints one ``error: ...``
+line on stderr and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .admin.client import AdminClient, AdminError
+from .secret import SecretError, admin_token, load_or_create_secret
+
+DEFAULT_SECRET = Path("var/local/cluster.secret")
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as ``error: ...``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def token_for(args: argparse.Namespace, required: bool) -> str | None:
+    """The admin bearer token: $YIMAPORC_TOKEN, else derived from --secret-file."""
+    env = os.environ.get("YIMAPORC_TOKEN")
+    if env:
+        return env.strip()
+    path = Path(args.secret_file) if args.secret_file else DEFAULT_SECRET
+    if not path.exists():
+        if required:
+            raise CliError(
+                f"no admin token: set YIMAPORC_TOKEN or give --secret-file (tried {path})"
+            )
+        return None
+    try:
+        return admin_token(load_or_create_secret(path, create=False))
+    except SecretError as e:
+        raise CliError(str(e)) from e
+
+
+def make_client(args: argparse.Namespace, *, mutating: bool = True) -> AdminClient:
+    """An :class:`AdminClient` for ``--admin`` with the token when there is one."""
+    if not args.admin:
+        raise CliError("--admin URL is required (e.g. --admin http://127.0.1.1:8080)")
+    try:
+        return AdminClient(args.admin, token_for(args, required=mutating))
+    except AdminError as e:
+        raise CliError(str(e)) from e
+
+
+def _admin_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--admin", metavar="URL", help="http://HOST:PORT of any node's admin API")
+    p.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help=f"cluster secret for the bearer token (default {DEFAULT_SECRET}; "
+        "or set YIMAPORC_TOKEN)",
+    )
+    return p
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    doc = make_client(args, mutating=False).get("/api/status")
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    print(f"node {doc['node_id']} ({doc['kind']}) epoch {doc['epoch']}")
+    print(f"coordinator {doc.get('coordinator', '?')}")
+    for m in doc["members"]:
+        print(f"member {m['node_id']} {m['address']}")
+    for key in ("users", "buckets", "disks", "media"):
+        if key in doc:
+            print(f"{key} {json.dumps(doc[key], sort_keys=True)}")
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    print(token_for(args, required=True))
+    return 0
+
+
+def _cmd_local_cluster(args: argparse.Namespace) -> int:
+    from .local_cluster import LocalCluster
+
+    return LocalCluster(
+        base_dir=Path(args.base_dir), porcupine=args.porcupine, yima=args.yima
+    ).run()
+
+
+Register = Callable[[Any, Callable[..., AdminClient], argparse.ArgumentParser], None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = _Parser(prog="yimaporc", description=__doc__)
+    sub: Any = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    admin = _admin_parent()
+
+    p = sub.add_parser("status", parents=[admin], help="show a node's view of the cluster")
+    p.add_argument("--json", action="store_true", help="print the status document as JSON")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("token", parents=[admin], help="print the admin bearer token")
+    p.set_defaults(func=_cmd_token)
+
+    p = sub.add_parser("local-cluster", help="run a demo cluster on 127.0.x.y (Ctrl-C stops)")
+    p.add_argument("--porcupine", type=int, default=3, metavar="N")
+    p.add_argument("--yima", type=int, default=3, metavar="N")
+    p.add_argument("--base-dir", default="var/local", metavar="DIR")
+    p.set_defaults(func=_cmd_local_cluster)
+
+    for module in ("yimaporc.porcupine.cli", "yimaporc.yima.cli", "yimaporc.yima.player.cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                continue
+            raise
+        mod.register(sub, make_client, admin)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, AdminError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,425 @@
+"""Three-Round Membership (TRM), as Porcupine uses it (seed §3.1), sans-IO.
+
+The core never touches a socket or a clock: the shell feeds it authenticated
+datagrams and timer ticks with the local time ``now`` and performs the actions
+it returns (:class:`Send`, :class:`ViewChanged`).
+
+Rounds:
+
+1. a node that notices a change becomes *coordinator* and sends ``NewGroup``
+   with a proposal drawn from its Lamport clock;
+2. members answer ``Reply`` with their epoch and view;
+3. after everybody answered (or ``round_timeout``) the coordinator ``Commit``\\ s
+   the members that replied, with an epoch greater than every epoch it heard.
+
+Changes are noticed three ways: the coordinator's periodic ``Probe`` to known
+nodes outside the group (a probe from a non-member starts a round that merges
+both groups); a ping of the next-highest neighbour in address order that goes
+unanswered ``ping_misses`` times; and a ping answer whose epoch or membership
+differs from ours.  Concurrent rounds are ordered by ``(proposal, node_id)``:
+a node follows the highest round it has seen.  A node's epoch never goes back:
+commits with an epoch not above ours are ignored.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+import attrs
+
+from .timesync import ClockSync
+from .wire import (
+    Ack,
+    Body,
+    Commit,
+    Header,
+    Member,
+    NewGroup,
+    Ping,
+    Probe,
+    Reply,
+    TimeReq,
+    TimeResp,
+)
+
+
+@attrs.frozen
+class TrmConfig:
+    """Timers of the protocol, in seconds."""
+
+    probe_interval: float = 1.0
+    ping_interval: float = 0.5
+    ping_misses: int = 3
+    round_timeout: float = 0.4
+    commit_timeout: float = 1.5
+    trigger_backoff: float = 0.2
+    known_ttl: float = 600.0
+    member_probe_factor: float = 4.0
+
+
+@attrs.frozen
+class View:
+    """What a node believes the group is: epoch, members (address order), coordinator."""
+
+    epoch: int
+    members: tuple[Member, ...]
+    coordinator: str
+    attachment: bytes = b""
+
+    def member(self, node_id: str) -> Member | None:
+        """The member with ``node_id``, if any."""
+        for m in self.members:
+            if m.node_id == node_id:
+                return m
+        return None
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        """Member ids in address order."""
+        return tuple(m.node_id for m in self.members)
+
+
+EMPTY_VIEW = View(0, (), "")
+
+
+@attrs.frozen
+class Send:
+    """Action: send ``body`` to ``address`` (``host:port``)."""
+
+    address: str
+    body: Body
+
+
+@attrs.frozen
+class ViewChanged:
+    """Action: the committed view changed from ``old`` to ``new``."""
+
+    old: View
+    new: View
+
+
+Action = Send | ViewChanged
+AttachmentFor = Callable[[View, tuple[Member, ...], int], bytes]
+
+
+@attrs.define
+class _CoordinatorRound:
+    key: tuple[int, str]
+    candidates: dict[str, Member]
+    replies: dict[str, tuple[Member, int]]
+    deadline: float
+
+
+@attrs.define
+class _Waiting:
+    key: tuple[int, str]
+    deadline: float
+
+
+def _sorted(members: Iterable[Member]) -> tuple[Member, ...]:
+    return tuple(sorted(members, key=lambda m: m.sort_key))
+
+
+class Membership:
+    """One node's TRM state machine."""
+
+    def __init__(
+        self,
+        me: Member,
+        *,
+        seeds: Iterable[str] = (),
+        rng: random.Random,
+        config: TrmConfig | None = None,
+        epoch: int = 0,
+        lamport: int = 0,
+        known: Iterable[str] = (),
+        attachment_for: AttachmentFor | None = None,
+    ) -> None:
+        self.me = me
+        self.config = config or TrmConfig()
+        self.rng = rng
+        self.view = EMPTY_VIEW
+        self.lamport = max(lamport, epoch)
+        self._initial_epoch = epoch
+        self.seeds = frozenset(s for s in seeds if s != me.address)
+        self._known: dict[str, float] = {a: 0.0 for a in known if a != me.address}
+        self.attachment_for = attachment_for
+        self.clock_sync = ClockSync(me.node_id)
+        self._round: _CoordinatorRound | None = None
+        self._waiting: _Waiting | None = None
+        self._pending: dict[str, Member] | None = None
+        self._next_trigger = 0.0
+        self._next_probe = 0.0
+        self._next_ping = 0.0
+        self._ping_target: Member | None = None
+        self._ping_nonce = 0
+        self._ping_outstanding = False
+        self._missed = 0
+        self.sent: Counter[str] = Counter()
+        self.rounds_started = 0
+
+    # --- inputs ---------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """Boot: become coordinator of a group of one and start probing."""
+        out: list[Action] = []
+        self._install(View(self._initial_epoch + 1, (self.me,), self.me.node_id), now, out)
+        self._next_probe = now
+        return out
+
+    def receive(self, header: Header, body: Body, now: float) -> list[Action]:
+        """An authenticated, fresh datagram from ``header.sender``."""
+        out: list[Action] = []
+        if header.sender == self.me.node_id:
+            return out
+        self.lamport = max(self.lamport, header.lamport) + 1
+        self._known[header.address] = now
+        sender = Member(header.sender, header.address, header.incarnation)
+        if isinstance(body, Probe):
+            self._on_probe(sender, body, now, out)
+        elif isinstance(body, NewGroup):
+            self._on_new_group(sender, body, now, out)
+        elif isinstance(body, Reply):
+            self._on_reply(sender, body, now, out)
+        elif isinstance(body, Commit):
+            self._on_commit(sender, body, now, out)
+        elif isinstance(body, Ping):
+            member = self.view.member(sender.node_id) == sender
+            self._send(out, sender.address, Ack(self.view.epoch, body.nonce, member))
+        elif isinstance(body, Ack):
+            self._on_ack(sender, body, now, out)
+        elif isinstance(body, TimeReq):
+            self._send(out, sender.address, self.clock_sync.answer(body, now))
+        elif isinstance(body, TimeResp):
+            self.clock_sync.on_response(sender.node_id, body, now)
+        return out
+
+    def tick(self, now: float) -> list[Action]:
+        """Run whatever timers are due at ``now``."""
+        out: list[Action] = []
+        cfg = self.config
+        if self._round is not None and now >= self._round.deadline:
+            self._commit(now, out)
+        if self._waiting is not None and now >= self._waiting.deadline:
+            self._waiting = None
+        if self._pending is not None and self._idle and now >= self._next_trigger:
+            extra, self._pending = self._pending, None
+            self._start_round(now, extra, out)
+        if self._idle and now >= self._next_probe:
+            self._probe(now, out)
+            # Coordinators probe every interval; members every few, so a group
+            # whose coordinator knows nobody outside still finds the others.
+            every = cfg.probe_interval * (1 if self._is_coordinator else cfg.member_probe_factor)
+            self._next_probe = now + every * (0.9 + 0.2 * self.rng.random())
+        if self._ping_target is not None and now >= self._next_ping:
+            self._ping(now, out)
+        for address, req in self.clock_sync.tick(now):
+            self._send(out, address, req)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The earliest local time at which :meth:`tick` has work."""
+        times = [self.clock_sync.next_deadline()]
+        if self._round is not None:
+            times.append(self._round.deadline)
+        if self._waiting is not None:
+            times.append(self._waiting.deadline)
+        if self._idle and self._pending is not None:
+            times.append(self._next_trigger)
+        if self._idle:
+            times.append(self._next_probe)
+        if self._ping_target is not None:
+            times.append(self._next_ping)
+        return min((t for t in times if t is not None), default=None)
+
+    # --- derived state ----------------------------------------------------------
+
+    @property
+    def _idle(self) -> bool:
+        return self._round is None and self._waiting is None
+
+    @property
+    def _is_coordinator(self) -> bool:
+        return self.view.coordinator == self.me.node_id
+
+    @property
+    def in_round(self) -> bool:
+        """True while a round this node coordinates or takes part in is open."""
+        return not self._idle
+
+    def known_addresses(self) -> list[str]:
+        """Addresses this node would probe (seeds and nodes heard from recently)."""
+        return sorted(self.seeds | set(self._known))
+
+    # --- handlers ---------------------------------------------------------------
+
+    def _on_probe(self, sender: Member, probe: Probe, now: float, out: list[Action]) -> None:
+        if self.view.member(sender.node_id) == sender and probe.epoch == self.view.epoch:
+            return
+        self._trigger(now, (sender, *probe.members), out)
+
+    def _on_new_group(self, sender: Member, msg: NewGroup, now: float, out: list[Action]) -> None:
+        key = (msg.proposal, sender.node_id)
+        if self._round is not None and self._round.key > key:
+            self._ask(now, [sender], out)
+            return
+        if self._waiting is not None and self._waiting.key > key:
+            return
+        known = {m.node_id: m for m in self.view.members}
+        if self._round is not None:
+            known.update(self._round.candidates)  # hand over whom we were asking
+        self._round = None
+        self._waiting = _Waiting(key, now + self.config.commit_timeout)
+        reply = Reply(msg.proposal, sender.node_id, self.view.epoch, _sorted(known.values()))
+        self._send(out, sender.address, reply)
+
+    def _on_reply(self, sender: Member, msg: Reply, now: float, out: list[Action]) -> None:
+        rnd = self._round
+        if rnd is None or (msg.proposal, msg.coordinator) != rnd.key:
+            return
+        rnd.candidates[sender.node_id] = sender
+        rnd.replies[sender.node_id] = (sender, msg.epoch)
+        self._ask(now, msg.members, out)
+        if set(rnd.replies) >= set(rnd.candidates):
+            self._commit(now, out)
+
+    def _on_commit(self, sender: Member, msg: Commit, now: float, out: list[Action]) -> None:
+        if msg.epoch <= self.view.epoch:
+            return
+        if self.me not in msg.members:
+            self._trigger(now, msg.members, out)
+            return
+        self._round = None
+        self._waiting = None
+        self.lamport = max(self.lamport, msg.epoch)
+        self._install(
+            View(msg.epoch, _sorted(msg.members), sender.node_id, msg.attachment), now, out
+        )
+        self._next_trigger = now + self.config.trigger_backoff
+
+    def _on_ack(self, sender: Member, msg: Ack, now: float, out: list[Action]) -> None:
+        target = self._ping_target
+        if target is None or sender.node_id != target.node_id or msg.nonce != self._ping_nonce:
+            return
+        self._ping_outstanding = False
+        self._missed = 0
+        if msg.epoch != self.view.epoch or not msg.member or sender != target:
+            self._trigger(now, [sender], out)
+
+    # --- actions ----------------------------------------------------------------
+
+    def _trigger(self, now: float, extra: Iterable[Member], out: list[Action]) -> None:
+        extra = [m for m in extra if m.node_id != self.me.node_id]
+        if self._round is not None:
+            self._ask(now, extra, out)
+        elif self._waiting is not None:
+            return
+        elif now < self._next_trigger:
+            pending = self._pending if self._pending is not None else {}
+            for m in extra:
+                pending[m.node_id] = _newer(pending.get(m.node_id), m)
+            self._pending = pending
+        else:
+            self._start_round(now, {m.node_id: m for m in extra}, out)
+
+    def _start_round(self, now: float, extra: dict[str, Member], out: list[Action]) -> None:
+        candidates: dict[str, Member] = {}
+        for m in (*self.view.members, *extra.values()):
+            if m.node_id != self.me.node_id:
+                candidates[m.node_id] = _newer(candidates.get(m.node_id), m)
+        self.lamport = max(self.lamport + 1, self.view.epoch + 1)
+        key = (self.lamport, self.me.node_id)
+        self.rounds_started += 1
+        self._round = _CoordinatorRound(key, {}, {}, now + self.config.round_timeout)
+        self._ask(now, candidates.values(), out)
+        if not candidates:
+            self._commit(now, out)
+
+    def _ask(self, now: float, members: Iterable[Member], out: list[Action]) -> None:
+        rnd = self._round
+        if rnd is None:
+            return
+        for m in members:
+            if m.node_id == self.me.node_id:
+                continue
+            known = rnd.candidates.get(m.node_id)
+            if known is not None and known.address == m.address:
+                continue
+            rnd.candidates[m.node_id] = m
+            self._send(out, m.address, NewGroup(rnd.key[0]))
+
+    def _commit(self, now: float, out: list[Action]) -> None:
+        rnd = self._round
+        assert rnd is not None
+        self._round = None
+        members = _sorted([self.me, *(m for m, _ in rnd.replies.values())])
+        epoch = max([rnd.key[0], self.view.epoch + 1, *(e + 1 for _, e in rnd.replies.values())])
+        self.lamport = max(self.lamport, epoch)
+        attachment = b""
+        if self.attachment_for is not None:
+            attachment = self.attachment_for(self.view, members, epoch)
+        commit = Commit(epoch, members, attachment)
+        for m in members:
+            if m.node_id != self.me.node_id:
+                self._send(out, m.address, commit)
+        self._install(View(epoch, members, self.me.node_id, attachment), now, out)
+        self._next_trigger = now + self.config.trigger_backoff * (1 + self.rng.random())
+        self._next_probe = now + self.config.probe_interval * self.rng.random()
+
+    def _install(self, view: View, now: float, out: list[Action]) -> None:
+        old, self.view = self.view, view
+        for m in view.members:
+            if m.node_id != self.me.node_id:
+                self._known[m.address] = now
+        self.clock_sync.set_members(view.members, now)
+        target = self._neighbour()
+        if target != self._ping_target:
+            self._ping_target = target
+            self._ping_outstanding = False
+            self._missed = 0
+            self._next_ping = now + self.config.ping_interval
+        out.append(ViewChanged(old, view))
+
+    def _neighbour(self) -> Member | None:
+        members = self.view.members
+        if len(members) < 2:
+            return None
+        i = members.index(self.me)
+        return members[(i + 1) % len(members)]
+
+    def _probe(self, now: float, out: list[Action]) -> None:
+        ttl = self.config.known_ttl
+        for address, seen in list(self._known.items()):
+            if address not in self.seeds and now - seen > ttl:
+                del self._known[address]
+        inside = {m.address for m in self.view.members}
+        probe = Probe(self.view.epoch, self.view.members)
+        for address in sorted((self.seeds | set(self._known)) - inside):
+            self._send(out, address, probe)
+
+    def _ping(self, now: float, out: list[Action]) -> None:
+        target = self._ping_target
+        assert target is not None
+        self._next_ping = now + self.config.ping_interval
+        if self._ping_outstanding:
+            self._missed += 1
+            if self._missed >= self.config.ping_misses:
+                self._missed = 0
+                self._ping_outstanding = False
+                self._trigger(now, (), out)
+                return
+        self._ping_nonce += 1
+        self._ping_outstanding = True
+        self._send(out, target.address, Ping(self.view.epoch, self._ping_nonce))
+
+    def _send(self, out: list[Action], address: str, body: Body) -> None:
+        self.lamport += 1
+        self.sent[type(body).__name__] += 1
+        out.append(Send(address, body))
+
+
+def _newer(a: Member | None, b: Member) -> Member:
+    """Of two records of the same node, the later boot."""
+    return b if a is None or b.incarnation >= a.incarnation else a

@@ -1,0 +1,306 @@
+"""What every node has: identity, data dir, membership, RPC, common clock, admin.
+
+:class:`ClusterNode` is a ``MultiService``; a node kind (yima, porcupine) adds
+its own child services, RPC commands, admin routes and status fields to it.
+Collaborators (reactor, secret, random source) are passed in, so other Twisted
+applications can embed a node directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from zope.interface import Interface
+
+from ..admin.routes import Route
+from ..secret import derive_key
+from .membership import Membership, TrmConfig, View
+from .rpc import RpcClient, RpcRegistry, RpcServerFactory
+from .udp import MembershipProtocol
+from .wire import Member
+
+
+class IMembershipListener(Interface):
+    """Told about every committed membership change (user map, stream planner...)."""
+
+    def membership_changed(old: View, new: View) -> None:
+        """``new`` was committed; ``old`` was the previous view."""
+
+
+class ConfigError(Exception):
+    """A node option is wrong (the message is user-facing)."""
+
+
+def parse_cluster_address(value: str) -> tuple[str, int]:
+    """``tcp:7946:interface=127.0.1.1``, ``udp:...`` or ``HOST:PORT`` -> (host, port)."""
+    parts = value.split(":")
+    if parts[0] in ("tcp", "udp"):
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise ConfigError(f"--cluster {value!r}: expected tcp:PORT:interface=IP")
+        port = int(parts[1])
+        opts = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
+        unknown = set(opts) - {"interface"}
+        if unknown:
+            raise ConfigError(
+                f"--cluster {value!r}: unknown option(s) {', '.join(sorted(unknown))}"
+            )
+        host = opts.get("interface", "")
+        if not host or host in ("0.0.0.0", "::"):
+            raise ConfigError(
+                f"--cluster {value!r}: give interface=IP so peers can reach this node"
+            )
+    else:
+        host, sep, p = value.rpartition(":")
+        if not sep or not host or not p.isdigit():
+            raise ConfigError(f"--cluster {value!r}: expected HOST:PORT or tcp:PORT:interface=IP")
+        port = int(p)
+    if not 0 < port < 65536:
+        raise ConfigError(f"--cluster {value!r}: port out of range")
+    return host, port
+
+
+def parse_join(value: str) -> str:
+    """Check a ``--join HOST:PORT`` seed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--join {value!r}: expected HOST:PORT")
+    return f"{host}:{int(port)}"
+
+
+@attrs.frozen
+class NodeConfig:
+    """Options every node kind shares."""
+
+    node_id: str
+    kind: str
+    data_dir: Path
+    cluster_host: str
+    cluster_port: int
+    join: tuple[str, ...] = ()
+    admin: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    trm: TrmConfig = attrs.field(factory=TrmConfig)
+
+    @property
+    def cluster_address(self) -> str:
+        """``host:port`` peers use for datagrams and RPC."""
+        return f"{self.cluster_host}:{self.cluster_port}"
+
+
+@attrs.define
+class _Persisted:
+    epoch: int = 0
+    lamport: int = 0
+    incarnation: int = 0
+    known: list[str] = attrs.field(factory=list)
+
+
+class ClusterNode(MultiService):
+    """Membership, RPC, the common clock and the admin API of one node."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: NodeConfig,
+        secret: bytes,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.secret = secret
+        self.rng = rng or random.Random()
+        self.membership_key = derive_key(secret, "membership")
+        self.rpc_key = derive_key(secret, "rpc")
+        self.registry = RpcRegistry()
+        self.rpc = RpcClient(reactor, self.rpc_key, config.node_id, registry=self.registry)
+        self.routes: list[Route] = []
+        self.status_providers: list[Callable[[], dict[str, Any]]] = []
+        self._listeners: list[IMembershipListener] = []
+        self._ports: list[IListeningPort] = []
+        self.core: Membership | None = None
+        self.protocol: MembershipProtocol | None = None
+        self.started_at = 0.0
+        self._state_path = config.data_dir / "membership.json"
+        self.state = self._load_state()
+
+    # --- public face --------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        """This node's id."""
+        return self.config.node_id
+
+    @property
+    def view(self) -> View:
+        """The current committed view (a group of one until others are found)."""
+        return self.core.view if self.core is not None else View(0, (), "")
+
+    def subscribe(self, listener: IMembershipListener) -> None:
+        """Call ``listener.membership_changed`` on every new view."""
+        self._listeners.append(listener)
+
+    def cluster_time(self) -> float:
+        """Seconds on the cluster's common clock (see :mod:`.timesync`)."""
+        offset = self.core.clock_sync.offset if self.core is not None else 0.0
+        return float(self.reactor.seconds()) + offset
+
+    def add_route(self, route: Route) -> None:
+        """Mount an admin API route."""
+        self.routes.append(route)
+
+    def add_status(self, provider: Callable[[], dict[str, Any]]) -> None:
+        """Merge ``provider()`` into ``GET /api/status``."""
+        self.status_providers.append(provider)
+
+    def status(self) -> dict[str, Any]:
+        """The status document of CONTRACT §3 (common part plus the providers')."""
+        view = self.view
+        sync = self.core.clock_sync if self.core is not None else None
+        doc: dict[str, Any] = {
+            "node_id": self.node_id,
+            "kind": self.config.kind,
+            "address": self.config.cluster_address,
+            "epoch": view.epoch,
+            "coordinator": view.coordinator,
+            "members": [{"node_id": m.node_id, "address": m.address} for m in view.members],
+            "incarnation": self.state.incarnation,
+            "uptime": round(float(self.reactor.seconds()) - self.started_at, 3),
+            "clock": {
+                "reference": sync.reference.node_id if sync and sync.reference else self.node_id,
+                "offset": sync.offset if sync else 0.0,
+                "rtt": sync.rtt if sync else None,
+            },
+            "membership": dict(self.protocol.stats) if self.protocol else {},
+        }
+        for provider in self.status_providers:
+            doc.update(provider())
+        return doc
+
+    # --- service ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Bind the cluster port (UDP + TCP), start membership and the admin API."""
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        st = self.state
+        st.incarnation = max(st.incarnation + 1, int(time.time() * 1000))
+        self._save_state()
+        self.started_at = float(self.reactor.seconds())
+        me = Member(cfg.node_id, cfg.cluster_address, st.incarnation)
+        self.core = Membership(
+            me,
+            seeds=cfg.join,
+            rng=random.Random(self.rng.getrandbits(64)),
+            config=cfg.trm,
+            epoch=st.epoch,
+            lamport=st.lamport,
+            known=st.known,
+        )
+        self.protocol = MembershipProtocol(
+            self.core, self.membership_key, self.reactor, self._view_changed
+        )
+        self._ports.append(
+            self.reactor.listenTCP(
+                cfg.cluster_port,
+                RpcServerFactory(self.registry, self.rpc_key, cfg.node_id),
+                interface=cfg.cluster_host,
+            )
+        )
+        self._ports.append(
+            self.reactor.listenUDP(cfg.cluster_port, self.protocol, interface=cfg.cluster_host)
+        )
+        if cfg.admin:
+            from ..admin.server import AdminSite
+
+            endpoint = serverFromString(self.reactor, cfg.admin)
+            d = endpoint.listen(AdminSite(self))
+            d.addCallback(self._ports.append)
+            d.addErrback(self._fatal, f"cannot listen on --admin {cfg.admin}")
+        self.log.info(
+            "node {node} ({kind}) up on {addr}, incarnation {inc}, seeds {seeds}",
+            node=cfg.node_id,
+            kind=cfg.kind,
+            addr=cfg.cluster_address,
+            inc=st.incarnation,
+            seeds=list(cfg.join),
+        )
+        super().startService()
+
+    def _fatal(self, failure: Any, message: str) -> None:
+        self.log.failure(message, failure)
+        self.reactor.stop()
+
+    def stopService(self) -> Deferred[Any]:
+        """Stop children first, then the ports."""
+        d = maybeDeferred(super().stopService)
+
+        def close(_: object) -> Deferred[Any]:
+            self.rpc.close()
+            ports, self._ports = self._ports, []
+            return DeferredList([maybeDeferred(p.stopListening) for p in ports])
+
+        return d.addCallback(close)
+
+    # --- membership ---------------------------------------------------------------
+
+    def _view_changed(self, old: View, new: View) -> None:
+        assert self.core is not None
+        st = self.state
+        st.epoch = new.epoch
+        st.lamport = self.core.lamport
+        st.known = self.core.known_addresses()
+        self._save_state()
+        self.log.info(
+            "membership: epoch {epoch}, coordinator {coord}, members {members}",
+            epoch=new.epoch,
+            coord=new.coordinator,
+            members=list(new.node_ids),
+        )
+        for listener in list(self._listeners):
+            try:
+                listener.membership_changed(old, new)
+            except Exception:
+                self.log.failure("membership listener {l!r} failed", l=listener)
+
+    # --- persistence ----------------------------------------------------------------
+    # A few hundred bytes written only on view changes; fsynced so that a
+    # node's epoch never goes back across a crash.
+
+    def _load_state(self) -> _Persisted:
+        try:
+            raw = json.loads(self._state_path.read_text())
+            return _Persisted(
+                int(raw["epoch"]), int(raw["lamport"]), int(raw["incarnation"]), list(raw["known"])
+            )
+        except FileNotFoundError:
+            return _Persisted()
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{self._state_path} is corrupt ({e}); move it away to reset") from e
+
+    def _save_state(self) -> None:
+        tmp = self._state_path.with_suffix(".tmp")
+        data = json.dumps(attrs.asdict(self.state)).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._state_path)

@@ -1,0 +1,116 @@
+"""The Twisted shell around the TRM core: datagrams in, actions out, one timer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from . import wire
+from .membership import Action, Membership, Send, View, ViewChanged
+
+
+class MembershipProtocol(DatagramProtocol):
+    """Runs a :class:`Membership` core on a UDP port.
+
+    Malformed, unauthenticated and replayed datagrams are dropped, counted in
+    ``stats`` and logged (rate-limited), never raised.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        core: Membership,
+        key: bytes,
+        clock: IReactorTime,
+        on_view: Callable[[View, View], None],
+    ) -> None:
+        self.core = core
+        self.key = key
+        self.clock = clock
+        self.on_view = on_view
+        self.guard = wire.ReplayGuard()
+        self.stats: Counter[str] = Counter()
+        self._seq = 0
+        self._timer: IDelayedCall | None = None
+        self._last_warning = -1e9
+
+    def startProtocol(self) -> None:
+        """Boot the core as soon as the port is bound."""
+        self._perform(self.core.start(self.clock.seconds()))
+
+    def stopProtocol(self) -> None:
+        """Stop the timer."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        """Verify, de-duplicate and hand one datagram to the core."""
+        self.stats["received"] += 1
+        try:
+            dgram = wire.parse(self.key, data)
+        except wire.BadMac:
+            self._drop("bad_mac", addr)
+            return
+        except wire.MalformedPacket:
+            self._drop("malformed", addr)
+            return
+        if not self.guard.check(dgram.header):
+            self._drop("replayed", addr)
+            return
+        self.stats["accepted"] += 1
+        self._perform(self.core.receive(dgram.header, dgram.body, self.clock.seconds()))
+
+    def _drop(self, why: str, addr: Any) -> None:
+        self.stats["dropped_" + why] += 1
+        now = self.clock.seconds()
+        if now - self._last_warning >= 5.0:
+            self._last_warning = now
+            self.log.warn(
+                "membership: dropped {why} datagram from {addr} ({count} so far)",
+                why=why,
+                addr=addr,
+                count=self.stats["dropped_" + why],
+            )
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._perform(self.core.tick(self.clock.seconds()))
+
+    def _perform(self, actions: list[Action]) -> None:
+        for act in actions:
+            if isinstance(act, Send):
+                self._send(act)
+            elif isinstance(act, ViewChanged):
+                self.on_view(act.old, act.new)
+        self._reschedule()
+
+    def _send(self, act: Send) -> None:
+        if self.transport is None:
+            return
+        self._seq += 1
+        me = self.core.me
+        header = wire.Header(me.node_id, me.address, me.incarnation, self._seq, self.core.lamport)
+        data = wire.serialize(self.key, header, act.body)
+        host, _, port = act.address.rpartition(":")
+        try:
+            self.transport.write(data, (host, int(port)))
+            self.stats["sent"] += 1
+        except (OSError, ValueError) as e:
+            self.stats["send_errors"] += 1
+            self.log.debug("membership: cannot send to {a}: {e}", a=act.address, e=e)
+
+    def _reschedule(self) -> None:
+        deadline = self.core.next_deadline()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if deadline is not None and self.transport is not None:
+            delay = max(0.0, deadline - self.clock.seconds())
+            self._timer = self.clock.callLater(delay, self._tick)
