@@ -38,6 +38,7 @@ class MembershipProtocol(DatagramProtocol):
         self.stats: Counter[str] = Counter()
         self._seq = 0
         self._timer: IDelayedCall | None = None
+        self._deadline = 0.0
         self._last_warning = -1e9
 
     def startProtocol(self) -> None:
@@ -81,7 +82,9 @@ class MembershipProtocol(DatagramProtocol):
 
     def _tick(self) -> None:
         self._timer = None
-        self._perform(self.core.tick(self.clock.seconds()))
+        # never tick before the deadline because of float rounding
+        now = max(self.clock.seconds(), self._deadline)
+        self._perform(self.core.tick(now))
 
     def _perform(self, actions: list[Action]) -> None:
         for act in actions:
@@ -112,5 +115,6 @@ class MembershipProtocol(DatagramProtocol):
             self._timer.cancel()
         self._timer = None
         if deadline is not None and self.transport is not None:
+            self._deadline = deadline
             delay = max(0.0, deadline - self.clock.seconds())
             self._timer = self.clock.callLater(delay, self._tick)

@@ -166,11 +166,11 @@ class SimNetwork:
     def converged(self) -> bool:
         """Every component's live nodes share one view whose members are exactly them."""
         for comp in self.components():
-            views = {(self.nodes[i].view.epoch, self.nodes[i].view.node_ids) for i in comp}
+            views = {(self.nodes[i].view.epoch, self.nodes[i].view.members) for i in comp}
             if len(views) != 1:
                 return False
-            (_, ids) = next(iter(views))
-            if set(ids) != comp:
+            (_, members) = next(iter(views))
+            if {m.node_id for m in members} != comp:
                 return False
             if any(self.nodes[i].core.in_round for i in comp):  # type: ignore[union-attr]
                 return False
@@ -199,8 +199,11 @@ class SimNetwork:
     def run_until_converged(self, limit: float) -> float | None:
         """Run until converged (checked as events happen); the time it took, or None."""
         start = self.now
-        if self.run_until(start + limit, self.converged):
-            return self.now - start
+        step = 0.05
+        while self.now < start + limit:
+            self.run_until(self.now + step)
+            if self.converged():
+                return self.now - start
         return None
 
     # --- plumbing ---------------------------------------------------------------
@@ -236,7 +239,9 @@ class SimNetwork:
 
         def fire() -> None:
             if node.timer_gen == gen and node.core is not None:
-                self._perform(node, node.core.tick(self._local(node)))
+                # never tick before the deadline because of float rounding
+                local = max(self._local(node), deadline)
+                self._perform(node, node.core.tick(local))
 
         self._at(when, fire)
 
