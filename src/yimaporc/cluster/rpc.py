@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import TimeoutError as DeferTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -180,7 +181,12 @@ class NodeAMP(amp.AMP):
             proof = _proof(self.key, b"client", resp["nonce"], nonce, self.node_id)
             return self.callRemote(Prove, proof=proof)
 
-        d = self.callRemote(Hello, node_id=self.node_id, nonce=nonce)
+        # A fresh Deferred: AMP appends its own errback to callRemote's Deferred
+        # when the answer arrives, which would swallow our AuthFailed.
+        d: Deferred[Any] = Deferred()
+        self.callRemote(Hello, node_id=self.node_id, nonce=nonce).addCallbacks(
+            d.callback, d.errback
+        )
         d.addCallback(got_hello)
         d.addCallback(lambda _: self)
         return d
@@ -275,7 +281,7 @@ class RpcClient:
             return proto.callRemote(command, **kwargs)
 
         def translate(f: Failure) -> Failure:
-            if f.check(ConnectError, ConnectionClosed, TimeoutError, CancelledError):
+            if f.check(ConnectError, ConnectionClosed, TimeoutError, DeferTimeout, CancelledError):
                 self._drop(address)
                 return Failure(PeerUnavailable(f"{address}: {f.getErrorMessage()}"))
             if f.check(AuthFailed):

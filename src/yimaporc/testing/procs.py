@@ -1,0 +1,134 @@
+"""Start, poll and stop real ``twistd`` node processes for end-to-end tests.
+
+Polling waits on a real condition (an HTTP answer, a membership view) with a
+deadline; every process started here is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05
+) -> T:
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        pause.wait(interval)
+
+
+def twistd() -> str:
+    """The twistd of the running interpreter's environment."""
+    return str(Path(sys.executable).parent / "twistd")
+
+
+@attrs.define
+class NodeProc:
+    """One ``twistd -n KIND-node`` child."""
+
+    kind: str
+    node_id: str
+    host: str
+    data_dir: Path
+    cluster_port: int
+    admin_port: int
+    extra: list[str] = attrs.field(factory=list)
+    join: list[str] = attrs.field(factory=list)
+    secret_file: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def admin_url(self) -> str:
+        """``http://host:port`` of its admin API."""
+        return f"http://{self.host}:{self.admin_port}"
+
+    @property
+    def log_path(self) -> Path:
+        """Where twistd logs."""
+        return self.data_dir.parent / f"{self.node_id}.log"
+
+    def argv(self) -> list[str]:
+        """The command line."""
+        args = [
+            twistd(), "-n", "--pidfile=", "--logfile", str(self.log_path),
+            f"{self.kind}-node",
+            "--node-id", self.node_id,
+            "--data-dir", str(self.data_dir),
+            "--cluster", f"tcp:{self.cluster_port}:interface={self.host}",
+            "--admin", f"tcp:{self.admin_port}:interface={self.host}",
+        ]  # fmt: skip
+        if self.secret_file is not None:
+            args += ["--secret-file", str(self.secret_file)]
+        for seed in self.join:
+            args += ["--join", seed]
+        return args + self.extra
+
+    def start(self) -> None:
+        """Launch the process."""
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the process and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def status(self) -> dict[str, Any] | None:
+        """The node's status document, or None while it does not answer."""
+        if self.process is not None and self.process.poll() is not None:
+            log = (
+                self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+            )
+            raise AssertionError(f"{self.node_id} exited with {self.process.returncode}:\n{log}")
+        try:
+            with urllib.request.urlopen(self.admin_url + "/api/status", timeout=2) as r:
+                doc: dict[str, Any] = json.load(r)
+                return doc
+        except OSError:
+            return None
+
+    def members(self) -> set[str] | None:
+        """Member ids in this node's view, or None while it does not answer."""
+        doc = self.status()
+        return None if doc is None else {m["node_id"] for m in doc["members"]}
+
+
+def views_agree(nodes: list[NodeProc]) -> bool:
+    """All ``nodes`` answer with the same epoch and exactly themselves as members."""
+    want = {n.node_id for n in nodes}
+    docs = [n.status() for n in nodes]
+    if any(d is None for d in docs):
+        return False
+    epochs = {d["epoch"] for d in docs if d is not None}
+    return len(epochs) == 1 and all(
+        {m["node_id"] for m in d["members"]} == want for d in docs if d is not None
+    )

@@ -1,0 +1,101 @@
+"""Real ``twistd porcupine-node`` processes on 127.0.11.x form, lose and regain a cluster."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from yimaporc.cluster import wire
+from yimaporc.testing.procs import NodeProc, views_agree, wait_for
+
+PORT = 17946
+ADMIN = 18080
+
+
+@pytest.fixture
+def trio(tmp_path: Path) -> Iterator[list[NodeProc]]:
+    """Three porcupine nodes sharing one secret; the 2nd and 3rd join the 1st."""
+    secret = tmp_path / "cluster.secret"
+    secret.write_text(os.urandom(16).hex())
+    nodes = [
+        NodeProc(
+            "porcupine",
+            f"p{i}",
+            f"127.0.11.{i}",
+            tmp_path / f"p{i}" / "data",
+            PORT,
+            ADMIN,
+            extra=["--domain", "example.org"],
+            join=[] if i == 1 else [f"127.0.11.1:{PORT}"],
+            secret_file=secret,
+        )
+        for i in (1, 2, 3)
+    ]
+    try:
+        for n in nodes:
+            n.start()
+        yield nodes
+    finally:
+        for n in nodes:
+            n.kill(signal.SIGTERM)
+
+
+def test_three_nodes_form_cluster_drop_killed_and_readmit_restarted(trio: list[NodeProc]) -> None:
+    """SIGKILL one node: the others drop it; restart it on its data dir: it rejoins."""
+    p1, p2, p3 = trio
+    t0 = time.monotonic()
+    wait_for(lambda: views_agree(trio), 30, "3 nodes to agree")
+    formed = time.monotonic() - t0
+    epoch_before = p3.status()["epoch"]  # type: ignore[index]
+
+    p3.kill(signal.SIGKILL)
+    t1 = time.monotonic()
+    wait_for(lambda: views_agree([p1, p2]), 30, "survivors to drop p3")
+    detected = time.monotonic() - t1
+
+    p3.start()
+    t2 = time.monotonic()
+    wait_for(lambda: views_agree(trio), 30, "p3 to rejoin")
+    rejoined = time.monotonic() - t2
+    assert p3.status()["epoch"] > epoch_before  # type: ignore[index]
+    print(
+        f"\nformed {formed:.2f}s, kill detected+converged {detected:.2f}s, rejoin {rejoined:.2f}s"
+    )
+
+
+def test_garbage_datagrams_leave_node_serving(trio: list[NodeProc]) -> None:
+    """Random, truncated, forged and replayed datagrams are dropped and counted; the cluster stays."""
+    wait_for(lambda: views_agree(trio), 30, "3 nodes to agree")
+    p1 = trio[0]
+    rng = random.Random(7)
+    good = wire.serialize(b"x" * 32, wire.Header("evil", "127.0.11.9:1", 1, 1, 1), wire.NewGroup(9))
+
+    def drops() -> int:
+        doc = p1.status()
+        stats = doc["membership"] if doc else {}
+        return sum(v for k, v in stats.items() if k.startswith("dropped_"))
+
+    # In batches, waiting for each to be counted, so the socket buffer never overflows.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for batch in range(15):
+            before = drops()
+            for i in range(20):
+                kind = i % 3
+                if kind == 0:
+                    data = rng.randbytes(rng.randint(1, 1500))
+                elif kind == 1:
+                    data = good[: rng.randint(1, len(good) - 1)]
+                else:
+                    data = good
+                s.sendto(data, (p1.host, PORT))
+            wait_for(lambda b=before: drops() >= b + 20, 10, f"batch {batch} to be dropped")
+    stats = p1.status()["membership"]  # type: ignore[index]
+    assert stats["dropped_bad_mac"] >= 100
+    assert views_agree(trio)
