@@ -26,7 +26,7 @@ from zope.interface import Interface
 
 from ..admin.routes import Route
 from ..secret import derive_key
-from .membership import Membership, TrmConfig, View
+from .membership import AttachmentFor, Membership, TrmConfig, View
 from .rpc import RpcClient, RpcRegistry, RpcServerFactory
 from .udp import MembershipProtocol
 from .wire import Member
@@ -133,6 +133,7 @@ class ClusterNode(MultiService):
         self.routes: list[Route] = []
         self.status_providers: list[Callable[[], dict[str, Any]]] = []
         self._listeners: list[IMembershipListener] = []
+        self._attachment_for: AttachmentFor | None = None
         self._ports: list[IListeningPort] = []
         self.core: Membership | None = None
         self.protocol: MembershipProtocol | None = None
@@ -155,6 +156,12 @@ class ClusterNode(MultiService):
     def subscribe(self, listener: IMembershipListener) -> None:
         """Call ``listener.membership_changed`` on every new view."""
         self._listeners.append(listener)
+
+    def set_commit_attachment(self, provider: AttachmentFor) -> None:
+        """When this node coordinates a commit, ship ``provider(old, members, epoch)`` in it."""
+        self._attachment_for = provider
+        if self.core is not None:
+            self.core.attachment_for = provider
 
     def cluster_time(self) -> float:
         """Seconds on the cluster's common clock (see :mod:`.timesync`)."""
@@ -212,6 +219,7 @@ class ClusterNode(MultiService):
             epoch=st.epoch,
             lamport=st.lamport,
             known=st.known,
+            attachment_for=self._attachment_for,
         )
         self.protocol = MembershipProtocol(
             self.core, self.membership_key, self.reactor, self._view_changed
