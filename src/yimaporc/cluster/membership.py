@@ -324,10 +324,12 @@ class Membership:
         else:
             self._start_round(now, {m.node_id: m for m in extra}, out)
 
-    def _start_round(self, now: float, extra: dict[str, Member], out: list[Action]) -> None:
+    def _start_round(
+        self, now: float, extra: dict[str, Member], out: list[Action], exclude: str = ""
+    ) -> None:
         candidates: dict[str, Member] = {}
         for m in (*self.view.members, *extra.values()):
-            if m.node_id != self.me.node_id:
+            if m.node_id not in (self.me.node_id, exclude):
                 candidates[m.node_id] = _newer(candidates.get(m.node_id), m)
         self.lamport = max(self.lamport + 1, self.view.epoch + 1)
         key = (self.lamport, self.me.node_id)
@@ -408,7 +410,11 @@ class Membership:
             if self._missed >= self.config.ping_misses:
                 self._missed = 0
                 self._ping_outstanding = False
-                self._trigger(now, (), out)
+                if self._idle and now >= self._next_trigger:
+                    # Leave the silent neighbour out: the round then needs no timeout.
+                    self._start_round(now, {}, out, exclude=target.node_id)
+                else:
+                    self._trigger(now, (), out)
                 return
         self._ping_nonce += 1
         self._ping_outstanding = True
