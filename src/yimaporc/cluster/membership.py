@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 import attrs
+from zope.interface import Interface
 
 from .timesync import ClockSync
 from .wire import (
@@ -82,6 +83,13 @@ class View:
 
 
 EMPTY_VIEW = View(0, (), "")
+
+
+class IMembershipListener(Interface):
+    """Told about every committed membership change (user map, stream planner...)."""
+
+    def membership_changed(old: View, new: View) -> None:
+        """``new`` was committed; ``old`` was the previous view."""
 
 
 @attrs.frozen

@@ -22,21 +22,14 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from zope.interface import Interface
 
 from ..admin.routes import Route
 from ..secret import derive_key
-from .membership import AttachmentFor, Membership, TrmConfig, View
+from .catalog import PutDocument
+from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
 from .rpc import RpcClient, RpcRegistry, RpcServerFactory
 from .udp import MembershipProtocol
 from .wire import Member
-
-
-class IMembershipListener(Interface):
-    """Told about every committed membership change (user map, stream planner...)."""
-
-    def membership_changed(old: View, new: View) -> None:
-        """``new`` was committed; ``old`` was the previous view."""
 
 
 class ConfigError(Exception):
@@ -131,6 +124,8 @@ class ClusterNode(MultiService):
         self.registry = RpcRegistry()
         self.rpc = RpcClient(reactor, self.rpc_key, config.node_id, registry=self.registry)
         self.routes: list[Route] = []
+        self.documents: dict[str, Any] = {}
+        self.registry.register(PutDocument, self._put_document)
         self.status_providers: list[Callable[[], dict[str, Any]]] = []
         self._listeners: list[IMembershipListener] = []
         self._attachment_for: AttachmentFor | None = None
@@ -156,6 +151,10 @@ class ClusterNode(MultiService):
     def subscribe(self, listener: IMembershipListener) -> None:
         """Call ``listener.membership_changed`` on every new view."""
         self._listeners.append(listener)
+
+    def _put_document(self, name: str, counter: int, writer: str, body: bytes) -> dict[str, bool]:
+        doc = self.documents.get(name)
+        return {"accepted": doc is not None and doc.offer((counter, writer), body)}
 
     def set_commit_attachment(self, provider: AttachmentFor) -> None:
         """When this node coordinates a commit, ship ``provider(old, members, epoch)`` in it."""
