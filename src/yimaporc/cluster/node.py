@@ -18,8 +18,9 @@ from typing import Any
 
 import attrs
 from twisted.application.service import MultiService
+from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import SSL4ClientEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -27,7 +28,7 @@ from ..admin.routes import Route
 from ..secret import derive_key
 from .catalog import PutDocument
 from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
-from .rpc import RpcClient, RpcRegistry, RpcServerFactory
+from .rpc import Echo, RpcClient, RpcRegistry, RpcServerFactory
 from .udp import MembershipProtocol
 from .wire import Member
 
@@ -93,6 +94,16 @@ class NodeConfig:
         return f"{self.cluster_host}:{self.cluster_port}"
 
 
+def load_tls(cert: Path | None, key: Path | None) -> ssl.PrivateCertificate | None:
+    """The node's certificate and key (PEM files), if configured."""
+    if cert is None or key is None:
+        return None
+    try:
+        return ssl.PrivateCertificate.loadPEM(cert.read_text() + "\n" + key.read_text())
+    except (OSError, ValueError, Exception) as e:
+        raise ConfigError(f"cannot load --tls-cert/--tls-key: {e}") from e
+
+
 @attrs.define
 class _Persisted:
     epoch: int = 0
@@ -122,10 +133,18 @@ class ClusterNode(MultiService):
         self.membership_key = derive_key(secret, "membership")
         self.rpc_key = derive_key(secret, "rpc")
         self.registry = RpcRegistry()
-        self.rpc = RpcClient(reactor, self.rpc_key, config.node_id, registry=self.registry)
+        self.tls = load_tls(config.tls_cert, config.tls_key)
+        self.rpc = RpcClient(
+            reactor,
+            self.rpc_key,
+            config.node_id,
+            registry=self.registry,
+            endpoint_for=self._rpc_endpoint if self.tls is not None else None,
+        )
         self.routes: list[Route] = []
         self.documents: dict[str, Any] = {}
         self.registry.register(PutDocument, self._put_document)
+        self.add_route(Route("GET", "/api/rpc-check", self._rpc_check, mutates=False))
         self.status_providers: list[Callable[[], dict[str, Any]]] = []
         self._listeners: list[IMembershipListener] = []
         self._attachment_for: AttachmentFor | None = None
@@ -151,6 +170,36 @@ class ClusterNode(MultiService):
     def subscribe(self, listener: IMembershipListener) -> None:
         """Call ``listener.membership_changed`` on every new view."""
         self._listeners.append(listener)
+
+    def _rpc_endpoint(self, address: str) -> Any:
+        """TLS to a peer, trusting the cluster certificate (peers prove the secret too)."""
+        assert self.tls is not None
+        host, _, port = address.rpartition(":")
+        trust = ssl.CertificateOptions(
+            verify=True, caCerts=[self.tls.original], requireCertificate=True
+        )
+        return SSL4ClientEndpoint(self.reactor, host, int(port), trust, timeout=3)
+
+    def _rpc_check(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        """Echo over RPC to every member: {node_id: {ok, rtt_ms | error}}."""
+        peers = [m for m in self.view.members if m.node_id != self.node_id]
+
+        def one(member: Member) -> Deferred[Any]:
+            start = float(self.reactor.seconds())
+            d = self.rpc.call(member.address, Echo, payload=b"x" * 100_000)
+            d.addCallback(
+                lambda _: {"ok": True, "rtt_ms": round((self.reactor.seconds() - start) * 1e3, 3)}
+            )
+            d.addErrback(lambda f: {"ok": False, "error": f.getErrorMessage()})
+            return d
+
+        d = DeferredList([one(m) for m in peers])
+        return d.addCallback(
+            lambda results: {
+                "tls": self.tls is not None,
+                "peers": {m.node_id: r for m, (_, r) in zip(peers, results, strict=True)},
+            }
+        )
 
     def _put_document(self, name: str, counter: int, writer: str, body: bytes) -> dict[str, bool]:
         doc = self.documents.get(name)
@@ -223,13 +272,14 @@ class ClusterNode(MultiService):
         self.protocol = MembershipProtocol(
             self.core, self.membership_key, self.reactor, self._view_changed
         )
-        self._ports.append(
-            self.reactor.listenTCP(
-                cfg.cluster_port,
-                RpcServerFactory(self.registry, self.rpc_key, cfg.node_id),
-                interface=cfg.cluster_host,
+        rpc_factory = RpcServerFactory(self.registry, self.rpc_key, cfg.node_id)
+        if self.tls is not None:
+            port = self.reactor.listenSSL(
+                cfg.cluster_port, rpc_factory, self.tls.options(), interface=cfg.cluster_host
             )
-        )
+        else:
+            port = self.reactor.listenTCP(cfg.cluster_port, rpc_factory, interface=cfg.cluster_host)
+        self._ports.append(port)
         self._ports.append(
             self.reactor.listenUDP(cfg.cluster_port, self.protocol, interface=cfg.cluster_host)
         )
