@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 class PutDocument(amp.Command):
     """Offer a version of a replicated document; the answer says if it was taken."""
 
+    commandName = b"yimaporc.put-document"
+
     arguments = [
         (b"name", amp.Unicode()),
         (b"counter", amp.Integer()),

@@ -72,6 +72,8 @@ class PeerUnavailable(Exception):
 class Hello(amp.Command):
     """Step 1 of the handshake: the client's id and nonce; the server proves itself."""
 
+    commandName = b"yimaporc.hello"
+
     arguments = [(b"node_id", amp.Unicode()), (b"nonce", amp.String())]
     response = [(b"node_id", amp.Unicode()), (b"nonce", amp.String()), (b"proof", amp.String())]
     errors = {AuthFailed: b"AUTH_FAILED"}
@@ -81,6 +83,8 @@ class Hello(amp.Command):
 class Prove(amp.Command):
     """Step 2 of the handshake: the client proves it knows the key."""
 
+    commandName = b"yimaporc.prove"
+
     arguments = [(b"proof", amp.String())]
     response = []  # type: ignore[var-annotated]
     errors = {AuthFailed: b"AUTH_FAILED"}
@@ -89,6 +93,8 @@ class Prove(amp.Command):
 
 class Echo(amp.Command):
     """Round-trip check; returns its payload (any size)."""
+
+    commandName = b"yimaporc.echo"
 
     arguments = [(b"payload", BigBytes())]
     response = [(b"payload", BigBytes())]
@@ -110,8 +116,8 @@ class RpcRegistry:
         """Answer ``command`` with ``handler(**arguments)`` (a dict or a Deferred of one)."""
         name = command.commandName
         assert isinstance(name, bytes)
-        if name in self._handlers:
-            raise ValueError(f"command {name!r} registered twice")
+        if name in self._handlers or name in (Hello.commandName, Prove.commandName):
+            raise ValueError(f"command {name!r} registered twice (or reserved)")
         self._handlers[name] = (command, handler)
 
     def lookup(self, name: bytes) -> tuple[type[amp.Command], Callable[..., Any]] | None:
