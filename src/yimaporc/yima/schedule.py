@@ -1,0 +1,256 @@
+"""Deadline-driven packet scheduling of one node (Yima-2 bipartite delivery), sans-IO.
+
+Every node computes, for a session, the RTP packets of *its own* blocks and the
+cluster time at which each is due; no coordination beyond the session's start
+instant on the common clock is needed because blocks are whole multiples of the
+RTP payload, so the global sequence number of every packet is ``block *
+packets_per_block + j``.  A packet's media time is interpolated within its
+block from the media's time index (VBR-correct at block granularity).
+
+Flow control (seed §3.1) re-anchors the schedule: ``deadline(t) = anchor_ct +
+(t - anchor_mt) / speed``.  Pause/resume stops and restarts from the next
+packet; delta-p changes ``speed`` (1.0 = real time).  Feedback carries the
+cluster time at which it takes effect, so every node applies it identically.
+
+One :class:`NodeScheduler` serves all sessions of a node with one timer.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import attrs
+
+PAYLOAD = 7 * 188
+
+
+@attrs.frozen
+class MediaTiming:
+    """What scheduling needs of a media file."""
+
+    name: str
+    size: int
+    block_size: int
+    block_starts: tuple[float, ...]
+    duration: float
+
+    @property
+    def blocks(self) -> int:
+        """Number of blocks."""
+        return len(self.block_starts)
+
+    @property
+    def packets_per_block(self) -> int:
+        """RTP packets in a full block."""
+        return -(-self.block_size // PAYLOAD)
+
+    def packet_count(self, block: int) -> int:
+        """RTP packets in ``block`` (the last one may be short)."""
+        length = min(self.block_size, self.size - block * self.block_size)
+        return -(-length // PAYLOAD)
+
+    def packet_time(self, block: int, j: int) -> float:
+        """Media time of packet ``j`` of ``block``."""
+        start = self.block_starts[block]
+        end = self.block_starts[block + 1] if block + 1 < self.blocks else self.duration
+        return start + (end - start) * j / max(1, self.packet_count(block))
+
+
+@attrs.frozen
+class Packet:
+    """One RTP packet to send: where its payload lies and which numbers it carries."""
+
+    session: str
+    gseq: int
+    node_seq: int
+    block: int
+    offset: int
+    length: int
+    media_time: float
+    deadline: float
+    retransmission: bool = False
+
+
+@attrs.define
+class Session:
+    """One stream this node serves (its share of the packets)."""
+
+    session_id: str
+    media: MediaTiming
+    my_blocks: tuple[int, ...]
+    anchor_ct: float
+    anchor_mt: float = 0.0
+    speed: float = 1.0
+    paused: bool = False
+    cursor_block: int = 0
+    cursor_packet: int = 0
+    node_seq: int = 0
+    sent: OrderedDict[int, Packet] = attrs.field(factory=OrderedDict)
+    resent: set[int] = attrs.field(factory=set)
+    late: int = 0
+
+    def deadline(self, media_time: float) -> float:
+        """Cluster time at which media time ``media_time`` is due."""
+        return self.anchor_ct + (media_time - self.anchor_mt) / self.speed
+
+    def peek(self) -> tuple[int, int, float] | None:
+        """(block, j, media_time) of the next packet to send, or None at the end."""
+        while self.cursor_block < len(self.my_blocks):
+            block = self.my_blocks[self.cursor_block]
+            if self.cursor_packet < self.media.packet_count(block):
+                return block, self.cursor_packet, self.media.packet_time(block, self.cursor_packet)
+            self.cursor_block += 1
+            self.cursor_packet = 0
+        return None
+
+    def next_media_time(self) -> float | None:
+        """Media time of the next packet, if any."""
+        nxt = self.peek()
+        return None if nxt is None else nxt[2]
+
+
+class NodeScheduler:
+    """All sessions of one node; ``tick(now)`` returns the packets due by ``now``."""
+
+    def __init__(self, retransmit_window: int = 4096, prefetch: float = 2.0) -> None:
+        self.sessions: dict[str, Session] = {}
+        self.retransmit_window = retransmit_window
+        self.prefetch = prefetch
+
+    def add(
+        self,
+        session_id: str,
+        media: MediaTiming,
+        my_blocks: Sequence[int],
+        start_ct: float,
+        start_mt: float = 0.0,
+    ) -> Session:
+        """Serve ``my_blocks`` of ``media`` from media time ``start_mt`` at cluster time ``start_ct``."""
+        blocks = tuple(sorted(my_blocks))
+        s = Session(session_id, media, blocks, anchor_ct=start_ct, anchor_mt=start_mt)
+        # Skip what lies before the start position (PLAY with a Range).
+        while (nxt := s.peek()) is not None and nxt[2] < start_mt:
+            s.cursor_packet += 1
+        self.sessions[session_id] = s
+        return s
+
+    def remove(self, session_id: str) -> None:
+        """Stop serving a session."""
+        self.sessions.pop(session_id, None)
+
+    def pause(self, session_id: str) -> None:
+        """Stop sending (pause-resume flow control, or RTSP PAUSE)."""
+        s = self.sessions.get(session_id)
+        if s is not None:
+            s.paused = True
+
+    def resume(self, session_id: str, at_ct: float) -> None:
+        """Continue from the next packet, due at cluster time ``at_ct``."""
+        s = self.sessions.get(session_id)
+        if s is None or not s.paused:
+            return
+        mt = s.next_media_time()
+        s.paused = False
+        if mt is not None:
+            s.anchor_ct, s.anchor_mt = at_ct, mt
+
+    def set_speed(self, session_id: str, speed: float, at_ct: float) -> None:
+        """Change the delivery rate (delta p) from cluster time ``at_ct`` on."""
+        s = self.sessions.get(session_id)
+        if s is None or speed <= 0:
+            return
+        mt_at = s.anchor_mt + (at_ct - s.anchor_ct) * s.speed
+        s.anchor_ct, s.anchor_mt, s.speed = at_ct, mt_at, speed
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline over all sessions."""
+        times = []
+        for s in self.sessions.values():
+            if s.paused:
+                continue
+            mt = s.next_media_time()
+            if mt is not None:
+                times.append(s.deadline(mt))
+        return min(times, default=None)
+
+    def finished(self, session_id: str) -> bool:
+        """True once every packet of the session went out."""
+        s = self.sessions.get(session_id)
+        return s is None or s.peek() is None
+
+    def tick(self, now: float, ready: set[tuple[str, int]] | None = None) -> list[Packet]:
+        """Packets due by ``now``, in deadline order.
+
+        ``ready`` holds the ``(media, block)`` pairs whose data is in memory; a
+        due packet of a block still being read waits (and counts as late).
+        """
+        heap: list[tuple[float, str]] = []
+        for sid, s in self.sessions.items():
+            if not s.paused and (mt := s.next_media_time()) is not None:
+                heapq.heappush(heap, (s.deadline(mt), sid))
+        out: list[Packet] = []
+        while heap:
+            deadline, sid = heapq.heappop(heap)
+            if deadline > now:
+                break
+            s = self.sessions[sid]
+            nxt = s.peek()
+            if nxt is None:
+                continue
+            block, j, mt = nxt
+            if ready is not None and (s.media.name, block) not in ready:
+                s.late += 1
+                continue
+            offset = j * PAYLOAD
+            length = min(
+                PAYLOAD, min(s.media.block_size, s.media.size - block * s.media.block_size) - offset
+            )
+            pkt = Packet(
+                sid,
+                block * s.media.packets_per_block + j,
+                s.node_seq,
+                block,
+                offset,
+                length,
+                mt,
+                deadline,
+            )
+            s.node_seq += 1
+            s.cursor_packet += 1
+            s.sent[pkt.node_seq] = pkt
+            while len(s.sent) > self.retransmit_window:
+                old, _ = s.sent.popitem(last=False)
+                s.resent.discard(old)
+            out.append(pkt)
+            if (mt2 := s.next_media_time()) is not None:
+                heapq.heappush(heap, (s.deadline(mt2), sid))
+        return out
+
+    def wanted_blocks(self, now: float) -> list[tuple[str, int]]:
+        """Blocks whose packets fall due within the prefetch window (read them ahead)."""
+        out: list[tuple[str, int]] = []
+        for s in self.sessions.values():
+            if s.paused:
+                continue
+            for k in range(s.cursor_block, len(s.my_blocks)):
+                block = s.my_blocks[k]
+                if s.deadline(s.media.packet_time(block, 0)) > now + self.prefetch:
+                    break
+                out.append((s.media.name, block))
+        return out
+
+    def retransmit(self, session_id: str, node_seqs: Sequence[int]) -> list[Packet]:
+        """Packets to resend for a NACK: each at most once, only if still buffered."""
+        s = self.sessions.get(session_id)
+        if s is None:
+            return []
+        out = []
+        for n in node_seqs:
+            pkt = s.sent.get(n)
+            if pkt is None or n in s.resent:
+                continue
+            s.resent.add(n)
+            out.append(attrs.evolve(pkt, retransmission=True))
+        return out
