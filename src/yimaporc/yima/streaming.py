@@ -1,0 +1,170 @@
+"""Node-side streaming control: sessions set up over cluster RPC, one engine per node.
+
+The RTSP node (any node) plans a session and tells every member, over AMP,
+which media to play from which media time, at which cluster instant, and where
+to send (the client itself for opted-in players, or the RTSP node's relay for
+standard players).  Each node then serves *its own* blocks (bipartite, Yima-2);
+in master-slave mode (Yima-1) only the master schedules and it fetches the
+other nodes' blocks over RPC.  Flow-control feedback and NACKs arrive here as
+RPCs too (forwarded by the RTSP node) or straight from the player.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from ..cluster.rpc import RpcRegistry
+from .engine import DeliveryEngine
+from .schedule import MediaTiming, NodeScheduler, Packet
+
+
+class StreamStart(amp.Command):
+    """Serve this node's share of ``media`` for session ``session``."""
+
+    commandName = b"yima.stream-start"
+    arguments = [
+        (b"session", amp.Unicode()),
+        (b"media", amp.Unicode()),
+        (b"start_ct", amp.Float()),
+        (b"start_mt", amp.Float()),
+        (b"host", amp.Unicode()),
+        (b"port", amp.Integer()),
+        (b"ssrc", amp.Integer()),
+        (b"seq_base", amp.Integer()),
+        (b"ts_base", amp.Integer()),
+        (b"node_index", amp.Integer()),
+        (b"all_blocks", amp.Boolean()),
+    ]
+    response = [(b"packets", amp.Integer())]
+
+
+class StreamControl(amp.Command):
+    """``pause``, ``resume`` (at cluster time ``at``), ``speed`` (``value`` from ``at``) or ``stop``."""
+
+    commandName = b"yima.stream-control"
+    arguments = [
+        (b"session", amp.Unicode()),
+        (b"action", amp.Unicode()),
+        (b"at", amp.Float()),
+        (b"value", amp.Float()),
+    ]
+    response = []  # type: ignore[var-annotated]
+
+
+class StreamNack(amp.Command):
+    """Resend the packets with these per-node sequence numbers (once each)."""
+
+    commandName = b"yima.stream-nack"
+    arguments = [(b"session", amp.Unicode()), (b"node_seqs", amp.ListOf(amp.Integer()))]
+    response = [(b"resent", amp.Integer())]
+
+
+@attrs.frozen
+class Destination:
+    """Where and how a session's packets go."""
+
+    host: str
+    port: int
+    ssrc: int
+    seq_base: int
+    ts_base: int
+    node_index: int
+    clock_rate: int = 90000
+
+
+Packetize = Callable[[Packet, Destination, bytes], bytes]
+
+
+class StreamingNode:
+    """This node's sessions: RPC handlers around a scheduler and its engine."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        cluster_time: Callable[[], float],
+        *,
+        timing: Callable[[str], MediaTiming],
+        my_blocks: Callable[[str], list[int]],
+        read_block: Callable[[str, int], Deferred[bytes]],
+        packetize: Packetize,
+        send: Callable[[bytes, tuple[str, int]], None],
+    ) -> None:
+        self.timing = timing
+        self.my_blocks = my_blocks
+        self.packetize = packetize
+        self.send = send
+        self.scheduler = NodeScheduler()
+        self.destinations: dict[str, Destination] = {}
+        self.engine = DeliveryEngine(clock, cluster_time, self.scheduler, read_block, self._emit)
+
+    def register(self, registry: RpcRegistry) -> None:
+        """Answer the streaming RPC commands."""
+        registry.register(StreamStart, self.start)
+        registry.register(StreamControl, self.control)
+        registry.register(StreamNack, self.nack)
+
+    def start(
+        self,
+        session: str,
+        media: str,
+        start_ct: float,
+        start_mt: float,
+        host: str,
+        port: int,
+        ssrc: int,
+        seq_base: int,
+        ts_base: int,
+        node_index: int,
+        all_blocks: bool,
+    ) -> dict[str, Any]:
+        """StreamStart: schedule our blocks (or all, for a master)."""
+        timing = self.timing(media)
+        blocks = list(range(timing.blocks)) if all_blocks else self.my_blocks(media)
+        self.destinations[session] = Destination(host, port, ssrc, seq_base, ts_base, node_index)
+        s = self.scheduler.add(session, timing, blocks, start_ct, start_mt)
+        self.engine.poke()
+        return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}
+
+    def control(self, session: str, action: str, at: float, value: float) -> dict[str, Any]:
+        """StreamControl: pause / resume / speed / stop."""
+        if action == "pause":
+            self.scheduler.pause(session)
+        elif action == "resume":
+            self.scheduler.resume(session, at)
+        elif action == "speed":
+            self.scheduler.set_speed(session, value, at)
+        elif action == "stop":
+            self.scheduler.remove(session)
+            self.destinations.pop(session, None)
+        else:
+            raise ValueError(f"unknown stream action {action!r}")
+        self.engine.poke()
+        return {}
+
+    def nack(self, session: str, node_seqs: list[int]) -> dict[str, Any]:
+        """StreamNack: resend what is still buffered, once."""
+        packets = self.scheduler.retransmit(session, node_seqs[:512])
+        resent = 0
+        for pkt in packets:
+            s = self.scheduler.sessions.get(session)
+            data = self.engine.cache.get((s.media.name, pkt.block)) if s else None
+            if data is None:
+                continue
+            self._emit(pkt, data[pkt.offset : pkt.offset + pkt.length])
+            resent += 1
+        return {"resent": resent}
+
+    def _emit(self, pkt: Packet, payload: bytes) -> None:
+        dest = self.destinations.get(pkt.session)
+        if dest is None:
+            return
+        self.send(self.packetize(pkt, dest, payload), (dest.host, dest.port))
