@@ -173,3 +173,22 @@ def test_tls_rpc(tmp_path: Path) -> None:
     finally:
         for n in nodes:
             n.kill(signal.SIGTERM)
+
+
+def test_user_map_spreads_buckets_and_moves_only_the_dead_nodes(trio: list[NodeProc]) -> None:
+    """Buckets are spread evenly over 3 nodes; when one dies only its buckets move."""
+    wait_for(lambda: views_agree(trio), 30, "3 nodes to agree")
+
+    def buckets(n: NodeProc) -> dict[str, int] | None:
+        doc = n.status()
+        return doc["buckets"] if doc and doc.get("buckets") else None
+
+    spread = wait_for(lambda: buckets(trio[0]), 10, "buckets in status")
+    assert sum(spread.values()) == 256 and set(spread) == {"p1", "p2", "p3"}
+    assert max(spread.values()) - min(spread.values()) <= 1
+    assert all(buckets(n) == spread for n in trio)
+    trio[2].kill(signal.SIGKILL)
+    wait_for(lambda: views_agree(trio[:2]), 30, "survivors to agree")
+    after = wait_for(lambda: (b := buckets(trio[0])) and set(b) == {"p1", "p2"} and b, 10, "map")
+    assert after == {"p1": 128, "p2": 128}
+    assert after["p1"] - spread["p1"] + after["p2"] - spread["p2"] == spread["p3"]

@@ -31,7 +31,12 @@ class Options(NodeOptions):
 
 
 def makeService(options: Options) -> IService:
-    """The node with whatever mail services exist."""
+    """The node, its user map, and whatever mail services exist."""
     from twisted.internet import reactor
 
-    return build_node(reactor, options)
+    from ..cluster.bucketservice import BucketMapService
+
+    node = build_node(reactor, options)
+    user_map = BucketMapService(node)
+    node.add_status(user_map.status)
+    return node
