@@ -1,0 +1,1 @@
+"""The Yima presentation player: sans-IO reassembly, flow control, retransmission, sync."""
