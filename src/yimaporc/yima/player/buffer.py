@@ -63,6 +63,7 @@ class PlayoutBuffer:
         self.level_bytes = 0
         self.max_level_bytes = 0
         self.played_mt: float | None = None
+        self.lateness = 0.0
         self.ended = False
         self._packets: dict[int, Buffered] = {}
         self._heap: list[int] = []
@@ -155,6 +156,7 @@ class PlayoutBuffer:
             self.next_gseq = g + 1
             self.level_bytes -= pkt.size
             self.played_mt = pkt.media_time
+            self.lateness = now - self.playout_time(pkt.media_time)
             self.stats.played += 1
             out.append(pkt)
         if now >= self.playout_start and not self._packets and not self.done:
@@ -162,6 +164,18 @@ class PlayoutBuffer:
                 self.stats.underflows += 1
             self._dry = True
         return out
+
+    def presented_mt(self, now: float) -> float | None:
+        """Media time the decoder is presenting at ``now`` (None before the first packet).
+
+        While the next packet is in the buffer, presentation is continuous and
+        follows the playout clock, minus how late the consumer ran.  While it
+        is missing the stream presents nothing (a concealed gap, counted as
+        missing at playout), so None.
+        """
+        if self.played_mt is None or self.done or self.next_gseq not in self._packets:
+            return None
+        return max(self.played_mt, self.clock_mt(now) - self.lateness * self.rate)
 
     @property
     def done(self) -> bool:

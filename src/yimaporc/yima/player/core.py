@@ -1,0 +1,558 @@
+"""The presentation player's sans-IO core: events in, actions out.
+
+A shell (RTP/RTCP over UDP, RTSP) turns datagrams into events and performs the
+actions; the simulator (:mod:`.sim`) does the same on a virtual network.  The
+core never reads a clock: every call takes ``now`` in cluster time (the shell
+converts with the cluster's time sync), and :meth:`StreamPlayer.get_timer`
+says when :meth:`StreamPlayer.handle_timer` must run next.
+
+Events:   :class:`PacketArrived`, :class:`ProbeAnswered`.
+Actions:  :class:`Deliver` (to the decoder / ``--out``), :class:`SendNack`
+          (unicast to one node), :class:`Pause`, :class:`Resume`,
+          :class:`SetSpeed` (one per serving node, equal ``at_ct`` for a
+          stream-wide change), :class:`SendProbe`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import attrs
+
+from .buffer import Buffered, PlayoutBuffer
+from .flow import BandsConfig, DeltaP, NodeTrim, PauseResume, PauseResumeConfig, TrimConfig
+from .retransmit import RetransmitConfig, Retransmitter
+from .sync import SkewMeter, SyncConfig, SyncController
+
+# --- events ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class PacketArrived:
+    """One RTP packet (first transmission or retransmission) as the shell decoded it.
+
+    ``gseq`` is already extended past 16 bits (:func:`.seq.extend_seq`).
+    """
+
+    stream: str
+    node: int
+    gseq: int
+    node_seq: int
+    media_time: float
+    size: int
+    retransmission: bool = False
+    payload: bytes = b""
+
+
+@attrs.frozen
+class ProbeAnswered:
+    """The answer to :class:`SendProbe` ``token`` came back from ``node``."""
+
+    stream: str
+    node: int
+    token: int
+
+
+# --- actions -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Deliver:
+    """Hand one packet to the decoder (in global order, at its playout instant)."""
+
+    stream: str
+    gseq: int
+    media_time: float
+    payload: bytes
+
+
+@attrs.frozen
+class SendNack:
+    """Ask ``node`` (only) to resend its packets ``node_seqs`` (RTCP Generic NACK)."""
+
+    stream: str
+    node: int
+    node_seqs: tuple[int, ...]
+
+
+@attrs.frozen
+class Pause:
+    """Pause-resume: ``node`` stops sending this stream."""
+
+    stream: str
+    node: int
+
+
+@attrs.frozen
+class Resume:
+    """Pause-resume: ``node`` continues from its next packet, due at cluster time ``at_ct``."""
+
+    stream: str
+    node: int
+    at_ct: float
+
+
+@attrs.frozen
+class SetSpeed:
+    """Delta p: ``node`` delivers at ``speed`` x real time from cluster time ``at_ct`` on."""
+
+    stream: str
+    node: int
+    speed: float
+    at_ct: float
+
+
+@attrs.frozen
+class SendProbe:
+    """Measure the round trip to ``node`` (answered by :class:`ProbeAnswered`)."""
+
+    stream: str
+    node: int
+    token: int
+
+
+Action = Deliver | SendNack | Pause | Resume | SetSpeed | SendProbe
+
+
+# --- configuration -----------------------------------------------------------------
+
+
+@attrs.frozen
+class PlayerConfig:
+    """Everything tunable about one stream's player."""
+
+    flow: Literal["delta-p", "pause-resume", "none"] = "delta-p"
+    prebuffer: float = 2.0
+    lead: float = 0.1
+    level_unit: Literal["bytes", "seconds"] = "bytes"
+    bands: BandsConfig | None = None
+    pause: PauseResumeConfig | None = None
+    retransmit: RetransmitConfig | None = attrs.field(factory=RetransmitConfig)
+    trim: TrimConfig | None = attrs.field(factory=TrimConfig)
+    packets_per_block: int | None = None
+    tail_timeout: float = 0.1
+    control_interval: float = 0.1
+    trim_interval: float = 0.5
+    probe_interval: float = 2.0
+    sample_interval: float = 0.1
+    speed_quantum: float = 0.001
+
+    def __attrs_post_init__(self) -> None:
+        if self.flow == "delta-p" and self.bands is None:
+            raise ValueError("delta-p flow control needs bands")
+        if self.flow == "pause-resume" and self.pause is None:
+            raise ValueError("pause-resume flow control needs thresholds")
+
+    @classmethod
+    def for_rate(
+        cls,
+        bytes_per_second: float,
+        *,
+        flow: Literal["delta-p", "pause-resume", "none"] = "delta-p",
+        prebuffer: float = 2.0,
+        **kw: Any,
+    ) -> PlayerConfig:
+        """Thresholds in bytes around ``prebuffer`` seconds of a stream of that mean rate."""
+        target = bytes_per_second * prebuffer
+        return cls(
+            flow=flow,
+            prebuffer=prebuffer,
+            bands=BandsConfig.around(target),
+            pause=PauseResumeConfig(high=1.4 * target, low=0.8 * target),
+            **kw,
+        )
+
+
+class Dropper:
+    """``--drop RATE``: a seeded loss applied to arriving packets before the buffer."""
+
+    def __init__(self, rate: float, rng: random.Random) -> None:
+        if not 0.0 <= rate < 1.0:
+            raise ValueError("drop rate must be in [0, 1)")
+        self.rate = rate
+        self.rng = rng
+        self.dropped = 0
+
+    def drop(self) -> bool:
+        """True if this packet is to be dropped."""
+        if self.rate and self.rng.random() < self.rate:
+            self.dropped += 1
+            return True
+        return False
+
+
+# --- one stream --------------------------------------------------------------------
+
+
+class StreamPlayer:
+    """Reassembly, playout, flow control and retransmission of one stream."""
+
+    def __init__(
+        self,
+        stream: str,
+        nodes: Iterable[int],
+        start_ct: float,
+        config: PlayerConfig,
+        *,
+        total: int | None = None,
+        start_mt: float = 0.0,
+        dropper: Dropper | None = None,
+    ) -> None:
+        self.stream = stream
+        self.nodes = sorted(set(nodes))
+        self.start_ct = start_ct
+        self.config = config
+        self.playout_start = start_ct + config.prebuffer
+        self.buffer = PlayoutBuffer(self.playout_start, start_mt=start_mt, total=total)
+        self.retx = (
+            Retransmitter(self.buffer.playout_time, config.retransmit, now=start_ct)
+            if config.retransmit is not None
+            else None
+        )
+        self.dropper = dropper
+        self.pause_resume: PauseResume | None = None
+        self.delta_p: DeltaP | None = None
+        if config.flow == "pause-resume" and config.pause is not None:
+            self.pause_resume = PauseResume(config.pause)
+        if config.flow == "delta-p" and config.bands is not None:
+            self.delta_p = DeltaP(config.bands)
+            if 1.0 in config.bands.speeds:
+                self.delta_p.band = config.bands.speeds.index(1.0)
+        self.node_trim = NodeTrim(config.trim) if config.trim is not None else None
+        self.sync_trim = 1.0
+        self.nodes_seen: set[int] = set()
+        self.arrivals = 0
+        self.retransmissions_received = 0
+        self.buffer_levels: list[list[float]] = []
+        self.speed_changes: list[tuple[float, int, float]] = []
+        self._sent_speed: dict[int, float] = dict.fromkeys(self.nodes, 1.0)
+        self._block_ref: dict[int, tuple[int, int, int, float]] = {}
+        self._probes: dict[int, float] = {}
+        self._token = 0
+        self._next_control = start_ct
+        self._next_trim = start_ct + config.trim_interval
+        self._next_probe = start_ct
+        self._next_sample = start_ct
+        self._started = False
+        self._quiet_until = start_ct
+
+    # --- public face -------------------------------------------------------------
+
+    @property
+    def base_speed(self) -> float:
+        """Stream-wide delivery speed chosen by flow control."""
+        if self.pause_resume is not None:
+            return self.pause_resume.config.speed
+        if self.delta_p is not None:
+            return self.delta_p.speed
+        return 1.0
+
+    def level(self, now: float) -> float:
+        """Buffer level in the configured unit."""
+        if self.config.level_unit == "seconds":
+            return self.buffer.level_seconds(now)
+        return float(self.buffer.level_bytes)
+
+    def start(self, now: float) -> list[Action]:
+        """Actions at session start (before ``start_ct``): probes, the initial speed."""
+        self._started = True
+        out: list[Action] = self._probe_all(now)
+        out.extend(self._speed_commands(max(now + self.config.lead, self.start_ct)))
+        return out
+
+    def receive(self, event: PacketArrived | ProbeAnswered, now: float) -> list[Action]:
+        """Feed one event; returns what to do now."""
+        if isinstance(event, ProbeAnswered):
+            sent = self._probes.pop(event.token, None)
+            if sent is not None and self.retx is not None:
+                self.retx.on_probe(event.node, now - sent)
+            return []
+        if self.dropper is not None and self.dropper.drop():
+            return []
+        out: list[Action] = self._play(now)
+        self.arrivals += 1
+        self.nodes_seen.add(event.node)
+        if event.retransmission:
+            self.retransmissions_received += 1
+        elif self.node_trim is not None:
+            self.node_trim.observe(event.node, self.buffer.playout_time(event.media_time) - now)
+        if self.retx is not None:
+            self.retx.on_packet(
+                event.node, event.node_seq, event.media_time, now, event.retransmission
+            )
+        ppb = self.config.packets_per_block
+        if ppb:
+            self._block_ref.setdefault(
+                event.gseq // ppb, (event.gseq, event.node, event.node_seq, event.media_time)
+            )
+        self.buffer.insert(
+            Buffered(
+                event.gseq,
+                event.media_time,
+                event.size,
+                event.node,
+                event.node_seq,
+                event.payload,
+            ),
+            now,
+        )
+        if self.retx is not None:
+            out.extend(self._nacks(now))
+        return out
+
+    def handle_timer(self, now: float) -> list[Action]:
+        """Run whatever is due: playout, control, NACKs, probes, level samples."""
+        out: list[Action] = self._play(now)
+        if now >= self._next_sample:
+            self.buffer_levels.append([round(now - self.start_ct, 3), self.buffer.level_bytes])
+            self._next_sample = now + self.config.sample_interval
+        if now >= self._next_control:
+            self._next_control = now + self.config.control_interval
+            out.extend(self._control(now))
+        if self.retx is not None:
+            if now >= self._next_probe:
+                out.extend(self._probe_all(now))
+            out.extend(self._nacks(now))
+        return out
+
+    def get_timer(self, now: float) -> float | None:
+        """When :meth:`handle_timer` must run next (None: nothing pending)."""
+        if self.buffer.done:
+            return None
+        times = [self._next_control, self._next_sample]
+        if (t := self.buffer.next_playout()) is not None:
+            times.append(t)
+        if self.retx is not None:
+            times.append(self._next_probe)
+            if (t := self.retx.next_timer(now)) is not None:
+                times.append(t)
+        return min(times)
+
+    def set_sync_trim(self, trim: float, now: float) -> list[Action]:
+        """Coarse synchronisation: scale this stream's speed by ``trim``."""
+        self.sync_trim = trim
+        return self._speed_commands(now + self.config.lead)
+
+    def finish(self) -> None:
+        """End of the session: count what never played as missing."""
+        self.buffer.finish()
+
+    def stats(self) -> dict[str, Any]:
+        """The CONTRACT §3 keys for this stream (skew is the presentation's)."""
+        b = self.buffer.stats
+        r = self.retx.stats if self.retx is not None else None
+        expected = self.buffer.total if self.buffer.total is not None else b.played + b.missing
+        return {
+            "packets_expected": expected,
+            "packets_received": b.received,
+            "packets_dropped_simulated": self.dropper.dropped if self.dropper else 0,
+            "nacks_sent": r.nacks_sent if r else 0,
+            "nack_messages": r.nack_messages if r else 0,
+            "nacks_given_up_late": r.given_up_late if r else 0,
+            "retransmissions_received": self.retransmissions_received,
+            "packets_missing_at_playout": b.missing,
+            "late_packets": b.late,
+            "duplicates": b.duplicates,
+            "underflows": b.underflows,
+            "max_sync_skew_ms": 0.0,
+            "nodes_seen": sorted(self.nodes_seen),
+            "buffer_levels": list(self.buffer_levels),
+            "speed_changes": len(self.speed_changes),
+            "pauses": self.pause_resume.pauses if self.pause_resume else 0,
+            "band_changes": self.delta_p.changes if self.delta_p else 0,
+        }
+
+    # --- internals ----------------------------------------------------------------
+
+    def _play(self, now: float) -> list[Action]:
+        return [
+            Deliver(self.stream, p.gseq, p.media_time, p.payload) for p in self.buffer.play(now)
+        ]
+
+    def _probe_all(self, now: float) -> list[Action]:
+        self._next_probe = now + self.config.probe_interval
+        out: list[Action] = []
+        for node in self.nodes:
+            self._token += 1
+            self._probes[self._token] = now
+            out.append(SendProbe(self.stream, node, self._token))
+        return out
+
+    def _nacks(self, now: float) -> list[Action]:
+        assert self.retx is not None
+        return [SendNack(self.stream, n, seqs) for n, seqs in self.retx.poll(now)]
+
+    def _control(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        level = self.level(now)
+        at = now + self.config.lead
+        if self.pause_resume is not None:
+            decision = self.pause_resume.update(level)
+            if decision == "pause":
+                out.extend(Pause(self.stream, n) for n in self.nodes)
+            elif decision == "resume":
+                out.extend(Resume(self.stream, n, at) for n in self.nodes)
+                self._quiet_until = at + self.config.tail_timeout
+        elif self.delta_p is not None and now >= self.playout_start:
+            self.delta_p.update(level, now)
+        if self.node_trim is not None and now >= self._next_trim and now >= self.playout_start:
+            self._next_trim = now + self.config.trim_interval
+            self.node_trim.update(now)
+        out.extend(self._speed_commands(at))
+        paused = self.pause_resume is not None and self.pause_resume.paused
+        if self.retx is not None and self.config.packets_per_block and not paused:
+            if now >= self._quiet_until:
+                self._find_tail_gaps(now)
+        return out
+
+    def _speed_commands(self, at: float) -> list[Action]:
+        if self.pause_resume is not None and self.pause_resume.paused:
+            return []
+        q = self.config.speed_quantum
+        out: list[Action] = []
+        for node in self.nodes:
+            f = self.node_trim.factor.get(node, 1.0) if self.node_trim is not None else 1.0
+            speed = round(round(self.base_speed * self.sync_trim * f / q) * q, 6)
+            if speed != self._sent_speed.get(node):
+                self._sent_speed[node] = speed
+                self.speed_changes.append((at, node, speed))
+                out.append(SetSpeed(self.stream, node, speed, at))
+        return out
+
+    def _find_tail_gaps(self, now: float) -> None:
+        """Map holes in the global order to (node, node_seq) through their block."""
+        assert self.retx is not None and self.config.packets_per_block
+        ppb = self.config.packets_per_block
+        holes = self.buffer.holes(limit=4 * ppb)
+        top = self.buffer.max_gseq
+        if self.buffer.total is not None and top >= 0:
+            holes.extend(range(top + 1, min(self.buffer.total, (top // ppb + 1) * ppb)))
+        for g in holes:
+            ref = self._block_ref.get(g // ppb)
+            if ref is None:
+                continue
+            g0, node, ns0, mt0 = ref
+            st = self.retx.node(node)
+            if st.last_arrival is None or now - st.last_arrival < self.config.tail_timeout:
+                continue
+            self.retx.add_tail_gap(node, ns0 + (g - g0), mt0, now)
+        low = self.buffer.next_gseq // ppb - 1
+        for b in [b for b in self._block_ref if b < low]:
+            del self._block_ref[b]
+
+
+# --- a presentation of several streams ---------------------------------------------
+
+
+class Presentation:
+    """Several streams started at one cluster instant and played against one clock."""
+
+    def __init__(
+        self,
+        players: Sequence[StreamPlayer],
+        sync: SyncConfig | None = None,
+        sync_interval: float = 0.5,
+    ) -> None:
+        starts = {p.playout_start for p in players}
+        if len(starts) != 1:
+            raise ValueError("streams of a presentation share one playout clock")
+        self.players = {p.stream: p for p in players}
+        self.sync = SyncController(sync)
+        self.skew = SkewMeter()
+        self.sync_interval = sync_interval
+        self.playout_start = starts.pop()
+        self._next_sync = self.playout_start
+        self._now = 0.0
+
+    def start(self, now: float) -> list[Action]:
+        """Start every stream."""
+        return [a for p in self.players.values() for a in p.start(now)]
+
+    def receive(self, event: PacketArrived | ProbeAnswered, now: float) -> list[Action]:
+        """Route one event to its stream."""
+        player = self.players.get(event.stream)
+        if player is None:
+            return []
+        out = player.receive(event, now)
+        self._now = now
+        self._measure()
+        return out
+
+    def handle_timer(self, now: float) -> list[Action]:
+        """Timers of every stream, then coarse synchronisation."""
+        out: list[Action] = []
+        for p in self.players.values():
+            out.extend(p.handle_timer(now))
+        self._now = now
+        self._measure()
+        if len(self.players) > 1 and now >= self._next_sync:
+            self._next_sync = now + self.sync_interval
+            levels = {sid: p.buffer.level_seconds(now) for sid, p in self.players.items()}
+            for sid, trim in self.sync.update(levels).items():
+                out.extend(self.players[sid].set_sync_trim(trim, now))
+        return out
+
+    def get_timer(self, now: float) -> float | None:
+        """The earliest timer over all streams."""
+        times = [t for p in self.players.values() if (t := p.get_timer(now)) is not None]
+        if len(self.players) > 1 and times:
+            times.append(self._next_sync)
+        return min(times, default=None)
+
+    @property
+    def done(self) -> bool:
+        """True once every stream has been played to its end."""
+        return all(p.buffer.done for p in self.players.values())
+
+    def finish(self) -> None:
+        """End the session."""
+        for p in self.players.values():
+            p.finish()
+
+    def _measure(self) -> None:
+        self.skew.sample({sid: p.buffer.presented_mt(self._now) for sid, p in self.players.items()})
+
+    def stats(self) -> dict[str, Any]:
+        """CONTRACT §3 stats over all streams, with per-stream detail under ``streams``."""
+        per = {sid: p.stats() for sid, p in self.players.items()}
+        out: dict[str, Any] = {}
+        for key in (
+            "packets_expected",
+            "packets_received",
+            "packets_dropped_simulated",
+            "nacks_sent",
+            "nack_messages",
+            "nacks_given_up_late",
+            "retransmissions_received",
+            "packets_missing_at_playout",
+            "late_packets",
+            "duplicates",
+            "underflows",
+            "speed_changes",
+            "pauses",
+            "band_changes",
+        ):
+            out[key] = sum(s[key] for s in per.values())
+        out["max_sync_skew_ms"] = round(self.skew.max_skew * 1000, 3)
+        out["mean_sync_skew_ms"] = round(self.skew.mean_skew * 1000, 3)
+        out["nodes_seen"] = sorted({n for s in per.values() for n in s["nodes_seen"]})
+        out["buffer_levels"] = _sum_levels([s["buffer_levels"] for s in per.values()])
+        out["streams"] = {
+            sid: {k: v for k, v in s.items() if k != "buffer_levels"} for sid, s in per.items()
+        }
+        return out
+
+
+def _sum_levels(series: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
+    """Add per-stream [t, bytes] samples taken at (about) the same instants."""
+    if len(series) == 1:
+        return [list(x) for x in series[0]]
+    n = min((len(s) for s in series), default=0)
+    return [[series[0][i][0], sum(s[i][1] for s in series)] for i in range(n)]
+
+
+def levels_of(stats: Mapping[str, Any]) -> list[tuple[float, float]]:
+    """``buffer_levels`` of a stats dict as tuples (for plots and tests)."""
+    return [(float(t), float(b)) for t, b in stats["buffer_levels"]]
