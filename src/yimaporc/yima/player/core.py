@@ -22,7 +22,15 @@ from typing import Any, Literal
 import attrs
 
 from .buffer import Buffered, PlayoutBuffer
-from .flow import BandsConfig, DeltaP, NodeTrim, PauseResume, PauseResumeConfig, TrimConfig
+from .flow import (
+    BandsConfig,
+    DeltaP,
+    NodeTrim,
+    PauseResume,
+    PauseResumeConfig,
+    ScheduleMirror,
+    TrimConfig,
+)
 from .retransmit import RetransmitConfig, Retransmitter
 from .sync import SkewMeter, SyncConfig, SyncController
 
@@ -79,15 +87,21 @@ class SendNack:
 
 @attrs.frozen
 class Pause:
-    """Pause-resume: ``node`` stops sending this stream."""
+    """Pause-resume: ``node`` stops this stream's schedule at cluster time ``at_ct``.
+
+    Every node gets the same ``at_ct``, so all stop at the same media position
+    of the common schedule (a node whose packets were due later simply has
+    not sent them yet).
+    """
 
     stream: str
     node: int
+    at_ct: float
 
 
 @attrs.frozen
 class Resume:
-    """Pause-resume: ``node`` continues from its next packet, due at cluster time ``at_ct``."""
+    """Pause-resume: the schedule restarts at cluster time ``at_ct`` where it was stopped."""
 
     stream: str
     node: int
@@ -222,6 +236,7 @@ class StreamPlayer:
                 self.delta_p.band = config.bands.speeds.index(1.0)
         self.node_trim = NodeTrim(config.trim) if config.trim is not None else None
         self.sync_trim = 1.0
+        self.mirror = ScheduleMirror(start_ct, start_mt)
         self.nodes_seen: set[int] = set()
         self.arrivals = 0
         self.retransmissions_received = 0
@@ -277,7 +292,9 @@ class StreamPlayer:
         if event.retransmission:
             self.retransmissions_received += 1
         elif self.node_trim is not None:
-            self.node_trim.observe(event.node, self.buffer.playout_time(event.media_time) - now)
+            due = self.mirror.deadline(event.media_time)
+            if due is not None:
+                self.node_trim.observe(event.node, due - now)
         if self.retx is not None:
             self.retx.on_packet(
                 event.node, event.node_seq, event.media_time, now, event.retransmission
@@ -391,8 +408,10 @@ class StreamPlayer:
         if self.pause_resume is not None:
             decision = self.pause_resume.update(level)
             if decision == "pause":
-                out.extend(Pause(self.stream, n) for n in self.nodes)
+                out.extend(Pause(self.stream, n, at) for n in self.nodes)
+                self.mirror.set_speed(0.0, at)
             elif decision == "resume":
+                self.mirror.set_speed(self._common_speed(), at)
                 out.extend(Resume(self.stream, n, at) for n in self.nodes)
                 self._quiet_until = at + self.config.tail_timeout
         elif self.delta_p is not None and now >= self.playout_start:
@@ -407,11 +426,17 @@ class StreamPlayer:
                 self._find_tail_gaps(now)
         return out
 
+    def _common_speed(self) -> float:
+        q = self.config.speed_quantum
+        return round(round(self.base_speed * self.sync_trim / q) * q, 6)
+
     def _speed_commands(self, at: float) -> list[Action]:
         if self.pause_resume is not None and self.pause_resume.paused:
             return []
         q = self.config.speed_quantum
         out: list[Action] = []
+        if self._common_speed() != self.mirror.speed:
+            self.mirror.set_speed(self._common_speed(), at)
         for node in self.nodes:
             f = self.node_trim.factor.get(node, 1.0) if self.node_trim is not None else 1.0
             speed = round(round(self.base_speed * self.sync_trim * f / q) * q, 6)
@@ -454,6 +479,7 @@ class Presentation:
         players: Sequence[StreamPlayer],
         sync: SyncConfig | None = None,
         sync_interval: float = 0.5,
+        coarse_sync: bool = True,
     ) -> None:
         starts = {p.playout_start for p in players}
         if len(starts) != 1:
@@ -462,6 +488,8 @@ class Presentation:
         self.sync = SyncController(sync)
         self.skew = SkewMeter()
         self.sync_interval = sync_interval
+        self.coarse_sync = coarse_sync
+        self.max_level_spread = 0.0
         self.playout_start = starts.pop()
         self._next_sync = self.playout_start
         self._now = 0.0
@@ -490,8 +518,12 @@ class Presentation:
         if len(self.players) > 1 and now >= self._next_sync:
             self._next_sync = now + self.sync_interval
             levels = {sid: p.buffer.level_seconds(now) for sid, p in self.players.items()}
-            for sid, trim in self.sync.update(levels).items():
-                out.extend(self.players[sid].set_sync_trim(trim, now))
+            if now >= self.playout_start + self.sync_interval and not self.done:
+                spread = max(levels.values()) - min(levels.values())
+                self.max_level_spread = max(self.max_level_spread, spread)
+            if self.coarse_sync:
+                for sid, trim in self.sync.update(levels).items():
+                    out.extend(self.players[sid].set_sync_trim(trim, now))
         return out
 
     def get_timer(self, now: float) -> float | None:
@@ -537,6 +569,7 @@ class Presentation:
             out[key] = sum(s[key] for s in per.values())
         out["max_sync_skew_ms"] = round(self.skew.max_skew * 1000, 3)
         out["mean_sync_skew_ms"] = round(self.skew.mean_skew * 1000, 3)
+        out["max_level_spread_s"] = round(self.max_level_spread, 4)
         out["nodes_seen"] = sorted({n for s in per.values() for n in s["nodes_seen"]})
         out["buffer_levels"] = _sum_levels([s["buffer_levels"] for s in per.values()])
         out["streams"] = {

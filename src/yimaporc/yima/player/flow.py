@@ -118,6 +118,42 @@ class DeltaP:
         return self.speed
 
 
+class ScheduleMirror:
+    """The stream's common schedule, recomputed from the player's own commands.
+
+    Nodes re-anchor ``deadline(t) = anchor_ct + (t - anchor_mt) / speed`` on
+    every command; replaying the same commands here gives, for any media
+    time, the instant the nodes were told to send it.  Arrival minus that
+    instant is a node's lag, free of the common-mode swings of flow control.
+    Speed 0 is a pause.
+    """
+
+    def __init__(self, start_ct: float, start_mt: float = 0.0, speed: float = 1.0) -> None:
+        self._segs: list[tuple[float, float, float]] = [(start_ct, start_mt, speed)]
+        self._mts: list[float] = [start_mt]
+
+    @property
+    def speed(self) -> float:
+        """Speed in force after the last command."""
+        return self._segs[-1][2]
+
+    def set_speed(self, speed: float, at_ct: float) -> None:
+        """Mirror a speed change (or a pause, speed 0) taking effect at ``at_ct``."""
+        ct, mt, sp = self._segs[-1]
+        at_ct = max(at_ct, ct)
+        mt_at = mt + (at_ct - ct) * sp
+        self._segs.append((at_ct, mt_at, speed))
+        self._mts.append(mt_at)
+
+    def deadline(self, media_time: float) -> float | None:
+        """When the nodes were to send ``media_time`` (None while it is paused)."""
+        i = max(0, bisect.bisect_right(self._mts, media_time) - 1)
+        ct, mt, sp = self._segs[i]
+        if sp <= 0:
+            return None
+        return ct + (media_time - mt) / sp
+
+
 @attrs.frozen
 class TrimConfig:
     """Per-node correction: PI gains on slack error (s), bounds, quantum, EWMA weight."""
@@ -131,7 +167,11 @@ class TrimConfig:
 
 
 class NodeTrim:
-    """Keeps every node's slack near the median by trimming that node's speed."""
+    """Keeps every node's lag near the median by trimming that node's speed.
+
+    ``observe`` takes a node's *slack*: the instant the common schedule (see
+    :class:`ScheduleMirror`) meant the packet to leave minus its arrival.
+    """
 
     def __init__(self, config: TrimConfig | None = None) -> None:
         self.config = config or TrimConfig()
@@ -141,7 +181,7 @@ class NodeTrim:
         self._last: float | None = None
 
     def observe(self, node: int, slack: float) -> None:
-        """One first-transmission packet from ``node`` arrived ``slack`` s before its playout."""
+        """One first-transmission packet from ``node`` arrived with ``slack`` (see class)."""
         old = self.slack.get(node)
         a = self.config.alpha
         self.slack[node] = slack if old is None else old + a * (slack - old)

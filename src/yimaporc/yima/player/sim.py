@@ -42,6 +42,13 @@ from .core import (
 from .flow import TrimConfig
 from .retransmit import RetransmitConfig
 
+#: Pause as a re-anchoring of the schedule at a common cluster instant: the
+#: schedule's clock (nearly) stops, so every node stops at the same media
+#: position and a later ``set_speed`` restarts them all from it.
+#: ``NodeScheduler.pause``/``resume`` re-anchor each node at its *own* next
+#: packet, which lets nodes drift apart over pause cycles (see docs/player.md).
+STOPPED = 1e-9
+
 
 @attrs.frozen
 class GilbertElliott:
@@ -85,6 +92,7 @@ class SimConfig:
     slow_delay: float = 0.0
     session_lead: float = 0.3
     timer_jitter: float = 0.001
+    coarse_sync: bool = True
 
 
 def vbr_media(
@@ -173,8 +181,9 @@ class Simulation:
                 sched.add(sid, m, mine, start_ct=self.start_ct)
                 if k == c.slow_node:
                     sched.set_speed(sid, c.slow_factor, self.start_ct)
-        self.player = Presentation(players)
+        self.player = Presentation(players, coarse_sync=c.coarse_sync)
         self._client_gen = 0
+        self._paused: dict[tuple[int, str], float] = {}
         self.delivered = 0
 
     # --- event loop ---------------------------------------------------------------
@@ -252,13 +261,21 @@ class Simulation:
 
     def _apply(self, k: int, action: Action) -> None:
         sched = self.nodes[k]
+        f = self.config.slow_factor if k == self.config.slow_node else 1.0
+        key = (k, getattr(action, "stream", ""))
         if isinstance(action, Pause):
-            sched.pause(action.stream)
+            if key not in self._paused:
+                self._paused[key] = sched.sessions[action.stream].speed
+                sched.set_speed(action.stream, STOPPED, action.at_ct)
         elif isinstance(action, Resume):
-            sched.resume(action.stream, action.at_ct)
+            speed = self._paused.pop(key, None)
+            if speed is not None:
+                sched.set_speed(action.stream, speed, action.at_ct)
         elif isinstance(action, SetSpeed):
-            f = self.config.slow_factor if k == self.config.slow_node else 1.0
-            sched.set_speed(action.stream, action.speed * f, action.at_ct)
+            if key in self._paused:
+                self._paused[key] = action.speed * f
+            else:
+                sched.set_speed(action.stream, action.speed * f, action.at_ct)
         elif isinstance(action, SendNack):
             for pkt in sched.retransmit(action.stream, action.node_seqs):
                 self._transmit(k, pkt)
