@@ -87,7 +87,7 @@ def test_delta_p_feedback_reaches_every_node_with_the_same_instant() -> None:
         p.receive(arrive(g), 10.5)
     acts = [a for a in p.handle_timer(11.0) if isinstance(a, SetSpeed)]
     assert sorted(a.node for a in acts) == [0, 1, 2]
-    assert {a.speed for a in acts} == {0.7}
+    assert {a.speed for a in acts} == {0.6}
     assert {a.at_ct for a in acts} == {11.0 + p.config.lead}
 
 

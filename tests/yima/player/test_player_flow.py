@@ -46,8 +46,8 @@ def test_bands_map_levels_to_falling_speeds() -> None:
     dp = DeltaP(BandsConfig((10, 20, 30, 40), dwell=0.0))
     assert dp.update(5, 0.0) is None  # starts in band 0
     assert dp.update(25, 1.0) == 1.0
-    assert dp.update(45, 2.0) == 0.7
-    assert dp.update(15, 3.0) == 1.1
+    assert dp.update(45, 2.0) == 0.6
+    assert dp.update(15, 3.0) == 1.15
 
 
 def test_hysteresis_stops_oscillation_around_a_threshold() -> None:
@@ -56,16 +56,16 @@ def test_hysteresis_stops_oscillation_around_a_threshold() -> None:
     dp.band = 2
     changes = [dp.update(x, t) for t, x in enumerate([29, 31, 28.5, 31.9, 29, 31.5] * 5)]
     assert changes == [None] * 30
-    assert dp.update(32.5, 100) == 0.9
+    assert dp.update(32.5, 100) == 0.85
 
 
 def test_dwell_delays_inner_changes_but_not_the_outer_bands() -> None:
     """Within ``dwell`` of a change inner bands wait; an emergency band applies at once."""
     dp = DeltaP(BandsConfig((10, 20, 30, 40), dwell=1.0))
     dp.band = 2
-    assert dp.update(35, 0.0) == 0.9
+    assert dp.update(35, 0.0) == 0.85
     assert dp.update(15, 0.5) is None
-    assert dp.update(5, 0.6) == 1.3
+    assert dp.update(5, 0.6) == 1.5
     assert dp.update(25, 1.7) == 1.0
 
 

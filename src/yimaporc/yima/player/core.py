@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import attrs
 
+from ..schedule import PAYLOAD
 from .buffer import Buffered, PlayoutBuffer
 from .flow import (
     BandsConfig,
@@ -168,13 +169,20 @@ class PlayerConfig:
         prebuffer: float = 2.0,
         **kw: Any,
     ) -> PlayerConfig:
-        """Thresholds in bytes around ``prebuffer`` seconds of a stream of that mean rate."""
+        """Thresholds in bytes around ``prebuffer`` seconds of a stream of that mean rate.
+
+        The NACK budget is at least 10% of the packet rate.
+        """
         target = bytes_per_second * prebuffer
+        retx = kw.pop("retransmit", RetransmitConfig())
+        if retx is not None:
+            retx = attrs.evolve(retx, rate=max(retx.rate, 0.1 * bytes_per_second / PAYLOAD))
         return cls(
             flow=flow,
             prebuffer=prebuffer,
             bands=BandsConfig.around(target),
             pause=PauseResumeConfig(high=1.4 * target, low=0.8 * target),
+            retransmit=retx,
             **kw,
         )
 

@@ -65,9 +65,9 @@ class BandsConfig:
     """Multi-threshold buffering: ``len(speeds) == len(thresholds) + 1``, speeds falling."""
 
     thresholds: tuple[float, ...]
-    speeds: tuple[float, ...] = (1.3, 1.1, 1.0, 0.9, 0.7)
+    speeds: tuple[float, ...] = (1.5, 1.15, 1.0, 0.85, 0.6)
     hysteresis: float = 0.0
-    dwell: float = 0.5
+    dwell: float = 0.3
 
     def __attrs_post_init__(self) -> None:
         if len(self.speeds) != len(self.thresholds) + 1:

@@ -155,10 +155,10 @@ class Simulation:
         self.feedback_sent = 0
         self.nacks_by_node: list[tuple[int, str, tuple[int, ...]]] = []
         self.sent_by: dict[tuple[str, int, int], int] = {}
+        self.lost: set[tuple[str, int, int]] = set()
         self.node_late = [0] * c.nodes
         self.arrival_slack: list[list[tuple[float, float]]] = [[] for _ in range(c.nodes)]
         players = []
-        dropper = Dropper(c.drop, random.Random(self.rng.getrandbits(64))) if c.drop else None
         for i, rate in enumerate(c.bitrates):
             sid = f"s{i}"
             m = vbr_media(sid, self.rng, rate, c.duration, c.block_packets, c.vbr, c.scene)
@@ -173,15 +173,19 @@ class Simulation:
                 retransmit=RetransmitConfig() if c.retransmit else None,
                 trim=TrimConfig() if c.trim else None,
             )
-            players.append(
-                StreamPlayer(sid, range(c.nodes), self.start_ct, pc, total=total, dropper=dropper)
-            )
+            players.append(StreamPlayer(sid, range(c.nodes), self.start_ct, pc, total=total))
             for k, sched in enumerate(self.nodes):
                 mine = [b for b, o in enumerate(self.owner[sid]) if o == k]
                 sched.add(sid, m, mine, start_ct=self.start_ct)
                 if k == c.slow_node:
                     sched.set_speed(sid, c.slow_factor, self.start_ct)
         self.player = Presentation(players, coarse_sync=c.coarse_sync)
+        # Drawn last, so a seed gives the same clip and placement with or without --drop.
+        drop_rng = random.Random(self.rng.getrandbits(64))
+        if c.drop:
+            dropper = Dropper(c.drop, drop_rng)
+            for p in players:
+                p.dropper = dropper
         self._client_gen = 0
         self._paused: dict[tuple[int, str], float] = {}
         self.delivered = 0
@@ -243,6 +247,8 @@ class Simulation:
         self.sent_by[(pkt.session, k, pkt.node_seq)] = pkt.gseq
         if self.down[k].lost():
             self.network_lost += 1
+            if not pkt.retransmission:
+                self.lost.add((pkt.session, k, pkt.node_seq))
             return
         delay = c.latency + self.rng.uniform(0, c.jitter)
         if k == c.slow_node:
