@@ -19,6 +19,7 @@ class Options(NodeOptions):
         ["smtp", None, None, "SMTP endpoint, e.g. tcp:2525:interface=127.0.1.1."],
         ["pop3", None, None, "POP3 endpoint."],
         ["imap", None, None, "IMAP endpoint."],
+        ["max-message-size", None, str(25 << 20), "Largest message SMTP accepts (bytes)."],
     ]
 
     def postOptions(self) -> None:
@@ -28,6 +29,8 @@ class Options(NodeOptions):
 
         if not self["domain"]:
             raise usage.UsageError("--domain is required")
+        if not str(self["max-message-size"]).isdigit():
+            raise usage.UsageError("--max-message-size must be a number of bytes")
 
 
 def makeService(options: Options) -> IService:
@@ -35,8 +38,23 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from ..cluster.bucketservice import BucketMapService
+    from ..porcupine.mailservice import MailService
 
     node = build_node(reactor, options)
     user_map = BucketMapService(node)
     node.add_status(user_map.status)
+    mail = MailService(
+        reactor,
+        node_id=node.node_id,
+        data_dir=node.config.data_dir,
+        domain=options["domain"],
+        smtp_endpoint=options["smtp"],
+        pop3_endpoint=options["pop3"],
+        imap_endpoint=options["imap"],
+        max_message_size=int(options["max-message-size"]),
+    )
+    mail.setServiceParent(node)
+    for route in mail.admin_routes():
+        node.add_route(route)
+    node.add_status(mail.status)
     return node

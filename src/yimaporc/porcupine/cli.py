@@ -1,0 +1,79 @@
+"""``yimaporc mail ...``: user administration over the admin API."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..admin.client import AdminClient
+
+
+def _password(args: argparse.Namespace) -> str:
+    from ..cli import CliError
+
+    if args.password is not None:
+        return str(args.password)
+    try:
+        return Path(args.password_file).read_text().rstrip("\r\n")
+    except OSError as e:
+        raise CliError(f"cannot read --password-file {args.password_file}: {e.strerror}") from e
+
+
+def register(
+    sub: Any, make_client: Callable[..., AdminClient], admin: argparse.ArgumentParser
+) -> None:
+    """Add ``mail adduser|deluser|passwd|list``."""
+    mail = sub.add_parser("mail", help="mail users")
+    msub = mail.add_subparsers(dest="mail_command", metavar="COMMAND", parser_class=type(mail))
+    msub.required = True
+
+    def with_password(p: argparse.ArgumentParser) -> None:
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument("--password", metavar="P")
+        g.add_argument("--password-file", metavar="F")
+
+    p = msub.add_parser("adduser", parents=[admin], help="create a user")
+    p.add_argument("address")
+    with_password(p)
+    p.add_argument("--replicas", type=int, default=1, metavar="R")
+
+    def adduser(args: argparse.Namespace) -> int:
+        body = {"address": args.address, "password": _password(args), "replicas": args.replicas}
+        make_client(args).post("/api/mail/users", body)
+        print(f"created {args.address}")
+        return 0
+
+    p.set_defaults(func=adduser)
+
+    p = msub.add_parser("deluser", parents=[admin], help="delete a user and their mail")
+    p.add_argument("address")
+
+    def deluser(args: argparse.Namespace) -> int:
+        make_client(args).post("/api/mail/users/delete", {"address": args.address})
+        print(f"deleted {args.address}")
+        return 0
+
+    p.set_defaults(func=deluser)
+
+    p = msub.add_parser("passwd", parents=[admin], help="set a user's password")
+    p.add_argument("address")
+    with_password(p)
+
+    def passwd(args: argparse.Namespace) -> int:
+        body = {"address": args.address, "password": _password(args)}
+        make_client(args).post("/api/mail/users/passwd", body)
+        print(f"updated {args.address}")
+        return 0
+
+    p.set_defaults(func=passwd)
+
+    p = msub.add_parser("list", parents=[admin], help="list users")
+
+    def list_users(args: argparse.Namespace) -> int:
+        for u in make_client(args, mutating=False).get("/api/mail/users")["users"]:
+            print(f"{u['address']} replicas={u['replicas']}")
+        return 0
+
+    p.set_defaults(func=list_users)
