@@ -96,22 +96,29 @@ class Settings:
         self.mail_users = 20 if quick else 50
         self.mail_per_user = 10 if quick else 20
         self.mail_fetch = 5
-        self.cluster_nodes = [1, 2, 3]
+        self.cluster_nodes = [1, 3] if quick else [1, 2, 3]
         self.clip_seconds = 30 if quick else 60
         self.rtsp_warmup = 1.0 if quick else 2.0
         self.rtsp_window = 3.0 if quick else 8.0
         self.rtsp_budget_peer = 25.0 if quick else 90.0
         self.rtsp_budget_target = 15.0 if quick else 60.0
         self.rtsp_start_peer = 64 if quick else 32
-        self.rtsp_start_target = 8
+        self.rtsp_start_target = 16
+        # the whole run must end in time (QUICK=1 < 3 min, full < 15 min): the streaming
+        # ramps, which come last, get what is left of this, minus a reserve for the report
+        self.total_s = 170.0 if quick else 840.0
+        self.t0 = time.monotonic()
         self.yima_configs = (
             [("bipartite", 1), ("bipartite", 3), ("master-slave", 3)]
             if quick
             else [(m, n) for m in ("bipartite", "master-slave") for n in (1, 2, 3)]
         )
 
+    def left(self) -> float:
+        return self.total_s - (time.monotonic() - self.t0)
+
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items()}
+        return {k: v for k, v in vars(self).items() if k != "t0"}
 
 
 # --------------------------------------------------------------------------- processes
@@ -229,6 +236,95 @@ def run_daemon(argv: list[str], log: Path, timeout: float = 60) -> int:
             raise PartFailed(f"{' '.join(argv[:3])} did not return in {timeout:.0f} s") from e
 
 
+# --------------------------------------------------------------------------- profiles
+PROFILE = False  # --profile: py-spy samples the yimaporc targets while they carry load
+
+
+class Profiler:
+    """``py-spy record --format raw`` on the given PIDs for the span of a ``with`` block;
+    the summary (top frames by own and by inclusive samples) goes into results.json."""
+
+    def __init__(self, name: str, pids: list[int], into: dict[str, Any]) -> None:
+        self.name = name
+        self.pids = pids
+        self.into = into
+        self.procs: list[tuple[int, subprocess.Popen[bytes], Path]] = []
+
+    def __enter__(self) -> Profiler:
+        if not PROFILE:
+            return self
+        spy = VENV_BIN / "py-spy"
+        out = WORK / "profiles"
+        out.mkdir(parents=True, exist_ok=True)
+        for pid in self.pids:
+            path = out / f"{self.name}-{pid}.txt"
+            with contextlib.suppress(OSError):
+                path.unlink()
+            argv = [str(spy), "record", "-p", str(pid), "-r", "50", "--format", "raw"]
+            argv += ["--nonblocking", "-o", str(path)]
+            p = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self.procs.append((pid, p, path))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for _pid, p, _path in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for _pid, p, _path in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        summary = [profile_summary(path) for _pid, _p, path in self.procs]
+        if summary:
+            self.into.setdefault("profiles", {})[self.name] = summary
+            for sm in summary:
+                say(f"    profile {self.name} ({sm['file']}): {sm['samples']} samples")
+                for fn, pct in sm["top_self"][:6]:
+                    say(f"      self {pct:5.1f}%  {fn}")
+
+
+def profile_summary(path: Path) -> dict[str, Any]:
+    """Top functions of a py-spy raw (collapsed) profile: own and inclusive share."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[-1] if " (" in f else f
+            for f in stack.split(";")
+        ]
+        frames = [re.sub(r":\d+\)$", ")", f) for f in frames]
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+
+    def top(d: dict[str, int]) -> list[tuple[str, float]]:
+        return [(k, 100.0 * v / total) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:15]]
+
+    return {
+        "file": str(path),
+        "samples": total,
+        "top_self": top(own) if total else [],
+        "top_inclusive": top(incl) if total else [],
+    }
+
+
 # --------------------------------------------------------------------------- set-up
 def install() -> None:
     """Peers from Debian packages (apt-get as root) and matplotlib from PyPI, when missing."""
@@ -264,6 +360,11 @@ def install() -> None:
             raise SystemExit(
                 f"error: pip install matplotlib failed: {r.stderr.strip()[-500:]}"
             ) from None
+    if PROFILE and not (VENV_BIN / "py-spy").exists():
+        say("# pip install py-spy")
+        subprocess.run([PY, "-m", "pip", "install", "-q", "py-spy"], capture_output=True)
+        if not (VENV_BIN / "py-spy").exists():
+            raise SystemExit("error: pip install py-spy failed (needed by --profile)")
     try:
         pwd.getpwnam("pbmail")
     except KeyError:
@@ -339,6 +440,8 @@ def mail_load(
         PASSWORD,
         "--label",
         label,
+        "--timeout",
+        "10",
         *[a for pid in server_pids for a in ("--server-pid", str(pid))],
         *(extra or []),
     ]
@@ -431,10 +534,14 @@ def rtsp_ramp(
         why = m[0][:300] if m else "no trial passed"
         raise PartFailed(f"{label} at {url}: not one session kept real time ({why})")
     n = out["max_sessions"]
+    # the ramp ran out of budget before a trial failed: the capacity is at least n
+    out["lower_bound"] = kv.get("first_fail") in (None, "None")
     cpu = out.get("server_cpu_pct")
     if isinstance(cpu, float) and n:
         out["server_cpu_pct_per_stream"] = cpu / n
-    say(f"  {label}: max_sessions={n:.0f} agg_mbps={out.get('agg_mbps')} server_cpu_pct={cpu}")
+    say(
+        f"  {label}: max_sessions={'>=' if out['lower_bound'] else ''}{n:.0f} agg_mbps={out.get('agg_mbps')} server_cpu_pct={cpu}"
+    )
     return out
 
 
@@ -1045,18 +1152,20 @@ def part_mail_target(s: Settings, res: dict[str, Any], errors: list[str]) -> Non
             add_users(c, users_list(s))
             deliver_for_retrieval(s, c.hosts)
             r: dict[str, Any] = {}
-            r["smtp"] = mail_load(s, "smtp", host, PORTS["smtp"], "porcupine", c.pids, log=log)
+            with Profiler("porcupine-smtp", c.pids, res):
+                r["smtp"] = mail_load(s, "smtp", host, PORTS["smtp"], "porcupine", c.pids, log=log)
             for proto in ("pop3", "imap"):
-                r[proto] = mail_load(
-                    s,
-                    proto,
-                    host,
-                    PORTS[proto],
-                    "porcupine",
-                    c.pids,
-                    ["--user-suffix", "@" + DOMAIN],
-                    log=log,
-                )
+                with Profiler(f"porcupine-{proto}", c.pids, res):
+                    r[proto] = mail_load(
+                        s,
+                        proto,
+                        host,
+                        PORTS[proto],
+                        "porcupine",
+                        c.pids,
+                        ["--user-suffix", "@" + DOMAIN],
+                        log=log,
+                    )
             mail["porcupine"] = r
     except PartFailed as e:
         errors.append(f"target porcupine-node: {e}")
@@ -1218,7 +1327,7 @@ def part_rtsp_peer(s: Settings, res: dict[str, Any], errors: list[str], clip: Pa
                     url,
                     "gstreamer",
                     [p.pid],
-                    s.rtsp_budget_peer,
+                    min(s.rtsp_budget_peer, max(8.0, 0.4 * (s.left() - 15.0))),
                     s.rtsp_start_peer,
                     work / "load.log",
                 )
@@ -1263,18 +1372,27 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
                 row: dict[str, Any] = {"mode": mode, "nodes": n}
                 if n == 1 or (mode, n) == s.yima_configs[0]:
                     row.update(ffmpeg_check(url, f"yima-{key}", work))
+                todo = len(s.yima_configs) - s.yima_configs.index((mode, n))
                 budget = s.rtsp_budget_target * (1.5 if n == 1 and mode == "bipartite" else 1.0)
-                row.update(
-                    rtsp_ramp(
+                budget = min(budget, max(8.0, (s.left() - 15.0) / todo - 15.0))
+                # start near what this mode sustained with fewer nodes (fewer trials)
+                prev = [
+                    v.get("max_sessions") or 0
+                    for k, v in out.items()
+                    if isinstance(v, dict) and (v.get("mode") == mode or k == "bipartite-1")
+                ]
+                start = max([s.rtsp_start_target] + [int(0.75 * x) for x in prev])
+                with Profiler(f"yima-{key}", c.pids, res):
+                    ramp = rtsp_ramp(
                         s,
                         url,
                         f"yima-{key}",
                         c.pids,
                         budget,
-                        s.rtsp_start_target,
+                        start,
                         work / "load.log",
                     )
-                )
+                row.update(ramp)
                 out[key] = row
         except PartFailed as e:
             msg = str(e)
@@ -1361,17 +1479,23 @@ def ratio_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     yima = res.get("yima", {})
     for key, y in sorted(yima.items()):
         for metric, label, higher in (
-            ("max_sessions", "max real-time 4 Mbit/s sessions", True),
-            ("server_cpu_pct_per_stream", "server CPU % per stream", False),
+            ("max_sessions", "max streams", True),
+            ("server_cpu_pct_per_stream", "CPU %/stream", False),
         ):
             if metric == "server_cpu_pct_per_stream" and key != "bipartite-1":
                 continue
             tv = val(y, metric)
             pv = val(gst, metric)
+            mode, _, n = key.rpartition("-")
+            bound = metric == "max_sessions" and (
+                (isinstance(y, dict) and y.get("lower_bound"))
+                or (isinstance(gst, dict) and gst.get("lower_bound"))
+            )
             rows.append(
                 {
                     "group": "streaming",
-                    "metric": f"yima {key.replace('-', ' ')} node(s): {label}",
+                    "metric": f"Yima {mode} x{n}: {label}",
+                    "note": "ramp hit its time budget: a lower bound" if bound else None,
                     "peer": "gstreamer",
                     "yimaporc": tv,
                     "peer_value": pv,
@@ -1406,6 +1530,7 @@ def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
             f"{r['metric']:48s} {r['peer']:16s} {fmt(r['yimaporc'], r['yimaporc_note']):>10s} "
             f"{fmt(r['peer_value'], r['peer_note']):>10s} "
             f"{fmt(r['ratio'], '-'):>7s}  {'higher' if r['higher_is_better'] else 'lower'}"
+            + (f"  ({r['note']})" if r.get("note") else "")
         )
     u = res.get("udp", {})
     if u:
@@ -1548,8 +1673,11 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
         ax.barh(range(len(rr)), vals, color=colors)
         ax.set_yticks(range(len(rr)), labels, fontsize=8)
         ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        for i, v in enumerate(vals):
+            ax.annotate(f"{v:.2g}", (v, i), va="center", fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("yimaporc / peer (green = yimaporc better)")
+        ax.set_xlabel("yimaporc / peer, log scale (green = yimaporc better)")
     else:
         ax.text(
             0.5,
@@ -1591,7 +1719,14 @@ def main() -> int:
     )
     ap.add_argument("--quick", action="store_true", help="short settings (make bench QUICK=1)")
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the yimaporc targets with py-spy under load (top frames in results.json)",
+    )
     a = ap.parse_args()
+    global PROFILE
+    PROFILE = a.profile
     parts = [p.strip() for p in a.only.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad:

@@ -92,7 +92,7 @@ def smtp_worker(a, stop_at, win0, win1, out, wid):
             break
         try:
             t0 = time.monotonic()
-            s = smtplib.SMTP(a.host, a.port, local_hostname="load.bench", timeout=30)
+            s = smtplib.SMTP(a.host, a.port, local_hostname="load.bench", timeout=a.timeout)
             s.ehlo_or_helo_if_needed()
             for _ in range(a.msgs_per_conn):
                 rcpt = "user%03d@%s" % (rng.randint(1, a.users), a.domain)
@@ -128,7 +128,7 @@ def pop3_worker(a, stop_at, win0, win1, out, wid):
         t0 = time.monotonic()
         try:
             user = "pop%03d" % rng.randint(1, a.users)
-            p = poplib.POP3(a.host, a.port, timeout=30)
+            p = poplib.POP3(a.host, a.port, timeout=a.timeout)
             p.user(user + a.user_suffix)
             p.pass_(a.password)
             n, _ = p.stat()
@@ -165,7 +165,7 @@ def imap_worker(a, stop_at, win0, win1, out, wid):
         t0 = time.monotonic()
         try:
             user = "pop%03d" % rng.randint(1, a.users)
-            m = imaplib.IMAP4(a.host, a.port, timeout=30)
+            m = imaplib.IMAP4(a.host, a.port, timeout=a.timeout)
             m.login(user + a.user_suffix, a.password)
             typ, data = m.select("INBOX", readonly=True)
             n = int(data[0])
@@ -364,6 +364,9 @@ def main():
     ap.add_argument("--fetch", type=int, default=5, help="messages fetched per session")
     ap.add_argument("--maildir-root")
     ap.add_argument("--drain-timeout", type=float, default=60.0)
+    ap.add_argument(
+        "--timeout", type=float, default=30.0, help="socket timeout of each session (added)"
+    )
     ap.add_argument("--server-pid", type=int, action="append", default=[])
     ap.add_argument("--label", default="server")
     ap.add_argument("--per-user", type=int, default=20)
