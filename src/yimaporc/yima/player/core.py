@@ -16,7 +16,7 @@ Actions:  :class:`Deliver` (to the decoder / ``--out``), :class:`SendNack`
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -258,7 +258,6 @@ class StreamPlayer:
         self._next_trim = start_ct + config.trim_interval
         self._next_probe = start_ct
         self._next_sample = start_ct
-        self._started = False
         self._quiet_until = start_ct
 
     # --- public face -------------------------------------------------------------
@@ -280,7 +279,6 @@ class StreamPlayer:
 
     def start(self, now: float) -> list[Action]:
         """Actions at session start (before ``start_ct``): probes, the initial speed."""
-        self._started = True
         out: list[Action] = self._probe_all(now)
         out.extend(self._speed_commands(max(now + self.config.lead, self.start_ct)))
         return out
@@ -402,6 +400,8 @@ class StreamPlayer:
         for node in self.nodes:
             self._token += 1
             self._probes[self._token] = now
+            while len(self._probes) > 8 * len(self.nodes):
+                del self._probes[next(iter(self._probes))]
             out.append(SendProbe(self.stream, node, self._token))
         return out
 
@@ -592,8 +592,3 @@ def _sum_levels(series: Sequence[Sequence[Sequence[float]]]) -> list[list[float]
         return [list(x) for x in series[0]]
     n = min((len(s) for s in series), default=0)
     return [[series[0][i][0], sum(s[i][1] for s in series)] for i in range(n)]
-
-
-def levels_of(stats: Mapping[str, Any]) -> list[tuple[float, float]]:
-    """``buffer_levels`` of a stats dict as tuples (for plots and tests)."""
-    return [(float(t), float(b)) for t, b in stats["buffer_levels"]]

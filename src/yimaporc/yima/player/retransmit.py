@@ -92,7 +92,7 @@ class RetransmitStats:
     nacks_sent: int = 0
     nack_messages: int = 0
     given_up_late: int = 0
-    rate_limited: int = 0
+    deferred: int = 0
     recovered: int = 0
 
 
@@ -181,7 +181,7 @@ class Retransmitter:
                     self.stats.given_up_late += 1
                     continue
                 if self._tokens < 1 or len(ask) >= c.max_per_nack:
-                    self.stats.rate_limited += 1
+                    self.stats.deferred += 1
                     continue
                 self._tokens -= 1
                 del st.missing[k]

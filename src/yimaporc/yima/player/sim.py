@@ -334,36 +334,66 @@ def simulate(**kw: Any) -> dict[str, Any]:
     return Simulation(SimConfig(**kw)).run()
 
 
+def _aggregate(seeds: Sequence[int], **kw: Any) -> tuple[float, float, float]:
+    """(missing fraction, NACKed fraction, NACK messages per lost packet) over ``seeds``."""
+    missing = expected = nacks = messages = lost = 0
+    for seed in seeds:
+        sim = Simulation(SimConfig(seed=seed, **kw))
+        st = sim.run()
+        missing += st["packets_missing_at_playout"]
+        expected += st["packets_expected"]
+        nacks += st["nacks_sent"]
+        messages += st["nack_messages"]
+        lost += len(sim.lost) + st["packets_dropped_simulated"]
+    return missing / expected, nacks / expected, messages / max(1, lost)
+
+
 def loss_table(seeds: Sequence[int], rates: Sequence[float], duration: float) -> list[list[Any]]:
-    """Rows of (loss, missing fraction without / with retransmission, NACK share)."""
+    """Rows of (drop rate, missing without retransmission, missing with, NACKed fraction)."""
     rows = []
     for rate in rates:
-        row: list[Any] = [rate]
-        for retx in (False, True):
-            missing = expected = nacks = 0
-            for s in seeds:
-                st = simulate(seed=s, drop=rate, retransmit=retx, duration=duration)
-                missing += st["packets_missing_at_playout"]
-                expected += st["packets_expected"]
-                nacks += st["nacks_sent"]
-            row.append(missing / expected)
-            if retx:
-                row.append(nacks / expected)
-        rows.append(row)
+        without, _, _ = _aggregate(seeds, drop=rate, retransmit=False, duration=duration)
+        with_, nacked, _ = _aggregate(seeds, drop=rate, duration=duration)
+        rows.append([rate, without, with_, nacked])
     return rows
 
 
+BURSTS = {
+    "GE 1.9% (bursts ~4)": GilbertElliott(p_good_bad=0.01, p_bad_good=0.25, loss_bad=0.5),
+    "GE 13% (bursts ~10)": GilbertElliott(p_good_bad=0.02, p_bad_good=0.1, loss_bad=0.8),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the loss table (``--drop`` semantics, 3 nodes, delta-p)."""
+    """Print the loss table (``--drop`` semantics, 3 nodes, delta p), bursts and sync skew."""
     p = argparse.ArgumentParser(prog="python -m yimaporc.yima.player.sim")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--rates", default="0.01,0.03,0.05,0.10")
+    p.add_argument("--extra", action="store_true", help="also bursts and two-stream skew")
     a = p.parse_args(argv)
+    seeds = range(a.seeds)
     rates = [float(x) for x in a.rates.split(",")]
-    print(f"{'loss':>6} {'missing w/o retx':>17} {'missing with retx':>18} {'NACKed':>8}")
-    for rate, without, with_, nacked in loss_table(range(a.seeds), rates, a.duration):
+    print(f"{'drop':>6} {'missing w/o retx':>17} {'missing with retx':>18} {'NACKed':>8}")
+    for rate, without, with_, nacked in loss_table(seeds, rates, a.duration):
         print(f"{rate:6.2%} {without:17.4%} {with_:18.4%} {nacked:8.3%}")
+    if not a.extra:
+        return 0
+    print()
+    print(f"{'burst loss':<22} {'w/o retx':>9} {'with retx':>10} {'NACK msgs/loss':>15}")
+    for name, ge in BURSTS.items():
+        without, _, _ = _aggregate(seeds, burst=ge, retransmit=False, duration=a.duration)
+        with_, _, per = _aggregate(seeds, burst=ge, duration=a.duration)
+        print(f"{name:<22} {without:9.4%} {with_:10.4%} {per:15.3f}")
+    print()
+    print(f"{'two streams (2 Mb/s + 300 kb/s)':<34} {'max skew ms':>12} {'mean skew ms':>13}")
+    for flow in ("delta-p", "pause-resume"):
+        worst = mean = 0.0
+        for seed in seeds:
+            st = simulate(seed=seed, bitrates=(2e6, 3e5), flow=flow, loss=0.01, duration=a.duration)
+            worst = max(worst, st["max_sync_skew_ms"])
+            mean += st["mean_sync_skew_ms"] / len(seeds)
+        print(f"{flow + ', 1% loss':<34} {worst:12.3f} {mean:13.3f}")
     return 0
 
 
