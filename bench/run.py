@@ -535,7 +535,8 @@ def rtsp_ramp(
         raise PartFailed(f"{label} at {url}: not one session kept real time ({why})")
     n = out["max_sessions"]
     # the ramp ran out of budget before a trial failed: the capacity is at least n
-    out["lower_bound"] = kv.get("first_fail") in (None, "None")
+    out["first_fail"] = kv.get("first_fail")
+    out["lower_bound"] = str(kv.get("first_fail", ">")).startswith(">")
     cpu = out.get("server_cpu_pct")
     if isinstance(cpu, float) and n:
         out["server_cpu_pct_per_stream"] = cpu / n
