@@ -45,7 +45,12 @@ class Options(NodeOptions):
 
 
 def makeService(options: Options) -> IService:
-    """The node with whatever media services exist."""
+    """The node with Yima's storage service (and whatever media services exist)."""
     from twisted.internet import reactor
 
-    return build_node(reactor, options)
+    from ..yima.service import YimaStorageService
+
+    node = build_node(reactor, options)
+    storage = YimaStorageService.from_config(node, reactor, options["disks"])
+    storage.setServiceParent(node)
+    return node

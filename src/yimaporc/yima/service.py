@@ -1,0 +1,1055 @@
+"""Yima's storage on a running node: disks, ingest, reads, online scaling, rebuild.
+
+:class:`YimaStorageService` is a child service of a
+:class:`~yimaporc.cluster.node.ClusterNode`.  Cluster-wide metadata lives in
+one :class:`~yimaporc.cluster.catalog.ReplicatedDocument` named
+``yima-storage``::
+
+    {"policy":  MergePolicy,            fixed for the cluster's life
+     "disks":   [PhysicalDisk, ...],    the committed physical disks
+     "history": ScalingHistory | null,  SCADDAR history over their logical disks
+     "pending": null | {"history": ..., "disks": [...]},   during a reorganisation
+     "media":   {name: MediaInfo},      every stored file (seed, size, time index)
+     "retired": [{"node_id", "path", "disk_id"}]}          removed disks, not re-added
+
+Placement is computed from that document on every node; block bytes are moved
+with the ``yima.*`` AMP commands of :mod:`.rpc` to the node owning the target
+physical disk.  Blocking work (file reads, analysis, parity XOR) runs in the
+injected thread pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Callable, Generator, Iterable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import (
+    Deferred,
+    DeferredSemaphore,
+    FirstError,
+    gatherResults,
+    inlineCallbacks,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from ..admin.routes import ApiError, Route
+from ..cluster.catalog import ReplicatedDocument
+from ..cluster.node import ClusterNode
+from ..cluster.rpc import PeerUnavailable
+from .disks import (
+    DiskError,
+    MergePolicy,
+    PhysicalDisk,
+    add_physical,
+    initial_history,
+    remove_physical,
+)
+from .media import Analyser, MediaInfo, check_name
+from .parity import FilePlacement, Layout, default_group_size, group_members, make_parity
+from .parity import reconstruct as parity_reconstruct
+from .placement import LogicalDisk, ScalingHistory
+from .reorg import Move, MoveThrottle, plan_for
+from .rpc import (
+    CountBlocks,
+    DeleteBlock,
+    DetachDisk,
+    GetBlock,
+    PutBlock,
+    RebuildDisk,
+    StorageRefused,
+)
+from .store import BlockKey, BlockMissing, BlockStore, SynchronousThreadPool, expected_length
+
+DOCUMENT = "yima-storage"
+# Default pace of reorganisation copies (bytes/s) and moves in flight.
+DEFAULT_MOVE_RATE = 64 << 20
+MOVES_IN_FLIGHT = 4
+# Parity groups written concurrently during an ingest.
+INGEST_WINDOW = 3
+READ_CHUNK = 1 << 20
+
+
+def empty_document(policy: MergePolicy | None = None) -> dict[str, Any]:
+    """The catalog of a cluster with no disks and no media."""
+    return {
+        "policy": (policy or MergePolicy()).to_json(),
+        "disks": [],
+        "history": None,
+        "pending": None,
+        "media": {},
+        "retired": [],
+    }
+
+
+@attrs.frozen
+class Catalog:
+    """A parsed snapshot of the ``yima-storage`` document."""
+
+    policy: MergePolicy
+    disks: tuple[PhysicalDisk, ...]
+    history: ScalingHistory | None
+    pending: ScalingHistory | None
+    pending_disks: tuple[PhysicalDisk, ...]
+    media: dict[str, MediaInfo]
+    retired: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def parse(cls, doc: dict[str, Any]) -> Catalog:
+        """Parse the document (raises ValueError on a malformed one)."""
+        history = doc.get("history")
+        pending = doc.get("pending") or None
+        return cls(
+            MergePolicy.from_json(doc.get("policy") or MergePolicy().to_json()),
+            tuple(PhysicalDisk.from_json(d) for d in doc.get("disks", [])),
+            None if history is None else ScalingHistory.from_json(history),
+            None if pending is None else ScalingHistory.from_json(pending["history"]),
+            () if pending is None else tuple(PhysicalDisk.from_json(d) for d in pending["disks"]),
+            {n: MediaInfo.from_json(m) for n, m in doc.get("media", {}).items()},
+            tuple((r["node_id"], r["path"]) for r in doc.get("retired", [])),
+        )
+
+    def all_disks(self) -> tuple[PhysicalDisk, ...]:
+        """Committed disks plus those a reorganisation is adding."""
+        seen = {d.disk_id for d in self.disks}
+        return self.disks + tuple(d for d in self.pending_disks if d.disk_id not in seen)
+
+
+def _physical_disk(disk: LogicalDisk) -> str:
+    return disk.physical
+
+
+def _unwrap(f: Failure) -> Failure:
+    if f.check(FirstError):
+        inner = f.value.subFailure  # type: ignore[union-attr]
+        if isinstance(inner, Failure):
+            return inner
+    return f
+
+
+def _read_range(content: IO[bytes], lock: threading.Lock, offset: int, length: int) -> bytes:
+    with lock:
+        content.seek(offset)
+        return content.read(length)
+
+
+def _cut_group(
+    content: IO[bytes],
+    lock: threading.Lock,
+    info: MediaInfo,
+    first: int,
+    count: int,
+    group: int | None,
+) -> list[tuple[BlockKey, bytes]]:
+    """Blocks ``first .. first+count-1`` of the upload, plus the group's parity if any."""
+    data = _read_range(content, lock, first * info.block_size, count * info.block_size)
+    blocks = [data[i : i + info.block_size] for i in range(0, len(data), info.block_size)]
+    if len(blocks) != count:
+        raise ValueError("upload shorter than analysed")
+    out = [(BlockKey(first + i), b) for i, b in enumerate(blocks)]
+    if group is not None:
+        out.append((BlockKey(group, parity=True), make_parity(blocks)))
+    return out
+
+
+def _analyse(
+    content: IO[bytes],
+    lock: threading.Lock,
+    name: str,
+    seed: int,
+    block_size: int | None,
+    group: int,
+) -> MediaInfo:
+    analyser = Analyser(name, seed, block_size, group)
+    with lock:
+        content.seek(0)
+        while chunk := content.read(READ_CHUNK):
+            analyser.feed(chunk)
+    return analyser.finish()
+
+
+class YimaStorageService(Service):
+    """This node's disks, plus the cluster-wide storage operations it can coordinate."""
+
+    log = Logger()
+    name = "yima-storage"
+
+    def __init__(
+        self,
+        node: ClusterNode,
+        reactor: Any,
+        threadpool: ThreadPool | SynchronousThreadPool,
+        disks: Sequence[tuple[str | Path, int | None]],
+        *,
+        own_pool: bool = False,
+        move_rate: float = DEFAULT_MOVE_RATE,
+    ) -> None:
+        self.node = node
+        self.reactor = reactor
+        self.pool = threadpool
+        self._own_pool = own_pool
+        self.move_rate = move_rate
+        self.store = BlockStore(reactor, threadpool, {})
+        self.doc = ReplicatedDocument(node, DOCUMENT, empty_document())
+        self.catalog = Catalog.parse(self.doc.value)
+        self._wanted = [(Path(p).absolute(), c) for p, c in disks] or [
+            (node.config.data_dir / "disks" / "0", None)
+        ]
+        self._local: list[PhysicalDisk] = []
+        self._layouts: dict[tuple[str, bool], tuple[ScalingHistory, Layout]] = {}
+        self._placed: dict[str, int] | None = None
+        self._stored: dict[str, int] = {}
+        self._reconciling = False
+        self._scaling = False
+        self._ingesting: set[str] = set()
+        self._published: dict[str, dict[str, Any]] = {}
+        self.doc.subscribe(self._changed)
+        reg = node.registry
+        reg.register(PutBlock, self._rpc_put)
+        reg.register(GetBlock, self._rpc_get)
+        reg.register(DeleteBlock, self._rpc_delete)
+        reg.register(CountBlocks, self._rpc_count)
+        reg.register(DetachDisk, self._rpc_detach)
+        reg.register(RebuildDisk, self._rpc_rebuild)
+        for route in (
+            Route("GET", "/api/yima/media", self._route_list, mutates=False),
+            Route("POST", "/api/yima/media", self._route_ingest, raw=True),
+            Route("GET", "/api/yima/block", self._route_block),
+            Route("POST", "/api/yima/disks", self._route_add_disk),
+            Route("POST", "/api/yima/disks/remove", self._route_remove_disk),
+            Route("POST", "/api/yima/rebuild", self._route_rebuild),
+            Route("GET", "/api/yima/stored", self._route_stored, mutates=False),
+        ):
+            node.add_route(route)
+        node.add_status(self.status)
+
+    @classmethod
+    def from_config(
+        cls,
+        node: ClusterNode,
+        reactor: Any,
+        disks: Sequence[tuple[str | Path, int | None]],
+        threads: int = 4,
+    ) -> YimaStorageService:
+        """A service with its own thread pool of ``threads`` workers."""
+        pool = ThreadPool(minthreads=0, maxthreads=threads, name="yima-storage")
+        return cls(node, reactor, pool, disks, own_pool=True)
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Start the pool, attach this node's disks, register them in the catalog."""
+        if self._own_pool and isinstance(self.pool, ThreadPool):
+            self.pool.start()
+        super().startService()
+        me = self.node.node_id
+        cat = self.catalog
+        known = [d for d in cat.all_disks() if d.node_id == me]
+        taken = {d.disk_id for d in cat.all_disks()}
+        for path, capacity in self._wanted:
+            if (me, str(path)) in cat.retired:
+                self.log.warn("disk {path} was removed from the cluster; not re-adding", path=path)
+                continue
+            match = next((d for d in known if d.path == str(path)), None)
+            if match is None:
+                k = 0
+                while f"{me}-{k}" in taken:
+                    k += 1
+                match = PhysicalDisk(f"{me}-{k}", me, str(path), capacity)
+                taken.add(match.disk_id)
+            self._local.append(match)
+        self._attach_mine()
+        self.store.clean_temp().addErrback(self._log_failure, "cleaning temp files")
+        self._refresh_stored()
+        self._reconcile()
+
+    def stopService(self) -> Deferred[None] | None:
+        """Stop the pool (waits for running work)."""
+        super().stopService()
+        if self._own_pool and isinstance(self.pool, ThreadPool):
+            pool = self.pool
+            return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), pool.stop)
+        return None
+
+    def _log_failure(self, failure: Failure, what: str) -> None:
+        self.log.failure("storage: {what} failed", failure, what=what)
+
+    # --- catalog ------------------------------------------------------------------
+
+    def _changed(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        try:
+            self.catalog = Catalog.parse(new)
+        except ValueError:
+            self.log.failure("storage: unreadable catalog version ignored")
+            return
+        self._layouts.clear()
+        self._placed = None
+        self._attach_mine()
+        if self.running:
+            self.reactor.callLater(0, self._reconcile)
+
+    def _attach_mine(self) -> None:
+        me = self.node.node_id
+        attached = set(self.store.disk_ids)
+        for d in [*self._local, *self.catalog.all_disks()]:
+            if d.node_id == me and d.disk_id not in attached:
+                self.store.add_disk(d.disk_id, d.path)
+                attached.add(d.disk_id)
+
+    def _reconcile(self) -> None:
+        """Make sure this node's disks (and files it published) are in the catalog.
+
+        Two nodes may update the document at once; the loser's change is lost
+        (last writer wins), so every node re-checks after every change.
+        """
+        cat = self.catalog
+        if not self.running or self._reconciling or self._scaling or cat.pending is not None:
+            return
+        lost = {n: m for n, m in self._published.items() if n not in cat.media}
+        registered = {d.disk_id for d in cat.disks}
+        missing = [d for d in self._local if d.disk_id not in registered]
+        if not missing and not lost:
+            return
+        self._reconciling = True
+        d: Deferred[Any]
+        if lost:
+            d = self.doc.update(lambda v: {**v, "media": {**v["media"], **lost}})
+        elif not cat.media:
+            d = self.doc.update(lambda v: self._register(v, missing))
+        else:
+            d = self._add_chain(missing)
+
+        def done(result: object) -> None:
+            self._reconciling = False
+            if isinstance(result, Failure):
+                self._log_failure(result, "registering local disks")
+                self.reactor.callLater(1.0, self._reconcile)
+            else:
+                self.reactor.callLater(0, self._reconcile)
+
+        d.addBoth(done)
+
+    @staticmethod
+    def _register(value: dict[str, Any], missing: list[PhysicalDisk]) -> dict[str, Any]:
+        """Add ``missing`` to a catalog without media: a fresh history over all disks."""
+        if value.get("media") or value.get("pending"):
+            return value
+        disks = {d["disk_id"]: d for d in value["disks"]}
+        for m in missing:
+            disks.setdefault(m.disk_id, m.to_json())
+        ordered = [PhysicalDisk.from_json(disks[k]) for k in sorted(disks)]
+        policy = MergePolicy.from_json(value["policy"])
+        history = initial_history(ordered, policy)
+        return {**value, "disks": [d.to_json() for d in ordered], "history": history.to_json()}
+
+    @inlineCallbacks
+    def _add_chain(self, missing: list[PhysicalDisk]) -> Generator[Deferred[Any], Any, None]:
+        for disk in missing:
+            yield self.scale_add(disk)
+
+    # --- placement ------------------------------------------------------------------
+
+    def _layout(self, info: MediaInfo, pending: bool) -> tuple[ScalingHistory, Layout] | None:
+        history = self.catalog.pending if pending else self.catalog.history
+        if history is None:
+            return None
+        key = (info.name, pending)
+        hit = self._layouts.get(key)
+        if hit is None or hit[0] is not history:
+            placement = FilePlacement(info.seed, info.blocks, info.parity_group)
+            hit = (history, placement.layout(history))
+            self._layouts[key] = hit
+        return hit
+
+    def places(self, info: MediaInfo, key: BlockKey) -> list[LogicalDisk]:
+        """Where ``key`` of ``info`` may be, in read order: new place, then old."""
+        out: list[LogicalDisk] = []
+        for pending in (True, False):
+            found = self._layout(info, pending)
+            if found is None:
+                continue
+            history, layout = found
+            index = (layout.parity if key.parity else layout.data)[key.index]
+            disk = history.disks[index]
+            if all(disk.physical != o.physical for o in out):
+                out.append(disk)
+        return out
+
+    def placed_counts(self) -> dict[str, int]:
+        """Blocks (data + parity) per physical disk under the committed history."""
+        if self._placed is None:
+            counts = {d.disk_id: 0 for d in self.catalog.disks}
+            for info in self.catalog.media.values():
+                found = self._layout(info, False)
+                if found is None:
+                    continue
+                history, layout = found
+                for index in (*layout.data, *layout.parity):
+                    phys = history.disks[index].physical
+                    counts[phys] = counts.get(phys, 0) + 1
+            self._placed = counts
+        return self._placed
+
+    # --- block I/O by owner --------------------------------------------------------------
+
+    def _address(self, node_id: str) -> str:
+        for m in self.node.view.members:
+            if m.node_id == node_id:
+                return m.address
+        raise PeerUnavailable(f"node {node_id} is not a member (down?)")
+
+    def _at(
+        self, node_id: str, local: Callable[[], Deferred[Any]], command: Any, **kw: Any
+    ) -> Deferred[Any]:
+        if node_id == self.node.node_id:
+            return maybeDeferred(local)
+        try:
+            address = self._address(node_id)
+        except PeerUnavailable:
+            return maybeDeferred(self._address, node_id)
+        return self.node.rpc.call(address, command, **kw)
+
+    def write_at(self, disk: LogicalDisk, media: str, key: BlockKey, data: bytes) -> Deferred[Any]:
+        """Store a block on physical disk ``disk.physical`` of its node."""
+        return self._at(
+            disk.node_id,
+            lambda: self.store.write_block(media, key, data, disk_id=disk.physical),
+            PutBlock,
+            media=media,
+            index=key.index,
+            parity=key.parity,
+            disk_id=disk.physical,
+            data=data,
+        )
+
+    def read_at(self, disk: LogicalDisk, media: str, key: BlockKey) -> Deferred[bytes]:
+        """Read a block from physical disk ``disk.physical`` (no recovery)."""
+        d = self._at(
+            disk.node_id,
+            lambda: self.store.read_block(media, key, disk_id=disk.physical),
+            GetBlock,
+            media=media,
+            index=key.index,
+            parity=key.parity,
+            disk_id=disk.physical,
+        )
+        if disk.node_id != self.node.node_id:
+            d.addCallback(lambda r: r["data"])
+        return d
+
+    def delete_at(self, disk: LogicalDisk, media: str, key: BlockKey) -> Deferred[Any]:
+        """Delete a block from physical disk ``disk.physical``."""
+        return self._at(
+            disk.node_id,
+            lambda: self.store.delete_block(media, key, disk_id=disk.physical),
+            DeleteBlock,
+            media=media,
+            index=key.index,
+            parity=key.parity,
+            disk_id=disk.physical,
+        )
+
+    def media_info(self, name: str) -> MediaInfo:
+        """The catalog entry of ``name`` (KeyError if unknown)."""
+        return self.catalog.media[name]
+
+    def read_block(self, name: str, index: int) -> Deferred[bytes]:
+        """Data block ``index`` of ``name``, from wherever it is, rebuilt from parity if lost."""
+        return self.read(name, BlockKey(index))
+
+    @inlineCallbacks
+    def read(
+        self, name: str, key: BlockKey, recover: bool = True
+    ) -> Generator[Deferred[Any], Any, bytes]:
+        """A block of ``name`` (new place, then old, then parity recovery)."""
+        info = self.catalog.media.get(name)
+        if info is None:
+            raise BlockMissing(f"no such media: {name}")
+        expect = expected_length(info, key)
+        problems = []
+        for disk in self.places(info, key):
+            try:
+                data = yield self.read_at(disk, name, key)
+            except Exception as e:
+                problems.append(f"{disk.physical}: {e}")
+                continue
+            if len(data) == expect:
+                return data
+            problems.append(f"{disk.physical}: {len(data)} bytes, expected {expect}")
+        if recover and info.parity_group > 0:
+            data = yield self._recover(info, key)
+            return data
+        raise BlockMissing(f"{name} {key.filename}: {'; '.join(problems)}")
+
+    @inlineCallbacks
+    def _recover(self, info: MediaInfo, key: BlockKey) -> Generator[Deferred[Any], Any, bytes]:
+        g = info.parity_group
+        group = key.index if key.parity else key.index // g
+        members = list(group_members(group, g, info.blocks))
+        wanted = [BlockKey(i) for i in members if key.parity or i != key.index]
+        if not key.parity:
+            wanted.append(BlockKey(group, parity=True))
+        try:
+            blocks = yield gatherResults(
+                [self.read(info.name, w, recover=False) for w in wanted], consumeErrors=True
+            )
+        except FirstError as e:
+            raise BlockMissing(
+                f"{info.name} {key.filename}: lost, and its parity group is incomplete "
+                f"({e.subFailure.getErrorMessage()})"
+            ) from e
+
+        def rebuild() -> bytes:
+            if key.parity:
+                return make_parity(blocks)
+            others = dict(zip((w.index for w in wanted[:-1]), blocks[:-1], strict=True))
+            return parity_reconstruct(key.index, others, blocks[-1], info.block_length(key.index))
+
+        data = yield deferToThreadPool(self.reactor, self.pool, rebuild)  # type: ignore[arg-type]
+        return data
+
+    # --- RPC handlers ------------------------------------------------------------------
+
+    def _check_local(self, media: str, disk_id: str) -> None:
+        try:
+            check_name(media)
+        except ValueError as e:
+            raise StorageRefused(str(e)) from e
+        if disk_id not in self.store.disk_ids:
+            raise StorageRefused(f"no disk {disk_id} on node {self.node.node_id}")
+
+    def _rpc_put(
+        self, media: str, index: int, parity: bool, disk_id: str, data: bytes
+    ) -> Deferred[dict[str, Any]]:
+        self._check_local(media, disk_id)
+        d = self.store.write_block(media, BlockKey(index, parity), data, disk_id=disk_id)
+        return d.addCallback(lambda _: {})
+
+    def _rpc_get(
+        self, media: str, index: int, parity: bool, disk_id: str
+    ) -> Deferred[dict[str, Any]]:
+        self._check_local(media, disk_id)
+        d = self.store.read_block(media, BlockKey(index, parity), disk_id=disk_id)
+        return d.addCallback(lambda data: {"data": data})
+
+    def _rpc_delete(
+        self, media: str, index: int, parity: bool, disk_id: str
+    ) -> Deferred[dict[str, Any]]:
+        self._check_local(media, disk_id)
+        d = self.store.delete_block(media, BlockKey(index, parity), disk_id=disk_id)
+        return d.addCallback(lambda n: {"removed": n})
+
+    def _rpc_count(self) -> Deferred[dict[str, Any]]:
+        d = self._refresh_stored()
+        return d.addCallback(lambda counts: {"counts": json.dumps(counts)})
+
+    def _rpc_detach(self, disk_id: str) -> dict[str, Any]:
+        return {"detached": self._detach(disk_id)}
+
+    def _rpc_rebuild(self, disk_id: str) -> Deferred[dict[str, Any]]:
+        if disk_id not in self.store.disk_ids:
+            raise StorageRefused(f"no disk {disk_id} on node {self.node.node_id}")
+        return self.rebuild_local(disk_id)
+
+    def _detach(self, disk_id: str) -> bool:
+        if disk_id not in self.store.disk_ids:
+            return False
+        self.store.remove_disk(disk_id)
+        self._local = [d for d in self._local if d.disk_id != disk_id]
+        self._stored.pop(disk_id, None)
+        return True
+
+    def _refresh_stored(self) -> Deferred[dict[str, int]]:
+        def keep(counts: dict[str, int]) -> dict[str, int]:
+            self._stored = counts
+            return counts
+
+        return self.store.block_counts().addCallback(keep)
+
+    # --- status --------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """``disks`` and ``media`` of CONTRACT §3 (``blocks`` computed from placement)."""
+        cat = self.catalog
+        placed = self.placed_counts()
+        logical = {} if cat.history is None else cat.history.disks
+        per_disk: dict[str, int] = {}
+        for ld in logical:
+            per_disk[ld.physical] = per_disk.get(ld.physical, 0) + 1
+        disks = [
+            {
+                "disk_id": d.disk_id,
+                "node_id": d.node_id,
+                "path": d.path,
+                "capacity": d.capacity,
+                "blocks": placed.get(d.disk_id, 0),
+                "logical": per_disk.get(d.disk_id, 0),
+                "stored": self._stored.get(d.disk_id),
+            }
+            for d in cat.disks
+        ]
+        media = [
+            {
+                "name": m.name,
+                "blocks": m.blocks,
+                "bytes": m.size,
+                "seed": m.seed,
+                "kind": m.kind,
+                "streamable": m.streamable,
+                "parity_group": m.parity_group,
+                "duration": m.duration,
+            }
+            for m in sorted(cat.media.values(), key=lambda m: m.name)
+        ]
+        return {
+            "disks": disks,
+            "media": media,
+            "storage": {
+                "reorganising": cat.pending is not None,
+                "scaling_steps": 0 if cat.history is None else cat.history.steps,
+                "logical_disks": 0 if cat.history is None else cat.history.n_disks,
+            },
+        }
+
+    # --- ingest --------------------------------------------------------------------
+
+    def _require_nodes_up(self, history: ScalingHistory) -> None:
+        up = {m.node_id for m in self.node.view.members} | {self.node.node_id}
+        down: dict[str, list[str]] = {}
+        for ld in history.disks:
+            if ld.node_id not in up:
+                down.setdefault(ld.node_id, [])
+                if ld.physical not in down[ld.node_id]:
+                    down[ld.node_id].append(ld.physical)
+        if down:
+            detail = "; ".join(f"node {n} (disks {', '.join(ds)})" for n, ds in down.items())
+            raise ApiError(f"cannot place blocks: {detail} is down", 503)
+
+    @inlineCallbacks
+    def ingest(
+        self, content: IO[bytes], name: str, block_size: int | None = None
+    ) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        """Analyse, cut, place and store an uploaded file, then publish its MediaInfo."""
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise ApiError(str(e)) from e
+        cat = self.catalog
+        if name in cat.media or name in self._ingesting:
+            raise ApiError(f"media {name} already exists", 409)
+        if cat.pending is not None or self._scaling:
+            raise ApiError("a disk reorganisation is under way; ingest again when it ends", 409)
+        history = cat.history
+        if history is None:
+            raise ApiError("no disks are registered yet", 503)
+        self._require_nodes_up(history)
+        self._ingesting.add(name)
+        try:
+            started = float(self.reactor.seconds())
+            lock = threading.Lock()
+            seed = self.node.rng.getrandbits(63)
+            group = default_group_size(len({d.physical for d in history.disks}))
+            try:
+                info = yield deferToThreadPool(
+                    self.reactor,
+                    self.pool,  # type: ignore[arg-type]
+                    _analyse,
+                    content,
+                    lock,
+                    name,
+                    seed,
+                    block_size,
+                    group,
+                )
+            except ValueError as e:
+                raise ApiError(str(e)) from e
+            placement = FilePlacement(info.seed, info.blocks, info.parity_group)
+            layout = placement.layout(history)
+            table = history.disks
+            step = info.parity_group or 4
+            window = DeferredSemaphore(INGEST_WINDOW)
+
+            def one_group(first: int) -> Deferred[Any]:
+                count = min(step, info.blocks - first)
+                g = first // step if info.parity_group else None
+                d = deferToThreadPool(
+                    self.reactor,
+                    self.pool,  # type: ignore[arg-type]
+                    _cut_group,
+                    content,
+                    lock,
+                    info,
+                    first,
+                    count,
+                    g,
+                )
+
+                def send(items: list[tuple[BlockKey, bytes]]) -> Deferred[Any]:
+                    writes = []
+                    for key, data in items:
+                        index = (layout.parity if key.parity else layout.data)[key.index]
+                        writes.append(self.write_at(table[index], name, key, data))
+                    return gatherResults(writes, consumeErrors=True).addErrback(_unwrap)
+
+                return d.addCallback(send)
+
+            try:
+                yield gatherResults(
+                    [window.run(one_group, first) for first in range(0, info.blocks, step)],
+                    consumeErrors=True,
+                ).addErrback(_unwrap)
+            except PeerUnavailable as e:
+                raise ApiError(f"ingest of {name} failed, a node is down: {e}", 503) from e
+            entry = info.to_json()
+            self._published[name] = entry
+            yield self.doc.update(lambda v: {**v, "media": {**v["media"], name: entry}})
+            self._refresh_stored()
+            seconds = max(float(self.reactor.seconds()) - started, 1e-9)
+            return {
+                "name": name,
+                "kind": info.kind,
+                "bytes": info.size,
+                "blocks": info.blocks,
+                "block_size": info.block_size,
+                "parity_group": info.parity_group,
+                "seed": info.seed,
+                "streamable": info.streamable,
+                "duration": info.duration,
+                "message": info.message,
+                "seconds": round(seconds, 3),
+            }
+        finally:
+            self._ingesting.discard(name)
+
+    # --- scaling -------------------------------------------------------------------
+
+    def scale_add(self, disk: PhysicalDisk, rate: float | None = None) -> Deferred[dict[str, Any]]:
+        """SCADDAR-add ``disk`` and move blocks onto it; fires with the move summary."""
+        cat = self.catalog
+        if any(d.disk_id == disk.disk_id for d in cat.all_disks()):
+            raise ApiError(f"disk {disk.disk_id} is already in use", 409)
+        if any(d.node_id == disk.node_id and d.path == disk.path for d in cat.all_disks()):
+            raise ApiError(f"{disk.path} on node {disk.node_id} is already a disk", 409)
+        if cat.history is None:
+            raise ApiError("no disks are registered yet", 503)
+        try:
+            new = add_physical(cat.history, disk, cat.policy)
+        except DiskError as e:
+            raise ApiError(str(e)) from e
+        return self._scale(new, (*cat.disks, disk), None, rate)
+
+    def scale_remove(self, disk_id: str, rate: float | None = None) -> Deferred[dict[str, Any]]:
+        """SCADDAR-remove ``disk_id``, moving its blocks away first."""
+        cat = self.catalog
+        gone = next((d for d in cat.disks if d.disk_id == disk_id), None)
+        if gone is None or cat.history is None:
+            raise ApiError(f"no such disk: {disk_id}", 404)
+        try:
+            new = remove_physical(cat.history, disk_id)
+        except DiskError as e:
+            raise ApiError(str(e)) from e
+        return self._scale(new, tuple(d for d in cat.disks if d.disk_id != disk_id), gone, rate)
+
+    @inlineCallbacks
+    def _scale(
+        self,
+        new: ScalingHistory,
+        disks: tuple[PhysicalDisk, ...],
+        removed: PhysicalDisk | None,
+        rate: float | None,
+    ) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        cat = self.catalog
+        if cat.pending is not None or self._scaling or self._ingesting:
+            raise ApiError("another ingest or reorganisation is under way", 409)
+        old = cat.history
+        assert old is not None
+        self._scaling = True
+        started = float(self.reactor.seconds())
+        try:
+            pending = {"history": new.to_json(), "disks": [d.to_json() for d in disks]}
+            yield self.doc.update(lambda v: {**v, "pending": pending})
+            moved = total = nbytes = 0
+            done: list[tuple[MediaInfo, Move]] = []
+            for info in sorted(self.catalog.media.values(), key=lambda m: m.name):
+                plan = plan_for(info, old, new)
+                total += plan.total
+                throttle = yield self._run_moves(info, plan.moves, rate or self.move_rate)
+                if throttle.failures:
+                    yield self.doc.update(lambda v: {**v, "pending": None})
+                    raise ApiError(
+                        f"reorganisation abandoned: {len(throttle.failures)} block(s) of "
+                        f"{info.name} could not be moved (is a node down?); nothing changed",
+                        503,
+                    )
+                moved += len(plan.moves)
+                nbytes += sum(m.size for m in plan.moves)
+                done.extend((info, m) for m in plan.moves)
+            copied = float(self.reactor.seconds())
+
+            def commit(v: dict[str, Any]) -> dict[str, Any]:
+                out = {**v, "history": new.to_json(), "disks": pending["disks"], "pending": None}
+                if removed is not None:
+                    entry = {
+                        "node_id": removed.node_id,
+                        "path": removed.path,
+                        "disk_id": removed.disk_id,
+                    }
+                    out["retired"] = [*v.get("retired", []), entry]
+                return out
+
+            yield self.doc.update(commit)
+            yield self._delete_old(done)
+            if removed is not None:
+                yield self._at(
+                    removed.node_id,
+                    lambda: succeed(self._detach(removed.disk_id)),
+                    DetachDisk,
+                    disk_id=removed.disk_id,
+                ).addErrback(self._log_failure, f"detaching {removed.disk_id}")
+            self._refresh_stored()
+            now = float(self.reactor.seconds())
+            return {
+                "moved": moved,
+                "total": total,
+                "bytes": nbytes,
+                "copy_seconds": round(copied - started, 3),
+                "seconds": round(now - started, 3),
+                "summary": f"moved {moved} of {total} blocks",
+            }
+        finally:
+            self._scaling = False
+            self.reactor.callLater(0, self._reconcile)
+
+    def _move(self, info: MediaInfo, move: Move) -> Deferred[Any]:
+        d = self.read_at(move.src_disk, info.name, move.key)
+
+        def check(data: bytes) -> bytes:
+            if len(data) != expected_length(info, move.key):
+                raise BlockMissing(f"{info.name} {move.key.filename}: damaged at its old place")
+            return data
+
+        d.addCallback(check)
+        # Old copy gone or its node down: rebuild it from the block's group.
+        d.addErrback(lambda _: self.read(info.name, move.key))
+        return d.addCallback(lambda data: self.write_at(move.dst_disk, info.name, move.key, data))
+
+    def _run_moves(self, info: MediaInfo, moves: Iterable[Move], rate: float) -> Deferred[Any]:
+        clock = self.reactor
+        throttle = MoveThrottle(
+            list(moves), rate, float(clock.seconds()), max_in_flight=MOVES_IN_FLIGHT
+        )
+        finished: Deferred[MoveThrottle] = Deferred()
+        timer: list[IDelayedCall] = []
+
+        def ok(_: object, move: Move) -> None:
+            throttle.finished(move, float(clock.seconds()))
+            clock.callLater(0, pump)
+
+        def bad(f: Failure, move: Move) -> None:
+            self.log.warn(
+                "storage: move of {name} {key} failed: {e}",
+                name=info.name,
+                key=move.key.filename,
+                e=f.getErrorMessage(),
+            )
+            throttle.failed(move, float(clock.seconds()))
+            clock.callLater(0, pump)
+
+        def pump() -> None:
+            if finished.called:
+                return
+            if timer and timer[0].active():
+                timer.pop().cancel()
+            timer.clear()
+            now = float(clock.seconds())
+            for move in throttle.start(now):
+                d = self._move(info, move)
+                d.addCallbacks(ok, bad, callbackArgs=(move,), errbackArgs=(move,))
+            if throttle.complete:
+                finished.callback(throttle)
+                return
+            wake = throttle.next_wakeup(now)
+            if wake is not None:
+                timer.append(clock.callLater(max(0.0, wake - now), pump))
+
+        pump()
+        return finished
+
+    def _delete_old(self, done: list[tuple[MediaInfo, Move]]) -> Deferred[Any]:
+        gate = DeferredSemaphore(8)
+
+        def one(info: MediaInfo, move: Move) -> Deferred[Any]:
+            d = self.delete_at(move.src_disk, info.name, move.key)
+            return d.addErrback(
+                lambda f: self.log.warn(
+                    "storage: old copy of {name} {key} on {disk} not deleted: {e}",
+                    name=info.name,
+                    key=move.key.filename,
+                    disk=move.src_disk.physical,
+                    e=f.getErrorMessage(),
+                )
+            )
+
+        return gatherResults([gate.run(one, info, m) for info, m in done])
+
+    # --- rebuild --------------------------------------------------------------------
+
+    @inlineCallbacks
+    def rebuild_local(self, disk_id: str) -> Generator[Deferred[Any], Any, dict[str, int]]:
+        """Restore every block that belongs on local ``disk_id`` and is missing or damaged."""
+        restored = present = 0
+        for info in sorted(self.catalog.media.values(), key=lambda m: m.name):
+            found = self._layout(info, False)
+            if found is None or info.parity_group == 0:
+                continue
+            history, layout = found
+            keys = [
+                BlockKey(i)
+                for i, d in enumerate(layout.data)
+                if history.disks[d].physical == disk_id
+            ]
+            keys += [
+                BlockKey(g, True)
+                for g, d in enumerate(layout.parity)
+                if history.disks[d].physical == disk_id
+            ]
+
+            def fetch(media: str, key: BlockKey) -> Deferred[bytes]:
+                return self.read(media, key, recover=False)
+
+            report = yield self.store.rebuild(disk_id, info, keys, fetch)
+            restored += len(report.restored)
+            present += report.present
+        self._refresh_stored()
+        return {"restored": restored, "present": present}
+
+    # --- admin routes ----------------------------------------------------------------
+
+    def _route_list(self, body: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
+        media = [
+            {**m.to_json(), "block_times": len(m.block_times)}
+            for m in sorted(self.catalog.media.values(), key=lambda m: m.name)
+        ]
+        return {"media": media}
+
+    def _route_ingest(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        name = query.get("name", "")
+        size = query.get("block_size")
+        if size is not None and not size.isdigit():
+            raise ApiError("block_size must be a positive integer")
+        if "content" not in body:
+            raise ApiError("upload the file as the request body")
+        return self.ingest(body["content"], name, int(size) if size else None)
+
+    def _route_block(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        name = query.get("name", "")
+        info = self.catalog.media.get(name)
+        if info is None:
+            raise ApiError(f"no such media: {name}", 404)
+        try:
+            key = BlockKey(int(query.get("index", "")), query.get("parity", "0") == "1")
+            expected_length(info, key)
+            if key.parity and key.index >= -(-info.blocks // max(info.parity_group, 1)):
+                raise IndexError("no such parity group")
+        except (ValueError, IndexError) as e:
+            raise ApiError(f"bad block: {e}") from e
+        d = self.read(name, key, recover=query.get("recover", "1") == "1")
+
+        def missing(f: Failure) -> None:
+            f.trap(BlockMissing)
+            raise ApiError(f.getErrorMessage(), 503)
+
+        d.addCallbacks(lambda data: {"data": base64.b64encode(data).decode("ascii")}, missing)
+        return d
+
+    def _route_add_disk(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        path = body.get("path")
+        node_id = body.get("node") or self.node.node_id
+        capacity = body.get("capacity")
+        if not isinstance(path, str) or not Path(path).is_absolute():
+            raise ApiError("path must be an absolute directory path on the disk's node")
+        if capacity is not None and (not isinstance(capacity, int) or capacity <= 0):
+            raise ApiError("capacity must be a positive number of bytes")
+        members = {m.node_id for m in self.node.view.members} | {self.node.node_id}
+        if node_id not in members:
+            raise ApiError(f"node {node_id} is not a member of the cluster", 404)
+        taken = {d.disk_id for d in self.catalog.all_disks()}
+        k = 0
+        while f"{node_id}-{k}" in taken:
+            k += 1
+        try:
+            disk = PhysicalDisk(f"{node_id}-{k}", node_id, path, capacity)
+        except DiskError as e:
+            raise ApiError(str(e)) from e
+        d = self.scale_add(disk, self._rate(body))
+        return d.addCallback(lambda r: {**r, "disk_id": disk.disk_id})
+
+    def _route_remove_disk(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        disk_id = body.get("disk_id")
+        if not isinstance(disk_id, str) or not disk_id:
+            raise ApiError("disk_id is required")
+        return self.scale_remove(disk_id, self._rate(body))
+
+    @staticmethod
+    def _rate(body: dict[str, Any]) -> float | None:
+        rate = body.get("rate")
+        if rate is None:
+            return None
+        if not isinstance(rate, int | float) or rate <= 0:
+            raise ApiError("rate must be a positive number of bytes per second")
+        return float(rate)
+
+    def _route_rebuild(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        disk_id = body.get("disk_id")
+        disk = next((d for d in self.catalog.disks if d.disk_id == disk_id), None)
+        if disk is None:
+            raise ApiError(f"no such disk: {disk_id}", 404)
+        if self.catalog.pending is not None or self._scaling:
+            raise ApiError("a disk reorganisation is under way; rebuild when it ends", 409)
+        d = self._at(
+            disk.node_id,
+            lambda: self.rebuild_local(disk.disk_id),
+            RebuildDisk,
+            disk_id=disk.disk_id,
+        )
+
+        def down(f: Failure) -> None:
+            f.trap(PeerUnavailable)
+            raise ApiError(f"node {disk.node_id} holding {disk.disk_id} is down", 503)
+
+        def report(result: dict[str, Any]) -> dict[str, Any]:
+            return {"disk_id": disk.disk_id, **result}
+
+        d.addErrback(down)
+        return d.addCallback(report)
+
+    def _route_stored(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        """Block files actually on disk, per disk, asked of every member."""
+        nodes = sorted({d.node_id for d in self.catalog.all_disks()})
+
+        def one(node_id: str) -> Deferred[dict[str, int]]:
+            d = self._at(node_id, self._refresh_stored, CountBlocks)
+            if node_id != self.node.node_id:
+                d.addCallback(lambda r: json.loads(r["counts"]))
+            return d.addErrback(lambda f: {})
+
+        d = gatherResults([one(n) for n in nodes])
+
+        def merge(results: list[dict[str, int]]) -> dict[str, Any]:
+            out: dict[str, int] = {}
+            for r in results:
+                out.update(r)
+            return {"stored": out}
+
+        return d.addCallback(merge)
