@@ -122,7 +122,7 @@ def test_add_then_remove_moves_plan_counts_and_keeps_data(tmp_path: Path) -> Non
 
 def test_remove_unknown_or_last_disk_is_refused(tmp_path: Path) -> None:
     """Removing a disk that does not exist, or the last one, is a clear error."""
-    reactor, service = _make(tmp_path, n_disks=1)
+    _, service = _make(tmp_path, n_disks=1)
     with pytest.raises(ApiError, match="no such disk: nope"):
         service.scale_remove("nope")
     with pytest.raises(ApiError, match="last disk"):
