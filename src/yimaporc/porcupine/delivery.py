@@ -1,0 +1,231 @@
+"""The delivery proxy (seed §2.3.1) and the SMTP ``IMessageDelivery`` in front of it.
+
+:class:`DeliveryProxy` asks the recipient's user manager for the mailbox
+fragment list and profile, chooses the nodes to store on (a node already
+holding mail for the user if there is one, else this node; as many distinct
+live nodes as the profile's ``replicas``), hands the message to those nodes'
+mailbox managers and records new fragments with the user manager.
+
+:class:`SmtpDelivery` is what twisted.mail's ESMTP talks to: one per
+connection (anonymous) or per authenticated login.  Local recipients must
+exist (550 otherwise); other domains are refused (550, no open relay) unless
+the session is authenticated and the domain is in ``relay_domains``, in which
+case the message goes to the durable outbound spool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from .interfaces import IMailboxManager, IUserManager
+from .usermap import BadAddress, normalise
+from .values import INBOX, Digest, NewMessage, Profile
+
+MailboxManagers = Callable[[str], IMailboxManager]
+
+
+class DeliveryProxy:
+    """Stores a message for local users on the nodes their fragment lists suggest."""
+
+    def __init__(
+        self,
+        node_id: str,
+        users: Callable[[str], IUserManager],
+        mailboxes: MailboxManagers,
+        live_nodes: Callable[[], Sequence[str]],
+        now: Callable[[], float],
+    ) -> None:
+        self.node_id = node_id
+        self.users = users
+        self.mailboxes = mailboxes
+        self.live_nodes = live_nodes
+        self.now = now
+
+    def lookup(self, address: str) -> Deferred[Profile | None]:
+        """The recipient's profile (None: no such user)."""
+        return self.users(address).profile(address)
+
+    def choose_nodes(self, profile: Profile, fragments: Sequence[str]) -> list[str]:
+        """Nodes to store on: keep affinity with existing fragments, then this node."""
+        live = list(self.live_nodes())
+        order = [n for n in fragments if n in live]
+        if self.node_id in live and self.node_id not in order:
+            order.append(self.node_id)
+        order += [n for n in live if n not in order]
+        return order[: max(1, min(profile.replicas, len(order)))]
+
+    def deliver(self, recipients: Sequence[str], body: bytes) -> Deferred[list[Digest]]:
+        """Store ``body`` in each recipient's INBOX; fires when every copy is durable."""
+        when = self.now()
+        ds = [self._one(r, body, when) for r in dict.fromkeys(r.lower() for r in recipients)]
+        return DeferredList(ds, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+            lambda results: [d for _, got in results for d in got], _first_error
+        )
+
+    def _one(self, address: str, body: bytes, when: float) -> Deferred[list[Digest]]:
+        manager = self.users(address)
+        d = manager.profile(address)
+
+        def got_profile(profile: Profile | None) -> Deferred[list[Digest]]:
+            if profile is None:
+                raise smtp.SMTPServerError(550, f"no such user {address}")
+            return manager.fragments(address).addCallback(store, profile)
+
+        def store(fragments: tuple[str, ...], profile: Profile) -> Deferred[list[Digest]]:
+            nodes = self.choose_nodes(profile, fragments)
+            msg = NewMessage(address, INBOX, body, (), when)
+            stores = [self.mailboxes(n).store([msg]) for n in nodes]
+
+            def stored(results: list[tuple[bool, Any]]) -> Deferred[list[Digest]]:
+                digests = [dig for _, got in results for dig in got]
+                new = [n for n in nodes if n not in fragments]
+                adds = [manager.add_fragment(address, n) for n in new]
+                return DeferredList(adds).addCallback(lambda _: digests)
+
+            return DeferredList(stores, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+                stored, _first_error
+            )
+
+        return d.addCallback(got_profile)
+
+
+def _first_error(f: Failure) -> Failure:
+    err = f.value
+    if isinstance(err, FirstError):
+        sub: Failure = err.subFailure
+        return sub
+    return f
+
+
+class OutboundSpool:
+    """Mail accepted for relay domains, kept durably until a sender takes it.
+
+    ``DATA_DIR/mail/outbound/<id>.eml`` plus ``<id>.json`` (envelope), written
+    to tmp, fsynced and renamed like the mailbox bodies.
+    """
+
+    def __init__(self, reactor: Any, threadpool: ThreadPool, root: Path) -> None:
+        self.reactor = reactor
+        self.pool = threadpool
+        self.root = root
+        self.tmp = root / "tmp"
+
+    def _write(self, sender: str, recipients: list[str], body: bytes) -> str:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        ident = uuid.uuid4().hex
+        envelope = json.dumps({"from": sender, "to": recipients}).encode()
+        for suffix, data in ((".eml", body), (".json", envelope)):
+            tmp = self.tmp / (ident + suffix)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.root / (ident + suffix))
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return ident
+
+    def enqueue(self, sender: str, recipients: list[str], body: bytes) -> Deferred[str]:
+        """Spool one message for ``recipients``; fires with its id once durable."""
+        return deferToThreadPool(self.reactor, self.pool, self._write, sender, recipients, body)
+
+    def pending(self) -> list[str]:
+        """Ids of the spooled messages (blocking; for tests and admin)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.stem for p in self.root.glob("*.json"))
+
+
+@attrs.frozen
+class SmtpPolicy:
+    """What this node's SMTP accepts."""
+
+    domain: str
+    hostname: str
+    max_message_size: int
+    relay_domains: tuple[str, ...] = ()
+    max_recipients: int = 100
+
+
+@attrs.define
+class Recipient:
+    """A validated RCPT: a local user, or a relay address."""
+
+    address: str
+    relay: bool
+
+
+@implementer(smtp.IMessageDelivery)
+class SmtpDelivery:
+    """twisted.mail's ``IMessageDelivery``: validates MAIL/RCPT, builds Received."""
+
+    def __init__(
+        self,
+        proxy: DeliveryProxy,
+        policy: SmtpPolicy,
+        now: Callable[[], float],
+        authenticated_as: str | None = None,
+    ) -> None:
+        self.proxy = proxy
+        self.policy = policy
+        self.now = now
+        self.authenticated_as = authenticated_as
+
+    def receivedHeader(self, helo: tuple[bytes, bytes], origin: smtp.Address, recipients: Any) -> bytes:  # fmt: skip
+        """A Received: trace line (the same for every recipient)."""
+        name = (helo[0] or b"unknown").decode("ascii", "replace")[:100]
+        peer = helo[1].decode("ascii", "replace") if isinstance(helo[1], bytes) else str(helo[1])
+        auth = f" (authenticated as {self.authenticated_as})" if self.authenticated_as else ""
+        line = (
+            f"Received: from {name} ([{peer}]){auth}\r\n\tby {self.policy.hostname} "
+            f"(yimaporc) with ESMTP; {formatdate(self.now(), usegmt=True)}"
+        )
+        return line.encode("ascii", "replace")
+
+    def validateFrom(self, helo: tuple[bytes, bytes], origin: smtp.Address) -> smtp.Address:
+        """Any syntactically valid sender (SPF and the like are out of scope)."""
+        return origin
+
+    def validateTo(self, user: smtp.User) -> Deferred[Callable[[], Any]]:
+        """550 for unknown local users and for relaying without permission."""
+        domain = user.dest.domain.decode("ascii", "replace").lower()
+        local = user.dest.local.decode("utf-8", "replace")
+        if domain != self.policy.domain:
+            if self.authenticated_as and domain in self.policy.relay_domains:
+                return succeed(self._factory(user, Recipient(f"{local}@{domain}", True)))
+            raise smtp.SMTPBadRcpt(user, 550, "Relaying denied")
+        try:
+            address = normalise(f"{local}@{domain}")
+        except BadAddress:
+            raise smtp.SMTPBadRcpt(user, 550, "No such user here") from None
+
+        def found(profile: Profile | None) -> Callable[[], Any]:
+            if profile is None:
+                raise smtp.SMTPBadRcpt(user, 550, "No such user here")
+            return self._factory(user, Recipient(address, False))
+
+        return self.proxy.lookup(address).addCallback(found)
+
+    @staticmethod
+    def _factory(user: smtp.User, rcpt: Recipient) -> Callable[[], Any]:
+        def make() -> Any:
+            return user.protocol.message_for(rcpt)
+
+        return make

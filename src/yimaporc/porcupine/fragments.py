@@ -1,0 +1,720 @@
+"""Mailbox fragments on this node's disk: bodies as files, indexes in SQLite.
+
+Layout (seed §3.3: hard state grouped by user-map bucket)::
+
+    DATA_DIR/mail/tmp/<key>                    bodies being written
+    DATA_DIR/mail/buckets/NNN/index.sqlite     mailboxes + messages of the bucket's users
+    DATA_DIR/mail/buckets/NNN/<user>/<key>     one file per message body
+
+A body is written to ``tmp``, fsynced, renamed into the user's directory and
+the directory fsynced (Maildir discipline); only then is its index row
+committed (WAL, ``synchronous=FULL``).  The row is what makes a message
+visible, so a crash at any point leaves either nothing or an orphan file,
+which :meth:`FragmentStore.recover` removes at start (only files named
+``*.m``, the ones this module writes).
+
+:class:`FragmentStore` blocks; :class:`MailboxManager` runs it on a thread pool
+and batches concurrent stores into one group commit (one SQLite transaction
+and one directory fsync per batch, every body still fsynced before its
+Deferred fires).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from .interfaces import IMailboxManager
+from .usermap import N_BUCKETS, bucket_dir, bucket_of
+from .values import (
+    DELIMITER,
+    INBOX,
+    Digest,
+    MailboxExists,
+    MailboxInfo,
+    NewMessage,
+    NoSuchMailbox,
+)
+
+T = TypeVar("T")
+
+#: Body files end with this, so recovery never touches files it did not write.
+BODY_SUFFIX = ".m"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mailboxes (
+    user TEXT NOT NULL, name TEXT NOT NULL, uidvalidity INTEGER NOT NULL,
+    uidnext INTEGER NOT NULL, subscribed INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (user, name));
+CREATE TABLE IF NOT EXISTS messages (
+    user TEXT NOT NULL, mailbox TEXT NOT NULL, uid INTEGER NOT NULL, key TEXT NOT NULL,
+    size INTEGER NOT NULL, flags TEXT NOT NULL, internal_date REAL NOT NULL,
+    PRIMARY KEY (user, mailbox, uid));
+CREATE INDEX IF NOT EXISTS messages_key ON messages (user, key);
+CREATE TABLE IF NOT EXISTS users (user TEXT PRIMARY KEY, last_uidvalidity INTEGER NOT NULL);
+"""
+
+
+def mailbox_name(name: str) -> str:
+    """``inbox`` in any case is INBOX; other names are case-sensitive; no empty levels."""
+    if name.upper() == INBOX:
+        return INBOX
+    parts = name.split(DELIMITER)
+    if not name or any(not p for p in parts) or any(c in name for c in "\r\n\0*%"):
+        raise NoSuchMailbox(f"bad mailbox name {name!r}")
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flags(text: str) -> tuple[str, ...]:
+    return tuple(text.split()) if text else ()
+
+
+class FragmentStore:
+    """The blocking half: call only from a worker thread (it is thread-safe)."""
+
+    def __init__(self, data_dir: Path, node_id: str, now: Callable[[], float]) -> None:
+        self.root = Path(data_dir) / "mail"
+        self.node_id = node_id
+        self.now = now
+        self.tmp = self.root / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        (self.root / "buckets").mkdir(exist_ok=True)
+        self._dbs: dict[int, sqlite3.Connection] = {}
+        self._lock = threading.RLock()
+
+    # --- plumbing ----------------------------------------------------------
+
+    def bucket_path(self, bucket: int) -> Path:
+        """``mail/buckets/NNN``."""
+        return self.root / "buckets" / bucket_dir(bucket)
+
+    def user_path(self, user: str) -> Path:
+        """``mail/buckets/NNN/<user>``."""
+        return self.bucket_path(bucket_of(user)) / user
+
+    def _db(self, bucket: int) -> sqlite3.Connection:
+        db = self._dbs.get(bucket)
+        if db is None:
+            path = self.bucket_path(bucket)
+            path.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(
+                path / "index.sqlite", check_same_thread=False, isolation_level=None
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            self._dbs[bucket] = db
+        return db
+
+    def _existing_buckets(self) -> list[int]:
+        out = []
+        for p in (self.root / "buckets").iterdir():
+            if p.name.isdigit() and int(p.name) < N_BUCKETS and (p / "index.sqlite").exists():
+                out.append(int(p.name))
+        return sorted(out)
+
+    def close(self) -> None:
+        """Close every index database."""
+        with self._lock:
+            for db in self._dbs.values():
+                db.close()
+            self._dbs.clear()
+
+    # --- start-up ----------------------------------------------------------
+
+    def recover(self) -> int:
+        """Remove what a crash left half-stored (tmp files, bodies with no row)."""
+        removed = 0
+        for p in self.tmp.iterdir():
+            p.unlink(missing_ok=True)
+            removed += 1
+        with self._lock:
+            for bucket in self._existing_buckets():
+                db = self._db(bucket)
+                for udir in self.bucket_path(bucket).iterdir():
+                    if not udir.is_dir():
+                        continue
+                    keys = {
+                        k
+                        for (k,) in db.execute(
+                            "SELECT key FROM messages WHERE user=?", (udir.name,)
+                        )
+                    }
+                    for body in udir.iterdir():
+                        if body.name.endswith(BODY_SUFFIX) and body.name not in keys:
+                            body.unlink(missing_ok=True)
+                            removed += 1
+        return removed
+
+    # --- mailboxes ---------------------------------------------------------
+
+    def _ensure_inbox(self, db: sqlite3.Connection, user: str) -> None:
+        if self._has(db, user, INBOX):
+            return
+        if db.in_transaction:
+            self._insert_mailbox(db, user, INBOX)
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._has(db, user, INBOX):
+                self._insert_mailbox(db, user, INBOX)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _insert_mailbox(self, db: sqlite3.Connection, user: str, name: str) -> MailboxInfo:
+        row = db.execute("SELECT last_uidvalidity FROM users WHERE user=?", (user,)).fetchone()
+        uidvalidity = max(int(self.now()), (row[0] + 1) if row else 1)
+        db.execute(
+            "INSERT INTO users(user, last_uidvalidity) VALUES (?, ?) "
+            "ON CONFLICT(user) DO UPDATE SET last_uidvalidity=excluded.last_uidvalidity",
+            (user, uidvalidity),
+        )
+        db.execute(
+            "INSERT INTO mailboxes(user, name, uidvalidity, uidnext) VALUES (?, ?, ?, 1)",
+            (user, name, uidvalidity),
+        )
+        return MailboxInfo(name, uidvalidity, 1, 0, 0, True)
+
+    def mailboxes(self, user: str) -> list[MailboxInfo]:
+        """Every mailbox of ``user`` here, INBOX created on first sight."""
+        with self._lock:
+            db = self._db(bucket_of(user))
+            self._ensure_inbox(db, user)
+            rows = db.execute(
+                "SELECT b.name, b.uidvalidity, b.uidnext, b.subscribed, "
+                "COUNT(m.uid), SUM(CASE WHEN m.uid IS NOT NULL AND "
+                "instr(' ' || m.flags || ' ', ' \\Seen ') = 0 THEN 1 ELSE 0 END) "
+                "FROM mailboxes b LEFT JOIN messages m "
+                "ON m.user=b.user AND m.mailbox=b.name WHERE b.user=? "
+                "GROUP BY b.name ORDER BY b.name",
+                (user,),
+            ).fetchall()
+        return [MailboxInfo(n, v, u, c, s or 0, bool(sub)) for n, v, u, sub, c, s in rows]
+
+    def create_mailbox(self, user: str, name: str) -> MailboxInfo:
+        """Create ``name`` (and missing parents)."""
+        name = mailbox_name(name.rstrip(DELIMITER))
+        with self._lock:
+            db = self._db(bucket_of(user))
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                self._ensure_inbox(db, user)
+                if self._has(db, user, name):
+                    raise MailboxExists(f"mailbox {name} already exists")
+                parts = name.split(DELIMITER)
+                for i in range(1, len(parts)):
+                    parent = DELIMITER.join(parts[:i])
+                    if not self._has(db, user, mailbox_name(parent)):
+                        self._insert_mailbox(db, user, mailbox_name(parent))
+                info = self._insert_mailbox(db, user, name)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return info
+
+    @staticmethod
+    def _has(db: sqlite3.Connection, user: str, name: str) -> bool:
+        return (
+            db.execute("SELECT 1 FROM mailboxes WHERE user=? AND name=?", (user, name)).fetchone()
+            is not None
+        )
+
+    def delete_mailbox(self, user: str, name: str) -> None:
+        """Delete a mailbox and its messages (INBOX cannot be deleted)."""
+        name = mailbox_name(name)
+        if name == INBOX:
+            raise NoSuchMailbox("INBOX cannot be deleted")
+        with self._lock:
+            db = self._db(bucket_of(user))
+            if not self._has(db, user, name):
+                raise NoSuchMailbox(f"no mailbox {name}")
+            if db.execute(
+                "SELECT 1 FROM mailboxes WHERE user=? AND substr(name, 1, ?)=?",
+                (user, len(name) + 1, name + DELIMITER),
+            ).fetchone():
+                raise NoSuchMailbox(f"mailbox {name} has mailboxes below it")
+            keys = [k for (k,) in db.execute(
+                "SELECT key FROM messages WHERE user=? AND mailbox=?", (user, name))]  # fmt: skip
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM messages WHERE user=? AND mailbox=?", (user, name))
+                db.execute("DELETE FROM mailboxes WHERE user=? AND name=?", (user, name))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._drop_unreferenced(db, user, keys)
+
+    def rename_mailbox(self, user: str, old: str, new: str) -> None:
+        """Rename ``old`` and everything below it; RENAME of INBOX moves its messages."""
+        old, new = mailbox_name(old), mailbox_name(new.rstrip(DELIMITER))
+        with self._lock:
+            db = self._db(bucket_of(user))
+            if not self._has(db, user, old):
+                raise NoSuchMailbox(f"no mailbox {old}")
+            if self._has(db, user, new) or new == INBOX:
+                raise MailboxExists(f"mailbox {new} already exists")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                names = [old] if old == INBOX else [n for (n,) in db.execute(
+                    "SELECT name FROM mailboxes WHERE user=? AND (name=? OR substr(name, 1, ?)=?)",
+                    (user, old, len(old) + 1, old + DELIMITER))]  # fmt: skip
+                for n in names:
+                    target = new + n[len(old) :]
+                    db.execute(
+                        "UPDATE mailboxes SET name=? WHERE user=? AND name=?", (target, user, n)
+                    )
+                    db.execute(
+                        "UPDATE messages SET mailbox=? WHERE user=? AND mailbox=?",
+                        (target, user, n),
+                    )
+                parts = new.split(DELIMITER)
+                for i in range(1, len(parts)):
+                    parent = DELIMITER.join(parts[:i])
+                    if not self._has(db, user, parent):
+                        self._insert_mailbox(db, user, parent)
+                if old == INBOX:
+                    self._insert_mailbox(db, user, INBOX)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def subscribe(self, user: str, name: str, subscribed: bool) -> None:
+        """Set the subscription flag of a mailbox."""
+        name = mailbox_name(name)
+        with self._lock:
+            db = self._db(bucket_of(user))
+            self._ensure_inbox(db, user)
+            cur = db.execute(
+                "UPDATE mailboxes SET subscribed=? WHERE user=? AND name=?",
+                (int(subscribed), user, name),
+            )
+            if cur.rowcount == 0:
+                raise NoSuchMailbox(f"no mailbox {name}")
+
+    # --- messages ----------------------------------------------------------
+
+    def store(self, messages: Sequence[NewMessage]) -> list[Digest]:
+        """Store a batch durably; returns one Digest per message, in order.
+
+        Every body is fsynced and renamed into place, each touched directory
+        fsynced once, then one transaction per bucket commits the rows.
+        """
+        placed: list[tuple[NewMessage, str, Path]] = []
+        dirs: set[Path] = set()
+        try:
+            for m in messages:
+                key = uuid.uuid4().hex + BODY_SUFFIX
+                udir = self.user_path(m.user)
+                if udir not in dirs:
+                    udir.mkdir(parents=True, exist_ok=True)
+                    dirs.add(udir)
+                tmp = self.tmp / key
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    view = memoryview(m.body)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                final = udir / key
+                os.rename(tmp, final)
+                placed.append((m, key, final))
+            for d in dirs:
+                _fsync_dir(d)
+            by_bucket: dict[int, list[int]] = {}
+            for i, (m, _, _) in enumerate(placed):
+                by_bucket.setdefault(bucket_of(m.user), []).append(i)
+            out: list[Digest | None] = [None] * len(placed)
+            with self._lock:
+                for bucket, indexes in by_bucket.items():
+                    db = self._db(bucket)
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        for i in indexes:
+                            m, key, _ = placed[i]
+                            out[i] = self._insert_message(db, m, key)
+                        db.execute("COMMIT")
+                    except BaseException:
+                        db.execute("ROLLBACK")
+                        raise
+        except BaseException:
+            for _, _, path in placed:
+                path.unlink(missing_ok=True)
+            raise
+        return [d for d in out if d is not None]
+
+    def _insert_message(self, db: sqlite3.Connection, m: NewMessage, key: str) -> Digest:
+        name = mailbox_name(m.mailbox)
+        if name == INBOX:
+            self._ensure_inbox(db, m.user)
+        row = db.execute(
+            "SELECT uidnext FROM mailboxes WHERE user=? AND name=?", (m.user, name)
+        ).fetchone()
+        if row is None:
+            raise NoSuchMailbox(f"no mailbox {name}")
+        uid = row[0]
+        db.execute(
+            "UPDATE mailboxes SET uidnext=? WHERE user=? AND name=?", (uid + 1, m.user, name)
+        )
+        flags = " ".join(dict.fromkeys(m.flags))
+        date = m.internal_date or self.now()
+        db.execute(
+            "INSERT INTO messages(user, mailbox, uid, key, size, flags, internal_date) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (m.user, name, uid, key, len(m.body), flags, date),
+        )
+        return Digest(uid, key, len(m.body), _flags(flags), date, self.node_id)
+
+    def digests(self, user: str, mailbox: str) -> list[Digest]:
+        """The mailbox's messages by UID."""
+        name = mailbox_name(mailbox)
+        with self._lock:
+            db = self._db(bucket_of(user))
+            if name == INBOX:
+                self._ensure_inbox(db, user)
+            if not self._has(db, user, name):
+                raise NoSuchMailbox(f"no mailbox {name}")
+            rows = db.execute(
+                "SELECT uid, key, size, flags, internal_date FROM messages "
+                "WHERE user=? AND mailbox=? ORDER BY uid",
+                (user, name),
+            ).fetchall()
+        return [Digest(u, k, s, _flags(f), d, self.node_id) for u, k, s, f, d in rows]
+
+    def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> dict[int, bytes]:
+        """Read bodies (outside the lock: a body file never changes once committed)."""
+        keys = self._keys(user, mailbox, uids)
+        udir = self.user_path(user)
+        out = {}
+        for uid, key in keys.items():
+            try:
+                out[uid] = (udir / key).read_bytes()
+            except FileNotFoundError:
+                continue  # expunged meanwhile
+        return out
+
+    def _keys(self, user: str, mailbox: str, uids: Iterable[int]) -> dict[int, str]:
+        name = mailbox_name(mailbox)
+        wanted = sorted(set(uids))
+        out: dict[int, str] = {}
+        with self._lock:
+            db = self._db(bucket_of(user))
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                q = ",".join("?" * len(chunk))
+                out.update(
+                    db.execute(
+                        f"SELECT uid, key FROM messages WHERE user=? AND mailbox=? AND uid IN ({q})",
+                        (user, name, *chunk),
+                    ).fetchall()
+                )
+        return out
+
+    def set_flags(
+        self, user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
+    ) -> dict[int, tuple[str, ...]]:
+        """Replace/add/remove flags, one transaction."""
+        name = mailbox_name(mailbox)
+        out: dict[int, tuple[str, ...]] = {}
+        with self._lock:
+            db = self._db(bucket_of(user))
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for uid in sorted(set(uids)):
+                    row = db.execute(
+                        "SELECT flags FROM messages WHERE user=? AND mailbox=? AND uid=?",
+                        (user, name, uid),
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    old = list(_flags(row[0]))
+                    if mode == 0:
+                        new = list(dict.fromkeys(flags))
+                    elif mode > 0:
+                        new = list(dict.fromkeys([*old, *flags]))
+                    else:
+                        gone = {f.lower() for f in flags}
+                        new = [f for f in old if f.lower() not in gone]
+                    db.execute(
+                        "UPDATE messages SET flags=? WHERE user=? AND mailbox=? AND uid=?",
+                        (" ".join(new), user, name, uid),
+                    )
+                    out[uid] = tuple(new)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return out
+
+    def copy(self, user: str, mailbox: str, uids: Sequence[int], dest: str) -> list[Digest]:
+        """Copy rows into ``dest`` (bodies are shared by key, never rewritten)."""
+        name, dest = mailbox_name(mailbox), mailbox_name(dest)
+        out = []
+        with self._lock:
+            db = self._db(bucket_of(user))
+            if not self._has(db, user, dest):
+                raise NoSuchMailbox(f"no mailbox {dest}")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for uid in sorted(set(uids)):
+                    row = db.execute(
+                        "SELECT key, size, flags, internal_date FROM messages "
+                        "WHERE user=? AND mailbox=? AND uid=?",
+                        (user, name, uid),
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    key, size, flags, date = row
+                    (nuid,) = db.execute(
+                        "SELECT uidnext FROM mailboxes WHERE user=? AND name=?", (user, dest)
+                    ).fetchone()
+                    db.execute(
+                        "UPDATE mailboxes SET uidnext=? WHERE user=? AND name=?",
+                        (nuid + 1, user, dest),
+                    )
+                    db.execute(
+                        "INSERT INTO messages(user, mailbox, uid, key, size, flags, "
+                        "internal_date) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (user, dest, nuid, key, size, flags, date),
+                    )
+                    out.append(Digest(nuid, key, size, _flags(flags), date, self.node_id))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return out
+
+    def delete(self, user: str, mailbox: str, uids: Sequence[int]) -> list[int]:
+        """Remove rows, then the bodies no row refers to any more."""
+        name = mailbox_name(mailbox)
+        with self._lock:
+            db = self._db(bucket_of(user))
+            keys = self._keys(user, name, uids)
+            if not keys:
+                return []
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "DELETE FROM messages WHERE user=? AND mailbox=? AND uid=?",
+                    [(user, name, uid) for uid in keys],
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._drop_unreferenced(db, user, keys.values())
+        return sorted(keys)
+
+    def _drop_unreferenced(self, db: sqlite3.Connection, user: str, keys: Iterable[str]) -> None:
+        udir = self.user_path(user)
+        for key in set(keys):
+            if (
+                db.execute("SELECT 1 FROM messages WHERE user=? AND key=?", (user, key)).fetchone()
+                is None
+            ):
+                (udir / key).unlink(missing_ok=True)
+
+    def remove_user(self, user: str) -> None:
+        """Forget every mailbox and message of ``user`` here."""
+        with self._lock:
+            db = self._db(bucket_of(user))
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for table in ("messages", "mailboxes", "users"):
+                    db.execute(f"DELETE FROM {table} WHERE user=?", (user,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        udir = self.user_path(user)
+        if udir.is_dir():
+            for p in udir.iterdir():
+                p.unlink(missing_ok=True)
+            udir.rmdir()
+
+    def users_in_bucket(self, bucket: int) -> list[str]:
+        """Users with at least one message here, in one bucket."""
+        if not (self.bucket_path(bucket) / "index.sqlite").exists():
+            return []
+        with self._lock:
+            db = self._db(bucket)
+            return [u for (u,) in db.execute("SELECT DISTINCT user FROM messages ORDER BY user")]
+
+    def users_with_mail(self) -> list[str]:
+        """Users with at least one message in any bucket here."""
+        out: list[str] = []
+        for bucket in self._existing_buckets():
+            out.extend(self.users_in_bucket(bucket))
+        return out
+
+
+@implementer(IMailboxManager)
+class MailboxManager:
+    """:class:`FragmentStore` off the reactor thread, with group commit for stores.
+
+    ``store()`` calls arriving while a batch is being written wait and go out
+    together in the next batch; each caller's Deferred fires only after its
+    own batch is durable.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, reactor: Any, threadpool: ThreadPool, store: FragmentStore, max_batch: int = 256
+    ) -> None:
+        self.reactor = reactor
+        self.pool = threadpool
+        self.fragments = store
+        self.node_id = store.node_id
+        self.max_batch = max_batch
+        self._pending: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
+        self._solo: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
+        self._writing = False
+        self._listeners: list[Callable[[str, str], None]] = []
+
+    def _run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        return deferToThreadPool(self.reactor, self.pool, f, *args)
+
+    def on_change(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(user, mailbox)`` after messages arrive in a mailbox."""
+        self._listeners.append(listener)
+
+    def _changed(self, user: str, mailbox: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(user, mailbox)
+            except Exception:
+                self.log.failure("mailbox change listener failed")
+
+    # --- group commit ------------------------------------------------------
+
+    def store(self, messages: Sequence[NewMessage]) -> Deferred[list[Digest]]:
+        """Queue for the next batch; fires once the batch is durable."""
+        d: Deferred[list[Digest]] = Deferred()
+        self._pending.append((list(messages), d))
+        if not self._writing:
+            self._write_batch()
+        return d
+
+    def _write_batch(self) -> None:
+        batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
+        if self._solo:
+            batch.append(self._solo.pop(0))
+        else:
+            n = 0
+            while self._pending and (not batch or n + len(self._pending[0][0]) <= self.max_batch):
+                item = self._pending.pop(0)
+                batch.append(item)
+                n += len(item[0])
+        self._writing = True
+        flat = [m for msgs, _ in batch for m in msgs]
+        d = self._run(self.fragments.store, flat)
+        d.addBoth(self._batch_done, batch)
+
+    def _batch_done(
+        self,
+        result: list[Digest] | Failure,
+        batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]],
+    ) -> None:
+        self._writing = False
+        if isinstance(result, Failure) and len(batch) > 1:
+            # One bad message must not fail its neighbours: retry each caller alone.
+            self._solo[0:0] = batch
+        elif isinstance(result, Failure):
+            batch[0][1].errback(result)
+        else:
+            i = 0
+            for msgs, d in batch:
+                d.callback(result[i : i + len(msgs)])
+                i += len(msgs)
+            for user, box in dict.fromkeys((m.user, m.mailbox) for msgs, _ in batch for m in msgs):
+                self._changed(user, mailbox_name(box))
+        if self._solo or self._pending:
+            self._write_batch()
+
+    # --- the rest, straight through the pool --------------------------------
+
+    def mailboxes(self, user: str) -> Deferred[list[MailboxInfo]]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.mailboxes, user)
+
+    def create_mailbox(self, user: str, name: str) -> Deferred[MailboxInfo]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.create_mailbox, user, name)
+
+    def delete_mailbox(self, user: str, name: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.delete_mailbox, user, name)
+
+    def rename_mailbox(self, user: str, old: str, new: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.rename_mailbox, user, old, new)
+
+    def subscribe(self, user: str, name: str, subscribed: bool) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.subscribe, user, name, subscribed)
+
+    def digests(self, user: str, mailbox: str) -> Deferred[list[Digest]]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.digests, user, mailbox)
+
+    def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.fetch, user, mailbox, list(uids))
+
+    def set_flags(
+        self, user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
+    ) -> Deferred[dict[int, tuple[str, ...]]]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.set_flags, user, mailbox, list(uids), list(flags), mode)
+
+    def copy(
+        self, user: str, mailbox: str, uids: Sequence[int], dest: str
+    ) -> Deferred[list[Digest]]:
+        """See :class:`IMailboxManager`."""
+        d = self._run(self.fragments.copy, user, mailbox, list(uids), dest)
+
+        def notify(digests: list[Digest]) -> list[Digest]:
+            if digests:
+                self._changed(user, mailbox_name(dest))
+            return digests
+
+        return d.addCallback(notify)
+
+    def delete(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[list[int]]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.delete, user, mailbox, list(uids))
+
+    def remove_user(self, user: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.remove_user, user)
+
+    def users_in_bucket(self, bucket: int) -> Deferred[list[str]]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.users_in_bucket, bucket)

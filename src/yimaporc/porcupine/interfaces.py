@@ -1,0 +1,111 @@
+"""The seams of a Porcupine node's mail service (seed §2.2).
+
+Every method returns a Deferred of plain values (:mod:`.values`), so that the
+cluster issue can put AMP between a caller and a manager without touching
+either: a delivery proxy on one node calls the user manager of the recipient's
+bucket, then the mailbox manager of the node it chose, exactly as it calls the
+in-process ones here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from .values import Digest, MailboxInfo, NewMessage, Profile
+
+
+class IProfileDB(Interface):
+    """Hard, consistent user profiles (address, scrypt hash, replicas)."""
+
+    def add(address: str, password: str, replicas: int) -> Deferred[Profile]:
+        """Create a profile; fails with ``UserExists``."""
+
+    def get(address: str) -> Deferred[Profile | None]:
+        """The profile of ``address``, or None."""
+
+    def set_password(address: str, password: str) -> Deferred[None]:
+        """Replace the password hash; fails with ``NoSuchUser``."""
+
+    def remove(address: str) -> Deferred[None]:
+        """Delete the profile; fails with ``NoSuchUser``."""
+
+    def verify(address: str, password: str) -> Deferred[Profile]:
+        """The profile if ``password`` is right; fails with ``BadCredentials``."""
+
+    def users() -> Deferred[list[Profile]]:
+        """Every profile, by address."""
+
+    def users_in_bucket(bucket: int) -> Deferred[list[Profile]]:
+        """The profiles of one user-map bucket (soft-state reconstruction)."""
+
+    def count() -> int:
+        """How many profiles there are (kept in memory, no I/O)."""
+
+
+class IUserManager(Interface):
+    """Soft state of the users of the buckets a node manages."""
+
+    def profile(address: str) -> Deferred[Profile | None]:
+        """The user's profile (cached), or None for an unknown user."""
+
+    def authenticate(address: str, password: str) -> Deferred[Profile]:
+        """The profile if the password is right; fails with ``BadCredentials``."""
+
+    def fragments(address: str) -> Deferred[tuple[str, ...]]:
+        """The nodes holding mail for ``address`` (its mailbox fragment list)."""
+
+    def add_fragment(address: str, node: str) -> Deferred[None]:
+        """``node`` now holds mail for ``address``."""
+
+    def remove_fragment(address: str, node: str) -> Deferred[None]:
+        """``node`` holds no more mail for ``address``."""
+
+
+class IMailboxManager(Interface):
+    """The mailbox fragments stored on one node's disk."""
+
+    node_id: str
+
+    def store(messages: Sequence[NewMessage]) -> Deferred[list[Digest]]:
+        """Store durably (fsync, rename, commit) before firing; one Digest per message."""
+
+    def mailboxes(user: str) -> Deferred[list[MailboxInfo]]:
+        """The user's mailboxes in this fragment (INBOX always exists)."""
+
+    def create_mailbox(user: str, name: str) -> Deferred[MailboxInfo]:
+        """Create a mailbox; fails with ``MailboxExists``."""
+
+    def delete_mailbox(user: str, name: str) -> Deferred[None]:
+        """Delete a mailbox and its messages; fails with ``NoSuchMailbox``."""
+
+    def rename_mailbox(user: str, old: str, new: str) -> Deferred[None]:
+        """Rename a mailbox (and those below it), UIDVALIDITY kept."""
+
+    def subscribe(user: str, name: str, subscribed: bool) -> Deferred[None]:
+        """Set the LSUB subscription of a mailbox."""
+
+    def digests(user: str, mailbox: str) -> Deferred[list[Digest]]:
+        """The messages of a mailbox, by ascending UID."""
+
+    def fetch(user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        """The bodies of those of ``uids`` that exist."""
+
+    def set_flags(
+        user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
+    ) -> Deferred[dict[int, tuple[str, ...]]]:
+        """Replace (mode 0), add (1) or remove (-1) flags; the new flags per UID."""
+
+    def copy(user: str, mailbox: str, uids: Sequence[int], dest: str) -> Deferred[list[Digest]]:
+        """Copy messages into ``dest`` (new UIDs there)."""
+
+    def delete(user: str, mailbox: str, uids: Sequence[int]) -> Deferred[list[int]]:
+        """Remove messages; the UIDs actually removed."""
+
+    def remove_user(user: str) -> Deferred[None]:
+        """Drop the user's whole fragment on this node."""
+
+    def users_in_bucket(bucket: int) -> Deferred[list[str]]:
+        """The users this node holds mail for in ``bucket`` (reconstruction, §3.3)."""

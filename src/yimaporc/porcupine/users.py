@@ -1,0 +1,56 @@
+"""The user manager (seed §2.2): profiles via the profile DB, fragment lists in memory.
+
+The fragment list of a user is soft state: :class:`UserManager` keeps it in a
+:class:`~yimaporc.porcupine.softstate.UserManagerState` (the structure the
+cluster's reconstruction fills from hints) and seeds it at start from this
+node's own hard state.  Delivery and retrieval keep it current.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from .interfaces import IProfileDB, IUserManager
+from .softstate import UserManagerState
+from .usermap import N_BUCKETS
+from .values import Profile
+
+
+@implementer(IUserManager)
+class UserManager:
+    """Profiles (hard, via ``profiles``) and fragment lists (soft) of managed users."""
+
+    def __init__(self, node_id: str, profiles: IProfileDB) -> None:
+        self.node_id = node_id
+        self.profiles = profiles
+        self.state = UserManagerState(node_id, N_BUCKETS)
+
+    def seed(self, node: str, users: Iterable[str]) -> None:
+        """``node`` holds mail for ``users`` (its hard state, read at start)."""
+        for user in users:
+            self.state.add_fragment(user, node)
+
+    def profile(self, address: str) -> Deferred[Profile | None]:
+        """See :class:`IUserManager`."""
+        return self.profiles.get(address.lower())
+
+    def authenticate(self, address: str, password: str) -> Deferred[Profile]:
+        """See :class:`IUserManager`."""
+        return self.profiles.verify(address.lower(), password)
+
+    def fragments(self, address: str) -> Deferred[tuple[str, ...]]:
+        """See :class:`IUserManager`."""
+        return succeed(tuple(sorted(self.state.fragment_list(address.lower()))))
+
+    def add_fragment(self, address: str, node: str) -> Deferred[None]:
+        """See :class:`IUserManager`."""
+        self.state.add_fragment(address.lower(), node)
+        return succeed(None)
+
+    def remove_fragment(self, address: str, node: str) -> Deferred[None]:
+        """See :class:`IUserManager`."""
+        self.state.remove_fragment(address.lower(), node)
+        return succeed(None)

@@ -1,0 +1,186 @@
+"""Mailbox fragments on disk: layout, UIDs, UIDVALIDITY, flags, recovery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mailtest_helpers import result_of
+
+from yimaporc.porcupine.fragments import FragmentStore, MailboxManager, mailbox_name
+from yimaporc.porcupine.usermap import N_BUCKETS, BadAddress, bucket_dir, bucket_of, normalise
+from yimaporc.porcupine.values import (
+    INBOX,
+    MailboxExists,
+    NewMessage,
+    NoSuchMailbox,
+)
+
+A = "alice@example.org"
+B = "bob@example.org"
+
+
+def msg(user: str, body: bytes, box: str = INBOX) -> NewMessage:
+    return NewMessage(user, box, body, (), 0.0)
+
+
+def test_bucket_of_is_stable_and_in_range() -> None:
+    """bucket_of is case-insensitive, deterministic and below N_BUCKETS."""
+    assert bucket_of(A) == bucket_of(A.upper())
+    assert 0 <= bucket_of(A) < N_BUCKETS
+    assert bucket_dir(7) == "007"
+
+
+def test_normalise_refuses_path_tricks() -> None:
+    """Addresses that could escape the bucket directory are refused."""
+    assert normalise(" Alice@Example.ORG ") == A
+    for bad in ("../x@example.org", "a/b@example.org", "noat", "a..b@example.org", ".a@x.org"):
+        with pytest.raises(BadAddress):
+            normalise(bad)
+
+
+def test_store_writes_body_under_bucket_dir(store: FragmentStore, tmp_path: Path) -> None:
+    """A stored body is a file in mail/buckets/NNN/<user>/ with the exact bytes."""
+    [d] = store.store([msg(A, b"Subject: x\r\n\r\nhello\r\n")])
+    path = tmp_path / "mail" / "buckets" / bucket_dir(bucket_of(A)) / A / d.key
+    assert path.read_bytes() == b"Subject: x\r\n\r\nhello\r\n"
+    assert list((tmp_path / "mail" / "tmp").iterdir()) == []
+    assert d.uid == 1 and d.size == len(path.read_bytes()) and d.node == "n1"
+
+
+def test_uids_strictly_ascend_and_survive_expunge(store: FragmentStore) -> None:
+    """UIDs ascend per mailbox and are never reused after deletion."""
+    uids = [d.uid for d in store.store([msg(A, b"1"), msg(A, b"2"), msg(B, b"3")])]
+    assert uids == [1, 2, 1]
+    assert store.delete(A, INBOX, [2]) == [2]
+    [d] = store.store([msg(A, b"4")])
+    assert d.uid == 3
+    assert [x.uid for x in store.digests(A, INBOX)] == [1, 3]
+
+
+def test_uidvalidity_stable_across_reopen(tmp_path: Path) -> None:
+    """Reopening the store on the same dir keeps UIDVALIDITY and UIDNEXT."""
+    s1 = FragmentStore(tmp_path, "n1", lambda: 1000.0)
+    s1.store([msg(A, b"x")])
+    before = {m.name: (m.uidvalidity, m.uidnext) for m in s1.mailboxes(A)}
+    s1.close()
+    s2 = FragmentStore(tmp_path, "n1", lambda: 5000.0)
+    after = {m.name: (m.uidvalidity, m.uidnext) for m in s2.mailboxes(A)}
+    assert before == after == {INBOX: (1000, 2)}
+
+
+def test_recreated_mailbox_gets_new_uidvalidity(store: FragmentStore) -> None:
+    """Deleting and recreating a mailbox changes its UIDVALIDITY (clock unchanged)."""
+    v1 = store.create_mailbox(A, "Work").uidvalidity
+    store.delete_mailbox(A, "Work")
+    v2 = store.create_mailbox(A, "Work").uidvalidity
+    assert v2 > v1
+
+
+def test_flags_modes(store: FragmentStore) -> None:
+    """STORE replace, add and remove (case-insensitive) flags."""
+    store.store([msg(A, b"x")])
+    assert store.set_flags(A, INBOX, [1], ["\\Seen"], 0) == {1: ("\\Seen",)}
+    assert store.set_flags(A, INBOX, [1], ["\\Flagged", "\\Seen"], 1) == {
+        1: ("\\Seen", "\\Flagged")
+    }
+    assert store.set_flags(A, INBOX, [1, 99], ["\\seen"], -1) == {1: ("\\Flagged",)}
+    assert [m.unseen for m in store.mailboxes(A)] == [1]
+
+
+def test_copy_shares_body_until_last_reference(store: FragmentStore) -> None:
+    """COPY shares the body; it is removed only when no mailbox refers to it."""
+    store.create_mailbox(A, "Archive")
+    [d] = store.store([msg(A, b"keep me")])
+    [c] = store.copy(A, INBOX, [1], "Archive")
+    assert c.key == d.key and c.uid == 1
+    store.delete(A, INBOX, [1])
+    assert store.fetch(A, "Archive", [1]) == {1: b"keep me"}
+    store.delete(A, "Archive", [1])
+    assert not (store.user_path(A) / d.key).exists()
+
+
+def test_mailbox_tree_operations(store: FragmentStore) -> None:
+    """CREATE makes parents, RENAME moves children, DELETE refuses a parent."""
+    store.create_mailbox(A, "a/b/c")
+    with pytest.raises(MailboxExists):
+        store.create_mailbox(A, "a/b")
+    with pytest.raises(NoSuchMailbox):
+        store.delete_mailbox(A, "a")
+    store.rename_mailbox(A, "a", "z")
+    assert [m.name for m in store.mailboxes(A)] == [INBOX, "z", "z/b", "z/b/c"]
+    with pytest.raises(NoSuchMailbox):
+        store.delete_mailbox(A, INBOX)
+
+
+def test_rename_inbox_moves_messages_and_recreates_it(store: FragmentStore) -> None:
+    """RENAME INBOX moves its messages into the new name and leaves an empty INBOX."""
+    store.store([msg(A, b"x")])
+    store.rename_mailbox(A, "inbox", "Old")
+    counts = {m.name: m.messages for m in store.mailboxes(A)}
+    assert counts == {INBOX: 0, "Old": 1}
+
+
+def test_recover_removes_half_stored(store: FragmentStore) -> None:
+    """tmp files and bodies without an index row vanish at recovery; rows stay."""
+    [d] = store.store([msg(A, b"x")])
+    (store.tmp / "partial").write_bytes(b"half")
+    (store.user_path(A) / "orphan.m").write_bytes(b"no row")
+    (store.user_path(A) / "foreign").write_bytes(b"not ours")
+    assert store.recover() == 2
+    assert [x.key for x in store.digests(A, INBOX)] == [d.key]
+    assert sorted(p.name for p in store.user_path(A).iterdir()) == sorted([d.key, "foreign"])
+
+
+def test_mailbox_name_rules() -> None:
+    """INBOX is case-insensitive; empty levels and wildcards are refused."""
+    assert mailbox_name("iNbOx") == INBOX
+    for bad in ("", "a//b", "a*", "x%"):
+        with pytest.raises(NoSuchMailbox):
+            mailbox_name(bad)
+
+
+def test_users_in_bucket(store: FragmentStore) -> None:
+    """Reconstruction lists users with mail in one bucket."""
+    store.store([msg(A, b"x"), msg(B, b"y")])
+    assert A in store.users_in_bucket(bucket_of(A))
+    assert sorted(store.users_with_mail()) == sorted({A, B})
+
+
+def test_group_commit_batches_waiting_stores(manager: MailboxManager) -> None:
+    """Stores queued while a batch is in flight go out together, each caller answered."""
+    calls: list[int] = []
+    real = manager.fragments.store
+
+    def counting(msgs: list[NewMessage]) -> object:
+        calls.append(len(msgs))
+        return real(msgs)
+
+    manager.fragments.store = counting  # type: ignore[method-assign]
+    manager._writing = True  # a batch is in flight: the next three wait
+    ds = [manager.store([msg(A, bytes([65 + i]))]) for i in range(3)]
+    manager._writing = False
+    manager._write_batch()
+    assert calls == [3]
+    assert [result_of(d)[0].uid for d in ds] == [1, 2, 3]
+
+
+def test_failing_batch_retries_callers_alone(manager: MailboxManager) -> None:
+    """One bad message in a batch fails only its own caller."""
+    manager._writing = True
+    good = manager.store([msg(A, b"ok")])
+    bad = manager.store([msg(A, b"no", box="Missing")])
+    manager._writing = False
+    manager._write_batch()
+    assert result_of(good)[0].uid == 1
+    with pytest.raises(NoSuchMailbox):
+        result_of(bad)
+    assert [d.uid for d in result_of(manager.digests(A, INBOX))] == [1]
+
+
+def test_change_listener_hears_stores(manager: MailboxManager) -> None:
+    """Listeners learn which user's mailbox got mail."""
+    heard: list[tuple[str, str]] = []
+    manager.on_change(lambda u, m: heard.append((u, m)))
+    result_of(manager.store([msg(A, b"x")]))
+    assert heard == [(A, INBOX)]
