@@ -117,3 +117,24 @@ def test_finish_counts_unplayed_tail_as_missing() -> None:
     b.play(1.0)
     b.finish()
     assert b.stats.missing == 4 and b.done
+
+
+@given(
+    st.lists(st.integers(0, 59), max_size=120),
+    st.floats(0.0, 1.0),
+)
+def test_any_arrival_order_plays_ascending_and_accounts_every_position(
+    arrivals: list[int], cut: float
+) -> None:
+    """Whatever arrives, played + missing covers every position once, in ascending order."""
+    b = PlayoutBuffer(playout_start=0.0, total=60)
+    played: list[int] = []
+    for i, g in enumerate(arrivals):
+        now = cut * i / max(1, len(arrivals))
+        played += [p.gseq for p in b.play(now)]
+        b.insert(pkt(g), now)
+    played += [p.gseq for p in b.play(100.0)]
+    b.finish()
+    assert played == sorted(set(played))
+    assert len(played) + b.stats.missing == 60
+    assert b.level_bytes == 0

@@ -188,3 +188,38 @@ def test_config_requires_the_chosen_modes_thresholds() -> None:
         PlayerConfig(flow="delta-p")
     with pytest.raises(ValueError):
         PlayerConfig(flow="pause-resume")
+
+
+def _two_streams() -> Presentation:
+    cfg = PlayerConfig(flow="none", prebuffer=1.0, trim=None)
+    return Presentation(
+        [StreamPlayer(s, [0, 1], 10.0, cfg, total=200) for s in ("a", "b")], sync_interval=0.5
+    )
+
+
+def test_presentation_plays_streams_on_one_clock_with_tiny_skew() -> None:
+    """Two streams with different packet spacing present the same media time (timer-exact)."""
+    pres = _two_streams()
+    for g in range(200):
+        pres.receive(PacketArrived("a", g % 2, g, g // 2, g * 0.01, 500), 10.5)
+    for g in range(100):
+        pres.receive(PacketArrived("b", g % 2, g, g // 2, g * 0.02, 500), 10.5)
+    t = pres.get_timer(10.5)
+    while t is not None and t < 12.5:
+        pres.handle_timer(t)
+        t = pres.get_timer(t)
+    assert pres.skew.samples > 100
+    assert pres.skew.max_skew < 1e-9
+
+
+def test_coarse_sync_slows_the_fuller_stream_on_all_its_nodes() -> None:
+    """Stream a holds 1.5 s more media than b: a's nodes get speed < 1, b's > 1."""
+    pres = _two_streams()
+    for g in range(200):
+        pres.receive(PacketArrived("a", g % 2, g, g // 2, g * 0.01, 500), 10.9)
+    for g in range(25):
+        pres.receive(PacketArrived("b", g % 2, g, g // 2, g * 0.02, 500), 10.9)
+    acts = [a for a in pres.handle_timer(11.0) if isinstance(a, SetSpeed)]
+    speeds = {(a.stream, a.node): a.speed for a in acts}
+    assert speeds[("a", 0)] == speeds[("a", 1)] < 1.0
+    assert speeds[("b", 0)] == speeds[("b", 1)] > 1.0
