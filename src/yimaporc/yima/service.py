@@ -711,6 +711,18 @@ class YimaStorageService(Service):
                 ).addErrback(_unwrap)
             except PeerUnavailable as e:
                 raise ApiError(f"ingest of {name} failed, a node is down: {e}", 503) from e
+            # Another node may have registered its disks meanwhile (a fresh history
+            # while the catalog had no media): move what we wrote to the new places.
+            for _ in range(3):
+                current = self.catalog.history
+                if current is None or current == history or self.catalog.pending is not None:
+                    break
+                plan = plan_for(info, history, current)
+                throttle = yield self._run_moves(info, plan.moves, float("inf"), history)
+                if throttle.failures:
+                    raise ApiError(f"ingest of {name} failed: the disks changed under it", 503)
+                yield self._delete_old([(info, m) for m in plan.moves])
+                history = current
             entry = info.to_json()
             self._published[name] = entry
             yield self.doc.update(lambda v: {**v, "media": {**v["media"], name: entry}})
@@ -831,7 +843,7 @@ class YimaStorageService(Service):
             self._scaling = False
             self.reactor.callLater(0, self._reconcile)
 
-    def _move(self, info: MediaInfo, move: Move) -> Deferred[Any]:
+    def _move(self, info: MediaInfo, move: Move, staged: bool) -> Deferred[Any]:
         d = self.read_at(move.src_disk, info.name, move.key)
 
         def check(data: bytes) -> bytes:
@@ -840,12 +852,21 @@ class YimaStorageService(Service):
             return data
 
         d.addCallback(check)
-        # Old copy gone or its node down: rebuild it from the block's group.
-        d.addErrback(lambda _: self.read(info.name, move.key))
+        if not staged:
+            # Old copy gone or its node down: rebuild it from the block's group.
+            d.addErrback(lambda _: self.read(info.name, move.key))
         return d.addCallback(lambda data: self.write_at(move.dst_disk, info.name, move.key, data))
 
-    def _run_moves(self, info: MediaInfo, moves: Iterable[Move], rate: float) -> Deferred[Any]:
+    def _run_moves(
+        self,
+        info: MediaInfo,
+        moves: Iterable[Move],
+        rate: float,
+        staged: ScalingHistory | None = None,
+    ) -> Deferred[Any]:
+        """Copy ``moves`` at ``rate`` bytes/s; ``staged``: a file not yet in the catalog."""
         clock = self.reactor
+        rate = min(rate, 1e15)
         throttle = MoveThrottle(
             list(moves), rate, float(clock.seconds()), max_in_flight=MOVES_IN_FLIGHT
         )
@@ -874,7 +895,7 @@ class YimaStorageService(Service):
             timer.clear()
             now = float(clock.seconds())
             for move in throttle.start(now):
-                d = self._move(info, move)
+                d = self._move(info, move, staged is not None)
                 d.addCallbacks(ok, bad, callbackArgs=(move,), errbackArgs=(move,))
             if throttle.complete:
                 finished.callback(throttle)
