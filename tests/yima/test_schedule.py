@@ -72,6 +72,21 @@ def test_pause_resume_shifts_schedule() -> None:
     assert nxt and nxt[0].gseq == first[-1].gseq + 1 and nxt[0].deadline == 10.0
 
 
+def test_pause_at_common_instant_keeps_nodes_aligned() -> None:
+    """Two nodes paused and resumed at the same cluster instants restart at one media position."""
+    nodes = [NodeScheduler(), NodeScheduler()]
+    for i, n in enumerate(nodes):
+        n.add("s", media(8), [b for b in range(8) if b % 2 == i], start_ct=0.0)
+        n.tick(2.6)
+        n.pause("s", at_ct=3.1)
+    sent = [p for n in nodes for p in n.tick(9.0)]
+    assert all(p.media_time < 3.1 for p in sent), "packets before the pause instant still go"
+    for n in nodes:
+        n.resume("s", at_ct=20.0)
+    after = sorted((p for n in nodes for p in n.tick(20.5)), key=lambda p: p.gseq)
+    assert after and all(abs(p.deadline - (20.0 + p.media_time - 3.1)) < 1e-9 for p in after)
+
+
 def test_range_start_skips_earlier_packets() -> None:
     """PLAY from npt=2 starts at the packet of media time 2 s."""
     s = NodeScheduler()

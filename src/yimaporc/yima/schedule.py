@@ -84,6 +84,7 @@ class Session:
     anchor_mt: float = 0.0
     speed: float = 1.0
     paused: bool = False
+    pause_mt: float = 0.0
     cursor_block: int = 0
     cursor_packet: int = 0
     node_seq: int = 0
@@ -140,21 +141,29 @@ class NodeScheduler:
         """Stop serving a session."""
         self.sessions.pop(session_id, None)
 
-    def pause(self, session_id: str) -> None:
-        """Stop sending (pause-resume flow control, or RTSP PAUSE)."""
+    def pause(self, session_id: str, at_ct: float | None = None) -> None:
+        """Stop at cluster time ``at_ct`` (now if None): pause-resume flow control, RTSP PAUSE.
+
+        Every node is told the same instant, so all stop at the same media
+        position and a later :meth:`resume` restarts them together.
+        """
         s = self.sessions.get(session_id)
-        if s is not None:
-            s.paused = True
+        if s is None or s.paused:
+            return
+        if at_ct is None:
+            mt = s.next_media_time()
+            s.pause_mt = mt if mt is not None else s.media.duration
+        else:
+            s.pause_mt = s.anchor_mt + (at_ct - s.anchor_ct) * s.speed
+        s.paused = True
 
     def resume(self, session_id: str, at_ct: float) -> None:
-        """Continue from the next packet, due at cluster time ``at_ct``."""
+        """Continue from the media position of the pause, due at cluster time ``at_ct``."""
         s = self.sessions.get(session_id)
         if s is None or not s.paused:
             return
-        mt = s.next_media_time()
         s.paused = False
-        if mt is not None:
-            s.anchor_ct, s.anchor_mt = at_ct, mt
+        s.anchor_ct, s.anchor_mt = at_ct, s.pause_mt
 
     def set_speed(self, session_id: str, speed: float, at_ct: float) -> None:
         """Change the delivery rate (delta p) from cluster time ``at_ct`` on."""
@@ -168,10 +177,8 @@ class NodeScheduler:
         """The earliest deadline over all sessions."""
         times = []
         for s in self.sessions.values():
-            if s.paused:
-                continue
             mt = s.next_media_time()
-            if mt is not None:
+            if mt is not None and not (s.paused and mt >= s.pause_mt):
                 times.append(s.deadline(mt))
         return min(times, default=None)
 
@@ -188,7 +195,7 @@ class NodeScheduler:
         """
         heap: list[tuple[float, str]] = []
         for sid, s in self.sessions.items():
-            if not s.paused and (mt := s.next_media_time()) is not None:
+            if (mt := s.next_media_time()) is not None and not (s.paused and mt >= s.pause_mt):
                 heapq.heappush(heap, (s.deadline(mt), sid))
         out: list[Packet] = []
         while heap:
@@ -224,7 +231,8 @@ class NodeScheduler:
                 old, _ = s.sent.popitem(last=False)
                 s.resent.discard(old)
             out.append(pkt)
-            if (mt2 := s.next_media_time()) is not None:
+            mt2 = s.next_media_time()
+            if mt2 is not None and not (s.paused and mt2 >= s.pause_mt):
                 heapq.heappush(heap, (s.deadline(mt2), sid))
         return out
 

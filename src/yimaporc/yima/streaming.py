@@ -137,7 +137,7 @@ class StreamingNode:
     def control(self, session: str, action: str, at: float, value: float) -> dict[str, Any]:
         """StreamControl: pause / resume / speed / stop."""
         if action == "pause":
-            self.scheduler.pause(session)
+            self.scheduler.pause(session, at if at > 0 else None)
         elif action == "resume":
             self.scheduler.resume(session, at)
         elif action == "speed":
