@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -71,6 +72,7 @@ APT_PACKAGES = [
     "gstreamer1.0-plugins-good",
     "gstreamer1.0-plugins-bad",
     "util-linux",
+    "nftables",
 ]
 PARTS = ["udp", "mail-peers", "mail-target", "mail-cluster", "rtsp-peer", "rtsp-target"]
 
@@ -97,6 +99,7 @@ class Settings:
         self.mail_per_user = 10 if quick else 20
         self.mail_fetch = 5
         self.cluster_nodes = [1, 3] if quick else [1, 2, 3]
+        self.replicas = [1, 3] if quick else [1, 2, 3]
         self.clip_seconds = 30 if quick else 60
         self.rtsp_warmup = 1.0 if quick else 2.0
         self.rtsp_window = 3.0 if quick else 8.0
@@ -325,6 +328,113 @@ def profile_summary(path: Path) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- internode bytes
+class Internode:
+    """Bytes and packets between the nodes of one 127.0.N.0/24 net (TCP RPC and UDP,
+    both directions), from an nftables counter in a table of our own, sampled every
+    0.2 s so a window can be cut out afterwards. Clients talk from 127.0.0.1 and are
+    not counted. Unavailable (no nft, no permission): ``error`` says why, the
+    benchmark itself goes on."""
+
+    def __init__(self, net: str) -> None:
+        self.net = net
+        self.table = "yimaporc_bench_" + net.replace(".", "_")
+        self.samples: list[tuple[float, int, int]] = []
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _nft(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["nft", *args], capture_output=True, text=True, timeout=10)
+
+    def read(self) -> tuple[int, int] | None:
+        r = self._nft("list", "table", "inet", self.table)
+        m = re.search(r"counter packets (\d+) bytes (\d+)", r.stdout)
+        return (int(m.group(2)), int(m.group(1))) if m else None
+
+    def __enter__(self) -> Internode:
+        if shutil.which("nft") is None:
+            self.error = "nft not installed"
+            return self
+        self._nft("delete", "table", "inet", self.table)
+        cmds = [
+            ("add", "table", "inet", self.table),
+            (
+                "add",
+                "chain",
+                "inet",
+                self.table,
+                "out",
+                "{ type filter hook output priority 0 ; policy accept ; }",
+            ),
+            (
+                "add",
+                "rule",
+                "inet",
+                self.table,
+                "out",
+                "ip",
+                "saddr",
+                f"{self.net}.0/24",
+                "ip",
+                "daddr",
+                f"{self.net}.0/24",
+                "meta",
+                "l4proto",
+                "{ tcp, udp }",
+                "counter",
+            ),
+        ]
+        for cmd in cmds:
+            r = self._nft(*cmd)
+            if r.returncode != 0:
+                self.error = f"nft: {r.stderr.strip()[:200]}"
+                self._nft("delete", "table", "inet", self.table)
+                return self
+        PROCS.on_stop(self.table, lambda: self._nft("delete", "table", "inet", self.table) and None)
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                v = self.read()
+                if v is not None:
+                    self.samples.append((time.monotonic(), v[0], v[1]))
+                self._stop.wait(0.2)
+
+        v = self.read()
+        if v is None:
+            self.error = "nft counter unreadable"
+            return self
+        self.samples.append((time.monotonic(), v[0], v[1]))
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._nft("delete", "table", "inet", self.table)
+
+    def between(self, t0: float, t1: float) -> tuple[float, float] | None:
+        """(bytes, packets) counted between t0 and t1 (monotonic), interpolated."""
+        sm = self.samples
+        if self.error or len(sm) < 2 or sm[0][0] > t0 or sm[-1][0] < t1:
+            if not self.error:
+                self.error = "too few counter samples"
+            return None
+
+        def at(t: float) -> tuple[float, float]:
+            for a, b in itertools.pairwise(sm):
+                if a[0] <= t <= b[0]:
+                    f = (t - a[0]) / (b[0] - a[0]) if b[0] > a[0] else 0.0
+                    return a[1] + f * (b[1] - a[1]), a[2] + f * (b[2] - a[2])
+            return float(sm[-1][1]), float(sm[-1][2])
+
+        b0, p0 = at(t0)
+        b1, p1 = at(t1)
+        return b1 - b0, p1 - p0
+
+
 # --------------------------------------------------------------------------- set-up
 def install() -> None:
     """Peers from Debian packages (apt-get as root) and matplotlib from PyPI, when missing."""
@@ -542,6 +652,43 @@ def rtsp_ramp(
         out["server_cpu_pct_per_stream"] = cpu / n
     say(
         f"  {label}: max_sessions={'>=' if out['lower_bound'] else ''}{n:.0f} agg_mbps={out.get('agg_mbps')} server_cpu_pct={cpu}"
+    )
+    return out
+
+
+def internode_trial(
+    s: Settings, url: str, ramp: dict[str, Any], label: str, pids: list[int], work: Path
+) -> dict[str, Any]:
+    """One fixed trial at half the capacity, counting bytes between the nodes: internode
+    bytes per delivered byte (Yima-1 gathers every block on the master; Yima-2 only
+    relays for standard clients)."""
+    n = max(1, int(ramp.get("max_sessions") or 0) // 2)
+    argv = [PY, str(PEERS / "rtsp_load.py"), "--url", url, "--sessions", str(n)]
+    argv += ["--warmup", str(s.rtsp_warmup), "--window", str(s.rtsp_window), "--label", label]
+    argv += [a for pid in pids for a in ("--server-pid", str(pid))]
+    with Internode(YIMA_NET) as net:
+        t_launch = time.monotonic()
+        r = run(argv, s.rtsp_warmup + s.rtsp_window + 120)
+        time.sleep(0.3)
+    with open(work / "load.log", "a") as f:
+        f.write(" ".join(argv) + "\n" + r.stdout + r.stderr + "\n")
+    kv = parse_result(r.stdout, "rtsp") or {}
+    m = re.search(r"setup_s=([\d.]+)", r.stdout)
+    agg = fnum(kv.get("agg_mbps"))
+    out: dict[str, Any] = {"internode_trial_sessions": n, "internode_trial_pass": kv.get("pass")}
+    if m is None or not agg:
+        out["internode"] = "trial gave no result"
+        return out
+    w0 = t_launch + 0.3 + float(m.group(1)) + s.rtsp_warmup
+    got = net.between(w0, w0 + s.rtsp_window)
+    if got is None:
+        out["internode"] = net.error
+        return out
+    delivered = agg * 1e6 / 8 * s.rtsp_window
+    out["internode_bytes_per_delivered_byte"] = got[0] / delivered
+    say(
+        f"  {label}: {n} sessions, internode bytes per delivered byte "
+        f"{got[0] / delivered:.3f} ({got[0] * 8 / s.rtsp_window / 1e6:.0f} Mbit/s between nodes)"
     )
     return out
 
@@ -1082,12 +1229,20 @@ def cli_missing(r: subprocess.CompletedProcess[str]) -> bool:
     return "invalid choice" in r.stderr
 
 
-def add_users(c: Cluster, names: list[str]) -> None:
-    """``yimaporc mail adduser ADDRESS --password pw --admin URL`` for every user."""
+def add_users(c: Cluster, names: list[str], replicas: int | None = None) -> None:
+    """``yimaporc mail adduser ADDRESS --password pw [--replicas R] --admin URL`` for each."""
+    more = ["--replicas", str(replicas)] if replicas else []
 
     def one(name: str) -> str | None:
         r = c.cli(
-            "mail", "adduser", f"{name}@{DOMAIN}", "--password", PASSWORD, "--admin", c.admin(0)
+            "mail",
+            "adduser",
+            f"{name}@{DOMAIN}",
+            "--password",
+            PASSWORD,
+            *more,
+            "--admin",
+            c.admin(0),
         )
         if r.returncode == 0:
             return None
@@ -1173,6 +1328,65 @@ def part_mail_target(s: Settings, res: dict[str, Any], errors: list[str]) -> Non
         mail["porcupine"] = {"error": str(e)}
 
 
+def cluster_smtp(
+    s: Settings, n: int, replicas: int | None, work: Path, log: Path
+) -> dict[str, Any]:
+    """SMTP load spread over n porcupine nodes; deliveries/s summed, internode bytes counted."""
+    c = Cluster("porcupine", n, work)
+    c.start()
+    require_service(c, "smtp", PORTS["smtp"])
+    add_users(c, [f"user{i:03d}" for i in range(1, s.mail_users + 1)], replicas)
+    # one generator per node, the same C connections in total, spread evenly
+    per = [s.mail_conns // n + (1 if i < s.mail_conns % n else 0) for i in range(n)]
+    with Internode(PORC_NET) as net, ThreadPoolExecutor(max_workers=n) as ex:
+        t_launch = time.monotonic()
+        futs = [
+            ex.submit(
+                mail_load,
+                s,
+                "smtp",
+                host,
+                PORTS["smtp"],
+                f"porcupine-{n}n{f'-r{replicas}' if replicas else ''}-{host}",
+                c.pids if i == 0 else [],
+                None,
+                per[i],
+                max(1, 2 // n),
+                log,
+            )
+            for i, host in enumerate(c.hosts)
+        ]
+        rows = [f.result() for f in futs]
+        time.sleep(0.3)  # a counter sample after the window's end
+        # mail_load's window opens 0.2 s + warm-up after it starts (~0.15 s to start)
+        w0 = t_launch + 0.35 + s.mail_warmup
+        inter = net.between(w0, w0 + s.mail_duration)
+    rate = sum(r["msgs_per_s"] for r in rows)
+    cpu = rows[0].get("server_cpu_pct")
+    row: dict[str, Any] = {
+        "nodes": n,
+        "replicas": replicas,
+        "msgs_per_s": rate,
+        "p50_ms": max(r["p50_ms"] for r in rows),
+        "p99_ms": max(r["p99_ms"] for r in rows),
+        "server_cpu_pct": cpu,
+        "server_cpu_s_per_msg": cpu / 100.0 / rate if cpu and rate else None,
+        "per_node": rows,
+    }
+    if inter is not None and rate:
+        b, pk = inter
+        row["internode_bytes_per_msg"] = b / s.mail_duration / rate
+        row["internode_packets_per_msg"] = pk / s.mail_duration / rate
+    else:
+        row["internode"] = net.error or "not measured"
+    say(
+        f"  porcupine {n} node(s){f' replicas {replicas}' if replicas else ''}: "
+        f"{rate:.1f} deliveries/s, internode bytes/message "
+        f"{fmt(row.get('internode_bytes_per_msg'), row.get('internode'))}"
+    )
+    return row
+
+
 def part_mail_cluster(s: Settings, res: dict[str, Any], errors: list[str]) -> None:
     out = res.setdefault("porcupine_cluster", {})
     log = WORK / "mail" / "load.log"
@@ -1180,45 +1394,23 @@ def part_mail_cluster(s: Settings, res: dict[str, Any], errors: list[str]) -> No
     for n in s.cluster_nodes:
         try:
             with scoped():
-                c = Cluster("porcupine", n, WORK / f"porcupine-cluster-{n}")
-                c.start()
-                require_service(c, "smtp", PORTS["smtp"])
-                add_users(c, [f"user{i:03d}" for i in range(1, s.mail_users + 1)])
-                # one generator per node, the same C connections in total, spread evenly
-                per = [s.mail_conns // n + (1 if i < s.mail_conns % n else 0) for i in range(n)]
-                with ThreadPoolExecutor(max_workers=n) as ex:
-                    futs = [
-                        ex.submit(
-                            mail_load,
-                            s,
-                            "smtp",
-                            host,
-                            PORTS["smtp"],
-                            f"porcupine-{n}n-{host}",
-                            c.pids if i == 0 else [],
-                            None,
-                            per[i],
-                            max(1, 2 // n),
-                            log,
-                        )
-                        for i, host in enumerate(c.hosts)
-                    ]
-                    rows = [f.result() for f in futs]
-                rate = sum(r["msgs_per_s"] for r in rows)
-                cpu = rows[0].get("server_cpu_pct")
-                out[str(n)] = {
-                    "nodes": n,
-                    "msgs_per_s": rate,
-                    "p50_ms": max(r["p50_ms"] for r in rows),
-                    "p99_ms": max(r["p99_ms"] for r in rows),
-                    "server_cpu_pct": cpu,
-                    "server_cpu_s_per_msg": cpu / 100.0 / rate if cpu and rate else None,
-                    "per_node": rows,
-                }
-                say(f"  porcupine {n} node(s): {rate:.1f} deliveries/s")
+                out[str(n)] = cluster_smtp(s, n, None, WORK / f"porcupine-cluster-{n}", log)
         except PartFailed as e:
             errors.append(f"target porcupine cluster of {n}: {e}")
             out[str(n)] = {"nodes": n, "error": str(e)}
+    # Porcupine's replication experiment: 3 nodes, users made with --replicas R
+    rep = res.setdefault("porcupine_replicas", {})
+    three = out.get("3", {})
+    for r in s.replicas:
+        if "error" in three:
+            rep[str(r)] = {"replicas": r, "error": "the 3-node cluster failed (see above)"}
+            continue
+        try:
+            with scoped():
+                rep[str(r)] = cluster_smtp(s, 3, r, WORK / f"porcupine-replicas-{r}", log)
+        except PartFailed as e:
+            errors.append(f"target porcupine 3 nodes, replicas {r}: {e}")
+            rep[str(r)] = {"replicas": r, "error": str(e)}
 
 
 # --------------------------------------------------------------------------- streaming
@@ -1394,6 +1586,8 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
                         work / "load.log",
                     )
                 row.update(ramp)
+                if n > 1:
+                    row.update(internode_trial(s, url, ramp, f"yima-{key}", c.pids, work))
                 out[key] = row
         except PartFailed as e:
             msg = str(e)
@@ -1533,6 +1727,32 @@ def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
             f"{fmt(r['ratio'], '-'):>7s}  {'higher' if r['higher_is_better'] else 'lower'}"
             + (f"  ({r['note']})" if r.get("note") else "")
         )
+    cl = res.get("porcupine_cluster", {})
+    rep = res.get("porcupine_replicas", {})
+    yima = res.get("yima", {})
+    if cl or rep or yima:
+        say("")
+        say("== paper experiments (yimaporc alone; all nodes share this machine's 2 cores)")
+    one = val(cl.get("1"), "msgs_per_s")
+    for k, d in sorted(cl.items()):
+        v = val(d, "msgs_per_s")
+        say(
+            f"  Porcupine {k} node(s): deliveries/s {fmt(v, why(d))}"
+            + (f"  x{v / one:.2f} of 1 node" if v is not None and one else "")
+            + f"  internode bytes/message {fmt(val(d, 'internode_bytes_per_msg'), '-')}"
+        )
+    for k, d in sorted(rep.items()):
+        say(
+            f"  Porcupine 3 nodes, replicas {k}: deliveries/s {fmt(val(d, 'msgs_per_s'), why(d))}"
+            f"  internode bytes/message {fmt(val(d, 'internode_bytes_per_msg'), '-')}"
+        )
+    for k, d in yima.items():
+        mx = val(d, "max_sessions")
+        lb = ">=" if isinstance(d, dict) and d.get("lower_bound") else ""
+        say(
+            f"  Yima {k}: max streams {lb}{fmt(mx, why(d))}  internode bytes per delivered "
+            f"byte {fmt(val(d, 'internode_bytes_per_delivered_byte'), '-')}"
+        )
     u = res.get("udp", {})
     if u:
         say("")
@@ -1610,6 +1830,14 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
         tw = val(mail.get("twisted.mail"), "smtp", "msgs_per_s")
         if tw:
             ax.axhline(tw, color="gray", ls=":", label="twisted.mail, 1 process")
+        rep = res.get("porcupine_replicas", {})
+        rpts = [
+            (int(k), val(d, "msgs_per_s"))
+            for k, d in sorted(rep.items())
+            if val(d, "msgs_per_s") is not None
+        ]
+        for r, y in rpts:
+            ax.plot([3], [y], "^", label=f"3 nodes, replicas {r}")
         ax.set_xlabel("nodes (processes on one 2-core machine)")
         ax.set_ylabel("SMTP deliveries / s")
         ax.set_xticks([1, 2, 3])
