@@ -318,6 +318,8 @@ class YimaStorageService(Service):
             return
         lost = {n: m for n, m in self._published.items() if n not in cat.media}
         registered = {d.disk_id for d in cat.disks}
+        # A disk removed by `disks remove` stays out, even if it was a --disk.
+        self._local = [d for d in self._local if (d.node_id, d.path) not in cat.retired]
         missing = [d for d in self._local if d.disk_id not in registered]
         if not missing and not lost:
             return

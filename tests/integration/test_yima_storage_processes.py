@@ -1,0 +1,150 @@
+"""Two real ``twistd yima-node`` processes with 4 disks: ingest, scale, parity, via the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from yimaporc.testing.procs import NodeProc, views_agree, wait_for
+from yimaporc.yima.media import MediaInfo
+from yimaporc.yima.media.sample import make_sample_ts, make_sample_wav
+from yimaporc.yima.placement import ScalingHistory
+from yimaporc.yima.reorg import plan_for
+
+PORT = 27946
+ADMIN = 28080
+HOST = "127.0.21.{}"
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[list[NodeProc]]:
+    """Two yima nodes with two --disk each; the second joins the first."""
+    secret = tmp_path / "cluster.secret"
+    secret.write_text(os.urandom(16).hex())
+    nodes = []
+    for i in (1, 2):
+        data = tmp_path / f"y{i}" / "data"
+        disks = ["--disk", str(tmp_path / f"y{i}" / "a"), "--disk", str(tmp_path / f"y{i}" / "b")]
+        nodes.append(
+            NodeProc(
+                "yima",
+                f"y{i}",
+                HOST.format(i),
+                data,
+                PORT,
+                ADMIN,
+                extra=disks,
+                join=[] if i == 1 else [f"{HOST.format(1)}:{PORT}"],
+                secret_file=secret,
+            )
+        )
+    try:
+        for n in nodes:
+            n.start()
+        yield nodes
+    finally:
+        for n in nodes:
+            n.kill(signal.SIGTERM)
+
+
+def _cli(node: NodeProc, *args: str) -> str:
+    """Run ``yimaporc ARGS --admin node`` and return stdout (fail on non-zero exit)."""
+    argv = [sys.executable, "-m", "yimaporc.cli", *args, "--admin", node.admin_url]
+    argv += ["--secret-file", str(node.secret_file)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _cli_fails(node: NodeProc, *args: str) -> str:
+    """Run the CLI expecting failure; return stderr."""
+    argv = [sys.executable, "-m", "yimaporc.cli", *args, "--admin", node.admin_url]
+    argv += ["--secret-file", str(node.secret_file)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    return proc.stderr
+
+
+def _catalog(node: NodeProc) -> dict[str, Any]:
+    import json
+
+    path = node.data_dir / "yima-storage.json"
+    return json.loads(path.read_text())["value"]  # type: ignore[no-any-return]
+
+
+def _round_trip(node: NodeProc, name: str, source: Path, out: Path) -> None:
+    _cli(node, "media", "get", name, "--out", str(out))
+    assert out.read_bytes() == source.read_bytes()
+
+
+def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path) -> None:
+    """Ingest TS+WAV on 2 nodes/4 disks; add+remove a disk with plan_for counts; parity rebuild."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg not installed")
+    y1, y2 = pair
+    wait_for(lambda: views_agree(pair), 30, "2 nodes to agree")
+
+    def four_disks() -> bool:
+        docs = [n.status() for n in pair]
+        return all(d is not None and len(d["disks"]) == 4 for d in docs)
+
+    wait_for(four_disks, 30, "4 disks registered on both nodes")
+    ts = make_sample_ts(tmp_path / "clip.ts", seconds=6)
+    wav = make_sample_wav(tmp_path / "tone.wav", seconds=2)
+    out = _cli(y1, "media", "ingest", str(ts), "--name", "clip", "--block-size", "40000")
+    assert "ingested clip: mpeg-ts" in out
+    out = _cli(y2, "media", "ingest", str(wav), "--block-size", "30000")
+    assert "ingested tone: wav" in out
+    listing = _cli(y2, "media", "list")
+    assert "clip mpeg-ts" in listing and "tone wav" in listing
+    status = y2.status()
+    assert status is not None
+    assert {m["name"] for m in status["media"]} == {"clip", "tone"}
+    assert {d["node_id"] for d in status["disks"]} == {"y1", "y2"}
+    _round_trip(y2, "clip", ts, tmp_path / "clip.out")
+    _round_trip(y1, "tone", wav, tmp_path / "tone.out")
+
+    before = _catalog(y1)
+    out = _cli(y1, "disks", "add", str(tmp_path / "y2" / "c"), "--node", "y2")
+    after = _catalog(y1)
+    infos = [MediaInfo.from_json(m) for m in before["media"].values()]
+    old = ScalingHistory.from_json(before["history"])
+    new = ScalingHistory.from_json(after["history"])
+    plans = [plan_for(i, old, new) for i in infos]
+    moved, total = sum(p.moved for p in plans), sum(p.total for p in plans)
+    assert out.strip().splitlines()[-1] == f"moved {moved} of {total} blocks"
+    assert 0 < moved < total
+    _round_trip(y1, "clip", ts, tmp_path / "clip.out")
+
+    on_disk = {d["disk_id"]: d["blocks"] for d in y1.status()["disks"]}  # type: ignore[index]
+    out = _cli(y2, "disks", "remove", "y1-0")
+    final = ScalingHistory.from_json(_catalog(y2)["history"])
+    plans = [plan_for(i, new, final) for i in infos]
+    assert out.strip().splitlines()[-1] == (
+        f"moved {sum(p.moved for p in plans)} of {sum(p.total for p in plans)} blocks"
+    )
+    from_removed = sum(1 for p in plans for m in p.moves if m.src_disk.physical == "y1-0")
+    assert from_removed == on_disk["y1-0"]
+    assert not list((tmp_path / "y1" / "a" / "media").glob("*/*.blk"))
+    _round_trip(y2, "clip", ts, tmp_path / "clip.out")
+    _round_trip(y2, "tone", wav, tmp_path / "tone.out")
+    assert "no such disk: y1-0" in _cli_fails(y1, "disks", "remove", "y1-0")
+
+    victim = tmp_path / "y2" / "b" / "media"
+    wiped = sorted(p.relative_to(victim) for p in victim.glob("*/*.*"))
+    assert wiped
+    for p in victim.glob("*/*.*"):
+        p.unlink()
+    _round_trip(y1, "clip", ts, tmp_path / "clip.out")
+    _round_trip(y1, "tone", wav, tmp_path / "tone.out")
+    out = _cli(y1, "disks", "rebuild", "y2-1")
+    assert f"restored {len(wiped)} blocks" in out
+    assert sorted(p.relative_to(victim) for p in victim.glob("*/*.*")) == wiped
