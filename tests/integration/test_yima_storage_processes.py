@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -74,8 +75,6 @@ def _cli_fails(node: NodeProc, *args: str) -> str:
 
 
 def _catalog(node: NodeProc) -> dict[str, Any]:
-    import json
-
     path = node.data_dir / "yima-storage.json"
     return json.loads(path.read_text())["value"]  # type: ignore[no-any-return]
 
@@ -148,3 +147,13 @@ def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path)
     out = _cli(y1, "disks", "rebuild", "y2-1")
     assert f"restored {len(wiped)} blocks" in out
     assert sorted(p.relative_to(victim) for p in victim.glob("*/*.*")) == wiped
+
+    doc = json.loads(_cli(y2, "status", "--json"))
+    assert {d["disk_id"] for d in doc["disks"]} == {"y1-1", "y2-0", "y2-1", "y2-2"}
+    assert sum(d["blocks"] for d in doc["disks"]) == sum(i.blocks for i in infos) + sum(
+        -(-i.blocks // i.parity_group) for i in infos
+    )
+    y2.kill(signal.SIGKILL)
+    wait_for(lambda: views_agree([y1]), 30, "y1 to drop y2")
+    err = _cli_fails(y1, "media", "ingest", str(wav), "--name", "late")
+    assert "node y2" in err and "is down" in err
