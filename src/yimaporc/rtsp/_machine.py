@@ -1,0 +1,327 @@
+"""RTSP server sessions, sans-IO: the RFC 2326 state table and every request check.
+
+All transitions live in :data:`TRANSITIONS` (RFC 2326 Appendix A.2, server side,
+without RECORD).  A request goes through :func:`prepare` (which raises
+:class:`~yimaporc.rtsp.RtspStatusError` with the status to answer: 400, 405,
+454, 455, 457, 461, 501, 551, 503), then the application runs it, then
+:func:`complete` applies the transition, or :func:`abort` undoes a session
+that SETUP created.  :class:`SessionTable` holds sessions across connections
+and tells which have timed out at ``now`` (time is always passed in).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import random
+from collections.abc import Iterator
+from typing import Protocol
+
+import attrs
+
+from ._errors import MalformedHeader, RtspStatusError
+from ._wire import NptRange, Request, TransportSpec, parse_range, parse_session, parse_transport
+
+
+class SessionState(enum.Enum):
+    """Server-side session states (RFC 2326 Appendix A.2)."""
+
+    INIT = "Init"
+    READY = "Ready"
+    PLAYING = "Playing"
+
+
+_I, _R, _P = SessionState.INIT, SessionState.READY, SessionState.PLAYING
+
+#: (state, method) -> next state.  Methods absent for a state answer 455.
+#: Deviation, documented in docs/wire.md: PAUSE in Ready is accepted as a no-op,
+#: because players send it around seeks before PLAY.
+TRANSITIONS: dict[tuple[SessionState, str], SessionState] = {
+    (_I, "SETUP"): _R,
+    (_I, "TEARDOWN"): _I,
+    (_R, "SETUP"): _R,
+    (_R, "PLAY"): _P,
+    (_R, "PAUSE"): _R,
+    (_R, "TEARDOWN"): _I,
+    (_P, "SETUP"): _P,
+    (_P, "PLAY"): _P,
+    (_P, "PAUSE"): _R,
+    (_P, "TEARDOWN"): _I,
+}
+
+#: Methods that never change the state of a session.
+STATELESS_METHODS = ("OPTIONS", "DESCRIBE", "GET_PARAMETER", "SET_PARAMETER")
+STATE_METHODS = ("SETUP", "PLAY", "PAUSE", "TEARDOWN")
+SERVER_METHODS = (
+    "OPTIONS",
+    "DESCRIBE",
+    "SETUP",
+    "PLAY",
+    "PAUSE",
+    "TEARDOWN",
+    "GET_PARAMETER",
+    "SET_PARAMETER",
+)
+#: RFC 2326 methods this server knows but does not offer (405 with Allow).
+UNOFFERED_METHODS = ("ANNOUNCE", "RECORD", "REDIRECT")
+PUBLIC = ", ".join(SERVER_METHODS)
+SUPPORTED_PROFILES = ("RTP/AVP", "RTP/AVPF")
+
+
+def allowed_in(state: SessionState) -> str:
+    """The Allow header of a 455 answer: the methods valid in ``state``."""
+    ok = [m for m in SERVER_METHODS if m in STATELESS_METHODS or (state, m) in TRANSITIONS]
+    return ", ".join(ok)
+
+
+class InterleavedSink(Protocol):
+    """Where a session's interleaved frames go: the RTSP connection that set it up."""
+
+    def send_interleaved(self, channel: int, data: bytes) -> bool:
+        """Queue one frame; False if the connection is gone."""
+
+
+@attrs.define(eq=False)
+class ServerSession:
+    """One RTSP session on the server: its state, streams and liveness."""
+
+    session_id: str
+    timeout: float
+    last_seen: float
+    state: SessionState = SessionState.INIT
+    streams: dict[str, TransportSpec] = attrs.field(factory=dict)
+    peer: str | None = None
+    sender: InterleavedSink | None = None
+
+    @property
+    def expires_at(self) -> float:
+        """When the session is reaped unless touched before."""
+        return self.last_seen + self.timeout
+
+    def touch(self, now: float) -> None:
+        """Note activity (a request, RTCP from the client) at ``now``."""
+        self.last_seen = max(self.last_seen, now)
+
+    def send_interleaved(self, channel: int, data: bytes) -> bool:
+        """Send one frame on the RTSP connection; False if there is none."""
+        if self.sender is None:
+            return False
+        return self.sender.send_interleaved(channel, data)
+
+
+class SessionTable:
+    """The server's sessions, by identifier, with timeout bookkeeping (a lazy heap)."""
+
+    def __init__(
+        self, rng: random.Random, timeout: float = 60.0, max_sessions: int = 10_000
+    ) -> None:
+        self.rng = rng
+        self.timeout = timeout
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, ServerSession] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[ServerSession]:
+        return iter(list(self._sessions.values()))
+
+    def get(self, session_id: str) -> ServerSession | None:
+        """The session, or None."""
+        return self._sessions.get(session_id)
+
+    def create(self, now: float, peer: str | None = None) -> ServerSession:
+        """A new session in Init with a fresh random identifier; 503 when full."""
+        if len(self._sessions) >= self.max_sessions:
+            raise RtspStatusError(503, "too many sessions")
+        while True:
+            sid = f"{self.rng.getrandbits(64):016X}"
+            if sid not in self._sessions:
+                break
+        session = ServerSession(sid, self.timeout, now, peer=peer)
+        self._sessions[sid] = session
+        heapq.heappush(self._heap, (session.expires_at, sid))
+        return session
+
+    def remove(self, session_id: str) -> ServerSession | None:
+        """Forget a session; returns it if it existed."""
+        return self._sessions.pop(session_id, None)
+
+    def touch(self, session_id: str, now: float) -> bool:
+        """Note activity on a session; False if unknown."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        session.touch(now)
+        return True
+
+    def _settle(self) -> None:
+        # Drop heap entries of removed sessions and move touched ones to their real expiry.
+        while self._heap:
+            at, sid = self._heap[0]
+            session = self._sessions.get(sid)
+            if session is None:
+                heapq.heappop(self._heap)
+            elif session.expires_at > at:
+                heapq.heapreplace(self._heap, (session.expires_at, sid))
+            else:
+                return
+
+    def next_expiry(self) -> float | None:
+        """The earliest instant a session may time out, or None."""
+        self._settle()
+        return self._heap[0][0] if self._heap else None
+
+    def expire(self, now: float) -> list[ServerSession]:
+        """Remove and return the sessions silent for their whole timeout at ``now``."""
+        out: list[ServerSession] = []
+        while True:
+            self._settle()
+            if not self._heap or self._heap[0][0] > now:
+                return out
+            _, sid = heapq.heappop(self._heap)
+            session = self._sessions.pop(sid)
+            out.append(session)
+
+
+@attrs.frozen
+class Prepared:
+    """A request that passed every check, ready for the application."""
+
+    request: Request
+    session: ServerSession | None
+    created: bool = False
+    transport: TransportSpec | None = None
+    range: NptRange | None = None
+    next_state: SessionState | None = None
+
+    @property
+    def method(self) -> str:
+        """The request method."""
+        return self.request.method
+
+
+def choose_transport(
+    value: str | None, used_channels: frozenset[int] = frozenset()
+) -> TransportSpec:
+    """The first acceptable alternative of a SETUP's Transport header (461 if none).
+
+    Unicast RTP/AVP over UDP needs ``client_port``; RTP/AVP/TCP gets the lowest
+    free even channel pair when the client names none.
+    """
+    if value is None:
+        raise RtspStatusError(461, headers=(("Unsupported", "missing Transport"),))
+    try:
+        specs = parse_transport(value)
+    except MalformedHeader:
+        raise RtspStatusError(461) from None
+    for spec in specs:
+        if spec.profile not in SUPPORTED_PROFILES or not spec.unicast:
+            continue
+        if spec.mode not in (None, "play"):
+            continue
+        if spec.lower == "UDP" and spec.client_port is not None:
+            return spec
+        if spec.lower == "TCP":
+            if spec.interleaved is not None:
+                return spec
+            n = 0
+            while n in used_channels or n + 1 in used_channels:
+                n += 2
+            if n + 1 > 255:
+                continue
+            return attrs.evolve(spec, interleaved=(n, n + 1))
+    raise RtspStatusError(461)
+
+
+def prepare(
+    request: Request,
+    table: SessionTable,
+    now: float,
+    *,
+    peer: str | None = None,
+    used_channels: frozenset[int] = frozenset(),
+) -> Prepared:
+    """Check ``request`` against the method set, its headers and the session's state.
+
+    Raises :class:`RtspStatusError` with the status to answer.  A SETUP without
+    a Session header creates a session in Init (``created``); call
+    :func:`abort` if the application then fails.
+    """
+    method = request.method
+    if request.cseq is None:
+        raise RtspStatusError(400, "Missing CSeq")
+    if method in UNOFFERED_METHODS:
+        raise RtspStatusError(405, headers=(("Allow", PUBLIC),))
+    if method not in SERVER_METHODS:
+        raise RtspStatusError(501, headers=(("Public", PUBLIC),))
+    required = request.headers.get_all("Require") + request.headers.get_all("Proxy-Require")
+    if required:
+        tags = ", ".join(t.strip() for v in required for t in v.split(",") if t.strip())
+        raise RtspStatusError(551, headers=(("Unsupported", tags),))
+    session: ServerSession | None = None
+    raw = request.headers.get("Session")
+    if raw is not None:
+        try:
+            sid = parse_session(raw).session_id
+        except MalformedHeader:
+            raise RtspStatusError(454) from None
+        session = table.get(sid)
+        if session is None:
+            raise RtspStatusError(454)
+        session.touch(now)
+    state = session.state if session is not None else SessionState.INIT
+    next_state: SessionState | None = None
+    if method in STATE_METHODS:
+        found = TRANSITIONS.get((state, method))
+        if found is None:
+            raise RtspStatusError(455, headers=(("Allow", allowed_in(state)),))
+        next_state = found
+    transport = None
+    rng = None
+    if method == "SETUP":
+        transport = choose_transport(request.headers.get("Transport"), used_channels)
+    elif method == "PLAY":
+        value = request.headers.get("Range")
+        if value is not None:
+            try:
+                rng = parse_range(value)
+            except MalformedHeader:
+                raise RtspStatusError(457) from None
+    created = False
+    if method == "SETUP" and session is None:
+        session = table.create(now, peer)
+        created = True
+    return Prepared(request, session, created, transport, rng, next_state)
+
+
+def complete(
+    prepared: Prepared, table: SessionTable, reply_transport: TransportSpec | None = None
+) -> None:
+    """Apply the transition of a request the application carried out."""
+    session = prepared.session
+    if session is None or prepared.next_state is None:
+        return
+    method = prepared.method
+    url = prepared.request.url
+    if method == "SETUP":
+        chosen = reply_transport or prepared.transport
+        if chosen is not None:
+            session.streams[url] = chosen
+    if method == "TEARDOWN":
+        if url in session.streams and len(session.streams) > 1:
+            del session.streams[url]  # one stream of several: the session lives on
+        else:
+            session.streams.clear()
+        if not session.streams:
+            session.state = SessionState.INIT
+            table.remove(session.session_id)
+        return
+    session.state = prepared.next_state
+
+
+def abort(prepared: Prepared, table: SessionTable) -> None:
+    """Undo what :func:`prepare` did for a request the application refused."""
+    if prepared.created and prepared.session is not None:
+        table.remove(prepared.session.session_id)

@@ -1,0 +1,515 @@
+"""Thin Twisted shells around the sans-IO RTSP connections.
+
+:class:`RtspServerFactory` owns the session table (sessions outlive
+connections), runs each request's checks (:func:`~._machine.prepare`), calls the
+injected :class:`~.interfaces.IRtspHandler`, applies the transition, and reaps
+silent sessions with one timer on the injected ``clock``.
+:class:`RtspServerProtocol` answers requests of one connection in order.
+:class:`RtspClientProtocol` returns a Deferred per request.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
+
+import attrs
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..yima.sdp import SessionDescription, serialize_sdp
+from ._connection import SERVER_NAME, RtspClientConnection, RtspServerConnection
+from ._errors import RemoteProtocolError, RtspError, RtspStatusError
+from ._events import NEED_DATA, ConnectionClosed, RequestReceived, ResponseReceived
+from ._machine import PUBLIC, Prepared, ServerSession, SessionTable, abort, complete, prepare
+from ._wire import (
+    DEFAULT_LIMITS,
+    Headers,
+    InterleavedFrame,
+    Limits,
+    NptRange,
+    Request,
+    Response,
+    SessionHeader,
+    TransportSpec,
+    reason_phrase,
+    serialize_range,
+    serialize_rtp_info,
+    serialize_session,
+    serialize_transport,
+)
+from .interfaces import IRtspHandler, PlayReply
+
+
+class RtspConnectionLost(RtspError):
+    """The RTSP connection closed before the response came."""
+
+
+@implementer(IPushProducer)
+class _WriteGate:
+    """Registered with the transport: tells whether its write buffer is full."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class _Shell(Protocol):
+    @property
+    def _t(self) -> Any:
+        # The TCP transport (write, loseConnection, pause/resumeProducing, registerProducer).
+        assert self.transport is not None
+        return self.transport
+
+
+class RtspServerProtocol(_Shell):
+    """One RTSP connection: requests answered in order, interleaved data both ways."""
+
+    log = Logger()
+
+    def __init__(self, factory: RtspServerFactory, peer: str | None) -> None:
+        self.factory = factory
+        self.peer = peer
+        self.conn = RtspServerConnection(factory.limits)
+        self.channels: dict[int, ServerSession] = {}
+        self._gate = _WriteGate()
+        self._busy = False
+        self._pumping = False
+        self._reading_paused = False
+        self._lost = False
+
+    @property
+    def write_paused(self) -> bool:
+        """True while the transport's write buffer is full (slow TCP reader)."""
+        return self._gate.paused
+
+    def connectionMade(self) -> None:
+        self._t.registerProducer(self._gate, True)
+
+    def used_channels(self) -> frozenset[int]:
+        """Interleaved channels already bound on this connection."""
+        return frozenset(self.channels)
+
+    def send_interleaved(self, channel: int, data: bytes) -> bool:
+        """Write one interleaved frame; False if the connection is gone."""
+        if self._lost or self.conn.closed:
+            return False
+        self._t.write(self.conn.send(InterleavedFrame(channel, data)))
+        return True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._pump()
+        if self._busy and self.conn.buffered > self.factory.limits.max_buffer:
+            self._t.pauseProducing()
+            self._reading_paused = True
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while not self._busy and not self._lost:
+                try:
+                    event = self.conn.next_event()
+                except RemoteProtocolError as exc:
+                    self.log.warn("rtsp: {peer}: {error}", peer=self.peer, error=exc)
+                    self._t.write(self.conn.send_error(exc))
+                    self._t.loseConnection()
+                    return
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, ConnectionClosed):
+                    self._t.loseConnection()
+                    break
+                if isinstance(event, InterleavedFrame):
+                    self._interleaved(event)
+                elif isinstance(event, RequestReceived):
+                    self._busy = True
+                    self.factory.dispatch(event.request, self).addCallback(self._respond)
+        finally:
+            self._pumping = False
+        if not self._busy and self._reading_paused and not self._lost:
+            self._reading_paused = False
+            self._t.resumeProducing()
+
+    def _interleaved(self, frame: InterleavedFrame) -> None:
+        session = self.channels.get(frame.channel)
+        if session is None or self.factory.sessions.get(session.session_id) is not session:
+            return
+        session.touch(self.factory.clock.seconds())
+        try:
+            self.factory.handler.interleaved_received(session, frame.channel, frame.data)
+        except Exception:
+            self.log.failure("rtsp: handler failed on interleaved data")
+
+    def _respond(self, response: Response) -> None:
+        self._busy = False
+        if self._lost:
+            return
+        self._t.write(self.conn.send(response))
+        self._pump()
+
+    def bind(self, session: ServerSession, transport: TransportSpec) -> None:
+        """Route the interleaved channels of ``transport`` on this connection to ``session``."""
+        session.sender = self
+        if transport.interleaved is not None:
+            for ch in transport.interleaved:
+                self.channels[ch] = session
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._lost = True
+        self.factory.connection_lost(self)
+
+
+@attrs.frozen
+class _Done:
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+
+class RtspServerFactory(Factory):
+    """Builds :class:`RtspServerProtocol`; holds the sessions and the handler."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        handler: IRtspHandler,
+        clock: IReactorTime,
+        rng: random.Random,
+        *,
+        session_timeout: float = 60.0,
+        limits: Limits = DEFAULT_LIMITS,
+        max_sessions: int = 10_000,
+        server_name: str = SERVER_NAME,
+    ) -> None:
+        self.handler = handler
+        self.clock = clock
+        self.limits = limits
+        self.server_name = server_name
+        self.sessions = SessionTable(rng, session_timeout, max_sessions)
+        self.protocols: set[RtspServerProtocol] = set()
+        self._reaper: IDelayedCall | None = None
+
+    def buildProtocol(self, addr: IAddress | None) -> RtspServerProtocol:
+        proto = RtspServerProtocol(self, getattr(addr, "host", None))
+        self.protocols.add(proto)
+        return proto
+
+    # --- sessions ---------------------------------------------------------------------
+
+    def touch(self, session_id: str) -> bool:
+        """Note client activity (e.g. RTCP over UDP) on a session; False if unknown."""
+        return self.sessions.touch(session_id, self.clock.seconds())
+
+    def end_session(self, session: ServerSession) -> Deferred[Any]:
+        """Tear a session down from the server side (timeout, lost connection, shutdown)."""
+        self.sessions.remove(session.session_id)
+        for proto in self.protocols:
+            for ch in [c for c, s in proto.channels.items() if s is session]:
+                del proto.channels[ch]
+        d = maybeDeferred(self.handler.teardown, session)
+        d.addErrback(
+            lambda f: self.log.failure("rtsp: teardown of {sid} failed", f, sid=session.session_id)
+        )
+        self._schedule_reap()
+        return d
+
+    def stop(self) -> None:
+        """Cancel the reaper timer."""
+        if self._reaper is not None and self._reaper.active():
+            self._reaper.cancel()
+        self._reaper = None
+
+    def _schedule_reap(self) -> None:
+        at = self.sessions.next_expiry()
+        if at is None:
+            self.stop()
+            return
+        if self._reaper is not None and self._reaper.active():
+            if self._reaper.getTime() <= at:
+                return  # it fires first and reschedules then
+            self._reaper.cancel()
+        self._reaper = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._reap)
+
+    def _reap(self) -> None:
+        self._reaper = None
+        for session in self.sessions.expire(self.clock.seconds()):
+            self.log.info("rtsp: session {sid} timed out", sid=session.session_id)
+            self.end_session(session)
+        self._schedule_reap()
+
+    def connection_lost(self, proto: RtspServerProtocol) -> None:
+        """A connection closed: its interleaved sessions end, UDP ones live on until timeout."""
+        self.protocols.discard(proto)
+        for session in list(self.sessions):
+            if session.sender is not proto:
+                continue
+            session.sender = None
+            if any(t.is_tcp for t in session.streams.values()):
+                self.end_session(session)
+        proto.channels.clear()
+
+    # --- requests ---------------------------------------------------------------------
+
+    def dispatch(self, request: Request, proto: RtspServerProtocol) -> Deferred[Response]:
+        """Check, run and answer one request; the Deferred never fails."""
+        now = self.clock.seconds()
+        try:
+            prep = prepare(
+                request, self.sessions, now, peer=proto.peer, used_channels=proto.used_channels()
+            )
+        except RtspStatusError as exc:
+            self.log.info(
+                "rtsp: {method} {url}: {status}",
+                method=request.method,
+                url=request.url,
+                status=exc.status,
+            )
+            return succeed(self._response(request, None, _Done(exc.status, exc.headers)))
+        d = cast("Deferred[_Done]", maybeDeferred(self._run, prep, proto))
+
+        def ok(done: _Done) -> Response:
+            return self._response(request, prep.session, done)
+
+        def failed(failure: Failure) -> Response:
+            abort(prep, self.sessions)
+            exc = failure.value
+            if isinstance(exc, RtspStatusError):
+                return self._response(request, None, _Done(exc.status, exc.headers))
+            self.log.failure(
+                "rtsp: {method} {url} failed", failure, method=request.method, url=request.url
+            )
+            return self._response(request, None, _Done(500))
+
+        return d.addCallbacks(ok, failed).addCallback(self._after)
+
+    def _after(self, response: Response) -> Response:
+        self._schedule_reap()
+        return response
+
+    def _response(self, request: Request, session: ServerSession | None, done: _Done) -> Response:
+        fields: list[tuple[str, str]] = [("CSeq", str(request.cseq)), ("Server", self.server_name)]
+        if session is not None and self.sessions.get(session.session_id) is session:
+            timeout = round(session.timeout) if request.method == "SETUP" else None
+            fields.append(
+                ("Session", serialize_session(SessionHeader(session.session_id, timeout)))
+            )
+        fields += done.headers
+        return Response(done.status, reason_phrase(done.status), Headers(tuple(fields)), done.body)
+
+    def _run(self, prep: Prepared, proto: RtspServerProtocol) -> Deferred[_Done] | _Done:
+        method = prep.method
+        req = prep.request
+        session = prep.session
+        if method == "OPTIONS":
+            return _Done(200, (("Public", PUBLIC),))
+        if method == "DESCRIBE":
+            return maybeDeferred(self.handler.describe, req.url).addCallback(
+                self._described, req.url
+            )
+        if method in ("GET_PARAMETER", "SET_PARAMETER"):
+            if method == "GET_PARAMETER":
+                d = maybeDeferred(self.handler.get_parameter, session, req.body)
+                return d.addCallback(lambda body: _Done(200, _typed(body), body or b""))
+            d = maybeDeferred(self.handler.set_parameter, session, req.body)
+            return d.addCallback(lambda _: _Done())
+        if session is None:  # TEARDOWN without a session: Init -> Init, nothing to do
+            return _Done()
+        if method == "SETUP":
+            chosen = prep.transport
+            assert chosen is not None
+            d = maybeDeferred(self.handler.setup, req.url, chosen, session)
+            return d.addCallback(self._set_up, prep, proto, chosen)
+        if method == "PLAY":
+            d = maybeDeferred(self.handler.play, session, prep.range)
+            return d.addCallback(self._played, prep)
+        handler_call = self.handler.pause if method == "PAUSE" else self.handler.teardown
+        d = maybeDeferred(handler_call, session)
+        return d.addCallback(lambda _: self._completed(prep))
+
+    def _completed(self, prep: Prepared, reply: TransportSpec | None = None) -> _Done:
+        complete(prep, self.sessions, reply)
+        return _Done()
+
+    def _described(self, body: bytes | SessionDescription, url: str) -> _Done:
+        if isinstance(body, SessionDescription):
+            body = serialize_sdp(body)
+        base = url if url.endswith("/") else url + "/"
+        return _Done(200, (("Content-Type", "application/sdp"), ("Content-Base", base)), body)
+
+    def _set_up(
+        self,
+        reply: TransportSpec | None,
+        prep: Prepared,
+        proto: RtspServerProtocol,
+        chosen: TransportSpec,
+    ) -> _Done:
+        reply = reply or chosen
+        if chosen.is_tcp and reply.interleaved is None:
+            reply = attrs.evolve(reply, interleaved=chosen.interleaved)
+        session = prep.session
+        assert session is not None
+        if reply.is_tcp or session.sender is None:
+            proto.bind(session, reply)
+        complete(prep, self.sessions, reply)
+        return _Done(200, (("Transport", serialize_transport(reply)),))
+
+    def _played(self, reply: PlayReply | None, prep: Prepared) -> _Done:
+        complete(prep, self.sessions)
+        headers: list[tuple[str, str]] = []
+        rng = reply.range if reply is not None and reply.range is not None else prep.range
+        if rng is not None:
+            headers.append(("Range", serialize_range(rng)))
+        if reply is not None and reply.rtp_info:
+            headers.append(("RTP-Info", serialize_rtp_info(reply.rtp_info)))
+        return _Done(200, tuple(headers))
+
+
+def _typed(body: bytes | None) -> tuple[tuple[str, str], ...]:
+    return (("Content-Type", "text/parameters"),) if body else ()
+
+
+class RtspClientProtocol(_Shell):
+    """An RTSP client connection: one Deferred per request, interleaved frames to a callback.
+
+    A non-2xx response errbacks with :class:`RtspStatusError` (``.response``
+    holds it); a lost connection errbacks pending requests with
+    :class:`RtspConnectionLost`; ``timeout`` (seconds, with ``clock``) cancels
+    requests that get no answer.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        on_interleaved: Callable[[int, bytes], None] | None = None,
+        *,
+        clock: IReactorTime | None = None,
+        timeout: float | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        user_agent: str = SERVER_NAME,
+    ) -> None:
+        self.conn = RtspClientConnection(limits, user_agent)
+        self.on_interleaved = on_interleaved
+        self.clock = clock
+        self.timeout = timeout
+        self._waiting: dict[int, Deferred[Response]] = {}
+        self.ready: Deferred[RtspClientProtocol] = Deferred()
+        self._lost = False
+
+    @property
+    def session_id(self) -> str | None:
+        """The session the server gave at SETUP."""
+        return self.conn.session_id
+
+    def connectionMade(self) -> None:
+        self.ready.callback(self)
+
+    def _send(self, cseq: int, data: bytes) -> Deferred[Response]:
+        d: Deferred[Response] = Deferred()
+        if self._lost:
+            d.errback(RtspConnectionLost("not connected"))
+            return d
+        self._waiting[cseq] = d
+        self._t.write(data)
+        if self.timeout is not None and self.clock is not None:
+            d.addTimeout(self.timeout, self.clock)
+        return d
+
+    def request(
+        self, method: str, url: str, headers: Iterable[tuple[str, str]] = (), body: bytes = b""
+    ) -> Deferred[Response]:
+        """Send any request."""
+        return self._send(*self.conn.request(method, url, headers, body))
+
+    def options(self, url: str) -> Deferred[Response]:
+        """OPTIONS."""
+        return self._send(*self.conn.options(url))
+
+    def describe(self, url: str) -> Deferred[Response]:
+        """DESCRIBE (the SDP is the body; Content-Base is a header)."""
+        return self._send(*self.conn.describe(url))
+
+    def setup(
+        self, url: str, transport: TransportSpec | Sequence[TransportSpec]
+    ) -> Deferred[Response]:
+        """SETUP."""
+        return self._send(*self.conn.setup(url, transport))
+
+    def play(self, url: str, rng: NptRange | None = None) -> Deferred[Response]:
+        """PLAY."""
+        return self._send(*self.conn.play(url, rng))
+
+    def pause(self, url: str) -> Deferred[Response]:
+        """PAUSE."""
+        return self._send(*self.conn.pause(url))
+
+    def teardown(self, url: str) -> Deferred[Response]:
+        """TEARDOWN."""
+        return self._send(*self.conn.teardown(url))
+
+    def get_parameter(self, url: str, body: bytes = b"") -> Deferred[Response]:
+        """GET_PARAMETER (keep-alive with an empty body)."""
+        return self._send(*self.conn.get_parameter(url, body))
+
+    def set_parameter(self, url: str, body: bytes) -> Deferred[Response]:
+        """SET_PARAMETER."""
+        return self._send(*self.conn.set_parameter(url, body))
+
+    def send_interleaved(self, channel: int, data: bytes) -> None:
+        """Send a frame (e.g. RTCP) on an interleaved channel."""
+        if not self._lost:
+            self._t.write(self.conn.send_interleaved(channel, data))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        while True:
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                self.log.warn("rtsp client: {error}", error=exc)
+                self._fail_all(exc)
+                self._t.loseConnection()
+                return
+            if event is NEED_DATA or isinstance(event, ConnectionClosed):
+                return
+            if isinstance(event, InterleavedFrame):
+                if self.on_interleaved is not None:
+                    try:
+                        self.on_interleaved(event.channel, event.data)
+                    except Exception:
+                        self.log.failure("rtsp client: interleaved callback failed")
+            elif isinstance(event, ResponseReceived):
+                d = self._waiting.pop(event.cseq, None)
+                if d is None:
+                    continue
+                if event.response.ok:
+                    d.callback(event.response)
+                else:
+                    r = event.response
+                    d.errback(RtspStatusError(r.status, r.reason, r.headers.fields, r))
+
+    def _fail_all(self, exc: Exception) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for d in waiting.values():
+            d.errback(exc)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._lost = True
+        self._fail_all(RtspConnectionLost(str(reason.value)))

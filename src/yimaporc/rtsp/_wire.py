@@ -1,0 +1,783 @@
+"""RTSP 1.0 (RFC 2326) messages and header values on the wire: pure parse/serialize.
+
+Messages are read from an O(n) :class:`ReceiveBuffer` by :class:`MessageReader`
+under hard :class:`Limits` (line, header count, header bytes, body).  Binary
+data interleaved on the same TCP connection (RFC 2326 §10.12: ``$``, channel
+u8, length u16, data) is read by the same reader.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable, Iterator
+
+import attrs
+
+from ._errors import LocalProtocolError, MalformedHeader, RemoteProtocolError
+
+RTSP_VERSION = "RTSP/1.0"
+DEFAULT_PORT = 554
+
+REASONS: dict[int, str] = {
+    100: "Continue",
+    200: "OK",
+    201: "Created",
+    250: "Low on Storage Space",
+    300: "Multiple Choices",
+    301: "Moved Permanently",
+    302: "Moved Temporarily",
+    303: "See Other",
+    304: "Not Modified",
+    305: "Use Proxy",
+    400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    406: "Not Acceptable",
+    407: "Proxy Authentication Required",
+    408: "Request Time-out",
+    410: "Gone",
+    411: "Length Required",
+    412: "Precondition Failed",
+    413: "Request Entity Too Large",
+    414: "Request-URI Too Large",
+    415: "Unsupported Media Type",
+    451: "Parameter Not Understood",
+    452: "Conference Not Found",
+    453: "Not Enough Bandwidth",
+    454: "Session Not Found",
+    455: "Method Not Valid in This State",
+    456: "Header Field Not Valid for Resource",
+    457: "Invalid Range",
+    458: "Parameter Is Read-Only",
+    459: "Aggregate operation not allowed",
+    460: "Only aggregate operation allowed",
+    461: "Unsupported transport",
+    462: "Destination unreachable",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Time-out",
+    505: "RTSP Version not supported",
+    551: "Option not supported",
+}
+
+
+def reason_phrase(status: int) -> str:
+    """The RFC 2326 reason phrase of ``status``."""
+    return REASONS.get(status, "Unknown")
+
+
+# --- messages ---------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _check_field(name: str, value: str) -> None:
+    if not _TOKEN.match(name):
+        raise LocalProtocolError(f"bad header name {name!r}")
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise LocalProtocolError(f"line break in header {name}")
+
+
+@attrs.frozen
+class Headers:
+    """Ordered header fields, looked up case-insensitively."""
+
+    fields: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, *pairs: tuple[str, str], **named: str) -> Headers:
+        """Headers from pairs, then keyword arguments (``_`` becomes ``-``)."""
+        return cls((*pairs, *((k.replace("_", "-"), v) for k, v in named.items())))
+
+    def get(self, name: str) -> str | None:
+        """The first value of ``name``, or None."""
+        low = name.lower()
+        for k, v in self.fields:
+            if k.lower() == low:
+                return v
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of ``name``, in order."""
+        low = name.lower()
+        return [v for k, v in self.fields if k.lower() == low]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def with_field(self, name: str, value: str) -> Headers:
+        """These headers with ``name`` set to ``value`` (replacing every earlier value)."""
+        low = name.lower()
+        return Headers((*(f for f in self.fields if f[0].lower() != low), (name, value)))
+
+    def without(self, name: str) -> Headers:
+        """These headers without ``name``."""
+        low = name.lower()
+        return Headers(tuple(f for f in self.fields if f[0].lower() != low))
+
+
+def _headers(value: Headers | Iterable[tuple[str, str]]) -> Headers:
+    return value if isinstance(value, Headers) else Headers(tuple(value))
+
+
+@attrs.frozen
+class Request:
+    """An RTSP request."""
+
+    method: str
+    url: str
+    headers: Headers = attrs.field(default=Headers(), converter=_headers)
+    body: bytes = b""
+    version: str = RTSP_VERSION
+
+    @property
+    def cseq(self) -> int | None:
+        """The CSeq, or None if missing or malformed."""
+        return _cseq_or_none(self.headers.get("CSeq"))
+
+    @property
+    def session_id(self) -> str | None:
+        """The session identifier of the Session header, if any."""
+        value = self.headers.get("Session")
+        return value.split(";", 1)[0].strip() if value is not None else None
+
+
+@attrs.frozen
+class Response:
+    """An RTSP response."""
+
+    status: int
+    reason: str = ""
+    headers: Headers = attrs.field(default=Headers(), converter=_headers)
+    body: bytes = b""
+    version: str = RTSP_VERSION
+
+    @property
+    def cseq(self) -> int | None:
+        """The CSeq, or None if missing or malformed."""
+        return _cseq_or_none(self.headers.get("CSeq"))
+
+    @property
+    def ok(self) -> bool:
+        """True for 2xx."""
+        return 200 <= self.status < 300
+
+
+@attrs.frozen
+class InterleavedFrame:
+    """Binary data on channel ``channel`` of the RTSP TCP connection (RFC 2326 §10.12)."""
+
+    channel: int
+    data: bytes
+
+
+def _cseq_or_none(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_cseq(value)
+    except MalformedHeader:
+        return None
+
+
+def parse_cseq(value: str) -> int:
+    """A CSeq header value: a non-negative decimal integer."""
+    text = value.strip()
+    if not text.isdigit() or len(text) > 10:
+        raise MalformedHeader(f"bad CSeq {value!r}")
+    return int(text)
+
+
+def _head(first: str, headers: Headers, body: bytes) -> bytes:
+    lines = [first]
+    has_length = False
+    for name, value in headers:
+        _check_field(name, value)
+        if name.lower() == "content-length":
+            has_length = True
+            if value.strip() != str(len(body)):
+                raise LocalProtocolError("Content-Length does not match the body")
+        lines.append(f"{name}: {value}")
+    if body and not has_length:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
+
+
+def serialize_request(request: Request) -> bytes:
+    """The bytes of ``request`` (Content-Length added for a body)."""
+    if not _TOKEN.match(request.method):
+        raise LocalProtocolError(f"bad method {request.method!r}")
+    if not request.url or any(ch in request.url for ch in " \r\n\t\0"):
+        raise LocalProtocolError(f"bad request URL {request.url!r}")
+    return _head(f"{request.method} {request.url} {request.version}", request.headers, request.body)
+
+
+def serialize_response(response: Response) -> bytes:
+    """The bytes of ``response`` (Content-Length added for a body)."""
+    if not 100 <= response.status <= 999:
+        raise LocalProtocolError(f"bad status {response.status}")
+    reason = response.reason or reason_phrase(response.status)
+    if "\r" in reason or "\n" in reason:
+        raise LocalProtocolError("line break in the reason phrase")
+    return _head(f"{response.version} {response.status} {reason}", response.headers, response.body)
+
+
+_FRAME = struct.Struct("!cBH")
+
+
+def serialize_interleaved(channel: int, data: bytes) -> bytes:
+    """One interleaved frame: ``$``, channel, 16-bit length, data."""
+    if not 0 <= channel <= 255:
+        raise LocalProtocolError(f"interleaved channel out of range: {channel}")
+    if len(data) > 0xFFFF:
+        raise LocalProtocolError("interleaved frame longer than 65535 bytes")
+    return _FRAME.pack(b"$", channel, len(data)) + data
+
+
+# --- limits and the receive buffer -----------------------------------------------------
+
+
+@attrs.frozen
+class Limits:
+    """Hard limits on what a peer may send (docs/wire.md, "RTSP limits")."""
+
+    max_line: int = 4096  # request or status line (414 when a request line exceeds it)
+    max_header_bytes: int = 16 * 1024  # whole message head (400)
+    max_headers: int = 64  # header fields per message (400)
+    max_body: int = 64 * 1024  # Content-Length cap (413)
+    max_buffer: int = 1024 * 1024  # unprocessed bytes before reading pauses
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class ReceiveBuffer:
+    """Bytes received and not yet consumed: amortised O(n), no quadratic copying.
+
+    Consumed bytes are skipped with an offset and compacted away only when they
+    are the larger part, so extracting many small frames from one big read
+    costs O(n) in total.  The search for the end of a head resumes where the
+    previous search stopped.
+    """
+
+    _HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._start = 0
+        self._scanned = 0  # bytes from _start already known not to end a head
+
+    def __len__(self) -> int:
+        return len(self._data) - self._start
+
+    def __bool__(self) -> bool:
+        return len(self._data) > self._start
+
+    def append(self, data: bytes) -> None:
+        """Add received bytes."""
+        self._data += data
+
+    def byte_at(self, i: int) -> int:
+        """The ``i``-th unconsumed byte."""
+        return self._data[self._start + i]
+
+    def peek(self, n: int) -> bytes:
+        """The first ``n`` unconsumed bytes (fewer if not there)."""
+        return bytes(self._data[self._start : self._start + n])
+
+    def extract(self, n: int) -> bytes:
+        """Consume and return ``n`` bytes."""
+        out = bytes(self._data[self._start : self._start + n])
+        self._start += len(out)
+        self._scanned = 0
+        if self._start > 65536 and self._start * 2 > len(self._data):
+            del self._data[: self._start]
+            self._start = 0
+        return out
+
+    def find_head_end(self) -> int | None:
+        """Length of the head (through its blank line) at the front, or None."""
+        begin = self._start + max(0, self._scanned - 3)
+        match = self._HEAD_END.search(self._data, begin)
+        if match is None:
+            self._scanned = len(self)
+            return None
+        return match.end() - self._start
+
+    def find_line_end(self, limit: int) -> int | None:
+        """Index of the first LF within the first ``limit`` bytes, or None."""
+        i = self._data.find(b"\n", self._start, self._start + limit)
+        return None if i < 0 else i - self._start
+
+
+# --- reading messages ------------------------------------------------------------------
+
+_REQUEST_LINE = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) ([A-Za-z]+/\d+\.\d+)$")
+_STATUS_LINE = re.compile(r"^([A-Za-z]+/\d+\.\d+) (\d{3})(?: (.*))?$")
+
+
+class MessageReader:
+    """Reads requests (``role="server"``) or responses (``role="client"``) and interleaved frames."""
+
+    def __init__(self, role: str, limits: Limits) -> None:
+        if role not in ("server", "client"):
+            raise ValueError(role)
+        self.role = role
+        self.limits = limits
+        self._pending: Request | Response | None = None
+        self._pending_length = 0
+
+    def read(self, buf: ReceiveBuffer) -> Request | Response | InterleavedFrame | None:
+        """The next whole message in ``buf``, or None; raises :class:`RemoteProtocolError`."""
+        if self._pending is not None:
+            if len(buf) < self._pending_length:
+                return None
+            message = attrs.evolve(self._pending, body=buf.extract(self._pending_length))
+            self._pending = None
+            return message
+        # Blank lines between messages are tolerated (as HTTP/1.1 parsers do).
+        while buf and buf.byte_at(0) in (0x0D, 0x0A):
+            buf.extract(1)
+        if not buf:
+            return None
+        if buf.byte_at(0) == 0x24:  # '$'
+            if len(buf) < 4:
+                return None
+            _, channel, length = _FRAME.unpack(buf.peek(4))
+            if len(buf) < 4 + length:
+                return None
+            data = buf.extract(4 + length)[4:]
+            return InterleavedFrame(channel, data)
+        size = buf.find_head_end()
+        if size is None:
+            if (
+                buf.find_line_end(self.limits.max_line + 2) is None
+                and len(buf) > self.limits.max_line
+            ):
+                self._line_too_long()
+            if len(buf) > self.limits.max_header_bytes:
+                raise RemoteProtocolError(400, "message head too large")
+            return None
+        if size > self.limits.max_header_bytes + 4:
+            raise RemoteProtocolError(400, "message head too large")
+        head = buf.extract(size)
+        message, length = self._parse_head(head)
+        if length:
+            self._pending, self._pending_length = message, length
+            return self.read(buf)
+        return message
+
+    def _line_too_long(self) -> None:
+        if self.role == "server":
+            raise RemoteProtocolError(414, "request line too long")
+        raise RemoteProtocolError(400, "status line too long")
+
+    def _parse_head(self, head: bytes) -> tuple[Request | Response, int]:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError(400, "message head is not UTF-8") from None
+        lines = text.rstrip("\r\n").split("\n")
+        first = lines[0].rstrip("\r")
+        if len(first) > self.limits.max_line:
+            self._line_too_long()
+        fields: list[tuple[str, str]] = []
+        for raw in lines[1:]:
+            line = raw.rstrip("\r")
+            if line[:1] in (" ", "\t") and fields:  # obsolete line folding
+                name, value = fields[-1]
+                fields[-1] = (name, f"{value} {line.strip()}")
+                continue
+            name, sep, value = line.partition(":")
+            if not sep or not _TOKEN.match(name):
+                raise RemoteProtocolError(400, f"bad header line {line[:60]!r}")
+            fields.append((name, value.strip()))
+            if len(fields) > self.limits.max_headers:
+                raise RemoteProtocolError(400, "too many header fields")
+        headers = Headers(tuple(fields))
+        cseq = _cseq_or_none(headers.get("CSeq"))
+        lengths = {v.strip() for v in headers.get_all("Content-Length")}
+        if len(lengths) > 1:
+            raise RemoteProtocolError(400, "conflicting Content-Length", cseq)
+        length = 0
+        if lengths:
+            (value,) = lengths
+            if not value.isdigit():
+                raise RemoteProtocolError(400, "bad Content-Length", cseq)
+            length = int(value)
+            if length > self.limits.max_body:
+                raise RemoteProtocolError(413, f"body of {length} bytes", cseq)
+        if self.role == "server":
+            m = _REQUEST_LINE.match(first)
+            if m is None:
+                raise RemoteProtocolError(400, f"bad request line {first[:60]!r}", cseq)
+            if m.group(3) != RTSP_VERSION:
+                raise RemoteProtocolError(505, f"version {m.group(3)}", cseq)
+            return Request(m.group(1), m.group(2), headers, b"", m.group(3)), length
+        m = _STATUS_LINE.match(first)
+        if m is None:
+            raise RemoteProtocolError(400, f"bad status line {first[:60]!r}", cseq)
+        if m.group(1) != RTSP_VERSION:
+            raise RemoteProtocolError(505, f"version {m.group(1)}", cseq)
+        return Response(int(m.group(2)), m.group(3) or "", headers, b"", m.group(1)), length
+
+
+# --- header values ----------------------------------------------------------------------
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    parts: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == sep and not quoted:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if quoted:
+        raise MalformedHeader("unterminated quoted string")
+    parts.append("".join(cur))
+    return parts
+
+
+def _port_pair(value: str, what: str) -> tuple[int, int]:
+    lo, sep, hi = value.partition("-")
+    try:
+        a = int(lo)
+        b = int(hi) if sep else a + 1
+    except ValueError:
+        raise MalformedHeader(f"bad {what} {value!r}") from None
+    limit = 255 if what == "interleaved" else 65535
+    if not (0 <= a <= limit and 0 <= b <= limit):
+        raise MalformedHeader(f"{what} out of range: {value!r}")
+    return (a, b)
+
+
+@attrs.frozen
+class YimaNode:
+    """One node of a Yima fan-out: index, and the address it sends from / takes RTCP at."""
+
+    index: int
+    host: str
+    rtp_port: int
+    rtcp_port: int
+
+    def serialize(self) -> str:
+        """``index@host:rtp-rtcp`` (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.index}@{host}:{self.rtp_port}-{self.rtcp_port}"
+
+    @classmethod
+    def parse(cls, text: str) -> YimaNode:
+        """Parse ``index@host:rtp-rtcp``."""
+        m = re.match(r"^(\d{1,3})@(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):(\d{1,5})-(\d{1,5})$", text)
+        if m is None:
+            raise MalformedHeader(f"bad Yima node {text!r}")
+        index, host, rtp, rtcp = (
+            int(m.group(1)),
+            m.group(2).strip("[]"),
+            int(m.group(3)),
+            int(m.group(4)),
+        )
+        if index > 255 or rtp > 65535 or rtcp > 65535:
+            raise MalformedHeader(f"Yima node out of range: {text!r}")
+        return cls(index, host, rtp, rtcp)
+
+
+@attrs.frozen
+class TransportSpec:
+    """One alternative of a Transport header (RFC 2326 §12.39), plus the Yima opt-in.
+
+    ``yima_fanout`` is the ``x-yima-fanout`` flag: in a request the client
+    accepts RTP straight from every node; echoed in the reply it is granted and
+    ``yima_nodes`` (``x-yima-nodes``) lists each node's index and addresses.
+    ``params`` keeps parameters this module does not interpret, in order.
+    """
+
+    profile: str = "RTP/AVP"
+    lower: str = "UDP"
+    unicast: bool = True
+    client_port: tuple[int, int] | None = None
+    server_port: tuple[int, int] | None = None
+    interleaved: tuple[int, int] | None = None
+    destination: str | None = None
+    source: str | None = None
+    ssrc: int | None = None
+    mode: str | None = None
+    ttl: int | None = None
+    yima_fanout: bool = False
+    yima_nodes: tuple[YimaNode, ...] = ()
+    params: tuple[tuple[str, str | None], ...] = ()
+
+    @property
+    def is_tcp(self) -> bool:
+        """True for RTP over the RTSP connection (``RTP/AVP/TCP``)."""
+        return self.lower == "TCP"
+
+
+def _parse_transport_one(text: str) -> TransportSpec:
+    items = [p.strip() for p in _split_outside_quotes(text.strip(), ";")]
+    spec = items[0].upper()
+    parts = spec.split("/")
+    if len(parts) not in (2, 3) or not all(parts) or not _TOKEN.match(spec.replace("/", "")):
+        raise MalformedHeader(f"bad transport spec {items[0]!r}")
+    lower = parts[2] if len(parts) == 3 else "UDP"
+    values: dict[str, object] = {"profile": "/".join(parts[:2]), "lower": lower}
+    extra: list[tuple[str, str | None]] = []
+    for item in items[1:]:
+        if not item:
+            continue
+        name, sep, raw = item.partition("=")
+        key = name.strip().lower()
+        value = raw.strip()
+        if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+            value = value[1:-1]
+        if key in ("unicast", "multicast"):
+            values["unicast"] = key == "unicast"
+        elif key in ("client_port", "server_port", "interleaved"):
+            values[key] = _port_pair(value, key)
+        elif key in ("destination", "source"):
+            values[key] = value or None
+        elif key == "ssrc":
+            if not re.match(r"^[0-9A-Fa-f]{1,8}$", value):
+                raise MalformedHeader(f"bad ssrc {value!r}")
+            values["ssrc"] = int(value, 16)
+        elif key == "mode":
+            values["mode"] = value.lower()
+        elif key == "ttl":
+            if not value.isdigit():
+                raise MalformedHeader(f"bad ttl {value!r}")
+            values["ttl"] = int(value)
+        elif key == "x-yima-fanout":
+            values["yima_fanout"] = value in ("", "1")
+        elif key == "x-yima-nodes":
+            values["yima_nodes"] = tuple(YimaNode.parse(t) for t in value.split())
+        else:
+            if not _TOKEN.match(name.strip()):
+                raise MalformedHeader(f"bad transport parameter {name!r}")
+            extra.append((name.strip(), raw.strip() if sep else None))
+    values["params"] = tuple(extra)
+    return TransportSpec(**values)  # type: ignore[arg-type]
+
+
+def parse_transport(value: str) -> tuple[TransportSpec, ...]:
+    """All alternatives of a Transport header, in the client's order of preference."""
+    specs = tuple(_parse_transport_one(p) for p in _split_outside_quotes(value, ",") if p.strip())
+    if not specs:
+        raise MalformedHeader("empty Transport header")
+    return specs
+
+
+def serialize_transport(specs: TransportSpec | Iterable[TransportSpec]) -> str:
+    """A Transport header value from one or more alternatives."""
+    if isinstance(specs, TransportSpec):
+        specs = (specs,)
+    out = []
+    for s in specs:
+        head = s.profile if s.lower == "UDP" and s.interleaved is None else f"{s.profile}/{s.lower}"
+        items = [head, "unicast" if s.unicast else "multicast"]
+        if s.destination is not None:
+            items.append(f"destination={s.destination}")
+        if s.source is not None:
+            items.append(f"source={s.source}")
+        for key in ("interleaved", "client_port", "server_port"):
+            pair = getattr(s, key)
+            if pair is not None:
+                items.append(f"{key}={pair[0]}-{pair[1]}")
+        if s.ttl is not None:
+            items.append(f"ttl={s.ttl}")
+        if s.ssrc is not None:
+            items.append(f"ssrc={s.ssrc:08X}")
+        if s.mode is not None:
+            items.append(f'mode="{s.mode.upper()}"')
+        if s.yima_fanout:
+            items.append("x-yima-fanout")
+        if s.yima_nodes:
+            items.append(f'x-yima-nodes="{" ".join(n.serialize() for n in s.yima_nodes)}"')
+        for name, value in s.params:
+            items.append(name if value is None else f"{name}={value}")
+        text = ";".join(items)
+        if any(ch in text for ch in "\r\n,"):
+            raise LocalProtocolError(f"bad transport parameter in {text!r}")
+        out.append(text)
+    return ",".join(out)
+
+
+@attrs.frozen
+class NptRange:
+    """A ``Range: npt=`` value; ``start`` None means ``now``, ``end`` None open-ended."""
+
+    start: float | None = 0.0
+    end: float | None = None
+
+
+def _parse_npt_time(text: str) -> float:
+    text = text.strip()
+    if ":" in text:
+        m = re.match(r"^(\d+):([0-5]?\d):([0-5]?\d(?:\.\d*)?)$", text)
+        if m is None:
+            raise MalformedHeader(f"bad npt time {text!r}")
+        return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+    if not re.match(r"^\d+(?:\.\d*)?$", text):
+        raise MalformedHeader(f"bad npt time {text!r}")
+    return float(text)
+
+
+def format_npt_time(seconds: float) -> str:
+    """An npt time with at most 3 decimals."""
+    text = f"{seconds:.3f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def parse_range(value: str) -> NptRange:
+    """A Range header in npt units (``npt=10-``, ``npt=now-``, ``npt=0-12.5``, ``npt=-5``)."""
+    text = value.split(";", 1)[0].strip()
+    unit, sep, spec = text.partition("=")
+    if not sep or unit.strip().lower() != "npt":
+        raise MalformedHeader(f"unsupported range {value!r}")
+    first, dash, last = spec.partition("-")
+    if not dash:
+        raise MalformedHeader(f"bad npt range {value!r}")
+    first, last = first.strip(), last.strip()
+    if not first and not last:
+        raise MalformedHeader(f"empty npt range {value!r}")
+    start: float | None
+    if first.lower() == "now":
+        start = None
+    elif first:
+        start = _parse_npt_time(first)
+    else:
+        start = 0.0
+    end = _parse_npt_time(last) if last else None
+    if start is not None and end is not None and end < start:
+        raise MalformedHeader(f"npt range ends before it starts: {value!r}")
+    return NptRange(start, end)
+
+
+def serialize_range(rng: NptRange) -> str:
+    """A Range header value in npt units."""
+    start = "now" if rng.start is None else format_npt_time(rng.start)
+    end = "" if rng.end is None else format_npt_time(rng.end)
+    return f"npt={start}-{end}"
+
+
+_SESSION_ID = re.compile(r"^[A-Za-z0-9$\-_.+]{1,64}$")
+
+
+@attrs.frozen
+class SessionHeader:
+    """A Session header: identifier and optional timeout in seconds."""
+
+    session_id: str
+    timeout: int | None = None
+
+
+def parse_session(value: str) -> SessionHeader:
+    """Parse ``id[;timeout=N]``."""
+    first, *rest = value.split(";")
+    sid = first.strip()
+    if not _SESSION_ID.match(sid):
+        raise MalformedHeader(f"bad session id {sid!r}")
+    timeout = None
+    for item in rest:
+        name, _, val = item.partition("=")
+        if name.strip().lower() == "timeout":
+            if not val.strip().isdigit():
+                raise MalformedHeader(f"bad session timeout {val!r}")
+            timeout = int(val.strip())
+    return SessionHeader(sid, timeout)
+
+
+def serialize_session(header: SessionHeader) -> str:
+    """``id`` or ``id;timeout=N``."""
+    if not _SESSION_ID.match(header.session_id):
+        raise LocalProtocolError(f"bad session id {header.session_id!r}")
+    if header.timeout is None:
+        return header.session_id
+    return f"{header.session_id};timeout={header.timeout}"
+
+
+@attrs.frozen
+class RtpInfo:
+    """One stream of an RTP-Info header (RFC 2326 §12.33)."""
+
+    url: str
+    seq: int | None = None
+    rtptime: int | None = None
+
+
+def serialize_rtp_info(infos: Iterable[RtpInfo]) -> str:
+    """An RTP-Info header value."""
+    out = []
+    for info in infos:
+        if any(ch in info.url for ch in ",; \r\n"):
+            raise LocalProtocolError(f"RTP-Info URL cannot hold {info.url!r}")
+        item = f"url={info.url}"
+        if info.seq is not None:
+            item += f";seq={info.seq}"
+        if info.rtptime is not None:
+            item += f";rtptime={info.rtptime}"
+        out.append(item)
+    return ",".join(out)
+
+
+def parse_rtp_info(value: str) -> tuple[RtpInfo, ...]:
+    """Parse an RTP-Info header value (a comma inside a URL is tolerated)."""
+    groups: list[str] = []
+    for part in value.split(","):
+        if part.strip().lower().startswith("url=") or not groups:
+            groups.append(part.strip())
+        else:
+            groups[-1] += "," + part
+    out: list[RtpInfo] = []
+    for group in groups:
+        fields: dict[str, str] = {}
+        for item in group.split(";"):
+            name, _, val = item.partition("=")
+            fields[name.strip().lower()] = val.strip()
+        if not fields.get("url"):
+            raise MalformedHeader(f"RTP-Info entry without url: {group!r}")
+        try:
+            seq = int(fields["seq"]) if fields.get("seq") else None
+            rtptime = int(fields["rtptime"]) if fields.get("rtptime") else None
+        except ValueError:
+            raise MalformedHeader(f"bad RTP-Info entry {group!r}") from None
+        out.append(RtpInfo(fields["url"], seq, rtptime))
+    return tuple(out)
+
+
+@attrs.frozen
+class RtspUrl:
+    """The parts of an ``rtsp://host[:port]/path`` URL."""
+
+    host: str
+    port: int
+    path: str
+
+
+def parse_url(url: str) -> RtspUrl:
+    """Split an rtsp:// URL; raises :class:`MalformedHeader`."""
+    m = re.match(
+        r"^rtsp://(\[[0-9A-Fa-f:.]+\]|[^/:\[\]?#\s]+)(?::(\d{1,5}))?(/[^\s]*)?$", url, re.I
+    )
+    if m is None:
+        raise MalformedHeader(f"not an rtsp:// URL: {url!r}")
+    port = int(m.group(2)) if m.group(2) else DEFAULT_PORT
+    if port > 65535:
+        raise MalformedHeader(f"port out of range in {url!r}")
+    return RtspUrl(m.group(1).strip("[]"), port, m.group(3) or "/")

@@ -1,0 +1,218 @@
+"""The RTSP server state table, request checks and the session table's timeouts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from yimaporc.rtsp import (
+    TRANSITIONS,
+    Headers,
+    NptRange,
+    Request,
+    RtspStatusError,
+    SessionState,
+    SessionTable,
+    TransportSpec,
+    abort,
+    choose_transport,
+    complete,
+    prepare,
+)
+from yimaporc.rtsp._machine import SERVER_METHODS, STATE_METHODS, allowed_in
+
+URL = "rtsp://h/s"
+UDP = "RTP/AVP;unicast;client_port=5000-5001"
+
+
+def _req(method: str, url: str = URL, **headers: str) -> Request:
+    fields = [("CSeq", "1"), *((k.replace("_", "-"), v) for k, v in headers.items())]
+    return Request(method, url, Headers(tuple(fields)))
+
+
+def _table() -> SessionTable:
+    return SessionTable(random.Random(1), timeout=60.0)
+
+
+def _status(request: Request, table: SessionTable, now: float = 0.0) -> int:
+    with pytest.raises(RtspStatusError) as info:
+        prepare(request, table, now)
+    return info.value.status
+
+
+def _in_state(table: SessionTable, state: SessionState) -> str:
+    prep = prepare(_req("SETUP", URL + "/t0", Transport=UDP), table, 0.0)
+    complete(prep, table)
+    assert prep.session is not None
+    prep.session.state = state
+    return prep.session.session_id
+
+
+def test_table_is_rfc2326_without_record() -> None:
+    """The transition table is RFC 2326 A.2 (server) plus PAUSE in Ready as a no-op."""
+    assert TRANSITIONS == {
+        (SessionState.INIT, "SETUP"): SessionState.READY,
+        (SessionState.INIT, "TEARDOWN"): SessionState.INIT,
+        (SessionState.READY, "SETUP"): SessionState.READY,
+        (SessionState.READY, "PLAY"): SessionState.PLAYING,
+        (SessionState.READY, "PAUSE"): SessionState.READY,
+        (SessionState.READY, "TEARDOWN"): SessionState.INIT,
+        (SessionState.PLAYING, "SETUP"): SessionState.PLAYING,
+        (SessionState.PLAYING, "PLAY"): SessionState.PLAYING,
+        (SessionState.PLAYING, "PAUSE"): SessionState.READY,
+        (SessionState.PLAYING, "TEARDOWN"): SessionState.INIT,
+    }
+
+
+@pytest.mark.parametrize("state", [SessionState.READY, SessionState.PLAYING])
+@pytest.mark.parametrize("method", SERVER_METHODS)
+def test_every_state_and_method(state: SessionState, method: str) -> None:
+    """Every (state, method) pair either follows the table or answers 455 with Allow."""
+    table = _table()
+    sid = _in_state(table, state)
+    headers = {"Session": sid}
+    if method == "SETUP":
+        headers["Transport"] = UDP
+    request = _req(method, URL + "/t0", **headers)
+    if method in STATE_METHODS and (state, method) not in TRANSITIONS:
+        with pytest.raises(RtspStatusError) as info:
+            prepare(request, table, 1.0)
+        assert info.value.status == 455
+        assert ("Allow", allowed_in(state)) in info.value.headers
+        return
+    prep = prepare(request, table, 1.0)
+    assert prep.session is not None and prep.session.session_id == sid
+    assert prep.next_state == TRANSITIONS.get((state, method))
+    complete(prep, table)
+    expected = TRANSITIONS.get((state, method), state)
+    if expected is SessionState.INIT:
+        assert table.get(sid) is None
+    else:
+        assert table.get(sid) is not None and table.get(sid).state is expected  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("method", ["PLAY", "PAUSE"])
+def test_play_or_pause_before_setup_is_455(method: str) -> None:
+    """PLAY or PAUSE without a session is not valid in Init (455)."""
+    assert _status(_req(method), _table()) == 455
+
+
+def test_teardown_without_session_is_a_no_op() -> None:
+    """TEARDOWN in Init stays in Init and touches no session (RFC 2326 A.2)."""
+    table = _table()
+    prep = prepare(_req("TEARDOWN"), table, 0.0)
+    assert prep.session is None
+    complete(prep, table)
+    assert len(table) == 0
+
+
+def test_unknown_or_malformed_session_is_454() -> None:
+    """A Session header naming no session, or not a session id at all, answers 454."""
+    assert _status(_req("PLAY", Session="DEADBEEF"), _table()) == 454
+    assert _status(_req("PLAY", Session="bad id"), _table()) == 454
+
+
+def test_method_errors() -> None:
+    """Unknown methods 501, RECORD/ANNOUNCE 405, a missing CSeq 400, Require 551."""
+    table = _table()
+    assert _status(_req("FROBNICATE"), table) == 501
+    assert _status(_req("RECORD"), table) == 405
+    assert _status(_req("ANNOUNCE"), table) == 405
+    assert _status(Request("OPTIONS", "*"), table) == 400
+    with pytest.raises(RtspStatusError) as info:
+        prepare(_req("OPTIONS", Require="funky, x-other"), table, 0.0)
+    assert info.value.status == 551
+    assert ("Unsupported", "funky, x-other") in info.value.headers
+
+
+def test_bad_range_is_457() -> None:
+    """PLAY with a Range in other units or malformed answers 457; a good one is parsed."""
+    table = _table()
+    sid = _in_state(table, SessionState.READY)
+    assert _status(_req("PLAY", Session=sid, Range="smpte=0:0:0-"), table) == 457
+    prep = prepare(_req("PLAY", Session=sid, Range="npt=3.5-"), table, 0.0)
+    assert prep.range == NptRange(3.5, None)
+
+
+def test_setup_creates_and_abort_removes() -> None:
+    """A SETUP without Session creates a session in Init; abort forgets it."""
+    table = _table()
+    prep = prepare(_req("SETUP", Transport=UDP), table, 5.0)
+    assert prep.created and prep.session is not None
+    assert prep.session.state is SessionState.INIT
+    assert len(table) == 1
+    abort(prep, table)
+    assert len(table) == 0
+
+
+def test_aggregate_setup_and_per_stream_teardown() -> None:
+    """Two SETUPs share one session; tearing one stream down keeps it, the aggregate ends it."""
+    table = _table()
+    p1 = prepare(_req("SETUP", URL + "/t0", Transport=UDP), table, 0.0)
+    complete(p1, table)
+    assert p1.session is not None
+    sid = p1.session.session_id
+    p2 = prepare(_req("SETUP", URL + "/t1", Transport=UDP, Session=sid), table, 0.0)
+    complete(p2, table, TransportSpec(client_port=(5000, 5001), server_port=(1, 2)))
+    assert set(p1.session.streams) == {URL + "/t0", URL + "/t1"}
+    assert p1.session.streams[URL + "/t1"].server_port == (1, 2)
+    complete(prepare(_req("TEARDOWN", URL + "/t1", Session=sid), table, 0.0), table)
+    assert table.get(sid) is p1.session and set(p1.session.streams) == {URL + "/t0"}
+    complete(prepare(_req("TEARDOWN", URL, Session=sid), table, 0.0), table)
+    assert table.get(sid) is None
+
+
+def test_choose_transport() -> None:
+    """Multicast and foreign profiles are skipped; TCP gets the lowest free channel pair."""
+    assert choose_transport("RTP/AVP;multicast,RTP/AVP;unicast;client_port=9-10").client_port == (
+        9,
+        10,
+    )
+    tcp = choose_transport("RTP/AVP/TCP;unicast", frozenset({0, 1, 2}))
+    assert tcp.interleaved == (4, 5)
+    assert choose_transport("RTP/AVP/TCP;interleaved=6-7").interleaved == (6, 7)
+    for bad in [
+        None,
+        "garbage;;",
+        "RTP/SAVP;client_port=1-2",
+        "RTP/AVP;multicast",
+        "RTP/AVP;unicast",
+        'RTP/AVP;client_port=1-2;mode="RECORD"',
+    ]:
+        with pytest.raises(RtspStatusError) as info:
+            choose_transport(bad)
+        assert info.value.status == 461
+    with pytest.raises(RtspStatusError):
+        choose_transport("RTP/AVP/TCP", frozenset(range(256)))
+
+
+def test_session_table_timeouts() -> None:
+    """Sessions expire after their timeout unless touched; next_expiry follows touches."""
+    table = SessionTable(random.Random(2), timeout=10.0)
+    a = table.create(0.0)
+    b = table.create(2.0)
+    assert table.next_expiry() == 10.0
+    a.touch(5.0)
+    assert table.next_expiry() == 12.0
+    assert table.expire(11.9) == []
+    assert table.expire(12.0) == [b]
+    assert table.expire(14.9) == []
+    assert table.expire(15.0) == [a]
+    assert table.next_expiry() is None and len(table) == 0
+    c = table.create(20.0)
+    table.remove(c.session_id)
+    assert table.next_expiry() is None
+    assert not table.touch("nope", 1.0)
+
+
+def test_session_ids_are_seeded_and_capped() -> None:
+    """Session ids come from the injected Random; a full table answers 503."""
+    ids1 = [SessionTable(random.Random(7)).create(0.0).session_id for _ in range(2)]
+    assert ids1[0] == ids1[1] and len(ids1[0]) == 16
+    table = SessionTable(random.Random(7), max_sessions=2)
+    table.create(0.0)
+    table.create(0.0)
+    with pytest.raises(RtspStatusError) as info:
+        table.create(0.0)
+    assert info.value.status == 503
