@@ -74,7 +74,15 @@ APT_PACKAGES = [
     "util-linux",
     "nftables",
 ]
-PARTS = ["udp", "mail-peers", "mail-target", "mail-cluster", "rtsp-peer", "rtsp-target"]
+PARTS = [
+    "udp",
+    "mail-peers",
+    "mail-target",
+    "mail-cluster",
+    "rtsp-peer",
+    "rtsp-target",
+    "retransmit",
+]
 
 
 class PartFailed(Exception):
@@ -111,6 +119,10 @@ class Settings:
         # ramps, which come last, get what is left of this, minus a reserve for the report
         self.total_s = 170.0 if quick else 840.0
         self.t0 = time.monotonic()
+        self.retx_rates = [0.0, 0.01, 0.05, 0.1]
+        self.retx_seeds = 2 if quick else 5
+        self.retx_sim_s = 10.0 if quick else 30.0
+        self.retx_play_s = 6.0 if quick else 12.0
         self.yima_configs = (
             [("bipartite", 1), ("bipartite", 3), ("master-slave", 3)]
             if quick
@@ -1546,7 +1558,7 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
             with scoped():
                 c = Cluster("yima", n, WORK / f"yima-{key}", ["--mode", mode])
                 c.start()
-                require_service(c, "rtsp", PORTS["rtsp"])
+                t_ingest = time.monotonic()
                 r = c.cli(
                     "media",
                     "ingest",
@@ -1561,13 +1573,15 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
                     if cli_missing(r):
                         raise PartFailed("yimaporc has no 'media ingest' command yet")
                     raise PartFailed(f"yimaporc media ingest: {r.stderr.strip()[-300:]}")
+                say(f"  yima {key}: ingested {clip.name} in {time.monotonic() - t_ingest:.1f} s")
+                require_service(c, "rtsp", PORTS["rtsp"])
                 url = f"rtsp://{c.hosts[0]}:{PORTS['rtsp']}/test"
                 row: dict[str, Any] = {"mode": mode, "nodes": n}
                 if n == 1 or (mode, n) == s.yima_configs[0]:
                     row.update(ffmpeg_check(url, f"yima-{key}", work))
                 todo = len(s.yima_configs) - s.yima_configs.index((mode, n))
                 budget = s.rtsp_budget_target * (1.5 if n == 1 and mode == "bipartite" else 1.0)
-                budget = min(budget, max(8.0, (s.left() - 15.0) / todo - 15.0))
+                budget = min(budget, max(8.0, (s.left() - 45.0) / todo - 15.0))
                 # start near what this mode sustained with fewer nodes (fewer trials)
                 prev = [
                     v.get("max_sessions") or 0
@@ -1595,6 +1609,102 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
             out[key] = {"mode": mode, "nodes": n, "error": msg}
             if "yet" in msg:
                 first_error = msg
+
+
+def part_retransmit(s: Settings, res: dict[str, Any], errors: list[str], clip: Path) -> None:
+    """Packets missing at playout vs loss rate, with and without retransmission: the
+    protocol in the deterministic simulator (3 nodes, real schedulers and player core),
+    then the real player (``yimaporc play --drop RATE``) against 3 bipartite nodes."""
+    out = res.setdefault("retransmit", {})
+    r = run(
+        [
+            PY,
+            "-c",
+            "import json, sys; from yimaporc.yima.player.sim import loss_table; "
+            "print(json.dumps(loss_table(range(int(sys.argv[1])), "
+            "[float(x) for x in sys.argv[2].split(',')], float(sys.argv[3]))))",
+            str(s.retx_seeds),
+            ",".join(str(x) for x in s.retx_rates),
+            str(s.retx_sim_s),
+        ],
+        300,
+    )
+    try:
+        rows = json.loads(r.stdout.strip().splitlines()[-1])
+        out["simulator"] = [
+            {"drop": d, "missing_without": a, "missing_with": b, "nacked": c} for d, a, b, c in rows
+        ]
+        for row in out["simulator"]:
+            say(
+                f"  simulator drop {row['drop']:.2%}: missing at playout "
+                f"{row['missing_without']:.3%} without, {row['missing_with']:.3%} with retransmission"
+            )
+    except (IndexError, ValueError):
+        errors.append(f"retransmission simulator: {r.stderr.strip()[-300:]}")
+        out["simulator"] = {"error": r.stderr.strip()[-300:]}
+    work = WORK / "retransmit"
+    try:
+        with scoped():
+            c = Cluster("yima", 3, WORK / "yima-retransmit", ["--mode", "bipartite"])
+            c.start()
+            ing = c.cli("media", "ingest", str(clip), "--name", "test", "--admin", c.admin(0))
+            if ing.returncode != 0:
+                if cli_missing(ing):
+                    raise PartFailed("yimaporc has no 'media ingest' command yet")
+                raise PartFailed(f"yimaporc media ingest: {ing.stderr.strip()[-300:]}")
+            require_service(c, "rtsp", PORTS["rtsp"])
+            url = f"rtsp://{c.hosts[0]}:{PORTS['rtsp']}/test"
+            work.mkdir(parents=True, exist_ok=True)
+
+            def play(rate: float) -> dict[str, Any]:
+                stats = work / f"play-{rate}.json"
+                with contextlib.suppress(OSError):
+                    stats.unlink()
+                p = c.cli(
+                    "play",
+                    url,
+                    "--duration",
+                    str(s.retx_play_s),
+                    "--drop",
+                    str(rate),
+                    "--seed",
+                    "1",
+                    "--stats",
+                    str(stats),
+                    timeout=s.retx_play_s + 60,
+                )
+                if p.returncode != 0:
+                    if cli_missing(p):
+                        raise PartFailed("yimaporc has no 'play' command yet")
+                    raise PartFailed(f"yimaporc play --drop {rate}: {p.stderr.strip()[-300:]}")
+                st = json.loads(stats.read_text())
+                exp = st.get("packets_expected") or 0
+                if not exp:
+                    raise PartFailed(f"yimaporc play --drop {rate}: no packet expected ({st})")
+                return {
+                    "drop": rate,
+                    "missing_with": st["packets_missing_at_playout"] / exp,
+                    # what would be missing without retransmission: the dropped packets
+                    "missing_without": st["packets_dropped_simulated"] / exp,
+                    "nacks_sent": st.get("nacks_sent"),
+                    "retransmissions_received": st.get("retransmissions_received"),
+                    "packets_expected": exp,
+                    "late_packets": st.get("late_packets"),
+                }
+
+            # the players run side by side: a few 4 Mbit/s streams are far below capacity
+            with ThreadPoolExecutor(max_workers=len(s.retx_rates)) as ex:
+                real = list(ex.map(play, s.retx_rates))
+            out["player"] = real
+            for row in real:
+                say(
+                    f"  yimaporc play drop {row['drop']:.2%}: missing at playout "
+                    f"{row['missing_with']:.3%} with retransmission "
+                    f"({row['missing_without']:.3%} dropped)"
+                )
+    except PartFailed as e:
+        errors.append(f"target yima retransmission (3 nodes, yimaporc play): {e}")
+        out["player"] = {"error": str(e)}
 
 
 # --------------------------------------------------------------------------- report
@@ -1730,7 +1840,7 @@ def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     cl = res.get("porcupine_cluster", {})
     rep = res.get("porcupine_replicas", {})
     yima = res.get("yima", {})
-    if cl or rep or yima:
+    if cl or rep or yima or res.get("retransmit"):
         say("")
         say("== paper experiments (yimaporc alone; all nodes share this machine's 2 cores)")
     one = val(cl.get("1"), "msgs_per_s")
@@ -1753,6 +1863,17 @@ def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
             f"  Yima {k}: max streams {lb}{fmt(mx, why(d))}  internode bytes per delivered "
             f"byte {fmt(val(d, 'internode_bytes_per_delivered_byte'), '-')}"
         )
+    rt = res.get("retransmit", {})
+    for src in ("simulator", "player"):
+        pts = rt.get(src)
+        if isinstance(pts, list):
+            say(f"  retransmission ({src}): drop -> missing at playout without / with")
+            for p in pts:
+                say(
+                    f"    {p['drop']:6.2%} -> {p['missing_without']:7.3%} / {p['missing_with']:7.3%}"
+                )
+        elif isinstance(pts, dict):
+            say(f"  retransmission ({src}): FAILED")
     u = res.get("udp", {})
     if u:
         say("")
@@ -1801,7 +1922,8 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tests))], [t[2] for t in tests])
         ax.set_ylabel("per second")
         ax.set_title("Mail: same load, same machine (16 connections, 4-8 KB messages)")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         fig.tight_layout()
         fig.savefig(RESULTS / "mail_rates.png", dpi=110)
         plt.close(fig)
@@ -1843,7 +1965,8 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
         ax.set_xticks([1, 2, 3])
         ax.set_ylim(bottom=0)
         ax.set_title("Porcupine deliveries vs cluster size")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         fig.tight_layout()
         fig.savefig(RESULTS / "porcupine_nodes.png", dpi=110)
         plt.close(fig)
@@ -1883,11 +2006,52 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
         if "sendto" in u:
             title += f"\n(loopback sendto ceiling = {u['sendto']['tx_mbps'] / 4:.0f} streams)"
         ax.set_title(title)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         fig.tight_layout()
         fig.savefig(RESULTS / "yima_nodes.png", dpi=110)
         plt.close(fig)
         made.append("yima_nodes.png")
+
+    # 3b. retransmission (Yima paper's missing-at-playout vs loss figure)
+    rt = res.get("retransmit", {})
+    if rt:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for src, style in (("simulator", "--"), ("player", "-")):
+            pts = rt.get(src)
+            if not isinstance(pts, list) or not pts:
+                continue
+            xs = [100 * p["drop"] for p in pts]
+            ax.plot(
+                xs,
+                [100 * p["missing_without"] for p in pts],
+                "s" + style,
+                label=f"{src}: no retransmission",
+            )
+            ax.plot(
+                xs,
+                [100 * p["missing_with"] for p in pts],
+                "o" + style,
+                label=f"{src}: with retransmission",
+            )
+        if isinstance(rt.get("player"), dict):
+            ax.text(
+                0.02,
+                0.95,
+                "real player FAILED (see results.json)",
+                transform=ax.transAxes,
+                fontsize=8,
+                va="top",
+            )
+        ax.set_xlabel("packets dropped at the client (%)")
+        ax.set_ylabel("packets missing at playout (%)")
+        ax.set_title("Selective retransmission, 3 nodes, bipartite")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "retransmit.png", dpi=110)
+        plt.close(fig)
+        made.append("retransmit.png")
 
     # 4. all ratios
     rr = [r for r in rows if r["ratio"] is not None]
@@ -2003,7 +2167,7 @@ def main() -> int:
         if "mail-cluster" in parts:
             say("# porcupine cluster: 1, 2, 3 nodes")
             part_mail_cluster(s, res, errors)
-        if "rtsp-peer" in parts or "rtsp-target" in parts:
+        if {"rtsp-peer", "rtsp-target", "retransmit"} & set(parts):
             clip = make_clip(s)
             res["clip"] = clip_info(clip)
             say(f"# clip: {res['clip']}")
@@ -2013,6 +2177,9 @@ def main() -> int:
         if "rtsp-target" in parts and clip:
             say("# streaming target: yima-node")
             part_rtsp_target(s, res, errors, clip)
+        if "retransmit" in parts and clip:
+            say("# retransmission: missing at playout vs loss (simulator, then yimaporc play)")
+            part_retransmit(s, res, errors, clip)
     except KeyboardInterrupt:
         errors.append("interrupted")
     finally:
