@@ -1,0 +1,257 @@
+"""ESMTP: twisted.mail's ``ESMTP`` with the limits and replies a real MTA needs.
+
+Changes to the stock protocol (26.10):
+
+- EHLO advertises SIZE <limit>, PIPELINING and 8BITMIME (stock: none of them),
+  and AUTH PLAIN LOGIN only once TLS is up (a certificate must be configured);
+- ``MAIL FROM:<..> SIZE=n`` over the limit gets 552 at once, and a DATA that
+  grows past it gets 552 at the end with nothing stored;
+- pipelining is honoured: a command whose answer waits for a Deferred (RCPT
+  looks the user up, the final dot waits for the durable store) holds the
+  commands behind it, so replies come in order (stock would run DATA before
+  the RCPT answer and reply 503);
+- one message body is kept per transaction however many recipients it has,
+  and stored once per recipient through the delivery proxy;
+- storage failures answer 451 (try again later), not the stock permanent 550;
+- bounded: 2,048-octet command lines (500), 64 KiB lines in DATA or the
+  connection closes, 100 recipients (452), 20 errors (421 and close), a
+  bounded pipeline backlog; idle timeouts on the injected clock.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .delivery import Recipient, SmtpPolicy
+
+log = Logger()
+
+_SIZE = re.compile(rb"(?:^|\s)SIZE=(\d+)", re.I)
+
+Deliver = Callable[[bytes, list[Recipient], bytes], "Deferred[object]"]
+
+
+class Transaction:
+    """One DATA: a single body buffer shared by every recipient's message."""
+
+    def __init__(self, sender: bytes, max_size: int, deliver: Deliver) -> None:
+        self.sender = sender
+        self.max_size = max_size
+        self.deliver = deliver
+        self.recipients: list[Recipient] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.writer: object | None = None
+        self.waiters: list[Deferred[object]] = []
+        self.started = False
+        self.aborted = False
+
+    def message(self, rcpt: Recipient) -> _RecipientMessage:
+        """The IMessage twisted.mail feeds for one recipient."""
+        self.recipients.append(rcpt)
+        m = _RecipientMessage(self)
+        if self.writer is None:
+            self.writer = m
+        return m
+
+    def line(self, who: object, line: bytes) -> None:
+        if who is not self.writer or self.aborted:
+            return
+        self.size += len(line) + 2
+        if self.size > self.max_size:
+            self.abort()
+            raise smtp.SMTPServerError(552, "5.3.4 Message size exceeds fixed limit")
+        self.chunks.append(line)
+
+    def eom(self) -> Deferred[object]:
+        d: Deferred[object] = Deferred()
+        self.waiters.append(d)
+        if not self.started:
+            self.started = True
+            body = b"\r\n".join(self.chunks) + b"\r\n"
+            self.chunks = []
+            self.deliver(self.sender, self.recipients, body).addBoth(self._done)
+        return d
+
+    def _done(self, result: object) -> None:
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.chunks = []
+
+
+@implementer(smtp.IMessage)
+class _RecipientMessage:
+    def __init__(self, txn: Transaction) -> None:
+        self.txn = txn
+
+    def lineReceived(self, line: bytes) -> None:
+        self.txn.line(self, line)
+
+    def eomReceived(self) -> Deferred[object]:
+        return self.txn.eom()
+
+    def connectionLost(self) -> None:
+        self.txn.abort()
+
+
+class MailESMTP(smtp.ESMTP):
+    """ESMTP with the limits and fixes in the module docstring."""
+
+    MAX_LENGTH = 65536
+    MAX_COMMAND = 2048
+    MAX_ERRORS = 20
+    MAX_BACKLOG = 1000
+
+    def __init__(
+        self,
+        clock: Any,
+        policy: SmtpPolicy,
+        deliver: Deliver,
+        chal: Any = None,
+        contextFactory: Any = None,
+    ) -> None:
+        super().__init__(chal, contextFactory)
+        self.clock = clock
+        self.policy = policy
+        self.deliver = deliver
+        self.host = policy.hostname.encode("ascii", "replace")
+        self._held: list[bytes] | None = None
+        self._replied = False
+        self._errors = 0
+        self._txn: Transaction | None = None
+
+    @property
+    def _t(self) -> Any:
+        return self.transport
+
+    def callLater(self, period: float, func: Callable[[], object]) -> Any:
+        """TimeoutMixin's timer, on the injected clock."""
+        return self.clock.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        if hasattr(self._t, "setTcpNoDelay"):
+            self._t.setTcpNoDelay(True)
+        super().connectionMade()
+
+    # --- EHLO ---------------------------------------------------------------------
+
+    def extensions(self) -> dict[bytes, Any]:
+        ext: dict[bytes, Any] = super().extensions()
+        ext.pop(b"AUTH", None)
+        if self.startedTLS and self.challengers and not self.authenticated:
+            ext[b"AUTH"] = list(self.challengers)
+        ext[b"SIZE"] = [b"%d" % self.policy.max_message_size]
+        ext[b"PIPELINING"] = None
+        ext[b"8BITMIME"] = None
+        return ext
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        if not self.startedTLS or not self.challengers:
+            self.sendCode(538, b"5.7.11 Encryption required for requested authentication")
+            return
+        super().ext_AUTH(rest)
+
+    # --- ordered replies for pipelined commands -------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._held is not None:
+            if len(self._held) >= self.MAX_BACKLOG:
+                self.sendCode(421, b"4.7.0 Too many pipelined commands")
+                self._t.loseConnection()
+                return
+            self._held.append(line)
+            return
+        in_data = self.mode == smtp.DATA
+        if not in_data and len(line) > self.MAX_COMMAND:
+            self.sendCode(500, b"5.5.2 Line too long")
+            return
+        expects_reply = not in_data or line == b"."
+        self._replied = False
+        super().lineReceived(line)
+        if expects_reply and not self._replied and not self._t.disconnecting:
+            self._held = []
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        super().sendCode(code, message)
+        self._replied = True
+        if code >= 500 and code != 552:
+            self._errors += 1
+            if self._errors >= self.MAX_ERRORS and code != 421:
+                super().sendCode(421, b"4.7.0 Too many errors, closing")
+                self._t.loseConnection()
+                return
+        if self._held is not None:
+            self._resume()
+
+    def _resume(self) -> None:
+        held, self._held = self._held or [], None
+        while held and self._held is None and not self._t.disconnecting:
+            self.lineReceived(held.pop(0))
+        if self._held is not None:
+            self._held[0:0] = held
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+        self.sendCode(500, b"5.5.2 Line too long, closing")
+        self._t.loseConnection()
+
+    # --- MAIL / RCPT / DATA ---------------------------------------------------------
+
+    def do_MAIL(self, rest: bytes) -> None:
+        m = _SIZE.search(rest)
+        if m and int(m.group(1)) > self.policy.max_message_size:
+            self.sendCode(552, b"5.3.4 Message size exceeds fixed limit")
+            return
+        super().do_MAIL(rest)
+
+    def do_RCPT(self, rest: bytes) -> None:
+        if len(self._to) >= self.policy.max_recipients:
+            self.sendCode(452, b"4.5.3 Too many recipients")
+            return
+        super().do_RCPT(rest)
+
+    def do_DATA(self, rest: bytes) -> None:
+        sender = bytes(self._from) if self._from is not None else b""
+        self._txn = Transaction(sender, self.policy.max_message_size, self.deliver)
+        super().do_DATA(rest)
+
+    def message_for(self, rcpt: Recipient) -> _RecipientMessage:
+        """Called through the factory SmtpDelivery.validateTo returned."""
+        assert self._txn is not None
+        return self._txn.message(rcpt)
+
+    def _messageHandled(self, resultList: list[tuple[bool, Any]]) -> None:
+        self._txn = None
+        failures = [r for ok, r in resultList if not ok]
+        if not failures:
+            self.sendCode(250, b"2.0.0 Ok: stored")
+            return
+        f = failures[0]
+        if isinstance(f, Failure) and f.check(smtp.SMTPServerError):
+            err: Any = f.value
+            self.sendCode(err.code, str(err.resp).encode("utf-8", "replace"))
+            return
+        log.failure("SMTP delivery failed", f)
+        self.sendCode(451, b"4.3.0 Local error in processing, try again later")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+        super().connectionLost(reason)

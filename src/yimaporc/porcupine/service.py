@@ -1,0 +1,359 @@
+"""The mail service of a Porcupine node: managers, proxies and SMTP/POP3/IMAP listeners.
+
+``MailService(reactor, node_id=..., data_dir=..., domain=..., smtp=..., pop3=...,
+imap=...)`` is a ``MultiService``: on start it recovers the fragment store (drops
+anything half-stored), seeds the user manager's fragment lists from this
+node's hard state, then listens on the given server endpoint strings.  It
+gives the admin API its routes (``/api/mail/users...``) and the status page
+its ``status()``.
+
+All disk, SQLite and scrypt work runs on a thread pool (its own unless one is
+passed in).  The managers are reached through ``users_for(address)`` and
+``mailboxes_for(node_id)``: in a cluster of one both answer the local
+managers; the cluster issue puts AMP-backed ones behind the same callables.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.cred import portal
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.mail import imap4, smtp
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from ..admin.routes import ApiError, Route
+from ._imap import MailboxRegistry, MailImapServer
+from ._pop3 import MailPOP3
+from ._smtp import MailESMTP
+from .auth import MailRealm, ManagerChecker
+from .delivery import DeliveryProxy, OutboundSpool, Recipient, SmtpDelivery, SmtpPolicy
+from .fragments import FragmentStore, MailboxManager
+from .interfaces import IMailboxManager, IUserManager
+from .profiledb import ProfileDB
+from .retrieval import RetrievalProxy
+from .usermap import BadAddress, LocalUserMap, normalise
+from .users import UserManager
+from .values import NoSuchUser, UserExists
+
+DEFAULT_MAX_MESSAGE_SIZE = 25 << 20
+_DOMAIN = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)*$")
+
+
+def _read_all(f: Any) -> bytes:
+    data = f.read()
+    return data if isinstance(data, bytes) else data.encode("utf-8")
+
+
+class _ProtocolFactory(Factory):
+    def __init__(self, build: Any) -> None:
+        self.build = build
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        p: Protocol = self.build()
+        p.factory = self
+        return p
+
+
+class MailService(MultiService):
+    """SMTP, POP3 and IMAP of one Porcupine node, over its managers."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        node_id: str,
+        data_dir: Path | str,
+        domain: str,
+        smtp: str | None = None,
+        pop3: str | None = None,
+        imap: str | None = None,
+        tls_cert: Path | str | None = None,
+        tls_key: Path | str | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        relay_domains: Sequence[str] = (),
+        threadpool: ThreadPool | None = None,
+    ) -> None:
+        super().__init__()
+        domain = domain.strip().lower()
+        if not _DOMAIN.match(domain):
+            raise ValueError(f"not a mail domain: {domain!r}")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if max_message_size < 1024:
+            raise ValueError("max_message_size must be at least 1024 bytes")
+        self.reactor = reactor
+        self.node_id = node_id
+        self.domain = domain
+        self.data_dir = Path(data_dir)
+        self.endpoints = {"smtp": smtp, "pop3": pop3, "imap": imap}
+        self.max_message_size = max_message_size
+        self.tls = self._tls_options(tls_cert, tls_key) if tls_cert and tls_key else None
+        self._own_pool = threadpool is None
+        self.pool = threadpool or ThreadPool(minthreads=1, maxthreads=4, name="yimaporc-mail")
+        now = reactor.seconds
+
+        self.user_map = LocalUserMap(node_id)
+        self.fragment_store = FragmentStore(self.data_dir, node_id, now)
+        self.mailbox_manager = MailboxManager(reactor, self.pool, self.fragment_store)
+        self.profiles = ProfileDB(
+            reactor, self.pool, self.data_dir / "mail" / "profiles.sqlite", now
+        )
+        self.user_manager = UserManager(node_id, self.profiles)
+        self.delivery = DeliveryProxy(
+            node_id, self.users_for, self.mailboxes_for, lambda: [node_id], now
+        )
+        self.retrieval = RetrievalProxy(node_id, self.users_for, self.mailboxes_for)
+        self.spool = OutboundSpool(reactor, self.pool, self.data_dir / "mail" / "outbound")
+        self.policy = SmtpPolicy(
+            domain=domain,
+            hostname=f"{node_id}.{domain}" if re.match(r"^[A-Za-z0-9-]+$", node_id) else domain,
+            max_message_size=max_message_size,
+            relay_domains=tuple(d.lower() for d in relay_domains),
+        )
+        self.registry = MailboxRegistry()
+        self.mailbox_manager.on_change(self.registry.changed)
+        realm = MailRealm(
+            self.retrieval, self.delivery, self.policy, self.registry, self._read_file, now
+        )
+        self.portal = portal.Portal(realm, [ManagerChecker(self.retrieval, domain)])
+        self.factories: dict[str, Factory] = {
+            "smtp": _ProtocolFactory(self._smtp_protocol),
+            "pop3": _ProtocolFactory(self._pop3_protocol),
+            "imap": _ProtocolFactory(self._imap_protocol),
+        }
+        self.ports: dict[str, IListeningPort] = {}
+        self._ready: Deferred[Any] | None = None
+        self.delivered = 0
+
+    # --- wiring ---------------------------------------------------------------------
+
+    @staticmethod
+    def _tls_options(cert: Path | str, key: Path | str) -> Any:
+        pem = Path(key).read_bytes() + b"\n" + Path(cert).read_bytes()
+        return ssl.PrivateCertificate.loadPEM(pem).options()
+
+    def users_for(self, address: str) -> IUserManager:
+        """The user manager of ``address``'s bucket (here: this node's)."""
+        return self.user_manager
+
+    def mailboxes_for(self, node_id: str) -> IMailboxManager:
+        """The mailbox manager of ``node_id`` (here: only this node's)."""
+        if node_id != self.node_id:
+            raise KeyError(f"no mailbox manager for node {node_id} in a cluster of one")
+        return self.mailbox_manager
+
+    def _read_file(self, f: Any) -> Deferred[bytes]:
+        return deferToThreadPool(self.reactor, self.pool, _read_all, f)
+
+    def _deliver(self, sender: bytes, recipients: list[Recipient], body: bytes) -> Deferred[object]:
+        local = [r.address for r in recipients if not r.relay]
+        relay = [r.address for r in recipients if r.relay]
+        ds: list[Deferred[Any]] = []
+        if local:
+            ds.append(self.delivery.deliver(local, body))
+        if relay:
+            ds.append(self.spool.enqueue(sender.decode("utf-8", "replace"), relay, body))
+
+        def done(result: object) -> object:
+            self.delivered += 1
+            return result
+
+        return gatherResults(ds, consumeErrors=True).addCallbacks(done, _first)
+
+    def _challengers(self, module: Any) -> dict[bytes, Any]:
+        if self.tls is None:
+            return {}
+        return {b"LOGIN": module.LOGINCredentials, b"PLAIN": module.PLAINCredentials}
+
+    def _smtp_protocol(self) -> MailESMTP:
+        p = MailESMTP(self.reactor, self.policy, self._deliver, self._challengers(smtp), self.tls)
+        p.delivery = SmtpDelivery(self.delivery, self.policy, self.reactor.seconds)
+        p.portal = self.portal  # type: ignore[assignment]
+        return p
+
+    def _pop3_protocol(self) -> MailPOP3:
+        p = MailPOP3(self.reactor, self.tls)
+        p.portal = self.portal  # type: ignore[assignment]
+        return p
+
+    def _imap_protocol(self) -> MailImapServer:
+        chal = {b"LOGIN": imap4.LOGINCredentials, b"PLAIN": imap4.PLAINCredentials}
+        p = MailImapServer(self.reactor, self.max_message_size, chal, self.tls)
+        p.portal = self.portal  # type: ignore[assignment]
+        return p
+
+    # --- life cycle ----------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Start the pool, recover the store, seed fragment lists, then listen."""
+        super().startService()
+        if self._own_pool:
+            self.pool.start()
+        d = deferToThreadPool(self.reactor, self.pool, self._recover)
+        d.addCallback(self._listen_all)
+        d.addErrback(self._start_failed)
+        self._ready = d
+
+    def _recover(self) -> list[str]:
+        removed = self.fragment_store.recover()
+        if removed:
+            self.log.info("mail: removed {n} half-stored files", n=removed)
+        return self.fragment_store.users_with_mail()
+
+    def _listen_all(self, users: list[str]) -> Deferred[None]:
+        self.user_manager.seed(self.node_id, users)
+        ds = []
+        for name, endpoint in self.endpoints.items():
+            if endpoint:
+                d = serverFromString(self.reactor, endpoint).listen(self.factories[name])
+                ds.append(d.addCallback(self._listening, name))
+        return gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
+
+    def _listening(self, port: IListeningPort, name: str) -> None:
+        self.ports[name] = port
+        self.log.info("mail: {name} on {addr}", name=name, addr=self.address_of(name))
+
+    def _start_failed(self, f: Failure) -> Failure:
+        self.log.failure("mail: cannot start", f)
+        return f
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires once every endpoint listens (errback if one cannot)."""
+        if self._ready is None:
+            raise RuntimeError("service not started")
+        d: Deferred[None] = Deferred()
+
+        def relay(result: object) -> object:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
+            return result
+
+        self._ready.addBoth(relay)
+        return d
+
+    def address_of(self, name: str) -> str:
+        """``host:port`` a protocol listens on."""
+        host = self.ports[name].getHost()
+        return f"{host.host}:{host.port}"  # type: ignore[attr-defined]
+
+    def stopService(self) -> Deferred[None]:
+        """Stop listening, then the pool (if ours) and the databases."""
+        ports, self.ports = list(self.ports.values()), {}
+        d = DeferredList([maybeDeferred(p.stopListening) for p in ports])
+        d.addCallback(lambda _: maybeDeferred(super(MailService, self).stopService))
+
+        def close(_: object) -> None:
+            if self._own_pool:
+                self.pool.stop()
+            self.fragment_store.close()
+            self.profiles.close()
+
+        return d.addCallback(close)
+
+    # --- status and admin ------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """``users`` (count), ``domain`` and the mail endpoints listening."""
+        return {
+            "users": self.profiles.count(),
+            "domain": self.domain,
+            "mail": {name: self.address_of(name) for name in self.ports},
+            "messages_accepted": self.delivered,
+        }
+
+    def admin_routes(self) -> list[Route]:
+        """``GET/POST /api/mail/users``, ``POST /api/mail/users/delete`` and ``.../passwd``."""
+        return [
+            Route("GET", "/api/mail/users", self._list_users, mutates=False),
+            Route("POST", "/api/mail/users", self._add_user),
+            Route("POST", "/api/mail/users/delete", self._delete_user),
+            Route("POST", "/api/mail/users/passwd", self._passwd),
+        ]
+
+    def _address(self, body: dict[str, Any]) -> str:
+        address = body.get("address")
+        if not isinstance(address, str):
+            raise ApiError("address is required")
+        try:
+            address = normalise(address)
+        except BadAddress as e:
+            raise ApiError(str(e)) from None
+        if address.split("@", 1)[1] != self.domain:
+            raise ApiError(f"address must be in this node's domain {self.domain}")
+        return address
+
+    @staticmethod
+    def _password(body: dict[str, Any]) -> str:
+        password = body.get("password")
+        if not isinstance(password, str) or not password:
+            raise ApiError("password must be a non-empty string")
+        if len(password) > 1024:
+            raise ApiError("password too long")
+        return password
+
+    def _list_users(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        return self.profiles.users().addCallback(
+            lambda users: {"users": [p.public() for p in users]}
+        )
+
+    def _add_user(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        address, password = self._address(body), self._password(body)
+        replicas = body.get("replicas", 1)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 16:
+            raise ApiError("replicas must be an integer from 1 to 16")
+
+        def exists(f: Failure) -> None:
+            f.trap(UserExists)
+            raise ApiError(str(f.value), 409)
+
+        d = self.profiles.add(address, password, replicas)
+        return d.addCallbacks(lambda p: {"created": address, "replicas": p.replicas}, exists)
+
+    def _delete_user(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        address = self._address(body)
+        d = self.profiles.remove(address)
+
+        def drop_mail(_: object) -> Deferred[Any]:
+            frags = self.user_manager.state.fragment_list(address) | {self.node_id}
+            ds = [self.mailboxes_for(n).remove_user(address) for n in frags]
+            for n in frags:
+                self.user_manager.state.remove_fragment(address, n)
+            return gatherResults(ds, consumeErrors=True)
+
+        return d.addCallback(drop_mail).addCallbacks(lambda _: {"deleted": address}, _no_user)
+
+    def _passwd(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        address, password = self._address(body), self._password(body)
+        d = self.profiles.set_password(address, password)
+        return d.addCallbacks(lambda _: {"updated": address}, _no_user)
+
+
+def _no_user(f: Failure) -> None:
+    f.trap(NoSuchUser)
+    raise ApiError(str(f.value), 404)
+
+
+def _first(f: Failure) -> Failure:
+    from twisted.internet.defer import FirstError
+
+    err = f.value
+    if isinstance(err, FirstError):
+        sub: Failure = err.subFailure
+        return sub
+    return f
