@@ -1,0 +1,439 @@
+"""The Twisted RTSP server and client over in-memory transports with a fake clock."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import attrs
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from yimaporc.rtsp import (
+    InterleavedFrame,
+    IRtspHandler,
+    Limits,
+    NptRange,
+    PlayReply,
+    Response,
+    RtpInfo,
+    RtspClientConnection,
+    RtspClientProtocol,
+    RtspConnectionLost,
+    RtspServerFactory,
+    RtspServerProtocol,
+    RtspStatusError,
+    ServerSession,
+    SessionState,
+    TransportSpec,
+    parse_transport,
+)
+from yimaporc.yima import sdp
+
+URL = "rtsp://127.0.2.1:8554/sample"
+TRACK = URL + "/trackID=0"
+UDP = TransportSpec(client_port=(5000, 5001))
+TCP = TransportSpec(lower="TCP")
+
+
+@implementer(IRtspHandler)
+class FakeHandler:
+    """A minimal handler that records calls (the real one is the Yima session planner)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.slow: Deferred[bytes] | None = None
+        self.frames: list[tuple[str, int, bytes]] = []
+
+    def describe(self, url: str) -> Any:
+        self.calls.append(("describe", url))
+        if url.endswith("/missing"):
+            raise RtspStatusError(404)
+        if url.endswith("/slow"):
+            self.slow = Deferred()
+            return self.slow
+        if url.endswith("/object"):
+            return sdp.presentation_sdp("o", [sdp.mp2t_track("trackID=0")], 1.0)
+        return b"v=0\r\ns=sample\r\n"
+
+    def setup(self, url: str, transport: TransportSpec, session: ServerSession) -> Any:
+        self.calls.append(("setup", url))
+        if url.endswith("/refuse"):
+            return _fail(RtspStatusError(453))
+        if transport.is_tcp:
+            return succeed(attrs.evolve(transport, ssrc=0x1234))
+        return attrs.evolve(transport, server_port=(6970, 6971), ssrc=0x1234, source="127.0.2.1")
+
+    def play(self, session: ServerSession, range: NptRange | None) -> Any:
+        self.calls.append(("play", range))
+        return PlayReply(range or NptRange(0.0, None), (RtpInfo(TRACK, 1, 0),))
+
+    def pause(self, session: ServerSession) -> Any:
+        self.calls.append(("pause", session.session_id))
+
+    def teardown(self, session: ServerSession) -> Any:
+        self.calls.append(("teardown", session.session_id))
+
+    def get_parameter(self, session: ServerSession | None, body: bytes) -> Any:
+        self.calls.append(("get_parameter", body))
+        return b"position: 1\r\n" if body else b""
+
+    def set_parameter(self, session: ServerSession | None, body: bytes) -> Any:
+        self.calls.append(("set_parameter", body))
+        if body == b"boom":
+            raise ValueError("handler bug")
+
+    def interleaved_received(self, session: ServerSession, channel: int, data: bytes) -> None:
+        self.frames.append((session.session_id, channel, data))
+
+
+def _fail(exc: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(Failure(exc))
+    return d
+
+
+@attrs.define
+class Server:
+    """A server protocol on a StringTransport, with a client connection to talk to it."""
+
+    handler: FakeHandler
+    clock: Clock
+    factory: RtspServerFactory
+    proto: RtspServerProtocol
+    transport: StringTransport
+    client: RtspClientConnection
+
+    def send(self, data: bytes) -> list[Response | InterleavedFrame]:
+        """Feed bytes to the server; return what it answered."""
+        self.proto.dataReceived(data)
+        return self.take()
+
+    def take(self) -> list[Response | InterleavedFrame]:
+        """Parse what the server wrote since last time."""
+        out = self.transport.value()
+        self.transport.clear()
+        if out:
+            self.client.receive_data(out)
+        events: list[Response | InterleavedFrame] = []
+        while True:
+            ev = self.client.next_event()
+            if isinstance(ev, InterleavedFrame):
+                events.append(ev)
+            elif hasattr(ev, "response"):
+                events.append(ev.response)  # type: ignore[union-attr]
+            else:
+                return events
+
+    def ask(self, pair: tuple[int, bytes]) -> Response:
+        """Send one client request, return the one response."""
+        (resp,) = self.send(pair[1])
+        assert isinstance(resp, Response)
+        return resp
+
+
+def _server(timeout: float = 60.0, limits: Limits = Limits(max_buffer=4096)) -> Server:  # noqa: B008
+    handler = FakeHandler()
+    clock = Clock()
+    factory = RtspServerFactory(
+        handler, clock, random.Random(3), session_timeout=timeout, limits=limits
+    )
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.9", 40000))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return Server(handler, clock, factory, proto, transport, RtspClientConnection())
+
+
+def test_handler_provides_interface() -> None:
+    """The test handler satisfies IRtspHandler (so the lead's can be verified the same way)."""
+    assert verifyObject(IRtspHandler, FakeHandler())
+
+
+def test_udp_session_full_flow() -> None:
+    """OPTIONS, DESCRIBE, SETUP, PLAY, PAUSE, TEARDOWN over UDP give the right headers and state."""
+    s = _server()
+    c = s.client
+    r = s.ask(c.options(URL))
+    assert r.status == 200 and "DESCRIBE" in (r.headers.get("Public") or "")
+    r = s.ask(c.describe(URL))
+    assert r.headers.get("Content-Type") == "application/sdp"
+    assert r.headers.get("Content-Base") == URL + "/"
+    assert r.body == b"v=0\r\ns=sample\r\n"
+    r = s.ask(c.setup(TRACK, UDP))
+    assert r.status == 200
+    sid = c.session_id
+    assert sid is not None and r.headers.get("Session") == f"{sid};timeout=60"
+    (reply,) = parse_transport(r.headers.get("Transport") or "")
+    assert reply.server_port == (6970, 6971) and reply.client_port == (5000, 5001)
+    session = s.factory.sessions.get(sid)
+    assert (
+        session is not None and session.state is SessionState.READY and session.peer == "127.0.0.9"
+    )
+    r = s.ask(c.play(URL, NptRange(2.0, None)))
+    assert r.headers.get("Range") == "npt=2-"
+    assert r.headers.get("RTP-Info") == f"url={TRACK};seq=1;rtptime=0"
+    assert r.headers.get("Session") == sid
+    assert session.state is SessionState.PLAYING
+    assert s.ask(c.pause(URL)).status == 200
+    assert session.state is SessionState.READY
+    assert s.ask(c.teardown(URL)).status == 200
+    assert s.factory.sessions.get(sid) is None
+    assert [name for name, _ in s.handler.calls] == [
+        "describe",
+        "setup",
+        "play",
+        "pause",
+        "teardown",
+    ]
+
+
+def test_describe_object_is_serialized() -> None:
+    """A handler may return a SessionDescription; the server writes it as SDP."""
+    s = _server()
+    r = s.ask(s.client.describe(URL + "/object"))
+    assert sdp.parse_sdp(r.body).media[0].control == "trackID=0"
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"FROBNICATE rtsp://h/s RTSP/1.0\r\nCSeq: 1\r\n\r\n", 501),
+        (b"RECORD rtsp://h/s RTSP/1.0\r\nCSeq: 1\r\nSession: X\r\n\r\n", 405),
+        (b"PLAY rtsp://h/s RTSP/1.0\r\nCSeq: 1\r\n\r\n", 455),
+        (b"PLAY rtsp://h/s RTSP/1.0\r\nCSeq: 1\r\nSession: NOPE\r\n\r\n", 454),
+        (b"SETUP rtsp://h/s RTSP/1.0\r\nCSeq: 1\r\nTransport: RTP/AVP;multicast\r\n\r\n", 461),
+        (b"SETUP rtsp://h/s RTSP/1.0\r\nCSeq: 1\r\n\r\n", 461),
+        (b"DESCRIBE rtsp://h/missing RTSP/1.0\r\nCSeq: 1\r\n\r\n", 404),
+        (b"SET_PARAMETER rtsp://h/s RTSP/1.0\r\nCSeq: 1\r\nContent-Length: 4\r\n\r\nboom", 500),
+        (
+            b"SETUP rtsp://h/refuse RTSP/1.0\r\nCSeq: 1\r\nTransport: RTP/AVP;client_port=1-2\r\n\r\n",
+            453,
+        ),
+        (b"OPTIONS * RTSP/1.0\r\nCSeq: 1\r\nRequire: implicit-play\r\n\r\n", 551),
+    ],
+)
+def test_request_errors_keep_the_connection(data: bytes, status: int) -> None:
+    """Per-request errors answer their status with the CSeq and leave the connection open."""
+    s = _server()
+    s.client._pending[1] = ("X", "x")
+    (r,) = s.send(data)
+    assert isinstance(r, Response) and r.status == status and r.cseq == 1
+    assert not s.transport.disconnecting
+    assert len(s.factory.sessions) == 0  # a refused SETUP leaves no session behind
+    s.client._pending[2] = ("OPTIONS", "*")
+    (r,) = s.send(b"OPTIONS * RTSP/1.0\r\nCSeq: 2\r\n\r\n")
+    assert isinstance(r, Response) and r.status == 200
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"this is not rtsp\r\n\r\n", 400),
+        (b"OPTIONS * RTSP/1.0\r\n\r\n", 400),
+        (b"OPTIONS * RTSP/2.0\r\nCSeq: 1\r\n\r\n", 505),
+        (b"DESCRIBE rtsp://h/" + b"a" * 5000, 414),
+        (b"SET_PARAMETER * RTSP/1.0\r\nCSeq: 1\r\nContent-Length: 999999\r\n\r\n", 413),
+    ],
+)
+def test_malformed_input_answers_then_closes(data: bytes, status: int) -> None:
+    """Broken framing or limits answer the status with Connection: close, then disconnect."""
+    s = _server()
+    s.proto.dataReceived(data)
+    out = s.transport.value()
+    assert out.startswith(f"RTSP/1.0 {status} ".encode())
+    assert b"Connection: close" in out
+    assert s.transport.disconnecting
+    s.transport.clear()
+    s.proto.dataReceived(b"OPTIONS * RTSP/1.0\r\nCSeq: 5\r\n\r\n")
+    assert s.transport.value() == b""
+
+
+def test_pipelined_requests_answered_in_order() -> None:
+    """A slow DESCRIBE holds back the pipelined OPTIONS until it is answered."""
+    s = _server()
+    c = s.client
+    _, d1 = c.describe(URL + "/slow")
+    _, d2 = c.options(URL)
+    assert s.send(d1 + d2) == []
+    assert s.handler.slow is not None
+    s.handler.slow.callback(b"v=0\r\n")
+    r1, r2 = s.take()
+    assert isinstance(r1, Response) and isinstance(r2, Response)
+    assert (r1.cseq, r2.cseq) == (1, 2)
+
+
+def test_reading_pauses_while_busy_with_a_big_backlog() -> None:
+    """A client flooding requests behind a slow one gets its reads paused, then resumed."""
+    s = _server()
+    c = s.client
+    _, first = c.describe(URL + "/slow")
+    flood = b"".join(c.options(URL)[1] for _ in range(200))
+    s.send(first + flood)
+    assert s.transport.producerState == "paused"
+    assert s.handler.slow is not None
+    s.handler.slow.callback(b"")
+    assert len(s.take()) == 201
+    assert s.transport.producerState == "producing"
+
+
+def test_interleaved_tcp_session() -> None:
+    """RTP/AVP/TCP gets channels 0-1, frames flow both ways, and a lost connection tears down."""
+    s = _server()
+    c = s.client
+    r = s.ask(c.setup(TRACK, TCP))
+    (reply,) = parse_transport(r.headers.get("Transport") or "")
+    assert reply.interleaved == (0, 1) and reply.ssrc == 0x1234
+    sid = c.session_id
+    assert sid is not None
+    session = s.factory.sessions.get(sid)
+    assert session is not None
+    s.ask(c.play(URL))
+    assert session.send_interleaved(0, b"rtp-packet")
+    assert not s.proto.write_paused
+    assert s.take() == [InterleavedFrame(0, b"rtp-packet")]
+    s.proto.dataReceived(c.send_interleaved(1, b"rtcp-rr") + c.send_interleaved(7, b"unbound"))
+    assert s.handler.frames == [(sid, 1, b"rtcp-rr")]
+    # A second stream on the same connection gets the next pair.
+    r = s.ask(c.setup(URL + "/trackID=1", TCP))
+    assert parse_transport(r.headers.get("Transport") or "")[0].interleaved == (2, 3)
+    s.proto.connectionLost(Failure(ConnectionError()))
+    assert ("teardown", sid) in s.handler.calls
+    assert s.factory.sessions.get(sid) is None
+    assert not session.send_interleaved(0, b"late")
+
+
+def test_udp_session_survives_connection_then_times_out() -> None:
+    """A UDP session outlives its connection, keep-alives postpone reaping, silence reaps it."""
+    s = _server(timeout=30.0)
+    c = s.client
+    s.ask(c.setup(TRACK, UDP))
+    sid = c.session_id
+    assert sid is not None
+    s.clock.advance(20)
+    assert s.ask(c.get_parameter(URL)).status == 200  # keep-alive at t=20
+    s.clock.advance(20)
+    assert s.factory.sessions.get(sid) is not None
+    s.proto.connectionLost(Failure(ConnectionError()))
+    assert s.factory.sessions.get(sid) is not None
+    assert s.factory.touch(sid)  # RTCP seen at t=40
+    s.clock.advance(29)
+    assert s.factory.sessions.get(sid) is not None
+    s.clock.advance(1)
+    assert s.factory.sessions.get(sid) is None
+    assert ("teardown", sid) in s.handler.calls
+    assert s.clock.getDelayedCalls() == []
+
+
+def test_session_controlled_from_a_second_connection() -> None:
+    """A session set up on one connection can be played from another (RFC 2326 §12.37)."""
+    s = _server()
+    s.ask(s.client.setup(TRACK, UDP))
+    sid = s.client.session_id
+    other = s.factory.buildProtocol(IPv4Address("TCP", "127.0.0.9", 40001))
+    transport = StringTransport()
+    other.makeConnection(transport)
+    other.dataReceived(f"PLAY {URL} RTSP/1.0\r\nCSeq: 1\r\nSession: {sid}\r\n\r\n".encode())
+    assert transport.value().startswith(b"RTSP/1.0 200 OK\r\nCSeq: 1\r\n")
+
+
+def test_get_parameter_body_and_teardown_without_session() -> None:
+    """GET_PARAMETER returns the handler's body; a session-less TEARDOWN is a 200 no-op."""
+    s = _server()
+    r = s.ask(s.client.get_parameter(URL, b"position\r\n"))
+    assert r.body == b"position: 1\r\n" and r.headers.get("Content-Type") == "text/parameters"
+    assert s.ask(s.client.teardown(URL)).status == 200
+    assert ("teardown", None) not in s.handler.calls
+
+
+# --- the Twisted client against the server -----------------------------------------------
+
+
+def _pair() -> tuple[
+    RtspClientProtocol,
+    RtspServerProtocol,
+    iosim.IOPump,
+    FakeHandler,
+    list[tuple[int, bytes]],
+    Clock,
+]:
+    handler = FakeHandler()
+    clock = Clock()
+    factory = RtspServerFactory(handler, clock, random.Random(5))
+    frames: list[tuple[int, bytes]] = []
+    client, server, pump = iosim.connectedServerAndClient(
+        lambda: factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)),
+        lambda: RtspClientProtocol(
+            lambda ch, data: frames.append((ch, data)), clock=clock, timeout=5.0
+        ),
+        clock=clock,
+    )
+    return client, server, pump, handler, frames, clock
+
+
+def _result(d: Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    return out[0]
+
+
+def test_client_protocol_session() -> None:
+    """The Twisted client sets up TCP, plays, receives interleaved RTP and tears down."""
+    client, server, pump, handler, frames, _ = _pair()
+    assert _result(client.ready) is client
+    d = client.describe(URL)
+    pump.flush()
+    assert _result(d).body.startswith(b"v=0")
+    d = client.setup(TRACK, TCP)
+    pump.flush()
+    assert _result(d).status == 200 and client.session_id is not None
+    d = client.play(URL)
+    pump.flush()
+    assert _result(d).headers.get("Range") == "npt=0-"
+    session = server.factory.sessions.get(client.session_id)
+    assert session is not None
+    session.send_interleaved(0, b"\x80\x21rtp")
+    client.send_interleaved(1, b"rtcp")
+    pump.flush()
+    assert frames == [(0, b"\x80\x21rtp")]
+    assert handler.frames == [(session.session_id, 1, b"rtcp")]
+    d = client.teardown(URL)
+    pump.flush()
+    assert _result(d).status == 200 and client.session_id is None
+
+
+def test_client_protocol_errors() -> None:
+    """Non-2xx errbacks RtspStatusError; unanswered requests time out or fail on disconnect."""
+    client, _server_proto, pump, _handler, _, clock = _pair()
+    d = client.play(URL)
+    pump.flush()
+    failure = _result(d)
+    assert isinstance(failure, Failure) and failure.check(RtspStatusError)
+    assert failure.value.status == 455 and failure.value.response.status == 455
+    d = client.describe(URL + "/slow")
+    pump.flush()
+    clock.advance(5.0)
+    assert isinstance(_result(d), Failure)
+    d = client.options(URL)
+    client.connectionLost(Failure(ConnectionError("gone")))
+    failure = _result(d)
+    assert isinstance(failure, Failure) and failure.check(RtspConnectionLost)
+    assert _result(client.options(URL)).check(RtspConnectionLost)
+
+
+def test_client_protocol_drops_bad_server() -> None:
+    """A garbled response fails the pending requests and closes the connection."""
+    proto = RtspClientProtocol()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    d = proto.request("OPTIONS", "*")
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert isinstance(_result(d), Failure)
+    assert transport.disconnecting
