@@ -64,7 +64,7 @@ class MimePart:
     def header_block(self, fields: Sequence[str | bytes] | None, negate: bool) -> bytes:
         """The header octets (all, only ``fields``, or all but ``fields``) plus the blank line."""
         if not fields:
-            return self.head if not negate else b"\r\n"
+            return self.head  # BODY[HEADER]: twisted says negate=True, meaning "all"
         wanted = {_text(f).lower() for f in fields}
         kept = [raw for name, raw in self._lines() if (name in wanted) != negate]
         return b"".join(kept) + b"\r\n"
