@@ -309,14 +309,10 @@ def complete(
         chosen = reply_transport or prepared.transport
         if chosen is not None:
             session.streams[url] = chosen
-    if method == "TEARDOWN":
-        if url in session.streams and len(session.streams) > 1:
-            del session.streams[url]  # one stream of several: the session lives on
-        else:
-            session.streams.clear()
-        if not session.streams:
-            session.state = SessionState.INIT
-            table.remove(session.session_id)
+    if method == "TEARDOWN":  # always the whole session (the handler tears it all down)
+        session.streams.clear()
+        session.state = SessionState.INIT
+        table.remove(session.session_id)
         return
     session.state = prepared.next_state
 
