@@ -250,6 +250,7 @@ def test_malformed_input_answers_then_closes(data: bytes, status: int) -> None:
     assert out.startswith(f"RTSP/1.0 {status} ".encode())
     assert b"Connection: close" in out
     assert s.transport.disconnecting
+    assert s.transport.producer is None  # unregistered, or a paused gate would block the close
     s.transport.clear()
     s.proto.dataReceived(b"OPTIONS * RTSP/1.0\r\nCSeq: 5\r\n\r\n")
     assert s.transport.value() == b""
@@ -297,6 +298,9 @@ def test_interleaved_tcp_session() -> None:
     s.ask(c.play(URL))
     assert session.send_interleaved(0, b"rtp-packet")
     assert not s.proto.write_paused
+    s.transport.producer.pauseProducing()  # the transport's buffer is full
+    assert s.proto.write_paused
+    s.transport.producer.resumeProducing()
     assert s.take() == [InterleavedFrame(0, b"rtp-packet")]
     s.proto.dataReceived(c.send_interleaved(1, b"rtcp-rr") + c.send_interleaved(7, b"unbound"))
     assert s.handler.frames == [(sid, 1, b"rtcp-rr")]

@@ -422,3 +422,30 @@ def test_parse_url() -> None:
     for bad in ["http://h/", "rtsp://h:99999/", "rtsp:///x"]:
         with pytest.raises(MalformedHeader):
             parse_url(bad)
+
+
+@given(
+    st.text(alphabet="abcdefABCDEF0123456789$-_.+", min_size=1, max_size=64),
+    st.one_of(st.none(), st.integers(0, 10**6)),
+)
+def test_session_round_trip(sid: str, timeout: int | None) -> None:
+    """Any valid session id and timeout survive serialize -> parse."""
+    header = SessionHeader(sid, timeout)
+    assert parse_session(serialize_session(header)) == header
+
+
+@given(
+    st.lists(
+        st.builds(
+            RtpInfo,
+            token.map(lambda t: f"rtsp://h/s/{t}"),
+            st.one_of(st.none(), st.integers(0, 65535)),
+            st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_rtp_info_hypothesis_round_trip(infos: list[RtpInfo]) -> None:
+    """Any RTP-Info list survives serialize -> parse."""
+    assert parse_rtp_info(serialize_rtp_info(infos)) == tuple(infos)

@@ -90,6 +90,7 @@ class RtspServerProtocol(_Shell):
         self._pumping = False
         self._reading_paused = False
         self._lost = False
+        self._registered = False
 
     @property
     def write_paused(self) -> bool:
@@ -98,6 +99,14 @@ class RtspServerProtocol(_Shell):
 
     def connectionMade(self) -> None:
         self._t.registerProducer(self._gate, True)
+        self._registered = True
+
+    def _close(self) -> None:
+        # A transport holding a paused producer would never finish closing.
+        if self._registered:
+            self._registered = False
+            self._t.unregisterProducer()
+        self._t.loseConnection()
 
     def used_channels(self) -> frozenset[int]:
         """Interleaved channels already bound on this connection."""
@@ -128,12 +137,12 @@ class RtspServerProtocol(_Shell):
                 except RemoteProtocolError as exc:
                     self.log.warn("rtsp: {peer}: {error}", peer=self.peer, error=exc)
                     self._t.write(self.conn.send_error(exc))
-                    self._t.loseConnection()
+                    self._close()
                     return
                 if event is NEED_DATA:
                     break
                 if isinstance(event, ConnectionClosed):
-                    self._t.loseConnection()
+                    self._close()
                     break
                 if isinstance(event, InterleavedFrame):
                     self._interleaved(event)
