@@ -407,7 +407,10 @@ class Internode:
 
         def sample() -> None:
             while not self._stop.is_set():
-                v = self.read()
+                try:
+                    v = self.read()
+                except (OSError, subprocess.SubprocessError):
+                    v = None
                 if v is not None:
                     self.samples.append((time.monotonic(), v[0], v[1]))
                 self._stop.wait(0.2)
@@ -429,10 +432,14 @@ class Internode:
 
     def between(self, t0: float, t1: float) -> tuple[float, float] | None:
         """(bytes, packets) counted between t0 and t1 (monotonic), interpolated."""
-        sm = self.samples
-        if self.error or len(sm) < 2 or sm[0][0] > t0 or sm[-1][0] < t1:
-            if not self.error:
-                self.error = "too few counter samples"
+        sm = list(self.samples)
+        if self.error:
+            return None
+        if len(sm) < 2 or sm[0][0] > t0 or sm[-1][0] < t1 - 0.5:
+            self.error = (
+                f"counter samples do not cover the window ({len(sm)} samples, "
+                f"{sm[0][0] - t0 if sm else 0:+.2f} s .. {sm[-1][0] - t1 if sm else 0:+.2f} s)"
+            )
             return None
 
         def at(t: float) -> tuple[float, float]:
