@@ -12,6 +12,8 @@ Changes to the stock protocol (26.10):
   the RCPT answer and reply 503);
 - one message body is kept per transaction however many recipients it has,
   and stored once per recipient through the delivery proxy;
+- NOOP, VRFY (252) and HELP exist; non-ASCII command words get 500 (stock
+  raises and drops the connection);
 - storage failures answer 451 (try again later), not the stock permanent 550;
 - bounded: 2,048-octet command lines (500), 64 KiB lines in DATA or the
   connection closes, 100 recipients (452), 20 errors (421 and close), a
@@ -68,7 +70,8 @@ class Transaction:
         self.size += len(line) + 2
         if self.size > self.max_size:
             self.abort()
-            raise smtp.SMTPServerError(552, "5.3.4 Message size exceeds fixed limit")
+            # bytes: stock sends ``datafailed.resp`` as it is at the final dot
+            raise smtp.SMTPServerError(552, b"5.3.4 Message size exceeds fixed limit")
         self.chunks.append(line)
 
     def eom(self) -> Deferred[object]:
@@ -211,6 +214,26 @@ class MailESMTP(smtp.ESMTP):
         self.sendCode(500, b"5.5.2 Line too long, closing")
         self._t.loseConnection()
 
+    def lookupMethod(self, command: bytes) -> Any:
+        """Commands that are not ASCII are unknown (stock raises UnicodeDecodeError)."""
+        try:
+            command.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return super().lookupMethod(command)
+
+    def do_NOOP(self, rest: bytes) -> None:
+        """NOOP (RFC 5321 4.1.1.9; missing from stock)."""
+        self.sendCode(250, b"2.0.0 OK")
+
+    def do_VRFY(self, rest: bytes) -> None:
+        """VRFY: never tells who exists."""
+        self.sendCode(252, b"2.5.2 Cannot VRFY user, but will accept message")
+
+    def do_HELP(self, rest: bytes) -> None:
+        """HELP."""
+        self.sendCode(214, b"2.0.0 See RFC 5321")
+
     # --- MAIL / RCPT / DATA ---------------------------------------------------------
 
     def do_MAIL(self, rest: bytes) -> None:
@@ -245,7 +268,8 @@ class MailESMTP(smtp.ESMTP):
         f = failures[0]
         if isinstance(f, Failure) and f.check(smtp.SMTPServerError):
             err: Any = f.value
-            self.sendCode(err.code, str(err.resp).encode("utf-8", "replace"))
+            resp = err.resp if isinstance(err.resp, bytes) else str(err.resp).encode("utf-8")
+            self.sendCode(err.code, resp)
             return
         log.failure("SMTP delivery failed", f)
         self.sendCode(451, b"4.3.0 Local error in processing, try again later")
