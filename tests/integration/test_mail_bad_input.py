@@ -117,7 +117,7 @@ def test_size_over_limit(mail: RunningMail) -> None:
     with smtplib.SMTP("127.0.0.1", mail.port("smtp"), timeout=10) as s:
         s.ehlo()
         assert s.has_extn("size") and int(s.esmtp_features["size"]) == LIMIT
-        assert s.mail("a@b.org", ["SIZE=%d" % (LIMIT + 1)])[0] == 552
+        assert s.mail("a@b.org", [f"SIZE={LIMIT + 1}"])[0] == 552
         s.rset()
         big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 80
         assert s.mail("a@b.org")[0] == 250 and s.rcpt(ALICE)[0] == 250

@@ -44,7 +44,7 @@ def test_fifty_sessions_thousand_messages(tmp_path: Path) -> None:
         for u in USERS:
             i = imaplib.IMAP4("127.0.0.1", m.port("imap"), timeout=60)
             i.login(u, "pw")
-            typ, data = i.select("INBOX", readonly=True)
+            _, data = i.select("INBOX", readonly=True)
             count = int(data[0])
             _, uids = i.uid("SEARCH", "ALL")
             assert [int(x) for x in uids[0].split()] == list(range(1, count + 1))
