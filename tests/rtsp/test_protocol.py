@@ -73,6 +73,8 @@ class FakeHandler:
 
     def play(self, session: ServerSession, range: NptRange | None) -> Any:
         self.calls.append(("play", range))
+        if any(t.is_tcp for t in session.streams.values()):
+            session.send_interleaved(0, b"first")  # sent while the PLAY is being answered
         return PlayReply(range or NptRange(0.0, None), (RtpInfo(TRACK, 1, 0),))
 
     def pause(self, session: ServerSession) -> Any:
@@ -295,7 +297,9 @@ def test_interleaved_tcp_session() -> None:
     assert sid is not None
     session = s.factory.sessions.get(sid)
     assert session is not None
-    s.ask(c.play(URL))
+    r, first = s.send(c.play(URL)[1])
+    assert isinstance(r, Response) and r.status == 200
+    assert first == InterleavedFrame(0, b"first")  # held back until after the PLAY response
     assert session.send_interleaved(0, b"rtp-packet")
     assert not s.proto.write_paused
     s.transport.producer.pauseProducing()  # the transport's buffer is full
@@ -406,7 +410,7 @@ def test_client_protocol_session() -> None:
     session.send_interleaved(0, b"\x80\x21rtp")
     client.send_interleaved(1, b"rtcp")
     pump.flush()
-    assert frames == [(0, b"\x80\x21rtp")]
+    assert frames == [(0, b"first"), (0, b"\x80\x21rtp")]
     assert handler.frames == [(session.session_id, 1, b"rtcp")]
     d = client.teardown(URL)
     pump.flush()

@@ -91,6 +91,8 @@ class RtspServerProtocol(_Shell):
         self._reading_paused = False
         self._lost = False
         self._registered = False
+        self._held: list[bytes] | None = None
+        self._held_bytes = 0
 
     @property
     def write_paused(self) -> bool:
@@ -116,7 +118,16 @@ class RtspServerProtocol(_Shell):
         """Write one interleaved frame; False if the connection is gone."""
         if self._lost or self.conn.closed:
             return False
-        self._t.write(self.conn.send(InterleavedFrame(channel, data)))
+        frame = self.conn.send(InterleavedFrame(channel, data))
+        if self._held is not None:
+            # A PLAY is being answered: frames wait until its response is written,
+            # because players skip '$' data that arrives before the PLAY reply.
+            if self._held_bytes + len(frame) > self.factory.limits.max_buffer:
+                return False
+            self._held.append(frame)
+            self._held_bytes += len(frame)
+            return True
+        self._t.write(frame)
         return True
 
     def dataReceived(self, data: bytes) -> None:
@@ -148,6 +159,8 @@ class RtspServerProtocol(_Shell):
                     self._interleaved(event)
                 elif isinstance(event, RequestReceived):
                     self._busy = True
+                    if event.request.method == "PLAY":
+                        self._held, self._held_bytes = [], 0
                     self.factory.dispatch(event.request, self).addCallback(self._respond)
         finally:
             self._pumping = False
@@ -167,9 +180,12 @@ class RtspServerProtocol(_Shell):
 
     def _respond(self, response: Response) -> None:
         self._busy = False
+        held, self._held = self._held, None
         if self._lost:
             return
         self._t.write(self.conn.send(response))
+        if held:
+            self._t.writeSequence(held)
         self._pump()
 
     def bind(self, session: ServerSession, transport: TransportSpec) -> None:
