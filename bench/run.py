@@ -123,10 +123,14 @@ class Settings:
         self.retx_seeds = 2 if quick else 5
         self.retx_sim_s = 10.0 if quick else 30.0
         self.retx_play_s = 6.0 if quick else 12.0
+        # bipartite = standard client, the RTSP node relays in order; bipartite-fanout =
+        # the client opts in (x-yima-fanout) and every node sends to it directly (Yima-2)
         self.yima_configs = (
-            [("bipartite", 1), ("bipartite", 3), ("master-slave", 3)]
+            [("bipartite", 1), ("bipartite-fanout", 3), ("master-slave", 3)]
             if quick
-            else [(m, n) for m in ("bipartite", "master-slave") for n in (1, 2, 3)]
+            else [("bipartite", n) for n in (1, 2, 3)]
+            + [("bipartite-fanout", n) for n in (2, 3)]
+            + [("master-slave", n) for n in (1, 2, 3)]
         )
 
     def left(self) -> float:
@@ -629,10 +633,12 @@ def rtsp_ramp(
     budget: float,
     start: int,
     log: Path,
+    fanout: bool = False,
 ) -> dict[str, Any]:
     argv = [
         PY,
         str(PEERS / "rtsp_load.py"),
+        *(["--fanout"] if fanout else []),
         "--url",
         url,
         "--ramp",
@@ -657,6 +663,12 @@ def rtsp_ramp(
     kv = parse_result(r.stdout, "rtsp")
     if kv is None:
         raise PartFailed(f"{label}: rtsp_load gave no result: {r.stderr.strip()[-300:]}")
+    if fanout:
+        for g, n_ok in re.findall(r"fanout=(\d+)/(\d+)", r.stdout):
+            if int(g) < int(n_ok):
+                raise PartFailed(
+                    f"{label}: asked for x-yima-fanout, granted to {g} of {n_ok} sessions"
+                )
     out: dict[str, Any] = {k: (fnum(v) if fnum(v) is not None else v) for k, v in kv.items()}
     if not out.get("max_sessions"):
         m = re.findall(r"setup errors: \d+, first: (.*)", r.stdout)
@@ -676,13 +688,20 @@ def rtsp_ramp(
 
 
 def internode_trial(
-    s: Settings, url: str, ramp: dict[str, Any], label: str, pids: list[int], work: Path
+    s: Settings,
+    url: str,
+    ramp: dict[str, Any],
+    label: str,
+    pids: list[int],
+    work: Path,
+    fanout: bool = False,
 ) -> dict[str, Any]:
     """One fixed trial at half the capacity, counting bytes between the nodes: internode
     bytes per delivered byte (Yima-1 gathers every block on the master; Yima-2 only
     relays for standard clients)."""
     n = max(1, int(ramp.get("max_sessions") or 0) // 2)
     argv = [PY, str(PEERS / "rtsp_load.py"), "--url", url, "--sessions", str(n)]
+    argv += ["--fanout"] if fanout else []
     argv += ["--warmup", str(s.rtsp_warmup), "--window", str(s.rtsp_window), "--label", label]
     argv += [a for pid in pids for a in ("--server-pid", str(pid))]
     with Internode(YIMA_NET) as net:
@@ -1563,7 +1582,9 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
             continue
         try:
             with scoped():
-                c = Cluster("yima", n, WORK / f"yima-{key}", ["--mode", mode])
+                fanout = mode == "bipartite-fanout"
+                node_mode = "bipartite" if fanout else mode
+                c = Cluster("yima", n, WORK / f"yima-{key}", ["--mode", node_mode])
                 c.start()
                 t_ingest = time.monotonic()
                 r = c.cli(
@@ -1605,10 +1626,11 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
                         budget,
                         start,
                         work / "load.log",
+                        fanout,
                     )
                 row.update(ramp)
                 if n > 1:
-                    row.update(internode_trial(s, url, ramp, f"yima-{key}", c.pids, work))
+                    row.update(internode_trial(s, url, ramp, f"yima-{key}", c.pids, work, fanout))
                 out[key] = row
         except PartFailed as e:
             msg = str(e)
@@ -1985,7 +2007,11 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     if yima or gst:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         anything = False
-        for mode, style in (("bipartite", "o-"), ("master-slave", "s--")):
+        for mode, style in (
+            ("bipartite", "o-"),
+            ("bipartite-fanout", "D-"),
+            ("master-slave", "s--"),
+        ):
             pts = []
             for y in yima.values():
                 if y.get("mode") == mode and val(y, "max_sessions") is not None:

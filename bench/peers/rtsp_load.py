@@ -46,6 +46,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchutil  # noqa: E402
 
 
+# --fanout (added for yimaporc): ask a Yima cluster for direct fan-out
+# (Transport ...;x-yima-fanout, docs/wire.md): RTP of one stream then arrives from
+# every node, so receipt is counted per (global) sequence number, order-insensitive.
+FANOUT = False
+
+
 class RtspError(Exception):
     pass
 
@@ -190,10 +196,14 @@ class RtspSession:
             st, h, _ = self._send(
                 "SETUP",
                 tr.url,
-                ["Transport: RTP/AVP;unicast;client_port=%d-%d" % (tr.port, tr.port + 1)],
+                [
+                    "Transport: RTP/AVP;unicast;client_port=%d-%d%s"
+                    % (tr.port, tr.port + 1, ";x-yima-fanout" if FANOUT else "")
+                ],
             )
             if st != 200:
                 raise RtspError("SETUP %d" % st)
+            tr.stats.fanout = FANOUT and "x-yima-fanout" in h.get("transport", "")
             if not self.session_id:
                 self.session_id = h.get("session", "").split(";")[0].strip()
                 if not self.session_id:
@@ -246,6 +256,9 @@ class Stats:
         "last_ts",
         "dups",
         "clock",
+        "fanout",
+        "max_seq",
+        "w_seen",
     )
 
     def __init__(self, clock=90000):
@@ -260,6 +273,9 @@ class Stats:
         self.ext_ts = None
         self.last_ts = None
         self.dups = 0
+        self.fanout = False  # granted x-yima-fanout: count by sequence number, any order
+        self.max_seq = None  # highest extended sequence number seen
+        self.w_seen = set()  # extended sequence numbers received in the window
 
 
 def _drain_rtp(sock, st, buf, mv, now, in_win, t_win1):
@@ -272,7 +288,10 @@ def _drain_rtp(sock, st, buf, mv, now, in_win, t_win1):
             continue
         seq = (buf[2] << 8) | buf[3]
         ts = int.from_bytes(mv[4:8], "big")
-        plen = n - 12 - 4 * (buf[0] & 0x0F)
+        off = 12 + 4 * (buf[0] & 0x0F)
+        if buf[0] & 0x10 and n >= off + 4:  # header extension (RFC 8285): not payload
+            off += 4 + 4 * ((buf[off + 2] << 8) | buf[off + 3])
+        plen = n - off
         # extend the 32-bit RTP timestamp
         if st.ext_ts is None:
             st.ext_ts = ts
@@ -284,6 +303,32 @@ def _drain_rtp(sock, st, buf, mv, now, in_win, t_win1):
                 st.ext_ts -= 0x100000000 - d
         ets = st.ext_ts
         lost = 0
+        if st.fanout:
+            if st.max_seq is None:
+                st.max_seq = ext = seq
+                st.first_t = now
+            else:
+                d = (seq - (st.max_seq & 0xFFFF)) & 0xFFFF
+                ext = st.max_seq + d if d < 0x8000 else st.max_seq - (0x10000 - d)
+                st.max_seq = max(st.max_seq, ext)
+            st.recv += 1
+            st.bytes += plen
+            if in_win:
+                if ext in st.w_seen:
+                    st.dups += 1
+                    continue
+                st.w_seen.add(ext)
+                st.w_bytes += plen
+                if st.ts0 is None:
+                    st.ts0 = (now, ets)
+                lag = (now - st.ts0[0]) - (ets - st.ts0[1]) / st.clock
+                if now - st.ts0[0] < 0.5 and (st.lag_first is None or lag < st.lag_first):
+                    st.lag_first = lag
+                if t_win1 - now < 0.5:
+                    v = st.lag_last.get(0)
+                    if v is None or lag < v:
+                        st.lag_last[0] = lag
+            continue
         if st.next_seq is None:
             st.first_t = now
         else:
@@ -462,6 +507,10 @@ def run_trial(
         deliv, rate, wbytes, wlost, dups = 1.0, 1.0, 0, 0, 0
         for tr in s.tracks:
             st = tr.stats
+            if st.fanout and st.w_seen:
+                # holes in the window's range of sequence numbers are losses
+                st.w_recv = len(st.w_seen)
+                st.w_lost = max(st.w_seen) - min(st.w_seen) + 1 - st.w_recv
             exp = st.w_recv + st.w_lost
             deliv = min(deliv, st.w_recv / exp if exp else 0.0)
             if st.lag_first is not None and 0 in st.lag_last:
@@ -473,6 +522,7 @@ def run_trial(
             dups += st.dups
         per.append((deliv, rate, wbytes, wlost, dups))
     n_ok = len(per)
+    granted = sum(1 for s in ok if s.tracks and all(t.stats.fanout for t in s.tracks))
     passed = [p for p in per if p[0] >= min_delivery and p[1] >= min_rate]
     agg_mbps = sum(p[2] for p in per) * 8 / window / 1e6
     res = {
@@ -489,6 +539,7 @@ def run_trial(
         "agg_mbps": agg_mbps,
         "per_session_mbps": agg_mbps / n_ok if n_ok else 0.0,
         "rcvbuf_errors": errs1[0] - errs0[0],
+        "fanout_granted": granted,
         **cpu,
     }
     if errors and verbose:
@@ -501,7 +552,8 @@ def run_trial(
             "setup_s=%(setup_s).2f teardown_s=%(teardown_s).2f rcvbuf_errors=%(rcvbuf_errors)d "
             "gen_cpu=%(gen_cpu_pct).0f%% sys_cpu_tick=%(sys_cpu_pct).0f%%"
             % res
-            + (" server_cpu=%.0f%%" % res["server_cpu_pct"] if "server_cpu_pct" in res else ""),
+            + (" server_cpu=%.0f%%" % res["server_cpu_pct"] if "server_cpu_pct" in res else "")
+            + (" fanout=%d/%d" % (granted, n_ok) if FANOUT else ""),
             flush=True,
         )
     return res
@@ -593,7 +645,14 @@ def main():
         default=2.0,
         help="sleep before each poll so packets are read in batches",
     )
+    ap.add_argument(
+        "--fanout",
+        action="store_true",
+        help="(added) ask for Yima direct fan-out (x-yima-fanout); count receipt by sequence number",
+    )
     a = ap.parse_args()
+    global FANOUT
+    FANOUT = a.fanout
     print("  generator priority: %s" % set_priority(a.prio), flush=True)
 
     if not a.ramp:
