@@ -22,16 +22,16 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.cred import portal
-from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.mail import imap4, smtp
+from twisted.mail import imap4
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from ..admin.routes import ApiError, Route
 from ._imap import MailboxRegistry, MailImapServer
@@ -64,6 +64,25 @@ class _ProtocolFactory(Factory):
         p: Protocol = self.build()
         p.factory = self
         return p
+
+
+@implementer(IOpenSSLContextFactory)
+class _ServerTLS:
+    """A server TLS context from PEM files (TLS 1.2+), for STARTTLS and STLS."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        from OpenSSL import SSL
+
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.use_certificate_chain_file(str(cert))
+        ctx.use_privatekey_file(str(key))
+        ctx.check_privatekey()
+        self._ctx = ctx
+
+    def getContext(self) -> Any:
+        """The one shared context."""
+        return self._ctx
 
 
 class MailService(MultiService):
@@ -143,8 +162,7 @@ class MailService(MultiService):
 
     @staticmethod
     def _tls_options(cert: Path | str, key: Path | str) -> Any:
-        pem = Path(key).read_bytes() + b"\n" + Path(cert).read_bytes()
-        return ssl.PrivateCertificate.loadPEM(pem).options()
+        return _ServerTLS(Path(cert), Path(key))
 
     def users_for(self, address: str) -> IUserManager:
         """The user manager of ``address``'s bucket (here: this node's)."""
@@ -174,13 +192,13 @@ class MailService(MultiService):
 
         return gatherResults(ds, consumeErrors=True).addCallbacks(done, _first)
 
-    def _challengers(self, module: Any) -> dict[bytes, Any]:
+    def _challengers(self) -> dict[bytes, Any]:
         if self.tls is None:
             return {}
-        return {b"LOGIN": module.LOGINCredentials, b"PLAIN": module.PLAINCredentials}
+        return {b"LOGIN": imap4.LOGINCredentials, b"PLAIN": imap4.PLAINCredentials}
 
     def _smtp_protocol(self) -> MailESMTP:
-        p = MailESMTP(self.reactor, self.policy, self._deliver, self._challengers(smtp), self.tls)
+        p = MailESMTP(self.reactor, self.policy, self._deliver, self._challengers(), self.tls)
         p.delivery = SmtpDelivery(self.delivery, self.policy, self.reactor.seconds)
         p.portal = self.portal  # type: ignore[assignment]
         return p
