@@ -120,6 +120,7 @@ class ReplicationManager:
         self._next_token = 1
         self._last_issued = 0
         self._next_alive = 0.0
+        self._last_now = 0.0
 
     # --- construction ------------------------------------------------------------
 
@@ -172,6 +173,7 @@ class ReplicationManager:
         a read-modify-write is never discarded because of clock skew.  Returns
         the token that a later :class:`Acknowledge` carries.
         """
+        self._last_now = now
         target_set = frozenset(targets)
         if self.node_id not in target_set:
             raise ValueError(f"coordinator {self.node_id} must be one of the targets")
@@ -210,6 +212,7 @@ class ReplicationManager:
 
     def receive(self, sender: NodeId, message: Message, now: float) -> list[Action]:
         """A message from peer ``sender`` (the transport authenticates who sent it)."""
+        self._last_now = now
         actions: list[Action] = []
         if isinstance(message, Push):
             self._on_push(sender, message, now, actions)
@@ -239,6 +242,7 @@ class ReplicationManager:
 
     def tick(self, now: float) -> list[Action]:
         """Timers: retries, takeovers, retention, alive marks."""
+        self._last_now = now
         actions: list[Action] = []
         now_us = _us(now)
         if now >= self._next_alive:
@@ -267,16 +271,19 @@ class ReplicationManager:
     def next_deadline(self) -> float | None:
         """When :meth:`tick` has work next (local time), or None."""
         best = self._next_alive
+        retention = _us(self.config.retention)
         for slot in self._slots.values():
-            best = min(best, slot.timestamp.wallclock / 1e6 + self.config.retention)
+            best = min(best, (slot.timestamp.wallclock + retention + 1) / 1e6)
             coordinator = slot.entry.coordinator
             # a participant of a live coordinator only pushes once the entry stalls
             start = 0.0
             if coordinator != self.node_id and self._is_live(coordinator):
                 start = slot.since + self.config.stall_timeout
-                best = min(best, start)
             if not slot.remaining:
                 best = min(best, start)  # due for retirement
+                continue
+            if start > self._last_now:
+                best = min(best, start)
             for node in slot.remaining:
                 if self._is_live(node):
                     best = min(best, max(start, slot.next_push.get(node, 0.0)))
