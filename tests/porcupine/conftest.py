@@ -12,28 +12,30 @@ from yimaporc.porcupine.profiledb import ProfileDB
 
 
 @pytest.fixture
-def reactor() -> ImmediateReactor:
+def mail_reactor() -> ImmediateReactor:
     """A synchronous reactor fake."""
     return ImmediateReactor()
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FragmentStore:
+def fragment_store(tmp_path: Path) -> FragmentStore:
     """A fragment store on a fresh data dir, clock fixed at 1,700,000,000."""
     return FragmentStore(tmp_path, "n1", lambda: 1_700_000_000.0)
 
 
 @pytest.fixture
-def manager(reactor: ImmediateReactor, store: FragmentStore) -> MailboxManager:
+def mailbox_manager(
+    mail_reactor: ImmediateReactor, fragment_store: FragmentStore
+) -> MailboxManager:
     """A mailbox manager running synchronously."""
-    return MailboxManager(reactor, SyncPool(), store)  # type: ignore[arg-type]
+    return MailboxManager(mail_reactor, SyncPool(), fragment_store)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-def profiles(reactor: ImmediateReactor, tmp_path: Path) -> ProfileDB:
+def profile_db(mail_reactor: ImmediateReactor, tmp_path: Path) -> ProfileDB:
     """A profile DB with cheap hashing."""
     return ProfileDB(
-        reactor,
+        mail_reactor,
         SyncPool(),  # type: ignore[arg-type]
         tmp_path / "mail" / "profiles.sqlite",
         lambda: 1_700_000_000.0,

@@ -39,23 +39,23 @@ def test_normalise_refuses_path_tricks() -> None:
             normalise(bad)
 
 
-def test_store_writes_body_under_bucket_dir(store: FragmentStore, tmp_path: Path) -> None:
+def test_store_writes_body_under_bucket_dir(fragment_store: FragmentStore, tmp_path: Path) -> None:
     """A stored body is a file in mail/buckets/NNN/<user>/ with the exact bytes."""
-    [d] = store.store([msg(A, b"Subject: x\r\n\r\nhello\r\n")])
+    [d] = fragment_store.store([msg(A, b"Subject: x\r\n\r\nhello\r\n")])
     path = tmp_path / "mail" / "buckets" / bucket_dir(bucket_of(A)) / A / d.key
     assert path.read_bytes() == b"Subject: x\r\n\r\nhello\r\n"
     assert list((tmp_path / "mail" / "tmp").iterdir()) == []
     assert d.uid == 1 and d.size == len(path.read_bytes()) and d.node == "n1"
 
 
-def test_uids_strictly_ascend_and_survive_expunge(store: FragmentStore) -> None:
+def test_uids_strictly_ascend_and_survive_expunge(fragment_store: FragmentStore) -> None:
     """UIDs ascend per mailbox and are never reused after deletion."""
-    uids = [d.uid for d in store.store([msg(A, b"1"), msg(A, b"2"), msg(B, b"3")])]
+    uids = [d.uid for d in fragment_store.store([msg(A, b"1"), msg(A, b"2"), msg(B, b"3")])]
     assert uids == [1, 2, 1]
-    assert store.delete(A, INBOX, [2]) == [2]
-    [d] = store.store([msg(A, b"4")])
+    assert fragment_store.delete(A, INBOX, [2]) == [2]
+    [d] = fragment_store.store([msg(A, b"4")])
     assert d.uid == 3
-    assert [x.uid for x in store.digests(A, INBOX)] == [1, 3]
+    assert [x.uid for x in fragment_store.digests(A, INBOX)] == [1, 3]
 
 
 def test_uidvalidity_stable_across_reopen(tmp_path: Path) -> None:
@@ -69,67 +69,69 @@ def test_uidvalidity_stable_across_reopen(tmp_path: Path) -> None:
     assert before == after == {INBOX: (1000, 2)}
 
 
-def test_recreated_mailbox_gets_new_uidvalidity(store: FragmentStore) -> None:
+def test_recreated_mailbox_gets_new_uidvalidity(fragment_store: FragmentStore) -> None:
     """Deleting and recreating a mailbox changes its UIDVALIDITY (clock unchanged)."""
-    v1 = store.create_mailbox(A, "Work").uidvalidity
-    store.delete_mailbox(A, "Work")
-    v2 = store.create_mailbox(A, "Work").uidvalidity
+    v1 = fragment_store.create_mailbox(A, "Work").uidvalidity
+    fragment_store.delete_mailbox(A, "Work")
+    v2 = fragment_store.create_mailbox(A, "Work").uidvalidity
     assert v2 > v1
 
 
-def test_flags_modes(store: FragmentStore) -> None:
+def test_flags_modes(fragment_store: FragmentStore) -> None:
     """STORE replace, add and remove (case-insensitive) flags."""
-    store.store([msg(A, b"x")])
-    assert store.set_flags(A, INBOX, [1], ["\\Seen"], 0) == {1: ("\\Seen",)}
-    assert store.set_flags(A, INBOX, [1], ["\\Flagged", "\\Seen"], 1) == {
+    fragment_store.store([msg(A, b"x")])
+    assert fragment_store.set_flags(A, INBOX, [1], ["\\Seen"], 0) == {1: ("\\Seen",)}
+    assert fragment_store.set_flags(A, INBOX, [1], ["\\Flagged", "\\Seen"], 1) == {
         1: ("\\Seen", "\\Flagged")
     }
-    assert store.set_flags(A, INBOX, [1, 99], ["\\seen"], -1) == {1: ("\\Flagged",)}
-    assert [m.unseen for m in store.mailboxes(A)] == [1]
+    assert fragment_store.set_flags(A, INBOX, [1, 99], ["\\seen"], -1) == {1: ("\\Flagged",)}
+    assert [m.unseen for m in fragment_store.mailboxes(A)] == [1]
 
 
-def test_copy_shares_body_until_last_reference(store: FragmentStore) -> None:
+def test_copy_shares_body_until_last_reference(fragment_store: FragmentStore) -> None:
     """COPY shares the body; it is removed only when no mailbox refers to it."""
-    store.create_mailbox(A, "Archive")
-    [d] = store.store([msg(A, b"keep me")])
-    [c] = store.copy(A, INBOX, [1], "Archive")
+    fragment_store.create_mailbox(A, "Archive")
+    [d] = fragment_store.store([msg(A, b"keep me")])
+    [c] = fragment_store.copy(A, INBOX, [1], "Archive")
     assert c.key == d.key and c.uid == 1
-    store.delete(A, INBOX, [1])
-    assert store.fetch(A, "Archive", [1]) == {1: b"keep me"}
-    store.delete(A, "Archive", [1])
-    assert not (store.user_path(A) / d.key).exists()
+    fragment_store.delete(A, INBOX, [1])
+    assert fragment_store.fetch(A, "Archive", [1]) == {1: b"keep me"}
+    fragment_store.delete(A, "Archive", [1])
+    assert not (fragment_store.user_path(A) / d.key).exists()
 
 
-def test_mailbox_tree_operations(store: FragmentStore) -> None:
+def test_mailbox_tree_operations(fragment_store: FragmentStore) -> None:
     """CREATE makes parents, RENAME moves children, DELETE refuses a parent."""
-    store.create_mailbox(A, "a/b/c")
+    fragment_store.create_mailbox(A, "a/b/c")
     with pytest.raises(MailboxExists):
-        store.create_mailbox(A, "a/b")
+        fragment_store.create_mailbox(A, "a/b")
     with pytest.raises(NoSuchMailbox):
-        store.delete_mailbox(A, "a")
-    store.rename_mailbox(A, "a", "z")
-    assert [m.name for m in store.mailboxes(A)] == [INBOX, "z", "z/b", "z/b/c"]
+        fragment_store.delete_mailbox(A, "a")
+    fragment_store.rename_mailbox(A, "a", "z")
+    assert [m.name for m in fragment_store.mailboxes(A)] == [INBOX, "z", "z/b", "z/b/c"]
     with pytest.raises(NoSuchMailbox):
-        store.delete_mailbox(A, INBOX)
+        fragment_store.delete_mailbox(A, INBOX)
 
 
-def test_rename_inbox_moves_messages_and_recreates_it(store: FragmentStore) -> None:
+def test_rename_inbox_moves_messages_and_recreates_it(fragment_store: FragmentStore) -> None:
     """RENAME INBOX moves its messages into the new name and leaves an empty INBOX."""
-    store.store([msg(A, b"x")])
-    store.rename_mailbox(A, "inbox", "Old")
-    counts = {m.name: m.messages for m in store.mailboxes(A)}
+    fragment_store.store([msg(A, b"x")])
+    fragment_store.rename_mailbox(A, "inbox", "Old")
+    counts = {m.name: m.messages for m in fragment_store.mailboxes(A)}
     assert counts == {INBOX: 0, "Old": 1}
 
 
-def test_recover_removes_half_stored(store: FragmentStore) -> None:
+def test_recover_removes_half_stored(fragment_store: FragmentStore) -> None:
     """tmp files and bodies without an index row vanish at recovery; rows stay."""
-    [d] = store.store([msg(A, b"x")])
-    (store.tmp / "partial").write_bytes(b"half")
-    (store.user_path(A) / "orphan.m").write_bytes(b"no row")
-    (store.user_path(A) / "foreign").write_bytes(b"not ours")
-    assert store.recover() == 2
-    assert [x.key for x in store.digests(A, INBOX)] == [d.key]
-    assert sorted(p.name for p in store.user_path(A).iterdir()) == sorted([d.key, "foreign"])
+    [d] = fragment_store.store([msg(A, b"x")])
+    (fragment_store.tmp / "partial").write_bytes(b"half")
+    (fragment_store.user_path(A) / "orphan.m").write_bytes(b"no row")
+    (fragment_store.user_path(A) / "foreign").write_bytes(b"not ours")
+    assert fragment_store.recover() == 2
+    assert [x.key for x in fragment_store.digests(A, INBOX)] == [d.key]
+    assert sorted(p.name for p in fragment_store.user_path(A).iterdir()) == sorted(
+        [d.key, "foreign"]
+    )
 
 
 def test_mailbox_name_rules() -> None:
@@ -140,47 +142,47 @@ def test_mailbox_name_rules() -> None:
             mailbox_name(bad)
 
 
-def test_users_in_bucket(store: FragmentStore) -> None:
+def test_users_in_bucket(fragment_store: FragmentStore) -> None:
     """Reconstruction lists users with mail in one bucket."""
-    store.store([msg(A, b"x"), msg(B, b"y")])
-    assert A in store.users_in_bucket(bucket_of(A))
-    assert sorted(store.users_with_mail()) == sorted({A, B})
+    fragment_store.store([msg(A, b"x"), msg(B, b"y")])
+    assert A in fragment_store.users_in_bucket(bucket_of(A))
+    assert sorted(fragment_store.users_with_mail()) == sorted({A, B})
 
 
-def test_group_commit_batches_waiting_stores(manager: MailboxManager) -> None:
+def test_group_commit_batches_waiting_stores(mailbox_manager: MailboxManager) -> None:
     """Stores queued while a batch is in flight go out together, each caller answered."""
     calls: list[int] = []
-    real = manager.fragments.store
+    real = mailbox_manager.fragments.store
 
     def counting(msgs: list[NewMessage]) -> object:
         calls.append(len(msgs))
         return real(msgs)
 
-    manager.fragments.store = counting  # type: ignore[method-assign]
-    manager._writing = True  # a batch is in flight: the next three wait
-    ds = [manager.store([msg(A, bytes([65 + i]))]) for i in range(3)]
-    manager._writing = False
-    manager._write_batch()
+    mailbox_manager.fragments.store = counting  # type: ignore[method-assign]
+    mailbox_manager._writing = True  # a batch is in flight: the next three wait
+    ds = [mailbox_manager.store([msg(A, bytes([65 + i]))]) for i in range(3)]
+    mailbox_manager._writing = False
+    mailbox_manager._write_batch()
     assert calls == [3]
     assert [result_of(d)[0].uid for d in ds] == [1, 2, 3]
 
 
-def test_failing_batch_retries_callers_alone(manager: MailboxManager) -> None:
+def test_failing_batch_retries_callers_alone(mailbox_manager: MailboxManager) -> None:
     """One bad message in a batch fails only its own caller."""
-    manager._writing = True
-    good = manager.store([msg(A, b"ok")])
-    bad = manager.store([msg(A, b"no", box="Missing")])
-    manager._writing = False
-    manager._write_batch()
+    mailbox_manager._writing = True
+    good = mailbox_manager.store([msg(A, b"ok")])
+    bad = mailbox_manager.store([msg(A, b"no", box="Missing")])
+    mailbox_manager._writing = False
+    mailbox_manager._write_batch()
     assert result_of(good)[0].uid == 1
     with pytest.raises(NoSuchMailbox):
         result_of(bad)
-    assert [d.uid for d in result_of(manager.digests(A, INBOX))] == [1]
+    assert [d.uid for d in result_of(mailbox_manager.digests(A, INBOX))] == [1]
 
 
-def test_change_listener_hears_stores(manager: MailboxManager) -> None:
+def test_change_listener_hears_stores(mailbox_manager: MailboxManager) -> None:
     """Listeners learn which user's mailbox got mail."""
     heard: list[tuple[str, str]] = []
-    manager.on_change(lambda u, m: heard.append((u, m)))
-    result_of(manager.store([msg(A, b"x")]))
+    mailbox_manager.on_change(lambda u, m: heard.append((u, m)))
+    result_of(mailbox_manager.store([msg(A, b"x")]))
     assert heard == [(A, INBOX)]

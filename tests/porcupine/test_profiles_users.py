@@ -27,65 +27,67 @@ def test_scrypt_round_trip() -> None:
     assert not check_password("pw", "garbage")
 
 
-def test_profile_db_stores_hash_not_password(profiles: ProfileDB, tmp_path: Path) -> None:
+def test_profile_db_stores_hash_not_password(profile_db: ProfileDB, tmp_path: Path) -> None:
     """The SQLite file holds a scrypt hash, never the plaintext password."""
-    result_of(profiles.add("Alice@Example.org", "s3cret-pw", 2))
+    result_of(profile_db.add("Alice@Example.org", "s3cret-pw", 2))
     db = sqlite3.connect(tmp_path / "mail" / "profiles.sqlite")
     [(address, stored, replicas)] = db.execute(
         "SELECT address, password_hash, replicas FROM profiles"
     ).fetchall()
     assert (address, replicas) == (A, 2)
     assert "s3cret-pw" not in stored and stored.startswith("scrypt$")
-    assert profiles.count() == 1
+    assert profile_db.count() == 1
 
 
-def test_profile_db_add_twice_and_missing(profiles: ProfileDB) -> None:
+def test_profile_db_add_twice_and_missing(profile_db: ProfileDB) -> None:
     """UserExists on a second add; NoSuchUser for passwd/remove of a stranger."""
-    result_of(profiles.add(A, "pw"))
+    result_of(profile_db.add(A, "pw"))
     with pytest.raises(UserExists):
-        result_of(profiles.add(A, "other"))
+        result_of(profile_db.add(A, "other"))
     with pytest.raises(NoSuchUser):
-        result_of(profiles.set_password("x@example.org", "pw"))
+        result_of(profile_db.set_password("x@example.org", "pw"))
     with pytest.raises(NoSuchUser):
-        result_of(profiles.remove("x@example.org"))
+        result_of(profile_db.remove("x@example.org"))
 
 
-def test_verify_and_password_change(profiles: ProfileDB) -> None:
+def test_verify_and_password_change(profile_db: ProfileDB) -> None:
     """verify accepts the current password, rejects old and wrong ones after passwd."""
-    result_of(profiles.add(A, "old"))
-    assert result_of(profiles.verify(A, "old")).address == A
-    assert result_of(profiles.verify(A, "old")).address == A  # from the auth cache
-    result_of(profiles.set_password(A, "new"))
+    result_of(profile_db.add(A, "old"))
+    assert result_of(profile_db.verify(A, "old")).address == A
+    assert result_of(profile_db.verify(A, "old")).address == A  # from the auth cache
+    result_of(profile_db.set_password(A, "new"))
     with pytest.raises(BadCredentials):
-        result_of(profiles.verify(A, "old"))
-    assert result_of(profiles.verify(A, "new")).address == A
+        result_of(profile_db.verify(A, "old"))
+    assert result_of(profile_db.verify(A, "new")).address == A
     with pytest.raises(BadCredentials):
-        result_of(profiles.verify("nobody@example.org", "new"))
+        result_of(profile_db.verify("nobody@example.org", "new"))
 
 
-def test_removed_user_cannot_log_in_from_cache(profiles: ProfileDB) -> None:
+def test_removed_user_cannot_log_in_from_cache(profile_db: ProfileDB) -> None:
     """Removing a profile also drops its cached verification."""
-    result_of(profiles.add(A, "pw"))
-    result_of(profiles.verify(A, "pw"))
-    result_of(profiles.remove(A))
+    result_of(profile_db.add(A, "pw"))
+    result_of(profile_db.verify(A, "pw"))
+    result_of(profile_db.remove(A))
     with pytest.raises(BadCredentials):
-        result_of(profiles.verify(A, "pw"))
+        result_of(profile_db.verify(A, "pw"))
 
 
 def _proxies(
-    profiles: ProfileDB, manager: MailboxManager
+    profile_db: ProfileDB, mailbox_manager: MailboxManager
 ) -> tuple[UserManager, DeliveryProxy, RetrievalProxy]:
-    users = UserManager("n1", profiles)
-    delivery = DeliveryProxy("n1", lambda a: users, lambda n: manager, lambda: ["n1"], lambda: 5.0)
-    return users, delivery, RetrievalProxy("n1", lambda a: users, lambda n: manager)
+    users = UserManager("n1", profile_db)
+    delivery = DeliveryProxy(
+        "n1", lambda a: users, lambda n: mailbox_manager, lambda: ["n1"], lambda: 5.0
+    )
+    return users, delivery, RetrievalProxy("n1", lambda a: users, lambda n: mailbox_manager)
 
 
 def test_delivery_proxy_stores_and_records_fragment(
-    profiles: ProfileDB, manager: MailboxManager
+    profile_db: ProfileDB, mailbox_manager: MailboxManager
 ) -> None:
     """Delivery stores in INBOX and adds this node to the user's fragment list."""
-    users, delivery, retrieval = _proxies(profiles, manager)
-    result_of(profiles.add(A, "pw"))
+    users, delivery, retrieval = _proxies(profile_db, mailbox_manager)
+    result_of(profile_db.add(A, "pw"))
     assert result_of(users.fragments(A)) == ()
     [d] = result_of(delivery.deliver([A, A.upper()], b"hi\r\n"))
     assert d.uid == 1 and result_of(users.fragments(A)) == ("n1",)
@@ -94,20 +96,22 @@ def test_delivery_proxy_stores_and_records_fragment(
     assert result_of(mail.fetch(INBOX, digests)) == {1: b"hi\r\n"}
 
 
-def test_delivery_proxy_unknown_user_is_550(profiles: ProfileDB, manager: MailboxManager) -> None:
+def test_delivery_proxy_unknown_user_is_550(
+    profile_db: ProfileDB, mailbox_manager: MailboxManager
+) -> None:
     """An unknown local recipient fails with an SMTP 550."""
-    _, delivery, _ = _proxies(profiles, manager)
+    _, delivery, _ = _proxies(profile_db, mailbox_manager)
     with pytest.raises(smtp.SMTPServerError) as e:
         result_of(delivery.deliver(["ghost@example.org"], b"x"))
     assert e.value.code == 550
 
 
 def test_choose_nodes_prefers_fragments_then_self(
-    profiles: ProfileDB, manager: MailboxManager
+    profile_db: ProfileDB, mailbox_manager: MailboxManager
 ) -> None:
     """Replicas: existing fragments first, this node next, never more than live nodes."""
     delivery = DeliveryProxy(
-        "n1", lambda a: None, lambda n: manager, lambda: ["n1", "n2", "n3"], lambda: 0.0
+        "n1", lambda a: None, lambda n: mailbox_manager, lambda: ["n1", "n2", "n3"], lambda: 0.0
     )  # type: ignore[arg-type]
     p = Profile(A, "h", replicas=2)
     assert delivery.choose_nodes(p, ("n3",)) == ["n3", "n1"]
@@ -115,10 +119,12 @@ def test_choose_nodes_prefers_fragments_then_self(
     assert delivery.choose_nodes(Profile(A, "h", 9), ("n2",)) == ["n2", "n1", "n3"]
 
 
-def test_retrieval_delete_flags_append(profiles: ProfileDB, manager: MailboxManager) -> None:
+def test_retrieval_delete_flags_append(
+    profile_db: ProfileDB, mailbox_manager: MailboxManager
+) -> None:
     """UserMail sets flags, appends and deletes through the mailbox manager."""
-    _, delivery, retrieval = _proxies(profiles, manager)
-    result_of(profiles.add(A, "pw"))
+    _, delivery, retrieval = _proxies(profile_db, mailbox_manager)
+    result_of(profile_db.add(A, "pw"))
     result_of(delivery.deliver([A], b"one\r\n"))
     mail = retrieval.open(A)
     appended = result_of(mail.append(INBOX, b"two\r\n", ["\\Seen"], 7.0))
@@ -128,3 +134,14 @@ def test_retrieval_delete_flags_append(profiles: ProfileDB, manager: MailboxMana
     assert result_of(mail.delete(INBOX, digests[:1])) == [1]
     assert [d.uid for d in result_of(mail.digests(INBOX))] == [2]
     assert result_of(retrieval.authenticate(A, "pw")).address == A
+
+
+def test_user_manager_caches_profiles_until_forgotten(profile_db: ProfileDB) -> None:
+    """Profile lookups are cached (soft state); forget() drops the entry."""
+    users = UserManager("n1", profile_db)
+    result_of(profile_db.add(A, "pw", 1))
+    first = result_of(users.profile(A))
+    result_of(profile_db.remove(A))
+    assert result_of(users.profile(A.upper())) == first
+    users.forget(A)
+    assert result_of(users.profile(A)) is None

@@ -345,9 +345,11 @@ class MailService(MultiService):
 
     def _delete_user(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
         address = self._address(body)
+        self.user_manager.forget(address)
         d = self.profiles.remove(address)
 
         def drop_mail(_: object) -> Deferred[Any]:
+            self.user_manager.forget(address)
             frags = self.user_manager.state.fragment_list(address) | {self.node_id}
             ds = [self.mailboxes_for(n).remove_user(address) for n in frags]
             for n in frags:
@@ -358,6 +360,7 @@ class MailService(MultiService):
 
     def _passwd(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
         address, password = self._address(body), self._password(body)
+        self.user_manager.forget(address)
         d = self.profiles.set_password(address, password)
         return d.addCallbacks(lambda _: {"updated": address}, _no_user)
 

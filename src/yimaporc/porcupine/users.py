@@ -23,10 +23,16 @@ from .values import Profile
 class UserManager:
     """Profiles (hard, via ``profiles``) and fragment lists (soft) of managed users."""
 
-    def __init__(self, node_id: str, profiles: IProfileDB) -> None:
+    def __init__(self, node_id: str, profiles: IProfileDB, cache_size: int = 100_000) -> None:
         self.node_id = node_id
         self.profiles = profiles
         self.state = UserManagerState(node_id, N_BUCKETS)
+        self._cache: dict[str, Profile] = {}
+        self._cache_size = cache_size
+
+    def forget(self, address: str) -> None:
+        """Drop the cached profile (after passwd, deluser, or a newer replica)."""
+        self._cache.pop(address.lower(), None)
 
     def seed(self, node: str, users: Iterable[str]) -> None:
         """``node`` holds mail for ``users`` (its hard state, read at start)."""
@@ -34,8 +40,20 @@ class UserManager:
             self.state.add_fragment(user, node)
 
     def profile(self, address: str) -> Deferred[Profile | None]:
-        """See :class:`IUserManager`."""
-        return self.profiles.get(address.lower())
+        """See :class:`IUserManager` (cached: the user profile soft state, seed §2.1)."""
+        address = address.lower()
+        cached = self._cache.get(address)
+        if cached is not None:
+            return succeed(cached)
+
+        def remember(p: Profile | None) -> Profile | None:
+            if p is not None:
+                if len(self._cache) >= self._cache_size:
+                    self._cache.clear()
+                self._cache[address] = p
+            return p
+
+        return self.profiles.get(address).addCallback(remember)
 
     def authenticate(self, address: str, password: str) -> Deferred[Profile]:
         """See :class:`IUserManager`."""
