@@ -53,4 +53,10 @@ def makeService(options: Options) -> IService:
     node = build_node(reactor, options)
     storage = YimaStorageService.from_config(node, reactor, options["disks"])
     storage.setServiceParent(node)
+    from ..yima.rtspservice import YimaStreamingService
+
+    streaming = YimaStreamingService(
+        node, reactor, storage, rtsp_endpoint=options["rtsp"], mode=options["mode"]
+    )
+    streaming.setServiceParent(node)
     return node

@@ -1,0 +1,396 @@
+"""Yima's RTSP front: the session planner behind :class:`~yimaporc.rtsp.RtspServerFactory`.
+
+DESCRIBE answers from the replicated media catalog.  PLAY picks a start
+instant a little ahead on the cluster clock, a random SSRC, sequence and
+timestamp base, and tells every member (over RPC) to serve its own blocks
+(bipartite, Yima-2) or, in master-slave mode (Yima-1), tells only itself to
+serve every block (reading the others' blocks over RPC).
+
+Where the packets go:
+
+- clients that opt in (``x-yima-fanout`` in the Transport) get RTP straight
+  from every node (the reply lists the nodes in ``x-yima-nodes``);
+- standard players get one in-order stream from this node: the other nodes
+  send to a relay port here, which puts packets in global order
+  (:class:`~yimaporc.yima.relay.Reorderer`) and forwards them over UDP or,
+  for ``RTP/AVP/TCP``, interleaved on the RTSP connection.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..cluster.node import ClusterNode
+from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
+from ..rtsp._machine import ServerSession
+from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
+from ..rtsp.interfaces import PlayReply
+from .media import MediaInfo
+from .placement import LogicalDisk
+from .relay import Reorderer
+from .rtp import PT_MP2T, Bye, RtpHeaderTemplate, serialize_rtcp
+from .schedule import MediaTiming, Packet
+from .sdp import mp2t_track, presentation_sdp, serialize_sdp
+from .store import BlockKey
+from .streaming import Destination, StreamControl, StreamingNode, StreamStart
+
+START_LEAD = 0.5
+TRACK = "track1"
+
+
+def plan_total(timing: MediaTiming) -> int:
+    """Packets in the whole file."""
+    return sum(timing.packet_count(b) for b in range(timing.blocks))
+
+
+def packet_time(timing: MediaTiming, gseq: int) -> float:
+    """Media time of global packet ``gseq``."""
+    ppb = timing.packets_per_block
+    return timing.packet_time(gseq // ppb, gseq % ppb)
+
+
+def media_timing(info: MediaInfo) -> MediaTiming:
+    """What the scheduler needs of a catalog entry."""
+    starts = tuple(t / 1e6 for t in info.block_times) or tuple(float(i) for i in range(info.blocks))
+    return MediaTiming(info.name, info.size, info.block_size, starts, info.duration or 0.0)
+
+
+class _Udp(DatagramProtocol):
+    def __init__(self, on_datagram: Any = None) -> None:
+        self.on_datagram = on_datagram
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if self.on_datagram is not None:
+            self.on_datagram(data, addr)
+
+
+@attrs.define
+class _Plan:
+    """One RTSP session as this (RTSP) node planned it."""
+
+    media: str
+    dest_host: str
+    dest_port: int
+    fanout: bool
+    tcp_channel: int | None
+    ssrc: int
+    seq_base: int
+    ts_base: int
+    relay: Reorderer | None = None
+    relay_port: IListeningPort | None = None
+    relay_timer: IDelayedCall | None = None
+    position: float = 0.0
+    started_ct: float = 0.0
+    playing: bool = False
+    session: ServerSession | None = None
+    total: int = 0
+    bye_sent: bool = False
+
+
+@implementer(IRtspHandler)
+class YimaStreamingService(Service):
+    """RTSP + RTP delivery of one node (every node runs one)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        node: ClusterNode,
+        reactor: Any,
+        storage: Any,
+        *,
+        rtsp_endpoint: str | None,
+        mode: str = "bipartite",
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node = node
+        self.reactor = reactor
+        self.storage = storage
+        self.rtsp_endpoint = rtsp_endpoint
+        self.mode = mode
+        self.rng = rng or random.SystemRandom()
+        self.plans: dict[str, _Plan] = {}
+        self.data_port: IListeningPort | None = None
+        self.rtsp_port: IListeningPort | None = None
+        self.factory = RtspServerFactory(self, reactor, self.rng)
+        self.streaming = StreamingNode(
+            reactor,
+            node.cluster_time,
+            timing=lambda name: media_timing(self.storage.media_info(name)),
+            my_blocks=self._my_blocks,
+            read_block=self.storage.read_block,
+            packetize=self._packetize,
+            send=self._send,
+        )
+        self.streaming.register(node.registry)
+        self._templates: dict[tuple[int, int], RtpHeaderTemplate] = {}
+        node.add_status(self.status)
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Bind the RTP socket (cluster host, any port) and the RTSP endpoint."""
+        super().startService()
+        self.data_port = self.reactor.listenUDP(0, _Udp(), interface=self.node.config.cluster_host)
+        if self.rtsp_endpoint:
+            from twisted.internet.endpoints import serverFromString
+
+            d = serverFromString(self.reactor, self.rtsp_endpoint).listen(self.factory)
+            d.addCallback(self._listening)
+            d.addErrback(self._cannot_listen)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.rtsp_port = port
+
+    def _cannot_listen(self, failure: Any) -> None:
+        self.log.failure("rtsp: cannot listen on {ep}", failure, ep=self.rtsp_endpoint)
+        self.reactor.stop()
+
+    def stopService(self) -> Any:
+        """Stop sending and listening."""
+        super().stopService()
+        self.streaming.engine.stop()
+        self.factory.stop()
+        ports = [p for p in (self.data_port, self.rtsp_port) if p is not None]
+        for plan in self.plans.values():
+            if plan.relay_port is not None:
+                ports.append(plan.relay_port)
+        return DeferredList([maybeDeferred(p.stopListening) for p in ports])
+
+    def status(self) -> dict[str, Any]:
+        """``services.rtsp`` (a URL prefix) once listening, and live session counts."""
+        out: dict[str, Any] = {"streaming": {"mode": self.mode, "sessions": len(self.plans),
+                                             "packets_sent": self.streaming.engine.sent}}  # fmt: skip
+        if self.rtsp_port is not None:
+            h = self.rtsp_port.getHost()
+            out["services"] = {"rtsp": f"rtsp://{h.host}:{h.port}/sample"}  # type: ignore[attr-defined]
+        return out
+
+    # --- helpers -----------------------------------------------------------------
+
+    def _media(self, url: str) -> MediaInfo:
+        path = url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else url
+        name = path.split("/")[0].split("?")[0]
+        try:
+            info: MediaInfo = self.storage.media_info(name)
+        except KeyError:
+            raise RtspStatusError(404, f"no media named {name!r}") from None
+        if not info.streamable:
+            raise RtspStatusError(415, f"{name} cannot be streamed: {info.message}")
+        if info.kind != "mpeg-ts":
+            raise RtspStatusError(415, f"{name}: only MPEG-TS is streamed so far ({info.kind})")
+        return info
+
+    def _my_blocks(self, name: str) -> list[int]:
+        info = self.storage.media_info(name)
+        me = self.node.node_id
+        out = []
+        for i in range(info.blocks):
+            places: list[LogicalDisk] = self.storage.places(info, BlockKey(i))
+            if places and places[0].node_id == me:
+                out.append(i)
+        return out
+
+    def _packetize(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes:
+        key = (dest.ssrc, dest.node_index)
+        tpl = self._templates.get(key)
+        if tpl is None:
+            pt = PT_MP2T
+            tpl = self._templates[key] = RtpHeaderTemplate(pt, dest.ssrc, dest.node_index)
+        ts = dest.ts_base + round(pkt.media_time * dest.clock_rate)
+        return tpl.build(dest.seq_base + pkt.gseq, ts, payload, pkt.node_seq)
+
+    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.data_port is not None:
+            self.data_port.write(data, addr)  # type: ignore[attr-defined]
+
+    # --- IRtspHandler -------------------------------------------------------------
+
+    def describe(self, url: str) -> bytes:
+        """SDP of the presentation."""
+        info = self._media(url)
+        kbps = int(info.bitrate / 1000) if info.bitrate else None
+        track = mp2t_track(TRACK, bitrate_kbps=kbps)
+        desc = presentation_sdp(info.name, [track], info.duration,
+                                origin_address=self.node.config.cluster_host)  # fmt: skip
+        return serialize_sdp(desc)
+
+    def setup(self, url: str, transport: TransportSpec, session: ServerSession) -> TransportSpec:
+        """Record where this session's packets go; open the relay for standard players."""
+        info = self._media(url)
+        ssrc = self.rng.getrandbits(32)
+        if transport.is_tcp:
+            channel = transport.interleaved[0] if transport.interleaved else 0
+            plan = _Plan(info.name, "", 0, False, channel, ssrc,
+                         self.rng.getrandbits(16), self.rng.getrandbits(32))  # fmt: skip
+        else:
+            if transport.client_port is None:
+                raise RtspStatusError(461, "UDP transport needs client_port")
+            host = transport.destination or session.peer or "127.0.0.1"
+            plan = _Plan(info.name, host, transport.client_port[0], transport.yima_fanout, None,
+                         ssrc, self.rng.getrandbits(16), self.rng.getrandbits(32))  # fmt: skip
+        if not plan.fanout:
+            self._open_relay(session.session_id, plan)
+        plan.session = session
+        self.plans[session.session_id] = plan
+        assert self.data_port is not None
+        port = self.data_port.getHost().port  # type: ignore[attr-defined]
+        reply = attrs.evolve(transport, server_port=(port, port + 1), ssrc=ssrc,
+                             source=self.node.config.cluster_host)  # fmt: skip
+        if plan.fanout:
+            nodes = tuple(
+                YimaNode(i, m.address.rpartition(":")[0], 0, 0)
+                for i, m in enumerate(self.node.view.members)
+            )
+            reply = attrs.evolve(reply, yima_fanout=True, yima_nodes=nodes)
+        return reply
+
+    def _open_relay(self, session_id: str, plan: _Plan) -> None:
+        plan.relay = Reorderer(first=0, hold=0.3)
+        proto = _Udp(lambda data, addr: self._relayed(session_id, data))
+        plan.relay_port = self.reactor.listenUDP(0, proto, interface=self.node.config.cluster_host)
+
+    def _relayed(self, session_id: str, data: bytes) -> None:
+        plan = self.plans.get(session_id)
+        if plan is None or plan.relay is None or len(data) < 12:
+            return
+        seq16 = int.from_bytes(data[2:4], "big")
+        gseq = (seq16 - plan.seq_base) & 0xFFFF
+        # Unwrap against what the relay expects next.
+        base = plan.relay.next
+        gseq = base + ((gseq - base + 0x8000) & 0xFFFF) - 0x8000
+        self._forward(session_id, plan, plan.relay.push(gseq, data, self.reactor.seconds()))
+
+    def _forward(self, session_id: str, plan: _Plan, packets: list[bytes]) -> None:
+        for data in packets:
+            if plan.tcp_channel is not None:
+                if plan.session is not None:
+                    plan.session.send_interleaved(plan.tcp_channel, data)
+            else:
+                self._send(data, (plan.dest_host, plan.dest_port))
+        if plan.relay is not None and plan.total and plan.relay.next >= plan.total:
+            self._bye(plan)
+        if plan.relay is not None:
+            if plan.relay_timer is not None and plan.relay_timer.active():
+                plan.relay_timer.cancel()
+            deadline = plan.relay.next_deadline()
+            if deadline is not None:
+                delay = max(0.0, deadline - self.reactor.seconds())
+                plan.relay_timer = self.reactor.callLater(
+                    delay,
+                    lambda: self._forward(
+                        session_id, plan, plan.relay.tick(self.reactor.seconds())
+                    ),  # type: ignore[union-attr]
+                )
+
+    def _bye(self, plan: _Plan) -> None:
+        """RTCP BYE after the last packet, so players end the stream."""
+        if plan.bye_sent:
+            return
+        plan.bye_sent = True
+        data = serialize_rtcp(Bye((plan.ssrc,), b"end of stream"))
+        if plan.tcp_channel is not None:
+            if plan.session is not None:
+                plan.session.send_interleaved(plan.tcp_channel + 1, data)
+        else:
+            self._send(data, (plan.dest_host, plan.dest_port + 1))
+
+    def play(self, session: ServerSession, range: NptRange | None) -> Deferred[PlayReply]:
+        """Start (or resume) the session on every node."""
+        plan = self.plans[session.session_id]
+        info = self._media(plan.media)
+        at = self.node.cluster_time() + START_LEAD
+        if plan.playing or (range is None and plan.started_ct):
+            return self._control(session.session_id, "resume", at).addCallback(
+                lambda _: PlayReply(NptRange(plan.position, info.duration), ())
+            )
+        start_mt = range.start if range is not None and range.start is not None else 0.0
+        plan.position, plan.started_ct, plan.playing = start_mt, at, True
+        timing = media_timing(info)
+        first = 0
+        while first < plan_total(timing) and packet_time(timing, first) < start_mt:
+            first += 1
+        plan.total = plan_total(timing)
+        if plan.relay is not None:
+            plan.relay.next = first
+        members = list(self.node.view.members)
+        me = self.node.node_id
+        if plan.relay_port is not None:
+            dest_host = self.node.config.cluster_host
+            dest_port = plan.relay_port.getHost().port  # type: ignore[attr-defined]
+        else:
+            dest_host, dest_port = plan.dest_host, plan.dest_port
+        calls = []
+        for i, m in enumerate(members):
+            if self.mode == "master-slave" and m.node_id != me:
+                continue
+            kwargs = dict(session=session.session_id, media=plan.media, start_ct=at,
+                          start_mt=start_mt, host=dest_host, port=dest_port, ssrc=plan.ssrc,
+                          seq_base=plan.seq_base, ts_base=plan.ts_base, node_index=i,
+                          all_blocks=self.mode == "master-slave")  # fmt: skip
+            if m.node_id == me:
+                calls.append(maybeDeferred(self.streaming.start, **kwargs))
+            else:
+                calls.append(self.node.rpc.call(m.address, StreamStart, **kwargs))
+        d = DeferredList(calls, consumeErrors=True)
+
+        def started(results: list[tuple[bool, Any]]) -> PlayReply:
+            failed = [r for ok, r in results if not ok]
+            if len(failed) == len(results):
+                raise RtspStatusError(503, "no node could start the stream")
+            for f in failed:
+                self.log.warn("rtsp: a node did not start {s}: {e}", s=session.session_id,
+                              e=f.getErrorMessage())  # fmt: skip
+            url = f"{TRACK}"
+            rtptime = plan.ts_base + round(start_mt * 90000)
+            return PlayReply(NptRange(start_mt, info.duration),
+                             (RtpInfo(url, plan.seq_base & 0xFFFF, rtptime & 0xFFFFFFFF),))  # fmt: skip
+
+        return d.addCallback(started)
+
+    def _control(self, session_id: str, action: str, at: float) -> Deferred[Any]:
+        calls = []
+        for m in self.node.view.members:
+            if m.node_id == self.node.node_id:
+                self.streaming.control(session_id, action, at, 0.0)
+            elif self.mode == "bipartite":
+                calls.append(self.node.rpc.call(m.address, StreamControl, session=session_id,
+                                                action=action, at=at, value=0.0))  # fmt: skip
+        return DeferredList(calls, consumeErrors=True)
+
+    def pause(self, session: ServerSession) -> Deferred[Any]:
+        """Pause on every node at one cluster instant."""
+        plan = self.plans.get(session.session_id)
+        at = self.node.cluster_time() + 0.05
+        if plan is not None:
+            plan.playing = False
+        return self._control(session.session_id, "pause", at)
+
+    def teardown(self, session: ServerSession) -> Deferred[Any]:
+        """Stop every node's share and free the relay."""
+        plan = self.plans.pop(session.session_id, None)
+        if plan is not None and plan.relay_port is not None:
+            plan.relay_port.stopListening()
+            if plan.relay_timer is not None and plan.relay_timer.active():
+                plan.relay_timer.cancel()
+        return self._control(session.session_id, "stop", 0.0)
+
+    def get_parameter(self, session: ServerSession | None, body: bytes) -> bytes:
+        """Keep-alive."""
+        return b""
+
+    def set_parameter(self, session: ServerSession | None, body: bytes) -> bytes:
+        """Accepted and ignored."""
+        return b""
+
+    def interleaved_received(self, session: ServerSession, channel: int, data: bytes) -> None:
+        """Client RTCP over TCP: keeps the session alive (handled by the server)."""
