@@ -150,25 +150,25 @@ def test_users_in_bucket(fragment_store: FragmentStore) -> None:
 
 
 def test_group_commit_batches_waiting_stores(mailbox_manager: MailboxManager) -> None:
-    """Stores queued while a batch is in flight go out together, each caller answered."""
-    calls: list[int] = []
-    real = mailbox_manager.fragments.store
+    """Stores queued while a batch is in flight go out together: one commit per bucket."""
+    commits: list[int] = []
+    real = mailbox_manager.fragments.commit_bucket
 
-    def counting(msgs: list[NewMessage]) -> object:
-        calls.append(len(msgs))
-        return real(msgs)
+    def counting(bucket: int, items: list[tuple[NewMessage, str]]) -> object:
+        commits.append(len(items))
+        return real(bucket, items)
 
-    mailbox_manager.fragments.store = counting  # type: ignore[method-assign]
+    mailbox_manager.fragments.commit_bucket = counting  # type: ignore[method-assign]
     mailbox_manager._writing = True  # a batch is in flight: the next three wait
     ds = [mailbox_manager.store([msg(A, bytes([65 + i]))]) for i in range(3)]
     mailbox_manager._writing = False
     mailbox_manager._write_batch()
-    assert calls == [3]
+    assert commits == [3]
     assert [result_of(d)[0].uid for d in ds] == [1, 2, 3]
 
 
-def test_failing_batch_retries_callers_alone(mailbox_manager: MailboxManager) -> None:
-    """One bad message in a batch fails only its own caller."""
+def test_bad_message_fails_only_its_caller(mailbox_manager: MailboxManager) -> None:
+    """One message for a missing mailbox fails only its own caller, not its batch."""
     mailbox_manager._writing = True
     good = mailbox_manager.store([msg(A, b"ok")])
     bad = mailbox_manager.store([msg(A, b"no", box="Missing")])
@@ -178,6 +178,8 @@ def test_failing_batch_retries_callers_alone(mailbox_manager: MailboxManager) ->
     with pytest.raises(NoSuchMailbox):
         result_of(bad)
     assert [d.uid for d in result_of(mailbox_manager.digests(A, INBOX))] == [1]
+    assert len(list(mailbox_manager.fragments.user_path(A).iterdir())) == 1
+    assert list(mailbox_manager.fragments.tmp.iterdir()) == []
 
 
 def test_change_listener_hears_stores(mailbox_manager: MailboxManager) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -100,7 +100,8 @@ class FragmentStore:
         self.tmp.mkdir(parents=True, exist_ok=True)
         (self.root / "buckets").mkdir(exist_ok=True)
         self._dbs: dict[int, sqlite3.Connection] = {}
-        self._lock = threading.RLock()
+        self._locks: dict[int, threading.RLock] = {}
+        self._open = threading.Lock()
 
     # --- plumbing ----------------------------------------------------------
 
@@ -112,7 +113,16 @@ class FragmentStore:
         """``mail/buckets/NNN/<user>``."""
         return self.bucket_path(bucket_of(user)) / user
 
+    def _lock_for(self, bucket: int) -> threading.RLock:
+        """One lock per bucket: different buckets commit in parallel."""
+        with self._open:
+            return self._locks.setdefault(bucket, threading.RLock())
+
     def _db(self, bucket: int) -> sqlite3.Connection:
+        with self._open:
+            return self._db_locked(bucket)
+
+    def _db_locked(self, bucket: int) -> sqlite3.Connection:
         db = self._dbs.get(bucket)
         if db is None:
             path = self.bucket_path(bucket)
@@ -135,7 +145,7 @@ class FragmentStore:
 
     def close(self) -> None:
         """Close every index database."""
-        with self._lock:
+        with self._open:
             for db in self._dbs.values():
                 db.close()
             self._dbs.clear()
@@ -148,8 +158,8 @@ class FragmentStore:
         for p in self.tmp.iterdir():
             p.unlink(missing_ok=True)
             removed += 1
-        with self._lock:
-            for bucket in self._existing_buckets():
+        for bucket in self._existing_buckets():
+            with self._lock_for(bucket):
                 db = self._db(bucket)
                 for udir in self.bucket_path(bucket).iterdir():
                     if not udir.is_dir():
@@ -199,7 +209,7 @@ class FragmentStore:
 
     def mailboxes(self, user: str) -> list[MailboxInfo]:
         """Every mailbox of ``user`` here, INBOX created on first sight."""
-        with self._lock:
+        with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             self._ensure_inbox(db, user)
             rows = db.execute(
@@ -216,7 +226,7 @@ class FragmentStore:
     def create_mailbox(self, user: str, name: str) -> MailboxInfo:
         """Create ``name`` (and missing parents)."""
         name = mailbox_name(name.rstrip(DELIMITER))
-        with self._lock:
+        with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -247,7 +257,7 @@ class FragmentStore:
         name = mailbox_name(name)
         if name == INBOX:
             raise NoSuchMailbox("INBOX cannot be deleted")
-        with self._lock:
+        with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             if not self._has(db, user, name):
                 raise NoSuchMailbox(f"no mailbox {name}")
@@ -271,7 +281,7 @@ class FragmentStore:
     def rename_mailbox(self, user: str, old: str, new: str) -> None:
         """Rename ``old`` and everything below it; RENAME of INBOX moves its messages."""
         old, new = mailbox_name(old), mailbox_name(new.rstrip(DELIMITER))
-        with self._lock:
+        with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             if not self._has(db, user, old):
                 raise NoSuchMailbox(f"no mailbox {old}")
@@ -306,7 +316,7 @@ class FragmentStore:
     def subscribe(self, user: str, name: str, subscribed: bool) -> None:
         """Set the subscription flag of a mailbox."""
         name = mailbox_name(name)
-        with self._lock:
+        with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             self._ensure_inbox(db, user)
             cur = db.execute(
@@ -318,54 +328,86 @@ class FragmentStore:
 
     # --- messages ----------------------------------------------------------
 
-    def store(self, messages: Sequence[NewMessage]) -> list[Digest]:
-        """Store a batch durably; returns one Digest per message, in order.
-
-        Every body is fsynced and renamed into place, each touched directory
-        fsynced once, then one transaction per bucket commits the rows.
-        """
-        placed: list[tuple[NewMessage, str, Path]] = []
-        dirs: set[Path] = set()
+    def write_body(self, body: bytes) -> str:
+        """Phase 1 of a store: write ``tmp/<key>`` and fsync it; returns the key."""
+        key = uuid.uuid4().hex + BODY_SUFFIX
+        fd = os.open(self.tmp / key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            for m in messages:
-                key = uuid.uuid4().hex + BODY_SUFFIX
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return key
+
+    def discard(self, keys: Iterable[str]) -> None:
+        """Drop written bodies that will not be committed."""
+        for key in keys:
+            (self.tmp / key).unlink(missing_ok=True)
+
+    def commit_bucket(
+        self, bucket: int, items: Sequence[tuple[NewMessage, str]]
+    ) -> list[Digest | NoSuchMailbox]:
+        """Phase 2, per bucket: rename bodies into place, fsync the directories,
+        then commit their index rows in one transaction.  Nothing is visible
+        before the commit; on failure the bodies are removed again.  A message
+        for a mailbox that does not exist (any more) gets its error in its
+        place in the result, without failing the others."""
+        placed: list[Path] = []
+        try:
+            dirs: set[Path] = set()
+            for m, key in items:
+                if bucket_of(m.user) != bucket:
+                    raise ValueError(f"{m.user} is not in bucket {bucket}")
                 udir = self.user_path(m.user)
                 if udir not in dirs:
                     udir.mkdir(parents=True, exist_ok=True)
                     dirs.add(udir)
-                tmp = self.tmp / key
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    view = memoryview(m.body)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                final = udir / key
-                os.rename(tmp, final)
-                placed.append((m, key, final))
+                os.rename(self.tmp / key, udir / key)
+                placed.append(udir / key)
             for d in dirs:
                 _fsync_dir(d)
-            by_bucket: dict[int, list[int]] = {}
-            for i, (m, _, _) in enumerate(placed):
-                by_bucket.setdefault(bucket_of(m.user), []).append(i)
-            out: list[Digest | None] = [None] * len(placed)
-            with self._lock:
-                for bucket, indexes in by_bucket.items():
-                    db = self._db(bucket)
-                    db.execute("BEGIN IMMEDIATE")
-                    try:
-                        for i in indexes:
-                            m, key, _ = placed[i]
-                            out[i] = self._insert_message(db, m, key)
-                        db.execute("COMMIT")
-                    except BaseException:
-                        db.execute("ROLLBACK")
-                        raise
+            out: list[Digest | NoSuchMailbox] = []
+            with self._lock_for(bucket):
+                db = self._db(bucket)
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for m, key in items:
+                        try:
+                            out.append(self._insert_message(db, m, key))
+                        except NoSuchMailbox as e:  # this one only: its neighbours go on
+                            out.append(e)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            for (m, key), got in zip(items, out):
+                if isinstance(got, NoSuchMailbox):
+                    (self.user_path(m.user) / key).unlink(missing_ok=True)
         except BaseException:
-            for _, _, path in placed:
+            for path in placed:
                 path.unlink(missing_ok=True)
+            self.discard(key for _, key in items)
+            raise
+        return out
+
+    def store(self, messages: Sequence[NewMessage]) -> list[Digest]:
+        """Both phases in this thread (see :class:`MailboxManager` for the parallel way)."""
+        keys = [self.write_body(m.body) for m in messages]
+        by_bucket: dict[int, list[int]] = {}
+        for i, m in enumerate(messages):
+            by_bucket.setdefault(bucket_of(m.user), []).append(i)
+        out: list[Digest | None] = [None] * len(messages)
+        try:
+            for bucket, idx in by_bucket.items():
+                digests = self.commit_bucket(bucket, [(messages[i], keys[i]) for i in idx])
+                for i, d in zip(idx, digests):
+                    if isinstance(d, NoSuchMailbox):
+                        raise d
+                    out[i] = d
+        except BaseException:
+            self.discard(keys)
             raise
         return [d for d in out if d is not None]
 
@@ -394,7 +436,7 @@ class FragmentStore:
     def digests(self, user: str, mailbox: str) -> list[Digest]:
         """The mailbox's messages by UID."""
         name = mailbox_name(mailbox)
-        with self._lock:
+        with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             if name == INBOX:
                 self._ensure_inbox(db, user)
@@ -423,7 +465,7 @@ class FragmentStore:
         name = mailbox_name(mailbox)
         wanted = sorted(set(uids))
         out: dict[int, str] = {}
-        with self._lock:
+        with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             for i in range(0, len(wanted), 500):
                 chunk = wanted[i : i + 500]
@@ -442,7 +484,7 @@ class FragmentStore:
         """Replace/add/remove flags, one transaction."""
         name = mailbox_name(mailbox)
         out: dict[int, tuple[str, ...]] = {}
-        with self._lock:
+        with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -476,7 +518,7 @@ class FragmentStore:
         """Copy rows into ``dest`` (bodies are shared by key, never rewritten)."""
         name, dest = mailbox_name(mailbox), mailbox_name(dest)
         out = []
-        with self._lock:
+        with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             if not self._has(db, user, dest):
                 raise NoSuchMailbox(f"no mailbox {dest}")
@@ -513,7 +555,7 @@ class FragmentStore:
     def delete(self, user: str, mailbox: str, uids: Sequence[int]) -> list[int]:
         """Remove rows, then the bodies no row refers to any more."""
         name = mailbox_name(mailbox)
-        with self._lock:
+        with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             keys = self._keys(user, name, uids)
             if not keys:
@@ -542,7 +584,7 @@ class FragmentStore:
 
     def remove_user(self, user: str) -> None:
         """Forget every mailbox and message of ``user`` here."""
-        with self._lock:
+        with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -562,7 +604,7 @@ class FragmentStore:
         """Users with at least one message here, in one bucket."""
         if not (self.bucket_path(bucket) / "index.sqlite").exists():
             return []
-        with self._lock:
+        with self._lock_for(bucket):
             db = self._db(bucket)
             return [u for (u,) in db.execute("SELECT DISTINCT user FROM messages ORDER BY user")]
 
@@ -579,8 +621,11 @@ class MailboxManager:
     """:class:`FragmentStore` off the reactor thread, with group commit for stores.
 
     ``store()`` calls arriving while a batch is being written wait and go out
-    together in the next batch; each caller's Deferred fires only after its
-    own batch is durable.
+    together in the next batch.  A batch writes and fsyncs every body in
+    parallel on the pool (concurrent fsyncs share journal commits), then per
+    bucket renames, fsyncs the directories and commits the rows, buckets in
+    parallel.  Each caller's Deferred fires only once all its messages are
+    committed (or with the first failure among them).
     """
 
     log = Logger()
@@ -594,7 +639,6 @@ class MailboxManager:
         self.node_id = store.node_id
         self.max_batch = max_batch
         self._pending: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
-        self._solo: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
         self._writing = False
         self._listeners: list[Callable[[str, str], None]] = []
 
@@ -624,38 +668,82 @@ class MailboxManager:
 
     def _write_batch(self) -> None:
         batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
-        if self._solo:
-            batch.append(self._solo.pop(0))
-        else:
-            n = 0
-            while self._pending and (not batch or n + len(self._pending[0][0]) <= self.max_batch):
-                item = self._pending.pop(0)
-                batch.append(item)
-                n += len(item[0])
+        n = 0
+        while self._pending and (not batch or n + len(self._pending[0][0]) <= self.max_batch):
+            item = self._pending.pop(0)
+            batch.append(item)
+            n += len(item[0])
         self._writing = True
-        flat = [m for msgs, _ in batch for m in msgs]
-        d = self._run(self.fragments.store, flat)
-        d.addBoth(self._batch_done, batch)
+        flat = [(c, m) for c, (msgs, _) in enumerate(batch) for m in msgs]
+        # Phase 1: every body written and fsynced, in parallel on the pool.
+        writes = [self._run(self.fragments.write_body, m.body) for _, m in flat]
+        d = DeferredList(writes, consumeErrors=True)
+        d.addCallback(self._commit, batch, flat)
+        d.addErrback(lambda f: self.log.failure("group commit failed", f))
 
-    def _batch_done(
+    def _commit(
         self,
-        result: list[Digest] | Failure,
+        written: list[tuple[bool, Any]],
         batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]],
+        flat: list[tuple[int, NewMessage]],
+    ) -> Deferred[None]:
+        failed: dict[int, Failure | Exception] = {}
+        for (c, _), (ok, result) in zip(flat, written):
+            if not ok:
+                failed.setdefault(c, result)
+        by_bucket: dict[int, list[tuple[int, NewMessage, str]]] = {}
+        orphans = []
+        for pos, ((c, m), (ok, key)) in enumerate(zip(flat, written)):
+            if ok and c in failed:
+                orphans.append(key)
+            elif ok:
+                by_bucket.setdefault(bucket_of(m.user), []).append((pos, m, key))
+        if orphans:
+            self._run(self.fragments.discard, orphans).addErrback(
+                lambda f: self.log.failure("discarding bodies failed", f)
+            )
+        # Phase 2: per bucket, rename + directory fsync + one transaction, in parallel.
+        buckets = list(by_bucket.items())
+        commits = [
+            self._run(self.fragments.commit_bucket, b, [(m, k) for _, m, k in items])
+            for b, items in buckets
+        ]
+
+        def done(results: list[tuple[bool, Any]]) -> None:
+            digests: dict[int, Digest] = {}
+            for (_, items), (ok, result) in zip(buckets, results):
+                for (pos, _, _), got in zip(items, result if ok else [result] * len(items)):
+                    if isinstance(got, Digest):
+                        digests[pos] = got
+                    else:
+                        failed.setdefault(flat[pos][0], got if ok else result)
+            self._finish(batch, flat, digests, failed)
+
+        return DeferredList(commits, consumeErrors=True).addCallback(done)
+
+    def _finish(
+        self,
+        batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]],
+        flat: list[tuple[int, NewMessage]],
+        digests: dict[int, Digest],
+        failed: dict[int, Failure | Exception],
     ) -> None:
         self._writing = False
-        if isinstance(result, Failure) and len(batch) > 1:
-            # One bad message must not fail its neighbours: retry each caller alone.
-            self._solo[0:0] = batch
-        elif isinstance(result, Failure):
-            batch[0][1].errback(result)
-        else:
-            i = 0
-            for msgs, d in batch:
-                d.callback(result[i : i + len(msgs)])
-                i += len(msgs)
-            for user, box in dict.fromkeys((m.user, m.mailbox) for msgs, _ in batch for m in msgs):
-                self._changed(user, mailbox_name(box))
-        if self._solo or self._pending:
+        mine: dict[int, list[Digest]] = {}
+        for pos, (c, _) in enumerate(flat):
+            if pos in digests:
+                mine.setdefault(c, []).append(digests[pos])
+        changed = dict.fromkeys(
+            (flat[pos][1].user, mailbox_name(flat[pos][1].mailbox)) for pos in digests
+        )
+        for c, (_, d) in enumerate(batch):
+            if c in failed:
+                d.errback(Failure(failed[c]) if isinstance(failed[c], Exception) else failed[c])
+            else:
+                d.callback(mine.get(c, []))
+        for user, box in changed:
+            self._changed(user, box)
+        if self._pending:
             self._write_batch()
 
     # --- the rest, straight through the pool --------------------------------

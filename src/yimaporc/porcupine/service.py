@@ -122,7 +122,7 @@ class MailService(MultiService):
         self.max_message_size = max_message_size
         self.tls = self._tls_options(tls_cert, tls_key) if tls_cert and tls_key else None
         self._own_pool = threadpool is None
-        self.pool = threadpool or ThreadPool(minthreads=1, maxthreads=4, name="yimaporc-mail")
+        self.pool = threadpool or ThreadPool(minthreads=2, maxthreads=8, name="yimaporc-mail")
         now = reactor.seconds
 
         self.user_map = LocalUserMap(node_id)
