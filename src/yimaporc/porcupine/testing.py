@@ -89,3 +89,53 @@ class RunningMail:
     def stop(self) -> None:
         """Stop listening and close the stores."""
         in_reactor(self.service.stopService)
+
+
+def serve(argv: list[str]) -> None:
+    """``python -m yimaporc.porcupine.testing DATA_DIR DOMAIN USER:PASSWORD...``.
+
+    Runs a MailService on 127.0.0.1 port 0 (for process tests: SIGKILL and
+    restart), creates missing users, prints ``READY smtp=P pop3=P imap=P``.
+    """
+    from twisted.internet import reactor
+
+    data_dir, domain, *users = argv
+    svc = MailService(
+        reactor,
+        node_id="n1",
+        data_dir=Path(data_dir),
+        domain=domain,
+        smtp="tcp:0:interface=127.0.0.1",
+        pop3="tcp:0:interface=127.0.0.1",
+        imap="tcp:0:interface=127.0.0.1",
+    )
+    svc.startService()
+
+    def add_missing(profiles: list[Any]) -> Any:
+        from twisted.internet.defer import gatherResults
+
+        add = next(
+            r for r in svc.admin_routes() if (r.method, r.path) == ("POST", "/api/mail/users")
+        )
+        existing = {p.address for p in profiles}
+        pairs = [u.split(":", 1) for u in users]
+        return gatherResults(
+            [add.handler({"address": a, "password": p}, {}) for a, p in pairs if a not in existing]
+        )
+
+    def announce(_: object) -> None:
+        ports = " ".join(
+            f"{n}={svc.address_of(n).rsplit(':', 1)[1]}" for n in ("smtp", "pop3", "imap")
+        )
+        print(f"READY {ports}", flush=True)
+
+    d = svc.when_ready().addCallback(lambda _: svc.profiles.users())
+    d.addCallback(add_missing).addCallback(announce)
+    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve(sys.argv[1:])
