@@ -22,9 +22,16 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def register(
-    sub: Any, make_client: Callable[..., AdminClient], admin: argparse.ArgumentParser
+    sub: Any,
+    make_client: Callable[..., AdminClient],
+    admin: argparse.ArgumentParser | None = None,
 ) -> None:
-    """Add ``mail adduser|deluser|passwd|list``."""
+    """Add ``mail adduser|deluser|passwd|list`` to ``sub`` (an argparse subparsers object).
+
+    ``admin`` is the parent parser with ``--admin``/``--secret-file``;
+    ``make_client(args)`` turns those into an :class:`AdminClient`.
+    """
+    parents = [admin] if admin is not None else []
     mail = sub.add_parser("mail", help="mail users")
     msub = mail.add_subparsers(dest="mail_command", metavar="COMMAND", parser_class=type(mail))
     msub.required = True
@@ -34,7 +41,7 @@ def register(
         g.add_argument("--password", metavar="P")
         g.add_argument("--password-file", metavar="F")
 
-    p = msub.add_parser("adduser", parents=[admin], help="create a user")
+    p = msub.add_parser("adduser", parents=parents, help="create a user")
     p.add_argument("address")
     with_password(p)
     p.add_argument("--replicas", type=int, default=1, metavar="R")
@@ -47,7 +54,7 @@ def register(
 
     p.set_defaults(func=adduser)
 
-    p = msub.add_parser("deluser", parents=[admin], help="delete a user and their mail")
+    p = msub.add_parser("deluser", parents=parents, help="delete a user and their mail")
     p.add_argument("address")
 
     def deluser(args: argparse.Namespace) -> int:
@@ -57,7 +64,7 @@ def register(
 
     p.set_defaults(func=deluser)
 
-    p = msub.add_parser("passwd", parents=[admin], help="set a user's password")
+    p = msub.add_parser("passwd", parents=parents, help="set a user's password")
     p.add_argument("address")
     with_password(p)
 
@@ -69,7 +76,7 @@ def register(
 
     p.set_defaults(func=passwd)
 
-    p = msub.add_parser("list", parents=[admin], help="list users")
+    p = msub.add_parser("list", parents=parents, help="list users")
 
     def list_users(args: argparse.Namespace) -> int:
         for u in make_client(args, mutating=False).get("/api/mail/users")["users"]:
