@@ -284,3 +284,25 @@ def test_persist_actions_are_barriers_before_replies() -> None:
         reply = next(i for i, n in enumerate(names) if n in ("Acknowledge", "Ack>a"))
         assert names.index("PersistLog") < names.index("Apply") < reply
         assert isinstance(batch[0], PersistLog) and isinstance(batch[1], Apply)
+
+
+def test_long_log_keeps_events_cheap() -> None:
+    """20,000 entries waiting for a dead peer do not slow down other updates."""
+    import time
+
+    a = mgr()
+    a.set_live({"a", "b"}, T0)
+    for k in range(20_000):
+        a.submit(f"w{k}", b"x", "ac", T0)
+    start = time.perf_counter()
+    now = T0
+    for k in range(2_000):
+        now += 0.001
+        _, actions = a.submit(f"m{k}", b"y", "ab", now)
+        ts = actions[0].entry.timestamp  # type: ignore[union-attr]
+        a.receive("b", Ack(f"m{k}", ts), now)
+        a.tick(now)
+        a.next_deadline()
+    assert time.perf_counter() - start < 2.0
+    assert len(a) == 20_000
+    assert len(a._timers) <= 4 * len(a) + 64

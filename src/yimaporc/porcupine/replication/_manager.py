@@ -15,6 +15,7 @@ a crash :meth:`ReplicationManager.recover` rebuilds it from the log alone.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Iterable
 
@@ -60,8 +61,9 @@ class ReplicationConfig:
     #: Durable copies (coordinator included) before the agent gets ``Acknowledge``.
     #: 1 is seed §4.3 (coordinator's log + store); 2 survives losing the coordinator's disk.
     acks_before_reply: int = 1
-    #: How long a node remembers retired updates, to answer late duplicate pushes.
+    #: How long (and how many) retired updates a node remembers, to answer late pushes.
     retired_memory: float = 600.0
+    retired_memory_entries: int = 100_000
     #: Tombstones older than this may be purged (default: the retention, see docs).
     tombstone_ttl: float | None = None
 
@@ -96,6 +98,7 @@ class _Slot:
     attempts: dict[NodeId, int] = attrs.field(factory=dict)
     copies: int = 1
     tokens: list[int] = attrs.field(factory=list)
+    gen: int = 0
 
     @property
     def timestamp(self) -> Timestamp:
@@ -120,7 +123,9 @@ class ReplicationManager:
         self._next_token = 1
         self._last_issued = 0
         self._next_alive = 0.0
-        self._last_now = 0.0
+        # one timer per slot, lazily invalidated by the slot's generation
+        self._timers: list[tuple[float, int, str, int]] = []
+        self._timer_seq = 0
 
     # --- construction ------------------------------------------------------------
 
@@ -148,7 +153,9 @@ class ReplicationManager:
             raise WipeRequired(node_id, last_alive, now_us, retention)
         actions: list[Action] = []
         for entry in entries:
-            mgr._slots[entry.object_id] = _Slot(entry, now, set(entry.remaining))
+            slot = _Slot(entry, now, set(entry.remaining))
+            mgr._slots[entry.object_id] = slot
+            mgr._arm(slot, now)
             if entry.coordinator == node_id:
                 mgr._last_issued = max(mgr._last_issued, entry.timestamp.wallclock)
             actions.append(Apply(entry.update))
@@ -173,7 +180,6 @@ class ReplicationManager:
         a read-modify-write is never discarded because of clock skew.  Returns
         the token that a later :class:`Acknowledge` carries.
         """
-        self._last_now = now
         target_set = frozenset(targets)
         if self.node_id not in target_set:
             raise ValueError(f"coordinator {self.node_id} must be one of the targets")
@@ -208,11 +214,11 @@ class ReplicationManager:
         self._slots[object_id] = slot
         self._check_tokens(slot, actions)
         self._push_due(slot, now, actions)
+        self._arm(slot, now)
         return token, actions
 
     def receive(self, sender: NodeId, message: Message, now: float) -> list[Action]:
         """A message from peer ``sender`` (the transport authenticates who sent it)."""
-        self._last_now = now
         actions: list[Action] = []
         if isinstance(message, Push):
             self._on_push(sender, message, now, actions)
@@ -238,11 +244,11 @@ class ReplicationManager:
             for node in back:
                 slot.next_push.pop(node, None)
                 slot.attempts.pop(node, None)
+            self._arm(slot, now)
         return self.tick(now)
 
     def tick(self, now: float) -> list[Action]:
         """Timers: retries, takeovers, retention, alive marks."""
-        self._last_now = now
         actions: list[Action] = []
         now_us = _us(now)
         if now >= self._next_alive:
@@ -252,8 +258,12 @@ class ReplicationManager:
             ttl = self.config.retention if ttl is None else ttl
             actions.append(PurgeTombstones(now_us - _us(ttl)))
         horizon = now_us - _us(self.config.retention)
-        for object_id in list(self._slots):
-            slot = self._slots[object_id]
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, object_id, gen = heapq.heappop(timers)
+            slot = self._slots.get(object_id)
+            if slot is None or slot.gen != gen:
+                continue
             if slot.timestamp.wallclock < horizon:
                 del self._slots[object_id]
                 actions.append(DropLog(object_id, slot.timestamp))
@@ -261,33 +271,27 @@ class ReplicationManager:
             if self._pushing(slot, now):
                 if not slot.remaining:
                     self._retire(slot, now, actions)
-                else:
-                    self._push_due(slot, now, actions)
-        for object_id, (_, until) in list(self._retired.items()):
-            if until <= now:
-                del self._retired[object_id]
+                    continue
+                self._push_due(slot, now, actions)
+            self._arm(slot, now)
+        retired = self._retired
+        while retired:
+            object_id = next(iter(retired))
+            if retired[object_id][1] > now:
+                break
+            del retired[object_id]
         return actions
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` has work next (local time), or None."""
-        best = self._next_alive
-        retention = _us(self.config.retention)
-        for slot in self._slots.values():
-            best = min(best, (slot.timestamp.wallclock + retention + 1) / 1e6)
-            coordinator = slot.entry.coordinator
-            # a participant of a live coordinator only pushes once the entry stalls
-            start = 0.0
-            if coordinator != self.node_id and self._is_live(coordinator):
-                start = slot.since + self.config.stall_timeout
-            if not slot.remaining:
-                best = min(best, start)  # due for retirement
-                continue
-            if start > self._last_now:
-                best = min(best, start)
-            for node in slot.remaining:
-                if self._is_live(node):
-                    best = min(best, max(start, slot.next_push.get(node, 0.0)))
-        return best
+        timers = self._timers
+        while timers:
+            _, _, object_id, gen = timers[0]
+            slot = self._slots.get(object_id)
+            if slot is not None and slot.gen == gen:
+                return min(self._next_alive, timers[0][0])
+            heapq.heappop(timers)
+        return self._next_alive
 
     # --- queries -----------------------------------------------------------------
 
@@ -311,6 +315,38 @@ class ReplicationManager:
 
     def _is_live(self, node: NodeId) -> bool:
         return self._live is None or node in self._live
+
+    def _due(self, slot: _Slot, now: float) -> float:
+        """When ``slot`` next needs the timer: a push, a takeover, retirement or expiry."""
+        best = (slot.timestamp.wallclock + _us(self.config.retention) + 1) / 1e6
+        start = 0.0
+        coordinator = slot.entry.coordinator
+        if coordinator != self.node_id and self._is_live(coordinator):
+            # a participant of a live coordinator only pushes once the entry stalls
+            start = slot.since + self.config.stall_timeout
+        if not slot.remaining:
+            return min(best, start)
+        if start > now:
+            best = min(best, start)
+        for node in slot.remaining:
+            if self._is_live(node):
+                best = min(best, max(start, slot.next_push.get(node, 0.0)))
+        return best
+
+    def _arm(self, slot: _Slot, now: float) -> None:
+        """(Re)set the slot's timer; older timers of the slot become stale."""
+        self._timer_seq += 1
+        slot.gen = self._timer_seq
+        heapq.heappush(
+            self._timers, (self._due(slot, now), self._timer_seq, slot.entry.object_id, slot.gen)
+        )
+        if len(self._timers) > 4 * len(self._slots) + 64:
+            self._timers = [t for t in self._timers if self._current(t)]
+            heapq.heapify(self._timers)
+
+    def _current(self, timer: tuple[float, int, str, int]) -> bool:
+        slot = self._slots.get(timer[2])
+        return slot is not None and slot.gen == timer[3]
 
     def _pushing(self, slot: _Slot, now: float) -> bool:
         """Does this node drive ``slot``: its own, orphaned, or stalled?"""
@@ -358,9 +394,13 @@ class ReplicationManager:
         self._remember(entry.object_id, entry.timestamp, now)
 
     def _remember(self, object_id: str, ts: Timestamp, now: float) -> None:
-        known = self._retired.get(object_id)
-        if known is None or known[0] <= ts:
-            self._retired[object_id] = (ts, now + self.config.retired_memory)
+        retired = self._retired
+        known = retired.pop(object_id, None)
+        if known is not None and known[0] > ts:
+            ts = known[0]
+        retired[object_id] = (ts, now + self.config.retired_memory)  # kept in expiry order
+        if len(retired) > self.config.retired_memory_entries:
+            del retired[next(iter(retired))]
 
     def _on_push(self, sender: NodeId, msg: Push, now: float, actions: list[Action]) -> None:
         update = msg.update
@@ -386,7 +426,9 @@ class ReplicationManager:
         actions.append(Apply(update))
         if old is not None:
             self._supersede(old, actions)
-        self._slots[update.object_id] = _Slot(entry, now, set(remaining))
+        slot = _Slot(entry, now, set(remaining))
+        self._slots[update.object_id] = slot
+        self._arm(slot, now)
         actions.append(ack)
 
     def _on_ack(self, sender: NodeId, msg: Ack, now: float, actions: list[Action]) -> None:
@@ -399,6 +441,8 @@ class ReplicationManager:
         self._check_tokens(slot, actions)
         if not slot.remaining and self._pushing(slot, now):
             self._retire(slot, now, actions)
+        else:
+            self._arm(slot, now)
 
     def _on_retire(self, msg: Retire, now: float, actions: list[Action]) -> None:
         self._remember(msg.object_id, msg.timestamp, now)
