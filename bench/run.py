@@ -103,11 +103,11 @@ class Settings:
         self.mail_warmup = 1.0 if quick else 2.0
         self.mail_duration = 3.0 if quick else 8.0
         self.mail_conns = 16
-        self.mail_users = 20 if quick else 50
-        self.mail_per_user = 10 if quick else 20
+        self.mail_users = 10 if quick else 50
+        self.mail_per_user = 5 if quick else 20
         self.mail_fetch = 5
         self.cluster_nodes = [1, 3] if quick else [1, 2, 3]
-        self.replicas = [1, 3] if quick else [1, 2, 3]
+        self.replicas = [2] if quick else [1, 2, 3]
         self.clip_seconds = 30 if quick else 60
         self.rtsp_warmup = 1.0 if quick else 2.0
         self.rtsp_window = 3.0 if quick else 8.0
@@ -668,9 +668,11 @@ def rtsp_ramp(
                     f"{label}: asked for x-yima-fanout, granted to {g} of {n_ok} sessions"
                 )
     out: dict[str, Any] = {k: (fnum(v) if fnum(v) is not None else v) for k, v in kv.items()}
+    if not out.get("trials"):
+        raise PartFailed(f"{label}: the ramp had no time for a trial (budget {budget:.0f} s)")
     if not out.get("max_sessions"):
         m = re.findall(r"setup errors: \d+, first: (.*)", r.stdout)
-        why = m[0][:300] if m else "no trial passed"
+        why = m[0][:300] if m else f"no trial passed, the first at N={start}"
         raise PartFailed(f"{label} at {url}: not one session kept real time ({why})")
     n = out["max_sessions"]
     # the ramp ran out of budget before a trial failed: the capacity is at least n
@@ -1557,7 +1559,10 @@ def part_rtsp_peer(s: Settings, res: dict[str, Any], errors: list[str], clip: Pa
                     url,
                     "gstreamer",
                     [p.pid],
-                    min(s.rtsp_budget_peer, max(8.0, 0.4 * (s.left() - 15.0))),
+                    max(
+                        s.rtsp_warmup + s.rtsp_window + 6.0,
+                        min(s.rtsp_budget_peer, 0.4 * (s.left() - 15.0)),
+                    ),
                     s.rtsp_start_peer,
                     work / "load.log",
                 )
@@ -1611,7 +1616,9 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
                     row.update(ffmpeg_check(url, f"yima-{key}", work))
                 todo = len(s.yima_configs) - s.yima_configs.index((mode, n))
                 budget = s.rtsp_budget_target * (1.5 if n == 1 and mode == "bipartite" else 1.0)
-                budget = min(budget, max(8.0, (s.left() - 45.0) / todo - 15.0))
+                # at least one trial (warm-up + window + ~6 s of set-up, pause and baseline)
+                budget = min(budget, (s.left() - 45.0) / todo - 15.0)
+                budget = max(budget, s.rtsp_warmup + s.rtsp_window + 6.0)
                 # start near what this mode sustained with fewer nodes (fewer trials)
                 prev = [
                     v.get("max_sessions") or 0
@@ -2186,36 +2193,56 @@ def main() -> int:
         "settings": s.as_dict(),
     }
     errors: list[str] = []
-    clip = None
     try:
-        if "udp" in parts:
-            say("# udp ceiling")
+        timings: dict[str, float] = res.setdefault("part_seconds", {})
+
+        def timed(name: str, title: str, fn: Callable[[], None]) -> None:
+            if name not in parts:
+                return
+            say(f"# {title}  [{s.left():.0f} s of the run's time left]")
+            t = time.monotonic()
+            fn()
+            timings[name] = round(time.monotonic() - t, 1)
+
+        def udp() -> None:
             try:
                 part_udp(s, res)
             except PartFailed as e:
                 errors.append(f"udp ceiling: {e}")
-        if "mail-peers" in parts:
-            say("# mail peers: postfix+dovecot, twisted.mail")
-            part_mail_peers(s, res, errors)
-        if "mail-target" in parts:
-            say("# mail target: porcupine-node")
-            part_mail_target(s, res, errors)
-        if "mail-cluster" in parts:
-            say("# porcupine cluster: 1, 2, 3 nodes")
-            part_mail_cluster(s, res, errors)
+
+        timed("udp", "udp ceiling", udp)
+        timed(
+            "mail-peers",
+            "mail peers: postfix+dovecot, twisted.mail",
+            lambda: part_mail_peers(s, res, errors),
+        )
+        timed(
+            "mail-target", "mail target: porcupine-node", lambda: part_mail_target(s, res, errors)
+        )
+        timed(
+            "mail-cluster",
+            "porcupine cluster: 1, 2, 3 nodes, replicas",
+            lambda: part_mail_cluster(s, res, errors),
+        )
         if {"rtsp-peer", "rtsp-target", "retransmit"} & set(parts):
             clip = make_clip(s)
             res["clip"] = clip_info(clip)
             say(f"# clip: {res['clip']}")
-        if "rtsp-peer" in parts and clip:
-            say("# streaming peer: GStreamer RTSP server")
-            part_rtsp_peer(s, res, errors, clip)
-        if "rtsp-target" in parts and clip:
-            say("# streaming target: yima-node")
-            part_rtsp_target(s, res, errors, clip)
-        if "retransmit" in parts and clip:
-            say("# retransmission: missing at playout vs loss (simulator, then yimaporc play)")
-            part_retransmit(s, res, errors, clip)
+            timed(
+                "rtsp-peer",
+                "streaming peer: GStreamer RTSP server",
+                lambda: part_rtsp_peer(s, res, errors, clip),
+            )
+            timed(
+                "rtsp-target",
+                "streaming target: yima-node",
+                lambda: part_rtsp_target(s, res, errors, clip),
+            )
+            timed(
+                "retransmit",
+                "retransmission: missing at playout vs loss (simulator, then yimaporc play)",
+                lambda: part_retransmit(s, res, errors, clip),
+            )
     except KeyboardInterrupt:
         errors.append("interrupted")
     finally:
