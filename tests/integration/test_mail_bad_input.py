@@ -204,6 +204,8 @@ def test_imap_bad_input(mail: RunningMail) -> None:
         i.login(ALICE, "wrong")
     i.login(ALICE, PW)
     assert i.select("NoSuchBox")[0] == "NO"
+    i.select("INBOX", readonly=True)
+    assert i.store("1", "+FLAGS", "(\\Seen)")[0] == "NO"
     i.select("INBOX")
     assert i.fetch("1", "(FLAGS)") == ("OK", [None])
     with pytest.raises(imaplib.IMAP4.error):

@@ -109,9 +109,14 @@ def test_pop3_stls(mail: RunningMail) -> None:
 
 
 def test_imap_starttls(mail: RunningMail) -> None:
-    """IMAP STARTTLS then LOGIN."""
+    """Before STARTTLS neither LOGIN nor AUTHENTICATE is allowed; after it LOGIN works."""
     i = imaplib.IMAP4("127.0.0.1", mail.port("imap"), timeout=10)
-    assert "STARTTLS" in i.capabilities
+    assert "STARTTLS" in i.capabilities and "LOGINDISABLED" in i.capabilities
+    assert not any(c.startswith("AUTH=") for c in i.capabilities)
+    with pytest.raises(imaplib.IMAP4.error):
+        i.login(ALICE, PW)
+    with pytest.raises(imaplib.IMAP4.error):
+        i.authenticate("PLAIN", lambda _: f"\0{ALICE}\0{PW}".encode())
     i.starttls(ssl_context=client_context())
     assert i.login(ALICE, PW)[0] == "OK"
     i.logout()

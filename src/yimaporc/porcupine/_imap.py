@@ -11,6 +11,8 @@ Changes to the stock server (26.10), each needed by a real client:
 - SEARCH: terms decoded to str (stock compares bytes with str headers) and
   bodies loaded only for terms that need them;
 - APPEND without flags works, literals are bounded by the message size limit;
+- with a certificate, AUTHENTICATE also waits for STARTTLS (stock only
+  disables LOGIN); STORE on an EXAMINEd mailbox is NO, not BAD;
 - an over-long line gets ``* BAD`` and a close; idle timeouts use the
   injected clock.
 """
@@ -502,6 +504,30 @@ class MailImapServer(imap4.IMAP4Server):
     auth_RENAME = select_RENAME = (do_RENAME, A.arg_astring, A.arg_finalastring)  # type: ignore[assignment]
     auth_SUBSCRIBE = select_SUBSCRIBE = (do_SUBSCRIBE, A.arg_finalastring)  # type: ignore[assignment]
     auth_UNSUBSCRIBE = select_UNSUBSCRIBE = (do_UNSUBSCRIBE, A.arg_finalastring)  # type: ignore[assignment]
+
+    # --- no passwords in clear once TLS is on offer ------------------------
+
+    def capabilities(self) -> dict[bytes, Any]:
+        cap: dict[bytes, Any] = super().capabilities()
+        if b"LOGINDISABLED" in cap:
+            cap[b"AUTH"] = []  # stock refuses LOGIN before STARTTLS but offers AUTH=PLAIN
+        return cap
+
+    def do_AUTHENTICATE(self, tag: bytes, args: bytes) -> None:
+        if b"LOGINDISABLED" in self.capabilities():
+            self.sendNegativeResponse(tag, b"[PRIVACYREQUIRED] STARTTLS first")
+            return
+        super().do_AUTHENTICATE(tag, args)
+
+    unauth_AUTHENTICATE = (do_AUTHENTICATE, A.arg_atom)  # type: ignore[assignment]
+
+    def do_STORE(self, tag: bytes, messages: Any, mode: bytes, flags: Any, uid: int = 0) -> None:
+        if self.mbox is not None and not self.mbox.isWriteable():
+            self.sendNegativeResponse(tag, b"[READ-ONLY] mailbox opened with EXAMINE")
+            return
+        super().do_STORE(tag, messages, mode, flags, uid)
+
+    select_STORE = (do_STORE, A.arg_seqset, A.arg_atom, A.arg_flaglist)  # type: ignore[assignment]
 
     # --- FETCH / SEARCH ---------------------------------------------------------
 

@@ -121,7 +121,7 @@ class MailPOP3(pop3.POP3):
         return ISSLTransport.providedBy(self.transport)
 
     def listCapabilities(self) -> list[bytes]:
-        caps = [b"TOP", b"USER", b"UIDL", b"RESP-CODES", b"IMPLEMENTATION yimaporc"]
+        caps = [b"TOP", b"USER", b"UIDL", b"IMPLEMENTATION yimaporc"]
         if self.ctx is not None and not self._tls_active() and not self.mbox:
             caps.append(b"STLS")
         return caps
