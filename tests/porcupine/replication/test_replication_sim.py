@@ -241,3 +241,18 @@ def test_node_away_longer_than_retention_must_be_wiped() -> None:
     sim.wipe("n2")
     sim.restart("n2")
     assert sim.nodes["n2"].up
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_chaos_with_slow_disks_and_timed_crashes(seed: int) -> None:
+    """With 2 ms writes, crashes at random instants (mid-write, mid-batch) lose nothing acked."""
+    sim = faulty(3000 + seed, disk_time=0.002)
+    random_workload(sim, objects=sim.rng.randint(10, 30), window=3.0)
+    t = sim.now
+    for _ in range(sim.rng.randint(1, 4)):
+        sim.run_until(sim.now + sim.rng.uniform(0, 1.5))
+        victim = sim.rng.choice(sorted(sim.nodes))
+        sim.crash(victim, down_for=sim.rng.choice([0.001, 0.3, 4.0]))
+    sim.run_until(t + 10)
+    finish(sim)
+    assert sim.crashes >= 1

@@ -259,11 +259,14 @@ class ReplicationManager:
             actions.append(PurgeTombstones(now_us - _us(ttl)))
         horizon = now_us - _us(self.config.retention)
         timers = self._timers
+        due: list[_Slot] = []
         while timers and timers[0][0] <= now:
             _, _, object_id, gen = heapq.heappop(timers)
             slot = self._slots.get(object_id)
-            if slot is None or slot.gen != gen:
-                continue
+            if slot is not None and slot.gen == gen:
+                due.append(slot)
+        for slot in due:
+            object_id = slot.entry.object_id
             if slot.timestamp.wallclock < horizon:
                 del self._slots[object_id]
                 actions.append(DropLog(object_id, slot.timestamp))
