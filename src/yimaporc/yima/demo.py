@@ -49,7 +49,8 @@ def ensure_sample(client: AdminClient, base_dir: Path, timeout: float = 30.0) ->
             make_sample_ts(tmp, SAMPLE_SECONDS)
             tmp.replace(clip)
         _wait_disks(client, timeout)
-        upload(client, "/api/yima/media", {"name": SAMPLE_NAME}, clip)
+        # Small blocks (20 RTP payloads), so every node of the demo holds some.
+        upload(client, "/api/yima/media", {"name": SAMPLE_NAME, "block_size": "26320"}, clip)
     except SampleError as e:
         raise _error(f"cannot make the sample clip: {e}") from e
     except AdminError as e:
