@@ -113,8 +113,8 @@ class Settings:
         self.rtsp_window = 3.0 if quick else 8.0
         self.rtsp_budget_peer = 25.0 if quick else 90.0
         self.rtsp_budget_target = 15.0 if quick else 60.0
-        self.rtsp_start_peer = 64 if quick else 32
-        self.rtsp_start_target = 16
+        self.rtsp_start_peer = 128 if quick else 32
+        self.rtsp_start_target = 24 if quick else 16
         # the whole run must end in time (QUICK=1 < 3 min, full < 15 min): the streaming
         # ramps, which come last, get what is left of this, minus a reserve for the report
         self.total_s = 170.0 if quick else 840.0
