@@ -188,3 +188,18 @@ def test_change_listener_hears_stores(mailbox_manager: MailboxManager) -> None:
     mailbox_manager.on_change(lambda u, m: heard.append((u, m)))
     result_of(mailbox_manager.store([msg(A, b"x")]))
     assert heard == [(A, INBOX)]
+
+
+def test_broken_batch_fails_callers_and_recovers(mailbox_manager: MailboxManager) -> None:
+    """An unexpected error in the commit phase fails that batch's callers; later stores work."""
+    real = mailbox_manager._commit
+
+    def boom(*a: object) -> None:
+        raise RuntimeError("bug")
+
+    mailbox_manager._commit = boom  # type: ignore[method-assign, assignment]
+    d = mailbox_manager.store([msg(A, b"x")])
+    with pytest.raises(RuntimeError):
+        result_of(d)
+    mailbox_manager._commit = real  # type: ignore[method-assign]
+    assert result_of(mailbox_manager.store([msg(A, b"y")]))[0].uid == 1

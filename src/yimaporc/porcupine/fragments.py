@@ -679,7 +679,19 @@ class MailboxManager:
         writes = [self._run(self.fragments.write_body, m.body) for _, m in flat]
         d = DeferredList(writes, consumeErrors=True)
         d.addCallback(self._commit, batch, flat)
-        d.addErrback(lambda f: self.log.failure("group commit failed", f))
+        d.addErrback(self._broken, batch)
+
+    def _broken(
+        self, f: Failure, batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]]
+    ) -> None:
+        """A bug in the batch machinery: fail its callers (451) rather than hang them all."""
+        self.log.failure("group commit failed", f)
+        for _, d in batch:
+            if not d.called:
+                d.errback(f)
+        self._writing = False
+        if self._pending:
+            self._write_batch()
 
     def _commit(
         self,
