@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -81,7 +81,7 @@ class Transaction:
             self.started = True
             body = b"\r\n".join(self.chunks) + b"\r\n"
             self.chunks = []
-            self.deliver(self.sender, self.recipients, body).addBoth(self._done)
+            maybeDeferred(self.deliver, self.sender, self.recipients, body).addBoth(self._done)
         return d
 
     def _done(self, result: object) -> None:
