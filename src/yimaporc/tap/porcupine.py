@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.python import usage
 
 from .common import NodeOptions, build_node
 
@@ -38,23 +39,33 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from ..cluster.bucketservice import BucketMapService
-    from ..porcupine.mailservice import MailService
+    from ..porcupine.service import MailService
 
     node = build_node(reactor, options)
     user_map = BucketMapService(node)
     node.add_status(user_map.status)
-    mail = MailService(
-        reactor,
-        node_id=node.node_id,
-        data_dir=node.config.data_dir,
-        domain=options["domain"],
-        smtp_endpoint=options["smtp"],
-        pop3_endpoint=options["pop3"],
-        imap_endpoint=options["imap"],
-        max_message_size=int(options["max-message-size"]),
-    )
+    try:
+        mail = MailService(
+            reactor,
+            node_id=node.node_id,
+            data_dir=node.config.data_dir,
+            domain=options["domain"],
+            smtp=options["smtp"],
+            pop3=options["pop3"],
+            imap=options["imap"],
+            tls_cert=options["tls-cert"],
+            tls_key=options["tls-key"],
+            max_message_size=int(options["max-message-size"]),
+        )
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from e
     mail.setServiceParent(node)
     for route in mail.admin_routes():
         node.add_route(route)
-    node.add_status(mail.status)
+
+    def mail_status() -> dict[str, Any]:
+        doc = mail.status()
+        return {**doc, "services": dict(doc.get("mail", {}))}
+
+    node.add_status(mail_status)
     return node
