@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import attrs
 import pytest
 
 from yimaporc.porcupine.replication import (
@@ -306,3 +307,46 @@ def test_long_log_keeps_events_cheap() -> None:
     assert time.perf_counter() - start < 2.0
     assert len(a) == 20_000
     assert len(a._timers) <= 4 * len(a) + 64
+
+
+def test_single_replica_update_supersedes_logged_entry() -> None:
+    """Shrinking an object to one replica drops its old entry and answers the old agent."""
+    a = mgr("a", attrs.evolve(CFG, acks_before_reply=2))
+    old_token, actions = a.submit("m1", b"x", "ab", T0)
+    old_ts = actions[0].entry.timestamp  # type: ignore[union-attr]
+    token, actions = a.submit("m1", b"y", "a", T0)
+    assert kinds(actions) == ["DropLog", "Acknowledge", "Apply", "Acknowledge"]
+    assert actions[1] == Acknowledge(old_token, old_ts)
+    assert actions[3].token == token  # type: ignore[union-attr]
+    assert len(a) == 0
+
+
+def test_retire_of_newer_update_drops_older_entry() -> None:
+    """A Retire for a newer timestamp also retires this node's older entry."""
+    b = mgr("b")
+    b.receive("a", Push(Update("m1", ts(1, "a"), b"1"), "a", frozenset("abc")), T0)
+    assert kinds(b.receive("c", Retire("m1", ts(2, "c")), T0)) == ["DropLog"]
+    assert kinds(b.receive("a", Retire("m1", ts(0, "a")), T0)) == []
+
+
+def test_retired_memory_is_bounded() -> None:
+    """The memory of retired updates keeps at most retired_memory_entries objects."""
+    b = mgr("b", attrs.evolve(CFG, retired_memory_entries=10))
+    for k in range(50):
+        b.receive("a", Retire(f"m{k}", ts(k)), T0)
+    assert len(b._retired) == 10
+    assert set(b._retired) == {f"m{k}" for k in range(40, 50)}
+    b.tick(T0 + CFG.retired_memory + 1)
+    assert b._retired == {}
+
+
+def test_status_counts_entries_awaiting_each_peer() -> None:
+    """status() reports log length, oldest pending timestamp and per-peer backlog."""
+    a = mgr()
+    a.set_live({"a"}, T0)
+    for k in range(3):
+        a.submit(f"m{k}", b"x", "abc" if k else "ab", T0 + k)
+    st = a.status()
+    assert st.log_length == 3
+    assert st.oldest_pending == Timestamp(int(T0 * 1e6), "a")
+    assert st.awaiting == {"b": 3, "c": 2}
