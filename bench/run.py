@@ -2050,11 +2050,16 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
                     y.get("mode") == "bipartite" and y.get("nodes") == 1
                 )
                 if same and val(y, "max_sessions") is not None:
-                    pts.append((y["nodes"], val(y, "max_sessions")))
+                    pts.append((y["nodes"], val(y, "max_sessions"), bool(y.get("lower_bound"))))
             pts.sort()
             if pts:
                 anything = True
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"Yima {mode}")
+                for x, yv, lb in pts:
+                    if lb:  # the ramp's time ran out first: at least this many
+                        ax.annotate(
+                            ">=", (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=8
+                        )
         if not anything:
             ax.text(
                 0.5,
