@@ -133,3 +133,32 @@ def test_master_slave_mode_streams_from_the_master(tmp_path: Path, clip: Path) -
     finally:
         for n in nodes:
             n.kill(signal.SIGTERM)
+
+
+def test_stream_stays_complete_while_a_disk_is_added(
+    bipartite: list[NodeProc], clip: Path, tmp_path: Path
+) -> None:
+    """A disk added (and blocks moved by SCADDAR) during playback does not disturb the stream."""
+    out = tmp_path / "during.ts"
+    player = subprocess.Popen(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp", "-i",
+         f"rtsp://127.0.31.3:{RTSP}/clip", "-c", "copy", "-f", "mpegts", "-y", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: out.exists() and out.stat().st_size > 50_000, 30, "playback to start")
+        added = subprocess.run(
+            [sys.executable, "-m", "yimaporc.cli", "disks", "add", str(tmp_path / "extra"),
+             "--node", "y2", "--admin", bipartite[0].admin_url,
+             "--secret-file", str(tmp_path / "cluster.secret")],
+            check=True, capture_output=True, text=True, timeout=60,
+        ).stdout  # fmt: skip
+        assert player.poll() is None, "the disk was added while the stream was still playing"
+        assert added.strip().splitlines()[-1].startswith("moved ")
+        assert player.wait(timeout=60) == 0
+    finally:
+        if player.poll() is None:
+            player.kill()
+            player.wait()
+    want, got = framemd5(clip), framemd5(out)
+    assert len(got) >= len(want) - 1 and got == want[: len(got)]
