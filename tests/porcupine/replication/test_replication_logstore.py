@@ -117,3 +117,36 @@ def test_memory_object_store_newest_wins() -> None:
     assert store.purge_tombstones(3) == 0
     assert store.purge_tombstones(4) == 1
     assert store.version("o") is None
+
+
+def test_core_recovers_from_reopened_sqlite_log(tmp_path: Path) -> None:
+    """A coordinator's entry written through SQLite is pushed again after a restart."""
+    import random
+
+    from yimaporc.porcupine.replication import (
+        PersistLog,
+        ReplicationConfig,
+        ReplicationManager,
+        SendMessage,
+    )
+
+    path = tmp_path / "log.sqlite"
+    log = SqliteLog(path)
+    core = ReplicationManager("a", random.Random(1), ReplicationConfig())
+    _, actions = core.submit("msg/alice/1", b"body", ["a", "b"], 1_700_000_000.0)
+    for action in actions:
+        if isinstance(action, PersistLog):
+            log.put(action.entry)
+    log.mark_alive(1_700_000_000_000_000)
+    log.close()  # the process dies before hearing any ack
+
+    log = SqliteLog(path)
+    try:
+        core, actions = ReplicationManager.recover(
+            "a", log.load(), log.last_alive(), 1_700_000_060.0, random.Random(2)
+        )
+        pushes = [a for a in actions if isinstance(a, SendMessage)]
+        assert [p.to for p in pushes] == ["b"]
+        assert pushes[0].message.update.body == b"body"  # type: ignore[union-attr]
+    finally:
+        log.close()
