@@ -162,3 +162,17 @@ def test_stream_stays_complete_while_a_disk_is_added(
             player.wait()
     want, got = framemd5(clip), framemd5(out)
     assert len(got) >= len(want) - 1 and got == want[: len(got)]
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_gstreamer_rtspsrc_records_byte_identical(
+    bipartite: list[NodeProc], clip: Path, tmp_path: Path, protocol: str
+) -> None:
+    """GStreamer's rtspsrc receives the relayed in-order stream byte-identical to the file."""
+    out = tmp_path / f"gst-{protocol}.ts"
+    subprocess.run(
+        ["gst-launch-1.0", "-q", "rtspsrc", f"location=rtsp://127.0.31.1:{RTSP}/clip",
+         f"protocols={protocol}", "!", "rtpmp2tdepay", "!", "filesink", f"location={out}"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert out.read_bytes() == clip.read_bytes()
