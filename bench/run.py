@@ -347,6 +347,9 @@ def profile_summary(path: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- internode bytes
+SELF_HOSTS = 8  # per-host "to itself" rules (node i on NET.i, i <= 8)
+
+
 class Internode:
     """Bytes and packets between the nodes of one 127.0.N.0/24 net (TCP RPC and UDP,
     both directions), from an nftables counter in a table of our own, sampled every
@@ -357,7 +360,7 @@ class Internode:
     def __init__(self, net: str) -> None:
         self.net = net
         self.table = "yimaporc_bench_" + net.replace(".", "_")
-        self.samples: list[tuple[float, int, int]] = []
+        self.samples: list[tuple[float, int, int, int]] = []
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -365,12 +368,15 @@ class Internode:
     def _nft(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["nft", *args], capture_output=True, text=True, timeout=10)
 
-    def read(self) -> tuple[int, int] | None:
+    def read(self) -> tuple[int, int, int] | None:
         r = self._nft("list", "table", "inet", self.table)
-        found = re.findall(r"counter packets (\d+) bytes (\d+)", r.stdout)
-        if not found:
+        found = [
+            (int(p), int(b)) for p, b in re.findall(r"counter packets (\d+) bytes (\d+)", r.stdout)
+        ]
+        if len(found) != SELF_HOSTS + 4:
             return None
-        return sum(int(b) for _p, b in found), sum(int(p) for p, _b in found)
+        own, inter = found[:SELF_HOSTS], found[SELF_HOSTS:]
+        return sum(b for _p, b in inter), sum(p for p, _b in inter), sum(b for _p, b in own)
 
     def __enter__(self) -> Internode:
         if shutil.which("nft") is None:
@@ -392,7 +398,13 @@ class Internode:
         # unbound sockets, so the kernel may pick 127.0.0.1 as the source: match on
         # the cluster port and on UDP into the nodes (load generators send none).
         net, cport = f"{self.net}.0/24", str(PORTS["cluster"])
+        # first, a node talking to itself over loopback (e.g. its own packets into its
+        # own relay socket) is counted apart and not as internode traffic
         rules = [
+            f"ip saddr {self.net}.{i} ip daddr {self.net}.{i} counter return"
+            for i in range(1, SELF_HOSTS + 1)
+        ]
+        rules += [
             f"ip daddr {net} meta l4proto udp counter",
             f"ip daddr {net} tcp dport {cport} counter",
             f"ip saddr {net} tcp sport {cport} counter",
@@ -414,14 +426,14 @@ class Internode:
                 except (OSError, subprocess.SubprocessError):
                     v = None
                 if v is not None:
-                    self.samples.append((time.monotonic(), v[0], v[1]))
+                    self.samples.append((time.monotonic(), *v))
                 self._stop.wait(0.2)
 
         v = self.read()
         if v is None:
             self.error = "nft counter unreadable"
             return self
-        self.samples.append((time.monotonic(), v[0], v[1]))
+        self.samples.append((time.monotonic(), *v))
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
         return self
@@ -432,8 +444,9 @@ class Internode:
             self._thread.join(timeout=5)
             self._nft("delete", "table", "inet", self.table)
 
-    def between(self, t0: float, t1: float) -> tuple[float, float] | None:
-        """(bytes, packets) counted between t0 and t1 (monotonic), interpolated."""
+    def between(self, t0: float, t1: float) -> tuple[float, float, float] | None:
+        """(internode bytes, packets, a node's bytes to itself) between t0 and t1
+        (monotonic), interpolated."""
         sm = list(self.samples)
         if self.error:
             return None
@@ -444,16 +457,15 @@ class Internode:
             )
             return None
 
-        def at(t: float) -> tuple[float, float]:
+        def at(t: float) -> tuple[float, ...]:
             for a, b in itertools.pairwise(sm):
                 if a[0] <= t <= b[0]:
                     f = (t - a[0]) / (b[0] - a[0]) if b[0] > a[0] else 0.0
-                    return a[1] + f * (b[1] - a[1]), a[2] + f * (b[2] - a[2])
-            return float(sm[-1][1]), float(sm[-1][2])
+                    return tuple(x + f * (y - x) for x, y in zip(a[1:], b[1:], strict=True))
+            return tuple(float(x) for x in sm[-1][1:])
 
-        b0, p0 = at(t0)
-        b1, p1 = at(t1)
-        return b1 - b0, p1 - p0
+        v0, v1 = at(t0), at(t1)
+        return v1[0] - v0[0], v1[1] - v0[1], v1[2] - v0[2]
 
 
 # --------------------------------------------------------------------------- set-up
@@ -725,9 +737,12 @@ def internode_trial(
         return out
     delivered = agg * 1e6 / 8 * s.rtsp_window
     out["internode_bytes_per_delivered_byte"] = got[0] / delivered
+    # a node's own packets through its own sockets (the relay's loopback hop)
+    out["self_loop_bytes_per_delivered_byte"] = got[2] / delivered
     say(
         f"  {label}: {n} sessions, internode bytes per delivered byte "
-        f"{got[0] / delivered:.3f} ({got[0] * 8 / s.rtsp_window / 1e6:.0f} Mbit/s between nodes)"
+        f"{got[0] / delivered:.3f} ({got[0] * 8 / s.rtsp_window / 1e6:.0f} Mbit/s between nodes; "
+        f"{got[2] / delivered:.3f} from a node to itself)"
     )
     return out
 
@@ -1413,7 +1428,7 @@ def cluster_smtp(
         "per_node": rows,
     }
     if inter is not None and rate:
-        b, pk = inter
+        b, pk, _own = inter
         row["internode_bytes_per_msg"] = b / s.mail_duration / rate
         row["internode_packets_per_msg"] = pk / s.mail_duration / rate
     else:
