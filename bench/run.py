@@ -803,6 +803,9 @@ def part_udp(s: Settings, res: dict[str, Any]) -> None:
             raise PartFailed(f"udp {stack}: no result ({r.stderr.strip()[-300:]})")
         d = {k: fnum(v) if fnum(v) is not None else v for k, v in kv.items()}
         d["tx_mbps"] = d["tx_pps"] * 1316 * 8 / 1e6
+        # on a shared machine the sender may not get a whole core: per core-second too
+        if d.get("tx_cpu_pct"):
+            d["tx_pps_per_core"] = d["tx_pps"] / (d["tx_cpu_pct"] / 100.0)
         out[stack] = d
         say(
             f"  udp {stack:6s} tx_pps={d['tx_pps']:.0f} ({d['tx_mbps']:.0f} Mbit/s, "
@@ -1959,7 +1962,8 @@ def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
                 d = u[k]
                 say(
                     f"  {k:7s} {d['tx_pps']:>10.0f} pkt/s  {d['tx_mbps']:>7.0f} Mbit/s  "
-                    f"= {d['tx_mbps'] / 4.0:.0f} x 4 Mbit/s streams (sender CPU {d['tx_cpu_pct']:.0f}%)"
+                    f"= {d['tx_mbps'] / 4.0:.0f} x 4 Mbit/s streams (sender CPU {d['tx_cpu_pct']:.0f}%,"
+                    f" {d.get('tx_pps_per_core', 0) / 1e3:.0f}k pkt/s per core-second)"
                 )
         if "sendto" in u and "gso" in u:
             say(f"  gso / sendto = {u['gso']['tx_pps'] / u['sendto']['tx_pps']:.2f}")
