@@ -2155,7 +2155,8 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
             "tab:green" if (v >= 1) == r["higher_is_better"] else "tab:red"
             for v, r in zip(vals, rr, strict=False)
         ]
-        ax.barh(range(len(rr)), vals, color=colors)
+        # bars grow from 1 (parity): left for < 1, right for > 1
+        ax.barh(range(len(rr)), [v - 1.0 for v in vals], left=1.0, color=colors)
         ax.set_yticks(range(len(rr)), labels, fontsize=8)
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_xscale("log")
