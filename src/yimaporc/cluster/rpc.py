@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
@@ -308,8 +308,3 @@ class RpcClient:
         """Close every pooled connection."""
         for address in list(self._ready):
             self._drop(address)
-
-
-def refuse(reason: str) -> Deferred[Any]:
-    """A failed Deferred with :class:`PeerUnavailable` (for callers that know a peer is gone)."""
-    return fail(PeerUnavailable(reason))
