@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from yimaporc.testing.procs import NodeProc, views_agree, wait_for
-from yimaporc.yima.media.sample import make_sample_ts
+from yimaporc.yima.media.sample import make_sample_ts, make_sample_wav
 
 RTSP = 18554
 
@@ -176,3 +177,30 @@ def test_gstreamer_rtspsrc_records_byte_identical(
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     assert out.read_bytes() == clip.read_bytes()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_wav_streams_as_l16_sample_exact(
+    bipartite: list[NodeProc], tmp_path: Path, transport: str
+) -> None:
+    """A WAV file is streamed as RTP L16 from all nodes; ffmpeg gets exactly its samples."""
+    wav = make_sample_wav(tmp_path / "tone.wav", seconds=3.0, sample_rate=44_100, channels=2)
+    subprocess.run(
+        [sys.executable, "-m", "yimaporc.cli", "media", "ingest", str(wav), "--name", "tone",
+         "--block-size", "40000", "--admin", bipartite[0].admin_url,
+         "--secret-file", str(tmp_path / "cluster.secret")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    out = tmp_path / "tone.raw"
+    subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", transport,
+         "-i", f"rtsp://127.0.31.3:{RTSP}/tone", "-f", "s16le", "-y", str(out)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    with wave.open(str(wav)) as w:
+        want = w.readframes(w.getnframes())
+    got = out.read_bytes()
+    assert len(got) >= len(want) * 0.99, (len(got), len(want))
+    assert got == want[: len(got)]
+    sent = [(n.status() or {}).get("streaming", {}).get("packets_sent", 0) for n in bipartite]
+    assert sum(1 for s in sent if s > 0) >= 2, f"several nodes sent their own blocks: {sent}"

@@ -248,3 +248,17 @@ def test_missing_ffmpeg_is_a_clear_error(tmp_path: Path) -> None:
     """make_sample_ts names the missing tool instead of crashing."""
     with pytest.raises(SampleError, match="not found"):
         make_sample_ts(tmp_path / "x.ts", 1, ffmpeg="/nonexistent/ffmpeg")
+
+
+def test_wav_blocks_hold_whole_frames_and_packets_fit_a_datagram(tmp_path: Path) -> None:
+    """WAV block sizes round down to whole frames; packet_bytes is 20 ms, capped at 1400 B of L16."""
+    from yimaporc.yima.media import packet_bytes
+
+    path = make_sample_wav(tmp_path / "s.wav", seconds=0.5, sample_rate=44_100, channels=2)
+    info = analyse_bytes("s.wav", path.read_bytes(), seed=1, block_size=10_001)
+    assert info.wav is not None and info.streamable
+    assert info.block_size == 10_000
+    assert packet_bytes(info.wav) == 350 * 4
+    mono = make_sample_wav(tmp_path / "m.wav", seconds=0.5, sample_rate=8_000, channels=1)
+    minfo = analyse_bytes("m.wav", mono.read_bytes(), seed=1)
+    assert minfo.wav is not None and packet_bytes(minfo.wav) == 160 * 2

@@ -35,12 +35,12 @@ from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
 from ..rtsp._machine import ServerSession
 from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
 from ..rtsp.interfaces import PlayReply
-from .media import MediaInfo
+from .media import KIND_TS, KIND_WAV, MediaInfo, WavFormat, packet_bytes, to_l16
 from .placement import LogicalDisk
 from .relay import Reorderer
-from .rtp import PT_MP2T, Bye, RtpHeaderTemplate, serialize_rtcp
+from .rtp import PT_MP2T, Bye, RtpHeaderTemplate, l16_payload_type, serialize_rtcp
 from .schedule import MediaTiming, Packet
-from .sdp import mp2t_track, presentation_sdp, serialize_sdp
+from .sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
 from .store import BlockKey
 from .streaming import Destination, StreamControl, StreamingNode, StreamStart
 
@@ -62,6 +62,9 @@ def packet_time(timing: MediaTiming, gseq: int) -> float:
 def media_timing(info: MediaInfo) -> MediaTiming:
     """What the scheduler needs of a catalog entry."""
     starts = tuple(t / 1e6 for t in info.block_times) or tuple(float(i) for i in range(info.blocks))
+    if info.kind == KIND_WAV and info.wav is not None:
+        return MediaTiming(info.name, info.size, info.block_size, starts, info.duration or 0.0,
+                           packet_bytes(info.wav), info.wav.sample_rate)  # fmt: skip
     return MediaTiming(info.name, info.size, info.block_size, starts, info.duration or 0.0)
 
 
@@ -145,7 +148,7 @@ class YimaStreamingService(Service):
             send=self._send,
         )
         self.streaming.register(node.registry)
-        self._templates: dict[tuple[int, int], RtpHeaderTemplate] = {}
+        self._templates: dict[tuple[int, int], tuple[RtpHeaderTemplate, WavFormat | None, int]] = {}
         node.add_status(self.status)
 
     # --- lifecycle ----------------------------------------------------------------
@@ -200,8 +203,11 @@ class YimaStreamingService(Service):
             raise RtspStatusError(404, f"no media named {name!r}") from None
         if not info.streamable:
             raise RtspStatusError(415, f"{name} cannot be streamed: {info.message}")
-        if info.kind != "mpeg-ts":
-            raise RtspStatusError(415, f"{name}: only MPEG-TS is streamed so far ({info.kind})")
+        if info.kind == KIND_WAV and info.wav is not None:
+            if info.block_size % info.wav.frame_size:
+                raise RtspStatusError(415, f"{name}: WAV blocks are not whole sample frames")
+        elif info.kind != KIND_TS:
+            raise RtspStatusError(415, f"{name}: only MPEG-TS and WAV are streamed ({info.kind})")
         return info
 
     def _my_blocks(self, name: str) -> list[int]:
@@ -216,12 +222,26 @@ class YimaStreamingService(Service):
 
     def _packetize(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes:
         key = (dest.ssrc, dest.node_index)
-        tpl = self._templates.get(key)
-        if tpl is None:
-            pt = PT_MP2T
-            tpl = self._templates[key] = RtpHeaderTemplate(pt, dest.ssrc, dest.node_index)
-        ts = dest.ts_base + round(pkt.media_time * dest.clock_rate)
-        return tpl.build(dest.seq_base + pkt.gseq, ts, payload, pkt.node_seq)
+        got = self._templates.get(key)
+        if got is None:
+            s = self.streaming.scheduler.sessions.get(pkt.session)
+            info = self.storage.media_info(s.media.name) if s is not None else None
+            wav = info.wav if info is not None and info.kind == KIND_WAV else None
+            pt = PT_MP2T if wav is None else l16_payload_type(wav.sample_rate, wav.channels)
+            got = self._templates[key] = (RtpHeaderTemplate(pt, dest.ssrc, dest.node_index), wav,
+                                          info.block_size if info is not None else 0)  # fmt: skip
+        tpl, wav, block_size = got
+        if wav is None:
+            ts = dest.ts_base + round(pkt.media_time * dest.clock_rate)
+            return tpl.build(dest.seq_base + pkt.gseq, ts, payload, pkt.node_seq)
+        # L16: only the data chunk's samples, big-endian; timestamp = first sample frame.
+        at = pkt.block * block_size + pkt.offset
+        lo = max(at, wav.data_offset)
+        hi = min(at + len(payload), wav.data_offset + wav.data_size)
+        pcm = payload[lo - at : hi - at] if hi > lo else b""
+        ts = dest.ts_base + (max(0, lo - wav.data_offset) // wav.frame_size)
+        return tpl.build(dest.seq_base + pkt.gseq, ts & 0xFFFFFFFF, to_l16(pcm, wav.bits),
+                         pkt.node_seq)  # fmt: skip
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.data_port is not None:
@@ -233,7 +253,10 @@ class YimaStreamingService(Service):
         """SDP of the presentation."""
         info = self._media(url)
         kbps = int(info.bitrate / 1000) if info.bitrate else None
-        track = mp2t_track(TRACK, bitrate_kbps=kbps)
+        if info.kind == KIND_WAV and info.wav is not None:
+            track = l16_track(TRACK, info.wav.sample_rate, info.wav.channels)
+        else:
+            track = mp2t_track(TRACK, bitrate_kbps=kbps)
         desc = presentation_sdp(info.name, [track], info.duration,
                                 origin_address=self.node.config.cluster_host)  # fmt: skip
         return serialize_sdp(desc)
@@ -366,7 +389,7 @@ class YimaStreamingService(Service):
                 self.log.warn("rtsp: a node did not start {s}: {e}", s=session.session_id,
                               e=f.getErrorMessage())  # fmt: skip
             url = f"{TRACK}"
-            rtptime = plan.ts_base + round(start_mt * 90000)
+            rtptime = plan.ts_base + round(start_mt * timing.clock_rate)
             return PlayReply(NptRange(start_mt, info.duration),
                              (RtpInfo(url, plan.seq_base & 0xFFFF, rtptime & 0xFFFFFFFF),))  # fmt: skip
 

@@ -35,6 +35,9 @@ class MediaTiming:
     block_size: int
     block_starts: tuple[float, ...]
     duration: float
+    # Bytes of the file per RTP payload (7 TS packets; whole sample frames for WAV).
+    payload: int = PAYLOAD
+    clock_rate: int = 90000
 
     # Per-block packet counts and packet spacing, computed once: these are
     # asked for on every packet (the bench profile showed them dominating).
@@ -44,7 +47,8 @@ class MediaTiming:
     def __attrs_post_init__(self) -> None:
         n = len(self.block_starts)
         counts = tuple(
-            -(-min(self.block_size, self.size - b * self.block_size) // PAYLOAD) for b in range(n)
+            -(-min(self.block_size, self.size - b * self.block_size) // self.payload)
+            for b in range(n)
         )
         ends = (*self.block_starts[1:], self.duration)
         steps = tuple(
@@ -61,7 +65,7 @@ class MediaTiming:
     @property
     def packets_per_block(self) -> int:
         """RTP packets in a full block."""
-        return -(-self.block_size // PAYLOAD)
+        return -(-self.block_size // self.payload)
 
     def packet_count(self, block: int) -> int:
         """RTP packets in ``block`` (the last one may be short)."""
@@ -224,9 +228,10 @@ class NodeScheduler:
             if ready is not None and (s.media.name, block) not in ready:
                 s.late += 1
                 continue
-            offset = j * PAYLOAD
+            size = s.media.payload
+            offset = j * size
             length = min(
-                PAYLOAD, min(s.media.block_size, s.media.size - block * s.media.block_size) - offset
+                size, min(s.media.block_size, s.media.size - block * s.media.block_size) - offset
             )
             pkt = Packet(
                 sid,

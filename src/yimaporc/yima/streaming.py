@@ -129,7 +129,9 @@ class StreamingNode:
         """StreamStart: schedule our blocks (or all, for a master)."""
         timing = self.timing(media)
         blocks = list(range(timing.blocks)) if all_blocks else self.my_blocks(media)
-        self.destinations[session] = Destination(host, port, ssrc, seq_base, ts_base, node_index)
+        self.destinations[session] = Destination(
+            host, port, ssrc, seq_base, ts_base, node_index, timing.clock_rate
+        )
         s = self.scheduler.add(session, timing, blocks, start_ct, start_mt)
         self.engine.poke()
         return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}

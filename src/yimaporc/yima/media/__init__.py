@@ -27,7 +27,7 @@ from ._ts import (
     TsScanner,
     packet_pcr,
 )
-from ._wav import WavFormat, parse_wav, to_l16
+from ._wav import WavFormat, packet_bytes, parse_wav, to_l16
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -50,6 +50,7 @@ __all__ = [
     "block_size_for",
     "check_name",
     "cut_blocks",
+    "packet_bytes",
     "packet_pcr",
     "parse_wav",
     "payload_times",

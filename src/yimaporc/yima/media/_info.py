@@ -227,7 +227,11 @@ class Analyser:
             return self._not_streamable(base, str(e))
         if fmt.data_size == 0:
             return self._not_streamable(base, "WAV has no samples")
-        bs = base.block_size
+        if fmt.data_offset % fmt.frame_size:
+            return self._not_streamable(base, "WAV samples are not aligned to whole frames")
+        # Blocks hold whole sample frames, so every RTP packet does too.
+        bs = max(fmt.frame_size, base.block_size - base.block_size % fmt.frame_size)
+        base = attrs.evolve(base, block_size=bs)
         times = tuple(
             round(max(0, i * bs - fmt.data_offset) / fmt.byte_rate * 1e6)
             for i in range(base.blocks)

@@ -87,6 +87,12 @@ def parse_wav(head: bytes, file_size: int) -> WavFormat:
     raise MalformedMedia("WAV data chunk not found in the first MiB")
 
 
+def packet_bytes(fmt: WavFormat, ptime: float = 0.02, max_out: int = 1400) -> int:
+    """File bytes per RTP packet: ``ptime`` of whole frames, at most ``max_out`` bytes of L16."""
+    frames = max(1, min(round(fmt.sample_rate * ptime), max_out // (2 * fmt.channels)))
+    return frames * fmt.frame_size
+
+
 def to_l16(pcm: bytes, bits: int = 16) -> bytes:
     """WAV PCM samples as RTP L16 (16-bit big-endian); 8/24/32-bit are converted."""
     if bits == 16:
