@@ -268,8 +268,18 @@ class NodeScheduler:
                 out.append((s.media.name, block))
         return out
 
-    def retransmit(self, session_id: str, node_seqs: Sequence[int]) -> list[Packet]:
-        """Packets to resend for a NACK: each at most once, only if still buffered."""
+    def retransmit(
+        self,
+        session_id: str,
+        node_seqs: Sequence[int],
+        now: float | None = None,
+        max_age: float | None = None,
+    ) -> list[Packet]:
+        """Packets to resend for a NACK: each at most once, only if still buffered.
+
+        With ``now`` and ``max_age``, a packet sent more than ``max_age`` seconds
+        ago is no longer buffered (the retransmission buffer holds a few seconds).
+        """
         s = self.sessions.get(session_id)
         if s is None:
             return []
@@ -277,6 +287,8 @@ class NodeScheduler:
         for n in node_seqs:
             pkt = s.sent.get(n)
             if pkt is None or n in s.resent:
+                continue
+            if now is not None and max_age is not None and now - pkt.deadline > max_age:
                 continue
             s.resent.add(n)
             out.append(attrs.evolve(pkt, retransmission=True))

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from ..cluster.rpc import RpcRegistry
 from .engine import DeliveryEngine
@@ -59,10 +60,14 @@ class StreamControl(amp.Command):
 
 
 class StreamNack(amp.Command):
-    """Resend the packets with these per-node sequence numbers (once each)."""
+    """Resend the packets with these per-node (or, relayed, global) sequence numbers, once each."""
 
     commandName = b"yima.stream-nack"
-    arguments = [(b"session", amp.Unicode()), (b"node_seqs", amp.ListOf(amp.Integer()))]
+    arguments = [
+        (b"session", amp.Unicode()),
+        (b"node_seqs", amp.ListOf(amp.Integer())),
+        (b"gseqs", amp.ListOf(amp.Integer(), optional=True)),
+    ]
     response = [(b"resent", amp.Integer())]
 
 
@@ -77,6 +82,8 @@ class Destination:
     ts_base: int
     node_index: int
     clock_rate: int = 90000
+    start_ct: float = 0.0
+    start_mt: float = 0.0
 
 
 Packetize = Callable[[Packet, Destination, bytes], bytes]
@@ -97,6 +104,7 @@ class StreamingNode:
         read_block: Callable[[str, int], Deferred[bytes]],
         packetize: Packetize,
         send: Callable[[bytes, tuple[str, int]], None],
+        retransmit_age: float = 10.0,
     ) -> None:
         self.timing = timing
         self.my_blocks = my_blocks
@@ -104,6 +112,9 @@ class StreamingNode:
         self.send = send
         self.scheduler = NodeScheduler()
         self.destinations: dict[str, Destination] = {}
+        self.cluster_time = cluster_time
+        self.retransmit_age = retransmit_age
+        self.resent = 0
         self.engine = DeliveryEngine(clock, cluster_time, self.scheduler, read_block, self._emit)
 
     def register(self, registry: RpcRegistry) -> None:
@@ -130,8 +141,9 @@ class StreamingNode:
         timing = self.timing(media)
         blocks = list(range(timing.blocks)) if all_blocks else self.my_blocks(media)
         self.destinations[session] = Destination(
-            host, port, ssrc, seq_base, ts_base, node_index, timing.clock_rate
-        )
+            host, port, ssrc, seq_base, ts_base, node_index, timing.clock_rate,
+            start_ct=start_ct, start_mt=start_mt,
+        )  # fmt: skip
         s = self.scheduler.add(session, timing, blocks, start_ct, start_mt)
         self.engine.poke()
         return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}
@@ -152,18 +164,35 @@ class StreamingNode:
         self.engine.poke()
         return {}
 
-    def nack(self, session: str, node_seqs: list[int]) -> dict[str, Any]:
-        """StreamNack: resend what is still buffered, once."""
-        packets = self.scheduler.retransmit(session, node_seqs[:512])
-        resent = 0
+    def nack(
+        self, session: str, node_seqs: list[int], gseqs: list[int] | None = None
+    ) -> dict[str, Any]:
+        """StreamNack: resend what is still buffered (the last few seconds), once each."""
+        s = self.scheduler.sessions.get(session)
+        if s is None:
+            return {"resent": 0}
+        wanted = list(node_seqs[:512])
+        if gseqs:
+            by_gseq = {p.gseq: ns for ns, p in s.sent.items()}
+            wanted.extend(by_gseq[g] for g in gseqs[:512] if g in by_gseq)
+        packets = self.scheduler.retransmit(
+            session, wanted, now=self.cluster_time(), max_age=self.retransmit_age
+        )
         for pkt in packets:
-            s = self.scheduler.sessions.get(session)
-            data = self.engine.cache.get((s.media.name, pkt.block)) if s else None
-            if data is None:
-                continue
-            self._emit(pkt, data[pkt.offset : pkt.offset + pkt.length])
-            resent += 1
-        return {"resent": resent}
+            data = self.engine.cache.get((s.media.name, pkt.block))
+            if data is not None:
+                self._emit(pkt, data[pkt.offset : pkt.offset + pkt.length])
+            else:  # the block left the cache: read it again
+                d = self.engine.read_block(s.media.name, pkt.block)
+                d.addCallbacks(self._resend_read, self._resend_failed, callbackArgs=(pkt,))
+        self.resent += len(packets)
+        return {"resent": len(packets)}
+
+    def _resend_read(self, data: bytes, pkt: Packet) -> None:
+        self._emit(pkt, data[pkt.offset : pkt.offset + pkt.length])
+
+    def _resend_failed(self, failure: Failure) -> None:
+        self.log.warn("nack: cannot read the block again: {e}", e=failure.getErrorMessage())
 
     def _emit(self, pkt: Packet, payload: bytes) -> None:
         dest = self.destinations.get(pkt.session)

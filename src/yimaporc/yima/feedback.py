@@ -1,0 +1,269 @@
+"""Node side of the player's RTCP: Generic NACKs, ``YIMA`` flow-control feedback, time probes.
+
+Every node listens for RTCP on its own port (advertised per node in
+``x-yima-nodes``).  :class:`FeedbackReceiver` turns what arrives into actions
+on this node's :class:`~yimaporc.yima.streaming.StreamingNode`:
+
+- a Generic NACK (RFC 4585) for a fan-out session names this node's own
+  per-node sequence numbers (low 16 bits, unwrapped against the node's
+  counter); the node resends each packet at most once, from the last few
+  seconds it sent;
+- ``YIMA`` APP feedback (pause / resume / speed / delta p) re-anchors this
+  node's schedule of the session at the cluster instant the packet names;
+- a ``YIMT`` APP probe is answered at once, to the address it came from, with
+  this node's cluster time and the session's start instant, packet count and
+  packets per block: the player measures its round trip, the offset of the
+  cluster clock and when the session started (docs/wire.md).
+
+For a relayed session (a client that did not opt in to fan-out) the RTSP
+node gets the client's RTCP; its NACKs name *global* sequence numbers and it
+forwards them, and the feedback, to the owning nodes over RPC (``relay``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from .rtp import (
+    App,
+    GenericNack,
+    MalformedPacket,
+    YimaFeedback,
+    YimaKind,
+    is_rtcp,
+    parse_rtcp,
+    serialize_rtcp,
+    unwrap_seq,
+)
+from .streaming import StreamingNode
+
+PROBE_NAME = b"YIMT"
+PROBE_REQUEST = 0
+PROBE_REPLY = 1
+_REQ = struct.Struct("!IIq")  # media ssrc, token, client time (us)
+_REPLY = struct.Struct("!IIqqqqII")  # + cluster time, start_ct, start_mt (us), total, ppb
+
+
+class StreamPorts(amp.Command):
+    """Where this node sends RTP from and takes RTCP at (asked at SETUP for ``x-yima-nodes``)."""
+
+    commandName = b"yima.stream-ports"
+    arguments = []  # type: ignore[var-annotated]
+    response = [(b"rtp", amp.Integer()), (b"rtcp", amp.Integer())]
+
+
+@attrs.frozen
+class ProbeRequest:
+    """``YIMT`` subtype 0: the player asks for the time (and the session's facts)."""
+
+    ssrc: int
+    media_ssrc: int
+    token: int
+    client_us: int
+
+
+@attrs.frozen
+class ProbeReply:
+    """``YIMT`` subtype 1: the node's answer, echoing ``token`` and ``client_us``."""
+
+    ssrc: int
+    media_ssrc: int
+    token: int
+    client_us: int
+    cluster_us: int
+    start_ct_us: int
+    start_mt_us: int
+    total: int
+    packets_per_block: int
+
+
+def probe_request(ssrc: int, media_ssrc: int, token: int, client_us: int) -> bytes:
+    """The bytes of a time probe."""
+    data = _REQ.pack(media_ssrc & 0xFFFFFFFF, token & 0xFFFFFFFF, client_us)
+    return serialize_rtcp(App(PROBE_REQUEST, ssrc & 0xFFFFFFFF, PROBE_NAME, data))
+
+
+def probe_reply(r: ProbeReply) -> bytes:
+    """The bytes of a probe answer."""
+    data = _REPLY.pack(
+        r.media_ssrc,
+        r.token,
+        r.client_us,
+        r.cluster_us,
+        r.start_ct_us,
+        r.start_mt_us,
+        r.total & 0xFFFFFFFF,
+        r.packets_per_block & 0xFFFFFFFF,
+    )
+    return serialize_rtcp(App(PROBE_REPLY, r.ssrc, PROBE_NAME, data))
+
+
+def parse_probe(app: App) -> ProbeRequest | ProbeReply | None:
+    """A ``YIMT`` APP as request or reply (None for anything else)."""
+    if app.name != PROBE_NAME:
+        return None
+    if app.subtype == PROBE_REQUEST and len(app.data) == _REQ.size:
+        return ProbeRequest(app.ssrc, *_REQ.unpack(app.data))
+    if app.subtype == PROBE_REPLY and len(app.data) == _REPLY.size:
+        return ProbeReply(app.ssrc, *_REPLY.unpack(app.data))
+    return None
+
+
+class Relay(Protocol):
+    """What the RTSP node does with RTCP of sessions it relays."""
+
+    def session_for(self, media_ssrc: int) -> str | None:
+        """The relayed session with this SSRC, if any."""
+
+    def nack(self, session: str, gseqs: list[int]) -> None:
+        """Forward a NACK of global sequence numbers to the owning nodes."""
+
+    def control(self, session: str, action: str, at: float, value: float) -> None:
+        """Forward flow-control feedback to every node of the session."""
+
+    def touch(self, session: str) -> None:
+        """The client is alive (RTCP counts as keep-alive)."""
+
+
+class FeedbackReceiver:
+    """Handles the RTCP datagrams that reach this node."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        streaming: StreamingNode,
+        cluster_time: Callable[[], float],
+        send: Callable[[bytes, Any], None],
+        relay: Relay | None = None,
+        ssrc: int = 0,
+    ) -> None:
+        self.streaming = streaming
+        self.cluster_time = cluster_time
+        self.send = send
+        self.relay = relay
+        self.ssrc = ssrc
+        self.last_feedback: dict[str, int] = {}
+        self.received = 0
+        self.malformed = 0
+        self.nacked = 0
+        self.feedback_applied = 0
+
+    def _session(self, media_ssrc: int) -> str | None:
+        for sid, dest in self.streaming.destinations.items():
+            if dest.ssrc == media_ssrc:
+                return sid
+        return None
+
+    def datagram(self, data: bytes, addr: Any) -> None:
+        """One datagram from a client (RTP on a muxed port is ignored)."""
+        if not is_rtcp(data):
+            return
+        try:
+            parts = parse_rtcp(data)
+        except MalformedPacket as e:
+            self.malformed += 1
+            self.log.debug("rtcp: malformed datagram from {addr}: {e}", addr=addr, e=e)
+            return
+        self.received += 1
+        for part in parts:
+            try:
+                self._handle(part, addr)
+            except Exception:
+                self.log.failure("rtcp: handling {p!r} failed", p=part)
+
+    def _handle(self, part: object, addr: Any) -> None:
+        if isinstance(part, GenericNack):
+            self._nack(part)
+        elif isinstance(part, YimaFeedback):
+            self._feedback(part)
+        elif isinstance(part, App):
+            probe = parse_probe(part)
+            if isinstance(probe, ProbeRequest):
+                self._probe(probe, addr)
+
+    def _relayed(self, media_ssrc: int) -> str | None:
+        if self.relay is None:
+            return None
+        sid = self.relay.session_for(media_ssrc)
+        if sid is not None:
+            self.relay.touch(sid)
+        return sid
+
+    def _nack(self, nack: GenericNack) -> None:
+        lost = nack.lost()
+        relayed = self._relayed(nack.media_ssrc)
+        if relayed is not None:
+            assert self.relay is not None
+            self.relay.nack(relayed, lost)
+            return
+        sid = self._session(nack.media_ssrc)
+        s = self.streaming.scheduler.sessions.get(sid) if sid is not None else None
+        if sid is None or s is None:
+            return
+        seqs = [unwrap_seq(s.node_seq, pid) for pid in lost]
+        self.nacked += len(seqs)
+        self.streaming.nack(sid, [n for n in seqs if n >= 0])
+
+    def _feedback(self, fb: YimaFeedback) -> None:
+        relayed = self._relayed(fb.media_ssrc)
+        sid = relayed if relayed is not None else self._session(fb.media_ssrc)
+        if sid is None:
+            return
+        last = self.last_feedback.get(sid)
+        if last is not None and not 0 < (fb.feedback_seq - last) % (1 << 32) < (1 << 31):
+            return  # not newer than the last one applied (UDP reordered or duplicated it)
+        now = self.cluster_time()
+        at = fb.at_us / 1e6 if fb.at_us else now
+        if fb.kind == YimaKind.PAUSE:
+            action, value = "pause", 0.0
+        elif fb.kind == YimaKind.RESUME:
+            action, value = "resume", 0.0
+        elif fb.kind == YimaKind.SPEED and fb.value > 0:
+            action, value = "speed", fb.speed
+        elif fb.kind == YimaKind.DELTA_P and fb.value > 0:
+            s = self.streaming.scheduler.sessions.get(sid)
+            if s is None:
+                return
+            total = sum(s.media.packet_count(b) for b in range(s.media.blocks))
+            step = s.media.duration / max(1, total)  # delta p at real time
+            action, value = "speed", step / (fb.value / 1e6)
+        else:
+            return  # BUFFER reports change nothing
+        self.last_feedback[sid] = fb.feedback_seq
+        self.feedback_applied += 1
+        if relayed is not None:
+            assert self.relay is not None
+            self.relay.control(sid, action, at, value)
+        else:
+            self.streaming.control(sid, action, at, value)
+
+    def _probe(self, req: ProbeRequest, addr: Any) -> None:
+        relayed = self._relayed(req.media_ssrc)
+        sid = relayed if relayed is not None else self._session(req.media_ssrc)
+        start_ct = start_mt = 0.0
+        total = ppb = 0
+        dest = self.streaming.destinations.get(sid) if sid is not None else None
+        s = self.streaming.scheduler.sessions.get(sid) if sid is not None else None
+        if dest is not None and s is not None:
+            start_ct, start_mt = dest.start_ct, dest.start_mt
+            total = sum(s.media.packet_count(b) for b in range(s.media.blocks))
+            ppb = s.media.packets_per_block
+        reply = ProbeReply(
+            self.ssrc,
+            req.media_ssrc,
+            req.token,
+            req.client_us,
+            round(self.cluster_time() * 1e6),
+            round(start_ct * 1e6),
+            round(start_mt * 1e6),
+            total,
+            ppb,
+        )
+        self.send(probe_reply(reply), addr)
