@@ -420,7 +420,7 @@ class FragmentStore:
         ).fetchone()
         if row is None:
             raise NoSuchMailbox(f"no mailbox {name}")
-        uid = row[0]
+        uid = max(row[0], m.uid)
         db.execute(
             "UPDATE mailboxes SET uidnext=? WHERE user=? AND name=?", (uid + 1, m.user, name)
         )
@@ -607,6 +607,16 @@ class FragmentStore:
         with self._lock_for(bucket):
             db = self._db(bucket)
             return [u for (u,) in db.execute("SELECT DISTINCT user FROM messages ORDER BY user")]
+
+    def uid_marks(self, bucket: int) -> dict[str, tuple[bool, int]]:
+        """Per user of ``bucket`` here: (holds messages, highest UIDNEXT of its mailboxes)."""
+        if not (self.bucket_path(bucket) / "index.sqlite").exists():
+            return {}
+        with self._lock_for(bucket):
+            db = self._db(bucket)
+            marks = dict(db.execute("SELECT user, MAX(uidnext) FROM mailboxes GROUP BY user"))
+            with_mail = {u for (u,) in db.execute("SELECT DISTINCT user FROM messages")}
+        return {u: (u in with_mail, int(n)) for u, n in marks.items()}
 
     def users_with_mail(self) -> list[str]:
         """Users with at least one message in any bucket here."""

@@ -63,6 +63,9 @@ class NewMessage:
     body: bytes
     flags: tuple[str, ...] = ()
     internal_date: float = 0.0
+    #: 0: the storing node picks the UID; else the UID a cluster allocated for it
+    #: (the node uses it unless its mailbox is already past it).
+    uid: int = 0
 
 
 @attrs.frozen
