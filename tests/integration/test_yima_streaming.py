@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,3 +206,58 @@ def test_wav_streams_as_l16_sample_exact(
     assert got == want[: len(got)]
     sent = [(n.status() or {}).get("streaming", {}).get("packets_sent", 0) for n in bipartite]
     assert sum(1 for s in sent if s > 0) >= 2, f"several nodes sent their own blocks: {sent}"
+
+
+def _rtsp(sock: socket.socket, buf: bytearray, request: str) -> dict[str, str]:
+    """Send one RTSP request; read the reply's headers (interleaved frames are kept in buf)."""
+    sock.sendall(request.encode())
+    while b"\r\n\r\n" not in buf:
+        buf += sock.recv(65536)
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    body_len = int(headers.get("content-length", "0"))
+    while len(rest) < body_len:
+        rest += sock.recv(65536)
+    buf[:] = rest[body_len:]
+    assert " 200 " in lines[0], lines[0]
+    return headers
+
+
+def test_relay_sends_rtcp_sender_reports(bipartite: list[NodeProc]) -> None:
+    """A standard player gets RTCP SR + SDES: RTP timestamps that match the packets it got."""
+    from yimaporc.yima.rtp import SenderReport, SourceDescription, parse_rtcp
+
+    url = f"rtsp://127.0.31.1:{RTSP}/clip"
+    with socket.create_connection(("127.0.31.1", RTSP), timeout=10) as sock:
+        buf = bytearray()
+        _rtsp(sock, buf, f"DESCRIBE {url} RTSP/1.0\r\nCSeq: 1\r\nAccept: application/sdp\r\n\r\n")
+        h = _rtsp(sock, buf, f"SETUP {url}/track1 RTSP/1.0\r\nCSeq: 2\r\n"
+                  "Transport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n\r\n")  # fmt: skip
+        session = h["session"].split(";")[0]
+        _rtsp(sock, buf, f"PLAY {url} RTSP/1.0\r\nCSeq: 3\r\nSession: {session}\r\n\r\n")
+        rtp_ts: list[int] = []
+        reports: list[tuple[SenderReport, bool]] = []
+        for _ in range(100_000):
+            while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[2:4], "big"):
+                buf += sock.recv(65536)
+            assert buf[0] == 0x24, "interleaved frame"
+            n = int.from_bytes(buf[2:4], "big")
+            channel, frame = buf[1], bytes(buf[4 : 4 + n])
+            del buf[: 4 + n]
+            if channel == 0:
+                rtp_ts.append(int.from_bytes(frame[4:8], "big"))
+            elif channel == 1:
+                parts = parse_rtcp(frame)
+                srs = [p for p in parts if isinstance(p, SenderReport)]
+                sdes = any(isinstance(p, SourceDescription) for p in parts)
+                if srs:
+                    reports.append((srs[0], sdes))
+                    break
+        assert reports, "no sender report"
+        sr, with_sdes = reports[0]
+        assert with_sdes, "SR goes out as a compound packet with SDES CNAME"
+        assert sr.packet_count == len(rtp_ts)
+        # Within 100 ms (9,000 ticks at 90 kHz) of the newest packet's timestamp.
+        assert abs(((sr.rtp_timestamp - rtp_ts[-1] + 2**31) % 2**32) - 2**31) < 9000
+        assert abs(sr.ntp_timestamp / 2**32 - 2_208_988_800 - time.time()) < 5
