@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 
 from yimaporc.cluster.catalog import PutDocument, ReplicatedDocument
@@ -18,6 +19,8 @@ from yimaporc.cluster.wire import Member
 class Net:
     nodes: dict[str, FakeNode] = attrs.field(factory=dict)
     down: set[str] = attrs.field(factory=set)
+    # When not None, calls wait here until the test delivers them.
+    held: list[tuple[str, dict[str, Any], Deferred[Any]]] | None = None
 
 
 @attrs.define
@@ -28,6 +31,10 @@ class FakeRpc:
         assert command is PutDocument
         if address in self.net.down:
             return fail(PeerUnavailable(address))
+        if self.net.held is not None:
+            d: Deferred[Any] = Deferred()
+            self.net.held.append((address, kw, d))
+            return d
         target = self.net.nodes[address]
         doc = target.documents[kw["name"]]
         return maybeDeferred(
@@ -96,3 +103,45 @@ def test_older_version_is_refused_and_newcomer_catches_up(tmp_path: Path) -> Non
     full = nodes[0].view
     docs[0].membership_changed(View(2, full.members[:2], "a"), View(3, full.members, "a"))
     assert docs[2].value == {"media": ["x"]}
+
+
+def deliver(net: Net, order: str) -> None:
+    """Deliver the held calls in ``order`` (a string of indexes into ``net.held``)."""
+    assert net.held is not None
+    for i in order:
+        address, kw, d = net.held[int(i)]
+        doc = net.nodes[address].documents[kw["name"]]
+        d.callback({"accepted": doc.offer((kw["counter"], kw["writer"]), kw["body"])})
+
+
+@pytest.mark.parametrize("order", ["0123", "2301", "0213", "3120", "1032"])
+def test_concurrent_claims_at_most_one_wins(tmp_path: Path, order: str) -> None:
+    """Two nodes claim at once (e.g. two `disks add`): whatever the message order, one wins."""
+    net, _, docs = cluster(tmp_path, "abc")
+    net.held = []
+    won: dict[str, bool] = {}
+
+    def claim(doc: ReplicatedDocument, who: str) -> None:
+        def record(ok: bool) -> None:
+            won[who] = ok
+
+        doc.claim(lambda v: {**v, "pending": v.get("pending") or who}).addCallback(record)
+
+    claim(docs[0], "a")
+    claim(docs[1], "b")
+    assert len(net.held) == 4  # each writer offers to the two others
+    deliver(net, order)
+    assert sorted(won) == ["a", "b"]
+    assert list(won.values()).count(True) <= 1, won
+    winner = [w for w, ok in won.items() if ok]
+    values = {d.value.get("pending") for d in docs}
+    if winner:
+        assert values == set(winner), (won, values)
+
+
+def test_uncontested_claim_wins(tmp_path: Path) -> None:
+    """Alone, a claim wins and every member holds it."""
+    _, _, docs = cluster(tmp_path, "abc")
+    won: list[bool] = []
+    docs[2].claim(lambda v: {**v, "pending": "c"}).addCallback(won.append)
+    assert won == [True] and all(d.value["pending"] == "c" for d in docs)

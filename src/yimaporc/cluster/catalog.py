@@ -85,6 +85,35 @@ class ReplicatedDocument:
         self._install((self.version[0] + 1, self.node.node_id), new_value)
         return self._push([m.address for m in self.node.view.members])
 
+    def claim(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Deferred[bool]:
+        """Like :meth:`update`, but fires True only if this version won everywhere.
+
+        Every member must take the new version and it must still be ours when
+        the answers are in.  Of two concurrent claims at most one fires True:
+        a member takes a version only if it is newer than the one it holds, and
+        versions are totally ordered, so the two writers cannot each take the
+        other's.  The loser must not undo anything (the winner's write
+        replaces its own everywhere); it reports the conflict.
+        """
+        new_value = change(json.loads(json.dumps(self.value)))
+        version = (self.version[0] + 1, self.node.node_id)
+        self._install(version, new_value)
+        body = json.dumps(self.value, sort_keys=True).encode()
+        me = self.node.config.cluster_address
+        calls = [
+            self.node.rpc.call(
+                a, PutDocument, name=self.name, counter=version[0], writer=version[1], body=body
+            )
+            for a in (m.address for m in self.node.view.members)
+            if a != me
+        ]
+
+        def decide(results: list[tuple[bool, Any]]) -> bool:
+            took = all(ok and value.get("accepted") for ok, value in results)
+            return took and self.version == version
+
+        return DeferredList(calls, consumeErrors=True).addCallback(decide)
+
     def membership_changed(self, old: View, new: View) -> None:
         """Send our copy to members we had not seen before."""
         seen = {m.node_id for m in old.members}

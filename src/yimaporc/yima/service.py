@@ -792,7 +792,11 @@ class YimaStorageService(Service):
         started = float(self.reactor.seconds())
         try:
             pending = {"history": new.to_json(), "disks": [d.to_json() for d in disks]}
-            yield self.doc.update(lambda v: {**v, "pending": pending})
+            won = yield self.doc.claim(lambda v: {**v, "pending": v.get("pending") or pending})
+            if not won or self.catalog.pending != new:
+                # Another node started a reorganisation (or changed the catalog) at
+                # the same moment; its version replaces ours everywhere.
+                raise ApiError("another ingest or reorganisation is under way", 409)
             moved = total = nbytes = 0
             done: list[tuple[MediaInfo, Move]] = []
             for info in sorted(self.catalog.media.values(), key=lambda m: m.name):
