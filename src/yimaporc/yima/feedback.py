@@ -49,6 +49,22 @@ PROBE_REPLY = 1
 _REQ = struct.Struct("!IIq")  # media ssrc, token, client time (us)
 _REPLY = struct.Struct("!IIqqqqII")  # + cluster time, start_ct, start_mt (us), total, ppb
 
+# A retransmission carries, in the two padding bytes of the Yima extension block,
+# the one-byte element ID 2, L=0, data 0x01 (docs/wire.md); the header stays 24 bytes.
+RETRANSMISSION_MARK = b"\x20\x01"
+
+
+def mark_retransmission(data: bytes) -> bytes:
+    """An RTP packet Yima built (24-byte header) marked as a retransmission."""
+    if len(data) >= 24 and data[12:14] == b"\xbe\xde" and data[16] == 0x14:
+        return data[:22] + RETRANSMISSION_MARK + data[24:]
+    return data
+
+
+def is_retransmission(data: bytes) -> bool:
+    """True for a packet :func:`mark_retransmission` marked."""
+    return len(data) >= 24 and data[22:24] == RETRANSMISSION_MARK and data[12:14] == b"\xbe\xde"
+
 
 class StreamPorts(amp.Command):
     """Where this node sends RTP from and takes RTCP at (asked at SETUP for ``x-yima-nodes``)."""

@@ -24,7 +24,8 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -35,28 +36,17 @@ from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
 from ..rtsp._machine import ServerSession
 from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
 from ..rtsp.interfaces import PlayReply
+from .feedback import RETRANSMISSION_MARK, FeedbackReceiver, StreamPorts, mark_retransmission
 from .media import KIND_TS, KIND_WAV, MediaInfo, WavFormat, packet_bytes, to_l16
 from .placement import LogicalDisk
 from .relay import Reorderer
-from .rtp import (
-    PT_MP2T,
-    Bye,
-    RtpHeaderTemplate,
-    SdesChunk,
-    SdesItem,
-    SenderReport,
-    SourceDescription,
-    l16_payload_type,
-    ntp_timestamp,
-    serialize_rtcp,
-)
+from .rtp import PT_MP2T, Bye, RtpHeaderTemplate, l16_payload_type, serialize_rtcp
 from .schedule import MediaTiming, Packet
 from .sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
 from .store import BlockKey
-from .streaming import Destination, StreamControl, StreamingNode, StreamStart
+from .streaming import Destination, StreamControl, StreamingNode, StreamNack, StreamStart
 
 START_LEAD = 0.5
-SR_INTERVAL = 5.0  # RFC 3550's minimum interval; the first SR goes 1 s after PLAY
 TRACK = "track1"
 
 
@@ -92,14 +82,6 @@ def _big_buffers(port: Any, size: int = 4 << 20) -> None:
             pass
 
 
-def _header_length(data: bytes) -> int:
-    """Bytes of RTP header (fixed part, CSRCs, extension) in front of the payload."""
-    n = 12 + 4 * (data[0] & 0x0F)
-    if data[0] & 0x10 and len(data) >= n + 4:
-        n += 4 + 4 * int.from_bytes(data[n + 2 : n + 4], "big")
-    return min(n, len(data))
-
-
 class _Udp(DatagramProtocol):
     def __init__(self, on_datagram: Any = None) -> None:
         self.on_datagram = on_datagram
@@ -130,13 +112,6 @@ class _Plan:
     session: ServerSession | None = None
     total: int = 0
     bye_sent: bool = False
-    clock_rate: int = 90000
-    # Sender statistics of the relayed stream, for RTCP sender reports.
-    packets: int = 0
-    octets: int = 0
-    last_rtp_ts: int | None = None
-    last_sent_at: float = 0.0
-    sr_timer: IDelayedCall | None = None
 
 
 @implementer(IRtspHandler)
@@ -171,10 +146,15 @@ class YimaStreamingService(Service):
             timing=lambda name: media_timing(self.storage.media_info(name)),
             my_blocks=self._my_blocks,
             read_block=self.storage.read_block,
-            packetize=self._packetize,
+            packetize=self._packetize_marked,
             send=self._send,
         )
         self.streaming.register(node.registry)
+        self.rtcp_port: IListeningPort | None = None
+        self.feedback = FeedbackReceiver(
+            self.streaming, node.cluster_time, self._send_rtcp_reply, relay=self
+        )
+        node.registry.register(StreamPorts, self._ports)
         self._templates: dict[tuple[int, int], tuple[RtpHeaderTemplate, WavFormat | None, int]] = {}
         node.add_status(self.status)
 
@@ -183,8 +163,18 @@ class YimaStreamingService(Service):
     def startService(self) -> None:
         """Bind the RTP socket (cluster host, any port) and the RTSP endpoint."""
         super().startService()
-        self.data_port = self.reactor.listenUDP(0, _Udp(), interface=self.node.config.cluster_host)
+        host = self.node.config.cluster_host
+        # RTCP from players: on its own port (data port + 1 when free), and muxed on the data port.
+        self.data_port = self.reactor.listenUDP(0, _Udp(self.feedback.datagram), interface=host)
         _big_buffers(self.data_port)
+        try:
+            self.rtcp_port = self.reactor.listenUDP(
+                self.data_port.getHost().port + 1,  # type: ignore[union-attr]
+                _Udp(self.feedback.datagram),
+                interface=host,
+            )
+        except CannotListenError:
+            self.rtcp_port = self.reactor.listenUDP(0, _Udp(self.feedback.datagram), interface=host)
         if self.rtsp_endpoint:
             from twisted.internet.endpoints import serverFromString
 
@@ -204,13 +194,10 @@ class YimaStreamingService(Service):
         super().stopService()
         self.streaming.engine.stop()
         self.factory.stop()
-        ports = [p for p in (self.data_port, self.rtsp_port) if p is not None]
+        ports = [p for p in (self.data_port, self.rtcp_port, self.rtsp_port) if p is not None]
         for plan in self.plans.values():
             if plan.relay_port is not None:
                 ports.append(plan.relay_port)
-            for timer in (plan.relay_timer, plan.sr_timer):
-                if timer is not None and timer.active():
-                    timer.cancel()
         return DeferredList([maybeDeferred(p.stopListening) for p in ports])
 
     def status(self) -> dict[str, Any]:
@@ -273,9 +260,85 @@ class YimaStreamingService(Service):
         return tpl.build(dest.seq_base + pkt.gseq, ts & 0xFFFFFFFF, to_l16(pcm, wav.bits),
                          pkt.node_seq)  # fmt: skip
 
+    def _packetize_marked(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes:
+        data = self._packetize(pkt, dest, payload)
+        return mark_retransmission(data) if pkt.retransmission else data
+
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.data_port is not None:
             self.data_port.write(data, addr)  # type: ignore[attr-defined]
+
+    def _send_rtcp_reply(self, data: bytes, addr: Any) -> None:
+        if self.rtcp_port is not None and addr is not None:
+            self.rtcp_port.write(data, addr)  # type: ignore[attr-defined]
+
+    def _ports(self) -> dict[str, int]:
+        """StreamPorts: this node's RTP source port and RTCP port."""
+        rtp = self.data_port.getHost().port if self.data_port is not None else 0  # type: ignore[attr-defined]
+        rtcp = self.rtcp_port.getHost().port if self.rtcp_port is not None else 0  # type: ignore[attr-defined]
+        return {"rtp": rtp, "rtcp": rtcp}
+
+    def _node_ports(self) -> Deferred[list[YimaNode]]:
+        """Every member's index, host and RTP/RTCP ports (asked over RPC, 2 s at most)."""
+        members = list(self.node.view.members)
+        calls: list[Deferred[Any]] = []
+        for m in members:
+            if m.node_id == self.node.node_id:
+                calls.append(maybeDeferred(self._ports))
+            else:
+                d = self.node.rpc.call(m.address, StreamPorts)
+                d.addTimeout(2.0, self.reactor)
+                calls.append(d)
+
+        def done(results: list[tuple[bool, Any]]) -> list[YimaNode]:
+            out = []
+            for i, (m, (ok, r)) in enumerate(zip(members, results, strict=True)):
+                rtp, rtcp = (r["rtp"], r["rtcp"]) if ok else (0, 0)
+                out.append(YimaNode(i, m.address.rpartition(":")[0], rtp, rtcp))
+            return out
+
+        return DeferredList(calls, consumeErrors=True).addCallback(done)
+
+    # --- client RTCP of relayed sessions (feedback.Relay) ---------------------------
+
+    def session_for(self, media_ssrc: int) -> str | None:
+        """The relayed session (client did not opt in to fan-out) with this SSRC."""
+        for sid, plan in self.plans.items():
+            if plan.ssrc == media_ssrc and not plan.fanout:
+                return sid
+        return None
+
+    def nack(self, session: str, gseqs: list[int]) -> None:
+        """Forward a NACK of 16-bit global seqs to the nodes (each resends what it sent)."""
+        plan = self.plans.get(session)
+        if plan is None or plan.relay is None:
+            return
+        base = plan.relay.next
+        full = []
+        for seq16 in gseqs[:512]:
+            g = (seq16 - plan.seq_base) & 0xFFFF
+            full.append(base + ((g - base + 0x8000) & 0xFFFF) - 0x8000)
+        for m in self.node.view.members:
+            if m.node_id == self.node.node_id:
+                self.streaming.nack(session, [], full)
+            else:
+                d = self.node.rpc.call(m.address, StreamNack, session=session, node_seqs=[],
+                                       gseqs=full)  # fmt: skip
+                d.addErrback(lambda f: None)
+
+    def control(self, session: str, action: str, at: float, value: float) -> None:
+        """Forward flow-control feedback to every node of the session."""
+        for m in self.node.view.members:
+            if m.node_id == self.node.node_id:
+                self.streaming.control(session, action, at, value)
+            elif self.mode == "bipartite":
+                d = self.node.rpc.call(m.address, StreamControl, session=session, action=action,
+                                       at=at, value=value)  # fmt: skip
+                d.addErrback(lambda f: None)
+
+    def touch(self, session: str) -> None:
+        """Client RTCP keeps its RTSP session alive."""
+        self.factory.touch(session)
 
     # --- IRtspHandler -------------------------------------------------------------
 
@@ -291,7 +354,9 @@ class YimaStreamingService(Service):
                                 origin_address=self.node.config.cluster_host)  # fmt: skip
         return serialize_sdp(desc)
 
-    def setup(self, url: str, transport: TransportSpec, session: ServerSession) -> TransportSpec:
+    def setup(
+        self, url: str, transport: TransportSpec, session: ServerSession
+    ) -> Deferred[TransportSpec]:
         """Record where this session's packets go; open the relay for standard players."""
         info = self._media(url)
         ssrc = self.rng.getrandbits(32)
@@ -309,17 +374,14 @@ class YimaStreamingService(Service):
             self._open_relay(session.session_id, plan)
         plan.session = session
         self.plans[session.session_id] = plan
-        assert self.data_port is not None
-        port = self.data_port.getHost().port  # type: ignore[attr-defined]
-        reply = attrs.evolve(transport, server_port=(port, port + 1), ssrc=ssrc,
+        ports = self._ports()
+        reply = attrs.evolve(transport, server_port=(ports["rtp"], ports["rtcp"]), ssrc=ssrc,
                              source=self.node.config.cluster_host)  # fmt: skip
-        if plan.fanout:
-            nodes = tuple(
-                YimaNode(i, m.address.rpartition(":")[0], 0, 0)
-                for i, m in enumerate(self.node.view.members)
-            )
-            reply = attrs.evolve(reply, yima_fanout=True, yima_nodes=nodes)
-        return reply
+        if not plan.fanout:
+            return succeed(reply)
+        return self._node_ports().addCallback(
+            lambda nodes: attrs.evolve(reply, yima_fanout=True, yima_nodes=tuple(nodes))
+        )
 
     def _open_relay(self, session_id: str, plan: _Plan) -> None:
         plan.relay = Reorderer(first=0, hold=0.3)
@@ -336,15 +398,19 @@ class YimaStreamingService(Service):
         # Unwrap against what the relay expects next.
         base = plan.relay.next
         gseq = base + ((gseq - base + 0x8000) & 0xFFFF) - 0x8000
+        if gseq < base and data[22:24] == RETRANSMISSION_MARK:
+            self._forward_late(plan, data)  # a NACKed packet the relay gave up on
+            return
         self._forward(session_id, plan, plan.relay.push(gseq, data, self.reactor.seconds()))
 
+    def _forward_late(self, plan: _Plan, data: bytes) -> None:
+        if plan.tcp_channel is not None:
+            if plan.session is not None:
+                plan.session.send_interleaved(plan.tcp_channel, data)
+        else:
+            self._send(data, (plan.dest_host, plan.dest_port))
+
     def _forward(self, session_id: str, plan: _Plan, packets: list[bytes]) -> None:
-        if packets:
-            last = packets[-1]
-            plan.packets += len(packets)
-            plan.octets += sum(len(d) - _header_length(d) for d in packets)
-            plan.last_rtp_ts = int.from_bytes(last[4:8], "big")
-            plan.last_sent_at = self.reactor.seconds()
         for data in packets:
             if plan.tcp_channel is not None:
                 if plan.session is not None:
@@ -366,48 +432,17 @@ class YimaStreamingService(Service):
                     ),  # type: ignore[union-attr]
                 )
 
-    def _send_rtcp(self, plan: _Plan, data: bytes) -> None:
-        if plan.tcp_channel is not None:
-            if plan.session is not None:
-                plan.session.send_interleaved(plan.tcp_channel + 1, data)
-        else:
-            self._send(data, (plan.dest_host, plan.dest_port + 1))
-
-    def _sender_report(self, plan: _Plan) -> bytes:
-        """SR + SDES CNAME (a compound packet, RFC 3550 §6.1) for the relayed stream.
-
-        The RTP timestamp is the last forwarded packet's, advanced by the wall
-        time since it was sent while playing, so players can map RTP to NTP time.
-        """
-        now = self.reactor.seconds()
-        rtp_ts = plan.last_rtp_ts or plan.ts_base
-        if plan.playing and plan.last_rtp_ts is not None:
-            rtp_ts += round((now - plan.last_sent_at) * plan.clock_rate)
-        cname = f"yima@{self.node.config.cluster_host}".encode()
-        return serialize_rtcp((
-            SenderReport(plan.ssrc, ntp_timestamp(now), rtp_ts & 0xFFFFFFFF,
-                         plan.packets & 0xFFFFFFFF, plan.octets & 0xFFFFFFFF),
-            SourceDescription((SdesChunk(plan.ssrc, ((SdesItem.CNAME, cname),)),)),
-        ))  # fmt: skip
-
-    def _sr_tick(self, session_id: str) -> None:
-        plan = self.plans.get(session_id)
-        if plan is None or plan.bye_sent:
-            return
-        if plan.packets:
-            try:
-                self._send_rtcp(plan, self._sender_report(plan))
-            except Exception:
-                self.log.failure("rtsp: sender report for {s} failed", s=session_id)
-        plan.sr_timer = self.reactor.callLater(SR_INTERVAL, self._sr_tick, session_id)
-
     def _bye(self, plan: _Plan) -> None:
         """RTCP BYE after the last packet, so players end the stream."""
         if plan.bye_sent:
             return
         plan.bye_sent = True
-        data = self._sender_report(plan) + serialize_rtcp(Bye((plan.ssrc,), b"end of stream"))
-        self._send_rtcp(plan, data)
+        data = serialize_rtcp(Bye((plan.ssrc,), b"end of stream"))
+        if plan.tcp_channel is not None:
+            if plan.session is not None:
+                plan.session.send_interleaved(plan.tcp_channel + 1, data)
+        else:
+            self._send(data, (plan.dest_host, plan.dest_port + 1))
 
     def play(self, session: ServerSession, range: NptRange | None) -> Deferred[PlayReply]:
         """Start (or resume) the session on every node."""
@@ -425,11 +460,8 @@ class YimaStreamingService(Service):
         while first < plan_total(timing) and packet_time(timing, first) < start_mt:
             first += 1
         plan.total = plan_total(timing)
-        plan.clock_rate = timing.clock_rate
         if plan.relay is not None:
             plan.relay.next = first
-            if plan.sr_timer is None:
-                plan.sr_timer = self.reactor.callLater(1.0, self._sr_tick, session.session_id)
         members = list(self.node.view.members)
         me = self.node.node_id
         if plan.relay_port is not None:
@@ -490,8 +522,6 @@ class YimaStreamingService(Service):
             plan.relay_port.stopListening()
             if plan.relay_timer is not None and plan.relay_timer.active():
                 plan.relay_timer.cancel()
-        if plan is not None and plan.sr_timer is not None and plan.sr_timer.active():
-            plan.sr_timer.cancel()
         return self._control(session.session_id, "stop", 0.0)
 
     def get_parameter(self, session: ServerSession | None, body: bytes) -> bytes:
@@ -503,4 +533,6 @@ class YimaStreamingService(Service):
         return b""
 
     def interleaved_received(self, session: ServerSession, channel: int, data: bytes) -> None:
-        """Client RTCP over TCP: keeps the session alive (handled by the server)."""
+        """Client RTCP over TCP: keeps the session alive; NACKs and feedback as over UDP."""
+        if channel % 2:
+            self.feedback.datagram(data, None)

@@ -205,3 +205,18 @@ def test_owner_resends_by_global_seq() -> None:
     before = len(t.wire)
     assert t.node.nack("s1", [], gseqs=[1, 2, 4])["resent"] == 2
     assert [(g, r) for g, _, r in t.sent()[before:]] == [(1, 1), (2, 1)]
+
+
+def test_retransmission_mark_keeps_header_and_tag() -> None:
+    """The mark fills the extension's padding: 24-byte header, Yima tag intact, ID 2 = 1."""
+    from yimaporc.yima.feedback import is_retransmission, mark_retransmission
+    from yimaporc.yima.rtp import RtpHeaderTemplate, parse_one_byte_extension, parse_rtp
+
+    data = RtpHeaderTemplate(33, 5, 2).build(7, 9, b"x" * 188, 1234)
+    marked = mark_retransmission(data)
+    assert len(marked) == len(data) and not is_retransmission(data) and is_retransmission(marked)
+    pkt = parse_rtp(marked)
+    assert pkt.yima is not None and (pkt.yima.node_index, pkt.yima.node_seq) == (2, 1234)
+    assert (2, b"\x01") in parse_one_byte_extension(pkt.extension)
+    assert pkt.payload == b"x" * 188
+    assert mark_retransmission(b"\x80\x21" + bytes(30)) == b"\x80\x21" + bytes(30)
