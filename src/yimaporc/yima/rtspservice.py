@@ -40,13 +40,25 @@ from .feedback import RETRANSMISSION_MARK, FeedbackReceiver, StreamPorts, mark_r
 from .media import KIND_TS, KIND_WAV, MediaInfo, WavFormat, packet_bytes, to_l16
 from .placement import LogicalDisk
 from .relay import Reorderer
-from .rtp import PT_MP2T, Bye, RtpHeaderTemplate, l16_payload_type, serialize_rtcp
+from .rtp import (
+    PT_MP2T,
+    Bye,
+    RtpHeaderTemplate,
+    SdesChunk,
+    SdesItem,
+    SenderReport,
+    SourceDescription,
+    l16_payload_type,
+    ntp_timestamp,
+    serialize_rtcp,
+)
 from .schedule import MediaTiming, Packet
 from .sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
 from .store import BlockKey
 from .streaming import Destination, StreamControl, StreamingNode, StreamNack, StreamStart
 
 START_LEAD = 0.5
+SR_INTERVAL = 5.0  # RFC 3550's minimum interval; the first SR goes 1 s after PLAY
 TRACK = "track1"
 
 
@@ -82,6 +94,14 @@ def _big_buffers(port: Any, size: int = 4 << 20) -> None:
             pass
 
 
+def _header_length(data: bytes) -> int:
+    """Bytes of RTP header (fixed part, CSRCs, extension) in front of the payload."""
+    n = 12 + 4 * (data[0] & 0x0F)
+    if data[0] & 0x10 and len(data) >= n + 4:
+        n += 4 + 4 * int.from_bytes(data[n + 2 : n + 4], "big")
+    return min(n, len(data))
+
+
 class _Udp(DatagramProtocol):
     def __init__(self, on_datagram: Any = None) -> None:
         self.on_datagram = on_datagram
@@ -112,6 +132,13 @@ class _Plan:
     session: ServerSession | None = None
     total: int = 0
     bye_sent: bool = False
+    clock_rate: int = 90000
+    # Sender statistics of the relayed stream, for RTCP sender reports.
+    packets: int = 0
+    octets: int = 0
+    last_rtp_ts: int | None = None
+    last_sent_at: float = 0.0
+    sr_timer: IDelayedCall | None = None
 
 
 @implementer(IRtspHandler)
@@ -198,6 +225,9 @@ class YimaStreamingService(Service):
         for plan in self.plans.values():
             if plan.relay_port is not None:
                 ports.append(plan.relay_port)
+            for timer in (plan.relay_timer, plan.sr_timer):
+                if timer is not None and timer.active():
+                    timer.cancel()
         return DeferredList([maybeDeferred(p.stopListening) for p in ports])
 
     def status(self) -> dict[str, Any]:
@@ -411,6 +441,12 @@ class YimaStreamingService(Service):
             self._send(data, (plan.dest_host, plan.dest_port))
 
     def _forward(self, session_id: str, plan: _Plan, packets: list[bytes]) -> None:
+        if packets:
+            last = packets[-1]
+            plan.packets += len(packets)
+            plan.octets += sum(len(d) - _header_length(d) for d in packets)
+            plan.last_rtp_ts = int.from_bytes(last[4:8], "big")
+            plan.last_sent_at = self.reactor.seconds()
         for data in packets:
             if plan.tcp_channel is not None:
                 if plan.session is not None:
@@ -432,17 +468,48 @@ class YimaStreamingService(Service):
                     ),  # type: ignore[union-attr]
                 )
 
-    def _bye(self, plan: _Plan) -> None:
-        """RTCP BYE after the last packet, so players end the stream."""
-        if plan.bye_sent:
-            return
-        plan.bye_sent = True
-        data = serialize_rtcp(Bye((plan.ssrc,), b"end of stream"))
+    def _send_rtcp(self, plan: _Plan, data: bytes) -> None:
         if plan.tcp_channel is not None:
             if plan.session is not None:
                 plan.session.send_interleaved(plan.tcp_channel + 1, data)
         else:
             self._send(data, (plan.dest_host, plan.dest_port + 1))
+
+    def _sender_report(self, plan: _Plan) -> bytes:
+        """SR + SDES CNAME (a compound packet, RFC 3550 §6.1) for the relayed stream.
+
+        The RTP timestamp is the last forwarded packet's, advanced by the wall
+        time since it was sent while playing, so players can map RTP to NTP time.
+        """
+        now = self.reactor.seconds()
+        rtp_ts = plan.last_rtp_ts or plan.ts_base
+        if plan.playing and plan.last_rtp_ts is not None:
+            rtp_ts += round((now - plan.last_sent_at) * plan.clock_rate)
+        cname = f"yima@{self.node.config.cluster_host}".encode()
+        return serialize_rtcp((
+            SenderReport(plan.ssrc, ntp_timestamp(now), rtp_ts & 0xFFFFFFFF,
+                         plan.packets & 0xFFFFFFFF, plan.octets & 0xFFFFFFFF),
+            SourceDescription((SdesChunk(plan.ssrc, ((SdesItem.CNAME, cname),)),)),
+        ))  # fmt: skip
+
+    def _sr_tick(self, session_id: str) -> None:
+        plan = self.plans.get(session_id)
+        if plan is None or plan.bye_sent:
+            return
+        if plan.packets:
+            try:
+                self._send_rtcp(plan, self._sender_report(plan))
+            except Exception:
+                self.log.failure("rtsp: sender report for {s} failed", s=session_id)
+        plan.sr_timer = self.reactor.callLater(SR_INTERVAL, self._sr_tick, session_id)
+
+    def _bye(self, plan: _Plan) -> None:
+        """RTCP BYE after the last packet, so players end the stream."""
+        if plan.bye_sent:
+            return
+        plan.bye_sent = True
+        data = self._sender_report(plan) + serialize_rtcp(Bye((plan.ssrc,), b"end of stream"))
+        self._send_rtcp(plan, data)
 
     def play(self, session: ServerSession, range: NptRange | None) -> Deferred[PlayReply]:
         """Start (or resume) the session on every node."""
@@ -460,8 +527,11 @@ class YimaStreamingService(Service):
         while first < plan_total(timing) and packet_time(timing, first) < start_mt:
             first += 1
         plan.total = plan_total(timing)
+        plan.clock_rate = timing.clock_rate
         if plan.relay is not None:
             plan.relay.next = first
+            if plan.sr_timer is None:
+                plan.sr_timer = self.reactor.callLater(1.0, self._sr_tick, session.session_id)
         members = list(self.node.view.members)
         me = self.node.node_id
         if plan.relay_port is not None:
@@ -522,6 +592,8 @@ class YimaStreamingService(Service):
             plan.relay_port.stopListening()
             if plan.relay_timer is not None and plan.relay_timer.active():
                 plan.relay_timer.cancel()
+        if plan is not None and plan.sr_timer is not None and plan.sr_timer.active():
+            plan.sr_timer.cancel()
         return self._control(session.session_id, "stop", 0.0)
 
     def get_parameter(self, session: ServerSession | None, body: bytes) -> bytes:
