@@ -7,11 +7,12 @@ connection per node, and performs the core's actions in order on it.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 from zope.interface import implementer
 
-from ._values import LogEntry, Timestamp, Update
+from ._values import DropLog, LogEntry, MarkAlive, PersistLog, Timestamp, Update
 from .interfaces import ILogStore
 
 _SCHEMA = """
@@ -91,6 +92,23 @@ class SqliteLog:
             "DELETE FROM update_log WHERE object_id = ? AND wallclock = ? AND ts_node = ?",
             (object_id, timestamp.wallclock, timestamp.node_id),
         )
+
+    def write_many(self, ops: Sequence[PersistLog | DropLog | MarkAlive]) -> None:
+        """Perform ``put``/``drop``/``mark_alive`` in order, as one durable transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                if isinstance(op, PersistLog):
+                    self.put(op.entry)
+                elif isinstance(op, DropLog):
+                    self.drop(op.object_id, op.timestamp)
+                else:
+                    self.mark_alive(op.wallclock)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def last_alive(self) -> int | None:
         """The alive mark."""

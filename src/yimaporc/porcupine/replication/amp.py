@@ -1,0 +1,80 @@
+"""Replication frames over the node's authenticated AMP RPC.
+
+One command, :class:`Replicate`, carries one ``Push``/``Ack``/``Retire`` frame
+(:mod:`._wire`) as :class:`~yimaporc.cluster.rpc.BigBytes`.  The sender is not
+an argument: :class:`PeerNode` fills it in on the receiving side from the
+connection's authenticated peer id (the handshake binds it to the cluster key),
+so a node cannot speak for another.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.protocols import amp
+
+from ...cluster.rpc import BigBytes, PeerUnavailable, RpcRegistry
+from ._values import NodeId
+from ._wire import MalformedMessage
+from .shell import ReplicationRefused, ReplicationService
+
+
+class PeerNode(amp.Argument):
+    """Never on the wire: the receiving connection's authenticated peer id."""
+
+    def __init__(self) -> None:
+        super().__init__(optional=True)
+
+    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        objects.pop(name.decode("ascii"), None)
+
+    def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        peer = getattr(proto, "peer_id", None)
+        if not getattr(proto, "authenticated", False) or not isinstance(peer, str):
+            raise amp.RemoteAmpError(b"UNAUTHENTICATED", "replication frame before handshake")
+        objects[name.decode("ascii")] = peer
+
+
+class Replicate(amp.Command):
+    """One replication frame from the calling node; answered once handed to the core.
+
+    The answer says nothing about durability: acknowledgements are frames of
+    their own, sent when the receiver's writes are on disk.
+    """
+
+    commandName = b"yimaporc.porcupine.replicate"
+    arguments = [(b"frame", BigBytes()), (b"sender", PeerNode())]
+    response = []  # type: ignore[var-annotated]
+    errors = {
+        MalformedMessage: b"REPLICATION_MALFORMED",
+        ReplicationRefused: b"REPLICATION_REFUSED",
+    }
+
+
+def responder(service: ReplicationService) -> Any:
+    """The handler to register for :class:`Replicate`."""
+
+    def handle(frame: bytes, sender: str) -> dict[str, Any]:
+        service.receive(sender, frame)
+        return {}
+
+    return handle
+
+
+def register(registry: RpcRegistry, service: ReplicationService) -> None:
+    """Answer :class:`Replicate` on this node's RPC server."""
+    registry.register(Replicate, responder(service))
+
+
+def node_sender(node: Any) -> Any:
+    """``send(node_id, frame)`` over ``node.rpc`` to the address in the current view."""
+
+    def send(to: NodeId, frame: bytes) -> Deferred[Any]:
+        member = node.view.member(to)
+        if member is None:
+            return fail(PeerUnavailable(f"{to} is not in the view"))
+        d: Deferred[Any] = node.rpc.call(member.address, Replicate, frame=frame)
+        return d
+
+    return send
