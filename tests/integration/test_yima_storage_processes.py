@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -102,11 +103,16 @@ def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path)
     assert "ingested clip: mpeg-ts" in out
     out = _cli(y2, "media", "ingest", str(wav), "--block-size", "30000")
     assert "ingested tone: wav" in out
+    # Without parity, placement is plain SCADDAR: scaling moves the optimum.
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(random.Random(7).randbytes(2048 * 1024))
+    out = _cli(y1, "media", "ingest", str(noise), "--block-size", "1024", "--parity-group", "0")
+    assert "ingested noise: opaque" in out and "parity" not in out.splitlines()[0]
     listing = _cli(y2, "media", "list")
     assert "clip mpeg-ts" in listing and "tone wav" in listing
     status = y2.status()
     assert status is not None
-    assert {m["name"] for m in status["media"]} == {"clip", "tone"}
+    assert {m["name"] for m in status["media"]} == {"clip", "tone", "noise"}
     assert {d["node_id"] for d in status["disks"]} == {"y1", "y2"}
     _round_trip(y2, "clip", ts, tmp_path / "clip.out")
     _round_trip(y1, "tone", wav, tmp_path / "tone.out")
@@ -121,6 +127,9 @@ def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path)
     moved, total = sum(p.moved for p in plans), sum(p.total for p in plans)
     assert out.strip().splitlines()[-1] == f"moved {moved} of {total} blocks"
     assert 0 < moved < total
+    by_name = {i.name: p for i, p in zip(infos, plans, strict=True)}
+    plain = by_name["noise"]
+    assert plain.total == 2048 and abs(plain.moved / plain.total - 1 / 5) < 0.05, plain.moved
     _round_trip(y1, "clip", ts, tmp_path / "clip.out")
 
     on_disk = {d["disk_id"]: d["blocks"] for d in y1.status()["disks"]}  # type: ignore[index]
@@ -132,26 +141,30 @@ def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path)
     )
     from_removed = sum(1 for p in plans for m in p.moves if m.src_disk.physical == "y1-0")
     assert from_removed == on_disk["y1-0"]
+    plain = {i.name: p for i, p in zip(infos, plans, strict=True)}["noise"]
+    assert all(m.src_disk.physical == "y1-0" for m in plain.moves), "only the removed disk's"
     assert not list((tmp_path / "y1" / "a" / "media").glob("*/*.blk"))
     _round_trip(y2, "clip", ts, tmp_path / "clip.out")
     _round_trip(y2, "tone", wav, tmp_path / "tone.out")
     assert "no such disk: y1-0" in _cli_fails(y1, "disks", "remove", "y1-0")
 
     victim = tmp_path / "y2" / "b" / "media"
-    wiped = sorted(p.relative_to(victim) for p in victim.glob("*/*.*"))
-    assert wiped
+    wiped = sorted(p.relative_to(victim) for p in victim.glob("*/*.*") if p.parent.name != "noise")
+    gone = len(list(victim.glob("noise/*.*")))
+    assert wiped and gone
     for p in victim.glob("*/*.*"):
         p.unlink()
     _round_trip(y1, "clip", ts, tmp_path / "clip.out")
     _round_trip(y1, "tone", wav, tmp_path / "tone.out")
     out = _cli(y1, "disks", "rebuild", "y2-1")
     assert f"restored {len(wiped)} blocks" in out
-    assert sorted(p.relative_to(victim) for p in victim.glob("*/*.*")) == wiped
+    assert f"lost {gone} blocks of files ingested without parity: noise" in out
+    assert sorted(p.relative_to(victim) for p in victim.glob("*/*.*")) == wiped  # noise: lost
 
     doc = json.loads(_cli(y2, "status", "--json"))
     assert {d["disk_id"] for d in doc["disks"]} == {"y1-1", "y2-0", "y2-1", "y2-2"}
     assert sum(d["blocks"] for d in doc["disks"]) == sum(i.blocks for i in infos) + sum(
-        -(-i.blocks // i.parity_group) for i in infos
+        -(-i.blocks // i.parity_group) for i in infos if i.parity_group
     )
     y2.kill(signal.SIGKILL)
     wait_for(lambda: views_agree([y1]), 30, "y1 to drop y2")

@@ -107,6 +107,10 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         if args.block_size <= 0:
             raise _cli_error("--block-size must be positive")
         query["block_size"] = str(args.block_size)
+    if args.parity_group is not None:
+        if args.parity_group < 0:
+            raise _cli_error("--parity-group must be 0 (no parity) or more")
+        query["parity_group"] = str(args.parity_group)
     client = args.make_client(args)
     size = source.stat().st_size
     bar = _Progress(size, f"ingest {name}")
@@ -197,6 +201,9 @@ def _cmd_disks_list(args: argparse.Namespace) -> int:
 def _cmd_disks_rebuild(args: argparse.Namespace) -> int:
     doc = args.make_client(args).post("/api/yima/rebuild", {"disk_id": args.disk_id})
     print(f"rebuilt {doc['disk_id']}: restored {doc['restored']} blocks, {doc['present']} intact")
+    if doc.get("lost"):
+        names = ", ".join(doc.get("unprotected", []))
+        print(f"lost {doc['lost']} blocks of files ingested without parity: {names}")
     return 0
 
 
@@ -222,6 +229,13 @@ def register(
         metavar="BYTES",
         help="block size (MPEG-TS rounds to 1316-byte RTP payloads; "
         "default 336896 for MPEG-TS, 262144 otherwise)",
+    )
+    p.add_argument(
+        "--parity-group",
+        type=int,
+        metavar="G",
+        help="data blocks per parity block (default: up to 4, as the disks allow; "
+        "0: no parity - fewest moves on scaling, no protection against a lost disk)",
     )
     parser(msub, "list", "list stored media", _cmd_list)
     p = parser(msub, "get", "download a stored file block by block", _cmd_get)

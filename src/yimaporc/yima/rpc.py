@@ -79,5 +79,10 @@ class RebuildDisk(amp.Command):
 
     commandName = b"yima.rebuild-disk"
     arguments = [(b"disk_id", amp.Unicode())]
-    response = [(b"restored", amp.Integer()), (b"present", amp.Integer())]
+    response = [
+        (b"restored", amp.Integer()),
+        (b"present", amp.Integer()),
+        (b"lost", amp.Integer()),
+        (b"unprotected", amp.ListOf(amp.Unicode())),
+    ]
     errors = _ERRORS

@@ -640,9 +640,18 @@ class YimaStorageService(Service):
 
     @inlineCallbacks
     def ingest(
-        self, content: IO[bytes], name: str, block_size: int | None = None
+        self,
+        content: IO[bytes],
+        name: str,
+        block_size: int | None = None,
+        parity_group: int | None = None,
     ) -> Generator[Deferred[Any], Any, dict[str, Any]]:
-        """Analyse, cut, place and store an uploaded file, then publish its MediaInfo."""
+        """Analyse, cut, place and store an uploaded file, then publish its MediaInfo.
+
+        ``parity_group`` G: data blocks per parity block (None: the most the
+        disks allow, at most 4; 0: no parity, plain SCADDAR placement, which
+        moves the fewest blocks on scaling but survives no disk loss).
+        """
         try:
             check_name(name)
         except ValueError as e:
@@ -661,7 +670,10 @@ class YimaStorageService(Service):
             started = float(self.reactor.seconds())
             lock = threading.Lock()
             seed = self.node.rng.getrandbits(63)
-            group = default_group_size(len({d.physical for d in history.disks}))
+            most = default_group_size(len({d.physical for d in history.disks}))
+            if parity_group is not None and not 0 <= parity_group <= max(most, 0):
+                raise ApiError(f"parity_group must be between 0 and {most} on these disks")
+            group = most if parity_group is None else parity_group
             try:
                 info = yield deferToThreadPool(
                     self.reactor,
@@ -933,12 +945,17 @@ class YimaStorageService(Service):
     # --- rebuild --------------------------------------------------------------------
 
     @inlineCallbacks
-    def rebuild_local(self, disk_id: str) -> Generator[Deferred[Any], Any, dict[str, int]]:
-        """Restore every block that belongs on local ``disk_id`` and is missing or damaged."""
-        restored = present = 0
+    def rebuild_local(self, disk_id: str) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        """Restore every block that belongs on local ``disk_id`` and is missing or damaged.
+
+        Blocks of files ingested without parity cannot be restored: they are
+        counted as ``lost`` (and the files named in ``unprotected``).
+        """
+        restored = present = lost = 0
+        unprotected: list[str] = []
         for info in sorted(self.catalog.media.values(), key=lambda m: m.name):
             found = self._layout(info, False)
-            if found is None or info.parity_group == 0:
+            if found is None:
                 continue
             history, layout = found
             keys = [
@@ -951,6 +968,16 @@ class YimaStorageService(Service):
                 for g, d in enumerate(layout.parity)
                 if history.disks[d].physical == disk_id
             ]
+            if info.parity_group == 0:
+                here = yield gatherResults(
+                    [self.store.has_block(info.name, k, disk_id) for k in keys]
+                )
+                missing = sum(1 for ok in here if not ok)
+                present += len(keys) - missing
+                if missing:
+                    lost += missing
+                    unprotected.append(info.name)
+                continue
 
             def fetch(media: str, key: BlockKey) -> Deferred[bytes]:
                 return self.read(media, key, recover=False)
@@ -959,7 +986,7 @@ class YimaStorageService(Service):
             restored += len(report.restored)
             present += report.present
         self._refresh_stored()
-        return {"restored": restored, "present": present}
+        return {"restored": restored, "present": present, "lost": lost, "unprotected": unprotected}
 
     # --- admin routes ----------------------------------------------------------------
 
@@ -975,9 +1002,14 @@ class YimaStorageService(Service):
         size = query.get("block_size")
         if size is not None and not size.isdigit():
             raise ApiError("block_size must be a positive integer")
+        group = query.get("parity_group")
+        if group is not None and not group.isdigit():
+            raise ApiError("parity_group must be a whole number (0: no parity)")
         if "content" not in body:
             raise ApiError("upload the file as the request body")
-        return self.ingest(body["content"], name, int(size) if size else None)
+        return self.ingest(
+            body["content"], name, int(size) if size else None, int(group) if group else None
+        )
 
     def _route_block(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
         name = query.get("name", "")
