@@ -6,6 +6,12 @@ holding mail for the user if there is one, else this node; as many distinct
 live nodes as the profile's ``replicas``), hands the message to those nodes'
 mailbox managers and records new fragments with the user manager.
 
+In a cluster (``balancer`` set) the nodes come from the load balancer
+(spread limit, affinity, load learned from store replies), the message's UID
+is reserved with the user manager first (``reserve_uids``) so UIDs ascend over
+all fragments, and a node that fails before acknowledging is replaced by
+another live node.
+
 :class:`SmtpDelivery` is what twisted.mail's ESMTP talks to: one per
 connection (anonymous) or per authenticated login.  Local recipients must
 exist (550 otherwise); other domains are refused (550, no open relay) unless
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
+from twisted.internet.defer import Deferred, DeferredList, FirstError, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -33,7 +39,7 @@ from zope.interface import implementer
 
 from .interfaces import IMailboxManager, IUserManager
 from .usermap import BadAddress, normalise
-from .values import INBOX, Digest, NewMessage, Profile
+from .values import INBOX, Digest, MailError, NewMessage, Profile
 
 MailboxManagers = Callable[[str], IMailboxManager]
 
@@ -54,6 +60,9 @@ class DeliveryProxy:
         self.mailboxes = mailboxes
         self.live_nodes = live_nodes
         self.now = now
+        #: ``balancer.LoadBalancer`` (or the same API) once clustered.
+        self.balancer: Any = None
+        self.retries = 0
 
     def lookup(self, address: str) -> Deferred[Profile | None]:
         """The recipient's profile (None: no such user)."""
@@ -62,6 +71,9 @@ class DeliveryProxy:
     def choose_nodes(self, profile: Profile, fragments: Sequence[str]) -> list[str]:
         """Nodes to store on: keep affinity with existing fragments, then this node."""
         live = list(self.live_nodes())
+        if self.balancer is not None:
+            chosen = self.balancer.choose(live, list(fragments), profile.replicas, self.now())
+            return list(chosen) or live[:1]
         order = [n for n in fragments if n in live]
         if self.node_id in live and self.node_id not in order:
             order.append(self.node_id)
@@ -87,12 +99,20 @@ class DeliveryProxy:
 
         def store(fragments: tuple[str, ...], profile: Profile) -> Deferred[list[Digest]]:
             nodes = self.choose_nodes(profile, fragments)
-            msg = NewMessage(address, INBOX, body, (), when)
-            stores = [self.mailboxes(n).store([msg]) for n in nodes]
+            reserve = getattr(manager, "reserve_uids", None)
+            first: Deferred[int] = reserve(address, 1) if reserve is not None else succeed(0)
+            return first.addCallback(store_on, nodes, fragments)
+
+        def store_on(
+            uid: int, nodes: list[str], fragments: tuple[str, ...]
+        ) -> Deferred[list[Digest]]:
+            msg = NewMessage(address, INBOX, body, (), when, uid)
+            tried = set(nodes)
+            stores = [self._store(n, msg, tried, fragments) for n in nodes]
 
             def stored(results: list[tuple[bool, Any]]) -> Deferred[list[Digest]]:
                 digests = [dig for _, got in results for dig in got]
-                new = [n for n in nodes if n not in fragments]
+                new = dict.fromkeys(dig.node for dig in digests if dig.node not in fragments)
                 adds = [manager.add_fragment(address, n) for n in new]
                 return DeferredList(adds).addCallback(lambda _: digests)
 
@@ -101,6 +121,29 @@ class DeliveryProxy:
             )
 
         return d.addCallback(got_profile)
+
+    def _store(
+        self, node: str, msg: NewMessage, tried: set[str], fragments: Sequence[str]
+    ) -> Deferred[list[Digest]]:
+        """Store on ``node``; if it fails before acknowledging, on another live node."""
+
+        def failed(f: Failure) -> Deferred[list[Digest]]:
+            if f.check(MailError) or self.balancer is None:
+                return fail(f)
+            self.balancer.failed(node, self.now())
+            others = [n for n in self.live_nodes() if n not in tried]
+            if not others:
+                return fail(f)
+            pick = self.balancer.choose(others, list(fragments), 1, self.now()) or others[:1]
+            tried.add(pick[0])
+            self.retries += 1
+            return self._store(pick[0], msg, tried, fragments)
+
+        try:
+            d = self.mailboxes(node).store([msg])
+        except KeyError as e:
+            return fail(e)
+        return d.addErrback(failed)
 
 
 def _first_error(f: Failure) -> Failure:

@@ -7,6 +7,11 @@ bucket.  Passwords are stored as ``scrypt$n$r$p$salt$hash`` (hashlib.scrypt,
 remembered for a while as an HMAC under a per-process random key (an auth
 cache, as Dovecot keeps), so that a client logging in again does not cost
 another scrypt; ``set_password`` and ``remove`` drop the entry.
+
+For the cluster every row also carries ``updated`` (time of the last write)
+and ``deleted`` (a tombstone): :meth:`ProfileDB.records_in_bucket` and
+:meth:`ProfileDB.merge` let nodes exchange :data:`Record` tuples,
+newest ``updated`` winning, so every node converges on the same profiles.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .interfaces import IProfileDB
-from .usermap import bucket_of, normalise
+from .usermap import BadAddress, bucket_of, normalise
 from .values import BadCredentials, NoSuchUser, Profile, UserExists
 
 T = TypeVar("T")
@@ -40,6 +45,15 @@ CREATE TABLE IF NOT EXISTS profiles (
     replicas INTEGER NOT NULL, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS profiles_bucket ON profiles (bucket);
 """
+
+#: ``(address, password_hash, replicas, created, updated, deleted)``: one row as
+#: nodes exchange it (``deleted`` rows are tombstones).
+Record = tuple[str, str, int, float, float, bool]
+
+
+def newer(a: Record, b: Record) -> bool:
+    """True if ``a`` supersedes ``b`` (later write; ties: tombstone, then hash order)."""
+    return (a[4], a[5], a[1]) > (b[4], b[5], b[1])
 
 
 def hash_password(password: str, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
@@ -79,30 +93,43 @@ class _Profiles:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(profiles)")}
+        if "updated" not in cols:  # databases from before the cluster
+            self.db.execute("ALTER TABLE profiles ADD COLUMN updated REAL NOT NULL DEFAULT 0")
+            self.db.execute("UPDATE profiles SET updated=created")
+        if "deleted" not in cols:
+            self.db.execute("ALTER TABLE profiles ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0")
         self.now = now
         self.lock = threading.Lock()
 
     def count(self) -> int:
         with self.lock:
-            return int(self.db.execute("SELECT COUNT(*) FROM profiles").fetchone()[0])
+            return int(
+                self.db.execute("SELECT COUNT(*) FROM profiles WHERE deleted=0").fetchone()[0]
+            )
 
     def add(self, address: str, password_hash: str, replicas: int) -> Profile:
-        profile = Profile(address, password_hash, replicas, self.now())
+        now = self.now()
         with self.lock:
-            try:
-                self.db.execute(
-                    "INSERT INTO profiles(address, bucket, password_hash, replicas, created) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (address, bucket_of(address), password_hash, replicas, profile.created),
-                )
-            except sqlite3.IntegrityError:
-                raise UserExists(f"user {address} already exists") from None
-        return profile
+            row = self.db.execute(
+                "SELECT deleted, updated FROM profiles WHERE address=?", (address,)
+            ).fetchone()
+            if row is not None and not row[0]:
+                raise UserExists(f"user {address} already exists")
+            # After a tombstone: strictly newer, so the re-created user wins everywhere.
+            now = max(now, row[1] + 1e-6) if row else now
+            self.db.execute(
+                "INSERT OR REPLACE INTO profiles(address, bucket, password_hash, replicas, "
+                "created, updated, deleted) VALUES (?, ?, ?, ?, ?, ?, 0)",
+                (address, bucket_of(address), password_hash, replicas, now, now),
+            )
+        return Profile(address, password_hash, replicas, now)
 
     def get(self, address: str) -> Profile | None:
         with self.lock:
             row = self.db.execute(
-                "SELECT address, password_hash, replicas, created FROM profiles WHERE address=?",
+                "SELECT address, password_hash, replicas, created FROM profiles "
+                "WHERE address=? AND deleted=0",
                 (address,),
             ).fetchone()
         return Profile(*row) if row else None
@@ -110,14 +137,20 @@ class _Profiles:
     def set_hash(self, address: str, password_hash: str) -> None:
         with self.lock:
             cur = self.db.execute(
-                "UPDATE profiles SET password_hash=? WHERE address=?", (password_hash, address)
+                "UPDATE profiles SET password_hash=?, updated=MAX(?, updated + 1e-6) "
+                "WHERE address=? AND deleted=0",
+                (password_hash, self.now(), address),
             )
         if cur.rowcount == 0:
             raise NoSuchUser(f"no user {address}")
 
     def remove(self, address: str) -> None:
         with self.lock:
-            cur = self.db.execute("DELETE FROM profiles WHERE address=?", (address,))
+            cur = self.db.execute(
+                "UPDATE profiles SET deleted=1, password_hash='', updated=MAX(?, updated + 1e-6) "
+                "WHERE address=? AND deleted=0",
+                (self.now(), address),
+            )
         if cur.rowcount == 0:
             raise NoSuchUser(f"no user {address}")
 
@@ -125,10 +158,45 @@ class _Profiles:
         with self.lock:
             rows = self.db.execute(
                 "SELECT address, password_hash, replicas, created FROM profiles "
-                f"{where} ORDER BY address",
+                f"WHERE deleted=0 {where} ORDER BY address",
                 args,
             ).fetchall()
         return [Profile(*r) for r in rows]
+
+    def records(self, where: str = "", args: tuple[Any, ...] = ()) -> list[Record]:
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT address, password_hash, replicas, created, updated, deleted "
+                f"FROM profiles {where} ORDER BY address",
+                args,
+            ).fetchall()
+        return [(a, h, int(r), float(c), float(u), bool(d)) for a, h, r, c, u, d in rows]
+
+    def merge(self, records: list[Record]) -> tuple[list[str], int]:
+        """Apply the records newer than ours; the addresses changed and the new count."""
+        changed = []
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for rec in records:
+                    row = self.db.execute(
+                        "SELECT address, password_hash, replicas, created, updated, deleted "
+                        "FROM profiles WHERE address=?",
+                        (rec[0],),
+                    ).fetchone()
+                    if row is not None and not newer(rec, tuple(row)):  # type: ignore[arg-type]
+                        continue
+                    self.db.execute(
+                        "INSERT OR REPLACE INTO profiles(address, bucket, password_hash, "
+                        "replicas, created, updated, deleted) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (rec[0], bucket_of(rec[0]), rec[1], rec[2], rec[3], rec[4], int(rec[5])),
+                    )
+                    changed.append(rec[0])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return changed, self.count()
 
     def close(self) -> None:
         with self.lock:
@@ -249,7 +317,45 @@ class ProfileDB:
 
     def users_in_bucket(self, bucket: int) -> Deferred[list[Profile]]:
         """Profiles of one bucket."""
-        return self._run(self._db.select, "WHERE bucket=?", (bucket,))
+        return self._run(self._db.select, "AND bucket=?", (bucket,))
+
+    def record(self, address: str) -> Deferred[Record | None]:
+        """The exchange record of ``address`` (tombstones too), or None."""
+
+        def one() -> Record | None:
+            got = self._db.records("WHERE address=?", (address.lower(),))
+            return got[0] if got else None
+
+        return self._run(one)
+
+    def records_in_bucket(self, bucket: int) -> Deferred[list[Record]]:
+        """Every record of one bucket, tombstones included (reconstruction hints)."""
+        return self._run(self._db.records, "WHERE bucket=?", (bucket,))
+
+    def records_in_buckets(self, buckets: list[int]) -> Deferred[dict[int, list[Record]]]:
+        """:meth:`records_in_bucket` for many buckets in one pool job."""
+
+        def read() -> dict[int, list[Record]]:
+            return {b: self._db.records("WHERE bucket=?", (b,)) for b in buckets}
+
+        return self._run(read)
+
+    def merge(self, records: list[Record]) -> Deferred[list[str]]:
+        """Apply records newer than ours (newest ``updated`` wins); the addresses changed."""
+        checked: list[Record] = []
+        for a, h, r, c, u, d in records:
+            try:
+                checked.append((normalise(a), str(h), int(r), float(c), float(u), bool(d)))
+            except (BadAddress, TypeError, ValueError):
+                continue
+
+        def done(result: tuple[list[str], int]) -> list[str]:
+            changed, self._count = result
+            for address in changed:
+                self._cache.pop(address, None)
+            return changed
+
+        return self._run(self._db.merge, checked).addCallback(done)
 
 
 _DUMMY_HASH = (

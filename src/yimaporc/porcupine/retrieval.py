@@ -7,8 +7,12 @@ flag changes and deletions to the node holding each message.  When a node's
 last message of the user goes, the node leaves the fragment list.
 
 The IMAP mailbox tree (names, UIDVALIDITY, UID counters) lives on the user's
-*home* fragment, this node in a cluster of one; see docs/mail.md for how the
-cluster issue keeps UIDs ascending across fragments.
+*home* fragment, this node in a cluster of one.  In a cluster (``cluster=True``)
+the home is chosen by the cluster (``home_of``), the tree shown is the union of
+the trees of the home and every fragment node (UIDVALIDITY the lowest, UIDNEXT
+the highest of them), UIDs come from the user manager's per-user counter
+(``reserve_uids``) so they ascend over all fragments, and a message stored on
+several nodes under one UID (replicas) is listed once; see docs/mail.md.
 """
 
 from __future__ import annotations
@@ -16,14 +20,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .interfaces import IMailboxManager, IUserManager
-from .values import Digest, MailboxInfo, NewMessage, Profile
+from .values import INBOX, Digest, MailboxExists, MailboxInfo, NewMessage, NoSuchMailbox, Profile
 
 
 class UserMail:
     """One authenticated user's view of their mail across fragments."""
+
+    log = Logger()
 
     def __init__(
         self,
@@ -31,11 +39,15 @@ class UserMail:
         home: str,
         users: IUserManager,
         mailboxes: Callable[[str], IMailboxManager],
+        cluster: bool = False,
     ) -> None:
         self.address = address
         self.home = home
         self.users = users
         self.managers = mailboxes
+        self.cluster = cluster
+        # (mailbox, uid) -> further nodes holding a copy under the same UID
+        self._copies: dict[tuple[str, int], list[str]] = {}
 
     def _home(self) -> IMailboxManager:
         return self.managers(self.home)
@@ -48,30 +60,105 @@ class UserMail:
 
     # --- the mailbox tree (home fragment) -----------------------------------
 
+    def _ask_all(
+        self, ask: Callable[[IMailboxManager], Deferred[Any]]
+    ) -> Deferred[list[tuple[str, Any]]]:
+        """``ask`` every node (home first); a fragment node that fails is left out
+        (logged), a failing home fails the call."""
+
+        def go(nodes: list[str]) -> Deferred[list[tuple[str, Any]]]:
+            ds = [ask(self.managers(n)) for n in nodes]
+
+            def done(results: list[tuple[bool, Any]]) -> list[tuple[str, Any]]:
+                out = []
+                for n, (ok, got) in zip(nodes, results, strict=True):
+                    if ok:
+                        out.append((n, got))
+                    elif n == self.home or isinstance(got.value, NoSuchMailbox):
+                        got.raiseException()
+                    else:
+                        self.log.warn(
+                            "mail of {u} on {n} out of reach: {e}",
+                            u=self.address,
+                            n=n,
+                            e=got.getErrorMessage(),
+                        )
+                return out
+
+            return DeferredList(ds, consumeErrors=True).addCallback(done)
+
+        return self._nodes().addCallback(go)
+
+    def _trees(self) -> Deferred[list[tuple[str, list[MailboxInfo]]]]:
+        return self._ask_all(lambda m: m.mailboxes(self.address))
+
     def mailboxes(self) -> Deferred[list[MailboxInfo]]:
-        """Every mailbox with its counters."""
-        return self._home().mailboxes(self.address)
+        """Every mailbox with its counters (merged over the fragments in a cluster)."""
+        if not self.cluster:
+            return self._home().mailboxes(self.address)
+        return self._trees().addCallback(_merge_trees)
+
+    def _holders(self, name: str) -> Deferred[list[str]]:
+        """Nodes whose tree has mailbox ``name`` (exact)."""
+        want = INBOX if name.upper() == INBOX else name
+        return self._trees().addCallback(
+            lambda trees: [n for n, infos in trees if any(i.name == want for i in infos)]
+        )
 
     def create(self, name: str) -> Deferred[MailboxInfo]:
-        """CREATE."""
-        return self._home().create_mailbox(self.address, name)
+        """CREATE (on the home node; MailboxExists if any fragment has it)."""
+        if not self.cluster:
+            return self._home().create_mailbox(self.address, name)
+
+        def check(holders: list[str]) -> Deferred[MailboxInfo]:
+            if holders:
+                raise MailboxExists(f"mailbox {name} already exists")
+            return self._home().create_mailbox(self.address, name)
+
+        return self._holders(name.rstrip("/")).addCallback(check)
+
+    def _on_holders(
+        self, name: str, op: Callable[[IMailboxManager], Deferred[Any]]
+    ) -> Deferred[None]:
+        def run(holders: list[str]) -> Deferred[None]:
+            if not holders:
+                raise NoSuchMailbox(f"no mailbox {name}")
+            ds = [op(self.managers(n)) for n in holders]
+            return gatherResults(ds, consumeErrors=True).addCallbacks(lambda _: None, _unwrap)
+
+        return self._holders(name).addCallback(run)
 
     def delete_mailbox(self, name: str) -> Deferred[None]:
-        """DELETE."""
-        return self._home().delete_mailbox(self.address, name)
+        """DELETE (on every node holding the mailbox)."""
+        if not self.cluster or name.upper() == INBOX:
+            return self._home().delete_mailbox(self.address, name)
+        return self._on_holders(name, lambda m: m.delete_mailbox(self.address, name))
 
     def rename(self, old: str, new: str) -> Deferred[None]:
-        """RENAME."""
-        return self._home().rename_mailbox(self.address, old, new)
+        """RENAME (on every node holding ``old``)."""
+        if not self.cluster:
+            return self._home().rename_mailbox(self.address, old, new)
+
+        def check(holders: list[str]) -> Deferred[None]:
+            if holders:
+                raise MailboxExists(f"mailbox {new} already exists")
+            return self._on_holders(old, lambda m: m.rename_mailbox(self.address, old, new))
+
+        return self._holders(new.rstrip("/")).addCallback(check)
 
     def subscribe(self, name: str, on: bool) -> Deferred[None]:
         """SUBSCRIBE / UNSUBSCRIBE."""
-        return self._home().subscribe(self.address, name, on)
+        if not self.cluster:
+            return self._home().subscribe(self.address, name, on)
+        return self._on_holders(name, lambda m: m.subscribe(self.address, name, on))
 
     # --- messages (every fragment) ------------------------------------------
 
     def digests(self, mailbox: str) -> Deferred[list[Digest]]:
         """The mailbox's messages over all fragments, by UID."""
+
+        if self.cluster:
+            return self._merged_digests(mailbox)
 
         def ask(nodes: list[str]) -> Deferred[list[Digest]]:
             ds = [self.managers(n).digests(self.address, mailbox) for n in nodes]
@@ -81,10 +168,35 @@ class UserMail:
 
         return self._nodes().addCallback(ask)
 
-    def _by_node(self, digests: Sequence[Digest]) -> dict[str, list[int]]:
+    def _merged_digests(self, mailbox: str) -> Deferred[list[Digest]]:
+        def tolerant(m: IMailboxManager) -> Deferred[list[Digest]]:
+            # A fragment node may lack a mailbox the home has: nothing of it there.
+            def missing(f: Failure) -> list[Digest]:
+                f.trap(NoSuchMailbox)
+                if m.node_id == self.home:
+                    f.raiseException()
+                return []
+
+            return m.digests(self.address, mailbox).addErrback(missing)
+
+        def merge(parts: list[tuple[str, list[Digest]]]) -> list[Digest]:
+            seen: dict[int, Digest] = {}
+            for _, part in parts:
+                for d in part:
+                    if d.uid in seen:
+                        self._copies.setdefault((mailbox, d.uid), []).append(d.node)
+                    else:
+                        seen[d.uid] = d
+            return [seen[u] for u in sorted(seen)]
+
+        return self._ask_all(tolerant).addCallback(merge)
+
+    def _by_node(self, digests: Sequence[Digest], mailbox: str = "") -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         for d in digests:
             out.setdefault(d.node, []).append(d.uid)
+            for n in self._copies.get((mailbox, d.uid), ()):
+                out.setdefault(n, []).append(d.uid)
         return out
 
     def fetch(self, mailbox: str, digests: Sequence[Digest]) -> Deferred[dict[int, bytes]]:
@@ -108,7 +220,7 @@ class UserMail:
         """STORE on each node; the new flags by UID."""
         ds = [
             self.managers(node).set_flags(self.address, mailbox, uids, flags, mode)
-            for node, uids in self._by_node(digests).items()
+            for node, uids in self._by_node(digests, mailbox).items()
         ]
 
         def merge(parts: list[dict[int, tuple[str, ...]]]) -> dict[int, tuple[str, ...]]:
@@ -121,7 +233,7 @@ class UserMail:
 
     def delete(self, mailbox: str, digests: Sequence[Digest]) -> Deferred[list[int]]:
         """Remove messages; nodes left with nothing of the user leave the fragment list."""
-        by_node = self._by_node(digests)
+        by_node = self._by_node(digests, mailbox)
         ds = [
             self.managers(node).delete(self.address, mailbox, uids)
             for node, uids in by_node.items()
@@ -143,7 +255,10 @@ class UserMail:
         return self.managers(node).mailboxes(self.address).addCallback(check)
 
     def copy(self, mailbox: str, digests: Sequence[Digest], dest: str) -> Deferred[list[Digest]]:
-        """COPY within each node's fragment."""
+        """COPY within each node's fragment (in a cluster: read, then store at home
+        under fresh UIDs from the user manager)."""
+        if self.cluster:
+            return self.fetch(mailbox, digests).addCallback(self._copy_to_home, digests, dest)
         ds = [
             self.managers(node).copy(self.address, mailbox, uids, dest)
             for node, uids in self._by_node(digests).items()
@@ -152,17 +267,64 @@ class UserMail:
             lambda parts: [d for p in parts for d in p]
         )
 
+    def _copy_to_home(
+        self, bodies: dict[int, bytes], digests: Sequence[Digest], dest: str
+    ) -> Deferred[list[Digest]]:
+        items = [(d, bodies[d.uid]) for d in digests if d.uid in bodies]
+        if not items:
+            return succeed([])
+
+        def build(first: int) -> list[NewMessage]:
+            return [
+                NewMessage(
+                    self.address, dest, b, d.flags, d.internal_date, first + i if first else 0
+                )
+                for i, (d, b) in enumerate(items)
+            ]
+
+        return self._reserve(len(items)).addCallback(
+            lambda first: self._store_home(dest, build(first))
+        )
+
+    def _reserve(self, count: int) -> Deferred[int]:
+        reserve = getattr(self.users, "reserve_uids", None)
+        return reserve(self.address, count) if reserve is not None else succeed(0)
+
+    def _store_home(self, mailbox: str, msgs: list[NewMessage]) -> Deferred[list[Digest]]:
+        """Store at home; a mailbox another fragment has is created at home first."""
+
+        def missing(f: Failure) -> Deferred[list[Digest]]:
+            f.trap(NoSuchMailbox)
+
+            def create(holders: list[str]) -> Deferred[Any]:
+                if not holders:
+                    return f  # type: ignore[return-value]
+                d = self._home().create_mailbox(self.address, mailbox)
+                return d.addErrback(lambda g: g.trap(MailboxExists))
+
+            d = self._holders(mailbox).addCallback(create)
+            return d.addCallback(lambda _: self._home().store(msgs))
+
+        d = self._home().store(msgs)
+        if self.cluster:
+            d.addErrback(missing)
+
+        def stored(digests: list[Digest]) -> Deferred[list[Digest]]:
+            d: Deferred[Any] = self.users.add_fragment(self.address, self.home)
+            return d.addCallback(lambda _: digests)
+
+        return d.addCallback(stored)
+
     def append(
         self, mailbox: str, body: bytes, flags: Sequence[str], date: float
     ) -> Deferred[Digest]:
         """APPEND: stored on the home fragment."""
-        msg = NewMessage(self.address, mailbox, body, tuple(flags), date)
 
-        def stored(digests: list[Digest]) -> Deferred[Digest]:
-            d: Deferred[Any] = self.users.add_fragment(self.address, self.home)
-            return d.addCallback(lambda _: digests[0])
+        def store(first: int) -> Deferred[Digest]:
+            msg = NewMessage(self.address, mailbox, body, tuple(flags), date, first)
+            return self._store_home(mailbox, [msg]).addCallback(lambda ds: ds[0])
 
-        return self._home().store([msg]).addCallback(stored)
+        return self._reserve(1).addCallback(store)
 
 
 class RetrievalProxy:
@@ -177,6 +339,9 @@ class RetrievalProxy:
         self.node_id = node_id
         self.users = users
         self.mailboxes = mailboxes
+        #: The user's home node (the cluster's choice; this node when None).
+        self.home_of: Callable[[str], str] | None = None
+        self.cluster = False
 
     def authenticate(self, address: str, password: str) -> Deferred[Profile]:
         """The profile, or ``BadCredentials``."""
@@ -184,4 +349,34 @@ class RetrievalProxy:
 
     def open(self, address: str) -> UserMail:
         """The mail of an (already authenticated) user."""
-        return UserMail(address, self.node_id, self.users(address), self.mailboxes)
+        home = self.home_of(address) if self.home_of is not None else self.node_id
+        return UserMail(address, home, self.users(address), self.mailboxes, self.cluster)
+
+
+def _merge_trees(trees: list[tuple[str, list[MailboxInfo]]]) -> list[MailboxInfo]:
+    """One tree from the fragments': lowest UIDVALIDITY, highest UIDNEXT, counts summed."""
+    out: dict[str, MailboxInfo] = {}
+    for _, infos in trees:
+        for i in infos:
+            have = out.get(i.name)
+            if have is None:
+                out[i.name] = i
+                continue
+            out[i.name] = MailboxInfo(
+                i.name,
+                min(have.uidvalidity, i.uidvalidity),
+                max(have.uidnext, i.uidnext),
+                have.messages + i.messages,
+                have.unseen + i.unseen,
+                have.subscribed and i.subscribed,
+            )
+    return [out[n] for n in sorted(out)]
+
+
+def _unwrap(f: Failure) -> Failure:
+    from twisted.internet.defer import FirstError
+
+    if isinstance(f.value, FirstError):
+        sub: Failure = f.value.subFailure
+        return sub
+    return f

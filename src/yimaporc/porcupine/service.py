@@ -38,6 +38,7 @@ from ._imap import MailboxRegistry, MailImapServer
 from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
 from .auth import MailRealm, ManagerChecker
+from .cluster import ProfileReplicator
 from .delivery import DeliveryProxy, OutboundSpool, Recipient, SmtpDelivery, SmtpPolicy
 from .fragments import FragmentStore, MailboxManager
 from .interfaces import IMailboxManager, IUserManager
@@ -131,9 +132,13 @@ class MailService(MultiService):
         self.profiles = ProfileDB(
             reactor, self.pool, self.data_dir / "mail" / "profiles.sqlite", now
         )
-        self.user_manager = UserManager(node_id, self.profiles)
+        self.user_manager: UserManager = UserManager(node_id, self.profiles)
+        #: The one profile write path (pushes to the other nodes once clustered).
+        self.replicator = ProfileReplicator(self.profiles, lambda a: self.user_manager.forget(a))
+        #: The :class:`~.cluster.MailCluster` once :meth:`attach_cluster` ran.
+        self.cluster: Any = None
         self.delivery = DeliveryProxy(
-            node_id, self.users_for, self.mailboxes_for, lambda: [node_id], now
+            node_id, self.users_for, self.mailboxes_for, self._live_nodes, now
         )
         self.retrieval = RetrievalProxy(node_id, self.users_for, self.mailboxes_for)
         self.spool = OutboundSpool(reactor, self.pool, self.data_dir / "mail" / "outbound")
@@ -164,12 +169,33 @@ class MailService(MultiService):
     def _tls_options(cert: Path | str, key: Path | str) -> Any:
         return _ServerTLS(Path(cert), Path(key))
 
+    def attach_cluster(self, cluster: Any) -> None:
+        """Route managers, profile writes, node choice and homes through ``cluster``."""
+        self.cluster = cluster
+        self.replicator = cluster.replicator
+        self.delivery.balancer = cluster.balancer
+        self.retrieval.home_of = cluster.home_of
+        self.retrieval.cluster = True
+
+    def _live_nodes(self) -> list[str]:
+        return self.cluster.live() if self.cluster is not None else [self.node_id]
+
+    def _run_blocking(self, f: Any, *args: Any) -> Deferred[Any]:
+        """Run blocking ``f(*args)`` on the service's thread pool."""
+        return deferToThreadPool(self.reactor, self.pool, f, *args)
+
     def users_for(self, address: str) -> IUserManager:
-        """The user manager of ``address``'s bucket (here: this node's)."""
+        """The user manager of ``address``'s bucket (this node's, or the cluster's choice)."""
+        if self.cluster is not None:
+            manager: IUserManager = self.cluster.users_for(address)
+            return manager
         return self.user_manager
 
     def mailboxes_for(self, node_id: str) -> IMailboxManager:
-        """The mailbox manager of ``node_id`` (here: only this node's)."""
+        """The mailbox manager of ``node_id`` (the seam replication plugs into)."""
+        if self.cluster is not None:
+            boxes: IMailboxManager = self.cluster.mailboxes_for(node_id)
+            return boxes
         if node_id != self.node_id:
             raise KeyError(f"no mailbox manager for node {node_id} in a cluster of one")
         return self.mailbox_manager
@@ -340,20 +366,23 @@ class MailService(MultiService):
             f.trap(UserExists)
             raise ApiError(str(f.value), 409)
 
-        d = self.profiles.add(address, password, replicas)
+        d = self.replicator.add(address, password, replicas)
         return d.addCallbacks(lambda p: {"created": address, "replicas": p.replicas}, exists)
 
     def _delete_user(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
         address = self._address(body)
         self.user_manager.forget(address)
-        d = self.profiles.remove(address)
+        d = self.replicator.remove(address)
 
         def drop_mail(_: object) -> Deferred[Any]:
             self.user_manager.forget(address)
-            frags = self.user_manager.state.fragment_list(address) | {self.node_id}
+            if self.cluster is not None:  # every live node: a fragment list may lag
+                frags = set(self._live_nodes())
+            else:
+                frags = self.user_manager.state.fragment_list(address) | {self.node_id}
+            manager = self.users_for(address)
             ds = [self.mailboxes_for(n).remove_user(address) for n in frags]
-            for n in frags:
-                self.user_manager.state.remove_fragment(address, n)
+            ds += [manager.remove_fragment(address, n) for n in frags]
             return gatherResults(ds, consumeErrors=True)
 
         return d.addCallback(drop_mail).addCallbacks(lambda _: {"deleted": address}, _no_user)
@@ -361,7 +390,7 @@ class MailService(MultiService):
     def _passwd(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
         address, password = self._address(body), self._password(body)
         self.user_manager.forget(address)
-        d = self.profiles.set_password(address, password)
+        d = self.replicator.set_password(address, password)
         return d.addCallbacks(lambda _: {"updated": address}, _no_user)
 
 

@@ -35,10 +35,11 @@ class Options(NodeOptions):
 
 
 def makeService(options: Options) -> IService:
-    """The node, its user map, and whatever mail services exist."""
+    """The node, its user map, the mail service and its cluster wiring."""
     from twisted.internet import reactor
 
     from ..cluster.bucketservice import BucketMapService
+    from ..porcupine.cluster import MailCluster
     from ..porcupine.service import MailService
 
     node = build_node(reactor, options)
@@ -60,6 +61,9 @@ def makeService(options: Options) -> IService:
     except ValueError as e:
         raise usage.UsageError(str(e)) from e
     mail.setServiceParent(node)
+    cluster = MailCluster(mail, node, user_map)
+    cluster.setServiceParent(node)
+    node.add_status(cluster.status)
     for route in mail.admin_routes():
         node.add_route(route)
 

@@ -1,0 +1,1143 @@
+"""Porcupine across nodes (seed §2-3): AMP commands, remote managers, the cluster wiring.
+
+:class:`MailCluster` turns the :class:`~yimaporc.porcupine.service.MailService`
+of each ``porcupine-node`` into one mail service:
+
+- every :class:`IUserManager` and :class:`IMailboxManager` method is an AMP
+  command (``porcupine.um.*``, ``porcupine.mb.*``) answered by the node's local
+  managers; :class:`RemoteUserManager` and :class:`RemoteMailboxManager` call them
+  over ``node.rpc`` and implement the same interfaces, so
+  ``MailService.users_for(address)`` is the local manager when this node owns
+  the address's bucket and an AMP proxy to the owner otherwise, and
+  ``mailboxes_for(node)`` likewise.  Manager errors (``NoSuchUser``,
+  ``NoSuchMailbox``...) cross as AMP errors and come back as the same exceptions.
+- :class:`ClusterUserManager` keeps its buckets' soft state in a
+  :class:`~yimaporc.porcupine.softstate.UserManagerState`: on each user-map change
+  it installs the new map, and every node sends the new managers of the fresh
+  buckets what its hard state says (``porcupine.hints``: users with mail, their
+  highest UIDNEXT, the bucket's profile records), one directory read per bucket.
+  A fresh bucket is *settling* until every live node has answered for it or
+  ``settle_timeout`` passed; ``fragments`` and ``reserve_uids`` for its users wait
+  for that (profiles never wait: every node holds them all).
+- :class:`ProfileReplicator` is the one profile write path: the local SQLite
+  write, then a push of the record to every live member (``porcupine.profiles``),
+  newest ``updated`` winning; hints carry the records too, so a node that was
+  down catches up when it manages the bucket.
+- Load: every store reply carries the storing node's load (stores in progress
+  there), and every ``load_interval`` seconds each node swaps its load with the
+  live members (``porcupine.load``); both feed the delivery proxy's balancer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..cluster.buckets import BucketMap
+from ..cluster.rpc import BigBytes, PeerUnavailable
+from .interfaces import IMailboxManager, IUserManager
+from .profiledb import ProfileDB, Record
+from .softstate import bucket_of as _raw_bucket_of
+from .usermap import N_BUCKETS, BadAddress, bucket_of
+from .users import UserManager
+from .values import (
+    BadCredentials,
+    Digest,
+    MailboxExists,
+    MailboxInfo,
+    MessageTooLarge,
+    NewMessage,
+    NoSuchMailbox,
+    NoSuchUser,
+    Profile,
+    UserExists,
+)
+
+__all__ = [
+    "ClusterUserManager",
+    "MailCluster",
+    "ProfileReplicator",
+    "RemoteMailboxManager",
+    "RemoteUserManager",
+]
+
+# --- wire values ------------------------------------------------------------------
+
+
+class Json(BigBytes):
+    """Any JSON value, of any size (split like :class:`BigBytes`)."""
+
+    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        key = name.decode("ascii")
+        objects[key] = json.dumps(objects[key], separators=(",", ":")).encode("utf-8")
+        super().toBox(name, strings, objects, proto)
+
+    def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        super().fromBox(name, strings, objects, proto)
+        key = name.decode("ascii")
+        try:
+            objects[key] = json.loads(objects[key])
+        except ValueError as e:
+            raise amp.MalformedAmpBox(f"bad JSON in {name!r}") from e
+
+
+ERRORS: dict[type[Exception], bytes] = {
+    NoSuchUser: b"NO_SUCH_USER",
+    BadCredentials: b"BAD_CREDENTIALS",
+    NoSuchMailbox: b"NO_SUCH_MAILBOX",
+    MailboxExists: b"MAILBOX_EXISTS",
+    UserExists: b"USER_EXISTS",
+    MessageTooLarge: b"MESSAGE_TOO_LARGE",
+    BadAddress: b"BAD_ADDRESS",
+}
+
+
+def _profile_out(p: Profile | None) -> Any:
+    return None if p is None else [p.address, p.password_hash, p.replicas, p.created]
+
+
+def _profile_in(v: Any) -> Profile | None:
+    return None if v is None else Profile(str(v[0]), str(v[1]), int(v[2]), float(v[3]))
+
+
+def _digest_out(d: Digest) -> list[Any]:
+    return [d.uid, d.key, d.size, list(d.flags), d.internal_date, d.node]
+
+
+def _digest_in(v: Any) -> Digest:
+    return Digest(int(v[0]), str(v[1]), int(v[2]), tuple(v[3]), float(v[4]), str(v[5]))
+
+
+def _info_out(i: MailboxInfo) -> list[Any]:
+    return [i.name, i.uidvalidity, i.uidnext, i.messages, i.unseen, i.subscribed]
+
+
+def _info_in(v: Any) -> MailboxInfo:
+    return MailboxInfo(str(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), bool(v[5]))
+
+
+def pack_messages(messages: Sequence[NewMessage]) -> bytes:
+    """A JSON header (everything but the bodies) followed by the bodies."""
+    head = json.dumps(
+        [[m.user, m.mailbox, list(m.flags), m.internal_date, m.uid, len(m.body)] for m in messages]
+    ).encode("utf-8")
+    return struct.pack("!I", len(head)) + head + b"".join(m.body for m in messages)
+
+
+def unpack_messages(data: bytes) -> list[NewMessage]:
+    """The inverse of :func:`pack_messages` (``MalformedAmpBox`` on junk)."""
+    try:
+        (n,) = struct.unpack("!I", data[:4])
+        head = json.loads(data[4 : 4 + n])
+        pos = 4 + n
+        out = []
+        for user, mailbox, flags, date, uid, size in head:
+            body = data[pos : pos + int(size)]
+            if len(body) != int(size):
+                raise ValueError("short body")
+            pos += int(size)
+            out.append(
+                NewMessage(str(user), str(mailbox), body, tuple(flags), float(date), int(uid))
+            )
+        return out
+    except (ValueError, TypeError, struct.error) as e:
+        raise amp.MalformedAmpBox(f"bad message batch: {e}") from e
+
+
+def pack_bodies(bodies: dict[int, bytes]) -> bytes:
+    """``{uid: body}`` as a JSON header of (uid, size) then the bodies."""
+    items = sorted(bodies.items())
+    head = json.dumps([[uid, len(b)] for uid, b in items]).encode("utf-8")
+    return struct.pack("!I", len(head)) + head + b"".join(b for _, b in items)
+
+
+def unpack_bodies(data: bytes) -> dict[int, bytes]:
+    """The inverse of :func:`pack_bodies`."""
+    (n,) = struct.unpack("!I", data[:4])
+    pos, out = 4 + n, {}
+    for uid, size in json.loads(data[4 : 4 + n]):
+        out[int(uid)] = data[pos : pos + int(size)]
+        pos += int(size)
+    return out
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+class _Cmd(amp.Command):
+    errors = ERRORS  # type: ignore[assignment]
+
+
+# "user", not "address": RpcClient.call's own first parameter is named address.
+_U: list[tuple[bytes, amp.Argument]] = [(b"user", amp.Unicode())]
+
+
+class UmProfile(_Cmd):
+    """IUserManager.profile."""
+
+    commandName = b"porcupine.um.profile"
+    arguments = _U
+    response = [(b"profile", Json())]
+
+
+class UmAuthenticate(_Cmd):
+    """IUserManager.authenticate."""
+
+    commandName = b"porcupine.um.authenticate"
+    arguments = [*_U, (b"password", amp.Unicode())]
+    response = [(b"profile", Json())]
+
+
+class UmFragments(_Cmd):
+    """IUserManager.fragments."""
+
+    commandName = b"porcupine.um.fragments"
+    arguments = _U
+    response = [(b"nodes", amp.ListOf(amp.Unicode()))]
+
+
+class UmAddFragment(_Cmd):
+    """IUserManager.add_fragment."""
+
+    commandName = b"porcupine.um.add_fragment"
+    arguments = [*_U, (b"node", amp.Unicode())]
+
+
+class UmRemoveFragment(_Cmd):
+    """IUserManager.remove_fragment."""
+
+    commandName = b"porcupine.um.remove_fragment"
+    arguments = [*_U, (b"node", amp.Unicode())]
+
+
+class UmReserveUids(_Cmd):
+    """ClusterUserManager.reserve_uids: ``count`` UIDs from the user's counter."""
+
+    commandName = b"porcupine.um.reserve_uids"
+    arguments = [*_U, (b"count", amp.Integer())]
+    response = [(b"first", amp.Integer())]
+
+
+_M: list[tuple[bytes, amp.Argument]] = [(b"user", amp.Unicode()), (b"mailbox", amp.Unicode())]
+
+
+class MbStore(_Cmd):
+    """IMailboxManager.store; the reply carries the storing node's load."""
+
+    commandName = b"porcupine.mb.store"
+    arguments = [(b"messages", BigBytes())]
+    response = [(b"digests", Json()), (b"load", amp.Float())]
+
+
+class MbMailboxes(_Cmd):
+    """IMailboxManager.mailboxes."""
+
+    commandName = b"porcupine.mb.mailboxes"
+    arguments = [(b"user", amp.Unicode())]
+    response = [(b"infos", Json())]
+
+
+class MbCreateMailbox(_Cmd):
+    """IMailboxManager.create_mailbox."""
+
+    commandName = b"porcupine.mb.create_mailbox"
+    arguments = _M
+    response = [(b"info", Json())]
+
+
+class MbDeleteMailbox(_Cmd):
+    """IMailboxManager.delete_mailbox."""
+
+    commandName = b"porcupine.mb.delete_mailbox"
+    arguments = _M
+
+
+class MbRenameMailbox(_Cmd):
+    """IMailboxManager.rename_mailbox."""
+
+    commandName = b"porcupine.mb.rename_mailbox"
+    arguments = [*_M, (b"new", amp.Unicode())]
+
+
+class MbSubscribe(_Cmd):
+    """IMailboxManager.subscribe."""
+
+    commandName = b"porcupine.mb.subscribe"
+    arguments = [*_M, (b"subscribed", amp.Boolean())]
+
+
+class MbDigests(_Cmd):
+    """IMailboxManager.digests."""
+
+    commandName = b"porcupine.mb.digests"
+    arguments = _M
+    response = [(b"digests", Json())]
+
+
+class MbFetch(_Cmd):
+    """IMailboxManager.fetch."""
+
+    commandName = b"porcupine.mb.fetch"
+    arguments = [*_M, (b"uids", Json())]
+    response = [(b"bodies", BigBytes())]
+
+
+class MbSetFlags(_Cmd):
+    """IMailboxManager.set_flags."""
+
+    commandName = b"porcupine.mb.set_flags"
+    arguments = [*_M, (b"uids", Json()), (b"flags", Json()), (b"mode", amp.Integer())]
+    response = [(b"flags", Json())]
+
+
+class MbCopy(_Cmd):
+    """IMailboxManager.copy."""
+
+    commandName = b"porcupine.mb.copy"
+    arguments = [*_M, (b"uids", Json()), (b"dest", amp.Unicode())]
+    response = [(b"digests", Json())]
+
+
+class MbDelete(_Cmd):
+    """IMailboxManager.delete."""
+
+    commandName = b"porcupine.mb.delete"
+    arguments = [*_M, (b"uids", Json())]
+    response = [(b"uids", Json())]
+
+
+class MbRemoveUser(_Cmd):
+    """IMailboxManager.remove_user."""
+
+    commandName = b"porcupine.mb.remove_user"
+    arguments = [(b"user", amp.Unicode())]
+
+
+class MbUsersInBucket(_Cmd):
+    """IMailboxManager.users_in_bucket."""
+
+    commandName = b"porcupine.mb.users_in_bucket"
+    arguments = [(b"bucket", amp.Integer())]
+    response = [(b"users", Json())]
+
+
+class Hints(_Cmd):
+    """Soft-state reconstruction step 2: ``[[bucket, epoch, [[user, has_mail, uidnext]...],
+    [profile record...]]...]`` from ``sender``'s hard state."""
+
+    commandName = b"porcupine.hints"
+    arguments = [(b"sender", amp.Unicode()), (b"hints", Json())]
+
+
+class ProfilePut(_Cmd):
+    """Profile records (newest ``updated`` wins) pushed by the node that wrote them."""
+
+    commandName = b"porcupine.profiles"
+    arguments = [(b"records", Json())]
+
+
+class LoadExchange(_Cmd):
+    """The periodic load swap: the caller's load in, the callee's out."""
+
+    commandName = b"porcupine.load"
+    arguments = [(b"node", amp.Unicode()), (b"load", amp.Float())]
+    response = [(b"load", amp.Float())]
+
+
+COMMANDS: tuple[type[_Cmd], ...] = (
+    UmProfile, UmAuthenticate, UmFragments, UmAddFragment, UmRemoveFragment, UmReserveUids,
+    MbStore, MbMailboxes, MbCreateMailbox, MbDeleteMailbox, MbRenameMailbox, MbSubscribe,
+    MbDigests, MbFetch, MbSetFlags, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
+    Hints, ProfilePut, LoadExchange,
+)  # fmt: skip
+
+
+# --- remote proxies ---------------------------------------------------------------
+
+Caller = Callable[..., Deferred[Any]]
+
+
+class _Remote:
+    """Calls commands on one node through ``call(node, command, **kw)``."""
+
+    def __init__(self, node_id: str, call: Caller) -> None:
+        self.node_id = node_id
+        self._call = call
+
+    def call(self, command: type[_Cmd], **kw: Any) -> Deferred[Any]:
+        return self._call(self.node_id, command, **kw)
+
+
+@implementer(IUserManager)
+class RemoteUserManager(_Remote):
+    """:class:`IUserManager` of another node's buckets, over AMP."""
+
+    def profile(self, address: str) -> Deferred[Profile | None]:
+        """See :class:`IUserManager`."""
+        return self.call(UmProfile, user=address).addCallback(lambda r: _profile_in(r["profile"]))
+
+    def authenticate(self, address: str, password: str) -> Deferred[Profile]:
+        """See :class:`IUserManager`."""
+
+        def got(r: dict[str, Any]) -> Profile:
+            p = _profile_in(r["profile"])
+            if p is None:
+                raise BadCredentials("bad user name or password")
+            return p
+
+        return self.call(UmAuthenticate, user=address, password=password).addCallback(got)
+
+    def fragments(self, address: str) -> Deferred[tuple[str, ...]]:
+        """See :class:`IUserManager`."""
+        return self.call(UmFragments, user=address).addCallback(lambda r: tuple(r["nodes"]))
+
+    def add_fragment(self, address: str, node: str) -> Deferred[None]:
+        """See :class:`IUserManager`."""
+        return self.call(UmAddFragment, user=address, node=node).addCallback(lambda _: None)
+
+    def remove_fragment(self, address: str, node: str) -> Deferred[None]:
+        """See :class:`IUserManager`."""
+        d = self.call(UmRemoveFragment, user=address, node=node)
+        return d.addCallback(lambda _: None)
+
+    def reserve_uids(self, address: str, count: int) -> Deferred[int]:
+        """See :meth:`ClusterUserManager.reserve_uids`."""
+        d = self.call(UmReserveUids, user=address, count=count)
+        return d.addCallback(lambda r: int(r["first"]))
+
+
+@implementer(IMailboxManager)
+class RemoteMailboxManager(_Remote):
+    """:class:`IMailboxManager` of another node's disk, over AMP."""
+
+    def __init__(
+        self, node_id: str, call: Caller, on_load: Callable[[str, float], None] | None = None
+    ) -> None:
+        super().__init__(node_id, call)
+        self.on_load = on_load
+
+    def store(self, messages: Sequence[NewMessage]) -> Deferred[list[Digest]]:
+        """See :class:`IMailboxManager` (the reply's load goes to ``on_load``)."""
+
+        def got(r: dict[str, Any]) -> list[Digest]:
+            if self.on_load is not None:
+                self.on_load(self.node_id, float(r["load"]))
+            return [_digest_in(v) for v in r["digests"]]
+
+        return self.call(MbStore, messages=pack_messages(messages)).addCallback(got)
+
+    def mailboxes(self, user: str) -> Deferred[list[MailboxInfo]]:
+        """See :class:`IMailboxManager`."""
+        return self.call(MbMailboxes, user=user).addCallback(
+            lambda r: [_info_in(v) for v in r["infos"]]
+        )
+
+    def create_mailbox(self, user: str, name: str) -> Deferred[MailboxInfo]:
+        """See :class:`IMailboxManager`."""
+        d = self.call(MbCreateMailbox, user=user, mailbox=name)
+        return d.addCallback(lambda r: _info_in(r["info"]))
+
+    def delete_mailbox(self, user: str, name: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self.call(MbDeleteMailbox, user=user, mailbox=name).addCallback(lambda _: None)
+
+    def rename_mailbox(self, user: str, old: str, new: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        d = self.call(MbRenameMailbox, user=user, mailbox=old, new=new)
+        return d.addCallback(lambda _: None)
+
+    def subscribe(self, user: str, name: str, subscribed: bool) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        d = self.call(MbSubscribe, user=user, mailbox=name, subscribed=subscribed)
+        return d.addCallback(lambda _: None)
+
+    def digests(self, user: str, mailbox: str) -> Deferred[list[Digest]]:
+        """See :class:`IMailboxManager`."""
+        return self.call(MbDigests, user=user, mailbox=mailbox).addCallback(
+            lambda r: [_digest_in(v) for v in r["digests"]]
+        )
+
+    def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        """See :class:`IMailboxManager`."""
+        d = self.call(MbFetch, user=user, mailbox=mailbox, uids=list(uids))
+        return d.addCallback(lambda r: unpack_bodies(r["bodies"]))
+
+    def set_flags(
+        self, user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
+    ) -> Deferred[dict[int, tuple[str, ...]]]:
+        """See :class:`IMailboxManager`."""
+        d = self.call(
+            MbSetFlags, user=user, mailbox=mailbox, uids=list(uids), flags=list(flags), mode=mode
+        )
+        return d.addCallback(lambda r: {int(u): tuple(f) for u, f in r["flags"]})
+
+    def copy(
+        self, user: str, mailbox: str, uids: Sequence[int], dest: str
+    ) -> Deferred[list[Digest]]:
+        """See :class:`IMailboxManager`."""
+        d = self.call(MbCopy, user=user, mailbox=mailbox, uids=list(uids), dest=dest)
+        return d.addCallback(lambda r: [_digest_in(v) for v in r["digests"]])
+
+    def delete(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[list[int]]:
+        """See :class:`IMailboxManager`."""
+        d = self.call(MbDelete, user=user, mailbox=mailbox, uids=list(uids))
+        return d.addCallback(lambda r: [int(u) for u in r["uids"]])
+
+    def remove_user(self, user: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self.call(MbRemoveUser, user=user).addCallback(lambda _: None)
+
+    def users_in_bucket(self, bucket: int) -> Deferred[list[str]]:
+        """See :class:`IMailboxManager`."""
+        d = self.call(MbUsersInBucket, bucket=bucket)
+        return d.addCallback(lambda r: [str(u) for u in r["users"]])
+
+
+def register_handlers(
+    registry: Any,
+    users: Callable[[], Any],
+    mailboxes: Callable[[], IMailboxManager],
+    *,
+    load: Callable[[], float] = lambda: 0.0,
+    stores: Callable[[Sequence[NewMessage]], Deferred[list[Digest]]] | None = None,
+) -> None:
+    """Answer the manager commands on ``registry`` with this node's local managers.
+
+    ``users()`` and ``mailboxes()`` are looked up per call (the service may swap
+    them); ``stores`` (default: ``mailboxes().store``) lets the caller count load.
+    """
+
+    def um(method: str, out: Callable[[Any], dict[str, Any]]) -> Callable[..., Any]:
+        def handler(user: str, **kw: Any) -> Deferred[dict[str, Any]]:
+            d: Deferred[Any] = getattr(users(), method)(user, **kw)
+            return d.addCallback(out)
+
+        return handler
+
+    def none(_: object) -> dict[str, Any]:
+        return {}
+
+    registry.register(UmProfile, um("profile", lambda p: {"profile": _profile_out(p)}))
+    registry.register(UmAuthenticate, um("authenticate", lambda p: {"profile": _profile_out(p)}))
+    registry.register(UmFragments, um("fragments", lambda n: {"nodes": list(n)}))
+    registry.register(UmAddFragment, um("add_fragment", none))
+    registry.register(UmRemoveFragment, um("remove_fragment", none))
+
+    def reserve(user: str, count: int) -> Deferred[dict[str, Any]]:
+        fn = getattr(users(), "reserve_uids", None)
+        d: Deferred[int] = fn(user, count) if fn is not None else succeed(0)
+        return d.addCallback(lambda first: {"first": first})
+
+    registry.register(UmReserveUids, reserve)
+
+    def store(messages: bytes) -> Deferred[dict[str, Any]]:
+        batch = unpack_messages(messages)
+        d = stores(batch) if stores is not None else mailboxes().store(batch)
+        return d.addCallback(lambda ds: {"digests": [_digest_out(x) for x in ds], "load": load()})
+
+    registry.register(MbStore, store)
+
+    def mb(method: str, out: Callable[[Any], dict[str, Any]], **rename: str) -> Callable[..., Any]:
+        def handler(**kw: Any) -> Deferred[dict[str, Any]]:
+            for wire, arg in rename.items():
+                kw[arg] = kw.pop(wire)
+            d: Deferred[Any] = getattr(mailboxes(), method)(**kw)
+            return d.addCallback(out)
+
+        return handler
+
+    registry.register(
+        MbMailboxes, mb("mailboxes", lambda xs: {"infos": [_info_out(i) for i in xs]})
+    )
+    registry.register(
+        MbCreateMailbox,
+        mb("create_mailbox", lambda i: {"info": _info_out(i)}, mailbox="name"),
+    )
+    registry.register(MbDeleteMailbox, mb("delete_mailbox", none, mailbox="name"))
+    registry.register(MbRenameMailbox, mb("rename_mailbox", none, mailbox="old"))
+    registry.register(MbSubscribe, mb("subscribe", none, mailbox="name"))
+    registry.register(
+        MbDigests, mb("digests", lambda xs: {"digests": [_digest_out(x) for x in xs]})
+    )
+    registry.register(MbFetch, mb("fetch", lambda b: {"bodies": pack_bodies(b)}))
+    registry.register(
+        MbSetFlags, mb("set_flags", lambda f: {"flags": [[u, list(v)] for u, v in f.items()]})
+    )
+    registry.register(MbCopy, mb("copy", lambda xs: {"digests": [_digest_out(x) for x in xs]}))
+    registry.register(MbDelete, mb("delete", lambda us: {"uids": list(us)}))
+    registry.register(MbRemoveUser, mb("remove_user", none))
+    registry.register(MbUsersInBucket, mb("users_in_bucket", lambda us: {"users": list(us)}))
+
+
+# --- the cluster user manager ----------------------------------------------------
+
+#: One bucket's reconstruction hint as it travels:
+#: ``[bucket, epoch, [[user, has_mail, uidnext]...], [Record...]]``.
+HintEntry = list[Any]
+
+
+class ClusterUserManager(UserManager):
+    """The user manager of this node's buckets, rebuilt from hints on every map change.
+
+    Besides the fragment lists it keeps, per user, the next IMAP UID of the
+    user's mail (one counter for all of a user's mailboxes, so UIDs ascend in
+    each), rebuilt as the highest UIDNEXT any node reports; stores anywhere in
+    the cluster take their UIDs from it (:meth:`reserve_uids`).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        node_id: str,
+        profiles: ProfileDB,
+        clock: Any,
+        *,
+        settle_timeout: float = 2.0,
+    ) -> None:
+        super().__init__(node_id, profiles)
+        self.clock = clock
+        self.settle_timeout = settle_timeout
+        self.uidnext: dict[str, int] = {}
+        self.settling: dict[int, set[str]] = {}
+        self._timers: dict[int, IDelayedCall] = {}
+        self._waiters: dict[int, list[Deferred[None]]] = {}
+        self._early: list[tuple[str, HintEntry]] = []
+        self.hints_received = 0
+
+    def install(self, new_map: BucketMap, live: Iterable[str]) -> set[int]:
+        """Adopt ``new_map``; the buckets that became ours and fresh start settling."""
+        alive = set(live)
+        fresh = self.state.install(new_map, alive)
+        mine = set(new_map.buckets_of(self.node_id))
+        for user in list(self.uidnext):
+            b = bucket_of(user)
+            if b not in mine or b in fresh:
+                del self.uidnext[user]
+        for b in list(self.settling):
+            if b not in mine or b in fresh:
+                self._settle(b)
+        for b in sorted(fresh & mine):
+            self.settling[b] = set(alive)
+            self._timers[b] = self.clock.callLater(self.settle_timeout, self._timed_out, b)
+        early, self._early = self._early, []
+        for sender, entry in early:
+            self.apply(sender, entry)
+        return fresh
+
+    def _timed_out(self, bucket: int) -> None:
+        self._timers.pop(bucket, None)
+        missing = self.settling.get(bucket)
+        if missing:
+            self.log.info(
+                "user map: bucket {b} settled without hints from {m}", b=bucket, m=sorted(missing)
+            )
+        self._settle(bucket)
+
+    def _settle(self, bucket: int) -> None:
+        self.settling.pop(bucket, None)
+        timer = self._timers.pop(bucket, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        for d in self._waiters.pop(bucket, []):
+            d.callback(None)
+
+    def apply(self, sender: str, entry: HintEntry) -> bool:
+        """Merge one bucket's hint from ``sender`` (kept for later if it is ahead of our map)."""
+        try:
+            bucket, epoch, users = int(entry[0]), int(entry[1]), entry[2]
+        except (IndexError, TypeError, ValueError):
+            return False
+        if not 0 <= bucket < N_BUCKETS:
+            return False
+        held = self.state.map.epochs[bucket]
+        if epoch > held:
+            self._early.append((sender, entry))
+            return False
+        if epoch < held or self.state.map.owners[bucket] != self.node_id:
+            return False
+        self.hints_received += 1
+        for item in users:
+            try:
+                user, has_mail, uidnext = str(item[0]), bool(item[1]), int(item[2])
+            except (IndexError, TypeError, ValueError):
+                continue
+            if _raw_bucket_of(user, N_BUCKETS) != bucket:
+                continue
+            if has_mail:
+                self.state.add_fragment(user, sender)
+            self.uidnext[user] = max(self.uidnext.get(user, 1), uidnext)
+        waiting = self.settling.get(bucket)
+        if waiting is not None:
+            waiting.discard(sender)
+            if not waiting:
+                self._settle(bucket)
+        return True
+
+    def settled(self, address: str) -> Deferred[None]:
+        """Fires once ``address``'s bucket is not settling (at once if it is not)."""
+        b = bucket_of(address)
+        if b not in self.settling:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.setdefault(b, []).append(d)
+        return d
+
+    def fragments(self, address: str) -> Deferred[tuple[str, ...]]:
+        """See :class:`IUserManager` (waits while the bucket settles)."""
+        return self.settled(address).addCallback(lambda _: super(ClusterUserManager, self)
+                                                 .fragments(address))  # fmt: skip
+
+    def reserve_uids(self, address: str, count: int) -> Deferred[int]:
+        """The first of ``count`` fresh UIDs for ``address`` (waits while the bucket settles)."""
+        address = address.lower()
+
+        def take(_: object) -> int:
+            first = self.uidnext.get(address, 1)
+            self.uidnext[address] = first + max(1, count)
+            return first
+
+        return self.settled(address).addCallback(take)
+
+    def status(self) -> dict[str, Any]:
+        """Counts for the status page."""
+        return {
+            "managed_buckets": len(self.state.map.buckets_of(self.node_id)),
+            "settling_buckets": len(self.settling),
+            "users_with_mail": len(self.state.fragments),
+            "hints_received": self.hints_received,
+        }
+
+
+# --- profiles -------------------------------------------------------------------
+
+
+class ProfileReplicator:
+    """The one write path for profiles: local SQLite, then a push to every live member.
+
+    ``push(records)`` sends records to the other nodes (None: a cluster of one);
+    ``forget(address)`` drops cached copies after a change.  Issue 8 may swap the
+    transport by passing another ``push``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        profiles: ProfileDB,
+        forget: Callable[[str], None],
+        push: Callable[[list[Record]], Deferred[Any]] | None = None,
+    ) -> None:
+        self.profiles = profiles
+        self.forget = forget
+        self.push = push
+
+    def _spread(self, address: str, result: Any) -> Deferred[Any]:
+        self.forget(address)
+        if self.push is None:
+            return succeed(result)
+        push = self.push
+
+        def send(rec: Record | None) -> Deferred[Any]:
+            return push([rec] if rec is not None else []) if rec is not None else succeed(None)
+
+        d = self.profiles.record(address).addCallback(send)
+        d.addErrback(lambda f: self.log.failure("profile push for {a} failed", f, a=address))
+        return d.addCallback(lambda _: result)
+
+    def add(self, address: str, password: str, replicas: int = 1) -> Deferred[Profile]:
+        """Create here (``UserExists`` if known here), then push."""
+        return self.profiles.add(address, password, replicas).addCallback(
+            lambda p: self._spread(p.address, p)
+        )
+
+    def set_password(self, address: str, password: str) -> Deferred[None]:
+        """New hash here (``NoSuchUser``), then push."""
+        d = self.profiles.set_password(address, password)
+        return d.addCallback(lambda _: self._spread(address.lower(), None))
+
+    def remove(self, address: str) -> Deferred[None]:
+        """Tombstone here (``NoSuchUser``), then push."""
+        return self.profiles.remove(address).addCallback(
+            lambda _: self._spread(address.lower(), None)
+        )
+
+    def receive(self, records: list[Record]) -> Deferred[list[str]]:
+        """Merge records from a peer or a hint (newest wins); drop caches of changed ones."""
+
+        def done(changed: list[str]) -> list[str]:
+            for a in changed:
+                self.forget(a)
+            return changed
+
+        return self.profiles.merge(records).addCallback(done)
+
+
+# --- load balancing --------------------------------------------------------------
+
+
+class AffinityChooser:
+    """Stand-in for ``balancer.LoadBalancer`` (same API): affinity, then least load.
+
+    Used only if :mod:`yimaporc.porcupine.balancer` is not installed.
+    """
+
+    def __init__(self, me: str, *, spread_limit: int = 2, **_: Any) -> None:
+        self.me = me
+        self.spread_limit = spread_limit
+        self.loads: dict[str, tuple[float, float]] = {}
+        self.failures: dict[str, float] = {}
+
+    def observe(self, node: str, load: float, now: float) -> None:
+        """A load figure heard from ``node``."""
+        self.loads[node] = (load, now)
+
+    def failed(self, node: str, now: float) -> None:
+        """A call to ``node`` failed."""
+        self.failures[node] = now
+
+    def choose(
+        self, live: Sequence[str], fragments: Sequence[str], replicas: int, now: float
+    ) -> list[str]:
+        """Existing fragments first (least loaded), then the least loaded others."""
+
+        def load(n: str) -> tuple[bool, float, str]:
+            failed = now - self.failures.get(n, -1e9) < 10.0
+            return (failed, self.loads.get(n, (0.0, 0.0))[0], n)
+
+        have = sorted((n for n in fragments if n in live), key=load)
+        if len(have) >= self.spread_limit:
+            pool = have
+        else:
+            pool = have + sorted((n for n in live if n not in have), key=load)
+        return pool[: max(1, min(replicas, len(pool)))]
+
+    def status(self) -> dict[str, Any]:
+        """Known loads."""
+        return {"loads": {n: v for n, (v, _) in self.loads.items()}}
+
+
+def make_balancer(me: str) -> Any:
+    """``balancer.LoadBalancer(me)`` if that module exists, else :class:`AffinityChooser`."""
+    try:
+        module = importlib.import_module("yimaporc.porcupine.balancer")
+    except ImportError:
+        return AffinityChooser(me)
+    return module.LoadBalancer(me)
+
+
+# --- the wiring -------------------------------------------------------------------
+
+
+@implementer(IMailboxManager)
+class _CountingMailboxes:
+    """This node's mailbox manager, counting stores in progress (the load figure)."""
+
+    def __init__(self, inner: IMailboxManager, owner: MailCluster) -> None:
+        self.inner = inner
+        self.owner = owner
+        self.node_id = inner.node_id
+
+    def store(self, messages: Sequence[NewMessage]) -> Deferred[list[Digest]]:
+        """Store, counting it in :attr:`MailCluster.inflight`."""
+        return self.owner.store_here(messages)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class MailCluster(Service):
+    """Makes a node's ``MailService`` one part of the cluster's mail service."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        mail: Any,
+        node: Any,
+        buckets: Any,
+        *,
+        balancer: Any = None,
+        load_interval: float = 2.0,
+        settle_timeout: float = 2.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.mail = mail
+        self.node = node
+        self.buckets = buckets
+        self.reactor = mail.reactor
+        self.me: str = node.node_id
+        self.load_interval = load_interval
+        self.rng = rng or random.Random()
+        self.calls: Counter[str] = Counter()
+        self.inflight = 0
+        self.balancer = balancer if balancer is not None else make_balancer(self.me)
+        self.user_manager = ClusterUserManager(
+            self.me, mail.profiles, self.reactor, settle_timeout=settle_timeout
+        )
+        mail.user_manager = self.user_manager
+        self.replicator = ProfileReplicator(
+            mail.profiles, self.user_manager.forget, self._push_profiles
+        )
+        self._local_mailboxes = _CountingMailboxes(mail.mailbox_manager, self)
+        self._remote_users: dict[str, RemoteUserManager] = {}
+        self._remote_boxes: dict[str, RemoteMailboxManager] = {}
+        self._prev_live: set[str] | None = None
+        self._loop: LoopingCall | None = None
+        self.hint_rounds: list[dict[str, Any]] = []
+        register_handlers(
+            node.registry,
+            lambda: self.user_manager,
+            lambda: self._local_mailboxes,
+            load=self.load,
+            stores=self.store_here,
+        )
+        node.registry.register(Hints, self._on_hints)
+        node.registry.register(ProfilePut, self._on_profiles)
+        node.registry.register(LoadExchange, self._on_load)
+        buckets.subscribe(self._map_changed)
+        mail.attach_cluster(self)
+
+    # --- routing --------------------------------------------------------------
+
+    def live(self) -> list[str]:
+        """Node ids of the current view (this node if the view is empty)."""
+        ids = list(self.node.view.node_ids)
+        return ids if ids else [self.me]
+
+    def _address_of(self, node_id: str) -> str | None:
+        m = self.node.view.member(node_id)
+        return None if m is None else str(m.address)
+
+    def call(self, node_id: str, command: type[amp.Command], **kw: Any) -> Deferred[Any]:
+        """Run ``command`` on ``node_id`` (counted in :attr:`calls`)."""
+        address = self._address_of(node_id)
+        if address is None:
+            return fail(PeerUnavailable(f"{node_id} is not a member"))
+        name = command.commandName
+        self.calls[name.decode() if isinstance(name, bytes) else str(name)] += 1
+        return self.node.rpc.call(address, command, **kw)
+
+    def users_for(self, address: str) -> IUserManager:
+        """The user manager of ``address``'s bucket: ours, or an AMP proxy to its owner."""
+        owner = self.buckets.owner(bucket_of(address))
+        if not owner or owner == self.me:
+            return self.user_manager
+        proxy = self._remote_users.get(owner)
+        if proxy is None:
+            proxy = self._remote_users[owner] = RemoteUserManager(owner, self.call)
+        return proxy
+
+    def mailboxes_for(self, node_id: str) -> IMailboxManager:
+        """The mailbox manager of ``node_id``: ours, or an AMP proxy (the replication seam)."""
+        if node_id == self.me:
+            return self._local_mailboxes
+        proxy = self._remote_boxes.get(node_id)
+        if proxy is None:
+            proxy = self._remote_boxes[node_id] = RemoteMailboxManager(
+                node_id, self.call, self._observe
+            )
+        return proxy
+
+    def home_of(self, address: str) -> str:
+        """The node holding ``address``'s mailbox tree: the first live node by
+        rendezvous hash of (address, node) (moves only when membership changes)."""
+        live = self.live()
+        return max(live, key=lambda n: _raw_bucket_of(f"{address.lower()}|{n}", 1 << 31))
+
+    # --- load -------------------------------------------------------------------
+
+    def load(self) -> float:
+        """This node's load figure: stores in progress here."""
+        return float(self.inflight)
+
+    def store_here(self, messages: Sequence[NewMessage]) -> Deferred[list[Digest]]:
+        """Store on this node's disk, counting it in the load figure."""
+        self.inflight += 1
+
+        def done(result: Any) -> Any:
+            self.inflight -= 1
+            return result
+
+        d: Deferred[list[Digest]] = self.mail.mailbox_manager.store(messages)
+        return d.addBoth(done)
+
+    def _observe(self, node: str, load: float) -> None:
+        self.balancer.observe(node, load, float(self.reactor.seconds()))
+
+    def _on_load(self, node: str, load: float) -> dict[str, Any]:
+        self._observe(node, load)
+        return {"load": self.load()}
+
+    def _exchange_load(self) -> None:
+        for n in self.live():
+            if n == self.me:
+                continue
+            d = self.call(n, LoadExchange, node=self.me, load=self.load())
+            d.addCallbacks(
+                lambda r, n=n: self._observe(n, float(r["load"])),
+                lambda f, n=n: self.balancer.failed(n, float(self.reactor.seconds())),
+            )
+
+    # --- profiles ------------------------------------------------------------------
+
+    def _push_profiles(self, records: list[Record]) -> Deferred[Any]:
+        peers = [n for n in self.live() if n != self.me]
+        ds = [self.call(n, ProfilePut, records=[list(r) for r in records]) for n in peers]
+
+        def lost(f: Failure, n: str) -> None:
+            self.log.warn("profile push to {n} failed: {e}", n=n, e=f.getErrorMessage())
+
+        for n, d in zip(peers, ds, strict=True):
+            d.addErrback(lost, n)
+        return DeferredList(ds)
+
+    def _on_profiles(self, records: list[Any]) -> Deferred[dict[str, Any]]:
+        return self.replicator.receive([tuple(r) for r in records]).addCallback(lambda _: {})  # type: ignore[misc]
+
+    # --- reconstruction ------------------------------------------------------------
+
+    def _map_changed(self, old: BucketMap, new: BucketMap, fresh: set[int]) -> None:
+        live = set(self.live())
+        self.user_manager.install(new, live)
+        if self._prev_live is None:
+            send = set(range(len(new)))  # just started: no manager knows what we hold
+        else:
+            came = live - self._prev_live
+            send = set(fresh) | {b for b in range(len(new)) if new.owners[b] in came}
+        prev = self._prev_live or {self.me}
+        self._prev_live = live
+        if send:
+            self.send_hints(new, send)
+        came = live - prev
+        if came and self.me == min(prev & live):
+            self.push_all_profiles(sorted(came))
+
+    def push_all_profiles(self, nodes: list[str]) -> Deferred[None]:
+        """Anti-entropy for nodes that (re)appeared: every profile record we hold.
+
+        Only the lowest-id node of each side of a join sends, so a join costs one
+        copy of the profile table per side, not one per node."""
+
+        def send(by_bucket: dict[int, list[Record]]) -> Deferred[Any]:
+            records = [list(r) for rs in by_bucket.values() for r in rs]
+            ds = [self.call(n, ProfilePut, records=records) for n in nodes if n != self.me]
+            return DeferredList(ds, consumeErrors=True)
+
+        d = self.mail.profiles.records_in_buckets(list(range(N_BUCKETS))).addCallback(send)
+        d.addErrback(lambda f: self.log.failure("profile anti-entropy push failed", f))
+        return d.addCallback(lambda _: None)
+
+    def send_hints(self, new: BucketMap, buckets: set[int]) -> Deferred[None]:
+        """Read our hard state of ``buckets`` and send each new manager its part."""
+        started = float(self.reactor.seconds())
+        order = sorted(b for b in buckets if new.owners[b])
+        store = self.mail.fragment_store
+
+        def read() -> list[tuple[int, dict[str, tuple[bool, int]]]]:
+            return [(b, store.uid_marks(b)) for b in order]
+
+        d1 = self.mail._run_blocking(read)
+        d2 = self.mail.profiles.records_in_buckets(order)
+
+        def send(results: list[Any]) -> Deferred[None]:
+            (_, marks), (_, records) = results
+            per: dict[str, list[HintEntry]] = {}
+            for b, users in marks:
+                per.setdefault(new.owners[b], []).append(
+                    [
+                        b,
+                        new.epochs[b],
+                        [[u, m, n] for u, (m, n) in sorted(users.items())],
+                        [list(r) for r in records.get(b, [])],
+                    ]
+                )
+            ds = []
+            for manager, entries in per.items():
+                if manager == self.me:
+                    ds.append(self._apply_hints(self.me, entries))
+                else:
+                    ds.append(self.call(manager, Hints, sender=self.me, hints=entries))
+            self.hint_rounds.append(
+                {"epoch": max(new.epochs), "buckets": len(order), "managers": len(per)}
+            )
+            del self.hint_rounds[:-20]
+
+            def done(results: list[tuple[bool, Any]]) -> None:
+                failed = [m for m, (ok, _) in zip(per, results, strict=True) if not ok]
+                if failed:
+                    self.log.warn("hints to {m} failed", m=failed)
+                self.log.info(
+                    "user map: hints for {n} buckets sent to {k} managers in {t:.3f}s",
+                    n=len(order),
+                    k=len(per),
+                    t=float(self.reactor.seconds()) - started,
+                )
+
+            return DeferredList(ds, consumeErrors=True).addCallback(done)
+
+        d = DeferredList([d1, d2], fireOnOneErrback=True, consumeErrors=True).addCallback(send)
+        d.addErrback(lambda f: self.log.failure("sending reconstruction hints failed", f))
+        return d
+
+    def _apply_hints(self, sender: str, entries: list[HintEntry]) -> Deferred[dict[str, Any]]:
+        records: list[Record] = []
+        for e in entries:
+            if isinstance(e, list) and len(e) >= 4 and isinstance(e[3], list):
+                records.extend(tuple(r) for r in e[3])  # type: ignore[misc]
+
+        def apply(_: object) -> dict[str, Any]:
+            for e in entries:
+                if isinstance(e, list):
+                    self.user_manager.apply(sender, e)
+            return {}
+
+        d: Deferred[Any] = self.replicator.receive(records) if records else succeed(None)
+        d.addErrback(lambda f: self.log.failure("merging hinted profiles failed", f))
+        return d.addCallback(apply)
+
+    def _on_hints(self, sender: str, hints: Any) -> Deferred[dict[str, Any]]:
+        if not isinstance(hints, list):
+            raise amp.MalformedAmpBox("hints must be a list")
+        return self._apply_hints(sender, hints)
+
+    # --- service ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Start the periodic load exchange."""
+        super().startService()
+        self._loop = LoopingCall(self._exchange_load)
+        self._loop.clock = self.reactor
+        self._loop.start(self.load_interval, now=False)
+
+    def stopService(self) -> None:
+        """Stop the load exchange."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        super().stopService()
+
+    def status(self) -> dict[str, Any]:
+        """Cluster mail figures for ``status --json``."""
+        return {
+            "mail_cluster": {
+                **self.user_manager.status(),
+                "rpc_calls": dict(self.calls),
+                "load": self.load(),
+                "balancer": self.balancer.status(),
+                "hint_rounds": self.hint_rounds[-5:],
+            }
+        }

@@ -1,0 +1,184 @@
+"""Real ``twistd porcupine-node`` processes on 127.0.41.x as one mail service (issue 6).
+
+Three nodes; a user added through one node's admin API; mail delivered with
+smtplib at random nodes; read with imaplib and poplib at random nodes, complete
+and exactly once; a fourth node joins with ``--join`` only, gets buckets, and
+reads and new deliveries still work.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import poplib
+import random
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from yimaporc.testing.procs import NodeProc, views_agree, wait_for
+
+PORT, ADMIN, SMTP, POP3, IMAP = 17946, 18080, 12525, 11110, 11143
+USER, PASSWORD = "carol@example.org", "pw-carol"
+SUBJECT = re.compile(rb"Subject: m(\d+)\r\n")
+
+
+def host(i: int) -> str:
+    return f"127.0.41.{i}"
+
+
+def make_node(tmp_path: Path, i: int, secret: Path) -> NodeProc:
+    h = host(i)
+    return NodeProc(
+        "porcupine", f"p{i}", h, tmp_path / f"p{i}" / "data", PORT, ADMIN,
+        extra=["--domain", "example.org", "--smtp", f"tcp:{SMTP}:interface={h}",
+               "--pop3", f"tcp:{POP3}:interface={h}", "--imap", f"tcp:{IMAP}:interface={h}"],
+        join=[] if i == 1 else [f"{host(1)}:{PORT}"],
+        secret_file=secret,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[list[NodeProc], Path]]:
+    secret = tmp_path / "cluster.secret"
+    secret.write_text(os.urandom(16).hex())
+    nodes = [make_node(tmp_path, i, secret) for i in (1, 2, 3)]
+    extra: list[NodeProc] = []
+    try:
+        for n in nodes:
+            n.start()
+        yield nodes, secret
+    finally:
+        for n in nodes + extra:
+            n.kill(signal.SIGTERM)
+
+
+def buckets_agree(nodes: list[NodeProc]) -> bool:
+    docs = [n.status() for n in nodes]
+    if any(d is None for d in docs):
+        return False
+    want = {n.node_id for n in nodes}
+    return all(
+        d is not None
+        and set(d.get("buckets", {})) == want
+        and d["mail_cluster"]["settling_buckets"] == 0
+        for d in docs
+    )
+
+
+def message(i: int) -> bytes:
+    body = (f"message {i} line " * 8 + "\r\n") * 40
+    return f"From: a@x.org\r\nTo: {USER}\r\nSubject: m{i}\r\n\r\n{body}".encode()
+
+
+def send(node: int, i: int) -> None:
+    with smtplib.SMTP(host(node), SMTP, timeout=30) as s:
+        s.sendmail("a@x.org", [USER], message(i))
+
+
+def imap_read(node: int) -> tuple[int, list[int], list[int]]:
+    """(UIDVALIDITY, UIDs in order, message numbers) of the INBOX read at ``node``."""
+    m = imaplib.IMAP4(host(node), IMAP, timeout=30)
+    m.login(USER, PASSWORD)
+    m.select("INBOX", readonly=True)
+    validity = int(re.search(rb"UIDVALIDITY (\d+)", m.status("INBOX", "(UIDVALIDITY)")[1][0]).group(1))  # type: ignore[union-attr]  # fmt: skip
+    _, data = m.uid("FETCH", "1:*", "(UID BODY.PEEK[])")
+    m.logout()
+    uids, seen = [], []
+    for item in data:
+        if isinstance(item, tuple):
+            uids.append(int(re.search(rb"UID (\d+)", item[0]).group(1)))  # type: ignore[union-attr]
+            seen.append(int(SUBJECT.search(item[1]).group(1)))  # type: ignore[union-attr]
+    return validity, uids, seen
+
+
+def pop3_read(node: int) -> list[int]:
+    p = poplib.POP3(host(node), POP3, timeout=30)
+    p.user(USER)
+    p.pass_(PASSWORD)
+    count, _ = p.stat()
+    seen = []
+    for k in range(1, count + 1):
+        _, lines, _ = p.retr(k)
+        seen.append(int(SUBJECT.search(b"\r\n".join(lines) + b"\r\n").group(1)))  # type: ignore[union-attr]
+    p.quit()
+    return seen
+
+
+def rpc_total(nodes: list[NodeProc]) -> int:
+    total = 0
+    for n in nodes:
+        doc: Any = n.status()
+        calls = doc["mail_cluster"]["rpc_calls"]
+        total += sum(v for k, v in calls.items() if k != "porcupine.load")
+    return total
+
+
+def check_complete(readers: list[int], want: set[int], n: int) -> int:
+    validity = None
+    for node in readers:
+        v, uids, seen = imap_read(node)
+        assert sorted(seen) == sorted(want) and len(seen) == n, f"IMAP at node {node}"
+        assert uids == sorted(uids) and len(set(uids)) == len(uids), "UIDs ascend, no repeats"
+        assert validity in (None, v), "UIDVALIDITY is the same at every node"
+        validity = v
+    pop = pop3_read(random.choice(readers))
+    assert sorted(pop) == sorted(want) and len(pop) == n
+    assert validity is not None
+    return validity
+
+
+def test_three_nodes_one_mail_service_then_a_fourth_joins(
+    cluster: tuple[list[NodeProc], Path], tmp_path: Path
+) -> None:
+    nodes, secret = cluster
+    rng = random.Random(6)
+    wait_for(lambda: views_agree(nodes), 30, "3 nodes to agree")
+    wait_for(lambda: buckets_agree(nodes), 20, "buckets on 3 nodes")
+    cli = [sys.executable, "-m", "yimaporc.cli", "mail", "adduser", USER, "--password", PASSWORD,
+           "--admin", nodes[1].admin_url, "--secret-file", str(secret)]  # fmt: skip
+    subprocess.run(cli, check=True, capture_output=True)
+    assert all((n.status() or {}).get("users") == 1 for n in nodes), "profile on every node"
+
+    n_msgs = 24
+    before = rpc_total(nodes)
+    for i in range(n_msgs):
+        send(rng.randint(1, 3), i)
+    per_delivery = (rpc_total(nodes) - before) / n_msgs
+    holders = {n.node_id: (n.status() or {})["mail_cluster"]["users_with_mail"] for n in nodes}
+    before = rpc_total(nodes)
+    validity = check_complete([rng.randint(1, 3) for _ in range(3)], set(range(n_msgs)), n_msgs)
+    per_retrieval = (rpc_total(nodes) - before) / 4  # 3 IMAP + 1 POP3 sessions
+
+    # A fourth node: --join and nothing else.
+    p4 = make_node(tmp_path, 4, secret)
+    t0 = time.monotonic()
+    p4.start()
+    try:
+        everyone = [*nodes, p4]
+        wait_for(lambda: views_agree(everyone), 30, "4 nodes to agree")
+        wait_for(lambda: buckets_agree(everyone), 20, "buckets on 4 nodes")
+        joined = time.monotonic() - t0
+        doc: Any = p4.status()
+        assert doc["buckets"]["p4"] > 0 and doc["users"] == 1
+        assert check_complete([4, rng.randint(1, 3)], set(range(n_msgs)), n_msgs) == validity
+        for i in range(n_msgs, n_msgs + 12):
+            send(rng.randint(1, 4), i)
+        stored_on_p4 = (p4.status() or {})["mail_cluster"]["rpc_calls"]
+        check_complete([4, 1, 2, 3], set(range(n_msgs + 12)), n_msgs + 12)
+    finally:
+        p4.kill(signal.SIGTERM)
+    print(
+        f"\nporcupine cluster: {per_delivery:.1f} RPCs per delivery, "
+        f"{per_retrieval:.1f} per retrieval session (login + read all {n_msgs}), "
+        f"4th node had buckets {joined:.2f} s after start; users with mail per manager "
+        f"{holders}; p4 calls {stored_on_p4}"
+    )
