@@ -31,6 +31,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..cluster.membership import IMembershipListener, View
 from ..cluster.node import ClusterNode
 from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
 from ..rtsp._machine import ServerSession
@@ -126,9 +127,13 @@ class _Plan:
     relay: Reorderer | None = None
     relay_port: IListeningPort | None = None
     relay_timer: IDelayedCall | None = None
+    # Media position at cluster time started_ct (the last PLAY or resume).
     position: float = 0.0
     started_ct: float = 0.0
     playing: bool = False
+    # Node ids in node-index order at PLAY; local sessions serving departed nodes' shares.
+    members: tuple[str, ...] = ()
+    takeovers: dict[str, str] = attrs.field(factory=dict)
     session: ServerSession | None = None
     total: int = 0
     bye_sent: bool = False
@@ -141,7 +146,7 @@ class _Plan:
     sr_timer: IDelayedCall | None = None
 
 
-@implementer(IRtspHandler)
+@implementer(IRtspHandler, IMembershipListener)
 class YimaStreamingService(Service):
     """RTSP + RTP delivery of one node (every node runs one)."""
 
@@ -184,6 +189,7 @@ class YimaStreamingService(Service):
         node.registry.register(StreamPorts, self._ports)
         self._templates: dict[tuple[int, int], tuple[RtpHeaderTemplate, WavFormat | None, int]] = {}
         node.add_status(self.status)
+        node.subscribe(self)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -517,6 +523,8 @@ class YimaStreamingService(Service):
         info = self._media(plan.media)
         at = self.node.cluster_time() + START_LEAD
         if plan.playing or (range is None and plan.started_ct):
+            if not plan.playing:
+                plan.started_ct, plan.playing = at, True
             return self._control(session.session_id, "resume", at).addCallback(
                 lambda _: PlayReply(NptRange(plan.position, info.duration), ())
             )
@@ -533,6 +541,7 @@ class YimaStreamingService(Service):
             if plan.sr_timer is None:
                 plan.sr_timer = self.reactor.callLater(1.0, self._sr_tick, session.session_id)
         members = list(self.node.view.members)
+        plan.members = tuple(m.node_id for m in members)
         me = self.node.node_id
         if plan.relay_port is not None:
             dest_host = self.node.config.cluster_host
@@ -568,6 +577,9 @@ class YimaStreamingService(Service):
         return d.addCallback(started)
 
     def _control(self, session_id: str, action: str, at: float) -> Deferred[Any]:
+        plan = self.plans.get(session_id)
+        for local in plan.takeovers.values() if plan is not None else ():
+            self.streaming.control(local, action, at, 0.0)
         calls = []
         for m in self.node.view.members:
             if m.node_id == self.node.node_id:
@@ -581,9 +593,68 @@ class YimaStreamingService(Service):
         """Pause on every node at one cluster instant."""
         plan = self.plans.get(session.session_id)
         at = self.node.cluster_time() + 0.05
-        if plan is not None:
+        if plan is not None and plan.playing:
+            plan.position = self._media_position(plan, at)
             plan.playing = False
         return self._control(session.session_id, "pause", at)
+
+    @staticmethod
+    def _media_position(plan: _Plan, at: float) -> float:
+        """Media time playing at cluster time ``at`` (ignoring client speed feedback)."""
+        if not plan.playing:
+            return plan.position
+        return plan.position + max(0.0, at - plan.started_ct)
+
+    # --- sessions follow membership ----------------------------------------------
+
+    def membership_changed(self, old: View, new: View) -> None:
+        """Serve the remaining share of every node that left a session this node planned.
+
+        Bipartite mode only (a master reads a lost slave's blocks through parity
+        anyway): this node schedules the departed node's blocks from the current
+        media position, reading them with parity recovery, under the departed
+        node's index.  Packets it would have sent between its death and the new
+        view are lost (the player's retransmission cannot reach a dead node).
+        """
+        if self.mode != "bipartite":
+            return
+        gone = {m.node_id for m in old.members} - {m.node_id for m in new.members}
+        for sid, plan in list(self.plans.items()):
+            if not plan.started_ct or plan.bye_sent:
+                continue
+            for node_id in sorted(gone & set(plan.members)):
+                if node_id not in plan.takeovers:
+                    try:
+                        self._take_over(sid, plan, node_id)
+                    except Exception:
+                        self.log.failure("rtsp: taking over {n}'s share of {s} failed",
+                                         n=node_id, s=sid)  # fmt: skip
+
+    def _take_over(self, sid: str, plan: _Plan, node_id: str) -> None:
+        info = self.storage.media_info(plan.media)
+        blocks = [
+            i for i in range(info.blocks)
+            if (places := self.storage.places(info, BlockKey(i))) and places[0].node_id == node_id
+        ]  # fmt: skip
+        at = self.node.cluster_time() + 0.2
+        # A fan-out player buffers ahead: resend a little of what was lost.
+        back = 0.5 if plan.fanout else 0.0
+        mt = max(0.0, self._media_position(plan, at) - back)
+        if plan.relay_port is not None:
+            host = self.node.config.cluster_host
+            port = plan.relay_port.getHost().port  # type: ignore[attr-defined]
+        else:
+            host, port = plan.dest_host, plan.dest_port
+        local = f"{sid}+{node_id}"
+        plan.takeovers[node_id] = local
+        self.streaming.start(session=local, media=plan.media, start_ct=at, start_mt=mt,
+                             host=host, port=port, ssrc=plan.ssrc, seq_base=plan.seq_base,
+                             ts_base=plan.ts_base, node_index=plan.members.index(node_id),
+                             all_blocks=False, blocks=blocks)  # fmt: skip
+        if not plan.playing:
+            self.streaming.control(local, "pause", at, 0.0)
+        self.log.info("rtsp: {n} left; {me} serves its {k} blocks of {s} from {mt:.1f} s",
+                      n=node_id, me=self.node.node_id, k=len(blocks), s=sid, mt=mt)  # fmt: skip
 
     def teardown(self, session: ServerSession) -> Deferred[Any]:
         """Stop every node's share and free the relay."""

@@ -136,10 +136,12 @@ class StreamingNode:
         ts_base: int,
         node_index: int,
         all_blocks: bool,
+        blocks: list[int] | None = None,
     ) -> dict[str, Any]:
-        """StreamStart: schedule our blocks (or all, for a master)."""
+        """StreamStart: schedule our blocks (or all, for a master; or ``blocks``, locally)."""
         timing = self.timing(media)
-        blocks = list(range(timing.blocks)) if all_blocks else self.my_blocks(media)
+        if blocks is None:
+            blocks = list(range(timing.blocks)) if all_blocks else self.my_blocks(media)
         self.destinations[session] = Destination(
             host, port, ssrc, seq_base, ts_base, node_index, timing.clock_rate,
             start_ct=start_ct, start_mt=start_mt,
