@@ -99,6 +99,8 @@ class _Slot:
     copies: int = 1
     tokens: list[int] = attrs.field(factory=list)
     gen: int = 0
+    #: durable copies before the tokens are acknowledged (0: the config's)
+    need: int = 0
 
     @property
     def timestamp(self) -> Timestamp:
@@ -171,6 +173,7 @@ class ReplicationManager:
         targets: Iterable[NodeId],
         now: float,
         current: Timestamp | None = None,
+        acks: int | None = None,
     ) -> tuple[int, list[Action]]:
         """An agent's total-object update (``body`` None deletes); this node coordinates.
 
@@ -178,7 +181,9 @@ class ReplicationManager:
         ``current`` is the version the agent read, if any: the new timestamp is
         made newer than it and than anything this node logged for the object, so
         a read-modify-write is never discarded because of clock skew.  Returns
-        the token that a later :class:`Acknowledge` carries.
+        the token that a later :class:`Acknowledge` carries.  ``acks`` overrides
+        ``config.acks_before_reply`` for this update (e.g. 1 for a flag change that
+        must not wait for a replica that is down).
         """
         target_set = frozenset(targets)
         if self.node_id not in target_set:
@@ -206,7 +211,7 @@ class ReplicationManager:
             actions.append(Apply(update))
             actions.append(Acknowledge(token, update.timestamp))
             return token, actions
-        slot = _Slot(entry, now, set(entry.remaining), tokens=[token])
+        slot = _Slot(entry, now, set(entry.remaining), tokens=[token], need=acks or 0)
         actions.append(PersistLog(entry))
         actions.append(Apply(update))
         if old is not None:
@@ -379,7 +384,7 @@ class ReplicationManager:
         old.tokens.clear()
 
     def _check_tokens(self, slot: _Slot, actions: list[Action]) -> None:
-        need = min(self.config.acks_before_reply, len(slot.entry.targets))
+        need = min(slot.need or self.config.acks_before_reply, len(slot.entry.targets))
         if slot.tokens and slot.copies >= need:
             for token in slot.tokens:
                 actions.append(Acknowledge(token, slot.timestamp))

@@ -212,12 +212,13 @@ class ReplicationService(Service):
         body: bytes | None,
         targets: Sequence[NodeId],
         current: Timestamp | None = None,
+        acks: int | None = None,
     ) -> Deferred[Timestamp]:
         """Replicate a total-object update coordinated here.
 
         Fires with its timestamp once the core acknowledges it: the update is
-        durable in this node's log and object store (and on
-        ``config.acks_before_reply - 1`` more replicas).
+        durable in this node's log and object store (and on ``acks - 1``, by
+        default ``config.acks_before_reply - 1``, more replicas).
         """
         if self.wipe_required is not None:
             return fail(ReplicationRefused(self.wipe_required))
@@ -227,11 +228,13 @@ class ReplicationService(Service):
             d: Deferred[Timestamp] = Deferred()
 
             def later() -> None:
-                self.submit(object_id, body, targets, current).chainDeferred(d)
+                self.submit(object_id, body, targets, current, acks).chainDeferred(d)
 
             self._before_ready.append(later)
             return d
-        token, actions = self.core.submit(object_id, body, targets, self.now(), current=current)
+        token, actions = self.core.submit(
+            object_id, body, targets, self.now(), current=current, acks=acks
+        )
         d = Deferred()
         self._waiting[token] = d
         self._perform(actions)
