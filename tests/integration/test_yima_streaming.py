@@ -303,3 +303,32 @@ def test_stream_survives_a_node_dying_mid_play(
     missing = [h for h in tail if h not in set(got)]
     assert not missing, f"{len(missing)} of the last {len(tail)} frames missing or damaged"
     assert len(got) < len(want) or got != want, "the kill should have cost something"
+
+
+def test_vanished_client_is_reaped_and_nodes_stop(bipartite: list[NodeProc]) -> None:
+    """A TCP-interleaved client that disappears mid-stream: session torn down, sending stops."""
+    url = f"rtsp://127.0.31.2:{RTSP}/clip"
+    sock = socket.create_connection(("127.0.31.2", RTSP), timeout=10)
+    buf = bytearray()
+    _rtsp(sock, buf, f"DESCRIBE {url} RTSP/1.0\r\nCSeq: 1\r\nAccept: application/sdp\r\n\r\n")
+    h = _rtsp(sock, buf, f"SETUP {url}/track1 RTSP/1.0\r\nCSeq: 2\r\n"
+              "Transport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n\r\n")  # fmt: skip
+    session = h["session"].split(";")[0]
+    _rtsp(sock, buf, f"PLAY {url} RTSP/1.0\r\nCSeq: 3\r\nSession: {session}\r\n\r\n")
+    while len(buf) < 20_000:
+        buf += sock.recv(65536)
+    sock.close()
+
+    def stats() -> list[int]:
+        return [(n.status() or {}).get("streaming", {}).get("packets_sent", 0) for n in bipartite]
+
+    rtsp_node = bipartite[1]
+    wait_for(lambda: (rtsp_node.status() or {})["streaming"]["sessions"] == 0, 10, "reaped")
+    # Let the stop reach every node, then watch the counters stay put for 1.5 s
+    # (the clip would play for several more seconds).
+    wait_for(lambda: stats() == stats(), 10, "counters settle")
+    before = stats()
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert stats() == before
+    assert sum(before) < 400, "stopped well before the end of the clip (430 packets)"
