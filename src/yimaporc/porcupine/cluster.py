@@ -232,6 +232,14 @@ class UmReserveUids(_Cmd):
     response = [(b"first", amp.Integer())]
 
 
+class UmPlan(_Cmd):
+    """``fragments`` and ``reserve_uids`` in one round trip (the delivery proxy's question)."""
+
+    commandName = b"porcupine.um.plan"
+    arguments = [*_U, (b"count", amp.Integer())]
+    response = [(b"nodes", amp.ListOf(amp.Unicode())), (b"first", amp.Integer())]
+
+
 _M: list[tuple[bytes, amp.Argument]] = [(b"user", amp.Unicode()), (b"mailbox", amp.Unicode())]
 
 
@@ -360,6 +368,7 @@ class LoadExchange(_Cmd):
 
 COMMANDS: tuple[type[_Cmd], ...] = (
     UmProfile, UmAuthenticate, UmFragments, UmAddFragment, UmRemoveFragment, UmReserveUids,
+    UmPlan,
     MbStore, MbMailboxes, MbCreateMailbox, MbDeleteMailbox, MbRenameMailbox, MbSubscribe,
     MbDigests, MbFetch, MbSetFlags, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
     Hints, ProfilePut, LoadExchange,
@@ -384,11 +393,49 @@ class _Remote:
 
 @implementer(IUserManager)
 class RemoteUserManager(_Remote):
-    """:class:`IUserManager` of another node's buckets, over AMP."""
+    """:class:`IUserManager` of another node's buckets, over AMP.
+
+    Profiles found are kept for ``profile_ttl`` seconds (SMTP asks at RCPT and
+    again at delivery); :meth:`forget` drops one when a newer record arrives.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        call: Caller,
+        now: Callable[[], float] | None = None,
+        profile_ttl: float = 5.0,
+    ) -> None:
+        super().__init__(node_id, call)
+        self.now = now
+        self.profile_ttl = profile_ttl
+        self._profiles: dict[str, tuple[Profile, float]] = {}
+
+    def forget(self, address: str) -> None:
+        """Drop the cached profile of ``address``."""
+        self._profiles.pop(address.lower(), None)
 
     def profile(self, address: str) -> Deferred[Profile | None]:
         """See :class:`IUserManager`."""
-        return self.call(UmProfile, user=address).addCallback(lambda r: _profile_in(r["profile"]))
+        address = address.lower()
+        hit = self._profiles.get(address)
+        if hit is not None and self.now is not None and hit[1] > self.now():
+            return succeed(hit[0])
+
+        def got(r: dict[str, Any]) -> Profile | None:
+            p = _profile_in(r["profile"])
+            if p is not None and self.now is not None:
+                if len(self._profiles) > 10_000:
+                    self._profiles.clear()
+                self._profiles[address] = (p, self.now() + self.profile_ttl)
+            return p
+
+        return self.call(UmProfile, user=address).addCallback(got)
+
+    def delivery_plan(self, address: str, count: int) -> Deferred[tuple[tuple[str, ...], int]]:
+        """See :meth:`ClusterUserManager.delivery_plan`."""
+        d = self.call(UmPlan, user=address, count=count)
+        return d.addCallback(lambda r: (tuple(r["nodes"]), int(r["first"])))
 
     def authenticate(self, address: str, password: str) -> Deferred[Profile]:
         """See :class:`IUserManager`."""
@@ -543,6 +590,16 @@ def register_handlers(
         return d.addCallback(lambda first: {"first": first})
 
     registry.register(UmReserveUids, reserve)
+
+    def plan(user: str, count: int) -> Deferred[dict[str, Any]]:
+        fn = getattr(users(), "delivery_plan", None)
+        if fn is None:
+            d = users().fragments(user).addCallback(lambda nodes: (nodes, 0))
+        else:
+            d = fn(user, count)
+        return d.addCallback(lambda r: {"nodes": list(r[0]), "first": r[1]})
+
+    registry.register(UmPlan, plan)
 
     def store(messages: bytes) -> Deferred[dict[str, Any]]:
         batch = unpack_messages(messages)
@@ -702,16 +759,24 @@ class ClusterUserManager(UserManager):
         return self.settled(address).addCallback(lambda _: super(ClusterUserManager, self)
                                                  .fragments(address))  # fmt: skip
 
+    def _take(self, address: str, count: int) -> int:
+        first = self.uidnext.get(address, 1)
+        self.uidnext[address] = first + max(1, count)
+        return first
+
     def reserve_uids(self, address: str, count: int) -> Deferred[int]:
         """The first of ``count`` fresh UIDs for ``address`` (waits while the bucket settles)."""
         address = address.lower()
+        return self.settled(address).addCallback(lambda _: self._take(address, count))
 
-        def take(_: object) -> int:
-            first = self.uidnext.get(address, 1)
-            self.uidnext[address] = first + max(1, count)
-            return first
+    def delivery_plan(self, address: str, count: int) -> Deferred[tuple[tuple[str, ...], int]]:
+        """The fragment list and ``count`` reserved UIDs (waits while the bucket settles)."""
+        address = address.lower()
 
-        return self.settled(address).addCallback(take)
+        def plan(_: object) -> tuple[tuple[str, ...], int]:
+            return tuple(sorted(self.state.fragment_list(address))), self._take(address, count)
+
+        return self.settled(address).addCallback(plan)
 
     def status(self) -> dict[str, Any]:
         """Counts for the status page."""
@@ -890,9 +955,7 @@ class MailCluster(Service):
             self.me, mail.profiles, self.reactor, settle_timeout=settle_timeout
         )
         mail.user_manager = self.user_manager
-        self.replicator = ProfileReplicator(
-            mail.profiles, self.user_manager.forget, self._push_profiles
-        )
+        self.replicator = ProfileReplicator(mail.profiles, self._forget, self._push_profiles)
         self._local_mailboxes = _CountingMailboxes(mail.mailbox_manager, self)
         self._remote_users: dict[str, RemoteUserManager] = {}
         self._remote_boxes: dict[str, RemoteMailboxManager] = {}
@@ -939,7 +1002,9 @@ class MailCluster(Service):
             return self.user_manager
         proxy = self._remote_users.get(owner)
         if proxy is None:
-            proxy = self._remote_users[owner] = RemoteUserManager(owner, self.call)
+            proxy = self._remote_users[owner] = RemoteUserManager(
+                owner, self.call, self.reactor.seconds
+            )
         return proxy
 
     def mailboxes_for(self, node_id: str) -> IMailboxManager:
@@ -958,6 +1023,12 @@ class MailCluster(Service):
         rendezvous hash of (address, node) (moves only when membership changes)."""
         live = self.live()
         return max(live, key=lambda n: _raw_bucket_of(f"{address.lower()}|{n}", 1 << 31))
+
+    def _forget(self, address: str) -> None:
+        """A profile changed: drop every cached copy here."""
+        self.user_manager.forget(address)
+        for proxy in self._remote_users.values():
+            proxy.forget(address)
 
     # --- load -------------------------------------------------------------------
 

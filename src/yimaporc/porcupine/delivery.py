@@ -95,6 +95,12 @@ class DeliveryProxy:
         def got_profile(profile: Profile | None) -> Deferred[list[Digest]]:
             if profile is None:
                 raise smtp.SMTPServerError(550, f"no such user {address}")
+            plan = getattr(manager, "delivery_plan", None)
+            if plan is not None:  # fragment list and UID in one question
+                d: Deferred[tuple[tuple[str, ...], int]] = plan(address, 1)
+                return d.addCallback(
+                    lambda p: store_on(p[1], self.choose_nodes(profile, p[0]), p[0])
+                )
             return manager.fragments(address).addCallback(store, profile)
 
         def store(fragments: tuple[str, ...], profile: Profile) -> Deferred[list[Digest]]:

@@ -48,13 +48,25 @@ class UserMail:
         self.cluster = cluster
         # (mailbox, uid) -> further nodes holding a copy under the same UID
         self._copies: dict[tuple[str, int], list[str]] = {}
+        #: With a clock, the fragment list is reused for ``fragments_ttl`` seconds
+        #: (one IMAP command asks for mailboxes, then digests).
+        self.now: Callable[[], float] | None = None
+        self.fragments_ttl = 1.0
+        self._node_cache: tuple[list[str], float] | None = None
 
     def _home(self) -> IMailboxManager:
         return self.managers(self.home)
 
     def _nodes(self) -> Deferred[list[str]]:
+        now = self.now() if self.now is not None else None
+        if self._node_cache is not None and now is not None and self._node_cache[1] > now:
+            return succeed(list(self._node_cache[0]))
+
         def merge(frags: tuple[str, ...]) -> list[str]:
-            return [self.home, *(n for n in frags if n != self.home)]
+            nodes = [self.home, *(n for n in frags if n != self.home)]
+            if now is not None:
+                self._node_cache = (nodes, now + self.fragments_ttl)
+            return nodes
 
         return self.users.fragments(self.address).addCallback(merge)
 
@@ -240,8 +252,9 @@ class UserMail:
         ]
 
         def done(parts: list[list[int]]) -> Deferred[list[int]]:
+            self._node_cache = None
             checks = [self._maybe_leave(node) for node in by_node if node != self.home]
-            removed = sorted(u for p in parts for u in p)
+            removed = sorted({u for p in parts for u in p})
             return DeferredList(checks).addCallback(lambda _: removed)
 
         return gatherResults(ds, consumeErrors=True).addCallback(done)
@@ -310,6 +323,7 @@ class UserMail:
             d.addErrback(missing)
 
         def stored(digests: list[Digest]) -> Deferred[list[Digest]]:
+            self._node_cache = None
             d: Deferred[Any] = self.users.add_fragment(self.address, self.home)
             return d.addCallback(lambda _: digests)
 
@@ -342,6 +356,8 @@ class RetrievalProxy:
         #: The user's home node (the cluster's choice; this node when None).
         self.home_of: Callable[[str], str] | None = None
         self.cluster = False
+        #: A clock for :attr:`UserMail.now` (the cluster sets it).
+        self.now: Callable[[], float] | None = None
 
     def authenticate(self, address: str, password: str) -> Deferred[Profile]:
         """The profile, or ``BadCredentials``."""
@@ -350,27 +366,39 @@ class RetrievalProxy:
     def open(self, address: str) -> UserMail:
         """The mail of an (already authenticated) user."""
         home = self.home_of(address) if self.home_of is not None else self.node_id
-        return UserMail(address, home, self.users(address), self.mailboxes, self.cluster)
+        mail = UserMail(address, home, self.users(address), self.mailboxes, self.cluster)
+        mail.now = self.now
+        return mail
 
 
 def _merge_trees(trees: list[tuple[str, list[MailboxInfo]]]) -> list[MailboxInfo]:
-    """One tree from the fragments': lowest UIDVALIDITY, highest UIDNEXT, counts summed."""
+    """One tree from the fragments': highest UIDNEXT, counts summed, and the lowest
+    UIDVALIDITY among the nodes holding messages in the mailbox (of all holders if
+    none does), so an empty mailbox on a new home node does not change it."""
     out: dict[str, MailboxInfo] = {}
+    validity: dict[str, tuple[bool, int]] = {}
     for _, infos in trees:
         for i in infos:
+            key = (i.messages == 0, i.uidvalidity)  # holders with messages sort first
+            validity[i.name] = min(validity.get(i.name, key), key)
             have = out.get(i.name)
             if have is None:
                 out[i.name] = i
                 continue
             out[i.name] = MailboxInfo(
                 i.name,
-                min(have.uidvalidity, i.uidvalidity),
+                i.uidvalidity,
                 max(have.uidnext, i.uidnext),
                 have.messages + i.messages,
                 have.unseen + i.unseen,
                 have.subscribed and i.subscribed,
             )
-    return [out[n] for n in sorted(out)]
+    return [
+        MailboxInfo(
+            n, validity[n][1], out[n].uidnext, out[n].messages, out[n].unseen, out[n].subscribed
+        )
+        for n in sorted(out)
+    ]
 
 
 def _unwrap(f: Failure) -> Failure:

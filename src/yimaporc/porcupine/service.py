@@ -176,6 +176,7 @@ class MailService(MultiService):
         self.delivery.balancer = cluster.balancer
         self.retrieval.home_of = cluster.home_of
         self.retrieval.cluster = True
+        self.retrieval.now = self.reactor.seconds
 
     def _live_nodes(self) -> list[str]:
         return self.cluster.live() if self.cluster is not None else [self.node_id]
