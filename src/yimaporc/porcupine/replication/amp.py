@@ -15,8 +15,10 @@ from twisted.internet.defer import Deferred, fail
 from twisted.protocols import amp
 
 from ...cluster.rpc import BigBytes, PeerUnavailable, RpcRegistry
+from ..values import Digest, NewMessage, NoSuchMailbox
 from ._values import NodeId
 from ._wire import MalformedMessage
+from .objects import MalformedObject
 from .shell import ReplicationRefused, ReplicationService
 
 
@@ -78,3 +80,69 @@ def node_sender(node: Any) -> Any:
         return d
 
     return send
+
+
+class StoreReplicated(amp.Command):
+    """Coordinate the replicated store of one message on the called node.
+
+    The delivery proxy names the object (``rid``) and its replica set; the
+    called node must be one of ``targets``.  Answered with the coordinator's
+    digest once the replication service acknowledged the update (durable in
+    its log and store, and on a second replica when configured).
+    """
+
+    commandName = b"yimaporc.porcupine.store-replicated"
+    arguments = [
+        (b"rid", amp.Unicode()),
+        (b"user", amp.Unicode()),
+        (b"mailbox", amp.Unicode()),
+        (b"body", BigBytes()),
+        (b"flags", amp.ListOf(amp.Unicode())),
+        (b"date", amp.Float()),
+        (b"uid", amp.Integer()),
+        (b"targets", amp.ListOf(amp.Unicode())),
+    ]
+    response = [
+        (b"uid", amp.Integer()),
+        (b"key", amp.Unicode()),
+        (b"size", amp.Integer()),
+        (b"flags", amp.ListOf(amp.Unicode())),
+        (b"date", amp.Float()),
+    ]
+    errors = {
+        ReplicationRefused: b"REPLICATION_REFUSED",
+        NoSuchMailbox: b"NO_SUCH_MAILBOX",
+        MalformedObject: b"REPLICATION_MALFORMED",
+    }
+
+
+def digest_out(d: Digest) -> dict[str, Any]:
+    """A digest as the answer of :class:`StoreReplicated`."""
+    return {"uid": d.uid, "key": d.key, "size": d.size, "flags": list(d.flags), "date": d.internal_date}  # fmt: skip
+
+
+def digest_in(r: dict[str, Any], node: str) -> Digest:
+    """The answer of :class:`StoreReplicated` as a digest of ``node``."""
+    return Digest(r["uid"], r["key"], r["size"], tuple(r["flags"]), r["date"], node)
+
+
+def message_args(rid: str, message: NewMessage, targets: list[str]) -> dict[str, Any]:
+    """The arguments of :class:`StoreReplicated`."""
+    return {
+        "rid": rid,
+        "user": message.user,
+        "mailbox": message.mailbox,
+        "body": message.body,
+        "flags": list(message.flags),
+        "date": message.internal_date,
+        "uid": message.uid,
+        "targets": targets,
+    }
+
+
+def message_in(kw: dict[str, Any]) -> tuple[str, NewMessage, list[str]]:
+    """``(rid, message, targets)`` from the arguments of :class:`StoreReplicated`."""
+    msg = NewMessage(
+        kw["user"], kw["mailbox"], kw["body"], tuple(kw["flags"]), kw["date"], kw["uid"]
+    )
+    return kw["rid"], msg, list(kw["targets"])

@@ -1,0 +1,284 @@
+"""Replication wired into a porcupine node's mail service (issue 8).
+
+:class:`MailReplication` owns, per node:
+
+- the update log ``DATA_DIR/mail/replication.sqlite`` (:class:`SqliteLog`) and the
+  object versions ``DATA_DIR/mail/replicas.sqlite`` (:class:`ReplicaObjectStore`
+  over the node's fragment store and profile DB);
+- the :class:`ReplicationService` (frames over AMP, live set from membership,
+  status under ``replication`` in ``GET /api/status``);
+- the :class:`ReplicatedMailboxManager` that replaces ``mail.mailbox_manager``,
+  so flag changes and deletions of replicated messages are logged updates;
+- :meth:`store`, the delivery proxy's path for a user with ``replicas >= 2``: one
+  replica coordinates (this node if it is a target, else the first target over
+  AMP :class:`~.amp.StoreReplicated`); the answer (SMTP 250) comes once the
+  update is durable in the coordinator's log and store and on a second replica
+  (``acks_before_reply=2``), so a SIGKILL of any one node loses no acknowledged
+  mail.  A coordinator that fails before answering is replaced by the next
+  target (same object id: a duplicate is recognised by its id and timestamp);
+  a target that does not ack in ``ack_timeout`` is replaced by another live node;
+- profile writes: the cluster's :class:`~..cluster.ProfileReplicator` pushes go
+  through the log as ``profile/<address>`` objects to every live node (or
+  ``profile_replicas`` of them), so a node that was down gets them on return.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ...cluster.rpc import PeerUnavailable
+from ..values import Digest, MailError, NewMessage
+from ._manager import ReplicationConfig
+from ._values import Update
+from .amp import StoreReplicated, digest_in, digest_out, message_args, message_in, node_sender
+from .amp import register as register_replicate
+from .objects import (
+    MSG,
+    PROFILE,
+    ReplicaObjectStore,
+    ReplicatedMailboxManager,
+    parse_message_id,
+    profile_id,
+)
+from .shell import ReplicationService
+from .sqlite_log import SqliteLog
+
+#: acks_before_reply=2: the 250 waits for a second durable copy (see docs).
+DEFAULT_CONFIG = ReplicationConfig(acks_before_reply=2)
+
+
+class MailReplication(MultiService):
+    """The replication manager of one porcupine node (see the module docstring)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        mail: Any,
+        node: Any,
+        *,
+        config: ReplicationConfig | None = None,
+        profile_replicas: int | None = None,
+        ack_timeout: float = 3.0,
+        max_retargets: int = 3,
+    ) -> None:
+        super().__init__()
+        self.mail = mail
+        self.node = node
+        self.me: str = node.node_id
+        self.reactor = mail.reactor
+        self.profile_replicas = profile_replicas
+        self.ack_timeout = ack_timeout
+        self.max_retargets = max_retargets
+        root = Path(mail.data_dir) / "mail"
+        root.mkdir(parents=True, exist_ok=True)
+        self.log_store = SqliteLog(root / "replication.sqlite")
+        self.objects = ReplicaObjectStore(
+            root / "replicas.sqlite", mail.fragment_store, mail.profiles._db
+        )
+        self.replication = ReplicationService(
+            self.reactor,
+            self.me,
+            self.log_store,
+            self.objects,
+            node_sender(node),
+            run=mail._run_blocking,
+            now=node.cluster_time,
+            config=config or DEFAULT_CONFIG,
+            on_applied=self._applied,
+        )
+        self.replication.setServiceParent(self)
+        self.mailboxes = ReplicatedMailboxManager(
+            mail.mailbox_manager, self.objects, self.replication, mail._run_blocking
+        )
+        mail.mailbox_manager = self.mailboxes
+        register_replicate(node.registry, self.replication)
+        node.registry.register(StoreReplicated, self._on_store)
+        node.subscribe(self.replication)
+        node.add_status(self.status)
+        self.cluster: Any = None
+        self._fragment_known: set[str] = set()
+        self.retries = 0
+        self.retargets = 0
+
+    def attach_cluster(self, cluster: Any) -> None:
+        """Send the cluster's profile writes through the log."""
+        self.cluster = cluster
+        cluster.replicator.push = self.push_profiles
+
+    def startService(self) -> None:
+        """Start the core with the current view as its live set."""
+        super().startService()
+        ids = list(self.node.view.node_ids)
+        if ids:
+            self.replication.set_live(ids)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the core (waiting for its write round), then close the databases."""
+        d: Deferred[None] = super().stopService()  # type: ignore[assignment]
+
+        def close(_: object) -> None:
+            self.log_store.close()
+            self.objects.close()
+
+        return d.addCallback(close)
+
+    def live(self) -> list[str]:
+        """Node ids of the current view (this node if the view is empty)."""
+        ids = list(self.node.view.node_ids)
+        return ids if ids else [self.me]
+
+    # --- delivery ------------------------------------------------------------------
+
+    def store(self, nodes: Sequence[str], message: NewMessage) -> Deferred[list[Digest]]:
+        """Store ``message`` replicated on ``nodes``; one digest per replica."""
+        rid = uuid.uuid4().hex
+        targets = list(dict.fromkeys(nodes))
+        order = ([self.me] if self.me in targets else []) + [n for n in targets if n != self.me]
+        return self._via(rid, message, targets, order)
+
+    def _via(
+        self, rid: str, message: NewMessage, targets: list[str], order: list[str]
+    ) -> Deferred[list[Digest]]:
+        coordinator = order[0]
+        if coordinator == self.me:
+            d = self._coordinate(rid, message, targets)
+        else:
+            member = self.node.view.member(coordinator)
+            if member is None:
+                d = fail(PeerUnavailable(f"{coordinator} is not a member"))
+            else:
+                call = self.node.rpc.call(
+                    member.address, StoreReplicated, **message_args(rid, message, targets)
+                )
+                d = call.addCallback(lambda r: [digest_in(r, n) for n in targets])
+
+        def failed(f: Failure) -> Deferred[list[Digest]]:
+            if f.check(MailError) or len(order) < 2:
+                return fail(f)
+            self.retries += 1
+            self.log.warn(
+                "replication: coordinator {c} failed ({e}); trying {n}",
+                c=coordinator,
+                e=f.getErrorMessage(),
+                n=order[1],
+            )
+            rest = [n for n in targets if n != coordinator]
+            spare = [n for n in self.live() if n not in targets]
+            new_targets = rest + spare[:1]
+            return self._via(rid, message, new_targets, order[1:])
+
+        return d.addErrback(failed)
+
+    def _on_store(self, **kw: Any) -> Deferred[dict[str, Any]]:
+        rid, message, targets = message_in(kw)
+        d = self._coordinate(rid, message, targets)
+        return d.addCallback(lambda digests: digest_out(digests[0]))
+
+    def _coordinate(
+        self, rid: str, message: NewMessage, targets: list[str]
+    ) -> Deferred[list[Digest]]:
+        """Submit here; if not acknowledged in time, re-target the missing replicas."""
+        if self.me not in targets:
+            targets = [self.me, *targets]
+        out: Deferred[list[Digest]] = Deferred()
+        state = {"attempt": 0}
+
+        def attempt(current: list[str], n: int) -> None:
+            state["attempt"] = n
+            d = self.mailboxes.store_replicated(rid, message, current)
+            timer = self.reactor.callLater(self.ack_timeout, timed_out, current, n)
+
+            def done(result: Any) -> None:
+                if timer.active():
+                    timer.cancel()
+                if state["attempt"] != n or out.called:
+                    return  # superseded by a later attempt
+                if isinstance(result, Failure):
+                    out.errback(result)
+                else:
+                    out.callback(result)
+
+            d.addBoth(done)
+
+        def timed_out(current: list[str], n: int) -> None:
+            if out.called or state["attempt"] != n:
+                return
+            if n >= self.max_retargets:
+                out.errback(PeerUnavailable("no second replica acknowledged in time"))
+                return
+            live = self.live()
+            others = [t for t in current if t != self.me]
+            fresh = [x for x in live if x != self.me and x not in current]
+            keep = [t for t in others if t in live]
+            # replace the replicas that did not answer by live nodes not tried yet
+            new = [self.me, *fresh[: len(others)]] if fresh else [self.me, *keep]
+            self.retargets += 1
+            self.log.warn(
+                "replication: {rid} not acknowledged by {o} in {t}s; now {new}",
+                rid=rid,
+                o=others,
+                t=self.ack_timeout,
+                new=new,
+            )
+            attempt(new, n + 1)
+
+        attempt(list(targets), 0)
+        return out
+
+    # --- profiles ------------------------------------------------------------------
+
+    def push_profiles(self, records: list[Any]) -> Deferred[Any]:
+        """``ProfileReplicator.push``: each record as a logged ``profile/<address>`` update."""
+        live = sorted(self.live())
+        others = [n for n in live if n != self.me]
+        if self.profile_replicas is not None:
+            others = others[: max(0, self.profile_replicas - 1)]
+        targets = [self.me, *others]
+        ds = [
+            self.replication.submit(
+                profile_id(rec[0]), json.dumps(list(rec)).encode(), targets, acks=1
+            )
+            for rec in records
+        ]
+        return gatherResults(ds, consumeErrors=True)
+
+    # --- hooks -----------------------------------------------------------------------
+
+    def _applied(self, update: Update) -> None:
+        """After a durable apply: wake IDLE, join the fragment list, refresh profiles."""
+        oid = update.object_id
+        if oid.startswith(MSG):
+            self.mailboxes.applied(update)
+            user, _ = parse_message_id(oid)
+            if update.body is not None and user not in self._fragment_known:
+                self._fragment_known.add(user)
+                d: Deferred[Any] = self.mail.users_for(user).add_fragment(user, self.me)
+                d.addErrback(lambda f: self._fragment_known.discard(user))
+        elif oid.startswith(PROFILE):
+            address = oid[len(PROFILE) :]
+            profiles = self.mail.profiles
+            profiles._cache.pop(address, None)
+            if self.cluster is not None:
+                self.cluster._forget(address)
+            else:
+                self.mail.user_manager.forget(address)
+            self.mail._run_blocking(profiles._db.count).addCallback(
+                lambda n: setattr(profiles, "_count", n)
+            )
+
+    def status(self) -> dict[str, Any]:
+        """The service's ``replication`` status, plus delivery retries."""
+        doc = self.replication.status()
+        doc["replication"]["coordinator_retries"] = self.retries
+        doc["replication"]["retargets"] = self.retargets
+        return doc
