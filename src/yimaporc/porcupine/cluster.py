@@ -387,7 +387,7 @@ class _Remote:
         self.node_id = node_id
         self._call = call
 
-    def call(self, command: type[_Cmd], **kw: Any) -> Deferred[Any]:
+    def call(self, command: type[_Cmd], /, **kw: Any) -> Deferred[Any]:
         return self._call(self.node_id, command, **kw)
 
 
@@ -986,7 +986,7 @@ class MailCluster(Service):
         m = self.node.view.member(node_id)
         return None if m is None else str(m.address)
 
-    def call(self, node_id: str, command: type[amp.Command], **kw: Any) -> Deferred[Any]:
+    def call(self, node_id: str, command: type[amp.Command], /, **kw: Any) -> Deferred[Any]:
         """Run ``command`` on ``node_id`` (counted in :attr:`calls`)."""
         address = self._address_of(node_id)
         if address is None:

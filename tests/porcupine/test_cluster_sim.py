@@ -1,0 +1,360 @@
+"""Several MailServices wired by MailCluster over a simulated network (Clock-driven).
+
+Every call crosses the AMP command's own serialisation (arguments, response and
+error codes) but no sockets; a node can be cut off (its calls fail with
+PeerUnavailable) and views are committed by the test, as TRM would.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailtest_helpers import ImmediateReactor, SyncPool, fast_hash, result_of
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from yimaporc.cluster.buckets import BucketMap
+from yimaporc.cluster.membership import View
+from yimaporc.cluster.rpc import PeerUnavailable, RpcRegistry
+from yimaporc.cluster.wire import Member
+from yimaporc.porcupine.cluster import AffinityChooser, Hints, MailCluster, MbStore
+from yimaporc.porcupine.service import MailService
+from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
+from yimaporc.porcupine.values import INBOX, BadCredentials, Digest
+
+DOMAIN = "example.org"
+
+
+class SimBuckets:
+    """BucketMapService's face: the map, owner(), subscribe()."""
+
+    def __init__(self) -> None:
+        self.map = BucketMap.empty(N_BUCKETS)
+        self.listeners: list[Any] = []
+
+    def subscribe(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def owner(self, bucket: int) -> str:
+        return self.map.owners[bucket]
+
+    def install(self, new: BucketMap) -> None:
+        old, self.map = self.map, new
+        for listener in self.listeners:
+            listener(old, new, new.fresh(old))
+
+
+class SimRpc:
+    def __init__(self, net: Net, me: str) -> None:
+        self.net, self.me = net, me
+
+    def call(self, address: str, command: type[amp.Command], **kw: Any) -> Deferred[Any]:
+        return self.net.dispatch(self.me, address, command, kw)
+
+
+class SimNode:
+    """ClusterNode's face as MailCluster uses it."""
+
+    def __init__(self, net: Net, node_id: str, tmp_path: Path) -> None:
+        self.node_id = node_id
+        self.registry = RpcRegistry()
+        self.rpc = SimRpc(net, node_id)
+        self.view = View(0, (), "")
+        self.buckets = SimBuckets()
+        self.mail = MailService(
+            net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
+            threadpool=SyncPool(),  # type: ignore[arg-type]
+        )  # fmt: skip
+        self.mail.profiles._hash = fast_hash
+        self.cluster = MailCluster(
+            self.mail, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
+        )
+
+    def deliver(self, user: str, body: bytes) -> list[Digest]:
+        digests: list[Digest] = result_of(self.mail.delivery.deliver([user], body))
+        return digests
+
+    def read(self, user: str) -> tuple[list[Digest], dict[int, bytes]]:
+        mail = self.mail.retrieval.open(user)
+        digests = result_of(mail.digests(INBOX))
+        return digests, result_of(mail.fetch(INBOX, digests))
+
+
+class Net:
+    """Nodes, the calls between them, cut-off nodes and committed views."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.clock = ImmediateReactor()
+        self.clock.advance(1_700_000_000)
+        self.nodes: dict[str, SimNode] = {}
+        self.down: set[str] = set()
+        self.epoch = 0
+        self.map = BucketMap.empty(N_BUCKETS)
+        self.calls: Counter[str] = Counter()
+        self.held: list[tuple[str, str, type[amp.Command], dict[str, Any], Deferred[Any]]] = []
+        self.hold: set[bytes] = set()
+        self.refuse: set[tuple[str, bytes]] = set()
+
+    def add(self, node_id: str) -> SimNode:
+        node = self.nodes[node_id] = SimNode(self, node_id, self.tmp_path)
+        return node
+
+    def commit(self, live: list[str], *, on: list[str] | None = None) -> None:
+        """A view of ``live`` (map computed as the coordinator would), installed on ``on``."""
+        self.epoch += 1
+        self.map = self.map.reassign(live, self.epoch)
+        members = tuple(Member(n, n) for n in sorted(live))
+        view = View(self.epoch, members, min(live))
+        for n in on if on is not None else live:
+            self.nodes[n].view = view
+            self.nodes[n].buckets.install(self.map)
+
+    def alone(self, node_id: str) -> None:
+        """``node_id`` cut off: its own view holds only itself."""
+        self.epoch += 1
+        m = BucketMap.empty(N_BUCKETS).reassign([node_id], self.epoch)
+        node = self.nodes[node_id]
+        node.view = View(self.epoch, (Member(node_id, node_id),), node_id)
+        node.buckets.install(m)
+
+    def dispatch(
+        self, src: str, address: str, command: type[amp.Command], kw: dict[str, Any]
+    ) -> Deferred[Any]:
+        name = command.commandName.decode()  # type: ignore[union-attr]
+        self.calls[name] += 1
+        if (
+            address in self.down
+            or src in self.down
+            or (address, command.commandName) in self.refuse
+        ):
+            return fail(PeerUnavailable(f"{address} is down"))
+        if command.commandName in self.hold:
+            d: Deferred[Any] = Deferred()
+            self.held.append((src, address, command, kw, d))
+            return d
+        return self._deliver(address, command, kw)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for _, address, command, kw, d in held:
+            self._deliver(address, command, kw).chainDeferred(d)
+
+    def _deliver(
+        self, address: str, command: type[amp.Command], kw: dict[str, Any]
+    ) -> Deferred[Any]:
+        args = command.parseArguments(command.makeArguments(kw, None), None)
+        found = self.nodes[address].registry.lookup(command.commandName)  # type: ignore[arg-type]
+        assert found is not None, command.commandName
+        d = maybeDeferred(found[1], **args)
+
+        def ok(resp: dict[str, Any]) -> Any:
+            return command.parseResponse(command.makeResponse(resp, None), None)
+
+        def err(f: Failure) -> Failure:
+            for cls in command.allErrors:  # type: ignore[attr-defined]
+                if f.check(cls):
+                    return Failure(cls(str(f.value)))
+            return Failure(amp.UnknownRemoteError(f.getErrorMessage()))
+
+        return d.addCallbacks(ok, err)
+
+
+def users_managed_by(net: Net, node: str, n: int, avoid: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    out = []
+    for i in range(10_000):
+        u = f"user{i}@{DOMAIN}"
+        if net.map.owners[bucket_of(u)] == node and u not in avoid:
+            out.append(u)
+            if len(out) == n:
+                return out
+    raise AssertionError("no such users")
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Net:
+    n = Net(tmp_path)
+    for i in (1, 2, 3):
+        n.add(f"n{i}")
+    n.commit(["n1", "n2", "n3"])
+    return n
+
+
+def add_user(net: Net, via: str, user: str, pw: str = "pw") -> None:
+    result_of(net.nodes[via].mail.replicator.add(user, pw, 1))
+
+
+def check_mailbox(net: Net, at: str, user: str, want: set[bytes]) -> list[Digest]:
+    digests, bodies = net.nodes[at].read(user)
+    uids = [d.uid for d in digests]
+    assert uids == sorted(set(uids)), "UIDs strictly ascending, each once"
+    assert sorted(bodies.values()) == sorted(want) and len(digests) == len(want)
+    return digests
+
+
+def test_user_added_on_one_node_gets_mail_read_at_every_node(net: Net) -> None:
+    """adduser on n1; every node knows the profile, takes mail for it and serves it."""
+    user = users_managed_by(net, "n3", 1)[0]
+    add_user(net, "n1", user)
+    assert [net.nodes[n].mail.profiles.count() for n in ("n1", "n2", "n3")] == [1, 1, 1]
+    rng = random.Random(1)
+    want = set()
+    for i in range(12):
+        body = b"message %d\r\n" % i
+        net.nodes[rng.choice(["n1", "n2", "n3"])].deliver(user, body)
+        want.add(body)
+    validity = set()
+    for at in ("n1", "n2", "n3"):
+        check_mailbox(net, at, user, want)
+        mail = net.nodes[at].mail.retrieval.open(user)
+        (inbox,) = [i for i in result_of(mail.mailboxes()) if i.name == INBOX]
+        validity.add(inbox.uidvalidity)
+        assert inbox.messages == 12
+    assert len(validity) == 1, "one UIDVALIDITY whichever node answers"
+    assert result_of(net.nodes["n2"].mail.retrieval.authenticate(user, "pw")).address == user
+    with pytest.raises(BadCredentials):
+        result_of(net.nodes["n2"].mail.retrieval.authenticate(user, "nope"))
+
+
+def test_failed_store_retries_elsewhere_and_uids_ascend_over_fragments(net: Net) -> None:
+    """The first chosen node is unreachable: the message goes to another node; the
+    mailbox, now on two fragments, reads complete with ascending UIDs; expunging all
+    of one fragment's messages takes that node off the fragment list."""
+    user = users_managed_by(net, "n3", 1)[0]
+    add_user(net, "n1", user)
+    first = {net.nodes["n2"].deliver(user, b"a%d\r\n" % i)[0].node for i in range(4)}
+    assert first == {"n1"}, "affinity: one node while it is healthy"
+    net.down.add("n1")
+    later = {net.nodes["n2"].deliver(user, b"b%d\r\n" % i)[0].node for i in range(4)}
+    net.down.discard("n1")
+    assert len(later) == 1 and later != first
+    assert net.nodes["n2"].mail.delivery.retries >= 1
+    want = {b"a%d\r\n" % i for i in range(4)} | {b"b%d\r\n" % i for i in range(4)}
+    digests = check_mailbox(net, "n1", user, want)
+    assert {d.node for d in digests} == first | later
+    manager = net.nodes["n3"].cluster.user_manager
+    assert result_of(manager.fragments(user)) == tuple(sorted(first | later))
+    mail = net.nodes["n2"].mail.retrieval.open(user)
+    (other,) = later
+    gone = [d for d in digests if d.node == other]
+    result_of(mail.delete(INBOX, gone))
+    assert result_of(manager.fragments(user)) == ("n1",)
+    check_mailbox(net, "n2", user, {b"a%d\r\n" % i for i in range(4)})
+    nxt = net.nodes["n1"].deliver(user, b"c\r\n")[0]
+    assert nxt.uid > max(d.uid for d in digests), "UIDs never go back"
+
+
+def test_fourth_node_rebuilds_moved_managers_from_hints(net: Net) -> None:
+    """n4 joins: buckets move to it; its fragment lists and UID counters come from the
+    other nodes' hints (one Hints call per (sender, manager)), mail still reads complete,
+    and new mail gets higher UIDs."""
+    rng = random.Random(2)
+    users = [f"u{i}@{DOMAIN}" for i in range(24)]
+    for u in users:
+        add_user(net, rng.choice(["n1", "n2", "n3"]), u)
+    want: dict[str, set[bytes]] = {u: set() for u in users}
+    # First round: n1 refuses stores, so mail lands on n2/n3; second round, delivered
+    # at n1 while n2 and n3 refuse stores: on n1 too. Each user ends on two nodes.
+    net.refuse.add(("n1", MbStore.commandName))  # type: ignore[arg-type]
+    for i, u in enumerate(users * 2):
+        if i == len(users):
+            net.refuse = {(n, MbStore.commandName) for n in ("n2", "n3")}  # type: ignore[misc]
+        via = rng.choice(["n2", "n3"]) if i < len(users) else "n1"
+        body = b"%s %d\r\n" % (u.encode(), i)
+        net.nodes[via].deliver(u, body)
+        want[u].add(body)
+    net.refuse.clear()
+    assert all(len(result_of(net.nodes["n1"].mail.users_for(u).fragments(u))) == 2 for u in users)
+    n4 = net.add("n4")
+    before = net.calls["porcupine.hints"]
+    net.commit(["n1", "n2", "n3", "n4"])
+    assert n4.cluster.user_manager.settling == {}, "every live node answered"
+    assert net.calls["porcupine.hints"] - before <= 4 * 3, "one Hints per sender and manager"
+    moved = [u for u in users if net.map.owners[bucket_of(u)] == "n4"]
+    assert moved, "n4 manages some users"
+    for u in users:
+        holders = {n for n, node in net.nodes.items() if u in node.mail.fragment_store.users_with_mail()}  # fmt: skip
+        manager = net.nodes[net.map.owners[bucket_of(u)]].cluster.user_manager
+        assert set(result_of(manager.fragments(u))) == holders, u
+        digests = check_mailbox(net, rng.choice(["n1", "n2", "n3", "n4"]), u, want[u])
+        new = n4.deliver(u, b"after\r\n")[0]
+        assert new.uid > max(d.uid for d in digests)
+
+
+def test_failed_node_leaves_lists_and_a_returning_node_resends(net: Net) -> None:
+    """n2 fails: managers drop it (its mail is out of reach); it comes back (its own
+    view had only itself): it sends hints for every bucket and its mail is back."""
+    user = users_managed_by(net, "n1", 1)[0]
+    add_user(net, "n3", user)
+    net.down.add("n3")  # so that n2 stores it (AffinityChooser: least loaded, then name)
+    net.nodes["n2"].cluster.balancer.failed("n1", net.clock.seconds())
+    d = net.nodes["n2"].deliver(user, b"on n2\r\n")[0]
+    net.down.discard("n3")
+    assert d.node == "n2"
+    net.down.add("n2")
+    net.alone("n2")
+    net.commit(["n1", "n3"])
+    manager = net.nodes[net.map.owners[bucket_of(user)]].cluster.user_manager
+    assert result_of(manager.fragments(user)) == ()
+    net.down.discard("n2")
+    net.commit(["n1", "n2", "n3"])
+    manager = net.nodes[net.map.owners[bucket_of(user)]].cluster.user_manager
+    assert result_of(manager.fragments(user)) == ("n2",)
+    check_mailbox(net, "n3", user, {b"on n2\r\n"})
+
+
+def test_profiles_converge_newest_wins_with_tombstones(net: Net) -> None:
+    """A node away during adduser/passwd/deluser catches up when it returns; a
+    deleted user stays deleted (the tombstone is newer than the stale copy)."""
+    a, b = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
+    add_user(net, "n1", b)
+    net.down.add("n3")
+    net.alone("n3")
+    net.commit(["n1", "n2"])
+    net.clock.advance(1)
+    add_user(net, "n1", a, "old")
+    net.clock.advance(1)
+    result_of(net.nodes["n2"].mail.replicator.set_password(a, "new"))
+    net.clock.advance(1)
+    result_of(net.nodes["n2"].mail.replicator.remove(b))
+    assert net.nodes["n3"].mail.profiles.count() == 1, "n3 missed all three"
+    net.down.discard("n3")
+    net.commit(["n1", "n2", "n3"])
+    p3 = net.nodes["n3"].mail.profiles
+    assert p3.count() == 1 and result_of(p3.get(b)) is None
+    assert result_of(p3.verify(a, "new")).address == a
+    for n in ("n1", "n2"):
+        assert result_of(net.nodes[n].mail.profiles.get(b)) is None, "no resurrection"
+
+
+def test_requests_for_a_settling_bucket_wait_for_hints_or_the_timeout(net: Net) -> None:
+    """A new manager answers a fresh bucket's fragment list once every live node sent
+    its hints; a missing sender delays the answer by at most settle_timeout."""
+    user = users_managed_by(net, "n2", 1)[0]
+    add_user(net, "n1", user)
+    net.nodes["n1"].deliver(user, b"x\r\n")
+    net.hold.add(Hints.commandName)  # type: ignore[arg-type]
+    n4 = net.add("n4")
+    net.commit(["n1", "n2", "n3", "n4"])
+    owner = net.map.owners[bucket_of(user)]
+    users = [u for u in (f"w{i}@{DOMAIN}" for i in range(5000)) if net.map.owners[bucket_of(u)] == "n4"]  # fmt: skip
+    probe = users[0]
+    manager = n4.cluster.user_manager
+    d = manager.fragments(probe)
+    assert not d.called, "held hints: the bucket is settling"
+    net.release()
+    assert result_of(d) == ()
+    net.hold.add(Hints.commandName)  # type: ignore[arg-type]
+    net.commit(["n1", "n2", "n3"])  # n4 leaves: its buckets move back
+    mgr = net.nodes[net.map.owners[bucket_of(probe)]].cluster.user_manager
+    d = mgr.fragments(probe)
+    assert not d.called
+    net.clock.advance(2.0)
+    assert result_of(d) == (), "answered from what is known after the timeout"
+    net.release()  # late hints for an old epoch are ignored
+    assert owner
