@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,51 @@ from yimaporc.cluster.buckets import BucketMap
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import PeerUnavailable, RpcRegistry
 from yimaporc.cluster.wire import Member
-from yimaporc.porcupine.cluster import AffinityChooser, Hints, MailCluster, MbStore
+from yimaporc.porcupine.cluster import Hints, MailCluster, MbStore
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 from yimaporc.porcupine.values import INBOX, BadCredentials, Digest
 
 DOMAIN = "example.org"
+
+
+class AffinityChooser:
+    """``balancer.LoadBalancer``'s API, but predictable: the user's fragment nodes
+    (least loaded first), then the others by (failed recently, load, name)."""
+
+    def __init__(self, me: str, *, spread_limit: int = 2, **_: Any) -> None:
+        self.me = me
+        self.spread_limit = spread_limit
+        self.loads: dict[str, tuple[float, float]] = {}
+        self.failures: dict[str, float] = {}
+
+    def observe(self, node: str, load: float, now: float) -> None:
+        """A load figure heard from ``node``."""
+        self.loads[node] = (load, now)
+
+    def failed(self, node: str, now: float) -> None:
+        """A call to ``node`` failed."""
+        self.failures[node] = now
+
+    def choose(
+        self, live: Sequence[str], fragments: Sequence[str], replicas: int, now: float
+    ) -> list[str]:
+        """Existing fragments first (least loaded), then the least loaded others."""
+
+        def load(n: str) -> tuple[bool, float, str]:
+            failed = now - self.failures.get(n, -1e9) < 10.0
+            return (failed, self.loads.get(n, (0.0, 0.0))[0], n)
+
+        have = sorted((n for n in fragments if n in live), key=load)
+        if len(have) >= self.spread_limit:
+            pool = have
+        else:
+            pool = have + sorted((n for n in live if n not in have), key=load)
+        return pool[: max(1, min(replicas, len(pool)))]
+
+    def status(self) -> dict[str, Any]:
+        """Known loads."""
+        return {"loads": {n: v for n, (v, _) in self.loads.items()}}
 
 
 class SimBuckets:

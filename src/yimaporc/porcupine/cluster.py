@@ -30,7 +30,6 @@ of each ``porcupine-node`` into one mail service:
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
 import struct
@@ -49,6 +48,7 @@ from zope.interface import implementer
 
 from ..cluster.buckets import BucketMap
 from ..cluster.rpc import BigBytes, PeerUnavailable
+from .balancer import LoadBalancer, load_figure
 from .interfaces import IMailboxManager, IUserManager
 from .profiledb import ProfileDB, Record
 from .softstate import bucket_of as _raw_bucket_of
@@ -855,56 +855,6 @@ class ProfileReplicator:
 # --- load balancing --------------------------------------------------------------
 
 
-class AffinityChooser:
-    """Stand-in for ``balancer.LoadBalancer`` (same API): affinity, then least load.
-
-    Used only if :mod:`yimaporc.porcupine.balancer` is not installed.
-    """
-
-    def __init__(self, me: str, *, spread_limit: int = 2, **_: Any) -> None:
-        self.me = me
-        self.spread_limit = spread_limit
-        self.loads: dict[str, tuple[float, float]] = {}
-        self.failures: dict[str, float] = {}
-
-    def observe(self, node: str, load: float, now: float) -> None:
-        """A load figure heard from ``node``."""
-        self.loads[node] = (load, now)
-
-    def failed(self, node: str, now: float) -> None:
-        """A call to ``node`` failed."""
-        self.failures[node] = now
-
-    def choose(
-        self, live: Sequence[str], fragments: Sequence[str], replicas: int, now: float
-    ) -> list[str]:
-        """Existing fragments first (least loaded), then the least loaded others."""
-
-        def load(n: str) -> tuple[bool, float, str]:
-            failed = now - self.failures.get(n, -1e9) < 10.0
-            return (failed, self.loads.get(n, (0.0, 0.0))[0], n)
-
-        have = sorted((n for n in fragments if n in live), key=load)
-        if len(have) >= self.spread_limit:
-            pool = have
-        else:
-            pool = have + sorted((n for n in live if n not in have), key=load)
-        return pool[: max(1, min(replicas, len(pool)))]
-
-    def status(self) -> dict[str, Any]:
-        """Known loads."""
-        return {"loads": {n: v for n, (v, _) in self.loads.items()}}
-
-
-def make_balancer(me: str) -> Any:
-    """``balancer.LoadBalancer(me)`` if that module exists, else :class:`AffinityChooser`."""
-    try:
-        module = importlib.import_module("yimaporc.porcupine.balancer")
-    except ImportError:
-        return AffinityChooser(me)
-    return module.LoadBalancer(me)
-
-
 # --- the wiring -------------------------------------------------------------------
 
 
@@ -950,7 +900,10 @@ class MailCluster(Service):
         self.rng = rng or random.Random()
         self.calls: Counter[str] = Counter()
         self.inflight = 0
-        self.balancer = balancer if balancer is not None else make_balancer(self.me)
+        self._stores = 0
+        self._rate = 0.0
+        self._rate_since = float(self.reactor.seconds())
+        self.balancer = balancer if balancer is not None else LoadBalancer(self.me)
         self.user_manager = ClusterUserManager(
             self.me, mail.profiles, self.reactor, settle_timeout=settle_timeout
         )
@@ -1033,12 +986,14 @@ class MailCluster(Service):
     # --- load -------------------------------------------------------------------
 
     def load(self) -> float:
-        """This node's load figure: stores in progress here."""
-        return float(self.inflight)
+        """This node's load figure: stores in progress here, plus a little of the
+        recent store rate (:func:`~yimaporc.porcupine.balancer.load_figure`)."""
+        return load_figure(self.inflight, self._rate)
 
     def store_here(self, messages: Sequence[NewMessage]) -> Deferred[list[Digest]]:
         """Store on this node's disk, counting it in the load figure."""
         self.inflight += 1
+        self._stores += 1
 
         def done(result: Any) -> Any:
             self.inflight -= 1
@@ -1055,6 +1010,10 @@ class MailCluster(Service):
         return {"load": self.load()}
 
     def _exchange_load(self) -> None:
+        now = float(self.reactor.seconds())
+        if now > self._rate_since:
+            self._rate = self._stores / (now - self._rate_since)
+        self._stores, self._rate_since = 0, now
         for n in self.live():
             if n == self.me:
                 continue
