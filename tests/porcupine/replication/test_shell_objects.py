@@ -251,3 +251,32 @@ def test_idle_listeners_hear_replicated_arrivals(tmp_path: Path) -> None:
     net.mm("a").store_replicated(RID, NewMessage(ALICE, INBOX, b"M\r\n"), ["b"])
     net.settle(0.05)
     assert heard == [(ALICE, INBOX)]
+
+
+def test_apply_many_matches_one_by_one(tmp_path: Path) -> None:
+    """A batch (new messages in two buckets, a duplicate, a flag update of a message
+    of the same batch, a tombstone, a missing mailbox) ends as applying one by one."""
+    rids = [f"{i:032x}" for i in range(1, 6)]
+    bob = "bob@example.org"
+    batch = [
+        upd(message_id(ALICE, rids[0]), 10, msg_body(uid=1)),
+        upd(message_id(bob, rids[1]), 10, msg_body(uid=1)),
+        upd(message_id(ALICE, rids[0]), 10, msg_body(uid=1)),
+        upd(message_id(ALICE, rids[0]), 20, msg_body(uid=1, flags=("\\Seen",))),
+        upd(message_id(ALICE, rids[2]), 10, msg_body(uid=2)),
+        upd(message_id(ALICE, rids[2]), 30, None),
+        upd(message_id(bob, rids[3]), 10, msg_body(mailbox="Later", uid=2)),
+    ]
+    stores = []
+    for name in ("one", "many"):
+        fs = FragmentStore(tmp_path / name, "a", lambda: T0)
+        stores.append(ReplicaObjectStore(tmp_path / name / "r.sqlite", fs))
+    one, many = stores
+    want = [one.apply(u) for u in batch]
+    assert many.apply_many(batch) == want == [True, True, False, True, True, True, True]
+    for user, box in ((ALICE, INBOX), (bob, INBOX), (bob, "Later")):
+        a = [(d.uid, d.key, d.flags) for d in one.fragments.digests(user, box)]
+        b = [(d.uid, d.key, d.flags) for d in many.fragments.digests(user, box)]
+        assert a == b and a
+    for u in batch:
+        assert one.version(u.object_id) == many.version(u.object_id)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -96,7 +96,6 @@ class MailReplication(MultiService):
             config=config or DEFAULT_CONFIG,
             on_applied=self._applied,
         )
-        self.replication.setServiceParent(self)
         self.mailboxes = ReplicatedMailboxManager(
             mail.mailbox_manager, self.objects, self.replication, mail._run_blocking
         )
@@ -116,15 +115,31 @@ class MailReplication(MultiService):
         cluster.replicator.push = self.push_profiles
 
     def startService(self) -> None:
-        """Start the core with the current view as its live set."""
+        """Start the core once the mail service recovered its store (its start-up
+        removes half-written files, which must not race the core re-applying its
+        log), with the current view as the live set."""
         super().startService()
+        ready = self.mail._ready
+        if ready is None:
+            self._start_core(None)
+        else:
+            self.mail.when_ready().addBoth(self._start_core)
+
+    def _start_core(self, result: object) -> object:
+        if not self.running or self.replication.running:
+            return result
+        self.replication.startService()
         ids = list(self.node.view.node_ids)
         if ids:
             self.replication.set_live(ids)
+        return None
 
     def stopService(self) -> Deferred[None]:
         """Stop the core (waiting for its write round), then close the databases."""
-        d: Deferred[None] = super().stopService()  # type: ignore[assignment]
+        super().stopService()
+        d: Deferred[None] = (
+            self.replication.stopService() if self.replication.running else succeed(None)
+        )
 
         def close(_: object) -> None:
             self.log_store.close()

@@ -329,12 +329,21 @@ class ReplicationService(Service):
         """In a worker thread: the log writes (one commit), then the store writes."""
         if log_ops:
             write_log_ops(self.log_store, log_ops)
-        applied = []
-        for op in store_ops:
+        applied: list[Update] = []
+        many = getattr(self.object_store, "apply_many", None)
+        run: list[Update] = []  # consecutive Applies go to apply_many together
+        for op in [*store_ops, None]:
+            if isinstance(op, Apply) and many is not None:
+                run.append(op.update)
+                continue
+            if run:
+                assert many is not None
+                applied.extend(u for u, ok in zip(run, many(run), strict=True) if ok)
+                run = []
             if isinstance(op, Apply):
                 if self.object_store.apply(op.update):
                     applied.append(op.update)
-            else:
+            elif op is not None:
                 self.object_store.purge_tombstones(op.before)
         return applied
 
