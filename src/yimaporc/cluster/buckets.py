@@ -58,10 +58,27 @@ class BucketMap:
         return [b for b, o in enumerate(self.owners) if o == node_id]
 
     def fresh(self, old: BucketMap) -> set[int]:
-        """Buckets reassigned since ``old`` (epoch differs, seed §3.3)."""
+        """Buckets reassigned since ``old`` (epoch or owner differs, seed §3.3).
+
+        The owner counts too: two partitions can commit the same epoch number
+        with different owners for a bucket.
+        """
         if len(old) != len(self):
             return set(range(len(self)))
-        return {b for b in range(len(self)) if self.epochs[b] != old.epochs[b]}
+        return {
+            b
+            for b in range(len(self))
+            if self.epochs[b] != old.epochs[b] or self.owners[b] != old.owners[b]
+        }
+
+    def without(self, nodes: Iterable[str]) -> BucketMap:
+        """This map with the buckets of ``nodes`` unassigned (for :meth:`reassign` to hand
+        out again with a new epoch, e.g. because those nodes rebooted and lost their soft
+        state)."""
+        gone = set(nodes)
+        if not gone:
+            return self
+        return BucketMap(tuple("" if o in gone else o for o in self.owners), self.epochs)
 
     def reassign(
         self, live: Iterable[str], epoch: int, weights: Mapping[str, float] | None = None
