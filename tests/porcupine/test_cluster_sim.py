@@ -398,3 +398,25 @@ def test_requests_for_a_settling_bucket_wait_for_hints_or_the_timeout(net: Net) 
     assert result_of(d) == (), "answered from what is known after the timeout"
     net.release()  # late hints for an old epoch are ignored
     assert owner
+
+
+def test_load_learned_from_store_replies_and_the_periodic_exchange(net: Net) -> None:
+    """No central service: a store reply carries the storing node's load, and each
+    exchange tick swaps figures with a few live members (both ways)."""
+    user = users_managed_by(net, "n1", 1)[0]
+    add_user(net, "n1", user)
+    n2 = net.nodes["n2"]
+    chooser = n2.cluster.balancer
+    assert isinstance(chooser, AffinityChooser)
+    n2.deliver(user, b"x\r\n")  # stored on n1 (remote for n2)
+    assert "n1" in chooser.loads
+    n3 = net.nodes["n3"]
+    n3.cluster.inflight = 5  # n3 is busy
+    n3.cluster._exchange_load()
+    for n in ("n1", "n2"):  # 2 peers, fan-out 3: both hear n3's figure
+        other = net.nodes[n].cluster.balancer
+        assert isinstance(other, AffinityChooser) and other.loads["n3"][0] == 5.0
+    mine = n3.cluster.balancer
+    assert isinstance(mine, AffinityChooser)
+    assert mine.loads.keys() == {"n1", "n2"}, "answers carry the callee's load"
+    n3.cluster.inflight = 0

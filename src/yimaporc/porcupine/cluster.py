@@ -24,8 +24,9 @@ of each ``porcupine-node`` into one mail service:
   newest ``updated`` winning; hints carry the records too, so a node that was
   down catches up when it manages the bucket.
 - Load: every store reply carries the storing node's load (stores in progress
-  there), and every ``load_interval`` seconds each node swaps its load with the
-  live members (``porcupine.load``); both feed the delivery proxy's balancer.
+  there), and every ``load_interval`` seconds each node swaps its load with a
+  few random live members (``porcupine.load``); both feed the delivery proxy's
+  :class:`~yimaporc.porcupine.balancer.LoadBalancer`.
 """
 
 from __future__ import annotations
@@ -642,6 +643,13 @@ def register_handlers(
 
 # --- the cluster user manager ----------------------------------------------------
 
+#: Hints for a map not installed yet that a manager keeps (one per sender and bucket).
+MAX_EARLY_HINTS = 64 * 1024
+
+#: Peers each node swaps load figures with per ``load_interval`` (random ones), so
+#: the exchange costs the same per node whatever the cluster's size.
+LOAD_FANOUT = 3
+
 #: One bucket's reconstruction hint as it travels:
 #: ``[bucket, epoch, [[user, has_mail, uidnext]...], [Record...]]``.
 HintEntry = list[Any]
@@ -723,7 +731,8 @@ class ClusterUserManager(UserManager):
             return False
         held = self.state.map.epochs[bucket]
         if epoch > held:
-            self._early.append((sender, entry))
+            if len(self._early) < MAX_EARLY_HINTS:
+                self._early.append((sender, entry))
             return False
         if epoch < held or self.state.map.owners[bucket] != self.node_id:
             return False
@@ -1014,9 +1023,8 @@ class MailCluster(Service):
         if now > self._rate_since:
             self._rate = self._stores / (now - self._rate_since)
         self._stores, self._rate_since = 0, now
-        for n in self.live():
-            if n == self.me:
-                continue
+        peers = [n for n in self.live() if n != self.me]
+        for n in self.rng.sample(peers, min(LOAD_FANOUT, len(peers))):
             d = self.call(n, LoadExchange, node=self.me, load=self.load())
             d.addCallbacks(
                 lambda r, n=n: self._observe(n, float(r["load"])),
