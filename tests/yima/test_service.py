@@ -148,3 +148,27 @@ def test_parity_reads_and_rebuilds_a_wiped_disk(tmp_path: Path) -> None:
     assert out["restored"] == len(wiped)
     assert sorted(p.name for p in victim.iterdir()) == wiped
     _check_all(reactor, service, "blob", blob)
+
+
+def test_failed_ingest_deletes_its_blocks_and_can_be_retried(tmp_path: Path) -> None:
+    """A write failing mid-ingest: the error reaches the caller, no block file stays behind."""
+    reactor, service = _make(tmp_path)
+    blob = os.urandom(200_000)
+    real_write = service.write_at
+    calls = [0]
+
+    def flaky(disk: Any, media: str, key: BlockKey, data: bytes) -> Deferred[Any]:
+        calls[0] += 1
+        if calls[0] == 10:
+            raise OSError("disk full")
+        return real_write(disk, media, key, data)
+
+    service.write_at = flaky  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="disk full"):
+        _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096))
+    assert calls[0] > 10, "other groups were written before the cleanup"
+    assert not list(tmp_path.glob("d*/media/blob/*")), "orphan blocks left behind"
+    assert "blob" not in service.catalog.media
+    service.write_at = real_write  # type: ignore[method-assign]
+    _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096))
+    _check_all(reactor, service, "blob", blob)

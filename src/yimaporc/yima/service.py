@@ -31,6 +31,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import (
     Deferred,
+    DeferredList,
     DeferredSemaphore,
     FirstError,
     gatherResults,
@@ -718,13 +719,20 @@ class YimaStorageService(Service):
 
                 return d.addCallback(send)
 
-            try:
-                yield gatherResults(
-                    [window.run(one_group, first) for first in range(0, info.blocks, step)],
-                    consumeErrors=True,
-                ).addErrback(_unwrap)
-            except PeerUnavailable as e:
-                raise ApiError(f"ingest of {name} failed, a node is down: {e}", 503) from e
+            # Let every group settle before judging, so no write lands after a cleanup.
+            results = yield DeferredList(
+                [window.run(one_group, first) for first in range(0, info.blocks, step)],
+                consumeErrors=True,
+            )
+            failures = [r for ok, r in results if not ok]
+            if failures:
+                # Never published, so unreachable: delete what was written (best effort;
+                # a node that is down keeps its orphans).
+                yield self._discard(info, layout, table)
+                err = failures[0].value
+                if isinstance(err, PeerUnavailable):
+                    raise ApiError(f"ingest of {name} failed, a node is down: {err}", 503) from err
+                failures[0].raiseException()
             # Another node may have registered its disks meanwhile (a fresh history
             # while the catalog had no media): move what we wrote to the new places.
             for _ in range(3):
@@ -757,6 +765,21 @@ class YimaStorageService(Service):
             }
         finally:
             self._ingesting.discard(name)
+
+    def _discard(
+        self, info: MediaInfo, layout: Layout, table: tuple[LogicalDisk, ...]
+    ) -> Deferred[Any]:
+        """Delete every block of an unpublished file from where it was placed."""
+        keys = [(BlockKey(i), d) for i, d in enumerate(layout.data)]
+        keys += [(BlockKey(g, True), d) for g, d in enumerate(layout.parity)]
+        window = DeferredSemaphore(INGEST_WINDOW)
+
+        def one(key: BlockKey, disk: int) -> Deferred[Any]:
+            return self.delete_at(table[disk], info.name, key).addErrback(lambda _: None)
+
+        d = gatherResults([window.run(one, k, d) for k, d in keys], consumeErrors=True)
+        return d.addBoth(lambda _: self.log.warn("ingest of {n} failed: its blocks deleted",
+                                                 n=info.name))  # fmt: skip
 
     # --- scaling -------------------------------------------------------------------
 
