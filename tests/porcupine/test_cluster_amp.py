@@ -15,6 +15,7 @@ from twisted.test.iosim import IOPump, connectedServerAndClient
 from yimaporc.cluster.rpc import NodeAMP, RpcRegistry
 from yimaporc.porcupine.cluster import (
     ERRORS,
+    UID_GAP,
     ClusterUserManager,
     RemoteMailboxManager,
     RemoteUserManager,
@@ -170,8 +171,8 @@ def test_user_manager_proxy(peer: Peer) -> None:
     assert peer.result(users.fragments(USER)) == ("n1", "n3")
     peer.result(users.remove_fragment(USER, "n3"))
     assert peer.result(users.fragments(USER)) == ("n1",)
-    assert peer.result(users.reserve_uids(USER, 3)) == 1
-    assert peer.result(users.delivery_plan(USER, 1)) == (("n1",), 4)
+    assert peer.result(users.reserve_uids(USER, 3)) == UID_GAP
+    assert peer.result(users.delivery_plan(USER, 1)) == (("n1",), UID_GAP + 3)
     with pytest.raises(NoSuchUser):
         peer.result(peer.profiles.remove("nobody@example.org"))
 
@@ -189,7 +190,7 @@ def test_rpc_messages_per_delivery(peer: Peer) -> None:
         assert peer.result(proxy.lookup(USER)) is not None  # SMTP RCPT TO
         digests = peer.result(proxy.deliver([USER], b"m%d\r\n" % i))
         counts.append(sum(peer.calls.values()) - before)
-        assert [d.uid for d in digests] == [i + 1]
+        assert [d.uid for d in digests] == [UID_GAP + i]
     assert counts == [4, 2, 2], peer.calls
 
 

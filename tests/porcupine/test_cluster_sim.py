@@ -420,3 +420,26 @@ def test_load_learned_from_store_replies_and_the_periodic_exchange(net: Net) -> 
     assert isinstance(mine, AffinityChooser)
     assert mine.loads.keys() == {"n1", "n2"}, "answers carry the callee's load"
     n3.cluster.inflight = 0
+
+
+def test_copies_on_two_nodes_share_a_uid_listed_once_flagged_and_deleted_on_both(
+    net: Net,
+) -> None:
+    """A user with replicas=2: each message is stored on two nodes under one UID; the
+    mailbox lists it once, and STORE/EXPUNGE reach both copies."""
+    user = users_managed_by(net, "n2", 1)[0]
+    result_of(net.nodes["n1"].mail.replicator.add(user, "pw", 2))
+    digests = net.nodes["n3"].deliver(user, b"twice\r\n")
+    assert len(digests) == 2 and len({d.uid for d in digests}) == 1
+    assert len({d.node for d in digests}) == 2
+    mail = net.nodes["n1"].mail.retrieval.open(user)
+    (one,) = result_of(mail.digests(INBOX))
+    assert result_of(mail.set_flags(INBOX, [one], ["\\Seen"], 1)) == {one.uid: ("\\Seen",)}
+    for d in digests:
+        flags = result_of(net.nodes[d.node].mail.mailbox_manager.digests(user, INBOX))[0].flags
+        assert flags == ("\\Seen",), f"flag on the copy at {d.node}"
+    assert result_of(mail.delete(INBOX, [one])) == [one.uid]
+    for d in digests:
+        assert result_of(net.nodes[d.node].mail.mailbox_manager.digests(user, INBOX)) == []
+    manager = net.nodes["n2"].cluster.user_manager
+    assert result_of(manager.fragments(user)) in ((), (mail.home,))

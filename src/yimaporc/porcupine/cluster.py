@@ -643,6 +643,10 @@ def register_handlers(
 
 # --- the cluster user manager ----------------------------------------------------
 
+#: A rebuilt UID counter starts this far above the highest UIDNEXT reported, so
+#: UIDs the previous manager handed to stores still in flight are not reused.
+UID_GAP = 32
+
 #: Hints for a map not installed yet that a manager keeps (one per sender and bucket).
 MAX_EARLY_HINTS = 64 * 1024
 
@@ -660,8 +664,8 @@ class ClusterUserManager(UserManager):
 
     Besides the fragment lists it keeps, per user, the next IMAP UID of the
     user's mail (one counter for all of a user's mailboxes, so UIDs ascend in
-    each), rebuilt as the highest UIDNEXT any node reports; stores anywhere in
-    the cluster take their UIDs from it (:meth:`reserve_uids`).
+    each), rebuilt as the highest UIDNEXT any node reports plus :data:`UID_GAP`;
+    stores anywhere in the cluster take their UIDs from it (:meth:`reserve_uids`).
     """
 
     log = Logger()
@@ -746,7 +750,7 @@ class ClusterUserManager(UserManager):
                 continue
             if has_mail:
                 self.state.add_fragment(user, sender)
-            self.uidnext[user] = max(self.uidnext.get(user, 1), uidnext)
+            self.uidnext[user] = max(self.uidnext.get(user, UID_GAP), uidnext + UID_GAP)
         waiting = self.settling.get(bucket)
         if waiting is not None:
             waiting.discard(sender)
@@ -769,7 +773,7 @@ class ClusterUserManager(UserManager):
                                                  .fragments(address))  # fmt: skip
 
     def _take(self, address: str, count: int) -> int:
-        first = self.uidnext.get(address, 1)
+        first = self.uidnext.get(address, UID_GAP)
         self.uidnext[address] = first + max(1, count)
         return first
 

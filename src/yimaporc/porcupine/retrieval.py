@@ -192,14 +192,26 @@ class UserMail:
             return m.digests(self.address, mailbox).addErrback(missing)
 
         def merge(parts: list[tuple[str, list[Digest]]]) -> list[Digest]:
-            seen: dict[int, Digest] = {}
+            # Copies of one message (replicas) share UID, size and internal date:
+            # listed once.  Two different messages under one UID (a reservation
+            # racing a manager move) are both listed rather than one hidden.
+            seen: dict[int, list[Digest]] = {}
             for _, part in parts:
                 for d in part:
-                    if d.uid in seen:
+                    same = seen.setdefault(d.uid, [])
+                    twin = next(
+                        (x for x in same if (x.size, x.internal_date) == (d.size, d.internal_date)),
+                        None,
+                    )
+                    if twin is not None and twin.node != d.node:
                         self._copies.setdefault((mailbox, d.uid), []).append(d.node)
-                    else:
-                        seen[d.uid] = d
-            return [seen[u] for u in sorted(seen)]
+                    elif twin is None:
+                        if same:
+                            self.log.warn(
+                                "{u}: two messages under UID {n}", u=self.address, n=d.uid
+                            )
+                        same.append(d)
+            return [d for u in sorted(seen) for d in seen[u]]
 
         return self._ask_all(tolerant).addCallback(merge)
 
