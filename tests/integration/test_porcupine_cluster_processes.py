@@ -9,6 +9,7 @@ reads and new deliveries still work.
 from __future__ import annotations
 
 import imaplib
+import json
 import os
 import poplib
 import random
@@ -178,8 +179,14 @@ def test_three_nodes_one_mail_service_then_a_fourth_joins(
         wait_for(lambda: views_agree(everyone), 30, "4 nodes to agree")
         wait_for(lambda: buckets_agree(everyone), 20, "buckets on 4 nodes")
         joined = time.monotonic() - t0
-        doc: Any = p4.status()
-        assert doc["buckets"]["p4"] > 0 and doc["users"] == 1
+        out = subprocess.run(
+            [sys.executable, "-m", "yimaporc.cli", "status", "--json", "--admin", p4.admin_url,
+             "--secret-file", str(secret)],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        doc: Any = json.loads(out)
+        assert set(doc["buckets"]) == {"p1", "p2", "p3", "p4"} and doc["buckets"]["p4"] > 0
+        assert sum(doc["buckets"].values()) == 256 and doc["users"] == 1
         assert check_complete([4, rng.randint(1, 3)], set(range(n_msgs)), n_msgs) == validity
         for i in range(n_msgs, n_msgs + 12):
             send(rng.randint(1, 4), i)
