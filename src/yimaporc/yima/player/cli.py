@@ -97,13 +97,18 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _cmd_play(args: argparse.Namespace) -> int:
-    from ...cli import CliError
-
+    # Errors are printed here: under `python -m yimaporc.cli` the module's own
+    # CliError is not the one its main() catches.
     try:
-        _check_args(args)
-        outputs = _Outputs(args.out, len(args.urls))
+        return _play(args)
     except PlayError as e:
-        raise CliError(str(e)) from None
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+
+
+def _play(args: argparse.Namespace) -> int:
+    _check_args(args)
+    outputs = _Outputs(args.out, len(args.urls))
     config = ShellConfig(flow=args.flow, drop=args.drop, seed=args.seed,
                          prebuffer=args.prebuffer, duration=args.duration)  # fmt: skip
     from twisted.internet import reactor
@@ -123,16 +128,16 @@ def _cmd_play(args: argparse.Namespace) -> int:
     if "error" in result:
         f = result["error"]
         if f.check(PlayError):
-            raise CliError(str(f.value))
-        raise CliError(f"play failed: {f.getErrorMessage()}")
+            raise PlayError(str(f.value))
+        raise PlayError(f"play failed: {f.getErrorMessage()}")
     if "stats" not in result:
-        raise CliError("interrupted")
+        raise PlayError("interrupted")
     stats = result["stats"]
     if args.stats:
         try:
             Path(args.stats).write_text(json.dumps(stats, indent=1) + "\n")
         except OSError as e:
-            raise CliError(f"cannot write {args.stats}: {e.strerror}") from None
+            raise PlayError(f"cannot write {args.stats}: {e.strerror}") from None
     if args.plot:
         try:
             from .plot import plot_session
@@ -140,7 +145,7 @@ def _cmd_play(args: argparse.Namespace) -> int:
             assert client.session is not None
             plot_session(client.session, args.plot)
         except OSError as e:
-            raise CliError(f"cannot write {args.plot}: {e.strerror}") from None
+            raise PlayError(f"cannot write {args.plot}: {e.strerror}") from None
     sys.stderr.write(
         f"played {stats['packets_expected'] - stats['packets_missing_at_playout']} of "
         f"{stats['packets_expected']} packets from {stats['nodes_seen']} nodes; "
