@@ -240,6 +240,10 @@ class YimaStreamingService(Service):
         """``services.rtsp`` (a URL prefix) once listening, and live session counts."""
         out: dict[str, Any] = {"streaming": {"mode": self.mode, "sessions": len(self.plans),
                                              "packets_sent": self.streaming.engine.sent}}  # fmt: skip
+        fb = self.feedback
+        out["streaming"]["rtcp"] = {"received": fb.received, "malformed": fb.malformed,
+                                    "nacked": fb.nacked, "resent": self.streaming.resent,
+                                    "feedback_applied": fb.feedback_applied}  # fmt: skip
         if self.rtsp_port is not None:
             h = self.rtsp_port.getHost()
             out["services"] = {"rtsp": f"rtsp://{h.host}:{h.port}/sample"}  # type: ignore[attr-defined]
