@@ -1,0 +1,54 @@
+"""The examples in examples/ run as documented (real processes, real players)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from yimaporc.testing.procs import wait_for
+from yimaporc.yima.media.sample import make_sample_ts
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _framemd5(path: Path) -> list[str]:
+    out = subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v",
+         "-f", "framemd5", "-"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return [line.split(",")[-1].strip() for line in out.splitlines() if not line.startswith("#")]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_rtsp_file_server_example_plays_in_ffmpeg(tmp_path: Path, transport: str) -> None:
+    """examples/rtsp_file_server.py serves a clip that ffmpeg records frame-exact."""
+    make_sample_ts(tmp_path / "clip.ts", 3)
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "rtsp_file_server.py"), str(tmp_path), "127.0.71.1",
+             "18554"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "serving" in log.read_text(), 15, "the example to listen")
+        got = tmp_path / "out.ts"
+        subprocess.run(
+            ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", transport, "-i",
+             "rtsp://127.0.71.1:18554/clip", "-c", "copy", "-f", "mpegts", "-y", str(got)],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+        missing = subprocess.run(
+            ["ffprobe", "-v", "error", "rtsp://127.0.71.1:18554/nothing"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert missing.returncode != 0 and "404" in missing.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    want, have = _framemd5(tmp_path / "clip.ts"), _framemd5(got)
+    assert len(have) >= len(want) - 1 and have == want[: len(have)]
