@@ -110,9 +110,14 @@ class MailReplication(MultiService):
         self.retargets = 0
 
     def attach_cluster(self, cluster: Any) -> None:
-        """Send the cluster's profile writes through the log."""
+        """Send the cluster's profile writes and multi-replica deliveries through the
+        log; let the retrieval proxy read each message from its least-loaded holder."""
         self.cluster = cluster
         cluster.replicator.push = self.push_profiles
+        self.mail.delivery.replicated = self.store
+        balancer = getattr(cluster, "balancer", None)
+        if balancer is not None and hasattr(balancer, "load_of"):
+            self.mail.retrieval.load_of = lambda n: balancer.load_of(n, self.reactor.seconds())
 
     def startService(self) -> None:
         """Start the core once the mail service recovered its store (its start-up
