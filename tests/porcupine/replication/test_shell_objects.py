@@ -266,14 +266,20 @@ def test_apply_many_matches_one_by_one(tmp_path: Path) -> None:
         upd(message_id(ALICE, rids[2]), 10, msg_body(uid=2)),
         upd(message_id(ALICE, rids[2]), 30, None),
         upd(message_id(bob, rids[3]), 10, msg_body(mailbox="Later", uid=2)),
+        upd(message_id(ALICE, rids[4]), 40, msg_body(uid=9, flags=("\\Answered",))),
     ]
+    before = upd(message_id(ALICE, rids[4]), 5, msg_body(uid=9))
     stores = []
     for name in ("one", "many"):
         fs = FragmentStore(tmp_path / name, "a", lambda: T0)
         stores.append(ReplicaObjectStore(tmp_path / name / "r.sqlite", fs))
     one, many = stores
+    assert one.apply(before) and many.apply(before)
     want = [one.apply(u) for u in batch]
-    assert many.apply_many(batch) == want == [True, True, False, True, True, True, True]
+    assert many.apply_many(batch) == want == [True, True, False, True, True, True, True, True]
+    assert [d.flags for d in many.fragments.digests(ALICE, INBOX) if d.uid == 9] == [
+        ("\\Answered",)
+    ]
     for user, box in ((ALICE, INBOX), (bob, INBOX), (bob, "Later")):
         a = [(d.uid, d.key, d.flags) for d in one.fragments.digests(user, box)]
         b = [(d.uid, d.key, d.flags) for d in many.fragments.digests(user, box)]

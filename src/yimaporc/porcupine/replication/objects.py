@@ -61,6 +61,10 @@ CREATE INDEX IF NOT EXISTS objects_key ON objects (user, rid);
 """
 
 
+#: A batched message update: ``(update, user, rid, mailbox, object, uids here)``.
+_Item = tuple[Update, str, str, str, "MessageObject", list[int]]
+
+
 class MalformedObject(ValueError):
     """An object id or body that is not one of ours."""
 
@@ -193,10 +197,12 @@ class ReplicaObjectStore:
 
     def apply_many(self, updates: Sequence[Update]) -> list[bool]:
         """:meth:`apply` for a batch, in order, with group commit: the bodies of new
-        messages are fsynced, then committed per bucket in one transaction each,
-        and the versions of the whole batch in one transaction."""
+        messages are fsynced, then committed per bucket in one transaction each (flag
+        changes of messages already here too), and the versions of the whole batch
+        in one transaction."""
         out: list[bool] = []
-        fresh: list[tuple[Update, str, str, str, MessageObject]] = []
+        fresh: list[_Item] = []
+        flagged: list[_Item] = []
         seen: dict[str, Timestamp] = {}
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
@@ -208,11 +214,11 @@ class ReplicaObjectStore:
                         self.discarded += 1
                         out.append(False)
                         continue
-                    new = self._fresh_message(update) if oid not in seen else None
-                    if new is not None:
-                        fresh.append(new)
+                    kind = self._classify(update) if oid not in seen else None
+                    if kind is not None:
+                        (fresh if kind[0] == "new" else flagged).append(kind[1])
                     else:
-                        self._flush(fresh)
+                        self._flush(fresh, flagged)
                         if oid.startswith(PROFILE):
                             self._apply_profile(update)
                         else:
@@ -220,30 +226,29 @@ class ReplicaObjectStore:
                     seen[oid] = ts
                     self.applied += 1
                     out.append(True)
-                self._flush(fresh)
+                self._flush(fresh, flagged)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
         return out
 
-    def _fresh_message(self, update: Update) -> tuple[Update, str, str, str, MessageObject] | None:
-        """``(update, user, rid, mailbox, object)`` if it creates a message not here yet."""
+    def _classify(self, update: Update) -> tuple[str, _Item] | None:
+        """``("new", item)`` for a message not here yet, ``("flags", item)`` for a new
+        version of one that is (its flags change), None for anything else."""
         if update.body is None or not update.object_id.startswith(MSG):
             return None
         user, rid = parse_message_id(update.object_id)
         obj = MessageObject.from_body(update.body)
         mailbox = _mailbox(obj.mailbox)
-        if self._rows(user, rid, mailbox):
-            return None
-        return update, user, rid, mailbox, obj
+        uids = self._rows(user, rid, mailbox)
+        return ("flags" if uids else "new"), (update, user, rid, mailbox, obj, uids)
 
-    def _flush(self, fresh: list[tuple[Update, str, str, str, MessageObject]]) -> None:
-        """Store the batched new messages: bodies, then one commit per bucket."""
-        if not fresh:
-            return
+    def _flush(self, fresh: list[_Item], flagged: list[_Item]) -> None:
+        """Store the batched new messages (bodies, then one commit per bucket) and the
+        batched flag changes (one commit per bucket); then their versions."""
         fs = self.fragments
-        by_bucket: dict[int, list[tuple[Update, str, str, str, MessageObject]]] = {}
+        by_bucket: dict[int, list[_Item]] = {}
         for item in fresh:
             _write_file(fs.tmp / key_of(item[2]), item[4].data)
             by_bucket.setdefault(bucket_of(item[1]), []).append(item)
@@ -252,15 +257,34 @@ class ReplicaObjectStore:
                 bucket,
                 [
                     (NewMessage(u, m, o.data, o.flags, o.internal_date, o.uid), key_of(r))
-                    for _, u, r, m, o in items
+                    for _, u, r, m, o, _ in items
                 ],
             )
-            for (_, user, rid, mailbox, obj), result in zip(items, got, strict=True):
+            for (_, user, rid, mailbox, obj, _), result in zip(items, got, strict=True):
                 if isinstance(result, NoSuchMailbox):
                     self._store(user, rid, mailbox, obj)  # creates the mailbox
-        for update, user, rid, mailbox, obj in fresh:
+        flags_by_bucket: dict[int, list[_Item]] = {}
+        for item in flagged:
+            flags_by_bucket.setdefault(bucket_of(item[1]), []).append(item)
+        for bucket, items in flags_by_bucket.items():
+            with fs._lock_for(bucket):
+                db = fs._db(bucket)
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for _, user, _, mailbox, obj, uids in items:
+                        flags = " ".join(dict.fromkeys(obj.flags))
+                        db.executemany(
+                            "UPDATE messages SET flags=? WHERE user=? AND mailbox=? AND uid=?",
+                            [(flags, user, mailbox, uid) for uid in uids],
+                        )
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        for update, user, rid, mailbox, obj, _ in (*fresh, *flagged):
             self._put(update, user, mailbox, rid, obj.targets)
         fresh.clear()
+        flagged.clear()
 
     def purge_tombstones(self, before: int) -> int:
         """Forget message tombstones older than ``before`` (µs)."""
