@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.protocols import amp
 from twisted.test.iosim import IOPump, connectedServerAndClient
 
+from yimaporc.cluster.buckets import BucketMap
 from yimaporc.cluster.rpc import NodeAMP, RpcRegistry
 from yimaporc.porcupine.cluster import (
     ERRORS,
@@ -25,6 +26,7 @@ from yimaporc.porcupine.delivery import DeliveryProxy
 from yimaporc.porcupine.fragments import FragmentStore, MailboxManager
 from yimaporc.porcupine.interfaces import IMailboxManager, IUserManager
 from yimaporc.porcupine.profiledb import ProfileDB
+from yimaporc.porcupine.usermap import N_BUCKETS
 from yimaporc.porcupine.values import (
     INBOX,
     BadCredentials,
@@ -171,8 +173,8 @@ def test_user_manager_proxy(peer: Peer) -> None:
     assert peer.result(users.fragments(USER)) == ("n1", "n3")
     peer.result(users.remove_fragment(USER, "n3"))
     assert peer.result(users.fragments(USER)) == ("n1",)
-    assert peer.result(users.reserve_uids(USER, 3)) == UID_GAP
-    assert peer.result(users.delivery_plan(USER, 1)) == (("n1",), UID_GAP + 3)
+    assert peer.result(users.reserve_uids(USER, 3)) == 1
+    assert peer.result(users.delivery_plan(USER, 1)) == (("n1",), 4)
     with pytest.raises(NoSuchUser):
         peer.result(peer.profiles.remove("nobody@example.org"))
 
@@ -190,7 +192,7 @@ def test_rpc_messages_per_delivery(peer: Peer) -> None:
         assert peer.result(proxy.lookup(USER)) is not None  # SMTP RCPT TO
         digests = peer.result(proxy.deliver([USER], b"m%d\r\n" % i))
         counts.append(sum(peer.calls.values()) - before)
-        assert [d.uid for d in digests] == [UID_GAP + i]
+        assert [d.uid for d in digests] == [i + 1]
     assert counts == [4, 2, 2], peer.calls
 
 
@@ -203,3 +205,23 @@ def _bucket(user: str) -> int:
 def test_iopump_type() -> None:
     """iosim's pump is what the fixture flushes (guards the import)."""
     assert IOPump is not None
+
+
+@pytest.mark.parametrize(("live", "first"), [(["n2"], 10), (["n1", "n2"], 10 + UID_GAP)])
+def test_rebuilt_uid_counter_skips_a_gap_only_with_other_nodes(
+    tmp_path: Path, live: list[str], first: int
+) -> None:
+    """The counter comes from the hints' highest UIDNEXT; with other nodes live (whose
+    delivery proxies may hold UIDs of the previous manager) it starts UID_GAP higher."""
+    clock = ImmediateReactor()
+    profiles = ProfileDB(clock, SyncPool(), tmp_path / "p.sqlite", clock.seconds)  # type: ignore[arg-type]
+    um = ClusterUserManager("n2", profiles, clock)
+    b = _bucket(USER)
+    new = BucketMap(("n2",) * N_BUCKETS, (3,) * N_BUCKETS)
+    um.install(new, live)
+    d = um.reserve_uids(USER, 1)
+    assert not d.called, "waits while the bucket settles"
+    for sender in live:
+        um.apply(sender, [b, 3, [[USER, sender == "n2", 10]], []])
+    assert result_of(d) == first
+    assert result_of(um.fragments(USER)) == ("n2",)

@@ -643,8 +643,9 @@ def register_handlers(
 
 # --- the cluster user manager ----------------------------------------------------
 
-#: A rebuilt UID counter starts this far above the highest UIDNEXT reported, so
-#: UIDs the previous manager handed to stores still in flight are not reused.
+#: With other nodes live, a rebuilt UID counter starts this far above the highest
+#: UIDNEXT reported, so UIDs the previous manager handed to stores still in flight
+#: (on any node's delivery proxy) are not reused.
 UID_GAP = 32
 
 #: Hints for a map not installed yet that a manager keeps (one per sender and bucket).
@@ -664,7 +665,8 @@ class ClusterUserManager(UserManager):
 
     Besides the fragment lists it keeps, per user, the next IMAP UID of the
     user's mail (one counter for all of a user's mailboxes, so UIDs ascend in
-    each), rebuilt as the highest UIDNEXT any node reports plus :data:`UID_GAP`;
+    each), rebuilt as the highest UIDNEXT any node reports (plus :data:`UID_GAP`
+    when other nodes are live);
     stores anywhere in the cluster take their UIDs from it (:meth:`reserve_uids`).
     """
 
@@ -686,6 +688,7 @@ class ClusterUserManager(UserManager):
         self._timers: dict[int, IDelayedCall] = {}
         self._waiters: dict[int, list[Deferred[None]]] = {}
         self._early: list[tuple[str, HintEntry]] = []
+        self._gaps: dict[int, int] = {}
         self.hints_received = 0
 
     def install(self, new_map: BucketMap, live: Iterable[str]) -> set[int]:
@@ -701,6 +704,7 @@ class ClusterUserManager(UserManager):
             if b not in mine or b in fresh:
                 self._settle(b)
         for b in sorted(fresh & mine):
+            self._gaps[b] = UID_GAP if len(alive) > 1 else 0
             self.settling[b] = set(alive)
             self._timers[b] = self.clock.callLater(self.settle_timeout, self._timed_out, b)
         early, self._early = self._early, []
@@ -750,7 +754,8 @@ class ClusterUserManager(UserManager):
                 continue
             if has_mail:
                 self.state.add_fragment(user, sender)
-            self.uidnext[user] = max(self.uidnext.get(user, UID_GAP), uidnext + UID_GAP)
+            gap = self._gaps.get(bucket, 0)
+            self.uidnext[user] = max(self.uidnext.get(user, 1), uidnext + gap)
         waiting = self.settling.get(bucket)
         if waiting is not None:
             waiting.discard(sender)
@@ -773,7 +778,7 @@ class ClusterUserManager(UserManager):
                                                  .fragments(address))  # fmt: skip
 
     def _take(self, address: str, count: int) -> int:
-        first = self.uidnext.get(address, UID_GAP)
+        first = self.uidnext.get(address, 1)
         self.uidnext[address] = first + max(1, count)
         return first
 
