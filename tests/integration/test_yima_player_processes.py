@@ -69,6 +69,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             assert p.returncode == 0, f"{name}: {err.decode()}"
             out[name] = json.loads((tmp / f"{name}.json").read_text())
             print(name, err.decode().strip())
+        out["rtcp"] = [(n.status() or {}).get("streaming", {}).get("rtcp", {}) for n in nodes]
         yield out
     finally:
         for n in nodes:
@@ -92,6 +93,9 @@ def test_three_percent_drop_is_recovered_by_nacks(runs: dict[str, Any]) -> None:
     assert s["packets_missing_at_playout"] <= 0.001 * s["packets_expected"]
     assert s["underflows"] == 0 and s["nodes_seen"] == 3
     assert all(len(x) == 2 for x in s["buffer_levels"]) and s["buffer_levels"]
+    rtcp = runs["rtcp"]
+    assert sum(r.get("resent", 0) for r in rtcp) >= s["retransmissions_received"]
+    assert sum(1 for r in rtcp if r.get("feedback_applied", 0) > 0) == 3, rtcp
 
 
 def test_lossless_play_is_byte_identical(runs: dict[str, Any]) -> None:
