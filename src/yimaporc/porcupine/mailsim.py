@@ -839,17 +839,34 @@ def measure(n: int, seed: int) -> dict[str, float]:
         for s in survivors
     ]
     hint_bytes = [sim.hint_bytes[s] - bytes0[s] for s in survivors]
+    rebuild_ms = max(0.0, sim.last_soft_update - view_at) * 1000
+    dir_reads = statistics.mean(sim.dir_reads[s] - reads0[s] for s in survivors)
+    # The node comes back (it was away: it sends hints for everything it holds).
+    calls1 = {k: Counter(v) for k, v in sim.calls_by.items()}
+    sim.restart(victim)
+    sim.converge()
+    sim.net.run_until(sim.net.now + 3.0)
+    problems = sim.fragment_problems() + sim.manager_problems() + sim.mailbox_problems()
+    if problems:
+        raise RuntimeError(f"n={n} seed={seed} after return: {problems[:3]}")
+
+    def calls_since(node: str) -> int:
+        before = calls1.get(node, Counter())["reconfig"]
+        return sim.calls_by.get(node, Counter())["reconfig"] - before
+
     return {
+        "return_calls_back": calls_since(victim),
+        "return_calls_others": statistics.mean(calls_since(s) for s in survivors),
         "per_delivery": d_msgs / max(1, d_n),
         "per_retrieval": r_msgs / max(1, r_n),
         "load_msgs_per_node_s": load_msgs / n / elapsed,
         "detect": view_at - t0,
-        "rebuild_ms": max(0.0, sim.last_soft_update - view_at) * 1000,
+        "rebuild_ms": rebuild_ms,
         "hint_bytes_per_node": statistics.mean(hint_bytes),
         "hint_bytes_max": max(hint_bytes),
         "hint_calls_per_node": statistics.mean(hint_calls),
         "hint_calls_max": max(hint_calls),
-        "dir_reads_per_node": statistics.mean(sim.dir_reads[s] - reads0[s] for s in survivors),
+        "dir_reads_per_node": dir_reads,
         "users": len(sim.users),
         "messages": len(sim.acked),
     }
@@ -870,6 +887,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         "nodes  msgs/delivery  msgs/retrieval  crash->view_s  view->rebuilt_ms"
         "  hint_calls/node(max)  hint_bytes/node(max)  dir_reads/node  load_msgs/node/s"
+        "  return:calls(returner,others)"
     )
     for n in args.nodes:
         runs = [measure(n, s) for s in range(args.seeds)]
@@ -883,6 +901,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"  {med('hint_calls_per_node'):12.1f} ({med('hint_calls_max'):3.0f})"
             f"  {med('hint_bytes_per_node'):12.0f} ({med('hint_bytes_max'):5.0f})"
             f"  {med('dir_reads_per_node'):14.1f}  {med('load_msgs_per_node_s'):16.2f}"
+            f"  {med('return_calls_back'):9.0f} {med('return_calls_others'):5.1f}"
         )
 
 
