@@ -39,7 +39,13 @@ def test_merge_newest_wins_and_tombstones_do_not_resurrect(tmp_path: Path) -> No
     result_of(b.add("x@example.org", "three"))  # re-created after the tombstone
     assert result_of(a.merge([result_of(b.record("x@example.org"))])) == ["x@example.org"]
     assert a.count() == 1 and result_of(a.users_in_bucket(0)) is not None
-    assert result_of(b.merge([("not an address", "", 1, 0.0, 99.0, False)])) == []
+    junk = [
+        ("not an address", "", 1, 0.0, 99.0, False),
+        ("x",),
+        5,
+        ("y@example.org", "h", "z", 0, 0, 0),
+    ]
+    assert result_of(b.merge(junk)) == []  # type: ignore[arg-type]
 
 
 def test_database_from_before_the_cluster_is_upgraded(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from yimaporc.cluster.buckets import BucketMap
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import PeerUnavailable, RpcRegistry
 from yimaporc.cluster.wire import Member
-from yimaporc.porcupine.cluster import Hints, MailCluster, MbStore
+from yimaporc.porcupine.cluster import Hints, MailCluster, MbStore, ProfilePut
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 from yimaporc.porcupine.values import INBOX, BadCredentials, Digest
@@ -475,3 +475,17 @@ def test_reconfiguration_cost_per_node_does_not_grow_with_the_cluster(tmp_path: 
     print("\nhints per surviving node after one failure (calls, bytes):", figures)
     assert all(calls <= 16 for calls, _ in figures.values())
     assert figures[30][1] <= figures[3][1], figures
+
+
+def test_malformed_hints_and_profile_pushes_are_refused_or_ignored(net: Net) -> None:
+    """Junk from a peer never breaks a node: bad boxes are AMP errors, bad entries skipped."""
+    n1 = net.nodes["n1"]
+    with pytest.raises(amp.UnknownRemoteError):
+        result_of(n1.cluster.call("n2", Hints, sender="n1", hints={"no": "list"}))
+    junk = [[1], "x", [999, 1, [], []], [0, "e", 5, 7], [0, 10**9, [[None]], [[1, 2]]]]
+    result_of(n1.cluster.call("n2", Hints, sender="n1", hints=junk))
+    result_of(n1.cluster.call("n2", ProfilePut, records=[[1], "x", ["a@b", 1]]))
+    assert net.nodes["n2"].mail.profiles.count() == 0
+    user = users_managed_by(net, "n2", 1)[0]
+    add_user(net, "n1", user)
+    assert net.nodes["n3"].deliver(user, b"still fine\r\n")

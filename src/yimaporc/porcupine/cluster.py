@@ -1054,7 +1054,10 @@ class MailCluster(Service):
         return DeferredList(ds)
 
     def _on_profiles(self, records: list[Any]) -> Deferred[dict[str, Any]]:
-        return self.replicator.receive([tuple(r) for r in records]).addCallback(lambda _: {})  # type: ignore[misc]
+        if not isinstance(records, list):
+            raise amp.MalformedAmpBox("records must be a list")
+        # Each record is checked (and a malformed one dropped) by ProfileDB.merge.
+        return self.replicator.receive(records).addCallback(lambda _: {})
 
     # --- reconstruction ------------------------------------------------------------
 
@@ -1145,7 +1148,7 @@ class MailCluster(Service):
         records: list[Record] = []
         for e in entries:
             if isinstance(e, list) and len(e) >= 4 and isinstance(e[3], list):
-                records.extend(tuple(r) for r in e[3])  # type: ignore[misc]
+                records.extend(e[3])  # checked by ProfileDB.merge
 
         def apply(_: object) -> dict[str, Any]:
             for e in entries:

@@ -343,11 +343,12 @@ class ProfileDB:
     def merge(self, records: list[Record]) -> Deferred[list[str]]:
         """Apply records newer than ours (newest ``updated`` wins); the addresses changed."""
         checked: list[Record] = []
-        for a, h, r, c, u, d in records:
+        for rec in records:
             try:
+                a, h, r, c, u, d = rec
                 checked.append((normalise(a), str(h), int(r), float(c), float(u), bool(d)))
-            except (BadAddress, TypeError, ValueError):
-                continue
+            except (BadAddress, TypeError, ValueError, AttributeError):
+                continue  # a malformed record from a peer is ignored
 
         def done(result: tuple[list[str], int]) -> list[str]:
             changed, self._count = result
