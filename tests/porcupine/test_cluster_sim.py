@@ -11,6 +11,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -489,3 +490,29 @@ def test_malformed_hints_and_profile_pushes_are_refused_or_ignored(net: Net) -> 
     user = users_managed_by(net, "n2", 1)[0]
     add_user(net, "n1", user)
     assert net.nodes["n3"].deliver(user, b"still fine\r\n")
+
+
+def test_open_imap_mailboxes_poll_for_mail_stored_elsewhere(net: Net) -> None:
+    """Mail stored on another node reaches an IMAP session here within poll_interval."""
+    n1 = net.nodes["n1"]
+    polled: list[str] = []
+
+    class Box:
+        name = INBOX
+        mail = SimpleNamespace(address=f"x@{DOMAIN}")  # the shape ImapMailbox has
+
+        def arrived(self) -> Deferred[None]:
+            polled.append(self.name)
+            return Deferred()
+
+    box = Box()
+    n1.mail.registry.open(box)  # type: ignore[arg-type]
+    n1.cluster.startService()
+    try:
+        net.clock.advance(n1.cluster.poll_interval)
+        assert polled == [INBOX]
+        n1.mail.registry.close(box)  # type: ignore[arg-type]
+        net.clock.advance(n1.cluster.poll_interval)
+        assert polled == [INBOX], "closed mailboxes are not polled"
+    finally:
+        n1.cluster.stopService()

@@ -906,6 +906,7 @@ class MailCluster(Service):
         *,
         balancer: Any = None,
         load_interval: float = 2.0,
+        poll_interval: float = 5.0,
         settle_timeout: float = 2.0,
         rng: random.Random | None = None,
     ) -> None:
@@ -932,6 +933,8 @@ class MailCluster(Service):
         self._remote_boxes: dict[str, RemoteMailboxManager] = {}
         self._prev_live: set[str] | None = None
         self._loop: LoopingCall | None = None
+        self._poll: LoopingCall | None = None
+        self.poll_interval = poll_interval
         self.hint_rounds: list[dict[str, Any]] = []
         register_handlers(
             node.registry,
@@ -1167,17 +1170,32 @@ class MailCluster(Service):
 
     # --- service ---------------------------------------------------------------------
 
+    def poll_open_mailboxes(self) -> int:
+        """Have every IMAP mailbox open here look for new mail (it may have been
+        stored on another node, whose change notice only reaches its own sessions).
+        Only with other nodes live; returns how many were polled."""
+        if len(self.live()) < 2:
+            return 0
+        keys = list(self.mail.registry.boxes)
+        for user, mailbox in keys:
+            self.mail.registry.changed(user, mailbox)
+        return len(keys)
+
     def startService(self) -> None:
-        """Start the periodic load exchange."""
+        """Start the periodic load exchange and the IMAP poll."""
         super().startService()
         self._loop = LoopingCall(self._exchange_load)
         self._loop.clock = self.reactor
         self._loop.start(self.load_interval, now=False)
+        self._poll = LoopingCall(self.poll_open_mailboxes)
+        self._poll.clock = self.reactor
+        self._poll.start(self.poll_interval, now=False)
 
     def stopService(self) -> None:
-        """Stop the load exchange."""
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        """Stop the periodic calls."""
+        for loop in (self._loop, self._poll):
+            if loop is not None and loop.running:
+                loop.stop()
         super().stopService()
 
     def status(self) -> dict[str, Any]:
