@@ -11,7 +11,7 @@ import statistics
 import pytest
 
 from yimaporc.cluster.buckets import BucketMap
-from yimaporc.porcupine.mailsim import MailConfig, MailSim, measure
+from yimaporc.porcupine.mailsim import MailConfig, MailSim, main, measure
 
 N = 30
 
@@ -121,3 +121,11 @@ def test_reconfiguration_cost_per_node_does_not_grow() -> None:
     assert large["hint_bytes_per_node"] <= small["hint_bytes_per_node"] * 1.5
     assert large["rebuild_ms"] < 100
     assert 3.0 < large["per_delivery"] < 6.0
+
+
+def test_measure_cli_prints_a_row_per_size(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m yimaporc.porcupine.mailsim`` prints the header and one row per size."""
+    main(["--nodes", "3", "--seeds", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("nodes  msgs/delivery")
+    assert out[2].split()[0] == "3" and len(out) == 3
