@@ -159,8 +159,8 @@ class Net:
         self.stores[n] = objects
         inner = MailboxManager(self.reactor, SyncPool(), fs)  # type: ignore[arg-type]
 
-        def send(to: str, frame: bytes) -> Deferred[Any]:
-            return self.send(n, to, frame)
+        def send(to: str, frames: list[bytes]) -> Deferred[Any]:
+            return self.send(n, to, frames)
 
         svc = ReplicationService(
             self.reactor,
@@ -184,14 +184,15 @@ class Net:
         mm.replication.running = False
         self.nodes[n] = None
 
-    def send(self, a: str, b: str, frame: bytes) -> Deferred[Any]:
+    def send(self, a: str, b: str, frames: list[bytes]) -> Deferred[Any]:
         if self.nodes.get(b) is None:
             return fail(PeerUnavailable(b))
 
         def deliver() -> None:
             mm = self.nodes.get(b)
             if mm is not None:
-                mm.replication.receive(a, frame)
+                for frame in frames:
+                    mm.replication.receive(a, frame)
 
         self.reactor.callLater(0.001, deliver)
         return succeed({})

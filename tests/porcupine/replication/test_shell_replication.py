@@ -15,6 +15,7 @@ from twisted.test.iosim import IOPump, connectedServerAndClient
 
 from yimaporc.cluster.rpc import NodeAMP, PeerUnavailable, RpcRegistry
 from yimaporc.porcupine.replication import (
+    Ack,
     LogEntry,
     MalformedMessage,
     MemoryLog,
@@ -24,7 +25,7 @@ from yimaporc.porcupine.replication import (
     Timestamp,
     Update,
 )
-from yimaporc.porcupine.replication.amp import Replicate, responder
+from yimaporc.porcupine.replication.amp import Replicate, pack_frames, responder
 from yimaporc.porcupine.replication.shell import ReplicationRefused, ReplicationService
 from yimaporc.porcupine.replication.sqlite_log import SqliteLog
 
@@ -49,10 +50,10 @@ class Node:
         self.service: ReplicationService | None = None
         self.registry.register(Replicate, self._handle)
 
-    def _handle(self, frame: bytes, sender: str) -> dict[str, Any]:
+    def _handle(self, frames: bytes, sender: str) -> dict[str, Any]:
         if self.service is None:
             raise PeerUnavailable("down")
-        return responder(self.service)(frame=frame, sender=sender)  # type: ignore[no-any-return]
+        return responder(self.service)(frames=frames, sender=sender)  # type: ignore[no-any-return]
 
     def start(self) -> ReplicationService:
         svc = ReplicationService(
@@ -60,7 +61,7 @@ class Node:
             self.node_id,
             self.log,
             self.store,
-            lambda to, frame: self.mesh.send(self.node_id, to, frame),
+            lambda to, frames: self.mesh.send(self.node_id, to, frames),
             run=self.mesh.run,
             config=self.mesh.config,
             rng=random.Random(self.node_id),
@@ -94,6 +95,8 @@ class Mesh:
         self.nodes = {i: Node(self, i) for i in ids}
         self.links: dict[tuple[str, str], tuple[NodeAMP, IOPump]] = {}
         self.held: set[tuple[str, str]] = set()
+        #: (a, b) -> how many of a's next calls to b fail in transit
+        self.fail_calls: dict[tuple[str, str], int] = {}
 
     def link(self, a: str, b: str) -> tuple[NodeAMP, IOPump]:
         got = self.links.get((a, b))
@@ -113,11 +116,14 @@ class Mesh:
         for pair in [p for p in self.links if node in p]:
             del self.links[pair]
 
-    def send(self, a: str, b: str, frame: bytes) -> Deferred[Any]:
+    def send(self, a: str, b: str, frames: list[bytes]) -> Deferred[Any]:
         if self.nodes[b].service is None:
             return fail(PeerUnavailable(f"{b} is down"))
+        if self.fail_calls.get((a, b), 0) > 0:
+            self.fail_calls[(a, b)] -= 1
+            return fail(PeerUnavailable(f"{a} -> {b} lost"))
         client, _ = self.link(a, b)
-        d: Deferred[Any] = client.callRemote(Replicate, frame=frame)
+        d: Deferred[Any] = client.callRemote(Replicate, frames=pack_frames(frames))
         return d
 
     def flush(self) -> None:
@@ -289,6 +295,43 @@ def test_group_commit_one_round_for_a_burst() -> None:
     assert all(d.called for d in ds)
 
 
+def test_frames_to_one_peer_are_batched() -> None:
+    """A round's frames to one peer go in one call: 50 pushes, 1 call."""
+    run = ManualRun()
+    mesh = Mesh("ab", run=run)
+    mesh.start_all()
+    run.release_all()
+    run.release_all()
+    a = mesh.svc("a")
+    acked(a.submit("first", b"x", ["a", "b"]))
+    for i in range(50):
+        acked(a.submit(f"o{i}", b"x", ["a", "b"]))
+    calls = a.calls
+    run.release_all()  # the first round (1 push)
+    run.release_all()  # the 50 others
+    assert a.calls - calls == 2 and a.sent >= 51
+    for _ in range(6):
+        mesh.flush()
+        run.release_all()
+    assert mesh.nodes["b"].log.entries == {} and mesh.nodes["a"].log.entries == {}
+    assert len(mesh.nodes["b"].store.objects) == 51
+
+
+def test_lost_retire_is_sent_again() -> None:
+    """A Retire lost in transit is re-sent, so the participant's log drains quickly."""
+    mesh = Mesh("ab")
+    mesh.start_all()
+    mesh.held = {("b", "a")}  # b's ack waits, so the retire comes on its own call
+    acked(mesh.svc("a").submit("m", b"x", ["a", "b"]))
+    mesh.flush()
+    mesh.fail_calls[("a", "b")] = 1
+    mesh.held = set()
+    mesh.flush()
+    assert mesh.nodes["a"].log.entries == {} and len(mesh.nodes["b"].log.entries) == 1
+    mesh.advance(1.5)
+    assert mesh.nodes["b"].log.entries == {}
+
+
 def test_acks_before_reply_two_waits_for_a_second_replica() -> None:
     """With acks_before_reply=2 the answer waits until a participant acked."""
     mesh = Mesh("abc", config=ReplicationConfig(acks_before_reply=2))
@@ -402,7 +445,10 @@ def test_malformed_frame_is_a_protocol_error() -> None:
     mesh.start_all()
     client, _ = mesh.link("a", "b")
     errors: list[Failure] = []
-    client.callRemote(Replicate, frame=b"YPR1\x09junk").addErrback(errors.append)
+    good = Ack("m", Timestamp(1, "a")).to_bytes()
+    client.callRemote(Replicate, frames=pack_frames([good, b"YPR1\x09junk"])).addErrback(
+        errors.append
+    )
     mesh.flush()
     assert errors and errors[0].check(MalformedMessage)  # mapped from REPLICATION_MALFORMED
 

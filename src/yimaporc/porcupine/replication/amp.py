@@ -1,7 +1,7 @@
 """Replication frames over the node's authenticated AMP RPC.
 
-One command, :class:`Replicate`, carries one ``Push``/``Ack``/``Retire`` frame
-(:mod:`._wire`) as :class:`~yimaporc.cluster.rpc.BigBytes`.  The sender is not
+:class:`Replicate` carries ``Push``/``Ack``/``Retire`` frames (:mod:`._wire`), a
+batch per call (:func:`pack_frames`), as :class:`~yimaporc.cluster.rpc.BigBytes`.  The sender is not
 an argument: :class:`PeerNode` fills it in on the receiving side from the
 connection's authenticated peer id (the handshake binds it to the cluster key),
 so a node cannot speak for another.
@@ -9,6 +9,7 @@ so a node cannot speak for another.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -17,7 +18,7 @@ from twisted.protocols import amp
 from ...cluster.rpc import BigBytes, PeerUnavailable, RpcRegistry
 from ..values import Digest, NewMessage, NoSuchMailbox
 from ._values import NodeId
-from ._wire import MalformedMessage
+from ._wire import MalformedMessage, from_bytes
 from .objects import MalformedObject
 from .shell import ReplicationRefused, ReplicationService
 
@@ -38,15 +39,35 @@ class PeerNode(amp.Argument):
         objects[name.decode("ascii")] = peer
 
 
+def pack_frames(frames: list[bytes]) -> bytes:
+    """Frames as one blob: each a u32 big-endian length, then its bytes."""
+    return b"".join(struct.pack(">I", len(f)) + f for f in frames)
+
+
+def unpack_frames(blob: bytes) -> list[bytes]:
+    """The frames of :func:`pack_frames`; raises ``MalformedMessage``."""
+    out, i = [], 0
+    while i < len(blob):
+        if i + 4 > len(blob):
+            raise MalformedMessage("truncated frame length")
+        (n,) = struct.unpack_from(">I", blob, i)
+        i += 4
+        if i + n > len(blob):
+            raise MalformedMessage("truncated frame")
+        out.append(blob[i : i + n])
+        i += n
+    return out
+
+
 class Replicate(amp.Command):
-    """One replication frame from the calling node; answered once handed to the core.
+    """Replication frames from the calling node, in order; answered once handed to the core.
 
     The answer says nothing about durability: acknowledgements are frames of
     their own, sent when the receiver's writes are on disk.
     """
 
     commandName = b"yimaporc.porcupine.replicate"
-    arguments = [(b"frame", BigBytes()), (b"sender", PeerNode())]
+    arguments = [(b"frames", BigBytes()), (b"sender", PeerNode())]
     response = []  # type: ignore[var-annotated]
     errors = {
         MalformedMessage: b"REPLICATION_MALFORMED",
@@ -57,8 +78,12 @@ class Replicate(amp.Command):
 def responder(service: ReplicationService) -> Any:
     """The handler to register for :class:`Replicate`."""
 
-    def handle(frame: bytes, sender: str) -> dict[str, Any]:
-        service.receive(sender, frame)
+    def handle(frames: bytes, sender: str) -> dict[str, Any]:
+        batch = unpack_frames(frames)
+        for frame in batch:
+            from_bytes(frame)  # all well-formed, or none is handled
+        for frame in batch:
+            service.receive(sender, frame)
         return {}
 
     return handle
@@ -72,11 +97,11 @@ def register(registry: RpcRegistry, service: ReplicationService) -> None:
 def node_sender(node: Any) -> Any:
     """``send(node_id, frame)`` over ``node.rpc`` to the address in the current view."""
 
-    def send(to: NodeId, frame: bytes) -> Deferred[Any]:
+    def send(to: NodeId, frames: list[bytes]) -> Deferred[Any]:
         member = node.view.member(to)
         if member is None:
             return fail(PeerUnavailable(f"{to} is not in the view"))
-        d: Deferred[Any] = node.rpc.call(member.address, Replicate, frame=frame)
+        d: Deferred[Any] = node.rpc.call(member.address, Replicate, frames=pack_frames(frames))
         return d
 
     return send

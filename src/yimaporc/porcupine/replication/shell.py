@@ -48,13 +48,13 @@ from ._values import (
     Update,
     WipeRequired,
 )
-from ._wire import from_bytes
+from ._wire import Message, Retire, from_bytes
 from .interfaces import ILogStore, IObjectStore
 
 T = TypeVar("T")
 
-#: ``send(node_id, frame)``: best effort; a failure only means "retry later".
-Send = Callable[[NodeId, bytes], Deferred[Any]]
+#: ``send(node_id, frames)``: best effort, in order; a failure only means "retry later".
+Send = Callable[[NodeId, list[bytes]], Deferred[Any]]
 #: ``run(f, *args)``: run blocking ``f`` off the reactor thread.
 Runner = Callable[..., Deferred[Any]]
 
@@ -63,6 +63,10 @@ StoreOp = Apply | PurgeTombstones
 
 #: Frames that arrive before the log is loaded are kept, up to this many.
 MAX_EARLY = 10_000
+#: At most this many frames per send call.
+MAX_BATCH = 512
+#: A Retire whose send failed is sent again after 1, 2, 4, 8, 16 s.
+RETIRE_RETRIES = 5
 
 
 class ReplicationRefused(Exception):
@@ -140,6 +144,7 @@ class ReplicationService(Service):
         self._idle: list[Deferred[None]] = []
         self.rounds = 0
         self.sent = 0
+        self.calls = 0
         self.send_failures = 0
 
     # --- life cycle -------------------------------------------------------------------
@@ -379,35 +384,46 @@ class ReplicationService(Service):
                 d.callback(None)
 
     def _after(self, actions: list[SendMessage | Acknowledge]) -> None:
+        """Answers in order; frames go out per peer, batched (order kept per peer)."""
+        batches: dict[NodeId, list[Message]] = {}
         for action in actions:
             if isinstance(action, Acknowledge):
                 d = self._waiting.pop(action.token, None)
                 if d is not None:
                     d.callback(action.timestamp)
             else:
-                self._send(action)
+                batches.setdefault(action.to, []).append(action.message)
+        for to, messages in batches.items():
+            for i in range(0, len(messages), MAX_BATCH):
+                self._send(to, messages[i : i + MAX_BATCH], 0)
 
-    def _send(self, action: SendMessage) -> None:
+    def _send(self, to: NodeId, messages: list[Message], attempt: int) -> None:
         if not self.running:
             return
-        self.sent += 1
-        frame = action.message.to_bytes()
+        self.sent += len(messages)
+        self.calls += 1
+        frames = [m.to_bytes() for m in messages]
         try:
-            d = self.send(action.to, frame)
+            d = self.send(to, frames)
         except Exception:
-            self.send_failures += 1
-            self.log.failure("replication: send to {to} failed", to=action.to)
+            self.send_failures += len(messages)
+            self.log.failure("replication: send to {to} failed", to=to)
             return
 
         def failed(f: Failure) -> None:
-            # best effort: the core retries pushes with backoff
-            self.send_failures += 1
+            # Best effort: the core retries pushes (and a lost ack is answered by the
+            # next push). A lost Retire would cost the participants a stall_timeout,
+            # so retires are sent again a few times.
+            self.send_failures += len(messages)
             self.log.debug(
-                "replication: {kind} to {to} failed: {err}",
-                kind=type(action.message).__name__,
-                to=action.to,
+                "replication: {n} frames to {to} failed: {err}",
+                n=len(messages),
+                to=to,
                 err=f.getErrorMessage(),
             )
+            retires = [m for m in messages if isinstance(m, Retire)]
+            if retires and attempt < RETIRE_RETRIES and self.running:
+                self.reactor.callLater(2.0**attempt, self._send, to, retires, attempt + 1)
 
         d.addErrback(failed)
 
@@ -421,6 +437,7 @@ class ReplicationService(Service):
             "queued_actions": len(self._queue),
             "waiting_agents": len(self._waiting),
             "messages_sent": self.sent,
+            "send_calls": self.calls,
             "send_failures": self.send_failures,
             "write_rounds": self.rounds,
         }
