@@ -283,3 +283,16 @@ def test_packets_before_start_are_kept() -> None:
     for _ in range(1000):
         clock.advance(0.005)
     assert out[0] == bytes([0]) * 188 and len(out) == 40
+
+
+def test_plot_draws_a_png(tmp_path: Any) -> None:
+    """--plot: buffer level, thresholds and delta p of a finished session as a PNG."""
+    pytest.importorskip("matplotlib")
+    from yimaporc.yima.player.plot import plot_session
+
+    for flow in ("delta-p", "pause-resume"):
+        nodes = FakeNodes(Clock())
+        s, _, _ = run_session(nodes, ShellConfig(prebuffer=0.5, flow=flow))  # type: ignore[arg-type]
+        path = tmp_path / f"{flow}.png"
+        plot_session(s, str(path))
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
