@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import imaplib
 import os
+import shutil
 import signal
 import smtplib
 import statistics
@@ -145,7 +146,12 @@ def catch_up(nodes: list[NodeProc], secret: Path, n_msgs: int) -> float:
     )
     t0 = time.monotonic()
     nodes[2].start()
-    wait_for(lambda: drained(nodes), 300, "catch-up", interval=0.02)
+    try:
+        wait_for(lambda: drained(nodes), 120, "catch-up", interval=0.02)
+    except AssertionError:
+        for x in nodes:
+            print(x.node_id, (x.status() or {}).get("replication"), flush=True)
+        raise
     return time.monotonic() - t0
 
 
@@ -154,8 +160,11 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--senders", type=int, default=8)
     ap.add_argument("--catch-up", type=int, default=500)
+    ap.add_argument("--keep", action="store_true", help="keep the data and logs")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
+    d = tempfile.mkdtemp(prefix="porc-repl-")
+    print(f"data and logs in {d}", flush=True)
+    try:
         tmp = Path(d)
         secret = tmp / "secret"
         secret.write_text(os.urandom(16).hex())
@@ -182,6 +191,9 @@ def main() -> None:
         finally:
             for n in nodes:
                 n.kill(signal.SIGTERM)
+    finally:
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":
