@@ -493,6 +493,7 @@ class Client:
         self.rtcp_port: Any = None
         self.session: PlayerSession | None = None
         self._keepalive: IDelayedCall | None = None
+        self.closed: Deferred[None] = Deferred()
 
     def _bind_pair(self, host: str) -> None:
         from twisted.internet.error import CannotListenError
@@ -644,6 +645,30 @@ class Client:
         for port in (self.rtp_port, self.rtcp_port):
             if port is not None:
                 port.stopListening()
+        self.rtp_port = self.rtcp_port = None
+        self.conns = []
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    def interrupt(self) -> Deferred[None]:
+        """Ctrl-C: end playback now (stats so far), then tear down; fires when closed."""
+        s = self.session
+        if s is not None and s.presentation is not None and not s.finished:
+            s.stopped_early = True
+            s.finish()
+        elif not self.closed.called:  # still setting up: tear down what exists
+            ensureDeferred(self._teardown()).addErrback(lambda f: None)
+        out: Deferred[None] = Deferred()
+
+        def closed(_: object = None) -> None:
+            if timer.active():
+                timer.cancel()
+            if not out.called:
+                out.callback(None)
+
+        timer = self.reactor.callLater(3.0, closed)  # do not hang the shutdown
+        self.closed.addBoth(closed)
+        return out
 
 
 def _sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:
