@@ -16,7 +16,9 @@
   (``acks_before_reply=2``), so a SIGKILL of any one node loses no acknowledged
   mail.  A coordinator that fails before answering is replaced by the next
   target (same object id: a duplicate is recognised by its id and timestamp);
-  a target that does not ack in ``ack_timeout`` is replaced by another live node;
+  if no second replica acks within ``ack_timeout``, a live node not tried yet is
+  added to the replica set (failed and silent nodes stay in it, so a copy they
+  may hold gets later versions when they return);
 - profile writes: the cluster's :class:`~..cluster.ProfileReplicator` pushes go
   through the log as ``profile/<address>`` objects to every live node (or
   ``profile_replicas`` of them), so a node that was down gets them on return.
@@ -115,6 +117,7 @@ class MailReplication(MultiService):
         self.cluster = cluster
         cluster.replicator.push = self.push_profiles
         self.mail.delivery.replicated = self.store
+        self.mail.retrieval.replicated = True
         balancer = getattr(cluster, "balancer", None)
         if balancer is not None and hasattr(balancer, "load_of"):
             self.mail.retrieval.load_of = lambda n: balancer.load_of(n, self.reactor.seconds())
@@ -192,10 +195,10 @@ class MailReplication(MultiService):
                 e=f.getErrorMessage(),
                 n=order[1],
             )
-            rest = [n for n in targets if n != coordinator]
+            # The failed node stays a target: if it logged the message before dying it
+            # holds a copy, which must get later versions (flags, deletion) on return.
             spare = [n for n in self.live() if n not in targets]
-            new_targets = rest + spare[:1]
-            return self._via(rid, message, new_targets, order[1:])
+            return self._via(rid, message, targets + spare[:1], order[1:])
 
         return d.addErrback(failed)
 
@@ -239,9 +242,12 @@ class MailReplication(MultiService):
             live = self.live()
             others = [t for t in current if t != self.me]
             fresh = [x for x in live if x != self.me and x not in current]
-            keep = [t for t in others if t in live]
-            # replace the replicas that did not answer by live nodes not tried yet
-            new = [self.me, *fresh[: len(others)]] if fresh else [self.me, *keep]
+            if not fresh:
+                attempt(current, n + 1)  # nobody else to ask: keep waiting
+                return
+            # Add live nodes not tried yet; the silent ones stay targets (they may hold
+            # a copy already and must get later versions when they return).
+            new = [self.me, *fresh[:1], *others]
             self.retargets += 1
             self.log.warn(
                 "replication: {rid} not acknowledged by {o} in {t}s; now {new}",
