@@ -1,6 +1,7 @@
 """Porcupine replication figures on this machine (issue 8).
 
-``python bench/porcupine_replication.py [--duration S] [--senders K] [--catch-up N]``
+``python bench/porcupine_replication.py [--duration S] [--senders K] [--catch-up N]
+[--acks A] [--keep]``
 
 Starts three ``twistd porcupine-node`` processes on 127.0.52.x and measures:
 
@@ -43,12 +44,12 @@ def host(i: int) -> str:
     return f"127.0.52.{i}"
 
 
-def node(tmp: Path, i: int, secret: Path) -> NodeProc:
+def node(tmp: Path, i: int, secret: Path, acks: int) -> NodeProc:
     h = host(i)
     return NodeProc(
         "porcupine", f"b{i}", h, tmp / f"b{i}" / "data", PORT, ADMIN,
         extra=["--domain", DOMAIN, "--smtp", f"tcp:{SMTP}:interface={h}",
-               "--imap", f"tcp:{IMAP}:interface={h}"],
+               "--imap", f"tcp:{IMAP}:interface={h}", "--acks-before-reply", str(acks)],
         join=[f"{host(j)}:{PORT}" for j in (1, 2, 3) if j != i],
         secret_file=secret,
     )  # fmt: skip
@@ -161,6 +162,7 @@ def main() -> None:
     ap.add_argument("--senders", type=int, default=8)
     ap.add_argument("--catch-up", type=int, default=500)
     ap.add_argument("--keep", action="store_true", help="keep the data and logs")
+    ap.add_argument("--acks", type=int, default=2, help="--acks-before-reply of the nodes")
     args = ap.parse_args()
     d = tempfile.mkdtemp(prefix="porc-repl-")
     print(f"data and logs in {d}", flush=True)
@@ -168,7 +170,7 @@ def main() -> None:
         tmp = Path(d)
         secret = tmp / "secret"
         secret.write_text(os.urandom(16).hex())
-        nodes = [node(tmp, i, secret) for i in (1, 2, 3)]
+        nodes = [node(tmp, i, secret, args.acks) for i in (1, 2, 3)]
         try:
             for n in nodes:
                 n.start()
@@ -179,7 +181,7 @@ def main() -> None:
                     adduser(nodes, secret, u, r)
                 rate, samples = throughput(nodes, users, args.duration, args.senders)
                 print(
-                    f"R={r}: {rate:.1f} deliveries/s ({args.senders} smtplib senders, "
+                    f"R={r} acks={args.acks}: {rate:.1f} deliveries/s ({args.senders} smtplib senders, "
                     f"{args.duration:.0f} s, 3 nodes); log entries per node under this load: "
                     f"mean {statistics.fmean(samples or [0]):.1f}, max {max(samples or [0])}",
                     flush=True,
