@@ -7,8 +7,7 @@ from typing import Any
 
 import attrs
 
-from yimaporc.cluster.buckets import BucketMap
-from yimaporc.cluster.bucketservice import BucketMapService
+from yimaporc.cluster.bucketservice import BucketMapService, unpack_commit
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.wire import Member
 
@@ -54,7 +53,7 @@ def test_commit_map_installed_everywhere_and_fresh_buckets_reported(tmp_path: Pa
     ms2 = members("a", "b")
     att2 = nodes[1].provider(view, ms2, 9)
     services[1].membership_changed(view, View(9, ms2, "b", att2))
-    assert seen[-1] == set(BucketMap.parse(attachment).buckets_of("c"))
+    assert seen[-1] == set(unpack_commit(attachment)[1].buckets_of("c"))
     assert services[1].status() == {"buckets": {"a": 32, "b": 32}}
 
 

@@ -5,11 +5,20 @@ attachment hook) and every member installs it from the commit it receives, so
 all members of a view hold the same map (seed §3.2).  The map is soft state but
 it is cached in the data dir, so a restarted coordinator still moves few buckets.
 Subscribers hear, after each change, which buckets are fresh (seed §3.3).
+
+The commit also names the coordinator's previous view (epoch, coordinator).  A
+member whose own previous view differs was *away* (it rebooted, sat in another
+partition, or installed a commit that coordinator never saw): what it and the
+others know about each other may differ although no bucket moved, so
+:attr:`BucketMapService.away` tells subscribers to resend and re-ask (the
+mail simulator, :mod:`yimaporc.porcupine.mailsim`, found lost soft state
+without this).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +32,32 @@ from .wire import Member
 
 FreshListener = Callable[[BucketMap, BucketMap, set[int]], None]
 
+_MAGIC = b"BKC1"
+
+
+def pack_commit(previous: View, new_map: BucketMap) -> bytes:
+    """The commit attachment: ``BKC1``, the coordinator's previous view (epoch u64,
+    coordinator str8), then the map (:meth:`BucketMap.serialize`)."""
+    name = previous.coordinator.encode("utf-8")[:255]
+    head = _MAGIC + struct.pack("!QB", previous.epoch, len(name)) + name
+    return head + new_map.serialize()
+
+
+def unpack_commit(data: bytes) -> tuple[tuple[int, str] | None, BucketMap]:
+    """Inverse of :func:`pack_commit` (a bare map: previous view unknown, None);
+    :class:`MalformedMap` on bad bytes."""
+    if not data.startswith(_MAGIC):
+        return None, BucketMap.parse(data)
+    try:
+        epoch, n = struct.unpack_from("!QB", data, 4)
+        name = data[13 : 13 + n]
+        if len(name) != n:
+            raise ValueError("short coordinator name")
+        previous = (int(epoch), name.decode("utf-8"))
+    except (struct.error, ValueError) as e:
+        raise MalformedMap(f"bad commit head: {e}") from e
+    return previous, BucketMap.parse(data[13 + n :])
+
 
 @implementer(IMembershipListener)
 class BucketMapService:
@@ -35,6 +70,10 @@ class BucketMapService:
         self.path: Path = node.config.data_dir / "bucketmap.bin"
         self.map = self._load(n_buckets)
         self._listeners: list[FreshListener] = []
+        #: True while the last installed view says this node was away (see the module
+        #: docstring); a boot's group of one counts as away.
+        self.away = False
+        self.away_installs = 0
         node.set_commit_attachment(self._compute)
         node.subscribe(self)
 
@@ -51,18 +90,20 @@ class BucketMapService:
         return {"buckets": self.map.counts()}
 
     def _compute(self, old: View, members: tuple[Member, ...], epoch: int) -> bytes:
-        return self.map.reassign([m.node_id for m in members], epoch).serialize()
+        return pack_commit(old, self.map.reassign([m.node_id for m in members], epoch))
 
     def membership_changed(self, old: View, new: View) -> None:
         """Install the map shipped with the commit (or compute it for a group of one)."""
         if new.attachment:
             try:
-                new_map = BucketMap.parse(new.attachment)
+                previous, new_map = unpack_commit(new.attachment)
             except MalformedMap as e:
                 self.log.error("bucket map in commit {epoch} unreadable: {e}", epoch=new.epoch, e=e)
                 return
+            away = previous is not None and previous != (old.epoch, old.coordinator)
         else:
             new_map = self.map.reassign(new.node_ids, new.epoch)
+            away = True  # booted: a group of one
         if len(new_map) != len(self.map):
             self.log.error(
                 "bucket map of {n} buckets, this node uses {m}: check every node's configuration",
@@ -71,6 +112,8 @@ class BucketMapService:
             )
             return
         old_map, self.map = self.map, new_map
+        self.away = away
+        self.away_installs += away
         self._save()
         fresh = new_map.fresh(old_map)
         for listener in list(self._listeners):

@@ -346,10 +346,24 @@ class MbUsersInBucket(_Cmd):
 
 class Hints(_Cmd):
     """Soft-state reconstruction step 2: ``[[bucket, epoch, [[user, has_mail, uidnext]...],
-    [profile record...]]...]`` from ``sender``'s hard state."""
+    [profile record...]]...]`` from ``sender``'s hard state, sent in ``sender``'s view
+    epoch ``view`` (the manager waits for that view if it is newer than its own)."""
 
     commandName = b"porcupine.hints"
-    arguments = [(b"sender", amp.Unicode()), (b"hints", Json())]
+    arguments = [
+        (b"sender", amp.Unicode()),
+        (b"hints", Json()),
+        (b"view", amp.Integer(optional=True)),
+    ]
+
+
+class HintsRequest(_Cmd):
+    """The pull: a manager whose soft state may have missed hints (it was *away*)
+    asks for the callee's hints of ``buckets`` (same entries as :class:`Hints`)."""
+
+    commandName = b"porcupine.hints-request"
+    arguments = [(b"sender", amp.Unicode()), (b"buckets", Json())]
+    response = [(b"hints", Json())]
 
 
 class ProfilePut(_Cmd):
@@ -372,7 +386,7 @@ COMMANDS: tuple[type[_Cmd], ...] = (
     UmPlan,
     MbStore, MbMailboxes, MbCreateMailbox, MbDeleteMailbox, MbRenameMailbox, MbSubscribe,
     MbDigests, MbFetch, MbSetFlags, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
-    Hints, ProfilePut, LoadExchange,
+    Hints, HintsRequest, ProfilePut, LoadExchange,
 )  # fmt: skip
 
 
@@ -648,8 +662,13 @@ def register_handlers(
 #: (on any node's delivery proxy) are not reused.
 UID_GAP = 32
 
-#: Hints for a map not installed yet that a manager keeps (one per sender and bucket).
+#: Hints from a view not installed yet that a manager keeps (one per sender and bucket).
 MAX_EARLY_HINTS = 64 * 1024
+
+#: A failed pull (``porcupine.hints-request``) is retried this often, this far apart,
+#: while the peer stays in the view and the view does not change.
+PULL_TRIES = 5
+PULL_RETRY = 0.5
 
 #: Peers each node swaps load figures with per ``load_interval`` (random ones), so
 #: the exchange costs the same per node whatever the cluster's size.
@@ -687,14 +706,29 @@ class ClusterUserManager(UserManager):
         self.settling: dict[int, set[str]] = {}
         self._timers: dict[int, IDelayedCall] = {}
         self._waiters: dict[int, list[Deferred[None]]] = {}
-        self._early: list[tuple[str, HintEntry]] = []
+        self._early: list[tuple[str, HintEntry, int | None]] = []
         self._gaps: dict[int, int] = {}
         self.hints_received = 0
+        self.view_epoch = 0
+        self.members: set[str] = set()
+        #: Buckets to pull hints for after the last :meth:`install` (we were away).
+        self.to_pull: list[int] = []
 
-    def install(self, new_map: BucketMap, live: Iterable[str]) -> set[int]:
-        """Adopt ``new_map``; the buckets that became ours and fresh start settling."""
+    def install(
+        self, new_map: BucketMap, live: Iterable[str], *, view: int = 0, away: bool = False
+    ) -> set[int]:
+        """Adopt ``new_map`` (committed in view epoch ``view``); the buckets that became
+        ours and fresh start settling.
+
+        ``away``: this node's previous view is not the one the coordinator committed
+        from (it rebooted, sat in another partition, or installed a commit the
+        coordinator never saw).  Then the buckets we manage that this commit did not
+        restamp may lack what the others hold (they saw no change and send nothing):
+        they settle again and land in :attr:`to_pull` (the caller asks every member).
+        """
         alive = set(live)
         fresh = self.state.install(new_map, alive)
+        self.view_epoch, self.members = view, alive
         mine = set(new_map.buckets_of(self.node_id))
         for user in list(self.uidnext):
             b = bucket_of(user)
@@ -705,12 +739,25 @@ class ClusterUserManager(UserManager):
                 self._settle(b)
         for b in sorted(fresh & mine):
             self._gaps[b] = UID_GAP if len(alive) > 1 else 0
-            self.settling[b] = set(alive)
-            self._timers[b] = self.clock.callLater(self.settle_timeout, self._timed_out, b)
+            self._start_settling(b, alive)
+        self.to_pull = []
+        if away and len(alive) > 1:
+            self.to_pull = sorted(b for b in mine if new_map.epochs[b] != view)
+            for b in self.to_pull:
+                self._gaps[b] = UID_GAP
+                if b not in fresh:
+                    self._start_settling(b, alive)
         early, self._early = self._early, []
-        for sender, entry in early:
-            self.apply(sender, entry)
+        for sender, entry, sent_in in early:
+            self.apply(sender, entry, sent_in)
         return fresh
+
+    def _start_settling(self, bucket: int, alive: set[str]) -> None:
+        timer = self._timers.pop(bucket, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.settling[bucket] = set(alive)
+        self._timers[bucket] = self.clock.callLater(self.settle_timeout, self._timed_out, bucket)
 
     def _timed_out(self, bucket: int) -> None:
         self._timers.pop(bucket, None)
@@ -729,20 +776,32 @@ class ClusterUserManager(UserManager):
         for d in self._waiters.pop(bucket, []):
             d.callback(None)
 
-    def apply(self, sender: str, entry: HintEntry) -> bool:
-        """Merge one bucket's hint from ``sender`` (kept for later if it is ahead of our map)."""
+    def apply(self, sender: str, entry: HintEntry, view: int | None = None) -> bool:
+        """Merge one bucket's hint from ``sender``, sent in view epoch ``view``.
+
+        Bucket epochs are not ordered across partitions (a merged map can keep an
+        older lineage's entry), view epochs are: a hint from a newer view than ours
+        is kept and replayed when we install that view; otherwise it counts only if
+        our map has the same (owner, epoch) entry and the sender is a member (else it
+        is dropped: its sender sees the bucket fresh and sends again).  ``view``
+        None (an older peer) is taken as our own view.
+        """
         try:
             bucket, epoch, users = int(entry[0]), int(entry[1]), entry[2]
         except (IndexError, TypeError, ValueError):
             return False
-        if not 0 <= bucket < N_BUCKETS:
+        if not 0 <= bucket < N_BUCKETS or not isinstance(users, list):
             return False
-        held = self.state.map.epochs[bucket]
-        if epoch > held:
+        if view is not None and view > self.view_epoch:
             if len(self._early) < MAX_EARLY_HINTS:
-                self._early.append((sender, entry))
+                self._early.append((sender, entry, view))
             return False
-        if epoch < held or self.state.map.owners[bucket] != self.node_id:
+        if (self.state.map.owners[bucket], self.state.map.epochs[bucket]) != (
+            self.node_id,
+            epoch,
+        ):
+            return False
+        if sender != self.node_id and sender not in self.members:
             return False
         self.hints_received += 1
         for item in users:
@@ -803,6 +862,7 @@ class ClusterUserManager(UserManager):
             "settling_buckets": len(self.settling),
             "users_with_mail": len(self.state.fragments),
             "hints_received": self.hints_received,
+            "early_hints": len(self._early),
         }
 
 
@@ -944,6 +1004,7 @@ class MailCluster(Service):
             stores=self.store_here,
         )
         node.registry.register(Hints, self._on_hints)
+        node.registry.register(HintsRequest, self._on_hints_request)
         node.registry.register(ProfilePut, self._on_profiles)
         node.registry.register(LoadExchange, self._on_load)
         buckets.subscribe(self._map_changed)
@@ -1066,16 +1127,26 @@ class MailCluster(Service):
 
     def _map_changed(self, old: BucketMap, new: BucketMap, fresh: set[int]) -> None:
         live = set(self.live())
-        self.user_manager.install(new, live)
-        if self._prev_live is None:
-            send = set(range(len(new)))  # just started: no manager knows what we hold
+        view = int(self.node.view.epoch)
+        # Away (see BucketMapService.away): booted, or our previous view is not the
+        # one the coordinator committed from. A bucket source without that notion
+        # (tests) only reports the boot.
+        away = self._prev_live is None or bool(getattr(self.buckets, "away", False))
+        self.user_manager.install(new, live, view=view, away=away)
+        if away:
+            send = set(range(len(new)))  # no manager knows what we hold
         else:
+            assert self._prev_live is not None
             came = live - self._prev_live
             send = set(fresh) | {b for b in range(len(new)) if new.owners[b] in came}
         prev = self._prev_live or {self.me}
         self._prev_live = live
         if send:
-            self.send_hints(new, send)
+            self.send_hints(new, send, view)
+        pull = self.user_manager.to_pull
+        if pull:
+            for peer in sorted(live - {self.me}):
+                self.pull_hints(peer, pull, view)
         came = live - prev
         if came and self.me == min(prev & live):
             self.push_all_profiles(sorted(came))
@@ -1095,36 +1166,51 @@ class MailCluster(Service):
         d.addErrback(lambda f: self.log.failure("profile anti-entropy push failed", f))
         return d.addCallback(lambda _: None)
 
-    def send_hints(self, new: BucketMap, buckets: set[int]) -> Deferred[None]:
-        """Read our hard state of ``buckets`` and send each new manager its part."""
-        started = float(self.reactor.seconds())
-        order = sorted(b for b in buckets if new.owners[b])
+    def _hint_entries(self, bmap: BucketMap, buckets: list[int]) -> Deferred[list[HintEntry]]:
+        """Our hard state of ``buckets`` as hint entries (one directory read and one
+        profile query per bucket), epochs from ``bmap``."""
         store = self.mail.fragment_store
 
         def read() -> list[tuple[int, dict[str, tuple[bool, int]]]]:
-            return [(b, store.uid_marks(b)) for b in order]
+            return [(b, store.uid_marks(b)) for b in buckets]
 
         d1 = self.mail._run_blocking(read)
-        d2 = self.mail.profiles.records_in_buckets(order)
+        d2 = self.mail.profiles.records_in_buckets(buckets)
 
-        def send(results: list[Any]) -> Deferred[None]:
+        def build(results: list[Any]) -> list[HintEntry]:
             (_, marks), (_, records) = results
+            return [
+                [
+                    b,
+                    bmap.epochs[b],
+                    [[u, m, n] for u, (m, n) in sorted(users.items())],
+                    [list(r) for r in records.get(b, [])],
+                ]
+                for b, users in marks
+            ]
+
+        d = DeferredList([d1, d2], fireOnOneErrback=True, consumeErrors=True)
+        return d.addCallback(build)
+
+    def send_hints(
+        self, new: BucketMap, buckets: set[int], view: int | None = None
+    ) -> Deferred[None]:
+        """Read our hard state of ``buckets`` and send each new manager its part,
+        tagged with our view epoch ``view`` (default: the current one)."""
+        started = float(self.reactor.seconds())
+        order = sorted(b for b in buckets if new.owners[b])
+        sent_in = int(self.node.view.epoch) if view is None else view
+
+        def send(entries: list[HintEntry]) -> Deferred[None]:
             per: dict[str, list[HintEntry]] = {}
-            for b, users in marks:
-                per.setdefault(new.owners[b], []).append(
-                    [
-                        b,
-                        new.epochs[b],
-                        [[u, m, n] for u, (m, n) in sorted(users.items())],
-                        [list(r) for r in records.get(b, [])],
-                    ]
-                )
+            for e in entries:
+                per.setdefault(new.owners[e[0]], []).append(e)
             ds = []
-            for manager, entries in per.items():
+            for manager, mine in per.items():
                 if manager == self.me:
-                    ds.append(self._apply_hints(self.me, entries))
+                    ds.append(self._apply_hints(self.me, mine, sent_in))
                 else:
-                    ds.append(self.call(manager, Hints, sender=self.me, hints=entries))
+                    ds.append(self.call(manager, Hints, sender=self.me, hints=mine, view=sent_in))
             self.hint_rounds.append(
                 {"epoch": max(new.epochs), "buckets": len(order), "managers": len(per)}
             )
@@ -1143,11 +1229,57 @@ class MailCluster(Service):
 
             return DeferredList(ds, consumeErrors=True).addCallback(done)
 
-        d = DeferredList([d1, d2], fireOnOneErrback=True, consumeErrors=True).addCallback(send)
+        d = self._hint_entries(new, order).addCallback(send)
         d.addErrback(lambda f: self.log.failure("sending reconstruction hints failed", f))
         return d
 
-    def _apply_hints(self, sender: str, entries: list[HintEntry]) -> Deferred[dict[str, Any]]:
+    def pull_hints(
+        self, peer: str, buckets: list[int], view: int, tries: int = PULL_TRIES
+    ) -> Deferred[None]:
+        """Ask ``peer`` for its hints of ``buckets`` (ours; we were away) and merge the
+        answer as a hint for our current map. Retried (``PULL_TRIES`` times,
+        ``PULL_RETRY`` s apart) while ``peer`` is a member and the view is ``view``."""
+        um = self.user_manager
+
+        def got(r: dict[str, Any]) -> Deferred[Any]:
+            entries = r["hints"] if isinstance(r["hints"], list) else []
+            asked = set(buckets)
+            ours = []
+            for e in entries:
+                try:
+                    b = int(e[0])
+                except (IndexError, TypeError, ValueError):
+                    continue
+                if b in asked and um.state.map.owners[b] == self.me:
+                    # Current hard state of the peer: counts for whatever map we hold now.
+                    ours.append([b, um.state.map.epochs[b], *e[2:]])
+            return self._apply_hints(peer, ours, um.view_epoch)
+
+        def failed(f: Failure) -> None:
+            still = [b for b in buckets if um.state.map.owners[b] == self.me]
+            if tries > 1 and still and um.view_epoch == view and peer in um.members:
+                self.reactor.callLater(PULL_RETRY, self.pull_hints, peer, still, view, tries - 1)
+            else:
+                self.log.warn("pulling hints from {p} failed: {e}", p=peer, e=f.getErrorMessage())
+
+        d = self.call(peer, HintsRequest, sender=self.me, buckets=list(buckets))
+        return d.addCallbacks(got, failed).addCallback(lambda _: None)
+
+    def _on_hints_request(self, sender: str, buckets: Any) -> Deferred[dict[str, Any]]:
+        if not isinstance(buckets, list) or len(buckets) > N_BUCKETS:
+            raise amp.MalformedAmpBox("buckets must be a list of bucket numbers")
+        try:
+            wanted = sorted({int(b) for b in buckets})
+        except (TypeError, ValueError) as e:
+            raise amp.MalformedAmpBox("buckets must be a list of bucket numbers") from e
+        if wanted and not (0 <= wanted[0] and wanted[-1] < N_BUCKETS):
+            raise amp.MalformedAmpBox("bucket number out of range")
+        d = self._hint_entries(self.user_manager.state.map, wanted)
+        return d.addCallback(lambda entries: {"hints": entries})
+
+    def _apply_hints(
+        self, sender: str, entries: list[HintEntry], view: int | None = None
+    ) -> Deferred[dict[str, Any]]:
         records: list[Record] = []
         for e in entries:
             if isinstance(e, list) and len(e) >= 4 and isinstance(e[3], list):
@@ -1156,17 +1288,19 @@ class MailCluster(Service):
         def apply(_: object) -> dict[str, Any]:
             for e in entries:
                 if isinstance(e, list):
-                    self.user_manager.apply(sender, e)
+                    self.user_manager.apply(sender, e, view)
             return {}
 
         d: Deferred[Any] = self.replicator.receive(records) if records else succeed(None)
         d.addErrback(lambda f: self.log.failure("merging hinted profiles failed", f))
         return d.addCallback(apply)
 
-    def _on_hints(self, sender: str, hints: Any) -> Deferred[dict[str, Any]]:
+    def _on_hints(
+        self, sender: str, hints: Any, view: int | None = None
+    ) -> Deferred[dict[str, Any]]:
         if not isinstance(hints, list):
             raise amp.MalformedAmpBox("hints must be a list")
-        return self._apply_hints(sender, hints)
+        return self._apply_hints(sender, hints, view)
 
     # --- service ---------------------------------------------------------------------
 
