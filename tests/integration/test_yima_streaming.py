@@ -133,6 +133,15 @@ def test_master_slave_mode_streams_from_the_master(tmp_path: Path, clip: Path) -
         assert len(got) >= len(want) - 1 and got == want[: len(got)]
         sent = [(n.status() or {}).get("streaming", {}).get("packets_sent", 0) for n in nodes]
         assert sent[0] > 0 and sent[1] == 0 and sent[2] == 0, sent
+        # An opted-in client (yimaporc play) also hears only the master.
+        stats = tmp_path / "ms.json"
+        subprocess.run(
+            [sys.executable, "-m", "yimaporc.cli", "play", f"rtsp://127.0.32.1:{RTSP}/clip",
+             "--bind", "127.0.32.9", "--duration", "3", "--stats", str(stats)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        doc = json.loads(stats.read_text())
+        assert doc["nodes_seen"] == 1 and doc["packets_received"] > 0, doc
     finally:
         for n in nodes:
             n.kill(signal.SIGTERM)
