@@ -1768,8 +1768,10 @@ def part_retransmit(s: Settings, res: dict[str, Any], errors: list[str], clip: P
                 return {
                     "drop": rate,
                     "missing_with": st["packets_missing_at_playout"] / exp,
-                    # what would be missing without retransmission: the dropped packets
-                    "missing_without": st["packets_dropped_simulated"] / exp,
+                    # what would be missing without retransmission: the loss rate among
+                    # arrivals (the server sends ahead of --duration, so not / expected)
+                    "missing_without": st["packets_dropped_simulated"]
+                    / max(1, st.get("packets_received") or 0),
                     "nacks_sent": st.get("nacks_sent"),
                     "retransmissions_received": st.get("retransmissions_received"),
                     "packets_expected": exp,
