@@ -242,3 +242,28 @@ def test_malformed_hint_requests_are_protocol_errors(tmp_path: Path) -> None:
             result_of(n1.cluster.call("n2", HintsRequest, sender="n1", buckets=junk))
     got = result_of(n1.cluster.call("n2", HintsRequest, sender="n1", buckets=[3, 3, 0]))
     assert [e[0] for e in got["hints"]] == [0, 3]
+
+
+def test_fragment_note_reaching_a_new_manager_before_its_map_is_kept(tmp_path: Path) -> None:
+    """n4 joins; n1 has installed the new map and n4 not yet. Mail for a user of a
+    bucket moving to n4 is delivered at n1 after n1 sent its hints: the add_fragment
+    note reaches n4 before n4 manages the bucket. n4 keeps it until it installs the
+    map (which resets the fresh bucket), then applies it."""
+    net = ReconNet(tmp_path)
+    for n in ("n1", "n2", "n3"):
+        net.add(n)
+    net.commit(["n1", "n2", "n3"])
+    n4 = net.add("n4")
+    net.commit(["n1", "n2", "n3", "n4"], on=["n1", "n2", "n3"])
+    user = next(
+        u
+        for u in (f"user{i}@{DOMAIN}" for i in range(5000))
+        if net.map.owners[bucket_of(u)] == "n4"
+    )
+    add_user(net, "n1", user)
+    mail_on(net, user, b"early\r\n", "n1")
+    n4.install(net.node("n1").view)
+    um = n4.cluster.user_manager
+    assert um.settling == {}, "the others' hints, sent before, were kept for this view"
+    assert result_of(um.fragments(user)) == ("n1",)
+    check_mailbox(net, "n2", user, {b"early\r\n"})

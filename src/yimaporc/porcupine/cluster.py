@@ -18,7 +18,13 @@ of each ``porcupine-node`` into one mail service:
   highest UIDNEXT, the bucket's profile records), one directory read per bucket.
   A fresh bucket is *settling* until every live node has answered for it or
   ``settle_timeout`` passed; ``fragments`` and ``reserve_uids`` for its users wait
-  for that (profiles never wait: every node holds them all).
+  for that (profiles never wait: every node holds them all).  Hints carry the
+  sender's view epoch: one from a newer view waits for it, others count only on an
+  exact (owner, bucket epoch) match.  A node that was *away*
+  (:attr:`~yimaporc.cluster.bucketservice.BucketMapService.away`: booted, or its
+  previous view is not the one the commit was made from) sends hints for every
+  bucket and pulls (``porcupine.hints-request``) the buckets it manages that the
+  commit did not restamp from every member (docs/mail.md).
 - :class:`ProfileReplicator` is the one profile write path: the local SQLite
   write, then a push of the record to every live member (``porcupine.profiles``),
   newest ``updated`` winning; hints carry the records too, so a node that was
@@ -707,6 +713,7 @@ class ClusterUserManager(UserManager):
         self._timers: dict[int, IDelayedCall] = {}
         self._waiters: dict[int, list[Deferred[None]]] = {}
         self._early: list[tuple[str, HintEntry, int | None]] = []
+        self._early_notes: list[tuple[str, str]] = []
         self._gaps: dict[int, int] = {}
         self.hints_received = 0
         self.view_epoch = 0
@@ -750,6 +757,10 @@ class ClusterUserManager(UserManager):
         early, self._early = self._early, []
         for sender, entry, sent_in in early:
             self.apply(sender, entry, sent_in)
+        notes, self._early_notes = self._early_notes, []
+        for user, node in notes:
+            if self.state.manages(user) and node in alive:
+                self.state.add_fragment(user, node)
         return fresh
 
     def _start_settling(self, bucket: int, alive: set[str]) -> None:
@@ -821,6 +832,17 @@ class ClusterUserManager(UserManager):
             if not waiting:
                 self._settle(bucket)
         return True
+
+    def add_fragment(self, address: str, node: str) -> Deferred[None]:
+        """See :class:`IUserManager`. A note for a user we do not manage comes from a
+        proxy whose map is newer (or older) than ours: it is also kept until our next
+        map install, then applied again if the user is ours, so a note that arrives
+        just before we install the map that gives us the bucket (and resets it) is
+        not lost."""
+        address = address.lower()
+        if not self.state.manages(address) and len(self._early_notes) < MAX_EARLY_HINTS:
+            self._early_notes.append((address, node))
+        return super().add_fragment(address, node)
 
     def settled(self, address: str) -> Deferred[None]:
         """Fires once ``address``'s bucket is not settling (at once if it is not)."""
