@@ -25,7 +25,7 @@ from yimaporc.cluster.bucketservice import BucketMapService, pack_commit, unpack
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.cluster.wire import Member
-from yimaporc.porcupine.cluster import HintsRequest, MailCluster, MbStore
+from yimaporc.porcupine.cluster import Hints, HintsRequest, MailCluster, MbStore
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 
@@ -267,3 +267,27 @@ def test_fragment_note_reaching_a_new_manager_before_its_map_is_kept(tmp_path: P
     assert um.settling == {}, "the others' hints, sent before, were kept for this view"
     assert result_of(um.fragments(user)) == ("n1",)
     check_mailbox(net, "n2", user, {b"early\r\n"})
+
+
+def test_failed_hint_push_is_resent_while_the_map_stands(tmp_path: Path) -> None:
+    """n4 joins while it refuses hints for a moment: each sender resends 0.5 s later,
+    so n4's fragment lists get n1's mail without waiting for a later map change."""
+    net = ReconNet(tmp_path)
+    for n in ("n1", "n2", "n3"):
+        net.add(n)
+    net.commit(["n1", "n2", "n3"])
+    after = BucketMap(net.map.owners, net.map.epochs).reassign(["n1", "n2", "n3", "n4"], 99)
+    user = next(
+        u for u in (f"user{i}@{DOMAIN}" for i in range(5000)) if after.owners[bucket_of(u)] == "n4"
+    )
+    add_user(net, "n1", user)
+    mail_on(net, user, b"on n1\r\n", "n1")
+    n4 = net.add("n4")
+    net.refuse = {("n4", Hints.commandName)}  # type: ignore[misc]
+    net.commit(["n1", "n2", "n3", "n4"])
+    um = n4.cluster.user_manager
+    assert um.settling, "nobody's hints arrived"
+    net.refuse = set()
+    net.clock.advance(0.5)
+    assert um.settling == {}, "resent and settled before the 2 s timeout"
+    assert result_of(um.fragments(user)) == ("n1",)

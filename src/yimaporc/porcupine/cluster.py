@@ -1232,7 +1232,7 @@ class MailCluster(Service):
                 if manager == self.me:
                     ds.append(self._apply_hints(self.me, mine, sent_in))
                 else:
-                    ds.append(self.call(manager, Hints, sender=self.me, hints=mine, view=sent_in))
+                    ds.append(self._push(manager, mine, sent_in))
             self.hint_rounds.append(
                 {"epoch": max(new.epochs), "buckets": len(order), "managers": len(per)}
             )
@@ -1254,6 +1254,31 @@ class MailCluster(Service):
         d = self._hint_entries(new, order).addCallback(send)
         d.addErrback(lambda f: self.log.failure("sending reconstruction hints failed", f))
         return d
+
+    def _push(
+        self, manager: str, entries: list[HintEntry], view: int, tries: int = PULL_TRIES
+    ) -> Deferred[Any]:
+        """One ``porcupine.hints`` call; on failure resent (``PULL_TRIES`` times,
+        ``PULL_RETRY`` s apart) while ``manager`` is live and our map still gives it
+        those buckets at those epochs."""
+
+        def failed(f: Failure) -> Failure:
+            bmap = self.user_manager.state.map
+            still = [
+                e for e in entries if (bmap.owners[e[0]], bmap.epochs[e[0]]) == (manager, e[1])
+            ]
+            if tries > 1 and still and manager in self.live():
+                self.reactor.callLater(PULL_RETRY, self._repush, manager, still, view, tries - 1)
+            return f
+
+        d = self.call(manager, Hints, sender=self.me, hints=entries, view=view)
+        return d.addErrback(failed)
+
+    def _repush(self, manager: str, entries: list[HintEntry], view: int, tries: int) -> None:
+        d = self._push(manager, entries, view, tries)
+        d.addErrback(
+            lambda f: self.log.warn("hints to {m} failed: {e}", m=manager, e=f.getErrorMessage())
+        )
 
     def pull_hints(
         self, peer: str, buckets: list[int], view: int, tries: int = PULL_TRIES
