@@ -52,3 +52,36 @@ def test_rtsp_file_server_example_plays_in_ffmpeg(tmp_path: Path, transport: str
         server.wait(timeout=10)
     want, have = _framemd5(tmp_path / "clip.ts"), _framemd5(got)
     assert len(have) >= len(want) - 1 and have == want[: len(have)]
+
+
+def test_embedded_mail_service_example_takes_and_serves_mail(tmp_path: Path) -> None:
+    """examples/embed_mail_service.py: smtplib delivers, imaplib and poplib read it back."""
+    import imaplib
+    import poplib
+    import smtplib
+
+    log = tmp_path / "mail.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "embed_mail_service.py"), str(tmp_path / "data"),
+             "127.0.71.2", "2525"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "mail for ann@example.org" in log.read_text(), 30, "the example")
+        with smtplib.SMTP("127.0.71.2", 2525, timeout=10) as smtp:
+            smtp.sendmail("bob@example.net", ["ann@example.org"], b"Subject: hi\r\n\r\nhello\r\n")
+        imap = imaplib.IMAP4("127.0.71.2", 1143, timeout=10)
+        imap.login("ann@example.org", "secret")
+        imap.select("INBOX")
+        typ, data = imap.uid("FETCH", "1:*", "(BODY[])")
+        imap.logout()
+        assert typ == "OK" and b"hello" in data[0][1]  # type: ignore[index]
+        pop = poplib.POP3("127.0.71.2", 1110, timeout=10)
+        pop.user("ann@example.org")
+        pop.pass_("secret")
+        assert pop.stat()[0] == 1
+        pop.quit()
+    finally:
+        server.terminate()
+        server.wait(timeout=15)

@@ -46,7 +46,7 @@ from .profiledb import ProfileDB
 from .retrieval import RetrievalProxy
 from .usermap import BadAddress, LocalUserMap, normalise
 from .users import UserManager
-from .values import NoSuchUser, UserExists
+from .values import NoSuchUser, Profile, UserExists
 
 DEFAULT_MAX_MESSAGE_SIZE = 25 << 20
 _DOMAIN = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)*$")
@@ -351,6 +351,10 @@ class MailService(MultiService):
         if len(password) > 1024:
             raise ApiError("password too long")
         return password
+
+    def add_user(self, address: str, password: str, replicas: int = 1) -> Deferred[Profile]:
+        """Create a user (cluster-wide when attached to a cluster); fails with UserExists."""
+        return self.replicator.add(normalise(address), password, replicas)
 
     def _list_users(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
         return self.profiles.users().addCallback(
