@@ -63,6 +63,9 @@ class DeliveryProxy:
         #: ``balancer.LoadBalancer`` (or the same API) once clustered.
         self.balancer: Any = None
         self.retries = 0
+        #: Replication's ``store(nodes, message)`` (``MailReplication``): users with
+        #: ``replicas >= 2`` are stored through it, one logged update for all copies.
+        self.replicated: Callable[[Sequence[str], NewMessage], Deferred[list[Digest]]] | None = None
 
     def lookup(self, address: str) -> Deferred[Profile | None]:
         """The recipient's profile (None: no such user)."""
@@ -113,17 +116,18 @@ class DeliveryProxy:
             uid: int, nodes: list[str], fragments: tuple[str, ...]
         ) -> Deferred[list[Digest]]:
             msg = NewMessage(address, INBOX, body, (), when, uid)
-            tried = set(nodes)
-            stores = [self._store(n, msg, tried, fragments) for n in nodes]
 
-            def stored(results: list[tuple[bool, Any]]) -> Deferred[list[Digest]]:
-                digests = [dig for _, got in results for dig in got]
+            def noted(digests: list[Digest]) -> Deferred[list[Digest]]:
                 new = dict.fromkeys(dig.node for dig in digests if dig.node not in fragments)
                 adds = [manager.add_fragment(address, n) for n in new]
                 return DeferredList(adds).addCallback(lambda _: digests)
 
+            if self.replicated is not None and len(nodes) > 1:
+                return self.replicated(nodes, msg).addCallback(noted)
+            tried = set(nodes)
+            stores = [self._store(n, msg, tried, fragments) for n in nodes]
             return DeferredList(stores, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
-                stored, _first_error
+                lambda results: noted([dig for _, got in results for dig in got]), _first_error
             )
 
         return d.addCallback(got_profile)

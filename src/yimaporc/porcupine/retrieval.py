@@ -53,6 +53,11 @@ class UserMail:
         self.now: Callable[[], float] | None = None
         self.fragments_ttl = 1.0
         self._node_cache: tuple[list[str], float] | None = None
+        #: With replication (issue 8): each message is read from its least-loaded
+        #: holder (``load_of``; another holder if that read fails), and a flag change
+        #: or deletion goes to one holder, whose logged update reaches the others.
+        self.replicated = False
+        self.load_of: Callable[[str], float] | None = None
 
     def _home(self) -> IMailboxManager:
         return self.managers(self.home)
@@ -223,12 +228,58 @@ class UserMail:
                 out.setdefault(n, []).append(d.uid)
         return out
 
+    def _holders_of(self, mailbox: str, d: Digest) -> list[str]:
+        """Nodes holding ``d`` (its copies too), the least loaded first."""
+        nodes = list(dict.fromkeys([d.node, *self._copies.get((mailbox, d.uid), ())]))
+        if self.load_of is not None and len(nodes) > 1:
+            load_of = self.load_of
+            nodes.sort(key=lambda n: load_of(n))  # stable: the listed node wins ties
+        return nodes
+
+    def _on_one_holder(
+        self,
+        mailbox: str,
+        digests: Sequence[Digest],
+        op: Callable[[IMailboxManager, list[int]], Deferred[Any]],
+    ) -> Deferred[list[Any]]:
+        """Run ``op`` for each message on one holder, the next holder if that fails;
+        the results of the calls that succeeded (a message no holder answered for
+        fails the whole call)."""
+        plans = {d.uid: self._holders_of(mailbox, d) for d in digests}
+
+        def round_(pending: dict[int, list[str]], results: list[Any]) -> Deferred[list[Any]]:
+            by_node: dict[str, list[int]] = {}
+            for uid, nodes in pending.items():
+                by_node.setdefault(nodes[0], []).append(uid)
+            items = list(by_node.items())
+            ds = [op(self.managers(node), uids) for node, uids in items]
+
+            def done(outcome: list[tuple[bool, Any]]) -> Deferred[list[Any]] | list[Any]:
+                again: dict[int, list[str]] = {}
+                for (node, uids), (ok, got) in zip(items, outcome, strict=True):
+                    if ok:
+                        results.append(got)
+                        continue
+                    for uid in uids:
+                        rest = pending[uid][1:]
+                        if not rest:
+                            got.raiseException()
+                        again[uid] = rest
+                    self.log.warn(
+                        "{u}: {n} failed ({e}); trying another replica",
+                        u=self.address,
+                        n=node,
+                        e=got.getErrorMessage(),
+                    )
+                return round_(again, results) if again else results
+
+            return DeferredList(ds, consumeErrors=True).addCallback(done)
+
+        return round_(plans, []) if plans else succeed([])
+
     def fetch(self, mailbox: str, digests: Sequence[Digest]) -> Deferred[dict[int, bytes]]:
-        """Bodies by UID, each from the node that holds it."""
-        ds = [
-            self.managers(node).fetch(self.address, mailbox, uids)
-            for node, uids in self._by_node(digests).items()
-        ]
+        """Bodies by UID, each from a node that holds it (with replication the least
+        loaded holder, another one if that read fails)."""
 
         def merge(parts: list[dict[int, bytes]]) -> dict[int, bytes]:
             out: dict[int, bytes] = {}
@@ -236,16 +287,21 @@ class UserMail:
                 out.update(p)
             return out
 
+        if self.replicated:
+            return self._on_one_holder(
+                mailbox, digests, lambda m, uids: m.fetch(self.address, mailbox, uids)
+            ).addCallback(merge)
+        ds = [
+            self.managers(node).fetch(self.address, mailbox, uids)
+            for node, uids in self._by_node(digests).items()
+        ]
         return gatherResults(ds, consumeErrors=True).addCallback(merge)
 
     def set_flags(
         self, mailbox: str, digests: Sequence[Digest], flags: Sequence[str], mode: int
     ) -> Deferred[dict[int, tuple[str, ...]]]:
-        """STORE on each node; the new flags by UID."""
-        ds = [
-            self.managers(node).set_flags(self.address, mailbox, uids, flags, mode)
-            for node, uids in self._by_node(digests, mailbox).items()
-        ]
+        """STORE on each node (with replication on one holder per message); the new
+        flags by UID."""
 
         def merge(parts: list[dict[int, tuple[str, ...]]]) -> dict[int, tuple[str, ...]]:
             out: dict[int, tuple[str, ...]] = {}
@@ -253,10 +309,22 @@ class UserMail:
                 out.update(p)
             return out
 
+        if self.replicated:
+            return self._on_one_holder(
+                mailbox,
+                digests,
+                lambda m, uids: m.set_flags(self.address, mailbox, uids, flags, mode),
+            ).addCallback(merge)
+        ds = [
+            self.managers(node).set_flags(self.address, mailbox, uids, flags, mode)
+            for node, uids in self._by_node(digests, mailbox).items()
+        ]
         return gatherResults(ds, consumeErrors=True).addCallback(merge)
 
     def delete(self, mailbox: str, digests: Sequence[Digest]) -> Deferred[list[int]]:
         """Remove messages; nodes left with nothing of the user leave the fragment list."""
+        if self.replicated:
+            return self._delete_replicated(mailbox, digests)
         by_node = self._by_node(digests, mailbox)
         ds = [
             self.managers(node).delete(self.address, mailbox, uids)
@@ -270,6 +338,20 @@ class UserMail:
             return DeferredList(checks).addCallback(lambda _: removed)
 
         return gatherResults(ds, consumeErrors=True).addCallback(done)
+
+    def _delete_replicated(self, mailbox: str, digests: Sequence[Digest]) -> Deferred[list[int]]:
+        """One holder per message makes the deletion a logged update (tombstone)."""
+        d = self._on_one_holder(
+            mailbox, digests, lambda m, uids: m.delete(self.address, mailbox, uids)
+        )
+
+        def done(parts: list[list[int]]) -> list[int]:
+            self._node_cache = None
+            for dig in digests:
+                self._copies.pop((mailbox, dig.uid), None)
+            return sorted({u for p in parts for u in p})
+
+        return d.addCallback(done)
 
     def _maybe_leave(self, node: str) -> Deferred[None]:
         def check(mboxes: list[MailboxInfo]) -> Deferred[None] | None:
@@ -370,6 +452,9 @@ class RetrievalProxy:
         self.cluster = False
         #: A clock for :attr:`UserMail.now` (the cluster sets it).
         self.now: Callable[[], float] | None = None
+        #: Set by replication (``MailReplication.attach_cluster``); see UserMail.
+        self.replicated = False
+        self.load_of: Callable[[str], float] | None = None
 
     def authenticate(self, address: str, password: str) -> Deferred[Profile]:
         """The profile, or ``BadCredentials``."""
@@ -380,6 +465,8 @@ class RetrievalProxy:
         home = self.home_of(address) if self.home_of is not None else self.node_id
         mail = UserMail(address, home, self.users(address), self.mailboxes, self.cluster)
         mail.now = self.now
+        mail.replicated = self.replicated
+        mail.load_of = self.load_of
         return mail
 
 

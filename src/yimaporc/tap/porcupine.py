@@ -21,7 +21,11 @@ class Options(NodeOptions):
         ["pop3", None, None, "POP3 endpoint."],
         ["imap", None, None, "IMAP endpoint."],
         ["max-message-size", None, str(25 << 20), "Largest message SMTP accepts (bytes)."],
-    ]
+        ["replication-retention", None, str(7 * 86400),
+         "Seconds an update-log entry is kept; a node away longer must be wiped (issue 8)."],
+        ["acks-before-reply", None, "2",
+         "Durable copies of a replicated message before SMTP says 250 (1 or more)."],
+    ]  # fmt: skip
 
     def postOptions(self) -> None:
         """Common checks, then the mail ones."""
@@ -32,6 +36,14 @@ class Options(NodeOptions):
             raise usage.UsageError("--domain is required")
         if not str(self["max-message-size"]).isdigit():
             raise usage.UsageError("--max-message-size must be a number of bytes")
+        try:
+            retention = float(self["replication-retention"])
+        except ValueError:
+            retention = -1.0
+        if not retention > 0:
+            raise usage.UsageError("--replication-retention must be a positive number of seconds")
+        if not str(self["acks-before-reply"]).isdigit() or int(self["acks-before-reply"]) < 1:
+            raise usage.UsageError("--acks-before-reply must be a whole number >= 1")
 
 
 def makeService(options: Options) -> IService:
@@ -40,6 +52,8 @@ def makeService(options: Options) -> IService:
 
     from ..cluster.bucketservice import BucketMapService
     from ..porcupine.cluster import MailCluster
+    from ..porcupine.replication import ReplicationConfig
+    from ..porcupine.replication.mail import MailReplication
     from ..porcupine.service import MailService
 
     node = build_node(reactor, options)
@@ -61,8 +75,20 @@ def makeService(options: Options) -> IService:
     except ValueError as e:
         raise usage.UsageError(str(e)) from e
     mail.setServiceParent(node)
+    try:
+        config = ReplicationConfig(
+            retention=float(options["replication-retention"]),
+            acks_before_reply=int(options["acks-before-reply"]),
+        )
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from e
+    # Replication first: it replaces mail.mailbox_manager, which the cluster's AMP
+    # mailbox commands then serve.
+    replication = MailReplication(mail, node, config=config)
+    replication.setServiceParent(node)
     cluster = MailCluster(mail, node, user_map)
     cluster.setServiceParent(node)
+    replication.attach_cluster(cluster)
     node.add_status(cluster.status)
     for route in mail.admin_routes():
         node.add_route(route)
