@@ -120,7 +120,7 @@ class Settings:
         self.rtsp_max = 256 if quick else 512
         # the whole run must end in time (QUICK=1 < 3 min, full < 15 min): the streaming
         # ramps, which come last, get what is left of this, minus a reserve for the report
-        self.total_s = 170.0 if quick else 840.0
+        self.total_s = 150.0 if quick else 800.0
         self.t0 = time.monotonic()
         self.retx_rates = [0.0, 0.01, 0.05, 0.1]
         self.retx_seeds = 2 if quick else 5

@@ -122,6 +122,49 @@ def test_unknown_media_is_404_and_node_keeps_serving(
     play(f"rtsp://127.0.31.1:{RTSP}/clip", tmp_path / "again.ts", "tcp")
 
 
+def _status_of(request: bytes, host: str = "127.0.31.1") -> str:
+    """One raw request on a fresh connection; the reply's status line."""
+    with socket.create_connection((host, RTSP), timeout=10) as sock:
+        sock.sendall(request)
+        buf = b""
+        while b"\r\n" not in buf:
+            more = sock.recv(65536)
+            if not more:
+                break
+            buf += more
+    return buf.split(b"\r\n", 1)[0].decode(errors="replace")
+
+
+def test_bad_rtsp_gets_the_right_status_and_node_keeps_serving(
+    bipartite: list[NodeProc], tmp_path: Path
+) -> None:
+    """Malformed requests, bad transports, PLAY before SETUP, oversized lines: an RTSP
+    error status each (RFC 2326 §7.1.1), never a crash; ffmpeg still plays afterwards."""
+    url = f"rtsp://127.0.31.1:{RTSP}/clip"
+    cases = [
+        (b"this is not rtsp\r\n\r\n", "400"),
+        (f"PLAY {url} RTSP/1.0\r\nCSeq: 1\r\n\r\n".encode(), "455"),
+        (f"PLAY {url} RTSP/1.0\r\nCSeq: 1\r\nSession: 12345\r\n\r\n".encode(), "454"),
+        (f"SETUP {url}/track1 RTSP/1.0\r\nCSeq: 1\r\n"
+         "Transport: RTP/AVP;multicast\r\n\r\n".encode(), "461"),
+        (f"SETUP {url}/track1 RTSP/1.0\r\nCSeq: 1\r\n\r\n".encode(), "461"),
+        (f"SETUP {url}/track1 RTSP/1.0\r\nCSeq: 1\r\n"
+         "Transport: RTP/AVP;unicast;client_port=70000-70001\r\n\r\n".encode(), "461"),
+        (f"SETUP rtsp://127.0.31.1:{RTSP}/nothing/track1 RTSP/1.0\r\nCSeq: 1\r\n"
+         "Transport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n\r\n".encode(), "404"),
+        (b"DESCRIBE rtsp://127.0.31.1/" + b"a" * 8000 + b" RTSP/1.0\r\nCSeq: 1\r\n\r\n", "414"),
+        (f"DESCRIBE {url} RTSP/1.0\r\nCSeq: 1\r\n".encode() + b"X-Pad: y\r\n" * 2000 + b"\r\n",
+         "400"),
+        (f"RECORD {url} RTSP/1.0\r\nCSeq: 1\r\n\r\n".encode(), "405"),
+        (f"DESCRIBE {url} RTSP/2.0\r\nCSeq: 1\r\n\r\n".encode(), "505"),
+    ]  # fmt: skip
+    for req, want in cases:
+        line = _status_of(req)
+        assert line.startswith("RTSP/1.0 ") and line.split()[1] == want, (req[:60], line)
+    assert all(n.process.poll() is None for n in bipartite), "a node died"
+    play(url, tmp_path / "after.ts", "tcp")
+
+
 def test_master_slave_mode_streams_from_the_master(tmp_path: Path, clip: Path) -> None:
     """In master-slave mode the RTSP node alone sends; ffmpeg still gets the frames."""
     nodes = cluster(tmp_path, 32, "master-slave")
