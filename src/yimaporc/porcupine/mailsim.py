@@ -40,7 +40,14 @@ costs is counted (a call a node makes to itself is free):
 
 Delivery is at least once: if a store's reply is lost, the retry can store
 the message a second time; retrieval merges by message id (the invariants
-check that only such deliveries have copies).
+check that only such deliveries have copies).  With ``replicas`` R > 1 the
+proxy stores every message on the R nodes the balancer picks, each copy also
+paying an update-log write, and answers when all R are durable.
+
+A cost model (``MailConfig.cpu``, off by default): each node also has one
+CPU, a FIFO server like its disk, charged per SMTP message at the proxy, per
+end of every call between two nodes, per stored copy and per log write;
+:meth:`MailSim.closed_loop` drives it at saturation (bench/model.py).
 """
 
 from __future__ import annotations
@@ -65,6 +72,16 @@ from .softstate import Hint, UserManagerState, bucket_of, hints_for
 N_BUCKETS = 256
 
 
+@attrs.frozen
+class CpuCost:
+    """CPU seconds per operation on a node's one core (``MailConfig.cpu``)."""
+
+    smtp: float = 0.0  # at the proxy: one message's SMTP session
+    rpc: float = 0.0  # at each end of a call between two nodes
+    store: float = 0.0  # at a node storing one copy
+    log: float = 0.0  # at each replica, when replicas > 1: the update-log entry
+
+
 @attrs.define
 class MailConfig:
     """Workload and cost parameters of one simulation."""
@@ -82,6 +99,8 @@ class MailConfig:
     exchange_interval: float = 1.0
     hot_users: int = 0  # the first k users receive ``hot_share`` of the mail
     hot_share: float = 0.0
+    cpu: CpuCost | None = None  # None: CPU is free (only disks and latency cost time)
+    log_disk_time: float = 0.0  # disk time of a replica's update-log write (replicas > 1)
 
 
 @attrs.define(eq=False)
@@ -100,6 +119,9 @@ class MailNode:
     incarnation: int = 0
     up: bool = False
     disk_free: float = 0.0
+    cpu_free: float = 0.0
+    disk_busy: float = 0.0  # seconds of disk work queued so far
+    cpu_busy: float = 0.0  # seconds of CPU work queued so far
     pending: int = 0
     stores: int = 0
     exchanging: int = -1  # incarnation whose load exchange loop runs
@@ -123,6 +145,7 @@ class _Delivery:
     fragments: list[str] = attrs.field(factory=list)
     attempts: int = 0
     timeouts: int = 0
+    done: Callable[[bool], None] | None = None
 
 
 class _Net(SimNetwork):
@@ -243,6 +266,7 @@ class MailSim:
         m.early = []
         m.pending = 0
         m.disk_free = self.net.now
+        m.cpu_free = self.net.now
 
     def crash(self, node_id: str) -> None:
         """Stop a node: soft state and queued disk work are lost, hard state stays."""
@@ -322,23 +346,49 @@ class MailSim:
                         return
                     if src.lb is not None and src.up and src.incarnation == inc:
                         src.lb.observe(dst_id, load, self.net.now)
-                    reply(result)
+                    self._cpu(src, self._rpc_cpu, lambda: reply(result))
 
                 self.net.at(self.net.now + self._latency(), back)
 
-            work(dst, respond)
+            self._cpu(dst, self._rpc_cpu, lambda: work(dst, respond))
 
         self.net.at(self.net.now + self._latency(), arrive)
 
     def _latency(self) -> float:
         return self.rng.uniform(*self.config.rpc_latency)
 
-    def _disk(self, node: MailNode, fn: Callable[[], None]) -> None:
+    @property
+    def _rpc_cpu(self) -> float:
+        return self.config.cpu.rpc if self.config.cpu else 0.0
+
+    def _cpu(self, node: MailNode, seconds: float, fn: Callable[[], None]) -> None:
+        """Queue ``seconds`` of CPU work on ``node`` (FIFO); ``fn`` runs when it is done.
+
+        Free work (the default, no cost model) runs at once, as before the model.
+        """
+        if seconds <= 0:
+            fn()
+            return
+        inc = node.incarnation
+        start = max(self.net.now, node.cpu_free)
+        node.cpu_free = start + seconds
+        node.cpu_busy += seconds
+
+        def done() -> None:
+            if node.up and node.incarnation == inc:
+                fn()
+
+        self.net.at(node.cpu_free, done)
+
+    def _disk(self, node: MailNode, fn: Callable[[], None], seconds: float | None = None) -> None:
         """Queue one disk operation on ``node``; ``fn`` runs when it completes."""
         inc = node.incarnation
         factor = self.config.slow.get(node.node_id, 1.0)
         start = max(self.net.now, node.disk_free)
-        node.disk_free = start + self.config.disk_time * factor * self.rng.uniform(0.5, 1.5)
+        t = (self.config.disk_time if seconds is None else seconds) * factor
+        t *= self.rng.uniform(0.5, 1.5)
+        node.disk_free = start + t
+        node.disk_busy += t
         node.pending += 1
 
         def done() -> None:
@@ -519,15 +569,14 @@ class MailSim:
             return self.users[self.rng.randrange(c.hot_users)]
         return self.users[self.rng.randrange(len(self.users))]
 
-    def deliver(self, proxy: str, user: str) -> None:
-        """An SMTP client hands ``proxy`` a message for ``user``."""
+    def deliver(self, proxy: str, user: str, done: Callable[[bool], None] | None = None) -> None:
+        """An SMTP client hands ``proxy`` a message for ``user``; ``done(acked)`` at the end."""
         p = self.mail[proxy]
         if not p.up:
             return
         self._next_msg += 1
-        d = _Delivery(user, f"m{self._next_msg}", proxy, p.incarnation)
+        d = _Delivery(user, f"m{self._next_msg}", proxy, p.incarnation, done=done)
         self.deliveries += 1
-        manager = p.map.owners[self._bucket(user)]
 
         def got(frags: list[str] | None) -> None:
             d.fragments = list(frags or [])
@@ -536,25 +585,38 @@ class MailSim:
         def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
             respond(self._fragments_of(dst, user))
 
-        if not manager:
-            self._store(d)
-            return
-        self._rpc(p, manager, "delivery", work, got, lambda: self._store(d))
+        def session() -> None:
+            manager = p.map.owners[self._bucket(user)]
+            if not manager:
+                self._store(d)
+                return
+            self._rpc(p, manager, "delivery", work, got, lambda: self._store(d))
+
+        self._cpu(p, self.config.cpu.smtp if self.config.cpu else 0.0, session)
+
+    def _give_up(self, d: _Delivery) -> None:
+        self.failed_deliveries += 1
+        if d.done is not None:
+            d.done(False)
 
     def _store(self, d: _Delivery) -> None:
         p = self.mail[d.proxy]
         if not p.up or p.incarnation != d.incarnation or p.lb is None:
             return
         if d.attempts >= self.config.store_attempts:
-            self.failed_deliveries += 1
+            self._give_up(d)
             return
         d.attempts += 1
         targets = p.lb.choose(self.live(p.node_id), d.fragments, self.config.replicas, self.net.now)
         if not targets:
-            self.failed_deliveries += 1
+            self._give_up(d)
             return
-        target = targets[0]
         b = self._bucket(d.user)
+        replicated = self.config.replicas > 1
+        cpu = self.config.cpu
+        cpu_s = (cpu.store + (cpu.log if replicated else 0.0)) if cpu else 0.0
+        # one round of stores, to every target; the delivery is acked when all reply
+        attempt = {"left": len(targets), "failed": False}
 
         def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
             def write() -> None:
@@ -564,20 +626,31 @@ class MailSim:
                 dst.stores += 1
                 if first:
                     self._tell_manager(dst, dst.incarnation, d.user)
-                respond(True)
+                if replicated:  # the replica's update-log entry is durable too
+                    self._disk(dst, lambda: respond(True), self.config.log_disk_time)
+                else:
+                    respond(True)
 
-            self._disk(dst, write)
+            self._cpu(dst, cpu_s, lambda: self._disk(dst, write))
 
         def ok(_: Any) -> None:
-            self.acked[(d.user, d.msg_id)] = d.timeouts
+            attempt["left"] -= 1
+            if attempt["left"] == 0 and not attempt["failed"]:
+                self.acked[(d.user, d.msg_id)] = d.timeouts
+                if d.done is not None:
+                    d.done(True)
 
-        def failed() -> None:
-            d.timeouts += 1
-            if p.lb is not None:
-                p.lb.failed(target, self.net.now)
-            self._store(d)
+        for target in targets:
 
-        self._rpc(p, target, "delivery", work, ok, failed)
+            def failed(target: str = target) -> None:
+                if p.lb is not None:
+                    p.lb.failed(target, self.net.now)
+                if not attempt["failed"]:
+                    attempt["failed"] = True
+                    d.timeouts += 1
+                    self._store(d)
+
+            self._rpc(p, target, "delivery", work, ok, failed)
 
     def retrieve(
         self, proxy: str, user: str, done: Callable[[list[str]], None] | None = None
@@ -669,6 +742,32 @@ class MailSim:
             self.net.at(when, lambda kind=kind: self._arrival(kind))  # type: ignore[misc]
         self.start_exchange()
         self.net.run_until(end)
+
+    def closed_loop(self, clients: int, duration: float, warmup: float = 0.0) -> float:
+        """Saturation: ``clients`` SMTP clients spread round robin over the running nodes,
+        each sending its next message as soon as the last is answered; deliveries/s
+        acknowledged in the ``duration`` seconds after ``warmup``."""
+        up = sorted(self.up_nodes(), key=lambda x: int(x[1:]))
+        t0 = self.net.now + warmup
+        t1 = t0 + duration
+        count = [0]
+
+        def send(proxy: str) -> None:
+            if self.net.now >= t1:
+                return
+
+            def done(acked: bool) -> None:
+                if acked and t0 <= self.net.now < t1:
+                    count[0] += 1
+                self.net.at(self.net.now, lambda: send(proxy))  # not recursively
+
+            self.deliver(proxy, self.pick_user(), done)
+
+        for i in range(clients):
+            send(up[i % len(up)])
+        self.start_exchange()
+        self.net.run_until(t1)
+        return count[0] / duration
 
     def _arrival(self, kind: str) -> None:
         up = self.up_nodes()
@@ -785,14 +884,14 @@ class MailSim:
             n = boxes[u][msg]
             if n == 0:
                 out.append(f"{u} {msg}: acknowledged but not listed")
-            elif n > 1 and timeouts == 0:
+            elif n > self.config.replicas and timeouts == 0:
                 out.append(f"{u} {msg}: {n} copies without a retried store")
         return out
 
     def duplicates(self) -> int:
         """Acknowledged messages stored more than once (a store's reply was lost)."""
         boxes = {u: self.mailbox(u) for u in {u for u, _ in self.acked}}
-        return sum(1 for (u, msg) in self.acked if boxes[u][msg] > 1)
+        return sum(1 for (u, msg) in self.acked if boxes[u][msg] > self.config.replicas)
 
     def spread(self) -> dict[str, int]:
         """For each user, how many nodes hold its mail."""
