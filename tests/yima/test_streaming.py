@@ -89,3 +89,17 @@ def test_pause_resume_stop_and_nack() -> None:
     before = len(wire)
     clock.advance(20)
     assert len(wire) == before
+
+
+def test_a_local_destination_gets_packets_without_the_socket() -> None:
+    """Packets for an in-process sink (the RTSP node's own relay) bypass ``send``."""
+    clock, wire = Clock(), []  # type: ignore[var-annotated]
+    nodes = trio(clock, wire)
+    handed: list[bytes] = []
+    nodes[0].local[("127.0.0.9", 5000)] = handed.append
+    start(nodes)
+    for _ in range(1100):
+        clock.advance(0.01)
+    assert handed and all(d[2] == 0 for d in handed), "node 0's packets, to the sink"
+    assert {d[2] for _, d, _ in wire} == {1, 2}, "the others still use the socket"
+    assert nodes[0].handed_over == len(handed) == 12

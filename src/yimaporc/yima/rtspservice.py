@@ -226,6 +226,7 @@ class YimaStreamingService(Service):
         """Stop sending and listening."""
         super().stopService()
         self.streaming.engine.stop()
+        self.streaming.local.clear()
         self.factory.stop()
         ports = [p for p in (self.data_port, self.rtcp_port, self.rtsp_port) if p is not None]
         for plan in self.plans.values():
@@ -239,7 +240,8 @@ class YimaStreamingService(Service):
     def status(self) -> dict[str, Any]:
         """``services.rtsp`` (a URL prefix) once listening, and live session counts."""
         out: dict[str, Any] = {"streaming": {"mode": self.mode, "sessions": len(self.plans),
-                                             "packets_sent": self.streaming.engine.sent}}  # fmt: skip
+                                             "packets_sent": self.streaming.engine.sent,
+                                             "handed_to_relay": self.streaming.handed_over}}  # fmt: skip
         fb = self.feedback
         out["streaming"]["rtcp"] = {"received": fb.received, "malformed": fb.malformed,
                                     "nacked": fb.nacked, "resent": self.streaming.resent,
@@ -426,8 +428,14 @@ class YimaStreamingService(Service):
     def _open_relay(self, session_id: str, plan: _Plan) -> None:
         plan.relay = Reorderer(first=0, hold=0.3)
         proto = _Udp(lambda data, addr: self._relayed(session_id, data))
-        plan.relay_port = self.reactor.listenUDP(0, proto, interface=self.node.config.cluster_host)
-        _big_buffers(plan.relay_port)
+        listening = self.reactor.listenUDP(0, proto, interface=self.node.config.cluster_host)
+        plan.relay_port = listening
+        _big_buffers(listening)
+        # This node's own packets skip the socket (two syscalls and a copy each).
+        port = listening.getHost().port  # type: ignore[attr-defined]
+        self.streaming.local[(self.node.config.cluster_host, port)] = lambda data: self._relayed(
+            session_id, data
+        )
 
     def _relayed(self, session_id: str, data: bytes) -> None:
         plan = self.plans.get(session_id)
@@ -664,6 +672,8 @@ class YimaStreamingService(Service):
         """Stop every node's share and free the relay."""
         plan = self.plans.pop(session.session_id, None)
         if plan is not None and plan.relay_port is not None:
+            port = plan.relay_port.getHost().port  # type: ignore[attr-defined]
+            self.streaming.local.pop((self.node.config.cluster_host, port), None)
             plan.relay_port.stopListening()
             if plan.relay_timer is not None and plan.relay_timer.active():
                 plan.relay_timer.cancel()

@@ -115,6 +115,10 @@ class StreamingNode:
         self.cluster_time = cluster_time
         self.retransmit_age = retransmit_age
         self.resent = 0
+        #: Destinations inside this process (the RTSP node's own relay sockets): a
+        #: packet for one is handed over directly instead of through loopback UDP.
+        self.local: dict[tuple[str, int], Callable[[bytes], None]] = {}
+        self.handed_over = 0
         self.engine = DeliveryEngine(clock, cluster_time, self.scheduler, read_block, self._emit)
 
     def register(self, registry: RpcRegistry) -> None:
@@ -200,4 +204,10 @@ class StreamingNode:
         dest = self.destinations.get(pkt.session)
         if dest is None:
             return
-        self.send(self.packetize(pkt, dest, payload), (dest.host, dest.port))
+        datagram = self.packetize(pkt, dest, payload)
+        sink = self.local.get((dest.host, dest.port))
+        if sink is not None:
+            self.handed_over += 1
+            sink(datagram)
+        else:
+            self.send(datagram, (dest.host, dest.port))
