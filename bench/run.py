@@ -11,6 +11,7 @@ Parts (all by default, in this order):
     mail-cluster  Porcupine deliveries/s with 1, 2, 3 nodes (load spread over their SMTP ports)
     rtsp-peer     GStreamer's RTSP server on a 4 Mbit/s VBR MPEG-TS clip
     rtsp-target   ``twistd -n yima-node``: bipartite and master-slave with 1, 2, 3 nodes
+    model         cost model, SIMULATED: 1-8 nodes with a core and a disk each (bench/model.py)
 
 Every part runs the same load generator (``bench/peers/``) against its servers,
 then the run prints a table of yimaporc / peer ratios, writes
@@ -82,6 +83,7 @@ PARTS = [
     "rtsp-peer",
     "rtsp-target",
     "retransmit",
+    "model",  # last: it takes its costs from the figures measured before it
 ]
 
 
@@ -472,9 +474,9 @@ class Internode:
 
 
 # --------------------------------------------------------------------------- set-up
-def install() -> None:
+def install(peers: bool = True) -> None:
     """Peers from Debian packages (apt-get as root) and matplotlib from PyPI, when missing."""
-    missing = [p for p in APT_PACKAGES if run(["dpkg", "-s", p], 30).returncode != 0]
+    missing = [p for p in APT_PACKAGES if peers and run(["dpkg", "-s", p], 30).returncode != 0]
     if missing:
         if os.geteuid() != 0:
             raise SystemExit(f"error: missing packages {missing}; run make bench as root")
@@ -514,6 +516,8 @@ def install() -> None:
     try:
         pwd.getpwnam("pbmail")
     except KeyError:
+        if not peers:
+            return
         subprocess.run(
             ["useradd", "-r", "-M", "-d", "/nonexistent", "-s", "/usr/sbin/nologin", "pbmail"],
             check=True,
@@ -1793,6 +1797,40 @@ def part_retransmit(s: Settings, res: dict[str, Any], errors: list[str], clip: P
         out["player"] = {"error": str(e)}
 
 
+# --------------------------------------------------------------------------- cost model
+def model_module() -> Any:
+    """bench/model.py (bench/ is not a package)."""
+    import importlib.util
+
+    mod = sys.modules.get("yimaporc_bench_model")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("yimaporc_bench_model", HERE / "model.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["yimaporc_bench_model"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def part_model(s: Settings, res: dict[str, Any], errors: list[str]) -> None:
+    """Scaling with one core and one disk per node, simulated with the costs measured
+    above (or, for a figure this run lacks, bench/results/ or the reference run's)."""
+    try:
+        out = model_module().run_model(res, s.quick)
+    except Exception as e:  # a model bug must not hide the measured figures
+        errors.append(f"cost model: {e!r}")
+        res["model"] = {"error": repr(e)}
+        return
+    res["model"] = out
+    y, p = out["yima"], out["porcupine"]
+    say(
+        f"  model (simulated): Yima-2 fan-out {y['fanout'][0]:.0f} -> {y['fanout'][-1]:.0f} "
+        f"streams, Yima-1 {y['master-slave'][0]:.0f} -> {y['master-slave'][-1]:.0f}, "
+        f"Porcupine R=1 {p['1'][0]:.0f} -> {p['1'][-1]:.0f} deliveries/s "
+        f"({y['nodes'][0]} -> {y['nodes'][-1]} nodes; {out['elapsed_s']:.1f} s)"
+    )
+
+
 # --------------------------------------------------------------------------- report
 def val(d: dict[str, Any] | None, *path: str) -> float | None:
     cur: Any = d
@@ -1974,6 +2012,14 @@ def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
                 )
         if "sendto" in u and "gso" in u:
             say(f"  gso / sendto = {u['gso']['tx_pps'] / u['sendto']['tx_pps']:.2f}")
+    m = res.get("model")
+    if isinstance(m, dict) and "yima" in m:
+        say("")
+        for line in model_module().report(m):
+            say(line)
+    elif isinstance(m, dict):
+        say("")
+        say("== cost model (simulated): FAILED")
 
 
 def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
@@ -2186,6 +2232,12 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     plt.close(fig)
     made.append("ratios.png")
 
+    # 4b. the cost model's scaling (simulated, not measured)
+    m = res.get("model")
+    if isinstance(m, dict) and "yima" in m:
+        model_module().plot(m, RESULTS / "model_scaling.png")
+        made.append("model_scaling.png")
+
     # 5. UDP ceiling
     u = res.get("udp", {})
     if u:
@@ -2232,7 +2284,10 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
-    install()
+    if set(parts) - {"model"}:
+        install()
+    else:
+        install(peers=False)  # the model needs no server, only matplotlib
     for h in (PEER_HOST, f"{PORC_NET}.1", f"{YIMA_NET}.1"):
         ensure_loopback_alias(h)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -2300,6 +2355,11 @@ def main() -> int:
                 "retransmission: missing at playout vs loss (simulator, then yimaporc play)",
                 lambda: part_retransmit(s, res, errors, clip),
             )
+        timed(
+            "model",
+            "cost model (simulated): 1-8 nodes, one core and one disk each",
+            lambda: part_model(s, res, errors),
+        )
     except KeyboardInterrupt:
         errors.append("interrupted")
     finally:
