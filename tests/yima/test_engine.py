@@ -70,3 +70,24 @@ def test_slow_read_delays_then_recovers_and_failure_retries() -> None:
             pending.pop(b).callback(block_bytes(b))
     assert [p.gseq for p in sent] == list(range(8))
     assert attempts.count(1) == 2 and eng.read_errors == 1
+
+
+def test_many_sessions_share_wake_ups() -> None:
+    """With sessions offset by less than a millisecond, one wake-up sends every due
+    packet (at most ``min_interval`` late), not one wake-up per packet."""
+    clock = Clock()
+    sched = NodeScheduler(prefetch=1.5)
+    sent: list[tuple[float, Packet]] = []
+    eng = DeliveryEngine(
+        clock, clock.seconds, sched,
+        lambda m, b: succeed(block_bytes(b)),
+        lambda p, data: sent.append((clock.seconds(), p)),
+    )  # fmt: skip
+    for k in range(40):
+        sched.add(f"s{k}", media(3), [0, 1, 2], start_ct=1.0 + k * 0.00001)
+    eng.poke()
+    for _ in range(10000):
+        clock.advance(0.0005)
+    assert len(sent) == 40 * 12
+    assert all(p.deadline - 1e-9 <= t <= p.deadline + eng.min_interval + 1e-4 for t, p in sent)
+    assert eng.ticks < len(sent) / 10, (eng.ticks, len(sent))

@@ -39,6 +39,8 @@ class DeliveryEngine:
         *,
         max_reads: int = 4,
         cache_blocks: int = 64,
+        min_interval: float = 0.001,
+        prefetch_interval: float = 0.02,
     ) -> None:
         self.clock = clock
         self.cluster_time = cluster_time
@@ -50,6 +52,14 @@ class DeliveryEngine:
         self.cache: OrderedDict[BlockKey, bytes] = OrderedDict()
         self._reading: set[BlockKey] = set()
         self._timer: IDelayedCall | None = None
+        #: Wake-ups are at least this far apart (epoll has 1 ms resolution anyway):
+        #: at high packet rates one tick sends every packet due, instead of one
+        #: wake-up (and one pass over all sessions) per packet.
+        self.min_interval = min_interval
+        #: The read-ahead window is scanned at most this often (and when a read ends).
+        self.prefetch_interval = prefetch_interval
+        self._next_prefetch = float("-inf")
+        self.ticks = 0
         self.sent = 0
         self.read_errors = 0
 
@@ -66,7 +76,9 @@ class DeliveryEngine:
     def _run(self) -> None:
         self._timer = None
         now = self.cluster_time()
-        self._prefetch(now)
+        self.ticks += 1
+        if now >= self._next_prefetch:
+            self._prefetch(now)
         for pkt in self.scheduler.tick(now, ready=set(self.cache)):
             data = self.cache[(self.scheduler.sessions[pkt.session].media.name, pkt.block)]
             self.cache.move_to_end((self.scheduler.sessions[pkt.session].media.name, pkt.block))
@@ -84,14 +96,14 @@ class DeliveryEngine:
         if deadline is None:
             self._timer = None
             return
-        delay = max(0.0, deadline - now)
-        wanted = set(self.scheduler.wanted_blocks(now))
-        if deadline <= now and not wanted <= set(self.cache):
+        delay = max(self.min_interval, deadline - now)
+        if deadline <= now and not set(self.scheduler.wanted_blocks(now)) <= set(self.cache):
             # A due block is still being read: its arrival calls _run again.
             delay = 0.05
         self._timer = self.clock.callLater(delay, self._run)
 
     def _prefetch(self, now: float) -> None:
+        self._next_prefetch = now + self.prefetch_interval
         for key in self.scheduler.wanted_blocks(now):
             if key in self.cache or key in self._reading:
                 continue
@@ -106,6 +118,7 @@ class DeliveryEngine:
     def _loaded(self, data: bytes, key: BlockKey) -> None:
         self._reading.discard(key)
         self.cache[key] = data
+        self._next_prefetch = float("-inf")  # keep the read-ahead chain going
         self._run()
 
     def _failed(self, failure: Failure, key: BlockKey) -> Any:
