@@ -360,6 +360,42 @@ def test_stream_survives_a_node_dying_mid_play(
     assert len(got) < len(want) or got != want, "the kill should have cost something"
 
 
+def test_node_dying_with_unprotected_media_ends_the_stream_clearly(
+    bipartite: list[NodeProc], clip: Path, tmp_path: Path
+) -> None:
+    """Media ingested without parity: when a serving node dies its blocks are gone, so
+    the RTSP node sends RTCP BYE with the reason and stops every node; ffmpeg ends
+    within seconds instead of playing on with holes until the clip's end."""
+    subprocess.run(
+        [sys.executable, "-m", "yimaporc.cli", "media", "ingest", str(clip), "--name", "plain",
+         "--block-size", "13160", "--parity-group", "0", "--admin", bipartite[0].admin_url,
+         "--secret-file", str(tmp_path / "cluster.secret")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    out = tmp_path / "plain.ts"
+    proc = subprocess.Popen(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp", "-i",
+         f"rtsp://127.0.31.1:{RTSP}/plain", "-c", "copy", "-f", "mpegts", "-y", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        size = clip.stat().st_size
+        wait_for(lambda: out.exists() and out.stat().st_size > size * 0.2, 30, "20% received")
+        bipartite[2].kill(signal.SIGKILL)
+        killed = time.monotonic()
+        proc.communicate(timeout=60)
+        ended = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    doc = bipartite[0].status() or {}
+    assert doc["streaming"]["ended_share_lost"] == 1, doc["streaming"]
+    # the clip had ~8 s left; failure detection + one TRM round is ~2.5 s
+    assert ended < 6.0, f"ffmpeg ended {ended:.1f} s after the kill"
+    assert "has no parity" in bipartite[0].log_path.read_text()
+
+
 def test_vanished_client_is_reaped_and_nodes_stop(bipartite: list[NodeProc]) -> None:
     """A TCP-interleaved client that disappears mid-stream: session torn down, sending stops."""
     url = f"rtsp://127.0.31.2:{RTSP}/clip"

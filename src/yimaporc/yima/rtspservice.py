@@ -169,6 +169,7 @@ class YimaStreamingService(Service):
         self.mode = mode
         self.rng = rng or random.SystemRandom()
         self.plans: dict[str, _Plan] = {}
+        self.lost_sessions = 0
         self.data_port: IListeningPort | None = None
         self.rtsp_port: IListeningPort | None = None
         self.factory = RtspServerFactory(self, reactor, self.rng)
@@ -241,7 +242,8 @@ class YimaStreamingService(Service):
         """``services.rtsp`` (a URL prefix) once listening, and live session counts."""
         out: dict[str, Any] = {"streaming": {"mode": self.mode, "sessions": len(self.plans),
                                              "packets_sent": self.streaming.engine.sent,
-                                             "handed_to_relay": self.streaming.handed_over}}  # fmt: skip
+                                             "handed_to_relay": self.streaming.handed_over,
+                                             "ended_share_lost": self.lost_sessions}}  # fmt: skip
         fb = self.feedback
         out["streaming"]["rtcp"] = {"received": fb.received, "malformed": fb.malformed,
                                     "nacked": fb.nacked, "resent": self.streaming.resent,
@@ -529,6 +531,19 @@ class YimaStreamingService(Service):
         data = self._sender_report(plan) + serialize_rtcp(Bye((plan.ssrc,), b"end of stream"))
         self._send_rtcp(plan, data)
 
+    def _share_lost(self, sid: str, plan: _Plan, node_id: str) -> None:
+        """A node left and its blocks have no parity: say so (RTCP BYE with the reason,
+        so players end the stream rather than play one with holes) and stop every node."""
+        self.lost_sessions += 1
+        self.log.warn("rtsp: {n} left and {m} has no parity: ending {s}",
+                      n=node_id, m=plan.media, s=sid)  # fmt: skip
+        if not plan.bye_sent:
+            plan.bye_sent = True
+            reason = f"node {node_id} left; {plan.media} has no parity".encode()[:255]
+            self._send_rtcp(plan, self._sender_report(plan) + serialize_rtcp(
+                Bye((plan.ssrc,), reason)))  # fmt: skip
+        self._control(sid, "stop", 0.0)
+
     def play(self, session: ServerSession, range: NptRange | None) -> Deferred[PlayReply]:
         """Start (or resume) the session on every node."""
         plan = self.plans[session.session_id]
@@ -644,6 +659,9 @@ class YimaStreamingService(Service):
 
     def _take_over(self, sid: str, plan: _Plan, node_id: str) -> None:
         info = self.storage.media_info(plan.media)
+        if info.parity_group == 0:
+            self._share_lost(sid, plan, node_id)
+            return
         blocks = [
             i for i in range(info.blocks)
             if (places := self.storage.places(info, BlockKey(i))) and places[0].node_id == node_id
