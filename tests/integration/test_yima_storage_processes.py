@@ -23,6 +23,7 @@ from yimaporc.yima.reorg import plan_for
 
 PORT = 27946
 ADMIN = 28080
+RTSP = 28554
 HOST = "127.0.21.{}"
 
 
@@ -35,6 +36,7 @@ def pair(tmp_path: Path) -> Iterator[list[NodeProc]]:
     for i in (1, 2):
         data = tmp_path / f"y{i}" / "data"
         disks = ["--disk", str(tmp_path / f"y{i}" / "a"), "--disk", str(tmp_path / f"y{i}" / "b")]
+        disks += ["--rtsp", f"tcp:{RTSP}:interface={HOST.format(i)}"]
         nodes.append(
             NodeProc(
                 "yima",
@@ -80,13 +82,23 @@ def _catalog(node: NodeProc) -> dict[str, Any]:
     return json.loads(path.read_text())["value"]  # type: ignore[no-any-return]
 
 
+def _framemd5(path: Path) -> list[str]:
+    out = subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v",
+         "-f", "framemd5", "-"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return [line.split(",")[-1].strip() for line in out.splitlines() if not line.startswith("#")]
+
+
 def _round_trip(node: NodeProc, name: str, source: Path, out: Path) -> None:
     _cli(node, "media", "get", name, "--out", str(out))
     assert out.read_bytes() == source.read_bytes()
 
 
 def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path) -> None:
-    """Ingest TS+WAV on 2 nodes/4 disks; add+remove a disk with plan_for counts; parity rebuild."""
+    """Ingest TS+WAV on 2 nodes/4 disks; add a disk while a stream plays, remove one, with
+    plan_for counts; parity rebuild."""
     if shutil.which("ffmpeg") is None:
         pytest.skip("ffmpeg not installed")
     y1, y2 = pair
@@ -117,8 +129,27 @@ def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path)
     _round_trip(y2, "clip", ts, tmp_path / "clip.out")
     _round_trip(y1, "tone", wav, tmp_path / "tone.out")
 
-    before = _catalog(y1)
-    out = _cli(y1, "disks", "add", str(tmp_path / "y2" / "c"), "--node", "y2")
+    # A stream plays through the reorganisation (ffmpeg over TCP interleaved).
+    played = tmp_path / "played.ts"
+    player = subprocess.Popen(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp", "-i",
+         f"rtsp://{HOST.format(1)}:{RTSP}/clip", "-c", "copy", "-f", "mpegts", "-y", str(played)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        size = ts.stat().st_size
+        wait_for(lambda: played.exists() and played.stat().st_size > size * 0.1, 30, "playing")
+        before = _catalog(y1)
+        assert player.poll() is None and played.stat().st_size < size * 0.8, "still playing"
+        out = _cli(y1, "disks", "add", str(tmp_path / "y2" / "c"), "--node", "y2")
+        _, err = player.communicate(timeout=60)
+    finally:
+        if player.poll() is None:
+            player.kill()
+            player.wait()
+    assert player.returncode == 0, err
+    want, got = _framemd5(ts), _framemd5(played)
+    assert len(got) >= len(want) - 1 and got == want[: len(got)], "stream damaged by the move"
     after = _catalog(y1)
     infos = [MediaInfo.from_json(m) for m in before["media"].values()]
     old = ScalingHistory.from_json(before["history"])
