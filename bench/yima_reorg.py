@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from yimaporc.testing.procs import NodeProc, views_agree, wait_for  # noqa: E402
+from yimaporc.testing.procs import NodeProc, framemd5, views_agree, wait_for  # noqa: E402
 from yimaporc.yima.media.sample import make_sample_ts  # noqa: E402
 
 HOST = "127.0.22.{}"
@@ -41,14 +41,6 @@ def cli(node: NodeProc, *args: str) -> str:
     if r.returncode:
         raise SystemExit(f"error: {' '.join(args[:2])}: {r.stderr.strip()}")
     return r.stdout
-
-
-def framemd5(path: Path) -> list[str]:
-    out = subprocess.run(
-        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v",
-         "-f", "framemd5", "-"], check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    return [ln.split(",")[-1].strip() for ln in out.splitlines() if not ln.startswith("#")]
 
 
 def main() -> int:

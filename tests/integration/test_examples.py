@@ -8,19 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from yimaporc.testing.procs import wait_for
+from yimaporc.testing.procs import framemd5, wait_for
 from yimaporc.yima.media.sample import make_sample_ts
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _framemd5(path: Path) -> list[str]:
-    out = subprocess.run(
-        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v",
-         "-f", "framemd5", "-"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    return [line.split(",")[-1].strip() for line in out.splitlines() if not line.startswith("#")]
 
 
 @pytest.mark.parametrize("transport", ["tcp", "udp"])
@@ -50,7 +41,7 @@ def test_rtsp_file_server_example_plays_in_ffmpeg(tmp_path: Path, transport: str
     finally:
         server.terminate()
         server.wait(timeout=10)
-    want, have = _framemd5(tmp_path / "clip.ts"), _framemd5(got)
+    want, have = framemd5(tmp_path / "clip.ts"), framemd5(got)
     assert len(have) >= len(want) - 1 and have == want[: len(have)]
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, views_agree, wait_for
+from yimaporc.testing.procs import NodeProc, mail_node, mail_settled, views_agree, wait_for
 
 PORT, ADMIN, SMTP, POP3, IMAP = 17946, 18080, 12525, 11110, 11143
 USER, PASSWORD = "carol@example.org", "pw-carol"
@@ -37,14 +37,9 @@ def host(i: int) -> str:
 
 
 def make_node(tmp_path: Path, i: int, secret: Path) -> NodeProc:
-    h = host(i)
-    return NodeProc(
-        "porcupine", f"p{i}", h, tmp_path / f"p{i}" / "data", PORT, ADMIN,
-        extra=["--domain", "example.org", "--smtp", f"tcp:{SMTP}:interface={h}",
-               "--pop3", f"tcp:{POP3}:interface={h}", "--imap", f"tcp:{IMAP}:interface={h}"],
-        join=[] if i == 1 else [f"{host(1)}:{PORT}"],
-        secret_file=secret,
-    )  # fmt: skip
+    ports = {"cluster": PORT, "admin": ADMIN, "smtp": SMTP, "pop3": POP3, "imap": IMAP}
+    join = [] if i == 1 else [f"{host(1)}:{PORT}"]
+    return mail_node(tmp_path, f"p{i}", host(i), ports, secret, join)
 
 
 @pytest.fixture
@@ -60,19 +55,6 @@ def cluster(tmp_path: Path) -> Iterator[tuple[list[NodeProc], Path]]:
     finally:
         for n in nodes + extra:
             n.kill(signal.SIGTERM)
-
-
-def buckets_agree(nodes: list[NodeProc]) -> bool:
-    docs = [n.status() for n in nodes]
-    if any(d is None for d in docs):
-        return False
-    want = {n.node_id for n in nodes}
-    return all(
-        d is not None
-        and set(d.get("buckets", {})) == want
-        and d["mail_cluster"]["settling_buckets"] == 0
-        for d in docs
-    )
 
 
 def message(i: int) -> bytes:
@@ -147,7 +129,7 @@ def test_three_nodes_one_mail_service_then_a_fourth_joins(
     nodes, secret = cluster
     rng = random.Random(6)
     wait_for(lambda: views_agree(nodes), 30, "3 nodes to agree")
-    wait_for(lambda: buckets_agree(nodes), 20, "buckets on 3 nodes")
+    wait_for(lambda: mail_settled(nodes), 20, "buckets on 3 nodes")
     cli = [sys.executable, "-m", "yimaporc.cli", "mail", "adduser", USER, "--password", PASSWORD,
            "--admin", nodes[1].admin_url, "--secret-file", str(secret)]  # fmt: skip
     subprocess.run(cli, check=True, capture_output=True)
@@ -177,7 +159,7 @@ def test_three_nodes_one_mail_service_then_a_fourth_joins(
     try:
         everyone = [*nodes, p4]
         wait_for(lambda: views_agree(everyone), 30, "4 nodes to agree")
-        wait_for(lambda: buckets_agree(everyone), 20, "buckets on 4 nodes")
+        wait_for(lambda: mail_settled(everyone), 20, "buckets on 4 nodes")
         joined = time.monotonic() - t0
         out = subprocess.run(
             [sys.executable, "-m", "yimaporc.cli", "status", "--json", "--admin", p4.admin_url,
@@ -202,7 +184,7 @@ def test_three_nodes_one_mail_service_then_a_fourth_joins(
         victim.start()
         t1 = time.monotonic()
         wait_for(lambda: views_agree(everyone), 30, "the restarted node back")
-        wait_for(lambda: buckets_agree(everyone), 20, "buckets settled again")
+        wait_for(lambda: mail_settled(everyone), 20, "buckets settled again")
         back = time.monotonic() - t1
         check_complete([holder, 4], set(range(n_msgs + 12)), n_msgs + 12)
     finally:

@@ -23,7 +23,7 @@ import pytest
 
 from yimaporc.cluster.buckets import BucketMap
 from yimaporc.porcupine.usermap import bucket_of
-from yimaporc.testing.procs import NodeProc, views_agree, wait_for
+from yimaporc.testing.procs import NodeProc, mail_node, mail_settled, views_agree, wait_for
 
 PORT, ADMIN, SMTP, POP3 = 17946, 18080, 12525, 11110
 USER, PASSWORD = "dave@example.org", "pw-dave"
@@ -35,14 +35,9 @@ def host(i: int) -> str:
 
 
 def make_node(tmp_path: Path, i: int, secret: Path) -> NodeProc:
-    h = host(i)
-    return NodeProc(
-        "porcupine", f"q{i}", h, tmp_path / f"q{i}" / "data", PORT, ADMIN,
-        extra=["--domain", "example.org", "--smtp", f"tcp:{SMTP}:interface={h}",
-               "--pop3", f"tcp:{POP3}:interface={h}"],
-        join=[] if i == 1 else [f"{host(1)}:{PORT}"],
-        secret_file=secret,
-    )  # fmt: skip
+    ports = {"cluster": PORT, "admin": ADMIN, "smtp": SMTP, "pop3": POP3}
+    join = [] if i == 1 else [f"{host(1)}:{PORT}"]
+    return mail_node(tmp_path, f"q{i}", host(i), ports, secret, join)
 
 
 @pytest.fixture
@@ -57,17 +52,6 @@ def cluster(tmp_path: Path) -> Iterator[tuple[list[NodeProc], Path]]:
     finally:
         for n in nodes:
             n.kill(signal.SIGTERM)
-
-
-def settled(nodes: list[NodeProc]) -> bool:
-    docs = [n.status() for n in nodes]
-    want = {n.node_id for n in nodes}
-    return all(
-        d is not None
-        and set(d.get("buckets", {})) == want
-        and d["mail_cluster"]["settling_buckets"] == 0
-        for d in docs
-    )
 
 
 def send(node: int, i: int) -> None:
@@ -108,7 +92,7 @@ def test_manager_killed_and_back_before_failure_detection_keeps_reads_complete(
     nodes, secret = cluster
     rng = random.Random(43)
     wait_for(lambda: views_agree(nodes), 30, "3 nodes to agree")
-    wait_for(lambda: settled(nodes), 20, "buckets on 3 nodes")
+    wait_for(lambda: mail_settled(nodes), 20, "buckets on 3 nodes")
     cli = [sys.executable, "-m", "yimaporc.cli", "mail", "adduser", USER, "--password", PASSWORD,
            "--admin", nodes[0].admin_url, "--secret-file", str(secret)]  # fmt: skip
     subprocess.run(cli, check=True, capture_output=True)
@@ -130,7 +114,7 @@ def test_manager_killed_and_back_before_failure_detection_keeps_reads_complete(
         victim.kill(signal.SIGKILL)
         victim.start()
         wait_for(lambda: views_agree(nodes), 30, "the restarted manager back")
-        wait_for(lambda: settled(nodes), 20, "buckets settled again")
+        wait_for(lambda: mail_settled(nodes), 20, "buckets settled again")
         back = time.monotonic() - t0
         doc: Any = victim.status()
         pulled = doc["mail_cluster"]["rpc_calls"].get("porcupine.hints-request", 0)

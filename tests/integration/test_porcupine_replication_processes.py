@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, wait_for
+from yimaporc.testing.procs import NodeProc, mail_node, mail_settled, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +39,9 @@ def host(i: int) -> str:
 
 
 def make_node(tmp_path: Path, i: int, secret: Path) -> NodeProc:
-    h = host(i)
-    return NodeProc(
-        "porcupine", f"r{i}", h, tmp_path / f"r{i}" / "data", PORT, ADMIN,
-        extra=["--domain", "example.org", "--smtp", f"tcp:{SMTP}:interface={h}",
-               "--pop3", f"tcp:{POP3}:interface={h}", "--imap", f"tcp:{IMAP}:interface={h}"],
-        join=[f"{host(j)}:{PORT}" for j in (1, 2, 3) if j != i],
-        secret_file=secret,
-    )  # fmt: skip
+    ports = {"cluster": PORT, "admin": ADMIN, "smtp": SMTP, "pop3": POP3, "imap": IMAP}
+    join = [f"{host(j)}:{PORT}" for j in (1, 2, 3) if j != i]
+    return mail_node(tmp_path, f"r{i}", host(i), ports, secret, join)
 
 
 @pytest.fixture
@@ -61,18 +56,6 @@ def cluster(tmp_path: Path) -> Iterator[tuple[list[NodeProc], Path]]:
     finally:
         for n in nodes:
             n.kill(signal.SIGTERM)
-
-
-def settled(nodes: list[NodeProc]) -> bool:
-    """Every node sees exactly ``nodes`` and has no settling bucket."""
-    want = {n.node_id for n in nodes}
-    for n in nodes:
-        doc = n.status()
-        if doc is None or {m["node_id"] for m in doc["members"]} != want:
-            return False
-        if set(doc.get("buckets", {})) != want or doc["mail_cluster"]["settling_buckets"]:
-            return False
-    return True
 
 
 def drained(nodes: list[NodeProc]) -> bool:
@@ -175,7 +158,7 @@ def test_sigkill_during_deliveries_loses_no_acknowledged_mail(
     """R=2: kill one node mid-run, read from survivors, restart, catch up, kill another."""
     nodes, secret = cluster
     t_start = time.monotonic()
-    wait_for(lambda: settled(nodes), 30, "3 nodes with buckets")
+    wait_for(lambda: mail_settled(nodes), 30, "3 nodes with buckets")
     cli = [sys.executable, "-m", "yimaporc.cli", "mail", "adduser", USER, "--password", PASSWORD,
            "--replicas", "2", "--admin", nodes[0].admin_url, "--secret-file", str(secret)]  # fmt: skip
     subprocess.run(cli, check=True, capture_output=True)
@@ -192,13 +175,13 @@ def test_sigkill_during_deliveries_loses_no_acknowledged_mail(
     sender.join(30)
     acked = set(sender.acked)
     survivors = nodes[:2]
-    wait_for(lambda: settled(survivors), 20, "the survivors to drop r3")
+    wait_for(lambda: mail_settled(survivors), 20, "the survivors to drop r3")
     check([1, 2], acked)
 
     # 2. r3 restarts and catches up: every log drains
     nodes[2].start()
     t0 = time.monotonic()
-    wait_for(lambda: settled(nodes), 30, "r3 back")
+    wait_for(lambda: mail_settled(nodes), 30, "r3 back")
     wait_for(lambda: drained(nodes), 30, "replication logs to drain")
     catch_up = time.monotonic() - t0
     copies = copies_on_disk(tmp_path)
@@ -208,7 +191,7 @@ def test_sigkill_during_deliveries_loses_no_acknowledged_mail(
 
     # 3. another node dies: still nothing missing
     nodes[0].kill(signal.SIGKILL)
-    wait_for(lambda: settled(nodes[1:]), 20, "the survivors to drop r1")
+    wait_for(lambda: mail_settled(nodes[1:]), 20, "the survivors to drop r1")
     check([2, 3], acked)
     docs: list[Any] = [n.status() for n in nodes[1:]]
     print(

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, views_agree, wait_for
+from yimaporc.testing.procs import NodeProc, framemd5, views_agree, wait_for
 from yimaporc.yima.media import MediaInfo
 from yimaporc.yima.media.sample import make_sample_ts, make_sample_wav
 from yimaporc.yima.placement import ScalingHistory
@@ -82,15 +82,6 @@ def _catalog(node: NodeProc) -> dict[str, Any]:
     return json.loads(path.read_text())["value"]  # type: ignore[no-any-return]
 
 
-def _framemd5(path: Path) -> list[str]:
-    out = subprocess.run(
-        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v",
-         "-f", "framemd5", "-"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    return [line.split(",")[-1].strip() for line in out.splitlines() if not line.startswith("#")]
-
-
 def _round_trip(node: NodeProc, name: str, source: Path, out: Path) -> None:
     _cli(node, "media", "get", name, "--out", str(out))
     assert out.read_bytes() == source.read_bytes()
@@ -148,7 +139,7 @@ def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path)
             player.kill()
             player.wait()
     assert player.returncode == 0, err
-    want, got = _framemd5(ts), _framemd5(played)
+    want, got = framemd5(ts), framemd5(played)
     assert len(got) >= len(want) - 1 and got == want[: len(got)], "stream damaged by the move"
     after = _catalog(y1)
     infos = [MediaInfo.from_json(m) for m in before["media"].values()]

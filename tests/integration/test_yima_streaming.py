@@ -15,19 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, views_agree, wait_for
+from yimaporc.testing.procs import NodeProc, framemd5, views_agree, wait_for
 from yimaporc.yima.media.sample import make_sample_ts, make_sample_wav
 
 RTSP = 18554
-
-
-def framemd5(path: Path) -> list[str]:
-    out = subprocess.run(
-        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v",
-         "-f", "framemd5", "-"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    return [line.split(",")[-1].strip() for line in out.splitlines() if not line.startswith("#")]
 
 
 def cluster(tmp_path: Path, net: int, mode: str) -> list[NodeProc]:

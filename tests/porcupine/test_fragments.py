@@ -58,6 +58,20 @@ def test_uids_strictly_ascend_and_survive_expunge(fragment_store: FragmentStore)
     assert [x.uid for x in fragment_store.digests(A, INBOX)] == [1, 3]
 
 
+def test_a_late_cluster_uid_is_kept_if_free(fragment_store: FragmentStore) -> None:
+    """A replica applying a later message first still stores the earlier one under the
+    UID the cluster gave it (every copy has one UID); a taken UID goes to UIDNEXT."""
+
+    def at(uid: int, body: bytes) -> NewMessage:
+        return NewMessage(A, INBOX, body, (), 0.0, uid)
+
+    assert [d.uid for d in fragment_store.store([at(50, b"later")])] == [50]
+    assert [d.uid for d in fragment_store.store([at(19, b"earlier")])] == [19]
+    assert [d.uid for d in fragment_store.store([at(19, b"clash")])] == [51]
+    assert [d.uid for d in fragment_store.store([msg(A, b"local")])] == [52]
+    assert [x.uid for x in fragment_store.digests(A, INBOX)] == [19, 50, 51, 52]
+
+
 def test_uidvalidity_stable_across_reopen(tmp_path: Path) -> None:
     """Reopening the store on the same dir keeps UIDVALIDITY and UIDNEXT."""
     s1 = FragmentStore(tmp_path, "n1", lambda: 1000.0)

@@ -421,9 +421,16 @@ class FragmentStore:
         if row is None:
             raise NoSuchMailbox(f"no mailbox {name}")
         uid = max(row[0], m.uid)
-        db.execute(
-            "UPDATE mailboxes SET uidnext=? WHERE user=? AND name=?", (uid + 1, m.user, name)
-        )
+        if 0 < m.uid < row[0] and not db.execute(
+            "SELECT 1 FROM messages WHERE user=? AND mailbox=? AND uid=?", (m.user, name, m.uid)
+        ).fetchone():
+            # A cluster-allocated UID arriving late (a replica catching up applies a
+            # later message first): keep it, so every copy of the message has one UID.
+            uid = m.uid
+        else:
+            db.execute(
+                "UPDATE mailboxes SET uidnext=? WHERE user=? AND name=?", (uid + 1, m.user, name)
+            )
         flags = " ".join(dict.fromkeys(m.flags))
         date = m.internal_date or self.now()
         db.execute(

@@ -132,3 +132,45 @@ def views_agree(nodes: list[NodeProc]) -> bool:
     return len(epochs) == 1 and all(
         {m["node_id"] for m in d["members"]} == want for d in docs if d is not None
     )
+
+
+def mail_node(
+    tmp_path: Path,
+    name: str,
+    host: str,
+    ports: dict[str, int],
+    secret: Path,
+    join: list[str],
+) -> NodeProc:
+    """A ``porcupine-node`` for ``example.org`` on ``host``; ``ports`` has ``cluster``,
+    ``admin`` and any of ``smtp``, ``pop3``, ``imap``."""
+    extra = ["--domain", "example.org"]
+    for svc in ("smtp", "pop3", "imap"):
+        if svc in ports:
+            extra += [f"--{svc}", f"tcp:{ports[svc]}:interface={host}"]
+    return NodeProc(
+        "porcupine", name, host, tmp_path / name / "data", ports["cluster"], ports["admin"],
+        extra=extra, join=join, secret_file=secret,
+    )  # fmt: skip
+
+
+def mail_settled(nodes: list[NodeProc]) -> bool:
+    """Every node sees exactly ``nodes``, each with buckets, and none is settling."""
+    want = {n.node_id for n in nodes}
+    for n in nodes:
+        doc = n.status()
+        if doc is None or {m["node_id"] for m in doc["members"]} != want:
+            return False
+        if set(doc.get("buckets", {})) != want or doc["mail_cluster"]["settling_buckets"]:
+            return False
+    return True
+
+
+def framemd5(path: Path, ffmpeg: str = "ffmpeg") -> list[str]:
+    """The MD5 of every video frame of ``path`` (ffmpeg's framemd5 muxer)."""
+    out = subprocess.run(
+        [ffmpeg, "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v",
+         "-f", "framemd5", "-"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return [line.split(",")[-1].strip() for line in out.splitlines() if not line.startswith("#")]
