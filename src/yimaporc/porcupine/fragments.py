@@ -421,9 +421,12 @@ class FragmentStore:
         if row is None:
             raise NoSuchMailbox(f"no mailbox {name}")
         uid = max(row[0], m.uid)
-        if 0 < m.uid < row[0] and not db.execute(
-            "SELECT 1 FROM messages WHERE user=? AND mailbox=? AND uid=?", (m.user, name, m.uid)
-        ).fetchone():
+        if (
+            0 < m.uid < row[0]
+            and not db.execute(
+                "SELECT 1 FROM messages WHERE user=? AND mailbox=? AND uid=?", (m.user, name, m.uid)
+            ).fetchone()
+        ):
             # A cluster-allocated UID arriving late (a replica catching up applies a
             # later message first): keep it, so every copy of the message has one UID.
             uid = m.uid
