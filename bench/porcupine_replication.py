@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from yimaporc.testing.procs import NodeProc, wait_for
+from yimaporc.testing.procs import NodeProc, mail_node, mail_settled, wait_for
 
 PORT, ADMIN, SMTP, IMAP = 17952, 18152, 12552, 11252
 DOMAIN = "example.org"
@@ -45,25 +45,9 @@ def host(i: int) -> str:
 
 
 def node(tmp: Path, i: int, secret: Path, acks: int) -> NodeProc:
-    h = host(i)
-    return NodeProc(
-        "porcupine", f"b{i}", h, tmp / f"b{i}" / "data", PORT, ADMIN,
-        extra=["--domain", DOMAIN, "--smtp", f"tcp:{SMTP}:interface={h}",
-               "--imap", f"tcp:{IMAP}:interface={h}", "--acks-before-reply", str(acks)],
-        join=[f"{host(j)}:{PORT}" for j in (1, 2, 3) if j != i],
-        secret_file=secret,
-    )  # fmt: skip
-
-
-def settled(nodes: list[NodeProc]) -> bool:
-    want = {n.node_id for n in nodes}
-    for n in nodes:
-        doc = n.status()
-        if doc is None or {m["node_id"] for m in doc["members"]} != want:
-            return False
-        if set(doc.get("buckets", {})) != want or doc["mail_cluster"]["settling_buckets"]:
-            return False
-    return True
+    ports = {"cluster": PORT, "admin": ADMIN, "smtp": SMTP, "imap": IMAP}
+    join = [f"{host(j)}:{PORT}" for j in (1, 2, 3) if j != i]
+    return mail_node(tmp, f"b{i}", host(i), ports, secret, join, ["--acks-before-reply", str(acks)])
 
 
 def drained(nodes: list[NodeProc]) -> bool:
@@ -134,7 +118,7 @@ def catch_up(nodes: list[NodeProc], secret: Path, n_msgs: int) -> float:
             s.sendmail("a@x.org", [user], body(i, 2000))
     wait_for(lambda: drained(nodes), 60, "logs drained before the kill")
     nodes[2].kill(signal.SIGKILL)
-    wait_for(lambda: settled(nodes[:2]), 20, "two nodes")
+    wait_for(lambda: mail_settled(nodes[:2]), 20, "two nodes")
     m = imaplib.IMAP4(host(1), IMAP, timeout=60)
     m.login(user, "pw")
     m.select("INBOX")
@@ -174,7 +158,7 @@ def main() -> None:
         try:
             for n in nodes:
                 n.start()
-            wait_for(lambda: settled(nodes), 30, "3 nodes")
+            wait_for(lambda: mail_settled(nodes), 30, "3 nodes")
             for r in (1, 2, 3):
                 users = [f"r{r}u{k}@{DOMAIN}" for k in range(4)]
                 for u in users:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import imaplib
 import json
-import os
 import poplib
 import random
 import re
@@ -25,7 +24,14 @@ from typing import Any
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, mail_node, mail_settled, views_agree, wait_for
+from yimaporc.testing.procs import (
+    NodeProc,
+    mail_node,
+    mail_settled,
+    three_nodes,
+    views_agree,
+    wait_for,
+)
 
 PORT, ADMIN, SMTP, POP3, IMAP = 17946, 18080, 12525, 11110, 11143
 USER, PASSWORD = "carol@example.org", "pw-carol"
@@ -44,17 +50,8 @@ def make_node(tmp_path: Path, i: int, secret: Path) -> NodeProc:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[list[NodeProc], Path]]:
-    secret = tmp_path / "cluster.secret"
-    secret.write_text(os.urandom(16).hex())
-    nodes = [make_node(tmp_path, i, secret) for i in (1, 2, 3)]
-    extra: list[NodeProc] = []
-    try:
-        for n in nodes:
-            n.start()
-        yield nodes, secret
-    finally:
-        for n in nodes + extra:
-            n.kill(signal.SIGTERM)
+    with three_nodes(tmp_path, make_node) as got:
+        yield got
 
 
 def message(i: int) -> bytes:

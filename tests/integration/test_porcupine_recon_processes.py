@@ -6,7 +6,6 @@ pulls hints with ``porcupine.hints-request``), so reads stay complete.
 
 from __future__ import annotations
 
-import os
 import poplib
 import random
 import re
@@ -23,7 +22,14 @@ import pytest
 
 from yimaporc.cluster.buckets import BucketMap
 from yimaporc.porcupine.usermap import bucket_of
-from yimaporc.testing.procs import NodeProc, mail_node, mail_settled, views_agree, wait_for
+from yimaporc.testing.procs import (
+    NodeProc,
+    mail_node,
+    mail_settled,
+    three_nodes,
+    views_agree,
+    wait_for,
+)
 
 PORT, ADMIN, SMTP, POP3 = 17946, 18080, 12525, 11110
 USER, PASSWORD = "dave@example.org", "pw-dave"
@@ -42,16 +48,8 @@ def make_node(tmp_path: Path, i: int, secret: Path) -> NodeProc:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[list[NodeProc], Path]]:
-    secret = tmp_path / "cluster.secret"
-    secret.write_text(os.urandom(16).hex())
-    nodes = [make_node(tmp_path, i, secret) for i in (1, 2, 3)]
-    try:
-        for n in nodes:
-            n.start()
-        yield nodes, secret
-    finally:
-        for n in nodes:
-            n.kill(signal.SIGTERM)
+    with three_nodes(tmp_path, make_node) as got:
+        yield got
 
 
 def send(node: int, i: int) -> None:

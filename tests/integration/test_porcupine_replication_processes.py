@@ -9,7 +9,6 @@ another node is killed and still nothing is missing.
 from __future__ import annotations
 
 import imaplib
-import os
 import poplib
 import re
 import signal
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, mail_node, mail_settled, wait_for
+from yimaporc.testing.procs import NodeProc, mail_node, mail_settled, three_nodes, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -46,16 +45,8 @@ def make_node(tmp_path: Path, i: int, secret: Path) -> NodeProc:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[list[NodeProc], Path]]:
-    secret = tmp_path / "cluster.secret"
-    secret.write_text(os.urandom(16).hex())
-    nodes = [make_node(tmp_path, i, secret) for i in (1, 2, 3)]
-    try:
-        for n in nodes:
-            n.start()
-        yield nodes, secret
-    finally:
-        for n in nodes:
-            n.kill(signal.SIGTERM)
+    with three_nodes(tmp_path, make_node) as got:
+        yield got
 
 
 def drained(nodes: list[NodeProc]) -> bool:

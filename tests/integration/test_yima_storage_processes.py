@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, framemd5, views_agree, wait_for
+from yimaporc.testing.procs import NodeProc, ffmpeg_record, framemd5, views_agree, wait_for
 from yimaporc.yima.media import MediaInfo
 from yimaporc.yima.media.sample import make_sample_ts, make_sample_wav
 from yimaporc.yima.placement import ScalingHistory
@@ -122,11 +122,7 @@ def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path)
 
     # A stream plays through the reorganisation (ffmpeg over TCP interleaved).
     played = tmp_path / "played.ts"
-    player = subprocess.Popen(
-        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp", "-i",
-         f"rtsp://{HOST.format(1)}:{RTSP}/clip", "-c", "copy", "-f", "mpegts", "-y", str(played)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    player = ffmpeg_record(f"rtsp://{HOST.format(1)}:{RTSP}/clip", played)
     try:
         size = ts.stat().st_size
         wait_for(lambda: played.exists() and played.stat().st_size > size * 0.1, 30, "playing")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, framemd5, views_agree, wait_for
+from yimaporc.testing.procs import NodeProc, ffmpeg_record, framemd5, views_agree, wait_for
 from yimaporc.yima.media.sample import make_sample_ts, make_sample_wav
 
 RTSP = 18554
@@ -186,11 +186,7 @@ def test_stream_stays_complete_while_a_disk_is_added(
 ) -> None:
     """A disk added (and blocks moved by SCADDAR) during playback does not disturb the stream."""
     out = tmp_path / "during.ts"
-    player = subprocess.Popen(
-        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp", "-i",
-         f"rtsp://127.0.31.3:{RTSP}/clip", "-c", "copy", "-f", "mpegts", "-y", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    player = ffmpeg_record(f"rtsp://127.0.31.3:{RTSP}/clip", out)
     try:
         wait_for(lambda: out.exists() and out.stat().st_size > 50_000, 30, "playback to start")
         added = subprocess.run(
@@ -326,11 +322,7 @@ def test_stream_survives_a_node_dying_mid_play(
     takeover a third of the blocks would be missing from the death onwards.
     """
     out = tmp_path / "survive.ts"
-    proc = subprocess.Popen(
-        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp", "-i",
-         f"rtsp://127.0.31.1:{RTSP}/clip", "-c", "copy", "-f", "mpegts", "-y", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = ffmpeg_record(f"rtsp://127.0.31.1:{RTSP}/clip", out)
     try:
         size = clip.stat().st_size
         wait_for(lambda: out.exists() and out.stat().st_size > size * 0.2, 30, "20% received")
@@ -364,11 +356,7 @@ def test_node_dying_with_unprotected_media_ends_the_stream_clearly(
         check=True, capture_output=True,
     )  # fmt: skip
     out = tmp_path / "plain.ts"
-    proc = subprocess.Popen(
-        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp", "-i",
-         f"rtsp://127.0.31.1:{RTSP}/plain", "-c", "copy", "-f", "mpegts", "-y", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = ffmpeg_record(f"rtsp://127.0.31.1:{RTSP}/plain", out)
     try:
         size = clip.stat().st_size
         wait_for(lambda: out.exists() and out.stat().st_size > size * 0.2, 30, "20% received")

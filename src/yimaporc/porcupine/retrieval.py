@@ -278,8 +278,8 @@ class UserMail:
         return round_(plans, []) if plans else succeed([])
 
     def fetch(self, mailbox: str, digests: Sequence[Digest]) -> Deferred[dict[int, bytes]]:
-        """Bodies by UID, each from a node that holds it (with replication the least
-        loaded holder, another one if that read fails)."""
+        """Bodies by UID, each from one node holding it (the least loaded one if loads
+        are known), another holder if that read fails."""
 
         def merge(parts: list[dict[int, bytes]]) -> dict[int, bytes]:
             out: dict[int, bytes] = {}
@@ -287,15 +287,9 @@ class UserMail:
                 out.update(p)
             return out
 
-        if self.replicated:
-            return self._on_one_holder(
-                mailbox, digests, lambda m, uids: m.fetch(self.address, mailbox, uids)
-            ).addCallback(merge)
-        ds = [
-            self.managers(node).fetch(self.address, mailbox, uids)
-            for node, uids in self._by_node(digests).items()
-        ]
-        return gatherResults(ds, consumeErrors=True).addCallback(merge)
+        return self._on_one_holder(
+            mailbox, digests, lambda m, uids: m.fetch(self.address, mailbox, uids)
+        ).addCallback(merge)
 
     def set_flags(
         self, mailbox: str, digests: Sequence[Digest], flags: Sequence[str], mode: int

@@ -36,6 +36,8 @@ class Options(NodeOptions):
             raise usage.UsageError("--domain is required")
         if not str(self["max-message-size"]).isdigit():
             raise usage.UsageError("--max-message-size must be a number of bytes")
+        from ..porcupine.replication import ReplicationConfig
+
         try:
             retention = float(self["replication-retention"])
         except ValueError:
@@ -44,6 +46,9 @@ class Options(NodeOptions):
             raise usage.UsageError("--replication-retention must be a positive number of seconds")
         if not str(self["acks-before-reply"]).isdigit() or int(self["acks-before-reply"]) < 1:
             raise usage.UsageError("--acks-before-reply must be a whole number >= 1")
+        self.replication = ReplicationConfig(
+            retention=retention, acks_before_reply=int(self["acks-before-reply"])
+        )
 
 
 def makeService(options: Options) -> IService:
@@ -52,7 +57,6 @@ def makeService(options: Options) -> IService:
 
     from ..cluster.bucketservice import BucketMapService
     from ..porcupine.cluster import MailCluster
-    from ..porcupine.replication import ReplicationConfig
     from ..porcupine.replication.mail import MailReplication
     from ..porcupine.service import MailService
 
@@ -75,16 +79,9 @@ def makeService(options: Options) -> IService:
     except ValueError as e:
         raise usage.UsageError(str(e)) from e
     mail.setServiceParent(node)
-    try:
-        config = ReplicationConfig(
-            retention=float(options["replication-retention"]),
-            acks_before_reply=int(options["acks-before-reply"]),
-        )
-    except ValueError as e:
-        raise usage.UsageError(str(e)) from e
     # Replication first: it replaces mail.mailbox_manager, which the cluster's AMP
     # mailbox commands then serve.
-    replication = MailReplication(mail, node, config=config)
+    replication = MailReplication(mail, node, config=options.replication)
     replication.setServiceParent(node)
     cluster = MailCluster(mail, node, user_map)
     cluster.setServiceParent(node)

@@ -6,6 +6,7 @@ deadline; every process started here is stopped by PID.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -141,17 +142,36 @@ def mail_node(
     ports: dict[str, int],
     secret: Path,
     join: list[str],
+    extra: list[str] | None = None,
 ) -> NodeProc:
     """A ``porcupine-node`` for ``example.org`` on ``host``; ``ports`` has ``cluster``,
-    ``admin`` and any of ``smtp``, ``pop3``, ``imap``."""
-    extra = ["--domain", "example.org"]
+    ``admin`` and any of ``smtp``, ``pop3``, ``imap``; ``extra`` more options."""
+    args = ["--domain", "example.org"]
     for svc in ("smtp", "pop3", "imap"):
         if svc in ports:
-            extra += [f"--{svc}", f"tcp:{ports[svc]}:interface={host}"]
+            args += [f"--{svc}", f"tcp:{ports[svc]}:interface={host}"]
     return NodeProc(
         "porcupine", name, host, tmp_path / name / "data", ports["cluster"], ports["admin"],
-        extra=extra, join=join, secret_file=secret,
+        extra=args + (extra or []), join=join, secret_file=secret,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def three_nodes(
+    tmp_path: Path, make: Callable[[Path, int, Path], NodeProc]
+) -> Iterator[tuple[list[NodeProc], Path]]:
+    """``make(tmp_path, i, secret)`` for i = 1, 2, 3 with a fresh shared secret; all
+    started, and all stopped (SIGTERM, by PID) at the end."""
+    secret = tmp_path / "cluster.secret"
+    secret.write_text(os.urandom(16).hex())
+    nodes = [make(tmp_path, i, secret) for i in (1, 2, 3)]
+    try:
+        for n in nodes:
+            n.start()
+        yield nodes, secret
+    finally:
+        for n in nodes:
+            n.kill(signal.SIGTERM)
 
 
 def mail_settled(nodes: list[NodeProc]) -> bool:
@@ -174,3 +194,12 @@ def framemd5(path: Path, ffmpeg: str = "ffmpeg") -> list[str]:
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     return [line.split(",")[-1].strip() for line in out.splitlines() if not line.startswith("#")]
+
+
+def ffmpeg_record(url: str, out: Path, transport: str = "tcp") -> subprocess.Popen[bytes]:
+    """ffmpeg recording ``url`` (RTSP over ``transport``) to the MPEG-TS file ``out``."""
+    return subprocess.Popen(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", transport, "-i", url,
+         "-c", "copy", "-f", "mpegts", "-y", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip

@@ -126,6 +126,7 @@ class _Plan:
     ts_base: int
     relay: Reorderer | None = None
     relay_port: IListeningPort | None = None
+    relay_addr: tuple[str, int] = ("", 0)  # where the nodes send this session's packets
     relay_timer: IDelayedCall | None = None
     # Media position at cluster time started_ct (the last PLAY or resume).
     position: float = 0.0
@@ -434,10 +435,13 @@ class YimaStreamingService(Service):
         plan.relay_port = listening
         _big_buffers(listening)
         # This node's own packets skip the socket (two syscalls and a copy each).
-        port = listening.getHost().port  # type: ignore[attr-defined]
-        self.streaming.local[(self.node.config.cluster_host, port)] = lambda data: self._relayed(
-            session_id, data
-        )
+        plan.relay_addr = (self.node.config.cluster_host, listening.getHost().port)  # type: ignore[attr-defined]
+        self.streaming.local[plan.relay_addr] = lambda data: self._relayed(session_id, data)
+
+    @staticmethod
+    def _destination(plan: _Plan) -> tuple[str, int]:
+        """Where the nodes send a session's packets: its relay here, or the client."""
+        return plan.relay_addr if plan.relay_port is not None else (plan.dest_host, plan.dest_port)
 
     def _relayed(self, session_id: str, data: bytes) -> None:
         plan = self.plans.get(session_id)
@@ -523,12 +527,13 @@ class YimaStreamingService(Service):
                 self.log.failure("rtsp: sender report for {s} failed", s=session_id)
         plan.sr_timer = self.reactor.callLater(SR_INTERVAL, self._sr_tick, session_id)
 
-    def _bye(self, plan: _Plan) -> None:
-        """RTCP BYE after the last packet, so players end the stream."""
+    def _bye(self, plan: _Plan, reason: bytes = b"end of stream") -> None:
+        """RTCP BYE (after the last packet, or when the stream cannot go on), so
+        players end the stream."""
         if plan.bye_sent:
             return
         plan.bye_sent = True
-        data = self._sender_report(plan) + serialize_rtcp(Bye((plan.ssrc,), b"end of stream"))
+        data = self._sender_report(plan) + serialize_rtcp(Bye((plan.ssrc,), reason[:255]))
         self._send_rtcp(plan, data)
 
     def _share_lost(self, sid: str, plan: _Plan, node_id: str) -> None:
@@ -537,11 +542,7 @@ class YimaStreamingService(Service):
         self.lost_sessions += 1
         self.log.warn("rtsp: {n} left and {m} has no parity: ending {s}",
                       n=node_id, m=plan.media, s=sid)  # fmt: skip
-        if not plan.bye_sent:
-            plan.bye_sent = True
-            reason = f"node {node_id} left; {plan.media} has no parity".encode()[:255]
-            self._send_rtcp(plan, self._sender_report(plan) + serialize_rtcp(
-                Bye((plan.ssrc,), reason)))  # fmt: skip
+        self._bye(plan, f"node {node_id} left; {plan.media} has no parity".encode())
         self._control(sid, "stop", 0.0)
 
     def play(self, session: ServerSession, range: NptRange | None) -> Deferred[PlayReply]:
@@ -570,16 +571,12 @@ class YimaStreamingService(Service):
         members = list(self.node.view.members)
         plan.members = tuple(m.node_id for m in members)
         me = self.node.node_id
-        if plan.relay_port is not None:
-            dest_host = self.node.config.cluster_host
-            dest_port = plan.relay_port.getHost().port  # type: ignore[attr-defined]
-        else:
-            dest_host, dest_port = plan.dest_host, plan.dest_port
+        dest_host, dest_port = self._destination(plan)
         calls = []
         for i, m in enumerate(members):
             if self.mode == "master-slave" and m.node_id != me:
                 continue
-            kwargs = dict(session=session.session_id, media=plan.media, start_ct=at,
+            kwargs: dict[str, Any] = dict(session=session.session_id, media=plan.media, start_ct=at,
                           start_mt=start_mt, host=dest_host, port=dest_port, ssrc=plan.ssrc,
                           seq_base=plan.seq_base, ts_base=plan.ts_base, node_index=i,
                           all_blocks=self.mode == "master-slave")  # fmt: skip
@@ -670,11 +667,7 @@ class YimaStreamingService(Service):
         # A fan-out player buffers ahead: resend a little of what was lost.
         back = 0.5 if plan.fanout else 0.0
         mt = max(0.0, self._media_position(plan, at) - back)
-        if plan.relay_port is not None:
-            host = self.node.config.cluster_host
-            port = plan.relay_port.getHost().port  # type: ignore[attr-defined]
-        else:
-            host, port = plan.dest_host, plan.dest_port
+        host, port = self._destination(plan)
         local = f"{sid}+{node_id}"
         plan.takeovers[node_id] = local
         self.streaming.start(session=local, media=plan.media, start_ct=at, start_mt=mt,
@@ -690,8 +683,7 @@ class YimaStreamingService(Service):
         """Stop every node's share and free the relay."""
         plan = self.plans.pop(session.session_id, None)
         if plan is not None and plan.relay_port is not None:
-            port = plan.relay_port.getHost().port  # type: ignore[attr-defined]
-            self.streaming.local.pop((self.node.config.cluster_host, port), None)
+            self.streaming.local.pop(plan.relay_addr, None)
             plan.relay_port.stopListening()
             if plan.relay_timer is not None and plan.relay_timer.active():
                 plan.relay_timer.cancel()
