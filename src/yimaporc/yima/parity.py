@@ -14,17 +14,41 @@ impossible, candidate 0.  After :data:`MAX_TRIES` failed candidates (CRUSH-like
 bounded retries) it takes a hashed pick among all acceptable logical disks, so
 distinct domains are guaranteed whenever they exist.  Without conflicts a data
 block sits exactly where plain SCADDAR puts it.
+
+Two placement versions (``MediaInfo.placement``):
+
+* ``FIRST_FIT`` (1, files ingested before version 2): the rule above is
+  applied afresh to the current history, so a scaling step that creates or
+  removes a conflict moves extra blocks.
+* ``STICKY`` (2, the default): the rule above gives the layout of step 0 only;
+  each later step starts from the previous layout.  Adding disks moves blocks
+  only onto the new disks, as many per group as the first-fit rule would put
+  there (so the new disks fill like first-fit's), preferring the member
+  already on the new disk's node; removing disks moves exactly the removed
+  disks' blocks, each to its first acceptable candidate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 
-from .placement import LogicalDisk, ScalingHistory, disk_of, disks_of, word
+from .placement import (
+    AddDisks,
+    LogicalDisk,
+    ScalingHistory,
+    disk_of,
+    disks_of,
+    disks_trace,
+    word,
+)
 
 PARITY_STREAM = 1 << 16
+FIRST_FIT = 1
+STICKY = 2
+VERSIONS = (FIRST_FIT, STICKY)
 MAX_TRIES = 8
 DEFAULT_GROUP_SIZE = 4
 
@@ -130,6 +154,13 @@ class _Chooser:
         nodes.add(_node(disk))
         physical.add(disk.physical)
 
+    def score(self, d: int, nodes: set[str], physical: set[str]) -> int:
+        """How well disk ``d`` separates a block from the others: new node 2, new disk 1, else 0."""
+        disk = self.table[d]
+        if _node(disk) not in nodes:
+            return 2
+        return 1 if disk.physical not in physical else 0
+
 
 @attrs.frozen
 class Layout:
@@ -139,6 +170,27 @@ class Layout:
     parity: tuple[int, ...]
 
 
+class _Streams:
+    """Plain SCADDAR disks of a run of data blocks and parity blocks, for any candidate
+    stream, after every step of one history (computed per stream on first use)."""
+
+    def __init__(self, seed: int, history: ScalingHistory, data: range, groups: range) -> None:
+        self.seed = seed
+        self.history = history
+        self.data = data
+        self.groups = groups
+        self._traces: dict[int, list[list[int]]] = {}
+
+    def disk(self, stream: int, step: int, index: int) -> int:
+        """Disk of block (or parity group) ``index`` on candidate ``stream`` after ``step``."""
+        trace = self._traces.get(stream)
+        run = self.groups if stream >= PARITY_STREAM else self.data
+        if trace is None:
+            trace = disks_trace(self.seed, len(run), self.history, stream, run.start)
+            self._traces[stream] = trace
+        return trace[step][index - run.start]
+
+
 @attrs.frozen
 class FilePlacement:
     """Where a file's blocks live under any scaling history."""
@@ -146,33 +198,23 @@ class FilePlacement:
     seed: int
     n_blocks: int
     group_size: int = 0
+    version: int = STICKY
 
     def __attrs_post_init__(self) -> None:
         if self.n_blocks < 0 or self.group_size < 0:
             raise ParityError("block count and group size must be >= 0")
+        if self.version not in VERSIONS:
+            raise ParityError(f"unknown placement version {self.version}")
+
+    @classmethod
+    def of(cls, info: Any) -> FilePlacement:
+        """The placement of a stored file (a ``MediaInfo``)."""
+        return cls(info.seed, info.blocks, info.parity_group, info.placement)
 
     @property
     def n_groups(self) -> int:
         """Number of parity groups."""
         return n_groups(self.n_blocks, self.group_size)
-
-    def _choose(
-        self,
-        chooser: _Chooser,
-        first: int,
-        index: int,
-        stream: int,
-        history: ScalingHistory,
-        nodes: set[str],
-        physical: set[str],
-    ) -> int:
-        return chooser.choose(
-            first,
-            lambda c: disk_of(self.seed, index, history, stream=stream + c),
-            lambda n: word(self.seed, index, history.steps + 1, stream + MAX_TRIES) % n,
-            nodes,
-            physical,
-        )
 
     def data_disk(self, index: int, history: ScalingHistory) -> int:
         """Logical disk of data block ``index``."""
@@ -181,58 +223,139 @@ class FilePlacement:
         if self.group_size == 0:
             return disk_of(self.seed, index, history)
         g = group_of(index, self.group_size)
-        first = [disk_of(self.seed, i, history) for i in range(g * self.group_size, index + 1)]
-        return self._resolve_group(g, first, history)[-1]
+        return self._group(g, history)[index - g * self.group_size]
 
     def parity_disk(self, group: int, history: ScalingHistory) -> int:
         """Logical disk of the parity block of ``group``."""
         if not 0 <= group < self.n_groups:
             raise IndexError(f"parity group {group} out of range 0..{self.n_groups - 1}")
-        members = group_members(group, self.group_size, self.n_blocks)
-        first = [disk_of(self.seed, i, history) for i in members]
-        chooser = _Chooser(history)
-        nodes: set[str] = set()
-        physical: set[str] = set()
-        for d in self._resolve_group(group, first, history, chooser):
-            chooser.note(d, nodes, physical)
-        p0 = disk_of(self.seed, group, history, stream=PARITY_STREAM)
-        return self._choose(chooser, p0, group, PARITY_STREAM, history, nodes, physical)
-
-    def _resolve_group(
-        self,
-        group: int,
-        first: Sequence[int],
-        history: ScalingHistory,
-        chooser: _Chooser | None = None,
-    ) -> list[int]:
-        chooser = chooser or _Chooser(history)
-        nodes: set[str] = set()
-        physical: set[str] = set()
-        out = []
-        for p, d0 in enumerate(first):
-            index = group * self.group_size + p
-            d = self._choose(chooser, d0, index, 0, history, nodes, physical)
-            chooser.note(d, nodes, physical)
-            out.append(d)
-        return out
+        return self._group(group, history)[-1]
 
     def layout(self, history: ScalingHistory) -> Layout:
         """Every block's logical disk (batch path, same answers as the single ones)."""
-        first = disks_of(self.seed, self.n_blocks, history)
         if self.group_size == 0:
-            return Layout(tuple(first), ())
-        chooser = _Chooser(history)
-        p_first = disks_of(self.seed, self.n_groups, history, stream=PARITY_STREAM)
+            return Layout(tuple(disks_of(self.seed, self.n_blocks, history)), ())
+        streams = _Streams(self.seed, history, range(self.n_blocks), range(self.n_groups))
+        choosers = self._choosers(history)
         data: list[int] = []
         parity: list[int] = []
-        gs = self.group_size
         for g in range(self.n_groups):
-            nodes: set[str] = set()
-            physical: set[str] = set()
-            for d in self._resolve_group(g, first[g * gs : (g + 1) * gs], history, chooser):
-                chooser.note(d, nodes, physical)
-                data.append(d)
-            parity.append(
-                self._choose(chooser, p_first[g], g, PARITY_STREAM, history, nodes, physical)
-            )
+            pos = self._resolve(g, streams, choosers)
+            data.extend(pos[:-1])
+            parity.append(pos[-1])
         return Layout(tuple(data), tuple(parity))
+
+    def _group(self, group: int, history: ScalingHistory) -> list[int]:
+        members = group_members(group, self.group_size, self.n_blocks)
+        streams = _Streams(self.seed, history, members, range(group, group + 1))
+        return self._resolve(group, streams, self._choosers(history))
+
+    def _choosers(self, history: ScalingHistory) -> list[_Chooser]:
+        if self.version == FIRST_FIT:
+            return [_Chooser(history)]
+        return [_Chooser(history.prefix(j)) for j in range(history.steps + 1)]
+
+    def _resolve(self, group: int, streams: _Streams, choosers: Sequence[_Chooser]) -> list[int]:
+        """The group's data disks, then its parity disk."""
+        if self.version == FIRST_FIT:
+            return self._first_fit(group, streams, streams.history.steps, choosers[0])
+        return self._sticky(group, streams, choosers)
+
+    def _choose(
+        self,
+        chooser: _Chooser,
+        streams: _Streams,
+        step: int,
+        index: int,
+        stream: int,
+        nodes: set[str],
+        physical: set[str],
+    ) -> int:
+        return chooser.choose(
+            streams.disk(stream, step, index),
+            lambda c: streams.disk(stream + c, step, index),
+            lambda n: word(self.seed, index, step + 1, stream + MAX_TRIES) % n,
+            nodes,
+            physical,
+        )
+
+    def _first_fit(self, group: int, streams: _Streams, step: int, chooser: _Chooser) -> list[int]:
+        """First-fit on the history after ``step``: each member (data, then parity) takes its
+        first candidate on a node (else a physical disk) that the members before it do not use."""
+        nodes: set[str] = set()
+        physical: set[str] = set()
+        out = []
+        for i in group_members(group, self.group_size, self.n_blocks):
+            d = self._choose(chooser, streams, step, i, 0, nodes, physical)
+            chooser.note(d, nodes, physical)
+            out.append(d)
+        out.append(self._choose(chooser, streams, step, group, PARITY_STREAM, nodes, physical))
+        return out
+
+    def _sticky(self, group: int, streams: _Streams, choosers: Sequence[_Chooser]) -> list[int]:
+        """First-fit at step 0, then each step changes only what it must (module docstring)."""
+        pos = self._first_fit(group, streams, 0, choosers[0])
+        history = streams.history
+        first_index = group * self.group_size
+        last = len(pos) - 1
+        for j, op in enumerate(history.ops, start=1):
+            chooser = choosers[j]
+            if isinstance(op, AddDisks):
+                n_old = len(choosers[j - 1].table)
+                self._fill_new_disks(group, pos, streams, j, n_old, chooser)
+                continue
+            gone = set(op.indices)
+            renumber: dict[int, int] = {}
+            for i in range(len(choosers[j - 1].table)):
+                if i not in gone:
+                    renumber[i] = len(renumber)
+            forced = [m for m, d in enumerate(pos) if d in gone]
+            pos = [renumber.get(d, -1) for d in pos]
+            for m in forced:
+                nodes, physical = self._others(chooser, pos, m)
+                stream, index = (PARITY_STREAM, group) if m == last else (0, first_index + m)
+                pos[m] = self._choose(chooser, streams, j, index, stream, nodes, physical)
+        return pos
+
+    def _fill_new_disks(
+        self,
+        group: int,
+        pos: list[int],
+        streams: _Streams,
+        step: int,
+        n_old: int,
+        chooser: _Chooser,
+    ) -> None:
+        """Move members onto the disks just added, as many as first-fit would put there.
+
+        First-fit on the new history says which new disks the group should
+        use.  Each such disk takes the member already on its node if there is
+        one (a move within the node keeps the group's domains), else the
+        member first-fit put there; a move that would weaken the group's
+        fault domains is skipped.  Nothing moves between old disks.
+        """
+        target = self._first_fit(group, streams, step, chooser)
+        table = chooser.table
+        moved: set[int] = set()
+        for designated, t in enumerate(target):
+            if t < n_old:
+                continue
+            node = _node(table[t])
+            here = [k for k, d in enumerate(pos) if k not in moved and _node(table[d]) == node]
+            m = here[0] if here else designated
+            if m in moved:
+                continue
+            nodes, physical = self._others(chooser, pos, m)
+            if chooser.score(t, nodes, physical) >= chooser.score(pos[m], nodes, physical):
+                pos[m] = t
+                moved.add(m)
+
+    @staticmethod
+    def _others(chooser: _Chooser, pos: Sequence[int], m: int) -> tuple[set[str], set[str]]:
+        """Nodes and physical disks of every placed member but ``m``."""
+        nodes: set[str] = set()
+        physical: set[str] = set()
+        for k, d in enumerate(pos):
+            if k != m and d >= 0:
+                chooser.note(d, nodes, physical)
+        return nodes, physical

@@ -86,7 +86,7 @@ def plan_moves(
 
 def plan_for(info: MediaInfo, old: ScalingHistory, new: ScalingHistory) -> Plan:
     """:func:`plan_moves` for a stored file, with block sizes."""
-    placement = FilePlacement(info.seed, info.blocks, info.parity_group)
+    placement = FilePlacement.of(info)
     return plan_moves(placement, old, new, lambda k: expected_length(info, k))
 
 

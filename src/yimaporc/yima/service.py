@@ -370,7 +370,7 @@ class YimaStorageService(Service):
         key = (info.name, pending)
         hit = self._layouts.get(key)
         if hit is None or hit[0] is not history:
-            placement = FilePlacement(info.seed, info.blocks, info.parity_group)
+            placement = FilePlacement.of(info)
             hit = (history, placement.layout(history))
             self._layouts[key] = hit
         return hit
@@ -689,7 +689,7 @@ class YimaStorageService(Service):
                 )
             except ValueError as e:
                 raise ApiError(str(e)) from e
-            placement = FilePlacement(info.seed, info.blocks, info.parity_group)
+            placement = FilePlacement.of(info)
             layout = placement.layout(history)
             table = history.disks
             step = info.parity_group or 4

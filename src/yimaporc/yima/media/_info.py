@@ -80,6 +80,8 @@ class MediaInfo:
     block_size: int
     seed: int
     parity_group: int = 0
+    # Placement rule version (yima/parity.py): 2 = sticky; metadata without it is 1.
+    placement: int = attrs.field(default=2, validator=attrs.validators.in_((1, 2)))
     streamable: bool = False
     message: str = ""
     duration: float | None = None
@@ -123,6 +125,7 @@ class MediaInfo:
         unknown = set(data) - fields
         if unknown:
             raise ValueError(f"unknown media field(s): {', '.join(sorted(unknown))}")
+        data.setdefault("placement", 1)
         try:
             data["wav"] = _wav_from_json(data.get("wav"))
             return cls(**data)
