@@ -145,6 +145,10 @@ def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path)
     moved, total = sum(p.moved for p in plans), sum(p.total for p in plans)
     assert out.strip().splitlines()[-1] == f"moved {moved} of {total} blocks"
     assert 0 < moved < total
+    added = set(new.disk_ids) - set(old.disk_ids)
+    assert all(m.dst_disk.disk_id in added for p in plans for m in p.moves), (
+        "onto the new disk only"
+    )
     by_name = {i.name: p for i, p in zip(infos, plans, strict=True)}
     plain = by_name["noise"]
     assert plain.total == 2048 and abs(plain.moved / plain.total - 1 / 5) < 0.05, plain.moved
@@ -159,8 +163,8 @@ def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path)
     )
     from_removed = sum(1 for p in plans for m in p.moves if m.src_disk.physical == "y1-0")
     assert from_removed == on_disk["y1-0"]
-    plain = {i.name: p for i, p in zip(infos, plans, strict=True)}["noise"]
-    assert all(m.src_disk.physical == "y1-0" for m in plain.moves), "only the removed disk's"
+    # Sticky placement: with parity too, only the removed disk's blocks move.
+    assert all(m.src_disk.physical == "y1-0" for p in plans for m in p.moves), "only y1-0's"
     assert not list((tmp_path / "y1" / "a" / "media").glob("*/*.blk"))
     _round_trip(y2, "clip", ts, tmp_path / "clip.out")
     _round_trip(y2, "tone", wav, tmp_path / "tone.out")
