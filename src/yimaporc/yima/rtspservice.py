@@ -59,6 +59,10 @@ from .store import BlockKey
 from .streaming import Destination, StreamControl, StreamingNode, StreamNack, StreamStart
 
 START_LEAD = 0.5
+# The end-of-stream BYE waits this long after the last packet: a player ends on
+# BYE, and one whose RTP socket still holds the last packets (a busy receiver,
+# GStreamer's udpsrc) would drop them.
+BYE_GRACE = 1.0
 SR_INTERVAL = 5.0  # RFC 3550's minimum interval; the first SR goes 1 s after PLAY
 TRACK = "track1"
 
@@ -128,6 +132,7 @@ class _Plan:
     relay_port: IListeningPort | None = None
     relay_addr: tuple[str, int] = ("", 0)  # where the nodes send this session's packets
     relay_timer: IDelayedCall | None = None
+    bye_timer: IDelayedCall | None = None
     # Media position at cluster time started_ct (the last PLAY or resume).
     position: float = 0.0
     started_ct: float = 0.0
@@ -234,7 +239,7 @@ class YimaStreamingService(Service):
         for plan in self.plans.values():
             if plan.relay_port is not None:
                 ports.append(plan.relay_port)
-            for timer in (plan.relay_timer, plan.sr_timer):
+            for timer in (plan.relay_timer, plan.sr_timer, plan.bye_timer):
                 if timer is not None and timer.active():
                     timer.cancel()
         return DeferredList([maybeDeferred(p.stopListening) for p in ports])
@@ -477,8 +482,9 @@ class YimaStreamingService(Service):
                     plan.session.send_interleaved(plan.tcp_channel, data)
             else:
                 self._send(data, (plan.dest_host, plan.dest_port))
-        if plan.relay is not None and plan.total and plan.relay.next >= plan.total:
-            self._bye(plan)
+        done = plan.relay is not None and plan.total and plan.relay.next >= plan.total
+        if done and plan.bye_timer is None and not plan.bye_sent:
+            plan.bye_timer = self.reactor.callLater(BYE_GRACE, self._bye, plan)
         if plan.relay is not None:
             if plan.relay_timer is not None and plan.relay_timer.active():
                 plan.relay_timer.cancel()
@@ -687,8 +693,10 @@ class YimaStreamingService(Service):
             plan.relay_port.stopListening()
             if plan.relay_timer is not None and plan.relay_timer.active():
                 plan.relay_timer.cancel()
-        if plan is not None and plan.sr_timer is not None and plan.sr_timer.active():
-            plan.sr_timer.cancel()
+        if plan is not None:
+            for timer in (plan.sr_timer, plan.bye_timer):
+                if timer is not None and timer.active():
+                    timer.cancel()
         return self._control(session.session_id, "stop", 0.0)
 
     def get_parameter(self, session: ServerSession | None, body: bytes) -> bytes:
