@@ -70,7 +70,7 @@ def main() -> int:
         blob = work / "blob.bin"
         blob.write_bytes(random.Random(1).randbytes(args.mb << 20))
         cli(nodes[0], "media", "ingest", str(clip), "--name", "clip", "--block-size", "131600")
-        cli(nodes[0], "media", "ingest", str(blob), "--name", "blob")
+        cli(nodes[0], "media", "ingest", str(blob), "--name", "blob", "--opaque")
         blob.unlink()
         extra = [] if args.rate is None else ["--rate", str(args.rate)]
         for i, with_stream in ((1, False), (2, True)):

@@ -109,7 +109,10 @@ def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path)
     # Without parity, placement is plain SCADDAR: scaling moves the optimum.
     noise = tmp_path / "noise.bin"
     noise.write_bytes(random.Random(7).randbytes(2048 * 1024))
-    out = _cli(y1, "media", "ingest", str(noise), "--block-size", "1024", "--parity-group", "0")
+    err = _cli_fails(y1, "media", "ingest", str(noise), "--block-size", "1024")
+    assert "cannot be streamed: not MPEG-TS or WAV; not stored" in err and "HTTP 415" in err
+    out = _cli(y1, "media", "ingest", str(noise), "--block-size", "1024", "--parity-group", "0",
+               "--opaque")  # fmt: skip
     assert "ingested noise: opaque" in out and "parity" not in out.splitlines()[0]
     listing = _cli(y2, "media", "list")
     assert "clip mpeg-ts" in listing and "tone wav" in listing

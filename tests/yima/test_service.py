@@ -68,14 +68,16 @@ def test_registers_local_disks_and_reports_them(tmp_path: Path) -> None:
 
 
 def test_ingest_wav_and_opaque_read_back_identical(tmp_path: Path) -> None:
-    """A WAV and an opaque file are cut, placed with parity and read back byte-identical."""
+    """A WAV and an opaque file (refused unless opaque) are placed with parity, read back identical."""
     reactor, service = _make(tmp_path)
     wav = make_sample_wav(tmp_path / "s.wav", seconds=1.0).read_bytes()
     out = _result(reactor, service.ingest(io.BytesIO(wav), "tone", block_size=20_000))
     assert out["kind"] == "wav" and out["streamable"] and out["parity_group"] == 3
     _check_all(reactor, service, "tone", wav)
     blob = os.urandom(100_000)
-    out = _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=8192))
+    with pytest.raises(ApiError, match="cannot be streamed: not MPEG-TS or WAV; not stored"):
+        _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=8192))
+    out = _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=8192, opaque=True))
     assert out["kind"] == "opaque" and not out["streamable"]
     assert "cannot be streamed" in out["message"]
     _check_all(reactor, service, "blob", blob)
@@ -85,14 +87,14 @@ def test_ingest_wav_and_opaque_read_back_identical(tmp_path: Path) -> None:
     stored = sum(d["stored"] for d in status["disks"])
     assert placed == stored > 0
     with pytest.raises(ApiError, match="already exists"):
-        _result(reactor, service.ingest(io.BytesIO(blob), "blob"))
+        _result(reactor, service.ingest(io.BytesIO(blob), "blob", opaque=True))
 
 
 def test_add_then_remove_moves_plan_counts_and_keeps_data(tmp_path: Path) -> None:
     """disks add/remove move exactly plan_for's blocks and every block still reads back."""
     reactor, service = _make(tmp_path)
     blob = os.urandom(400_000)
-    _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096))
+    _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096, opaque=True))
     info = service.media_info("blob")
     old = service.catalog.history
     assert old is not None
@@ -133,7 +135,7 @@ def test_parity_reads_and_rebuilds_a_wiped_disk(tmp_path: Path) -> None:
     """Delete one disk's block files behind the node's back: reads still work, rebuild restores."""
     reactor, service = _make(tmp_path)
     blob = os.urandom(200_000)
-    _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096))
+    _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096, opaque=True))
     victim = tmp_path / "d2" / "media" / "blob"
     wiped = sorted(p.name for p in victim.iterdir())
     assert wiped
@@ -165,10 +167,10 @@ def test_failed_ingest_deletes_its_blocks_and_can_be_retried(tmp_path: Path) -> 
 
     service.write_at = flaky  # type: ignore[method-assign]
     with pytest.raises(OSError, match="disk full"):
-        _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096))
+        _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096, opaque=True))
     assert calls[0] > 10, "other groups were written before the cleanup"
     assert not list(tmp_path.glob("d*/media/blob/*")), "orphan blocks left behind"
     assert "blob" not in service.catalog.media
     service.write_at = real_write  # type: ignore[method-assign]
-    _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096))
+    _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096, opaque=True))
     _check_all(reactor, service, "blob", blob)

@@ -111,6 +111,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         if args.parity_group < 0:
             raise _cli_error("--parity-group must be 0 (no parity) or more")
         query["parity_group"] = str(args.parity_group)
+    if args.opaque:
+        query["opaque"] = "1"
     client = args.make_client(args)
     size = source.stat().st_size
     bar = _Progress(size, f"ingest {name}")
@@ -127,6 +129,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     )
     if doc.get("message"):
         print(doc["message"])
+    for warning in doc.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -236,6 +240,12 @@ def register(
         metavar="G",
         help="data blocks per parity block (default: up to 4, as the disks allow; "
         "0: no parity - fewest moves on scaling, no protection against a lost disk)",
+    )
+    p.add_argument(
+        "--opaque",
+        action="store_true",
+        help="store the file as opaque blocks even if it cannot be streamed "
+        "(without it, such a file is refused and the command exits non-zero)",
     )
     parser(msub, "list", "list stored media", _cmd_list)
     p = parser(msub, "get", "download a stored file block by block", _cmd_get)

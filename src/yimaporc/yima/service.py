@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import tempfile
 import threading
 from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
@@ -57,7 +58,7 @@ from .disks import (
     initial_history,
     remove_physical,
 )
-from .media import Analyser, MediaInfo, check_name
+from .media import MAX_HEADER, TAIL, Analyser, MediaInfo, check_name, plan, unstreamable_reason
 from .parity import FilePlacement, Layout, default_group_size, group_members, make_parity
 from .parity import reconstruct as parity_reconstruct
 from .placement import LogicalDisk, ScalingHistory
@@ -171,13 +172,30 @@ def _analyse(
     seed: int,
     block_size: int | None,
     group: int,
-) -> MediaInfo:
+) -> tuple[MediaInfo, IO[bytes], tuple[str, ...]]:
+    """The upload's MediaInfo, the file to store (the upload, or a trimmed or
+    realigned copy: see ``media.plan``) and what was changed, as warnings."""
+    with lock:
+        size = content.seek(0, 2)
+        content.seek(0)
+        head = content.read(MAX_HEADER)
+        content.seek(max(0, size - TAIL))
+        tail = content.read(TAIL)
+        rewrite = plan(head, tail, size)
+        if rewrite is not None and not rewrite.is_identity(size):
+            copy = tempfile.TemporaryFile()
+            try:
+                rewrite.copy(content, copy)
+            except BaseException:
+                copy.close()
+                raise
+            content = copy
     analyser = Analyser(name, seed, block_size, group)
     with lock:
         content.seek(0)
         while chunk := content.read(READ_CHUNK):
             analyser.feed(chunk)
-    return analyser.finish()
+    return analyser.finish(), content, rewrite.warnings if rewrite is not None else ()
 
 
 class YimaStorageService(Service):
@@ -646,12 +664,14 @@ class YimaStorageService(Service):
         name: str,
         block_size: int | None = None,
         parity_group: int | None = None,
+        opaque: bool = False,
     ) -> Generator[Deferred[Any], Any, dict[str, Any]]:
         """Analyse, cut, place and store an uploaded file, then publish its MediaInfo.
 
         ``parity_group`` G: data blocks per parity block (None: the most the
         disks allow, at most 4; 0: no parity, plain SCADDAR placement, which
-        moves the fewest blocks on scaling but survives no disk loss).
+        moves the fewest blocks on scaling but survives no disk loss).  A file
+        that cannot be streamed is refused (415) unless ``opaque``.
         """
         try:
             check_name(name)
@@ -667,6 +687,7 @@ class YimaStorageService(Service):
             raise ApiError("no disks are registered yet", 503)
         self._require_nodes_up(history)
         self._ingesting.add(name)
+        copies: list[IO[bytes]] = []
         try:
             started = float(self.reactor.seconds())
             lock = threading.Lock()
@@ -676,7 +697,7 @@ class YimaStorageService(Service):
                 raise ApiError(f"parity_group must be between 0 and {most} on these disks")
             group = most if parity_group is None else parity_group
             try:
-                info = yield deferToThreadPool(
+                info, stored, warnings = yield deferToThreadPool(
                     self.reactor,
                     self.pool,  # type: ignore[arg-type]
                     _analyse,
@@ -689,6 +710,15 @@ class YimaStorageService(Service):
                 )
             except ValueError as e:
                 raise ApiError(str(e)) from e
+            if stored is not content:
+                copies.append(stored)
+                content = stored
+            if not info.streamable and not opaque:
+                raise ApiError(
+                    f"{name} cannot be streamed: {unstreamable_reason(info)}; not stored "
+                    "(ingest with --opaque to store it as opaque blocks)",
+                    415,
+                )
             placement = FilePlacement.of(info)
             layout = placement.layout(history)
             table = history.disks
@@ -761,10 +791,13 @@ class YimaStorageService(Service):
                 "streamable": info.streamable,
                 "duration": info.duration,
                 "message": info.message,
+                "warnings": list(warnings),
                 "seconds": round(seconds, 3),
             }
         finally:
             self._ingesting.discard(name)
+            for copy in copies:
+                copy.close()
 
     def _discard(
         self, info: MediaInfo, layout: Layout, table: tuple[LogicalDisk, ...]
@@ -1031,7 +1064,11 @@ class YimaStorageService(Service):
         if "content" not in body:
             raise ApiError("upload the file as the request body")
         return self.ingest(
-            body["content"], name, int(size) if size else None, int(group) if group else None
+            body["content"],
+            name,
+            int(size) if size else None,
+            int(group) if group else None,
+            opaque=query.get("opaque", "0") in ("1", "true", "yes"),
         )
 
     def _route_block(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:

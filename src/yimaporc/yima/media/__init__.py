@@ -17,7 +17,9 @@ from ._info import (
     payload_times,
     read_blocks,
     reassemble,
+    unstreamable_reason,
 )
+from ._normalise import TAIL, Rewrite, plan
 from ._ts import (
     PCR_HZ,
     RTP_PAYLOAD,
@@ -27,7 +29,7 @@ from ._ts import (
     TsScanner,
     packet_pcr,
 )
-from ._wav import WavFormat, packet_bytes, parse_wav, to_l16
+from ._wav import MAX_HEADER, WavFormat, packet_bytes, parse_wav, to_l16
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -36,12 +38,15 @@ __all__ = [
     "KIND_TS",
     "KIND_WAV",
     "MAX_BLOCK",
+    "MAX_HEADER",
     "PCR_HZ",
     "RTP_PAYLOAD",
+    "TAIL",
     "TS_PACKET",
     "Analyser",
     "MalformedMedia",
     "MediaInfo",
+    "Rewrite",
     "TimeMap",
     "TsScanner",
     "WavFormat",
@@ -54,7 +59,9 @@ __all__ = [
     "packet_pcr",
     "parse_wav",
     "payload_times",
+    "plan",
     "read_blocks",
     "reassemble",
     "to_l16",
+    "unstreamable_reason",
 ]

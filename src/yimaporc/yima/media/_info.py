@@ -36,7 +36,9 @@ KINDS = (KIND_TS, KIND_WAV, KIND_OPAQUE)
 DEFAULT_TS_BLOCK = 256 * RTP_PAYLOAD
 DEFAULT_BLOCK = 256 * 1024
 MAX_BLOCK = 64 << 20
-OPAQUE_MESSAGE = "not MPEG-TS or WAV: stored as opaque blocks, cannot be streamed"
+OPAQUE_REASON = "not MPEG-TS or WAV"
+OPAQUE_MESSAGE = f"{OPAQUE_REASON}: stored as opaque blocks, cannot be streamed"
+_NOT_STREAMABLE = "; stored but cannot be streamed"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
@@ -198,7 +200,7 @@ class Analyser:
         return attrs.evolve(base, message=OPAQUE_MESSAGE)
 
     def _not_streamable(self, base: MediaInfo, why: str) -> MediaInfo:
-        return attrs.evolve(base, message=f"{why}; stored but cannot be streamed")
+        return attrs.evolve(base, message=f"{why}{_NOT_STREAMABLE}")
 
     def _finish_ts(self, base: MediaInfo) -> MediaInfo:
         if self._problem:
@@ -247,6 +249,13 @@ class Analyser:
             block_times=times,
             wav=fmt,
         )
+
+
+def unstreamable_reason(info: MediaInfo) -> str:
+    """Why ``info``'s file cannot be streamed, without the "stored" part."""
+    if info.kind == KIND_OPAQUE:
+        return OPAQUE_REASON
+    return info.message.removesuffix(_NOT_STREAMABLE)
 
 
 def analyse_bytes(
