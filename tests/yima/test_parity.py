@@ -16,6 +16,7 @@ from yimaporc.yima.parity import (
     default_group_size,
     group_members,
     group_of,
+    group_size_for,
     make_parity,
     n_groups,
     reconstruct,
@@ -74,6 +75,41 @@ CLUSTERS = {
     "two nodes, five disks": "n1:a,n1:b,n1:c,n2:d,n2:e,n2:e",
     "three nodes, one disk each": "n1:a,n2:b,n3:c",
 }
+
+
+@pytest.mark.parametrize(
+    ("spec", "size"),
+    [
+        ("n1:a,n1:b,n2:c,n2:d", 1),  # 2 nodes x 2 disks: mirrored pairs, one per node
+        ("n1:a,n1:b,n2:c,n2:d,n3:e,n3:f", 2),
+        ("n1:a,n2:b,n3:c,n4:d,n5:e,n6:f", 4),
+        ("n1:a,n1:b,n1:c,n1:d", 3),  # one node: groups over its disks
+    ],
+)
+@pytest.mark.parametrize("version", [FIRST_FIT, STICKY])
+def test_default_groups_survive_the_loss_of_any_node(spec: str, size: int, version: int) -> None:
+    """The default group size fits every group and its parity on distinct nodes, whatever
+    the disks per node; losing any one node leaves each group at most one block short."""
+    h = ScalingHistory(disks(spec))
+    g, warning = group_size_for(h)
+    assert g == size
+    assert ("not of the node" in warning) == (len({d.node_id for d in h.disks}) == 1)
+    fp = FilePlacement(5, 1000, g, version)
+    layout = fp.layout(h)
+    for node in {d.node_id for d in h.disks}:
+        for group in range(fp.n_groups):
+            blocks = [layout.data[i] for i in group_members(group, g, fp.n_blocks)]
+            lost = [d for d in [*blocks, layout.parity[group]] if h.disks[d].node_id == node]
+            assert len(lost) <= 1 or len({d.node_id for d in h.disks}) == 1
+
+
+def test_a_group_too_big_for_the_nodes_is_refused_with_the_reason() -> None:
+    """Asking for groups that cannot span distinct nodes is an error that says why; 0 is fine."""
+    h = ScalingHistory(disks("n1:a,n1:b,n2:c,n2:d"))
+    with pytest.raises(ParityError, match="need G\\+1 distinct nodes, and there are 2"):
+        group_size_for(h, 2)
+    assert group_size_for(h, 0) == (0, "")
+    assert group_size_for(ScalingHistory(disks("n1:a")))[0] == 0
 
 
 @pytest.mark.parametrize("version", [FIRST_FIT, STICKY])

@@ -98,6 +98,34 @@ def default_group_size(n_domains: int, cap: int = DEFAULT_GROUP_SIZE) -> int:
     return max(0, min(cap, n_domains - 1))
 
 
+def group_size_for(history: ScalingHistory, requested: int | None = None) -> tuple[int, str]:
+    """The parity group size for a new file on ``history``'s disks, and a warning if any.
+
+    A group and its parity must sit on distinct nodes to survive a node, so G is
+    at most the number of nodes less one, however many disks each node has.
+    On a single node, groups span its disks (surviving a disk, not the node).
+    ``requested`` beyond what the cluster allows raises :class:`ParityError`.
+    """
+    n_nodes = len({_node(d) for d in history.disks})
+    n_physical = len({d.physical for d in history.disks})
+    domains, what = (n_nodes, "nodes") if n_nodes > 1 else (n_physical, "disks")
+    most = default_group_size(domains)
+    if requested is None:
+        size = most
+    elif not 0 <= requested <= most:
+        raise ParityError(
+            f"parity_group must be between 0 and {most}: a group of G blocks and its parity "
+            f"need G+1 distinct {what}, and there are {domains}"
+        )
+    else:
+        size = requested
+    if size == 0:
+        return 0, "" if requested == 0 else f"no parity: {domains} {what} cannot hold a group"
+    if n_nodes == 1:
+        return size, "one node: parity survives the loss of a disk, not of the node"
+    return size, ""
+
+
 def n_groups(n_blocks: int, group_size: int) -> int:
     """Number of parity groups of a file (0 without parity)."""
     return 0 if group_size <= 0 else -(-n_blocks // group_size)

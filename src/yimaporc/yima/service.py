@@ -59,7 +59,14 @@ from .disks import (
     remove_physical,
 )
 from .media import MAX_HEADER, TAIL, Analyser, MediaInfo, check_name, plan, unstreamable_reason
-from .parity import FilePlacement, Layout, default_group_size, group_members, make_parity
+from .parity import (
+    FilePlacement,
+    Layout,
+    ParityError,
+    group_members,
+    group_size_for,
+    make_parity,
+)
 from .parity import reconstruct as parity_reconstruct
 from .placement import LogicalDisk, ScalingHistory
 from .reorg import Move, MoveThrottle, plan_for
@@ -692,10 +699,10 @@ class YimaStorageService(Service):
             started = float(self.reactor.seconds())
             lock = threading.Lock()
             seed = self.node.rng.getrandbits(63)
-            most = default_group_size(len({d.physical for d in history.disks}))
-            if parity_group is not None and not 0 <= parity_group <= max(most, 0):
-                raise ApiError(f"parity_group must be between 0 and {most} on these disks")
-            group = most if parity_group is None else parity_group
+            try:
+                group, parity_warning = group_size_for(history, parity_group)
+            except ParityError as e:
+                raise ApiError(str(e)) from e
             try:
                 info, stored, warnings = yield deferToThreadPool(
                     self.reactor,
@@ -791,7 +798,7 @@ class YimaStorageService(Service):
                 "streamable": info.streamable,
                 "duration": info.duration,
                 "message": info.message,
-                "warnings": list(warnings),
+                "warnings": [*warnings, *([parity_warning] if parity_warning else [])],
                 "seconds": round(seconds, 3),
             }
         finally:
