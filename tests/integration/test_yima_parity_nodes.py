@@ -44,7 +44,7 @@ def cluster(tmp_path: Path) -> Iterator[list[NodeProc]]:
                 extra=extra,
                 join=[] if i == 1 else [f"{NET}.1:{PORT}"],
                 secret_file=secret,
-            )  # fmt: skip
+            )
         )
     try:
         for n in nodes:
