@@ -238,6 +238,7 @@ class AdminChannel(HTTPChannel):
     """
 
     site: AdminSite
+    log = Logger()
     refused = False
     peer_host = ""
     _discarded = 0
@@ -261,6 +262,15 @@ class AdminChannel(HTTPChannel):
             return
         self.refused = True
         self.site.stats[f"refused_{refusal.status}"] += 1
+        self.log.info(
+            "admin: {status} for {method} {path!r} from {peer}: {why}",
+            status=refusal.status,
+            method=self._command.decode("ascii", "replace")[:16],
+            path=self._path.decode("utf-8", "replace")[:100],
+            peer=self.peer_host,
+            why=refusal.message,
+            log_source_key=self.peer_host,
+        )
         self.setTimeout(None)
         transport: Any = self.transport
         transport.write(refusal.response())
