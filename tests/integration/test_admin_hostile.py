@@ -7,6 +7,8 @@ import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -184,3 +186,31 @@ def test_log_flood_from_one_client_is_rate_limited(
     summary = [line for line in lines() if "suppressed" in line]
     assert "admin: {status} for {method} {path!r} from {peer}" in summary[0]
     assert node.status() is not None
+
+
+def ingest(node: NodeProc, source: Path, token: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "yimaporc.cli", "media", "ingest", str(source)]
+    argv += ["--admin", node.admin_url]
+    env = {**os.environ, "YIMAPORC_TOKEN": token}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_ingest_waits_for_the_go_ahead_and_reports_a_refusal(
+    node_factory: list[NodeProc], tmp_path: Path
+) -> None:
+    """`media ingest` sends Expect: 100-continue: a wrong token is a one-line 401 error before
+    the file is sent; with the right token the upload goes through."""
+    node = start(node_factory, tmp_path, 4, [])
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        f.truncate(BIG)
+    proc = ingest(node, big, "wrong")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: missing or wrong bearer token (HTTP 401)"
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(os.urandom(300_000))
+    proc = ingest(node, noise, token_of(node))
+    assert proc.returncode == 0, proc.stderr
+    assert "ingested noise" in proc.stdout
+    doc = node.status()
+    assert doc is not None and doc["admin"]["refused_401"] == 1
