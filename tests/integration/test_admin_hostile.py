@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,3 +215,31 @@ def test_cli_ingest_waits_for_the_go_ahead_and_reports_a_refusal(
     assert "ingested noise" in proc.stdout
     doc = node.status()
     assert doc is not None and doc["admin"]["refused_401"] == 1
+
+
+def http_status(url: str, token: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_account_list_and_rpc_check_need_the_token(
+    node_factory: list[NodeProc], tmp_path: Path
+) -> None:
+    """On a real mail node GET /api/mail/users and /api/rpc-check are 401 without the token."""
+    node = NodeProc(
+        "porcupine", "m5", "127.0.106.5", tmp_path / "m5" / "data", CLUSTER, ADMIN,
+        extra=["--domain", "example.org"], secret_file=tmp_path / "cluster.secret",
+    )  # fmt: skip
+    node.secret_file.write_text(os.urandom(16).hex())  # type: ignore[union-attr]
+    node_factory.append(node)
+    node.start()
+    wait_for(node.status, 30, "m5 to answer")
+    for path in ("/api/mail/users", "/api/rpc-check"):
+        assert http_status(node.admin_url + path) == 401
+        assert http_status(node.admin_url + path, "0" * 64) == 401
+        assert http_status(node.admin_url + path, token_of(node)) == 200
+    assert http_status(node.admin_url + "/api/status") == 200
