@@ -259,7 +259,12 @@ def test_connections_are_capped_per_peer_and_in_total(tmp_path: Path) -> None:
     channel.makeConnection(StringTransport())
     channel.connectionLost(Failure(ConnectionDone()))
     assert site.buildProtocol(addr) is not None
-    assert setup.node.status()["admin"]["connections"] == 5
+    assert setup.node.status()["admin"] == {
+        "connections": 5,
+        "refused_401": 0,
+        "refused_413": 0,
+        "refused_connections": 2,
+    }
 
 
 def test_idle_connections_time_out(setup: Setup) -> None:

@@ -336,7 +336,9 @@ class AdminSite(Site):
         self.max_connections = max_connections
         self.max_per_peer = max_per_peer
         self.open: Counter[str] = Counter()
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter(
+            {"refused_401": 0, "refused_413": 0, "refused_connections": 0}
+        )
         node.add_status(self._status)
 
     def _status(self) -> dict[str, Any]:
