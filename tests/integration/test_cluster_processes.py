@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from yimaporc.cluster import wire
+from yimaporc.secret import admin_token, load_or_create_secret
 from yimaporc.testing.procs import NodeProc, views_agree, wait_for
 
 PORT = 17946
@@ -106,7 +107,12 @@ def test_garbage_datagrams_leave_node_serving(trio: list[NodeProc]) -> None:
 
 
 def rpc_check(node: NodeProc) -> dict[str, Any]:
-    with urllib.request.urlopen(node.admin_url + "/api/rpc-check", timeout=30) as r:
+    assert node.secret_file is not None
+    token = admin_token(load_or_create_secret(node.secret_file, create=False))
+    req = urllib.request.Request(
+        node.admin_url + "/api/rpc-check", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
         doc: dict[str, Any] = json.load(r)
         return doc
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import select
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -59,3 +62,45 @@ class AdminClient:
             return json.loads(payload) if payload else None
         except ValueError as e:
             raise AdminError(f"{self.base_url} answered with something that is not JSON") from e
+
+
+def await_continue(
+    conn: http.client.HTTPConnection, timeout: float = 3.0
+) -> tuple[int, bytes] | None:
+    """After ``endheaders()`` of a request sent with ``Expect: 100-continue``, wait up
+    to ``timeout`` s for the server. None: send the body (``100 Continue`` came, or
+    nothing did); else ``(status, body)``: the server's final answer, given before the
+    body (e.g. 401/413 for an upload the admin API refuses from its head).
+    """
+    sock = conn.sock
+    if sock is None or isinstance(sock, ssl.SSLSocket):
+        return None
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        if not select.select([sock], [], [], timeout)[0]:
+            return None
+        data = sock.recv(4096)
+        if not data:
+            break
+        buf += data
+    head, _, body = buf.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return (0, buf)
+    if status == 100:
+        return None
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = int(value.strip())
+    while (length is None or len(body) < length) and select.select([sock], [], [], timeout)[0]:
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            break
+        if not data:
+            break
+        body += data
+    return status, body

@@ -144,7 +144,7 @@ class ClusterNode(MultiService):
         self.routes: list[Route] = []
         self.documents: dict[str, Any] = {}
         self.registry.register(PutDocument, self._put_document)
-        self.add_route(Route("GET", "/api/rpc-check", self._rpc_check, mutates=False))
+        self.add_route(Route("GET", "/api/rpc-check", self._rpc_check))
         self.status_providers: list[Callable[[], dict[str, Any]]] = []
         self._listeners: list[IMembershipListener] = []
         self._attachment_for: AttachmentFor | None = None

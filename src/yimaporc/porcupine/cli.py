@@ -79,7 +79,7 @@ def register(
     p = msub.add_parser("list", parents=parents, help="list users")
 
     def list_users(args: argparse.Namespace) -> int:
-        for u in make_client(args, mutating=False).get("/api/mail/users")["users"]:
+        for u in make_client(args).get("/api/mail/users")["users"]:
             print(f"{u['address']} replicas={u['replicas']}")
         return 0
 

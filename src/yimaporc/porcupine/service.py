@@ -325,7 +325,7 @@ class MailService(MultiService):
     def admin_routes(self) -> list[Route]:
         """``GET/POST /api/mail/users``, ``POST /api/mail/users/delete`` and ``.../passwd``."""
         return [
-            Route("GET", "/api/mail/users", self._list_users, mutates=False),
+            Route("GET", "/api/mail/users", self._list_users),
             Route("POST", "/api/mail/users", self._add_user),
             Route("POST", "/api/mail/users/delete", self._delete_user),
             Route("POST", "/api/mail/users/passwd", self._passwd),

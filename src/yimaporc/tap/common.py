@@ -6,10 +6,16 @@ import random
 from pathlib import Path
 from typing import Any
 
+from twisted.application.service import IService
 from twisted.python import usage
 
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig, parse_cluster_address, parse_join
+from ..logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, node_log_observer, with_log_observer
+from ..logs import PER_KEY as LOG_PER_KEY
 from ..secret import SecretError, load_or_create_secret
+
+#: The smallest --log-max-bytes accepted (a smaller file would rotate on every event).
+MIN_LOG_BYTES = 4096
 
 
 class NodeOptions(usage.Options):
@@ -23,7 +29,15 @@ class NodeOptions(usage.Options):
         ["secret-file", None, None, "Shared cluster secret (default DATA_DIR/cluster.secret)."],
         ["tls-cert", None, None, "PEM certificate (enables TLS where supported)."],
         ["tls-key", None, None, "PEM private key for --tls-cert."],
-    ]
+        ["log-format", None, "text", "Log lines as text or json (twisted.logger's JSON)."],
+        ["log-max-bytes", None, str(DEFAULT_MAX_BYTES),
+         "Rotate the --logfile when it reaches this many bytes."],
+        ["log-max-files", None, str(DEFAULT_MAX_FILES),
+         "Keep at most this many rotated log files (older ones are deleted)."],
+        ["log-rate", None, str(LOG_PER_KEY),
+         "At most this many log events per source (same message, or same client) "
+         "per 10 s, then one 'suppressed N' line; 0: no limit."],
+    ]  # fmt: skip
     kind = "node"
 
     def __init__(self) -> None:
@@ -57,6 +71,17 @@ class NodeOptions(usage.Options):
         for name in ("tls-cert", "tls-key"):
             if self[name] and not Path(self[name]).is_file():
                 raise usage.UsageError(f"--{name} {self[name]}: no such file")
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format must be text or json")
+        for name, least in (
+            ("log-max-bytes", MIN_LOG_BYTES),
+            ("log-max-files", 1),
+            ("log-rate", 0),
+        ):
+            value = str(self[name])
+            if not value.isdigit() or int(value) < least:
+                raise usage.UsageError(f"--{name} must be a whole number >= {least}")
+            self[name] = int(value)
         data_dir = Path(self["data-dir"]).absolute()
         self["data-dir"] = data_dir
         self["secret-file"] = Path(self["secret-file"] or data_dir / "cluster.secret")
@@ -85,3 +110,16 @@ def build_node(reactor: Any, options: NodeOptions) -> ClusterNode:
         return ClusterNode(reactor, config, secret, rng=random.SystemRandom())
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e
+
+
+def install_logging(service: IService, options: NodeOptions, reactor: Any) -> IService:
+    """``service`` set up so that twistd logs per ``--log-format``/``--log-max-*``."""
+    observer = node_log_observer(
+        options,
+        reactor,
+        log_format=options["log-format"],
+        max_bytes=options["log-max-bytes"],
+        max_files=options["log-max-files"],
+        rate=options["log-rate"],
+    )
+    return with_log_observer(service, observer)

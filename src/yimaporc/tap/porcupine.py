@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .common import NodeOptions, build_node
+from .common import NodeOptions, build_node, install_logging
 
 
 class Options(NodeOptions):
@@ -95,4 +95,4 @@ def makeService(options: Options) -> IService:
         return {**doc, "services": dict(doc.get("mail", {}))}
 
     node.add_status(mail_status)
-    return node
+    return install_logging(node, options, reactor)

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .common import NodeOptions, build_node
+from .common import NodeOptions, build_node, install_logging
 
 
 class Options(NodeOptions):
@@ -59,4 +59,4 @@ def makeService(options: Options) -> IService:
         node, reactor, storage, rtsp_endpoint=options["rtsp"], mode=options["mode"]
     )
     streaming.setServiceParent(node)
-    return node
+    return install_logging(node, options, reactor)

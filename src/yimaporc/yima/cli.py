@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from ..admin.client import AdminClient, AdminError
+from ..admin.client import AdminClient, AdminError, await_continue
 
 UPLOAD_CHUNK = 1 << 20
 
@@ -67,16 +67,23 @@ def upload(
         conn.putheader("Accept", "application/json")
         if client.token:
             conn.putheader("Authorization", "Bearer " + client.token)
+        # The node judges token and size from the head: wait for its go-ahead (or its
+        # refusal) before streaming the file.
+        conn.putheader("Expect", "100-continue")
         conn.endheaders()
-        sent = 0
-        with source.open("rb") as f:
-            while chunk := f.read(UPLOAD_CHUNK):
-                conn.send(chunk)
-                sent += len(chunk)
-                if progress is not None:
-                    progress(sent)
-        resp = conn.getresponse()
-        raw = resp.read()
+        early = await_continue(conn)
+        if early is not None:
+            status, raw = early
+        else:
+            sent = 0
+            with source.open("rb") as f:
+                while chunk := f.read(UPLOAD_CHUNK):
+                    conn.send(chunk)
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent)
+            resp = conn.getresponse()
+            status, raw = resp.status, resp.read()
     except OSError as e:
         raise AdminError(f"cannot reach {client.base_url}: {e}") from e
     finally:
@@ -85,9 +92,9 @@ def upload(
         doc = json.loads(raw)
     except ValueError as e:
         raise AdminError(f"{client.base_url} answered with something that is not JSON") from e
-    if resp.status != 200:
+    if status != 200:
         message = doc.get("error", raw.decode("utf-8", "replace")) if isinstance(doc, dict) else doc
-        raise AdminError(f"{message} (HTTP {resp.status})")
+        raise AdminError(f"{message} (HTTP {status})")
     return doc
 
 

@@ -255,7 +255,7 @@ class YimaStorageService(Service):
             Route("POST", "/api/yima/disks", self._route_add_disk),
             Route("POST", "/api/yima/disks/remove", self._route_remove_disk),
             Route("POST", "/api/yima/rebuild", self._route_rebuild),
-            Route("GET", "/api/yima/stored", self._route_stored, mutates=False),
+            Route("GET", "/api/yima/stored", self._route_stored),
         ):
             node.add_route(route)
         node.add_status(self.status)
