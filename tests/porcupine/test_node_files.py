@@ -118,3 +118,23 @@ def test_lookup_account_by_name_and_number() -> None:
     root = lookup_account("root")
     assert root.uid == 0 and root.gid == 0 and root.group is None
     assert lookup_account("0", "0") == Account("root", 0, 0, "0")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_chown_tree_hands_over_everything_once(tmp_path: Path) -> None:
+    """chown_tree gives every entry to the user (links not followed) and then has nothing to do."""
+    from yimaporc.tap.privileges import chown_tree
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_bytes(b"x")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.write_bytes(b"y")
+    (tmp_path / "a" / "link").symlink_to(outside)
+    try:
+        nobody = lookup_account("nobody")
+        assert chown_tree(tmp_path, nobody.uid, nobody.gid) == 5
+        owners = {p.lstat().st_uid for p in [tmp_path, *tmp_path.rglob("*")]}
+        assert owners == {nobody.uid} and outside.stat().st_uid == 0
+        assert chown_tree(tmp_path, nobody.uid, nobody.gid) == 0
+    finally:
+        outside.unlink()

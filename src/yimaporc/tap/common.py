@@ -114,7 +114,8 @@ def build_node(reactor: Any, options: NodeOptions) -> ClusterNode:
         raise usage.UsageError(str(e)) from e
     run_as = options.get("run-as")
     if run_as is not None:
-        RunAs(run_as, data_dir, _ports(options)).setServiceParent(node)
+        disks = [Path(path).absolute() for path, _ in options.get("disks", [])]
+        RunAs(run_as, [data_dir, *disks], _ports(options)).setServiceParent(node)
     return node
 
 

@@ -168,18 +168,19 @@ class RunAs(Service):
     log = Logger()
     name = "run-as"
 
-    def __init__(self, account: Account, data_dir: Path, ports: Iterable[int]) -> None:
+    def __init__(self, account: Account, dirs: Iterable[Path], ports: Iterable[int]) -> None:
         self.account = account
-        self.data_dir = data_dir
+        #: The data directory and any disk directories (``--disk``) outside it.
+        self.dirs = list(dirs)
         self.keep_bind = any(p < 1024 and p != 0 for p in ports)
 
     def privilegedStartService(self) -> None:
-        """Hand over the data directory, then switch user (keeping the bind capability)."""
+        """Hand over the data (and disk) directories, then switch user (keeping the bind cap)."""
         super().privilegedStartService()
         a = self.account
         if os.geteuid() == a.uid and os.getegid() == a.gid:
             return
-        changed = chown_tree(self.data_dir, a.uid, a.gid)
+        changed = sum(chown_tree(d, a.uid, a.gid) for d in self.dirs if d.exists())
         switch_user(a, self.keep_bind)
         self.log.info(
             "running as {user} (uid {uid}, gid {gid}); {n} entries of {dir} handed over{cap}",
@@ -187,6 +188,6 @@ class RunAs(Service):
             uid=a.uid,
             gid=a.gid,
             n=changed,
-            dir=str(self.data_dir),
+            dir=", ".join(map(str, self.dirs)),
             cap=", keeping CAP_NET_BIND_SERVICE" if self.keep_bind else "",
         )
