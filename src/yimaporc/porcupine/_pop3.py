@@ -117,7 +117,7 @@ class MailPOP3(pop3.POP3):
         self.failResponse(b"line too long")
         self._t.loseConnection()
 
-    def _ebMailbox(self, failure: Any) -> None:
+    def _ebMailbox(self, failure: Any) -> Any:
         """RFC 3206 codes: ``[AUTH]`` for bad credentials, ``[SYS/TEMP]`` when throttled."""
         from twisted.cred.error import LoginDenied, LoginFailed, UnauthorizedLogin
 
@@ -128,7 +128,7 @@ class MailPOP3(pop3.POP3):
         elif failure.check(UnauthorizedLogin, LoginDenied, LoginFailed):
             self.failResponse(b"[AUTH] Authentication failed")
         else:
-            return failure  # type: ignore[no-any-return]
+            return failure  # not a login failure: stock's _ebUnexpected
         return None
 
     def _tls_active(self) -> bool:
