@@ -13,6 +13,8 @@ Changes to the stock server (26.10), each needed by a real client:
 - APPEND without flags works, literals are bounded by the message size limit;
 - with a certificate, AUTHENTICATE also waits for STARTTLS (stock only
   disables LOGIN); STORE on an EXAMINEd mailbox is NO, not BAD;
+- failed logins answer ``NO [AUTHENTICATIONFAILED]``, throttled ones
+  ``NO [UNAVAILABLE]`` (RFC 5530);
 - an over-long line gets ``* BAD`` and a close; idle timeouts use the
   injected clock.
 """
@@ -520,6 +522,25 @@ class MailImapServer(imap4.IMAP4Server):
         super().do_AUTHENTICATE(tag, args)
 
     unauth_AUTHENTICATE = (do_AUTHENTICATE, A.arg_atom)  # type: ignore[assignment]
+
+    # --- login failures: RFC 5530 codes, throttled logins, no tracebacks -----
+
+    def _login_failed(self, failure: Failure, tag: bytes) -> None:
+        from twisted.cred.error import UnauthorizedLogin
+
+        from .throttle import LoginThrottled
+
+        if failure.check(LoginThrottled):
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins, try later")
+        elif failure.check(UnauthorizedLogin):
+            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
+        else:
+            log.failure("IMAP login check failed", failure)
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Temporary authentication failure")
+
+    # stock's name-mangled errbacks of LOGIN and AUTHENTICATE
+    _IMAP4Server__ebLogin = _login_failed
+    _IMAP4Server__ebAuthResp = _login_failed
 
     def do_STORE(self, tag: bytes, messages: Any, mode: bytes, flags: Any, uid: int = 0) -> None:
         if self.mbox is not None and not self.mbox.isWriteable():

@@ -9,6 +9,8 @@ Changes to the stock protocol (26.10):
   is really offered (stock advertises ``PIPELINE`` and joke capabilities);
 - DELE/LIST/UIDL of a bad number answer ``-ERR`` (stock raises);
 - QUIT answers after the deletions are durable;
+- failed logins answer ``-ERR [AUTH]``, throttled ones ``-ERR [SYS/TEMP]``
+  (RFC 3206);
 - 512-octet command lines (``-ERR`` and close), no APOP timestamp (passwords
   are scrypt hashes); idle timeouts on the injected clock.
 """
@@ -114,6 +116,20 @@ class MailPOP3(pop3.POP3):
     def lineLengthExceeded(self, line: bytes) -> None:
         self.failResponse(b"line too long")
         self._t.loseConnection()
+
+    def _ebMailbox(self, failure: Any) -> Any:
+        """RFC 3206 codes: ``[AUTH]`` for bad credentials, ``[SYS/TEMP]`` when throttled."""
+        from twisted.cred.error import LoginDenied, LoginFailed, UnauthorizedLogin
+
+        from .throttle import LoginThrottled
+
+        if failure.check(LoginThrottled):
+            self.failResponse(b"[SYS/TEMP] Too many failed logins, try again later")
+        elif failure.check(UnauthorizedLogin, LoginDenied, LoginFailed):
+            self.failResponse(b"[AUTH] Authentication failed")
+        else:
+            return failure  # not a login failure: stock's _ebUnexpected
+        return None
 
     def _tls_active(self) -> bool:
         from twisted.internet.interfaces import ISSLTransport

@@ -15,28 +15,42 @@ Changes to the stock protocol (26.10):
 - NOOP, VRFY (252) and HELP exist; non-ASCII command words get 500 (stock
   raises and drops the connection);
 - storage failures answer 451 (try again later), not the stock permanent 550;
+- HELO/EHLO arguments must be printable ASCII without spaces, and MAIL/RCPT
+  arguments free of control characters (CR, LF, NUL, ...): otherwise 501
+  and the ``smtp_bad_arguments`` counter (stock copies the HELO text into
+  the stored ``Received:`` line, so ``EHLO x\rX-Forged: 1`` forged a header);
+- a malformed AUTH response is 501 (stock raises and drops the connection),
+  AUTH failures are 535 5.7.8, throttled logins 454 4.7.0;
 - bounded: 2,048-octet command lines (500), 64 KiB lines in DATA or the
   connection closes, 100 recipients (452), 20 errors (421 and close), a
-  bounded pipeline backlog; idle timeouts on the injected clock.
+  pipeline backlog of 200 commands or 64 KiB (421 and close); idle timeouts
+  on the injected clock.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
-from twisted.mail import smtp
+from twisted.mail import imap4, smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .delivery import Recipient, SmtpPolicy
+from .throttle import LoginThrottled
 
 log = Logger()
 
 _SIZE = re.compile(rb"(?:^|\s)SIZE=(\d+)", re.I)
+#: A HELO/EHLO argument: a domain or address literal, printable ASCII, no spaces.
+_HELO_ARG = re.compile(rb"[\x21-\x7e]{1,255}")
+#: Control characters (C0 and DEL) have no place in a MAIL or RCPT argument.
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 Deliver = Callable[[bytes, list[Recipient], bytes], "Deferred[object]"]
 
@@ -118,7 +132,8 @@ class MailESMTP(smtp.ESMTP):
     MAX_LENGTH = 65536
     MAX_COMMAND = 2048
     MAX_ERRORS = 20
-    MAX_BACKLOG = 1000
+    MAX_BACKLOG = 200
+    MAX_BACKLOG_BYTES = 64 * 1024
 
     def __init__(
         self,
@@ -127,13 +142,16 @@ class MailESMTP(smtp.ESMTP):
         deliver: Deliver,
         chal: Any = None,
         contextFactory: Any = None,
+        counters: Counter[str] | None = None,
     ) -> None:
         super().__init__(chal, contextFactory)
         self.clock = clock
         self.policy = policy
         self.deliver = deliver
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self.host = policy.hostname.encode("ascii", "replace")
         self._held: list[bytes] | None = None
+        self._held_bytes = 0
         self._replied = False
         self._errors = 0
         self._txn: Transaction | None = None
@@ -167,14 +185,44 @@ class MailESMTP(smtp.ESMTP):
         if not self.startedTLS or not self.challengers:
             self.sendCode(538, b"5.7.11 Encryption required for requested authentication")
             return
+        if not rest.split():  # stock raises IndexError
+            self.counters["smtp_bad_arguments"] += 1
+            self.sendCode(501, b"5.5.4 AUTH needs a mechanism")
+            return
         super().ext_AUTH(rest)
+
+    def state_AUTH(self, response: bytes | None) -> None:
+        """A SASL step; a malformed response is 501, not a dropped connection."""
+        try:
+            super().state_AUTH(response)
+        except (imap4.IllegalClientResponse, UnicodeDecodeError, ValueError):
+            self.challenger = None
+            self.mode = smtp.COMMAND
+            self.counters["smtp_bad_arguments"] += 1
+            self.sendCode(501, b"5.5.2 Malformed authentication response")
+
+    def _ebAuthenticated(self, reason: Failure) -> None:
+        """535 for bad credentials, 454 when throttled or the check failed here."""
+        self.challenger = None
+        if reason.check(LoginThrottled):
+            self.sendCode(454, b"4.7.0 Too many failed logins, try again later")
+        elif reason.check(UnauthorizedLogin):
+            self.sendCode(535, b"5.7.8 Authentication credentials invalid")
+        else:
+            log.failure("SMTP AUTH check failed", reason)
+            self.sendCode(454, b"4.7.0 Temporary authentication failure")
 
     # --- ordered replies for pipelined commands -------------------------------
 
     def lineReceived(self, line: bytes) -> None:
         if self._held is not None:
-            if len(self._held) >= self.MAX_BACKLOG:
-                self.sendCode(421, b"4.7.0 Too many pipelined commands")
+            if self._t.disconnecting:
+                return
+            self._held_bytes += len(line) + 2
+            if len(self._held) >= self.MAX_BACKLOG or self._held_bytes > self.MAX_BACKLOG_BYTES:
+                self.counters["smtp_backlog_overflows"] += 1
+                self._held = []
+                self.sendCode(421, b"4.7.0 Too many pipelined commands, closing")
                 self._t.loseConnection()
                 return
             self._held.append(line)
@@ -203,6 +251,7 @@ class MailESMTP(smtp.ESMTP):
 
     def _resume(self) -> None:
         held, self._held = self._held or [], None
+        self._held_bytes = sum(len(line) + 2 for line in held)
         while held and self._held is None and not self._t.disconnecting:
             self.lineReceived(held.pop(0))
         if self._held is not None:
@@ -222,6 +271,26 @@ class MailESMTP(smtp.ESMTP):
             return None
         return super().lookupMethod(command)
 
+    def _bad_argument(self, what: bytes) -> None:
+        self.counters["smtp_bad_arguments"] += 1
+        self.sendCode(501, b"5.5.4 Invalid characters in " + what + b" argument")
+
+    def do_HELO(self, rest: bytes) -> None:
+        """HELO, refusing arguments that could forge trace headers."""
+        rest = rest.rstrip(b" \t")
+        if not _HELO_ARG.fullmatch(rest):
+            self._bad_argument(b"HELO")
+            return
+        super().do_HELO(rest)
+
+    def do_EHLO(self, rest: bytes) -> None:
+        """EHLO, refusing arguments that could forge trace headers."""
+        rest = rest.rstrip(b" \t")
+        if not _HELO_ARG.fullmatch(rest):
+            self._bad_argument(b"EHLO")
+            return
+        super().do_EHLO(rest)
+
     def do_NOOP(self, rest: bytes) -> None:
         """NOOP (RFC 5321 4.1.1.9; missing from stock)."""
         self.sendCode(250, b"2.0.0 OK")
@@ -237,6 +306,9 @@ class MailESMTP(smtp.ESMTP):
     # --- MAIL / RCPT / DATA ---------------------------------------------------------
 
     def do_MAIL(self, rest: bytes) -> None:
+        if _CONTROL.search(rest):
+            self._bad_argument(b"MAIL")
+            return
         m = _SIZE.search(rest)
         if m and int(m.group(1)) > self.policy.max_message_size:
             self.sendCode(552, b"5.3.4 Message size exceeds fixed limit")
@@ -244,6 +316,9 @@ class MailESMTP(smtp.ESMTP):
         super().do_MAIL(rest)
 
     def do_RCPT(self, rest: bytes) -> None:
+        if _CONTROL.search(rest):
+            self._bad_argument(b"RCPT")
+            return
         if len(self._to) >= self.policy.max_recipients:
             self.sendCode(452, b"4.5.3 Too many recipients")
             return

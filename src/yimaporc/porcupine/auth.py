@@ -1,4 +1,8 @@
-"""twisted.cred for SMTP AUTH, POP3 and IMAP: one checker, one realm, both via the managers."""
+"""twisted.cred for SMTP AUTH, POP3 and IMAP: one checker, one realm, both via the managers.
+
+Each connection logs in through its own :class:`ThrottledPortal`, which asks
+the node's shared :class:`~yimaporc.porcupine.throttle.AuthThrottle` first.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.mail import imap4, pop3, smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -16,6 +20,7 @@ from ._imap import ImapAccount, MailboxRegistry
 from ._pop3 import Pop3Mailbox
 from .delivery import DeliveryProxy, SmtpDelivery, SmtpPolicy
 from .retrieval import RetrievalProxy
+from .throttle import AuthThrottle, LoginThrottled
 from .usermap import BadAddress, normalise
 from .values import INBOX, BadCredentials, MailboxInfo
 
@@ -52,6 +57,88 @@ class ManagerChecker:
 
         d = self.retrieval.authenticate(address, password)
         out: Deferred[Any] = d.addCallbacks(lambda p: p.address.encode("utf-8"), bad)
+        return out
+
+
+def account_key(username: str | bytes, domain: str) -> str:
+    """The login name as the throttle counts it (normalised, or the raw text, bounded)."""
+    try:
+        return login_address(username, domain)
+    except BadAddress:
+        name = username.decode("utf-8", "replace") if isinstance(username, bytes) else username
+        return name.strip().lower()[:256]
+
+
+class ThrottledPortal:
+    """One connection's way to the portal: every password check goes through the throttle.
+
+    Refused attempts fail at once with :class:`LoginThrottled` (no scrypt);
+    wrong passwords fail after the throttle's delay on ``clock``; after
+    ``per_connection`` failures, or a refusal, ``close()`` is called once the
+    answer is out.  Credentials without a user name (anonymous) pass through.
+    """
+
+    def __init__(
+        self,
+        portal: portal.Portal,
+        throttle: AuthThrottle,
+        clock: Any,
+        peer: str,
+        domain: str,
+        close: Callable[[], object],
+    ) -> None:
+        self.portal = portal
+        self.throttle = throttle
+        self.clock = clock
+        self.peer = peer
+        self.domain = domain
+        self.close = close
+        self.failures = 0
+        self.busy = False
+
+    def login(self, creds: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
+        """``Portal.login``, throttled."""
+        username = getattr(creds, "username", None)
+        if username is None:
+            return self.portal.login(creds, mind, *interfaces)
+        account = account_key(username, self.domain)
+        if self.busy:  # one check at a time per connection (pipelined LOGINs)
+            self.throttle.counters["refused"] += 1
+            return fail(LoginThrottled("connection", 0.0))
+        admission = self.throttle.admit(self.clock.seconds(), self.peer, account)
+        if not admission.allowed:
+            self.clock.callLater(0, self.close)
+            return fail(LoginThrottled(admission.reason, admission.retry_after))
+        self.busy = True
+        out: Deferred[Any] = Deferred()
+
+        def answer(result: object, last: bool = False) -> None:
+            self.busy = False
+            self.throttle.release(self.peer)
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+            if last:
+                self.close()
+
+        def ok(result: object) -> None:
+            self.throttle.succeeded(self.clock.seconds(), self.peer, account)
+            answer(result)
+
+        def bad(f: Failure) -> None:
+            if not f.check(error.UnauthorizedLogin):
+                answer(f)
+                return
+            delay = self.throttle.failed(self.clock.seconds(), self.peer, account)
+            self.failures += 1
+            last = self.failures >= self.throttle.policy.per_connection
+            if delay > 0:
+                self.clock.callLater(delay, answer, f, last)
+            else:
+                answer(f, last)
+
+        maybeDeferred(self.portal.login, creds, mind, *interfaces).addCallbacks(ok, bad)
         return out
 
 

@@ -31,6 +31,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from .._files import private_sqlite
 from .interfaces import IProfileDB
 from .usermap import BadAddress, bucket_of, normalise
 from .values import BadCredentials, NoSuchUser, Profile, UserExists
@@ -88,7 +89,7 @@ class _Profiles:
     """The blocking half (thread-safe)."""
 
     def __init__(self, path: Path, now: Callable[[], float]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(path)  # password hashes: 0600, and so its -wal/-shm
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")

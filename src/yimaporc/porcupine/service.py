@@ -16,6 +16,7 @@ managers; the cluster issue puts AMP-backed ones behind the same callables.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,14 @@ from ..admin.routes import ApiError, Route
 from ._imap import MailboxRegistry, MailImapServer
 from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
-from .auth import MailRealm, ManagerChecker
+from .auth import MailRealm, ManagerChecker, ThrottledPortal
 from .cluster import ProfileReplicator
 from .delivery import DeliveryProxy, OutboundSpool, Recipient, SmtpDelivery, SmtpPolicy
 from .fragments import FragmentStore, MailboxManager
 from .interfaces import IMailboxManager, IUserManager
 from .profiledb import ProfileDB
 from .retrieval import RetrievalProxy
+from .throttle import AuthThrottle, ThrottlePolicy
 from .usermap import BadAddress, LocalUserMap, normalise
 from .users import UserManager
 from .values import NoSuchUser, Profile, UserExists
@@ -62,9 +64,14 @@ class _ProtocolFactory(Factory):
         self.build = build
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
-        p: Protocol = self.build()
+        p: Protocol = self.build(addr)
         p.factory = self
         return p
+
+
+def _peer_host(addr: Any) -> str:
+    host = getattr(addr, "host", None)
+    return host if isinstance(host, str) else str(addr)
 
 
 @implementer(IOpenSSLContextFactory)
@@ -106,6 +113,7 @@ class MailService(MultiService):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         relay_domains: Sequence[str] = (),
         threadpool: ThreadPool | None = None,
+        auth_throttle: ThrottlePolicy | None = None,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -154,6 +162,10 @@ class MailService(MultiService):
             self.retrieval, self.delivery, self.policy, self.registry, self._read_file, now
         )
         self.portal = portal.Portal(realm, [ManagerChecker(self.retrieval, domain)])
+        #: Shared by IMAP, POP3 and SMTP AUTH: per address and per account.
+        self.throttle = AuthThrottle(auth_throttle)
+        #: Client mistakes answered with a protocol error (``smtp_bad_arguments``, ...).
+        self.counters: Counter[str] = Counter()
         self.factories: dict[str, Factory] = {
             "smtp": _ProtocolFactory(self._smtp_protocol),
             "pop3": _ProtocolFactory(self._pop3_protocol),
@@ -224,21 +236,39 @@ class MailService(MultiService):
             return {}
         return {b"LOGIN": imap4.LOGINCredentials, b"PLAIN": imap4.PLAINCredentials}
 
-    def _smtp_protocol(self) -> MailESMTP:
-        p = MailESMTP(self.reactor, self.policy, self._deliver, self._challengers(), self.tls)
+    def _portal_for(self, p: Protocol, addr: Any) -> Any:
+        """This connection's throttled way to the portal (closes it after repeated failures)."""
+
+        def close() -> None:
+            if p.transport is not None:
+                p.transport.loseConnection()
+
+        return ThrottledPortal(
+            self.portal, self.throttle, self.reactor, _peer_host(addr), self.domain, close
+        )
+
+    def _smtp_protocol(self, addr: Any = None) -> MailESMTP:
+        p = MailESMTP(
+            self.reactor,
+            self.policy,
+            self._deliver,
+            self._challengers(),
+            self.tls,
+            counters=self.counters,
+        )
         p.delivery = SmtpDelivery(self.delivery, self.policy, self.reactor.seconds)
-        p.portal = self.portal  # type: ignore[assignment]
+        p.portal = self._portal_for(p, addr)
         return p
 
-    def _pop3_protocol(self) -> MailPOP3:
+    def _pop3_protocol(self, addr: Any = None) -> MailPOP3:
         p = MailPOP3(self.reactor, self.tls)
-        p.portal = self.portal  # type: ignore[assignment]
+        p.portal = self._portal_for(p, addr)
         return p
 
-    def _imap_protocol(self) -> MailImapServer:
+    def _imap_protocol(self, addr: Any = None) -> MailImapServer:
         chal = {b"LOGIN": imap4.LOGINCredentials, b"PLAIN": imap4.PLAINCredentials}
         p = MailImapServer(self.reactor, self.max_message_size, chal, self.tls)
-        p.portal = self.portal  # type: ignore[assignment]
+        p.portal = self._portal_for(p, addr)
         return p
 
     # --- life cycle ----------------------------------------------------------------
@@ -320,6 +350,8 @@ class MailService(MultiService):
             "domain": self.domain,
             "mail": {name: self.address_of(name) for name in self.ports},
             "messages_accepted": self.delivered,
+            "auth": self.throttle.status(),
+            "client_errors": dict(self.counters),
         }
 
     def admin_routes(self) -> list[Route]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -9,10 +10,12 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
+from .._files import PRIVATE_UMASK, private_dir
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig, parse_cluster_address, parse_join
 from ..logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, node_log_observer, with_log_observer
 from ..logs import PER_KEY as LOG_PER_KEY
 from ..secret import SecretError, load_or_create_secret
+from .privileges import RunAs, code_dirs, lookup_account, unreadable_for
 
 #: The smallest --log-max-bytes accepted (a smaller file would rotate on every event).
 MIN_LOG_BYTES = 4096
@@ -37,6 +40,8 @@ class NodeOptions(usage.Options):
         ["log-rate", None, str(LOG_PER_KEY),
          "At most this many log events per source (same message, or same client) "
          "per 10 s, then one 'suppressed N' line; 0: no limit."],
+        ["user", None, None, "Start as root, bind the ports, then run as this user."],
+        ["group", None, None, "Group to run as with --user (default: the user's group)."],
     ]  # fmt: skip
     kind = "node"
 
@@ -85,12 +90,34 @@ class NodeOptions(usage.Options):
         data_dir = Path(self["data-dir"]).absolute()
         self["data-dir"] = data_dir
         self["secret-file"] = Path(self["secret-file"] or data_dir / "cluster.secret")
+        if self["group"] and not self["user"]:
+            raise usage.UsageError("--group needs --user")
+        self["run-as"] = None
+        if self["user"]:
+            try:
+                self["run-as"] = lookup_account(self["user"], self["group"])
+            except (KeyError, ValueError) as e:
+                raise usage.UsageError(str(e.args[0] if e.args else e)) from e
+            if os.geteuid() != 0 and self["run-as"].uid != os.geteuid():
+                raise usage.UsageError("--user: the node must start as root to switch user")
+            unreadable = unreadable_for(self["run-as"], code_dirs())
+            if unreadable:
+                raise usage.UsageError(
+                    f"--user {self['user']} cannot read {', '.join(unreadable)}: Python and "
+                    "yimaporc must be installed where that user can read them"
+                )
 
 
 def build_node(reactor: Any, options: NodeOptions) -> ClusterNode:
-    """The common :class:`ClusterNode` for parsed ``options``."""
+    """The common :class:`ClusterNode` for parsed ``options``.
+
+    Sets the process umask to 077 first: whatever the node creates is its own
+    user's alone (0600 files, 0700 directories).  With ``--user`` the node
+    gets a :class:`RunAs` child that switches user before the ports are bound.
+    """
     data_dir: Path = options["data-dir"]
-    data_dir.mkdir(parents=True, exist_ok=True)
+    os.umask(PRIVATE_UMASK)
+    private_dir(data_dir)
     try:
         secret = load_or_create_secret(options["secret-file"])
     except SecretError as e:
@@ -107,9 +134,26 @@ def build_node(reactor: Any, options: NodeOptions) -> ClusterNode:
         tls_key=Path(options["tls-key"]) if options["tls-key"] else None,
     )
     try:
-        return ClusterNode(reactor, config, secret, rng=random.SystemRandom())
+        node = ClusterNode(reactor, config, secret, rng=random.SystemRandom())
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e
+    run_as = options.get("run-as")
+    if run_as is not None:
+        disks = [Path(path).absolute() for path, _ in options.get("disks", [])]
+        RunAs(run_as, [data_dir, *disks], _ports(options)).setServiceParent(node)
+    return node
+
+
+def _ports(options: Any) -> list[int]:
+    """Every TCP/UDP port number the node's options name (for the bind capability)."""
+    ports = [int(options["cluster-port"])]
+    for name in ("admin", "smtp", "pop3", "imap", "rtsp"):
+        value = options.get(name) if hasattr(options, "get") else None
+        if value:
+            fields = str(value).split(":")
+            digits = [f for f in fields[1:2] if f.isdigit()]
+            ports.append(int(digits[0]) if digits else -1)  # -1: not known
+    return ports
 
 
 def install_logging(service: IService, options: NodeOptions, reactor: Any) -> IService:

@@ -25,6 +25,10 @@ class Options(NodeOptions):
          "Seconds an update-log entry is kept; a node away longer must be wiped (issue 8)."],
         ["acks-before-reply", None, "2",
          "Durable copies of a replicated message before SMTP says 250 (1 or more)."],
+        ["auth-throttle", None, "",
+         "Login throttling, KEY=VALUE,... (delay, max-delay, per-connection, pair-failures, "
+         "address-failures, account-failures, concurrent, window, lockout, trust, "
+         "max-entries); see docs/operations.md."],
     ]  # fmt: skip
 
     def postOptions(self) -> None:
@@ -49,6 +53,12 @@ class Options(NodeOptions):
         self.replication = ReplicationConfig(
             retention=retention, acks_before_reply=int(self["acks-before-reply"])
         )
+        from ..porcupine.throttle import ThrottlePolicy
+
+        try:
+            self.auth_throttle = ThrottlePolicy.parse(self["auth-throttle"] or "")
+        except (ValueError, TypeError) as e:
+            raise usage.UsageError(f"--auth-throttle: {e}") from e
 
 
 def makeService(options: Options) -> IService:
@@ -75,6 +85,7 @@ def makeService(options: Options) -> IService:
             tls_cert=options["tls-cert"],
             tls_key=options["tls-key"],
             max_message_size=int(options["max-message-size"]),
+            auth_throttle=options.auth_throttle,
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from e

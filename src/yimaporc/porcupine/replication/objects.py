@@ -40,6 +40,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..._files import private_sqlite
 from ..fragments import FragmentStore, MailboxManager
 from ..interfaces import IMailboxManager
 from ..usermap import bucket_of
@@ -154,7 +155,7 @@ class ReplicaObjectStore:
     log = Logger()
 
     def __init__(self, path: Path, fragments: FragmentStore, profiles: Any | None = None) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(path)
         self.fragments = fragments
         #: ``profiledb._Profiles`` (the blocking half; it has ``merge(records)``).
         self.profiles = profiles

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from zope.interface import implementer
 
+from ..._files import private_sqlite
 from ._values import DropLog, LogEntry, MarkAlive, PersistLog, Timestamp, Update
 from .interfaces import ILogStore
 
@@ -41,7 +42,7 @@ class SqliteLog:
     """An :class:`ILogStore` in one SQLite file; every write is committed and fsynced."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = private_sqlite(path)  # bodies of replicated mail: 0600, -wal too
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
