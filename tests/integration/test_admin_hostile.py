@@ -190,7 +190,7 @@ def test_log_flood_from_one_client_is_rate_limited(
 
 
 def ingest(node: NodeProc, source: Path, token: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "yimaporc.cli", "media", "ingest", str(source)]
+    argv = [sys.executable, "-m", "yimaporc.cli", "media", "ingest", str(source), "--opaque"]
     argv += ["--admin", node.admin_url]
     env = {**os.environ, "YIMAPORC_TOKEN": token}
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
