@@ -9,6 +9,7 @@ from typing import Any
 from twisted.python import usage
 
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig, parse_cluster_address, parse_join
+from ..cluster.wire import check_scope_name
 from ..secret import SecretError, load_or_create_secret
 
 
@@ -23,7 +24,13 @@ class NodeOptions(usage.Options):
         ["secret-file", None, None, "Shared cluster secret (default DATA_DIR/cluster.secret)."],
         ["tls-cert", None, None, "PEM certificate (enables TLS where supported)."],
         ["tls-key", None, None, "PEM private key for --tls-cert."],
-    ]
+        ["tls-ca", None, None,
+         "PEM CA certificate that signs every member's --tls-cert; cluster peers must "
+         "present a certificate it verifies (default: --tls-cert itself)."],
+        ["cluster-name", None, None,
+         "Name of this cluster (default: the node kind); part of every membership "
+         "datagram and RPC handshake, so clusters sharing a secret stay apart."],
+    ]  # fmt: skip
     kind = "node"
 
     def __init__(self) -> None:
@@ -54,9 +61,16 @@ class NodeOptions(usage.Options):
             raise usage.UsageError(str(e)) from e
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
-        for name in ("tls-cert", "tls-key"):
+        if self["tls-ca"] and not self["tls-cert"]:
+            raise usage.UsageError("--tls-ca needs --tls-cert and --tls-key")
+        for name in ("tls-cert", "tls-key", "tls-ca"):
             if self[name] and not Path(self[name]).is_file():
                 raise usage.UsageError(f"--{name} {self[name]}: no such file")
+        self["cluster-name"] = self["cluster-name"] or self.kind
+        try:
+            check_scope_name(self["cluster-name"], "--cluster-name")
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from e
         data_dir = Path(self["data-dir"]).absolute()
         self["data-dir"] = data_dir
         self["secret-file"] = Path(self["secret-file"] or data_dir / "cluster.secret")
@@ -80,6 +94,8 @@ def build_node(reactor: Any, options: NodeOptions) -> ClusterNode:
         admin=options["admin"],
         tls_cert=Path(options["tls-cert"]) if options["tls-cert"] else None,
         tls_key=Path(options["tls-key"]) if options["tls-key"] else None,
+        tls_ca=Path(options["tls-ca"]) if options["tls-ca"] else None,
+        cluster_name=options["cluster-name"],
     )
     try:
         return ClusterNode(reactor, config, secret, rng=random.SystemRandom())
