@@ -273,3 +273,40 @@ def test_tls_cluster_port_requires_a_client_certificate(
 
     assert b"_answer" in ask(with_cert=True)  # TLS passes; the handshake itself answers
     assert ask(with_cert=False) == b""
+
+
+def test_cli_default_secret_follows_the_nodes_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --secret-file the CLI uses local-cluster's secret of the node's kind."""
+    import http.server
+    import threading
+
+    from yimaporc.cli import DEFAULT_SECRET, default_secret
+
+    class Status(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"kind": "yima"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    monkeypatch.chdir(tmp_path)
+    with http.server.ThreadingHTTPServer((f"{NET}.20", 0), Status) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        url = f"http://{NET}.20:{httpd.server_address[1]}"
+        try:
+            assert default_secret(url) == DEFAULT_SECRET  # no per-kind secret yet
+            per_kind = DEFAULT_SECRET.parent / "yima" / DEFAULT_SECRET.name
+            per_kind.parent.mkdir(parents=True)
+            per_kind.write_text("x" * 32)
+            assert default_secret(url) == per_kind
+        finally:
+            httpd.shutdown()
+    assert default_secret(None) == DEFAULT_SECRET
