@@ -69,6 +69,12 @@ def nodes(tmp_path: Path) -> Iterator[list[NodeProc]]:
         n.kill(signal.SIGTERM)
 
 
+def no_traceback(node: NodeProc) -> bool:
+    """The node's log holds no traceback (a client's mistake is a counter, not an error)."""
+    log = node.log_path.read_text(errors="replace")
+    return "Traceback" not in log and "Unhandled" not in log
+
+
 def start(nodes: list[NodeProc], node: NodeProc) -> NodeProc:
     nodes.append(node)
     node.start()
@@ -132,6 +138,7 @@ def test_replayed_datagram_of_a_mail_cluster_does_not_join_a_media_cluster(
     assert (y_after["epoch"], p_after["epoch"]) == (y_before["epoch"], p_before["epoch"])
     assert (ydata / "membership.json").read_bytes() == state_before
     assert p_after["buckets"] == {"p1": 256}
+    assert no_traceback(y1) and no_traceback(p1)
 
 
 def send_until_dropped(address: tuple[str, int], chunks: Iterator[bytes], limit: int) -> int:
@@ -230,6 +237,7 @@ def test_endless_unauthenticated_amp_box_is_cut_off(tmp_path: Path, nodes: list[
     wait_for(lambda: rpc()["unauthenticated"] == 0, 15, "idle connections released")
     check = rpc_check(y4, secret)
     assert check["peers"]["y3"]["ok"], check
+    assert no_traceback(y3)
 
 
 def test_tls_cluster_port_requires_a_client_certificate(
@@ -247,7 +255,7 @@ def test_tls_cluster_port_requires_a_client_certificate(
     secret = tmp_path / "cluster.secret"
     secret.write_text(os.urandom(16).hex())
     tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
-    _, t6 = (
+    t5, t6 = (
         start(nodes, NodeProc("yima", f"t{i}", f"{NET}.{i}", tmp_path / f"t{i}" / "data",
                               PORT, ADMIN, extra=tls, join=seed, secret_file=secret))
         for i, seed in ((5, []), (6, [f"{NET}.5:{PORT}"]))
@@ -273,6 +281,7 @@ def test_tls_cluster_port_requires_a_client_certificate(
 
     assert b"_answer" in ask(with_cert=True)  # TLS passes; the handshake itself answers
     assert ask(with_cert=False) == b""
+    assert no_traceback(t5) and no_traceback(t6)
 
 
 def test_cli_default_secret_follows_the_nodes_kind(
