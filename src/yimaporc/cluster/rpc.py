@@ -7,10 +7,11 @@ command before it succeeds closes the connection.  Until a peer has proven the
 key, what it may make this node buffer is capped (:class:`RpcLimits`: a few KiB
 per box and per connection, a handshake deadline, a cap on handshakes in
 progress); afterwards each box is still bounded.  Refusals are counted in
-:class:`RpcGuard` ``stats`` and logged rate-limited, never raised.  Services register their
-own AMP commands in an :class:`RpcRegistry`; :class:`RpcClient` keeps one
-connection per peer, times calls out and fails them with
-:class:`PeerUnavailable` when the peer is down.
+:class:`RpcGuard` ``stats`` and logged rate-limited, never raised.
+
+Services register their own AMP commands in an :class:`RpcRegistry`;
+:class:`RpcClient` keeps one connection per peer, times calls out and fails
+them with :class:`PeerUnavailable` when the peer is down.
 
 AMP limits each value to 64 KiB; :class:`BigBytes` splits larger payloads (mail
 bodies, media blocks) over several keys of the same box, so they travel in one
