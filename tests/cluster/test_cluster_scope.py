@@ -7,6 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.python import usage
 
@@ -172,3 +174,18 @@ def test_local_cluster_gives_each_cluster_its_secret_and_name(tmp_path: Path) ->
     assert opt(argvs["porcupine"], "--secret-file") != opt(argvs["yima"], "--secret-file")
     assert opt(argvs["porcupine"], "--cluster-name") == "local-porcupine"
     assert opt(argvs["yima"], "--cluster-name") == "local-yima"
+
+
+_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
+_scopes = st.builds(wire.Scope, _names, st.sampled_from(["porcupine", "yima"]))
+
+
+@given(_scopes, _scopes)
+def test_no_datagram_crosses_scopes(a: wire.Scope, b: wire.Scope) -> None:
+    """For any two scopes sharing one secret, a datagram of one parses only in its own."""
+    data = ping(a)
+    if a == b:
+        assert wire.parse(key(b), b, data).body == wire.Ping(4, 9)
+    else:
+        with pytest.raises(wire.WrongScope):
+            wire.parse(key(b), b, data)
