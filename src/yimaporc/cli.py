@@ -30,12 +30,36 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def default_secret(admin: str | None) -> Path:
+    """Without --secret-file: the secret of the node's cluster in local-cluster's layout.
+
+    ``local-cluster`` gives each cluster its own secret, ``var/local/KIND/cluster.secret``;
+    the node at ``admin`` says its kind in ``/api/status``.  Otherwise (or for
+    an older layout) ``var/local/cluster.secret``.
+    """
+    if admin:
+        try:
+            kind = AdminClient(admin, None).get("/api/status").get("kind")
+        except (AdminError, AttributeError):
+            kind = None
+        if isinstance(kind, str) and kind.isalpha():
+            candidate = DEFAULT_SECRET.parent / kind / DEFAULT_SECRET.name
+            if candidate.exists():
+                return candidate
+    return DEFAULT_SECRET
+
+
 def token_for(args: argparse.Namespace, required: bool) -> str | None:
     """The admin bearer token: $YIMAPORC_TOKEN, else derived from --secret-file."""
     env = os.environ.get("YIMAPORC_TOKEN")
     if env:
         return env.strip()
-    path = Path(args.secret_file) if args.secret_file else DEFAULT_SECRET
+    if args.secret_file:
+        path = Path(args.secret_file)
+    elif required:
+        path = default_secret(getattr(args, "admin", None))
+    else:
+        path = DEFAULT_SECRET
     if not path.exists():
         if required:
             raise CliError(
@@ -64,8 +88,9 @@ def _admin_parent() -> argparse.ArgumentParser:
     p.add_argument(
         "--secret-file",
         metavar="FILE",
-        help=f"cluster secret for the bearer token (default {DEFAULT_SECRET}; "
-        "or set YIMAPORC_TOKEN)",
+        help=f"cluster secret for the bearer token (default: local-cluster's secret of "
+        f"the node's kind, {DEFAULT_SECRET.parent}/KIND/{DEFAULT_SECRET.name}, else "
+        f"{DEFAULT_SECRET}; or set YIMAPORC_TOKEN)",
     )
     return p
 

@@ -1,7 +1,8 @@
 """``yimaporc local-cluster``: the demo cluster as child ``twistd`` processes.
 
 Porcupine node i listens on 127.0.1.i and Yima node i on 127.0.2.i (ports of
-CONTRACT §2).  Lines are printed as they become true (``admin ...``, then the
+CONTRACT §2).  The two clusters are kept apart: each has its own secret
+(``BASE/KIND/cluster.secret``) and its own name (``--cluster-name local-KIND``).  Lines are printed as they become true (``admin ...``, then the
 services each node reports, then ``ready``); Ctrl-C or SIGTERM stops every
 child by PID.
 """
@@ -60,6 +61,11 @@ def twistd_path() -> str:
     return found
 
 
+def secret_path(base: Path, kind: str) -> Path:
+    """The secret of the local cluster of ``kind`` (one per cluster)."""
+    return base / kind / "cluster.secret"
+
+
 def node_argv(kind: str, i: int, base: Path, secret: Path) -> tuple[str, str, list[str]]:
     """(node_id, host, twistd argv) for node ``i`` (1-based) of ``kind``."""
     net = 1 if kind == "porcupine" else 2
@@ -87,6 +93,8 @@ def node_argv(kind: str, i: int, base: Path, secret: Path) -> tuple[str, str, li
         ep(PORTS["admin"]),
         "--secret-file",
         str(secret),
+        "--cluster-name",
+        f"local-{kind}",
     ]
     if i > 1:
         argv += ["--join", f"127.0.{net}.1:{PORTS['cluster']}"]
@@ -128,13 +136,16 @@ class LocalCluster:
             raise LocalClusterError("--porcupine and --yima must be 0..250, not both 0")
         self.base = base_dir.absolute()
         self.timeout = timeout
-        self.secret_file = self.base / "cluster.secret"
         self.children: list[Child] = []
         (self.base / "logs").mkdir(parents=True, exist_ok=True)
-        self.token = admin_token(load_or_create_secret(self.secret_file))
+        self.tokens: dict[str, str] = {}
         for kind, n in (("porcupine", porcupine), ("yima", yima)):
+            if n == 0:
+                continue
+            secret = secret_path(self.base, kind)
+            self.tokens[kind] = admin_token(load_or_create_secret(secret))
             for i in range(1, n + 1):
-                node_id, host, argv = node_argv(kind, i, self.base, self.secret_file)
+                node_id, host, argv = node_argv(kind, i, self.base, secret)
                 log = self.base / "logs" / f"{node_id}.log"
                 self.children.append(Child(node_id, kind, host, argv, log))
         self._stopping = False
@@ -191,7 +202,7 @@ class LocalCluster:
         self._setup(firsts, statuses, deadline)
 
     def _client(self, child: Child) -> AdminClient:
-        return AdminClient(child.admin_url, self.token, timeout=120.0)
+        return AdminClient(child.admin_url, self.tokens[child.kind], timeout=120.0)
 
     def _wait_status(self, child: Child, deadline: float) -> dict[str, Any]:
         while True:

@@ -3,7 +3,9 @@
 Every node of a cluster reads the same secret (``--secret-file``, default
 ``DATA_DIR/cluster.secret``, created on first start).  Nothing uses the secret
 directly: each purpose gets its own HMAC-derived key, so a leaked admin token
-does not let anyone forge membership datagrams.
+does not let anyone forge membership datagrams.  The membership and RPC keys
+are also bound to the cluster's name and node kind (:func:`cluster_key`), so two
+clusters that share a secret file still cannot hear each other.
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ def load_or_create_secret(path: str | os.PathLike[str], create: bool = True) -> 
 def derive_key(secret: bytes, purpose: str) -> bytes:
     """A 32-byte key for one ``purpose`` (``"membership"``, ``"rpc"``, ...)."""
     return hmac.new(secret, b"yimaporc/v1/" + purpose.encode("ascii"), hashlib.sha256).digest()
+
+
+def cluster_key(secret: bytes, purpose: str, cluster: str, kind: str) -> bytes:
+    """A 32-byte key for ``purpose`` inside one cluster (by name) of one node kind.
+
+    ``cluster`` and ``kind`` are ASCII names without NUL (see
+    :class:`yimaporc.cluster.wire.Scope`), so the NUL-separated input is unambiguous.
+    """
+    label = b"\0".join(x.encode("ascii") for x in (purpose, kind, cluster))
+    return hmac.new(secret, b"yimaporc/v2/" + label, hashlib.sha256).digest()
 
 
 def admin_token(secret: bytes) -> str:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from yimaporc.cluster import wire
 
 KEY = b"k" * 32
+SCOPE = wire.Scope("c1", "porcupine")
 
 ids = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=20)
 u64 = st.integers(0, 2**64 - 1)
@@ -30,8 +31,8 @@ headers = st.builds(wire.Header, ids, ids, u64, u64, u64)
 @given(headers, bodies)
 def test_round_trip(header: wire.Header, body: wire.Body) -> None:
     """Every datagram type parses back to what was serialized."""
-    data = wire.serialize(KEY, header, body)
-    assert wire.parse(KEY, data) == wire.Datagram(header, body)
+    data = wire.serialize(KEY, SCOPE, header, body)
+    assert wire.parse(KEY, SCOPE, data) == wire.Datagram(header, body)
 
 
 @given(headers, bodies, st.data())
@@ -39,44 +40,44 @@ def test_any_bit_flip_is_rejected(
     header: wire.Header, body: wire.Body, data: st.DataObject
 ) -> None:
     """A datagram altered anywhere fails the MAC (or the framing), never parses."""
-    raw = bytearray(wire.serialize(KEY, header, body))
+    raw = bytearray(wire.serialize(KEY, SCOPE, header, body))
     i = data.draw(st.integers(0, len(raw) - 1))
     raw[i] ^= 1 << data.draw(st.integers(0, 7))
     with pytest.raises(wire.MalformedPacket):
-        wire.parse(KEY, bytes(raw))
+        wire.parse(KEY, SCOPE, bytes(raw))
 
 
 @given(headers, bodies, st.data())
 def test_truncated_is_rejected(header: wire.Header, body: wire.Body, data: st.DataObject) -> None:
     """Every proper prefix of a datagram is rejected."""
-    raw = wire.serialize(KEY, header, body)
+    raw = wire.serialize(KEY, SCOPE, header, body)
     n = data.draw(st.integers(0, len(raw) - 1))
     with pytest.raises(wire.MalformedPacket):
-        wire.parse(KEY, raw[:n])
+        wire.parse(KEY, SCOPE, raw[:n])
 
 
 @given(st.binary(max_size=400))
 def test_random_bytes_are_rejected(raw: bytes) -> None:
     """Random bytes never parse and never raise anything but MalformedPacket."""
     with pytest.raises(wire.MalformedPacket):
-        wire.parse(KEY, raw)
+        wire.parse(KEY, SCOPE, raw)
 
 
 def test_wrong_key_is_bad_mac() -> None:
     """A datagram from a node with another secret is BadMac."""
-    raw = wire.serialize(b"x" * 32, wire.Header("a", "h:1", 1, 1, 1), wire.NewGroup(3))
+    raw = wire.serialize(b"x" * 32, SCOPE, wire.Header("a", "h:1", 1, 1, 1), wire.NewGroup(3))
     with pytest.raises(wire.BadMac):
-        wire.parse(KEY, raw)
+        wire.parse(KEY, SCOPE, raw)
 
 
 def test_validly_maced_garbage_body_is_malformed() -> None:
     """A correctly MACed envelope with an unknown type is MalformedPacket, not a crash."""
-    raw = wire.serialize(KEY, wire.Header("a", "h:1", 1, 1, 1), wire.NewGroup(3))
+    raw = wire.serialize(KEY, SCOPE, wire.Header("a", "h:1", 1, 1, 1), wire.NewGroup(3))
     signed = bytearray(raw[: -wire.MAC_SIZE])
-    signed[4] = 99  # type byte
+    signed[4 + 1 + len("c1") + 1 + len("porcupine")] = 99  # type byte
     forged = bytes(signed) + wire._mac(KEY, bytes(signed))
     with pytest.raises(wire.MalformedPacket):
-        wire.parse(KEY, forged)
+        wire.parse(KEY, SCOPE, forged)
 
 
 def h(inc: int, seq: int, sender: str = "a") -> wire.Header:

@@ -22,6 +22,7 @@ from yimaporc.cluster.udp import MembershipProtocol
 from yimaporc.secret import admin_token
 
 KEY = b"m" * 32
+SCOPE = wire.Scope("test", "porcupine")
 
 
 class Router:
@@ -59,7 +60,7 @@ def make(
     views: list[View] = []
     me = wire.Member(f"n{i}", f"10.0.0.{i}:7946", 1)
     core = Membership(me, seeds=seeds, rng=random.Random(i))
-    proto = MembershipProtocol(core, KEY, clock, lambda old, new: views.append(new))
+    proto = MembershipProtocol(core, KEY, clock, lambda old, new: views.append(new), scope=SCOPE)
     router.attach((f"10.0.0.{i}", 7946), proto)
     return proto, views
 
@@ -85,7 +86,7 @@ def test_shell_counts_garbage_and_keeps_going() -> None:
     a, _ = make(router, clock, 1, [])
     a.startProtocol()
     a.datagramReceived(b"\x00" * 40, ("1.2.3.4", 5))
-    good = wire.serialize(KEY, wire.Header("z", "10.0.0.9:7946", 1, 1, 1), wire.Ping(0, 1))
+    good = wire.serialize(KEY, SCOPE, wire.Header("z", "10.0.0.9:7946", 1, 1, 1), wire.Ping(0, 1))
     a.datagramReceived(good, ("1.2.3.4", 5))
     a.datagramReceived(good, ("1.2.3.4", 5))
     assert a.stats["dropped_malformed"] == 1

@@ -23,8 +23,10 @@ from yimaporc.cluster.rpc import (
     RpcRegistry,
     RpcServerFactory,
 )
+from yimaporc.cluster.wire import Scope
 
 KEY = b"r" * 32
+SCOPE = Scope("test", "porcupine")
 
 
 def result_of(d: Deferred[Any]) -> Any:
@@ -36,11 +38,16 @@ def result_of(d: Deferred[Any]) -> Any:
     return out[0]
 
 
-def pair(server_key: bytes = KEY, client_key: bytes = KEY) -> tuple[NodeAMP, NodeAMP, Any]:
+def pair(
+    server_key: bytes = KEY,
+    client_key: bytes = KEY,
+    server_scope: Scope = SCOPE,
+    client_scope: Scope = SCOPE,
+) -> tuple[NodeAMP, NodeAMP, Any]:
     registry = RpcRegistry()
     client, server, pump = connectedServerAndClient(
-        lambda: NodeAMP(registry, server_key, "server"),
-        lambda: NodeAMP(RpcRegistry(), client_key, "client"),
+        lambda: NodeAMP(registry, server_key, "server", scope=server_scope),
+        lambda: NodeAMP(RpcRegistry(), client_key, "client", scope=client_scope),
     )
     return server, client, pump
 
@@ -94,7 +101,7 @@ class Slow(amp.Command):
 def memory_peer(registry: RpcRegistry) -> tuple[MemoryReactorClock, Any, ConnectionCompleter]:
     """A memory reactor where a server with ``registry`` listens; returns a client endpoint."""
     reactor = MemoryReactorClock()
-    TCP4ServerEndpoint(reactor, 7946).listen(RpcServerFactory(registry, KEY, "s"))
+    TCP4ServerEndpoint(reactor, 7946).listen(RpcServerFactory(registry, KEY, "s", scope=SCOPE))
     return reactor, TCP4ClientEndpoint(reactor, "10.0.0.1", 7946), ConnectionCompleter(reactor)
 
 
@@ -103,7 +110,9 @@ def test_client_call_and_timeout_on_silent_peer() -> None:
     server_registry = RpcRegistry()
     server_registry.register(Slow, lambda: Deferred())
     reactor, endpoint, completer = memory_peer(server_registry)
-    client = RpcClient(reactor, KEY, "c", timeout=5.0, endpoint_for=lambda address: endpoint)
+    client = RpcClient(
+        reactor, KEY, "c", scope=SCOPE, timeout=5.0, endpoint_for=lambda address: endpoint
+    )
     d = client.call("10.0.0.1:7946", Echo, payload=b"x" * 70_000)
     pump = completer.succeedOnce()
     assert pump is not None
@@ -120,7 +129,7 @@ def test_client_call_and_timeout_on_silent_peer() -> None:
 def test_client_peer_down_is_peer_unavailable() -> None:
     """A refused connection fails the call with PeerUnavailable naming the address."""
     reactor, endpoint, completer = memory_peer(RpcRegistry())
-    client = RpcClient(reactor, KEY, "c", endpoint_for=lambda address: endpoint)
+    client = RpcClient(reactor, KEY, "c", scope=SCOPE, endpoint_for=lambda address: endpoint)
     d = client.call("10.0.0.9:7946", Echo, payload=b"")
     completer.failOnce(Failure(ConnectionRefusedError()))
     with pytest.raises(PeerUnavailable, match=re.escape("10.0.0.9:7946")):

@@ -80,7 +80,12 @@ def test_garbage_datagrams_leave_node_serving(trio: list[NodeProc]) -> None:
     wait_for(lambda: views_agree(trio), 30, "3 nodes to agree")
     p1 = trio[0]
     rng = random.Random(7)
-    good = wire.serialize(b"x" * 32, wire.Header("evil", "127.0.11.9:1", 1, 1, 1), wire.NewGroup(9))
+    good = wire.serialize(
+        b"x" * 32,
+        wire.Scope("porcupine", "porcupine"),
+        wire.Header("evil", "127.0.11.9:1", 1, 1, 1),
+        wire.NewGroup(9),
+    )
 
     def drops() -> int:
         doc = p1.status()

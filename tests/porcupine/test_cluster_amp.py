@@ -14,6 +14,7 @@ from twisted.test.iosim import connectedServerAndClient
 
 from yimaporc.cluster.buckets import BucketMap
 from yimaporc.cluster.rpc import NodeAMP, RpcRegistry
+from yimaporc.cluster.wire import Scope
 from yimaporc.porcupine.cluster import (
     ERRORS,
     UID_GAP,
@@ -37,6 +38,7 @@ from yimaporc.porcupine.values import (
 )
 
 KEY = b"k" * 32
+SCOPE = Scope("test", "porcupine")
 USER = "dora@example.org"
 
 
@@ -69,7 +71,8 @@ class Peer:
 
         registry.register(Raise, raise_)
         client, _server, self.pump = connectedServerAndClient(
-            lambda: NodeAMP(registry, KEY, "n2"), lambda: NodeAMP(RpcRegistry(), KEY, "n1")
+            lambda: NodeAMP(registry, KEY, "n2", scope=SCOPE),
+            lambda: NodeAMP(RpcRegistry(), KEY, "n1", scope=SCOPE),
         )
         self.client: NodeAMP = client
         d = client.authenticate()

@@ -25,12 +25,12 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from ..admin.routes import Route
-from ..secret import derive_key
+from ..secret import cluster_key
 from .catalog import PutDocument
 from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
-from .rpc import Echo, RpcClient, RpcRegistry, RpcServerFactory
+from .rpc import Echo, RpcClient, RpcGuard, RpcRegistry, RpcServerFactory
 from .udp import MembershipProtocol
-from .wire import Member
+from .wire import Member, Scope
 
 
 class ConfigError(Exception):
@@ -87,11 +87,21 @@ class NodeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     trm: TrmConfig = attrs.field(factory=TrmConfig)
+    cluster_name: str = ""
+    tls_ca: Path | None = None
 
     @property
     def cluster_address(self) -> str:
         """``host:port`` peers use for datagrams and RPC."""
         return f"{self.cluster_host}:{self.cluster_port}"
+
+    @property
+    def scope(self) -> Scope:
+        """The cluster this node belongs to: its name (default: the kind) and its kind."""
+        try:
+            return Scope(self.cluster_name or self.kind, self.kind)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
 
 def load_tls(cert: Path | None, key: Path | None) -> ssl.PrivateCertificate | None:
@@ -104,12 +114,23 @@ def load_tls(cert: Path | None, key: Path | None) -> ssl.PrivateCertificate | No
         raise ConfigError(f"cannot load --tls-cert/--tls-key: {e}") from e
 
 
+def load_ca(path: Path) -> ssl.Certificate:
+    """The CA certificate (PEM) that signs every member's cluster certificate."""
+    try:
+        return ssl.Certificate.loadPEM(path.read_bytes())
+    except (OSError, ValueError, Exception) as e:
+        raise ConfigError(f"cannot load --tls-ca {path}: {e}") from e
+
+
 @attrs.define
 class _Persisted:
     epoch: int = 0
     lamport: int = 0
     incarnation: int = 0
     known: list[str] = attrs.field(factory=list)
+    # Which cluster the known addresses belong to ("" in files written before).
+    cluster: str = ""
+    kind: str = ""
 
 
 class ClusterNode(MultiService):
@@ -130,15 +151,20 @@ class ClusterNode(MultiService):
         self.config = config
         self.secret = secret
         self.rng = rng or random.Random()
-        self.membership_key = derive_key(secret, "membership")
-        self.rpc_key = derive_key(secret, "rpc")
+        self.scope = config.scope
+        self.membership_key = cluster_key(secret, "membership", self.scope.cluster, config.kind)
+        self.rpc_key = cluster_key(secret, "rpc", self.scope.cluster, config.kind)
         self.registry = RpcRegistry()
+        self.rpc_guard = RpcGuard(reactor)
         self.tls = load_tls(config.tls_cert, config.tls_key)
+        self.tls_ca = load_ca(config.tls_ca) if config.tls_ca is not None else None
         self.rpc = RpcClient(
             reactor,
             self.rpc_key,
             config.node_id,
+            scope=self.scope,
             registry=self.registry,
+            guard=self.rpc_guard,
             endpoint_for=self._rpc_endpoint if self.tls is not None else None,
         )
         self.routes: list[Route] = []
@@ -171,14 +197,24 @@ class ClusterNode(MultiService):
         """Call ``listener.membership_changed`` on every new view."""
         self._listeners.append(listener)
 
-    def _rpc_endpoint(self, address: str) -> Any:
-        """TLS to a peer, trusting the cluster certificate (peers prove the secret too)."""
+    def _tls_options(self) -> ssl.CertificateOptions:
+        """Both ends of a cluster TLS connection: present our certificate, require and
+        verify the peer's against ``--tls-ca`` (default: our own certificate, for a
+        cluster sharing one self-signed certificate).  Peers prove the secret too."""
         assert self.tls is not None
-        host, _, port = address.rpartition(":")
-        trust = ssl.CertificateOptions(
-            verify=True, caCerts=[self.tls.original], requireCertificate=True
+        ca = self.tls_ca if self.tls_ca is not None else self.tls
+        return ssl.CertificateOptions(
+            privateKey=self.tls.privateKey.original,
+            certificate=self.tls.original,
+            verify=True,
+            caCerts=[ca.original],
+            requireCertificate=True,
         )
-        return SSL4ClientEndpoint(self.reactor, host, int(port), trust, timeout=3)
+
+    def _rpc_endpoint(self, address: str) -> Any:
+        """TLS to a peer, with our client certificate, trusting the cluster's CA."""
+        host, _, port = address.rpartition(":")
+        return SSL4ClientEndpoint(self.reactor, host, int(port), self._tls_options(), timeout=3)
 
     def _rpc_check(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
         """Echo over RPC to every member: {node_id: {ok, rtt_ms | error}}."""
@@ -231,6 +267,7 @@ class ClusterNode(MultiService):
         doc: dict[str, Any] = {
             "node_id": self.node_id,
             "kind": self.config.kind,
+            "cluster": self.scope.cluster,
             "address": self.config.cluster_address,
             "epoch": view.epoch,
             "coordinator": view.coordinator,
@@ -243,6 +280,7 @@ class ClusterNode(MultiService):
                 "rtt": sync.rtt if sync else None,
             },
             "membership": dict(self.protocol.stats) if self.protocol else {},
+            "rpc": {**self.rpc_guard.stats, "unauthenticated": self.rpc_guard.unauthenticated},
         }
         for provider in self.status_providers:
             doc.update(provider())
@@ -270,12 +308,14 @@ class ClusterNode(MultiService):
             attachment_for=self._attachment_for,
         )
         self.protocol = MembershipProtocol(
-            self.core, self.membership_key, self.reactor, self._view_changed
+            self.core, self.membership_key, self.reactor, self._view_changed, scope=self.scope
         )
-        rpc_factory = RpcServerFactory(self.registry, self.rpc_key, cfg.node_id)
+        rpc_factory = RpcServerFactory(
+            self.registry, self.rpc_key, cfg.node_id, scope=self.scope, guard=self.rpc_guard
+        )
         if self.tls is not None:
             port = self.reactor.listenSSL(
-                cfg.cluster_port, rpc_factory, self.tls.options(), interface=cfg.cluster_host
+                cfg.cluster_port, rpc_factory, self._tls_options(), interface=cfg.cluster_host
             )
         else:
             port = self.reactor.listenTCP(cfg.cluster_port, rpc_factory, interface=cfg.cluster_host)
@@ -341,15 +381,36 @@ class ClusterNode(MultiService):
     # node's epoch never goes back across a crash.
 
     def _load_state(self) -> _Persisted:
+        scope = self.scope
         try:
             raw = json.loads(self._state_path.read_text())
-            return _Persisted(
-                int(raw["epoch"]), int(raw["lamport"]), int(raw["incarnation"]), list(raw["known"])
+            state = _Persisted(
+                int(raw["epoch"]),
+                int(raw["lamport"]),
+                int(raw["incarnation"]),
+                [str(a) for a in raw["known"]],
+                str(raw.get("cluster", "")),
+                str(raw.get("kind", "")),
             )
         except FileNotFoundError:
-            return _Persisted()
+            return _Persisted(cluster=scope.cluster, kind=scope.kind)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{self._state_path} is corrupt ({e}); move it away to reset") from e
+        if state.kind and state.kind != scope.kind:
+            raise ConfigError(
+                f"{self._state_path} belongs to a {state.kind} node, not a {scope.kind} one"
+            )
+        if (state.cluster, state.kind) != (scope.cluster, scope.kind):
+            # Written before clusters had names (or under another name): the addresses
+            # it remembers may be another cluster's, so start from --join alone.
+            self.log.info(
+                "membership: forgetting {n} remembered address(es) of cluster {old!r}",
+                n=len(state.known),
+                old=state.cluster,
+            )
+            state.known = []
+            state.cluster, state.kind = scope.cluster, scope.kind
+        return state
 
     def _save_state(self) -> None:
         tmp = self._state_path.with_suffix(".tmp")

@@ -1,11 +1,17 @@
 """Node-to-node RPC: AMP over TCP on the cluster address, authenticated.
 
 Each connection starts with a mutual challenge-response keyed by the cluster's
-RPC key (``Hello`` then ``Prove``); until it succeeds the server answers every
-other command with ``UNAUTHENTICATED`` and closes.  Services register their
-own AMP commands in an :class:`RpcRegistry`; :class:`RpcClient` keeps one
-connection per peer, times calls out and fails them with
-:class:`PeerUnavailable` when the peer is down.
+RPC key (``Hello`` then ``Prove``), bound to the cluster's :class:`Scope` (its
+name and node kind: in the key, in ``Hello`` and in both proofs); any other
+command before it succeeds closes the connection.  Until a peer has proven the
+key, what it may make this node buffer is capped (:class:`RpcLimits`: a few KiB
+per box and per connection, a handshake deadline, a cap on handshakes in
+progress); afterwards each box is still bounded.  Refusals are counted in
+:class:`RpcGuard` ``stats`` and logged rate-limited, never raised.
+
+Services register their own AMP commands in an :class:`RpcRegistry`;
+:class:`RpcClient` keeps one connection per peer, times calls out and fails
+them with :class:`PeerUnavailable` when the peer is down.
 
 AMP limits each value to 64 KiB; :class:`BigBytes` splits larger payloads (mail
 bodies, media blocks) over several keys of the same box, so they travel in one
@@ -17,18 +23,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+
+from .wire import Scope
 
 CHUNK = 0xFFFF
 
@@ -74,8 +84,19 @@ class Hello(amp.Command):
 
     commandName = b"yimaporc.hello"
 
-    arguments = [(b"node_id", amp.Unicode()), (b"nonce", amp.String())]
-    response = [(b"node_id", amp.Unicode()), (b"nonce", amp.String()), (b"proof", amp.String())]
+    arguments = [
+        (b"node_id", amp.Unicode()),
+        (b"nonce", amp.String()),
+        (b"cluster", amp.Unicode()),
+        (b"kind", amp.Unicode()),
+    ]
+    response = [
+        (b"node_id", amp.Unicode()),
+        (b"nonce", amp.String()),
+        (b"proof", amp.String()),
+        (b"cluster", amp.Unicode()),
+        (b"kind", amp.Unicode()),
+    ]
     errors = {AuthFailed: b"AUTH_FAILED"}
     fatalErrors = {AuthFailed: b"AUTH_FAILED"}
 
@@ -100,9 +121,63 @@ class Echo(amp.Command):
     response = [(b"payload", BigBytes())]
 
 
-def _proof(key: bytes, role: bytes, a: bytes, b: bytes, node_id: str) -> bytes:
-    msg = role + b"|" + a + b"|" + b + b"|" + node_id.encode("utf-8")
+def _proof(key: bytes, scope: Scope, role: bytes, a: bytes, b: bytes, node_id: str) -> bytes:
+    where = f"{scope.kind}\0{scope.cluster}".encode("ascii")
+    msg = role + b"|" + where + b"|" + a + b"|" + b + b"|" + node_id.encode("utf-8")
     return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+@attrs.frozen
+class RpcLimits:
+    """What one RPC connection may make this node buffer (bytes, seconds, counts).
+
+    ``preauth_box`` and ``preauth_total`` bound a connection whose peer has not
+    yet proven the cluster key (the handshake boxes are ~200 bytes);
+    ``max_box`` bounds any box afterwards (the largest mail fetch or media block
+    batch plus AMP framing); each key/value pair counts ``entry_overhead`` extra
+    bytes for the Python objects that hold it.
+    """
+
+    preauth_box: int = 4096
+    preauth_total: int = 16384
+    max_box: int = 256 << 20
+    entry_overhead: int = 128
+    handshake_timeout: float = 10.0
+    max_unauthenticated: int = 128
+
+
+class RpcGuard:
+    """Limits, counters and the rate-limited warning shared by a node's RPC connections."""
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime | None = None, limits: RpcLimits | None = None) -> None:
+        self.clock = clock
+        self.limits = limits or RpcLimits()
+        self.stats: Counter[str] = Counter()
+        self.unauthenticated = 0
+        self._last_warning = -1e9
+
+    def refuse(self, proto: NodeAMP, why: str) -> None:
+        """Count ``why``, warn (at most every 5 s) and drop ``proto``'s connection now."""
+        self.stats["dropped_" + why] += 1
+        now = self.clock.seconds() if self.clock is not None else 0.0
+        if self.clock is None or now - self._last_warning >= 5.0:
+            self._last_warning = now
+            peer = proto.transport.getPeer() if proto.transport is not None else None
+            self.log.warn(
+                "rpc: dropped connection from {peer}: {why} ({count} so far)",
+                peer=peer,
+                why=why,
+                count=self.stats["dropped_" + why],
+            )
+        transport = proto.transport
+        if transport is not None:
+            abort = getattr(transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+            else:
+                transport.loseConnection()
 
 
 class RpcRegistry:
@@ -130,35 +205,159 @@ class NodeAMP(amp.AMP):
 
     log = Logger()
 
-    def __init__(self, registry: RpcRegistry, key: bytes, node_id: str) -> None:
+    def __init__(
+        self,
+        registry: RpcRegistry,
+        key: bytes,
+        node_id: str,
+        *,
+        scope: Scope,
+        guard: RpcGuard | None = None,
+        server: bool = False,
+    ) -> None:
         super().__init__()
         self.registry = registry
         self.key = key
         self.node_id = node_id
+        self.scope = scope
+        self.guard = guard or RpcGuard()
+        self.server = server
         self.peer_id: str | None = None
         self.authenticated = False
         self._server_nonce: bytes | None = None
         self._client_nonce: bytes | None = None
+        # Until the peer has proven the key: small boxes, small values, few bytes.
+        self._trusted = False
+        self._MAX_VALUE_LENGTH = min(0xFFFF, self.guard.limits.preauth_box)
+        self._box_bytes = 0
+        self._preauth_bytes = 0
+        self._counted_unauthenticated = False
+        self._handshake_timer: IDelayedCall | None = None
+
+    # --- what an unproven peer may make us hold --------------------------------------
+
+    def connectionMade(self) -> None:
+        """Servers give an unproven peer a deadline and a bounded number of slots."""
+        super().connectionMade()
+        if not self.server:
+            return
+        guard = self.guard
+        if guard.unauthenticated >= guard.limits.max_unauthenticated:
+            guard.refuse(self, "too_many_unauthenticated")
+            return
+        guard.unauthenticated += 1
+        self._counted_unauthenticated = True
+        if guard.clock is not None:
+            self._handshake_timer = guard.clock.callLater(
+                guard.limits.handshake_timeout, self._handshake_expired
+            )
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self._trusted:
+            self.guard.refuse(self, "handshake_timeout")
+
+    def _trust(self) -> None:
+        """The peer proved the key: lift the pre-authentication caps."""
+        self._trusted = True
+        self.__dict__.pop("_MAX_VALUE_LENGTH", None)
+        self._end_unauthenticated()
+
+    def _end_unauthenticated(self) -> None:
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        if self._counted_unauthenticated:
+            self._counted_unauthenticated = False
+            self.guard.unauthenticated -= 1
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Release the handshake slot, then AMP's own clean-up."""
+        self._end_unauthenticated()
+        super().connectionLost(reason)
+
+    def _account(self, n: int) -> bool:
+        """Count ``n`` more buffered bytes; False (and the connection dropped) if too many."""
+        limits = self.guard.limits
+        self._box_bytes += n
+        if self._trusted:
+            if self._box_bytes > limits.max_box:
+                self._drop("box_too_large")
+                return False
+            return True
+        self._preauth_bytes += n
+        if self._box_bytes > limits.preauth_box or self._preauth_bytes > limits.preauth_total:
+            self._drop("unauthenticated_too_large")
+            return False
+        return True
+
+    def _drop(self, why: str) -> None:
+        """Refuse the connection and free the box being received."""
+        self._currentBox = None
+        self.guard.refuse(self, why)
+
+    def proto_key(self, string: bytes) -> str:
+        """A key, or the empty string that ends a box; counted against the caps."""
+        if not string:
+            self._box_bytes = 0
+            return str(super().proto_key(string))
+        if not self._account(len(string) + self.guard.limits.entry_overhead):
+            return "dropped"
+        return str(super().proto_key(string))
+
+    def proto_value(self, string: bytes) -> str:
+        """A value; counted against the caps."""
+        if not self._account(len(string)):
+            return "dropped"
+        return str(super().proto_value(string))
+
+    def proto_dropped(self, string: bytes) -> str:
+        """Whatever is still in the read buffer of a dropped connection is ignored."""
+        return "dropped"
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        """A length prefix above the cap (a big value before authentication)."""
+        if self.state != "dropped":
+            self.state = "dropped"
+            self._drop("unauthenticated_too_large" if not self._trusted else "too_long")
+
+    # --- the handshake ---------------------------------------------------------------
+
+    def _check_scope(self, cluster: str, kind: str, who: str) -> None:
+        if (cluster, kind) != (self.scope.cluster, self.scope.kind):
+            self.guard.stats["refused_wrong_scope"] += 1
+            raise AuthFailed(f"{who} belongs to {kind}/{cluster}, not {self.scope}")
 
     @Hello.responder
-    def _hello(self, node_id: str, nonce: bytes) -> dict[str, Any]:
+    def _hello(self, node_id: str, nonce: bytes, cluster: str, kind: str) -> dict[str, Any]:
+        self._check_scope(cluster, kind, f"peer {node_id!r}")
         if len(nonce) != 32:
             raise AuthFailed("bad nonce")
         self._client_nonce = nonce
         self._server_nonce = os.urandom(32)
         self.peer_id = node_id
-        proof = _proof(self.key, b"server", nonce, self._server_nonce, self.node_id)
-        return {"node_id": self.node_id, "nonce": self._server_nonce, "proof": proof}
+        proof = _proof(self.key, self.scope, b"server", nonce, self._server_nonce, self.node_id)
+        return {
+            "node_id": self.node_id,
+            "nonce": self._server_nonce,
+            "proof": proof,
+            "cluster": self.scope.cluster,
+            "kind": self.scope.kind,
+        }
 
     @Prove.responder
     def _prove(self, proof: bytes) -> dict[str, Any]:
         if self._server_nonce is None or self._client_nonce is None or self.peer_id is None:
             raise AuthFailed("Prove before Hello")
-        want = _proof(self.key, b"client", self._server_nonce, self._client_nonce, self.peer_id)
+        want = _proof(
+            self.key, self.scope, b"client", self._server_nonce, self._client_nonce, self.peer_id
+        )
         if not hmac.compare_digest(want, proof):
+            self.guard.stats["refused_bad_proof"] += 1
             self.log.warn("rpc: peer {peer} failed authentication", peer=self.peer_id)
             raise AuthFailed("bad proof")
         self.authenticated = True
+        self._trust()
         return {}
 
     def locateResponder(self, name: bytes) -> Any:
@@ -180,19 +379,26 @@ class NodeAMP(amp.AMP):
         nonce = os.urandom(32)
 
         def got_hello(resp: dict[str, Any]) -> Deferred[Any]:
-            want = _proof(self.key, b"server", nonce, resp["nonce"], resp["node_id"])
+            self._check_scope(resp["cluster"], resp["kind"], f"peer {resp['node_id']!r}")
+            want = _proof(self.key, self.scope, b"server", nonce, resp["nonce"], resp["node_id"])
             if not hmac.compare_digest(want, resp["proof"]):
                 raise AuthFailed(f"peer {resp['node_id']!r} does not know the cluster secret")
             self.peer_id = resp["node_id"]
-            proof = _proof(self.key, b"client", resp["nonce"], nonce, self.node_id)
+            self._trust()
+            proof = _proof(self.key, self.scope, b"client", resp["nonce"], nonce, self.node_id)
             return self.callRemote(Prove, proof=proof)
 
         # A fresh Deferred: AMP appends its own errback to callRemote's Deferred
         # when the answer arrives, which would swallow our AuthFailed.
         d: Deferred[Any] = Deferred()
-        self.callRemote(Hello, node_id=self.node_id, nonce=nonce).addCallbacks(
-            d.callback, d.errback
+        hello = self.callRemote(
+            Hello,
+            node_id=self.node_id,
+            nonce=nonce,
+            cluster=self.scope.cluster,
+            kind=self.scope.kind,
         )
+        hello.addCallbacks(d.callback, d.errback)
         d.addCallback(got_hello)
         d.addCallback(lambda _: self)
         return d
@@ -201,14 +407,26 @@ class NodeAMP(amp.AMP):
 class RpcServerFactory(Factory):
     """Accepts RPC connections for this node."""
 
-    def __init__(self, registry: RpcRegistry, key: bytes, node_id: str) -> None:
+    def __init__(
+        self,
+        registry: RpcRegistry,
+        key: bytes,
+        node_id: str,
+        *,
+        scope: Scope,
+        guard: RpcGuard | None = None,
+    ) -> None:
         self.registry = registry
         self.key = key
         self.node_id = node_id
+        self.scope = scope
+        self.guard = guard or RpcGuard()
 
     def buildProtocol(self, addr: Any) -> NodeAMP:
         """A connection that must authenticate before anything else."""
-        return NodeAMP(self.registry, self.key, self.node_id)
+        return NodeAMP(
+            self.registry, self.key, self.node_id, scope=self.scope, guard=self.guard, server=True
+        )
 
 
 class _ClientFactory(Factory):
@@ -216,7 +434,8 @@ class _ClientFactory(Factory):
         self.client = client
 
     def buildProtocol(self, addr: Any) -> NodeAMP:
-        return NodeAMP(self.client.registry, self.client.key, self.client.node_id)
+        c = self.client
+        return NodeAMP(c.registry, c.key, c.node_id, scope=c.scope, guard=c.guard)
 
 
 class RpcClient:
@@ -230,7 +449,9 @@ class RpcClient:
         key: bytes,
         node_id: str,
         *,
+        scope: Scope,
         registry: RpcRegistry | None = None,
+        guard: RpcGuard | None = None,
         timeout: float = 10.0,
         connect_timeout: float = 3.0,
         endpoint_for: Callable[[str], Any] | None = None,
@@ -238,6 +459,8 @@ class RpcClient:
         self.reactor = reactor
         self.key = key
         self.node_id = node_id
+        self.scope = scope
+        self.guard = guard or RpcGuard()
         self.registry = registry or RpcRegistry()
         self.timeout = timeout
         self.connect_timeout = connect_timeout

@@ -17,8 +17,9 @@ from .membership import Action, Membership, Send, View, ViewChanged
 class MembershipProtocol(DatagramProtocol):
     """Runs a :class:`Membership` core on a UDP port.
 
-    Malformed, unauthenticated and replayed datagrams are dropped, counted in
-    ``stats`` and logged (rate-limited), never raised.
+    Malformed, unauthenticated and replayed datagrams, and datagrams of another
+    cluster or node kind (``scope``), are dropped, counted in ``stats`` and
+    logged (rate-limited), never raised.
     """
 
     log = Logger()
@@ -29,9 +30,12 @@ class MembershipProtocol(DatagramProtocol):
         key: bytes,
         clock: IReactorTime,
         on_view: Callable[[View, View], None],
+        *,
+        scope: wire.Scope,
     ) -> None:
         self.core = core
         self.key = key
+        self.scope = scope
         self.clock = clock
         self.on_view = on_view
         self.guard = wire.ReplayGuard()
@@ -55,7 +59,10 @@ class MembershipProtocol(DatagramProtocol):
         """Verify, de-duplicate and hand one datagram to the core."""
         self.stats["received"] += 1
         try:
-            dgram = wire.parse(self.key, data)
+            dgram = wire.parse(self.key, self.scope, data)
+        except wire.WrongScope:
+            self._drop("wrong_scope", addr)
+            return
         except wire.BadMac:
             self._drop("bad_mac", addr)
             return
@@ -100,7 +107,7 @@ class MembershipProtocol(DatagramProtocol):
         self._seq += 1
         me = self.core.me
         header = wire.Header(me.node_id, me.address, me.incarnation, self._seq, self.core.lamport)
-        data = wire.serialize(self.key, header, act.body)
+        data = wire.serialize(self.key, self.scope, header, act.body)
         host, _, port = act.address.rpartition(":")
         try:
             self.transport.write(data, (host, int(port)))

@@ -2,12 +2,17 @@
 
 Every datagram is one envelope (see docs/wire.md, "Cluster membership datagrams")::
 
-    magic "YPM1" | type u8 | sender node id (u8-prefixed utf-8) |
+    magic "YPM2" | cluster name (u8-prefixed ascii) | node kind (u8-prefixed ascii) |
+    type u8 | sender node id (u8-prefixed utf-8) |
     sender address (u8-prefixed "host:port") | incarnation u64 | seq u64 |
     lamport u64 | body (u16-prefixed) | mac (16 bytes)
 
 The MAC is HMAC-SHA256 (truncated to 16 bytes) over everything before it, keyed
-with the cluster's membership key.  It is checked before the body is parsed.
+with the membership key of this cluster and kind (see
+:func:`yimaporc.secret.cluster_key`).  It is checked before the body is parsed.
+A datagram is bound to one :class:`Scope` twice over: the scope is in the key
+and in the MACed header, so a genuine datagram of one cluster (or node kind) is
+refused by every other cluster, even one that shares the secret.
 ``(incarnation, seq)`` lets a receiver refuse replays (see :class:`ReplayGuard`).
 """
 
@@ -16,11 +21,12 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import re
 
 import attrs
 import construct as c
 
-MAGIC = b"YPM1"
+MAGIC = b"YPM2"
 MAC_SIZE = 16
 MAX_DATAGRAM = 60_000
 
@@ -31,6 +37,38 @@ class MalformedPacket(Exception):
 
 class BadMac(MalformedPacket):
     """The datagram's MAC does not verify with our key."""
+
+
+class WrongScope(MalformedPacket):
+    """The datagram belongs to another cluster or another node kind."""
+
+
+_SCOPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_scope_name(value: str, what: str = "cluster name") -> str:
+    """``value`` if it is 1-64 ASCII letters, digits, '.', '_' or '-' (not first)."""
+    if not _SCOPE_NAME.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r}: use 1-64 ASCII letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit)"
+        )
+    return value
+
+
+@attrs.frozen
+class Scope:
+    """The cluster (by name) and the node kind a datagram or RPC connection belongs to.
+
+    Nodes of different kinds never share a scope, so they never form one group,
+    whatever secret or name they are given.
+    """
+
+    cluster: str = attrs.field(validator=lambda _i, _a, v: check_scope_name(v))
+    kind: str = attrs.field(validator=lambda _i, _a, v: check_scope_name(v, "node kind"))
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.cluster}"
 
 
 class MsgType(enum.IntEnum):
@@ -181,8 +219,12 @@ _BODY_TYPES: dict[type, MsgType] = {
     TimeResp: MsgType.TIME_RESP,
 }
 
+_Ascii8 = c.PascalString(c.Int8ub, "ascii")
+_ScopePrefix = c.Struct("magic" / c.Const(MAGIC), "cluster" / _Ascii8, "kind" / _Ascii8)
 _Envelope = c.Struct(
     "magic" / c.Const(MAGIC),
+    "cluster" / _Ascii8,
+    "kind" / _Ascii8,
     "type" / c.Int8ub,
     "sender" / _Str8,
     "address" / _Str8,
@@ -252,13 +294,15 @@ def _mac(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()[:MAC_SIZE]
 
 
-def serialize(key: bytes, header: Header, body: Body) -> bytes:
-    """Encode and MAC one datagram."""
+def serialize(key: bytes, scope: Scope, header: Header, body: Body) -> bytes:
+    """Encode one datagram of ``scope`` and MAC it with that scope's ``key``."""
     kind = _BODY_TYPES[type(body)]
     try:
         raw_body = _BODY_STRUCTS[kind].build(_body_to_obj(body))
         data = _Envelope.build(
             {
+                "cluster": scope.cluster,
+                "kind": scope.kind,
                 "type": int(kind),
                 "sender": header.sender,
                 "address": header.address,
@@ -273,13 +317,26 @@ def serialize(key: bytes, header: Header, body: Body) -> bytes:
     return data + _mac(key, data)
 
 
-def parse(key: bytes, data: bytes) -> Datagram:
-    """Verify and decode one datagram; raise :class:`MalformedPacket` or :class:`BadMac`."""
+def parse(key: bytes, scope: Scope, data: bytes) -> Datagram:
+    """Verify and decode one datagram of ``scope``.
+
+    Raises :class:`WrongScope` for a datagram that names another cluster or
+    kind, :class:`BadMac` if the MAC does not verify with ``key`` (which is
+    itself derived from the scope), :class:`MalformedPacket` otherwise.
+    """
     if len(data) < len(MAGIC) + MAC_SIZE or len(data) > MAX_DATAGRAM:
         raise MalformedPacket(f"bad length {len(data)}")
     if not data.startswith(MAGIC):
         raise MalformedPacket("bad magic")
     signed, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
+    try:
+        prefix = _ScopePrefix.parse(signed)
+    except (c.ConstructError, UnicodeDecodeError) as e:
+        raise MalformedPacket("truncated scope") from e
+    if (prefix.cluster, prefix.kind) != (scope.cluster, scope.kind):
+        # Counted apart from bad MACs: it is what a replayed datagram of a
+        # neighbouring cluster looks like (the MAC would not verify either).
+        raise WrongScope(f"datagram of {prefix.kind}/{prefix.cluster}, not {scope}")
     if not hmac.compare_digest(mac, _mac(key, signed)):
         raise BadMac("MAC does not verify")
     try:

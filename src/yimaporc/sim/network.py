@@ -87,6 +87,7 @@ class SimNetwork:
         self.encode = encode
         self.on_view = on_view
         self.key = b"k" * 32
+        self.scope = wire.Scope("sim", "porcupine")
         self.now = 0.0
         self.nodes: dict[str, SimNode] = {}
         self.by_address: dict[str, SimNode] = {}
@@ -254,7 +255,7 @@ class SimNetwork:
         )
         payload: bytes | wire.Datagram
         if self.encode:
-            payload = wire.serialize(self.key, header, act.body)
+            payload = wire.serialize(self.key, self.scope, header, act.body)
         else:
             payload = wire.Datagram(header, act.body)
         dst = self.by_address.get(act.address)
@@ -275,7 +276,7 @@ class SimNetwork:
             return
         if isinstance(payload, bytes):
             try:
-                dgram = wire.parse(self.key, payload)
+                dgram = wire.parse(self.key, self.scope, payload)
             except wire.MalformedPacket:
                 self.rejected += 1
                 return

@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from .._files import PRIVATE_UMASK, private_dir
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig, parse_cluster_address, parse_join
+from ..cluster.wire import check_scope_name
 from ..logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, node_log_observer, with_log_observer
 from ..logs import PER_KEY as LOG_PER_KEY
 from ..secret import SecretError, load_or_create_secret
@@ -42,6 +43,12 @@ class NodeOptions(usage.Options):
          "per 10 s, then one 'suppressed N' line; 0: no limit."],
         ["user", None, None, "Start as root, bind the ports, then run as this user."],
         ["group", None, None, "Group to run as with --user (default: the user's group)."],
+        ["tls-ca", None, None,
+         "PEM CA certificate that signs every member's --tls-cert; cluster peers must "
+         "present a certificate it verifies (default: --tls-cert itself)."],
+        ["cluster-name", None, None,
+         "Name of this cluster (default: the node kind); part of every membership "
+         "datagram and RPC handshake, so clusters sharing a secret stay apart."],
     ]  # fmt: skip
     kind = "node"
 
@@ -73,7 +80,9 @@ class NodeOptions(usage.Options):
             raise usage.UsageError(str(e)) from e
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
-        for name in ("tls-cert", "tls-key"):
+        if self["tls-ca"] and not self["tls-cert"]:
+            raise usage.UsageError("--tls-ca needs --tls-cert and --tls-key")
+        for name in ("tls-cert", "tls-key", "tls-ca"):
             if self[name] and not Path(self[name]).is_file():
                 raise usage.UsageError(f"--{name} {self[name]}: no such file")
         if self["log-format"] not in ("text", "json"):
@@ -87,6 +96,11 @@ class NodeOptions(usage.Options):
             if not value.isdigit() or int(value) < least:
                 raise usage.UsageError(f"--{name} must be a whole number >= {least}")
             self[name] = int(value)
+        self["cluster-name"] = self["cluster-name"] or self.kind
+        try:
+            check_scope_name(self["cluster-name"], "--cluster-name")
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from e
         data_dir = Path(self["data-dir"]).absolute()
         self["data-dir"] = data_dir
         self["secret-file"] = Path(self["secret-file"] or data_dir / "cluster.secret")
@@ -132,6 +146,8 @@ def build_node(reactor: Any, options: NodeOptions) -> ClusterNode:
         admin=options["admin"],
         tls_cert=Path(options["tls-cert"]) if options["tls-cert"] else None,
         tls_key=Path(options["tls-key"]) if options["tls-key"] else None,
+        tls_ca=Path(options["tls-ca"]) if options["tls-ca"] else None,
+        cluster_name=options["cluster-name"],
     )
     try:
         node = ClusterNode(reactor, config, secret, rng=random.SystemRandom())

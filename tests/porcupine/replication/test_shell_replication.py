@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 
 from yimaporc.cluster.rpc import NodeAMP, PeerUnavailable, RpcRegistry
+from yimaporc.cluster.wire import Scope
 from yimaporc.porcupine.replication import (
     Ack,
     LogEntry,
@@ -30,6 +31,7 @@ from yimaporc.porcupine.replication.shell import ReplicationRefused, Replication
 from yimaporc.porcupine.replication.sqlite_log import SqliteLog
 
 KEY = b"k" * 32
+SCOPE = Scope("test", "porcupine")
 T0 = 1_700_000_000.0
 
 
@@ -103,7 +105,8 @@ class Mesh:
         if got is None:
             na, nb = self.nodes[a], self.nodes[b]
             client, _server, pump = connectedServerAndClient(
-                lambda: NodeAMP(nb.registry, KEY, b), lambda: NodeAMP(na.registry, KEY, a)
+                lambda: NodeAMP(nb.registry, KEY, b, scope=SCOPE),
+                lambda: NodeAMP(na.registry, KEY, a, scope=SCOPE),
             )
             done: list[object] = []
             client.authenticate().addCallback(done.append)
