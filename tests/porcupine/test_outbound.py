@@ -197,6 +197,7 @@ def test_delivers_through_the_transport_route_and_empties_the_spool(tmp_path: Pa
     mx = RemoteMX()
     serve(reactor, mx, ("10.9.9.9", 2525))
     assert [a for a, _ in mx.got] == ["bob@remote.test"] and b"hello" in mx.got[0][1]
+    assert b"\r" not in mx.got[0][1]  # line ends are the wire's CRLF, not CR CR LF
     assert s.entries == {} and not list((tmp_path / "outbound").glob("m1.*"))
     assert s.status()["delivered"] == 1 and bounces == []
 

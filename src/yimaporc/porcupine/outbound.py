@@ -494,7 +494,7 @@ class OutboundSender(Service):
             auth[1] if auth else None,
             sender,
             rcpts,
-            io.BytesIO(body),
+            io.BytesIO(body.replace(b"\r\n", b"\n")),  # the client sends LF as CRLF
             done,
             retries=0,
             timeout=SMTP_TIMEOUT,
