@@ -36,6 +36,7 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import imap4, smtp
 from twisted.python.failure import Failure
@@ -167,6 +168,8 @@ class MailESMTP(smtp.ESMTP):
     def connectionMade(self) -> None:
         if hasattr(self._t, "setTcpNoDelay"):
             self._t.setTcpNoDelay(True)
+        if ISSLTransport.providedBy(self._t):
+            self.startedTLS = True  # implicit TLS (465): AUTH at once, no STARTTLS
         super().connectionMade()
 
     # --- EHLO ---------------------------------------------------------------------
@@ -309,11 +312,31 @@ class MailESMTP(smtp.ESMTP):
         if _CONTROL.search(rest):
             self._bad_argument(b"MAIL")
             return
+        if self.policy.submission and not self._may_submit(rest):
+            return
         m = _SIZE.search(rest)
         if m and int(m.group(1)) > self.policy.max_message_size:
             self.sendCode(552, b"5.3.4 Message size exceeds fixed limit")
             return
         super().do_MAIL(rest)
+
+    def _may_submit(self, rest: bytes) -> bool:
+        """Submission (RFC 6409): AUTH first, then only the user's own address as sender."""
+        if not self.authenticated:
+            self.sendCode(530, b"5.7.0 Authentication required")
+            return False
+        m = self.mail_re.match(rest)
+        owner = getattr(self.delivery, "authenticated_as", None)
+        if m is None or owner is None:
+            return True  # stock answers the syntax error
+        try:
+            path = str(smtp.Address(m.group("path"), self.host)).lower()
+        except smtp.AddressError:
+            return True  # stock answers 553
+        if path != owner.lower():
+            self.sendCode(553, b"5.7.1 Sender address not owned by the authenticated user")
+            return False
+        return True
 
     def do_RCPT(self, rest: bytes) -> None:
         if _CONTROL.search(rest):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,3 +86,36 @@ def register(
         return 0
 
     p.set_defaults(func=list_users)
+
+    p = msub.add_parser("queue", parents=parents, help="the node's outbound queue")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "flush", "delete"])
+    p.add_argument("id", nargs="?", help="message id (delete: required; flush: default all)")
+    p.add_argument("--json", action="store_true", help="print the queue as JSON")
+
+    def queue(args: argparse.Namespace) -> int:
+        from ..cli import CliError
+
+        client = make_client(args)
+        if args.action == "delete":
+            if not args.id:
+                raise CliError("mail queue delete needs a message id")
+            client.post("/api/mail/queue/delete", {"id": args.id})
+            print(f"deleted {args.id}")
+            return 0
+        if args.action == "flush":
+            doc = client.post("/api/mail/queue/flush", {"id": args.id} if args.id else {})
+            print(f"flushed {doc['flushed']} messages")
+            return 0
+        doc = client.get("/api/mail/queue")
+        if args.json:
+            print(json.dumps(doc, indent=1, sort_keys=True))
+            return 0
+        for m in doc["queue"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m["queued_at"]))
+            error = f"  ({m['last_error']})" if m["last_error"] else ""
+            print(f"{m['id']}  {when}  attempts={m['attempts']}  <{m['from']}> -> "
+                  f"{', '.join(m['to'])}{error}")  # fmt: skip
+        print(f"{doc['length']} queued, oldest {doc['oldest_age']:.0f} s")
+        return 0
+
+    p.set_defaults(func=queue)

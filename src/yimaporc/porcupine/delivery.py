@@ -215,6 +215,9 @@ class SmtpPolicy:
     max_message_size: int
     relay_domains: tuple[str, ...] = ()
     max_recipients: int = 100
+    #: A submission listener (587/465): AUTH before MAIL, the user's own address
+    #: as sender, any destination (queued out); the MX listener never relays.
+    submission: bool = False
 
 
 @attrs.define
@@ -260,8 +263,10 @@ class SmtpDelivery:
         """550 for unknown local users and for relaying without permission."""
         domain = user.dest.domain.decode("ascii", "replace").lower()
         local = user.dest.local.decode("utf-8", "replace")
+        # The listener's policy (submission or MX), not the one this avatar was made with.
+        policy: SmtpPolicy = getattr(user.protocol, "policy", self.policy)
         if domain != self.policy.domain:
-            if self.authenticated_as and domain in self.policy.relay_domains:
+            if self.authenticated_as and (policy.submission or domain in policy.relay_domains):
                 return succeed(self._factory(user, Recipient(f"{local}@{domain}", True)))
             raise smtp.SMTPBadRcpt(user, 550, "Relaying denied")
         try:

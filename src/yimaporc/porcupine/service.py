@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.cred import portal
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
@@ -43,6 +44,7 @@ from .cluster import ProfileReplicator
 from .delivery import DeliveryProxy, OutboundSpool, Recipient, SmtpDelivery, SmtpPolicy
 from .fragments import FragmentStore, MailboxManager
 from .interfaces import IMailboxManager, IUserManager
+from .outbound import OutboundSender, RetryPolicy, Routes
 from .profiledb import ProfileDB
 from .retrieval import RetrievalProxy
 from .throttle import AuthThrottle, ThrottlePolicy
@@ -93,6 +95,11 @@ class _ServerTLS:
         return self._ctx
 
 
+def _own_tls(endpoint: str | None) -> bool:
+    """True if ``endpoint`` is an ``ssl:`` endpoint (it brings its certificate)."""
+    return bool(endpoint) and str(endpoint).split(":", 1)[0] == "ssl"
+
+
 class MailService(MultiService):
     """SMTP, POP3 and IMAP of one Porcupine node, over its managers."""
 
@@ -114,6 +121,11 @@ class MailService(MultiService):
         relay_domains: Sequence[str] = (),
         threadpool: ThreadPool | None = None,
         auth_throttle: ThrottlePolicy | None = None,
+        submission: str | None = None,
+        submissions: str | None = None,
+        routes: Routes | None = None,
+        resolver: Any = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -127,7 +139,17 @@ class MailService(MultiService):
         self.node_id = node_id
         self.domain = domain
         self.data_dir = Path(data_dir)
-        self.endpoints = {"smtp": smtp, "pop3": pop3, "imap": imap}
+        self.endpoints = {
+            "smtp": smtp,
+            "pop3": pop3,
+            "imap": imap,
+            "submission": submission,
+            "submissions": submissions,
+        }
+        if (submission or submissions) and tls_cert is None and not _own_tls(submissions):
+            raise ValueError(
+                "--submission/--submissions need --tls-cert/--tls-key (AUTH is TLS-only)"
+            )
         self.max_message_size = max_message_size
         self.tls = self._tls_options(tls_cert, tls_key) if tls_cert and tls_key else None
         self._own_pool = threadpool is None
@@ -156,6 +178,19 @@ class MailService(MultiService):
             max_message_size=max_message_size,
             relay_domains=tuple(d.lower() for d in relay_domains),
         )
+        #: Submission listeners: AUTH before MAIL, own address only, any destination.
+        self.submission_policy = attrs.evolve(self.policy, submission=True)
+        self.outbound = OutboundSender(
+            reactor,
+            self.pool,
+            self.spool.root,
+            self.policy.hostname,
+            self._bounce,
+            routes,
+            resolver,
+            retry,
+        )
+        self.outbound.setServiceParent(self)
         self.registry = MailboxRegistry()
         self.mailbox_manager.on_change(self.registry.changed)
         realm = MailRealm(
@@ -170,6 +205,13 @@ class MailService(MultiService):
             "smtp": _ProtocolFactory(self._smtp_protocol),
             "pop3": _ProtocolFactory(self._pop3_protocol),
             "imap": _ProtocolFactory(self._imap_protocol),
+            "submission": _ProtocolFactory(
+                lambda addr: self._smtp_protocol(addr, self.submission_policy)
+            ),
+            "submissions": self._implicit_tls(
+                _ProtocolFactory(lambda addr: self._smtp_protocol(addr, self.submission_policy)),
+                submissions,
+            ),
         }
         self.ports: dict[str, IListeningPort] = {}
         self._ready: Deferred[Any] | None = None
@@ -223,7 +265,9 @@ class MailService(MultiService):
         if local:
             ds.append(self.delivery.deliver(local, body))
         if relay:
-            ds.append(self.spool.enqueue(sender.decode("utf-8", "replace"), relay, body))
+            origin = sender.decode("utf-8", "replace")
+            queued = self.spool.enqueue(origin, relay, body)
+            ds.append(queued.addCallback(self.outbound.queued, origin, relay))
 
         def done(result: object) -> object:
             self.delivered += 1
@@ -247,16 +291,39 @@ class MailService(MultiService):
             self.portal, self.throttle, self.reactor, _peer_host(addr), self.domain, close
         )
 
-    def _smtp_protocol(self, addr: Any = None) -> MailESMTP:
+    def _bounce(self, sender: bytes, rcpt: str, body: bytes) -> Deferred[object]:
+        """Deliver a delivery status notification to ``rcpt`` (local, or queued out)."""
+        d: Deferred[Any]
+        if rcpt.rpartition("@")[2].lower() == self.domain:
+            d = self.delivery.deliver([normalise(rcpt)], body)
+        else:
+            d = self.spool.enqueue("", [rcpt], body)
+            d.addCallback(self.outbound.queued, "", [rcpt])
+
+        def lost(f: Failure) -> None:
+            self.log.warn("mail: bounce to {rcpt} not delivered: {e}", rcpt=rcpt, e=f.value)
+
+        return d.addErrback(lost)
+
+    def _implicit_tls(self, factory: Factory, endpoint: str | None) -> Factory:
+        """``factory`` behind TLS from --tls-cert, unless ``endpoint`` brings its own (ssl:)."""
+        if endpoint is None or _own_tls(endpoint) or self.tls is None:
+            return factory
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        return TLSMemoryBIOFactory(self.tls, False, factory)  # type: ignore[return-value]
+
+    def _smtp_protocol(self, addr: Any = None, policy: SmtpPolicy | None = None) -> MailESMTP:
+        policy = policy or self.policy
         p = MailESMTP(
             self.reactor,
-            self.policy,
+            policy,
             self._deliver,
             self._challengers(),
             self.tls,
             counters=self.counters,
         )
-        p.delivery = SmtpDelivery(self.delivery, self.policy, self.reactor.seconds)
+        p.delivery = SmtpDelivery(self.delivery, policy, self.reactor.seconds)
         p.portal = self._portal_for(p, addr)
         return p
 
@@ -352,6 +419,7 @@ class MailService(MultiService):
             "messages_accepted": self.delivered,
             "auth": self.throttle.status(),
             "client_errors": dict(self.counters),
+            "outbound": self.outbound.status(),
         }
 
     def admin_routes(self) -> list[Route]:
@@ -361,7 +429,31 @@ class MailService(MultiService):
             Route("POST", "/api/mail/users", self._add_user),
             Route("POST", "/api/mail/users/delete", self._delete_user),
             Route("POST", "/api/mail/users/passwd", self._passwd),
+            Route("GET", "/api/mail/queue", self._queue_list),
+            Route("POST", "/api/mail/queue/flush", self._queue_flush),
+            Route("POST", "/api/mail/queue/delete", self._queue_delete),
         ]
+
+    def _queue_list(self, body: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
+        return {"queue": self.outbound.listing(), **self.outbound.status()}
+
+    def _queue_flush(self, body: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
+        ident = body.get("id")
+        if ident is not None and not isinstance(ident, str):
+            raise ApiError("id must be a string")
+        return {"flushed": self.outbound.flush(ident)}
+
+    def _queue_delete(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
+        ident = body.get("id")
+        if not isinstance(ident, str):
+            raise ApiError("id is required")
+
+        def done(found: bool) -> dict[str, Any]:
+            if not found:
+                raise ApiError(f"no queued message {ident}", 404)
+            return {"deleted": ident}
+
+        return self.outbound.delete(ident).addCallback(done)
 
     def _address(self, body: dict[str, Any]) -> str:
         address = body.get("address")

@@ -29,7 +29,32 @@ class Options(NodeOptions):
          "Login throttling, KEY=VALUE,... (delay, max-delay, per-connection, pair-failures, "
          "address-failures, account-failures, concurrent, window, lockout, trust, "
          "max-entries); see docs/operations.md."],
+        ["submission", None, None,
+         "Submission endpoint (port 587 style: STARTTLS, AUTH before MAIL; needs --tls-cert)."],
+        ["submissions", None, None,
+         "Submission over implicit TLS (port 465 style; a tcp: endpoint uses --tls-cert)."],
+        ["smarthost", None, None, "Send all outbound mail through HOST:PORT instead of MX."],
+        ["queue-retry", None, "60,300,900,1800,3600,7200,14400",
+         "Seconds between outbound attempts, comma-separated; the last repeats."],
+        ["queue-lifetime", None, str(5 * 86400),
+         "Seconds a message may wait in the outbound queue before it bounces."],
     ]  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["transport"] = {}
+
+    def opt_transport(self, value: str) -> None:
+        """DOMAIN=HOST:PORT: send mail for DOMAIN there instead of its MX (may repeat)."""
+        from ..porcupine.outbound import parse_hostport
+
+        domain, sep, target = value.partition("=")
+        try:
+            if not sep or not domain.strip():
+                raise ValueError(f"not DOMAIN=HOST:PORT: {value!r}")
+            self["transport"][domain.strip().lower()] = parse_hostport(target)
+        except ValueError as e:
+            raise usage.UsageError(f"--transport: {e}") from e
 
     def postOptions(self) -> None:
         """Common checks, then the mail ones."""
@@ -59,6 +84,24 @@ class Options(NodeOptions):
             self.auth_throttle = ThrottlePolicy.parse(self["auth-throttle"] or "")
         except (ValueError, TypeError) as e:
             raise usage.UsageError(f"--auth-throttle: {e}") from e
+        from ..porcupine.outbound import RetryPolicy, Routes, parse_hostport
+
+        try:
+            smarthost = parse_hostport(self["smarthost"]) if self["smarthost"] else None
+        except ValueError as e:
+            raise usage.UsageError(f"--smarthost: {e}") from e
+        self.routes = Routes(dict(self["transport"]), smarthost)
+        try:
+            backoff = tuple(float(x) for x in str(self["queue-retry"]).split(","))
+            lifetime = float(self["queue-lifetime"])
+        except ValueError:
+            backoff, lifetime = (), 0.0
+        if not backoff or min(backoff) <= 0 or not lifetime > 0:
+            raise usage.UsageError(
+                "--queue-retry takes positive seconds like 60,300,900; "
+                "--queue-lifetime positive seconds"
+            )
+        self.retry = RetryPolicy(backoff, lifetime)
 
 
 def makeService(options: Options) -> IService:
@@ -86,6 +129,10 @@ def makeService(options: Options) -> IService:
             tls_key=options["tls-key"],
             max_message_size=int(options["max-message-size"]),
             auth_throttle=options.auth_throttle,
+            submission=options["submission"],
+            submissions=options["submissions"],
+            routes=options.routes,
+            retry=options.retry,
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from e
