@@ -66,7 +66,8 @@ def test_smtp_to_pop3_and_imap_byte_identical(mail: RunningMail) -> None:
     body = message(1)
     assert send(mail, [ALICE], body) == {}
     [popped] = pop_all(mail, "alice", PW)
-    assert popped.startswith(b"Received: from ") and popped.endswith(body)
+    assert popped.startswith(b"Return-Path: <carol@elsewhere.net>\r\nReceived: from ")
+    assert popped.endswith(body)
     i = imap(mail)
     i.select("INBOX")
     typ, data = i.fetch("1", "(BODY.PEEK[] RFC822.SIZE)")
@@ -78,7 +79,7 @@ def test_smtp_to_pop3_and_imap_byte_identical(mail: RunningMail) -> None:
 def test_several_recipients_one_unknown(mail: RunningMail) -> None:
     """Known recipients get the message; the unknown one is refused with 550."""
     refused = send(mail, [ALICE, "ghost@example.org", BOB], message(2))
-    assert refused == {"ghost@example.org": (550, b"No such user here")}
+    assert refused == {"ghost@example.org": (550, b"5.1.1 No such user here")}
     assert pop_all(mail, ALICE, PW)[0].endswith(message(2))
     assert pop_all(mail, BOB, "pw-bob")[0].endswith(message(2))
 

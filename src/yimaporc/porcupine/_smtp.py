@@ -52,6 +52,37 @@ _SIZE = re.compile(rb"(?:^|\s)SIZE=(\d+)", re.I)
 _HELO_ARG = re.compile(rb"[\x21-\x7e]{1,255}")
 #: Control characters (C0 and DEL) have no place in a MAIL or RCPT argument.
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3}( |$)")
+# RFC 2034/3463 codes for replies that carry none, by (code, command); then by code.
+_DEFAULT_ENHANCED = {
+    (250, b"MAIL"): b"2.1.0",
+    (250, b"RCPT"): b"2.1.5",
+    (251, None): b"2.1.5",
+    (252, None): b"2.5.2",
+    (221, None): b"2.0.0",
+    (235, None): b"2.7.0",
+    (250, None): b"2.0.0",
+    (421, None): b"4.7.0",
+    (450, None): b"4.2.0",
+    (451, None): b"4.3.0",
+    (452, None): b"4.3.1",
+    (454, None): b"4.7.0",
+    (500, None): b"5.5.2",
+    (501, None): b"5.5.4",
+    (502, None): b"5.5.1",
+    (503, None): b"5.5.1",
+    (504, None): b"5.5.4",
+    (530, None): b"5.7.0",
+    (535, None): b"5.7.8",
+    (550, b"RCPT"): b"5.1.1",
+    (551, None): b"5.1.6",
+    (552, None): b"5.3.4",
+    (553, None): b"5.1.3",
+    (554, None): b"5.0.0",
+    (555, None): b"5.5.4",
+}
+# MAIL FROM parameters understood (RFC 1870 SIZE, RFC 6152 BODY, RFC 4954 AUTH).
+_BODY_VALUES = {b"7BIT", b"8BITMIME"}
 
 Deliver = Callable[[bytes, list[Recipient], bytes], "Deferred[object]"]
 
@@ -87,6 +118,9 @@ class Transaction:
             self.abort()
             # bytes: stock sends ``datafailed.resp`` as it is at the final dot
             raise smtp.SMTPServerError(552, b"5.3.4 Message size exceeds fixed limit")
+        if b"\n" in line or b"\r" in line:
+            # Bare LF or CR inside a CRLF line: stored with CRLF line ends (RFC 5322).
+            line = line.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
         self.chunks.append(line)
 
     def eom(self) -> Deferred[object]:
@@ -156,6 +190,7 @@ class MailESMTP(smtp.ESMTP):
         self._replied = False
         self._errors = 0
         self._txn: Transaction | None = None
+        self._command = b""  # the current command word (for enhanced status codes)
 
     @property
     def _t(self) -> Any:
@@ -182,6 +217,7 @@ class MailESMTP(smtp.ESMTP):
         ext[b"SIZE"] = [b"%d" % self.policy.max_message_size]
         ext[b"PIPELINING"] = None
         ext[b"8BITMIME"] = None
+        ext[b"ENHANCEDSTATUSCODES"] = None
         return ext
 
     def ext_AUTH(self, rest: bytes) -> None:
@@ -235,13 +271,15 @@ class MailESMTP(smtp.ESMTP):
             self.sendCode(500, b"5.5.2 Line too long")
             return
         expects_reply = not in_data or line == b"."
+        if not in_data:
+            self._command = line.split(b" ", 1)[0].upper()[:16]
         self._replied = False
         super().lineReceived(line)
         if expects_reply and not self._replied and not self._t.disconnecting:
             self._held = []
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
-        super().sendCode(code, message)
+        super().sendCode(code, self._enhanced(code, message))
         self._replied = True
         if code >= 500 and code != 552:
             self._errors += 1
@@ -251,6 +289,22 @@ class MailESMTP(smtp.ESMTP):
                 return
         if self._held is not None:
             self._resume()
+
+    def _enhanced(self, code: int, message: bytes) -> bytes:
+        """``message`` with an RFC 3463 code on every line (RFC 2034 ENHANCEDSTATUSCODES):
+        not on the greeting, the HELO/EHLO answer or intermediate (3xx) replies."""
+        if code < 200 or 300 <= code < 400 or code == 220 or self._command in (b"HELO", b"EHLO"):
+            return message
+        lines = message.splitlines() or [b""]
+        if all(_ENHANCED.match(line) for line in lines):
+            return message
+        relaying = code == 550 and b"Relaying" in message
+        extra = b"5.7.1" if relaying else _DEFAULT_ENHANCED.get((code, self._command))
+        extra = extra or _DEFAULT_ENHANCED.get((code, None)) or b"%d.0.0" % (code // 100)
+        return b"\n".join(
+            line if _ENHANCED.match(line) else extra + (b" " + line if line else b"")
+            for line in lines
+        )
 
     def _resume(self) -> None:
         held, self._held = self._held or [], None
@@ -314,11 +368,28 @@ class MailESMTP(smtp.ESMTP):
             return
         if self.policy.submission and not self._may_submit(rest):
             return
+        if not self._known_mail_params(rest):
+            return
         m = _SIZE.search(rest)
         if m and int(m.group(1)) > self.policy.max_message_size:
             self.sendCode(552, b"5.3.4 Message size exceeds fixed limit")
             return
         super().do_MAIL(rest)
+
+    def _known_mail_params(self, rest: bytes) -> bool:
+        """555 for MAIL parameters we do not implement (RFC 5321 4.1.1.11), 501 for bad BODY."""
+        m = self.mail_re.match(rest)
+        opts = (m.group("opts") or b"") if m is not None else b""
+        for opt in opts.split():
+            key, _, value = opt.partition(b"=")
+            key = key.upper()
+            if key == b"BODY" and value.upper() not in _BODY_VALUES:
+                self.sendCode(501, b"5.5.4 BODY must be 7BIT or 8BITMIME")
+                return False
+            if key not in (b"BODY", b"SIZE", b"AUTH"):
+                self.sendCode(555, b"5.5.4 Unsupported MAIL parameter " + key[:32])
+                return False
+        return True
 
     def _may_submit(self, rest: bytes) -> bool:
         """Submission (RFC 6409): AUTH first, then only the user's own address as sender."""

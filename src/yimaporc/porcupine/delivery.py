@@ -206,6 +206,13 @@ class OutboundSpool:
         return sorted(p.stem for p in self.root.glob("*.json"))
 
 
+def with_return_path(sender: bytes | str, body: bytes) -> bytes:
+    """``body`` with the ``Return-Path:`` a final delivery adds (RFC 5321 4.4)."""
+    path = sender.decode("utf-8", "replace") if isinstance(sender, bytes) else sender
+    path = path.replace("\r", "").replace("\n", "")
+    return f"Return-Path: <{path}>\r\n".encode("utf-8", "replace") + body
+
+
 @attrs.frozen
 class SmtpPolicy:
     """What this node's SMTP accepts."""
@@ -249,9 +256,15 @@ class SmtpDelivery:
         name = (helo[0] or b"unknown").decode("ascii", "replace")[:100]
         peer = helo[1].decode("ascii", "replace") if isinstance(helo[1], bytes) else str(helo[1])
         auth = f" (authenticated as {self.authenticated_as})" if self.authenticated_as else ""
+        # RFC 3848: ESMTP, plus S under TLS and A when authenticated.
+        users = list(recipients or [])
+        tls = bool(users) and bool(getattr(users[0].protocol, "startedTLS", False))
+        protocol = "ESMTP" + ("S" if tls else "") + ("A" if self.authenticated_as else "")
+        # RFC 5321 4.4: "for" names the recipient only when there is one.
+        one = f"\r\n\tfor <{users[0].dest}>" if len(users) == 1 else ""
         line = (
             f"Received: from {name} ([{peer}]){auth}\r\n\tby {self.policy.hostname} "
-            f"(yimaporc) with ESMTP; {formatdate(self.now(), usegmt=True)}"
+            f"(yimaporc) with {protocol}{one}; {formatdate(self.now(), usegmt=True)}"
         )
         return line.encode("ascii", "replace")
 

@@ -41,7 +41,14 @@ from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
 from .auth import MailRealm, ManagerChecker, ThrottledPortal
 from .cluster import ProfileReplicator
-from .delivery import DeliveryProxy, OutboundSpool, Recipient, SmtpDelivery, SmtpPolicy
+from .delivery import (
+    DeliveryProxy,
+    OutboundSpool,
+    Recipient,
+    SmtpDelivery,
+    SmtpPolicy,
+    with_return_path,
+)
 from .fragments import FragmentStore, MailboxManager
 from .interfaces import IMailboxManager, IUserManager
 from .outbound import OutboundSender, RetryPolicy, Routes
@@ -263,7 +270,7 @@ class MailService(MultiService):
         relay = [r.address for r in recipients if r.relay]
         ds: list[Deferred[Any]] = []
         if local:
-            ds.append(self.delivery.deliver(local, body))
+            ds.append(self.delivery.deliver(local, with_return_path(sender, body)))
         if relay:
             origin = sender.decode("utf-8", "replace")
             queued = self.spool.enqueue(origin, relay, body)
@@ -295,7 +302,7 @@ class MailService(MultiService):
         """Deliver a delivery status notification to ``rcpt`` (local, or queued out)."""
         d: Deferred[Any]
         if rcpt.rpartition("@")[2].lower() == self.domain:
-            d = self.delivery.deliver([normalise(rcpt)], body)
+            d = self.delivery.deliver([normalise(rcpt)], with_return_path(sender, body))
         else:
             d = self.spool.enqueue("", [rcpt], body)
             d.addCallback(self.outbound.queued, "", [rcpt])

@@ -1,0 +1,88 @@
+"""SMTP details clients rely on: enhanced status codes, MAIL parameters, line ends, trace headers."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from test_smtp_hostile import codes, replies, server
+from twisted.mail import smtp
+
+from yimaporc.porcupine.delivery import SmtpDelivery, SmtpPolicy, with_return_path
+
+ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+
+
+def test_every_reply_but_greeting_ehlo_and_354_carries_an_enhanced_code() -> None:
+    """RFC 2034: EHLO lists ENHANCEDSTATUSCODES; MAIL 2.1.0, RCPT 2.1.5, the rest too."""
+    p, t, stored, _ = server()
+    p.dataReceived(b"EHLO client.example\r\n")
+    assert b"250-ENHANCEDSTATUSCODES" in t.value() or b"250 ENHANCEDSTATUSCODES" in t.value()
+    t.clear()
+    p.dataReceived(
+        b"MAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.org>\r\nDATA\r\nSubject: s\r\n\r\nx\r\n.\r\n"
+        b"NOOP\r\nRSET\r\nVRFY u\r\nFOO\r\nMAIL FROM:<a@b.org> SIZE=999999\r\nRCPT TO:<x>\r\n"
+        b"QUIT\r\n"
+    )
+    lines = replies(t)
+    assert [line[:3] for line in lines] == [
+        b"250", b"250", b"354", b"250", b"250", b"250", b"252", b"500", b"552", b"503", b"221",
+    ]  # fmt: skip
+    assert lines[0].startswith(b"250 2.1.0") and lines[1].startswith(b"250 2.1.5")
+    assert [line for line in lines if not ENHANCED.match(line)] == [lines[2]]  # only the 354
+    assert stored
+
+
+def test_unknown_body_values_and_mail_parameters_are_refused() -> None:
+    """BODY=7BIT/8BITMIME and SIZE are taken; BODY=BINARYMIME 501; an unknown parameter 555."""
+    p, t, _, _ = server()
+    p.dataReceived(b"EHLO c\r\n")
+    t.clear()
+    for line in (b"MAIL FROM:<a@b.org> BODY=BINARYMIME", b"MAIL FROM:<a@b.org> SMTPUTF8",
+                 b"MAIL FROM:<a@b.org> BODY=8BITMIME SIZE=10", b"RSET",
+                 b"MAIL FROM:<a@b.org> body=7bit"):  # fmt: skip
+        p.dataReceived(line + b"\r\n")
+    assert codes(t) == [b"501", b"555", b"250", b"250", b"250"]
+
+
+def test_bare_lf_in_the_body_is_stored_as_crlf() -> None:
+    """A body with bare LF (and CR) line ends inside CRLF lines is stored with CRLF only."""
+    p, t, stored, _ = server()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n")
+    p.dataReceived(b"Subject: s\nX-A: 1\r\n\r\nline one\nline two\rthree\r\n.\r\n")
+    assert codes(t)[-1] == b"250"
+    body = stored[0]
+    assert b"Subject: s\r\nX-A: 1\r\n\r\nline one\r\nline two\r\nthree\r\n" in body
+    assert re.search(rb"[^\r]\n", body) is None and re.search(rb"\r[^\n]", body) is None
+
+
+class _Proto:
+    def __init__(self, tls: bool) -> None:
+        self.startedTLS = tls
+
+
+def _user(address: str, tls: bool) -> Any:
+    return smtp.User(address, None, _Proto(tls), None)
+
+
+def test_received_names_the_protocol_and_the_single_recipient() -> None:
+    """RFC 3848 ESMTP/ESMTPS/ESMTPSA and RFC 5321 4.4 'for <rcpt>' with one recipient only."""
+    policy = SmtpPolicy("example.org", "n1.example.org", 1 << 20)
+    plain = SmtpDelivery(None, policy, lambda: 0.0)  # type: ignore[arg-type]
+    authed = SmtpDelivery(None, policy, lambda: 0.0, "alice@example.org")  # type: ignore[arg-type]
+    helo = (b"client.example", b"192.0.2.7")
+    one = plain.receivedHeader(helo, smtp.Address(b"a@b.org"), [_user("u@example.org", False)])
+    assert b"with ESMTP\r\n\tfor <u@example.org>;" in one
+    two = authed.receivedHeader(
+        helo, smtp.Address(b"a@b.org"), [_user("u@example.org", True), _user("v@example.org", True)]
+    )
+    assert b"with ESMTPSA;" in two and b"for <" not in two
+    assert b"from client.example ([192.0.2.7]) (authenticated as alice@example.org)" in two
+
+
+def test_return_path_is_the_envelope_sender() -> None:
+    """Final delivery adds Return-Path: <sender> (empty for bounces) above everything."""
+    assert with_return_path(b"a@b.org", b"Received: x\r\n\r\nbody") == (
+        b"Return-Path: <a@b.org>\r\nReceived: x\r\n\r\nbody"
+    )
+    assert with_return_path(b"", b"x").startswith(b"Return-Path: <>\r\n")
