@@ -165,6 +165,55 @@ def test_swaks_submits_with_starttls_and_auth(
     assert sink.got[0][1] == ["erin@remote.test"]
 
 
+@pytest.mark.parametrize("port", [SUBMISSION, SUBMISSIONS])
+def test_msmtp_sends_through_587_and_465(
+    tmp_path: Path, node: NodeProc, remote: tuple[Controller, Sink], port: int
+) -> None:
+    """msmtp, configured as its manual says for STARTTLS (587) and TLS (465), sends out."""
+    controller, sink = remote
+    controller.start()
+    config = tmp_path / "msmtprc"
+    config.write_text(
+        f"account default\nhost {HOST}\nport {port}\nauth on\nuser {ALICE}\n"
+        f"password {PW}\nfrom {ALICE}\ntls on\n"
+        f"tls_starttls {'on' if port == SUBMISSION else 'off'}\ntls_certcheck off\n"
+    )
+    config.chmod(0o600)
+    done = subprocess.run(
+        ["msmtp", "-C", str(config), "frank@remote.test"],
+        input=message("frank@remote.test", f"msmtp {port}"),
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: sink.got, 30, "the message at the remote MX")
+    assert email.message_from_bytes(sink.got[0][2])["Subject"] == f"msmtp {port}"
+
+
+def test_mutt_sends_through_587(
+    tmp_path: Path, node: NodeProc, remote: tuple[Controller, Sink]
+) -> None:
+    """mutt in batch mode with smtp_url on 587 (STARTTLS, AUTH) sends out."""
+    controller, sink = remote
+    controller.start()
+    cert = tmp_path / "cert.pem"  # the node's self-signed certificate, trusted by mutt
+    muttrc = tmp_path / "muttrc"
+    muttrc.write_text(
+        f'set from="{ALICE}"\nset smtp_url="smtp://{ALICE}@{HOST}:{SUBMISSION}/"\n'
+        f'set smtp_pass="{PW}"\nset ssl_starttls=yes\nset ssl_force_tls=yes\n'
+        f'set certificate_file="{cert}"\nset ssl_verify_host=no\nset ssl_verify_dates=no\n'
+        f'set record=""\nset postpone=no\n'
+    )
+    done = subprocess.run(
+        ["mutt", "-n", "-F", str(muttrc), "-s", "from mutt", "gina@remote.test"],
+        input=b"hello from mutt\n", capture_output=True, timeout=60,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_for(lambda: sink.got, 30, "the message at the remote MX")
+    got = email.message_from_bytes(sink.got[0][2])
+    assert got["Subject"] == "from mutt" and sink.got[0][1] == ["gina@remote.test"]
+
+
 def test_remote_down_then_node_killed_then_delivered_and_550_bounces(
     tmp_path: Path, node: NodeProc, remote: tuple[Controller, Sink]
 ) -> None:
