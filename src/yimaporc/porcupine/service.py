@@ -34,6 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..admin.routes import ApiError, Route
+from ._guard import ClientErrors
 from ._imap import MailboxRegistry, MailImapServer
 from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
@@ -150,6 +151,8 @@ class MailService(MultiService):
         )
         self.registry = MailboxRegistry()
         self.mailbox_manager.on_change(self.registry.changed)
+        #: POP3/IMAP client mistakes and server errors (``client_errors`` in status).
+        self.client_errors = ClientErrors(now)
         realm = MailRealm(
             self.retrieval, self.delivery, self.policy, self.registry, self._read_file, now
         )
@@ -231,13 +234,13 @@ class MailService(MultiService):
         return p
 
     def _pop3_protocol(self) -> MailPOP3:
-        p = MailPOP3(self.reactor, self.tls)
+        p = MailPOP3(self.reactor, self.tls, self.client_errors)
         p.portal = self.portal  # type: ignore[assignment]
         return p
 
     def _imap_protocol(self) -> MailImapServer:
         chal = {b"LOGIN": imap4.LOGINCredentials, b"PLAIN": imap4.PLAINCredentials}
-        p = MailImapServer(self.reactor, self.max_message_size, chal, self.tls)
+        p = MailImapServer(self.reactor, self.max_message_size, chal, self.tls, self.client_errors)
         p.portal = self.portal  # type: ignore[assignment]
         return p
 
@@ -320,6 +323,8 @@ class MailService(MultiService):
             "domain": self.domain,
             "mail": {name: self.address_of(name) for name in self.ports},
             "messages_accepted": self.delivered,
+            "client_errors": self.client_errors.status(),
+            "imap_open_mailboxes": sum(len(b) for b in self.registry.boxes.values()),
         }
 
     def admin_routes(self) -> list[Route]:
