@@ -202,7 +202,7 @@ def list_match_steps(pattern: str, name: str, delimiter: str) -> tuple[bool, int
 
     ``*`` matches any run of characters, ``%`` any run without the hierarchy
     delimiter (RFC 3501 6.3.8).  A set-of-positions simulation of the pattern's
-    automaton: at most (len(pattern) + 1) x (len(name) + 1) steps.
+    automaton: at most 2 x (len(pattern) + 1) x (len(name) + 1) steps.
     """
     p = _collapse(pattern)
     steps = 0

@@ -449,6 +449,8 @@ _CLIENT_NO = (
     MailError,
 )
 
+_STATUS_ITEMS = {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN"}
+
 #: Which arguments (after the tag) of a command are mailbox names.
 _MAILBOX_ARGS: dict[str, tuple[int, ...]] = {
     "SELECT": (0,), "EXAMINE": (0,), "CREATE": (0,), "DELETE": (0,), "RENAME": (0, 1),
@@ -513,7 +515,7 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         contextFactory: Any = None,
         errors: ClientErrors | None = None,
     ) -> None:
-        super().__init__(chal, contextFactory)
+        super().__init__(chal, contextFactory, scheduler=self._iterate)
         self.clock = clock
         self.max_literal = max_literal
         self.errors = errors if errors is not None else ClientErrors(clock.seconds)
@@ -528,6 +530,26 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
     @property
     def _acct(self) -> Any:
         return self.account
+
+    def _iterate(self, steps: Any) -> Deferred[Any]:
+        """Stock ``iterateInReactor`` (FETCH output, one step per turn) on our clock."""
+        d: Deferred[Any] = Deferred()
+
+        def go(last: object) -> None:
+            try:
+                r = next(steps)
+            except StopIteration:
+                d.callback(last)
+            except BaseException:
+                d.errback()
+            else:
+                if isinstance(r, Deferred):
+                    r.addCallback(go)
+                else:
+                    self.clock.callLater(0, go, r)
+
+        go(None)
+        return d
 
     def callLater(self, period: float, func: Callable[[], object]) -> Any:
         """TimeoutMixin's timer, on the injected clock."""
@@ -618,7 +640,7 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
 
     def _respond(self, state: bytes, tag: Any, message: Any) -> None:
         super()._respond(state, tag, message)
-        if tag and tag != b"*" and state in (b"OK", b"NO", b"BAD"):
+        if tag and state in (b"OK", b"NO", b"BAD"):
             self._unanswered = max(0, self._unanswered - 1)
             if self._pending() < self.MAX_PIPELINE:
                 self._release("pipeline")
@@ -810,6 +832,16 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         super().do_STORE(tag, messages, mode, flags, uid)
 
     select_STORE = (do_STORE, A.arg_seqset, A.arg_atom, A.arg_flaglist)  # type: ignore[assignment]
+
+    def do_STATUS(self, tag: bytes, mailbox: Any, names: Any) -> None:
+        wanted = [n.upper() if isinstance(n, bytes) else n for n in names or ()]
+        if not wanted or any(n not in _STATUS_ITEMS for n in wanted):
+            self.errors.client("imap", "bad_syntax")
+            self.sendBadResponse(tag, b"STATUS items: MESSAGES RECENT UIDNEXT UIDVALIDITY UNSEEN")
+            return
+        super().do_STATUS(tag, mailbox, wanted)
+
+    auth_STATUS = select_STATUS = (do_STATUS, A.arg_astring, A.arg_plist)  # type: ignore[assignment]
 
     # --- FETCH / SEARCH ---------------------------------------------------------
 

@@ -225,7 +225,7 @@ class MailPOP3(GatedLines, pop3.POP3):
 
     def do_STLS(self) -> None:
         if self.ctx is None or self.mbox or self._tls_active():
-            self.failResponse(b"STLS not available")
+            self._refuse("refused", b"STLS not available")
             return
         self.successResponse(b"Begin TLS negotiation")
         self._t.startTLS(self.ctx)
@@ -242,6 +242,16 @@ class MailPOP3(GatedLines, pop3.POP3):
             self._refuse("no_such_message", b"no such message")
             return None
         return n
+
+    def do_LIST(self, i: bytes | None = None) -> Any:
+        if i is not None and self._number(i) is None:
+            return None
+        return super().do_LIST(i)
+
+    def do_UIDL(self, i: bytes | None = None) -> Any:
+        if i is not None and self._number(i) is None:
+            return None
+        return super().do_UIDL(i)
 
     def do_DELE(self, i: bytes) -> None:
         n = self._number(i)
