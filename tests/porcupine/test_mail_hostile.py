@@ -33,11 +33,12 @@ PLAIN = b"From: a@x.org\r\nTo: alice@example.org\r\nSubject: hello\r\n\r\nbody t
 
 @pytest.fixture
 def failures() -> Iterator[list[dict[str, Any]]]:
-    """Every logged event carrying a failure (a traceback), collected for the test."""
+    """Every logged event carrying a failure (a traceback), collected for the test:
+    ``log_failure`` (twisted.logger) or ``failure``/``isError`` (legacy ``log.err``)."""
     seen: list[dict[str, Any]] = []
 
     def observe(event: dict[str, Any]) -> None:
-        if "log_failure" in event:
+        if "log_failure" in event or "failure" in event or event.get("isError"):
             seen.append(event)
 
     globalLogPublisher.addObserver(observe)
