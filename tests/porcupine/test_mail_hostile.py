@@ -267,20 +267,21 @@ class SlowAccount:
 
 
 def test_imap_pipeline_cap_pauses_reading(mail: Mail, failures: list[dict[str, Any]]) -> None:
-    """Past MAX_PIPELINE unanswered commands the server stops reading; answers resume it."""
+    """Commands run one at a time; past MAX_PIPELINE waiting ones the server stops
+    reading, and answers resume it."""
     p, t = mail.imap()
     slow = SlowAccount()
     p.account = slow
     n = 100
     p.dataReceived(b"".join(b"s%d STATUS INBOX (MESSAGES)\r\n" % i for i in range(n)))
-    assert len(slow.pending) == p.MAX_PIPELINE
+    assert len(slow.pending) == 1  # the next command waits for this one's answer
+    assert len(p.blocked) == p.MAX_PIPELINE
     assert t.producerState == "paused"
     while slow.pending:
-        pending, slow.pending = slow.pending, []
-        for d in pending:
-            d.callback(None)  # "no such mailbox": answered NO
+        slow.pending.pop().callback(None)  # "no such mailbox": answered NO
+        mail.pump()
     assert t.producerState == "producing"
-    assert t.value().count(b" NO ") == n
+    assert re.findall(rb"^s(\d+) NO", t.value(), re.M) == [b"%d" % i for i in range(n)]
     assert not failures
 
 
@@ -292,6 +293,7 @@ def test_imap_output_backlog_pauses_reading(mail: Mail) -> None:
     p.dataReceived(b"a NOOP\r\nb NOOP\r\n")
     assert b"NOOP" not in t.value()
     p.resumeProducing()
+    mail.pump()
     assert t.value().count(b"OK NOOP") == 2
 
 

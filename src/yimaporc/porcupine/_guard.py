@@ -82,6 +82,7 @@ class GatedLines:
     _busy = False
     _holds: frozenset[str] = frozenset()
     _closed = False
+    _drop = False
 
     def _gate_start(self) -> None:
         self._inbuf = bytearray()
@@ -130,6 +131,10 @@ class GatedLines:
                 t.resumeProducing()
             self.dataReceived(b"")
 
+    def _drop_buffered(self) -> None:
+        """Discard input received and not yet processed (e.g. plaintext after STARTTLS)."""
+        self._drop = True
+
     def _too_much_input(self) -> None:
         """Unread input over :attr:`MAX_BUFFERED`: say so and close (host overrides)."""
         self.transport.loseConnection()  # type: ignore[attr-defined]
@@ -167,6 +172,9 @@ class GatedLines:
                         self.lineLengthExceeded(line)  # type: ignore[attr-defined]
                         return
                     self.lineReceived(line)  # type: ignore[attr-defined]
+                    if self._drop:
+                        self._drop = False
+                        pos = len(buf)
                 else:
                     chunk = bytes(buf[pos:])
                     pos = len(buf)

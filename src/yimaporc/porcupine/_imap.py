@@ -519,7 +519,8 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         self.clock = clock
         self.max_literal = max_literal
         self.errors = errors if errors is not None else ClientErrors(clock.seconds)
-        self._unanswered = 0
+        self._in_command = False
+        self._resume_call: Any = None
         self._gone = False
         self._search_call: Any = None
 
@@ -568,9 +569,10 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         box, self.mbox = self.mbox, None
         if box is not None:
             box.removeListener(self)
-        if self._search_call is not None and self._search_call.active():
-            self._search_call.cancel()
-        self._search_call = None
+        for call in (self._search_call, self._resume_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._search_call = self._resume_call = None
         self.blocked = None  # type: ignore[assignment]
         self._queuedAsync = []
         self._pendingLiteral = None
@@ -591,12 +593,14 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
     # --- dispatch: every client mistake is a reply and a count ----------------------
 
     def _pending(self) -> int:
-        return self._unanswered + len(self.blocked or ())
+        return int(self._in_command) + len(self.blocked or ())
 
     def lineReceived(self, line: bytes) -> None:
         if self._gone:
             return
-        if self.blocked is not None:
+        if self.blocked is not None and self.parseState == "command":
+            # A command is running: the next waits (literals, AUTHENTICATE and IDLE
+            # continuations are not commands and go on).
             self.blocked.append(line)
         else:
             self.resetTimeout()
@@ -604,12 +608,31 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
                 getattr(self, "parse_" + self.parseState)(line)
             except _CLIENT_BAD as e:
                 self.errors.client("imap", "bad_syntax")
+                self._command_done()
                 self.sendUntaggedResponse(b"BAD " + _text_of(e))
             except Exception:
                 self.errors.server("imap", Failure(), "a command")
+                self._command_done()
                 self.sendUntaggedResponse(b"BAD Server error")
-        if self._pending() >= self.MAX_PIPELINE:
+        if len(self.blocked or ()) >= self.MAX_PIPELINE:
             self._hold("pipeline")
+
+    def _command_done(self) -> None:
+        """The running command was answered: the next runs on the next reactor turn
+        (the handler may still be updating state after its tagged reply)."""
+        if not self._in_command:
+            return
+        self._in_command = False
+        if self._resume_call is None or not self._resume_call.active():
+            self._resume_call = self.clock.callLater(0, self._next_command)
+
+    def _next_command(self) -> None:
+        self._resume_call = None
+        if self._gone or self._in_command:
+            return
+        self._unblock()
+        if len(self.blocked or ()) < self.MAX_PIPELINE:
+            self._release("pipeline")
 
     def parse_command(self, line: bytes) -> Any:
         parts = line.split(None, 2)
@@ -617,8 +640,12 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
             self.errors.client("imap", "bad_syntax")
             self.sendBadResponse(None, b"Null command")
             return None
-        self._unanswered += 1
         tag = parts[0]
+        # Commands run one at a time, in order (RFC 3501 5.5 allows it; stock ran
+        # a pipelined SELECT before the LOGIN it depends on had finished).
+        self._in_command = True
+        if self.blocked is None:
+            self.blocked = []
         if len(parts) == 1:
             self.errors.client("imap", "bad_syntax")
             self.sendBadResponse(tag, b"Missing command")
@@ -638,12 +665,28 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
             self.sendNegativeResponse(tag, _text_of(e))
         return None
 
+    def sendUntaggedResponse(self, message: bytes, isAsync: Any = None) -> None:
+        """Mailbox news waits for the running command's reply (sent at once when idle
+        or between commands, and during IDLE)."""
+        if isAsync and self._in_command and self.parseState != "idle":
+            self._queuedAsync.append(message)
+        else:
+            self._respond(message, None, None)
+
+    def do_STARTTLS(self, tag: bytes) -> None:
+        started = self.startedTLS
+        super().do_STARTTLS(tag)
+        if self.startedTLS and not started:
+            # Plaintext sent after STARTTLS must not run inside TLS (CVE-2011-0411).
+            self.blocked = []
+            self._drop_buffered()
+
+    unauth_STARTTLS = (do_STARTTLS,)  # type: ignore[assignment]
+
     def _respond(self, state: bytes, tag: Any, message: Any) -> None:
         super()._respond(state, tag, message)
         if tag and state in (b"OK", b"NO", b"BAD"):
-            self._unanswered = max(0, self._unanswered - 1)
-            if self._pending() < self.MAX_PIPELINE:
-                self._release("pipeline")
+            self._command_done()
 
     def lookupCommand(self, cmd: bytes) -> Any:
         """The stock handler table entry with its parsers and handler guarded."""
@@ -753,7 +796,6 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         old = self.__dict__.pop("_oldTimeout", None)
         self.setTimeout(old)
         self._answer_failure(failure, tag, "FETCH")
-        self._unblock()
 
     def _fileLiteral(self, size: int) -> Any:
         if size > self.max_literal:
@@ -854,10 +896,6 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
                 or p.type in ("rfc822", "rfc822text")
                 for p in query
             )
-        if query and self.blocked is None:
-            # Later commands wait until this FETCH is answered (stock starts blocking
-            # only once the messages are loaded: two pipelined FETCHes crashed).
-            self.blocked = []
         super().do_FETCH(tag, messages, query, uid)
 
     select_FETCH = (do_FETCH, A.arg_seqset, A.arg_fetchatt)  # type: ignore[assignment]
