@@ -13,10 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mailtest_helpers import ImmediateReactor, SyncPool, result_of
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import LoopingCall
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from yimaporc.porcupine._guard import ClientErrors, list_match, list_match_steps
 from yimaporc.porcupine._imap import ImapAccount, MailboxRegistry, MailImapServer
@@ -82,6 +84,7 @@ class Mail:
         )
         self.users = UserManager("n1", profiles)
         self.registry = MailboxRegistry()
+        self.manager.inner.on_change(self.registry.changed)
         self.errors = ClientErrors(self.clock.seconds)
         for i in range(3):
             body = PLAIN.replace(b"hello", b"hello %d" % i)
@@ -249,6 +252,41 @@ def test_imap_many_garbage_lines_cost_no_tracebacks(
         assert not t.disconnecting
     assert not failures
     assert "imap.server_error" not in mail.errors.counts
+
+
+def test_imap_idle_sees_new_mail(mail: Mail, failures: list[dict[str, Any]]) -> None:
+    """A session in IDLE is told of new mail at once (commands are serialised, news is not)."""
+    p, t = mail.imap()
+    send(mail, p, t, b"s SELECT INBOX", b"i IDLE")
+    t.clear()
+    result_of(mail.manager.store([NewMessage(ALICE, INBOX, PLAIN)]))
+    mail.pump()
+    assert b"* 4 EXISTS\r\n" in t.value()
+    assert tagged(send(mail, p, t, b"DONE"), b"i").startswith(b"OK")
+    assert not failures
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A StringTransport that records startTLS."""
+
+    tls_started = False
+
+    def startTLS(self, contextFactory: Any) -> None:
+        self.tls_started = True
+
+
+def test_imap_plaintext_after_starttls_dropped(mail: Mail) -> None:
+    """Commands sent in the same packet as STARTTLS are discarded, never run inside TLS."""
+    p = MailImapServer(mail.clock, 1 << 20, contextFactory=object(), errors=mail.errors)
+    t = TLSStringTransport()
+    p.makeConnection(t)
+    t.clear()
+    p.dataReceived(b"a STARTTLS\r\nb CAPABILITY\r\nc LOGIN x y\r\n")
+    mail.pump()
+    assert t.tls_started
+    assert re.findall(rb"^(\w+) (?:OK|NO|BAD)", t.value(), re.M) == [b"a"]
+    assert tagged(send(mail, p, t, b"d NOOP"), b"d").startswith(b"OK")
 
 
 # --- IMAP: pipelining and buffers ---------------------------------------------------------
