@@ -361,7 +361,9 @@ def poller(mail: Mail) -> LoopingCall:
     return loop
 
 
-@pytest.mark.parametrize("how", ["drop", "logout", "idle", "mid_select", "timeout", "twice"])
+@pytest.mark.parametrize(
+    "how", ["drop", "logout", "idle", "mid_select", "mid_fetch", "timeout", "twice"]
+)
 def test_imap_dropped_sessions_release_everything(
     mail: Mail, failures: list[dict[str, Any]], how: str
 ) -> None:
@@ -381,7 +383,11 @@ def test_imap_dropped_sessions_release_everything(
             send(mail, p, t, b"l LOGOUT")
         elif how == "twice":
             p.dataReceived(b"s1 SELECT INBOX\r\ns2 EXAMINE INBOX\r\n")
+        elif how == "mid_fetch":  # output still being written when the client goes
+            p.dataReceived(b"f FETCH 1:* (BODY.PEEK[])\r\nn NOOP\r\n")
         sessions.append((p, t))
+    if how == "mid_fetch":
+        assert mail.clock.getDelayedCalls()  # FETCH steps pending
     if how != "mid_select":
         assert mail.registry.boxes
     if how == "timeout":
@@ -390,10 +396,10 @@ def test_imap_dropped_sessions_release_everything(
         p.connectionLost(Failure(ConnectionError("gone")))
     mail.pump()
     assert not mail.registry.boxes
+    assert mail.clock.getDelayedCalls() == [loop.call]  # no session timer left
     before = mail.manager.calls
     mail.clock.advance(60)  # twelve polls
     assert mail.manager.calls == before  # nothing re-read for the departed sessions
-    assert mail.clock.getDelayedCalls() == [loop.call]  # no session timer left
     loop.stop()
     assert not failures
 
@@ -537,4 +543,23 @@ def test_pop3_pipeline_cap(mail: Mail, failures: list[dict[str, Any]]) -> None:
     held.pop().callback(PLAIN)
     assert t.producerState == "producing"
     assert t.value().count(b"+OK") == 101
+    assert not failures
+
+
+def test_pop3_dropped_mid_retr_leaves_no_timer(mail: Mail, failures: list[dict[str, Any]]) -> None:
+    """A RETR that completes after the client left restores no idle timer, runs nothing queued."""
+    p, t = pop3(mail, True)
+    held: list[Deferred[bytes]] = []
+
+    def slow(index: int) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        held.append(d)
+        return d
+
+    p.mbox.body_of = slow  # type: ignore[method-assign]
+    p.dataReceived(b"RETR 1\r\nDELE 1\r\nQUIT\r\n")
+    p.connectionLost(Failure(ConnectionError("gone")))
+    held.pop().callback(PLAIN)
+    assert mail.clock.getDelayedCalls() == []
+    assert b"message deleted" not in t.value()
     assert not failures

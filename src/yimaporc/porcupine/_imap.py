@@ -556,6 +556,11 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         """TimeoutMixin's timer, on the injected clock."""
         return self.clock.callLater(period, func)
 
+    def setTimeout(self, period: float | None) -> Any:
+        """No idle timer once the connection is gone (a FETCH finishing after the
+        client left restored its timer: the session lived 30 more minutes)."""
+        return super().setTimeout(None if self._gone else period)
+
     def connectionMade(self) -> None:
         if hasattr(self._t, "setTcpNoDelay"):
             self._t.setTcpNoDelay(True)

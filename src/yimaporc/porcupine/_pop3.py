@@ -127,6 +127,13 @@ class MailPOP3(GatedLines, pop3.POP3):
         """TimeoutMixin's timer, on the injected clock."""
         return self.clock.callLater(period, func)
 
+    _gone = False
+
+    def setTimeout(self, period: float | None) -> Any:
+        """No idle timer once the connection is gone (a RETR finishing after the
+        client left restored it)."""
+        return super().setTimeout(None if self._gone else period)
+
     def connectionMade(self) -> None:
         if hasattr(self._t, "setTcpNoDelay"):
             self._t.setTcpNoDelay(True)
@@ -135,6 +142,7 @@ class MailPOP3(GatedLines, pop3.POP3):
 
     def connectionLost(self, reason: Any = None) -> None:
         """Drop the INBOX snapshot and queued commands."""
+        self._gone = True
         super().connectionLost(reason)
         self.blocked = None  # type: ignore[assignment]
         self.mbox = None
