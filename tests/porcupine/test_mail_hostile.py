@@ -276,17 +276,23 @@ class TLSStringTransport(StringTransport):
         self.tls_started = True
 
 
-def test_imap_plaintext_after_starttls_dropped(mail: Mail) -> None:
-    """Commands sent in the same packet as STARTTLS are discarded, never run inside TLS."""
+@pytest.mark.parametrize("first", [b"", b"z CAPABILITY\r\n"])
+def test_imap_plaintext_after_starttls_dropped(mail: Mail, first: bytes) -> None:
+    """Commands sent in the same packet as STARTTLS are discarded, never run inside TLS;
+    what comes after the handshake is served in full."""
     p = MailImapServer(mail.clock, 1 << 20, contextFactory=object(), errors=mail.errors)
     t = TLSStringTransport()
     p.makeConnection(t)
     t.clear()
-    p.dataReceived(b"a STARTTLS\r\nb CAPABILITY\r\nc LOGIN x y\r\n")
+    p.dataReceived(first + b"a STARTTLS\r\nb CAPABILITY\r\nc LOGIN x y\r\n")
     mail.pump()
     assert t.tls_started
-    assert re.findall(rb"^(\w+) (?:OK|NO|BAD)", t.value(), re.M) == [b"a"]
-    assert tagged(send(mail, p, t, b"d NOOP"), b"d").startswith(b"OK")
+    tags = re.findall(rb"^(\w+) (?:OK|NO|BAD)", t.value(), re.M)
+    assert tags == ([b"z"] if first else []) + [b"a"]
+    t.clear()
+    p.dataReceived(b"d NOOP\r\ne NOOP\r\n")
+    mail.pump()
+    assert re.findall(rb"^(\w+) OK", t.value(), re.M) == [b"d", b"e"]
 
 
 # --- IMAP: pipelining and buffers ---------------------------------------------------------
@@ -563,3 +569,14 @@ def test_pop3_dropped_mid_retr_leaves_no_timer(mail: Mail, failures: list[dict[s
     assert mail.clock.getDelayedCalls() == []
     assert b"message deleted" not in t.value()
     assert not failures
+
+
+def test_pop3_plaintext_after_stls_dropped(mail: Mail) -> None:
+    """Commands sent in the same packet as STLS are discarded, never run inside TLS."""
+    p = MailPOP3(mail.clock, context_factory=object(), errors=mail.errors)
+    t = TLSStringTransport()
+    p.makeConnection(t)
+    t.clear()
+    p.dataReceived(b"STLS\r\nUSER alice\r\nPASS x\r\n")
+    assert t.tls_started
+    assert t.value() == b"+OK Begin TLS negotiation\r\n"

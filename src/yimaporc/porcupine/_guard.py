@@ -133,7 +133,10 @@ class GatedLines:
 
     def _drop_buffered(self) -> None:
         """Discard input received and not yet processed (e.g. plaintext after STARTTLS)."""
-        self._drop = True
+        if self._busy:
+            self._drop = True  # the receive loop drops the rest of its buffer
+        else:
+            del self._inbuf[:]
 
     def _too_much_input(self) -> None:
         """Unread input over :attr:`MAX_BUFFERED`: say so and close (host overrides)."""

@@ -639,6 +639,17 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         if len(self.blocked or ()) < self.MAX_PIPELINE:
             self._release("pipeline")
 
+    def _unblock(self) -> None:
+        """Run queued commands until one is running; after STARTTLS, drop the rest."""
+        commands, self.blocked = self.blocked, None  # type: ignore[assignment]
+        while commands and self.blocked is None:
+            tls = self.startedTLS
+            self.lineReceived(commands.pop(0))
+            if self.startedTLS and not tls:
+                commands = []
+        if self.blocked is not None and commands:
+            self.blocked.extend(commands)
+
     def parse_command(self, line: bytes) -> Any:
         parts = line.split(None, 2)
         if not parts:
@@ -752,6 +763,7 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         if old is not None and old is not mbox:  # pipelined SELECTs: one listener only
             old.removeListener(self)
             self.mbox = None
+            self.state = "auth"
         super()._cbSelectWork(mbox, cmdName, tag)
 
     def _ebListWork(self, failure: Failure, tag: bytes) -> None:

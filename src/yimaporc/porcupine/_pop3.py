@@ -237,6 +237,7 @@ class MailPOP3(GatedLines, pop3.POP3):
             return
         self.successResponse(b"Begin TLS negotiation")
         self._t.startTLS(self.ctx)
+        self._drop_buffered()  # plaintext sent after STLS never runs inside TLS
 
     def _mailbox(self) -> Pop3Mailbox:
         assert isinstance(self.mbox, Pop3Mailbox)
