@@ -580,3 +580,118 @@ def test_pop3_plaintext_after_stls_dropped(mail: Mail) -> None:
     p.dataReceived(b"STLS\r\nUSER alice\r\nPASS x\r\n")
     assert t.tls_started
     assert t.value() == b"+OK Begin TLS negotiation\r\n"
+
+
+# --- fuzzing the dispatch with hypothesis ---------------------------------------------------
+
+_FUZZ_MAIL: dict[str, Mail] = {}
+
+
+def fuzz_mail(factory: Any, key: str) -> Mail:
+    """One mail stack per fuzz test, shared by its examples (setting one up costs ~0.2 s)."""
+    if key not in _FUZZ_MAIL:
+        _FUZZ_MAIL[key] = Mail(factory.mktemp(key))
+    return _FUZZ_MAIL[key]
+
+
+IMAP_TOKENS = [
+    b"SELECT", b"EXAMINE", b"FETCH", b"UID", b"SEARCH", b"STORE", b"COPY", b"APPEND", b"LIST",
+    b"LSUB", b"STATUS", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE", b"EXPUNGE", b"CLOSE",
+    b"CHECK", b"NOOP", b"IDLE", b"NAMESPACE", b"CAPABILITY", b"LOGIN", b"AUTHENTICATE",
+    b"INBOX", b"Missing", b"1", b"0", b"*", b"1:*", b"2:1", b"1,3", b"x", b"-1", b"99999999999",
+    b"(", b")", b"[", b"]", b"<", b">", b".", b"BODY", b"BODY.PEEK", b"BODY[]", b"BODY[1]",
+    b"BODY[TEXT]", b"BODY[HEADER.FIELDS", b"(FROM)", b"RFC822", b"ENVELOPE", b"BODYSTRUCTURE",
+    b"FLAGS", b"+FLAGS", b"-FLAGS.SILENT", b"\\Seen", b"\\Deleted", b"OR", b"NOT", b"ALL",
+    b"SEEN", b"BEFORE", b"SINCE", b"1-Jan-2020", b"LARGER", b"HEADER", b"KEYWORD", b"CHARSET",
+    b"UTF-8", b'"', b'""', b'"a b"', b"{0}", b"{3}", b"%", b"&", b"&@@-", b"\xff", b"\x00",
+    b"MESSAGES", b"UNSEEN", b"UIDNEXT",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.sampled_from(IMAP_TOKENS), min_size=1, max_size=8).map(b" ".join),
+        min_size=1,
+        max_size=6,
+    ),
+    st.booleans(),
+)
+def test_imap_fuzzed_commands_never_traceback(
+    tmp_path_factory: Any, commands: list[bytes], glued: bool
+) -> None:
+    """Random token sequences (pipelined or one by one) get replies, never a traceback."""
+    mail = fuzz_mail(tmp_path_factory, "imap")
+    seen: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event or "failure" in event or event.get("isError"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        p, t = mail.imap()
+        send(mail, p, t, b"s SELECT INBOX")
+        lines = [b"f%d %s" % (i, c) for i, c in enumerate(commands)] + [b"z NOOP"]
+        if glued:
+            p.dataReceived(b"".join(line + b"\r\n" for line in lines))
+            mail.pump()
+        else:
+            for line in lines:
+                p.dataReceived(line + b"\r\n")
+                mail.pump()
+        # a literal or IDLE may still wait for more input: end them, then check
+        p.dataReceived(b"DONE\r\n" + b"x" * 8 + b"\r\n")
+        mail.pump()
+        p.connectionLost(Failure(ConnectionError("done")))
+        mail.pump()
+        gc.collect(0)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not seen, [e.get("log_format") or e.get("why") for e in seen]
+    assert "imap.server_error" not in mail.errors.counts, mail.errors.counts
+    assert not mail.registry.boxes
+
+
+POP3_TOKENS = [
+    b"USER", b"PASS", b"STAT", b"LIST", b"UIDL", b"RETR", b"TOP", b"DELE", b"NOOP", b"RSET",
+    b"LAST", b"QUIT", b"CAPA", b"AUTH", b"APOP", b"STLS", b"1", b"0", b"-1", b"x", b"99", b"",
+    b"\xff", b"PLAIN", b"alice",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.sampled_from(POP3_TOKENS),
+            min_size=1,
+            max_size=4,
+        ).map(b" ".join),
+        min_size=1,
+        max_size=10,
+    ),
+    st.booleans(),
+)
+def test_pop3_fuzzed_commands_never_traceback(
+    tmp_path_factory: Any, commands: list[bytes], logged_in: bool
+) -> None:
+    """Random POP3 command lines, before and after login: replies, never a traceback."""
+    mail = fuzz_mail(tmp_path_factory, "pop3")
+    seen: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event or "failure" in event or event.get("isError"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        p, _ = pop3(mail, logged_in)
+        p.dataReceived(b"".join(c + b"\r\n" for c in commands))
+        mail.pump()
+        p.connectionLost(Failure(ConnectionError("done")))
+        gc.collect(0)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not seen, [e.get("log_format") or e.get("why") for e in seen]
+    assert "pop3.server_error" not in mail.errors.counts, mail.errors.counts
