@@ -616,11 +616,13 @@ IMAP_TOKENS = [
         max_size=6,
     ),
     st.booleans(),
+    st.booleans(),
 )
 def test_imap_fuzzed_commands_never_traceback(
-    tmp_path_factory: Any, commands: list[bytes], glued: bool
+    tmp_path_factory: Any, commands: list[bytes], glued: bool, logged_in: bool
 ) -> None:
-    """Random token sequences (pipelined or one by one) get replies, never a traceback."""
+    """Random token sequences (pipelined or one by one, before login or with INBOX
+    selected) get replies, never a traceback."""
     mail = fuzz_mail(tmp_path_factory, "imap")
     seen: list[dict[str, Any]] = []
 
@@ -630,8 +632,9 @@ def test_imap_fuzzed_commands_never_traceback(
 
     globalLogPublisher.addObserver(observe)
     try:
-        p, t = mail.imap()
-        send(mail, p, t, b"s SELECT INBOX")
+        p, t = mail.imap(logged_in)
+        if logged_in:
+            send(mail, p, t, b"s SELECT INBOX")
         lines = [b"f%d %s" % (i, c) for i, c in enumerate(commands)] + [b"z NOOP"]
         if glued:
             p.dataReceived(b"".join(line + b"\r\n" for line in lines))
