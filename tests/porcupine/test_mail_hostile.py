@@ -254,6 +254,32 @@ def test_imap_many_garbage_lines_cost_no_tracebacks(
     assert "imap.server_error" not in mail.errors.counts
 
 
+RAW_UTF8 = (
+    "From: Jörg <j@x.org>\r\nSubject: grüße\r\nMIME-Version: 1.0\r\n"
+    "Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n\r\nhé\r\n--XX\r\n"
+    'Content-Type: application/octet-stream; name="grüße.bin"\r\n\r\nabc\r\n--XX--\r\n'
+).encode()
+
+
+@pytest.mark.parametrize("query", [b"ENVELOPE", b"BODYSTRUCTURE", b"BODY", b"ENVELOPE BODY[1]"])
+def test_imap_fetch_raw_utf8_headers(
+    mail: Mail, failures: list[dict[str, Any]], query: bytes
+) -> None:
+    """ENVELOPE/BODYSTRUCTURE of a message with raw 8-bit headers: RFC 2047 words, the
+    session goes on (stock: UnicodeEncodeError, connection dropped at every sync)."""
+    result_of(mail.manager.store([NewMessage(ALICE, INBOX, RAW_UTF8)]))
+    p, t = mail.imap()
+    send(mail, p, t, b"s SELECT INBOX")
+    out = send(mail, p, t, b"a FETCH 4 (" + query + b")")
+    assert tagged(out) == b"OK FETCH completed"
+    assert b"=?utf-8?" in out
+    if query.startswith(b"ENVELOPE"):
+        assert b'NIL "j" "x.org"' in out  # the address survives
+    assert not t.disconnecting
+    assert not failures and not mail.errors.counts
+
+
 def test_imap_idle_sees_new_mail(mail: Mail, failures: list[dict[str, Any]]) -> None:
     """A session in IDLE is told of new mail at once (commands are serialised, news is not)."""
     p, t = mail.imap()

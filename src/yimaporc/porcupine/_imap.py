@@ -31,6 +31,7 @@ whatever state it was in; LIST patterns match in linear time.
 from __future__ import annotations
 
 import copy
+import email.header
 import email.utils
 import io
 from collections.abc import Callable, Iterable
@@ -306,6 +307,45 @@ class ImapMailbox:
         """COPY (called on the destination): a metadata copy within the fragment."""
         d = self.mail.copy(message.mailbox, [message.digest], self.name)
         return d.addCallback(lambda digests: digests[0].uid if digests else 0)
+
+
+def _ascii_tree(item: Any) -> Any:
+    """The body structure with every non-ASCII string RFC 2047-encoded."""
+    if isinstance(item, (list, tuple)):
+        return [_ascii_tree(i) for i in item]
+    if isinstance(item, str) and not item.isascii():
+        return email.header.Header(item, "utf-8").encode()
+    return item
+
+
+def _structure(msg: Any, extended: bool) -> bytes:
+    tree = imap4.getBodyStructure(msg, extended)
+    try:
+        return imap4.collapseNestedLists([tree])  # type: ignore[no-any-return]
+    except UnicodeError:
+        return imap4.collapseNestedLists([_ascii_tree(tree)])  # type: ignore[no-any-return]
+
+
+_ADDRESS_HEADERS = {"from", "sender", "reply-to", "to", "cc", "bcc"}
+
+
+class _Rfc2047Headers:
+    """A message whose non-ASCII header values read as RFC 2047 encoded words."""
+
+    def __init__(self, msg: Any) -> None:
+        self.msg = msg
+
+    def getHeaders(self, negate: bool, *names: Any) -> dict[str, str]:
+        out = {}
+        for k, v in self.msg.getHeaders(negate, *names).items():
+            if isinstance(v, str) and not v.isascii():
+                if k.lower() in _ADDRESS_HEADERS:
+                    pairs = email.utils.getaddresses([v])
+                    v = ", ".join(email.utils.formataddr(p, "utf-8") for p in pairs)
+                else:
+                    v = email.header.Header(v, "utf-8").encode()
+            out[k] = v
+        return out
 
 
 def _with_flags(d: Digest, flags: tuple[str, ...]) -> Digest:
@@ -1024,13 +1064,28 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         return label, data
 
     def spew_body(self, part: Any, id: int, msg: Any, _w: Any = None, _f: Any = None) -> Any:
-        if not isinstance(msg, ImapMessage) or not (
-            part.header or part.text or part.mime or part.empty
-        ):
+        if not isinstance(msg, ImapMessage):
             return super().spew_body(part, id, msg, _w, _f)
+        if not (part.header or part.text or part.mime or part.empty):
+            (_w or self._t.write)(b"BODY " + _structure(msg, False))
+            return None
         label, data = self._section_bytes(part, msg)
         (_w or self._t.write)(label + b" {%d}\r\n" % len(data) + data)
         return None
+
+    def spew_bodystructure(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
+        """BODYSTRUCTURE; raw 8-bit parameters (a file name) are sent RFC 2047-encoded
+        (stock: UnicodeEncodeError, connection dropped)."""
+        (_w or self._t.write)(b"BODYSTRUCTURE " + _structure(msg, True))
+
+    def spew_envelope(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
+        """ENVELOPE; raw 8-bit header values (stock: UnicodeEncodeError, connection
+        dropped at every sync of such a mailbox) are sent RFC 2047-encoded."""
+        try:
+            data = imap4.collapseNestedLists([imap4.getEnvelope(msg)])
+        except UnicodeError:
+            data = imap4.collapseNestedLists([imap4.getEnvelope(_Rfc2047Headers(msg))])
+        (_w or self._t.write)(b"ENVELOPE " + data)
 
     def spew_rfc822header(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> Any:
         if not isinstance(msg, ImapMessage):
