@@ -65,6 +65,10 @@ def start_pair(tmp_path: Path) -> list[NodeProc]:
         wait_for(lambda: all((n.status() or {}).get("users") == 1 for n in nodes), 10, "profile")
         with smtplib.SMTP(host(1), PORTS["smtp"], timeout=30) as s:
             s.sendmail("a@x.org", [USER], b"Subject: hello\r\n\r\nbody text\r\n")
+            # raw 8-bit headers: ENVELOPE/BODYSTRUCTURE used to drop the connection
+            s.sendmail(
+                "a@x.org", [USER], "From: Jörg <j@x.org>\r\nSubject: grüße\r\n\r\nhé\r\n".encode()
+            )
     except BaseException:
         stop(nodes)
         raise
@@ -140,6 +144,7 @@ IMAP_HOSTILE = [
     (b"FETCH 1 (BODY[)", b"BAD"), (b"FETCH 1:x FLAGS", b"BAD"), (b"FETCH 0 FLAGS", b"BAD"),
     (b"FETCH *:* FLAGS", b"BAD"), (b"UID FETCH 1:y FLAGS", b"BAD"), (b"COPY 1 Missing", b"NO"),
     (b"STATUS INBOX (FOO)", b"BAD"), (b'SELECT "&@@@-"', b"NO"), (b"\xff\xfe", b"BAD"),
+    (b"FETCH 1:* (ENVELOPE BODYSTRUCTURE BODY)", b"OK"),
     (b'LIST "" "' + b"*x" * 40 + b'y"', b"OK"), (b'LIST "" "' + b"%*" * 200 + b'"', b"OK"),
 ]  # fmt: skip
 
