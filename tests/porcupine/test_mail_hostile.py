@@ -724,3 +724,22 @@ def test_pop3_fuzzed_commands_never_traceback(
         globalLogPublisher.removeObserver(observe)
     assert not seen, [e.get("log_format") or e.get("why") for e in seen]
     assert "pop3.server_error" not in mail.errors.counts, mail.errors.counts
+
+
+def test_server_error_tracebacks_rate_limited(failures: list[dict[str, Any]]) -> None:
+    """A server error's traceback is logged once a minute per protocol and type; all counted."""
+    now = [0.0]
+    errors = ClientErrors(lambda: now[0])
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        boom = Failure()
+    for _ in range(100):
+        errors.server("imap", boom, "FETCH")
+    errors.server("pop3", boom, "RETR")
+    assert len(failures) == 2
+    now[0] = 61.0
+    errors.server("imap", boom, "FETCH")
+    assert len(failures) == 3
+    assert errors.status() == {"imap.server_error": 101, "pop3.server_error": 1}
+    failures.clear()  # these were expected
