@@ -253,6 +253,8 @@ def test_imap_login_replies_carry_rfc5530_codes() -> None:
     server.makeConnection(tr)
     tr.clear()
     server.dataReceived(b"a1 LOGIN alice bad\r\na2 LOGIN alice right\r\n")
+    for _ in range(3):
+        clock.advance(0)  # pipelined commands run one at a time, a reactor turn apart
     lines = tr.value().split(b"\r\n")
     assert lines[0].startswith(b"a1 NO [AUTHENTICATIONFAILED]")
     assert lines[1].startswith(b"a2 NO [UNAVAILABLE]")

@@ -12,7 +12,13 @@ Changes to the stock protocol (26.10):
 - failed logins answer ``-ERR [AUTH]``, throttled ones ``-ERR [SYS/TEMP]``
   (RFC 3206);
 - 512-octet command lines (``-ERR`` and close), no APOP timestamp (passwords
-  are scrypt hashes); idle timeouts on the injected clock.
+  are scrypt hashes); idle timeouts on the injected clock;
+- hostile input (issue 13): commands are checked (known, allowed in this
+  state, right number of arguments) before stock code runs, so a client's
+  mistake is ``-ERR`` and a count in :class:`~._guard.ClientErrors`, never a
+  logged traceback (stock logged one per pre-login command); at most
+  :attr:`MailPOP3.MAX_PIPELINE` commands wait behind a running one before the
+  server stops reading (:class:`~._guard.GatedLines`).
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.mail import pop3
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._guard import ClientErrors, GatedLines
 from .retrieval import UserMail
 from .values import INBOX, Digest
 
@@ -89,16 +97,29 @@ class Pop3Mailbox:
         return d
 
 
-class MailPOP3(pop3.POP3):
+#: Arguments each command takes: (least, most); None: any number (PASS).
+_ARITY: dict[bytes, tuple[int, int | None]] = {
+    b"CAPA": (0, 0), b"USER": (1, 1), b"PASS": (1, None), b"AUTH": (0, 1), b"QUIT": (0, 0),
+    b"STLS": (0, 0), b"STAT": (0, 0), b"LIST": (0, 1), b"UIDL": (0, 1), b"RETR": (1, 1),
+    b"TOP": (2, 2), b"DELE": (1, 1), b"NOOP": (0, 0), b"RSET": (0, 0), b"LAST": (0, 0),
+}  # fmt: skip
+
+
+class MailPOP3(GatedLines, pop3.POP3):
     """POP3 with the fixes in the module docstring."""
 
     MAX_LENGTH = 512
-    AUTH_CMDS = [*pop3.POP3.AUTH_CMDS, b"STLS"]
+    #: Commands held behind a running one before the server stops reading.
+    MAX_PIPELINE = 16
+    AUTH_CMDS = [b"CAPA", b"USER", b"PASS", b"AUTH", b"QUIT", b"STLS"]
 
-    def __init__(self, clock: Any, context_factory: Any = None) -> None:
+    def __init__(
+        self, clock: Any, context_factory: Any = None, errors: ClientErrors | None = None
+    ) -> None:
         self.clock = clock
         self.ctx = context_factory
         self.magic = b"yimaporc POP3 ready"
+        self.errors = errors if errors is not None else ClientErrors(clock.seconds)
 
     @property
     def _t(self) -> Any:
@@ -108,12 +129,29 @@ class MailPOP3(pop3.POP3):
         """TimeoutMixin's timer, on the injected clock."""
         return self.clock.callLater(period, func)
 
+    _gone = False
+
+    def setTimeout(self, period: float | None) -> Any:
+        """No idle timer once the connection is gone (a RETR finishing after the
+        client left restored it)."""
+        return super().setTimeout(None if self._gone else period)
+
     def connectionMade(self) -> None:
         if hasattr(self._t, "setTcpNoDelay"):
             self._t.setTcpNoDelay(True)
+        self._gate_start()
         super().connectionMade()
 
+    def connectionLost(self, reason: Any = None) -> None:
+        """Drop the INBOX snapshot and queued commands."""
+        self._gone = True
+        super().connectionLost(reason)
+        self.blocked = None  # type: ignore[assignment]
+        self.mbox = None
+        self._inbuf = bytearray()
+
     def lineLengthExceeded(self, line: bytes) -> None:
+        self.errors.client("pop3", "line_too_long")
         self.failResponse(b"line too long")
         self._t.loseConnection()
 
@@ -131,6 +169,73 @@ class MailPOP3(pop3.POP3):
             return failure  # not a login failure: stock's _ebUnexpected
         return None
 
+    def _too_much_input(self) -> None:
+        self.errors.client("pop3", "too_much_input")
+        self.failResponse(b"too many commands waiting")
+        self._t.loseConnection()
+
+    # --- dispatch: checked before stock code can raise ---------------------------------
+
+    def _refuse(self, kind: str, message: bytes) -> None:
+        self.errors.client("pop3", kind)
+        self.failResponse(message)
+
+    def lineReceived(self, line: bytes) -> None:
+        super().lineReceived(line)
+        if self.blocked is not None and len(self.blocked) >= self.MAX_PIPELINE:
+            self._hold("pipeline")
+
+    def state_COMMAND(self, line: bytes) -> None:
+        """Check the command, then dispatch it (stock: a logged traceback per mistake)."""
+        command, _, rest = line.partition(b" ")
+        command = command.upper()
+        if command not in _ARITY or not hasattr(self, "do_" + command.decode("ascii")):
+            self._refuse("unknown_command", b"unknown command")
+            return
+        if command == b"PASS":
+            args: list[bytes] = [rest] if rest else []
+        else:
+            args = rest.split() if rest.strip() else []
+        least, most = _ARITY[command]
+        if len(args) < least or (most is not None and len(args) > most):
+            self._refuse("bad_arguments", b"wrong number of arguments")
+            return
+        if self.blocked is not None:
+            self.blocked.append((command, tuple(args)))
+            return
+        self._run(command, args)
+
+    def _run(self, command: bytes, args: Any) -> None:
+        if not self.mbox and command not in self.AUTH_CMDS:
+            self._refuse("not_authenticated", b"log in first")
+            return
+        if self.mbox and command in (b"USER", b"PASS", b"AUTH"):
+            self._refuse("bad_state", b"already logged in")
+            return
+        try:
+            self.processCommand(command, *args)
+        except Exception:
+            self.errors.server("pop3", Failure(), command.decode("ascii"))
+            self.failResponse(b"server error")
+
+    def state_AUTH(self, line: bytes) -> None:
+        """A SASL response; a client's garbage is -ERR without a traceback."""
+        try:
+            super().state_AUTH(line)
+        except Exception:
+            self.state = "COMMAND"
+            self._refuse("bad_auth_response", b"invalid AUTH response")
+
+    def _unblock(self, _: object) -> None:
+        commands, self.blocked = self.blocked, None  # type: ignore[assignment]
+        while commands and self.blocked is None:
+            command, args = commands.pop(0)
+            self._run(command, args)
+        if self.blocked is not None and commands:
+            self.blocked.extend(commands)
+        if self.blocked is None or len(self.blocked) < self.MAX_PIPELINE:
+            self._release("pipeline")
+
     def _tls_active(self) -> bool:
         from twisted.internet.interfaces import ISSLTransport
 
@@ -144,10 +249,11 @@ class MailPOP3(pop3.POP3):
 
     def do_STLS(self) -> None:
         if self.ctx is None or self.mbox or self._tls_active():
-            self.failResponse(b"STLS not available")
+            self._refuse("refused", b"STLS not available")
             return
         self.successResponse(b"Begin TLS negotiation")
         self._t.startTLS(self.ctx)
+        self._drop_buffered()  # plaintext sent after STLS never runs inside TLS
 
     def _mailbox(self) -> Pop3Mailbox:
         assert isinstance(self.mbox, Pop3Mailbox)
@@ -158,9 +264,19 @@ class MailPOP3(pop3.POP3):
             n = int(i) - 1
             self._mailbox()._check(n)
         except ValueError:
-            self.failResponse(b"no such message")
+            self._refuse("no_such_message", b"no such message")
             return None
         return n
+
+    def do_LIST(self, i: bytes | None = None) -> Any:
+        if i is not None and self._number(i) is None:
+            return None
+        return super().do_LIST(i)
+
+    def do_UIDL(self, i: bytes | None = None) -> Any:
+        if i is not None and self._number(i) is None:
+            return None
+        return super().do_UIDL(i)
 
     def do_DELE(self, i: bytes) -> None:
         n = self._number(i)
@@ -201,7 +317,7 @@ class MailPOP3(pop3.POP3):
             if lines < 0:
                 raise ValueError
         except ValueError:
-            self.failResponse(b"bad line count")
+            self._refuse("bad_arguments", b"bad line count")
             return None
         return self._send(i, lines)
 

@@ -16,7 +16,6 @@ managers; the cluster issue puts AMP-backed ones behind the same callables.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..admin.routes import ApiError, Route
+from ._guard import ClientErrors
 from ._imap import MailboxRegistry, MailImapServer
 from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
@@ -200,14 +200,14 @@ class MailService(MultiService):
         self.outbound.setServiceParent(self)
         self.registry = MailboxRegistry()
         self.mailbox_manager.on_change(self.registry.changed)
+        #: POP3/IMAP client mistakes and server errors (``client_errors`` in status).
+        self.client_errors = ClientErrors(now)
         realm = MailRealm(
             self.retrieval, self.delivery, self.policy, self.registry, self._read_file, now
         )
         self.portal = portal.Portal(realm, [ManagerChecker(self.retrieval, domain)])
         #: Shared by IMAP, POP3 and SMTP AUTH: per address and per account.
         self.throttle = AuthThrottle(auth_throttle)
-        #: Client mistakes answered with a protocol error (``smtp_bad_arguments``, ...).
-        self.counters: Counter[str] = Counter()
         self.factories: dict[str, Factory] = {
             "smtp": _ProtocolFactory(self._smtp_protocol),
             "pop3": _ProtocolFactory(self._pop3_protocol),
@@ -328,20 +328,20 @@ class MailService(MultiService):
             self._deliver,
             self._challengers(),
             self.tls,
-            counters=self.counters,
+            counters=self.client_errors.counts,
         )
         p.delivery = SmtpDelivery(self.delivery, policy, self.reactor.seconds)
         p.portal = self._portal_for(p, addr)
         return p
 
     def _pop3_protocol(self, addr: Any = None) -> MailPOP3:
-        p = MailPOP3(self.reactor, self.tls)
+        p = MailPOP3(self.reactor, self.tls, self.client_errors)
         p.portal = self._portal_for(p, addr)
         return p
 
     def _imap_protocol(self, addr: Any = None) -> MailImapServer:
         chal = {b"LOGIN": imap4.LOGINCredentials, b"PLAIN": imap4.PLAINCredentials}
-        p = MailImapServer(self.reactor, self.max_message_size, chal, self.tls)
+        p = MailImapServer(self.reactor, self.max_message_size, chal, self.tls, self.client_errors)
         p.portal = self._portal_for(p, addr)
         return p
 
@@ -425,7 +425,8 @@ class MailService(MultiService):
             "mail": {name: self.address_of(name) for name in self.ports},
             "messages_accepted": self.delivered,
             "auth": self.throttle.status(),
-            "client_errors": dict(self.counters),
+            "client_errors": self.client_errors.status(),
+            "imap_open_mailboxes": sum(len(b) for b in self.registry.boxes.values()),
             "outbound": self.outbound.status(),
         }
 
