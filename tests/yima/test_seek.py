@@ -282,3 +282,36 @@ def test_reorderer_reset_drops_what_it_held() -> None:
     r.reset(10)
     assert r.push(10, b"ten", 0.1) == [b"ten"]
     assert r.tick(5.0) == []
+
+
+def test_seek_to_the_very_end_ends_the_stream_with_bye() -> None:
+    """PLAY Range at the end sends no packet and an RTCP BYE after the grace time."""
+    svc, reactor, _ = one_node()
+    rtcp: list[bytes] = []
+    svc._send = lambda data, addr: rtcp.append(data) if addr[1] == 5001 else None  # type: ignore[method-assign]
+    session = _session(svc)
+    reply = _reply(svc.play(session, NptRange(30.0, None)))
+    assert reply.range.start == 30.0
+    reactor.advance(2.0)
+    assert svc.plans["S1"].bye_sent and any(
+        data[1] == 203 or b"end of stream" in data for data in rtcp
+    )
+
+
+def test_seek_restarts_a_taken_over_share_with_its_index_and_blocks() -> None:
+    """After a takeover, a seek restarts the departed node's share here: same blocks,
+    same node index, the session's new internal SSRC, from the new position."""
+    svc, _, _ = one_node()
+    session = _session(svc)
+    _reply(svc.play(session, NptRange(0.0, None)))
+    plan = svc.plans["S1"]
+    plan.members = ("a", "b")
+    plan.takeovers["b"] = "S1+b"
+    svc.streaming.start(session="S1+b", media="clip", start_ct=0.0, start_mt=0.0, host="h",
+                        port=1, ssrc=plan.node_ssrc, seq_base=plan.seq_base, ts_base=0,
+                        node_index=1, all_blocks=False, blocks=[1, 3, 5])  # fmt: skip
+    _reply(svc.play(session, NptRange(4.0, None)))
+    taken = svc.streaming.scheduler.sessions["S1+b"]
+    dest = svc.streaming.destinations["S1+b"]
+    assert taken.my_blocks == (1, 3, 5) and dest.node_index == 1
+    assert dest.ssrc == plan.node_ssrc and (taken.peek() or (None,))[0] == 5

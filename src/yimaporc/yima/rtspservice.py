@@ -318,6 +318,8 @@ class YimaStreamingService(Service):
         key = (dest.ssrc, dest.node_index)
         got = self._templates.get(key)
         if got is None:
+            if len(self._templates) >= 1024:  # relayed sessions get a new SSRC per seek
+                self._templates.clear()
             s = self.streaming.scheduler.sessions.get(pkt.session)
             info = self.storage.media_info(s.media.name) if s is not None else None
             wav = info.wav if info is not None and info.kind == KIND_WAV else None
@@ -633,6 +635,8 @@ class YimaStreamingService(Service):
             plan.relay.reset(first)
             if plan.sr_timer is None or not plan.sr_timer.active():
                 plan.sr_timer = self.reactor.callLater(1.0, self._sr_tick, sid)
+            if first >= plan.total:  # a seek to the very end: nothing to send, say so
+                self._forward(sid, plan, [])
         d = DeferredList(self._start_everywhere(sid, plan, at, start_mt), consumeErrors=True)
 
         def started(results: list[tuple[bool, Any]]) -> PlayReply:
@@ -674,8 +678,15 @@ class YimaStreamingService(Service):
             else:
                 calls.append(self.node.rpc.call(m.address, StreamStart, **kwargs))
         for node_id, local in plan.takeovers.items():
+            served = self.streaming.scheduler.sessions.get(local)
+            if served is not None:
+                blocks = list(served.my_blocks)
+            else:
+                info = self.storage.media_info(plan.media)
+                blocks = [i for i in range(info.blocks)
+                          if (p := self.storage.places(info, BlockKey(i))) and p[0].node_id == node_id]  # fmt: skip
             kwargs = dict(common, session=local, node_index=plan.members.index(node_id),
-                          all_blocks=False)  # fmt: skip
+                          all_blocks=False, blocks=blocks)  # fmt: skip
             calls.append(maybeDeferred(self.streaming.start, **kwargs))
         return calls
 
@@ -780,7 +791,7 @@ class YimaStreamingService(Service):
         local = f"{sid}+{node_id}"
         plan.takeovers[node_id] = local
         self.streaming.start(session=local, media=plan.media, start_ct=at, start_mt=mt,
-                             host=host, port=port, ssrc=plan.ssrc, seq_base=plan.seq_base,
+                             host=host, port=port, ssrc=plan.node_ssrc, seq_base=plan.seq_base,
                              ts_base=plan.ts_base, node_index=plan.members.index(node_id),
                              all_blocks=False, blocks=blocks)  # fmt: skip
         if not plan.playing:

@@ -72,7 +72,10 @@ class MediaTiming:
         return self._total
 
     def gseq_time(self, gseq: int) -> float:
-        """Media time of global packet ``gseq`` (``block * packets_per_block + j``)."""
+        """Media time of global packet ``gseq`` (``block * packets_per_block + j``);
+        the end of the media for :attr:`total` (one past the last packet) and beyond."""
+        if gseq >= self._total:
+            return max(self.duration, self.block_starts[-1]) if self.block_starts else 0.0
         ppb = self.packets_per_block
         return self.packet_time(gseq // ppb, gseq % ppb)
 
