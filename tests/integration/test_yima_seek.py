@@ -78,8 +78,8 @@ def seek_cluster(
 class RawRtsp:
     """A minimal RTSP client over TCP interleaved: requests, replies, RTP frames in order."""
 
-    def __init__(self, host: str = HOST) -> None:
-        self.sock = socket.create_connection((host, RTSP), timeout=120)
+    def __init__(self, host: str = HOST, source: str = "127.0.108.9") -> None:
+        self.sock = socket.create_connection((host, RTSP), timeout=120, source_address=(source, 0))
         self.buf = bytearray()
         self.cseq = 0
         self.session = ""
@@ -271,3 +271,34 @@ def test_ffmpeg_seeks_with_ss(
     assert 29.0 <= first / 25 <= 32.0, first / 25
     run = matched[matched.index(first) :][:25]
     assert run == list(range(first, first + 25)), run
+
+
+def test_relay_sends_plain_rtp_over_udp_to_a_standard_client(
+    seek_cluster: list[NodeProc],
+) -> None:
+    """Over UDP, a client without ``x-yima-fanout`` gets RFC 3550 RTP: X bit 0, a 12-byte
+    header, the SSRC from SETUP, whole TS packets, numbers going on by one from RTP-Info."""
+    rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rtp.bind(("127.0.108.9", 0))
+    rtp.settimeout(10)
+    port = rtp.getsockname()[1]
+    c = RawRtsp()
+    try:
+        c.request("DESCRIBE", URL, "Accept: application/sdp")
+        status, hdrs = c.request(
+            "SETUP", f"{URL}/track1", f"Transport: RTP/AVP;unicast;client_port={port}-{port + 1}"
+        )
+        assert " 200 " in status, status
+        ssrc = int(hdrs["transport"].split("ssrc=")[1].split(";")[0], 16)
+        status, hdrs = c.request("PLAY", URL, "Range: npt=40-")
+        _, seq, _ = _rtp_info_seq(hdrs)
+        got = [rtp.recvfrom(65536)[0] for _ in range(200)]
+        c.request("TEARDOWN", URL)
+    finally:
+        c.close()
+        rtp.close()
+    assert _seq(got[0]) == seq
+    for data in got:
+        assert data[0] == 0x80 and int.from_bytes(data[8:12], "big") == ssrc
+        assert (len(data) - 12) % 188 == 0 and data[12] == 0x47
+    assert [(_seq(d) - seq) & 0xFFFF for d in got] == list(range(200))
