@@ -268,7 +268,7 @@ def test_ffmpeg_seeks_with_ss(
     first = next(i for i in matched if i is not None)
     print(f"ffmpeg -ss 30 over {transport}: {len(got)} frames, first source frame {first} ({first / 25:.2f} s), "
           f"{sum(i is not None for i in matched)} identical to the source")  # fmt: skip
-    assert 29.0 <= first / 25 <= 32.0, first / 25
+    assert 29.0 <= first / 25 <= 33.0, first / 25  # within the GOPs after 30 s
     run = matched[matched.index(first) :][:25]
     assert run == list(range(first, first + 25)), run
 
