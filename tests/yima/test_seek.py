@@ -315,3 +315,25 @@ def test_seek_restarts_a_taken_over_share_with_its_index_and_blocks() -> None:
     dest = svc.streaming.destinations["S1+b"]
     assert taken.my_blocks == (1, 3, 5) and dest.node_index == 1
     assert dest.ssrc == plan.node_ssrc and (taken.peek() or (None,))[0] == 5
+
+
+def test_relayed_nack_after_a_seek_names_the_right_packets() -> None:
+    """A standard client's NACK (its own, renumbered seqs) after a backward seek is mapped
+    back to the global packets of the new position."""
+    from yimaporc.yima.rtp import GenericNack, nack_items_from_lost, serialize_rtcp
+
+    svc, reactor, _ = one_node()
+    session = _session(svc)
+    _reply(svc.play(session, NptRange(10.0, None)))
+    for _ in range(150):
+        reactor.advance(0.01)
+    reply = _reply(svc.play(session, NptRange(2.0, None)))
+    for _ in range(100):
+        reactor.advance(0.01)
+    asked: list[list[int] | None] = []
+    svc.streaming.nack = lambda s, ns, gs=None: asked.append(gs) or {}  # type: ignore[method-assign,assignment]
+    first = reply.rtp_info[0].seq
+    lost = [(first + 3) & 0xFFFF, (first + 4) & 0xFFFF]
+    nack = GenericNack(1, svc.plans["S1"].ssrc, nack_items_from_lost(lost))
+    svc.feedback.datagram(serialize_rtcp(nack), None)
+    assert asked == [[23, 24]]  # 2.0 s is block 2, packet 0: gseq 20
