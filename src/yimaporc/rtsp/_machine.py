@@ -235,6 +235,23 @@ def choose_transport(
     raise RtspStatusError(461)
 
 
+def _normal_play_only(request: Request) -> None:
+    """``Scale`` and ``Speed`` (RFC 2326 §12.34-35) other than 1 are refused with 456:
+    only normal-rate play is served (rate changes come from the Yima flow control)."""
+    for name in ("Scale", "Speed"):
+        value = request.headers.get(name)
+        if value is None:
+            continue
+        try:
+            ok = float(value.strip()) == 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise RtspStatusError(
+                456, f"{name}: {value.strip()[:40]} not served: only normal play ({name}: 1)"
+            )
+
+
 def prepare(
     request: Request,
     table: SessionTable,
@@ -288,7 +305,10 @@ def prepare(
             try:
                 rng = parse_range(value)
             except MalformedHeader:
-                raise RtspStatusError(457) from None
+                raise RtspStatusError(
+                    457, "Invalid Range: only npt=START-[END] is served (seconds or h:m:s)"
+                ) from None
+        _normal_play_only(request)
     created = False
     if method == "SETUP" and session is None:
         session = table.create(now, peer)

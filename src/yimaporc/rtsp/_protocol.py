@@ -205,6 +205,21 @@ class _Done:
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
+    reason: str = ""
+
+
+def _refused(exc: RtspStatusError) -> _Done:
+    """The answer to a refused request; a detail beyond the standard reason phrase
+    goes in the status line (players print it) and, whole, in a text/plain body."""
+    standard = reason_phrase(exc.status)
+    detail = " ".join(exc.reason.split())
+    if not detail or detail == standard:
+        return _Done(exc.status, exc.headers)
+    line = f"{standard}: {detail}"
+    line = line if len(line) <= 200 else line[:197] + "..."
+    body = (detail + "\r\n").encode("utf-8", "replace")
+    return _Done(exc.status, (*exc.headers, ("Content-Type", "text/plain; charset=utf-8")),
+                 body, line)  # fmt: skip
 
 
 class RtspServerFactory(Factory):
@@ -306,7 +321,7 @@ class RtspServerFactory(Factory):
                 url=request.url,
                 status=exc.status,
             )
-            return succeed(self._response(request, None, _Done(exc.status, exc.headers)))
+            return succeed(self._response(request, None, _refused(exc)))
         d = cast("Deferred[_Done]", maybeDeferred(self._run, prep, proto))
 
         def ok(done: _Done) -> Response:
@@ -316,7 +331,7 @@ class RtspServerFactory(Factory):
             abort(prep, self.sessions)
             exc = failure.value
             if isinstance(exc, RtspStatusError):
-                return self._response(request, None, _Done(exc.status, exc.headers))
+                return self._response(request, None, _refused(exc))
             self.log.failure(
                 "rtsp: {method} {url} failed", failure, method=request.method, url=request.url
             )
@@ -336,7 +351,8 @@ class RtspServerFactory(Factory):
                 ("Session", serialize_session(SessionHeader(session.session_id, timeout)))
             )
         fields += done.headers
-        return Response(done.status, reason_phrase(done.status), Headers(tuple(fields)), done.body)
+        reason = done.reason or reason_phrase(done.status)
+        return Response(done.status, reason, Headers(tuple(fields)), done.body)
 
     def _run(self, prep: Prepared, proto: RtspServerProtocol) -> Deferred[_Done] | _Done:
         method = prep.method
@@ -364,8 +380,10 @@ class RtspServerFactory(Factory):
         if method == "PLAY":
             d = maybeDeferred(self.handler.play, session, prep.range)
             return d.addCallback(self._played, prep)
-        handler_call = self.handler.pause if method == "PAUSE" else self.handler.teardown
-        d = maybeDeferred(handler_call, session)
+        if method == "PAUSE":
+            d = maybeDeferred(self.handler.pause, session)
+            return d.addCallback(self._paused, prep)
+        d = maybeDeferred(self.handler.teardown, session)
         return d.addCallback(lambda _: self._completed(prep))
 
     def _completed(self, prep: Prepared, reply: TransportSpec | None = None) -> _Done:
@@ -403,7 +421,15 @@ class RtspServerFactory(Factory):
             headers.append(("Range", serialize_range(rng)))
         if reply is not None and reply.rtp_info:
             headers.append(("RTP-Info", serialize_rtp_info(reply.rtp_info)))
+        # Only normal play is offered (prepare refused any other): say so, RFC 2326 §12.34.
+        headers += [(h, "1") for h in ("Scale", "Speed") if prep.request.headers.get(h)]
         return _Done(200, tuple(headers))
+
+    def _paused(self, reply: NptRange | None, prep: Prepared) -> _Done:
+        complete(prep, self.sessions)
+        if isinstance(reply, NptRange):
+            return _Done(200, (("Range", serialize_range(reply)),))
+        return _Done()
 
 
 def _typed(body: bytes | None) -> tuple[tuple[str, str], ...]:

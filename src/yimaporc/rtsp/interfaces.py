@@ -52,7 +52,8 @@ class IRtspHandler(Interface):
         """Start or resume ``session`` (from ``range.start`` if given): a :class:`PlayReply` or None."""
 
     def pause(session: ServerSession) -> Any:
-        """Pause ``session``; it stays set up."""
+        """Pause ``session``; it stays set up.  May return the :class:`NptRange` from the
+        pause point (answered as ``Range``, RFC 2326 §10.6)."""
 
     def teardown(session: ServerSession) -> Any:
         """Stop ``session`` and free it; also called when it times out or its TCP connection drops."""

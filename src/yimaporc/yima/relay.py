@@ -24,6 +24,8 @@ class RelayStats:
     duplicates: int = 0
     too_late: int = 0
     gaps_skipped: int = 0
+    #: Packets of an earlier position (sent before the nodes took a seek), dropped.
+    stale: int = 0
 
 
 class Reorderer:
@@ -52,6 +54,12 @@ class Reorderer:
             out.extend(self._skip_gap())
         return out
 
+    def reset(self, first: int) -> None:
+        """Start over at ``first`` (a seek): whatever is held is dropped."""
+        self._heap.clear()
+        self._held.clear()
+        self.next = first
+
     def tick(self, now: float) -> list[bytes]:
         """Give up gaps whose next packet has waited ``hold`` seconds."""
         out: list[bytes] = []
@@ -79,3 +87,22 @@ class Reorderer:
             self.next += 1
         self.stats.forwarded += len(out)
         return out
+
+
+def rewrite(data: bytes, seq: int, ssrc: bytes, keep_extension: bool) -> bytes:
+    """A node's RTP packet as the relay forwards it: sequence number ``seq`` (the
+    session's own, continuous across seeks), SSRC ``ssrc`` (4 bytes), and the
+    header extension kept only for a client that opted in (``x-yima-fanout``).
+
+    Without it the packet is plain RFC 3550 RTP: X bit clear, the 12-byte fixed
+    header (plus CSRCs, if any) followed by the payload.
+    """
+    seq_bytes = (seq & 0xFFFF).to_bytes(2, "big")
+    if keep_extension or not data[0] & 0x10:
+        return data[:2] + seq_bytes + data[4:8] + ssrc + data[12:]
+    fixed = 12 + 4 * (data[0] & 0x0F)
+    if len(data) < fixed + 4:
+        return bytes((data[0] & 0xEF,)) + data[1:2] + seq_bytes + data[4:8] + ssrc + data[12:]
+    end = fixed + 4 + 4 * int.from_bytes(data[fixed + 2 : fixed + 4], "big")
+    return (bytes((data[0] & 0xEF,)) + data[1:2] + seq_bytes + data[4:8] + ssrc
+            + data[12:fixed] + data[end:])  # fmt: skip

@@ -40,7 +40,7 @@ from ..rtsp.interfaces import PlayReply
 from .feedback import RETRANSMISSION_MARK, FeedbackReceiver, StreamPorts, mark_retransmission
 from .media import KIND_TS, KIND_WAV, MediaInfo, WavFormat, packet_bytes, to_l16
 from .placement import LogicalDisk
-from .relay import Reorderer
+from .relay import Reorderer, rewrite
 from .rtp import (
     PT_MP2T,
     Bye,
@@ -67,19 +67,34 @@ SR_INTERVAL = 5.0  # RFC 3550's minimum interval; the first SR goes 1 s after PL
 TRACK = "track1"
 
 
-def plan_total(timing: MediaTiming) -> int:
-    """Packets in the whole file."""
-    return sum(timing.packet_count(b) for b in range(timing.blocks))
-
-
-def packet_time(timing: MediaTiming, gseq: int) -> float:
-    """Media time of global packet ``gseq``."""
-    ppb = timing.packets_per_block
-    return timing.packet_time(gseq // ppb, gseq % ppb)
+_TIMINGS: dict[int, tuple[MediaInfo, MediaTiming]] = {}
 
 
 def media_timing(info: MediaInfo) -> MediaTiming:
-    """What the scheduler needs of a catalog entry."""
+    """What the scheduler needs of a catalog entry (computed once per catalog entry:
+    the time index with its per-block packet counts, ready for bisection)."""
+    got = _TIMINGS.get(id(info))
+    if got is not None and got[0] is info:
+        return got[1]
+    timing = _media_timing(info)
+    if len(_TIMINGS) >= 256:
+        _TIMINGS.clear()
+    _TIMINGS[id(info)] = (info, timing)
+    return timing
+
+
+def rtp_time(info: MediaInfo, timing: MediaTiming, gseq: int, ts_base: int) -> int:
+    """The RTP timestamp of global packet ``gseq``, as :meth:`YimaStreamingService._packetize`
+    stamps it (media time for MPEG-TS; the first sample frame for L16)."""
+    if info.kind == KIND_WAV and info.wav is not None:
+        ppb = timing.packets_per_block
+        at = (gseq // ppb) * info.block_size + (gseq % ppb) * timing.payload
+        frames = max(0, max(at, info.wav.data_offset) - info.wav.data_offset) // info.wav.frame_size
+        return (ts_base + frames) & 0xFFFFFFFF
+    return (ts_base + round(timing.gseq_time(gseq) * timing.clock_rate)) & 0xFFFFFFFF
+
+
+def _media_timing(info: MediaInfo) -> MediaTiming:
     starts = tuple(t / 1e6 for t in info.block_times) or tuple(float(i) for i in range(info.blocks))
     if info.kind == KIND_WAV and info.wav is not None:
         return MediaTiming(info.name, info.size, info.block_size, starts, info.duration or 0.0,
@@ -133,6 +148,15 @@ class _Plan:
     relay_addr: tuple[str, int] = ("", 0)  # where the nodes send this session's packets
     relay_timer: IDelayedCall | None = None
     bye_timer: IDelayedCall | None = None
+    # The client opted in to the Yima extension (x-yima-fanout): relayed packets keep it.
+    extension: bool = False
+    # The SSRC the nodes stamp on this session's packets: the client's for fan-out;
+    # for a relayed session a fresh one per seek, so the relay tells a packet of the
+    # new position from one of the old that was still on its way.
+    node_ssrc: int = 0
+    # Relayed: the sequence number the client sees is gseq + seq_offset (mod 2^16),
+    # re-based at each seek so that it goes on by one (RTP-Info names the first).
+    seq_offset: int = 0
     # Media position at cluster time started_ct (the last PLAY or resume).
     position: float = 0.0
     started_ct: float = 0.0
@@ -150,6 +174,9 @@ class _Plan:
     last_rtp_ts: int | None = None
     last_sent_at: float = 0.0
     sr_timer: IDelayedCall | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.node_ssrc, self.seq_offset = self.ssrc, self.seq_base
 
 
 @implementer(IRtspHandler, IMembershipListener)
@@ -291,6 +318,8 @@ class YimaStreamingService(Service):
         key = (dest.ssrc, dest.node_index)
         got = self._templates.get(key)
         if got is None:
+            if len(self._templates) >= 1024:  # relayed sessions get a new SSRC per seek
+                self._templates.clear()
             s = self.streaming.scheduler.sessions.get(pkt.session)
             info = self.storage.media_info(s.media.name) if s is not None else None
             wav = info.wav if info is not None and info.kind == KIND_WAV else None
@@ -366,7 +395,7 @@ class YimaStreamingService(Service):
         base = plan.relay.next
         full = []
         for seq16 in gseqs[:512]:
-            g = (seq16 - plan.seq_base) & 0xFFFF
+            g = (seq16 - plan.seq_offset) & 0xFFFF
             full.append(base + ((g - base + 0x8000) & 0xFFFF) - 0x8000)
         for m in self.node.view.members:
             if m.node_id == self.node.node_id:
@@ -420,6 +449,7 @@ class YimaStreamingService(Service):
             host = transport.destination or session.peer or "127.0.0.1"
             plan = _Plan(info.name, host, transport.client_port[0], transport.yima_fanout, None,
                          ssrc, self.rng.getrandbits(16), self.rng.getrandbits(32))  # fmt: skip
+        plan.extension = transport.yima_fanout  # over TCP relayed, but the client opted in
         if not plan.fanout:
             self._open_relay(session.session_id, plan)
         plan.session = session
@@ -452,6 +482,9 @@ class YimaStreamingService(Service):
         plan = self.plans.get(session_id)
         if plan is None or plan.relay is None or len(data) < 12:
             return
+        if int.from_bytes(data[8:12], "big") != plan.node_ssrc:
+            plan.relay.stats.stale += 1  # sent for the position before a seek
+            return
         seq16 = int.from_bytes(data[2:4], "big")
         gseq = (seq16 - plan.seq_base) & 0xFFFF
         # Unwrap against what the relay expects next.
@@ -462,7 +495,14 @@ class YimaStreamingService(Service):
             return
         self._forward(session_id, plan, plan.relay.push(gseq, data, self.reactor.seconds()))
 
+    def _to_client(self, plan: _Plan, data: bytes) -> bytes:
+        """A node's packet as this session's client gets it: its own sequence numbers
+        and SSRC; the Yima extension only if it opted in."""
+        seq = int.from_bytes(data[2:4], "big") - plan.seq_base + plan.seq_offset
+        return rewrite(data, seq, plan.ssrc.to_bytes(4, "big"), plan.extension)
+
     def _forward_late(self, plan: _Plan, data: bytes) -> None:
+        data = self._to_client(plan, data)
         if plan.tcp_channel is not None:
             if plan.session is not None:
                 plan.session.send_interleaved(plan.tcp_channel, data)
@@ -470,6 +510,7 @@ class YimaStreamingService(Service):
             self._send(data, (plan.dest_host, plan.dest_port))
 
     def _forward(self, session_id: str, plan: _Plan, packets: list[bytes]) -> None:
+        packets = [self._to_client(plan, d) for d in packets]
         if packets:
             last = packets[-1]
             plan.packets += len(packets)
@@ -552,59 +593,125 @@ class YimaStreamingService(Service):
         self._control(sid, "stop", 0.0)
 
     def play(self, session: ServerSession, range: NptRange | None) -> Deferred[PlayReply]:
-        """Start (or resume) the session on every node."""
-        plan = self.plans[session.session_id]
+        """Start, resume, or seek (a Range with a start, in Ready or Playing) on every node.
+
+        The first packet is found by bisection in the media's time index; the
+        reply's RTP-Info names that packet's sequence number and timestamp.
+        """
+        sid = session.session_id
+        plan = self.plans[sid]
         info = self._media(plan.media)
-        at = self.node.cluster_time() + START_LEAD
-        if plan.playing or (range is None and plan.started_ct):
-            if not plan.playing:
-                plan.started_ct, plan.playing = at, True
-            return self._control(session.session_id, "resume", at).addCallback(
-                lambda _: PlayReply(NptRange(plan.position, info.duration), ())
-            )
-        start_mt = range.start if range is not None and range.start is not None else 0.0
-        plan.position, plan.started_ct, plan.playing = start_mt, at, True
         timing = media_timing(info)
-        first = 0
-        while first < plan_total(timing) and packet_time(timing, first) < start_mt:
-            first += 1
-        plan.total = plan_total(timing)
+        at = self.node.cluster_time() + START_LEAD
+        seek = range is not None and range.start is not None
+        if plan.started_ct and not seek:
+            d: Deferred[Any] = succeed(None)
+            if not plan.playing:  # resume where PAUSE stopped
+                plan.started_ct, plan.playing = at, True
+                d = self._control(sid, "resume", at)
+            first = timing.first_gseq_at(self._media_position(plan, at))
+            return d.addCallback(lambda _: self._play_reply(plan, info, timing, first))
+        start_mt = range.start if range is not None and range.start is not None else 0.0
+        duration = info.duration or timing.duration
+        if duration > 0 and start_mt > duration:
+            raise RtspStatusError(
+                457, f"Invalid Range: npt={start_mt:g}- starts past the end ({duration:.3f} s)"
+            )
+        first = timing.first_gseq_at(start_mt)
+        seeking = bool(plan.started_ct)
+        plan.position, plan.started_ct, plan.playing = start_mt, at, True
+        plan.total = timing.total
         plan.clock_rate = timing.clock_rate
         if plan.relay is not None:
-            plan.relay.next = first
-            if plan.sr_timer is None:
-                plan.sr_timer = self.reactor.callLater(1.0, self._sr_tick, session.session_id)
-        members = list(self.node.view.members)
-        plan.members = tuple(m.node_id for m in members)
-        me = self.node.node_id
-        dest_host, dest_port = self._destination(plan)
-        calls = []
-        for i, m in enumerate(members):
-            if self.mode == "master-slave" and m.node_id != me:
-                continue
-            kwargs: dict[str, Any] = dict(session=session.session_id, media=plan.media, start_ct=at,
-                          start_mt=start_mt, host=dest_host, port=dest_port, ssrc=plan.ssrc,
-                          seq_base=plan.seq_base, ts_base=plan.ts_base, node_index=i,
-                          all_blocks=self.mode == "master-slave")  # fmt: skip
-            if m.node_id == me:
-                calls.append(maybeDeferred(self.streaming.start, **kwargs))
-            else:
-                calls.append(self.node.rpc.call(m.address, StreamStart, **kwargs))
-        d = DeferredList(calls, consumeErrors=True)
+            if seeking:
+                # The client's numbers go on by one from the last the relay handed it.
+                plan.seq_offset += plan.relay.next - first
+                plan.node_ssrc = (plan.node_ssrc + 1 + self.rng.getrandbits(31)) & 0xFFFFFFFF
+                if plan.relay_timer is not None and plan.relay_timer.active():
+                    plan.relay_timer.cancel()
+                if plan.bye_timer is not None and plan.bye_timer.active():
+                    plan.bye_timer.cancel()
+                plan.bye_timer, plan.bye_sent = None, False
+            plan.relay.reset(first)
+            if plan.sr_timer is None or not plan.sr_timer.active():
+                plan.sr_timer = self.reactor.callLater(1.0, self._sr_tick, sid)
+            if first >= plan.total:  # a seek to the very end: nothing to send, say so
+                self._forward(sid, plan, [])
+        d = DeferredList(self._start_everywhere(sid, plan, at, start_mt), consumeErrors=True)
 
         def started(results: list[tuple[bool, Any]]) -> PlayReply:
             failed = [r for ok, r in results if not ok]
             if len(failed) == len(results):
                 raise RtspStatusError(503, "no node could start the stream")
             for f in failed:
-                self.log.warn("rtsp: a node did not start {s}: {e}", s=session.session_id,
+                self.log.warn("rtsp: a node did not start {s}: {e}", s=sid,
                               e=f.getErrorMessage())  # fmt: skip
-            url = f"{TRACK}"
-            rtptime = plan.ts_base + round(start_mt * timing.clock_rate)
-            return PlayReply(NptRange(start_mt, info.duration),
-                             (RtpInfo(url, plan.seq_base & 0xFFFF, rtptime & 0xFFFFFFFF),))  # fmt: skip
+            return self._play_reply(plan, info, timing, first)
 
         return d.addCallback(started)
+
+    def _start_everywhere(
+        self, sid: str, plan: _Plan, at: float, start_mt: float
+    ) -> list[Deferred[Any]]:
+        """StreamStart on every node of the session (and its local takeovers), from ``start_mt``.
+
+        Node indices are those of the first PLAY, so a seek after a takeover keeps
+        every node's (and the taken share's) number.
+        """
+        members = {m.node_id: m for m in self.node.view.members}
+        if not plan.members:
+            plan.members = tuple(members)
+        me = self.node.node_id
+        dest_host, dest_port = self._destination(plan)
+        common: dict[str, Any] = dict(media=plan.media, start_ct=at, start_mt=start_mt,
+                                      host=dest_host, port=dest_port, ssrc=plan.node_ssrc,
+                                      seq_base=plan.seq_base, ts_base=plan.ts_base)  # fmt: skip
+        calls: list[Deferred[Any]] = []
+        for i, node_id in enumerate(plan.members):
+            m = members.get(node_id)
+            if m is None or (self.mode == "master-slave" and node_id != me):
+                continue
+            kwargs = dict(common, session=sid, node_index=i,
+                          all_blocks=self.mode == "master-slave")  # fmt: skip
+            if node_id == me:
+                calls.append(maybeDeferred(self.streaming.start, **kwargs))
+            else:
+                calls.append(self.node.rpc.call(m.address, StreamStart, **kwargs))
+        for node_id, local in plan.takeovers.items():
+            served = self.streaming.scheduler.sessions.get(local)
+            if served is not None:
+                blocks = list(served.my_blocks)
+            else:
+                info = self.storage.media_info(plan.media)
+                blocks = [i for i in range(info.blocks)
+                          if (p := self.storage.places(info, BlockKey(i))) and p[0].node_id == node_id]  # fmt: skip
+            kwargs = dict(common, session=local, node_index=plan.members.index(node_id),
+                          all_blocks=False, blocks=blocks)  # fmt: skip
+            calls.append(maybeDeferred(self.streaming.start, **kwargs))
+        return calls
+
+    def _play_reply(
+        self, plan: _Plan, info: MediaInfo, timing: MediaTiming, first: int
+    ) -> PlayReply:
+        """Range from the first packet's media time; RTP-Info with the absolute URL and
+        that packet's sequence number (as the client gets it) and timestamp."""
+        duration = info.duration or timing.duration
+        start = min(timing.gseq_time(first), duration) if first < timing.total else duration
+        offset = plan.seq_base if plan.relay is None else plan.seq_offset
+        rtptime = rtp_time(info, timing, first, plan.ts_base)
+        return PlayReply(NptRange(round(start, 3), duration),
+                         (RtpInfo(self._track_url(plan), (first + offset) & 0xFFFF, rtptime),))  # fmt: skip
+
+    def _track_url(self, plan: _Plan) -> str:
+        """The stream's absolute URL as the client set it up (players match RTP-Info
+        against their control URL and ignore a relative one)."""
+        if plan.session is not None and plan.session.streams:
+            return next(iter(plan.session.streams))
+        host, port = self.node.config.cluster_host, 554
+        if self.rtsp_port is not None:
+            port = self.rtsp_port.getHost().port  # type: ignore[attr-defined]
+        host = f"[{host}]" if ":" in host else host
+        return f"rtsp://{host}:{port}/{plan.media}/{TRACK}"
 
     def _control(self, session_id: str, action: str, at: float) -> Deferred[Any]:
         plan = self.plans.get(session_id)
@@ -619,14 +726,21 @@ class YimaStreamingService(Service):
                                                 action=action, at=at, value=0.0))  # fmt: skip
         return DeferredList(calls, consumeErrors=True)
 
-    def pause(self, session: ServerSession) -> Deferred[Any]:
-        """Pause on every node at one cluster instant."""
+    def pause(self, session: ServerSession) -> Deferred[NptRange | None]:
+        """Pause on every node at one cluster instant; answers the Range from the pause point."""
         plan = self.plans.get(session.session_id)
         at = self.node.cluster_time() + 0.05
         if plan is not None and plan.playing:
             plan.position = self._media_position(plan, at)
             plan.playing = False
-        return self._control(session.session_id, "pause", at)
+
+        def paused(_: Any) -> NptRange | None:
+            if plan is None:
+                return None
+            duration = self.storage.media_info(plan.media).duration
+            return NptRange(round(plan.position, 3), duration)
+
+        return self._control(session.session_id, "pause", at).addCallback(paused)
 
     @staticmethod
     def _media_position(plan: _Plan, at: float) -> float:
@@ -677,7 +791,7 @@ class YimaStreamingService(Service):
         local = f"{sid}+{node_id}"
         plan.takeovers[node_id] = local
         self.streaming.start(session=local, media=plan.media, start_ct=at, start_mt=mt,
-                             host=host, port=port, ssrc=plan.ssrc, seq_base=plan.seq_base,
+                             host=host, port=port, ssrc=plan.node_ssrc, seq_base=plan.seq_base,
                              ts_base=plan.ts_base, node_index=plan.members.index(node_id),
                              all_blocks=False, blocks=blocks)  # fmt: skip
         if not plan.playing:

@@ -18,6 +18,8 @@ One :class:`NodeScheduler` serves all sessions of a node with one timer.
 from __future__ import annotations
 
 import heapq
+import math
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -43,19 +45,74 @@ class MediaTiming:
     # asked for on every packet (the bench profile showed them dominating).
     _counts: tuple[int, ...] = attrs.field(init=False, repr=False, eq=False)
     _steps: tuple[float, ...] = attrs.field(init=False, repr=False, eq=False)
+    _total: int = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        n = len(self.block_starts)
+        # Block start times as a non-decreasing sequence (a time index is; a
+        # damaged one is flattened), so packet times never go backwards and the
+        # time index can be searched by bisection.
+        starts: list[float] = []
+        for t in self.block_starts:
+            starts.append(max(t, starts[-1]) if starts else t)
+        object.__setattr__(self, "block_starts", tuple(starts))
+        n = len(starts)
         counts = tuple(
             -(-min(self.block_size, self.size - b * self.block_size) // self.payload)
             for b in range(n)
         )
-        ends = (*self.block_starts[1:], self.duration)
-        steps = tuple(
-            (e - s) / max(1, c) for s, e, c in zip(self.block_starts, ends, counts, strict=True)
-        )
+        ends = (*starts[1:], max(self.duration, starts[-1]) if starts else self.duration)
+        steps = tuple((e - s) / max(1, c) for s, e, c in zip(starts, ends, counts, strict=True))
         object.__setattr__(self, "_counts", counts)
         object.__setattr__(self, "_steps", steps)
+        object.__setattr__(self, "_total", sum(counts))
+
+    @property
+    def total(self) -> int:
+        """RTP packets in the whole file (computed once)."""
+        return self._total
+
+    def gseq_time(self, gseq: int) -> float:
+        """Media time of global packet ``gseq`` (``block * packets_per_block + j``);
+        the end of the media for :attr:`total` (one past the last packet) and beyond."""
+        if gseq >= self._total:
+            return max(self.duration, self.block_starts[-1]) if self.block_starts else 0.0
+        ppb = self.packets_per_block
+        return self.packet_time(gseq // ppb, gseq % ppb)
+
+    def first_at(self, media_time: float) -> tuple[int, int]:
+        """(block, j) of the first packet whose media time is ``>= media_time``, O(log blocks).
+
+        ``(blocks, 0)`` when there is none (the end).  Packet times never
+        decrease along the global order, so every packet before it is earlier
+        and every packet from it on is at or after ``media_time``: a seek by
+        bisection over the block start times, then arithmetic inside the block.
+        """
+        starts = self.block_starts
+        nxt = bisect_left(starts, media_time)  # first block starting at or after media_time
+        if nxt == 0:
+            return 0, 0
+        b = nxt - 1  # starts before media_time: the packet may lie inside it
+        s, step, count = starts[b], self._steps[b], self._counts[b]
+        if step > 0:
+            j = min(count, max(0, math.ceil((media_time - s) / step)))
+        else:
+            j = count
+        # Rounding of the division: settle on the exact comparison packet_time uses.
+        while j > 0 and s + step * (j - 1) >= media_time:
+            j -= 1
+        while j < count and s + step * j < media_time:
+            j += 1
+        if j < count:
+            return b, j
+        return nxt, 0
+
+    def first_gseq_at(self, media_time: float) -> int:
+        """Global sequence number of the first packet at or after ``media_time``
+        (:attr:`total`'s worth of packets, i.e. the end, when there is none)."""
+        block, j = self.first_at(media_time)
+        if block >= self.blocks:
+            return self.total  # only the last block may be short: total = last gseq + 1
+        return block * self.packets_per_block + j
 
     @property
     def blocks(self) -> int:
@@ -149,9 +206,17 @@ class NodeScheduler:
         """Serve ``my_blocks`` of ``media`` from media time ``start_mt`` at cluster time ``start_ct``."""
         blocks = tuple(sorted(my_blocks))
         s = Session(session_id, media, blocks, anchor_ct=start_ct, anchor_mt=start_mt)
-        # Skip what lies before the start position (PLAY with a Range).
-        while (nxt := s.peek()) is not None and nxt[2] < start_mt:
-            s.cursor_packet += 1
+        old = self.sessions.get(session_id)
+        if old is not None:
+            # A seek restarts the session: this node's counter goes on (its packets
+            # stay numbered once each) and NACKs may still name what it sent before.
+            s.node_seq, s.sent, s.resent = old.node_seq, old.sent, old.resent
+        # Skip what lies before the start position (PLAY with a Range): bisection
+        # in the time index, never a walk over the packets.
+        block, j = media.first_at(start_mt)
+        s.cursor_block = bisect_left(blocks, block)
+        if s.cursor_block < len(blocks) and blocks[s.cursor_block] == block:
+            s.cursor_packet = j
         self.sessions[session_id] = s
         return s
 

@@ -142,8 +142,16 @@ class StreamingNode:
         all_blocks: bool,
         blocks: list[int] | None = None,
     ) -> dict[str, Any]:
-        """StreamStart: schedule our blocks (or all, for a master; or ``blocks``, locally)."""
+        """StreamStart: schedule our blocks (or all, for a master; or ``blocks``, locally).
+
+        Again for a session this node serves (a seek): the same blocks, from the new
+        position, the per-node sequence counter going on.
+        """
         timing = self.timing(media)
+        current = self.scheduler.sessions.get(session)
+        if blocks is None and current is not None and current.media.name == media:
+            # A seek of a session this node already serves: same share, no placement walk.
+            blocks = list(current.my_blocks)
         if blocks is None:
             blocks = list(range(timing.blocks)) if all_blocks else self.my_blocks(media)
         self.destinations[session] = Destination(
