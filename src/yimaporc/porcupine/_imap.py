@@ -606,6 +606,10 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
     def connectionMade(self) -> None:
         if hasattr(self._t, "setTcpNoDelay"):
             self._t.setTcpNoDelay(True)
+        from twisted.internet.interfaces import ISSLTransport
+
+        if ISSLTransport.providedBy(self._t):
+            self.startedTLS = True  # implicit TLS (993): LOGIN at once, no STARTTLS
         self._gate_start()
         super().connectionMade()
 

@@ -11,6 +11,12 @@ Changes to the stock protocol (26.10):
 - QUIT answers after the deletions are durable;
 - failed logins answer ``-ERR [AUTH]``, throttled ones ``-ERR [SYS/TEMP]``
   (RFC 3206);
+- STAT, LIST and UIDL leave out messages marked deleted, ``UIDL n`` answers
+  ``+OK n uid`` (stock: count and list deleted ones, ``+OK uid``);
+- SASL ``AUTH PLAIN`` (RFC 5034, with or without an initial response); CAPA
+  lists SASL, RESP-CODES, AUTH-RESP-CODE and PIPELINING;
+- with a certificate configured, USER/PASS/AUTH before STLS are refused
+  (``-ERR [AUTH]``) unless plaintext logins are allowed;
 - 512-octet command lines (``-ERR`` and close), no APOP timestamp (passwords
   are scrypt hashes); idle timeouts on the injected clock;
 - hostile input (issue 13): commands are checked (known, allowed in this
@@ -99,7 +105,7 @@ class Pop3Mailbox:
 
 #: Arguments each command takes: (least, most); None: any number (PASS).
 _ARITY: dict[bytes, tuple[int, int | None]] = {
-    b"CAPA": (0, 0), b"USER": (1, 1), b"PASS": (1, None), b"AUTH": (0, 1), b"QUIT": (0, 0),
+    b"CAPA": (0, 0), b"USER": (1, 1), b"PASS": (1, None), b"AUTH": (0, 2), b"QUIT": (0, 0),
     b"STLS": (0, 0), b"STAT": (0, 0), b"LIST": (0, 1), b"UIDL": (0, 1), b"RETR": (1, 1),
     b"TOP": (2, 2), b"DELE": (1, 1), b"NOOP": (0, 0), b"RSET": (0, 0), b"LAST": (0, 0),
 }  # fmt: skip
@@ -114,10 +120,16 @@ class MailPOP3(GatedLines, pop3.POP3):
     AUTH_CMDS = [b"CAPA", b"USER", b"PASS", b"AUTH", b"QUIT", b"STLS"]
 
     def __init__(
-        self, clock: Any, context_factory: Any = None, errors: ClientErrors | None = None
+        self,
+        clock: Any,
+        context_factory: Any = None,
+        errors: ClientErrors | None = None,
+        allow_plaintext: bool = False,
     ) -> None:
         self.clock = clock
         self.ctx = context_factory
+        #: USER/PASS and AUTH without TLS, when a certificate is configured.
+        self.allow_plaintext = allow_plaintext
         self.magic = b"yimaporc POP3 ready"
         self.errors = errors if errors is not None else ClientErrors(clock.seconds)
 
@@ -241,11 +253,76 @@ class MailPOP3(GatedLines, pop3.POP3):
 
         return ISSLTransport.providedBy(self.transport)
 
+    def _cleartext_refused(self) -> bool:
+        """True when a password may not be sent now: a certificate is configured,
+        this connection is not under TLS, and plaintext logins are not allowed."""
+        return self.ctx is not None and not self._tls_active() and not self.allow_plaintext
+
     def listCapabilities(self) -> list[bytes]:
-        caps = [b"TOP", b"USER", b"UIDL", b"IMPLEMENTATION yimaporc"]
+        caps = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+        if not self.mbox and not self._cleartext_refused():
+            caps += [b"USER", b"SASL PLAIN"]
         if self.ctx is not None and not self._tls_active() and not self.mbox:
             caps.append(b"STLS")
-        return caps
+        return [*caps, b"IMPLEMENTATION yimaporc"]
+
+    def _may_send_password(self) -> bool:
+        if self._cleartext_refused():
+            self._refuse("cleartext_login", b"[AUTH] Plaintext login disabled, use STLS first")
+            return False
+        return True
+
+    def do_USER(self, user: bytes) -> None:
+        if self._may_send_password():
+            super().do_USER(user)
+
+    def do_PASS(self, password: bytes, *words: bytes) -> None:
+        if self._may_send_password():
+            super().do_PASS(password, *words)
+
+    def do_AUTH(self, mechanism: bytes | None = None, initial: bytes | None = None) -> None:
+        """SASL (RFC 5034), PLAIN only; with or without an initial response."""
+        if mechanism is None:
+            self.successResponse(b"")
+            self._t.write(b"PLAIN\r\n.\r\n")
+            return
+        if mechanism.upper() != b"PLAIN":
+            self._refuse("bad_arguments", b"unsupported SASL mechanism")
+            return
+        if not self._may_send_password():
+            return
+        if initial is None:
+            self.state = "AUTH_PLAIN"
+            self._t.write(b"+ \r\n")
+            return
+        self._plain(initial)
+
+    def state_AUTH_PLAIN(self, line: bytes) -> None:
+        """The continuation of ``AUTH PLAIN`` without an initial response."""
+        self.state = "COMMAND"
+        if line.strip() == b"*":
+            self._refuse("auth_cancelled", b"AUTH cancelled")
+            return
+        self._plain(line.strip())
+
+    def _plain(self, response: bytes) -> None:
+        import base64
+        import binascii
+
+        try:
+            parts = base64.b64decode(response, validate=True).split(b"\0")
+        except (binascii.Error, ValueError):
+            parts = []
+        if len(parts) != 3 or not parts[1]:
+            self._refuse("bad_auth_response", b"invalid AUTH response")
+            return
+        authzid, user, password = parts
+        if authzid and authzid != user:
+            self._refuse("bad_auth_response", b"[AUTH] authorization identity not allowed")
+            return
+        d = maybeDeferred(self.authenticateUserPASS, user, password)
+        d.addCallbacks(self._cbMailbox, self._ebMailbox, callbackArgs=(user,))
+        d.addErrback(self._ebUnexpected)
 
     def do_STLS(self) -> None:
         if self.ctx is None or self.mbox or self._tls_active():
@@ -268,15 +345,40 @@ class MailPOP3(GatedLines, pop3.POP3):
             return None
         return n
 
-    def do_LIST(self, i: bytes | None = None) -> Any:
-        if i is not None and self._number(i) is None:
+    def _live(self, i: bytes) -> int | None:
+        """The 0-based index of message ``i`` if it exists and is not marked deleted."""
+        n = self._number(i)
+        if n is not None and n in self._mailbox().deleted:
+            self._refuse("no_such_message", b"message deleted")
             return None
-        return super().do_LIST(i)
+        return n
 
-    def do_UIDL(self, i: bytes | None = None) -> Any:
-        if i is not None and self._number(i) is None:
-            return None
-        return super().do_UIDL(i)
+    def _listing(self, line: Callable[[int], bytes]) -> None:
+        """A multi-line listing of the messages not marked deleted (RFC 1939)."""
+        box = self._mailbox()
+        rows = b"".join(line(n) + b"\r\n" for n in range(len(box.digests)) if n not in box.deleted)
+        self.successResponse(b"")
+        self._t.write(rows + b".\r\n")
+
+    def do_STAT(self) -> None:
+        """``+OK count octets`` of the messages not marked deleted (RFC 1939 5)."""
+        box = self._mailbox()
+        live = [d.size for n, d in enumerate(box.digests) if n not in box.deleted]
+        self.successResponse(b"%d %d" % (len(live), sum(live)))
+
+    def do_LIST(self, i: bytes | None = None) -> None:
+        box = self._mailbox()
+        if i is None:
+            self._listing(lambda n: b"%d %d" % (n + 1, box.digests[n].size))
+        elif (n := self._live(i)) is not None:
+            self.successResponse(b"%d %d" % (n + 1, box.digests[n].size))
+
+    def do_UIDL(self, i: bytes | None = None) -> None:
+        box = self._mailbox()
+        if i is None:
+            self._listing(lambda n: b"%d %s" % (n + 1, box.getUidl(n)))
+        elif (n := self._live(i)) is not None:
+            self.successResponse(b"%d %s" % (n + 1, box.getUidl(n)))
 
     def do_DELE(self, i: bytes) -> None:
         n = self._number(i)

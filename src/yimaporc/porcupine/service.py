@@ -133,6 +133,9 @@ class MailService(MultiService):
         routes: Routes | None = None,
         resolver: Any = None,
         retry: RetryPolicy | None = None,
+        pop3s: str | None = None,
+        imaps: str | None = None,
+        allow_plaintext_auth: bool = False,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -152,11 +155,17 @@ class MailService(MultiService):
             "imap": imap,
             "submission": submission,
             "submissions": submissions,
+            "pop3s": pop3s,
+            "imaps": imaps,
         }
         if (submission or submissions) and tls_cert is None and not _own_tls(submissions):
             raise ValueError(
                 "--submission/--submissions need --tls-cert/--tls-key (AUTH is TLS-only)"
             )
+        for name, endpoint in (("pop3s", pop3s), ("imaps", imaps)):
+            if endpoint and tls_cert is None and not _own_tls(endpoint):
+                raise ValueError(f"--{name} needs --tls-cert/--tls-key or an ssl: endpoint")
+        self.allow_plaintext_auth = allow_plaintext_auth
         self.max_message_size = max_message_size
         self.tls = self._tls_options(tls_cert, tls_key) if tls_cert and tls_key else None
         self._own_pool = threadpool is None
@@ -215,6 +224,8 @@ class MailService(MultiService):
             "submission": _ProtocolFactory(
                 lambda addr: self._smtp_protocol(addr, self.submission_policy)
             ),
+            "pop3s": self._implicit_tls(_ProtocolFactory(self._pop3_protocol), pop3s),
+            "imaps": self._implicit_tls(_ProtocolFactory(self._imap_protocol), imaps),
             "submissions": self._implicit_tls(
                 _ProtocolFactory(lambda addr: self._smtp_protocol(addr, self.submission_policy)),
                 submissions,
@@ -335,7 +346,7 @@ class MailService(MultiService):
         return p
 
     def _pop3_protocol(self, addr: Any = None) -> MailPOP3:
-        p = MailPOP3(self.reactor, self.tls, self.client_errors)
+        p = MailPOP3(self.reactor, self.tls, self.client_errors, self.allow_plaintext_auth)
         p.portal = self._portal_for(p, addr)
         return p
 
@@ -352,6 +363,11 @@ class MailService(MultiService):
         super().startService()
         if self._own_pool:
             self.pool.start()
+        if self.tls is None and any(self.endpoints[n] for n in ("pop3", "imap")):
+            self.log.warn(
+                "mail: no --tls-cert/--tls-key: IMAP and POP3 passwords cross the network "
+                "in clear (fine on loopback only; status shows plaintext_passwords)"
+            )
         d = deferToThreadPool(self.reactor, self.pool, self._recover)
         d.addCallback(self._listen_all)
         d.addErrback(self._start_failed)
@@ -428,6 +444,8 @@ class MailService(MultiService):
             "client_errors": self.client_errors.status(),
             "imap_open_mailboxes": sum(len(b) for b in self.registry.boxes.values()),
             "outbound": self.outbound.status(),
+            # No certificate: IMAP LOGIN, POP3 USER/PASS (and SMTP AUTH is off) in clear.
+            "plaintext_passwords": self.tls is None,
         }
 
     def admin_routes(self) -> list[Route]:

@@ -29,6 +29,8 @@ class Options(NodeOptions):
          "Login throttling, KEY=VALUE,... (delay, max-delay, per-connection, pair-failures, "
          "address-failures, account-failures, concurrent, window, lockout, trust, "
          "max-entries); see docs/operations.md."],
+        ["pop3s", None, None, "POP3 over implicit TLS (port 995 style; tcp: uses --tls-cert)."],
+        ["imaps", None, None, "IMAP over implicit TLS (port 993 style; tcp: uses --tls-cert)."],
         ["submission", None, None,
          "Submission endpoint (port 587 style: STARTTLS, AUTH before MAIL; needs --tls-cert)."],
         ["submissions", None, None,
@@ -38,6 +40,12 @@ class Options(NodeOptions):
          "Seconds between outbound attempts, comma-separated; the last repeats."],
         ["queue-lifetime", None, str(5 * 86400),
          "Seconds a message may wait in the outbound queue before it bounces."],
+    ]  # fmt: skip
+
+    optFlags: list[list[Any]] = [
+        *getattr(NodeOptions, "optFlags", []),
+        ["allow-plaintext-auth", None,
+         "Let POP3 USER/PASS and AUTH run before STLS when a certificate is configured."],
     ]  # fmt: skip
 
     def __init__(self) -> None:
@@ -133,6 +141,9 @@ def makeService(options: Options) -> IService:
             submissions=options["submissions"],
             routes=options.routes,
             retry=options.retry,
+            pop3s=options["pop3s"],
+            imaps=options["imaps"],
+            allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from e
