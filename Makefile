@@ -28,8 +28,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,plot]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
+# make run SMARTHOST=host:port sends the demo's outbound mail through that relay.
 run: install
-	$(BIN)/yimaporc local-cluster
+	$(BIN)/yimaporc local-cluster $(if $(SMARTHOST),--smarthost $(SMARTHOST),)
 
 lint: install
 	$(BIN)/ruff check src tests bench examples

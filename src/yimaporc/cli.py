@@ -118,8 +118,11 @@ def _cmd_token(args: argparse.Namespace) -> int:
 def _cmd_local_cluster(args: argparse.Namespace) -> int:
     from .local_cluster import LocalCluster
 
+    mail = ["--smarthost", args.smarthost] if args.smarthost else []
+    for rule in args.transport:
+        mail += ["--transport", rule]
     return LocalCluster(
-        base_dir=Path(args.base_dir), porcupine=args.porcupine, yima=args.yima
+        base_dir=Path(args.base_dir), porcupine=args.porcupine, yima=args.yima, mail_args=mail
     ).run()
 
 
@@ -144,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--porcupine", type=int, default=3, metavar="N")
     p.add_argument("--yima", type=int, default=3, metavar="N")
     p.add_argument("--base-dir", default="var/local", metavar="DIR")
+    p.add_argument(
+        "--smarthost",
+        metavar="HOST:PORT",
+        help="send the mail nodes' outbound mail through this relay",
+    )
+    p.add_argument(
+        "--transport",
+        action="append",
+        default=[],
+        metavar="DOMAIN=HOST:PORT",
+        help="send mail for DOMAIN to HOST:PORT (repeatable)",
+    )
     p.set_defaults(func=_cmd_local_cluster)
 
     for module in ("yimaporc.porcupine.cli", "yimaporc.yima.cli", "yimaporc.yima.player.cli"):

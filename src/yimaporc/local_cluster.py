@@ -24,6 +24,8 @@ from .admin.client import AdminClient, AdminError
 from .secret import admin_token, load_or_create_secret
 
 PORTS = {"smtp": 2525, "pop3": 1110, "imap": 1143, "rtsp": 8554, "admin": 8080, "cluster": 7946}
+#: Mail submission (587 and 465 style) on unprivileged ports, with the demo certificate.
+SUBMISSION_PORTS = {"submission": 1587, "submissions": 1465}
 DEMO_USER = "demo@example.org"
 DEMO_PASSWORD = "demo"
 DOMAIN = "example.org"
@@ -66,6 +68,18 @@ def secret_path(base: Path, kind: str) -> Path:
     return base / kind / "cluster.secret"
 
 
+def demo_certificate(base: Path) -> tuple[Path, Path]:
+    """BASE/tls/cert.pem and key.pem, made once (self-signed, valid 10 years)."""
+    directory = base / "tls"
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    if not (cert.exists() and key.exists()):
+        from .certs import make_cert
+
+        directory.mkdir(parents=True, exist_ok=True)
+        make_cert(directory, days=3650)
+    return cert, key
+
+
 def node_argv(kind: str, i: int, base: Path, secret: Path) -> tuple[str, str, list[str]]:
     """(node_id, host, twistd argv) for node ``i`` (1-based) of ``kind``."""
     net = 1 if kind == "porcupine" else 2
@@ -102,6 +116,12 @@ def node_argv(kind: str, i: int, base: Path, secret: Path) -> tuple[str, str, li
         argv += ["--domain", DOMAIN]
         for svc in ("smtp", "pop3", "imap"):
             argv += [f"--{svc}", ep(PORTS[svc])]
+        # A self-signed certificate so that users can submit mail (AUTH is TLS-only);
+        # IMAP and POP3 logins stay allowed in clear, as the demo is on loopback.
+        cert, key = demo_certificate(base)
+        argv += ["--tls-cert", str(cert), "--tls-key", str(key), "--allow-plaintext-auth"]
+        for svc, port in SUBMISSION_PORTS.items():
+            argv += [f"--{svc}", ep(port)]
     else:
         argv += ["--rtsp", ep(PORTS["rtsp"])]
     return node_id, host, argv
@@ -130,7 +150,12 @@ class LocalCluster:
     """Starts, watches and stops the demo nodes."""
 
     def __init__(
-        self, base_dir: Path, porcupine: int = 3, yima: int = 3, timeout: float = 60.0
+        self,
+        base_dir: Path,
+        porcupine: int = 3,
+        yima: int = 3,
+        timeout: float = 60.0,
+        mail_args: list[str] | None = None,
     ) -> None:
         if not 0 <= porcupine <= 250 or not 0 <= yima <= 250 or porcupine + yima == 0:
             raise LocalClusterError("--porcupine and --yima must be 0..250, not both 0")
@@ -146,6 +171,8 @@ class LocalCluster:
             self.tokens[kind] = admin_token(load_or_create_secret(secret))
             for i in range(1, n + 1):
                 node_id, host, argv = node_argv(kind, i, self.base, secret)
+                if kind == "porcupine":
+                    argv += mail_args or []
                 log = self.base / "logs" / f"{node_id}.log"
                 self.children.append(Child(node_id, kind, host, argv, log))
         self._stopping = False

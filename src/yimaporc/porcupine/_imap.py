@@ -556,9 +556,12 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         chal: Any = None,
         contextFactory: Any = None,
         errors: ClientErrors | None = None,
+        allow_plaintext: bool = False,
     ) -> None:
         super().__init__(chal, contextFactory, scheduler=self._iterate)
         self.clock = clock
+        #: LOGIN/AUTHENTICATE before STARTTLS although a certificate is configured.
+        self.allow_plaintext = allow_plaintext
         self.max_literal = max_literal
         self.errors = errors if errors is not None else ClientErrors(clock.seconds)
         self._in_command = False
@@ -918,6 +921,8 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
 
     def capabilities(self) -> dict[bytes, Any]:
         cap: dict[bytes, Any] = super().capabilities()
+        if self.allow_plaintext:
+            cap.pop(b"LOGINDISABLED", None)
         if b"LOGINDISABLED" in cap:
             cap[b"AUTH"] = []  # stock refuses LOGIN before STARTTLS but offers AUTH=PLAIN
         return cap

@@ -352,7 +352,14 @@ class MailService(MultiService):
 
     def _imap_protocol(self, addr: Any = None) -> MailImapServer:
         chal = {b"LOGIN": imap4.LOGINCredentials, b"PLAIN": imap4.PLAINCredentials}
-        p = MailImapServer(self.reactor, self.max_message_size, chal, self.tls, self.client_errors)
+        p = MailImapServer(
+            self.reactor,
+            self.max_message_size,
+            chal,
+            self.tls,
+            self.client_errors,
+            self.allow_plaintext_auth,
+        )
         p.portal = self._portal_for(p, addr)
         return p
 

@@ -45,7 +45,8 @@ class Options(NodeOptions):
     optFlags: list[list[Any]] = [
         *getattr(NodeOptions, "optFlags", []),
         ["allow-plaintext-auth", None,
-         "Let POP3 USER/PASS and AUTH run before STLS when a certificate is configured."],
+         "Let IMAP LOGIN and POP3 USER/PASS/AUTH run before STARTTLS/STLS when a "
+         "certificate is configured (SMTP AUTH stays TLS-only)."],
     ]  # fmt: skip
 
     def __init__(self) -> None:
