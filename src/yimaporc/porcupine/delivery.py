@@ -225,6 +225,13 @@ class SmtpPolicy:
     #: A submission listener (587/465): AUTH before MAIL, the user's own address
     #: as sender, any destination (queued out); the MX listener never relays.
     submission: bool = False
+    #: Further local domains besides ``domain`` (``--domain`` repeated).
+    other_domains: tuple[str, ...] = ()
+
+    def is_local(self, domain: str) -> bool:
+        """True if mail for ``domain`` is delivered here."""
+        domain = domain.lower()
+        return domain == self.domain or domain in self.other_domains
 
 
 @attrs.define
@@ -278,7 +285,7 @@ class SmtpDelivery:
         local = user.dest.local.decode("utf-8", "replace")
         # The listener's policy (submission or MX), not the one this avatar was made with.
         policy: SmtpPolicy = getattr(user.protocol, "policy", self.policy)
-        if domain != self.policy.domain:
+        if not self.policy.is_local(domain):
             if self.authenticated_as and (policy.submission or domain in policy.relay_domains):
                 return succeed(self._factory(user, Recipient(f"{local}@{domain}", True)))
             raise smtp.SMTPBadRcpt(user, 550, "Relaying denied")

@@ -136,11 +136,14 @@ class MailService(MultiService):
         pop3s: str | None = None,
         imaps: str | None = None,
         allow_plaintext_auth: bool = False,
+        other_domains: Sequence[str] = (),
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
-        if not _DOMAIN.match(domain):
-            raise ValueError(f"not a mail domain: {domain!r}")
+        others = tuple(d.strip().lower() for d in other_domains if d.strip().lower() != domain)
+        for name in (domain, *others):
+            if not _DOMAIN.match(name):
+                raise ValueError(f"not a mail domain: {name!r}")
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if max_message_size < 1024:
@@ -193,6 +196,7 @@ class MailService(MultiService):
             hostname=f"{node_id}.{domain}" if re.match(r"^[A-Za-z0-9-]+$", node_id) else domain,
             max_message_size=max_message_size,
             relay_domains=tuple(d.lower() for d in relay_domains),
+            other_domains=others,
         )
         #: Submission listeners: AUTH before MAIL, own address only, any destination.
         self.submission_policy = attrs.evolve(self.policy, submission=True)
@@ -312,7 +316,7 @@ class MailService(MultiService):
     def _bounce(self, sender: bytes, rcpt: str, body: bytes) -> Deferred[object]:
         """Deliver a delivery status notification to ``rcpt`` (local, or queued out)."""
         d: Deferred[Any]
-        if rcpt.rpartition("@")[2].lower() == self.domain:
+        if self.policy.is_local(rcpt.rpartition("@")[2]):
             d = self.delivery.deliver([normalise(rcpt)], with_return_path(sender, body))
         else:
             d = self.spool.enqueue("", [rcpt], body)
@@ -445,6 +449,7 @@ class MailService(MultiService):
         return {
             "users": self.profiles.count(),
             "domain": self.domain,
+            "domains": [self.domain, *self.policy.other_domains],
             "mail": {name: self.address_of(name) for name in self.ports},
             "messages_accepted": self.delivered,
             "auth": self.throttle.status(),
@@ -496,8 +501,9 @@ class MailService(MultiService):
             address = normalise(address)
         except BadAddress as e:
             raise ApiError(str(e)) from None
-        if address.split("@", 1)[1] != self.domain:
-            raise ApiError(f"address must be in this node's domain {self.domain}")
+        if not self.policy.is_local(address.split("@", 1)[1]):
+            domains = ", ".join((self.domain, *self.policy.other_domains))
+            raise ApiError(f"address must be in one of this node's domains: {domains}")
         return address
 
     @staticmethod

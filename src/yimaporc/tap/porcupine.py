@@ -16,7 +16,6 @@ class Options(NodeOptions):
     kind = "porcupine"
     optParameters: list[list[Any]] = [
         *NodeOptions.optParameters,
-        ["domain", None, None, "Mail domain this cluster serves (required)."],
         ["smtp", None, None, "SMTP endpoint, e.g. tcp:2525:interface=127.0.1.1."],
         ["pop3", None, None, "POP3 endpoint."],
         ["imap", None, None, "IMAP endpoint."],
@@ -52,6 +51,14 @@ class Options(NodeOptions):
     def __init__(self) -> None:
         super().__init__()
         self["transport"] = {}
+        self["domain"] = []
+
+    def opt_domain(self, value: str) -> None:
+        """A mail domain this cluster serves (required; may repeat, the first is the default
+        for logins without @domain)."""
+        domain = value.strip().lower()
+        if domain and domain not in self["domain"]:
+            self["domain"].append(domain)
 
     def opt_transport(self, value: str) -> None:
         """DOMAIN=HOST:PORT: send mail for DOMAIN there instead of its MX (may repeat)."""
@@ -130,7 +137,8 @@ def makeService(options: Options) -> IService:
             reactor,
             node_id=node.node_id,
             data_dir=node.config.data_dir,
-            domain=options["domain"],
+            domain=options["domain"][0],
+            other_domains=options["domain"][1:],
             smtp=options["smtp"],
             pop3=options["pop3"],
             imap=options["imap"],
