@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from ..admin.routes import Route
 from ..secret import derive_key
 from .catalog import PutDocument
+from .lag import ReactorLagMonitor
 from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
 from .rpc import Echo, RpcClient, RpcRegistry, RpcServerFactory
 from .udp import MembershipProtocol
@@ -154,6 +155,8 @@ class ClusterNode(MultiService):
         self.started_at = 0.0
         self._state_path = config.data_dir / "membership.json"
         self.state = self._load_state()
+        self.lag_monitor = ReactorLagMonitor(reactor)
+        self.lag_monitor.setServiceParent(self)
 
     # --- public face --------------------------------------------------------------
 
@@ -243,6 +246,7 @@ class ClusterNode(MultiService):
                 "rtt": sync.rtt if sync else None,
             },
             "membership": dict(self.protocol.stats) if self.protocol else {},
+            "reactor_lag": self.lag_monitor.summary().as_status(),
         }
         for provider in self.status_providers:
             doc.update(provider())
