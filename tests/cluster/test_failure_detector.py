@@ -13,8 +13,11 @@ from yimaporc.cluster.wire import (
     Header,
     IndirectAck,
     Member,
+    NewGroup,
     Ping,
     PingReq,
+    Probe,
+    Reply,
 )
 
 A = Member("a", "10.0.0.1:7946", 1)
@@ -148,3 +151,28 @@ def test_receive_buffer_grows_best_effort() -> None:
     finally:
         Port.socket.close()
     assert grow_receive_buffer(object(), 1024) == 0
+
+
+def test_accusation_round_commits_without_waiting_for_the_dead() -> None:
+    """The round that leaves b out does not ask b again when c still lists it: it commits
+    as soon as c answers, so detection costs no round timeout."""
+    a = in_view(A)
+    out = drive(a, 3.0)
+    (ng,) = [s for s in sends(out, NewGroup) if s.address == C.address]
+    assert not [s for s in sends(out, NewGroup) if s.address == B.address]
+    assert isinstance(ng.body, NewGroup)
+    out = a.receive(hdr(C, 500), Reply(ng.body.proposal, "a", 5, (A, B, C)), 3.001)
+    assert not sends(out, NewGroup)
+    assert a.view.node_ids == ("a", "c") and a.view.epoch > 5
+
+
+def test_silent_candidate_gets_newgroup_twice() -> None:
+    """A round resends NewGroup once, at half the round timeout, to candidates that have
+    not answered: one lost datagram does not cost a member its place."""
+    a = in_view(A)
+    out = a.receive(hdr(C, 600), Probe(9, (C,)), 1.0)  # another epoch: a starts a round
+    assert sorted(s.address for s in sends(out, NewGroup)) == [B.address, C.address]
+    assert not sends(a.tick(1.0 + a.config.round_timeout / 4), NewGroup)
+    out = a.tick(1.0 + a.config.round_timeout / 2)
+    assert sorted(s.address for s in sends(out, NewGroup)) == [B.address, C.address]
+    assert not sends(a.tick(1.0 + a.config.round_timeout * 0.75), NewGroup)

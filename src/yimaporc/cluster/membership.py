@@ -140,6 +140,8 @@ class _CoordinatorRound:
     candidates: dict[str, Member]
     replies: dict[str, tuple[Member, int]]
     deadline: float
+    excluded: Member | None = None
+    resend_at: float | None = None
 
 
 @attrs.define
@@ -260,6 +262,14 @@ class Membership:
         self._last_input = max(self._last_input, now)
         if now - due > cfg.late_tolerance:
             self._stalled(now, now - due)
+        rnd = self._round
+        if rnd is not None and rnd.resend_at is not None and now >= rnd.resend_at:
+            # one more NewGroup to the silent candidates: one lost datagram should not
+            # cost a member its place (and the group another round to take it back)
+            rnd.resend_at = None
+            for m in rnd.candidates.values():
+                if m.node_id not in rnd.replies:
+                    self._send(out, m.address, NewGroup(rnd.key[0]))
         if self._round is not None and now >= self._round.deadline:
             self._commit(now, out)
         if self._waiting is not None and now >= self._waiting.deadline:
@@ -288,6 +298,8 @@ class Membership:
         times = [self.clock_sync.next_deadline()]
         if self._round is not None:
             times.append(self._round.deadline)
+            if self._round.resend_at is not None:
+                times.append(self._round.resend_at)
         if self._waiting is not None:
             times.append(self._waiting.deadline)
         if self._idle and self._pending is not None:
@@ -346,7 +358,8 @@ class Membership:
             return
         rnd.candidates[sender.node_id] = sender
         rnd.replies[sender.node_id] = (sender, msg.epoch)
-        self._ask(now, msg.members, out)
+        # the member we found dead is still in the others' views: do not wait for it
+        self._ask(now, (m for m in msg.members if m != rnd.excluded), out)
         if set(rnd.replies) >= set(rnd.candidates):
             self._commit(now, out)
 
@@ -448,7 +461,9 @@ class Membership:
         self.lamport = max(self.lamport + 1, self.view.epoch + 1)
         key = (self.lamport, self.me.node_id)
         self.rounds_started += 1
-        self._round = _CoordinatorRound(key, {}, {}, now + self.config.round_timeout)
+        timeout = self.config.round_timeout
+        self._round = _CoordinatorRound(key, {}, {}, now + timeout, resend_at=now + timeout / 2)
+        self._round.excluded = next((m for m in self.view.members if m.node_id == exclude), None)
         self._ask(now, candidates.values(), out)
         if not candidates:
             self._commit(now, out)
