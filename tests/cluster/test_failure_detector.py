@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import socket
 
-from yimaporc.cluster.membership import Membership, Send, View
+from yimaporc.cluster.membership import Membership, Send, TrmConfig, View
 from yimaporc.cluster.node import grow_receive_buffer
 from yimaporc.cluster.wire import (
     Ack,
@@ -176,3 +176,27 @@ def test_silent_candidate_gets_newgroup_twice() -> None:
     out = a.tick(1.0 + a.config.round_timeout / 2)
     assert sorted(s.address for s in sends(out, NewGroup)) == [B.address, C.address]
     assert not sends(a.tick(1.0 + a.config.round_timeout * 0.75), NewGroup)
+
+
+def test_relays_rotate_and_the_one_that_reached_the_target_comes_first() -> None:
+    """With members a..d and one relay per round, a's PingReqs about b go round c and d;
+    once d has reached b, d is asked every time (in a bridge, the bridge)."""
+    d = Member("d", "10.0.0.4:7946", 1)
+    a = Membership(A, rng=random.Random(3), config=TrmConfig(indirect_probes=1))
+    a.start(0.0)
+    a.receive(hdr(B), Commit(5, (A, B, C, d)), 0.0)
+    asked: list[str] = []
+    t, seq = 0.0, 100
+    while t < 8.0:
+        t = round(t + 0.05, 6)
+        for req in sends(a.tick(t), PingReq):
+            asked.append(req.address)
+            seq += 1
+            assert isinstance(req.body, PingReq)
+            ok = req.address == d.address and len(asked) >= 3  # d reaches b from then on
+            sender = C if req.address == C.address else d
+            a.receive(hdr(sender, seq), IndirectAck(req.body.nonce, "b", ok, 5), t)
+    assert set(asked[:2]) == {C.address, d.address}  # round the others
+    first_ok = asked.index(d.address, 2)
+    assert len(asked) > first_ok + 3 and set(asked[first_ok:]) == {d.address}
+    assert a.detector["accused"] == 0

@@ -202,6 +202,9 @@ class Membership:
         self._indirect_asked = False
         self._relay_answered = False
         self._relays: dict[int, _Relay] = {}
+        self._relay_cycle: list[Member] = []
+        self._relay_next = 0
+        self._good_relay: tuple[str, str] = ("", "")  # (target id, relay id)
         self.health = 0
         self._last_input = 0.0
         self.sent: Counter[str] = Counter()
@@ -390,7 +393,10 @@ class Membership:
             return
         self._alive()
         if msg.epoch != self.view.epoch or not msg.member or sender != target:
-            self._trigger(now, [sender], out)
+            # Let the neighbour coordinate the merge (a probe from a non-member or with
+            # another epoch starts its round): it answered us, and it may reach members
+            # we cannot (a bridge), where our own round would take it from its group.
+            self._send(out, sender.address, Probe(self.view.epoch, self.view.members))
 
     def _on_ping_req(self, sender: Member, msg: PingReq, now: float, out: list[Action]) -> None:
         if msg.target_id == self.me.node_id or len(self._relays) >= 64:
@@ -409,9 +415,8 @@ class Membership:
         self._relay_answered = True
         if msg.ok:
             self.detector["indirect_ok"] += 1
+            self._good_relay = (target.node_id, sender.node_id)
             self._alive()
-            if msg.epoch != self.view.epoch:
-                self._trigger(now, [target], out)
         else:
             self.detector["indirect_nack"] += 1
 
@@ -574,7 +579,21 @@ class Membership:
         others = [
             m for m in self.view.members if m.node_id not in (self.me.node_id, target.node_id)
         ]
-        relays = self.rng.sample(others, min(self.config.indirect_probes, len(others)))
+        # Go round the other members in a shuffled order, so that over a suspicion every
+        # one of them is asked (in a bridge only some can reach the target).
+        if set(self._relay_cycle) != set(others):
+            self._relay_cycle = self.rng.sample(others, len(others))
+            self._relay_next = 0
+        # The last relay that reached this target comes first (in a bridge, the bridge).
+        good_for, good = self._good_relay
+        relays = [m for m in others if m.node_id == good and good_for == target.node_id]
+        for _ in range(len(others)):
+            if len(relays) >= self.config.indirect_probes:
+                break
+            m = self._relay_cycle[self._relay_next % len(others)]
+            self._relay_next += 1
+            if m not in relays:
+                relays.append(m)
         for relay in relays:
             self._send(
                 out, relay.address, PingReq(self._ping_nonce, target.node_id, target.address)
