@@ -173,3 +173,24 @@ def test_sigkill_is_detected_within_seconds(trio: list[NodeProc]) -> None:
     new_epoch, _ = settled_view([d1, d2])
     assert new_epoch > epoch
     print(f"\nSIGKILL detected and committed in {took:.2f}s")
+
+
+def test_yima_node_reports_reactor_lag_and_detector(tmp_path: Path) -> None:
+    """A yima node's /api/status has reactor_lag {max_ms, p99_ms} and the detector fields."""
+    secret = tmp_path / "cluster.secret"
+    secret.write_text(os.urandom(16).hex())
+    host = HOST.format(9)
+    node = NodeProc(
+        "yima", "y9", host, tmp_path / "y9" / "data", PORT, ADMIN,
+        extra=["--disk", str(tmp_path / "y9" / "a"), "--rtsp", f"tcp:18554:interface={host}"],
+        secret_file=secret,
+    )  # fmt: skip
+    try:
+        node.start()
+        doc = wait_for(node.status, 30, "the yima node to answer")
+        assert doc["kind"] == "yima"
+        lag = reactor_lag(node)
+        assert set(lag) == {"max_ms", "p99_ms"} and 0.0 <= lag["p99_ms"] <= lag["max_ms"]
+        assert {"local_health", "udp_rcvbuf"} <= set(doc["membership"])
+    finally:
+        node.kill(signal.SIGTERM)
