@@ -200,3 +200,24 @@ def test_relays_rotate_and_the_one_that_reached_the_target_comes_first() -> None
     first_ok = asked.index(d.address, 2)
     assert len(asked) > first_ok + 3 and set(asked[first_ok:]) == {d.address}
     assert a.detector["accused"] == 0
+
+
+def ping_answer(a: Membership, t: float, epoch: int, member: bool, seq: int) -> list[Send]:
+    """Tick ``a`` to its next ping of b at ``t`` and answer it as b would; the probes sent."""
+    out = a.tick(t)
+    (ping,) = [s for s in sends(out, Ping) if s.address == B.address]
+    assert isinstance(ping.body, Ping)
+    return sends(a.receive(hdr(B, seq), Ack(epoch, ping.body.nonce, member), t), Probe)
+
+
+def test_answer_from_another_view_makes_the_neighbour_coordinate() -> None:
+    """b answers from a view without a: a probes b (b then runs the merge round) instead of
+    starting its own round; a newer view that has a gets one more ping's grace first."""
+    a = in_view(A)
+    (probe,) = ping_answer(a, 0.5, 9, False, 2)
+    assert probe.address == B.address and probe.body == Probe(5, (A, B, C))
+    assert not a.in_round
+    a = in_view(A)
+    assert ping_answer(a, 0.5, 9, True, 2) == []  # its commit to us may be on its way
+    assert len(ping_answer(a, 1.0, 9, True, 3)) == 1
+    assert ping_answer(a, 1.5, 5, True, 4) == []  # caught up (here: b went back to ours)

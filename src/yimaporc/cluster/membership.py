@@ -205,6 +205,7 @@ class Membership:
         self._relay_cycle: list[Member] = []
         self._relay_next = 0
         self._good_relay: tuple[str, str] = ("", "")  # (target id, relay id)
+        self._ahead_seen = False
         self.health = 0
         self._last_input = 0.0
         self.sent: Counter[str] = Counter()
@@ -392,11 +393,18 @@ class Membership:
         if target is None or sender.node_id != target.node_id or msg.nonce != self._ping_nonce:
             return
         self._alive()
-        if msg.epoch != self.view.epoch or not msg.member or sender != target:
+        if msg.epoch == self.view.epoch and msg.member and sender == target:
+            self._ahead_seen = False
+            return
+        # A newer view that still has us: its commit may be on its way; look again at
+        # the next answer before disturbing anyone.
+        ahead = msg.epoch > self.view.epoch and msg.member and sender == target
+        if self._idle and (not ahead or self._ahead_seen):
             # Let the neighbour coordinate the merge (a probe from a non-member or with
             # another epoch starts its round): it answered us, and it may reach members
             # we cannot (a bridge), where our own round would take it from its group.
             self._send(out, sender.address, Probe(self.view.epoch, self.view.members))
+        self._ahead_seen = ahead
 
     def _on_ping_req(self, sender: Member, msg: PingReq, now: float, out: list[Action]) -> None:
         if msg.target_id == self.me.node_id or len(self._relays) >= 64:
