@@ -262,7 +262,8 @@ class Membership:
         cfg = self.config
         # After each input the shell set its timer for next_deadline() (at once if that
         # was already past), so the timer was due at the later of the two.
-        due = max(self.next_deadline() or now, self._last_input)
+        planned = self.next_deadline()
+        due = max(now if planned is None else planned, self._last_input)
         self._last_input = max(self._last_input, now)
         if now - due > cfg.late_tolerance:
             self._stalled(now, now - due)
