@@ -24,6 +24,8 @@ bodies = st.one_of(
     st.builds(wire.Ack, u64, u64, st.booleans()),
     st.builds(wire.TimeReq, floats),
     st.builds(wire.TimeResp, floats, floats, floats),
+    st.builds(wire.PingReq, u64, ids, ids),
+    st.builds(wire.IndirectAck, u64, ids, st.booleans(), u64),
 )
 headers = st.builds(wire.Header, ids, ids, u64, u64, u64)
 

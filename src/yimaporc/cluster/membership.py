@@ -14,11 +14,27 @@ Rounds:
 
 Changes are noticed three ways: the coordinator's periodic ``Probe`` to known
 nodes outside the group (a probe from a non-member starts a round that merges
-both groups); a ping of the next-highest neighbour in address order that goes
-unanswered ``ping_misses`` times; and a ping answer whose epoch or membership
-differs from ours.  Concurrent rounds are ordered by ``(proposal, node_id)``:
-a node follows the highest round it has seen.  A node's epoch never goes back:
-commits with an epoch not above ours are ignored.
+both groups); the failure detector below; and a ping answer whose epoch or
+membership differs from ours.  Concurrent rounds are ordered by
+``(proposal, node_id)``: a node follows the highest round it has seen.  A
+node's epoch never goes back: commits with an epoch not above ours are ignored.
+
+Failure detection (SWIM with Lifeguard's refinements, on the TRM ring): every
+``ping_interval`` a node pings its next-highest neighbour (the *target*).  A ping
+unanswered by the next interval makes the target *suspect*: the node also asks
+``indirect_probes`` other members to ping it (``PingReq``; they answer
+``IndirectAck``, positive, or negative when the target kept silent, so the asker
+learns its own links work).  Any authenticated datagram from the target, or a
+positive indirect answer, refutes the suspicion.  Only a target silent for
+``suspect_timeout * (1 + health)`` since the first unanswered ping is left out
+of a new round.  ``health`` is the node's own trouble score (Lifeguard's local
+health multiplier, 0..``max_health``): up when its own timer ran more than
+``late_tolerance`` late (a stall: it then also forgets the suspicion, since the
+answers are still in its socket buffer) or when no relay answered its
+``PingReq`` (its own receive path is losing datagrams); down by one per
+answered ping.  Every node also pings its predecessor (its monitor) each
+interval, so a node whose receive path is flooded, which loses its monitor's
+pings, still shows it is alive.
 """
 
 from __future__ import annotations
@@ -36,9 +52,11 @@ from .wire import (
     Body,
     Commit,
     Header,
+    IndirectAck,
     Member,
     NewGroup,
     Ping,
+    PingReq,
     Probe,
     Reply,
     TimeReq,
@@ -52,7 +70,11 @@ class TrmConfig:
 
     probe_interval: float = 1.0
     ping_interval: float = 0.5
-    ping_misses: int = 3
+    suspect_timeout: float = 2.5
+    indirect_probes: int = 2
+    relay_timeout: float = 0.4
+    late_tolerance: float = 0.25
+    max_health: int = 4
     round_timeout: float = 0.4
     commit_timeout: float = 1.5
     trigger_backoff: float = 0.2
@@ -118,6 +140,16 @@ class _CoordinatorRound:
     candidates: dict[str, Member]
     replies: dict[str, tuple[Member, int]]
     deadline: float
+    excluded: Member | None = None
+    resend_at: float | None = None
+
+
+@attrs.define
+class _Relay:
+    requester: str
+    nonce: int
+    target: str
+    deadline: float
 
 
 @attrs.define
@@ -164,8 +196,20 @@ class Membership:
         self._ping_target: Member | None = None
         self._ping_nonce = 0
         self._ping_outstanding = False
-        self._missed = 0
+        self._ping_sent_at = 0.0
+        self._suspect_since: float | None = None
+        self._suspect_nonce = 0
+        self._indirect_asked = False
+        self._relay_answered = False
+        self._relays: dict[int, _Relay] = {}
+        self._relay_cycle: list[Member] = []
+        self._relay_next = 0
+        self._good_relay: tuple[str, str] = ("", "")  # (target id, relay id)
+        self._ahead_seen = False
+        self.health = 0
+        self._last_input = 0.0
         self.sent: Counter[str] = Counter()
+        self.detector: Counter[str] = Counter()
         self.rounds_started = 0
 
     # --- inputs ---------------------------------------------------------------
@@ -173,6 +217,7 @@ class Membership:
     def start(self, now: float) -> list[Action]:
         """Boot: become coordinator of a group of one and start probing."""
         out: list[Action] = []
+        self._last_input = now
         self._install(View(self._initial_epoch + 1, (self.me,), self.me.node_id), now, out)
         self._next_probe = now
         return out
@@ -182,9 +227,12 @@ class Membership:
         out: list[Action] = []
         if header.sender == self.me.node_id:
             return out
+        self._last_input = max(self._last_input, now)
         self.lamport = max(self.lamport, header.lamport) + 1
         self._known[header.address] = now
         sender = Member(header.sender, header.address, header.incarnation)
+        if sender == self._ping_target:
+            self._alive()  # any fresh datagram from the target refutes a suspicion
         if isinstance(body, Probe):
             self._on_probe(sender, body, now, out)
         elif isinstance(body, NewGroup):
@@ -202,12 +250,31 @@ class Membership:
             self._send(out, sender.address, self.clock_sync.answer(body, now))
         elif isinstance(body, TimeResp):
             self.clock_sync.on_response(sender.node_id, body, now)
+        elif isinstance(body, PingReq):
+            self._on_ping_req(sender, body, now, out)
+        elif isinstance(body, IndirectAck):
+            self._on_indirect_ack(sender, body, now, out)
         return out
 
     def tick(self, now: float) -> list[Action]:
         """Run whatever timers are due at ``now``."""
         out: list[Action] = []
         cfg = self.config
+        # After each input the shell set its timer for next_deadline() (at once if that
+        # was already past), so the timer was due at the later of the two.
+        planned = self.next_deadline()
+        due = max(now if planned is None else planned, self._last_input)
+        self._last_input = max(self._last_input, now)
+        if now - due > cfg.late_tolerance:
+            self._stalled(now, now - due)
+        rnd = self._round
+        if rnd is not None and rnd.resend_at is not None and now >= rnd.resend_at:
+            # one more NewGroup to the silent candidates: one lost datagram should not
+            # cost a member its place (and the group another round to take it back)
+            rnd.resend_at = None
+            for m in rnd.candidates.values():
+                if m.node_id not in rnd.replies:
+                    self._send(out, m.address, NewGroup(rnd.key[0]))
         if self._round is not None and now >= self._round.deadline:
             self._commit(now, out)
         if self._waiting is not None and now >= self._waiting.deadline:
@@ -225,6 +292,10 @@ class Membership:
             self._ping(now, out)
         for address, req in self.clock_sync.tick(now):
             self._send(out, address, req)
+        for nonce, relay in list(self._relays.items()):
+            if now >= relay.deadline:
+                del self._relays[nonce]
+                self._send(out, relay.requester, IndirectAck(relay.nonce, relay.target, False, 0))
         return out
 
     def next_deadline(self) -> float | None:
@@ -232,6 +303,8 @@ class Membership:
         times = [self.clock_sync.next_deadline()]
         if self._round is not None:
             times.append(self._round.deadline)
+            if self._round.resend_at is not None:
+                times.append(self._round.resend_at)
         if self._waiting is not None:
             times.append(self._waiting.deadline)
         if self._idle and self._pending is not None:
@@ -240,6 +313,7 @@ class Membership:
             times.append(self._next_probe)
         if self._ping_target is not None:
             times.append(self._next_ping)
+        times.extend(r.deadline for r in self._relays.values())
         return min((t for t in times if t is not None), default=None)
 
     # --- derived state ----------------------------------------------------------
@@ -289,7 +363,8 @@ class Membership:
             return
         rnd.candidates[sender.node_id] = sender
         rnd.replies[sender.node_id] = (sender, msg.epoch)
-        self._ask(now, msg.members, out)
+        # the member we found dead is still in the others' views: do not wait for it
+        self._ask(now, (m for m in msg.members if m != rnd.excluded), out)
         if set(rnd.replies) >= set(rnd.candidates):
             self._commit(now, out)
 
@@ -308,13 +383,71 @@ class Membership:
         self._next_trigger = now + self.config.trigger_backoff
 
     def _on_ack(self, sender: Member, msg: Ack, now: float, out: list[Action]) -> None:
+        relay = self._relays.get(msg.nonce)
+        if relay is not None and relay.target == sender.node_id:
+            del self._relays[msg.nonce]
+            self._send(
+                out, relay.requester, IndirectAck(relay.nonce, relay.target, True, msg.epoch)
+            )
+            return
         target = self._ping_target
         if target is None or sender.node_id != target.node_id or msg.nonce != self._ping_nonce:
             return
+        self._alive()
+        if msg.epoch == self.view.epoch and msg.member and sender == target:
+            self._ahead_seen = False
+            return
+        # A newer view that still has us: its commit may be on its way; look again at
+        # the next answer before disturbing anyone.
+        ahead = msg.epoch > self.view.epoch and msg.member and sender == target
+        if self._idle and (not ahead or self._ahead_seen):
+            # Let the neighbour coordinate the merge (a probe from a non-member or with
+            # another epoch starts its round): it answered us, and it may reach members
+            # we cannot (a bridge), where our own round would take it from its group.
+            self._send(out, sender.address, Probe(self.view.epoch, self.view.members))
+        self._ahead_seen = ahead
+
+    def _on_ping_req(self, sender: Member, msg: PingReq, now: float, out: list[Action]) -> None:
+        if msg.target_id == self.me.node_id or len(self._relays) >= 64:
+            return
+        self._ping_nonce += 1
+        deadline = now + self.config.relay_timeout
+        self._relays[self._ping_nonce] = _Relay(sender.address, msg.nonce, msg.target_id, deadline)
+        self._send(out, msg.target_address, Ping(self.view.epoch, self._ping_nonce))
+
+    def _on_indirect_ack(
+        self, sender: Member, msg: IndirectAck, now: float, out: list[Action]
+    ) -> None:
+        target = self._ping_target
+        if target is None or msg.target_id != target.node_id or msg.nonce < self._suspect_nonce:
+            return
+        self._relay_answered = True
+        if msg.ok:
+            self.detector["indirect_ok"] += 1
+            self._good_relay = (target.node_id, sender.node_id)
+            self._alive()
+        else:
+            self.detector["indirect_nack"] += 1
+
+    def _alive(self) -> None:
+        """The target showed a sign of life: the current ping counts as answered."""
         self._ping_outstanding = False
-        self._missed = 0
-        if msg.epoch != self.view.epoch or not msg.member or sender != target:
-            self._trigger(now, [sender], out)
+        self._suspect_since = None
+
+    def _stalled(self, now: float, late: float) -> None:
+        """Our own timer ran ``late`` s late: that much of the silence we saw is ours."""
+        self.detector["stalls"] += 1
+        self.health = min(self.config.max_health, self.health + 1)
+        self._ping_sent_at += late
+        if self._suspect_since is not None:
+            self._suspect_since += late
+        self._indirect_asked = False
+        # replies may be waiting in the socket buffer: read them before deciding
+        grace = now + self.config.round_timeout / 4
+        if self._round is not None:
+            self._round.deadline = max(self._round.deadline, grace)
+        if self._waiting is not None:
+            self._waiting.deadline = max(self._waiting.deadline, grace)
 
     # --- actions ----------------------------------------------------------------
 
@@ -342,7 +475,9 @@ class Membership:
         self.lamport = max(self.lamport + 1, self.view.epoch + 1)
         key = (self.lamport, self.me.node_id)
         self.rounds_started += 1
-        self._round = _CoordinatorRound(key, {}, {}, now + self.config.round_timeout)
+        timeout = self.config.round_timeout
+        self._round = _CoordinatorRound(key, {}, {}, now + timeout, resend_at=now + timeout / 2)
+        self._round.excluded = next((m for m in self.view.members if m.node_id == exclude), None)
         self._ask(now, candidates.values(), out)
         if not candidates:
             self._commit(now, out)
@@ -388,7 +523,8 @@ class Membership:
         if target != self._ping_target:
             self._ping_target = target
             self._ping_outstanding = False
-            self._missed = 0
+            self._suspect_since = None
+            self._indirect_asked = False
             self._next_ping = now + self.config.ping_interval
         out.append(ViewChanged(old, view))
 
@@ -412,12 +548,24 @@ class Membership:
     def _ping(self, now: float, out: list[Action]) -> None:
         target = self._ping_target
         assert target is not None
-        self._next_ping = now + self.config.ping_interval
-        if self._ping_outstanding:
-            self._missed += 1
-            if self._missed >= self.config.ping_misses:
-                self._missed = 0
+        cfg = self.config
+        self._next_ping = now + cfg.ping_interval
+        if not self._ping_outstanding:
+            self.health = max(0, self.health - 1)
+        else:
+            if self._suspect_since is None:
+                self._suspect_since = self._ping_sent_at
+                self._suspect_nonce = self._ping_nonce
+                self.detector["suspected"] += 1
+            if self._indirect_asked and not self._relay_answered:
+                # nobody answered our PingReq, not even "no": our own receive path is failing
+                self.health = min(cfg.max_health, self.health + 1)
+            timeout = cfg.suspect_timeout * (1 + self.health)
+            if now - self._suspect_since >= timeout - 1e-6:
+                self.detector["accused"] += 1
                 self._ping_outstanding = False
+                self._suspect_since = None
+                self._indirect_asked = False
                 if self._idle and now >= self._next_trigger:
                     # Leave the silent neighbour out: the round then needs no timeout.
                     self._start_round(now, {}, out, exclude=target.node_id)
@@ -426,7 +574,46 @@ class Membership:
                 return
         self._ping_nonce += 1
         self._ping_outstanding = True
+        self._ping_sent_at = now
         self._send(out, target.address, Ping(self.view.epoch, self._ping_nonce))
+        self._indirect_asked = self._relay_answered = False
+        if self._suspect_since is not None:
+            self._ask_relays(target, out)
+        before = self._predecessor()
+        if before is not None and before != target:
+            # our monitor hears from us even when its pings are lost in our socket buffer
+            self._send(out, before.address, Ping(self.view.epoch, 0))
+
+    def _ask_relays(self, target: Member, out: list[Action]) -> None:
+        others = [
+            m for m in self.view.members if m.node_id not in (self.me.node_id, target.node_id)
+        ]
+        # Go round the other members in a shuffled order, so that over a suspicion every
+        # one of them is asked (in a bridge only some can reach the target).
+        if set(self._relay_cycle) != set(others):
+            self._relay_cycle = self.rng.sample(others, len(others))
+            self._relay_next = 0
+        # The last relay that reached this target comes first (in a bridge, the bridge).
+        good_for, good = self._good_relay
+        relays = [m for m in others if m.node_id == good and good_for == target.node_id]
+        for _ in range(len(others)):
+            if len(relays) >= self.config.indirect_probes:
+                break
+            m = self._relay_cycle[self._relay_next % len(others)]
+            self._relay_next += 1
+            if m not in relays:
+                relays.append(m)
+        for relay in relays:
+            self._send(
+                out, relay.address, PingReq(self._ping_nonce, target.node_id, target.address)
+            )
+        self._indirect_asked = bool(relays)
+
+    def _predecessor(self) -> Member | None:
+        members = self.view.members
+        if len(members) < 2:
+            return None
+        return members[members.index(self.me) - 1]
 
     def _send(self, out: list[Action], address: str, body: Body) -> None:
         self.lamport += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from twisted.logger import Logger
 from ..admin.routes import Route
 from ..secret import cluster_key
 from .catalog import PutDocument
+from .lag import ReactorLagMonitor
 from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
 from .rpc import Echo, RpcClient, RpcGuard, RpcRegistry, RpcServerFactory
 from .udp import MembershipProtocol
@@ -63,6 +65,30 @@ def parse_cluster_address(value: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ConfigError(f"--cluster {value!r}: port out of range")
     return host, port
+
+
+UDP_RCVBUF = 4 * 1024 * 1024
+
+
+def grow_receive_buffer(port: Any, size: int) -> int:
+    """Best effort: give a UDP port's socket a ``size``-byte receive buffer, so a burst of
+    junk does not push genuine pings out; the size the kernel granted (0 if unknown)."""
+    sock = getattr(port, "socket", None)
+    if sock is None:
+        return 0
+    # SO_RCVBUFFORCE passes net.core.rmem_max with CAP_NET_ADMIN; SO_RCVBUF up to it
+    for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            break
+        except OSError:
+            continue
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    except OSError:
+        return 0
 
 
 def parse_join(value: str) -> str:
@@ -176,10 +202,13 @@ class ClusterNode(MultiService):
         self._attachment_for: AttachmentFor | None = None
         self._ports: list[IListeningPort] = []
         self.core: Membership | None = None
+        self.udp_rcvbuf = 0
         self.protocol: MembershipProtocol | None = None
         self.started_at = 0.0
         self._state_path = config.data_dir / "membership.json"
         self.state = self._load_state()
+        self.lag_monitor = ReactorLagMonitor(reactor)
+        self.lag_monitor.setServiceParent(self)
 
     # --- public face --------------------------------------------------------------
 
@@ -279,12 +308,23 @@ class ClusterNode(MultiService):
                 "offset": sync.offset if sync else 0.0,
                 "rtt": sync.rtt if sync else None,
             },
-            "membership": dict(self.protocol.stats) if self.protocol else {},
+            "membership": self._membership_status(),
+            "reactor_lag": self.lag_monitor.summary().as_status(),
             "rpc": {**self.rpc_guard.stats, "unauthenticated": self.rpc_guard.unauthenticated},
         }
         for provider in self.status_providers:
             doc.update(provider())
         return doc
+
+    def _membership_status(self) -> dict[str, Any]:
+        if self.protocol is None or self.core is None:
+            return {}
+        return {
+            **self.protocol.stats,
+            **{"detector_" + k: v for k, v in self.core.detector.items()},
+            "local_health": self.core.health,
+            "udp_rcvbuf": self.udp_rcvbuf,
+        }
 
     # --- service ------------------------------------------------------------------
 
@@ -320,9 +360,9 @@ class ClusterNode(MultiService):
         else:
             port = self.reactor.listenTCP(cfg.cluster_port, rpc_factory, interface=cfg.cluster_host)
         self._ports.append(port)
-        self._ports.append(
-            self.reactor.listenUDP(cfg.cluster_port, self.protocol, interface=cfg.cluster_host)
-        )
+        udp = self.reactor.listenUDP(cfg.cluster_port, self.protocol, interface=cfg.cluster_host)
+        self._ports.append(udp)
+        self.udp_rcvbuf = grow_receive_buffer(udp, UDP_RCVBUF)
         if cfg.admin:
             from ..admin.server import AdminSite
 

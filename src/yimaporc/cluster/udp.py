@@ -44,6 +44,7 @@ class MembershipProtocol(DatagramProtocol):
         self._timer: IDelayedCall | None = None
         self._deadline = 0.0
         self._last_warning = -1e9
+        self._accused = self._stalls = 0
 
     def startProtocol(self) -> None:
         """Boot the core as soon as the port is bound."""
@@ -94,6 +95,16 @@ class MembershipProtocol(DatagramProtocol):
         self._perform(self.core.tick(now))
 
     def _perform(self, actions: list[Action]) -> None:
+        detector = self.core.detector
+        if detector["accused"] != self._accused or detector["stalls"] != self._stalls:
+            self._accused, self._stalls = detector["accused"], detector["stalls"]
+            self.log.info(
+                "membership: failure detector: {accused} accusation(s), {stalls} local stall(s),"
+                " local health {health}",
+                accused=self._accused,
+                stalls=self._stalls,
+                health=self.core.health,
+            )
         for act in actions:
             if isinstance(act, Send):
                 self._send(act)

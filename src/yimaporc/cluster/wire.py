@@ -82,6 +82,8 @@ class MsgType(enum.IntEnum):
     ACK = 6
     TIME_REQ = 7
     TIME_RESP = 8
+    PING_REQ = 9
+    INDIRECT_ACK = 10
 
 
 @attrs.frozen(order=True)
@@ -186,7 +188,27 @@ class TimeResp:
     t3: float
 
 
-Body = Probe | NewGroup | Reply | Commit | Ping | Ack | TimeReq | TimeResp
+@attrs.frozen
+class PingReq:
+    """Indirect probe (SWIM ping-req): please ping ``target_id`` at ``target_address`` for me."""
+
+    nonce: int
+    target_id: str
+    target_address: str
+
+
+@attrs.frozen
+class IndirectAck:
+    """A relay's answer to :class:`PingReq` ``nonce``: the target answered (``ok``, with its
+    ``epoch``) or did not within the relay's timeout (a nack: the relay itself is reachable)."""
+
+    nonce: int
+    target_id: str
+    ok: bool
+    epoch: int
+
+
+Body = Probe | NewGroup | Reply | Commit | Ping | Ack | TimeReq | TimeResp | PingReq | IndirectAck
 
 _BODY_STRUCTS: dict[MsgType, c.Construct] = {
     MsgType.PROBE: c.Struct("epoch" / c.Int64ub, "members" / _Members),
@@ -206,6 +228,10 @@ _BODY_STRUCTS: dict[MsgType, c.Construct] = {
     MsgType.ACK: c.Struct("epoch" / c.Int64ub, "nonce" / c.Int64ub, "member" / c.Flag),
     MsgType.TIME_REQ: c.Struct("t1" / c.Float64b),
     MsgType.TIME_RESP: c.Struct("t1" / c.Float64b, "t2" / c.Float64b, "t3" / c.Float64b),
+    MsgType.PING_REQ: c.Struct("nonce" / c.Int64ub, "target_id" / _Str8, "target_address" / _Str8),
+    MsgType.INDIRECT_ACK: c.Struct(
+        "nonce" / c.Int64ub, "target_id" / _Str8, "ok" / c.Flag, "epoch" / c.Int64ub
+    ),
 }
 
 _BODY_TYPES: dict[type, MsgType] = {
@@ -217,6 +243,8 @@ _BODY_TYPES: dict[type, MsgType] = {
     Ack: MsgType.ACK,
     TimeReq: MsgType.TIME_REQ,
     TimeResp: MsgType.TIME_RESP,
+    PingReq: MsgType.PING_REQ,
+    IndirectAck: MsgType.INDIRECT_ACK,
 }
 
 _Ascii8 = c.PascalString(c.Int8ub, "ascii")
@@ -287,6 +315,10 @@ def _body_from_obj(kind: MsgType, obj: c.Container) -> Body:
         return Ack(obj.epoch, obj.nonce, bool(obj.member))
     if kind is MsgType.TIME_REQ:
         return TimeReq(obj.t1)
+    if kind is MsgType.PING_REQ:
+        return PingReq(obj.nonce, obj.target_id, obj.target_address)
+    if kind is MsgType.INDIRECT_ACK:
+        return IndirectAck(obj.nonce, obj.target_id, bool(obj.ok), obj.epoch)
     return TimeResp(obj.t1, obj.t2, obj.t3)
 
 

@@ -54,6 +54,8 @@ class SimNode:
     guard: wire.ReplayGuard = attrs.field(factory=wire.ReplayGuard)
     timer_gen: int = 0
     seq: int = 0
+    paused_until: float = 0.0
+    rx_loss: float = 0.0
     views: list[tuple[float, View]] = attrs.field(factory=list)
 
     @property
@@ -94,6 +96,7 @@ class SimNetwork:
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
         self._groups: dict[str, int] | None = None
+        self._cut: set[frozenset[str]] = set()
         self.datagrams_sent = 0
         self.datagrams_delivered = 0
         self.rejected = 0
@@ -141,11 +144,23 @@ class SimNetwork:
                 self._groups[node_id] = i
 
     def heal(self) -> None:
-        """Remove every partition."""
+        """Remove every partition and cut link."""
         self._groups = None
+        self._cut.clear()
+
+    def cut(self, a: str, b: str) -> None:
+        """Only the link between ``a`` and ``b`` fails (non-transitive connectivity)."""
+        self._cut.add(frozenset((a, b)))
+
+    def pause(self, node_id: str, seconds: float) -> None:
+        """Stop a node's process for ``seconds`` (SIGSTOP): its timers and the datagrams
+        it receives wait; on resume its late timers run first, then the queued datagrams."""
+        self.nodes[node_id].paused_until = self.now + seconds
 
     def connected(self, a: str, b: str) -> bool:
         """True when ``a`` and ``b`` can exchange datagrams."""
+        if frozenset((a, b)) in self._cut:
+            return False
         if self._groups is None:
             return True
         ga, gb = self._groups.get(a), self._groups.get(b)
@@ -239,6 +254,9 @@ class SimNetwork:
         when = max(self.now, deadline - node.skew)
 
         def fire() -> None:
+            if node.paused_until > self.now:
+                self._at(node.paused_until, fire)
+                return
             if node.timer_gen == gen and node.core is not None:
                 # never tick before the deadline because of float rounding
                 local = max(self._local(node), deadline)
@@ -274,6 +292,12 @@ class SimNetwork:
     def _deliver(self, src: str, dst: SimNode, payload: bytes | wire.Datagram) -> None:
         if dst.core is None or not self.connected(src, dst.node_id):
             return
+        if dst.paused_until > self.now:
+            # after the timers that fire at the same instant, as a reactor does
+            self._at(dst.paused_until + 1e-6, functools.partial(self._deliver, src, dst, payload))
+            return
+        if dst.rx_loss and self.rng.random() < dst.rx_loss:
+            return  # the node's socket buffer overflowed (a flood)
         if isinstance(payload, bytes):
             try:
                 dgram = wire.parse(self.key, self.scope, payload)

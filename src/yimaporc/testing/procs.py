@@ -203,3 +203,27 @@ def ffmpeg_record(url: str, out: Path, transport: str = "tcp") -> subprocess.Pop
          "-c", "copy", "-f", "mpegts", "-y", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
+
+
+def reactor_lag(node: NodeProc) -> dict[str, float]:
+    """The node's ``reactor_lag`` (``max_ms``, ``p99_ms`` over the last minute)."""
+    doc = wait_for(node.status, 10, f"{node.node_id} to answer /api/status")
+    lag: dict[str, float] = doc["reactor_lag"]
+    return lag
+
+
+def assert_lag_small(nodes: list[NodeProc], max_ms: float = 1000.0) -> dict[str, float]:
+    """Fail unless every node's reactor ran its timers at most ``max_ms`` late in the last
+    minute; return ``{node_id: max_ms}`` for the report."""
+    seen = {n.node_id: reactor_lag(n)["max_ms"] for n in nodes}
+    slow = {k: v for k, v in seen.items() if v > max_ms}
+    assert not slow, f"reactor lag over {max_ms} ms: {slow}"
+    return seen
+
+
+def view_changes(node: NodeProc) -> int:
+    """How many views the node committed so far (its ``membership: epoch`` log lines)."""
+    if not node.log_path.exists():
+        return 0
+    text = node.log_path.read_text(errors="replace")
+    return text.count("membership: epoch ")

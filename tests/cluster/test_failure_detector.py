@@ -1,0 +1,223 @@
+"""The failure detector of the membership core, fed datagrams and times by hand."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+from yimaporc.cluster.membership import Membership, Send, TrmConfig, View
+from yimaporc.cluster.node import grow_receive_buffer
+from yimaporc.cluster.wire import (
+    Ack,
+    Commit,
+    Header,
+    IndirectAck,
+    Member,
+    NewGroup,
+    Ping,
+    PingReq,
+    Probe,
+    Reply,
+)
+
+A = Member("a", "10.0.0.1:7946", 1)
+B = Member("b", "10.0.0.2:7946", 1)
+C = Member("c", "10.0.0.3:7946", 1)
+
+
+def hdr(m: Member, seq: int = 1) -> Header:
+    return Header(m.node_id, m.address, m.incarnation, seq, 100)
+
+
+def in_view(me: Member, epoch: int = 5) -> Membership:
+    """``me`` in a committed view {a, b, c} at time 0."""
+    core = Membership(me, rng=random.Random(1))
+    core.start(0.0)
+    coord = A if me != A else B
+    core.receive(hdr(coord), Commit(epoch, (A, B, C)), 0.0)
+    assert core.view == View(epoch, (A, B, C), coord.node_id)
+    return core
+
+
+def sends(actions: list[object], body_type: type) -> list[Send]:
+    return [a for a in actions if isinstance(a, Send) and isinstance(a.body, body_type)]
+
+
+def run(core: Membership, until: float, step: float = 0.05) -> list[object]:
+    """Tick every ``step`` s (a punctual reactor) until ``until``."""
+    out: list[object] = []
+    t = core._last_input
+    while t < until:
+        t = round(t + step, 6)
+        out += core.tick(t)
+    return out
+
+
+def test_relay_pings_target_and_forwards_the_answer() -> None:
+    """A PingReq makes a member ping the target and forward its ack as IndirectAck ok."""
+    c = in_view(C)
+    out = c.receive(hdr(A), PingReq(7, "b", B.address), 1.0)
+    (ping,) = sends(out, Ping)
+    assert ping.address == B.address
+    assert isinstance(ping.body, Ping)
+    out = c.receive(hdr(B, 2), Ack(5, ping.body.nonce, True), 1.01)
+    (fwd,) = sends(out, IndirectAck)
+    assert (fwd.address, fwd.body) == (A.address, IndirectAck(7, "b", True, 5))
+
+
+def test_relay_sends_a_nack_when_the_target_is_silent() -> None:
+    """A relay whose ping goes unanswered says so after relay_timeout (a nack)."""
+    c = in_view(C)
+    c.receive(hdr(A), PingReq(7, "b", B.address), 1.0)
+    out = c.tick(1.0 + c.config.relay_timeout)
+    (nack,) = sends(out, IndirectAck)
+    assert (nack.address, nack.body) == (A.address, IndirectAck(7, "b", False, 0))
+
+
+def drive(a: Membership, until: float) -> list[object]:
+    """Tick ``a`` every 50 ms; b never answers, c nacks every PingReq at once."""
+    out: list[object] = []
+    t = a._last_input
+    seq = 100
+    while t < until:
+        t = round(t + 0.05, 6)
+        acts = a.tick(t)
+        out += acts
+        for req in sends(acts, PingReq):
+            seq += 1
+            assert isinstance(req.body, PingReq) and req.address == C.address
+            a.receive(hdr(C, seq), IndirectAck(req.body.nonce, "b", False, 0), t)
+    return out
+
+
+def test_silent_target_is_suspected_probed_indirectly_then_left_out() -> None:
+    """No answer from b: a asks c to probe it, and starts a round without b only once b
+    has been silent suspect_timeout after the first unanswered ping."""
+    a = in_view(A)
+    out = drive(a, 0.5)
+    assert [s.address for s in sends(out, Ping)] == [B.address, C.address]  # target, monitor
+    out = drive(a, 1.0)
+    assert a.detector["suspected"] == 1 and len(sends(out, PingReq)) == 1
+    drive(a, 2.95)
+    assert a.detector["accused"] == 0 and not a.in_round
+    drive(a, 3.0)  # first unanswered ping at 0.5, + 2.5 s
+    assert a.detector["accused"] == 1 and a.in_round
+    assert a.health == 0 and a.detector["indirect_nack"] == 4  # c answered: our links work
+
+
+def test_any_datagram_from_the_target_refutes() -> None:
+    """A heartbeat ping from the suspect clears the suspicion: no accusation at 3.0 s."""
+    a = in_view(A)
+    drive(a, 2.0)
+    assert a.detector["suspected"] == 1
+    a.receive(hdr(B, 9), Ping(5, 0), 2.2)
+    drive(a, 3.5)
+    assert a.detector["accused"] == 0 and not a.in_round
+    drive(a, 5.5)  # silent again from the 2.5 s ping on: accused at 5.0
+    assert a.detector["accused"] == 1
+
+
+def test_own_stall_is_not_the_targets_silence() -> None:
+    """a's timer runs 2 s late (a was stopped): it neither accuses b on waking, nor
+    later once b's answers (queued in its buffer) are read."""
+    a = in_view(A)
+    out = run(a, 0.5)
+    (ping,) = [s for s in sends(out, Ping) if s.address == B.address]
+    out = a.tick(3.0)  # due at 1.0, ran at 3.0
+    assert a.detector["stalls"] == 1 and a.health == 1
+    assert a.detector["accused"] == 0 and not a.in_round
+    a.receive(hdr(B, 2), Ack(5, ping.body.nonce, True), 3.0)  # type: ignore[union-attr]
+    run(a, 3.5)
+    assert a.detector["accused"] == 0 and not a.in_round
+
+
+def test_missing_nacks_raise_local_health_and_stretch_the_timeout() -> None:
+    """When no relay answers at all, a's own receive path is suspect: health rises and
+    the silence needed to accuse grows with it (Lifeguard)."""
+    a = in_view(A)
+    run(a, 3.0)
+    assert a.health >= 2 and a.detector["accused"] == 0
+
+
+def test_receive_buffer_grows_best_effort() -> None:
+    """The cluster UDP socket asks for a 4 MiB receive buffer and reports what it got."""
+
+    class Port:
+        socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    try:
+        got = grow_receive_buffer(Port(), 4 * 1024 * 1024)
+        assert got >= 212992  # at least the usual default; more where the kernel allows
+    finally:
+        Port.socket.close()
+    assert grow_receive_buffer(object(), 1024) == 0
+
+
+def test_accusation_round_commits_without_waiting_for_the_dead() -> None:
+    """The round that leaves b out does not ask b again when c still lists it: it commits
+    as soon as c answers, so detection costs no round timeout."""
+    a = in_view(A)
+    out = drive(a, 3.0)
+    (ng,) = [s for s in sends(out, NewGroup) if s.address == C.address]
+    assert not [s for s in sends(out, NewGroup) if s.address == B.address]
+    assert isinstance(ng.body, NewGroup)
+    out = a.receive(hdr(C, 500), Reply(ng.body.proposal, "a", 5, (A, B, C)), 3.001)
+    assert not sends(out, NewGroup)
+    assert a.view.node_ids == ("a", "c") and a.view.epoch > 5
+
+
+def test_silent_candidate_gets_newgroup_twice() -> None:
+    """A round resends NewGroup once, at half the round timeout, to candidates that have
+    not answered: one lost datagram does not cost a member its place."""
+    a = in_view(A)
+    out = a.receive(hdr(C, 600), Probe(9, (C,)), 1.0)  # another epoch: a starts a round
+    assert sorted(s.address for s in sends(out, NewGroup)) == [B.address, C.address]
+    assert not sends(a.tick(1.0 + a.config.round_timeout / 4), NewGroup)
+    out = a.tick(1.0 + a.config.round_timeout / 2)
+    assert sorted(s.address for s in sends(out, NewGroup)) == [B.address, C.address]
+    assert not sends(a.tick(1.0 + a.config.round_timeout * 0.75), NewGroup)
+
+
+def test_relays_rotate_and_the_one_that_reached_the_target_comes_first() -> None:
+    """With members a..d and one relay per round, a's PingReqs about b go round c and d;
+    once d has reached b, d is asked every time (in a bridge, the bridge)."""
+    d = Member("d", "10.0.0.4:7946", 1)
+    a = Membership(A, rng=random.Random(3), config=TrmConfig(indirect_probes=1))
+    a.start(0.0)
+    a.receive(hdr(B), Commit(5, (A, B, C, d)), 0.0)
+    asked: list[str] = []
+    t, seq = 0.0, 100
+    while t < 8.0:
+        t = round(t + 0.05, 6)
+        for req in sends(a.tick(t), PingReq):
+            asked.append(req.address)
+            seq += 1
+            assert isinstance(req.body, PingReq)
+            ok = req.address == d.address and len(asked) >= 3  # d reaches b from then on
+            sender = C if req.address == C.address else d
+            a.receive(hdr(sender, seq), IndirectAck(req.body.nonce, "b", ok, 5), t)
+    assert set(asked[:2]) == {C.address, d.address}  # round the others
+    first_ok = asked.index(d.address, 2)
+    assert len(asked) > first_ok + 3 and set(asked[first_ok:]) == {d.address}
+    assert a.detector["accused"] == 0
+
+
+def ping_answer(a: Membership, t: float, epoch: int, member: bool, seq: int) -> list[Send]:
+    """Tick ``a`` to its next ping of b at ``t`` and answer it as b would; the probes sent."""
+    out = a.tick(t)
+    (ping,) = [s for s in sends(out, Ping) if s.address == B.address]
+    assert isinstance(ping.body, Ping)
+    return sends(a.receive(hdr(B, seq), Ack(epoch, ping.body.nonce, member), t), Probe)
+
+
+def test_answer_from_another_view_makes_the_neighbour_coordinate() -> None:
+    """b answers from a view without a: a probes b (b then runs the merge round) instead of
+    starting its own round; a newer view that has a gets one more ping's grace first."""
+    a = in_view(A)
+    (probe,) = ping_answer(a, 0.5, 9, False, 2)
+    assert probe.address == B.address and probe.body == Probe(5, (A, B, C))
+    assert not a.in_round
+    a = in_view(A)
+    assert ping_answer(a, 0.5, 9, True, 2) == []  # its commit to us may be on its way
+    assert len(ping_answer(a, 1.0, 9, True, 3)) == 1
+    assert ping_answer(a, 1.5, 5, True, 4) == []  # caught up (here: b went back to ours)

@@ -1,0 +1,121 @@
+"""The failure detector in the simulator: local stalls, receive floods and bridges are
+not failures; a real crash is still found within about 3 s."""
+
+from __future__ import annotations
+
+import pytest
+
+from yimaporc.sim.network import Faults, SimNetwork, make_cluster
+
+SEEDS = range(20)
+
+
+def formed(n: int, seed: int, **kw: object) -> SimNetwork:
+    """``n`` nodes converged into one view."""
+    net = make_cluster(n, seed, faults=Faults(latency=(0.0002, 0.002)), **kw)
+    assert net.run_until_converged(30.0) is not None
+    net.run_until(net.now + 2.0)
+    return net
+
+
+def views_since(net: SimNetwork, t: float) -> int:
+    """View changes committed by any node after ``t``."""
+    return sum(1 for n in net.nodes.values() for when, _ in n.views if when > t)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", [2, 3, 10])
+def test_any_node_stopped_two_seconds_changes_no_view(n: int, seed: int) -> None:
+    """Each node in turn paused 2.2 s (SIGSTOP) and resumed: no node commits a new view."""
+    net = formed(n, seed)
+    t0 = net.now
+    for victim in sorted(net.nodes):
+        net.pause(victim, 2.2)
+        net.run_until(net.now + 6.0)
+    assert views_since(net, t0) == 0
+    assert sum(n.core.detector["stalls"] for n in net.nodes.values()) >= n  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", [3, 10])
+def test_flooded_node_losing_most_datagrams_stays(n: int, seed: int) -> None:
+    """A node whose receive path loses 80% of datagrams for 30 s (a junk flood) stays in."""
+    net = formed(n, seed)
+    t0 = net.now
+    victim = net.nodes[sorted(net.nodes)[seed % n]]
+    victim.rx_loss = 0.8
+    net.run_until(net.now + 30.0)
+    victim.rx_loss = 0.0
+    net.run_until(net.now + 5.0)
+    assert views_since(net, t0) == 0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", [3, 10])
+def test_every_node_losing_a_third_stays(n: int, seed: int) -> None:
+    """Every node losing 30% of what it receives for 30 s: still one view, no change."""
+    net = formed(n, seed)
+    t0 = net.now
+    for node in net.nodes.values():
+        node.rx_loss = 0.3
+    net.run_until(net.now + 30.0)
+    assert views_since(net, t0) == 0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", [2, 3, 10])
+def test_crash_found_within_about_three_seconds(n: int, seed: int) -> None:
+    """A crashed node is left out by every survivor within 3.5 s (one view, epoch above)."""
+    net = formed(n, seed)
+    victim = sorted(net.nodes)[seed % n]
+    epoch = net.nodes[victim].view.epoch
+    net.crash(victim)
+    took = net.run_until_converged(10.0)
+    assert took is not None and took <= 3.5, took
+    assert all(x.view.epoch > epoch for x in net.nodes.values() if x.up)
+
+
+def bridge(net: SimNetwork, left: list[int], right: list[int]) -> None:
+    """Cut every link between the nodes ``left`` and ``right`` (by index); the rest
+    (the bridge) still reaches both sides."""
+    ids = sorted(net.nodes)
+    for a in left:
+        for b in right:
+            net.cut(ids[a], ids[b])
+
+
+def settles(net: SimNetwork) -> tuple[int, int]:
+    """Views committed in the next 10 s, and in the 60 s after those."""
+    t0 = net.now
+    net.run_until(t0 + 10.0)
+    t1 = net.now
+    net.run_until(t1 + 60.0)
+    return views_since(net, t0) - views_since(net, t1), views_since(net, t1)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(("n", "left", "right"), [(3, [0], [2]), (5, [0, 1], [3, 4])])
+def test_bridge_keeps_one_view(n: int, left: list[int], right: list[int], seed: int) -> None:
+    """A formed cluster loses the links between two sides but one node (the bridge) still
+    reaches both: no view change at all in 70 s; the relays keep both sides in."""
+    net = formed(n, seed)
+    bridge(net, left, right)
+    assert settles(net) == (0, 0)
+    assert len({x.view for x in net.nodes.values()}) == 1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_partition_healed_into_a_bridge_settles(seed: int) -> None:
+    """{n0,n1} | {n2,n3,n4} heals only through n2 (1% loss): one view of all five within
+    10 s, then no view change for 60 s (issue 14: it flapped every few seconds)."""
+    net = make_cluster(5, seed, faults=Faults(latency=(0.0002, 0.002), loss=0.01))
+    assert net.run_until_converged(30.0) is not None
+    ids = sorted(net.nodes)
+    net.partition(ids[:2], ids[2:])
+    assert net.run_until_converged(30.0) is not None
+    net.heal()
+    bridge(net, [0, 1], [3, 4])
+    first, later = settles(net)
+    assert later == 0, (first, later)
+    views = {x.view for x in net.nodes.values()}
+    assert len(views) == 1 and len(views.pop().members) == 5
