@@ -4,16 +4,20 @@ unplayed SETUP, no cluster RPC to reap what never played (issue 13, items 1 and 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.usage import UsageError
 
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtsp import Response, RtspClientConnection
+from yimaporc.tap.yima import Options
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.rtspservice import YimaStreamingService
 from yimaporc.yima.streaming import StreamControl, StreamStart
@@ -159,3 +163,24 @@ def test_unplayed_setups_cost_no_socket_and_no_rpc_when_reaped() -> None:
     assert not [c for c in calls if c[0] == "rpc" and c[2] is StreamControl]
     status = svc.status()["rtsp"]
     assert status["refused_sessions"] == 10 and status["reaped"] == 20
+
+
+def test_rtsp_guard_options_are_checked(tmp_path: Path) -> None:
+    """--rtsp-* options reach the factory keywords; zero or non-numbers are usage errors."""
+    base = [
+        "--node-id",
+        "y1",
+        "--data-dir",
+        str(tmp_path),
+        "--cluster",
+        "tcp:17946:interface=127.0.103.1",
+    ]
+    o = Options()
+    o.parseOptions([*base, "--rtsp-max-sessions-per-client", "5", "--rtsp-setup-timeout", "2.5"])
+    assert o["rtsp_guards"] == {"max_sessions": 1024, "max_sessions_per_client": 5,
+                                "setup_timeout": 2.5, "idle_timeout": 30.0}  # fmt: skip
+    svc, _, _ = service(**o["rtsp_guards"])
+    assert svc.factory.sessions.max_per_client == 5 and svc.factory.idle_timeout == 30.0
+    for bad in (["--rtsp-max-sessions", "0"], ["--rtsp-idle-timeout", "soon"]):
+        with pytest.raises(UsageError):
+            Options().parseOptions([*base, *bad])
