@@ -20,7 +20,13 @@ from yimaporc.rtsp import (
     complete,
     prepare,
 )
-from yimaporc.rtsp._machine import SERVER_METHODS, STATE_METHODS, ForeignDestination, allowed_in
+from yimaporc.rtsp._machine import (
+    MAX_STREAMS,
+    SERVER_METHODS,
+    STATE_METHODS,
+    ForeignDestination,
+    allowed_in,
+)
 
 URL = "rtsp://h/s"
 UDP = "RTP/AVP;unicast;client_port=5000-5001"
@@ -305,3 +311,20 @@ def test_expire_is_bounded_per_call() -> None:
     assert table.expire(100.0, 4) == made[:4]
     assert table.expire(100.0, 4) == made[4:8]
     assert table.expire(100.0) == made[8:]
+
+
+def test_streams_per_session_are_capped() -> None:
+    """A session holds at most MAX_STREAMS stream URLs; re-SETUP of a known one is fine."""
+    table = _table()
+    first = prepare(_req("SETUP", URL + "/t0", Transport=UDP), table, 0.0)
+    complete(first, table)
+    assert first.session is not None
+    sid = first.session.session_id
+    for i in range(1, MAX_STREAMS):
+        complete(
+            prepare(_req("SETUP", f"{URL}/t{i}", Transport=UDP, Session=sid), table, 0.0), table
+        )
+    with pytest.raises(RtspStatusError) as info:
+        prepare(_req("SETUP", f"{URL}/t{MAX_STREAMS}", Transport=UDP, Session=sid), table, 0.0)
+    assert info.value.status == 453
+    prepare(_req("SETUP", URL + "/t0", Transport=UDP, Session=sid), table, 0.0)

@@ -184,3 +184,18 @@ def test_rtsp_guard_options_are_checked(tmp_path: Path) -> None:
     for bad in (["--rtsp-max-sessions", "0"], ["--rtsp-idle-timeout", "soon"]):
         with pytest.raises(UsageError):
             Options().parseOptions([*base, *bad])
+
+
+def test_resetup_of_a_started_stream_cannot_leak_its_relay() -> None:
+    """SETUP again on a played session is 455: SETUP+PLAY loops cannot pile up relay
+    sockets; an unplayed session may be set up again (nothing to leak)."""
+    svc, reactor, _ = service()
+    c = Client(svc)
+    udp = "RTP/AVP;unicast;client_port=5000-5001"
+    assert c.setup(udp).status == 200
+    assert c.setup(udp).status == 200  # still unplayed: re-planned
+    assert c.ask(c.conn.play(URL)).status == 200
+    for _ in range(3):
+        assert c.setup(udp).status == 455
+        assert c.ask(c.conn.play(URL)).status == 200
+    assert len(reactor.udp) == 1

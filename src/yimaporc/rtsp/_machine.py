@@ -67,6 +67,8 @@ SERVER_METHODS = (
 #: RFC 2326 methods this server knows but does not offer (405 with Allow).
 UNOFFERED_METHODS = ("ANNOUNCE", "RECORD", "REDIRECT")
 PUBLIC = ", ".join(SERVER_METHODS)
+#: Streams (SETUP URLs) one session may hold; a SETUP of one more answers 453.
+MAX_STREAMS = 8
 SUPPORTED_PROFILES = ("RTP/AVP", "RTP/AVPF")
 
 
@@ -396,6 +398,13 @@ def prepare(
                 rng = parse_range(value)
             except MalformedHeader:
                 raise RtspStatusError(457) from None
+    if (
+        method == "SETUP"
+        and session is not None
+        and request.url not in session.streams
+        and len(session.streams) >= MAX_STREAMS
+    ):
+        raise RtspStatusError(453, "Not Enough Bandwidth (too many streams in this session)")
     created = False
     if method == "SETUP" and session is None:
         session = table.create(now, peer)

@@ -411,8 +411,12 @@ class YimaStreamingService(Service):
     def setup(
         self, url: str, transport: TransportSpec, session: ServerSession
     ) -> Deferred[TransportSpec]:
-        """Record where this session's packets go; open the relay for standard players."""
+        """Record where this session's packets go (the relay opens at PLAY)."""
         info = self._media(url)
+        old = self.plans.get(session.session_id)
+        if old is not None and (old.started_ct or old.relay_port is not None):
+            # Re-planning a started stream would orphan its relay socket and node shares.
+            raise RtspStatusError(455, headers=(("Allow", "PLAY, PAUSE, TEARDOWN"),))
         ssrc = self.rng.getrandbits(32)
         if transport.is_tcp:
             channel = transport.interleaved[0] if transport.interleaved else 0
