@@ -292,6 +292,23 @@ def test_reading_pauses_while_busy_with_a_big_backlog() -> None:
     assert s.transport.producerState == "producing"
 
 
+def test_interleaved_output_to_a_client_that_does_not_read_is_capped() -> None:
+    """Once the transport is full, at most max_unread_output more bytes of frames are
+    written; the rest is dropped (False, counted) until the client reads again."""
+    s = _server(limits=Limits(max_buffer=4096, max_unread_output=10_000))
+    c = s.client
+    s.ask(c.setup(TRACK, TCP))
+    s.send(c.play(URL)[1])
+    session = s.factory.sessions.get(c.session_id or "")
+    assert session is not None
+    s.transport.producer.pauseProducing()
+    sent = [session.send_interleaved(0, b"x" * 996) for _ in range(20)]  # 1000-byte frames
+    assert sent == [True] * 10 + [False] * 10
+    assert s.factory.stats()["interleaved_dropped"] == 10
+    s.transport.producer.resumeProducing()
+    assert session.send_interleaved(0, b"y")
+
+
 def test_no_request_is_read_while_the_output_buffer_is_full() -> None:
     """A client that does not read its answers gets no more answered until it does."""
     s = _server()

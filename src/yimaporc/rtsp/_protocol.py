@@ -69,12 +69,15 @@ class _WriteGate:
     def __init__(self, on_resume: Callable[[], None] | None = None) -> None:
         self.paused = False
         self.on_resume = on_resume
+        # Bytes written since the transport said its buffer was full.
+        self.written_while_paused = 0
 
     def pauseProducing(self) -> None:
         self.paused = True
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.written_while_paused = 0
         if self.on_resume is not None:
             self.on_resume()
 
@@ -172,10 +175,17 @@ class RtspServerProtocol(_Shell):
         return frozenset(self.channels)
 
     def send_interleaved(self, channel: int, data: bytes) -> bool:
-        """Write one interleaved frame; False if the connection is gone."""
+        """Write one interleaved frame; False if the connection is gone or the frame
+        was dropped because the client has not read ``max_unread_output`` bytes."""
         if self._lost or self.conn.closed:
             return False
         frame = self.conn.send(InterleavedFrame(channel, data))
+        if self._gate.paused:
+            # A client that stops reading must not make the node buffer the whole title.
+            if self._gate.written_while_paused + len(frame) > self.factory.limits.max_unread_output:
+                self.factory.interleaved_dropped += 1
+                return False
+            self._gate.written_while_paused += len(frame)
         if self._held is not None:
             # A PLAY is being answered: frames wait until its response is written,
             # because players skip '$' data that arrives before the PLAY reply.
@@ -348,6 +358,7 @@ class RtspServerFactory(Factory):
         self.reaped = 0
         self.idle_closed = 0
         self.refused_destinations = 0
+        self.interleaved_dropped = 0
 
     def buildProtocol(self, addr: IAddress | None) -> RtspServerProtocol:
         proto = RtspServerProtocol(self, getattr(addr, "host", None))
@@ -365,6 +376,7 @@ class RtspServerFactory(Factory):
             "refused_destinations": self.refused_destinations,
             "reaped": self.reaped,
             "idle_closed": self.idle_closed,
+            "interleaved_dropped": self.interleaved_dropped,
         }
 
     def touch(self, session_id: str) -> bool:
