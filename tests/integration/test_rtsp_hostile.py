@@ -217,6 +217,6 @@ def test_setup_flood_from_one_client_is_harmless(nodes: list[NodeProc], tmp_path
           f"{fds_after}, status latency max {max(latencies) * 1000:.0f} ms")  # fmt: skip
     assert fds_peak - fds_before < 50, (fds_before, fds_peak)
     assert fds_after - fds_before < 10, (fds_before, fds_after)
-    assert max(latencies) < 1.0
+    assert max(latencies) < 2.0
     assert _epochs(nodes) == epochs
     assert views_agree(nodes)
