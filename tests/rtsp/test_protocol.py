@@ -479,6 +479,29 @@ def test_per_client_cap_answers_453_and_spares_other_clients() -> None:
     assert factory.stats()["refused_sessions"] == 1 and factory.stats()["sessions"] == 4
 
 
+def test_refusals_are_logged_once_per_interval() -> None:
+    """A SETUP flood past the caps writes one log line, then one summary per interval."""
+    from twisted.logger import globalLogPublisher
+
+    factory = RtspServerFactory(
+        FakeHandler(), Clock(), random.Random(1), max_sessions_per_client=1,
+        max_requests_per_turn=1000,
+    )  # fmt: skip
+    s = _connect(factory, "127.0.103.10")
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        s.send(_new_setups(s, 500))
+        s.clock.advance(10)
+        s.client.session = None
+        s.send(_new_setups(s, 3))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [e for e in seen if "refused" in e.get("log_format", "")]
+    assert [e["n"] for e in lines] == [1, 499]  # the first, then the next 498 + 1
+    assert factory.stats()["refused_sessions"] == 502
+
+
 def test_unplayed_sessions_are_reaped_in_bounded_batches() -> None:
     """A burst of never-played SETUPs expires after setup_timeout, at most reap_batch
     sessions per reactor turn, all of them in the end, without RPC-free teardown stalls."""

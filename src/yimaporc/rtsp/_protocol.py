@@ -58,6 +58,10 @@ from ._wire import (
 from .interfaces import IRtspHandler, PlayReply
 
 
+#: Seconds between two log lines about refused sessions (the counters count them all).
+REFUSAL_LOG_INTERVAL = 10.0
+
+
 class RtspConnectionLost(RtspError):
     """The RTSP connection closed before the response came."""
 
@@ -359,6 +363,8 @@ class RtspServerFactory(Factory):
         self.idle_closed = 0
         self.refused_destinations = 0
         self.interleaved_dropped = 0
+        self._refusal_logged_at = float("-inf")
+        self._refusals_unlogged = 0
 
     def buildProtocol(self, addr: IAddress | None) -> RtspServerProtocol:
         proto = RtspServerProtocol(self, getattr(addr, "host", None))
@@ -452,6 +458,7 @@ class RtspServerFactory(Factory):
     def dispatch(self, request: Request, proto: RtspServerProtocol) -> Deferred[Response]:
         """Check, run and answer one request; the Deferred never fails."""
         now = self.clock.seconds()
+        refused = self.sessions.refused
         try:
             prep = prepare(
                 request, self.sessions, now, peer=proto.peer, used_channels=proto.used_channels()
@@ -459,12 +466,15 @@ class RtspServerFactory(Factory):
         except RtspStatusError as exc:
             if isinstance(exc, ForeignDestination):
                 self.refused_destinations += 1
-            self.log.info(
-                "rtsp: {method} {url}: {status}",
-                method=request.method,
-                url=request.url,
-                status=exc.status,
-            )
+            if self.sessions.refused > refused:
+                self._log_refusal(now, proto.peer, exc)
+            else:
+                self.log.info(
+                    "rtsp: {method} {url}: {status}",
+                    method=request.method,
+                    url=request.url,
+                    status=exc.status,
+                )
             done = _Done(exc.status, exc.headers, reason=exc.reason)
             return succeed(self._response(request, None, done))
         session = prep.session
@@ -490,6 +500,21 @@ class RtspServerFactory(Factory):
             return self._response(request, None, _Done(500))
 
         return d.addCallbacks(ok, failed).addCallback(self._after)
+
+    def _log_refusal(self, now: float, peer: str | None, exc: RtspStatusError) -> None:
+        # A flood of SETUPs must not become a flood of log lines: one line, then at most
+        # one summary per REFUSAL_LOG_INTERVAL.
+        self._refusals_unlogged += 1
+        if now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
+            return
+        self.log.warn(
+            "rtsp: refused {n} new session(s) ({status} {reason}; last from {peer})",
+            n=self._refusals_unlogged,
+            status=exc.status,
+            reason=exc.reason,
+            peer=peer,
+        )
+        self._refusal_logged_at, self._refusals_unlogged = now, 0
 
     def _after(self, response: Response) -> Response:
         self._schedule_reap()
