@@ -57,7 +57,6 @@ from ._wire import (
 )
 from .interfaces import IRtspHandler, PlayReply
 
-
 #: Seconds between two log lines about refused sessions (the counters count them all).
 REFUSAL_LOG_INTERVAL = 10.0
 
