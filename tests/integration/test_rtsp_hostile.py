@@ -220,3 +220,29 @@ def test_setup_flood_from_one_client_is_harmless(nodes: list[NodeProc], tmp_path
     assert max(latencies) < 2.0
     assert _epochs(nodes) == epochs
     assert views_agree(nodes)
+
+
+def test_udp_session_ends_soon_after_its_rtsp_connection_closes(nodes: list[NodeProc]) -> None:
+    """A played UDP session whose client drops the RTSP connection is torn down within
+    the 10 s grace (not the 60 s session timeout), and its relay socket closed."""
+    node = nodes[0]
+    wait_for(lambda: (node.status() or {}).get("rtsp", {}).get("sessions") == 0, 30, "no sessions")
+    own = _udp_pair(CLIENT)
+    port = own[0].getsockname()[1]
+    c = Rtsp(CLIENT)
+    try:
+        transport = f"RTP/AVP;unicast;client_port={port}-{port + 1}"
+        assert c.ask("SETUP", URL + "/track1", [("Transport", transport)]) == 200
+        assert c.ask("PLAY", URL) == 200
+        assert (node.status() or {})["rtsp"]["relay_ports"] == 1
+    finally:
+        c.close()
+        closed = time.monotonic()
+    try:
+        wait_for(lambda: (node.status() or {})["rtsp"]["sessions"] == 0, 20, "the session to end")
+        ended = time.monotonic() - closed
+        assert 8 < ended < 15, f"ended {ended:.1f} s after the connection closed"
+        assert (node.status() or {})["rtsp"]["relay_ports"] == 0
+    finally:
+        for s in own:
+            s.close()
