@@ -1234,6 +1234,8 @@ class Cluster:
                 argv += ["--join", f"{self.hosts[0]}:{PORTS['cluster']}"]
             if self.kind == "porcupine":
                 argv += ["--domain", DOMAIN]
+            else:  # the load generators play every session from one address
+                argv += ["--rtsp-max-sessions-per-client", "1024"]
             for svc in services:
                 argv += [f"--{svc}", ep(PORTS[svc])]
             argv += self.extra

@@ -80,7 +80,10 @@ class FileStreamer:
         if not transport.is_tcp and transport.client_port is None:
             raise RtspStatusError(461, "UDP needs client_port")
         ssrc = self.rng.getrandbits(32)
-        host = transport.destination or session.peer or "127.0.0.1"
+        # Only ever to the requesting address (the server refused any other destination).
+        if not transport.is_tcp and session.peer is None:
+            raise RtspStatusError(461, "UDP needs the client's address")
+        host = session.peer or ""
         self.streams[session.session_id] = Stream(
             data, info, ssrc, self.rng.getrandbits(16), transport, host
         )

@@ -20,7 +20,13 @@ from yimaporc.rtsp import (
     complete,
     prepare,
 )
-from yimaporc.rtsp._machine import SERVER_METHODS, STATE_METHODS, allowed_in
+from yimaporc.rtsp._machine import (
+    MAX_STREAMS,
+    SERVER_METHODS,
+    STATE_METHODS,
+    ForeignDestination,
+    allowed_in,
+)
 
 URL = "rtsp://h/s"
 UDP = "RTP/AVP;unicast;client_port=5000-5001"
@@ -214,3 +220,111 @@ def test_session_ids_are_seeded_and_capped() -> None:
     with pytest.raises(RtspStatusError) as info:
         table.create(0.0)
     assert info.value.status == 503
+
+
+# --- hostile clients: reflection, caps, short lives (issue 13) ----------------------------
+
+
+def test_destination_must_be_the_client() -> None:
+    """A UDP destination other than the RTSP peer is refused (461, ForeignDestination);
+    the peer's own address (also IPv4-mapped) is accepted; a TCP alternative still wins."""
+    mine = "RTP/AVP;unicast;destination=127.0.103.10;client_port=5000-5001"
+    other = "RTP/AVP;unicast;destination=127.0.103.99;client_port=5000-5001"
+    assert choose_transport(mine, peer="127.0.103.10").destination == "127.0.103.10"
+    assert choose_transport(mine, peer="::ffff:127.0.103.10").client_port == (5000, 5001)
+    for value, peer in [(other, "127.0.103.10"), (mine, None), (other.replace("127.0.103.99", "victim.example"), "127.0.103.10")]:  # fmt: skip
+        with pytest.raises(ForeignDestination) as info:
+            choose_transport(value, peer=peer)
+        assert info.value.status == 461
+    assert choose_transport(other + ",RTP/AVP/TCP", peer="127.0.103.10").is_tcp
+    request = _req("SETUP", Transport=other)
+    with pytest.raises(ForeignDestination):
+        prepare(request, _table(), 0.0, peer="127.0.103.10")
+
+
+def test_prepare_refuses_foreign_destination_without_creating_a_session() -> None:
+    """A refused SETUP leaves the table empty (nothing to reap, no slot taken)."""
+    table = _table()
+    with pytest.raises(RtspStatusError):
+        prepare(
+            _req("SETUP", Transport="RTP/AVP;destination=10.0.0.1;client_port=9-10"),
+            table,
+            0.0,
+            peer="127.0.0.1",
+        )
+    assert len(table) == 0 and table.next_expiry() is None
+
+
+def test_per_client_and_total_caps() -> None:
+    """One address gets max_per_client sessions (453), the table max_sessions (503);
+    freed or expired slots are counted back; refusals are counted."""
+    table = SessionTable(random.Random(3), 60.0, max_sessions=5, max_per_client=3)
+    a = [table.create(0.0, "10.0.0.1") for _ in range(3)]
+    with pytest.raises(RtspStatusError) as info:
+        table.create(0.0, "10.0.0.1")
+    assert info.value.status == 453 and "client" in info.value.reason
+    table.create(0.0, "10.0.0.2")
+    table.create(0.0, "10.0.0.2")
+    with pytest.raises(RtspStatusError) as info:
+        table.create(0.0, "10.0.0.3")
+    assert info.value.status == 503
+    assert table.refused == 2
+    table.remove(a[0].session_id)
+    assert table.of_client("10.0.0.1") == 2
+    table.create(1.0, "10.0.0.1")
+    assert len(table.expire(60.0)) == 4 and table.of_client("10.0.0.2") == 0
+
+
+def test_never_played_sessions_expire_after_setup_timeout() -> None:
+    """Until its first PLAY a session lives setup_timeout s; a played one the full timeout."""
+    table = SessionTable(random.Random(4), 60.0, setup_timeout=15.0)
+    idle = table.create(0.0)
+    played = table.create(0.0)
+    played.state = SessionState.READY
+    p = prepare(_req("PLAY", Session=played.session_id), table, 1.0)
+    complete(p, table)
+    assert played.played and played.expires_at == 61.0
+    assert table.expire(14.9) == []
+    assert table.expire(15.0) == [idle]
+    assert table.expire(60.9) == [] and table.expire(61.0) == [played]
+
+
+def test_detached_session_deadline_is_not_extended_by_touches() -> None:
+    """detach() brings the expiry forward to detached_timeout; touch() cannot push it back;
+    attach() (a request on a live connection) lifts it."""
+    table = SessionTable(random.Random(5), 60.0, detached_timeout=10.0)
+    s = table.create(0.0)
+    s.played = True
+    table.detach(s, 20.0)
+    s.touch(25.0)
+    assert table.next_expiry() == 30.0
+    table.attach(s)
+    assert table.expire(30.0) == [] and s.expires_at == 85.0
+    table.detach(s, 40.0)
+    assert table.expire(50.0) == [s]
+
+
+def test_expire_is_bounded_per_call() -> None:
+    """expire(limit=n) removes at most n sessions, the earliest first."""
+    table = SessionTable(random.Random(6), 10.0)
+    made = [table.create(float(i) / 10) for i in range(10)]
+    assert table.expire(100.0, 4) == made[:4]
+    assert table.expire(100.0, 4) == made[4:8]
+    assert table.expire(100.0) == made[8:]
+
+
+def test_streams_per_session_are_capped() -> None:
+    """A session holds at most MAX_STREAMS stream URLs; re-SETUP of a known one is fine."""
+    table = _table()
+    first = prepare(_req("SETUP", URL + "/t0", Transport=UDP), table, 0.0)
+    complete(first, table)
+    assert first.session is not None
+    sid = first.session.session_id
+    for i in range(1, MAX_STREAMS):
+        complete(
+            prepare(_req("SETUP", f"{URL}/t{i}", Transport=UDP, Session=sid), table, 0.0), table
+        )
+    with pytest.raises(RtspStatusError) as info:
+        prepare(_req("SETUP", f"{URL}/t{MAX_STREAMS}", Transport=UDP, Session=sid), table, 0.0)
+    assert info.value.status == 453
+    prepare(_req("SETUP", URL + "/t0", Transport=UDP, Session=sid), table, 0.0)

@@ -273,7 +273,8 @@ def test_pipelined_requests_answered_in_order() -> None:
 
 
 def test_reading_pauses_while_busy_with_a_big_backlog() -> None:
-    """A client flooding requests behind a slow one gets its reads paused, then resumed."""
+    """A client flooding requests behind a slow one gets its reads paused, then answered
+    at most max_requests_per_turn per reactor turn, and its reads resumed."""
     s = _server()
     c = s.client
     _, first = c.describe(URL + "/slow")
@@ -282,8 +283,41 @@ def test_reading_pauses_while_busy_with_a_big_backlog() -> None:
     assert s.transport.producerState == "paused"
     assert s.handler.slow is not None
     s.handler.slow.callback(b"")
-    assert len(s.take()) == 201
+    # This turn: the slow answer and max_requests_per_turn more; the rest is deferred
+    # to a later turn (a callLater(0), so the reactor serves others in between).
+    assert len(s.take()) == 1 + s.factory.max_requests_per_turn
+    assert [c.getTime() for c in s.clock.getDelayedCalls()].count(0.0) == 1
+    s.clock.advance(0)
+    assert len(s.take()) == 200 - s.factory.max_requests_per_turn
     assert s.transport.producerState == "producing"
+
+
+def test_interleaved_output_to_a_client_that_does_not_read_is_capped() -> None:
+    """Once the transport is full, at most max_unread_output more bytes of frames are
+    written; the rest is dropped (False, counted) until the client reads again."""
+    s = _server(limits=Limits(max_buffer=4096, max_unread_output=10_000))
+    c = s.client
+    s.ask(c.setup(TRACK, TCP))
+    s.send(c.play(URL)[1])
+    session = s.factory.sessions.get(c.session_id or "")
+    assert session is not None
+    s.transport.producer.pauseProducing()
+    sent = [session.send_interleaved(0, b"x" * 996) for _ in range(20)]  # 1000-byte frames
+    assert sent == [True] * 10 + [False] * 10
+    assert s.factory.stats()["interleaved_dropped"] == 10
+    s.transport.producer.resumeProducing()
+    assert session.send_interleaved(0, b"y")
+
+
+def test_no_request_is_read_while_the_output_buffer_is_full() -> None:
+    """A client that does not read its answers gets no more answered until it does."""
+    s = _server()
+    c = s.client
+    s.transport.producer.pauseProducing()  # the transport's write buffer is full
+    assert s.send(c.options(URL)[1] + c.options(URL)[1]) == []
+    s.transport.producer.resumeProducing()
+    s.clock.advance(0)
+    assert [r.cseq for r in s.take() if isinstance(r, Response)] == [1, 2]
 
 
 def test_interleaved_tcp_session() -> None:
@@ -317,13 +351,15 @@ def test_interleaved_tcp_session() -> None:
     assert not session.send_interleaved(0, b"late")
 
 
-def test_udp_session_survives_connection_then_times_out() -> None:
-    """A UDP session outlives its connection, keep-alives postpone reaping, silence reaps it."""
+def test_udp_session_outlives_its_connection_only_briefly() -> None:
+    """A played UDP session: keep-alives postpone reaping; once its connection closes
+    it ends detached_timeout s later even if RTCP keeps arriving."""
     s = _server(timeout=30.0)
     c = s.client
     s.ask(c.setup(TRACK, UDP))
     sid = c.session_id
     assert sid is not None
+    assert s.ask(c.play(URL)).status == 200
     s.clock.advance(20)
     assert s.ask(c.get_parameter(URL)).status == 200  # keep-alive at t=20
     s.clock.advance(20)
@@ -331,12 +367,36 @@ def test_udp_session_survives_connection_then_times_out() -> None:
     s.proto.connectionLost(Failure(ConnectionError()))
     assert s.factory.sessions.get(sid) is not None
     assert s.factory.touch(sid)  # RTCP seen at t=40
-    s.clock.advance(29)
+    s.clock.advance(9)
+    assert s.factory.touch(sid)  # RTCP seen at t=49
     assert s.factory.sessions.get(sid) is not None
     s.clock.advance(1)
     assert s.factory.sessions.get(sid) is None
     assert ("teardown", sid) in s.handler.calls
+    assert s.factory.stats()["reaped"] == 1
     assert s.clock.getDelayedCalls() == []
+
+
+def test_detached_udp_session_is_taken_over_by_a_new_connection() -> None:
+    """A request naming a detached session from another connection keeps it alive."""
+    s = _server(timeout=30.0)
+    s.ask(s.client.setup(TRACK, UDP))
+    sid = s.client.session_id
+    s.ask(s.client.play(URL))
+    s.proto.connectionLost(Failure(ConnectionError()))
+    s.clock.advance(5)
+    other = s.factory.buildProtocol(IPv4Address("TCP", "127.0.0.9", 40001))
+    transport = StringTransport()
+    other.makeConnection(transport)
+    other.dataReceived(
+        f"GET_PARAMETER {URL} RTSP/1.0\r\nCSeq: 1\r\nSession: {sid}\r\n\r\n".encode()
+    )
+    assert transport.value().startswith(b"RTSP/1.0 200 OK")
+    s.clock.advance(25)
+    session = s.factory.sessions.get(sid or "")
+    assert session is not None and session.sender is other
+    s.clock.advance(5)
+    assert s.factory.sessions.get(sid or "") is None  # 30 s after the last request
 
 
 def test_session_controlled_from_a_second_connection() -> None:
@@ -358,6 +418,133 @@ def test_get_parameter_body_and_teardown_without_session() -> None:
     assert r.body == b"position: 1\r\n" and r.headers.get("Content-Type") == "text/parameters"
     assert s.ask(s.client.teardown(URL)).status == 200
     assert ("teardown", None) not in s.handler.calls
+
+
+def _connect(factory: RtspServerFactory, host: str, port: int = 40000) -> Server:
+    proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    handler = factory.handler
+    assert isinstance(handler, FakeHandler) and isinstance(factory.clock, Clock)
+    return Server(handler, factory.clock, factory, proto, transport, RtspClientConnection())
+
+
+def _new_setups(s: Server, n: int) -> bytes:
+    """``n`` pipelined SETUPs each creating a session (built before any answer is read,
+    so none carries a Session header)."""
+    transport = [("Transport", "RTP/AVP;unicast;client_port=5000-5001")]
+    return b"".join(s.client.request("SETUP", TRACK, transport)[1] for _ in range(n))
+
+
+class TurnClock(Clock):
+    """A Clock whose turn() runs only the calls due when it starts, like one reactor turn
+    (Clock.advance also runs calls scheduled for now by the calls it runs)."""
+
+    def turn(self) -> int:
+        due = [c for c in self.getDelayedCalls() if c.getTime() <= self.seconds()]
+        for call in due:
+            self.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+        return len(due)
+
+
+def test_setup_with_foreign_destination_is_refused() -> None:
+    """SETUP naming another host as destination gets 461 (with a reason), creates no
+    session, never reaches the handler, and is counted; its own address is fine."""
+    s = _server()
+    other = attrs.evolve(UDP, destination="127.0.103.99")
+    r = s.ask(s.client.setup(TRACK, other))
+    assert r.status == 461 and "destination" in r.reason
+    assert len(s.factory.sessions) == 0 and not s.handler.calls
+    assert s.factory.stats()["refused_destinations"] == 1
+    own = attrs.evolve(UDP, destination="127.0.0.9")
+    assert s.ask(s.client.setup(TRACK, own)).status == 200
+
+
+def test_per_client_cap_answers_453_and_spares_other_clients() -> None:
+    """One address hits max_sessions_per_client (453 with a reason phrase); another address
+    still sets up; refusals appear in stats()."""
+    factory = RtspServerFactory(
+        FakeHandler(), Clock(), random.Random(1), max_sessions=10, max_sessions_per_client=3
+    )
+    a = _connect(factory, "127.0.103.10")
+    answers = a.send(_new_setups(a, 4))
+    assert [r.status for r in answers if isinstance(r, Response)] == [200, 200, 200, 453]
+    r = answers[-1]
+    assert isinstance(r, Response)
+    assert r.status == 453 and r.reason.startswith("Not Enough Bandwidth (")
+    b = _connect(factory, "127.0.103.11")
+    assert b.ask(b.client.setup(TRACK, UDP)).status == 200
+    assert factory.stats()["refused_sessions"] == 1 and factory.stats()["sessions"] == 4
+
+
+def test_refusals_are_logged_once_per_interval() -> None:
+    """A SETUP flood past the caps writes one log line, then one summary per interval."""
+    from twisted.logger import globalLogPublisher
+
+    factory = RtspServerFactory(
+        FakeHandler(), Clock(), random.Random(1), max_sessions_per_client=1,
+        max_requests_per_turn=1000,
+    )  # fmt: skip
+    s = _connect(factory, "127.0.103.10")
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        s.send(_new_setups(s, 500))
+        s.clock.advance(10)
+        s.client.session = None
+        s.send(_new_setups(s, 3))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [e for e in seen if "refused" in e.get("log_format", "")]
+    assert [e["n"] for e in lines] == [1, 499]  # the first, then the next 498 + 1
+    assert factory.stats()["refused_sessions"] == 502
+
+
+def test_unplayed_sessions_are_reaped_in_bounded_batches() -> None:
+    """A burst of never-played SETUPs expires after setup_timeout, at most reap_batch
+    sessions per reactor turn, all of them in the end, without RPC-free teardown stalls."""
+    clock = TurnClock()
+    factory = RtspServerFactory(
+        FakeHandler(), clock, random.Random(2), max_sessions_per_client=None, reap_batch=50,
+        setup_timeout=15.0, max_requests_per_turn=1000,
+    )  # fmt: skip
+    s = _connect(factory, "127.0.103.10")
+    answers = s.send(_new_setups(s, 200))
+    assert [r.status for r in answers if isinstance(r, Response)] == [200] * 200
+    assert len(factory.sessions) == 200
+    clock.advance(14.9)
+    assert len(factory.sessions) == 200
+    clock.rightNow = 15.0
+    left = []
+    while clock.turn():
+        left.append(len(factory.sessions))
+    assert left == [150, 100, 50, 0]
+    assert factory.stats()["reaped"] == 200
+    assert len([1 for name, _ in s.handler.calls if name == "teardown"]) == 200
+
+
+def test_idle_connection_is_closed_but_one_with_a_live_session_is_kept() -> None:
+    """No request for idle_timeout s and no live session: closed and counted; a connection
+    whose played UDP session lives on (RTCP keep-alives) stays open."""
+    factory = RtspServerFactory(FakeHandler(), Clock(), random.Random(3), idle_timeout=30.0)
+    idle = _connect(factory, "127.0.103.10")
+    busy = _connect(factory, "127.0.103.11")
+    assert idle.ask(idle.client.options(URL)).status == 200
+    assert busy.ask(busy.client.setup(TRACK, UDP)).status == 200
+    sid = busy.client.session_id
+    assert busy.ask(busy.client.play(URL)).status == 200
+    for _ in range(6):
+        idle.clock.advance(10)
+        factory.touch(sid or "")
+    assert idle.transport.disconnecting
+    assert not busy.transport.disconnecting
+    assert factory.stats()["idle_closed"] == 1
+    busy.clock.advance(60)  # RTCP stops: the session times out, then the connection goes
+    assert factory.sessions.get(sid or "") is None
+    busy.clock.advance(30)
+    assert busy.transport.disconnecting
 
 
 # --- the Twisted client against the server -----------------------------------------------

@@ -5,14 +5,16 @@ without RECORD).  A request goes through :func:`prepare` (which raises
 :class:`~yimaporc.rtsp.RtspStatusError` with the status to answer: 400, 405,
 454, 455, 457, 461, 501, 551, 503), then the application runs it, then
 :func:`complete` applies the transition, or :func:`abort` undoes a session
-that SETUP created.  :class:`SessionTable` holds sessions across connections
-and tells which have timed out at ``now`` (time is always passed in).
+that SETUP created.  :class:`SessionTable` holds sessions across connections,
+caps them (in total and per client address) and tells which have timed out at
+``now`` (time is always passed in).
 """
 
 from __future__ import annotations
 
 import enum
 import heapq
+import ipaddress
 import random
 from collections.abc import Iterator
 from typing import Protocol
@@ -65,6 +67,8 @@ SERVER_METHODS = (
 #: RFC 2326 methods this server knows but does not offer (405 with Allow).
 UNOFFERED_METHODS = ("ANNOUNCE", "RECORD", "REDIRECT")
 PUBLIC = ", ".join(SERVER_METHODS)
+#: Streams (SETUP URLs) one session may hold; a SETUP of one more answers 453.
+MAX_STREAMS = 8
 SUPPORTED_PROFILES = ("RTP/AVP", "RTP/AVPF")
 
 
@@ -83,7 +87,13 @@ class InterleavedSink(Protocol):
 
 @attrs.define(eq=False)
 class ServerSession:
-    """One RTSP session on the server: its state, streams and liveness."""
+    """One RTSP session on the server: its state, streams and liveness.
+
+    Until its first PLAY a session lives ``setup_timeout`` seconds after the
+    last activity instead of ``timeout``; once ``detached`` (its RTSP connection
+    closed, at ``detached_at``) it ends ``detached_timeout`` seconds later
+    whatever else it receives, unless a request re-attaches it.
+    """
 
     session_id: str
     timeout: float
@@ -92,11 +102,21 @@ class ServerSession:
     streams: dict[str, TransportSpec] = attrs.field(factory=dict)
     peer: str | None = None
     sender: InterleavedSink | None = None
+    setup_timeout: float | None = None
+    played: bool = False
+    detached_timeout: float | None = None
+    detached_at: float | None = None
 
     @property
     def expires_at(self) -> float:
         """When the session is reaped unless touched before."""
-        return self.last_seen + self.timeout
+        timeout = self.timeout
+        if not self.played and self.setup_timeout is not None:
+            timeout = min(timeout, self.setup_timeout)
+        at = self.last_seen + timeout
+        if self.detached_at is not None and self.detached_timeout is not None:
+            at = min(at, self.detached_at + self.detached_timeout)
+        return at
 
     def touch(self, now: float) -> None:
         """Note activity (a request, RTCP from the client) at ``now``."""
@@ -110,16 +130,32 @@ class ServerSession:
 
 
 class SessionTable:
-    """The server's sessions, by identifier, with timeout bookkeeping (a lazy heap)."""
+    """The server's sessions, by identifier, with timeout bookkeeping (a lazy heap).
+
+    ``max_sessions`` caps the table (503 beyond), ``max_per_client`` the
+    sessions of one client address (453 beyond); ``refused`` counts both.
+    """
 
     def __init__(
-        self, rng: random.Random, timeout: float = 60.0, max_sessions: int = 10_000
+        self,
+        rng: random.Random,
+        timeout: float = 60.0,
+        max_sessions: int = 1024,
+        *,
+        max_per_client: int | None = None,
+        setup_timeout: float | None = None,
+        detached_timeout: float | None = None,
     ) -> None:
         self.rng = rng
         self.timeout = timeout
         self.max_sessions = max_sessions
+        self.max_per_client = max_per_client
+        self.setup_timeout = setup_timeout
+        self.detached_timeout = detached_timeout
+        self.refused = 0
         self._sessions: dict[str, ServerSession] = {}
         self._heap: list[tuple[float, str]] = []
+        self._per_client: dict[str | None, int] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -131,22 +167,64 @@ class SessionTable:
         """The session, or None."""
         return self._sessions.get(session_id)
 
+    def of_client(self, peer: str | None) -> int:
+        """Sessions of one client address."""
+        return self._per_client.get(peer, 0)
+
     def create(self, now: float, peer: str | None = None) -> ServerSession:
-        """A new session in Init with a fresh random identifier; 503 when full."""
+        """A new session in Init with a fresh random identifier.
+
+        503 when the table is full, 453 when ``peer`` has its share already.
+        """
         if len(self._sessions) >= self.max_sessions:
-            raise RtspStatusError(503, "too many sessions")
+            self.refused += 1
+            raise RtspStatusError(503, "Service Unavailable (too many sessions)")
+        if self.max_per_client is not None and self.of_client(peer) >= self.max_per_client:
+            self.refused += 1
+            raise RtspStatusError(453, "Not Enough Bandwidth (too many sessions from this client)")
         while True:
             sid = f"{self.rng.getrandbits(64):016X}"
             if sid not in self._sessions:
                 break
-        session = ServerSession(sid, self.timeout, now, peer=peer)
+        session = ServerSession(
+            sid,
+            self.timeout,
+            now,
+            peer=peer,
+            setup_timeout=self.setup_timeout,
+            detached_timeout=self.detached_timeout,
+        )
         self._sessions[sid] = session
+        self._per_client[peer] = self.of_client(peer) + 1
         heapq.heappush(self._heap, (session.expires_at, sid))
         return session
 
+    def _forget(self, session: ServerSession) -> None:
+        left = self.of_client(session.peer) - 1
+        if left > 0:
+            self._per_client[session.peer] = left
+        else:
+            self._per_client.pop(session.peer, None)
+
+    def detach(self, session: ServerSession, now: float) -> None:
+        """Its RTSP connection closed: the session ends ``detached_timeout`` s from ``now``."""
+        if self._sessions.get(session.session_id) is not session:
+            return
+        session.detached_at = now
+        # The expiry may have moved earlier: the lazy heap needs an entry for it.
+        heapq.heappush(self._heap, (session.expires_at, session.session_id))
+
+    @staticmethod
+    def attach(session: ServerSession) -> None:
+        """A request on a connection names the session: it is no longer detached."""
+        session.detached_at = None
+
     def remove(self, session_id: str) -> ServerSession | None:
         """Forget a session; returns it if it existed."""
-        return self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self._forget(session)
+        return session
 
     def touch(self, session_id: str, now: float) -> bool:
         """Note activity on a session; False if unknown."""
@@ -173,16 +251,19 @@ class SessionTable:
         self._settle()
         return self._heap[0][0] if self._heap else None
 
-    def expire(self, now: float) -> list[ServerSession]:
-        """Remove and return the sessions silent for their whole timeout at ``now``."""
+    def expire(self, now: float, limit: int | None = None) -> list[ServerSession]:
+        """Remove and return the sessions silent for their whole timeout at ``now``
+        (at most ``limit``, the earliest first)."""
         out: list[ServerSession] = []
-        while True:
+        while limit is None or len(out) < limit:
             self._settle()
             if not self._heap or self._heap[0][0] > now:
-                return out
+                break
             _, sid = heapq.heappop(self._heap)
             session = self._sessions.pop(sid)
+            self._forget(session)
             out.append(session)
+        return out
 
 
 @attrs.frozen
@@ -202,13 +283,35 @@ class Prepared:
         return self.request.method
 
 
+class ForeignDestination(RtspStatusError):
+    """461: the only UDP alternatives named a ``destination`` other than the client."""
+
+    def __init__(self) -> None:
+        super().__init__(461, "Unsupported Transport (destination is not the client)")
+
+
+def same_host(a: str | None, b: str | None) -> bool:
+    """True if ``a`` and ``b`` name one IP address (IPv4-mapped IPv6 equals IPv4)."""
+    if a is None or b is None:
+        return False
+    try:
+        x, y = ipaddress.ip_address(a.strip("[]")), ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return False
+    x = x.ipv4_mapped or x if isinstance(x, ipaddress.IPv6Address) else x
+    y = y.ipv4_mapped or y if isinstance(y, ipaddress.IPv6Address) else y
+    return x == y
+
+
 def choose_transport(
-    value: str | None, used_channels: frozenset[int] = frozenset()
+    value: str | None, used_channels: frozenset[int] = frozenset(), peer: str | None = None
 ) -> TransportSpec:
     """The first acceptable alternative of a SETUP's Transport header (461 if none).
 
-    Unicast RTP/AVP over UDP needs ``client_port``; RTP/AVP/TCP gets the lowest
-    free even channel pair when the client names none.
+    Unicast RTP/AVP over UDP needs ``client_port``, and its ``destination``, if
+    any, must be ``peer`` (the RTSP client's address): media never goes to a
+    host that did not ask for it (RFC 2326 §12.39).
+    RTP/AVP/TCP gets the lowest free even channel pair when the client names none.
     """
     if value is None:
         raise RtspStatusError(461, headers=(("Unsupported", "missing Transport"),))
@@ -216,12 +319,16 @@ def choose_transport(
         specs = parse_transport(value)
     except MalformedHeader:
         raise RtspStatusError(461) from None
+    foreign = False
     for spec in specs:
         if spec.profile not in SUPPORTED_PROFILES or not spec.unicast:
             continue
         if spec.mode not in (None, "play"):
             continue
         if spec.lower == "UDP" and spec.client_port is not None:
+            if spec.destination is not None and not same_host(spec.destination, peer):
+                foreign = True
+                continue
             return spec
         if spec.lower == "TCP":
             if spec.interleaved is not None:
@@ -232,6 +339,8 @@ def choose_transport(
             if n + 1 > 255:
                 continue
             return attrs.evolve(spec, interleaved=(n, n + 1))
+    if foreign:
+        raise ForeignDestination()
     raise RtspStatusError(461)
 
 
@@ -298,7 +407,7 @@ def prepare(
     transport = None
     rng = None
     if method == "SETUP":
-        transport = choose_transport(request.headers.get("Transport"), used_channels)
+        transport = choose_transport(request.headers.get("Transport"), used_channels, peer)
     elif method == "PLAY":
         value = request.headers.get("Range")
         if value is not None:
@@ -309,6 +418,13 @@ def prepare(
                     457, "Invalid Range: only npt=START-[END] is served (seconds or h:m:s)"
                 ) from None
         _normal_play_only(request)
+    if (
+        method == "SETUP"
+        and session is not None
+        and request.url not in session.streams
+        and len(session.streams) >= MAX_STREAMS
+    ):
+        raise RtspStatusError(453, "Not Enough Bandwidth (too many streams in this session)")
     created = False
     if method == "SETUP" and session is None:
         session = table.create(now, peer)
@@ -329,6 +445,8 @@ def complete(
         chosen = reply_transport or prepared.transport
         if chosen is not None:
             session.streams[url] = chosen
+    if method == "PLAY":
+        session.played = True
     if method == "TEARDOWN":  # always the whole session (the handler tears it all down)
         session.streams.clear()
         session.state = SessionState.INIT

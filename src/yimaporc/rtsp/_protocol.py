@@ -1,10 +1,13 @@
 """Thin Twisted shells around the sans-IO RTSP connections.
 
-:class:`RtspServerFactory` owns the session table (sessions outlive
-connections), runs each request's checks (:func:`~._machine.prepare`), calls the
-injected :class:`~.interfaces.IRtspHandler`, applies the transition, and reaps
-silent sessions with one timer on the injected ``clock``.
-:class:`RtspServerProtocol` answers requests of one connection in order.
+:class:`RtspServerFactory` owns the session table (capped in total and per
+client address; a UDP session outlives its connection for a short grace), runs
+each request's checks (:func:`~._machine.prepare`), calls the injected
+:class:`~.interfaces.IRtspHandler`, applies the transition, and reaps silent
+sessions a bounded batch at a time with one timer on the injected ``clock``.
+:class:`RtspServerProtocol` answers requests of one connection in order, a
+bounded number per reactor turn, none while its output buffer is full, and
+closes itself when idle.
 :class:`RtspClientProtocol` returns a Deferred per request.
 """
 
@@ -26,7 +29,16 @@ from ..yima.sdp import SessionDescription, serialize_sdp
 from ._connection import SERVER_NAME, RtspClientConnection, RtspServerConnection
 from ._errors import RemoteProtocolError, RtspError, RtspStatusError
 from ._events import NEED_DATA, ConnectionClosed, RequestReceived, ResponseReceived
-from ._machine import PUBLIC, Prepared, ServerSession, SessionTable, abort, complete, prepare
+from ._machine import (
+    PUBLIC,
+    ForeignDestination,
+    Prepared,
+    ServerSession,
+    SessionTable,
+    abort,
+    complete,
+    prepare,
+)
 from ._wire import (
     DEFAULT_LIMITS,
     Headers,
@@ -45,6 +57,9 @@ from ._wire import (
 )
 from .interfaces import IRtspHandler, PlayReply
 
+#: Seconds between two log lines about refused sessions (the counters count them all).
+REFUSAL_LOG_INTERVAL = 10.0
+
 
 class RtspConnectionLost(RtspError):
     """The RTSP connection closed before the response came."""
@@ -54,14 +69,20 @@ class RtspConnectionLost(RtspError):
 class _WriteGate:
     """Registered with the transport: tells whether its write buffer is full."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_resume: Callable[[], None] | None = None) -> None:
         self.paused = False
+        self.on_resume = on_resume
+        # Bytes written since the transport said its buffer was full.
+        self.written_while_paused = 0
 
     def pauseProducing(self) -> None:
         self.paused = True
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.written_while_paused = 0
+        if self.on_resume is not None:
+            self.on_resume()
 
     def stopProducing(self) -> None:
         self.paused = True
@@ -85,7 +106,12 @@ class RtspServerProtocol(_Shell):
         self.peer = peer
         self.conn = RtspServerConnection(factory.limits)
         self.channels: dict[int, ServerSession] = {}
-        self._gate = _WriteGate()
+        # Sessions whose sender this connection is (may hold ended ones until pruned).
+        self.owned: set[ServerSession] = set()
+        self._gate = _WriteGate(self._write_resumed)
+        self._last_request = factory.clock.seconds()
+        self._idle: IDelayedCall | None = None
+        self._later: IDelayedCall | None = None
         self._busy = False
         self._pumping = False
         self._reading_paused = False
@@ -102,6 +128,43 @@ class RtspServerProtocol(_Shell):
     def connectionMade(self) -> None:
         self._t.registerProducer(self._gate, True)
         self._registered = True
+        self._arm_idle(self.factory.idle_timeout)
+
+    def _arm_idle(self, delay: float | None) -> None:
+        if delay is not None and not self._lost:
+            self._idle = self.factory.clock.callLater(delay, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """Close the connection after ``idle_timeout`` s without a request, unless it
+        carries a live session (a player receiving over UDP keeps its connection)."""
+        self._idle = None
+        timeout = self.factory.idle_timeout
+        assert timeout is not None
+        quiet = self.factory.clock.seconds() - self._last_request
+        if quiet < timeout:
+            self._arm_idle(timeout - quiet)
+        elif self.live_sessions():
+            self._arm_idle(timeout)
+        else:
+            self.factory.idle_closed += 1
+            self._close()
+
+    def live_sessions(self) -> list[ServerSession]:
+        """The sessions in the table this connection controls."""
+        table = self.factory.sessions
+        live = [s for s in self.owned if s.sender is self and table.get(s.session_id) is s]
+        if len(live) != len(self.owned):
+            self.owned = set(live)
+        return live
+
+    def _write_resumed(self) -> None:
+        # The transport drained its buffer: answer what waited (not from inside its write).
+        if not self._lost and self._later is None and self.conn.buffered:
+            self._later = self.factory.clock.callLater(0, self._pump_later)
+
+    def _pump_later(self) -> None:
+        self._later = None
+        self._pump()
 
     def _close(self) -> None:
         # A transport holding a paused producer would never finish closing.
@@ -115,10 +178,17 @@ class RtspServerProtocol(_Shell):
         return frozenset(self.channels)
 
     def send_interleaved(self, channel: int, data: bytes) -> bool:
-        """Write one interleaved frame; False if the connection is gone."""
+        """Write one interleaved frame; False if the connection is gone or the frame
+        was dropped because the client has not read ``max_unread_output`` bytes."""
         if self._lost or self.conn.closed:
             return False
         frame = self.conn.send(InterleavedFrame(channel, data))
+        if self._gate.paused:
+            # A client that stops reading must not make the node buffer the whole title.
+            if self._gate.written_while_paused + len(frame) > self.factory.limits.max_unread_output:
+                self.factory.interleaved_dropped += 1
+                return False
+            self._gate.written_while_paused += len(frame)
         if self._held is not None:
             # A PLAY is being answered: frames wait until its response is written,
             # because players skip '$' data that arrives before the PLAY reply.
@@ -133,7 +203,12 @@ class RtspServerProtocol(_Shell):
     def dataReceived(self, data: bytes) -> None:
         self.conn.receive_data(data)
         self._pump()
-        if self._busy and self.conn.buffered > self.factory.limits.max_buffer:
+        if (
+            not self._reading_paused
+            and not self._lost
+            and not self.conn.closed
+            and self.conn.buffered > self.factory.limits.max_buffer
+        ):
             self._t.pauseProducing()
             self._reading_paused = True
 
@@ -141,8 +216,15 @@ class RtspServerProtocol(_Shell):
         if self._pumping:
             return
         self._pumping = True
+        budget = self.factory.max_requests_per_turn
         try:
-            while not self._busy and not self._lost:
+            while not self._busy and not self._lost and not self._gate.paused:
+                if budget <= 0:
+                    # Bounded work per reactor turn: the rest of a pipelined burst
+                    # waits for the next turn, so one client cannot hold the reactor.
+                    if self._later is None:
+                        self._later = self.factory.clock.callLater(0, self._pump_later)
+                    break
                 try:
                     event = self.conn.next_event()
                 except RemoteProtocolError as exc:
@@ -158,13 +240,19 @@ class RtspServerProtocol(_Shell):
                 if isinstance(event, InterleavedFrame):
                     self._interleaved(event)
                 elif isinstance(event, RequestReceived):
+                    budget -= 1
+                    self._last_request = self.factory.clock.seconds()
                     self._busy = True
                     if event.request.method == "PLAY":
                         self._held, self._held_bytes = [], 0
                     self.factory.dispatch(event.request, self).addCallback(self._respond)
         finally:
             self._pumping = False
-        if not self._busy and self._reading_paused and not self._lost:
+        if (
+            self._reading_paused
+            and not self._lost
+            and self.conn.buffered <= self.factory.limits.max_buffer
+        ):
             self._reading_paused = False
             self._t.resumeProducing()
 
@@ -188,15 +276,27 @@ class RtspServerProtocol(_Shell):
             self._t.writeSequence(held)
         self._pump()
 
-    def bind(self, session: ServerSession, transport: TransportSpec) -> None:
-        """Route the interleaved channels of ``transport`` on this connection to ``session``."""
+    def bind(self, session: ServerSession, transport: TransportSpec | None = None) -> None:
+        """Make this connection the session's sender, and route the interleaved
+        channels of ``transport`` on it to ``session``."""
         session.sender = self
-        if transport.interleaved is not None:
+        self.owned.add(session)
+        if transport is not None and transport.interleaved is not None:
             for ch in transport.interleaved:
                 self.channels[ch] = session
 
+    def forget(self, session: ServerSession) -> None:
+        """The session ended: drop its channels and ownership here."""
+        self.owned.discard(session)
+        for ch in [c for c, s in self.channels.items() if s is session]:
+            del self.channels[ch]
+
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._lost = True
+        for call in (self._idle, self._later):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._later = None
         self.factory.connection_lost(self)
 
 
@@ -223,7 +323,18 @@ def _refused(exc: RtspStatusError) -> _Done:
 
 
 class RtspServerFactory(Factory):
-    """Builds :class:`RtspServerProtocol`; holds the sessions and the handler."""
+    """Builds :class:`RtspServerProtocol`; holds the sessions and the handler.
+
+    Hostile-client guards (docs/wire.md, "Sessions under load"):
+    ``max_sessions`` in all (503) and ``max_sessions_per_client`` per client
+    address (453); a session never played is reaped after ``setup_timeout`` s
+    of silence; a UDP session whose connection closed ends ``detached_timeout``
+    s later unless a request names it again (RTCP does not keep it); a
+    connection without a request for ``idle_timeout`` s and without a live
+    session is closed; at most ``reap_batch`` sessions are torn down per
+    reactor turn and ``max_requests_per_turn`` requests of one connection
+    handled per turn.
+    """
 
     log = Logger()
 
@@ -235,16 +346,38 @@ class RtspServerFactory(Factory):
         *,
         session_timeout: float = 60.0,
         limits: Limits = DEFAULT_LIMITS,
-        max_sessions: int = 10_000,
+        max_sessions: int = 1024,
+        max_sessions_per_client: int | None = 64,
+        setup_timeout: float | None = 15.0,
+        detached_timeout: float | None = 10.0,
+        idle_timeout: float | None = 30.0,
+        reap_batch: int = 64,
+        max_requests_per_turn: int = 16,
         server_name: str = SERVER_NAME,
     ) -> None:
         self.handler = handler
         self.clock = clock
         self.limits = limits
         self.server_name = server_name
-        self.sessions = SessionTable(rng, session_timeout, max_sessions)
+        self.sessions = SessionTable(
+            rng,
+            session_timeout,
+            max_sessions,
+            max_per_client=max_sessions_per_client,
+            setup_timeout=setup_timeout,
+            detached_timeout=detached_timeout,
+        )
+        self.idle_timeout = idle_timeout
+        self.reap_batch = max(1, reap_batch)
+        self.max_requests_per_turn = max(1, max_requests_per_turn)
         self.protocols: set[RtspServerProtocol] = set()
         self._reaper: IDelayedCall | None = None
+        self.reaped = 0
+        self.idle_closed = 0
+        self.refused_destinations = 0
+        self.interleaved_dropped = 0
+        self._refusal_logged_at = float("-inf")
+        self._refusals_unlogged = 0
 
     def buildProtocol(self, addr: IAddress | None) -> RtspServerProtocol:
         proto = RtspServerProtocol(self, getattr(addr, "host", None))
@@ -253,6 +386,18 @@ class RtspServerFactory(Factory):
 
     # --- sessions ---------------------------------------------------------------------
 
+    def stats(self) -> dict[str, int]:
+        """Counters for ``/api/status`` (``rtsp``)."""
+        return {
+            "sessions": len(self.sessions),
+            "connections": len(self.protocols),
+            "refused_sessions": self.sessions.refused,
+            "refused_destinations": self.refused_destinations,
+            "reaped": self.reaped,
+            "idle_closed": self.idle_closed,
+            "interleaved_dropped": self.interleaved_dropped,
+        }
+
     def touch(self, session_id: str) -> bool:
         """Note client activity (e.g. RTCP over UDP) on a session; False if unknown."""
         return self.sessions.touch(session_id, self.clock.seconds())
@@ -260,9 +405,7 @@ class RtspServerFactory(Factory):
     def end_session(self, session: ServerSession) -> Deferred[Any]:
         """Tear a session down from the server side (timeout, lost connection, shutdown)."""
         self.sessions.remove(session.session_id)
-        for proto in self.protocols:
-            for ch in [c for c, s in proto.channels.items() if s is session]:
-                del proto.channels[ch]
+        self._release(session)
         d = maybeDeferred(self.handler.teardown, session)
         d.addErrback(
             lambda f: self.log.failure("rtsp: teardown of {sid} failed", f, sid=session.session_id)
@@ -287,41 +430,72 @@ class RtspServerFactory(Factory):
             self._reaper.cancel()
         self._reaper = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._reap)
 
+    def _release(self, session: ServerSession) -> None:
+        sender = session.sender
+        if isinstance(sender, RtspServerProtocol):
+            sender.forget(session)
+
     def _reap(self) -> None:
+        # At most reap_batch per turn; the timer comes back at once for the rest, so a
+        # burst of expiries is spread over reactor turns instead of stalling one.
         self._reaper = None
-        for session in self.sessions.expire(self.clock.seconds()):
-            self.log.info("rtsp: session {sid} timed out", sid=session.session_id)
+        expired = self.sessions.expire(self.clock.seconds(), self.reap_batch)
+        self.reaped += len(expired)
+        if len(expired) > 1:
+            self.log.info("rtsp: {n} sessions timed out", n=len(expired))
+        for session in expired:
+            if len(expired) == 1:
+                self.log.info("rtsp: session {sid} timed out", sid=session.session_id)
             self.end_session(session)
         self._schedule_reap()
 
     def connection_lost(self, proto: RtspServerProtocol) -> None:
-        """A connection closed: its interleaved sessions end, UDP ones live on until timeout."""
+        """A connection closed: its interleaved sessions end; UDP ones are detached and
+        end ``detached_timeout`` s later unless a request on another connection names them."""
         self.protocols.discard(proto)
-        for session in list(self.sessions):
-            if session.sender is not proto:
+        now = self.clock.seconds()
+        for session in list(proto.owned):
+            if session.sender is not proto or self.sessions.get(session.session_id) is not session:
                 continue
             session.sender = None
             if any(t.is_tcp for t in session.streams.values()):
                 self.end_session(session)
+            else:
+                self.sessions.detach(session, now)
+        proto.owned.clear()
         proto.channels.clear()
+        self._schedule_reap()
 
     # --- requests ---------------------------------------------------------------------
 
     def dispatch(self, request: Request, proto: RtspServerProtocol) -> Deferred[Response]:
         """Check, run and answer one request; the Deferred never fails."""
         now = self.clock.seconds()
+        refused = self.sessions.refused
         try:
             prep = prepare(
                 request, self.sessions, now, peer=proto.peer, used_channels=proto.used_channels()
             )
         except RtspStatusError as exc:
-            self.log.info(
-                "rtsp: {method} {url}: {status}",
-                method=request.method,
-                url=request.url,
-                status=exc.status,
-            )
+            if isinstance(exc, ForeignDestination):
+                self.refused_destinations += 1
+            if self.sessions.refused > refused:
+                self._log_refusal(now, proto.peer, exc)
+            else:
+                self.log.info(
+                    "rtsp: {method} {url}: {status}",
+                    method=request.method,
+                    url=request.url,
+                    status=exc.status,
+                )
             return succeed(self._response(request, None, _refused(exc)))
+        session = prep.session
+        if session is not None and not prep.created:
+            # A request naming the session: it is controlled from this connection now
+            # if the one that set it up has gone.
+            self.sessions.attach(session)
+            if session.sender is None:
+                proto.bind(session)
         d = cast("Deferred[_Done]", maybeDeferred(self._run, prep, proto))
 
         def ok(done: _Done) -> Response:
@@ -338,6 +512,21 @@ class RtspServerFactory(Factory):
             return self._response(request, None, _Done(500))
 
         return d.addCallbacks(ok, failed).addCallback(self._after)
+
+    def _log_refusal(self, now: float, peer: str | None, exc: RtspStatusError) -> None:
+        # A flood of SETUPs must not become a flood of log lines: one line, then at most
+        # one summary per REFUSAL_LOG_INTERVAL.
+        self._refusals_unlogged += 1
+        if now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
+            return
+        self.log.warn(
+            "rtsp: refused {n} new session(s) ({status} {reason}; last from {peer})",
+            n=self._refusals_unlogged,
+            status=exc.status,
+            reason=exc.reason,
+            peer=peer,
+        )
+        self._refusal_logged_at, self._refusals_unlogged = now, 0
 
     def _after(self, response: Response) -> Response:
         self._schedule_reap()
@@ -388,6 +577,8 @@ class RtspServerFactory(Factory):
 
     def _completed(self, prep: Prepared, reply: TransportSpec | None = None) -> _Done:
         complete(prep, self.sessions, reply)
+        if prep.method == "TEARDOWN" and prep.session is not None:
+            self._release(prep.session)
         return _Done()
 
     def _described(self, body: bytes | SessionDescription, url: str) -> _Done:

@@ -258,6 +258,9 @@ class Limits:
     max_headers: int = 64  # header fields per message (400)
     max_body: int = 64 * 1024  # Content-Length cap (413)
     max_buffer: int = 1024 * 1024  # unprocessed bytes before reading pauses
+    # Server: interleaved bytes written while the client does not read (its TCP window and
+    # our transport buffer full) before further frames are dropped.
+    max_unread_output: int = 4 * 1024 * 1024
 
 
 DEFAULT_LIMITS = Limits()

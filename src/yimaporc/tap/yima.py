@@ -9,6 +9,20 @@ from twisted.python import usage
 
 from .common import NodeOptions, build_node, install_logging
 
+# --rtsp-NAME, RtspServerFactory keyword, default, help, type (docs/wire.md, "Sessions
+# under load").
+RTSP_GUARDS: list[tuple[str, str, str, str, type]] = [
+    ("max-sessions", "max_sessions", "1024", "RTSP sessions of this node in all (503 beyond).",
+     int),
+    ("max-sessions-per-client", "max_sessions_per_client", "64",
+     "RTSP sessions of one client address (453 beyond).", int),
+    ("setup-timeout", "setup_timeout", "15",
+     "Seconds a SETUP never followed by PLAY lives without a request.", float),
+    ("idle-timeout", "idle_timeout", "30",
+     "Seconds an RTSP connection without a request and without a live session stays open.",
+     float),
+]  # fmt: skip
+
 
 class Options(NodeOptions):
     """yima-node options (CONTRACT §2)."""
@@ -23,6 +37,10 @@ class Options(NodeOptions):
             "bipartite",
             "Delivery design: bipartite (Yima-2) or master-slave (Yima-1).",
         ],
+        *(
+            [f"rtsp-{name}", None, default, text]
+            for name, _key, default, text, _kind in RTSP_GUARDS
+        ),
     ]
 
     def __init__(self) -> None:
@@ -42,6 +60,16 @@ class Options(NodeOptions):
         super().postOptions()
         if self["mode"] not in ("bipartite", "master-slave"):
             raise usage.UsageError("--mode must be bipartite or master-slave")
+        guards: dict[str, Any] = {}
+        for name, key, _default, _text, kind in RTSP_GUARDS:
+            try:
+                value = kind(self[f"rtsp-{name}"])
+            except ValueError:
+                raise usage.UsageError(f"--rtsp-{name} must be a number") from None
+            if not value > 0:
+                raise usage.UsageError(f"--rtsp-{name} must be positive")
+            guards[key] = value
+        self["rtsp_guards"] = guards
 
 
 def makeService(options: Options) -> IService:
@@ -56,7 +84,12 @@ def makeService(options: Options) -> IService:
     from ..yima.rtspservice import YimaStreamingService
 
     streaming = YimaStreamingService(
-        node, reactor, storage, rtsp_endpoint=options["rtsp"], mode=options["mode"]
+        node,
+        reactor,
+        storage,
+        rtsp_endpoint=options["rtsp"],
+        mode=options["mode"],
+        rtsp_guards=options["rtsp_guards"],
     )
     streaming.setServiceParent(node)
     return install_logging(node, options, reactor)

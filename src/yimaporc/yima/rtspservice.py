@@ -194,6 +194,7 @@ class YimaStreamingService(Service):
         rtsp_endpoint: str | None,
         mode: str = "bipartite",
         rng: random.Random | None = None,
+        rtsp_guards: dict[str, Any] | None = None,
     ) -> None:
         self.node = node
         self.reactor = reactor
@@ -205,7 +206,8 @@ class YimaStreamingService(Service):
         self.lost_sessions = 0
         self.data_port: IListeningPort | None = None
         self.rtsp_port: IListeningPort | None = None
-        self.factory = RtspServerFactory(self, reactor, self.rng)
+        # Session caps and timeouts (RtspServerFactory keywords; --rtsp-* options).
+        self.factory = RtspServerFactory(self, reactor, self.rng, **(rtsp_guards or {}))
         self.streaming = StreamingNode(
             reactor,
             node.cluster_time,
@@ -277,6 +279,8 @@ class YimaStreamingService(Service):
                                              "packets_sent": self.streaming.engine.sent,
                                              "handed_to_relay": self.streaming.handed_over,
                                              "ended_share_lost": self.lost_sessions}}  # fmt: skip
+        relays = sum(1 for p in self.plans.values() if p.relay_port is not None)
+        out["rtsp"] = {**self.factory.stats(), "relay_ports": relays}
         fb = self.feedback
         out["streaming"]["rtcp"] = {"received": fb.received, "malformed": fb.malformed,
                                     "nacked": fb.nacked, "resent": self.streaming.resent,
@@ -436,8 +440,12 @@ class YimaStreamingService(Service):
     def setup(
         self, url: str, transport: TransportSpec, session: ServerSession
     ) -> Deferred[TransportSpec]:
-        """Record where this session's packets go; open the relay for standard players."""
+        """Record where this session's packets go (the relay opens at PLAY)."""
         info = self._media(url)
+        old = self.plans.get(session.session_id)
+        if old is not None and (old.started_ct or old.relay_port is not None):
+            # Re-planning a started stream would orphan its relay socket and node shares.
+            raise RtspStatusError(455, headers=(("Allow", "PLAY, PAUSE, TEARDOWN"),))
         ssrc = self.rng.getrandbits(32)
         if transport.is_tcp:
             channel = transport.interleaved[0] if transport.interleaved else 0
@@ -446,12 +454,15 @@ class YimaStreamingService(Service):
         else:
             if transport.client_port is None:
                 raise RtspStatusError(461, "UDP transport needs client_port")
-            host = transport.destination or session.peer or "127.0.0.1"
-            plan = _Plan(info.name, host, transport.client_port[0], transport.yima_fanout, None,
-                         ssrc, self.rng.getrandbits(16), self.rng.getrandbits(32))  # fmt: skip
+            # Media goes only to the RTSP client's own address (the server already
+            # refused a foreign ``destination``): never to a host that did not ask.
+            if session.peer is None:
+                raise RtspStatusError(461, "UDP transport needs the client's address")
+            plan = _Plan(info.name, session.peer, transport.client_port[0],
+                         transport.yima_fanout, None, ssrc, self.rng.getrandbits(16),
+                         self.rng.getrandbits(32))  # fmt: skip
         plan.extension = transport.yima_fanout  # over TCP relayed, but the client opted in
-        if not plan.fanout:
-            self._open_relay(session.session_id, plan)
+        # The relay socket is opened at the first PLAY: SETUPs never played cost no fd.
         plan.session = session
         self.plans[session.session_id] = plan
         ports = self._ports()
@@ -464,9 +475,12 @@ class YimaStreamingService(Service):
         )
 
     def _open_relay(self, session_id: str, plan: _Plan) -> None:
-        plan.relay = Reorderer(first=0, hold=0.3)
         proto = _Udp(lambda data, addr: self._relayed(session_id, data))
-        listening = self.reactor.listenUDP(0, proto, interface=self.node.config.cluster_host)
+        try:
+            listening = self.reactor.listenUDP(0, proto, interface=self.node.config.cluster_host)
+        except CannotListenError as exc:
+            raise RtspStatusError(503, f"no relay port: {exc}") from None
+        plan.relay = Reorderer(first=0, hold=0.3)
         plan.relay_port = listening
         _big_buffers(listening)
         # This node's own packets skip the socket (two syscalls and a copy each).
@@ -601,6 +615,8 @@ class YimaStreamingService(Service):
         sid = session.session_id
         plan = self.plans[sid]
         info = self._media(plan.media)
+        if not plan.fanout and plan.relay_port is None:
+            self._open_relay(sid, plan)
         timing = media_timing(info)
         at = self.node.cluster_time() + START_LEAD
         seek = range is not None and range.start is not None
@@ -811,6 +827,8 @@ class YimaStreamingService(Service):
             for timer in (plan.sr_timer, plan.bye_timer):
                 if timer is not None and timer.active():
                     timer.cancel()
+            if not plan.started_ct:
+                return succeed(None)  # never played: no node has anything to stop
         return self._control(session.session_id, "stop", 0.0)
 
     def get_parameter(self, session: ServerSession | None, body: bytes) -> bytes:

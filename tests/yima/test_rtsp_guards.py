@@ -1,0 +1,201 @@
+"""Yima's RTSP front against hostile clients: media only to the requester, no fd per
+unplayed SETUP, no cluster RPC to reap what never played (issue 13, items 1 and 4)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.usage import UsageError
+
+from yimaporc.cluster.rpc import RpcRegistry
+from yimaporc.rtsp import Response, RtspClientConnection
+from yimaporc.tap.yima import Options
+from yimaporc.yima.media import KIND_TS, MediaInfo
+from yimaporc.yima.rtspservice import YimaStreamingService
+from yimaporc.yima.streaming import StreamControl, StreamStart
+
+URL = "rtsp://127.0.103.1:8554/clip"
+CLIENT = "127.0.103.10"
+
+
+class _Port:
+    def __init__(self, ports: list[_Port], host: str, number: int) -> None:
+        self.ports, self.host, self.number = ports, host, number
+        self.open = True
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", self.host, self.number)
+
+    def stopListening(self) -> None:
+        self.open = False
+
+    def write(self, data: bytes, addr: tuple[str, int]) -> None:
+        pass
+
+
+class FakeReactor(Clock):
+    """A Clock that also hands out fake UDP ports and records them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udp: list[_Port] = []
+
+    def listenUDP(self, port: int, proto: Any, interface: str = "") -> _Port:
+        p = _Port(self.udp, interface, 40000 + len(self.udp))
+        self.udp.append(p)
+        return p
+
+
+def service(**guards: Any) -> tuple[YimaStreamingService, FakeReactor, list[tuple[Any, ...]]]:
+    reactor = FakeReactor()
+    calls: list[tuple[Any, ...]] = []
+    members = [SimpleNamespace(node_id=n, address=f"127.0.103.{i}:7946")
+               for i, n in enumerate("abc", 1)]  # fmt: skip
+
+    def call(address: str, command: Any, **kw: Any) -> Any:
+        calls.append(("rpc", address, command, kw))
+        return succeed({"rtp": 6970, "rtcp": 6971})
+
+    node = SimpleNamespace(
+        registry=RpcRegistry(), cluster_time=reactor.seconds, add_status=lambda f: None,
+        subscribe=lambda s: None, node_id="a", view=SimpleNamespace(members=members),
+        rpc=SimpleNamespace(call=call), config=SimpleNamespace(cluster_host="127.0.103.1"),
+    )  # fmt: skip
+    info = MediaInfo("clip", KIND_TS, 2 * 13160, 13160, 1, streamable=True, duration=1.0,
+                     block_times=(0, 500_000))  # fmt: skip
+    storage = SimpleNamespace(media_info=lambda name: info, read_block=lambda n, b: succeed(b""))
+    svc = YimaStreamingService(
+        node, reactor, storage, rtsp_endpoint=None, rng=random.Random(1),  # type: ignore[arg-type]
+        rtsp_guards=guards,
+    )  # fmt: skip
+
+    def start(**kw: Any) -> None:
+        calls.append(("start", kw))
+
+    svc.streaming.start = start  # type: ignore[method-assign]
+    svc.streaming.control = lambda *a: calls.append(("control", *a))  # type: ignore[method-assign]
+    return svc, reactor, calls
+
+
+class Client:
+    """One RTSP connection from ``host`` to the service's factory."""
+
+    def __init__(self, svc: YimaStreamingService, host: str = CLIENT) -> None:
+        self.proto = svc.factory.buildProtocol(IPv4Address("TCP", host, 50000))
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.conn = RtspClientConnection()
+
+    def ask(self, pair: tuple[int, bytes]) -> Response:
+        self.proto.dataReceived(pair[1])
+        self.conn.receive_data(self.transport.value())
+        self.transport.clear()
+        event = self.conn.next_event()
+        assert hasattr(event, "response"), event
+        response: Response = event.response
+        return response
+
+    def setup(self, transport: str) -> Response:
+        return self.ask(self.conn.request("SETUP", URL + "/track1", [("Transport", transport)]))
+
+
+def test_reflection_to_another_host_is_refused() -> None:
+    """SETUP with destination=another host (plain or fan-out) is 461: no plan, no port."""
+    svc, reactor, calls = service()
+    c = Client(svc)
+    for extra in ("", ";x-yima-fanout"):
+        r = c.setup(f"RTP/AVP;unicast;destination=127.0.103.99;client_port=5000-5001{extra}")
+        assert r.status == 461
+    assert svc.plans == {} and reactor.udp == [] and calls == []
+    assert svc.status()["rtsp"]["refused_destinations"] == 2
+
+
+def test_relayed_stream_goes_to_the_rtsp_peer_and_its_relay_port_opens_at_play() -> None:
+    """Destination = the peer's own address is accepted; the relay socket exists only from
+    PLAY, and the relay forwards to the RTSP peer."""
+    svc, reactor, calls = service()
+    c = Client(svc)
+    r = c.setup(f"RTP/AVP;unicast;destination={CLIENT};client_port=5000-5001")
+    assert r.status == 200
+    assert reactor.udp == []  # SETUP costs no socket
+    (plan,) = svc.plans.values()
+    assert (plan.dest_host, plan.dest_port) == (CLIENT, 5000)
+    assert c.ask(c.conn.play(URL)).status == 200
+    assert len(reactor.udp) == 1 and svc.status()["rtsp"]["relay_ports"] == 1
+    hosts = {kw["host"] for kind, *rest in calls for kw in [rest[-1]] if kind in ("start", "rpc")}
+    assert hosts == {"127.0.103.1"}  # every node sends to the relay here, nowhere else
+    assert c.ask(c.conn.teardown(URL)).status == 200
+    assert not reactor.udp[0].open
+
+
+def test_fanout_nodes_send_to_the_rtsp_peer() -> None:
+    """With fan-out every node is told to send to the RTSP client's own address."""
+    svc, reactor, calls = service()
+    c = Client(svc)
+    assert c.setup("RTP/AVP;unicast;client_port=5000-5001;x-yima-fanout").status == 200
+    assert c.ask(c.conn.play(URL)).status == 200
+    starts = [rest[-1] for kind, *rest in calls if kind == "start"]
+    starts += [rest[-1] for kind, *rest in calls if kind == "rpc" and rest[1] is StreamStart]
+    assert len(starts) == 3 and {(s["host"], s["port"]) for s in starts} == {(CLIENT, 5000)}
+    assert reactor.udp == []
+
+
+def test_unplayed_setups_cost_no_socket_and_no_rpc_when_reaped() -> None:
+    """Many SETUPs without PLAY open no UDP socket, hit the per-client cap, and expire
+    after setup_timeout without a single RPC to the other nodes."""
+    svc, reactor, calls = service(max_sessions_per_client=20, setup_timeout=15.0)
+    statuses = []
+    for _ in range(30):
+        c = Client(svc)
+        statuses.append(c.setup("RTP/AVP;unicast;client_port=5000-5001").status)
+    assert statuses == [200] * 20 + [453] * 10
+    assert reactor.udp == [] and len(svc.plans) == 20
+    reactor.advance(15.0)
+    assert svc.plans == {} and len(svc.factory.sessions) == 0
+    assert not [c for c in calls if c[0] == "rpc" and c[2] is StreamControl]
+    status = svc.status()["rtsp"]
+    assert status["refused_sessions"] == 10 and status["reaped"] == 20
+
+
+def test_rtsp_guard_options_are_checked(tmp_path: Path) -> None:
+    """--rtsp-* options reach the factory keywords; zero or non-numbers are usage errors."""
+    base = [
+        "--node-id",
+        "y1",
+        "--data-dir",
+        str(tmp_path),
+        "--cluster",
+        "tcp:17946:interface=127.0.103.1",
+    ]
+    o = Options()
+    o.parseOptions([*base, "--rtsp-max-sessions-per-client", "5", "--rtsp-setup-timeout", "2.5"])
+    assert o["rtsp_guards"] == {"max_sessions": 1024, "max_sessions_per_client": 5,
+                                "setup_timeout": 2.5, "idle_timeout": 30.0}  # fmt: skip
+    svc, _, _ = service(**o["rtsp_guards"])
+    assert svc.factory.sessions.max_per_client == 5 and svc.factory.idle_timeout == 30.0
+    for bad in (["--rtsp-max-sessions", "0"], ["--rtsp-idle-timeout", "soon"]):
+        with pytest.raises(UsageError):
+            Options().parseOptions([*base, *bad])
+
+
+def test_resetup_of_a_started_stream_cannot_leak_its_relay() -> None:
+    """SETUP again on a played session is 455: SETUP+PLAY loops cannot pile up relay
+    sockets; an unplayed session may be set up again (nothing to leak)."""
+    svc, reactor, _ = service()
+    c = Client(svc)
+    udp = "RTP/AVP;unicast;client_port=5000-5001"
+    assert c.setup(udp).status == 200
+    assert c.setup(udp).status == 200  # still unplayed: re-planned
+    assert c.ask(c.conn.play(URL)).status == 200
+    for _ in range(3):
+        assert c.setup(udp).status == 455
+        assert c.ask(c.conn.play(URL)).status == 200
+    assert len(reactor.udp) == 1
