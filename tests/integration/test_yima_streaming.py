@@ -32,10 +32,17 @@ def cluster(tmp_path: Path, net: int, mode: str) -> list[NodeProc]:
         )
         for i in (1, 2, 3)
     ]  # fmt: skip
-    for n in nodes:
-        n.start()
-    wait_for(lambda: views_agree(nodes), 30, "3 yima nodes to agree")
-    wait_for(lambda: all(len((n.status() or {}).get("disks", [])) == 3 for n in nodes), 30, "disks")
+    try:
+        for n in nodes:
+            n.start()
+        wait_for(lambda: views_agree(nodes), 30, "3 yima nodes to agree")
+        wait_for(
+            lambda: all(len((n.status() or {}).get("disks", [])) == 3 for n in nodes), 30, "disks"
+        )
+    except BaseException:
+        for n in nodes:  # a node that failed to start must not leave the others running
+            n.kill(signal.SIGTERM)
+        raise
     return nodes
 
 

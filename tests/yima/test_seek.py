@@ -189,7 +189,7 @@ def one_node() -> tuple[YimaStreamingService, _Reactor, list[bytes]]:
 
 
 def _session(svc: YimaStreamingService) -> ServerSession:
-    session = ServerSession("S1", 60.0, 0.0)
+    session = ServerSession("S1", 60.0, 0.0, peer="127.0.0.1")
     spec = TransportSpec(client_port=(5000, 5001))
     session.streams[URL] = spec
     svc.setup(URL, spec, session)

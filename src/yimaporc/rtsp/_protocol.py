@@ -315,7 +315,7 @@ def _refused(exc: RtspStatusError) -> _Done:
     detail = " ".join(exc.reason.split())
     if not detail or detail == standard:
         return _Done(exc.status, exc.headers)
-    line = f"{standard}: {detail}"
+    line = detail if detail.startswith(standard) else f"{standard}: {detail}"
     line = line if len(line) <= 200 else line[:197] + "..."
     body = (detail + "\r\n").encode("utf-8", "replace")
     return _Done(exc.status, (*exc.headers, ("Content-Type", "text/plain; charset=utf-8")),
