@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox
+APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox chromium:chromium
 APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
 PYTEST_ARGS ?=
 
