@@ -4,16 +4,20 @@ Three ``porcupine-node`` processes; every node's ``/metrics`` parses with
 prometheus_client's own parser and agrees with its ``/api/status``; Debian's
 Chromium loads ``/`` from one node, runs its JavaScript without an error and shows
 all three nodes up; after SIGKILL of one node the page shows it unreachable or gone.
-A yima pair does the same for the yima metrics and the disks table.
+The operator CLI (``mail users``, ``status --watch``, ``media rm``, ``--json``) runs
+against the same real nodes; a yima pair covers the yima metrics, ``media rm`` and the
+dashboard's disks and streaming tables.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from yimaporc.testing.procs import NodeProc, mail_node, three_nodes, views_agree, wait_for
 
-PORT, ADMIN, SMTP = 7946, 8080, 2525
+PORT, ADMIN, SMTP, RTSP = 7946, 8080, 2525, 8554
 ROW = re.compile(r'<tr[^>]*data-node="([^"]+)"[^>]*data-health="([^"]+)"')
 
 
@@ -136,3 +140,85 @@ def test_dashboard_shows_cluster_and_a_killed_node(cluster: list[NodeProc], tmp_
 
     got = wait_for(p3_down, 60, "the page to show p3 down", interval=1.0)
     assert got["p1"] == "up" and got["p2"] in ("up", "degraded")
+
+
+def run_cli(node: NodeProc, *args: str) -> str:
+    """``yimaporc ARGS --admin node`` in a child process; its stdout (must exit 0)."""
+    argv = [sys.executable, "-m", "yimaporc.cli", *args, "--admin", node.admin_url]
+    argv += ["--secret-file", str(node.secret_file)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_operator_cli_on_real_mail_nodes(cluster: list[NodeProc]) -> None:
+    """adduser --json, mail users (and its alias list) with the token, status --watch
+    --count 2 --json against real nodes; /metrics then counts the user."""
+    p1, p2, _ = cluster
+    added = json.loads(run_cli(p1, "mail", "adduser", "ops@example.org", "--password", "pw",
+                               "--json"))  # fmt: skip
+    assert isinstance(added, dict)
+    users = json.loads(run_cli(p2, "mail", "users", "--json"))["users"]
+    assert [u["address"] for u in users] == ["ops@example.org"]
+    assert run_cli(p2, "mail", "list").split()[0] == "ops@example.org"
+    lines = run_cli(p2, "status", "--watch", "--count", "2", "--interval", "0.2", "--json")
+    docs = [json.loads(line) for line in lines.splitlines()]
+    assert [d["node_id"] for d in docs] == ["p2", "p2"] and docs[1]["uptime"] > docs[0]["uptime"]
+    wait_for(lambda: scrape(p1)["yimaporc_mail_users"][()] == 1, 20, "metrics to count the user")
+
+
+YIMA_HOST = "127.0.113.{}"
+
+
+@pytest.fixture
+def yima_pair(tmp_path: Path) -> Iterator[list[NodeProc]]:
+    """Two yima nodes on 127.0.113.11-12 with two --disk each."""
+    secret = tmp_path / "cluster.secret"
+    secret.write_text(os.urandom(16).hex())
+    nodes = []
+    for i in (1, 2):
+        h = YIMA_HOST.format(10 + i)
+        extra = ["--disk", str(tmp_path / f"y{i}" / "a"), "--disk", str(tmp_path / f"y{i}" / "b"),
+                 "--rtsp", f"tcp:{RTSP}:interface={h}"]  # fmt: skip
+        join = [] if i == 1 else [f"{YIMA_HOST.format(11)}:{PORT}"]
+        nodes.append(NodeProc("yima", f"y{i}", h, tmp_path / f"y{i}" / "data", PORT, ADMIN,
+                              extra=extra, join=join, secret_file=secret))  # fmt: skip
+    try:
+        for n in nodes:
+            n.start()
+        wait_for(lambda: views_agree(nodes), 40, "two yima nodes to agree")
+        wait_for(
+            lambda: all(len((n.status() or {}).get("disks", [])) == 4 for n in nodes),
+            40,
+            "four disks registered",
+        )
+        yield nodes
+    finally:
+        for n in nodes:
+            n.kill(signal.SIGTERM)
+
+
+def test_yima_metrics_media_rm_and_dashboard(yima_pair: list[NodeProc], tmp_path: Path) -> None:
+    """Yima /metrics has the disks and catalog; media rm --json deletes every block of a
+    title on both nodes; the dashboard shows the four disks and both nodes up."""
+    y1, y2 = yima_pair
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(300_000))
+    run_cli(y1, "media", "ingest", str(blob), "--opaque", "--block-size", "8192")
+    placed = sum(scrape(y2)["yimaporc_yima_disk_blocks"].values())
+    assert placed > 300_000 // 8192
+    got = scrape(y2)
+    assert got["yimaporc_yima_media"][()] == 1
+    assert len(got["yimaporc_yima_disk_blocks"]) == 4
+    assert got["yimaporc_yima_packets_sent_total"][()] == 0
+    out = json.loads(run_cli(y2, "media", "rm", "blob", "--json"))
+    assert out == {"name": "blob", "blocks_deleted": placed, "blocks_not_reached": 0}
+    assert json.loads(run_cli(y1, "media", "list", "--json"))["media"] == []
+    files = [p for p in tmp_path.glob("y*/[ab]/**/*") if p.suffix in (".blk", ".par")]
+    assert files == []
+    wait_for(lambda: scrape(y1)["yimaporc_yima_media"][()] == 0, 20, "y1 to see the catalog")
+    dom, log = browse(y1.admin_url + "/", tmp_path / "profile")
+    assert js_errors(dom, log) == []
+    assert rows(dom) == {"y1": "up", "y2": "up"}
+    assert sorted(re.findall(r'data-disk="([^"]+)"', dom)) == ["y1-0", "y1-1", "y2-0", "y2-1"]
+    assert "Media (Yima)" in dom
