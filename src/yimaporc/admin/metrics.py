@@ -430,7 +430,11 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
     for key, name, text in (
         ("packets_sent", "packets_sent", "RTP packets this node sent."),
         ("bytes_sent", "payload_bytes_sent", "RTP payload bytes this node sent."),
-        ("handed_to_relay", "relay_handoffs", "Packets handed to the RTSP node's relay."),
+        (
+            "handed_to_relay",
+            "relay_handoffs",
+            "Packets handed straight to this node's own relay (in process, not over UDP).",
+        ),
         ("ended_share_lost", "sessions_ended_share_lost", "Sessions ended as media was lost."),
     ):
         out.counter(f"yimaporc_yima_{name}", text, streaming.get(key))
