@@ -354,6 +354,7 @@ def test_cluster_view_is_bounded_cached_and_times_out() -> None:
     fake.reactor.advance(dashboard.TIMEOUT)
     a, b = result(first), result(second)
     assert a is b and by_id(a)["p3"]["health"] == "unreachable"
+    assert a["round"] == 1
     assert result(cv.get()) is a and cv.gatherings == 1
     fake.reactor.advance(dashboard.REFRESH)
     cv.get()

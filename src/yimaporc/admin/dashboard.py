@@ -231,6 +231,7 @@ class ClusterView:
             "coordinator": view.coordinator,
             "time": round(self.node.cluster_time(), 3),
             "gathered_in": round(now - started, 3),
+            "round": self.gatherings,
             "nodes": entries,
         }
         self._finish(doc, now)
