@@ -423,7 +423,7 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
     streaming = doc.get("streaming") or {}
     out.gauge(
         "yimaporc_yima_sessions",
-        "Streaming sessions this node takes part in, by mode.",
+        "RTSP sessions set up through this node (it relays or serves them), by mode.",
         streaming.get("sessions"),
         mode=_label_value(str(streaming.get("mode", ""))),
     )
