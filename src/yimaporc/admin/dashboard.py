@@ -137,7 +137,6 @@ class ClusterView:
 
     def __init__(self, node: ClusterNode) -> None:
         self.node = node
-        self.clock = node.reactor
         self.gatherings = 0
         self._cached: dict[str, Any] | None = None
         self._cached_at = float("-inf")
@@ -146,6 +145,12 @@ class ClusterView:
         self._seen: dict[str, dict[str, Any]] = {}
         #: node_id -> (address, time it left the view)
         self._former: dict[str, tuple[str, float]] = {}
+
+    @property
+    def clock(self) -> Any:
+        """The node's reactor (read when needed: embedders may mount the admin resource
+        on an object that has routes and status but no reactor, and no /api/cluster)."""
+        return self.node.reactor
 
     def local_summary(self) -> dict[str, Any]:
         """This node's own summary (also the answer to :class:`NodeSummary`)."""

@@ -88,7 +88,9 @@ class AdminResource(Resource):
         self.metrics = NodeMetrics(node)
         self.cluster_view = ClusterView(node)
         if not any(r.path == "/api/cluster" for r in node.routes):
-            node.add_route(Route("GET", "/api/cluster", self.cluster_view.handle, mutates=False))
+            node.routes.append(
+                Route("GET", "/api/cluster", self.cluster_view.handle, mutates=False)
+            )
 
     def render(self, request: Request) -> Any:
         """Route by method and path; answer JSON (or the dashboard at /, metrics at /metrics)."""
