@@ -117,6 +117,10 @@ def test_metrics_parse_and_match_status(cluster: list[NodeProc]) -> None:
         assert got["yimaporc_mail_replication_state"][(("state", "running"),)] == 1
         assert got["yimaporc_mail_outbound_queue_length"][()] == 0
         assert got["yimaporc_admin_refused_requests_total"][(("status", "401"),)] == 0
+        # the mail cluster talks over RPC: calls and their latency histogram by command
+        assert sum(got["yimaporc_rpc_calls_total"].values()) > 0
+        counts = got["yimaporc_rpc_call_duration_seconds_count"]
+        assert counts == {k: v for k, v in got["yimaporc_rpc_calls_total"].items()}
 
 
 def test_dashboard_shows_cluster_and_a_killed_node(cluster: list[NodeProc], tmp_path: Path) -> None:

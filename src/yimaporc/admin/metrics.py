@@ -18,12 +18,18 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
     from ..cluster.node import ClusterNode
+    from ..cluster.rpcstats import RpcCallStats
 
 __all__ = ["CONTENT_TYPE", "NodeCollector", "NodeMetrics", "families"]
 
@@ -449,6 +455,31 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
         out.counter(f"yimaporc_yima_rtcp_{key}", text, rtcp.get(key))
 
 
+def rpc_families(stats: RpcCallStats) -> list[Metric]:
+    """Calls, failures and a latency histogram per command of the RPCs this node made."""
+    calls = CounterMetricFamily(
+        "yimaporc_rpc_calls", "Cluster RPCs this node made, by command.", labels=["command"]
+    )
+    errors = CounterMetricFamily(
+        "yimaporc_rpc_call_errors",
+        "Cluster RPCs that failed, by command and kind (unavailable: peer down or too "
+        "slow; remote: the peer answered with an error).",
+        labels=["command", "error"],
+    )
+    latency = HistogramMetricFamily(
+        "yimaporc_rpc_call_duration_seconds",
+        "Time from a cluster RPC's start to its answer or failure, by command.",
+        labels=["command"],
+    )
+    for name, cmd in sorted(stats.commands.items()):
+        label = name[:64]
+        calls.add_metric([label], cmd.calls)
+        for kind, n in sorted(cmd.errors.items()):
+            errors.add_metric([label, kind], n)
+        latency.add_metric([label], cmd.cumulative(), sum_value=cmd.total)
+    return [calls, errors, latency]
+
+
 class NodeCollector(Collector):
     """Collects ``node``'s metrics at every scrape, from its status as of then."""
 
@@ -459,6 +490,9 @@ class NodeCollector(Collector):
         """The node's families, from its status as of now."""
         changes = getattr(self.node, "view_changes", None)
         yield from families(self.node.status(), view_changes=changes)
+        stats = getattr(getattr(self.node, "rpc", None), "calls", None)
+        if stats is not None:
+            yield from rpc_families(stats)
 
 
 class NodeMetrics:
