@@ -41,7 +41,9 @@ PORCUPINE_STATUS: dict[str, Any] = {
     "users": 5,
     "buckets": {"p1": 128, "p2": 128},
     "messages_accepted": 42,
-    "client_errors": {"smtp_bad_arguments": 2, "imap_literal_too_big": 1},
+    "client_errors": {"smtp_bad_arguments": 2, "imap.bad_syntax": 1},
+    "imap_open_mailboxes": 3,
+    "plaintext_passwords": True,
     "auth": {
         "attempts": 6,
         "successes": 4,
@@ -114,6 +116,16 @@ YIMA_STATUS: dict[str, Any] = {
     ],
     "media": [{"name": "a", "blocks": 12, "bytes": 3000}, {"name": "b", "blocks": 1, "bytes": 10}],
     "storage": {"reorganising": True, "scaling_steps": 2, "logical_disks": 2},
+    "rtsp": {
+        "sessions": 2,
+        "connections": 3,
+        "refused_sessions": 1,
+        "refused_destinations": 0,
+        "reaped": 4,
+        "idle_closed": 0,
+        "interleaved_dropped": 0,
+        "relay_ports": 1,
+    },
     "streaming": {
         "mode": "bipartite",
         "sessions": 2,
@@ -167,9 +179,11 @@ def test_porcupine_status_becomes_conventional_metrics() -> None:
     assert got["yimaporc_mail_messages_accepted_total"] == {(): 42}
     assert got["yimaporc_mail_client_errors_total"] == {
         (("error", "bad_arguments"), ("protocol", "smtp")): 2,
-        (("error", "literal_too_big"), ("protocol", "imap")): 1,
+        (("error", "bad_syntax"), ("protocol", "imap")): 1,
     }
     assert got["yimaporc_mail_auth_failures_total"] == {(): 2}
+    assert got["yimaporc_mail_imap_open_mailboxes"] == {(): 3}
+    assert got["yimaporc_mail_plaintext_passwords"] == {(): 1}
     assert got["yimaporc_mail_auth_refused_by_reason_total"] == {(("reason", "locked"),): 1}
     assert got["yimaporc_mail_outbound_queue_length"] == {(): 3}
     assert got["yimaporc_mail_outbound_oldest_age_seconds"] == {(): 61.5}
@@ -201,6 +215,9 @@ def test_yima_status_becomes_metrics_and_absent_lag_is_absent() -> None:
     assert got["yimaporc_yima_payload_bytes_sent_total"] == {(): 18800}
     assert got["yimaporc_yima_relay_handoffs_total"] == {(): 3}
     assert got["yimaporc_yima_rtcp_nacked_total"] == {(): 2}
+    assert got["yimaporc_rtsp_connections"] == {(): 3}
+    assert got["yimaporc_rtsp_refused_sessions_total"] == {(): 1}
+    assert got["yimaporc_rtsp_reaped_total"] == {(): 4}
     assert got["yimaporc_membership_coordinator"] == {(): 0}
     assert got["yimaporc_rpc_unauthenticated_connections"] == {(): 1}
     assert not any(name.startswith("yimaporc_reactor_lag") for name in got)

@@ -232,7 +232,9 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
         doc.get("messages_accepted"),
     )
     for key, value in sorted((doc.get("client_errors") or {}).items()):
-        protocol, _, error = str(key).partition("_")
+        # "imap.bad_syntax", "pop3.not_authenticated", or older "smtp_bad_arguments"
+        sep = "." if "." in str(key) else "_"
+        protocol, _, error = str(key).partition(sep)
         out.counter(
             "yimaporc_mail_client_errors",
             "Client mistakes answered with a protocol error, by protocol and kind.",
@@ -240,6 +242,16 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
             protocol=_label_value(protocol),
             error=_label_value(error or "other"),
         )
+    out.gauge(
+        "yimaporc_mail_imap_open_mailboxes",
+        "Mailboxes IMAP sessions hold selected.",
+        doc.get("imap_open_mailboxes"),
+    )
+    out.gauge(
+        "yimaporc_mail_plaintext_passwords",
+        "1 if this node takes passwords without TLS (no certificate configured).",
+        doc.get("plaintext_passwords"),
+    )
     auth = doc.get("auth") or {}
     for key, text in (
         ("attempts", "Password checks asked for (IMAP, POP3, SMTP AUTH)."),
@@ -444,6 +456,21 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
         ("ended_share_lost", "sessions_ended_share_lost", "Sessions ended as media was lost."),
     ):
         out.counter(f"yimaporc_yima_{name}", text, streaming.get(key))
+    rtsp = doc.get("rtsp") or {}
+    for key, text in (
+        ("sessions", "RTSP sessions open on this node."),
+        ("connections", "RTSP connections open on this node."),
+        ("relay_ports", "Relay sockets open for sessions of this node."),
+    ):
+        out.gauge(f"yimaporc_rtsp_{key}", text, rtsp.get(key))
+    for key, text in (
+        ("refused_sessions", "SETUPs refused by the session caps (453/503)."),
+        ("refused_destinations", "SETUPs refused for naming another destination (461)."),
+        ("reaped", "Sessions closed after their client went quiet."),
+        ("idle_closed", "RTSP connections closed as idle."),
+        ("interleaved_dropped", "Interleaved frames dropped (client not reading)."),
+    ):
+        out.counter(f"yimaporc_rtsp_{key}", text, rtsp.get(key))
     rtcp = streaming.get("rtcp") or {}
     for key, text in (
         ("received", "RTCP packets received."),
