@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.protocols import amp
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -316,6 +317,8 @@ class FakeNode:
             return Deferred()
         if answer == "down":
             return fail(PeerUnavailable(f"{address}: connection refused"))
+        if answer == "old":  # a node of an older version: no such command
+            return fail(amp.UnhandledCommand("yimaporc.node-summary"))
         return succeed(answer)
 
 
@@ -342,21 +345,23 @@ def by_id(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_cluster_view_asks_every_member_and_judges_health() -> None:
     """Each member is asked once; up, degraded (other epoch or late reactor), unreachable."""
-    fake = FakeNode("p1", view(5, "p1", "p2", "p3", "p4"))
+    fake = FakeNode("p1", view(5, "p1", "p2", "p3", "p4", "p5"))
     fake.answers = {
         "p2:7946": peer_answer("p2", 5),
         "p3:7946": peer_answer("p3", 5, lag_ms=900.0),
         "p4:7946": "down",
+        "p5:7946": "old",
     }
     cv = ClusterView(fake)  # type: ignore[arg-type]
     doc = result(cv.get())
     nodes = by_id(doc)
     assert {k: v["health"] for k, v in nodes.items()} == {
-        "p1": "up", "p2": "up", "p3": "degraded", "p4": "unreachable",
+        "p1": "up", "p2": "up", "p3": "degraded", "p4": "unreachable", "p5": "degraded",
     }  # fmt: skip
+    assert nodes["p5"]["reachable"] and "node-summary" in nodes["p5"]["error"]
     assert "connection refused" in nodes["p4"]["error"]
     assert nodes["p2"]["summary"]["mail"]["messages_accepted"] == 42
-    assert sorted(fake.calls) == ["p2:7946", "p3:7946", "p4:7946"]
+    assert sorted(fake.calls) == ["p2:7946", "p3:7946", "p4:7946", "p5:7946"]
     assert doc["epoch"] == 5 and doc["coordinator"] == "p1"
     assert json.loads(json.dumps(doc)) == doc
 

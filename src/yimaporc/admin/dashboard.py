@@ -20,10 +20,11 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import TimeoutError as DeferTimeout
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from ..cluster.rpc import BigBytes
+from ..cluster.rpc import BigBytes, PeerUnavailable
 from ..cluster.wire import Member
 
 if TYPE_CHECKING:
@@ -111,12 +112,16 @@ def summary(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 def health(entry: Mapping[str, Any], epoch: int) -> str:
     """``up``, ``degraded`` (answers, but another epoch, a late reactor or a local health
-    score), ``unreachable`` (in the view, not answering) or ``gone`` (left the view)."""
+    score, or it answers the summary RPC with an error, e.g. a node of an older version
+    during a rolling upgrade), ``unreachable`` (in the view, not answering) or ``gone``
+    (left the view)."""
     if not entry.get("in_view"):
         return "gone"
     s = entry.get("summary")
-    if not entry.get("reachable") or not isinstance(s, dict):
+    if not entry.get("reachable"):
         return "unreachable"
+    if entry.get("error") or not isinstance(s, dict):
+        return "degraded"
     lag = s.get("reactor_lag") or {}
     if (
         s.get("epoch") != epoch
@@ -208,9 +213,13 @@ class ClusterView:
                 self._seen[member.node_id] = {"address": member.address, "summary": s, "seen": now}
                 entries.append(self._entry(member.node_id, member.address, True, s, None, rtt, now))
             else:
+                # down or silent: unreachable; it answered, but with an error: degraded
+                down = isinstance(value, Failure) and bool(
+                    value.check(PeerUnavailable, DeferTimeout)
+                )
                 error = value.getErrorMessage() if isinstance(value, Failure) else "bad answer"
                 entries.append(
-                    self._entry(member.node_id, member.address, False, None, error, None, now)
+                    self._entry(member.node_id, member.address, not down, None, error, None, now)
                 )
         for node_id in list(self._seen):
             if node_id not in in_view and node_id not in self._former:
