@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox msmtp:msmtp mutt:mutt fetchmail:fetchmail
 APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
 PYTEST_ARGS ?=
+# The dashboard tests drive a real browser.
+APT_TOOLS += chromium:chromium
 
 .PHONY: install system-tools run test lint typecheck unit integration bench clean
 

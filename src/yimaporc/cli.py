@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -86,6 +88,11 @@ def _admin_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--admin", metavar="URL", help="http://HOST:PORT of any node's admin API")
     p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as JSON (status --watch: one object per line)",
+    )
+    p.add_argument(
         "--secret-file",
         metavar="FILE",
         help=f"cluster secret for the bearer token (default: local-cluster's secret of "
@@ -95,23 +102,72 @@ def _admin_parent() -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    doc = make_client(args, mutating=False).get("/api/status")
-    if args.json:
-        print(json.dumps(doc, indent=2, sort_keys=True))
-        return 0
+def print_json(doc: Any, *, compact: bool = False) -> None:
+    """Print ``doc`` as JSON on stdout (what every command's ``--json`` prints)."""
+    if compact:
+        print(json.dumps(doc, sort_keys=True, separators=(",", ":")), flush=True)
+    else:
+        print(json.dumps(doc, indent=2, sort_keys=True), flush=True)
+
+
+def _print_status(doc: dict[str, Any]) -> None:
     print(f"node {doc['node_id']} ({doc['kind']}) epoch {doc['epoch']}")
     print(f"coordinator {doc.get('coordinator', '?')}")
     for m in doc["members"]:
         print(f"member {m['node_id']} {m['address']}")
+    lag = doc.get("reactor_lag")
+    if isinstance(lag, dict):
+        print(f"reactor_lag max {lag.get('max_ms')} ms p99 {lag.get('p99_ms')} ms")
     for key in ("users", "buckets", "disks", "media"):
         if key in doc:
             print(f"{key} {json.dumps(doc[key], sort_keys=True)}")
-    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    client = make_client(args, mutating=False)
+    if not args.watch:
+        doc = client.get("/api/status")
+        print_json(doc) if args.json else _print_status(doc)
+        return 0
+    if args.interval <= 0 or (args.count is not None and args.count <= 0):
+        raise CliError("--interval and --count must be positive")
+    client.timeout = 10.0
+    return watch(client, args.interval, args.count, args.json)
+
+
+def watch(client: AdminClient, interval: float, count: int | None, as_json: bool) -> int:
+    """``status --watch``: the status every ``interval`` s, ``count`` times (None: until
+    Ctrl-C). A node that does not answer is reported and asked again; the exit code is
+    that of the last round."""
+    pause = threading.Event()
+    rounds, failed = 0, False
+    try:
+        while count is None or rounds < count:
+            if rounds:
+                pause.wait(interval)
+            rounds += 1
+            try:
+                doc = client.get("/api/status")
+            except AdminError as e:
+                failed = True
+                sys.stderr.write(f"error: {e}\n")
+                sys.stderr.flush()
+                continue
+            failed = False
+            if as_json:
+                print_json(doc, compact=True)
+            else:
+                print(f"--- {time.strftime('%H:%M:%S')} ({client.base_url})")
+                _print_status(doc)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    return 1 if failed else 0
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    print(token_for(args, required=True))
+    token = token_for(args, required=True)
+    print_json({"token": token}) if args.json else print(token)
     return 0
 
 
@@ -137,7 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     admin = _admin_parent()
 
     p = sub.add_parser("status", parents=[admin], help="show a node's view of the cluster")
-    p.add_argument("--json", action="store_true", help="print the status document as JSON")
+    p.add_argument("--watch", action="store_true", help="print it again every --interval s")
+    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                   help="with --watch: seconds between rounds (default 2)")  # fmt: skip
+    p.add_argument("--count", type=int, metavar="N",
+                   help="with --watch: stop after N rounds (default: until Ctrl-C)")  # fmt: skip
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("token", parents=[admin], help="print the admin bearer token")

@@ -1,6 +1,7 @@
-"""The admin endpoint of every node: JSON API under /api, an HTML status page at /.
+"""The admin endpoint of every node: JSON API under /api, the cluster dashboard at /.
 
-``GET /api/status`` is open; every route marked ``mutates`` needs
+``GET /api/status``, ``GET /api/cluster`` (the dashboard's data), ``GET /metrics``
+(Prometheus) and ``GET /`` are open; every route marked ``mutates`` needs
 ``Authorization: Bearer TOKEN`` (see :func:`yimaporc.secret.admin_token`).
 
 The token and the body size are judged from the request head alone
@@ -14,7 +15,6 @@ Connections are capped in total and per peer address, and idle ones time out.
 from __future__ import annotations
 
 import hmac
-import html
 import json
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ..secret import admin_token
+from .dashboard import ClusterView, page
+from .metrics import CONTENT_TYPE, NodeMetrics
 from .routes import MAX_JSON_BODY, ApiError, Route
 
 if TYPE_CHECKING:
@@ -83,14 +85,24 @@ class AdminResource(Resource):
         super().__init__()
         self.node = node
         self.token = admin_token(node.secret)
+        self.metrics = NodeMetrics(node)
+        self.cluster_view = ClusterView(node)
+        if not any(r.path == "/api/cluster" for r in node.routes):
+            node.routes.append(
+                Route("GET", "/api/cluster", self.cluster_view.handle, mutates=False)
+            )
 
     def render(self, request: Request) -> Any:
-        """Route by method and path; answer JSON (or the HTML page at /)."""
+        """Route by method and path; answer JSON (or the dashboard at /, metrics at /metrics)."""
         path = request.path.decode("utf-8", "replace").rstrip("/") or "/"
         method = request.method.decode("ascii", "replace")
         if path == "/" and method == "GET":
             request.setHeader(b"content-type", b"text/html; charset=utf-8")
-            return _status_page(self.node.status()).encode("utf-8")
+            request.setHeader(b"cache-control", b"no-cache")
+            return page()
+        if path == "/metrics" and method == "GET":
+            request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
+            return self.metrics.render()
         if path == "/api/status" and method == "GET":
             return self._json(request, 200, self.node.status())
         route = self._find(method, path)
@@ -190,22 +202,6 @@ class AdminResource(Resource):
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(doc, indent=1, sort_keys=True).encode("utf-8") + b"\n"
-
-
-def _status_page(doc: dict[str, Any]) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(m['node_id'])}</td><td>{html.escape(m['address'])}</td></tr>"
-        for m in doc.get("members", [])
-    )
-    detail = html.escape(json.dumps(doc, indent=1, sort_keys=True))
-    title = f"yimaporc {html.escape(doc['kind'])} node {html.escape(doc['node_id'])}"
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{title}</title></head><body><h1>{title}</h1>"
-        f"<p>epoch {doc['epoch']}, coordinator {html.escape(str(doc['coordinator']))}</p>"
-        f"<h2>Members</h2><table><tr><th>node</th><th>address</th></tr>{rows}</table>"
-        f"<h2>Status</h2><pre>{detail}</pre></body></html>"
-    )
 
 
 class AdminRequest(Request):

@@ -25,6 +25,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from ..admin.dashboard import NodeSummary, answer_summary
 from ..admin.routes import Route
 from ..secret import cluster_key
 from .catalog import PutDocument
@@ -196,6 +197,7 @@ class ClusterNode(MultiService):
         self.routes: list[Route] = []
         self.documents: dict[str, Any] = {}
         self.registry.register(PutDocument, self._put_document)
+        self.registry.register(NodeSummary, lambda: answer_summary(self.status()))
         self.add_route(Route("GET", "/api/rpc-check", self._rpc_check))
         self.status_providers: list[Callable[[], dict[str, Any]]] = []
         self._listeners: list[IMembershipListener] = []
@@ -205,6 +207,7 @@ class ClusterNode(MultiService):
         self.udp_rcvbuf = 0
         self.protocol: MembershipProtocol | None = None
         self.started_at = 0.0
+        self.view_changes = 0
         self._state_path = config.data_dir / "membership.json"
         self.state = self._load_state()
         self.lag_monitor = ReactorLagMonitor(reactor)
@@ -399,6 +402,7 @@ class ClusterNode(MultiService):
 
     def _view_changed(self, old: View, new: View) -> None:
         assert self.core is not None
+        self.view_changes += 1
         st = self.state
         st.epoch = new.epoch
         st.lamport = self.core.lamport

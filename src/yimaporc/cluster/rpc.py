@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from .rpcstats import RpcCallStats
 from .wire import Scope
 
 CHUNK = 0xFFFF
@@ -467,6 +468,8 @@ class RpcClient:
         self._endpoint_for = endpoint_for or self._tcp_endpoint
         self._ready: dict[str, NodeAMP] = {}
         self._connecting: dict[str, list[Deferred[NodeAMP]]] = {}
+        #: Calls, failures and latencies by command (``GET /metrics``).
+        self.calls = RpcCallStats()
 
     def _tcp_endpoint(self, address: str) -> Any:
         host, _, port = address.rpartition(":")
@@ -517,10 +520,14 @@ class RpcClient:
                 self._drop(address)
             return f
 
+        started = clock.seconds()
         d = maybeDeferred(self._connection, address).addCallback(on_connected)
         d.addTimeout(self.timeout, clock)
         d.addErrback(translate)
-        return d
+        name = command.commandName.decode("ascii", "replace")  # type: ignore[union-attr]
+        return d.addBoth(
+            lambda r: self.calls.observe(r, name, clock.seconds() - started, PeerUnavailable)
+        )
 
     def _drop(self, address: str) -> None:
         proto = self._ready.pop(address, None)

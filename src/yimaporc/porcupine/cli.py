@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..admin.client import AdminClient
+
+
+def _done(args: argparse.Namespace, doc: Any, text: str) -> int:
+    """Print ``doc`` as JSON with ``--json``, else ``text``."""
+    from ..cli import print_json
+
+    if getattr(args, "json", False):
+        print_json(doc)
+    else:
+        print(text)
+    return 0
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -28,7 +38,7 @@ def register(
     make_client: Callable[..., AdminClient],
     admin: argparse.ArgumentParser | None = None,
 ) -> None:
-    """Add ``mail adduser|deluser|passwd|list`` to ``sub`` (an argparse subparsers object).
+    """Add ``mail adduser|deluser|passwd|users|queue`` to ``sub`` (an argparse subparsers object).
 
     ``admin`` is the parent parser with ``--admin``/``--secret-file``;
     ``make_client(args)`` turns those into an :class:`AdminClient`.
@@ -50,9 +60,8 @@ def register(
 
     def adduser(args: argparse.Namespace) -> int:
         body = {"address": args.address, "password": _password(args), "replicas": args.replicas}
-        make_client(args).post("/api/mail/users", body)
-        print(f"created {args.address}")
-        return 0
+        doc = make_client(args).post("/api/mail/users", body)
+        return _done(args, doc, f"created {args.address}")
 
     p.set_defaults(func=adduser)
 
@@ -60,9 +69,8 @@ def register(
     p.add_argument("address")
 
     def deluser(args: argparse.Namespace) -> int:
-        make_client(args).post("/api/mail/users/delete", {"address": args.address})
-        print(f"deleted {args.address}")
-        return 0
+        doc = make_client(args).post("/api/mail/users/delete", {"address": args.address})
+        return _done(args, doc, f"deleted {args.address}")
 
     p.set_defaults(func=deluser)
 
@@ -72,25 +80,23 @@ def register(
 
     def passwd(args: argparse.Namespace) -> int:
         body = {"address": args.address, "password": _password(args)}
-        make_client(args).post("/api/mail/users/passwd", body)
-        print(f"updated {args.address}")
-        return 0
+        doc = make_client(args).post("/api/mail/users/passwd", body)
+        return _done(args, doc, f"updated {args.address}")
 
     p.set_defaults(func=passwd)
 
-    p = msub.add_parser("list", parents=parents, help="list users")
+    p = msub.add_parser("users", parents=parents, aliases=["list"], help="list users")
 
     def list_users(args: argparse.Namespace) -> int:
-        for u in make_client(args).get("/api/mail/users")["users"]:
-            print(f"{u['address']} replicas={u['replicas']}")
-        return 0
+        doc = make_client(args).get("/api/mail/users")
+        lines = [f"{u['address']} replicas={u['replicas']}" for u in doc["users"]]
+        return _done(args, doc, "\n".join(lines) if lines else "no users")
 
     p.set_defaults(func=list_users)
 
     p = msub.add_parser("queue", parents=parents, help="the node's outbound queue")
     p.add_argument("action", nargs="?", default="list", choices=["list", "flush", "delete"])
     p.add_argument("id", nargs="?", help="message id (delete: required; flush: default all)")
-    p.add_argument("--json", action="store_true", help="print the queue as JSON")
 
     def queue(args: argparse.Namespace) -> int:
         from ..cli import CliError
@@ -99,17 +105,14 @@ def register(
         if args.action == "delete":
             if not args.id:
                 raise CliError("mail queue delete needs a message id")
-            client.post("/api/mail/queue/delete", {"id": args.id})
-            print(f"deleted {args.id}")
-            return 0
+            doc = client.post("/api/mail/queue/delete", {"id": args.id})
+            return _done(args, doc, f"deleted {args.id}")
         if args.action == "flush":
             doc = client.post("/api/mail/queue/flush", {"id": args.id} if args.id else {})
-            print(f"flushed {doc['flushed']} messages")
-            return 0
+            return _done(args, doc, f"flushed {doc['flushed']} messages")
         doc = client.get("/api/mail/queue")
         if args.json:
-            print(json.dumps(doc, indent=1, sort_keys=True))
-            return 0
+            return _done(args, doc, "")
         for m in doc["queue"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m["queued_at"]))
             error = f"  ({m['last_error']})" if m["last_error"] else ""

@@ -98,6 +98,16 @@ def upload(
     return doc
 
 
+def _json(args: argparse.Namespace, doc: Any) -> bool:
+    """With ``--json``: print ``doc`` as JSON and return True (the caller prints nothing)."""
+    from ..cli import print_json
+
+    if getattr(args, "json", False):
+        print_json(doc)
+        return True
+    return False
+
+
 def _cli_error(message: str) -> Exception:
     from ..cli import CliError
 
@@ -129,6 +139,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     seconds = max(time.monotonic() - started, 1e-9)
+    if _json(args, doc):
+        return 0
     parity = f", parity groups of {doc['parity_group']}" if doc["parity_group"] else ""
     print(
         f"ingested {doc['name']}: {doc['kind']}, {doc['bytes']} bytes in {doc['blocks']} blocks "
@@ -143,6 +155,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     doc = args.make_client(args, mutating=False).get("/api/yima/media")
+    if _json(args, doc):
+        return 0
     if not doc["media"]:
         print("no media")
     for m in doc["media"]:
@@ -166,7 +180,18 @@ def _cmd_get(args: argparse.Namespace) -> int:
         for i in range(info["blocks"]):
             q = urllib.parse.urlencode({"name": args.name, "index": i})
             f.write(base64.b64decode(client.get(f"/api/yima/block?{q}")["data"]))
-    print(f"wrote {out} ({out.stat().st_size} bytes)")
+    written = {"name": args.name, "out": str(out), "bytes": out.stat().st_size}
+    if not _json(args, written):
+        print(f"wrote {out} ({written['bytes']} bytes)")
+    return 0
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    doc = args.make_client(args).post("/api/yima/media/delete", {"name": args.name})
+    if not _json(args, doc):
+        missed = doc["blocks_not_reached"]
+        print(f"removed {doc['name']}: {doc['blocks_deleted']} blocks deleted" +
+              (f", {missed} on nodes not reached (left as orphans)" if missed else ""))  # fmt: skip
     return 0
 
 
@@ -186,6 +211,8 @@ def _cmd_disks_add(args: argparse.Namespace) -> int:
     if args.rate is not None:
         body["rate"] = args.rate
     doc = args.make_client(args).post("/api/yima/disks", body)
+    if _json(args, doc):
+        return 0
     print(f"added disk {doc['disk_id']}")
     _print_move(doc)
     return 0
@@ -196,6 +223,8 @@ def _cmd_disks_remove(args: argparse.Namespace) -> int:
     if args.rate is not None:
         body["rate"] = args.rate
     doc = args.make_client(args).post("/api/yima/disks/remove", body)
+    if _json(args, doc):
+        return 0
     print(f"removed disk {args.disk_id}")
     _print_move(doc)
     return 0
@@ -203,6 +232,8 @@ def _cmd_disks_remove(args: argparse.Namespace) -> int:
 
 def _cmd_disks_list(args: argparse.Namespace) -> int:
     doc = args.make_client(args, mutating=False).get("/api/status")
+    if _json(args, {"disks": doc.get("disks", [])}):
+        return 0
     for d in doc.get("disks", []):
         cap = d["capacity"] if d["capacity"] is not None else "-"
         print(f"{d['disk_id']} node {d['node_id']} {d['path']} capacity {cap} blocks {d['blocks']}")
@@ -211,6 +242,8 @@ def _cmd_disks_list(args: argparse.Namespace) -> int:
 
 def _cmd_disks_rebuild(args: argparse.Namespace) -> int:
     doc = args.make_client(args).post("/api/yima/rebuild", {"disk_id": args.disk_id})
+    if _json(args, doc):
+        return 0
     print(f"rebuilt {doc['disk_id']}: restored {doc['restored']} blocks, {doc['present']} intact")
     if doc.get("lost"):
         names = ", ".join(doc.get("unprotected", []))
@@ -258,6 +291,10 @@ def register(
     p = parser(msub, "get", "download a stored file block by block", _cmd_get)
     p.add_argument("name", metavar="NAME")
     p.add_argument("--out", required=True, metavar="FILE")
+    p = parser(
+        msub, "rm", "delete a stored file's blocks everywhere and its catalog entry", _cmd_rm
+    )
+    p.add_argument("name", metavar="NAME")
 
     disks = sub.add_parser("disks", help="Yima disks (online scaling)")
     dsub = disks.add_subparsers(dest="disks_command", metavar="COMMAND")

@@ -61,6 +61,7 @@ class DeliveryEngine:
         self._next_prefetch = float("-inf")
         self.ticks = 0
         self.sent = 0
+        self.sent_bytes = 0
         self.read_errors = 0
 
     def poke(self) -> None:
@@ -83,8 +84,10 @@ class DeliveryEngine:
             data = self.cache[(self.scheduler.sessions[pkt.session].media.name, pkt.block)]
             self.cache.move_to_end((self.scheduler.sessions[pkt.session].media.name, pkt.block))
             try:
-                self.emit(pkt, data[pkt.offset : pkt.offset + pkt.length])
+                payload = data[pkt.offset : pkt.offset + pkt.length]
+                self.emit(pkt, payload)
                 self.sent += 1
+                self.sent_bytes += len(payload)
             except Exception:
                 self.log.failure("delivery: sending packet {g} failed", g=pkt.gseq)
         self._reschedule(now)

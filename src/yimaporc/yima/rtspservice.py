@@ -277,6 +277,7 @@ class YimaStreamingService(Service):
         """``services.rtsp`` (a URL prefix) once listening, and live session counts."""
         out: dict[str, Any] = {"streaming": {"mode": self.mode, "sessions": len(self.plans),
                                              "packets_sent": self.streaming.engine.sent,
+                                             "bytes_sent": self.streaming.engine.sent_bytes,
                                              "handed_to_relay": self.streaming.handed_over,
                                              "ended_share_lost": self.lost_sessions}}  # fmt: skip
         relays = sum(1 for p in self.plans.values() if p.relay_port is not None)

@@ -256,6 +256,7 @@ class YimaStorageService(Service):
             Route("POST", "/api/yima/disks/remove", self._route_remove_disk),
             Route("POST", "/api/yima/rebuild", self._route_rebuild),
             Route("GET", "/api/yima/stored", self._route_stored),
+            Route("POST", "/api/yima/media/delete", self._route_remove_media),
         ):
             node.add_route(route)
         node.add_status(self.status)
@@ -342,7 +343,12 @@ class YimaStorageService(Service):
         cat = self.catalog
         if not self.running or self._reconciling or self._scaling or cat.pending is not None:
             return
-        lost = {n: m for n, m in self._published.items() if n not in cat.media}
+        removed = self.doc.value.get("removed") or {}  # by `media rm`: name -> seed
+        lost = {
+            n: m
+            for n, m in self._published.items()
+            if n not in cat.media and removed.get(n) != m.get("seed")
+        }
         registered = {d.disk_id for d in cat.disks}
         # A disk removed by `disks remove` stays out, even if it was a --disk.
         self._local = [d for d in self._local if (d.node_id, d.path) not in cat.retired]
@@ -1077,6 +1083,56 @@ class YimaStorageService(Service):
             int(group) if group else None,
             opaque=query.get("opaque", "0") in ("1", "true", "yes"),
         )
+
+    @inlineCallbacks
+    def _route_remove_media(
+        self, body: dict[str, Any], query: dict[str, str]
+    ) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        """``POST /api/yima/media/delete {name}``: drop ``name`` from the catalog (with a
+        tombstone, so the node that ingested it does not publish it again), then delete
+        its data and parity blocks on every disk. Refused while disks are reorganised."""
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise ApiError('give the media name as {"name": NAME}')
+        cat = self.catalog
+        info = cat.media.get(name)
+        if info is None:
+            raise ApiError(f"no media named {name}", 404)
+        if cat.pending is not None or self._scaling or name in self._ingesting:
+            raise ApiError("a disk reorganisation (or an ingest of it) is under way; retry", 409)
+        found = self._layout(info, False)
+        self._ingesting.add(name)  # no ingest of the same name until its blocks are gone
+        try:
+            yield self.doc.update(
+                lambda v: {
+                    **v,
+                    "media": {n: m for n, m in v["media"].items() if n != name},
+                    "removed": {**(v.get("removed") or {}), name: info.seed},
+                }
+            )
+            self._published.pop(name, None)
+            deleted = failed = 0
+            if found is not None:
+                history, layout = found
+                keys = [(BlockKey(i), d) for i, d in enumerate(layout.data)]
+                keys += [(BlockKey(g, True), d) for g, d in enumerate(layout.parity)]
+                window = DeferredSemaphore(INGEST_WINDOW)
+                results = yield DeferredList(
+                    [window.run(self.delete_at, history.disks[d], name, key) for key, d in keys],
+                    consumeErrors=True,
+                )
+                deleted = sum(1 for ok, _ in results if ok)
+                failed = len(results) - deleted
+            self._refresh_stored()
+            self.log.info(
+                "media {name} removed: {deleted} blocks deleted, {failed} not reached",
+                name=name,
+                deleted=deleted,
+                failed=failed,
+            )
+            return {"name": name, "blocks_deleted": deleted, "blocks_not_reached": failed}
+        finally:
+            self._ingesting.discard(name)
 
     def _route_block(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
         name = query.get("name", "")

@@ -33,6 +33,7 @@ def register(sub: Any, make_client: Callable[..., Any], admin: argparse.Argument
     p.add_argument("--prebuffer", type=float, default=2.0, metavar="SECONDS",
                    help="buffered media before playout starts (default 2)")  # fmt: skip
     p.add_argument("--bind", default="", metavar="HOST", help="local address to use")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON on stdout")
     p.set_defaults(func=_cmd_play)
 
 
@@ -81,6 +82,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise PlayError("--duration must be positive")
     if args.prebuffer <= 0:
         raise PlayError("--prebuffer must be positive")
+    if args.json and args.out == "-":
+        raise PlayError("--json prints on stdout: give --out a file, not '-'")
     for url in args.urls:
         if not url.lower().startswith("rtsp://"):
             raise PlayError(f"not an rtsp:// URL: {url}")
@@ -168,6 +171,9 @@ def _play(args: argparse.Namespace) -> int:
         f"missing {stats['packets_missing_at_playout']}, nacks {stats['nacks_sent']}, "
         f"underflows {stats['underflows']}, max skew {stats['max_sync_skew_ms']} ms\n"
     )
+    if args.json:
+        sys.stdout.write(json.dumps(stats, sort_keys=True) + "\n")
+        sys.stdout.flush()
     if result.get("interrupted"):
         raise PlayError("interrupted (statistics so far written)")
     return 0
