@@ -1,0 +1,90 @@
+"""CI-sized fuzzing: about 2,000 mutated inputs per front door against real ``twistd`` nodes.
+
+Each door's nodes must stay alive, serve a real client within 10 s, keep RSS and fds
+bounded, log no traceback and keep their cluster view.  Doors that fail on main
+because of bugs fixed on other branches are xfail (non-strict) with the bug named;
+remove the mark when the fix lands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from yimaporc.testing.fuzz import Bounds, DoorFuzzer, DoorReport, Lab, Options
+
+INPUTS = 2_000
+#: A door that fails makes its node slow (e.g. thousands of tracebacks); the sample stops there.
+DOOR_SECONDS = 6.0
+
+XFAIL = {
+    "pop3": "issue 13 item 3: pre-login/extra-argument POP3 commands raise tracebacks "
+    "(twisted.mail pop3 state_COMMAND/processCommand TypeError) and the flood splits the view",
+    "imap": "issue 13 items 3/7: IMAP commands raise tracebacks (nativeString UnicodeDecodeError, "
+    "SEARCH OR/NOT, bad FETCH sections)",
+    "cluster-amp": "issue 13 items 2/3: malformed AMP boxes on the cluster port raise tracebacks "
+    "(amp _answerReceived/_errorReceived KeyError, NoEmptyBoxes, BigBytes.fromBox KeyError)",
+}
+
+
+class Labs:
+    """One lab at a time; a door that leaves its node dirty gets the next door fresh nodes."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.count = 0
+        self.lab = Lab(base / "nodes-0")
+        self.dirty = False
+
+    def for_door(self, door: str) -> Lab:
+        """A lab serving ``door`` with clean nodes."""
+        if self.dirty:
+            self.lab.stop()
+            self.count += 1
+            self.lab = Lab(self.base / f"nodes-{self.count}")
+            self.dirty = False
+        self.lab.start({door})
+        return self.lab
+
+
+@pytest.fixture(scope="module")
+def labs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Labs]:
+    """Lab nodes for the module; every node is stopped at the end."""
+    labs = Labs(tmp_path_factory.mktemp("fuzz"))
+    try:
+        yield labs
+    finally:
+        labs.lab.stop()
+
+
+def _param(door: str) -> object:
+    if door in XFAIL:
+        return pytest.param(door, marks=pytest.mark.xfail(strict=False, reason=XFAIL[door]))
+    return door
+
+
+# Clean doors first, so they share one set of nodes.
+ORDER = ("smtp", "admin", "cluster-udp", "rtsp", "imap", "cluster-amp", "pop3")
+
+
+@pytest.mark.parametrize("door", [_param(d) for d in ORDER])
+def test_door_survives_fuzzing(labs: Labs, door: str, tmp_path: Path) -> None:
+    """~2,000 mutated transcripts leave the node alive, serving, bounded, quiet and in its view."""
+    lab = labs.for_door(door)
+    options = Options(
+        inputs=INPUTS, seed=13, workers=32, batch=500, triage_seconds=2.0,
+        max_seconds=DOOR_SECONDS, bounds=Bounds(200 * 1024, 64, 10.0),
+    )  # fmt: skip
+    report: DoorReport = DoorFuzzer(
+        lab, door, options, tmp_path / "corpus", log=lambda _: None
+    ).run()
+    labs.dirty = not report.clean
+    assert not report.crashed, report.summary()
+    assert report.inputs >= INPUTS, report.summary()
+    assert report.clean, report.summary()
+    assert (
+        report.batches >= 2
+        and report.counters["connections" if door != "cluster-udp" else "inputs"] > 0
+    )
