@@ -195,7 +195,7 @@ def _cseq_or_none(value: str | None) -> int | None:
 def parse_cseq(value: str) -> int:
     """A CSeq header value: a non-negative decimal integer."""
     text = value.strip()
-    if not text.isdigit() or len(text) > 10:
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
         raise MalformedHeader(f"bad CSeq {value!r}")
     return int(text)
 
@@ -414,7 +414,7 @@ class MessageReader:
         length = 0
         if lengths:
             (value,) = lengths
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise RemoteProtocolError(400, "bad Content-Length", cseq)
             length = int(value)
             if length > self.limits.max_body:
@@ -560,7 +560,7 @@ def _parse_transport_one(text: str) -> TransportSpec:
         elif key == "mode":
             values["mode"] = value.lower()
         elif key == "ttl":
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise MalformedHeader(f"bad ttl {value!r}")
             values["ttl"] = int(value)
         elif key == "x-yima-fanout":
@@ -697,7 +697,7 @@ def parse_session(value: str) -> SessionHeader:
     for item in rest:
         name, _, val = item.partition("=")
         if name.strip().lower() == "timeout":
-            if not val.strip().isdigit():
+            if not (val.strip().isascii() and val.strip().isdigit()):
                 raise MalformedHeader(f"bad session timeout {val!r}")
             timeout = int(val.strip())
     return SessionHeader(sid, timeout)
