@@ -20,7 +20,7 @@ from ._seeds import MEDIA, PASSWORD, SINK, USER
 
 BAD_LOG = ("Traceback", "Unhandled Error")
 _SHORT = re.compile(r'(?<=File ")[^"]*/(?:site-packages|src)/')
-_SYSTEM = re.compile(r"^\S+ \S+ \[([^\]]*)\] ")
+_SYSTEM = re.compile(r"^\S+ \[([^\]]*)\] ")
 
 
 def rss_kib(pid: int) -> int:
