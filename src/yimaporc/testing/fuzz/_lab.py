@@ -66,7 +66,7 @@ class Lab:
 
     @property
     def secret_file(self) -> Path:
-        """The secret every lab node shares."""
+        """The secret of the mail nodes (the yima node has its own)."""
         return self.base / "cluster.secret"
 
     def token(self) -> str:
@@ -122,9 +122,12 @@ class Lab:
     def _start_yima(self) -> None:
         from ...yima.media.sample import make_sample_ts
 
+        # its own secret: the mail and media clusters must never be able to merge (issue 13 item 0)
+        secret = self.base / "yima.secret"
+        secret.write_text(os.urandom(16).hex())
         y1 = NodeProc(
             "yima", "y1", f"{NET}.11", self.base / "y1" / "data", PORTS["cluster"], PORTS["admin"],
-            extra=["--rtsp", f"tcp:{PORTS['rtsp']}:interface={NET}.11"], secret_file=self.secret_file,
+            extra=["--rtsp", f"tcp:{PORTS['rtsp']}:interface={NET}.11"], secret_file=secret,
         )  # fmt: skip
         self.nodes["y1"] = y1
         y1.start()
@@ -132,7 +135,7 @@ class Lab:
         clip = make_sample_ts(self.base / "clip.ts", 2)
         subprocess.run(
             [sys.executable, "-m", "yimaporc.cli", "media", "ingest", str(clip), "--name", MEDIA,
-             "--admin", y1.admin_url, "--secret-file", str(self.secret_file)],
+             "--admin", y1.admin_url, "--secret-file", str(secret)],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
 
