@@ -124,3 +124,24 @@ def test_reproducers_and_batches_replay_as_saved(tmp_path: Path) -> None:
     jobs = [job, Job(1, (b"\x00",), "read", "amp-auth")]
     batch = save_batch(tmp_path, "cluster-amp", 1, 2, jobs, "rss")
     assert load_replay(batch, None) == ("cluster-amp", jobs)
+
+
+def test_logwatch_follows_several_rotations_between_looks(tmp_path: Path) -> None:
+    """Three rotations between two looks (LOG -> LOG.1 -> LOG.2 -> LOG.3): nothing lost, nothing twice."""
+    log = tmp_path / "n.log"
+    log.write_text("a\n")
+    watch = LogWatch(log)
+    assert watch.read_new() == "a\n"
+    for text in ("b\n", "c\n", "d\n"):
+        with log.open("a") as f:
+            f.write(text)
+        for n in range(3, 0, -1):  # twistd's rotation: shift the old ones up, then LOG -> LOG.1
+            p = tmp_path / f"n.log.{n}"
+            if p.exists():
+                p.rename(tmp_path / f"n.log.{n + 1}")
+        log.rename(tmp_path / "n.log.1")
+        log.write_text("")
+    with log.open("a") as f:
+        f.write("e\n")
+    assert watch.read_new() == "b\nc\nd\ne\n"
+    assert watch.read_new() == ""

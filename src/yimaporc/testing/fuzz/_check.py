@@ -84,7 +84,12 @@ def parse_tracebacks(text: str) -> list[Traceback]:
 
 @attrs.define
 class LogWatch:
-    """New bytes of a twistd log since the last look (follows twistd's rotation to ``.1``)."""
+    """New bytes of a twistd log since the last look.
+
+    twistd rotates LOG to LOG.1 (shifting LOG.1 to LOG.2 ...) every megabyte; the file
+    we were reading is found again by its inode, read from where we stopped, then every
+    newer rotated file and LOG itself.
+    """
 
     path: Path
     offset: int = 0
@@ -95,24 +100,36 @@ class LogWatch:
         st = self.path.stat()
         self.offset, self.inode = st.st_size, st.st_ino
 
+    def _rotated(self) -> list[Path]:
+        """LOG.1, LOG.2, ... (newest first)."""
+        found = []
+        n = 1
+        while (p := self.path.with_name(f"{self.path.name}.{n}")).exists():
+            found.append(p)
+            n += 1
+        return found
+
     def read_new(self) -> str:
         """Text appended since the last call."""
         if not self.path.exists():
             return ""
         st = self.path.stat()
+        files: list[tuple[Path, int]] = [(self.path, self.offset)]
+        if st.st_ino != self.inode:
+            rotated = self._rotated()
+            older = [i for i, p in enumerate(rotated) if p.stat().st_ino == self.inode]
+            # ours, then every newer one whole, then the current file
+            newer = rotated[: older[0]] if older else rotated[:0]
+            files = ([(rotated[older[0]], self.offset)] if older else []) + [
+                (p, 0) for p in reversed(newer)
+            ]
+            files.append((self.path, 0))
         chunks = []
-        if st.st_ino != self.inode or st.st_size < self.offset:
-            rotated = self.path.with_name(self.path.name + ".1")
-            if rotated.exists():
-                with rotated.open("rb") as f:
-                    f.seek(self.offset)
-                    chunks.append(f.read())
-            self.offset, self.inode = 0, st.st_ino
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        self.offset += len(data)
-        chunks.append(data)
+        for path, offset in files:
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunks.append(f.read())
+        self.offset, self.inode = len(chunks[-1]) + files[-1][1], st.st_ino
         return b"".join(chunks).decode("utf-8", "replace")
 
 
@@ -137,7 +154,10 @@ class CheckResult:
 
 
 def _view(node: NodeProc) -> tuple[int, frozenset[str]] | None:
-    doc = node.status()
+    try:
+        doc = node.status()
+    except AssertionError:  # the process exited
+        return None
     if doc is None:
         return None
     return doc["epoch"], frozenset(m["node_id"] for m in doc["members"])
