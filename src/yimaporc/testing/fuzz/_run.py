@@ -317,10 +317,11 @@ class DoorFuzzer:
                 suspects = list(jobs)
             else:
                 suspects = [j for j, s in zip(jobs, sent.slot_of_job, strict=True) if s in slots]
-            job = self._locate(sig, suspects, deadline)
-            if job is not None:
+            located = self._locate(sig, suspects, deadline)
+            if located is not None:
+                job, how = located
                 self.saved.add(sig)
-                path = save_reproducer(self.corpus, self.door, job, sig)
+                path = save_reproducer(self.corpus, self.door, job, f"{sig} ({how})")
                 self.report.reproducers.append(str(path))
                 self.log(f"[{self.door}] reproducer for {sig}: {path}")
         self.triage_left = max(0.0, deadline - time.monotonic())
@@ -345,7 +346,7 @@ class DoorFuzzer:
             pause.wait(0.1)
         return found, job_of_slot
 
-    def _locate(self, sig: str, suspects: Sequence[Job], deadline: float) -> Job | None:
+    def _locate(self, sig: str, suspects: Sequence[Job], deadline: float) -> tuple[Job, str] | None:
         for i in range(0, len(suspects), SOURCES):
             if time.monotonic() > deadline:
                 return None
@@ -354,9 +355,12 @@ class DoorFuzzer:
             tbs = [tb for tb in found if tb.signature == sig]
             for tb in tbs:
                 if tb.slot in job_of_slot and self.door != "cluster-udp":
-                    return group[job_of_slot[tb.slot]]
+                    return group[job_of_slot[tb.slot]], "named by the log prefix on replay"
             if tbs:
-                return self._bisect(sig, group, deadline)
+                job = self._bisect(sig, group, deadline)
+                if job is not None and any(tb.signature == sig for tb in self._replay([job])[0]):
+                    return job, "bisected, then reproduced alone"
+                return None
         return None
 
     def _bisect(self, sig: str, group: list[Job], deadline: float) -> Job | None:
