@@ -11,11 +11,13 @@ import hashlib
 import hmac
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.protocols import amp
 
 from yimaporc.cluster import wire
+from yimaporc.cluster.buckets import BucketMap, MalformedMap
+from yimaporc.cluster.bucketservice import unpack_commit
 from yimaporc.cluster.rpc import BigBytes
 
 KEY = b"k" * 32
@@ -42,7 +44,6 @@ def valid(kind: int) -> bytes:
     return wire.serialize(KEY, header, bodies[kind])[: -wire.MAC_SIZE]
 
 
-@settings(max_examples=500)
 @given(st.binary(max_size=300))
 def test_signed_arbitrary_bytes_raise_only_malformed(raw: bytes) -> None:
     """MAGIC + anything, validly MACed: a Datagram or MalformedPacket, never another exception."""
@@ -53,7 +54,6 @@ def test_signed_arbitrary_bytes_raise_only_malformed(raw: bytes) -> None:
     assert isinstance(dgram, wire.Datagram)
 
 
-@settings(max_examples=500)
 @given(st.integers(1, 8), st.data())
 def test_signed_mutations_of_real_datagrams_raise_only_malformed(
     kind: int, data: st.DataObject
@@ -123,4 +123,18 @@ def test_bigbytes_arbitrary_boxes_raise_only_malformed(strings: dict[bytes, byte
     try:
         BigBytes().fromBox(b"p", dict(strings), {}, None)
     except amp.MalformedAmpBox:
+        pass
+
+
+@given(st.binary(max_size=300), st.booleans())
+def test_commit_attachments_raise_only_malformed_map(raw: bytes, with_magic: bool) -> None:
+    """Any commit attachment (with or without the commit head) decodes or raises MalformedMap."""
+    data = (b"BKC1" if with_magic else b"") + raw
+    try:
+        unpack_commit(data)
+    except MalformedMap:
+        pass
+    try:
+        BucketMap.parse(raw)
+    except MalformedMap:
         pass

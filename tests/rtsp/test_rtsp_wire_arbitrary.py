@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from yimaporc.rtsp._errors import MalformedHeader, RemoteProtocolError
@@ -47,7 +47,6 @@ def _drain(role: str, chunks: list[bytes]) -> list[Any]:
     return out
 
 
-@settings(max_examples=400)
 @given(rtspish, st.sampled_from(["server", "client"]), st.data())
 def test_reader_raises_only_remote_protocol_error(
     data: bytes, role: str, draw: st.DataObject
@@ -125,7 +124,6 @@ headerish = st.lists(
 
 
 @pytest.mark.parametrize(("name", "parse"), HEADER_PARSERS, ids=[n for n, _ in HEADER_PARSERS])
-@settings(max_examples=300)
 @given(value=headerish)
 def test_header_parsers_raise_only_malformed_header(
     name: str, parse: Callable[[str], object], value: str
@@ -149,7 +147,6 @@ def requests(draw: st.DrawFn) -> bytes:
     return head.encode("utf-8", "surrogatepass")
 
 
-@settings(max_examples=400)
 @given(requests())
 def test_header_fields_raise_only_remote_protocol_error(data: bytes) -> None:
     """Any header values (Content-Length with non-ASCII digits too) give a request or RemoteProtocolError."""
