@@ -27,6 +27,7 @@ INTERESTING = (
 )  # fmt: skip
 
 _DIGITS = re.compile(rb"\d+")
+_VALUE = re.compile(rb"(?:: |=|\{)([^\r\n;,}]*)")
 
 Mutation = Callable[[random.Random, bytes, Sequence[bytes]], bytes]
 
@@ -98,6 +99,16 @@ def boundary_number(rng: random.Random, data: bytes, _: Sequence[bytes]) -> byte
     return data[: m.start()] + rng.choice(BOUNDARY_NUMBERS) + data[m.end() :]
 
 
+def replace_value(rng: random.Random, data: bytes, _: Sequence[bytes]) -> bytes:
+    """Replace a header value (after ``: ``), parameter (after ``=``) or literal length with a boundary number or token."""
+    values = list(_VALUE.finditer(data))
+    if not values:
+        return boundary_number(rng, data, _)
+    m = rng.choice(values)
+    new = rng.choice(BOUNDARY_NUMBERS) if rng.random() < 0.7 else rng.choice(INTERESTING)
+    return data[: m.start(1)] + new + data[m.end(1) :]
+
+
 def huge(rng: random.Random, data: bytes, _: Sequence[bytes]) -> bytes:
     """A huge announced length (literal, Content-Length, BDAT, SIZE) or a long run of bytes."""
     i = _pos(rng, data)
@@ -138,6 +149,7 @@ MUTATIONS: tuple[tuple[Mutation, int], ...] = (
     (duplicate_chunk, 6),
     (splice, 8),
     (boundary_number, 12),
+    (replace_value, 8),
     (huge, 2),
     (swap_lines, 4),
     (strip_crlf, 2),
