@@ -15,6 +15,7 @@ from yimaporc.rtsp._wire import (
     MessageReader,
     ReceiveBuffer,
     YimaNode,
+    _check_field,
     parse_cseq,
     parse_range,
     parse_rtp_info,
@@ -154,3 +155,26 @@ def test_header_fields_raise_only_remote_protocol_error(data: bytes) -> None:
         _drain("server", [data])
     except RemoteProtocolError as e:
         assert 400 <= e.status < 600
+
+
+@given(requests())
+def test_accepted_header_values_can_be_echoed(data: bytes) -> None:
+    """Every header value the reader accepts passes the serializer's check (the server echoes some)."""
+    try:
+        messages = _drain("server", [data])
+    except RemoteProtocolError:
+        return
+    for message in messages:
+        for name, value in message.headers:
+            _check_field(name, value)
+
+
+def test_control_character_in_a_header_value_is_400() -> None:
+    """'Require: a<NUL>b' (found by the fuzzer: its 551 echo raised out of the serializer) is a 400."""
+    for ctl in (b"\x00", b"\x1b", b"\x7f", b"\r"):
+        data = b"OPTIONS * RTSP/1.0\r\nCSeq: 1\r\nRequire: a" + ctl + b"b\r\n\r\n"
+        with pytest.raises(RemoteProtocolError) as e:
+            _drain("server", [data])
+        assert e.value.status == 400
+    (ok,) = _drain("server", [b"OPTIONS * RTSP/1.0\r\nCSeq: 1\r\nX: a\tb\r\n\r\n"])
+    assert ok.headers.get("X") == "a\tb"

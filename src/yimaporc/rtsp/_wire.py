@@ -325,6 +325,7 @@ class ReceiveBuffer:
 # --- reading messages ------------------------------------------------------------------
 
 _REQUEST_LINE = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) ([A-Za-z]+/\d+\.\d+)$")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB (RFC 2326 15.1)
 _STATUS_LINE = re.compile(r"^([A-Za-z]+/\d+\.\d+) (\d{3})(?: (.*))?$")
 
 
@@ -406,6 +407,9 @@ class MessageReader:
             fields.append((name, value.strip()))
             if len(fields) > self.limits.max_headers:
                 raise RemoteProtocolError(400, "too many header fields")
+        for name, value in fields:
+            if _CONTROL.search(value):  # it could not be echoed back (e.g. Require -> Unsupported)
+                raise RemoteProtocolError(400, f"control character in header {name}")
         headers = Headers(tuple(fields))
         cseq = _cseq_or_none(headers.get("CSeq"))
         lengths = {v.strip() for v in headers.get_all("Content-Length")}
