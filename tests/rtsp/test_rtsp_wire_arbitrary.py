@@ -157,9 +157,10 @@ def test_header_fields_raise_only_remote_protocol_error(data: bytes) -> None:
         assert 400 <= e.status < 600
 
 
-@given(requests())
-def test_accepted_header_values_can_be_echoed(data: bytes) -> None:
-    """Every header value the reader accepts passes the serializer's check (the server echoes some)."""
+@given(requests(), st.sampled_from(["*", "rtsp://h/a", "rtsp://h/a\x00", "rtsp://h/\x1bb"]))
+def test_accepted_values_can_be_echoed(data: bytes, url: str) -> None:
+    """Every header value and URL the reader accepts passes the serializer's check (the server echoes some)."""
+    data = data.replace(b"OPTIONS * ", f"OPTIONS {url} ".encode(), 1)
     try:
         messages = _drain("server", [data])
     except RemoteProtocolError:
@@ -167,14 +168,19 @@ def test_accepted_header_values_can_be_echoed(data: bytes) -> None:
     for message in messages:
         for name, value in message.headers:
             _check_field(name, value)
+        _check_field("Content-Base", message.url)
 
 
 def test_control_character_in_a_header_value_is_400() -> None:
-    """'Require: a<NUL>b' (found by the fuzzer: its 551 echo raised out of the serializer) is a 400."""
+    """'Require: a<NUL>b' and a NUL in the URL (found by the fuzzer: their echoes in Unsupported and
+    Content-Base raised out of the serializer) are 400."""
     for ctl in (b"\x00", b"\x1b", b"\x7f", b"\r"):
         data = b"OPTIONS * RTSP/1.0\r\nCSeq: 1\r\nRequire: a" + ctl + b"b\r\n\r\n"
         with pytest.raises(RemoteProtocolError) as e:
             _drain("server", [data])
         assert e.value.status == 400
+    with pytest.raises(RemoteProtocolError) as e:  # the URL is echoed in Content-Base
+        _drain("server", [b"DESCRIBE rtsp://h/a\x00b RTSP/1.0\r\nCSeq: 1\r\n\r\n"])
+    assert e.value.status == 400
     (ok,) = _drain("server", [b"OPTIONS * RTSP/1.0\r\nCSeq: 1\r\nX: a\tb\r\n\r\n"])
     assert ok.headers.get("X") == "a\tb"

@@ -407,8 +407,11 @@ class MessageReader:
             fields.append((name, value.strip()))
             if len(fields) > self.limits.max_headers:
                 raise RemoteProtocolError(400, "too many header fields")
+        # Neither could be echoed back (Require -> Unsupported, the URL -> Content-Base).
+        if _CONTROL.search(first):
+            raise RemoteProtocolError(400, "control character in the first line")
         for name, value in fields:
-            if _CONTROL.search(value):  # it could not be echoed back (e.g. Require -> Unsupported)
+            if _CONTROL.search(value):
                 raise RemoteProtocolError(400, f"control character in header {name}")
         headers = Headers(tuple(fields))
         cseq = _cseq_or_none(headers.get("CSeq"))
