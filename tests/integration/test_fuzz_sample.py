@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from yimaporc.testing.fuzz import Bounds, DoorFuzzer, DoorReport, Lab, Options
+from yimaporc.testing.fuzz import Bounds, DoorFuzzer, DoorReport, Lab, Options, load_replay, replay
 
 INPUTS = 2_000
 #: A door known to fail makes its node slow (thousands of tracebacks): its sample stops after
@@ -89,3 +89,21 @@ def test_door_survives_fuzzing(labs: Labs, door: str, tmp_path: Path) -> None:
         report.batches >= 2
         and report.counters["connections" if door != "cluster-udp" else "inputs"] > 0
     )
+
+
+CORPUS = Path(__file__).resolve().parents[2] / "fuzz-corpus"
+#: Reproducers of bugs fixed on this branch; each must now replay clean against a real node.
+FIXED = {
+    "rtsp/ad81a5a4ef4faa65.bin": "CSeq: ² raised ValueError out of the RTSP reader",
+    "rtsp/d6ddd7902b4c5267.bin": "Content-Length: ² raised ValueError out of the RTSP reader",
+    "rtsp/7f3afe812ad3a571.bin": "Require with a NUL: the 551 echo raised in the serializer",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXED))
+def test_fixed_reproducers_replay_clean(labs: Labs, name: str) -> None:
+    """A saved reproducer of a fixed bug, replayed with --replay's code path, leaves the node clean."""
+    door, jobs = load_replay(CORPUS / name, None)
+    result, sent = replay(labs.for_door(door), door, jobs, Options(workers=1))
+    assert sent.counters["connections"] == 1
+    assert not result.problems, (FIXED[name], result.problems)
