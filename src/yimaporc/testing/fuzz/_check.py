@@ -110,7 +110,15 @@ class LogWatch:
         return found
 
     def read_new(self) -> str:
-        """Text appended since the last call."""
+        """Text appended since the last call (retried when a rotation races the reading)."""
+        for _ in range(10):
+            try:
+                return self._read_new()
+            except FileNotFoundError:
+                continue
+        return ""
+
+    def _read_new(self) -> str:
         if not self.path.exists():
             return ""
         st = self.path.stat()
