@@ -298,7 +298,7 @@ class DoorFuzzer:
         if new:
             self._triage(result.tracebacks, new, jobs, sent)
         others = [p for p in result.problems if "tracebacks in the log" not in p]
-        if others and r.failed_batches <= 3:
+        if others and not any(".jsonl" in p for p in r.reproducers):  # one batch file a door
             why = "; ".join(others)
             r.reproducers.append(
                 str(save_batch(self.corpus, self.door, self.options.seed, r.batches, jobs, why))
