@@ -27,6 +27,12 @@ LOG = """\
 \tTraceback (most recent call last):
 \t  File "/w/src/yimaporc/cluster/rpc.py", line 56, in fromBox
 \tbuiltins.KeyError: b'payload.1'
+2026-12-06T02:18:06+0000 [twisted.protocols.amp#critical] Amp server or network failure unhandled
+\tTraceback (most recent call last):
+\tFailure: twisted.protocols.amp.RemoteAmpError: Code<AUTH_FAILED> (local): bad proof
+\tTraceback: <class 'yimaporc.cluster.rpc.AuthFailed'>: bad proof
+\t/x/site-packages/twisted/internet/defer.py:205:maybeDeferred
+\t/w/src/yimaporc/cluster/rpc.py:160:_prove
 """
 
 
@@ -36,6 +42,7 @@ def test_parse_tracebacks_names_exception_frame_and_slot() -> None:
     assert [tb.exception for tb in tbs] == [
         "builtins.TypeError: do_STAT() takes 1 positional argument but 2 were given",
         "builtins.KeyError: b'payload.1'",
+        "twisted.protocols.amp.RemoteAmpError: Code<AUTH_FAILED> (local): bad proof",
     ]
     assert tbs[0].slot == 3 and tbs[1].slot is None
     assert tbs[0].frame == 'File "twisted/mail/pop3.py", line 588, in processCommand'
@@ -43,6 +50,7 @@ def test_parse_tracebacks_names_exception_frame_and_slot() -> None:
         tbs[1].signature
         == 'builtins.KeyError at File "yimaporc/cluster/rpc.py", line 56, in fromBox'
     )
+    assert tbs[2].frame == 'File "yimaporc/cluster/rpc.py", line 160, in _prove'
     assert parse_tracebacks(LOG.splitlines(keepends=True)[0]) == []
 
 

@@ -20,6 +20,7 @@ from ._seeds import MEDIA, PASSWORD, SINK, USER
 
 BAD_LOG = ("Traceback", "Unhandled Error")
 _SHORT = re.compile(r'(?<=File ")[^"]*/(?:site-packages|src)/')
+_BRIEF = re.compile(r"^(/\S+\.py):(\d+):(\S+)$")  # a Failure's brief traceback line
 _SYSTEM = re.compile(r"^\S+ \[([^\]]*)\] ")
 
 
@@ -72,12 +73,22 @@ def parse_tracebacks(text: str) -> list[Traceback]:
         while i < len(lines) and lines[i].startswith("\t"):
             block.append(lines[i][1:])
             i += 1
-        frames = [b.strip() for b in block if b.startswith("  File ")]
-        tail = [
-            b for b in block[1:] if b.strip() and not b.startswith((" ", "\t", "Traceback", "---"))
-        ]
-        exception = tail[-1].strip() if tail else line[m.end() if m else 0 :].strip()
-        frame = _SHORT.sub("", frames[-1]) if frames else "(no frame)"
+        frames = [k for k, b in enumerate(block) if b.startswith("  File ") or _BRIEF.match(b)]
+        failure = [b for b in block if b.startswith("Failure: ")]
+        if failure:  # a logged Failure: "Failure: type: message", brief frames below
+            exception = failure[0][len("Failure: ") :].strip()
+        else:  # the first unindented line after the innermost frame (and its source line)
+            after = block[frames[-1] + 1 :] if frames else block[1:]
+            lines_ = [b for b in after if b.strip() and not b.startswith((" ", "Traceback"))]
+            exception = lines_[0].strip() if lines_ else line[m.end() if m else 0 :].strip()
+        if frames:
+            last = block[frames[-1]].strip()
+            brief = _BRIEF.match(last)
+            if brief:
+                last = f'File "{brief.group(1)}", line {brief.group(2)}, in {brief.group(3)}'
+            frame = _SHORT.sub("", last)
+        else:
+            frame = "(no frame)"
         out.append(Traceback(exception[:300], frame[:300], slot_of(host)))
     return out
 
