@@ -378,4 +378,13 @@ def replay(lab: Lab, door: str, jobs: Sequence[Job], options: Options) -> tuple[
     fuzzer = DoorFuzzer(lab, door, options, Path("."))
     fuzzer.checker.baseline()
     sent = fuzzer.send(jobs, workers=min(len(jobs), options.workers))
+    # Some failures are logged late: an "Unhandled error in Deferred" only when the
+    # Deferred is collected, after its connection is gone.  Give them half a second.
+    watch = LogWatch(fuzzer.checker.node.log_path)
+    watch.mark()
+    pause = threading.Event()
+    for _ in range(10):
+        if any(b in watch.read_new() for b in ("Traceback", "Unhandled")):
+            break
+        pause.wait(0.05)
     return fuzzer.checker.check(), sent
