@@ -21,12 +21,16 @@ INPUTS = 2_000
 XFAIL_SECONDS, DOOR_SECONDS = 5.0, 60.0
 
 XFAIL = {
-    "pop3": "issue 13 item 3: pre-login/extra-argument POP3 commands raise tracebacks "
-    "(twisted.mail pop3 state_COMMAND/processCommand TypeError) and the flood splits the view",
-    "imap": "issue 13 items 3/7: IMAP commands raise tracebacks (nativeString UnicodeDecodeError, "
-    "SEARCH OR/NOT, bad FETCH sections)",
-    "cluster-amp": "issue 13 items 2/3: malformed AMP boxes on the cluster port raise tracebacks "
-    "(amp _answerReceived/_errorReceived KeyError, NoEmptyBoxes, BigBytes.fromBox KeyError)",
+    "pop3": "issue 13 item 3: POP3 commands raise tracebacks (twisted.mail pop3.py processCommand "
+    "POP3Error 'not authenticated yet' before login, TypeError for extra arguments, state_COMMAND "
+    "TypeError); the flood of tracebacks stalls the node and splits the view",
+    "imap": "issue 13 items 3/7: IMAP commands raise tracebacks (compat.nativeString "
+    "UnicodeDecodeError on non-ASCII, imap4 arg_astring AttributeError, decoder UnicodeDecodeError, "
+    "parseNestedParens MismatchedNesting, __ebStatus TypeError); the flood splits the view",
+    "cluster-amp": "issue 13 items 2/3: AMP boxes on the cluster port raise tracebacks before "
+    "authentication (amp _answerReceived/_errorReceived KeyError, NoEmptyBoxes, retrieve KeyError, "
+    "a bad proof logged as a critical Failure) and after it (BigBytes.fromBox KeyError/ValueError, "
+    "unknown commands logged as Failures)",
 }
 
 
