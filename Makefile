@@ -8,8 +8,13 @@ APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-lib
 PYTEST_ARGS ?=
 # The dashboard tests drive a real browser.
 APT_TOOLS += chromium:chromium
+FUZZ_INPUTS ?= 100000
+FUZZ_TARGET ?= all
+FUZZ_SEED ?= 0
+FUZZ_WORKERS ?= 32
+FUZZ_ARGS ?=
 
-.PHONY: install system-tools run test lint typecheck unit integration bench clean
+.PHONY: install system-tools run test lint typecheck unit integration bench fuzz clean
 
 install: system-tools $(STAMP)
 
@@ -50,6 +55,12 @@ integration: install
 
 bench: install
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick,)
+
+# Mutational fuzzing of every front door against real nodes (docs/fuzzing.md);
+# reproducers land in fuzz-corpus/, the report in fuzz-report.json.
+fuzz: install
+	$(BIN)/python -m yimaporc.testing.fuzz --target $(FUZZ_TARGET) --inputs $(FUZZ_INPUTS) \
+	  --seed $(FUZZ_SEED) --workers $(FUZZ_WORKERS) --corpus fuzz-corpus --json fuzz-report.json $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .mypy_cache .pytest_cache .ruff_cache

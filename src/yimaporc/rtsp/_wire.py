@@ -195,7 +195,7 @@ def _cseq_or_none(value: str | None) -> int | None:
 def parse_cseq(value: str) -> int:
     """A CSeq header value: a non-negative decimal integer."""
     text = value.strip()
-    if not text.isdigit() or len(text) > 10:
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
         raise MalformedHeader(f"bad CSeq {value!r}")
     return int(text)
 
@@ -328,6 +328,7 @@ class ReceiveBuffer:
 # --- reading messages ------------------------------------------------------------------
 
 _REQUEST_LINE = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) ([A-Za-z]+/\d+\.\d+)$")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB (RFC 2326 15.1)
 _STATUS_LINE = re.compile(r"^([A-Za-z]+/\d+\.\d+) (\d{3})(?: (.*))?$")
 
 
@@ -409,6 +410,12 @@ class MessageReader:
             fields.append((name, value.strip()))
             if len(fields) > self.limits.max_headers:
                 raise RemoteProtocolError(400, "too many header fields")
+        # Neither could be echoed back (Require -> Unsupported, the URL -> Content-Base).
+        if _CONTROL.search(first):
+            raise RemoteProtocolError(400, "control character in the first line")
+        for name, value in fields:
+            if _CONTROL.search(value):
+                raise RemoteProtocolError(400, f"control character in header {name}")
         headers = Headers(tuple(fields))
         cseq = _cseq_or_none(headers.get("CSeq"))
         lengths = {v.strip() for v in headers.get_all("Content-Length")}
@@ -417,7 +424,7 @@ class MessageReader:
         length = 0
         if lengths:
             (value,) = lengths
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise RemoteProtocolError(400, "bad Content-Length", cseq)
             length = int(value)
             if length > self.limits.max_body:
@@ -563,7 +570,7 @@ def _parse_transport_one(text: str) -> TransportSpec:
         elif key == "mode":
             values["mode"] = value.lower()
         elif key == "ttl":
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise MalformedHeader(f"bad ttl {value!r}")
             values["ttl"] = int(value)
         elif key == "x-yima-fanout":
@@ -700,7 +707,7 @@ def parse_session(value: str) -> SessionHeader:
     for item in rest:
         name, _, val = item.partition("=")
         if name.strip().lower() == "timeout":
-            if not val.strip().isdigit():
+            if not (val.strip().isascii() and val.strip().isdigit()):
                 raise MalformedHeader(f"bad session timeout {val!r}")
             timeout = int(val.strip())
     return SessionHeader(sid, timeout)
