@@ -21,6 +21,9 @@ from yimaporc.cluster.bucketservice import unpack_commit
 from yimaporc.cluster.rpc import BigBytes
 
 KEY = b"k" * 32
+SCOPE = wire.Scope("c", "k")
+#: MAGIC and the scope (u8-counted cluster and kind names) that every datagram starts with.
+PREFIX = wire.MAGIC + b"\x01c\x01k"
 
 
 def sign(data: bytes) -> bytes:
@@ -41,14 +44,16 @@ def valid(kind: int) -> bytes:
         8: wire.TimeResp(1.0, 2.0, 3.0),
     }
     header = wire.Header("n1", "127.0.0.1:7946", 1, 2, 3)
-    return wire.serialize(KEY, header, bodies[kind])[: -wire.MAC_SIZE]
+    raw = wire.serialize(KEY, SCOPE, header, bodies[kind])[: -wire.MAC_SIZE]
+    assert raw.startswith(PREFIX)
+    return raw
 
 
 @given(st.binary(max_size=300))
 def test_signed_arbitrary_bytes_raise_only_malformed(raw: bytes) -> None:
-    """MAGIC + anything, validly MACed: a Datagram or MalformedPacket, never another exception."""
+    """MAGIC, scope + anything, validly MACed: a Datagram or MalformedPacket, never another."""
     try:
-        dgram = wire.parse(KEY, sign(wire.MAGIC + raw))
+        dgram = wire.parse(KEY, SCOPE, sign(PREFIX + raw))
     except wire.MalformedPacket:
         return
     assert isinstance(dgram, wire.Datagram)
@@ -61,15 +66,13 @@ def test_signed_mutations_of_real_datagrams_raise_only_malformed(
     """A real datagram with bytes replaced, cut or extended, re-MACed: Datagram or MalformedPacket."""
     raw = bytearray(valid(kind))
     for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(len(wire.MAGIC), len(raw) - 1))
+        i = data.draw(st.integers(len(PREFIX), len(raw) - 1))
         raw[i] = data.draw(
             st.sampled_from([0, 1, 0x7F, 0x80, 0xFF, data.draw(st.integers(0, 255))])
         )
-    raw = raw[: data.draw(st.integers(len(wire.MAGIC), len(raw)))] + data.draw(
-        st.binary(max_size=20)
-    )
+    raw = raw[: data.draw(st.integers(len(PREFIX), len(raw)))] + data.draw(st.binary(max_size=20))
     try:
-        wire.parse(KEY, sign(bytes(raw)))
+        wire.parse(KEY, SCOPE, sign(bytes(raw)))
     except wire.MalformedPacket:
         pass
 
@@ -78,7 +81,7 @@ def test_oversized_and_undersized_are_malformed() -> None:
     """Longer than MAX_DATAGRAM or shorter than magic + MAC: MalformedPacket before any MAC work."""
     for raw in (b"", wire.MAGIC, wire.MAGIC + b"x" * wire.MAX_DATAGRAM):
         try:
-            wire.parse(KEY, raw)
+            wire.parse(KEY, SCOPE, raw)
         except wire.MalformedPacket as e:
             assert "length" in str(e)
         else:

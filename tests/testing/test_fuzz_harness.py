@@ -12,7 +12,7 @@ from yimaporc.testing.fuzz import Job, mutate, parse_tracebacks, segments
 from yimaporc.testing.fuzz._check import LogWatch
 from yimaporc.testing.fuzz._lab import slot_of, source_address
 from yimaporc.testing.fuzz._run import load_replay, resign, save_batch, save_reproducer, stream_job
-from yimaporc.testing.fuzz._seeds import datagrams, imap, smtp
+from yimaporc.testing.fuzz._seeds import SCOPE, datagrams, imap, smtp
 
 LOG = """\
 2026-12-06T01:34:23+0000 [MailESMTP,73,127.0.107.100] Receiving message for delivery
@@ -111,12 +111,12 @@ def test_resign_makes_the_mac_valid() -> None:
     key = b"r" * 32
     raw = datagrams()[4]  # a PING MACed with a foreign key
     try:
-        wire.parse(key, raw)
+        wire.parse(key, SCOPE, raw)
     except wire.BadMac:
         pass
     else:
         raise AssertionError("foreign MAC accepted")
-    assert isinstance(wire.parse(key, resign(key, raw)).body, wire.Ping)
+    assert isinstance(wire.parse(key, SCOPE, resign(key, raw)).body, wire.Ping)
 
 
 def test_reproducers_and_batches_replay_as_saved(tmp_path: Path) -> None:

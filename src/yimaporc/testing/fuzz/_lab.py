@@ -19,9 +19,9 @@ from pathlib import Path
 import attrs
 
 from ...admin.client import AdminClient
-from ...secret import admin_token, derive_key
+from ...secret import admin_token, cluster_key
 from ..procs import NodeProc, mail_node, mail_settled, wait_for
-from ._seeds import MEDIA, PASSWORD, SINK, USER
+from ._seeds import MEDIA, PASSWORD, SCOPE, SINK, USER
 
 NET = "127.0.107"
 MAIL_DOORS = ("smtp", "pop3", "imap", "admin", "cluster-udp", "cluster-amp")
@@ -75,11 +75,11 @@ class Lab:
 
     def rpc_key(self) -> bytes:
         """The cluster RPC key (the AMP handshake proves it)."""
-        return derive_key(self.secret, "rpc")
+        return cluster_key(self.secret, "rpc", SCOPE.cluster, SCOPE.kind)
 
     def membership_key(self) -> bytes:
         """The membership datagram key."""
-        return derive_key(self.secret, "membership")
+        return cluster_key(self.secret, "membership", SCOPE.cluster, SCOPE.kind)
 
     def node_for(self, door: str) -> NodeProc:
         """The node whose ``door`` is fuzzed."""

@@ -202,6 +202,9 @@ def admin(host: str, port: int) -> Transcripts:
 
 
 FOREIGN_KEY = b"\x5a" * 32  # a cluster the target does not belong to
+#: The mail nodes' cluster: the default name (their kind) and kind.
+SCOPE = wire.Scope("porcupine", "porcupine")
+SCOPE_ARGS = {"cluster": b"porcupine", "kind": b"porcupine"}
 
 
 def _member(i: int) -> wire.Member:
@@ -228,7 +231,7 @@ def datagrams(key: bytes = FOREIGN_KEY) -> tuple[bytes, ...]:
     out = []
     for i, body in enumerate(datagram_bodies()):
         header = wire.Header("fuzz1", "127.0.107.201:9", 1, i + 1, i)
-        out.append(wire.serialize(key, header, body))
+        out.append(wire.serialize(key, SCOPE, header, body))
     return tuple(out)
 
 
@@ -250,8 +253,8 @@ def amp_boxes() -> Transcripts:
     return Transcripts(
         preamble=b"",
         bodies=(
-            amp_box(Hello.commandName, 1, node_id=b"m9", nonce=nonce),
-            amp_box(Hello.commandName, 1, node_id=b"m9", nonce=nonce)
+            amp_box(Hello.commandName, 1, node_id=b"m9", nonce=nonce, **SCOPE_ARGS),
+            amp_box(Hello.commandName, 1, node_id=b"m9", nonce=nonce, **SCOPE_ARGS)
             + amp_box(Prove.commandName, 2, proof=b"\0" * 32),
             amp_box(Echo.commandName, 3, payload=b"x" * 100),
             amp_box(

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import attrs
 
 from ._lab import source_address
-from ._seeds import MEDIA, SESSION_PLACEHOLDER, amp_box
+from ._seeds import MEDIA, SCOPE, SCOPE_ARGS, SESSION_PLACEHOLDER, amp_box
 
 IDLE = 0.3  # a node silent this long after our last byte has answered all it will
 MAX_READ = 4 << 20
@@ -71,10 +71,11 @@ async def _amp_handshake(
 ) -> None:
     """The client side of ``yimaporc.hello``/``prove`` (see cluster/rpc.py)."""
     nonce, me = os.urandom(32), "fuzz"
-    writer.write(amp_box(b"yimaporc.hello", 1, node_id=me.encode(), nonce=nonce))
+    writer.write(amp_box(b"yimaporc.hello", 1, node_id=me.encode(), nonce=nonce, **SCOPE_ARGS))
     answer = await _read_amp_box(reader)
     theirs = answer[b"nonce"]
-    msg = b"client|" + theirs + b"|" + nonce + b"|" + me.encode()
+    where = f"{SCOPE.kind}\0{SCOPE.cluster}".encode("ascii")
+    msg = b"client|" + where + b"|" + theirs + b"|" + nonce + b"|" + me.encode()
     proof = hmac.new(rpc_key, msg, hashlib.sha256).digest()
     writer.write(amp_box(b"yimaporc.prove", 2, proof=proof))
     done = await _read_amp_box(reader)
