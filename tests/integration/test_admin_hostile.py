@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from yimaporc.secret import admin_token, load_or_create_secret
-from yimaporc.testing.procs import NodeProc, wait_for
+from yimaporc.testing.procs import NodeProc, assert_lag_small, wait_for
 
 CLUSTER = 17946
 ADMIN = 18080
@@ -133,6 +133,7 @@ def test_200mb_upload_without_token_is_refused_before_the_body(
     assert open_file_bytes(pid) - files0 < 1 << 20
     assert tree_bytes(node.data_dir) - data0 < 1 << 20
     assert rss_kb(pid) - rss0 < 30 * 1024
+    assert_lag_small([node])
     req = urllib.request.Request(
         node.admin_url + "/api/yima/stored", headers={"Authorization": f"Bearer {token_of(node)}"}
     )

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from yimaporc.secret import admin_token
-from yimaporc.testing.procs import NodeProc, wait_for
+from yimaporc.testing.procs import NodeProc, assert_lag_small, wait_for
 
 NET = "127.0.101"
 PORT = 17946
@@ -238,6 +238,7 @@ def test_endless_unauthenticated_amp_box_is_cut_off(tmp_path: Path, nodes: list[
     check = rpc_check(y4, secret)
     assert check["peers"]["y3"]["ok"], check
     assert no_traceback(y3)
+    assert_lag_small([y3, y4])
 
 
 def test_tls_cluster_port_requires_a_client_certificate(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, wait_for
+from yimaporc.testing.procs import NodeProc, assert_lag_small, wait_for
 
 HOST = "127.0.105.1"
 SMTP, POP3, IMAP = 2525, 1110, 1143
@@ -150,6 +150,7 @@ def test_imap_password_guessing_is_throttled_and_the_owner_still_gets_in(node: N
     assert auth["failures"] >= 5 and auth["refused"] >= 16 and auth["throttled"] >= 4
     assert auth["in_flight"] == 0
     assert (node.status() or {})["epoch"] == epoch
+    assert_lag_small([node])
 
 
 def walk_modes(root: Path) -> dict[str, int]:

@@ -32,7 +32,14 @@ from typing import Any
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, mail_node, mail_settled, views_agree, wait_for
+from yimaporc.testing.procs import (
+    NodeProc,
+    assert_lag_small,
+    mail_node,
+    mail_settled,
+    views_agree,
+    wait_for,
+)
 
 PORTS = {"cluster": 7946, "admin": 8080, "smtp": 2525, "pop3": 1110, "imap": 1143}
 USER, PASSWORD = "eve@example.org", "pw-eve"
@@ -260,6 +267,7 @@ def test_hostile_pop3_imap_leave_nodes_serving(pair: list[NodeProc]) -> None:
     for i in (1, 2):
         clients_work(host(i))
     assert view(pair) == got["view_before"]
+    print("\nreactor lag max ms:", assert_lag_small(pair))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import pytest
 
 from yimaporc.rtsp import RtspClientConnection
 from yimaporc.rtsp._events import NEED_DATA
-from yimaporc.testing.procs import NodeProc, framemd5, views_agree, wait_for
+from yimaporc.testing.procs import NodeProc, assert_lag_small, framemd5, views_agree, wait_for
 from yimaporc.yima.media.sample import make_sample_ts
 
 NET = "127.0.103"
@@ -162,6 +162,7 @@ def test_media_never_goes_to_a_destination_other_than_the_client(nodes: list[Nod
         status = nodes[0].status() or {}
         assert status["rtsp"]["refused_destinations"] >= 2
         assert _epochs(nodes) == epochs
+        assert_lag_small(nodes)
     finally:
         c.close()
         for s in (*victim, *own):
@@ -220,6 +221,7 @@ def test_setup_flood_from_one_client_is_harmless(nodes: list[NodeProc], tmp_path
     assert max(latencies) < 2.0
     assert _epochs(nodes) == epochs
     assert views_agree(nodes)
+    print("reactor lag max ms:", assert_lag_small(nodes))
 
 
 def test_udp_session_ends_soon_after_its_rtsp_connection_closes(nodes: list[NodeProc]) -> None:
