@@ -283,3 +283,18 @@ def test_mx_order_is_followed_and_nxdomain_bounces(tmp_path: Path) -> None:
     assert s.entries == {}, s.entries
     ((_, dsn),) = bounces
     assert b"x@nowhere.test" in dsn and b"5.1.2" in dsn
+
+
+def test_messages_for_one_mx_share_connections(tmp_path: Path) -> None:
+    """Five queued messages for one MX go over two connections (the per-destination
+    limit), each taking the next message after RSET, not one connection per message."""
+    for k in range(5):
+        spool(tmp_path / "outbound", f"m{k}", "alice@example.org", [f"u{k}@remote.test"], b"x\r\n")
+    reactor, s, bounces = sender_for(tmp_path, Routes({"remote.test": ("10.9.9.9", 25)}))
+    assert len(reactor.tcpClients) == 2
+    mx = RemoteMX()
+    serve(reactor, mx, ("10.9.9.9", 25))
+    serve(reactor, mx, ("10.9.9.9", 25))
+    assert sorted(a for a, _ in mx.got) == [f"u{k}@remote.test" for k in range(5)]
+    assert s.entries == {} and bounces == [] and s.status()["connects"] == 2
+    assert reactor.tcpClients == []

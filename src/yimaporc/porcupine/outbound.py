@@ -21,20 +21,18 @@ Authenticated users' mail for other domains is spooled by
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet import error as netError
 from twisted.internet.defer import (
     Deferred,
-    DeferredSemaphore,
     gatherResults,
     inlineCallbacks,
     succeed,
@@ -47,14 +45,14 @@ from twisted.names import error as dnsError
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from ._smtpout import SmtpPool
+
 log = Logger()
 
 BACKOFF = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 EXPIRE = 5 * 86400.0
 PER_DESTINATION = 2
 CONCURRENT = 10
-CONNECT_TIMEOUT = 30.0
-SMTP_TIMEOUT = 120.0
 
 
 @attrs.frozen
@@ -279,8 +277,14 @@ class OutboundSender(Service):
         self.tls = tls
         self.entries: dict[str, Entry] = {}
         self._busy: set[str] = set()
-        self._sems: dict[tuple[str, int], DeferredSemaphore] = {}
-        self._all = DeferredSemaphore(CONCURRENT)
+        self.smtp = SmtpPool(
+            reactor,
+            hostname.encode("ascii", "replace"),
+            tls or _opportunistic(),
+            lambda dest: self.routes.smarthost_auth if dest == self.routes.smarthost else None,
+            PER_DESTINATION,
+            CONCURRENT,
+        )
         self._timer: Any = None
         self._loaded: Deferred[Any] | None = None
         self.counts = {"delivered": 0, "bounced": 0, "deferred": 0, "attempts": 0}
@@ -357,7 +361,13 @@ class OutboundSender(Service):
         """Queue length, age of the oldest message (s) and counters."""
         now = float(self.reactor.seconds())
         oldest = min((e.queued_at for e in self.entries.values()), default=now)
-        return {"length": len(self.entries), "oldest_age": round(now - oldest, 1), **self.counts}
+        return {
+            "length": len(self.entries),
+            "oldest_age": round(now - oldest, 1),
+            **self.counts,
+            "connections": self.smtp.connections,
+            "connects": self.smtp.connects,
+        }
 
     def wake(self) -> None:
         """Start every due attempt; sleep until the next one."""
@@ -448,10 +458,14 @@ class OutboundSender(Service):
             return {r: Outcome(451, f"4.4.3 cannot look up {domain}: {e}") for r in rcpts}
         last = "no mail exchanger"
         for host, port in hosts:
-            sem = self._sems.setdefault((host, port), DeferredSemaphore(PER_DESTINATION))
             try:
-                got = yield self._all.run(sem.run, self._send, host, port, sender, rcpts, body)
-            except (netError.ConnectError, netError.DNSLookupError, smtp.SMTPConnectError) as e:
+                got = yield self._send(host, port, sender, rcpts, body)
+            except (
+                netError.ConnectError,
+                netError.DNSLookupError,
+                netError.ConnectionLost,
+                smtp.SMTPConnectError,
+            ) as e:
                 last = f"{host}:{port}: {e}"
                 continue
             return got
@@ -487,43 +501,23 @@ class OutboundSender(Service):
     def _send(
         self, host: str, port: int, sender: str, rcpts: list[str], body: bytes
     ) -> Deferred[dict[str, Outcome]]:
-        done: Deferred[Any] = Deferred()
-        auth = self.routes.smarthost_auth if (host, port) == self.routes.smarthost else None
-        factory = smtp.ESMTPSenderFactory(
-            auth[0] if auth else None,
-            auth[1] if auth else None,
-            sender,
-            rcpts,
-            io.BytesIO(body.replace(b"\r\n", b"\n")),  # the client sends LF as CRLF
-            done,
-            retries=0,
-            timeout=SMTP_TIMEOUT,
-            contextFactory=self.tls or _opportunistic(),
-            heloFallback=True,
-            requireAuthentication=auth is not None,
-            requireTransportSecurity=False,
-            hostname=host,
-        )
-        factory.domain = self.hostname.encode("ascii", "replace")  # our EHLO name
-        self.reactor.connectTCP(host, port, factory, timeout=CONNECT_TIMEOUT)
+        """Send one message over the pool's connection to ``host:port`` (reused)."""
+        job = self.smtp.send((host, port), sender, rcpts, body)
 
-        def sent(result: tuple[int, list[tuple[bytes, int, bytes]]]) -> dict[str, Outcome]:
-            return _per_recipient(rcpts, result[1], None)
+        def sent(result: tuple[list[tuple[str, int, str]], tuple[int, str]]) -> dict[str, Outcome]:
+            replies, (code, text) = result
+            whole = None if 200 <= code < 300 else Outcome(code if 400 <= code < 600 else 451, text)
+            return _per_recipient(rcpts, replies, whole)
 
         def refused(f: Failure) -> dict[str, Outcome]:
-            if f.check(smtp.SMTPDeliveryError):
-                err: smtp.SMTPDeliveryError = f.value  # type: ignore[assignment]
-                whole = Outcome(err.code if err.code > 0 else 451, _text(err.resp))
-                replies = cast(Sequence[tuple[Any, int, Any]], err.addresses or [])
-                return _per_recipient(rcpts, replies, whole)
             if f.check(smtp.SMTPClientError) and not f.check(smtp.SMTPConnectError):
-                err2: smtp.SMTPClientError = f.value  # type: ignore[assignment]
-                code = err2.code if 400 <= err2.code < 600 else 451
-                return {r: Outcome(code, _text(err2.resp)) for r in rcpts}
+                err: smtp.SMTPClientError = f.value  # type: ignore[assignment]
+                code = err.code if 400 <= err.code < 600 else 451
+                return {r: Outcome(code, _text(err.resp)) for r in rcpts}
             f.raiseException()
             raise AssertionError("unreachable")
 
-        return done.addCallbacks(sent, refused)
+        return job.done.addCallbacks(sent, refused)
 
 
 def _opportunistic() -> Any:
