@@ -35,6 +35,7 @@ from twisted.internet.defer import (
     DeferredList,
     DeferredSemaphore,
     FirstError,
+    fail,
     gatherResults,
     inlineCallbacks,
     maybeDeferred,
@@ -58,6 +59,7 @@ from .disks import (
     initial_history,
     remove_physical,
 )
+from .layouts import LayoutCache, Placed, counts_of
 from .media import MAX_HEADER, TAIL, Analyser, MediaInfo, check_name, plan, unstreamable_reason
 from .parity import (
     FilePlacement,
@@ -69,7 +71,7 @@ from .parity import (
 )
 from .parity import reconstruct as parity_reconstruct
 from .placement import LogicalDisk, ScalingHistory
-from .reorg import Move, MoveThrottle, plan_for
+from .reorg import Move, MoveThrottle, Plan, plan_for_layouts
 from .rpc import (
     CountBlocks,
     DeleteBlock,
@@ -233,8 +235,12 @@ class YimaStorageService(Service):
             (node.config.data_dir / "disks" / "0", None)
         ]
         self._local: list[PhysicalDisk] = []
-        self._layouts: dict[tuple[str, bool], tuple[ScalingHistory, Layout]] = {}
-        self._placed: dict[str, int] | None = None
+        self.layouts = LayoutCache(self._in_pool, node.config.data_dir / "layouts")
+        self._placed: dict[str, int] = {}
+        self._placed_for: tuple[Any, ...] | None = None
+        self._placing = False
+        self._placed_waiters: list[Deferred[dict[str, int]]] = []
+        self._warm_for: tuple[Any, ...] | None = None
         self._stored: dict[str, int] = {}
         self._reconciling = False
         self._scaling = False
@@ -319,11 +325,10 @@ class YimaStorageService(Service):
         except ValueError:
             self.log.failure("storage: unreadable catalog version ignored")
             return
-        self._layouts.clear()
-        self._placed = None
         self._attach_mine()
         if self.running:
             self.reactor.callLater(0, self._reconcile)
+            self._warm()
 
     def _attach_mine(self) -> None:
         me = self.node.node_id
@@ -388,46 +393,138 @@ class YimaStorageService(Service):
 
     # --- placement ------------------------------------------------------------------
 
-    def _layout(self, info: MediaInfo, pending: bool) -> tuple[ScalingHistory, Layout] | None:
+    def _in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.pool, f, *args)  # type: ignore[arg-type]
+
+    def _histories(self) -> list[tuple[bool, ScalingHistory]]:
+        cat = self.catalog
+        return [(p, h) for p, h in ((True, cat.pending), (False, cat.history)) if h is not None]
+
+    def _placement_state(self) -> tuple[Any, ...]:
+        """What every cached layout and count depends on: histories and files."""
+        cat = self.catalog
+        files = tuple(sorted((m.name, m.seed, m.blocks) for m in cat.media.values()))
+        return (cat.history, cat.pending, files)
+
+    def layout_of(self, info: MediaInfo, pending: bool = False) -> Deferred[Placed | None]:
+        """``info``'s layout under the committed (or pending) history, computed off the reactor."""
         history = self.catalog.pending if pending else self.catalog.history
         if history is None:
-            return None
-        key = (info.name, pending)
-        hit = self._layouts.get(key)
-        if hit is None or hit[0] is not history:
-            placement = FilePlacement.of(info)
-            hit = (history, placement.layout(history))
-            self._layouts[key] = hit
-        return hit
+            return succeed(None)
+        return self.layouts.fetch(info, history)  # type: ignore[return-value]
+
+    def _warm(self) -> None:
+        """Compute (or load) every layout the current catalog needs, in the pool, one at a
+        time; then the per-disk counts. Nothing is recomputed unless the history changed."""
+        state = self._placement_state()
+        if state == self._warm_for:
+            return
+        self._warm_for = state
+        wanted = [(info, h) for _, h in self._histories() for info in self.catalog.media.values()]
+
+        @inlineCallbacks
+        def run() -> Generator[Deferred[Any], Any, None]:
+            for info, history in sorted(wanted, key=lambda w: w[0].name):
+                if self._placement_state() != state:
+                    return  # a newer warm-up is under way
+                yield self.layouts.fetch(info, history)
+            if self._placement_state() == state:
+                yield self.layouts.retain(wanted)
+                yield self.refresh_placed()
+
+        run().addErrback(self._log_failure, "computing placement layouts")
 
     def places(self, info: MediaInfo, key: BlockKey) -> list[LogicalDisk]:
-        """Where ``key`` of ``info`` may be, in read order: new place, then old."""
+        """Where ``key`` of ``info`` may be, in read order: new place, then old.
+
+        From the cached layouts; on a miss the one block's place is computed
+        alone (its parity group only, cheap) and the whole layout is warmed in
+        the pool for the next call.
+        """
         out: list[LogicalDisk] = []
-        for pending in (True, False):
-            found = self._layout(info, pending)
-            if found is None:
-                continue
-            history, layout = found
-            index = (layout.parity if key.parity else layout.data)[key.index]
-            disk = history.disks[index]
+        for _, history in self._histories():
+            placed = self.layouts.get(info, history)
+            if placed is not None:
+                disk = placed.disk(key.index, key.parity)
+            else:
+                self.layouts.fetch(info, history).addErrback(self._log_failure, "layout")
+                placement = FilePlacement.of(info)
+                index = (
+                    placement.parity_disk(key.index, history)
+                    if key.parity
+                    else placement.data_disk(key.index, history)
+                )
+                disk = history.disks[index]
             if all(disk.physical != o.physical for o in out):
                 out.append(disk)
         return out
 
+    def blocks_of_node(self, name: str, node_id: str) -> Deferred[list[int]]:
+        """Data blocks of ``name`` whose first place (pending history first) is on ``node_id``."""
+        info = self.catalog.media.get(name)
+        if info is None:
+            return fail(KeyError(name))
+        histories = self._histories()
+        if not histories:
+            return succeed([])
+        d = self.layouts.fetch(info, histories[0][1])
+        return d.addCallback(lambda placed: list(placed.by_node.get(node_id, ())))
+
     def placed_counts(self) -> dict[str, int]:
-        """Blocks (data + parity) per physical disk under the committed history."""
-        if self._placed is None:
-            counts = {d.disk_id: 0 for d in self.catalog.disks}
-            for info in self.catalog.media.values():
-                found = self._layout(info, False)
-                if found is None:
-                    continue
-                history, layout = found
-                for index in (*layout.data, *layout.parity):
-                    phys = history.disks[index].physical
-                    counts[phys] = counts.get(phys, 0) + 1
-            self._placed = counts
+        """Blocks (data + parity) per physical disk under the committed history, as last
+        summed from cached layouts (never computed here: see :meth:`refresh_placed`)."""
+        if self._placed_for != self._placement_state():
+            self.refresh_placed().addErrback(self._log_failure, "counting placed blocks")
         return self._placed
+
+    def refresh_placed(self) -> Deferred[dict[str, int]]:
+        """Sum the committed layouts' per-disk counts (layouts fetched off the reactor);
+        fires once the counts match the catalog as it is when they are done."""
+        d: Deferred[dict[str, int]] = Deferred()
+        self._placed_waiters.append(d)
+        if not self._placing:
+            self._sum_placed()
+        return d
+
+    def _sum_placed(self) -> None:
+        self._placing = True
+        state = self._placement_state()
+        cat = self.catalog
+        history = cat.history
+        infos = sorted(cat.media.values(), key=lambda m: m.name)
+
+        @inlineCallbacks
+        def run() -> Generator[Deferred[Any], Any, None]:
+            placed = []
+            if history is not None:
+                for info in infos:
+                    p = yield self.layouts.fetch(info, history)
+                    placed.append(p)
+            self._placed = counts_of(placed, (d.disk_id for d in cat.disks))
+            self._placed_for = state
+
+        def done(result: object) -> None:
+            self._placing = False
+            if not isinstance(result, Failure) and state != self._placement_state():
+                self._sum_placed()  # the catalog changed meanwhile: sum again
+                return
+            waiters, self._placed_waiters = self._placed_waiters, []
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(self._placed)
+
+        run().addBoth(done)
+
+    def _plan(self, info: MediaInfo, old: ScalingHistory, new: ScalingHistory) -> Deferred[Plan]:
+        """:func:`~.reorg.plan_for`, with both layouts cached and the diff off the reactor."""
+        d = gatherResults([self.layouts.fetch(info, old), self.layouts.fetch(info, new)])
+
+        def diff(both: list[Placed]) -> Deferred[Plan]:
+            return self._in_pool(plan_for_layouts, info, both[0].layout, both[1].layout, old, new)
+
+        return d.addCallback(diff)
 
     # --- block I/O by owner --------------------------------------------------------------
 
@@ -726,8 +823,8 @@ class YimaStorageService(Service):
                     "(ingest with --opaque to store it as opaque blocks)",
                     415,
                 )
-            placement = FilePlacement.of(info)
-            layout = placement.layout(history)
+            placed = yield self.layouts.fetch(info, history)
+            layout = placed.layout
             table = history.disks
             step = info.parity_group or 4
             window = DeferredSemaphore(INGEST_WINDOW)
@@ -776,7 +873,7 @@ class YimaStorageService(Service):
                 current = self.catalog.history
                 if current is None or current == history or self.catalog.pending is not None:
                     break
-                plan = plan_for(info, history, current)
+                plan = yield self._plan(info, history, current)
                 throttle = yield self._run_moves(info, plan.moves, float("inf"), history)
                 if throttle.failures:
                     raise ApiError(f"ingest of {name} failed: the disks changed under it", 503)
@@ -786,6 +883,7 @@ class YimaStorageService(Service):
             self._published[name] = entry
             yield self.doc.update(lambda v: {**v, "media": {**v["media"], name: entry}})
             self._refresh_stored()
+            yield self.refresh_placed()
             seconds = max(float(self.reactor.seconds()) - started, 1e-9)
             return {
                 "name": name,
@@ -875,7 +973,7 @@ class YimaStorageService(Service):
             moved = total = nbytes = 0
             done: list[tuple[MediaInfo, Move]] = []
             for info in sorted(self.catalog.media.values(), key=lambda m: m.name):
-                plan = plan_for(info, old, new)
+                plan = yield self._plan(info, old, new)
                 total += plan.total
                 throttle = yield self._run_moves(info, plan.moves, rate or self.move_rate)
                 if throttle.failures:
@@ -903,6 +1001,7 @@ class YimaStorageService(Service):
 
             yield self.doc.update(commit)
             yield self._delete_old(done)
+            yield self.refresh_placed()
             if removed is not None:
                 yield self._at(
                     removed.node_id,
@@ -1017,10 +1116,10 @@ class YimaStorageService(Service):
         restored = present = lost = 0
         unprotected: list[str] = []
         for info in sorted(self.catalog.media.values(), key=lambda m: m.name):
-            found = self._layout(info, False)
+            found = yield self.layout_of(info)
             if found is None:
                 continue
-            history, layout = found
+            history, layout = found.history, found.layout
             keys = [
                 BlockKey(i)
                 for i, d in enumerate(layout.data)
