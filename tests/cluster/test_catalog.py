@@ -145,3 +145,59 @@ def test_uncontested_claim_wins(tmp_path: Path) -> None:
     won: list[bool] = []
     docs[2].claim(lambda v: {**v, "pending": "c"}).addCallback(won.append)
     assert won == [True] and all(d.value["pending"] == "c" for d in docs)
+
+
+@attrs.define
+class QueuedRun:
+    """A ``run`` that holds blocking work until the test calls :meth:`step`."""
+
+    jobs: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = attrs.field(factory=list)
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def step(self) -> None:
+        f, args, d = self.jobs.pop(0)
+        d.callback(f(*args))
+
+
+def _stored(path: Path) -> Any:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_writes_run_off_the_caller_and_bursts_are_written_once(tmp_path: Path) -> None:
+    """update() writes through ``run`` (not inline), fires only once on disk, and a burst
+    of changes during a write is written once, as its last version."""
+    run = QueuedRun()
+    node = FakeNode("a", tmp_path / "a", Net())
+    node.view = View(1, (Member("a", "a:1"),), "a")
+    doc = ReplicatedDocument(node, "catalog", {"n": 0}, run=run)  # type: ignore[arg-type]
+    fired: list[int] = []
+    doc.update(lambda v: {"n": 1}).addCallback(fired.append)
+    assert doc.value == {"n": 1} and not doc.path.exists() and fired == []
+    for n in (2, 3, 4):
+        doc.update(lambda v, n=n: {"n": n}).addCallback(fired.append)
+    assert len(run.jobs) == 1  # one write in flight, the burst waits
+    run.step()
+    assert _stored(doc.path)["value"] == {"n": 1} and fired == [1]
+    assert len(run.jobs) == 1
+    run.step()
+    assert _stored(doc.path) == {"counter": 4, "writer": "a", "value": {"n": 4}}
+    assert fired == [1, 1, 1, 1] and doc.writes == 2 and not run.jobs
+
+
+def test_a_member_answers_a_push_only_once_written(tmp_path: Path) -> None:
+    """offer_durably() takes a newer version at once but fires after the write."""
+    run = QueuedRun()
+    doc = ReplicatedDocument(FakeNode("b", tmp_path / "b", Net()), "catalog", {}, run=run)  # type: ignore[arg-type]
+    answers: list[bool] = []
+    doc.offer_durably((1, "a"), b'{"media": ["x"]}').addCallback(answers.append)
+    assert doc.value == {"media": ["x"]} and answers == []
+    run.step()
+    assert answers == [True] and _stored(doc.path)["value"] == {"media": ["x"]}
+    doc.offer_durably((1, "a"), b'{"media": ["y"]}').addCallback(answers.append)
+    assert answers == [True, False] and not run.jobs

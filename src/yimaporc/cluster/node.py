@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import SSL4ClientEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -237,9 +237,15 @@ class ClusterNode(MultiService):
             }
         )
 
-    def _put_document(self, name: str, counter: int, writer: str, body: bytes) -> dict[str, bool]:
+    def _put_document(
+        self, name: str, counter: int, writer: str, body: bytes
+    ) -> Deferred[dict[str, bool]]:
         doc = self.documents.get(name)
-        return {"accepted": doc is not None and doc.offer((counter, writer), body)}
+        if doc is None:
+            return succeed({"accepted": False})
+        # Answered once a taken version is on disk (written off the reactor).
+        d: Deferred[bool] = doc.offer_durably((counter, writer), body)
+        return d.addCallback(lambda ok: {"accepted": ok})
 
     def set_commit_attachment(self, provider: AttachmentFor) -> None:
         """When this node coordinates a commit, ship ``provider(old, members, epoch)`` in it."""

@@ -25,6 +25,7 @@ import json
 import tempfile
 import threading
 from collections.abc import Callable, Generator, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,7 +33,6 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import (
     Deferred,
-    DeferredList,
     DeferredSemaphore,
     FirstError,
     fail,
@@ -59,7 +59,7 @@ from .disks import (
     initial_history,
     remove_physical,
 )
-from .layouts import LayoutCache, Placed, counts_of
+from .layouts import LayoutCache, Placed, ProcessRunner, counts_of
 from .media import MAX_HEADER, TAIL, Analyser, MediaInfo, check_name, plan, unstreamable_reason
 from .parity import (
     FilePlacement,
@@ -149,6 +149,28 @@ def _unwrap(f: Failure) -> Failure:
     return f
 
 
+def _bounded(
+    width: int, thunks: Iterable[Callable[[], Deferred[Any]]]
+) -> Deferred[list[tuple[bool, Any]]]:
+    """Run ``thunks`` at most ``width`` at a time, like a ``DeferredList(consumeErrors=True)``
+    of them, but starting each only when a slot is free (no mass of Deferreds up front)."""
+    work = iter(enumerate(thunks))
+    results: dict[int, tuple[bool, Any]] = {}
+
+    @inlineCallbacks
+    def worker() -> Generator[Deferred[Any], Any, None]:
+        for k, thunk in work:
+            try:
+                value = yield maybeDeferred(thunk)
+            except Exception:
+                results[k] = (False, Failure())
+            else:
+                results[k] = (True, value)
+
+    done = gatherResults([worker() for _ in range(width)])
+    return done.addCallback(lambda _: [results[k] for k in sorted(results)])
+
+
 def _read_range(content: IO[bytes], lock: threading.Lock, offset: int, length: int) -> bytes:
     with lock:
         content.seek(offset)
@@ -222,6 +244,7 @@ class YimaStorageService(Service):
         *,
         own_pool: bool = False,
         move_rate: float = DEFAULT_MOVE_RATE,
+        layout_runner: ProcessRunner | None = None,
     ) -> None:
         self.node = node
         self.reactor = reactor
@@ -229,13 +252,16 @@ class YimaStorageService(Service):
         self._own_pool = own_pool
         self.move_rate = move_rate
         self.store = BlockStore(reactor, threadpool, {})
-        self.doc = ReplicatedDocument(node, DOCUMENT, empty_document())
+        self.doc = ReplicatedDocument(node, DOCUMENT, empty_document(), run=self._in_pool)
         self.catalog = Catalog.parse(self.doc.value)
         self._wanted = [(Path(p).absolute(), c) for p, c in disks] or [
             (node.config.data_dir / "disks" / "0", None)
         ]
         self._local: list[PhysicalDisk] = []
-        self.layouts = LayoutCache(self._in_pool, node.config.data_dir / "layouts")
+        # Layouts are CPU-bound: a process pool keeps them from starving the reactor of the
+        # GIL; without one they run in the storage thread pool (tests: synchronous).
+        self._layout_runner = layout_runner
+        self.layouts = LayoutCache(layout_runner or self._in_pool, node.config.data_dir / "layouts")
         self._placed: dict[str, int] = {}
         self._placed_for: tuple[Any, ...] | None = None
         self._placing = False
@@ -276,7 +302,7 @@ class YimaStorageService(Service):
     ) -> YimaStorageService:
         """A service with its own thread pool of ``threads`` workers."""
         pool = ThreadPool(minthreads=0, maxthreads=threads, name="yima-storage")
-        return cls(node, reactor, pool, disks, own_pool=True)
+        return cls(node, reactor, pool, disks, own_pool=True, layout_runner=ProcessRunner(reactor))
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -307,8 +333,10 @@ class YimaStorageService(Service):
         self._reconcile()
 
     def stopService(self) -> Deferred[None] | None:
-        """Stop the pool (waits for running work)."""
+        """Stop the pool (waits for running work) and the layout workers."""
         super().stopService()
+        if self._layout_runner is not None:
+            self._layout_runner.stop()
         if self._own_pool and isinstance(self.pool, ThreadPool):
             pool = self.pool
             return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), pool.stop)
@@ -827,7 +855,6 @@ class YimaStorageService(Service):
             layout = placed.layout
             table = history.disks
             step = info.parity_group or 4
-            window = DeferredSemaphore(INGEST_WINDOW)
 
             def one_group(first: int) -> Deferred[Any]:
                 count = min(step, info.blocks - first)
@@ -854,9 +881,9 @@ class YimaStorageService(Service):
                 return d.addCallback(send)
 
             # Let every group settle before judging, so no write lands after a cleanup.
-            results = yield DeferredList(
-                [window.run(one_group, first) for first in range(0, info.blocks, step)],
-                consumeErrors=True,
+            results = yield _bounded(
+                INGEST_WINDOW,
+                (partial(one_group, first) for first in range(0, info.blocks, step)),
             )
             failures = [r for ok, r in results if not ok]
             if failures:
@@ -1088,8 +1115,6 @@ class YimaStorageService(Service):
         return finished
 
     def _delete_old(self, done: list[tuple[MediaInfo, Move]]) -> Deferred[Any]:
-        gate = DeferredSemaphore(8)
-
         def one(info: MediaInfo, move: Move) -> Deferred[Any]:
             d = self.delete_at(move.src_disk, info.name, move.key)
             return d.addErrback(
@@ -1102,7 +1127,7 @@ class YimaStorageService(Service):
                 )
             )
 
-        return gatherResults([gate.run(one, info, m) for info, m in done])
+        return _bounded(8, (partial(one, info, m) for info, m in done))
 
     # --- rebuild --------------------------------------------------------------------
 
