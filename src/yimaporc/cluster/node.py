@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from ..admin.routes import Route
 from ..secret import cluster_key
-from .catalog import PutDocument
+from .catalog import PutRecords
 from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
 from .rpc import Echo, RpcClient, RpcGuard, RpcRegistry, RpcServerFactory
 from .udp import MembershipProtocol
@@ -169,7 +169,7 @@ class ClusterNode(MultiService):
         )
         self.routes: list[Route] = []
         self.documents: dict[str, Any] = {}
-        self.registry.register(PutDocument, self._put_document)
+        self.registry.register(PutRecords, self._put_records)
         self.add_route(Route("GET", "/api/rpc-check", self._rpc_check))
         self.status_providers: list[Callable[[], dict[str, Any]]] = []
         self._listeners: list[IMembershipListener] = []
@@ -237,15 +237,13 @@ class ClusterNode(MultiService):
             }
         )
 
-    def _put_document(
-        self, name: str, counter: int, writer: str, body: bytes
-    ) -> Deferred[dict[str, bool]]:
+    def _put_records(self, name: str, body: bytes) -> Deferred[dict[str, int]]:
         doc = self.documents.get(name)
         if doc is None:
-            return succeed({"accepted": False})
-        # Answered once a taken version is on disk (written off the reactor).
-        d: Deferred[bool] = doc.offer_durably((counter, writer), body)
-        return d.addCallback(lambda ok: {"accepted": ok})
+            return succeed({"accepted": 0})
+        # Answered once the taken records are on disk (written off the reactor).
+        d: Deferred[int] = doc.offer(body)
+        return d.addCallback(lambda n: {"accepted": n})
 
     def set_commit_attachment(self, provider: AttachmentFor) -> None:
         """When this node coordinates a commit, ship ``provider(old, members, epoch)`` in it."""

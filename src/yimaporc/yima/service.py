@@ -104,6 +104,27 @@ def empty_document(policy: MergePolicy | None = None) -> dict[str, Any]:
     }
 
 
+TOPOLOGY = "topology"
+MEDIA = "media/"
+
+
+def split_catalog(doc: dict[str, Any]) -> dict[str, Any]:
+    """The catalog's replicated records: one for the topology (policy, disks, history,
+    pending, retired) and one per media file (``media/NAME``)."""
+    out: dict[str, Any] = {TOPOLOGY: {k: v for k, v in doc.items() if k != "media"}}
+    out.update({MEDIA + n: m for n, m in doc.get("media", {}).items()})
+    return out
+
+
+def join_catalog(records: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`split_catalog` (record values are shared, not copied)."""
+    topology = records.get(TOPOLOGY)
+    if topology is None:
+        topology = {k: v for k, v in empty_document().items() if k != "media"}
+    media = {k[len(MEDIA) :]: v for k, v in records.items() if k.startswith(MEDIA)}
+    return {**topology, "media": media}
+
+
 @attrs.frozen
 class Catalog:
     """A parsed snapshot of the ``yima-storage`` document."""
@@ -117,17 +138,31 @@ class Catalog:
     retired: tuple[tuple[str, str], ...]
 
     @classmethod
-    def parse(cls, doc: dict[str, Any]) -> Catalog:
-        """Parse the document (raises ValueError on a malformed one)."""
+    def parse(
+        cls, doc: dict[str, Any], known: dict[str, tuple[Any, MediaInfo]] | None = None
+    ) -> Catalog:
+        """Parse the document (raises ValueError on a malformed one).
+
+        ``known`` maps names to ``(raw entry, MediaInfo)`` parsed before: an entry
+        that is the very same object (an unchanged record) is not parsed again,
+        so a catalog change costs the records it changed, not every time index.
+        """
         history = doc.get("history")
         pending = doc.get("pending") or None
+        media: dict[str, MediaInfo] = {}
+        for name, raw in doc.get("media", {}).items():
+            hit = None if known is None else known.get(name)
+            media[name] = hit[1] if hit is not None and hit[0] is raw else MediaInfo.from_json(raw)
+        if known is not None:
+            known.clear()
+            known.update({n: (doc["media"][n], m) for n, m in media.items()})
         return cls(
             MergePolicy.from_json(doc.get("policy") or MergePolicy().to_json()),
             tuple(PhysicalDisk.from_json(d) for d in doc.get("disks", [])),
             None if history is None else ScalingHistory.from_json(history),
             None if pending is None else ScalingHistory.from_json(pending["history"]),
             () if pending is None else tuple(PhysicalDisk.from_json(d) for d in pending["disks"]),
-            {n: MediaInfo.from_json(m) for n, m in doc.get("media", {}).items()},
+            media,
             tuple((r["node_id"], r["path"]) for r in doc.get("retired", [])),
         )
 
@@ -252,8 +287,10 @@ class YimaStorageService(Service):
         self._own_pool = own_pool
         self.move_rate = move_rate
         self.store = BlockStore(reactor, threadpool, {})
-        self.doc = ReplicatedDocument(node, DOCUMENT, empty_document(), run=self._in_pool)
-        self.catalog = Catalog.parse(self.doc.value)
+        self.doc = ReplicatedDocument(node, DOCUMENT, empty_document(), run=self._in_pool,
+                                      split=split_catalog, join=join_catalog)  # fmt: skip
+        self._parsed: dict[str, tuple[Any, MediaInfo]] = {}
+        self.catalog = Catalog.parse(self.doc.value, self._parsed)
         self._wanted = [(Path(p).absolute(), c) for p, c in disks] or [
             (node.config.data_dir / "disks" / "0", None)
         ]
@@ -349,7 +386,7 @@ class YimaStorageService(Service):
 
     def _changed(self, old: dict[str, Any], new: dict[str, Any]) -> None:
         try:
-            self.catalog = Catalog.parse(new)
+            self.catalog = Catalog.parse(new, self._parsed)
         except ValueError:
             self.log.failure("storage: unreadable catalog version ignored")
             return
@@ -385,9 +422,9 @@ class YimaStorageService(Service):
         self._reconciling = True
         d: Deferred[Any]
         if lost:
-            d = self.doc.update(lambda v: {**v, "media": {**v["media"], **lost}})
+            d = self.doc.put({MEDIA + n: m for n, m in lost.items()})
         elif not cat.media:
-            d = self.doc.update(lambda v: self._register(v, missing))
+            d = self._update_topology(lambda v: self._register(v, missing))
         else:
             d = self._add_chain(missing)
 
@@ -401,10 +438,17 @@ class YimaStorageService(Service):
 
         d.addBoth(done)
 
+    def _update_topology(self, change: Callable[[dict[str, Any]], Any]) -> Deferred[int]:
+        """Change the topology record only (the media records are neither copied nor sent)."""
+        return self.doc.update_record(TOPOLOGY, lambda t: change(t or self._no_topology()))
+
     @staticmethod
-    def _register(value: dict[str, Any], missing: list[PhysicalDisk]) -> dict[str, Any]:
+    def _no_topology() -> dict[str, Any]:
+        return split_catalog(empty_document())[TOPOLOGY]  # type: ignore[no-any-return]
+
+    def _register(self, value: dict[str, Any], missing: list[PhysicalDisk]) -> dict[str, Any]:
         """Add ``missing`` to a catalog without media: a fresh history over all disks."""
-        if value.get("media") or value.get("pending"):
+        if self.catalog.media or value.get("pending"):
             return value
         disks = {d["disk_id"]: d for d in value["disks"]}
         for m in missing:
@@ -908,7 +952,7 @@ class YimaStorageService(Service):
                 history = current
             entry = info.to_json()
             self._published[name] = entry
-            yield self.doc.update(lambda v: {**v, "media": {**v["media"], name: entry}})
+            yield self.doc.put({MEDIA + name: entry})
             self._refresh_stored()
             yield self.refresh_placed()
             seconds = max(float(self.reactor.seconds()) - started, 1e-9)
@@ -992,7 +1036,12 @@ class YimaStorageService(Service):
         started = float(self.reactor.seconds())
         try:
             pending = {"history": new.to_json(), "disks": [d.to_json() for d in disks]}
-            won = yield self.doc.claim(lambda v: {**v, "pending": v.get("pending") or pending})
+
+            def start(t: dict[str, Any] | None) -> dict[str, Any]:
+                t = t or self._no_topology()
+                return {**t, "pending": t.get("pending") or pending}
+
+            won = yield self.doc.claim_record(TOPOLOGY, start)
             if not won or self.catalog.pending != new:
                 # Another node started a reorganisation (or changed the catalog) at
                 # the same moment; its version replaces ours everywhere.
@@ -1004,7 +1053,7 @@ class YimaStorageService(Service):
                 total += plan.total
                 throttle = yield self._run_moves(info, plan.moves, rate or self.move_rate)
                 if throttle.failures:
-                    yield self.doc.update(lambda v: {**v, "pending": None})
+                    yield self._update_topology(lambda v: {**v, "pending": None})
                     raise ApiError(
                         f"reorganisation abandoned: {len(throttle.failures)} block(s) of "
                         f"{info.name} could not be moved (is a node down?); nothing changed",
@@ -1026,7 +1075,7 @@ class YimaStorageService(Service):
                     out["retired"] = [*v.get("retired", []), entry]
                 return out
 
-            yield self.doc.update(commit)
+            yield self._update_topology(commit)
             yield self._delete_old(done)
             yield self.refresh_placed()
             if removed is not None:
