@@ -594,7 +594,8 @@ class YimaStorageService(Service):
         d = gatherResults([self.layouts.fetch(info, old), self.layouts.fetch(info, new)])
 
         def diff(both: list[Placed]) -> Deferred[Plan]:
-            return self._in_pool(plan_for_layouts, info, both[0].layout, both[1].layout, old, new)
+            run = self._layout_runner or self._in_pool  # CPU-bound: a process if we have one
+            return run(plan_for_layouts, info, both[0].layout, both[1].layout, old, new)
 
         return d.addCallback(diff)
 
