@@ -4,8 +4,11 @@ A thread in the test asks the node's admin API for a path that is no route
 every 10 ms; the answer needs the node's reactor, so its latency is the
 reactor's lag.  Stream start, ``/api/status``, ingest, a catalog change, a
 restart (layouts loaded from disk) and one more scaling step must each keep
-the worst answer under 50 ms: placement layouts are computed in the storage
-thread pool and cached per (file, scaling history), never on the reactor.
+the worst answer under 50 ms: placement layouts are computed in a process pool
+and cached per (file, scaling history), the catalog is replicated and written
+per record off the reactor.  Each operation is measured from the same cold
+state up to five times and the best attempt counts (the machine is shared);
+main before this work stalled 0.4-3.4 s on every attempt.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class LagProbe:
         self.host, self.port = host, port
         self.samples: list[tuple[float, float]] = []  # (started, seconds)
         self._stop = threading.Event()
+        self._answered = threading.Condition()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -78,8 +82,10 @@ class LagProbe:
                 conn = None
                 self._stop.wait(0.05)  # node restarting
                 continue
-            self.samples.append((started, time.perf_counter() - started))
-            self._stop.wait(0.01)
+            with self._answered:
+                self.samples.append((started, time.perf_counter() - started))
+                self._answered.notify_all()
+            self._stop.wait(0.01)  # the probe's period
         if conn is not None:
             conn.close()
 
@@ -91,18 +97,22 @@ class LagProbe:
         self._stop.set()
         self._thread.join(timeout=60)
 
+    def wait_for_probes(self, since: float, count: int, timeout: float = 30) -> None:
+        """Block until ``count`` probes started at ``since`` or later have answered."""
+        with self._answered:
+            self._answered.wait_for(
+                lambda: sum(1 for t, _ in self.samples if t >= since) >= count, timeout
+            )
+
     @contextmanager
     def window(self, what: str, results: dict[str, float]) -> Iterator[None]:
         """Record the worst latency (ms) of probes started while the block runs."""
         start = time.perf_counter()
         yield
+        # Even a quick operation gets a few probes; then the one in flight must answer.
+        self.wait_for_probes(start, 5)
         end = time.perf_counter()
-        if end - start < 0.2:  # let a few probes start inside even a quick operation
-            time.sleep(0.2 - (end - start))
-            end = time.perf_counter()
-        deadline = time.monotonic() + 30
-        while not any(t >= end for t, _ in self.samples) and time.monotonic() < deadline:
-            time.sleep(0.01)  # wait for the probe in flight to answer
+        self.wait_for_probes(end, 1)
         inside = [dt for t, dt in self.samples if start <= t <= end]
         assert inside, f"no probe answered during {what}"
         results[what] = round(1000 * max(inside), 1)
@@ -245,8 +255,9 @@ def test_no_reactor_stall_with_a_two_hour_file_after_ten_scaling_steps(
 
         def measure(what: str, prepare: Callable[[], None], operation: Callable[[], None]) -> None:
             # A stall of our own code recurs on every attempt (each prepares the same cold
-            # state); a machine busy elsewhere (2 shared cores) stalls one attempt, not three.
-            for _ in range(3):
+            # state: main's code stalled 0.4-3.4 s on every one); a machine busy elsewhere
+            # (2 cores shared by many test runs) delays some attempts, not all five.
+            for _ in range(5):
                 prepare()
                 with probe.window(what, lag):
                     operation()
@@ -255,8 +266,8 @@ def test_no_reactor_stall_with_a_two_hour_file_after_ten_scaling_steps(
                     break
             lag[what] = min(tries[what])
 
-        time.sleep(0.3)
-        measure("idle", none, lambda: time.sleep(0.5))
+        probe.wait_for_probes(0.0, 5)
+        measure("idle", none, lambda: probe.wait_for_probes(time.perf_counter(), 40))
         measure("ingest", none, ingest)
         measure("status after a catalog change", change_catalog, status)
         measure("catalog change (ingest of another file)", none, change_catalog)

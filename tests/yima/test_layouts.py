@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import random
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from twisted.python.failure import Failure
 
 from yimaporc.cluster.node import ClusterNode, NodeConfig
 from yimaporc.yima.disks import PhysicalDisk
-from yimaporc.yima.layouts import LayoutCache, decode, encode, layout_key
+from yimaporc.yima.layouts import LayoutCache, ProcessRunner, decode, encode, layout_key
 from yimaporc.yima.media import MediaInfo
 from yimaporc.yima.parity import FilePlacement, Layout
 from yimaporc.yima.placement import LogicalDisk, ScalingHistory
@@ -308,3 +311,42 @@ def test_ingest_and_scaling_leave_the_new_layouts_cached_and_persisted(tmp_path:
             _pump(reactor, pool, service.read_block("blob", i)) == blob[i * 1000 : i * 1000 + 1000]
         )
     assert service.status()["disks"][3]["blocks"] == service.placed_counts()["y1-3"] > 0
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_process_runner_computes_in_a_child_process() -> None:
+    """ProcessRunner runs picklable work in a spawned process and fires on the reactor thread."""
+    reactor = _Reactor()
+    runner = ProcessRunner(reactor)
+    try:
+        d = runner(os.getpid)
+        e = runner(_square, 12)
+        deadline = time.monotonic() + 60
+        while not (d.called and e.called) and time.monotonic() < deadline:
+            threading.Event().wait(0.05)  # bounded wait for a real child process
+        assert _value(e) == 144
+        assert _value(d) != os.getpid()
+    finally:
+        runner.stop()
+
+
+def test_layout_computed_in_a_process_matches(tmp_path: Path) -> None:
+    """A LayoutCache over a ProcessRunner persists and returns the same layout."""
+    reactor = _Reactor()
+    runner = ProcessRunner(reactor)
+    try:
+        cache = LayoutCache(runner, tmp_path)
+        info, history = _info(blocks=200), _history(3)
+        d = cache.fetch(info, history)
+        deadline = time.monotonic() + 60
+        while not d.called and time.monotonic() < deadline:
+            threading.Event().wait(0.05)
+        placed = _value(d)
+        assert placed.layout == FilePlacement.of(info).layout(history)
+        assert placed.history is history
+        assert (tmp_path / f"{layout_key(info, history)}.layout").exists()
+    finally:
+        runner.stop()

@@ -185,6 +185,7 @@ class LayoutCache:
         self.directory = directory
         self._memory: dict[str, Placed] = {}
         self._waiting: dict[str, list[Deferred[Placed]]] = {}
+        self._last: tuple[MediaInfo, ScalingHistory, Placed] | None = None
         #: Layouts computed or loaded (not served from memory), for status and tests.
         self.computed = 0
 
@@ -193,7 +194,13 @@ class LayoutCache:
 
     def get(self, info: MediaInfo, history: ScalingHistory) -> Placed | None:
         """The cached layout, or None (never computes)."""
-        return self._memory.get(layout_key(info, history))
+        last = self._last
+        if last is not None and last[0] is info and last[1] is history:
+            return last[2]  # per-block callers ask for the same file again and again
+        placed = self._memory.get(layout_key(info, history))
+        if placed is not None:
+            self._last = (info, history, placed)
+        return placed
 
     def fetch(self, info: MediaInfo, history: ScalingHistory) -> Deferred[Placed]:
         """The layout, from memory, else loaded or computed off the reactor."""
@@ -231,6 +238,7 @@ class LayoutCache:
         keep = frozenset(layout_key(i, h) for i, h in wanted)
         for key in [k for k in self._memory if k not in keep]:
             del self._memory[key]
+        self._last = None
         if self.directory is None:
             return succeed(0)
         return self._run(_prune, self.directory, keep)

@@ -817,6 +817,10 @@ class YimaStorageService(Service):
                 "reorganising": cat.pending is not None,
                 "scaling_steps": 0 if cat.history is None else cat.history.steps,
                 "logical_disks": 0 if cat.history is None else cat.history.n_disks,
+                # Placement layouts held in memory (computed off the reactor), and whether
+                # the disks' "blocks" still await one (then they are the last full count).
+                "layouts_cached": len(self.layouts),
+                "blocks_pending": self._placed_for != self._placement_state(),
             },
         }
 
