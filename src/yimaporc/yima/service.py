@@ -368,6 +368,7 @@ class YimaStorageService(Service):
         self.store.clean_temp().addErrback(self._log_failure, "cleaning temp files")
         self._refresh_stored()
         self._reconcile()
+        self._warm()  # load (or compute) the layouts in the background, off the reactor
 
     def stopService(self) -> Deferred[None] | None:
         """Stop the pool (waits for running work) and the layout workers."""
