@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -348,5 +349,29 @@ def test_layout_computed_in_a_process_matches(tmp_path: Path) -> None:
         assert placed.layout == FilePlacement.of(info).layout(history)
         assert placed.history is history
         assert (tmp_path / f"{layout_key(info, history)}.layout").exists()
+    finally:
+        runner.stop()
+
+
+def test_process_runner_recovers_from_a_killed_worker() -> None:
+    """After its worker process is killed, the runner starts a new one for the next job."""
+    reactor = _Reactor()
+    runner = ProcessRunner(reactor)
+    try:
+
+        def wait(d: Deferred[Any]) -> None:
+            deadline = time.monotonic() + 60
+            while not d.called and time.monotonic() < deadline:
+                threading.Event().wait(0.05)  # bounded wait for a real child process
+
+        first = runner(os.getpid)
+        wait(first)
+        os.kill(_value(first), signal.SIGKILL)
+        broken = runner(_square, 3)
+        wait(broken)
+        broken.addErrback(lambda f: None)  # the job that met the dead worker may fail
+        again = runner(_square, 4)
+        wait(again)
+        assert _value(again) == 16
     finally:
         runner.stop()

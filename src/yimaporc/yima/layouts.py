@@ -28,6 +28,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -260,33 +261,43 @@ class ProcessRunner:
 
     def __call__(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run ``f(*args)`` in a worker; fires on the reactor thread."""
+        d: Deferred[T] = Deferred()
+        try:
+            future = self._pool().submit(f, *args)
+        except BrokenProcessPool:  # a worker died (e.g. killed): start afresh, once
+            self._executor = None
+            try:
+                future = self._pool().submit(f, *args)
+            except Exception:
+                return fail()
+        except Exception:
+            return fail()
+        future.add_done_callback(lambda done: self._reactor.callFromThread(self._deliver, d, done))
+        return d
+
+    def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             context = multiprocessing.get_context("spawn")
             self._executor = ProcessPoolExecutor(self._workers, mp_context=context)
-        d: Deferred[T] = Deferred()
-        try:
-            future = self._executor.submit(f, *args)
-        except Exception:
-            return fail()
-        future.add_done_callback(lambda done: self._reactor.callFromThread(_deliver, d, done))
-        return d
+        return self._executor
+
+    def _deliver(self, d: Deferred[T], future: Future[T]) -> None:
+        if future.cancelled():
+            d.errback(Failure(CancelledError("layout computation cancelled")))
+            return
+        error = future.exception()
+        if isinstance(error, BrokenProcessPool):
+            self._executor = None  # the next call starts new workers
+        if error is not None:
+            d.errback(Failure(error))
+        else:
+            d.callback(future.result())
 
     def stop(self) -> None:
         """Stop the workers (pending work is cancelled)."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-
-
-def _deliver(d: Deferred[T], future: Future[T]) -> None:
-    if future.cancelled():
-        d.errback(Failure(CancelledError("layout computation cancelled")))
-        return
-    error = future.exception()
-    if error is not None:
-        d.errback(Failure(error))
-    else:
-        d.callback(future.result())
 
 
 def counts_of(placed: Iterable[Placed], disks: Iterable[str]) -> dict[str, int]:
