@@ -6,6 +6,8 @@ import io
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -375,3 +377,36 @@ def test_process_runner_recovers_from_a_killed_worker() -> None:
         assert _value(again) == 16
     finally:
         runner.stop()
+
+
+def test_layout_workers_exit_when_their_node_is_killed(tmp_path: Path) -> None:
+    """A node killed by a signal leaves no layout worker behind."""
+    script = tmp_path / "node.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from yimaporc.yima.layouts import ProcessRunner\n"
+        "class R:\n"
+        "    def callFromThread(self, f, *a): f(*a)\n"
+        "if __name__ == '__main__':\n"  # spawned workers import this module too
+        "    runner = ProcessRunner(R())\n"
+        "    d = runner(os.getpid)\n"
+        "    d.addCallback(lambda pid: print(pid, flush=True))\n"
+        "    time.sleep(120)\n"
+    )
+    node = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout is not None
+        worker = int(node.stdout.readline())
+    finally:
+        node.kill()
+        node.wait()
+    deadline = time.monotonic() + 30
+    alive = True
+    while alive and time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            alive = False
+        else:
+            threading.Event().wait(0.1)  # bounded wait for the worker to notice
+    assert not alive, "the layout worker outlived its node"

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import struct
 import threading
+import time
 from array import array
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -278,7 +279,12 @@ class ProcessRunner:
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             context = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(self._workers, mp_context=context)
+            self._executor = ProcessPoolExecutor(
+                self._workers,
+                mp_context=context,
+                initializer=_exit_with_parent,
+                initargs=(os.getpid(),),
+            )
         return self._executor
 
     def _deliver(self, d: Deferred[T], future: Future[T]) -> None:
@@ -294,10 +300,23 @@ class ProcessRunner:
             d.callback(future.result())
 
     def stop(self) -> None:
-        """Stop the workers (pending work is cancelled)."""
+        """Stop the workers (pending work is cancelled; a worker also exits by itself
+        within a second of its node's process ending, however that ends)."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+def _exit_with_parent(parent: int, period: float = 0.5) -> None:
+    """In a worker: a daemon thread ends the process once ``parent`` is gone (a node
+    stopped by a signal would otherwise leave its idle workers behind)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def counts_of(placed: Iterable[Placed], disks: Iterable[str]) -> dict[str, int]:
