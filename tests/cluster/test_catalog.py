@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import attrs
 import pytest
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 
-from yimaporc.cluster.catalog import PutDocument, ReplicatedDocument
+from yimaporc.cluster.catalog import PutRecords, ReplicatedDocument, read_document
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import PeerUnavailable
 from yimaporc.cluster.wire import Member
@@ -28,7 +29,7 @@ class FakeRpc:
     net: Net
 
     def call(self, address: str, command: Any, **kw: Any) -> Deferred[Any]:
-        assert command is PutDocument
+        assert command is PutRecords
         if address in self.net.down:
             return fail(PeerUnavailable(address))
         if self.net.held is not None:
@@ -37,9 +38,7 @@ class FakeRpc:
             return d
         target = self.net.nodes[address]
         doc = target.documents[kw["name"]]
-        return maybeDeferred(
-            lambda: {"accepted": doc.offer((kw["counter"], kw["writer"]), kw["body"])}
-        )
+        return maybeDeferred(doc.offer, kw["body"]).addCallback(lambda n: {"accepted": n})
 
 
 @attrs.define
@@ -98,7 +97,9 @@ def test_older_version_is_refused_and_newcomer_catches_up(tmp_path: Path) -> Non
     counts: list[int] = []
     docs[0].update(lambda v: {"media": ["x"]}).addCallback(counts.append)
     assert counts == [2] and docs[2].value == {"media": []}
-    assert not docs[1].offer((0, "z"), b'{"media": ["old"]}')
+    taken: list[int] = []
+    docs[1].offer(b'[["", 0, "z", {"media": ["old"]}]]').addCallback(taken.append)
+    assert taken == [0] and docs[1].value == {"media": ["x"]}
     net.down.clear()
     full = nodes[0].view
     docs[0].membership_changed(View(2, full.members[:2], "a"), View(3, full.members, "a"))
@@ -111,7 +112,7 @@ def deliver(net: Net, order: str) -> None:
     for i in order:
         address, kw, d = net.held[int(i)]
         doc = net.nodes[address].documents[kw["name"]]
-        d.callback({"accepted": doc.offer((kw["counter"], kw["writer"]), kw["body"])})
+        doc.offer(kw["body"]).addCallback(lambda n, d=d: d.callback({"accepted": n}))
 
 
 @pytest.mark.parametrize("order", ["0123", "2301", "0213", "3120", "1032"])
@@ -145,3 +146,133 @@ def test_uncontested_claim_wins(tmp_path: Path) -> None:
     won: list[bool] = []
     docs[2].claim(lambda v: {**v, "pending": "c"}).addCallback(won.append)
     assert won == [True] and all(d.value["pending"] == "c" for d in docs)
+
+
+@attrs.define
+class QueuedRun:
+    """A ``run`` that holds blocking work until the test calls :meth:`step`."""
+
+    jobs: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = attrs.field(factory=list)
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def step(self) -> None:
+        f, args, d = self.jobs.pop(0)
+        d.callback(f(*args))
+
+
+def _stored(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def test_writes_run_off_the_caller_and_bursts_are_written_once(tmp_path: Path) -> None:
+    """update() writes through ``run`` (not inline), fires only once on disk, and a burst
+    of changes during a write is written once, as its last version."""
+    run = QueuedRun()
+    node = FakeNode("a", tmp_path / "a", Net())
+    node.view = View(1, (Member("a", "a:1"),), "a")
+    doc = ReplicatedDocument(node, "catalog", {"n": 0}, run=run)  # type: ignore[arg-type]
+    fired: list[int] = []
+    doc.update(lambda v: {"n": 1}).addCallback(fired.append)
+    assert doc.value == {"n": 1} and not doc.path.exists() and fired == []
+    for n in (2, 3, 4):
+        doc.update(lambda v, n=n: {"n": n}).addCallback(fired.append)
+    assert len(run.jobs) == 1  # one write in flight, the burst waits
+    run.step()
+    assert read_document(tmp_path / "a", "catalog") == {"n": 1} and fired == [1]
+    assert len(run.jobs) == 1
+    run.step()
+    assert _stored(doc.path / "r-.json") == {"counter": 4, "writer": "a", "value": {"n": 4}}
+    assert fired == [1, 1, 1, 1] and doc.writes == 2 and not run.jobs
+
+
+def test_a_member_answers_a_push_only_once_written(tmp_path: Path) -> None:
+    """offer() takes a newer record at once but fires (the push's answer) after the write."""
+    run = QueuedRun()
+    doc = ReplicatedDocument(FakeNode("b", tmp_path / "b", Net()), "catalog", {}, run=run)  # type: ignore[arg-type]
+    answers: list[int] = []
+    doc.offer(b'[["", 1, "a", {"media": ["x"]}]]').addCallback(answers.append)
+    assert doc.value == {"media": ["x"]} and answers == []
+    run.step()
+    assert answers == [1] and read_document(tmp_path / "b", "catalog") == {"media": ["x"]}
+    doc.offer(b'[["", 1, "a", {"media": ["y"]}]]').addCallback(answers.append)
+    assert answers == [1, 0] and not run.jobs
+
+
+def _split(doc: dict[str, Any]) -> dict[str, Any]:
+    return {"top": doc["top"], **{"m/" + k: v for k, v in doc["m"].items()}}
+
+
+def _join(records: dict[str, Any]) -> dict[str, Any]:
+    m = {k[2:]: v for k, v in records.items() if k.startswith("m/")}
+    return {"top": records.get("top", 0), "m": m}
+
+
+def record_cluster(tmp_path: Path, ids: str) -> tuple[Net, list[ReplicatedDocument]]:
+    net, nodes, _ = cluster(tmp_path, ids)
+    docs = [
+        ReplicatedDocument(n, "cat", {}, split=_split, join=_join)  # type: ignore[arg-type]
+        for n in nodes
+    ]
+    return net, docs
+
+
+def test_only_changed_records_travel_and_are_written(tmp_path: Path) -> None:
+    """Changing one record pushes and writes that record alone, not the document."""
+    net, docs = record_cluster(tmp_path, "ab")
+    docs[0].update(lambda v: {"top": 1, "m": {"big": list(range(1000)), "small": 1}})
+    writes = docs[1].writes
+    net.held = []
+    docs[0].put({"m/small": 2})
+    assert len(net.held) == 1
+    sent = json.loads(net.held[0][1]["body"])
+    assert sent == [["m/small", 2, "a", 2]]
+    deliver(net, "0")
+    assert docs[1].value == {"top": 1, "m": {"big": list(range(1000)), "small": 2}}
+    assert docs[1].writes == writes + 1
+
+
+def test_concurrent_changes_of_different_records_both_survive(tmp_path: Path) -> None:
+    """Two nodes changing different records at once: every node ends with both changes."""
+    net, docs = record_cluster(tmp_path, "abc")
+    net.held = []
+    docs[0].put({"m/x": "from a"})
+    docs[1].put({"m/y": "from b"})
+    deliver(net, "3210")
+    for d in docs:
+        assert d.value["m"] == {"x": "from a", "y": "from b"}, d.node.node_id  # type: ignore[attr-defined]
+
+
+def test_removal_travels_as_a_tombstone_and_newcomers_catch_up(tmp_path: Path) -> None:
+    """A removed record is removed everywhere, also on a node that was down meanwhile."""
+    net, docs = record_cluster(tmp_path, "abc")
+    docs[0].put({"top": 5, "m/x": 1, "m/y": 2})
+    net.down.add("c:1")
+    docs[1].update(lambda v: {**v, "m": {"y": 3}})
+    assert docs[0].value == {"top": 5, "m": {"y": 3}}
+    assert docs[2].value == {"top": 5, "m": {"x": 1, "y": 2}}
+    net.down.clear()
+    full = docs[0].node.view  # type: ignore[attr-defined]
+    docs[0].membership_changed(View(2, full.members[:2], "a"), View(3, full.members, "a"))
+    assert docs[2].value == {"top": 5, "m": {"y": 3}}
+    again = ReplicatedDocument(FakeNode("c", tmp_path / "c", Net()), "cat", {}, split=_split,
+                               join=_join)  # type: ignore[arg-type]  # fmt: skip
+    assert again.value == {"top": 5, "m": {"y": 3}}
+
+
+def test_a_single_file_document_is_read_and_rewritten_as_records(tmp_path: Path) -> None:
+    """A node upgraded from DATA_DIR/NAME.json keeps its document and version."""
+    folder = tmp_path / "a"
+    folder.mkdir()
+    legacy = {"counter": 7, "writer": "b", "value": {"top": 2, "m": {"x": 1}}}
+    (folder / "cat.json").write_text(json.dumps(legacy))
+    node = FakeNode("a", folder, Net())
+    doc = ReplicatedDocument(node, "cat", {}, split=_split, join=_join)  # type: ignore[arg-type]
+    assert doc.value == {"top": 2, "m": {"x": 1}} and doc.version == (7, "b")
+    doc.put({"m/y": 2})
+    assert not (folder / "cat.json").exists()
+    assert read_document(folder, "cat", _join) == {"top": 2, "m": {"x": 1, "y": 2}}
+    assert doc.records["m/y"][0] == (1, "a") and doc.records["top"][0] == (7, "b")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,11 +12,13 @@ from typing import Any
 
 import pytest
 
+from yimaporc.cluster.catalog import read_document
 from yimaporc.testing.procs import NodeProc, ffmpeg_record, framemd5, views_agree, wait_for
 from yimaporc.yima.media import MediaInfo
 from yimaporc.yima.media.sample import make_sample_ts
 from yimaporc.yima.parity import FilePlacement, group_members
 from yimaporc.yima.placement import ScalingHistory
+from yimaporc.yima.service import join_catalog
 
 NET = "127.0.110"
 PORT, ADMIN, RTSP = 17946, 18080, 18554
@@ -77,10 +78,9 @@ def test_any_node_of_three_with_two_disks_dies_and_nothing_is_lost(
     clip = make_sample_ts(tmp_path / "clip.ts", 10)
     out = cli(cluster[0], "media", "ingest", str(clip), "--name", "clip", "--block-size", "13160")
     assert "parity groups of 2" in out
-    path = cluster[0].data_dir / "yima-storage.json"
 
     def stored() -> dict[str, Any] | None:
-        value: dict[str, Any] = json.loads(path.read_text())["value"]
+        value = read_document(cluster[0].data_dir, "yima-storage", join_catalog)
         return value if "clip" in value["media"] else None
 
     catalog = wait_for(stored, 10, "the catalog to hold the clip")

@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 
+from yimaporc.cluster.catalog import read_document
 from yimaporc.testing.procs import NodeProc, ffmpeg_record, framemd5, views_agree, wait_for
 from yimaporc.yima.media import MediaInfo
 from yimaporc.yima.media.sample import make_sample_ts, make_sample_wav
 from yimaporc.yima.placement import ScalingHistory
 from yimaporc.yima.reorg import plan_for
+from yimaporc.yima.service import join_catalog
 
 PORT = 27946
 ADMIN = 28080
@@ -78,8 +80,7 @@ def _cli_fails(node: NodeProc, *args: str) -> str:
 
 
 def _catalog(node: NodeProc) -> dict[str, Any]:
-    path = node.data_dir / "yima-storage.json"
-    return json.loads(path.read_text())["value"]  # type: ignore[no-any-return]
+    return read_document(node.data_dir, "yima-storage", join_catalog)
 
 
 def _round_trip(node: NodeProc, name: str, source: Path, out: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import SSL4ClientEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from ..admin.dashboard import NodeSummary, answer_summary
 from ..admin.routes import Route
 from ..secret import cluster_key
-from .catalog import PutDocument
+from .catalog import PutRecords
 from .lag import ReactorLagMonitor
 from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
 from .rpc import Echo, RpcClient, RpcGuard, RpcRegistry, RpcServerFactory
@@ -196,7 +196,7 @@ class ClusterNode(MultiService):
         )
         self.routes: list[Route] = []
         self.documents: dict[str, Any] = {}
-        self.registry.register(PutDocument, self._put_document)
+        self.registry.register(PutRecords, self._put_records)
         self.registry.register(NodeSummary, lambda: answer_summary(self.status()))
         self.add_route(Route("GET", "/api/rpc-check", self._rpc_check))
         self.status_providers: list[Callable[[], dict[str, Any]]] = []
@@ -269,9 +269,13 @@ class ClusterNode(MultiService):
             }
         )
 
-    def _put_document(self, name: str, counter: int, writer: str, body: bytes) -> dict[str, bool]:
+    def _put_records(self, name: str, body: bytes) -> Deferred[dict[str, int]]:
         doc = self.documents.get(name)
-        return {"accepted": doc is not None and doc.offer((counter, writer), body)}
+        if doc is None:
+            return succeed({"accepted": 0})
+        # Answered once the taken records are on disk (written off the reactor).
+        d: Deferred[int] = doc.offer(body)
+        return d.addCallback(lambda n: {"accepted": n})
 
     def set_commit_attachment(self, provider: AttachmentFor) -> None:
         """When this node coordinates a commit, ship ``provider(old, members, epoch)`` in it."""

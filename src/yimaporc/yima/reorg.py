@@ -70,8 +70,18 @@ def plan_moves(
     size_of: Callable[[BlockKey], int] | None = None,
 ) -> Plan:
     """Every data and parity block whose physical disk differs between ``old`` and ``new``."""
-    before = placement.layout(old)
-    after = dict(_keys(placement.layout(new)))
+    return diff_layouts(placement.layout(old), placement.layout(new), old, new, size_of)
+
+
+def diff_layouts(
+    before: Layout,
+    after_layout: Layout,
+    old: ScalingHistory,
+    new: ScalingHistory,
+    size_of: Callable[[BlockKey], int] | None = None,
+) -> Plan:
+    """:func:`plan_moves` from the two layouts (blocking: O(blocks), run it off the reactor)."""
+    after = dict(_keys(after_layout))
     old_table, new_table = old.disks, new.disks
     moves = []
     total = 0
@@ -88,6 +98,13 @@ def plan_for(info: MediaInfo, old: ScalingHistory, new: ScalingHistory) -> Plan:
     """:func:`plan_moves` for a stored file, with block sizes."""
     placement = FilePlacement.of(info)
     return plan_moves(placement, old, new, lambda k: expected_length(info, k))
+
+
+def plan_for_layouts(
+    info: MediaInfo, before: Layout, after: Layout, old: ScalingHistory, new: ScalingHistory
+) -> Plan:
+    """:func:`plan_for` from layouts already computed (blocking: O(blocks))."""
+    return diff_layouts(before, after, old, new, lambda k: expected_length(info, k))
 
 
 def read_order(

@@ -39,7 +39,6 @@ from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
 from ..rtsp.interfaces import PlayReply
 from .feedback import RETRANSMISSION_MARK, FeedbackReceiver, StreamPorts, mark_retransmission
 from .media import KIND_TS, KIND_WAV, MediaInfo, WavFormat, packet_bytes, to_l16
-from .placement import LogicalDisk
 from .relay import Reorderer, rewrite
 from .rtp import (
     PT_MP2T,
@@ -309,15 +308,10 @@ class YimaStreamingService(Service):
             raise RtspStatusError(415, f"{name}: only MPEG-TS and WAV are streamed ({info.kind})")
         return info
 
-    def _my_blocks(self, name: str) -> list[int]:
-        info = self.storage.media_info(name)
-        me = self.node.node_id
-        out = []
-        for i in range(info.blocks):
-            places: list[LogicalDisk] = self.storage.places(info, BlockKey(i))
-            if places and places[0].node_id == me:
-                out.append(i)
-        return out
+    def _my_blocks(self, name: str) -> Deferred[list[int]]:
+        # From the storage's cached layout (computed off the reactor on a miss).
+        d: Deferred[list[int]] = self.storage.blocks_of_node(name, self.node.node_id)
+        return d
 
     def _packetize(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes:
         key = (dest.ssrc, dest.node_index)
@@ -796,10 +790,16 @@ class YimaStreamingService(Service):
         if info.parity_group == 0:
             self._share_lost(sid, plan, node_id)
             return
-        blocks = [
-            i for i in range(info.blocks)
-            if (places := self.storage.places(info, BlockKey(i))) and places[0].node_id == node_id
-        ]  # fmt: skip
+        # The dead node's blocks, from the cached layout (computed off the reactor on a miss).
+        plan.takeovers[node_id] = f"{sid}+{node_id}"
+        d = self.storage.blocks_of_node(plan.media, node_id)
+        d.addCallback(lambda blocks: self._serve_share(sid, plan, node_id, blocks))
+        d.addErrback(lambda f: self.log.failure("rtsp: taking over {n}'s share of {s} failed",
+                                                f, n=node_id, s=sid))  # fmt: skip
+
+    def _serve_share(self, sid: str, plan: _Plan, node_id: str, blocks: list[int]) -> None:
+        if self.plans.get(sid) is not plan or plan.bye_sent:
+            return  # torn down meanwhile
         at = self.node.cluster_time() + 0.2
         # A fan-out player buffers ahead: resend a little of what was lost.
         back = 0.5 if plan.fanout else 0.0

@@ -25,6 +25,7 @@ import json
 import tempfile
 import threading
 from collections.abc import Callable, Generator, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,9 +33,9 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import (
     Deferred,
-    DeferredList,
     DeferredSemaphore,
     FirstError,
+    fail,
     gatherResults,
     inlineCallbacks,
     maybeDeferred,
@@ -58,6 +59,7 @@ from .disks import (
     initial_history,
     remove_physical,
 )
+from .layouts import LayoutCache, Placed, ProcessRunner, counts_of
 from .media import MAX_HEADER, TAIL, Analyser, MediaInfo, check_name, plan, unstreamable_reason
 from .parity import (
     FilePlacement,
@@ -69,7 +71,7 @@ from .parity import (
 )
 from .parity import reconstruct as parity_reconstruct
 from .placement import LogicalDisk, ScalingHistory
-from .reorg import Move, MoveThrottle, plan_for
+from .reorg import Move, MoveThrottle, Plan, plan_for_layouts
 from .rpc import (
     CountBlocks,
     DeleteBlock,
@@ -102,6 +104,27 @@ def empty_document(policy: MergePolicy | None = None) -> dict[str, Any]:
     }
 
 
+TOPOLOGY = "topology"
+MEDIA = "media/"
+
+
+def split_catalog(doc: dict[str, Any]) -> dict[str, Any]:
+    """The catalog's replicated records: one for the topology (policy, disks, history,
+    pending, retired) and one per media file (``media/NAME``)."""
+    out: dict[str, Any] = {TOPOLOGY: {k: v for k, v in doc.items() if k != "media"}}
+    out.update({MEDIA + n: m for n, m in doc.get("media", {}).items()})
+    return out
+
+
+def join_catalog(records: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`split_catalog` (record values are shared, not copied)."""
+    topology = records.get(TOPOLOGY)
+    if topology is None:
+        topology = {k: v for k, v in empty_document().items() if k != "media"}
+    media = {k[len(MEDIA) :]: v for k, v in records.items() if k.startswith(MEDIA)}
+    return {**topology, "media": media}
+
+
 @attrs.frozen
 class Catalog:
     """A parsed snapshot of the ``yima-storage`` document."""
@@ -115,17 +138,31 @@ class Catalog:
     retired: tuple[tuple[str, str], ...]
 
     @classmethod
-    def parse(cls, doc: dict[str, Any]) -> Catalog:
-        """Parse the document (raises ValueError on a malformed one)."""
+    def parse(
+        cls, doc: dict[str, Any], known: dict[str, tuple[Any, MediaInfo]] | None = None
+    ) -> Catalog:
+        """Parse the document (raises ValueError on a malformed one).
+
+        ``known`` maps names to ``(raw entry, MediaInfo)`` parsed before: an entry
+        that is the very same object (an unchanged record) is not parsed again,
+        so a catalog change costs the records it changed, not every time index.
+        """
         history = doc.get("history")
         pending = doc.get("pending") or None
+        media: dict[str, MediaInfo] = {}
+        for name, raw in doc.get("media", {}).items():
+            hit = None if known is None else known.get(name)
+            media[name] = hit[1] if hit is not None and hit[0] is raw else MediaInfo.from_json(raw)
+        if known is not None:
+            known.clear()
+            known.update({n: (doc["media"][n], m) for n, m in media.items()})
         return cls(
             MergePolicy.from_json(doc.get("policy") or MergePolicy().to_json()),
             tuple(PhysicalDisk.from_json(d) for d in doc.get("disks", [])),
             None if history is None else ScalingHistory.from_json(history),
             None if pending is None else ScalingHistory.from_json(pending["history"]),
             () if pending is None else tuple(PhysicalDisk.from_json(d) for d in pending["disks"]),
-            {n: MediaInfo.from_json(m) for n, m in doc.get("media", {}).items()},
+            media,
             tuple((r["node_id"], r["path"]) for r in doc.get("retired", [])),
         )
 
@@ -145,6 +182,28 @@ def _unwrap(f: Failure) -> Failure:
         if isinstance(inner, Failure):
             return inner
     return f
+
+
+def _bounded(
+    width: int, thunks: Iterable[Callable[[], Deferred[Any]]]
+) -> Deferred[list[tuple[bool, Any]]]:
+    """Run ``thunks`` at most ``width`` at a time, like a ``DeferredList(consumeErrors=True)``
+    of them, but starting each only when a slot is free (no mass of Deferreds up front)."""
+    work = iter(enumerate(thunks))
+    results: dict[int, tuple[bool, Any]] = {}
+
+    @inlineCallbacks
+    def worker() -> Generator[Deferred[Any], Any, None]:
+        for k, thunk in work:
+            try:
+                value = yield maybeDeferred(thunk)
+            except Exception:
+                results[k] = (False, Failure())
+            else:
+                results[k] = (True, value)
+
+    done = gatherResults([worker() for _ in range(width)])
+    return done.addCallback(lambda _: [results[k] for k in sorted(results)])
 
 
 def _read_range(content: IO[bytes], lock: threading.Lock, offset: int, length: int) -> bytes:
@@ -220,6 +279,7 @@ class YimaStorageService(Service):
         *,
         own_pool: bool = False,
         move_rate: float = DEFAULT_MOVE_RATE,
+        layout_runner: ProcessRunner | None = None,
     ) -> None:
         self.node = node
         self.reactor = reactor
@@ -227,14 +287,23 @@ class YimaStorageService(Service):
         self._own_pool = own_pool
         self.move_rate = move_rate
         self.store = BlockStore(reactor, threadpool, {})
-        self.doc = ReplicatedDocument(node, DOCUMENT, empty_document())
-        self.catalog = Catalog.parse(self.doc.value)
+        self.doc = ReplicatedDocument(node, DOCUMENT, empty_document(), run=self._in_pool,
+                                      split=split_catalog, join=join_catalog)  # fmt: skip
+        self._parsed: dict[str, tuple[Any, MediaInfo]] = {}
+        self.catalog = Catalog.parse(self.doc.value, self._parsed)
         self._wanted = [(Path(p).absolute(), c) for p, c in disks] or [
             (node.config.data_dir / "disks" / "0", None)
         ]
         self._local: list[PhysicalDisk] = []
-        self._layouts: dict[tuple[str, bool], tuple[ScalingHistory, Layout]] = {}
-        self._placed: dict[str, int] | None = None
+        # Layouts are CPU-bound: a process pool keeps them from starving the reactor of the
+        # GIL; without one they run in the storage thread pool (tests: synchronous).
+        self._layout_runner = layout_runner
+        self.layouts = LayoutCache(layout_runner or self._in_pool, node.config.data_dir / "layouts")
+        self._placed: dict[str, int] = {}
+        self._placed_for: tuple[Any, ...] | None = None
+        self._placing = False
+        self._placed_waiters: list[Deferred[dict[str, int]]] = []
+        self._warm_for: tuple[Any, ...] | None = None
         self._stored: dict[str, int] = {}
         self._reconciling = False
         self._scaling = False
@@ -271,7 +340,7 @@ class YimaStorageService(Service):
     ) -> YimaStorageService:
         """A service with its own thread pool of ``threads`` workers."""
         pool = ThreadPool(minthreads=0, maxthreads=threads, name="yima-storage")
-        return cls(node, reactor, pool, disks, own_pool=True)
+        return cls(node, reactor, pool, disks, own_pool=True, layout_runner=ProcessRunner(reactor))
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -300,10 +369,13 @@ class YimaStorageService(Service):
         self.store.clean_temp().addErrback(self._log_failure, "cleaning temp files")
         self._refresh_stored()
         self._reconcile()
+        self._warm()  # load (or compute) the layouts in the background, off the reactor
 
     def stopService(self) -> Deferred[None] | None:
-        """Stop the pool (waits for running work)."""
+        """Stop the pool (waits for running work) and the layout workers."""
         super().stopService()
+        if self._layout_runner is not None:
+            self._layout_runner.stop()
         if self._own_pool and isinstance(self.pool, ThreadPool):
             pool = self.pool
             return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), pool.stop)
@@ -316,15 +388,14 @@ class YimaStorageService(Service):
 
     def _changed(self, old: dict[str, Any], new: dict[str, Any]) -> None:
         try:
-            self.catalog = Catalog.parse(new)
+            self.catalog = Catalog.parse(new, self._parsed)
         except ValueError:
             self.log.failure("storage: unreadable catalog version ignored")
             return
-        self._layouts.clear()
-        self._placed = None
         self._attach_mine()
         if self.running:
             self.reactor.callLater(0, self._reconcile)
+            self._warm()
 
     def _attach_mine(self) -> None:
         me = self.node.node_id
@@ -358,9 +429,9 @@ class YimaStorageService(Service):
         self._reconciling = True
         d: Deferred[Any]
         if lost:
-            d = self.doc.update(lambda v: {**v, "media": {**v["media"], **lost}})
+            d = self.doc.put({MEDIA + n: m for n, m in lost.items()})
         elif not cat.media:
-            d = self.doc.update(lambda v: self._register(v, missing))
+            d = self._update_topology(lambda v: self._register(v, missing))
         else:
             d = self._add_chain(missing)
 
@@ -374,10 +445,17 @@ class YimaStorageService(Service):
 
         d.addBoth(done)
 
+    def _update_topology(self, change: Callable[[dict[str, Any]], Any]) -> Deferred[int]:
+        """Change the topology record only (the media records are neither copied nor sent)."""
+        return self.doc.update_record(TOPOLOGY, lambda t: change(t or self._no_topology()))
+
     @staticmethod
-    def _register(value: dict[str, Any], missing: list[PhysicalDisk]) -> dict[str, Any]:
+    def _no_topology() -> dict[str, Any]:
+        return split_catalog(empty_document())[TOPOLOGY]  # type: ignore[no-any-return]
+
+    def _register(self, value: dict[str, Any], missing: list[PhysicalDisk]) -> dict[str, Any]:
         """Add ``missing`` to a catalog without media: a fresh history over all disks."""
-        if value.get("media") or value.get("pending"):
+        if self.catalog.media or value.get("pending"):
             return value
         disks = {d["disk_id"]: d for d in value["disks"]}
         for m in missing:
@@ -394,46 +472,139 @@ class YimaStorageService(Service):
 
     # --- placement ------------------------------------------------------------------
 
-    def _layout(self, info: MediaInfo, pending: bool) -> tuple[ScalingHistory, Layout] | None:
+    def _in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.pool, f, *args)  # type: ignore[arg-type]
+
+    def _histories(self) -> list[tuple[bool, ScalingHistory]]:
+        cat = self.catalog
+        return [(p, h) for p, h in ((True, cat.pending), (False, cat.history)) if h is not None]
+
+    def _placement_state(self) -> tuple[Any, ...]:
+        """What every cached layout and count depends on: histories and files."""
+        cat = self.catalog
+        files = tuple(sorted((m.name, m.seed, m.blocks) for m in cat.media.values()))
+        return (cat.history, cat.pending, files)
+
+    def layout_of(self, info: MediaInfo, pending: bool = False) -> Deferred[Placed | None]:
+        """``info``'s layout under the committed (or pending) history, computed off the reactor."""
         history = self.catalog.pending if pending else self.catalog.history
         if history is None:
-            return None
-        key = (info.name, pending)
-        hit = self._layouts.get(key)
-        if hit is None or hit[0] is not history:
-            placement = FilePlacement.of(info)
-            hit = (history, placement.layout(history))
-            self._layouts[key] = hit
-        return hit
+            return succeed(None)
+        return self.layouts.fetch(info, history)  # type: ignore[return-value]
+
+    def _warm(self) -> None:
+        """Compute (or load) every layout the current catalog needs, in the pool, one at a
+        time; then the per-disk counts. Nothing is recomputed unless the history changed."""
+        state = self._placement_state()
+        if state == self._warm_for:
+            return
+        self._warm_for = state
+        wanted = [(info, h) for _, h in self._histories() for info in self.catalog.media.values()]
+
+        @inlineCallbacks
+        def run() -> Generator[Deferred[Any], Any, None]:
+            for info, history in sorted(wanted, key=lambda w: w[0].name):
+                if self._placement_state() != state:
+                    return  # a newer warm-up is under way
+                yield self.layouts.fetch(info, history)
+            if self._placement_state() == state:
+                yield self.layouts.retain(wanted)
+                yield self.refresh_placed()
+
+        run().addErrback(self._log_failure, "computing placement layouts")
 
     def places(self, info: MediaInfo, key: BlockKey) -> list[LogicalDisk]:
-        """Where ``key`` of ``info`` may be, in read order: new place, then old."""
+        """Where ``key`` of ``info`` may be, in read order: new place, then old.
+
+        From the cached layouts; on a miss the one block's place is computed
+        alone (its parity group only, cheap) and the whole layout is warmed in
+        the pool for the next call.
+        """
         out: list[LogicalDisk] = []
-        for pending in (True, False):
-            found = self._layout(info, pending)
-            if found is None:
-                continue
-            history, layout = found
-            index = (layout.parity if key.parity else layout.data)[key.index]
-            disk = history.disks[index]
+        for _, history in self._histories():
+            placed = self.layouts.get(info, history)
+            if placed is not None:
+                disk = placed.disk(key.index, key.parity)
+            else:
+                self.layouts.fetch(info, history).addErrback(self._log_failure, "layout")
+                placement = FilePlacement.of(info)
+                index = (
+                    placement.parity_disk(key.index, history)
+                    if key.parity
+                    else placement.data_disk(key.index, history)
+                )
+                disk = history.disks[index]
             if all(disk.physical != o.physical for o in out):
                 out.append(disk)
         return out
 
+    def blocks_of_node(self, name: str, node_id: str) -> Deferred[list[int]]:
+        """Data blocks of ``name`` whose first place (pending history first) is on ``node_id``."""
+        info = self.catalog.media.get(name)
+        if info is None:
+            return fail(KeyError(name))
+        histories = self._histories()
+        if not histories:
+            return succeed([])
+        d = self.layouts.fetch(info, histories[0][1])
+        return d.addCallback(lambda placed: list(placed.by_node.get(node_id, ())))
+
     def placed_counts(self) -> dict[str, int]:
-        """Blocks (data + parity) per physical disk under the committed history."""
-        if self._placed is None:
-            counts = {d.disk_id: 0 for d in self.catalog.disks}
-            for info in self.catalog.media.values():
-                found = self._layout(info, False)
-                if found is None:
-                    continue
-                history, layout = found
-                for index in (*layout.data, *layout.parity):
-                    phys = history.disks[index].physical
-                    counts[phys] = counts.get(phys, 0) + 1
-            self._placed = counts
+        """Blocks (data + parity) per physical disk under the committed history, as last
+        summed from cached layouts (never computed here: see :meth:`refresh_placed`)."""
+        if self._placed_for != self._placement_state():
+            self.refresh_placed().addErrback(self._log_failure, "counting placed blocks")
         return self._placed
+
+    def refresh_placed(self) -> Deferred[dict[str, int]]:
+        """Sum the committed layouts' per-disk counts (layouts fetched off the reactor);
+        fires once the counts match the catalog as it is when they are done."""
+        d: Deferred[dict[str, int]] = Deferred()
+        self._placed_waiters.append(d)
+        if not self._placing:
+            self._sum_placed()
+        return d
+
+    def _sum_placed(self) -> None:
+        self._placing = True
+        state = self._placement_state()
+        cat = self.catalog
+        history = cat.history
+        infos = sorted(cat.media.values(), key=lambda m: m.name)
+
+        @inlineCallbacks
+        def run() -> Generator[Deferred[Any], Any, None]:
+            placed = []
+            if history is not None:
+                for info in infos:
+                    p = yield self.layouts.fetch(info, history)
+                    placed.append(p)
+            self._placed = counts_of(placed, (d.disk_id for d in cat.disks))
+            self._placed_for = state
+
+        def done(result: object) -> None:
+            self._placing = False
+            if not isinstance(result, Failure) and state != self._placement_state():
+                self._sum_placed()  # the catalog changed meanwhile: sum again
+                return
+            waiters, self._placed_waiters = self._placed_waiters, []
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(self._placed)
+
+        run().addBoth(done)
+
+    def _plan(self, info: MediaInfo, old: ScalingHistory, new: ScalingHistory) -> Deferred[Plan]:
+        """:func:`~.reorg.plan_for`, with both layouts cached and the diff off the reactor."""
+        d = gatherResults([self.layouts.fetch(info, old), self.layouts.fetch(info, new)])
+
+        def diff(both: list[Placed]) -> Deferred[Plan]:
+            run = self._layout_runner or self._in_pool  # CPU-bound: a process if we have one
+            return run(plan_for_layouts, info, both[0].layout, both[1].layout, old, new)
+
+        return d.addCallback(diff)
 
     # --- block I/O by owner --------------------------------------------------------------
 
@@ -653,6 +824,10 @@ class YimaStorageService(Service):
                 "reorganising": cat.pending is not None,
                 "scaling_steps": 0 if cat.history is None else cat.history.steps,
                 "logical_disks": 0 if cat.history is None else cat.history.n_disks,
+                # Placement layouts held in memory (computed off the reactor), and whether
+                # the disks' "blocks" still await one (then they are the last full count).
+                "layouts_cached": len(self.layouts),
+                "blocks_pending": self._placed_for != self._placement_state(),
             },
         }
 
@@ -732,11 +907,10 @@ class YimaStorageService(Service):
                     "(ingest with --opaque to store it as opaque blocks)",
                     415,
                 )
-            placement = FilePlacement.of(info)
-            layout = placement.layout(history)
+            placed = yield self.layouts.fetch(info, history)
+            layout = placed.layout
             table = history.disks
             step = info.parity_group or 4
-            window = DeferredSemaphore(INGEST_WINDOW)
 
             def one_group(first: int) -> Deferred[Any]:
                 count = min(step, info.blocks - first)
@@ -763,9 +937,9 @@ class YimaStorageService(Service):
                 return d.addCallback(send)
 
             # Let every group settle before judging, so no write lands after a cleanup.
-            results = yield DeferredList(
-                [window.run(one_group, first) for first in range(0, info.blocks, step)],
-                consumeErrors=True,
+            results = yield _bounded(
+                INGEST_WINDOW,
+                (partial(one_group, first) for first in range(0, info.blocks, step)),
             )
             failures = [r for ok, r in results if not ok]
             if failures:
@@ -782,7 +956,7 @@ class YimaStorageService(Service):
                 current = self.catalog.history
                 if current is None or current == history or self.catalog.pending is not None:
                     break
-                plan = plan_for(info, history, current)
+                plan = yield self._plan(info, history, current)
                 throttle = yield self._run_moves(info, plan.moves, float("inf"), history)
                 if throttle.failures:
                     raise ApiError(f"ingest of {name} failed: the disks changed under it", 503)
@@ -790,8 +964,9 @@ class YimaStorageService(Service):
                 history = current
             entry = info.to_json()
             self._published[name] = entry
-            yield self.doc.update(lambda v: {**v, "media": {**v["media"], name: entry}})
+            yield self.doc.put({MEDIA + name: entry})
             self._refresh_stored()
+            yield self.refresh_placed()
             seconds = max(float(self.reactor.seconds()) - started, 1e-9)
             return {
                 "name": name,
@@ -873,7 +1048,12 @@ class YimaStorageService(Service):
         started = float(self.reactor.seconds())
         try:
             pending = {"history": new.to_json(), "disks": [d.to_json() for d in disks]}
-            won = yield self.doc.claim(lambda v: {**v, "pending": v.get("pending") or pending})
+
+            def start(t: dict[str, Any] | None) -> dict[str, Any]:
+                t = t or self._no_topology()
+                return {**t, "pending": t.get("pending") or pending}
+
+            won = yield self.doc.claim_record(TOPOLOGY, start)
             if not won or self.catalog.pending != new:
                 # Another node started a reorganisation (or changed the catalog) at
                 # the same moment; its version replaces ours everywhere.
@@ -881,11 +1061,11 @@ class YimaStorageService(Service):
             moved = total = nbytes = 0
             done: list[tuple[MediaInfo, Move]] = []
             for info in sorted(self.catalog.media.values(), key=lambda m: m.name):
-                plan = plan_for(info, old, new)
+                plan = yield self._plan(info, old, new)
                 total += plan.total
                 throttle = yield self._run_moves(info, plan.moves, rate or self.move_rate)
                 if throttle.failures:
-                    yield self.doc.update(lambda v: {**v, "pending": None})
+                    yield self._update_topology(lambda v: {**v, "pending": None})
                     raise ApiError(
                         f"reorganisation abandoned: {len(throttle.failures)} block(s) of "
                         f"{info.name} could not be moved (is a node down?); nothing changed",
@@ -907,8 +1087,9 @@ class YimaStorageService(Service):
                     out["retired"] = [*v.get("retired", []), entry]
                 return out
 
-            yield self.doc.update(commit)
+            yield self._update_topology(commit)
             yield self._delete_old(done)
+            yield self.refresh_placed()
             if removed is not None:
                 yield self._at(
                     removed.node_id,
@@ -995,8 +1176,6 @@ class YimaStorageService(Service):
         return finished
 
     def _delete_old(self, done: list[tuple[MediaInfo, Move]]) -> Deferred[Any]:
-        gate = DeferredSemaphore(8)
-
         def one(info: MediaInfo, move: Move) -> Deferred[Any]:
             d = self.delete_at(move.src_disk, info.name, move.key)
             return d.addErrback(
@@ -1009,7 +1188,7 @@ class YimaStorageService(Service):
                 )
             )
 
-        return gatherResults([gate.run(one, info, m) for info, m in done])
+        return _bounded(8, (partial(one, info, m) for info, m in done))
 
     # --- rebuild --------------------------------------------------------------------
 
@@ -1023,10 +1202,10 @@ class YimaStorageService(Service):
         restored = present = lost = 0
         unprotected: list[str] = []
         for info in sorted(self.catalog.media.values(), key=lambda m: m.name):
-            found = self._layout(info, False)
+            found = yield self.layout_of(info)
             if found is None:
                 continue
-            history, layout = found
+            history, layout = found.history, found.layout
             keys = [
                 BlockKey(i)
                 for i, d in enumerate(layout.data)
@@ -1100,7 +1279,7 @@ class YimaStorageService(Service):
             raise ApiError(f"no media named {name}", 404)
         if cat.pending is not None or self._scaling or name in self._ingesting:
             raise ApiError("a disk reorganisation (or an ingest of it) is under way; retry", 409)
-        found = self._layout(info, False)
+        found = yield self.layout_of(info)  # cached, or computed off the reactor
         self._ingesting.add(name)  # no ingest of the same name until its blocks are gone
         try:
             yield self.doc.update(
@@ -1113,13 +1292,12 @@ class YimaStorageService(Service):
             self._published.pop(name, None)
             deleted = failed = 0
             if found is not None:
-                history, layout = found
+                history, layout = found.history, found.layout
                 keys = [(BlockKey(i), d) for i, d in enumerate(layout.data)]
                 keys += [(BlockKey(g, True), d) for g, d in enumerate(layout.parity)]
-                window = DeferredSemaphore(INGEST_WINDOW)
-                results = yield DeferredList(
-                    [window.run(self.delete_at, history.disks[d], name, key) for key, d in keys],
-                    consumeErrors=True,
+                results = yield _bounded(
+                    INGEST_WINDOW,
+                    (partial(self.delete_at, history.disks[d], name, key) for key, d in keys),
                 )
                 deleted = sum(1 for ok, _ in results if ok)
                 failed = len(results) - deleted

@@ -330,10 +330,20 @@ class BlockStore:
         return self._run(scan)
 
     def block_counts(self) -> Deferred[dict[str, int]]:
-        """Number of stored blocks (data and parity) per local disk."""
-        ids = self.disk_ids
-        d = gatherResults([self.list_blocks(i) for i in ids], consumeErrors=True)
-        return d.addCallback(lambda lists: {i: len(b) for i, b in zip(ids, lists)})
+        """Number of stored blocks (data and parity) per local disk (one scan, in the pool)."""
+        roots = {i: self._disks[i] / MEDIA_DIR for i in self.disk_ids}
+
+        def count(root: Path) -> int:
+            # Names only, no per-block objects: cheap in the GIL even for 100k blocks.
+            if not root.is_dir():
+                return 0
+            n = 0
+            for media_dir in os.scandir(root):
+                if media_dir.is_dir():
+                    n += sum(1 for e in os.scandir(media_dir.path) if _FILE.match(e.name))
+            return n
+
+        return self._run(lambda: {i: count(r) for i, r in roots.items()})
 
     def clean_temp(self) -> Deferred[int]:
         """Remove temp files left by writes interrupted by a crash."""

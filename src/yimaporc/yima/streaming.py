@@ -100,7 +100,7 @@ class StreamingNode:
         cluster_time: Callable[[], float],
         *,
         timing: Callable[[str], MediaTiming],
-        my_blocks: Callable[[str], list[int]],
+        my_blocks: Callable[[str], list[int] | Deferred[list[int]]],
         read_block: Callable[[str, int], Deferred[bytes]],
         packetize: Packetize,
         send: Callable[[bytes, tuple[str, int]], None],
@@ -141,19 +141,46 @@ class StreamingNode:
         node_index: int,
         all_blocks: bool,
         blocks: list[int] | None = None,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | Deferred[dict[str, Any]]:
         """StreamStart: schedule our blocks (or all, for a master; or ``blocks``, locally).
 
         Again for a session this node serves (a seek): the same blocks, from the new
-        position, the per-node sequence counter going on.
+        position, the per-node sequence counter going on.  ``my_blocks`` may answer
+        with a Deferred (the storage computing a layout off the reactor); the answer
+        then waits for it.
         """
         timing = self.timing(media)
+        args = (session, media, start_ct, start_mt, host, port, ssrc, seq_base, ts_base,
+                node_index)  # fmt: skip
         current = self.scheduler.sessions.get(session)
         if blocks is None and current is not None and current.media.name == media:
             # A seek of a session this node already serves: same share, no placement walk.
             blocks = list(current.my_blocks)
         if blocks is None:
-            blocks = list(range(timing.blocks)) if all_blocks else self.my_blocks(media)
+            if all_blocks:
+                blocks = list(range(timing.blocks))
+            else:
+                mine = self.my_blocks(media)
+                if isinstance(mine, Deferred):
+                    return mine.addCallback(lambda b: self._start(*args, timing, b))
+                blocks = mine
+        return self._start(*args, timing, blocks)
+
+    def _start(
+        self,
+        session: str,
+        media: str,
+        start_ct: float,
+        start_mt: float,
+        host: str,
+        port: int,
+        ssrc: int,
+        seq_base: int,
+        ts_base: int,
+        node_index: int,
+        timing: MediaTiming,
+        blocks: list[int],
+    ) -> dict[str, Any]:
         self.destinations[session] = Destination(
             host, port, ssrc, seq_base, ts_base, node_index, timing.clock_rate,
             start_ct=start_ct, start_mt=start_mt,
