@@ -219,11 +219,12 @@ def test_gstreamer_rtspsrc_records_byte_identical(
 ) -> None:
     """GStreamer's rtspsrc receives the relayed in-order stream byte-identical to the file."""
     out = tmp_path / f"gst-{protocol}.ts"
-    subprocess.run(
+    done = subprocess.run(
         ["gst-launch-1.0", "-q", "rtspsrc", f"location=rtsp://127.0.31.1:{RTSP}/clip",
          f"protocols={protocol}", "!", "rtpmp2tdepay", "!", "filesink", f"location={out}"],
-        check=True, capture_output=True, timeout=60,
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
     got, want = out.read_bytes(), clip.read_bytes()
     if got != want:  # say where, not 500 KB of bytes
         at = next(
