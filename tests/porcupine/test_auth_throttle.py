@@ -275,3 +275,47 @@ def test_pop3_login_replies_carry_rfc3206_codes() -> None:
     lines = tr.value().split(b"\r\n")
     assert lines[1].startswith(b"-ERR [AUTH]") and lines[3].startswith(b"-ERR [SYS/TEMP]")
     server.connectionLost(Failure(ConnectionError()))
+
+
+class SlowChecker(Checker):
+    """Holds every password check until the test answers it."""
+
+    def login(self, creds: Any, mind: Any, *ifaces: Any) -> Deferred[Any]:
+        self.checked += 1
+        d: Deferred[Any] = Deferred()
+        self.held.append(d)
+        return d
+
+
+def test_more_parallel_logins_than_slots_wait_for_a_slot_not_a_refusal() -> None:
+    """Six connections of one client log in at once (mail clients open several): the
+    two beyond the 4 slots wait, are checked when slots free, and nobody is closed."""
+    clock, checker = Clock(), SlowChecker({})
+    t = AuthThrottle(ThrottlePolicy(concurrent=4))
+    portals = [adapter(t, clock, checker) for _ in range(6)]
+    results = [outcome(p.login(up("alice", "right"), None, imap4.IAccount)) for p, _ in portals]
+    assert checker.checked == 4 and all(r == [] for r in results)
+    checker.held.pop(0).callback((imap4.IAccount, ALICE, lambda: None))
+    clock.advance(0.05)
+    assert checker.checked == 5
+    for d in list(checker.held):
+        d.callback((imap4.IAccount, ALICE, lambda: None))
+    checker.held.clear()
+    clock.advance(0.1)
+    for d in checker.held:
+        d.callback((imap4.IAccount, ALICE, lambda: None))
+    assert checker.checked == 6 and all(r and r[0][1] == ALICE for r in results)
+    assert not any(closed for _, closed in portals) and t.status()["in_flight"] == 0
+
+
+def test_a_login_waiting_too_long_for_a_slot_is_refused() -> None:
+    """A slot that never frees: after the bounded wait the login is refused and closed."""
+    clock, checker = Clock(), SlowChecker({})
+    t = AuthThrottle(ThrottlePolicy(concurrent=1))
+    first, _ = adapter(t, clock, checker)
+    second, closed = adapter(t, clock, checker)
+    outcome(first.login(up("alice", "x"), None, imap4.IAccount))
+    waiting = outcome(second.login(up("alice", "x"), None, imap4.IAccount))
+    clock.pump([0.5] * 21)
+    assert waiting and isinstance(waiting[0], Failure) and waiting[0].check(LoginThrottled)
+    assert closed and checker.checked == 1

@@ -69,6 +69,10 @@ def account_key(username: str | bytes, domain: str) -> str:
         return name.strip().lower()[:256]
 
 
+#: How long a login waits for one of its address's password-check slots.
+CONCURRENT_WAIT = 10.0
+
+
 class ThrottledPortal:
     """One connection's way to the portal: every password check goes through the throttle.
 
@@ -105,12 +109,43 @@ class ThrottledPortal:
         if self.busy:  # one check at a time per connection (pipelined LOGINs)
             self.throttle.counters["refused"] += 1
             return fail(LoginThrottled("connection", 0.0))
-        admission = self.throttle.admit(self.clock.seconds(), self.peer, account)
-        if not admission.allowed:
-            self.clock.callLater(0, self.close)
-            return fail(LoginThrottled(admission.reason, admission.retry_after))
         self.busy = True
         out: Deferred[Any] = Deferred()
+        self._admit(account, self.clock.seconds() + CONCURRENT_WAIT, 0.05, creds, mind,
+                    interfaces, out)  # fmt: skip
+        return out
+
+    def _admit(
+        self,
+        account: str,
+        deadline: float,
+        pause: float,
+        creds: Any,
+        mind: Any,
+        interfaces: tuple[Any, ...],
+        out: Deferred[Any],
+    ) -> None:
+        """Check the password once the throttle admits it.  All of an address's slots
+        busy (a client opening several connections at once, as Thunderbird does) is
+        not a refusal: the login waits for a slot, up to :data:`CONCURRENT_WAIT` s."""
+        now = self.clock.seconds()
+        admission = self.throttle.admit(now, self.peer, account)
+        if not admission.allowed:
+            if admission.reason == "concurrent" and now + pause <= deadline:
+                self.clock.callLater(
+                    pause, self._admit, account, deadline, min(pause * 2, 0.5), creds, mind,
+                    interfaces, out,
+                )  # fmt: skip
+                return
+            self.busy = False
+            self.clock.callLater(0, self.close)
+            out.errback(LoginThrottled(admission.reason, admission.retry_after))
+            return
+        self._check(account, creds, mind, interfaces, out)
+
+    def _check(
+        self, account: str, creds: Any, mind: Any, interfaces: tuple[Any, ...], out: Deferred[Any]
+    ) -> None:
 
         def answer(result: object, last: bool = False) -> None:
             self.busy = False
@@ -139,7 +174,6 @@ class ThrottledPortal:
                 answer(f, last)
 
         maybeDeferred(self.portal.login, creds, mind, *interfaces).addCallbacks(ok, bad)
-        return out
 
 
 @implementer(portal.IRealm)
