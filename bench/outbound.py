@@ -53,7 +53,7 @@ def submit(n: int) -> None:
         s.starttls(context=client_context())
         s.login(USER, PW)
         for k in range(n):
-            body = f"Subject: bench {k}\r\n\r\n{'x' * 2000}\r\n".encode()
+            body = f"Subject: bench {k}\r\n\r\n" + ("x" * 78 + "\r\n") * 25
             s.sendmail(USER, [f"r{k % 50}@remote.test"], body)
 
 
@@ -95,7 +95,7 @@ def main() -> int:
             submitted_s=round(submitted, 2),
             drained_s=round(drained, 2),
             deliveries_per_s=round(sum(per) / drained, 1),
-            delivered=status["delivered"],
+            outbound=status,
         )
         # The MX goes away: one message waits; its attempts follow --queue-retry.
         stop_mx(mx)
@@ -112,6 +112,10 @@ def main() -> int:
         out["attempt_times_s_with_retry_2_4_8"] = attempts
     finally:
         node.kill(signal.SIGTERM)
+        log = node.log_path
+        if log.exists():  # what a bounce said, if any
+            lines = [x for x in log.read_text().splitlines() if "failed for good" in x]
+            out["bounce_reasons"] = lines[:3]
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out, indent=1))
     return 0
