@@ -3,11 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox msmtp:msmtp mutt:mutt fetchmail:fetchmail
+# command:package pairs the end-to-end tests drive (mail clients, players, a browser
+# for the dashboard).
+APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox \
+  msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium
 APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
 PYTEST_ARGS ?=
-# The dashboard tests drive a real browser.
-APT_TOOLS += chromium:chromium
 FUZZ_INPUTS ?= 100000
 FUZZ_TARGET ?= all
 FUZZ_SEED ?= 0
