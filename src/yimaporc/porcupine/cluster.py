@@ -38,10 +38,12 @@ of each ``porcupine-node`` into one mail service:
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
@@ -62,6 +64,7 @@ from .softstate import bucket_of as _raw_bucket_of
 from .usermap import N_BUCKETS, BadAddress, bucket_of
 from .users import UserManager
 from .values import (
+    PENDING,
     BadCredentials,
     Digest,
     MailboxExists,
@@ -140,7 +143,10 @@ def _info_in(v: Any) -> MailboxInfo:
 def pack_messages(messages: Sequence[NewMessage]) -> bytes:
     """A JSON header (everything but the bodies) followed by the bodies."""
     head = json.dumps(
-        [[m.user, m.mailbox, list(m.flags), m.internal_date, m.uid, len(m.body)] for m in messages]
+        [
+            [m.user, m.mailbox, list(m.flags), m.internal_date, m.uid, len(m.body), m.fence]
+            for m in messages
+        ]
     ).encode("utf-8")
     return struct.pack("!I", len(head)) + head + b"".join(m.body for m in messages)
 
@@ -152,13 +158,17 @@ def unpack_messages(data: bytes) -> list[NewMessage]:
         head = json.loads(data[4 : 4 + n])
         pos = 4 + n
         out = []
-        for user, mailbox, flags, date, uid, size in head:
+        for entry in head:
+            user, mailbox, flags, date, uid, size = entry[:6]
+            fence = str(entry[6]) if len(entry) > 6 else ""
             body = data[pos : pos + int(size)]
             if len(body) != int(size):
                 raise ValueError("short body")
             pos += int(size)
             out.append(
-                NewMessage(str(user), str(mailbox), body, tuple(flags), float(date), int(uid))
+                NewMessage(
+                    str(user), str(mailbox), body, tuple(flags), float(date), int(uid), fence
+                )
             )
         return out
     except (ValueError, TypeError, struct.error) as e:
@@ -240,11 +250,30 @@ class UmReserveUids(_Cmd):
 
 
 class UmPlan(_Cmd):
-    """``fragments`` and ``reserve_uids`` in one round trip (the delivery proxy's question)."""
+    """``fragments`` and ``reserve_uids`` in one round trip (the delivery proxy's
+    question).  ``first`` is :data:`~.values.PENDING` when the manager may not number
+    (no majority, or its bucket is not settled with every member's hint); ``fence``
+    is the allocation's fence, checked by the storing node.  ``unfenced``: a
+    replicated store (its copies apply one UID; see docs/mail.md)."""
 
     commandName = b"porcupine.um.plan"
-    arguments = [*_U, (b"count", amp.Integer())]
-    response = [(b"nodes", amp.ListOf(amp.Unicode())), (b"first", amp.Integer())]
+    arguments = [
+        *_U,
+        (b"count", amp.Integer()),
+        (b"unfenced", amp.Boolean(optional=True)),
+    ]
+    response = [
+        (b"nodes", amp.ListOf(amp.Unicode())),
+        (b"first", amp.Integer()),
+        (b"fence", amp.Unicode(optional=True)),
+    ]
+
+
+class UmPending(_Cmd):
+    """A message for ``user`` was stored unnumbered on ``node``: number it when allowed."""
+
+    commandName = b"porcupine.um.pending"
+    arguments = [*_U, (b"node", amp.Unicode())]
 
 
 _M: list[tuple[bytes, amp.Argument]] = [(b"user", amp.Unicode()), (b"mailbox", amp.Unicode())]
@@ -342,6 +371,20 @@ class MbRemoveUser(_Cmd):
     arguments = [(b"user", amp.Unicode())]
 
 
+class MbNumber(_Cmd):
+    """Number up to ``count`` of ``user``'s unnumbered messages on the callee from
+    ``first`` on, if ``fence`` is the callee's current fence of the user's bucket."""
+
+    commandName = b"porcupine.mb.number"
+    arguments = [
+        *_U,
+        (b"fence", amp.Unicode()),
+        (b"first", amp.Integer()),
+        (b"count", amp.Integer()),
+    ]
+    response = [(b"done", amp.Integer()), (b"left", amp.Integer()), (b"top", amp.Integer())]
+
+
 class MbUsersInBucket(_Cmd):
     """IMailboxManager.users_in_bucket."""
 
@@ -389,7 +432,7 @@ class LoadExchange(_Cmd):
 
 COMMANDS: tuple[type[_Cmd], ...] = (
     UmProfile, UmAuthenticate, UmFragments, UmAddFragment, UmRemoveFragment, UmReserveUids,
-    UmPlan,
+    UmPlan, UmPending, MbNumber,
     MbStore, MbMailboxes, MbCreateMailbox, MbDeleteMailbox, MbRenameMailbox, MbSubscribe,
     MbDigests, MbFetch, MbSetFlags, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
     Hints, HintsRequest, ProfilePut, LoadExchange,
@@ -453,10 +496,18 @@ class RemoteUserManager(_Remote):
 
         return self.call(UmProfile, user=address).addCallback(got)
 
-    def delivery_plan(self, address: str, count: int) -> Deferred[tuple[tuple[str, ...], int]]:
+    def delivery_plan(
+        self, address: str, count: int, unfenced: bool = False
+    ) -> Deferred[tuple[tuple[str, ...], int, str]]:
         """See :meth:`ClusterUserManager.delivery_plan`."""
-        d = self.call(UmPlan, user=address, count=count)
-        return d.addCallback(lambda r: (tuple(r["nodes"]), int(r["first"])))
+        d = self.call(UmPlan, user=address, count=count, unfenced=unfenced)
+        return d.addCallback(
+            lambda r: (tuple(r["nodes"]), int(r["first"]), str(r.get("fence") or ""))
+        )
+
+    def note_pending(self, address: str, node: str) -> Deferred[None]:
+        """See :meth:`ClusterUserManager.note_pending`."""
+        return self.call(UmPending, user=address, node=node).addCallback(lambda _: None)
 
     def authenticate(self, address: str, password: str) -> Deferred[Profile]:
         """See :class:`IUserManager`."""
@@ -574,6 +625,13 @@ class RemoteMailboxManager(_Remote):
         d = self.call(MbUsersInBucket, bucket=bucket)
         return d.addCallback(lambda r: [str(u) for u in r["users"]])
 
+    def number_pending(
+        self, user: str, fence: str, first: int, count: int
+    ) -> Deferred[tuple[int, int, int]]:
+        """See :meth:`~.fragments.MailboxManager.number_pending`."""
+        d = self.call(MbNumber, user=user, fence=fence, first=first, count=count)
+        return d.addCallback(lambda r: (int(r["done"]), int(r["left"]), int(r["top"])))
+
 
 def register_handlers(
     registry: Any,
@@ -612,15 +670,30 @@ def register_handlers(
 
     registry.register(UmReserveUids, reserve)
 
-    def plan(user: str, count: int) -> Deferred[dict[str, Any]]:
+    def plan(user: str, count: int, unfenced: bool = False) -> Deferred[dict[str, Any]]:
         fn = getattr(users(), "delivery_plan", None)
         if fn is None:
-            d = users().fragments(user).addCallback(lambda nodes: (nodes, 0))
+            d = users().fragments(user).addCallback(lambda nodes: (nodes, 0, ""))
         else:
-            d = fn(user, count)
-        return d.addCallback(lambda r: {"nodes": list(r[0]), "first": r[1]})
+            d = fn(user, count, bool(unfenced))
+        return d.addCallback(lambda r: {"nodes": list(r[0]), "first": r[1], "fence": r[2]})
 
     registry.register(UmPlan, plan)
+
+    def pending(user: str, node: str) -> Deferred[dict[str, Any]]:
+        fn = getattr(users(), "note_pending", None)
+        d: Deferred[Any] = fn(user, node) if fn is not None else succeed(None)
+        return d.addCallback(none)
+
+    registry.register(UmPending, pending)
+
+    def number(user: str, fence: str, first: int, count: int) -> Deferred[dict[str, Any]]:
+        d: Deferred[tuple[int, int, int]] = mailboxes().number_pending(  # type: ignore[attr-defined]
+            user, fence, first, count
+        )
+        return d.addCallback(lambda r: {"done": r[0], "left": r[1], "top": r[2]})
+
+    registry.register(MbNumber, number)
 
     def store(messages: bytes) -> Deferred[dict[str, Any]]:
         batch = unpack_messages(messages)
@@ -668,6 +741,25 @@ def register_handlers(
 #: (on any node's delivery proxy) are not reused.
 UID_GAP = 32
 
+#: How long a manager waits before trying again to number unnumbered mail it
+#: could not number (no majority, a member's hint missing, a failed call).
+NUMBER_RETRY = 1.0
+
+#: At most this many unnumbered messages are numbered per call.
+NUMBER_BATCH = 256
+
+
+def fence_of(bmap: BucketMap, bucket: int) -> str:
+    """The fence of ``bucket`` in ``bmap``: ``"owner@bucket-epoch"`` (see docs/mail.md)."""
+    return f"{bmap.owners[bucket]}@{bmap.epochs[bucket]}"
+
+
+def has_majority(members: Iterable[str], known: Iterable[str]) -> bool:
+    """True if ``members`` hold more than half of the ``known`` cluster."""
+    k = set(known)
+    return len(set(members) & k) * 2 > len(k)
+
+
 #: Hints from a view not installed yet that a manager keeps (one per sender and bucket).
 MAX_EARLY_HINTS = 64 * 1024
 
@@ -690,9 +782,17 @@ class ClusterUserManager(UserManager):
 
     Besides the fragment lists it keeps, per user, the next IMAP UID of the
     user's mail (one counter for all of a user's mailboxes, so UIDs ascend in
-    each), rebuilt as the highest UIDNEXT any node reports (plus :data:`UID_GAP`
-    when other nodes are live);
-    stores anywhere in the cluster take their UIDs from it (:meth:`reserve_uids`).
+    each), rebuilt as the highest UIDNEXT any node reports or ever showed (plus
+    :data:`UID_GAP` when other nodes are live); stores anywhere in the cluster
+    take their UIDs from it (:meth:`delivery_plan`, :meth:`reserve_uids`).
+
+    It numbers only while it may (:meth:`may_number`): its view holds a majority
+    of the :attr:`known` cluster and every member of the view sent its hint for
+    the bucket.  Otherwise a delivery stores the message PENDING (durable,
+    acknowledged, not listed), and the manager numbers it later
+    (:meth:`note_pending`, hints carry the pending counts) through
+    ``number_on(node, user, fence, first, count)``.  Every allocation carries the
+    bucket's fence; the storing node checks it against its own map.
     """
 
     log = Logger()
@@ -714,7 +814,23 @@ class ClusterUserManager(UserManager):
         self._waiters: dict[int, list[Deferred[None]]] = {}
         self._early: list[tuple[str, HintEntry, int | None]] = []
         self._early_notes: list[tuple[str, str]] = []
+        self._early_pending: list[tuple[str, str]] = []
         self._gaps: dict[int, int] = {}
+        #: Members that had not sent their hint when a bucket settled by timeout:
+        #: no numbering in that bucket until they do (or leave the view).
+        self.missing: dict[int, set[str]] = {}
+        #: Every node ever seen in a view (persisted by MailCluster): the majority
+        #: that numbering needs is of these.
+        self.known: set[str] = {node_id}
+        #: user -> node -> unnumbered messages there (as far as we heard).
+        self.pending: dict[str, dict[str, int]] = {}
+        self._numbering: set[tuple[str, str]] = set()
+        self._number_timer: IDelayedCall | None = None
+        self.number_retry = NUMBER_RETRY
+        #: ``number_on(node, user, fence, first, count) -> Deferred[(done, left, top)]``.
+        self.number_on: Callable[..., Deferred[tuple[int, int, int]]] | None = None
+        self.numbered = 0
+        self.pending_plans = 0
         self.hints_received = 0
         self.view_epoch = 0
         self.members: set[str] = set()
@@ -744,6 +860,16 @@ class ClusterUserManager(UserManager):
         for b in list(self.settling):
             if b not in mine or b in fresh:
                 self._settle(b)
+        for b in list(self.missing):
+            if b not in mine or b in fresh:
+                del self.missing[b]
+            else:
+                self.missing[b] &= alive
+                if not self.missing[b]:
+                    del self.missing[b]
+        for user in list(self.pending):
+            if not self.state.manages(user):
+                del self.pending[user]
         for b in sorted(fresh & mine):
             self._gaps[b] = UID_GAP if len(alive) > 1 else 0
             self._start_settling(b, alive)
@@ -761,6 +887,10 @@ class ClusterUserManager(UserManager):
         for user, node in notes:
             if self.state.manages(user) and node in alive:
                 self.state.add_fragment(user, node)
+        waiting, self._early_pending = self._early_pending, []
+        for user, node in waiting:
+            if self.state.manages(user) and node in alive:
+                self.note_pending(user, node)
         return fresh
 
     def _start_settling(self, bucket: int, alive: set[str]) -> None:
@@ -777,6 +907,7 @@ class ClusterUserManager(UserManager):
             self.log.info(
                 "user map: bucket {b} settled without hints from {m}", b=bucket, m=sorted(missing)
             )
+            self.missing[bucket] = set(missing)
         self._settle(bucket)
 
     def _settle(self, bucket: int) -> None:
@@ -786,6 +917,8 @@ class ClusterUserManager(UserManager):
             timer.cancel()
         for d in self._waiters.pop(bucket, []):
             d.callback(None)
+        if self.pending:
+            self._kick()
 
     def apply(self, sender: str, entry: HintEntry, view: int | None = None) -> bool:
         """Merge one bucket's hint from ``sender``, sent in view epoch ``view``.
@@ -818,6 +951,7 @@ class ClusterUserManager(UserManager):
         for item in users:
             try:
                 user, has_mail, uidnext = str(item[0]), bool(item[1]), int(item[2])
+                unnumbered = int(item[3]) if len(item) > 3 else 0
             except (IndexError, TypeError, ValueError):
                 continue
             if _raw_bucket_of(user, N_BUCKETS) != bucket:
@@ -826,11 +960,22 @@ class ClusterUserManager(UserManager):
                 self.state.add_fragment(user, sender)
             gap = self._gaps.get(bucket, 0)
             self.uidnext[user] = max(self.uidnext.get(user, 1), uidnext + gap)
+            if unnumbered > 0:
+                self.pending.setdefault(user, {})[sender] = unnumbered
+            else:
+                self.pending.get(user, {}).pop(sender, None)
+        late = self.missing.get(bucket)
+        if late is not None:
+            late.discard(sender)
+            if not late:
+                del self.missing[bucket]
         waiting = self.settling.get(bucket)
         if waiting is not None:
             waiting.discard(sender)
             if not waiting:
                 self._settle(bucket)
+        if self.pending:
+            self._kick()
         return True
 
     def add_fragment(self, address: str, node: str) -> Deferred[None]:
@@ -858,24 +1003,131 @@ class ClusterUserManager(UserManager):
         return self.settled(address).addCallback(lambda _: super(ClusterUserManager, self)
                                                  .fragments(address))  # fmt: skip
 
-    def _take(self, address: str, count: int) -> int:
+    def quorum(self) -> bool:
+        """Our view holds a majority of every node ever seen (:attr:`known`)."""
+        return has_majority(self.members | {self.node_id}, self.known | {self.node_id})
+
+    def may_number(self, address: str) -> bool:
+        """May we hand out UIDs for ``address`` now?  Only as its manager, with a
+        majority (so no other partition numbers too), the bucket settled and every
+        member's hint in (no member can still store for a previous manager's fence
+        unseen by our counter)."""
+        b = bucket_of(address)
+        return (
+            self.state.manages(address)
+            and b not in self.settling
+            and not self.missing.get(b)
+            and self.quorum()
+        )
+
+    def fence(self, address: str) -> str:
+        """The fence our allocations for ``address`` carry."""
+        return fence_of(self.state.map, bucket_of(address))
+
+    def _take(self, address: str, count: int, unfenced: bool = False) -> tuple[int, str]:
+        if not self.may_number(address):
+            if not unfenced:
+                self.pending_plans += 1
+                return PENDING, ""
+            if not self.state.manages(address):
+                return PENDING, ""
         first = self.uidnext.get(address, 1)
         self.uidnext[address] = first + max(1, count)
-        return first
+        return first, ("" if unfenced else self.fence(address))
 
     def reserve_uids(self, address: str, count: int) -> Deferred[int]:
-        """The first of ``count`` fresh UIDs for ``address`` (waits while the bucket settles)."""
+        """The first of ``count`` fresh UIDs for ``address``, or PENDING when we may
+        not number (waits while the bucket settles); unfenced (APPEND, COPY)."""
+        address = address.lower()
+        return self.settled(address).addCallback(lambda _: self._take(address, count)[0])
+
+    def reserve_fenced(self, address: str, count: int) -> Deferred[tuple[int, str]]:
+        """:meth:`reserve_uids` with the fence the stores must carry."""
         address = address.lower()
         return self.settled(address).addCallback(lambda _: self._take(address, count))
 
-    def delivery_plan(self, address: str, count: int) -> Deferred[tuple[tuple[str, ...], int]]:
-        """The fragment list and ``count`` reserved UIDs (waits while the bucket settles)."""
+    def delivery_plan(
+        self, address: str, count: int, unfenced: bool = False
+    ) -> Deferred[tuple[tuple[str, ...], int, str]]:
+        """The fragment list, the first of ``count`` reserved UIDs (PENDING when we may
+        not number) and their fence (waits while the bucket settles).  ``unfenced``
+        (a replicated store, whose copies must share one UID): a UID from the
+        counter even without a majority, no fence (docs/mail.md: known limits)."""
         address = address.lower()
 
-        def plan(_: object) -> tuple[tuple[str, ...], int]:
-            return tuple(sorted(self.state.fragment_list(address))), self._take(address, count)
+        def plan(_: object) -> tuple[tuple[str, ...], int, str]:
+            first, fence = self._take(address, count, unfenced)
+            return tuple(sorted(self.state.fragment_list(address))), first, fence
 
         return self.settled(address).addCallback(plan)
+
+    # --- numbering what was stored unnumbered --------------------------------
+
+    def note_pending(self, address: str, node: str) -> Deferred[None]:
+        """A message for ``address`` was stored unnumbered on ``node``."""
+        address = address.lower()
+        if self.state.manages(address):
+            have = self.pending.setdefault(address, {})
+            have[node] = max(1, have.get(node, 0))
+            self._kick()
+        elif len(self._early_pending) < MAX_EARLY_HINTS:
+            self._early_pending.append((address, node))  # our map may be behind
+        return succeed(None)
+
+    def _kick(self, delay: float = 0.0) -> None:
+        if self._number_timer is not None and self._number_timer.active():
+            if delay > 0:
+                return
+            self._number_timer.cancel()
+        self._number_timer = self.clock.callLater(delay, self._number_all)
+
+    def _number_all(self) -> None:
+        self._number_timer = None
+        if self.number_on is None:
+            return
+        blocked = False
+        for user in list(self.pending):
+            for node, n in list(self.pending.get(user, {}).items()):
+                if (user, node) in self._numbering:
+                    continue
+                if node not in self.members or not self.may_number(user):
+                    blocked = True
+                    continue
+                self._number(user, node, n)
+        if blocked or self._numbering:
+            self._kick(self.number_retry)
+
+    def _number(self, user: str, node: str, n: int) -> None:
+        assert self.number_on is not None
+        count = min(max(1, n), NUMBER_BATCH)
+        first, fence = self._take(user, count)
+        key = (user, node)
+        self._numbering.add(key)
+
+        def done(r: tuple[int, int, int]) -> None:
+            self._numbering.discard(key)
+            numbered, left, top = r
+            self.numbered += numbered
+            if self.state.manages(user):
+                self.uidnext[user] = max(self.uidnext.get(user, 1), top)
+                if numbered:
+                    self.state.add_fragment(user, node)
+                if left:
+                    self.pending.setdefault(user, {})[node] = left
+                    self._kick(0.0 if numbered else self.number_retry)
+                else:
+                    self.pending.get(user, {}).pop(node, None)
+                    if not self.pending.get(user):
+                        self.pending.pop(user, None)
+
+        def failed(f: Failure) -> None:
+            self._numbering.discard(key)
+            self.log.warn(
+                "numbering {u}'s mail on {n} failed: {e}", u=user, n=node, e=f.getErrorMessage()
+            )
+            self._kick(self.number_retry)
+
+        self.number_on(node, user, fence, first, count).addCallbacks(done, failed)
 
     def status(self) -> dict[str, Any]:
         """Counts for the status page."""
@@ -885,6 +1137,11 @@ class ClusterUserManager(UserManager):
             "users_with_mail": len(self.state.fragments),
             "hints_received": self.hints_received,
             "early_hints": len(self._early),
+            "quorum": self.quorum(),
+            "known_nodes": len(self.known | {self.node_id}),
+            "unnumbered": sum(sum(v.values()) for v in self.pending.values()),
+            "numbered": self.numbered,
+            "pending_plans": self.pending_plans,
         }
 
 
@@ -1009,6 +1266,9 @@ class MailCluster(Service):
             self.me, mail.profiles, self.reactor, settle_timeout=settle_timeout
         )
         mail.user_manager = self.user_manager
+        self.user_manager.number_on = self._number_on
+        self._known_path = Path(mail.data_dir) / "mail" / "known-nodes"
+        self.user_manager.known |= self._read_known()
         self.replicator = ProfileReplicator(mail.profiles, self._forget, self._push_profiles)
         self._local_mailboxes = _CountingMailboxes(mail.mailbox_manager, self)
         self._remote_users: dict[str, RemoteUserManager] = {}
@@ -1145,11 +1405,52 @@ class MailCluster(Service):
         # Each record is checked (and a malformed one dropped) by ProfileDB.merge.
         return self.replicator.receive(records).addCallback(lambda _: {})
 
+    # --- numbering --------------------------------------------------------------------
+
+    def _number_on(
+        self, node: str, user: str, fence: str, first: int, count: int
+    ) -> Deferred[tuple[int, int, int]]:
+        boxes: Any = self.mailboxes_for(node)
+        d: Deferred[tuple[int, int, int]] = boxes.number_pending(user, fence, first, count)
+        return d
+
+    def _read_known(self) -> set[str]:
+        """The nodes this node has ever seen in a view (read once, at start)."""
+        try:
+            text = self._known_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return set()
+        return {line.strip() for line in text.splitlines() if line.strip()}
+
+    def _remember(self, live: set[str]) -> None:
+        """Grow the known cluster with ``live`` and persist it (off the reactor)."""
+        known = self.user_manager.known
+        if live <= known:
+            return
+        known |= live
+        text = "".join(f"{n}\n" for n in sorted(known))
+        path = self._known_path
+
+        def write() -> None:
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+        d = self.mail._run_blocking(write)
+        d.addErrback(lambda f: self.log.failure("persisting the known nodes failed", f))
+
     # --- reconstruction ------------------------------------------------------------
 
     def _map_changed(self, old: BucketMap, new: BucketMap, fresh: set[int]) -> None:
         live = set(self.live())
         view = int(self.node.view.epoch)
+        self._remember(live)
+        # Before any hint read (they run later, on the pool): a store fenced by a
+        # manager this map no longer names now goes PENDING (fragments.py).
+        self.mail.fragment_store.set_fences({b: fence_of(new, b) for b in range(len(new))})
         # Away (see BucketMapService.away): booted, or our previous view is not the
         # one the coordinator committed from. A bucket source without that notion
         # (tests) only reports the boot.
@@ -1193,7 +1494,7 @@ class MailCluster(Service):
         profile query per bucket), epochs from ``bmap``."""
         store = self.mail.fragment_store
 
-        def read() -> list[tuple[int, dict[str, tuple[bool, int]]]]:
+        def read() -> list[tuple[int, dict[str, tuple[bool, int, int]]]]:
             return [(b, store.uid_marks(b)) for b in buckets]
 
         d1 = self.mail._run_blocking(read)
@@ -1205,7 +1506,7 @@ class MailCluster(Service):
                 [
                     b,
                     bmap.epochs[b],
-                    [[u, m, n] for u, (m, n) in sorted(users.items())],
+                    [[u, m, n, p] for u, (m, n, p) in sorted(users.items())],
                     [list(r) for r in records.get(b, [])],
                 ]
                 for b, users in marks
