@@ -370,7 +370,8 @@ class ImapAccount:
             info = next((i for i in infos if i.name == wanted), None)
             if info is None:
                 return None
-            return self.mail.digests(info.name).addCallback(
+            # complete: NO [UNAVAILABLE] rather than a mailbox lacking mail out of reach
+            return self.mail.digests(info.name, complete=True).addCallback(
                 lambda digests: ImapMailbox(self, info, digests, bool(rw))
             )
 
@@ -464,6 +465,14 @@ class MailImapServer(imap4.IMAP4Server):
                 f"Literal too long; at most {self.max_literal} octets"
             )
         return super()._fileLiteral(size)
+
+    def _ebSelectWork(self, failure: Failure, cmdName: bytes, tag: bytes) -> None:
+        """A mail error (``[UNAVAILABLE]`` when part of the mailbox is out of reach)
+        is a NO with its text; anything else stock's BAD."""
+        if failure.check(MailError):
+            self.sendNegativeResponse(tag, str(failure.value).encode("utf-8", "replace"))
+            return
+        super()._ebSelectWork(failure, cmdName, tag)
 
     def _cbAppendGotMailbox(self, mbox: Any, tag: bytes, flags: Any, date: Any, message: Any) -> Any:  # fmt: skip
         return super()._cbAppendGotMailbox(mbox, tag, flags or [], date, message)

@@ -220,11 +220,15 @@ class UmAuthenticate(_Cmd):
 
 
 class UmFragments(_Cmd):
-    """IUserManager.fragments."""
+    """IUserManager.fragments; ``away``: nodes that held mail for the user when they
+    left the view (out of reach, not gone)."""
 
     commandName = b"porcupine.um.fragments"
     arguments = _U
-    response = [(b"nodes", amp.ListOf(amp.Unicode()))]
+    response = [
+        (b"nodes", amp.ListOf(amp.Unicode())),
+        (b"away", amp.ListOf(amp.Unicode(), optional=True)),
+    ]
 
 
 class UmAddFragment(_Cmd):
@@ -474,6 +478,7 @@ class RemoteUserManager(_Remote):
         self.now = now
         self.profile_ttl = profile_ttl
         self._profiles: dict[str, tuple[Profile, float]] = {}
+        self._away: dict[str, tuple[str, ...]] = {}
 
     def forget(self, address: str) -> None:
         """Drop the cached profile of ``address``."""
@@ -521,8 +526,19 @@ class RemoteUserManager(_Remote):
         return self.call(UmAuthenticate, user=address, password=password).addCallback(got)
 
     def fragments(self, address: str) -> Deferred[tuple[str, ...]]:
-        """See :class:`IUserManager`."""
-        return self.call(UmFragments, user=address).addCallback(lambda r: tuple(r["nodes"]))
+        """See :class:`IUserManager` (also remembers :meth:`away_of`)."""
+
+        def got(r: dict[str, Any]) -> tuple[str, ...]:
+            if len(self._away) > 10_000:
+                self._away.clear()
+            self._away[address.lower()] = tuple(r.get("away") or ())
+            return tuple(r["nodes"])
+
+        return self.call(UmFragments, user=address).addCallback(got)
+
+    def away_of(self, address: str) -> tuple[str, ...]:
+        """Nodes out of reach holding mail for ``address`` (as of the last fragments())."""
+        return self._away.get(address.lower(), ())
 
     def add_fragment(self, address: str, node: str) -> Deferred[None]:
         """See :class:`IUserManager`."""
@@ -659,7 +675,18 @@ def register_handlers(
 
     registry.register(UmProfile, um("profile", lambda p: {"profile": _profile_out(p)}))
     registry.register(UmAuthenticate, um("authenticate", lambda p: {"profile": _profile_out(p)}))
-    registry.register(UmFragments, um("fragments", lambda n: {"nodes": list(n)}))
+
+    def fragments(user: str) -> Deferred[dict[str, Any]]:
+        um_ = users()
+        away = getattr(um_, "away_of", None)
+
+        def out(nodes: tuple[str, ...]) -> dict[str, Any]:
+            return {"nodes": list(nodes), "away": list(away(user)) if away else []}
+
+        d: Deferred[tuple[str, ...]] = um_.fragments(user)
+        return d.addCallback(out)
+
+    registry.register(UmFragments, fragments)
     registry.register(UmAddFragment, um("add_fragment", none))
     registry.register(UmRemoveFragment, um("remove_fragment", none))
 
@@ -744,6 +771,17 @@ UID_GAP = 32
 #: How long a manager waits before trying again to number unnumbered mail it
 #: could not number (no majority, a member's hint missing, a failed call).
 NUMBER_RETRY = 1.0
+
+#: A node numbers (as manager) and accepts fenced stores only while its own lease
+#: holds: renewed every LEASE/4 s by the reactor, so a paused process (SIGSTOP, a
+#: stall) finds it lapsed when it wakes.  After such a gap it stays without a
+#: lease until it installs a new view or PAUSE_GRACE seconds pass (it may have
+#: been replaced meanwhile; a new view tells it).
+LEASE = 1.0
+PAUSE_GRACE = 5.0
+
+#: Every this many seconds a node reminds managers of its unnumbered mail.
+SWEEP_INTERVAL = 3.0
 
 #: At most this many unnumbered messages are numbered per call.
 NUMBER_BATCH = 256
@@ -831,6 +869,8 @@ class ClusterUserManager(UserManager):
         self.number_on: Callable[..., Deferred[tuple[int, int, int]]] | None = None
         self.numbered = 0
         self.pending_plans = 0
+        #: This node's lease (MailCluster's pause detector); True without one.
+        self.lease_ok: Callable[[], bool] = lambda: True
         self.hints_received = 0
         self.view_epoch = 0
         self.members: set[str] = set()
@@ -1003,6 +1043,10 @@ class ClusterUserManager(UserManager):
         return self.settled(address).addCallback(lambda _: super(ClusterUserManager, self)
                                                  .fragments(address))  # fmt: skip
 
+    def away_of(self, address: str) -> tuple[str, ...]:
+        """Nodes that held ``address``'s mail when they left the view."""
+        return tuple(sorted(self.state.away_list(address.lower())))
+
     def quorum(self) -> bool:
         """Our view holds a majority of every node ever seen (:attr:`known`)."""
         return has_majority(self.members | {self.node_id}, self.known | {self.node_id})
@@ -1018,6 +1062,7 @@ class ClusterUserManager(UserManager):
             and b not in self.settling
             and not self.missing.get(b)
             and self.quorum()
+            and self.lease_ok()
         )
 
     def fence(self, address: str) -> str:
@@ -1267,6 +1312,16 @@ class MailCluster(Service):
         )
         mail.user_manager = self.user_manager
         self.user_manager.number_on = self._number_on
+        self.lease = LEASE
+        self.pause_grace = PAUSE_GRACE
+        self._lease_until = float("inf")  # no detector before startService
+        self._last_tick: float | None = None
+        self._paused_at: float | None = None
+        self.pauses = 0
+        self._lease_loop: LoopingCall | None = None
+        self._sweep_loop: LoopingCall | None = None
+        self.user_manager.lease_ok = self.lease_ok
+        mail.fragment_store.fence_ok = self.lease_ok
         self._known_path = Path(mail.data_dir) / "mail" / "known-nodes"
         self.user_manager.known |= self._read_known()
         self.replicator = ProfileReplicator(mail.profiles, self._forget, self._push_profiles)
@@ -1405,7 +1460,43 @@ class MailCluster(Service):
         # Each record is checked (and a malformed one dropped) by ProfileDB.merge.
         return self.replicator.receive(records).addCallback(lambda _: {})
 
+    # --- the lease (pause detection) -------------------------------------------------
+
+    def lease_ok(self) -> bool:
+        """May this node number and accept fenced stores now (thread-safe: a read)?"""
+        return float(self.reactor.seconds()) <= self._lease_until
+
+    def _tick(self) -> None:
+        """Renew the lease; a gap since the last tick means we were paused."""
+        now = float(self.reactor.seconds())
+        last, self._last_tick = self._last_tick, now
+        if last is not None and now - last > self.lease / 2:
+            self.pauses += 1
+            self._paused_at = now
+            self._lease_until = now - 1.0
+            self.log.warn(
+                "paused for {t:.2f}s: no numbering until a new view or {g}s",
+                t=now - last,
+                g=self.pause_grace,
+            )
+            return
+        if self._paused_at is not None and now < self._paused_at + self.pause_grace:
+            return
+        self._paused_at = None
+        self._lease_until = now + self.lease
+
     # --- numbering --------------------------------------------------------------------
+
+    def remind_pending(self) -> int:
+        """Tell the current manager of every user with unnumbered mail here (a note
+        from the delivery may have gone to a manager that was replaced); how many."""
+        users = sorted(self.mail.fragment_store.pending_users)
+        for user in users:
+            manager: Any = self.users_for(user)
+            note = getattr(manager, "note_pending", None)
+            if note is not None:
+                note(user, self.me).addErrback(lambda f: None)  # next sweep tries again
+        return len(users)
 
     def _number_on(
         self, node: str, user: str, fence: str, first: int, count: int
@@ -1448,6 +1539,10 @@ class MailCluster(Service):
         live = set(self.live())
         view = int(self.node.view.epoch)
         self._remember(live)
+        if self._paused_at is not None:  # the view we were waiting for after a pause
+            self._paused_at = None
+            if self._last_tick is not None:
+                self._lease_until = float(self.reactor.seconds()) + self.lease
         # Before any hint read (they run later, on the pool): a store fenced by a
         # manager this map no longer names now goes PENDING (fragments.py).
         self.mail.fragment_store.set_fences({b: fence_of(new, b) for b in range(len(new))})
@@ -1672,10 +1767,16 @@ class MailCluster(Service):
         self._poll = LoopingCall(self.poll_open_mailboxes)
         self._poll.clock = self.reactor
         self._poll.start(self.poll_interval, now=False)
+        self._lease_loop = LoopingCall(self._tick)
+        self._lease_loop.clock = self.reactor
+        self._lease_loop.start(self.lease / 4, now=True)
+        self._sweep_loop = LoopingCall(self.remind_pending)
+        self._sweep_loop.clock = self.reactor
+        self._sweep_loop.start(SWEEP_INTERVAL, now=False)
 
     def stopService(self) -> None:
         """Stop the periodic calls."""
-        for loop in (self._loop, self._poll):
+        for loop in (self._loop, self._poll, self._lease_loop, self._sweep_loop):
             if loop is not None and loop.running:
                 loop.stop()
         super().stopService()

@@ -123,12 +123,14 @@ class DeliveryProxy:
                 new = dict.fromkeys(dig.node for dig in digests if dig.node not in fragments)
                 adds = [manager.add_fragment(address, n) for n in new]
                 # Stored unnumbered (no majority, or a stale fence at the storing
-                # node): durable, so the 250 stands; the manager numbers it.
-                note = getattr(manager, "note_pending", None)
+                # node): durable, so the 250 stands; the manager of the map we hold
+                # *now* numbers it (a lost note: hints carry the count at the next
+                # map change).
+                note = getattr(self.users(address), "note_pending", None)
                 if note is not None:
                     for n in dict.fromkeys(dig.node for dig in digests if dig.uid == 0):
                         adds.append(note(address, n))
-                return DeferredList(adds).addCallback(lambda _: digests)
+                return DeferredList(adds, consumeErrors=True).addCallback(lambda _: digests)
 
             if self.replicated is not None and len(nodes) > 1:
                 return self.replicated(nodes, msg).addCallback(noted)

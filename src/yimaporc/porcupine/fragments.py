@@ -69,8 +69,8 @@ CREATE TABLE IF NOT EXISTS pending (
     user TEXT NOT NULL, mailbox TEXT NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
     flags TEXT NOT NULL, internal_date REAL NOT NULL, PRIMARY KEY (user, key));
 CREATE TABLE IF NOT EXISTS shown (
-    user TEXT NOT NULL, mailbox TEXT NOT NULL, uidnext INTEGER NOT NULL,
-    PRIMARY KEY (user, mailbox));
+    user TEXT NOT NULL, mailbox TEXT NOT NULL, uidvalidity INTEGER NOT NULL,
+    uidnext INTEGER NOT NULL, PRIMARY KEY (user, mailbox));
 """
 
 
@@ -115,6 +115,12 @@ class FragmentStore:
         #: lock, so a commit either lands before a hint read of its bucket (which
         #: takes the lock) or sees the new fence.
         self.fences: dict[int, str] = {}
+        #: The node's lease (``MailCluster.lease_ok``): lapsed after a pause, when
+        #: fenced stores and numbering are refused (stored PENDING instead).
+        self.fence_ok: Callable[[], bool] = lambda: True
+        #: Users with unnumbered mail here (filled by :meth:`recover` and by stores;
+        #: the cluster reminds their managers of them).
+        self.pending_users: set[str] = set()
 
     # --- plumbing ----------------------------------------------------------
 
@@ -172,6 +178,11 @@ class FragmentStore:
     def recover(self) -> int:
         """Remove what a crash left half-stored (tmp files, bodies with no row)."""
         removed = 0
+        for bucket in self._existing_buckets():
+            with self._lock_for(bucket):
+                self.pending_users.update(
+                    u for (u,) in self._db(bucket).execute("SELECT DISTINCT user FROM pending")
+                )
         for p in self.tmp.iterdir():
             p.unlink(missing_ok=True)
             removed += 1
@@ -326,7 +337,15 @@ class FragmentStore:
                     if not self._has(db, user, parent):
                         self._insert_mailbox(db, user, parent)
                 if old == INBOX:
+                    # The new INBOX goes on from the old one's UIDNEXT (no UID reused).
+                    (nxt,) = db.execute(
+                        "SELECT uidnext FROM mailboxes WHERE user=? AND name=?", (user, new)
+                    ).fetchone()
                     self._insert_mailbox(db, user, INBOX)
+                    db.execute(
+                        "UPDATE mailboxes SET uidnext=? WHERE user=? AND name=?",
+                        (nxt, user, INBOX),
+                    )
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -439,7 +458,9 @@ class FragmentStore:
         ).fetchone()
         if row is None:
             raise NoSuchMailbox(f"no mailbox {name}")
-        if m.uid == PENDING or (m.fence and self.fences.get(bucket_of(m.user)) != m.fence):
+        if m.uid == PENDING or (
+            m.fence and (self.fences.get(bucket_of(m.user)) != m.fence or not self.fence_ok())
+        ):
             return self._insert_pending(db, m, name, key)
         if m.fence and m.uid < row[0]:
             # A fenced allocation below what this mailbox already numbered (a store
@@ -478,6 +499,7 @@ class FragmentStore:
             "VALUES (?, ?, ?, ?, ?, ?)",
             (m.user, name, key, len(m.body), flags, date),
         )
+        self.pending_users.add(m.user)
         return Digest(0, key, len(m.body), _flags(flags), date, self.node_id)
 
     def pending(self, user: str) -> int:
@@ -505,7 +527,7 @@ class FragmentStore:
         changed: list[str] = []
         with self._lock_for(bucket):
             db = self._db(bucket)
-            if fence and self.fences.get(bucket) == fence and count > 0:
+            if fence and self.fences.get(bucket) == fence and count > 0 and self.fence_ok():
                 rows = db.execute(
                     "SELECT mailbox, key, size, flags, internal_date FROM pending "
                     "WHERE user=? ORDER BY internal_date, key LIMIT ?",
@@ -543,6 +565,8 @@ class FragmentStore:
                     db.execute("ROLLBACK")
                     raise
             (left,) = db.execute("SELECT COUNT(*) FROM pending WHERE user=?", (user,)).fetchone()
+            if not left:
+                self.pending_users.discard(user)
             top = max(
                 [1]
                 + [
@@ -556,27 +580,30 @@ class FragmentStore:
             )
         return done, changed, int(left), top
 
-    def shown(self, user: str, marks: dict[str, int]) -> dict[str, int]:
-        """Record the UIDNEXT this node is about to show per mailbox of ``user`` and
-        return, per mailbox, the highest ever recorded here (UIDNEXT never goes back,
-        even while a fragment holder is out of reach)."""
+    def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> dict[str, int]:
+        """Record the (UIDVALIDITY, UIDNEXT) this node is about to show per mailbox of
+        ``user`` and return, per mailbox, the highest UIDNEXT ever recorded here for
+        that UIDVALIDITY (UIDNEXT never goes back, even while a fragment holder is
+        out of reach; a re-created mailbox starts again)."""
         bucket = bucket_of(user)
         with self._lock_for(bucket):
             db = self._db(bucket)
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(
-                    "INSERT INTO shown(user, mailbox, uidnext) VALUES (?, ?, ?) "
+                    "INSERT INTO shown(user, mailbox, uidvalidity, uidnext) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT(user, mailbox) DO UPDATE SET "
-                    "uidnext=MAX(uidnext, excluded.uidnext)",
-                    [(user, name, n) for name, n in marks.items()],
+                    "uidnext=CASE WHEN uidvalidity=excluded.uidvalidity "
+                    "THEN MAX(uidnext, excluded.uidnext) ELSE excluded.uidnext END, "
+                    "uidvalidity=excluded.uidvalidity",
+                    [(user, name, v, n) for name, (v, n) in marks.items()],
                 )
                 out = dict(db.execute("SELECT mailbox, uidnext FROM shown WHERE user=?", (user,)))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        return {name: int(out.get(name, n)) for name, n in marks.items()}
+        return {name: int(out.get(name, n)) for name, (_, n) in marks.items()}
 
     def digests(self, user: str, mailbox: str) -> list[Digest]:
         """The mailbox's messages by UID."""
@@ -1008,6 +1035,6 @@ class MailboxManager:
 
         return d.addCallback(notify)
 
-    def shown(self, user: str, marks: dict[str, int]) -> Deferred[dict[str, int]]:
+    def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
         """See :meth:`FragmentStore.shown`."""
         return self._run(self.fragments.shown, user, dict(marks))
