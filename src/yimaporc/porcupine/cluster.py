@@ -389,6 +389,14 @@ class MbNumber(_Cmd):
     response = [(b"done", amp.Integer()), (b"left", amp.Integer()), (b"top", amp.Integer())]
 
 
+class MbDemote(_Cmd):
+    """FragmentStore.demote: message ``key`` under ``uid`` back to unnumbered."""
+
+    commandName = b"porcupine.mb.demote"
+    arguments = [*_M, (b"uid", amp.Integer()), (b"key", amp.Unicode())]
+    response = [(b"done", amp.Boolean())]
+
+
 class MbUsersInBucket(_Cmd):
     """IMailboxManager.users_in_bucket."""
 
@@ -436,7 +444,7 @@ class LoadExchange(_Cmd):
 
 COMMANDS: tuple[type[_Cmd], ...] = (
     UmProfile, UmAuthenticate, UmFragments, UmAddFragment, UmRemoveFragment, UmReserveUids,
-    UmPlan, UmPending, MbNumber,
+    UmPlan, UmPending, MbNumber, MbDemote,
     MbStore, MbMailboxes, MbCreateMailbox, MbDeleteMailbox, MbRenameMailbox, MbSubscribe,
     MbDigests, MbFetch, MbSetFlags, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
     Hints, HintsRequest, ProfilePut, LoadExchange,
@@ -641,6 +649,11 @@ class RemoteMailboxManager(_Remote):
         d = self.call(MbUsersInBucket, bucket=bucket)
         return d.addCallback(lambda r: [str(u) for u in r["users"]])
 
+    def demote(self, user: str, mailbox: str, uid: int, key: str) -> Deferred[bool]:
+        """See :meth:`~.fragments.FragmentStore.demote`."""
+        d = self.call(MbDemote, user=user, mailbox=mailbox, uid=uid, key=key)
+        return d.addCallback(lambda r: bool(r["done"]))
+
     def number_pending(
         self, user: str, fence: str, first: int, count: int
     ) -> Deferred[tuple[int, int, int]]:
@@ -721,6 +734,12 @@ def register_handlers(
         return d.addCallback(lambda r: {"done": r[0], "left": r[1], "top": r[2]})
 
     registry.register(MbNumber, number)
+
+    def demote(user: str, mailbox: str, uid: int, key: str) -> Deferred[dict[str, Any]]:
+        d: Deferred[bool] = mailboxes().demote(user, mailbox, uid, key)  # type: ignore[attr-defined]
+        return d.addCallback(lambda ok: {"done": ok})
+
+    registry.register(MbDemote, demote)
 
     def store(messages: bytes) -> Deferred[dict[str, Any]]:
         batch = unpack_messages(messages)

@@ -580,6 +580,39 @@ class FragmentStore:
             )
         return done, changed, int(left), top
 
+    def demote(self, user: str, mailbox: str, uid: int, key: str) -> bool:
+        """Take message ``key`` (listed under ``uid``) back to unnumbered: another
+        message holds the same UID elsewhere (numbered on two sides of a partition
+        before either side noticed); its manager numbers it afresh.  False if it is
+        not (or no longer) there under that UID."""
+        name = mailbox_name(mailbox)
+        bucket = bucket_of(user)
+        with self._lock_for(bucket):
+            db = self._db(bucket)
+            row = db.execute(
+                "SELECT size, flags, internal_date FROM messages "
+                "WHERE user=? AND mailbox=? AND uid=? AND key=?",
+                (user, name, uid, key),
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "DELETE FROM messages WHERE user=? AND mailbox=? AND uid=?", (user, name, uid)
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO pending(user, mailbox, key, size, flags, "
+                    "internal_date) VALUES (?, ?, ?, ?, ?, ?)",
+                    (user, name, key, *row),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self.pending_users.add(user)
+        return True
+
     def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> dict[str, int]:
         """Record the (UIDVALIDITY, UIDNEXT) this node is about to show per mailbox of
         ``user`` and return, per mailbox, the highest UIDNEXT ever recorded here for
@@ -1034,6 +1067,10 @@ class MailboxManager:
             return done, left, top
 
         return d.addCallback(notify)
+
+    def demote(self, user: str, mailbox: str, uid: int, key: str) -> Deferred[bool]:
+        """See :meth:`FragmentStore.demote`."""
+        return self._run(self.fragments.demote, user, mailbox, uid, key)
 
     def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
         """See :meth:`FragmentStore.shown`."""

@@ -76,6 +76,8 @@ class UserMail:
         self.unreachable: set[str] = set()
         #: Mailboxes whose merged UIDNEXT was below one this node showed before.
         self.short: set[str] = set()
+        #: Messages sent back to be numbered afresh (two under one UID).
+        self.renumbered = 0
 
     def incomplete(self, mailbox: str | None = None) -> list[str]:
         """Why the last listing (of ``mailbox``) may lack messages ([]: complete)."""
@@ -274,8 +276,12 @@ class UserMail:
 
         def merge(parts: list[tuple[str, list[Digest]]]) -> list[Digest]:
             # Copies of one message (replicas) share UID, size and internal date:
-            # listed once.  Two different messages under one UID (a reservation
-            # racing a manager move) are both listed rather than one hidden.
+            # listed once.  Two different messages under one UID (numbered on two
+            # sides of a partition before either noticed, or older data) are never
+            # both listed (a client cannot tell them apart: UID FETCH would pair
+            # one's flags with the other's body): the oldest keeps the UID, the
+            # others go back to unnumbered and their manager numbers them afresh,
+            # above every UID shown (hidden only until then).
             seen: dict[int, list[Digest]] = {}
             for _, part in parts:
                 for d in part:
@@ -287,14 +293,33 @@ class UserMail:
                     if twin is not None and twin.node != d.node:
                         self._copies.setdefault((mailbox, d.uid), []).append(d.node)
                     elif twin is None:
-                        if same:
-                            self.log.warn(
-                                "{u}: two messages under UID {n}", u=self.address, n=d.uid
-                            )
                         same.append(d)
-            return [d for u in sorted(seen) for d in seen[u]]
+            out = []
+            for u in sorted(seen):
+                keep, *extra = sorted(seen[u], key=lambda x: (x.internal_date, x.node, x.key))
+                out.append(keep)
+                for d in extra:
+                    self._renumber(mailbox, d)
+            return out
 
         return self._ask_all(tolerant).addCallback(merge)
+
+    def _renumber(self, mailbox: str, d: Digest) -> None:
+        """``d`` shares its UID with another message: back to unnumbered on its node,
+        and its manager told (fire and forget: the next listing tries again)."""
+        self.log.warn(
+            "{u}: two messages under UID {n}; the one on {node} is numbered afresh",
+            u=self.address,
+            n=d.uid,
+            node=d.node,
+        )
+        self.renumbered += 1
+        box: Any = self.managers(d.node)
+        note = getattr(self.users, "note_pending", None)
+        dd: Deferred[Any] = box.demote(self.address, mailbox, d.uid, d.key)
+        if note is not None:
+            dd.addCallback(lambda ok: note(self.address, d.node) if ok else None)
+        dd.addErrback(lambda f: self.log.warn("renumbering failed: {e}", e=f.getErrorMessage()))
 
     def _by_node(self, digests: Sequence[Digest], mailbox: str = "") -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
