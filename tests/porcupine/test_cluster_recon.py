@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 from mailtest_helpers import SyncPool, fast_hash, result_of
-from test_cluster_sim import DOMAIN, AffinityChooser, Net, SimNode, SimRpc, add_user, check_mailbox
+from test_cluster_sim import (
+    DOMAIN,
+    AffinityChooser,
+    Net,
+    SimNode,
+    SimRpc,
+    add_user,
+    check_mailbox,
+    unsynced,
+)
 from twisted.protocols import amp
 
 from yimaporc.cluster.buckets import BucketMap, MalformedMap
@@ -50,6 +59,7 @@ class ReconNode(SimNode):
         )  # fmt: skip
         self.mail.profiles._hash = fast_hash
         self.mail.profiles._db.db.execute("PRAGMA synchronous=OFF")
+        unsynced(self.mail.fragment_store)
         self.cluster = MailCluster(
             self.mail, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
         )

@@ -397,6 +397,16 @@ class MbDemote(_Cmd):
     response = [(b"done", amp.Boolean())]
 
 
+class UidMark(_Cmd):
+    """Record durably that UIDs of ``bucket`` up to ``mark`` may be handed out by the
+    manager with ``fence`` (refused, ``ok`` false, if that is not the callee's
+    current fence of the bucket: it has installed a newer map)."""
+
+    commandName = b"porcupine.uid-mark"
+    arguments = [(b"bucket", amp.Integer()), (b"fence", amp.Unicode()), (b"mark", amp.Integer())]
+    response = [(b"ok", amp.Boolean())]
+
+
 class MbUsersInBucket(_Cmd):
     """IMailboxManager.users_in_bucket."""
 
@@ -444,7 +454,7 @@ class LoadExchange(_Cmd):
 
 COMMANDS: tuple[type[_Cmd], ...] = (
     UmProfile, UmAuthenticate, UmFragments, UmAddFragment, UmRemoveFragment, UmReserveUids,
-    UmPlan, UmPending, MbNumber, MbDemote,
+    UmPlan, UmPending, MbNumber, MbDemote, UidMark,
     MbStore, MbMailboxes, MbCreateMailbox, MbDeleteMailbox, MbRenameMailbox, MbSubscribe,
     MbDigests, MbFetch, MbSetFlags, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
     Hints, HintsRequest, ProfilePut, LoadExchange,
@@ -802,6 +812,11 @@ PAUSE_GRACE = 5.0
 #: Every this many seconds a node reminds managers of its unnumbered mail.
 SWEEP_INTERVAL = 3.0
 
+#: A manager has a majority record this many UIDs beyond what it needs at a time
+#: (one round per block per bucket); a bucket's next manager starts above it.
+MARK_BLOCK = 256
+MARK_TIMEOUT = 1.0
+
 #: At most this many unnumbered messages are numbered per call.
 NUMBER_BATCH = 256
 
@@ -888,6 +903,16 @@ class ClusterUserManager(UserManager):
         self.number_on: Callable[..., Deferred[tuple[int, int, int]]] | None = None
         self.numbered = 0
         self.pending_plans = 0
+        #: Per bucket: the highest UID mark any member reported (hints): every UID a
+        #: previous manager handed out is below it, so ours start there.
+        self.floor: dict[int, int] = {}
+        #: Per bucket: the mark a majority recorded for us in this tenure; we hand
+        #: out UIDs below it only.
+        self.granted: dict[int, int] = {}
+        self._extending: dict[int, list[Deferred[None]]] = {}
+        self.mark_timeout = MARK_TIMEOUT
+        #: ``mark_on(node, bucket, fence, mark) -> Deferred[bool]`` (MailCluster).
+        self.mark_on: Callable[..., Deferred[bool]] | None = None
         #: This node's lease (MailCluster's pause detector); True without one.
         self.lease_ok: Callable[[], bool] = lambda: True
         self.hints_received = 0
@@ -916,6 +941,10 @@ class ClusterUserManager(UserManager):
             b = bucket_of(user)
             if b not in mine or b in fresh:
                 del self.uidnext[user]
+        for table in (self.floor, self.granted):
+            for b in list(table):
+                if b not in mine or b in fresh:
+                    del table[b]
         for b in list(self.settling):
             if b not in mine or b in fresh:
                 self._settle(b)
@@ -1023,6 +1052,11 @@ class ClusterUserManager(UserManager):
                 self.pending.setdefault(user, {})[sender] = unnumbered
             else:
                 self.pending.get(user, {}).pop(sender, None)
+        if len(entry) > 4:
+            try:
+                self.floor[bucket] = max(self.floor.get(bucket, 1), int(entry[4]))
+            except (TypeError, ValueError):
+                pass
         late = self.missing.get(bucket)
         if late is not None:
             late.discard(sender)
@@ -1088,22 +1122,100 @@ class ClusterUserManager(UserManager):
         """The fence our allocations for ``address`` carry."""
         return fence_of(self.state.map, bucket_of(address))
 
-    def _take(self, address: str, count: int, unfenced: bool = False) -> tuple[int, str]:
+    def _take(
+        self, address: str, count: int, unfenced: bool = False, again: bool = True
+    ) -> Deferred[tuple[int, str]]:
+        """``count`` UIDs for ``address`` below the bucket's granted mark (extended
+        first, by a majority, when they would not fit), or PENDING."""
+        b = bucket_of(address)
         if not self.may_number(address):
-            if not unfenced:
-                self.pending_plans += 1
-                return PENDING, ""
-            if not self.state.manages(address):
-                return PENDING, ""
-        first = self.uidnext.get(address, 1)
-        self.uidnext[address] = first + max(1, count)
-        return first, ("" if unfenced else self.fence(address))
+            if unfenced and self.state.manages(address):
+                first = max(self.uidnext.get(address, 1), self.floor.get(b, 1))
+                self.uidnext[address] = first + max(1, count)
+                return succeed((first, ""))
+            self.pending_plans += 1
+            return succeed((PENDING, ""))
+        first = max(self.uidnext.get(address, 1), self.floor.get(b, 1))
+        end = first + max(1, count)
+        if end <= self.granted.get(b, 0):
+            self.uidnext[address] = end
+            return succeed((first, "" if unfenced else self.fence(address)))
+        if not again:
+            self.pending_plans += 1
+            return succeed((PENDING, ""))
+        d = self._extend(b, end + MARK_BLOCK)
+        return d.addCallback(lambda _: self._take(address, count, unfenced, again=False))
+
+    def _extend(self, bucket: int, target: int) -> Deferred[None]:
+        """Raise ``bucket``'s mark to at least ``target`` on a majority of the known
+        cluster (each member records it durably, if our fence is its current one);
+        fires (never fails) once that is done or has failed."""
+        busy = self._extending.get(bucket)
+        if busy is not None:
+            out: Deferred[None] = Deferred()
+            busy.append(out)
+            return out
+        waiters: list[Deferred[None]] = []
+        self._extending[bucket] = waiters
+        fence = fence_of(self.state.map, bucket)
+        known = self.known | {self.node_id}
+        need = len(known) // 2 + 1
+        others = sorted((self.members & known) - {self.node_id})
+        # A majority is enough: ourselves and the next ones after us (spread), the
+        # rest only if one of those fails.
+        at = sum(1 for n in others if n < self.node_id)
+        others = others[at:] + others[:at]
+        asked = [self.node_id, *others[: need - 1]]
+        spare = others[need - 1 :]
+        state = {"ok": 0, "left": 0, "done": False, "issuing": True}
+        first: Deferred[None] = Deferred()
+
+        def finish(granted: bool) -> None:
+            if state["done"]:
+                return
+            state["done"] = True
+            if granted and fence_of(self.state.map, bucket) == fence:
+                self.granted[bucket] = max(self.granted.get(bucket, 0), target)
+            elif not granted:
+                self.log.info("bucket {b}: no majority for UID mark {m}", b=bucket, m=target)
+            self._extending.pop(bucket, None)
+            for d in [first, *waiters]:
+                d.callback(None)
+
+        def answer(ok: bool) -> None:
+            state["left"] -= 1
+            state["ok"] += int(bool(ok))
+            if state["ok"] >= need:
+                finish(True)
+            elif not ok and spare and not state["done"]:
+                ask(spare.pop(0))
+            elif state["left"] == 0 and not state["issuing"]:
+                finish(False)
+
+        def ask(node: str) -> None:
+            state["left"] += 1
+            d = self.mark_on(node, bucket, fence, target)  # type: ignore[misc]
+            d.addCallbacks(answer, lambda f: answer(False))
+
+        if self.mark_on is None:  # no cluster wiring (a bare manager in tests)
+            finish(True)
+            return first
+        timer = self.clock.callLater(self.mark_timeout, finish, False)
+        first.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        state["left"], state["issuing"] = 0, True
+        for node in asked:
+            ask(node)
+        state["issuing"] = False
+        if state["left"] == 0:
+            finish(state["ok"] >= need)
+        return first
 
     def reserve_uids(self, address: str, count: int) -> Deferred[int]:
         """The first of ``count`` fresh UIDs for ``address``, or PENDING when we may
         not number (waits while the bucket settles); unfenced (APPEND, COPY)."""
         address = address.lower()
-        return self.settled(address).addCallback(lambda _: self._take(address, count)[0])
+        d = self.settled(address).addCallback(lambda _: self._take(address, count))
+        return d.addCallback(lambda r: r[0])
 
     def reserve_fenced(self, address: str, count: int) -> Deferred[tuple[int, str]]:
         """:meth:`reserve_uids` with the fence the stores must carry."""
@@ -1119,11 +1231,12 @@ class ClusterUserManager(UserManager):
         counter even without a majority, no fence (docs/mail.md: known limits)."""
         address = address.lower()
 
-        def plan(_: object) -> tuple[tuple[str, ...], int, str]:
-            first, fence = self._take(address, count, unfenced)
+        def plan(taken: tuple[int, str]) -> tuple[tuple[str, ...], int, str]:
+            first, fence = taken
             return tuple(sorted(self.state.fragment_list(address))), first, fence
 
-        return self.settled(address).addCallback(plan)
+        d = self.settled(address).addCallback(lambda _: self._take(address, count, unfenced))
+        return d.addCallback(plan)
 
     # --- numbering what was stored unnumbered --------------------------------
 
@@ -1164,7 +1277,6 @@ class ClusterUserManager(UserManager):
     def _number(self, user: str, node: str, n: int) -> None:
         assert self.number_on is not None
         count = min(max(1, n), NUMBER_BATCH)
-        first, fence = self._take(user, count)
         key = (user, node)
         self._numbering.add(key)
 
@@ -1191,7 +1303,16 @@ class ClusterUserManager(UserManager):
             )
             self._kick(self.number_retry)
 
-        self.number_on(node, user, fence, first, count).addCallbacks(done, failed)
+        def go(taken: tuple[int, str]) -> Deferred[Any] | None:
+            first, fence = taken
+            if first == PENDING:  # lost the right meanwhile (or no majority for a mark)
+                self._numbering.discard(key)
+                self._kick(self.number_retry)
+                return None
+            assert self.number_on is not None
+            return self.number_on(node, user, fence, first, count).addCallbacks(done, failed)
+
+        self._take(user, count).addCallback(go)
 
     def status(self) -> dict[str, Any]:
         """Counts for the status page."""
@@ -1331,6 +1452,8 @@ class MailCluster(Service):
         )
         mail.user_manager = self.user_manager
         self.user_manager.number_on = self._number_on
+        self.user_manager.mark_on = self._mark_on
+        node.registry.register(UidMark, self._on_mark)
         self.lease = LEASE
         self.pause_grace = PAUSE_GRACE
         self._lease_until = float("inf")  # no detector before startService
@@ -1524,6 +1647,22 @@ class MailCluster(Service):
         d: Deferred[tuple[int, int, int]] = boxes.number_pending(user, fence, first, count)
         return d
 
+    def _mark_on(self, node: str, bucket: int, fence: str, mark: int) -> Deferred[bool]:
+        if node == self.me:
+            return self._raise_mark(bucket, fence, mark)
+        d = self.call(node, UidMark, bucket=bucket, fence=fence, mark=mark)
+        return d.addCallback(lambda r: bool(r["ok"]))
+
+    def _raise_mark(self, bucket: int, fence: str, mark: int) -> Deferred[bool]:
+        store = self.mail.fragment_store
+        d: Deferred[bool] = self.mail._run_blocking(store.raise_mark, bucket, fence, mark)
+        return d
+
+    def _on_mark(self, bucket: int, fence: str, mark: int) -> Deferred[dict[str, Any]]:
+        if not 0 <= bucket < N_BUCKETS:
+            raise amp.MalformedAmpBox("bucket number out of range")
+        return self._raise_mark(bucket, fence, mark).addCallback(lambda ok: {"ok": ok})
+
     def _read_known(self) -> set[str]:
         """The nodes this node has ever seen in a view (read once, at start)."""
         try:
@@ -1608,8 +1747,8 @@ class MailCluster(Service):
         profile query per bucket), epochs from ``bmap``."""
         store = self.mail.fragment_store
 
-        def read() -> list[tuple[int, dict[str, tuple[bool, int, int]]]]:
-            return [(b, store.uid_marks(b)) for b in buckets]
+        def read() -> list[tuple[int, dict[str, tuple[bool, int, int]], int]]:
+            return [(b, store.uid_marks(b), store.bucket_mark(b)) for b in buckets]
 
         d1 = self.mail._run_blocking(read)
         d2 = self.mail.profiles.records_in_buckets(buckets)
@@ -1622,8 +1761,9 @@ class MailCluster(Service):
                     bmap.epochs[b],
                     [[u, m, n, p] for u, (m, n, p) in sorted(users.items())],
                     [list(r) for r in records.get(b, [])],
+                    mark,
                 ]
-                for b, users in marks
+                for b, users, mark in marks
             ]
 
         d = DeferredList([d1, d2], fireOnOneErrback=True, consumeErrors=True)

@@ -121,6 +121,8 @@ class FragmentStore:
         #: Users with unnumbered mail here (filled by :meth:`recover` and by stores;
         #: the cluster reminds their managers of them).
         self.pending_users: set[str] = set()
+        self._marks: sqlite3.Connection | None = None
+        self._marks_lock = threading.RLock()
 
     # --- plumbing ----------------------------------------------------------
 
@@ -172,6 +174,10 @@ class FragmentStore:
             for db in self._dbs.values():
                 db.close()
             self._dbs.clear()
+        with self._marks_lock:
+            if self._marks is not None:
+                self._marks.close()
+                self._marks = None
 
     # --- start-up ----------------------------------------------------------
 
@@ -579,6 +585,48 @@ class FragmentStore:
                 ]
             )
         return done, changed, int(left), top
+
+    def raise_mark(self, bucket: int, fence: str, mark: int) -> bool:
+        """Record (durably) that ``bucket``'s manager with ``fence`` may hand out UIDs
+        below ``mark``; False (nothing written) if ``fence`` is not our current fence
+        of the bucket or our lease lapsed.  Under the bucket lock, like the hint read:
+        a mark either is in our next hint or is refused."""
+        with self._lock_for(bucket):
+            if self.fences.get(bucket) != fence or not self.fence_ok():
+                return False
+            with self._marks_lock:
+                self.marks_db().execute(
+                    "INSERT INTO marks(bucket, mark) VALUES (?, ?) "
+                    "ON CONFLICT(bucket) DO UPDATE SET mark=MAX(mark, excluded.mark)",
+                    (bucket, int(mark)),
+                )
+        return True
+
+    def marks_db(self) -> sqlite3.Connection:
+        """``mail/uid-marks.sqlite``: one row per bucket (WAL, synchronous=FULL)."""
+        with self._marks_lock:
+            if self._marks is None:
+                db = sqlite3.connect(
+                    self.root / "uid-marks.sqlite", check_same_thread=False, isolation_level=None
+                )
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS marks "
+                    "(bucket INTEGER PRIMARY KEY, mark INTEGER NOT NULL)"
+                )
+                self._marks = db
+            return self._marks
+
+    def bucket_mark(self, bucket: int) -> int:
+        """The highest UID mark recorded here for ``bucket`` (1: none)."""
+        with self._lock_for(bucket), self._marks_lock:
+            row = (
+                self.marks_db()
+                .execute("SELECT mark FROM marks WHERE bucket=?", (bucket,))
+                .fetchone()
+            )
+        return int(row[0]) if row else 1
 
     def demote(self, user: str, mailbox: str, uid: int, key: str) -> bool:
         """Take message ``key`` (listed under ``uid``) back to unnumbered: another
