@@ -242,3 +242,38 @@ def test_clean_partition_deliveries_on_both_sides_then_heal(tmp_path: Path) -> N
         newly_visible_above(check, u, shown.get(u, 0), bodies)
     assert sum(n.mail.fragment_store.pending(u) for n in net.nodes.values() for u in users) == 0
     net.stop()
+
+
+def test_new_manager_starts_above_uids_stored_only_on_nodes_it_cannot_reach(
+    tmp_path: Path,
+) -> None:
+    """A user's 40 messages (more than UID_GAP) all sit on n2; n1 manages the user.
+    {n1,n2} | {n3,n4,n5}: the majority side's new manager hears no hint about them,
+    but the UID mark n1 had a majority record is in its hints: its UIDs start above
+    all 40, so after the heal no UID is held twice and nothing needs renumbering."""
+    net = PartNet(tmp_path)
+    nodes = ["n1", "n2", "n3", "n4", "n5"]
+    for n in nodes:
+        net.add(n)
+    net.commit(nodes)
+    net.start()
+    user = users_managed_by(net, "n1", 1)[0]
+    add_user(net, "n1", user)
+    check = Checker(net)
+    net.refuse = {(n, MbStore.commandName) for n in nodes if n != "n2"}  # type: ignore[misc]
+    for i in range(40):
+        assert check.deliver("n2", user, b"on n2 %d\r\n" % i)[0].node == "n2"
+    net.refuse = set()
+    check.check_all(["n1", "n2"])  # (a read records UIDNEXT on the reading node)
+    net.sides = [{"n1", "n2"}]
+    net.commit(["n1", "n2"], on=["n1", "n2"])
+    net.commit(["n3", "n4", "n5"], on=["n3", "n4", "n5"])
+    net.run(3.0)
+    later = [check.deliver("n4", user, b"majority %d\r\n" % i) for i in range(5)]
+    assert min(d[0].uid for d in later) > 40, [d[0].uid for d in later]
+    check.read("n4", user)  # a majority-side client sees these UIDs
+    net.sides = []
+    net.commit(nodes)
+    net.run(4.0)
+    check.check_all(nodes)  # every UID shown before still names the same message
+    net.stop()
