@@ -1945,6 +1945,8 @@ class MailCluster(Service):
         return {
             "mail_cluster": {
                 **self.user_manager.status(),
+                "pauses": self.pauses,
+                "lease": self.lease_ok(),
                 "rpc_calls": dict(self.calls),
                 "load": self.load(),
                 "balancer": self.balancer.status(),
