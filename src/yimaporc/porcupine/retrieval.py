@@ -78,10 +78,17 @@ class UserMail:
         self.short: set[str] = set()
         #: Messages sent back to be numbered afresh (two under one UID).
         self.renumbered = 0
+        #: With replication, the user's copies per message (from the profile): fewer
+        #: holders out of reach than that leave every message a reachable copy.
+        self.replicas = 1
 
     def incomplete(self, mailbox: str | None = None) -> list[str]:
         """Why the last listing (of ``mailbox``) may lack messages ([]: complete)."""
-        out = [f"mail on {n} out of reach" for n in sorted(self.unreachable)]
+        out = (
+            [f"mail on {n} out of reach" for n in sorted(self.unreachable)]
+            if len(self.unreachable) >= self.replicas
+            else []
+        )
         out += [
             f"{m} lacks messages shown before"
             for m in sorted(self.short)
@@ -158,6 +165,8 @@ class UserMail:
         its INBOX row was made, and on that node's clock)."""
 
         def fix(profile: Profile | None) -> list[MailboxInfo]:
+            if profile is not None and self.replicated:
+                self.replicas = max(1, profile.replicas)
             if profile is None or profile.created < 1:
                 return infos
             v = int(profile.created)
