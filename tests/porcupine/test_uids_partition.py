@@ -346,11 +346,30 @@ def chaos(tmp_path: Path, seed: int, steps: int = 12) -> Checker:
     if DEBUG:
         for n, node in net.nodes.items():
             um = node.cluster.user_manager
-            print(n, "pending", {u: node.mail.fragment_store.pending(u) for u in users},
-                  "um.pending", um.pending, "missing", um.missing, "settling", list(um.settling),
-                  "lease", node.cluster.lease_ok(), "members", sorted(um.members),
-                  "frag user0", um.state.fragment_list(users[0]) if um.state.manages(users[0]) else "-")
-            print("  msgs", {u: [d.uid for d in node.mail.fragment_store.digests(u, "INBOX")] for u in users[:1]})
+            print(
+                n,
+                "pending",
+                {u: node.mail.fragment_store.pending(u) for u in users},
+                "um.pending",
+                um.pending,
+                "missing",
+                um.missing,
+                "settling",
+                list(um.settling),
+                "lease",
+                node.cluster.lease_ok(),
+                "members",
+                sorted(um.members),
+                "frag user0",
+                um.state.fragment_list(users[0]) if um.state.manages(users[0]) else "-",
+            )
+            print(
+                "  msgs",
+                {
+                    u: [d.uid for d in node.mail.fragment_store.digests(u, "INBOX")]
+                    for u in users[:1]
+                },
+            )
     check.check_all(nodes)
     net.stop()
     return check

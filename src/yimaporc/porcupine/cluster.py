@@ -407,6 +407,15 @@ class UidMark(_Cmd):
     response = [(b"ok", amp.Boolean())]
 
 
+class UidHolders(_Cmd):
+    """Record durably that ``holders`` (``[[user, node]...]``) of ``bucket`` hold
+    mail, for the manager with ``fence`` (refused like :class:`UidMark`)."""
+
+    commandName = b"porcupine.uid-holders"
+    arguments = [(b"bucket", amp.Integer()), (b"fence", amp.Unicode()), (b"holders", Json())]
+    response = [(b"ok", amp.Boolean())]
+
+
 class MbUsersInBucket(_Cmd):
     """IMailboxManager.users_in_bucket."""
 
@@ -454,7 +463,7 @@ class LoadExchange(_Cmd):
 
 COMMANDS: tuple[type[_Cmd], ...] = (
     UmProfile, UmAuthenticate, UmFragments, UmAddFragment, UmRemoveFragment, UmReserveUids,
-    UmPlan, UmPending, MbNumber, MbDemote, UidMark,
+    UmPlan, UmPending, MbNumber, MbDemote, UidMark, UidHolders,
     MbStore, MbMailboxes, MbCreateMailbox, MbDeleteMailbox, MbRenameMailbox, MbSubscribe,
     MbDigests, MbFetch, MbSetFlags, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
     Hints, HintsRequest, ProfilePut, LoadExchange,
@@ -913,6 +922,8 @@ class ClusterUserManager(UserManager):
         self.mark_timeout = MARK_TIMEOUT
         #: ``mark_on(node, bucket, fence, mark) -> Deferred[bool]`` (MailCluster).
         self.mark_on: Callable[..., Deferred[bool]] | None = None
+        #: ``holders_on(node, bucket, fence, [[user, node]...]) -> Deferred[bool]``.
+        self.holders_on: Callable[..., Deferred[bool]] | None = None
         #: This node's lease (MailCluster's pause detector); True without one.
         self.lease_ok: Callable[[], bool] = lambda: True
         self.hints_received = 0
@@ -1057,6 +1068,14 @@ class ClusterUserManager(UserManager):
                 self.floor[bucket] = max(self.floor.get(bucket, 1), int(entry[4]))
             except (TypeError, ValueError):
                 pass
+        if len(entry) > 5 and isinstance(entry[5], list):
+            for pair in entry[5][:100_000]:
+                try:
+                    user, node = str(pair[0]), str(pair[1])
+                except (IndexError, TypeError):
+                    continue
+                if _raw_bucket_of(user, N_BUCKETS) == bucket:
+                    self.state.note_holder(user, node, self.members | {self.node_id})
         late = self.missing.get(bucket)
         if late is not None:
             late.discard(sender)
@@ -1080,7 +1099,14 @@ class ClusterUserManager(UserManager):
         address = address.lower()
         if not self.state.manages(address) and len(self._early_notes) < MAX_EARLY_HINTS:
             self._early_notes.append((address, node))
-        return super().add_fragment(address, node)
+        known = node in self.state.fragment_list(address)
+        d = super().add_fragment(address, node)
+        if self.state.manages(address) and not known:
+            # A node holds this user's mail for the first time: a majority records
+            # it before the delivery's 250, so a later manager knows it even while
+            # the node is out of reach (reads then say so, they do not shrink).
+            d.addCallback(lambda _: self._record_holder(address, node))
+        return d
 
     def settled(self, address: str) -> Deferred[None]:
         """Fires once ``address``'s bucket is not settling (at once if it is not)."""
@@ -1158,8 +1184,48 @@ class ClusterUserManager(UserManager):
         waiters: list[Deferred[None]] = []
         self._extending[bucket] = waiters
         fence = fence_of(self.state.map, bucket)
+        mark_on = self.mark_on
+
+        def write(node: str) -> Deferred[bool]:
+            assert mark_on is not None
+            return mark_on(node, bucket, fence, target)
+
+        def done(granted: bool) -> None:
+            if granted and fence_of(self.state.map, bucket) == fence:
+                self.granted[bucket] = max(self.granted.get(bucket, 0), target)
+            elif not granted:
+                self.log.info("bucket {b}: no majority for UID mark {m}", b=bucket, m=target)
+            self._extending.pop(bucket, None)
+            for d in waiters:
+                d.callback(None)
+
+        if mark_on is None:  # no cluster wiring (a bare manager in tests)
+            done(True)
+            return succeed(None)
+        return self._on_majority(write).addCallback(done)
+
+    def _record_holder(self, address: str, node: str) -> Deferred[None]:
+        """Have a majority record that ``node`` holds mail for ``address`` (so a later
+        manager knows it even while ``node`` is out of reach); fires regardless."""
+        b = bucket_of(address)
+        fence = fence_of(self.state.map, b)
+        holders_on = self.holders_on
+        if holders_on is None or not self.may_number(address):
+            return succeed(None)
+
+        def write(n: str) -> Deferred[bool]:
+            assert holders_on is not None
+            return holders_on(n, b, fence, [[address, node]])
+
+        return self._on_majority(write).addCallback(lambda _: None)
+
+    def _on_majority(self, write: Callable[[str], Deferred[bool]]) -> Deferred[bool]:
+        """``write(node)`` on ourselves and enough others for a majority of the known
+        cluster (more only if some refuse or fail); fires True once a majority
+        succeeded, False when that can no longer happen or after ``mark_timeout``."""
         known = self.known | {self.node_id}
         need = len(known) // 2 + 1
+        first: Deferred[bool] = Deferred()
         others = sorted((self.members & known) - {self.node_id})
         # A majority is enough: ourselves and the next ones after us (spread), the
         # rest only if one of those fails.
@@ -1168,19 +1234,12 @@ class ClusterUserManager(UserManager):
         asked = [self.node_id, *others[: need - 1]]
         spare = others[need - 1 :]
         state = {"ok": 0, "left": 0, "done": False, "issuing": True}
-        first: Deferred[None] = Deferred()
 
         def finish(granted: bool) -> None:
             if state["done"]:
                 return
             state["done"] = True
-            if granted and fence_of(self.state.map, bucket) == fence:
-                self.granted[bucket] = max(self.granted.get(bucket, 0), target)
-            elif not granted:
-                self.log.info("bucket {b}: no majority for UID mark {m}", b=bucket, m=target)
-            self._extending.pop(bucket, None)
-            for d in [first, *waiters]:
-                d.callback(None)
+            first.callback(granted)
 
         def answer(ok: bool) -> None:
             state["left"] -= 1
@@ -1194,14 +1253,16 @@ class ClusterUserManager(UserManager):
 
         def ask(node: str) -> None:
             state["left"] += 1
-            d = self.mark_on(node, bucket, fence, target)  # type: ignore[misc]
-            d.addCallbacks(answer, lambda f: answer(False))
+            write(node).addCallbacks(answer, lambda f: answer(False))
 
-        if self.mark_on is None:  # no cluster wiring (a bare manager in tests)
-            finish(True)
-            return first
         timer = self.clock.callLater(self.mark_timeout, finish, False)
-        first.addBoth(lambda r: timer.cancel() if timer.active() else None)
+
+        def cancel(result: bool) -> bool:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        first.addCallback(cancel)
         state["left"], state["issuing"] = 0, True
         for node in asked:
             ask(node)
@@ -1453,6 +1514,8 @@ class MailCluster(Service):
         mail.user_manager = self.user_manager
         self.user_manager.number_on = self._number_on
         self.user_manager.mark_on = self._mark_on
+        self.user_manager.holders_on = self._holders_on
+        node.registry.register(UidHolders, self._on_holders)
         node.registry.register(UidMark, self._on_mark)
         self.lease = LEASE
         self.pause_grace = PAUSE_GRACE
@@ -1653,6 +1716,25 @@ class MailCluster(Service):
         d = self.call(node, UidMark, bucket=bucket, fence=fence, mark=mark)
         return d.addCallback(lambda r: bool(r["ok"]))
 
+    def _holders_on(
+        self, node: str, bucket: int, fence: str, holders: list[list[str]]
+    ) -> Deferred[bool]:
+        if node == self.me:
+            return self._record_holders(bucket, fence, holders)
+        d = self.call(node, UidHolders, bucket=bucket, fence=fence, holders=holders)
+        return d.addCallback(lambda r: bool(r["ok"]))
+
+    def _record_holders(self, bucket: int, fence: str, holders: Any) -> Deferred[bool]:
+        pairs = [(str(h[0]), str(h[1])) for h in holders if isinstance(h, list) and len(h) == 2]
+        store = self.mail.fragment_store
+        d: Deferred[bool] = self.mail._run_blocking(store.record_holders, bucket, fence, pairs)
+        return d
+
+    def _on_holders(self, bucket: int, fence: str, holders: Any) -> Deferred[dict[str, Any]]:
+        if not 0 <= bucket < N_BUCKETS or not isinstance(holders, list):
+            raise amp.MalformedAmpBox("bad holders")
+        return self._record_holders(bucket, fence, holders).addCallback(lambda ok: {"ok": ok})
+
     def _raise_mark(self, bucket: int, fence: str, mark: int) -> Deferred[bool]:
         store = self.mail.fragment_store
         d: Deferred[bool] = self.mail._run_blocking(store.raise_mark, bucket, fence, mark)
@@ -1747,8 +1829,11 @@ class MailCluster(Service):
         profile query per bucket), epochs from ``bmap``."""
         store = self.mail.fragment_store
 
-        def read() -> list[tuple[int, dict[str, tuple[bool, int, int]], int]]:
-            return [(b, store.uid_marks(b), store.bucket_mark(b)) for b in buckets]
+        def read() -> list[tuple[int, dict[str, tuple[bool, int, int]], int, list[list[str]]]]:
+            return [
+                (b, store.uid_marks(b), store.bucket_mark(b), store.bucket_holders(b))
+                for b in buckets
+            ]
 
         d1 = self.mail._run_blocking(read)
         d2 = self.mail.profiles.records_in_buckets(buckets)
@@ -1762,8 +1847,9 @@ class MailCluster(Service):
                     [[u, m, n, p] for u, (m, n, p) in sorted(users.items())],
                     [list(r) for r in records.get(b, [])],
                     mark,
+                    holders,
                 ]
-                for b, users, mark in marks
+                for b, users, mark, holders in marks
             ]
 
         d = DeferredList([d1, d2], fireOnOneErrback=True, consumeErrors=True)

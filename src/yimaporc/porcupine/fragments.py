@@ -615,8 +615,37 @@ class FragmentStore:
                     "CREATE TABLE IF NOT EXISTS marks "
                     "(bucket INTEGER PRIMARY KEY, mark INTEGER NOT NULL)"
                 )
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS holders (bucket INTEGER NOT NULL, "
+                    "user TEXT NOT NULL, node TEXT NOT NULL, PRIMARY KEY (user, node))"
+                )
                 self._marks = db
             return self._marks
+
+    def record_holders(self, bucket: int, fence: str, pairs: Sequence[tuple[str, str]]) -> bool:
+        """Record (durably) that these (user, node) pairs of ``bucket`` held mail, for
+        the manager with ``fence`` (refused like :meth:`raise_mark`)."""
+        with self._lock_for(bucket):
+            if self.fences.get(bucket) != fence or not self.fence_ok():
+                return False
+            with self._marks_lock:
+                self.marks_db().executemany(
+                    "INSERT OR IGNORE INTO holders(bucket, user, node) VALUES (?, ?, ?)",
+                    [(bucket, str(u), str(n)) for u, n in pairs if bucket_of(str(u)) == bucket],
+                )
+        return True
+
+    def bucket_holders(self, bucket: int) -> list[list[str]]:
+        """Every (user, node) recorded here as having held mail of ``bucket``."""
+        with self._lock_for(bucket), self._marks_lock:
+            rows = (
+                self.marks_db()
+                .execute(
+                    "SELECT user, node FROM holders WHERE bucket=? ORDER BY user, node", (bucket,)
+                )
+                .fetchall()
+            )
+        return [[u, n] for u, n in rows]
 
     def bucket_mark(self, bucket: int) -> int:
         """The highest UID mark recorded here for ``bucket`` (1: none)."""

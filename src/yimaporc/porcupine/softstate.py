@@ -117,6 +117,12 @@ class UserManagerState:
             if not held:
                 del self.fragments[user]
 
+    def note_holder(self, user: str, node: str, live: Iterable[str]) -> None:
+        """``node`` held mail for ``user`` (a majority recorded it): out of reach if it
+        is not ``live`` (its own hint tells the rest when it is)."""
+        if node not in set(live):
+            self.away.setdefault(user, set()).add(node)
+
     def away_list(self, user: str) -> set[str]:
         """Nodes that held mail for ``user`` when they left the view (out of reach)."""
         return set(self.away.get(user, ()))
