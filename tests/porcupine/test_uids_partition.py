@@ -310,11 +310,15 @@ def chaos(tmp_path: Path, seed: int, steps: int = 12) -> Checker:
         for _ in range(rng.randint(2, 6)):
             at = rng.choice([n for n in nodes if n not in paused])
             seq += 1
-            check.deliver(at, rng.choice(users), b"m%d seed %d\r\n" % (seq, seed))
+            got = check.deliver(at, rng.choice(users), b"m%d seed %d\r\n" % (seq, seed))
+            if DEBUG:
+                print(f"{net.clock.seconds() - 1.7e9:.2f} m{seq} at {at}: {got}")
         for _ in range(2):
             at = rng.choice([n for n in nodes if n not in paused])
             check.read(at, rng.choice(users))
         action = rng.choice(["pause", "partition", "heal", "none"])
+        if DEBUG:
+            print(f"{net.clock.seconds() - 1.7e9:.2f} action {action} sides {net.sides}")
         if action == "pause" and not paused and not net.sides:
             victim = rng.choice(nodes)
             net.pause(victim)

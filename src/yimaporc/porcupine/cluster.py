@@ -924,6 +924,7 @@ class ClusterUserManager(UserManager):
         self.mark_on: Callable[..., Deferred[bool]] | None = None
         #: ``holders_on(node, bucket, fence, [[user, node]...]) -> Deferred[bool]``.
         self.holders_on: Callable[..., Deferred[bool]] | None = None
+        self._recorded: set[tuple[str, str, str]] = set()
         #: This node's lease (MailCluster's pause detector); True without one.
         self.lease_ok: Callable[[], bool] = lambda: True
         self.hints_received = 0
@@ -1099,9 +1100,8 @@ class ClusterUserManager(UserManager):
         address = address.lower()
         if not self.state.manages(address) and len(self._early_notes) < MAX_EARLY_HINTS:
             self._early_notes.append((address, node))
-        known = node in self.state.fragment_list(address)
         d = super().add_fragment(address, node)
-        if self.state.manages(address) and not known:
+        if self.state.manages(address):
             # A node holds this user's mail for the first time: a majority records
             # it before the delivery's 250, so a later manager knows it even while
             # the node is out of reach (reads then say so, they do not shrink).
@@ -1210,14 +1210,22 @@ class ClusterUserManager(UserManager):
         b = bucket_of(address)
         fence = fence_of(self.state.map, b)
         holders_on = self.holders_on
-        if holders_on is None or not self.may_number(address):
+        key = (address, node, fence)
+        if holders_on is None or key in self._recorded or not self.may_number(address):
             return succeed(None)
+        if len(self._recorded) > 100_000:
+            self._recorded.clear()
+        self._recorded.add(key)
 
         def write(n: str) -> Deferred[bool]:
             assert holders_on is not None
             return holders_on(n, b, fence, [[address, node]])
 
-        return self._on_majority(write).addCallback(lambda _: None)
+        def recorded(ok: bool) -> None:
+            if not ok:
+                self._recorded.discard(key)  # try again next time
+
+        return self._on_majority(write).addCallback(recorded)
 
     def _on_majority(self, write: Callable[[str], Deferred[bool]]) -> Deferred[bool]:
         """``write(node)`` on ourselves and enough others for a majority of the known
@@ -1349,6 +1357,7 @@ class ClusterUserManager(UserManager):
                 self.uidnext[user] = max(self.uidnext.get(user, 1), top)
                 if numbered:
                     self.state.add_fragment(user, node)
+                    self._record_holder(user, node)
                 if left:
                     self.pending.setdefault(user, {})[node] = left
                     self._kick(0.0 if numbered else self.number_retry)
