@@ -466,14 +466,6 @@ class MailImapServer(imap4.IMAP4Server):
             )
         return super()._fileLiteral(size)
 
-    def _ebSelectWork(self, failure: Failure, cmdName: bytes, tag: bytes) -> None:
-        """A mail error (``[UNAVAILABLE]`` when part of the mailbox is out of reach)
-        is a NO with its text; anything else stock's BAD."""
-        if failure.check(MailError):
-            self.sendNegativeResponse(tag, str(failure.value).encode("utf-8", "replace"))
-            return
-        super()._ebSelectWork(failure, cmdName, tag)
-
     def _cbAppendGotMailbox(self, mbox: Any, tag: bytes, flags: Any, date: Any, message: Any) -> Any:  # fmt: skip
         return super()._cbAppendGotMailbox(mbox, tag, flags or [], date, message)
 
