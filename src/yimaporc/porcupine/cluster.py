@@ -1538,6 +1538,7 @@ class MailCluster(Service):
         mail.fragment_store.fence_ok = self.lease_ok
         self._known_path = Path(mail.data_dir) / "mail" / "known-nodes"
         self.user_manager.known |= self._read_known()
+        self._alone = self.user_manager.known <= {self.me}
         self.replicator = ProfileReplicator(mail.profiles, self._forget, self._push_profiles)
         self._local_mailboxes = _CountingMailboxes(mail.mailbox_manager, self)
         self._remote_users: dict[str, RemoteUserManager] = {}
@@ -1677,7 +1678,10 @@ class MailCluster(Service):
     # --- the lease (pause detection) -------------------------------------------------
 
     def lease_ok(self) -> bool:
-        """May this node number and accept fenced stores now (thread-safe: a read)?"""
+        """May this node number and accept fenced stores now (thread-safe: a read)?
+        Alone in the known cluster nobody can have replaced us: always."""
+        if self._alone:  # a plain bool: read from the commit threads too
+            return True
         return float(self.reactor.seconds()) <= self._lease_until
 
     def _tick(self) -> None:
@@ -1768,6 +1772,7 @@ class MailCluster(Service):
         if live <= known:
             return
         known |= live
+        self._alone = known <= {self.me}
         text = "".join(f"{n}\n" for n in sorted(known))
         path = self._known_path
 
