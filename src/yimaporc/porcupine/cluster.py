@@ -228,6 +228,7 @@ class UmFragments(_Cmd):
     response = [
         (b"nodes", amp.ListOf(amp.Unicode())),
         (b"away", amp.ListOf(amp.Unicode(), optional=True)),
+        (b"certain", amp.Boolean(optional=True)),
     ]
 
 
@@ -506,6 +507,7 @@ class RemoteUserManager(_Remote):
         self.profile_ttl = profile_ttl
         self._profiles: dict[str, tuple[Profile, float]] = {}
         self._away: dict[str, tuple[str, ...]] = {}
+        self._uncertain: dict[str, bool] = {}
 
     def forget(self, address: str) -> None:
         """Drop the cached profile of ``address``."""
@@ -559,6 +561,7 @@ class RemoteUserManager(_Remote):
             if len(self._away) > 10_000:
                 self._away.clear()
             self._away[address.lower()] = tuple(r.get("away") or ())
+            self._uncertain[address.lower()] = r.get("certain") is False
             return tuple(r["nodes"])
 
         return self.call(UmFragments, user=address).addCallback(got)
@@ -566,6 +569,10 @@ class RemoteUserManager(_Remote):
     def away_of(self, address: str) -> tuple[str, ...]:
         """Nodes out of reach holding mail for ``address`` (as of the last fragments())."""
         return self._away.get(address.lower(), ())
+
+    def certain(self, address: str) -> bool:
+        """Did the last fragments() come from a manager that knows every holder?"""
+        return not self._uncertain.get(address.lower(), False)
 
     def add_fragment(self, address: str, node: str) -> Deferred[None]:
         """See :class:`IUserManager`."""
@@ -712,8 +719,14 @@ def register_handlers(
         um_ = users()
         away = getattr(um_, "away_of", None)
 
+        certain = getattr(um_, "certain", None)
+
         def out(nodes: tuple[str, ...]) -> dict[str, Any]:
-            return {"nodes": list(nodes), "away": list(away(user)) if away else []}
+            return {
+                "nodes": list(nodes),
+                "away": list(away(user)) if away else [],
+                "certain": certain(user) if certain else True,
+            }
 
         d: Deferred[tuple[str, ...]] = um_.fragments(user)
         return d.addCallback(out)
@@ -1125,6 +1138,13 @@ class ClusterUserManager(UserManager):
     def away_of(self, address: str) -> tuple[str, ...]:
         """Nodes that held ``address``'s mail when they left the view."""
         return tuple(sorted(self.state.away_list(address.lower())))
+
+    def certain(self, address: str) -> bool:
+        """Do we know every node holding ``address``'s mail?  Only with a majority
+        (the holder records are on one) and every member's hint in; a manager in a
+        minority partition cannot tell what the other side holds."""
+        b = bucket_of(address.lower())
+        return self.quorum() and b not in self.settling and not self.missing.get(b)
 
     def quorum(self) -> bool:
         """Our view holds a majority of every node ever seen (:attr:`known`)."""

@@ -76,6 +76,8 @@ class UserMail:
         self.unreachable: set[str] = set()
         #: Mailboxes whose merged UIDNEXT was below one this node showed before.
         self.short: set[str] = set()
+        #: The manager could not know every holder (no majority, hints missing).
+        self.uncertain = False
         #: Messages sent back to be numbered afresh (two under one UID).
         self.renumbered = 0
         #: With replication, the user's copies per message (from the profile): fewer
@@ -89,6 +91,8 @@ class UserMail:
             if len(self.unreachable) >= self.replicas
             else []
         )
+        if self.uncertain:
+            out.append("no majority of the cluster in reach: other nodes may hold mail")
         out += [
             f"{m} lacks messages shown before"
             for m in sorted(self.short)
@@ -106,6 +110,8 @@ class UserMail:
 
         def merge(frags: tuple[str, ...]) -> list[str]:
             nodes = [self.home, *(n for n in frags if n != self.home)]
+            certain = getattr(self.users, "certain", None)
+            self.uncertain = certain is not None and not certain(self.address)
             away_of = getattr(self.users, "away_of", None)
             # Nodes that left the view holding mail: asked too (they fail while away).
             nodes += [n for n in (away_of(self.address) if away_of else ()) if n not in nodes]
