@@ -62,6 +62,12 @@ class Peer:
             hasher=fast_hash,
         )  # fmt: skip
         self.users = ClusterUserManager("n2", self.profiles, self.clock)
+        # n2 manages every bucket (alone: a majority of itself), settled; its store
+        # holds the matching fences.
+        self.users.install(BucketMap(("n2",) * N_BUCKETS, (1,) * N_BUCKETS), ["n2"])
+        for b in range(N_BUCKETS):
+            self.users.apply("n2", [b, 1, [], []])
+        store.set_fences(dict.fromkeys(range(N_BUCKETS), "n2@1"))
         registry = RpcRegistry()
         register_handlers(registry, lambda: self.users, lambda: self.mailboxes, load=lambda: 3.0)
         by_code = {code.decode(): cls for cls, code in ERRORS.items()}
@@ -177,7 +183,7 @@ def test_user_manager_proxy(peer: Peer) -> None:
     peer.result(users.remove_fragment(USER, "n3"))
     assert peer.result(users.fragments(USER)) == ("n1",)
     assert peer.result(users.reserve_uids(USER, 3)) == 1
-    assert peer.result(users.delivery_plan(USER, 1)) == (("n1",), 4)
+    assert peer.result(users.delivery_plan(USER, 1)) == (("n1",), 4, "n2@1")
     with pytest.raises(NoSuchUser):
         peer.result(peer.profiles.remove("nobody@example.org"))
 

@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 from mailtest_helpers import SyncPool, fast_hash, result_of
-from test_cluster_sim import DOMAIN, AffinityChooser, Net, SimNode, SimRpc, add_user, check_mailbox
+from test_cluster_sim import (
+    DOMAIN,
+    AffinityChooser,
+    Net,
+    SimNode,
+    SimRpc,
+    add_user,
+    check_mailbox,
+    unsynced,
+)
 from twisted.protocols import amp
 
 from yimaporc.cluster.buckets import BucketMap, MalformedMap
@@ -50,6 +59,7 @@ class ReconNode(SimNode):
         )  # fmt: skip
         self.mail.profiles._hash = fast_hash
         self.mail.profiles._db.db.execute("PRAGMA synchronous=OFF")
+        unsynced(self.mail.fragment_store)
         self.cluster = MailCluster(
             self.mail, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
         )
@@ -266,6 +276,9 @@ def test_fragment_note_reaching_a_new_manager_before_its_map_is_kept(tmp_path: P
     um = n4.cluster.user_manager
     assert um.settling == {}, "the others' hints, sent before, were kept for this view"
     assert result_of(um.fragments(user)) == ("n1",)
+    # n1 asked n4 for a UID before n4 managed the bucket: stored unnumbered, and the
+    # pending note (kept like the fragment note) has n4 number it once it may.
+    net.clock.advance(0)
     check_mailbox(net, "n2", user, {b"early\r\n"})
 
 

@@ -98,6 +98,22 @@ class SimRpc:
         return self.net.dispatch(self.me, address, command, kw)
 
 
+def unsynced(store: Any) -> None:
+    """The bucket indexes of a simulated node without fsync (speed: every UID mark
+    and commit would fsync on a real disk; durability is not what these tests pin)."""
+    opened = store._db_locked
+    store.marks_db().execute("PRAGMA synchronous=OFF")
+
+    def db_locked(bucket: int) -> Any:
+        fresh = bucket not in store._dbs
+        db = opened(bucket)
+        if fresh:
+            db.execute("PRAGMA synchronous=OFF")
+        return db
+
+    store._db_locked = db_locked
+
+
 class SimNode:
     """ClusterNode's face as MailCluster uses it."""
 
@@ -114,6 +130,7 @@ class SimNode:
         self.mail.profiles._hash = fast_hash
         # no fsync of the profile table in the simulation (speed; durability is not tested here)
         self.mail.profiles._db.db.execute("PRAGMA synchronous=OFF")
+        unsynced(self.mail.fragment_store)
         self.cluster = MailCluster(
             self.mail, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
         )

@@ -422,7 +422,8 @@ class ImapAccount:
             info = next((i for i in infos if i.name == wanted), None)
             if info is None:
                 return None
-            return self.mail.digests(info.name).addCallback(
+            # complete: NO [UNAVAILABLE] rather than a mailbox lacking mail out of reach
+            return self.mail.digests(info.name, complete=True).addCallback(
                 lambda digests: ImapMailbox(self, info, digests, bool(rw))
             )
 

@@ -172,9 +172,12 @@ class MailPOP3(GatedLines, pop3.POP3):
         from twisted.cred.error import LoginDenied, LoginFailed, UnauthorizedLogin
 
         from .throttle import LoginThrottled
+        from .values import MailUnavailable
 
         if failure.check(LoginThrottled):
             self.failResponse(b"[SYS/TEMP] Too many failed logins, try again later")
+        elif failure.check(MailUnavailable):
+            self.failResponse(b"[SYS/TEMP] Part of the mailbox is out of reach, try again later")
         elif failure.check(UnauthorizedLogin, LoginDenied, LoginFailed):
             self.failResponse(b"[AUTH] Authentication failed")
         else:

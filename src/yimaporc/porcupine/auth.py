@@ -215,7 +215,7 @@ class MailRealm:
 
         def got(infos: list[MailboxInfo]) -> Deferred[Any]:
             inbox = next(i for i in infos if i.name == INBOX)
-            return mail.digests(INBOX).addCallback(
+            return mail.digests(INBOX, complete=True).addCallback(
                 lambda digests: (
                     pop3.IMailbox,
                     Pop3Mailbox(mail, inbox.uidvalidity, digests),

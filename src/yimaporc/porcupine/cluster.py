@@ -38,10 +38,12 @@ of each ``porcupine-node`` into one mail service:
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
@@ -62,6 +64,7 @@ from .softstate import bucket_of as _raw_bucket_of
 from .usermap import N_BUCKETS, BadAddress, bucket_of
 from .users import UserManager
 from .values import (
+    PENDING,
     BadCredentials,
     Digest,
     MailboxExists,
@@ -140,7 +143,10 @@ def _info_in(v: Any) -> MailboxInfo:
 def pack_messages(messages: Sequence[NewMessage]) -> bytes:
     """A JSON header (everything but the bodies) followed by the bodies."""
     head = json.dumps(
-        [[m.user, m.mailbox, list(m.flags), m.internal_date, m.uid, len(m.body)] for m in messages]
+        [
+            [m.user, m.mailbox, list(m.flags), m.internal_date, m.uid, len(m.body), m.fence]
+            for m in messages
+        ]
     ).encode("utf-8")
     return struct.pack("!I", len(head)) + head + b"".join(m.body for m in messages)
 
@@ -152,13 +158,17 @@ def unpack_messages(data: bytes) -> list[NewMessage]:
         head = json.loads(data[4 : 4 + n])
         pos = 4 + n
         out = []
-        for user, mailbox, flags, date, uid, size in head:
+        for entry in head:
+            user, mailbox, flags, date, uid, size = entry[:6]
+            fence = str(entry[6]) if len(entry) > 6 else ""
             body = data[pos : pos + int(size)]
             if len(body) != int(size):
                 raise ValueError("short body")
             pos += int(size)
             out.append(
-                NewMessage(str(user), str(mailbox), body, tuple(flags), float(date), int(uid))
+                NewMessage(
+                    str(user), str(mailbox), body, tuple(flags), float(date), int(uid), fence
+                )
             )
         return out
     except (ValueError, TypeError, struct.error) as e:
@@ -210,11 +220,16 @@ class UmAuthenticate(_Cmd):
 
 
 class UmFragments(_Cmd):
-    """IUserManager.fragments."""
+    """IUserManager.fragments; ``away``: nodes that held mail for the user when they
+    left the view (out of reach, not gone)."""
 
     commandName = b"porcupine.um.fragments"
     arguments = _U
-    response = [(b"nodes", amp.ListOf(amp.Unicode()))]
+    response = [
+        (b"nodes", amp.ListOf(amp.Unicode())),
+        (b"away", amp.ListOf(amp.Unicode(), optional=True)),
+        (b"certain", amp.Boolean(optional=True)),
+    ]
 
 
 class UmAddFragment(_Cmd):
@@ -240,11 +255,30 @@ class UmReserveUids(_Cmd):
 
 
 class UmPlan(_Cmd):
-    """``fragments`` and ``reserve_uids`` in one round trip (the delivery proxy's question)."""
+    """``fragments`` and ``reserve_uids`` in one round trip (the delivery proxy's
+    question).  ``first`` is :data:`~.values.PENDING` when the manager may not number
+    (no majority, or its bucket is not settled with every member's hint); ``fence``
+    is the allocation's fence, checked by the storing node.  ``unfenced``: a
+    replicated store (its copies apply one UID; see docs/mail.md)."""
 
     commandName = b"porcupine.um.plan"
-    arguments = [*_U, (b"count", amp.Integer())]
-    response = [(b"nodes", amp.ListOf(amp.Unicode())), (b"first", amp.Integer())]
+    arguments = [
+        *_U,
+        (b"count", amp.Integer()),
+        (b"unfenced", amp.Boolean(optional=True)),
+    ]
+    response = [
+        (b"nodes", amp.ListOf(amp.Unicode())),
+        (b"first", amp.Integer()),
+        (b"fence", amp.Unicode(optional=True)),
+    ]
+
+
+class UmPending(_Cmd):
+    """A message for ``user`` was stored unnumbered on ``node``: number it when allowed."""
+
+    commandName = b"porcupine.um.pending"
+    arguments = [*_U, (b"node", amp.Unicode())]
 
 
 _M: list[tuple[bytes, amp.Argument]] = [(b"user", amp.Unicode()), (b"mailbox", amp.Unicode())]
@@ -342,6 +376,47 @@ class MbRemoveUser(_Cmd):
     arguments = [(b"user", amp.Unicode())]
 
 
+class MbNumber(_Cmd):
+    """Number up to ``count`` of ``user``'s unnumbered messages on the callee from
+    ``first`` on, if ``fence`` is the callee's current fence of the user's bucket."""
+
+    commandName = b"porcupine.mb.number"
+    arguments = [
+        *_U,
+        (b"fence", amp.Unicode()),
+        (b"first", amp.Integer()),
+        (b"count", amp.Integer()),
+    ]
+    response = [(b"done", amp.Integer()), (b"left", amp.Integer()), (b"top", amp.Integer())]
+
+
+class MbDemote(_Cmd):
+    """FragmentStore.demote: message ``key`` under ``uid`` back to unnumbered."""
+
+    commandName = b"porcupine.mb.demote"
+    arguments = [*_M, (b"uid", amp.Integer()), (b"key", amp.Unicode())]
+    response = [(b"done", amp.Boolean())]
+
+
+class UidMark(_Cmd):
+    """Record durably that UIDs of ``bucket`` up to ``mark`` may be handed out by the
+    manager with ``fence`` (refused, ``ok`` false, if that is not the callee's
+    current fence of the bucket: it has installed a newer map)."""
+
+    commandName = b"porcupine.uid-mark"
+    arguments = [(b"bucket", amp.Integer()), (b"fence", amp.Unicode()), (b"mark", amp.Integer())]
+    response = [(b"ok", amp.Boolean())]
+
+
+class UidHolders(_Cmd):
+    """Record durably that ``holders`` (``[[user, node]...]``) of ``bucket`` hold
+    mail, for the manager with ``fence`` (refused like :class:`UidMark`)."""
+
+    commandName = b"porcupine.uid-holders"
+    arguments = [(b"bucket", amp.Integer()), (b"fence", amp.Unicode()), (b"holders", Json())]
+    response = [(b"ok", amp.Boolean())]
+
+
 class MbUsersInBucket(_Cmd):
     """IMailboxManager.users_in_bucket."""
 
@@ -389,7 +464,7 @@ class LoadExchange(_Cmd):
 
 COMMANDS: tuple[type[_Cmd], ...] = (
     UmProfile, UmAuthenticate, UmFragments, UmAddFragment, UmRemoveFragment, UmReserveUids,
-    UmPlan,
+    UmPlan, UmPending, MbNumber, MbDemote, UidMark, UidHolders,
     MbStore, MbMailboxes, MbCreateMailbox, MbDeleteMailbox, MbRenameMailbox, MbSubscribe,
     MbDigests, MbFetch, MbSetFlags, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
     Hints, HintsRequest, ProfilePut, LoadExchange,
@@ -431,6 +506,8 @@ class RemoteUserManager(_Remote):
         self.now = now
         self.profile_ttl = profile_ttl
         self._profiles: dict[str, tuple[Profile, float]] = {}
+        self._away: dict[str, tuple[str, ...]] = {}
+        self._uncertain: dict[str, bool] = {}
 
     def forget(self, address: str) -> None:
         """Drop the cached profile of ``address``."""
@@ -453,10 +530,18 @@ class RemoteUserManager(_Remote):
 
         return self.call(UmProfile, user=address).addCallback(got)
 
-    def delivery_plan(self, address: str, count: int) -> Deferred[tuple[tuple[str, ...], int]]:
+    def delivery_plan(
+        self, address: str, count: int, unfenced: bool = False
+    ) -> Deferred[tuple[tuple[str, ...], int, str]]:
         """See :meth:`ClusterUserManager.delivery_plan`."""
-        d = self.call(UmPlan, user=address, count=count)
-        return d.addCallback(lambda r: (tuple(r["nodes"]), int(r["first"])))
+        d = self.call(UmPlan, user=address, count=count, unfenced=unfenced)
+        return d.addCallback(
+            lambda r: (tuple(r["nodes"]), int(r["first"]), str(r.get("fence") or ""))
+        )
+
+    def note_pending(self, address: str, node: str) -> Deferred[None]:
+        """See :meth:`ClusterUserManager.note_pending`."""
+        return self.call(UmPending, user=address, node=node).addCallback(lambda _: None)
 
     def authenticate(self, address: str, password: str) -> Deferred[Profile]:
         """See :class:`IUserManager`."""
@@ -470,8 +555,24 @@ class RemoteUserManager(_Remote):
         return self.call(UmAuthenticate, user=address, password=password).addCallback(got)
 
     def fragments(self, address: str) -> Deferred[tuple[str, ...]]:
-        """See :class:`IUserManager`."""
-        return self.call(UmFragments, user=address).addCallback(lambda r: tuple(r["nodes"]))
+        """See :class:`IUserManager` (also remembers :meth:`away_of`)."""
+
+        def got(r: dict[str, Any]) -> tuple[str, ...]:
+            if len(self._away) > 10_000:
+                self._away.clear()
+            self._away[address.lower()] = tuple(r.get("away") or ())
+            self._uncertain[address.lower()] = r.get("certain") is False
+            return tuple(r["nodes"])
+
+        return self.call(UmFragments, user=address).addCallback(got)
+
+    def away_of(self, address: str) -> tuple[str, ...]:
+        """Nodes out of reach holding mail for ``address`` (as of the last fragments())."""
+        return self._away.get(address.lower(), ())
+
+    def certain(self, address: str) -> bool:
+        """Did the last fragments() come from a manager that knows every holder?"""
+        return not self._uncertain.get(address.lower(), False)
 
     def add_fragment(self, address: str, node: str) -> Deferred[None]:
         """See :class:`IUserManager`."""
@@ -574,6 +675,18 @@ class RemoteMailboxManager(_Remote):
         d = self.call(MbUsersInBucket, bucket=bucket)
         return d.addCallback(lambda r: [str(u) for u in r["users"]])
 
+    def demote(self, user: str, mailbox: str, uid: int, key: str) -> Deferred[bool]:
+        """See :meth:`~.fragments.FragmentStore.demote`."""
+        d = self.call(MbDemote, user=user, mailbox=mailbox, uid=uid, key=key)
+        return d.addCallback(lambda r: bool(r["done"]))
+
+    def number_pending(
+        self, user: str, fence: str, first: int, count: int
+    ) -> Deferred[tuple[int, int, int]]:
+        """See :meth:`~.fragments.MailboxManager.number_pending`."""
+        d = self.call(MbNumber, user=user, fence=fence, first=first, count=count)
+        return d.addCallback(lambda r: (int(r["done"]), int(r["left"]), int(r["top"])))
+
 
 def register_handlers(
     registry: Any,
@@ -601,7 +714,24 @@ def register_handlers(
 
     registry.register(UmProfile, um("profile", lambda p: {"profile": _profile_out(p)}))
     registry.register(UmAuthenticate, um("authenticate", lambda p: {"profile": _profile_out(p)}))
-    registry.register(UmFragments, um("fragments", lambda n: {"nodes": list(n)}))
+
+    def fragments(user: str) -> Deferred[dict[str, Any]]:
+        um_ = users()
+        away = getattr(um_, "away_of", None)
+
+        certain = getattr(um_, "certain", None)
+
+        def out(nodes: tuple[str, ...]) -> dict[str, Any]:
+            return {
+                "nodes": list(nodes),
+                "away": list(away(user)) if away else [],
+                "certain": certain(user) if certain else True,
+            }
+
+        d: Deferred[tuple[str, ...]] = um_.fragments(user)
+        return d.addCallback(out)
+
+    registry.register(UmFragments, fragments)
     registry.register(UmAddFragment, um("add_fragment", none))
     registry.register(UmRemoveFragment, um("remove_fragment", none))
 
@@ -612,15 +742,36 @@ def register_handlers(
 
     registry.register(UmReserveUids, reserve)
 
-    def plan(user: str, count: int) -> Deferred[dict[str, Any]]:
+    def plan(user: str, count: int, unfenced: bool = False) -> Deferred[dict[str, Any]]:
         fn = getattr(users(), "delivery_plan", None)
         if fn is None:
-            d = users().fragments(user).addCallback(lambda nodes: (nodes, 0))
+            d = users().fragments(user).addCallback(lambda nodes: (nodes, 0, ""))
         else:
-            d = fn(user, count)
-        return d.addCallback(lambda r: {"nodes": list(r[0]), "first": r[1]})
+            d = fn(user, count, bool(unfenced))
+        return d.addCallback(lambda r: {"nodes": list(r[0]), "first": r[1], "fence": r[2]})
 
     registry.register(UmPlan, plan)
+
+    def pending(user: str, node: str) -> Deferred[dict[str, Any]]:
+        fn = getattr(users(), "note_pending", None)
+        d: Deferred[Any] = fn(user, node) if fn is not None else succeed(None)
+        return d.addCallback(none)
+
+    registry.register(UmPending, pending)
+
+    def number(user: str, fence: str, first: int, count: int) -> Deferred[dict[str, Any]]:
+        d: Deferred[tuple[int, int, int]] = mailboxes().number_pending(  # type: ignore[attr-defined]
+            user, fence, first, count
+        )
+        return d.addCallback(lambda r: {"done": r[0], "left": r[1], "top": r[2]})
+
+    registry.register(MbNumber, number)
+
+    def demote(user: str, mailbox: str, uid: int, key: str) -> Deferred[dict[str, Any]]:
+        d: Deferred[bool] = mailboxes().demote(user, mailbox, uid, key)  # type: ignore[attr-defined]
+        return d.addCallback(lambda ok: {"done": ok})
+
+    registry.register(MbDemote, demote)
 
     def store(messages: bytes) -> Deferred[dict[str, Any]]:
         batch = unpack_messages(messages)
@@ -668,6 +819,41 @@ def register_handlers(
 #: (on any node's delivery proxy) are not reused.
 UID_GAP = 32
 
+#: How long a manager waits before trying again to number unnumbered mail it
+#: could not number (no majority, a member's hint missing, a failed call).
+NUMBER_RETRY = 1.0
+
+#: A node numbers (as manager) and accepts fenced stores only while its own lease
+#: holds: renewed every LEASE/4 s by the reactor, so a paused process (SIGSTOP, a
+#: stall) finds it lapsed when it wakes.  After such a gap it stays without a
+#: lease until it installs a new view or PAUSE_GRACE seconds pass (it may have
+#: been replaced meanwhile; a new view tells it).
+LEASE = 1.0
+PAUSE_GRACE = 5.0
+
+#: Every this many seconds a node reminds managers of its unnumbered mail.
+SWEEP_INTERVAL = 3.0
+
+#: A manager has a majority record this many UIDs beyond what it needs at a time
+#: (one round per block per bucket); a bucket's next manager starts above it.
+MARK_BLOCK = 256
+MARK_TIMEOUT = 1.0
+
+#: At most this many unnumbered messages are numbered per call.
+NUMBER_BATCH = 256
+
+
+def fence_of(bmap: BucketMap, bucket: int) -> str:
+    """The fence of ``bucket`` in ``bmap``: ``"owner@bucket-epoch"`` (see docs/mail.md)."""
+    return f"{bmap.owners[bucket]}@{bmap.epochs[bucket]}"
+
+
+def has_majority(members: Iterable[str], known: Iterable[str]) -> bool:
+    """True if ``members`` hold more than half of the ``known`` cluster."""
+    k = set(known)
+    return len(set(members) & k) * 2 > len(k)
+
+
 #: Hints from a view not installed yet that a manager keeps (one per sender and bucket).
 MAX_EARLY_HINTS = 64 * 1024
 
@@ -690,9 +876,17 @@ class ClusterUserManager(UserManager):
 
     Besides the fragment lists it keeps, per user, the next IMAP UID of the
     user's mail (one counter for all of a user's mailboxes, so UIDs ascend in
-    each), rebuilt as the highest UIDNEXT any node reports (plus :data:`UID_GAP`
-    when other nodes are live);
-    stores anywhere in the cluster take their UIDs from it (:meth:`reserve_uids`).
+    each), rebuilt as the highest UIDNEXT any node reports or ever showed (plus
+    :data:`UID_GAP` when other nodes are live); stores anywhere in the cluster
+    take their UIDs from it (:meth:`delivery_plan`, :meth:`reserve_uids`).
+
+    It numbers only while it may (:meth:`may_number`): its view holds a majority
+    of the :attr:`known` cluster and every member of the view sent its hint for
+    the bucket.  Otherwise a delivery stores the message PENDING (durable,
+    acknowledged, not listed), and the manager numbers it later
+    (:meth:`note_pending`, hints carry the pending counts) through
+    ``number_on(node, user, fence, first, count)``.  Every allocation carries the
+    bucket's fence; the storing node checks it against its own map.
     """
 
     log = Logger()
@@ -714,7 +908,38 @@ class ClusterUserManager(UserManager):
         self._waiters: dict[int, list[Deferred[None]]] = {}
         self._early: list[tuple[str, HintEntry, int | None]] = []
         self._early_notes: list[tuple[str, str]] = []
+        self._early_pending: list[tuple[str, str]] = []
         self._gaps: dict[int, int] = {}
+        #: Members that had not sent their hint when a bucket settled by timeout:
+        #: no numbering in that bucket until they do (or leave the view).
+        self.missing: dict[int, set[str]] = {}
+        #: Every node ever seen in a view (persisted by MailCluster): the majority
+        #: that numbering needs is of these.
+        self.known: set[str] = {node_id}
+        #: user -> node -> unnumbered messages there (as far as we heard).
+        self.pending: dict[str, dict[str, int]] = {}
+        self._numbering: set[tuple[str, str]] = set()
+        self._number_timer: IDelayedCall | None = None
+        self.number_retry = NUMBER_RETRY
+        #: ``number_on(node, user, fence, first, count) -> Deferred[(done, left, top)]``.
+        self.number_on: Callable[..., Deferred[tuple[int, int, int]]] | None = None
+        self.numbered = 0
+        self.pending_plans = 0
+        #: Per bucket: the highest UID mark any member reported (hints): every UID a
+        #: previous manager handed out is below it, so ours start there.
+        self.floor: dict[int, int] = {}
+        #: Per bucket: the mark a majority recorded for us in this tenure; we hand
+        #: out UIDs below it only.
+        self.granted: dict[int, int] = {}
+        self._extending: dict[int, list[Deferred[None]]] = {}
+        self.mark_timeout = MARK_TIMEOUT
+        #: ``mark_on(node, bucket, fence, mark) -> Deferred[bool]`` (MailCluster).
+        self.mark_on: Callable[..., Deferred[bool]] | None = None
+        #: ``holders_on(node, bucket, fence, [[user, node]...]) -> Deferred[bool]``.
+        self.holders_on: Callable[..., Deferred[bool]] | None = None
+        self._recorded: set[tuple[str, str, str]] = set()
+        #: This node's lease (MailCluster's pause detector); True without one.
+        self.lease_ok: Callable[[], bool] = lambda: True
         self.hints_received = 0
         self.view_epoch = 0
         self.members: set[str] = set()
@@ -741,9 +966,23 @@ class ClusterUserManager(UserManager):
             b = bucket_of(user)
             if b not in mine or b in fresh:
                 del self.uidnext[user]
+        for table in (self.floor, self.granted):
+            for b in list(table):
+                if b not in mine or b in fresh:
+                    del table[b]
         for b in list(self.settling):
             if b not in mine or b in fresh:
                 self._settle(b)
+        for b in list(self.missing):
+            if b not in mine or b in fresh:
+                del self.missing[b]
+            else:
+                self.missing[b] &= alive
+                if not self.missing[b]:
+                    del self.missing[b]
+        for user in list(self.pending):
+            if not self.state.manages(user):
+                del self.pending[user]
         for b in sorted(fresh & mine):
             self._gaps[b] = UID_GAP if len(alive) > 1 else 0
             self._start_settling(b, alive)
@@ -761,6 +1000,10 @@ class ClusterUserManager(UserManager):
         for user, node in notes:
             if self.state.manages(user) and node in alive:
                 self.state.add_fragment(user, node)
+        waiting, self._early_pending = self._early_pending, []
+        for user, node in waiting:
+            if self.state.manages(user) and node in alive:
+                self.note_pending(user, node)
         return fresh
 
     def _start_settling(self, bucket: int, alive: set[str]) -> None:
@@ -777,6 +1020,7 @@ class ClusterUserManager(UserManager):
             self.log.info(
                 "user map: bucket {b} settled without hints from {m}", b=bucket, m=sorted(missing)
             )
+            self.missing[bucket] = set(missing)
         self._settle(bucket)
 
     def _settle(self, bucket: int) -> None:
@@ -786,6 +1030,8 @@ class ClusterUserManager(UserManager):
             timer.cancel()
         for d in self._waiters.pop(bucket, []):
             d.callback(None)
+        if self.pending:
+            self._kick()
 
     def apply(self, sender: str, entry: HintEntry, view: int | None = None) -> bool:
         """Merge one bucket's hint from ``sender``, sent in view epoch ``view``.
@@ -818,6 +1064,7 @@ class ClusterUserManager(UserManager):
         for item in users:
             try:
                 user, has_mail, uidnext = str(item[0]), bool(item[1]), int(item[2])
+                unnumbered = int(item[3]) if len(item) > 3 else 0
             except (IndexError, TypeError, ValueError):
                 continue
             if _raw_bucket_of(user, N_BUCKETS) != bucket:
@@ -826,11 +1073,35 @@ class ClusterUserManager(UserManager):
                 self.state.add_fragment(user, sender)
             gap = self._gaps.get(bucket, 0)
             self.uidnext[user] = max(self.uidnext.get(user, 1), uidnext + gap)
+            if unnumbered > 0:
+                self.pending.setdefault(user, {})[sender] = unnumbered
+            else:
+                self.pending.get(user, {}).pop(sender, None)
+        if len(entry) > 4:
+            try:
+                self.floor[bucket] = max(self.floor.get(bucket, 1), int(entry[4]))
+            except (TypeError, ValueError):
+                pass
+        if len(entry) > 5 and isinstance(entry[5], list):
+            for pair in entry[5][:100_000]:
+                try:
+                    user, node = str(pair[0]), str(pair[1])
+                except (IndexError, TypeError):
+                    continue
+                if _raw_bucket_of(user, N_BUCKETS) == bucket:
+                    self.state.note_holder(user, node, self.members | {self.node_id})
+        late = self.missing.get(bucket)
+        if late is not None:
+            late.discard(sender)
+            if not late:
+                del self.missing[bucket]
         waiting = self.settling.get(bucket)
         if waiting is not None:
             waiting.discard(sender)
             if not waiting:
                 self._settle(bucket)
+        if self.pending:
+            self._kick()
         return True
 
     def add_fragment(self, address: str, node: str) -> Deferred[None]:
@@ -842,7 +1113,13 @@ class ClusterUserManager(UserManager):
         address = address.lower()
         if not self.state.manages(address) and len(self._early_notes) < MAX_EARLY_HINTS:
             self._early_notes.append((address, node))
-        return super().add_fragment(address, node)
+        d = super().add_fragment(address, node)
+        if self.state.manages(address):
+            # A node holds this user's mail for the first time: a majority records
+            # it before the delivery's 250, so a later manager knows it even while
+            # the node is out of reach (reads then say so, they do not shrink).
+            d.addCallback(lambda _: self._record_holder(address, node))
+        return d
 
     def settled(self, address: str) -> Deferred[None]:
         """Fires once ``address``'s bucket is not settling (at once if it is not)."""
@@ -858,24 +1135,274 @@ class ClusterUserManager(UserManager):
         return self.settled(address).addCallback(lambda _: super(ClusterUserManager, self)
                                                  .fragments(address))  # fmt: skip
 
-    def _take(self, address: str, count: int) -> int:
-        first = self.uidnext.get(address, 1)
-        self.uidnext[address] = first + max(1, count)
+    def away_of(self, address: str) -> tuple[str, ...]:
+        """Nodes that held ``address``'s mail when they left the view."""
+        return tuple(sorted(self.state.away_list(address.lower())))
+
+    def certain(self, address: str) -> bool:
+        """Do we know every node holding ``address``'s mail?  Only with a majority
+        (the holder records are on one) and every member's hint in; a manager in a
+        minority partition cannot tell what the other side holds."""
+        b = bucket_of(address.lower())
+        return self.quorum() and b not in self.settling and not self.missing.get(b)
+
+    def quorum(self) -> bool:
+        """Our view holds a majority of every node ever seen (:attr:`known`)."""
+        return has_majority(self.members | {self.node_id}, self.known | {self.node_id})
+
+    def may_number(self, address: str) -> bool:
+        """May we hand out UIDs for ``address`` now?  Only as its manager, with a
+        majority (so no other partition numbers too), the bucket settled and every
+        member's hint in (no member can still store for a previous manager's fence
+        unseen by our counter)."""
+        b = bucket_of(address)
+        return (
+            self.state.manages(address)
+            and b not in self.settling
+            and not self.missing.get(b)
+            and self.quorum()
+            and self.lease_ok()
+        )
+
+    def fence(self, address: str) -> str:
+        """The fence our allocations for ``address`` carry."""
+        return fence_of(self.state.map, bucket_of(address))
+
+    def _take(
+        self, address: str, count: int, unfenced: bool = False, again: bool = True
+    ) -> Deferred[tuple[int, str]]:
+        """``count`` UIDs for ``address`` below the bucket's granted mark (extended
+        first, by a majority, when they would not fit), or PENDING."""
+        b = bucket_of(address)
+        if not self.may_number(address):
+            if unfenced and self.state.manages(address):
+                first = max(self.uidnext.get(address, 1), self.floor.get(b, 1))
+                self.uidnext[address] = first + max(1, count)
+                return succeed((first, ""))
+            self.pending_plans += 1
+            return succeed((PENDING, ""))
+        first = max(self.uidnext.get(address, 1), self.floor.get(b, 1))
+        end = first + max(1, count)
+        if end <= self.granted.get(b, 0):
+            self.uidnext[address] = end
+            return succeed((first, "" if unfenced else self.fence(address)))
+        if not again:
+            self.pending_plans += 1
+            return succeed((PENDING, ""))
+        d = self._extend(b, end + MARK_BLOCK)
+        return d.addCallback(lambda _: self._take(address, count, unfenced, again=False))
+
+    def _extend(self, bucket: int, target: int) -> Deferred[None]:
+        """Raise ``bucket``'s mark to at least ``target`` on a majority of the known
+        cluster (each member records it durably, if our fence is its current one);
+        fires (never fails) once that is done or has failed."""
+        busy = self._extending.get(bucket)
+        if busy is not None:
+            out: Deferred[None] = Deferred()
+            busy.append(out)
+            return out
+        waiters: list[Deferred[None]] = []
+        self._extending[bucket] = waiters
+        fence = fence_of(self.state.map, bucket)
+        mark_on = self.mark_on
+
+        def write(node: str) -> Deferred[bool]:
+            assert mark_on is not None
+            return mark_on(node, bucket, fence, target)
+
+        def done(granted: bool) -> None:
+            if granted and fence_of(self.state.map, bucket) == fence:
+                self.granted[bucket] = max(self.granted.get(bucket, 0), target)
+            elif not granted:
+                self.log.info("bucket {b}: no majority for UID mark {m}", b=bucket, m=target)
+            self._extending.pop(bucket, None)
+            for d in waiters:
+                d.callback(None)
+
+        if mark_on is None:  # no cluster wiring (a bare manager in tests)
+            done(True)
+            return succeed(None)
+        return self._on_majority(write).addCallback(done)
+
+    def _record_holder(self, address: str, node: str) -> Deferred[None]:
+        """Have a majority record that ``node`` holds mail for ``address`` (so a later
+        manager knows it even while ``node`` is out of reach); fires regardless."""
+        b = bucket_of(address)
+        fence = fence_of(self.state.map, b)
+        holders_on = self.holders_on
+        key = (address, node, fence)
+        if holders_on is None or key in self._recorded or not self.may_number(address):
+            return succeed(None)
+        if len(self._recorded) > 100_000:
+            self._recorded.clear()
+        self._recorded.add(key)
+
+        def write(n: str) -> Deferred[bool]:
+            assert holders_on is not None
+            return holders_on(n, b, fence, [[address, node]])
+
+        def recorded(ok: bool) -> None:
+            if not ok:
+                self._recorded.discard(key)  # try again next time
+
+        return self._on_majority(write).addCallback(recorded)
+
+    def _on_majority(self, write: Callable[[str], Deferred[bool]]) -> Deferred[bool]:
+        """``write(node)`` on ourselves and enough others for a majority of the known
+        cluster (more only if some refuse or fail); fires True once a majority
+        succeeded, False when that can no longer happen or after ``mark_timeout``."""
+        known = self.known | {self.node_id}
+        need = len(known) // 2 + 1
+        first: Deferred[bool] = Deferred()
+        others = sorted((self.members & known) - {self.node_id})
+        # A majority is enough: ourselves and the next ones after us (spread), the
+        # rest only if one of those fails.
+        at = sum(1 for n in others if n < self.node_id)
+        others = others[at:] + others[:at]
+        asked = [self.node_id, *others[: need - 1]]
+        spare = others[need - 1 :]
+        state = {"ok": 0, "left": 0, "done": False, "issuing": True}
+
+        def finish(granted: bool) -> None:
+            if state["done"]:
+                return
+            state["done"] = True
+            first.callback(granted)
+
+        def answer(ok: bool) -> None:
+            state["left"] -= 1
+            state["ok"] += int(bool(ok))
+            if state["ok"] >= need:
+                finish(True)
+            elif not ok and spare and not state["done"]:
+                ask(spare.pop(0))
+            elif state["left"] == 0 and not state["issuing"]:
+                finish(False)
+
+        def ask(node: str) -> None:
+            state["left"] += 1
+            write(node).addCallbacks(answer, lambda f: answer(False))
+
+        timer = self.clock.callLater(self.mark_timeout, finish, False)
+
+        def cancel(result: bool) -> bool:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        first.addCallback(cancel)
+        state["left"], state["issuing"] = 0, True
+        for node in asked:
+            ask(node)
+        state["issuing"] = False
+        if state["left"] == 0:
+            finish(state["ok"] >= need)
         return first
 
     def reserve_uids(self, address: str, count: int) -> Deferred[int]:
-        """The first of ``count`` fresh UIDs for ``address`` (waits while the bucket settles)."""
+        """The first of ``count`` fresh UIDs for ``address``, or PENDING when we may
+        not number (waits while the bucket settles); unfenced (APPEND, COPY)."""
+        address = address.lower()
+        d = self.settled(address).addCallback(lambda _: self._take(address, count))
+        return d.addCallback(lambda r: r[0])
+
+    def reserve_fenced(self, address: str, count: int) -> Deferred[tuple[int, str]]:
+        """:meth:`reserve_uids` with the fence the stores must carry."""
         address = address.lower()
         return self.settled(address).addCallback(lambda _: self._take(address, count))
 
-    def delivery_plan(self, address: str, count: int) -> Deferred[tuple[tuple[str, ...], int]]:
-        """The fragment list and ``count`` reserved UIDs (waits while the bucket settles)."""
+    def delivery_plan(
+        self, address: str, count: int, unfenced: bool = False
+    ) -> Deferred[tuple[tuple[str, ...], int, str]]:
+        """The fragment list, the first of ``count`` reserved UIDs (PENDING when we may
+        not number) and their fence (waits while the bucket settles).  ``unfenced``
+        (a replicated store, whose copies must share one UID): a UID from the
+        counter even without a majority, no fence (docs/mail.md: known limits)."""
         address = address.lower()
 
-        def plan(_: object) -> tuple[tuple[str, ...], int]:
-            return tuple(sorted(self.state.fragment_list(address))), self._take(address, count)
+        def plan(taken: tuple[int, str]) -> tuple[tuple[str, ...], int, str]:
+            first, fence = taken
+            return tuple(sorted(self.state.fragment_list(address))), first, fence
 
-        return self.settled(address).addCallback(plan)
+        d = self.settled(address).addCallback(lambda _: self._take(address, count, unfenced))
+        return d.addCallback(plan)
+
+    # --- numbering what was stored unnumbered --------------------------------
+
+    def note_pending(self, address: str, node: str) -> Deferred[None]:
+        """A message for ``address`` was stored unnumbered on ``node``."""
+        address = address.lower()
+        if self.state.manages(address):
+            have = self.pending.setdefault(address, {})
+            have[node] = max(1, have.get(node, 0))
+            self._kick()
+        elif len(self._early_pending) < MAX_EARLY_HINTS:
+            self._early_pending.append((address, node))  # our map may be behind
+        return succeed(None)
+
+    def _kick(self, delay: float = 0.0) -> None:
+        if self._number_timer is not None and self._number_timer.active():
+            if delay > 0:
+                return
+            self._number_timer.cancel()
+        self._number_timer = self.clock.callLater(delay, self._number_all)
+
+    def _number_all(self) -> None:
+        self._number_timer = None
+        if self.number_on is None:
+            return
+        blocked = False
+        for user in list(self.pending):
+            for node, n in list(self.pending.get(user, {}).items()):
+                if (user, node) in self._numbering:
+                    continue
+                if node not in self.members or not self.may_number(user):
+                    blocked = True
+                    continue
+                self._number(user, node, n)
+        if blocked or self._numbering:
+            self._kick(self.number_retry)
+
+    def _number(self, user: str, node: str, n: int) -> None:
+        assert self.number_on is not None
+        count = min(max(1, n), NUMBER_BATCH)
+        key = (user, node)
+        self._numbering.add(key)
+
+        def done(r: tuple[int, int, int]) -> None:
+            self._numbering.discard(key)
+            numbered, left, top = r
+            self.numbered += numbered
+            if self.state.manages(user):
+                self.uidnext[user] = max(self.uidnext.get(user, 1), top)
+                if numbered:
+                    self.state.add_fragment(user, node)
+                    self._record_holder(user, node)
+                if left:
+                    self.pending.setdefault(user, {})[node] = left
+                    self._kick(0.0 if numbered else self.number_retry)
+                else:
+                    self.pending.get(user, {}).pop(node, None)
+                    if not self.pending.get(user):
+                        self.pending.pop(user, None)
+
+        def failed(f: Failure) -> None:
+            self._numbering.discard(key)
+            self.log.warn(
+                "numbering {u}'s mail on {n} failed: {e}", u=user, n=node, e=f.getErrorMessage()
+            )
+            self._kick(self.number_retry)
+
+        def go(taken: tuple[int, str]) -> Deferred[Any] | None:
+            first, fence = taken
+            if first == PENDING:  # lost the right meanwhile (or no majority for a mark)
+                self._numbering.discard(key)
+                self._kick(self.number_retry)
+                return None
+            assert self.number_on is not None
+            return self.number_on(node, user, fence, first, count).addCallbacks(done, failed)
+
+        self._take(user, count).addCallback(go)
 
     def status(self) -> dict[str, Any]:
         """Counts for the status page."""
@@ -885,6 +1412,11 @@ class ClusterUserManager(UserManager):
             "users_with_mail": len(self.state.fragments),
             "hints_received": self.hints_received,
             "early_hints": len(self._early),
+            "quorum": self.quorum(),
+            "known_nodes": len(self.known | {self.node_id}),
+            "unnumbered": sum(sum(v.values()) for v in self.pending.values()),
+            "numbered": self.numbered,
+            "pending_plans": self.pending_plans,
         }
 
 
@@ -1009,6 +1541,24 @@ class MailCluster(Service):
             self.me, mail.profiles, self.reactor, settle_timeout=settle_timeout
         )
         mail.user_manager = self.user_manager
+        self.user_manager.number_on = self._number_on
+        self.user_manager.mark_on = self._mark_on
+        self.user_manager.holders_on = self._holders_on
+        node.registry.register(UidHolders, self._on_holders)
+        node.registry.register(UidMark, self._on_mark)
+        self.lease = LEASE
+        self.pause_grace = PAUSE_GRACE
+        self._lease_until = float("inf")  # no detector before startService
+        self._last_tick: float | None = None
+        self._paused_at: float | None = None
+        self.pauses = 0
+        self._lease_loop: LoopingCall | None = None
+        self._sweep_loop: LoopingCall | None = None
+        self.user_manager.lease_ok = self.lease_ok
+        mail.fragment_store.fence_ok = self.lease_ok
+        self._known_path = Path(mail.data_dir) / "mail" / "known-nodes"
+        self.user_manager.known |= self._read_known()
+        self._alone = self.user_manager.known <= {self.me}
         self.replicator = ProfileReplicator(mail.profiles, self._forget, self._push_profiles)
         self._local_mailboxes = _CountingMailboxes(mail.mailbox_manager, self)
         self._remote_users: dict[str, RemoteUserManager] = {}
@@ -1145,11 +1695,131 @@ class MailCluster(Service):
         # Each record is checked (and a malformed one dropped) by ProfileDB.merge.
         return self.replicator.receive(records).addCallback(lambda _: {})
 
+    # --- the lease (pause detection) -------------------------------------------------
+
+    def lease_ok(self) -> bool:
+        """May this node number and accept fenced stores now (thread-safe: a read)?
+        Alone in the known cluster nobody can have replaced us: always."""
+        if self._alone:  # a plain bool: read from the commit threads too
+            return True
+        return float(self.reactor.seconds()) <= self._lease_until
+
+    def _tick(self) -> None:
+        """Renew the lease; a gap since the last tick means we were paused."""
+        now = float(self.reactor.seconds())
+        last, self._last_tick = self._last_tick, now
+        if last is not None and now - last > self.lease / 2:
+            self.pauses += 1
+            self._paused_at = now
+            self._lease_until = now - 1.0
+            self.log.warn(
+                "paused for {t:.2f}s: no numbering until a new view or {g}s",
+                t=now - last,
+                g=self.pause_grace,
+            )
+            return
+        if self._paused_at is not None and now < self._paused_at + self.pause_grace:
+            return
+        self._paused_at = None
+        self._lease_until = now + self.lease
+
+    # --- numbering --------------------------------------------------------------------
+
+    def remind_pending(self) -> int:
+        """Tell the current manager of every user with unnumbered mail here (a note
+        from the delivery may have gone to a manager that was replaced); how many."""
+        users = sorted(self.mail.fragment_store.pending_users)
+        for user in users:
+            manager: Any = self.users_for(user)
+            note = getattr(manager, "note_pending", None)
+            if note is not None:
+                note(user, self.me).addErrback(lambda f: None)  # next sweep tries again
+        return len(users)
+
+    def _number_on(
+        self, node: str, user: str, fence: str, first: int, count: int
+    ) -> Deferred[tuple[int, int, int]]:
+        boxes: Any = self.mailboxes_for(node)
+        d: Deferred[tuple[int, int, int]] = boxes.number_pending(user, fence, first, count)
+        return d
+
+    def _mark_on(self, node: str, bucket: int, fence: str, mark: int) -> Deferred[bool]:
+        if node == self.me:
+            return self._raise_mark(bucket, fence, mark)
+        d = self.call(node, UidMark, bucket=bucket, fence=fence, mark=mark)
+        return d.addCallback(lambda r: bool(r["ok"]))
+
+    def _holders_on(
+        self, node: str, bucket: int, fence: str, holders: list[list[str]]
+    ) -> Deferred[bool]:
+        if node == self.me:
+            return self._record_holders(bucket, fence, holders)
+        d = self.call(node, UidHolders, bucket=bucket, fence=fence, holders=holders)
+        return d.addCallback(lambda r: bool(r["ok"]))
+
+    def _record_holders(self, bucket: int, fence: str, holders: Any) -> Deferred[bool]:
+        pairs = [(str(h[0]), str(h[1])) for h in holders if isinstance(h, list) and len(h) == 2]
+        store = self.mail.fragment_store
+        d: Deferred[bool] = self.mail._run_blocking(store.record_holders, bucket, fence, pairs)
+        return d
+
+    def _on_holders(self, bucket: int, fence: str, holders: Any) -> Deferred[dict[str, Any]]:
+        if not 0 <= bucket < N_BUCKETS or not isinstance(holders, list):
+            raise amp.MalformedAmpBox("bad holders")
+        return self._record_holders(bucket, fence, holders).addCallback(lambda ok: {"ok": ok})
+
+    def _raise_mark(self, bucket: int, fence: str, mark: int) -> Deferred[bool]:
+        store = self.mail.fragment_store
+        d: Deferred[bool] = self.mail._run_blocking(store.raise_mark, bucket, fence, mark)
+        return d
+
+    def _on_mark(self, bucket: int, fence: str, mark: int) -> Deferred[dict[str, Any]]:
+        if not 0 <= bucket < N_BUCKETS:
+            raise amp.MalformedAmpBox("bucket number out of range")
+        return self._raise_mark(bucket, fence, mark).addCallback(lambda ok: {"ok": ok})
+
+    def _read_known(self) -> set[str]:
+        """The nodes this node has ever seen in a view (read once, at start)."""
+        try:
+            text = self._known_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return set()
+        return {line.strip() for line in text.splitlines() if line.strip()}
+
+    def _remember(self, live: set[str]) -> None:
+        """Grow the known cluster with ``live`` and persist it (off the reactor)."""
+        known = self.user_manager.known
+        if live <= known:
+            return
+        known |= live
+        self._alone = known <= {self.me}
+        text = "".join(f"{n}\n" for n in sorted(known))
+        path = self._known_path
+
+        def write() -> None:
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+        d = self.mail._run_blocking(write)
+        d.addErrback(lambda f: self.log.failure("persisting the known nodes failed", f))
+
     # --- reconstruction ------------------------------------------------------------
 
     def _map_changed(self, old: BucketMap, new: BucketMap, fresh: set[int]) -> None:
         live = set(self.live())
         view = int(self.node.view.epoch)
+        self._remember(live)
+        if self._paused_at is not None:  # the view we were waiting for after a pause
+            self._paused_at = None
+            if self._last_tick is not None:
+                self._lease_until = float(self.reactor.seconds()) + self.lease
+        # Before any hint read (they run later, on the pool): a store fenced by a
+        # manager this map no longer names now goes PENDING (fragments.py).
+        self.mail.fragment_store.set_fences({b: fence_of(new, b) for b in range(len(new))})
         # Away (see BucketMapService.away): booted, or our previous view is not the
         # one the coordinator committed from. A bucket source without that notion
         # (tests) only reports the boot.
@@ -1193,8 +1863,11 @@ class MailCluster(Service):
         profile query per bucket), epochs from ``bmap``."""
         store = self.mail.fragment_store
 
-        def read() -> list[tuple[int, dict[str, tuple[bool, int]]]]:
-            return [(b, store.uid_marks(b)) for b in buckets]
+        def read() -> list[tuple[int, dict[str, tuple[bool, int, int]], int, list[list[str]]]]:
+            return [
+                (b, store.uid_marks(b), store.bucket_mark(b), store.bucket_holders(b))
+                for b in buckets
+            ]
 
         d1 = self.mail._run_blocking(read)
         d2 = self.mail.profiles.records_in_buckets(buckets)
@@ -1205,10 +1878,12 @@ class MailCluster(Service):
                 [
                     b,
                     bmap.epochs[b],
-                    [[u, m, n] for u, (m, n) in sorted(users.items())],
+                    [[u, m, n, p] for u, (m, n, p) in sorted(users.items())],
                     [list(r) for r in records.get(b, [])],
+                    mark,
+                    holders,
                 ]
-                for b, users in marks
+                for b, users, mark, holders in marks
             ]
 
         d = DeferredList([d1, d2], fireOnOneErrback=True, consumeErrors=True)
@@ -1371,10 +2046,16 @@ class MailCluster(Service):
         self._poll = LoopingCall(self.poll_open_mailboxes)
         self._poll.clock = self.reactor
         self._poll.start(self.poll_interval, now=False)
+        self._lease_loop = LoopingCall(self._tick)
+        self._lease_loop.clock = self.reactor
+        self._lease_loop.start(self.lease / 4, now=True)
+        self._sweep_loop = LoopingCall(self.remind_pending)
+        self._sweep_loop.clock = self.reactor
+        self._sweep_loop.start(SWEEP_INTERVAL, now=False)
 
     def stopService(self) -> None:
         """Stop the periodic calls."""
-        for loop in (self._loop, self._poll):
+        for loop in (self._loop, self._poll, self._lease_loop, self._sweep_loop):
             if loop is not None and loop.running:
                 loop.stop()
         super().stopService()
@@ -1384,6 +2065,8 @@ class MailCluster(Service):
         return {
             "mail_cluster": {
                 **self.user_manager.status(),
+                "pauses": self.pauses,
+                "lease": self.lease_ok(),
                 "rpc_calls": dict(self.calls),
                 "load": self.load(),
                 "balancer": self.balancer.status(),

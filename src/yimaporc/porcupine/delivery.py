@@ -99,10 +99,12 @@ class DeliveryProxy:
             if profile is None:
                 raise smtp.SMTPServerError(550, f"no such user {address}")
             plan = getattr(manager, "delivery_plan", None)
-            if plan is not None:  # fragment list and UID in one question
-                d: Deferred[tuple[tuple[str, ...], int]] = plan(address, 1)
+            if plan is not None:  # fragment list, UID and its fence in one question
+                # Copies of a replicated message must share one UID: unfenced.
+                unfenced = self.replicated is not None and profile.replicas > 1
+                d: Deferred[tuple[tuple[str, ...], int, str]] = plan(address, 1, unfenced)
                 return d.addCallback(
-                    lambda p: store_on(p[1], self.choose_nodes(profile, p[0]), p[0])
+                    lambda p: store_on(p[1], self.choose_nodes(profile, p[0]), p[0], p[2])
                 )
             return manager.fragments(address).addCallback(store, profile)
 
@@ -113,14 +115,22 @@ class DeliveryProxy:
             return first.addCallback(store_on, nodes, fragments)
 
         def store_on(
-            uid: int, nodes: list[str], fragments: tuple[str, ...]
+            uid: int, nodes: list[str], fragments: tuple[str, ...], fence: str = ""
         ) -> Deferred[list[Digest]]:
-            msg = NewMessage(address, INBOX, body, (), when, uid)
+            msg = NewMessage(address, INBOX, body, (), when, uid, fence)
 
             def noted(digests: list[Digest]) -> Deferred[list[Digest]]:
                 new = dict.fromkeys(dig.node for dig in digests if dig.node not in fragments)
                 adds = [manager.add_fragment(address, n) for n in new]
-                return DeferredList(adds).addCallback(lambda _: digests)
+                # Stored unnumbered (no majority, or a stale fence at the storing
+                # node): durable, so the 250 stands; the manager of the map we hold
+                # *now* numbers it (a lost note: hints carry the count at the next
+                # map change).
+                note = getattr(self.users(address), "note_pending", None)
+                if note is not None:
+                    for n in dict.fromkeys(dig.node for dig in digests if dig.uid == 0):
+                        adds.append(note(address, n))
+                return DeferredList(adds, consumeErrors=True).addCallback(lambda _: digests)
 
             if self.replicated is not None and len(nodes) > 1:
                 return self.replicated(nodes, msg).addCallback(noted)

@@ -41,6 +41,7 @@ from .usermap import N_BUCKETS, bucket_dir, bucket_of
 from .values import (
     DELIMITER,
     INBOX,
+    PENDING,
     Digest,
     MailboxExists,
     MailboxInfo,
@@ -64,6 +65,12 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (user, mailbox, uid));
 CREATE INDEX IF NOT EXISTS messages_key ON messages (user, key);
 CREATE TABLE IF NOT EXISTS users (user TEXT PRIMARY KEY, last_uidvalidity INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pending (
+    user TEXT NOT NULL, mailbox TEXT NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
+    flags TEXT NOT NULL, internal_date REAL NOT NULL, PRIMARY KEY (user, key));
+CREATE TABLE IF NOT EXISTS shown (
+    user TEXT NOT NULL, mailbox TEXT NOT NULL, uidvalidity INTEGER NOT NULL,
+    uidnext INTEGER NOT NULL, PRIMARY KEY (user, mailbox));
 """
 
 
@@ -102,6 +109,20 @@ class FragmentStore:
         self._dbs: dict[int, sqlite3.Connection] = {}
         self._locks: dict[int, threading.RLock] = {}
         self._open = threading.Lock()
+        #: Per bucket, the fence (``"manager@bucket-epoch"``) of this node's current
+        #: user map (:meth:`set_fences`); a fenced allocation that does not match is
+        #: stored PENDING.  Read inside each commit's transaction, under the bucket
+        #: lock, so a commit either lands before a hint read of its bucket (which
+        #: takes the lock) or sees the new fence.
+        self.fences: dict[int, str] = {}
+        #: The node's lease (``MailCluster.lease_ok``): lapsed after a pause, when
+        #: fenced stores and numbering are refused (stored PENDING instead).
+        self.fence_ok: Callable[[], bool] = lambda: True
+        #: Users with unnumbered mail here (filled by :meth:`recover` and by stores;
+        #: the cluster reminds their managers of them).
+        self.pending_users: set[str] = set()
+        self._marks: sqlite3.Connection | None = None
+        self._marks_lock = threading.RLock()
 
     # --- plumbing ----------------------------------------------------------
 
@@ -143,18 +164,31 @@ class FragmentStore:
                 out.append(int(p.name))
         return sorted(out)
 
+    def set_fences(self, fences: dict[int, str]) -> None:
+        """Adopt the fences of a newly installed user map (call before reading hints)."""
+        self.fences = dict(fences)
+
     def close(self) -> None:
         """Close every index database."""
         with self._open:
             for db in self._dbs.values():
                 db.close()
             self._dbs.clear()
+        with self._marks_lock:
+            if self._marks is not None:
+                self._marks.close()
+                self._marks = None
 
     # --- start-up ----------------------------------------------------------
 
     def recover(self) -> int:
         """Remove what a crash left half-stored (tmp files, bodies with no row)."""
         removed = 0
+        for bucket in self._existing_buckets():
+            with self._lock_for(bucket):
+                self.pending_users.update(
+                    u for (u,) in self._db(bucket).execute("SELECT DISTINCT user FROM pending")
+                )
         for p in self.tmp.iterdir():
             p.unlink(missing_ok=True)
             removed += 1
@@ -167,7 +201,9 @@ class FragmentStore:
                     keys = {
                         k
                         for (k,) in db.execute(
-                            "SELECT key FROM messages WHERE user=?", (udir.name,)
+                            "SELECT key FROM messages WHERE user=? "
+                            "UNION SELECT key FROM pending WHERE user=?",
+                            (udir.name, udir.name),
                         )
                     }
                     for body in udir.iterdir():
@@ -307,7 +343,15 @@ class FragmentStore:
                     if not self._has(db, user, parent):
                         self._insert_mailbox(db, user, parent)
                 if old == INBOX:
+                    # The new INBOX goes on from the old one's UIDNEXT (no UID reused).
+                    (nxt,) = db.execute(
+                        "SELECT uidnext FROM mailboxes WHERE user=? AND name=?", (user, new)
+                    ).fetchone()
                     self._insert_mailbox(db, user, INBOX)
+                    db.execute(
+                        "UPDATE mailboxes SET uidnext=? WHERE user=? AND name=?",
+                        (nxt, user, INBOX),
+                    )
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -420,6 +464,15 @@ class FragmentStore:
         ).fetchone()
         if row is None:
             raise NoSuchMailbox(f"no mailbox {name}")
+        if m.uid == PENDING or (
+            m.fence and (self.fences.get(bucket_of(m.user)) != m.fence or not self.fence_ok())
+        ):
+            return self._insert_pending(db, m, name, key)
+        if m.fence and m.uid < row[0]:
+            # A fenced allocation below what this mailbox already numbered (a store
+            # overtaken by a later one): never a second message under one UID, never
+            # a UID below one a client may have seen here: numbered afresh later.
+            return self._insert_pending(db, m, name, key)
         uid = max(row[0], m.uid)
         if (
             0 < m.uid < row[0]
@@ -442,6 +495,225 @@ class FragmentStore:
             (m.user, name, uid, key, len(m.body), flags, date),
         )
         return Digest(uid, key, len(m.body), _flags(flags), date, self.node_id)
+
+    def _insert_pending(self, db: sqlite3.Connection, m: NewMessage, name: str, key: str) -> Digest:
+        """Durable but unnumbered (not listed until :meth:`number_pending`); UID 0."""
+        flags = " ".join(dict.fromkeys(m.flags))
+        date = m.internal_date or self.now()
+        db.execute(
+            "INSERT INTO pending(user, mailbox, key, size, flags, internal_date) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (m.user, name, key, len(m.body), flags, date),
+        )
+        self.pending_users.add(m.user)
+        return Digest(0, key, len(m.body), _flags(flags), date, self.node_id)
+
+    def pending(self, user: str) -> int:
+        """How many of ``user``'s messages here wait for a UID."""
+        bucket = bucket_of(user)
+        with self._lock_for(bucket):
+            (n,) = (
+                self._db(bucket)
+                .execute("SELECT COUNT(*) FROM pending WHERE user=?", (user,))
+                .fetchone()
+            )
+        return int(n)
+
+    def number_pending(
+        self, user: str, fence: str, first: int, count: int
+    ) -> tuple[int, list[str], int, int]:
+        """Give up to ``count`` of ``user``'s unnumbered messages here the UIDs
+        ``first``, ``first + 1``... (oldest first), if ``fence`` is this node's current
+        fence of the user's bucket (else nothing: a stale manager).  A UID below a
+        mailbox's UIDNEXT here is never used (the caller's counter is behind; the
+        last value tells it where to go on).  Returns (messages numbered, mailboxes
+        that got some, messages still pending, highest UIDNEXT here)."""
+        bucket = bucket_of(user)
+        done = 0
+        changed: list[str] = []
+        with self._lock_for(bucket):
+            db = self._db(bucket)
+            if fence and self.fences.get(bucket) == fence and count > 0 and self.fence_ok():
+                rows = db.execute(
+                    "SELECT mailbox, key, size, flags, internal_date FROM pending "
+                    "WHERE user=? ORDER BY internal_date, key LIMIT ?",
+                    (user, count),
+                ).fetchall()
+                uid = first
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for mailbox, key, size, flags, date in rows:
+                        if not self._has(db, user, mailbox):
+                            mailbox = INBOX  # its mailbox was deleted meanwhile
+                            self._ensure_inbox(db, user)
+                        (nxt,) = db.execute(
+                            "SELECT uidnext FROM mailboxes WHERE user=? AND name=?",
+                            (user, mailbox),
+                        ).fetchone()
+                        if uid < nxt:
+                            break
+                        db.execute(
+                            "INSERT INTO messages(user, mailbox, uid, key, size, flags, "
+                            "internal_date) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (user, mailbox, uid, key, size, flags, date),
+                        )
+                        db.execute("DELETE FROM pending WHERE user=? AND key=?", (user, key))
+                        db.execute(
+                            "UPDATE mailboxes SET uidnext=? WHERE user=? AND name=?",
+                            (uid + 1, user, mailbox),
+                        )
+                        uid += 1
+                        done += 1
+                        if mailbox not in changed:
+                            changed.append(mailbox)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            (left,) = db.execute("SELECT COUNT(*) FROM pending WHERE user=?", (user,)).fetchone()
+            if not left:
+                self.pending_users.discard(user)
+            top = max(
+                [1]
+                + [
+                    int(n)
+                    for (n,) in db.execute(
+                        "SELECT uidnext FROM mailboxes WHERE user=? "
+                        "UNION ALL SELECT uidnext FROM shown WHERE user=?",
+                        (user, user),
+                    )
+                ]
+            )
+        return done, changed, int(left), top
+
+    def raise_mark(self, bucket: int, fence: str, mark: int) -> bool:
+        """Record (durably) that ``bucket``'s manager with ``fence`` may hand out UIDs
+        below ``mark``; False (nothing written) if ``fence`` is not our current fence
+        of the bucket or our lease lapsed.  Under the bucket lock, like the hint read:
+        a mark either is in our next hint or is refused."""
+        with self._lock_for(bucket):
+            if self.fences.get(bucket) != fence or not self.fence_ok():
+                return False
+            with self._marks_lock:
+                self.marks_db().execute(
+                    "INSERT INTO marks(bucket, mark) VALUES (?, ?) "
+                    "ON CONFLICT(bucket) DO UPDATE SET mark=MAX(mark, excluded.mark)",
+                    (bucket, int(mark)),
+                )
+        return True
+
+    def marks_db(self) -> sqlite3.Connection:
+        """``mail/uid-marks.sqlite``: one row per bucket (WAL, synchronous=FULL)."""
+        with self._marks_lock:
+            if self._marks is None:
+                db = sqlite3.connect(
+                    self.root / "uid-marks.sqlite", check_same_thread=False, isolation_level=None
+                )
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS marks "
+                    "(bucket INTEGER PRIMARY KEY, mark INTEGER NOT NULL)"
+                )
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS holders (bucket INTEGER NOT NULL, "
+                    "user TEXT NOT NULL, node TEXT NOT NULL, PRIMARY KEY (user, node))"
+                )
+                self._marks = db
+            return self._marks
+
+    def record_holders(self, bucket: int, fence: str, pairs: Sequence[tuple[str, str]]) -> bool:
+        """Record (durably) that these (user, node) pairs of ``bucket`` held mail, for
+        the manager with ``fence`` (refused like :meth:`raise_mark`)."""
+        with self._lock_for(bucket):
+            if self.fences.get(bucket) != fence or not self.fence_ok():
+                return False
+            with self._marks_lock:
+                self.marks_db().executemany(
+                    "INSERT OR IGNORE INTO holders(bucket, user, node) VALUES (?, ?, ?)",
+                    [(bucket, str(u), str(n)) for u, n in pairs if bucket_of(str(u)) == bucket],
+                )
+        return True
+
+    def bucket_holders(self, bucket: int) -> list[list[str]]:
+        """Every (user, node) recorded here as having held mail of ``bucket``."""
+        with self._lock_for(bucket), self._marks_lock:
+            rows = (
+                self.marks_db()
+                .execute(
+                    "SELECT user, node FROM holders WHERE bucket=? ORDER BY user, node", (bucket,)
+                )
+                .fetchall()
+            )
+        return [[u, n] for u, n in rows]
+
+    def bucket_mark(self, bucket: int) -> int:
+        """The highest UID mark recorded here for ``bucket`` (1: none)."""
+        with self._lock_for(bucket), self._marks_lock:
+            row = (
+                self.marks_db()
+                .execute("SELECT mark FROM marks WHERE bucket=?", (bucket,))
+                .fetchone()
+            )
+        return int(row[0]) if row else 1
+
+    def demote(self, user: str, mailbox: str, uid: int, key: str) -> bool:
+        """Take message ``key`` (listed under ``uid``) back to unnumbered: another
+        message holds the same UID elsewhere (numbered on two sides of a partition
+        before either side noticed); its manager numbers it afresh.  False if it is
+        not (or no longer) there under that UID."""
+        name = mailbox_name(mailbox)
+        bucket = bucket_of(user)
+        with self._lock_for(bucket):
+            db = self._db(bucket)
+            row = db.execute(
+                "SELECT size, flags, internal_date FROM messages "
+                "WHERE user=? AND mailbox=? AND uid=? AND key=?",
+                (user, name, uid, key),
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "DELETE FROM messages WHERE user=? AND mailbox=? AND uid=?", (user, name, uid)
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO pending(user, mailbox, key, size, flags, "
+                    "internal_date) VALUES (?, ?, ?, ?, ?, ?)",
+                    (user, name, key, *row),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self.pending_users.add(user)
+        return True
+
+    def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> dict[str, int]:
+        """Record the (UIDVALIDITY, UIDNEXT) this node is about to show per mailbox of
+        ``user`` and return, per mailbox, the highest UIDNEXT ever recorded here for
+        that UIDVALIDITY (UIDNEXT never goes back, even while a fragment holder is
+        out of reach; a re-created mailbox starts again)."""
+        bucket = bucket_of(user)
+        with self._lock_for(bucket):
+            db = self._db(bucket)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO shown(user, mailbox, uidvalidity, uidnext) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(user, mailbox) DO UPDATE SET "
+                    "uidnext=CASE WHEN uidvalidity=excluded.uidvalidity "
+                    "THEN MAX(uidnext, excluded.uidnext) ELSE excluded.uidnext END, "
+                    "uidvalidity=excluded.uidvalidity",
+                    [(user, name, v, n) for name, (v, n) in marks.items()],
+                )
+                out = dict(db.execute("SELECT mailbox, uidnext FROM shown WHERE user=?", (user,)))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return {name: int(out.get(name, n)) for name, (_, n) in marks.items()}
 
     def digests(self, user: str, mailbox: str) -> list[Digest]:
         """The mailbox's messages by UID."""
@@ -587,7 +859,11 @@ class FragmentStore:
         udir = self.user_path(user)
         for key in set(keys):
             if (
-                db.execute("SELECT 1 FROM messages WHERE user=? AND key=?", (user, key)).fetchone()
+                db.execute(
+                    "SELECT 1 FROM messages WHERE user=? AND key=? "
+                    "UNION SELECT 1 FROM pending WHERE user=? AND key=?",
+                    (user, key, user, key),
+                ).fetchone()
                 is None
             ):
                 (udir / key).unlink(missing_ok=True)
@@ -598,7 +874,7 @@ class FragmentStore:
             db = self._db(bucket_of(user))
             db.execute("BEGIN IMMEDIATE")
             try:
-                for table in ("messages", "mailboxes", "users"):
+                for table in ("messages", "mailboxes", "users", "pending", "shown"):
                     db.execute(f"DELETE FROM {table} WHERE user=?", (user,))
                 db.execute("COMMIT")
             except BaseException:
@@ -616,17 +892,32 @@ class FragmentStore:
             return []
         with self._lock_for(bucket):
             db = self._db(bucket)
-            return [u for (u,) in db.execute("SELECT DISTINCT user FROM messages ORDER BY user")]
+            return [
+                u
+                for (u,) in db.execute(
+                    "SELECT user FROM messages UNION SELECT user FROM pending ORDER BY user"
+                )
+            ]
 
-    def uid_marks(self, bucket: int) -> dict[str, tuple[bool, int]]:
-        """Per user of ``bucket`` here: (holds messages, highest UIDNEXT of its mailboxes)."""
+    def uid_marks(self, bucket: int) -> dict[str, tuple[bool, int, int]]:
+        """Per user of ``bucket`` here: (holds messages, numbered or not; the highest
+        UIDNEXT of its mailboxes or ever shown by this node; unnumbered messages)."""
         if not (self.bucket_path(bucket) / "index.sqlite").exists():
             return {}
         with self._lock_for(bucket):
             db = self._db(bucket)
-            marks = dict(db.execute("SELECT user, MAX(uidnext) FROM mailboxes GROUP BY user"))
+            marks: dict[str, int] = {}
+            for sql in (
+                "SELECT user, MAX(uidnext) FROM mailboxes GROUP BY user",
+                "SELECT user, MAX(uidnext) FROM shown GROUP BY user",
+            ):
+                for u, n in db.execute(sql):
+                    marks[u] = max(marks.get(u, 1), int(n))
             with_mail = {u for (u,) in db.execute("SELECT DISTINCT user FROM messages")}
-        return {u: (u in with_mail, int(n)) for u, n in marks.items()}
+            pending = dict(db.execute("SELECT user, COUNT(*) FROM pending GROUP BY user"))
+        return {
+            u: (u in with_mail or u in pending, n, int(pending.get(u, 0))) for u, n in marks.items()
+        }
 
     def users_with_mail(self) -> list[str]:
         """Users with at least one message in any bucket here."""
@@ -838,3 +1129,26 @@ class MailboxManager:
     def users_in_bucket(self, bucket: int) -> Deferred[list[str]]:
         """See :class:`IMailboxManager`."""
         return self._run(self.fragments.users_in_bucket, bucket)
+
+    def number_pending(
+        self, user: str, fence: str, first: int, count: int
+    ) -> Deferred[tuple[int, int, int]]:
+        """:meth:`FragmentStore.number_pending` off the reactor; IMAP sessions are told.
+        Fires with (messages numbered, still pending, highest UIDNEXT here)."""
+        d = self._run(self.fragments.number_pending, user, fence, first, count)
+
+        def notify(r: tuple[int, list[str], int, int]) -> tuple[int, int, int]:
+            done, changed, left, top = r
+            for box in changed:
+                self._changed(user, box)
+            return done, left, top
+
+        return d.addCallback(notify)
+
+    def demote(self, user: str, mailbox: str, uid: int, key: str) -> Deferred[bool]:
+        """See :meth:`FragmentStore.demote`."""
+        return self._run(self.fragments.demote, user, mailbox, uid, key)
+
+    def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
+        """See :meth:`FragmentStore.shown`."""
+        return self._run(self.fragments.shown, user, dict(marks))

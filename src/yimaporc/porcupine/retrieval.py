@@ -20,12 +20,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .interfaces import IMailboxManager, IUserManager
-from .values import INBOX, Digest, MailboxExists, MailboxInfo, NewMessage, NoSuchMailbox, Profile
+from .values import (
+    INBOX,
+    Digest,
+    MailboxExists,
+    MailboxInfo,
+    MailUnavailable,
+    NewMessage,
+    NoSuchMailbox,
+    Profile,
+)
 
 
 class UserMail:
@@ -58,6 +68,37 @@ class UserMail:
         #: or deletion goes to one holder, whose logged update reaches the others.
         self.replicated = False
         self.load_of: Callable[[str], float] | None = None
+        #: The serving node (cluster): it records the highest UIDNEXT it showed per
+        #: mailbox, so UIDNEXT never goes back while a fragment is out of reach.
+        self.local: str | None = None
+        #: Nodes holding some of this user's mail that did not answer (or that the
+        #: manager knows left the view with mail): what is listed is incomplete.
+        self.unreachable: set[str] = set()
+        #: Mailboxes whose merged UIDNEXT was below one this node showed before.
+        self.short: set[str] = set()
+        #: The manager could not know every holder (no majority, hints missing).
+        self.uncertain = False
+        #: Messages sent back to be numbered afresh (two under one UID).
+        self.renumbered = 0
+        #: With replication, the user's copies per message (from the profile): fewer
+        #: holders out of reach than that leave every message a reachable copy.
+        self.replicas = 1
+
+    def incomplete(self, mailbox: str | None = None) -> list[str]:
+        """Why the last listing (of ``mailbox``) may lack messages ([]: complete)."""
+        out = (
+            [f"mail on {n} out of reach" for n in sorted(self.unreachable)]
+            if len(self.unreachable) >= self.replicas
+            else []
+        )
+        if self.uncertain:
+            out.append("no majority of the cluster in reach: other nodes may hold mail")
+        out += [
+            f"{m} lacks messages shown before"
+            for m in sorted(self.short)
+            if mailbox is None or m == mailbox
+        ]
+        return out
 
     def _home(self) -> IMailboxManager:
         return self.managers(self.home)
@@ -69,6 +110,11 @@ class UserMail:
 
         def merge(frags: tuple[str, ...]) -> list[str]:
             nodes = [self.home, *(n for n in frags if n != self.home)]
+            certain = getattr(self.users, "certain", None)
+            self.uncertain = certain is not None and not certain(self.address)
+            away_of = getattr(self.users, "away_of", None)
+            # Nodes that left the view holding mail: asked too (they fail while away).
+            nodes += [n for n in (away_of(self.address) if away_of else ()) if n not in nodes]
             if now is not None:
                 self._node_cache = (nodes, now + self.fragments_ttl)
             return nodes
@@ -88,13 +134,15 @@ class UserMail:
 
             def done(results: list[tuple[bool, Any]]) -> list[tuple[str, Any]]:
                 out = []
+                self.unreachable = set()
                 for n, (ok, got) in zip(nodes, results, strict=True):
                     if ok:
                         out.append((n, got))
                     elif n == self.home or isinstance(got.value, NoSuchMailbox):
                         got.raiseException()
                     else:
-                        self.log.warn(
+                        self.unreachable.add(n)
+                        self.log.info(
                             "mail of {u} on {n} out of reach: {e}",
                             u=self.address,
                             n=n,
@@ -113,7 +161,38 @@ class UserMail:
         """Every mailbox with its counters (merged over the fragments in a cluster)."""
         if not self.cluster:
             return self._home().mailboxes(self.address)
-        return self._trees().addCallback(_merge_trees)
+        d = self._trees().addCallback(_merge_trees)
+        d.addCallback(self._inbox_validity)
+        return d.addCallback(self._monotonic)
+
+    def _inbox_validity(self, infos: list[MailboxInfo]) -> Deferred[list[MailboxInfo]]:
+        """INBOX's UIDVALIDITY is the profile's creation second, the same on every node
+        whichever fragments answer (a fragment's own value depends on when and where
+        its INBOX row was made, and on that node's clock)."""
+
+        def fix(profile: Profile | None) -> list[MailboxInfo]:
+            if profile is not None and self.replicated:
+                self.replicas = max(1, profile.replicas)
+            if profile is None or profile.created < 1:
+                return infos
+            v = int(profile.created)
+            return [attrs.evolve(i, uidvalidity=v) if i.name == INBOX else i for i in infos]
+
+        return self.users.profile(self.address).addCallback(fix)
+
+    def _monotonic(self, infos: list[MailboxInfo]) -> Deferred[list[MailboxInfo]]:
+        """UIDNEXT at least what this node showed before (recorded on its disk)."""
+        shown = getattr(self.managers(self.local), "shown", None) if self.local else None
+        if shown is None:
+            return succeed(infos)
+
+        def fix(top: dict[str, int]) -> list[MailboxInfo]:
+            self.short = {i.name for i in infos if top.get(i.name, 0) > i.uidnext}
+            return [attrs.evolve(i, uidnext=max(i.uidnext, top.get(i.name, 0))) for i in infos]
+
+        marks = {i.name: (i.uidvalidity, i.uidnext) for i in infos}
+        d: Deferred[dict[str, int]] = shown(self.address, marks)
+        return d.addCallback(fix)
 
     def _holders(self, name: str) -> Deferred[list[str]]:
         """Nodes whose tree has mailbox ``name`` (exact)."""
@@ -171,11 +250,16 @@ class UserMail:
 
     # --- messages (every fragment) ------------------------------------------
 
-    def digests(self, mailbox: str) -> Deferred[list[Digest]]:
-        """The mailbox's messages over all fragments, by UID."""
+    def digests(self, mailbox: str, complete: bool = False) -> Deferred[list[Digest]]:
+        """The mailbox's messages over all fragments, by UID.  ``complete`` (SELECT,
+        a POP3 login): ``MailUnavailable`` rather than a listing that lacks mail out
+        of reach (a syncing client would take the missing ones as expunged)."""
 
         if self.cluster:
-            return self._merged_digests(mailbox)
+            d = self._merged_digests(mailbox)
+            if complete:
+                d.addCallback(self._check_complete, INBOX if mailbox.upper() == INBOX else mailbox)
+            return d
 
         def ask(nodes: list[str]) -> Deferred[list[Digest]]:
             ds = [self.managers(n).digests(self.address, mailbox) for n in nodes]
@@ -184,6 +268,15 @@ class UserMail:
             )
 
         return self._nodes().addCallback(ask)
+
+    def _check_complete(self, digests: list[Digest], mailbox: str) -> list[Digest]:
+        why = self.incomplete(mailbox)
+        if why:
+            raise MailUnavailable(
+                "[UNAVAILABLE] part of this mailbox is out of reach (" + "; ".join(why) + "),"
+                " try again later"
+            )
+        return digests
 
     def _merged_digests(self, mailbox: str) -> Deferred[list[Digest]]:
         def tolerant(m: IMailboxManager) -> Deferred[list[Digest]]:
@@ -198,8 +291,12 @@ class UserMail:
 
         def merge(parts: list[tuple[str, list[Digest]]]) -> list[Digest]:
             # Copies of one message (replicas) share UID, size and internal date:
-            # listed once.  Two different messages under one UID (a reservation
-            # racing a manager move) are both listed rather than one hidden.
+            # listed once.  Two different messages under one UID (numbered on two
+            # sides of a partition before either noticed, or older data) are never
+            # both listed (a client cannot tell them apart: UID FETCH would pair
+            # one's flags with the other's body): the oldest keeps the UID, the
+            # others go back to unnumbered and their manager numbers them afresh,
+            # above every UID shown (hidden only until then).
             seen: dict[int, list[Digest]] = {}
             for _, part in parts:
                 for d in part:
@@ -211,14 +308,33 @@ class UserMail:
                     if twin is not None and twin.node != d.node:
                         self._copies.setdefault((mailbox, d.uid), []).append(d.node)
                     elif twin is None:
-                        if same:
-                            self.log.warn(
-                                "{u}: two messages under UID {n}", u=self.address, n=d.uid
-                            )
                         same.append(d)
-            return [d for u in sorted(seen) for d in seen[u]]
+            out = []
+            for u in sorted(seen):
+                keep, *extra = sorted(seen[u], key=lambda x: (x.internal_date, x.node, x.key))
+                out.append(keep)
+                for d in extra:
+                    self._renumber(mailbox, d)
+            return out
 
         return self._ask_all(tolerant).addCallback(merge)
+
+    def _renumber(self, mailbox: str, d: Digest) -> None:
+        """``d`` shares its UID with another message: back to unnumbered on its node,
+        and its manager told (fire and forget: the next listing tries again)."""
+        self.log.warn(
+            "{u}: two messages under UID {n}; the one on {node} is numbered afresh",
+            u=self.address,
+            n=d.uid,
+            node=d.node,
+        )
+        self.renumbered += 1
+        box: Any = self.managers(d.node)
+        note = getattr(self.users, "note_pending", None)
+        dd: Deferred[Any] = box.demote(self.address, mailbox, d.uid, d.key)
+        if note is not None:
+            dd.addCallback(lambda ok: note(self.address, d.node) if ok else None)
+        dd.addErrback(lambda f: self.log.warn("renumbering failed: {e}", e=f.getErrorMessage()))
 
     def _by_node(self, digests: Sequence[Digest], mailbox: str = "") -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -461,6 +577,8 @@ class RetrievalProxy:
         mail.now = self.now
         mail.replicated = self.replicated
         mail.load_of = self.load_of
+        if self.cluster:
+            mail.local = self.node_id
         return mail
 
 

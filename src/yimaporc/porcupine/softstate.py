@@ -54,6 +54,9 @@ class UserManagerState:
         self.map = BucketMap.empty(n_buckets)
         self.fragments: dict[str, set[str]] = {}
         self.profiles: dict[str, bytes] = {}
+        #: Nodes that held mail for a user when they left the view: their mail is
+        #: out of reach, not gone (retrieval says so instead of showing less).
+        self.away: dict[str, set[str]] = {}
 
     def manages(self, user: str) -> bool:
         """True if this node is ``user``'s manager under the current map."""
@@ -67,12 +70,19 @@ class UserManagerState:
         """
         fresh = new_map.fresh(self.map)
         self.map = new_map
-        for table in (self.fragments, self.profiles):
+        for table in (self.fragments, self.profiles, self.away):
             for user in [u for u in table if not self._keep(u, fresh)]:
-                del table[user]
+                del table[user]  # type: ignore[attr-defined]
         alive = set(live)
+        for user in list(self.away):
+            self.away[user] -= alive  # back: its hints tell what it holds
+            if not self.away[user]:
+                del self.away[user]
         for user in list(self.fragments):
-            self.remove_fragments(user, self.fragments[user] - alive)
+            gone = self.fragments[user] - alive
+            if gone:
+                self.away.setdefault(user, set()).update(gone)
+            self.remove_fragments(user, gone)
         return fresh
 
     def _keep(self, user: str, fresh: set[int]) -> bool:
@@ -106,6 +116,16 @@ class UserManagerState:
             held -= nodes
             if not held:
                 del self.fragments[user]
+
+    def note_holder(self, user: str, node: str, live: Iterable[str]) -> None:
+        """``node`` held mail for ``user`` (a majority recorded it): out of reach if it
+        is not ``live`` (its own hint tells the rest when it is)."""
+        if node not in set(live):
+            self.away.setdefault(user, set()).add(node)
+
+    def away_list(self, user: str) -> set[str]:
+        """Nodes that held mail for ``user`` when they left the view (out of reach)."""
+        return set(self.away.get(user, ()))
 
     def fragment_list(self, user: str) -> set[str]:
         """Nodes holding mail for ``user`` (as far as reconstruction and delivery told us)."""

@@ -40,6 +40,18 @@ class MessageTooLarge(MailError):
     """A message over the configured size limit."""
 
 
+class MailUnavailable(MailError):
+    """Part of the user's mail is on a node that does not answer: the listing would
+    be incomplete, so the command is refused (IMAP ``NO [UNAVAILABLE]``, POP3
+    ``-ERR [SYS/TEMP]``) rather than showing a smaller mailbox."""
+
+
+#: ``NewMessage.uid`` of a message to store *unnumbered*: durable (the 250 is
+#: given) but not visible by IMAP/POP3 until its user's legitimate manager numbers
+#: it (``FragmentStore.number_pending``); see docs/mail.md, "UIDs under partitions".
+PENDING = -1
+
+
 @attrs.frozen
 class Profile:
     """One user's hard profile: the scrypt hash, never the password."""
@@ -63,9 +75,14 @@ class NewMessage:
     body: bytes
     flags: tuple[str, ...] = ()
     internal_date: float = 0.0
-    #: 0: the storing node picks the UID; else the UID a cluster allocated for it
-    #: (the node uses it unless its mailbox is already past it).
+    #: 0: the storing node picks the UID (a cluster of one); :data:`PENDING`: store
+    #: unnumbered; else the UID a cluster's user manager allocated for it.
     uid: int = 0
+    #: The allocating manager's fence (``"manager@bucket-epoch"``), checked by the
+    #: storing node against its own map: a stale one (a paused or partitioned old
+    #: manager) makes the message PENDING instead.  Empty: no check (replica applies,
+    #: a cluster of one).
+    fence: str = ""
 
 
 @attrs.frozen
