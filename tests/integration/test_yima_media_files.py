@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, ffmpeg_record, framemd5, views_agree, wait_for
+from yimaporc.testing.procs import (
+    NodeProc,
+    ffmpeg_record,
+    framemd5,
+    yima_cluster,
+)
 from yimaporc.yima.media.sample import make_sample_ts
 
 NET = "127.0.109"
@@ -32,28 +36,8 @@ WAVS = {
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
     """Two bipartite yima nodes with one disk each."""
-    tmp = tmp_path_factory.mktemp("yima-media")
-    secret = tmp / "cluster.secret"
-    secret.write_text(os.urandom(16).hex())
-    procs = [
-        NodeProc(
-            "yima", f"y{i}", f"{NET}.{i}", tmp / f"y{i}" / "data", 17946, 18080,
-            extra=["--rtsp", f"tcp:{RTSP}:interface={NET}.{i}"],
-            join=[] if i == 1 else [f"{NET}.1:17946"], secret_file=secret,
-        )
-        for i in (1, 2)
-    ]  # fmt: skip
-    try:
-        for n in procs:
-            n.start()
-        wait_for(lambda: views_agree(procs), 30, "2 yima nodes to agree")
-        wait_for(
-            lambda: all(len((n.status() or {}).get("disks", [])) == 2 for n in procs), 30, "disks"
-        )
+    with yima_cluster(tmp_path_factory.mktemp("yima-media"), NET, count=2, rtsp=RTSP) as procs:
         yield procs
-    finally:
-        for n in procs:
-            n.kill(signal.SIGTERM)
 
 
 def ingest(node: NodeProc, path: Path, name: str, *extra: str) -> subprocess.CompletedProcess[str]:

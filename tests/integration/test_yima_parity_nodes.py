@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,14 @@ from typing import Any
 import pytest
 
 from yimaporc.cluster.catalog import read_document
-from yimaporc.testing.procs import NodeProc, ffmpeg_record, framemd5, views_agree, wait_for
+from yimaporc.testing.procs import (
+    NodeProc,
+    ffmpeg_record,
+    framemd5,
+    views_agree,
+    wait_for,
+    yima_cluster,
+)
 from yimaporc.yima.media import MediaInfo
 from yimaporc.yima.media.sample import make_sample_ts
 from yimaporc.yima.parity import FilePlacement, group_members
@@ -27,37 +33,8 @@ PORT, ADMIN, RTSP = 17946, 18080, 18554
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[NodeProc]]:
     """Three yima nodes, two --disk each, all agreeing on six disks."""
-    secret = tmp_path / "cluster.secret"
-    secret.write_text(os.urandom(16).hex())
-    nodes = []
-    for i in (1, 2, 3):
-        extra = ["--rtsp", f"tcp:{RTSP}:interface={NET}.{i}"]
-        for disk in ("a", "b"):
-            extra += ["--disk", str(tmp_path / f"y{i}" / disk)]
-        nodes.append(
-            NodeProc(
-                "yima",
-                f"y{i}",
-                f"{NET}.{i}",
-                tmp_path / f"y{i}" / "data",
-                PORT,
-                ADMIN,
-                extra=extra,
-                join=[] if i == 1 else [f"{NET}.1:{PORT}"],
-                secret_file=secret,
-            )
-        )
-    try:
-        for n in nodes:
-            n.start()
-        wait_for(lambda: views_agree(nodes), 30, "3 nodes to agree")
-        wait_for(
-            lambda: all(len((n.status() or {}).get("disks", [])) == 6 for n in nodes), 30, "6 disks"
-        )
+    with yima_cluster(tmp_path, NET, disks=2, rtsp=RTSP) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            n.kill(signal.SIGTERM)
 
 
 def cli(node: NodeProc, *args: str) -> str:

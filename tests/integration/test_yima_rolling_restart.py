@@ -4,7 +4,6 @@ stream plays to its end and the frames after each takeover arrive intact."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from yimaporc.testing.procs import NodeProc, ffmpeg_record, framemd5, views_agree, wait_for
+from yimaporc.testing.procs import (
+    NodeProc,
+    ffmpeg_record,
+    framemd5,
+    views_agree,
+    wait_for,
+    yima_cluster,
+)
 from yimaporc.yima.media.sample import make_sample_ts
 
 NET = "127.0.118"
@@ -23,33 +29,8 @@ PORT, ADMIN, RTSP = 17946, 18080, 18554
 @pytest.fixture
 def trio(tmp_path: Path) -> Iterator[list[NodeProc]]:
     """Three yima nodes, each naming the other two (as docs/deploy.md recommends)."""
-    secret = tmp_path / "cluster.secret"
-    secret.write_text(os.urandom(16).hex())
-    nodes = [
-        NodeProc(
-            "yima",
-            f"y{i}",
-            f"{NET}.{i}",
-            tmp_path / f"y{i}" / "data",
-            PORT,
-            ADMIN,
-            ["--rtsp", f"tcp:{RTSP}:interface={NET}.{i}"],
-            [f"{NET}.{j}:{PORT}" for j in (1, 2, 3) if j != i],
-            secret,
-        )
-        for i in (1, 2, 3)
-    ]
-    try:
-        for n in nodes:
-            n.start()
-        wait_for(lambda: views_agree(nodes), 30, "3 yima nodes to agree")
-        wait_for(
-            lambda: all(len((n.status() or {}).get("disks", [])) == 3 for n in nodes), 30, "disks"
-        )
+    with yima_cluster(tmp_path, NET, mesh=True, rtsp=RTSP) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            n.kill(signal.SIGTERM)
 
 
 def test_stream_plays_through_a_rolling_restart_of_the_other_nodes(

@@ -383,7 +383,7 @@ def test_layout_workers_exit_when_their_node_is_killed(tmp_path: Path) -> None:
     """A node killed by a signal leaves no layout worker behind."""
     script = tmp_path / "node.py"
     script.write_text(
-        "import os, sys, time\n"
+        "import os, sys, threading\n"
         "from yimaporc.yima.layouts import ProcessRunner\n"
         "class R:\n"
         "    def callFromThread(self, f, *a): f(*a)\n"
@@ -391,7 +391,7 @@ def test_layout_workers_exit_when_their_node_is_killed(tmp_path: Path) -> None:
         "    runner = ProcessRunner(R())\n"
         "    d = runner(os.getpid)\n"
         "    d.addCallback(lambda pid: print(pid, flush=True))\n"
-        "    time.sleep(120)\n"
+        "    threading.Event().wait(120)\n"
     )
     node = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:

@@ -174,6 +174,47 @@ def three_nodes(
             n.kill(signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def yima_cluster(
+    tmp_path: Path,
+    net: str,
+    count: int = 3,
+    disks: int = 0,
+    mesh: bool = False,
+    rtsp: int = 18554,
+    extra: list[str] | None = None,
+) -> Iterator[list[NodeProc]]:
+    """``count`` yima nodes on ``net``.1, .2, ... (RTSP on ``rtsp``), with ``disks``
+    ``--disk`` directories each (0: the default one), joining the first or, with
+    ``mesh``, naming every other node (docs/deploy.md); yielded once every node sees
+    them all and all their disks; all stopped (SIGTERM, by PID) at the end."""
+    secret = tmp_path / "cluster.secret"
+    secret.write_text(os.urandom(16).hex())
+    nodes = []
+    for i in range(1, count + 1):
+        args = ["--rtsp", f"tcp:{rtsp}:interface={net}.{i}", *(extra or [])]
+        for d in range(disks):
+            args += ["--disk", str(tmp_path / f"y{i}" / f"disk{d}")]
+        others = [j for j in range(1, count + 1) if j != i] if mesh else ([1] if i > 1 else [])
+        join = [f"{net}.{j}:17946" for j in others]
+        nodes.append(NodeProc("yima", f"y{i}", f"{net}.{i}", tmp_path / f"y{i}" / "data",
+                              17946, 18080, args, join, secret))  # fmt: skip
+    total = count * max(disks, 1)
+    try:
+        for n in nodes:
+            n.start()
+        wait_for(lambda: views_agree(nodes), 30, f"{count} yima nodes to agree")
+        wait_for(
+            lambda: all(len((n.status() or {}).get("disks", [])) == total for n in nodes),
+            30,
+            f"{total} disks",
+        )
+        yield nodes
+    finally:
+        for n in nodes:
+            n.kill(signal.SIGTERM)
+
+
 def mail_settled(nodes: list[NodeProc]) -> bool:
     """Every node sees exactly ``nodes``, each with buckets, and none is settling."""
     want = {n.node_id for n in nodes}
