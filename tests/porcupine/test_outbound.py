@@ -298,3 +298,57 @@ def test_messages_for_one_mx_share_connections(tmp_path: Path) -> None:
     assert sorted(a for a, _ in mx.got) == [f"u{k}@remote.test" for k in range(5)]
     assert s.entries == {} and bounces == [] and s.status()["connects"] == 2
     assert reactor.tcpClients == []
+
+
+def test_smarthost_gets_auth_plain_with_the_configured_credentials(tmp_path: Path) -> None:
+    """With --smarthost and credentials the client authenticates (AUTH PLAIN) before MAIL."""
+    from twisted.cred import checkers, portal
+    from twisted.mail import imap4
+
+    spool(tmp_path / "outbound", "m1", "alice@example.org", ["bob@far.test"], b"x\r\n")
+    routes = Routes({}, ("10.8.8.8", 587), (b"relayuser", b"relaypw"))
+    reactor, s, bounces = sender_for(tmp_path, routes)
+    host, port, factory, _, _ = reactor.tcpClients.pop()
+    assert (host, port) == ("10.8.8.8", 587)
+    mx = RemoteMX()
+
+    class Realm:
+        def requestAvatar(self, avatar_id: Any, mind: Any, *ifaces: Any) -> Any:
+            return smtp.IMessageDelivery, mx, lambda: None
+
+    server = smtp.ESMTP({b"PLAIN": imap4.PLAINCredentials})
+    server.portal = portal.Portal(  # type: ignore[assignment]
+        Realm(), [checkers.InMemoryUsernamePasswordDatabaseDontUse(relayuser=b"relaypw")]
+    )
+    client = factory.buildProtocol(None)
+    here, there = IPv4Address("TCP", "10.0.0.1", 40000), IPv4Address("TCP", host, port)
+    iosim.connect(
+        server, iosim.FakeTransport(server, True, there, here),
+        client, iosim.FakeTransport(client, False, here, there),
+    )  # fmt: skip
+    assert server.authenticated
+    assert [a for a, _ in mx.got] == ["bob@far.test"] and s.entries == {} and bounces == []
+
+
+def test_smarthost_options_fail_fast(tmp_path: Path) -> None:
+    """--smarthost-auth-file gives USER:PASSWORD; without --smarthost or a colon: UsageError."""
+    from twisted.python import usage
+
+    from yimaporc.tap.porcupine import Options
+
+    base = ["--node-id", "n", "--data-dir", str(tmp_path), "--domain", "example.org",
+            "--cluster", "tcp:7946:interface=127.0.111.99"]  # fmt: skip
+    auth = tmp_path / "relay.auth"
+    auth.write_text("relayuser:s3cr:et\n")
+    o = Options()
+    o.parseOptions(
+        [*base, "--smarthost", "relay.example.net:587", "--smarthost-auth-file", str(auth)]
+    )
+    assert o.routes.smarthost == ("relay.example.net", 587)
+    assert o.routes.smarthost_auth == (b"relayuser", b"s3cr:et")
+    for extra in (["--smarthost-auth-file", str(auth)], ["--smarthost", "relay:587:x"]):
+        with pytest.raises(usage.UsageError):
+            Options().parseOptions([*base, *extra])
+    auth.write_text("no colon here\n")
+    with pytest.raises(usage.UsageError, match="USER:PASSWORD"):
+        Options().parseOptions([*base, "--smarthost", "r:587", "--smarthost-auth-file", str(auth)])

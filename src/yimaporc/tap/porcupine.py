@@ -35,6 +35,8 @@ class Options(NodeOptions):
         ["submissions", None, None,
          "Submission over implicit TLS (port 465 style; a tcp: endpoint uses --tls-cert)."],
         ["smarthost", None, None, "Send all outbound mail through HOST:PORT instead of MX."],
+        ["smarthost-auth-file", None, None,
+         "File whose first line is USER:PASSWORD for AUTH at the --smarthost."],
         ["queue-retry", None, "60,300,900,1800,3600,7200,14400",
          "Seconds between outbound attempts, comma-separated; the last repeats."],
         ["queue-lifetime", None, str(5 * 86400),
@@ -106,7 +108,21 @@ class Options(NodeOptions):
             smarthost = parse_hostport(self["smarthost"]) if self["smarthost"] else None
         except ValueError as e:
             raise usage.UsageError(f"--smarthost: {e}") from e
-        self.routes = Routes(dict(self["transport"]), smarthost)
+        auth = None
+        if self["smarthost-auth-file"]:
+            if smarthost is None:
+                raise usage.UsageError("--smarthost-auth-file needs --smarthost")
+            try:
+                first = open(self["smarthost-auth-file"], "rb").read().splitlines()[:1]
+            except OSError as e:
+                raise usage.UsageError(f"--smarthost-auth-file: {e.strerror}") from e
+            user, sep, password = (first[0] if first else b"").partition(b":")
+            if not sep or not user:
+                raise usage.UsageError(
+                    "--smarthost-auth-file: the first line must be USER:PASSWORD"
+                )
+            auth = (user, password)
+        self.routes = Routes(dict(self["transport"]), smarthost, auth)
         try:
             backoff = tuple(float(x) for x in str(self["queue-retry"]).split(","))
             lifetime = float(self["queue-lifetime"])
