@@ -454,6 +454,14 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
             "Packets handed straight to this node's own relay (in process, not over UDP).",
         ),
         ("ended_share_lost", "sessions_ended_share_lost", "Sessions ended as media was lost."),
+        ("block_reads", "block_reads", "Blocks read from disk for delivery (read-ahead)."),
+        ("block_read_bytes", "block_read_bytes", "Bytes of blocks read from disk for delivery."),
+        ("block_read_errors", "block_read_errors", "Block reads for delivery that failed."),
+        (
+            "late_waits",
+            "late_waits",
+            "Scheduler ticks at which a due packet waited for its block (late sending).",
+        ),
     ):
         out.counter(f"yimaporc_yima_{name}", text, streaming.get(key))
     rtsp = doc.get("rtsp") or {}

@@ -63,6 +63,8 @@ class DeliveryEngine:
         self.sent = 0
         self.sent_bytes = 0
         self.read_errors = 0
+        self.block_reads = 0
+        self.block_read_bytes = 0
 
     def poke(self) -> None:
         """Re-plan now (a session was added, paused, resumed or changed)."""
@@ -113,6 +115,7 @@ class DeliveryEngine:
             if len(self._reading) >= self.max_reads:
                 break
             self._reading.add(key)
+            self.block_reads += 1
             d = self.read_block(*key)
             d.addCallbacks(self._loaded, self._failed, callbackArgs=(key,), errbackArgs=(key,))
         while len(self.cache) > self.cache_blocks:
@@ -120,6 +123,7 @@ class DeliveryEngine:
 
     def _loaded(self, data: bytes, key: BlockKey) -> None:
         self._reading.discard(key)
+        self.block_read_bytes += len(data)
         self.cache[key] = data
         self._next_prefetch = float("-inf")  # keep the read-ahead chain going
         self._run()

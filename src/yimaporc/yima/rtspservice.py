@@ -278,6 +278,12 @@ class YimaStreamingService(Service):
                                              "packets_sent": self.streaming.engine.sent,
                                              "bytes_sent": self.streaming.engine.sent_bytes,
                                              "handed_to_relay": self.streaming.handed_over,
+                                             "block_reads": self.streaming.engine.block_reads,
+                                             "block_read_bytes":
+                                                 self.streaming.engine.block_read_bytes,
+                                             "block_read_errors": self.streaming.engine.read_errors,
+                                             "late_waits":
+                                                 self.streaming.scheduler.late_waits,
                                              "ended_share_lost": self.lost_sessions}}  # fmt: skip
         relays = sum(1 for p in self.plans.values() if p.relay_port is not None)
         out["rtsp"] = {**self.factory.stats(), "relay_ports": relays}

@@ -194,6 +194,8 @@ class NodeScheduler:
         self.sessions: dict[str, Session] = {}
         self.retransmit_window = retransmit_window
         self.prefetch = prefetch
+        #: Times a due packet waited because its block was not read yet (all sessions).
+        self.late_waits = 0
 
     def add(
         self,
@@ -292,6 +294,7 @@ class NodeScheduler:
             block, j, mt = nxt
             if ready is not None and (s.media.name, block) not in ready:
                 s.late += 1
+                self.late_waits += 1
                 continue
             size = s.media.payload
             offset = j * size
