@@ -743,3 +743,38 @@ def test_server_error_tracebacks_rate_limited(failures: list[dict[str, Any]]) ->
     assert len(failures) == 3
     assert errors.status() == {"imap.server_error": 101, "pop3.server_error": 1}
     failures.clear()  # these were expected
+
+
+@pytest.mark.parametrize(
+    ("command", "method"),
+    [(b"a LIST \"\" *\r\n", "listMailboxes"), (b"a LSUB \"\" *\r\n", "listMailboxes"),
+     (b"a STATUS INBOX (MESSAGES)\r\n", "select"), (b"a COPY 1 INBOX\r\n", "select")],
+)  # fmt: skip
+def test_imap_answer_after_the_client_left_is_dropped(
+    mail: Mail, failures: list[dict[str, Any]], command: bytes, method: str
+) -> None:
+    """LIST/LSUB/STATUS/COPY whose account call ends after the client left: no traceback."""
+    p, t = mail.imap()
+    if command.startswith(b"a COPY"):
+        p.dataReceived(b"s SELECT INBOX\r\n")
+        mail.pump()
+        assert b"s OK" in t.value()
+    account = p.account
+    held: list[Deferred[Any]] = []
+    real = getattr(account, method)
+
+    def slow(*a: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        held.append(d)
+        d.addCallback(lambda _: real(*a))
+        return d
+
+    setattr(account, method, slow)
+    t.clear()
+    p.dataReceived(command)
+    assert held and t.value() == b""
+    p.connectionLost(Failure(ConnectionError("gone")))
+    held.pop().callback(None)
+    mail.pump()
+    assert t.value() == b""
+    assert not failures

@@ -815,6 +815,16 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
             self.state = "auth"
         super()._cbSelectWork(mbox, cmdName, tag)
 
+    def _cbListWork(self, mailboxes: Any, tag: bytes, sub: Any, cmdName: bytes) -> None:
+        if self._gone:  # the client left while the mailboxes were listed (account is None)
+            return
+        super()._cbListWork(mailboxes, tag, sub, cmdName)
+
+    def _cbStatusGotMailbox(self, mbox: Any, tag: bytes, mailbox: Any, names: Any) -> None:
+        if self._gone:
+            return
+        super()._cbStatusGotMailbox(mbox, tag, mailbox, names)
+
     def _ebListWork(self, failure: Failure, tag: bytes) -> None:
         self._answer_failure(failure, tag, "LIST")
 
@@ -847,6 +857,8 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         self._answer_failure(failure, tag, "COPY")
 
     def _cbCopySelectedMailbox(self, mbox: Any, tag: bytes, messages: Any, mailbox: Any, uid: int) -> Any:  # fmt: skip
+        if self._gone:  # the client left while the target was opened (self.mbox is None)
+            return None
         if not mbox:
             self.errors.client("imap", "no_such_mailbox")
             self.sendNegativeResponse(tag, b"[TRYCREATE] No such mailbox")
