@@ -825,6 +825,11 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
             return
         super()._cbStatusGotMailbox(mbox, tag, mailbox, names)
 
+    def _IMAP4Server__cbClose(self, result: Any, tag: bytes) -> None:
+        if self._gone:  # the client left while the mailbox was expunged (mbox is None)
+            return
+        super()._IMAP4Server__cbClose(result, tag)  # type: ignore[misc]
+
     def _ebListWork(self, failure: Failure, tag: bytes) -> None:
         self._answer_failure(failure, tag, "LIST")
 
@@ -987,6 +992,15 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
     # --- FETCH / SEARCH ---------------------------------------------------------
 
     def do_FETCH(self, tag: bytes, messages: Any, query: Any, uid: int = 0) -> None:
+        for p in query:
+            if p.type == "body" and getattr(p, "header", None) is not None:
+                try:
+                    bytes(p.header)
+                    str(p.header)
+                except UnicodeDecodeError:  # stock raises it mid-response when labelling
+                    self.errors.client("imap", "bad_syntax")
+                    self.sendBadResponse(tag, b"Illegal syntax: header field names are ASCII")
+                    return
         if isinstance(self.mbox, ImapMailbox):
             light = {"flags", "uid", "internaldate", "rfc822size"}
             self.mbox.want_bodies = any(p.type not in light for p in query)
