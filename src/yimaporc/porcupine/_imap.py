@@ -46,6 +46,7 @@ from twisted.mail import imap4
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..cluster.rpc import PeerUnavailable
 from ._guard import ClientErrors, GatedLines, list_match
 from ._mime import MimePart
 from .retrieval import UserMail
@@ -963,6 +964,9 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins, try later")
         elif failure.check(UnauthorizedLogin):
             self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
+        elif failure.check(PeerUnavailable):  # the node holding the profile is down or slow
+            self.errors.counts["imap.login_peer_unavailable"] += 1
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Temporary authentication failure")
         else:
             log.failure("IMAP login check failed", failure)
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Temporary authentication failure")
