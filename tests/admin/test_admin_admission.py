@@ -261,6 +261,7 @@ def test_connections_are_capped_per_peer_and_in_total(tmp_path: Path) -> None:
     assert site.buildProtocol(addr) is not None
     assert setup.node.status()["admin"] == {
         "connections": 5,
+        "refused_400": 0,
         "refused_401": 0,
         "refused_413": 0,
         "refused_connections": 2,
@@ -273,3 +274,29 @@ def test_idle_connections_time_out(setup: Setup) -> None:
     channel.dataReceived(b"GET /api/st")
     setup.reactor.advance(IDLE_TIMEOUT + 1)
     assert transport.disconnecting
+
+
+def test_non_ascii_request_uri_is_refused_400_from_the_head(setup: Setup) -> None:
+    """A raw non-ASCII URI (fuzz-corpus admin/94684d026a74a3a5) is 400, never given to twisted.web."""
+    channel, transport = setup.connect()
+    channel.dataReceived(b"HEAD /\xa1V\xb0 HTTP/1.0\r\n\r\n")
+    assert status_of(transport) == 400
+    assert json_body(transport) == {"error": "the request URI must be printable ASCII"}
+    assert channel.requests[-1].uri == b"(no uri yet)"  # never handed to a request
+    assert setup.site.stats["refused_400"] == 1
+
+
+def test_header_with_control_characters_is_refused_400(setup: Setup) -> None:
+    """A Content-Type holding \\x1e (fuzz-corpus admin/3a34e5d3b804f805) is 400, not a ValueError."""
+    channel, transport = setup.connect()
+    raw = head("POST", "/api/things", length=2, token=TOKEN)
+    raw = raw.replace(b"Host: x", b"Host: x\r\nContent-Type: app\x1e\x15lication/json")
+    channel.dataReceived(raw + b"{}")
+    assert status_of(transport) == 400
+    assert json_body(transport) == {"error": "control character in a header"}
+    assert setup.calls == []
+    ok_channel, ok_transport = setup.connect("10.1.1.2")
+    good = head("POST", "/api/things", length=2, token=TOKEN)
+    ok_channel.dataReceived(good.replace(b"Host: x", b"Host: x\r\nX-Tab: a\tb") + b"{}")
+    assert status_of(ok_transport) == 200
+    assert setup.calls == [("things", {})]

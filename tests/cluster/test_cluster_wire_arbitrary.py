@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.protocols import amp
@@ -110,11 +109,6 @@ def test_bigbytes_refuses_absurd_chunk_counts() -> None:
         raise AssertionError(count)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 13 item 3 (found by the fuzzer on the cluster port): BigBytes.fromBox raises "
-    "KeyError for a missing chunk and ValueError for a non-numeric count (an AMP traceback)",
-)
 @given(
     st.dictionaries(
         st.sampled_from([b"p", b"p.n", b"p.1", b"p.2", b"q"]),

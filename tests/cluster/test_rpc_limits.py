@@ -10,6 +10,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 
@@ -191,3 +192,95 @@ def test_authenticated_box_above_max_box_drops_the_connection() -> None:
     with pytest.raises(Exception):  # noqa: B017 - the connection is gone
         result_of(too_big)
     assert guard.stats["dropped_box_too_large"] == 1
+
+
+def no_tracebacks(events: Any) -> bool:
+    """No captured log event carries a failure (what twistd prints as a traceback)."""
+    return not any(e.get("log_failure") is not None for e in events)
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (box([(b"_answer", b"1"), (b"x", b"y")]), "dropped_unexpected_answer"),
+        (box([(b"_error", b"7"), (b"_error_code", b"X")]), "dropped_unexpected_answer"),
+        (box([(b"x", b"y")]), "dropped_malformed_box"),
+        (box([]), "dropped_malformed_box"),
+        (hello()[:-2].replace(b"\x00\x04_ask\x00\x011", b"") + b"\0\0", "dropped_malformed_box"),
+        (box([(b"_command", b"yimaporc.echo"), (b"_ask", b"1"), (b"payload", b"x")]),
+         "dropped_unauthenticated_command"),
+        (box([(b"_command", b"yimaporc.hello"), (b"_ask", b"1"), (b"node_id", b"c")]),
+         "dropped_malformed_arguments"),
+    ],
+)  # fmt: skip
+def test_misfit_boxes_before_authentication_are_counted_drops(raw: bytes, why: str) -> None:
+    """Answers nobody asked for, empty or ask-less boxes, other commands, missing arguments: drops."""
+    proto, transport, guard, _ = server()
+    with capturedLogs() as events:
+        proto.dataReceived(raw + hello())  # what follows a misfit is ignored
+    assert transport.disconnected
+    assert guard.stats[why] == 1 and sum(guard.stats.values()) == 1
+    assert b"proof" not in transport.value()
+    assert no_tracebacks(events)
+
+
+def authenticated_server() -> tuple[NodeAMP, Any, RpcGuard]:
+    guard = RpcGuard(Clock())
+    client, server_, pump = connectedServerAndClient(
+        lambda: NodeAMP(RpcRegistry(), KEY, "s", scope=MAIL, guard=guard, server=True),
+        lambda: NodeAMP(RpcRegistry(), KEY, "c", scope=MAIL),
+    )
+    client.authenticate()
+    pump.flush()
+    assert server_.authenticated
+    transport = StringTransport()
+    server_.transport = transport
+    return server_, transport, guard
+
+
+@pytest.mark.parametrize(
+    ("pairs", "why"),
+    [
+        ([(b"payload", b"x"), (b"payload.n", b"3"), (b"payload.1", b"y")],
+         "dropped_malformed_arguments"),
+        ([(b"payload", b"x"), (b"payload.n", b"\xb2")], "dropped_malformed_arguments"),
+        ([(b"payloaf", b"x")], "dropped_malformed_arguments"),
+    ],
+)  # fmt: skip
+def test_bad_bigbytes_after_authentication_is_a_counted_drop(
+    pairs: list[tuple[bytes, bytes]], why: str
+) -> None:
+    """An Echo with a missing chunk, a non-numeric count or no payload: a drop, no traceback."""
+    proto, transport, guard = authenticated_server()
+    with capturedLogs() as events:
+        proto.dataReceived(box([(b"_command", b"yimaporc.echo"), (b"_ask", b"9"), *pairs]))
+    assert transport.disconnected and guard.stats[why] == 1
+    assert no_tracebacks(events)
+
+
+def test_unknown_command_after_authentication_is_answered_and_counted() -> None:
+    """An unknown command gets AMP's UNHANDLED error answer, a counter and one warning line."""
+    proto, transport, guard = authenticated_server()
+    with capturedLogs() as events:
+        for tag in (b"1", b"2"):
+            proto.dataReceived(box([(b"_command", b"yimaporc.nope"), (b"_ask", tag)]))
+        proto.dataReceived(box([(b"_command", b"yimaporc.echo"), (b"_ask", b"3"),
+                                (b"payload", b"ok")]))  # fmt: skip
+    out = transport.value()
+    assert out.count(b"UNHANDLED") == 2 and b"\x00\x07payload\x00\x02ok" in out
+    assert not transport.disconnected
+    assert guard.stats["refused_unknown_command"] == 2
+    assert no_tracebacks(events)
+    assert len([e for e in events if "unknown command" in str(e.get("what", ""))]) == 1
+
+
+def test_bad_proof_is_counted_without_a_traceback() -> None:
+    """A Prove with a wrong proof: AUTH_FAILED answer, refused_bad_proof, no logged failure."""
+    proto, transport, guard, _ = server()
+    with capturedLogs() as events:
+        proto.dataReceived(hello())
+        proto.dataReceived(box([(b"_command", b"yimaporc.prove"), (b"_ask", b"2"),
+                                (b"proof", b"x" * 32)]))  # fmt: skip
+    assert b"AUTH_FAILED" in transport.value() and not proto.authenticated
+    assert guard.stats["refused_bad_proof"] == 1
+    assert no_tracebacks(events)

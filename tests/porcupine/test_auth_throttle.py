@@ -10,9 +10,11 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
+from yimaporc.cluster.rpc import PeerUnavailable
 from yimaporc.porcupine._imap import MailImapServer
 from yimaporc.porcupine._pop3 import MailPOP3
 from yimaporc.porcupine.auth import ThrottledPortal, login_address
@@ -319,3 +321,23 @@ def test_a_login_waiting_too_long_for_a_slot_is_refused() -> None:
     clock.pump([0.5] * 21)
     assert waiting and isinstance(waiting[0], Failure) and waiting[0].check(LoginThrottled)
     assert closed and checker.checked == 1
+
+
+def test_imap_login_with_the_profile_node_unavailable_is_no_unavailable() -> None:
+    """IMAP: a login check failing with PeerUnavailable is NO [UNAVAILABLE] and a count, no traceback."""
+
+    class DownPortal:
+        def login(self, *a: Any) -> Any:
+            return fail(PeerUnavailable("127.0.0.9:7946: timed out"))
+
+    server = MailImapServer(Clock(), 1000)
+    server.portal = DownPortal()  # type: ignore[assignment]
+    tr = StringTransport()
+    server.makeConnection(tr)
+    tr.clear()
+    with capturedLogs() as events:
+        server.dataReceived(b"a1 LOGIN alice pw\r\n")
+    assert tr.value().startswith(b"a1 NO [UNAVAILABLE]")
+    assert server.errors.counts["imap.login_peer_unavailable"] == 1
+    assert not [e for e in events if e.get("log_failure") is not None]
+    server.connectionLost(Failure(ConnectionError()))

@@ -12,10 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mailtest_helpers import ImmediateReactor, SyncPool, result_of
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import LoopingCall
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -158,6 +161,8 @@ def tagged(out: bytes, tag: bytes = b"a") -> bytes:
         (b"a FETCH 1 (BODY[HEADER.FIELDS])", b"BAD"),
         (b"a FETCH 1 (BODY[HEADER.FIELDS (FROM])", b"BAD"),
         (b"a FETCH 1 (BODY[)", b"BAD"),
+        (b"a FETCH 1 (BODY[HEADER.FIELDS (X-\xff)])", b"BAD"),
+        (b"a FETCH 1 (BODY.PEEK[HEADER.FIELDS.NOT (\xc3\xa9)])", b"BAD"),
         (b"a FETCH 1 (BODY[]<x>)", b"BAD"),
         (b"a FETCH 1 NOSUCHATT", b"BAD"),
         (b"a FETCH 1:x FLAGS", b"BAD"),
@@ -743,3 +748,111 @@ def test_server_error_tracebacks_rate_limited(failures: list[dict[str, Any]]) ->
     assert len(failures) == 3
     assert errors.status() == {"imap.server_error": 101, "pop3.server_error": 1}
     failures.clear()  # these were expected
+
+
+@pytest.mark.parametrize(
+    ("command", "method"),
+    [(b"a LIST \"\" *\r\n", "listMailboxes"), (b"a LSUB \"\" *\r\n", "listMailboxes"),
+     (b"a STATUS INBOX (MESSAGES)\r\n", "select"), (b"a COPY 1 INBOX\r\n", "select")],
+)  # fmt: skip
+def test_imap_answer_after_the_client_left_is_dropped(
+    mail: Mail, failures: list[dict[str, Any]], command: bytes, method: str
+) -> None:
+    """LIST/LSUB/STATUS/COPY whose account call ends after the client left: no traceback."""
+    p, t = mail.imap()
+    if command.startswith(b"a COPY"):
+        p.dataReceived(b"s SELECT INBOX\r\n")
+        mail.pump()
+        assert b"s OK" in t.value()
+    account = p.account
+    held: list[Deferred[Any]] = []
+    real = getattr(account, method)
+
+    def slow(*a: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        held.append(d)
+        d.addCallback(lambda _: real(*a))
+        return d
+
+    setattr(account, method, slow)
+    t.clear()
+    p.dataReceived(command)
+    assert held and t.value() == b""
+    p.connectionLost(Failure(ConnectionError("gone")))
+    held.pop().callback(None)
+    mail.pump()
+    assert t.value() == b""
+    assert not failures
+
+
+def test_imap_close_finishing_after_the_client_left(
+    mail: Mail, failures: list[dict[str, Any]]
+) -> None:
+    """A CLOSE whose expunge ends after the client left answers nothing, logs nothing."""
+    p, t = mail.imap()
+    assert tagged(send(mail, p, t, b"s SELECT INBOX"), b"s").startswith(b"OK")
+    held: list[Deferred[Any]] = []
+
+    def slow() -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        held.append(d)
+        return d
+
+    p.mbox.expunge = slow
+    t.clear()
+    p.dataReceived(b"c CLOSE\r\n")
+    assert held and t.value() == b""
+    p.connectionLost(Failure(ConnectionError("gone")))
+    held.pop().callback([])
+    mail.pump()
+    assert t.value() == b""
+    assert not failures
+
+
+class PausingTransport(FileDescriptor):
+    """A FileDescriptor whose socket takes ``room`` bytes: the real buffer-full and
+    drain logic (producer paused over 64 KiB, resumed when drained, then closed)."""
+
+    room = 0
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(reactor)
+        self.connected = 1
+        self.sent = 0
+
+    def writeSomeData(self, data: bytes) -> int:
+        n = min(len(data), self.room)
+        self.room -= n
+        self.sent += n
+        return n
+
+    def getPeer(self) -> Any:
+        return IPv4Address("TCP", "10.9.9.9", 9)
+
+    def getHost(self) -> Any:
+        return IPv4Address("TCP", "10.9.9.1", 110)
+
+    def startReading(self) -> None:
+        pass
+
+    def stopReading(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind", ["pop3", "imap"])
+def test_close_while_output_is_paused_really_closes(mail: Mail, kind: str) -> None:
+    """loseConnection while the client was not reading: once the output drains the
+    connection closes (it used to stay open forever, reading stopped: CLOSE-WAIT)."""
+    reactor = MemoryReactorClock()
+    proto: Any = MailPOP3(reactor) if kind == "pop3" else MailImapServer(reactor, 1 << 20)
+    transport = PausingTransport(reactor)
+    proto.makeConnection(transport)
+    assert transport.producer is proto
+    transport.write(b"x" * (transport.bufferSize + 1))  # the client does not read
+    assert transport.producerPaused and proto.paused
+    transport.loseConnection()  # e.g. QUIT/LOGOUT, or too much input
+    transport.room = 1 << 20  # the client reads again
+    results = []
+    while transport in reactor.getWriters() and len(results) < 5:  # as the reactor would
+        results.append(transport.doWrite())
+    assert results and isinstance(results[-1], ConnectionDone), results

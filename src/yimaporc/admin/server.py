@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,12 @@ IDLE_TIMEOUT = 60.0
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1 << 20
 
-_REASONS = {401: b"Unauthorized", 404: b"Not Found", 413: b"Content Too Large"}
+#: Bytes a request URI may not hold (RFC 3986: printable ASCII) and header bytes that
+#: RFC 9110 forbids (controls other than tab).
+_BAD_URI = re.compile(rb"[^\x21-\x7e]")
+_BAD_HEADER = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+_REASONS = {400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 413: b"Content Too Large"}
 
 
 @attrs.frozen
@@ -132,7 +138,15 @@ class AdminResource(Resource):
         """Judge a request from its head: a :class:`Refusal`, or the body limit in bytes.
 
         ``length`` is the declared Content-Length (None for a chunked body).
+        A request URI that is not printable ASCII, or a header with a control
+        character (other than tab) in its name or value, is refused 400: twisted.web
+        would raise formatting or parsing it (RFC 9110 5.5: such a request is invalid).
         """
+        if _BAD_URI.search(uri):
+            return Refusal(400, "the request URI must be printable ASCII")
+        for name, values in headers.getAllRawHeaders():
+            if _BAD_HEADER.search(name) or any(_BAD_HEADER.search(v) for v in values):
+                return Refusal(400, "control character in a header")
         path = uri.split(b"?", 1)[0].decode("utf-8", "replace").rstrip("/") or "/"
         route = self._find(method.decode("ascii", "replace"), path)
         if route is None:
@@ -333,7 +347,7 @@ class AdminSite(Site):
         self.max_per_peer = max_per_peer
         self.open: Counter[str] = Counter()
         self.stats: Counter[str] = Counter(
-            {"refused_401": 0, "refused_413": 0, "refused_connections": 0}
+            {"refused_400": 0, "refused_401": 0, "refused_413": 0, "refused_connections": 0}
         )
         node.add_status(self._status)
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
@@ -60,11 +60,19 @@ class BigBytes(amp.Argument):
                 strings[name + b".%d" % i] = chunk
 
     def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
-        parts = [strings.pop(name)]
-        count = int(strings.pop(name + b".n", b"1"))
+        """Join the chunks; a missing chunk or a bad count is :class:`amp.MalformedAmpBox`."""
+        try:
+            parts = [strings.pop(name)]
+            count = int(strings.pop(name + b".n", b"1"))
+        except (KeyError, ValueError) as e:
+            raise amp.MalformedAmpBox(f"bad or missing {name!r}") from e
         if not 1 <= count <= 100_000:
             raise amp.MalformedAmpBox(f"bad chunk count for {name!r}")
-        parts.extend(strings.pop(name + b".%d" % i) for i in range(1, count))
+        for i in range(1, count):
+            chunk = strings.pop(name + b".%d" % i, None)
+            if chunk is None:
+                raise amp.MalformedAmpBox(f"chunk {i} of {count} of {name!r} missing")
+            parts.append(chunk)
         objects[name.decode("ascii")] = b"".join(parts)
 
 
@@ -159,19 +167,23 @@ class RpcGuard:
         self.unauthenticated = 0
         self._last_warning = -1e9
 
-    def refuse(self, proto: NodeAMP, why: str) -> None:
-        """Count ``why``, warn (at most every 5 s) and drop ``proto``'s connection now."""
-        self.stats["dropped_" + why] += 1
+    def note(self, proto: NodeAMP, counter: str, what: str) -> None:
+        """Count ``counter`` and warn ``what`` (one line, at most every 5 s for the node)."""
+        self.stats[counter] += 1
         now = self.clock.seconds() if self.clock is not None else 0.0
         if self.clock is None or now - self._last_warning >= 5.0:
             self._last_warning = now
             peer = proto.transport.getPeer() if proto.transport is not None else None
             self.log.warn(
-                "rpc: dropped connection from {peer}: {why} ({count} so far)",
+                "rpc: {what} from {peer} ({count} so far)",
+                what=what,
                 peer=peer,
-                why=why,
-                count=self.stats["dropped_" + why],
+                count=self.stats[counter],
             )
+
+    def refuse(self, proto: NodeAMP, why: str) -> None:
+        """Count ``why``, warn (at most every 5 s) and drop ``proto``'s connection now."""
+        self.note(proto, "dropped_" + why, f"dropped connection: {why}")
         transport = proto.transport
         if transport is not None:
             abort = getattr(transport, "abortConnection", None)
@@ -234,6 +246,7 @@ class NodeAMP(amp.AMP):
         self._preauth_bytes = 0
         self._counted_unauthenticated = False
         self._handshake_timer: IDelayedCall | None = None
+        self._dropped = False
 
     # --- what an unproven peer may make us hold --------------------------------------
 
@@ -293,15 +306,18 @@ class NodeAMP(amp.AMP):
         return True
 
     def _drop(self, why: str) -> None:
-        """Refuse the connection and free the box being received."""
+        """Refuse the connection, free the box being received and ignore the rest."""
         self._currentBox = None
-        self.guard.refuse(self, why)
+        if not self._dropped:
+            self._dropped = True
+            self.guard.refuse(self, why)
 
     def proto_key(self, string: bytes) -> str:
         """A key, or the empty string that ends a box; counted against the caps."""
         if not string:
             self._box_bytes = 0
-            return str(super().proto_key(string))
+            state = str(super().proto_key(string))
+            return "dropped" if self._dropped else state
         if not self._account(len(string) + self.guard.limits.entry_overhead):
             return "dropped"
         return str(super().proto_key(string))
@@ -321,6 +337,80 @@ class NodeAMP(amp.AMP):
         if self.state != "dropped":
             self.state = "dropped"
             self._drop("unauthenticated_too_large" if not self._trusted else "too_long")
+
+    # --- boxes that do not fit the protocol -------------------------------------------
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        """Give AMP only boxes it can handle; any other is a counted drop, never a traceback.
+
+        Answers and errors must match a question this side asked (a server asks none);
+        an error box carries its code and description; a command carries ``_ask``
+        (nodes always expect an answer) and, before the handshake, is Hello or Prove.
+        """
+        why = self._misfit(box)
+        if why is not None:
+            self._drop(why)
+            return
+        super().ampBoxReceived(box)
+
+    def _misfit(self, box: amp.AmpBox) -> str | None:
+        if amp.ANSWER in box or amp.ERROR in box:
+            tag = box[amp.ANSWER] if amp.ANSWER in box else box[amp.ERROR]
+            if tag not in self._outstandingRequests:
+                return "unexpected_answer"
+            if amp.ANSWER not in box and not (
+                amp.ERROR_CODE in box and amp.ERROR_DESCRIPTION in box
+            ):
+                return "malformed_box"
+            return None
+        if amp.COMMAND not in box or amp.ASK not in box:
+            return "malformed_box"
+        if not self.authenticated and box[amp.COMMAND] not in (
+            Hello.commandName,
+            Prove.commandName,
+        ):
+            return "unauthenticated_command"
+        return None
+
+    def _wrapWithSerialization(self, aCallable: Any, command: type[amp.Command]) -> Any:
+        """AMP's responder wrapper, except that arguments that do not parse drop the peer.
+
+        (AMP would log the parse error as an unhandled failure: a traceback per box.)
+        """
+
+        def doit(box: amp.AmpBox) -> Deferred[Any]:
+            try:
+                kw = command.parseArguments(box, self)
+            except Exception as e:
+                self._drop("malformed_arguments")
+                return fail(amp.RemoteAmpError(b"MALFORMED", f"{type(e).__name__}", fatal=True))
+
+            errors: dict[type[Exception], bytes] = command.allErrors  # type: ignore[attr-defined]
+
+            def known_errors(error: Failure) -> Failure:
+                key = error.trap(*errors)
+                return Failure(
+                    amp.RemoteAmpError(
+                        errors[key],
+                        str(error.value),
+                        key in command.fatalErrors,
+                        local=error,
+                    )
+                )
+
+            def respond(objects: Any) -> Any:
+                try:
+                    return command.makeResponse(objects, self)
+                except BaseException as e:
+                    raise amp.BadLocalReturn(
+                        f"{aCallable!r} returned {objects!r} and {command!r} could not "
+                        "serialize it",
+                        Failure(),
+                    ) from e
+
+            return maybeDeferred(aCallable, **kw).addCallback(respond).addErrback(known_errors)
+
+        return doit
 
     # --- the handshake ---------------------------------------------------------------
 
@@ -354,8 +444,7 @@ class NodeAMP(amp.AMP):
             self.key, self.scope, b"client", self._server_nonce, self._client_nonce, self.peer_id
         )
         if not hmac.compare_digest(want, proof):
-            self.guard.stats["refused_bad_proof"] += 1
-            self.log.warn("rpc: peer {peer} failed authentication", peer=self.peer_id)
+            self.guard.note(self, "refused_bad_proof", f"bad proof for {self.peer_id!r}")
             raise AuthFailed("bad proof")
         self.authenticated = True
         self._trust()
@@ -366,11 +455,11 @@ class NodeAMP(amp.AMP):
         if name in (Hello.commandName, Prove.commandName):
             return super().locateResponder(name)
         if not self.authenticated:
-            self.log.warn("rpc: {name} before authentication; closing", name=name)
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self._drop("unauthenticated_command")
             return None
         found = self.registry.lookup(name)
         if found is None:
+            self.guard.note(self, "refused_unknown_command", f"unknown command {name!r}")
             return None
         command, handler = found
         return self._wrapWithSerialization(handler, command)

@@ -98,7 +98,19 @@ class GatedLines:
         self._hold("output")
 
     def resumeProducing(self) -> None:
-        """The transport drained its write buffer."""
+        """The transport drained its write buffer.
+
+        If the connection is closing (``loseConnection`` was called while the output
+        was paused), let go of the transport instead: a FileDescriptor that finds a
+        paused producer when its buffer drains resumes it and does not close, so the
+        socket (with reading stopped) stayed open forever, in CLOSE-WAIT once the
+        client left.  Unregistering the producer makes it close.
+        """
+        t: Any = self.transport  # type: ignore[attr-defined]
+        if t is not None and getattr(t, "disconnecting", False):
+            if getattr(t, "producer", None) is self:
+                t.unregisterProducer()
+            return
         self._release("output")
 
     def stopProducing(self) -> None:

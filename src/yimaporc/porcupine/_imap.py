@@ -46,6 +46,7 @@ from twisted.mail import imap4
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..cluster.rpc import PeerUnavailable
 from ._guard import ClientErrors, GatedLines, list_match
 from ._mime import MimePart
 from .retrieval import UserMail
@@ -816,6 +817,21 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
             self.state = "auth"
         super()._cbSelectWork(mbox, cmdName, tag)
 
+    def _cbListWork(self, mailboxes: Any, tag: bytes, sub: Any, cmdName: bytes) -> None:
+        if self._gone:  # the client left while the mailboxes were listed (account is None)
+            return
+        super()._cbListWork(mailboxes, tag, sub, cmdName)
+
+    def _cbStatusGotMailbox(self, mbox: Any, tag: bytes, mailbox: Any, names: Any) -> None:
+        if self._gone:
+            return
+        super()._cbStatusGotMailbox(mbox, tag, mailbox, names)
+
+    def _IMAP4Server__cbClose(self, result: Any, tag: bytes) -> None:
+        if self._gone:  # the client left while the mailbox was expunged (mbox is None)
+            return
+        super()._IMAP4Server__cbClose(result, tag)  # type: ignore[misc]
+
     def _ebListWork(self, failure: Failure, tag: bytes) -> None:
         self._answer_failure(failure, tag, "LIST")
 
@@ -848,6 +864,8 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         self._answer_failure(failure, tag, "COPY")
 
     def _cbCopySelectedMailbox(self, mbox: Any, tag: bytes, messages: Any, mailbox: Any, uid: int) -> Any:  # fmt: skip
+        if self._gone:  # the client left while the target was opened (self.mbox is None)
+            return None
         if not mbox:
             self.errors.client("imap", "no_such_mailbox")
             self.sendNegativeResponse(tag, b"[TRYCREATE] No such mailbox")
@@ -947,6 +965,9 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins, try later")
         elif failure.check(UnauthorizedLogin):
             self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
+        elif failure.check(PeerUnavailable):  # the node holding the profile is down or slow
+            self.errors.counts["imap.login_peer_unavailable"] += 1
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Temporary authentication failure")
         else:
             log.failure("IMAP login check failed", failure)
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Temporary authentication failure")
@@ -976,6 +997,15 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
     # --- FETCH / SEARCH ---------------------------------------------------------
 
     def do_FETCH(self, tag: bytes, messages: Any, query: Any, uid: int = 0) -> None:
+        for p in query:
+            if p.type == "body" and getattr(p, "header", None) is not None:
+                try:
+                    bytes(p.header)
+                    str(p.header)
+                except UnicodeDecodeError:  # stock raises it mid-response when labelling
+                    self.errors.client("imap", "bad_syntax")
+                    self.sendBadResponse(tag, b"Illegal syntax: header field names are ASCII")
+                    return
         if isinstance(self.mbox, ImapMailbox):
             light = {"flags", "uid", "internaldate", "rfc822size"}
             self.mbox.want_bodies = any(p.type not in light for p in query)

@@ -129,7 +129,7 @@ async def _one(
                     counters["closed_by_node"] += 1
                     break
                 total += len(data)
-            counters["bytes_received"] += total
+                counters["bytes_received"] += len(data)  # also when the idle timeout ends it
     except TimeoutError:
         counters["idle_end"] += 1
     finally:
