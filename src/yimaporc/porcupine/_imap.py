@@ -381,7 +381,16 @@ class MailboxRegistry:
 
     def changed(self, user: str, mailbox: str) -> None:
         for box in list(self.boxes.get((user, mailbox), ())):
-            box.arrived().addErrback(lambda f: log.failure("IMAP refresh failed", f))
+            box.arrived().addErrback(_refresh_failed)
+
+
+def _refresh_failed(f: Failure) -> None:
+    """A holder of the mailbox out of reach is expected (the next change or NOOP tries
+    again): one warning line, no traceback; anything else is a bug and logged whole."""
+    if f.check(PeerUnavailable, MailError):
+        log.warn("IMAP refresh of an open mailbox failed: {error}", error=f.getErrorMessage())
+    else:
+        log.failure("IMAP refresh failed", f)
 
 
 @implementer(imap4.IAccount, imap4.INamespacePresenter)
