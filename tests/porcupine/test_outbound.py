@@ -352,3 +352,35 @@ def test_smarthost_options_fail_fast(tmp_path: Path) -> None:
     auth.write_text("no colon here\n")
     with pytest.raises(usage.UsageError, match="USER:PASSWORD"):
         Options().parseOptions([*base, "--smarthost", "r:587", "--smarthost-auth-file", str(auth)])
+
+
+def test_a_local_error_backs_off_instead_of_retrying_in_a_loop(tmp_path: Path) -> None:
+    """A bounce that cannot be delivered (a local error) leaves the message queued with the
+    next attempt a backoff step away, not retried at every wake-up."""
+    spool(tmp_path / "outbound", "m1", "alice@example.org", ["nobody@remote.test"], b"x\r\n")
+    reactor = Reactor()
+    reactor.advance(T0)
+
+    def bounce(sender: bytes, rcpt: str, body: bytes) -> Deferred[Any]:
+        return fail(RuntimeError("the local store is down"))
+
+    s = OutboundSender(reactor, SyncPool(), tmp_path / "outbound", "n1.example.org", bounce,  # type: ignore[arg-type]
+                       Routes({"remote.test": ("10.9.9.9", 25)}))  # fmt: skip
+    s.startService()
+    serve(reactor, RemoteMX({"nobody@remote.test": 550}), ("10.9.9.9", 25))
+    entry = s.entries["m1"]
+    assert entry.attempts == 1 and entry.next_attempt == T0 + 60
+    assert "local error" in entry.last_error and reactor.tcpClients == []
+    reactor.advance(59)
+    assert reactor.tcpClients == []
+    reactor.advance(1)
+    assert len(reactor.tcpClients) == 1
+
+
+def test_a_message_file_removed_by_hand_is_dropped_from_the_queue(tmp_path: Path) -> None:
+    """An envelope without its .eml (deleted by an operator) leaves the queue, no loop."""
+    spool(tmp_path / "outbound", "m1", "alice@example.org", ["bob@remote.test"], b"x\r\n")
+    (tmp_path / "outbound" / "m1.eml").unlink()
+    reactor, s, _ = sender_for(tmp_path, Routes({"remote.test": ("10.9.9.9", 25)}))
+    assert s.entries == {} and reactor.tcpClients == []
+    assert not (tmp_path / "outbound" / "m1.json").exists()

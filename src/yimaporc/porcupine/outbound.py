@@ -390,13 +390,31 @@ class OutboundSender(Service):
         self._busy.discard(ident)
         if isinstance(result, Failure):
             log.failure("outbound: attempt for {ident} failed", result, ident=ident)
+            entry = self.entries.get(ident)
+            if entry is not None:
+                # Back off as after a temporary failure, or the next wake-up (at once)
+                # would try again in a loop.
+                attempts = entry.attempts + 1
+                now = float(self.reactor.seconds())
+                self.entries[ident] = attrs.evolve(
+                    entry,
+                    attempts=attempts,
+                    next_attempt=now + self.policy.delay(attempts),
+                    last_error=f"local error: {result.getErrorMessage()}",
+                )
         self.wake()
 
     @inlineCallbacks
     def _attempt(self, entry: Entry) -> Any:
-        body = yield deferToThreadPool(
-            self.reactor, self.pool, (self.root / f"{entry.ident}.eml").read_bytes
-        )
+        try:
+            body = yield deferToThreadPool(
+                self.reactor, self.pool, (self.root / f"{entry.ident}.eml").read_bytes
+            )
+        except FileNotFoundError:
+            log.warn("outbound: {ident} has no message file; dropped", ident=entry.ident)
+            self.entries.pop(entry.ident, None)
+            yield deferToThreadPool(self.reactor, self.pool, self._remove_files, entry.ident)
+            return
         self.counts["attempts"] += 1
         results: dict[str, Outcome] = {}
         groups = by_domain(entry.recipients)

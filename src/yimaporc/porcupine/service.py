@@ -317,7 +317,9 @@ class MailService(MultiService):
         """Deliver a delivery status notification to ``rcpt`` (local, or queued out)."""
         d: Deferred[Any]
         if self.policy.is_local(rcpt.rpartition("@")[2]):
-            d = self.delivery.deliver([normalise(rcpt)], with_return_path(sender, body))
+            d = maybeDeferred(normalise, rcpt).addCallback(
+                lambda address: self.delivery.deliver([address], with_return_path(sender, body))
+            )
         else:
             d = self.spool.enqueue("", [rcpt], body)
             d.addCallback(self.outbound.queued, "", [rcpt])
