@@ -60,6 +60,25 @@ from ..cluster.rpc import BigBytes, PeerUnavailable
 from .balancer import LoadBalancer, load_figure
 from .interfaces import IMailboxManager, IUserManager
 from .profiledb import ProfileDB, Record
+from .reconstruct import (
+    UID_GAP,
+    Action,
+    BucketHint,
+    MajorityWrite,
+    MalformedHint,
+    NeedMark,
+    Number,
+    PullHints,
+    PushProfiles,
+    Reconstruction,
+    SendHints,
+    Settled,
+    Taken,
+    UserHint,
+    decode_hints,
+    fence_of,
+    has_majority,
+)
 from .softstate import bucket_of as _raw_bucket_of
 from .usermap import N_BUCKETS, BadAddress, bucket_of
 from .users import UserManager
@@ -78,11 +97,14 @@ from .values import (
 )
 
 __all__ = [
+    "UID_GAP",
     "ClusterUserManager",
     "MailCluster",
     "ProfileReplicator",
     "RemoteMailboxManager",
     "RemoteUserManager",
+    "fence_of",
+    "has_majority",
 ]
 
 # --- wire values ------------------------------------------------------------------
@@ -813,15 +835,7 @@ def register_handlers(
 
 
 # --- the cluster user manager ----------------------------------------------------
-
-#: With other nodes live, a rebuilt UID counter starts this far above the highest
-#: UIDNEXT reported, so UIDs the previous manager handed to stores still in flight
-#: (on any node's delivery proxy) are not reused.
-UID_GAP = 32
-
-#: How long a manager waits before trying again to number unnumbered mail it
-#: could not number (no majority, a member's hint missing, a failed call).
-NUMBER_RETRY = 1.0
+# The decisions live in the sans-IO core (reconstruct.py); this is its Twisted shell.
 
 #: A node numbers (as manager) and accepts fenced stores only while its own lease
 #: holds: renewed every LEASE/4 s by the reactor, so a paused process (SIGSTOP, a
@@ -834,28 +848,7 @@ PAUSE_GRACE = 5.0
 #: Every this many seconds a node reminds managers of its unnumbered mail.
 SWEEP_INTERVAL = 3.0
 
-#: A manager has a majority record this many UIDs beyond what it needs at a time
-#: (one round per block per bucket); a bucket's next manager starts above it.
-MARK_BLOCK = 256
 MARK_TIMEOUT = 1.0
-
-#: At most this many unnumbered messages are numbered per call.
-NUMBER_BATCH = 256
-
-
-def fence_of(bmap: BucketMap, bucket: int) -> str:
-    """The fence of ``bucket`` in ``bmap``: ``"owner@bucket-epoch"`` (see docs/mail.md)."""
-    return f"{bmap.owners[bucket]}@{bmap.epochs[bucket]}"
-
-
-def has_majority(members: Iterable[str], known: Iterable[str]) -> bool:
-    """True if ``members`` hold more than half of the ``known`` cluster."""
-    k = set(known)
-    return len(set(members) & k) * 2 > len(k)
-
-
-#: Hints from a view not installed yet that a manager keeps (one per sender and bucket).
-MAX_EARLY_HINTS = 64 * 1024
 
 #: A failed pull (``porcupine.hints-request``) is retried this often, this far apart,
 #: while the peer stays in the view and the view does not change.
@@ -866,27 +859,23 @@ PULL_RETRY = 0.5
 #: the exchange costs the same per node whatever the cluster's size.
 LOAD_FANOUT = 3
 
-#: One bucket's reconstruction hint as it travels:
-#: ``[bucket, epoch, [[user, has_mail, uidnext]...], [Record...]]``.
+#: One bucket's reconstruction hint as it travels (:meth:`BucketHint.encode`):
+#: ``[bucket, epoch, [[user, has_mail, uidnext, unnumbered]...], [Record...], mark,
+#: [[user, node]...]]``.
 HintEntry = list[Any]
 
 
 class ClusterUserManager(UserManager):
-    """The user manager of this node's buckets, rebuilt from hints on every map change.
+    """The user manager of this node's buckets: the Twisted shell of a
+    :class:`~yimaporc.porcupine.reconstruct.Reconstruction` core.
 
-    Besides the fragment lists it keeps, per user, the next IMAP UID of the
-    user's mail (one counter for all of a user's mailboxes, so UIDs ascend in
-    each), rebuilt as the highest UIDNEXT any node reports or ever showed (plus
-    :data:`UID_GAP` when other nodes are live); stores anywhere in the cluster
-    take their UIDs from it (:meth:`delivery_plan`, :meth:`reserve_uids`).
-
-    It numbers only while it may (:meth:`may_number`): its view holds a majority
-    of the :attr:`known` cluster and every member of the view sent its hint for
-    the bucket.  Otherwise a delivery stores the message PENDING (durable,
-    acknowledged, not listed), and the manager numbers it later
-    (:meth:`note_pending`, hints carry the pending counts) through
-    ``number_on(node, user, fence, first, count)``.  Every allocation carries the
-    bucket's fence; the storing node checks it against its own map.
+    The core holds the fragment lists, the per-user UID counters (rebuilt from
+    hints after every map change), settling, fences, marks and the unnumbered
+    mail to number; this class runs its timers on ``clock``, turns its
+    :class:`~yimaporc.porcupine.reconstruct.NeedMark` and
+    :class:`~yimaporc.porcupine.reconstruct.Number` into calls (``mark_on``,
+    ``holders_on``, ``number_on``, set by :class:`MailCluster`) and answers the
+    :class:`IUserManager` methods with Deferreds that wait while a bucket settles.
     """
 
     log = Logger()
@@ -901,208 +890,124 @@ class ClusterUserManager(UserManager):
     ) -> None:
         super().__init__(node_id, profiles)
         self.clock = clock
-        self.settle_timeout = settle_timeout
-        self.uidnext: dict[str, int] = {}
-        self.settling: dict[int, set[str]] = {}
-        self._timers: dict[int, IDelayedCall] = {}
+        self.core = Reconstruction(node_id, N_BUCKETS, settle_timeout=settle_timeout)
+        self.state = self.core.state
+        self._timer: IDelayedCall | None = None
         self._waiters: dict[int, list[Deferred[None]]] = {}
-        self._early: list[tuple[str, HintEntry, int | None]] = []
-        self._early_notes: list[tuple[str, str]] = []
-        self._early_pending: list[tuple[str, str]] = []
-        self._gaps: dict[int, int] = {}
-        #: Members that had not sent their hint when a bucket settled by timeout:
-        #: no numbering in that bucket until they do (or leave the view).
-        self.missing: dict[int, set[str]] = {}
-        #: Every node ever seen in a view (persisted by MailCluster): the majority
-        #: that numbering needs is of these.
-        self.known: set[str] = {node_id}
-        #: user -> node -> unnumbered messages there (as far as we heard).
-        self.pending: dict[str, dict[str, int]] = {}
-        self._numbering: set[tuple[str, str]] = set()
-        self._number_timer: IDelayedCall | None = None
-        self.number_retry = NUMBER_RETRY
-        #: ``number_on(node, user, fence, first, count) -> Deferred[(done, left, top)]``.
-        self.number_on: Callable[..., Deferred[tuple[int, int, int]]] | None = None
-        self.numbered = 0
-        self.pending_plans = 0
-        #: Per bucket: the highest UID mark any member reported (hints): every UID a
-        #: previous manager handed out is below it, so ours start there.
-        self.floor: dict[int, int] = {}
-        #: Per bucket: the mark a majority recorded for us in this tenure; we hand
-        #: out UIDs below it only.
-        self.granted: dict[int, int] = {}
         self._extending: dict[int, list[Deferred[None]]] = {}
         self.mark_timeout = MARK_TIMEOUT
+        #: ``number_on(node, user, fence, first, count) -> Deferred[(done, left, top)]``.
+        self.number_on: Callable[..., Deferred[tuple[int, int, int]]] | None = None
         #: ``mark_on(node, bucket, fence, mark) -> Deferred[bool]`` (MailCluster).
         self.mark_on: Callable[..., Deferred[bool]] | None = None
         #: ``holders_on(node, bucket, fence, [[user, node]...]) -> Deferred[bool]``.
         self.holders_on: Callable[..., Deferred[bool]] | None = None
-        self._recorded: set[tuple[str, str, str]] = set()
         #: This node's lease (MailCluster's pause detector); True without one.
         self.lease_ok: Callable[[], bool] = lambda: True
-        self.hints_received = 0
-        self.view_epoch = 0
-        self.members: set[str] = set()
-        #: Buckets to pull hints for after the last :meth:`install` (we were away).
-        self.to_pull: list[int] = []
+        #: Sends the last :meth:`install` asked for (MailCluster performs them).
+        self.outbox: list[Action] = []
+
+    # The core's state, under the names the status page and tests use.
+    settling = property(lambda self: self.core.settling)
+    missing = property(lambda self: self.core.missing)
+    pending = property(lambda self: self.core.pending)
+    uidnext = property(lambda self: self.core.uidnext)
+    floor = property(lambda self: self.core.floor)
+    granted = property(lambda self: self.core.granted)
+    members = property(lambda self: self.core.members)
+    view_epoch = property(lambda self: self.core.view_epoch)
+    to_pull = property(lambda self: self.core.to_pull)
+    hints_received = property(lambda self: self.core.hints_received)
+    numbered = property(lambda self: self.core.numbered)
+    pending_plans = property(lambda self: self.core.pending_plans)
+
+    @property
+    def known(self) -> set[str]:
+        """Every node ever seen in a view (persisted by MailCluster)."""
+        return self.core.known
+
+    @known.setter
+    def known(self, value: set[str]) -> None:
+        self.core.known = value
+
+    @property
+    def number_retry(self) -> float:
+        """Seconds before numbering is tried again after it could not proceed."""
+        return self.core.number_retry
+
+    @number_retry.setter
+    def number_retry(self, value: float) -> None:
+        self.core.number_retry = value
+
+    def _now(self) -> float:
+        return float(self.clock.seconds())
+
+    def _perform(self, actions: list[Action]) -> None:
+        """Wake what the core released and keep one timer at its next deadline."""
+        for a in actions:
+            if isinstance(a, Settled):
+                for d in self._waiters.pop(a.bucket, []):
+                    d.callback(None)
+            elif isinstance(a, Number):
+                self._number(a)
+            else:
+                self.outbox.append(a)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        due = self.core.next_deadline()
+        if self._timer is not None and self._timer.active():
+            if due is not None and self._timer.getTime() == max(due, self._now()):
+                return
+            self._timer.cancel()
+        self._timer = None
+        if due is not None:
+            self._timer = self.clock.callLater(max(0.0, due - self._now()), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        before = {b: set(m) for b, m in self.core.settling.items()}
+        actions = self.core.tick(
+            self._now(), lease=self.lease_ok(), number=self.number_on is not None
+        )
+        for a in actions:
+            if isinstance(a, Settled) and before.get(a.bucket):
+                self.log.info(
+                    "user map: bucket {b} settled without hints from {m}",
+                    b=a.bucket,
+                    m=sorted(before[a.bucket]),
+                )
+        self._perform(actions)
 
     def install(
         self, new_map: BucketMap, live: Iterable[str], *, view: int = 0, away: bool = False
     ) -> set[int]:
         """Adopt ``new_map`` (committed in view epoch ``view``); the buckets that became
-        ours and fresh start settling.
-
-        ``away``: this node's previous view is not the one the coordinator committed
-        from (it rebooted, sat in another partition, or installed a commit the
-        coordinator never saw).  Then the buckets we manage that this commit did not
-        restamp may lack what the others hold (they saw no change and send nothing):
-        they settle again and land in :attr:`to_pull` (the caller asks every member).
-        """
-        alive = set(live)
-        fresh = self.state.install(new_map, alive)
-        self.view_epoch, self.members = view, alive
-        mine = set(new_map.buckets_of(self.node_id))
-        for user in list(self.uidnext):
-            b = bucket_of(user)
-            if b not in mine or b in fresh:
-                del self.uidnext[user]
-        for table in (self.floor, self.granted):
-            for b in list(table):
-                if b not in mine or b in fresh:
-                    del table[b]
-        for b in list(self.settling):
-            if b not in mine or b in fresh:
-                self._settle(b)
-        for b in list(self.missing):
-            if b not in mine or b in fresh:
-                del self.missing[b]
-            else:
-                self.missing[b] &= alive
-                if not self.missing[b]:
-                    del self.missing[b]
-        for user in list(self.pending):
-            if not self.state.manages(user):
-                del self.pending[user]
-        for b in sorted(fresh & mine):
-            self._gaps[b] = UID_GAP if len(alive) > 1 else 0
-            self._start_settling(b, alive)
-        self.to_pull = []
-        if away and len(alive) > 1:
-            self.to_pull = sorted(b for b in mine if new_map.epochs[b] != view)
-            for b in self.to_pull:
-                self._gaps[b] = UID_GAP
-                if b not in fresh:
-                    self._start_settling(b, alive)
-        early, self._early = self._early, []
-        for sender, entry, sent_in in early:
-            self.apply(sender, entry, sent_in)
-        notes, self._early_notes = self._early_notes, []
-        for user, node in notes:
-            if self.state.manages(user) and node in alive:
-                self.state.add_fragment(user, node)
-        waiting, self._early_pending = self._early_pending, []
-        for user, node in waiting:
-            if self.state.manages(user) and node in alive:
-                self.note_pending(user, node)
+        ours and fresh start settling; returns the fresh buckets.  What to send
+        lands in :attr:`outbox` (see :meth:`Reconstruction.install`)."""
+        fresh = new_map.fresh(self.core.state.map)
+        self._perform(self.core.install(new_map, live, view=view, away=away, now=self._now()))
         return fresh
 
-    def _start_settling(self, bucket: int, alive: set[str]) -> None:
-        timer = self._timers.pop(bucket, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        self.settling[bucket] = set(alive)
-        self._timers[bucket] = self.clock.callLater(self.settle_timeout, self._timed_out, bucket)
-
-    def _timed_out(self, bucket: int) -> None:
-        self._timers.pop(bucket, None)
-        missing = self.settling.get(bucket)
-        if missing:
-            self.log.info(
-                "user map: bucket {b} settled without hints from {m}", b=bucket, m=sorted(missing)
-            )
-            self.missing[bucket] = set(missing)
-        self._settle(bucket)
-
-    def _settle(self, bucket: int) -> None:
-        self.settling.pop(bucket, None)
-        timer = self._timers.pop(bucket, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        for d in self._waiters.pop(bucket, []):
-            d.callback(None)
-        if self.pending:
-            self._kick()
+    def take_outbox(self) -> list[Action]:
+        """The sends queued by the last installs (emptied)."""
+        out, self.outbox = self.outbox, []
+        return out
 
     def apply(self, sender: str, entry: HintEntry, view: int | None = None) -> bool:
-        """Merge one bucket's hint from ``sender``, sent in view epoch ``view``.
-
-        Bucket epochs are not ordered across partitions (a merged map can keep an
-        older lineage's entry), view epochs are: a hint from a newer view than ours
-        is kept and replayed when we install that view; otherwise it counts only if
-        our map has the same (owner, epoch) entry and the sender is a member (else it
-        is dropped: its sender sees the bucket fresh and sends again).  ``view``
-        None (an older peer) is taken as our own view.
-        """
+        """Merge one bucket's hint (its JSON form) from ``sender``, sent in view ``view``
+        (see :meth:`Reconstruction.receive`); False if malformed or not counted."""
         try:
-            bucket, epoch, users = int(entry[0]), int(entry[1]), entry[2]
-        except (IndexError, TypeError, ValueError):
+            hint = BucketHint.decode(entry, N_BUCKETS)
+        except MalformedHint:
             return False
-        if not 0 <= bucket < N_BUCKETS or not isinstance(users, list):
-            return False
-        if view is not None and view > self.view_epoch:
-            if len(self._early) < MAX_EARLY_HINTS:
-                self._early.append((sender, entry, view))
-            return False
-        if (self.state.map.owners[bucket], self.state.map.epochs[bucket]) != (
-            self.node_id,
-            epoch,
-        ):
-            return False
-        if sender != self.node_id and sender not in self.members:
-            return False
-        self.hints_received += 1
-        for item in users:
-            try:
-                user, has_mail, uidnext = str(item[0]), bool(item[1]), int(item[2])
-                unnumbered = int(item[3]) if len(item) > 3 else 0
-            except (IndexError, TypeError, ValueError):
-                continue
-            if _raw_bucket_of(user, N_BUCKETS) != bucket:
-                continue
-            if has_mail:
-                self.state.add_fragment(user, sender)
-            gap = self._gaps.get(bucket, 0)
-            self.uidnext[user] = max(self.uidnext.get(user, 1), uidnext + gap)
-            if unnumbered > 0:
-                self.pending.setdefault(user, {})[sender] = unnumbered
-            else:
-                self.pending.get(user, {}).pop(sender, None)
-        if len(entry) > 4:
-            try:
-                self.floor[bucket] = max(self.floor.get(bucket, 1), int(entry[4]))
-            except (TypeError, ValueError):
-                pass
-        if len(entry) > 5 and isinstance(entry[5], list):
-            for pair in entry[5][:100_000]:
-                try:
-                    user, node = str(pair[0]), str(pair[1])
-                except (IndexError, TypeError):
-                    continue
-                if _raw_bucket_of(user, N_BUCKETS) == bucket:
-                    self.state.note_holder(user, node, self.members | {self.node_id})
-        late = self.missing.get(bucket)
-        if late is not None:
-            late.discard(sender)
-            if not late:
-                del self.missing[bucket]
-        waiting = self.settling.get(bucket)
-        if waiting is not None:
-            waiting.discard(sender)
-            if not waiting:
-                self._settle(bucket)
-        if self.pending:
-            self._kick()
-        return True
+        return self.receive(sender, hint, view)
+
+    def receive(self, sender: str, hint: BucketHint, view: int | None = None) -> bool:
+        """Merge one typed hint; True if it counted."""
+        before = self.core.hints_received
+        self._perform(self.core.receive(sender, hint, view, now=self._now()))
+        return self.core.hints_received > before
 
     def add_fragment(self, address: str, node: str) -> Deferred[None]:
         """See :class:`IUserManager`. A note for a user we do not manage comes from a
@@ -1111,20 +1016,17 @@ class ClusterUserManager(UserManager):
         just before we install the map that gives us the bucket (and resets it) is
         not lost."""
         address = address.lower()
-        if not self.state.manages(address) and len(self._early_notes) < MAX_EARLY_HINTS:
-            self._early_notes.append((address, node))
-        d = super().add_fragment(address, node)
-        if self.state.manages(address):
+        if self.core.add_fragment(address, node):
             # A node holds this user's mail for the first time: a majority records
             # it before the delivery's 250, so a later manager knows it even while
             # the node is out of reach (reads then say so, they do not shrink).
-            d.addCallback(lambda _: self._record_holder(address, node))
-        return d
+            return self._record_holder(address, node)
+        return succeed(None)
 
     def settled(self, address: str) -> Deferred[None]:
         """Fires once ``address``'s bucket is not settling (at once if it is not)."""
         b = bucket_of(address)
-        if b not in self.settling:
+        if b not in self.core.settling:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.setdefault(b, []).append(d)
@@ -1143,147 +1045,110 @@ class ClusterUserManager(UserManager):
         """Do we know every node holding ``address``'s mail?  Only with a majority
         (the holder records are on one) and every member's hint in; a manager in a
         minority partition cannot tell what the other side holds."""
-        b = bucket_of(address.lower())
-        return self.quorum() and b not in self.settling and not self.missing.get(b)
+        return self.core.certain(address.lower())
 
     def quorum(self) -> bool:
         """Our view holds a majority of every node ever seen (:attr:`known`)."""
-        return has_majority(self.members | {self.node_id}, self.known | {self.node_id})
+        return self.core.quorum()
 
     def may_number(self, address: str) -> bool:
-        """May we hand out UIDs for ``address`` now?  Only as its manager, with a
-        majority (so no other partition numbers too), the bucket settled and every
-        member's hint in (no member can still store for a previous manager's fence
-        unseen by our counter)."""
-        b = bucket_of(address)
-        return (
-            self.state.manages(address)
-            and b not in self.settling
-            and not self.missing.get(b)
-            and self.quorum()
-            and self.lease_ok()
-        )
+        """May we hand out UIDs for ``address`` now?  (:meth:`Reconstruction.may_number`)."""
+        return self.core.may_number(address, self.lease_ok())
 
     def fence(self, address: str) -> str:
         """The fence our allocations for ``address`` carry."""
-        return fence_of(self.state.map, bucket_of(address))
+        return self.core.fence(bucket_of(address))
 
     def _take(
         self, address: str, count: int, unfenced: bool = False, again: bool = True
     ) -> Deferred[tuple[int, str]]:
         """``count`` UIDs for ``address`` below the bucket's granted mark (extended
         first, by a majority, when they would not fit), or PENDING."""
-        b = bucket_of(address)
-        if not self.may_number(address):
-            if unfenced and self.state.manages(address):
-                first = max(self.uidnext.get(address, 1), self.floor.get(b, 1))
-                self.uidnext[address] = first + max(1, count)
-                return succeed((first, ""))
-            self.pending_plans += 1
+        got = self.core.take(address, count, lease=self.lease_ok(), unfenced=unfenced, again=again)
+        if isinstance(got, Taken):
+            return succeed((got.first, got.fence))
+        if not isinstance(got, NeedMark):
             return succeed((PENDING, ""))
-        first = max(self.uidnext.get(address, 1), self.floor.get(b, 1))
-        end = first + max(1, count)
-        if end <= self.granted.get(b, 0):
-            self.uidnext[address] = end
-            return succeed((first, "" if unfenced else self.fence(address)))
-        if not again:
-            self.pending_plans += 1
-            return succeed((PENDING, ""))
-        d = self._extend(b, end + MARK_BLOCK)
+        d = self._extend(got)
         return d.addCallback(lambda _: self._take(address, count, unfenced, again=False))
 
-    def _extend(self, bucket: int, target: int) -> Deferred[None]:
-        """Raise ``bucket``'s mark to at least ``target`` on a majority of the known
-        cluster (each member records it durably, if our fence is its current one);
-        fires (never fails) once that is done or has failed."""
-        busy = self._extending.get(bucket)
-        if busy is not None:
+    def _extend(self, need: NeedMark) -> Deferred[None]:
+        """Raise a bucket's mark on a majority of the known cluster (each member
+        records it durably, if our fence is its current one); fires (never fails)
+        once that is done or has failed."""
+        if not self.core.mark_write(need):
             out: Deferred[None] = Deferred()
-            busy.append(out)
+            self._extending.setdefault(need.bucket, []).append(out)
             return out
         waiters: list[Deferred[None]] = []
-        self._extending[bucket] = waiters
-        fence = fence_of(self.state.map, bucket)
+        self._extending[need.bucket] = waiters
         mark_on = self.mark_on
 
-        def write(node: str) -> Deferred[bool]:
-            assert mark_on is not None
-            return mark_on(node, bucket, fence, target)
-
         def done(granted: bool) -> None:
-            if granted and fence_of(self.state.map, bucket) == fence:
-                self.granted[bucket] = max(self.granted.get(bucket, 0), target)
-            elif not granted:
-                self.log.info("bucket {b}: no majority for UID mark {m}", b=bucket, m=target)
-            self._extending.pop(bucket, None)
+            if not granted:
+                self.log.info(
+                    "bucket {b}: no majority for UID mark {m}", b=need.bucket, m=need.target
+                )
+            self.core.mark_done(need, granted)
+            self._extending.pop(need.bucket, None)
             for d in waiters:
                 d.callback(None)
 
         if mark_on is None:  # no cluster wiring (a bare manager in tests)
             done(True)
             return succeed(None)
+
+        def write(node: str) -> Deferred[bool]:
+            assert mark_on is not None
+            return mark_on(node, need.bucket, need.fence, need.target)
+
         return self._on_majority(write).addCallback(done)
 
     def _record_holder(self, address: str, node: str) -> Deferred[None]:
         """Have a majority record that ``node`` holds mail for ``address`` (so a later
         manager knows it even while ``node`` is out of reach); fires regardless."""
-        b = bucket_of(address)
-        fence = fence_of(self.state.map, b)
         holders_on = self.holders_on
-        key = (address, node, fence)
-        if holders_on is None or key in self._recorded or not self.may_number(address):
+        if holders_on is None:
             return succeed(None)
-        if len(self._recorded) > 100_000:
-            self._recorded.clear()
-        self._recorded.add(key)
+        todo = self.core.record_holder(address, node, self.lease_ok())
+        if todo is None:
+            return succeed(None)
+        b, fence = todo
 
         def write(n: str) -> Deferred[bool]:
             assert holders_on is not None
             return holders_on(n, b, fence, [[address, node]])
 
         def recorded(ok: bool) -> None:
-            if not ok:
-                self._recorded.discard(key)  # try again next time
+            self.core.holder_recorded(address, node, fence, ok)
 
         return self._on_majority(write).addCallback(recorded)
 
     def _on_majority(self, write: Callable[[str], Deferred[bool]]) -> Deferred[bool]:
-        """``write(node)`` on ourselves and enough others for a majority of the known
-        cluster (more only if some refuse or fail); fires True once a majority
-        succeeded, False when that can no longer happen or after ``mark_timeout``."""
-        known = self.known | {self.node_id}
-        need = len(known) // 2 + 1
+        """``write(node)`` on the nodes a :class:`MajorityWrite` names; fires True once
+        a majority succeeded, False when that can no longer happen or after
+        ``mark_timeout``."""
+        vote = MajorityWrite(self.node_id, self.core.members, self.core.known)
         first: Deferred[bool] = Deferred()
-        others = sorted((self.members & known) - {self.node_id})
-        # A majority is enough: ourselves and the next ones after us (spread), the
-        # rest only if one of those fails.
-        at = sum(1 for n in others if n < self.node_id)
-        others = others[at:] + others[:at]
-        asked = [self.node_id, *others[: need - 1]]
-        spare = others[need - 1 :]
-        state = {"ok": 0, "left": 0, "done": False, "issuing": True}
 
-        def finish(granted: bool) -> None:
-            if state["done"]:
-                return
-            state["done"] = True
-            first.callback(granted)
+        def finish() -> None:
+            if vote.result is not None and not first.called:
+                first.callback(vote.result)
 
         def answer(ok: bool) -> None:
-            state["left"] -= 1
-            state["ok"] += int(bool(ok))
-            if state["ok"] >= need:
-                finish(True)
-            elif not ok and spare and not state["done"]:
-                ask(spare.pop(0))
-            elif state["left"] == 0 and not state["issuing"]:
-                finish(False)
+            nxt = vote.answer(ok)
+            if nxt is not None:
+                ask(nxt)
+            finish()
 
         def ask(node: str) -> None:
-            state["left"] += 1
             write(node).addCallbacks(answer, lambda f: answer(False))
 
-        timer = self.clock.callLater(self.mark_timeout, finish, False)
+        def expire() -> None:
+            if not first.called:
+                first.callback(False)
+
+        timer = self.clock.callLater(self.mark_timeout, expire)
 
         def cancel(result: bool) -> bool:
             if timer.active():
@@ -1291,12 +1156,9 @@ class ClusterUserManager(UserManager):
             return result
 
         first.addCallback(cancel)
-        state["left"], state["issuing"] = 0, True
-        for node in asked:
+        for node in vote.first:
             ask(node)
-        state["issuing"] = False
-        if state["left"] == 0:
-            finish(state["ok"] >= need)
+        finish()
         return first
 
     def reserve_uids(self, address: str, count: int) -> Deferred[int]:
@@ -1331,92 +1193,50 @@ class ClusterUserManager(UserManager):
 
     def note_pending(self, address: str, node: str) -> Deferred[None]:
         """A message for ``address`` was stored unnumbered on ``node``."""
-        address = address.lower()
-        if self.state.manages(address):
-            have = self.pending.setdefault(address, {})
-            have[node] = max(1, have.get(node, 0))
-            self._kick()
-        elif len(self._early_pending) < MAX_EARLY_HINTS:
-            self._early_pending.append((address, node))  # our map may be behind
+        self.core.note_pending(address.lower(), node, self._now())
+        self._rearm()
         return succeed(None)
 
-    def _kick(self, delay: float = 0.0) -> None:
-        if self._number_timer is not None and self._number_timer.active():
-            if delay > 0:
-                return
-            self._number_timer.cancel()
-        self._number_timer = self.clock.callLater(delay, self._number_all)
-
-    def _number_all(self) -> None:
-        self._number_timer = None
-        if self.number_on is None:
-            return
-        blocked = False
-        for user in list(self.pending):
-            for node, n in list(self.pending.get(user, {}).items()):
-                if (user, node) in self._numbering:
-                    continue
-                if node not in self.members or not self.may_number(user):
-                    blocked = True
-                    continue
-                self._number(user, node, n)
-        if blocked or self._numbering:
-            self._kick(self.number_retry)
-
-    def _number(self, user: str, node: str, n: int) -> None:
-        assert self.number_on is not None
-        count = min(max(1, n), NUMBER_BATCH)
-        key = (user, node)
-        self._numbering.add(key)
+    def _number(self, job: Number) -> None:
+        user, node = job.user, job.node
 
         def done(r: tuple[int, int, int]) -> None:
-            self._numbering.discard(key)
             numbered, left, top = r
-            self.numbered += numbered
-            if self.state.manages(user):
-                self.uidnext[user] = max(self.uidnext.get(user, 1), top)
-                if numbered:
-                    self.state.add_fragment(user, node)
-                    self._record_holder(user, node)
-                if left:
-                    self.pending.setdefault(user, {})[node] = left
-                    self._kick(0.0 if numbered else self.number_retry)
-                else:
-                    self.pending.get(user, {}).pop(node, None)
-                    if not self.pending.get(user):
-                        self.pending.pop(user, None)
+            if self.core.number_done(user, node, numbered, left, top, self._now()):
+                self._record_holder(user, node)
+            self._rearm()
 
         def failed(f: Failure) -> None:
-            self._numbering.discard(key)
             self.log.warn(
                 "numbering {u}'s mail on {n} failed: {e}", u=user, n=node, e=f.getErrorMessage()
             )
-            self._kick(self.number_retry)
+            self.core.number_failed(user, node, self._now())
+            self._rearm()
 
         def go(taken: tuple[int, str]) -> Deferred[Any] | None:
             first, fence = taken
             if first == PENDING:  # lost the right meanwhile (or no majority for a mark)
-                self._numbering.discard(key)
-                self._kick(self.number_retry)
+                self.core.number_cancelled(user, node, self._now())
+                self._rearm()
                 return None
             assert self.number_on is not None
-            return self.number_on(node, user, fence, first, count).addCallbacks(done, failed)
+            return self.number_on(node, user, fence, first, job.count).addCallbacks(done, failed)
 
-        self._take(user, count).addCallback(go)
+        self._take(user, job.count).addCallback(go)
 
     def status(self) -> dict[str, Any]:
         """Counts for the status page."""
         return {
             "managed_buckets": len(self.state.map.buckets_of(self.node_id)),
-            "settling_buckets": len(self.settling),
+            "settling_buckets": len(self.core.settling),
             "users_with_mail": len(self.state.fragments),
-            "hints_received": self.hints_received,
-            "early_hints": len(self._early),
+            "hints_received": self.core.hints_received,
+            "early_hints": len(self.core.early),
             "quorum": self.quorum(),
-            "known_nodes": len(self.known | {self.node_id}),
-            "unnumbered": sum(sum(v.values()) for v in self.pending.values()),
-            "numbered": self.numbered,
-            "pending_plans": self.pending_plans,
+            "known_nodes": len(self.core.known | {self.node_id}),
+            "unnumbered": sum(sum(v.values()) for v in self.core.pending.values()),
+            "numbered": self.core.numbered,
+            "pending_plans": self.core.pending_plans,
         }
 
 
@@ -1563,7 +1383,6 @@ class MailCluster(Service):
         self._local_mailboxes = _CountingMailboxes(mail.mailbox_manager, self)
         self._remote_users: dict[str, RemoteUserManager] = {}
         self._remote_boxes: dict[str, RemoteMailboxManager] = {}
-        self._prev_live: set[str] | None = None
         self._loop: LoopingCall | None = None
         self._poll: LoopingCall | None = None
         self.poll_interval = poll_interval
@@ -1823,25 +1642,20 @@ class MailCluster(Service):
         # Away (see BucketMapService.away): booted, or our previous view is not the
         # one the coordinator committed from. A bucket source without that notion
         # (tests) only reports the boot.
-        away = self._prev_live is None or bool(getattr(self.buckets, "away", False))
-        self.user_manager.install(new, live, view=view, away=away)
-        if away:
-            send = set(range(len(new)))  # no manager knows what we hold
-        else:
-            assert self._prev_live is not None
-            came = live - self._prev_live
-            send = set(fresh) | {b for b in range(len(new)) if new.owners[b] in came}
-        prev = self._prev_live or {self.me}
-        self._prev_live = live
-        if send:
-            self.send_hints(new, send, view)
-        pull = self.user_manager.to_pull
-        if pull:
-            for peer in sorted(live - {self.me}):
-                self.pull_hints(peer, pull, view)
-        came = live - prev
-        if came and self.me == min(prev & live):
-            self.push_all_profiles(sorted(came))
+        um = self.user_manager
+        away = um.core.prev_live is None or bool(getattr(self.buckets, "away", False))
+        um.install(new, live, view=view, away=away)
+        self.perform(um.take_outbox())
+
+    def perform(self, actions: list[Action]) -> None:
+        """Carry out the reconstruction core's sends over AMP."""
+        for a in actions:
+            if isinstance(a, SendHints):
+                self.send_hints(a.bmap, set(a.buckets), a.view)
+            elif isinstance(a, PullHints):
+                self.pull_hints(a.peer, list(a.buckets), a.view)
+            elif isinstance(a, PushProfiles):
+                self.push_all_profiles(list(a.nodes))
 
     def push_all_profiles(self, nodes: list[str]) -> Deferred[None]:
         """Anti-entropy for nodes that (re)appeared: every profile record we hold.
@@ -1858,9 +1672,9 @@ class MailCluster(Service):
         d.addErrback(lambda f: self.log.failure("profile anti-entropy push failed", f))
         return d.addCallback(lambda _: None)
 
-    def _hint_entries(self, bmap: BucketMap, buckets: list[int]) -> Deferred[list[HintEntry]]:
-        """Our hard state of ``buckets`` as hint entries (one directory read and one
-        profile query per bucket), epochs from ``bmap``."""
+    def _hint_entries(self, bmap: BucketMap, buckets: list[int]) -> Deferred[list[BucketHint]]:
+        """Our hard state of ``buckets`` as hints (one directory read and one profile
+        query per bucket), epochs from ``bmap``."""
         store = self.mail.fragment_store
 
         def read() -> list[tuple[int, dict[str, tuple[bool, int, int]], int, list[list[str]]]]:
@@ -1872,17 +1686,17 @@ class MailCluster(Service):
         d1 = self.mail._run_blocking(read)
         d2 = self.mail.profiles.records_in_buckets(buckets)
 
-        def build(results: list[Any]) -> list[HintEntry]:
+        def build(results: list[Any]) -> list[BucketHint]:
             (_, marks), (_, records) = results
             return [
-                [
+                BucketHint(
                     b,
                     bmap.epochs[b],
-                    [[u, m, n, p] for u, (m, n, p) in sorted(users.items())],
-                    [list(r) for r in records.get(b, [])],
+                    tuple(UserHint(u, m, n, p) for u, (m, n, p) in sorted(users.items())),
+                    tuple(tuple(r) for r in records.get(b, [])),
                     mark,
-                    holders,
-                ]
+                    tuple((str(h[0]), str(h[1])) for h in holders),
+                )
                 for b, users, mark, holders in marks
             ]
 
@@ -1898,10 +1712,10 @@ class MailCluster(Service):
         order = sorted(b for b in buckets if new.owners[b])
         sent_in = int(self.node.view.epoch) if view is None else view
 
-        def send(entries: list[HintEntry]) -> Deferred[None]:
-            per: dict[str, list[HintEntry]] = {}
-            for e in entries:
-                per.setdefault(new.owners[e[0]], []).append(e)
+        def send(hints: list[BucketHint]) -> Deferred[None]:
+            per: dict[str, list[BucketHint]] = {}
+            for h in hints:
+                per.setdefault(new.owners[h.bucket], []).append(h)
             ds = []
             for manager, mine in per.items():
                 if manager == self.me:
@@ -1931,26 +1745,24 @@ class MailCluster(Service):
         return d
 
     def _push(
-        self, manager: str, entries: list[HintEntry], view: int, tries: int = PULL_TRIES
+        self, manager: str, hints: list[BucketHint], view: int, tries: int = PULL_TRIES
     ) -> Deferred[Any]:
         """One ``porcupine.hints`` call; on failure resent (``PULL_TRIES`` times,
         ``PULL_RETRY`` s apart) while ``manager`` is live and our map still gives it
         those buckets at those epochs."""
 
         def failed(f: Failure) -> Failure:
-            bmap = self.user_manager.state.map
-            still = [
-                e for e in entries if (bmap.owners[e[0]], bmap.epochs[e[0]]) == (manager, e[1])
-            ]
+            still = self.user_manager.core.still_wanted(manager, hints)
             if tries > 1 and still and manager in self.live():
                 self.reactor.callLater(PULL_RETRY, self._repush, manager, still, view, tries - 1)
             return f
 
+        entries = [h.encode() for h in hints]
         d = self.call(manager, Hints, sender=self.me, hints=entries, view=view)
         return d.addErrback(failed)
 
-    def _repush(self, manager: str, entries: list[HintEntry], view: int, tries: int) -> None:
-        d = self._push(manager, entries, view, tries)
+    def _repush(self, manager: str, hints: list[BucketHint], view: int, tries: int) -> None:
+        d = self._push(manager, hints, view, tries)
         d.addErrback(
             lambda f: self.log.warn("hints to {m} failed: {e}", m=manager, e=f.getErrorMessage())
         )
@@ -1964,22 +1776,12 @@ class MailCluster(Service):
         um = self.user_manager
 
         def got(r: dict[str, Any]) -> Deferred[Any]:
-            entries = r["hints"] if isinstance(r["hints"], list) else []
-            asked = set(buckets)
-            ours = []
-            for e in entries:
-                try:
-                    b = int(e[0])
-                except (IndexError, TypeError, ValueError):
-                    continue
-                if b in asked and um.state.map.owners[b] == self.me:
-                    # Current hard state of the peer: counts for whatever map we hold now.
-                    ours.append([b, um.state.map.epochs[b], *e[2:]])
-            return self._apply_hints(peer, ours, um.view_epoch)
+            ours = um.core.pulled(peer, decode_hints(r["hints"], N_BUCKETS), buckets)
+            return self._apply_hints(peer, ours, um.core.view_epoch)
 
         def failed(f: Failure) -> None:
-            still = [b for b in buckets if um.state.map.owners[b] == self.me]
-            if tries > 1 and still and um.view_epoch == view and peer in um.members:
+            still = um.core.pull_again(peer, buckets, view)
+            if tries > 1 and still:
                 self.reactor.callLater(PULL_RETRY, self.pull_hints, peer, still, view, tries - 1)
             else:
                 self.log.warn("pulling hints from {p} failed: {e}", p=peer, e=f.getErrorMessage())
@@ -1997,20 +1799,16 @@ class MailCluster(Service):
         if wanted and not (0 <= wanted[0] and wanted[-1] < N_BUCKETS):
             raise amp.MalformedAmpBox("bucket number out of range")
         d = self._hint_entries(self.user_manager.state.map, wanted)
-        return d.addCallback(lambda entries: {"hints": entries})
+        return d.addCallback(lambda hints: {"hints": [h.encode() for h in hints]})
 
     def _apply_hints(
-        self, sender: str, entries: list[HintEntry], view: int | None = None
+        self, sender: str, hints: list[BucketHint], view: int | None = None
     ) -> Deferred[dict[str, Any]]:
-        records: list[Record] = []
-        for e in entries:
-            if isinstance(e, list) and len(e) >= 4 and isinstance(e[3], list):
-                records.extend(e[3])  # checked by ProfileDB.merge
+        records: list[Any] = [r for h in hints for r in h.records]  # checked by ProfileDB.merge
 
         def apply(_: object) -> dict[str, Any]:
-            for e in entries:
-                if isinstance(e, list):
-                    self.user_manager.apply(sender, e, view)
+            for h in hints:
+                self.user_manager.receive(sender, h, view)
             return {}
 
         d: Deferred[Any] = self.replicator.receive(records) if records else succeed(None)
@@ -2022,7 +1820,7 @@ class MailCluster(Service):
     ) -> Deferred[dict[str, Any]]:
         if not isinstance(hints, list):
             raise amp.MalformedAmpBox("hints must be a list")
-        return self._apply_hints(sender, hints, view)
+        return self._apply_hints(sender, decode_hints(hints, N_BUCKETS), view)
 
     # --- service ---------------------------------------------------------------------
 

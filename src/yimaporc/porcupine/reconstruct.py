@@ -1,0 +1,732 @@
+"""Soft-state reconstruction and UID numbering of a user manager, sans-IO (issue 14).
+
+One core, run by the node (:class:`~yimaporc.porcupine.cluster.ClusterUserManager`
+and :class:`~yimaporc.porcupine.cluster.MailCluster` perform its actions over
+AMP) and by the simulator (:mod:`yimaporc.porcupine.mailsim` performs them over
+simulated RPCs).  docs/mail.md ("User managers and reconstruction", "UIDs under
+partitions and pauses") gives the design; this module holds every decision:
+
+- :meth:`Reconstruction.install`: a committed user map; returns what to send
+  (:class:`SendHints`, :class:`PullHints`, :class:`PushProfiles`) and which
+  settling buckets it released (:class:`Settled`);
+- :meth:`Reconstruction.receive`: one bucket's hint (a :class:`BucketHint`,
+  the one typed value of ``porcupine.hints``, with its codec);
+- :meth:`Reconstruction.tick` / :meth:`Reconstruction.next_deadline`: settle
+  timeouts and the numbering loop (:class:`Number` actions);
+- :meth:`Reconstruction.take`: UIDs for a delivery (:class:`Taken`), PENDING,
+  or :class:`NeedMark` (raise the bucket's mark on a majority first, tracked by
+  :class:`MajorityWrite`);
+- store-side rules every node's hard state follows (:func:`admit_fenced`).
+
+Time comes in as ``now`` arguments, the lease as a ``lease`` flag; the core
+never calls out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+
+from ..cluster.buckets import BucketMap
+from .softstate import UserManagerState, bucket_of
+from .values import PENDING
+
+__all__ = [
+    "BucketHint",
+    "MajorityWrite",
+    "MalformedHint",
+    "NeedMark",
+    "Number",
+    "PullHints",
+    "PushProfiles",
+    "Reconstruction",
+    "SendHints",
+    "Settled",
+    "Taken",
+    "UserHint",
+    "admit_fenced",
+    "fence_of",
+    "has_majority",
+]
+
+#: With other nodes live, a rebuilt UID counter starts this far above the highest
+#: UIDNEXT reported, so UIDs the previous manager handed to stores still in flight
+#: (on any node's delivery proxy) are not reused.
+UID_GAP = 32
+
+#: How long a manager waits before trying again to number unnumbered mail it
+#: could not number (no majority, a member's hint missing, a failed call).
+NUMBER_RETRY = 1.0
+
+#: A manager has a majority record this many UIDs beyond what it needs at a time
+#: (one round per block per bucket); a bucket's next manager starts above it.
+MARK_BLOCK = 256
+
+#: At most this many unnumbered messages are numbered per call.
+NUMBER_BATCH = 256
+
+#: Hints from a view not installed yet that a manager keeps (one per sender and bucket).
+MAX_EARLY_HINTS = 64 * 1024
+
+#: Holder pairs read from one hint entry.
+MAX_HOLDERS = 100_000
+
+
+def fence_of(bmap: BucketMap, bucket: int) -> str:
+    """The fence of ``bucket`` in ``bmap``: ``"owner@bucket-epoch"`` (see docs/mail.md)."""
+    return f"{bmap.owners[bucket]}@{bmap.epochs[bucket]}"
+
+
+def has_majority(members: Iterable[str], known: Iterable[str]) -> bool:
+    """True if ``members`` hold more than half of the ``known`` cluster."""
+    k = set(known)
+    return len(set(members) & k) * 2 > len(k)
+
+
+def admit_fenced(
+    uid: int, fence: str, current_fence: str | None, lease: bool, uidnext: int
+) -> bool:
+    """May a store carrying ``uid`` and ``fence`` be numbered on a node whose own map
+    gives the bucket ``current_fence`` and whose mailbox has ``uidnext``?  False: it
+    is stored unnumbered (a stale or cut-off manager, a lapsed lease, or a UID
+    below what this mailbox already numbered).  Unfenced UIDs (replicated stores,
+    APPEND) are admitted as before."""
+    if uid == PENDING:
+        return False
+    if not fence:
+        return True
+    return current_fence == fence and lease and uid >= uidnext
+
+
+# --- the hint: one typed value, one codec --------------------------------------------
+
+
+class MalformedHint(ValueError):
+    """A hint entry that is not ``[bucket, epoch, [[user, has_mail, uidnext, n]...],
+    [record...], mark, [[user, node]...]]``."""
+
+
+@attrs.frozen
+class UserHint:
+    """What one node's hard state says of one user: holds mail (numbered or not),
+    its highest UIDNEXT (or the highest it ever showed), unnumbered messages."""
+
+    user: str
+    has_mail: bool
+    uidnext: int
+    unnumbered: int = 0
+
+
+@attrs.frozen
+class BucketHint:
+    """One bucket's reconstruction hint from its sender's hard state, for the
+    manager that holds ``epoch`` for the bucket.  ``records`` are profile records
+    (checked by :meth:`~yimaporc.porcupine.profiledb.ProfileDB.merge`), ``mark``
+    the highest UID mark recorded there, ``holders`` the (user, node) pairs a
+    majority recorded as having held mail."""
+
+    bucket: int
+    epoch: int
+    users: tuple[UserHint, ...] = ()
+    records: tuple[Any, ...] = ()
+    mark: int = 1
+    holders: tuple[tuple[str, str], ...] = ()
+
+    def encode(self) -> list[Any]:
+        """The JSON form ``porcupine.hints`` carries (docs/wire.md)."""
+        return [
+            self.bucket,
+            self.epoch,
+            [[u.user, u.has_mail, u.uidnext, u.unnumbered] for u in self.users],
+            [list(r) for r in self.records],
+            self.mark,
+            [list(h) for h in self.holders],
+        ]
+
+    @classmethod
+    def decode(cls, obj: Any, n_buckets: int) -> BucketHint:
+        """Inverse of :meth:`encode`; :class:`MalformedHint` if the head is bad.
+
+        A malformed user item or holder pair is skipped, and so is one of another
+        bucket; entries of older peers (no pending count, no mark, no holders) read
+        with the defaults."""
+        if not isinstance(obj, list) or len(obj) < 3:
+            raise MalformedHint("a hint entry is a list of at least 3 items")
+        try:
+            bucket, epoch = int(obj[0]), int(obj[1])
+        except (TypeError, ValueError) as e:
+            raise MalformedHint("bucket and epoch must be integers") from e
+        if not 0 <= bucket < n_buckets or not isinstance(obj[2], list):
+            raise MalformedHint("bucket out of range or users not a list")
+        users: list[UserHint] = []
+        for item in obj[2]:
+            try:
+                user, has_mail, uidnext = str(item[0]), bool(item[1]), int(item[2])
+                unnumbered = int(item[3]) if len(item) > 3 else 0
+            except (IndexError, TypeError, ValueError, KeyError):
+                continue
+            if bucket_of(user, n_buckets) == bucket:
+                users.append(UserHint(user, has_mail, uidnext, unnumbered))
+        records = tuple(obj[3]) if len(obj) > 3 and isinstance(obj[3], list) else ()
+        mark = 1
+        if len(obj) > 4:
+            try:
+                mark = int(obj[4])
+            except (TypeError, ValueError):
+                mark = 1
+        holders: list[tuple[str, str]] = []
+        if len(obj) > 5 and isinstance(obj[5], list):
+            for pair in obj[5][:MAX_HOLDERS]:
+                try:
+                    user, node = str(pair[0]), str(pair[1])
+                except (IndexError, TypeError, KeyError):
+                    continue
+                if bucket_of(user, n_buckets) == bucket:
+                    holders.append((user, node))
+        return cls(bucket, epoch, tuple(users), records, mark, tuple(holders))
+
+
+def decode_hints(entries: Any, n_buckets: int) -> list[BucketHint]:
+    """Every well-formed entry of a ``porcupine.hints`` list (others dropped)."""
+    out: list[BucketHint] = []
+    for e in entries if isinstance(entries, list) else ():
+        try:
+            out.append(BucketHint.decode(e, n_buckets))
+        except MalformedHint:
+            continue
+    return out
+
+
+# --- actions -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class SendHints:
+    """Read our hard state of ``buckets`` and send each manager (of ``bmap``) its part,
+    tagged with view ``view``."""
+
+    bmap: BucketMap
+    buckets: tuple[int, ...]
+    view: int
+
+
+@attrs.frozen
+class PullHints:
+    """Ask ``peer`` for its hints of ``buckets`` (we were away), in view ``view``."""
+
+    peer: str
+    buckets: tuple[int, ...]
+    view: int
+
+
+@attrs.frozen
+class PushProfiles:
+    """Anti-entropy: send every profile record to ``nodes`` (they came into view)."""
+
+    nodes: tuple[str, ...]
+
+
+@attrs.frozen
+class Settled:
+    """``bucket`` stopped settling: wake what waits for it."""
+
+    bucket: int
+
+
+@attrs.frozen
+class Number:
+    """Number up to ``count`` of ``user``'s unnumbered messages on ``node``: take UIDs
+    (:meth:`Reconstruction.take`), then ``number_pending`` there and report with
+    :meth:`Reconstruction.number_done` / :meth:`Reconstruction.number_failed`."""
+
+    user: str
+    node: str
+    count: int
+
+
+Action = SendHints | PullHints | PushProfiles | Settled | Number
+
+
+@attrs.frozen
+class Taken:
+    """UIDs ``first``.. for a store, carrying ``fence`` ("" unfenced)."""
+
+    first: int
+    fence: str
+
+
+@attrs.frozen
+class NeedMark:
+    """The UIDs do not fit below ``bucket``'s granted mark: raise it to ``target`` on
+    a majority (:meth:`Reconstruction.mark_write`), then take again."""
+
+    bucket: int
+    fence: str
+    target: int
+
+
+class MajorityWrite:
+    """Which nodes to ask for a durable write that must reach a majority of the known
+    cluster: ourselves and the next members after us (spread), the rest only when
+    one refuses or fails.  :attr:`result` becomes True once a majority agreed, False
+    once that can no longer happen; a caller's timeout decides otherwise."""
+
+    def __init__(self, me: str, members: Iterable[str], known: Iterable[str]) -> None:
+        k = set(known) | {me}
+        self.need = len(k) // 2 + 1
+        others = sorted((set(members) & k) - {me})
+        at = sum(1 for n in others if n < me)
+        others = others[at:] + others[:at]
+        self.first: tuple[str, ...] = (me, *others[: self.need - 1])
+        self._spare = others[self.need - 1 :]
+        self._left = len(self.first)
+        self._ok = 0
+        self.result: bool | None = None
+
+    def answer(self, ok: bool) -> str | None:
+        """One asked node answered (or failed: ``ok`` False); the next node to ask."""
+        if self.result is not None:
+            return None
+        self._left -= 1
+        if ok:
+            self._ok += 1
+            if self._ok >= self.need:
+                self.result = True
+                return None
+        elif self._spare:
+            self._left += 1
+            return self._spare.pop(0)
+        if self._left == 0:
+            self.result = False
+        return None
+
+
+# --- the core -----------------------------------------------------------------------
+
+
+class Reconstruction:
+    """A user manager's soft state, its reconstruction and its UID counters."""
+
+    def __init__(
+        self,
+        me: str,
+        n_buckets: int,
+        *,
+        settle_timeout: float = 2.0,
+        number_retry: float = NUMBER_RETRY,
+    ) -> None:
+        self.me = me
+        self.n_buckets = n_buckets
+        self.settle_timeout = settle_timeout
+        self.number_retry = number_retry
+        self.state = UserManagerState(me, n_buckets)
+        self.view_epoch = 0
+        self.members: set[str] = set()
+        #: Every node ever seen in a view (persisted by the shell): the majority
+        #: numbering needs is of these.
+        self.known: set[str] = {me}
+        #: Members of the previous install (None: never installed since boot).
+        self.prev_live: set[str] | None = None
+        self.uidnext: dict[str, int] = {}
+        #: bucket -> members whose hint has not arrived yet.
+        self.settling: dict[int, set[str]] = {}
+        self.settle_at: dict[int, float] = {}
+        #: Members that had not sent their hint when a bucket settled by timeout:
+        #: no numbering in that bucket until they do (or leave the view).
+        self.missing: dict[int, set[str]] = {}
+        self.early: list[tuple[str, BucketHint, int | None]] = []
+        self.early_notes: list[tuple[str, str]] = []
+        self.early_pending: list[tuple[str, str]] = []
+        self.gaps: dict[int, int] = {}
+        #: user -> node -> unnumbered messages there (as far as we heard).
+        self.pending: dict[str, dict[str, int]] = {}
+        self.numbering: set[tuple[str, str]] = set()
+        self.number_at: float | None = None
+        #: Per bucket: the highest UID mark any member reported: ours start there.
+        self.floor: dict[int, int] = {}
+        #: Per bucket: the mark a majority recorded for us in this tenure.
+        self.granted: dict[int, int] = {}
+        self.extending: set[int] = set()
+        self.recorded: set[tuple[str, str, str]] = set()
+        self.to_pull: list[int] = []
+        self.hints_received = 0
+        self.numbered = 0
+        self.pending_plans = 0
+
+    # --- reading -----------------------------------------------------------------
+
+    def bucket(self, user: str) -> int:
+        """``user``'s bucket."""
+        return bucket_of(user, self.n_buckets)
+
+    def fence(self, bucket: int) -> str:
+        """The fence our allocations in ``bucket`` carry."""
+        return fence_of(self.state.map, bucket)
+
+    def quorum(self) -> bool:
+        """Our view holds a majority of every node ever seen (:attr:`known`)."""
+        return has_majority(self.members | {self.me}, self.known | {self.me})
+
+    def certain(self, user: str) -> bool:
+        """Do we know every node holding ``user``'s mail (majority, every hint in)?"""
+        b = self.bucket(user)
+        return self.quorum() and b not in self.settling and not self.missing.get(b)
+
+    def may_number(self, user: str, lease: bool) -> bool:
+        """May we hand out UIDs for ``user`` now?  As its manager, with a majority, the
+        bucket settled, every member's hint in, and our lease holding."""
+        b = self.bucket(user)
+        return (
+            self.state.manages(user)
+            and b not in self.settling
+            and not self.missing.get(b)
+            and self.quorum()
+            and lease
+        )
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` has work next (None: nothing timed)."""
+        times = list(self.settle_at.values())
+        if self.number_at is not None:
+            times.append(self.number_at)
+        return min(times) if times else None
+
+    # --- install -------------------------------------------------------------------
+
+    def install(
+        self,
+        new_map: BucketMap,
+        live: Iterable[str],
+        *,
+        view: int = 0,
+        away: bool = False,
+        now: float = 0.0,
+    ) -> list[Action]:
+        """Adopt ``new_map`` (committed in view epoch ``view``).
+
+        ``away``: our previous view is not the one the coordinator committed from
+        (it rebooted, sat in another partition, or installed a commit the
+        coordinator never saw); the first install since boot sends every bucket's
+        hints in any case (no manager knows what we hold).  Returns the
+        hints to send (every bucket when away, else the fresh ones and those of
+        managers that came into view), the pulls (away: the buckets we manage that
+        this commit did not restamp, from every member), the profile push (the
+        lowest-id node of the old view, to nodes that came) and the buckets whose
+        settling ended."""
+        alive = set(live)
+        booted = self.prev_live is None
+        old_map = self.state.map
+        fresh = self.state.install(new_map, alive)
+        self.view_epoch, self.members = view, alive
+        out: list[Action] = []
+        mine = set(new_map.buckets_of(self.me))
+        for user in list(self.uidnext):
+            b = self.bucket(user)
+            if b not in mine or b in fresh:
+                del self.uidnext[user]
+        for table in (self.floor, self.granted):
+            for b in list(table):
+                if b not in mine or b in fresh:
+                    del table[b]
+        for b in list(self.settling):
+            if b not in mine or b in fresh:
+                out.extend(self._settle(b, now))
+        for b in list(self.missing):
+            if b not in mine or b in fresh:
+                del self.missing[b]
+            else:
+                self.missing[b] &= alive
+                if not self.missing[b]:
+                    del self.missing[b]
+        for user in list(self.pending):
+            if not self.state.manages(user):
+                del self.pending[user]
+        for b in sorted(fresh & mine):
+            self.gaps[b] = UID_GAP if len(alive) > 1 else 0
+            self._start_settling(b, alive, now)
+        self.to_pull = []
+        if away and len(alive) > 1:
+            self.to_pull = sorted(b for b in mine if new_map.epochs[b] != view)
+            for b in self.to_pull:
+                self.gaps[b] = UID_GAP
+                if b not in fresh:
+                    self._start_settling(b, alive, now)
+        early, self.early = self.early, []
+        for sender, hint, sent_in in early:
+            out.extend(self.receive(sender, hint, sent_in, now=now))
+        notes, self.early_notes = self.early_notes, []
+        for user, node in notes:
+            if self.state.manages(user) and node in alive:
+                self.state.add_fragment(user, node)
+        waiting, self.early_pending = self.early_pending, []
+        for user, node in waiting:
+            if self.state.manages(user) and node in alive:
+                self.note_pending(user, node, now)
+        # What to send (MailCluster._map_changed before issue 14 item 4).
+        if away or booted:
+            send = set(range(len(new_map)))  # no manager knows what we hold
+        else:
+            assert self.prev_live is not None
+            came = alive - self.prev_live
+            send = set(new_map.fresh(old_map)) | {
+                b for b in range(len(new_map)) if new_map.owners[b] in came
+            }
+        prev = self.prev_live or {self.me}
+        self.prev_live = alive
+        order = tuple(sorted(b for b in send if new_map.owners[b]))
+        if order:
+            out.append(SendHints(new_map, order, view))
+        if self.to_pull:
+            for peer in sorted(alive - {self.me}):
+                out.append(PullHints(peer, tuple(self.to_pull), view))
+        came = alive - prev
+        if came and prev & alive and self.me == min(prev & alive):
+            out.append(PushProfiles(tuple(sorted(came))))
+        return out
+
+    def _start_settling(self, bucket: int, alive: set[str], now: float) -> None:
+        self.settling[bucket] = set(alive)
+        self.settle_at[bucket] = now + self.settle_timeout
+
+    def _settle(self, bucket: int, now: float) -> list[Action]:
+        self.settling.pop(bucket, None)
+        self.settle_at.pop(bucket, None)
+        if self.pending:
+            self.kick(now)
+        return [Settled(bucket)]
+
+    # --- hints -----------------------------------------------------------------------
+
+    def receive(
+        self, sender: str, hint: BucketHint, view: int | None = None, *, now: float = 0.0
+    ) -> list[Action]:
+        """Merge one bucket's hint from ``sender``, sent in view epoch ``view``.
+
+        Bucket epochs are not ordered across partitions (a merged map can keep an
+        older lineage's entry), view epochs are: a hint from a newer view than ours
+        is kept and replayed when we install that view; otherwise it counts only if
+        our map has the same (owner, epoch) entry and the sender is a member (else it
+        is dropped: its sender sees the bucket fresh and sends again).  ``view``
+        None (an older peer) is taken as our own view."""
+        b = hint.bucket
+        if not 0 <= b < len(self.state.map):
+            return []
+        if view is not None and view > self.view_epoch:
+            if len(self.early) < MAX_EARLY_HINTS:
+                self.early.append((sender, hint, view))
+            return []
+        if (self.state.map.owners[b], self.state.map.epochs[b]) != (self.me, hint.epoch):
+            return []
+        if sender != self.me and sender not in self.members:
+            return []
+        self.hints_received += 1
+        gap = self.gaps.get(b, 0)
+        for u in hint.users:
+            if self.bucket(u.user) != b:
+                continue
+            if u.has_mail:
+                self.state.add_fragment(u.user, sender)
+            self.uidnext[u.user] = max(self.uidnext.get(u.user, 1), u.uidnext + gap)
+            if u.unnumbered > 0:
+                self.pending.setdefault(u.user, {})[sender] = u.unnumbered
+            else:
+                self.pending.get(u.user, {}).pop(sender, None)
+        self.floor[b] = max(self.floor.get(b, 1), hint.mark)
+        everyone = self.members | {self.me}
+        for user, node in hint.holders:
+            if self.bucket(user) == b:
+                self.state.note_holder(user, node, everyone)
+        out: list[Action] = []
+        late = self.missing.get(b)
+        if late is not None:
+            late.discard(sender)
+            if not late:
+                del self.missing[b]
+        waiting = self.settling.get(b)
+        if waiting is not None:
+            waiting.discard(sender)
+            if not waiting:
+                out.extend(self._settle(b, now))
+        if self.pending:
+            self.kick(now)
+        return out
+
+    def pulled(
+        self, peer: str, hints: Sequence[BucketHint], asked: Iterable[int]
+    ) -> list[BucketHint]:
+        """A pull's answer from ``peer``, as hints for our current map: its current hard
+        state counts for whatever map we hold now (only buckets asked and ours)."""
+        want = set(asked)
+        bmap = self.state.map
+        return [
+            attrs.evolve(h, epoch=bmap.epochs[h.bucket])
+            for h in hints
+            if h.bucket in want and 0 <= h.bucket < len(bmap) and bmap.owners[h.bucket] == self.me
+        ]
+
+    def still_wanted(self, manager: str, hints: Sequence[BucketHint]) -> list[BucketHint]:
+        """Of hints we sent ``manager``, those our current map still gives it at those
+        epochs (a failed push is resent only for them)."""
+        bmap = self.state.map
+        return [
+            h for h in hints if (bmap.owners[h.bucket], bmap.epochs[h.bucket]) == (manager, h.epoch)
+        ]
+
+    def pull_again(self, peer: str, buckets: Sequence[int], view: int) -> list[int]:
+        """Buckets of a failed pull worth asking ``peer`` again (none once the view
+        changed or ``peer`` left it)."""
+        if self.view_epoch != view or peer not in self.members:
+            return []
+        return [b for b in buckets if self.state.map.owners[b] == self.me]
+
+    # --- notes from deliveries ---------------------------------------------------------
+
+    def add_fragment(self, user: str, node: str) -> bool:
+        """A delivery stored mail for ``user`` on ``node``; True if we manage ``user``.
+        A note for a user we do not manage (a proxy's map differs from ours) is kept
+        until our next install and applied again then."""
+        self.state.add_fragment(user, node)
+        if not self.state.manages(user):
+            if len(self.early_notes) < MAX_EARLY_HINTS:
+                self.early_notes.append((user, node))
+            return False
+        return True
+
+    def record_holder(self, user: str, node: str, lease: bool) -> tuple[int, str] | None:
+        """Should a majority record that ``node`` holds ``user``'s mail (once per
+        tenure)?  The (bucket, fence) to write, or None."""
+        b = self.bucket(user)
+        fence = self.fence(b)
+        key = (user, node, fence)
+        if key in self.recorded or not self.may_number(user, lease):
+            return None
+        if len(self.recorded) > 100_000:
+            self.recorded.clear()
+        self.recorded.add(key)
+        return b, fence
+
+    def holder_recorded(self, user: str, node: str, fence: str, ok: bool) -> None:
+        """The outcome of a :meth:`record_holder` write (a failed one is tried again)."""
+        if not ok:
+            self.recorded.discard((user, node, fence))
+
+    def note_pending(self, user: str, node: str, now: float = 0.0) -> None:
+        """A message for ``user`` was stored unnumbered on ``node``."""
+        if self.state.manages(user):
+            have = self.pending.setdefault(user, {})
+            have[node] = max(1, have.get(node, 0))
+            self.kick(now)
+        elif len(self.early_pending) < MAX_EARLY_HINTS:
+            self.early_pending.append((user, node))  # our map may be behind
+
+    # --- UIDs --------------------------------------------------------------------------
+
+    def take(
+        self, user: str, count: int, *, lease: bool, unfenced: bool = False, again: bool = True
+    ) -> Taken | NeedMark | int:
+        """``count`` UIDs for ``user`` below the bucket's granted mark, PENDING when we
+        may not number, or :class:`NeedMark` (``again`` False: PENDING instead)."""
+        b = self.bucket(user)
+        if not self.may_number(user, lease):
+            if unfenced and self.state.manages(user):
+                first = max(self.uidnext.get(user, 1), self.floor.get(b, 1))
+                self.uidnext[user] = first + max(1, count)
+                return Taken(first, "")
+            self.pending_plans += 1
+            return PENDING
+        first = max(self.uidnext.get(user, 1), self.floor.get(b, 1))
+        end = first + max(1, count)
+        if end <= self.granted.get(b, 0):
+            self.uidnext[user] = end
+            return Taken(first, "" if unfenced else self.fence(b))
+        if not again:
+            self.pending_plans += 1
+            return PENDING
+        return NeedMark(b, self.fence(b), end + MARK_BLOCK)
+
+    def mark_write(self, need: NeedMark) -> bool:
+        """Start raising a mark; False if a raise of this bucket is already running
+        (wait for its :meth:`mark_done`)."""
+        if need.bucket in self.extending:
+            return False
+        self.extending.add(need.bucket)
+        return True
+
+    def mark_done(self, need: NeedMark, granted: bool) -> None:
+        """A majority recorded ``need.target`` (``granted``) or could not."""
+        self.extending.discard(need.bucket)
+        if granted and self.fence(need.bucket) == need.fence:
+            self.granted[need.bucket] = max(self.granted.get(need.bucket, 0), need.target)
+
+    # --- numbering what waits -----------------------------------------------------------
+
+    def kick(self, now: float, delay: float = 0.0) -> None:
+        """Have the numbering loop run ``delay`` s from ``now`` (a pending sooner run
+        stays; a run now replaces a later one)."""
+        if self.number_at is not None and delay > 0:
+            return
+        self.number_at = now + delay
+
+    def tick(self, now: float, *, lease: bool, number: bool = True) -> list[Action]:
+        """Everything due at ``now``: settle timeouts, then the numbering loop
+        (``number`` False: a shell that cannot number skips a due round)."""
+        out: list[Action] = []
+        for b in sorted(b for b, t in self.settle_at.items() if t <= now):
+            missing = self.settling.get(b)
+            if missing:
+                self.missing[b] = set(missing)
+            out.extend(self._settle(b, now))
+        if self.number_at is not None and self.number_at <= now:
+            self.number_at = None
+            if not number:
+                return out
+            blocked = False
+            for user in list(self.pending):
+                for node, n in list(self.pending.get(user, {}).items()):
+                    if (user, node) in self.numbering:
+                        continue
+                    if node not in self.members or not self.may_number(user, lease):
+                        blocked = True
+                        continue
+                    self.numbering.add((user, node))
+                    out.append(Number(user, node, min(max(1, n), NUMBER_BATCH)))
+            if blocked or self.numbering:
+                self.kick(now, self.number_retry)
+        return out
+
+    def settled_by_timeout(self, bucket: int) -> set[str]:
+        """Members whose hint had not arrived when ``bucket`` settled by timeout."""
+        return set(self.missing.get(bucket, ()))
+
+    def number_cancelled(self, user: str, node: str, now: float) -> None:
+        """A :class:`Number` got no UIDs (lost the right, or no mark): later."""
+        self.numbering.discard((user, node))
+        self.kick(now, self.number_retry)
+
+    def number_done(
+        self, user: str, node: str, numbered: int, left: int, top: int, now: float
+    ) -> bool:
+        """``node`` numbered ``numbered`` messages, ``left`` still wait, its highest
+        UIDNEXT is ``top``.  True if a majority should record ``node`` as a holder."""
+        self.numbering.discard((user, node))
+        self.numbered += numbered
+        if not self.state.manages(user):
+            return False
+        self.uidnext[user] = max(self.uidnext.get(user, 1), top)
+        if numbered:
+            self.state.add_fragment(user, node)
+        if left:
+            self.pending.setdefault(user, {})[node] = left
+            self.kick(now, 0.0 if numbered else self.number_retry)
+        else:
+            self.pending.get(user, {}).pop(node, None)
+            if not self.pending.get(user):
+                self.pending.pop(user, None)
+        return bool(numbered)
+
+    def number_failed(self, user: str, node: str, now: float) -> None:
+        """A :class:`Number` call failed: later."""
+        self.numbering.discard((user, node))
+        self.kick(now, self.number_retry)
