@@ -61,6 +61,12 @@ from .balancer import LoadBalancer, load_figure
 from .interfaces import IMailboxManager, IUserManager
 from .profiledb import ProfileDB, Record
 from .reconstruct import (
+    LEASE,
+    MARK_TIMEOUT,
+    PAUSE_GRACE,
+    PULL_RETRY,
+    PULL_TRIES,
+    SWEEP_INTERVAL,
     UID_GAP,
     Action,
     BucketHint,
@@ -837,24 +843,6 @@ def register_handlers(
 # --- the cluster user manager ----------------------------------------------------
 # The decisions live in the sans-IO core (reconstruct.py); this is its Twisted shell.
 
-#: A node numbers (as manager) and accepts fenced stores only while its own lease
-#: holds: renewed every LEASE/4 s by the reactor, so a paused process (SIGSTOP, a
-#: stall) finds it lapsed when it wakes.  After such a gap it stays without a
-#: lease until it installs a new view or PAUSE_GRACE seconds pass (it may have
-#: been replaced meanwhile; a new view tells it).
-LEASE = 1.0
-PAUSE_GRACE = 5.0
-
-#: Every this many seconds a node reminds managers of its unnumbered mail.
-SWEEP_INTERVAL = 3.0
-
-MARK_TIMEOUT = 1.0
-
-#: A failed pull (``porcupine.hints-request``) is retried this often, this far apart,
-#: while the peer stays in the view and the view does not change.
-PULL_TRIES = 5
-PULL_RETRY = 0.5
-
 #: Peers each node swaps load figures with per ``load_interval`` (random ones), so
 #: the exchange costs the same per node whatever the cluster's size.
 LOAD_FANOUT = 3
@@ -1198,6 +1186,8 @@ class ClusterUserManager(UserManager):
         return succeed(None)
 
     def _number(self, job: Number) -> None:
+        """Record ``job.node`` as a holder on a majority (if not yet in this tenure),
+        take UIDs, have the node number its oldest unnumbered mail with them."""
         user, node = job.user, job.node
 
         def done(r: tuple[int, int, int]) -> None:
@@ -1222,7 +1212,16 @@ class ClusterUserManager(UserManager):
             assert self.number_on is not None
             return self.number_on(node, user, fence, first, job.count).addCallbacks(done, failed)
 
-        self._take(user, job.count).addCallback(go)
+        def recorded(_: object) -> Deferred[Any] | None:
+            if self.holders_on is not None and not self.core.holder_ok(user, node):
+                # No majority knows this node holds the user's mail: a manager after a
+                # partition could show higher UIDs without waiting for it. Later.
+                self.core.number_cancelled(user, node, self._now())
+                self._rearm()
+                return None
+            return self._take(user, job.count).addCallback(go)
+
+        self._record_holder(user, node).addCallback(recorded)
 
     def status(self) -> dict[str, Any]:
         """Counts for the status page."""

@@ -53,6 +53,7 @@ end of every call between two nodes, per stored copy and per log write;
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -64,10 +65,33 @@ import attrs
 
 from ..cluster import wire
 from ..cluster.buckets import BucketMap
+from ..cluster.bucketservice import pack_commit, unpack_commit
 from ..cluster.membership import TrmConfig, View
 from ..sim.network import Faults, SimNetwork, SimNode
 from .balancer import LoadBalancer, load_figure
-from .softstate import Hint, UserManagerState, bucket_of, hints_for
+from .reconstruct import (
+    LEASE,
+    MARK_TIMEOUT,
+    PAUSE_GRACE,
+    PULL_TRIES,
+    SWEEP_INTERVAL,
+    Action,
+    BucketHint,
+    MajorityWrite,
+    NeedMark,
+    Number,
+    PullHints,
+    Reconstruction,
+    SendHints,
+    Settled,
+    Taken,
+    UserHint,
+    admit_fenced,
+    decode_hints,
+    fence_of,
+)
+from .softstate import UserManagerState, bucket_of
+from .values import PENDING
 
 N_BUCKETS = 256
 
@@ -103,19 +127,83 @@ class MailConfig:
     log_disk_time: float = 0.0  # disk time of a replica's update-log write (replicas > 1)
 
 
+@attrs.define
+class UidChecker:
+    """What IMAP/POP3 clients were shown, checked against issue 14 item 1 on every read:
+    never two messages under one UID, a UID never reused or changed (a message once
+    shown under a UID keeps it), every newly visible message above every UID already
+    shown, UIDNEXT (per serving node) never lower; :meth:`MailSim.final_problems` adds
+    "no acknowledged message hidden after the heal"."""
+
+    violations: list[str] = attrs.field(factory=list)
+    pairs: dict[str, set[tuple[str, int]]] = attrs.field(factory=dict)  # user -> (msg, uid)
+    msg_of: dict[tuple[str, int], str] = attrs.field(factory=dict)  # (user, uid) -> msg
+    top: dict[str, int] = attrs.field(factory=dict)  # user -> highest UID shown anywhere
+    uidnext: dict[tuple[str, str], int] = attrs.field(factory=dict)  # (node, user) -> shown
+    reads: int = 0
+    refusals: int = 0
+    refused_why: Counter[str] = attrs.field(factory=Counter)
+    last_refusal: tuple[str, str, str] = ("", "", "")
+
+    def read(self, node: str, user: str, listing: list[tuple[str, int]], uidnext: int) -> None:
+        """A client at ``node`` was shown ``listing`` ((msg, uid) pairs) and ``uidnext``."""
+        self.reads += 1
+        bad = self.violations.append
+        before = self.uidnext.get((node, user), 0)
+        if uidnext < before:
+            bad(f"{user} at {node}: UIDNEXT went down {before} -> {uidnext}")
+        self.uidnext[(node, user)] = max(before, uidnext)
+        by_uid: dict[int, str] = {}
+        for msg, uid in listing:
+            if by_uid.setdefault(uid, msg) != msg:
+                bad(f"{user} at {node}: two messages under UID {uid}: {by_uid[uid]}, {msg}")
+            if not 0 < uid < uidnext:
+                bad(f"{user} at {node}: UID {uid} outside 1..UIDNEXT {uidnext}")
+        seen = self.pairs.setdefault(user, set())
+        now = set(listing)
+        for msg, uid in sorted(seen - now):
+            bad(f"{user} at {node}: {msg} was shown as UID {uid}, now missing or changed")
+        top = self.top.get(user, 0)
+        for msg, uid in sorted(now - seen, key=lambda p: p[1]):
+            if uid <= top:
+                bad(f"{user} at {node}: {msg} newly visible as UID {uid} <= {top} shown")
+            if self.msg_of.setdefault((user, uid), msg) != msg:
+                bad(f"{user}: UID {uid} reused: {self.msg_of[(user, uid)]} then {msg}")
+        seen |= now
+        if now:
+            self.top[user] = max(top, max(uid for _, uid in now))
+
+
 @attrs.define(eq=False)
 class MailNode:
-    """One node's mail service: hard state (survives crashes) and soft state (does not)."""
+    """One node's mail service: hard state (survives crashes) and soft state (does not).
+
+    Hard state follows :class:`~yimaporc.porcupine.fragments.FragmentStore`: per user
+    the message ids held (``mail``), each one's UID (0: stored unnumbered, oldest
+    first in ``unnumbered``), the mailbox's UIDNEXT, the highest UIDNEXT this node
+    ever showed a client, and the bucket marks and holder records it wrote for
+    managers.  Soft state is the :class:`~yimaporc.porcupine.reconstruct.Reconstruction`
+    core (the one the node runs), the fences of the installed map and the lease."""
 
     node_id: str
     n_buckets: int
     mail: dict[int, dict[str, set[str]]] = attrs.field(factory=dict)  # bucket -> user -> ids
+    uids: dict[str, dict[str, int]] = attrs.field(factory=dict)  # user -> id -> UID (0: none)
+    unnumbered: dict[str, list[str]] = attrs.field(factory=dict)  # user -> ids, oldest first
+    uidnext: dict[str, int] = attrs.field(factory=dict)  # user -> the mailbox's UIDNEXT
+    shown: dict[str, int] = attrs.field(factory=dict)  # user -> highest UIDNEXT shown here
+    marks: dict[int, int] = attrs.field(factory=dict)  # bucket -> UID mark recorded here
+    holders: dict[int, set[tuple[str, str]]] = attrs.field(factory=dict)
+    known: set[str] = attrs.field(factory=set)  # every node ever seen in a view
     map: BucketMap = attrs.field(default=BucketMap.empty(N_BUCKETS))  # cached on disk
-    um: UserManagerState | None = None
+    core: Reconstruction | None = None
+    fences: dict[int, str] = attrs.field(factory=dict)
     lb: LoadBalancer | None = None
-    early: list[tuple[str, int, int, int, Any]] = attrs.field(factory=list)  # notes ahead
-    view_epoch: int = 0
-    members: frozenset[str] = frozenset()
+    waiting: dict[int, list[Callable[[], None]]] = attrs.field(factory=dict)
+    extending: dict[int, list[Callable[[], None]]] = attrs.field(factory=dict)
+    timer_gen: int = 0
+    paused_until: float = 0.0
+    lapsed_until: float = 0.0  # lease: lapsed until a new view or this time
     incarnation: int = 0
     up: bool = False
     disk_free: float = 0.0
@@ -126,9 +214,35 @@ class MailNode:
     stores: int = 0
     exchanging: int = -1  # incarnation whose load exchange loop runs
 
+    @property
+    def um(self) -> UserManagerState | None:
+        """The soft state (fragment lists) of the core, None while down."""
+        return self.core.state if self.core is not None else None
+
     def users_with_mail(self, bucket: int) -> list[str]:
         """One directory read: users of ``bucket`` this node holds mail for."""
         return [u for u, ids in self.mail.get(bucket, {}).items() if ids]
+
+    def hint(self, bucket: int, epoch: int) -> BucketHint:
+        """This node's hard state of ``bucket`` as the hint the node sends (one read)."""
+        users = set(self.mail.get(bucket, {}))
+        users |= {u for u in self.shown if bucket_of(u, self.n_buckets) == bucket}
+        return BucketHint(
+            bucket,
+            epoch,
+            tuple(
+                UserHint(
+                    u,
+                    bool(self.mail.get(bucket, {}).get(u)),
+                    max(self.uidnext.get(u, 1), self.shown.get(u, 1)),
+                    len(self.unnumbered.get(u, ())),
+                )
+                for u in sorted(users)
+            ),
+            (),
+            self.marks.get(bucket, 1),
+            tuple(sorted(self.holders.get(bucket, ()))),
+        )
 
     @property
     def load(self) -> float:
@@ -143,6 +257,10 @@ class _Delivery:
     proxy: str
     incarnation: int
     fragments: list[str] = attrs.field(factory=list)
+    uid: int = 0
+    fence: str = ""
+    plan_from: str = ""
+    recorded: set[str] = attrs.field(factory=set)  # new holders a majority recorded
     attempts: int = 0
     timeouts: int = 0
     done: Callable[[bool], None] | None = None
@@ -160,7 +278,8 @@ class _Net(SimNetwork):
         self._at(when, fn)
 
     def start(self, node_id: str) -> None:
-        """Boot (or reboot) a node from its disk; its commits carry the user map."""
+        """Boot (or reboot) a node from its disk; its commits carry the user map
+        in the node's own commit format (:func:`bucketservice.pack_commit`)."""
         self.owner._booting(node_id)
         super().start(node_id)
         core = self.nodes[node_id].core
@@ -168,29 +287,9 @@ class _Net(SimNetwork):
         mail = self.owner.mail[node_id]
 
         def attach(old: View, members: tuple[wire.Member, ...], epoch: int) -> bytes:
-            new_map = mail.map.reassign([m.node_id for m in members], epoch)
-            return pack_commit(old, new_map)
+            return pack_commit(old, mail.map.reassign([m.node_id for m in members], epoch))
 
         core.attachment_for = attach
-
-
-def pack_commit(old: View, new_map: BucketMap) -> bytes:
-    """The commit attachment: the coordinator's previous view (epoch, coordinator), then
-    the map (as :class:`~yimaporc.cluster.bucketservice.BucketMapService` ships it).
-
-    A member whose own previous view differs was *away* (another partition, a
-    reboot, a commit the coordinator did not see): what it and the coordinator's
-    group know about each other's mail may differ, see :meth:`MailSim._on_view`.
-    """
-    head = f"{old.epoch} {old.coordinator}\n".encode()
-    return head + new_map.serialize()
-
-
-def unpack_commit(data: bytes) -> tuple[tuple[int, str], BucketMap]:
-    """Inverse of :func:`pack_commit`."""
-    head, _, rest = data.partition(b"\n")
-    epoch, _, coordinator = head.decode().partition(" ")
-    return (int(epoch), coordinator), BucketMap.parse(rest)
 
 
 class MailSim:
@@ -229,9 +328,11 @@ class MailSim:
         self.failed_deliveries = 0
         self.last_soft_update = 0.0
         self._next_msg = 0
-        self._parsed: dict[bytes, tuple[tuple[int, str], BucketMap]] = {}
+        self._parsed: dict[bytes, tuple[tuple[int, str] | None, BucketMap]] = {}
         self.away_installs = 0
         self._n_started = 0
+        self.checker = UidChecker()
+        self.faults_done: Counter[str] = Counter()
         for _ in range(n):
             self.add_node(start=False)
         for node_id in list(self.mail):
@@ -261,10 +362,13 @@ class MailSim:
         m = self.mail[node_id]
         m.incarnation += 1
         m.up = True
-        m.um = UserManagerState(node_id, self.config.n_buckets)
+        m.core = Reconstruction(node_id, self.config.n_buckets)
+        m.core.known |= m.known
+        m.fences = {}
         m.lb = LoadBalancer(node_id, spread_limit=self.config.spread_limit)
-        m.early = []
+        m.waiting, m.extending = {}, {}
         m.pending = 0
+        m.paused_until = m.lapsed_until = 0.0
         m.disk_free = self.net.now
         m.cpu_free = self.net.now
 
@@ -274,14 +378,29 @@ class MailSim:
         m = self.mail[node_id]
         m.incarnation += 1
         m.up = False
-        m.um = None
+        m.core = None
         m.lb = None
-        m.early = []
+        m.waiting, m.extending = {}, {}
         m.pending = 0
 
     def restart(self, node_id: str) -> None:
         """Boot a crashed node from its disk."""
         self.net.start(node_id)
+
+    def pause(self, node_id: str, seconds: float) -> None:
+        """SIGSTOP for ``seconds``: nothing runs there (timers, requests and replies
+        wait), then it goes on with its old state.  A pause longer than half a lease
+        lapses the node's lease until it installs a new view or PAUSE_GRACE s pass
+        (what MailCluster's lease loop finds on waking)."""
+        m = self.mail[node_id]
+        self.net.pause(node_id, seconds)
+        m.paused_until = self.net.now + seconds
+        if seconds > LEASE / 2:
+            m.lapsed_until = m.paused_until + PAUSE_GRACE
+
+    def lease_ok(self, m: MailNode) -> bool:
+        """``m``'s lease (always, alone in its known cluster)."""
+        return m.known <= {m.node_id} or self.net.now >= m.lapsed_until
 
     def live(self, node_id: str) -> tuple[str, ...]:
         """The members of ``node_id``'s current view."""
@@ -296,6 +415,21 @@ class MailSim:
     def _count(self, src: str, purpose: str) -> None:
         self.msgs[purpose] += 1
         self.sent_by.setdefault(src, Counter())[purpose] += 1
+
+    def _running(self, node: MailNode, inc: int, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on ``node`` now, or when it resumes if it is paused (never if it
+        crashed meanwhile)."""
+        if not node.up or node.incarnation != inc:
+            return
+        if node.paused_until > self.net.now:
+            self.net.at(node.paused_until + 1e-6, lambda: self._running(node, inc, fn))
+            return
+        fn()
+
+    def _later(self, node: MailNode, delay: float, fn: Callable[[], None]) -> None:
+        """A timer of ``node`` (late if it is paused then; gone if it crashes)."""
+        inc = node.incarnation
+        self.net.at(self.net.now + delay, lambda: self._running(node, inc, fn))
 
     def _rpc(
         self,
@@ -322,11 +456,11 @@ class MailSim:
             return
 
         def timeout() -> None:
-            if not state["done"] and src.up and src.incarnation == inc:
+            if not state["done"]:
                 state["done"] = True
                 on_fail()
 
-        self.net.at(self.net.now + self.config.rpc_timeout, timeout)
+        self._later(src, self.config.rpc_timeout, timeout)
         self._count(src.node_id, purpose)
         self.calls_by.setdefault(src.node_id, Counter())[purpose] += 1
 
@@ -348,9 +482,11 @@ class MailSim:
                         src.lb.observe(dst_id, load, self.net.now)
                     self._cpu(src, self._rpc_cpu, lambda: reply(result))
 
-                self.net.at(self.net.now + self._latency(), back)
+                self.net.at(self.net.now + self._latency(), lambda: self._running(src, inc, back))
 
-            self._cpu(dst, self._rpc_cpu, lambda: work(dst, respond))
+            self._running(
+                dst, dinc, lambda: self._cpu(dst, self._rpc_cpu, lambda: work(dst, respond))
+            )
 
         self.net.at(self.net.now + self._latency(), arrive)
 
@@ -403,34 +539,10 @@ class MailSim:
 
     # --- user manager side ------------------------------------------------------
 
-    def _note(self, m: MailNode, kind: str, bucket: int, epoch: int, view: int, item: Any) -> None:
-        """A hint or fragment note reached manager ``m``: its sender held view ``view``, in
-        whose map ``m`` manages ``bucket`` since ``epoch``.
-
-        Bucket epochs are not ordered across partitions (a merged map may keep an
-        older lineage's entries), view epochs are: a note from a newer view waits
-        for that view here; otherwise it counts only if our map has the same entry
-        and the sender is a member.  What is dropped is resent by its sender, for
-        whom the bucket will be fresh.
-        """
-        if m.um is None:
-            return
-        if view > m.view_epoch:
-            m.early.append((kind, bucket, epoch, view, item))
-            return
-        if (m.um.map.owners[bucket], m.um.map.epochs[bucket]) != (m.node_id, epoch):
-            return
-        sender = item.sender if kind == "hint" else item[1]
-        if sender not in m.members:
-            return
-        if kind == "hint":
-            m.um.apply_hint(item)
-        else:
-            m.um.add_fragment(item[0], sender)
-        self.last_soft_update = self.net.now
+    # --- the reconstruction core's shell ----------------------------------------------
 
     def _on_view(self, node: SimNode, old: View, new: View) -> None:
-        """Install the committed map; send hints; an away manager pulls what it may lack."""
+        """Install the committed map in the node's core and carry out its actions."""
         m = self.mail[node.node_id]
         if new.attachment:
             # Every member parses the same commit: do it once (construct is slow).
@@ -438,122 +550,374 @@ class MailSim:
             if cached is None:
                 cached = unpack_commit(new.attachment)
                 self._parsed = {new.attachment: cached}
-            coordinator_was, new_map = cached
-            away = coordinator_was != (old.epoch, old.coordinator)
+            previous, new_map = cached
+            away = previous is not None and previous != (old.epoch, old.coordinator)
         else:
             new_map = m.map.reassign(new.node_ids, new.epoch)  # booted: a group of one
             away = True
-        previous, m.map = m.map, new_map
-        m.view_epoch, m.members = new.epoch, frozenset(new.node_ids)
-        if m.um is not None:
-            m.um.install(new_map, new.node_ids)
-            early, m.early = m.early, []
-            for kind, b, e, v, item in early:
-                self._note(m, kind, b, e, v, item)
+        m.map = new_map
+        if m.core is None:
+            return
+        members = set(new.node_ids)
+        m.known |= members
+        m.core.known |= members
+        m.lapsed_until = 0.0  # the view a paused node waits for
+        m.fences = {b: fence_of(new_map, b) for b in range(len(new_map))}
         if away:
             self.away_installs += 1
-        # A node that was away cannot know which managers lack its mail: all buckets.
-        fresh = range(len(new_map)) if away else new_map.fresh(previous)
-        with_mail = [b for b in fresh if m.mail.get(b)]
-        self.dir_reads[m.node_id] += len(with_mail)
-        per: dict[str, list[Hint]] = {}
-        for manager, hint in hints_for(
-            m.node_id, new_map, with_mail, m.users_with_mail, lambda b: {}, lambda u: False
-        ):
-            per.setdefault(manager, []).append(hint)
+        away = away or m.core.prev_live is None
+        self._perform(
+            m, m.core.install(new_map, members, view=new.epoch, away=away, now=self.net.now)
+        )
+
+    def _perform(self, m: MailNode, actions: Sequence[Action]) -> None:
+        """Carry out the core's actions on ``m`` and keep its timer at the next deadline."""
+        for a in actions:
+            if isinstance(a, SendHints):
+                self._send_hints(m, a)
+            elif isinstance(a, PullHints):
+                self._pull(m, m.incarnation, a.peer, list(a.buckets), a.view, PULL_TRIES)
+            elif isinstance(a, Settled):
+                for fn in m.waiting.pop(a.bucket, []):
+                    fn()
+            elif isinstance(a, Number):
+                self._number(m, a)
+            # PushProfiles: the simulator has no profiles
+        self._arm(m)
+
+    def _arm(self, m: MailNode) -> None:
+        if m.core is None:
+            return
+        due = m.core.next_deadline()
+        m.timer_gen += 1
+        if due is None:
+            return
+        gen = m.timer_gen
+
+        def fire() -> None:
+            if m.timer_gen == gen and m.core is not None:
+                self._perform(m, m.core.tick(self.net.now, lease=self.lease_ok(m)))
+
+        self._later(m, max(0.0, due - self.net.now), fire)
+
+    def _receive(self, m: MailNode, sender: str, hints: Sequence[BucketHint], view: int) -> None:
+        if m.core is None:
+            return
+        before = m.core.hints_received
+        out: list[Action] = []
+        for h in hints:
+            out.extend(m.core.receive(sender, h, view, now=self.net.now))
+        if m.core.hints_received > before:
+            self.last_soft_update = self.net.now
+        self._perform(m, out)
+
+    def _read_hints(self, m: MailNode, bmap: BucketMap, buckets: Sequence[int]) -> list[BucketHint]:
+        self.dir_reads[m.node_id] += sum(1 for b in buckets if m.mail.get(b))
+        return [m.hint(b, bmap.epochs[b]) for b in buckets]
+
+    def _send_hints(self, m: MailNode, act: SendHints) -> None:
+        per: dict[str, list[BucketHint]] = {}
+        for h in self._read_hints(m, act.bmap, act.buckets):
+            per.setdefault(act.bmap.owners[h.bucket], []).append(h)
         for manager, hints in sorted(per.items()):
-            self._send_hints(m, m.incarnation, manager, hints)
-        if away and m.um is not None:
-            # Buckets we manage that this commit did not restamp: the others saw no
-            # change and send nothing, but our soft state followed another history.
-            stale = [b for b in new_map.buckets_of(m.node_id) if new_map.epochs[b] != new.epoch]
-            if stale:
-                for peer in sorted(m.members - {m.node_id}):
-                    self._pull(m, m.incarnation, peer, stale)
+            self._push(m, m.incarnation, manager, hints, act.view, PULL_TRIES)
 
-    def _pull(self, m: MailNode, inc: int, peer: str, buckets: list[int]) -> None:
-        """Ask ``peer`` which users of ``buckets`` it holds mail for (resent while needed)."""
-        if not m.up or m.incarnation != inc or m.um is None or peer not in m.members:
+    def _push(
+        self, m: MailNode, inc: int, manager: str, hints: list[BucketHint], view: int, tries: int
+    ) -> None:
+        if not m.up or m.incarnation != inc or m.core is None:
             return
-        um = m.um
-        wanted = [b for b in buckets if um.map.owners[b] == m.node_id]
-        if not wanted:
-            return
-        self.hint_bytes[m.node_id] += len(json.dumps(wanted))
-
-        def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
-            held = {b: sorted(dst.users_with_mail(b)) for b in wanted}
-            held = {b: users for b, users in held.items() if users}
-            self.dir_reads[dst.node_id] += len(wanted)
-            self.hint_bytes[dst.node_id] += len(json.dumps(held))
-            respond(held)
-
-        def got(held: dict[int, list[str]]) -> None:
-            for b, users in held.items():
-                hint = Hint(peer, b, um.map.epochs[b], tuple(users))
-                self._note(m, "hint", b, hint.epoch, m.view_epoch, hint)
-
-        def retry() -> None:
-            self.net.at(
-                self.net.now + self.config.retry_after,
-                lambda: self._pull(m, inc, peer, wanted),
-            )
-
-        self._rpc(m, peer, "reconfig", work, got, retry)
-
-    def _send_hints(self, m: MailNode, inc: int, manager: str, hints: list[Hint]) -> None:
-        if not m.up or m.incarnation != inc:
-            return
-        # Only what the current map still asks for (a newer map sends its own hints).
-        hints = [
-            h
-            for h in hints
-            if (m.map.owners[h.bucket], m.map.epochs[h.bucket]) == (manager, h.epoch)
-        ]
-        if not hints:
-            return
-        view = m.view_epoch
         if manager == m.node_id:
-            for h in hints:
-                self._note(m, "hint", h.bucket, h.epoch, view, h)
+            self._receive(m, m.node_id, hints, view)
             return
-        body = json.dumps([m.node_id, [[h.bucket, h.epoch, list(h.users)] for h in hints]])
-        self.hint_bytes[m.node_id] += len(body)
+        self.hint_bytes[m.node_id] += len(json.dumps([h.encode() for h in hints]))
+        wire_hints = [h.encode() for h in hints]
 
         def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
-            for h in hints:
-                self._note(dst, "hint", h.bucket, h.epoch, view, h)
+            self._receive(dst, m.node_id, decode_hints(wire_hints, self.config.n_buckets), view)
             respond(None)
 
         def retry() -> None:
-            self.net.at(
-                self.net.now + self.config.retry_after,
-                lambda: self._send_hints(m, inc, manager, hints),
-            )
+            core = m.core
+            if core is None:
+                return
+            still = core.still_wanted(manager, hints)
+            if tries > 1 and still and manager in core.members:
+                self._later(
+                    m,
+                    self.config.retry_after,
+                    lambda: self._push(m, inc, manager, still, view, tries - 1),
+                )
 
         self._rpc(m, manager, "reconfig", work, lambda _: None, retry)
 
-    def _tell_manager(self, m: MailNode, inc: int, user: str) -> None:
-        """``m`` now holds mail for ``user``: tell the user's manager (the map m knows)."""
-        if not m.up or m.incarnation != inc:
+    def _pull(
+        self, m: MailNode, inc: int, peer: str, buckets: list[int], view: int, tries: int
+    ) -> None:
+        """Ask ``peer`` for its hints of ``buckets`` (we were away)."""
+        if not m.up or m.incarnation != inc or m.core is None:
             return
+        self.hint_bytes[m.node_id] += len(json.dumps(buckets))
+
+        def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
+            hints = self._read_hints(dst, dst.map, buckets)
+            body = [h.encode() for h in hints]
+            self.hint_bytes[dst.node_id] += len(json.dumps(body))
+            respond(body)
+
+        def got(body: Any) -> None:
+            core = m.core
+            if core is None:
+                return
+            hints = core.pulled(peer, decode_hints(body, self.config.n_buckets), buckets)
+            self._receive(m, peer, hints, core.view_epoch)
+
+        def retry() -> None:
+            core = m.core
+            still = core.pull_again(peer, buckets, view) if core is not None else []
+            if tries > 1 and still:
+                self._later(
+                    m,
+                    self.config.retry_after,
+                    lambda: self._pull(m, inc, peer, still, view, tries - 1),
+                )
+
+        self._rpc(m, peer, "reconfig", work, got, retry)
+
+    def _settled(self, m: MailNode, user: str, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once ``user``'s bucket is not settling at ``m``."""
         b = self._bucket(user)
-        manager, epoch, view = m.map.owners[b], m.map.epochs[b], m.view_epoch
+        if m.core is not None and b in m.core.settling:
+            m.waiting.setdefault(b, []).append(fn)
+        else:
+            fn()
+
+    def _majority(
+        self,
+        m: MailNode,
+        purpose: str,
+        write: Callable[[MailNode], bool],
+        done: Callable[[bool], None],
+    ) -> None:
+        """``write`` on a majority of ``m``'s known cluster (:class:`MajorityWrite`),
+        ``done(granted)`` once decided or after MARK_TIMEOUT."""
+        core = m.core
+        assert core is not None
+        vote = MajorityWrite(m.node_id, core.members, core.known)
+        state = {"done": False}
+
+        def finish(result: bool) -> None:
+            if not state["done"]:
+                state["done"] = True
+                done(result)
+
+        def answer(ok: bool) -> None:
+            nxt = vote.answer(ok)
+            if nxt is not None:
+                ask(nxt)
+            if vote.result is not None:
+                finish(vote.result)
+
+        def ask(node: str) -> None:
+            def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
+                self._disk(dst, lambda: respond(write(dst)))
+
+            self._rpc(m, node, purpose, work, lambda ok: answer(bool(ok)), lambda: answer(False))
+
+        self._later(m, MARK_TIMEOUT, lambda: finish(False))
+        for node in vote.first:
+            ask(node)
+
+    def _take(
+        self,
+        m: MailNode,
+        user: str,
+        count: int,
+        done: Callable[[int, str], None],
+        unfenced: bool = False,
+        again: bool = True,
+    ) -> None:
+        """The core's :meth:`Reconstruction.take`, raising the mark on a majority first
+        when needed; ``done(first, fence)`` (first PENDING: none)."""
+        core = m.core
+        if core is None:
+            return
+        got = core.take(user, count, lease=self.lease_ok(m), unfenced=unfenced, again=again)
+        if isinstance(got, Taken):
+            done(got.first, got.fence)
+            return
+        if not isinstance(got, NeedMark):
+            done(PENDING, "")
+            return
+        need = got
+        inc = m.incarnation
+        retake = lambda: self._running(  # noqa: E731
+            m, inc, lambda: self._take(m, user, count, done, unfenced, again=False)
+        )
+        if not core.mark_write(need):
+            m.extending.setdefault(need.bucket, []).append(retake)
+            return
+        m.extending[need.bucket] = []
+
+        def write(dst: MailNode) -> bool:
+            b = need.bucket
+            if dst.fences.get(b) != need.fence or not self.lease_ok(dst):
+                return False
+            dst.marks[b] = max(dst.marks.get(b, 1), need.target)
+            return True
+
+        def granted(ok: bool) -> None:
+            if m.core is not core:
+                return
+            core.mark_done(need, ok)
+            for fn in [retake, *m.extending.pop(need.bucket, [])]:
+                fn()
+
+        self._majority(m, "mark", write, granted)
+
+    def _record_holder(self, m: MailNode, user: str, node: str, then: Callable[[], None]) -> None:
+        """A majority records that ``node`` holds ``user``'s mail (once per tenure)."""
+        core = m.core
+        todo = core.record_holder(user, node, self.lease_ok(m)) if core is not None else None
+        if core is None or todo is None:
+            then()
+            return
+        b, fence = todo
+
+        def write(dst: MailNode) -> bool:
+            if dst.fences.get(b) != fence or not self.lease_ok(dst):
+                return False
+            dst.holders.setdefault(b, set()).add((user, node))
+            return True
+
+        def recorded(ok: bool) -> None:
+            core.holder_recorded(user, node, fence, ok)
+            then()
+
+        self._majority(m, "holders", write, recorded)
+
+    def _number(self, m: MailNode, job: Number) -> None:
+        """Take UIDs and have ``job.node`` number its oldest unnumbered mail with them."""
+        core = m.core
+        assert core is not None
+
+        def go(first: int, fence: str) -> None:
+            if m.core is not core:
+                return
+            if first == PENDING:
+                core.number_cancelled(job.user, job.node, self.net.now)
+                self._arm(m)
+                return
+
+            def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
+                self._disk(
+                    dst, lambda: respond(self._number_here(dst, job.user, fence, first, job.count))
+                )
+
+            def done(r: tuple[int, int, int]) -> None:
+                if m.core is not core:
+                    return
+                if core.number_done(job.user, job.node, *r, self.net.now):
+                    self._record_holder(m, job.user, job.node, lambda: None)
+                self._arm(m)
+
+            def failed() -> None:
+                if m.core is core:
+                    core.number_failed(job.user, job.node, self.net.now)
+                    self._arm(m)
+
+            self._rpc(m, job.node, "numbering", work, done, failed)
+
+        def recorded() -> None:
+            if m.core is not core:
+                return
+            if not core.holder_ok(job.user, job.node):
+                core.number_cancelled(job.user, job.node, self.net.now)
+                self._arm(m)
+                return
+            self._take(m, job.user, job.count, go)
+
+        self._record_holder(m, job.user, job.node, recorded)
+
+    # --- hard state (FragmentStore's rules) ----------------------------------------
+
+    def _store_here(self, dst: MailNode, user: str, msg: str, uid: int, fence: str) -> int:
+        """Store one message durably at ``dst``; the UID it got (0: unnumbered)."""
+        b = self._bucket(user)
+        dst.mail.setdefault(b, {}).setdefault(user, set()).add(msg)
+        nxt = dst.uidnext.get(user, 1)
+        if uid > 0 and admit_fenced(uid, fence, dst.fences.get(b), self.lease_ok(dst), nxt):
+            dst.uids.setdefault(user, {})[msg] = uid
+            dst.uidnext[user] = max(nxt, uid + 1)
+            return uid
+        dst.uids.setdefault(user, {})[msg] = 0
+        dst.unnumbered.setdefault(user, []).append(msg)
+        return 0
+
+    def _number_here(
+        self, dst: MailNode, user: str, fence: str, first: int, count: int
+    ) -> tuple[int, int, int]:
+        """FragmentStore.number_pending: (numbered, still unnumbered, highest UIDNEXT)."""
+        b = self._bucket(user)
+        waiting = dst.unnumbered.get(user, [])
+        done = 0
+        if fence and dst.fences.get(b) == fence and count > 0 and self.lease_ok(dst):
+            uid = first
+            for msg in list(waiting[:count]):
+                if uid < dst.uidnext.get(user, 1):
+                    break
+                dst.uids[user][msg] = uid
+                dst.uidnext[user] = uid + 1
+                waiting.remove(msg)
+                uid += 1
+                done += 1
+        top = max(dst.uidnext.get(user, 1), dst.shown.get(user, 1))
+        return done, len(waiting), top
+
+    def _tell_manager(
+        self,
+        m: MailNode,
+        manager: str,
+        user: str,
+        node: str,
+        kind: str,
+        then: Callable[[bool], None],
+    ) -> None:
+        """A note from ``m`` to ``manager``: ``add`` (``node`` holds ``user``'s mail now;
+        the manager has a majority record it before answering; ``then(recorded)``) or
+        ``pending`` (``node`` stored mail for ``user`` unnumbered)."""
         if not manager:
+            then(False)
             return
 
         def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
-            self._note(dst, "add", b, epoch, view, (user, m.node_id))
-            respond(None)
+            core = dst.core
+            if core is None:
+                respond(False)
+            elif kind == "add":
+                if core.add_fragment(user, node):
+                    self.last_soft_update = self.net.now
+                    self._record_holder(
+                        dst, user, node, lambda: respond(core.holder_ok(user, node))
+                    )
+                    return
+                respond(False)
+            else:
+                core.note_pending(user, node, self.net.now)
+                self._arm(dst)
+                respond(True)
 
-        def retry() -> None:
-            if (m.map.owners[b], m.map.epochs[b]) == (manager, epoch):
-                self.net.at(
-                    self.net.now + self.config.retry_after,
-                    lambda: self._tell_manager(m, inc, user),
-                )
+        self._rpc(m, manager, "delivery", work, lambda ok: then(bool(ok)), lambda: then(False))
 
-        self._rpc(m, manager, "delivery", work, lambda _: None, retry)
+    def _remind(self, node_id: str, inc: int) -> None:
+        """Every SWEEP_INTERVAL s: tell managers of users with unnumbered mail here."""
+        m = self.mail[node_id]
+        if not m.up or m.incarnation != inc:
+            return
+        for user in sorted(u for u, w in m.unnumbered.items() if w):
+            manager = m.map.owners[self._bucket(user)]
+            self._tell_manager(m, manager, user, node_id, "pending", lambda _: None)
+        self._later(m, SWEEP_INTERVAL, lambda: self._remind(node_id, inc))
 
     def _fragments_of(self, dst: MailNode, user: str) -> list[str] | None:
         if dst.um is None or not dst.um.manages(user):
@@ -570,23 +934,33 @@ class MailSim:
         return self.users[self.rng.randrange(len(self.users))]
 
     def deliver(self, proxy: str, user: str, done: Callable[[bool], None] | None = None) -> None:
-        """An SMTP client hands ``proxy`` a message for ``user``; ``done(acked)`` at the end."""
+        """An SMTP client hands ``proxy`` a message for ``user``; ``done(acked)`` at the end.
+
+        The proxy asks the manager (of its map) for the plan: fragment list, one UID
+        and its fence (:meth:`Reconstruction.take`, PENDING when the manager may not
+        number; no answer: PENDING too, the mail is stored unnumbered)."""
         p = self.mail[proxy]
         if not p.up:
             return
         self._next_msg += 1
         d = _Delivery(user, f"m{self._next_msg}", proxy, p.incarnation, done=done)
         self.deliveries += 1
+        unfenced = self.config.replicas > 1
 
-        def got(frags: list[str] | None) -> None:
-            d.fragments = list(frags or [])
+        def got(plan: tuple[list[str], int, str] | None) -> None:
+            if plan is not None:
+                d.fragments, d.uid, d.fence = list(plan[0]), plan[1], plan[2]
             self._store(d)
 
         def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
-            respond(self._fragments_of(dst, user))
+            def answer(first: int, fence: str) -> None:
+                respond((self._fragments_of(dst, user) or [], first, fence))
+
+            self._settled(dst, user, lambda: self._take(dst, user, 1, answer, unfenced))
 
         def session() -> None:
             manager = p.map.owners[self._bucket(user)]
+            d.plan_from = manager
             if not manager:
                 self._store(d)
                 return
@@ -611,34 +985,55 @@ class MailSim:
         if not targets:
             self._give_up(d)
             return
-        b = self._bucket(d.user)
+        new = [t for t in targets if t not in d.fragments and t not in d.recorded]
+        if d.uid > 0 and new and d.plan_from:
+            # A numbered message goes only where a majority knows mail lies (else a
+            # manager after a partition could show higher UIDs without waiting for it):
+            # new fragment nodes are recorded first; if that fails, stored unnumbered.
+            left = {"n": len(new), "ok": True}
+
+            def recorded(node: str, ok: bool) -> None:
+                left["n"] -= 1
+                left["ok"] = left["ok"] and ok
+                if ok:
+                    d.recorded.add(node)
+                if left["n"] == 0:
+                    if not left["ok"]:
+                        d.uid, d.fence = PENDING, ""
+                    self._store_round(d, targets)
+
+            for t in new:
+                self._tell_manager(p, d.plan_from, d.user, t, "add", functools.partial(recorded, t))
+            return
+        self._store_round(d, targets)
+
+    def _store_round(self, d: _Delivery, targets: list[str]) -> None:
+        """One round of stores, to every target; acked when all reply."""
+        p = self.mail[d.proxy]
+        if not p.up or p.incarnation != d.incarnation:
+            return
         replicated = self.config.replicas > 1
         cpu = self.config.cpu
         cpu_s = (cpu.store + (cpu.log if replicated else 0.0)) if cpu else 0.0
-        # one round of stores, to every target; the delivery is acked when all reply
-        attempt = {"left": len(targets), "failed": False}
+        attempt: dict[str, Any] = {"left": len(targets), "failed": False, "got": {}}
+        uid = d.uid if d.uid > 0 else PENDING
 
         def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
             def write() -> None:
-                users = dst.mail.setdefault(b, {})
-                first = not users.get(d.user)
-                users.setdefault(d.user, set()).add(d.msg_id)
+                got = self._store_here(dst, d.user, d.msg_id, uid, d.fence)
                 dst.stores += 1
-                if first:
-                    self._tell_manager(dst, dst.incarnation, d.user)
                 if replicated:  # the replica's update-log entry is durable too
-                    self._disk(dst, lambda: respond(True), self.config.log_disk_time)
+                    self._disk(dst, lambda: respond(got), self.config.log_disk_time)
                 else:
-                    respond(True)
+                    respond(got)
 
             self._cpu(dst, cpu_s, lambda: self._disk(dst, write))
 
-        def ok(_: Any) -> None:
+        def ok(target: str, got: int) -> None:
+            attempt["got"][target] = got
             attempt["left"] -= 1
             if attempt["left"] == 0 and not attempt["failed"]:
-                self.acked[(d.user, d.msg_id)] = d.timeouts
-                if d.done is not None:
-                    d.done(True)
+                self._noted(d, attempt["got"])
 
         for target in targets:
 
@@ -650,45 +1045,140 @@ class MailSim:
                     d.timeouts += 1
                     self._store(d)
 
-            self._rpc(p, target, "delivery", work, ok, failed)
+            self._rpc(p, target, "delivery", work, functools.partial(ok, target), failed)
+
+    def _noted(self, d: _Delivery, got: dict[str, int]) -> None:
+        """DeliveryProxy's ``noted``: new fragment nodes to the plan's manager, copies
+        stored unnumbered to the manager of the proxy's current map; then the 250."""
+        p = self.mail[d.proxy]
+        notes: list[tuple[str, str, str]] = []
+        for node in sorted(got):
+            if node not in d.fragments and node not in d.recorded:
+                notes.append((d.plan_from, node, "add"))
+        current = p.map.owners[self._bucket(d.user)]
+        for node in sorted(n for n, uid in got.items() if uid == 0):
+            notes.append((current, node, "pending"))
+        left = {"n": len(notes)}
+
+        def ack() -> None:
+            self.acked[(d.user, d.msg_id)] = d.timeouts
+            if d.done is not None:
+                d.done(True)
+
+        def one(_: bool) -> None:
+            left["n"] -= 1
+            if left["n"] == 0:
+                ack()
+
+        if not notes:
+            ack()
+        for manager, node, kind in notes:
+            self._tell_manager(p, manager, d.user, node, kind, one)
 
     def retrieve(
-        self, proxy: str, user: str, done: Callable[[list[str]], None] | None = None
+        self, proxy: str, user: str, done: Callable[[list[str] | None], None] | None = None
     ) -> None:
-        """A POP/IMAP client at ``proxy`` lists ``user``'s mailbox (digests from every fragment)."""
+        """A POP/IMAP client at ``proxy`` selects ``user``'s INBOX and lists it.
+
+        As RetrievalProxy does: the manager's fragment list (after settling), its away
+        holders and whether it is certain; then every fragment node's messages and
+        UIDNEXT.  Refused (``done(None)``) when the manager is not certain, a holder
+        is away or does not answer, or the merged UIDNEXT is below what ``proxy``
+        showed before: mail out of reach.  What a client is shown goes through
+        :attr:`checker`.  ``done`` gets the message ids listed."""
         p = self.mail[proxy]
         if not p.up:
             return
         self.retrievals += 1
+        inc = p.incarnation
         manager = p.map.owners[self._bucket(user)]
         b = self._bucket(user)
+
+        def refused(why: str = "no manager answer") -> None:
+            self.checker.refusals += 1
+            self.checker.refused_why[why] += 1
+            self.checker.last_refusal = (proxy, user, why)
+            if done is not None:
+                done(None)
+
         if not manager:
+            refused()
             return
 
-        def gather(frags: list[str] | None) -> None:
-            frags = list(frags or [])
-            got: list[str] = []
-            left = {"n": len(frags)}
-            if not frags and done is not None:
-                done([])
+        def gather(answer: tuple[list[str], list[str], bool] | None) -> None:
+            if answer is None:
+                refused()
+                return
+            frags, away, certain = answer
+            if not certain or away:
+                refused("not certain" if not certain else f"away {away}")
+                return
+            got: dict[str, tuple[list[tuple[str, int]], int]] = {}
+            left = {"n": len(frags), "failed": False}
 
-            def one(ids: Any) -> None:
-                got.extend(ids or [])
+            def finish() -> None:
+                if left["failed"]:
+                    refused("a holder did not answer")
+                    return
+                merged = max([1, *(n for _, n in got.values())])
+                if merged < p.shown.get(user, 1):
+                    refused(f"UIDNEXT {merged} below shown {p.shown.get(user, 1)}: {frags}")
+                    return
+                listing = [(msg, uid) for pairs, _ in got.values() for msg, uid in pairs]
+                if p.up and p.incarnation == inc:
+                    p.shown[user] = merged  # the node's ``shown`` table (durable)
+                self.checker.read(proxy, user, listing, merged)
+                if done is not None:
+                    done(sorted({msg for msg, _ in listing}))
+
+            def one(node: str, result: Any) -> None:
+                if result is None:
+                    left["failed"] = True
+                else:
+                    got[node] = result
                 left["n"] -= 1
-                if left["n"] == 0 and done is not None:
-                    done(sorted(set(got)))
+                if left["n"] == 0:
+                    finish()
 
+            if not frags:
+                finish()
             for f in frags:
 
                 def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
-                    self._disk(dst, lambda: respond(sorted(dst.mail.get(b, {}).get(user, ()))))
+                    def read() -> None:
+                        ids = dst.uids.get(user, {})
+                        held = dst.mail.get(b, {}).get(user, set())
+                        pairs = sorted((m, u) for m, u in ids.items() if u > 0 and m in held)
+                        respond((pairs, dst.uidnext.get(user, 1)))
 
-                self._rpc(p, f, "retrieval", work, one, lambda: one([]))
+                    self._disk(dst, read)
+
+                self._rpc(
+                    p,
+                    f,
+                    "retrieval",
+                    work,
+                    functools.partial(one, f),
+                    functools.partial(one, f, None),
+                )
 
         def ask(dst: MailNode, respond: Callable[[Any], None]) -> None:
-            respond(self._fragments_of(dst, user))
+            def answer() -> None:
+                core = dst.core
+                if core is None or not core.state.manages(user):
+                    respond(None)
+                    return
+                respond(
+                    (
+                        sorted(core.state.fragment_list(user)),
+                        sorted(core.state.away_list(user)),
+                        core.certain(user),
+                    )
+                )
 
-        self._rpc(p, manager, "retrieval", ask, gather, lambda: None)
+            self._settled(dst, user, answer)
+
+        self._rpc(p, manager, "retrieval", ask, gather, refused)
 
     def _exchange(self, node_id: str, inc: int) -> None:
         m = self.mail[node_id]
@@ -712,12 +1202,14 @@ class MailSim:
     # --- driving ----------------------------------------------------------------
 
     def start_exchange(self) -> None:
-        """Start the periodic load swap on every running node (call again after boots)."""
+        """Start the periodic load swap and the unnumbered-mail reminders on every
+        running node (call again after boots)."""
         for n in self.up_nodes():
             m = self.mail[n]
             if m.exchanging != m.incarnation:
                 m.exchanging = m.incarnation
                 self._exchange(n, m.incarnation)
+                self._later(m, SWEEP_INTERVAL, functools.partial(self._remind, n, m.incarnation))
 
     def converge(self, limit: float = 60.0) -> float:
         """Run until membership has converged; the time it took."""
@@ -780,15 +1272,28 @@ class MailSim:
         else:
             self.retrieve(proxy, user)
 
-    def chaos(self, duration: float, deliveries_per_s: float, *, max_add: int = 2) -> list[str]:
-        """Mail traffic while nodes crash, restart, join and partitions come and go."""
+    def chaos(
+        self,
+        duration: float,
+        deliveries_per_s: float,
+        *,
+        max_add: int = 2,
+        kinds: Sequence[str] = ("crash", "crash", "restart", "add", "partition", "heal"),
+        max_pause: float = 4.0,
+    ) -> list[str]:
+        """Mail traffic (deliveries, and checked reads at a quarter of that rate) while
+        faults of ``kinds`` come and go: ``crash`` (soft state and queued work lost,
+        disk kept), ``restart``, ``add`` (a new node), ``partition`` (clean, two
+        sides), ``bridge`` (non-transitive: one node sees both sides, the sides not
+        each other), ``pause`` (SIGSTOP 0.5-``max_pause`` s, then on with its old
+        state) and ``heal`` (partitions and cut links)."""
         log: list[str] = []
         end = self.net.now + duration
         added = 0
         while self.net.now < end:
             step = min(self.rng.uniform(1.0, 4.0), end - self.net.now)
             self.run(step, deliveries_per_s, deliveries_per_s / 4)
-            action = self.rng.choice(["crash", "crash", "restart", "add", "partition", "heal"])
+            action = self.rng.choice(list(kinds))
             up = sorted(self.up_nodes(), key=lambda x: int(x[1:]))
             down = sorted(set(self.mail) - set(up))
             if action == "crash" and len(up) > 2:
@@ -806,11 +1311,30 @@ class MailSim:
                 ids = sorted(self.mail)
                 self.rng.shuffle(ids)
                 cut = self.rng.randint(1, len(ids) - 1)
+                self.net.heal()
                 self.net.partition(ids[:cut], ids[cut:])
-                log.append(f"{self.net.now:.2f} partition {cut}/{len(ids) - cut}")
+                log.append(f"{self.net.now:.2f} partition {sorted(ids[:cut])}")
+            elif action == "bridge" and len(self.mail) >= 3:
+                ids = sorted(self.mail)
+                self.rng.shuffle(ids)
+                bridge, rest = ids[0], ids[1:]
+                cut = self.rng.randint(1, len(rest) - 1)
+                self.net.heal()
+                for a in rest[:cut]:
+                    for b in rest[cut:]:
+                        self.net.cut(a, b)
+                log.append(f"{self.net.now:.2f} bridge {bridge} {sorted(rest[:cut])}")
+            elif action == "pause" and up:
+                victim = self.rng.choice(up)
+                length = self.rng.uniform(0.5, max_pause)
+                self.pause(victim, length)
+                log.append(f"{self.net.now:.2f} pause {victim} {length:.2f}s")
             elif action == "heal":
                 self.net.heal()
                 log.append(f"{self.net.now:.2f} heal")
+            else:
+                continue
+            self.faults_done[action] += 1
         return log
 
     def heal_all(self, settle: float = 3.0) -> None:
@@ -818,10 +1342,40 @@ class MailSim:
         self.net.heal()
         for n in sorted(set(self.mail) - set(self.up_nodes())):
             self.restart(n)
+        self.net.run_until(max(self.net.now, *(m.paused_until for m in self.mail.values())))
         self.converge()
         self.start_exchange()
         self.net.run_until(self.net.now + settle)
         self.converge()
+
+    def final_problems(self, settle: float = 8.0) -> list[str]:
+        """After :meth:`heal_all`: wait ``settle`` s (numbering of what waited), then
+        read every user with acknowledged mail at every node: every acknowledged
+        message listed (more than once only if its store was retried), no read
+        refused; plus every violation :attr:`checker` saw on the way."""
+        self.net.run_until(self.net.now + settle)
+        want: dict[str, dict[str, int]] = {}
+        for (u, msg), timeouts in self.acked.items():
+            want.setdefault(u, {})[msg] = timeouts
+        results: dict[tuple[str, str], list[str] | None] = {}
+        for u in sorted(want):
+            for node in sorted(self.up_nodes()):
+                # one client at a time (a burst of reads would time out on the disks)
+                self.retrieve(node, u, functools.partial(results.__setitem__, (node, u)))
+                self.net.run_until(self.net.now + 1.0, lambda k=(node, u): k in results)  # type: ignore[misc]
+        out = list(self.checker.violations)
+        for u in sorted(want):
+            for node in sorted(self.up_nodes()):
+                if (node, u) not in results:
+                    out.append(f"{u} at {node}: no answer after the heal")
+                    continue
+                got = results[(node, u)]
+                if got is None:
+                    out.append(f"{u} at {node}: refused after the heal")
+                    continue
+                for msg in sorted(set(want[u]) - set(got)):
+                    out.append(f"{u} at {node}: {msg} acknowledged, hidden after the heal")
+        return out
 
     # --- invariants -------------------------------------------------------------
 

@@ -64,6 +64,24 @@ NUMBER_RETRY = 1.0
 #: (one round per block per bucket); a bucket's next manager starts above it.
 MARK_BLOCK = 256
 
+#: A node numbers (as manager) and accepts fenced stores only while its own lease
+#: holds: renewed every LEASE/4 s by the reactor, so a paused process (SIGSTOP, a
+#: stall) finds it lapsed when it wakes.  After such a gap it stays without a
+#: lease until it installs a new view or PAUSE_GRACE seconds pass (it may have
+#: been replaced meanwhile; a new view tells it).
+LEASE = 1.0
+PAUSE_GRACE = 5.0
+
+#: Every this many seconds a node reminds managers of its unnumbered mail.
+SWEEP_INTERVAL = 3.0
+
+MARK_TIMEOUT = 1.0
+
+#: A failed pull (``porcupine.hints-request``) is retried this often, this far apart,
+#: while the peer stays in the view and the view does not change.
+PULL_TRIES = 5
+PULL_RETRY = 0.5
+
 #: At most this many unnumbered messages are numbered per call.
 NUMBER_BATCH = 256
 
@@ -481,6 +499,19 @@ class Reconstruction:
         if self.to_pull:
             for peer in sorted(alive - {self.me}):
                 out.append(PullHints(peer, tuple(self.to_pull), view))
+        # Holders that are back in the view stay away (reads of their users refused)
+        # until their hint arrives; they may see no change and send none: ask them.
+        back: dict[str, set[int]] = {}
+        for user, nodes in self.state.away.items():
+            for n in nodes & alive:
+                back.setdefault(n, set()).add(self.bucket(user))
+        for peer in sorted(back):
+            wanted = tuple(sorted(back[peer] - set(self.to_pull)))
+            if wanted and peer != self.me:
+                out.append(PullHints(peer, wanted, view))
+            elif peer == self.me:
+                for b in back[peer]:
+                    self.state.back(b, peer)
         came = alive - prev
         if came and prev & alive and self.me == min(prev & alive):
             out.append(PushProfiles(tuple(sorted(came))))
@@ -522,6 +553,7 @@ class Reconstruction:
         if sender != self.me and sender not in self.members:
             return []
         self.hints_received += 1
+        self.state.back(b, sender)
         gap = self.gaps.get(b, 0)
         for u in hint.users:
             if self.bucket(u.user) != b:
@@ -606,6 +638,12 @@ class Reconstruction:
             self.recorded.clear()
         self.recorded.add(key)
         return b, fence
+
+    def holder_ok(self, user: str, node: str) -> bool:
+        """Has a majority recorded, in this tenure, that ``node`` holds ``user``'s mail?
+        A message gets a UID on a node only then (mail numbered on a node a later
+        manager cannot know of would show up after the heal below UIDs shown)."""
+        return (user, node, self.fence(self.bucket(user))) in self.recorded
 
     def holder_recorded(self, user: str, node: str, fence: str, ok: bool) -> None:
         """The outcome of a :meth:`record_holder` write (a failed one is tried again)."""

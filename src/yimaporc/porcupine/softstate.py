@@ -74,10 +74,8 @@ class UserManagerState:
             for user in [u for u in table if not self._keep(u, fresh)]:
                 del table[user]  # type: ignore[attr-defined]
         alive = set(live)
-        for user in list(self.away):
-            self.away[user] -= alive  # back: its hints tell what it holds
-            if not self.away[user]:
-                del self.away[user]
+        # A node that is back stays away until its hint for the bucket arrives
+        # (:meth:`back`): until then we do not know what it holds.
         for user in list(self.fragments):
             gone = self.fragments[user] - alive
             if gone:
@@ -100,6 +98,14 @@ class UserManagerState:
             if bucket_of(user, self.n_buckets) == hint.bucket:
                 self.profiles[user] = profile
         return True
+
+    def back(self, bucket: int, node: str) -> None:
+        """``node``'s hint for ``bucket`` arrived: it is not away for its users."""
+        for user in [u for u, nodes in self.away.items() if node in nodes]:
+            if bucket_of(user, self.n_buckets) == bucket:
+                self.away[user].discard(node)
+                if not self.away[user]:
+                    del self.away[user]
 
     def add_fragment(self, user: str, node: str) -> None:
         """Delivery stored mail for ``user`` on ``node``."""
