@@ -57,8 +57,9 @@ import functools
 import json
 import random
 import statistics
+import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -260,6 +261,7 @@ class _Delivery:
     uid: int = 0
     fence: str = ""
     plan_from: str = ""
+    planned_at: float = 0.0
     recorded: set[str] = attrs.field(factory=set)  # new holders a majority recorded
     attempts: int = 0
     timeouts: int = 0
@@ -414,7 +416,10 @@ class MailSim:
 
     def _count(self, src: str, purpose: str) -> None:
         self.msgs[purpose] += 1
-        self.sent_by.setdefault(src, Counter())[purpose] += 1
+        by = self.sent_by.get(src)
+        if by is None:
+            by = self.sent_by[src] = Counter()
+        by[purpose] += 1
 
     def _running(self, node: MailNode, inc: int, fn: Callable[[], None]) -> None:
         """Run ``fn`` on ``node`` now, or when it resumes if it is paused (never if it
@@ -462,7 +467,10 @@ class MailSim:
 
         self._later(src, self.config.rpc_timeout, timeout)
         self._count(src.node_id, purpose)
-        self.calls_by.setdefault(src.node_id, Counter())[purpose] += 1
+        calls = self.calls_by.get(src.node_id)
+        if calls is None:
+            calls = self.calls_by[src.node_id] = Counter()
+        calls[purpose] += 1
 
         def arrive() -> None:
             if dst is None or not dst.up or not self.net.connected(src.node_id, dst_id):
@@ -841,12 +849,15 @@ class MailSim:
 
     # --- hard state (FragmentStore's rules) ----------------------------------------
 
-    def _store_here(self, dst: MailNode, user: str, msg: str, uid: int, fence: str) -> int:
+    def _store_here(
+        self, dst: MailNode, user: str, msg: str, uid: int, fence: str, age: float = 0.0
+    ) -> int:
         """Store one message durably at ``dst``; the UID it got (0: unnumbered)."""
         b = self._bucket(user)
         dst.mail.setdefault(b, {}).setdefault(user, set()).add(msg)
         nxt = dst.uidnext.get(user, 1)
-        if uid > 0 and admit_fenced(uid, fence, dst.fences.get(b), self.lease_ok(dst), nxt):
+        lease = self.lease_ok(dst)
+        if uid > 0 and admit_fenced(uid, fence, dst.fences.get(b), lease, nxt, age):
             dst.uids.setdefault(user, {})[msg] = uid
             dst.uidnext[user] = max(nxt, uid + 1)
             return uid
@@ -947,14 +958,15 @@ class MailSim:
         self.deliveries += 1
         unfenced = self.config.replicas > 1
 
-        def got(plan: tuple[list[str], int, str] | None) -> None:
+        def got(plan: tuple[list[str], int, str, float] | None) -> None:
             if plan is not None:
-                d.fragments, d.uid, d.fence = list(plan[0]), plan[1], plan[2]
+                d.fragments, d.uid, d.fence, d.planned_at = list(plan[0]), *plan[1:]
             self._store(d)
 
         def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
             def answer(first: int, fence: str) -> None:
-                respond((self._fragments_of(dst, user) or [], first, fence))
+                # the allocation's time at the manager (its age is checked at the store)
+                respond((self._fragments_of(dst, user) or [], first, fence, self.net.now))
 
             self._settled(dst, user, lambda: self._take(dst, user, 1, answer, unfenced))
 
@@ -1020,7 +1032,8 @@ class MailSim:
 
         def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
             def write() -> None:
-                got = self._store_here(dst, d.user, d.msg_id, uid, d.fence)
+                age = self.net.now - d.planned_at
+                got = self._store_here(dst, d.user, d.msg_id, uid, d.fence, age)
                 dst.stores += 1
                 if replicated:  # the replica's update-log entry is durable too
                     self._disk(dst, lambda: respond(got), self.config.log_disk_time)
@@ -1458,6 +1471,51 @@ class MailSim:
         return dict(out)
 
 
+# --- the UID sweep (issue 14 item 1 under every fault) -------------------------------
+
+#: The fault mix of :func:`uid_seed` (pauses and heals twice as likely).
+UID_FAULTS = ("crash", "restart", "partition", "bridge", "pause", "pause", "heal", "heal")
+
+#: Violation classes, by the words of :class:`UidChecker` and :meth:`MailSim.final_problems`.
+VIOLATION_KINDS = {
+    "two messages under UID": "two messages under one UID",
+    "reused": "UID reused",
+    "now missing or changed": "UID changed or message hidden",
+    "newly visible": "newly visible below a UID shown",
+    "UIDNEXT went down": "UIDNEXT decreased",
+    "outside 1..UIDNEXT": "UID at or above UIDNEXT",
+    "hidden after the heal": "acknowledged message hidden after the heal",
+    "refused after the heal": "read refused after the heal",
+    "no answer after the heal": "read refused after the heal",
+}
+
+
+def violation_kind(problem: str) -> str:
+    """The class of one problem line (see :data:`VIOLATION_KINDS`)."""
+    for words, kind in VIOLATION_KINDS.items():
+        if words in problem:
+            return kind
+    return "other"
+
+
+def uid_seed(
+    seed: int,
+    *,
+    nodes: int = 5,
+    duration: float = 30.0,
+    rate: float = 20.0,
+    kinds: Sequence[str] = UID_FAULTS,
+) -> tuple[MailSim, list[str], list[str]]:
+    """One seed: ``nodes`` nodes, 4 users each, ``rate`` deliveries/s (and a quarter
+    of that in checked reads) for ``duration`` s of faults of ``kinds``; then heal,
+    restart, wait, read everything everywhere.  (sim, fault log, problems)."""
+    sim = MailSim(nodes, seed, MailConfig(users_per_node=4))
+    sim.converge()
+    log = sim.chaos(duration, rate, max_add=0, kinds=kinds)
+    sim.heal_all()
+    return sim, log, sim.final_problems()
+
+
 # --- measurements ----------------------------------------------------------------
 
 
@@ -1525,12 +1583,56 @@ def measure(n: int, seed: int) -> dict[str, float]:
     }
 
 
+def uid_sweep(seeds: Iterable[int], out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run :func:`uid_seed` over ``seeds``; print and return the figures."""
+    started = time.perf_counter()
+    bad: dict[int, list[str]] = {}
+    kinds: Counter[str] = Counter()
+    faults: Counter[str] = Counter()
+    acked = reads = refusals = n = 0
+    for seed in seeds:
+        sim, _, problems = uid_seed(seed)
+        n += 1
+        acked += len(sim.acked)
+        reads += sim.checker.reads
+        refusals += sim.checker.refusals
+        faults.update(sim.faults_done)
+        if problems:
+            bad[seed] = problems
+            kinds.update({violation_kind(p) for p in problems})
+    minutes = (time.perf_counter() - started) / 60
+    figures = {
+        "seeds": n,
+        "seeds_per_minute": n / minutes if minutes else 0.0,
+        "acknowledged": acked,
+        "reads": reads,
+        "refused": refusals,
+        "faults": dict(faults),
+        "seeds_with_violations": sorted(bad),
+        "violations_by_kind": dict(kinds),
+    }
+    out(json.dumps(figures, indent=1, sort_keys=True))
+    for seed, problems in sorted(bad.items())[:20]:
+        out(f"seed {seed}: {problems[0]}")
+    return figures
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the per-delivery, per-retrieval and reconfiguration figures per cluster size."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, nargs="+", default=[3, 10, 30])
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument(
+        "--uid-seeds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: run uid_seed for seeds 0..N-1, print seeds/minute and violations",
+    )
     args = p.parse_args(argv)
+    if args.uid_seeds:
+        uid_sweep(range(args.uid_seeds))
+        return
     cfg = MailConfig()
     print(
         f"{cfg.users_per_node} users and 20 deliveries/s + 5 retrievals/s per node for 10 s,"

@@ -103,19 +103,32 @@ def has_majority(members: Iterable[str], known: Iterable[str]) -> bool:
     return len(set(members) & k) * 2 > len(k)
 
 
+#: A fenced allocation older than this when its store is written is stored
+#: unnumbered instead: the manager has handed out (and clients may have been shown)
+#: higher UIDs meanwhile, and a late message must not appear below them (a proxy
+#: paused or stalled between the plan and the store; mailsim found it).
+PLAN_TTL = 0.5
+
+
 def admit_fenced(
-    uid: int, fence: str, current_fence: str | None, lease: bool, uidnext: int
+    uid: int,
+    fence: str,
+    current_fence: str | None,
+    lease: bool,
+    uidnext: int,
+    age: float = 0.0,
 ) -> bool:
-    """May a store carrying ``uid`` and ``fence`` be numbered on a node whose own map
-    gives the bucket ``current_fence`` and whose mailbox has ``uidnext``?  False: it
-    is stored unnumbered (a stale or cut-off manager, a lapsed lease, or a UID
-    below what this mailbox already numbered).  Unfenced UIDs (replicated stores,
-    APPEND) are admitted as before."""
+    """May a store carrying ``uid`` and ``fence`` (allocated ``age`` s ago) be numbered
+    on a node whose own map gives the bucket ``current_fence`` and whose mailbox has
+    ``uidnext``?  False: it is stored unnumbered (a stale or cut-off manager, a
+    lapsed lease, a UID below what this mailbox already numbered, or an allocation
+    older than :data:`PLAN_TTL`).  Unfenced UIDs (replicated stores, APPEND) are
+    admitted as before."""
     if uid == PENDING:
         return False
     if not fence:
         return True
-    return current_fence == fence and lease and uid >= uidnext
+    return current_fence == fence and lease and uid >= uidnext and age <= PLAN_TTL
 
 
 # --- the hint: one typed value, one codec --------------------------------------------

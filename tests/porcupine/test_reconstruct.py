@@ -1,0 +1,196 @@
+"""The sans-IO reconstruction core (porcupine/reconstruct.py): the hint codec, the
+actions of install/receive/tick, the majority write, the store-side admission rule,
+and the two holes mailsim found (issue 14 item 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from mailtest_helpers import ImmediateReactor, SyncPool, result_of
+from twisted.internet.defer import Deferred, succeed
+
+from yimaporc.cluster.buckets import BucketMap
+from yimaporc.porcupine.cluster import ClusterUserManager
+from yimaporc.porcupine.profiledb import ProfileDB
+from yimaporc.porcupine.reconstruct import (
+    PLAN_TTL,
+    BucketHint,
+    MajorityWrite,
+    MalformedHint,
+    PullHints,
+    PushProfiles,
+    Reconstruction,
+    SendHints,
+    Settled,
+    UserHint,
+    admit_fenced,
+    decode_hints,
+)
+from yimaporc.porcupine.softstate import bucket_of
+
+NB = 8
+USERS = [f"p{i * 2654435761 % 1000003}@example.org" for i in range(200)]
+
+
+def users_of(bucket: int) -> list[str]:
+    return [u for u in USERS if bucket_of(u, NB) == bucket]
+
+
+def all_to(owner: str, epoch: int) -> BucketMap:
+    return BucketMap((owner,) * NB, (epoch,) * NB)
+
+
+@st.composite
+def hints(draw: st.DrawFn) -> BucketHint:
+    b = draw(st.integers(0, NB - 1))
+    mine = users_of(b)
+    users = tuple(
+        UserHint(u, draw(st.booleans()), draw(st.integers(1, 2**40)), draw(st.integers(0, 999)))
+        for u in draw(st.lists(st.sampled_from(mine), unique=True))
+        if mine
+    )
+    holders = tuple(
+        (u, draw(st.sampled_from(["n1", "n2", "n3"])))
+        for u in draw(st.lists(st.sampled_from(mine), unique=True))
+        if mine
+    )
+    return BucketHint(
+        b, draw(st.integers(0, 2**40)), users, (), draw(st.integers(1, 2**40)), holders
+    )
+
+
+@given(hints())
+def test_bucket_hint_round_trips_through_its_json_form(h: BucketHint) -> None:
+    """encode/decode is the identity on well-formed hints (the one codec of porcupine.hints)."""
+    assert BucketHint.decode(h.encode(), NB) == h
+
+
+def test_bucket_hint_decode_rejects_bad_heads_and_skips_bad_items() -> None:
+    """A bad head is MalformedHint (dropped by decode_hints); bad user items, users of
+    another bucket and bad holder pairs are skipped; an older peer's short entry reads
+    with the defaults."""
+    for junk in (None, [], [1], ["x", 1, []], [NB, 1, []], [0, 1, "users"], {"a": 1}):
+        try:
+            BucketHint.decode(junk, NB)
+        except MalformedHint:
+            continue
+        raise AssertionError(f"accepted {junk!r}")
+    (u,) = users_of(3)[:1]
+    other = users_of(4)[0]
+    h = BucketHint.decode([3, 7, [[u, 1, "9"], [other, True, 5], [None], 5], [], "x", [[u]]], NB)
+    assert h == BucketHint(3, 7, (UserHint(u, True, 9, 0),), (), 1, ())
+    assert decode_hints([[3, 7, []], "junk", [99, 1, []]], NB) == [BucketHint(3, 7)]
+
+
+def test_majority_write_asks_a_majority_then_spares_and_decides() -> None:
+    """Ourselves and the next members after us first; a refusal brings in a spare; True
+    at a majority, False once it cannot be reached."""
+    w = MajorityWrite("n3", ["n1", "n2", "n3", "n4", "n5"], ["n1", "n2", "n3", "n4", "n5"])
+    assert w.first == ("n3", "n4", "n5")
+    assert w.answer(True) is None and w.answer(False) == "n1"
+    assert w.result is None and w.answer(True) is None and w.answer(True) is None
+    assert w.result is True
+    lost = MajorityWrite("n1", ["n1", "n2"], ["n1", "n2", "n3", "n4", "n5"])
+    assert lost.first == ("n1", "n2")
+    lost.answer(True)
+    lost.answer(True)
+    assert lost.result is False, "two of five known is no majority"
+
+
+def test_install_returns_the_sends_pulls_and_profile_push() -> None:
+    """Boot: hints for every owned bucket.  A node joining: the lowest-id old member
+    pushes profiles; hints go for fresh buckets and those of managers that came.  An
+    away manager pulls its unrestamped buckets from every member."""
+    c = Reconstruction("n1", NB)
+    out = c.install(all_to("n1", 1), ["n1"], view=1, now=0.0)
+    assert SendHints(all_to("n1", 1), tuple(range(NB)), 1) in out
+    two = BucketMap(("n1", "n2") * (NB // 2), (1, 2) * (NB // 2))
+    out = c.install(two, ["n1", "n2"], view=2, now=0.0)
+    assert PushProfiles(("n2",)) in out
+    (send,) = [a for a in out if isinstance(a, SendHints)]
+    assert send.buckets == (1, 3, 5, 7), "n2's buckets: fresh; n1 kept its own at epoch 1"
+    away = c.install(two, ["n1", "n2"], view=5, away=True, now=0.0)
+    assert PullHints("n2", tuple(b for b in range(NB) if b % 2 == 0), 5) in away
+
+
+def test_settle_timeout_leaves_the_silent_member_missing() -> None:
+    """A fresh bucket settles when every member's hint came, or at the deadline, when
+    the silent members stay ``missing`` (no numbering) until their hint arrives."""
+    c = Reconstruction("n1", NB, settle_timeout=2.0)
+    c.prev_live = {"n1"}
+    c.install(all_to("n1", 3), ["n1", "n2"], view=3, now=10.0)
+    assert c.next_deadline() == 12.0 and not c.may_number(USERS[0], True)
+    for b in range(NB):
+        c.receive("n1", BucketHint(b, 3), 3, now=10.5)
+    assert Settled(0) in c.receive("n2", BucketHint(0, 3), 3, now=10.6)
+    out = c.tick(12.0, lease=True)
+    assert Settled(1) in out and c.missing[1] == {"n2"}
+    c.receive("n2", BucketHint(1, 3), 3, now=12.5)
+    assert 1 not in c.missing
+
+
+def test_holder_back_in_view_stays_away_until_its_hint() -> None:
+    """Regression (mailsim bridge seed): a holder that left and came back is still away
+    (reads refused, not shown smaller) until its hint for the bucket arrives, and the
+    manager pulls that hint (the holder may see no change and send none)."""
+    c = Reconstruction("n1", NB)
+    user = users_of(2)[0]
+    c.install(all_to("n1", 1), ["n1", "n2", "n3"], view=1, now=0.0)
+    for n in ("n1", "n2", "n3"):
+        c.receive(n, BucketHint(2, 1, (UserHint(user, n == "n2", 5),)), 1, now=0.0)
+    assert c.state.fragment_list(user) == {"n2"}
+    c.install(all_to("n1", 1), ["n1", "n3"], view=2, now=1.0)
+    assert c.state.away_list(user) == {"n2"}
+    out = c.install(all_to("n1", 1), ["n1", "n2", "n3"], view=3, now=2.0)
+    assert c.state.away_list(user) == {"n2"}, "back, but what it holds is unknown yet"
+    assert PullHints("n2", (2,), 3) in out
+    c.receive("n2", BucketHint(2, 1, (UserHint(user, True, 9),)), 3, now=2.1)
+    assert c.state.away_list(user) == set() and c.state.fragment_list(user) == {"n2"}
+
+
+def test_allocation_older_than_the_ttl_is_stored_unnumbered() -> None:
+    """Regression (mailsim pause seeds): a plan whose store lands later than PLAN_TTL
+    (a proxy paused between plan and store) is stored unnumbered, not under a UID
+    below ones the manager handed out and clients saw meanwhile."""
+    assert admit_fenced(7, "n1@3", "n1@3", True, 7, age=PLAN_TTL)
+    assert not admit_fenced(7, "n1@3", "n1@3", True, 7, age=PLAN_TTL + 0.01)
+    assert not admit_fenced(7, "n1@3", "n2@4", True, 7)
+    assert not admit_fenced(6, "n1@3", "n1@3", True, 7)
+    assert admit_fenced(6, "", None, False, 7), "unfenced (replicated, APPEND): as before"
+
+
+def test_numbering_waits_for_a_majority_holder_record(tmp_path: Path) -> None:
+    """Regression (mailsim partition seeds): a manager numbers a node's unnumbered mail
+    only once a majority recorded that node as a holder; without that record (cut
+    off) it numbers nothing, so a later manager can never show higher UIDs first."""
+    clock = ImmediateReactor()
+    profiles = ProfileDB(clock, SyncPool(), tmp_path / "p.sqlite", clock.seconds)  # type: ignore[arg-type]
+    um = ClusterUserManager("n1", profiles, clock)
+    um.known = {"n1", "n2", "n3"}
+    user = next(u for u in (f"v{i}@example.org" for i in range(99)))
+    b = bucket_of(user, 256)
+    um.install(BucketMap(("n1",) * 256, (2,) * 256), ["n1", "n2", "n3"], view=2)
+    for n in ("n1", "n2", "n3"):
+        um.apply(n, [b, 2, [[user, n == "n2", 1, int(n == "n2")]], [], 1, []])
+    numbered: list[tuple[Any, ...]] = []
+    accept = {"ok": False}
+
+    def holders_on(node: str, bucket: int, fence: str, pairs: Any) -> Deferred[bool]:
+        return succeed(accept["ok"])
+
+    def number_on(*args: Any) -> Deferred[tuple[int, int, int]]:
+        numbered.append(args)
+        return succeed((1, 0, args[3] + 1))
+
+    um.holders_on, um.number_on = holders_on, number_on
+    um.mark_on = lambda node, bucket, fence, mark: succeed(True)
+    um.note_pending(user, "n2")
+    clock.advance(0.0)
+    assert numbered == [] and um.pending[user] == {"n2": 1}
+    accept["ok"] = True
+    clock.advance(um.number_retry)
+    assert [a[0] for a in numbered] == ["n2"] and user not in um.pending
+    assert result_of(um.fragments(user)) == ("n2",)
