@@ -892,8 +892,10 @@ class ClusterUserManager(UserManager):
         self.holders_on: Callable[..., Deferred[bool]] | None = None
         #: This node's lease (MailCluster's pause detector); True without one.
         self.lease_ok: Callable[[], bool] = lambda: True
-        #: Sends the last :meth:`install` asked for (MailCluster performs them).
+        #: Sends the core asked for, when no ``perform_sends`` is set (MailCluster
+        #: sets it, to carry them out over AMP).
         self.outbox: list[Action] = []
+        self.perform_sends: Callable[[list[Action]], None] | None = None
 
     # The core's state, under the names the status page and tests use.
     settling = property(lambda self: self.core.settling)
@@ -938,6 +940,8 @@ class ClusterUserManager(UserManager):
                     d.callback(None)
             elif isinstance(a, Number):
                 self._number(a)
+            elif self.perform_sends is not None:
+                self.perform_sends([a])
             else:
                 self.outbox.append(a)
         self._rearm()
@@ -1361,6 +1365,7 @@ class MailCluster(Service):
         )
         mail.user_manager = self.user_manager
         self.user_manager.number_on = self._number_on
+        self.user_manager.perform_sends = self.perform
         self.user_manager.mark_on = self._mark_on
         self.user_manager.holders_on = self._holders_on
         node.registry.register(UidHolders, self._on_holders)

@@ -367,6 +367,10 @@ class Reconstruction:
         #: Members that had not sent their hint when a bucket settled by timeout:
         #: no numbering in that bucket until they do (or leave the view).
         self.missing: dict[int, set[str]] = {}
+        #: When to ask members that are missing (or away holders back in the view) for
+        #: their hints again (their push or our pull may have given up: without this a
+        #: bucket would stay uncertain until the next view).
+        self.pull_missing_at: float | None = None
         self.early: list[tuple[str, BucketHint, int | None]] = []
         self.early_notes: list[tuple[str, str]] = []
         self.early_pending: list[tuple[str, str]] = []
@@ -380,7 +384,9 @@ class Reconstruction:
         #: Per bucket: the mark a majority recorded for us in this tenure.
         self.granted: dict[int, int] = {}
         self.extending: set[int] = set()
+        #: (user, node, fence) holder records asked for (in flight or done) and done.
         self.recorded: set[tuple[str, str, str]] = set()
+        self.confirmed: set[tuple[str, str, str]] = set()
         self.to_pull: list[int] = []
         self.hints_received = 0
         self.numbered = 0
@@ -422,6 +428,8 @@ class Reconstruction:
         times = list(self.settle_at.values())
         if self.number_at is not None:
             times.append(self.number_at)
+        if self.pull_missing_at is not None:
+            times.append(self.pull_missing_at)
         return min(times) if times else None
 
     # --- install -------------------------------------------------------------------
@@ -522,6 +530,8 @@ class Reconstruction:
             wanted = tuple(sorted(back[peer] - set(self.to_pull)))
             if wanted and peer != self.me:
                 out.append(PullHints(peer, wanted, view))
+                if self.pull_missing_at is None:
+                    self.pull_missing_at = now + self.settle_timeout
             elif peer == self.me:
                 for b in back[peer]:
                     self.state.back(b, peer)
@@ -649,6 +659,7 @@ class Reconstruction:
             return None
         if len(self.recorded) > 100_000:
             self.recorded.clear()
+            self.confirmed.clear()
         self.recorded.add(key)
         return b, fence
 
@@ -656,12 +667,16 @@ class Reconstruction:
         """Has a majority recorded, in this tenure, that ``node`` holds ``user``'s mail?
         A message gets a UID on a node only then (mail numbered on a node a later
         manager cannot know of would show up after the heal below UIDs shown)."""
-        return (user, node, self.fence(self.bucket(user))) in self.recorded
+        return (user, node, self.fence(self.bucket(user))) in self.confirmed
 
     def holder_recorded(self, user: str, node: str, fence: str, ok: bool) -> None:
         """The outcome of a :meth:`record_holder` write (a failed one is tried again)."""
         if not ok:
             self.recorded.discard((user, node, fence))
+        else:
+            if len(self.confirmed) > 100_000:
+                self.confirmed.clear()
+            self.confirmed.add((user, node, fence))
 
     def note_pending(self, user: str, node: str, now: float = 0.0) -> None:
         """A message for ``user`` was stored unnumbered on ``node``."""
@@ -728,7 +743,23 @@ class Reconstruction:
             missing = self.settling.get(b)
             if missing:
                 self.missing[b] = set(missing)
+                if self.pull_missing_at is None:
+                    self.pull_missing_at = now
             out.extend(self._settle(b, now))
+        if self.pull_missing_at is not None and self.pull_missing_at <= now:
+            self.pull_missing_at = None
+            per: dict[str, set[int]] = {}
+            for b, peers in self.missing.items():
+                if self.state.map.owners[b] == self.me:
+                    for peer in peers & self.members - {self.me}:
+                        per.setdefault(peer, set()).add(b)
+            for user, nodes in self.state.away.items():  # back, hint not in yet
+                for peer in nodes & self.members - {self.me}:
+                    per.setdefault(peer, set()).add(self.bucket(user))
+            for peer in sorted(per):
+                out.append(PullHints(peer, tuple(sorted(per[peer])), self.view_epoch))
+            if per:
+                self.pull_missing_at = now + self.settle_timeout
         if self.number_at is not None and self.number_at <= now:
             self.number_at = None
             if not number:
