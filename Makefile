@@ -15,7 +15,7 @@ FUZZ_SEED ?= 0
 FUZZ_WORKERS ?= 32
 FUZZ_ARGS ?=
 
-.PHONY: install system-tools run test lint typecheck unit integration bench fuzz clean
+.PHONY: install system-tools run test test-slow lint typecheck unit integration bench fuzz clean
 
 install: system-tools $(STAMP)
 
@@ -47,6 +47,10 @@ lint: install
 
 test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Long sweeps (hundreds of simulator seeds), not in the default suite.
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 unit: install
 	$(BIN)/python -m pytest -q --ignore=tests/integration $(PYTEST_ARGS)

@@ -194,3 +194,25 @@ def test_numbering_waits_for_a_majority_holder_record(tmp_path: Path) -> None:
     clock.advance(um.number_retry)
     assert [a[0] for a in numbered] == ["n2"] and user not in um.pending
     assert result_of(um.fragments(user)) == ("n2",)
+
+
+def test_members_coming_back_make_our_buckets_settle_again() -> None:
+    """Regression (mailsim seed 37, bridge then heal): a merge gave a bucket back to its
+    old manager at its old epoch (not fresh), while the other side had numbered in it
+    above the old mark; numbering now waits for the returning members' hints (their
+    marks) instead of reusing those UIDs."""
+    c = Reconstruction("n0", NB)
+    user = users_of(5)[0]
+    c.known = {"n0", "n1", "n2"}
+    c.install(all_to("n0", 4), ["n0", "n1", "n2"], view=1, now=0.0)
+    for n in ("n0", "n1", "n2"):
+        c.receive(n, BucketHint(5, 4, (), (), 10), 1, now=0.0)
+    c.granted[5] = 100
+    c.install(all_to("n0", 4), ["n0", "n1"], view=2, now=1.0)
+    assert c.may_number(user, True), "kept its bucket: no settling"
+    c.install(all_to("n0", 4), ["n0", "n1", "n2"], view=3, now=2.0)
+    assert 5 in c.settling and not c.may_number(user, True)
+    c.receive("n2", BucketHint(5, 4, (), (), 300), 3, now=2.1)
+    assert c.may_number(user, True)
+    taken = c.take(user, 1, lease=True)
+    assert not isinstance(taken, int) and getattr(taken, "target", 0) > 300, taken

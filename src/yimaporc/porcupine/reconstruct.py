@@ -485,6 +485,18 @@ class Reconstruction:
         for b in sorted(fresh & mine):
             self.gaps[b] = UID_GAP if len(alive) > 1 else 0
             self._start_settling(b, alive, now)
+        # Members that were not in our previous view may have stored and numbered
+        # under another side's manager of our buckets (a merge can give a bucket back
+        # to us at our old epoch, so it is not fresh): our buckets settle again until
+        # their hints (with that side's UID marks) are in.
+        if not booted:
+            assert self.prev_live is not None
+            came_in = alive - self.prev_live - {self.me}
+            if came_in:
+                for b in sorted(mine - fresh):
+                    waiting = self.settling.setdefault(b, set())
+                    waiting |= came_in
+                    self.settle_at.setdefault(b, now + self.settle_timeout)
         self.to_pull = []
         if away and len(alive) > 1:
             self.to_pull = sorted(b for b in mine if new_map.epochs[b] != view)
