@@ -1354,7 +1354,7 @@ class MailSim:
             self.faults_done[action] += 1
         return log
 
-    def heal_all(self, settle: float = 3.0) -> None:
+    def heal_all(self, settle: float = 6.0) -> None:
         """Heal partitions, restart crashed nodes, converge, let reconstruction finish."""
         self.net.heal()
         for n in sorted(set(self.mail) - set(self.up_nodes())):

@@ -809,8 +809,9 @@ class Reconstruction:
         if not self.state.manages(user):
             return False
         self.uidnext[user] = max(self.uidnext.get(user, 1), top)
-        if numbered:
-            self.state.add_fragment(user, node)
+        # The node held unnumbered mail of ``user``: it holds mail, numbered now or by
+        # an earlier call whose answer was lost (then ``numbered`` is 0 here).
+        self.state.add_fragment(user, node)
         if left:
             self.pending.setdefault(user, {})[node] = left
             self.kick(now, 0.0 if numbered else self.number_retry)
