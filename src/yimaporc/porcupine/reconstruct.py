@@ -511,8 +511,8 @@ class Reconstruction:
         for user, node in notes:
             if self.state.manages(user) and node in alive:
                 self.state.add_fragment(user, node)
-        waiting, self.early_pending = self.early_pending, []
-        for user, node in waiting:
+        late, self.early_pending = self.early_pending, []
+        for user, node in late:
             if self.state.manages(user) and node in alive:
                 self.note_pending(user, node, now)
         # What to send (MailCluster._map_changed before issue 14 item 4).
