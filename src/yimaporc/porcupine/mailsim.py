@@ -446,8 +446,11 @@ class MailSim:
         work: Callable[[MailNode, Callable[[Any], None]], None],
         on_reply: Callable[[Any], None],
         on_fail: Callable[[], None],
+        timeout: float | None = None,
     ) -> None:
-        """Call ``work`` at ``dst_id``; it answers through its callback; replies carry load."""
+        """Call ``work`` at ``dst_id``; it answers through its callback; replies carry load.
+        ``timeout``: longer than ``rpc_timeout`` for calls the callee answers only after
+        a majority write (plans, holder notes: up to MARK_TIMEOUT)."""
         inc = src.incarnation
         state = {"done": False}
         dst = self.mail.get(dst_id)
@@ -462,12 +465,12 @@ class MailSim:
             work(src, reply)
             return
 
-        def timeout() -> None:
+        def expire() -> None:
             if not state["done"]:
                 state["done"] = True
                 on_fail()
 
-        self._later(src, self.config.rpc_timeout, timeout)
+        self._later(src, self.config.rpc_timeout if timeout is None else timeout, expire)
         self._count(src.node_id, purpose)
         calls = self.calls_by.get(src.node_id)
         if calls is None:
@@ -499,6 +502,10 @@ class MailSim:
             )
 
         self.net.at(self.net.now + self._latency(), arrive)
+
+    @property
+    def _slow_rpc(self) -> float:
+        return self.config.rpc_timeout + MARK_TIMEOUT
 
     def _latency(self) -> float:
         return self.rng.uniform(*self.config.rpc_latency)
@@ -920,7 +927,15 @@ class MailSim:
                 self._arm(dst)
                 respond(True)
 
-        self._rpc(m, manager, "delivery", work, lambda ok: then(bool(ok)), lambda: then(False))
+        self._rpc(
+            m,
+            manager,
+            "delivery",
+            work,
+            lambda ok: then(bool(ok)),
+            lambda: then(False),
+            self._slow_rpc,
+        )
 
     def _remind(self, node_id: str, inc: int) -> None:
         """Every SWEEP_INTERVAL s: tell managers of users with unnumbered mail here."""
@@ -978,7 +993,7 @@ class MailSim:
             if not manager:
                 self._store(d)
                 return
-            self._rpc(p, manager, "delivery", work, got, lambda: self._store(d))
+            self._rpc(p, manager, "delivery", work, got, lambda: self._store(d), self._slow_rpc)
 
         self._cpu(p, self.config.cpu.smtp if self.config.cpu else 0.0, session)
 
