@@ -1052,17 +1052,31 @@ class ClusterUserManager(UserManager):
         return self.core.fence(bucket_of(address))
 
     def _take(
-        self, address: str, count: int, unfenced: bool = False, again: bool = True
+        self,
+        address: str,
+        count: int,
+        unfenced: bool = False,
+        again: bool = True,
+        numbering: bool = False,
     ) -> Deferred[tuple[int, str]]:
         """``count`` UIDs for ``address`` below the bucket's granted mark (extended
         first, by a majority, when they would not fit), or PENDING."""
-        got = self.core.take(address, count, lease=self.lease_ok(), unfenced=unfenced, again=again)
+        got = self.core.take(
+            address,
+            count,
+            lease=self.lease_ok(),
+            unfenced=unfenced,
+            again=again,
+            numbering=numbering,
+        )
         if isinstance(got, Taken):
             return succeed((got.first, got.fence))
         if not isinstance(got, NeedMark):
             return succeed((PENDING, ""))
         d = self._extend(got)
-        return d.addCallback(lambda _: self._take(address, count, unfenced, again=False))
+        return d.addCallback(
+            lambda _: self._take(address, count, unfenced, again=False, numbering=numbering)
+        )
 
     def _extend(self, need: NeedMark) -> Deferred[None]:
         """Raise a bucket's mark on a majority of the known cluster (each member
@@ -1223,7 +1237,7 @@ class ClusterUserManager(UserManager):
                 self.core.number_cancelled(user, node, self._now())
                 self._rearm()
                 return None
-            return self._take(user, job.count).addCallback(go)
+            return self._take(user, job.count, numbering=True).addCallback(go)
 
         self._record_holder(user, node).addCallback(recorded)
 

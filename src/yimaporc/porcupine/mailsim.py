@@ -753,13 +753,21 @@ class MailSim:
         done: Callable[[int, str], None],
         unfenced: bool = False,
         again: bool = True,
+        numbering: bool = False,
     ) -> None:
         """The core's :meth:`Reconstruction.take`, raising the mark on a majority first
         when needed; ``done(first, fence)`` (first PENDING: none)."""
         core = m.core
         if core is None:
             return
-        got = core.take(user, count, lease=self.lease_ok(m), unfenced=unfenced, again=again)
+        got = core.take(
+            user,
+            count,
+            lease=self.lease_ok(m),
+            unfenced=unfenced,
+            again=again,
+            numbering=numbering,
+        )
         if isinstance(got, Taken):
             done(got.first, got.fence)
             return
@@ -769,7 +777,7 @@ class MailSim:
         need = got
         inc = m.incarnation
         retake = lambda: self._running(  # noqa: E731
-            m, inc, lambda: self._take(m, user, count, done, unfenced, again=False)
+            m, inc, lambda: self._take(m, user, count, done, unfenced, False, numbering)
         )
         if not core.mark_write(need):
             m.extending.setdefault(need.bucket, []).append(retake)
@@ -852,7 +860,7 @@ class MailSim:
                 core.number_cancelled(job.user, job.node, self.net.now)
                 self._arm(m)
                 return
-            self._take(m, job.user, job.count, go)
+            self._take(m, job.user, job.count, go, numbering=True)
 
         self._record_holder(m, job.user, job.node, recorded)
 

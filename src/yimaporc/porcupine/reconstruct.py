@@ -702,11 +702,25 @@ class Reconstruction:
     # --- UIDs --------------------------------------------------------------------------
 
     def take(
-        self, user: str, count: int, *, lease: bool, unfenced: bool = False, again: bool = True
+        self,
+        user: str,
+        count: int,
+        *,
+        lease: bool,
+        unfenced: bool = False,
+        again: bool = True,
+        numbering: bool = False,
     ) -> Taken | NeedMark | int:
         """``count`` UIDs for ``user`` below the bucket's granted mark, PENDING when we
-        may not number, or :class:`NeedMark` (``again`` False: PENDING instead)."""
+        may not number, or :class:`NeedMark` (``again`` False: PENDING instead).
+
+        While a numbering of ``user``'s waiting mail is in flight, a delivery
+        (``numbering`` False) gets PENDING too: its UID would be above the block being
+        numbered, and shown before that block lands (the pause test found it)."""
         b = self.bucket(user)
+        if not numbering and not unfenced and any(u == user for u, _ in self.numbering):
+            self.pending_plans += 1
+            return PENDING
         if not self.may_number(user, lease):
             if unfenced and self.state.manages(user):
                 first = max(self.uidnext.get(user, 1), self.floor.get(b, 1))
@@ -779,8 +793,8 @@ class Reconstruction:
             blocked = False
             for user in list(self.pending):
                 for node, n in list(self.pending.get(user, {}).items()):
-                    if (user, node) in self.numbering:
-                        continue
+                    if any(u == user for u, _ in self.numbering):
+                        continue  # one numbering per user at a time (blocks in order)
                     if node not in self.members or not self.may_number(user, lease):
                         blocked = True
                         continue
