@@ -833,6 +833,8 @@ class Reconstruction:
             self.pending.get(user, {}).pop(node, None)
             if not self.pending.get(user):
                 self.pending.pop(user, None)
+            else:
+                self.kick(now)  # the user's next node at once (one numbering at a time)
         return bool(numbered)
 
     def number_failed(self, user: str, node: str, now: float) -> None:
