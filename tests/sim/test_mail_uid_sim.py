@@ -41,9 +41,9 @@ def test_uid_seed_keeps_the_guaranteed_invariants(seed: int) -> None:
 
 def test_default_seeds_exercise_every_fault_kind() -> None:
     """The fault mix of the sweep happens: crash, restart, partition, bridge, pause,
-    heal each at least once over 5 seeds, and some reads are honestly refused."""
+    heal each at least once over 10 seeds, and some reads are honestly refused."""
     lines: list[str] = []
-    figures = uid_sweep(range(5), out=lines.append)
+    figures = uid_sweep(range(10), out=lines.append)
     assert set(figures["faults"]) == set(UID_FAULTS)
     assert figures["refused"] > 0 and figures["reads"] > figures["refused"]
     assert figures["seeds_per_minute"] > 0 and lines
