@@ -44,6 +44,7 @@ lint: install
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy src/yimaporc
+	PYTHONPATH=src $(BIN)/lint-imports
 
 test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -34,8 +34,8 @@ from yimaporc.rtsp import (
     SessionState,
     TransportSpec,
     parse_transport,
+    sdp,
 )
-from yimaporc.yima import sdp
 
 URL = "rtsp://127.0.2.1:8554/sample"
 TRACK = URL + "/trackID=0"

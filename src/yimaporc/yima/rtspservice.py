@@ -37,6 +37,7 @@ from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
 from ..rtsp._machine import ServerSession
 from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
 from ..rtsp.interfaces import PlayReply
+from ..rtsp.sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
 from .feedback import RETRANSMISSION_MARK, FeedbackReceiver, StreamPorts, mark_retransmission
 from .media import KIND_TS, KIND_WAV, MediaInfo, WavFormat, packet_bytes, to_l16
 from .relay import Reorderer, rewrite
@@ -53,7 +54,6 @@ from .rtp import (
     serialize_rtcp,
 )
 from .schedule import MediaTiming, Packet
-from .sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
 from .store import BlockKey
 from .streaming import Destination, StreamControl, StreamingNode, StreamNack, StreamStart
 

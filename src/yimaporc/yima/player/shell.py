@@ -35,6 +35,7 @@ from ...rtsp import (
     parse_transport,
     parse_url,
 )
+from ...rtsp.sdp import parse_sdp
 from ..feedback import RETRANSMISSION_MARK, ProbeReply, parse_probe, probe_request
 from ..rtp import (
     App,
@@ -49,7 +50,6 @@ from ..rtp import (
     serialize_rtcp,
 )
 from ..schedule import PAYLOAD
-from ..sdp import parse_sdp
 from .core import (
     Action,
     Deliver,
