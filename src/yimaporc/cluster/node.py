@@ -20,10 +20,19 @@ from typing import Any
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    FirstError,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.endpoints import SSL4ClientEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
 
 from ..admin.dashboard import NodeSummary, answer_summary
 from ..admin.routes import Route
@@ -160,8 +169,24 @@ class _Persisted:
     kind: str = ""
 
 
+class CannotStart(Exception):
+    """A port of the node could not be bound (message is user-facing)."""
+
+
+class IReady(Interface):
+    """A service whose start finishes later (its ports bind asynchronously)."""
+
+    def when_ready() -> Deferred[None]:
+        """Fires once the service listens; errbacks if it cannot."""
+
+
 class ClusterNode(MultiService):
-    """Membership, RPC, the common clock and the admin API of one node."""
+    """Membership, RPC, the common clock and the admin API of one node.
+
+    Nothing here stops the reactor: a port that cannot be bound fails
+    :meth:`when_ready`, and whoever runs the node (the twistd plugin, an
+    embedding application) decides what that means.
+    """
 
     log = Logger()
 
@@ -203,6 +228,8 @@ class ClusterNode(MultiService):
         self._listeners: list[IMembershipListener] = []
         self._attachment_for: AttachmentFor | None = None
         self._ports: list[IListeningPort] = []
+        self._admin_ready: Deferred[None] = succeed(None)
+        self._start_errors: list[CannotStart] = []
         self.core: Membership | None = None
         self.udp_rcvbuf = 0
         self.protocol: MembershipProtocol | None = None
@@ -375,8 +402,10 @@ class ClusterNode(MultiService):
 
             endpoint = serverFromString(self.reactor, cfg.admin)
             d = endpoint.listen(AdminSite(self))
-            d.addCallback(self._ports.append)
-            d.addErrback(self._fatal, f"cannot listen on --admin {cfg.admin}")
+            d.addCallbacks(
+                self._ports.append, self._listen_failed, errbackArgs=(f"--admin {cfg.admin}",)
+            )
+            self._admin_ready = d
         self.log.info(
             "node {node} ({kind}) up on {addr}, incarnation {inc}, seeds {seeds}",
             node=cfg.node_id,
@@ -387,9 +416,42 @@ class ClusterNode(MultiService):
         )
         super().startService()
 
-    def _fatal(self, failure: Any, message: str) -> None:
-        self.log.failure(message, failure)
-        self.reactor.stop()
+    def when_ready(self) -> Deferred[None]:
+        """Fires once the admin API and every child service that says so listen.
+
+        Errbacks with :class:`CannotStart` when one cannot (the cluster port is
+        bound synchronously in :meth:`startService` and raises there).  Call it
+        after the node has started.
+        """
+
+        def check(_: object) -> None:
+            if self._start_errors:
+                raise self._start_errors[0]
+
+        ds: list[Deferred[Any]] = [self._wait(self._admin_ready).addCallback(check)]
+        for child in self:
+            if IReady.providedBy(child):
+                ds.append(child.when_ready())
+        return gatherResults(ds, consumeErrors=True).addCallbacks(
+            lambda _: None, lambda f: f.value.subFailure if isinstance(f.value, FirstError) else f
+        )
+
+    def _listen_failed(self, failure: Failure, what: str) -> None:
+        error = CannotStart(f"cannot listen on {what}: {failure.getErrorMessage()}")
+        self.log.error("{error}", error=error)
+        self._start_errors.append(error)
+
+    @staticmethod
+    def _wait(d: Deferred[Any]) -> Deferred[None]:
+        """A new Deferred that fires when ``d`` (which never fails) has fired."""
+        out: Deferred[None] = Deferred()
+
+        def relay(result: object) -> object:
+            out.callback(None)
+            return result
+
+        d.addCallback(relay)
+        return out
 
     def stopService(self) -> Deferred[Any]:
         """Stop children first, then the ports."""

@@ -35,6 +35,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..admin.routes import ApiError, Route
+from ..cluster.node import IReady
 from ._guard import ClientErrors
 from ._imap import MailboxRegistry, MailImapServer
 from ._pop3 import MailPOP3
@@ -107,6 +108,7 @@ def _own_tls(endpoint: str | None) -> bool:
     return bool(endpoint) and str(endpoint).split(":", 1)[0] == "ssl"
 
 
+@implementer(IReady)
 class MailService(MultiService):
     """SMTP, POP3 and IMAP of one Porcupine node, over its managers."""
 

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..cluster.membership import IMembershipListener, View
-from ..cluster.node import ClusterNode
+from ..cluster.node import CannotStart, ClusterNode, IReady
 from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
 from ..rtsp._machine import ServerSession
 from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
@@ -178,7 +178,7 @@ class _Plan:
         self.node_ssrc, self.seq_offset = self.ssrc, self.seq_base
 
 
-@implementer(IRtspHandler, IMembershipListener)
+@implementer(IRtspHandler, IMembershipListener, IReady)
 class YimaStreamingService(Service):
     """RTSP + RTP delivery of one node (every node runs one)."""
 
@@ -205,6 +205,8 @@ class YimaStreamingService(Service):
         self.lost_sessions = 0
         self.data_port: IListeningPort | None = None
         self.rtsp_port: IListeningPort | None = None
+        self._listen_done: Deferred[Any] = succeed(None)
+        self._start_error: CannotStart | None = None
         # Session caps and timeouts (RtspServerFactory keywords; --rtsp-* options).
         self.factory = RtspServerFactory(self, reactor, self.rng, **(rtsp_guards or {}))
         self.streaming = StreamingNode(
@@ -247,15 +249,32 @@ class YimaStreamingService(Service):
             from twisted.internet.endpoints import serverFromString
 
             d = serverFromString(self.reactor, self.rtsp_endpoint).listen(self.factory)
-            d.addCallback(self._listening)
-            d.addErrback(self._cannot_listen)
+            d.addCallbacks(self._listening, self._cannot_listen)
+            self._listen_done = d
 
     def _listening(self, port: IListeningPort) -> None:
         self.rtsp_port = port
 
     def _cannot_listen(self, failure: Any) -> None:
-        self.log.failure("rtsp: cannot listen on {ep}", failure, ep=self.rtsp_endpoint)
-        self.reactor.stop()
+        error = CannotStart(
+            f"cannot listen on --rtsp {self.rtsp_endpoint}: {failure.getErrorMessage()}"
+        )
+        self.log.error("{error}", error=error)
+        self._start_error = error
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires once the RTSP port listens; errbacks with CannotStart if it cannot."""
+        done: Deferred[None] = Deferred()
+
+        def relay(result: object) -> object:
+            if self._start_error is not None:
+                done.errback(self._start_error)
+            else:
+                done.callback(None)
+            return result
+
+        self._listen_done.addCallback(relay)
+        return done
 
     def stopService(self) -> Any:
         """Stop sending and listening."""
