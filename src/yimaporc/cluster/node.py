@@ -288,7 +288,7 @@ class ClusterNode(MultiService):
             d.addErrback(lambda f: {"ok": False, "error": f.getErrorMessage()})
             return d
 
-        d = DeferredList([one(m) for m in peers])
+        d = DeferredList([one(m) for m in peers], consumeErrors=True)
         return d.addCallback(
             lambda results: {
                 "tls": self.tls is not None,
@@ -460,7 +460,7 @@ class ClusterNode(MultiService):
         def close(_: object) -> Deferred[Any]:
             self.rpc.close()
             ports, self._ports = self._ports, []
-            return DeferredList([maybeDeferred(p.stopListening) for p in ports])
+            return DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
 
         return d.addCallback(close)
 

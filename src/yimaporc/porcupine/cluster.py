@@ -1687,7 +1687,7 @@ class MailCluster(Service):
 
         for n, d in zip(peers, ds, strict=True):
             d.addErrback(lost, n)
-        return DeferredList(ds)
+        return DeferredList(ds, consumeErrors=True)
 
     def _on_profiles(self, records: list[Any]) -> Deferred[dict[str, Any]]:
         if not isinstance(records, list):

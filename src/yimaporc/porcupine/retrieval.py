@@ -37,6 +37,8 @@ from .values import (
     Profile,
 )
 
+_log = Logger()
+
 
 class UserMail:
     """One authenticated user's view of their mail across fragments."""
@@ -445,7 +447,7 @@ class UserMail:
             self._node_cache = None
             checks = [self._maybe_leave(node) for node in by_node if node != self.home]
             removed = sorted({u for p in parts for u in p})
-            return DeferredList(checks).addCallback(lambda _: removed)
+            return DeferredList(checks, consumeErrors=True).addCallback(_log_failures, removed)
 
         return gatherResults(ds, consumeErrors=True).addCallback(done)
 
@@ -619,3 +621,11 @@ def _unwrap(f: Failure) -> Failure:
         sub: Failure = f.value.subFailure
         return sub
     return f
+
+
+def _log_failures(results: list[tuple[bool, Any]], value: Any) -> Any:
+    """Log the failures a :class:`DeferredList` collected, then go on with ``value``."""
+    for ok, result in results:
+        if not ok:
+            _log.failure("mailbox clean-up after delete failed", result)
+    return value

@@ -435,7 +435,7 @@ class MailService(MultiService):
     def stopService(self) -> Deferred[None]:
         """Stop listening, then the pool (if ours) and the databases."""
         ports, self.ports = list(self.ports.values()), {}
-        d = DeferredList([maybeDeferred(p.stopListening) for p in ports])
+        d = DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
         d.addCallback(lambda _: maybeDeferred(super(MailService, self).stopService))
 
         def close(_: object) -> None:

@@ -289,7 +289,7 @@ class YimaStreamingService(Service):
             for timer in (plan.relay_timer, plan.sr_timer, plan.bye_timer):
                 if timer is not None and timer.active():
                     timer.cancel()
-        return DeferredList([maybeDeferred(p.stopListening) for p in ports])
+        return DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
 
     def status(self) -> dict[str, Any]:
         """``services.rtsp`` (a URL prefix) once listening, and live session counts."""

@@ -638,7 +638,7 @@ class Client:
             if proto.session_id is not None:
                 ds.append(proto.teardown(url).addErrback(lambda f: None))
         if ds:
-            await DeferredList(ds)
+            await DeferredList(ds, consumeErrors=True)
         for _, proto in self.conns:
             if proto.transport is not None:
                 proto.transport.loseConnection()
