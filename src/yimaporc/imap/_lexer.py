@@ -312,14 +312,17 @@ class Reader:
         b = self.peek()
         if b == 0x22:
             return self.quoted()
-        if b in (0x7B, 0x7E):
+        if b == 0x7B or self._literal8():
             return self.literal()
         raise self.error("expected a string")
+
+    def _literal8(self) -> bool:
+        return self.data[self.pos : self.pos + 2] == b"~{"
 
     def astring(self) -> bytes:
         """An atom (ASTRING-CHARs) or a string."""
         b = self.peek()
-        if b in (0x22, 0x7B, 0x7E):
+        if b in (0x22, 0x7B) or self._literal8():
             return self.string()
         return self.run(ASTRING_CHARS, "an astring")
 
@@ -365,8 +368,9 @@ class Reader:
             raise self.error("bad sequence set")
         self._count()
         text = m.group(0).decode("ascii")
-        if any(p != "*" and int(p) == 0 for p in re.split("[:,]", text)):
-            raise self.error("0 in a sequence set")
+        for p in re.split("[:,]", text):
+            if p != "*" and not 0 < int(p) <= MAX_NUMBER:
+                raise self.error("sequence number out of range")
         return text
 
     def flag(self) -> str:
