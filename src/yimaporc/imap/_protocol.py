@@ -150,16 +150,13 @@ class ImapServerProtocol(Protocol):
             return
         self._pumping = True
         try:
-            while not self._lost and not self._running and not self.conn.closed:
-                if not self.queue:
-                    room = self._room()
-                    if not self.conn.buffered or not room:
-                        break
-                    events = self.conn.next_events(room)
-                    if not events:
-                        break
-                    self._accept(events)
-                    continue
+            while not self._lost and not self.conn.closed:
+                # Keep up to max_queued commands parsed ahead; the rest stays unread.
+                room = self._room()
+                if self.conn.buffered and room:
+                    self._accept(self.conn.next_events(room))
+                if self._running or not self.queue or self._lost:
+                    break
                 event = self.queue.popleft()
                 if isinstance(event, CommandRejected):
                     self.factory.rejected += 1
