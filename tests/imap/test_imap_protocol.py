@@ -257,7 +257,7 @@ def test_store_recent_is_bad_and_fetch_sets_seen() -> None:
 def test_list_patterns() -> None:
     """LIST "" % lists one level, LIST "" "" only the root, LSUB only subscribed,
     special-use attributes and children are shown, LIST-STATUS adds STATUS."""
-    store, factory, _ = setup()
+    _, factory, _ = setup()
     cl = Client(factory)
     cl.run(b"a LOGIN alice pw\r\nb CREATE Work/Projects\r\nc CREATE Work\r\nd UNSUBSCRIBE Junk\r\n")
     out = cl.run(b'e LIST "" %\r\n')
