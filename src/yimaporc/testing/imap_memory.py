@@ -466,3 +466,31 @@ class SimpleRenderer:
             origin, count = item.partial
             data = data[origin : origin + count]
         return data
+
+
+SAMPLE = (
+    b"From: Bob <bob@example.org>\r\nTo: alice@example.org\r\nSubject: hello\r\n"
+    b"Message-ID: <1@example.org>\r\nDate: Sat, 05 Dec 2026 10:00:00 +0000\r\n\r\nhello world\r\n"
+)
+
+
+def serve(argv: list[str] | None = None) -> None:
+    """``python -m yimaporc.testing.imap_memory HOST PORT``: an IMAP server over a fresh
+    store (alice/pw with one message, bob/pw2) for client tests; prints ``READY port``."""
+    import sys
+
+    from twisted.internet import reactor
+
+    from yimaporc.imap._protocol import ImapServerFactory
+
+    host, port = (argv if argv is not None else sys.argv[1:])[:2]
+    store = MemoryStore({"alice": "pw", "bob": "pw2"})
+    store.deliver("alice", SAMPLE)
+    factory = ImapServerFactory(MemoryBackend(store), SimpleRenderer(), reactor)  # type: ignore[arg-type]
+    listening = reactor.listenTCP(int(port), factory, interface=host)  # type: ignore[attr-defined]
+    print(f"READY {listening.getHost().port}", flush=True)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    serve()
