@@ -479,17 +479,19 @@ def serve(argv: list[str] | None = None) -> None:
     store (alice/pw with one message, bob/pw2) for client tests; prints ``READY port``."""
     import sys
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
 
     from yimaporc.imap._protocol import ImapServerFactory
+
+    reactor: Any = _reactor
 
     host, port = (argv if argv is not None else sys.argv[1:])[:2]
     store = MemoryStore({"alice": "pw", "bob": "pw2"})
     store.deliver("alice", SAMPLE)
-    factory = ImapServerFactory(MemoryBackend(store), SimpleRenderer(), reactor)  # type: ignore[arg-type]
-    listening = reactor.listenTCP(int(port), factory, interface=host)  # type: ignore[attr-defined]
+    factory = ImapServerFactory(MemoryBackend(store), SimpleRenderer(), reactor)
+    listening = reactor.listenTCP(int(port), factory, interface=host)
     print(f"READY {listening.getHost().port}", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":
