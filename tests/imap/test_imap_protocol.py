@@ -186,6 +186,19 @@ def test_starttls_injection_through_the_shell() -> None:
     assert tagged(cl.run(b"d LOGIN alice pw\r\n")) == [(b"d", b"OK")]
 
 
+def test_login_waits_for_tls_when_a_certificate_is_configured() -> None:
+    """With TLS configured, LOGIN and AUTHENTICATE before STARTTLS are NO [PRIVACYREQUIRED]
+    and CAPABILITY says LOGINDISABLED; after STARTTLS they work."""
+    _, factory, _ = setup(tls=object())
+    cl = Client(factory)
+    assert b"LOGINDISABLED" in cl.greeting and b"AUTH=PLAIN" not in cl.greeting
+    out = cl.run(b"a LOGIN alice pw\r\nb AUTHENTICATE PLAIN AGFsaWNlAHB3\r\n")
+    assert b"a NO [PRIVACYREQUIRED]" in out and b"b NO [PRIVACYREQUIRED]" in out
+    cl.run(b"c STARTTLS\r\n")
+    assert b"AUTH=PLAIN" in cl.run(b"d CAPABILITY\r\n")
+    assert tagged(cl.run(b"e AUTHENTICATE PLAIN AGFsaWNlAHB3\r\n")) == [(b"e", b"OK")]
+
+
 def test_state_errors_and_hostile_lines_are_bad() -> None:
     """Commands in the wrong state and junk lines get BAD (tagged when possible), and the
     session goes on."""

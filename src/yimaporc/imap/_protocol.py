@@ -58,6 +58,7 @@ class ImapServerProtocol(Protocol):
             self.capabilities,
             self.flush,
             self._start_tls if factory.tls is not None else None,
+            self.auth_allowed,
         )
         self.queue: deque[Event] = deque()
         self._running = False
@@ -66,7 +67,7 @@ class ImapServerProtocol(Protocol):
         self._paused = False
         self._timer: IDelayedCall | None = None
         self._last_input = factory.clock.seconds()
-        self.tls_active = False
+        self.tls_active = factory.implicit_tls
         #: Commands run, for tests and counters.
         self.commands_run = 0
 
@@ -84,8 +85,13 @@ class ImapServerProtocol(Protocol):
         if not authenticated:
             if self.factory.tls is not None and not self.tls_active:
                 caps.append("STARTTLS")
-            caps.append("AUTH=PLAIN")
+            caps.append("AUTH=PLAIN" if self.auth_allowed() else "LOGINDISABLED")
         return caps
+
+    def auth_allowed(self) -> bool:
+        """Whether LOGIN/AUTHENTICATE may run now (not before STARTTLS when a
+        certificate is configured, unless ``plaintext_auth``)."""
+        return self.tls_active or self.factory.plaintext_auth
 
     # -- Protocol -----------------------------------------------------------------
 
@@ -228,7 +234,10 @@ class ImapServerFactory(Factory):
     """Builds :class:`ImapServerProtocol` over an :class:`IImapBackend`.
 
     ``clock`` times idle connections; ``tls`` (a context factory) enables
-    STARTTLS; ``renderer`` computes ENVELOPE/BODYSTRUCTURE/sections.
+    STARTTLS (and, unless ``plaintext_auth``, keeps LOGIN/AUTHENTICATE until
+    TLS runs: ``LOGINDISABLED``, ``NO [PRIVACYREQUIRED]``); ``implicit_tls``
+    says the listener already speaks TLS; ``renderer`` computes
+    ENVELOPE/BODYSTRUCTURE/sections.
     """
 
     protocol = ImapServerProtocol  # type: ignore[assignment]
@@ -243,6 +252,8 @@ class ImapServerFactory(Factory):
         idle_timeout: float | None = 30 * 60.0,
         max_queued: int = 32,
         greeting: str = "yimaporc IMAP4rev1",
+        plaintext_auth: bool | None = None,
+        implicit_tls: bool = False,
     ) -> None:
         self.backend = backend
         self.renderer = renderer
@@ -252,6 +263,10 @@ class ImapServerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.max_queued = max_queued
         self.greeting = greeting
+        #: LOGIN/AUTHENTICATE without TLS: by default only when no certificate is configured.
+        self.plaintext_auth = tls is None if plaintext_auth is None else plaintext_auth
+        #: The listener wraps connections in TLS itself (IMAPS, port 993).
+        self.implicit_tls = implicit_tls
         self.connections: set[ImapServerProtocol] = set()
         #: Counters: commands rejected (syntax/limits), connections closed for
         #: protocol errors, for idleness.

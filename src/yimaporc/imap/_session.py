@@ -79,6 +79,7 @@ class CommandRunner:
         capabilities: Callable[[bool], list[str]],
         flush: Callable[[], None],
         start_tls: Callable[[], bool] | None = None,
+        auth_allowed: Callable[[], bool] = lambda: True,
     ) -> None:
         self.conn = conn
         self.backend = backend
@@ -86,6 +87,7 @@ class CommandRunner:
         self.capabilities = capabilities
         self.flush = flush
         self.start_tls = start_tls
+        self.auth_allowed = auth_allowed
         self.session: Any = None
         self.mailbox: Any = None
         self.view: MailboxView | None = None
@@ -209,7 +211,12 @@ class CommandRunner:
         return Done(text="begin TLS negotiation now")
 
     def _do_login(self, cmd: c.Login) -> Any:
+        self._privacy()
         return self._login(cmd.user, cmd.password)
+
+    def _privacy(self) -> None:
+        if not self.auth_allowed():
+            raise ImapError("use STARTTLS first", "PRIVACYREQUIRED")
 
     def _login(self, user: str, password: str) -> Any:
         def ok(session: Any) -> Done:
@@ -221,6 +228,7 @@ class CommandRunner:
         return maybeDeferred(self.backend.login, user, password).addCallback(ok)
 
     def _do_authenticate(self, cmd: c.Authenticate) -> Any:
+        self._privacy()
         if cmd.mechanism != "PLAIN":
             return Done("NO", f"unsupported mechanism {cmd.mechanism}", ResponseCode("CANNOT"))
         if cmd.initial_response is not None:
