@@ -315,6 +315,7 @@ def test_condstore_qresync() -> None:
     cl.run(b"d STORE 1 +FLAGS (\\Deleted)\r\ne EXPUNGE\r\nf UNSELECT\r\n")
     store.boxes["alice"]["INBOX"].messages[0].flags.add("\\Flagged")
     store.boxes["alice"]["INBOX"].messages[0].modseq = modseq + 10
+    store.boxes["alice"]["INBOX"].changed()
     out = cl.run(b"g SELECT INBOX (QRESYNC (%d %d 1:2))\r\n" % (validity, modseq))
     assert b"* VANISHED (EARLIER) 1\r\n" in out
     assert b"* 1 FETCH (UID 2 FLAGS (\\Flagged \\Seen) MODSEQ (%d))" % (modseq + 10) in out

@@ -160,6 +160,17 @@ def frame(data: bytes | bytearray, limits: Limits, pos: int = 0) -> Complete | N
         pos = nl + 1 + size
 
 
+_RUNS: dict[frozenset[int], re.Pattern[bytes]] = {}
+
+
+def _run_regex(chars: frozenset[int]) -> re.Pattern[bytes]:
+    pattern = _RUNS.get(chars)
+    if pattern is None:
+        body = b"".join(re.escape(bytes([ch])) for ch in sorted(chars))
+        pattern = _RUNS[chars] = re.compile(b"[" + body + b"]+")
+    return pattern
+
+
 class Reader:
     """Reads the tokens of one framed command (``data`` ends before its final CRLF)."""
 
@@ -222,15 +233,12 @@ class Reader:
 
     def run(self, chars: frozenset[int], what: str) -> bytes:
         """A non-empty run of bytes from ``chars``."""
-        start = self.pos
-        data = self.data
-        n = len(data)
-        while self.pos < n and data[self.pos] in chars:
-            self.pos += 1
-        if self.pos == start:
+        m = _run_regex(chars).match(self.data, self.pos)
+        if m is None:
             raise self.error(f"expected {what}")
+        self.pos = m.end()
         self._count()
-        return data[start : self.pos]
+        return m.group(0)
 
     def atom(self) -> str:
         """An atom, as text."""

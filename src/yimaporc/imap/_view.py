@@ -9,6 +9,7 @@ SEARCH runs (RFC 3501 7.4.1).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 
 from . import _serialize as s
@@ -48,10 +49,12 @@ class MailboxView:
         self.messages: list[MessageInfo] = list(snapshot.messages)
         self.uidnext = snapshot.uidnext
         self.highestmodseq = snapshot.highestmodseq
-        self._index = {m.uid: i for i, m in enumerate(self.messages)}
+        self._last: Snapshot | None = snapshot
+        self._reindex()
 
     def _reindex(self) -> None:
         self._index = {m.uid: i for i, m in enumerate(self.messages)}
+        self._uids = [m.uid for m in self.messages]  # ascending, as UIDs are in IMAP
 
     def __len__(self) -> int:
         return len(self.messages)
@@ -75,19 +78,24 @@ class MailboxView:
         if text == "$":
             raise ImapError("SEARCHRES is not supported", status="BAD")
         if uid:
-            star = self.messages[-1].uid if self.messages else 0
-            ranges = _ranges(text, star)
             if not self.messages:
                 return []
-            return [m.uid for m in self.messages if any(lo <= m.uid <= hi for lo, hi in ranges)]
+            uids = self._uids
+            picked: set[int] = set()
+            for lo, hi in _ranges(text, uids[-1]):
+                a, b = bisect.bisect_left(uids, lo), bisect.bisect_right(uids, hi)
+                if b - a == len(uids):
+                    return list(uids)
+                picked.update(uids[a:b])
+            return sorted(picked)
         n = len(self.messages)
         ranges = _ranges(text, n)
         if n == 0 or any(hi > n or lo < 1 for lo, hi in ranges):
             raise ImapError("no such message", status="BAD")
-        picked: set[int] = set()
+        seqs: set[int] = set()
         for lo, hi in ranges:
-            picked.update(range(lo, hi + 1))
-        return [self.messages[i - 1].uid for i in sorted(picked)]
+            seqs.update(range(lo, hi + 1))
+        return [self._uids[i - 1] for i in sorted(seqs)]
 
     def set_flags(self, uid: int, flags: tuple[str, ...], modseq: int) -> None:
         """Record flags the client was just told."""
@@ -95,6 +103,7 @@ class MailboxView:
         if i is not None:
             m = self.messages[i]
             self.messages[i] = MessageInfo(m.uid, flags, m.size, m.internal_date, modseq)
+            self._last = None
 
     def update(
         self,
@@ -110,6 +119,9 @@ class MailboxView:
         ``modseq``: FETCH updates carry MODSEQ (CONDSTORE enabled); ``silent``:
         UIDs whose flag change the client asked not to hear of (STORE .SILENT).
         """
+        if snapshot is self._last and not silent:
+            return []  # the backend says nothing changed since the last look
+        self._last = snapshot
         out: list[s.Data] = []
         current = {m.uid: m for m in snapshot.messages}
         if allow_expunge:

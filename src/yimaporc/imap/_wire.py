@@ -34,6 +34,8 @@ STATUS_ITEMS = frozenset(
 LIST_SELECTION = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
 LIST_RETURN = frozenset({"SUBSCRIBED", "CHILDREN", "SPECIAL-USE", "STATUS"})
 SEARCH_RETURN = frozenset({"MIN", "MAX", "COUNT", "ALL", "SAVE"})
+_SECTION_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.")
+_ITEM_CHARS = _SECTION_CHARS | frozenset(b"0123456789-")
 
 
 def parse_command(data: bytes, limits: Limits = DEFAULT_LIMITS) -> c.Command:
@@ -382,10 +384,7 @@ def _fetch(r: Reader, tag: str, uid: bool) -> c.Fetch:
 
 def _fetch_item(r: Reader) -> c.FetchItem:
     start = r.pos
-    name = r.run(
-        frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-"),
-        "a FETCH item",
-    ).decode("ascii")
+    name = r.run(_ITEM_CHARS, "a FETCH item").decode("ascii")
     upper = name.upper()
     if upper in ("BODY", "BODY.PEEK") and r.peek() == 0x5B:
         return _body_section(r, upper == "BODY.PEEK")
@@ -407,9 +406,7 @@ def _body_section(r: Reader, peek: bool) -> c.BodySection:
         if r.peek() is not None and not 0x30 <= r.data[r.pos] <= 0x39:
             break
     if r.peek() != 0x5D:
-        word = r.run(
-            frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz."), "a section"
-        )
+        word = r.run(_SECTION_CHARS, "a section")
         text = word.decode("ascii").upper()
         if text not in c.SECTION_TEXTS or (text == "MIME" and not part):
             raise r.error("bad body section")

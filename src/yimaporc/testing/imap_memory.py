@@ -72,13 +72,24 @@ class MemoryMailbox:
     modseq: int = 1
     messages: list[MemoryMessage] = attrs.Factory(list)
     watchers: list[Callable[[], None]] = attrs.Factory(list)
+    cached: Snapshot | None = None
+
+    def snapshot(self) -> Snapshot:
+        """The current snapshot; the same object until the next change."""
+        if self.cached is None:
+            self.cached = Snapshot(
+                tuple(m.info() for m in self.messages), self.uidnext, self.modseq
+            )
+        return self.cached
 
     def changed(self) -> None:
+        self.cached = None
         for w in list(self.watchers):
             w()
 
     def add(self, raw: bytes, flags: tuple[str, ...], date: float) -> int:
         self.modseq += 1
+        self.cached = None
         uid = self.uidnext
         self.uidnext += 1
         self.messages.append(MemoryMessage(uid, raw, set(flags), date, self.modseq))
@@ -236,8 +247,7 @@ class MemorySelected:
         return self.session.backend.delay(value)
 
     def snapshot(self) -> Deferred[Snapshot]:
-        b = self.box
-        return self._later(Snapshot(tuple(m.info() for m in b.messages), b.uidnext, b.modseq))
+        return self._later(self.box.snapshot())
 
     def load(self, uids: list[int]) -> Deferred[dict[int, bytes]]:
         wanted = set(uids)
