@@ -146,6 +146,23 @@ def test_idle_timeout_says_bye() -> None:
     assert factory.timed_out == 1
 
 
+def test_silent_authenticate_or_idle_times_out() -> None:
+    """A client that goes silent in the middle of AUTHENTICATE or IDLE is timed out too,
+    while a command waiting on a slow backend is not."""
+    _, factory, clock = setup(idle_timeout=60.0)
+    sasl = Client(factory)
+    sasl.run(b"a AUTHENTICATE PLAIN\r\n")
+    idle = Client(factory)
+    idle.run(b"a LOGIN alice pw\r\nb IDLE\r\n")
+    slow = Client(factory)
+    factory.backend.delay = lambda v: Deferred()  # type: ignore[attr-defined]
+    slow.run(b"a LOGIN alice pw\r\n")
+    clock.advance(61)
+    clock.advance(61)
+    assert sasl.t.disconnecting and idle.t.disconnecting
+    assert not slow.t.disconnecting
+
+
 def test_logout_releases_session_and_mailbox() -> None:
     """LOGOUT answers BYE then OK, closes, and releases the session and its mailbox."""
     _, factory, _ = setup()
@@ -210,6 +227,9 @@ def test_state_errors_and_hostile_lines_are_bad() -> None:
     assert tagged(out) == [(b"a", b"BAD"), (b"b", b"BAD"), (b"c", b"OK"), (b"d", b"BAD")]
     assert b"* BAD" in out
     assert factory.rejected == 1
+    fresh = Client(factory)
+    out = fresh.run(b"a IDLE\r\nb STARTTLS\r\nc NOOP\r\n")
+    assert tagged(out) == [(b"a", b"BAD"), (b"b", b"BAD"), (b"c", b"OK")]
 
 
 def test_login_failure_and_sasl_plain() -> None:

@@ -220,8 +220,10 @@ class ImapServerProtocol(Protocol):
         timeout = self.factory.idle_timeout
         assert timeout is not None
         quiet = self.factory.clock.seconds() - self._last_input
-        if quiet < timeout or (self._running and self.runner._idle is None):
-            # A command still working does not time the client out.
+        waiting_on_client = self.runner._idle is not None or self.runner._sasl is not None
+        if quiet < timeout or (self._running and not waiting_on_client):
+            # A command the backend still works on does not time the client out;
+            # a client silent in IDLE or in the middle of AUTHENTICATE does.
             self._arm(max(timeout - quiet, 1.0))
             return
         self.factory.timed_out += 1
