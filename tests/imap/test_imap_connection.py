@@ -145,3 +145,13 @@ def test_max_events_leaves_the_rest_buffered() -> None:
     assert len(conn.receive_data(data, max_events=3)) == 3
     assert conn.buffered > 0
     assert len(conn.next_events(100)) == 7 and conn.buffered == 0
+
+
+def test_absent_uids_wide_ranges() -> None:
+    """VANISHED sets are computed from the present UIDs, not by enumerating wide ranges."""
+    from yimaporc.imap._view import absent_uids
+
+    assert absent_uids("1:*", [5, 7], 4_000_000_000) == "1:4,6,8:3999999999"
+    assert absent_uids("3:6,6:9", [4, 8], 9) == "3,5:7"
+    assert absent_uids("1:*", [], 1) == ""
+    assert absent_uids("10:20", [1, 2], 5) == ""

@@ -4,13 +4,18 @@ STARTTLS injection, and the client-visible fixes of issue 15."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_imap_wire import COMMANDS
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from yimaporc.imap._format import format_command
 from yimaporc.imap._protocol import ImapServerFactory, ImapServerProtocol
 from yimaporc.testing.imap_memory import MemoryBackend, MemoryStore, SimpleRenderer
 
@@ -342,6 +347,8 @@ def test_condstore_qresync() -> None:
     assert b"* 1 FETCH" not in cl.run(b"h FETCH 1 (FLAGS) (CHANGEDSINCE %d)\r\n" % (modseq + 10))
     out = cl.run(b"i UID STORE 2 (UNCHANGEDSINCE 1) +FLAGS (\\Answered)\r\n")
     assert b"i OK [MODIFIED 2]" in out
+    out = cl.run(b"j UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)\r\n")
+    assert out.startswith(b"* VANISHED (EARLIER) 1\r\n* 1 FETCH (UID 2 FLAGS")
 
 
 def test_search_and_esearch() -> None:
@@ -381,3 +388,17 @@ def test_append_too_big() -> None:
     cl = Client(factory)
     out = cl.run(b"a LOGIN alice pw\r\nb APPEND INBOX {101}\r\nc NOOP\r\n")
     assert b"b NO [TOOBIG]" in out and b"\r\n+ " not in out and b"c OK" in out
+
+
+@settings(max_examples=int(os.environ.get("IMAP_FUZZ_EXAMPLES", "60")), deadline=None)
+@given(st.lists(COMMANDS, min_size=1, max_size=8), st.binary(max_size=60))
+def test_fuzzed_sessions_never_hit_a_server_error(cmds: list[Any], junk: bytes) -> None:
+    """Any sequence of valid commands (and junk) after login/select is answered with
+    OK/NO/BAD; no handler fails with an unexpected exception (SERVERBUG)."""
+    _, factory, _ = setup()
+    cl = Client(factory)
+    data = b"a LOGIN alice pw\r\nb SELECT INBOX\r\n" + b"".join(format_command(x) for x in cmds)
+    cl.send(data + junk + b"\r\nz NOOP\r\n")
+    out = cl.take()
+    assert b"SERVERBUG" not in out, out
+    assert cl.proto.runner.server_errors == 0

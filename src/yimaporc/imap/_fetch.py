@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from . import _commands as c
 from . import _serialize as s
-from ._view import uid_set_text
+from ._view import absent_uids, uid_set_text
 from .interfaces import ImapError, MessageInfo
 
 if TYPE_CHECKING:
@@ -32,20 +32,6 @@ def _sets_seen(item: c.FetchItem) -> bool:
     if isinstance(item, c.BodySection):
         return not item.peek
     return item.name in ("RFC822", "RFC822.TEXT")
-
-
-def _vanished(text: str, present: set[int], uidnext: int) -> list[int]:
-    out: list[int] = []
-    top = uidnext - 1
-    for part in text.split(","):
-        lo_s, _, hi_s = part.partition(":")
-        lo = top if lo_s == "*" else int(lo_s)
-        hi = lo if not hi_s else (top if hi_s == "*" else int(hi_s))
-        lo, hi = min(lo, hi), min(max(lo, hi), top)
-        if hi - lo > 1_000_000:
-            raise ImapError("UID range too large for VANISHED", status="BAD")
-        out += [u for u in range(lo, hi + 1) if u not in present]
-    return out
 
 
 def answer_fetch(runner: CommandRunner, cmd: c.Fetch) -> Deferred[Done]:
@@ -67,9 +53,9 @@ def answer_fetch(runner: CommandRunner, cmd: c.Fetch) -> Deferred[Done]:
     if cmd.vanished:
         if "QRESYNC" not in runner.enabled:
             raise ImapError("QRESYNC is not enabled", status="BAD")
-        gone = _vanished(cmd.sequence_set, {m.uid for m in view.messages}, view.uidnext)
+        gone = absent_uids(cmd.sequence_set, [m.uid for m in view.messages], view.uidnext)
         if gone:
-            runner.conn.send(s.vanished(uid_set_text(gone), earlier=True))
+            runner.conn.send(s.vanished(gone, earlier=True))
     if cmd.changed_since is not None:
         since = cmd.changed_since
         uids = [u for u in uids if (view.info(u) or MessageInfo(u, (), 0, 0)).modseq > since]

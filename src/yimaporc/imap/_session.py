@@ -23,7 +23,7 @@ from . import _serialize as s
 from ._connection import ImapConnection
 from ._machine import State
 from ._serialize import ResponseCode
-from ._view import MailboxView, uid_set_text
+from ._view import MailboxView, absent_uids, uid_set_text
 from .interfaces import (
     AppendResult,
     CopyResult,
@@ -329,14 +329,10 @@ class CommandRunner:
         )
 
     def _qresync(self, q: c.Qresync, view: MailboxView, snap: Snapshot) -> None:
-        present = {m.uid for m in snap.messages}
-        if q.known_uids is not None:
-            known = _expand_uids(q.known_uids, snap.uidnext)
-            gone = [u for u in known if u not in present]
-        else:
-            gone = [u for u in range(1, snap.uidnext) if u not in present][:100000]
+        present = sorted(m.uid for m in snap.messages)
+        gone = absent_uids(q.known_uids or "1:*", present, snap.uidnext)
         if gone:
-            self.conn.send(s.vanished(uid_set_text(gone), earlier=True))
+            self.conn.send(s.vanished(gone, earlier=True))
         for i, m in enumerate(view.messages):
             if m.modseq > q.modseq:
                 self.conn.send(
@@ -543,19 +539,6 @@ class CommandRunner:
 def _pairs(uids: tuple[int, ...]) -> str:
     # COPYUID pairs source and destination UIDs by position: keep the order.
     return ",".join(str(u) for u in uids) if list(uids) != sorted(uids) else uid_set_text(uids)
-
-
-def _expand_uids(text: str, uidnext: int) -> list[int]:
-    out: list[int] = []
-    for item in text.split(","):
-        lo, _, hi = item.partition(":")
-        a = uidnext - 1 if lo == "*" else int(lo)
-        b = a if not hi else (uidnext - 1 if hi == "*" else int(hi))
-        a, b = min(a, b), min(max(a, b), uidnext - 1)
-        out.extend(range(a, b + 1))
-        if len(out) > 1_000_000:
-            raise ImapError("known-uids too large", status="BAD")
-    return out
 
 
 def _check_storable(flag: str) -> None:

@@ -32,6 +32,33 @@ def uid_set_text(uids: Iterable[int]) -> str:
     return ",".join(out)
 
 
+def absent_uids(text: str, present: list[int], uidnext: int) -> str:
+    """The UIDs a UID set names below ``uidnext`` that are not in ``present`` (sorted),
+    as set text, in O(len(present)) whatever the ranges' width (VANISHED (EARLIER))."""
+    top = uidnext - 1
+    gaps: list[tuple[int, int]] = []
+    for lo, hi in _ranges(text, top):
+        lo, hi = max(lo, 1), min(hi, top)
+        if lo > hi:
+            continue
+        a, b = bisect.bisect_left(present, lo), bisect.bisect_right(present, hi)
+        cur = lo
+        for u in present[a:b]:
+            if u > cur:
+                gaps.append((cur, u - 1))
+            cur = u + 1
+        if cur <= hi:
+            gaps.append((cur, hi))
+    gaps.sort()
+    merged: list[tuple[int, int]] = []
+    for a, b in gaps:
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return ",".join(str(a) if a == b else f"{a}:{b}" for a, b in merged)
+
+
 def _ranges(text: str, star: int) -> list[tuple[int, int]]:
     out = []
     for item in text.split(","):

@@ -346,6 +346,15 @@ def _text(tokens: list[Any]) -> bytes:
     return t if isinstance(t, bytes) else str(t).encode()
 
 
+_SEQ_SET = re.compile(r"(?:[0-9]+|\*)(?::(?:[0-9]+|\*))?(?:,(?:[0-9]+|\*)(?::(?:[0-9]+|\*))?)*")
+
+
+def _number(raw: bytes) -> int:
+    if not raw.isdigit() or len(raw) > 20:
+        raise ImapError("expected a number", status="BAD")
+    return int(raw)
+
+
 def _header(raw: bytes, name: bytes) -> bytes:
     head = raw.split(b"\r\n\r\n", 1)[0]
     out = []
@@ -383,12 +392,15 @@ def _match_one(tokens: list[Any], m: MemoryMessage, seq: int, view: MailboxView)
         has = _text(tokens).decode() in m.flags
         return has if key == "KEYWORD" else not has
     if key == "UID":
-        return m.uid in view.resolve(_text(tokens).decode(), True)
-    if key in ("LARGER", "SMALLER"):
-        n = int(_text(tokens))
+        uids = _text(tokens).decode("ascii", "replace")
+        if not _SEQ_SET.fullmatch(uids):
+            raise ImapError("bad UID set", status="BAD")
+        return m.uid in view.resolve(uids, True)
+    if key in ("LARGER", "SMALLER", "MODSEQ"):
+        n = _number(_text(tokens))
+        if key == "MODSEQ":
+            return m.modseq >= n
         return len(m.raw) > n if key == "LARGER" else len(m.raw) < n
-    if key == "MODSEQ":
-        return m.modseq >= int(_text(tokens))
     if key in ("TEXT", "BODY"):
         needle = _text(tokens).lower()
         hay = m.raw if key == "TEXT" else m.raw.split(b"\r\n\r\n", 1)[-1]
@@ -398,7 +410,7 @@ def _match_one(tokens: list[Any], m: MemoryMessage, seq: int, view: MailboxView)
     if key == "HEADER":
         name = _text(tokens)
         return _text(tokens).lower() in _header(m.raw, name).lower()
-    if key[:1].isdigit() or key[:1] == "*":
+    if _SEQ_SET.fullmatch(key):
         try:
             return m.uid in view.resolve(key, False)
         except ImapError:
