@@ -130,6 +130,20 @@ def test_backpressure_pauses_reading() -> None:
     assert [t for t, _ in tagged(out)] == [b"a"] + [b"s%d" % i for i in range(10)]
 
 
+def test_full_write_buffer_holds_commands() -> None:
+    """While the transport's write buffer is full no new command starts; when it drains
+    the waiting commands run, in order."""
+    _, factory, clock = setup()
+    cl = Client(factory)
+    cl.t.producer.pauseProducing()  # what a full write buffer does
+    assert cl.run(b"a NOOP\r\nb NOOP\r\nc NOOP\r\n") == b""
+    cl.t.producer.resumeProducing()
+    clock.advance(0)
+    assert [t for t, _ in tagged(cl.take())] == [b"a", b"b", b"c"]
+    cl.run(b"d LOGOUT\r\n")
+    assert cl.t.producer is None and cl.t.disconnecting
+
+
 def test_many_commands_answered_at_once_do_not_recurse() -> None:
     """Thousands of pipelined commands answered synchronously run in a loop (no deep stack)."""
     _, factory, _ = setup(max_queued=10000)

@@ -14,12 +14,14 @@ and the selected mailbox.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ._connection import ImapConnection
 from ._events import (
@@ -43,8 +45,31 @@ BASE_CAPABILITIES = (
 )  # fmt: skip
 
 
+@implementer(IPushProducer)
+class _WriteGate:
+    """Registered with the transport: tells whether its write buffer is full."""
+
+    def __init__(self, on_resume: Callable[[], None]) -> None:
+        self.paused = False
+        self.on_resume = on_resume
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.on_resume()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
 class ImapServerProtocol(Protocol):
-    """One IMAP connection."""
+    """One IMAP connection.
+
+    No new command starts while the transport's write buffer is full (a client
+    that pipelines FETCHes without reading makes the server wait, not buffer).
+    """
 
     log = Logger()
 
@@ -66,6 +91,9 @@ class ImapServerProtocol(Protocol):
         self._lost = False
         self._paused = False
         self._timer: IDelayedCall | None = None
+        self._later: IDelayedCall | None = None
+        self._gate = _WriteGate(self._write_resumed)
+        self._registered = False
         self._last_input = factory.clock.seconds()
         self.tls_active = factory.implicit_tls
         #: Commands run, for tests and counters.
@@ -95,7 +123,25 @@ class ImapServerProtocol(Protocol):
 
     # -- Protocol -----------------------------------------------------------------
 
+    def _write_resumed(self) -> None:
+        # Not from inside the transport's write: run the queue on the next turn.
+        if not self._lost and self._later is None:
+            self._later = self.factory.clock.callLater(0, self._pump_later)
+
+    def _pump_later(self) -> None:
+        self._later = None
+        self._pump()
+
+    def _close(self) -> None:
+        # A transport holding a paused producer would never finish closing.
+        if self._registered:
+            self._registered = False
+            self._t.unregisterProducer()
+        self._t.loseConnection()
+
     def connectionMade(self) -> None:
+        self._t.registerProducer(self._gate, True)
+        self._registered = True
         code = ResponseCode("CAPABILITY", tuple(self.capabilities()))
         self.conn.send(StatusResponse("OK", f"{self.factory.greeting} ready", code))
         self.flush()
@@ -108,9 +154,10 @@ class ImapServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._lost = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for call in (self._timer, self._later):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._later = None
         self.queue.clear()
         self.runner.connection_lost()
         self.factory.connections.discard(self)
@@ -135,7 +182,7 @@ class ImapServerProtocol(Protocol):
                 self.conn.bye(event.text)
                 self.flush()
                 self.queue.clear()
-                self._t.loseConnection()
+                self._close()
                 return
             else:
                 self.queue.append(event)
@@ -161,7 +208,7 @@ class ImapServerProtocol(Protocol):
                 room = self._room()
                 if self.conn.buffered and room:
                     self._accept(self.conn.next_events(room))
-                if self._running or not self.queue or self._lost:
+                if self._running or not self.queue or self._lost or self._gate.paused:
                     break
                 event = self.queue.popleft()
                 if isinstance(event, CommandRejected):
@@ -189,7 +236,7 @@ class ImapServerProtocol(Protocol):
             return
         self.flush()
         if self.conn.state is State.LOGOUT:
-            self._t.loseConnection()
+            self._close()
             return
         self._pump()
 
@@ -229,7 +276,7 @@ class ImapServerProtocol(Protocol):
         self.factory.timed_out += 1
         self.conn.bye("autologout: idle for too long")
         self.flush()
-        self._t.loseConnection()
+        self._close()
 
 
 class ImapServerFactory(Factory):
