@@ -1,13 +1,15 @@
-"""Real IMAP clients (Python's imaplib, imapclient, imap-tools) against the yimaporc.imap
+"""Real IMAP clients (Python's imaplib, imapclient, imap-tools, curl) against the yimaporc.imap
 shell over the in-memory backend, in a child process on 127.0.121.0/24."""
 
 from __future__ import annotations
 
 import imaplib
+import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -124,3 +126,26 @@ def test_raw_pipelining_and_hostile_lines(server: int) -> None:
             tags.append(line.split(b" ")[0 if not line.startswith(b"*") else 1][:3])
     assert tags == [b"a", b"b", b"c", b"BAD", b"d"]
     s.close()
+
+
+def test_curl_session(server: int, tmp_path: Any) -> None:
+    """curl: list mailboxes, fetch a message by UID, search, and upload (APPEND)."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed (make tools)")
+    url = f"imap://{HOST}:{server}"
+
+    def curl(*args: str) -> str:
+        done = subprocess.run(
+            ["curl", "-sS", "--max-time", "30", "-u", "alice:pw", *args],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        return done.stdout
+
+    listing = curl(f"{url}/")
+    assert '"INBOX"' in listing and "\\Sent" in listing
+    assert curl(f"{url}/INBOX;UID=1").endswith("hello world\n")
+    assert curl(f"{url}/INBOX", "-X", "SEARCH SUBJECT hello").strip() == "* SEARCH 1"
+    upload = tmp_path / "m.eml"
+    upload.write_bytes(b"Subject: via curl\r\n\r\nuploaded\r\n")
+    curl("-T", str(upload), f"{url}/Drafts")
+    assert curl(f"{url}/Drafts;UID=1").endswith("uploaded\n")
