@@ -348,7 +348,8 @@ def test_condstore_qresync() -> None:
     store, factory, _ = setup()
     cl = Client(factory)
     out = cl.run(b"a LOGIN alice pw\r\nb ENABLE QRESYNC\r\nc SELECT INBOX\r\n")
-    assert b"* ENABLED QRESYNC CONDSTORE" in out
+    assert b"* ENABLED QRESYNC\r\n" in out
+    assert b"* ENABLED\r\n" in cl.run(b"b2 ENABLE CONDSTORE QRESYNC\r\n")
     modseq = int(re.search(rb"HIGHESTMODSEQ (\d+)", out).group(1))  # type: ignore[union-attr]
     validity = int(re.search(rb"UIDVALIDITY (\d+)", out).group(1))  # type: ignore[union-attr]
     cl.run(b"d STORE 1 +FLAGS (\\Deleted)\r\ne EXPUNGE\r\nf UNSELECT\r\n")

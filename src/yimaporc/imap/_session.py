@@ -262,11 +262,13 @@ class CommandRunner:
 
     def _do_enable(self, cmd: c.Enable) -> Done:
         offered = set(self.capabilities(True))
-        now = [x for x in cmd.capabilities if x in offered and x in ("CONDSTORE", "QRESYNC")]
-        if "QRESYNC" in now and "CONDSTORE" not in now:
-            now.append("CONDSTORE")
-        new = [x for x in now if x not in self.enabled]
-        self.enabled.update(now)
+        asked = [x for x in cmd.capabilities if x in offered and x in ("CONDSTORE", "QRESYNC")]
+        # ENABLED names what this command enabled, as asked (RFC 5161); QRESYNC
+        # implies CONDSTORE (RFC 7162 3.2.3) without naming it.
+        new = list(dict.fromkeys(x for x in asked if x not in self.enabled))
+        self.enabled.update(asked)
+        if "QRESYNC" in self.enabled:
+            self.enabled.add("CONDSTORE")
         if "CONDSTORE" in self.enabled:
             self.condstore = True
         self.conn.send(s.enabled(new))
