@@ -209,6 +209,20 @@ def test_connection_lost_mid_command_releases() -> None:
     assert store.boxes["alice"]["INBOX"].watchers == []
 
 
+def test_connection_lost_in_idle_or_authenticate_is_quiet() -> None:
+    """A client that disappears during IDLE or AUTHENTICATE counts no server error and
+    leaves no watcher behind."""
+    store, factory, _ = setup()
+    idle, sasl = Client(factory), Client(factory)
+    idle.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\nc IDLE\r\n")
+    sasl.run(b"a AUTHENTICATE PLAIN\r\n")
+    idle.proto.connectionLost()
+    sasl.proto.connectionLost()
+    assert idle.proto.runner.server_errors == sasl.proto.runner.server_errors == 0
+    assert store.boxes["alice"]["INBOX"].watchers == []
+    assert factory.connections == set()
+
+
 def test_starttls_injection_through_the_shell() -> None:
     """The shell starts TLS after the OK and never runs plaintext pipelined behind STARTTLS."""
     _, factory, _ = setup(tls=object())

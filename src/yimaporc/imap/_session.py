@@ -124,7 +124,15 @@ class CommandRunner:
         if self.mailbox is None or isinstance(cmd, c.Select | c.Logout | c.Idle):
             return done
         allow = getattr(cmd, "uid", True) or not isinstance(cmd, c.Fetch | c.Store | c.Search)
-        return self.refresh(allow).addCallback(lambda _: done)
+        # The command's own outcome stands when only the update after it fails.
+        return self.refresh(allow).addCallbacks(
+            lambda _: done, self._refresh_failed, errbackArgs=(done,)
+        )
+
+    def _refresh_failed(self, f: Failure, done: Done) -> Done:
+        if not isinstance(f.value, ImapError):
+            log.failure("imap: mailbox update failed", f)
+        return done
 
     def _failed(self, f: Failure, cmd: c.Command) -> Done:
         self.failed += 1
@@ -161,10 +169,9 @@ class CommandRunner:
 
     def connection_lost(self) -> None:
         """Release everything the session holds."""
-        if self._idle is not None and not self._idle.called:
-            self._idle.cancel()
-        if self._sasl is not None and not self._sasl.called:
-            self._sasl.cancel()
+        # A client gone in IDLE or mid-AUTHENTICATE is ordinary: end them quietly.
+        self.idle_done(False)
+        self.sasl_response(None, "connection closed")
         self._deselect()
         if self.session is not None:
             session, self.session = self.session, None
