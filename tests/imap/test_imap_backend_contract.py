@@ -63,7 +63,7 @@ class ImapBackendContract:
     def test_missing_mailboxes(self) -> None:
         """SELECT of a missing mailbox is NONEXISTENT; APPEND and COPY to one TRYCREATE;
         CREATE of an existing one ALREADYEXISTS."""
-        backend, session = self.session()
+        _, session = self.session()
         result(session.create("Dup", ()))
         for call, code in (
             (lambda: session.select("Nope", False), "NONEXISTENT"),
