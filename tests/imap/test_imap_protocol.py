@@ -431,3 +431,22 @@ def test_fuzzed_sessions_never_hit_a_server_error(cmds: list[Any], junk: bytes) 
     out = cl.take()
     assert b"SERVERBUG" not in out, out
     assert cl.proto.runner.server_errors == 0
+
+
+def test_session_fed_byte_by_byte_answers_the_same() -> None:
+    """A whole session fed one byte at a time gets the same answers as fed in one packet
+    (synchronising literals aside, whose "+" comes as soon as the brace is in)."""
+    session = (
+        b'a LOGIN alice "pw"\r\nb SELECT INBOX\r\nc UID FETCH 1:* (UID FLAGS BODY.PEEK[HEADER.FIELDS (X-TUID)])\r\n'
+        b"d SEARCH OR SEEN TEXT {5+}\r\nhello\r\ne STORE 1 +FLAGS (\\Answered)\r\n"
+        b'f APPEND INBOX (\\Seen) {4+}\r\nabcd\r\ng LIST "" %\r\nh LOGOUT\r\n'
+    )
+    outs = []
+    for chunks in ([session], [session[i : i + 1] for i in range(len(session))]):
+        _, factory, _ = setup()
+        cl = Client(factory)
+        for chunk in chunks:
+            cl.send(chunk)
+        outs.append(cl.take())
+    assert outs[0] == outs[1]
+    assert [t for t, _ in tagged(outs[0])] == [b"a", b"b", b"c", b"d", b"e", b"f", b"g", b"h"]
