@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from . import _commands as c
 from . import _serialize as s
+from ._serialize import ResponseCode
 from ._view import absent_uids, uid_set_text
 from .interfaces import ImapError, MessageInfo
 
@@ -119,7 +120,7 @@ def answer_search(runner: CommandRunner, cmd: c.Search) -> Deferred[Done]:
     view = runner.view
     assert view is not None and runner.mailbox is not None
     if cmd.charset is not None and cmd.charset not in ("UTF-8", "US-ASCII"):
-        raise ImapError("unsupported charset", "BADCHARSET")
+        raise ImapError("unsupported charset", ResponseCode("BADCHARSET", ("US-ASCII", "UTF-8")))
     if cmd.returns is not None and "SAVE" in cmd.returns:
         raise ImapError("SEARCHRES is not supported", status="BAD")
     messages = list(view.messages)

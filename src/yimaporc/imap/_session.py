@@ -54,7 +54,9 @@ class Done:
     code: ResponseCode | None = None
 
 
-def _code(name: str | None) -> ResponseCode | None:
+def _code(name: str | ResponseCode | None) -> ResponseCode | None:
+    if isinstance(name, ResponseCode):
+        return name
     try:
         return ResponseCode(name) if name else None
     except ValueError:

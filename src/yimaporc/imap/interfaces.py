@@ -21,11 +21,20 @@ from typing import Any
 import attrs
 from zope.interface import Attribute, Interface
 
+from ._serialize import ResponseCode
+
 
 class ImapError(Exception):
-    """A command fails: answered ``status [code] text`` (status ``NO`` or ``BAD``)."""
+    """A command fails: answered ``status [code] text`` (status ``NO`` or ``BAD``).
 
-    def __init__(self, text: str, code: str | None = None, status: str = "NO") -> None:
+    ``code`` is a response-code name (``"TRYCREATE"``) or a whole
+    :class:`~._serialize.ResponseCode` when it has arguments
+    (``ResponseCode("BADCHARSET", ("US-ASCII", "UTF-8"))``).
+    """
+
+    def __init__(
+        self, text: str, code: str | ResponseCode | None = None, status: str = "NO"
+    ) -> None:
         super().__init__(text)
         self.text = text
         self.code = code
