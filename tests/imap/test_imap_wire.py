@@ -305,6 +305,8 @@ def test_rejection_carries_the_tag() -> None:
     assert isinstance(event, CommandRejected) and event.tag == "t42"
     (event,), _ = _feed([b"\xff NOOP\r\n"])
     assert isinstance(event, CommandRejected) and event.tag is None
+    (event,), _ = _feed([b'a"b NOOP\r\n'])
+    assert isinstance(event, CommandRejected) and event.tag is None
 
 
 def test_huge_synchronising_literal_refused_without_waiting() -> None:

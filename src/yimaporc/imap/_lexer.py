@@ -247,6 +247,9 @@ class Reader:
     def tag_token(self) -> str:
         """The command tag."""
         tag = self.run(TAG_CHARS, "a tag").decode("ascii")
+        if self.peek() not in (0x20, None):
+            # 'a"b NOOP': answering "a BAD" could hit another command tagged "a".
+            raise ParseError("bad tag")
         self.tag = tag
         return tag
 
