@@ -15,12 +15,13 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from . import _commands as c
 from . import _serialize as s
+from ._outcome import Done
 from ._serialize import ResponseCode
 from ._view import absent_uids, uid_set_text
 from .interfaces import ImapError, MessageInfo
 
 if TYPE_CHECKING:
-    from ._session import CommandRunner, Done
+    from ._session import CommandRunner
 
 
 def _needs_body(item: c.FetchItem) -> bool:
@@ -37,8 +38,6 @@ def _sets_seen(item: c.FetchItem) -> bool:
 
 def answer_fetch(runner: CommandRunner, cmd: c.Fetch) -> Deferred[Done]:
     """Send the FETCH data of ``cmd``."""
-    from ._session import Done
-
     view = runner.view
     box = runner.mailbox
     assert view is not None and box is not None
@@ -115,8 +114,6 @@ def _item(runner: CommandRunner, item: c.FetchItem, info: MessageInfo, flags: tu
 
 def answer_search(runner: CommandRunner, cmd: c.Search) -> Deferred[Done]:
     """Send the SEARCH or ESEARCH data of ``cmd``."""
-    from ._session import Done
-
     view = runner.view
     assert view is not None and runner.mailbox is not None
     if cmd.charset is not None and cmd.charset not in ("UTF-8", "US-ASCII"):

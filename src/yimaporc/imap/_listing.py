@@ -14,11 +14,12 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from . import _commands as c
 from . import _serialize as s
+from ._outcome import Done, status_items
 from ._view import normalise_inbox, pattern_match
 from .interfaces import MailboxListing, MailboxStatus
 
 if TYPE_CHECKING:
-    from ._session import CommandRunner, Done
+    from ._session import CommandRunner
 
 _SPECIAL_USE = frozenset(
     {"\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash", "\\Important"}
@@ -27,8 +28,6 @@ _SPECIAL_USE = frozenset(
 
 def answer_list(runner: CommandRunner, cmd: c.List, lsub: bool = False) -> Deferred[Done]:
     """Send the LIST/LSUB data of ``cmd``."""
-    from ._session import Done, status_items
-
     session = runner.session
     delim: str = session.delimiter
     conn = runner.conn
@@ -84,8 +83,6 @@ def answer_list(runner: CommandRunner, cmd: c.List, lsub: bool = False) -> Defer
 def _statuses(
     runner: CommandRunner, names: list[str], items: tuple[str, ...], status_items: Any
 ) -> Any:
-    from ._session import Done
-
     d: Deferred[Any] = succeed(None)
     for name in names:
 

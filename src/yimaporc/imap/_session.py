@@ -13,7 +13,6 @@ import datetime as _dt
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,7 +20,10 @@ from twisted.python.failure import Failure
 from . import _commands as c
 from . import _serialize as s
 from ._connection import ImapConnection
+from ._fetch import answer_fetch, answer_search
+from ._listing import answer_list
 from ._machine import State
+from ._outcome import Done, _code, status_items
 from ._serialize import ResponseCode
 from ._view import MailboxView, absent_uids, uid_set_text
 from .interfaces import (
@@ -43,24 +45,6 @@ _SETS_SEEN = frozenset({"RFC822", "RFC822.TEXT"})
 _CONTENT = frozenset(
     {"ENVELOPE", "BODY", "BODYSTRUCTURE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
 )
-
-
-@attrs.frozen
-class Done:
-    """How a command ends: ``status [code] text``."""
-
-    status: str = "OK"
-    text: str = ""
-    code: ResponseCode | None = None
-
-
-def _code(name: str | ResponseCode | None) -> ResponseCode | None:
-    if isinstance(name, ResponseCode):
-        return name
-    try:
-        return ResponseCode(name) if name else None
-    except ValueError:
-        return None
 
 
 def parse_date(text: str | None) -> float | None:
@@ -377,13 +361,9 @@ class CommandRunner:
         )
 
     def _do_list(self, cmd: c.List) -> Any:
-        from ._listing import answer_list
-
         return answer_list(self, cmd)
 
     def _do_lsub(self, cmd: c.Lsub) -> Any:
-        from ._listing import answer_list
-
         return answer_list(
             self, c.List(cmd.tag, cmd.reference, (cmd.pattern,), ("SUBSCRIBED",)), lsub=True
         )
@@ -480,13 +460,9 @@ class CommandRunner:
         return maybeDeferred(self.mailbox.expunge, uids).addCallback(lambda _: Done())
 
     def _do_search(self, cmd: c.Search) -> Any:
-        from ._fetch import answer_search
-
         return answer_search(self, cmd)
 
     def _do_fetch(self, cmd: c.Fetch) -> Any:
-        from ._fetch import answer_fetch
-
         return answer_fetch(self, cmd)
 
     def _do_store(self, cmd: c.Store) -> Any:
@@ -555,13 +531,3 @@ def _pairs(uids: tuple[int, ...]) -> str:
 def _check_storable(flag: str) -> None:
     if flag.startswith("\\") and flag.upper() not in _STORABLE_SYSTEM:
         raise ImapError(f"flag {flag} cannot be stored", status="BAD")
-
-
-def status_items(st: MailboxStatus, items: tuple[str, ...]) -> list[tuple[str, int]]:
-    """STATUS items from a :class:`MailboxStatus`."""
-    values = {
-        "MESSAGES": st.messages, "RECENT": st.recent, "UIDNEXT": st.uidnext,
-        "UIDVALIDITY": st.uidvalidity, "UNSEEN": st.unseen, "HIGHESTMODSEQ": st.highestmodseq,
-        "SIZE": st.size, "DELETED": st.deleted,
-    }  # fmt: skip
-    return [(i, values[i]) for i in items]
