@@ -338,6 +338,13 @@ def test_list_patterns() -> None:
     )
     out = cl.run(b'i LIST (SPECIAL-USE) "" *\r\n')
     assert out.count(b"* LIST") == 5 and b'"INBOX"' not in out
+    cl.run(b"j UNSUBSCRIBE Work\r\n")
+    out = cl.run(b'k LSUB "" %\r\n')
+    assert b'* LSUB (\\Noselect) "/" "Work"\r\n' in out and b'"Work/Projects"' not in out
+    assert b'"Work"' not in cl.run(b'l LSUB "" *\r\n')
+    out = cl.run(b'm LIST (SUBSCRIBED RECURSIVEMATCH) "" %\r\n')
+    assert b'* LIST (\\HasChildren) "/" "Work" (CHILDINFO ("SUBSCRIBED"))\r\n' in out
+    assert b'"Work"' not in cl.run(b'n LIST (SUBSCRIBED) "" %\r\n')
 
 
 def test_two_sessions_see_each_others_changes() -> None:

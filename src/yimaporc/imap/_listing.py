@@ -48,41 +48,57 @@ def answer_list(runner: CommandRunner, cmd: c.List, lsub: bool = False) -> Defer
                 parents.add(delim.join(parts[:i]))
         subscribed_only = "SUBSCRIBED" in cmd.selection
         special_only = "SPECIAL-USE" in cmd.selection
+        recursive = "RECURSIVEMATCH" in cmd.selection
         show_subscribed = subscribed_only or "SUBSCRIBED" in cmd.returns
+        subscribed = [n for n, b in boxes.items() if b.subscribed]
         candidates = set(boxes) | parents
         patterns = [normalise_inbox(cmd.reference + p, delim) for p in cmd.patterns]
-        out: list[tuple[str, tuple[str, ...]]] = []
+
+        def matches(name: str) -> bool:
+            return any(pattern_match(p, name, delim) for p in patterns)
+
+        out: list[tuple[str, tuple[str, ...], tuple[tuple[str, Any], ...]]] = []
         for name in sorted(candidates, key=lambda n: (n != "INBOX", n)):
-            if not any(pattern_match(p, name, delim) for p in patterns):
+            if not matches(name):
                 continue
             box = boxes.get(name)
-            if subscribed_only and (box is None or not box.subscribed):
-                continue
+            extended: tuple[tuple[str, Any], ...] = ()
             attrs: list[str] = []
-            if box is None:
-                attrs.append("\\Noselect" if lsub or not cmd.selection else "\\NonExistent")
-            else:
-                attrs += [a for a in box.attributes if a]
-            if special_only and not any(a in _SPECIAL_USE for a in attrs):
-                continue
+            if (subscribed_only or lsub) and (box is None or not box.subscribed):
+                # A parent of a subscribed mailbox the pattern does not reach: LSUB
+                # shows it \Noselect (RFC 3501 6.3.9), LIST (SUBSCRIBED
+                # RECURSIVEMATCH) with CHILDINFO (RFC 5258 3.5).
+                prefix = name + delim
+                if not any(d.startswith(prefix) and not matches(d) for d in subscribed):
+                    continue
+                if lsub:
+                    attrs.append("\\Noselect")
+                elif recursive:
+                    extended = (("CHILDINFO", (b"SUBSCRIBED",)),)
+                else:
+                    continue
             if not lsub:
+                if box is None:
+                    attrs.append("\\NonExistent" if cmd.selection else "\\Noselect")
+                else:
+                    attrs += [a for a in box.attributes if a]
+                if special_only and not any(a in _SPECIAL_USE for a in attrs):
+                    continue
                 attrs.append("\\HasChildren" if name in parents else "\\HasNoChildren")
                 if show_subscribed and box is not None and box.subscribed:
                     attrs.append("\\Subscribed")
-            out.append((name, tuple(dict.fromkeys(attrs))))
-        for name, attrs_ in out:
-            conn.send(s.list_item(attrs_, delim, name, lsub=lsub))
+            out.append((name, tuple(dict.fromkeys(attrs)), extended))
+        for name, attrs_, ext in out:
+            conn.send(s.list_item(attrs_, delim, name, lsub=lsub, extended=ext))
         if "STATUS" not in cmd.returns:
             return Done()
-        return _statuses(runner, [n for n, a in out if "\\Noselect" not in a and "\\NonExistent" not in a],
-                         cmd.status, status_items)  # fmt: skip
+        selectable = [n for n, a, _ in out if "\\Noselect" not in a and "\\NonExistent" not in a]
+        return _statuses(runner, selectable, cmd.status)
 
     return maybeDeferred(session.list_mailboxes).addCallback(got)
 
 
-def _statuses(
-    runner: CommandRunner, names: list[str], items: tuple[str, ...], status_items: Any
-) -> Any:
+def _statuses(runner: CommandRunner, names: list[str], items: tuple[str, ...]) -> Any:
     d: Deferred[Any] = succeed(None)
     for name in names:
 
