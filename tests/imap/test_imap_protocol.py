@@ -363,6 +363,22 @@ def test_two_sessions_see_each_others_changes() -> None:
     assert tagged(two.run(b"DONE\r\n")) == [(b"d", b"OK")]
 
 
+def test_fetch_flags_are_current() -> None:
+    """FETCH FLAGS shows another session's change at once, in one FETCH response per
+    message (no stale answer followed by an update)."""
+    _, factory, _ = setup()
+    one, two = Client(factory), Client(factory)
+    for cl in (one, two):
+        cl.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\n")
+    one.run(b"c STORE 1:2 +FLAGS (\\Flagged)\r\n")
+    out = two.run(b"c FETCH 1 (FLAGS)\r\n")
+    assert out == (
+        b"* 2 FETCH (FLAGS (\\Flagged \\Seen) UID 2)\r\n"
+        b"* 1 FETCH (FLAGS (\\Flagged))\r\nc OK FETCH completed\r\n"
+    )
+    assert two.run(b"d NOOP\r\n") == b"d OK NOOP completed\r\n"
+
+
 def test_condstore_qresync() -> None:
     """ENABLE QRESYNC; SELECT with QRESYNC gives VANISHED (EARLIER) and changed flags;
     STORE UNCHANGEDSINCE reports MODIFIED; FETCH CHANGEDSINCE filters."""

@@ -39,9 +39,21 @@ def _sets_seen(item: c.FetchItem) -> bool:
 def answer_fetch(runner: CommandRunner, cmd: c.Fetch) -> Deferred[Done]:
     """Send the FETCH data of ``cmd``."""
     view = runner.view
-    box = runner.mailbox
-    assert view is not None and box is not None
+    assert view is not None
     uids = view.resolve(cmd.sequence_set, cmd.uid)
+    wants_flags = any(isinstance(i, c.FetchAtt) and i.name == "FLAGS" for i in cmd.items)
+    # Other sessions' changes first, so FLAGS are current (Dovecot syncs before FETCH
+    # too); the messages fetched get their new flags in their own FETCH response.
+    d = runner.refresh(cmd.uid, skip=frozenset(uids) if wants_flags else frozenset())
+    return d.addCallback(lambda _: _fetch(runner, cmd, uids))
+
+
+def _fetch(runner: CommandRunner, cmd: c.Fetch, uids: list[int]) -> Any:
+    view = runner.view
+    box = runner.mailbox
+    if view is None or box is None:
+        raise ImapError("mailbox closed meanwhile")
+    uids = [u for u in uids if view.seq_of(u) is not None]
     items = list(cmd.items)
     names = {i.name for i in items if isinstance(i, c.FetchAtt)}
     if cmd.uid and "UID" not in names:

@@ -107,7 +107,8 @@ class CommandRunner:
         return d
 
     def _after(self, cmd: c.Command, done: Done) -> Any:
-        if self.mailbox is None or isinstance(cmd, c.Select | c.Logout | c.Idle):
+        if self.mailbox is None or isinstance(cmd, c.Select | c.Logout | c.Idle | c.Fetch):
+            # FETCH brings the view up to date before it answers (fresh FLAGS).
             return done
         allow = getattr(cmd, "uid", True) or not isinstance(cmd, c.Fetch | c.Store | c.Search)
         # The command's own outcome stands when only the update after it fails.
@@ -138,7 +139,12 @@ class CommandRunner:
             self.conn.start_tls()
             self.start_tls()
 
-    def refresh(self, allow_expunge: bool = True, silent: frozenset[int] = frozenset()) -> Any:
+    def refresh(
+        self,
+        allow_expunge: bool = True,
+        silent: frozenset[int] = frozenset(),
+        skip: frozenset[int] = frozenset(),
+    ) -> Any:
         """Send the updates of the selected mailbox since the view."""
         box = self.mailbox
         if box is None:
@@ -148,7 +154,8 @@ class CommandRunner:
             if self.mailbox is not box or self.view is None:
                 return
             vanished = "QRESYNC" in self.enabled
-            for data in self.view.update(snap, allow_expunge, vanished, self.condstore, silent):
+            updates = self.view.update(snap, allow_expunge, vanished, self.condstore, silent, skip)
+            for data in updates:
                 self.conn.send(data)
 
         return maybeDeferred(box.snapshot).addCallback(got)

@@ -139,14 +139,16 @@ class MailboxView:
         vanished: bool = False,
         modseq: bool = False,
         silent: frozenset[int] = frozenset(),
+        skip: frozenset[int] = frozenset(),
     ) -> list[s.Data]:
         """Responses that bring the client from the view to ``snapshot``; the view follows.
 
         ``vanished``: report expunges as ``VANISHED`` (QRESYNC enabled);
         ``modseq``: FETCH updates carry MODSEQ (CONDSTORE enabled); ``silent``:
-        UIDs whose flag change the client asked not to hear of (STORE .SILENT).
+        UIDs whose flag change the client asked not to hear of (STORE .SILENT);
+        ``skip``: UIDs whose new flags the command itself is about to send (FETCH).
         """
-        if snapshot is self._last and not silent:
+        if snapshot is self._last and not silent and not skip:
             return []  # the backend says nothing changed since the last look
         self._last = snapshot
         out: list[s.Data] = []
@@ -167,6 +169,8 @@ class MailboxView:
                 continue
             self.messages[i] = new
             changed = set(new.flags) != set(m.flags)
+            if new.uid in skip:
+                continue
             if (changed and new.uid not in silent) or (modseq and new.uid in silent):
                 items: list[tuple[str, object]] = [("FLAGS", new.flags), ("UID", new.uid)]
                 if modseq:
