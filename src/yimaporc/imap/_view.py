@@ -148,7 +148,7 @@ class MailboxView:
         UIDs whose flag change the client asked not to hear of (STORE .SILENT);
         ``skip``: UIDs whose new flags the command itself is about to send (FETCH).
         """
-        if snapshot is self._last and not silent and not skip:
+        if snapshot is self._last:
             return []  # the backend says nothing changed since the last look
         self._last = snapshot
         out: list[s.Data] = []
