@@ -434,13 +434,14 @@ def _decode_body(part: Part) -> str:
         return _text(data)
 
 
-def _texts(part: Part) -> Iterator[str]:
+def _texts(part: Part, headers: bool) -> Iterator[str]:
+    if headers:
+        yield header_text(part)
     if part.embedded is not None:
-        yield header_text(part.embedded)
-        yield from _texts(part.embedded)
+        yield from _texts(part.embedded, headers)
     elif part.is_multipart:
         for c in part.children:
-            yield from _texts(c)
+            yield from _texts(c, headers)
     elif part.is_type(b"text"):
         yield _decode_body(part)
 
@@ -499,13 +500,17 @@ class Message:
         key = name.lower().encode("ascii", "replace")
         return any(n == key for n, _, _ in self.root.fields)
 
-    def header_text(self) -> str:
-        """The decoded header (SEARCH TEXT)."""
-        return header_text(self.root)
-
     def body_text(self) -> str:
-        """The decoded text of every text/* part, nested messages included (SEARCH BODY)."""
-        return "\n".join(_texts(self.root))
+        """The decoded text of every text/* part, nested messages included (SEARCH BODY).
+
+        Preamble, epilogue and non-text parts are not searched (nor by Dovecot).
+        """
+        return "\n".join(_texts(self.root, headers=False))
+
+    def full_text(self) -> str:
+        """:meth:`body_text` plus every header: the message's, each MIME part's and each
+        embedded message's, decoded (SEARCH TEXT, as Dovecot searches it)."""
+        return "\n".join(_texts(self.root, headers=True))
 
     def sent_date(self) -> dt.date | None:
         """The Date: header's calendar date in its own zone (SENTBEFORE/SENTON/SENTSINCE)."""
