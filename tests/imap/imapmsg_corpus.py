@@ -43,7 +43,7 @@ UTF8_HEADERS = _crlf(
 #: RFC 2047 words, folding, groups, a missing domain, empty Reply-To, lower-case names.
 ENCODED_GROUPS = (
     b"from: =?utf-8?q?J=C3=B6rg?= M <joerg@example.de>\r\n"
-    b"To: Friends: a@example.org, \"B, b\" <b@example.net>;, c@example.com\r\n"
+    b'To: Friends: a@example.org, "B, b" <b@example.net>;, c@example.com\r\n'
     b"Cc: undisclosed-recipients:;\r\n"
     b"Bcc: root\r\n"
     b"Reply-To:\r\n"
@@ -59,7 +59,7 @@ ENCODED_GROUPS = (
 
 #: Route address and a quoted display name with an escaped quote.
 ROUTE = (
-    b"From: \"Joe \\\"Q\\\" Public\" <@relay1.example,@relay2.example:joe@example.com>\r\n"
+    b'From: "Joe \\"Q\\" Public" <@relay1.example,@relay2.example:joe@example.com>\r\n'
     b"Sender: Secretary <sec@example.com>\r\n"
     b"To: John   Doe <jdoe@example.net>\r\n"
     b"Subject: routes\r\n"
@@ -122,7 +122,7 @@ NESTED = _crlf(
     "\n"
     "This is a preamble.\n"
     "--outer\n"
-    "Content-Type: Text/Plain; Charset=\"UTF-8\"; Format=Flowed\n"
+    'Content-Type: Text/Plain; Charset="UTF-8"; Format=Flowed\n'
     "Content-Transfer-Encoding: QUOTED-PRINTABLE\n"
     "\n"
     "See below =E2=80=94 forwarded.\n"
@@ -148,8 +148,8 @@ NESTED = _crlf(
     "\n"
     "--outer\n"
     "Content-Type: application/pdf;\n"
-    " name*0=\"long-\";\n"
-    " name*1=\"name.pdf\"\n"
+    ' name*0="long-";\n'
+    ' name*1="name.pdf"\n'
     "Content-Disposition: attachment;\n"
     " filename*0*=utf-8''%E2%82%AC;\n"
     " filename*1*=%20rate.pdf\n"

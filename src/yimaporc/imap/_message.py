@@ -112,11 +112,16 @@ def decode_header_value(value: bytes) -> str:
 # --- MIME parts ------------------------------------------------------------------
 
 
+#: MIME nesting deeper than this is shown as leaves (a hostile message cannot recurse us out).
+MAX_DEPTH = 50
+
+
 class Part:
     """One MIME entity kept as its exact octets: header, body and (lazily) subparts."""
 
-    def __init__(self, raw: bytes, default_type: bytes = b"text/plain") -> None:
+    def __init__(self, raw: bytes, default_type: bytes = b"text/plain", depth: int = 0) -> None:
         self.raw = raw
+        self.depth = depth
         self.head, self.body = _split(raw)
         self._default = default_type
         self._fields: list[tuple[bytes, bytes, bytes]] | None = None
@@ -163,12 +168,12 @@ class Part:
 
     @property
     def is_multipart(self) -> bool:
-        return self.is_type(b"multipart")
+        return self.depth < MAX_DEPTH and self.is_type(b"multipart")
 
     @property
     def is_message(self) -> bool:
         """message/rfc822: the body is a whole message (:attr:`embedded`)."""
-        return self.is_type(b"message", b"rfc822")
+        return self.depth < MAX_DEPTH and self.is_type(b"message", b"rfc822")
 
     def param(self, name: bytes) -> bytes | None:
         for k, v in self.content_type[2]:
@@ -187,14 +192,15 @@ class Part:
                 )
                 boundary = self.param(b"boundary")
                 pieces = _split_multipart(self.body, boundary) if boundary else []
-                self._children = [Part(p, default) for p in pieces] or [Part(b"")]
+                self._children = [Part(p, default, self.depth + 1) for p in pieces]
+                self._children = self._children or [Part(b"", depth=self.depth + 1)]
         return self._children
 
     @property
     def embedded(self) -> Part | None:
         """The message inside a message/rfc822 part."""
         if self._embedded is None and self.is_message:
-            self._embedded = Part(self.body)
+            self._embedded = Part(self.body, depth=self.depth + 1)
         return self._embedded
 
 

@@ -1,0 +1,314 @@
+"""FETCH data from raw messages: ENVELOPE, BODY[STRUCTURE], sections, sizes and dates.
+
+Expected values were checked against Dovecot 2.3.19 (``imapmsg_dovecot`` holds what it
+answered for the corpus; the edge cases below quote its answers inline).
+"""
+
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from imapmsg_corpus import CORPUS, ENCODED_GROUPS, NESTED, PLAIN, UTF8_HEADERS
+from imapmsg_dovecot import FETCH
+
+from yimaporc.imap._headers import parse_addresses
+from yimaporc.imap._message import (
+    MAX_DEPTH,
+    Message,
+    Section,
+    SectionError,
+    format_internaldate,
+    parse_internaldate,
+    parse_section,
+)
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_envelope_matches_dovecot(name: str) -> None:
+    """ENVELOPE of each corpus message equals Dovecot's (raw octets, groups, defaults)."""
+    assert Message(CORPUS[name]).envelope() == FETCH[name]["ENVELOPE"]
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_bodystructure_matches_dovecot(name: str) -> None:
+    """BODYSTRUCTURE and BODY of each corpus message equal Dovecot's."""
+    m = Message(CORPUS[name])
+    assert m.body_structure() == FETCH[name]["BODYSTRUCTURE"]
+    assert m.body_structure(extended=False) == FETCH[name]["BODY"]
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_rfc822_size_is_every_octet(name: str) -> None:
+    """RFC822.SIZE counts every octet of the stored message, as Dovecot reports it."""
+    assert Message(CORPUS[name]).size == FETCH[name]["RFC822.SIZE"] == len(CORPUS[name])
+
+
+def test_raw_utf8_header_stays_bytes() -> None:
+    """An 8-bit UTF-8 subject and display name come back as their UTF-8 octets, no error."""
+    env = Message(UTF8_HEADERS).envelope()
+    assert env[1] == "Grüße aus Köln".encode()
+    assert env[2] == (("Jörg Müller".encode(), None, b"joerg", b"example.de"),)
+
+
+def test_attachment_fields_unquoted_sizes_exclude_mime_header() -> None:
+    """The attachment's filename has no quotes, encoding is base64, size is the body only."""
+    attachment = Message(CORPUS["attachment"]).body_structure()[1]
+    assert attachment[8] == (b"attachment", (b"filename", b"m3.bin"))
+    assert attachment[5] == b"base64"
+    body = Message(CORPUS["attachment"]).section(Section((2,)))
+    assert attachment[6] == len(body)
+
+
+def test_rfc2231_continuations_joined() -> None:
+    """name*0/name*1 join into name; extended filename*0*/1* join under filename*."""
+    pdf = Message(NESTED).body_structure()[2]
+    assert pdf[2] == (b"name", b"long-name.pdf")
+    assert pdf[8] == (b"attachment", (b"filename*", b"utf-8''%E2%82%AC%20rate.pdf"))
+
+
+# Edge cases, each with the answer Dovecot 2.3.19 gave for the same bytes.
+EDGE = [
+    (
+        b"Content-Type: text/plain; format=flowed\r\nContent-Language: en, de\r\n"
+        b"Content-Location: http://x/y\r\n"
+        b'Content-Disposition: inline; filename="a b.txt"; size=3\r\n\r\nabc\r\n',
+        (b"text", b"plain", (b"format", b"flowed", b"charset", b"us-ascii"), None, None,
+         b"7bit", 5, 1, None, (b"inline", (b"filename", b"a b.txt", b"size", b"3")),
+         (b"en", b"de"), b"http://x/y"),
+    ),
+    (
+        b"Content-Type: multipart/mixed\r\n\r\nno boundary here\r\n",
+        ((b"text", b"plain", (b"charset", b"us-ascii"), None, None, b"7bit", 0, 0,
+          None, None, None, None), b"mixed", None, None, None, None),
+    ),
+    (
+        b"Content-Type: bogus\r\nSubject:\r\nFrom: \r\nTo: a@b, , c@d\r\n\r\nx\r\n",
+        (b"bogus", b"", None, None, None, b"7bit", 3, None, None, None, None),
+    ),
+    (
+        b'Content-Type: TEXT/PLAIN (comment); charset = "iso-8859-1" (c2)\r\n'
+        b"Content-Transfer-Encoding: Base64\r\n\r\nSGk=\r\n",
+        (b"TEXT", b"PLAIN", (b"charset", b"iso-8859-1"), None, None, b"Base64", 6, 1,
+         None, None, None, None),
+    ),
+    (
+        b"Subject: no body",
+        (b"text", b"plain", (b"charset", b"us-ascii"), None, None, b"7bit", 0, 0,
+         None, None, None, None),
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "expected"), EDGE)
+def test_bodystructure_edge_cases(raw: bytes, expected: tuple[object, ...]) -> None:
+    """Charset default appended, no-boundary multipart, bogus type, comments, headerless body."""
+    assert Message(raw).body_structure() == expected
+
+
+def test_envelope_edge_cases() -> None:
+    """Empty Subject is "", empty From is NIL, an empty list member is MISSING_*."""
+    env = Message(EDGE[2][0]).envelope()
+    assert env[1] == b""
+    assert env[2] is None and env[3] is None and env[4] is None
+    assert env[5] == (
+        (None, None, b"a", b"b"),
+        (None, None, b"MISSING_MAILBOX", b"MISSING_DOMAIN"),
+        (None, None, b"c", b"d"),
+    )
+
+
+def test_envelope_date_unfolded_and_group_after_mailbox() -> None:
+    """Date keeps inner and trailing blanks but loses line breaks; an empty name is NIL."""
+    raw = b'From: "" <a@b>, Undisclosed:;\r\nDate:   Mon, 7 Feb 1994\r\n   21:52:25 -0800  \r\n\r\n'
+    env = Message(raw).envelope()
+    assert env[0] == b"Mon, 7 Feb 1994   21:52:25 -0800  "
+    assert env[2] == (
+        (None, None, b"a", b"b"),
+        (None, None, b"Undisclosed", None),
+        (None, None, None, None),
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (b"HEADER.FIELDS (x-tuid SUBJECT)",
+         b"Subject: =?utf-8?b?R3LDvMOfZQ==?=\r\n and more\r\nSubject: second subject\r\n"
+         b"X-TUID: abcDEF\r\n\r\n"),
+        (b"HEADER.FIELDS.NOT (Subject To Cc Bcc From Reply-To Date)",
+         b"In-Reply-To: <parent@example.org>\r\nX-TUID: abcDEF\r\n\r\n"),
+        (b"HEADER.FIELDS (Nope)", b"\r\n"),
+        (b"1", b"body with needle inside\r\n"),
+        (b"2", b""),
+        (b"TEXT", b"body with needle inside\r\n"),
+    ],
+)  # fmt: skip
+def test_sections_of_a_simple_message(spec: bytes, expected: bytes) -> None:
+    """HEADER.FIELDS keeps original case, folding and duplicates; missing parts are empty."""
+    assert Message(ENCODED_GROUPS).section(parse_section(spec)) == expected
+
+
+def test_mime_of_part_one_is_the_message_header() -> None:
+    """BODY[1.MIME] of a non-multipart message is its header, as Dovecot answers."""
+    m = Message(ENCODED_GROUPS)
+    assert m.section(parse_section(b"1.MIME")) == m.section(parse_section(b"HEADER"))
+    assert m.section(parse_section(b"HEADER")).endswith(b"-0500\r\n\r\n")
+
+
+INNER = (
+    b"From: inner@example.org\r\nTo: outer@example.com\r\nSubject: inner\r\n"
+    b"Message-ID: <inner@example.org>\r\n"
+    b"Content-Type: multipart/alternative; boundary=inner\r\n\r\n"
+)
+INNER_TEXT = (
+    b"--inner\r\nContent-Type: text/plain\r\n\r\ninner plain\r\n--inner\r\n"
+    b"Content-Type: text/html\r\n\r\n<b>inner html</b>\r\n--inner--\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (b"2", INNER + INNER_TEXT),
+        (b"2.HEADER", INNER),
+        (b"2.TEXT", INNER_TEXT),
+        (b"2.1", b"inner plain"),
+        (b"2.1.1", b"inner plain"),  # Dovecot: a leaf answers to .1 as itself
+        (b"2.1.2", b""),
+        (b"2.2.MIME", b"Content-Type: text/html\r\n\r\n"),
+        (b"2.HEADER.FIELDS (to)", b"To: outer@example.com\r\n\r\n"),
+        (b"1", b"See below =E2=80=94 forwarded."),
+        (b"1.TEXT", b""),
+        (b"3.MIME",
+         b"Content-Type: application/pdf;\r\n name*0=\"long-\";\r\n name*1=\"name.pdf\"\r\n"
+         b"Content-Disposition: attachment;\r\n filename*0*=utf-8''%E2%82%AC;\r\n"
+         b" filename*1*=%20rate.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"),
+        (b"3", b"JVBERi0xLjQK"),
+        (b"9", b""),
+    ],
+)  # fmt: skip
+def test_sections_of_nested_message(spec: bytes, expected: bytes) -> None:
+    """Part numbers walk multiparts and message/rfc822; HEADER/TEXT apply to the embedded one."""
+    assert Message(NESTED).section(parse_section(spec)) == expected
+
+
+def test_partial_fetch() -> None:
+    """<origin.count> slices the section; an origin past the end gives an empty string."""
+    m = Message(ENCODED_GROUPS)
+    assert m.section(Section(), 0, 10) == b"from: =?ut"
+    assert m.section(Section(text="TEXT"), 5, 6) == b"with n"
+    assert m.section(Section(), 1000, 5) == b""
+
+
+def test_header_without_blank_line() -> None:
+    """A message that is only a header: HEADER is all of it, TEXT and FIELDS.NOT empty."""
+    m = Message(b"Subject: no body")
+    assert m.section(parse_section(b"HEADER")) == b"Subject: no body"
+    assert m.section(parse_section(b"TEXT")) == b""
+    assert m.section(parse_section(b"HEADER.FIELDS.NOT (Subject)")) == b""
+    assert m.section(parse_section(b"HEADER.FIELDS (Subject)")) == b"Subject: no body\r\n"
+
+
+@pytest.mark.parametrize(
+    ("spec", "section", "label"),
+    [
+        (b"", Section(), b""),
+        (b"header", Section(text="HEADER"), b"HEADER"),
+        (b"1.2.3", Section((1, 2, 3)), b"1.2.3"),
+        (b"2.MIME", Section((2,), "MIME"), b"2.MIME"),
+        (b"HEADER.FIELDS (x-tuid From)", Section((), "HEADER.FIELDS", (b"x-tuid", b"From")),
+         b"HEADER.FIELDS (X-TUID FROM)"),
+        (b"1.HEADER.FIELDS.NOT (A)", Section((1,), "HEADER.FIELDS.NOT", (b"A",)),
+         b"1.HEADER.FIELDS.NOT (A)"),
+    ],
+)  # fmt: skip
+def test_parse_section_and_label(spec: bytes, section: Section, label: bytes) -> None:
+    """Section specs parse case-insensitively; the label upper-cases names as Dovecot does."""
+    assert parse_section(spec) == section
+    assert section.label() == label
+
+
+@pytest.mark.parametrize(
+    "spec", [b"0", b"1.", b".TEXT", b"MIME", b"HEADER.FIELDS", b"TEXT (A)", b"1.FOO", b"01"]
+)
+def test_parse_section_rejects(spec: bytes) -> None:
+    """Malformed section specs raise SectionError (the caller answers BAD)."""
+    with pytest.raises(SectionError):
+        parse_section(spec)
+
+
+def test_internaldate_format_and_parse() -> None:
+    """INTERNALDATE renders with a two-digit day and the zone, and parses back."""
+    assert format_internaldate(760686745, 0) == b"08-Feb-1994 05:52:25 +0000"
+    assert format_internaldate(760686745, -480) == b"07-Feb-1994 21:52:25 -0800"
+    assert format_internaldate(760686745, 330) == b"08-Feb-1994 11:22:25 +0530"
+    assert parse_internaldate(b"07-Feb-1994 21:52:25 -0800") == 760686745
+    assert parse_internaldate(b" 7-Feb-1994 21:52:25 -0800") == 760686745
+    with pytest.raises(ValueError):
+        parse_internaldate(b"07-Foo-1994 21:52:25 -0800")
+
+
+@given(st.integers(0, 2**33), st.integers(-720, 840))
+def test_internaldate_round_trip(ts: int, offset: int) -> None:
+    """Any time in any whole-minute zone formats and parses back to the same instant."""
+    assert parse_internaldate(format_internaldate(ts, offset)) == ts
+
+
+def test_decoded_text_for_search() -> None:
+    """Search text: RFC 2047 words decoded, QP/base64 and charsets undone, part headers in full text."""
+    m = Message(CORPUS["alternative"])
+    assert "Fußball" in m.body_text()
+    assert "Straße" in m.body_text()
+    assert "content-type: text/html" in m.full_text().lower()
+    assert "text/html" not in m.body_text()
+    assert Message(ENCODED_GROUPS).header_values("Subject")[0] == "Grüße and more"
+    assert "Résumé" in Message(CORPUS["attachment"]).body_text()
+    assert "—" in Message(NESTED).body_text()
+
+
+def test_sent_date_in_its_own_zone() -> None:
+    """The Date: header's calendar date is read in the header's zone; none if absent."""
+    assert str(Message(PLAIN).sent_date()) == "1994-02-07"
+    assert Message(CORPUS["route"]).sent_date() is None
+
+
+_names = st.text(st.characters(min_codepoint=0x41, max_codepoint=0x7A), min_size=1, max_size=8)
+_locals = st.from_regex(r"[a-z0-9][a-z0-9.+_-]{0,10}", fullmatch=True)
+_domains = st.from_regex(r"[a-z0-9]{1,8}\.(org|com|de)", fullmatch=True)
+
+
+@given(st.lists(st.tuples(_names, _locals, _domains), min_size=1, max_size=5))
+def test_addresses_from_email_utils(people: list[tuple[str, str, str]]) -> None:
+    """Address lists written by email.utils parse back to the same names, mailboxes and hosts."""
+    value = ", ".join(email.utils.formataddr((n, f"{lp}@{d}")) for n, lp, d in people)
+    parsed = parse_addresses(value.encode())
+    expected = tuple((n.encode(), None, lp.encode(), d.encode()) for n, lp, d in people)
+    assert parsed == expected
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise(raw: bytes) -> None:
+    """Any octets give an envelope, a structure and sections without raising."""
+    m = Message(raw)
+    m.envelope()
+    m.body_structure()
+    m.body_structure(False)
+    m.section(parse_section(b"1.MIME"))
+    m.section(parse_section(b"HEADER.FIELDS (From)"))
+    m.full_text()
+
+
+def test_deep_nesting_is_cut_not_recursed() -> None:
+    """A message nested 500 multiparts deep answers BODYSTRUCTURE, cut at MAX_DEPTH levels."""
+    raw = b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(500)
+    )
+    structure = Message(raw).body_structure()
+    depth = 0
+    while isinstance(structure[0], tuple):
+        structure, depth = structure[0], depth + 1
+    assert depth == MAX_DEPTH
+    assert structure[:2] == (b"multipart", b"mixed")
