@@ -1,0 +1,340 @@
+"""SEARCH: compiled keys over message views, what a search needs loaded, ESEARCH helpers.
+
+The expected results (``imapmsg_dovecot.SEARCH``) are what Dovecot 2.3.19 answered
+for the same keys on the same mailbox (the corpus APPENDed with the flags and dates
+below); two deliberate differences are pinned by their own tests.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from imapmsg_corpus import CORPUS
+from imapmsg_dovecot import SEARCH
+
+from yimaporc.imap._message import Message, parse_internaldate
+from yimaporc.imap._search import (
+    MAX_DEPTH,
+    Need,
+    Scope,
+    SearchError,
+    Token,
+    View,
+    compile_search,
+    esearch_items,
+    format_esearch,
+    format_search,
+    parse_return_options,
+)
+from yimaporc.imap._sequence import SequenceSet
+
+DATES = [
+    b"07-Feb-1994 21:52:25 -0800",
+    b"01-Mar-2022 23:30:00 +0100",
+    b"31-Dec-2022 23:59:59 -0500",
+    b"15-Jun-2022 00:30:00 +0000",
+    b"15-Jun-2022 23:30:00 +0000",
+    b"16-Jun-2022 08:00:00 +0200",
+    b"17-Jun-2022 12:00:00 +0000",
+]
+FLAGS = [
+    ["\\Seen"],
+    ["\\Seen", "\\Flagged", "$Forwarded"],
+    [],
+    ["\\Answered", "\\Deleted"],
+    ["\\Draft", "work"],
+    ["\\Seen", "Work"],
+    ["\\Flagged"],
+]
+
+#: The corpus as Dovecot held it: UIDs 1..7, every message \Recent in that session.
+SEARCH_MAILBOX = [
+    View(
+        seq=i,
+        uid=i,
+        flags=[*flags, "\\Recent"],
+        internaldate=parse_internaldate(date),
+        size=len(raw),
+        modseq=i + 1,
+        message=Message(raw),
+    )
+    for i, (raw, date, flags) in enumerate(zip(CORPUS.values(), DATES, FLAGS), 1)
+]
+SCOPE = Scope(last_seq=7, last_uid=7)
+
+
+def keys(text: str) -> list[Token]:
+    """SEARCH key text as the parser hands it over: atoms str, quoted bytes, lists list."""
+    data = text.encode()
+    stack: list[list[Token]] = [[]]
+    i = 0
+    while i < len(data):
+        ch = data[i : i + 1]
+        if ch == b" ":
+            i += 1
+        elif ch == b"(":
+            stack.append([])
+            i += 1
+        elif ch == b")":
+            inner = stack.pop()
+            stack[-1].append(inner)
+            i += 1
+        elif ch == b'"':
+            m = re.match(rb'"((?:[^"\\]|\\.)*)"', data[i:])
+            assert m is not None
+            stack[-1].append(re.sub(rb"\\(.)", rb"\1", m.group(1)))
+            i += m.end()
+        else:
+            m = re.match(rb"[^ ()]+", data[i:])
+            assert m is not None
+            stack[-1].append(m.group(0).decode())
+            i += m.end()
+    return stack[0]
+
+
+def run(text: str, views: list[View] = SEARCH_MAILBOX, scope: Scope = SCOPE) -> list[int]:
+    program = compile_search(keys(text), "UTF-8")
+    return [v.seq for v in program.search(views, scope)]
+
+
+#: Where we answer differently from Dovecot 2.3.19, on purpose (see the tests below).
+DEVIATIONS = {"NOT (SEEN FLAGGED)", "9:*"}
+
+
+@pytest.mark.parametrize("query", [q for q in SEARCH if q not in DEVIATIONS])
+def test_search_matches_dovecot(query: str) -> None:
+    """Each search key gives the messages Dovecot 2.3 gave on the same mailbox."""
+    assert run(query) == SEARCH[query]
+
+
+def test_not_of_a_group_is_de_morgan() -> None:
+    """NOT (SEEN FLAGGED) holds a \\Seen-only message (Dovecot 2.3.19 wrongly drops it)."""
+    assert run("NOT (SEEN FLAGGED)") == [1, 3, 4, 5, 6, 7]
+    assert run("OR UNSEEN UNFLAGGED") == [1, 3, 4, 5, 6, 7]
+
+
+def test_sequence_range_past_the_end_holds_the_last() -> None:
+    """9:* with 7 messages is 7:9 (RFC 3501/9051), so it matches message 7 (Dovecot: none)."""
+    assert run("9:*") == [7]
+    assert run("9:10") == []
+
+
+def test_internal_dates_use_the_server_zone() -> None:
+    """BEFORE/ON/SINCE read INTERNALDATE's calendar date in the server's zone."""
+    east = Scope(7, 7, utc_offset_minutes=120)
+    assert run("ON 15-Jun-2022") == [4, 5]
+    assert run("ON 15-Jun-2022", scope=east) == [4]
+    assert run("ON 16-Jun-2022", scope=east) == [5, 6]
+
+
+def test_keyword_and_flags_case_insensitive() -> None:
+    """KEYWORD matches flags case-insensitively (work and Work)."""
+    assert run("KEYWORD WORK") == [5, 6]
+    assert run("UNKEYWORD $forwarded") == [1, 3, 4, 5, 6, 7]
+
+
+def test_literal_search_string_in_utf8() -> None:
+    """A UTF-8 literal (bytes) search string matches RFC 2047 and raw 8-bit subjects."""
+    program = compile_search(["SUBJECT", "grüße".encode()], "UTF-8")
+    assert [v.seq for v in program.search(SEARCH_MAILBOX, SCOPE)] == [2, 3]
+
+
+def test_modseq_search() -> None:
+    """MODSEQ n matches modseq >= n and marks the program as using MODSEQ."""
+    program = compile_search(keys("MODSEQ 6"))
+    assert program.uses_modseq
+    assert [v.seq for v in program.search(SEARCH_MAILBOX, SCOPE)] == [5, 6, 7]
+    assert not compile_search(keys("SEEN")).uses_modseq
+    assert compile_search(keys('OR SEEN MODSEQ "/flags/\\\\seen" priv 3')).uses_modseq
+
+
+@pytest.mark.parametrize(
+    ("query", "need"),
+    [
+        ("SEEN UID 1:* 2 LARGER 5 SINCE 1-Jan-2000 MODSEQ 3", Need.METADATA),
+        ("FROM x", Need.HEADERS),
+        ("HEADER X-TUID y", Need.HEADERS),
+        ("SENTON 1-Jan-2000", Need.HEADERS),
+        ("OR SEEN BODY x", Need.FULL),
+        ("NOT (SUBJECT a TEXT b)", Need.FULL),
+    ],
+)
+def test_program_says_what_it_needs(query: str, need: Need) -> None:
+    """Flags/size/date keys need metadata only; header keys the header; BODY/TEXT it all."""
+    assert compile_search(keys(query)).need == need
+
+
+def test_metadata_search_without_message() -> None:
+    """A metadata-only search runs on views with no message loaded."""
+    bare = [View(seq=v.seq, uid=v.uid, flags=v.flags, size=v.size) for v in SEARCH_MAILBOX]
+    assert run("SEEN LARGER 240", views=bare) == [2, 6]
+    with pytest.raises(ValueError):
+        run("SUBJECT x", views=bare)
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        [],
+        ["FOO"],
+        ["SEEN", "FOO"],
+        ["KEYWORD"],
+        ["OR", "SEEN"],
+        ["NOT"],
+        ["LARGER", "x"],
+        ["LARGER", "-1"],
+        ["BEFORE", "2022-06-15"],
+        ["BEFORE", "31-Foo-2022"],
+        ["ON", "32-Jan-2022"],
+        ["UID", "x"],
+        ["0"],
+        [[]],
+        [b"subject"],
+        ["SUBJECT", ["x"]],
+        ["HEADER", "", "x"],
+        ["HEADER", "a b", "x"],
+        ["SUBJECT", b"\xff\xfe"],
+        ["MODSEQ", b"/flags/x", "bogus", "1"],
+    ],
+)
+def test_bad_search_keys(tokens: list[Token]) -> None:
+    """Bad syntax, unknown keys and bad arguments raise SearchError answered BAD."""
+    with pytest.raises(SearchError) as info:
+        compile_search(tokens)
+    assert info.value.status == "BAD"
+    assert info.value.code is None
+
+
+def test_bad_charset() -> None:
+    """An unsupported charset is NO [BADCHARSET (US-ASCII UTF-8)]; known ones in any case."""
+    with pytest.raises(SearchError) as info:
+        compile_search(["ALL"], "ISO-8859-1")
+    assert info.value.status == "NO"
+    assert info.value.response_code() == b"BADCHARSET (US-ASCII UTF-8)"
+    assert compile_search(["ALL"], "utf-8").charset == "UTF-8"
+    assert compile_search(["ALL"], None).charset == "US-ASCII"
+
+
+def test_nesting_limit() -> None:
+    """Deep NOT chains and nested lists are refused with SearchError, not a RecursionError."""
+    with pytest.raises(SearchError):
+        compile_search(["NOT"] * (MAX_DEPTH + 5) + ["ALL"])
+    deep: list[Token] = ["ALL"]
+    for _ in range(MAX_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(SearchError):
+        compile_search(deep)
+    assert run(" ".join(["NOT"] * 10) + " SEEN") == [1, 2, 6]
+
+
+def test_return_options_and_esearch() -> None:
+    """RETURN () means ALL; ESEARCH items in RFC 4731 order, MIN/MAX/ALL left out when empty."""
+    assert parse_return_options([]) == ("ALL",)
+    assert parse_return_options(["count", "MIN"]) == ("COUNT", "MIN")
+    with pytest.raises(SearchError):
+        parse_return_options(["SAVE2"])
+    assert esearch_items([2, 3, 4, 9], ["ALL", "COUNT", "MAX", "MIN"]) == [
+        ("MIN", 2),
+        ("MAX", 9),
+        ("COUNT", 4),
+        ("ALL", b"2:4,9"),
+    ]
+    assert esearch_items([], ["MIN", "MAX", "COUNT", "ALL"]) == [("COUNT", 0)]
+    assert format_esearch(b"A282", [2, 10, 11], ["MIN", "COUNT"], uid=True) == (
+        b'ESEARCH (TAG "A282") UID MIN 2 COUNT 3'
+    )
+    assert format_esearch(b"a", [5], ["ALL"], modseq=9) == b'ESEARCH (TAG "a") ALL 5 MODSEQ 9'
+    assert format_search([2, 3]) == b"SEARCH 2 3"
+    assert format_search([2, 3], modseq=917162500) == b"SEARCH 2 3 (MODSEQ 917162500)"
+    assert format_search([], modseq=5) == b"SEARCH"
+
+
+# --- properties -----------------------------------------------------------------------------
+
+_flag_names = ["\\Seen", "\\Flagged", "\\Answered", "\\Deleted", "\\Draft", "\\Recent", "work"]
+
+
+@st.composite
+def _mailboxes(draw: st.DrawFn) -> list[View]:
+    n = draw(st.integers(0, 8))
+    uids = sorted(draw(st.lists(st.integers(1, 40), min_size=n, max_size=n, unique=True)))
+    views = []
+    for i, uid in enumerate(uids, 1):
+        subject = draw(
+            st.sampled_from(["alpha", "Beta", "gamma delta", "=?utf-8?q?=C3=A9t=C3=A9?="])
+        )
+        raw = f"Subject: {subject}\r\nDate: {draw(st.integers(1, 28))} Jan 2022 10:00 +0000\r\n\r\nbody {subject}\r\n"
+        views.append(
+            View(
+                seq=i,
+                uid=uid,
+                flags=draw(st.lists(st.sampled_from(_flag_names), unique=True)),
+                internaldate=draw(st.integers(1640995200, 1643673600)),
+                size=draw(st.integers(0, 300)),
+                modseq=draw(st.integers(1, 20)),
+                message=Message(raw.encode()),
+            )
+        )
+    return views
+
+
+_leaves = st.one_of(
+    st.sampled_from(
+        [["SEEN"], ["UNSEEN"], ["FLAGGED"], ["DELETED"], ["NEW"], ["OLD"], ["ALL"], ["DRAFT"]]
+    ),
+    st.builds(lambda n: ["LARGER", str(n)], st.integers(0, 300)),
+    st.builds(lambda n: ["SMALLER", str(n)], st.integers(0, 300)),
+    st.builds(lambda n: ["MODSEQ", str(n)], st.integers(1, 20)),
+    st.builds(lambda d: ["SINCE", f"{d}-Jan-2022"], st.integers(1, 31)),
+    st.builds(lambda d: ["SENTBEFORE", f"{d}-Jan-2022"], st.integers(1, 28)),
+    st.builds(lambda s: ["UID", s], st.sampled_from(["1:5", "3,9:*", "*", "20:10"])),
+    st.builds(lambda s: [s], st.sampled_from(["1:3", "2,4:*", "*", "6:2"])),
+    st.builds(lambda s: ["SUBJECT", s], st.sampled_from([b"alp", b"BETA", b"\xc3\xa9t\xc3\xa9"])),
+    st.builds(lambda s: ["BODY", s], st.sampled_from([b"delta", b"body", b"zzz"])),
+    st.sampled_from([["KEYWORD", "WORK"], ["UNKEYWORD", "work"]]),
+)
+
+
+def _extend(children: st.SearchStrategy[list[Token]]) -> st.SearchStrategy[list[Token]]:
+    return st.one_of(
+        st.builds(lambda a: ["NOT", *a], children),
+        st.builds(lambda a, b: ["OR", *a, *b], children, children),
+        st.builds(lambda a, b: [[*a, *b]], children, children),
+    )
+
+
+_expressions = st.recursive(_leaves, _extend, max_leaves=6)
+
+
+def _matches(tokens: list[Token], views: list[View]) -> list[int]:
+    scope = Scope(len(views), views[-1].uid if views else 0)
+    return [v.seq for v in compile_search(tokens, "UTF-8").search(views, scope)]
+
+
+@given(_mailboxes(), _expressions)
+def test_not_not_is_identity(views: list[View], x: list[Token]) -> None:
+    """NOT NOT x matches exactly what x matches."""
+    assert _matches(["NOT", "NOT", *x], views) == _matches(x, views)
+
+
+@given(_mailboxes(), _expressions, _expressions)
+def test_or_is_not_of_nots(views: list[View], a: list[Token], b: list[Token]) -> None:
+    """OR a b matches exactly what NOT (NOT a NOT b) matches (De Morgan)."""
+    assert _matches(["OR", *a, *b], views) == _matches(["NOT", ["NOT", *a, "NOT", *b]], views)
+
+
+@given(_mailboxes(), _expressions, _expressions)
+def test_and_is_intersection(views: list[View], a: list[Token], b: list[Token]) -> None:
+    """Implicit AND is the intersection of the two keys' matches, in either order."""
+    both = set(_matches(a, views)) & set(_matches(b, views))
+    assert _matches([*a, *b], views) == sorted(both) == _matches([*b, *a], views)
+
+
+@given(_mailboxes(), st.sampled_from(["1:5", "3,9:*", "*", "20:10", "40:*", "1:4294967295"]))
+def test_uid_search_equals_uid_set_resolution(views: list[View], text: str) -> None:
+    """SEARCH UID s finds exactly the messages whose UIDs the set resolves to."""
+    found = [views[s - 1].uid for s in _matches(["UID", text], views)]
+    assert found == SequenceSet.parse(text).resolve_uids([v.uid for v in views])
