@@ -312,3 +312,57 @@ def test_deep_nesting_is_cut_not_recursed() -> None:
         structure, depth = structure[0], depth + 1
     assert depth == MAX_DEPTH
     assert structure[:2] == (b"multipart", b"mixed")
+
+
+_INNER = (
+    b"Subject: i\r\nContent-Description: desc\r\nContent-Disposition: inline\r\n"
+    b"Content-Description: second\r\n\r\nbody\r\n"
+)
+_INNER_TEXT = (b"text", b"plain", (b"charset", b"us-ascii"), None)
+_ENV_I = (None, b"i", None, None, None, None, None, None, None, None)
+
+# Content-* fields count only in a MIME entity (multipart child, MIME-Version or
+# Content-Type present) and the first occurrence wins: Dovecot 2.3.19's answers.
+MIME_RULES = [
+    (b"Content-Type: message/rfc822\r\n\r\n" + _INNER,
+     (b"message", b"rfc822", None, None, None, b"7bit", 105, _ENV_I,
+      (*_INNER_TEXT, None, b"7bit", 6, 1, None, None, None, None), 6, None, None, None, None)),
+    (b"Content-Type: message/rfc822\r\n\r\nMIME-Version: 1.0\r\n" + _INNER,
+     (b"message", b"rfc822", None, None, None, b"7bit", 124, _ENV_I,
+      (*_INNER_TEXT, b"desc", b"7bit", 6, 1, None, (b"inline", None), None, None), 7,
+      None, None, None, None)),
+    (_INNER, (*_INNER_TEXT, None, b"7bit", 6, 1, None, None, None, None)),
+    (b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\nContent-Description: p1\r\n"
+     b"\r\nx\r\n--x--\r\n",
+     ((*_INNER_TEXT, b"p1", b"7bit", 1, 0, None, None, None, None), b"mixed",
+      (b"boundary", b"x"), None, None, None)),
+    (b"Content-Type: text/plain\r\nContent-Type: text/html\r\n"
+     b"Content-Transfer-Encoding: base64\r\nContent-Transfer-Encoding: 8bit\r\n\r\nx\r\n",
+     (*_INNER_TEXT, None, b"base64", 3, 1, None, None, None, None)),
+    # A digest part (default message/rfc822) whose "message" has no blank line: its
+    # header runs on through the line break before the next boundary.
+    (b"Content-Type: multipart/digest; boundary=d\r\n\r\n--d\r\n\r\nhello\r\n\r\n--d--\r\n",
+     ((b"message", b"rfc822", None, None, None, b"7bit", 9,
+       (None,) * 10, (*_INNER_TEXT, None, b"7bit", 0, 0, None, None, None, None), 2,
+       None, None, None, None), b"digest", (b"boundary", b"d"), None, None, None)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "expected"), MIME_RULES)
+def test_content_fields_follow_dovecot_mime_rules(raw: bytes, expected: tuple[object, ...]) -> None:
+    """Content-* fields are read only in MIME entities, first occurrence wins, as in Dovecot."""
+    assert Message(raw).body_structure() == expected
+
+
+def test_repeated_address_fields_are_joined() -> None:
+    """Two To: fields give one address list, in order (Dovecot); Subject takes the last."""
+    raw = b"To: g: a@b, c@d;\r\nTo: m@n.o (Mr M)\r\nSubject: one\r\nSubject: two\r\n\r\nx\r\n"
+    env = Message(raw).envelope()
+    assert env[1] == b"two"
+    assert env[5] == (
+        (None, None, b"g", None),
+        (None, None, b"a", b"b"),
+        (None, None, b"c", b"d"),
+        (None, None, None, None),
+        (b"Mr M", None, b"m", b"n.o"),
+    )

@@ -119,9 +119,12 @@ MAX_DEPTH = 50
 class Part:
     """One MIME entity kept as its exact octets: header, body and (lazily) subparts."""
 
-    def __init__(self, raw: bytes, default_type: bytes = b"text/plain", depth: int = 0) -> None:
+    def __init__(
+        self, raw: bytes, default_type: bytes = b"text/plain", depth: int = 0, child: bool = False
+    ) -> None:
         self.raw = raw
         self.depth = depth
+        self.child = child
         self.head, self.body = _split(raw)
         self._default = default_type
         self._fields: list[tuple[bytes, bytes, bytes]] | None = None
@@ -136,23 +139,39 @@ class Part:
             self._fields = _fields(self.head)
         return self._fields
 
-    def header(self, name: bytes) -> bytes | None:
-        """The raw value of the last ``name`` field (as Dovecot picks), or None."""
+    def header(self, name: bytes, last: bool = True) -> bytes | None:
+        """The raw value of the last (or first) ``name`` field, or None."""
         found = None
         for fname, value, _ in self.fields:
             if fname == name:
+                if not last:
+                    return value
                 found = value
         return found
 
     def _value(self, name: bytes) -> bytes | None:
+        """An envelope field: the last occurrence wins, as in Dovecot."""
         v = self.header(name)
+        return None if v is None else _unfold(v)
+
+    @property
+    def is_mime(self) -> bool:
+        """Do Content-* fields count? In a multipart child, or with MIME-Version or
+        Content-Type in the header; otherwise Dovecot shows only the defaults."""
+        return self.child or any(n in (b"mime-version", b"content-type") for n, _, _ in self.fields)
+
+    def mime(self, name: bytes) -> bytes | None:
+        """A Content-* field: the first occurrence wins (Dovecot), None if not :attr:`is_mime`."""
+        if name != b"content-type" and not self.is_mime:
+            return None
+        v = self.header(name, last=False)
         return None if v is None else _unfold(v)
 
     @property
     def content_type(self) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
         """(type, subtype, params), with RFC 2045's defaults."""
         if self._ctype is None:
-            value = self._value(b"content-type")
+            value = self.mime(b"content-type")
             if value is None and self._default != b"text/plain":
                 value = self._default
             kind, sub, params = content_type(value)
@@ -192,8 +211,14 @@ class Part:
                 )
                 boundary = self.param(b"boundary")
                 pieces = _split_multipart(self.body, boundary) if boundary else []
-                self._children = [Part(p, default, self.depth + 1) for p in pieces]
-                self._children = self._children or [Part(b"", depth=self.depth + 1)]
+                for piece, longer in pieces:
+                    part = Part(piece, default, self.depth + 1, True)
+                    if part.is_message and _unterminated(part.body):
+                        # Dovecot: an embedded header with no blank line runs on through
+                        # the line break that belongs to the next boundary.
+                        part = Part(longer, default, self.depth + 1, True)
+                    self._children.append(part)
+                self._children = self._children or [Part(b"", depth=self.depth + 1, child=True)]
         return self._children
 
     @property
@@ -204,22 +229,28 @@ class Part:
         return self._embedded
 
 
-def _split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
-    """The parts between ``--boundary`` lines; each part excludes the line break before the next."""
-    delim = re.compile(rb"(?:^|\r?\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r?\n|$)")
-    out: list[bytes] = []
+def _unterminated(message: bytes) -> bool:
+    """Does this message's header lack its blank line?"""
+    return not message.startswith((b"\r\n", b"\n")) and _HEADER_END.search(message) is None
+
+
+def _split_multipart(body: bytes, boundary: bytes) -> list[tuple[bytes, bytes]]:
+    """The parts between ``--boundary`` lines, each without and with the line break
+    before the next boundary (that line break belongs to the boundary)."""
+    delim = re.compile(rb"(\r?\n|^)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r?\n|$)")
+    out: list[tuple[bytes, bytes]] = []
     start: int | None = None
     for m in delim.finditer(body):
         if start is not None:
-            out.append(body[start : m.start()])
-        if m.group(1):
+            out.append((body[start : m.start()], body[start : m.end(1)]))
+        if m.group(2):
             return out
         end = m.end()
         start = end + (
             2 if body[end : end + 2] == b"\r\n" else 1 if body[end : end + 1] == b"\n" else 0
         )
     if start is not None:
-        out.append(body[start:])
+        out.append((body[start:], body[start:]))
     return out
 
 
@@ -231,8 +262,12 @@ def envelope(part: Part) -> tuple[Nested, ...]:
     v = part._value
 
     def addresses(name: bytes) -> Nested:
-        value = part.header(name)
-        return None if value is None else parse_addresses(value)
+        """Every occurrence's addresses, in order (Dovecot joins repeated fields)."""
+        found: list[Nested] = []
+        for fname, value, _ in part.fields:
+            if fname == name:
+                found.extend(parse_addresses(value) or ())
+        return tuple(found) or None
 
     sender_from = addresses(b"from")
     sender = addresses(b"sender") or sender_from
@@ -252,7 +287,7 @@ def envelope(part: Part) -> tuple[Nested, ...]:
 
 
 def _disposition(part: Part) -> Nested:
-    value = part._value(b"content-disposition")
+    value = part.mime(b"content-disposition")
     if value is None:
         return None
     toks = tokens(value, MIME_SPECIALS)
@@ -262,7 +297,7 @@ def _disposition(part: Part) -> Nested:
 
 
 def _language(part: Part) -> Nested:
-    value = part._value(b"content-language")
+    value = part.mime(b"content-language")
     if value is None:
         return None
     tags = [t.strip() for t in re.sub(rb"\([^)]*\)", b"", value).split(b",")]
@@ -280,16 +315,16 @@ def body_structure(part: Part, extended: bool) -> tuple[Nested, ...]:
                 flat_params(params),
                 _disposition(part),
                 _language(part),
-                part._value(b"content-location"),
+                part.mime(b"content-location"),
             ]
         return tuple(out)
     fields: list[Nested] = [
         kind,
         sub,
         flat_params(params),
-        part._value(b"content-id"),
-        part._value(b"content-description"),
-        part._value(b"content-transfer-encoding") or b"7bit",
+        part.mime(b"content-id"),
+        part.mime(b"content-description"),
+        part.mime(b"content-transfer-encoding") or b"7bit",
         len(part.body),
     ]
     inner = part.embedded
@@ -299,10 +334,10 @@ def body_structure(part: Part, extended: bool) -> tuple[Nested, ...]:
         fields.append(part.body.count(b"\n"))
     if extended:
         fields += [
-            part._value(b"content-md5"),
+            part.mime(b"content-md5"),
             _disposition(part),
             _language(part),
-            part._value(b"content-location"),
+            part.mime(b"content-location"),
         ]
     return tuple(fields)
 
@@ -375,7 +410,7 @@ def _locate(root: Part, numbers: tuple[int, ...]) -> Part | None:
     """
     current, state = root, "message"
     for n in numbers:
-        if current.embedded is not None and state == "child":
+        if current.embedded is not None and state != "message":
             current, state = current.embedded, "message"
         if current.is_multipart and state != "body":
             if n > len(current.children):
@@ -424,7 +459,7 @@ def partial(data: bytes, origin: int, count: int) -> bytes:
 
 
 def _decode_body(part: Part) -> str:
-    encoding = (part._value(b"content-transfer-encoding") or b"").strip().lower()
+    encoding = (part.mime(b"content-transfer-encoding") or b"").strip().lower()
     data = part.body
     try:
         if encoding == b"base64":
