@@ -366,3 +366,26 @@ def test_repeated_address_fields_are_joined() -> None:
         (None, None, None, None),
         (b"Mr M", None, b"m", b"n.o"),
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"j@x.org (cmt) (Mr  X)", ((b"Mr X", None, b"j", b"x.org"),)),
+        (b"j@x.org ()", ((None, None, b"j", b"x.org"),)),
+        (b"j@x.org ( )", ((b"", None, b"j", b"x.org"),)),
+        (b",j@x.org", ((None, None, b"MISSING_MAILBOX", b"MISSING_DOMAIN"),
+                       (None, None, b"j", b"x.org"))),
+        (b"g: ;, j@", ((None, None, b"g", None), (None, None, None, None),
+                       (None, None, b"j", b"MISSING_DOMAIN"))),
+        (b"Y <@x.org>", ((b"Y", b"INVALID_ROUTE", b"MISSING_MAILBOX", b"MISSING_DOMAIN"),)),
+        (b'"a" <j@>, k@x.org', ((b"a", None, b"j", b"SYNTAX_ERROR"),)),
+        (b"j @ x . org", ((None, None, b"j", b"x.org"),)),
+        (b"John Q. Public <@r1,@r2:j@[1.2.3.4]>",
+         ((b"John Q. Public", b"@r1,@r2", b"j", b"[1.2.3.4]"),)),
+        (b"", None),
+    ],
+)  # fmt: skip
+def test_address_details_as_dovecot(value: bytes, expected: object) -> None:
+    """Comment names, empty members, bad routes and ``<local@>`` as Dovecot 2.3.19 parses them."""
+    assert parse_addresses(value) == expected

@@ -97,6 +97,7 @@ def _phrase(tokens: list[_Token]) -> bytes | None:
 
 _MISSING_MAILBOX = b"MISSING_MAILBOX"
 _MISSING_DOMAIN = b"MISSING_DOMAIN"
+SYNTAX_ERROR = b"SYNTAX_ERROR"
 _GROUP_END: tuple[Nested, ...] = (None, None, None, None)
 
 
@@ -118,15 +119,20 @@ def _mailbox(toks: list[_Token]) -> tuple[Nested, ...]:
         spec = spec[:gt]
         if spec and special(spec[0], b"@"):
             colon = next((i for i, t in enumerate(spec) if special(t, b":")), None)
-            if colon is not None:
-                adl = b"".join(t.text for t in spec[:colon])
-                spec = spec[colon + 1 :]
+            if colon is None:
+                return (name, b"INVALID_ROUTE", _MISSING_MAILBOX, _MISSING_DOMAIN)
+            adl = b"".join(t.text for t in spec[:colon])
+            spec = spec[colon + 1 :]
     else:
         spec = toks
-        name = _phrase([attrs.evolve(t, space_before=True) for t in comments])
+        # The last comment names it, as in Dovecot: "()" is no name, "( )" an empty one.
+        last = comments[-1].text if comments else b""
+        name = re.sub(rb"[ \t\r\n]+", b" ", last).strip(b" ") if last else None
     at = next((i for i, t in enumerate(spec) if special(t, b"@")), None)
     local = b"".join(t.text for t in (spec if at is None else spec[:at]))
     host = b"" if at is None else b"".join(t.text for t in spec[at + 1 :])
+    if lt is not None and at is not None and not host:
+        host = SYNTAX_ERROR  # ``<local@>``; a bare ``local@`` is only MISSING_DOMAIN
     return (name, adl, local or _MISSING_MAILBOX, host or _MISSING_DOMAIN)
 
 
@@ -157,7 +163,9 @@ def parse_addresses(value: bytes) -> tuple[Nested, ...] | None:
             in_group = True
         elif any(t.kind != "comment" for t in element):
             out.append(_mailbox(element))
-        elif j < n and special(toks[j], b",") and out and out[-1] != _GROUP_END:
+            if out[-1][3] == SYNTAX_ERROR:  # type: ignore[index]
+                break  # Dovecot stops at ``local@`` and keeps what it has
+        elif j < n and special(toks[j], b",") and not (i and special(toks[i - 1], b";")):
             out.append((None, None, _MISSING_MAILBOX, _MISSING_DOMAIN))
         if j < n and special(toks[j], b";") and in_group:
             out.append(_GROUP_END)
