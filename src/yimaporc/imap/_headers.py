@@ -95,8 +95,8 @@ def _phrase(tokens: list[_Token]) -> bytes | None:
 
 # --- addresses ------------------------------------------------------------------
 
-_MISSING_MAILBOX = b"MISSING_MAILBOX"
-_MISSING_DOMAIN = b"MISSING_DOMAIN"
+MISSING_MAILBOX = b"MISSING_MAILBOX"
+MISSING_DOMAIN = b"MISSING_DOMAIN"
 SYNTAX_ERROR = b"SYNTAX_ERROR"
 _GROUP_END: tuple[Nested, ...] = (None, None, None, None)
 
@@ -105,7 +105,7 @@ def special(t: _Token, char: bytes) -> bool:
     return t.kind == "special" and t.text == char
 
 
-def _mailbox(toks: list[_Token]) -> tuple[Nested, ...]:
+def _mailbox(toks: list[_Token], collapse: bool = True) -> tuple[Nested, ...]:
     """One ``mailbox`` -> (name adl mailbox host)."""
     comments = [t for t in toks if t.kind == "comment"]
     toks = [t for t in toks if t.kind != "comment"]
@@ -120,24 +120,32 @@ def _mailbox(toks: list[_Token]) -> tuple[Nested, ...]:
         if spec and special(spec[0], b"@"):
             colon = next((i for i, t in enumerate(spec) if special(t, b":")), None)
             if colon is None:
-                return (name, b"INVALID_ROUTE", _MISSING_MAILBOX, _MISSING_DOMAIN)
+                return (name, b"INVALID_ROUTE", MISSING_MAILBOX, MISSING_DOMAIN)
             adl = b"".join(t.text for t in spec[:colon])
             spec = spec[colon + 1 :]
     else:
         spec = toks
         # The last comment names it, as in Dovecot: "()" is no name, "( )" an empty one.
         last = comments[-1].text if comments else b""
-        name = re.sub(rb"[ \t\r\n]+", b" ", last).strip(b" ") if last else None
+        if not last:
+            name = None
+        elif collapse:
+            name = re.sub(rb"[ \t\r\n]+", b" ", last).strip(b" ")
+        else:
+            name = last
     at = next((i for i, t in enumerate(spec) if special(t, b"@")), None)
     local = b"".join(t.text for t in (spec if at is None else spec[:at]))
     host = b"" if at is None else b"".join(t.text for t in spec[at + 1 :])
     if lt is not None and at is not None and not host:
         host = SYNTAX_ERROR  # ``<local@>``; a bare ``local@`` is only MISSING_DOMAIN
-    return (name, adl, local or _MISSING_MAILBOX, host or _MISSING_DOMAIN)
+    return (name, adl, local or MISSING_MAILBOX, host or MISSING_DOMAIN)
 
 
-def parse_addresses(value: bytes) -> tuple[Nested, ...] | None:
-    """An address-list header value -> ENVELOPE address list (group syntax kept); None if empty."""
+def parse_addresses(value: bytes, collapse: bool = True) -> tuple[Nested, ...] | None:
+    """An address-list header value -> ENVELOPE address list (group syntax kept); None if empty.
+
+    ``collapse=False`` keeps a comment used as a name as written (SEARCH sees it so).
+    """
     toks = tokens(value, ADDRESS_SPECIALS)
     out: list[Nested] = []
     in_group = False
@@ -162,11 +170,11 @@ def parse_addresses(value: bytes) -> tuple[Nested, ...] | None:
             out.append((None, None, _phrase([t for t in element if t.kind != "comment"]), None))
             in_group = True
         elif any(t.kind != "comment" for t in element):
-            out.append(_mailbox(element))
+            out.append(_mailbox(element, collapse))
             if out[-1][3] == SYNTAX_ERROR:  # type: ignore[index]
                 break  # Dovecot stops at ``local@`` and keeps what it has
         elif j < n and special(toks[j], b",") and not (i and special(toks[i - 1], b";")):
-            out.append((None, None, _MISSING_MAILBOX, _MISSING_DOMAIN))
+            out.append((None, None, MISSING_MAILBOX, MISSING_DOMAIN))
         if j < n and special(toks[j], b";") and in_group:
             out.append(_GROUP_END)
             in_group = False

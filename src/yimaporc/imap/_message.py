@@ -38,6 +38,7 @@ import attrs
 
 from ._headers import (
     MIME_SPECIALS,
+    MISSING_DOMAIN,
     Nested,
     content_type,
     flat_params,
@@ -98,9 +99,13 @@ def _text(value: bytes) -> str:
         return value.decode("latin-1")
 
 
+_FOLD = re.compile(rb"\r?\n[ \t]")
+_NEEDS_QUOTES = re.compile(r'[,;:<>@()\[\]\\"]')
+
+
 def decode_header_value(value: bytes) -> str:
     """A header value for searching: unfolded, 8-bit as UTF-8, RFC 2047 words decoded."""
-    text = _text(_LINE_BREAK.sub(b"", value)).strip()
+    text = _text(_LINE_BREAK.sub(b"", _FOLD.sub(b" ", value))).strip()
     if "=?" not in text:
         return text
     try:
@@ -458,17 +463,26 @@ def partial(data: bytes, origin: int, count: int) -> bytes:
 # --- decoded text for SEARCH ------------------------------------------------------------
 
 
+def _unbase64(data: bytes) -> bytes:
+    """Lenient base64: stray characters skipped, a broken tail dropped (never the raw text)."""
+    clean = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
+    clean = clean[: len(clean) - len(clean) % 4] if len(clean) % 4 == 1 else clean
+    return base64.b64decode(clean + b"=" * (-len(clean) % 4))
+
+
 def _decode_body(part: Part) -> str:
-    encoding = (part.mime(b"content-transfer-encoding") or b"").strip().lower()
+    """A text part's content as text: transfer encoding undone, then its charset
+    (us-ascii or none is read as UTF-8, as Dovecot does; unknown charsets likewise)."""
+    # Unlike BODYSTRUCTURE, Dovecot's search decodes a non-MIME entity's encoding too.
+    encoding = (part.header(b"content-transfer-encoding", last=False) or b"").strip().lower()
     data = part.body
-    try:
-        if encoding == b"base64":
-            data = base64.b64decode(re.sub(rb"[^A-Za-z0-9+/]", b"", data) + b"===")
-        elif encoding == b"quoted-printable":
-            data = quopri.decodestring(data)
-    except (binascii.Error, ValueError):
-        data = part.body
-    charset = (part.param(b"charset") or b"utf-8").decode("ascii", "replace").strip()
+    if encoding == b"base64":
+        data = _unbase64(data)
+    elif encoding == b"quoted-printable":
+        data = quopri.decodestring(data)
+    charset = (part.param(b"charset") or b"").decode("ascii", "replace").strip().lower()
+    if charset in ("", "us-ascii", "ascii", "utf-8", "utf8"):
+        return data.decode("utf-8", "replace")
     try:
         return data.decode(charset, "replace")
     except LookupError:
@@ -492,6 +506,28 @@ def header_text(part: Part) -> str:
     return "\n".join(
         f"{_text(name)}: {decode_header_value(value)}" for name, value, _ in part.fields
     )
+
+
+def _address_texts(value: bytes) -> list[str]:
+    out: list[str] = []
+    for addr in parse_addresses(value, collapse=False) or ():
+        name, _, mailbox, host = addr  # type: ignore[misc]
+        if not isinstance(mailbox, bytes):
+            continue  # end of a group
+        if host is None:
+            out.append(decode_header_value(mailbox) + ":")
+            continue
+        spec = _text(mailbox)
+        if isinstance(host, bytes) and host != MISSING_DOMAIN:
+            spec += "@" + _text(host)
+        if not isinstance(name, bytes):
+            out.append(spec)
+            continue
+        text = decode_header_value(name)
+        if _NEEDS_QUOTES.search(text):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        out.append(f"{text} <{spec}>")
+    return out
 
 
 # --- the message ----------------------------------------------------------------------------
@@ -536,6 +572,16 @@ class Message:
         """Every value of header ``name``, decoded (SEARCH FROM/SUBJECT/HEADER)."""
         key = name.lower().encode("ascii", "replace")
         return [decode_header_value(v) for n, v, _ in self.root.fields if n == key]
+
+    def address_values(self, name: str) -> list[str]:
+        """Each address of every ``name`` field as Dovecot's SEARCH FROM/TO/CC/BCC sees it:
+        ``"Doe, J" <j@x.org>``, ``Jörg <j@x>``, ``j@x.org``, ``group:`` (names decoded)."""
+        key = name.lower().encode("ascii", "replace")
+        out: list[str] = []
+        for fname, value, _ in self.root.fields:
+            if fname == key:
+                out += _address_texts(value)
+        return out
 
     def has_header(self, name: str) -> bool:
         key = name.lower().encode("ascii", "replace")

@@ -93,6 +93,7 @@ class MessageView(Protocol):
     def modseq(self) -> int: ...
 
     def header_values(self, name: str) -> list[str]: ...
+    def address_values(self, name: str) -> list[str]: ...
     def has_header(self, name: str) -> bool: ...
     def body_text(self) -> str: ...
     def full_text(self) -> str: ...
@@ -101,6 +102,7 @@ class MessageView(Protocol):
 
 class _MessageLike(Protocol):
     def header_values(self, name: str) -> list[str]: ...
+    def address_values(self, name: str) -> list[str]: ...
     def has_header(self, name: str) -> bool: ...
     def body_text(self) -> str: ...
     def full_text(self) -> str: ...
@@ -126,6 +128,9 @@ class View:
 
     def header_values(self, name: str) -> list[str]:
         return self._m().header_values(name)
+
+    def address_values(self, name: str) -> list[str]:
+        return self._m().address_values(name)
 
     def has_header(self, name: str) -> bool:
         return self._m().has_header(name)
@@ -269,7 +274,7 @@ _FLAG_KEYS = {
     "UNSEEN": ("\\seen", False),
 }
 
-_HEADER_KEYS = {"BCC": "bcc", "CC": "cc", "FROM": "from", "SUBJECT": "subject", "TO": "to"}
+_ADDRESS_KEYS = {"BCC": "bcc", "CC": "cc", "FROM": "from", "TO": "to"}
 
 
 def _flag(name: str, present: bool) -> _Node:
@@ -282,6 +287,16 @@ def _header_search(field: str, needle: str) -> _Node:
         return _Node(lambda e: e.view.has_header(field), Need.HEADERS)
     return _Node(
         lambda e: any(folded in v.casefold() for v in e.view.header_values(field)), Need.HEADERS
+    )
+
+
+def _address_search(field: str, needle: str) -> _Node:
+    """FROM/TO/CC/BCC: each address on its own (``"Doe, J" <j@x.org>``), as Dovecot."""
+    folded = needle.casefold()
+    if not folded:
+        return _Node(lambda e: e.view.has_header(field), Need.HEADERS)
+    return _Node(
+        lambda e: any(folded in v.casefold() for v in e.view.address_values(field)), Need.HEADERS
     )
 
 
@@ -339,8 +354,10 @@ def _key(r: _Reader) -> _Node:
     if key in ("KEYWORD", "UNKEYWORD"):
         name = r.atom("flag keyword").lower()
         return _flag(name, key == "KEYWORD")
-    if key in _HEADER_KEYS:
-        return _header_search(_HEADER_KEYS[key], r.string())
+    if key == "SUBJECT":
+        return _header_search("subject", r.string())
+    if key in _ADDRESS_KEYS:
+        return _address_search(_ADDRESS_KEYS[key], r.string())
     if key == "HEADER":
         field = r.string("header field name")
         if not field or any(c <= " " or c == ":" or c > "~" for c in field):
