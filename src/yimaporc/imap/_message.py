@@ -48,7 +48,6 @@ from ._headers import (
     tokens,
 )
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _LINE_BREAK = re.compile(rb"\r?\n")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -60,29 +59,42 @@ class SectionError(ValueError):
 # --- header fields ------------------------------------------------------------
 
 
-def _split(raw: bytes) -> tuple[bytes, bytes]:
-    """(header incl. the blank line, body); a message without a blank line is all header."""
+def _header_end(buf: bytes, start: int, end: int) -> int:
+    """Where the header of ``buf[start:end]`` ends (after its blank line); ``end`` if none."""
     for blank in (b"\r\n", b"\n"):
-        if raw.startswith(blank):
-            return blank, raw[len(blank) :]
-    m = _HEADER_END.search(raw)
-    if m is None:
-        return raw, b""
-    return raw[: m.end()], raw[m.end() :]
+        if buf.startswith(blank, start, end):
+            return start + len(blank)
+    crlf = buf.find(b"\n\r\n", start, end)
+    limit = end if crlf < 0 else crlf + 2
+    lf = buf.find(b"\n\n", start, limit)
+    if lf >= 0:
+        return lf + 2
+    return end if crlf < 0 else crlf + 3
 
 
 def _fields(head: bytes) -> list[tuple[bytes, bytes, bytes]]:
-    """(lower-case name, raw value after the colon, whole raw lines incl. line ends)."""
-    out: list[tuple[bytes, bytes, bytes]] = []
+    """(lower-case name, raw value after the colon, whole raw lines incl. line ends).
+
+    Slices by offsets, so a field folded over many lines costs no more than its length.
+    A line without a colon is a field named by the whole line, with an empty value.
+    """
+    starts: list[tuple[int, int]] = []  # (field start, colon offset or -1)
+    pos = 0
     for line in head.splitlines(keepends=True):
         if not line.strip(b"\r\n"):
             break
-        if line[:1] in (b" ", b"\t") and out:
-            name, value, lines = out[-1]
-            out[-1] = (name, value + line, lines + line)
-            continue
-        name, colon, value = line.partition(b":")
-        out.append((name.strip().lower() if colon else line.strip().lower(), value, line))
+        if line[:1] not in (b" ", b"\t") or not starts:
+            colon = line.find(b":")
+            starts.append((pos, pos + colon if colon >= 0 else -1))
+        pos += len(line)
+    out: list[tuple[bytes, bytes, bytes]] = []
+    ends = [start for start, _ in starts[1:]] + [pos]
+    for (start, colon), end in zip(starts, ends):
+        if colon >= 0:
+            name, value = head[start:colon], head[colon + 1 : end]
+        else:
+            name, value = head[start:end].split(b"\n", 1)[0], b""
+        out.append((name.strip().lower(), value, head[start:end]))
     return out
 
 
@@ -122,20 +134,58 @@ MAX_DEPTH = 50
 
 
 class Part:
-    """One MIME entity kept as its exact octets: header, body and (lazily) subparts."""
+    """One MIME entity: ``buf[start:end]``, header and body found by offsets.
+
+    Parts share their message's buffer, so a 20 MB attachment is never copied to
+    compute a structure; :attr:`raw`, :attr:`head` and :attr:`body` slice on demand.
+    """
 
     def __init__(
-        self, raw: bytes, default_type: bytes = b"text/plain", depth: int = 0, child: bool = False
+        self,
+        buf: bytes,
+        start: int = 0,
+        end: int | None = None,
+        default_type: bytes = b"text/plain",
+        depth: int = 0,
+        child: bool = False,
     ) -> None:
-        self.raw = raw
+        self.buf = buf
+        self.start = start
+        self.end = len(buf) if end is None else max(start, end)
+        self.head_end = _header_end(buf, start, self.end)
         self.depth = depth
         self.child = child
-        self.head, self.body = _split(raw)
+        #: Octets of the next boundary's line break this part ran on into (Dovecot quirk).
+        self.borrowed = 0
         self._default = default_type
         self._fields: list[tuple[bytes, bytes, bytes]] | None = None
         self._ctype: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
         self._children: list[Part] | None = None
         self._embedded: Part | None = None
+
+    @property
+    def raw(self) -> bytes:
+        """Every octet of the entity."""
+        if self.start == 0 and self.end == len(self.buf):
+            return self.buf
+        return self.buf[self.start : self.end]
+
+    @property
+    def head(self) -> bytes:
+        """The header including its blank line (all of it when there is no blank line)."""
+        return self.buf[self.start : self.head_end]
+
+    @property
+    def body(self) -> bytes:
+        return self.buf[self.head_end : self.end]
+
+    @property
+    def body_size(self) -> int:
+        return self.end - self.head_end
+
+    @property
+    def body_lines(self) -> int:
+        return self.buf.count(b"\n", self.head_end, self.end)
 
     @property
     def fields(self) -> list[tuple[bytes, bytes, bytes]]:
@@ -215,13 +265,14 @@ class Part:
                     b"message/rfc822" if self.is_type(b"multipart", b"digest") else b"text/plain"
                 )
                 boundary = self.param(b"boundary")
-                pieces = _split_multipart(self.body, boundary) if boundary else []
-                for piece, longer in pieces:
-                    part = Part(piece, default, self.depth + 1, True)
-                    if part.is_message and _unterminated(part.body):
+                spans = _split_multipart(self.buf, self.head_end, self.end, boundary or b"")
+                for first, last, longer in spans if boundary else []:
+                    part = Part(self.buf, first, last, default, self.depth + 1, True)
+                    if part.is_message and _unterminated(self.buf, part.head_end, last):
                         # Dovecot: an embedded header with no blank line runs on through
                         # the line break that belongs to the next boundary.
-                        part = Part(longer, default, self.depth + 1, True)
+                        part = Part(self.buf, first, longer, default, self.depth + 1, True)
+                        part.borrowed = longer - max(first, last)
                     self._children.append(part)
                 self._children = self._children or [Part(b"", depth=self.depth + 1, child=True)]
         return self._children
@@ -230,33 +281,57 @@ class Part:
     def embedded(self) -> Part | None:
         """The message inside a message/rfc822 part."""
         if self._embedded is None and self.is_message:
-            self._embedded = Part(self.body, depth=self.depth + 1)
+            self._embedded = Part(self.buf, self.head_end, self.end, depth=self.depth + 1)
         return self._embedded
 
 
-def _unterminated(message: bytes) -> bool:
-    """Does this message's header lack its blank line?"""
-    return not message.startswith((b"\r\n", b"\n")) and _HEADER_END.search(message) is None
+def _unterminated(buf: bytes, start: int, end: int) -> bool:
+    """Does the message in ``buf[start:end]`` lack the blank line ending its header?"""
+    if buf.startswith((b"\r\n", b"\n"), start, end):
+        return False
+    return buf.find(b"\n\r\n", start, end) < 0 and buf.find(b"\n\n", start, end) < 0
 
 
-def _split_multipart(body: bytes, boundary: bytes) -> list[tuple[bytes, bytes]]:
-    """The parts between ``--boundary`` lines, each without and with the line break
-    before the next boundary (that line break belongs to the boundary)."""
-    delim = re.compile(rb"(\r?\n|^)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r?\n|$)")
-    out: list[tuple[bytes, bytes]] = []
-    start: int | None = None
-    for m in delim.finditer(body):
-        if start is not None:
-            out.append((body[start : m.start()], body[start : m.end(1)]))
-        if m.group(2):
-            return out
-        end = m.end()
-        start = end + (
-            2 if body[end : end + 2] == b"\r\n" else 1 if body[end : end + 1] == b"\n" else 0
-        )
-    if start is not None:
-        out.append((body[start:], body[start:]))
-    return out
+def _split_multipart(
+    buf: bytes, start: int, end: int, boundary: bytes
+) -> list[tuple[int, int, int]]:
+    """Offsets of the parts between ``--boundary`` lines in ``buf[start:end]``.
+
+    Each part is ``(first, last, longer)``: it spans ``first:last``, without the line
+    break before the next boundary (that break belongs to the boundary); ``first:longer``
+    includes it. Found with ``bytes.find``, so a large body is scanned at C speed.
+    """
+    delim = b"--" + boundary
+    spans: list[tuple[int, int, int]] = []
+    first: int | None = None
+    pos = start
+    while True:
+        i = buf.find(delim, pos, end)
+        if i < 0:
+            break
+        pos = i + 1
+        if i == start:
+            brk = i
+        elif buf[i - 1 : i] == b"\n":
+            brk = i - 2 if i - 2 >= start and buf[i - 2 : i - 1] == b"\r" else i - 1
+        else:
+            continue
+        j = i + len(delim)
+        closing = buf.startswith(b"--", j, end)
+        j += 2 if closing else 0
+        while j < end and buf[j] in b" \t":
+            j += 1
+        if j < end and not buf.startswith((b"\n", b"\r\n"), j, end):
+            continue
+        if first is not None:
+            spans.append((first, brk, i))
+        if closing:
+            return spans
+        first = j + (2 if buf.startswith(b"\r\n", j, end) else 1 if j < end else 0)
+        pos = max(pos, j)
+    if first is not None:
+        spans.append((first, end, end))
+    return spans
 
 
 # --- ENVELOPE and BODYSTRUCTURE ----------------------------------------------------
@@ -330,13 +405,13 @@ def body_structure(part: Part, extended: bool) -> tuple[Nested, ...]:
         part.mime(b"content-id"),
         part.mime(b"content-description"),
         part.mime(b"content-transfer-encoding") or b"7bit",
-        len(part.body),
+        part.body_size,
     ]
     inner = part.embedded
     if inner is not None:
-        fields += [envelope(inner), body_structure(inner, extended), part.body.count(b"\n")]
+        fields += [envelope(inner), body_structure(inner, extended), part.body_lines]
     elif kind.lower() == b"text":
-        fields.append(part.body.count(b"\n"))
+        fields.append(part.body_lines)
     if extended:
         fields += [
             part.mime(b"content-md5"),
@@ -449,7 +524,7 @@ def extract(root: Part, section: Section) -> bytes:
     if message is None:
         return b""
     if section.text == "HEADER":
-        return message.head
+        return message.head[: len(message.head) - part.borrowed]
     if section.text == "TEXT":
         return message.body
     return _header_fields(message, section.fields, section.text == "HEADER.FIELDS.NOT")
