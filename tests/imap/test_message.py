@@ -16,7 +16,6 @@ from imapmsg_dovecot import FETCH
 
 from yimaporc.imap._headers import parse_addresses
 from yimaporc.imap._message import (
-    MAX_DEPTH,
     Message,
     Section,
     SectionError,
@@ -24,6 +23,7 @@ from yimaporc.imap._message import (
     parse_internaldate,
     parse_section,
 )
+from yimaporc.imap._parts import MAX_DEPTH
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
