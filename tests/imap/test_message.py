@@ -7,6 +7,8 @@ answered for the corpus; the edge cases below quote its answers inline).
 from __future__ import annotations
 
 import email.utils
+from email.message import EmailMessage
+from email.policy import SMTP
 
 import pytest
 from hypothesis import given
@@ -389,3 +391,60 @@ def test_repeated_address_fields_are_joined() -> None:
 def test_address_details_as_dovecot(value: bytes, expected: object) -> None:
     """Comment names, empty members, bad routes and ``<local@>`` as Dovecot 2.3.19 parses them."""
     assert parse_addresses(value) == expected
+
+
+_texts = st.text(
+    st.characters(min_codepoint=32, max_codepoint=0x2FF, blacklist_categories=("Cc",)), max_size=60
+)
+
+
+@st.composite
+def _email_messages(draw: st.DrawFn) -> bytes:
+    """Messages the email package writes: text, optional HTML, optional attachments."""
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = email.utils.formataddr((draw(_names), "a@example.org"))
+    msg["Subject"] = draw(_texts)
+    msg.set_content(
+        draw(_texts) + "\n", cte=draw(st.sampled_from(["8bit", "base64", "quoted-printable"]))
+    )
+    if draw(st.booleans()):
+        msg.add_alternative("<p>" + draw(_texts) + "</p>\n", subtype="html")
+    for data in draw(st.lists(st.binary(max_size=50), max_size=2)):
+        msg.add_attachment(
+            data, maintype="application", subtype="octet-stream", filename=draw(_names)
+        )
+    if msg.is_multipart():
+        msg.set_boundary("==part-boundary==")
+        for sub in msg.iter_parts():
+            if sub.is_multipart():
+                sub.set_boundary("==inner-boundary==")
+    raw = msg.as_bytes()
+    return raw.replace(b"\r\n", b"\n") if draw(st.booleans()) else raw
+
+
+def _leaves(
+    structure: tuple[object, ...], prefix: tuple[int, ...]
+) -> list[tuple[tuple[int, ...], tuple[object, ...]]]:
+    """(part number, BODYSTRUCTURE) of every non-multipart part."""
+    if not isinstance(structure[0], tuple):
+        return [(prefix or (1,), structure)]
+    out = []
+    for i, child in enumerate(structure):
+        if not isinstance(child, tuple):
+            break  # the subtype: children come before it
+        out += _leaves(child, (*prefix, i + 1))
+    return out
+
+
+@given(_email_messages())
+def test_sections_partition_the_message(raw: bytes) -> None:
+    """HEADER + TEXT is the message; each leaf's MIME + body is in it; sizes match BODY[n]."""
+    m = Message(raw)
+    assert m.section(Section(text="HEADER")) + m.section(Section(text="TEXT")) == raw
+    for path, leaf in _leaves(m.body_structure(), ()):
+        body = m.section(Section(path))
+        assert leaf[6] == len(body)
+        if len(path) > 1 or isinstance(m.body_structure()[0], tuple):
+            assert m.section(Section(path, "MIME")) + body in raw
+        if leaf[0] == b"text":
+            assert leaf[7] == body.count(b"\n")
