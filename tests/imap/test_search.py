@@ -142,6 +142,19 @@ def test_literal_search_string_in_utf8() -> None:
     assert [v.seq for v in program.search(SEARCH_MAILBOX, SCOPE)] == [2, 3]
 
 
+def test_other_charsets_decode_the_search_string() -> None:
+    """CHARSET ISO-8859-1 reads its octets in Latin-1 and finds the same subjects (Dovecot)."""
+    program = compile_search(["SUBJECT", b"gr\xfc\xdfe"], "ISO-8859-1")
+    assert [v.seq for v in program.search(SEARCH_MAILBOX, SCOPE)] == [2, 3]
+    assert compile_search(["ALL"], "koi8-r").charset == "KOI8-R"
+
+
+def test_keyword_of_a_system_flag_matches_nothing() -> None:
+    """KEYWORD \\Seen is no keyword: it matches nothing, UNKEYWORD \\Seen everything (Dovecot)."""
+    assert run("KEYWORD \\Seen") == []
+    assert run("UNKEYWORD \\Seen") == [1, 2, 3, 4, 5, 6, 7]
+
+
 def test_modseq_search() -> None:
     """MODSEQ n matches modseq >= n and marks the program as using MODSEQ."""
     program = compile_search(keys("MODSEQ 6"))
@@ -209,12 +222,14 @@ def test_bad_search_keys(tokens: list[Token]) -> None:
 
 
 def test_bad_charset() -> None:
-    """An unsupported charset is NO [BADCHARSET (US-ASCII UTF-8)]; known ones in any case."""
+    """An unknown charset is NO [BADCHARSET (US-ASCII UTF-8)]; known ones in any case."""
     with pytest.raises(SearchError) as info:
-        compile_search(["ALL"], "ISO-8859-1")
+        compile_search(["ALL"], "BOGUS")
     assert info.value.status == "NO"
     assert info.value.response_code() == b"BADCHARSET (US-ASCII UTF-8)"
     assert compile_search(["ALL"], "utf-8").charset == "UTF-8"
+    with pytest.raises(SearchError):
+        compile_search(["ALL"], "base64")
     assert compile_search(["ALL"], None).charset == "US-ASCII"
 
 
@@ -231,7 +246,7 @@ def test_nesting_limit() -> None:
 
 
 def test_return_options_and_esearch() -> None:
-    """RETURN () means ALL; ESEARCH items in RFC 4731 order, MIN/MAX/ALL left out when empty."""
+    """RETURN () means ALL; ESEARCH items in Dovecot's order, MIN/MAX/ALL left out when empty."""
     assert parse_return_options([]) == ("ALL",)
     assert parse_return_options(["count", "MIN"]) == ("COUNT", "MIN")
     with pytest.raises(SearchError):
@@ -239,8 +254,8 @@ def test_return_options_and_esearch() -> None:
     assert esearch_items([2, 3, 4, 9], ["ALL", "COUNT", "MAX", "MIN"]) == [
         ("MIN", 2),
         ("MAX", 9),
-        ("COUNT", 4),
         ("ALL", b"2:4,9"),
+        ("COUNT", 4),
     ]
     assert esearch_items([], ["MIN", "MAX", "COUNT", "ALL"]) == [("COUNT", 0)]
     assert format_esearch(b"A282", [2, 10, 11], ["MIN", "COUNT"], uid=True) == (

@@ -2,9 +2,11 @@
 
 **Input** (what the command parser hands over): the search keys as a token list, atoms
 as ``str``, quoted strings and literals as ``bytes``, parenthesised lists as ``list``;
-and the ``CHARSET`` argument (None, ``"US-ASCII"`` or ``"UTF-8"``; anything else is a
+and the ``CHARSET`` argument (None, ``"US-ASCII"``, ``"UTF-8"``, or like Dovecot any
+other character set Python has a codec for, e.g. ``ISO-8859-1``; an unknown one is a
 :class:`SearchError` with code ``BADCHARSET``, answered ``NO [BADCHARSET (US-ASCII
-UTF-8)]``). Search strings are read as UTF-8 under every charset, as Dovecot does.
+UTF-8)]``). US-ASCII strings are read as UTF-8, as Dovecot reads them; a string that
+does not decode is ``BAD``.
 
 :func:`compile_search` checks the whole expression before anything is evaluated and
 raises :class:`SearchError` (answered ``BAD``) for bad syntax or an unknown key. The
@@ -28,6 +30,7 @@ Matching follows Dovecot 2.3 (values checked against it on the test corpus):
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import enum
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -37,7 +40,8 @@ import attrs
 
 from ._sequence import SequenceSet, SequenceSetError, format_uid_set
 
-#: Charsets SEARCH accepts (the BADCHARSET response code lists them).
+#: Charsets SEARCH advertises (the BADCHARSET response code lists them); others Python
+#: knows are accepted too.
 CHARSETS = ("US-ASCII", "UTF-8")
 
 #: Nesting deeper than this (lists, NOT, OR) is refused, not recursed into.
@@ -200,7 +204,8 @@ def _all(nodes: list[_Node]) -> _Node:
 
 
 class _Reader:
-    def __init__(self, tokens: list[Token], depth: int) -> None:
+    def __init__(self, tokens: list[Token], depth: int, codec: str = "utf-8") -> None:
+        self.codec = codec
         self.tokens = tokens
         self.i = 0
         self.depth = depth - 1
@@ -229,9 +234,9 @@ class _Reader:
         if isinstance(tok, str):
             return tok
         try:
-            return tok.decode("utf-8")
+            return tok.decode(self.codec)
         except UnicodeDecodeError:
-            raise SearchError(f"{what} is not valid UTF-8") from None
+            raise SearchError(f"{what} is not valid {self.codec}") from None
 
     def atom(self, what: str) -> str:
         tok = self.next(what)
@@ -341,7 +346,7 @@ def _key(r: _Reader) -> _Node:
     if isinstance(tok, list):
         if not tok:
             raise SearchError("empty parenthesised search keys")
-        return _keys(_Reader(tok, r.depth + 1))
+        return _keys(_Reader(tok, r.depth + 1, r.codec))
     if isinstance(tok, bytes):
         raise SearchError(f"unexpected string {tok[:30]!r} where a search key belongs")
     key = tok.upper()
@@ -353,6 +358,8 @@ def _key(r: _Reader) -> _Node:
         return _Node(lambda e: "\\recent" in e.flags and "\\seen" not in e.flags)
     if key in ("KEYWORD", "UNKEYWORD"):
         name = r.atom("flag keyword").lower()
+        if name.startswith("\\"):  # a system flag is no keyword: KEYWORD \Seen matches none
+            return _Node(lambda e: key == "UNKEYWORD")
         return _flag(name, key == "KEYWORD")
     if key == "SUBJECT":
         return _header_search("subject", r.string())
@@ -424,15 +431,32 @@ class SearchProgram:
         return [v for v in views if self.matches(v, scope)]
 
 
+def _codec(charset: str) -> str:
+    """The Python codec for a CHARSET; US-ASCII reads UTF-8 (as Dovecot); unknown ones
+    are BADCHARSET. Any charset Python knows is accepted, as Dovecot accepts iconv's."""
+    if charset in CHARSETS:
+        return "utf-8"
+    try:
+        info = codecs.lookup(charset)
+    except LookupError:
+        raise SearchError(f"unsupported charset {charset[:40]!r}", code="BADCHARSET") from None
+    if info.name in _NOT_TEXT:
+        raise SearchError(f"unsupported charset {charset[:40]!r}", code="BADCHARSET")
+    return info.name
+
+
+#: Python codecs that are not character sets (``CHARSET base64`` is not a charset).
+_NOT_TEXT = {"base64", "bz2", "hex", "quopri", "rot-13", "uu", "zlib", "idna", "punycode"}
+
+
 def compile_search(tokens: Sequence[Token], charset: str | None = None) -> SearchProgram:
     """Check and compile SEARCH keys (see the module docstring for the token form)."""
     name = "US-ASCII" if charset is None else charset.upper()
-    if name not in CHARSETS:
-        raise SearchError(f"unsupported charset {name[:40]!r}", code="BADCHARSET")
+    codec = _codec(name)
     if not tokens:
         raise SearchError("missing search keys")
     try:
-        root = _keys(_Reader(list(tokens), 0))
+        root = _keys(_Reader(list(tokens), 0, codec))
     except RecursionError:
         raise SearchError("search keys nested too deeply") from None
     return SearchProgram(root, name, root.need, root.modseq)
@@ -457,7 +481,7 @@ def parse_return_options(tokens: Sequence[Token]) -> tuple[str, ...]:
 
 
 def esearch_items(numbers: Sequence[int], options: Iterable[str]) -> list[tuple[str, int | bytes]]:
-    """``[(name, value)]`` for an ESEARCH response, in RFC 4731 order.
+    """``[(name, value)]`` for an ESEARCH response, in Dovecot's order (MIN MAX ALL COUNT).
 
     Values are numbers, or for ALL the sequence set as atom octets (``b"1:3,5"``). MIN,
     MAX and ALL are left out when nothing matched; COUNT is always given.
@@ -468,10 +492,10 @@ def esearch_items(numbers: Sequence[int], options: Iterable[str]) -> list[tuple[
         out.append(("MIN", min(numbers)))
     if numbers and "MAX" in wanted:
         out.append(("MAX", max(numbers)))
-    if "COUNT" in wanted:
-        out.append(("COUNT", len(numbers)))
     if numbers and "ALL" in wanted:
         out.append(("ALL", format_uid_set(numbers)))
+    if "COUNT" in wanted:
+        out.append(("COUNT", len(numbers)))
     return out
 
 
