@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -405,3 +406,21 @@ def test_body_decoding_as_dovecot(raw: bytes, needle: str, hit: bool) -> None:
     """BODY reads text parts through their encoding and charset as Dovecot does."""
     program = compile_search(["BODY", needle.encode()], "UTF-8")
     assert program.matches(View(1, 1, message=Message(raw)), Scope(1, 1)) is hit
+
+
+@given(_mailboxes(), _expressions)
+def test_need_is_enough(views: list[View], x: list[Token]) -> None:
+    """A program gets the same answer from only what its ``need`` says to load."""
+    program = compile_search(x, "UTF-8")
+    if program.need == Need.FULL:
+        return
+    scope = Scope(len(views), views[-1].uid if views else 0)
+    slim = []
+    for v in views:
+        head = None
+        if program.need == Need.HEADERS and isinstance(v.message, Message):
+            head = Message(v.message.root.head)
+        slim.append(attrs.evolve(v, message=head))
+    assert [v.seq for v in program.search(slim, scope)] == [
+        v.seq for v in program.search(views, scope)
+    ]
