@@ -424,3 +424,35 @@ def test_need_is_enough(views: list[View], x: list[Token]) -> None:
     assert [v.seq for v in program.search(slim, scope)] == [
         v.seq for v in program.search(views, scope)
     ]
+
+
+SENT_DATES = [
+    "Mon, 7 Feb 1994 21:52:25 -0800", "7 Feb 1994 21:52:25 -0800", "Mon, 07 Feb 94 21:52:25 -0800",
+    "Mon, 7 Feb 1994 21:52 -0800", "Mon, 7 Feb 1994 23:52:25 -0300", "Mon, 7 Feb 1994 01:00:00 +1400",
+    "Mon, 7 Feb 1994 21:52:25 PST", "Mon, 7 Feb 1994 21:52:25 EST", "Mon, 7 Feb 1994 21:52:25 GMT",
+    "Mon, 7 Feb 1994 21:52:25", "Mon, 7 Feb 1994 21:52:25 +0000 (UTC)", "Mon,  7 Feb 1994 21:52:25 -0800",
+    "7-Feb-1994", "garbage", "", "Mon, 31 Feb 1994 10:00:00 +0000", "Tue, 8 Feb 1994 00:30:00 +0100",
+    "Sun, 6 Feb 1994 23:30:00 -0100", "Mon, 7 Feb 2094 21:52:25 -0800", "Mon, 7 Feb 49 21:52:25 -0800",
+    "Mon, 7 Feb 50 21:52:25 -0800", "mon, 7 feb 1994 21:52:25 -0800", "Mon, 7 Feb 1994 21:52:25 z",
+    "Mon, 7 Feb 1994 21:52:25 -08",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("SENTON 7-Feb-1994", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 22, 23, 24]),
+        ("SENTON 6-Feb-1994", [18]),
+        ("SENTON 8-Feb-1994", [17]),
+        ("SENTBEFORE 2-Jan-1970", [13, 14, 15, 16]),
+        ("SENTON 7-Feb-2049", [20]),
+        ("SENTON 7-Feb-1950", []),
+    ],
+)
+def test_sent_dates_in_many_forms(query: str, expected: list[int]) -> None:
+    """Date: forms (2-digit years, zone names, no zone, garbage) read as Dovecot 2.3.19 reads them."""
+    views = [
+        View(i, i, message=Message(b"Date: " + d.encode() + b"\r\nSubject: x\r\n\r\nbody\r\n"))
+        for i, d in enumerate(SENT_DATES, 1)
+    ]
+    assert run(query, views=views, scope=Scope(len(views), len(views))) == expected
