@@ -21,6 +21,7 @@ from yimaporc.imap._message import (
     Message,
     Section,
     SectionError,
+    canonical_crlf,
     format_internaldate,
     parse_internaldate,
     parse_section,
@@ -448,3 +449,23 @@ def test_sections_partition_the_message(raw: bytes) -> None:
             assert m.section(Section(path, "MIME")) + body in raw
         if leaf[0] == b"text":
             assert leaf[7] == body.count(b"\n")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n"),
+        (b"a\nb\n", b"a\r\nb\r\n"),
+        (b"a\rb\r\n\nc", b"a\r\nb\r\n\r\nc"),
+        (b"", b""),
+    ],
+)
+def test_canonical_crlf(raw: bytes, expected: bytes) -> None:
+    """Bare LF and CR become CRLF; CRLF text is returned unchanged."""
+    assert canonical_crlf(raw) == expected
+
+
+def test_lf_message_after_crlf_matches_crlf_original() -> None:
+    """A corpus message stored with LFs and made canonical gives Dovecot's sizes again."""
+    lf = CORPUS["nested"].replace(b"\r\n", b"\n")
+    assert Message(canonical_crlf(lf)).body_structure() == FETCH["nested"]["BODYSTRUCTURE"]

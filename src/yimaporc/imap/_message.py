@@ -433,6 +433,22 @@ class Message:
             return None
 
 
+_BARE_LINE_END = re.compile(rb"\r?\n|\r(?!\n)")
+
+
+def canonical_crlf(raw: bytes) -> bytes:
+    """Every line end as CRLF (bare LF or CR made CRLF), as messages should be stored.
+
+    IMAP sizes and sections count the stored octets, so a message kept with bare LFs
+    would show sizes that disagree with the CRLF text a client receives; Dovecot
+    presents such mail with CRLF. Apply this on APPEND and delivery.
+    """
+    pairs = raw.count(b"\r\n")
+    if raw.count(b"\n") == pairs and raw.count(b"\r") == pairs:
+        return raw  # already canonical: no copy
+    return _BARE_LINE_END.sub(b"\r\n", raw)
+
+
 # --- INTERNALDATE ----------------------------------------------------------------------------
 
 
