@@ -469,3 +469,40 @@ def test_lf_message_after_crlf_matches_crlf_original() -> None:
     """A corpus message stored with LFs and made canonical gives Dovecot's sizes again."""
     lf = CORPUS["nested"].replace(b"\r\n", b"\n")
     assert Message(canonical_crlf(lf)).body_structure() == FETCH["nested"]["BODYSTRUCTURE"]
+
+
+_field_names = st.from_regex(r"[A-Z][A-Z0-9-]{0,10}", fullmatch=True).map(str.encode)
+
+
+@given(
+    st.lists(st.integers(1, 9999), max_size=4),
+    st.sampled_from([None, "HEADER", "TEXT", "MIME", "HEADER.FIELDS", "HEADER.FIELDS.NOT"]),
+    st.lists(_field_names, min_size=1, max_size=3),
+)
+def test_section_label_parses_back(part: list[int], text: str | None, names: list[bytes]) -> None:
+    """Any valid section's label parses back to the same section."""
+    if text == "MIME" and not part:
+        return
+    fields = tuple(names) if text and text.startswith("HEADER.FIELDS") else ()
+    section = Section(tuple(part), text, fields)
+    assert parse_section(section.label()) == section
+
+
+_pieces = st.sampled_from(
+    [b"--b\r\n", b"--b--\r\n", b"\r\n", b"Content-Type: message/rfc822\r\n",
+     b"Content-Type: multipart/mixed; boundary=b\r\n", b"Content-Type: multipart/digest; boundary=b\r\n",
+     b"Content-Type: text/plain\r\n", b"Subject: x\r\n", b"hello\r\n", b"--b", b"\n", b"From: a@b\r\n"]
+)  # fmt: skip
+
+
+@given(st.lists(_pieces, max_size=30))
+def test_multipart_shaped_noise_never_raises(pieces: list[bytes]) -> None:
+    """Messages stitched from boundary, header and body lines: no error, sizes and slices agree."""
+    raw = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + b"".join(pieces)
+    m = Message(raw)
+    m.envelope()
+    for path, leaf in _leaves(m.body_structure(), ()):
+        assert leaf[6] == len(m.section(Section(path)))  # sizes agree with BODY[n]
+    for spec in (b"1", b"1.1", b"2.MIME", b"1.HEADER", b"2.1.TEXT", b"HEADER.FIELDS (Subject)"):
+        assert m.section(parse_section(spec)) in raw or spec.startswith(b"HEADER.FIELDS")
+    m.full_text()
