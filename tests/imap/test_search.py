@@ -456,3 +456,14 @@ def test_sent_dates_in_many_forms(query: str, expected: list[int]) -> None:
         for i, d in enumerate(SENT_DATES, 1)
     ]
     assert run(query, views=views, scope=Scope(len(views), len(views))) == expected
+
+
+def test_long_or_chain() -> None:
+    """A 100-term OR chain compiles and evaluates (flattened, not 100 nested calls)."""
+    tokens: list[Token] = []
+    for n in range(1, 100):
+        tokens += ["OR", "UID", str(n)]
+    tokens += ["UID", "100"]
+    program = compile_search(tokens)
+    assert program.root.op == "or" and len(program.root.parts) == 100
+    assert [v.seq for v in program.search(SEARCH_MAILBOX, SCOPE)] == [1, 2, 3, 4, 5, 6, 7]

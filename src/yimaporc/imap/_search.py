@@ -44,8 +44,9 @@ from ._sequence import SequenceSet, SequenceSetError, format_uid_set
 #: knows are accepted too.
 CHARSETS = ("US-ASCII", "UTF-8")
 
-#: Nesting deeper than this (lists, NOT, OR) is refused, not recursed into.
-MAX_DEPTH = 64
+#: Nesting deeper than this (lists, NOT, OR) is refused, not recursed into. OR chains
+#: and lists flatten for evaluation, so only parsing recurses this deep.
+MAX_DEPTH = 128
 
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 
@@ -189,15 +190,30 @@ class _Node:
     test: _Test
     need: Need = Need.METADATA
     modseq: bool = False
+    #: For AND/OR nodes: the operator and its operands, so chains flatten (an ``OR a OR
+    #: b OR c ...`` of any length evaluates without nesting calls).
+    op: str = ""
+    parts: tuple[_Test, ...] = ()
+
+
+def _join(op: str, nodes: list[_Node]) -> _Node:
+    """AND (``all``) or OR (``any``) of nodes, merging operands of the same operator."""
+    tests: list[_Test] = []
+    for n in nodes:
+        tests.extend(n.parts if n.op == op else (n.test,))
+    combine = all if op == "and" else any
+    frozen = tuple(tests)
+    return _Node(
+        lambda e: combine(t(e) for t in frozen),
+        max((n.need for n in nodes), default=Need.METADATA),
+        any(n.modseq for n in nodes),
+        op,
+        frozen,
+    )
 
 
 def _all(nodes: list[_Node]) -> _Node:
-    tests = [n.test for n in nodes]
-    return _Node(
-        lambda e: all(t(e) for t in tests),
-        max((n.need for n in nodes), default=Need.METADATA),
-        any(n.modseq for n in nodes),
-    )
+    return _join("and", nodes)
 
 
 # --- argument readers -------------------------------------------------------------
@@ -393,7 +409,7 @@ def _key(r: _Reader) -> _Node:
         r.enter()
         a, b = _key(r), _key(r)
         r.depth -= 1
-        return _Node(lambda e: a.test(e) or b.test(e), max(a.need, b.need), a.modseq or b.modseq)
+        return _join("or", [a, b])
     if key == "UID":
         return _sequence(r.atom("UID set"), uid=True)
     if key == "MODSEQ":
