@@ -7,9 +7,6 @@ Dovecot 2.3.19 fed these very bytes (APPEND, then FETCH/SEARCH over IMAP).
 
 from __future__ import annotations
 
-from email.message import EmailMessage
-from email.policy import SMTP
-
 
 def _crlf(text: str) -> bytes:
     return text.replace("\n", "\r\n").encode("utf-8")
@@ -70,45 +67,74 @@ ROUTE = (
 )
 
 
-def _attachment() -> bytes:
-    """multipart/mixed: a QP text part and a base64 attachment with a quoted name."""
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = "Alice <alice@example.com>"
-    msg["To"] = "bob@example.com"
-    msg["Subject"] = "report attached"
-    msg["Date"] = "Wed, 15 Jun 2022 10:00:00 +0000"
-    msg["Message-ID"] = "<attach-1@example.com>"
-    msg.set_content("Résumé of the quarter: see attachment.\n", cte="quoted-printable")
-    msg.add_attachment(
-        bytes(range(256)) * 2,
-        maintype="application",
-        subtype="octet-stream",
-        filename="m3.bin",
-    )
-    msg.set_boundary("==BOUNDARY-attach==")
-    msg.get_payload()[1]["Content-ID"] = "<part2@example.com>"
-    msg.get_payload()[1]["Content-Description"] = "raw numbers"
-    msg.get_payload()[1]["Content-Language"] = "en"
-    return msg.as_bytes()
+# The next two were written by Python 3.11's email package (EmailMessage, policy SMTP:
+# set_content with quoted-printable, add_attachment of bytes(range(256)) * 2 named
+# "m3.bin"; add_alternative with base64 HTML) and are frozen here, so the sizes Dovecot
+# reported for them hold whatever a later Python writes. The live email package is
+# exercised by the hypothesis tests in test_message.py.
 
+#: multipart/mixed: a QP text part and a base64 attachment with a quoted name.
+ATTACHMENT = (
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: bob@example.com\r\n"
+    b"Subject: report attached\r\n"
+    b"Date: Wed, 15 Jun 2022 10:00:00 +0000\r\n"
+    b"Message-ID: <attach-1@example.com>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="==BOUNDARY-attach=="\r\n'
+    b"\r\n"
+    b"--==BOUNDARY-attach==\r\n"
+    b'Content-Type: text/plain; charset="utf-8"\r\n'
+    b"Content-Transfer-Encoding: quoted-printable\r\n"
+    b"\r\n"
+    b"R=C3=A9sum=C3=A9 of the quarter: see attachment.\r\n"
+    b"\r\n"
+    b"--==BOUNDARY-attach==\r\n"
+    b"Content-Type: application/octet-stream\r\n"
+    b"Content-Transfer-Encoding: base64\r\n"
+    b'Content-Disposition: attachment; filename="m3.bin"\r\n'
+    b"MIME-Version: 1.0\r\n"
+    b"Content-ID: <part2@example.com>\r\n"
+    b"Content-Description: raw numbers\r\n"
+    b"Content-Language: en\r\n"
+    b"\r\n"
+    b"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4vMDEyMzQ1Njc4\r\n"
+    b"OTo7PD0+P0BBQkNERUZHSElKS0xNTk9QUVJTVFVWV1hZWltcXV5fYGFiY2RlZmdoaWprbG1ub3Bx\r\n"
+    b"cnN0dXZ3eHl6e3x9fn+AgYKDhIWGh4iJiouMjY6PkJGSk5SVlpeYmZqbnJ2en6ChoqOkpaanqKmq\r\n"
+    b"q6ytrq+wsbKztLW2t7i5uru8vb6/wMHCw8TFxsfIycrLzM3Oz9DR0tPU1dbX2Nna29zd3t/g4eLj\r\n"
+    b"5OXm5+jp6uvs7e7v8PHy8/T19vf4+fr7/P3+/wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhsc\r\n"
+    b"HR4fICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj9AQUJDREVGR0hJSktMTU5PUFFSU1RV\r\n"
+    b"VldYWVpbXF1eX2BhYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ent8fX5/gIGCg4SFhoeIiYqLjI2O\r\n"
+    b"j5CRkpOUlZaXmJmam5ydnp+goaKjpKWmp6ipqqusra6vsLGys7S1tre4ubq7vL2+v8DBwsPExcbH\r\n"
+    b"yMnKy8zNzs/Q0dLT1NXW19jZ2tvc3d7f4OHi4+Tl5ufo6err7O3u7/Dx8vP09fb3+Pn6+/z9/v8=\r\n"
+    b"\r\n"
+    b"--==BOUNDARY-attach==--\r\n"
+)
 
-ATTACHMENT = _attachment()
-
-
-def _alternative() -> bytes:
-    """multipart/alternative: plain text and base64 HTML in UTF-8."""
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = "news@example.com"
-    msg["To"] = "reader@example.com"
-    msg["Subject"] = "Newsletter"
-    msg["Date"] = "Thu, 16 Jun 2022 08:00:00 +0200"
-    msg.set_content("Plain version: Straße\n")
-    msg.add_alternative("<p>HTML version: Fußball</p>\n", subtype="html", cte="base64")
-    msg.set_boundary("alt-boundary")
-    return msg.as_bytes()
-
-
-ALTERNATIVE = _alternative()
+#: multipart/alternative: plain text and base64 HTML in UTF-8.
+ALTERNATIVE = (
+    b"From: news@example.com\r\n"
+    b"To: reader@example.com\r\n"
+    b"Subject: Newsletter\r\n"
+    b"Date: Thu, 16 Jun 2022 08:00:00 +0200\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/alternative; boundary="alt-boundary"\r\n'
+    b"\r\n"
+    b"--alt-boundary\r\n"
+    b'Content-Type: text/plain; charset="utf-8"\r\n'
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n"
+    b"Plain version: Stra\xc3\x9fe\r\n"
+    b"\r\n"
+    b"--alt-boundary\r\n"
+    b'Content-Type: text/html; charset="utf-8"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"\r\n"
+    b"PHA+SFRNTCB2ZXJzaW9uOiBGdcOfYmFsbDwvcD4NCg==\r\n"
+    b"\r\n"
+    b"--alt-boundary--\r\n"
+)
 
 #: multipart/mixed holding a text part, a forwarded message/rfc822 (itself
 #: multipart/alternative) and an attachment named with RFC 2231 continuations.
