@@ -202,8 +202,12 @@ class Part:
                     b"message/rfc822" if self.is_type(b"multipart", b"digest") else b"text/plain"
                 )
                 boundary = self.param(b"boundary")
-                spans = _split_multipart(self.buf, self.head_end, self.end, boundary or b"")
-                for first, last, longer in spans if boundary else []:
+                spans = (
+                    _split_multipart(self.buf, self.head_end, self.end, boundary)
+                    if boundary
+                    else []
+                )
+                for first, last, longer in spans:
                     part = Part(self.buf, first, last, default, self.depth + 1, True)
                     if part.is_message and _unterminated(self.buf, part.head_end, last):
                         # Dovecot: an embedded header with no blank line runs on through
