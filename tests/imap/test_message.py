@@ -506,3 +506,12 @@ def test_multipart_shaped_noise_never_raises(pieces: list[bytes]) -> None:
     for spec in (b"1", b"1.1", b"2.MIME", b"1.HEADER", b"2.1.TEXT", b"HEADER.FIELDS (Subject)"):
         assert m.section(parse_section(spec)) in raw or spec.startswith(b"HEADER.FIELDS")
     m.full_text()
+
+
+def test_item_name() -> None:
+    """The response names a section as BODY[label], with <origin> for a partial fetch."""
+    assert Section().item_name() == b"BODY[]"
+    assert Section((1,), "MIME").item_name() == b"BODY[1.MIME]"
+    assert (
+        parse_section(b"header.fields (x-tuid)").item_name(0) == b"BODY[HEADER.FIELDS (X-TUID)]<0>"
+    )

@@ -200,6 +200,11 @@ class Section:
             text += b" (" + b" ".join(f.upper() for f in self.fields) + b")"
         return text
 
+    def item_name(self, origin: int | None = None) -> bytes:
+        """The FETCH response item: ``BODY[1.MIME]``, ``BODY[]<0>`` (also for BODY.PEEK)."""
+        name = b"BODY[" + self.label() + b"]"
+        return name if origin is None else name + b"<%d>" % origin
+
 
 _SECTION = re.compile(
     rb"^((?:[1-9][0-9]{0,8})(?:\.[1-9][0-9]{0,8})*)?"
