@@ -116,7 +116,13 @@ class _MessageLike(Protocol):
 
 @attrs.frozen
 class View:
-    """A message as SEARCH sees it: metadata plus, when needed, a parsed ``Message``."""
+    """A message as SEARCH sees it: metadata plus, when needed, a parsed ``Message``.
+
+    ``flags`` holds this session's view, ``\\Recent`` included (RECENT, NEW, OLD read
+    it). For :attr:`Need.HEADERS` a ``Message`` of the header octets alone is enough;
+    for :attr:`Need.METADATA` leave ``message`` None. A search that needs the message
+    on a view without one raises ValueError (a server bug, not a client's).
+    """
 
     seq: int
     uid: int
