@@ -4,7 +4,10 @@ A sans-IO connection (:class:`ImapConnection`), the command grammar
 (:func:`parse_command`, typed command values in :mod:`._commands`), a response
 serializer correct by construction (:mod:`._serialize`), the session state table
 (:mod:`._machine`) and a thin Twisted shell (:class:`ImapServerFactory`) over an
-:class:`IImapBackend`.  See docs/imap.md for the layout, grammar coverage and limits.
+:class:`IImapBackend`.  Message-level logic lives in pure modules: :mod:`._message`
+(ENVELOPE, BODYSTRUCTURE, sections), :mod:`._search` (the SEARCH evaluator) and
+:mod:`._sequence` (sequence sets).  See docs/imap.md for the layout, grammar coverage
+and limits, docs/imap-messages.md for the message rules.
 """
 
 from ._commands import BodySection, Command, FetchAtt, FetchItem
