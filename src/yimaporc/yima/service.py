@@ -307,6 +307,8 @@ class YimaStorageService(Service):
         self._stored: dict[str, int] = {}
         self._reconciling = False
         self._scaling = False
+        #: Progress of the last disk add/remove this node ran (``storage.reorganisation``).
+        self.reorg_progress = {"blocks_to_move": 0, "blocks_moved": 0, "blocks_moved_total": 0}
         self._ingesting: set[str] = set()
         self._published: dict[str, dict[str, Any]] = {}
         self.doc.subscribe(self._changed)
@@ -828,6 +830,7 @@ class YimaStorageService(Service):
                 # the disks' "blocks" still await one (then they are the last full count).
                 "layouts_cached": len(self.layouts),
                 "blocks_pending": self._placed_for != self._placement_state(),
+                "reorganisation": dict(self.reorg_progress),
             },
         }
 
@@ -1045,6 +1048,7 @@ class YimaStorageService(Service):
         old = cat.history
         assert old is not None
         self._scaling = True
+        self.reorg_progress.update(blocks_to_move=0, blocks_moved=0)
         started = float(self.reactor.seconds())
         try:
             pending = {"history": new.to_json(), "disks": [d.to_json() for d in disks]}
@@ -1063,6 +1067,7 @@ class YimaStorageService(Service):
             for info in sorted(self.catalog.media.values(), key=lambda m: m.name):
                 plan = yield self._plan(info, old, new)
                 total += plan.total
+                self.reorg_progress["blocks_to_move"] += len(plan.moves)
                 throttle = yield self._run_moves(info, plan.moves, rate or self.move_rate)
                 if throttle.failures:
                     yield self._update_topology(lambda v: {**v, "pending": None})
@@ -1143,6 +1148,9 @@ class YimaStorageService(Service):
 
         def ok(_: object, move: Move) -> None:
             throttle.finished(move, float(clock.seconds()))
+            if self._scaling:
+                self.reorg_progress["blocks_moved"] += 1
+                self.reorg_progress["blocks_moved_total"] += 1
             clock.callLater(0, pump)
 
         def bad(f: Failure, move: Move) -> None:
