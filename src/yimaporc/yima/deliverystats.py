@@ -46,6 +46,7 @@ class DeliveryStats:
         self.cache_hits = 0
         self.sessions: dict[str, SessionDelivery] = {}
         self._demand: dict[Hashable, int] = {}
+        self._reads: Counter[Hashable] = Counter()  # reads begun, not yet matched to a need
 
     def sent(self, session: str, nbytes: int, lateness: float) -> None:
         """One packet of ``session`` (``nbytes`` of payload) went out ``lateness`` s
@@ -60,14 +61,13 @@ class DeliveryStats:
             s.late_packets += 1
             s.max_late = max(s.max_late, lateness)
 
-    def wanted(
-        self,
-        keys: Iterable[Hashable],
-        available: Callable[[Hashable], bool],
-        read_now: set[Hashable],
-    ) -> None:
+    def read_started(self, key: Hashable) -> None:
+        """The engine began reading ``key`` from disk (a miss for the need that asked)."""
+        self._reads[key] += 1
+
+    def wanted(self, keys: Iterable[Hashable], available: Callable[[Hashable], bool]) -> None:
         """The blocks the sessions want now (a key once per session wanting it);
-        ``available(key)``: cached or being read; ``read_now``: reads this scan began."""
+        ``available(key)``: cached or being read."""
         demand = Counter(keys)
         prev = self._demand
         kept: dict[Hashable, int] = {}
@@ -76,9 +76,12 @@ class DeliveryStats:
                 continue  # not read yet (too many reads in flight): counted when it is
             fresh = n - prev.get(key, 0)
             if fresh > 0:
-                self.cache_hits += fresh - (1 if key in read_now else 0)
+                misses = min(fresh, self._reads.pop(key, 0))
+                self.cache_hits += fresh - misses
             kept[key] = n
         self._demand = kept
+        if len(self._reads) > 4 * len(kept) + 64:
+            self._reads.clear()  # reads no session wanted any more
 
     def running(
         self, live: Iterable[str], media_of: Callable[[str], str]

@@ -11,7 +11,7 @@ RTP header and writes the datagram).  One engine, one timer, all sessions.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -114,18 +114,17 @@ class DeliveryEngine:
     def _prefetch(self, now: float) -> None:
         self._next_prefetch = now + self.prefetch_interval
         wanted = self.scheduler.wanted_blocks(now)
-        started: set[Hashable] = set()
         for key in wanted:
             if key in self.cache or key in self._reading:
                 continue
             if len(self._reading) >= self.max_reads:
                 break
-            started.add(key)
+            self.stats.read_started(key)
             self._reading.add(key)
             self.block_reads += 1
             d = self.read_block(*key)
             d.addCallbacks(self._loaded, self._failed, callbackArgs=(key,), errbackArgs=(key,))
-        self.stats.wanted(wanted, lambda k: k in self.cache or k in self._reading, started)
+        self.stats.wanted(wanted, lambda k: k in self.cache or k in self._reading)
         while len(self.cache) > self.cache_blocks:
             self.cache.popitem(last=False)
 
