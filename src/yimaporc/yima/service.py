@@ -59,6 +59,7 @@ from .disks import (
     initial_history,
     remove_physical,
 )
+from .events import ParityWatch
 from .layouts import LayoutCache, Placed, ProcessRunner, counts_of
 from .media import MAX_HEADER, TAIL, Analyser, MediaInfo, check_name, plan, unstreamable_reason
 from .parity import (
@@ -331,6 +332,8 @@ class YimaStorageService(Service):
         ):
             node.add_route(route)
         node.add_status(self.status)
+        self.parity_watch = ParityWatch(lambda: self.catalog)
+        node.subscribe(self.parity_watch)
 
     @classmethod
     def from_config(
@@ -712,6 +715,8 @@ class YimaStorageService(Service):
                 [self.read(info.name, w, recover=False) for w in wanted], consumeErrors=True
             )
         except FirstError as e:
+            why = e.subFailure.getErrorMessage()
+            self.parity_watch.group_incomplete(info.name, group, key.filename, why)
             raise BlockMissing(
                 f"{info.name} {key.filename}: lost, and its parity group is incomplete "
                 f"({e.subFailure.getErrorMessage()})"
