@@ -281,3 +281,29 @@ def test_cache_hit_counting_follows_each_sessions_need() -> None:
     stats.read_started("c")
     stats.wanted(["c"], lambda k: True)
     assert stats.cache_hits == 3  # c: one miss when its read began
+
+
+def test_dashboard_summary_carries_the_new_panels_data_bounded() -> None:
+    """The summary a member sends for the dashboard has mail sessions per protocol, the
+    yima late packets, cache counts, reorganisation progress and at most 32 sessions."""
+    from yimaporc.admin.dashboard import MAX_SESSIONS, summary
+
+    mail = summary(
+        {
+            "kind": "porcupine",
+            "mail_sessions": {"smtp": {"sessions": 4, "open": 1, "commands": 20}},
+        }
+    )["mail"]
+    assert mail["sessions"] == {"smtp": {"sessions": 4, "open": 1, "commands": 20}}
+    running = [{"session": f"{i:010x}", "media": "m", "bytes": 1} for i in range(100)]
+    yima = summary(
+        {
+            "kind": "yima",
+            "streaming": {"late_packets": 3, "cache_hits": 5, "cache_misses": 2,
+                          "running": running},
+            "storage": {"reorganisation": {"blocks_to_move": 9, "blocks_moved": 4}},
+        }
+    )["yima"]  # fmt: skip
+    assert (yima["late_packets"], yima["cache_hits"], yima["cache_misses"]) == (3, 5, 2)
+    assert (yima["reorg_planned"], yima["reorg_moved"]) == (9, 4)
+    assert yima["running"] == running[:MAX_SESSIONS] and MAX_SESSIONS == 32
