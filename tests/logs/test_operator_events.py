@@ -175,3 +175,52 @@ def test_parity_lost_when_a_node_with_disks_leaves_and_when_a_group_cannot_rebui
     assert [e["log_level"] for e in logged if e.get("event") == "parity_lost"][1:] == [
         LogLevel.error
     ] * 2
+
+
+def test_storage_service_logs_parity_lost_for_a_group_it_cannot_rebuild(
+    tmp_path: Path, logged: list[LogEvent]
+) -> None:
+    """Through the real storage service: two wiped disks leave groups with two blocks
+    missing; reading such a block fails and logs parity_lost once for that group."""
+    import io
+    import os
+
+    from twisted.internet.defer import Deferred
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python.failure import Failure
+
+    from yimaporc.yima.service import YimaStorageService
+    from yimaporc.yima.store import BlockMissing
+
+    class Reactor(MemoryReactorClock):
+        def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
+            f(*args, **kw)
+
+    def result(d: Deferred[Any]) -> Any:
+        for _ in range(10_000):
+            if d.called:
+                break
+            reactor.advance(0.01)
+        out: list[Any] = []
+        d.addBoth(out.append)
+        return out[0]
+
+    reactor = Reactor()
+    config = NodeConfig("y1", "yima", tmp_path / "data", "127.0.0.1", 1)
+    node = ClusterNode(reactor, config, b"s" * 32, rng=random.Random(7))
+    disks = [(tmp_path / f"d{i}", None) for i in range(4)]
+    service = YimaStorageService(node, reactor, SynchronousThreadPool(), disks)
+    service.startService()
+    assert service.parity_watch in node._listeners
+    blob = os.urandom(100_000)
+    result(service.ingest(io.BytesIO(blob), "blob", block_size=4096, parity_group=3, opaque=True))
+    for d in ("d1", "d2"):
+        for p in (tmp_path / d / "media" / "blob").iterdir():
+            p.unlink()
+    outcomes = [result(service.read_block("blob", i)) for i in range(25)]
+    lost = [o for o in outcomes if isinstance(o, Failure)]
+    assert lost and all(f.check(BlockMissing) for f in lost)
+    lines = of(logged, "parity_lost")
+    groups = {int(line.split("parity group ")[1].split()[0]) for line in lines}
+    assert len(lines) == len(groups) >= 1  # once per group, however many reads failed
+    assert all("blob block" in line for line in lines)
