@@ -283,6 +283,17 @@ def test_cache_hit_counting_follows_each_sessions_need() -> None:
     assert stats.cache_hits == 3  # c: one miss when its read began
 
 
+def test_ended_sessions_are_forgotten_without_a_status_call() -> None:
+    """The per-session table stays bounded by the live sessions even if nobody asks."""
+    from yimaporc.yima.deliverystats import FORGET_AFTER
+
+    stats = DeliveryStats()
+    for i in range(FORGET_AFTER + 10):
+        stats.sent(f"s{i}", 100, 0.0)
+    stats.wanted([], lambda k: True, {"s1", "s2"})
+    assert set(stats.sessions) == {"s1", "s2"}
+
+
 def test_dashboard_summary_carries_the_new_panels_data_bounded() -> None:
     """The summary a member sends for the dashboard has mail sessions per protocol, the
     yima late packets, cache counts, reorganisation progress and at most 32 sessions."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Container, Hashable, Iterable
 
 import attrs
 
@@ -26,6 +26,8 @@ __all__ = ["LATE_AFTER", "DeliveryStats", "SessionDelivery"]
 LATE_AFTER = 0.05
 #: At most this many sessions are listed (the busiest first).
 MAX_LISTED = 64
+#: Ended sessions are dropped from the per-session table once it holds this many.
+FORGET_AFTER = 256
 
 
 @attrs.define
@@ -65,9 +67,18 @@ class DeliveryStats:
         """The engine began reading ``key`` from disk (a miss for the need that asked)."""
         self._reads[key] += 1
 
-    def wanted(self, keys: Iterable[Hashable], available: Callable[[Hashable], bool]) -> None:
+    def wanted(
+        self,
+        keys: Iterable[Hashable],
+        available: Callable[[Hashable], bool],
+        live: Container[str] | None = None,
+    ) -> None:
         """The blocks the sessions want now (a key once per session wanting it);
-        ``available(key)``: cached or being read."""
+        ``available(key)``: cached or being read; ``live``: the sessions that still run
+        (the others are forgotten once they pile up, whether or not status is asked)."""
+        if live is not None and len(self.sessions) > FORGET_AFTER:
+            for sid in [s for s in self.sessions if s not in live]:
+                del self.sessions[sid]
         demand = Counter(keys)
         prev = self._demand
         kept: dict[Hashable, int] = {}

@@ -124,7 +124,9 @@ class DeliveryEngine:
             self.block_reads += 1
             d = self.read_block(*key)
             d.addCallbacks(self._loaded, self._failed, callbackArgs=(key,), errbackArgs=(key,))
-        self.stats.wanted(wanted, lambda k: k in self.cache or k in self._reading)
+        self.stats.wanted(
+            wanted, lambda k: k in self.cache or k in self._reading, self.scheduler.sessions
+        )
         while len(self.cache) > self.cache_blocks:
             self.cache.popitem(last=False)
 
