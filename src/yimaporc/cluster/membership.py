@@ -210,6 +210,8 @@ class Membership:
         self._last_input = 0.0
         self.sent: Counter[str] = Counter()
         self.detector: Counter[str] = Counter()
+        #: The last member this node accused of not answering (why it left the view).
+        self.last_accused: str | None = None
         self.rounds_started = 0
 
     # --- inputs ---------------------------------------------------------------
@@ -563,6 +565,7 @@ class Membership:
             timeout = cfg.suspect_timeout * (1 + self.health)
             if now - self._suspect_since >= timeout - 1e-6:
                 self.detector["accused"] += 1
+                self.last_accused = target.node_id
                 self._ping_outstanding = False
                 self._suspect_since = None
                 self._indirect_asked = False

@@ -38,6 +38,7 @@ from ..admin.dashboard import NodeSummary, answer_summary
 from ..admin.routes import Route
 from ..secret import cluster_key
 from .catalog import PutRecords
+from .histogram import LAG_BUCKETS, Histograms
 from .lag import ReactorLagMonitor
 from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
 from .rpc import Echo, RpcClient, RpcGuard, RpcRegistry, RpcServerFactory
@@ -237,7 +238,14 @@ class ClusterNode(MultiService):
         self.view_changes = 0
         self._state_path = config.data_dir / "membership.json"
         self.state = self._load_state()
-        self.lag_monitor = ReactorLagMonitor(reactor)
+        #: Histograms services keep for /metrics (yimaporc.admin.metrics exports them).
+        self.histograms = Histograms()
+        lag = self.histograms.get(
+            "yimaporc_reactor_lag_seconds",
+            "How late the reactor ran its 100 ms sampling timer, every sample since start.",
+            LAG_BUCKETS,
+        )
+        self.lag_monitor = ReactorLagMonitor(reactor, histogram=lag)
         self.lag_monitor.setServiceParent(self)
 
     # --- public face --------------------------------------------------------------
@@ -480,11 +488,56 @@ class ClusterNode(MultiService):
             coord=new.coordinator,
             members=list(new.node_ids),
         )
+        self._log_joins_and_leaves(old, new)
         for listener in list(self._listeners):
             try:
                 listener.membership_changed(old, new)
             except Exception:
                 self.log.failure("membership listener {l!r} failed", l=listener)
+
+    def _log_joins_and_leaves(self, old: View, new: View) -> None:
+        """One line per member that joined, restarted or left, with the reason."""
+        if not old.members:
+            return  # this node's first view: its start-up line said enough
+        me = self.node_id
+        accused = self.core.last_accused if self.core is not None else None
+        for m in new.members:
+            before = old.member(m.node_id)
+            if m.node_id == me:
+                continue
+            if before is None:
+                self.log.info(
+                    "membership: node {node} joined at {addr} (epoch {epoch})",
+                    node=m.node_id,
+                    addr=m.address,
+                    epoch=new.epoch,
+                    event="node_joined",
+                )
+            elif before.incarnation != m.incarnation or before.address != m.address:
+                self.log.info(
+                    "membership: node {node} rejoined at {addr} (epoch {epoch}): "
+                    "restarted since the last view",
+                    node=m.node_id,
+                    addr=m.address,
+                    epoch=new.epoch,
+                    event="node_joined",
+                )
+        for m in old.members:
+            if new.member(m.node_id) is not None or m.node_id == me:
+                continue
+            if m.node_id == accused:
+                reason = "it stopped answering this node's pings"
+            elif new.coordinator == me:
+                reason = "it did not answer this node's view round"
+            else:
+                reason = f"not in the view {new.coordinator} committed (another member's suspicion)"
+            self.log.warn(
+                "membership: node {node} left (epoch {epoch}): {reason}",
+                node=m.node_id,
+                epoch=new.epoch,
+                reason=reason,
+                event="node_left",
+            )
 
     # --- persistence ----------------------------------------------------------------
     # A few hundred bytes written only on view changes; fsynced so that a

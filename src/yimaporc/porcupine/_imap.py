@@ -625,10 +625,13 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
         if ISSLTransport.providedBy(self._t):
             self.startedTLS = True  # implicit TLS (993): LOGIN at once, no STARTTLS
         self._gate_start()
+        self.errors.opened("imap")
         super().connectionMade()
 
     def connectionLost(self, reason: Any = None) -> None:
         """Release everything the session holds, whatever state it was in."""
+        if not self._gone:
+            self.errors.closed("imap")
         self._gone = True
         super().connectionLost(reason)
         box, self.mbox = self.mbox, None
@@ -712,6 +715,7 @@ class MailImapServer(GatedLines, imap4.IMAP4Server):  # type: ignore[override]
 
     def parse_command(self, line: bytes) -> Any:
         parts = line.split(None, 2)
+        self.errors.command("imap")
         if not parts:
             self.errors.client("imap", "bad_syntax")
             self.sendBadResponse(None, b"Null command")

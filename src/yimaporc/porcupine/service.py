@@ -35,6 +35,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..admin.routes import ApiError, Route
+from ..cluster.histogram import Histogram
 from ..cluster.node import IReady
 from ._guard import ClientErrors
 from ._imap import MailboxRegistry, MailImapServer
@@ -240,6 +241,8 @@ class MailService(MultiService):
         self.ports: dict[str, IListeningPort] = {}
         self._ready: Deferred[Any] | None = None
         self.delivered = 0
+        #: Set by the node wiring (tap): seconds from a message's final dot to its 250.
+        self.delivery_latency: Histogram | None = None
 
     # --- wiring ---------------------------------------------------------------------
 
@@ -348,10 +351,16 @@ class MailService(MultiService):
             self._challengers(),
             self.tls,
             counters=self.client_errors.counts,
+            stats=self.client_errors,
+            on_stored=self._stored_in,
         )
         p.delivery = SmtpDelivery(self.delivery, policy, self.reactor.seconds)
         p.portal = self._portal_for(p, addr)
         return p
+
+    def _stored_in(self, seconds: float) -> None:
+        if self.delivery_latency is not None:
+            self.delivery_latency.observe(seconds)
 
     def _pop3_protocol(self, addr: Any = None) -> MailPOP3:
         p = MailPOP3(self.reactor, self.tls, self.client_errors, self.allow_plaintext_auth)
@@ -458,6 +467,7 @@ class MailService(MultiService):
             "messages_accepted": self.delivered,
             "auth": self.throttle.status(),
             "client_errors": self.client_errors.status(),
+            "mail_sessions": self.client_errors.activity(),
             "imap_open_mailboxes": sum(len(b) for b in self.registry.boxes.values()),
             "outbound": self.outbound.status(),
             # No certificate: IMAP LOGIN, POP3 USER/PASS (and SMTP AUTH is off) in clear.

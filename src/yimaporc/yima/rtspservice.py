@@ -304,6 +304,7 @@ class YimaStreamingService(Service):
                                              "late_waits":
                                                  self.streaming.scheduler.late_waits,
                                              "ended_share_lost": self.lost_sessions}}  # fmt: skip
+        out["streaming"].update(self._delivery_status())
         relays = sum(1 for p in self.plans.values() if p.relay_port is not None)
         out["rtsp"] = {**self.factory.stats(), "relay_ports": relays}
         fb = self.feedback
@@ -314,6 +315,17 @@ class YimaStreamingService(Service):
             h = self.rtsp_port.getHost()
             out["services"] = {"rtsp": f"rtsp://{h.host}:{h.port}/sample"}  # type: ignore[attr-defined]
         return out
+
+    def _delivery_status(self) -> dict[str, Any]:
+        """Late packets, block-cache hits/misses and the sessions this node serves."""
+        engine, sessions = self.streaming.engine, self.streaming.scheduler.sessions
+        stats = engine.stats
+        return {
+            "late_packets": stats.late_packets,
+            "cache_hits": stats.cache_hits,
+            "cache_misses": engine.block_reads,
+            "running": stats.running(sessions, lambda sid: sessions[sid].media.name),
+        }
 
     # --- helpers -----------------------------------------------------------------
 

@@ -59,6 +59,7 @@ from .disks import (
     initial_history,
     remove_physical,
 )
+from .events import ParityWatch
 from .layouts import LayoutCache, Placed, ProcessRunner, counts_of
 from .media import MAX_HEADER, TAIL, Analyser, MediaInfo, check_name, plan, unstreamable_reason
 from .parity import (
@@ -307,6 +308,8 @@ class YimaStorageService(Service):
         self._stored: dict[str, int] = {}
         self._reconciling = False
         self._scaling = False
+        #: Progress of the last disk add/remove this node ran (``storage.reorganisation``).
+        self.reorg_progress = {"blocks_to_move": 0, "blocks_moved": 0, "blocks_moved_total": 0}
         self._ingesting: set[str] = set()
         self._published: dict[str, dict[str, Any]] = {}
         self.doc.subscribe(self._changed)
@@ -329,6 +332,8 @@ class YimaStorageService(Service):
         ):
             node.add_route(route)
         node.add_status(self.status)
+        self.parity_watch = ParityWatch(lambda: self.catalog)
+        node.subscribe(self.parity_watch)
 
     @classmethod
     def from_config(
@@ -710,6 +715,8 @@ class YimaStorageService(Service):
                 [self.read(info.name, w, recover=False) for w in wanted], consumeErrors=True
             )
         except FirstError as e:
+            why = e.subFailure.getErrorMessage()
+            self.parity_watch.group_incomplete(info.name, group, key.filename, why)
             raise BlockMissing(
                 f"{info.name} {key.filename}: lost, and its parity group is incomplete "
                 f"({e.subFailure.getErrorMessage()})"
@@ -828,6 +835,7 @@ class YimaStorageService(Service):
                 # the disks' "blocks" still await one (then they are the last full count).
                 "layouts_cached": len(self.layouts),
                 "blocks_pending": self._placed_for != self._placement_state(),
+                "reorganisation": dict(self.reorg_progress),
             },
         }
 
@@ -1045,6 +1053,7 @@ class YimaStorageService(Service):
         old = cat.history
         assert old is not None
         self._scaling = True
+        self.reorg_progress.update(blocks_to_move=0, blocks_moved=0)
         started = float(self.reactor.seconds())
         try:
             pending = {"history": new.to_json(), "disks": [d.to_json() for d in disks]}
@@ -1063,6 +1072,7 @@ class YimaStorageService(Service):
             for info in sorted(self.catalog.media.values(), key=lambda m: m.name):
                 plan = yield self._plan(info, old, new)
                 total += plan.total
+                self.reorg_progress["blocks_to_move"] += len(plan.moves)
                 throttle = yield self._run_moves(info, plan.moves, rate or self.move_rate)
                 if throttle.failures:
                     yield self._update_topology(lambda v: {**v, "pending": None})
@@ -1143,6 +1153,9 @@ class YimaStorageService(Service):
 
         def ok(_: object, move: Move) -> None:
             throttle.finished(move, float(clock.seconds()))
+            if self._scaling:
+                self.reorg_progress["blocks_moved"] += 1
+                self.reorg_progress["blocks_moved_total"] += 1
             clock.callLater(0, pump)
 
         def bad(f: Failure, move: Move) -> None:
