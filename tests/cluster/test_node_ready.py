@@ -14,6 +14,7 @@ from zope.interface import implementer
 
 from yimaporc.cluster.node import CannotStart, ClusterNode, IReady, NodeConfig
 from yimaporc.tap.common import StopIfCannotStart
+from yimaporc.testing.pytest_plugin import LoggedFailures
 
 
 class BusyPortReactor(MemoryReactorClock):
@@ -108,7 +109,9 @@ def test_a_child_that_cannot_listen_fails_the_node(tmp_path: Path) -> None:
     node.stopService()
 
 
-def test_the_tap_stops_the_reactor_when_the_node_cannot_start(tmp_path: Path) -> None:
+def test_the_tap_stops_the_reactor_when_the_node_cannot_start(
+    tmp_path: Path, logged_failures: LoggedFailures
+) -> None:
     """The twistd plugin's StopIfCannotStart turns the failure into a reactor stop; success leaves it running."""
     busy = BusyPortReactor(busy=8080)
     node = _node(tmp_path, busy, "tcp:8080:interface=127.0.0.1")
@@ -124,3 +127,4 @@ def test_the_tap_stops_the_reactor_when_the_node_cannot_start(tmp_path: Path) ->
     node.startService()
     assert free.whenRunningHooks == []
     node.stopService()
+    assert len(logged_failures.take()) == 1  # "node n1 cannot start: ...", at critical level

@@ -31,13 +31,14 @@ from yimaporc.porcupine.profiledb import ProfileDB
 from yimaporc.porcupine.retrieval import UserMail
 from yimaporc.porcupine.users import UserManager
 from yimaporc.porcupine.values import INBOX, NewMessage
+from yimaporc.testing.pytest_plugin import LoggedFailures
 
 ALICE = "alice@example.org"
 PLAIN = b"From: a@x.org\r\nTo: alice@example.org\r\nSubject: hello\r\n\r\nbody text\r\n"
 
 
 @pytest.fixture
-def failures() -> Iterator[list[dict[str, Any]]]:
+def failures(logged_failures: LoggedFailures) -> Iterator[list[dict[str, Any]]]:
     """Every logged event carrying a failure (a traceback), collected for the test:
     ``log_failure`` (twisted.logger) or ``failure``/``isError`` (legacy ``log.err``)."""
     seen: list[dict[str, Any]] = []
@@ -50,6 +51,7 @@ def failures() -> Iterator[list[dict[str, Any]]]:
     yield seen
     gc.collect()  # unhandled errors in Deferreds are logged when collected
     globalLogPublisher.removeObserver(observe)
+    logged_failures.take()  # the tests using this fixture assert on what was logged
 
 
 class CountingManager:
