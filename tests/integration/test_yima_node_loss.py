@@ -160,5 +160,8 @@ def test_yimaporc_player_loses_nothing_when_a_node_is_killed(
               f"{got.get('node_indices')}")  # fmt: skip
         assert got["packets_missing_at_playout"] == 0
         assert out.read_bytes() == clip.read_bytes()
+        assert max(got["node_indices"]) >= 3, "the taken share came under a new node index"
+        doc = wait_for(nodes[0].status, 10, "node 1 status")
+        assert doc["streaming"]["early_handovers"] >= 1, "taken over before the membership"
     finally:
         revive(nodes, victim)

@@ -146,8 +146,9 @@ class Relay(Protocol):
     def touch(self, session: str) -> None:
         """The client is alive (RTCP counts as keep-alive)."""
 
-    def handover(self, media_ssrc: int, node_index: int, media_time: float) -> None:
-        """A fan-out player asks for node ``node_index``'s share to be served elsewhere."""
+    def handover(self, media_ssrc: int, node_index: int, gseq: int) -> None:
+        """A fan-out player asks for the share holding global packet ``gseq`` (node
+        ``node_index``'s, 0xFFFFFFFF: unknown) to be served elsewhere from there on."""
 
 
 class FeedbackReceiver:
@@ -239,7 +240,7 @@ class FeedbackReceiver:
     def _feedback(self, fb: YimaFeedback) -> None:
         if fb.kind == YimaKind.HANDOVER:
             if self.relay is not None:
-                self.relay.handover(fb.media_ssrc, fb.value, fb.at_us / 1e6)
+                self.relay.handover(fb.media_ssrc, fb.value, fb.aux)
             return
         relayed = self._relayed(fb.media_ssrc)
         sids = [relayed] if relayed is not None else self._sessions(fb.media_ssrc)

@@ -995,17 +995,22 @@ class YimaStreamingService(Service):
                         self.log.failure("rtsp: taking over {n}'s share of {s} failed",
                                          n=node_id, s=sid)  # fmt: skip
 
-    def handover(self, media_ssrc: int, node_index: int, media_time: float) -> None:
-        """A fan-out player heard nothing from node ``node_index`` while its packets
-        are overdue (YIMA HANDOVER): serve that node's share here, from parity, from
-        ``media_time`` on, without waiting for the membership to notice."""
+    def handover(self, media_ssrc: int, node_index: int, gseq: int) -> None:
+        """A fan-out player hears nothing from the node holding global packet ``gseq``
+        (node ``node_index``; 0xFFFFFFFF: it does not know) while it is overdue (YIMA
+        HANDOVER): serve that node's share here, from parity, from that packet on,
+        without waiting for the membership to notice."""
         for sid, plan in list(self.plans.items()):
             if plan.ssrc != media_ssrc or not plan.fanout or not plan.started_ct:
                 continue
-            if plan.bye_sent or not 0 <= node_index < len(plan.members):
+            if plan.bye_sent or plan.timing is None or not 0 <= gseq < plan.timing.total:
                 continue
-            node_id = plan.members[node_index]
-            if node_id == self.node.node_id or node_id in plan.takeovers:
+            node_id = self._owner(plan, gseq)
+            if node_id is None and 0 <= node_index < len(plan.members):
+                node_id = plan.members[node_index]
+            if node_id is None or node_id == self.node.node_id or node_id in plan.takeovers:
+                continue
+            if node_id not in plan.members:
                 continue
             if self.mode != "bipartite" or not self.storage.media_info(plan.media).parity_group:
                 continue
@@ -1013,7 +1018,8 @@ class YimaStreamingService(Service):
                           "from parity", s=sid, n=node_id)  # fmt: skip
             self.suspects[node_id] = self.node.cluster_time() + SUSPECT_FOR
             self.early_handovers += 1
-            self._take_over(sid, plan, node_id, early=True, from_mt=media_time)
+            self._take_over(sid, plan, node_id, early=True,
+                            from_mt=plan.timing.gseq_time(gseq))  # fmt: skip
 
     def _take_over(
         self, sid: str, plan: _Plan, node_id: str, early: bool = False,
