@@ -104,6 +104,7 @@ def test_ffmpeg_through_the_relay_loses_no_frame_when_a_node_is_lost(
     SIGSTOPped) mid-stream; a second ffmpeg through node 3 meanwhile also gets every frame."""
     nodes, clip = cluster
     victim = nodes[1]
+    before = relay_counters(nodes[0]).get("early_takeovers", 0)
     main, other = tmp_path / "main.ts", tmp_path / "other.ts"
     players = [ffmpeg_record(f"rtsp://{NET}.1:{RTSP}/clip", main),
                ffmpeg_record(f"rtsp://{NET}.3:{RTSP}/clip", other)]  # fmt: skip
@@ -127,17 +128,22 @@ def test_ffmpeg_through_the_relay_loses_no_frame_when_a_node_is_lost(
               f"via node 3: {lost2} lost, {bad2} damaged; relay {counters}")  # fmt: skip
         assert (lost, bad) == (0, 0), f"{lost} frames lost, {bad} damaged at node loss"
         assert (lost2, bad2) == (0, 0), f"the other session lost {lost2} frames, {bad2} damaged"
+        assert counters["early_takeovers"] > before, "taken over before the membership noticed"
+        assert counters["skipped"] == 0
     finally:
         revive(nodes, victim)
 
 
-def test_yimaporc_player_loses_nothing_when_a_node_is_killed(
-    cluster: tuple[list[NodeProc], Path], tmp_path: Path
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_yimaporc_player_loses_nothing_when_a_node_is_lost(
+    cluster: tuple[list[NodeProc], Path], tmp_path: Path, how: str
 ) -> None:
     """The yimaporc player (fan-out) gets the clip byte for byte although node 3 is SIGKILLed
-    mid-stream: it asks for a hand-over and the taken share arrives under a new node index."""
+    (or SIGSTOPped) mid-stream: it asks for a hand-over and the taken share arrives under a
+    new node index."""
     nodes, clip = cluster
     victim = nodes[2]
+    before = wait_for(nodes[0].status, 10, "node 1 status")["streaming"]["early_handovers"]
     out, stats = tmp_path / "played.ts", tmp_path / "stats.json"
     argv = [sys.executable, "-m", "yimaporc.cli", "play", f"rtsp://{NET}.1:{RTSP}/clip",
             "--out", str(out), "--stats", str(stats), "--bind", f"{NET}.1"]  # fmt: skip
@@ -145,7 +151,7 @@ def test_yimaporc_player_loses_nothing_when_a_node_is_killed(
     try:
         size = clip.stat().st_size
         wait_for(lambda: out.exists() and out.stat().st_size > size * 0.3, 40, "30% played")
-        lose(victim, "kill")
+        lose(victim, how)
         _, err = player.communicate(timeout=90)
     finally:
         if player.poll() is None:
@@ -155,13 +161,41 @@ def test_yimaporc_player_loses_nothing_when_a_node_is_killed(
         assert player.returncode == 0, err
         got = json.loads(stats.read_text())
         lost, bad, total = frames_lost(clip, out)
-        print(f"\nyimaporc play, node 3 killed: {lost} of {total} frames lost, {bad} damaged; "
+        print(f"\nyimaporc play, node 3 {how}: {lost} of {total} frames lost, {bad} damaged; "
               f"missing packets {got['packets_missing_at_playout']}, nodes "
               f"{got.get('node_indices')}")  # fmt: skip
         assert got["packets_missing_at_playout"] == 0
         assert out.read_bytes() == clip.read_bytes()
         assert max(got["node_indices"]) >= 3, "the taken share came under a new node index"
         doc = wait_for(nodes[0].status, 10, "node 1 status")
-        assert doc["streaming"]["early_handovers"] >= 1, "taken over before the membership"
+        assert doc["streaming"]["early_handovers"] > before, "taken over before the membership"
     finally:
+        revive(nodes, victim)
+
+
+def test_shares_stop_everywhere_when_the_rtsp_node_vanishes(
+    cluster: tuple[list[NodeProc], Path], tmp_path: Path
+) -> None:
+    """ffmpeg plays through node 3, which is SIGKILLed: nodes 1 and 2 stop sending their
+    shares of that session once the membership drops node 3 (not at the title's end)."""
+    nodes, clip = cluster
+    victim = nodes[2]
+    record = tmp_path / "orphan.ts"
+    player = ffmpeg_record(f"rtsp://{NET}.3:{RTSP}/clip", record)
+    try:
+        size = clip.stat().st_size
+        wait_for(lambda: record.exists() and record.stat().st_size > size * 0.2, 40, "20% played")
+        assert all(n.status()["streaming"]["shares_served"] >= 1 for n in nodes[:2])  # type: ignore[index]
+        lose(victim, "kill")
+
+        def stopped() -> bool:
+            docs = [n.status() for n in nodes[:2]]
+            return all(d is not None and d["streaming"]["shares_served"] == 0 for d in docs)
+
+        wait_for(stopped, 15, "nodes 1 and 2 to stop the orphaned shares")
+        docs = [wait_for(n.status, 10, "status") for n in nodes[:2]]
+        assert all(d["streaming"]["orphans_stopped"] >= 1 for d in docs)
+    finally:
+        player.kill()
+        player.wait()
         revive(nodes, victim)

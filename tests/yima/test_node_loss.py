@@ -174,9 +174,9 @@ def test_nodes_send_a_lead_ahead_and_the_relay_plays_it_out_on_time() -> None:
 def test_silent_owner_is_nacked_alone_then_its_share_is_served_here_from_parity() -> None:
     """Node b sends nothing: its overdue packets are NACKed to b only, then b's share is
     served here (read around b, new node index 3, b told to stop) well within the lead;
-    the client gets every packet in order, none skipped."""
+    the client gets every packet in order, none skipped; TEARDOWN stops the taken share."""
     svc, reactor, out, calls = three_nodes()
-    play(svc)
+    session = play(svc)
     plan = svc.plans["S1"]
     run(reactor, 3.0)
     nacks = [(a, kw) for a, c, kw in calls if c is StreamNack]
@@ -195,6 +195,8 @@ def test_silent_owner_is_nacked_alone_then_its_share_is_served_here_from_parity(
     status = svc.status()["streaming"]["relay"]
     assert status["early_takeovers"] == 1 and status["skipped"] == 0
     assert status["overdue_nacked"] > 0
+    svc.teardown(session)
+    assert svc.streaming.scheduler.sessions == {}, "the taken share stops with the session"
 
 
 def test_owner_that_answers_is_not_taken_over() -> None:

@@ -324,6 +324,8 @@ class YimaStreamingService(Service):
                                                  self.streaming.scheduler.late_waits,
                                              "ended_share_lost": self.lost_sessions,
                                              "orphans_stopped": self.orphans_stopped,
+                                             "shares_served":
+                                                 len(self.streaming.scheduler.sessions),
                                              "early_handovers": self.early_handovers}}  # fmt: skip
         out["streaming"]["relay"] = self.relay_stats()
         relays = sum(1 for p in self.plans.values() if p.relay_port is not None)
@@ -1094,6 +1096,8 @@ class YimaStreamingService(Service):
         if plan is not None and plan.relay is not None:
             for k, v in attrs.asdict(plan.relay.stats).items():
                 setattr(self.relay_totals, k, getattr(self.relay_totals, k) + v)
+        for local in plan.takeovers.values() if plan is not None else ():
+            self.streaming.control(local, "stop", 0.0, 0.0)  # shares served here for others
         if plan is not None:
             for timer in (plan.sr_timer, plan.bye_timer, plan.watch_timer):
                 if timer is not None and timer.active():
