@@ -216,6 +216,29 @@ def test_owner_that_answers_is_not_taken_over() -> None:
     assert plan.relay.stats.gaps_skipped == 0 and len(out) == BLOCKS * 5
 
 
+def test_relay_follows_a_speed_change_of_its_session() -> None:
+    """YIMA SPEED x2 for a relayed session (from its client): the nodes and the relay
+    switch at one instant, so packets keep arriving ahead and nothing is NACKed or lost."""
+    svc, reactor, out, calls = three_nodes()
+    play(svc)
+    plan = svc.plans["S1"]
+    svc.streaming.start(session="b", media="clip", start_ct=plan.started_ct - RELAY_LEAD,
+                        start_mt=0.0, host=plan.relay_addr[0], port=plan.relay_addr[1],
+                        ssrc=plan.node_ssrc, seq_base=plan.seq_base, ts_base=plan.ts_base,
+                        node_index=1, all_blocks=False,
+                        blocks=[b for b in range(BLOCKS) if owner(b) == "b"])  # fmt: skip
+    run(reactor, 4.0)
+    at = reactor.seconds() + 0.1
+    svc.control("S1", "speed", at, 2.0)
+    svc.streaming.control("b", "speed", at, 2.0)
+    assert plan.speed == 2.0
+    assert svc._relay_due(plan, 100) - svc._relay_due(plan, 50) == 2.5  # 5 s of media at x2
+    run(reactor, BLOCKS * 0.25 + 2)
+    assert not [c for c in calls if c[1] is StreamNack] and plan.takeovers == {}
+    assert plan.relay is not None and plan.relay.stats.gaps_skipped == 0
+    assert len(out) == BLOCKS * 5
+
+
 def test_relayed_client_nack_goes_to_the_owner_only() -> None:
     """A standard client's NACK reaches the node whose share holds each packet, no other."""
     svc, _reactor, _out, calls = three_nodes()

@@ -192,6 +192,8 @@ class _Plan:
     # when each node index was last heard, and block -> owning node (primary place).
     lead: float = 0.0
     paused_ct: float = 0.0
+    # Delivery speed of a relayed session (YIMA feedback from a client that opted in).
+    speed: float = 1.0
     timing: MediaTiming | None = None
     watch_timer: IDelayedCall | None = None
     relay_timer_at: float | None = None
@@ -516,6 +518,16 @@ class YimaStreamingService(Service):
         plan = self.plans.get(session)
         for local in plan.takeovers.values() if plan is not None else ():
             self.streaming.control(local, action, at, value)
+        if plan is not None and plan.relay is not None:
+            # The relay plays out on the nodes' schedule: it follows the same change.
+            if action == "speed" and value > 0 and plan.playing:
+                plan.position, plan.started_ct = self._media_position(plan, at), at
+                plan.speed = value
+            elif action == "pause" and plan.playing:
+                plan.position = self._media_position(plan, at)
+                plan.playing, plan.paused_ct = False, at
+            elif action == "resume" and not plan.playing and plan.started_ct:
+                plan.started_ct, plan.playing = at, True
         for m in self.node.view.members:
             if m.node_id == self.node.node_id:
                 self.streaming.control(session, action, at, value)
@@ -604,7 +616,7 @@ class YimaStreamingService(Service):
             return float("inf")
         t = plan.timing.gseq_time(gseq)
         if plan.playing:
-            return plan.started_ct + (t - plan.position)
+            return plan.started_ct + (t - plan.position) / plan.speed
         # Paused (at paused_ct, at media position ``position``): what played before goes.
         return plan.paused_ct + (t - plan.position) if t < plan.position else float("inf")
 
@@ -693,7 +705,7 @@ class YimaStreamingService(Service):
             return
         now = self.node.cluster_time()
         # Every packet the nodes should have sent more than OVERDUE ago.
-        horizon = plan.position + plan.lead - OVERDUE + (now - plan.started_ct)
+        horizon = plan.position + plan.lead + (now - plan.started_ct - OVERDUE) * plan.speed
         upto = min(plan.timing.first_gseq_at(horizon), plan.total)
         missing = plan.relay.missing(upto)
         for g in [g for g in plan.nacked if g < plan.relay.next]:
@@ -815,6 +827,7 @@ class YimaStreamingService(Service):
             plan.lead = RELAY_LEAD
             at += plan.lead
         plan.position, plan.started_ct, plan.playing = start_mt, at, True
+        plan.speed = 1.0  # the nodes start the new position at real time
         plan.total = timing.total
         plan.clock_rate = timing.clock_rate
         plan.timing = timing
@@ -954,7 +967,7 @@ class YimaStreamingService(Service):
         """Media time playing at cluster time ``at`` (ignoring client speed feedback)."""
         if not plan.playing:
             return plan.position
-        return plan.position + max(0.0, at - plan.started_ct)
+        return plan.position + max(0.0, at - plan.started_ct) * plan.speed
 
     # --- sessions follow membership ----------------------------------------------
 
