@@ -48,8 +48,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Nod
 
 
 def _has_clip(node: NodeProc) -> bool:
-    doc = node.status() or {}
-    return any(m["name"] == "clip" for m in doc.get("media", []))
+    return _has(node, "clip")
 
 
 def cli(node: NodeProc, *args: str) -> str:
@@ -199,3 +198,46 @@ def test_shares_stop_everywhere_when_the_rtsp_node_vanishes(
         player.kill()
         player.wait()
         revive(nodes, victim)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_many_sessions_udp_and_tcp_lose_no_frame_on_a_longer_clip(
+    cluster: tuple[list[NodeProc], Path], tmp_path: Path, how: str
+) -> None:
+    """Slow: a 40 s clip, six ffmpeg clients (UDP and TCP, through nodes 1 and 3), node 2
+    lost at a quarter: every recording has every frame."""
+    nodes, _ = cluster
+    clip = make_sample_ts(tmp_path / "long.ts", 40)
+    name = f"long{how}"
+    cli(nodes[0], "media", "ingest", str(clip), "--name", name, "--block-size", "13160")
+    wait_for(lambda: all(_has(n, name) for n in nodes), 20, "every node to list the clip")
+    victim = nodes[1]
+    outs = [tmp_path / f"r{i}.ts" for i in range(6)]
+    players = [ffmpeg_record(f"rtsp://{NET}.{1 if i % 2 else 3}:{RTSP}/{name}", out,
+                             transport="udp" if i < 3 else "tcp")
+               for i, out in enumerate(outs)]  # fmt: skip
+    try:
+        size = clip.stat().st_size
+        wait_for(lambda: all(o.exists() and o.stat().st_size > size / 4 for o in outs), 60,
+                 "a quarter played")  # fmt: skip
+        lose(victim, how)
+        results = [p.communicate(timeout=120) for p in players]
+    finally:
+        for p in players:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    try:
+        for p, (_, err) in zip(players, results, strict=True):
+            assert p.returncode == 0, err
+        lost = [frames_lost(clip, o)[:2] for o in outs]
+        print(f"\n{how}, 6 sessions of 40 s: (lost, damaged) per recording {lost}")
+        assert all(x == (0, 0) for x in lost), lost
+    finally:
+        revive(nodes, victim)
+
+
+def _has(node: NodeProc, name: str) -> bool:
+    doc = node.status() or {}
+    return any(m["name"] == name for m in doc.get("media", []))
