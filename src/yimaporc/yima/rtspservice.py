@@ -324,18 +324,20 @@ class YimaStreamingService(Service):
                                              "block_read_errors": self.streaming.engine.read_errors,
                                              "late_waits":
                                                  self.streaming.scheduler.late_waits,
-                                             "ended_share_lost": self.lost_sessions,
-                                             "orphans_stopped": self.orphans_stopped,
-                                             "shares_served":
-                                                 len(self.streaming.scheduler.sessions),
-                                             "early_handovers": self.early_handovers}}  # fmt: skip
-        out["streaming"]["relay"] = self.relay_stats()
+                                             "ended_share_lost": self.lost_sessions}}  # fmt: skip
         relays = sum(1 for p in self.plans.values() if p.relay_port is not None)
         out["rtsp"] = {**self.factory.stats(), "relay_ports": relays}
         fb = self.feedback
         out["streaming"]["rtcp"] = {"received": fb.received, "malformed": fb.malformed,
                                     "nacked": fb.nacked, "resent": self.streaming.resent,
                                     "feedback_applied": fb.feedback_applied}  # fmt: skip
+        # A lost share: what the relays did about it, early takeovers, orphaned shares.
+        out["streaming"].update(
+            relay=self.relay_stats(),
+            orphans_stopped=self.orphans_stopped,
+            early_handovers=self.early_handovers,
+            shares_served=len(self.streaming.scheduler.sessions),
+        )
         if self.rtsp_port is not None:
             h = self.rtsp_port.getHost()
             out["services"] = {"rtsp": f"rtsp://{h.host}:{h.port}/sample"}  # type: ignore[attr-defined]
