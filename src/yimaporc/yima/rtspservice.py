@@ -343,20 +343,6 @@ class YimaStreamingService(Service):
             out["services"] = {"rtsp": f"rtsp://{h.host}:{h.port}/sample"}  # type: ignore[attr-defined]
         return out
 
-    def relay_stats(self) -> dict[str, int]:
-        """What the relays did (sessions torn down and live): forwarded, given up
-        (``skipped``), asked again, shares taken over early, duplicates, late, stale."""
-        total = attrs.asdict(self.relay_totals)
-        for plan in self.plans.values():
-            if plan.relay is not None:
-                for k, v in attrs.asdict(plan.relay.stats).items():
-                    total[k] += v
-        return {"forwarded": total["forwarded"], "skipped": total["gaps_skipped"],
-                "overdue_nacked": total["overdue_nacked"],
-                "early_takeovers": total["early_takeovers"],
-                "duplicates": total["duplicates"], "too_late": total["too_late"],
-                "stale": total["stale"]}  # fmt: skip
-
     # --- helpers -----------------------------------------------------------------
 
     def _read_block(self, name: str, index: int) -> Deferred[bytes]:
@@ -610,6 +596,20 @@ class YimaStreamingService(Service):
     def _destination(plan: _Plan) -> tuple[str, int]:
         """Where the nodes send a session's packets: its relay here, or the client."""
         return plan.relay_addr if plan.relay_port is not None else (plan.dest_host, plan.dest_port)
+
+    def relay_stats(self) -> dict[str, int]:
+        """What the relays did (sessions torn down and live): forwarded, given up
+        (``skipped``), asked again, shares taken over early, duplicates, late, stale."""
+        total = attrs.asdict(self.relay_totals)
+        for plan in self.plans.values():
+            if plan.relay is not None:
+                for k, v in attrs.asdict(plan.relay.stats).items():
+                    total[k] += v
+        return {"forwarded": total["forwarded"], "skipped": total["gaps_skipped"],
+                "overdue_nacked": total["overdue_nacked"],
+                "early_takeovers": total["early_takeovers"],
+                "duplicates": total["duplicates"], "too_late": total["too_late"],
+                "stale": total["stale"]}  # fmt: skip
 
     @staticmethod
     def _relay_due(plan: _Plan, gseq: int) -> float:
