@@ -59,6 +59,22 @@ def test_paced_relay_gives_a_gap_up_only_when_the_next_packet_is_due() -> None:
     assert r.stats.gaps_skipped == 1
 
 
+def test_missing_names_exactly_the_absent_packets_as_they_come_and_go() -> None:
+    """missing(upto) after arrivals, fills, releases and a reset: always the packets in
+    [next, upto) not held (its held-prefix shortcut never hides one)."""
+    r = Reorderer(due=lambda g: float(g))
+    for g in (0, 1, 2, 4, 5, 8):
+        r.push(g, b"x", 0.0)
+    assert r.missing(10) == [3, 6, 7, 9]
+    r.push(3, b"x", 0.0)
+    assert r.missing(10) == [6, 7, 9]
+    assert len(r.tick(5.0)) == 5 and r.next == 6  # packet 0 went at once (due at 0)
+    assert r.missing(10) == [6, 7, 9] and r.missing(7, limit=1) == [6]
+    r.reset(2)
+    r.push(3, b"x", 0.0)
+    assert r.missing(5) == [2, 4]
+
+
 def test_paused_relay_holds_everything() -> None:
     """A due of inf (paused) releases nothing and sets no timer."""
     paused = {"on": True}

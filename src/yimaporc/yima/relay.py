@@ -58,6 +58,8 @@ class Reorderer:
         self.stats = RelayStats()
         self._heap: list[tuple[int, float, bytes]] = []
         self._held: set[int] = set()
+        #: Every packet in [next, _whole) is held: :meth:`missing` starts there.
+        self._whole = first
 
     def push(self, gseq: int, data: bytes, now: float) -> list[bytes]:
         """Accept one packet; return whatever can now be forwarded, in order."""
@@ -77,8 +79,12 @@ class Reorderer:
     def missing(self, upto: int, limit: int = 512) -> list[int]:
         """Sequence numbers in ``[next, upto)`` not held (at most ``limit``): what is
         overdue when every packet before ``upto`` should have arrived by now."""
+        start = max(self._whole, self.next)
+        while start < upto and start in self._held:
+            start += 1
+        self._whole = start  # amortised: the held prefix is walked once, not at every call
         out = []
-        for g in range(self.next, upto):
+        for g in range(start, upto):
             if g not in self._held:
                 out.append(g)
                 if len(out) >= limit:
@@ -89,7 +95,7 @@ class Reorderer:
         """Start over at ``first`` (a seek): whatever is held is dropped."""
         self._heap.clear()
         self._held.clear()
-        self.next = first
+        self.next = self._whole = first
 
     def tick(self, now: float) -> list[bytes]:
         """Release what is due; give up gaps whose next packet is due (paced) or has
