@@ -15,7 +15,7 @@ FUZZ_SEED ?= 0
 FUZZ_WORKERS ?= 32
 FUZZ_ARGS ?=
 
-.PHONY: install system-tools run test lint typecheck unit integration bench fuzz clean
+.PHONY: install system-tools run test lint typecheck unit integration test-slow bench fuzz clean
 
 install: system-tools $(STAMP)
 
@@ -54,6 +54,10 @@ unit: install
 
 integration: install
 	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
+
+# The long variants (marker `slow`), left out of `make test`.
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick,)

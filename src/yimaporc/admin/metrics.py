@@ -530,6 +530,27 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
         ),
     ):
         out.counter(f"yimaporc_yima_{name}", text, streaming.get(key))
+    out.gauge(
+        "yimaporc_yima_shares_served",
+        "Session shares this node schedules (its own and any it took over).",
+        streaming.get("shares_served"),
+    )
+    for key, name, text in (
+        ("orphans_stopped", "orphan_shares_stopped", "Shares stopped as their RTSP node left."),
+        ("early_handovers", "early_handovers", "Shares taken over at a player's HANDOVER."),
+    ):
+        out.counter(f"yimaporc_yima_{name}", text, streaming.get(key))
+    relay = streaming.get("relay") or {}
+    for key, text in (
+        ("forwarded", "Packets the relays forwarded to standard players."),
+        ("skipped", "Packets the relays gave up (still missing when the next one was due)."),
+        ("overdue_nacked", "Overdue packets the relays asked of their owner again."),
+        ("early_takeovers", "Silent nodes' shares the relays had served from parity."),
+        ("duplicates", "Duplicate packets the relays dropped."),
+        ("too_late", "Packets that reached a relay after it had given them up."),
+        ("stale", "Packets of a position before a seek, dropped by the relays."),
+    ):
+        out.counter(f"yimaporc_yima_relay_{key}", text, relay.get(key))
     rtsp = doc.get("rtsp") or {}
     for key, text in (
         ("sessions", "RTSP sessions open on this node."),

@@ -606,6 +606,9 @@ class YimaKind(enum.IntEnum):
     SPEED = 2
     DELTA_P = 3
     BUFFER = 4
+    #: Nothing came from node ``value`` while its packets are overdue: serve its
+    #: share from ``at`` (a media time in microseconds) elsewhere (docs/wire.md).
+    HANDOVER = 5
 
 
 @attrs.frozen

@@ -24,7 +24,7 @@ import base64
 import json
 import tempfile
 import threading
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -680,15 +680,22 @@ class YimaStorageService(Service):
 
     @inlineCallbacks
     def read(
-        self, name: str, key: BlockKey, recover: bool = True
+        self, name: str, key: BlockKey, recover: bool = True, avoid: Collection[str] = ()
     ) -> Generator[Deferred[Any], Any, bytes]:
-        """A block of ``name`` (new place, then old, then parity recovery)."""
+        """A block of ``name`` (new place, then old, then parity recovery).
+
+        Places on the nodes in ``avoid`` (silent ones, not yet declared gone) are
+        not asked: the block is rebuilt from its parity group instead.
+        """
         info = self.catalog.media.get(name)
         if info is None:
             raise BlockMissing(f"no such media: {name}")
         expect = expected_length(info, key)
         problems = []
         for disk in self.places(info, key):
+            if disk.node_id in avoid:
+                problems.append(f"{disk.physical}: node {disk.node_id} is silent")
+                continue
             try:
                 data = yield self.read_at(disk, name, key)
             except Exception as e:
@@ -698,12 +705,14 @@ class YimaStorageService(Service):
                 return data
             problems.append(f"{disk.physical}: {len(data)} bytes, expected {expect}")
         if recover and info.parity_group > 0:
-            data = yield self._recover(info, key)
+            data = yield self._recover(info, key, avoid)
             return data
         raise BlockMissing(f"{name} {key.filename}: {'; '.join(problems)}")
 
     @inlineCallbacks
-    def _recover(self, info: MediaInfo, key: BlockKey) -> Generator[Deferred[Any], Any, bytes]:
+    def _recover(
+        self, info: MediaInfo, key: BlockKey, avoid: Collection[str] = ()
+    ) -> Generator[Deferred[Any], Any, bytes]:
         g = info.parity_group
         group = key.index if key.parity else key.index // g
         members = list(group_members(group, g, info.blocks))
@@ -712,7 +721,8 @@ class YimaStorageService(Service):
             wanted.append(BlockKey(group, parity=True))
         try:
             blocks = yield gatherResults(
-                [self.read(info.name, w, recover=False) for w in wanted], consumeErrors=True
+                [self.read(info.name, w, recover=False, avoid=avoid) for w in wanted],
+                consumeErrors=True,
             )
         except FirstError as e:
             why = e.subFailure.getErrorMessage()
