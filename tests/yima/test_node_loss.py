@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtsp._machine import ServerSession
 from yimaporc.rtsp._wire import NptRange, TransportSpec
-from yimaporc.yima.feedback import FeedbackReceiver
+from yimaporc.yima.feedback import FeedbackReceiver, StreamPorts
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.placement import LogicalDisk
 from yimaporc.yima.relay import Reorderer
@@ -130,7 +130,8 @@ def three_nodes(
 
     def call(address: str, command: Any, **kw: Any) -> Any:
         calls.append((address, command, kw))
-        return succeed({"packets": 0} if command is StreamStart else {})
+        answers = {StreamStart: {"packets": 0}, StreamPorts: {"rtp": 6000, "rtcp": 6001}}
+        return succeed(answers.get(command, {}))
 
     node = SimpleNamespace(
         registry=RpcRegistry(), cluster_time=reactor.seconds, add_status=lambda f: None,
