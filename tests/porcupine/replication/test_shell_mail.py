@@ -51,8 +51,8 @@ class FakeNode:
         found = target.node.registry.lookup(command.commandName)
         assert found is not None
         _, handler = found
-        if command is Replicate:
-            kw["sender"] = self.node_id
+        if command is Replicate or any(n == b"sender" for n, _ in command.arguments):
+            kw["sender"] = self.node_id  # the authenticated peer id (PeerNode)
         d: Deferred[Any] = Deferred()
 
         def deliver() -> None:
