@@ -113,6 +113,9 @@ class MailReplication(MultiService):
         node.subscribe(self.replication)
         node.add_status(self.status)
         self.cluster: Any = None
+        #: every node seen in a view since start (the cluster's known-nodes file
+        #: keeps them over restarts)
+        self._seen: set[str] = {self.me}
         self._fragment_known: set[str] = set()
         self.retries = 0
         self.retargets = 0
@@ -130,7 +133,7 @@ class MailReplication(MultiService):
             on_applied=self._repaired,
         )
         register_repair(node.registry, self.repairer)
-        node.subscribe(self.repairer)
+        node.subscribe(self)
         self._under = 0
         self._counting = False
 
@@ -164,8 +167,15 @@ class MailReplication(MultiService):
         ids = list(self.node.view.node_ids)
         if ids:
             self.replication.set_live(ids)
+        self._seen.update(ids)
         self.repairer.start()
         return None
+
+    def membership_changed(self, old: Any, new: Any) -> None:
+        """``IMembershipListener``: remember every node seen; a (re)joined peer starts
+        a re-replication round."""
+        self._seen.update(new.node_ids)
+        self.repairer.membership_changed(old, new)
 
     def _call(self, node_id: str, command: Any, **kw: Any) -> Deferred[Any]:
         member = self.node.view.member(node_id)
@@ -177,7 +187,7 @@ class MailReplication(MultiService):
     def known(self) -> list[str]:
         """Every node this one ever saw in a view (the cluster's ``known-nodes``)."""
         known = getattr(getattr(self.cluster, "user_manager", None), "known", None)
-        return sorted(set(known or ()) | set(self.live()))
+        return sorted(set(known or ()) | set(self.live()) | self._seen)
 
     def stopService(self) -> Deferred[None]:
         """Stop the core (waiting for its write round), then close the databases."""
@@ -196,6 +206,7 @@ class MailReplication(MultiService):
     def live(self) -> list[str]:
         """Node ids of the current view (this node if the view is empty)."""
         ids = list(self.node.view.node_ids)
+        self._seen.update(ids)
         return ids if ids else [self.me]
 
     # --- delivery ------------------------------------------------------------------
@@ -203,7 +214,8 @@ class MailReplication(MultiService):
     def store(
         self, nodes: Sequence[str], message: NewMessage, replicas: int | None = None
     ) -> Deferred[list[Digest]]:
-        """Store ``message`` replicated on ``nodes``; one digest per copy made now.
+        """Store ``message`` replicated on ``nodes``; one digest per replica (the ones
+        down now get their copy when they are back).
 
         With ``replicas`` (the user's R) and fewer than R live ``nodes``, the replica
         set is filled up with known nodes that are down now: the update stays in the
