@@ -880,11 +880,16 @@ class FragmentStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        udir = self.user_path(user)
-        if udir.is_dir():
-            for p in udir.iterdir():
-                p.unlink(missing_ok=True)
-            udir.rmdir()
+            # under the bucket lock: two removals at once (the admin's and a replicated
+            # profile tombstone's) must not trip over each other's files
+            udir = self.user_path(user)
+            if udir.is_dir():
+                for p in udir.iterdir():
+                    p.unlink(missing_ok=True)
+                try:
+                    udir.rmdir()
+                except FileNotFoundError:
+                    pass
 
     def users_in_bucket(self, bucket: int) -> list[str]:
         """Users with at least one message here, in one bucket."""

@@ -268,9 +268,10 @@ class UserMail:
             def go(r: int) -> Deferred[Any] | Any:
                 if r < 2:
                     return result
-                nodes = self._nodes()
-                d = nodes.addCallback(
-                    lambda ns: self.replica.box_ops(self.address, ops(), [self.home, *ns])
+                # the holders (home, fragments, away) and the R nodes new messages go to
+                more = list(self.replica.choose(self.home, r))
+                d = self._nodes().addCallback(
+                    lambda ns: self.replica.box_ops(self.address, ops(), [self.home, *ns, *more])
                 )
                 return d.addCallback(lambda _: result)
 
@@ -347,8 +348,14 @@ class UserMail:
             for _, part in parts:
                 for d in part:
                     same = seen.setdefault(d.uid, [])
+                    # replicated copies share their key (the object's id) as well
                     twin = next(
-                        (x for x in same if (x.size, x.internal_date) == (d.size, d.internal_date)),
+                        (
+                            x
+                            for x in same
+                            if (x.size, x.internal_date) == (d.size, d.internal_date)
+                            or (x.key == d.key and x.size == d.size)
+                        ),
                         None,
                     )
                     if twin is not None and twin.node != d.node:

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger
@@ -223,6 +224,10 @@ class MailReplication(MultiService):
         are reachable).  The answer waits for a copy on every live target.
         """
         rid = uuid.uuid4().hex
+        if not message.internal_date:
+            # one date for every copy (each node would take its own clock's otherwise,
+            # and a listing would take the copies for two messages under one UID)
+            message = attrs.evolve(message, internal_date=float(self.node.cluster_time()))
         targets = list(dict.fromkeys(nodes))
         live = set(self.live())
         want = replicas if replicas is not None else len(targets)

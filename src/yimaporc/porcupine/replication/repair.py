@@ -13,8 +13,8 @@ store directly (newest wins, idempotent), not logged: the peer keeps its copy,
 so nothing is lost if this node dies half-way, and the next round resumes.
 
 A node therefore repairs itself; every node that lost nothing answers cheaply.
-``status()`` reports ``synced`` (a full round with every live peer has completed
-since start), ``missing`` (objects the last inventories named that are not here
+``status()`` reports ``synced`` (every live peer has been synced with since
+start), ``missing`` (objects the last inventories named that are not here
 yet) and ``repaired``.
 """
 
@@ -121,7 +121,8 @@ class Repairer:
         self.rounds = 0
         self.repaired = 0
         self.failures = 0
-        self.synced = False
+        #: peers a sync with succeeded since start
+        self._synced: set[str] = set()
         #: object ids the last inventories named that this node lacks (per peer)
         self._missing: dict[str, set[str]] = {}
         self._busy: dict[str, Deferred[int]] = {}
@@ -189,8 +190,6 @@ class Repairer:
 
         def done(results: list[tuple[bool, Any]]) -> None:
             self.rounds += 1
-            if all(ok for ok, _ in results):
-                self.synced = True
 
         return DeferredList(ds, consumeErrors=True).addCallback(done)
 
@@ -214,7 +213,9 @@ class Repairer:
 
         def finished(result: Any) -> Any:
             self._busy.pop(peer, None)
-            if isinstance(result, Failure):
+            if not isinstance(result, Failure):
+                self._synced.add(peer)
+            else:
                 self.failures += 1
                 self.log.info(
                     "re-replication from {p} failed: {e}", p=peer, e=result.getErrorMessage()
@@ -266,6 +267,11 @@ class Repairer:
             self._missing.get(peer, set()).difference_update(asked)
 
         return self.run(self.objects.apply_many, updates).addCallback(applied)
+
+    @property
+    def synced(self) -> bool:
+        """Every live peer has been synced with since start."""
+        return all(p in self._synced for p in self.peers() if p != self.me)
 
     def missing(self) -> int:
         """Objects the last inventories named that are not here yet."""
