@@ -146,6 +146,9 @@ class MailReplication(MultiService):
         self.mail.delivery.replicated = self.store
         self.mail.retrieval.replicated = True
         self.mail.retrieval.replica = self
+        pending = getattr(cluster, "pending_work", None)
+        if pending is not None:  # updates waiting to be written here are load too
+            pending.append(lambda: len(self.replication._queue))
         balancer = getattr(cluster, "balancer", None)
         if balancer is not None and hasattr(balancer, "load_of"):
             self.mail.retrieval.load_of = lambda n: balancer.load_of(n, self.reactor.seconds())
