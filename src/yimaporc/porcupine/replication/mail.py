@@ -238,7 +238,10 @@ class MailReplication(MultiService):
             targets += [n for n in self.known() if n not in live and n not in targets][
                 : want - len(targets)
             ]
-        acks = max(1, sum(1 for n in targets if n in live))
+        # R copies now: every live target (``--acks-before-reply 1`` keeps the old
+        # trade, the coordinator's copy alone)
+        cfg = self.replication.config
+        acks = max(1, sum(1 for n in targets if n in live)) if cfg.acks_before_reply >= 2 else 1
         reachable = [n for n in targets if n in live]
         order = ([self.me] if self.me in reachable else []) + [n for n in reachable if n != self.me]
         if not order:
