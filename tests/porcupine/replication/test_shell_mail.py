@@ -221,9 +221,11 @@ def settled(net: Net, d: Deferred[Any]) -> Any:
     return result_of(d)
 
 
-def repl_status(box: Box) -> dict[str, Any]:
-    """The box's replication status (the under-replicated count refreshed first)."""
-    box.repl.status()  # the count runs in the (synchronous) pool
+def repl_status(net: Net, box: Box) -> dict[str, Any]:
+    """The box's replication status (the under-replicated count refreshed first: it
+    runs at most once a second, in the synchronous pool)."""
+    net.reactor.advance(1.0)
+    box.repl.status()
     doc: dict[str, Any] = box.repl.status()["replication"]
     return doc
 
@@ -241,15 +243,15 @@ def test_wiped_replica_gets_its_copies_back(tmp_path: Path) -> None:
     net.settle(0.05)
     net.kill("b")
     net.set_view("ac")
-    assert repl_status(a)["under_replicated"] == 3  # b is away: 3 copies short
+    assert repl_status(net, a)["under_replicated"] == 3  # b is away: 3 copies short
     b = net.restart("b", wipe=True)
     assert b.inbox() == []
     net.settle(0.5)
     got = {d.uid: d.flags for d in b.inbox()}
     assert got == {1: (), 2: ("\\Seen",), 3: ()}  # not message 4: b is no replica of it
-    st = repl_status(b)
+    st = repl_status(net, b)
     assert st["repair"]["synced"] and st["repair"]["repaired"] == 3
-    assert all(repl_status(net.boxes[n])["under_replicated"] == 0 for n in "abc")
+    assert all(repl_status(net, net.boxes[n])["under_replicated"] == 0 for n in "abc")
     # the copies are replicas again: a later flag change reaches b
     settled(net, a.mail.mailbox_manager.set_flags(ALICE, INBOX, [3], ["\\Flagged"], 1))
     net.settle(0.05)
@@ -284,12 +286,12 @@ def test_fewer_live_nodes_than_r_gives_r_copies_once_they_are_back(tmp_path: Pat
     net.settle(0.01)
     assert sorted(x.node for x in result_of(d)) == ["a", "b"]  # b: a replica, later
     assert [x.uid for x in a.inbox()] == [7]
-    st = repl_status(a)
+    st = repl_status(net, a)
     assert st["awaiting"] == {"b": 1} and st["under_replicated"] == 1
     b = net.restart("b")
     net.settle(0.5)
     assert [x.uid for x in b.inbox()] == [7]
-    assert repl_status(a)["under_replicated"] == 0 and repl_status(a)["log_length"] == 0
+    assert repl_status(net, a)["under_replicated"] == 0 and repl_status(net, a)["log_length"] == 0
 
 
 def test_replication_timeout_answers_with_the_durable_copy(tmp_path: Path) -> None:
@@ -330,8 +332,8 @@ def test_deluser_reaches_a_node_that_was_down(tmp_path: Path) -> None:
     net.settle(0.5)
     assert c.mail.fragment_store.users_with_mail() == []
     assert result_of(c.mail.profiles.get(ALICE)) is None
-    assert all(repl_status(net.boxes[n])["log_length"] == 0 for n in "abc")
-    assert all(repl_status(net.boxes[n])["under_replicated"] == 0 for n in "abc")
+    assert all(repl_status(net, net.boxes[n])["log_length"] == 0 for n in "abc")
+    assert all(repl_status(net, net.boxes[n])["under_replicated"] == 0 for n in "abc")
 
 
 def test_mailbox_changes_reach_a_holder_that_was_down(tmp_path: Path) -> None:

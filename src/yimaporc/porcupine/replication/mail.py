@@ -78,7 +78,7 @@ class MailReplication(MultiService):
         profile_replicas: int | None = None,
         ack_timeout: float = 3.0,
         max_retargets: int = 3,
-        repair_interval: float = 10.0,
+        repair_interval: float = 60.0,
     ) -> None:
         super().__init__()
         self.mail = mail
@@ -137,6 +137,7 @@ class MailReplication(MultiService):
         node.subscribe(self)
         self._under = 0
         self._counting = False
+        self._counted_at = float("-inf")
 
     def attach_cluster(self, cluster: Any) -> None:
         """Send the cluster's profile writes and multi-replica deliveries through the
@@ -473,9 +474,11 @@ class MailReplication(MultiService):
 
     def _count_under(self) -> None:
         """Refresh the under-replicated count off the reactor (read by the next status)."""
-        if self._counting or not self.running:
-            return
+        now = float(self.reactor.seconds())
+        if self._counting or not self.running or now < self._counted_at + 1.0:
+            return  # at most one scan a second, whoever polls the status
         self._counting = True
+        self._counted_at = now
 
         def got(n: int) -> None:
             self._under = n

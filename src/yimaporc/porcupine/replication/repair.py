@@ -3,7 +3,7 @@
 The update log brings a replica every update it *missed* while down; it cannot
 bring back copies a node *had* and lost with its disk, because every peer
 retired those updates long ago.  :class:`Repairer` closes that gap by pull:
-every ``interval`` seconds, and as soon as a peer (re)joins the view, this node
+every ``interval`` seconds (60 on a node), and as soon as a peer (re)joins the view, this node
 asks each live peer for its *inventory* (:class:`Inventory`: the id and version
 of every live object whose replica set names this node), compares it with its
 own versions, and fetches the objects it lacks or holds older
@@ -107,7 +107,7 @@ class Repairer:
         peers: Callable[[], Sequence[str]],
         clock: IReactorTime,
         *,
-        interval: float = 10.0,
+        interval: float = 60.0,
         on_applied: Callable[[Update], None] | None = None,
     ) -> None:
         self.me = me
