@@ -12,9 +12,9 @@ from twisted.internet.defer import Deferred, succeed
 from yimaporc.porcupine.retrieval import UserMail
 from yimaporc.porcupine.values import (
     INBOX,
+    PENDING,
     Digest,
     MailboxInfo,
-    MailUnavailable,
     NewMessage,
     NoSuchMailbox,
     Profile,
@@ -130,12 +130,14 @@ def test_copy_of_a_replicated_user_stores_each_message_through_replication() -> 
     assert [d.uid for d in got] == [40, 41]
 
 
-def test_append_without_a_uid_is_refused_for_a_replicated_user() -> None:
-    """No UID can be given now (no majority): NO [UNAVAILABLE], nothing stored."""
-    mail, _, replica, _ = setup(2, first_uid=0)
-    with pytest.raises(MailUnavailable):
-        result(mail.append(INBOX, b"x\r\n", [], 5.0))
-    assert replica.stored == []
+def test_append_without_a_uid_goes_through_replication_unnumbered() -> None:
+    """No UID can be given now (no majority): the message still goes through
+    replication, unnumbered (its coordinator's copy is numbered later, the others
+    take that UID), never as a plain store."""
+    mail, boxes, replica, _ = setup(2, first_uid=PENDING)
+    result(mail.append(INBOX, b"x\r\n", [], 5.0))
+    assert [m.uid for _, m, _ in replica.stored] == [PENDING]
+    assert not any(c[0] == "store" for b in boxes.values() for c in b.calls)
 
 
 def test_append_to_a_mailbox_nobody_has_is_no_such_mailbox() -> None:

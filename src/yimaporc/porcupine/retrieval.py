@@ -578,12 +578,9 @@ class UserMail:
     ) -> Deferred[list[Digest]]:
         """APPEND/COPY of a replicated user: each message one logged object on R nodes
         (the home first), answered once every live one of them holds it."""
-        if any(m.uid == 0 for m in msgs):
-            # Copies numbered one by one on their nodes would get different UIDs.
-            raise MailUnavailable(
-                "[UNAVAILABLE] no UID can be given now (no majority in reach), try again later"
-            )
 
+        # Without a UID now (no majority: PENDING) the copies are stored unnumbered:
+        # only the coordinator's is numbered later, the others take its UID.
         def check(holders: list[str]) -> Deferred[list[Digest]]:
             if not holders:
                 raise NoSuchMailbox(f"no mailbox {mailbox}")

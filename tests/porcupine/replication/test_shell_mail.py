@@ -15,7 +15,8 @@ from yimaporc.cluster.wire import Member
 from yimaporc.porcupine.replication.amp import Replicate
 from yimaporc.porcupine.replication.mail import MailReplication
 from yimaporc.porcupine.service import MailService
-from yimaporc.porcupine.values import INBOX, NewMessage
+from yimaporc.porcupine.usermap import bucket_of
+from yimaporc.porcupine.values import INBOX, PENDING, NewMessage
 
 ALICE = "alice@example.org"
 T0 = 1_700_000_000.0
@@ -361,3 +362,29 @@ def test_mailbox_changes_reach_a_holder_that_was_down(tmp_path: Path) -> None:
     settled(net, a.repl.box_ops(ALICE, [("Old", False, None, None)], ["a", "b"]))
     net.settle(0.05)
     assert "Old" not in {i.name for i in b.mail.fragment_store.mailboxes(ALICE)}
+
+
+def test_unnumbered_replicated_message_gets_one_uid_on_every_copy(tmp_path: Path) -> None:
+    """Stored without a UID (no majority): only the coordinator's copy waits to be
+    numbered, the other replica holds its copy unlisted; once the manager numbers the
+    coordinator's, the other copy takes the same UID (never one of its own)."""
+    net = Net(tmp_path, "abc")
+    a, b = net.boxes["a"], net.boxes["b"]
+    got = settled(net, a.repl.store(["a", "b"], message(PENDING)))
+    assert {(d.node, d.uid) for d in got} == {("a", 0), ("b", 0)}  # acknowledged, unnumbered
+    assert a.mail.fragment_store.pending(ALICE) == 1 and a.inbox() == []
+    assert b.mail.fragment_store.pending(ALICE) == 0 and b.inbox() == []
+    bucket = bucket_of(ALICE)
+    for box in (a, b):
+        box.mail.fragment_store.set_fences({bucket: "f@1"})
+    # the manager numbers wherever the delivery noted a copy: b has nothing to number
+    assert settled(net, b.mail.mailbox_manager.number_pending(ALICE, "f@1", 20, 5))[0] == 0
+    assert settled(net, a.mail.mailbox_manager.number_pending(ALICE, "f@1", 9, 5))[0] == 1
+    net.settle(0.05)
+    assert [d.uid for d in a.inbox()] == [9]
+    assert [d.uid for d in b.inbox()] == [9]
+    key = b.inbox()[0].key
+    assert not b.mail.fragment_store.is_held(ALICE, key)
+    # a flag change afterwards reaches the promoted copy
+    settled(net, b.mail.mailbox_manager.set_flags(ALICE, INBOX, [9], ["\\Seen"], 1))
+    assert a.inbox()[0].flags == ("\\Seen",)

@@ -44,7 +44,7 @@ from ..._files import private_sqlite
 from ..fragments import FragmentStore, MailboxManager
 from ..interfaces import IMailboxManager
 from ..usermap import bucket_of
-from ..values import Digest, MailboxExists, NewMessage, NoSuchMailbox
+from ..values import PENDING, Digest, MailboxExists, NewMessage, NoSuchMailbox
 from ._values import Timestamp, Update
 from .interfaces import IObjectStore
 from .shell import ReplicationService
@@ -295,9 +295,21 @@ class ReplicaObjectStore:
         rows = self._rows(user, rid)
         if not rows and self._user_deleted(user, update.timestamp):
             return None  # _apply_message records it as gone
+        if obj.uid == PENDING and not self._numbers_here(obj):
+            return None  # held here: _apply_message
+        if any(u == 0 for _, u in rows):
+            return None  # an unnumbered copy here: promoted or held by _apply_message
         if rows:
             mailbox = rows[0][0]
+        elif self.fragments.is_held(user, key_of(rid)):
+            return None  # the numbered version of a held copy: _apply_message
         return ("flags" if rows else "new"), (update, user, rid, mailbox, obj, rows)
+
+    def _numbers_here(self, obj: MessageObject) -> bool:
+        """Is this node's copy of ``obj`` the one to number when it has no UID yet?
+        The first of its replicas (the coordinator of its version): one node numbers,
+        the others hold their copy until the numbered version reaches them."""
+        return not obj.targets or obj.targets[0] == self.fragments.node_id
 
     def _flush(self, fresh: list[_Item], flagged: list[_Item]) -> None:
         """Store the batched new messages (bodies, then one commit per bucket) and the
@@ -385,8 +397,12 @@ class ReplicaObjectStore:
             db = self.fragments._db(bucket)
             row = db.execute(
                 "SELECT uid, key, size, flags, internal_date FROM messages "
-                "WHERE user=? AND mailbox=? AND key=?",
-                (user, _mailbox(mailbox), key_of(rid)),
+                "WHERE user=? AND key=? "
+                "UNION ALL SELECT 0, key, size, flags, internal_date FROM pending "
+                "WHERE user=? AND key=? "
+                "UNION ALL SELECT 0, key, size, flags, internal_date FROM held "
+                "WHERE user=? AND key=?",
+                (user, key_of(rid)) * 3,
             ).fetchone()
         if row is None:
             return None
@@ -470,6 +486,45 @@ class ReplicaObjectStore:
             ).fetchall()
         return sum(1 for (t,) in rows if any(n not in up for n in t.split("\n") if n))
 
+    def unnumbered(self, user: str) -> dict[str, ObjectRecord]:
+        """Live replicated messages of ``user`` waiting here for a UID (pending), by rid."""
+        bucket = bucket_of(user)
+        with self.fragments._lock_for(bucket):
+            keys = [
+                str(k)
+                for (k,) in self.fragments._db(bucket).execute(
+                    "SELECT key FROM pending WHERE user=?", (user,)
+                )
+            ]
+        out: dict[str, ObjectRecord] = {}
+        for key in keys:
+            rid = key[: -len(".m")]
+            rec = self.record(message_id(user, rid)) if _RID.match(rid) else None
+            if rec is not None and not rec.deleted and len(rec.targets) > 1:
+                out[rid] = rec
+        return out
+
+    def numbered(self, user: str, rids: Sequence[str]) -> dict[str, tuple[str, int, tuple[str, ...], float, bytes]]:  # fmt: skip
+        """Of ``rids``, those numbered here now: ``(mailbox, uid, flags, date, octets)``."""
+        bucket = bucket_of(user)
+        out = {}
+        for rid in rids:
+            with self.fragments._lock_for(bucket):
+                row = (
+                    self.fragments._db(bucket)
+                    .execute(
+                        "SELECT mailbox, uid, flags, internal_date FROM messages "
+                        "WHERE user=? AND key=? ORDER BY uid LIMIT 1",
+                        (user, key_of(rid)),
+                    )
+                    .fetchone()
+                )
+            if row is None:
+                continue
+            data = (self.fragments.user_path(user) / key_of(rid)).read_bytes()
+            out[rid] = (str(row[0]), int(row[1]), tuple(str(row[2]).split()), float(row[3]), data)
+        return out
+
     def __len__(self) -> int:
         with self.lock:
             (n,) = self.db.execute("SELECT COUNT(*) FROM objects WHERE deleted=0").fetchone()
@@ -530,6 +585,14 @@ class ReplicaObjectStore:
         obj = MessageObject.from_body(update.body)
         mailbox = _mailbox(obj.mailbox)
         rows = self._rows(user, rid)
+        key = key_of(rid)
+        if rows and obj.uid > 0 and all(u == 0 for _, u in rows):
+            # the UID its numbering copy got: this unnumbered copy takes the same one
+            if fs.promote(user, key, obj.uid):
+                rows = self._rows(user, rid)
+        elif rows and obj.uid == PENDING and not self._numbers_here(obj):
+            fs.pending_to_held(user, key)  # another replica numbers this message
+            rows = self._rows(user, rid)
         if rows:
             mailbox = rows[0][0]
             for mb in dict.fromkeys(m for m, _ in rows):
@@ -541,6 +604,13 @@ class ReplicaObjectStore:
             # order): the message of a removed user is not stored again.
             self._put(Update(update.object_id, update.timestamp, None), user, mailbox, rid, ())
             return
+        elif obj.uid == PENDING and not self._numbers_here(obj):
+            _write_file(fs.tmp / key, obj.data)
+            fs.hold(NewMessage(user, mailbox, obj.data, obj.flags, obj.internal_date), key)
+        elif obj.uid > 0 and fs.is_held(user, key):
+            if not fs.promote(user, key, obj.uid):
+                self._store(user, rid, mailbox, obj)
+                fs.unhold(user, key)
         else:
             self._store(user, rid, mailbox, obj)
         self._put(update, user, mailbox, rid, obj.targets)
@@ -552,12 +622,12 @@ class ReplicaObjectStore:
             uids = [u for m, u in rows if m == mb and u]
             if uids:
                 fs.delete(user, mb, uids)
-        if any(u == 0 for _, u in rows):
-            bucket = bucket_of(user)
-            with fs._lock_for(bucket):
-                db = fs._db(bucket)
-                db.execute("DELETE FROM pending WHERE user=? AND key=?", (user, key_of(rid)))
-                fs._drop_unreferenced(db, user, [key_of(rid)])
+        bucket = bucket_of(user)
+        with fs._lock_for(bucket):
+            db = fs._db(bucket)
+            db.execute("DELETE FROM pending WHERE user=? AND key=?", (user, key_of(rid)))
+            db.execute("DELETE FROM held WHERE user=? AND key=?", (user, key_of(rid)))
+            fs._drop_unreferenced(db, user, [key_of(rid)])
 
     def _user_deleted(self, user: str, ts: Timestamp) -> bool:
         """``user``'s profile is a tombstone written after ``ts`` (a ``deluser``)."""
@@ -813,6 +883,49 @@ class ReplicatedMailboxManager:
             return gatherResults(ds, consumeErrors=True).addCallback(done)
 
         return found.addCallback(go)
+
+    def number_pending(
+        self, user: str, fence: str, first: int, count: int
+    ) -> Deferred[tuple[int, int, int]]:
+        """The manager numbers what waits here; a replicated message numbered now gets
+        a new version carrying its UID, so its other copies (held, unnumbered, on the
+        other replicas) take the same UID and never one of their own."""
+        before = self.run(self.objects.unnumbered, user)
+
+        def number(waiting: dict[str, ObjectRecord]) -> Deferred[tuple[int, int, int]]:
+            d: Deferred[tuple[int, int, int]] = self.inner.number_pending(user, fence, first, count)
+            if not waiting:
+                return d
+
+            def publish(result: tuple[int, int, int]) -> Deferred[tuple[int, int, int]]:
+                found = self.run(self.objects.numbered, user, list(waiting))
+                found.addCallback(self._publish_uids, user, waiting)
+                found.addErrback(
+                    lambda f: self.log.failure("replication: UID versions of {u}", f, u=user)
+                )
+                return found.addCallback(lambda _: result)
+
+            return d.addCallback(publish)
+
+        return before.addCallback(number)
+
+    def _publish_uids(
+        self,
+        now: dict[str, tuple[str, int, tuple[str, ...], float, bytes]],
+        user: str,
+        waiting: dict[str, ObjectRecord],
+    ) -> Deferred[Any]:
+        ds = []
+        for rid, (mailbox, uid, flags, date, data) in now.items():
+            rec = waiting[rid]
+            obj = MessageObject(mailbox, data, flags, date, uid, rec.targets)
+            targets = tuple(dict.fromkeys([self.node_id, *rec.targets]))
+            ds.append(
+                self.replication.submit(
+                    rec.object_id, obj.to_body(), targets, current=rec.timestamp, acks=1
+                )
+            )
+        return gatherResults(ds, consumeErrors=True)
 
     def applied(self, update: Update) -> None:
         """The shell's ``on_applied``: wake IMAP IDLE for a message that arrived."""
