@@ -388,3 +388,24 @@ def test_unnumbered_replicated_message_gets_one_uid_on_every_copy(tmp_path: Path
     # a flag change afterwards reaches the promoted copy
     settled(net, b.mail.mailbox_manager.set_flags(ALICE, INBOX, [9], ["\\Seen"], 1))
     assert a.inbox()[0].flags == ("\\Seen",)
+
+
+def test_replaced_coordinator_gives_up_numbering_its_copy(tmp_path: Path) -> None:
+    """a stored a message unnumbered as its first replica, then b coordinated a newer
+    version of the same object (a coordinator replaced mid-delivery): a's copy moves to
+    held, so only b's copy is numbered and a takes b's UID."""
+    net = Net(tmp_path, "ab")
+    a, b = net.boxes["a"], net.boxes["b"]
+    (mine, _) = settled(net, a.repl.store(["a", "b"], message(PENDING)))
+    rid = mine.key[: -len(".m")]
+    settled(net, b.repl.mailboxes.store_replicated(rid, message(PENDING), ["b", "a"]))
+    assert a.mail.fragment_store.pending(ALICE) == 0
+    assert a.mail.fragment_store.is_held(ALICE, mine.key)
+    assert b.mail.fragment_store.pending(ALICE) == 1
+    bucket = bucket_of(ALICE)
+    for box in (a, b):
+        box.mail.fragment_store.set_fences({bucket: "f@1"})
+    assert settled(net, a.mail.mailbox_manager.number_pending(ALICE, "f@1", 5, 5))[0] == 0
+    assert settled(net, b.mail.mailbox_manager.number_pending(ALICE, "f@1", 7, 5))[0] == 1
+    net.settle(0.05)
+    assert [d.uid for d in a.inbox()] == [7] and [d.uid for d in b.inbox()] == [7]
