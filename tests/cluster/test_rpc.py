@@ -113,6 +113,8 @@ def test_client_call_and_timeout_on_silent_peer() -> None:
     client = RpcClient(
         reactor, KEY, "c", scope=SCOPE, timeout=5.0, endpoint_for=lambda address: endpoint
     )
+    timed_out: list[str] = []
+    client.on_timeout = timed_out.append
     d = client.call("10.0.0.1:7946", Echo, payload=b"x" * 70_000)
     pump = completer.succeedOnce()
     assert pump is not None
@@ -124,6 +126,20 @@ def test_client_call_and_timeout_on_silent_peer() -> None:
     reactor.advance(5.1)
     with pytest.raises(PeerUnavailable):
         result_of(d2)
+    assert timed_out == ["10.0.0.1:7946"]  # the failure detector hears of it
+
+
+def test_refused_connection_is_no_timeout_for_the_detector() -> None:
+    """A refused connection fails the call, but is not reported as a timeout."""
+    reactor, endpoint, completer = memory_peer(RpcRegistry())
+    client = RpcClient(reactor, KEY, "c", scope=SCOPE, endpoint_for=lambda address: endpoint)
+    timed_out: list[str] = []
+    client.on_timeout = timed_out.append
+    d = client.call("10.0.0.9:7946", Echo, payload=b"")
+    completer.failOnce(Failure(ConnectionRefusedError()))
+    with pytest.raises(PeerUnavailable):
+        result_of(d)
+    assert timed_out == []
 
 
 def test_client_peer_down_is_peer_unavailable() -> None:

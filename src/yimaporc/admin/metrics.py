@@ -400,6 +400,23 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
                 repl.get(key),
             )
         out.gauge(
+            "yimaporc_mail_replication_under_replicated",
+            "Messages below their R copies as this node knows (a replica out of reach, or a "
+            "copy this node should hold and has not re-created yet).",
+            repl.get("under_replicated"),
+        )
+        repair = repl.get("repair") or {}
+        out.counter(
+            "yimaporc_mail_replication_repaired",
+            "Copies this node re-created from its peers (re-replication).",
+            repair.get("repaired"),
+        )
+        out.counter(
+            "yimaporc_mail_replication_short_acks",
+            "Deliveries answered with fewer copies than R (the log completes them).",
+            repl.get("short_acks"),
+        )
+        out.gauge(
             "yimaporc_mail_replication_queued_actions",
             "Replication actions queued.",
             repl.get("queued_actions"),

@@ -358,6 +358,12 @@ class ClusterNode(MultiService):
             doc.update(provider())
         return doc
 
+    def _rpc_timed_out(self, address: str) -> None:
+        """An RPC to ``address`` timed out: the failure detector hears of it."""
+        if self.core is None or self.protocol is None or self.protocol.transport is None:
+            return
+        self.protocol.perform(self.core.rpc_timeout(address, float(self.reactor.seconds())))
+
     def _membership_status(self) -> dict[str, Any]:
         if self.protocol is None or self.core is None:
             return {}
@@ -392,6 +398,7 @@ class ClusterNode(MultiService):
         self.protocol = MembershipProtocol(
             self.core, self.membership_key, self.reactor, self._view_changed, scope=self.scope
         )
+        self.rpc.on_timeout = self._rpc_timed_out
         rpc_factory = RpcServerFactory(
             self.registry, self.rpc_key, cfg.node_id, scope=self.scope, guard=self.rpc_guard
         )

@@ -559,6 +559,9 @@ class RpcClient:
         self._connecting: dict[str, list[Deferred[NodeAMP]]] = {}
         #: Calls, failures and latencies by command (``GET /metrics``).
         self.calls = RpcCallStats()
+        #: Told the address of a peer whose call or connection timed out (the node
+        #: feeds it to the failure detector's suspicion).
+        self.on_timeout: Callable[[str], None] | None = None
 
     def _tcp_endpoint(self, address: str) -> Any:
         host, _, port = address.rpartition(":")
@@ -604,6 +607,8 @@ class RpcClient:
         def translate(f: Failure) -> Failure:
             if f.check(ConnectError, ConnectionClosed, TimeoutError, DeferTimeout, CancelledError):
                 self._drop(address)
+                if self.on_timeout is not None and f.check(TimeoutError, DeferTimeout):
+                    self.on_timeout(address)
                 return Failure(PeerUnavailable(f"{address}: {f.getErrorMessage()}"))
             if f.check(AuthFailed):
                 self._drop(address)

@@ -65,7 +65,7 @@ class DeliveryProxy:
         self.retries = 0
         #: Replication's ``store(nodes, message)`` (``MailReplication``): users with
         #: ``replicas >= 2`` are stored through it, one logged update for all copies.
-        self.replicated: Callable[[Sequence[str], NewMessage], Deferred[list[Digest]]] | None = None
+        self.replicated: Callable[..., Deferred[list[Digest]]] | None = None
 
     def lookup(self, address: str) -> Deferred[Profile | None]:
         """The recipient's profile (None: no such user)."""
@@ -104,7 +104,9 @@ class DeliveryProxy:
                 unfenced = self.replicated is not None and profile.replicas > 1
                 d: Deferred[tuple[tuple[str, ...], int, str]] = plan(address, 1, unfenced)
                 return d.addCallback(
-                    lambda p: store_on(p[1], self.choose_nodes(profile, p[0]), p[0], p[2])
+                    lambda p: store_on(
+                        p[1], self.choose_nodes(profile, p[0]), p[0], p[2], profile.replicas
+                    )
                 )
             return manager.fragments(address).addCallback(store, profile)
 
@@ -112,10 +114,14 @@ class DeliveryProxy:
             nodes = self.choose_nodes(profile, fragments)
             reserve = getattr(manager, "reserve_uids", None)
             first: Deferred[int] = reserve(address, 1) if reserve is not None else succeed(0)
-            return first.addCallback(store_on, nodes, fragments)
+            return first.addCallback(store_on, nodes, fragments, "", profile.replicas)
 
         def store_on(
-            uid: int, nodes: list[str], fragments: tuple[str, ...], fence: str = ""
+            uid: int,
+            nodes: list[str],
+            fragments: tuple[str, ...],
+            fence: str = "",
+            replicas: int = 1,
         ) -> Deferred[list[Digest]]:
             msg = NewMessage(address, INBOX, body, (), when, uid, fence)
 
@@ -132,8 +138,10 @@ class DeliveryProxy:
                         adds.append(note(address, n))
                 return DeferredList(adds, consumeErrors=True).addCallback(lambda _: digests)
 
-            if self.replicated is not None and len(nodes) > 1:
-                return self.replicated(nodes, msg).addCallback(noted)
+            if self.replicated is not None and replicas > 1:
+                # Also with one node in reach: the log completes the R copies later
+                # (a plain store would stay a single copy for good).
+                return self.replicated(nodes, msg, replicas).addCallback(noted)
             tried = set(nodes)
             stores = [self._store(n, msg, tried, fragments) for n in nodes]
             return DeferredList(stores, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
