@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import random
 import socket
+from bisect import bisect_right
+from collections.abc import Generator
 from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
@@ -38,7 +40,21 @@ from ..rtsp._machine import ServerSession
 from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
 from ..rtsp.interfaces import PlayReply
 from .feedback import RETRANSMISSION_MARK, FeedbackReceiver, StreamPorts, mark_retransmission
-from .media import KIND_TS, KIND_WAV, MediaInfo, WavFormat, packet_bytes, to_l16
+from .media import (
+    KIND_TS,
+    KIND_WAV,
+    PCR_HZ,
+    PCR_WRAP,
+    PTS_WRAP,
+    TS_PACKET,
+    MediaInfo,
+    WavFormat,
+    last_pat_before,
+    packet_bytes,
+    packet_pcr,
+    pes_starts,
+    to_l16,
+)
 from .relay import Reorderer, rewrite
 from .rtp import (
     PT_MP2T,
@@ -58,6 +74,9 @@ from .store import BlockKey
 from .streaming import Destination, StreamControl, StreamingNode, StreamNack, StreamStart
 
 START_LEAD = 0.5
+# A TS seek looks this many blocks back for a keyframe (GOPs longer than this many
+# blocks' worth of media start at the packet playing at the requested time).
+KEYFRAME_SEARCH_BLOCKS = 32
 # The end-of-stream BYE waits this long after the last packet: a player ends on
 # BYE, and one whose RTP socket still holds the last packets (a busy receiver,
 # GStreamer's udpsrc) would drop them.
@@ -91,6 +110,22 @@ def rtp_time(info: MediaInfo, timing: MediaTiming, gseq: int, ts_base: int) -> i
         frames = max(0, max(at, info.wav.data_offset) - info.wav.data_offset) // info.wav.frame_size
         return (ts_base + frames) & 0xFFFFFFFF
     return (ts_base + round(timing.gseq_time(gseq) * timing.clock_rate)) & 0xFFFFFFFF
+
+
+def lavf_quirk(user_agent: str) -> bool:
+    """libavformat's RTSP client (ffmpeg, ffplay, mpv, players built on it) names its
+    MPEG-TS seek positions on the stream's own PTS clock: ``-ss T`` asks for
+    ``npt=(first PTS + T)``, in seconds, not for npt T (RFC 2326 §3.6)."""
+    return user_agent.startswith("Lavf")
+
+
+def lavf_npt(info: MediaInfo, npt: float) -> float:
+    """The media time a libavformat client means by ``npt`` (its PTS clock in seconds):
+    that PTS less the first PCR's, unwrapped; 0 for anything before the start."""
+    if info.pcr_origin is None:
+        return npt
+    rel = (round(npt * 90000) - info.pcr_origin // 300) % PTS_WRAP
+    return 0.0 if rel >= PTS_WRAP // 2 else rel / 90000
 
 
 def _media_timing(info: MediaInfo) -> MediaTiming:
@@ -629,12 +664,39 @@ class YimaStreamingService(Service):
             first = timing.first_gseq_at(self._media_position(plan, at))
             return d.addCallback(lambda _: self._play_reply(plan, info, timing, first))
         start_mt = range.start if range is not None and range.start is not None else 0.0
+        if info.kind == KIND_TS and lavf_quirk(session.user_agent):
+            start_mt = lavf_npt(info, start_mt)
         duration = info.duration or timing.duration
         if duration > 0 and start_mt > duration:
             raise RtspStatusError(
                 457, f"Invalid Range: npt={start_mt:g}- starts past the end ({duration:.3f} s)"
             )
-        first = timing.first_gseq_at(start_mt)
+        if info.kind == KIND_TS and start_mt > 0:
+            found = self._keyframe_start(info, timing, start_mt)
+        else:
+            found = succeed(None)
+        return found.addCallback(lambda kf: self._seek(sid, plan, info, timing, start_mt, kf))
+
+    def _seek(
+        self,
+        sid: str,
+        plan: _Plan,
+        info: MediaInfo,
+        timing: MediaTiming,
+        start_mt: float,
+        keyframe: tuple[int, float] | None,
+    ) -> Deferred[PlayReply]:
+        """Start every node from ``start_mt`` or, for MPEG-TS, from the packet
+        ``keyframe`` names (``(gseq, media time of the keyframe)``)."""
+        if self.plans.get(sid) is not plan:
+            raise RtspStatusError(454, "session torn down while seeking")
+        at = self.node.cluster_time() + START_LEAD
+        shown: float | None = None
+        if keyframe is not None:
+            first, shown = keyframe
+            start_mt = timing.gseq_time(first)  # the nodes' first packet is exactly ``first``
+        else:
+            first = timing.first_gseq_at(start_mt)
         seeking = bool(plan.started_ct)
         plan.position, plan.started_ct, plan.playing = start_mt, at, True
         plan.total = timing.total
@@ -663,9 +725,71 @@ class YimaStreamingService(Service):
             for f in failed:
                 self.log.warn("rtsp: a node did not start {s}: {e}", s=sid,
                               e=f.getErrorMessage())  # fmt: skip
-            return self._play_reply(plan, info, timing, first)
+            return self._play_reply(plan, info, timing, first, shown)
 
         return d.addCallback(started)
+
+    @inlineCallbacks
+    def _keyframe_start(
+        self, info: MediaInfo, timing: MediaTiming, target: float
+    ) -> Generator[Deferred[Any], Any, tuple[int, float] | None]:
+        """The packet to start an MPEG-TS seek to ``target`` from: the last PAT before the
+        last random access point of the PCR PID whose PTS is at or before ``target``
+        (both on the media timeline: PTS less the first PCR), and that keyframe's time.
+
+        Reads blocks backwards from the one playing at ``target`` (a keyframe's bytes
+        arrive before it is presented), at most :data:`KEYFRAME_SEARCH_BLOCKS` of them;
+        None when there is no such keyframe (the plain time seek is used).
+        """
+        if info.pcr_pid is None or info.pcr_origin is None or not timing.blocks:
+            return None
+        origin = info.pcr_origin // 300
+        block = max(0, bisect_right(timing.block_starts, target) - 1)
+        found: tuple[int, int, float] | None = None
+        data = prev = b""
+        for b in range(block, max(-1, block - KEYFRAME_SEARCH_BLOCKS), -1):
+            try:
+                data = yield self.storage.read_block(info.name, b)
+            except Exception:
+                self.log.failure("rtsp: seek in {m}: block {b} unreadable", m=info.name, b=b)
+                return None
+            for pes in reversed(pes_starts(data, info.pcr_pid)):
+                if not pes.key or pes.pts is None:
+                    continue
+                t = ((pes.pts - origin + PTS_WRAP // 2) % PTS_WRAP - PTS_WRAP // 2) / 90000
+                if t <= target + 1e-6:
+                    found = (b, pes.offset, max(0.0, t))
+                    break
+            if found is not None:
+                break
+        if found is None:
+            return None
+        b, offset, shown = found
+        pat = last_pat_before(data, offset)
+        if pat is None and b > 0:  # the PAT/PMT went out at the end of the previous block
+            try:
+                prev = yield self.storage.read_block(info.name, b - 1)
+            except Exception:
+                prev = b""
+            before = last_pat_before(prev, len(prev)) if prev else None
+            if before is not None:
+                b, pat, data = b - 1, before, prev  # time it from that block's PCRs
+        start = offset if pat is None else pat
+        return b * timing.packets_per_block + start // timing.payload, self._pcr_time(
+            info, data, start - start % timing.payload, shown
+        )
+
+    @staticmethod
+    def _pcr_time(info: MediaInfo, data: bytes, at: int, default: float) -> float:
+        """Media time of byte ``at`` of ``data`` from the next PCR after it (exact,
+        where the time index interpolates over a whole block); ``default`` if none."""
+        assert info.pcr_origin is not None
+        for k in range(at, len(data) - TS_PACKET + 1, TS_PACKET):
+            found = packet_pcr(data, k)
+            if found is not None and found[0] == info.pcr_pid:
+                rel = (found[1] - info.pcr_origin) % PCR_WRAP
+                return 0.0 if rel >= PCR_WRAP // 2 else rel / PCR_HZ
+        return default
 
     def _start_everywhere(
         self, sid: str, plan: _Plan, at: float, start_mt: float
@@ -708,12 +832,21 @@ class YimaStreamingService(Service):
         return calls
 
     def _play_reply(
-        self, plan: _Plan, info: MediaInfo, timing: MediaTiming, first: int
+        self,
+        plan: _Plan,
+        info: MediaInfo,
+        timing: MediaTiming,
+        first: int,
+        shown: float | None = None,
     ) -> PlayReply:
-        """Range from the first packet's media time; RTP-Info with the absolute URL and
-        that packet's sequence number (as the client gets it) and timestamp."""
+        """Range from the first packet's media time (for an MPEG-TS seek ``shown``, that
+        of the PAT before the keyframe by the next PCR: players such as GStreamer time
+        the stream from it); RTP-Info with the absolute URL and that packet's sequence
+        number (as the client gets it) and timestamp."""
         duration = info.duration or timing.duration
         start = min(timing.gseq_time(first), duration) if first < timing.total else duration
+        if shown is not None:
+            start = min(shown, duration)
         offset = plan.seq_base if plan.relay is None else plan.seq_offset
         rtptime = rtp_time(info, timing, first, plan.ts_base)
         return PlayReply(NptRange(round(start, 3), duration),
