@@ -258,6 +258,8 @@ class YimaStreamingService(Service):
         )
         node.registry.register(StreamPorts, self._ports)
         self._templates: dict[tuple[int, int], tuple[RtpHeaderTemplate, WavFormat | None, int]] = {}
+        # Per media name: (catalog entry, end of its presentation), see _presentation_end.
+        self._ends: dict[str, tuple[MediaInfo, float]] = {}
         node.add_status(self.status)
         node.subscribe(self)
 
@@ -461,15 +463,50 @@ class YimaStreamingService(Service):
 
     # --- IRtspHandler -------------------------------------------------------------
 
-    def describe(self, url: str) -> bytes:
-        """SDP of the presentation."""
+    def describe(self, url: str) -> Deferred[bytes]:
+        """SDP of the presentation (for MPEG-TS its range ends with the last frame's
+        presentation, which follows the last PCR by the mux delay)."""
         info = self._media(url)
+        return self._presentation_end(info).addCallback(lambda end: self._sdp(info, end))
+
+    def _presentation_end(self, info: MediaInfo) -> Deferred[float]:
+        """Media time at which the last video frame (PCR PID) of an MPEG-TS has been
+        shown: its PTS plus one frame interval, from the last block (cached); the
+        PCR duration when later, or for other media."""
+        duration = info.duration or 0.0
+        got = self._ends.get(info.name)
+        if got is not None and got[0] is info:
+            return succeed(got[1])
+        if info.kind != KIND_TS or info.pcr_pid is None or info.pcr_origin is None:
+            return succeed(duration)
+        origin, pid = info.pcr_origin // 300, info.pcr_pid
+
+        def found(data: bytes) -> float:
+            pts = sorted(
+                ((p.pts - origin + PTS_WRAP // 2) % PTS_WRAP - PTS_WRAP // 2) / 90000
+                for p in pes_starts(data, pid)
+                if p.pts is not None
+            )
+            end = duration
+            if len(pts) >= 2:
+                end = max(duration, pts[-1] + (pts[-1] - pts[-2]))
+            if len(self._ends) >= 256:
+                self._ends.clear()
+            self._ends[info.name] = (info, end)
+            return end
+
+        d = self.storage.read_block(info.name, info.blocks - 1)
+        d.addCallback(found)
+        d.addErrback(lambda _: duration)
+        return d
+
+    def _sdp(self, info: MediaInfo, end: float) -> bytes:
         kbps = int(info.bitrate / 1000) if info.bitrate else None
         if info.kind == KIND_WAV and info.wav is not None:
             track = l16_track(TRACK, info.wav.sample_rate, info.wav.channels)
         else:
             track = mp2t_track(TRACK, bitrate_kbps=kbps)
-        desc = presentation_sdp(info.name, [track], info.duration,
+        desc = presentation_sdp(info.name, [track], end or info.duration,
                                 origin_address=self.node.config.cluster_host)  # fmt: skip
         return serialize_sdp(desc)
 
@@ -671,6 +708,13 @@ class YimaStreamingService(Service):
             raise RtspStatusError(
                 457, f"Invalid Range: npt={start_mt:g}- starts past the end ({duration:.3f} s)"
             )
+        if plan.started_ct and plan.relay is not None:
+            # Seeking a started stream: the client gets nothing more of the old position
+            # while the keyframe is looked up (its numbers go on from relay.next).
+            plan.node_ssrc = (plan.node_ssrc + 1 + self.rng.getrandbits(31)) & 0xFFFFFFFF
+            plan.relay.reset(plan.relay.next)
+            if plan.relay_timer is not None and plan.relay_timer.active():
+                plan.relay_timer.cancel()
         if info.kind == KIND_TS and start_mt > 0:
             found = self._keyframe_start(info, timing, start_mt)
         else:
@@ -845,6 +889,9 @@ class YimaStreamingService(Service):
         number (as the client gets it) and timestamp."""
         duration = info.duration or timing.duration
         start = min(timing.gseq_time(first), duration) if first < timing.total else duration
+        end = self._ends.get(info.name)
+        if end is not None and end[0] is info:
+            duration = end[1]
         if shown is not None:
             start = min(shown, duration)
         offset = plan.seq_base if plan.relay is None else plan.seq_offset
