@@ -471,7 +471,7 @@ class YimaStreamingService(Service):
 
     def _presentation_end(self, info: MediaInfo) -> Deferred[float]:
         """Media time at which the last video frame (PCR PID) of an MPEG-TS has been
-        shown: its PTS plus one frame interval, from the last block (cached); the
+        shown: its PTS plus one frame interval, from the last two blocks (cached); the
         PCR duration when later, or for other media."""
         duration = info.duration or 0.0
         got = self._ends.get(info.name)
@@ -495,8 +495,11 @@ class YimaStreamingService(Service):
             self._ends[info.name] = (info, end)
             return end
 
-        d = self.storage.read_block(info.name, info.blocks - 1)
-        d.addCallback(found)
+        # The last block may be a short tail with no video PES start: read two.
+        reads = [self.storage.read_block(info.name, b)
+                 for b in range(max(0, info.blocks - 2), info.blocks)]  # fmt: skip
+        d: Deferred[Any] = DeferredList(reads, fireOnOneErrback=True, consumeErrors=True)
+        d.addCallback(lambda results: found(b"".join(r for _, r in results)))
         d.addErrback(lambda _: duration)
         return d
 

@@ -46,6 +46,13 @@ def main(argv: list[str]) -> None:
                 t = ev.parse_segment().to_stream_time(Gst.Format.TIME, t)
             seen["video"].append(None if t == Gst.CLOCK_TIME_NONE else t / Gst.SECOND)
         else:
+            t = buf.pts
+            ev = pad.get_sticky_event(Gst.EventType.SEGMENT, 0)
+            if ev is not None and t != Gst.CLOCK_TIME_NONE:
+                t = ev.parse_segment().to_stream_time(Gst.Format.TIME, t)
+            if t != Gst.CLOCK_TIME_NONE:
+                seen.setdefault("audio_first", t / Gst.SECOND)
+                seen["audio_last"] = t / Gst.SECOND
             caps = pad.get_current_caps()
             st = caps.get_structure(0) if caps is not None else None
             ok, channels = st.get_int("channels") if st is not None else (False, 0)
@@ -55,6 +62,7 @@ def main(argv: list[str]) -> None:
 
     def do_seek() -> bool:
         seen["video"], seen["audio_frames"] = [], 0
+        seen.pop("audio_first", None)
         flags = Gst.SeekFlags.FLUSH | Gst.SeekFlags.KEY_UNIT
         seen["seek_ok"] = play.seek_simple(Gst.Format.TIME, flags, int(seek * Gst.SECOND))
         return False
