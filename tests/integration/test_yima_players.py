@@ -224,36 +224,72 @@ def _gst(url: str, tmp_path: Path, transport: str, *args: str) -> dict[str, obje
     return doc
 
 
-@pytest.mark.parametrize(("name", "transport"), _cases("gst", {("h264", "tcp")}))
-def test_gstreamer_playbin_seeks_and_plays_to_the_end(
+@pytest.mark.parametrize(("name", "transport"), _cases("gst", {("wav24", "udp")}))
+def test_gstreamer_playbin_plays_every_frame(
+    cluster: list[NodeProc], media: dict[str, Path], tmp_path: Path, name: str, transport: str
+) -> None:
+    """GStreamer playbin plays the stream to EOS: every video frame, in order and decoded
+    identical to the source's, or every audio sample of a WAV."""
+    doc = _gst(_url(name, 2), tmp_path, transport)
+    assert doc["error"] is None and doc["eos"], doc
+    if name in VIDEO:
+        want = _source_frames(media[name])
+        matched = _match(want, doc["video_md5"])  # type: ignore[arg-type]
+        print(f"gst {name}/{transport}: {len(matched)} of {len(want)} frames")
+        assert matched == list(range(len(want))), matched
+    else:
+        rate = 44100 if name == "wav16" else 48000
+        print(f"gst {name}/{transport}: {doc['audio_frames']} of {WAV_SECONDS * rate} samples")
+        assert doc["audio_frames"] == WAV_SECONDS * rate
+
+
+GST_SEEK_OPEN = (
+    "open: after a flushing seek GStreamer's jitter buffer declares the first ~0.55 s of "
+    "L16 lost (the data starts START_LEAD = 0.5 s after the PLAY answer; its latency is "
+    "500 ms here)"
+)
+
+
+def _gst_seek_cases() -> list[object]:
+    out = []
+    for p in _cases("gst", {("h264", "tcp")}):
+        name, transport = p.values  # type: ignore[attr-defined]
+        marks = list(p.marks)  # type: ignore[attr-defined]
+        if name not in VIDEO:
+            marks.append(pytest.mark.xfail(reason=GST_SEEK_OPEN, strict=False))
+        out.append(pytest.param(name, transport, marks=marks, id=p.id))  # type: ignore[attr-defined]
+    return out
+
+
+@pytest.mark.parametrize(("name", "transport"), _gst_seek_cases())
+def test_gstreamer_playbin_seeks_to_the_keyframe(
     cluster: list[NodeProc], media: dict[str, Path], tmp_path: Path, name: str, transport: str
 ) -> None:
     """GStreamer playbin seeks (flushing, key unit) to 2.5 s: the first video frame after
-    the seek is the keyframe at or before 2.5 s; it then plays every following frame (or
-    every audio sample) to EOS."""
+    the seek is the keyframe at or before npt 2.5 (GStreamer's npt 0 is the first PCR),
+    then every following frame to EOS, decoded identical to the source's; a WAV plays
+    every sample from 2.5 s."""
     doc = _gst(_url(name, 2), tmp_path, transport, "--seek", "2.5")
     assert doc["error"] is None and doc["eos"] and doc["seek_ok"], doc
     if name in VIDEO:
-        video = doc["video"]
-        assert isinstance(video, list)
-        first = video[0]
-        # playbin's stream time of a frame is its media time on the server's timeline
-        # (npt 0 = the first PCR); the source's frame times, likewise:
+        want = _source_frames(media[name])
         times = _frame_npt(media[name])
         keyframe = max(i for i in range(0, len(times), GOP) if times[i] <= 2.5 + 1e-3)
-        print(f"gst {name}/{transport}: first {first:.3f} s (keyframe {keyframe} at "
-              f"{times[keyframe]:.3f}), {len(video)} frames, expected "
-              f"{len(times) - keyframe}")  # fmt: skip
-        assert abs(first - times[keyframe]) < 0.5 / FPS, (first, times[keyframe])
-        assert len(video) == len(times) - keyframe
+        matched = _match(want, doc["video_md5"])  # type: ignore[arg-type]
+        # A frame decoded just before the flush may still be counted ahead of them.
+        if matched and matched[0] != keyframe and keyframe in matched:
+            matched = matched[matched.index(keyframe) :]
+        print(f"gst seek {name}/{transport}: first frame {matched[:1]} (keyframe {keyframe} "
+              f"at npt {times[keyframe]:.3f}), {len(matched)} frames, expected "
+              f"{len(want) - keyframe}")  # fmt: skip
+        assert matched == list(range(keyframe, len(want))), matched
     else:
         rate = 44100 if name == "wav16" else 48000
         frames = doc["audio_frames"]
         assert isinstance(frames, int)
-        print(
-            f"gst {name}/{transport}: {frames} audio frames, expected {(WAV_SECONDS - 2.5) * rate:.0f}"
-        )
-        assert abs(frames - (WAV_SECONDS - 2.5) * rate) < 0.05 * rate
+        print(f"gst seek {name}/{transport}: {frames} audio frames from "
+              f"{doc.get('audio_first')}, expected {(WAV_SECONDS - 2.5) * rate:.0f}")  # fmt: skip
+        assert abs(frames - (WAV_SECONDS - 2.5) * rate) < 0.01 * rate
 
 
 def _frame_npt(path: Path) -> list[float]:

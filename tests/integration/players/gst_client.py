@@ -3,12 +3,13 @@
 ``gst_client.py URL OUT.json [--tcp] [--seek SECONDS] [--timeout SECONDS]``: plays URL
 with ``playbin`` (``rtspsrc`` inside, forced to TCP interleaved or UDP) into fakesinks,
 optionally seeks once (flushing, to the key unit) at the first decoded buffer, and
-writes what it saw as JSON: the stream time of every decoded video frame after the
-seek, the number of audio sample frames, whether EOS came, and any error.
+writes what it saw as JSON: the stream time and the MD5 (I420) of every decoded
+video frame after the seek, the number of audio sample frames, whether EOS came, and any error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -27,7 +28,14 @@ def main(argv: list[str]) -> None:
     Gst.init(None)
     play = Gst.ElementFactory.make("playbin")
     play.set_property("uri", url)
-    seen: dict = {"video": [], "audio_frames": 0, "eos": False, "error": None, "seek_ok": None}
+    seen: dict = {
+        "video": [],
+        "video_md5": [],
+        "audio_frames": 0,
+        "eos": False,
+        "error": None,
+        "seek_ok": None,
+    }
     state = {"seeked": seek is None}
 
     def source_setup(_pb: Gst.Element, src: Gst.Element) -> None:
@@ -40,6 +48,10 @@ def main(argv: list[str]) -> None:
             GLib.idle_add(do_seek)
             return
         if kind == "video":
+            ok, info = buf.map(Gst.MapFlags.READ)
+            if ok:
+                seen["video_md5"].append(hashlib.md5(info.data).hexdigest())
+                buf.unmap(info)
             t = buf.pts
             ev = pad.get_sticky_event(Gst.EventType.SEGMENT, 0)
             if ev is not None and t != Gst.CLOCK_TIME_NONE:
@@ -61,18 +73,21 @@ def main(argv: list[str]) -> None:
             seen["audio_frames"] += buf.get_size() // max(1, width * (channels if ok else 1))
 
     def do_seek() -> bool:
-        seen["video"], seen["audio_frames"] = [], 0
+        seen["video"], seen["video_md5"], seen["audio_frames"] = [], [], 0
         seen.pop("audio_first", None)
         flags = Gst.SeekFlags.FLUSH | Gst.SeekFlags.KEY_UNIT
         seen["seek_ok"] = play.seek_simple(Gst.Format.TIME, flags, int(seek * Gst.SECOND))
         return False
 
     for kind in ("video", "audio"):
-        sink = Gst.ElementFactory.make("fakesink")
-        sink.set_property("sync", True)
-        sink.set_property("signal-handoffs", True)
-        sink.connect("handoff", handoff, kind)
-        play.set_property(f"{kind}-sink", sink)
+        # Video as I420 (what ffmpeg's framemd5 hashes for these clips), so frames can be
+        # told apart by content, whatever timestamps the player gives them.
+        conv = "videoconvert ! video/x-raw,format=I420" if kind == "video" else "identity"
+        sink_bin = Gst.parse_bin_from_description(
+            f"{conv} ! fakesink name=sink sync=true signal-handoffs=true", True
+        )
+        sink_bin.get_by_name("sink").connect("handoff", handoff, kind)
+        play.set_property(f"{kind}-sink", sink_bin)
     play.connect("source-setup", source_setup)
     loop = GLib.MainLoop()
     bus = play.get_bus()
