@@ -243,6 +243,12 @@ GST_SEEK_OPEN = (
 )
 
 
+GST_SEEK_MPEG2_UDP = (
+    "open: GStreamer over UDP after a seek of the 2 Mbit/s MPEG-2 clip starts on the "
+    "keyframe but reaches EOS 12 frames (0.48 s) before the end (no seek: all 150)"
+)
+
+
 def _gst_seek_cases() -> list[object]:
     out = []
     for p in _cases("gst", {("h264", "tcp")}):
@@ -250,6 +256,8 @@ def _gst_seek_cases() -> list[object]:
         marks = list(p.marks)  # type: ignore[attr-defined]
         if name not in VIDEO:
             marks.append(pytest.mark.xfail(reason=GST_SEEK_OPEN, strict=False))
+        elif (name, transport) == ("mpeg2", "udp"):
+            marks.append(pytest.mark.xfail(reason=GST_SEEK_MPEG2_UDP, strict=False))
         out.append(pytest.param(name, transport, marks=marks, id=p.id))  # type: ignore[attr-defined]
     return out
 
