@@ -6,8 +6,14 @@ STAMP := $(VENV)/.installed
 # command:package pairs the end-to-end tests drive (mail clients, players, a browser
 # for the dashboard).
 APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox \
-  msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus
-APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
+  msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus \
+  mpv:mpv cvlc:vlc-bin
+# Packages without a command of their own (checked by file below): VLC's demuxers and
+# decoders, and PyGObject with GStreamer's introspection data for the playbin client.
+APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav \
+  vlc-plugin-base python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0
+APT_EXTRA_FILES := /usr/lib/x86_64-linux-gnu/girepository-1.0/Gst-1.0.typelib \
+  /usr/lib/python3/dist-packages/gi/__init__.py
 PYTEST_ARGS ?=
 FUZZ_INPUTS ?= 100000
 FUZZ_TARGET ?= all
@@ -23,6 +29,7 @@ install: system-tools $(STAMP)
 system-tools:
 	@missing=""; for pair in $(APT_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	for f in $(APT_EXTRA_FILES); do [ -e $$f ] || missing="$$missing python3-gi"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system tools:$$missing"; \
@@ -49,6 +56,10 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The long matrices (every player x transport x medium): tests marked slow.
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
 unit: install
 	$(BIN)/python -m pytest -q --ignore=tests/integration $(PYTEST_ARGS)
 
@@ -56,9 +67,6 @@ integration: install
 	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
 
 # The long variants (marker `slow`), left out of `make test`.
-test-slow: install
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
-
 bench: install
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick,)
 

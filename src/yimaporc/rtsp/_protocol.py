@@ -561,6 +561,7 @@ class RtspServerFactory(Factory):
             return d.addCallback(lambda _: _Done())
         if session is None:  # TEARDOWN without a session: Init -> Init, nothing to do
             return _Done()
+        session.user_agent = req.headers.get("User-Agent") or session.user_agent
         if method == "SETUP":
             chosen = prep.transport
             assert chosen is not None

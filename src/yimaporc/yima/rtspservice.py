@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import random
 import socket
+from bisect import bisect_right
+from collections.abc import Generator
 from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
@@ -39,7 +41,21 @@ from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
 from ..rtsp.interfaces import PlayReply
 from ..rtsp.sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
 from .feedback import RETRANSMISSION_MARK, FeedbackReceiver, StreamPorts, mark_retransmission
-from .media import KIND_TS, KIND_WAV, MediaInfo, WavFormat, packet_bytes, to_l16
+from .media import (
+    KIND_TS,
+    KIND_WAV,
+    PCR_HZ,
+    PCR_WRAP,
+    PTS_WRAP,
+    TS_PACKET,
+    MediaInfo,
+    WavFormat,
+    last_pat_before,
+    packet_bytes,
+    packet_pcr,
+    pes_starts,
+    to_l16,
+)
 from .relay import RelayStats, Reorderer, rewrite
 from .rtp import (
     PT_MP2T,
@@ -72,6 +88,9 @@ RETRY = 0.25
 SILENT = 0.3
 # A node that went silent is read around (parity) for this long, unless it is heard again.
 SUSPECT_FOR = 30.0
+# A TS seek looks this many blocks back for a keyframe (GOPs longer than this many
+# blocks' worth of media start at the packet playing at the requested time).
+KEYFRAME_SEARCH_BLOCKS = 32
 # The end-of-stream BYE waits this long after the last packet: a player ends on
 # BYE, and one whose RTP socket still holds the last packets (a busy receiver,
 # GStreamer's udpsrc) would drop them.
@@ -105,6 +124,22 @@ def rtp_time(info: MediaInfo, timing: MediaTiming, gseq: int, ts_base: int) -> i
         frames = max(0, max(at, info.wav.data_offset) - info.wav.data_offset) // info.wav.frame_size
         return (ts_base + frames) & 0xFFFFFFFF
     return (ts_base + round(timing.gseq_time(gseq) * timing.clock_rate)) & 0xFFFFFFFF
+
+
+def lavf_quirk(user_agent: str) -> bool:
+    """libavformat's RTSP client (ffmpeg, ffplay, mpv, players built on it) names its
+    MPEG-TS seek positions on the stream's own PTS clock: ``-ss T`` asks for
+    ``npt=(first PTS + T)``, in seconds, not for npt T (RFC 2326 §3.6)."""
+    return user_agent.startswith("Lavf")
+
+
+def lavf_npt(info: MediaInfo, npt: float) -> float:
+    """The media time a libavformat client means by ``npt`` (its PTS clock in seconds):
+    that PTS less the first PCR's, unwrapped; 0 for anything before the start."""
+    if info.pcr_origin is None:
+        return npt
+    rel = (round(npt * 90000) - info.pcr_origin // 300) % PTS_WRAP
+    return 0.0 if rel >= PTS_WRAP // 2 else rel / 90000
 
 
 def _media_timing(info: MediaInfo) -> MediaTiming:
@@ -265,6 +300,8 @@ class YimaStreamingService(Service):
         )
         node.registry.register(StreamPorts, self._ports)
         self._templates: dict[tuple[int, int], tuple[RtpHeaderTemplate, WavFormat | None, int]] = {}
+        # Per media name: (catalog entry, end of its presentation), see _presentation_end.
+        self._ends: dict[str, tuple[MediaInfo, float]] = {}
         node.add_status(self.status)
         node.subscribe(self)
 
@@ -561,15 +598,53 @@ class YimaStreamingService(Service):
 
     # --- IRtspHandler -------------------------------------------------------------
 
-    def describe(self, url: str) -> bytes:
-        """SDP of the presentation."""
+    def describe(self, url: str) -> Deferred[bytes]:
+        """SDP of the presentation (for MPEG-TS its range ends with the last frame's
+        presentation, which follows the last PCR by the mux delay)."""
         info = self._media(url)
+        return self._presentation_end(info).addCallback(lambda end: self._sdp(info, end))
+
+    def _presentation_end(self, info: MediaInfo) -> Deferred[float]:
+        """Media time at which the last video frame (PCR PID) of an MPEG-TS has been
+        shown: its PTS plus one frame interval, from the last two blocks (cached); the
+        PCR duration when later, or for other media."""
+        duration = info.duration or 0.0
+        got = self._ends.get(info.name)
+        if got is not None and got[0] is info:
+            return succeed(got[1])
+        if info.kind != KIND_TS or info.pcr_pid is None or info.pcr_origin is None:
+            return succeed(duration)
+        origin, pid = info.pcr_origin // 300, info.pcr_pid
+
+        def found(data: bytes) -> float:
+            pts = sorted(
+                ((p.pts - origin + PTS_WRAP // 2) % PTS_WRAP - PTS_WRAP // 2) / 90000
+                for p in pes_starts(data, pid)
+                if p.pts is not None
+            )
+            end = duration
+            if len(pts) >= 2:
+                end = max(duration, pts[-1] + (pts[-1] - pts[-2]))
+            if len(self._ends) >= 256:
+                self._ends.clear()
+            self._ends[info.name] = (info, end)
+            return end
+
+        # The last block may be a short tail with no video PES start: read two.
+        reads = [self.storage.read_block(info.name, b)
+                 for b in range(max(0, info.blocks - 2), info.blocks)]  # fmt: skip
+        d: Deferred[Any] = DeferredList(reads, fireOnOneErrback=True, consumeErrors=True)
+        d.addCallback(lambda results: found(b"".join(r for _, r in results)))
+        d.addErrback(lambda _: duration)
+        return d
+
+    def _sdp(self, info: MediaInfo, end: float) -> bytes:
         kbps = int(info.bitrate / 1000) if info.bitrate else None
         if info.kind == KIND_WAV and info.wav is not None:
             track = l16_track(TRACK, info.wav.sample_rate, info.wav.channels)
         else:
             track = mp2t_track(TRACK, bitrate_kbps=kbps)
-        desc = presentation_sdp(info.name, [track], info.duration,
+        desc = presentation_sdp(info.name, [track], end or info.duration,
                                 origin_address=self.node.config.cluster_host)  # fmt: skip
         return serialize_sdp(desc)
 
@@ -848,12 +923,46 @@ class YimaStreamingService(Service):
             first = timing.first_gseq_at(self._media_position(plan, at))
             return d.addCallback(lambda _: self._play_reply(plan, info, timing, first))
         start_mt = range.start if range is not None and range.start is not None else 0.0
+        if info.kind == KIND_TS and lavf_quirk(session.user_agent):
+            start_mt = lavf_npt(info, start_mt)
         duration = info.duration or timing.duration
         if duration > 0 and start_mt > duration:
             raise RtspStatusError(
                 457, f"Invalid Range: npt={start_mt:g}- starts past the end ({duration:.3f} s)"
             )
-        first = timing.first_gseq_at(start_mt)
+        if plan.started_ct and plan.relay is not None:
+            # Seeking a started stream: the client gets nothing more of the old position
+            # while the keyframe is looked up (its numbers go on from relay.next).
+            plan.node_ssrc = (plan.node_ssrc + 1 + self.rng.getrandbits(31)) & 0xFFFFFFFF
+            plan.relay.reset(plan.relay.next)
+            if plan.relay_timer is not None and plan.relay_timer.active():
+                plan.relay_timer.cancel()
+        if info.kind == KIND_TS and start_mt > 0:
+            found = self._keyframe_start(info, timing, start_mt)
+        else:
+            found = succeed(None)
+        return found.addCallback(lambda kf: self._seek(sid, plan, info, timing, start_mt, kf))
+
+    def _seek(
+        self,
+        sid: str,
+        plan: _Plan,
+        info: MediaInfo,
+        timing: MediaTiming,
+        start_mt: float,
+        keyframe: tuple[int, float] | None,
+    ) -> Deferred[PlayReply]:
+        """Start every node from ``start_mt`` or, for MPEG-TS, from the packet
+        ``keyframe`` names (``(gseq, media time of the keyframe)``)."""
+        if self.plans.get(sid) is not plan:
+            raise RtspStatusError(454, "session torn down while seeking")
+        at = self.node.cluster_time() + START_LEAD
+        shown: float | None = None
+        if keyframe is not None:
+            first, shown = keyframe
+            start_mt = timing.gseq_time(first)  # the nodes' first packet is exactly ``first``
+        else:
+            first = timing.first_gseq_at(start_mt)
         seeking = bool(plan.started_ct)
         if plan.relay is not None:
             # The nodes send RELAY_LEAD ahead of playout; the relay holds that much.
@@ -892,9 +1001,71 @@ class YimaStreamingService(Service):
             for f in failed:
                 self.log.warn("rtsp: a node did not start {s}: {e}", s=sid,
                               e=f.getErrorMessage())  # fmt: skip
-            return self._play_reply(plan, info, timing, first)
+            return self._play_reply(plan, info, timing, first, shown)
 
         return d.addCallback(started)
+
+    @inlineCallbacks
+    def _keyframe_start(
+        self, info: MediaInfo, timing: MediaTiming, target: float
+    ) -> Generator[Deferred[Any], Any, tuple[int, float] | None]:
+        """The packet to start an MPEG-TS seek to ``target`` from: the last PAT before the
+        last random access point of the PCR PID whose PTS is at or before ``target``
+        (both on the media timeline: PTS less the first PCR), and that keyframe's time.
+
+        Reads blocks backwards from the one playing at ``target`` (a keyframe's bytes
+        arrive before it is presented), at most :data:`KEYFRAME_SEARCH_BLOCKS` of them;
+        None when there is no such keyframe (the plain time seek is used).
+        """
+        if info.pcr_pid is None or info.pcr_origin is None or not timing.blocks:
+            return None
+        origin = info.pcr_origin // 300
+        block = max(0, bisect_right(timing.block_starts, target) - 1)
+        found: tuple[int, int, float] | None = None
+        data = prev = b""
+        for b in range(block, max(-1, block - KEYFRAME_SEARCH_BLOCKS), -1):
+            try:
+                data = yield self.storage.read_block(info.name, b)
+            except Exception:
+                self.log.failure("rtsp: seek in {m}: block {b} unreadable", m=info.name, b=b)
+                return None
+            for pes in reversed(pes_starts(data, info.pcr_pid)):
+                if not pes.key or pes.pts is None:
+                    continue
+                t = ((pes.pts - origin + PTS_WRAP // 2) % PTS_WRAP - PTS_WRAP // 2) / 90000
+                if t <= target + 1e-6:
+                    found = (b, pes.offset, max(0.0, t))
+                    break
+            if found is not None:
+                break
+        if found is None:
+            return None
+        b, offset, shown = found
+        pat = last_pat_before(data, offset)
+        if pat is None and b > 0:  # the PAT/PMT went out at the end of the previous block
+            try:
+                prev = yield self.storage.read_block(info.name, b - 1)
+            except Exception:
+                prev = b""
+            before = last_pat_before(prev, len(prev)) if prev else None
+            if before is not None:
+                b, pat, data = b - 1, before, prev  # time it from that block's PCRs
+        start = offset if pat is None else pat
+        return b * timing.packets_per_block + start // timing.payload, self._pcr_time(
+            info, data, start - start % timing.payload, shown
+        )
+
+    @staticmethod
+    def _pcr_time(info: MediaInfo, data: bytes, at: int, default: float) -> float:
+        """Media time of byte ``at`` of ``data`` from the next PCR after it (exact,
+        where the time index interpolates over a whole block); ``default`` if none."""
+        assert info.pcr_origin is not None
+        for k in range(at, len(data) - TS_PACKET + 1, TS_PACKET):
+            found = packet_pcr(data, k)
+            if found is not None and found[0] == info.pcr_pid:
+                rel = (found[1] - info.pcr_origin) % PCR_WRAP
+                return 0.0 if rel >= PCR_WRAP // 2 else rel / PCR_HZ
+        return default
 
     def _start_everywhere(
         self, sid: str, plan: _Plan, at: float, start_mt: float
@@ -944,12 +1115,24 @@ class YimaStreamingService(Service):
         return calls
 
     def _play_reply(
-        self, plan: _Plan, info: MediaInfo, timing: MediaTiming, first: int
+        self,
+        plan: _Plan,
+        info: MediaInfo,
+        timing: MediaTiming,
+        first: int,
+        shown: float | None = None,
     ) -> PlayReply:
-        """Range from the first packet's media time; RTP-Info with the absolute URL and
-        that packet's sequence number (as the client gets it) and timestamp."""
+        """Range from the first packet's media time (for an MPEG-TS seek ``shown``, that
+        of the PAT before the keyframe by the next PCR: players such as GStreamer time
+        the stream from it); RTP-Info with the absolute URL and that packet's sequence
+        number (as the client gets it) and timestamp."""
         duration = info.duration or timing.duration
         start = min(timing.gseq_time(first), duration) if first < timing.total else duration
+        end = self._ends.get(info.name)
+        if end is not None and end[0] is info:
+            duration = end[1]
+        if shown is not None:
+            start = min(shown, duration)
         offset = plan.seq_base if plan.relay is None else plan.seq_offset
         rtptime = rtp_time(info, timing, first, plan.ts_base)
         return PlayReply(NptRange(round(start, 3), duration),
