@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 # command:package pairs the end-to-end tests drive (mail clients, players, a browser
 # for the dashboard).
 APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox \
-  msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus
+  msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus \
+  faketime:faketime
 APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
 PYTEST_ARGS ?=
 FUZZ_INPUTS ?= 100000
@@ -14,8 +15,9 @@ FUZZ_TARGET ?= all
 FUZZ_SEED ?= 0
 FUZZ_WORKERS ?= 32
 FUZZ_ARGS ?=
+CHAOS_ARGS ?=
 
-.PHONY: install system-tools run test lint typecheck unit integration bench fuzz clean
+.PHONY: install system-tools run test lint typecheck unit integration bench fuzz chaos clean
 
 install: system-tools $(STAMP)
 
@@ -62,6 +64,11 @@ bench: install
 fuzz: install
 	$(BIN)/python -m yimaporc.testing.fuzz --target $(FUZZ_TARGET) --inputs $(FUZZ_INPUTS) \
 	  --seed $(FUZZ_SEED) --workers $(FUZZ_WORKERS) --corpus fuzz-corpus --json fuzz-report.json $(FUZZ_ARGS)
+
+# Jepsen-style run (docs/chaos.md): 5 nodes in network namespaces, partitions, pauses,
+# kills, clock skew, a rolling restart; needs root. The report lands in chaos-report.json.
+chaos: install
+	$(BIN)/python -m yimaporc.testing.chaos --schedule full --json chaos-report.json $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -274,8 +274,8 @@ class Phase:
     #: Seconds from each heal (a rolling restart has one per node) to one view.
     to_one_view: list[float | None] = attrs.field(factory=list)
     #: Seconds from the (last) heal until every message acknowledged during the
-    #: fault (for partitions: in the minority) is listed at every node; None if not
-    #: within the wait.
+    #: fault (for partitions: by the minority side) is listed at every node; None if
+    #: not within the wait.
     visible_after: float | None = None
     minority: list[int] = attrs.field(factory=list)
     #: Acknowledged while this phase lasted, per node that gave the 250.
@@ -349,15 +349,22 @@ def _markers_of(data: list[Any]) -> dict[int, tuple[str, ...]]:
 
 
 def imap_session(
-    node: int, user: User, status: bool = True, listing: bool = True
+    node: int,
+    user: User,
+    status: bool = True,
+    listing: bool = True,
+    why: list[str] | None = None,
 ) -> tuple[tuple[int, int, int] | None, dict[int, tuple[str, ...]] | None]:
     """STATUS (UIDNEXT, UIDVALIDITY, MESSAGES) and the UID listing of INBOX at
-    ``node``; either is None when refused (``NO [UNAVAILABLE]``) or out of reach."""
+    ``node``; either is None when refused (``NO [UNAVAILABLE]``) or out of reach
+    (the reason appended to ``why``)."""
+    why = [] if why is None else why
     got_status: tuple[int, int, int] | None = None
     got_list: dict[int, tuple[str, ...]] | None = None
     try:
         m = imaplib.IMAP4(ip_of(node), IMAP, timeout=IO_TIMEOUT)
-    except OSError:
+    except OSError as e:
+        why.append(f"connect: {e}")
         return None, None
     try:
         m.login(user.address, user.password)
@@ -371,24 +378,34 @@ def imap_session(
                     int(fields[b"MESSAGES"]),
                 )
         if listing:
-            typ, _ = m.select("INBOX", readonly=True)
+            typ, data = m.select("INBOX", readonly=True)
             if typ == "OK":
                 typ, data = m.uid("FETCH", "1:*", "(UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
                 if typ == "OK":
                     got_list = _markers_of(data)
+                else:
+                    why.append(f"UID FETCH: {typ} {data!r:.200}")
+            else:
+                why.append(f"SELECT: {typ} {data!r:.200}")
         with contextlib.suppress(imaplib.IMAP4.error, OSError):
             m.logout()
-    except (imaplib.IMAP4.error, OSError, KeyError, ValueError):
+    except (imaplib.IMAP4.error, OSError, KeyError, ValueError) as e:
+        why.append(f"{type(e).__name__}: {e}")
         with contextlib.suppress(OSError):
             m.shutdown()
     return got_status, got_list
 
 
-def pop3_listing(node: int, user: User) -> list[tuple[str, str]] | None:
-    """(UIDL, marker from TOP n 0) for every message POP3 lists at ``node``."""
+def pop3_listing(
+    node: int, user: User, why: list[str] | None = None
+) -> list[tuple[str, str]] | None:
+    """(UIDL, marker from TOP n 0) for every message POP3 lists at ``node``; None
+    when refused or out of reach (the reason appended to ``why``)."""
+    why = [] if why is None else why
     try:
         p = poplib.POP3(ip_of(node), POP3, timeout=IO_TIMEOUT)
-    except OSError:
+    except OSError as e:
+        why.append(f"connect: {e}")
         return None
     try:
         p.user(user.address)
@@ -402,7 +419,8 @@ def pop3_listing(node: int, user: User) -> list[tuple[str, str]] | None:
             out.append((uidl.decode(), found.group(1).decode() if found else "?"))
         p.quit()
         return out
-    except (poplib.error_proto, OSError, ValueError):
+    except (poplib.error_proto, OSError, ValueError) as e:
+        why.append(f"{type(e).__name__}: {e}")
         with contextlib.suppress(OSError):
             p.close()
         return None
@@ -437,7 +455,7 @@ class Chaos:
         count: int = 5,
         senders: int = 6,
         readers: int = 2,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] = lambda s: print(s, flush=True),
     ) -> None:
         self.base = base
         self.rng = random.Random(seed)
@@ -591,14 +609,12 @@ class Chaos:
         elif fault.kind == "kill":
             v = order[0]
             phase = self.begin("kill", f"SIGKILL p{v}, restart after {fault.hold:.0f} s")
-            phase.minority = [v]
             self.node(v).kill(signal.SIGKILL)
             self.hold(fault.hold)
             self.node(v).start()
         elif fault.kind == "pause":
             v = order[0]
             phase = self.begin("pause", f"SIGSTOP p{v} {fault.hold:.1f} s")
-            phase.minority = [v]
             self.node(v).send(signal.SIGSTOP)
             self.hold(fault.hold)
             self.node(v).send(signal.SIGCONT)
@@ -703,147 +719,192 @@ class Chaos:
     # -- the checker ----------------------------------------------------------
 
     def check(self) -> dict[str, Any]:
-        """Final reads at every node by IMAP and POP3 and issue 14's invariants."""
-        phase_of = {a.marker: a.phase for a in self.rec.acks}
-        by_user: dict[str, set[str]] = defaultdict(set)
-        for a in self.rec.acks:
-            by_user[a.user].add(a.marker)
-        counts: dict[str, dict[str, int]] = {
-            p.kind: defaultdict(int) for p in self.phases
-        }  # kind -> counter
-        violations: list[str] = []
-
-        def bad(kind: str, counter: str, text: str) -> None:
-            counts[kind][counter] += 1
-            if len(violations) < 200:
-                violations.append(f"[{kind}] {counter}: {text}")
-
-        def kind_of(marker: str) -> str:
-            return self.phases[phase_of.get(marker, 0)].kind
-
-        for a in self.rec.acks:
-            counts[self.phases[a.phase].kind]["acknowledged"] += 1
-            by_node = self.phases[a.phase].acked_by_node
-            by_node[f"p{a.node}"] = by_node.get(f"p{a.node}", 0) + 1
-        for p, n in self.rec.attempts.items():
-            counts[self.phases[p].kind]["attempted"] += n
-        # Final listings.
+        """Final reads at every node by IMAP and POP3, then ``evaluate``."""
         final_imap: dict[tuple[int, str], dict[int, tuple[str, ...]] | None] = {}
         final_pop: dict[tuple[int, str], list[tuple[str, str]] | None] = {}
+        errors: list[str] = []
         for i in range(1, self.count + 1):
             for u in self.users:
-                _, final_imap[i, u.address] = imap_session(i, u, status=False)
-                final_pop[i, u.address] = pop3_listing(i, u)
-        t_final = self.now()
-        for u in self.users:
-            seen_anywhere: set[str] = set()
-            per_door: dict[tuple[int, str], dict[str, int]] = {}
-            for i in range(1, self.count + 1):
-                listing = final_imap[i, u.address]
-                pop = final_pop[i, u.address]
-                if listing is None:
-                    bad("none", "unreadable", f"IMAP at p{i} refused {u.address} after the heal")
-                    listing = {}
-                if pop is None:
-                    bad("none", "unreadable", f"POP3 at p{i} refused {u.address} after the heal")
-                    pop = []
-                imap_counts: dict[str, int] = defaultdict(int)
-                for uid, ms in listing.items():
-                    for m in ms:
-                        imap_counts[m] += 1
-                    if len(ms) > 1:
-                        bad(kind_of(ms[0]), "uid_shared",
-                            f"p{i} IMAP {u.address}: UID {uid} lists {list(ms)}")  # fmt: skip
-                pop_counts: dict[str, int] = defaultdict(int)
-                uidls: dict[str, int] = defaultdict(int)
-                for uidl, m in pop:
-                    pop_counts[m] += 1
-                    uidls[uidl] += 1
-                for uidl, times in uidls.items():
-                    if times > 1:
-                        bad("none", "uidl_shared", f"p{i} POP3 {u.address}: UIDL {uidl} x{times}")
+                why: list[str] = []
+                _, final_imap[i, u.address] = imap_session(i, u, status=False, why=why)
+                final_pop[i, u.address] = pop3_listing(i, u, why=why)
+                errors += [f"p{i} {u.address}: {w}" for w in why]
+        report = evaluate(
+            History(self.phases, self.rec.acks, dict(self.rec.attempts), self.rec.polls,
+                    self.rec.reads),
+            Final(self.now(), final_imap, final_pop),
+            self.count, [u.address for u in self.users],
+        )  # fmt: skip
+        report["users"] = [attrs.asdict(u) for u in self.users]
+        report["final_read_errors"] = errors
+        report["acks"] = [attrs.astuple(a) for a in self.rec.acks]
+        report["polls_seen"] = [attrs.astuple(p) for p in self.rec.polls]
+        return report
+
+
+@attrs.frozen
+class History:
+    """What the nemesis did and the clients saw during a run."""
+
+    phases: list[Phase]
+    acks: list[Ack]
+    attempts: dict[int, int]
+    polls: list[Poll]
+    reads: list[Read]
+
+
+@attrs.frozen
+class Final:
+    """The listings read at every node after the heal: ``(node, user)`` -> IMAP UID
+    listing / POP3 (UIDL, marker) list, None where refused."""
+
+    t: float
+    imap: dict[tuple[int, str], dict[int, tuple[str, ...]] | None]
+    pop3: dict[tuple[int, str], list[tuple[str, str]] | None]
+
+
+def evaluate(h: History, final: Final, count: int, users: list[str]) -> dict[str, Any]:
+    """Issue 14's invariants over a run's ``History`` and ``Final`` listings, counted
+    per fault kind (a message counts for the fault during which it was sent)."""
+    phase_of = {a.marker: a.phase for a in h.acks}
+    by_user: dict[str, set[str]] = defaultdict(set)
+    for a in h.acks:
+        by_user[a.user].add(a.marker)
+    counts: dict[str, dict[str, int]] = {p.kind: defaultdict(int) for p in h.phases}
+    counts["final"] = defaultdict(int)  # the reads after the schedule
+    violations: list[str] = []
+
+    def bad(kind: str, counter: str, text: str) -> None:
+        counts[kind][counter] += 1
+        if counts[kind][counter] <= 10:  # the first 10 of each (kind, counter)
+            violations.append(f"[{kind}] {counter}: {text}")
+
+    def kind_of(marker: str) -> str:
+        return h.phases[phase_of.get(marker, 0)].kind
+
+    for p in h.phases:
+        p.acked_by_node.clear()
+    for a in h.acks:
+        counts[h.phases[a.phase].kind]["acknowledged"] += 1
+        by_node = h.phases[a.phase].acked_by_node
+        by_node[f"p{a.node}"] = by_node.get(f"p{a.node}", 0) + 1
+    for p_index, n in h.attempts.items():
+        counts[h.phases[p_index].kind]["attempted"] += n
+    for u in users:
+        seen_anywhere: set[str] = set()
+        per_door: dict[tuple[int, str], dict[str, int]] = {}
+        for i in range(1, count + 1):
+            listing = final.imap[i, u]
+            pop = final.pop3[i, u]
+            # A door that refuses is counted once as unreadable (a final read comes
+            # after the heal and settling: nothing is out of reach), not as hiding
+            # each message.
+            if listing is None:
+                bad("final", "unreadable", f"IMAP at p{i} refused {u} after the heal")
+            if pop is None:
+                bad("final", "unreadable", f"POP3 at p{i} refused {u} after the heal")
+            imap_counts: dict[str, int] = defaultdict(int)
+            for uid, ms in (listing or {}).items():
+                for m in ms:
+                    imap_counts[m] += 1
+                if len(ms) > 1:
+                    bad(kind_of(ms[0]), "uid_shared",
+                        f"p{i} IMAP {u}: UID {uid} lists {list(ms)}")  # fmt: skip
+            pop_counts: dict[str, int] = defaultdict(int)
+            uidls: dict[str, list[str]] = defaultdict(list)
+            for uidl, m in pop or []:
+                pop_counts[m] += 1
+                uidls[uidl].append(m)
+            for uidl, named_by in uidls.items():
+                if len(named_by) > 1:
+                    bad(
+                        kind_of(named_by[0]),
+                        "uidl_shared",
+                        f"p{i} POP3 {u}: UIDL {uidl} for {named_by}",
+                    )
+            if listing is not None:
                 per_door[i, "imap"] = imap_counts
+            if pop is not None:
                 per_door[i, "pop3"] = pop_counts
-                seen_anywhere |= set(imap_counts) | set(pop_counts)
-            for marker in sorted(by_user[u.address]):
-                k = kind_of(marker)
-                if marker not in seen_anywhere:
-                    bad(k, "missing", f"{marker} for {u.address} listed nowhere")
-                    continue
-                absent = [f"p{i}/{door}" for (i, door), c in per_door.items() if c[marker] == 0]
-                twice = [f"p{i}/{door}" for (i, door), c in per_door.items() if c[marker] > 1]
-                if absent:
-                    bad(k, "hidden", f"{marker} for {u.address} not listed by {absent}")
-                if twice:
-                    bad(k, "duplicated", f"{marker} for {u.address} listed twice by {twice}")
-        # The same UID must name the same message at every node, in every read.
-        names: dict[tuple[str, int], dict[str, tuple[float, int]]] = defaultdict(dict)
-        uid_of: dict[tuple[str, str], set[int]] = defaultdict(set)
-        reads = list(self.rec.reads) + [
-            Read(t_final, user, i, listing, 0)
-            for (i, user), listing in final_imap.items()
-            if listing is not None
-        ]
-        for r in reads:
-            for uid, ms in r.uids.items():
-                for m in ms:
-                    names[r.user, uid].setdefault(m, (r.t, r.node))
-                    uid_of[r.user, m].add(uid)
-        for (user, uid), named in names.items():
-            if len(named) > 1:
-                first = min(named, key=lambda m: named[m][0])
-                bad(kind_of(first), "uid_changed",
-                    f"{user} UID {uid} named {sorted(named)} in different reads")  # fmt: skip
-        for (user, m), uids in uid_of.items():
-            if len(uids) > 1:
-                bad(kind_of(m), "uid_changed", f"{user} {m} listed under UIDs {sorted(uids)}")
-        # New messages appear above every UID shown before (reads in time order).
-        top: dict[str, int] = defaultdict(int)
-        first_seen: set[tuple[str, str]] = set()
-        for r in sorted(reads, key=lambda r: r.t):
-            for uid, ms in sorted(r.uids.items()):
-                for m in ms:
-                    if (r.user, m) not in first_seen:
-                        first_seen.add((r.user, m))
-                        if uid < top[r.user]:
-                            bad(kind_of(m), "below_seen",
-                                f"{r.user} {m} first seen under UID {uid} at p{r.node} "
-                                f"({r.t:.1f} s), below UID {top[r.user]} shown before")  # fmt: skip
-            if r.uids:
-                top[r.user] = max(top[r.user], max(r.uids))
-        # STATUS polls: UIDNEXT never lower at a node; UIDVALIDITY fixed once non-empty.
-        last: dict[tuple[str, int], Poll] = {}
-        validity: dict[str, set[int]] = defaultdict(set)
-        for poll in sorted(self.rec.polls, key=lambda p: p.t):
-            key = (poll.user, poll.node)
-            prev = last.get(key)
-            if prev is not None and poll.uidnext < prev.uidnext:
-                bad(self.phases[poll.phase].kind, "uidnext_decreased",
-                    f"{poll.user} at p{poll.node}: UIDNEXT {prev.uidnext} -> {poll.uidnext} "
-                    f"({prev.t:.1f} s -> {poll.t:.1f} s)")  # fmt: skip
-            last[key] = poll
-            if poll.messages:
-                if validity[poll.user] and poll.uidvalidity not in validity[poll.user]:
-                    bad(self.phases[poll.phase].kind, "uidvalidity_changed",
-                        f"{poll.user} at p{poll.node}: UIDVALIDITY {poll.uidvalidity}, "
-                        f"before {sorted(validity[poll.user])}")  # fmt: skip
-                validity[poll.user].add(poll.uidvalidity)
-        counters = ("attempted", "acknowledged", "missing", "duplicated", "hidden",
-                    "uid_shared", "uid_changed", "below_seen", "uidnext_decreased",
-                    "uidvalidity_changed", "uidl_shared", "unreadable")  # fmt: skip
-        by_kind = {k: {c: counts[k].get(c, 0) for c in counters} for k in counts}
-        total = {c: sum(v[c] for v in by_kind.values()) for c in counters}
-        return {
-            "nodes": self.count,
-            "users": [attrs.asdict(u) for u in self.users],
-            "polls": len(self.rec.polls),
-            "reads": len(self.rec.reads),
-            "faults": [attrs.asdict(p) for p in self.phases[1:]],
-            "by_kind": by_kind,
-            "total": total,
-            "violations": violations,
-            "ok": all(total[c] == 0 for c in counters[2:]),
-        }
+            seen_anywhere |= set(imap_counts) | set(pop_counts)
+        for marker in sorted(by_user[u]):
+            k = kind_of(marker)
+            if marker not in seen_anywhere:
+                bad(k, "missing", f"{marker} for {u} listed nowhere")
+                continue
+            absent = [f"p{i}/{door}" for (i, door), c in per_door.items() if c[marker] == 0]
+            twice = [f"p{i}/{door}" for (i, door), c in per_door.items() if c[marker] > 1]
+            if absent:
+                bad(k, "hidden", f"{marker} for {u} not listed by {absent}")
+            if twice:
+                bad(k, "duplicated", f"{marker} for {u} listed twice by {twice}")
+    # The same UID must name the same message at every node, in every read.
+    names: dict[tuple[str, int], dict[str, tuple[float, int]]] = defaultdict(dict)
+    uid_of: dict[tuple[str, str], set[int]] = defaultdict(set)
+    reads = list(h.reads) + [
+        Read(final.t, user, i, listing, 0)
+        for (i, user), listing in final.imap.items()
+        if listing is not None
+    ]
+    for r in reads:
+        for uid, ms in r.uids.items():
+            for m in ms:
+                names[r.user, uid].setdefault(m, (r.t, r.node))
+                uid_of[r.user, m].add(uid)
+    for (user, uid), named in names.items():
+        if len(named) > 1:
+            first = min(named, key=lambda m: named[m][0])
+            bad(kind_of(first), "uid_changed",
+                f"{user} UID {uid} named {sorted(named)} in different reads")  # fmt: skip
+    for (user, m), uids in uid_of.items():
+        if len(uids) > 1:
+            bad(kind_of(m), "uid_changed", f"{user} {m} listed under UIDs {sorted(uids)}")
+    # New messages appear above every UID shown before (reads in time order).
+    top: dict[str, int] = defaultdict(int)
+    first_seen: set[tuple[str, str]] = set()
+    for r in sorted(reads, key=lambda r: r.t):
+        for uid, ms in sorted(r.uids.items()):
+            for m in ms:
+                if (r.user, m) not in first_seen:
+                    first_seen.add((r.user, m))
+                    if uid < top[r.user]:
+                        bad(kind_of(m), "below_seen",
+                            f"{r.user} {m} first seen under UID {uid} at p{r.node} "
+                            f"({r.t:.1f} s), below UID {top[r.user]} shown before")  # fmt: skip
+        if r.uids:
+            top[r.user] = max(top[r.user], max(r.uids))
+    # STATUS polls: UIDNEXT never lower at a node; UIDVALIDITY fixed once non-empty.
+    last: dict[tuple[str, int], Poll] = {}
+    validity: dict[str, set[int]] = defaultdict(set)
+    for poll in sorted(h.polls, key=lambda p: p.t):
+        key = (poll.user, poll.node)
+        prev = last.get(key)
+        if prev is not None and poll.uidnext < prev.uidnext:
+            bad(h.phases[poll.phase].kind, "uidnext_decreased",
+                f"{poll.user} at p{poll.node}: UIDNEXT {prev.uidnext} -> {poll.uidnext} "
+                f"({prev.t:.1f} s -> {poll.t:.1f} s)")  # fmt: skip
+        last[key] = poll
+        if poll.messages:
+            if validity[poll.user] and poll.uidvalidity not in validity[poll.user]:
+                bad(h.phases[poll.phase].kind, "uidvalidity_changed",
+                    f"{poll.user} at p{poll.node}: UIDVALIDITY {poll.uidvalidity}, "
+                    f"before {sorted(validity[poll.user])}")  # fmt: skip
+            validity[poll.user].add(poll.uidvalidity)
+    counters = ("attempted", "acknowledged", "missing", "duplicated", "hidden",
+                "uid_shared", "uid_changed", "below_seen", "uidnext_decreased",
+                "uidvalidity_changed", "uidl_shared", "unreadable")  # fmt: skip
+    by_kind = {k: {c: counts[k].get(c, 0) for c in counters} for k in counts}
+    total = {c: sum(v[c] for v in by_kind.values()) for c in counters}
+    return {
+        "nodes": count,
+        "polls": len(h.polls),
+        "reads": len(h.reads),
+        "faults": [attrs.asdict(p) for p in h.phases[1:]],
+        "by_kind": by_kind,
+        "total": total,
+        "violations": violations,
+        "ok": all(total[c] == 0 for c in counters[2:]),
+    }
 
 
 def schedule(name: str, seed: int, kinds: list[str] | None = None) -> list[Fault]:
