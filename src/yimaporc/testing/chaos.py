@@ -466,6 +466,8 @@ class Chaos:
         senders: int = 8,
         readers: int = 2,
         log: Callable[[str], None] = lambda s: print(s, flush=True),
+        replicas: tuple[int, ...] = (1, 1, 2, 2, 3, 3),
+        sender_per_user: bool = False,
     ) -> None:
         self.base = base
         self.rng = random.Random(seed)
@@ -480,9 +482,11 @@ class Chaos:
         self.stop = threading.Event()
         self.t0 = time.monotonic()
         self.users = [
-            User(f"u{i}r{r}@example.org", f"pw-{i}", r)
-            for i, r in enumerate((1, 1, 2, 2, 3, 3), start=1)
+            User(f"u{i}r{r}@example.org", f"pw-{i}", r) for i, r in enumerate(replicas, start=1)
         ]
+        #: One sender per user (each user's deliveries one at a time) instead of
+        #: ``senders`` threads delivering to random users.
+        self.sender_per_user = sender_per_user
         self.secret = base / "cluster.secret"
         self.nodes: list[ChaosNode] = []
 
@@ -541,11 +545,11 @@ class Chaos:
 
     # -- clients --------------------------------------------------------------
 
-    def sender(self, rng: random.Random) -> None:
+    def sender(self, rng: random.Random, only: User | None = None) -> None:
         pace = threading.Event()
         while not self.stop.is_set():
             node = rng.randint(1, self.count)
-            user = rng.choice(self.users)
+            user = only or rng.choice(self.users)
             marker, phase = self.rec.next_marker(self.run_id)
             if smtp_send(node, user.address, marker):
                 with self.rec.lock:
@@ -683,9 +687,12 @@ class Chaos:
 
     def run(self, schedule: list[Fault], quiet: float = 4.0) -> dict[str, Any]:
         """Run ``schedule`` with clients going all the time; check; the report."""
+        senders: list[User | None] = (
+            list(self.users) if self.sender_per_user else [None] * self.senders
+        )
         threads = [
-            threading.Thread(target=self.sender, args=(random.Random(self.rng.random()),))
-            for _ in range(self.senders)
+            threading.Thread(target=self.sender, args=(random.Random(self.rng.random()), u))
+            for u in senders
         ] + [
             threading.Thread(target=self.reader, args=(random.Random(self.rng.random()),))
             for _ in range(self.readers)
@@ -746,10 +753,23 @@ class Chaos:
             self.count, [u.address for u in self.users],
         )  # fmt: skip
         report["users"] = [attrs.asdict(u) for u in self.users]
+        report["log_criticals"] = {n.node_id: log_criticals(n.log_path) for n in self.nodes}
         report["final_read_errors"] = errors
         report["acks"] = [attrs.astuple(a) for a in self.rec.acks]
         report["polls_seen"] = [attrs.astuple(p) for p in self.rec.polls]
         return report
+
+
+def log_criticals(path: Path) -> dict[str, int]:
+    """Critical log events and unhandled errors in a node's log (tracebacks a run
+    provoked), by logger."""
+    out: dict[str, int] = defaultdict(int)
+    if path.exists():
+        for m in re.finditer(
+            r"\[([\w.]+)#critical\]|\] (Unhandled Error)", path.read_text(errors="replace")
+        ):
+            out[m.group(1) or m.group(2)] += 1
+    return dict(out)
 
 
 @attrs.frozen
@@ -965,6 +985,9 @@ def table(report: dict[str, Any]) -> str:
         views = ",".join("-" if x is None else f"{x:.1f}" for x in f["to_one_view"])
         vis = "-" if f["visible_after"] is None else f"{f['visible_after']:.1f}"
         lines.append(f"{f['kind']:<9}{f['heal']:>8.1f}  {views:<24}{vis:>16}  {f['detail']}")
+    crit = {k: sum(v.values()) for k, v in report.get("log_criticals", {}).items() if v}
+    if crit:
+        lines.append(f"critical log events / unhandled errors per node: {crit}")
     if report["violations"]:
         lines.append("")
         lines += report["violations"][:40]
