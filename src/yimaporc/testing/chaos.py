@@ -971,9 +971,10 @@ def schedule(name: str, seed: int, kinds: list[str] | None = None) -> list[Fault
 def table(report: dict[str, Any]) -> str:
     """The report's counts per fault kind and heal times as a text table."""
     cols = ("acknowledged", "missing", "duplicated", "hidden", "uid_shared", "uid_changed",
-            "below_seen", "uidnext_decreased", "uidvalidity_changed", "uidl_shared")  # fmt: skip
+            "below_seen", "uidnext_decreased", "uidvalidity_changed", "uidl_shared",
+            "unreadable")  # fmt: skip
     short = ("acked", "missing", "dup", "hidden", "uid2x", "uidchg", "below", "uidnext-",
-             "uidval", "uidl2x")  # fmt: skip
+             "uidval", "uidl2x", "unread")  # fmt: skip
     lines = [f"{'fault':<10}" + "".join(f"{s:>9}" for s in short)]
     for kind, c in report["by_kind"].items():
         lines.append(f"{kind:<10}" + "".join(f"{c[k]:>9}" for k in cols))
