@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # for the dashboard).
 APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox \
   msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus \
-  mpv:mpv cvlc:vlc-bin
+  mpv:mpv cvlc:vlc-bin faketime:faketime
 # Packages without a command of their own (checked by file below): VLC's demuxers and
 # decoders, and PyGObject with GStreamer's introspection data for the playbin client.
 APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav \
@@ -20,8 +20,9 @@ FUZZ_TARGET ?= all
 FUZZ_SEED ?= 0
 FUZZ_WORKERS ?= 32
 FUZZ_ARGS ?=
+CHAOS_ARGS ?=
 
-.PHONY: install system-tools run test lint typecheck unit integration test-slow bench fuzz clean
+.PHONY: install system-tools run test lint typecheck unit integration test-slow bench fuzz chaos clean
 
 install: system-tools $(STAMP)
 
@@ -75,6 +76,11 @@ bench: install
 fuzz: install
 	$(BIN)/python -m yimaporc.testing.fuzz --target $(FUZZ_TARGET) --inputs $(FUZZ_INPUTS) \
 	  --seed $(FUZZ_SEED) --workers $(FUZZ_WORKERS) --corpus fuzz-corpus --json fuzz-report.json $(FUZZ_ARGS)
+
+# Jepsen-style run (docs/chaos.md): 5 nodes in network namespaces, partitions, pauses,
+# kills, clock skew, a rolling restart; needs root. The report lands in chaos-report.json.
+chaos: install
+	$(BIN)/python -m yimaporc.testing.chaos --schedule full --json chaos-report.json $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -85,7 +85,16 @@ class Unauthenticated(Exception):
 
 
 class PeerUnavailable(Exception):
-    """The peer could not be reached or did not answer in time."""
+    """The peer could not be reached or did not answer in time.
+
+    ``maybe_done``: the request had been sent when the call failed (a timeout or a
+    connection lost while waiting), so the peer may have run it, or may still run
+    it when TCP delivers the request late (after a partition heals): a caller must
+    not redo a non-idempotent request elsewhere (issue 14: a store retried on a
+    second node listed a message twice).
+    """
+
+    maybe_done = False
 
 
 class Hello(amp.Command):
@@ -601,7 +610,11 @@ class RpcClient:
         """Run ``command`` on the node at ``address``; fails with PeerUnavailable if down."""
         clock: IReactorTime = self.reactor
 
+        sent = False
+
         def on_connected(proto: NodeAMP) -> Deferred[Any]:
+            nonlocal sent
+            sent = True
             return proto.callRemote(command, **kwargs)
 
         def translate(f: Failure) -> Failure:
@@ -609,7 +622,9 @@ class RpcClient:
                 self._drop(address)
                 if self.on_timeout is not None and f.check(TimeoutError, DeferTimeout):
                     self.on_timeout(address)
-                return Failure(PeerUnavailable(f"{address}: {f.getErrorMessage()}"))
+                err = PeerUnavailable(f"{address}: {f.getErrorMessage()}")
+                err.maybe_done = sent
+                return Failure(err)
             if f.check(AuthFailed):
                 self._drop(address)
             return f

@@ -63,6 +63,8 @@ class DeliveryProxy:
         #: ``balancer.LoadBalancer`` (or the same API) once clustered.
         self.balancer: Any = None
         self.retries = 0
+        #: Stores that failed after their request was sent (not retried elsewhere).
+        self.unsure = 0
         #: Replication's ``store(nodes, message)`` (``MailReplication``): users with
         #: ``replicas >= 2`` are stored through it, one logged update for all copies.
         self.replicated: Callable[..., Deferred[list[Digest]]] | None = None
@@ -153,10 +155,17 @@ class DeliveryProxy:
     def _store(
         self, node: str, msg: NewMessage, tried: set[str], fragments: Sequence[str]
     ) -> Deferred[list[Digest]]:
-        """Store on ``node``; if it fails before acknowledging, on another live node."""
+        """Store on ``node``; if it fails before the request reached ``node``, on
+        another live node. A store that timed out after it was sent may still happen
+        there (TCP delivers it late, after a heal): storing it elsewhere too would
+        list the message twice, so that one fails (a temporary SMTP error; the
+        client's retry is its own message)."""
 
         def failed(f: Failure) -> Deferred[list[Digest]]:
             if f.check(MailError) or self.balancer is None:
+                return fail(f)
+            if getattr(f.value, "maybe_done", False):
+                self.unsure += 1
                 return fail(f)
             self.balancer.failed(node, self.now())
             others = [n for n in self.live_nodes() if n not in tried]
