@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.cred import credentials, error
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -36,6 +36,7 @@ from ..imap._commands import BodySection, FetchAtt
 from ..imap._message import Message, Section, SectionError, canonical_crlf
 from ..imap._protocol import ImapServerFactory, ImapServerProtocol
 from ..imap._search import Need, Scope, SearchError, View, compile_search
+from ..imap._session import CommandRunner
 from ..imap.interfaces import (
     AppendResult,
     CopyResult,
@@ -112,6 +113,8 @@ def _canonical(name: str) -> str:
 def as_imap_error(f: Failure, missing: str = "NONEXISTENT") -> Failure:
     """A store failure as the ``ImapError`` the client sees (others pass unchanged)."""
     e = f.value
+    while isinstance(e, FirstError):  # gatherResults over several nodes
+        e = e.subFailure.value
     if isinstance(e, ImapError):
         return f
     if isinstance(e, NoSuchMailbox):
@@ -327,8 +330,24 @@ class PorcupineMailbox:
 
     def snapshot(self) -> Deferred[Snapshot]:
         # complete: NO [UNAVAILABLE] rather than a listing lacking mail out of reach
-        d = self.mail.digests(self.name, complete=True)
-        return d.addCallbacks(self._snap, as_imap_error)
+        d: Deferred[Any] = self.mail.digests(self.name, complete=True)
+        d.addCallbacks(self._snap, as_imap_error)
+        if self._watch is not None and self._last is not None:
+            d.addErrback(self._no_news)
+        return d
+
+    def _no_news(self, f: Failure) -> Snapshot:
+        """During IDLE a node out of reach means no news (one warning line, no
+        traceback: the next poll tries again); the last snapshot stands."""
+        f.trap(ImapError)
+        log.warn(
+            "imap: IDLE refresh of {u}/{m} failed: {e}",
+            u=self.mail.address,
+            m=self.name,
+            e=f.getErrorMessage(),
+        )
+        assert self._last is not None
+        return self._last
 
     def _snap(self, digests: list[Digest]) -> Snapshot:
         self.digests = {d.uid: d for d in digests}
@@ -568,10 +587,19 @@ class PorcupineImapFactory(ImapServerFactory):
         p = super().buildProtocol(addr)
         shared = self.backend
         assert isinstance(shared, PorcupineImapBackend)
-        p.runner.backend = PorcupineImapBackend(
+        backend = PorcupineImapBackend(
             self.portal_for(p, addr), shared.registry, shared.clock, shared.errors
         )
-        p.runner.renderer = MessageRenderer()
+        p.runner = CountingRunner(
+            self.errors,
+            p.conn,
+            backend,
+            MessageRenderer(),
+            p.capabilities,
+            p.flush,
+            p._start_tls if self.tls is not None else None,
+            p.auth_allowed,
+        )
         return p
 
     def _count(self, kind: str, old: int, new: int) -> None:
@@ -604,3 +632,33 @@ class PorcupineImapFactory(ImapServerFactory):
     def timed_out(self, value: int) -> None:
         self._count("timed_out", getattr(self, "_timed_out", 0), value)
         self._timed_out = value
+
+
+class CountingRunner(CommandRunner):
+    """The shell's command runner, its counters kept in the node's ClientErrors too:
+    commands answered NO/BAD (``imap.command_refused``) and handler failures
+    (``imap.server_error``, our bugs)."""
+
+    def __init__(self, errors: ClientErrors, *args: Any) -> None:
+        self.errors = errors
+        super().__init__(*args)
+
+    @property  # type: ignore[override]
+    def failed(self) -> int:
+        return self._n_failed
+
+    @failed.setter
+    def failed(self, value: int) -> None:
+        if value > getattr(self, "_n_failed", 0):
+            self.errors.client("imap", "command_refused")
+        self._n_failed = value
+
+    @property  # type: ignore[override]
+    def server_errors(self) -> int:
+        return self._n_server_errors
+
+    @server_errors.setter
+    def server_errors(self, value: int) -> None:
+        if value > getattr(self, "_n_server_errors", 0):
+            self.errors.counts["imap.server_error"] += 1
+        self._n_server_errors = value

@@ -299,7 +299,12 @@ class MailService(MultiService):
         """This connection's throttled way to the portal (closes it after repeated failures)."""
 
         def close() -> None:
-            if p.transport is not None:
+            if p.transport is None:
+                return
+            shell_close = getattr(p, "_close", None)  # IMAP: unregisters its producer first
+            if shell_close is not None:
+                shell_close()
+            else:
                 p.transport.loseConnection()
 
         return ThrottledPortal(
