@@ -21,8 +21,8 @@ from yimaporc.porcupine.auth import ThrottledPortal, login_address
 from yimaporc.porcupine.imap_backend import (
     MailboxRegistry,
     PorcupineImapBackend,
-    PorcupineImapFactory,
 )
+from yimaporc.porcupine.imap_server import PorcupineImapFactory
 from yimaporc.porcupine.throttle import AuthThrottle, LoginThrottled, ThrottlePolicy, source_key
 
 A, B = "10.0.0.1", "10.0.0.2"

@@ -12,7 +12,8 @@ import pytest
 from mailtest_helpers import ImmediateReactor, SyncPool, fast_hash, result_of
 from twisted.internet.testing import StringTransport
 
-from yimaporc.porcupine.imap_backend import PorcupineImapBackend, PorcupineImapFactory
+from yimaporc.porcupine.imap_backend import PorcupineImapBackend
+from yimaporc.porcupine.imap_server import PorcupineImapFactory
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.throttle import ThrottlePolicy
 from yimaporc.porcupine.values import INBOX

@@ -30,8 +30,8 @@ from yimaporc.porcupine.fragments import FragmentStore, MailboxManager
 from yimaporc.porcupine.imap_backend import (
     MailboxRegistry,
     PorcupineImapBackend,
-    PorcupineImapFactory,
 )
+from yimaporc.porcupine.imap_server import PorcupineImapFactory
 from yimaporc.porcupine.profiledb import ProfileDB
 from yimaporc.porcupine.retrieval import UserMail
 from yimaporc.porcupine.users import UserManager

@@ -51,7 +51,8 @@ from .delivery import (
     with_return_path,
 )
 from .fragments import FragmentStore, MailboxManager
-from .imap_backend import MailboxRegistry, PorcupineImapBackend, PorcupineImapFactory
+from .imap_backend import MailboxRegistry, PorcupineImapBackend
+from .imap_server import PorcupineImapFactory
 from .interfaces import IMailboxManager, IUserManager
 from .outbound import OutboundSender, RetryPolicy, Routes
 from .profiledb import ProfileDB
