@@ -80,6 +80,7 @@ def node(tmp_path: Path) -> Iterator[NodeProc]:
     n = mail_node(tmp_path, "solo", host(10), ports, secret, [], extra)
     n.start()
     try:
+        wait_for(lambda: mail_settled([n]), 30, "the node to serve mail")
         add_user(n, secret)
         yield n
     finally:
