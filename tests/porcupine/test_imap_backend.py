@@ -219,3 +219,41 @@ def test_starttls_required_with_a_certificate(tmp_path: Path) -> None:
     c2 = Client(svc2)
     assert b"AUTH=PLAIN" in c2.greeting
     assert tagged(c2.run(b"a LOGIN alice pw\r\n")) == [(b"a", b"OK")]
+
+
+def test_authenticate_plain_with_and_without_initial_response(tmp_path: Path) -> None:
+    """AUTHENTICATE PLAIN logs in through the portal with SASL-IR and after a '+';
+    a wrong password is NO [AUTHENTICATIONFAILED]."""
+    import base64
+
+    svc = make_service(tmp_path)
+    good = base64.b64encode(b"\x00alice\x00pw")
+    bad = base64.b64encode(b"\x00alice\x00nope")
+    c = Client(svc)
+    assert b"a NO [AUTHENTICATIONFAILED]" in c.run(b"a AUTHENTICATE PLAIN " + bad + b"\r\n")
+    assert tagged(c.run(b"b AUTHENTICATE PLAIN " + good + b"\r\n")) == [(b"b", b"OK")]
+    c2 = Client(svc)
+    assert c2.run(b"a AUTHENTICATE PLAIN\r\n").startswith(b"+")
+    assert tagged(c2.run(good + b"\r\n")) == [(b"a", b"OK")]
+
+
+def test_mail_out_of_reach_is_unavailable(tmp_path: Path) -> None:
+    """A holder of the mailbox out of reach: SELECT and STATUS answer NO [UNAVAILABLE]
+    (never a smaller mailbox), a selected session's NOOP keeps its view, and the
+    session works again once the holder answers."""
+    from twisted.internet.defer import fail
+
+    from yimaporc.cluster.rpc import PeerUnavailable
+
+    svc = make_service(tmp_path)
+    deliver(svc, MSG1)
+    c = Client(svc)
+    c.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\n")
+    real = svc.mailbox_manager.digests
+    svc.mailbox_manager.digests = lambda *a: fail(PeerUnavailable("n2: timed out"))  # type: ignore[method-assign]
+    out = c.run(b"c NOOP\r\nd STATUS INBOX (MESSAGES)\r\ne SELECT INBOX\r\n")
+    assert tagged(out) == [(b"c", b"OK"), (b"d", b"NO"), (b"e", b"NO")], out
+    assert b"EXPUNGE" not in out and b"d NO [UNAVAILABLE]" in out and b"e NO [UNAVAILABLE]" in out
+    svc.mailbox_manager.digests = real  # type: ignore[method-assign]
+    out = c.run(b"f SELECT INBOX\r\n")
+    assert b"* 1 EXISTS" in out and tagged(out) == [(b"f", b"OK")]
