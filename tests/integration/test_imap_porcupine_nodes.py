@@ -217,3 +217,22 @@ def test_append_on_every_node_then_search(cluster: list[NodeProc]) -> None:
         typ, body = m.uid("FETCH", uid.group(1), "(BODY.PEEK[TEXT])")
         assert f"needle{i}".encode() in body[0][1]  # type: ignore[index]
         m.logout()
+
+
+def test_idle_on_one_node_sees_changes_made_on_another(cluster: list[NodeProc]) -> None:
+    """A session in IDLE on node 3 is told of a flag change and an expunge made on node
+    1 (by the cluster's poll, within its 5 s interval) without sending anything."""
+    with socket.create_connection((host(3), IMAP), timeout=30) as sock:
+        read_until(sock, rb"^\* OK")
+        sock.sendall(f"a LOGIN {USER} {PASSWORD}\r\nb SELECT INBOX\r\nc IDLE\r\n".encode())
+        read_until(sock, rb"^\+ ")
+        one = login(1)
+        one.select("INBOX")
+        one.store("3", "+FLAGS", "(\\Flagged \\Deleted)")
+        got = read_until(sock, rb"^\* 3 FETCH \(.*\\Flagged", timeout=30)
+        assert b"\\Deleted" in got
+        one.expunge()
+        read_until(sock, rb"^\* 3 EXPUNGE", timeout=30)
+        one.logout()
+        sock.sendall(b"DONE\r\nd LOGOUT\r\n")
+        read_until(sock, rb"^d OK")
