@@ -257,3 +257,37 @@ def test_mail_out_of_reach_is_unavailable(tmp_path: Path) -> None:
     svc.mailbox_manager.digests = real  # type: ignore[method-assign]
     out = c.run(b"f SELECT INBOX\r\n")
     assert b"* 1 EXISTS" in out and tagged(out) == [(b"f", b"OK")]
+
+
+def test_sessions_and_commands_counted(tmp_path: Path) -> None:
+    """Sessions opened/closed and commands are reported to ClientErrors' activity hooks
+    (the ``mail_sessions`` status figures) when it has them."""
+    from collections import Counter
+
+    from yimaporc.porcupine._guard import ClientErrors
+
+    class Recording(ClientErrors):
+        def __init__(self) -> None:
+            super().__init__(lambda: 0.0)
+            self.seen: Counter[str] = Counter()
+
+        def opened(self, proto: str) -> None:
+            self.seen[f"{proto}.opened"] += 1
+
+        def closed(self, proto: str) -> None:
+            self.seen[f"{proto}.closed"] += 1
+
+        def command(self, proto: str) -> None:
+            self.seen[f"{proto}.command"] += 1
+
+    svc = make_service(tmp_path)
+    shared = svc.factories["imap"].backend  # type: ignore[attr-defined]
+    errors = Recording()
+    factory = PorcupineImapFactory(shared, svc._portal_for, errors, svc.reactor)
+    p = factory.buildProtocol(None)
+    t = StringTransport()
+    p.makeConnection(t)
+    p.dataReceived(b"a LOGIN alice pw\r\nb NOOP\r\nc LOGOUT\r\n")
+    p.connectionLost()
+    p.connectionLost()  # twice: counted once
+    assert errors.seen == {"imap.opened": 1, "imap.command": 3, "imap.closed": 1}

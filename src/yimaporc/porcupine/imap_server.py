@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..imap._commands import BodySection, FetchAtt
+from ..imap._commands import BodySection, Command, FetchAtt
 from ..imap._message import Message, Section, SectionError
 from ..imap._protocol import ImapServerFactory, ImapServerProtocol
 from ..imap._session import CommandRunner
@@ -80,7 +82,8 @@ class PorcupineImapFactory(ImapServerFactory):
         super().__init__(backend, MessageRenderer(), clock, **kw)
 
     def buildProtocol(self, addr: Any) -> ImapServerProtocol:
-        p = super().buildProtocol(addr)
+        p = PorcupineImapProtocol(self)
+        self.connections.add(p)
         shared = self.backend
         assert isinstance(shared, PorcupineImapBackend)
         backend = PorcupineImapBackend(
@@ -130,6 +133,29 @@ class PorcupineImapFactory(ImapServerFactory):
         self._timed_out = value
 
 
+def _activity(errors: ClientErrors, what: str) -> None:
+    """Session/command counters (``mail_sessions`` in status) where ClientErrors has them
+    (``opened``/``closed``/``command``, added with the ops metrics)."""
+    hook = getattr(errors, what, None)
+    if hook is not None:
+        hook("imap")
+
+
+class PorcupineImapProtocol(ImapServerProtocol):
+    """The shell's protocol, counting sessions in the node's ClientErrors."""
+
+    factory: PorcupineImapFactory
+
+    def connectionMade(self) -> None:
+        _activity(self.factory.errors, "opened")
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        if not self._lost:
+            _activity(self.factory.errors, "closed")
+        super().connectionLost(reason)
+
+
 class CountingRunner(CommandRunner):
     """The shell's command runner, its counters kept in the node's ClientErrors too:
     commands answered NO/BAD (``imap.command_refused``) and handler failures
@@ -138,6 +164,10 @@ class CountingRunner(CommandRunner):
     def __init__(self, errors: ClientErrors, *args: Any) -> None:
         self.errors = errors
         super().__init__(*args)
+
+    def run(self, cmd: Command) -> Deferred[None]:
+        _activity(self.errors, "command")
+        return super().run(cmd)
 
     @property  # type: ignore[override]
     def failed(self) -> int:
