@@ -21,10 +21,11 @@ from yimaporc.cluster.histogram import LAG_BUCKETS, Histogram, Histograms
 from yimaporc.cluster.lag import ReactorLagMonitor
 from yimaporc.cluster.node import ClusterNode, NodeConfig
 from yimaporc.porcupine._guard import ClientErrors
-from yimaporc.porcupine._imap import MailImapServer
 from yimaporc.porcupine._pop3 import MailPOP3
 from yimaporc.porcupine._smtp import MailESMTP
 from yimaporc.porcupine.delivery import Recipient, SmtpPolicy
+from yimaporc.porcupine.imap_backend import MailboxRegistry, PorcupineImapBackend
+from yimaporc.porcupine.imap_server import PorcupineImapFactory
 from yimaporc.yima.deliverystats import DeliveryStats
 from yimaporc.yima.engine import DeliveryEngine
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, NodeScheduler, Packet
@@ -165,7 +166,8 @@ def test_mail_sessions_commands_errors_and_delivery_latency_move() -> None:
     pop = MailPOP3(clock, errors=errors)
     pop.makeConnection(StringTransport())
     pop.dataReceived(b"CAPA\r\nNOOP\r\n")
-    imap = MailImapServer(clock, 1 << 20, errors=errors)
+    backend = PorcupineImapBackend(None, MailboxRegistry(), clock, errors)
+    imap = PorcupineImapFactory(backend, lambda p, addr: None, errors, clock).buildProtocol(None)
     imap.makeConnection(StringTransport())
     imap.dataReceived(b"a1 CAPABILITY\r\n")
     clock.advance(1)

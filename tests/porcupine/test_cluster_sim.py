@@ -516,11 +516,10 @@ def test_open_imap_mailboxes_poll_for_mail_stored_elsewhere(net: Net) -> None:
 
     class Box:
         name = INBOX
-        mail = SimpleNamespace(address=f"x@{DOMAIN}")  # the shape ImapMailbox has
+        mail = SimpleNamespace(address=f"x@{DOMAIN}")  # the shape PorcupineMailbox has
 
-        def arrived(self) -> Deferred[None]:
+        def changed(self) -> None:
             polled.append(self.name)
-            return Deferred()
 
     box = Box()
     n1.mail.registry.open(box)  # type: ignore[arg-type]
