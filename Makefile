@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 # command:package pairs the end-to-end tests drive (mail clients, players, a browser
 # for the dashboard).
 APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox \
-  msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus
+  msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus \
+  mbsync:isync offlineimap:offlineimap3 dovecot:dovecot-imapd
 APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
 PYTEST_ARGS ?=
 FUZZ_INPUTS ?= 100000
@@ -15,7 +16,7 @@ FUZZ_SEED ?= 0
 FUZZ_WORKERS ?= 32
 FUZZ_ARGS ?=
 
-.PHONY: install system-tools run test lint typecheck unit integration bench fuzz clean
+.PHONY: install system-tools run test test-slow lint typecheck unit integration bench fuzz clean
 
 install: system-tools $(STAMP)
 
@@ -48,6 +49,10 @@ lint: install
 
 test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Also the tests marked slow (the full real-client x server matrix, ...).
+test-slow: install
+	$(BIN)/python -m pytest -q --run-slow $(PYTEST_ARGS)
 
 unit: install
 	$(BIN)/python -m pytest -q --ignore=tests/integration $(PYTEST_ARGS)

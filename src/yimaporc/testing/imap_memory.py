@@ -497,8 +497,9 @@ SAMPLE = (
 
 
 def serve(argv: list[str] | None = None) -> None:
-    """``python -m yimaporc.testing.imap_memory HOST PORT``: an IMAP server over a fresh
-    store (alice/pw with one message, bob/pw2) for client tests; prints ``READY port``."""
+    """``python -m yimaporc.testing.imap_memory HOST PORT [USER:PASSWORD ...]``: an IMAP
+    server over a fresh store (alice/pw with one message, bob/pw2, and the accounts named)
+    for client tests; prints ``READY port``."""
     import sys
 
     from twisted.internet import reactor as _reactor
@@ -507,8 +508,10 @@ def serve(argv: list[str] | None = None) -> None:
 
     reactor: Any = _reactor
 
-    host, port = (argv if argv is not None else sys.argv[1:])[:2]
-    store = MemoryStore({"alice": "pw", "bob": "pw2"})
+    args = argv if argv is not None else sys.argv[1:]
+    host, port = args[:2]
+    extra = dict(a.split(":", 1) for a in args[2:])
+    store = MemoryStore({"alice": "pw", "bob": "pw2", **extra})
     store.deliver("alice", SAMPLE)
     factory = ImapServerFactory(MemoryBackend(store), SimpleRenderer(), reactor)
     listening = reactor.listenTCP(int(port), factory, interface=host)
