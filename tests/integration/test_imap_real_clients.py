@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -310,3 +311,196 @@ def test_offlineimap_two_way(target: Target, tmp_path: Path) -> None:
     run(argv, tmp_path)
     assert server_state(target, user, password) == state
     check_two_way(state, local, "INBOX")
+
+
+# -- mutt ------------------------------------------------------------------------------
+
+MUTTRC = """\
+set folder="imap://{host}:{port}/"
+set spoolfile="+INBOX"
+set imap_user="{user}"
+set imap_pass="{password}"
+set ssl_starttls=no
+set ssl_force_tls=no
+set record=""
+"""
+
+
+def dated(subject: str, body: str, hour: int) -> bytes:
+    """A message with its own Date (mutt sorts its index by date)."""
+    return (
+        f"From: Sender <sender@example.net>\r\nTo: someone@example.org\r\nSubject: {subject}\r\n"
+        f"Date: Sat, 05 Dec 2026 {hour:02d}:00:00 +0000\r\n"
+        f"Message-ID: <{subject.replace(' ', '')}.{os.getpid()}@example.net>\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+def test_mutt_read_flag_copy_delete(target: Target, tmp_path: Path) -> None:
+    """mutt (through a pty): open INBOX, read a message (marks it seen), copy it to
+    Archive, flag it, delete another and sync ($), quit; the server shows all of it."""
+    mutt = need("mutt")
+    pexpect = pytest.importorskip("pexpect")
+    user, password = target.new_user()
+    target.seed(user, password, [dated("Mutt alpha", "alpha-body-text", 10),
+                                 dated("Mutt beta", "beta-body-text", 11)])  # fmt: skip
+    rc = tmp_path / "muttrc"
+    rc.write_text(MUTTRC.format(host=target.host, port=target.port, user=user, password=password))
+    env = {**os.environ, "HOME": str(tmp_path), "TERM": "vt100"}
+    c = pexpect.spawn(mutt, ["-n", "-F", str(rc)], env=env, dimensions=(30, 160), timeout=30,
+                      encoding="utf-8", codec_errors="replace")  # fmt: skip
+    try:
+        c.expect("Mutt beta")
+        c.send("1\r\r")  # jump to message 1, open it
+        c.expect("alpha-body-text")
+        c.send("q")  # back to the index
+        c.send("C")
+        c.expect("Copy to mailbox")
+        c.send("\x15=Archive\r")  # ^U clears the suggested name
+        c.expect("Append")
+        c.send("y")
+        c.send("1\rF")  # flag message 1
+        c.send("2\rd$")  # delete message 2, sync
+        c.expect("Purge")
+        c.send("y")
+        c.send("q")
+        c.expect(pexpect.EOF)
+    finally:
+        c.close(force=True)
+    state = server_state(target, user, password)
+    assert state["INBOX"] == [("Mutt alpha", {"\\Seen", "\\Flagged"})], state
+    assert subjects(state, "Archive") == ["Mutt alpha"], state
+    assert "\\Seen" in flags_of(state, "Archive", "Mutt alpha")
+
+
+# -- two sessions watching each other --------------------------------------------------
+
+
+def fetched_flags(response: tuple[Any, ...]) -> tuple[bytes, ...]:
+    """FLAGS of an untagged FETCH as imapclient's noop()/idle_check() return it."""
+    items = response[2]
+    pairs = dict(zip(items[::2], items[1::2], strict=True))
+    return tuple(pairs[b"FLAGS"])
+
+
+def test_two_sessions_see_each_others_changes(target: Target) -> None:
+    """imapclient: a selected session sees another session's flag change, expunge and
+    append on NOOP (FETCH FLAGS, EXPUNGE, EXISTS), then a flag change while in IDLE."""
+    imapclient = pytest.importorskip("imapclient")
+    user, password = target.new_user()
+    target.seed(user, password, [message("w1"), message("w2"), message("w3")])
+
+    def connect() -> Any:
+        c = imapclient.IMAPClient(target.host, port=target.port, ssl=False, timeout=30)
+        c.login(user, password)
+        return c
+
+    a, b = connect(), connect()
+    try:
+        assert a.select_folder("INBOX")[b"EXISTS"] == 3
+        b.select_folder("INBOX")
+        uids = b.search(["ALL"])
+        b.add_flags(uids[0], [imapclient.FLAGGED])
+        b.delete_messages(uids[1])
+        b.expunge()
+        b.append("INBOX", message("w4"))
+        responses = a.noop()[1]
+        assert (2, b"EXPUNGE") in responses, responses
+        assert (3, b"EXISTS") in responses, responses
+        flagged = [fetched_flags(r) for r in responses if r[1] == b"FETCH" and r[0] == 1]
+        assert flagged and b"\\Flagged" in flagged[-1], responses
+        a.idle()
+        b.add_flags(uids[2], [b"$Work"])
+        seen = a.idle_check(timeout=20)
+        deadline = 5
+        while not any(r[1] == b"FETCH" for r in seen) and deadline:
+            seen += a.idle_check(timeout=5)
+            deadline -= 1
+        a.idle_done()
+        fetched = [r for r in seen if r[1] == b"FETCH"]
+        assert fetched and fetched[-1][0] == 2, seen
+        assert b"$Work" in fetched_flags(fetched[-1]), seen
+    finally:
+        a.logout()
+        b.logout()
+
+
+# -- imapclient, imap-tools, curl ------------------------------------------------------
+
+
+def test_imapclient_session(target: Target) -> None:
+    """imapclient: capabilities, folders with special use, ENVELOPE and body, append,
+    move, ID/NAMESPACE/ENABLE, STATUS."""
+    imapclient = pytest.importorskip("imapclient")
+    user, password = target.new_user()
+    target.seed(user, password, [message("hello", "hello world")])
+    c = imapclient.IMAPClient(target.host, port=target.port, ssl=False, timeout=30)
+    c.login(user, password)
+    try:
+        assert c.has_capability("UIDPLUS") and c.has_capability("MOVE")
+        folders = {name: flags for flags, _delim, name in c.list_folders()}
+        assert b"\\Trash" in folders["Trash"] and "INBOX" in folders
+        assert c.find_special_folder(imapclient.imapclient.SENT) == "Sent"
+        c.id_({"name": "test"})
+        assert c.namespace().personal[0][0] == ""
+        assert c.enable("CONDSTORE") == [b"CONDSTORE"]
+        info = c.select_folder("INBOX")
+        assert info[b"EXISTS"] == 1
+        [uid] = c.search(["ALL"])
+        data = c.fetch([uid], ["ENVELOPE", "FLAGS", "BODY.PEEK[]", "RFC822.SIZE"])
+        assert data[uid][b"ENVELOPE"].subject == b"hello"
+        assert data[uid][b"BODY[]"].endswith(b"hello world\r\n")
+        assert data[uid][b"RFC822.SIZE"] == len(data[uid][b"BODY[]"])
+        assert c.search(["NOT", "SEEN"]) == [uid]
+        c.append("INBOX", message("second"), flags=[b"$Label"])
+        status = c.folder_status("INBOX", ["MESSAGES", "UIDNEXT"])
+        assert status[b"MESSAGES"] == 2 and status[b"UIDNEXT"] > uid + 1
+        second = max(c.search(["ALL"]))
+        c.move([second], "Archive")
+        assert c.search(["ALL"]) == [uid]
+        assert c.folder_status("Archive", ["MESSAGES"])[b"MESSAGES"] == 1
+    finally:
+        c.logout()
+
+
+def test_imap_tools_session(target: Target) -> None:
+    """imap-tools: fetch messages, flag, create and list folders, status, move."""
+    imap_tools = pytest.importorskip("imap_tools")
+    user, password = target.new_user()
+    target.seed(user, password, [message("hello", "hello world")])
+    with imap_tools.MailBoxUnencrypted(target.host, port=target.port).login(user, password) as mb:
+        msgs = list(mb.fetch(mark_seen=False))
+        assert [m.subject for m in msgs] == ["hello"]
+        assert msgs[0].from_ == "sender@example.net" and msgs[0].text.strip() == "hello world"
+        mb.flag(msgs[0].uid, imap_tools.MailMessageFlags.FLAGGED, True)
+        assert "\\Flagged" in next(iter(mb.fetch(headers_only=True))).flags
+        mb.folder.create("Projects/2026")
+        assert "Projects/2026" in [f.name for f in mb.folder.list()]
+        assert mb.folder.status("INBOX")["MESSAGES"] == 1
+        mb.move(msgs[0].uid, "Projects/2026")
+        mb.folder.set("Projects/2026")
+        assert [m.subject for m in mb.fetch()] == ["hello"]
+
+
+def test_curl_session(target: Target, tmp_path: Path) -> None:
+    """curl: list mailboxes, fetch a message by UID, search, and upload (APPEND)."""
+    curl_bin = need("curl")
+    user, password = target.new_user()
+    target.seed(user, password, [message("hello", "hello world")])
+    url = f"imap://{target.host}:{target.port}"
+
+    def curl(*args: str) -> str:
+        done = subprocess.run(
+            [curl_bin, "-sS", "--max-time", "30", "--user", f"{user}:{password}", *args],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        return done.stdout
+
+    listing = curl(f"{url}/")
+    assert "INBOX" in listing and "\\Sent" in listing
+    found = curl(f"{url}/INBOX", "-X", "SEARCH SUBJECT hello").split()
+    assert found[:2] == ["*", "SEARCH"] and len(found) == 3, found
+    assert curl(f"{url}/INBOX;UID={found[2]}").endswith("hello world\n")
+    upload = tmp_path / "m.eml"
+    upload.write_bytes(message("via curl", "uploaded"))
+    curl("-T", str(upload), f"{url}/Drafts")
+    assert subjects(server_state(target, user, password), "Drafts") == ["via curl"]
