@@ -473,3 +473,28 @@ def test_session_fed_byte_by_byte_answers_the_same() -> None:
         outs.append(cl.take())
     assert outs[0] == outs[1]
     assert [t for t, _ in tagged(outs[0])] == [b"a", b"b", b"c", b"d", b"e", b"f", b"g", b"h"]
+
+
+def test_rename_inbox_is_refused_like_dovecot() -> None:
+    """RENAME INBOX (any case) is NO [CANNOT] and RENAME onto INBOX NO [ALREADYEXISTS]:
+    INBOX and its messages stay (it used to be renamed away, SELECT INBOX then failed)."""
+    store, factory, _ = setup()
+    cl = Client(factory)
+    cl.run(b"a LOGIN alice pw\r\n")
+    assert b"b NO [CANNOT]" in cl.run(b"b RENAME inbox Old\r\n")
+    assert b"c NO [ALREADYEXISTS]" in cl.run(b"c RENAME Sent InBox\r\n")
+    assert b"* 2 EXISTS" in cl.run(b"d SELECT INBOX\r\n")
+    assert {"INBOX", "Sent"} <= set(store.boxes["alice"]) and "Old" not in store.boxes["alice"]
+
+
+def test_list_pattern_matches_inbox_in_any_case() -> None:
+    """LIST "" "inbox*" finds INBOX and its children, as Dovecot does (INBOX is
+    case-insensitive); other names stay case-sensitive."""
+    _, factory, _ = setup()
+    cl = Client(factory)
+    cl.run(b"a LOGIN alice pw\r\nb CREATE INBOX/Sub\r\nc CREATE Inboxes\r\n")
+    out = cl.run(b'd LIST "" "inbox*"\r\n')
+    assert b'"INBOX"\r\n' in out and b'"INBOX/Sub"\r\n' in out and b"Inboxes" not in out
+    out = cl.run(b'e LIST "" "In%"\r\n')
+    assert b'"INBOX"\r\n' in out and b'"Inboxes"\r\n' in out and b"INBOX/Sub" not in out
+    assert b"* LIST" not in cl.run(b'f LIST "" "sent"\r\n')

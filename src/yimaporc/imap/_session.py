@@ -355,6 +355,12 @@ class CommandRunner:
         return maybeDeferred(self.session.delete, cmd.mailbox).addCallback(lambda _: Done())
 
     def _do_rename(self, cmd: c.Rename) -> Any:
+        # RFC 3501 lets RENAME INBOX move its messages and leave it empty; like Dovecot,
+        # refuse it rather than let a backend rename INBOX itself away.
+        if cmd.old == "INBOX":
+            raise ImapError("renaming INBOX is not supported", "CANNOT")
+        if cmd.new == "INBOX":
+            raise ImapError("INBOX exists", "ALREADYEXISTS")
         return maybeDeferred(self.session.rename, cmd.old, cmd.new).addCallback(lambda _: Done())
 
     def _do_subscribe(self, cmd: c.Subscribe) -> Any:

@@ -188,7 +188,9 @@ class MailboxView:
 
 
 def pattern_match(pattern: str, name: str, delimiter: str) -> bool:
-    """LIST wildcard match in O(len(pattern) * len(name)): ``*`` any, ``%`` no delimiter."""
+    """LIST wildcard match in O(len(pattern) * len(name)): ``*`` any, ``%`` no delimiter;
+    the ``INBOX`` of a name in INBOX's hierarchy matches in any case (``inbox*``)."""
+    fold = 5 if name == "INBOX" or name.startswith("INBOX" + delimiter) else 0
     # prev[j]: pattern[:i] matches name[:j]
     prev = [True] + [False] * len(name)
     for p in pattern:
@@ -207,7 +209,8 @@ def pattern_match(pattern: str, name: str, delimiter: str) -> bool:
                 cur[j] = run
         else:
             for j in range(1, len(name) + 1):
-                cur[j] = prev[j - 1] and name[j - 1] == p
+                c = name[j - 1]
+                cur[j] = prev[j - 1] and (c == p or (j <= fold and c == p.upper()))
         prev = cur
     return prev[len(name)]
 
