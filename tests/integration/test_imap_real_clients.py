@@ -180,6 +180,8 @@ def seed_sync_user(t: Target) -> tuple[str, str]:
     finally:
         m.logout()
     t.seed(user, password, [message("four")], box="Work")
+    if t.name == "porcupine3":
+        assert len(t.holders(user)) >= 2, t.holders(user)  # mail on several nodes
     return user, password
 
 

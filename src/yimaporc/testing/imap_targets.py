@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import smtplib
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,11 @@ class Target:
     port: int
     _new_user: Callable[[], tuple[str, str]]
     _seed: Callable[[str, str, list[bytes]], None] | None = None
+    _holders: Callable[[str], set[str]] | None = None
+
+    def holders(self, user: str) -> set[str]:
+        """Which nodes store messages of ``user`` (one name for a single server)."""
+        return {self.name} if self._holders is None else self._holders(user)
 
     def new_user(self) -> tuple[str, str]:
         """A fresh (login, password) with INBOX and the special-use mailboxes."""
@@ -242,6 +248,7 @@ PORTS = {"smtp": 2525, "imap": 1143, "cluster": 7946, "admin": 8080}
 def porcupine_target(tmp: Path, count: int) -> Iterator[Target]:
     """``count`` porcupine nodes on 127.0.130.(10*count+i); clients talk to the last node,
     mail is delivered over SMTP to every node in turn."""
+    tmp.mkdir(parents=True, exist_ok=True)
     secret = tmp / "cluster.secret"
     secret.write_text(os.urandom(16).hex())
     hosts = [f"{NET}.{10 * count + i}" for i in range(1, count + 1)]
@@ -280,7 +287,18 @@ def porcupine_target(tmp: Path, count: int) -> Iterator[Target]:
             finally:
                 m.logout()
 
-        yield Target(f"porcupine{count}", hosts[-1], PORTS["imap"], new_user, seed)
+        def holders(user: str) -> set[str]:
+            # Read each node's fragment indexes (SQLite, read-only) for the user's rows.
+            found = set()
+            for n in nodes:
+                for db in n.data_dir.glob("mail/buckets/*/index.sqlite"):
+                    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as c:
+                        row = c.execute("SELECT 1 FROM messages WHERE user = ? LIMIT 1", (user,))
+                        if row.fetchone():
+                            found.add(n.node_id)
+            return found
+
+        yield Target(f"porcupine{count}", hosts[-1], PORTS["imap"], new_user, seed, holders)
     finally:
         for n in nodes:
             n.kill(signal.SIGTERM)
