@@ -385,18 +385,19 @@ def fetched_flags(response: tuple[Any, ...]) -> tuple[bytes, ...]:
 
 
 def test_two_sessions_see_each_others_changes(target: Target) -> None:
-    """imapclient: a selected session sees another session's flag change, expunge and
-    append on NOOP (FETCH FLAGS, EXPUNGE, EXISTS), then a flag change while in IDLE."""
+    """imapclient: a selected session sees another session's (on another node of a
+    cluster) flag change, expunge and append on NOOP (FETCH FLAGS, EXPUNGE, EXISTS),
+    then a flag change while in IDLE."""
     imapclient = pytest.importorskip("imapclient")
     user, password = target.new_user()
     target.seed(user, password, [message("w1"), message("w2"), message("w3")])
 
-    def connect() -> Any:
-        c = imapclient.IMAPClient(target.host, port=target.port, ssl=False, timeout=30)
+    def connect(host: str) -> Any:
+        c = imapclient.IMAPClient(host, port=target.port, ssl=False, timeout=30)
         c.login(user, password)
         return c
 
-    a, b = connect(), connect()
+    a, b = connect(target.host), connect(target.second_host)  # two nodes of a cluster
     try:
         assert a.select_folder("INBOX")[b"EXISTS"] == 3
         b.select_folder("INBOX")

@@ -45,6 +45,12 @@ class Target:
     _new_user: Callable[[], tuple[str, str]]
     _seed: Callable[[str, str, list[bytes]], None] | None = None
     _holders: Callable[[str], set[str]] | None = None
+    other_host: str = ""
+
+    @property
+    def second_host(self) -> str:
+        """Where a second session connects: another node of a cluster, else ``host``."""
+        return self.other_host or self.host
 
     def holders(self, user: str) -> set[str]:
         """Which nodes store messages of ``user`` (one name for a single server)."""
@@ -298,7 +304,9 @@ def porcupine_target(tmp: Path, count: int) -> Iterator[Target]:
                             found.add(n.node_id)
             return found
 
-        yield Target(f"porcupine{count}", hosts[-1], PORTS["imap"], new_user, seed, holders)
+        yield Target(
+            f"porcupine{count}", hosts[-1], PORTS["imap"], new_user, seed, holders, hosts[0]
+        )
     finally:
         for n in nodes:
             n.kill(signal.SIGTERM)
