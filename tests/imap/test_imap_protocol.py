@@ -498,3 +498,22 @@ def test_list_pattern_matches_inbox_in_any_case() -> None:
     out = cl.run(b'e LIST "" "In%"\r\n')
     assert b'"INBOX"\r\n' in out and b'"Inboxes"\r\n' in out and b"INBOX/Sub" not in out
     assert b"* LIST" not in cl.run(b'f LIST "" "sent"\r\n')
+
+
+def test_create_and_rename_refuse_names_that_are_not_modified_utf7() -> None:
+    """CREATE/RENAME of a raw UTF-8 name (mbsync pushing a local folder "Lokal Grün") is
+    NO [CANNOT] as in Dovecot, instead of a name LIST can only send back as 8-bit; valid
+    modified UTF-7 (``Entw&APw-rfe``, ``&-``) is accepted."""
+    store, factory, _ = setup()
+    cl = Client(factory)
+    cl.run(b"a LOGIN alice pw\r\n")
+    assert b"b NO [CANNOT]" in cl.run('b CREATE "Lokal Grün"\r\n'.encode())
+    assert b"c BAD" in cl.run(b"c CREATE {4+}\r\nx\xff\xfey\r\n")  # not even UTF-8
+    assert b"d NO [CANNOT]" in cl.run(b"d CREATE &AGE-\r\n")  # ASCII inside base64
+    assert b"e NO [CANNOT]" in cl.run(b"e CREATE &2D0-\r\n")  # a lone surrogate
+    assert b"f NO [CANNOT]" in cl.run('f RENAME Sent "Gesendet ✓"\r\n'.encode())
+    assert b"g OK" in cl.run(b"g CREATE Entw&APw-rfe\r\n")
+    assert b"h OK" in cl.run(b'h CREATE "R&-D/&ZeVnLIqe-"\r\n')
+    assert b"i OK" in cl.run(b"i RENAME Sent &U,BTFw-\r\n")
+    assert {"Entw&APw-rfe", "R&-D/&ZeVnLIqe-", "&U,BTFw-"} <= set(store.boxes["alice"])
+    assert not any(ord(ch) > 127 for name in store.boxes["alice"] for ch in name)
