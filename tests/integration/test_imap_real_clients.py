@@ -171,7 +171,8 @@ def server_change(t: Target, user: str, password: str) -> None:
 
 
 def seed_sync_user(t: Target) -> tuple[str, str]:
-    """A fresh user with one, two, three in INBOX and four in a folder Work."""
+    """A fresh user with one, two, three in INBOX, four in a folder Work and eight in
+    Entw&APw-rfe (a non-ASCII name)."""
     user, password = t.new_user()
     t.seed(user, password, [message("one"), message("two"), message("three")])
     m = t.imap(user, password)
@@ -180,6 +181,12 @@ def seed_sync_user(t: Target) -> tuple[str, str]:
     finally:
         m.logout()
     t.seed(user, password, [message("four")], box="Work")
+    m = t.imap(user, password)
+    try:
+        assert m.create('"Entw&APw-rfe"')[0] == "OK"  # "Entwürfe" in modified UTF-7
+    finally:
+        m.logout()
+    t.seed(user, password, [message("eight")], box="Entw&APw-rfe")
     if t.name == "porcupine3":
         assert len(t.holders(user)) >= 2, t.holders(user)  # mail on several nodes
     return user, password
@@ -195,11 +202,13 @@ def check_two_way(
     assert "\\Flagged" in flags_of(state, "INBOX", "two")
     assert subjects(state, "Work") == [], state
     assert subjects(state, "Local") == ["seven"], state
+    assert subjects(state, "Entw&APw-rfe") == ["eight"], state
     near = maildir(local, inbox)
     assert sorted(near) == ["five", "one", "six", "two"], near
     assert "F" in near["one"] and "S" in near["two"] and "F" in near["two"]
     assert maildir(local, "Work") == {}
     assert list(maildir(local, "Local")) == ["seven"]
+    assert list(maildir(local, "Entw&APw-rfe")) == ["eight"]
 
 
 def local_change(local: Path, inbox: str) -> None:
