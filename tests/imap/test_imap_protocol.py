@@ -8,6 +8,7 @@ import os
 import re
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_imap_wire import COMMANDS
@@ -17,6 +18,7 @@ from twisted.internet.testing import StringTransport
 
 from yimaporc.imap._format import format_command
 from yimaporc.imap._protocol import ImapServerFactory, ImapServerProtocol
+from yimaporc.imap._view import valid_mailbox_name
 from yimaporc.testing.imap_memory import MemoryBackend, MemoryStore, SimpleRenderer
 
 MSG1 = b"From: Bob <bob@example.org>\r\nSubject: one\r\nX-TUID: abc123\r\n\r\nhello world\r\n"
@@ -517,3 +519,14 @@ def test_create_and_rename_refuse_names_that_are_not_modified_utf7() -> None:
     assert b"i OK" in cl.run(b"i RENAME Sent &U,BTFw-\r\n")
     assert {"Entw&APw-rfe", "R&-D/&ZeVnLIqe-", "&U,BTFw-"} <= set(store.boxes["alice"])
     assert not any(ord(ch) > 127 for name in store.boxes["alice"] for ch in name)
+
+
+@given(st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=40))
+@settings(max_examples=200)
+def test_modified_utf7_names_from_a_client_encoder_are_valid(name: str) -> None:
+    """Every name imapclient's modified-UTF-7 encoder produces is accepted; the raw
+    text is accepted only when it is printable ASCII with no lone ``&``."""
+    imap_utf7 = pytest.importorskip("imapclient.imap_utf7")
+    assert valid_mailbox_name(imap_utf7.encode(name).decode("ascii"))
+    if any(not " " <= ch <= "~" for ch in name):
+        assert not valid_mailbox_name(name)
