@@ -6,6 +6,7 @@ Porcupine node, a 3-node Porcupine cluster with the user's mail on every node, a
 
 from __future__ import annotations
 
+import imaplib
 import os
 import re
 import shutil
@@ -16,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from yimaporc.testing.certs import client_context, make_cert
 from yimaporc.testing.imap_targets import (
+    NET,
     SPECIAL,
     Target,
     dovecot_binary,
@@ -272,6 +275,32 @@ def test_mbsync_two_way(target: Target, tmp_path: Path) -> None:
     run([mbsync, "-c", str(rc), "-a"], tmp_path)
     assert server_state(target, user, password) == state
     check_two_way(state, local, "INBOX")
+
+
+def test_mbsync_default_starttls(tmp_path: Path) -> None:
+    """mbsync with no SSLType (its default: STARTTLS, certificate checked) against the
+    shell with a certificate: it upgrades, logs in under TLS and pulls; a plaintext
+    LOGIN first is NO [PRIVACYREQUIRED]."""
+    mbsync = need("mbsync")
+    cert, key = make_cert(tmp_path)
+    with memory_target(f"{NET}.4", tls=(cert, key)) as t:
+        user, password = t.new_user()
+        m = imaplib.IMAP4(t.host, t.port, timeout=30)
+        assert "LOGINDISABLED" in m.capabilities
+        with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+            m.login(user, password)
+        m.starttls(ssl_context=client_context())
+        m.login(user, password)
+        assert m.append("INBOX", None, None, message("over tls"))[0] == "OK"
+        m.logout()
+        local = tmp_path / "mail"
+        local.mkdir()
+        rc = tmp_path / "mbsyncrc"
+        config = MBSYNC_RC.format(host=t.host, port=t.port, user=user, password=password,
+                                  local=local)  # fmt: skip
+        rc.write_text(config.replace("SSLType None\n", f"CertificateFile {cert}\n"))
+        out = run([mbsync, "-V", "-c", str(rc), "-a"], tmp_path)
+        assert list(maildir(local, "INBOX")) == ["over tls"], out
 
 
 # -- offlineimap -----------------------------------------------------------------------

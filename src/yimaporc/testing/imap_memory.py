@@ -497,9 +497,10 @@ SAMPLE = (
 
 
 def serve(argv: list[str] | None = None) -> None:
-    """``python -m yimaporc.testing.imap_memory HOST PORT [USER:PASSWORD ...]``: an IMAP
-    server over a fresh store (alice/pw with one message, bob/pw2, and the accounts named)
-    for client tests; prints ``READY port``."""
+    """``python -m yimaporc.testing.imap_memory HOST PORT [--tls=CERT,KEY] [USER:PASSWORD ...]``:
+    an IMAP server over a fresh store (alice/pw with one message, bob/pw2, and the
+    accounts named) for client tests, with STARTTLS (and LOGIN only under TLS) when given
+    a PEM certificate and key; prints ``READY port``."""
     import sys
 
     from twisted.internet import reactor as _reactor
@@ -510,10 +511,19 @@ def serve(argv: list[str] | None = None) -> None:
 
     args = argv if argv is not None else sys.argv[1:]
     host, port = args[:2]
-    extra = dict(a.split(":", 1) for a in args[2:])
+    tls: Any = None
+    for a in args[2:]:
+        if a.startswith("--tls="):
+            from pathlib import Path
+
+            from twisted.internet.ssl import PrivateCertificate
+
+            cert, key = (Path(f).read_bytes() for f in a[len("--tls=") :].split(","))
+            tls = PrivateCertificate.loadPEM(cert + key).options()
+    extra = dict(a.split(":", 1) for a in args[2:] if not a.startswith("--"))
     store = MemoryStore({"alice": "pw", "bob": "pw2", **extra})
     store.deliver("alice", SAMPLE)
-    factory = ImapServerFactory(MemoryBackend(store), SimpleRenderer(), reactor)
+    factory = ImapServerFactory(MemoryBackend(store), SimpleRenderer(), reactor, tls=tls)
     listening = reactor.listenTCP(int(port), factory, interface=host)
     print(f"READY {listening.getHost().port}", flush=True)
     reactor.run()

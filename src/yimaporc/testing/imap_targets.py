@@ -98,11 +98,13 @@ def _read_ready(proc: subprocess.Popen[str]) -> int:
 
 
 @contextlib.contextmanager
-def memory_target(host: str = f"{NET}.1") -> Iterator[Target]:
-    """``python -m yimaporc.testing.imap_memory`` with a pool of accounts."""
+def memory_target(host: str = f"{NET}.1", tls: tuple[Path, Path] | None = None) -> Iterator[Target]:
+    """``python -m yimaporc.testing.imap_memory`` with a pool of accounts (and STARTTLS
+    with the PEM ``(cert, key)`` of ``tls``)."""
     users = [f"user{i}:pw{i}" for i in range(MEMORY_USERS)]
+    opts = [f"--tls={tls[0]},{tls[1]}"] if tls else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "yimaporc.testing.imap_memory", host, "0", *users],
+        [sys.executable, "-m", "yimaporc.testing.imap_memory", host, "0", *opts, *users],
         stdout=subprocess.PIPE,
         text=True,
     )
