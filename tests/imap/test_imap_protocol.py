@@ -477,16 +477,18 @@ def test_session_fed_byte_by_byte_answers_the_same() -> None:
     assert [t for t, _ in tagged(outs[0])] == [b"a", b"b", b"c", b"d", b"e", b"f", b"g", b"h"]
 
 
-def test_rename_inbox_is_refused_like_dovecot() -> None:
-    """RENAME INBOX (any case) is NO [CANNOT] and RENAME onto INBOX NO [ALREADYEXISTS]:
-    INBOX and its messages stay (it used to be renamed away, SELECT INBOX then failed)."""
+def test_rename_inbox_moves_messages_and_keeps_inbox() -> None:
+    """RENAME INBOX (any case) moves its messages to the new name and leaves INBOX empty
+    (RFC 3501 6.3.5; INBOX used to be renamed away, SELECT INBOX then failed); RENAME
+    onto INBOX is NO [ALREADYEXISTS]."""
     store, factory, _ = setup()
     cl = Client(factory)
     cl.run(b"a LOGIN alice pw\r\n")
-    assert b"b NO [CANNOT]" in cl.run(b"b RENAME inbox Old\r\n")
+    assert b"b OK" in cl.run(b"b RENAME inbox Old\r\n")
     assert b"c NO [ALREADYEXISTS]" in cl.run(b"c RENAME Sent InBox\r\n")
-    assert b"* 2 EXISTS" in cl.run(b"d SELECT INBOX\r\n")
-    assert {"INBOX", "Sent"} <= set(store.boxes["alice"]) and "Old" not in store.boxes["alice"]
+    assert b"* 0 EXISTS" in cl.run(b"d SELECT INBOX\r\n")
+    assert b"* 2 EXISTS" in cl.run(b"e SELECT Old\r\n")
+    assert {"INBOX", "Old", "Sent"} <= set(store.boxes["alice"])
 
 
 def test_list_pattern_matches_inbox_in_any_case() -> None:

@@ -357,10 +357,8 @@ class CommandRunner:
         return maybeDeferred(self.session.delete, cmd.mailbox).addCallback(lambda _: Done())
 
     def _do_rename(self, cmd: c.Rename) -> Any:
-        # RFC 3501 lets RENAME INBOX move its messages and leave it empty; like Dovecot,
-        # refuse it rather than let a backend rename INBOX itself away.
-        if cmd.old == "INBOX":
-            raise ImapError("renaming INBOX is not supported", "CANNOT")
+        # RENAME INBOX is the backend's (RFC 3501 6.3.5: its messages move, INBOX stays
+        # empty; ImapBackendContract pins it); INBOX itself always exists.
         if cmd.new == "INBOX":
             raise ImapError("INBOX exists", "ALREADYEXISTS")
         if not valid_mailbox_name(cmd.new):

@@ -190,6 +190,15 @@ class MemorySession:
         box = self.store.box(self.user, old)
         if new in self.store.boxes[self.user]:
             raise ImapError("mailbox exists", "ALREADYEXISTS")
+        if old == "INBOX":
+            # RFC 3501 6.3.5: the messages move to the new name, INBOX stays, empty.
+            target = self.store._new(self.user, new)
+            for m in box.messages:
+                target.add(m.raw, tuple(m.flags), m.internal_date)
+            box.messages = []
+            box.modseq += 1
+            box.changed()
+            return self._later(None)
         del self.store.boxes[self.user][old]
         box.name = new
         self.store.boxes[self.user][new] = box
