@@ -77,9 +77,15 @@ def server_state(t: Target, user: str, password: str) -> dict[str, list[tuple[st
         typ, boxes = m.list()
         assert typ == "OK", boxes
         for line in boxes:
-            assert isinstance(line, bytes)
-            name = line.rsplit(b" ", 1)[1].strip(b'"').decode()
-            typ, data = m.select(f'"{name}"', readonly=True)
+            if isinstance(line, tuple):  # a name sent as a literal
+                line = line[0].rsplit(b" ", 1)[0] + b' "' + line[1] + b'"'
+            listed = re.fullmatch(rb'\(([^)]*)\) (?:NIL|"[^"]*") "?(.*?)"?', line)
+            assert listed is not None, line
+            if b"\\Noselect" in listed.group(1) or b"\\NonExistent" in listed.group(1):
+                continue
+            name = listed.group(2).replace(b'\\"', b'"').decode()
+            quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            typ, data = m.select(quoted, readonly=True)
             assert typ == "OK", (name, data)
             rows = []
             if int(data[0] or 0):  # type: ignore[arg-type]
@@ -104,10 +110,12 @@ def _flags(head: bytes) -> str:
 
 
 def subjects(state: dict[str, list[tuple[str, set[str]]]], box: str) -> list[str]:
+    """Subjects in ``box`` (sorted, duplicates kept)."""
     return [s for s, _ in state.get(box, [])]
 
 
 def flags_of(state: dict[str, list[tuple[str, set[str]]]], box: str, subject: str) -> set[str]:
+    """Flags of the message with ``subject`` in ``box``."""
     return next(f for s, f in state[box] if s == subject)
 
 
