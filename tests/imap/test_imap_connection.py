@@ -155,3 +155,27 @@ def test_absent_uids_wide_ranges() -> None:
     assert absent_uids("3:6,6:9", [4, 8], 9) == "3,5:7"
     assert absent_uids("1:*", [], 1) == ""
     assert absent_uids("10:20", [1, 2], 5) == ""
+
+
+@pytest.mark.parametrize("chunk", [None, 65536, 7])
+def test_literal_after_a_big_literal_is_not_stalled(chunk: int | None) -> None:
+    """mbsync pipelining: a 200 KB APPEND literal, then the next APPEND's line whose
+    synchronising literal is still to come; after the big one is consumed (and the buffer
+    compacted) the rest of the second still completes it (it used to wait forever on a
+    stale buffer offset, and mbsync timed out)."""
+    conn = ImapConnection()
+    conn.state = A
+    big, small = b"x" * 200_000, b"y" * 70_000
+    first = b"5 APPEND INBOX {%d+}\r\n%s\r\n6 APPEND INBOX {%d}\r\n" % (len(big), big, len(small))
+    rest = small + b"\r\n7 NOOP\r\n"
+    events = []
+    for data in (first, rest):
+        pieces = [data] if chunk is None else [data[i : i + chunk] for i in range(0, len(data), chunk)]  # fmt: skip
+        for piece in pieces:
+            events += conn.receive_data(piece)
+        if data is first:
+            assert conn.data_to_send() == b"+ Ready for literal data\r\n"
+    commands = [e.command for e in events if isinstance(e, CommandReceived)]
+    assert [x.tag for x in commands] == ["5", "6", "7"]
+    assert isinstance(commands[1], c.Append) and commands[1].message == small
+    assert conn.buffered == 0
