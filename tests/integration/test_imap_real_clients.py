@@ -207,7 +207,7 @@ def check_two_way(
     state: dict[str, list[tuple[str, set[str]]]], local: Path, inbox: str, sep: str = "/"
 ) -> None:
     """After a round of changes on both sides, both sides agree, nothing lost or doubled."""
-    assert subjects(state, "INBOX") == ["five", "one", "six", "two"], state
+    assert subjects(state, "INBOX") == ["five", "one", "six", "sixb", "two"], state
     assert "\\Flagged" in flags_of(state, "INBOX", "one")
     assert "\\Seen" in flags_of(state, "INBOX", "two")
     assert "\\Flagged" in flags_of(state, "INBOX", "two")
@@ -215,7 +215,7 @@ def check_two_way(
     assert subjects(state, "Local") == ["seven"], state
     assert subjects(state, "Entw&APw-rfe") == ["eight"], state
     near = maildir(local, inbox)
-    assert sorted(near) == ["five", "one", "six", "two"], near
+    assert sorted(near) == ["five", "one", "six", "sixb", "two"], near
     assert "F" in near["one"] and "S" in near["two"] and "F" in near["two"]
     assert maildir(local, "Work") == {}
     assert list(maildir(local, "Local")) == ["seven"]
@@ -224,12 +224,14 @@ def check_two_way(
 
 def local_change(local: Path, inbox: str) -> None:
     """The client side of a two-way sync round: flag+read 'two', delete 'four' from Work,
-    write 'six' to INBOX and 'seven' to a new folder Local."""
+    write 'six' and 'sixb' (150 KB each) to INBOX and 'seven' to a new folder Local."""
     local_mark(local, inbox, "two", "FS")
     for sub in ("cur", "new"):
         for f in (local / "Work" / sub).iterdir():
             f.unlink()
-    local_new(local, inbox, message("six"), "six")
+    # Two pushes over 64 KiB: pipelined synchronising literals after a big one.
+    local_new(local, inbox, message("six", "6" * 76 * 2000), "six")
+    local_new(local, inbox, message("sixb", "b" * 76 * 2000), "sixb")
     local_new(local, "Local", message("seven"), "seven")
 
 
