@@ -479,11 +479,11 @@ def test_two_sessions_see_each_others_changes(target: Target) -> None:
 
 
 def test_imapclient_session(target: Target) -> None:
-    """imapclient: capabilities, folders with special use, ENVELOPE and body, append,
-    move, ID/NAMESPACE/ENABLE, STATUS."""
+    """imapclient: capabilities, folders with special use, ENVELOPE and body, SEARCH
+    with a UTF-8 literal term, append, move, ID/NAMESPACE/ENABLE, STATUS."""
     imapclient = pytest.importorskip("imapclient")
     user, password = target.new_user()
-    target.seed(user, password, [message("hello", "hello world")])
+    target.seed(user, password, [message("hello", "hello wörld")])
     c = imapclient.IMAPClient(target.host, port=target.port, ssl=False, timeout=30)
     c.login(user, password)
     try:
@@ -500,9 +500,12 @@ def test_imapclient_session(target: Target) -> None:
         [uid] = c.search(["ALL"])
         data = c.fetch([uid], ["ENVELOPE", "FLAGS", "BODY.PEEK[]", "RFC822.SIZE"])
         assert data[uid][b"ENVELOPE"].subject == b"hello"
-        assert data[uid][b"BODY[]"].endswith(b"hello world\r\n")
+        assert data[uid][b"BODY[]"].endswith("hello wörld\r\n".encode())
         assert data[uid][b"RFC822.SIZE"] == len(data[uid][b"BODY[]"])
         assert c.search(["NOT", "SEEN"]) == [uid]
+        # A non-ASCII search term goes as a literal after CHARSET UTF-8.
+        assert c.search(["OR", "SUBJECT", "grüße", "BODY", "wörld"], charset="UTF-8") == [uid]
+        assert c.search(["BODY", "wörlds"], charset="UTF-8") == []
         c.append("INBOX", message("second"), flags=[b"$Label"])
         status = c.folder_status("INBOX", ["MESSAGES", "UIDNEXT"])
         assert status[b"MESSAGES"] == 2 and status[b"UIDNEXT"] > uid + 1
