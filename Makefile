@@ -3,11 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The IMAP clients and the reference server of tests/integration/test_imap_real_clients.py.
+APT_IMAP_TOOLS := mbsync:isync offlineimap:offlineimap3 dovecot:dovecot-imapd
 # command:package pairs the end-to-end tests drive (mail clients, players, a browser
 # for the dashboard).
 APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox \
-  msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus \
-  mbsync:isync offlineimap:offlineimap3 dovecot:dovecot-imapd
+  msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus
 APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
 PYTEST_ARGS ?=
 FUZZ_INPUTS ?= 100000
@@ -16,13 +17,13 @@ FUZZ_SEED ?= 0
 FUZZ_WORKERS ?= 32
 FUZZ_ARGS ?=
 
-.PHONY: install system-tools run test test-slow lint typecheck unit integration bench fuzz clean
+.PHONY: install system-tools run test lint typecheck unit integration bench fuzz clean
 
 install: system-tools $(STAMP)
 
 # System tools the end-to-end tests drive (installed only when missing, only as root).
 system-tools:
-	@missing=""; for pair in $(APT_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	@missing=""; for pair in $(APT_TOOLS) $(APT_IMAP_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -49,10 +50,6 @@ lint: install
 
 test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
-
-# Also the tests marked slow (the full real-client x server matrix, ...).
-test-slow: install
-	$(BIN)/python -m pytest -q --run-slow $(PYTEST_ARGS)
 
 unit: install
 	$(BIN)/python -m pytest -q --ignore=tests/integration $(PYTEST_ARGS)
