@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The IMAP clients and the reference server of tests/integration/test_imap_real_clients.py.
+APT_IMAP_TOOLS := mbsync:isync offlineimap:offlineimap3 dovecot:dovecot-imapd
 # command:package pairs the end-to-end tests drive (mail clients, players, a browser
 # for the dashboard).
 APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox \
@@ -28,7 +30,7 @@ install: system-tools $(STAMP)
 
 # System tools the end-to-end tests drive (installed only when missing, only as root).
 system-tools:
-	@missing=""; for pair in $(APT_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	@missing=""; for pair in $(APT_TOOLS) $(APT_IMAP_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	for f in $(APT_EXTRA_FILES); do [ -e $$f ] || missing="$$missing python3-gi"; done; \
 	if [ -n "$$missing" ]; then \

@@ -135,6 +135,20 @@ class ImapBackendContract:
         st = result(session.status("INBOX"))
         assert st.messages >= 1 and st.unseen >= 1 and st.uidnext > 1
 
+    def test_rename_inbox_moves_its_messages(self) -> None:
+        """RENAME INBOX moves its messages to the new name and leaves INBOX, empty
+        (RFC 3501 6.3.5); a backend must not rename INBOX itself away."""
+        backend, session = self.session()
+        self.deliver(backend, b"Subject: r\r\n\r\nx\r\n")
+        result(session.rename("INBOX", "Old"))
+        names = {m.name for m in result(session.list_mailboxes())}
+        assert {"INBOX", "Old"} <= names
+        assert result(session.status("INBOX")).messages == 0
+        assert result(session.status("Old")).messages == 1
+        box = result(session.select("Old", False))
+        [m] = result(box.snapshot()).messages
+        assert result(box.load([m.uid])) == {m.uid: b"Subject: r\r\n\r\nx\r\n"}
+
 
 class TestMemoryBackend(ImapBackendContract):
     """The in-memory reference backend keeps the contract."""

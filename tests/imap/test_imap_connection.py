@@ -4,6 +4,8 @@ STARTTLS) and the STARTTLS plaintext-injection regression (CVE-2011-0411 class).
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from yimaporc.imap import _commands as c
 from yimaporc.imap._connection import ImapConnection, Mode
@@ -155,3 +157,55 @@ def test_absent_uids_wide_ranges() -> None:
     assert absent_uids("3:6,6:9", [4, 8], 9) == "3,5:7"
     assert absent_uids("1:*", [], 1) == ""
     assert absent_uids("10:20", [1, 2], 5) == ""
+
+
+@pytest.mark.parametrize("chunk", [None, 65536, 7])
+def test_literal_after_a_big_literal_is_not_stalled(chunk: int | None) -> None:
+    """mbsync pipelining: a 200 KB APPEND literal, then the next APPEND's line whose
+    synchronising literal is still to come; after the big one is consumed (and the buffer
+    compacted) the rest of the second still completes it (it used to wait forever on a
+    stale buffer offset, and mbsync timed out)."""
+    conn = ImapConnection()
+    conn.state = A
+    big, small = b"x" * 200_000, b"y" * 70_000
+    first = b"5 APPEND INBOX {%d+}\r\n%s\r\n6 APPEND INBOX {%d}\r\n" % (len(big), big, len(small))
+    rest = small + b"\r\n7 NOOP\r\n"
+    events = []
+    for data in (first, rest):
+        pieces = [data] if chunk is None else [data[i : i + chunk] for i in range(0, len(data), chunk)]  # fmt: skip
+        for piece in pieces:
+            events += conn.receive_data(piece)
+        if data is first:
+            assert conn.data_to_send() == b"+ Ready for literal data\r\n"
+    commands = [e.command for e in events if isinstance(e, CommandReceived)]
+    assert [x.tag for x in commands] == ["5", "6", "7"]
+    assert isinstance(commands[1], c.Append) and commands[1].message == small
+    assert conn.buffered == 0
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 150_000), st.booleans()), min_size=1, max_size=5),
+    st.integers(1, 100_000),
+)
+@settings(max_examples=25)
+def test_pipelined_literals_of_any_size_in_any_chunks(
+    literals: list[tuple[int, bool]], chunk: int
+) -> None:
+    """Pipelined APPENDs with literals of any size (synchronising or LITERAL+), fed in
+    chunks of any size, each arrive whole and in order; one ``+`` per synchronising one."""
+    conn = ImapConnection()
+    conn.state = A
+    stream = b""
+    for i, (size, plus) in enumerate(literals):
+        stream += b"t%d APPEND INBOX {%d%s}\r\n" % (i, size, b"+" if plus else b"")
+        stream += bytes([65 + i]) * size + b"\r\n"
+    events = []
+    for at in range(0, len(stream), chunk):
+        events += conn.receive_data(stream[at : at + chunk])
+    commands = [e.command for e in events if isinstance(e, CommandReceived)]
+    assert [x.tag for x in commands] == [f"t{i}" for i in range(len(literals))]
+    for i, (cmd, (size, _)) in enumerate(zip(commands, literals, strict=True)):
+        assert isinstance(cmd, c.Append) and cmd.message == bytes([65 + i]) * size
+    continuations = conn.data_to_send().count(b"+ Ready")
+    assert continuations <= sum(1 for size, plus in literals if not plus)
+    assert conn.buffered == 0

@@ -8,6 +8,7 @@ import os
 import re
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_imap_wire import COMMANDS
@@ -17,6 +18,7 @@ from twisted.internet.testing import StringTransport
 
 from yimaporc.imap._format import format_command
 from yimaporc.imap._protocol import ImapServerFactory, ImapServerProtocol
+from yimaporc.imap._view import valid_mailbox_name
 from yimaporc.testing.imap_memory import MemoryBackend, MemoryStore, SimpleRenderer
 
 MSG1 = b"From: Bob <bob@example.org>\r\nSubject: one\r\nX-TUID: abc123\r\n\r\nhello world\r\n"
@@ -473,3 +475,60 @@ def test_session_fed_byte_by_byte_answers_the_same() -> None:
         outs.append(cl.take())
     assert outs[0] == outs[1]
     assert [t for t, _ in tagged(outs[0])] == [b"a", b"b", b"c", b"d", b"e", b"f", b"g", b"h"]
+
+
+def test_rename_inbox_moves_messages_and_keeps_inbox() -> None:
+    """RENAME INBOX (any case) moves its messages to the new name and leaves INBOX empty
+    (RFC 3501 6.3.5; INBOX used to be renamed away, SELECT INBOX then failed); RENAME
+    onto INBOX is NO [ALREADYEXISTS]."""
+    store, factory, _ = setup()
+    cl = Client(factory)
+    cl.run(b"a LOGIN alice pw\r\n")
+    assert b"b OK" in cl.run(b"b RENAME inbox Old\r\n")
+    assert b"c NO [ALREADYEXISTS]" in cl.run(b"c RENAME Sent InBox\r\n")
+    assert b"* 0 EXISTS" in cl.run(b"d SELECT INBOX\r\n")
+    assert b"* 2 EXISTS" in cl.run(b"e SELECT Old\r\n")
+    assert {"INBOX", "Old", "Sent"} <= set(store.boxes["alice"])
+
+
+def test_list_pattern_matches_inbox_in_any_case() -> None:
+    """LIST "" "inbox*" finds INBOX and its children, as Dovecot does (INBOX is
+    case-insensitive); other names stay case-sensitive."""
+    _, factory, _ = setup()
+    cl = Client(factory)
+    cl.run(b"a LOGIN alice pw\r\nb CREATE INBOX/Sub\r\nc CREATE Inboxes\r\n")
+    out = cl.run(b'd LIST "" "inbox*"\r\n')
+    assert b'"INBOX"\r\n' in out and b'"INBOX/Sub"\r\n' in out and b"Inboxes" not in out
+    out = cl.run(b'e LIST "" "In%"\r\n')
+    assert b'"INBOX"\r\n' in out and b'"Inboxes"\r\n' in out and b"INBOX/Sub" not in out
+    assert b"* LIST" not in cl.run(b'f LIST "" "sent"\r\n')
+
+
+def test_create_and_rename_refuse_names_that_are_not_modified_utf7() -> None:
+    """CREATE/RENAME of a raw UTF-8 name (mbsync pushing a local folder "Lokal Grün") is
+    NO [CANNOT] as in Dovecot, instead of a name LIST can only send back as 8-bit; valid
+    modified UTF-7 (``Entw&APw-rfe``, ``&-``) is accepted."""
+    store, factory, _ = setup()
+    cl = Client(factory)
+    cl.run(b"a LOGIN alice pw\r\n")
+    assert b"b NO [CANNOT]" in cl.run('b CREATE "Lokal Grün"\r\n'.encode())
+    assert b"c BAD" in cl.run(b"c CREATE {4+}\r\nx\xff\xfey\r\n")  # not even UTF-8
+    assert b"d NO [CANNOT]" in cl.run(b"d CREATE &AGE-\r\n")  # ASCII inside base64
+    assert b"e NO [CANNOT]" in cl.run(b"e CREATE &2D0-\r\n")  # a lone surrogate
+    assert b"f NO [CANNOT]" in cl.run('f RENAME Sent "Gesendet ✓"\r\n'.encode())
+    assert b"g OK" in cl.run(b"g CREATE Entw&APw-rfe\r\n")
+    assert b"h OK" in cl.run(b'h CREATE "R&-D/&ZeVnLIqe-"\r\n')
+    assert b"i OK" in cl.run(b"i RENAME Sent &U,BTFw-\r\n")
+    assert {"Entw&APw-rfe", "R&-D/&ZeVnLIqe-", "&U,BTFw-"} <= set(store.boxes["alice"])
+    assert not any(ord(ch) > 127 for name in store.boxes["alice"] for ch in name)
+
+
+@given(st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=40))
+@settings(max_examples=200)
+def test_modified_utf7_names_from_a_client_encoder_are_valid(name: str) -> None:
+    """Every name imapclient's modified-UTF-7 encoder produces is accepted; the raw
+    text is accepted only when it is printable ASCII with no lone ``&``."""
+    imap_utf7 = pytest.importorskip("imapclient.imap_utf7")
+    assert valid_mailbox_name(imap_utf7.encode(name).decode("ascii"))
+    if any(not " " <= ch <= "~" for ch in name):
+        assert not valid_mailbox_name(name)

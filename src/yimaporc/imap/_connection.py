@@ -92,6 +92,9 @@ class ImapConnection:
     def _compact(self) -> None:
         if self._start and (self._start > 65536 or self._start == len(self._buf)):
             del self._buf[: self._start]
+            # _need is a buffer length: it moves with the bytes (a stale one stalled a
+            # pipelined literal after a big one, until the client timed out).
+            self._need = max(0, self._need - self._start)
             self._start = 0
 
     def _take_line(self) -> bytes | None:

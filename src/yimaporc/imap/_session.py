@@ -25,7 +25,7 @@ from ._listing import answer_list
 from ._machine import State
 from ._outcome import Done, _code, status_items
 from ._serialize import ResponseCode
-from ._view import MailboxView, absent_uids, uid_set_text
+from ._view import MailboxView, absent_uids, uid_set_text, valid_mailbox_name
 from .interfaces import (
     AppendResult,
     CopyResult,
@@ -345,6 +345,8 @@ class CommandRunner:
         name = cmd.mailbox.rstrip(self.session.delimiter)
         if name == "INBOX":
             raise ImapError("INBOX exists", "ALREADYEXISTS")
+        if not valid_mailbox_name(name):
+            raise ImapError("mailbox name is not valid modified UTF-7", "CANNOT")
         return maybeDeferred(self.session.create, name, cmd.special_use).addCallback(
             lambda _: Done()
         )
@@ -355,6 +357,12 @@ class CommandRunner:
         return maybeDeferred(self.session.delete, cmd.mailbox).addCallback(lambda _: Done())
 
     def _do_rename(self, cmd: c.Rename) -> Any:
+        # RENAME INBOX is the backend's (RFC 3501 6.3.5: its messages move, INBOX stays
+        # empty; ImapBackendContract pins it); INBOX itself always exists.
+        if cmd.new == "INBOX":
+            raise ImapError("INBOX exists", "ALREADYEXISTS")
+        if not valid_mailbox_name(cmd.new):
+            raise ImapError("mailbox name is not valid modified UTF-7", "CANNOT")
         return maybeDeferred(self.session.rename, cmd.old, cmd.new).addCallback(lambda _: Done())
 
     def _do_subscribe(self, cmd: c.Subscribe) -> Any:

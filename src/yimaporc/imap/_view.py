@@ -188,7 +188,9 @@ class MailboxView:
 
 
 def pattern_match(pattern: str, name: str, delimiter: str) -> bool:
-    """LIST wildcard match in O(len(pattern) * len(name)): ``*`` any, ``%`` no delimiter."""
+    """LIST wildcard match in O(len(pattern) * len(name)): ``*`` any, ``%`` no delimiter;
+    the ``INBOX`` of a name in INBOX's hierarchy matches in any case (``inbox*``)."""
+    fold = 5 if name == "INBOX" or name.startswith("INBOX" + delimiter) else 0
     # prev[j]: pattern[:i] matches name[:j]
     prev = [True] + [False] * len(name)
     for p in pattern:
@@ -207,7 +209,8 @@ def pattern_match(pattern: str, name: str, delimiter: str) -> bool:
                 cur[j] = run
         else:
             for j in range(1, len(name) + 1):
-                cur[j] = prev[j - 1] and name[j - 1] == p
+                c = name[j - 1]
+                cur[j] = prev[j - 1] and (c == p or (j <= fold and c == p.upper()))
         prev = cur
     return prev[len(name)]
 
@@ -218,3 +221,46 @@ def normalise_inbox(name: str, delimiter: str) -> str:
     if head.upper() == "INBOX":
         return "INBOX" + sep + rest
     return name
+
+
+_MUTF7_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,"
+_MUTF7_B64 = frozenset(_MUTF7_ALPHABET)
+
+
+def valid_mailbox_name(name: str) -> bool:
+    """``name`` is modified UTF-7 (RFC 3501 5.1.3): printable ASCII, ``&-`` for ``&``,
+    ``&...-`` runs of modified base64 holding UTF-16 of non-ASCII characters only.
+    Raw 8-bit names are refused (without UTF8=ACCEPT), as Dovecot does."""
+    i = 0
+    while i < len(name):
+        ch = name[i]
+        if not " " <= ch <= "~":
+            return False
+        if ch != "&":
+            i += 1
+            continue
+        end = name.find("-", i + 1)
+        if end < 0:
+            return False
+        run = name[i + 1 : end]
+        i = end + 1
+        if not run:
+            continue
+        if not set(run) <= _MUTF7_B64:
+            return False
+        acc, bits, raw = 0, 0, bytearray()
+        for b in run:
+            acc = ((acc << 6) | _MUTF7_ALPHABET.index(b)) & 0xFFFF
+            bits += 6
+            if bits >= 8:
+                bits -= 8
+                raw.append((acc >> bits) & 0xFF)
+        if bits >= 6 or acc & ((1 << bits) - 1) or len(raw) % 2:
+            return False
+        try:
+            text = raw.decode("utf-16-be")
+        except UnicodeDecodeError:
+            return False
+        if any(" " <= t <= "~" for t in text):
+            return False
+    return True

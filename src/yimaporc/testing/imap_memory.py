@@ -190,6 +190,15 @@ class MemorySession:
         box = self.store.box(self.user, old)
         if new in self.store.boxes[self.user]:
             raise ImapError("mailbox exists", "ALREADYEXISTS")
+        if old == "INBOX":
+            # RFC 3501 6.3.5: the messages move to the new name, INBOX stays, empty.
+            target = self.store._new(self.user, new)
+            for m in box.messages:
+                target.add(m.raw, tuple(m.flags), m.internal_date)
+            box.messages = []
+            box.modseq += 1
+            box.changed()
+            return self._later(None)
         del self.store.boxes[self.user][old]
         box.name = new
         self.store.boxes[self.user][new] = box
@@ -497,8 +506,10 @@ SAMPLE = (
 
 
 def serve(argv: list[str] | None = None) -> None:
-    """``python -m yimaporc.testing.imap_memory HOST PORT``: an IMAP server over a fresh
-    store (alice/pw with one message, bob/pw2) for client tests; prints ``READY port``."""
+    """``python -m yimaporc.testing.imap_memory HOST PORT [--tls=CERT,KEY] [USER:PASSWORD ...]``:
+    an IMAP server over a fresh store (alice/pw with one message, bob/pw2, and the
+    accounts named) for client tests, with STARTTLS (and LOGIN only under TLS) when given
+    a PEM certificate and key; prints ``READY port``."""
     import sys
 
     from twisted.internet import reactor as _reactor
@@ -507,10 +518,21 @@ def serve(argv: list[str] | None = None) -> None:
 
     reactor: Any = _reactor
 
-    host, port = (argv if argv is not None else sys.argv[1:])[:2]
-    store = MemoryStore({"alice": "pw", "bob": "pw2"})
+    args = argv if argv is not None else sys.argv[1:]
+    host, port = args[:2]
+    tls: Any = None
+    for a in args[2:]:
+        if a.startswith("--tls="):
+            from pathlib import Path
+
+            from twisted.internet.ssl import PrivateCertificate
+
+            cert, key = (Path(f).read_bytes() for f in a[len("--tls=") :].split(","))
+            tls = PrivateCertificate.loadPEM(cert + key).options()
+    extra = dict(a.split(":", 1) for a in args[2:] if not a.startswith("--"))
+    store = MemoryStore({"alice": "pw", "bob": "pw2", **extra})
     store.deliver("alice", SAMPLE)
-    factory = ImapServerFactory(MemoryBackend(store), SimpleRenderer(), reactor)
+    factory = ImapServerFactory(MemoryBackend(store), SimpleRenderer(), reactor, tls=tls)
     listening = reactor.listenTCP(int(port), factory, interface=host)
     print(f"READY {listening.getHost().port}", flush=True)
     reactor.run()
