@@ -3,26 +3,36 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The IMAP clients and the reference server of tests/integration/test_imap_real_clients.py.
+APT_IMAP_TOOLS := mbsync:isync offlineimap:offlineimap3 dovecot:dovecot-imapd
 # command:package pairs the end-to-end tests drive (mail clients, players, a browser
 # for the dashboard).
 APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox \
-  msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus
-APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
+  msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus \
+  mpv:mpv cvlc:vlc-bin faketime:faketime
+# Packages without a command of their own (checked by file below): VLC's demuxers and
+# decoders, and PyGObject with GStreamer's introspection data for the playbin client.
+APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav \
+  vlc-plugin-base python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0
+APT_EXTRA_FILES := /usr/lib/x86_64-linux-gnu/girepository-1.0/Gst-1.0.typelib \
+  /usr/lib/python3/dist-packages/gi/__init__.py
 PYTEST_ARGS ?=
 FUZZ_INPUTS ?= 100000
 FUZZ_TARGET ?= all
 FUZZ_SEED ?= 0
 FUZZ_WORKERS ?= 32
 FUZZ_ARGS ?=
+CHAOS_ARGS ?=
 
-.PHONY: install system-tools run test test-slow lint typecheck unit integration bench fuzz clean
+.PHONY: install system-tools run test lint typecheck unit integration test-slow bench fuzz chaos clean
 
 install: system-tools $(STAMP)
 
 # System tools the end-to-end tests drive (installed only when missing, only as root).
 system-tools:
-	@missing=""; for pair in $(APT_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	@missing=""; for pair in $(APT_TOOLS) $(APT_IMAP_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	for f in $(APT_EXTRA_FILES); do [ -e $$f ] || missing="$$missing python3-gi"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system tools:$$missing"; \
@@ -44,11 +54,13 @@ lint: install
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy src/yimaporc
+	PYTHONPATH=src $(BIN)/lint-imports
 
 test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Long sweeps (hundreds of simulator seeds), not in the default suite.
+# Tests marked slow: the long matrices (every player x transport x medium)
+# and the long simulator sweeps (hundreds of seeds).
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
@@ -58,6 +70,7 @@ unit: install
 integration: install
 	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
 
+# The long variants (marker `slow`), left out of `make test`.
 bench: install
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick,)
 
@@ -66,6 +79,11 @@ bench: install
 fuzz: install
 	$(BIN)/python -m yimaporc.testing.fuzz --target $(FUZZ_TARGET) --inputs $(FUZZ_INPUTS) \
 	  --seed $(FUZZ_SEED) --workers $(FUZZ_WORKERS) --corpus fuzz-corpus --json fuzz-report.json $(FUZZ_ARGS)
+
+# Jepsen-style run (docs/chaos.md): 5 nodes in network namespaces, partitions, pauses,
+# kills, clock skew, a rolling restart; needs root. The report lands in chaos-report.json.
+chaos: install
+	$(BIN)/python -m yimaporc.testing.chaos --schedule full --json chaos-report.json $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .mypy_cache .pytest_cache .ruff_cache

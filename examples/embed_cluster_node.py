@@ -54,6 +54,8 @@ def main(node_id: str, address: str, *join: str) -> None:
     node.registry.register(Hello, lambda name: {"greeting": f"{node_id} says hello to {name}"})
     node.subscribe(Greeter(node))
     node.startService()
+    # A port that cannot be bound is reported, not fatal: the application decides.
+    node.when_ready().addErrback(lambda f: print("cannot start:", f.getErrorMessage()))
     task.LoopingCall(lambda: print(f"cluster time {node.cluster_time():.3f}")).start(5.0)
     reactor.run()
 

@@ -22,6 +22,7 @@ import attrs
 
 from .admin.client import AdminClient, AdminError
 from .secret import admin_token, load_or_create_secret
+from .yima.demo import DemoError, ensure_sample
 
 PORTS = {"smtp": 2525, "pop3": 1110, "imap": 1143, "rtsp": 8554, "admin": 8080, "cluster": 7946}
 #: Mail submission (587 and 465 style) on unprivileged ports, with the demo certificate.
@@ -296,9 +297,10 @@ class LocalCluster:
                 raise LocalClusterError(f"cannot create {DEMO_USER}: {e}") from e
 
     def _ensure_sample(self, child: Child) -> None:
-        from .yima.demo import ensure_sample
-
-        ensure_sample(self._client(child), self.base)
+        try:
+            ensure_sample(self._client(child), self.base)
+        except DemoError as e:
+            raise LocalClusterError(str(e)) from e
 
     def _check_alive(self, child: Child) -> None:
         if child.process is not None and child.process.poll() is not None:

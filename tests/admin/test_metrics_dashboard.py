@@ -83,6 +83,9 @@ PORCUPINE_STATUS: dict[str, Any] = {
         "write_rounds": 2,
         "queued_actions": 0,
         "waiting_agents": 0,
+        "under_replicated": 5,
+        "short_acks": 1,
+        "repair": {"synced": True, "rounds": 3, "repaired": 7, "missing": 0, "failures": 0},
     },
 }
 
@@ -191,6 +194,8 @@ def test_porcupine_status_becomes_conventional_metrics() -> None:
     assert got["yimaporc_mail_replication_log_length"] == {(): 4}
     assert got["yimaporc_mail_replication_oldest_pending_age_seconds"] == {(): 1.25}
     assert got["yimaporc_mail_replication_state"][(("state", "running"),)] == 1
+    assert got["yimaporc_mail_replication_under_replicated"] == {(): 5}
+    assert got["yimaporc_mail_replication_repaired_total"] == {(): 7}
     assert got["yimaporc_mail_buckets"] == {(("member", "p1"),): 128, (("member", "p2"),): 128}
     assert got["yimaporc_mail_cluster_rpc_calls_total"] == {(("command", "deliver"),): 9}
     for family in text_string_to_metric_families(text):

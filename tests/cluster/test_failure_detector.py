@@ -221,3 +221,45 @@ def test_answer_from_another_view_makes_the_neighbour_coordinate() -> None:
     assert ping_answer(a, 0.5, 9, True, 2) == []  # its commit to us may be on its way
     assert len(ping_answer(a, 1.0, 9, True, 3)) == 1
     assert ping_answer(a, 1.5, 5, True, 4) == []  # caught up (here: b went back to ours)
+
+
+def test_rpc_timeout_to_the_target_starts_the_suspicion_at_once() -> None:
+    """An RPC to b (a's ping target) times out at 0.2 s, before any ping went
+    unanswered: a suspects b now, asks c to probe it, and accuses b at 0.2 + 2.5 s
+    instead of 3.0 s."""
+    a = in_view(A)
+    drive(a, 0.2)
+    out = a.rpc_timeout(B.address, 0.2)
+    assert a.detector["rpc_timeouts"] == 1 and a.detector["suspected_by_rpc"] == 1
+    assert [s.address for s in sends(out, Ping)][:1] == [B.address]
+    (req,) = sends(out, PingReq)
+    assert req.address == C.address and isinstance(req.body, PingReq)
+    a.receive(hdr(C, 50), IndirectAck(req.body.nonce, "b", False, 0), 0.21)  # c: "silent"
+    drive(a, 2.65)
+    assert a.detector["accused"] == 0
+    drive(a, 2.75)
+    assert a.detector["accused"] == 1 and a.in_round
+
+
+def test_rpc_timeout_of_a_live_target_is_refuted_by_its_answer() -> None:
+    """b timed out on an RPC but answers the ping that follows: no accusation."""
+    a = in_view(A)
+    out = a.rpc_timeout(B.address, 0.2)
+    (ping,) = [s for s in sends(out, Ping) if s.address == B.address]
+    assert isinstance(ping.body, Ping)
+    a.receive(hdr(B, 3), Ack(5, ping.body.nonce, True), 0.25)
+    for k in range(1, 12):  # b answers every ping from now on
+        t = 0.25 + k * 0.5
+        for s in sends(a.tick(t), Ping):
+            if s.address == B.address and isinstance(s.body, Ping):
+                a.receive(hdr(B, 3 + k), Ack(5, s.body.nonce, True), t + 0.01)
+    assert a.detector["accused"] == 0 and not a.in_round
+
+
+def test_rpc_timeout_to_a_member_not_monitored_here_is_only_counted() -> None:
+    """c is monitored by its own neighbour, not by a: the timeout is counted, nothing
+    is sent and no suspicion starts; an unknown address changes nothing."""
+    a = in_view(A)
+    assert a.rpc_timeout(C.address, 0.2) == []
+    assert a.rpc_timeout("10.9.9.9:1", 0.2) == []
+    assert a.detector["rpc_timeouts"] == 1 and a.detector["suspected"] == 0

@@ -113,6 +113,8 @@ def test_client_call_and_timeout_on_silent_peer() -> None:
     client = RpcClient(
         reactor, KEY, "c", scope=SCOPE, timeout=5.0, endpoint_for=lambda address: endpoint
     )
+    timed_out: list[str] = []
+    client.on_timeout = timed_out.append
     d = client.call("10.0.0.1:7946", Echo, payload=b"x" * 70_000)
     pump = completer.succeedOnce()
     assert pump is not None
@@ -124,6 +126,20 @@ def test_client_call_and_timeout_on_silent_peer() -> None:
     reactor.advance(5.1)
     with pytest.raises(PeerUnavailable):
         result_of(d2)
+    assert timed_out == ["10.0.0.1:7946"]  # the failure detector hears of it
+
+
+def test_refused_connection_is_no_timeout_for_the_detector() -> None:
+    """A refused connection fails the call, but is not reported as a timeout."""
+    reactor, endpoint, completer = memory_peer(RpcRegistry())
+    client = RpcClient(reactor, KEY, "c", scope=SCOPE, endpoint_for=lambda address: endpoint)
+    timed_out: list[str] = []
+    client.on_timeout = timed_out.append
+    d = client.call("10.0.0.9:7946", Echo, payload=b"")
+    completer.failOnce(Failure(ConnectionRefusedError()))
+    with pytest.raises(PeerUnavailable):
+        result_of(d)
+    assert timed_out == []
 
 
 def test_client_peer_down_is_peer_unavailable() -> None:
@@ -134,3 +150,27 @@ def test_client_peer_down_is_peer_unavailable() -> None:
     completer.failOnce(Failure(ConnectionRefusedError()))
     with pytest.raises(PeerUnavailable, match=re.escape("10.0.0.9:7946")):
         result_of(d)
+
+
+def test_peer_unavailable_says_whether_the_request_was_sent() -> None:
+    """A timeout after the request went out is ``maybe_done`` (the peer may run it);
+    a refused connection is not."""
+    server_registry = RpcRegistry()
+    server_registry.register(Slow, lambda: Deferred())
+    reactor, endpoint, completer = memory_peer(server_registry)
+    client = RpcClient(
+        reactor, KEY, "c", scope=SCOPE, timeout=5.0, endpoint_for=lambda address: endpoint
+    )
+    d = client.call("10.0.0.1:7946", Slow)
+    pump = completer.succeedOnce()
+    assert pump is not None
+    pump.flush()
+    reactor.advance(5.1)
+    with pytest.raises(PeerUnavailable) as sent:
+        result_of(d)
+    assert sent.value.maybe_done
+    refused = client.call("10.0.0.9:7946", Slow)
+    completer.failOnce(Failure(ConnectionRefusedError()))
+    with pytest.raises(PeerUnavailable) as unsent:
+        result_of(refused)
+    assert not unsent.value.maybe_done

@@ -149,10 +149,12 @@ IMAP_HOSTILE = [
     (b"SEARCH OR", b"BAD"), (b"SEARCH NOT", b"BAD"), (b"SEARCH 1:abc", b"BAD"),
     (b"FETCH 1 (BODY[1.2.3])", b"OK"), (b"FETCH 1 (BODY[HEADER.FIELDS])", b"BAD"),
     (b"FETCH 1 (BODY[)", b"BAD"), (b"FETCH 1:x FLAGS", b"BAD"), (b"FETCH 0 FLAGS", b"BAD"),
-    (b"FETCH *:* FLAGS", b"BAD"), (b"UID FETCH 1:y FLAGS", b"BAD"), (b"COPY 1 Missing", b"NO"),
-    (b"STATUS INBOX (FOO)", b"BAD"), (b'SELECT "&@@@-"', b"NO"), (b"\xff\xfe", b"BAD"),
+    (b"FETCH *:* FLAGS", b"OK"), (b"UID FETCH 1:y FLAGS", b"BAD"), (b"COPY 1 Missing", b"NO"),
+    (b"STATUS INBOX (FOO)", b"BAD"), (b"\xff\xfe", b"BAD"),
     (b"FETCH 1:* (ENVELOPE BODYSTRUCTURE BODY)", b"OK"),
     (b'LIST "" "' + b"*x" * 40 + b'y"', b"OK"), (b'LIST "" "' + b"%*" * 200 + b'"', b"OK"),
+    # last: a failed SELECT leaves the session unselected (RFC 3501 6.3.1)
+    (b'SELECT "&@@@-"', b"NO"),
 ]  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Real nodes on 127.0.113.x: Prometheus ``/metrics`` and the dashboard in headless Chromium.
+"""Real nodes on 127.0.127.x: Prometheus ``/metrics`` and the dashboard in headless Chromium.
 
 Three ``porcupine-node`` processes; every node's ``/metrics`` parses with
 prometheus_client's own parser and agrees with its ``/api/status``; Debian's
@@ -6,7 +6,10 @@ Chromium loads ``/`` from one node, runs its JavaScript without an error and sho
 all three nodes up; after SIGKILL of one node the page shows it unreachable or gone.
 The operator CLI (``mail users``, ``status --watch``, ``media rm``, ``--json``) runs
 against the same real nodes; a yima pair covers the yima metrics, ``media rm`` and the
-dashboard's disks and streaming tables.
+dashboard's disks, streaming and running-sessions tables while a player streams.
+
+``YIMAPORC_SCREENSHOTS=DIR`` writes the screenshots docs/ shows (dashboard.png,
+dashboard-node-down.png, dashboard-yima.png) into DIR.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import smtplib
 import subprocess
 import sys
 import urllib.request
@@ -25,14 +29,16 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from yimaporc.testing.chromium import Browser, Page
 from yimaporc.testing.procs import NodeProc, mail_node, three_nodes, views_agree, wait_for
+from yimaporc.yima.media.sample import make_sample_ts
 
 PORT, ADMIN, SMTP, RTSP = 7946, 8080, 2525, 8554
 ROW = re.compile(r'<tr[^>]*data-node="([^"]+)"[^>]*data-health="([^"]+)"')
 
 
 def host(i: int) -> str:
-    return f"127.0.113.{i}"
+    return f"127.0.127.{i}"
 
 
 def make_node(tmp_path: Path, i: int, secret: Path) -> NodeProc:
@@ -69,6 +75,52 @@ def browse(url: str, profile: Path, *, screenshot: Path | None = None) -> tuple[
     args += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
     done = subprocess.run([*args, url], capture_output=True, text=True, timeout=90, check=False)
     return done.stdout, done.stderr
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    """A headless Chromium driven over the DevTools protocol (real time, one live page)."""
+    b = Browser(chromium(), tmp_path / "live-profile")
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+MEMBERS = """Object.fromEntries(Array.from(document.querySelectorAll("#members tbody tr"))
+             .map(tr => [tr.dataset.node, tr.dataset.health]))"""
+BUCKETS = """Object.fromEntries(Array.from(document.querySelectorAll("#bucket-map span"))
+             .map(s => [s.dataset.member, +s.dataset.buckets]))"""
+SESSIONS = """Array.from(document.querySelectorAll("#session-table tbody tr"))
+              .map(tr => Array.from(tr.cells).map(td => td.textContent))"""
+
+
+def points(page: Page, chart: str) -> int:
+    """Samples drawn on the chart ``chart`` (0 while it does not exist)."""
+    got = page.evaluate(
+        f"(document.getElementById('chart-{chart}') || {{dataset: {{}}}}).dataset.points"
+    )
+    return int(got or 0)
+
+
+def page_errors(page: Page) -> list[str]:
+    """What the page caught itself (its #errors box) and what Chromium reported."""
+    caught = page.evaluate("document.getElementById('errors').textContent") or ""
+    return ([caught] if caught.strip() else []) + page.errors()
+
+
+def screenshot(name: str) -> Path | None:
+    """Where to write the screenshot ``name`` (``YIMAPORC_SCREENSHOTS``), if asked."""
+    folder = os.environ.get("YIMAPORC_SCREENSHOTS")
+    return Path(folder) / name if folder else None
+
+
+def segments(dom: str) -> dict[str, int]:
+    """member -> buckets of the bucket-map bar."""
+    return {
+        m: int(n)
+        for m, n in re.findall(r'<span[^>]*data-member="([^"]+)"[^>]*data-buckets="(\d+)"', dom)
+    }
 
 
 def rows(dom: str) -> dict[str, str]:
@@ -123,27 +175,62 @@ def test_metrics_parse_and_match_status(cluster: list[NodeProc]) -> None:
         assert counts == {k: v for k, v in got["yimaporc_rpc_calls_total"].items()}
 
 
-def test_dashboard_shows_cluster_and_a_killed_node(cluster: list[NodeProc], tmp_path: Path) -> None:
-    """Chromium renders / with all three nodes up, no JS error; after SIGKILL of p3 the
-    page shows p3 unreachable or gone and the others up."""
-    url = cluster[0].admin_url + "/"
-    dom, log = browse(url, tmp_path / "profile")
-    assert js_errors(dom, log) == []
-    assert rows(dom) == {"p1": "up", "p2": "up", "p3": "up"}, dom[-3000:]
-    assert "Mail (Porcupine)" in dom and "bucket map" in dom
-    shot = os.environ.get("YIMAPORC_DASHBOARD_PNG")
-    if shot:
-        browse(url, tmp_path / "profile", screenshot=Path(shot))
+def send_mail(node: NodeProc, n: int) -> None:
+    """``n`` messages to ops@example.org over SMTP to ``node``."""
+    with smtplib.SMTP(node.host, SMTP, timeout=30) as s:
+        for i in range(n):
+            s.sendmail("a@remote.test", ["ops@example.org"], f"Subject: {i}\r\n\r\nhi\r\n")
+
+
+def test_dashboard_shows_cluster_and_a_killed_node(
+    cluster: list[NodeProc], browser: Browser
+) -> None:
+    """One live page in Chromium shows all three nodes up, the bucket map, mail rates and
+    replication lag, with charts filling over real seconds and no JS error; after SIGKILL
+    of p3 the same page shows p3 unreachable or gone, then the bucket map without p3.
+    Mail sent meanwhile moves the delivery histogram and the SMTP counters in /metrics."""
+    p1 = cluster[0]
+    run_cli(p1, "mail", "adduser", "ops@example.org", "--password", "pw", "--replicas", "2")
+    send_mail(p1, 3)
+    got = scrape(p1)
+    assert got["yimaporc_mail_delivery_duration_seconds_count"][()] == 3
+    assert got["yimaporc_mail_sessions_total"][(("protocol", "smtp"),)] >= 1
+    assert got["yimaporc_mail_commands_total"][(("protocol", "smtp"),)] >= 3 * 3 + 1
+    assert got["yimaporc_reactor_lag_seconds_count"][()] > 0
+    assert got["yimaporc_membership_suspicions_total"][()] >= 0
+    page = browser.open(p1.admin_url + "/")
+    wait_for(lambda: page.evaluate(MEMBERS) == {"p1": "up", "p2": "up", "p3": "up"}, 30,
+             "the page to show three nodes up", interval=0.5)  # fmt: skip
+    buckets = page.evaluate(BUCKETS)
+    assert set(buckets) == {"p1", "p2", "p3"} and sum(buckets.values()) == 256
+    text = page.evaluate("document.body.innerText")
+    assert "Mail (Porcupine)" in text and "replication lag" in text
+    send_mail(p1, 5)  # between two polls: a rate to show
+    # two polls or more per node on the charts: they draw lines, not dots
+    wait_for(lambda: points(page, "mail") >= 3 and points(page, "lag") >= 9, 40,
+             "the charts to fill", interval=0.5)  # fmt: skip
+    accepted = page.evaluate(
+        "document.querySelector('#mail-table tr[data-node=\"p1\"]').cells[2].textContent"
+    )
+    assert accepted == "8"
+    assert page_errors(page) == []
+    shot = screenshot("dashboard.png")
+    if shot:  # for docs/: half a minute of mail on the charts first
+        wait_for(lambda: send_mail(p1, 2) or points(page, "mail") >= 45, 120, "30 s of mail",
+                 interval=0.3)  # fmt: skip
+        page.screenshot(shot)
     cluster[2].kill(signal.SIGKILL)
-
-    def p3_down() -> dict[str, str] | None:
-        dom, log = browse(url, tmp_path / "profile")
-        assert js_errors(dom, log) == []
-        got = rows(dom)
-        return got if got.get("p3") in ("unreachable", "gone") else None
-
-    got = wait_for(p3_down, 60, "the page to show p3 down", interval=1.0)
-    assert got["p1"] == "up" and got["p2"] in ("up", "degraded")
+    wait_for(lambda: page.evaluate(MEMBERS).get("p3") in ("unreachable", "gone"), 30,
+             "the same page to show p3 down", interval=0.5)  # fmt: skip
+    members = page.evaluate(MEMBERS)
+    assert members["p1"] == "up" and members["p2"] in ("up", "degraded")
+    wait_for(lambda: set(page.evaluate(BUCKETS)) == {"p1", "p2"}, 60,
+             "the bucket map to drop p3", interval=0.5)  # fmt: skip
+    assert sum(page.evaluate(BUCKETS).values()) == 256
+    assert page_errors(page) == []
+    shot = screenshot("dashboard-node-down.png")
+    if shot:
+        page.screenshot(shot)
 
 
 def run_cli(node: NodeProc, *args: str) -> str:
@@ -171,7 +258,7 @@ def test_operator_cli_on_real_mail_nodes(cluster: list[NodeProc]) -> None:
     wait_for(lambda: scrape(p1)["yimaporc_mail_users"][()] == 1, 20, "metrics to count the user")
 
 
-YIMA_HOST = "127.0.113.{}"
+YIMA_HOST = "127.0.127.{}"
 
 
 @pytest.fixture
@@ -226,3 +313,53 @@ def test_yima_metrics_media_rm_and_dashboard(yima_pair: list[NodeProc], tmp_path
     assert rows(dom) == {"y1": "up", "y2": "up"}
     assert sorted(re.findall(r'data-disk="([^"]+)"', dom)) == ["y1-0", "y1-1", "y2-0", "y2-1"]
     assert "Media (Yima)" in dom
+
+
+def test_dashboard_shows_running_sessions_while_a_player_streams(
+    yima_pair: list[NodeProc], tmp_path: Path, browser: Browser
+) -> None:
+    """While ``yimaporc play`` streams a clip from both nodes, a live page lists the
+    session (its media, both nodes serving it, its bit rate, packets sent) and the disks'
+    fill, without a JS error; /metrics counts block-cache misses and late packets."""
+    y1, y2 = yima_pair
+    shot = screenshot("dashboard-yima.png")
+    seconds = 40 if shot else 20  # for docs/: long enough to chart half a minute of it
+    clip = make_sample_ts(tmp_path / "clip.ts", seconds)
+    run_cli(y1, "media", "ingest", str(clip), "--name", "clip", "--block-size", "13160")
+    player = subprocess.Popen(
+        [sys.executable, "-m", "yimaporc.cli", "play", f"rtsp://{y1.host}:{RTSP}/clip",
+         "--duration", str(seconds - 5), "--bind", YIMA_HOST.format(30), "--out", str(tmp_path / "out.ts"),
+         "--stats", str(tmp_path / "stats.json")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+
+        def serving() -> bool:
+            return all((n.status() or {}).get("streaming", {}).get("running") for n in yima_pair)
+
+        wait_for(serving, 30, "both nodes to serve the session")
+        page = browser.open(y2.admin_url + "/")
+
+        def session_with_rate() -> list[str] | None:
+            rows = page.evaluate(SESSIONS)
+            return rows[0] if len(rows) == 1 and rows[0][3] not in ("", "\u2013") else None
+
+        cells = wait_for(session_with_rate, 30, "the session and its bit rate", interval=0.5)
+        assert cells[1] == "clip" and cells[2] == "y1, y2"
+        assert float(cells[3]) > 0 and int(cells[4]) > 0
+        disks = page.evaluate("Array.from(document.querySelectorAll('#disk-table tr[data-disk]'))"
+                              ".map(tr => tr.dataset.disk)")  # fmt: skip
+        assert sorted(disks) == ["y1-0", "y1-1", "y2-0", "y2-1"]
+        got = scrape(y1)
+        assert got["yimaporc_yima_block_cache_misses_total"][()] > 0
+        assert () in got["yimaporc_yima_block_cache_hits_total"]
+        assert () in got["yimaporc_yima_late_packets_total"]
+        assert got["yimaporc_yima_sessions"][(("mode", "bipartite"),)] == 1
+        wait_for(lambda: points(page, "mbits") >= 4, 30, "the bit-rate chart", interval=0.5)
+        assert page_errors(page) == []
+        if shot:  # for docs/: half a minute on the charts first
+            wait_for(lambda: points(page, "mbits") >= 30, 60, "the clip's charts", interval=0.5)
+            page.screenshot(shot)
+    finally:
+        player.kill()
+        player.wait()

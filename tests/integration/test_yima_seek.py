@@ -185,7 +185,9 @@ def test_seek_latency_by_position_and_rtp_info(seek_cluster: list[NodeProc]) -> 
         assert _seq(first) == seq
         assert int.from_bytes(first[4:8], "big") == rtptime
         start = float(hdrs["range"][4:].split("-")[0])
-        assert abs(start - DURATION * frac) < 0.5, hdrs["range"]
+        # From the PAT before the keyframe at or before the position (1 s GOPs, and the
+        # keyframe's bytes go out up to the mux delay before it is shown).
+        assert DURATION * frac - 2.0 <= start <= DURATION * frac + 1e-3, hdrs["range"]
 
 
 def test_seek_while_playing_keeps_seq_continuous_and_plain_rtp(
@@ -214,7 +216,7 @@ def test_seek_while_playing_keeps_seq_continuous_and_plain_rtp(
             after = c.next_rtp()
             assert seq == (_seq(before) + 1) & 0xFFFF, (target, _seq(before), seq)
             assert _seq(after) == seq and int.from_bytes(after[4:8], "big") == rtptime
-            assert abs(float(hdrs["range"][4:].split("-")[0]) - target) < 0.5
+            assert target - 2.0 <= float(hdrs["range"][4:].split("-")[0]) <= target + 1e-3
         print("PLAY Range while playing, latency (s):", [round(x, 3) for x in latencies])
         assert max(latencies) < 1.0, latencies
         for _ in range(20):
@@ -222,7 +224,7 @@ def test_seek_while_playing_keeps_seq_continuous_and_plain_rtp(
         status, hdrs = c.request("PAUSE", URL)
         assert " 200 " in status and hdrs["range"].startswith("npt="), hdrs
         paused_at = float(hdrs["range"][4:].split("-")[0])
-        assert 5.0 <= paused_at < 8.0, paused_at
+        assert 3.0 <= paused_at < 8.0, paused_at  # from the keyframe at or before 5 s
         # What was sent before the pause instant may still arrive after PAUSE's answer;
         # PLAY resumes with the packet RTP-Info names, the next in line.
         mark = len(c.frames)

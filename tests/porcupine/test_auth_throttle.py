@@ -15,9 +15,14 @@ from twisted.mail import imap4
 from twisted.python.failure import Failure
 
 from yimaporc.cluster.rpc import PeerUnavailable
-from yimaporc.porcupine._imap import MailImapServer
+from yimaporc.porcupine._guard import ClientErrors
 from yimaporc.porcupine._pop3 import MailPOP3
 from yimaporc.porcupine.auth import ThrottledPortal, login_address
+from yimaporc.porcupine.imap_backend import (
+    MailboxRegistry,
+    PorcupineImapBackend,
+)
+from yimaporc.porcupine.imap_server import PorcupineImapFactory
 from yimaporc.porcupine.throttle import AuthThrottle, LoginThrottled, ThrottlePolicy, source_key
 
 A, B = "10.0.0.1", "10.0.0.2"
@@ -244,19 +249,23 @@ def test_adapter_one_check_at_a_time_per_connection() -> None:
 # --- protocol replies --------------------------------------------------------------
 
 
+def imap_server(portal: Any, clock: Clock, errors: ClientErrors | None = None) -> Any:
+    """A connection of the node's IMAP factory whose logins go through ``portal``."""
+    errors = errors or ClientErrors(clock.seconds)
+    backend = PorcupineImapBackend(portal, MailboxRegistry(), clock, errors)
+    return PorcupineImapFactory(backend, lambda p, addr: portal, errors, clock).buildProtocol(None)
+
+
 def test_imap_login_replies_carry_rfc5530_codes() -> None:
     """IMAP: a wrong password is NO [AUTHENTICATIONFAILED], a throttled one NO [UNAVAILABLE]."""
     clock, checker = Clock(), Checker({ALICE: "right"})
     t = AuthThrottle(ThrottlePolicy(delay=0, pair_failures=1, per_connection=5))
-    server = MailImapServer(clock, 1000)
     portal, _ = adapter(t, clock, checker)
-    server.portal = portal  # type: ignore[assignment]
+    server = imap_server(portal, clock)
     tr = StringTransport()
     server.makeConnection(tr)
     tr.clear()
     server.dataReceived(b"a1 LOGIN alice bad\r\na2 LOGIN alice right\r\n")
-    for _ in range(3):
-        clock.advance(0)  # pipelined commands run one at a time, a reactor turn apart
     lines = tr.value().split(b"\r\n")
     assert lines[0].startswith(b"a1 NO [AUTHENTICATIONFAILED]")
     assert lines[1].startswith(b"a2 NO [UNAVAILABLE]")
@@ -330,14 +339,14 @@ def test_imap_login_with_the_profile_node_unavailable_is_no_unavailable() -> Non
         def login(self, *a: Any) -> Any:
             return fail(PeerUnavailable("127.0.0.9:7946: timed out"))
 
-    server = MailImapServer(Clock(), 1000)
-    server.portal = DownPortal()  # type: ignore[assignment]
+    errors = ClientErrors(Clock().seconds)
+    server = imap_server(DownPortal(), Clock(), errors)
     tr = StringTransport()
     server.makeConnection(tr)
     tr.clear()
     with capturedLogs() as events:
         server.dataReceived(b"a1 LOGIN alice pw\r\n")
     assert tr.value().startswith(b"a1 NO [UNAVAILABLE]")
-    assert server.errors.counts["imap.login_peer_unavailable"] == 1
+    assert errors.counts["imap.login_peer_unavailable"] == 1
     assert not [e for e in events if e.get("log_failure") is not None]
     server.connectionLost(Failure(ConnectionError()))

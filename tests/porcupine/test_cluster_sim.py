@@ -516,11 +516,10 @@ def test_open_imap_mailboxes_poll_for_mail_stored_elsewhere(net: Net) -> None:
 
     class Box:
         name = INBOX
-        mail = SimpleNamespace(address=f"x@{DOMAIN}")  # the shape ImapMailbox has
+        mail = SimpleNamespace(address=f"x@{DOMAIN}")  # the shape PorcupineMailbox has
 
-        def arrived(self) -> Deferred[None]:
+        def changed(self) -> None:
             polled.append(self.name)
-            return Deferred()
 
     box = Box()
     n1.mail.registry.open(box)  # type: ignore[arg-type]
@@ -533,3 +532,38 @@ def test_open_imap_mailboxes_poll_for_mail_stored_elsewhere(net: Net) -> None:
         assert polled == [INBOX], "closed mailboxes are not polled"
     finally:
         n1.cluster.stopService()
+
+
+def test_load_counts_fetches_deletions_and_flag_changes_in_progress(net: Net) -> None:
+    """The load figure is the node's outstanding disk work: a fetch, a deletion and a
+    flag change still running on n1's disk count like stores, and stop counting when
+    they end (also when they fail)."""
+    cluster = net.nodes["n1"].cluster
+    box = cluster._local_mailboxes
+    waiting: list[Deferred[Any]] = []
+
+    class Disk:
+        node_id = "n1"
+
+        def __getattr__(self, name: str) -> Any:
+            def op(*args: Any) -> Deferred[Any]:
+                d: Deferred[Any] = Deferred()
+                waiting.append(d)
+                return d
+
+            return op
+
+    box.inner = Disk()
+    base = cluster.inflight
+    box.fetch("u@example.org", "INBOX", [1])
+    box.delete("u@example.org", "INBOX", [2])
+    box.set_flags("u@example.org", "INBOX", [3], ["\\Seen"], 1)
+    box.copy("u@example.org", "INBOX", [3], "Other")
+    assert cluster.inflight == base + 4 and cluster.load() >= 4
+    waiting[0].callback({1: b"x"})
+    waiting[1].errback(RuntimeError("disk"))
+    waiting[1].addErrback(lambda f: None)
+    assert cluster.inflight == base + 2
+    for d in waiting[2:]:
+        d.callback(None)
+    assert cluster.inflight == base

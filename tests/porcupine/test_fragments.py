@@ -15,6 +15,7 @@ from yimaporc.porcupine.values import (
     NewMessage,
     NoSuchMailbox,
 )
+from yimaporc.testing.pytest_plugin import LoggedFailures
 
 A = "alice@example.org"
 B = "bob@example.org"
@@ -204,7 +205,9 @@ def test_change_listener_hears_stores(mailbox_manager: MailboxManager) -> None:
     assert heard == [(A, INBOX)]
 
 
-def test_broken_batch_fails_callers_and_recovers(mailbox_manager: MailboxManager) -> None:
+def test_broken_batch_fails_callers_and_recovers(
+    mailbox_manager: MailboxManager, logged_failures: LoggedFailures
+) -> None:
     """An unexpected error in the commit phase fails that batch's callers; later stores work."""
     real = mailbox_manager._commit
 
@@ -217,3 +220,4 @@ def test_broken_batch_fails_callers_and_recovers(mailbox_manager: MailboxManager
         result_of(d)
     mailbox_manager._commit = real  # type: ignore[method-assign]
     assert result_of(mailbox_manager.store([msg(A, b"y")]))[0].uid == 1
+    assert len(logged_failures.take(RuntimeError)) == 1  # "group commit failed"

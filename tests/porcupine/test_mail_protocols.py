@@ -1,4 +1,4 @@
-"""Protocol pieces without sockets: ESMTP ordering and limits, POP3 dot-stuffing, MIME slicing."""
+"""Protocol pieces without sockets: ESMTP ordering and limits, POP3 dot-stuffing (IMAP's pieces: tests/imap)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.mail import imap4, smtp
+from twisted.mail import smtp
 
-from yimaporc.porcupine._imap import _expand, parse_append_date
-from yimaporc.porcupine._mime import MimePart
 from yimaporc.porcupine._pop3 import dot_stuff
 from yimaporc.porcupine._smtp import MailESMTP
 from yimaporc.porcupine.delivery import Recipient, SmtpPolicy
@@ -119,34 +117,3 @@ def test_dot_stuffing() -> None:
     assert dot_stuff(body) == b"A: 1\r\n\r\n..one\r\ntwo\r\n...three\r\n"
     assert dot_stuff(body, 1) == b"A: 1\r\n\r\n..one\r\n"
     assert dot_stuff(body, 0) == b"A: 1\r\n\r\n"
-
-
-def test_mime_header_block_and_parts() -> None:
-    """Header fields keep their octets; multipart bodies split at boundaries."""
-    raw = (
-        b"Received: a\r\n b-cont\r\nSubject: s\r\nContent-Type: multipart/alternative;"
-        b' boundary="b1"\r\n\r\n--b1\r\n\r\nplain\r\n--b1\r\nContent-Type: text/html\r\n\r\n<p>\r\n--b1--\r\n'
-    )
-    m = MimePart(raw)
-    assert m.header_block([b"RECEIVED"], False) == b"Received: a\r\n b-cont\r\n\r\n"
-    assert m.header_block(["subject"], True).startswith(b"Received: a\r\n b-cont\r\nContent-Type")
-    assert m.isMultipart()
-    assert m.getSubPart(0).raw == b"\r\nplain" and m.getSubPart(1).body == b"<p>"
-    assert m.getSubPart(0).getHeaders(False, "content-type") == {
-        "content-type": "text/plain; charset=us-ascii"
-    }
-
-
-def test_mime_without_body() -> None:
-    """A message with no blank line is all header; its body is empty."""
-    m = MimePart(b"Subject: only")
-    assert m.body == b"" and m.head == b"Subject: only\r\n\r\n" and m.getSize() == 13
-
-
-def test_append_date_and_huge_ranges() -> None:
-    """APPEND dates parse (bad ones give 0); huge UID ranges are clamped, not iterated."""
-    assert parse_append_date(b"01-Jan-2024 00:00:00 +0000") == 1704067200.0
-    assert parse_append_date(b"yesterday") == 0.0
-    ms = imap4.parseIdList(b"1:4294967295")
-    assert list(_expand(ms, 3)) == [1, 2, 3]
-    assert list(_expand(imap4.parseIdList(b"2:*"), 4)) == [2, 3, 4]

@@ -30,6 +30,7 @@ from yimaporc.porcupine.outbound import (
     parse_hostport,
     settle,
 )
+from yimaporc.testing.pytest_plugin import LoggedFailures
 
 T0 = 1_700_000_000.0
 
@@ -354,7 +355,9 @@ def test_smarthost_options_fail_fast(tmp_path: Path) -> None:
         Options().parseOptions([*base, "--smarthost", "r:587", "--smarthost-auth-file", str(auth)])
 
 
-def test_a_local_error_backs_off_instead_of_retrying_in_a_loop(tmp_path: Path) -> None:
+def test_a_local_error_backs_off_instead_of_retrying_in_a_loop(
+    tmp_path: Path, logged_failures: LoggedFailures
+) -> None:
     """A bounce that cannot be delivered (a local error) leaves the message queued with the
     next attempt a backoff step away, not retried at every wake-up."""
     spool(tmp_path / "outbound", "m1", "alice@example.org", ["nobody@remote.test"], b"x\r\n")
@@ -375,6 +378,7 @@ def test_a_local_error_backs_off_instead_of_retrying_in_a_loop(tmp_path: Path) -
     assert reactor.tcpClients == []
     reactor.advance(1)
     assert len(reactor.tcpClients) == 1
+    assert logged_failures.take(RuntimeError)  # "outbound: attempt for m1 failed"
 
 
 def test_a_message_file_removed_by_hand_is_dropped_from_the_queue(tmp_path: Path) -> None:

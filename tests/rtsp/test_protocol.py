@@ -34,8 +34,9 @@ from yimaporc.rtsp import (
     SessionState,
     TransportSpec,
     parse_transport,
+    sdp,
 )
-from yimaporc.yima import sdp
+from yimaporc.testing.pytest_plugin import LoggedFailures
 
 URL = "rtsp://127.0.2.1:8554/sample"
 TRACK = URL + "/trackID=0"
@@ -221,7 +222,9 @@ def test_describe_object_is_serialized() -> None:
         (b"OPTIONS * RTSP/1.0\r\nCSeq: 1\r\nRequire: implicit-play\r\n\r\n", 551),
     ],
 )
-def test_request_errors_keep_the_connection(data: bytes, status: int) -> None:
+def test_request_errors_keep_the_connection(
+    data: bytes, status: int, logged_failures: LoggedFailures
+) -> None:
     """Per-request errors answer their status with the CSeq and leave the connection open."""
     s = _server()
     s.client._pending[1] = ("X", "x")
@@ -232,6 +235,8 @@ def test_request_errors_keep_the_connection(data: bytes, status: int) -> None:
     s.client._pending[2] = ("OPTIONS", "*")
     (r,) = s.send(b"OPTIONS * RTSP/1.0\r\nCSeq: 2\r\n\r\n")
     assert isinstance(r, Response) and r.status == 200
+    # A handler that raises (the 500 case) is logged with its traceback.
+    assert bool(logged_failures.take()) == (status == 500)
 
 
 @pytest.mark.parametrize(

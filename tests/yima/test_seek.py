@@ -25,7 +25,7 @@ from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.placement import LogicalDisk
 from yimaporc.yima.relay import Reorderer, rewrite
 from yimaporc.yima.rtp import RtpHeaderTemplate
-from yimaporc.yima.rtspservice import YimaStreamingService
+from yimaporc.yima.rtspservice import RELAY_LEAD, YimaStreamingService
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, NodeScheduler
 
 # --- the time index -------------------------------------------------------------------
@@ -225,11 +225,12 @@ def test_play_seek_pause_play_keeps_seq_continuous_and_rtp_info_exact() -> None:
         for _ in range(int(seconds * 100)):
             reactor.advance(0.01)
 
-    run(2.0)
+    # The relay plays RELAY_LEAD behind what the nodes send: 2 s of playing take longer.
+    run(2.0 + RELAY_LEAD)
     for start in (20.0, 5.0):
         marks.append(len(out))
         replies.append(_reply(svc.play(session, NptRange(start, None))))
-        run(2.0)
+        run(2.0 + RELAY_LEAD)
     paused = _reply(svc.pause(session))
     run(1.0)
     marks.append(len(out))
@@ -302,20 +303,21 @@ def test_seek_to_the_very_end_ends_the_stream_with_bye() -> None:
 
 def test_seek_restarts_a_taken_over_share_with_its_index_and_blocks() -> None:
     """After a takeover, a seek restarts the departed node's share here: same blocks,
-    same node index, the session's new internal SSRC, from the new position."""
+    same (takeover) node index, the session's new internal SSRC, from the new position."""
     svc, _, _ = one_node()
     session = _session(svc)
     _reply(svc.play(session, NptRange(0.0, None)))
     plan = svc.plans["S1"]
     plan.members = ("a", "b")
     plan.takeovers["b"] = "S1+b"
+    plan.takeover_index["b"] = 2
     svc.streaming.start(session="S1+b", media="clip", start_ct=0.0, start_mt=0.0, host="h",
                         port=1, ssrc=plan.node_ssrc, seq_base=plan.seq_base, ts_base=0,
-                        node_index=1, all_blocks=False, blocks=[1, 3, 5])  # fmt: skip
+                        node_index=2, all_blocks=False, blocks=[1, 3, 5])  # fmt: skip
     _reply(svc.play(session, NptRange(4.0, None)))
     taken = svc.streaming.scheduler.sessions["S1+b"]
     dest = svc.streaming.destinations["S1+b"]
-    assert taken.my_blocks == (1, 3, 5) and dest.node_index == 1
+    assert taken.my_blocks == (1, 3, 5) and dest.node_index == 2
     assert dest.ssrc == plan.node_ssrc and (taken.peek() or (None,))[0] == 5
 
 

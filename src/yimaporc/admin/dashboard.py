@@ -40,6 +40,8 @@ TIMEOUT = 2.0
 FORGET_AFTER = 600.0
 #: ... and at most this many of them.
 MAX_FORMER = 32
+#: Sessions listed per yima node (the busiest).
+MAX_SESSIONS = 32
 #: A member whose reactor ran a timer this late (ms, over the last minute) is ``degraded``.
 LAG_DEGRADED_MS = 500.0
 
@@ -85,11 +87,14 @@ def summary(doc: Mapping[str, Any]) -> dict[str, Any]:
             "replication_oldest_pending_age": (
                 pending.get("age", 0.0) if isinstance(pending, dict) else 0.0
             ),
+            # {protocol: {sessions, open, commands}}: a handful of protocols
+            "sessions": dict(list((doc.get("mail_sessions") or {}).items())[:8]),
         }
     if "disks" in doc or doc.get("kind") == "yima":
         streaming = doc.get("streaming") or {}
         rtcp = streaming.get("rtcp") or {}
         media = doc.get("media") or []
+        reorg = (doc.get("storage") or {}).get("reorganisation") or {}
         out["yima"] = {
             "disks": [
                 _pick(d, "disk_id", "node_id", "capacity", "blocks", "stored", "fill")
@@ -106,6 +111,13 @@ def summary(doc: Mapping[str, Any]) -> dict[str, Any]:
             "handed_to_relay": streaming.get("handed_to_relay", 0),
             "nacked": rtcp.get("nacked", 0),
             "resent": rtcp.get("resent", 0),
+            "late_packets": streaming.get("late_packets", 0),
+            "cache_hits": streaming.get("cache_hits", 0),
+            "cache_misses": streaming.get("cache_misses", 0),
+            "reorg_planned": reorg.get("blocks_to_move", 0),
+            "reorg_moved": reorg.get("blocks_moved", 0),
+            # the sessions this node serves a share of (digests, not RTSP session ids)
+            "running": (streaming.get("running") or [])[:MAX_SESSIONS],
         }
     return out
 

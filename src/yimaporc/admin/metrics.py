@@ -28,6 +28,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
+    from ..cluster.histogram import HistogramFamily
     from ..cluster.node import ClusterNode
     from ..cluster.rpcstats import RpcCallStats
 
@@ -40,6 +41,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Datagram drop reasons always exported (0 until one happens), so alerts can refer to them.
 DROP_REASONS = ("bad_mac", "malformed", "replayed", "wrong_scope")
+#: Failure-detector events always exported (docs/cluster.md, "Failure detection").
+DETECTOR_EVENTS = ("suspected", "accused")
+#: Mail protocols whose sessions and commands are always exported.
+MAIL_PROTOCOLS = ("smtp", "submission", "pop3", "imap")
 
 _NAME_PART = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -147,14 +152,19 @@ def _common(out: _Families, doc: Mapping[str, Any], view_changes: int | None) ->
             mem.get("dropped_" + reason, 0),
             reason=_label_value(reason),
         )
-    for key, value in sorted(mem.items()):
-        if key.startswith("detector_"):
-            out.counter(
-                "yimaporc_membership_detector_events",
-                "Failure-detector events (suspicions, accusations, indirect probes...).",
-                value,
-                event=_label_value(key[9:]),
-            )
+    events = set(DETECTOR_EVENTS) | {k[9:] for k in mem if k.startswith("detector_")}
+    for event in sorted(events):
+        out.counter(
+            "yimaporc_membership_detector_events",
+            "Failure-detector events (suspicions, accusations, indirect probes...).",
+            mem.get("detector_" + event, 0),
+            event=_label_value(event),
+        )
+    out.counter(
+        "yimaporc_membership_suspicions",
+        "Times this node's failure detector began to suspect the member it watches.",
+        mem.get("detector_suspected", 0),
+    )
     out.gauge(
         "yimaporc_membership_local_health",
         "The failure detector's local health score (0 is healthy).",
@@ -242,6 +252,29 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
             protocol=_label_value(protocol),
             error=_label_value(error or "other"),
         )
+    sessions = doc.get("mail_sessions")
+    if isinstance(sessions, dict):
+        for proto in sorted(set(MAIL_PROTOCOLS) | set(sessions)):
+            row = sessions.get(proto) or {}
+            label = _label_value(str(proto))
+            out.counter(
+                "yimaporc_mail_sessions",
+                "Mail sessions (connections) accepted, by protocol.",
+                row.get("sessions", 0),
+                protocol=label,
+            )
+            out.gauge(
+                "yimaporc_mail_open_sessions",
+                "Mail sessions open now, by protocol.",
+                row.get("open", 0),
+                protocol=label,
+            )
+            out.counter(
+                "yimaporc_mail_commands",
+                "Mail protocol commands read from clients, by protocol.",
+                row.get("commands", 0),
+                protocol=label,
+            )
     out.gauge(
         "yimaporc_mail_imap_open_mailboxes",
         "Mailboxes IMAP sessions hold selected.",
@@ -367,6 +400,23 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
                 repl.get(key),
             )
         out.gauge(
+            "yimaporc_mail_replication_under_replicated",
+            "Messages below their R copies as this node knows (a replica out of reach, or a "
+            "copy this node should hold and has not re-created yet).",
+            repl.get("under_replicated"),
+        )
+        repair = repl.get("repair") or {}
+        out.counter(
+            "yimaporc_mail_replication_repaired",
+            "Copies this node re-created from its peers (re-replication).",
+            repair.get("repaired"),
+        )
+        out.counter(
+            "yimaporc_mail_replication_short_acks",
+            "Deliveries answered with fewer copies than R (the log completes them).",
+            repl.get("short_acks"),
+        )
+        out.gauge(
             "yimaporc_mail_replication_queued_actions",
             "Replication actions queued.",
             repl.get("queued_actions"),
@@ -428,6 +478,24 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
         "1 while a disk add/remove reorganisation runs.",
         storage.get("reorganising"),
     )
+    reorg = storage.get("reorganisation")
+    if isinstance(reorg, dict):
+        out.gauge(
+            "yimaporc_yima_reorg_planned_blocks",
+            "Blocks the current (or last) disk add/remove this node runs plans to move "
+            "(grows as each title is planned; compare yimaporc_yima_reorg_moved_blocks).",
+            reorg.get("blocks_to_move"),
+        )
+        out.gauge(
+            "yimaporc_yima_reorg_moved_blocks",
+            "Blocks the current (or last) disk add/remove this node runs has moved.",
+            reorg.get("blocks_moved"),
+        )
+        out.counter(
+            "yimaporc_yima_reorg_block_moves",
+            "Blocks moved by disk adds/removes this node ran, since it started.",
+            reorg.get("blocks_moved_total"),
+        )
     out.gauge(
         "yimaporc_yima_scaling_steps",
         "Scaling steps (disk adds/removes) in the placement history.",
@@ -462,8 +530,44 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
             "late_waits",
             "Scheduler ticks at which a due packet waited for its block (late sending).",
         ),
+        (
+            "late_packets",
+            "late_packets",
+            "RTP packets sent more than 50 ms after their deadline.",
+        ),
+        (
+            "cache_hits",
+            "block_cache_hits",
+            "Blocks a session needed that were already in the block cache.",
+        ),
+        (
+            "cache_misses",
+            "block_cache_misses",
+            "Blocks a session needed that had to be read from disk.",
+        ),
     ):
         out.counter(f"yimaporc_yima_{name}", text, streaming.get(key))
+    out.gauge(
+        "yimaporc_yima_shares_served",
+        "Session shares this node schedules (its own and any it took over).",
+        streaming.get("shares_served"),
+    )
+    for key, name, text in (
+        ("orphans_stopped", "orphan_shares_stopped", "Shares stopped as their RTSP node left."),
+        ("early_handovers", "early_handovers", "Shares taken over at a player's HANDOVER."),
+    ):
+        out.counter(f"yimaporc_yima_{name}", text, streaming.get(key))
+    relay = streaming.get("relay") or {}
+    for key, text in (
+        ("forwarded", "Packets the relays forwarded to standard players."),
+        ("skipped", "Packets the relays gave up (still missing when the next one was due)."),
+        ("overdue_nacked", "Overdue packets the relays asked of their owner again."),
+        ("early_takeovers", "Silent nodes' shares the relays had served from parity."),
+        ("duplicates", "Duplicate packets the relays dropped."),
+        ("too_late", "Packets that reached a relay after it had given them up."),
+        ("stale", "Packets of a position before a seek, dropped by the relays."),
+    ):
+        out.counter(f"yimaporc_yima_relay_{key}", text, relay.get(key))
     rtsp = doc.get("rtsp") or {}
     for key, text in (
         ("sessions", "RTSP sessions open on this node."),
@@ -515,6 +619,17 @@ def rpc_families(stats: RpcCallStats) -> list[Metric]:
     return [calls, errors, latency]
 
 
+def histogram_families(histograms: Iterable[HistogramFamily]) -> list[Metric]:
+    """The node's own histograms (reactor lag, mail delivery...)."""
+    out: list[Metric] = []
+    for fam in histograms:
+        metric = HistogramMetricFamily(fam.name, fam.doc, labels=list(fam.labels))
+        for key, hist in sorted(fam.series.items()):
+            metric.add_metric(list(key), hist.cumulative(), sum_value=hist.total)
+        out.append(metric)
+    return out
+
+
 class NodeCollector(Collector):
     """Collects ``node``'s metrics at every scrape, from its status as of then."""
 
@@ -528,6 +643,9 @@ class NodeCollector(Collector):
         stats = getattr(getattr(self.node, "rpc", None), "calls", None)
         if stats is not None:
             yield from rpc_families(stats)
+        histograms = getattr(self.node, "histograms", None)
+        if histograms is not None:
+            yield from histogram_families(histograms)
 
 
 class NodeMetrics:

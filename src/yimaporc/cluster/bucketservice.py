@@ -112,6 +112,7 @@ class BucketMapService:
             )
             return
         old_map, self.map = self.map, new_map
+        self._log_moves(old_map, new_map, new.epoch)
         self.away = away
         self.away_installs += away
         self._save()
@@ -121,6 +122,28 @@ class BucketMapService:
                 listener(old_map, new_map, fresh)
             except Exception:
                 self.log.failure("bucket map listener {l!r} failed", l=listener)
+
+    def _log_moves(self, old_map: BucketMap, new_map: BucketMap, epoch: int) -> None:
+        """One line when buckets changed manager: how many, and between whom."""
+        pairs: dict[tuple[str, str], int] = {}
+        for before, after in zip(old_map.owners, new_map.owners, strict=True):
+            if before != after:
+                key = (before or "(none)", after or "(none)")
+                pairs[key] = pairs.get(key, 0) + 1
+        if not pairs:
+            return
+        ranked = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        moves = ", ".join(f"{a}->{b} {n}" for (a, b), n in ranked[:8])
+        if len(ranked) > 8:
+            moves += f", {len(ranked) - 8} more pairs"
+        self.log.info(
+            "buckets: epoch {epoch}: {n} of {total} buckets moved ({moves})",
+            epoch=epoch,
+            n=sum(pairs.values()),
+            total=len(new_map),
+            moves=moves,
+            event="buckets_moved",
+        )
 
     def _load(self, n: int) -> BucketMap:
         try:

@@ -17,6 +17,8 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from .histogram import Histogram
+
 
 @attrs.frozen
 class LagSummary:
@@ -63,10 +65,18 @@ class LagWindow:
 class ReactorLagMonitor(Service):
     """Schedules a timer every ``interval`` s on ``clock`` and records how late each ran."""
 
-    def __init__(self, clock: IReactorTime, interval: float = 0.1, window: float = 60.0) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        interval: float = 0.1,
+        window: float = 60.0,
+        histogram: Histogram | None = None,
+    ) -> None:
         self.clock = clock
         self.interval = interval
         self.lag = LagWindow(window)
+        #: Every sample's lateness (s), since start (``yimaporc_reactor_lag_seconds``).
+        self.histogram = histogram
         self._call: IDelayedCall | None = None
         self._due = 0.0
 
@@ -88,7 +98,9 @@ class ReactorLagMonitor(Service):
 
     def _fire(self) -> None:
         now = self.clock.seconds()
-        self.lag.observe(self._due, now)
+        late = self.lag.observe(self._due, now)
+        if self.histogram is not None:
+            self.histogram.observe(late)
         self._schedule(now)
 
     def summary(self) -> LagSummary:

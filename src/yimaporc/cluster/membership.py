@@ -210,6 +210,8 @@ class Membership:
         self._last_input = 0.0
         self.sent: Counter[str] = Counter()
         self.detector: Counter[str] = Counter()
+        #: The last member this node accused of not answering (why it left the view).
+        self.last_accused: str | None = None
         self.rounds_started = 0
 
     # --- inputs ---------------------------------------------------------------
@@ -254,6 +256,33 @@ class Membership:
             self._on_ping_req(sender, body, now, out)
         elif isinstance(body, IndirectAck):
             self._on_indirect_ack(sender, body, now, out)
+        return out
+
+    def rpc_timeout(self, address: str, now: float) -> list[Action]:
+        """An RPC to the member at ``address`` timed out: evidence for the detector.
+
+        If it is the member this node monitors (its ping target), the suspicion
+        starts now, as after an unanswered ping: it is pinged at once with indirect
+        probes, and accused after ``suspect_timeout * (1 + health)`` unless any sign
+        of life refutes it (an overloaded but alive peer answers its pings).  For
+        another member (monitored by its own neighbour) it is only counted.
+        """
+        out: list[Action] = []
+        target = self._ping_target
+        member = next((m for m in self.view.members if m.address == address), None)
+        if member is None or member.node_id == self.me.node_id:
+            return out
+        self.detector["rpc_timeouts"] += 1
+        if target is None or member.node_id != target.node_id:
+            return out
+        if self._suspect_since is None:
+            self._suspect_since = now
+            self._suspect_nonce = self._ping_nonce
+            self.detector["suspected"] += 1
+            self.detector["suspected_by_rpc"] += 1
+            self._ping_outstanding = True
+            self._next_ping = min(self._next_ping, now)
+            self._ping(now, out)
         return out
 
     def tick(self, now: float) -> list[Action]:
@@ -563,6 +592,7 @@ class Membership:
             timeout = cfg.suspect_timeout * (1 + self.health)
             if now - self._suspect_since >= timeout - 1e-6:
                 self.detector["accused"] += 1
+                self.last_accused = target.node_id
                 self._ping_outstanding = False
                 self._suspect_since = None
                 self._indirect_asked = False

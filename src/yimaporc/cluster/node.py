@@ -20,15 +20,25 @@ from typing import Any
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    FirstError,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.endpoints import SSL4ClientEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
 
 from ..admin.dashboard import NodeSummary, answer_summary
 from ..admin.routes import Route
 from ..secret import cluster_key
 from .catalog import PutRecords
+from .histogram import LAG_BUCKETS, Histograms
 from .lag import ReactorLagMonitor
 from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
 from .rpc import Echo, RpcClient, RpcGuard, RpcRegistry, RpcServerFactory
@@ -160,8 +170,24 @@ class _Persisted:
     kind: str = ""
 
 
+class CannotStart(Exception):
+    """A port of the node could not be bound (message is user-facing)."""
+
+
+class IReady(Interface):
+    """A service whose start finishes later (its ports bind asynchronously)."""
+
+    def when_ready() -> Deferred[None]:
+        """Fires once the service listens; errbacks if it cannot."""
+
+
 class ClusterNode(MultiService):
-    """Membership, RPC, the common clock and the admin API of one node."""
+    """Membership, RPC, the common clock and the admin API of one node.
+
+    Nothing here stops the reactor: a port that cannot be bound fails
+    :meth:`when_ready`, and whoever runs the node (the twistd plugin, an
+    embedding application) decides what that means.
+    """
 
     log = Logger()
 
@@ -203,6 +229,8 @@ class ClusterNode(MultiService):
         self._listeners: list[IMembershipListener] = []
         self._attachment_for: AttachmentFor | None = None
         self._ports: list[IListeningPort] = []
+        self._admin_ready: Deferred[None] = succeed(None)
+        self._start_errors: list[CannotStart] = []
         self.core: Membership | None = None
         self.udp_rcvbuf = 0
         self.protocol: MembershipProtocol | None = None
@@ -210,7 +238,14 @@ class ClusterNode(MultiService):
         self.view_changes = 0
         self._state_path = config.data_dir / "membership.json"
         self.state = self._load_state()
-        self.lag_monitor = ReactorLagMonitor(reactor)
+        #: Histograms services keep for /metrics (yimaporc.admin.metrics exports them).
+        self.histograms = Histograms()
+        lag = self.histograms.get(
+            "yimaporc_reactor_lag_seconds",
+            "How late the reactor ran its 100 ms sampling timer, every sample since start.",
+            LAG_BUCKETS,
+        )
+        self.lag_monitor = ReactorLagMonitor(reactor, histogram=lag)
         self.lag_monitor.setServiceParent(self)
 
     # --- public face --------------------------------------------------------------
@@ -261,7 +296,7 @@ class ClusterNode(MultiService):
             d.addErrback(lambda f: {"ok": False, "error": f.getErrorMessage()})
             return d
 
-        d = DeferredList([one(m) for m in peers])
+        d = DeferredList([one(m) for m in peers], consumeErrors=True)
         return d.addCallback(
             lambda results: {
                 "tls": self.tls is not None,
@@ -323,6 +358,12 @@ class ClusterNode(MultiService):
             doc.update(provider())
         return doc
 
+    def _rpc_timed_out(self, address: str) -> None:
+        """An RPC to ``address`` timed out: the failure detector hears of it."""
+        if self.core is None or self.protocol is None or self.protocol.transport is None:
+            return
+        self.protocol.perform(self.core.rpc_timeout(address, float(self.reactor.seconds())))
+
     def _membership_status(self) -> dict[str, Any]:
         if self.protocol is None or self.core is None:
             return {}
@@ -357,6 +398,7 @@ class ClusterNode(MultiService):
         self.protocol = MembershipProtocol(
             self.core, self.membership_key, self.reactor, self._view_changed, scope=self.scope
         )
+        self.rpc.on_timeout = self._rpc_timed_out
         rpc_factory = RpcServerFactory(
             self.registry, self.rpc_key, cfg.node_id, scope=self.scope, guard=self.rpc_guard
         )
@@ -375,8 +417,10 @@ class ClusterNode(MultiService):
 
             endpoint = serverFromString(self.reactor, cfg.admin)
             d = endpoint.listen(AdminSite(self))
-            d.addCallback(self._ports.append)
-            d.addErrback(self._fatal, f"cannot listen on --admin {cfg.admin}")
+            d.addCallbacks(
+                self._ports.append, self._listen_failed, errbackArgs=(f"--admin {cfg.admin}",)
+            )
+            self._admin_ready = d
         self.log.info(
             "node {node} ({kind}) up on {addr}, incarnation {inc}, seeds {seeds}",
             node=cfg.node_id,
@@ -387,9 +431,42 @@ class ClusterNode(MultiService):
         )
         super().startService()
 
-    def _fatal(self, failure: Any, message: str) -> None:
-        self.log.failure(message, failure)
-        self.reactor.stop()
+    def when_ready(self) -> Deferred[None]:
+        """Fires once the admin API and every child service that says so listen.
+
+        Errbacks with :class:`CannotStart` when one cannot (the cluster port is
+        bound synchronously in :meth:`startService` and raises there).  Call it
+        after the node has started.
+        """
+
+        def check(_: object) -> None:
+            if self._start_errors:
+                raise self._start_errors[0]
+
+        ds: list[Deferred[Any]] = [self._wait(self._admin_ready).addCallback(check)]
+        for child in self:
+            if IReady.providedBy(child):
+                ds.append(child.when_ready())
+        return gatherResults(ds, consumeErrors=True).addCallbacks(
+            lambda _: None, lambda f: f.value.subFailure if isinstance(f.value, FirstError) else f
+        )
+
+    def _listen_failed(self, failure: Failure, what: str) -> None:
+        error = CannotStart(f"cannot listen on {what}: {failure.getErrorMessage()}")
+        self.log.error("{error}", error=error)
+        self._start_errors.append(error)
+
+    @staticmethod
+    def _wait(d: Deferred[Any]) -> Deferred[None]:
+        """A new Deferred that fires when ``d`` (which never fails) has fired."""
+        out: Deferred[None] = Deferred()
+
+        def relay(result: object) -> object:
+            out.callback(None)
+            return result
+
+        d.addCallback(relay)
+        return out
 
     def stopService(self) -> Deferred[Any]:
         """Stop children first, then the ports."""
@@ -398,7 +475,7 @@ class ClusterNode(MultiService):
         def close(_: object) -> Deferred[Any]:
             self.rpc.close()
             ports, self._ports = self._ports, []
-            return DeferredList([maybeDeferred(p.stopListening) for p in ports])
+            return DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
 
         return d.addCallback(close)
 
@@ -418,11 +495,56 @@ class ClusterNode(MultiService):
             coord=new.coordinator,
             members=list(new.node_ids),
         )
+        self._log_joins_and_leaves(old, new)
         for listener in list(self._listeners):
             try:
                 listener.membership_changed(old, new)
             except Exception:
                 self.log.failure("membership listener {l!r} failed", l=listener)
+
+    def _log_joins_and_leaves(self, old: View, new: View) -> None:
+        """One line per member that joined, restarted or left, with the reason."""
+        if not old.members:
+            return  # this node's first view: its start-up line said enough
+        me = self.node_id
+        accused = self.core.last_accused if self.core is not None else None
+        for m in new.members:
+            before = old.member(m.node_id)
+            if m.node_id == me:
+                continue
+            if before is None:
+                self.log.info(
+                    "membership: node {node} joined at {addr} (epoch {epoch})",
+                    node=m.node_id,
+                    addr=m.address,
+                    epoch=new.epoch,
+                    event="node_joined",
+                )
+            elif before.incarnation != m.incarnation or before.address != m.address:
+                self.log.info(
+                    "membership: node {node} rejoined at {addr} (epoch {epoch}): "
+                    "restarted since the last view",
+                    node=m.node_id,
+                    addr=m.address,
+                    epoch=new.epoch,
+                    event="node_joined",
+                )
+        for m in old.members:
+            if new.member(m.node_id) is not None or m.node_id == me:
+                continue
+            if m.node_id == accused:
+                reason = "it stopped answering this node's pings"
+            elif new.coordinator == me:
+                reason = "it did not answer this node's view round"
+            else:
+                reason = f"not in the view {new.coordinator} committed (another member's suspicion)"
+            self.log.warn(
+                "membership: node {node} left (epoch {epoch}): {reason}",
+                node=m.node_id,
+                epoch=new.epoch,
+                reason=reason,
+                event="node_left",
+            )
 
     # --- persistence ----------------------------------------------------------------
     # A few hundred bytes written only on view changes; fsynced so that a

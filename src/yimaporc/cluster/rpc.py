@@ -85,7 +85,16 @@ class Unauthenticated(Exception):
 
 
 class PeerUnavailable(Exception):
-    """The peer could not be reached or did not answer in time."""
+    """The peer could not be reached or did not answer in time.
+
+    ``maybe_done``: the request had been sent when the call failed (a timeout or a
+    connection lost while waiting), so the peer may have run it, or may still run
+    it when TCP delivers the request late (after a partition heals): a caller must
+    not redo a non-idempotent request elsewhere (issue 14: a store retried on a
+    second node listed a message twice).
+    """
+
+    maybe_done = False
 
 
 class Hello(amp.Command):
@@ -559,6 +568,9 @@ class RpcClient:
         self._connecting: dict[str, list[Deferred[NodeAMP]]] = {}
         #: Calls, failures and latencies by command (``GET /metrics``).
         self.calls = RpcCallStats()
+        #: Told the address of a peer whose call or connection timed out (the node
+        #: feeds it to the failure detector's suspicion).
+        self.on_timeout: Callable[[str], None] | None = None
 
     def _tcp_endpoint(self, address: str) -> Any:
         host, _, port = address.rpartition(":")
@@ -598,13 +610,21 @@ class RpcClient:
         """Run ``command`` on the node at ``address``; fails with PeerUnavailable if down."""
         clock: IReactorTime = self.reactor
 
+        sent = False
+
         def on_connected(proto: NodeAMP) -> Deferred[Any]:
+            nonlocal sent
+            sent = True
             return proto.callRemote(command, **kwargs)
 
         def translate(f: Failure) -> Failure:
             if f.check(ConnectError, ConnectionClosed, TimeoutError, DeferTimeout, CancelledError):
                 self._drop(address)
-                return Failure(PeerUnavailable(f"{address}: {f.getErrorMessage()}"))
+                if self.on_timeout is not None and f.check(TimeoutError, DeferTimeout):
+                    self.on_timeout(address)
+                err = PeerUnavailable(f"{address}: {f.getErrorMessage()}")
+                err.maybe_done = sent
+                return Failure(err)
             if f.check(AuthFailed):
                 self._drop(address)
             return f

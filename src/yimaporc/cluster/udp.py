@@ -94,6 +94,11 @@ class MembershipProtocol(DatagramProtocol):
         now = max(self.clock.seconds(), self._deadline)
         self._perform(self.core.tick(now))
 
+    def perform(self, actions: list[Action]) -> None:
+        """Carry out actions the core returned outside a datagram or tick (an RPC
+        timeout fed to the detector)."""
+        self._perform(actions)
+
     def _perform(self, actions: list[Action]) -> None:
         detector = self.core.detector
         if detector["accused"] != self._accused or detector["stalls"] != self._stalls:

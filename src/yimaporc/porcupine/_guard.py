@@ -37,6 +37,35 @@ class ClientErrors:
         self.now = now
         self.counts: Counter[str] = Counter()
         self._last_logged: dict[tuple[str, str], float] = {}
+        #: Per protocol: sessions opened, open now and commands read (``sessions`` in
+        #: status, ``yimaporc_mail_sessions*``/``_commands_total`` in /metrics).
+        self.sessions: Counter[str] = Counter()
+        self.open_sessions: Counter[str] = Counter()
+        self.commands: Counter[str] = Counter()
+
+    def opened(self, proto: str) -> None:
+        """A session of ``proto`` began."""
+        self.sessions[proto] += 1
+        self.open_sessions[proto] += 1
+
+    def closed(self, proto: str) -> None:
+        """A session of ``proto`` ended (once per :meth:`opened`)."""
+        self.open_sessions[proto] = max(0, self.open_sessions[proto] - 1)
+
+    def command(self, proto: str) -> None:
+        """A client sent one command of ``proto``."""
+        self.commands[proto] += 1
+
+    def activity(self) -> dict[str, dict[str, int]]:
+        """``{proto: {sessions, open, commands}}`` for ``/api/status``."""
+        return {
+            p: {
+                "sessions": self.sessions[p],
+                "open": self.open_sessions[p],
+                "commands": self.commands[p],
+            }
+            for p in sorted(set(self.sessions) | set(self.commands))
+        }
 
     def client(self, proto: str, kind: str) -> None:
         """Count one client mistake (already answered with the protocol's error)."""

@@ -152,10 +152,13 @@ class MailPOP3(GatedLines, pop3.POP3):
         if hasattr(self._t, "setTcpNoDelay"):
             self._t.setTcpNoDelay(True)
         self._gate_start()
+        self.errors.opened("pop3")
         super().connectionMade()
 
     def connectionLost(self, reason: Any = None) -> None:
         """Drop the INBOX snapshot and queued commands."""
+        if not self._gone:
+            self.errors.closed("pop3")
         self._gone = True
         super().connectionLost(reason)
         self.blocked = None  # type: ignore[assignment]
@@ -204,6 +207,7 @@ class MailPOP3(GatedLines, pop3.POP3):
         """Check the command, then dispatch it (stock: a logged traceback per mistake)."""
         command, _, rest = line.partition(b" ")
         command = command.upper()
+        self.errors.command("pop3")
         if command not in _ARITY or not hasattr(self, "do_" + command.decode("ascii")):
             self._refuse("unknown_command", b"unknown command")
             return

@@ -42,6 +42,7 @@ from twisted.mail import imap4, smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._guard import ClientErrors
 from .delivery import Recipient, SmtpPolicy
 from .throttle import LoginThrottled
 
@@ -178,8 +179,17 @@ class MailESMTP(smtp.ESMTP):
         chal: Any = None,
         contextFactory: Any = None,
         counters: Counter[str] | None = None,
+        stats: ClientErrors | None = None,
+        on_stored: Callable[[float], object] | None = None,
     ) -> None:
         super().__init__(chal, contextFactory)
+        #: Sessions and commands (``smtp`` or ``submission``), and the seconds from a
+        #: message's final dot to its 250 (durable): hooks for /metrics.
+        self.stats = stats
+        self.on_stored = on_stored
+        self._proto = "submission" if policy.submission else "smtp"
+        self._dot_at: float | None = None
+        self._opened = False
         self.clock = clock
         self.policy = policy
         self.deliver = deliver
@@ -205,6 +215,9 @@ class MailESMTP(smtp.ESMTP):
             self._t.setTcpNoDelay(True)
         if ISSLTransport.providedBy(self._t):
             self.startedTLS = True  # implicit TLS (465): AUTH at once, no STARTTLS
+        if self.stats is not None:
+            self.stats.opened(self._proto)
+            self._opened = True
         super().connectionMade()
 
     # --- EHLO ---------------------------------------------------------------------
@@ -273,6 +286,10 @@ class MailESMTP(smtp.ESMTP):
         expects_reply = not in_data or line == b"."
         if not in_data:
             self._command = line.split(b" ", 1)[0].upper()[:16]
+            if self.stats is not None:
+                self.stats.command(self._proto)
+        elif line == b".":
+            self._dot_at = self.clock.seconds()
         self._replied = False
         super().lineReceived(line)
         if expects_reply and not self._replied and not self._t.disconnecting:
@@ -432,6 +449,8 @@ class MailESMTP(smtp.ESMTP):
         self._txn = None
         failures = [r for ok, r in resultList if not ok]
         if not failures:
+            if self.on_stored is not None and self._dot_at is not None:
+                self.on_stored(self.clock.seconds() - self._dot_at)
             self.sendCode(250, b"2.0.0 Ok: stored")
             return
         f = failures[0]
@@ -444,6 +463,9 @@ class MailESMTP(smtp.ESMTP):
         self.sendCode(451, b"4.3.0 Local error in processing, try again later")
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._opened and self.stats is not None:
+            self._opened = False
+            self.stats.closed(self._proto)
         if self._txn is not None:
             self._txn.abort()
             self._txn = None

@@ -12,11 +12,10 @@ from typing import Any
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.mail import imap4, pop3, smtp
+from twisted.mail import pop3, smtp
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
-from ._imap import ImapAccount, MailboxRegistry
 from ._pop3 import Pop3Mailbox
 from .delivery import DeliveryProxy, SmtpDelivery, SmtpPolicy
 from .retrieval import RetrievalProxy
@@ -176,33 +175,32 @@ class ThrottledPortal:
         maybeDeferred(self.portal.login, creds, mind, *interfaces).addCallbacks(ok, bad)
 
 
+class IImapUser(Interface):
+    """The IMAP avatar: the logged-in user's :class:`~.retrieval.UserMail`."""
+
+
 @implementer(portal.IRealm)
 class MailRealm:
-    """IMAP accounts, POP3 INBOX snapshots and authenticated SMTP deliveries."""
+    """IMAP users' mail, POP3 INBOX snapshots and authenticated SMTP deliveries."""
 
     def __init__(
         self,
         retrieval: RetrievalProxy,
         delivery: DeliveryProxy,
         policy: SmtpPolicy,
-        registry: MailboxRegistry,
-        read_file: Callable[[Any], Deferred[bytes]],
         now: Callable[[], float],
     ) -> None:
         self.retrieval = retrieval
         self.delivery = delivery
         self.policy = policy
-        self.registry = registry
-        self.read_file = read_file
         self.now = now
 
     def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
         """The avatar for the first interface we serve."""
         address = avatar_id.decode("utf-8") if isinstance(avatar_id, bytes) else str(avatar_id)
         for iface in interfaces:
-            if iface is imap4.IAccount:
-                account = ImapAccount(self.retrieval.open(address), self.registry, self.read_file)
-                return succeed((imap4.IAccount, account, lambda: None))
+            if iface is IImapUser:
+                return succeed((IImapUser, self.retrieval.open(address), lambda: None))
             if iface is pop3.IMailbox:
                 return self._pop3(address)
             if iface is smtp.IMessageDelivery:

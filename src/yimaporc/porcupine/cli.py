@@ -8,13 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._cliutil import CliError, print_json
 from ..admin.client import AdminClient
 
 
 def _done(args: argparse.Namespace, doc: Any, text: str) -> int:
     """Print ``doc`` as JSON with ``--json``, else ``text``."""
-    from ..cli import print_json
-
     if getattr(args, "json", False):
         print_json(doc)
     else:
@@ -23,8 +22,6 @@ def _done(args: argparse.Namespace, doc: Any, text: str) -> int:
 
 
 def _password(args: argparse.Namespace) -> str:
-    from ..cli import CliError
-
     if args.password is not None:
         return str(args.password)
     try:
@@ -99,8 +96,6 @@ def register(
     p.add_argument("id", nargs="?", help="message id (delete: required; flush: default all)")
 
     def queue(args: argparse.Namespace) -> int:
-        from ..cli import CliError
-
         client = make_client(args)
         if args.action == "delete":
             if not args.id:

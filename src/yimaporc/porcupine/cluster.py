@@ -1340,6 +1340,29 @@ class _CountingMailboxes:
         """Store, counting it in :attr:`MailCluster.inflight`."""
         return self.owner.store_here(messages)
 
+    # Retrievals, deletions and flag changes are disk work too (seed §5's load):
+    # counted like stores while they run.
+
+    def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        """Read bodies, counted in the load."""
+        return self.owner.track(lambda: self.inner.fetch(user, mailbox, uids))
+
+    def set_flags(
+        self, user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
+    ) -> Deferred[dict[int, tuple[str, ...]]]:
+        """Change flags, counted in the load."""
+        return self.owner.track(lambda: self.inner.set_flags(user, mailbox, uids, flags, mode))
+
+    def delete(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[list[int]]:
+        """Delete messages, counted in the load."""
+        return self.owner.track(lambda: self.inner.delete(user, mailbox, uids))
+
+    def copy(
+        self, user: str, mailbox: str, uids: Sequence[int], dest: str
+    ) -> Deferred[list[Digest]]:
+        """Copy messages, counted in the load."""
+        return self.owner.track(lambda: self.inner.copy(user, mailbox, uids, dest))
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
@@ -1370,6 +1393,8 @@ class MailCluster(Service):
         self.rng = rng or random.Random()
         self.calls: Counter[str] = Counter()
         self.inflight = 0
+        #: More disk work waiting here, counted in the load (replication's queue).
+        self.pending_work: list[Callable[[], int]] = []
         self._stores = 0
         self._rate = 0.0
         self._rate_since = float(self.reactor.seconds())
@@ -1477,12 +1502,18 @@ class MailCluster(Service):
     # --- load -------------------------------------------------------------------
 
     def load(self) -> float:
-        """This node's load figure: stores in progress here, plus a little of the
-        recent store rate (:func:`~yimaporc.porcupine.balancer.load_figure`)."""
-        return load_figure(self.inflight, self._rate)
+        """This node's load figure: disk work in progress here (stores, fetches,
+        deletions, flag changes, and replicated updates waiting to be written), plus
+        a little of the recent rate (:func:`~yimaporc.porcupine.balancer.load_figure`)."""
+        extra = sum(f() for f in self.pending_work)
+        return load_figure(self.inflight + extra, self._rate)
 
     def store_here(self, messages: Sequence[NewMessage]) -> Deferred[list[Digest]]:
         """Store on this node's disk, counting it in the load figure."""
+        return self.track(lambda: self.mail.mailbox_manager.store(messages))
+
+    def track(self, work: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        """Run ``work`` (disk work on this node), counted in the load while it runs."""
         self.inflight += 1
         self._stores += 1
 
@@ -1490,7 +1521,11 @@ class MailCluster(Service):
             self.inflight -= 1
             return result
 
-        d: Deferred[list[Digest]] = self.mail.mailbox_manager.store(messages)
+        try:
+            d = work()
+        except BaseException:
+            self.inflight -= 1
+            raise
         return d.addBoth(done)
 
     def _observe(self, node: str, load: float) -> None:
@@ -1524,7 +1559,7 @@ class MailCluster(Service):
 
         for n, d in zip(peers, ds, strict=True):
             d.addErrback(lost, n)
-        return DeferredList(ds)
+        return DeferredList(ds, consumeErrors=True)
 
     def _on_profiles(self, records: list[Any]) -> Deferred[dict[str, Any]]:
         if not isinstance(records, list):

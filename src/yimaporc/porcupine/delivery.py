@@ -63,9 +63,11 @@ class DeliveryProxy:
         #: ``balancer.LoadBalancer`` (or the same API) once clustered.
         self.balancer: Any = None
         self.retries = 0
+        #: Stores that failed after their request was sent (not retried elsewhere).
+        self.unsure = 0
         #: Replication's ``store(nodes, message)`` (``MailReplication``): users with
         #: ``replicas >= 2`` are stored through it, one logged update for all copies.
-        self.replicated: Callable[[Sequence[str], NewMessage], Deferred[list[Digest]]] | None = None
+        self.replicated: Callable[..., Deferred[list[Digest]]] | None = None
 
     def lookup(self, address: str) -> Deferred[Profile | None]:
         """The recipient's profile (None: no such user)."""
@@ -104,7 +106,9 @@ class DeliveryProxy:
                 unfenced = self.replicated is not None and profile.replicas > 1
                 d: Deferred[tuple[tuple[str, ...], int, str]] = plan(address, 1, unfenced)
                 return d.addCallback(
-                    lambda p: store_on(p[1], self.choose_nodes(profile, p[0]), p[0], p[2])
+                    lambda p: store_on(
+                        p[1], self.choose_nodes(profile, p[0]), p[0], p[2], profile.replicas
+                    )
                 )
             return manager.fragments(address).addCallback(store, profile)
 
@@ -112,10 +116,14 @@ class DeliveryProxy:
             nodes = self.choose_nodes(profile, fragments)
             reserve = getattr(manager, "reserve_uids", None)
             first: Deferred[int] = reserve(address, 1) if reserve is not None else succeed(0)
-            return first.addCallback(store_on, nodes, fragments)
+            return first.addCallback(store_on, nodes, fragments, "", profile.replicas)
 
         def store_on(
-            uid: int, nodes: list[str], fragments: tuple[str, ...], fence: str = ""
+            uid: int,
+            nodes: list[str],
+            fragments: tuple[str, ...],
+            fence: str = "",
+            replicas: int = 1,
         ) -> Deferred[list[Digest]]:
             msg = NewMessage(address, INBOX, body, (), when, uid, fence)
 
@@ -132,8 +140,10 @@ class DeliveryProxy:
                         adds.append(note(address, n))
                 return DeferredList(adds, consumeErrors=True).addCallback(lambda _: digests)
 
-            if self.replicated is not None and len(nodes) > 1:
-                return self.replicated(nodes, msg).addCallback(noted)
+            if self.replicated is not None and replicas > 1:
+                # Also with one node in reach: the log completes the R copies later
+                # (a plain store would stay a single copy for good).
+                return self.replicated(nodes, msg, replicas).addCallback(noted)
             tried = set(nodes)
             stores = [self._store(n, msg, tried, fragments) for n in nodes]
             return DeferredList(stores, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
@@ -145,10 +155,17 @@ class DeliveryProxy:
     def _store(
         self, node: str, msg: NewMessage, tried: set[str], fragments: Sequence[str]
     ) -> Deferred[list[Digest]]:
-        """Store on ``node``; if it fails before acknowledging, on another live node."""
+        """Store on ``node``; if it fails before the request reached ``node``, on
+        another live node. A store that timed out after it was sent may still happen
+        there (TCP delivers it late, after a heal): storing it elsewhere too would
+        list the message twice, so that one fails (a temporary SMTP error; the
+        client's retry is its own message)."""
 
         def failed(f: Failure) -> Deferred[list[Digest]]:
             if f.check(MailError) or self.balancer is None:
+                return fail(f)
+            if getattr(f.value, "maybe_done", False):
+                self.unsure += 1
                 return fail(f)
             self.balancer.failed(node, self.now())
             others = [n for n in self.live_nodes() if n not in tried]

@@ -68,6 +68,9 @@ CREATE TABLE IF NOT EXISTS users (user TEXT PRIMARY KEY, last_uidvalidity INTEGE
 CREATE TABLE IF NOT EXISTS pending (
     user TEXT NOT NULL, mailbox TEXT NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
     flags TEXT NOT NULL, internal_date REAL NOT NULL, PRIMARY KEY (user, key));
+CREATE TABLE IF NOT EXISTS held (
+    user TEXT NOT NULL, mailbox TEXT NOT NULL, key TEXT NOT NULL, size INTEGER NOT NULL,
+    flags TEXT NOT NULL, internal_date REAL NOT NULL, PRIMARY KEY (user, key));
 CREATE TABLE IF NOT EXISTS shown (
     user TEXT NOT NULL, mailbox TEXT NOT NULL, uidvalidity INTEGER NOT NULL,
     uidnext INTEGER NOT NULL, PRIMARY KEY (user, mailbox));
@@ -586,6 +589,110 @@ class FragmentStore:
             )
         return done, changed, int(left), top
 
+    # --- replica copies waiting for their UID (replication, issue 14) --------------
+
+    def hold(self, m: NewMessage, key: str) -> None:
+        """Keep ``tmp/<key>`` (written and fsynced) as a replica's copy of a message
+        that waits for the UID its numbering copy gets on another node: durable, never
+        listed, never numbered here (two nodes numbering one message would give it two
+        UIDs).  A newer hold of the same key replaces its flags."""
+        udir = self.user_path(m.user)
+        udir.mkdir(parents=True, exist_ok=True)
+        os.rename(self.tmp / key, udir / key)
+        _fsync_dir(udir)
+        bucket = bucket_of(m.user)
+        with self._lock_for(bucket):
+            self._db(bucket).execute(
+                "INSERT OR REPLACE INTO held(user, mailbox, key, size, flags, internal_date) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (m.user, mailbox_name(m.mailbox), key, len(m.body),
+                 " ".join(dict.fromkeys(m.flags)), m.internal_date or self.now()),
+            )  # fmt: skip
+
+    def is_held(self, user: str, key: str) -> bool:
+        """A held copy of ``key`` is here."""
+        bucket = bucket_of(user)
+        with self._lock_for(bucket):
+            row = (
+                self._db(bucket)
+                .execute("SELECT 1 FROM held WHERE user=? AND key=?", (user, key))
+                .fetchone()
+            )
+        return row is not None
+
+    def unhold(self, user: str, key: str) -> None:
+        """Forget the held row of ``key`` (its file stays if a numbered row uses it)."""
+        bucket = bucket_of(user)
+        with self._lock_for(bucket):
+            db = self._db(bucket)
+            db.execute("DELETE FROM held WHERE user=? AND key=?", (user, key))
+            self._drop_unreferenced(db, user, [key])
+
+    def pending_to_held(self, user: str, key: str) -> bool:
+        """This node's unnumbered copy of ``key`` is not the one to number (another
+        replica numbers it): move it from ``pending`` to ``held``."""
+        bucket = bucket_of(user)
+        with self._lock_for(bucket):
+            db = self._db(bucket)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT OR REPLACE INTO held SELECT user, mailbox, key, size, flags, "
+                    "internal_date FROM pending WHERE user=? AND key=?",
+                    (user, key),
+                )
+                cur = db.execute("DELETE FROM pending WHERE user=? AND key=?", (user, key))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return cur.rowcount > 0
+
+    def promote(self, user: str, key: str, uid: int) -> bool:
+        """Number this node's unnumbered (pending or held) copy of ``key`` with ``uid``,
+        the UID its numbering copy got elsewhere, if that UID is free in its mailbox
+        here (False: left as it is)."""
+        bucket = bucket_of(user)
+        with self._lock_for(bucket):
+            db = self._db(bucket)
+            row = None
+            for table in ("pending", "held"):
+                row = db.execute(
+                    f"SELECT mailbox, size, flags, internal_date FROM {table} "
+                    "WHERE user=? AND key=?",
+                    (user, key),
+                ).fetchone()
+                if row is not None:
+                    break
+            if row is None or uid <= 0:
+                return False
+            mailbox, size, flags, date = row
+            if not self._has(db, user, mailbox):
+                mailbox = INBOX
+                self._ensure_inbox(db, user)
+            if db.execute(
+                "SELECT 1 FROM messages WHERE user=? AND mailbox=? AND uid=?", (user, mailbox, uid)
+            ).fetchone():
+                return False
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT INTO messages(user, mailbox, uid, key, size, flags, internal_date) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (user, mailbox, uid, key, size, flags, date),
+                )
+                db.execute("DELETE FROM pending WHERE user=? AND key=?", (user, key))
+                db.execute("DELETE FROM held WHERE user=? AND key=?", (user, key))
+                db.execute(
+                    "UPDATE mailboxes SET uidnext=MAX(uidnext, ?) WHERE user=? AND name=?",
+                    (uid + 1, user, mailbox),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return True
+
     def raise_mark(self, bucket: int, fence: str, mark: int) -> bool:
         """Record (durably) that ``bucket``'s manager with ``fence`` may hand out UIDs
         below ``mark``; False (nothing written) if ``fence`` is not our current fence
@@ -861,8 +968,9 @@ class FragmentStore:
             if (
                 db.execute(
                     "SELECT 1 FROM messages WHERE user=? AND key=? "
-                    "UNION SELECT 1 FROM pending WHERE user=? AND key=?",
-                    (user, key, user, key),
+                    "UNION SELECT 1 FROM pending WHERE user=? AND key=? "
+                    "UNION SELECT 1 FROM held WHERE user=? AND key=?",
+                    (user, key, user, key, user, key),
                 ).fetchone()
                 is None
             ):
@@ -874,17 +982,22 @@ class FragmentStore:
             db = self._db(bucket_of(user))
             db.execute("BEGIN IMMEDIATE")
             try:
-                for table in ("messages", "mailboxes", "users", "pending", "shown"):
+                for table in ("messages", "mailboxes", "users", "pending", "held", "shown"):
                     db.execute(f"DELETE FROM {table} WHERE user=?", (user,))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        udir = self.user_path(user)
-        if udir.is_dir():
-            for p in udir.iterdir():
-                p.unlink(missing_ok=True)
-            udir.rmdir()
+            # under the bucket lock: two removals at once (the admin's and a replicated
+            # profile tombstone's) must not trip over each other's files
+            udir = self.user_path(user)
+            if udir.is_dir():
+                for p in udir.iterdir():
+                    p.unlink(missing_ok=True)
+                try:
+                    udir.rmdir()
+                except FileNotFoundError:
+                    pass
 
     def users_in_bucket(self, bucket: int) -> list[str]:
         """Users with at least one message here, in one bucket."""

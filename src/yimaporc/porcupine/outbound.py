@@ -53,6 +53,8 @@ BACKOFF = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 EXPIRE = 5 * 86400.0
 PER_DESTINATION = 2
 CONCURRENT = 10
+#: Seconds a message may wait before the queue counts as stuck (one warning line).
+STUCK_AFTER = 3600.0
 
 
 @attrs.frozen
@@ -265,8 +267,13 @@ class OutboundSender(Service):
         resolver: Any = None,
         policy: RetryPolicy | None = None,
         tls: Any = None,
+        stuck_after: float | None = None,
     ) -> None:
         self.reactor = reactor
+        #: A message queued this long (s) makes the queue *stuck*: one warning, and one
+        #: line when no message is that old any more.
+        self.stuck_after = STUCK_AFTER if stuck_after is None else stuck_after
+        self._stuck = False
         self.pool = pool
         self.root = Path(root)
         self.hostname = hostname
@@ -374,6 +381,7 @@ class OutboundSender(Service):
         if not self.running:
             return
         now = float(self.reactor.seconds())
+        self._check_stuck(now)
         for e in list(self.entries.values()):
             if e.ident not in self._busy and e.next_attempt <= now:
                 self._busy.add(e.ident)
@@ -385,6 +393,30 @@ class OutboundSender(Service):
         if pending:
             delay = max(0.0, min(pending) - now)
             self._timer = self.reactor.callLater(delay, self.wake)
+
+    def _check_stuck(self, now: float) -> None:
+        oldest = min(self.entries.values(), key=lambda e: e.queued_at, default=None)
+        stuck = oldest is not None and now - oldest.queued_at >= self.stuck_after
+        if stuck and not self._stuck and oldest is not None:
+            log.warn(
+                "outbound: queue stuck: {n} message(s) queued, the oldest ({ident}, to "
+                "{domains}) for {age:.0f} s after {attempts} attempt(s); last error: {error}",
+                n=len(self.entries),
+                ident=oldest.ident,
+                domains=",".join(sorted(by_domain(oldest.recipients)))[:200],
+                age=now - oldest.queued_at,
+                attempts=oldest.attempts,
+                error=oldest.last_error or "none yet",
+                event="queue_stuck",
+            )
+        elif self._stuck and not stuck:
+            log.info(
+                "outbound: queue no longer stuck: {n} message(s) queued, none for {limit:.0f} s",
+                n=len(self.entries),
+                limit=self.stuck_after,
+                event="queue_unstuck",
+            )
+        self._stuck = stuck
 
     def _attempted(self, result: object, ident: str) -> None:
         self._busy.discard(ident)

@@ -37,6 +37,8 @@ from .values import (
     Profile,
 )
 
+_log = Logger()
+
 
 class UserMail:
     """One authenticated user's view of their mail across fragments."""
@@ -83,6 +85,12 @@ class UserMail:
         #: With replication, the user's copies per message (from the profile): fewer
         #: holders out of reach than that leave every message a reachable copy.
         self.replicas = 1
+        #: Replication's hooks (``MailReplication``, issue 14): for a user with
+        #: ``replicas >= 2``, APPEND and COPY store through the update log on R nodes
+        #: like deliveries, and CREATE/RENAME/DELETE are logged mailbox objects that
+        #: reach holders that are down now when they return.  Every frontend using
+        #: this class gets that; None: plain stores at home.
+        self.replica: Any = None
 
     def incomplete(self, mailbox: str | None = None) -> list[str]:
         """Why the last listing (of ``mailbox``) may lack messages ([]: complete)."""
@@ -211,7 +219,8 @@ class UserMail:
                 raise MailboxExists(f"mailbox {name} already exists")
             return self._home().create_mailbox(self.address, name)
 
-        return self._holders(name.rstrip("/")).addCallback(check)
+        d = self._holders(name.rstrip("/")).addCallback(check)
+        return self._log_boxes(d, lambda: [(name.rstrip("/"), True, None, None)])
 
     def _on_holders(
         self, name: str, op: Callable[[IMailboxManager], Deferred[Any]]
@@ -228,7 +237,8 @@ class UserMail:
         """DELETE (on every node holding the mailbox)."""
         if not self.cluster or name.upper() == INBOX:
             return self._home().delete_mailbox(self.address, name)
-        return self._on_holders(name, lambda m: m.delete_mailbox(self.address, name))
+        d = self._on_holders(name, lambda m: m.delete_mailbox(self.address, name))
+        return self._log_boxes(d, lambda: [(name, False, None, None)])
 
     def rename(self, old: str, new: str) -> Deferred[None]:
         """RENAME (on every node holding ``old``)."""
@@ -240,7 +250,46 @@ class UserMail:
                 raise MailboxExists(f"mailbox {new} already exists")
             return self._on_holders(old, lambda m: m.rename_mailbox(self.address, old, new))
 
-        return self._holders(new.rstrip("/")).addCallback(check)
+        d = self._holders(new.rstrip("/")).addCallback(check)
+        target = new.rstrip("/")
+        return self._log_boxes(d, lambda: [(target, True, old, None), (old, False, None, target)])
+
+    def _log_boxes(
+        self,
+        done: Deferred[Any],
+        ops: Callable[[], list[tuple[str, bool, str | None, str | None]]],
+    ) -> Deferred[Any]:
+        """After a mailbox change made on the holders in reach: log it (replicated
+        users) as mailbox objects to every holder, so one down now, or one that
+        answered late, makes the same change when it is back.  The command's answer
+        waits for the change to be durable in this node's log."""
+        if self.replica is None or not self.cluster:
+            return done
+
+        def log(result: Any) -> Deferred[Any]:
+            def go(r: int) -> Deferred[Any] | Any:
+                if r < 2:
+                    return result
+                # the holders (home, fragments, away) and the R nodes new messages go to
+                more = list(self.replica.choose(self.home, r))
+                d = self._nodes().addCallback(
+                    lambda ns: self.replica.box_ops(self.address, ops(), [self.home, *ns, *more])
+                )
+                return d.addCallback(lambda _: result)
+
+            return self._replicas_of().addCallback(go)
+
+        return done.addCallback(log)
+
+    def _replicas_of(self) -> Deferred[int]:
+        """The user's R (from the profile)."""
+
+        def got(profile: Profile | None) -> int:
+            if profile is not None:
+                self.replicas = max(1, profile.replicas)
+            return self.replicas
+
+        return self.users.profile(self.address).addCallback(got)
 
     def subscribe(self, name: str, on: bool) -> Deferred[None]:
         """SUBSCRIBE / UNSUBSCRIBE."""
@@ -301,8 +350,14 @@ class UserMail:
             for _, part in parts:
                 for d in part:
                     same = seen.setdefault(d.uid, [])
+                    # replicated copies share their key (the object's id) as well
                     twin = next(
-                        (x for x in same if (x.size, x.internal_date) == (d.size, d.internal_date)),
+                        (
+                            x
+                            for x in same
+                            if (x.size, x.internal_date) == (d.size, d.internal_date)
+                            or (x.key == d.key and x.size == d.size)
+                        ),
                         None,
                     )
                     if twin is not None and twin.node != d.node:
@@ -445,7 +500,7 @@ class UserMail:
             self._node_cache = None
             checks = [self._maybe_leave(node) for node in by_node if node != self.home]
             removed = sorted({u for p in parts for u in p})
-            return DeferredList(checks).addCallback(lambda _: removed)
+            return DeferredList(checks, consumeErrors=True).addCallback(_log_failures, removed)
 
         return gatherResults(ds, consumeErrors=True).addCallback(done)
 
@@ -508,7 +563,45 @@ class UserMail:
         return reserve(self.address, count) if reserve is not None else succeed(0)
 
     def _store_home(self, mailbox: str, msgs: list[NewMessage]) -> Deferred[list[Digest]]:
-        """Store at home; a mailbox another fragment has is created at home first."""
+        """Store at home (a replicated user: on R nodes through the update log);
+        a mailbox another fragment has is created at home first."""
+        if self.replica is None or not self.cluster:
+            return self._store_plain(mailbox, msgs)
+
+        def go(r: int) -> Deferred[list[Digest]]:
+            if r < 2:
+                return self._store_plain(mailbox, msgs)
+            return self._store_replicated(mailbox, msgs, r)
+
+        return self._replicas_of().addCallback(go)
+
+    def _store_replicated(
+        self, mailbox: str, msgs: list[NewMessage], replicas: int
+    ) -> Deferred[list[Digest]]:
+        """APPEND/COPY of a replicated user: each message one logged object on R nodes
+        (the home first), answered once every live one of them holds it."""
+
+        # Without a UID now (no majority: PENDING) the copies are stored unnumbered:
+        # only the coordinator's is numbered later, the others take its UID.
+        def check(holders: list[str]) -> Deferred[list[Digest]]:
+            if not holders:
+                raise NoSuchMailbox(f"no mailbox {mailbox}")
+            nodes = self.replica.choose(self.home, replicas)
+            ds = [self.replica.store(nodes, m, replicas) for m in msgs]
+            return gatherResults(ds, consumeErrors=True).addCallbacks(stored, _unwrap)
+
+        def stored(parts: list[list[Digest]]) -> Deferred[list[Digest]]:
+            self._node_cache = None
+            holders = dict.fromkeys(d.node for p in parts for d in p)
+            adds = [self.users.add_fragment(self.address, n) for n in holders]
+            firsts = [p[0] for p in parts if p]
+            return DeferredList(adds, consumeErrors=True).addCallback(lambda _: firsts)
+
+        if mailbox.upper() == INBOX:
+            return check([self.home])
+        return self._holders(mailbox).addCallback(check)
+
+    def _store_plain(self, mailbox: str, msgs: list[NewMessage]) -> Deferred[list[Digest]]:
 
         def missing(f: Failure) -> Deferred[list[Digest]]:
             f.trap(NoSuchMailbox)
@@ -565,6 +658,8 @@ class RetrievalProxy:
         #: Set by replication (``MailReplication.attach_cluster``); see UserMail.
         self.replicated = False
         self.load_of: Callable[[str], float] | None = None
+        #: Replication's hooks for APPEND/COPY and mailbox changes (see UserMail).
+        self.replica: Any = None
 
     def authenticate(self, address: str, password: str) -> Deferred[Profile]:
         """The profile, or ``BadCredentials``."""
@@ -577,6 +672,7 @@ class RetrievalProxy:
         mail.now = self.now
         mail.replicated = self.replicated
         mail.load_of = self.load_of
+        mail.replica = self.replica
         if self.cluster:
             mail.local = self.node_id
         return mail
@@ -619,3 +715,11 @@ def _unwrap(f: Failure) -> Failure:
         sub: Failure = f.value.subFailure
         return sub
     return f
+
+
+def _log_failures(results: list[tuple[bool, Any]], value: Any) -> Any:
+    """Log the failures a :class:`DeferredList` collected, then go on with ``value``."""
+    for ok, result in results:
+        if not ok:
+            _log.failure("mailbox clean-up after delete failed", result)
+    return value

@@ -35,8 +35,10 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..admin.routes import ApiError, Route
+from ..cluster.histogram import Histogram
+from ..cluster.node import IReady
+from ..imap import Limits
 from ._guard import ClientErrors
-from ._imap import MailboxRegistry, MailImapServer
 from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
 from .auth import MailRealm, ManagerChecker, ThrottledPortal
@@ -50,6 +52,8 @@ from .delivery import (
     with_return_path,
 )
 from .fragments import FragmentStore, MailboxManager
+from .imap_backend import MailboxRegistry, PorcupineImapBackend
+from .imap_server import PorcupineImapFactory
 from .interfaces import IMailboxManager, IUserManager
 from .outbound import OutboundSender, RetryPolicy, Routes
 from .profiledb import ProfileDB
@@ -61,11 +65,6 @@ from .values import NoSuchUser, Profile, UserExists
 
 DEFAULT_MAX_MESSAGE_SIZE = 25 << 20
 _DOMAIN = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)*$")
-
-
-def _read_all(f: Any) -> bytes:
-    data = f.read()
-    return data if isinstance(data, bytes) else data.encode("utf-8")
 
 
 class _ProtocolFactory(Factory):
@@ -107,6 +106,7 @@ def _own_tls(endpoint: str | None) -> bool:
     return bool(endpoint) and str(endpoint).split(":", 1)[0] == "ssl"
 
 
+@implementer(IReady)
 class MailService(MultiService):
     """SMTP, POP3 and IMAP of one Porcupine node, over its managers."""
 
@@ -215,21 +215,19 @@ class MailService(MultiService):
         self.mailbox_manager.on_change(self.registry.changed)
         #: POP3/IMAP client mistakes and server errors (``client_errors`` in status).
         self.client_errors = ClientErrors(now)
-        realm = MailRealm(
-            self.retrieval, self.delivery, self.policy, self.registry, self._read_file, now
-        )
+        realm = MailRealm(self.retrieval, self.delivery, self.policy, now)
         self.portal = portal.Portal(realm, [ManagerChecker(self.retrieval, domain)])
         #: Shared by IMAP, POP3 and SMTP AUTH: per address and per account.
         self.throttle = AuthThrottle(auth_throttle)
         self.factories: dict[str, Factory] = {
             "smtp": _ProtocolFactory(self._smtp_protocol),
             "pop3": _ProtocolFactory(self._pop3_protocol),
-            "imap": _ProtocolFactory(self._imap_protocol),
+            "imap": self._imap_factory(implicit_tls=False),
             "submission": _ProtocolFactory(
                 lambda addr: self._smtp_protocol(addr, self.submission_policy)
             ),
             "pop3s": self._implicit_tls(_ProtocolFactory(self._pop3_protocol), pop3s),
-            "imaps": self._implicit_tls(_ProtocolFactory(self._imap_protocol), imaps),
+            "imaps": self._implicit_tls(self._imap_factory(implicit_tls=True), imaps),
             "submissions": self._implicit_tls(
                 _ProtocolFactory(lambda addr: self._smtp_protocol(addr, self.submission_policy)),
                 submissions,
@@ -238,6 +236,8 @@ class MailService(MultiService):
         self.ports: dict[str, IListeningPort] = {}
         self._ready: Deferred[Any] | None = None
         self.delivered = 0
+        #: Set by the node wiring (tap): seconds from a message's final dot to its 250.
+        self.delivery_latency: Histogram | None = None
 
     # --- wiring ---------------------------------------------------------------------
 
@@ -277,9 +277,6 @@ class MailService(MultiService):
             raise KeyError(f"no mailbox manager for node {node_id} in a cluster of one")
         return self.mailbox_manager
 
-    def _read_file(self, f: Any) -> Deferred[bytes]:
-        return deferToThreadPool(self.reactor, self.pool, _read_all, f)
-
     def _deliver(self, sender: bytes, recipients: list[Recipient], body: bytes) -> Deferred[object]:
         local = [r.address for r in recipients if not r.relay]
         relay = [r.address for r in recipients if r.relay]
@@ -306,7 +303,12 @@ class MailService(MultiService):
         """This connection's throttled way to the portal (closes it after repeated failures)."""
 
         def close() -> None:
-            if p.transport is not None:
+            if p.transport is None:
+                return
+            shell_close = getattr(p, "_close", None)  # IMAP: unregisters its producer first
+            if shell_close is not None:
+                shell_close()
+            else:
                 p.transport.loseConnection()
 
         return ThrottledPortal(
@@ -346,28 +348,40 @@ class MailService(MultiService):
             self._challengers(),
             self.tls,
             counters=self.client_errors.counts,
+            stats=self.client_errors,
+            on_stored=self._stored_in,
         )
         p.delivery = SmtpDelivery(self.delivery, policy, self.reactor.seconds)
         p.portal = self._portal_for(p, addr)
         return p
+
+    def _stored_in(self, seconds: float) -> None:
+        if self.delivery_latency is not None:
+            self.delivery_latency.observe(seconds)
 
     def _pop3_protocol(self, addr: Any = None) -> MailPOP3:
         p = MailPOP3(self.reactor, self.tls, self.client_errors, self.allow_plaintext_auth)
         p.portal = self._portal_for(p, addr)
         return p
 
-    def _imap_protocol(self, addr: Any = None) -> MailImapServer:
-        chal = {b"LOGIN": imap4.LOGINCredentials, b"PLAIN": imap4.PLAINCredentials}
-        p = MailImapServer(
-            self.reactor,
-            self.max_message_size,
-            chal,
-            self.tls,
+    def _imap_factory(self, implicit_tls: bool) -> PorcupineImapFactory:
+        """IMAP (``yimaporc.imap``) over this node's mail; one backend per connection."""
+        shared = PorcupineImapBackend(self.portal, self.registry, self.reactor, self.client_errors)
+        return PorcupineImapFactory(
+            shared,
+            self._portal_for,
             self.client_errors,
-            self.allow_plaintext_auth,
+            self.reactor,
+            limits=Limits(
+                max_append=self.max_message_size,
+                max_command=max(self.max_message_size + 2**20, Limits().max_command),
+                max_buffer=max(self.max_message_size + 2**21, Limits().max_buffer),
+            ),
+            tls=None if implicit_tls else self.tls,
+            plaintext_auth=self.tls is None or self.allow_plaintext_auth,
+            implicit_tls=implicit_tls,
+            greeting=f"{self.policy.hostname} yimaporc IMAP4rev1",
         )
-        p.portal = self._portal_for(p, addr)
-        return p
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -433,7 +447,7 @@ class MailService(MultiService):
     def stopService(self) -> Deferred[None]:
         """Stop listening, then the pool (if ours) and the databases."""
         ports, self.ports = list(self.ports.values()), {}
-        d = DeferredList([maybeDeferred(p.stopListening) for p in ports])
+        d = DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
         d.addCallback(lambda _: maybeDeferred(super(MailService, self).stopService))
 
         def close(_: object) -> None:
@@ -456,7 +470,8 @@ class MailService(MultiService):
             "messages_accepted": self.delivered,
             "auth": self.throttle.status(),
             "client_errors": self.client_errors.status(),
-            "imap_open_mailboxes": sum(len(b) for b in self.registry.boxes.values()),
+            "mail_sessions": self.client_errors.activity(),
+            "imap_open_mailboxes": self.registry.count(),
             "outbound": self.outbound.status(),
             # No certificate: IMAP LOGIN, POP3 USER/PASS (and SMTP AUTH is off) in clear.
             "plaintext_passwords": self.tls is None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._status import reason_phrase
+
 
 class RtspError(Exception):
     """Base class of RTSP errors."""
@@ -23,8 +25,6 @@ class RtspStatusError(RtspError):
         headers: tuple[tuple[str, str], ...] = (),
         response: object | None = None,
     ) -> None:
-        from ._wire import reason_phrase
-
         self.status = status
         self.reason = reason or reason_phrase(status)
         self.headers = headers

@@ -106,6 +106,8 @@ class ServerSession:
     played: bool = False
     detached_timeout: float | None = None
     detached_at: float | None = None
+    # The client's User-Agent (from its last SETUP or PLAY), for known client quirks.
+    user_agent: str = ""
 
     @property
     def expires_at(self) -> float:

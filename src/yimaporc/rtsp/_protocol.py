@@ -25,7 +25,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..yima.sdp import SessionDescription, serialize_sdp
 from ._connection import SERVER_NAME, RtspClientConnection, RtspServerConnection
 from ._errors import RemoteProtocolError, RtspError, RtspStatusError
 from ._events import NEED_DATA, ConnectionClosed, RequestReceived, ResponseReceived
@@ -56,6 +55,7 @@ from ._wire import (
     serialize_transport,
 )
 from .interfaces import IRtspHandler, PlayReply
+from .sdp import SessionDescription, serialize_sdp
 
 #: Seconds between two log lines about refused sessions (the counters count them all).
 REFUSAL_LOG_INTERVAL = 10.0
@@ -561,6 +561,7 @@ class RtspServerFactory(Factory):
             return d.addCallback(lambda _: _Done())
         if session is None:  # TEARDOWN without a session: Init -> Init, nothing to do
             return _Done()
+        session.user_agent = req.headers.get("User-Agent") or session.user_agent
         if method == "SETUP":
             chosen = prep.transport
             assert chosen is not None

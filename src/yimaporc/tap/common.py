@@ -7,8 +7,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from .._files import PRIVATE_UMASK, private_dir
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig, parse_cluster_address, parse_join
@@ -172,6 +174,32 @@ def _ports(options: Any) -> list[int]:
     return ports
 
 
+class StopIfCannotStart(Service):
+    """The tap's answer to a port that cannot be bound: log it and stop the reactor.
+
+    The node only reports it (:meth:`ClusterNode.when_ready` fails); an
+    embedding application chooses its own answer.  Added as the node's last
+    child, so every other child has started listening when this one starts.
+    """
+
+    log = Logger()
+
+    def __init__(self, node: ClusterNode, reactor: Any) -> None:
+        self.node = node
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self.node.when_ready().addErrback(self._stop)
+
+    def _stop(self, failure: Failure) -> None:
+        self.log.critical(
+            "node {node} cannot start: {why}", node=self.node.node_id, why=failure.getErrorMessage()
+        )
+        # Ports may fail while twistd is still starting the reactor up.
+        self.reactor.callWhenRunning(self.reactor.stop)
+
+
 def install_logging(service: IService, options: NodeOptions, reactor: Any) -> IService:
     """``service`` set up so that twistd logs per ``--log-format``/``--log-max-*``."""
     observer = node_log_observer(
@@ -182,4 +210,6 @@ def install_logging(service: IService, options: NodeOptions, reactor: Any) -> IS
         max_files=options["log-max-files"],
         rate=options["log-rate"],
     )
+    if isinstance(service, ClusterNode):
+        StopIfCannotStart(service, reactor).setServiceParent(service)
     return with_log_observer(service, observer)

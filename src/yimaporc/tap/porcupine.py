@@ -141,6 +141,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from ..cluster.bucketservice import BucketMapService
+    from ..cluster.histogram import DELIVERY_BUCKETS
     from ..porcupine.cluster import MailCluster
     from ..porcupine.replication.mail import MailReplication
     from ..porcupine.service import MailService
@@ -173,6 +174,12 @@ def makeService(options: Options) -> IService:
     except ValueError as e:
         raise usage.UsageError(str(e)) from e
     mail.setServiceParent(node)
+    mail.delivery_latency = node.histograms.get(
+        "yimaporc_mail_delivery_duration_seconds",
+        "Seconds from the end of a message's SMTP DATA to its 250 (stored durably, "
+        "on --acks-before-reply copies).",
+        DELIVERY_BUCKETS,
+    )
     # Replication first: it replaces mail.mailbox_manager, which the cluster's AMP
     # mailbox commands then serve.
     replication = MailReplication(mail, node, config=options.replication)

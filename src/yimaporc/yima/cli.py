@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .._cliutil import CliError, print_json
 from ..admin.client import AdminClient, AdminError, await_continue
 
 UPLOAD_CHUNK = 1 << 20
@@ -100,8 +101,6 @@ def upload(
 
 def _json(args: argparse.Namespace, doc: Any) -> bool:
     """With ``--json``: print ``doc`` as JSON and return True (the caller prints nothing)."""
-    from ..cli import print_json
-
     if getattr(args, "json", False):
         print_json(doc)
         return True
@@ -109,8 +108,6 @@ def _json(args: argparse.Namespace, doc: Any) -> bool:
 
 
 def _cli_error(message: str) -> Exception:
-    from ..cli import CliError
-
     return CliError(message)
 
 

@@ -14,10 +14,12 @@ SAMPLE_NAME = "sample"
 SAMPLE_SECONDS = 12.0
 
 
-def _error(message: str) -> Exception:
-    from ..local_cluster import LocalClusterError
+class DemoError(Exception):
+    """The demo clip could not be made or ingested (message is user-facing)."""
 
-    return LocalClusterError(message)
+
+def _error(message: str) -> Exception:
+    return DemoError(message)
 
 
 def _wait_disks(client: AdminClient, timeout: float) -> None:

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .deliverystats import DeliveryStats
 from .schedule import NodeScheduler, Packet
 
 BlockKey = tuple[str, int]
@@ -65,6 +66,8 @@ class DeliveryEngine:
         self.read_errors = 0
         self.block_reads = 0
         self.block_read_bytes = 0
+        #: Late packets, per-session rates and block-cache hits (for operators).
+        self.stats = DeliveryStats()
 
     def poke(self) -> None:
         """Re-plan now (a session was added, paused, resumed or changed)."""
@@ -90,6 +93,7 @@ class DeliveryEngine:
                 self.emit(pkt, payload)
                 self.sent += 1
                 self.sent_bytes += len(payload)
+                self.stats.sent(pkt.session, len(payload), now - pkt.deadline)
             except Exception:
                 self.log.failure("delivery: sending packet {g} failed", g=pkt.gseq)
         self._reschedule(now)
@@ -109,15 +113,20 @@ class DeliveryEngine:
 
     def _prefetch(self, now: float) -> None:
         self._next_prefetch = now + self.prefetch_interval
-        for key in self.scheduler.wanted_blocks(now):
+        wanted = self.scheduler.wanted_blocks(now)
+        for key in wanted:
             if key in self.cache or key in self._reading:
                 continue
             if len(self._reading) >= self.max_reads:
                 break
+            self.stats.read_started(key)
             self._reading.add(key)
             self.block_reads += 1
             d = self.read_block(*key)
             d.addCallbacks(self._loaded, self._failed, callbackArgs=(key,), errbackArgs=(key,))
+        self.stats.wanted(
+            wanted, lambda k: k in self.cache or k in self._reading, self.scheduler.sessions
+        )
         while len(self.cache) > self.cache_blocks:
             self.cache.popitem(last=False)
 

@@ -146,6 +146,10 @@ class Relay(Protocol):
     def touch(self, session: str) -> None:
         """The client is alive (RTCP counts as keep-alive)."""
 
+    def handover(self, media_ssrc: int, node_index: int, gseq: int) -> None:
+        """A fan-out player asks for the share holding global packet ``gseq`` (node
+        ``node_index``'s, 0xFFFFFFFF: unknown) to be served elsewhere from there on."""
+
 
 class FeedbackReceiver:
     """Handles the RTCP datagrams that reach this node."""
@@ -172,10 +176,14 @@ class FeedbackReceiver:
         self.feedback_applied = 0
 
     def _session(self, media_ssrc: int) -> str | None:
-        for sid, dest in self.streaming.destinations.items():
-            if dest.ssrc == media_ssrc:
-                return sid
-        return None
+        got = self._sessions(media_ssrc)
+        return got[0] if got else None
+
+    def _sessions(self, media_ssrc: int) -> list[str]:
+        """Every session of this node stamped with ``media_ssrc``: its own share and any
+        share it took over (they all serve the same stream); its own first."""
+        out = [sid for sid, d in self.streaming.destinations.items() if d.ssrc == media_ssrc]
+        return sorted(out, key=lambda sid: "+" in sid)
 
     def datagram(self, data: bytes, addr: Any) -> None:
         """One datagram from a client (RTP on a muxed port is ignored)."""
@@ -219,19 +227,26 @@ class FeedbackReceiver:
             assert self.relay is not None
             self.relay.nack(relayed, lost)
             return
-        sid = self._session(nack.media_ssrc)
-        s = self.streaming.scheduler.sessions.get(sid) if sid is not None else None
-        if sid is None or s is None:
-            return
-        seqs = [unwrap_seq(s.node_seq, pid) for pid in lost]
-        self.nacked += len(seqs)
-        self.streaming.nack(sid, [n for n in seqs if n >= 0])
+        # The NACK names per-node numbers of one of this node's sessions of the stream
+        # (its own share or one it took over); each resends what it holds of them.
+        for sid in self._sessions(nack.media_ssrc):
+            s = self.streaming.scheduler.sessions.get(sid)
+            if s is None:
+                continue
+            seqs = [unwrap_seq(s.node_seq, pid) for pid in lost]
+            self.nacked += len(seqs)
+            self.streaming.nack(sid, [n for n in seqs if n >= 0])
 
     def _feedback(self, fb: YimaFeedback) -> None:
-        relayed = self._relayed(fb.media_ssrc)
-        sid = relayed if relayed is not None else self._session(fb.media_ssrc)
-        if sid is None:
+        if fb.kind == YimaKind.HANDOVER:
+            if self.relay is not None:
+                self.relay.handover(fb.media_ssrc, fb.value, fb.aux)
             return
+        relayed = self._relayed(fb.media_ssrc)
+        sids = [relayed] if relayed is not None else self._sessions(fb.media_ssrc)
+        if not sids:
+            return
+        sid = sids[0]
         last = self.last_feedback.get(sid)
         if last is not None and not 0 < (fb.feedback_seq - last) % (1 << 32) < (1 << 31):
             return  # not newer than the last one applied (UDP reordered or duplicated it)
@@ -247,7 +262,7 @@ class FeedbackReceiver:
             s = self.streaming.scheduler.sessions.get(sid)
             if s is None:
                 return
-            total = sum(s.media.packet_count(b) for b in range(s.media.blocks))
+            total = s.media.total
             step = s.media.duration / max(1, total)  # delta p at real time
             action, value = "speed", step / (fb.value / 1e6)
         else:
@@ -258,7 +273,8 @@ class FeedbackReceiver:
             assert self.relay is not None
             self.relay.control(sid, action, at, value)
         else:
-            self.streaming.control(sid, action, at, value)
+            for one in sids:  # every session of the stream here, taken-over shares too
+                self.streaming.control(one, action, at, value)
 
     def _probe(self, req: ProbeRequest, addr: Any) -> None:
         relayed = self._relayed(req.media_ssrc)
@@ -269,7 +285,7 @@ class FeedbackReceiver:
         s = self.streaming.scheduler.sessions.get(sid) if sid is not None else None
         if dest is not None and s is not None:
             start_ct, start_mt = dest.start_ct, dest.start_mt
-            total = sum(s.media.packet_count(b) for b in range(s.media.blocks))
+            total = s.media.total
             ppb = s.media.packets_per_block
         reply = ProbeReply(
             self.ssrc,

@@ -7,11 +7,19 @@ and forwards them in global sequence order.  A packet is held while an earlier
 one is missing, at most ``hold`` seconds; then the gap is given up (the player
 sees an ordinary loss) and forwarding continues.  Duplicates and packets older
 than what was already forwarded are dropped.
+
+Paced (``due`` given): the nodes send a relayed session *ahead* of its playout
+by the session's lead, and the relay holds every packet until its due instant,
+in order.  A gap is then given up only when the packet after it falls due: the
+relay's hold is the session's lead, and meanwhile the RTSP node asks the owner
+again or rebuilds the share from parity (:meth:`Reorderer.missing` names what
+is overdue).
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 import attrs
 
@@ -26,18 +34,32 @@ class RelayStats:
     gaps_skipped: int = 0
     #: Packets of an earlier position (sent before the nodes took a seek), dropped.
     stale: int = 0
+    #: Overdue packets (not there when they should have arrived): asked again of the owner.
+    overdue_nacked: int = 0
+    #: Node shares taken over before the membership noticed (the owner went silent).
+    early_takeovers: int = 0
 
 
 class Reorderer:
     """Releases items in ascending global sequence number, waiting ``hold`` s for gaps."""
 
-    def __init__(self, first: int = 0, hold: float = 0.2, limit: int = 4096) -> None:
+    def __init__(
+        self,
+        first: int = 0,
+        hold: float = 0.2,
+        limit: int = 4096,
+        due: Callable[[int], float] | None = None,
+    ) -> None:
         self.next = first
         self.hold = hold
         self.limit = limit
+        #: Paced: ``due(gseq)`` is the instant a packet may go (``inf`` while paused).
+        self.due = due
         self.stats = RelayStats()
         self._heap: list[tuple[int, float, bytes]] = []
         self._held: set[int] = set()
+        #: Every packet in [next, _whole) is held: :meth:`missing` starts there.
+        self._whole = first
 
     def push(self, gseq: int, data: bytes, now: float) -> list[bytes]:
         """Accept one packet; return whatever can now be forwarded, in order."""
@@ -49,38 +71,67 @@ class Reorderer:
             return []
         heapq.heappush(self._heap, (gseq, now, data))
         self._held.add(gseq)
-        out = self._release()
+        out = self._release(now)
         while len(self._heap) > self.limit:
-            out.extend(self._skip_gap())
+            out.extend(self._skip_gap(now))
+        return out
+
+    def missing(self, upto: int, limit: int = 512) -> list[int]:
+        """Sequence numbers in ``[next, upto)`` not held (at most ``limit``): what is
+        overdue when every packet before ``upto`` should have arrived by now."""
+        start = max(self._whole, self.next)
+        while start < upto and start in self._held:
+            start += 1
+        self._whole = start  # amortised: the held prefix is walked once, not at every call
+        out = []
+        for g in range(start, upto):
+            if g not in self._held:
+                out.append(g)
+                if len(out) >= limit:
+                    break
         return out
 
     def reset(self, first: int) -> None:
         """Start over at ``first`` (a seek): whatever is held is dropped."""
         self._heap.clear()
         self._held.clear()
-        self.next = first
+        self.next = self._whole = first
 
     def tick(self, now: float) -> list[bytes]:
-        """Give up gaps whose next packet has waited ``hold`` seconds."""
-        out: list[bytes] = []
-        while self._heap and now - self._heap[0][1] >= self.hold:
-            out.extend(self._skip_gap())
+        """Release what is due; give up gaps whose next packet is due (paced) or has
+        waited ``hold`` seconds."""
+        out = self._release(now)
+        while self._heap and now >= self._give_up_at(self._heap[0]):
+            out.extend(self._skip_gap(now))
         return out
 
     def next_deadline(self) -> float | None:
-        """When :meth:`tick` may release something."""
-        return self._heap[0][1] + self.hold if self._heap else None
+        """When :meth:`tick` may release something (None: nothing held, or paused)."""
+        if not self._heap:
+            return None
+        head = self._heap[0]
+        t = self._give_up_at(head) if head[0] != self.next else self._due(head)
+        return None if t == float("inf") else t
 
-    def _skip_gap(self) -> list[bytes]:
+    def _due(self, entry: tuple[int, float, bytes]) -> float:
+        return entry[1] if self.due is None else self.due(entry[0])
+
+    def _give_up_at(self, entry: tuple[int, float, bytes]) -> float:
+        return entry[1] + self.hold if self.due is None else self.due(entry[0])
+
+    def _skip_gap(self, now: float) -> list[bytes]:
         gseq = self._heap[0][0]
         if gseq > self.next:
             self.stats.gaps_skipped += gseq - self.next
             self.next = gseq
-        return self._release()
+        return self._release(now, force=True)
 
-    def _release(self) -> list[bytes]:
+    def _release(self, now: float, force: bool = False) -> list[bytes]:
         out = []
         while self._heap and self._heap[0][0] == self.next:
+            if not force and self.due is not None and self.due(self.next) > now:
+                break
+            force = False
             gseq, _, data = heapq.heappop(self._heap)
             self._held.discard(gseq)
             out.append(data)

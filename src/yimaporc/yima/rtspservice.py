@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import random
 import socket
+from bisect import bisect_right
+from collections.abc import Generator
 from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
@@ -32,14 +34,29 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..cluster.membership import IMembershipListener, View
-from ..cluster.node import ClusterNode
+from ..cluster.node import CannotStart, ClusterNode, IReady
 from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
 from ..rtsp._machine import ServerSession
 from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
 from ..rtsp.interfaces import PlayReply
+from ..rtsp.sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
 from .feedback import RETRANSMISSION_MARK, FeedbackReceiver, StreamPorts, mark_retransmission
-from .media import KIND_TS, KIND_WAV, MediaInfo, WavFormat, packet_bytes, to_l16
-from .relay import Reorderer, rewrite
+from .media import (
+    KIND_TS,
+    KIND_WAV,
+    PCR_HZ,
+    PCR_WRAP,
+    PTS_WRAP,
+    TS_PACKET,
+    MediaInfo,
+    WavFormat,
+    last_pat_before,
+    packet_bytes,
+    packet_pcr,
+    pes_starts,
+    to_l16,
+)
+from .relay import RelayStats, Reorderer, rewrite
 from .rtp import (
     PT_MP2T,
     Bye,
@@ -53,11 +70,27 @@ from .rtp import (
     serialize_rtcp,
 )
 from .schedule import MediaTiming, Packet
-from .sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
 from .store import BlockKey
 from .streaming import Destination, StreamControl, StreamingNode, StreamNack, StreamStart
 
 START_LEAD = 0.5
+# Relayed sessions: the nodes send this far ahead of the playout instant and the relay
+# holds each packet until it is due, so an overdue packet can be asked again of its
+# owner or, the owner being silent, its share served from parity here before the
+# player misses it (docs/wire.md, "Lead, overdue packets and early takeover").
+RELAY_LEAD = 1.5
+# The relay looks for overdue packets this often; a packet is overdue this long after
+# its node should have sent it; the owner's share is taken over when a NACK went
+# unanswered this long and nothing came from that node for SILENT seconds.
+WATCH_INTERVAL = 0.05
+OVERDUE = 0.15
+RETRY = 0.25
+SILENT = 0.3
+# A node that went silent is read around (parity) for this long, unless it is heard again.
+SUSPECT_FOR = 30.0
+# A TS seek looks this many blocks back for a keyframe (GOPs longer than this many
+# blocks' worth of media start at the packet playing at the requested time).
+KEYFRAME_SEARCH_BLOCKS = 32
 # The end-of-stream BYE waits this long after the last packet: a player ends on
 # BYE, and one whose RTP socket still holds the last packets (a busy receiver,
 # GStreamer's udpsrc) would drop them.
@@ -91,6 +124,22 @@ def rtp_time(info: MediaInfo, timing: MediaTiming, gseq: int, ts_base: int) -> i
         frames = max(0, max(at, info.wav.data_offset) - info.wav.data_offset) // info.wav.frame_size
         return (ts_base + frames) & 0xFFFFFFFF
     return (ts_base + round(timing.gseq_time(gseq) * timing.clock_rate)) & 0xFFFFFFFF
+
+
+def lavf_quirk(user_agent: str) -> bool:
+    """libavformat's RTSP client (ffmpeg, ffplay, mpv, players built on it) names its
+    MPEG-TS seek positions on the stream's own PTS clock: ``-ss T`` asks for
+    ``npt=(first PTS + T)``, in seconds, not for npt T (RFC 2326 §3.6)."""
+    return user_agent.startswith("Lavf")
+
+
+def lavf_npt(info: MediaInfo, npt: float) -> float:
+    """The media time a libavformat client means by ``npt`` (its PTS clock in seconds):
+    that PTS less the first PCR's, unwrapped; 0 for anything before the start."""
+    if info.pcr_origin is None:
+        return npt
+    rel = (round(npt * 90000) - info.pcr_origin // 300) % PTS_WRAP
+    return 0.0 if rel >= PTS_WRAP // 2 else rel / 90000
 
 
 def _media_timing(info: MediaInfo) -> MediaTiming:
@@ -173,12 +222,29 @@ class _Plan:
     last_rtp_ts: int | None = None
     last_sent_at: float = 0.0
     sr_timer: IDelayedCall | None = None
+    # Relayed: how far ahead of playout the nodes send (RELAY_LEAD), the media's timing
+    # (packet times), the overdue watch, NACKs sent for overdue packets (gseq -> when),
+    # when each node index was last heard, and block -> owning node (primary place).
+    lead: float = 0.0
+    paused_ct: float = 0.0
+    # Delivery speed of a relayed session (YIMA feedback from a client that opted in).
+    speed: float = 1.0
+    timing: MediaTiming | None = None
+    watch_timer: IDelayedCall | None = None
+    relay_timer_at: float | None = None
+    nacked: dict[int, float] = attrs.field(factory=dict)
+    heard: dict[int, float] = attrs.field(factory=dict)
+    owners: dict[int, str] = attrs.field(factory=dict)
+    # Node index of each taken-over share: a new one (past the members'), so the player's
+    # per-node gap detection starts afresh and its NACKs and speed changes reach the node
+    # that now sends (docs/wire.md).
+    takeover_index: dict[str, int] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self.node_ssrc, self.seq_offset = self.ssrc, self.seq_base
 
 
-@implementer(IRtspHandler, IMembershipListener)
+@implementer(IRtspHandler, IMembershipListener, IReady)
 class YimaStreamingService(Service):
     """RTSP + RTP delivery of one node (every node runs one)."""
 
@@ -203,8 +269,19 @@ class YimaStreamingService(Service):
         self.rng = rng or random.SystemRandom()
         self.plans: dict[str, _Plan] = {}
         self.lost_sessions = 0
+        #: Nodes that went silent on a relayed session (node id -> until when, cluster
+        #: time): their blocks are rebuilt from parity instead of asked of them.
+        self.suspects: dict[str, float] = {}
+        #: Relay counters of sessions already torn down (the live ones are added).
+        self.relay_totals = RelayStats()
+        #: Shares this node stopped because the session's RTSP node left.
+        self.orphans_stopped = 0
+        #: Shares taken over at a fan-out player's HANDOVER request.
+        self.early_handovers = 0
         self.data_port: IListeningPort | None = None
         self.rtsp_port: IListeningPort | None = None
+        self._listen_done: Deferred[Any] = succeed(None)
+        self._start_error: CannotStart | None = None
         # Session caps and timeouts (RtspServerFactory keywords; --rtsp-* options).
         self.factory = RtspServerFactory(self, reactor, self.rng, **(rtsp_guards or {}))
         self.streaming = StreamingNode(
@@ -212,7 +289,7 @@ class YimaStreamingService(Service):
             node.cluster_time,
             timing=lambda name: media_timing(self.storage.media_info(name)),
             my_blocks=self._my_blocks,
-            read_block=self.storage.read_block,
+            read_block=self._read_block,
             packetize=self._packetize_marked,
             send=self._send,
         )
@@ -223,6 +300,8 @@ class YimaStreamingService(Service):
         )
         node.registry.register(StreamPorts, self._ports)
         self._templates: dict[tuple[int, int], tuple[RtpHeaderTemplate, WavFormat | None, int]] = {}
+        # Per media name: (catalog entry, end of its presentation), see _presentation_end.
+        self._ends: dict[str, tuple[MediaInfo, float]] = {}
         node.add_status(self.status)
         node.subscribe(self)
 
@@ -247,15 +326,32 @@ class YimaStreamingService(Service):
             from twisted.internet.endpoints import serverFromString
 
             d = serverFromString(self.reactor, self.rtsp_endpoint).listen(self.factory)
-            d.addCallback(self._listening)
-            d.addErrback(self._cannot_listen)
+            d.addCallbacks(self._listening, self._cannot_listen)
+            self._listen_done = d
 
     def _listening(self, port: IListeningPort) -> None:
         self.rtsp_port = port
 
     def _cannot_listen(self, failure: Any) -> None:
-        self.log.failure("rtsp: cannot listen on {ep}", failure, ep=self.rtsp_endpoint)
-        self.reactor.stop()
+        error = CannotStart(
+            f"cannot listen on --rtsp {self.rtsp_endpoint}: {failure.getErrorMessage()}"
+        )
+        self.log.error("{error}", error=error)
+        self._start_error = error
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires once the RTSP port listens; errbacks with CannotStart if it cannot."""
+        done: Deferred[None] = Deferred()
+
+        def relay(result: object) -> object:
+            if self._start_error is not None:
+                done.errback(self._start_error)
+            else:
+                done.callback(None)
+            return result
+
+        self._listen_done.addCallback(relay)
+        return done
 
     def stopService(self) -> Any:
         """Stop sending and listening."""
@@ -267,10 +363,10 @@ class YimaStreamingService(Service):
         for plan in self.plans.values():
             if plan.relay_port is not None:
                 ports.append(plan.relay_port)
-            for timer in (plan.relay_timer, plan.sr_timer, plan.bye_timer):
+            for timer in (plan.relay_timer, plan.sr_timer, plan.bye_timer, plan.watch_timer):
                 if timer is not None and timer.active():
                     timer.cancel()
-        return DeferredList([maybeDeferred(p.stopListening) for p in ports])
+        return DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
 
     def status(self) -> dict[str, Any]:
         """``services.rtsp`` (a URL prefix) once listening, and live session counts."""
@@ -285,18 +381,47 @@ class YimaStreamingService(Service):
                                              "late_waits":
                                                  self.streaming.scheduler.late_waits,
                                              "ended_share_lost": self.lost_sessions}}  # fmt: skip
+        out["streaming"].update(self._delivery_status())
         relays = sum(1 for p in self.plans.values() if p.relay_port is not None)
         out["rtsp"] = {**self.factory.stats(), "relay_ports": relays}
         fb = self.feedback
         out["streaming"]["rtcp"] = {"received": fb.received, "malformed": fb.malformed,
                                     "nacked": fb.nacked, "resent": self.streaming.resent,
                                     "feedback_applied": fb.feedback_applied}  # fmt: skip
+        # A lost share: what the relays did about it, early takeovers, orphaned shares.
+        out["streaming"].update(
+            relay=self.relay_stats(),
+            orphans_stopped=self.orphans_stopped,
+            early_handovers=self.early_handovers,
+            shares_served=len(self.streaming.scheduler.sessions),
+        )
         if self.rtsp_port is not None:
             h = self.rtsp_port.getHost()
             out["services"] = {"rtsp": f"rtsp://{h.host}:{h.port}/sample"}  # type: ignore[attr-defined]
         return out
 
+    def _delivery_status(self) -> dict[str, Any]:
+        """Late packets, block-cache hits/misses and the sessions this node serves."""
+        engine, sessions = self.streaming.engine, self.streaming.scheduler.sessions
+        stats = engine.stats
+        return {
+            "late_packets": stats.late_packets,
+            "cache_hits": stats.cache_hits,
+            "cache_misses": engine.block_reads,
+            "running": stats.running(sessions, lambda sid: sessions[sid].media.name),
+        }
+
     # --- helpers -----------------------------------------------------------------
+
+    def _read_block(self, name: str, index: int) -> Deferred[bytes]:
+        """A block for delivery; around a node that went silent (from parity), if any."""
+        now = self.node.cluster_time()
+        for node_id, until in list(self.suspects.items()):
+            if until < now:
+                del self.suspects[node_id]
+        if not self.suspects:
+            return self.storage.read_block(name, index)  # type: ignore[no-any-return]
+        return self.storage.read(name, BlockKey(index), avoid=frozenset(self.suspects))  # type: ignore[no-any-return]
 
     def _media(self, url: str) -> MediaInfo:
         path = url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else url
@@ -402,16 +527,63 @@ class YimaStreamingService(Service):
         for seq16 in gseqs[:512]:
             g = (seq16 - plan.seq_offset) & 0xFFFF
             full.append(base + ((g - base + 0x8000) & 0xFFFF) - 0x8000)
-        for m in self.node.view.members:
-            if m.node_id == self.node.node_id:
-                self.streaming.nack(session, [], full)
+        self._nack_owners(session, plan, full)
+
+    def _nack_owners(self, session: str, plan: _Plan, gseqs: list[int]) -> None:
+        """Ask each packet's owner (the node whose share holds its block; this node for
+        a share it took over) to resend it; nobody else is bothered."""
+        by_owner: dict[str | None, list[int]] = {}
+        for g in gseqs:
+            by_owner.setdefault(self._owner(plan, g), []).append(g)
+        members = {m.node_id: m.address for m in self.node.view.members}
+        for owner, some in by_owner.items():
+            if owner is None or (owner not in plan.takeovers and owner not in members):
+                # Unknown owner (no layout) or gone and not taken over: every member.
+                targets = [n for n in members if n not in plan.takeovers]
             else:
-                d = self.node.rpc.call(m.address, StreamNack, session=session, node_seqs=[],
-                                       gseqs=full)  # fmt: skip
-                d.addErrback(lambda f: None)
+                targets = [owner]
+            for node_id in targets:
+                if node_id in plan.takeovers:
+                    self.streaming.nack(plan.takeovers[node_id], [], some)
+                elif node_id == self.node.node_id:
+                    self.streaming.nack(session, [], some)
+                else:
+                    d = self.node.rpc.call(members[node_id], StreamNack, session=session,
+                                           node_seqs=[], gseqs=some)  # fmt: skip
+                    d.addErrback(lambda f: None)
+
+    def _owner(self, plan: _Plan, gseq: int) -> str | None:
+        """The node whose share holds global packet ``gseq`` (its block's first place)."""
+        if plan.timing is None or self.mode != "bipartite":
+            return self.node.node_id if self.mode != "bipartite" else None
+        block = gseq // plan.timing.packets_per_block
+        got = plan.owners.get(block)
+        if got is None:
+            try:
+                places = self.storage.places(self.storage.media_info(plan.media), BlockKey(block))
+            except Exception:
+                places = []
+            got = places[0].node_id if places else ""
+            if len(plan.owners) >= 4096:
+                plan.owners.clear()
+            plan.owners[block] = got
+        return got or None
 
     def control(self, session: str, action: str, at: float, value: float) -> None:
-        """Forward flow-control feedback to every node of the session."""
+        """Forward flow-control feedback to every node of the session (and its takeovers)."""
+        plan = self.plans.get(session)
+        for local in plan.takeovers.values() if plan is not None else ():
+            self.streaming.control(local, action, at, value)
+        if plan is not None and plan.relay is not None:
+            # The relay plays out on the nodes' schedule: it follows the same change.
+            if action == "speed" and value > 0 and plan.playing:
+                plan.position, plan.started_ct = self._media_position(plan, at), at
+                plan.speed = value
+            elif action == "pause" and plan.playing:
+                plan.position = self._media_position(plan, at)
+                plan.playing, plan.paused_ct = False, at
+            elif action == "resume" and not plan.playing and plan.started_ct:
+                plan.started_ct, plan.playing = at, True
         for m in self.node.view.members:
             if m.node_id == self.node.node_id:
                 self.streaming.control(session, action, at, value)
@@ -426,15 +598,53 @@ class YimaStreamingService(Service):
 
     # --- IRtspHandler -------------------------------------------------------------
 
-    def describe(self, url: str) -> bytes:
-        """SDP of the presentation."""
+    def describe(self, url: str) -> Deferred[bytes]:
+        """SDP of the presentation (for MPEG-TS its range ends with the last frame's
+        presentation, which follows the last PCR by the mux delay)."""
         info = self._media(url)
+        return self._presentation_end(info).addCallback(lambda end: self._sdp(info, end))
+
+    def _presentation_end(self, info: MediaInfo) -> Deferred[float]:
+        """Media time at which the last video frame (PCR PID) of an MPEG-TS has been
+        shown: its PTS plus one frame interval, from the last two blocks (cached); the
+        PCR duration when later, or for other media."""
+        duration = info.duration or 0.0
+        got = self._ends.get(info.name)
+        if got is not None and got[0] is info:
+            return succeed(got[1])
+        if info.kind != KIND_TS or info.pcr_pid is None or info.pcr_origin is None:
+            return succeed(duration)
+        origin, pid = info.pcr_origin // 300, info.pcr_pid
+
+        def found(data: bytes) -> float:
+            pts = sorted(
+                ((p.pts - origin + PTS_WRAP // 2) % PTS_WRAP - PTS_WRAP // 2) / 90000
+                for p in pes_starts(data, pid)
+                if p.pts is not None
+            )
+            end = duration
+            if len(pts) >= 2:
+                end = max(duration, pts[-1] + (pts[-1] - pts[-2]))
+            if len(self._ends) >= 256:
+                self._ends.clear()
+            self._ends[info.name] = (info, end)
+            return end
+
+        # The last block may be a short tail with no video PES start: read two.
+        reads = [self.storage.read_block(info.name, b)
+                 for b in range(max(0, info.blocks - 2), info.blocks)]  # fmt: skip
+        d: Deferred[Any] = DeferredList(reads, fireOnOneErrback=True, consumeErrors=True)
+        d.addCallback(lambda results: found(b"".join(r for _, r in results)))
+        d.addErrback(lambda _: duration)
+        return d
+
+    def _sdp(self, info: MediaInfo, end: float) -> bytes:
         kbps = int(info.bitrate / 1000) if info.bitrate else None
         if info.kind == KIND_WAV and info.wav is not None:
             track = l16_track(TRACK, info.wav.sample_rate, info.wav.channels)
         else:
             track = mp2t_track(TRACK, bitrate_kbps=kbps)
-        desc = presentation_sdp(info.name, [track], info.duration,
+        desc = presentation_sdp(info.name, [track], end or info.duration,
                                 origin_address=self.node.config.cluster_host)  # fmt: skip
         return serialize_sdp(desc)
 
@@ -481,7 +691,7 @@ class YimaStreamingService(Service):
             listening = self.reactor.listenUDP(0, proto, interface=self.node.config.cluster_host)
         except CannotListenError as exc:
             raise RtspStatusError(503, f"no relay port: {exc}") from None
-        plan.relay = Reorderer(first=0, hold=0.3)
+        plan.relay = Reorderer(first=0, hold=0.3, due=lambda g: self._relay_due(plan, g))
         plan.relay_port = listening
         _big_buffers(listening)
         # This node's own packets skip the socket (two syscalls and a copy each).
@@ -493,6 +703,31 @@ class YimaStreamingService(Service):
         """Where the nodes send a session's packets: its relay here, or the client."""
         return plan.relay_addr if plan.relay_port is not None else (plan.dest_host, plan.dest_port)
 
+    def relay_stats(self) -> dict[str, int]:
+        """What the relays did (sessions torn down and live): forwarded, given up
+        (``skipped``), asked again, shares taken over early, duplicates, late, stale."""
+        total = attrs.asdict(self.relay_totals)
+        for plan in self.plans.values():
+            if plan.relay is not None:
+                for k, v in attrs.asdict(plan.relay.stats).items():
+                    total[k] += v
+        return {"forwarded": total["forwarded"], "skipped": total["gaps_skipped"],
+                "overdue_nacked": total["overdue_nacked"],
+                "early_takeovers": total["early_takeovers"],
+                "duplicates": total["duplicates"], "too_late": total["too_late"],
+                "stale": total["stale"]}  # fmt: skip
+
+    @staticmethod
+    def _relay_due(plan: _Plan, gseq: int) -> float:
+        """Cluster instant at which the relay forwards packet ``gseq`` (inf while paused)."""
+        if plan.timing is None:
+            return float("inf")
+        t = plan.timing.gseq_time(gseq)
+        if plan.playing:
+            return plan.started_ct + (t - plan.position) / plan.speed
+        # Paused (at paused_ct, at media position ``position``): what played before goes.
+        return plan.paused_ct + (t - plan.position) if t < plan.position else float("inf")
+
     def _relayed(self, session_id: str, data: bytes) -> None:
         plan = self.plans.get(session_id)
         if plan is None or plan.relay is None or len(data) < 12:
@@ -500,6 +735,9 @@ class YimaStreamingService(Service):
         if int.from_bytes(data[8:12], "big") != plan.node_ssrc:
             plan.relay.stats.stale += 1  # sent for the position before a seek
             return
+        now = self.node.cluster_time()
+        if len(data) >= 24 and data[12:14] == b"\xbe\xde" and data[16] == 0x14:
+            plan.heard[data[17]] = now  # the node index in the Yima extension
         seq16 = int.from_bytes(data[2:4], "big")
         gseq = (seq16 - plan.seq_base) & 0xFFFF
         # Unwrap against what the relay expects next.
@@ -508,7 +746,7 @@ class YimaStreamingService(Service):
         if gseq < base and data[22:24] == RETRANSMISSION_MARK:
             self._forward_late(plan, data)  # a NACKed packet the relay gave up on
             return
-        self._forward(session_id, plan, plan.relay.push(gseq, data, self.reactor.seconds()))
+        self._forward(session_id, plan, plan.relay.push(gseq, data, now))
 
     def _to_client(self, plan: _Plan, data: bytes) -> bytes:
         """A node's packet as this session's client gets it: its own sequence numbers
@@ -542,17 +780,73 @@ class YimaStreamingService(Service):
         if done and plan.bye_timer is None and not plan.bye_sent:
             plan.bye_timer = self.reactor.callLater(BYE_GRACE, self._bye, plan)
         if plan.relay is not None:
-            if plan.relay_timer is not None and plan.relay_timer.active():
-                plan.relay_timer.cancel()
             deadline = plan.relay.next_deadline()
+            active = plan.relay_timer is not None and plan.relay_timer.active()
+            if active and deadline is not None and plan.relay_timer_at is not None:
+                if plan.relay_timer_at <= deadline:
+                    return  # the timer set runs first anyway
+            if active:
+                plan.relay_timer.cancel()  # type: ignore[union-attr]
+            plan.relay_timer = plan.relay_timer_at = None
             if deadline is not None:
-                delay = max(0.0, deadline - self.reactor.seconds())
-                plan.relay_timer = self.reactor.callLater(
-                    delay,
-                    lambda: self._forward(
-                        session_id, plan, plan.relay.tick(self.reactor.seconds())
-                    ),  # type: ignore[union-attr]
-                )
+                delay = max(0.0, deadline - self.node.cluster_time())
+                plan.relay_timer_at = deadline
+                plan.relay_timer = self.reactor.callLater(delay, self._relay_tick, session_id)
+
+    def _relay_tick(self, session_id: str) -> None:
+        plan = self.plans.get(session_id)
+        if plan is None or plan.relay is None:
+            return
+        plan.relay_timer = plan.relay_timer_at = None
+        # Packets due within 2 ms go together (one wake-up, not one per packet).
+        self._forward(session_id, plan, plan.relay.tick(self.node.cluster_time() + 0.002))
+
+    def _watch(self, session_id: str) -> None:
+        """Look for overdue packets of a relayed session: ask their owner again at once;
+        an owner still silent after that has its share served here, from parity, before
+        the membership notices it is gone (and it is told to stop, should it wake up)."""
+        plan = self.plans.get(session_id)
+        if plan is None or plan.relay is None or plan.bye_sent:
+            return
+        plan.watch_timer = self.reactor.callLater(WATCH_INTERVAL, self._watch, session_id)
+        if not plan.playing or plan.timing is None:
+            return
+        now = self.node.cluster_time()
+        # Every packet the nodes should have sent more than OVERDUE ago.
+        horizon = plan.position + plan.lead + (now - plan.started_ct - OVERDUE) * plan.speed
+        upto = min(plan.timing.first_gseq_at(horizon), plan.total)
+        missing = plan.relay.missing(upto)
+        for g in [g for g in plan.nacked if g < plan.relay.next]:
+            del plan.nacked[g]
+        if not missing:
+            return
+        fresh = [g for g in missing if g not in plan.nacked]
+        if fresh:
+            for g in fresh:
+                plan.nacked[g] = now
+            plan.relay.stats.overdue_nacked += len(fresh)
+            self._nack_owners(session_id, plan, fresh)
+        if self.mode != "bipartite":
+            return
+        info = self.storage.media_info(plan.media)
+        if not info.parity_group:
+            return  # nothing to rebuild from: the membership decides (BYE)
+        for g in missing:
+            if now - plan.nacked[g] < RETRY:
+                continue
+            node_id = self._owner(plan, g)
+            if node_id is None or node_id == self.node.node_id or node_id in plan.takeovers:
+                continue
+            if node_id not in plan.members:
+                continue
+            heard = plan.heard.get(plan.members.index(node_id))
+            if heard is not None and now - heard < SILENT:
+                continue
+            self.log.warn("rtsp: {n} is silent on {s} ({k} packets overdue): serving its "
+                          "share from parity", n=node_id, s=session_id, k=len(missing))  # fmt: skip
+            self.suspects[node_id] = now + SUSPECT_FOR
+            plan.relay.stats.early_takeovers += 1
+            self._take_over(session_id, plan, node_id, early=True)
 
     def _send_rtcp(self, plan: _Plan, data: bytes) -> None:
         if plan.tcp_channel is not None:
@@ -629,17 +923,61 @@ class YimaStreamingService(Service):
             first = timing.first_gseq_at(self._media_position(plan, at))
             return d.addCallback(lambda _: self._play_reply(plan, info, timing, first))
         start_mt = range.start if range is not None and range.start is not None else 0.0
+        if info.kind == KIND_TS and lavf_quirk(session.user_agent):
+            start_mt = lavf_npt(info, start_mt)
         duration = info.duration or timing.duration
         if duration > 0 and start_mt > duration:
             raise RtspStatusError(
                 457, f"Invalid Range: npt={start_mt:g}- starts past the end ({duration:.3f} s)"
             )
-        first = timing.first_gseq_at(start_mt)
+        if plan.started_ct and plan.relay is not None:
+            # Seeking a started stream: the client gets nothing more of the old position
+            # while the keyframe is looked up (its numbers go on from relay.next).
+            plan.node_ssrc = (plan.node_ssrc + 1 + self.rng.getrandbits(31)) & 0xFFFFFFFF
+            plan.relay.reset(plan.relay.next)
+            if plan.relay_timer is not None and plan.relay_timer.active():
+                plan.relay_timer.cancel()
+        if info.kind == KIND_TS and start_mt > 0:
+            found = self._keyframe_start(info, timing, start_mt)
+        else:
+            found = succeed(None)
+        return found.addCallback(lambda kf: self._seek(sid, plan, info, timing, start_mt, kf))
+
+    def _seek(
+        self,
+        sid: str,
+        plan: _Plan,
+        info: MediaInfo,
+        timing: MediaTiming,
+        start_mt: float,
+        keyframe: tuple[int, float] | None,
+    ) -> Deferred[PlayReply]:
+        """Start every node from ``start_mt`` or, for MPEG-TS, from the packet
+        ``keyframe`` names (``(gseq, media time of the keyframe)``)."""
+        if self.plans.get(sid) is not plan:
+            raise RtspStatusError(454, "session torn down while seeking")
+        at = self.node.cluster_time() + START_LEAD
+        shown: float | None = None
+        if keyframe is not None:
+            first, shown = keyframe
+            start_mt = timing.gseq_time(first)  # the nodes' first packet is exactly ``first``
+        else:
+            first = timing.first_gseq_at(start_mt)
         seeking = bool(plan.started_ct)
+        if plan.relay is not None:
+            # The nodes send RELAY_LEAD ahead of playout; the relay holds that much.
+            plan.lead = RELAY_LEAD
+            at += plan.lead
         plan.position, plan.started_ct, plan.playing = start_mt, at, True
+        plan.speed = 1.0  # the nodes start the new position at real time
         plan.total = timing.total
         plan.clock_rate = timing.clock_rate
+        plan.timing = timing
+        plan.nacked.clear()
+        plan.owners.clear()
         if plan.relay is not None:
+            if plan.watch_timer is None or not plan.watch_timer.active():
+                plan.watch_timer = self.reactor.callLater(WATCH_INTERVAL, self._watch, sid)
             if seeking:
                 # The client's numbers go on by one from the last the relay handed it.
                 plan.seq_offset += plan.relay.next - first
@@ -663,9 +1001,71 @@ class YimaStreamingService(Service):
             for f in failed:
                 self.log.warn("rtsp: a node did not start {s}: {e}", s=sid,
                               e=f.getErrorMessage())  # fmt: skip
-            return self._play_reply(plan, info, timing, first)
+            return self._play_reply(plan, info, timing, first, shown)
 
         return d.addCallback(started)
+
+    @inlineCallbacks
+    def _keyframe_start(
+        self, info: MediaInfo, timing: MediaTiming, target: float
+    ) -> Generator[Deferred[Any], Any, tuple[int, float] | None]:
+        """The packet to start an MPEG-TS seek to ``target`` from: the last PAT before the
+        last random access point of the PCR PID whose PTS is at or before ``target``
+        (both on the media timeline: PTS less the first PCR), and that keyframe's time.
+
+        Reads blocks backwards from the one playing at ``target`` (a keyframe's bytes
+        arrive before it is presented), at most :data:`KEYFRAME_SEARCH_BLOCKS` of them;
+        None when there is no such keyframe (the plain time seek is used).
+        """
+        if info.pcr_pid is None or info.pcr_origin is None or not timing.blocks:
+            return None
+        origin = info.pcr_origin // 300
+        block = max(0, bisect_right(timing.block_starts, target) - 1)
+        found: tuple[int, int, float] | None = None
+        data = prev = b""
+        for b in range(block, max(-1, block - KEYFRAME_SEARCH_BLOCKS), -1):
+            try:
+                data = yield self.storage.read_block(info.name, b)
+            except Exception:
+                self.log.failure("rtsp: seek in {m}: block {b} unreadable", m=info.name, b=b)
+                return None
+            for pes in reversed(pes_starts(data, info.pcr_pid)):
+                if not pes.key or pes.pts is None:
+                    continue
+                t = ((pes.pts - origin + PTS_WRAP // 2) % PTS_WRAP - PTS_WRAP // 2) / 90000
+                if t <= target + 1e-6:
+                    found = (b, pes.offset, max(0.0, t))
+                    break
+            if found is not None:
+                break
+        if found is None:
+            return None
+        b, offset, shown = found
+        pat = last_pat_before(data, offset)
+        if pat is None and b > 0:  # the PAT/PMT went out at the end of the previous block
+            try:
+                prev = yield self.storage.read_block(info.name, b - 1)
+            except Exception:
+                prev = b""
+            before = last_pat_before(prev, len(prev)) if prev else None
+            if before is not None:
+                b, pat, data = b - 1, before, prev  # time it from that block's PCRs
+        start = offset if pat is None else pat
+        return b * timing.packets_per_block + start // timing.payload, self._pcr_time(
+            info, data, start - start % timing.payload, shown
+        )
+
+    @staticmethod
+    def _pcr_time(info: MediaInfo, data: bytes, at: int, default: float) -> float:
+        """Media time of byte ``at`` of ``data`` from the next PCR after it (exact,
+        where the time index interpolates over a whole block); ``default`` if none."""
+        assert info.pcr_origin is not None
+        for k in range(at, len(data) - TS_PACKET + 1, TS_PACKET):
+            found = packet_pcr(data, k)
+            if found is not None and found[0] == info.pcr_pid:
+                rel = (found[1] - info.pcr_origin) % PCR_WRAP
+                return 0.0 if rel >= PCR_WRAP // 2 else rel / PCR_HZ
+        return default
 
     def _start_everywhere(
         self, sid: str, plan: _Plan, at: float, start_mt: float
@@ -680,20 +1080,24 @@ class YimaStreamingService(Service):
             plan.members = tuple(members)
         me = self.node.node_id
         dest_host, dest_port = self._destination(plan)
-        common: dict[str, Any] = dict(media=plan.media, start_ct=at, start_mt=start_mt,
-                                      host=dest_host, port=dest_port, ssrc=plan.node_ssrc,
-                                      seq_base=plan.seq_base, ts_base=plan.ts_base)  # fmt: skip
+        common: dict[str, Any] = dict(media=plan.media, start_ct=at - plan.lead,
+                                      start_mt=start_mt, host=dest_host, port=dest_port,
+                                      ssrc=plan.node_ssrc, seq_base=plan.seq_base,
+                                      ts_base=plan.ts_base)  # fmt: skip
         calls: list[Deferred[Any]] = []
         for i, node_id in enumerate(plan.members):
             m = members.get(node_id)
             if m is None or (self.mode == "master-slave" and node_id != me):
                 continue
+            if node_id in plan.takeovers:
+                continue  # taken over early (silent, not yet gone): served here
             kwargs = dict(common, session=sid, node_index=i,
                           all_blocks=self.mode == "master-slave")  # fmt: skip
             if node_id == me:
                 calls.append(maybeDeferred(self.streaming.start, **kwargs))
             else:
-                calls.append(self.node.rpc.call(m.address, StreamStart, **kwargs))
+                # The RTSP node's id: should it leave, the node stops this share.
+                calls.append(self.node.rpc.call(m.address, StreamStart, origin=me, **kwargs))
         for node_id, local in plan.takeovers.items():
             served = self.streaming.scheduler.sessions.get(local)
             if served is not None:
@@ -702,18 +1106,33 @@ class YimaStreamingService(Service):
                 info = self.storage.media_info(plan.media)
                 blocks = [i for i in range(info.blocks)
                           if (p := self.storage.places(info, BlockKey(i))) and p[0].node_id == node_id]  # fmt: skip
-            kwargs = dict(common, session=local, node_index=plan.members.index(node_id),
+            index = plan.takeover_index.setdefault(
+                node_id, len(plan.members) + len(plan.takeover_index)
+            )
+            kwargs = dict(common, session=local, node_index=index,
                           all_blocks=False, blocks=blocks)  # fmt: skip
             calls.append(maybeDeferred(self.streaming.start, **kwargs))
         return calls
 
     def _play_reply(
-        self, plan: _Plan, info: MediaInfo, timing: MediaTiming, first: int
+        self,
+        plan: _Plan,
+        info: MediaInfo,
+        timing: MediaTiming,
+        first: int,
+        shown: float | None = None,
     ) -> PlayReply:
-        """Range from the first packet's media time; RTP-Info with the absolute URL and
-        that packet's sequence number (as the client gets it) and timestamp."""
+        """Range from the first packet's media time (for an MPEG-TS seek ``shown``, that
+        of the PAT before the keyframe by the next PCR: players such as GStreamer time
+        the stream from it); RTP-Info with the absolute URL and that packet's sequence
+        number (as the client gets it) and timestamp."""
         duration = info.duration or timing.duration
         start = min(timing.gseq_time(first), duration) if first < timing.total else duration
+        end = self._ends.get(info.name)
+        if end is not None and end[0] is info:
+            duration = end[1]
+        if shown is not None:
+            start = min(shown, duration)
         offset = plan.seq_base if plan.relay is None else plan.seq_offset
         rtptime = rtp_time(info, timing, first, plan.ts_base)
         return PlayReply(NptRange(round(start, 3), duration),
@@ -749,7 +1168,7 @@ class YimaStreamingService(Service):
         at = self.node.cluster_time() + 0.05
         if plan is not None and plan.playing:
             plan.position = self._media_position(plan, at)
-            plan.playing = False
+            plan.playing, plan.paused_ct = False, at
 
         def paused(_: Any) -> NptRange | None:
             if plan is None:
@@ -764,7 +1183,7 @@ class YimaStreamingService(Service):
         """Media time playing at cluster time ``at`` (ignoring client speed feedback)."""
         if not plan.playing:
             return plan.position
-        return plan.position + max(0.0, at - plan.started_ct)
+        return plan.position + max(0.0, at - plan.started_ct) * plan.speed
 
     # --- sessions follow membership ----------------------------------------------
 
@@ -777,13 +1196,29 @@ class YimaStreamingService(Service):
         node's index.  Packets it would have sent between its death and the new
         view are lost (the player's retransmission cannot reach a dead node).
         """
-        if self.mode != "bipartite":
-            return
         gone = {m.node_id for m in old.members} - {m.node_id for m in new.members}
+        if not gone:
+            return
+        for node_id in gone:
+            self.suspects.pop(node_id, None)  # gone for good: reads skip it anyway
+        # Shares of sessions whose RTSP node left: nobody relays or plans them any more.
+        for session, origin in list(self.streaming.origins.items()):
+            if origin in gone:
+                self.orphans_stopped += 1
+                self.log.info("rtsp: {o} left; stopping its session {s} here", o=origin,
+                              s=session)  # fmt: skip
+                self.streaming.control(session, "stop", 0.0, 0.0)
         for sid, plan in list(self.plans.items()):
             if not plan.started_ct or plan.bye_sent:
                 continue
             for node_id in sorted(gone & set(plan.members)):
+                if self.mode != "bipartite":
+                    # The master reads a lost slave's blocks through parity; without
+                    # parity the stream cannot go on whole: the same BYE as bipartite.
+                    if not self.storage.media_info(plan.media).parity_group:
+                        self._share_lost(sid, plan, node_id)
+                        break
+                    continue
                 if node_id not in plan.takeovers:
                     try:
                         self._take_over(sid, plan, node_id)
@@ -791,36 +1226,93 @@ class YimaStreamingService(Service):
                         self.log.failure("rtsp: taking over {n}'s share of {s} failed",
                                          n=node_id, s=sid)  # fmt: skip
 
-    def _take_over(self, sid: str, plan: _Plan, node_id: str) -> None:
+    def handover(self, media_ssrc: int, node_index: int, gseq: int) -> None:
+        """A fan-out player hears nothing from the node holding global packet ``gseq``
+        (node ``node_index``; 0xFFFFFFFF: it does not know) while it is overdue (YIMA
+        HANDOVER): serve that node's share here, from parity, from that packet on,
+        without waiting for the membership to notice."""
+        for sid, plan in list(self.plans.items()):
+            if plan.ssrc != media_ssrc or not plan.fanout or not plan.started_ct:
+                continue
+            if plan.bye_sent or plan.timing is None or not 0 <= gseq < plan.timing.total:
+                continue
+            node_id = self._owner(plan, gseq)
+            if node_id is None and 0 <= node_index < len(plan.members):
+                node_id = plan.members[node_index]
+            if node_id is None or node_id == self.node.node_id or node_id in plan.takeovers:
+                continue
+            if node_id not in plan.members:
+                continue
+            if self.mode != "bipartite" or not self.storage.media_info(plan.media).parity_group:
+                continue
+            self.log.warn("rtsp: the player of {s} hears nothing from {n}: serving its share "
+                          "from parity", s=sid, n=node_id)  # fmt: skip
+            self.suspects[node_id] = self.node.cluster_time() + SUSPECT_FOR
+            self.early_handovers += 1
+            self._take_over(sid, plan, node_id, early=True,
+                            from_mt=plan.timing.gseq_time(gseq))  # fmt: skip
+
+    def _take_over(
+        self, sid: str, plan: _Plan, node_id: str, early: bool = False,
+        from_mt: float | None = None,
+    ) -> None:  # fmt: skip
         info = self.storage.media_info(plan.media)
         if info.parity_group == 0:
             self._share_lost(sid, plan, node_id)
             return
-        # The dead node's blocks, from the cached layout (computed off the reactor on a miss).
+        # The taken share gets a node index of its own (past the members' and earlier
+        # takeovers'), so its per-node numbering starts afresh for the player.
+        plan.takeover_index.setdefault(node_id, len(plan.members) + len(plan.takeover_index))
         plan.takeovers[node_id] = f"{sid}+{node_id}"
+        if early:
+            # Silent, not (yet) gone: should it wake up, it stops sending this share.
+            for m in self.node.view.members:
+                if m.node_id == node_id:
+                    d = self.node.rpc.call(m.address, StreamControl, session=sid,
+                                           action="stop", at=0.0, value=0.0)  # fmt: skip
+                    d.addErrback(lambda f: None)
+        # The dead node's blocks, from the cached layout (computed off the reactor on a miss).
         d = self.storage.blocks_of_node(plan.media, node_id)
-        d.addCallback(lambda blocks: self._serve_share(sid, plan, node_id, blocks))
+        d.addCallback(lambda blocks: self._serve_share(sid, plan, node_id, blocks, from_mt))
         d.addErrback(lambda f: self.log.failure("rtsp: taking over {n}'s share of {s} failed",
                                                 f, n=node_id, s=sid))  # fmt: skip
 
-    def _serve_share(self, sid: str, plan: _Plan, node_id: str, blocks: list[int]) -> None:
+    def _serve_share(
+        self, sid: str, plan: _Plan, node_id: str, blocks: list[int],
+        from_mt: float | None = None,
+    ) -> None:  # fmt: skip
+        """Schedule ``node_id``'s blocks here, on the session's own schedule, from the
+        first packet the relay (or the fan-out player) still lacks: what is overdue goes
+        at once (rebuilt from parity), the rest when due."""
         if self.plans.get(sid) is not plan or plan.bye_sent:
             return  # torn down meanwhile
-        at = self.node.cluster_time() + 0.2
-        # A fan-out player buffers ahead: resend a little of what was lost.
-        back = 0.5 if plan.fanout else 0.0
-        mt = max(0.0, self._media_position(plan, at) - back)
+        now = self.node.cluster_time()
+        if from_mt is not None:
+            mt = from_mt
+        elif plan.relay is not None and plan.timing is not None:
+            mt = plan.timing.gseq_time(plan.relay.next)
+        else:
+            # A fan-out player buffers ahead: resend a little of what was lost.
+            mt = max(0.0, self._media_position(plan, now) - (0.5 if plan.fanout else 0.0))
+        own = self.streaming.scheduler.sessions.get(sid)
+        if own is not None and not own.paused:
+            start_ct, speed = own.deadline(mt), own.speed  # this node's live schedule
+        else:
+            start_ct, speed = plan.started_ct - plan.lead + (mt - plan.position), 1.0
         host, port = self._destination(plan)
         local = f"{sid}+{node_id}"
         plan.takeovers[node_id] = local
-        self.streaming.start(session=local, media=plan.media, start_ct=at, start_mt=mt,
+        self.streaming.start(session=local, media=plan.media, start_ct=start_ct, start_mt=mt,
                              host=host, port=port, ssrc=plan.node_ssrc, seq_base=plan.seq_base,
-                             ts_base=plan.ts_base, node_index=plan.members.index(node_id),
+                             ts_base=plan.ts_base, node_index=plan.takeover_index[node_id],
                              all_blocks=False, blocks=blocks)  # fmt: skip
+        if speed != 1.0:
+            self.streaming.control(local, "speed", now, speed)
         if not plan.playing:
-            self.streaming.control(local, "pause", at, 0.0)
-        self.log.info("rtsp: {n} left; {me} serves its {k} blocks of {s} from {mt:.1f} s",
-                      n=node_id, me=self.node.node_id, k=len(blocks), s=sid, mt=mt)  # fmt: skip
+            self.streaming.control(local, "pause", 0.0, 0.0)
+        self.log.info("rtsp: {me} serves {n}'s {k} blocks of {s} from {mt:.1f} s as node {i}",
+                      n=node_id, me=self.node.node_id, k=len(blocks), s=sid, mt=mt,
+                      i=plan.takeover_index[node_id])  # fmt: skip
 
     def teardown(self, session: ServerSession) -> Deferred[Any]:
         """Stop every node's share and free the relay."""
@@ -830,8 +1322,13 @@ class YimaStreamingService(Service):
             plan.relay_port.stopListening()
             if plan.relay_timer is not None and plan.relay_timer.active():
                 plan.relay_timer.cancel()
+        if plan is not None and plan.relay is not None:
+            for k, v in attrs.asdict(plan.relay.stats).items():
+                setattr(self.relay_totals, k, getattr(self.relay_totals, k) + v)
+        for local in plan.takeovers.values() if plan is not None else ():
+            self.streaming.control(local, "stop", 0.0, 0.0)  # shares served here for others
         if plan is not None:
-            for timer in (plan.sr_timer, plan.bye_timer):
+            for timer in (plan.sr_timer, plan.bye_timer, plan.watch_timer):
                 if timer is not None and timer.active():
                     timer.cancel()
             if not plan.started_ct:

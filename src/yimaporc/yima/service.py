@@ -24,7 +24,7 @@ import base64
 import json
 import tempfile
 import threading
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -59,6 +59,7 @@ from .disks import (
     initial_history,
     remove_physical,
 )
+from .events import ParityWatch
 from .layouts import LayoutCache, Placed, ProcessRunner, counts_of
 from .media import MAX_HEADER, TAIL, Analyser, MediaInfo, check_name, plan, unstreamable_reason
 from .parity import (
@@ -307,6 +308,8 @@ class YimaStorageService(Service):
         self._stored: dict[str, int] = {}
         self._reconciling = False
         self._scaling = False
+        #: Progress of the last disk add/remove this node ran (``storage.reorganisation``).
+        self.reorg_progress = {"blocks_to_move": 0, "blocks_moved": 0, "blocks_moved_total": 0}
         self._ingesting: set[str] = set()
         self._published: dict[str, dict[str, Any]] = {}
         self.doc.subscribe(self._changed)
@@ -329,6 +332,8 @@ class YimaStorageService(Service):
         ):
             node.add_route(route)
         node.add_status(self.status)
+        self.parity_watch = ParityWatch(lambda: self.catalog)
+        node.subscribe(self.parity_watch)
 
     @classmethod
     def from_config(
@@ -675,15 +680,22 @@ class YimaStorageService(Service):
 
     @inlineCallbacks
     def read(
-        self, name: str, key: BlockKey, recover: bool = True
+        self, name: str, key: BlockKey, recover: bool = True, avoid: Collection[str] = ()
     ) -> Generator[Deferred[Any], Any, bytes]:
-        """A block of ``name`` (new place, then old, then parity recovery)."""
+        """A block of ``name`` (new place, then old, then parity recovery).
+
+        Places on the nodes in ``avoid`` (silent ones, not yet declared gone) are
+        not asked: the block is rebuilt from its parity group instead.
+        """
         info = self.catalog.media.get(name)
         if info is None:
             raise BlockMissing(f"no such media: {name}")
         expect = expected_length(info, key)
         problems = []
         for disk in self.places(info, key):
+            if disk.node_id in avoid:
+                problems.append(f"{disk.physical}: node {disk.node_id} is silent")
+                continue
             try:
                 data = yield self.read_at(disk, name, key)
             except Exception as e:
@@ -693,12 +705,14 @@ class YimaStorageService(Service):
                 return data
             problems.append(f"{disk.physical}: {len(data)} bytes, expected {expect}")
         if recover and info.parity_group > 0:
-            data = yield self._recover(info, key)
+            data = yield self._recover(info, key, avoid)
             return data
         raise BlockMissing(f"{name} {key.filename}: {'; '.join(problems)}")
 
     @inlineCallbacks
-    def _recover(self, info: MediaInfo, key: BlockKey) -> Generator[Deferred[Any], Any, bytes]:
+    def _recover(
+        self, info: MediaInfo, key: BlockKey, avoid: Collection[str] = ()
+    ) -> Generator[Deferred[Any], Any, bytes]:
         g = info.parity_group
         group = key.index if key.parity else key.index // g
         members = list(group_members(group, g, info.blocks))
@@ -707,9 +721,12 @@ class YimaStorageService(Service):
             wanted.append(BlockKey(group, parity=True))
         try:
             blocks = yield gatherResults(
-                [self.read(info.name, w, recover=False) for w in wanted], consumeErrors=True
+                [self.read(info.name, w, recover=False, avoid=avoid) for w in wanted],
+                consumeErrors=True,
             )
         except FirstError as e:
+            why = e.subFailure.getErrorMessage()
+            self.parity_watch.group_incomplete(info.name, group, key.filename, why)
             raise BlockMissing(
                 f"{info.name} {key.filename}: lost, and its parity group is incomplete "
                 f"({e.subFailure.getErrorMessage()})"
@@ -828,6 +845,7 @@ class YimaStorageService(Service):
                 # the disks' "blocks" still await one (then they are the last full count).
                 "layouts_cached": len(self.layouts),
                 "blocks_pending": self._placed_for != self._placement_state(),
+                "reorganisation": dict(self.reorg_progress),
             },
         }
 
@@ -1045,6 +1063,7 @@ class YimaStorageService(Service):
         old = cat.history
         assert old is not None
         self._scaling = True
+        self.reorg_progress.update(blocks_to_move=0, blocks_moved=0)
         started = float(self.reactor.seconds())
         try:
             pending = {"history": new.to_json(), "disks": [d.to_json() for d in disks]}
@@ -1063,6 +1082,7 @@ class YimaStorageService(Service):
             for info in sorted(self.catalog.media.values(), key=lambda m: m.name):
                 plan = yield self._plan(info, old, new)
                 total += plan.total
+                self.reorg_progress["blocks_to_move"] += len(plan.moves)
                 throttle = yield self._run_moves(info, plan.moves, rate or self.move_rate)
                 if throttle.failures:
                     yield self._update_topology(lambda v: {**v, "pending": None})
@@ -1143,6 +1163,9 @@ class YimaStorageService(Service):
 
         def ok(_: object, move: Move) -> None:
             throttle.finished(move, float(clock.seconds()))
+            if self._scaling:
+                self.reorg_progress["blocks_moved"] += 1
+                self.reorg_progress["blocks_moved_total"] += 1
             clock.callLater(0, pump)
 
         def bad(f: Failure, move: Move) -> None:

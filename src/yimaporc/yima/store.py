@@ -16,6 +16,7 @@ from its parity group through ``fetch(media, key) -> Deferred[bytes]``.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
@@ -27,6 +28,7 @@ import attrs
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -161,8 +163,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: Write errors that mean "the disk is full" (logged once per disk until a write succeeds).
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 class BlockStore:
     """Blocks of media files on this node's physical disks."""
+
+    log = Logger()
 
     def __init__(
         self,
@@ -175,6 +183,8 @@ class BlockStore:
         self._pool = threadpool
         self._disks = {d: Path(p) for d, p in disks.items()}
         self._locate = locate
+        #: Disks whose last write failed for want of space.
+        self.full: set[str] = set()
 
     # -- disks ---------------------------------------------------------------
 
@@ -224,7 +234,30 @@ class BlockStore:
         if not where:
             raise KeyError(f"{media} {k}: no local disk to write to")
         path = self.path_of(where[0], media, k)
-        return self._run(write_durably, path, bytes(data)).addCallback(lambda _: where[0])
+        d = self._run(write_durably, path, bytes(data))
+        return d.addCallbacks(
+            self._written, self._write_failed, callbackArgs=(where[0],), errbackArgs=(where[0],)
+        )
+
+    def _written(self, _: object, disk_id: str) -> str:
+        if disk_id in self.full:
+            self.full.discard(disk_id)
+            self.log.info("storage: disk {disk} takes writes again", disk=disk_id)
+        return disk_id
+
+    def _write_failed(self, failure: Failure, disk_id: str) -> Failure:
+        err = failure.value
+        if isinstance(err, OSError) and err.errno in _FULL and disk_id not in self.full:
+            self.full.add(disk_id)
+            self.log.error(
+                "storage: disk {disk} is full ({path}): {e}; blocks placed on it cannot be "
+                "stored until space is freed or the disk is removed (yimaporc disks remove)",
+                disk=disk_id,
+                path=str(self._disks.get(disk_id, "")),
+                e=err.strerror,
+                event="disk_full",
+            )
+        return failure
 
     def _read_local(self, paths: list[Path], expect: int | None) -> bytes:
         for path in paths:

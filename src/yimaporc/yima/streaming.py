@@ -42,6 +42,9 @@ class StreamStart(amp.Command):
         (b"ts_base", amp.Integer()),
         (b"node_index", amp.Integer()),
         (b"all_blocks", amp.Boolean()),
+        # The RTSP node that planned the session: should it leave the cluster, every
+        # node stops its share (nobody relays or plans it any more).
+        (b"origin", amp.Unicode(optional=True)),
     ]
     response = [(b"packets", amp.Integer())]
 
@@ -112,6 +115,8 @@ class StreamingNode:
         self.send = send
         self.scheduler = NodeScheduler()
         self.destinations: dict[str, Destination] = {}
+        #: Session -> the RTSP node that started it here (over RPC).
+        self.origins: dict[str, str] = {}
         self.cluster_time = cluster_time
         self.retransmit_age = retransmit_age
         self.resent = 0
@@ -141,6 +146,7 @@ class StreamingNode:
         node_index: int,
         all_blocks: bool,
         blocks: list[int] | None = None,
+        origin: str | None = None,
     ) -> dict[str, Any] | Deferred[dict[str, Any]]:
         """StreamStart: schedule our blocks (or all, for a master; or ``blocks``, locally).
 
@@ -150,6 +156,8 @@ class StreamingNode:
         then waits for it.
         """
         timing = self.timing(media)
+        if origin is not None:
+            self.origins[session] = origin
         args = (session, media, start_ct, start_mt, host, port, ssrc, seq_base, ts_base,
                 node_index)  # fmt: skip
         current = self.scheduler.sessions.get(session)
@@ -200,6 +208,7 @@ class StreamingNode:
         elif action == "stop":
             self.scheduler.remove(session)
             self.destinations.pop(session, None)
+            self.origins.pop(session, None)
         else:
             raise ValueError(f"unknown stream action {action!r}")
         self.engine.poke()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from yimaporc.cluster.wire import Member
 from yimaporc.porcupine.replication.amp import Replicate
 from yimaporc.porcupine.replication.mail import MailReplication
 from yimaporc.porcupine.service import MailService
-from yimaporc.porcupine.values import INBOX, NewMessage
+from yimaporc.porcupine.usermap import bucket_of
+from yimaporc.porcupine.values import INBOX, PENDING, NewMessage
 
 ALICE = "alice@example.org"
 T0 = 1_700_000_000.0
@@ -51,8 +53,8 @@ class FakeNode:
         found = target.node.registry.lookup(command.commandName)
         assert found is not None
         _, handler = found
-        if command is Replicate:
-            kw["sender"] = self.node_id
+        if command is Replicate or any(n == b"sender" for n, _ in command.arguments):
+            kw["sender"] = self.node_id  # the authenticated peer id (PeerNode)
         d: Deferred[Any] = Deferred()
 
         def deliver() -> None:
@@ -101,7 +103,8 @@ class Net:
         old = self.view
         self.view = View(old.epoch + 1, tuple(Member(n, f"{n}:1", 1) for n in ids), ids[0])
         for n in self.up:
-            self.boxes[n].repl.replication.membership_changed(old, self.view)
+            for listener in self.boxes[n].node.listeners:
+                listener.membership_changed(old, self.view)
 
     def by_address(self, address: str) -> Box | None:
         n = address.split(":")[0]
@@ -110,6 +113,16 @@ class Net:
     def kill(self, n: str) -> None:
         self.up.discard(n)
         self.boxes[n].repl.replication.running = False
+        self.boxes[n].repl.repairer.stop()
+
+    def restart(self, n: str, wipe: bool = False) -> Box:
+        """``n`` comes back (from its disk, or an empty one) and joins the view."""
+        if wipe:
+            shutil.rmtree(self.tmp / n)
+        self.boxes[n] = Box(self, n)
+        self.up.add(n)
+        self.set_view("".join(sorted(self.up)))
+        return self.boxes[n]
 
     def settle(self, seconds: float) -> None:
         for _ in range(int(seconds / 0.001)):
@@ -201,3 +214,198 @@ def test_profiles_travel_through_the_log(tmp_path: Path) -> None:
         got = result_of(net.boxes[n].mail.profiles.get(ALICE))
         assert got is not None and got.replicas == 2
         assert net.boxes[n].mail.profiles.count() == 1
+
+
+def settled(net: Net, d: Deferred[Any]) -> Any:
+    """The result of ``d`` once the network had 50 ms to carry the messages."""
+    net.settle(0.05)
+    return result_of(d)
+
+
+def repl_status(net: Net, box: Box) -> dict[str, Any]:
+    """The box's replication status (the under-replicated count refreshed first: it
+    runs at most once a second, in the synchronous pool)."""
+    net.reactor.advance(1.0)
+    box.repl.status()
+    doc: dict[str, Any] = box.repl.status()["replication"]
+    return doc
+
+
+def test_wiped_replica_gets_its_copies_back(tmp_path: Path) -> None:
+    """b loses its disk: back with an empty data dir, it fetches every message it is a
+    replica of from the survivors, same UIDs, current flags; nothing is missing after."""
+    net = Net(tmp_path, "abc")
+    a = net.boxes["a"]
+    for uid in (1, 2, 3):
+        settled(net, a.repl.store(["a", "b"], message(uid)))
+    settled(net, a.repl.store(["a", "c"], message(4)))
+    net.settle(0.05)
+    settled(net, a.mail.mailbox_manager.set_flags(ALICE, INBOX, [2], ["\\Seen"], 1))
+    net.settle(0.05)
+    net.kill("b")
+    net.set_view("ac")
+    assert repl_status(net, a)["under_replicated"] == 3  # b is away: 3 copies short
+    b = net.restart("b", wipe=True)
+    assert b.inbox() == []
+    net.settle(0.5)
+    got = {d.uid: d.flags for d in b.inbox()}
+    assert got == {1: (), 2: ("\\Seen",), 3: ()}  # not message 4: b is no replica of it
+    st = repl_status(net, b)
+    assert st["repair"]["synced"] and st["repair"]["repaired"] == 3
+    assert all(repl_status(net, net.boxes[n])["under_replicated"] == 0 for n in "abc")
+    # the copies are replicas again: a later flag change reaches b
+    settled(net, a.mail.mailbox_manager.set_flags(ALICE, INBOX, [3], ["\\Flagged"], 1))
+    net.settle(0.05)
+    assert {d.uid: d.flags for d in b.inbox()}[3] == ("\\Flagged",)
+
+
+def test_repair_does_not_resurrect_a_deleted_message(tmp_path: Path) -> None:
+    """A message deleted while its other replica was down stays deleted there: the
+    inventory lists live objects only, and the tombstone reaches the returning node."""
+    net = Net(tmp_path, "ab")
+    a = net.boxes["a"]
+    settled(net, a.repl.store(["a", "b"], message(1)))
+    settled(net, a.repl.store(["a", "b"], message(2)))
+    net.settle(0.05)
+    net.kill("b")
+    net.set_view("a")
+    settled(net, a.mail.mailbox_manager.delete(ALICE, INBOX, [1]))
+    net.settle(0.05)
+    b = net.restart("b")
+    net.settle(0.5)
+    assert [d.uid for d in b.inbox()] == [2]
+
+
+def test_fewer_live_nodes_than_r_gives_r_copies_once_they_are_back(tmp_path: Path) -> None:
+    """R=2 with only a in reach: the answer comes with one durable copy, the replica set
+    is filled up with the down node b, the log holds it for b, and b gets it on return."""
+    net = Net(tmp_path, "ab")
+    net.kill("b")
+    net.set_view("a")
+    a = net.boxes["a"]
+    d = a.repl.store(["a"], message(7), replicas=2)
+    net.settle(0.01)
+    assert sorted(x.node for x in result_of(d)) == ["a", "b"]  # b: a replica, later
+    assert [x.uid for x in a.inbox()] == [7]
+    st = repl_status(net, a)
+    assert st["awaiting"] == {"b": 1} and st["under_replicated"] == 1
+    b = net.restart("b")
+    net.settle(0.5)
+    assert [x.uid for x in b.inbox()] == [7]
+    assert repl_status(net, a)["under_replicated"] == 0 and repl_status(net, a)["log_length"] == 0
+
+
+def test_replication_timeout_answers_with_the_durable_copy(tmp_path: Path) -> None:
+    """A replica that stays silent and no spare node: after the retargets the delivery
+    is answered with the copy durable here (a 4xx would make the client send it again,
+    a second message under another UID); the silent one gets it under the same UID."""
+    net = Net(tmp_path, "ab")
+    net.kill("b")  # still in the view: silent
+    a = net.boxes["a"]
+    d = a.repl.store(["a", "b"], message(5), replicas=2)
+    net.settle(a.repl.ack_timeout * (a.repl.max_retargets + 1) + 0.1)
+    assert [x.uid for x in result_of(d)] == [5]
+    assert a.repl.short_acks == 1
+    b = net.restart("b")
+    net.settle(0.5)
+    assert [x.uid for x in b.inbox()] == [5]
+    assert [x.uid for x in a.inbox()] == [5]
+
+
+def test_deluser_reaches_a_node_that_was_down(tmp_path: Path) -> None:
+    """deluser while c is down: the profile tombstone waits in the log for c; back, c
+    drops the user's mail, also a message whose push to c was still pending."""
+    net = Net(tmp_path, "abc")
+    a, b = net.boxes["a"], net.boxes["b"]
+    result_of(a.mail.profiles.add(ALICE, "pw", 2))
+    settled(net, a.repl.push_profiles([result_of(a.mail.profiles.record(ALICE))]))
+    settled(net, b.repl.store(["b", "c"], message(1)))
+    net.settle(0.05)
+    assert len(net.boxes["c"].inbox()) == 1
+    net.kill("c")
+    net.set_view("ab")
+    settled(net, b.repl.store(["b", "c"], message(2), replicas=2))  # pending for c
+    result_of(a.mail.profiles.remove(ALICE))
+    settled(net, a.repl.push_profiles([result_of(a.mail.profiles.record(ALICE))]))
+    net.settle(0.05)
+    assert b.inbox() == []  # applying the tombstone removed the mail on b
+    c = net.restart("c")
+    net.settle(0.5)
+    assert c.mail.fragment_store.users_with_mail() == []
+    assert result_of(c.mail.profiles.get(ALICE)) is None
+    assert all(repl_status(net, net.boxes[n])["log_length"] == 0 for n in "abc")
+    assert all(repl_status(net, net.boxes[n])["under_replicated"] == 0 for n in "abc")
+
+
+def test_mailbox_changes_reach_a_holder_that_was_down(tmp_path: Path) -> None:
+    """CREATE, then RENAME of a mailbox with messages, logged while b is down: b makes
+    the same changes when back (its messages move with the mailbox)."""
+    net = Net(tmp_path, "ab")
+    a, b = net.boxes["a"], net.boxes["b"]
+    settled(net, a.repl.box_ops(ALICE, [("Work", True, None, None)], ["a", "b"]))
+    net.settle(0.05)
+    moved = NewMessage(ALICE, "Work", b"Subject: w\r\n\r\nw\r\n", (), T0, 3)
+    settled(net, a.repl.store(["a", "b"], moved))
+    net.settle(0.05)
+    assert [d.uid for d in b.mail.fragment_store.digests(ALICE, "Work")] == [3]
+    net.kill("b")
+    net.set_view("a")
+    a.mail.fragment_store.rename_mailbox(ALICE, "Work", "Done")  # as on the live holders
+    ops = [("Done", True, "Work", None), ("Work", False, None, "Done"), ("Old", True, None, None)]
+    settled(net, a.repl.box_ops(ALICE, ops, ["a", "b"]))
+    net.settle(0.05)
+    b = net.restart("b")
+    net.settle(0.5)
+    names = {i.name for i in b.mail.fragment_store.mailboxes(ALICE)}
+    assert {"Done", "Old"} <= names and "Work" not in names
+    assert [d.uid for d in b.mail.fragment_store.digests(ALICE, "Done")] == [3]
+    settled(net, a.repl.box_ops(ALICE, [("Old", False, None, None)], ["a", "b"]))
+    net.settle(0.05)
+    assert "Old" not in {i.name for i in b.mail.fragment_store.mailboxes(ALICE)}
+
+
+def test_unnumbered_replicated_message_gets_one_uid_on_every_copy(tmp_path: Path) -> None:
+    """Stored without a UID (no majority): only the coordinator's copy waits to be
+    numbered, the other replica holds its copy unlisted; once the manager numbers the
+    coordinator's, the other copy takes the same UID (never one of its own)."""
+    net = Net(tmp_path, "abc")
+    a, b = net.boxes["a"], net.boxes["b"]
+    got = settled(net, a.repl.store(["a", "b"], message(PENDING)))
+    assert {(d.node, d.uid) for d in got} == {("a", 0), ("b", 0)}  # acknowledged, unnumbered
+    assert a.mail.fragment_store.pending(ALICE) == 1 and a.inbox() == []
+    assert b.mail.fragment_store.pending(ALICE) == 0 and b.inbox() == []
+    bucket = bucket_of(ALICE)
+    for box in (a, b):
+        box.mail.fragment_store.set_fences({bucket: "f@1"})
+    # the manager numbers wherever the delivery noted a copy: b has nothing to number
+    assert settled(net, b.mail.mailbox_manager.number_pending(ALICE, "f@1", 20, 5))[0] == 0
+    assert settled(net, a.mail.mailbox_manager.number_pending(ALICE, "f@1", 9, 5))[0] == 1
+    net.settle(0.05)
+    assert [d.uid for d in a.inbox()] == [9]
+    assert [d.uid for d in b.inbox()] == [9]
+    key = b.inbox()[0].key
+    assert not b.mail.fragment_store.is_held(ALICE, key)
+    # a flag change afterwards reaches the promoted copy
+    settled(net, b.mail.mailbox_manager.set_flags(ALICE, INBOX, [9], ["\\Seen"], 1))
+    assert a.inbox()[0].flags == ("\\Seen",)
+
+
+def test_replaced_coordinator_gives_up_numbering_its_copy(tmp_path: Path) -> None:
+    """a stored a message unnumbered as its first replica, then b coordinated a newer
+    version of the same object (a coordinator replaced mid-delivery): a's copy moves to
+    held, so only b's copy is numbered and a takes b's UID."""
+    net = Net(tmp_path, "ab")
+    a, b = net.boxes["a"], net.boxes["b"]
+    (mine, _) = settled(net, a.repl.store(["a", "b"], message(PENDING)))
+    rid = mine.key[: -len(".m")]
+    settled(net, b.repl.mailboxes.store_replicated(rid, message(PENDING), ["b", "a"]))
+    assert a.mail.fragment_store.pending(ALICE) == 0
+    assert a.mail.fragment_store.is_held(ALICE, mine.key)
+    assert b.mail.fragment_store.pending(ALICE) == 1
+    bucket = bucket_of(ALICE)
+    for box in (a, b):
+        box.mail.fragment_store.set_fences({bucket: "f@1"})
+    assert settled(net, a.mail.mailbox_manager.number_pending(ALICE, "f@1", 5, 5))[0] == 0
+    assert settled(net, b.mail.mailbox_manager.number_pending(ALICE, "f@1", 7, 5))[0] == 1
+    net.settle(0.05)
+    assert [d.uid for d in a.inbox()] == [7] and [d.uid for d in b.inbox()] == [7]

@@ -29,6 +29,7 @@ from yimaporc.porcupine.replication import (
 from yimaporc.porcupine.replication.amp import Replicate, pack_frames, responder
 from yimaporc.porcupine.replication.shell import ReplicationRefused, ReplicationService
 from yimaporc.porcupine.replication.sqlite_log import SqliteLog
+from yimaporc.testing.pytest_plugin import LoggedFailures
 
 KEY = b"k" * 32
 SCOPE = Scope("test", "porcupine")
@@ -414,7 +415,7 @@ def test_restart_resumes_pushing_from_the_log() -> None:
     assert mesh.nodes["a"].log.entries == {}
 
 
-def test_away_too_long_refuses_with_a_clear_message() -> None:
+def test_away_too_long_refuses_with_a_clear_message(logged_failures: LoggedFailures) -> None:
     """A node last up longer ago than the retention refuses to replicate until wiped."""
     mesh = Mesh("ab", config=ReplicationConfig(retention=3600.0))
     mesh.nodes["b"].log.alive = round((T0 - 7200) * 1e6)
@@ -440,6 +441,7 @@ def test_away_too_long_refuses_with_a_clear_message() -> None:
     mesh.flush()
     assert mesh.nodes["b"].store.get("m") == b"x"
     assert mesh.nodes["a"].log.entries == {}
+    assert len(logged_failures.take()) == 1  # the REFUSING line, at critical level
 
 
 def test_malformed_frame_is_a_protocol_error() -> None:

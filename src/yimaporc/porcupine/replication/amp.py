@@ -126,6 +126,8 @@ class StoreReplicated(amp.Command):
         (b"date", amp.Float()),
         (b"uid", amp.Integer()),
         (b"targets", amp.ListOf(amp.Unicode())),
+        # copies before the answer (the live targets; absent: the configured default)
+        (b"acks", amp.Integer(optional=True)),
     ]
     response = [
         (b"uid", amp.Integer()),

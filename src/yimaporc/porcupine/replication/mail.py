@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger
@@ -46,11 +47,16 @@ from .amp import register as register_replicate
 from .objects import (
     MSG,
     PROFILE,
+    BoxObject,
+    MessageObject,
     ReplicaObjectStore,
     ReplicatedMailboxManager,
+    box_id,
     parse_message_id,
     profile_id,
 )
+from .repair import Repairer
+from .repair import register as register_repair
 from .shell import ReplicationService
 from .sqlite_log import SqliteLog
 
@@ -72,6 +78,7 @@ class MailReplication(MultiService):
         profile_replicas: int | None = None,
         ack_timeout: float = 3.0,
         max_retargets: int = 3,
+        repair_interval: float = 60.0,
     ) -> None:
         super().__init__()
         self.mail = mail
@@ -107,9 +114,30 @@ class MailReplication(MultiService):
         node.subscribe(self.replication)
         node.add_status(self.status)
         self.cluster: Any = None
+        #: every node seen in a view since start (the cluster's known-nodes file
+        #: keeps them over restarts)
+        self._seen: set[str] = {self.me}
         self._fragment_known: set[str] = set()
         self.retries = 0
         self.retargets = 0
+        #: deliveries answered with fewer copies than the user's R (fewer replicas in
+        #: reach in time): the log completes them when the others are back
+        self.short_acks = 0
+        self.repairer = Repairer(
+            self.me,
+            self.objects,
+            mail._run_blocking,
+            self._call,
+            self.live,
+            self.reactor,
+            interval=repair_interval,
+            on_applied=self._repaired,
+        )
+        register_repair(node.registry, self.repairer)
+        node.subscribe(self)
+        self._under = 0
+        self._counting = False
+        self._counted_at = float("-inf")
 
     def attach_cluster(self, cluster: Any) -> None:
         """Send the cluster's profile writes and multi-replica deliveries through the
@@ -118,6 +146,10 @@ class MailReplication(MultiService):
         cluster.replicator.push = self.push_profiles
         self.mail.delivery.replicated = self.store
         self.mail.retrieval.replicated = True
+        self.mail.retrieval.replica = self
+        pending = getattr(cluster, "pending_work", None)
+        if pending is not None:  # updates waiting to be written here are load too
+            pending.append(lambda: len(self.replication._queue))
         balancer = getattr(cluster, "balancer", None)
         if balancer is not None and hasattr(balancer, "load_of"):
             self.mail.retrieval.load_of = lambda n: balancer.load_of(n, self.reactor.seconds())
@@ -140,11 +172,32 @@ class MailReplication(MultiService):
         ids = list(self.node.view.node_ids)
         if ids:
             self.replication.set_live(ids)
+        self._seen.update(ids)
+        self.repairer.start()
         return None
+
+    def membership_changed(self, old: Any, new: Any) -> None:
+        """``IMembershipListener``: remember every node seen; a (re)joined peer starts
+        a re-replication round."""
+        self._seen.update(new.node_ids)
+        self.repairer.membership_changed(old, new)
+
+    def _call(self, node_id: str, command: Any, **kw: Any) -> Deferred[Any]:
+        member = self.node.view.member(node_id)
+        if member is None:
+            return fail(PeerUnavailable(f"{node_id} is not a member"))
+        d: Deferred[Any] = self.node.rpc.call(member.address, command, **kw)
+        return d
+
+    def known(self) -> list[str]:
+        """Every node this one ever saw in a view (the cluster's ``known-nodes``)."""
+        known = getattr(getattr(self.cluster, "user_manager", None), "known", None)
+        return sorted(set(known or ()) | set(self.live()) | self._seen)
 
     def stopService(self) -> Deferred[None]:
         """Stop the core (waiting for its write round), then close the databases."""
         super().stopService()
+        self.repairer.stop()
         d: Deferred[None] = (
             self.replication.stopService() if self.replication.running else succeed(None)
         )
@@ -158,31 +211,64 @@ class MailReplication(MultiService):
     def live(self) -> list[str]:
         """Node ids of the current view (this node if the view is empty)."""
         ids = list(self.node.view.node_ids)
+        self._seen.update(ids)
         return ids if ids else [self.me]
 
     # --- delivery ------------------------------------------------------------------
 
-    def store(self, nodes: Sequence[str], message: NewMessage) -> Deferred[list[Digest]]:
-        """Store ``message`` replicated on ``nodes``; one digest per replica."""
+    def store(
+        self, nodes: Sequence[str], message: NewMessage, replicas: int | None = None
+    ) -> Deferred[list[Digest]]:
+        """Store ``message`` replicated on ``nodes``; one digest per replica (the ones
+        down now get their copy when they are back).
+
+        With ``replicas`` (the user's R) and fewer than R live ``nodes``, the replica
+        set is filled up with known nodes that are down now: the update stays in the
+        log for them and reaches them when they are back (R copies as soon as they
+        are reachable).  The answer waits for a copy on every live target.
+        """
         rid = uuid.uuid4().hex
+        if not message.internal_date:
+            # one date for every copy (each node would take its own clock's otherwise,
+            # and a listing would take the copies for two messages under one UID)
+            message = attrs.evolve(message, internal_date=float(self.node.cluster_time()))
         targets = list(dict.fromkeys(nodes))
-        order = ([self.me] if self.me in targets else []) + [n for n in targets if n != self.me]
-        return self._via(rid, message, targets, order)
+        live = set(self.live())
+        want = replicas if replicas is not None else len(targets)
+        if len(targets) < want:
+            targets += [n for n in self.known() if n not in live and n not in targets][
+                : want - len(targets)
+            ]
+        # R copies now: every live target (``--acks-before-reply 1`` keeps the old
+        # trade, the coordinator's copy alone)
+        cfg = self.replication.config
+        acks = max(1, sum(1 for n in targets if n in live)) if cfg.acks_before_reply >= 2 else 1
+        reachable = [n for n in targets if n in live]
+        order = ([self.me] if self.me in reachable else []) + [n for n in reachable if n != self.me]
+        if not order:
+            return fail(PeerUnavailable("no replica of the message is reachable"))
+        return self._via(rid, message, targets, order, acks)
 
     def _via(
-        self, rid: str, message: NewMessage, targets: list[str], order: list[str]
+        self,
+        rid: str,
+        message: NewMessage,
+        targets: list[str],
+        order: list[str],
+        acks: int | None = None,
     ) -> Deferred[list[Digest]]:
         coordinator = order[0]
         if coordinator == self.me:
-            d = self._coordinate(rid, message, targets)
+            d = self._coordinate(rid, message, targets, acks)
         else:
             member = self.node.view.member(coordinator)
             if member is None:
                 d = fail(PeerUnavailable(f"{coordinator} is not a member"))
             else:
-                call = self.node.rpc.call(
-                    member.address, StoreReplicated, **message_args(rid, message, targets)
-                )
+                args = message_args(rid, message, targets)
+                if acks is not None:
+                    args["acks"] = acks
+                call = self.node.rpc.call(member.address, StoreReplicated, **args)
                 d = call.addCallback(lambda r: [digest_in(r, n) for n in targets])
 
         def failed(f: Failure) -> Deferred[list[Digest]]:
@@ -198,19 +284,26 @@ class MailReplication(MultiService):
             # The failed node stays a target: if it logged the message before dying it
             # holds a copy, which must get later versions (flags, deletion) on return.
             spare = [n for n in self.live() if n not in targets]
-            return self._via(rid, message, targets + spare[:1], order[1:])
+            return self._via(rid, message, targets + spare[:1], order[1:], acks)
 
         return d.addErrback(failed)
 
     def _on_store(self, **kw: Any) -> Deferred[dict[str, Any]]:
         rid, message, targets = message_in(kw)
-        d = self._coordinate(rid, message, targets)
+        d = self._coordinate(rid, message, targets, kw.get("acks"))
         return d.addCallback(lambda digests: digest_out(digests[0]))
 
     def _coordinate(
-        self, rid: str, message: NewMessage, targets: list[str]
+        self, rid: str, message: NewMessage, targets: list[str], acks: int | None = None
     ) -> Deferred[list[Digest]]:
-        """Submit here; if not acknowledged in time, re-target the missing replicas."""
+        """Submit here; if not acknowledged in time, re-target the missing replicas.
+
+        If still not acknowledged after ``max_retargets``, but the message is durable
+        here (logged and stored), the answer is that copy: the log keeps pushing it
+        to the other replicas.  Failing instead would make the client send it again
+        (SMTP 4xx), and the first attempt, which the log completes anyway, would be
+        a second message under another UID.
+        """
         if self.me not in targets:
             targets = [self.me, *targets]
         out: Deferred[list[Digest]] = Deferred()
@@ -218,7 +311,7 @@ class MailReplication(MultiService):
 
         def attempt(current: list[str], n: int) -> None:
             state["attempt"] = n
-            d = self.mailboxes.store_replicated(rid, message, current)
+            d = self.mailboxes.store_replicated(rid, message, current, acks)
             timer = self.reactor.callLater(self.ack_timeout, timed_out, current, n)
 
             def done(result: Any) -> None:
@@ -237,7 +330,8 @@ class MailReplication(MultiService):
             if out.called or state["attempt"] != n:
                 return
             if n >= self.max_retargets:
-                out.errback(PeerUnavailable("no second replica acknowledged in time"))
+                state["attempt"] = n + 1  # a late acknowledgement changes nothing now
+                self.run_digest(message, rid).addCallbacks(durable, out.errback)
                 return
             live = self.live()
             others = [t for t in current if t != self.me]
@@ -258,14 +352,74 @@ class MailReplication(MultiService):
             )
             attempt(new, n + 1)
 
+        def durable(mine: Digest | None) -> None:
+            if out.called:
+                return
+            if mine is None:
+                out.errback(PeerUnavailable("no second replica acknowledged in time"))
+                return
+            self.short_acks += 1
+            self.log.warn(
+                "replication: {rid} durable here only; answered, the log completes it",
+                rid=rid,
+            )
+            out.callback([mine])
+
         attempt(list(targets), 0)
         return out
+
+    def run_digest(self, message: NewMessage, rid: str) -> Deferred[Digest | None]:
+        """This node's digest of message ``rid`` (None: not stored here)."""
+        mailbox = MessageObject(message.mailbox, b"").mailbox
+        d: Deferred[Digest | None] = self.mail._run_blocking(
+            self.objects.digest, message.user, mailbox, rid
+        )
+        return d
+
+    # --- APPEND, COPY and mailbox changes (UserMail.replica) ------------------------
+
+    def choose(self, home: str, replicas: int) -> list[str]:
+        """Nodes for a message APPENDed or COPYed by a user with ``replicas``: the
+        home (it holds the tree) and the least-loaded other live nodes."""
+        live = self.live()
+        balancer = getattr(self.mail.delivery, "balancer", None)
+        if balancer is not None:
+            chosen = list(balancer.choose(live, [home], replicas, self.reactor.seconds()))
+        else:
+            chosen = [home, *sorted(n for n in live if n != home)]
+        nodes = ([home] if home in live else []) + [n for n in chosen if n != home]
+        return nodes[: max(1, replicas)] or live[:1]
+
+    def box_ops(
+        self,
+        user: str,
+        ops: Sequence[tuple[str, bool, str | None, str | None]],
+        nodes: Sequence[str],
+    ) -> Deferred[Any]:
+        """Log mailbox changes ``(name, exists, moved_from, moved_to)`` of ``user`` as
+        ``box/<user>/<name>`` objects to ``nodes`` (this node coordinating); fires once
+        durable here (the live holders made the change already; the log brings it to
+        the others when they are back)."""
+        targets = list(dict.fromkeys([self.me, *nodes]))
+
+        def submit(op: tuple[str, bool, str | None, str | None]) -> Deferred[Any]:
+            name, exists, src, dst = op
+            oid = box_id(user, name)
+            body = BoxObject(exists, src, dst).to_body()
+            d: Deferred[Any] = self.mail._run_blocking(self.objects.version, oid)
+            return d.addCallback(
+                lambda v: self.replication.submit(oid, body, targets, current=v, acks=1)
+            )
+
+        return gatherResults([submit(op) for op in ops], consumeErrors=True)
 
     # --- profiles ------------------------------------------------------------------
 
     def push_profiles(self, records: list[Any]) -> Deferred[Any]:
         """``ProfileReplicator.push``: each record as a logged ``profile/<address>`` update."""
-        live = sorted(self.live())
+        # Every known node, the ones down now too: the log keeps the update for them
+        # and delivers it when they are back (a ``deluser`` must reach them).
+        live = sorted(self.known())
         others = [n for n in live if n != self.me]
         if self.profile_replicas is not None:
             others = others[: max(0, self.profile_replicas - 1)]
@@ -292,6 +446,7 @@ class MailReplication(MultiService):
                 d.addErrback(lambda f: self._fragment_known.discard(user))
         elif oid.startswith(PROFILE):
             address = oid[len(PROFILE) :]
+            self._fragment_known.discard(address)  # a deleted user's mail left here
             profiles = self.mail.profiles
             profiles._cache.pop(address, None)
             if self.cluster is not None:
@@ -305,6 +460,36 @@ class MailReplication(MultiService):
     def status(self) -> dict[str, Any]:
         """The service's ``replication`` status, plus delivery retries."""
         doc = self.replication.status()
-        doc["replication"]["coordinator_retries"] = self.retries
-        doc["replication"]["retargets"] = self.retargets
+        r = doc["replication"]
+        r["coordinator_retries"] = self.retries
+        r["retargets"] = self.retargets
+        r["short_acks"] = self.short_acks
+        r["repair"] = self.repairer.status()
+        self._count_under()
+        # below their R: copies with a replica out of reach (held here), plus copies
+        # this node should hold and does not yet; not known before the first sync
+        r["under_replicated"] = self._under + self.repairer.missing()
+        r["repair_synced"] = self.repairer.synced
         return doc
+
+    def _count_under(self) -> None:
+        """Refresh the under-replicated count off the reactor (read by the next status)."""
+        now = float(self.reactor.seconds())
+        if self._counting or not self.running or now < self._counted_at + 1.0:
+            return  # at most one scan a second, whoever polls the status
+        self._counting = True
+        self._counted_at = now
+
+        def got(n: int) -> None:
+            self._under = n
+
+        def done(_: object) -> None:
+            self._counting = False
+
+        d = self.mail._run_blocking(self.objects.under_replicated, self.live())
+        d.addCallback(got).addErrback(lambda f: self.log.failure("under-replicated count", f))
+        d.addBoth(done)
+
+    def _repaired(self, update: Update) -> None:
+        """A copy re-created from a peer: as after a logged apply."""
+        self._applied(update)

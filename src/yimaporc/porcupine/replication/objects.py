@@ -44,13 +44,14 @@ from ..._files import private_sqlite
 from ..fragments import FragmentStore, MailboxManager
 from ..interfaces import IMailboxManager
 from ..usermap import bucket_of
-from ..values import Digest, NewMessage, NoSuchMailbox
+from ..values import PENDING, Digest, MailboxExists, NewMessage, NoSuchMailbox
 from ._values import Timestamp, Update
 from .interfaces import IObjectStore
 from .shell import ReplicationService
 
 MSG = "msg/"
 PROFILE = "profile/"
+BOX = "box/"
 _RID = re.compile(r"^[0-9a-f]{32}$")
 
 _SCHEMA = """
@@ -62,8 +63,8 @@ CREATE INDEX IF NOT EXISTS objects_key ON objects (user, rid);
 """
 
 
-#: A batched message update: ``(update, user, rid, mailbox, object, uids here)``.
-_Item = tuple[Update, str, str, str, "MessageObject", list[int]]
+#: A batched message update: ``(update, user, rid, mailbox, object, (mailbox, uid) here)``.
+_Item = tuple[Update, str, str, str, "MessageObject", list[tuple[str, int]]]
 
 
 class MalformedObject(ValueError):
@@ -89,6 +90,52 @@ def parse_message_id(object_id: str) -> tuple[str, str]:
     if user.startswith(".") or "\0" in user:
         raise MalformedObject(f"bad user in {object_id!r}")
     return user, rid
+
+
+def box_id(user: str, name: str) -> str:
+    """The object id of ``user``'s mailbox ``name``."""
+    return f"{BOX}{user}/{_mailbox(name)}"
+
+
+def parse_box_id(object_id: str) -> tuple[str, str]:
+    """``(user, mailbox)``; raises :class:`MalformedObject`."""
+    user, sep, name = object_id[len(BOX) :].partition("/")
+    if not object_id.startswith(BOX) or not sep or not user or not name or "\0" in object_id:
+        raise MalformedObject(f"not a mailbox object id: {object_id!r}")
+    if user.startswith("."):
+        raise MalformedObject(f"bad user in {object_id!r}")
+    return user, name
+
+
+@attrs.frozen
+class BoxObject:
+    """The replicated state of one mailbox name: it exists (``moved_from``: made by a
+    RENAME of that mailbox) or not (``moved_to``: renamed to that name)."""
+
+    exists: bool
+    moved_from: str | None = None
+    moved_to: str | None = None
+
+    def to_body(self) -> bytes:
+        """JSON."""
+        meta = {"v": 1, "exists": self.exists, "from": self.moved_from, "to": self.moved_to}
+        return json.dumps(meta, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_body(cls, body: bytes) -> BoxObject:
+        """Parse; raises :class:`MalformedObject`."""
+        try:
+            meta = json.loads(body)
+            if meta.get("v") != 1:
+                raise ValueError("not version 1")
+            frm, to = meta.get("from"), meta.get("to")
+            return cls(
+                bool(meta["exists"]),
+                None if frm is None else str(frm),
+                None if to is None else str(to),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MalformedObject(f"bad mailbox object: {e}") from e
 
 
 def key_of(rid: str) -> str:
@@ -189,12 +236,18 @@ class ReplicaObjectStore:
             if current is not None and current >= update.timestamp:
                 self.discarded += 1
                 return False
-            if update.object_id.startswith(PROFILE):
-                self._apply_profile(update)
-            else:
-                self._apply_message(update)
+            self._apply_one(update)
             self.applied += 1
             return True
+
+    def _apply_one(self, update: Update) -> None:
+        oid = update.object_id
+        if oid.startswith(PROFILE):
+            self._apply_profile(update)
+        elif oid.startswith(BOX):
+            self._apply_box(update)
+        else:
+            self._apply_message(update)
 
     def apply_many(self, updates: Sequence[Update]) -> list[bool]:
         """:meth:`apply` for a batch, in order, with group commit: the bodies of new
@@ -220,10 +273,7 @@ class ReplicaObjectStore:
                         (fresh if kind[0] == "new" else flagged).append(kind[1])
                     else:
                         self._flush(fresh, flagged)
-                        if oid.startswith(PROFILE):
-                            self._apply_profile(update)
-                        else:
-                            self._apply_message(update)
+                        self._apply_one(update)
                     seen[oid] = ts
                     self.applied += 1
                     out.append(True)
@@ -242,8 +292,24 @@ class ReplicaObjectStore:
         user, rid = parse_message_id(update.object_id)
         obj = MessageObject.from_body(update.body)
         mailbox = _mailbox(obj.mailbox)
-        uids = self._rows(user, rid, mailbox)
-        return ("flags" if uids else "new"), (update, user, rid, mailbox, obj, uids)
+        rows = self._rows(user, rid)
+        if not rows and self._user_deleted(user, update.timestamp):
+            return None  # _apply_message records it as gone
+        if obj.uid == PENDING and not self._numbers_here(obj):
+            return None  # held here: _apply_message
+        if any(u == 0 for _, u in rows):
+            return None  # an unnumbered copy here: promoted or held by _apply_message
+        if rows:
+            mailbox = rows[0][0]
+        elif self.fragments.is_held(user, key_of(rid)):
+            return None  # the numbered version of a held copy: _apply_message
+        return ("flags" if rows else "new"), (update, user, rid, mailbox, obj, rows)
+
+    def _numbers_here(self, obj: MessageObject) -> bool:
+        """Is this node's copy of ``obj`` the one to number when it has no UID yet?
+        The first of its replicas (the coordinator of its version): one node numbers,
+        the others hold their copy until the numbered version reaches them."""
+        return not obj.targets or obj.targets[0] == self.fragments.node_id
 
     def _flush(self, fresh: list[_Item], flagged: list[_Item]) -> None:
         """Store the batched new messages (bodies, then one commit per bucket) and the
@@ -272,11 +338,11 @@ class ReplicaObjectStore:
                 db = fs._db(bucket)
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    for _, user, _, mailbox, obj, uids in items:
+                    for _, user, _, _, obj, rows in items:
                         flags = " ".join(dict.fromkeys(obj.flags))
                         db.executemany(
                             "UPDATE messages SET flags=? WHERE user=? AND mailbox=? AND uid=?",
-                            [(flags, user, mailbox, uid) for uid in uids],
+                            [(flags, user, mb, uid) for mb, uid in rows if uid],
                         )
                     db.execute("COMMIT")
                 except BaseException:
@@ -331,13 +397,133 @@ class ReplicaObjectStore:
             db = self.fragments._db(bucket)
             row = db.execute(
                 "SELECT uid, key, size, flags, internal_date FROM messages "
-                "WHERE user=? AND mailbox=? AND key=?",
-                (user, _mailbox(mailbox), key_of(rid)),
+                "WHERE user=? AND key=? "
+                "UNION ALL SELECT 0, key, size, flags, internal_date FROM pending "
+                "WHERE user=? AND key=? "
+                "UNION ALL SELECT 0, key, size, flags, internal_date FROM held "
+                "WHERE user=? AND key=?",
+                (user, key_of(rid)) * 3,
             ).fetchone()
         if row is None:
             return None
         uid, key, size, flags, date = row
         return Digest(uid, key, size, tuple(flags.split()), date, self.fragments.node_id)
+
+    def inventory(self, node: str) -> list[tuple[str, Timestamp]]:
+        """``(object id, version)`` of every live object here whose replica set names
+        ``node`` (what ``node`` should hold: re-replication compares it with its own)."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT object_id, wallclock, ts_node, targets FROM objects WHERE deleted=0"
+            ).fetchall()
+        return [
+            (str(oid), Timestamp(int(w), str(n)))
+            for oid, w, n, targets in rows
+            if (oid.startswith(MSG) and node in targets.split("\n")) or oid.startswith(PROFILE)
+        ]
+
+    def versions(self, object_ids: Sequence[str]) -> dict[str, Timestamp]:
+        """This node's version of each of ``object_ids`` it knows (tombstones too)."""
+        out: dict[str, Timestamp] = {}
+        for oid in object_ids:
+            v = self.version(oid)
+            if v is not None:
+                out[oid] = v
+        return out
+
+    def export(self, object_id: str) -> Update | None:
+        """The current version of ``object_id`` here as a whole update (for a replica
+        that lost it), built from this node's state: its mailbox now, its flags now;
+        None if this node has no live copy to give."""
+        rec = self.record(object_id)
+        if rec is None or rec.deleted:
+            return None
+        if object_id.startswith(PROFILE):
+            if self.profiles is None:
+                return None
+            with self.profiles.lock:
+                row = self.profiles.db.execute(
+                    "SELECT address, password_hash, replicas, created, updated, deleted "
+                    "FROM profiles WHERE address=?",
+                    (rec.user,),
+                ).fetchone()
+            if row is None:
+                return None
+            body = json.dumps([row[0], row[1], int(row[2]), float(row[3]), float(row[4]), bool(row[5])])  # fmt: skip
+            return Update(object_id, rec.timestamp, body.encode())
+        if object_id.startswith(BOX):
+            return None  # a mailbox is made again by the messages re-created in it
+        user, rid = parse_message_id(object_id)
+        bucket = bucket_of(user)
+        with self.fragments._lock_for(bucket):
+            row = (
+                self.fragments._db(bucket)
+                .execute(
+                    "SELECT mailbox, uid, flags, internal_date FROM messages "
+                    "WHERE user=? AND key=? ORDER BY uid LIMIT 1",
+                    (user, key_of(rid)),
+                )
+                .fetchone()
+            )
+        if row is None:
+            return None
+        try:
+            data = (self.fragments.user_path(user) / key_of(rid)).read_bytes()
+        except FileNotFoundError:
+            return None
+        obj = MessageObject(
+            str(row[0]), data, tuple(str(row[2]).split()), float(row[3]), int(row[1]), rec.targets
+        )
+        return Update(object_id, rec.timestamp, obj.to_body())
+
+    def under_replicated(self, live: Sequence[str]) -> int:
+        """Live message objects here with a replica outside ``live`` (down, or gone):
+        fewer reachable copies than their replica set, until re-replication."""
+        up = set(live)
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT targets FROM objects WHERE deleted=0 AND object_id LIKE 'msg/%'"
+            ).fetchall()
+        return sum(1 for (t,) in rows if any(n not in up for n in t.split("\n") if n))
+
+    def unnumbered(self, user: str) -> dict[str, ObjectRecord]:
+        """Live replicated messages of ``user`` waiting here for a UID (pending), by rid."""
+        bucket = bucket_of(user)
+        with self.fragments._lock_for(bucket):
+            keys = [
+                str(k)
+                for (k,) in self.fragments._db(bucket).execute(
+                    "SELECT key FROM pending WHERE user=?", (user,)
+                )
+            ]
+        out: dict[str, ObjectRecord] = {}
+        for key in keys:
+            rid = key[: -len(".m")]
+            rec = self.record(message_id(user, rid)) if _RID.match(rid) else None
+            if rec is not None and not rec.deleted and len(rec.targets) > 1:
+                out[rid] = rec
+        return out
+
+    def numbered(self, user: str, rids: Sequence[str]) -> dict[str, tuple[str, int, tuple[str, ...], float, bytes]]:  # fmt: skip
+        """Of ``rids``, those numbered here now: ``(mailbox, uid, flags, date, octets)``."""
+        bucket = bucket_of(user)
+        out = {}
+        for rid in rids:
+            with self.fragments._lock_for(bucket):
+                row = (
+                    self.fragments._db(bucket)
+                    .execute(
+                        "SELECT mailbox, uid, flags, internal_date FROM messages "
+                        "WHERE user=? AND key=? ORDER BY uid LIMIT 1",
+                        (user, key_of(rid)),
+                    )
+                    .fetchone()
+                )
+            if row is None:
+                continue
+            data = (self.fragments.user_path(user) / key_of(rid)).read_bytes()
+            out[rid] = (str(row[0]), int(row[1]), tuple(str(row[2]).split()), float(row[3]), data)
+        return out
 
     def __len__(self) -> int:
         with self.lock:
@@ -364,17 +550,27 @@ class ReplicaObjectStore:
             ),
         )
 
-    def _rows(self, user: str, rid: str, mailbox: str) -> list[int]:
+    def _rows(self, user: str, rid: str) -> list[tuple[str, int]]:
+        """``(mailbox, uid)`` of message ``rid`` here, whatever mailbox it is in now (a
+        RENAME moves it; the object's own mailbox may be older); a copy waiting for a
+        UID here counts too (as UID 0), so a message is never stored twice."""
         bucket = bucket_of(user)
         with self.fragments._lock_for(bucket):
             db = self.fragments._db(bucket)
-            return [
-                int(uid)
-                for (uid,) in db.execute(
-                    "SELECT uid FROM messages WHERE user=? AND key=? AND mailbox=?",
-                    (user, key_of(rid), mailbox),
+            rows = [
+                (str(mb), int(uid))
+                for mb, uid in db.execute(
+                    "SELECT mailbox, uid FROM messages WHERE user=? AND key=?",
+                    (user, key_of(rid)),
                 )
             ]
+            rows += [
+                (str(mb), 0)
+                for (mb,) in db.execute(
+                    "SELECT mailbox FROM pending WHERE user=? AND key=?", (user, key_of(rid))
+                )
+            ]
+            return rows
 
     def _apply_message(self, update: Update) -> None:
         user, rid = parse_message_id(update.object_id)
@@ -383,20 +579,65 @@ class ReplicaObjectStore:
             old = self.record(update.object_id)
             mailbox = old.mailbox if old is not None else ""
             targets = old.targets if old is not None else ()
-            if mailbox:
-                uids = self._rows(user, rid, mailbox)
-                if uids:
-                    fs.delete(user, mailbox, uids)
+            self._remove_rows(user, rid)
             self._put(update, user, mailbox, rid, targets)
             return
         obj = MessageObject.from_body(update.body)
         mailbox = _mailbox(obj.mailbox)
-        uids = self._rows(user, rid, mailbox)
-        if uids:
-            fs.set_flags(user, mailbox, uids, obj.flags, 0)
+        rows = self._rows(user, rid)
+        key = key_of(rid)
+        if rows and obj.uid > 0 and all(u == 0 for _, u in rows):
+            # the UID its numbering copy got: this unnumbered copy takes the same one
+            if fs.promote(user, key, obj.uid):
+                rows = self._rows(user, rid)
+        elif rows and obj.uid == PENDING and not self._numbers_here(obj):
+            fs.pending_to_held(user, key)  # another replica numbers this message
+            rows = self._rows(user, rid)
+        if rows:
+            mailbox = rows[0][0]
+            for mb in dict.fromkeys(m for m, _ in rows):
+                uids = [u for m, u in rows if m == mb and u]
+                if uids:
+                    fs.set_flags(user, mb, uids, obj.flags, 0)
+        elif self._user_deleted(user, update.timestamp):
+            # ``deluser`` came first (a node back from downtime gets both in any
+            # order): the message of a removed user is not stored again.
+            self._put(Update(update.object_id, update.timestamp, None), user, mailbox, rid, ())
+            return
+        elif obj.uid == PENDING and not self._numbers_here(obj):
+            _write_file(fs.tmp / key, obj.data)
+            fs.hold(NewMessage(user, mailbox, obj.data, obj.flags, obj.internal_date), key)
+        elif obj.uid > 0 and fs.is_held(user, key):
+            if not fs.promote(user, key, obj.uid):
+                self._store(user, rid, mailbox, obj)
+                fs.unhold(user, key)
         else:
             self._store(user, rid, mailbox, obj)
         self._put(update, user, mailbox, rid, obj.targets)
+
+    def _remove_rows(self, user: str, rid: str) -> None:
+        fs = self.fragments
+        rows = self._rows(user, rid)
+        for mb in dict.fromkeys(m for m, _ in rows):
+            uids = [u for m, u in rows if m == mb and u]
+            if uids:
+                fs.delete(user, mb, uids)
+        bucket = bucket_of(user)
+        with fs._lock_for(bucket):
+            db = fs._db(bucket)
+            db.execute("DELETE FROM pending WHERE user=? AND key=?", (user, key_of(rid)))
+            db.execute("DELETE FROM held WHERE user=? AND key=?", (user, key_of(rid)))
+            fs._drop_unreferenced(db, user, [key_of(rid)])
+
+    def _user_deleted(self, user: str, ts: Timestamp) -> bool:
+        """``user``'s profile is a tombstone written after ``ts`` (a ``deluser``)."""
+        if self.profiles is None:
+            return False
+        with self.profiles.lock:
+            row = self.profiles.db.execute(
+                "SELECT deleted, updated FROM profiles WHERE address=?", (user,)
+            ).fetchone()
+        return row is not None and bool(row[0]) and float(row[1]) * 1e6 >= ts.wallclock
 
     def _store(self, user: str, rid: str, mailbox: str, obj: MessageObject) -> None:
         fs = self.fragments
@@ -426,7 +667,74 @@ class ReplicaObjectStore:
                 raise MalformedObject(f"bad profile record for {address}")
             record = (str(rec[0]), str(rec[1]), int(rec[2]), float(rec[3]), float(rec[4]), bool(rec[5]))  # fmt: skip
             self.profiles.merge([record])
+            with self.profiles.lock:
+                row = self.profiles.db.execute(
+                    "SELECT deleted FROM profiles WHERE address=?", (address,)
+                ).fetchone()
+            if row is not None and row[0]:
+                # ``deluser``: the mail goes here too, also on a node that was down
+                # then (the log, or re-replication, brings it the tombstone on return)
+                self.forget_user(address)
         self._put(update, address, "", "", ())
+
+    def _apply_box(self, update: Update) -> None:
+        """A mailbox made, renamed or deleted elsewhere: the same here, if not yet.
+
+        Idempotent and safe in any order: a RENAME is two objects (the new name
+        ``moved_from`` the old, the old ``moved_to`` the new) and whichever arrives
+        first moves the mailbox and its messages; the other finds it done.
+        """
+        user, name = parse_box_id(update.object_id)
+        fs = self.fragments
+        has = {i.name for i in fs.mailboxes(user)}
+        if update.body is None:
+            box = BoxObject(False)
+        else:
+            box = BoxObject.from_body(update.body)
+        try:
+            if box.exists:
+                src = _mailbox(box.moved_from) if box.moved_from else None
+                if src is not None and src in has and name not in has:
+                    fs.rename_mailbox(user, src, name)
+                elif name not in has:
+                    fs.create_mailbox(user, name)
+            elif box.moved_to:
+                to = _mailbox(box.moved_to)
+                if name in has and to not in has:
+                    fs.rename_mailbox(user, name, to)
+            elif name in has and name != "INBOX":
+                self._forget_mailbox(user, name)
+                fs.delete_mailbox(user, name)
+        except (NoSuchMailbox, MailboxExists) as e:
+            # e.g. a DELETE of a mailbox that has mailboxes below it here: left as is
+            self.log.info("replication: {oid} not applied here: {e}", oid=update.object_id, e=e)
+        self._put(update, user, name, "", ())
+
+    def _forget_mailbox(self, user: str, name: str) -> None:
+        """Mark the message objects of mailbox ``name`` here gone (it is deleted)."""
+        bucket = bucket_of(user)
+        with self.fragments._lock_for(bucket):
+            keys = [
+                str(k)
+                for (k,) in self.fragments._db(bucket).execute(
+                    "SELECT key FROM messages WHERE user=? AND mailbox=?", (user, name)
+                )
+            ]
+        rids = [k[: -len(".m")] for k in keys if _RID.match(k[: -len(".m")])]
+        with self.lock:
+            self.db.executemany(
+                "UPDATE objects SET deleted=1 WHERE object_id=?",
+                [(message_id(user, r),) for r in rids],
+            )
+
+    def forget_user(self, user: str) -> None:
+        """Remove ``user``'s mail here and mark their message objects gone (they are
+        neither offered to nor fetched by re-replication any more)."""
+        self.fragments.remove_user(user)
+        with self.lock:
+            self.db.execute(
+                "UPDATE objects SET deleted=1 WHERE user=? AND object_id LIKE 'msg/%'", (user,)
+            )
 
 
 def _mailbox(name: str) -> str:
@@ -489,7 +797,7 @@ class ReplicatedMailboxManager:
     # --- the replicated paths -------------------------------------------------------
 
     def store_replicated(
-        self, rid: str, message: NewMessage, targets: Sequence[str]
+        self, rid: str, message: NewMessage, targets: Sequence[str], acks: int | None = None
     ) -> Deferred[list[Digest]]:
         """Submit ``message`` as object ``msg/<user>/<rid>`` to ``targets`` (this node
         coordinating); fires with one digest per target once acknowledged."""
@@ -505,7 +813,7 @@ class ReplicatedMailboxManager:
             replicas,
         )
         oid = message_id(message.user, rid)
-        submitted = self.replication.submit(oid, obj.to_body(), replicas)
+        submitted = self.replication.submit(oid, obj.to_body(), replicas, acks=acks)
         d: Deferred[Digest | None] = submitted.addCallback(
             lambda _: self.run(self.objects.digest, message.user, obj.mailbox, rid)
         )
@@ -575,6 +883,49 @@ class ReplicatedMailboxManager:
             return gatherResults(ds, consumeErrors=True).addCallback(done)
 
         return found.addCallback(go)
+
+    def number_pending(
+        self, user: str, fence: str, first: int, count: int
+    ) -> Deferred[tuple[int, int, int]]:
+        """The manager numbers what waits here; a replicated message numbered now gets
+        a new version carrying its UID, so its other copies (held, unnumbered, on the
+        other replicas) take the same UID and never one of their own."""
+        before = self.run(self.objects.unnumbered, user)
+
+        def number(waiting: dict[str, ObjectRecord]) -> Deferred[tuple[int, int, int]]:
+            d: Deferred[tuple[int, int, int]] = self.inner.number_pending(user, fence, first, count)
+            if not waiting:
+                return d
+
+            def publish(result: tuple[int, int, int]) -> Deferred[tuple[int, int, int]]:
+                found = self.run(self.objects.numbered, user, list(waiting))
+                found.addCallback(self._publish_uids, user, waiting)
+                found.addErrback(
+                    lambda f: self.log.failure("replication: UID versions of {u}", f, u=user)
+                )
+                return found.addCallback(lambda _: result)
+
+            return d.addCallback(publish)
+
+        return before.addCallback(number)
+
+    def _publish_uids(
+        self,
+        now: dict[str, tuple[str, int, tuple[str, ...], float, bytes]],
+        user: str,
+        waiting: dict[str, ObjectRecord],
+    ) -> Deferred[Any]:
+        ds = []
+        for rid, (mailbox, uid, flags, date, data) in now.items():
+            rec = waiting[rid]
+            obj = MessageObject(mailbox, data, flags, date, uid, rec.targets)
+            targets = tuple(dict.fromkeys([self.node_id, *rec.targets]))
+            ds.append(
+                self.replication.submit(
+                    rec.object_id, obj.to_body(), targets, current=rec.timestamp, acks=1
+                )
+            )
+        return gatherResults(ds, consumeErrors=True)
 
     def applied(self, update: Update) -> None:
         """The shell's ``on_applied``: wake IMAP IDLE for a message that arrived."""

@@ -141,3 +141,69 @@ def interpolate(points: Sequence[tuple[float, float]], x: float) -> float:
     k = min(max(k, 1), len(points) - 1)
     (x0, y0), (x1, y1) = points[k - 1], points[k]
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+PTS_WRAP = 1 << 33
+PAT_PID = 0
+
+
+@attrs.frozen
+class PesStart:
+    """A TS packet starting a PES packet: where it is and what it starts."""
+
+    offset: int  # byte offset of the TS packet in the scanned data
+    pts: int | None  # 90 kHz, as written (not unwrapped)
+    key: bool  # random access point: RAI set, or an MPEG-2 sequence header / H.264 IDR or SPS
+
+
+def _parse_pts(b: bytes | bytearray | memoryview) -> int:
+    return ((b[0] >> 1) & 7) << 30 | b[1] << 22 | (b[2] >> 1) << 15 | b[3] << 7 | b[4] >> 1
+
+
+def _starts_random_access(es: bytes | bytearray | memoryview) -> bool:
+    """The elementary stream bytes begin a random access point (MPEG-2 video sequence
+    header, or an H.264 IDR slice or SPS), for streams whose muxer set no RAI."""
+    at = 0
+    while True:
+        at = bytes(es).find(b"\x00\x00\x01", at)
+        if at < 0 or at + 3 >= len(es):
+            return False
+        code = es[at + 3]
+        if code == 0xB3 or ((code & 0x1F) in (5, 7) and not code & 0x80):
+            return True
+        at += 3
+
+
+def pes_starts(data: bytes | bytearray | memoryview, pid: int) -> list[PesStart]:
+    """Every packet of ``pid`` in ``data`` (whole 188-byte packets from byte 0) that starts
+    a PES packet, with its PTS and whether it is a random access point."""
+    out = []
+    for at in range(0, len(data) - TS_PACKET + 1, TS_PACKET):
+        if data[at] != SYNC or not data[at + 1] & 0x40:
+            continue
+        if ((data[at + 1] & 0x1F) << 8) | data[at + 2] != pid:
+            continue
+        afc = data[at + 3] >> 4 & 3
+        body = at + 4
+        rai = False
+        if afc & 2:
+            af_len = data[at + 4]
+            rai = af_len > 0 and bool(data[at + 5] & 0x40)
+            body += 1 + af_len
+        if not afc & 1 or body + 9 > at + TS_PACKET:
+            continue
+        pes = data[body : at + TS_PACKET]
+        if pes[:3] != b"\x00\x00\x01":
+            continue
+        pts = _parse_pts(pes[9:14]) if pes[7] & 0x80 and len(pes) >= 14 else None
+        key = rai or _starts_random_access(pes[9 + pes[8] :])
+        out.append(PesStart(at, pts, key))
+    return out
+
+
+def last_pat_before(data: bytes | bytearray | memoryview, offset: int) -> int | None:
+    """Byte offset of the last PAT packet (PID 0) before ``offset`` in ``data``."""
+    for at in range(offset - offset % TS_PACKET - TS_PACKET, -1, -TS_PACKET):
+        if data[at] == SYNC and data[at + 1] & 0x1F == 0 and data[at + 2] == PAT_PID:
+            return at
+    return None

@@ -128,7 +128,18 @@ class SendProbe:
     token: int
 
 
-Action = Deliver | SendNack | Pause | Resume | SetSpeed | SendProbe
+@attrs.frozen
+class RequestHandover:
+    """Packets of ``node`` are overdue and it is silent (``node`` -1: owner unknown, the
+    whole stream is silent): ask the stream's other nodes to serve the share holding
+    global packet ``gseq`` from there on (YIMA HANDOVER, docs/wire.md)."""
+
+    stream: str
+    node: int
+    gseq: int
+
+
+Action = Deliver | SendNack | Pause | Resume | SetSpeed | SendProbe | RequestHandover
 
 
 # --- configuration -----------------------------------------------------------------
@@ -153,6 +164,10 @@ class PlayerConfig:
     probe_interval: float = 2.0
     sample_interval: float = 0.1
     speed_quantum: float = 0.001
+    #: A hole this old (its NACK unanswered) whose node is this long silent asks for a
+    #: hand-over; asked again after ``handover_retry`` while still overdue.
+    handover_after: float = 0.3
+    handover_retry: float = 1.0
 
     def __attrs_post_init__(self) -> None:
         if self.flow == "delta-p" and self.bands is None:
@@ -259,6 +274,10 @@ class StreamPlayer:
         self._next_probe = start_ct
         self._next_sample = start_ct
         self._quiet_until = start_ct
+        self._hole_seen: dict[int, float] = {}
+        self._handover_sent: dict[tuple[int, int], float] = {}
+        self._last_arrival: float | None = None
+        self.handovers_requested = 0
 
     # --- public face -------------------------------------------------------------
 
@@ -295,6 +314,11 @@ class StreamPlayer:
         out: list[Action] = self._play(now)
         self.arrivals += 1
         self.nodes_seen.add(event.node)
+        self._last_arrival = now
+        if event.node not in self.nodes:
+            # A node index announced by its first packet (a share taken over): it gets
+            # NACKs, probes and the stream's speed like the others.
+            self.nodes = sorted({*self.nodes, event.node})
         if event.retransmission:
             self.retransmissions_received += 1
         elif self.node_trim is not None:
@@ -385,6 +409,7 @@ class StreamPlayer:
             "speed_changes": len(self.speed_changes),
             "pauses": self.pause_resume.pauses if self.pause_resume else 0,
             "band_changes": self.delta_p.changes if self.delta_p else 0,
+            "handovers_requested": self.handovers_requested,
         }
 
     # --- internals ----------------------------------------------------------------
@@ -432,6 +457,48 @@ class StreamPlayer:
         if self.retx is not None and self.config.packets_per_block and not paused:
             if now >= self._quiet_until:
                 self._find_tail_gaps(now)
+                out.extend(self._handovers(now))
+        return out
+
+    def _handovers(self, now: float) -> list[Action]:
+        """Overdue packets whose node is silent: ask for a hand-over of that share.
+
+        Overdue: a hole in the global order older than ``handover_after`` (a plain
+        loss is NACKed and back by then), the rest of the top block when its node went
+        silent, or the next packet when no node sent anything for twice that.
+        """
+        assert self.retx is not None and self.config.packets_per_block
+        after, ppb = self.config.handover_after, self.config.packets_per_block
+        total = self.buffer.total
+
+        def silent(node: int) -> bool:
+            st = self.retx.nodes.get(node) if self.retx is not None else None
+            return st is None or st.last_arrival is None or now - st.last_arrival >= after
+
+        holes = self.buffer.holes(limit=256)
+        seen = {g: self._hole_seen.get(g, now) for g in holes}
+        self._hole_seen = seen
+        overdue = [g for g in holes if now - seen[g] >= after]
+        top = self.buffer.max_gseq
+        if top >= 0 and (total is None or top + 1 < total) and self._last_arrival is not None:
+            ref = self._block_ref.get(top // ppb)
+            if ref is not None and silent(ref[1]) and (top + 1) % ppb:
+                overdue.append(top + 1)  # the rest of a silent node's block
+            elif now - self._last_arrival >= 2 * after and now >= self.playout_start - 1.0:
+                overdue.append(top + 1)  # nothing from anybody: whoever owns what comes next
+        out: list[Action] = []
+        for g in overdue:
+            ref = self._block_ref.get(g // ppb)
+            node = ref[1] if ref is not None else -1
+            if node >= 0 and not silent(node):
+                continue
+            key = (node, g // ppb if node < 0 else -1)
+            sent = self._handover_sent.get(key)
+            if sent is not None and now - sent < self.config.handover_retry:
+                continue
+            self._handover_sent[key] = now
+            self.handovers_requested += 1
+            out.append(RequestHandover(self.stream, node, g))
         return out
 
     def _common_speed(self) -> float:

@@ -1,14 +1,14 @@
-"""RFC 1982 serial arithmetic for 16-bit RTP sequence numbers, extended to 64 bits."""
+"""The player's view of RTP sequence numbers: extended to unbounded ones per source.
+
+The RFC 1982 arithmetic itself is :mod:`yimaporc.yima.rtp`'s (one implementation for
+the server and the player).
+"""
 
 from __future__ import annotations
 
-MOD = 1 << 16
-HALF = 1 << 15
+from ..rtp import SEQ_MOD, seq_lt, unwrap_seq
 
-
-def seq_lt(a: int, b: int) -> bool:
-    """True when 16-bit serial ``a`` precedes ``b`` (RFC 1982 section 3.2)."""
-    return a != b and ((b - a) % MOD) < HALF
+__all__ = ["SeqExtender", "extend_seq", "seq_lt"]
 
 
 def extend_seq(last: int | None, seq16: int) -> int:
@@ -19,14 +19,11 @@ def extend_seq(last: int | None, seq16: int) -> int:
     from before the wrap lands on the previous one, so reordering and
     duplicates around the wrap keep their order.
     """
-    if not 0 <= seq16 < MOD:
+    if not 0 <= seq16 < SEQ_MOD:
         raise ValueError(f"not a 16-bit sequence number: {seq16}")
     if last is None:
         return seq16
-    delta = (seq16 - last) % MOD
-    if delta >= HALF:
-        delta -= MOD
-    return last + delta
+    return unwrap_seq(last, seq16)
 
 
 class SeqExtender:

@@ -35,6 +35,7 @@ from ...rtsp import (
     parse_transport,
     parse_url,
 )
+from ...rtsp.sdp import parse_sdp
 from ..feedback import RETRANSMISSION_MARK, ProbeReply, parse_probe, probe_request
 from ..rtp import (
     App,
@@ -49,7 +50,6 @@ from ..rtp import (
     serialize_rtcp,
 )
 from ..schedule import PAYLOAD
-from ..sdp import parse_sdp
 from .core import (
     Action,
     Deliver,
@@ -59,6 +59,7 @@ from .core import (
     PlayerConfig,
     Presentation,
     ProbeAnswered,
+    RequestHandover,
     Resume,
     SendNack,
     SendProbe,
@@ -179,7 +180,7 @@ class PlayerSession:
         self.time = ClockEstimate()
         self.presentation: Presentation | None = None
         self.done: Deferred[dict[str, Any]] = Deferred()
-        self.pending: list[tuple[StreamInfo, bytes]] = []
+        self.pending: list[tuple[StreamInfo, bytes, Any]] = []
         self.droppers: dict[str, PacketDropper] = {}
         self.extenders = {s.name: SeqExtender() for s in streams}
         self.feedback_seq = 0
@@ -249,8 +250,8 @@ class PlayerSession:
         self.presentation = Presentation(players)
         self._run(self.presentation.start(self.now()))
         pending, self.pending = self.pending, []
-        for s, data in pending:
-            self._rtp(s, data)
+        for s, data, addr in pending:
+            self._rtp(s, data, addr)
         self._reschedule()
 
     # --- datagrams in ------------------------------------------------------------------
@@ -268,14 +269,14 @@ class PlayerSession:
                 return
             if self.presentation is None:
                 if len(self.pending) < 100_000:
-                    self.pending.append((s, data))
+                    self.pending.append((s, data, addr))
                 return
-            self._rtp(s, data)
+            self._rtp(s, data, addr)
             self._reschedule()
         except MalformedPacket:
             self.malformed += 1
 
-    def _rtp(self, s: StreamInfo, data: bytes) -> None:
+    def _rtp(self, s: StreamInfo, data: bytes, addr: Any = None) -> None:
         assert self.presentation is not None
         b0, _, seq16, ts, _ = _RTP.unpack_from(data)
         if b0 >> 6 != 2:
@@ -289,6 +290,10 @@ class PlayerSession:
             tag = pkt.yima
             node, node_seq = (tag.node_index, tag.node_seq) if tag else (0, -1)
             retx, payload = False, pkt.payload
+        if node not in s.nodes and isinstance(addr, tuple) and len(addr) >= 2:
+            # A new node index (a share taken over, docs/wire.md): it takes RTCP on the
+            # port it sends from, so NACKs, probes and speed changes go there.
+            s.nodes[node] = (addr[0], addr[1])
         gseq = self.extenders[s.name].extend((seq16 - s.seq_base) & 0xFFFF)
         if node_seq < 0:
             node_seq = gseq
@@ -339,6 +344,15 @@ class PlayerSession:
                 self.deliver(a.stream, a.payload)
                 continue
             s = self.streams[a.stream]
+            if isinstance(a, RequestHandover):
+                self.feedback_seq += 1
+                value = a.node & 0xFFFFFFFF  # -1: the owner is not known
+                fb = YimaFeedback(YimaKind.HANDOVER, self.ssrc, s.ssrc, self.feedback_seq, 0,
+                                  value, a.gseq & 0xFFFFFFFF)  # fmt: skip
+                for node, other in s.nodes.items():
+                    if node != a.node:
+                        self._rtcp(serialize_rtcp(fb), other)
+                continue
             addr = s.nodes.get(a.node)
             if addr is None:
                 continue
@@ -638,7 +652,7 @@ class Client:
             if proto.session_id is not None:
                 ds.append(proto.teardown(url).addErrback(lambda f: None))
         if ds:
-            await DeferredList(ds)
+            await DeferredList(ds, consumeErrors=True)
         for _, proto in self.conns:
             if proto.transport is not None:
                 proto.transport.loseConnection()

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from yimaporc.yima import sdp
-from yimaporc.yima.sdp import (
+from yimaporc.rtsp import sdp
+from yimaporc.rtsp.sdp import (
     MalformedSdp,
     MediaDescription,
     Origin,

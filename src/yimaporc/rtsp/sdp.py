@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import attrs
 
-from .rtp import MP2T_CLOCK, PT_MP2T, l16_payload_type
+from ..rtp.payloads import MP2T_CLOCK, PT_MP2T, l16_payload_type
 
 MAX_SDP_SIZE = 64 * 1024
 

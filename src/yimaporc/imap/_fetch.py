@@ -1,0 +1,158 @@
+"""FETCH and SEARCH of the selected mailbox.
+
+FETCH loads message octets only when an item needs them, sets ``\\Seen`` for
+non-PEEK body fetches of a writable mailbox (and then includes FLAGS),
+filters by ``CHANGEDSINCE`` and reports ``VANISHED (EARLIER)`` for UID FETCH
+with QRESYNC.  SEARCH hands the token list to the backend's evaluator and
+answers SEARCH or ESEARCH (RFC 4731).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+
+from . import _commands as c
+from . import _serialize as s
+from ._outcome import Done
+from ._serialize import ResponseCode
+from ._view import absent_uids, uid_set_text
+from .interfaces import ImapError, MessageInfo
+
+if TYPE_CHECKING:
+    from ._session import CommandRunner
+
+
+def _needs_body(item: c.FetchItem) -> bool:
+    return isinstance(item, c.BodySection) or item.name in (
+        "ENVELOPE", "BODY", "BODYSTRUCTURE", "RFC822", "RFC822.HEADER", "RFC822.TEXT",
+    )  # fmt: skip
+
+
+def _sets_seen(item: c.FetchItem) -> bool:
+    if isinstance(item, c.BodySection):
+        return not item.peek
+    return item.name in ("RFC822", "RFC822.TEXT")
+
+
+def answer_fetch(runner: CommandRunner, cmd: c.Fetch) -> Deferred[Done]:
+    """Send the FETCH data of ``cmd``."""
+    view = runner.view
+    assert view is not None
+    uids = view.resolve(cmd.sequence_set, cmd.uid)
+    wants_flags = any(isinstance(i, c.FetchAtt) and i.name == "FLAGS" for i in cmd.items)
+    # Other sessions' changes first, so FLAGS are current (Dovecot syncs before FETCH
+    # too); the messages fetched get their new flags in their own FETCH response.
+    d = runner.refresh(cmd.uid, skip=frozenset(uids) if wants_flags else frozenset())
+    return d.addCallback(lambda _: _fetch(runner, cmd, uids))
+
+
+def _fetch(runner: CommandRunner, cmd: c.Fetch, uids: list[int]) -> Any:
+    view = runner.view
+    box = runner.mailbox
+    if view is None or box is None:
+        raise ImapError("mailbox closed meanwhile")
+    uids = [u for u in uids if view.seq_of(u) is not None]
+    items = list(cmd.items)
+    names = {i.name for i in items if isinstance(i, c.FetchAtt)}
+    if cmd.uid and "UID" not in names:
+        items.insert(0, c.FetchAtt("UID"))
+    if cmd.changed_since is not None or "MODSEQ" in names:
+        runner.condstore = True
+        if "MODSEQ" not in names:
+            items.append(c.FetchAtt("MODSEQ"))
+    if cmd.vanished:
+        if "QRESYNC" not in runner.enabled:
+            raise ImapError("QRESYNC is not enabled", status="BAD")
+        gone = absent_uids(cmd.sequence_set, [m.uid for m in view.messages], view.uidnext)
+        if gone:
+            runner.conn.send(s.vanished(gone, earlier=True))
+    if cmd.changed_since is not None:
+        since = cmd.changed_since
+        uids = [u for u in uids if (view.info(u) or MessageInfo(u, (), 0, 0)).modseq > since]
+    if not uids:
+        return succeed(Done())
+    seen_needed = not box.readonly and any(_sets_seen(i) for i in items)
+    d: Deferred[Any] = succeed(None)
+    marked: set[int] = set()
+    if seen_needed:
+        unseen = [
+            u for u in uids if "\\Seen" not in (view.info(u) or MessageInfo(u, (), 0, 0)).flags
+        ]
+        if unseen:
+            marked = set(unseen)
+            d = maybeDeferred(box.store, unseen, "+", ("\\Seen",), None)
+    bodies_needed = any(_needs_body(i) for i in items)
+    d.addCallback(lambda _: maybeDeferred(box.load, uids) if bodies_needed else {})
+
+    def send(raws: dict[int, bytes]) -> Done:
+        for uid in uids:
+            info = view.info(uid)
+            seq = view.seq_of(uid)
+            if info is None or seq is None or (bodies_needed and uid not in raws):
+                continue  # expunged meanwhile
+            flags = info.flags
+            if uid in marked:
+                flags = (*flags, "\\Seen")
+                view.set_flags(uid, flags, info.modseq)
+            out: list[tuple[str, Any]] = []
+            for item in items:
+                out.append(_item(runner, item, info, flags, raws.get(uid)))
+            if uid in marked and "FLAGS" not in names:
+                out.append(("FLAGS", flags))
+            runner.conn.send(s.fetch(seq, out))
+        return Done()
+
+    return d.addCallback(send)
+
+
+def _item(runner: CommandRunner, item: c.FetchItem, info: MessageInfo, flags: tuple[str, ...], raw: bytes | None) -> tuple[str, Any]:  # fmt: skip
+    if isinstance(item, c.FetchAtt):
+        name = item.name
+        if name == "FLAGS":
+            return name, flags
+        if name == "UID":
+            return name, info.uid
+        if name == "RFC822.SIZE":
+            return name, info.size
+        if name == "INTERNALDATE":
+            return name, info.internal_date
+        if name == "MODSEQ":
+            return name, info.modseq
+    assert raw is not None
+    return item.echo, runner.renderer.render(raw, item, info.internal_date)
+
+
+def answer_search(runner: CommandRunner, cmd: c.Search) -> Deferred[Done]:
+    """Send the SEARCH or ESEARCH data of ``cmd``."""
+    view = runner.view
+    assert view is not None and runner.mailbox is not None
+    if cmd.charset is not None and cmd.charset not in ("UTF-8", "US-ASCII"):
+        raise ImapError("unsupported charset", ResponseCode("BADCHARSET", ("US-ASCII", "UTF-8")))
+    if cmd.returns is not None and "SAVE" in cmd.returns:
+        raise ImapError("SEARCHRES is not supported", status="BAD")
+    messages = list(view.messages)
+
+    def got(uids: list[int]) -> Done:
+        wanted = set(uids)
+        numbers = [(m.uid if cmd.uid else i + 1) for i, m in enumerate(messages) if m.uid in wanted]
+        if cmd.returns is None:
+            runner.conn.send(s.search(numbers))
+            return Done()
+        opts = cmd.returns or ("ALL",)
+        items: list[tuple[str, int | str]] = []
+        if "MIN" in opts and numbers:
+            items.append(("MIN", min(numbers)))
+        if "MAX" in opts and numbers:
+            items.append(("MAX", max(numbers)))
+        if "COUNT" in opts:
+            items.append(("COUNT", len(numbers)))
+        if "ALL" in opts and numbers:
+            items.append(("ALL", uid_set_text(numbers)))
+        runner.conn.send(s.esearch(cmd.tag, cmd.uid, items))
+        return Done()
+
+    return maybeDeferred(runner.mailbox.search, cmd.criteria, cmd.charset, messages).addCallback(
+        got
+    )

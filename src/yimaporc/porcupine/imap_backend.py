@@ -1,0 +1,519 @@
+"""Porcupine's IMAP backend: :mod:`yimaporc.imap` over a user's :class:`~.retrieval.UserMail`.
+
+One :class:`PorcupineImapBackend` per connection (it holds that connection's
+:class:`~.auth.ThrottledPortal`); a login opens a :class:`PorcupineSession`
+over the user's ``UserMail``, a SELECT a :class:`PorcupineMailbox` whose
+snapshots are the merged digests of every fragment (every node holding the
+user's mail), so other sessions' changes anywhere in the cluster reach the
+session after each command, on NOOP and (woken by :class:`MailboxRegistry`:
+local changes at once, other nodes' on the cluster's poll) during IDLE.
+
+Error mapping: a wrong password is ``NO [AUTHENTICATIONFAILED]``, a throttled
+login or an unreachable node ``NO [UNAVAILABLE]``; a missing mailbox
+``NONEXISTENT`` (``TRYCREATE`` for APPEND/COPY/MOVE), an existing one
+``ALREADYEXISTS``; a listing that would lack mail on a node out of reach
+``NO [UNAVAILABLE]`` (never a smaller mailbox: a syncing client would take the
+missing messages as expunged).
+
+No MODSEQs: the store keeps none, so CONDSTORE/QRESYNC are not advertised.
+The special-use mailboxes (Sent, Drafts, Trash, Junk, Archive) are created at
+login when missing, as Dovecot's ``auto = create`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.cred import credentials, error
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..cluster.rpc import PeerUnavailable
+from ..imap._message import Message, canonical_crlf
+from ..imap._search import Need, Scope, SearchError, View, compile_search
+from ..imap.interfaces import (
+    AppendResult,
+    CopyResult,
+    IImapBackend,
+    IImapSession,
+    ImapError,
+    ISelectedMailbox,
+    MailboxListing,
+    MailboxStatus,
+    MessageInfo,
+    Snapshot,
+)
+from ._guard import ClientErrors
+from .retrieval import UserMail
+from .throttle import LoginThrottled
+from .values import (
+    DELIMITER,
+    INBOX,
+    Digest,
+    MailboxExists,
+    MailboxInfo,
+    MailError,
+    MailUnavailable,
+    MessageTooLarge,
+    NoSuchMailbox,
+)
+
+log = Logger()
+
+#: Special-use mailboxes every user has (RFC 6154), by name.
+SPECIAL_USE = {
+    "Sent": "\\Sent",
+    "Drafts": "\\Drafts",
+    "Trash": "\\Trash",
+    "Junk": "\\Junk",
+    "Archive": "\\Archive",
+}
+PERMANENT_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
+#: Messages loaded at once by a SEARCH that reads headers or bodies.
+SEARCH_BATCH = 200
+
+
+class MailboxRegistry:
+    """The mailboxes selected on this node, per (user, name): :meth:`changed` wakes
+    those watching (IDLE).  The mailbox manager calls it when mail arrives here,
+    sessions when they change flags or expunge, the cluster on its poll."""
+
+    def __init__(self) -> None:
+        self.boxes: dict[tuple[str, str], set[PorcupineMailbox]] = {}
+
+    def open(self, box: PorcupineMailbox) -> None:
+        self.boxes.setdefault((box.mail.address, box.name), set()).add(box)
+
+    def close(self, box: PorcupineMailbox) -> None:
+        key = (box.mail.address, box.name)
+        self.boxes.get(key, set()).discard(box)
+        if not self.boxes.get(key):
+            self.boxes.pop(key, None)
+
+    def changed(self, user: str, mailbox: str) -> None:
+        for box in list(self.boxes.get((user, mailbox), ())):
+            box.changed()
+
+    def count(self) -> int:
+        """Mailboxes selected now (``imap_open_mailboxes``)."""
+        return sum(len(b) for b in self.boxes.values())
+
+
+def _canonical(name: str) -> str:
+    return INBOX if name.upper() == INBOX else name
+
+
+def as_imap_error(f: Failure, missing: str = "NONEXISTENT") -> Failure:
+    """A store failure as the ``ImapError`` the client sees (others pass unchanged)."""
+    e = f.value
+    while isinstance(e, FirstError):  # gatherResults over several nodes
+        e = e.subFailure.value
+    if isinstance(e, ImapError):
+        return f
+    if isinstance(e, NoSuchMailbox):
+        raise ImapError("no such mailbox", missing)
+    if isinstance(e, MailboxExists):
+        raise ImapError("mailbox already exists", "ALREADYEXISTS")
+    if isinstance(e, MailUnavailable):
+        text = str(e).removeprefix("[UNAVAILABLE] ")
+        raise ImapError(text, "UNAVAILABLE")
+    if isinstance(e, MessageTooLarge):
+        raise ImapError("message too large", "TOOBIG")
+    if isinstance(e, PeerUnavailable):
+        raise ImapError("a node holding this mail is out of reach, try again later", "UNAVAILABLE")
+    if isinstance(e, MailError):
+        raise ImapError(str(e) or type(e).__name__, "CANNOT")
+    return f
+
+
+@implementer(IImapBackend)
+class PorcupineImapBackend:
+    """Logs a connection's user in through the node's (throttled) portal."""
+
+    supports_modseq = False
+
+    def __init__(
+        self,
+        portal: Any,
+        registry: MailboxRegistry,
+        clock: Any,
+        errors: ClientErrors | None = None,
+        interface: Any = None,
+    ) -> None:
+        from .auth import IImapUser
+
+        self.portal = portal
+        self.registry = registry
+        self.clock = clock
+        self.errors = errors
+        self.interface = interface or IImapUser
+
+    def login(self, user: str, password: str) -> Deferred[PorcupineSession]:
+        creds = credentials.UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        d: Deferred[Any] = self.portal.login(creds, None, self.interface)
+        return d.addCallbacks(self._logged_in, self._failed)
+
+    def _logged_in(self, avatar: tuple[Any, UserMail, Callable[[], None]]) -> Any:
+        _, mail, logout = avatar
+        session = PorcupineSession(self, mail, logout)
+        return session.autocreate().addCallback(lambda _: session)
+
+    def _failed(self, f: Failure) -> None:
+        if f.check(LoginThrottled):
+            raise ImapError("too many failed logins, try later", "UNAVAILABLE")
+        if f.check(error.UnauthorizedLogin):
+            raise ImapError("authentication failed", "AUTHENTICATIONFAILED")
+        if f.check(PeerUnavailable):  # the node holding the profile is down or slow
+            if self.errors is not None:
+                self.errors.counts["imap.login_peer_unavailable"] += 1
+        else:
+            log.failure("IMAP login check failed", f)
+        raise ImapError("temporary authentication failure", "UNAVAILABLE")
+
+
+@implementer(IImapSession)
+class PorcupineSession:
+    """One logged-in user: the mailbox tree and APPEND over ``UserMail``."""
+
+    delimiter = DELIMITER
+
+    def __init__(
+        self, backend: PorcupineImapBackend, mail: UserMail, on_logout: Callable[[], None]
+    ) -> None:
+        self.backend = backend
+        self.mail = mail
+        self.on_logout = on_logout
+        self.boxes: list[PorcupineMailbox] = []
+
+    def autocreate(self) -> Deferred[None]:
+        """Create the missing special-use mailboxes (best effort: a failure is logged)."""
+
+        def create(infos: list[MailboxInfo]) -> Deferred[Any]:
+            have = {i.name for i in infos}
+            ds = [self.mail.create(n) for n in SPECIAL_USE if n not in have]
+            return gatherResults(ds, consumeErrors=True) if ds else succeed(None)
+
+        def failed(f: Failure) -> None:
+            log.warn(
+                "imap: special-use mailboxes of {u} not created: {e}",
+                u=self.mail.address,
+                e=f.getErrorMessage(),
+            )
+
+        d = self.mail.mailboxes().addCallback(create)
+        return d.addCallbacks(lambda _: None, failed)
+
+    def _info(self, name: str, missing: str = "NONEXISTENT") -> Deferred[MailboxInfo]:
+        want = _canonical(name)
+
+        def find(infos: list[MailboxInfo]) -> MailboxInfo:
+            for i in infos:
+                if i.name == want:
+                    return i
+            raise ImapError(f"no mailbox {name}", missing)
+
+        return self.mail.mailboxes().addCallbacks(find, as_imap_error)
+
+    def list_mailboxes(self) -> Deferred[list[MailboxListing]]:
+        def listing(infos: list[MailboxInfo]) -> list[MailboxListing]:
+            return [
+                MailboxListing(
+                    i.name, (SPECIAL_USE[i.name],) if i.name in SPECIAL_USE else (), i.subscribed
+                )
+                for i in infos
+            ]
+
+        return self.mail.mailboxes().addCallbacks(listing, as_imap_error)
+
+    def create(self, name: str, special_use: tuple[str, ...]) -> Deferred[None]:
+        wanted = SPECIAL_USE.get(name)
+        if special_use and tuple(special_use) != ((wanted,) if wanted else ()):
+            # Special use follows the name here (Sent is \Sent, ...).
+            raise ImapError("special use is given by the name here", "USEATTR")
+        return self.mail.create(name).addCallbacks(lambda _: None, as_imap_error)
+
+    def delete(self, name: str) -> Deferred[None]:
+        return self.mail.delete_mailbox(name).addErrback(as_imap_error)
+
+    def rename(self, old: str, new: str) -> Deferred[None]:
+        return self.mail.rename(_canonical(old), new.rstrip(DELIMITER)).addErrback(as_imap_error)
+
+    def subscribe(self, name: str, on: bool) -> Deferred[None]:
+        return self.mail.subscribe(_canonical(name), on).addErrback(as_imap_error)
+
+    def status(self, name: str) -> Deferred[MailboxStatus]:
+        def count(info: MailboxInfo) -> Deferred[MailboxStatus]:
+            def got(digests: list[Digest]) -> MailboxStatus:
+                unseen = sum(1 for d in digests if "\\Seen" not in d.flags)
+                deleted = sum(1 for d in digests if "\\Deleted" in d.flags)
+                top = max((d.uid for d in digests), default=0)
+                return MailboxStatus(
+                    len(digests),
+                    max(info.uidnext, top + 1),
+                    info.uidvalidity,
+                    unseen,
+                    0,
+                    0,
+                    sum(d.size for d in digests),
+                    deleted,
+                )
+
+            return self.mail.digests(info.name, complete=True).addCallbacks(got, as_imap_error)
+
+        return self._info(name).addCallback(count)
+
+    def append(
+        self, name: str, message: bytes, flags: tuple[str, ...], date: float | None
+    ) -> Deferred[AppendResult]:
+        body = canonical_crlf(message)
+        when = self.backend.clock.seconds() if date is None else date
+
+        def store(info: MailboxInfo) -> Deferred[AppendResult]:
+            d = self.mail.append(info.name, body, flags, when)
+
+            def stored(digest: Digest) -> AppendResult:
+                self.backend.registry.changed(self.mail.address, info.name)
+                for box in self.boxes:
+                    if box.name == info.name:
+                        box.uidnext = max(box.uidnext, digest.uid + 1)
+                return AppendResult(info.uidvalidity, digest.uid)
+
+            return d.addCallbacks(stored, as_imap_error, errbackArgs=("TRYCREATE",))
+
+        return self._info(name, "TRYCREATE").addCallback(store)
+
+    def select(self, name: str, readonly: bool) -> Deferred[PorcupineMailbox]:
+        def opened(info: MailboxInfo) -> PorcupineMailbox:
+            box = PorcupineMailbox(self, info, readonly)
+            self.boxes.append(box)
+            self.backend.registry.open(box)
+            return box
+
+        return self._info(name).addCallback(opened)
+
+    def logout(self) -> None:
+        for box in list(self.boxes):
+            box.close()
+        self.on_logout()
+
+
+@implementer(ISelectedMailbox)
+class PorcupineMailbox:
+    """A selected mailbox: snapshots from the merged digests of every fragment."""
+
+    flags = PERMANENT_FLAGS
+    permanent_flags = PERMANENT_FLAGS
+
+    def __init__(self, session: PorcupineSession, info: MailboxInfo, readonly: bool) -> None:
+        self.session = session
+        self.mail = session.mail
+        self.registry = session.backend.registry
+        self.name = info.name
+        self.uidvalidity = info.uidvalidity
+        #: Never goes back while the mailbox is selected (a node out of reach cannot
+        #: lower it, docs/mail.md).
+        self.uidnext = info.uidnext
+        self.readonly = readonly
+        self.digests: dict[int, Digest] = {}
+        self._last: Snapshot | None = None
+        self._watch: Callable[[], None] | None = None
+        self.closed = False
+
+    # -- the snapshot -------------------------------------------------------------
+
+    def snapshot(self) -> Deferred[Snapshot]:
+        # complete: NO [UNAVAILABLE] rather than a listing lacking mail out of reach
+        d: Deferred[Any] = self.mail.digests(self.name, complete=True)
+        d.addCallbacks(self._snap, as_imap_error)
+        if self._watch is not None and self._last is not None:
+            d.addErrback(self._no_news)
+        return d
+
+    def _no_news(self, f: Failure) -> Snapshot:
+        """During IDLE a node out of reach means no news (one warning line, no
+        traceback: the next poll tries again); the last snapshot stands."""
+        f.trap(ImapError)
+        log.warn(
+            "imap: IDLE refresh of {u}/{m} failed: {e}",
+            u=self.mail.address,
+            m=self.name,
+            e=f.getErrorMessage(),
+        )
+        assert self._last is not None
+        return self._last
+
+    def _snap(self, digests: list[Digest]) -> Snapshot:
+        self.digests = {d.uid: d for d in digests}
+        if digests:
+            self.uidnext = max(self.uidnext, digests[-1].uid + 1)
+        messages = tuple(
+            MessageInfo(d.uid, tuple(d.flags), d.size, d.internal_date) for d in digests
+        )
+        last = self._last
+        if last is not None and last.messages == messages and last.uidnext == self.uidnext:
+            return last  # unchanged: the shell skips the diff
+        self._last = Snapshot(messages, self.uidnext)
+        return self._last
+
+    def _known(self, uids: Sequence[int]) -> list[Digest]:
+        return [self.digests[u] for u in uids if u in self.digests]
+
+    def changed(self) -> None:
+        """Something may have changed (registry): wake an IDLE."""
+        if self._watch is not None:
+            self._watch()
+
+    def _notify(self, mailbox: str | None = None) -> None:
+        self.registry.changed(self.mail.address, mailbox or self.name)
+
+    # -- messages ------------------------------------------------------------------
+
+    def load(self, uids: list[int]) -> Deferred[dict[int, bytes]]:
+        return self.mail.fetch(self.name, self._known(uids)).addErrback(as_imap_error)
+
+    def store(
+        self, uids: list[int], mode: str, flags: tuple[str, ...], unchanged_since: int | None
+    ) -> Deferred[list[int]]:
+        if unchanged_since is not None:
+            raise ImapError("CONDSTORE is not supported here", status="BAD")
+        digests = self._known(uids)
+        if not digests:
+            return succeed([])
+        how = {"": 0, "+": 1, "-": -1}[mode]
+        d = self.mail.set_flags(self.name, digests, flags, how)
+
+        def done(updated: dict[int, tuple[str, ...]]) -> list[int]:
+            for uid, new in updated.items():
+                old = self.digests.get(uid)
+                if old is not None:
+                    self.digests[uid] = Digest(
+                        old.uid, old.key, old.size, tuple(new), old.internal_date, old.node
+                    )
+            self._notify()
+            return []
+
+        return d.addCallbacks(done, as_imap_error)
+
+    def expunge(self, uids: list[int] | None) -> Deferred[None]:
+        wanted = None if uids is None else set(uids)
+
+        def remove(digests: list[Digest]) -> Deferred[None]:
+            gone = [
+                d for d in digests if "\\Deleted" in d.flags and (wanted is None or d.uid in wanted)
+            ]
+            if not gone:
+                return succeed(None)
+            return self.mail.delete(self.name, gone).addCallback(lambda _: self._notify())
+
+        d: Deferred[None] = self.mail.digests(self.name, complete=True).addCallback(remove)
+        return d.addErrback(as_imap_error)
+
+    def _dest(self, dest: str) -> Deferred[MailboxInfo]:
+        return self.session._info(dest, "TRYCREATE")
+
+    def copy(self, uids: list[int], dest: str) -> Deferred[CopyResult]:
+        digests = self._known(uids)
+
+        def run(info: MailboxInfo) -> Deferred[CopyResult]:
+            if not digests:
+                return succeed(CopyResult(info.uidvalidity, (), ()))
+            d = self.mail.copy(self.name, digests, info.name)
+
+            def done(new: list[Digest]) -> CopyResult:
+                self._notify(info.name)
+                # Copies are made in the order of the sources, UIDs ascending.
+                pairs = list(zip(digests, sorted(new, key=lambda x: x.uid), strict=False))
+                return CopyResult(
+                    info.uidvalidity,
+                    tuple(s.uid for s, _ in pairs),
+                    tuple(n.uid for _, n in pairs),
+                )
+
+            return d.addCallbacks(done, as_imap_error, errbackArgs=("TRYCREATE",))
+
+        return self._dest(dest).addCallback(run)
+
+    def move(self, uids: list[int], dest: str) -> Deferred[CopyResult]:
+        if _canonical(dest) == self.name:
+            raise ImapError("cannot move into the same mailbox", "CANNOT")
+
+        def remove(result: CopyResult) -> Deferred[CopyResult]:
+            moved = self._known(result.source_uids)
+            if not moved:
+                return succeed(result)
+            d = self.mail.delete(self.name, moved)
+
+            def done(_: object) -> CopyResult:
+                self._notify()
+                return result
+
+            return d.addCallbacks(done, as_imap_error)
+
+        return self.copy(uids, dest).addCallback(remove)
+
+    # -- SEARCH ----------------------------------------------------------------------
+
+    def search(
+        self, criteria: tuple[Any, ...], charset: str | None, view: list[MessageInfo]
+    ) -> Deferred[list[int]]:
+        try:
+            program = compile_search(list(criteria), charset)
+        except SearchError as e:
+            raise ImapError(e.text, e.code, e.status) from None
+        scope = Scope(len(view), max((m.uid for m in view), default=0))
+        numbered = [(i + 1, m) for i, m in enumerate(view)]
+        if program.need is Need.METADATA:
+            return succeed(
+                [m.uid for seq, m in numbered if program.matches(_view(seq, m, None), scope)]
+            )
+        headers_only = program.need is Need.HEADERS
+        out: list[int] = []
+
+        def batch(start: int) -> Deferred[list[int]]:
+            chunk = numbered[start : start + SEARCH_BATCH]
+            if not chunk:
+                return succeed(out)
+
+            def match(raws: dict[int, bytes]) -> Deferred[list[int]]:
+                for seq, m in chunk:
+                    raw = raws.get(m.uid)
+                    if raw is None:
+                        continue  # expunged meanwhile
+                    if headers_only:
+                        raw = raw[: _header_end(raw)]
+                    if program.matches(_view(seq, m, Message(raw)), scope):
+                        out.append(m.uid)
+                return batch(start + SEARCH_BATCH)
+
+            return self.load([m.uid for _, m in chunk]).addCallback(match)
+
+        return batch(0)
+
+    # -- watching and closing ----------------------------------------------------------
+
+    def watch(self, callback: Callable[[], None] | None) -> None:
+        self._watch = callback
+
+    def close(self) -> None:
+        self._watch = None
+        if not self.closed:
+            self.closed = True
+            self.registry.close(self)
+            if self in self.session.boxes:
+                self.session.boxes.remove(self)
+
+
+def _view(seq: int, m: MessageInfo, message: Message | None) -> View:
+    return View(seq, m.uid, m.flags, m.internal_date, m.size, m.modseq, message)
+
+
+def _header_end(raw: bytes) -> int:
+    """Where the header ends (with its blank line); the whole message if it has none."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        at = raw.find(sep)
+        if at >= 0:
+            return at + len(sep)
+    return len(raw)

@@ -1,0 +1,1 @@
+"""RTP payload formats shared by the RTSP/SDP layer and the Yima media path."""

@@ -1,0 +1,59 @@
+"""A short chaos schedule (issue 14, docs/chaos.md) on 5 real porcupine nodes, each in
+its own network namespace on 10.123.0.0/24: a SIGSTOP pause longer than failure
+detection and a SIGKILL with restart, while SMTP clients deliver to random nodes and
+IMAP readers poll (partitions, bridges, skew and rolling restarts still break an
+invariant: ``make chaos`` reports them, docs/chaos.md). Afterwards every acknowledged
+message is listed exactly once by IMAP and POP3 at every node, and no UID invariant
+but one (``KNOWN_BROKEN``) is broken.
+``make chaos`` runs the full schedule (every fault kind, minutes).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from yimaporc.testing.chaos import PREFIX, Chaos, schedule, table, unavailable
+
+#: The fault kinds the short schedule runs: the ones the full schedule passes for
+#: ``--replicas 1`` users (docs/chaos.md lists what the others still break).
+SHORT = ["pause", "kill"]
+#: Invariants known bugs still break under every fault kind, also these two
+#: (docs/chaos.md, "Still broken" 3 and 4: a message first listed under a UID below
+#: one shown before): printed in the table, not asserted here; ``make chaos`` fails
+#: on them.
+KNOWN_BROKEN = ("below_seen",)
+
+
+def test_short_chaos_schedule_every_acknowledged_message_once_everywhere(
+    tmp_path: Path,
+) -> None:
+    """Pause and kill under load: 0 missing, duplicated or hidden by IMAP and
+    POP3 at every node, no UID shared or changed, UIDNEXT never lower, UIDVALIDITY
+    fixed, every final read answered, one view again after every heal, and the
+    namespaces removed."""
+    why = unavailable()
+    if why is not None:
+        pytest.skip(f"chaos needs network namespaces: {why}")
+    lines: list[str] = []
+    # Replicated users are kept out: the replication path still lists a message
+    # twice after a coordinator retry (docs/chaos.md, "Still broken" 1).
+    chaos = Chaos(tmp_path, seed=7, log=lines.append, replicas=(1, 1, 1, 1, 1))
+    with chaos.cluster():
+        report = chaos.run(schedule("short", 7, SHORT), quiet=3.0)
+    print("\n" + "\n".join(lines) + "\n" + table(report))
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"{PREFIX}-" not in left, f"namespaces left behind: {left}"
+    assert [f["kind"] for f in report["faults"]] == SHORT
+    for fault in report["faults"]:
+        assert None not in fault["to_one_view"], f"no one view after {fault['detail']}"
+        assert fault["visible_after"] is not None, f"mail of {fault['detail']} never listed"
+        assert sum(fault["acked_by_node"].values()) > 0, f"no 250 during {fault['detail']}"
+    broken = {
+        k: n
+        for k, n in report["total"].items()
+        if k not in ("attempted", "acknowledged", *KNOWN_BROKEN) and n
+    }
+    assert not broken, table(report)

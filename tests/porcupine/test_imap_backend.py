@@ -1,0 +1,293 @@
+"""Porcupine's IMAP backend (``porcupine.imap_backend``): the backend contract over a real
+``UserMail`` on one node, and the ``yimaporc.imap`` shell over it, all synchronous."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailtest_helpers import ImmediateReactor, SyncPool, fast_hash, result_of
+from twisted.internet.testing import StringTransport
+
+from yimaporc.porcupine.imap_backend import PorcupineImapBackend
+from yimaporc.porcupine.imap_server import PorcupineImapFactory
+from yimaporc.porcupine.service import MailService
+from yimaporc.porcupine.throttle import ThrottlePolicy
+from yimaporc.porcupine.values import INBOX
+from yimaporc.testing.certs import make_cert
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "imap"))
+from test_imap_backend_contract import ImapBackendContract
+
+MSG1 = b"From: Bob <bob@example.org>\r\nSubject: one\r\n\r\nhello world\r\n"
+UTF8 = (
+    "From: Jörg Müller <jorg@example.org>\r\nTo: alice@example.org\r\n"
+    "Subject: Grüße aus Köln\r\n\r\nhallo\r\n"
+).encode()
+
+
+def make_service(tmp_path: Path, **kw: Any) -> MailService:
+    """A MailService running synchronously, alice@example.org/pw created."""
+    svc = MailService(
+        ImmediateReactor(),
+        node_id="n1",
+        data_dir=tmp_path,
+        domain="example.org",
+        threadpool=SyncPool(),  # type: ignore[arg-type]
+        auth_throttle=ThrottlePolicy(delay=0.0, max_delay=0.0),
+        **kw,
+    )
+    svc.profiles._hash = fast_hash  # type: ignore[method-assign]
+    result_of(svc.replicator.add("alice@example.org", "pw", 1))
+    return svc
+
+
+def deliver(svc: MailService, raw: bytes, user: str = "alice@example.org") -> None:
+    result_of(svc.delivery.deliver([user], raw))
+
+
+class TestPorcupineBackendContract(ImapBackendContract):
+    """The Porcupine backend keeps the IImapBackend contract over a real UserMail."""
+
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.n = 0
+
+    def make(self) -> Any:
+        self.n += 1
+        svc = make_service(self.tmp / str(self.n))
+        factory = svc.factories["imap"]
+        assert isinstance(factory, PorcupineImapFactory)
+        p = factory.buildProtocol(None)
+        backend = p.runner.backend
+        assert isinstance(backend, PorcupineImapBackend)
+        backend.svc = svc  # type: ignore[attr-defined]
+        # ``alice`` is alice@example.org (the node's domain)
+        return backend
+
+    def deliver(self, backend: Any, raw: bytes) -> None:
+        deliver(backend.svc, raw)
+
+
+class Client:
+    """One connection to the service's IMAP factory over a StringTransport."""
+
+    def __init__(self, svc: MailService, name: str = "imap") -> None:
+        self.proto = svc.factories[name].buildProtocol(None)
+        assert self.proto is not None
+        self.t = StringTransport()
+        self.proto.makeConnection(self.t)
+        self.greeting = self.take()
+
+    def take(self) -> bytes:
+        out: bytes = self.t.value()
+        self.t.clear()
+        return out
+
+    def run(self, data: bytes) -> bytes:
+        self.proto.dataReceived(data)
+        return self.take()
+
+
+def tagged(out: bytes) -> list[tuple[bytes, bytes]]:
+    """(tag, status) of the tagged responses, in order."""
+    return re.findall(rb"^([A-Za-z0-9]+) (OK|NO|BAD)", out, re.M)
+
+
+def test_capabilities_and_special_use(tmp_path: Path) -> None:
+    """No CONDSTORE/QRESYNC (no MODSEQs in the store); a new user gets the five
+    special-use mailboxes with their attributes."""
+    svc = make_service(tmp_path)
+    c = Client(svc)
+    assert b"UIDPLUS" in c.greeting and b"CONDSTORE" not in c.greeting
+    assert b"AUTH=PLAIN" in c.greeting
+    out = c.run(b'a LOGIN alice pw\r\nb LIST "" "*"\r\n')
+    assert tagged(out) == [(b"a", b"OK"), (b"b", b"OK")]
+    for name, attr in (("Sent", "Sent"), ("Drafts", "Drafts"), ("Trash", "Trash"),
+                       ("Junk", "Junk"), ("Archive", "Archive")):  # fmt: skip
+        assert re.search(rb"\* LIST \([^)]*\\" + attr.encode() + rb"[^)]*\) \"/\" \"?" + name.encode(), out)  # fmt: skip
+
+
+def test_login_failure_codes(tmp_path: Path) -> None:
+    """A wrong password is NO [AUTHENTICATIONFAILED]; after the connection's failures
+    the throttle answers NO [UNAVAILABLE]."""
+    svc = make_service(tmp_path)
+    svc.throttle.policy = ThrottlePolicy(delay=0.0, max_delay=0.0, pair_failures=1)
+    c = Client(svc)
+    assert b"a NO [AUTHENTICATIONFAILED]" in c.run(b"a LOGIN alice wrong\r\n")
+    c2 = Client(svc)
+    assert b"b NO [UNAVAILABLE]" in c2.run(b"b LOGIN alice wrong\r\n")
+
+
+def test_append_crlf_uidplus_and_errors(tmp_path: Path) -> None:
+    """APPEND stores CRLF (RFC822.SIZE matches the octets sent), answers APPENDUID with
+    the real UID; COPY answers COPYUID; missing mailboxes give TRYCREATE/NONEXISTENT,
+    an existing one ALREADYEXISTS."""
+    svc = make_service(tmp_path)
+    c = Client(svc)
+    c.run(b"a LOGIN alice pw\r\n")
+    msg = b"Subject: lf\n\nbody\n"
+    out = c.run(b"b APPEND INBOX {%d+}\r\n%s\r\n" % (len(msg), msg))
+    m = re.search(rb"b OK \[APPENDUID (\d+) (\d+)\]", out)
+    assert m, out
+    uid = int(m.group(2))
+    out = c.run(b"c SELECT INBOX\r\nd UID FETCH %d (RFC822.SIZE BODY.PEEK[])\r\n" % uid)
+    assert b"RFC822.SIZE 21" in out and b"Subject: lf\r\n\r\nbody\r\n" in out
+    assert b"[UIDVALIDITY " + m.group(1) + b"]" in out
+    out = c.run(b"e UID COPY %d Archive\r\n" % uid)
+    assert re.search(rb"e OK \[COPYUID \d+ %d \d+\]" % uid, out), out
+    out = c.run(b"f APPEND Nope {1+}\r\nx\r\ng COPY 1 Nope\r\nh SELECT Nope\r\ni CREATE Sent\r\n")
+    assert b"f NO [TRYCREATE]" in out and b"g NO [TRYCREATE]" in out
+    assert b"h NO [NONEXISTENT]" in out and b"i NO [ALREADYEXISTS]" in out
+
+
+def test_fetch_envelope_of_raw_utf8_header(tmp_path: Path) -> None:
+    """FETCH ENVELOPE of a message with a raw UTF-8 header answers (as a literal), and
+    the connection stays usable (it used to drop it)."""
+    svc = make_service(tmp_path)
+    deliver(svc, UTF8)
+    c = Client(svc)
+    out = c.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\nc FETCH 1 (ENVELOPE BODYSTRUCTURE)\r\n")
+    assert tagged(out)[-1] == (b"c", b"OK")
+    assert "Grüße aus Köln".encode() in out
+    assert tagged(c.run(b"d NOOP\r\n")) == [(b"d", b"OK")]
+
+
+def test_two_sessions_see_each_others_changes(tmp_path: Path) -> None:
+    """Flags and expunges of one session reach another on NOOP; during IDLE a flag
+    change, an expunge and new mail are announced at once."""
+    svc = make_service(tmp_path)
+    deliver(svc, MSG1)
+    deliver(svc, b"Subject: two\r\n\r\nx\r\n")
+    one, two = Client(svc), Client(svc)
+    for cl in (one, two):
+        cl.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\n")
+    one.run(b"c STORE 1 +FLAGS (\\Flagged)\r\n")
+    assert b"* 1 FETCH (FLAGS (\\Flagged) UID 1)" in two.run(b"c NOOP\r\n")
+    assert two.run(b"d IDLE\r\n").startswith(b"+ ")
+    one.run(b"e STORE 2 +FLAGS (\\Deleted)\r\nf EXPUNGE\r\n")
+    got = two.take()
+    assert b"* 2 EXPUNGE" in got, got
+    deliver(svc, b"Subject: new\r\n\r\nx\r\n")
+    assert b"* 2 EXISTS" in two.take()
+    assert tagged(two.run(b"DONE\r\n")) == [(b"d", b"OK")]
+    assert svc.status()["imap_open_mailboxes"] == 2
+
+
+def test_search_loads_what_it_needs(tmp_path: Path) -> None:
+    """SEARCH runs the imap._search evaluator: OR/NOT/UID sets, body text, a literal
+    term; an APPEND is searchable by the next command."""
+    svc = make_service(tmp_path)
+    deliver(svc, MSG1)
+    c = Client(svc)
+    c.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\n")
+    msg = b"Subject: fresh\r\n\r\nneedle\r\n"
+    c.run(b"c APPEND INBOX {%d+}\r\n%s\r\n" % (len(msg), msg))
+    out = c.run(b"d SEARCH CHARSET UTF-8 BODY {6+}\r\nneedle\r\n")
+    assert b"* SEARCH 2\r\n" in out
+    out = c.run(b"e SEARCH OR SUBJECT one NOT UID 1:2\r\nf UID SEARCH TEXT hello\r\n")
+    assert b"* SEARCH 1\r\n" in out and tagged(out) == [(b"e", b"OK"), (b"f", b"OK")]
+    assert b"g BAD" in c.run(b"g SEARCH FROBNICATE\r\n")
+
+
+def test_move_and_status(tmp_path: Path) -> None:
+    """MOVE answers COPYUID and EXPUNGE; STATUS counts from the digests."""
+    svc = make_service(tmp_path)
+    deliver(svc, MSG1)
+    c = Client(svc)
+    out = c.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\nc MOVE 1 Trash\r\n")
+    assert b"COPYUID" in out and b"* 1 EXPUNGE" in out
+    out = c.run(b"d STATUS Trash (MESSAGES UNSEEN UIDNEXT)\r\n")
+    assert b"* STATUS Trash (MESSAGES 1 UNSEEN 1 UIDNEXT 2)" in out
+    mail = svc.retrieval.open("alice@example.org")
+    assert result_of(mail.digests(INBOX)) == []
+
+
+def test_starttls_required_with_a_certificate(tmp_path: Path) -> None:
+    """With a certificate: LOGINDISABLED before STARTTLS, LOGIN answered PRIVACYREQUIRED;
+    --allow-plaintext-auth offers AUTH=PLAIN at once."""
+    cert, key = make_cert(tmp_path)
+    svc = make_service(tmp_path / "a", tls_cert=cert, tls_key=key)
+    c = Client(svc)
+    assert b"LOGINDISABLED" in c.greeting and b"STARTTLS" in c.greeting
+    assert b"a NO [PRIVACYREQUIRED]" in c.run(b"a LOGIN alice pw\r\n")
+    svc2 = make_service(tmp_path / "b", tls_cert=cert, tls_key=key, allow_plaintext_auth=True)
+    c2 = Client(svc2)
+    assert b"AUTH=PLAIN" in c2.greeting
+    assert tagged(c2.run(b"a LOGIN alice pw\r\n")) == [(b"a", b"OK")]
+
+
+def test_authenticate_plain_with_and_without_initial_response(tmp_path: Path) -> None:
+    """AUTHENTICATE PLAIN logs in through the portal with SASL-IR and after a '+';
+    a wrong password is NO [AUTHENTICATIONFAILED]."""
+    import base64
+
+    svc = make_service(tmp_path)
+    good = base64.b64encode(b"\x00alice\x00pw")
+    bad = base64.b64encode(b"\x00alice\x00nope")
+    c = Client(svc)
+    assert b"a NO [AUTHENTICATIONFAILED]" in c.run(b"a AUTHENTICATE PLAIN " + bad + b"\r\n")
+    assert tagged(c.run(b"b AUTHENTICATE PLAIN " + good + b"\r\n")) == [(b"b", b"OK")]
+    c2 = Client(svc)
+    assert c2.run(b"a AUTHENTICATE PLAIN\r\n").startswith(b"+")
+    assert tagged(c2.run(good + b"\r\n")) == [(b"a", b"OK")]
+
+
+def test_mail_out_of_reach_is_unavailable(tmp_path: Path) -> None:
+    """A holder of the mailbox out of reach: SELECT and STATUS answer NO [UNAVAILABLE]
+    (never a smaller mailbox), a selected session's NOOP keeps its view, and the
+    session works again once the holder answers."""
+    from twisted.internet.defer import fail
+
+    from yimaporc.cluster.rpc import PeerUnavailable
+
+    svc = make_service(tmp_path)
+    deliver(svc, MSG1)
+    c = Client(svc)
+    c.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\n")
+    real = svc.mailbox_manager.digests
+    svc.mailbox_manager.digests = lambda *a: fail(PeerUnavailable("n2: timed out"))  # type: ignore[method-assign]
+    out = c.run(b"c NOOP\r\nd STATUS INBOX (MESSAGES)\r\ne SELECT INBOX\r\n")
+    assert tagged(out) == [(b"c", b"OK"), (b"d", b"NO"), (b"e", b"NO")], out
+    assert b"EXPUNGE" not in out and b"d NO [UNAVAILABLE]" in out and b"e NO [UNAVAILABLE]" in out
+    svc.mailbox_manager.digests = real  # type: ignore[method-assign]
+    out = c.run(b"f SELECT INBOX\r\n")
+    assert b"* 1 EXISTS" in out and tagged(out) == [(b"f", b"OK")]
+
+
+def test_sessions_and_commands_counted(tmp_path: Path) -> None:
+    """Sessions opened/closed and commands are reported to ClientErrors' activity hooks
+    (the ``mail_sessions`` status figures) when it has them."""
+    from collections import Counter
+
+    from yimaporc.porcupine._guard import ClientErrors
+
+    class Recording(ClientErrors):
+        def __init__(self) -> None:
+            super().__init__(lambda: 0.0)
+            self.seen: Counter[str] = Counter()
+
+        def opened(self, proto: str) -> None:
+            self.seen[f"{proto}.opened"] += 1
+
+        def closed(self, proto: str) -> None:
+            self.seen[f"{proto}.closed"] += 1
+
+        def command(self, proto: str) -> None:
+            self.seen[f"{proto}.command"] += 1
+
+    svc = make_service(tmp_path)
+    shared = svc.factories["imap"].backend  # type: ignore[attr-defined]
+    errors = Recording()
+    factory = PorcupineImapFactory(shared, svc._portal_for, errors, svc.reactor)
+    p = factory.buildProtocol(None)
+    t = StringTransport()
+    p.makeConnection(t)
+    p.dataReceived(b"a LOGIN alice pw\r\nb NOOP\r\nc LOGOUT\r\n")
+    p.connectionLost()
+    p.connectionLost()  # twice: counted once
+    assert errors.seen == {"imap.opened": 1, "imap.command": 3, "imap.closed": 1}

@@ -1,0 +1,44 @@
+"""The safety-net plugin fails a test that logs a failure, unless the test takes it."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+_TESTS = """
+import gc
+from twisted.internet.defer import fail
+from twisted.logger import Logger
+
+log = Logger()
+
+def test_logs_a_failure():
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("oops")
+
+def test_leaves_an_unhandled_deferred_error():
+    fail(ValueError("nobody looked"))
+
+def test_takes_what_it_expected(logged_failures):
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("expected")
+    assert len(logged_failures.take(ZeroDivisionError)) == 1
+
+def test_quiet():
+    log.info("fine")
+"""
+
+
+def test_logged_failures_fail_the_test(pytester: pytest.Pytester) -> None:
+    """A logged failure and an unhandled Deferred error each fail their test; a taken one does not."""
+    pytester.makeconftest('pytest_plugins = ["yimaporc.testing.pytest_plugin"]\n')
+    pytester.makepyfile(test_sample=_TESTS)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, errors=2)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_logs_a_failure*"])
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaves_an_unhandled_deferred_error*"])
