@@ -100,6 +100,37 @@ def test_majority_write_asks_a_majority_then_spares_and_decides() -> None:
     assert lost.result is False, "two of five known is no majority"
 
 
+def test_majority_write_hedges_past_slow_members_at_most_hedge_max() -> None:
+    """Regression (test_slow_node_gets_less): a vote still undecided at HEDGE_DELAY asks
+    one spare per missing answer (at most HEDGE_MAX), so a slow disk among the first
+    asked does not fail every write that named it; a decided vote asks none."""
+    five = ["n1", "n2", "n3", "n4", "n5"]
+    w = MajorityWrite("n3", five, five)
+    w.answer(True)
+    w.answer(True)  # n3, n4 answered; n5 is slow
+    assert w.hedge() == ["n1"]
+    assert w.answer(True) is None and w.result is True, "the spare completes the majority"
+    assert w.hedge() == []
+    nine = [f"n{i}" for i in range(1, 10)]
+    slow = MajorityWrite("n1", nine, nine)
+    assert len(slow.first) == 5 and slow.hedge() == ["n6", "n7"]
+    for _ in range(5):
+        slow.answer(True)
+    assert slow.result is True, "a slow node's late answer still counts"
+
+
+def test_pending_note_puts_the_node_in_the_fragment_list() -> None:
+    """Regression (measure() under load): a node reminding the manager of unnumbered mail
+    holds the user's mail, so it is in the fragment list even when the delivery's own
+    note never came (a store that timed out after reaching the node)."""
+    c = Reconstruction("n1", NB)
+    c.install(all_to("n1", 1), ["n1", "n2"], view=1, now=0.0)
+    user = "someone@example.org"
+    assert "n2" not in c.state.fragment_list(user)
+    c.note_pending(user, "n2", now=0.0)
+    assert "n2" in c.state.fragment_list(user) and c.pending[user] == {"n2": 1}
+
+
 def test_install_returns_the_sends_pulls_and_profile_push() -> None:
     """Boot: hints for every owned bucket.  A node joining: the lowest-id old member
     pushes profiles; hints go for fresh buckets and those of managers that came.  An

@@ -61,6 +61,7 @@ from .balancer import LoadBalancer, load_figure
 from .interfaces import IMailboxManager, IUserManager
 from .profiledb import ProfileDB, Record
 from .reconstruct import (
+    HEDGE_DELAY,
     LEASE,
     MARK_TIMEOUT,
     PAUSE_GRACE,
@@ -1154,11 +1155,17 @@ class ClusterUserManager(UserManager):
             if not first.called:
                 first.callback(False)
 
+        def hedge() -> None:
+            for node in vote.hedge():
+                ask(node)
+
         timer = self.clock.callLater(self.mark_timeout, expire)
+        hedger = self.clock.callLater(min(HEDGE_DELAY, self.mark_timeout), hedge)
 
         def cancel(result: bool) -> bool:
-            if timer.active():
-                timer.cancel()
+            for t in (timer, hedger):
+                if t.active():
+                    t.cancel()
             return result
 
         first.addCallback(cancel)

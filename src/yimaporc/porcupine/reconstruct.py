@@ -77,6 +77,16 @@ SWEEP_INTERVAL = 3.0
 
 MARK_TIMEOUT = 1.0
 
+#: A majority write still undecided after this many seconds asks spare members in
+#: place of the ones that have not answered yet (:meth:`MajorityWrite.hedge`): the
+#: first ones asked are a bare majority, so one slow disk among them would make
+#: every such write wait for it (and fail at MARK_TIMEOUT once its queue is long).
+HEDGE_DELAY = MARK_TIMEOUT / 4
+
+#: At most this many spares per hedge: an overloaded cluster is not asked for many
+#: more writes than it already has queued.
+HEDGE_MAX = 2
+
 #: A failed pull (``porcupine.hints-request``) is retried this often, this far apart,
 #: while the peer stays in the view and the view does not change.
 PULL_TRIES = 5
@@ -332,6 +342,18 @@ class MajorityWrite:
         if self._left == 0:
             self.result = False
         return None
+
+    def hedge(self) -> list[str]:
+        """Spares to ask now because asked nodes are slow to answer (called once, after
+        :data:`HEDGE_DELAY`): one per missing answer, at most :data:`HEDGE_MAX`.  A
+        slow node's late answer still counts."""
+        if self.result is not None:
+            return []
+        missing = min(self.need - self._ok, self._left, HEDGE_MAX, len(self._spare))
+        extra = self._spare[:missing]
+        del self._spare[:missing]
+        self._left += len(extra)
+        return extra
 
 
 # --- the core -----------------------------------------------------------------------
@@ -691,8 +713,12 @@ class Reconstruction:
             self.confirmed.add((user, node, fence))
 
     def note_pending(self, user: str, node: str, now: float = 0.0) -> None:
-        """A message for ``user`` was stored unnumbered on ``node``."""
+        """A message for ``user`` was stored unnumbered on ``node``: ``node`` holds the
+        user's mail, so it is in the fragment list too (the store's own note may be
+        missing: a store that timed out after reaching the node still happens there,
+        and the node's reminder is then the only word of it)."""
         if self.state.manages(user):
+            self.state.add_fragment(user, node)
             have = self.pending.setdefault(user, {})
             have[node] = max(1, have.get(node, 0))
             self.kick(now)
