@@ -144,6 +144,9 @@ def lavf_npt(info: MediaInfo, npt: float) -> float:
 
 
 def _media_timing(info: MediaInfo) -> MediaTiming:
+    if info.index_digest and not info.block_times:
+        # Never guess the timing: the index is loaded (off the reactor) before any use.
+        raise RtspStatusError(503, f"{info.name}: time index not loaded yet")
     starts = tuple(t / 1e6 for t in info.block_times) or tuple(float(i) for i in range(info.blocks))
     if info.kind == KIND_WAV and info.wav is not None:
         return MediaTiming(info.name, info.size, info.block_size, starts, info.duration or 0.0,
