@@ -65,6 +65,10 @@ class DeliveryProxy:
         self.retries = 0
         #: Stores that failed after their request was sent (not retried elsewhere).
         self.unsure = 0
+        #: Holder records (add_fragment) that failed once and were tried again.
+        self.holder_retries = 0
+        #: Pending notes (note_pending) that failed (the storing node repeats them).
+        self.notes_lost = 0
         #: Replication's ``store(nodes, message)`` (``MailReplication``): users with
         #: ``replicas >= 2`` are stored through it, one logged update for all copies.
         self.replicated: Callable[..., Deferred[list[Digest]]] | None = None
@@ -128,17 +132,24 @@ class DeliveryProxy:
             msg = NewMessage(address, INBOX, body, (), when, uid, fence)
 
             def noted(digests: list[Digest]) -> Deferred[list[Digest]]:
-                new = dict.fromkeys(dig.node for dig in digests if dig.node not in fragments)
-                adds = [manager.add_fragment(address, n) for n in new]
+                # Every holder, also one the fragment list names already: the list
+                # may come from soft state whose holder record never became durable
+                # (a failed or still running majority write); the manager answers
+                # at once for a record it has (issue 14, chaos bug 4).
+                holders = list(dict.fromkeys(dig.node for dig in digests))
+                adds = self._add_fragments(manager, address, holders)
                 # Stored unnumbered (no majority, or a stale fence at the storing
                 # node): durable, so the 250 stands; the manager of the map we hold
-                # *now* numbers it (a lost note: hints carry the count at the next
-                # map change).
+                # *now* numbers it (a lost note: the storing node's pending sweep and
+                # hints carry the count at the next map change).
                 note = getattr(self.users(address), "note_pending", None)
                 if note is not None:
                     for n in dict.fromkeys(dig.node for dig in digests if dig.uid == 0):
-                        adds.append(note(address, n))
-                return DeferredList(adds, consumeErrors=True).addCallback(lambda _: digests)
+                        note(address, n).addErrback(self._note_lost)
+                # No 250 before the holder records are durable: a read elsewhere
+                # would list the mailbox without this message and without saying so
+                # (hidden), and list it later below higher UIDs.
+                return adds.addCallback(lambda _: digests)
 
             if self.replicated is not None and replicas > 1:
                 # Also with one node in reach: the log completes the R copies later
@@ -151,6 +162,29 @@ class DeliveryProxy:
             )
 
         return d.addCallback(got_profile)
+
+    def _add_fragments(
+        self, manager: IUserManager, address: str, nodes: Sequence[str]
+    ) -> Deferred[None]:
+        """Record ``nodes`` as holders of ``address``'s mail with its manager; each
+        failed record is tried once more, then the delivery fails (SMTP 451): the
+        message is stored, but the 250 waits for a record the reconstruction finds."""
+
+        def one(node: str) -> Deferred[None]:
+            def again(f: Failure) -> Deferred[None]:
+                self.holder_retries += 1
+                return manager.add_fragment(address, node)
+
+            return manager.add_fragment(address, node).addErrback(again)
+
+        ds = [one(n) for n in nodes]
+        return DeferredList(ds, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+            lambda _: None, _first_error
+        )
+
+    def _note_lost(self, f: Failure) -> None:
+        """A pending note that did not arrive: the storing node's sweep repeats it."""
+        self.notes_lost += 1
 
     def _store(
         self, node: str, msg: NewMessage, tried: set[str], fragments: Sequence[str]
