@@ -44,7 +44,15 @@ from ...cluster.rpc import PeerUnavailable
 from ..values import Digest, MailError, NewMessage
 from ._manager import ReplicationConfig
 from ._values import Update
-from .amp import StoreReplicated, digest_in, digest_out, message_args, message_in, node_sender
+from .amp import (
+    CoordinatorUnsure,
+    StoreReplicated,
+    digest_in,
+    digest_out,
+    message_args,
+    message_in,
+    node_sender,
+)
 from .amp import register as register_replicate
 from .objects import (
     MSG,
@@ -59,7 +67,7 @@ from .objects import (
 )
 from .repair import Repairer
 from .repair import register as register_repair
-from .shell import ReplicationService
+from .shell import ReplicationService, ReplicationStopped
 from .sqlite_log import SqliteLog
 
 #: acks_before_reply=2: the 250 waits for a second durable copy (see docs).
@@ -304,7 +312,15 @@ class MailReplication(MultiService):
     def _on_store(self, **kw: Any) -> Deferred[dict[str, Any]]:
         rid, message, targets = message_in(kw)
         d = self._coordinate(rid, message, targets, kw.get("acks"))
-        return d.addCallback(lambda digests: digest_out(digests[0]))
+
+        def unsure(f: Failure) -> Failure:
+            # Peers out of reach, or this node stopping: an expected answer to the
+            # caller (declared, so AMP logs no unknown error), never retried elsewhere.
+            if f.check(PeerUnavailable, ReplicationStopped):
+                return Failure(CoordinatorUnsure(f.getErrorMessage()))
+            return f
+
+        return d.addCallbacks(lambda digests: digest_out(digests[0]), unsure)
 
     def _coordinate(
         self, rid: str, message: NewMessage, targets: list[str], acks: int | None = None
