@@ -113,3 +113,25 @@ def test_peer_unavailable_is_a_counted_451_without_a_traceback() -> None:
         p.dataReceived(b"Subject: s\r\n\r\nx\r\n.\r\n")
         assert replies(t)[-1].startswith(b"451 4.4.0")
         assert counters["smtp_peer_unavailable"] == 1
+
+
+def test_rcpt_while_the_user_manager_is_unreachable_is_a_counted_451() -> None:
+    """RCPT TO whose profile lookup fails with PeerUnavailable answers 451 4.4.0, counts
+    it and logs no failure (twisted.mail logged it as "Unhandled Error"; issue 14)."""
+    from twisted.internet.defer import fail
+
+    from yimaporc.cluster.rpc import PeerUnavailable
+    from yimaporc.porcupine.delivery import DeliveryProxy
+
+    def users(address: str) -> Any:
+        class Down:
+            def profile(self, address: str) -> Any:
+                return fail(PeerUnavailable("10.0.0.3:7946: Connection refused"))
+
+        return Down()
+
+    proxy = DeliveryProxy("n1", users, lambda n: None, lambda: ["n1"], lambda: 0.0)  # type: ignore[arg-type,return-value]
+    p, t, stored, _ = server(SmtpDelivery(proxy, POLICY, lambda: 0.0))
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.org>\r\n")
+    assert replies(t)[-1].startswith(b"451 4.4.0")
+    assert proxy.lookups_unavailable == 1 and stored == []

@@ -32,16 +32,20 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, FirstError, fail, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ..cluster.rpc import PeerUnavailable
 from .interfaces import IMailboxManager, IUserManager
 from .usermap import BadAddress, normalise
 from .values import INBOX, Digest, MailError, NewMessage, Profile
 
 MailboxManagers = Callable[[str], IMailboxManager]
+
+_log = Logger()
 
 
 class DeliveryProxy:
@@ -69,6 +73,8 @@ class DeliveryProxy:
         self.holder_retries = 0
         #: Pending notes (note_pending) that failed (the storing node repeats them).
         self.notes_lost = 0
+        #: RCPT lookups answered 451 because the user's manager was out of reach.
+        self.lookups_unavailable = 0
         #: Replication's ``store(nodes, message)`` (``MailReplication``): users with
         #: ``replicas >= 2`` are stored through it, one logged update for all copies.
         self.replicated: Callable[..., Deferred[list[Digest]]] | None = None
@@ -360,7 +366,18 @@ class SmtpDelivery:
                 raise smtp.SMTPBadRcpt(user, 550, "No such user here")
             return self._factory(user, Recipient(address, False))
 
-        return self.proxy.lookup(address).addCallback(found)
+        def unavailable(f: Failure) -> Failure:
+            # The user's manager out of reach: expected under faults, a counter and
+            # a 451 (twisted.mail would log any other error as "Unhandled Error").
+            if f.check(PeerUnavailable):
+                self.proxy.lookups_unavailable += 1
+                _log.warn("SMTP RCPT deferred: {e}", e=f.getErrorMessage())
+                return Failure(
+                    smtp.SMTPBadRcpt(user, 451, "4.4.0 Cluster peer unavailable, try later")
+                )
+            return f
+
+        return self.proxy.lookup(address).addCallbacks(found, unavailable)
 
     @staticmethod
     def _factory(user: smtp.User, rcpt: Recipient) -> Callable[[], Any]:

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mailtest_helpers import ImmediateReactor, SyncPool, fast_hash, result_of
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 
@@ -441,3 +442,28 @@ def test_coordinator_timing_out_after_the_request_is_not_replaced(tmp_path: Path
     assert [x.uid for x in net.boxes["b"].inbox()] == [7]
     assert [x.uid for x in net.boxes["a"].inbox()] == [7]
     assert c.inbox() == []
+
+
+@pytest.mark.parametrize("outcome", ["superseded", "stopped", "unreachable"])
+def test_store_replicated_answers_a_declared_error(tmp_path: Path, outcome: str) -> None:
+    """StoreReplicated's responder answers CoordinatorUnsure (declared, maybe_done) for
+    a superseded store, a stopping service or unreachable peers: never an undeclared
+    error (AMP logs those at critical level) nor an IndexError (issue 14)."""
+    from twisted.internet.defer import succeed
+
+    from yimaporc.porcupine.replication.amp import CoordinatorUnsure, message_args
+    from yimaporc.porcupine.replication.shell import ReplicationStopped
+
+    net = Net(tmp_path, "ab")
+    a = net.boxes["a"]
+    results = {
+        "superseded": lambda: succeed([]),
+        "stopped": lambda: fail(ReplicationStopped("replication stopped")),
+        "unreachable": lambda: fail(PeerUnavailable("no second replica acknowledged in time")),
+    }
+    a.repl.mailboxes.store_replicated = lambda *args, **kw: results[outcome]()  # type: ignore[method-assign]
+    kw = message_args("0123456789abcdef0123456789abcdef", message(3), ["a", "b"])
+    got: list[Any] = []
+    a.repl._on_store(**kw).addBoth(got.append)
+    assert got and got[0].check(CoordinatorUnsure) and got[0].value.maybe_done
+    assert CoordinatorUnsure in StoreReplicated.errors

@@ -320,7 +320,12 @@ class MailReplication(MultiService):
                 return Failure(CoordinatorUnsure(f.getErrorMessage()))
             return f
 
-        return d.addCallbacks(lambda digests: digest_out(digests[0]), unsure)
+        def answer(digests: list[Digest]) -> dict[str, Any]:
+            if not digests:  # superseded at once here (a newer version of the object)
+                raise CoordinatorUnsure(f"message {rid} superseded on {self.me}")
+            return digest_out(digests[0])
+
+        return d.addCallbacks(answer, unsure)
 
     def _coordinate(
         self, rid: str, message: NewMessage, targets: list[str], acks: int | None = None
