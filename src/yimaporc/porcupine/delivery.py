@@ -9,8 +9,11 @@ mailbox managers and records new fragments with the user manager.
 In a cluster (``balancer`` set) the nodes come from the load balancer
 (spread limit, affinity, load learned from store replies), the message's UID
 is reserved with the user manager first (``reserve_uids``) so UIDs ascend over
-all fragments, and a node that fails before acknowledging is replaced by
-another live node.
+all fragments, and a node that fails before the request reached it is
+replaced by another live node (one that may have stored it is not: 451).  The
+250 waits until the user manager has every holder of the new message recorded
+on a majority (:meth:`DeliveryProxy._add_fragments`), so a later manager finds
+the message even while its holder is out of reach (issue 14).
 
 :class:`SmtpDelivery` is what twisted.mail's ESMTP talks to: one per
 connection (anonymous) or per authenticated login.  Local recipients must
