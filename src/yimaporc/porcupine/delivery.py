@@ -145,8 +145,13 @@ class DeliveryProxy:
                 # may come from soft state whose holder record never became durable
                 # (a failed or still running majority write); the manager answers
                 # at once for a record it has (issue 14, chaos bug 4).
-                holders = list(dict.fromkeys(dig.node for dig in digests))
-                adds = self._add_fragments(manager, address, holders)
+                numbered = list(dict.fromkeys(dig.node for dig in digests if dig.uid))
+                adds = self._add_fragments(manager, address, numbered)
+                for n in dict.fromkeys(dig.node for dig in digests if not dig.uid):
+                    if n not in numbered:
+                        # Unnumbered: not listed before the current manager numbers
+                        # it, which records the holder then; best effort now.
+                        manager.add_fragment(address, n).addErrback(self._note_lost)
                 # Stored unnumbered (no majority, or a stale fence at the storing
                 # node): durable, so the 250 stands; the manager of the map we hold
                 # *now* numbers it (a lost note: the storing node's pending sweep and
@@ -192,7 +197,8 @@ class DeliveryProxy:
         )
 
     def _note_lost(self, f: Failure) -> None:
-        """A pending note that did not arrive: the storing node's sweep repeats it."""
+        """A pending note (or an unnumbered copy's holder note) that did not arrive:
+        the storing node's sweep and hints repeat it."""
         self.notes_lost += 1
 
     def _store(
