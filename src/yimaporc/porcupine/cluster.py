@@ -105,7 +105,13 @@ class Json(BigBytes):
             raise amp.MalformedAmpBox(f"bad JSON in {name!r}") from e
 
 
+class HolderNotRecorded(PeerUnavailable):
+    """No majority recorded a node as holder of a user's mail (the delivery answers a
+    temporary error: the reconstruction would not find the message)."""
+
+
 ERRORS: dict[type[Exception], bytes] = {
+    HolderNotRecorded: b"HOLDER_NOT_RECORDED",
     NoSuchUser: b"NO_SUCH_USER",
     BadCredentials: b"BAD_CREDENTIALS",
     NoSuchMailbox: b"NO_SUCH_MAILBOX",
@@ -938,6 +944,8 @@ class ClusterUserManager(UserManager):
         #: ``holders_on(node, bucket, fence, [[user, node]...]) -> Deferred[bool]``.
         self.holders_on: Callable[..., Deferred[bool]] | None = None
         self._recorded: set[tuple[str, str, str]] = set()
+        #: holder records being written: their waiters (a second delivery waits too)
+        self._recording: dict[tuple[str, str, str], list[Deferred[bool]]] = {}
         #: This node's lease (MailCluster's pause detector); True without one.
         self.lease_ok: Callable[[], bool] = lambda: True
         self.hints_received = 0
@@ -1118,8 +1126,15 @@ class ClusterUserManager(UserManager):
             # A node holds this user's mail for the first time: a majority records
             # it before the delivery's 250, so a later manager knows it even while
             # the node is out of reach (reads then say so, they do not shrink).
-            d.addCallback(lambda _: self._record_holder(address, node))
+            recorded = d.addCallback(lambda _: self._record_holder(address, node))
+            return recorded.addCallback(self._holder_recorded, address, node)
         return d
+
+    def _holder_recorded(self, ok: bool, address: str, node: str) -> None:
+        """Fail :meth:`add_fragment` (the delivery answers 451, not 250) when no
+        majority recorded the holder: the reconstruction would not find it."""
+        if not ok:
+            raise HolderNotRecorded(f"no majority recorded {node} as holder of {address}")
 
     def settled(self, address: str) -> Deferred[None]:
         """Fires once ``address``'s bucket is not settling (at once if it is not)."""
@@ -1224,26 +1239,40 @@ class ClusterUserManager(UserManager):
             return succeed(None)
         return self._on_majority(write).addCallback(done)
 
-    def _record_holder(self, address: str, node: str) -> Deferred[None]:
+    def _record_holder(self, address: str, node: str) -> Deferred[bool]:
         """Have a majority record that ``node`` holds mail for ``address`` (so a later
-        manager knows it even while ``node`` is out of reach); fires regardless."""
+        manager knows it even while ``node`` is out of reach); never fails: True once
+        recorded (or not ours to record), False when no majority recorded it.  A
+        second caller while the write runs waits for its outcome."""
         b = bucket_of(address)
         fence = fence_of(self.state.map, b)
         holders_on = self.holders_on
         key = (address, node, fence)
-        if holders_on is None or key in self._recorded or not self.may_number(address):
-            return succeed(None)
+        if holders_on is None or not self.may_number(address):
+            return succeed(True)
+        running = self._recording.get(key)
+        if running is not None:
+            waiter: Deferred[bool] = Deferred()
+            running.append(waiter)
+            return waiter
+        if key in self._recorded:
+            return succeed(True)
         if len(self._recorded) > 100_000:
             self._recorded.clear()
-        self._recorded.add(key)
+        waiters: list[Deferred[bool]] = []
+        self._recording[key] = waiters
 
         def write(n: str) -> Deferred[bool]:
             assert holders_on is not None
             return holders_on(n, b, fence, [[address, node]])
 
-        def recorded(ok: bool) -> None:
-            if not ok:
-                self._recorded.discard(key)  # try again next time
+        def recorded(ok: bool) -> bool:
+            self._recording.pop(key, None)
+            if ok:
+                self._recorded.add(key)  # else: tried again next time
+            for w in waiters:
+                w.callback(ok)
+            return ok
 
         return self._on_majority(write).addCallback(recorded)
 
