@@ -123,6 +123,18 @@ def test_two_nodes_ingest_scale_and_parity(pair: list[NodeProc], tmp_path: Path)
     assert {d["node_id"] for d in status["disks"]} == {"y1", "y2"}
     _round_trip(y2, "clip", ts, tmp_path / "clip.out")
     _round_trip(y1, "tone", wav, tmp_path / "tone.out")
+    # The catalog names each time index by digest; each node has both files, the one
+    # ingested elsewhere fetched from the peer and checked.
+    for n in pair:
+        media = _catalog(n)["media"]
+        assert all("block_times" not in m for m in media.values())
+        assert media["clip"]["index_digest"] and media["tone"]["index_digest"]
+        assert media["noise"]["index_digest"] == ""
+        folder = n.data_dir / "time-index"
+        wait_for(lambda f=folder: len(list(f.glob("*.idx"))) == 2, 30, "both time indexes")
+        assert {p.name for p in folder.glob("*.idx")} == {
+            f"{k}.{media[k]['index_digest']}.idx" for k in ("clip", "tone")
+        }
 
     # A stream plays through the reorganisation (ffmpeg over TCP interleaved).
     played = tmp_path / "played.ts"

@@ -221,3 +221,25 @@ def test_broken_batch_fails_callers_and_recovers(
     mailbox_manager._commit = real  # type: ignore[method-assign]
     assert result_of(mailbox_manager.store([msg(A, b"y")]))[0].uid == 1
     assert len(logged_failures.take(RuntimeError)) == 1  # "group commit failed"
+
+
+@pytest.mark.parametrize("uid", [0, 5])
+def test_same_key_committed_twice_is_one_message(fragment_store: FragmentStore, uid: int) -> None:
+    """A body key committed a second time (a replicated store applied twice) is the
+    same message: one row, no IntegrityError, and its body file stays readable."""
+    from yimaporc.porcupine.values import PENDING
+
+    fs = fragment_store
+    key = "0123456789abcdef0123456789abcdef.m"
+    m = NewMessage(A, INBOX, b"Subject: x\r\n\r\nonce\r\n", (), 1.0, uid or PENDING)
+    digests = []
+    for _ in range(2):
+        (fs.tmp / key).write_bytes(m.body)
+        [got] = fs.commit_bucket(bucket_of(A), [(m, key)])
+        digests.append(got)
+    assert digests[0] == digests[1]
+    assert fs.pending(A) == (0 if uid else 1)
+    if uid:
+        assert [d.uid for d in fs.digests(A, INBOX)] == [uid]
+        assert fs.fetch(A, INBOX, [uid]) == {uid: m.body}
+    assert (fs.user_path(A) / key).read_bytes() == m.body

@@ -883,3 +883,17 @@ def test_refresh_of_an_open_mailbox_with_a_holder_away_logs_no_traceback(
     assert len(failures) == 1
     failures.clear()
     p.connectionLost(Failure(ConnectionError("gone")))
+
+
+def test_peer_unavailable_is_counted_without_a_traceback(failures: list[dict[str, Any]]) -> None:
+    """A command failing because a cluster peer is out of reach is counted as
+    ``<proto>.peer_unavailable``, never logged as a failure (issue 14)."""
+    from yimaporc.cluster.rpc import PeerUnavailable
+
+    errors = ClientErrors(lambda: 0.0)
+    down = Failure(PeerUnavailable("10.0.0.3:7946: Connection refused"))
+    for _ in range(3):
+        errors.server("imap", down, "STATUS")
+    errors.server("pop3", down, "TOP")
+    assert failures == []
+    assert errors.status() == {"imap.peer_unavailable": 3, "pop3.peer_unavailable": 1}

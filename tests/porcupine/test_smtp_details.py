@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from test_smtp_hostile import codes, replies, server
+from test_smtp_hostile import POLICY, AcceptAll, codes, replies, server
 from twisted.mail import smtp
 
 from yimaporc.porcupine.delivery import SmtpDelivery, SmtpPolicy, with_return_path
@@ -86,3 +86,52 @@ def test_return_path_is_the_envelope_sender() -> None:
         b"Return-Path: <a@b.org>\r\nReceived: x\r\n\r\nbody"
     )
     assert with_return_path(b"", b"x").startswith(b"Return-Path: <>\r\n")
+
+
+def test_peer_unavailable_is_a_counted_451_without_a_traceback() -> None:
+    """A delivery failing because a cluster peer is out of reach (an expected condition
+    under faults) answers 451 4.4.0, counts it and logs no failure (issue 14)."""
+    from collections import Counter
+
+    from twisted.internet.defer import fail
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from twisted.mail import imap4
+
+    from yimaporc.cluster.rpc import PeerUnavailable
+    from yimaporc.porcupine._smtp import MailESMTP
+    from yimaporc.porcupine.replication.shell import ReplicationStopped
+
+    for err in (PeerUnavailable("10.0.0.4:7946: timed out"), ReplicationStopped("stopped")):
+        counters: Counter[str] = Counter()
+        chal = {b"PLAIN": imap4.PLAINCredentials}
+        p = MailESMTP(Clock(), POLICY, lambda s, r, b, e=err: fail(e), chal, counters=counters)
+        p.delivery = AcceptAll()
+        t = StringTransport()
+        p.makeConnection(t)
+        p.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n")
+        p.dataReceived(b"Subject: s\r\n\r\nx\r\n.\r\n")
+        assert replies(t)[-1].startswith(b"451 4.4.0")
+        assert counters["smtp_peer_unavailable"] == 1
+
+
+def test_rcpt_while_the_user_manager_is_unreachable_is_a_counted_451() -> None:
+    """RCPT TO whose profile lookup fails with PeerUnavailable answers 451 4.4.0, counts
+    it and logs no failure (twisted.mail logged it as "Unhandled Error"; issue 14)."""
+    from twisted.internet.defer import fail
+
+    from yimaporc.cluster.rpc import PeerUnavailable
+    from yimaporc.porcupine.delivery import DeliveryProxy
+
+    def users(address: str) -> Any:
+        class Down:
+            def profile(self, address: str) -> Any:
+                return fail(PeerUnavailable("10.0.0.3:7946: Connection refused"))
+
+        return Down()
+
+    proxy = DeliveryProxy("n1", users, lambda n: None, lambda: ["n1"], lambda: 0.0)  # type: ignore[arg-type,return-value]
+    p, t, stored, _ = server(SmtpDelivery(proxy, POLICY, lambda: 0.0))
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.org>\r\n")
+    assert replies(t)[-1].startswith(b"451 4.4.0")
+    assert proxy.lookups_unavailable == 1 and stored == []

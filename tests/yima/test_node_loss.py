@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import attrs
-from twisted.internet.defer import succeed
+from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 from yimaporc.cluster.rpc import RpcRegistry
@@ -149,6 +149,8 @@ def three_nodes(
 
     storage = SimpleNamespace(
         media_info=lambda name: info,
+        time_index=lambda name: succeed(info),
+        run_blocking=maybeDeferred,
         read_block=lambda name, b: succeed(data[b * BLOCK : (b + 1) * BLOCK]),
         read=read,
         places=lambda info, key: [LogicalDisk("d", owner(key.index), "p")],

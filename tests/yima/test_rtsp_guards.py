@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import succeed
+from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.usage import UsageError
@@ -71,7 +71,8 @@ def service(**guards: Any) -> tuple[YimaStreamingService, FakeReactor, list[tupl
     )  # fmt: skip
     info = MediaInfo("clip", KIND_TS, 2 * 13160, 13160, 1, streamable=True, duration=1.0,
                      block_times=(0, 500_000))  # fmt: skip
-    storage = SimpleNamespace(media_info=lambda name: info, read_block=lambda n, b: succeed(b""))
+    storage = SimpleNamespace(media_info=lambda name: info, read_block=lambda n, b: succeed(b""),
+                              time_index=lambda name: succeed(info), run_blocking=maybeDeferred)  # fmt: skip
     svc = YimaStreamingService(
         node, reactor, storage, rtsp_endpoint=None, rng=random.Random(1),  # type: ignore[arg-type]
         rtsp_guards=guards,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.defer import succeed
+from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 from yimaporc.cluster.rpc import RpcRegistry
@@ -181,6 +181,7 @@ def one_node() -> tuple[YimaStreamingService, _Reactor, list[bytes]]:
 
     storage = SimpleNamespace(
         media_info=lambda name: info, read_block=read_block,
+        time_index=lambda name: succeed(info), run_blocking=maybeDeferred,
         places=lambda info, key: [LogicalDisk("d0", "a", "p0")],
         blocks_of_node=lambda name, node_id: succeed(list(range(info.blocks))),
     )  # fmt: skip

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import struct
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, Packet
 from yimaporc.yima.streaming import Destination, StreamingNode
@@ -103,3 +104,37 @@ def test_a_local_destination_gets_packets_without_the_socket() -> None:
     assert handed and all(d[2] == 0 for d in handed), "node 0's packets, to the sink"
     assert {d[2] for _, d, _ in wire} == {1, 2}, "the others still use the socket"
     assert nodes[0].handed_over == len(handed) == 12
+
+
+def test_stream_start_waits_for_the_time_index() -> None:
+    """StreamStart answers, and schedules packets, only once the media's time index is
+    loaded; a failed load fails the start and schedules nothing."""
+    clock = Clock()
+    loads: dict[str, Deferred[None]] = {"clip": Deferred(), "gone": Deferred()}
+    asked: list[str] = []
+
+    def timing(name: str) -> MediaTiming:
+        asked.append(name)
+        return M
+
+    node = StreamingNode(
+        clock, clock.seconds, timing=timing, my_blocks=lambda name: [0, 1],
+        read_block=lambda name, b: succeed(bytes([b]) * BLOCK), packetize=packetize,
+        send=lambda data, addr: None, ready=lambda name: loads[name],
+    )  # fmt: skip
+    args = dict(start_ct=1.0, start_mt=0.0, host="h", port=1, ssrc=1, seq_base=0,
+                ts_base=0, node_index=0, all_blocks=False)  # fmt: skip
+    answer = node.start(session="s", media="clip", **args)  # type: ignore[arg-type]
+    assert isinstance(answer, Deferred) and not answer.called
+    assert "s" not in node.scheduler.sessions and asked == []
+    loads["clip"].callback(None)
+    got: list[object] = []
+    answer.addBoth(got.append)
+    assert got == [{"packets": M.packet_count(0) + M.packet_count(1)}]
+    assert "s" in node.scheduler.sessions and asked == ["clip"]
+    failed = node.start(session="t", media="gone", **args)  # type: ignore[arg-type]
+    loads["gone"].errback(KeyError("gone"))
+    errors: list[Failure] = []
+    assert isinstance(failed, Deferred)
+    failed.addErrback(errors.append)
+    assert errors and errors[0].check(KeyError) and "t" not in node.scheduler.sessions

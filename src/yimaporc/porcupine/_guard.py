@@ -24,6 +24,8 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..cluster.rpc import PeerUnavailable
+
 log = Logger()
 
 #: Seconds between two tracebacks of the same (protocol, exception type).
@@ -75,6 +77,14 @@ class ClientErrors:
         """Count a server-side error; log its traceback at most once a minute per
         (protocol, exception type)."""
         name = failure.type.__name__ if failure.type is not None else "?"
+        if failure.check(PeerUnavailable):
+            # A peer down or cut off: expected under faults, a counter and a warning
+            # (rate-limited by the node's log observer), never a traceback.
+            self.counts[f"{proto}.peer_unavailable"] += 1
+            log.warn(
+                "{proto}: {what} deferred: {e}", proto=proto, what=what, e=failure.getErrorMessage()
+            )
+            return
         self.counts[f"{proto}.server_error"] += 1
         key = (proto, name)
         now = self.now()

@@ -42,8 +42,10 @@ from twisted.mail import imap4, smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..cluster.rpc import PeerUnavailable
 from ._guard import ClientErrors
 from .delivery import Recipient, SmtpPolicy
+from .replication.shell import ReplicationStopped
 from .throttle import LoginThrottled
 
 log = Logger()
@@ -458,6 +460,14 @@ class MailESMTP(smtp.ESMTP):
             err: Any = f.value
             resp = err.resp if isinstance(err.resp, bytes) else str(err.resp).encode("utf-8")
             self.sendCode(err.code, resp)
+            return
+        if isinstance(f, Failure) and f.check(PeerUnavailable, ReplicationStopped):
+            # An expected condition under faults (a peer down, cut off or stopping):
+            # a counter and a warning (the node's log observer rate-limits it), no
+            # traceback; the client retries later.
+            self.counters["smtp_peer_unavailable"] += 1
+            log.warn("SMTP delivery deferred: {e}", e=f.getErrorMessage())
+            self.sendCode(451, b"4.4.0 Cluster peer unavailable, try again later")
             return
         log.failure("SMTP delivery failed", f)
         self.sendCode(451, b"4.3.0 Local error in processing, try again later")

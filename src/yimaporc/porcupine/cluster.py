@@ -134,7 +134,13 @@ class Json(BigBytes):
             raise amp.MalformedAmpBox(f"bad JSON in {name!r}") from e
 
 
+class HolderNotRecorded(PeerUnavailable):
+    """No majority recorded a node as holder of a user's mail (the delivery answers a
+    temporary error: the reconstruction would not find the message)."""
+
+
 ERRORS: dict[type[Exception], bytes] = {
+    HolderNotRecorded: b"HOLDER_NOT_RECORDED",
     NoSuchUser: b"NO_SUCH_USER",
     BadCredentials: b"BAD_CREDENTIALS",
     NoSuchMailbox: b"NO_SUCH_MAILBOX",
@@ -891,6 +897,8 @@ class ClusterUserManager(UserManager):
         self.mark_on: Callable[..., Deferred[bool]] | None = None
         #: ``holders_on(node, bucket, fence, [[user, node]...]) -> Deferred[bool]``.
         self.holders_on: Callable[..., Deferred[bool]] | None = None
+        #: holder records being written: their waiters (a second delivery waits too)
+        self._recording: dict[tuple[str, str, str], list[Deferred[bool]]] = {}
         #: This node's lease (MailCluster's pause detector); True without one.
         self.lease_ok: Callable[[], bool] = lambda: True
         #: Sends the core asked for, when no ``perform_sends`` is set (MailCluster
@@ -1013,8 +1021,15 @@ class ClusterUserManager(UserManager):
             # A node holds this user's mail for the first time: a majority records
             # it before the delivery's 250, so a later manager knows it even while
             # the node is out of reach (reads then say so, they do not shrink).
-            return self._record_holder(address, node)
+            recorded = self._record_holder(address, node)
+            return recorded.addCallback(self._holder_recorded, address, node)
         return succeed(None)
+
+    def _holder_recorded(self, ok: bool, address: str, node: str) -> None:
+        """Fail :meth:`add_fragment` (the delivery answers 451, not 250) when no
+        majority recorded the holder: the reconstruction would not find it."""
+        if not ok:
+            raise HolderNotRecorded(f"no majority recorded {node} as holder of {address}")
 
     def settled(self, address: str) -> Deferred[None]:
         """Fires once ``address``'s bucket is not settling (at once if it is not)."""
@@ -1111,23 +1126,38 @@ class ClusterUserManager(UserManager):
 
         return self._on_majority(write).addCallback(done)
 
-    def _record_holder(self, address: str, node: str) -> Deferred[None]:
+    def _record_holder(self, address: str, node: str) -> Deferred[bool]:
         """Have a majority record that ``node`` holds mail for ``address`` (so a later
-        manager knows it even while ``node`` is out of reach); fires regardless."""
+        manager knows it even while ``node`` is out of reach); never fails: True once
+        recorded (or not ours to record: the core says when), False when no majority
+        recorded it.  A second caller while the write runs waits for its outcome."""
         holders_on = self.holders_on
         if holders_on is None:
-            return succeed(None)
+            return succeed(True)
+        key = (address, node, self.core.fence(self.core.bucket(address)))
+        running = self._recording.get(key)
+        if running is not None:
+            waiter: Deferred[bool] = Deferred()
+            running.append(waiter)
+            return waiter
         todo = self.core.record_holder(address, node, self.lease_ok())
-        if todo is None:
-            return succeed(None)
+        if todo is None:  # recorded in this tenure, or we may not number
+            return succeed(True)
         b, fence = todo
+        key = (address, node, fence)
+        waiters: list[Deferred[bool]] = []
+        self._recording[key] = waiters
 
         def write(n: str) -> Deferred[bool]:
             assert holders_on is not None
             return holders_on(n, b, fence, [[address, node]])
 
-        def recorded(ok: bool) -> None:
-            self.core.holder_recorded(address, node, fence, ok)
+        def recorded(ok: bool) -> bool:
+            self._recording.pop(key, None)
+            self.core.holder_recorded(address, node, fence, ok)  # a failed one: again later
+            for w in waiters:
+                w.callback(ok)
+            return ok
 
         return self._on_majority(write).addCallback(recorded)
 

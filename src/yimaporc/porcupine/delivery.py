@@ -9,8 +9,11 @@ mailbox managers and records new fragments with the user manager.
 In a cluster (``balancer`` set) the nodes come from the load balancer
 (spread limit, affinity, load learned from store replies), the message's UID
 is reserved with the user manager first (``reserve_uids``) so UIDs ascend over
-all fragments, and a node that fails before acknowledging is replaced by
-another live node.
+all fragments, and a node that fails before the request reached it is
+replaced by another live node (one that may have stored it is not: 451).  The
+250 waits until the user manager has every holder of the new message recorded
+on a majority (:meth:`DeliveryProxy._add_fragments`), so a later manager finds
+the message even while its holder is out of reach (issue 14).
 
 :class:`SmtpDelivery` is what twisted.mail's ESMTP talks to: one per
 connection (anonymous) or per authenticated login.  Local recipients must
@@ -32,16 +35,20 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, FirstError, fail, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ..cluster.rpc import PeerUnavailable
 from .interfaces import IMailboxManager, IUserManager
 from .usermap import BadAddress, normalise
 from .values import INBOX, Digest, MailError, NewMessage, Profile
 
 MailboxManagers = Callable[[str], IMailboxManager]
+
+_log = Logger()
 
 
 class DeliveryProxy:
@@ -65,6 +72,12 @@ class DeliveryProxy:
         self.retries = 0
         #: Stores that failed after their request was sent (not retried elsewhere).
         self.unsure = 0
+        #: Holder records (add_fragment) that failed once and were tried again.
+        self.holder_retries = 0
+        #: Pending notes (note_pending) that failed (the storing node repeats them).
+        self.notes_lost = 0
+        #: RCPT lookups answered 451 because the user's manager was out of reach.
+        self.lookups_unavailable = 0
         #: Replication's ``store(nodes, message)`` (``MailReplication``): users with
         #: ``replicas >= 2`` are stored through it, one logged update for all copies.
         self.replicated: Callable[..., Deferred[list[Digest]]] | None = None
@@ -128,17 +141,29 @@ class DeliveryProxy:
             msg = NewMessage(address, INBOX, body, (), when, uid, fence)
 
             def noted(digests: list[Digest]) -> Deferred[list[Digest]]:
-                new = dict.fromkeys(dig.node for dig in digests if dig.node not in fragments)
-                adds = [manager.add_fragment(address, n) for n in new]
+                # Every holder, also one the fragment list names already: the list
+                # may come from soft state whose holder record never became durable
+                # (a failed or still running majority write); the manager answers
+                # at once for a record it has (issue 14, chaos bug 4).
+                numbered = list(dict.fromkeys(dig.node for dig in digests if dig.uid))
+                adds = self._add_fragments(manager, address, numbered)
+                for n in dict.fromkeys(dig.node for dig in digests if not dig.uid):
+                    if n not in numbered:
+                        # Unnumbered: not listed before the current manager numbers
+                        # it, which records the holder then; best effort now.
+                        manager.add_fragment(address, n).addErrback(self._note_lost)
                 # Stored unnumbered (no majority, or a stale fence at the storing
                 # node): durable, so the 250 stands; the manager of the map we hold
-                # *now* numbers it (a lost note: hints carry the count at the next
-                # map change).
+                # *now* numbers it (a lost note: the storing node's pending sweep and
+                # hints carry the count at the next map change).
                 note = getattr(self.users(address), "note_pending", None)
                 if note is not None:
                     for n in dict.fromkeys(dig.node for dig in digests if dig.uid == 0):
-                        adds.append(note(address, n))
-                return DeferredList(adds, consumeErrors=True).addCallback(lambda _: digests)
+                        note(address, n).addErrback(self._note_lost)
+                # No 250 before the holder records are durable: a read elsewhere
+                # would list the mailbox without this message and without saying so
+                # (hidden), and list it later below higher UIDs.
+                return adds.addCallback(lambda _: digests)
 
             if self.replicated is not None and replicas > 1:
                 # Also with one node in reach: the log completes the R copies later
@@ -151,6 +176,30 @@ class DeliveryProxy:
             )
 
         return d.addCallback(got_profile)
+
+    def _add_fragments(
+        self, manager: IUserManager, address: str, nodes: Sequence[str]
+    ) -> Deferred[None]:
+        """Record ``nodes`` as holders of ``address``'s mail with its manager; each
+        failed record is tried once more, then the delivery fails (SMTP 451): the
+        message is stored, but the 250 waits for a record the reconstruction finds."""
+
+        def one(node: str) -> Deferred[None]:
+            def again(f: Failure) -> Deferred[None]:
+                self.holder_retries += 1
+                return manager.add_fragment(address, node)
+
+            return manager.add_fragment(address, node).addErrback(again)
+
+        ds = [one(n) for n in nodes]
+        return DeferredList(ds, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+            lambda _: None, _first_error
+        )
+
+    def _note_lost(self, f: Failure) -> None:
+        """A pending note (or an unnumbered copy's holder note) that did not arrive:
+        the storing node's sweep and hints repeat it."""
+        self.notes_lost += 1
 
     def _store(
         self, node: str, msg: NewMessage, tried: set[str], fragments: Sequence[str]
@@ -326,7 +375,18 @@ class SmtpDelivery:
                 raise smtp.SMTPBadRcpt(user, 550, "No such user here")
             return self._factory(user, Recipient(address, False))
 
-        return self.proxy.lookup(address).addCallback(found)
+        def unavailable(f: Failure) -> Failure:
+            # The user's manager out of reach: expected under faults, a counter and
+            # a 451 (twisted.mail would log any other error as "Unhandled Error").
+            if f.check(PeerUnavailable):
+                self.proxy.lookups_unavailable += 1
+                _log.warn("SMTP RCPT deferred: {e}", e=f.getErrorMessage())
+                return Failure(
+                    smtp.SMTPBadRcpt(user, 451, "4.4.0 Cluster peer unavailable, try later")
+                )
+            return f
+
+        return self.proxy.lookup(address).addCallbacks(found, unavailable)
 
     @staticmethod
     def _factory(user: smtp.User, rcpt: Recipient) -> Callable[[], Any]:

@@ -460,6 +460,13 @@ class FragmentStore:
 
     def _insert_message(self, db: sqlite3.Connection, m: NewMessage, key: str) -> Digest:
         name = mailbox_name(m.mailbox)
+        same = self._same_key(db, m.user, name, key)
+        if same is not None:
+            # The message is here already (a replicated store applied twice, e.g.
+            # by a second coordinator): the same message, never a second index row
+            # nor an IntegrityError, whose rollback would unlink the body file the
+            # first row names (issue 14).
+            return same
         if name == INBOX:
             self._ensure_inbox(db, m.user)
         row = db.execute(
@@ -498,6 +505,21 @@ class FragmentStore:
             (m.user, name, uid, key, len(m.body), flags, date),
         )
         return Digest(uid, key, len(m.body), _flags(flags), date, self.node_id)
+
+    def _same_key(self, db: sqlite3.Connection, user: str, name: str, key: str) -> Digest | None:
+        """The digest of ``user``'s message ``key`` in mailbox ``name`` if it is
+        stored already (numbered, or unnumbered with UID 0)."""
+        row = db.execute(
+            "SELECT uid, size, flags, internal_date FROM messages "
+            "WHERE user=? AND mailbox=? AND key=? "
+            "UNION ALL SELECT 0, size, flags, internal_date FROM pending "
+            "WHERE user=? AND key=? LIMIT 1",
+            (user, name, key, user, key),
+        ).fetchone()
+        if row is None:
+            return None
+        uid, size, flags, date = row
+        return Digest(int(uid), key, int(size), _flags(flags), float(date), self.node_id)
 
     def _insert_pending(self, db: sqlite3.Connection, m: NewMessage, name: str, key: str) -> Digest:
         """Durable but unnumbered (not listed until :meth:`number_pending`); UID 0."""

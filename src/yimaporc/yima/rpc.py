@@ -86,3 +86,13 @@ class RebuildDisk(amp.Command):
         (b"unprotected", amp.ListOf(amp.Unicode())),
     ]
     errors = _ERRORS
+
+
+class GetTimeIndex(amp.Command):
+    """A media file's time index (packed, :func:`~yimaporc.yima.media.pack_index`) with
+    this digest, from a node that stores it; BLOCK_MISSING if it does not."""
+
+    commandName = b"yima.get-time-index"
+    arguments = [(b"media", amp.Unicode()), (b"digest", amp.Unicode())]
+    response = [(b"data", BigBytes())]
+    errors = _ERRORS

@@ -31,6 +31,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..cluster.membership import IMembershipListener, View
@@ -143,11 +144,29 @@ def lavf_npt(info: MediaInfo, npt: float) -> float:
 
 
 def _media_timing(info: MediaInfo) -> MediaTiming:
+    if info.index_digest and not info.block_times:
+        # Never guess the timing: the index is loaded (off the reactor) before any use.
+        raise RtspStatusError(503, f"{info.name}: time index not loaded yet")
     starts = tuple(t / 1e6 for t in info.block_times) or tuple(float(i) for i in range(info.blocks))
     if info.kind == KIND_WAV and info.wav is not None:
         return MediaTiming(info.name, info.size, info.block_size, starts, info.duration or 0.0,
                            packet_bytes(info.wav), info.wav.sample_rate)  # fmt: skip
     return MediaTiming(info.name, info.size, info.block_size, starts, info.duration or 0.0)
+
+
+def _last_keyframe(info: MediaInfo, data: bytes, target: float) -> tuple[int, float] | None:
+    """(offset, media time) of the last random access point of ``info``'s PCR PID in the
+    block ``data`` whose PTS (on the media timeline) is at or before ``target``
+    (blocking: a scan of the block's packets, run in a thread)."""
+    assert info.pcr_pid is not None and info.pcr_origin is not None
+    origin = info.pcr_origin // 300
+    for pes in reversed(pes_starts(data, info.pcr_pid)):
+        if not pes.key or pes.pts is None:
+            continue
+        t = ((pes.pts - origin + PTS_WRAP // 2) % PTS_WRAP - PTS_WRAP // 2) / 90000
+        if t <= target + 1e-6:
+            return pes.offset, max(0.0, t)
+    return None
 
 
 def _big_buffers(port: Any, size: int = 4 << 20) -> None:
@@ -288,6 +307,7 @@ class YimaStreamingService(Service):
             reactor,
             node.cluster_time,
             timing=lambda name: media_timing(self.storage.media_info(name)),
+            ready=self._timing_ready,
             my_blocks=self._my_blocks,
             read_block=self._read_block,
             packetize=self._packetize_marked,
@@ -901,18 +921,63 @@ class YimaStreamingService(Service):
         self._bye(plan, f"node {node_id} left; {plan.media} has no parity".encode())
         self._control(sid, "stop", 0.0)
 
+    def _timing_ready(self, name: str) -> Deferred[MediaTiming]:
+        """The media's time index loaded (from disk or a peer) and its timing computed,
+        both off the reactor (the timing is computed once per catalog entry)."""
+
+        def computed(info: MediaInfo) -> MediaTiming | Deferred[MediaTiming]:
+            got = _TIMINGS.get(id(info))
+            if got is not None and got[0] is info:
+                return got[1]
+            d: Deferred[MediaTiming] = self.storage.run_blocking(_media_timing, info)
+
+            def keep(timing: MediaTiming) -> MediaTiming:
+                if len(_TIMINGS) >= 256:
+                    _TIMINGS.clear()
+                _TIMINGS[id(info)] = (info, timing)
+                return timing
+
+            return d.addCallback(keep)
+
+        loaded: Deferred[MediaInfo] = maybeDeferred(self.storage.time_index, name)
+        return loaded.addCallback(computed)
+
     def play(self, session: ServerSession, range: NptRange | None) -> Deferred[PlayReply]:
         """Start, resume, or seek (a Range with a start, in Ready or Playing) on every node.
 
-        The first packet is found by bisection in the media's time index; the
-        reply's RTP-Info names that packet's sequence number and timestamp.
+        The first packet is found by bisection in the media's time index (loaded
+        and prepared off the reactor); the reply's RTP-Info names that packet's
+        sequence number and timestamp.
         """
+        plan = self.plans[session.session_id]
+        self._media(plan.media)  # 404/415 at once
+        ready = self._timing_ready(plan.media)
+        now: list[Any] = []
+
+        def grab(result: Any) -> Any:
+            now.append(result)
+            return result
+
+        ready.addBoth(grab)
+        if not now:  # being loaded: answer when it is
+            return ready.addCallback(lambda timing: self._play(session, range, timing))
+        # Loaded already (the usual case: loaded when the catalog record arrived): go on
+        # in this call, so a refusal is raised here.
+        ready.addErrback(lambda _: None)
+        if isinstance(now[0], Failure):
+            now[0].raiseException()
+        return self._play(session, range, now[0])
+
+    def _play(
+        self, session: ServerSession, range: NptRange | None, timing: MediaTiming
+    ) -> Deferred[PlayReply]:
         sid = session.session_id
-        plan = self.plans[sid]
+        plan = self.plans.get(sid)
+        if plan is None:
+            raise RtspStatusError(454, "session torn down while loading the time index")
         info = self._media(plan.media)
         if not plan.fanout and plan.relay_port is None:
             self._open_relay(sid, plan)
-        timing = media_timing(info)
         at = self.node.cluster_time() + START_LEAD
         seek = range is not None and range.start is not None
         if plan.started_ct and not seek:
@@ -1019,8 +1084,8 @@ class YimaStreamingService(Service):
         """
         if info.pcr_pid is None or info.pcr_origin is None or not timing.blocks:
             return None
-        origin = info.pcr_origin // 300
-        block = max(0, bisect_right(timing.block_starts, target) - 1)
+        run = self.storage.run_blocking
+        block = max(0, bisect_right(timing.block_starts, target) - 1)  # O(log blocks)
         found: tuple[int, int, float] | None = None
         data = prev = b""
         for b in range(block, max(-1, block - KEYFRAME_SEARCH_BLOCKS), -1):
@@ -1029,31 +1094,26 @@ class YimaStreamingService(Service):
             except Exception:
                 self.log.failure("rtsp: seek in {m}: block {b} unreadable", m=info.name, b=b)
                 return None
-            for pes in reversed(pes_starts(data, info.pcr_pid)):
-                if not pes.key or pes.pts is None:
-                    continue
-                t = ((pes.pts - origin + PTS_WRAP // 2) % PTS_WRAP - PTS_WRAP // 2) / 90000
-                if t <= target + 1e-6:
-                    found = (b, pes.offset, max(0.0, t))
-                    break
-            if found is not None:
+            # Scanning a block's packets is CPU work: in the pool, never on the reactor.
+            hit = yield run(_last_keyframe, info, data, target)
+            if hit is not None:
+                found = (b, *hit)
                 break
         if found is None:
             return None
         b, offset, shown = found
-        pat = last_pat_before(data, offset)
+        pat = yield run(last_pat_before, data, offset)
         if pat is None and b > 0:  # the PAT/PMT went out at the end of the previous block
             try:
                 prev = yield self.storage.read_block(info.name, b - 1)
             except Exception:
                 prev = b""
-            before = last_pat_before(prev, len(prev)) if prev else None
+            before = (yield run(last_pat_before, prev, len(prev))) if prev else None
             if before is not None:
                 b, pat, data = b - 1, before, prev  # time it from that block's PCRs
         start = offset if pat is None else pat
-        return b * timing.packets_per_block + start // timing.payload, self._pcr_time(
-            info, data, start - start % timing.payload, shown
-        )
+        shown = yield run(self._pcr_time, info, data, start - start % timing.payload, shown)
+        return b * timing.packets_per_block + start // timing.payload, shown
 
     @staticmethod
     def _pcr_time(info: MediaInfo, data: bytes, at: int, default: float) -> float:

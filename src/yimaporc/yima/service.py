@@ -9,7 +9,8 @@ one :class:`~yimaporc.cluster.catalog.ReplicatedDocument` named
      "disks":   [PhysicalDisk, ...],    the committed physical disks
      "history": ScalingHistory | null,  SCADDAR history over their logical disks
      "pending": null | {"history": ..., "disks": [...]},   during a reorganisation
-     "media":   {name: MediaInfo},      every stored file (seed, size, time index)
+     "media":   {name: MediaInfo},      every stored file (seed, size, digest of its
+                                        time index; the index is in yima/timeindex.py)
      "retired": [{"node_id", "path", "disk_id"}]}          removed disks, not re-added
 
 Placement is computed from that document on every node; block bytes are moved
@@ -78,11 +79,13 @@ from .rpc import (
     DeleteBlock,
     DetachDisk,
     GetBlock,
+    GetTimeIndex,
     PutBlock,
     RebuildDisk,
     StorageRefused,
 )
 from .store import BlockKey, BlockMissing, BlockStore, SynchronousThreadPool, expected_length
+from .timeindex import IndexUnavailable, TimeIndexes
 
 DOCUMENT = "yima-storage"
 # Default pace of reorganisation copies (bytes/s) and moves in flight.
@@ -137,6 +140,8 @@ class Catalog:
     pending_disks: tuple[PhysicalDisk, ...]
     media: dict[str, MediaInfo]
     retired: tuple[tuple[str, str], ...]
+    #: Records written before the time index left the catalog: name -> entry with it.
+    legacy: dict[str, MediaInfo] = attrs.field(factory=dict)
 
     @classmethod
     def parse(
@@ -146,14 +151,24 @@ class Catalog:
 
         ``known`` maps names to ``(raw entry, MediaInfo)`` parsed before: an entry
         that is the very same object (an unchanged record) is not parsed again,
-        so a catalog change costs the records it changed, not every time index.
+        so a catalog change costs the records it changed.  Entries hold no time
+        index (its digest only); a record that still carries one (written before
+        the index left the catalog) is listed in :attr:`legacy` with it, when
+        first parsed.
         """
         history = doc.get("history")
         pending = doc.get("pending") or None
         media: dict[str, MediaInfo] = {}
+        legacy: dict[str, MediaInfo] = {}
         for name, raw in doc.get("media", {}).items():
             hit = None if known is None else known.get(name)
-            media[name] = hit[1] if hit is not None and hit[0] is raw else MediaInfo.from_json(raw)
+            if hit is not None and hit[0] is raw:
+                media[name] = hit[1]
+                continue
+            full = MediaInfo.from_json(raw)
+            media[name] = full.bare()
+            if full.block_times:
+                legacy[name] = full
         if known is not None:
             known.clear()
             known.update({n: (doc["media"][n], m) for n, m in media.items()})
@@ -165,6 +180,7 @@ class Catalog:
             () if pending is None else tuple(PhysicalDisk.from_json(d) for d in pending["disks"]),
             media,
             tuple((r["node_id"], r["path"]) for r in doc.get("retired", [])),
+            legacy,
         )
 
     def all_disks(self) -> tuple[PhysicalDisk, ...]:
@@ -292,6 +308,9 @@ class YimaStorageService(Service):
                                       split=split_catalog, join=join_catalog)  # fmt: skip
         self._parsed: dict[str, tuple[Any, MediaInfo]] = {}
         self.catalog = Catalog.parse(self.doc.value, self._parsed)
+        #: Time indexes, per file beside the data (not in the replicated catalog).
+        self.indexes = TimeIndexes(node.config.data_dir / "time-index", self._in_pool,
+                                   self._fetch_index)  # fmt: skip
         self._wanted = [(Path(p).absolute(), c) for p, c in disks] or [
             (node.config.data_dir / "disks" / "0", None)
         ]
@@ -320,6 +339,7 @@ class YimaStorageService(Service):
         reg.register(CountBlocks, self._rpc_count)
         reg.register(DetachDisk, self._rpc_detach)
         reg.register(RebuildDisk, self._rpc_rebuild)
+        reg.register(GetTimeIndex, self._rpc_time_index)
         for route in (
             Route("GET", "/api/yima/media", self._route_list, mutates=False),
             Route("POST", "/api/yima/media", self._route_ingest, raw=True),
@@ -375,6 +395,8 @@ class YimaStorageService(Service):
         self._refresh_stored()
         self._reconcile()
         self._warm()  # load (or compute) the layouts in the background, off the reactor
+        self._migrate(self.catalog.legacy)
+        self._warm_indexes()
 
     def stopService(self) -> Deferred[None] | None:
         """Stop the pool (waits for running work) and the layout workers."""
@@ -392,15 +414,78 @@ class YimaStorageService(Service):
     # --- catalog ------------------------------------------------------------------
 
     def _changed(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        before = self.catalog
         try:
             self.catalog = Catalog.parse(new, self._parsed)
         except ValueError:
             self.log.failure("storage: unreadable catalog version ignored")
             return
         self._attach_mine()
+        gone = {n for n in before.media if n not in self.catalog.media}
+        if gone:
+            self.indexes.forget(gone).addErrback(self._log_failure, "removing time indexes")
         if self.running:
             self.reactor.callLater(0, self._reconcile)
             self._warm()
+            self._migrate(self.catalog.legacy)
+            self._warm_indexes()
+
+    # --- time indexes ----------------------------------------------------------------
+
+    def _migrate(self, legacy: dict[str, MediaInfo]) -> None:
+        """Move the time index of records that still carry it out of the catalog: store
+        it beside the data, then rewrite the record with its digest only."""
+        for name, full in legacy.items():
+
+            def rewrite(bare: MediaInfo, name: str = name) -> Deferred[Any] | None:
+                if self.catalog.media.get(name) != bare:
+                    return None  # replaced or removed meanwhile
+                if name in self._published:
+                    self._published[name] = bare.to_record()
+                return self.doc.put({MEDIA + name: bare.to_record()})
+
+            d = self.indexes.store(full).addCallback(rewrite)
+            d.addErrback(self._log_failure, f"moving the time index of {name} out of the catalog")
+
+    def _warm_indexes(self) -> None:
+        """Load (or fetch from a peer) every file's time index in the background."""
+        for info in list(self.catalog.media.values()):
+            if self.indexes.cached(info) is None:
+                self.indexes.load(info).addErrback(self._index_failed, info.name)
+
+    def _index_failed(self, failure: Failure, name: str) -> None:
+        self.log.warn("storage: time index of {name} not loaded yet: {e}", name=name,
+                      e=failure.getErrorMessage())  # fmt: skip
+
+    @inlineCallbacks
+    def _fetch_index(self, name: str, digest: str) -> Generator[Deferred[Any], Any, bytes]:
+        """The packed time index ``digest`` of ``name`` from the first peer that has it."""
+        me = self.node.config.cluster_address
+        problems = []
+        for member in list(self.node.view.members):
+            if member.address == me:
+                continue
+            try:
+                answer = yield self.node.rpc.call(member.address, GetTimeIndex, media=name,
+                                                  digest=digest)  # fmt: skip
+            except Exception as e:
+                problems.append(f"{member.node_id}: {e}")
+                continue
+            data: bytes = answer["data"]
+            return data
+        raise IndexUnavailable(f"time index of {name}: no node has it ({'; '.join(problems)})")
+
+    def _rpc_time_index(self, media: str, digest: str) -> Deferred[dict[str, Any]]:
+        try:
+            check_name(media)
+        except ValueError as e:
+            raise StorageRefused(str(e)) from e
+        return self.indexes.raw(media, digest).addCallback(lambda data: {"data": data})
+
+    def time_index(self, name: str) -> Deferred[MediaInfo]:
+        """The catalog entry of ``name`` with its time index (KeyError if unknown), loaded
+        off the reactor (from this node's copy, or a peer's) when not cached."""
+        return self.indexes.load(self.catalog.media[name])
 
     def _attach_mine(self) -> None:
         me = self.node.node_id
@@ -479,6 +564,10 @@ class YimaStorageService(Service):
 
     def _in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.pool, f, *args)  # type: ignore[arg-type]
+
+    def run_blocking(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """``f(*args)`` in the storage thread pool (CPU or disk work kept off the reactor)."""
+        return self._in_pool(f, *args)
 
     def _histories(self) -> list[tuple[bool, ScalingHistory]]:
         cat = self.catalog
@@ -671,8 +760,10 @@ class YimaStorageService(Service):
         )
 
     def media_info(self, name: str) -> MediaInfo:
-        """The catalog entry of ``name`` (KeyError if unknown)."""
-        return self.catalog.media[name]
+        """The catalog entry of ``name`` (KeyError if unknown), with its time index once
+        loaded (see :meth:`time_index`; a file's index is loaded when its record arrives)."""
+        info = self.catalog.media[name]
+        return self.indexes.cached(info) or info
 
     def read_block(self, name: str, index: int) -> Deferred[bytes]:
         """Data block ``index`` of ``name``, from wherever it is, rebuilt from parity if lost."""
@@ -980,7 +1071,8 @@ class YimaStorageService(Service):
                     raise ApiError(f"ingest of {name} failed: the disks changed under it", 503)
                 yield self._delete_old([(info, m) for m in plan.moves])
                 history = current
-            entry = info.to_json()
+            bare = yield self.indexes.store(info)  # the index, beside the data, once
+            entry = bare.to_record()
             self._published[name] = entry
             yield self.doc.put({MEDIA + name: entry})
             self._refresh_stored()
@@ -1263,7 +1355,7 @@ class YimaStorageService(Service):
 
     def _route_list(self, body: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
         media = [
-            {**m.to_json(), "block_times": len(m.block_times)}
+            {**m.to_record(), "block_times": m.blocks if m.index_digest else 0}
             for m in sorted(self.catalog.media.values(), key=lambda m: m.name)
         ]
         return {"media": media}

@@ -108,8 +108,12 @@ class StreamingNode:
         packetize: Packetize,
         send: Callable[[bytes, tuple[str, int]], None],
         retransmit_age: float = 10.0,
+        ready: Callable[[str], Deferred[Any]] | None = None,
     ) -> None:
         self.timing = timing
+        #: Fires once ``timing(media)`` can answer (the media's time index is loaded,
+        #: off the reactor); None: always.
+        self.ready = ready
         self.my_blocks = my_blocks
         self.packetize = packetize
         self.send = send
@@ -153,8 +157,37 @@ class StreamingNode:
         Again for a session this node serves (a seek): the same blocks, from the new
         position, the per-node sequence counter going on.  ``my_blocks`` may answer
         with a Deferred (the storage computing a layout off the reactor); the answer
-        then waits for it.
+        then waits for it, as it waits for the media's time index to be loaded.
         """
+        args = (session, media, start_ct, start_mt, host, port, ssrc, seq_base, ts_base,
+                node_index, all_blocks, blocks, origin)  # fmt: skip
+        if self.ready is not None:
+            loaded = self.ready(media)
+            if not loaded.called:
+                return loaded.addCallback(lambda _: self._start_loaded(*args))
+            # Already loaded (a seek, a takeover): start now, in this call.
+            failed: list[Any] = []
+            loaded.addErrback(failed.append)
+            if failed:
+                failed[0].raiseException()
+        return self._start_loaded(*args)
+
+    def _start_loaded(
+        self,
+        session: str,
+        media: str,
+        start_ct: float,
+        start_mt: float,
+        host: str,
+        port: int,
+        ssrc: int,
+        seq_base: int,
+        ts_base: int,
+        node_index: int,
+        all_blocks: bool,
+        blocks: list[int] | None,
+        origin: str | None,
+    ) -> dict[str, Any] | Deferred[dict[str, Any]]:
         timing = self.timing(media)
         if origin is not None:
             self.origins[session] = origin

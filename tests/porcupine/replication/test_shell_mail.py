@@ -6,13 +6,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mailtest_helpers import ImmediateReactor, SyncPool, fast_hash, result_of
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import PeerUnavailable, RpcRegistry
 from yimaporc.cluster.wire import Member
-from yimaporc.porcupine.replication.amp import Replicate
+from yimaporc.porcupine.replication.amp import Replicate, StoreReplicated
 from yimaporc.porcupine.replication.mail import MailReplication
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.usermap import bucket_of
@@ -409,3 +410,60 @@ def test_replaced_coordinator_gives_up_numbering_its_copy(tmp_path: Path) -> Non
     assert settled(net, b.mail.mailbox_manager.number_pending(ALICE, "f@1", 7, 5))[0] == 1
     net.settle(0.05)
     assert [d.uid for d in a.inbox()] == [7] and [d.uid for d in b.inbox()] == [7]
+
+
+def test_coordinator_timing_out_after_the_request_is_not_replaced(tmp_path: Path) -> None:
+    """A StoreReplicated that reached b but timed out (maybe_done) fails the delivery
+    (SMTP 451) instead of a second coordinator storing a second copy (issue 14)."""
+    net = Net(tmp_path, "abc")
+    c = net.boxes["c"]
+    real_call = c.node.call
+
+    def lossy(address: str, command: Any, **kw: Any) -> Deferred[Any]:
+        sent = real_call(address, command, **kw)
+        if command is not StoreReplicated:
+            return sent
+        sent.addErrback(lambda f: None)  # b runs it; its answer is lost
+        err = PeerUnavailable(f"{address}: (10.0, 'Deferred')")
+        err.maybe_done = True
+        late: Deferred[Any] = Deferred()
+        net.reactor.callLater(0.0005, late.errback, err)
+        return late
+
+    c.node.call = lossy  # type: ignore[method-assign]
+    d = c.repl.store(["b", "a"], message(7))
+    net.settle(0.5)
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(PeerUnavailable)
+    assert c.repl.retries == 0 and c.repl.unsure == 1
+    assert c.repl.status()["replication"]["coordinator_unsure"] == 1
+    # b's coordination went on: one message, one UID, on its two targets only
+    assert [x.uid for x in net.boxes["b"].inbox()] == [7]
+    assert [x.uid for x in net.boxes["a"].inbox()] == [7]
+    assert c.inbox() == []
+
+
+@pytest.mark.parametrize("outcome", ["superseded", "stopped", "unreachable"])
+def test_store_replicated_answers_a_declared_error(tmp_path: Path, outcome: str) -> None:
+    """StoreReplicated's responder answers CoordinatorUnsure (declared, maybe_done) for
+    a superseded store, a stopping service or unreachable peers: never an undeclared
+    error (AMP logs those at critical level) nor an IndexError (issue 14)."""
+    from twisted.internet.defer import succeed
+
+    from yimaporc.porcupine.replication.amp import CoordinatorUnsure, message_args
+    from yimaporc.porcupine.replication.shell import ReplicationStopped
+
+    net = Net(tmp_path, "ab")
+    a = net.boxes["a"]
+    results = {
+        "superseded": lambda: succeed([]),
+        "stopped": lambda: fail(ReplicationStopped("replication stopped")),
+        "unreachable": lambda: fail(PeerUnavailable("no second replica acknowledged in time")),
+    }
+    a.repl.mailboxes.store_replicated = lambda *args, **kw: results[outcome]()  # type: ignore[method-assign]
+    kw = message_args("0123456789abcdef0123456789abcdef", message(3), ["a", "b"])
+    got: list[Any] = []
+    a.repl._on_store(**kw).addBoth(got.append)
+    assert got and got[0].check(CoordinatorUnsure) and got[0].value.maybe_done
+    assert CoordinatorUnsure in StoreReplicated.errors

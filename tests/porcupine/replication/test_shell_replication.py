@@ -543,3 +543,33 @@ def test_catch_up_many(n: int) -> None:
     mesh.flush()
     assert len(mesh.nodes["c"].store.objects) == n
     assert all(x.log.entries == {} for x in mesh.nodes.values())
+
+
+def test_no_write_round_after_stop() -> None:
+    """A stop waits for the round in progress, then starts none (queued submissions,
+    frames received later): its databases close after the last write (issue 14:
+    "Cannot operate on a closed database" at SIGTERM)."""
+    run = ManualRun()
+    mesh = Mesh("ab", run=run)
+    mesh.start_all()
+    run.release_all()
+    run.release_all()
+    svc = mesh.svc("a")
+    first = svc.submit("o1", b"x", ["a", "b"])
+    second = svc.submit("o2", b"x", ["a", "b"])  # queued behind the running round
+    first.addErrback(lambda f: None)
+    second.addErrback(lambda f: None)
+    assert len(run.jobs) == 1
+    stopped = svc.stopService()
+    assert not stopped.called, "waits for the round in progress"
+    assert run.release_all() == 1
+    assert stopped.called and run.jobs == [], "no round after the stop"
+    rounds = svc.rounds
+    b = mesh.svc("b")
+    b.submit("o3", b"y", ["b", "a"]).addErrback(lambda f: None)
+    for _ in range(3):
+        mesh.flush()
+        while run.jobs:  # b's own rounds only
+            f, args, d = run.jobs.pop(0)
+            d.callback(f(*args))
+    assert svc.rounds == rounds

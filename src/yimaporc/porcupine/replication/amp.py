@@ -107,6 +107,14 @@ def node_sender(node: Any) -> Any:
     return send
 
 
+class CoordinatorUnsure(PeerUnavailable):
+    """The coordinator could not complete a replicated store (its peers out of reach,
+    or it is stopping) but may have logged it: the caller must not coordinate it
+    again elsewhere (a second copy under another UID)."""
+
+    maybe_done = True
+
+
 class StoreReplicated(amp.Command):
     """Coordinate the replicated store of one message on the called node.
 
@@ -140,6 +148,7 @@ class StoreReplicated(amp.Command):
         ReplicationRefused: b"REPLICATION_REFUSED",
         NoSuchMailbox: b"NO_SUCH_MAILBOX",
         MalformedObject: b"REPLICATION_MALFORMED",
+        CoordinatorUnsure: b"REPLICATION_UNSURE",
     }
 
 

@@ -14,8 +14,10 @@
   AMP :class:`~.amp.StoreReplicated`); the answer (SMTP 250) comes once the
   update is durable in the coordinator's log and store and on a second replica
   (``acks_before_reply=2``), so a SIGKILL of any one node loses no acknowledged
-  mail.  A coordinator that fails before answering is replaced by the next
-  target (same object id: a duplicate is recognised by its id and timestamp);
+  mail.  A coordinator that could not be reached (the request never left) is
+  replaced by the next target; one that may have received the request (timeout
+  or connection lost after sending, or an error answer) is not: the delivery
+  fails (SMTP 451), since a second coordinator would store a second copy;
   if no second replica acks within ``ack_timeout``, a live node not tried yet is
   added to the replica set (failed and silent nodes stay in it, so a copy they
   may hold gets later versions when they return);
@@ -42,7 +44,15 @@ from ...cluster.rpc import PeerUnavailable
 from ..values import Digest, MailError, NewMessage
 from ._manager import ReplicationConfig
 from ._values import Update
-from .amp import StoreReplicated, digest_in, digest_out, message_args, message_in, node_sender
+from .amp import (
+    CoordinatorUnsure,
+    StoreReplicated,
+    digest_in,
+    digest_out,
+    message_args,
+    message_in,
+    node_sender,
+)
 from .amp import register as register_replicate
 from .objects import (
     MSG,
@@ -57,7 +67,7 @@ from .objects import (
 )
 from .repair import Repairer
 from .repair import register as register_repair
-from .shell import ReplicationService
+from .shell import ReplicationService, ReplicationStopped
 from .sqlite_log import SqliteLog
 
 #: acks_before_reply=2: the 250 waits for a second durable copy (see docs).
@@ -119,6 +129,8 @@ class MailReplication(MultiService):
         self._seen: set[str] = {self.me}
         self._fragment_known: set[str] = set()
         self.retries = 0
+        #: coordinators that failed after the request was sent (not retried elsewhere)
+        self.unsure = 0
         self.retargets = 0
         #: deliveries answered with fewer copies than the user's R (fewer replicas in
         #: reach in time): the log completes them when the others are back
@@ -274,6 +286,15 @@ class MailReplication(MultiService):
         def failed(f: Failure) -> Deferred[list[Digest]]:
             if f.check(MailError) or len(order) < 2:
                 return fail(f)
+            if not f.check(PeerUnavailable) or getattr(f.value, "maybe_done", False):
+                # The request reached the coordinator (it timed out or the connection
+                # was lost after it was sent, or the coordinator answered an error):
+                # it may have logged and numbered the message already, or still will
+                # when TCP delivers it late.  Coordinated again elsewhere it would be
+                # a second copy under another UID (issue 14), so the client gets a
+                # temporary error instead; the log completes what was applied.
+                self.unsure += 1
+                return fail(f)
             self.retries += 1
             self.log.warn(
                 "replication: coordinator {c} failed ({e}); trying {n}",
@@ -291,7 +312,20 @@ class MailReplication(MultiService):
     def _on_store(self, **kw: Any) -> Deferred[dict[str, Any]]:
         rid, message, targets = message_in(kw)
         d = self._coordinate(rid, message, targets, kw.get("acks"))
-        return d.addCallback(lambda digests: digest_out(digests[0]))
+
+        def unsure(f: Failure) -> Failure:
+            # Peers out of reach, or this node stopping: an expected answer to the
+            # caller (declared, so AMP logs no unknown error), never retried elsewhere.
+            if f.check(PeerUnavailable, ReplicationStopped):
+                return Failure(CoordinatorUnsure(f.getErrorMessage()))
+            return f
+
+        def answer(digests: list[Digest]) -> dict[str, Any]:
+            if not digests:  # superseded at once here (a newer version of the object)
+                raise CoordinatorUnsure(f"message {rid} superseded on {self.me}")
+            return digest_out(digests[0])
+
+        return d.addCallbacks(answer, unsure)
 
     def _coordinate(
         self, rid: str, message: NewMessage, targets: list[str], acks: int | None = None
@@ -462,6 +496,7 @@ class MailReplication(MultiService):
         doc = self.replication.status()
         r = doc["replication"]
         r["coordinator_retries"] = self.retries
+        r["coordinator_unsure"] = self.unsure
         r["retargets"] = self.retargets
         r["short_acks"] = self.short_acks
         r["repair"] = self.repairer.status()

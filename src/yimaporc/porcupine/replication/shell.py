@@ -306,8 +306,9 @@ class ReplicationService(Service):
         self._timer = self.reactor.callLater(delay, self._tick)
 
     def _pump(self) -> None:
-        """Start a round with everything queued, unless one is running."""
-        if self._busy or not self._queue:
+        """Start a round with everything queued, unless one is running (or the service
+        stopped: its databases close once the last round is done)."""
+        if self._busy or not self._queue or not self.running:
             return
         batch, self._queue = self._queue, []
         log_ops: list[LogOp] = []
@@ -375,10 +376,10 @@ class ReplicationService(Service):
         self._continue()
 
     def _continue(self) -> None:
-        if self._queue:
+        if self._queue and self.running:
             self._pump()
             self._reschedule()
-        elif not self._busy:
+        if not self._busy:
             idle, self._idle = self._idle, []
             for d in idle:
                 d.callback(None)

@@ -14,9 +14,12 @@ from ._info import (
     block_size_for,
     check_name,
     cut_blocks,
+    index_digest,
+    pack_index,
     payload_times,
     read_blocks,
     reassemble,
+    unpack_index,
     unstreamable_reason,
 )
 from ._normalise import TAIL, Rewrite, plan
@@ -63,7 +66,9 @@ __all__ = [
     "block_size_for",
     "check_name",
     "cut_blocks",
+    "index_digest",
     "last_pat_before",
+    "pack_index",
     "packet_bytes",
     "packet_pcr",
     "parse_wav",
@@ -73,5 +78,6 @@ __all__ = [
     "read_blocks",
     "reassemble",
     "to_l16",
+    "unpack_index",
     "unstreamable_reason",
 ]

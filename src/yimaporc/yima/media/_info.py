@@ -7,7 +7,9 @@ scanner: feed it the file's bytes in any chunks, then ``finish()``.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,9 @@ class MediaInfo:
     # Raw PCR value (27 MHz, modulo 2**33*300) of media time 0, i.e. byte 0.
     pcr_origin: int | None = None
     wav: WavFormat | None = None
+    # Digest of the time index (:func:`index_digest`): the catalog record carries this,
+    # the index itself is stored per file beside the data (yima/timeindex.py).
+    index_digest: str = ""
 
     @property
     def blocks(self) -> int:
@@ -119,6 +124,33 @@ class MediaInfo:
         out["blocks"] = self.blocks
         return out
 
+    def to_record(self) -> dict[str, Any]:
+        """The replicated catalog record: :meth:`to_json` without the time index, which
+        is named by its digest instead."""
+        out = self.to_json()
+        del out["block_times"]
+        if self.block_times and not self.index_digest:
+            out["index_digest"] = index_digest(self.block_times)
+        return out
+
+    def bare(self) -> MediaInfo:
+        """This entry as its catalog record holds it: no time index, its digest set."""
+        if not self.block_times:
+            return self
+        return attrs.evolve(self, block_times=(), index_digest=self.digest())
+
+    def digest(self) -> str:
+        """The time index's digest (the stored one, or computed from the index)."""
+        if self.block_times:
+            return index_digest(self.block_times)
+        return self.index_digest
+
+    def with_index(self, times: tuple[int, ...]) -> MediaInfo:
+        """This entry with its time index attached (``times`` must match the digest)."""
+        if index_digest(times) != self.index_digest:
+            raise ValueError(f"time index of {self.name} does not match its digest")
+        return attrs.evolve(self, block_times=times)
+
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> MediaInfo:
         """Inverse of :meth:`to_json`; raises ValueError on bad input."""
@@ -133,6 +165,28 @@ class MediaInfo:
             return cls(**data)
         except TypeError as e:
             raise ValueError(f"malformed media info: {e}") from e
+
+
+_INDEX_ENTRY = struct.Struct("<q")
+
+
+def pack_index(times: Iterable[int]) -> bytes:
+    """A time index as stored on disk and sent between nodes: little-endian int64s."""
+    values = tuple(times)
+    return struct.pack(f"<{len(values)}q", *values)
+
+
+def unpack_index(data: bytes) -> tuple[int, ...]:
+    """Inverse of :func:`pack_index` (ValueError on a length that is not whole entries)."""
+    if len(data) % _INDEX_ENTRY.size:
+        raise ValueError(f"time index of {len(data)} bytes is not whole entries")
+    return struct.unpack(f"<{len(data) // _INDEX_ENTRY.size}q", data)
+
+
+def index_digest(times: Iterable[int]) -> str:
+    """SHA-256 (hex) of the packed time index; empty for no index."""
+    data = pack_index(times)
+    return hashlib.sha256(data).hexdigest() if data else ""
 
 
 class Analyser:
