@@ -292,7 +292,7 @@ def test_cli_default_secret_follows_the_nodes_kind(
     import http.server
     import threading
 
-    from yimaporc.cli import DEFAULT_SECRET, default_secret
+    from yimaporc._cliutil import DEFAULT_SECRET, default_secret
 
     class Status(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
