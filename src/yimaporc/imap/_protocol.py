@@ -174,7 +174,7 @@ class ImapServerProtocol(Protocol):
             elif isinstance(event, AuthenticateResponse):
                 self.runner.sasl_response(event.data, event.error)
             elif isinstance(event, ProtocolFailure):
-                self.factory.protocol_errors += 1
+                self.factory.count("protocol_errors")
                 self.log.info("imap: closing a connection: {text}", text=event.text)
                 if event.tag is not None:
                     code = ResponseCode(event.code) if event.code else None
@@ -212,7 +212,7 @@ class ImapServerProtocol(Protocol):
                     break
                 event = self.queue.popleft()
                 if isinstance(event, CommandRejected):
-                    self.factory.rejected += 1
+                    self.factory.count("rejected")
                     self.conn.reject(event)
                     continue
                 assert isinstance(event, CommandReceived)
@@ -273,7 +273,7 @@ class ImapServerProtocol(Protocol):
             # a client silent in IDLE or in the middle of AUTHENTICATE does.
             self._arm(max(timeout - quiet, 1.0))
             return
-        self.factory.timed_out += 1
+        self.factory.count("timed_out")
         self.conn.bye("autologout: idle for too long")
         self.flush()
         self._close()
@@ -322,6 +322,14 @@ class ImapServerFactory(Factory):
         self.rejected = 0
         self.protocol_errors = 0
         self.timed_out = 0
+        #: Called with the counter's name each time one moves (an embedder's metrics).
+        self.on_count: Callable[[str], None] | None = None
+
+    def count(self, name: str) -> None:
+        """Add one to the counter ``name`` and tell :attr:`on_count`."""
+        setattr(self, name, getattr(self, name) + 1)
+        if self.on_count is not None:
+            self.on_count(name)
 
     def buildProtocol(self, addr: Any) -> ImapServerProtocol:
         p = ImapServerProtocol(self)

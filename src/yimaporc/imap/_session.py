@@ -87,6 +87,13 @@ class CommandRunner:
         #: Commands answered NO/BAD by a handler, and handler failures (our bugs).
         self.failed = 0
         self.server_errors = 0
+        #: Called with the counter's name each time one moves (an embedder's metrics).
+        self.on_count: Callable[[str], None] | None = None
+
+    def _count(self, name: str) -> None:
+        setattr(self, name, getattr(self, name) + 1)
+        if self.on_count is not None:
+            self.on_count(name)
 
     # -- driving ----------------------------------------------------------------
 
@@ -94,7 +101,7 @@ class CommandRunner:
         """Execute ``cmd`` completely (untagged data, updates, tagged response)."""
         bad = self.conn.check(cmd)
         if bad is not None:
-            self.failed += 1
+            self._count("failed")
             # complete() also resumes parsing after a held IDLE/AUTHENTICATE/STARTTLS.
             self.conn.complete(cmd, "BAD", bad.text)
             self.flush()
@@ -122,11 +129,11 @@ class CommandRunner:
         return done
 
     def _failed(self, f: Failure, cmd: c.Command) -> Done:
-        self.failed += 1
+        self._count("failed")
         err = f.value
         if isinstance(err, ImapError):
             return Done(err.status, err.text, _code(err.code))
-        self.server_errors += 1
+        self._count("server_errors")
         log.failure("imap: {command} failed", f, command=type(cmd).__name__)
         return Done("NO", "internal server error", ResponseCode("SERVERBUG"))
 

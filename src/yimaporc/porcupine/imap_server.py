@@ -63,6 +63,14 @@ class MessageRenderer:
         return msg.section(section)
 
 
+#: The shell's counter names -> the node's ``client_errors`` names.
+_FACTORY_COUNTERS = {
+    "rejected": "bad_syntax",
+    "protocol_errors": "protocol_error",
+    "timed_out": "timed_out",
+}
+
+
 class PorcupineImapFactory(ImapServerFactory):
     """:class:`~yimaporc.imap.ImapServerFactory` with one backend per connection (its
     own throttled portal, closed after repeated failures) and the shell's counters
@@ -80,6 +88,10 @@ class PorcupineImapFactory(ImapServerFactory):
         self.errors = errors
         self.portal_for = portal_for
         super().__init__(backend, MessageRenderer(), clock, **kw)
+        self.on_count = self._count
+
+    def _count(self, name: str) -> None:
+        self.errors.counts[f"imap.{_FACTORY_COUNTERS[name]}"] += 1
 
     def buildProtocol(self, addr: Any) -> ImapServerProtocol:
         p = PorcupineImapProtocol(self)
@@ -101,42 +113,6 @@ class PorcupineImapFactory(ImapServerFactory):
         )
         return p
 
-    def _count(self, kind: str, old: int, new: int) -> None:
-        if new > old and getattr(self, "errors", None) is not None:
-            self.errors.counts[f"imap.{kind}"] += new - old
-
-    @property  # type: ignore[override]
-    def rejected(self) -> int:
-        return self._rejected
-
-    @rejected.setter
-    def rejected(self, value: int) -> None:
-        self._count("bad_syntax", getattr(self, "_rejected", 0), value)
-        self._rejected = value
-
-    @property  # type: ignore[override]
-    def protocol_errors(self) -> int:
-        return self._protocol_errors
-
-    @protocol_errors.setter
-    def protocol_errors(self, value: int) -> None:
-        self._count("protocol_error", getattr(self, "_protocol_errors", 0), value)
-        self._protocol_errors = value
-
-    @property  # type: ignore[override]
-    def timed_out(self) -> int:
-        return self._timed_out
-
-    @timed_out.setter
-    def timed_out(self, value: int) -> None:
-        self._count("timed_out", getattr(self, "_timed_out", 0), value)
-        self._timed_out = value
-
-
-def _activity(errors: ClientErrors, what: str) -> None:
-    """Session/command counters (``mail_sessions`` in status)."""
-    {"opened": errors.opened, "closed": errors.closed, "command": errors.command}[what]("imap")
-
 
 class PorcupineImapProtocol(ImapServerProtocol):
     """The shell's protocol, counting sessions in the node's ClientErrors."""
@@ -144,12 +120,12 @@ class PorcupineImapProtocol(ImapServerProtocol):
     factory: PorcupineImapFactory
 
     def connectionMade(self) -> None:
-        _activity(self.factory.errors, "opened")
+        self.factory.errors.opened("imap")
         super().connectionMade()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         if not self._lost:
-            _activity(self.factory.errors, "closed")
+            self.factory.errors.closed("imap")
         super().connectionLost(reason)
 
 
@@ -161,27 +137,14 @@ class CountingRunner(CommandRunner):
     def __init__(self, errors: ClientErrors, *args: Any) -> None:
         self.errors = errors
         super().__init__(*args)
+        self.on_count = self._counted
+
+    def _counted(self, name: str) -> None:
+        if name == "failed":
+            self.errors.client("imap", "command_refused")
+        else:
+            self.errors.counts["imap.server_error"] += 1
 
     def run(self, cmd: Command) -> Deferred[None]:
-        _activity(self.errors, "command")
+        self.errors.command("imap")
         return super().run(cmd)
-
-    @property  # type: ignore[override]
-    def failed(self) -> int:
-        return self._n_failed
-
-    @failed.setter
-    def failed(self, value: int) -> None:
-        if value > getattr(self, "_n_failed", 0):
-            self.errors.client("imap", "command_refused")
-        self._n_failed = value
-
-    @property  # type: ignore[override]
-    def server_errors(self) -> int:
-        return self._n_server_errors
-
-    @server_errors.setter
-    def server_errors(self, value: int) -> None:
-        if value > getattr(self, "_n_server_errors", 0):
-            self.errors.counts["imap.server_error"] += 1
-        self._n_server_errors = value
