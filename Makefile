@@ -17,6 +17,8 @@ APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-lib
 APT_EXTRA_FILES := /usr/lib/x86_64-linux-gnu/girepository-1.0/Gst-1.0.typelib \
   /usr/lib/python3/dist-packages/gi/__init__.py
 PYTEST_ARGS ?=
+# Two pytest-xdist workers: the integration tests in order on one, the unit tier on the other.
+TEST_WORKERS ?= 2
 FUZZ_INPUTS ?= 100000
 FUZZ_TARGET ?= all
 FUZZ_SEED ?= 0
@@ -57,7 +59,7 @@ lint: install
 	PYTHONPATH=src $(BIN)/lint-imports
 
 test: install lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Tests marked slow: the long matrices (every player x transport x medium)
 # and the long simulator sweeps (hundreds of seeds).

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from yimaporc.sim.network import Faults, SimNetwork, make_cluster
+from yimaporc.testing.seeds import sweep
 
-SEEDS = range(20)
+SEEDS = sweep(range(20), 6)  # 6 seeds in `make test`, 20 under `make test-slow`
 
 
 def formed(n: int, seed: int, **kw: object) -> SimNetwork:

@@ -12,8 +12,10 @@ import random
 import pytest
 
 from yimaporc.sim.network import Faults, SimNetwork, make_cluster
+from yimaporc.testing.seeds import sweep
 
-SEEDS = 50
+SEEDS = 50  # per test under `make test-slow`
+DEFAULT = 12  # per test in `make test`
 N = 30
 LIMIT = 60.0
 
@@ -43,7 +45,7 @@ def converge(net: SimNetwork, what: str, seed: int) -> float:
     return t
 
 
-@pytest.mark.parametrize("seed", range(SEEDS))
+@pytest.mark.parametrize("seed", sweep(range(SEEDS), DEFAULT))
 def test_boot_then_crash_up_to_ten(seed: int) -> None:
     """30 nodes converge to one view; after up to 10 crash, the survivors converge."""
     net = cluster(seed)
@@ -54,7 +56,7 @@ def test_boot_then_crash_up_to_ten(seed: int) -> None:
     converge(net, "after crashes", seed)
 
 
-@pytest.mark.parametrize("seed", range(SEEDS, 2 * SEEDS))
+@pytest.mark.parametrize("seed", sweep(range(SEEDS, 2 * SEEDS), DEFAULT))
 def test_partition_and_heal(seed: int) -> None:
     """A split into two partitions gives two views; healing merges them into one."""
     net = cluster(seed)
@@ -71,7 +73,7 @@ def test_partition_and_heal(seed: int) -> None:
     assert len({n.view.node_ids for n in net.nodes.values()}) == 1
 
 
-@pytest.mark.parametrize("seed", range(2 * SEEDS, 3 * SEEDS))
+@pytest.mark.parametrize("seed", sweep(range(2 * SEEDS, 3 * SEEDS), DEFAULT))
 def test_clock_skew_of_seconds(seed: int) -> None:
     """Local clocks skewed by up to +-5 s do not prevent convergence or failure detection."""
     net = cluster(seed, skew=5.0)
@@ -82,7 +84,7 @@ def test_clock_skew_of_seconds(seed: int) -> None:
     assert all(victim not in n.view.node_ids for n in net.nodes.values() if n.up)
 
 
-@pytest.mark.parametrize("seed", range(3 * SEEDS, 4 * SEEDS))
+@pytest.mark.parametrize("seed", sweep(range(3 * SEEDS, 4 * SEEDS), DEFAULT))
 def test_crash_restart_rejoin(seed: int) -> None:
     """Nodes that crash and restart from their disk rejoin with a higher epoch."""
     r = random.Random(seed)
