@@ -31,7 +31,7 @@ from ..admin.mount import admin_endpoint, mount_admin
 from ..cluster.listening import ListeningService
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig
 from .rtspservice import YimaStreamingService
-from .service import YimaStorageService
+from .storage import YimaStorageService
 
 __all__ = ["MODES", "YimaConfig", "YimaNode"]
 
