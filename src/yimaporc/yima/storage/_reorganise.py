@@ -77,14 +77,14 @@ class Phase(enum.Enum):
 
 #: Every phase change allowed; any other is a :class:`PhaseError` (a bug, never input).
 TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
-    Phase.IDLE: frozenset({Phase.CLAIMING, Phase.COPYING, Phase.COMMITTING, Phase.CLEANING}),
+    Phase.IDLE: frozenset({Phase.CLAIMING, Phase.ABANDONING, Phase.COMMITTING, Phase.CLEANING}),
     Phase.CLAIMING: frozenset({Phase.COPYING, Phase.IDLE}),
     Phase.COPYING: frozenset({Phase.COMMITTING, Phase.ABANDONING, Phase.IDLE}),
     Phase.ABANDONING: frozenset({Phase.IDLE}),
     Phase.COMMITTING: frozenset({Phase.CLEANING, Phase.IDLE}),
     Phase.CLEANING: frozenset({Phase.IDLE}),
 }
-# IDLE -> COPYING/COMMITTING/CLEANING: resuming the phase a crash interrupted.
+# IDLE -> ABANDONING/COMMITTING/CLEANING: resume() after a crash (in COPYING: abandon).
 # COPYING/COMMITTING -> IDLE: an unexpected error; the record stays for resume().
 
 #: Phases written to the state file (before them, a crash leaves nothing to resume).
