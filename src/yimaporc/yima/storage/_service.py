@@ -29,11 +29,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from ...cluster.catalog import ReplicatedDocument
 from ...cluster.node import ClusterNode
 from ..disks import MergePolicy, PhysicalDisk, initial_history
 from ..events import ParityWatch
+from ..interfaces import IMediaStorage
 from ..layouts import LayoutCache, Placed, ProcessRunner
 from ..media import MediaInfo
 from ..placement import LogicalDisk
@@ -61,6 +63,7 @@ from ._reorganise import DEFAULT_MOVE_RATE, Reorganiser
 __all__ = ["YimaStorageService"]
 
 
+@implementer(IMediaStorage)
 class YimaStorageService(Service):
     """This node's disks, plus the cluster-wide storage operations it can coordinate."""
 
