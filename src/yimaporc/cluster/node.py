@@ -34,10 +34,12 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ..secret import cluster_key
 from .catalog import PutRecords
 from .histogram import LAG_BUCKETS, Histograms
+from .interfaces import IClusterNode
 from .lag import ReactorLagMonitor
 from .listening import CannotStart as CannotStart  # re-exported: services import it here
 from .listening import IReady as IReady
@@ -171,6 +173,7 @@ class _Persisted:
     kind: str = ""
 
 
+@implementer(IClusterNode)
 class ClusterNode(MultiService):
     """Membership, RPC, the common clock, admin routes and status of one node.
 
