@@ -12,6 +12,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
+from yimaporc.admin.mount import admin_endpoint, mount_admin
 from yimaporc.cluster.node import CannotStart, ClusterNode, IReady, NodeConfig
 from yimaporc.tap.common import StopIfCannotStart
 from yimaporc.testing.pytest_plugin import LoggedFailures
@@ -51,8 +52,11 @@ class _UdpPort:
 
 
 def _node(tmp_path: Path, reactor: BusyPortReactor, admin: str | None) -> ClusterNode:
-    cfg = NodeConfig("n1", "yima", tmp_path, "127.0.0.1", 7946, admin=admin)
-    return ClusterNode(reactor, cfg, b"s" * 32, rng=random.Random(1))
+    cfg = NodeConfig("n1", "yima", tmp_path, "127.0.0.1", 7946)
+    node = ClusterNode(reactor, cfg, b"s" * 32, rng=random.Random(1))
+    endpoint = admin_endpoint(reactor, admin) if admin else None
+    mount_admin(node, endpoint, label=f"--admin {admin}")
+    return node
 
 
 def _result(d: Deferred[Any]) -> list[Any]:

@@ -45,6 +45,31 @@ def test_rtsp_file_server_example_plays_in_ffmpeg(tmp_path: Path, transport: str
     assert len(have) >= len(want) - 1 and have == want[: len(have)]
 
 
+def test_embedded_yima_node_example_streams_what_it_ingested(tmp_path: Path) -> None:
+    """examples/embed_yima_node.py: YimaNode.from_config in an app; ffmpeg records the clip."""
+    make_sample_ts(tmp_path / "clip.ts", 3)
+    log = tmp_path / "yima.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "embed_yima_node.py"), str(tmp_path / "data"),
+             str(tmp_path / "clip.ts"), "127.0.139.2", "18554"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "serving rtsp://" in log.read_text(), 60, "the example to serve")
+        got = tmp_path / "out.ts"
+        subprocess.run(
+            ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp", "-i",
+             "rtsp://127.0.139.2:18554/clip", "-c", "copy", "-f", "mpegts", "-y", str(got)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+    want, have = framemd5(tmp_path / "clip.ts"), framemd5(got)
+    assert len(have) >= len(want) - 1 and have == want[: len(have)]
+
+
 def test_embedded_mail_service_example_takes_and_serves_mail(tmp_path: Path) -> None:
     """examples/embed_mail_service.py: smtplib delivers, imaplib and poplib read it back."""
     import imaplib

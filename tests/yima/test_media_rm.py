@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 from yimaporc.admin.routes import ApiError
 from yimaporc.cluster.node import ClusterNode, NodeConfig
-from yimaporc.yima.service import YimaStorageService
+from yimaporc.yima.storage import Phase, YimaStorageService
 from yimaporc.yima.store import SynchronousThreadPool
 
 
@@ -49,7 +49,8 @@ def _result(reactor: _Reactor, d: Deferred[Any]) -> Any:
 
 
 def _rm(reactor: _Reactor, service: YimaStorageService, name: str) -> Any:
-    return _result(reactor, maybeDeferred(service._route_remove_media, {"name": name}, {}))
+    route = next(r for r in service.node.routes if r.path == "/api/yima/media/delete")
+    return _result(reactor, maybeDeferred(route.handler, {"name": name}, {}))
 
 
 def _block_files(tmp_path: Path, name: str) -> int:
@@ -112,7 +113,7 @@ def test_rm_refuses_unknown_names_and_reorganisations(tmp_path: Path) -> None:
     assert e.value.status == 404
     with pytest.raises(ApiError, match="give the media name"):
         _rm(reactor, service, "")
-    service._scaling = True
+    service.reorganiser.enter(Phase.CLAIMING)  # this node coordinates a disks add/remove
     with pytest.raises(ApiError, match="reorganisation") as e:
         _rm(reactor, service, "x")
     assert e.value.status == 409

@@ -156,7 +156,7 @@ def test_failed_ingest_deletes_its_blocks_and_can_be_retried(tmp_path: Path) -> 
     """A write failing mid-ingest: the error reaches the caller, no block file stays behind."""
     reactor, service = _make(tmp_path)
     blob = os.urandom(200_000)
-    real_write = service.write_at
+    real_write = service.router.write_at
     calls = [0]
 
     def flaky(disk: Any, media: str, key: BlockKey, data: bytes) -> Deferred[Any]:
@@ -165,12 +165,12 @@ def test_failed_ingest_deletes_its_blocks_and_can_be_retried(tmp_path: Path) -> 
             raise OSError("disk full")
         return real_write(disk, media, key, data)
 
-    service.write_at = flaky  # type: ignore[method-assign]
+    service.router.write_at = flaky  # type: ignore[method-assign]
     with pytest.raises(OSError, match="disk full"):
         _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096, opaque=True))
     assert calls[0] > 10, "other groups were written before the cleanup"
     assert not list(tmp_path.glob("d*/media/blob/*")), "orphan blocks left behind"
     assert "blob" not in service.catalog.media
-    service.write_at = real_write  # type: ignore[method-assign]
+    service.router.write_at = real_write  # type: ignore[method-assign]
     _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=4096, opaque=True))
     _check_all(reactor, service, "blob", blob)

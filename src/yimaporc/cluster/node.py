@@ -1,7 +1,10 @@
-"""What every node has: identity, data dir, membership, RPC, common clock, admin.
+"""What every node has: identity, data dir, membership, RPC, common clock.
 
 :class:`ClusterNode` is a ``MultiService``; a node kind (yima, porcupine) adds
 its own child services, RPC commands, admin routes and status fields to it.
+The node holds the admin routes and the status document but serves neither:
+the composition root mounts the admin site (:mod:`yimaporc.admin.mount`) as a
+child, so the cluster layer imports nothing of ``yimaporc.admin``.
 Collaborators (reactor, secret, random source) are passed in, so other Twisted
 applications can embed a node directly.
 """
@@ -28,19 +31,20 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
-from twisted.internet.endpoints import SSL4ClientEndpoint, serverFromString
+from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import Interface
+from zope.interface import implementer
 
-from ..admin.dashboard import NodeSummary, answer_summary
-from ..admin.routes import Route
 from ..secret import cluster_key
 from .catalog import PutRecords
 from .histogram import LAG_BUCKETS, Histograms
+from .interfaces import IClusterNode
 from .lag import ReactorLagMonitor
+from .listening import CannotStart as CannotStart  # re-exported: services import it here
+from .listening import IReady as IReady
 from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
+from .routes import Route
 from .rpc import Echo, RpcClient, RpcGuard, RpcRegistry, RpcServerFactory
 from .udp import MembershipProtocol
 from .wire import Member, Scope
@@ -120,7 +124,6 @@ class NodeConfig:
     cluster_host: str
     cluster_port: int
     join: tuple[str, ...] = ()
-    admin: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     trm: TrmConfig = attrs.field(factory=TrmConfig)
@@ -170,19 +173,9 @@ class _Persisted:
     kind: str = ""
 
 
-class CannotStart(Exception):
-    """A port of the node could not be bound (message is user-facing)."""
-
-
-class IReady(Interface):
-    """A service whose start finishes later (its ports bind asynchronously)."""
-
-    def when_ready() -> Deferred[None]:
-        """Fires once the service listens; errbacks if it cannot."""
-
-
+@implementer(IClusterNode)
 class ClusterNode(MultiService):
-    """Membership, RPC, the common clock and the admin API of one node.
+    """Membership, RPC, the common clock, admin routes and status of one node.
 
     Nothing here stops the reactor: a port that cannot be bound fails
     :meth:`when_ready`, and whoever runs the node (the twistd plugin, an
@@ -223,14 +216,11 @@ class ClusterNode(MultiService):
         self.routes: list[Route] = []
         self.documents: dict[str, Any] = {}
         self.registry.register(PutRecords, self._put_records)
-        self.registry.register(NodeSummary, lambda: answer_summary(self.status()))
         self.add_route(Route("GET", "/api/rpc-check", self._rpc_check))
         self.status_providers: list[Callable[[], dict[str, Any]]] = []
         self._listeners: list[IMembershipListener] = []
         self._attachment_for: AttachmentFor | None = None
         self._ports: list[IListeningPort] = []
-        self._admin_ready: Deferred[None] = succeed(None)
-        self._start_errors: list[CannotStart] = []
         self.core: Membership | None = None
         self.udp_rcvbuf = 0
         self.protocol: MembershipProtocol | None = None
@@ -377,7 +367,7 @@ class ClusterNode(MultiService):
     # --- service ------------------------------------------------------------------
 
     def startService(self) -> None:
-        """Bind the cluster port (UDP + TCP), start membership and the admin API."""
+        """Bind the cluster port (UDP + TCP), start membership and the children."""
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         st = self.state
@@ -412,15 +402,6 @@ class ClusterNode(MultiService):
         udp = self.reactor.listenUDP(cfg.cluster_port, self.protocol, interface=cfg.cluster_host)
         self._ports.append(udp)
         self.udp_rcvbuf = grow_receive_buffer(udp, UDP_RCVBUF)
-        if cfg.admin:
-            from ..admin.server import AdminSite
-
-            endpoint = serverFromString(self.reactor, cfg.admin)
-            d = endpoint.listen(AdminSite(self))
-            d.addCallbacks(
-                self._ports.append, self._listen_failed, errbackArgs=(f"--admin {cfg.admin}",)
-            )
-            self._admin_ready = d
         self.log.info(
             "node {node} ({kind}) up on {addr}, incarnation {inc}, seeds {seeds}",
             node=cfg.node_id,
@@ -432,41 +413,16 @@ class ClusterNode(MultiService):
         super().startService()
 
     def when_ready(self) -> Deferred[None]:
-        """Fires once the admin API and every child service that says so listen.
+        """Fires once every child service that says so (:class:`IReady`) listens.
 
-        Errbacks with :class:`CannotStart` when one cannot (the cluster port is
-        bound synchronously in :meth:`startService` and raises there).  Call it
-        after the node has started.
+        Errbacks with the first child's :class:`CannotStart` when one cannot (the
+        cluster port is bound synchronously in :meth:`startService` and raises
+        there).  Call it after the node has started.
         """
-
-        def check(_: object) -> None:
-            if self._start_errors:
-                raise self._start_errors[0]
-
-        ds: list[Deferred[Any]] = [self._wait(self._admin_ready).addCallback(check)]
-        for child in self:
-            if IReady.providedBy(child):
-                ds.append(child.when_ready())
+        ds = [child.when_ready() for child in self if IReady.providedBy(child)]
         return gatherResults(ds, consumeErrors=True).addCallbacks(
             lambda _: None, lambda f: f.value.subFailure if isinstance(f.value, FirstError) else f
         )
-
-    def _listen_failed(self, failure: Failure, what: str) -> None:
-        error = CannotStart(f"cannot listen on {what}: {failure.getErrorMessage()}")
-        self.log.error("{error}", error=error)
-        self._start_errors.append(error)
-
-    @staticmethod
-    def _wait(d: Deferred[Any]) -> Deferred[None]:
-        """A new Deferred that fires when ``d`` (which never fails) has fired."""
-        out: Deferred[None] = Deferred()
-
-        def relay(result: object) -> object:
-            out.callback(None)
-            return result
-
-        d.addCallback(relay)
-        return out
 
     def stopService(self) -> Deferred[Any]:
         """Stop children first, then the ports."""

@@ -37,7 +37,9 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from .interfaces import IRpcCaller
 from .rpcstats import RpcCallStats
 from .wire import Scope
 
@@ -537,6 +539,7 @@ class _ClientFactory(Factory):
         return NodeAMP(c.registry, c.key, c.node_id, scope=c.scope, guard=c.guard)
 
 
+@implementer(IRpcCaller)
 class RpcClient:
     """Calls commands on peers by cluster address, one pooled connection each."""
 

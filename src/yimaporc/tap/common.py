@@ -13,6 +13,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from .._files import PRIVATE_UMASK, private_dir
+from ..admin.mount import admin_endpoint, mount_admin
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig, parse_cluster_address, parse_join
 from ..cluster.wire import check_scope_name
 from ..logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, node_log_observer, with_log_observer
@@ -124,12 +125,11 @@ class NodeOptions(usage.Options):
                 )
 
 
-def build_node(reactor: Any, options: NodeOptions) -> ClusterNode:
-    """The common :class:`ClusterNode` for parsed ``options``.
+def node_config(options: NodeOptions) -> tuple[NodeConfig, bytes]:
+    """The :class:`NodeConfig` and cluster secret of parsed ``options``.
 
     Sets the process umask to 077 first: whatever the node creates is its own
-    user's alone (0600 files, 0700 directories).  With ``--user`` the node
-    gets a :class:`RunAs` child that switches user before the ports are bound.
+    user's alone (0600 files, 0700 directories).
     """
     data_dir: Path = options["data-dir"]
     os.umask(PRIVATE_UMASK)
@@ -145,20 +145,39 @@ def build_node(reactor: Any, options: NodeOptions) -> ClusterNode:
         cluster_host=options["cluster-host"],
         cluster_port=options["cluster-port"],
         join=tuple(options["join"]),
-        admin=options["admin"],
         tls_cert=Path(options["tls-cert"]) if options["tls-cert"] else None,
         tls_key=Path(options["tls-key"]) if options["tls-key"] else None,
         tls_ca=Path(options["tls-ca"]) if options["tls-ca"] else None,
         cluster_name=options["cluster-name"],
     )
+    return config, secret
+
+
+def run_as(options: NodeOptions) -> RunAs | None:
+    """With ``--user``, the service that switches user before the ports are bound."""
+    account = options.get("run-as")
+    if account is None:
+        return None
+    disks = [Path(path).absolute() for path, _ in options.get("disks", [])]
+    return RunAs(account, [options["data-dir"], *disks], _ports(options))
+
+
+def build_node(reactor: Any, options: NodeOptions) -> ClusterNode:
+    """The common :class:`ClusterNode` for parsed ``options``, its admin site mounted.
+
+    With ``--user`` the node gets a :class:`RunAs` child that switches user
+    before the ports are bound.
+    """
+    config, secret = node_config(options)
     try:
         node = ClusterNode(reactor, config, secret, rng=random.SystemRandom())
+        switch = run_as(options)
+        if switch is not None:
+            switch.setServiceParent(node)
+        admin = admin_endpoint(reactor, options["admin"]) if options["admin"] else None
+        mount_admin(node, admin, label=f"--admin {options['admin']}")
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e
-    run_as = options.get("run-as")
-    if run_as is not None:
-        disks = [Path(path).absolute() for path, _ in options.get("disks", [])]
-        RunAs(run_as, [data_dir, *disks], _ports(options)).setServiceParent(node)
     return node
 
 

@@ -7,7 +7,9 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .common import NodeOptions, build_node, install_logging
+from ..cluster.node import ConfigError
+from ..yima.node import MODES, YimaConfig, YimaNode
+from .common import NodeOptions, install_logging, node_config, run_as
 
 # --rtsp-NAME, RtspServerFactory keyword, default, help, type (docs/wire.md, "Sessions
 # under load").
@@ -58,7 +60,7 @@ class Options(NodeOptions):
     def postOptions(self) -> None:
         """Common checks, then the media ones."""
         super().postOptions()
-        if self["mode"] not in ("bipartite", "master-slave"):
+        if self["mode"] not in MODES:
             raise usage.UsageError("--mode must be bipartite or master-slave")
         guards: dict[str, Any] = {}
         for name, key, _default, _text, kind in RTSP_GUARDS:
@@ -72,24 +74,31 @@ class Options(NodeOptions):
         self["rtsp_guards"] = guards
 
 
+def yima_config(options: Options) -> YimaConfig:
+    """The :class:`YimaConfig` of parsed ``options`` (creates the data dir and secret)."""
+    node, secret = node_config(options)
+    try:
+        return YimaConfig(
+            node,
+            secret,
+            disks=options["disks"],
+            rtsp=options["rtsp"],
+            admin=options["admin"],
+            mode=options["mode"],
+            rtsp_guards=options["rtsp_guards"],
+        )
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from e
+
+
 def makeService(options: Options) -> IService:
-    """The node with Yima's storage service (and whatever media services exist)."""
+    """The Yima node built by its composition root, with twistd's logging."""
     from twisted.internet import reactor
 
-    from ..yima.service import YimaStorageService
-
-    node = build_node(reactor, options)
-    storage = YimaStorageService.from_config(node, reactor, options["disks"])
-    storage.setServiceParent(node)
-    from ..yima.rtspservice import YimaStreamingService
-
-    streaming = YimaStreamingService(
-        node,
-        reactor,
-        storage,
-        rtsp_endpoint=options["rtsp"],
-        mode=options["mode"],
-        rtsp_guards=options["rtsp_guards"],
-    )
-    streaming.setServiceParent(node)
-    return install_logging(node, options, reactor)
+    config = yima_config(options)
+    switch = run_as(options)
+    try:
+        node = YimaNode.from_config(reactor, config, first=[switch] if switch is not None else [])
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from e
+    return install_logging(node.service, options, reactor)

@@ -42,6 +42,7 @@ from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
 from ..rtsp.interfaces import PlayReply
 from ..rtsp.sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
 from .feedback import RETRANSMISSION_MARK, FeedbackReceiver, StreamPorts, mark_retransmission
+from .interfaces import IMediaStorage
 from .media import (
     KIND_TS,
     KIND_WAV,
@@ -273,7 +274,7 @@ class YimaStreamingService(Service):
         self,
         node: ClusterNode,
         reactor: Any,
-        storage: Any,
+        storage: IMediaStorage,
         *,
         rtsp_endpoint: str | None,
         mode: str = "bipartite",

@@ -1,0 +1,144 @@
+"""The Yima composition root: one node's whole graph, built once.
+
+:meth:`YimaNode.from_config` chooses every collaborator up front (the cluster
+node, the storage service with its thread pool and layout workers, the
+streaming service with its RTSP endpoint, the admin site) and wires them in one
+place; nothing is switched on or replaced after construction.  The twistd plugin
+(:mod:`yimaporc.tap.yima`) only turns options into a :class:`YimaConfig` and
+calls it; an application embedding Yima calls the same::
+
+    node = YimaNode.from_config(reactor, YimaConfig(NodeConfig(...), secret))
+    node.service.setServiceParent(application)
+    node.when_ready().addErrback(...)   # a port that cannot be bound: your call
+
+:meth:`YimaNode.__init__` takes collaborators already built (tests and embedders
+with their own storage or streaming pass theirs) and does the wiring.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamServerEndpoint
+
+from ..admin.mount import admin_endpoint, mount_admin
+from ..cluster.listening import ListeningService
+from ..cluster.node import ClusterNode, ConfigError, NodeConfig
+from .rtspservice import YimaStreamingService
+from .storage import YimaStorageService
+
+__all__ = ["MODES", "YimaConfig", "YimaNode"]
+
+#: Delivery designs: bipartite (Yima-2) or master-slave (Yima-1).
+MODES = ("bipartite", "master-slave")
+
+
+def _disks(
+    value: Iterable[tuple[str | Path, int | None]],
+) -> tuple[tuple[str | Path, int | None], ...]:
+    return tuple((path, capacity) for path, capacity in value)
+
+
+@attrs.frozen
+class YimaConfig:
+    """Everything a Yima node is built from (the tap's options, checked)."""
+
+    node: NodeConfig
+    secret: bytes = attrs.field(repr=False)
+    #: ``(path, capacity or None)`` per disk; none: one disk under DATA_DIR/disks/0.
+    disks: tuple[tuple[str | Path, int | None], ...] = attrs.field(default=(), converter=_disks)
+    #: RTSP server endpoint string (none: the node streams for others only).
+    rtsp: str | None = None
+    #: Admin API server endpoint string (none: no admin site; NodeSummary still answered).
+    admin: str | None = None
+    mode: str = "bipartite"
+    #: :class:`~yimaporc.rtsp.RtspServerFactory` session caps and timeouts.
+    rtsp_guards: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Worker threads of the storage service's own pool.
+    storage_threads: int = 4
+
+    def __attrs_post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode {self.mode!r}: must be bipartite or master-slave")
+        if self.storage_threads < 1:
+            raise ConfigError("the storage service needs at least one thread")
+
+
+class YimaNode:
+    """One Yima node: a :class:`ClusterNode` with storage, streaming and admin children.
+
+    The children are started in this order: ``first`` (e.g. the tap's user
+    switch), the admin site, storage, streaming.  :attr:`service` is what to run.
+    """
+
+    def __init__(
+        self,
+        node: ClusterNode,
+        storage: YimaStorageService,
+        streaming: YimaStreamingService,
+        *,
+        admin: IStreamServerEndpoint | None = None,
+        admin_label: str = "--admin",
+        first: Iterable[IService] = (),
+    ) -> None:
+        self.node = node
+        self.storage = storage
+        self.streaming = streaming
+        for service in first:
+            service.setServiceParent(node)
+        self.admin: ListeningService | None = mount_admin(node, admin, label=admin_label)
+        storage.setServiceParent(node)
+        streaming.setServiceParent(node)
+
+    @classmethod
+    def from_config(
+        cls,
+        reactor: Any,
+        config: YimaConfig,
+        *,
+        rng: random.Random | None = None,
+        first: Iterable[IService] = (),
+    ) -> YimaNode:
+        """Build the whole node from ``config`` (raises :class:`ConfigError` on bad input).
+
+        ``rng`` seeds the node (default: the system's random source); ``first``
+        are services started before any port is bound.
+        """
+        rng = rng or random.SystemRandom()
+        admin = admin_endpoint(reactor, config.admin) if config.admin else None
+        node = ClusterNode(reactor, config.node, config.secret, rng=rng)
+        storage = YimaStorageService.from_config(
+            node, reactor, config.disks, threads=config.storage_threads
+        )
+        streaming = YimaStreamingService(
+            node,
+            reactor,
+            storage,
+            rtsp_endpoint=config.rtsp,
+            mode=config.mode,
+            rng=rng,
+            rtsp_guards=dict(config.rtsp_guards),
+        )
+        return cls(
+            node,
+            storage,
+            streaming,
+            admin=admin,
+            admin_label=f"--admin {config.admin}",
+            first=first,
+        )
+
+    @property
+    def service(self) -> ClusterNode:
+        """The service to run (the cluster node, parent of every other part)."""
+        return self.node
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires once every port listens; errbacks with ``CannotStart`` if one cannot."""
+        return self.node.when_ready()
