@@ -352,3 +352,28 @@ def test_service_status_and_metrics_show_index_counters(tmp_path: Path) -> None:
     assert samples["yimaporc_mail_index_hits_total"] == 1
     assert samples["yimaporc_mail_index_users"] == 1
     mail.fragment_store.close()
+
+
+def _stuff_by_lines(body: bytes) -> bytes:
+    """The line-by-line definition of POP3 dot-stuffing (the former implementation)."""
+    lines = body.split(b"\r\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"\r\n", b".", b"..", b"\r", b"\n", b"a", b"\r\n.", b" "]), max_size=30
+    ).map(b"".join)
+    | st.binary(max_size=64)
+)
+def test_whole_message_stuffing_equals_line_by_line(body: bytes) -> None:
+    """RETR's fast dot-stuffing (bytes.replace) gives exactly the line-by-line result for any
+    bytes, and hands back the body itself when nothing needs changing."""
+    from yimaporc.porcupine._pop3 import dot_stuff
+
+    assert dot_stuff(body) == _stuff_by_lines(body)
+    clean = b"Subject: x\r\n\r\nno dots here\r\n"
+    assert dot_stuff(clean) is clean
