@@ -377,3 +377,33 @@ def test_whole_message_stuffing_equals_line_by_line(body: bytes) -> None:
     assert dot_stuff(body) == _stuff_by_lines(body)
     clean = b"Subject: x\r\n\r\nno dots here\r\n"
     assert dot_stuff(clean) is clean
+
+
+def test_shown_marks_already_durable_skip_the_write(
+    indexed: tuple[MailboxManager, FragmentStore, CountingPool],
+) -> None:
+    """UIDNEXT records (``shown``, written on every cluster listing) already on disk are
+    answered from memory with the same result; a higher UIDNEXT, another UIDVALIDITY or a
+    removed user goes to disk again."""
+    manager, store, pool = indexed
+    result_of(manager.mailboxes(A))
+    pool.jobs.clear()
+    assert result_of(manager.shown(A, {INBOX: (7, 5)})) == {INBOX: 5}
+    assert pool.jobs == ["shown"]
+    assert result_of(manager.shown(A, {INBOX: (7, 3)})) == {INBOX: 5}
+    assert result_of(manager.shown(A, {INBOX: (7, 5)})) == {INBOX: 5}
+    assert pool.jobs == ["shown"], "already durable: no write"
+    assert result_of(manager.shown(A, {INBOX: (7, 6)})) == {INBOX: 6}
+    assert result_of(manager.shown(A, {INBOX: (8, 2)})) == {INBOX: 2}
+    assert result_of(manager.shown(A, {INBOX: (8, 2), "Box": (1, 1)})) == {INBOX: 2, "Box": 1}
+    assert pool.jobs == ["shown"] * 4
+    assert manager.index.status()["shown_skipped"] == 2  # type: ignore[union-attr]
+    result_of(manager.remove_user(A))
+    result_of(manager.mailboxes(A))
+    pool.jobs.clear()
+    assert result_of(manager.shown(A, {INBOX: (8, 1)})) == {INBOX: 1}
+    assert pool.jobs == ["shown"], "rows gone with the user: written again"
+    on_disk = store._db(bucket_of(A)).execute(
+        "SELECT mailbox, uidvalidity, uidnext FROM shown WHERE user=?", (A,)
+    )
+    assert {m: (v, n) for m, v, n in on_disk} == manager.index.shown_of(A)  # type: ignore[union-attr]

@@ -184,13 +184,18 @@ class FragmentStore:
         rows, by whichever code writes through this connection, drops that user
         from :attr:`index` (see :mod:`.mailindex`)."""
         db.create_function("mailindex_touch", 1, self._touched, deterministic=False)
-        for table in ("messages", "mailboxes"):
+        db.create_function("mailindex_shown", 1, self._shown_touched, deterministic=False)
+        for table, fn in (
+            ("messages", "mailindex_touch"),
+            ("mailboxes", "mailindex_touch"),
+            ("shown", "mailindex_shown"),
+        ):
             for event, rows in (
                 ("INSERT", ("NEW",)),
                 ("DELETE", ("OLD",)),
                 ("UPDATE", ("OLD", "NEW")),
             ):
-                calls = " ".join(f"SELECT mailindex_touch({r}.user);" for r in rows)
+                calls = " ".join(f"SELECT {fn}({r}.user);" for r in rows)
                 db.execute(
                     f"CREATE TEMP TRIGGER IF NOT EXISTS mailindex_{table}_{event.lower()} "
                     f"AFTER {event} ON main.{table} BEGIN {calls} END"
@@ -199,6 +204,10 @@ class FragmentStore:
     def _touched(self, user: object) -> None:
         if self.index is not None and isinstance(user, str):
             self.index.invalidate(user)
+
+    def _shown_touched(self, user: object) -> None:
+        if self.index is not None and isinstance(user, str):
+            self.index.drop_shown(user)
 
     def _existing_buckets(self) -> list[int]:
         out = []
@@ -877,11 +886,16 @@ class FragmentStore:
                     "uidvalidity=excluded.uidvalidity",
                     [(user, name, v, n) for name, (v, n) in marks.items()],
                 )
-                out = dict(db.execute("SELECT mailbox, uidnext FROM shown WHERE user=?", (user,)))
+                rows = db.execute(
+                    "SELECT mailbox, uidvalidity, uidnext FROM shown WHERE user=?", (user,)
+                ).fetchall()
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            if self.index is not None:  # under the bucket lock: no other write in between
+                self.index.set_shown(user, {m: (int(v), int(n)) for m, v, n in rows})
+        out = {m: n for m, _, n in rows}
         return {name: int(out.get(name, n)) for name, (_, n) in marks.items()}
 
     def digests(self, user: str, mailbox: str) -> list[Digest]:
@@ -1404,7 +1418,21 @@ class MailboxManager:
         return self._run(self.fragments.demote, user, mailbox, uid, key)
 
     def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
-        """See :meth:`FragmentStore.shown`."""
+        """See :meth:`FragmentStore.shown`.  When every mark is already durable here (same
+        UIDVALIDITY, UIDNEXT recorded at least as high), the answer comes from memory:
+        no pool trip, no write, no fsync."""
+        if self.index is not None:
+            known = self.index.shown_of(user)
+            if known is not None:
+                out = {}
+                for name, (validity, uidnext) in marks.items():
+                    have = known.get(name)
+                    if have is None or have[0] != validity or have[1] < uidnext:
+                        break
+                    out[name] = have[1]
+                else:
+                    self.index.shown_skipped += 1
+                    return succeed(out)
         return self._run(self.fragments.shown, user, dict(marks))
 
 

@@ -92,6 +92,9 @@ class MailIndex:
         self._users: OrderedDict[str, UserIndex] = OrderedDict()
         self._rows = 0
         self._fills: dict[str, set[int]] = {}
+        #: Per user with an entry: the ``shown`` rows (mailbox -> (UIDVALIDITY, UIDNEXT))
+        #: as durable on disk; dropped with the entry, so never more users than entries.
+        self._shown: dict[str, dict[str, tuple[int, int]]] = {}
         self._tokens = itertools.count(1)
         self.hits = 0
         self.misses = 0
@@ -99,6 +102,8 @@ class MailIndex:
         self.invalidations = 0
         self.evictions = 0
         self.too_big = 0
+        #: UIDNEXT records (``shown``) answered from memory: no write, no fsync.
+        self.shown_skipped = 0
 
     @property
     def enabled(self) -> bool:
@@ -149,7 +154,8 @@ class MailIndex:
             if old is not None:
                 self._rows -= old.rows
             while self._users and self._rows + cost > self.max_rows:
-                _, gone = self._users.popitem(last=False)
+                name, gone = self._users.popitem(last=False)
+                self._shown.pop(name, None)
                 self._rows -= gone.rows
                 self.evictions += 1
             self._users[user] = entry
@@ -170,6 +176,7 @@ class MailIndex:
         """A row of ``user`` changed: drop the entry and spoil fills in progress."""
         with self._lock:
             entry = self._users.pop(user, None)
+            self._shown.pop(user, None)
             if entry is not None:
                 self._rows -= entry.rows
                 self.invalidations += 1
@@ -177,10 +184,28 @@ class MailIndex:
             if tokens:
                 tokens.clear()
 
+    def shown_of(self, user: str) -> dict[str, tuple[int, int]] | None:
+        """The durable ``shown`` rows of ``user`` if known (see :meth:`set_shown`)."""
+        with self._lock:
+            return self._shown.get(user)
+
+    def set_shown(self, user: str, rows: Mapping[str, tuple[int, int]]) -> None:
+        """``user``'s ``shown`` rows as just committed (call under the bucket lock, after
+        the commit); kept only while the user has an entry."""
+        with self._lock:
+            if user in self._users:
+                self._shown[user] = dict(rows)
+
+    def drop_shown(self, user: str) -> None:
+        """A ``shown`` row of ``user`` changed."""
+        with self._lock:
+            self._shown.pop(user, None)
+
     def clear(self) -> None:
         """Forget everything (spoils fills in progress too)."""
         with self._lock:
             self._users.clear()
+            self._shown.clear()
             self._rows = 0
             for tokens in self._fills.values():
                 tokens.clear()
@@ -202,4 +227,5 @@ class MailIndex:
                 "invalidations": self.invalidations,
                 "evictions": self.evictions,
                 "too_big": self.too_big,
+                "shown_skipped": self.shown_skipped,
             }
