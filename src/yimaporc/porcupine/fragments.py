@@ -1350,6 +1350,30 @@ class MailboxManager:
             return maybeDeferred(_digests_of, got, name)
         return got.addCallback(_digests_of, name)
 
+    def view(
+        self, user: str, mailbox: str
+    ) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
+        """The user's mailbox tree here and ``mailbox``'s messages (None: no such mailbox
+        here) in one call: what a SELECT, STATUS or POP3 login asks each fragment node
+        (one RPC per remote node instead of two).  From memory when the index is warm."""
+        try:
+            name = mailbox_name(mailbox)
+        except NoSuchMailbox:
+            return fail()
+        if self.index is None:
+            return self._run(self._view_blocking, user, name)
+        got = self._user(user)
+        if isinstance(got, UserIndex):
+            return succeed(_view_of(got, name))
+        return got.addCallback(_view_of, name)
+
+    def _view_blocking(self, user: str, name: str) -> tuple[list[MailboxInfo], list[Digest] | None]:
+        tree = self.fragments.mailboxes(user)
+        try:
+            return tree, self.fragments.digests(user, name)
+        except NoSuchMailbox:
+            return tree, None
+
     def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
         """See :class:`IMailboxManager`.  With the user's index warm, the body keys
         come from memory and the pool only reads the files."""
@@ -1442,3 +1466,8 @@ def _digests_of(entry: UserIndex, name: str) -> list[Digest]:
     if box is None:
         raise NoSuchMailbox(f"no mailbox {name}")
     return list(box)
+
+
+def _view_of(entry: UserIndex, name: str) -> tuple[list[MailboxInfo], list[Digest] | None]:
+    box = entry.boxes.get(name)
+    return list(entry.tree), None if box is None else list(box)
