@@ -12,6 +12,7 @@ from test_cluster_sim import DOMAIN, Net, add_user
 from twisted.internet.testing import StringTransport
 
 from yimaporc.porcupine.cluster import MbStore
+from yimaporc.porcupine.fragments import FragmentStore, MailboxManager
 from yimaporc.porcupine.usermap import bucket_of
 
 MB = "porcupine.mb."
@@ -140,3 +141,36 @@ def test_remote_fragment_is_asked_once_per_command(net: Net) -> None:
         assert b" OK " in reply, (command, reply)
         assert mb_calls(net) == Counter(want), (command, net.calls)
     assert {remote} <= set(net.nodes)
+
+
+def test_warm_index_serves_listings_without_the_pool(net: Net) -> None:
+    """With the user's index warm, IMAP UID FETCH FLAGS, NOOP, STATUS, LIST take no
+    thread-pool job at all, and a POP3 session's only mail-store job is its RETR's file
+    read (its login's password check aside)."""
+    user = local_user(net, "n1")
+    add_user(net, "n1", user)
+    for i in range(3):
+        net.nodes["n1"].deliver(user, b"Subject: %d\r\n\r\nbody\r\n" % i)
+    pool = net.nodes["n1"].mail.pool
+    jobs: list[str] = []
+    run = pool.callInThreadWithCallback
+
+    def counted(on_result: Any, f: Any, *a: Any, **kw: Any) -> None:
+        jobs.append(getattr(f, "__name__", repr(f)))
+        run(on_result, f, *a, **kw)
+
+    pool.callInThreadWithCallback = counted
+    session = Imap(net, "n1")
+    assert b" OK " in session(b"LOGIN " + user.encode() + b" pw")
+    assert b" OK " in session(b"SELECT INBOX")
+    jobs.clear()
+    for command in (b"UID FETCH 1:* (FLAGS)", b"NOOP", b"STATUS Sent (MESSAGES)", b'LIST "" *'):
+        assert b" OK " in session(command), command
+    assert jobs == []
+    replies = pop3(net, "n1", user, b"STAT", b"LIST")
+    assert replies[2][0].startswith(b"+OK 3 ")
+    jobs.clear()
+    replies = pop3(net, "n1", user, b"STAT", b"LIST", b"RETR 1")
+    # the login's own jobs (profile, password) aside: the mail store only reads the file
+    store_jobs = set(dir(FragmentStore)) | set(dir(MailboxManager))
+    assert [j for j in jobs if j in store_jobs] == ["read_bodies"], jobs
