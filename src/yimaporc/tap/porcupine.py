@@ -43,7 +43,7 @@ class Options(NodeOptions):
          "Seconds a message may wait in the outbound queue before it bounces."],
         ["mail-index-rows", None, "200000",
          "Bound of the in-memory mailbox index: messages plus mailboxes over all users "
-         "(about 300 bytes each; least recently used users dropped first; 0 turns it off)."],
+         "(about 350 bytes each; least recently used users dropped first; 0 turns it off)."],
     ]  # fmt: skip
 
     optFlags: list[list[Any]] = [
