@@ -182,7 +182,8 @@ class FragmentStore:
     def _watch(self, db: sqlite3.Connection) -> None:
         """Temporary triggers: any change to a user's ``messages`` or ``mailboxes``
         rows, by whichever code writes through this connection, drops that user
-        from :attr:`index` (see :mod:`.mailindex`)."""
+        from :attr:`index`; a change to their ``shown`` rows drops those (see
+        :mod:`.mailindex`)."""
         db.create_function("mailindex_touch", 1, self._touched, deterministic=False)
         db.create_function("mailindex_shown", 1, self._shown_touched, deterministic=False)
         for table, fn in (
