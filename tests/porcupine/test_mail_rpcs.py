@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mailtest_helpers import result_of
 from test_cluster_sim import DOMAIN, Net, add_user
 from twisted.internet.testing import StringTransport
 
@@ -174,3 +175,32 @@ def test_warm_index_serves_listings_without_the_pool(net: Net) -> None:
     # the login's own jobs (profile, password) aside: the mail store only reads the file
     store_jobs = set(dir(FragmentStore)) | set(dir(MailboxManager))
     assert [j for j in jobs if j in store_jobs] == ["read_bodies"], jobs
+
+
+def test_view_falls_back_to_two_calls_on_an_older_peer(net: Net) -> None:
+    """A peer without porcupine.mb.view (rolling upgrade) answers UnhandledCommand: the
+    proxy asks mailboxes and digests instead and gets the same answer (missing mailbox:
+    None)."""
+    from twisted.internet.defer import fail
+    from twisted.protocols import amp
+
+    from yimaporc.porcupine.cluster import MbView, RemoteMailboxManager
+
+    user = local_user(net, "n2")
+    add_user(net, "n1", user)
+    net.nodes["n2"].deliver(user, b"Subject: x\r\n\r\nbody\r\n")
+    asked: list[str] = []
+
+    def call(node: str, command: Any, **kw: Any) -> Any:
+        asked.append(command.commandName.decode())
+        if command is MbView:
+            return fail(amp.UnhandledCommand("porcupine.mb.view"))
+        return net.dispatch("n1", node, command, kw)
+
+    old = RemoteMailboxManager("n2", call)
+    new = net.nodes["n1"].cluster.mailboxes_for("n2")
+    for box in ("INBOX", "Nope"):
+        want = result_of(new.view(user, box))
+        assert result_of(old.view(user, box)) == want
+    assert want[1] is None and want[0]
+    assert asked == [MB + "view", MB + "mailboxes", MB + "digests"] * 2
