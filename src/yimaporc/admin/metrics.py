@@ -280,6 +280,21 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
         "Mailboxes IMAP sessions hold selected.",
         doc.get("imap_open_mailboxes"),
     )
+    index = doc.get("mail_index") or {}
+    for key, text in (
+        ("hits", "Mailbox reads answered from the in-memory index (no thread-pool trip)."),
+        ("misses", "Mailbox reads that found the user's index cold."),
+        ("fills", "Users' mailbox indexes loaded from SQLite into memory."),
+        ("invalidations", "Users' in-memory indexes dropped because their rows changed."),
+        ("evictions", "Users' in-memory indexes dropped to stay within the bound."),
+    ):
+        out.counter(f"yimaporc_mail_index_{key}", text, index.get(key))
+    out.gauge(
+        "yimaporc_mail_index_rows",
+        "Rows (messages plus mailboxes) in the index.",
+        index.get("rows"),
+    )
+    out.gauge("yimaporc_mail_index_users", "Users in the in-memory index.", index.get("users"))
     out.gauge(
         "yimaporc_mail_plaintext_passwords",
         "1 if this node takes passwords without TLS (no certificate configured).",

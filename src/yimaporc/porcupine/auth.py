@@ -21,7 +21,7 @@ from .delivery import DeliveryProxy, SmtpDelivery, SmtpPolicy
 from .retrieval import RetrievalProxy
 from .throttle import AuthThrottle, LoginThrottled
 from .usermap import BadAddress, normalise
-from .values import INBOX, BadCredentials, MailboxInfo
+from .values import INBOX, BadCredentials, Digest, MailboxInfo
 
 
 def login_address(username: str | bytes, domain: str) -> str:
@@ -211,14 +211,10 @@ class MailRealm:
     def _pop3(self, address: str) -> Deferred[Any]:
         mail = self.retrieval.open(address)
 
-        def got(infos: list[MailboxInfo]) -> Deferred[Any]:
+        def got(opened: tuple[list[MailboxInfo], list[Digest]]) -> Any:
+            infos, digests = opened
             inbox = next(i for i in infos if i.name == INBOX)
-            return mail.digests(INBOX, complete=True).addCallback(
-                lambda digests: (
-                    pop3.IMailbox,
-                    Pop3Mailbox(mail, inbox.uidvalidity, digests),
-                    lambda: None,
-                )
-            )
+            return (pop3.IMailbox, Pop3Mailbox(mail, inbox.uidvalidity, digests), lambda: None)
 
-        return mail.mailboxes().addCallback(got)
+        # tree and INBOX listing together: one ask per fragment node
+        return mail.open_mailbox(INBOX, complete=True).addCallback(got)

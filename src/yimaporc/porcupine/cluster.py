@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -372,6 +372,15 @@ class MbDigests(_Cmd):
     response = [(b"digests", Json())]
 
 
+class MbView(_Cmd):
+    """MailboxManager.view: the tree and one mailbox's digests in one round trip
+    (``exists`` false: no such mailbox on that node)."""
+
+    commandName = b"porcupine.mb.view"
+    arguments = _M
+    response = [(b"infos", Json()), (b"digests", Json()), (b"exists", amp.Boolean())]
+
+
 class MbFetch(_Cmd):
     """IMailboxManager.fetch."""
 
@@ -675,6 +684,33 @@ class RemoteMailboxManager(_Remote):
             lambda r: [_digest_in(v) for v in r["digests"]]
         )
 
+    def view(
+        self, user: str, mailbox: str
+    ) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
+        """See :meth:`~.fragments.MailboxManager.view` (a node without the command,
+        during a rolling upgrade: its two older commands)."""
+
+        def got(r: dict[str, Any]) -> tuple[list[MailboxInfo], list[Digest] | None]:
+            infos = [_info_in(v) for v in r["infos"]]
+            return infos, [_digest_in(v) for v in r["digests"]] if r["exists"] else None
+
+        def older(f: Failure) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
+            f.trap(amp.UnhandledCommand)
+
+            def missing(g: Failure) -> None:
+                g.trap(NoSuchMailbox)
+                return None
+
+            both: list[Deferred[Any]] = [
+                self.mailboxes(user),
+                self.digests(user, mailbox).addErrback(missing),
+            ]
+            return gatherResults(both, consumeErrors=True).addCallbacks(
+                lambda r: (r[0], r[1]), lambda f: f.value.subFailure
+            )
+
+        return self.call(MbView, user=user, mailbox=mailbox).addCallbacks(got, older)
+
     def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
         """See :class:`IMailboxManager`."""
         d = self.call(MbFetch, user=user, mailbox=mailbox, uids=list(uids))
@@ -838,6 +874,15 @@ def register_handlers(
         MbDigests, mb("digests", lambda xs: {"digests": [_digest_out(x) for x in xs]})
     )
     registry.register(MbFetch, mb("fetch", lambda b: {"bodies": pack_bodies(b)}))
+
+    def view(r: tuple[list[MailboxInfo], list[Digest] | None]) -> dict[str, Any]:
+        return {
+            "infos": [_info_out(i) for i in r[0]],
+            "digests": [_digest_out(x) for x in r[1] or ()],
+            "exists": r[1] is not None,
+        }
+
+    registry.register(MbView, mb("view", view))
     registry.register(
         MbSetFlags, mb("set_flags", lambda f: {"flags": [[u, list(v)] for u, v in f.items()]})
     )

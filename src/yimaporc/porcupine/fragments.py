@@ -25,11 +25,11 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,6 +37,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .interfaces import IMailboxManager
+from .mailindex import MailIndex, UserIndex
 from .usermap import N_BUCKETS, bucket_dir, bucket_of
 from .values import (
     DELIMITER,
@@ -95,6 +96,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _read_file(path: Path) -> bytes:
+    """The whole file, read into one buffer of its ``fstat`` size (no growing buffer,
+    no second copy unless the file grew meanwhile)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        chunks = [os.read(fd, size)] if size else []
+        while more := os.read(fd, 1 << 16):
+            chunks.append(more)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _flags(text: str) -> tuple[str, ...]:
     return tuple(text.split()) if text else ()
 
@@ -126,6 +141,9 @@ class FragmentStore:
         self.pending_users: set[str] = set()
         self._marks: sqlite3.Connection | None = None
         self._marks_lock = threading.RLock()
+        #: The in-memory index of users' mailboxes here (None: none); kept exact by
+        #: triggers on every bucket connection (:meth:`_watch`).
+        self.index: MailIndex | None = None
 
     # --- plumbing ----------------------------------------------------------
 
@@ -157,8 +175,40 @@ class FragmentStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            self._watch(db)
             self._dbs[bucket] = db
         return db
+
+    def _watch(self, db: sqlite3.Connection) -> None:
+        """Temporary triggers: any change to a user's ``messages`` or ``mailboxes``
+        rows, by whichever code writes through this connection, drops that user
+        from :attr:`index`; a change to their ``shown`` rows drops those (see
+        :mod:`.mailindex`)."""
+        db.create_function("mailindex_touch", 1, self._touched, deterministic=False)
+        db.create_function("mailindex_shown", 1, self._shown_touched, deterministic=False)
+        for table, fn in (
+            ("messages", "mailindex_touch"),
+            ("mailboxes", "mailindex_touch"),
+            ("shown", "mailindex_shown"),
+        ):
+            for event, rows in (
+                ("INSERT", ("NEW",)),
+                ("DELETE", ("OLD",)),
+                ("UPDATE", ("OLD", "NEW")),
+            ):
+                calls = " ".join(f"SELECT {fn}({r}.user);" for r in rows)
+                db.execute(
+                    f"CREATE TEMP TRIGGER IF NOT EXISTS mailindex_{table}_{event.lower()} "
+                    f"AFTER {event} ON main.{table} BEGIN {calls} END"
+                )
+
+    def _touched(self, user: object) -> None:
+        if self.index is not None and isinstance(user, str):
+            self.index.invalidate(user)
+
+    def _shown_touched(self, user: object) -> None:
+        if self.index is not None and isinstance(user, str):
+            self.index.drop_shown(user)
 
     def _existing_buckets(self) -> list[int]:
         out = []
@@ -837,11 +887,16 @@ class FragmentStore:
                     "uidvalidity=excluded.uidvalidity",
                     [(user, name, v, n) for name, (v, n) in marks.items()],
                 )
-                out = dict(db.execute("SELECT mailbox, uidnext FROM shown WHERE user=?", (user,)))
+                rows = db.execute(
+                    "SELECT mailbox, uidvalidity, uidnext FROM shown WHERE user=?", (user,)
+                ).fetchall()
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            if self.index is not None:  # under the bucket lock: no other write in between
+                self.index.set_shown(user, {m: (int(v), int(n)) for m, v, n in rows})
+        out = {m: n for m, _, n in rows}
         return {name: int(out.get(name, n)) for name, (_, n) in marks.items()}
 
     def digests(self, user: str, mailbox: str) -> list[Digest]:
@@ -860,17 +915,53 @@ class FragmentStore:
             ).fetchall()
         return [Digest(u, k, s, _flags(f), d, self.node_id) for u, k, s, f, d in rows]
 
-    def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> dict[int, bytes]:
-        """Read bodies (outside the lock: a body file never changes once committed)."""
-        keys = self._keys(user, mailbox, uids)
+    def load_user(self, user: str) -> UserIndex:
+        """Everything :meth:`mailboxes` and :meth:`digests` say of ``user`` here, read
+        in one go under the bucket lock (INBOX created on first sight), and kept in
+        :attr:`index` unless a write to the user's rows raced the read."""
+        bucket = bucket_of(user)
+        with self._lock_for(bucket):
+            db = self._db(bucket)
+            self._ensure_inbox(db, user)
+            token = self.index.begin_fill(user) if self.index is not None else 0
+            try:
+                boxes = db.execute(
+                    "SELECT name, uidvalidity, uidnext, subscribed FROM mailboxes WHERE user=?",
+                    (user,),
+                ).fetchall()
+                rows = db.execute(
+                    "SELECT mailbox, uid, key, size, flags, internal_date FROM messages "
+                    "WHERE user=?",
+                    (user,),
+                ).fetchall()
+                me = self.node_id
+                entry = UserIndex.build(
+                    boxes,
+                    ((b, Digest(u, k, s, _flags(f), d, me)) for b, u, k, s, f, d in rows),
+                )
+            except BaseException:
+                if self.index is not None:
+                    self.index.abandon(user, token)
+                raise
+            if self.index is not None:
+                self.index.install(user, token, entry)
+        return entry
+
+    def read_bodies(self, user: str, keys: Mapping[int, str]) -> dict[int, bytes]:
+        """Read the bodies of ``keys`` (UID -> body key, e.g. from the index), each
+        file in one read into one buffer; a file gone (expunged meanwhile) is left out."""
         udir = self.user_path(user)
         out = {}
         for uid, key in keys.items():
             try:
-                out[uid] = (udir / key).read_bytes()
+                out[uid] = _read_file(udir / key)
             except FileNotFoundError:
-                continue  # expunged meanwhile
+                continue
         return out
+
+    def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> dict[int, bytes]:
+        """Read bodies (outside the lock: a body file never changes once committed)."""
+        return self.read_bodies(user, self._keys(user, mailbox, uids))
 
     def _keys(self, user: str, mailbox: str, uids: Iterable[int]) -> dict[int, str]:
         name = mailbox_name(mailbox)
@@ -1077,11 +1168,19 @@ class MailboxManager:
     log = Logger()
 
     def __init__(
-        self, reactor: Any, threadpool: ThreadPool, store: FragmentStore, max_batch: int = 256
+        self,
+        reactor: Any,
+        threadpool: ThreadPool,
+        store: FragmentStore,
+        max_batch: int = 256,
+        index: MailIndex | None = None,
     ) -> None:
         self.reactor = reactor
         self.pool = threadpool
         self.fragments = store
+        #: The in-memory mailbox index (:mod:`.mailindex`); None or a bound of 0: off.
+        self.index = index if index is not None and index.enabled else None
+        store.index = self.index
         self.node_id = store.node_id
         self.max_batch = max_batch
         self._pending: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
@@ -1206,9 +1305,22 @@ class MailboxManager:
 
     # --- the rest, straight through the pool --------------------------------
 
+    def _user(self, user: str) -> Deferred[UserIndex] | UserIndex:
+        """``user``'s index entry: at once when warm, else filled on the pool."""
+        assert self.index is not None
+        entry = self.index.lookup(user)
+        if entry is not None:
+            return entry
+        return self._run(self.fragments.load_user, user)
+
     def mailboxes(self, user: str) -> Deferred[list[MailboxInfo]]:
-        """See :class:`IMailboxManager`."""
-        return self._run(self.fragments.mailboxes, user)
+        """See :class:`IMailboxManager` (from the index when it is on)."""
+        if self.index is None:
+            return self._run(self.fragments.mailboxes, user)
+        got = self._user(user)
+        if isinstance(got, UserIndex):
+            return succeed(list(got.tree))
+        return got.addCallback(lambda e: list(e.tree))
 
     def create_mailbox(self, user: str, name: str) -> Deferred[MailboxInfo]:
         """See :class:`IMailboxManager`."""
@@ -1227,12 +1339,58 @@ class MailboxManager:
         return self._run(self.fragments.subscribe, user, name, subscribed)
 
     def digests(self, user: str, mailbox: str) -> Deferred[list[Digest]]:
-        """See :class:`IMailboxManager`."""
-        return self._run(self.fragments.digests, user, mailbox)
+        """See :class:`IMailboxManager` (from the index when it is on)."""
+        if self.index is None:
+            return self._run(self.fragments.digests, user, mailbox)
+        try:
+            name = mailbox_name(mailbox)
+        except NoSuchMailbox:
+            return fail()
+        got = self._user(user)
+        if isinstance(got, UserIndex):
+            return maybeDeferred(_digests_of, got, name)
+        return got.addCallback(_digests_of, name)
+
+    def view(
+        self, user: str, mailbox: str
+    ) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
+        """The user's mailbox tree here and ``mailbox``'s messages (None: no such mailbox
+        here) in one call: what a SELECT, STATUS or POP3 login asks each fragment node
+        (one RPC per remote node instead of two).  From memory when the index is warm."""
+        try:
+            name = mailbox_name(mailbox)
+        except NoSuchMailbox:
+            return fail()
+        if self.index is None:
+            return self._run(self._view_blocking, user, name)
+        got = self._user(user)
+        if isinstance(got, UserIndex):
+            return succeed(_view_of(got, name))
+        return got.addCallback(_view_of, name)
+
+    def _view_blocking(self, user: str, name: str) -> tuple[list[MailboxInfo], list[Digest] | None]:
+        tree = self.fragments.mailboxes(user)
+        try:
+            return tree, self.fragments.digests(user, name)
+        except NoSuchMailbox:
+            return tree, None
 
     def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
-        """See :class:`IMailboxManager`."""
-        return self._run(self.fragments.fetch, user, mailbox, list(uids))
+        """See :class:`IMailboxManager`.  With the user's index warm, the body keys
+        come from memory and the pool only reads the files."""
+        entry = self.index.lookup(user) if self.index is not None else None
+        if entry is None:
+            return self._run(self.fragments.fetch, user, mailbox, list(uids))
+        try:
+            name = mailbox_name(mailbox)
+        except NoSuchMailbox:
+            return fail()
+        box = entry.boxes.get(name, ())
+        wanted = set(uids)
+        keys = {d.uid: d.key for d in box if d.uid in wanted}
+        if not keys:
+            return succeed({})
+        return self._run(self.fragments.read_bodies, user, keys)
 
     def set_flags(
         self, user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
@@ -1285,5 +1443,32 @@ class MailboxManager:
         return self._run(self.fragments.demote, user, mailbox, uid, key)
 
     def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
-        """See :meth:`FragmentStore.shown`."""
+        """See :meth:`FragmentStore.shown`.  When every mark is already durable here (same
+        UIDVALIDITY, UIDNEXT recorded at least as high), the answer comes from memory:
+        no pool trip, no write, no fsync."""
+        if self.index is not None:
+            known = self.index.shown_of(user)
+            if known is not None:
+                out = {}
+                for name, (validity, uidnext) in marks.items():
+                    have = known.get(name)
+                    if have is None or have[0] != validity or have[1] < uidnext:
+                        break
+                    out[name] = have[1]
+                else:
+                    self.index.shown_skipped += 1
+                    return succeed(out)
         return self._run(self.fragments.shown, user, dict(marks))
+
+
+def _digests_of(entry: UserIndex, name: str) -> list[Digest]:
+    """``name``'s messages from ``entry`` (``NoSuchMailbox`` if it has no such mailbox)."""
+    box = entry.boxes.get(name)
+    if box is None:
+        raise NoSuchMailbox(f"no mailbox {name}")
+    return list(box)
+
+
+def _view_of(entry: UserIndex, name: str) -> tuple[list[MailboxInfo], list[Digest] | None]:
+    box = entry.boxes.get(name)
+    return list(entry.tree), None if box is None else list(box)

@@ -193,7 +193,8 @@ class PorcupineSession:
 
         def create(infos: list[MailboxInfo]) -> Deferred[Any]:
             have = {i.name for i in infos}
-            ds = [self.mail.create(n) for n in SPECIAL_USE if n not in have]
+            # the merged tree just read lacks them: no fragment asked again per name
+            ds = [self.mail.create(n, absent=True) for n in SPECIAL_USE if n not in have]
             return gatherResults(ds, consumeErrors=True) if ds else succeed(None)
 
         def failed(f: Failure) -> None:
@@ -244,26 +245,36 @@ class PorcupineSession:
     def subscribe(self, name: str, on: bool) -> Deferred[None]:
         return self.mail.subscribe(_canonical(name), on).addErrback(as_imap_error)
 
+    def _open(self, name: str) -> Deferred[tuple[MailboxInfo, list[Digest]]]:
+        """The mailbox's info and its (complete) digests, one ask per fragment node."""
+        want = _canonical(name)
+
+        def find(got: tuple[list[MailboxInfo], list[Digest]]) -> tuple[MailboxInfo, list[Digest]]:
+            for i in got[0]:
+                if i.name == want:
+                    return i, got[1]
+            raise ImapError(f"no mailbox {name}", "NONEXISTENT")
+
+        return self.mail.open_mailbox(want, complete=True).addCallbacks(find, as_imap_error)
+
     def status(self, name: str) -> Deferred[MailboxStatus]:
-        def count(info: MailboxInfo) -> Deferred[MailboxStatus]:
-            def got(digests: list[Digest]) -> MailboxStatus:
-                unseen = sum(1 for d in digests if "\\Seen" not in d.flags)
-                deleted = sum(1 for d in digests if "\\Deleted" in d.flags)
-                top = max((d.uid for d in digests), default=0)
-                return MailboxStatus(
-                    len(digests),
-                    max(info.uidnext, top + 1),
-                    info.uidvalidity,
-                    unseen,
-                    0,
-                    0,
-                    sum(d.size for d in digests),
-                    deleted,
-                )
+        def count(opened: tuple[MailboxInfo, list[Digest]]) -> MailboxStatus:
+            info, digests = opened
+            unseen = sum(1 for d in digests if "\\Seen" not in d.flags)
+            deleted = sum(1 for d in digests if "\\Deleted" in d.flags)
+            top = max((d.uid for d in digests), default=0)
+            return MailboxStatus(
+                len(digests),
+                max(info.uidnext, top + 1),
+                info.uidvalidity,
+                unseen,
+                0,
+                0,
+                sum(d.size for d in digests),
+                deleted,
+            )
 
-            return self.mail.digests(info.name, complete=True).addCallbacks(got, as_imap_error)
-
-        return self._info(name).addCallback(count)
+        return self._open(name).addCallback(count)
 
     def append(
         self, name: str, message: bytes, flags: tuple[str, ...], date: float | None
@@ -286,13 +297,13 @@ class PorcupineSession:
         return self._info(name, "TRYCREATE").addCallback(store)
 
     def select(self, name: str, readonly: bool) -> Deferred[PorcupineMailbox]:
-        def opened(info: MailboxInfo) -> PorcupineMailbox:
-            box = PorcupineMailbox(self, info, readonly)
+        def opened(got: tuple[MailboxInfo, list[Digest]]) -> PorcupineMailbox:
+            box = PorcupineMailbox(self, got[0], readonly, first=got[1])
             self.boxes.append(box)
             self.backend.registry.open(box)
             return box
 
-        return self._info(name).addCallback(opened)
+        return self._open(name).addCallback(opened)
 
     def logout(self) -> None:
         for box in list(self.boxes):
@@ -307,8 +318,16 @@ class PorcupineMailbox:
     flags = PERMANENT_FLAGS
     permanent_flags = PERMANENT_FLAGS
 
-    def __init__(self, session: PorcupineSession, info: MailboxInfo, readonly: bool) -> None:
+    def __init__(
+        self,
+        session: PorcupineSession,
+        info: MailboxInfo,
+        readonly: bool,
+        first: list[Digest] | None = None,
+    ) -> None:
         self.session = session
+        #: The digests read with the mailbox's info at SELECT: the first snapshot.
+        self._first = first
         self.mail = session.mail
         self.registry = session.backend.registry
         self.name = info.name
@@ -326,7 +345,10 @@ class PorcupineMailbox:
 
     def snapshot(self) -> Deferred[Snapshot]:
         # complete: NO [UNAVAILABLE] rather than a listing lacking mail out of reach
-        d: Deferred[Any] = self.mail.digests(self.name, complete=True)
+        first, self._first = self._first, None
+        d: Deferred[Any] = (
+            succeed(first) if first is not None else self.mail.digests(self.name, complete=True)
+        )
         d.addCallbacks(self._snap, as_imap_error)
         if self._watch is not None and self._last is not None:
             d.addErrback(self._no_news)

@@ -169,9 +169,64 @@ class UserMail:
         """Every mailbox with its counters (merged over the fragments in a cluster)."""
         if not self.cluster:
             return self._home().mailboxes(self.address)
-        d = self._trees().addCallback(_merge_trees)
-        d.addCallback(self._inbox_validity)
+        return self._trees().addCallback(self._tree_of)
+
+    def _tree_of(self, trees: list[tuple[str, list[MailboxInfo]]]) -> Deferred[list[MailboxInfo]]:
+        """The merged tree shown to the client, from each node's tree."""
+        d = self._inbox_validity(_merge_trees(trees))
         return d.addCallback(self._monotonic)
+
+    def open_mailbox(
+        self, mailbox: str, complete: bool = True
+    ) -> Deferred[tuple[list[MailboxInfo], list[Digest]]]:
+        """:meth:`mailboxes` and :meth:`digests` of ``mailbox`` together, as a SELECT,
+        STATUS or POP3 login wants them, asking each fragment node once (``view``:
+        one RPC per remote node where two calls took two)."""
+        if not self.cluster:
+            return self.mailboxes().addCallback(
+                lambda infos: self.digests(mailbox, complete).addCallback(lambda ds: (infos, ds))
+            )
+        want = INBOX if mailbox.upper() == INBOX else mailbox
+
+        def ask(m: IMailboxManager) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
+            view = getattr(m, "view", None)
+            if view is not None:
+                got: Deferred[tuple[list[MailboxInfo], list[Digest] | None]] = view(
+                    self.address, want
+                )
+                return got
+
+            def missing(f: Failure) -> None:
+                f.trap(NoSuchMailbox)
+                return None
+
+            both: list[Deferred[Any]] = [
+                m.mailboxes(self.address),
+                m.digests(self.address, want).addErrback(missing),
+            ]
+            return gatherResults(both, consumeErrors=True).addCallbacks(
+                lambda r: (r[0], r[1]), _unwrap
+            )
+
+        def split(
+            results: list[tuple[str, tuple[list[MailboxInfo], list[Digest] | None]]],
+        ) -> Deferred[tuple[list[MailboxInfo], list[Digest]]]:
+            parts = []
+            for node, (_, digests) in results:
+                if digests is None:
+                    if node == self.home:
+                        raise NoSuchMailbox(f"no mailbox {want}")
+                    digests = []  # a fragment node may lack a mailbox the home has
+                parts.append((node, digests))
+            merged = self._merge_parts(want, parts)
+
+            def both(infos: list[MailboxInfo]) -> tuple[list[MailboxInfo], list[Digest]]:
+                # after the tree: it notes mailboxes shown shorter than before
+                return infos, self._check_complete(merged, want) if complete else merged
+
+            return self._tree_of([(n, t) for n, (t, _) in results]).addCallback(both)
+
+        return self._ask_all(ask).addCallback(split)
 
     def _inbox_validity(self, infos: list[MailboxInfo]) -> Deferred[list[MailboxInfo]]:
         """INBOX's UIDVALIDITY is the profile's creation second, the same on every node
@@ -209,8 +264,10 @@ class UserMail:
             lambda trees: [n for n, infos in trees if any(i.name == want for i in infos)]
         )
 
-    def create(self, name: str) -> Deferred[MailboxInfo]:
-        """CREATE (on the home node; MailboxExists if any fragment has it)."""
+    def create(self, name: str, absent: bool = False) -> Deferred[MailboxInfo]:
+        """CREATE (on the home node; MailboxExists if any fragment has it).  ``absent``:
+        the caller has just seen the merged tree without ``name`` (no fragment asked
+        again)."""
         if not self.cluster:
             return self._home().create_mailbox(self.address, name)
 
@@ -219,7 +276,7 @@ class UserMail:
                 raise MailboxExists(f"mailbox {name} already exists")
             return self._home().create_mailbox(self.address, name)
 
-        d = self._holders(name.rstrip("/")).addCallback(check)
+        d = check([]) if absent else self._holders(name.rstrip("/")).addCallback(check)
         return self._log_boxes(d, lambda: [(name.rstrip("/"), True, None, None)])
 
     def _on_holders(
@@ -338,41 +395,42 @@ class UserMail:
 
             return m.digests(self.address, mailbox).addErrback(missing)
 
-        def merge(parts: list[tuple[str, list[Digest]]]) -> list[Digest]:
-            # Copies of one message (replicas) share UID, size and internal date:
-            # listed once.  Two different messages under one UID (numbered on two
-            # sides of a partition before either noticed, or older data) are never
-            # both listed (a client cannot tell them apart: UID FETCH would pair
-            # one's flags with the other's body): the oldest keeps the UID, the
-            # others go back to unnumbered and their manager numbers them afresh,
-            # above every UID shown (hidden only until then).
-            seen: dict[int, list[Digest]] = {}
-            for _, part in parts:
-                for d in part:
-                    same = seen.setdefault(d.uid, [])
-                    # replicated copies share their key (the object's id) as well
-                    twin = next(
-                        (
-                            x
-                            for x in same
-                            if (x.size, x.internal_date) == (d.size, d.internal_date)
-                            or (x.key == d.key and x.size == d.size)
-                        ),
-                        None,
-                    )
-                    if twin is not None and twin.node != d.node:
-                        self._copies.setdefault((mailbox, d.uid), []).append(d.node)
-                    elif twin is None:
-                        same.append(d)
-            out = []
-            for u in sorted(seen):
-                keep, *extra = sorted(seen[u], key=lambda x: (x.internal_date, x.node, x.key))
-                out.append(keep)
-                for d in extra:
-                    self._renumber(mailbox, d)
-            return out
+        return self._ask_all(tolerant).addCallback(lambda parts: self._merge_parts(mailbox, parts))
 
-        return self._ask_all(tolerant).addCallback(merge)
+    def _merge_parts(self, mailbox: str, parts: list[tuple[str, list[Digest]]]) -> list[Digest]:
+        """One listing from each node's digests of ``mailbox``."""
+        # Copies of one message (replicas) share UID, size and internal date:
+        # listed once.  Two different messages under one UID (numbered on two
+        # sides of a partition before either noticed, or older data) are never
+        # both listed (a client cannot tell them apart: UID FETCH would pair
+        # one's flags with the other's body): the oldest keeps the UID, the
+        # others go back to unnumbered and their manager numbers them afresh,
+        # above every UID shown (hidden only until then).
+        seen: dict[int, list[Digest]] = {}
+        for _, part in parts:
+            for d in part:
+                same = seen.setdefault(d.uid, [])
+                # replicated copies share their key (the object's id) as well
+                twin = next(
+                    (
+                        x
+                        for x in same
+                        if (x.size, x.internal_date) == (d.size, d.internal_date)
+                        or (x.key == d.key and x.size == d.size)
+                    ),
+                    None,
+                )
+                if twin is not None and twin.node != d.node:
+                    self._copies.setdefault((mailbox, d.uid), []).append(d.node)
+                elif twin is None:
+                    same.append(d)
+        out = []
+        for u in sorted(seen):
+            keep, *extra = sorted(seen[u], key=lambda x: (x.internal_date, x.node, x.key))
+            out.append(keep)
+            for d in extra:
+                self._renumber(mailbox, d)
+        return out
 
     def _renumber(self, mailbox: str, d: Digest) -> None:
         """``d`` shares its UID with another message: back to unnumbered on its node,

@@ -55,6 +55,7 @@ from .fragments import FragmentStore, MailboxManager
 from .imap_backend import MailboxRegistry, PorcupineImapBackend
 from .imap_server import PorcupineImapFactory
 from .interfaces import IMailboxManager, IUserManager
+from .mailindex import DEFAULT_MAX_ROWS, MailIndex
 from .outbound import OutboundSender, RetryPolicy, Routes
 from .profiledb import ProfileDB
 from .retrieval import RetrievalProxy
@@ -137,6 +138,7 @@ class MailService(MultiService):
         imaps: str | None = None,
         allow_plaintext_auth: bool = False,
         other_domains: Sequence[str] = (),
+        mail_index_rows: int = DEFAULT_MAX_ROWS,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -177,7 +179,11 @@ class MailService(MultiService):
 
         self.user_map = LocalUserMap(node_id)
         self.fragment_store = FragmentStore(self.data_dir, node_id, now)
-        self.mailbox_manager = MailboxManager(reactor, self.pool, self.fragment_store)
+        #: Users' mailboxes here in memory (issue 20), bounded by ``mail_index_rows``.
+        self.mail_index = MailIndex(mail_index_rows)
+        self.mailbox_manager = MailboxManager(
+            reactor, self.pool, self.fragment_store, index=self.mail_index
+        )
         self.profiles = ProfileDB(
             reactor, self.pool, self.data_dir / "mail" / "profiles.sqlite", now
         )
@@ -472,6 +478,7 @@ class MailService(MultiService):
             "client_errors": self.client_errors.status(),
             "mail_sessions": self.client_errors.activity(),
             "imap_open_mailboxes": self.registry.count(),
+            "mail_index": self.mail_index.status(),
             "outbound": self.outbound.status(),
             # No certificate: IMAP LOGIN, POP3 USER/PASS (and SMTP AUTH is off) in clear.
             "plaintext_passwords": self.tls is None,

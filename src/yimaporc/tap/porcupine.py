@@ -41,6 +41,9 @@ class Options(NodeOptions):
          "Seconds between outbound attempts, comma-separated; the last repeats."],
         ["queue-lifetime", None, str(5 * 86400),
          "Seconds a message may wait in the outbound queue before it bounces."],
+        ["mail-index-rows", None, "200000",
+         "Bound of the in-memory mailbox index: messages plus mailboxes over all users "
+         "(about 350 bytes each; least recently used users dropped first; 0 turns it off)."],
     ]  # fmt: skip
 
     optFlags: list[list[Any]] = [
@@ -134,6 +137,12 @@ class Options(NodeOptions):
                 "--queue-lifetime positive seconds"
             )
         self.retry = RetryPolicy(backoff, lifetime)
+        rows = str(self["mail-index-rows"]).strip()
+        if not rows.isdigit() or int(rows) > 100_000_000:
+            raise usage.UsageError(
+                "--mail-index-rows must be a whole number from 0 (off) to 100000000"
+            )
+        self.mail_index_rows = int(rows)
 
 
 def makeService(options: Options) -> IService:
@@ -170,6 +179,7 @@ def makeService(options: Options) -> IService:
             pop3s=options["pop3s"],
             imaps=options["imaps"],
             allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
+            mail_index_rows=options.mail_index_rows,
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from e

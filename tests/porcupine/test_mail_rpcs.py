@@ -1,0 +1,206 @@
+"""RPCs a POP3 or IMAP session makes in a cluster: none when the user's mail, home and
+manager are on the serving node; one per remote fragment node per command otherwise."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailtest_helpers import result_of
+from test_cluster_sim import DOMAIN, Net, add_user
+from twisted.internet.testing import StringTransport
+
+from yimaporc.porcupine.cluster import MbStore
+from yimaporc.porcupine.fragments import FragmentStore, MailboxManager
+from yimaporc.porcupine.usermap import bucket_of
+
+MB = "porcupine.mb."
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Net:
+    n = Net(tmp_path)
+    for i in (1, 2, 3):
+        n.add(f"n{i}")
+    n.commit(["n1", "n2", "n3"])
+    return n
+
+
+def local_user(net: Net, node: str) -> str:
+    """A user whose bucket manager and mailbox home are both ``node``."""
+    cluster = net.nodes[node].cluster
+    for i in range(10_000):
+        user = f"rpc{i}@{DOMAIN}"
+        if net.map.owners[bucket_of(user)] == node and cluster.home_of(user) == node:
+            return user
+    raise AssertionError("no such user")
+
+
+def pop3(net: Net, node: str, user: str, *commands: bytes) -> list[list[bytes]]:
+    """Run a POP3 session at ``node``; each command's reply lines."""
+    p = net.nodes[node].mail._pop3_protocol()
+    t = StringTransport()
+    p.makeConnection(t)
+    out = []
+    for line in (b"USER " + user.encode(), b"PASS pw", *commands):
+        t.clear()
+        p.dataReceived(line + b"\r\n")
+        out.append([x for x in t.value().split(b"\r\n") if x])
+    return out
+
+
+class Imap:
+    """An IMAP connection to one node, on a memory transport."""
+
+    def __init__(self, net: Net, node: str) -> None:
+        self.p: Any = net.nodes[node].mail._imap_factory(False).buildProtocol(None)
+        self.t = StringTransport()
+        self.p.makeConnection(self.t)
+        self.n = 0
+
+    def __call__(self, line: bytes) -> bytes:
+        """Send one command; its tagged reply."""
+        self.n += 1
+        tag = b"a%d " % self.n
+        self.t.clear()
+        self.p.dataReceived(tag + line + b"\r\n")
+        (done,) = [x for x in self.t.value().split(b"\r\n") if x.startswith(tag)]
+        return done
+
+
+def imap(net: Net, node: str, *commands: bytes) -> list[bytes]:
+    """Run IMAP commands at ``node`` on one connection; the tagged reply of each."""
+    session = Imap(net, node)
+    return [session(c) for c in commands]
+
+
+def mb_calls(net: Net) -> Counter[str]:
+    return Counter({k: v for k, v in net.calls.items() if k.startswith(MB)})
+
+
+def test_sessions_make_no_rpc_when_everything_is_local(net: Net) -> None:
+    """POP3 (login, STAT, LIST, RETR, QUIT) and IMAP (LOGIN, LIST, STATUS, SELECT, FETCH,
+    STORE, NOOP) at the node holding the user's mail, home and manager: no RPC at all."""
+    user = local_user(net, "n1")
+    add_user(net, "n1", user)
+    for i in range(3):
+        (d,) = net.nodes["n1"].deliver(user, b"Subject: %d\r\n\r\n.dot line %d\r\n" % (i, i))
+        assert d.node == "n1"
+    net.calls.clear()
+    replies = pop3(net, "n1", user, b"STAT", b"LIST", b"RETR 2", b"QUIT")
+    assert replies[1][0].startswith(b"+OK") and replies[2][0].startswith(b"+OK 3 ")
+    assert replies[4][0].startswith(b"+OK") and b"..dot line 1" in replies[4]
+    tagged = imap(
+        net,
+        "n1",
+        b"LOGIN " + user.encode() + b" pw",
+        b'LIST "" *',
+        b"STATUS INBOX (MESSAGES UNSEEN)",
+        b"SELECT INBOX",
+        b"FETCH 1:3 (FLAGS BODY.PEEK[])",
+        b"STORE 1 +FLAGS (\\Seen)",
+        b"NOOP",
+        b"LOGOUT",
+    )
+    assert all(b" OK " in x for x in tagged), tagged
+    assert net.calls == Counter(), "no RPC of any kind"
+
+
+def test_remote_fragment_is_asked_once_per_command(net: Net) -> None:
+    """Mail on another node: a POP3 login asks it once (view, was mailboxes + digests),
+    each RETR once (fetch); an IMAP LOGIN once (mailboxes, special-use folders created
+    without asking again per folder), SELECT once (view), STATUS once (view) besides the
+    selected mailbox's refresh, a FETCH of several messages once besides that refresh."""
+    user = local_user(net, "n1")
+    add_user(net, "n1", user)
+    net.refuse.add(("n1", MbStore.commandName))  # type: ignore[arg-type]
+    for i in range(3):
+        (d,) = net.nodes["n2"].deliver(user, b"Subject: %d\r\n\r\nbody\r\n" % i)
+        assert d.node != "n1"
+    remote = d.node
+    net.refuse.clear()
+    net.calls.clear()
+    pop3(net, "n1", user)
+    assert mb_calls(net) == Counter({MB + "view": 1}), "login: one view of the remote node"
+    net.calls.clear()
+    pop3(net, "n1", user, b"STAT", b"LIST", b"RETR 1", b"RETR 2", b"QUIT")
+    assert mb_calls(net) == Counter({MB + "view": 1, MB + "fetch": 2})
+    session = Imap(net, "n1")
+    for command, want in (
+        (b"LOGIN " + user.encode() + b" pw", {MB + "mailboxes": 1}),
+        (b"SELECT INBOX", {MB + "view": 1}),
+        # With a mailbox selected, the session's refresh of it (before FETCH, after other
+        # commands) asks the node once more (digests): not batched yet.
+        (b"STATUS Sent (MESSAGES)", {MB + "view": 1, MB + "digests": 1}),
+        (b"FETCH 1:3 (BODY.PEEK[])", {MB + "digests": 1, MB + "fetch": 1}),
+        (b"NOOP", {MB + "digests": 1}),
+    ):
+        net.calls.clear()
+        reply = session(command)
+        assert b" OK " in reply, (command, reply)
+        assert mb_calls(net) == Counter(want), (command, net.calls)
+    assert {remote} <= set(net.nodes)
+
+
+def test_warm_index_serves_listings_without_the_pool(net: Net) -> None:
+    """With the user's index warm, IMAP UID FETCH FLAGS, NOOP, STATUS, LIST take no
+    thread-pool job at all, and a POP3 session's only mail-store job is its RETR's file
+    read (its login's password check aside)."""
+    user = local_user(net, "n1")
+    add_user(net, "n1", user)
+    for i in range(3):
+        net.nodes["n1"].deliver(user, b"Subject: %d\r\n\r\nbody\r\n" % i)
+    pool = net.nodes["n1"].mail.pool
+    jobs: list[str] = []
+    run = pool.callInThreadWithCallback
+
+    def counted(on_result: Any, f: Any, *a: Any, **kw: Any) -> None:
+        jobs.append(getattr(f, "__name__", repr(f)))
+        run(on_result, f, *a, **kw)
+
+    pool.callInThreadWithCallback = counted
+    session = Imap(net, "n1")
+    assert b" OK " in session(b"LOGIN " + user.encode() + b" pw")
+    assert b" OK " in session(b"SELECT INBOX")
+    jobs.clear()
+    for command in (b"UID FETCH 1:* (FLAGS)", b"NOOP", b"STATUS Sent (MESSAGES)", b'LIST "" *'):
+        assert b" OK " in session(command), command
+    assert jobs == []
+    replies = pop3(net, "n1", user, b"STAT", b"LIST")
+    assert replies[2][0].startswith(b"+OK 3 ")
+    jobs.clear()
+    replies = pop3(net, "n1", user, b"STAT", b"LIST", b"RETR 1")
+    # the login's own jobs (profile, password) aside: the mail store only reads the file
+    store_jobs = set(dir(FragmentStore)) | set(dir(MailboxManager))
+    assert [j for j in jobs if j in store_jobs] == ["read_bodies"], jobs
+
+
+def test_view_falls_back_to_two_calls_on_an_older_peer(net: Net) -> None:
+    """A peer without porcupine.mb.view (rolling upgrade) answers UnhandledCommand: the
+    proxy asks mailboxes and digests instead and gets the same answer (missing mailbox:
+    None)."""
+    from twisted.internet.defer import fail
+    from twisted.protocols import amp
+
+    from yimaporc.porcupine.cluster import MbView, RemoteMailboxManager
+
+    user = local_user(net, "n2")
+    add_user(net, "n1", user)
+    net.nodes["n2"].deliver(user, b"Subject: x\r\n\r\nbody\r\n")
+    asked: list[str] = []
+
+    def call(node: str, command: Any, **kw: Any) -> Any:
+        asked.append(command.commandName.decode())
+        if command is MbView:
+            return fail(amp.UnhandledCommand("porcupine.mb.view"))
+        return net.dispatch("n1", node, command, kw)
+
+    old = RemoteMailboxManager("n2", call)
+    new = net.nodes["n1"].cluster.mailboxes_for("n2")
+    for box in ("INBOX", "Nope"):
+        want = result_of(new.view(user, box))
+        assert result_of(old.view(user, box)) == want
+    assert want[1] is None and want[0]
+    assert asked == [MB + "view", MB + "mailboxes", MB + "digests"] * 2
