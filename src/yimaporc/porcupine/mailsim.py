@@ -72,6 +72,7 @@ from ..sim.network import Faults, SimNetwork, SimNode
 from .balancer import LoadBalancer, load_figure
 from .reconstruct import (
     HEDGE_DELAY,
+    HORIZON_AGE,
     LEASE,
     MARK_TIMEOUT,
     PAUSE_GRACE,
@@ -79,6 +80,7 @@ from .reconstruct import (
     SWEEP_INTERVAL,
     Action,
     BucketHint,
+    Horizon,
     MajorityWrite,
     NeedMark,
     Number,
@@ -337,6 +339,9 @@ class MailSim:
         self.away_installs = 0
         self._n_started = 0
         self.checker = UidChecker()
+        #: Reads show only what is below the manager's visibility horizon
+        #: (:class:`~yimaporc.porcupine.reconstruct.Horizon`); False: the old reads.
+        self.visibility = True
         self.faults_done: Counter[str] = Counter()
         #: (user, node) a proxy recorded as a holder, no store there answered yet.
         self.recorded_unstored: set[tuple[str, str]] = set()
@@ -786,6 +791,7 @@ class MailSim:
             unfenced=unfenced,
             again=again,
             numbering=numbering,
+            now=self.net.now,
         )
         if isinstance(got, Taken):
             done(got.first, got.fence)
@@ -861,7 +867,7 @@ class MailSim:
             def done(r: tuple[int, int, int]) -> None:
                 if m.core is not core:
                     return
-                if core.number_done(job.user, job.node, *r, self.net.now):
+                if core.number_done(job.user, job.node, *r, self.net.now, first=first):
                     self._record_holder(m, job.user, job.node, lambda: None)
                 self._arm(m)
 
@@ -1180,11 +1186,11 @@ class MailSim:
             refused()
             return
 
-        def gather(answer: tuple[list[str], list[str], bool] | None) -> None:
+        def gather(answer: tuple[list[str], list[str], bool, Horizon, float] | None) -> None:
             if answer is None:
                 refused()
                 return
-            frags, away, certain = answer
+            frags, away, certain, horizon, answered_at = answer
             if not certain or away:
                 refused("not certain" if not certain else f"away {away}")
                 return
@@ -1196,10 +1202,19 @@ class MailSim:
                     refused("a holder did not answer")
                     return
                 merged = max([1, *(n for _, n in got.values())])
+                listing = [(msg, uid) for pairs, _ in got.values() for msg, uid in pairs]
+                if self.visibility and self.net.now - answered_at > HORIZON_AGE:
+                    refused("the manager's answer is too old")
+                    return
+                if self.visibility:
+                    # The visibility horizon: nothing at or above an outstanding UID
+                    # not found (it may still land), nor above the manager's counter.
+                    bound = horizon.bound(uid for _, uid in listing)
+                    listing = [(msg, uid) for msg, uid in listing if uid < bound]
+                    merged = min(merged, bound)
                 if merged < p.shown.get(user, 1):
                     refused(f"UIDNEXT {merged} below shown {p.shown.get(user, 1)}: {frags}")
                     return
-                listing = [(msg, uid) for pairs, _ in got.values() for msg, uid in pairs]
                 if p.up and p.incarnation == inc:
                     p.shown[user] = merged  # the node's ``shown`` table (durable)
                 self.checker.read(proxy, user, listing, merged)
@@ -1248,6 +1263,8 @@ class MailSim:
                         sorted(core.state.fragment_list(user)),
                         sorted(core.state.away_list(user)),
                         core.certain(user),
+                        core.horizon(user, self.net.now),
+                        self.net.now,
                     )
                 )
 
