@@ -333,3 +333,41 @@ def test_horizon_decode_rejects_junk_and_collapses_conservatively() -> None:
     assert h is not None and len(h.outstanding) == MAX_OUTSTANDING
     found = [f for f, _ in many[: MAX_OUTSTANDING + 10]]
     assert h.bound(found) <= Horizon(tuple(many), top).bound(found)
+
+
+def test_a_fragment_node_without_a_majority_record_is_unrecorded() -> None:
+    """Regression (mailsim seed 18, clean partition before failure detection): a node
+    in the fragment list only by a delivery's note (its holder record failed: no
+    majority on this side) is ``unrecorded``, so the next delivery records it before a
+    numbered store there instead of numbering mail the other side's manager cannot
+    know of; recorded holders (from hints, or confirmed in this tenure) are not."""
+    user = users_of(3)[0]
+    c = numbering_core(user)
+    fence = c.fence(bucket_of(user, NB))
+    c.receive("n1", BucketHint(3, 4, (UserHint(user, True, 5),), (), 1, ((user, "n1"),)), 1)
+    assert c.add_fragment(user, "n2")
+    assert c.record_holder(user, "n2", lease=True) == (3, fence)
+    c.holder_recorded(user, "n2", fence, ok=False)  # no majority answered
+    assert c.state.fragment_list(user) >= {"n1", "n2"}
+    assert c.unrecorded(user) == {"n0", "n2"}  # n0: has_mail in its own hint, no record
+    assert c.record_holder(user, "n2", lease=True) == (3, fence)
+    c.holder_recorded(user, "n2", fence, ok=True)
+    assert c.unrecorded(user) == {"n0"}
+
+
+def test_a_recorded_holder_leaving_before_its_hint_is_away() -> None:
+    """Regression (mailsim seed 17): a hint named n1 as a recorded holder while n1 was
+    a member, n1's own hint never came (the bucket settled missing it, reads refused),
+    then n1 left the view: it must be away (reads refused), not forgotten with the
+    missing entry (reads then listed the mailbox without n1's mail as complete)."""
+    user = users_of(3)[0]
+    c = Reconstruction("n2", NB, settle_timeout=2.0)
+    c.known = {"n0", "n1", "n2", "n3", "n4"}
+    c.install(all_to("n2", 7), ["n0", "n1", "n2", "n4"], view=7, now=0.0)
+    for n in ("n0", "n2", "n4"):
+        c.receive(n, BucketHint(3, 7, (), (), 1, ((user, "n1"),)), 7, now=0.1)
+    c.tick(2.5, lease=True)
+    assert not c.certain(user), "n1's hint is missing"
+    c.install(all_to("n2", 7), ["n0", "n2", "n4"], view=8, now=3.0)
+    assert c.certain(user)
+    assert c.state.away_list(user) == {"n1"}

@@ -261,6 +261,7 @@ class _Delivery:
     proxy: str
     incarnation: int
     fragments: list[str] = attrs.field(factory=list)
+    unrecorded: set[str] = attrs.field(factory=set)  # of ``fragments``: no majority record
     uid: int = 0
     fence: str = ""
     plan_from: str = ""
@@ -342,6 +343,9 @@ class MailSim:
         #: Reads show only what is below the manager's visibility horizon
         #: (:class:`~yimaporc.porcupine.reconstruct.Horizon`); False: the old reads.
         self.visibility = True
+        #: A numbered store goes to a fragment node no majority recorded as a holder
+        #: only after its record (:meth:`Reconstruction.unrecorded`); False: the old rule.
+        self.record_first = True
         self.faults_done: Counter[str] = Counter()
         #: (user, node) a proxy recorded as a holder, no store there answered yet.
         self.recorded_unstored: set[tuple[str, str]] = set()
@@ -1008,15 +1012,19 @@ class MailSim:
         self.deliveries += 1
         unfenced = self.config.replicas > 1
 
-        def got(plan: tuple[list[str], int, str, float] | None) -> None:
+        def got(plan: tuple[list[str], int, str, float, set[str]] | None) -> None:
             if plan is not None:
-                d.fragments, d.uid, d.fence, d.planned_at = list(plan[0]), *plan[1:]
+                d.fragments, d.uid, d.fence, d.planned_at = list(plan[0]), *plan[1:4]
+                d.unrecorded = set(plan[4]) if self.record_first else set()
             self._store(d)
 
         def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
             def answer(first: int, fence: str) -> None:
                 # the allocation's time at the manager (its age is checked at the store)
-                respond((self._fragments_of(dst, user) or [], first, fence, self.net.now))
+                core = dst.core
+                unrecorded = core.unrecorded(user) if core is not None else set()
+                frags = self._fragments_of(dst, user) or []
+                respond((frags, first, fence, self.net.now, unrecorded))
 
             self._settled(dst, user, lambda: self._take(dst, user, 1, answer, unfenced))
 
@@ -1047,7 +1055,8 @@ class MailSim:
         if not targets:
             self._give_up(d)
             return
-        new = [t for t in targets if t not in d.fragments and t not in d.recorded]
+        known = set(d.fragments) - d.unrecorded
+        new = [t for t in targets if t not in known and t not in d.recorded]
         if d.uid > 0 and new and d.plan_from:
             # A numbered message goes only where a majority knows mail lies (else a
             # manager after a partition could show higher UIDs without waiting for it):

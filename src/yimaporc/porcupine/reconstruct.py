@@ -492,6 +492,8 @@ class Reconstruction:
         #: (:class:`Horizon`); a numbering's block is keyed the same way.
         self.allocated: dict[str, dict[int, tuple[int, float]]] = {}
         self.allocation_ttl = ALLOCATION_TTL
+        #: user -> nodes a majority recorded as holders (from hints: any tenure).
+        self.holders_seen: dict[str, set[str]] = {}
         self.hints_received = 0
         self.numbered = 0
         self.pending_plans = 0
@@ -589,6 +591,15 @@ class Reconstruction:
         for user in list(self.allocated):
             if self.bucket(user) not in mine or self.bucket(user) in fresh:
                 del self.allocated[user]  # a later manager's fences settle those
+        for user in list(self.holders_seen):
+            if self.bucket(user) not in mine or self.bucket(user) in fresh:
+                del self.holders_seen[user]  # the new map's hints bring them again
+            else:
+                # A recorded holder that leaves the view is away, also when it never
+                # was in the fragment list (it was a member when the record came in a
+                # hint, and left before its own hint did: mailsim seed 17).
+                for node in self.holders_seen[user] - alive:
+                    self.state.note_holder(user, node, alive)
         for b in sorted(fresh & mine):
             self.gaps[b] = UID_GAP if len(alive) > 1 else 0
             self._start_settling(b, alive, now)
@@ -712,6 +723,7 @@ class Reconstruction:
         for user, node in hint.holders:
             if self.bucket(user) == b:
                 self.state.note_holder(user, node, everyone)
+                self.holders_seen.setdefault(user, set()).add(node)
         out: list[Action] = []
         late = self.missing.get(b)
         if late is not None:
@@ -787,6 +799,20 @@ class Reconstruction:
         A message gets a UID on a node only then (mail numbered on a node a later
         manager cannot know of would show up after the heal below UIDs shown)."""
         return (user, node, self.fence(self.bucket(user))) in self.confirmed
+
+    def unrecorded(self, user: str) -> set[str]:
+        """Nodes of ``user``'s fragment list no majority is known to have recorded as
+        holders (added by a delivery's note or a hint's ``has_mail``, their record not
+        confirmed yet): a numbered store goes there only after its record (else a
+        manager on the other side of a partition, not knowing it, could show higher
+        UIDs and this one would appear below them after the heal; mailsim seed 18)."""
+        fence = self.fence(self.bucket(user))
+        known = self.holders_seen.get(user, set())
+        return {
+            n
+            for n in self.state.fragment_list(user)
+            if n not in known and (user, n, fence) not in self.confirmed
+        }
 
     def holder_recorded(self, user: str, node: str, fence: str, ok: bool) -> None:
         """The outcome of a :meth:`record_holder` write (a failed one is tried again)."""
