@@ -64,6 +64,7 @@ from .reconstruct import (
     HEDGE_DELAY,
     LEASE,
     MARK_TIMEOUT,
+    NODE_ALLOCATION_TTL,
     PAUSE_GRACE,
     PULL_RETRY,
     PULL_TRIES,
@@ -71,6 +72,7 @@ from .reconstruct import (
     UID_GAP,
     Action,
     BucketHint,
+    Horizon,
     MajorityWrite,
     MalformedHint,
     NeedMark,
@@ -264,6 +266,8 @@ class UmFragments(_Cmd):
         (b"nodes", amp.ListOf(amp.Unicode())),
         (b"away", amp.ListOf(amp.Unicode(), optional=True)),
         (b"certain", amp.Boolean(optional=True)),
+        # the visibility horizon (Horizon.encode: [next, first1, end1, ...]), issue 14
+        (b"horizon", amp.ListOf(amp.Integer(), optional=True)),
     ]
 
 
@@ -543,6 +547,7 @@ class RemoteUserManager(_Remote):
         self._profiles: dict[str, tuple[Profile, float]] = {}
         self._away: dict[str, tuple[str, ...]] = {}
         self._uncertain: dict[str, bool] = {}
+        self._horizon: dict[str, Horizon | None] = {}
 
     def forget(self, address: str) -> None:
         """Drop the cached profile of ``address``."""
@@ -597,6 +602,9 @@ class RemoteUserManager(_Remote):
                 self._away.clear()
             self._away[address.lower()] = tuple(r.get("away") or ())
             self._uncertain[address.lower()] = r.get("certain") is False
+            if len(self._horizon) > 10_000:
+                self._horizon.clear()
+            self._horizon[address.lower()] = Horizon.decode(r.get("horizon"))
             return tuple(r["nodes"])
 
         return self.call(UmFragments, user=address).addCallback(got)
@@ -608,6 +616,11 @@ class RemoteUserManager(_Remote):
     def certain(self, address: str) -> bool:
         """Did the last fragments() come from a manager that knows every holder?"""
         return not self._uncertain.get(address.lower(), False)
+
+    def horizon_of(self, address: str) -> Horizon | None:
+        """The visibility horizon the last fragments() came with (None: an older
+        manager sent none)."""
+        return self._horizon.get(address.lower())
 
     def add_fragment(self, address: str, node: str) -> Deferred[None]:
         """See :class:`IUserManager`."""
@@ -755,13 +768,18 @@ def register_handlers(
         away = getattr(um_, "away_of", None)
 
         certain = getattr(um_, "certain", None)
+        horizon = getattr(um_, "horizon_of", None)
 
         def out(nodes: tuple[str, ...]) -> dict[str, Any]:
-            return {
+            r = {
                 "nodes": list(nodes),
                 "away": list(away(user)) if away else [],
                 "certain": certain(user) if certain else True,
             }
+            h = horizon(user) if horizon else None
+            if h is not None:
+                r["horizon"] = h.encode()
+            return r
 
         d: Deferred[tuple[str, ...]] = um_.fragments(user)
         return d.addCallback(out)
@@ -886,6 +904,7 @@ class ClusterUserManager(UserManager):
         super().__init__(node_id, profiles)
         self.clock = clock
         self.core = Reconstruction(node_id, N_BUCKETS, settle_timeout=settle_timeout)
+        self.core.allocation_ttl = NODE_ALLOCATION_TTL
         self.state = self.core.state
         self._timer: IDelayedCall | None = None
         self._waiters: dict[int, list[Deferred[None]]] = {}
@@ -1055,6 +1074,11 @@ class ClusterUserManager(UserManager):
         minority partition cannot tell what the other side holds."""
         return self.core.certain(address.lower())
 
+    def horizon_of(self, address: str) -> Horizon:
+        """What a reader may show of ``address``'s mail with the fragment list of this
+        moment (:meth:`Reconstruction.horizon`, issue 14 bug 3)."""
+        return self.core.horizon(address.lower(), self._now())
+
     def quorum(self) -> bool:
         """Our view holds a majority of every node ever seen (:attr:`known`)."""
         return self.core.quorum()
@@ -1074,9 +1098,11 @@ class ClusterUserManager(UserManager):
         unfenced: bool = False,
         again: bool = True,
         numbering: bool = False,
+        track: bool = True,
     ) -> Deferred[tuple[int, str]]:
         """``count`` UIDs for ``address`` below the bucket's granted mark (extended
-        first, by a majority, when they would not fit), or PENDING."""
+        first, by a majority, when they would not fit), or PENDING.  ``track``: the
+        allocation holds the visibility horizon back until found or expired."""
         got = self.core.take(
             address,
             count,
@@ -1084,6 +1110,8 @@ class ClusterUserManager(UserManager):
             unfenced=unfenced,
             again=again,
             numbering=numbering,
+            now=self._now(),
+            track=track,
         )
         if isinstance(got, Taken):
             return succeed((got.first, got.fence))
@@ -1091,7 +1119,9 @@ class ClusterUserManager(UserManager):
             return succeed((PENDING, ""))
         d = self._extend(got)
         return d.addCallback(
-            lambda _: self._take(address, count, unfenced, again=False, numbering=numbering)
+            lambda _: self._take(
+                address, count, unfenced, again=False, numbering=numbering, track=track
+            )
         )
 
     def _extend(self, need: NeedMark) -> Deferred[None]:
@@ -1208,13 +1238,15 @@ class ClusterUserManager(UserManager):
         """The first of ``count`` fresh UIDs for ``address``, or PENDING when we may
         not number (waits while the bucket settles); unfenced (APPEND, COPY)."""
         address = address.lower()
-        d = self.settled(address).addCallback(lambda _: self._take(address, count))
+        # APPEND/COPY: not tracked in the horizon (their store is to a mailbox a
+        # reader of another one never finds: it would hold that one back).
+        d = self.settled(address).addCallback(lambda _: self._take(address, count, track=False))
         return d.addCallback(lambda r: r[0])
 
     def reserve_fenced(self, address: str, count: int) -> Deferred[tuple[int, str]]:
         """:meth:`reserve_uids` with the fence the stores must carry."""
         address = address.lower()
-        return self.settled(address).addCallback(lambda _: self._take(address, count))
+        return self.settled(address).addCallback(lambda _: self._take(address, count, track=False))
 
     def delivery_plan(
         self, address: str, count: int, unfenced: bool = False
@@ -1245,9 +1277,12 @@ class ClusterUserManager(UserManager):
         take UIDs, have the node number its oldest unnumbered mail with them."""
         user, node = job.user, job.node
 
+        block: list[int] = []
+
         def done(r: tuple[int, int, int]) -> None:
             numbered, left, top = r
-            if self.core.number_done(user, node, numbered, left, top, self._now()):
+            first = block[0] if block else None
+            if self.core.number_done(user, node, numbered, left, top, self._now(), first=first):
                 self._record_holder(user, node)
             self._rearm()
 
@@ -1265,6 +1300,7 @@ class ClusterUserManager(UserManager):
                 self._rearm()
                 return None
             assert self.number_on is not None
+            block.append(first)
             return self.number_on(node, user, fence, first, job.count).addCallbacks(done, failed)
 
         def recorded(_: object) -> Deferred[Any] | None:

@@ -35,6 +35,7 @@ from .values import PENDING
 
 __all__ = [
     "HORIZON_AGE",
+    "NODE_ALLOCATION_TTL",
     "BucketHint",
     "Horizon",
     "MajorityWrite",
@@ -147,6 +148,13 @@ def admit_fenced(
 #: this long: after :data:`PLAN_TTL` no store admits it numbered any more (so it can
 #: no longer appear), whatever became of the delivery that asked for it.
 ALLOCATION_TTL = PLAN_TTL
+
+#: The node's allocations stay outstanding longer: its ``FragmentStore`` does not
+#: check an allocation's age (the plan's time is not on the wire yet), so a store can
+#: land as late as the proxy's call can: RpcClient's 10 s call timeout plus its 3 s
+#: connect timeout, and some slack.  Readers find most allocations present well
+#: before that; this only bounds how long a lost delivery holds the horizon back.
+NODE_ALLOCATION_TTL = 15.0
 
 
 @attrs.frozen
@@ -848,6 +856,7 @@ class Reconstruction:
         again: bool = True,
         numbering: bool = False,
         now: float = 0.0,
+        track: bool = True,
     ) -> Taken | NeedMark | int:
         """``count`` UIDs for ``user`` below the bucket's granted mark, PENDING when we
         may not number, or :class:`NeedMark` (``again`` False: PENDING instead).
@@ -857,7 +866,8 @@ class Reconstruction:
         numbered, and shown before that block lands (the pause test found it).
 
         Every UID range handed out is *outstanding* (:meth:`horizon`) until
-        :meth:`confirm`, a numbering's answer, or :attr:`allocation_ttl` after ``now``."""
+        :meth:`confirm`, a numbering's answer, or :attr:`allocation_ttl` after ``now``
+        (``track`` False: not at all; the node's APPEND/COPY, docs/mail.md)."""
         b = self.bucket(user)
         if not numbering and not unfenced and any(u == user for u, _ in self.numbering):
             self.pending_plans += 1
@@ -866,7 +876,8 @@ class Reconstruction:
             if unfenced and self.state.manages(user):
                 first = max(self.uidnext.get(user, 1), self.floor.get(b, 1))
                 self.uidnext[user] = first + max(1, count)
-                self._allocate(user, first, first + max(1, count), now)
+                if track:
+                    self._allocate(user, first, first + max(1, count), now)
                 return Taken(first, "")
             self.pending_plans += 1
             return PENDING
@@ -874,7 +885,8 @@ class Reconstruction:
         end = first + max(1, count)
         if end <= self.granted.get(b, 0):
             self.uidnext[user] = end
-            self._allocate(user, first, end, now)
+            if track:
+                self._allocate(user, first, end, now)
             return Taken(first, "" if unfenced else self.fence(b))
         if not again:
             self.pending_plans += 1
