@@ -410,6 +410,9 @@ def test_a_uid_in_flight_holds_back_what_readers_see_above_it(tmp_path: Path) ->
     assert n == 2 and fence
     (later,) = check.deliver("n2", user, b"second\r\n")
     assert later.uid == n + 1
+    # The proxy's holder note before the 250 confirmed the second's UID: only n is
+    # still in flight.
+    assert um.horizon_of(user).outstanding == ((n, n + 1),)
     shown = check.read("n3", user)
     assert shown is not None and sorted(shown) == [1], shown
     mail = net.nodes["n3"].mail.retrieval.open(user)

@@ -275,7 +275,9 @@ class UmAddFragment(_Cmd):
     """IUserManager.add_fragment."""
 
     commandName = b"porcupine.um.add_fragment"
-    arguments = [*_U, (b"node", amp.Unicode())]
+    # ``first``: the UID the delivery's plan allocated, now stored (numbered or not):
+    # it no longer holds the visibility horizon back (issue 14 bug 3).
+    arguments = [*_U, (b"node", amp.Unicode()), (b"first", amp.Integer(optional=True))]
 
 
 class UmRemoveFragment(_Cmd):
@@ -622,9 +624,14 @@ class RemoteUserManager(_Remote):
         manager sent none)."""
         return self._horizon.get(address.lower())
 
-    def add_fragment(self, address: str, node: str) -> Deferred[None]:
-        """See :class:`IUserManager`."""
-        return self.call(UmAddFragment, user=address, node=node).addCallback(lambda _: None)
+    #: :meth:`add_fragment` takes ``first`` (DeliveryProxy passes the plan's UID).
+    confirms_allocations = True
+
+    def add_fragment(self, address: str, node: str, first: int | None = 0) -> Deferred[None]:
+        """See :class:`IUserManager`; ``first``: see :meth:`ClusterUserManager.add_fragment`."""
+        kw: dict[str, Any] = {"first": first} if first and first > 0 else {}
+        d = self.call(UmAddFragment, user=address, node=node, **kw)
+        return d.addCallback(lambda _: None)
 
     def remove_fragment(self, address: str, node: str) -> Deferred[None]:
         """See :class:`IUserManager`."""
@@ -1029,14 +1036,21 @@ class ClusterUserManager(UserManager):
         self._perform(self.core.receive(sender, hint, view, now=self._now()))
         return self.core.hints_received > before
 
-    def add_fragment(self, address: str, node: str) -> Deferred[None]:
+    confirms_allocations = True
+
+    def add_fragment(self, address: str, node: str, first: int | None = 0) -> Deferred[None]:
         """See :class:`IUserManager`. A note for a user we do not manage comes from a
         proxy whose map is newer (or older) than ours: it is also kept until our next
         map install, then applied again if the user is ours, so a note that arrives
         just before we install the map that gives us the bucket (and resets it) is
-        not lost."""
+        not lost.  ``first`` (> 0): the delivery allocated at ``first`` is stored on
+        ``node`` (numbered there, now in the fragment list, or unnumbered: it will
+        never land under that UID), so it leaves the visibility horizon."""
         address = address.lower()
-        if self.core.add_fragment(address, node):
+        added = self.core.add_fragment(address, node)
+        if first and first > 0:  # (AMP passes a missing optional argument as None)
+            self.core.confirm(address, first)
+        if added:
             # A node holds this user's mail for the first time: a majority records
             # it before the delivery's 250, so a later manager knows it even while
             # the node is out of reach (reads then say so, they do not shrink).
