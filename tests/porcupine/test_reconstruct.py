@@ -23,6 +23,7 @@ from yimaporc.porcupine.reconstruct import (
     Horizon,
     MajorityWrite,
     MalformedHint,
+    NeedMark,
     PullHints,
     PushProfiles,
     Reconstruction,
@@ -221,7 +222,7 @@ def test_numbering_waits_for_a_majority_holder_record(tmp_path: Path) -> None:
         return succeed((1, 0, args[3] + 1))
 
     um.holders_on, um.number_on = holders_on, number_on
-    um.mark_on = lambda node, bucket, fence, mark: succeed(True)
+    um.mark_on = lambda node, bucket, fence, mark, seen=None: succeed(True)
     um.note_pending(user, "n2")
     clock.advance(0.0)
     assert numbered == [] and um.pending[user] == {"n2": 1}
@@ -371,3 +372,27 @@ def test_a_recorded_holder_leaving_before_its_hint_is_away() -> None:
     c.install(all_to("n2", 7), ["n0", "n2", "n4"], view=8, now=3.0)
     assert c.certain(user)
     assert c.state.away_list(user) == {"n1"}
+
+
+def test_a_kept_bucket_takes_a_fresh_mark_after_every_view_change() -> None:
+    """Regression (mailsim seed 475, partition then bridge): a merge handed a bucket
+    back to its old manager at its old entry, with no member new to its view, while
+    the other side's manager had numbered up to 517 under a mark of 774; the old
+    manager went on in its granted block (UID 517 twice). Every view change now ends
+    the granted block, and the mark write's answers raise the floor to the highest
+    mark the asked nodes had."""
+    user = users_of(3)[0]
+    c = numbering_core(user)
+    assert isinstance(c.take(user, 1, lease=True, now=1.0), Taken)
+    c.install(all_to("n0", 4), ["n0", "n1", "n2"], view=9, now=2.0)
+    assert c.may_number(user, True), "kept bucket, same members: no settling"
+    need = c.take(user, 1, lease=True, now=2.1)
+    assert isinstance(need, NeedMark), need
+    assert c.mark_write(need)
+    c.mark_done(need, granted=True, seen=774)
+    again = c.take(user, 1, lease=True, now=2.2)
+    assert isinstance(again, NeedMark) and again.target > 774, "the target was below 774"
+    assert c.mark_write(again)
+    c.mark_done(again, granted=True, seen=774)
+    taken = c.take(user, 1, lease=True, now=2.3)
+    assert isinstance(taken, Taken) and taken.first >= 774, taken

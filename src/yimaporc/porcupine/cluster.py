@@ -446,7 +446,9 @@ class UidMark(_Cmd):
 
     commandName = b"porcupine.uid-mark"
     arguments = [(b"bucket", amp.Integer()), (b"fence", amp.Unicode()), (b"mark", amp.Integer())]
-    response = [(b"ok", amp.Boolean())]
+    # ``seen``: the callee's mark before this call (also when refused): the manager
+    # starts its UIDs at or above it (Reconstruction.mark_done).
+    response = [(b"ok", amp.Boolean()), (b"seen", amp.Integer(optional=True))]
 
 
 class UidHolders(_Cmd):
@@ -919,7 +921,8 @@ class ClusterUserManager(UserManager):
         self.mark_timeout = MARK_TIMEOUT
         #: ``number_on(node, user, fence, first, count) -> Deferred[(done, left, top)]``.
         self.number_on: Callable[..., Deferred[tuple[int, int, int]]] | None = None
-        #: ``mark_on(node, bucket, fence, mark) -> Deferred[bool]`` (MailCluster).
+        #: ``mark_on(node, bucket, fence, mark, seen) -> Deferred[bool]`` (MailCluster;
+        #: the callee's mark before the call goes into ``seen[0]``, max).
         self.mark_on: Callable[..., Deferred[bool]] | None = None
         #: ``holders_on(node, bucket, fence, [[user, node]...]) -> Deferred[bool]``.
         self.holders_on: Callable[..., Deferred[bool]] | None = None
@@ -1149,13 +1152,14 @@ class ClusterUserManager(UserManager):
         waiters: list[Deferred[None]] = []
         self._extending[need.bucket] = waiters
         mark_on = self.mark_on
+        seen = [1]  # the marks the asked nodes had (their answers carry them)
 
         def done(granted: bool) -> None:
             if not granted:
                 self.log.info(
                     "bucket {b}: no majority for UID mark {m}", b=need.bucket, m=need.target
                 )
-            self.core.mark_done(need, granted)
+            self.core.mark_done(need, granted, seen[0])
             self._extending.pop(need.bucket, None)
             for d in waiters:
                 d.callback(None)
@@ -1166,7 +1170,7 @@ class ClusterUserManager(UserManager):
 
         def write(node: str) -> Deferred[bool]:
             assert mark_on is not None
-            return mark_on(node, need.bucket, need.fence, need.target)
+            return mark_on(node, need.bucket, need.fence, need.target, seen)
 
         return self._on_majority(write).addCallback(done)
 
@@ -1702,11 +1706,20 @@ class MailCluster(Service):
         d: Deferred[tuple[int, int, int]] = boxes.number_pending(user, fence, first, count)
         return d
 
-    def _mark_on(self, node: str, bucket: int, fence: str, mark: int) -> Deferred[bool]:
+    def _mark_on(
+        self, node: str, bucket: int, fence: str, mark: int, seen: list[int] | None = None
+    ) -> Deferred[bool]:
+        """Ask ``node`` to record ``mark``; the mark it had goes into ``seen[0]`` (max)."""
+
+        def got(r: dict[str, Any]) -> bool:
+            if seen is not None and r.get("seen") is not None:
+                seen[0] = max(seen[0], int(r["seen"]))
+            return bool(r["ok"])
+
         if node == self.me:
-            return self._raise_mark(bucket, fence, mark)
+            return self._on_mark(bucket, fence, mark).addCallback(got)
         d = self.call(node, UidMark, bucket=bucket, fence=fence, mark=mark)
-        return d.addCallback(lambda r: bool(r["ok"]))
+        return d.addCallback(got)
 
     def _holders_on(
         self, node: str, bucket: int, fence: str, holders: list[list[str]]
@@ -1727,15 +1740,21 @@ class MailCluster(Service):
             raise amp.MalformedAmpBox("bad holders")
         return self._record_holders(bucket, fence, holders).addCallback(lambda ok: {"ok": ok})
 
-    def _raise_mark(self, bucket: int, fence: str, mark: int) -> Deferred[bool]:
+    def _raise_mark(self, bucket: int, fence: str, mark: int) -> Deferred[tuple[bool, int]]:
         store = self.mail.fragment_store
-        d: Deferred[bool] = self.mail._run_blocking(store.raise_mark, bucket, fence, mark)
+
+        def raise_() -> tuple[bool, int]:
+            before = store.bucket_mark(bucket)
+            return store.raise_mark(bucket, fence, mark), before
+
+        d: Deferred[tuple[bool, int]] = self.mail._run_blocking(raise_)
         return d
 
     def _on_mark(self, bucket: int, fence: str, mark: int) -> Deferred[dict[str, Any]]:
         if not 0 <= bucket < N_BUCKETS:
             raise amp.MalformedAmpBox("bucket number out of range")
-        return self._raise_mark(bucket, fence, mark).addCallback(lambda ok: {"ok": ok})
+        d = self._raise_mark(bucket, fence, mark)
+        return d.addCallback(lambda r: {"ok": r[0], "seen": r[1]})
 
     def _read_known(self) -> set[str]:
         """The nodes this node has ever seen in a view (read once, at start)."""

@@ -813,8 +813,11 @@ class MailSim:
             return
         m.extending[need.bucket] = []
 
+        seen = [1]  # the marks the asked nodes had (their answers carry them)
+
         def write(dst: MailNode) -> bool:
             b = need.bucket
+            seen[0] = max(seen[0], dst.marks.get(b, 1))
             if dst.fences.get(b) != need.fence or not self.lease_ok(dst):
                 return False
             dst.marks[b] = max(dst.marks.get(b, 1), need.target)
@@ -823,7 +826,7 @@ class MailSim:
         def granted(ok: bool) -> None:
             if m.core is not core:
                 return
-            core.mark_done(need, ok)
+            core.mark_done(need, ok, seen[0])
             for fn in [retake, *m.extending.pop(need.bucket, [])]:
                 fn()
 

@@ -579,10 +579,14 @@ class Reconstruction:
             b = self.bucket(user)
             if b not in mine or b in fresh:
                 del self.uidnext[user]
-        for table in (self.floor, self.granted):
-            for b in list(table):
-                if b not in mine or b in fresh:
-                    del table[b]
+        for b in list(self.floor):
+            if b not in mine or b in fresh:
+                del self.floor[b]
+        # A granted block ends at every view change: the first UIDs after one take a
+        # majority write, whose answers bring any higher mark another side's manager
+        # recorded while we kept the bucket's map entry (a merge can hand it back to us
+        # unchanged, with no member new to our view: mailsim seed 475).
+        self.granted.clear()
         for b in list(self.settling):
             if b not in mine or b in fresh:
                 out.extend(self._settle(b, now))
@@ -927,10 +931,17 @@ class Reconstruction:
         self.extending.add(need.bucket)
         return True
 
-    def mark_done(self, need: NeedMark, granted: bool) -> None:
-        """A majority recorded ``need.target`` (``granted``) or could not."""
+    def mark_done(self, need: NeedMark, granted: bool, seen: int = 1) -> None:
+        """A majority recorded ``need.target`` (``granted``) or could not.  ``seen``:
+        the highest mark the asked nodes had before (their answers carry it): our UIDs
+        start at or above it, whatever our hints said (a merge can give a bucket back
+        to its old manager at its old entry while another side's manager numbered in
+        it; mailsim seed 475)."""
         self.extending.discard(need.bucket)
-        if granted and self.fence(need.bucket) == need.fence:
+        if self.fence(need.bucket) != need.fence:
+            return
+        self.floor[need.bucket] = max(self.floor.get(need.bucket, 1), seen)
+        if granted:
             self.granted[need.bucket] = max(self.granted.get(need.bucket, 0), need.target)
 
     # --- numbering what waits -----------------------------------------------------------
