@@ -16,15 +16,20 @@ from yimaporc.cluster.buckets import BucketMap
 from yimaporc.porcupine.cluster import ClusterUserManager
 from yimaporc.porcupine.profiledb import ProfileDB
 from yimaporc.porcupine.reconstruct import (
+    ALLOCATION_TTL,
+    MAX_OUTSTANDING,
     PLAN_TTL,
     BucketHint,
+    Horizon,
     MajorityWrite,
     MalformedHint,
+    NeedMark,
     PullHints,
     PushProfiles,
     Reconstruction,
     SendHints,
     Settled,
+    Taken,
     UserHint,
     admit_fenced,
     decode_hints,
@@ -217,7 +222,7 @@ def test_numbering_waits_for_a_majority_holder_record(tmp_path: Path) -> None:
         return succeed((1, 0, args[3] + 1))
 
     um.holders_on, um.number_on = holders_on, number_on
-    um.mark_on = lambda node, bucket, fence, mark: succeed(True)
+    um.mark_on = lambda node, bucket, fence, mark, seen=None: succeed(True)
     um.note_pending(user, "n2")
     clock.advance(0.0)
     assert numbered == [] and um.pending[user] == {"n2": 1}
@@ -247,3 +252,147 @@ def test_members_coming_back_make_our_buckets_settle_again() -> None:
     assert c.may_number(user, True)
     taken = c.take(user, 1, lease=True)
     assert not isinstance(taken, int) and getattr(taken, "target", 0) > 300, taken
+
+
+def numbering_core(user: str) -> Reconstruction:
+    """A settled manager of ``user``'s bucket with a majority and a granted mark."""
+    c = Reconstruction("n0", NB)
+    c.known = {"n0", "n1", "n2"}
+    b = bucket_of(user, NB)
+    c.install(all_to("n0", 4), ["n0", "n1", "n2"], view=1, now=0.0)
+    for n in ("n0", "n1", "n2"):
+        c.receive(n, BucketHint(b, 4, (UserHint(user, True, 5),), (), 1), 1, now=0.0)
+    c.granted[b] = 1000
+    return c
+
+
+def test_concurrent_deliveries_show_nothing_above_a_uid_still_in_flight() -> None:
+    """Regression (mailsim seed 2, bug 3): UIDs 9 and 10 handed to two deliveries, 10
+    landed first on another node; a reader cut at the horizon shows neither 10 nor a
+    UIDNEXT above 9 until 9 is found (or expires), so 9 never appears below 10."""
+    user = users_of(3)[0]
+    c = numbering_core(user)
+    a = c.take(user, 1, lease=True, now=1.0)
+    b = c.take(user, 1, lease=True, now=1.01)
+    assert isinstance(a, Taken) and isinstance(b, Taken) and b.first == a.first + 1
+    h = c.horizon(user, now=1.02)
+    assert h.outstanding == ((a.first, a.first + 1), (b.first, b.first + 1))
+    assert h.next == b.first + 1
+    # Only b's store landed: the reader finds b, and shows nothing from a.first up.
+    assert h.bound([1, 2, b.first]) == a.first
+    # Both landed: everything found below the counter is shown.
+    assert h.bound([a.first, b.first]) == b.first + 1
+    # A UID handed out after this answer (found by the reader) waits for the next one.
+    late = c.take(user, 1, lease=True, now=1.03)
+    assert isinstance(late, Taken)
+    assert h.bound([a.first, b.first, late.first]) == late.first
+
+
+def test_allocations_leave_the_horizon_when_confirmed_numbered_or_expired() -> None:
+    """An allocation holds the horizon back until confirm(), a numbering's answer
+    (numbered or not, the block is settled), or ALLOCATION_TTL (no store admits it
+    numbered any later); a bucket that moves away drops its users' allocations."""
+    user = users_of(3)[0]
+    c = numbering_core(user)
+    a = c.take(user, 1, lease=True, now=1.0)
+    b = c.take(user, 3, lease=True, now=1.0, numbering=True)
+    assert isinstance(a, Taken) and isinstance(b, Taken)
+    c.confirm(user, a.first)
+    assert c.horizon(user, 1.1).outstanding == ((b.first, b.first + 3),)
+    c.numbering.add((user, "n1"))
+    c.number_done(user, "n1", 1, 0, b.first + 1, now=1.2, first=b.first)
+    assert c.horizon(user, 1.2).outstanding == ()
+    d = c.take(user, 1, lease=True, now=2.0)
+    assert isinstance(d, Taken)
+    assert c.horizon(user, 2.0 + ALLOCATION_TTL).outstanding == ((d.first, d.first + 1),)
+    assert c.horizon(user, 2.0 + ALLOCATION_TTL + 0.01).outstanding == ()
+    e = c.take(user, 1, lease=True, now=3.0)
+    assert isinstance(e, Taken) and c.allocated
+    c.install(all_to("n1", 5), ["n0", "n1", "n2"], view=2, now=3.1)
+    assert not c.allocated and c.horizon(user, 3.1).outstanding == ()
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 10_000), st.integers(1, 8)), max_size=40),
+    st.integers(1, 20_000),
+)
+def test_horizon_round_trips_through_its_wire_form(pairs: list[tuple[int, int]], top: int) -> None:
+    """encode/decode is the identity on a horizon (the ``horizon`` of porcupine.um.fragments)."""
+    h = Horizon(tuple(sorted((f, f + n) for f, n in pairs)), top)
+    assert Horizon.decode(h.encode()) == h
+
+
+def test_horizon_decode_rejects_junk_and_collapses_conservatively() -> None:
+    """Junk decodes to None (the reader then shows what it finds, as from an older
+    manager); more than MAX_OUTSTANDING ranges collapse into one range up to the
+    counter, so the bound can only go down, never up."""
+    for junk in (None, [], [1, 2], ["x"], [1, "a", 3], {"a": 1}):
+        assert Horizon.decode(junk) is None
+    many = [(i * 2, i * 2 + 1) for i in range(1, MAX_OUTSTANDING + 50)]
+    top = many[-1][1] + 10
+    h = Horizon.decode([top, *(x for r in many for x in r)])
+    assert h is not None and len(h.outstanding) == MAX_OUTSTANDING
+    found = [f for f, _ in many[: MAX_OUTSTANDING + 10]]
+    assert h.bound(found) <= Horizon(tuple(many), top).bound(found)
+
+
+def test_a_fragment_node_without_a_majority_record_is_unrecorded() -> None:
+    """Regression (mailsim seed 18, clean partition before failure detection): a node
+    in the fragment list only by a delivery's note (its holder record failed: no
+    majority on this side) is ``unrecorded``, so the next delivery records it before a
+    numbered store there instead of numbering mail the other side's manager cannot
+    know of; recorded holders (from hints, or confirmed in this tenure) are not."""
+    user = users_of(3)[0]
+    c = numbering_core(user)
+    fence = c.fence(bucket_of(user, NB))
+    c.receive("n1", BucketHint(3, 4, (UserHint(user, True, 5),), (), 1, ((user, "n1"),)), 1)
+    assert c.add_fragment(user, "n2")
+    assert c.record_holder(user, "n2", lease=True) == (3, fence)
+    c.holder_recorded(user, "n2", fence, ok=False)  # no majority answered
+    assert c.state.fragment_list(user) >= {"n1", "n2"}
+    assert c.unrecorded(user) == {"n0", "n2"}  # n0: has_mail in its own hint, no record
+    assert c.record_holder(user, "n2", lease=True) == (3, fence)
+    c.holder_recorded(user, "n2", fence, ok=True)
+    assert c.unrecorded(user) == {"n0"}
+
+
+def test_a_recorded_holder_leaving_before_its_hint_is_away() -> None:
+    """Regression (mailsim seed 17): a hint named n1 as a recorded holder while n1 was
+    a member, n1's own hint never came (the bucket settled missing it, reads refused),
+    then n1 left the view: it must be away (reads refused), not forgotten with the
+    missing entry (reads then listed the mailbox without n1's mail as complete)."""
+    user = users_of(3)[0]
+    c = Reconstruction("n2", NB, settle_timeout=2.0)
+    c.known = {"n0", "n1", "n2", "n3", "n4"}
+    c.install(all_to("n2", 7), ["n0", "n1", "n2", "n4"], view=7, now=0.0)
+    for n in ("n0", "n2", "n4"):
+        c.receive(n, BucketHint(3, 7, (), (), 1, ((user, "n1"),)), 7, now=0.1)
+    c.tick(2.5, lease=True)
+    assert not c.certain(user), "n1's hint is missing"
+    c.install(all_to("n2", 7), ["n0", "n2", "n4"], view=8, now=3.0)
+    assert c.certain(user)
+    assert c.state.away_list(user) == {"n1"}
+
+
+def test_a_kept_bucket_takes_a_fresh_mark_after_every_view_change() -> None:
+    """Regression (mailsim seed 475, partition then bridge): a merge handed a bucket
+    back to its old manager at its old entry, with no member new to its view, while
+    the other side's manager had numbered up to 517 under a mark of 774; the old
+    manager went on in its granted block (UID 517 twice). Every view change now ends
+    the granted block, and the mark write's answers raise the floor to the highest
+    mark the asked nodes had."""
+    user = users_of(3)[0]
+    c = numbering_core(user)
+    assert isinstance(c.take(user, 1, lease=True, now=1.0), Taken)
+    c.install(all_to("n0", 4), ["n0", "n1", "n2"], view=9, now=2.0)
+    assert c.may_number(user, True), "kept bucket, same members: no settling"
+    need = c.take(user, 1, lease=True, now=2.1)
+    assert isinstance(need, NeedMark), need
+    assert c.mark_write(need)
+    c.mark_done(need, granted=True, seen=774)
+    again = c.take(user, 1, lease=True, now=2.2)
+    assert isinstance(again, NeedMark) and again.target > 774, "the target was below 774"
+    assert c.mark_write(again)
+    c.mark_done(again, granted=True, seen=774)
+    taken = c.take(user, 1, lease=True, now=2.3)
+    assert isinstance(taken, Taken) and taken.first >= 774, taken

@@ -386,3 +386,41 @@ def test_seeded_pauses_and_partitions_keep_the_uid_invariants(tmp_path: Path, se
     shown, UIDNEXT and UIDVALIDITY steady; after the heal every 250 once everywhere."""
     check = chaos(tmp_path, seed)
     assert sum(len(v) for v in check.acked.values()) > 20
+
+
+def test_a_uid_in_flight_holds_back_what_readers_see_above_it(tmp_path: Path) -> None:
+    """Bug 3 through the real shell: the manager hands UID n to one delivery (its store
+    not landed yet) and n+1 to another that lands at once; a reader at another node
+    (fragment list and horizon over AMP) is shown neither n+1 nor a UIDNEXT above n,
+    so n cannot appear below a UID it saw; once n is found (or its allocation
+    expires) both show, in order."""
+    net = PartNet(tmp_path)
+    nodes = ["n1", "n2", "n3"]
+    for n in nodes:
+        net.add(n)
+    net.commit(nodes)
+    net.start()
+    user = users_managed_by(net, "n1", 1)[0]
+    add_user(net, "n1", user)
+    check = Checker(net)
+    check.deliver("n2", user, b"first\r\n")
+    assert check.read("n3", user) is not None
+    um = net.nodes["n1"].cluster.user_manager
+    _, n, fence = result_of(um.delivery_plan(user, 1))  # a delivery still storing
+    assert n == 2 and fence
+    (later,) = check.deliver("n2", user, b"second\r\n")
+    assert later.uid == n + 1
+    # The proxy's holder note before the 250 confirmed the second's UID: only n is
+    # still in flight.
+    assert um.horizon_of(user).outstanding == ((n, n + 1),)
+    shown = check.read("n3", user)
+    assert shown is not None and sorted(shown) == [1], shown
+    mail = net.nodes["n3"].mail.retrieval.open(user)
+    (inbox,) = [i for i in result_of(mail.mailboxes()) if i.name == INBOX]
+    assert inbox.uidnext <= n
+    # The allocation expires (no store will admit it now): n+1 shows, above 1.
+    net.run(um.core.allocation_ttl + 1.0)
+    shown = check.read("n3", user)
+    assert shown is not None and sorted(shown) == [1, n + 1], shown
+    check.check_all(nodes)
+    net.stop()

@@ -64,6 +64,7 @@ from .reconstruct import (
     HEDGE_DELAY,
     LEASE,
     MARK_TIMEOUT,
+    NODE_ALLOCATION_TTL,
     PAUSE_GRACE,
     PULL_RETRY,
     PULL_TRIES,
@@ -71,6 +72,7 @@ from .reconstruct import (
     UID_GAP,
     Action,
     BucketHint,
+    Horizon,
     MajorityWrite,
     MalformedHint,
     NeedMark,
@@ -264,6 +266,8 @@ class UmFragments(_Cmd):
         (b"nodes", amp.ListOf(amp.Unicode())),
         (b"away", amp.ListOf(amp.Unicode(), optional=True)),
         (b"certain", amp.Boolean(optional=True)),
+        # the visibility horizon (Horizon.encode: [next, first1, end1, ...]), issue 14
+        (b"horizon", amp.ListOf(amp.Integer(), optional=True)),
     ]
 
 
@@ -271,7 +275,9 @@ class UmAddFragment(_Cmd):
     """IUserManager.add_fragment."""
 
     commandName = b"porcupine.um.add_fragment"
-    arguments = [*_U, (b"node", amp.Unicode())]
+    # ``first``: the UID the delivery's plan allocated, now stored (numbered or not):
+    # it no longer holds the visibility horizon back (issue 14 bug 3).
+    arguments = [*_U, (b"node", amp.Unicode()), (b"first", amp.Integer(optional=True))]
 
 
 class UmRemoveFragment(_Cmd):
@@ -449,7 +455,9 @@ class UidMark(_Cmd):
 
     commandName = b"porcupine.uid-mark"
     arguments = [(b"bucket", amp.Integer()), (b"fence", amp.Unicode()), (b"mark", amp.Integer())]
-    response = [(b"ok", amp.Boolean())]
+    # ``seen``: the callee's mark before this call (also when refused): the manager
+    # starts its UIDs at or above it (Reconstruction.mark_done).
+    response = [(b"ok", amp.Boolean()), (b"seen", amp.Integer(optional=True))]
 
 
 class UidHolders(_Cmd):
@@ -552,6 +560,7 @@ class RemoteUserManager(_Remote):
         self._profiles: dict[str, tuple[Profile, float]] = {}
         self._away: dict[str, tuple[str, ...]] = {}
         self._uncertain: dict[str, bool] = {}
+        self._horizon: dict[str, Horizon | None] = {}
 
     def forget(self, address: str) -> None:
         """Drop the cached profile of ``address``."""
@@ -606,6 +615,9 @@ class RemoteUserManager(_Remote):
                 self._away.clear()
             self._away[address.lower()] = tuple(r.get("away") or ())
             self._uncertain[address.lower()] = r.get("certain") is False
+            if len(self._horizon) > 10_000:
+                self._horizon.clear()
+            self._horizon[address.lower()] = Horizon.decode(r.get("horizon"))
             return tuple(r["nodes"])
 
         return self.call(UmFragments, user=address).addCallback(got)
@@ -618,9 +630,19 @@ class RemoteUserManager(_Remote):
         """Did the last fragments() come from a manager that knows every holder?"""
         return not self._uncertain.get(address.lower(), False)
 
-    def add_fragment(self, address: str, node: str) -> Deferred[None]:
-        """See :class:`IUserManager`."""
-        return self.call(UmAddFragment, user=address, node=node).addCallback(lambda _: None)
+    def horizon_of(self, address: str) -> Horizon | None:
+        """The visibility horizon the last fragments() came with (None: an older
+        manager sent none)."""
+        return self._horizon.get(address.lower())
+
+    #: :meth:`add_fragment` takes ``first`` (DeliveryProxy passes the plan's UID).
+    confirms_allocations = True
+
+    def add_fragment(self, address: str, node: str, first: int | None = 0) -> Deferred[None]:
+        """See :class:`IUserManager`; ``first``: see :meth:`ClusterUserManager.add_fragment`."""
+        kw: dict[str, Any] = {"first": first} if first and first > 0 else {}
+        d = self.call(UmAddFragment, user=address, node=node, **kw)
+        return d.addCallback(lambda _: None)
 
     def remove_fragment(self, address: str, node: str) -> Deferred[None]:
         """See :class:`IUserManager`."""
@@ -791,13 +813,18 @@ def register_handlers(
         away = getattr(um_, "away_of", None)
 
         certain = getattr(um_, "certain", None)
+        horizon = getattr(um_, "horizon_of", None)
 
         def out(nodes: tuple[str, ...]) -> dict[str, Any]:
-            return {
+            r = {
                 "nodes": list(nodes),
                 "away": list(away(user)) if away else [],
                 "certain": certain(user) if certain else True,
             }
+            h = horizon(user) if horizon else None
+            if h is not None:
+                r["horizon"] = h.encode()
+            return r
 
         d: Deferred[tuple[str, ...]] = um_.fragments(user)
         return d.addCallback(out)
@@ -931,6 +958,7 @@ class ClusterUserManager(UserManager):
         super().__init__(node_id, profiles)
         self.clock = clock
         self.core = Reconstruction(node_id, N_BUCKETS, settle_timeout=settle_timeout)
+        self.core.allocation_ttl = NODE_ALLOCATION_TTL
         self.state = self.core.state
         self._timer: IDelayedCall | None = None
         self._waiters: dict[int, list[Deferred[None]]] = {}
@@ -938,7 +966,8 @@ class ClusterUserManager(UserManager):
         self.mark_timeout = MARK_TIMEOUT
         #: ``number_on(node, user, fence, first, count) -> Deferred[(done, left, top)]``.
         self.number_on: Callable[..., Deferred[tuple[int, int, int]]] | None = None
-        #: ``mark_on(node, bucket, fence, mark) -> Deferred[bool]`` (MailCluster).
+        #: ``mark_on(node, bucket, fence, mark, seen) -> Deferred[bool]`` (MailCluster;
+        #: the callee's mark before the call goes into ``seen[0]``, max).
         self.mark_on: Callable[..., Deferred[bool]] | None = None
         #: ``holders_on(node, bucket, fence, [[user, node]...]) -> Deferred[bool]``.
         self.holders_on: Callable[..., Deferred[bool]] | None = None
@@ -1055,14 +1084,21 @@ class ClusterUserManager(UserManager):
         self._perform(self.core.receive(sender, hint, view, now=self._now()))
         return self.core.hints_received > before
 
-    def add_fragment(self, address: str, node: str) -> Deferred[None]:
+    confirms_allocations = True
+
+    def add_fragment(self, address: str, node: str, first: int | None = 0) -> Deferred[None]:
         """See :class:`IUserManager`. A note for a user we do not manage comes from a
         proxy whose map is newer (or older) than ours: it is also kept until our next
         map install, then applied again if the user is ours, so a note that arrives
         just before we install the map that gives us the bucket (and resets it) is
-        not lost."""
+        not lost.  ``first`` (> 0): the delivery allocated at ``first`` is stored on
+        ``node`` (numbered there, now in the fragment list, or unnumbered: it will
+        never land under that UID), so it leaves the visibility horizon."""
         address = address.lower()
-        if self.core.add_fragment(address, node):
+        added = self.core.add_fragment(address, node)
+        if first and first > 0:  # (AMP passes a missing optional argument as None)
+            self.core.confirm(address, first)
+        if added:
             # A node holds this user's mail for the first time: a majority records
             # it before the delivery's 250, so a later manager knows it even while
             # the node is out of reach (reads then say so, they do not shrink).
@@ -1100,6 +1136,11 @@ class ClusterUserManager(UserManager):
         minority partition cannot tell what the other side holds."""
         return self.core.certain(address.lower())
 
+    def horizon_of(self, address: str) -> Horizon:
+        """What a reader may show of ``address``'s mail with the fragment list of this
+        moment (:meth:`Reconstruction.horizon`, issue 14 bug 3)."""
+        return self.core.horizon(address.lower(), self._now())
+
     def quorum(self) -> bool:
         """Our view holds a majority of every node ever seen (:attr:`known`)."""
         return self.core.quorum()
@@ -1119,9 +1160,11 @@ class ClusterUserManager(UserManager):
         unfenced: bool = False,
         again: bool = True,
         numbering: bool = False,
+        track: bool = True,
     ) -> Deferred[tuple[int, str]]:
         """``count`` UIDs for ``address`` below the bucket's granted mark (extended
-        first, by a majority, when they would not fit), or PENDING."""
+        first, by a majority, when they would not fit), or PENDING.  ``track``: the
+        allocation holds the visibility horizon back until found or expired."""
         got = self.core.take(
             address,
             count,
@@ -1129,6 +1172,8 @@ class ClusterUserManager(UserManager):
             unfenced=unfenced,
             again=again,
             numbering=numbering,
+            now=self._now(),
+            track=track,
         )
         if isinstance(got, Taken):
             return succeed((got.first, got.fence))
@@ -1136,7 +1181,9 @@ class ClusterUserManager(UserManager):
             return succeed((PENDING, ""))
         d = self._extend(got)
         return d.addCallback(
-            lambda _: self._take(address, count, unfenced, again=False, numbering=numbering)
+            lambda _: self._take(
+                address, count, unfenced, again=False, numbering=numbering, track=track
+            )
         )
 
     def _extend(self, need: NeedMark) -> Deferred[None]:
@@ -1150,13 +1197,14 @@ class ClusterUserManager(UserManager):
         waiters: list[Deferred[None]] = []
         self._extending[need.bucket] = waiters
         mark_on = self.mark_on
+        seen = [1]  # the marks the asked nodes had (their answers carry them)
 
         def done(granted: bool) -> None:
             if not granted:
                 self.log.info(
                     "bucket {b}: no majority for UID mark {m}", b=need.bucket, m=need.target
                 )
-            self.core.mark_done(need, granted)
+            self.core.mark_done(need, granted, seen[0])
             self._extending.pop(need.bucket, None)
             for d in waiters:
                 d.callback(None)
@@ -1167,7 +1215,7 @@ class ClusterUserManager(UserManager):
 
         def write(node: str) -> Deferred[bool]:
             assert mark_on is not None
-            return mark_on(node, need.bucket, need.fence, need.target)
+            return mark_on(node, need.bucket, need.fence, need.target, seen)
 
         return self._on_majority(write).addCallback(done)
 
@@ -1253,13 +1301,15 @@ class ClusterUserManager(UserManager):
         """The first of ``count`` fresh UIDs for ``address``, or PENDING when we may
         not number (waits while the bucket settles); unfenced (APPEND, COPY)."""
         address = address.lower()
-        d = self.settled(address).addCallback(lambda _: self._take(address, count))
+        # APPEND/COPY: not tracked in the horizon (their store is to a mailbox a
+        # reader of another one never finds: it would hold that one back).
+        d = self.settled(address).addCallback(lambda _: self._take(address, count, track=False))
         return d.addCallback(lambda r: r[0])
 
     def reserve_fenced(self, address: str, count: int) -> Deferred[tuple[int, str]]:
         """:meth:`reserve_uids` with the fence the stores must carry."""
         address = address.lower()
-        return self.settled(address).addCallback(lambda _: self._take(address, count))
+        return self.settled(address).addCallback(lambda _: self._take(address, count, track=False))
 
     def delivery_plan(
         self, address: str, count: int, unfenced: bool = False
@@ -1290,9 +1340,12 @@ class ClusterUserManager(UserManager):
         take UIDs, have the node number its oldest unnumbered mail with them."""
         user, node = job.user, job.node
 
+        block: list[int] = []
+
         def done(r: tuple[int, int, int]) -> None:
             numbered, left, top = r
-            if self.core.number_done(user, node, numbered, left, top, self._now()):
+            first = block[0] if block else None
+            if self.core.number_done(user, node, numbered, left, top, self._now(), first=first):
                 self._record_holder(user, node)
             self._rearm()
 
@@ -1310,6 +1363,7 @@ class ClusterUserManager(UserManager):
                 self._rearm()
                 return None
             assert self.number_on is not None
+            block.append(first)
             return self.number_on(node, user, fence, first, job.count).addCallbacks(done, failed)
 
         def recorded(_: object) -> Deferred[Any] | None:
@@ -1697,11 +1751,20 @@ class MailCluster(Service):
         d: Deferred[tuple[int, int, int]] = boxes.number_pending(user, fence, first, count)
         return d
 
-    def _mark_on(self, node: str, bucket: int, fence: str, mark: int) -> Deferred[bool]:
+    def _mark_on(
+        self, node: str, bucket: int, fence: str, mark: int, seen: list[int] | None = None
+    ) -> Deferred[bool]:
+        """Ask ``node`` to record ``mark``; the mark it had goes into ``seen[0]`` (max)."""
+
+        def got(r: dict[str, Any]) -> bool:
+            if seen is not None and r.get("seen") is not None:
+                seen[0] = max(seen[0], int(r["seen"]))
+            return bool(r["ok"])
+
         if node == self.me:
-            return self._raise_mark(bucket, fence, mark)
+            return self._on_mark(bucket, fence, mark).addCallback(got)
         d = self.call(node, UidMark, bucket=bucket, fence=fence, mark=mark)
-        return d.addCallback(lambda r: bool(r["ok"]))
+        return d.addCallback(got)
 
     def _holders_on(
         self, node: str, bucket: int, fence: str, holders: list[list[str]]
@@ -1722,15 +1785,21 @@ class MailCluster(Service):
             raise amp.MalformedAmpBox("bad holders")
         return self._record_holders(bucket, fence, holders).addCallback(lambda ok: {"ok": ok})
 
-    def _raise_mark(self, bucket: int, fence: str, mark: int) -> Deferred[bool]:
+    def _raise_mark(self, bucket: int, fence: str, mark: int) -> Deferred[tuple[bool, int]]:
         store = self.mail.fragment_store
-        d: Deferred[bool] = self.mail._run_blocking(store.raise_mark, bucket, fence, mark)
+
+        def raise_() -> tuple[bool, int]:
+            before = store.bucket_mark(bucket)
+            return store.raise_mark(bucket, fence, mark), before
+
+        d: Deferred[tuple[bool, int]] = self.mail._run_blocking(raise_)
         return d
 
     def _on_mark(self, bucket: int, fence: str, mark: int) -> Deferred[dict[str, Any]]:
         if not 0 <= bucket < N_BUCKETS:
             raise amp.MalformedAmpBox("bucket number out of range")
-        return self._raise_mark(bucket, fence, mark).addCallback(lambda ok: {"ok": ok})
+        d = self._raise_mark(bucket, fence, mark)
+        return d.addCallback(lambda r: {"ok": r[0], "seen": r[1]})
 
     def _read_known(self) -> set[str]:
         """The nodes this node has ever seen in a view (read once, at start)."""

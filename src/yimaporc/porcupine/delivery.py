@@ -146,12 +146,12 @@ class DeliveryProxy:
                 # (a failed or still running majority write); the manager answers
                 # at once for a record it has (issue 14, chaos bug 4).
                 numbered = list(dict.fromkeys(dig.node for dig in digests if dig.uid))
-                adds = self._add_fragments(manager, address, numbered)
+                adds = self._add_fragments(manager, address, numbered, uid)
                 for n in dict.fromkeys(dig.node for dig in digests if not dig.uid):
                     if n not in numbered:
                         # Unnumbered: not listed before the current manager numbers
                         # it, which records the holder then; best effort now.
-                        manager.add_fragment(address, n).addErrback(self._note_lost)
+                        _add(manager, address, n, uid).addErrback(self._note_lost)
                 # Stored unnumbered (no majority, or a stale fence at the storing
                 # node): durable, so the 250 stands; the manager of the map we hold
                 # *now* numbers it (a lost note: the storing node's pending sweep and
@@ -178,7 +178,7 @@ class DeliveryProxy:
         return d.addCallback(got_profile)
 
     def _add_fragments(
-        self, manager: IUserManager, address: str, nodes: Sequence[str]
+        self, manager: IUserManager, address: str, nodes: Sequence[str], first: int = 0
     ) -> Deferred[None]:
         """Record ``nodes`` as holders of ``address``'s mail with its manager; each
         failed record is tried once more, then the delivery fails (SMTP 451): the
@@ -187,9 +187,9 @@ class DeliveryProxy:
         def one(node: str) -> Deferred[None]:
             def again(f: Failure) -> Deferred[None]:
                 self.holder_retries += 1
-                return manager.add_fragment(address, node)
+                return _add(manager, address, node, first)
 
-            return manager.add_fragment(address, node).addErrback(again)
+            return _add(manager, address, node, first).addErrback(again)
 
         ds = [one(n) for n in nodes]
         return DeferredList(ds, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
@@ -230,6 +230,15 @@ class DeliveryProxy:
         except KeyError as e:
             return fail(e)
         return d.addErrback(failed)
+
+
+def _add(manager: IUserManager, address: str, node: str, first: int) -> Deferred[None]:
+    """``add_fragment``, telling a cluster manager that the plan's UID ``first`` is
+    stored (it leaves the visibility horizon, docs/mail.md)."""
+    if first > 0 and getattr(manager, "confirms_allocations", False):
+        d: Deferred[None] = manager.add_fragment(address, node, first=first)  # type: ignore[call-arg]
+        return d
+    return manager.add_fragment(address, node)
 
 
 def _first_error(f: Failure) -> Failure:

@@ -72,6 +72,7 @@ from ..sim.network import Faults, SimNetwork, SimNode
 from .balancer import LoadBalancer, load_figure
 from .reconstruct import (
     HEDGE_DELAY,
+    HORIZON_AGE,
     LEASE,
     MARK_TIMEOUT,
     PAUSE_GRACE,
@@ -79,6 +80,7 @@ from .reconstruct import (
     SWEEP_INTERVAL,
     Action,
     BucketHint,
+    Horizon,
     MajorityWrite,
     NeedMark,
     Number,
@@ -259,6 +261,7 @@ class _Delivery:
     proxy: str
     incarnation: int
     fragments: list[str] = attrs.field(factory=list)
+    unrecorded: set[str] = attrs.field(factory=set)  # of ``fragments``: no majority record
     uid: int = 0
     fence: str = ""
     plan_from: str = ""
@@ -337,6 +340,12 @@ class MailSim:
         self.away_installs = 0
         self._n_started = 0
         self.checker = UidChecker()
+        #: Reads show only what is below the manager's visibility horizon
+        #: (:class:`~yimaporc.porcupine.reconstruct.Horizon`); False: the old reads.
+        self.visibility = True
+        #: A numbered store goes to a fragment node no majority recorded as a holder
+        #: only after its record (:meth:`Reconstruction.unrecorded`); False: the old rule.
+        self.record_first = True
         self.faults_done: Counter[str] = Counter()
         #: (user, node) a proxy recorded as a holder, no store there answered yet.
         self.recorded_unstored: set[tuple[str, str]] = set()
@@ -786,6 +795,7 @@ class MailSim:
             unfenced=unfenced,
             again=again,
             numbering=numbering,
+            now=self.net.now,
         )
         if isinstance(got, Taken):
             done(got.first, got.fence)
@@ -803,8 +813,11 @@ class MailSim:
             return
         m.extending[need.bucket] = []
 
+        seen = [1]  # the marks the asked nodes had (their answers carry them)
+
         def write(dst: MailNode) -> bool:
             b = need.bucket
+            seen[0] = max(seen[0], dst.marks.get(b, 1))
             if dst.fences.get(b) != need.fence or not self.lease_ok(dst):
                 return False
             dst.marks[b] = max(dst.marks.get(b, 1), need.target)
@@ -813,7 +826,7 @@ class MailSim:
         def granted(ok: bool) -> None:
             if m.core is not core:
                 return
-            core.mark_done(need, ok)
+            core.mark_done(need, ok, seen[0])
             for fn in [retake, *m.extending.pop(need.bucket, [])]:
                 fn()
 
@@ -861,7 +874,7 @@ class MailSim:
             def done(r: tuple[int, int, int]) -> None:
                 if m.core is not core:
                     return
-                if core.number_done(job.user, job.node, *r, self.net.now):
+                if core.number_done(job.user, job.node, *r, self.net.now, first=first):
                     self._record_holder(m, job.user, job.node, lambda: None)
                 self._arm(m)
 
@@ -1002,15 +1015,19 @@ class MailSim:
         self.deliveries += 1
         unfenced = self.config.replicas > 1
 
-        def got(plan: tuple[list[str], int, str, float] | None) -> None:
+        def got(plan: tuple[list[str], int, str, float, set[str]] | None) -> None:
             if plan is not None:
-                d.fragments, d.uid, d.fence, d.planned_at = list(plan[0]), *plan[1:]
+                d.fragments, d.uid, d.fence, d.planned_at = list(plan[0]), *plan[1:4]
+                d.unrecorded = set(plan[4]) if self.record_first else set()
             self._store(d)
 
         def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
             def answer(first: int, fence: str) -> None:
                 # the allocation's time at the manager (its age is checked at the store)
-                respond((self._fragments_of(dst, user) or [], first, fence, self.net.now))
+                core = dst.core
+                unrecorded = core.unrecorded(user) if core is not None else set()
+                frags = self._fragments_of(dst, user) or []
+                respond((frags, first, fence, self.net.now, unrecorded))
 
             self._settled(dst, user, lambda: self._take(dst, user, 1, answer, unfenced))
 
@@ -1041,7 +1058,8 @@ class MailSim:
         if not targets:
             self._give_up(d)
             return
-        new = [t for t in targets if t not in d.fragments and t not in d.recorded]
+        known = set(d.fragments) - d.unrecorded
+        new = [t for t in targets if t not in known and t not in d.recorded]
         if d.uid > 0 and new and d.plan_from:
             # A numbered message goes only where a majority knows mail lies (else a
             # manager after a partition could show higher UIDs without waiting for it):
@@ -1180,11 +1198,11 @@ class MailSim:
             refused()
             return
 
-        def gather(answer: tuple[list[str], list[str], bool] | None) -> None:
+        def gather(answer: tuple[list[str], list[str], bool, Horizon, float] | None) -> None:
             if answer is None:
                 refused()
                 return
-            frags, away, certain = answer
+            frags, away, certain, horizon, answered_at = answer
             if not certain or away:
                 refused("not certain" if not certain else f"away {away}")
                 return
@@ -1196,10 +1214,19 @@ class MailSim:
                     refused("a holder did not answer")
                     return
                 merged = max([1, *(n for _, n in got.values())])
+                listing = [(msg, uid) for pairs, _ in got.values() for msg, uid in pairs]
+                if self.visibility and self.net.now - answered_at > HORIZON_AGE:
+                    refused("the manager's answer is too old")
+                    return
+                if self.visibility:
+                    # The visibility horizon: nothing at or above an outstanding UID
+                    # not found (it may still land), nor above the manager's counter.
+                    bound = horizon.bound(uid for _, uid in listing)
+                    listing = [(msg, uid) for msg, uid in listing if uid < bound]
+                    merged = min(merged, bound)
                 if merged < p.shown.get(user, 1):
                     refused(f"UIDNEXT {merged} below shown {p.shown.get(user, 1)}: {frags}")
                     return
-                listing = [(msg, uid) for pairs, _ in got.values() for msg, uid in pairs]
                 if p.up and p.incarnation == inc:
                     p.shown[user] = merged  # the node's ``shown`` table (durable)
                 self.checker.read(proxy, user, listing, merged)
@@ -1248,6 +1275,8 @@ class MailSim:
                         sorted(core.state.fragment_list(user)),
                         sorted(core.state.away_list(user)),
                         core.certain(user),
+                        core.horizon(user, self.net.now),
+                        self.net.now,
                     )
                 )
 

@@ -34,7 +34,10 @@ from .softstate import UserManagerState, bucket_of
 from .values import PENDING
 
 __all__ = [
+    "HORIZON_AGE",
+    "NODE_ALLOCATION_TTL",
     "BucketHint",
+    "Horizon",
     "MajorityWrite",
     "MalformedHint",
     "NeedMark",
@@ -139,6 +142,89 @@ def admit_fenced(
     if not fence:
         return True
     return current_fence == fence and lease and uid >= uidnext and age <= PLAN_TTL
+
+
+#: An allocation its manager heard nothing more of holds the visibility horizon back
+#: this long: after :data:`PLAN_TTL` no store admits it numbered any more (so it can
+#: no longer appear), whatever became of the delivery that asked for it.
+ALLOCATION_TTL = PLAN_TTL
+
+#: The node's allocations stay outstanding longer: its ``FragmentStore`` does not
+#: check an allocation's age (the plan's time is not on the wire yet), so a store can
+#: land as late as the proxy's call can: RpcClient's 10 s call timeout plus its 3 s
+#: connect timeout, and some slack.  Readers find most allocations present well
+#: before that; this only bounds how long a lost delivery holds the horizon back.
+NODE_ALLOCATION_TTL = 15.0
+
+
+@attrs.frozen
+class Horizon:
+    """The visibility horizon of one user, from its manager (issue 14 item 1, bug 3).
+
+    ``outstanding``: the UID ranges ``[first, end)`` the manager handed out that may
+    still land (a store or a numbering in flight, not confirmed, not expired);
+    ``next``: the manager's counter (every UID handed out is below it).  A reader that
+    lists the fragment nodes of the *same* answer shows only UIDs below
+    :meth:`bound`, and a UIDNEXT no higher: an outstanding UID it does not find may
+    still land on its node, and anything above it shown now would have it appear
+    below a UID already shown.  Every UID below the bound is either on a node of that
+    fragment list (a numbered store goes only to a listed or majority-recorded node)
+    or will never be used, so what a reader shows grows only upwards.
+    """
+
+    outstanding: tuple[tuple[int, int], ...] = ()
+    next: int = 1
+
+    def bound(self, present: Iterable[int]) -> int:
+        """Show nothing at or above this: the lowest outstanding UID not among
+        ``present`` (the UIDs the reader found), else :attr:`next` (a UID handed out
+        after this answer may be anywhere, so one found above ``next`` waits for the
+        next answer)."""
+        have = set(present)
+        for first, end in sorted(self.outstanding):
+            for uid in range(first, min(end, self.next)):
+                if uid not in have:
+                    return uid
+        return self.next
+
+    def encode(self) -> list[int]:
+        """The flat JSON/AMP form: ``[next, first1, end1, first2, end2, ...]``."""
+        return [self.next, *(x for r in self.outstanding for x in r)]
+
+    @classmethod
+    def decode(cls, obj: Any) -> Horizon | None:
+        """Inverse of :meth:`encode`; None for a missing or malformed value (an older
+        manager: no horizon, the reader shows what it finds)."""
+        if not isinstance(obj, list) or not obj or len(obj) % 2 != 1:
+            return None
+        try:
+            nums = [int(x) for x in obj]
+        except (TypeError, ValueError):
+            return None
+        pairs = [(nums[i], nums[i + 1]) for i in range(1, len(nums), 2) if nums[i] < nums[i + 1]]
+        return cls(_collapse(pairs, nums[0]), nums[0])
+
+
+#: A reader shows a listing only if the horizon it was cut at is at most this old
+#: (measured by the reader, from sending its request): a reader paused or slowed
+#: between the manager's answer and its listing would hide what readers at a newer
+#: horizon showed meanwhile; it asks again instead.
+HORIZON_AGE = PLAN_TTL / 2
+
+
+#: At most this many outstanding ranges per user are sent to a reader; beyond that
+#: (a burst far above any real delivery rate) the highest ones are sent as one range
+#: up to the counter: conservative, the reader shows less for a moment, never more.
+MAX_OUTSTANDING = 256
+
+
+def _collapse(ranges: Iterable[tuple[int, int]], top: int) -> tuple[tuple[int, int], ...]:
+    ordered = sorted(ranges)
+    if len(ordered) <= MAX_OUTSTANDING:
+        return tuple(ordered)
+    rest = ordered[MAX_OUTSTANDING - 1 :]
+    end = max(top, *(e for _, e in rest))
+    return (*ordered[: MAX_OUTSTANDING - 1], (rest[0][0], end))
 
 
 # --- the hint: one typed value, one codec --------------------------------------------
@@ -410,6 +496,12 @@ class Reconstruction:
         self.recorded: set[tuple[str, str, str]] = set()
         self.confirmed: set[tuple[str, str, str]] = set()
         self.to_pull: list[int] = []
+        #: user -> first UID -> (end, expiry): allocations that may still land
+        #: (:class:`Horizon`); a numbering's block is keyed the same way.
+        self.allocated: dict[str, dict[int, tuple[int, float]]] = {}
+        self.allocation_ttl = ALLOCATION_TTL
+        #: user -> nodes a majority recorded as holders (from hints: any tenure).
+        self.holders_seen: dict[str, set[str]] = {}
         self.hints_received = 0
         self.numbered = 0
         self.pending_plans = 0
@@ -487,10 +579,14 @@ class Reconstruction:
             b = self.bucket(user)
             if b not in mine or b in fresh:
                 del self.uidnext[user]
-        for table in (self.floor, self.granted):
-            for b in list(table):
-                if b not in mine or b in fresh:
-                    del table[b]
+        for b in list(self.floor):
+            if b not in mine or b in fresh:
+                del self.floor[b]
+        # A granted block ends at every view change: the first UIDs after one take a
+        # majority write, whose answers bring any higher mark another side's manager
+        # recorded while we kept the bucket's map entry (a merge can hand it back to us
+        # unchanged, with no member new to our view: mailsim seed 475).
+        self.granted.clear()
         for b in list(self.settling):
             if b not in mine or b in fresh:
                 out.extend(self._settle(b, now))
@@ -504,6 +600,18 @@ class Reconstruction:
         for user in list(self.pending):
             if not self.state.manages(user):
                 del self.pending[user]
+        for user in list(self.allocated):
+            if self.bucket(user) not in mine or self.bucket(user) in fresh:
+                del self.allocated[user]  # a later manager's fences settle those
+        for user in list(self.holders_seen):
+            if self.bucket(user) not in mine or self.bucket(user) in fresh:
+                del self.holders_seen[user]  # the new map's hints bring them again
+            else:
+                # A recorded holder that leaves the view is away, also when it never
+                # was in the fragment list (it was a member when the record came in a
+                # hint, and left before its own hint did: mailsim seed 17).
+                for node in self.holders_seen[user] - alive:
+                    self.state.note_holder(user, node, alive)
         for b in sorted(fresh & mine):
             self.gaps[b] = UID_GAP if len(alive) > 1 else 0
             self._start_settling(b, alive, now)
@@ -627,6 +735,7 @@ class Reconstruction:
         for user, node in hint.holders:
             if self.bucket(user) == b:
                 self.state.note_holder(user, node, everyone)
+                self.holders_seen.setdefault(user, set()).add(node)
         out: list[Action] = []
         late = self.missing.get(b)
         if late is not None:
@@ -703,6 +812,20 @@ class Reconstruction:
         manager cannot know of would show up after the heal below UIDs shown)."""
         return (user, node, self.fence(self.bucket(user))) in self.confirmed
 
+    def unrecorded(self, user: str) -> set[str]:
+        """Nodes of ``user``'s fragment list no majority is known to have recorded as
+        holders (added by a delivery's note or a hint's ``has_mail``, their record not
+        confirmed yet): a numbered store goes there only after its record (else a
+        manager on the other side of a partition, not knowing it, could show higher
+        UIDs and this one would appear below them after the heal; mailsim seed 18)."""
+        fence = self.fence(self.bucket(user))
+        known = self.holders_seen.get(user, set())
+        return {
+            n
+            for n in self.state.fragment_list(user)
+            if n not in known and (user, n, fence) not in self.confirmed
+        }
+
     def holder_recorded(self, user: str, node: str, fence: str, ok: bool) -> None:
         """The outcome of a :meth:`record_holder` write (a failed one is tried again)."""
         if not ok:
@@ -736,13 +859,19 @@ class Reconstruction:
         unfenced: bool = False,
         again: bool = True,
         numbering: bool = False,
+        now: float = 0.0,
+        track: bool = True,
     ) -> Taken | NeedMark | int:
         """``count`` UIDs for ``user`` below the bucket's granted mark, PENDING when we
         may not number, or :class:`NeedMark` (``again`` False: PENDING instead).
 
         While a numbering of ``user``'s waiting mail is in flight, a delivery
         (``numbering`` False) gets PENDING too: its UID would be above the block being
-        numbered, and shown before that block lands (the pause test found it)."""
+        numbered, and shown before that block lands (the pause test found it).
+
+        Every UID range handed out is *outstanding* (:meth:`horizon`) until
+        :meth:`confirm`, a numbering's answer, or :attr:`allocation_ttl` after ``now``
+        (``track`` False: not at all; the node's APPEND/COPY, docs/mail.md)."""
         b = self.bucket(user)
         if not numbering and not unfenced and any(u == user for u, _ in self.numbering):
             self.pending_plans += 1
@@ -751,6 +880,8 @@ class Reconstruction:
             if unfenced and self.state.manages(user):
                 first = max(self.uidnext.get(user, 1), self.floor.get(b, 1))
                 self.uidnext[user] = first + max(1, count)
+                if track:
+                    self._allocate(user, first, first + max(1, count), now)
                 return Taken(first, "")
             self.pending_plans += 1
             return PENDING
@@ -758,11 +889,39 @@ class Reconstruction:
         end = first + max(1, count)
         if end <= self.granted.get(b, 0):
             self.uidnext[user] = end
+            if track:
+                self._allocate(user, first, end, now)
             return Taken(first, "" if unfenced else self.fence(b))
         if not again:
             self.pending_plans += 1
             return PENDING
         return NeedMark(b, self.fence(b), end + MARK_BLOCK)
+
+    def _allocate(self, user: str, first: int, end: int, now: float) -> None:
+        self.allocated.setdefault(user, {})[first] = (end, now + self.allocation_ttl)
+
+    def confirm(self, user: str, first: int) -> None:
+        """The allocation starting at ``first`` landed (its store answered) or never
+        will (abandoned): it no longer holds ``user``'s horizon back."""
+        mine = self.allocated.get(user)
+        if mine is not None:
+            mine.pop(first, None)
+            if not mine:
+                del self.allocated[user]
+
+    def horizon(self, user: str, now: float) -> Horizon:
+        """What a reader may show of ``user``'s mail (:class:`Horizon`), with the
+        fragment list of the same moment; expired allocations are dropped."""
+        mine = self.allocated.get(user)
+        if mine:
+            for first, (_, expires) in list(mine.items()):
+                if expires < now:
+                    del mine[first]
+            if not mine:
+                del self.allocated[user]
+        ranges = [(f, e) for f, (e, _) in (mine or {}).items()]
+        top = self.uidnext.get(user, 1)
+        return Horizon(_collapse(ranges, top), top)
 
     def mark_write(self, need: NeedMark) -> bool:
         """Start raising a mark; False if a raise of this bucket is already running
@@ -772,10 +931,17 @@ class Reconstruction:
         self.extending.add(need.bucket)
         return True
 
-    def mark_done(self, need: NeedMark, granted: bool) -> None:
-        """A majority recorded ``need.target`` (``granted``) or could not."""
+    def mark_done(self, need: NeedMark, granted: bool, seen: int = 1) -> None:
+        """A majority recorded ``need.target`` (``granted``) or could not.  ``seen``:
+        the highest mark the asked nodes had before (their answers carry it): our UIDs
+        start at or above it, whatever our hints said (a merge can give a bucket back
+        to its old manager at its old entry while another side's manager numbered in
+        it; mailsim seed 475)."""
         self.extending.discard(need.bucket)
-        if granted and self.fence(need.bucket) == need.fence:
+        if self.fence(need.bucket) != need.fence:
+            return
+        self.floor[need.bucket] = max(self.floor.get(need.bucket, 1), seen)
+        if granted:
             self.granted[need.bucket] = max(self.granted.get(need.bucket, 0), need.target)
 
     # --- numbering what waits -----------------------------------------------------------
@@ -840,11 +1006,22 @@ class Reconstruction:
         self.kick(now, self.number_retry)
 
     def number_done(
-        self, user: str, node: str, numbered: int, left: int, top: int, now: float
+        self,
+        user: str,
+        node: str,
+        numbered: int,
+        left: int,
+        top: int,
+        now: float,
+        first: int | None = None,
     ) -> bool:
         """``node`` numbered ``numbered`` messages, ``left`` still wait, its highest
-        UIDNEXT is ``top``.  True if a majority should record ``node`` as a holder."""
+        UIDNEXT is ``top``.  True if a majority should record ``node`` as a holder.
+        ``first``: the block's first UID, confirmed (the numbered ones are on ``node``,
+        the rest of the block is never used)."""
         self.numbering.discard((user, node))
+        if first is not None:
+            self.confirm(user, first)
         self.numbered += numbered
         if not self.state.manages(user):
             return False

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .interfaces import IMailboxManager, IUserManager
+from .reconstruct import Horizon
 from .values import (
     INBOX,
     Digest,
@@ -82,6 +83,14 @@ class UserMail:
         self.uncertain = False
         #: Messages sent back to be numbered afresh (two under one UID).
         self.renumbered = 0
+        #: The manager's visibility horizon that came with the fragment list in use
+        #: (issue 14 bug 3): nothing at or above an allocated UID not found yet is
+        #: listed, nor a UIDNEXT above it.  None: an older manager, or no cluster.
+        self.horizon: Horizon | None = None
+        #: Messages found but held back by the horizon (listed at a later command).
+        self.held_back = 0
+        #: The bound the last listing was cut at (:meth:`Horizon.bound`).
+        self.bound = 0
         #: With replication, the user's copies per message (from the profile): fewer
         #: holders out of reach than that leave every message a reachable copy.
         self.replicas = 1
@@ -120,6 +129,8 @@ class UserMail:
             nodes = [self.home, *(n for n in frags if n != self.home)]
             certain = getattr(self.users, "certain", None)
             self.uncertain = certain is not None and not certain(self.address)
+            horizon_of = getattr(self.users, "horizon_of", None)
+            self.horizon = horizon_of(self.address) if horizon_of is not None else None
             away_of = getattr(self.users, "away_of", None)
             # Nodes that left the view holding mail: asked too (they fail while away).
             nodes += [n for n in (away_of(self.address) if away_of else ()) if n not in nodes]
@@ -174,6 +185,7 @@ class UserMail:
     def _tree_of(self, trees: list[tuple[str, list[MailboxInfo]]]) -> Deferred[list[MailboxInfo]]:
         """The merged tree shown to the client, from each node's tree."""
         d = self._inbox_validity(_merge_trees(trees))
+        d.addCallback(self._below_horizon_next)
         return d.addCallback(self._monotonic)
 
     def open_mailbox(
@@ -227,6 +239,46 @@ class UserMail:
             return self._tree_of([(n, t) for n, (t, _) in results]).addCallback(both)
 
         return self._ask_all(ask).addCallback(split)
+
+    def _below_horizon_next(
+        self, infos: list[MailboxInfo]
+    ) -> Deferred[list[MailboxInfo]] | list[MailboxInfo]:
+        """UIDNEXT no higher than the horizon's bound: a client syncing from UIDNEXT
+        would skip a UID still in flight when it lands.  The bound depends on which
+        allocated UIDs are found: with allocations outstanding, INBOX (where
+        deliveries and numbering go) is listed first; if that fails, the lowest
+        outstanding UID counts as not found."""
+        h = self.horizon
+        if h is None:
+            return infos
+
+        def cap(bound: int) -> list[MailboxInfo]:
+            return [attrs.evolve(i, uidnext=min(i.uidnext, bound)) for i in infos]
+
+        if not h.outstanding:
+            return cap(h.next)
+
+        def found(_: list[Digest]) -> int:
+            return self.bound
+
+        def unknown(_: Failure) -> int:
+            return h.bound(())
+
+        return self._merged_digests(INBOX).addCallbacks(found, unknown).addCallback(cap)
+
+    def _below_horizon(self, digests: list[Digest]) -> list[Digest]:
+        """Of a merged listing, what the horizon lets a client see (docs/mail.md,
+        "The visibility horizon"); when it holds some back, the next command asks
+        the manager afresh instead of reusing the cached fragment list."""
+        h = self.horizon
+        if h is None:
+            return digests
+        bound = self.bound = h.bound(d.uid for d in digests)
+        kept = [d for d in digests if d.uid < bound]
+        if len(kept) < len(digests):
+            self.held_back += len(digests) - len(kept)
+            self._node_cache = None
+        return kept
 
     def _inbox_validity(self, infos: list[MailboxInfo]) -> Deferred[list[MailboxInfo]]:
         """INBOX's UIDVALIDITY is the profile's creation second, the same on every node
@@ -430,7 +482,7 @@ class UserMail:
             out.append(keep)
             for d in extra:
                 self._renumber(mailbox, d)
-        return out
+        return self._below_horizon(out)
 
     def _renumber(self, mailbox: str, d: Digest) -> None:
         """``d`` shares its UID with another message: back to unnumbered on its node,
