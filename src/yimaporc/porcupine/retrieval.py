@@ -18,7 +18,7 @@ several nodes under one UID (replicas) is listed once; see docs/mail.md.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
@@ -39,6 +39,8 @@ from .values import (
 )
 
 _log = Logger()
+
+_T = TypeVar("_T")
 
 
 class UserMail:
@@ -66,6 +68,8 @@ class UserMail:
         self.now: Callable[[], float] | None = None
         self.fragments_ttl = 1.0
         self._node_cache: tuple[list[str], float] | None = None
+        #: The last :meth:`_nodes` answer came from ``_node_cache`` (with its horizon).
+        self._nodes_cached = False
         #: With replication (issue 8): each message is read from its least-loaded
         #: holder (``load_of``; another holder if that read fails), and a flag change
         #: or deletion goes to one holder, whose logged update reaches the others.
@@ -123,7 +127,9 @@ class UserMail:
     def _nodes(self) -> Deferred[list[str]]:
         now = self.now() if self.now is not None else None
         if self._node_cache is not None and now is not None and self._node_cache[1] > now:
+            self._nodes_cached = True
             return succeed(list(self._node_cache[0]))
+        self._nodes_cached = False
 
         def merge(frags: tuple[str, ...]) -> list[str]:
             nodes = [self.home, *(n for n in frags if n != self.home)]
@@ -238,7 +244,7 @@ class UserMail:
 
             return self._tree_of([(n, t) for n, (t, _) in results]).addCallback(both)
 
-        return self._ask_all(ask).addCallback(split)
+        return self._fresh_if_held(lambda: self._ask_all(ask).addCallback(split))
 
     def _below_horizon_next(
         self, infos: list[MailboxInfo]
@@ -447,7 +453,24 @@ class UserMail:
 
             return m.digests(self.address, mailbox).addErrback(missing)
 
-        return self._ask_all(tolerant).addCallback(lambda parts: self._merge_parts(mailbox, parts))
+        return self._fresh_if_held(
+            lambda: self._ask_all(tolerant).addCallback(lambda p: self._merge_parts(mailbox, p))
+        )
+
+    def _fresh_if_held(self, listing: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+        """Run ``listing``; if the horizon that came with a *cached* fragment list held
+        messages back (the manager's counter has moved on since, e.g. another session's
+        APPEND), list once more with a fresh answer from the manager, so a command shows
+        what landed before it rather than at the next command."""
+        held = self.held_back
+        d = listing()
+
+        def again(out: _T) -> _T | Deferred[_T]:
+            if self._nodes_cached and self.held_back > held:
+                return listing()
+            return out
+
+        return d.addCallback(again)
 
     def _merge_parts(self, mailbox: str, parts: list[tuple[str, list[Digest]]]) -> list[Digest]:
         """One listing from each node's digests of ``mailbox``."""
