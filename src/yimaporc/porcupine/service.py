@@ -42,6 +42,7 @@ from ._guard import ClientErrors
 from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
 from .auth import MailRealm, ManagerChecker, ThrottledPortal
+from .authcache import DEFAULT_SIZE, DEFAULT_TTL
 from .cluster import ProfileReplicator
 from .delivery import (
     DeliveryProxy,
@@ -137,6 +138,8 @@ class MailService(MultiService):
         imaps: str | None = None,
         allow_plaintext_auth: bool = False,
         other_domains: Sequence[str] = (),
+        auth_cache_ttl: float = DEFAULT_TTL,
+        auth_cache_size: int = DEFAULT_SIZE,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -179,7 +182,12 @@ class MailService(MultiService):
         self.fragment_store = FragmentStore(self.data_dir, node_id, now)
         self.mailbox_manager = MailboxManager(reactor, self.pool, self.fragment_store)
         self.profiles = ProfileDB(
-            reactor, self.pool, self.data_dir / "mail" / "profiles.sqlite", now
+            reactor,
+            self.pool,
+            self.data_dir / "mail" / "profiles.sqlite",
+            now,
+            auth_cache_ttl=auth_cache_ttl,
+            auth_cache_size=auth_cache_size,
         )
         self.user_manager: UserManager = UserManager(node_id, self.profiles)
         #: The one profile write path (pushes to the other nodes once clustered).
@@ -468,7 +476,7 @@ class MailService(MultiService):
             "domains": [self.domain, *self.policy.other_domains],
             "mail": {name: self.address_of(name) for name in self.ports},
             "messages_accepted": self.delivered,
-            "auth": self.throttle.status(),
+            "auth": {**self.throttle.status(), **self.profiles.auth_cache.status()},
             "client_errors": self.client_errors.status(),
             "mail_sessions": self.client_errors.activity(),
             "imap_open_mailboxes": self.registry.count(),
