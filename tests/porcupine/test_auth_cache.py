@@ -444,3 +444,40 @@ def test_options_validate_and_reach_the_profile_db(tmp_path: Path) -> None:
         assert mail.status()["auth"]["cache_hits"] == 0
     finally:
         mail.profiles.close()
+
+
+def test_slot_covers_the_password_check_not_the_avatar(tmp_path: Path) -> None:
+    """A login's concurrency slot is freed once its password is checked: a slow avatar
+    (POP3 reading the mailbox listing) does not hold back other logins from that address."""
+    db, _, _, _ = make_db(tmp_path)
+    result_of(db.add(A, "pw"))
+    result_of(db.add(B, "pw"))
+    users = UserManager("n1", db)
+    retrieval = RetrievalProxy("n1", lambda a: users, lambda n: None)  # type: ignore[arg-type,return-value]
+    pending: list[Deferred[Any]] = []
+
+    @implementer(cred_portal.IRealm)
+    class SlowRealm:
+        def requestAvatar(self, avatar_id: Any, mind: Any, *ifaces: Any) -> Any:
+            d: Deferred[Any] = Deferred()
+            pending.append(d)
+            return d.addCallback(lambda _: (ifaces[0], avatar_id, lambda: None))
+
+    portal = cred_portal.Portal(SlowRealm(), [ManagerChecker(retrieval, "example.org")])
+    clock = Clock()
+    throttle = AuthThrottle(ThrottlePolicy(concurrent=1))
+
+    def login(user: bytes) -> list[Any]:
+        p = ThrottledPortal(portal, throttle, clock, "10.0.0.1", "example.org", lambda: None)
+        out: list[Any] = []
+        p.login(UsernamePassword(user, b"pw"), None, imap4.IAccount).addBoth(out.append)
+        return out
+
+    first = login(b"alice")
+    assert first == [] and len(pending) == 1 and throttle.status()["in_flight"] == 0
+    second = login(b"bob")  # admitted at once although alice's avatar is not ready
+    assert len(pending) == 2 and throttle.status()["refused"] == 0
+    for d in pending:
+        d.callback(None)
+    assert first[0][1] == A.encode() and second[0][1] == B.encode()
+    assert throttle.status()["successes"] == 2 and throttle.status()["in_flight"] == 0

@@ -145,10 +145,22 @@ class ThrottledPortal:
     def _check(
         self, account: str, creds: Any, mind: Any, interfaces: tuple[Any, ...], out: Deferred[Any]
     ) -> None:
+        """Check the password holding the slot; build the avatar after releasing it.
+
+        The slot bounds password checks (scrypt) per address, not sessions: a
+        POP3 avatar reads the mailbox listing, which must not keep other logins
+        from the same address (a NAT, a webmail) waiting."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.throttle.release(self.peer)
 
         def answer(result: object, last: bool = False) -> None:
             self.busy = False
-            self.throttle.release(self.peer)
+            release()
             if isinstance(result, Failure):
                 out.errback(result)
             else:
@@ -156,9 +168,14 @@ class ThrottledPortal:
             if last:
                 self.close()
 
-        def ok(result: object) -> None:
+        def ok(avatar_id: object) -> None:
             self.throttle.succeeded(self.clock.seconds(), self.peer, account)
-            answer(result)
+            if realm is None:  # portal.login gave the avatar itself
+                answer(avatar_id)
+                return
+            release()
+            d = maybeDeferred(realm.requestAvatar, avatar_id, mind, *interfaces)
+            d.addBoth(answer)
 
         def bad(f: Failure) -> None:
             if not f.check(error.UnauthorizedLogin):
@@ -172,7 +189,24 @@ class ThrottledPortal:
             else:
                 answer(f, last)
 
-        maybeDeferred(self.portal.login, creds, mind, *interfaces).addCallbacks(ok, bad)
+        checker, realm = self._split(creds)
+        if checker is None:
+            d = maybeDeferred(self.portal.login, creds, mind, *interfaces)
+        else:
+            d = maybeDeferred(checker.requestAvatarId, creds)
+        d.addCallbacks(ok, bad)
+
+    def _split(self, creds: Any) -> tuple[Any, Any]:
+        """(checker, realm) of a real :class:`~twisted.cred.portal.Portal` for
+        ``creds``, as ``Portal.login`` picks them; (None, None) otherwise."""
+        checkers = getattr(self.portal, "checkers", None)
+        realm = getattr(self.portal, "realm", None)
+        if not isinstance(checkers, dict) or realm is None:
+            return None, None
+        for iface, checker in checkers.items():
+            if iface.providedBy(creds):
+                return checker, realm
+        return None, None
 
 
 class IImapUser(Interface):
