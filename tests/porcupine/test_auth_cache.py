@@ -481,3 +481,82 @@ def test_slot_covers_the_password_check_not_the_avatar(tmp_path: Path) -> None:
         d.callback(None)
     assert first[0][1] == A.encode() and second[0][1] == B.encode()
     assert throttle.status()["successes"] == 2 and throttle.status()["in_flight"] == 0
+
+
+# --- waiting for a slot -----------------------------------------------------------------
+
+
+class HeldChecker:
+    """A portal stand-in whose password checks succeed only when the test fires them."""
+
+    def __init__(self) -> None:
+        self.held: list[Deferred[Any]] = []
+
+    def login(self, creds: Any, mind: Any, *ifaces: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.held.append(d)
+        return d
+
+
+def test_waiting_logins_are_woken_by_released_slots_in_order() -> None:
+    """With every slot of an address busy, further logins wait without polling: each
+    released slot admits the oldest waiter on the next reactor turn."""
+    from yimaporc.porcupine.auth import SlotWaiters
+
+    clock, checker = Clock(), HeldChecker()
+    throttle = AuthThrottle(ThrottlePolicy(concurrent=1))
+    waiters = SlotWaiters(clock)
+    closed: list[int] = []
+
+    def login(i: int) -> list[Any]:
+        p = ThrottledPortal(
+            checker,  # type: ignore[arg-type]
+            throttle, clock, "10.0.0.1", "example.org", lambda: closed.append(i), waiters,
+        )  # fmt: skip
+        out: list[Any] = []
+        p.login(UsernamePassword(b"alice", b"pw"), None, imap4.IAccount).addBoth(out.append)
+        return out
+
+    results = [login(i) for i in range(3)]
+    assert len(checker.held) == 1 and len(waiters) == 2
+    clock.advance(5)  # no timer polls meanwhile: the refusals stay at the first two
+    assert len(checker.held) == 1 and throttle.status()["refused"] == 2
+    checker.held[0].callback((imap4.IAccount, "first", lambda: None))
+    assert len(checker.held) == 1  # woken on the next turn, not inside the answer
+    clock.advance(0)
+    assert len(checker.held) == 2 and len(waiters) == 1
+    checker.held[1].callback((imap4.IAccount, "second", lambda: None))
+    clock.advance(0)
+    checker.held[2].callback((imap4.IAccount, "third", lambda: None))
+    assert [r[0][1] for r in results] == ["first", "second", "third"]
+    assert len(waiters) == 0 and throttle.status()["in_flight"] == 0 and not closed
+
+
+def test_a_waiter_is_refused_after_the_bounded_wait() -> None:
+    """A slot that never frees: the waiting login is refused with LoginThrottled and closed
+    after CONCURRENT_WAIT, and a later release does not wake it."""
+    from yimaporc.porcupine.auth import CONCURRENT_WAIT, SlotWaiters
+
+    clock, checker = Clock(), HeldChecker()
+    throttle = AuthThrottle(ThrottlePolicy(concurrent=1))
+    waiters = SlotWaiters(clock)
+    closed: list[str] = []
+    portal: Any = checker
+    portals = [
+        ThrottledPortal(
+            portal, throttle, clock, "10.0.0.1", "example.org", lambda: closed.append("x"), waiters
+        )
+        for _ in range(2)
+    ]
+    outs: list[list[Any]] = [[], []]
+    for p, out in zip(portals, outs, strict=True):
+        p.login(UsernamePassword(b"alice", b"pw"), None, imap4.IAccount).addBoth(out.append)
+    clock.advance(CONCURRENT_WAIT - 0.01)
+    assert outs[1] == []
+    clock.advance(0.01)
+    assert isinstance(outs[1][0], Failure) and outs[1][0].check(LoginThrottled)
+    clock.advance(0)
+    assert closed == ["x"] and len(waiters) == 0
+    checker.held[0].callback((imap4.IAccount, "first", lambda: None))
+    clock.advance(0)
+    assert len(checker.held) == 1 and outs[0][0][1] == "first"

@@ -6,6 +6,7 @@ the node's shared :class:`~yimaporc.porcupine.throttle.AuthThrottle` first.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from zope.interface import Interface, implementer
 from ._pop3 import Pop3Mailbox
 from .delivery import DeliveryProxy, SmtpDelivery, SmtpPolicy
 from .retrieval import RetrievalProxy
-from .throttle import AuthThrottle, LoginThrottled
+from .throttle import AuthThrottle, LoginThrottled, source_key
 from .usermap import BadAddress, normalise
 from .values import INBOX, BadCredentials, MailboxInfo
 
@@ -72,6 +73,70 @@ def account_key(username: str | bytes, domain: str) -> str:
 CONCURRENT_WAIT = 10.0
 
 
+class _Waiter:
+    __slots__ = ("expire", "timer", "wake")
+
+    def __init__(self, wake: Callable[[], None], expire: Callable[[], None]) -> None:
+        self.wake = wake
+        self.expire = expire
+        self.timer: Any = None
+
+
+class SlotWaiters:
+    """Logins waiting for a password-check slot of their address (all of them busy),
+    woken one per released slot, oldest first, instead of polling.  Shared by a
+    node's :class:`ThrottledPortal` instances; reactor thread only."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self._queues: dict[str, deque[_Waiter]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def wait(
+        self,
+        peer: str,
+        wake: Callable[[], None],
+        expire: Callable[[], None],
+        timeout: float,
+        front: bool = False,
+    ) -> None:
+        """Call ``wake`` when a slot of ``peer``'s address is released, or ``expire``
+        after ``timeout`` seconds if none was by then."""
+        key = source_key(peer)
+        waiter = _Waiter(wake, expire)
+        queue = self._queues.setdefault(key, deque())
+        if front:
+            queue.appendleft(waiter)
+        else:
+            queue.append(waiter)
+
+        def expired() -> None:
+            q = self._queues.get(key)
+            if q is not None and waiter in q:
+                q.remove(waiter)
+                if not q:
+                    del self._queues[key]
+            waiter.expire()
+
+        waiter.timer = self.clock.callLater(max(0.0, timeout), expired)
+
+    def released(self, peer: str) -> None:
+        """A slot of ``peer``'s address was released: wake the oldest waiter (on the
+        next reactor turn, so answers never nest)."""
+        key = source_key(peer)
+        queue = self._queues.get(key)
+        if not queue:
+            return
+        waiter = queue.popleft()
+        if not queue:
+            del self._queues[key]
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        self.clock.callLater(0, waiter.wake)
+
+
 class ThrottledPortal:
     """One connection's way to the portal: every password check goes through the throttle.
 
@@ -89,6 +154,7 @@ class ThrottledPortal:
         peer: str,
         domain: str,
         close: Callable[[], object],
+        waiters: SlotWaiters | None = None,
     ) -> None:
         self.portal = portal
         self.throttle = throttle
@@ -96,6 +162,8 @@ class ThrottledPortal:
         self.peer = peer
         self.domain = domain
         self.close = close
+        #: Where a login waits for a slot (None: it polls with backoff instead).
+        self.waiters = waiters
         self.failures = 0
         self.busy = False
 
@@ -130,6 +198,21 @@ class ThrottledPortal:
         now = self.clock.seconds()
         admission = self.throttle.admit(now, self.peer, account)
         if not admission.allowed:
+            if admission.reason == "concurrent" and self.waiters is not None and now < deadline:
+
+                def refuse() -> None:
+                    self.busy = False
+                    self.clock.callLater(0, self.close)
+                    out.errback(LoginThrottled("concurrent", admission.retry_after))
+
+                self.waiters.wait(
+                    self.peer,
+                    lambda: self._admit(account, deadline, -1.0, creds, mind, interfaces, out),
+                    refuse,
+                    deadline - now,
+                    front=pause < 0,  # woken before but beaten to the slot: stay first
+                )
+                return
             if admission.reason == "concurrent" and now + pause <= deadline:
                 self.clock.callLater(
                     pause, self._admit, account, deadline, min(pause * 2, 0.5), creds, mind,
@@ -157,6 +240,8 @@ class ThrottledPortal:
             if not released:
                 released = True
                 self.throttle.release(self.peer)
+                if self.waiters is not None:
+                    self.waiters.released(self.peer)
 
         def answer(result: object, last: bool = False) -> None:
             self.busy = False

@@ -41,7 +41,7 @@ from ..imap import Limits
 from ._guard import ClientErrors
 from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
-from .auth import MailRealm, ManagerChecker, ThrottledPortal
+from .auth import MailRealm, ManagerChecker, SlotWaiters, ThrottledPortal
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL
 from .cluster import ProfileReplicator
 from .delivery import (
@@ -227,6 +227,8 @@ class MailService(MultiService):
         self.portal = portal.Portal(realm, [ManagerChecker(self.retrieval, domain)])
         #: Shared by IMAP, POP3 and SMTP AUTH: per address and per account.
         self.throttle = AuthThrottle(auth_throttle)
+        #: Logins waiting for a password-check slot of their address.
+        self.slot_waiters = SlotWaiters(reactor)
         self.factories: dict[str, Factory] = {
             "smtp": _ProtocolFactory(self._smtp_protocol),
             "pop3": _ProtocolFactory(self._pop3_protocol),
@@ -320,7 +322,13 @@ class MailService(MultiService):
                 p.transport.loseConnection()
 
         return ThrottledPortal(
-            self.portal, self.throttle, self.reactor, _peer_host(addr), self.domain, close
+            self.portal,
+            self.throttle,
+            self.reactor,
+            _peer_host(addr),
+            self.domain,
+            close,
+            self.slot_waiters,
         )
 
     def _bounce(self, sender: bytes, rcpt: str, body: bytes) -> Deferred[object]:
