@@ -560,3 +560,46 @@ def test_a_waiter_is_refused_after_the_bounded_wait() -> None:
     checker.held[0].callback((imap4.IAccount, "first", lambda: None))
     clock.advance(0)
     assert len(checker.held) == 1 and outs[0][0][1] == "first"
+
+
+def test_cached_login_needs_no_slot_and_skips_the_queue(tmp_path: Path) -> None:
+    """While an address's only slot runs another user's scrypt, a login the cache vouches
+    for is answered at once (no slot, no pool job); a wrong password still waits its turn."""
+    from yimaporc.porcupine.auth import SlotWaiters
+
+    db, _, pool, scrypt = make_db(tmp_path)
+    result_of(db.add(A, "pw"))
+    result_of(db.add(B, "pw"))
+    result_of(db.verify(A, "pw"))
+    users = UserManager("n1", db)
+    retrieval = RetrievalProxy("n1", lambda a: users, lambda n: None)  # type: ignore[arg-type,return-value]
+    portal = cred_portal.Portal(Realm(), [ManagerChecker(retrieval, "example.org")])
+    clock = Clock()
+    throttle = AuthThrottle(ThrottlePolicy(concurrent=1, delay=0))
+    waiters = SlotWaiters(clock)
+
+    def login(user: bytes, pw: bytes) -> list[Any]:
+        p = ThrottledPortal(
+            portal, throttle, clock, "10.0.0.1", "example.org", lambda: None, waiters
+        )
+        out: list[Any] = []
+        p.login(UsernamePassword(user, pw), None, imap4.IAccount).addBoth(out.append)
+        return out
+
+    pool.hold = True
+    bob = login(b"bob", b"pw")
+    assert bob == [] and throttle.status()["in_flight"] == 1 and len(pool.held) == 1
+    jobs, calls = pool.jobs, scrypt.calls
+    alice = login(b"alice", b"pw")
+    assert alice[0][1] == A.encode()  # at once
+    assert (pool.jobs, scrypt.calls) == (jobs, calls)
+    wrong = login(b"alice", b"nope")
+    assert wrong == [] and len(waiters) == 1  # a miss: waits for the slot
+    pool.hold = False
+    pool.release()
+    assert bob[0][1] == B.encode()
+    clock.advance(0)
+    assert isinstance(wrong[0], Failure) and wrong[0].check(UnauthorizedLogin)
+    status = throttle.status()
+    assert (status["attempts"], status["successes"], status["failures"]) == (4, 2, 1)
+    assert status["in_flight"] == 0 and db.auth_cache.hits == 1

@@ -41,6 +41,20 @@ class ManagerChecker:
         self.retrieval = retrieval
         self.domain = domain
 
+    def cached_avatar_id(self, creds: Any) -> bytes | None:
+        """The address (bytes) if this node's auth cache vouches for these credentials
+        now (the user's manager is local: no RPC, pool job or scrypt), else None."""
+        try:
+            password = creds.password
+            if isinstance(password, bytes):
+                password = password.decode("utf-8")
+            address = login_address(creds.username, self.domain)
+        except (BadAddress, UnicodeDecodeError, AttributeError):
+            return None
+        cached = getattr(self.retrieval.users(address), "cached_login", None)
+        profile = cached(address, password) if cached is not None else None
+        return profile.address.encode("utf-8") if profile is not None else None
+
     def requestAvatarId(self, creds: Any) -> Deferred[bytes | tuple[()]]:
         """The address (bytes) if the password is right; UnauthorizedLogin otherwise."""
         try:
@@ -196,6 +210,8 @@ class ThrottledPortal:
         busy (a client opening several connections at once, as Thunderbird does) is
         not a refusal: the login waits for a slot, up to :data:`CONCURRENT_WAIT` s."""
         now = self.clock.seconds()
+        if self._cached(now, account, creds, mind, interfaces, out):
+            return
         admission = self.throttle.admit(now, self.peer, account)
         if not admission.allowed:
             if admission.reason == "concurrent" and self.waiters is not None and now < deadline:
@@ -224,6 +240,38 @@ class ThrottledPortal:
             out.errback(LoginThrottled(admission.reason, admission.retry_after))
             return
         self._check(account, creds, mind, interfaces, out)
+
+    def _cached(
+        self,
+        now: float,
+        account: str,
+        creds: Any,
+        mind: Any,
+        interfaces: tuple[Any, ...],
+        out: Deferred[Any],
+    ) -> bool:
+        """Answer from the auth cache if it vouches for ``creds``: the throttle's locks
+        are asked first (a locked account stays locked), no slot is taken (no scrypt
+        runs), so such logins never wait behind other users' password checks."""
+        checker, realm = self._split(creds)
+        cached = getattr(checker, "cached_avatar_id", None)
+        if cached is None or self.throttle.locked(now, self.peer, account):
+            return False
+        avatar_id = cached(creds)
+        if avatar_id is None:
+            return False
+        self.throttle.admit(now, self.peer, account, slot=False)  # counts the attempt
+        self.throttle.succeeded(now, self.peer, account)
+
+        def answer(result: object) -> None:
+            self.busy = False
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+
+        maybeDeferred(realm.requestAvatar, avatar_id, mind, *interfaces).addBoth(answer)
+        return True
 
     def _check(
         self, account: str, creds: Any, mind: Any, interfaces: tuple[Any, ...], out: Deferred[Any]

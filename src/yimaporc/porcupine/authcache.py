@@ -85,18 +85,19 @@ class AuthCache:
             h.update(data)
         return h.digest()
 
-    def check(self, address: str, stored_hash: str, password: str) -> bool:
-        """True if this password was verified against this very hash less than ``ttl`` ago."""
+    def check(self, address: str, stored_hash: str, password: str, count_miss: bool = True) -> bool:
+        """True if this password was verified against this very hash less than ``ttl`` ago
+        (``count_miss`` False: a miss is not counted, the caller will ask again)."""
         if not self.enabled or not stored_hash:
             return False
         digest = self._digest(address, stored_hash, password)
         entry = self._entries.get(digest)
         if entry is None or entry[0] != address:
-            self.misses += 1
+            self.misses += count_miss
             return False
         if entry[1] <= self.now():
             self._drop(digest)
-            self.misses += 1
+            self.misses += count_miss
             return False
         self._entries.move_to_end(digest)
         self.hits += 1

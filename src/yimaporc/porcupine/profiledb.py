@@ -306,6 +306,17 @@ class ProfileDB:
             return None
         return hit[0]
 
+    def cached(self, address: str, password: str) -> Profile | None:
+        """The profile if the auth cache vouches for this password now, else None
+        (no pool job, no scrypt; a None is not counted as a miss: :meth:`verify` follows)."""
+        address = address.lower()
+        known = self._verified_profile(address)
+        if known is None or not self.auth_cache.check(
+            address, known.password_hash, password, count_miss=False
+        ):
+            return None
+        return known
+
     def verify(self, address: str, password: str) -> Deferred[Profile]:
         """The profile if the password matches, else ``BadCredentials``.
 
