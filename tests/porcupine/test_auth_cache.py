@@ -603,3 +603,39 @@ def test_cached_login_needs_no_slot_and_skips_the_queue(tmp_path: Path) -> None:
     status = throttle.status()
     assert (status["attempts"], status["successes"], status["failures"]) == (4, 2, 1)
     assert status["in_flight"] == 0 and db.auth_cache.hits == 1
+
+
+def test_a_woken_login_answered_from_the_cache_passes_the_slot_on(tmp_path: Path) -> None:
+    """A waiter woken by a released slot that then needs none (the cache vouches for it
+    by now) wakes the next waiter, which would otherwise wait out CONCURRENT_WAIT."""
+    from yimaporc.porcupine.auth import SlotWaiters
+
+    db, _, pool, _ = make_db(tmp_path)
+    result_of(db.add(A, "pw"))
+    result_of(db.add(B, "pw"))
+    users = UserManager("n1", db)
+    retrieval = RetrievalProxy("n1", lambda a: users, lambda n: None)  # type: ignore[arg-type,return-value]
+    portal = cred_portal.Portal(Realm(), [ManagerChecker(retrieval, "example.org")])
+    clock = Clock()
+    throttle = AuthThrottle(ThrottlePolicy(concurrent=1))
+    waiters = SlotWaiters(clock)
+
+    def login(user: bytes) -> list[Any]:
+        p = ThrottledPortal(
+            portal, throttle, clock, "10.0.0.1", "example.org", lambda: None, waiters
+        )
+        out: list[Any] = []
+        p.login(UsernamePassword(user, b"pw"), None, imap4.IAccount).addBoth(out.append)
+        return out
+
+    pool.hold = True
+    first, again, bob = login(b"alice"), login(b"alice"), login(b"bob")
+    assert len(pool.held) == 1 and len(waiters) == 2
+    pool.release()  # alice checked and cached: her slot wakes "again"...
+    clock.advance(0)  # ...answered from the cache, which wakes bob
+    assert first[0][1] == A.encode() and again[0][1] == A.encode()
+    clock.advance(0)
+    assert len(pool.held) == 1 and len(waiters) == 0  # bob's check is running
+    pool.hold = False
+    pool.release()
+    assert bob[0][1] == B.encode() and throttle.status()["in_flight"] == 0

@@ -210,7 +210,10 @@ class ThrottledPortal:
         busy (a client opening several connections at once, as Thunderbird does) is
         not a refusal: the login waits for a slot, up to :data:`CONCURRENT_WAIT` s."""
         now = self.clock.seconds()
+        woken = pause < 0  # by a released slot (SlotWaiters)
         if self._cached(now, account, creds, mind, interfaces, out):
+            if woken and self.waiters is not None:  # the slot stays free: pass it on
+                self.waiters.released(self.peer)
             return
         admission = self.throttle.admit(now, self.peer, account)
         if not admission.allowed:
@@ -226,7 +229,7 @@ class ThrottledPortal:
                     lambda: self._admit(account, deadline, -1.0, creds, mind, interfaces, out),
                     refuse,
                     deadline - now,
-                    front=pause < 0,  # woken before but beaten to the slot: stay first
+                    front=woken,  # beaten to the slot it was woken for: stay first
                 )
                 return
             if admission.reason == "concurrent" and now + pause <= deadline:
@@ -235,6 +238,8 @@ class ThrottledPortal:
                     interfaces, out,
                 )  # fmt: skip
                 return
+            if woken and self.waiters is not None:  # locked meanwhile: pass the slot on
+                self.waiters.released(self.peer)
             self.busy = False
             self.clock.callLater(0, self.close)
             out.errback(LoginThrottled(admission.reason, admission.retry_after))
