@@ -308,6 +308,8 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
         ("throttled", "Failed logins answered after a throttle delay."),
         ("refused", "Logins refused unchecked by the throttle."),
         ("locks", "Throttle locks set (account/address pairs, addresses, accounts)."),
+        ("cache_hits", "Logins answered by the verified-credential cache (no scrypt)."),
+        ("cache_misses", "Logins the verified-credential cache could not answer (scrypt ran)."),
     ):
         out.counter(f"yimaporc_mail_auth_{key}", text, auth.get(key))
     for key, value in sorted(auth.items()):
@@ -319,6 +321,11 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
                 reason=_label_value(key[8:]),
             )
     out.gauge("yimaporc_mail_auth_in_flight", "Password checks in progress.", auth.get("in_flight"))
+    out.gauge(
+        "yimaporc_mail_auth_cache_entries",
+        "Verified credentials held by the auth cache.",
+        auth.get("cache_entries"),
+    )
     out.gauge(
         "yimaporc_mail_auth_tracked_addresses",
         "Client addresses in the throttle's table.",

@@ -6,6 +6,7 @@ the node's shared :class:`~yimaporc.porcupine.throttle.AuthThrottle` first.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from zope.interface import Interface, implementer
 from ._pop3 import Pop3Mailbox
 from .delivery import DeliveryProxy, SmtpDelivery, SmtpPolicy
 from .retrieval import RetrievalProxy
-from .throttle import AuthThrottle, LoginThrottled
+from .throttle import AuthThrottle, LoginThrottled, source_key
 from .usermap import BadAddress, normalise
 from .values import INBOX, BadCredentials, Digest, MailboxInfo
 
@@ -39,6 +40,20 @@ class ManagerChecker:
     def __init__(self, retrieval: RetrievalProxy, domain: str) -> None:
         self.retrieval = retrieval
         self.domain = domain
+
+    def cached_avatar_id(self, creds: Any) -> bytes | None:
+        """The address (bytes) if this node's auth cache vouches for these credentials
+        now (the user's manager is local: no RPC, pool job or scrypt), else None."""
+        try:
+            password = creds.password
+            if isinstance(password, bytes):
+                password = password.decode("utf-8")
+            address = login_address(creds.username, self.domain)
+        except (BadAddress, UnicodeDecodeError, AttributeError):
+            return None
+        cached = getattr(self.retrieval.users(address), "cached_login", None)
+        profile = cached(address, password) if cached is not None else None
+        return profile.address.encode("utf-8") if profile is not None else None
 
     def requestAvatarId(self, creds: Any) -> Deferred[bytes | tuple[()]]:
         """The address (bytes) if the password is right; UnauthorizedLogin otherwise."""
@@ -72,6 +87,70 @@ def account_key(username: str | bytes, domain: str) -> str:
 CONCURRENT_WAIT = 10.0
 
 
+class _Waiter:
+    __slots__ = ("expire", "timer", "wake")
+
+    def __init__(self, wake: Callable[[], None], expire: Callable[[], None]) -> None:
+        self.wake = wake
+        self.expire = expire
+        self.timer: Any = None
+
+
+class SlotWaiters:
+    """Logins waiting for a password-check slot of their address (all of them busy),
+    woken one per released slot, oldest first, instead of polling.  Shared by a
+    node's :class:`ThrottledPortal` instances; reactor thread only."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self._queues: dict[str, deque[_Waiter]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def wait(
+        self,
+        peer: str,
+        wake: Callable[[], None],
+        expire: Callable[[], None],
+        timeout: float,
+        front: bool = False,
+    ) -> None:
+        """Call ``wake`` when a slot of ``peer``'s address is released, or ``expire``
+        after ``timeout`` seconds if none was by then."""
+        key = source_key(peer)
+        waiter = _Waiter(wake, expire)
+        queue = self._queues.setdefault(key, deque())
+        if front:
+            queue.appendleft(waiter)
+        else:
+            queue.append(waiter)
+
+        def expired() -> None:
+            q = self._queues.get(key)
+            if q is not None and waiter in q:
+                q.remove(waiter)
+                if not q:
+                    del self._queues[key]
+            waiter.expire()
+
+        waiter.timer = self.clock.callLater(max(0.0, timeout), expired)
+
+    def released(self, peer: str) -> None:
+        """A slot of ``peer``'s address was released: wake the oldest waiter (on the
+        next reactor turn, so answers never nest)."""
+        key = source_key(peer)
+        queue = self._queues.get(key)
+        if not queue:
+            return
+        waiter = queue.popleft()
+        if not queue:
+            del self._queues[key]
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        self.clock.callLater(0, waiter.wake)
+
+
 class ThrottledPortal:
     """One connection's way to the portal: every password check goes through the throttle.
 
@@ -89,6 +168,7 @@ class ThrottledPortal:
         peer: str,
         domain: str,
         close: Callable[[], object],
+        waiters: SlotWaiters | None = None,
     ) -> None:
         self.portal = portal
         self.throttle = throttle
@@ -96,6 +176,8 @@ class ThrottledPortal:
         self.peer = peer
         self.domain = domain
         self.close = close
+        #: Where a login waits for a slot (None: it polls with backoff instead).
+        self.waiters = waiters
         self.failures = 0
         self.busy = False
 
@@ -128,27 +210,95 @@ class ThrottledPortal:
         busy (a client opening several connections at once, as Thunderbird does) is
         not a refusal: the login waits for a slot, up to :data:`CONCURRENT_WAIT` s."""
         now = self.clock.seconds()
+        woken = pause < 0  # by a released slot (SlotWaiters)
+        if self._cached(now, account, creds, mind, interfaces, out):
+            if woken and self.waiters is not None:  # the slot stays free: pass it on
+                self.waiters.released(self.peer)
+            return
         admission = self.throttle.admit(now, self.peer, account)
         if not admission.allowed:
+            if admission.reason == "concurrent" and self.waiters is not None and now < deadline:
+
+                def refuse() -> None:
+                    self.busy = False
+                    self.clock.callLater(0, self.close)
+                    out.errback(LoginThrottled("concurrent", admission.retry_after))
+
+                self.waiters.wait(
+                    self.peer,
+                    lambda: self._admit(account, deadline, -1.0, creds, mind, interfaces, out),
+                    refuse,
+                    deadline - now,
+                    front=woken,  # beaten to the slot it was woken for: stay first
+                )
+                return
             if admission.reason == "concurrent" and now + pause <= deadline:
                 self.clock.callLater(
                     pause, self._admit, account, deadline, min(pause * 2, 0.5), creds, mind,
                     interfaces, out,
                 )  # fmt: skip
                 return
+            if woken and self.waiters is not None:  # locked meanwhile: pass the slot on
+                self.waiters.released(self.peer)
             self.busy = False
             self.clock.callLater(0, self.close)
             out.errback(LoginThrottled(admission.reason, admission.retry_after))
             return
         self._check(account, creds, mind, interfaces, out)
 
+    def _cached(
+        self,
+        now: float,
+        account: str,
+        creds: Any,
+        mind: Any,
+        interfaces: tuple[Any, ...],
+        out: Deferred[Any],
+    ) -> bool:
+        """Answer from the auth cache if it vouches for ``creds``: the throttle's locks
+        are asked first (a locked account stays locked), no slot is taken (no scrypt
+        runs), so such logins never wait behind other users' password checks."""
+        checker, realm = self._split(creds)
+        cached = getattr(checker, "cached_avatar_id", None)
+        if cached is None or self.throttle.locked(now, self.peer, account):
+            return False
+        avatar_id = cached(creds)
+        if avatar_id is None:
+            return False
+        self.throttle.admit(now, self.peer, account, slot=False)  # counts the attempt
+        self.throttle.succeeded(now, self.peer, account)
+
+        def answer(result: object) -> None:
+            self.busy = False
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+
+        maybeDeferred(realm.requestAvatar, avatar_id, mind, *interfaces).addBoth(answer)
+        return True
+
     def _check(
         self, account: str, creds: Any, mind: Any, interfaces: tuple[Any, ...], out: Deferred[Any]
     ) -> None:
+        """Check the password holding the slot; build the avatar after releasing it.
+
+        The slot bounds password checks (scrypt) per address, not sessions: a
+        POP3 avatar reads the mailbox listing, which must not keep other logins
+        from the same address (a NAT, a webmail) waiting."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.throttle.release(self.peer)
+                if self.waiters is not None:
+                    self.waiters.released(self.peer)
 
         def answer(result: object, last: bool = False) -> None:
             self.busy = False
-            self.throttle.release(self.peer)
+            release()
             if isinstance(result, Failure):
                 out.errback(result)
             else:
@@ -156,9 +306,14 @@ class ThrottledPortal:
             if last:
                 self.close()
 
-        def ok(result: object) -> None:
+        def ok(avatar_id: object) -> None:
             self.throttle.succeeded(self.clock.seconds(), self.peer, account)
-            answer(result)
+            if realm is None:  # portal.login gave the avatar itself
+                answer(avatar_id)
+                return
+            release()
+            d = maybeDeferred(realm.requestAvatar, avatar_id, mind, *interfaces)
+            d.addBoth(answer)
 
         def bad(f: Failure) -> None:
             if not f.check(error.UnauthorizedLogin):
@@ -172,7 +327,24 @@ class ThrottledPortal:
             else:
                 answer(f, last)
 
-        maybeDeferred(self.portal.login, creds, mind, *interfaces).addCallbacks(ok, bad)
+        checker, realm = self._split(creds)
+        if checker is None:
+            d = maybeDeferred(self.portal.login, creds, mind, *interfaces)
+        else:
+            d = maybeDeferred(checker.requestAvatarId, creds)
+        d.addCallbacks(ok, bad)
+
+    def _split(self, creds: Any) -> tuple[Any, Any]:
+        """(checker, realm) of a real :class:`~twisted.cred.portal.Portal` for
+        ``creds``, as ``Portal.login`` picks them; (None, None) otherwise."""
+        checkers = getattr(self.portal, "checkers", None)
+        realm = getattr(self.portal, "realm", None)
+        if not isinstance(checkers, dict) or realm is None:
+            return None, None
+        for iface, checker in checkers.items():
+            if iface.providedBy(creds):
+                return checker, realm
+        return None, None
 
 
 class IImapUser(Interface):

@@ -35,6 +35,10 @@ class IProfileDB(Interface):
     def verify(address: str, password: str) -> Deferred[Profile]:
         """The profile if ``password`` is right; fails with ``BadCredentials``."""
 
+    def cached(address: str, password: str) -> Profile | None:
+        """The profile if the verified-credential cache vouches for ``password`` now
+        (memory only: no I/O, no scrypt), else None."""
+
     def users() -> Deferred[list[Profile]]:
         """Every profile, by address."""
 

@@ -3,10 +3,11 @@
 ``DATA_DIR/mail/profiles.sqlite`` holds one row per user with its user-map
 bucket, so soft-state reconstruction can read the profiles of one fresh
 bucket.  Passwords are stored as ``scrypt$n$r$p$salt$hash`` (hashlib.scrypt,
-16-byte random salt).  Hashing runs on the thread pool; a verified password is
-remembered for a while as an HMAC under a per-process random key (an auth
-cache, as Dovecot keeps), so that a client logging in again does not cost
-another scrypt; ``set_password`` and ``remove`` drop the entry.
+16-byte random salt).  Hashing runs on the thread pool.  A verified password is
+remembered in an :class:`~.authcache.AuthCache` (as Dovecot's auth cache does:
+a keyed hash tied to the stored hash, bounded in time and size), with the
+profile it was checked against, so a client logging in again costs neither
+scrypt nor a pool round trip; every write or merge of a profile forgets both.
 
 For the cluster every row also carries ``updated`` (time of the last write)
 and ``deleted`` (a tombstone): :meth:`ProfileDB.records_in_bucket` and
@@ -22,16 +23,18 @@ import hmac
 import os
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .._files import private_sqlite
+from .authcache import DEFAULT_SIZE, DEFAULT_TTL, AuthCache
 from .interfaces import IProfileDB
 from .usermap import BadAddress, bucket_of, normalise
 from .values import BadCredentials, NoSuchUser, Profile, UserExists
@@ -215,16 +218,24 @@ class ProfileDB:
         path: Path,
         now: Callable[[], float],
         hasher: Callable[[str], str] = hash_password,
-        cache_seconds: float = 600.0,
+        auth_cache_ttl: float = DEFAULT_TTL,
+        auth_cache_size: int = DEFAULT_SIZE,
+        checker: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.reactor = reactor
         self.pool = threadpool
         self._db = _Profiles(path, now)
         self._count = self._db.count()
         self._hash = hasher
-        self._cache_key = os.urandom(32)
-        self._cache: dict[str, tuple[bytes, float]] = {}
-        self._cache_seconds = cache_seconds
+        self._check = checker or check_password
+        #: Verified credentials (the auth cache); ``status()`` has its counters.
+        self.auth_cache = AuthCache(reactor.seconds, auth_cache_ttl, auth_cache_size)
+        #: The profiles last verified, by address, with their expiry: the stored hash
+        #: the cache's entries are checked against, without a pool round trip.
+        self._verified: OrderedDict[str, tuple[Profile, float]] = OrderedDict()
+        #: Moves on every :meth:`forget`: a check that started before a change
+        #: does not cache what it read.
+        self._generation = 0
 
     def _run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, f, *args)
@@ -245,6 +256,7 @@ class ProfileDB:
             return self._db.add(address, self._hash(password), replicas)
 
         def added(p: Profile) -> Profile:
+            self.forget(p.address)  # a user made again after a deluser
             self._count += 1
             return p
 
@@ -257,60 +269,87 @@ class ProfileDB:
     def set_password(self, address: str, password: str) -> Deferred[None]:
         """New hash; ``NoSuchUser`` if absent."""
         address = address.lower()
-        self._cache.pop(address, None)
+        self.forget(address)
 
         def work() -> None:
             self._db.set_hash(address, self._hash(password))
 
         def done(_: None) -> None:
-            self._cache.pop(address, None)
+            self.forget(address)
 
         return self._run(work).addCallback(done)
 
     def remove(self, address: str) -> Deferred[None]:
         """Delete; ``NoSuchUser`` if absent."""
         address = address.lower()
-        self._cache.pop(address, None)
+        self.forget(address)
 
         def removed(_: None) -> None:
+            self.forget(address)
             self._count -= 1
 
         return self._run(self._db.remove, address).addCallback(removed)
 
-    def _mac(self, password: str) -> bytes:
-        return hmac.new(self._cache_key, password.encode("utf-8"), hashlib.sha256).digest()
+    def forget(self, address: str) -> None:
+        """Drop what is cached about ``address`` (its profile was written or merged)."""
+        address = address.lower()
+        self._generation += 1
+        self._verified.pop(address, None)
+        self.auth_cache.forget(address)
+
+    def _verified_profile(self, address: str) -> Profile | None:
+        hit = self._verified.get(address)
+        if hit is None:
+            return None
+        if hit[1] <= self.reactor.seconds():
+            del self._verified[address]
+            return None
+        return hit[0]
+
+    def cached(self, address: str, password: str) -> Profile | None:
+        """The profile if the auth cache vouches for this password now, else None
+        (no pool job, no scrypt; a None is not counted as a miss: :meth:`verify` follows)."""
+        address = address.lower()
+        known = self._verified_profile(address)
+        if known is None or not self.auth_cache.check(
+            address, known.password_hash, password, count_miss=False
+        ):
+            return None
+        return known
 
     def verify(self, address: str, password: str) -> Deferred[Profile]:
-        """The profile if the password matches, else ``BadCredentials``."""
+        """The profile if the password matches, else ``BadCredentials``.
+
+        A password verified before against the same stored hash, less than the
+        cache's TTL ago, is answered from memory (no scrypt, no pool job)."""
         address = address.lower()
-        cached = self._cache.get(address)
-        now = self.reactor.seconds()
-        if (
-            cached is not None
-            and cached[1] > now
-            and hmac.compare_digest(cached[0], self._mac(password))
-        ):
-            return self.get(address).addCallback(self._still_there)
+        cache = self.auth_cache
+        known = self._verified_profile(address)
+        if known is None:
+            cache.miss()
+        elif cache.check(address, known.password_hash, password):
+            return succeed(known)
+        generation = self._generation
+        check = self._check
 
         def work() -> Profile:
             profile = self._db.get(address)
             # Hash even for unknown users, so timing does not tell who exists.
             stored = profile.password_hash if profile else _DUMMY_HASH
-            if not check_password(password, stored) or profile is None:
+            if not check(password, stored) or profile is None:
                 raise BadCredentials("bad user name or password")
             return profile
 
         def remember(profile: Profile) -> Profile:
-            self._cache[address] = (self._mac(password), now + self._cache_seconds)
+            if generation == self._generation and cache.enabled:
+                self._verified.pop(address, None)
+                self._verified[address] = (profile, self.reactor.seconds() + cache.ttl)
+                while len(self._verified) > cache.max_entries:
+                    self._verified.popitem(last=False)
+                cache.remember(address, profile.password_hash, password)
             return profile
 
         return self._run(work).addCallback(remember)
-
-    @staticmethod
-    def _still_there(profile: Profile | None) -> Profile:
-        if profile is None:
-            raise BadCredentials("bad user name or password")
-        return profile
 
     def users(self) -> Deferred[list[Profile]]:
         """Every profile."""
@@ -354,7 +393,7 @@ class ProfileDB:
         def done(result: tuple[list[str], int]) -> list[str]:
             changed, self._count = result
             for address in changed:
-                self._cache.pop(address, None)
+                self.forget(address)
             return changed
 
         return self._run(self._db.merge, checked).addCallback(done)

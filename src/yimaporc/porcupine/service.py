@@ -41,7 +41,8 @@ from ..imap import Limits
 from ._guard import ClientErrors
 from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
-from .auth import MailRealm, ManagerChecker, ThrottledPortal
+from .auth import MailRealm, ManagerChecker, SlotWaiters, ThrottledPortal
+from .authcache import DEFAULT_SIZE, DEFAULT_TTL
 from .cluster import ProfileReplicator
 from .delivery import (
     DeliveryProxy,
@@ -139,6 +140,8 @@ class MailService(MultiService):
         allow_plaintext_auth: bool = False,
         other_domains: Sequence[str] = (),
         mail_index_rows: int = DEFAULT_MAX_ROWS,
+        auth_cache_ttl: float = DEFAULT_TTL,
+        auth_cache_size: int = DEFAULT_SIZE,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -185,7 +188,12 @@ class MailService(MultiService):
             reactor, self.pool, self.fragment_store, index=self.mail_index
         )
         self.profiles = ProfileDB(
-            reactor, self.pool, self.data_dir / "mail" / "profiles.sqlite", now
+            reactor,
+            self.pool,
+            self.data_dir / "mail" / "profiles.sqlite",
+            now,
+            auth_cache_ttl=auth_cache_ttl,
+            auth_cache_size=auth_cache_size,
         )
         self.user_manager: UserManager = UserManager(node_id, self.profiles)
         #: The one profile write path (pushes to the other nodes once clustered).
@@ -225,6 +233,8 @@ class MailService(MultiService):
         self.portal = portal.Portal(realm, [ManagerChecker(self.retrieval, domain)])
         #: Shared by IMAP, POP3 and SMTP AUTH: per address and per account.
         self.throttle = AuthThrottle(auth_throttle)
+        #: Logins waiting for a password-check slot of their address.
+        self.slot_waiters = SlotWaiters(reactor)
         self.factories: dict[str, Factory] = {
             "smtp": _ProtocolFactory(self._smtp_protocol),
             "pop3": _ProtocolFactory(self._pop3_protocol),
@@ -318,7 +328,13 @@ class MailService(MultiService):
                 p.transport.loseConnection()
 
         return ThrottledPortal(
-            self.portal, self.throttle, self.reactor, _peer_host(addr), self.domain, close
+            self.portal,
+            self.throttle,
+            self.reactor,
+            _peer_host(addr),
+            self.domain,
+            close,
+            self.slot_waiters,
         )
 
     def _bounce(self, sender: bytes, rcpt: str, body: bytes) -> Deferred[object]:
@@ -474,7 +490,7 @@ class MailService(MultiService):
             "domains": [self.domain, *self.policy.other_domains],
             "mail": {name: self.address_of(name) for name in self.ports},
             "messages_accepted": self.delivered,
-            "auth": self.throttle.status(),
+            "auth": {**self.throttle.status(), **self.profiles.auth_cache.status()},
             "client_errors": self.client_errors.status(),
             "mail_sessions": self.client_errors.activity(),
             "imap_open_mailboxes": self.registry.count(),

@@ -185,19 +185,28 @@ class AuthThrottle:
         #: late), ``refused`` (attempts turned away unchecked).
         self.counters: Counter[str] = Counter()
 
-    def admit(self, now: float, address: str, account: str) -> Admission:
-        """May ``account`` try a password from ``address`` now?  Takes a slot if so."""
+    def admit(self, now: float, address: str, account: str, slot: bool = True) -> Admission:
+        """May ``account`` try a password from ``address`` now?  Takes a slot if so.
+
+        ``slot`` False: the check costs no scrypt (a credential the auth cache
+        vouches for), so only the locks apply and no slot is taken."""
         src = source_key(address)
         self.counters["attempts"] += 1
-        refusal = self._refusal(now, src, account)
+        refusal = self._refusal(now, src, account, slot)
         if refusal is not None:
             self.counters["refused"] += 1
             self.counters[f"refused_{refusal.reason}"] += 1
             return refusal
-        self._in_flight[src] += 1
+        if slot:
+            self._in_flight[src] += 1
         return Admission(True)
 
-    def _refusal(self, now: float, src: str, account: str) -> Admission | None:
+    def locked(self, now: float, address: str, account: str) -> bool:
+        """Is ``account`` locked out from ``address`` now (pair, address or account
+        lock)?  Counts nothing: :meth:`admit` follows."""
+        return self._refusal(now, source_key(address), account, False) is not None
+
+    def _refusal(self, now: float, src: str, account: str, slot: bool = True) -> Admission | None:
         for reason, table, key in (
             ("pair", self._pairs, (account, src)),
             ("address", self._addresses, src),
@@ -208,7 +217,7 @@ class AuthThrottle:
         e = self._accounts.get(account, now)
         if e is not None and e.locked_until > now and not self._is_trusted(now, account, src):
             return Admission(False, "account", e.locked_until - now)
-        if self._in_flight[src] >= self.policy.concurrent:
+        if slot and self._in_flight[src] >= self.policy.concurrent:
             return Admission(False, "concurrent", self.policy.delay)
         return None
 

@@ -59,6 +59,11 @@ class UserManager:
         """See :class:`IUserManager`."""
         return self.profiles.verify(address.lower(), password)
 
+    def cached_login(self, address: str, password: str) -> Profile | None:
+        """The profile if this node's auth cache vouches for the password (no scrypt),
+        else None: then :meth:`authenticate` decides."""
+        return self.profiles.cached(address.lower(), password)
+
     def fragments(self, address: str) -> Deferred[tuple[str, ...]]:
         """See :class:`IUserManager`."""
         return succeed(tuple(sorted(self.state.fragment_list(address.lower()))))

@@ -28,6 +28,11 @@ class Options(NodeOptions):
          "Login throttling, KEY=VALUE,... (delay, max-delay, per-connection, pair-failures, "
          "address-failures, account-failures, concurrent, window, lockout, trust, "
          "max-entries); see docs/operations.md."],
+        ["auth-cache-ttl", None, "300",
+         "Seconds a verified login (user + password, as a keyed hash tied to the stored "
+         "hash) skips scrypt; 0 disables the cache; see docs/security.md."],
+        ["auth-cache-size", None, "10000",
+         "Verified logins kept at most (least recently used dropped first); 0 disables."],
         ["pop3s", None, None, "POP3 over implicit TLS (port 995 style; tcp: uses --tls-cert)."],
         ["imaps", None, None, "IMAP over implicit TLS (port 993 style; tcp: uses --tls-cert)."],
         ["submission", None, None,
@@ -105,6 +110,18 @@ class Options(NodeOptions):
             self.auth_throttle = ThrottlePolicy.parse(self["auth-throttle"] or "")
         except (ValueError, TypeError) as e:
             raise usage.UsageError(f"--auth-throttle: {e}") from e
+        from ..porcupine.authcache import MAX_SIZE, MAX_TTL
+
+        try:
+            self.auth_cache_ttl = float(self["auth-cache-ttl"])
+        except ValueError:
+            self.auth_cache_ttl = -1.0
+        if not 0 <= self.auth_cache_ttl <= MAX_TTL:  # also refuses nan and inf
+            raise usage.UsageError(f"--auth-cache-ttl must be 0 to {MAX_TTL:g} seconds")
+        size = str(self["auth-cache-size"]).strip()
+        if not size.isdigit() or int(size) > MAX_SIZE:
+            raise usage.UsageError(f"--auth-cache-size must be a whole number 0 to {MAX_SIZE}")
+        self.auth_cache_size = int(size)
         from ..porcupine.outbound import RetryPolicy, Routes, parse_hostport
 
         try:
@@ -180,6 +197,8 @@ def makeService(options: Options) -> IService:
             imaps=options["imaps"],
             allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
             mail_index_rows=options.mail_index_rows,
+            auth_cache_ttl=options.auth_cache_ttl,
+            auth_cache_size=options.auth_cache_size,
         )
     except ValueError as e:
         raise usage.UsageError(str(e)) from e

@@ -482,7 +482,7 @@ class MailReplication(MultiService):
             address = oid[len(PROFILE) :]
             self._fragment_known.discard(address)  # a deleted user's mail left here
             profiles = self.mail.profiles
-            profiles._cache.pop(address, None)
+            profiles.forget(address)  # the auth cache and the verified profile
             if self.cluster is not None:
                 self.cluster._forget(address)
             else:
