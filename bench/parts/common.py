@@ -81,7 +81,14 @@ class Settings:
         self.replicas = [2] if quick else [1, 2, 3]
         self.clip_seconds = 30 if quick else 60
         self.rtsp_warmup = 1.0 if quick else 2.0
-        self.rtsp_window = 3.0 if quick else 8.0
+        # a trial fails when more than rtsp_max_bad of the packets the clients expected
+        # over the window were lost or arrived rtsp_late_ms after their scheduled time
+        self.rtsp_window = 4.0 if quick else 20.0
+        self.rtsp_max_bad = 0.001
+        self.rtsp_late_ms = 200.0
+        # bisection stops when the first failing N is within this fraction of the
+        # largest passing one (and always at N + 1)
+        self.rtsp_resolution = 0.1
         self.rtsp_budget_peer = 25.0 if quick else 90.0
         self.rtsp_budget_target = 15.0 if quick else 60.0
         self.rtsp_start_peer = 128 if quick else 32

@@ -125,13 +125,25 @@ def rtsp_ramp(
     start: int,
     log: Path,
     fanout: bool = False,
+    resolution: float | None = None,
+    max_sessions: int | None = None,
 ) -> dict[str, Any]:
+    """``rtsp_load.py --ramp``: the largest N at which at most 0.1 % of the window's packets
+    are lost or late at the clients, found by doubling then bisection to the first failing
+    N (within ``resolution``). A ramp its time budget cut before that, or that passed at
+    the maximum, did not find the limit: PartFailed, never a lower bound."""
     argv = [
         PY,
         str(PEERS / "rtsp_load.py"),
         *(["--fanout"] if fanout else []),
         "--max",
-        str(s.rtsp_max),
+        str(max_sessions or s.rtsp_max),
+        "--resolution",
+        str(s.rtsp_resolution if resolution is None else resolution),
+        "--late-ms",
+        str(s.rtsp_late_ms),
+        "--max-bad",
+        str(s.rtsp_max_bad),
         "--url",
         url,
         "--ramp",
@@ -170,14 +182,23 @@ def rtsp_ramp(
         why = m[0][:300] if m else f"no trial passed, the first at N={start}"
         raise PartFailed(f"{label} at {url}: not one session kept real time ({why})")
     n = out["max_sessions"]
-    # the ramp ran out of budget before a trial failed: the capacity is at least n
     out["first_fail"] = kv.get("first_fail")
-    out["lower_bound"] = str(kv.get("first_fail", ">")).startswith(">")
+    if kv.get("budget_cut") == "1":
+        raise PartFailed(
+            f"{label}: the ramp ran out of its time budget ({budget:.0f} s) with {n:.0f} passing "
+            f"and the first failure at {kv.get('first_fail')}: the limit was not found "
+            "(a failure of the bench, not a lower bound)"
+        )
+    if kv.get("capped") == "1":
+        raise PartFailed(
+            f"{label}: passed at the ramp's maximum ({n:.0f} sessions): the limit was not found"
+        )
     cpu = out.get("server_cpu_pct")
     if isinstance(cpu, float) and n:
         out["server_cpu_pct_per_stream"] = cpu / n
     say(
-        f"  {label}: max_sessions={'>=' if out['lower_bound'] else ''}{n:.0f} agg_mbps={out.get('agg_mbps')} server_cpu_pct={cpu}"
+        f"  {label}: max_sessions={n:.0f} (first failing {out['first_fail']}) "
+        f"agg_mbps={out.get('agg_mbps')} server_cpu_pct={cpu} gen_cpu_pct={out.get('gen_cpu_pct')}"
     )
     return out
 

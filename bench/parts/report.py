@@ -92,15 +92,10 @@ def ratio_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             tv = val(y, metric)
             pv = val(gst, metric)
             mode, _, n = key.rpartition("-")
-            bound = metric == "max_sessions" and (
-                (isinstance(y, dict) and y.get("lower_bound"))
-                or (isinstance(gst, dict) and gst.get("lower_bound"))
-            )
             rows.append(
                 {
                     "group": "streaming",
                     "metric": f"Yima {mode} x{n}: {label}",
-                    "note": "ramp hit its time budget: a lower bound" if bound else None,
                     "peer": "gstreamer",
                     "yimaporc": tv,
                     "peer_value": pv,
@@ -148,9 +143,8 @@ def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         )
     for k, d in yima.items():
         mx = val(d, "max_sessions")
-        lb = ">=" if isinstance(d, dict) and d.get("lower_bound") else ""
         say(
-            f"  Yima {k}: max streams {lb}{fmt(mx, why(d))}  internode bytes per delivered "
+            f"  Yima {k}: max streams {fmt(mx, why(d))}  internode bytes per delivered "
             f"byte {fmt(val(d, 'internode_bytes_per_delivered_byte'), '-')}"
         )
     rt = res.get("retransmit", {})
@@ -288,16 +282,11 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
                     y.get("mode") == "bipartite" and y.get("nodes") == 1
                 )
                 if same and val(y, "max_sessions") is not None:
-                    pts.append((y["nodes"], val(y, "max_sessions"), bool(y.get("lower_bound"))))
+                    pts.append((y["nodes"], val(y, "max_sessions")))
             pts.sort()
             if pts:
                 anything = True
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"Yima {mode}")
-                for x, yv, lb in pts:
-                    if lb:  # the ramp's time ran out first: at least this many
-                        ax.annotate(
-                            ">=", (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=8
-                        )
         if not anything:
             ax.text(
                 0.5,
