@@ -61,6 +61,7 @@ from parts.report import plots, print_table, ratio_rows
 from parts.retransmit import part_retransmit
 from parts.rtsp_peer import part_rtsp_peer
 from parts.rtsp_target import part_rtsp_target
+from parts.scaling import part_scaling_mail, part_scaling_model, part_scaling_yima
 from parts.udp import part_udp
 
 PARTS = common.PARTS
@@ -76,7 +77,20 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="short settings (make bench QUICK=1)")
-    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
+    ap.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma-separated parts of {PARTS} ('scaling' = both scaling parts)",
+    )
+    ap.add_argument(
+        "--scaling-quota",
+        type=float,
+        help="cores per scaled-down node in the scaling parts (default 0.1)",
+    )
+    ap.add_argument(
+        "--scaling-nodes",
+        help="node counts of the scaling parts, e.g. 1,2,4,8 (default 1..8; 1,2,4,8 with --quick)",
+    )
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -85,11 +99,26 @@ def main() -> int:
     a = ap.parse_args()
     common.PROFILE = a.profile
     parts = [p.strip() for p in a.only.split(",") if p.strip()]
+    parts = [q for p in parts for q in common.ALIASES.get(p, [p])]
     bad = [p for p in parts if p not in PARTS]
     if bad:
         print(f"error: unknown part(s) {bad}; choose from {PARTS}", file=sys.stderr)
         return 2
     s = Settings(a.quick)
+    if a.scaling_quota is not None:
+        if not 0.01 <= a.scaling_quota <= 1.0:
+            print("error: --scaling-quota must be between 0.01 and 1 core", file=sys.stderr)
+            return 2
+        s.scaling_quota = a.scaling_quota
+    if a.scaling_nodes:
+        try:
+            ns = sorted({int(x) for x in a.scaling_nodes.split(",") if x.strip()})
+        except ValueError:
+            ns = []
+        if not ns or ns[0] != 1 or ns[-1] > 8:
+            print("error: --scaling-nodes must list counts from 1 up to at most 8", file=sys.stderr)
+            return 2
+        s.scaling_nodes = ns
     t0 = time.monotonic()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -167,6 +196,18 @@ def main() -> int:
                 "retransmission: missing at playout vs loss (simulator, then yimaporc play)",
                 lambda: part_retransmit(s, res, errors, clip),
             )
+        timed(
+            "scaling-yima",
+            "scaling: Yima streams, 1..N scaled-down nodes (own CPU group each)",
+            lambda: part_scaling_yima(s, res, errors),
+        )
+        timed(
+            "scaling-mail",
+            "scaling: Porcupine deliveries and retrievals, 1..N scaled-down nodes",
+            lambda: part_scaling_mail(s, res, errors),
+        )
+        if {"scaling-yima", "scaling-mail"} & set(parts):
+            part_scaling_model(s, res, errors)
         timed(
             "model",
             "cost model (simulated): 1-8 nodes, one core and one disk each",

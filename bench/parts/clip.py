@@ -20,21 +20,23 @@ CLIP_SCENES = [  # lavfi sources from cheap to costly to code: the bitrate follo
 ]
 
 
-def make_clip(s: Settings) -> Path:
-    """A 4 Mbit/s VBR MPEG-TS clip (MPEG-2 720p video + MP2 audio), cached by its length.
+def make_clip(s: Settings, video_mbps: int = 4, seconds: int | None = None) -> Path:
+    """A 4 Mbit/s VBR MPEG-TS clip (MPEG-2 720p video + MP2 audio), cached by its length
+    (``video_mbps`` makes a lighter one of the same scenes, for the scaled-down nodes).
 
     Scenes of 2.5 s cycle through sources of very different complexity, so the video
     bitrate swings between ~0.4 and ~11 Mbit/s within every few seconds (average 4,
     maxrate 8, 4 Mbit VBV): a server that paces by bytes instead of media time shows
     it inside a ramp's 8 s window."""
-    clip = WORK / f"clip-vbr4m-scenes-{s.clip_seconds}s.ts"
+    secs = seconds or s.clip_seconds
+    clip = WORK / f"clip-vbr{video_mbps}m-scenes-{secs}s.ts"
     if clip.exists() and clip.stat().st_size > 1_000_000:
         return clip
     WORK.mkdir(parents=True, exist_ok=True)
-    say(f"# generating {clip} ({s.clip_seconds} s, 4 Mbit/s VBR)")
+    say(f"# generating {clip} ({secs} s, {video_mbps} Mbit/s VBR)")
     tmp = clip.with_suffix(".tmp.ts")
     seg = 2.5
-    n = int(s.clip_seconds / seg)
+    n = int(secs / seg)
     parts = [
         CLIP_SCENES[i % len(CLIP_SCENES)].format(d=seg) + f",format=yuv420p[s{i}]" for i in range(n)
     ]
@@ -58,15 +60,15 @@ def make_clip(s: Settings) -> Path:
             "-map",
             "0:a",
             "-t",
-            str(s.clip_seconds),
+            str(secs),
             "-c:v",
             "mpeg2video",
             "-b:v",
-            "4M",
+            f"{video_mbps}M",
             "-maxrate",
-            "8M",
+            f"{2 * video_mbps}M",
             "-bufsize",
-            "4M",
+            f"{video_mbps}M",
             "-g",
             "25",
             "-c:a",

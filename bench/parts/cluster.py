@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from parts.cgroup import CpuGroup
 from parts.common import (
     DOMAIN,
     PASSWORD,
@@ -55,8 +56,20 @@ def admin_status(url: str, token: str) -> dict[str, Any] | None:
 class Cluster:
     """N ``twistd -n KIND-node`` processes on NET.1..NET.N (local-cluster's layout)."""
 
-    def __init__(self, kind: str, n: int, work: Path, extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        n: int,
+        work: Path,
+        extra: list[str] | None = None,
+        quota: float | None = None,
+    ) -> None:
+        """``quota``: scaled-down nodes, each in its own CPU group of that many cores
+        (bench/parts/cgroup.py); the quota is lifted while the cluster is set up and held
+        from ``limit()`` on."""
         self.kind = kind
+        self.quota = quota
+        self.groups: list[CpuGroup] = []
         self.n = n
         self.net = PORC_NET if kind == "porcupine" else YIMA_NET
         self.work = work
@@ -114,6 +127,12 @@ class Cluster:
             for svc in services:
                 argv += [f"--{svc}", ep(PORTS[svc])]
             argv += self.extra
+            if self.quota is not None:
+                g = CpuGroup(node_id, self.quota).create()
+                g.limit(False)
+                PROCS.after_stop(g.name, g.remove)
+                self.groups.append(g)
+                argv = g.wrap(argv)
             log = self.work / "logs" / f"{node_id}.log"
             self.logs.append(log)
             self.procs.append(
@@ -142,6 +161,16 @@ class Cluster:
                     f"(logs in {self.work / 'logs'})"
                 )
             time.sleep(0.3)
+
+    def limit(self) -> None:
+        """Hold every node to its CPU quota from now on (checked by reading it back)."""
+        for g in self.groups:
+            g.limit(True)
+            if g.read_quota() != (g.quota_us, g.period_us):
+                raise PartFailed(f"{g.path}: the kernel did not take the quota {g.read_quota()}")
+            pids = set(g.pids())
+            if not pids:
+                raise PartFailed(f"{g.path}: the node is not in its CPU group")
 
     def check_alive(self) -> None:
         for p, log in zip(self.procs, self.logs, strict=False):

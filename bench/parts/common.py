@@ -52,8 +52,12 @@ PARTS = [
     "rtsp-peer",
     "rtsp-target",
     "retransmit",
+    "scaling-yima",  # scaled-down nodes (own CPU group each): streams for 1..8 nodes
+    "scaling-mail",  # and Porcupine deliveries/retrievals for 1..8 nodes, replicas 1-3
     "model",  # last: it takes its costs from the figures measured before it
 ]
+# names that stand for several parts
+ALIASES = {"scaling": ["scaling-yima", "scaling-mail"]}
 
 
 class PartFailed(Exception):
@@ -113,6 +117,21 @@ class Settings:
             + [("bipartite-fanout", n) for n in (2, 3)]
             + [("master-slave", n) for n in (2, 3)]
         )
+        # scaling (bench/parts/scaling.py): scaled-down nodes, each in its own CPU group
+        self.scaling_nodes = [1, 2, 4, 8] if quick else list(range(1, 9))
+        self.scaling_quota = 0.1  # cores per node: 8 nodes use 0.8 of this machine's 2
+        self.scaling_replicas = [1, 2, 3]
+        self.scaling_mail_conns = 4  # SMTP/POP3 connections per node
+        self.scaling_clip_video_mbps = 1  # the bench clip's scenes at 1 Mbit/s video
+        self.scaling_clip_seconds = 90  # sessions start spread over its first part
+        self.scaling_block_payloads = 32  # small blocks: many per clip, spread evenly
+        self.scaling_growth = 1.5  # ramp steps while trials pass (then bisection)
+        self.scaling_start = 16  # first trial at one node
+        self.scaling_max_streams = 512
+        self.scaling_resolution = 0.0  # bisection to the first failing N (N + 1)
+        # the Yima ramps share this (a ramp gets at least scaling_ramp_min_s)
+        self.scaling_yima_total_s = 420.0 if quick else 2400.0
+        self.scaling_ramp_min_s = 40.0 if quick else 150.0
         # with one node both designs are the same server (no one to fetch from or fan
         # out from): master-slave x1 is bipartite x1, plotted as the common start
 
@@ -130,6 +149,7 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.cleanups: list[tuple[str, Callable[[], None]]] = []
+        self.afterwards: list[tuple[str, Callable[[], None]]] = []
 
     def start(self, name: str, argv: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +167,10 @@ class Procs:
 
     def on_stop(self, name: str, fn: Callable[[], None]) -> None:
         self.cleanups.append((name, fn))
+
+    def after_stop(self, name: str, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the processes are stopped (e.g. remove their CPU groups)."""
+        self.afterwards.append((name, fn))
 
     def stop_all(self) -> None:
         for _name, fn in reversed(self.cleanups):
@@ -166,6 +190,12 @@ class Procs:
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         self.procs.clear()
+        for name, fn in reversed(self.afterwards):
+            try:
+                fn()
+            except Exception as e:  # say it, go on with the others
+                say(f"  cleanup {name}: {e!r}")
+        self.afterwards.clear()
 
 
 PROCS = Procs()

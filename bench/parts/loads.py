@@ -127,6 +127,7 @@ def rtsp_ramp(
     fanout: bool = False,
     resolution: float | None = None,
     max_sessions: int | None = None,
+    extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """``rtsp_load.py --ramp``: the largest N at which at most 0.1 % of the window's packets
     are lost or late at the clients, found by doubling then bisection to the first failing
@@ -144,6 +145,7 @@ def rtsp_ramp(
         str(s.rtsp_late_ms),
         "--max-bad",
         str(s.rtsp_max_bad),
+        *(extra or []),
         "--url",
         url,
         "--ramp",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from parts import scaling
 from parts.common import RESULTS, fmt, model_module, say
 
 
@@ -172,6 +173,11 @@ def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
                 )
         if "sendto" in u and "gso" in u:
             say(f"  gso / sendto = {u['gso']['tx_pps'] / u['sendto']['tx_pps']:.2f}")
+    sc = res.get("scaling")
+    if isinstance(sc, dict) and sc:
+        say("")
+        for line in scaling.report_lines(sc):
+            say(line)
     m = res.get("model")
     if isinstance(m, dict) and "yima" in m:
         say("")
@@ -392,6 +398,12 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     if isinstance(m, dict) and "yima" in m:
         model_module().plot(m, RESULTS / "model_scaling.png")
         made.append("model_scaling.png")
+
+    # 4c. scaling measured with scaled-down nodes, beside the model
+    sc = res.get("scaling")
+    if isinstance(sc, dict) and sc:
+        scaling.plot(sc, scaling.PLOT)
+        made.append(scaling.PLOT.name)
 
     # 5. UDP ceiling
     u = res.get("udp", {})

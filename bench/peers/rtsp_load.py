@@ -76,8 +76,9 @@ class RtspSession:
     or only the first with all_tracks=False), PLAY, GET_PARAMETER keep-alive,
     TEARDOWN.  RTP/AVP over UDP unicast only."""
 
-    def __init__(self, url, rtp_port, all_tracks=True, timeout=10.0):
+    def __init__(self, url, rtp_port, all_tracks=True, timeout=10.0, start_npt=0.0):
         self.url = url
+        self.start_npt = start_npt  # (added) PLAY Range start, --spread
         u = urlparse(url)
         self.host = u.hostname
         self.port = u.port or 554
@@ -218,7 +219,7 @@ class RtspSession:
         return self
 
     def play(self):
-        st, h, _ = self._send("PLAY", self.aggregate, ["Range: npt=0.000-"])
+        st, h, _ = self._send("PLAY", self.aggregate, ["Range: npt=%.3f-" % self.start_npt])
         if st != 200:
             raise RtspError("PLAY %d" % st)
 
@@ -289,6 +290,9 @@ class Stats:
         self.w_late = 0  # packets of the window later than LATE_S after their schedule
         self.w_late_max = 0.0  # the worst lateness in the window (s)
 
+
+# --spread (added for yimaporc): sessions start at points of [0, SPREAD) s of the clip
+SPREAD = 0.0
 
 # --late-ms (added for yimaporc): a packet arriving this long after its scheduled send
 # time (session start + media time from the RTP timestamp) is late
@@ -419,7 +423,12 @@ def run_trial(
 ):
     """Set up n sessions (in threads) while already receiving, wait until all
     are playing, then warm up and measure one window."""
-    sessions = [RtspSession(url, port_base + 4 * i, all_tracks) for i in range(n)]
+    # --spread (added): session i starts at the golden-ratio point i of [0, SPREAD) s of
+    # the clip, so the sessions are spread over its blocks (and a cluster's nodes)
+    sessions = [
+        RtspSession(url, port_base + 4 * i, all_tracks, start_npt=(i * 0.6180339887) % 1.0 * SPREAD)
+        for i in range(n)
+    ]
     errors = []
     ready = queue.SimpleQueue()
 
@@ -695,6 +704,18 @@ def main():
         "were lost or late at the clients",
     )
     ap.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        help="(added) start session i at npt (i x 0.618 mod 1) x SPREAD s instead of 0",
+    )
+    ap.add_argument(
+        "--growth",
+        type=float,
+        default=2.0,
+        help="(added) ramp: the next N is N x GROWTH while trials pass",
+    )
+    ap.add_argument(
         "--late-ms",
         type=float,
         default=200.0,
@@ -722,8 +743,9 @@ def main():
         help="(added) ask for Yima direct fan-out (x-yima-fanout); count receipt by sequence number",
     )
     a = ap.parse_args()
-    global FANOUT, LATE_S
+    global FANOUT, LATE_S, SPREAD
     FANOUT = a.fanout
+    SPREAD = a.spread
     LATE_S = a.late_ms / 1000.0
     print("  generator priority: %s" % set_priority(a.prio), flush=True)
 
@@ -803,7 +825,7 @@ def main():
         wait_quiet(a.server_pid, baseline)
         if r["pass"]:
             best = r
-            n *= 2
+            n = max(n + 1, int(n * a.growth))
         else:
             fail_n = n
             break
