@@ -21,7 +21,10 @@ POP3 retrievals/s (replicas 1) on the same cluster.
 
 The prediction: bench/model.py with its costs taken from these scaled-down measurements (the
 1-node CPU per stream and per message, the extra CPU per message with more nodes and more
-replicas) and every core cost divided by the quota.
+replicas, all in CPU seconds), Yima's with each cost divided by the quota (a node of 0.1 core
+takes ten times as long per packet), Porcupine's with a whole core per node and its rates
+times the quota (dividing its costs would also stretch every call past the simulator's
+RPC timeouts).
 """
 
 from __future__ import annotations
@@ -338,8 +341,8 @@ def _num(d: Any, key: str) -> float | None:
 
 
 def predict(sc: dict[str, Any], quick: bool, s_block: int = 32) -> dict[str, Any]:
-    """bench/model.py's capacities for the measured node counts, its costs from the
-    scaled-down measurements (absolute CPU) divided by the quota (the node's share of a core)."""
+    """bench/model.py's capacities for the measured node counts: its costs from the
+    scaled-down measurements (CPU seconds), a core per node, times the quota."""
     m = model_module()
     out: dict[str, Any] = {}
     y = sc.get("yima", {})
@@ -356,6 +359,7 @@ def predict(sc: dict[str, Any], quick: bool, s_block: int = 32) -> dict[str, Any
                 fake["yima"][f"bipartite-fanout-{k}"] = v
             inp = m.inputs(fake, Path("/nonexistent.json"))
             clips = [m.Clip(seed, mbps, 60.0, block_packets=s_block) for seed in range(1, 4)]
+            # Yima's model has no timeouts: a node of q cores is costs / q (and exact)
             args = (
                 inp["yima_send_s_per_packet"]["value"] / q,
                 inp["yima_relay_s_per_packet"]["value"] / q,
@@ -401,7 +405,6 @@ def predict(sc: dict[str, Any], quick: bool, s_block: int = 32) -> dict[str, Any
                 ),
             }
             inp = m.inputs(fake, Path("/nonexistent.json"))
-            inp["porc_cpu"]["value"] = {k: v / q for k, v in inp["porc_cpu"]["value"].items()}
             nodes = sorted({int(k) for r in ("1", "2", "3") for k in p.get(r, {})})
             seeds = [1] if quick else [1, 2]
             window = 1.0 if quick else 2.0
@@ -410,7 +413,7 @@ def predict(sc: dict[str, Any], quick: bool, s_block: int = 32) -> dict[str, Any
                 "inputs": {k: inp[k] for k in ("porc_cpu_s_per_msg", "porc_cpu", "porc_copy_s")},
                 **{
                     str(r): [
-                        statistics.mean(m.porcupine_rate(n, r, inp, sd, window) for sd in seeds)
+                        q * statistics.mean(m.porcupine_rate(n, r, inp, sd, window) for sd in seeds)
                         if r <= n
                         else None
                         for n in nodes
