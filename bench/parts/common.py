@@ -124,7 +124,7 @@ class Settings:
         self.scaling_mail_conns = 4  # SMTP/POP3 connections per node
         self.scaling_clip_video_mbps = 1  # the bench clip's scenes at 1 Mbit/s video
         self.scaling_clip_seconds = 90  # sessions start spread over its first part
-        self.scaling_block_payloads = 32  # small blocks: many per clip, spread evenly
+        self.scaling_block_payloads = 256  # the default block (337 KB): ~75 per clip
         self.scaling_growth = 1.5  # ramp steps while trials pass (then bisection)
         self.scaling_start = 16  # first trial at one node
         self.scaling_max_streams = 512

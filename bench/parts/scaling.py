@@ -340,7 +340,7 @@ def _num(d: Any, key: str) -> float | None:
     return float(v) if isinstance(v, int | float) and v == v and v > 0 else None
 
 
-def predict(sc: dict[str, Any], quick: bool, s_block: int = 32) -> dict[str, Any]:
+def predict(sc: dict[str, Any], quick: bool, s_block: int = 256) -> dict[str, Any]:
     """bench/model.py's capacities for the measured node counts: its costs from the
     scaled-down measurements (CPU seconds), a core per node, times the quota."""
     m = model_module()
