@@ -136,7 +136,17 @@ def _yima_ramp(
             DESIGNS[design][1],
             resolution=s.scaling_resolution,
             max_sessions=s.scaling_max_streams,
-            extra=["--spread", f"{spread:.1f}", "--growth", str(s.scaling_growth)],
+            extra=[
+                *("--spread", f"{spread:.1f}", "--growth", str(s.scaling_growth)),
+                *("--teardown-timeout", "10", "--quiet-s", "60"),
+                # Yima-2: sessions' RTSP nodes round robin over the nodes (as in the
+                # model); Yima-1: every client at the one master
+                *[
+                    a
+                    for h in (c.hosts[1:] if design != "master-slave" else [])
+                    for a in ("--url", f"rtsp://{h}:{PORTS['rtsp']}/test")
+                ],
+            ],
         )
     )
     row.update(_quota_rows(c, meter, label))

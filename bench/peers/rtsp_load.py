@@ -233,7 +233,7 @@ class RtspSession:
     def teardown(self):
         try:
             if self.sock:
-                self.sock.settimeout(3)
+                self.sock.settimeout(TEARDOWN_S)
                 self._send("TEARDOWN", self.aggregate)
         except Exception:
             pass
@@ -290,6 +290,9 @@ class Stats:
         self.w_late = 0  # packets of the window later than LATE_S after their schedule
         self.w_late_max = 0.0  # the worst lateness in the window (s)
 
+
+# --teardown-timeout (added for yimaporc)
+TEARDOWN_S = 3.0
 
 # --spread (added for yimaporc): sessions start at points of [0, SPREAD) s of the clip
 SPREAD = 0.0
@@ -425,8 +428,14 @@ def run_trial(
     are playing, then warm up and measure one window."""
     # --spread (added): session i starts at the golden-ratio point i of [0, SPREAD) s of
     # the clip, so the sessions are spread over its blocks (and a cluster's nodes)
+    urls = url if isinstance(url, list) else [url]
     sessions = [
-        RtspSession(url, port_base + 4 * i, all_tracks, start_npt=(i * 0.6180339887) % 1.0 * SPREAD)
+        RtspSession(
+            urls[i % len(urls)],
+            port_base + 4 * i,
+            all_tracks,
+            start_npt=(i * 0.6180339887) % 1.0 * SPREAD,
+        )
         for i in range(n)
     ]
     errors = []
@@ -662,7 +671,24 @@ def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--url", required=True)
+    ap.add_argument(
+        "--url",
+        required=True,
+        action="append",
+        help="(repeatable, added) session i connects to the (i mod count)-th URL",
+    )
+    ap.add_argument(
+        "--teardown-timeout",
+        type=float,
+        default=3.0,
+        help="(added) seconds a TEARDOWN may take (an overloaded server answers late)",
+    )
+    ap.add_argument(
+        "--quiet-s",
+        type=float,
+        default=30.0,
+        help="(added) ramp: wait at most this long for the server to go idle between trials",
+    )
     ap.add_argument("--sessions", type=int, default=10)
     ap.add_argument(
         "--ramp",
@@ -743,8 +769,9 @@ def main():
         help="(added) ask for Yima direct fan-out (x-yima-fanout); count receipt by sequence number",
     )
     a = ap.parse_args()
-    global FANOUT, LATE_S, SPREAD
+    global FANOUT, LATE_S, SPREAD, TEARDOWN_S
     FANOUT = a.fanout
+    TEARDOWN_S = a.teardown_timeout
     SPREAD = a.spread
     LATE_S = a.late_ms / 1000.0
     print("  generator priority: %s" % set_priority(a.prio), flush=True)
@@ -822,7 +849,7 @@ def main():
         )
         trials += 1
         time.sleep(a.pause)
-        wait_quiet(a.server_pid, baseline)
+        wait_quiet(a.server_pid, baseline, a.quiet_s)
         if r["pass"]:
             best = r
             n = max(n + 1, int(n * a.growth))
@@ -855,7 +882,7 @@ def main():
         )
         trials += 1
         time.sleep(a.pause)
-        wait_quiet(a.server_pid, baseline)
+        wait_quiet(a.server_pid, baseline, a.quiet_s)
         if r["pass"]:
             best, lo = r, mid
         else:
