@@ -126,13 +126,16 @@ class Settings:
         self.scaling_clip_seconds = 90  # sessions start spread over its first part
         self.scaling_block_payloads = 256  # the default block (337 KB): ~75 per clip
         self.scaling_growth = 1.5  # ramp steps while trials pass (then bisection)
+        # a node held to 0.1 core is throttled for up to 90 ms of each 100 ms CFS period:
+        # its packets are late by that much at any load, so late = 500 ms here
+        self.scaling_late_ms = 500.0
         self.scaling_start = 16  # first trial at one node
         self.scaling_max_streams = 512
         # bisection to the first failing N: N + 1 in the full run, within 10 % with QUICK
         self.scaling_resolution = 0.1 if quick else 0.0
         # the Yima ramps share this (a ramp gets at least scaling_ramp_min_s)
-        self.scaling_yima_total_s = 480.0 if quick else 2400.0
-        self.scaling_ramp_min_s = 50.0 if quick else 150.0
+        self.scaling_yima_total_s = 540.0 if quick else 2400.0
+        self.scaling_ramp_min_s = 80.0 if quick else 150.0
         # with one node both designs are the same server (no one to fetch from or fan
         # out from): master-slave x1 is bipartite x1, plotted as the common start
 

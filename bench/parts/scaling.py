@@ -138,6 +138,7 @@ def _yima_ramp(
             max_sessions=s.scaling_max_streams,
             extra=[
                 *("--spread", f"{spread:.1f}", "--growth", str(s.scaling_growth)),
+                *("--late-ms", str(s.scaling_late_ms)),
                 *("--teardown-timeout", "10", "--quiet-s", "60"),
                 # Yima-2: sessions' RTSP nodes round robin over the nodes (as in the
                 # model); Yima-1: every client at the one master
@@ -179,7 +180,14 @@ def part_scaling_yima(s: Settings, res: dict[str, Any], errors: list[str]) -> No
     for d in DESIGNS:
         out.setdefault(d, {})
     t_end = time.monotonic() + s.scaling_yima_total_s
-    ramps_left = sum(len(DESIGNS) if n > 1 else 1 for n in s.scaling_nodes)
+
+    def wanted(d: str, n: int) -> bool:
+        # QUICK: fan-out at every count, relay and master-slave at the first and the last
+        if n == 1:
+            return d == "fanout"
+        return not s.quick or d == "fanout" or n == s.scaling_nodes[-1]
+
+    ramps_left = sum(1 for n in s.scaling_nodes for d in DESIGNS if wanted(d, n))
 
     def guess(design: str, n: int) -> int:
         one = out["fanout"].get("1", {}).get("max_sessions")
@@ -192,14 +200,16 @@ def part_scaling_yima(s: Settings, res: dict[str, Any], errors: list[str]) -> No
             for k, v in out[design].items()
             if isinstance(v, dict) and v.get("max_sessions")
         ]
-        per = max(p[1] / p[0] for p in prev) if prev else one
-        return max(1, int(0.85 * per * n))
+        # the most this design sustained with fewer nodes; grow from there
+        return max(1, int(max(p[1] for p in prev))) if prev else int(one)
 
     for n in s.scaling_nodes:
         for mode in ("bipartite", "master-slave"):
             if n == 1 and mode == "master-slave":
                 continue  # one node: the same server as bipartite (no one to fetch from)
-            designs = [d for d in DESIGNS if DESIGNS[d][0] == mode and (n > 1 or d == "fanout")]
+            designs = [d for d in DESIGNS if DESIGNS[d][0] == mode and wanted(d, n)]
+            if not designs:
+                continue
             key = f"{mode}-{n}"
             try:
                 with scoped():
