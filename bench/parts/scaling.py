@@ -165,6 +165,7 @@ def _yima_ramp(
 def part_scaling_yima(s: Settings, res: dict[str, Any], errors: list[str]) -> None:
     out = res.setdefault("scaling", {}).setdefault("yima", {})
     out["quota"] = s.scaling_quota
+    out["late_ms"] = s.scaling_late_ms
     try:
         _require_cgroups()
         clip = make_clip(s, s.scaling_clip_video_mbps, s.scaling_clip_seconds)
@@ -555,9 +556,10 @@ def report_lines(sc: dict[str, Any]) -> list[str]:
         if "error" in y:
             lines.append(f"  Yima: FAILED ({y['error']})")
         else:
+            late = y.get("late_ms", 500.0)
             lines.append(
                 f"  Yima: concurrent {fmt(mbps)} Mbit/s VBR streams with <= 0.1 % of packets late "
-                "(> 200 ms) or lost at the clients"
+                f"(> {late:.0f} ms after their scheduled send time) or lost at the clients"
             )
             lines.append(
                 f"    {'nodes':>5} "
@@ -674,7 +676,8 @@ def plot(sc: dict[str, Any], path: Path) -> None:
     a.set_ylabel("concurrent streams, <= 0.1 % late/lost")
     a.set_title("Yima: streams vs scaled-down nodes")
     a.set_ylim(bottom=0)
-    a.legend(fontsize=7)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=7)
     p = sc.get("porcupine", {})
     pc = {"1": "tab:blue", "2": "tab:green", "3": "tab:purple"}
     for r in ("1", "2", "3"):
@@ -717,7 +720,8 @@ def plot(sc: dict[str, Any], path: Path) -> None:
     b.set_ylabel("per second")
     b.set_title("Porcupine: deliveries vs scaled-down nodes")
     b.set_ylim(bottom=0)
-    b.legend(fontsize=7)
+    if b.get_legend_handles_labels()[0]:
+        b.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
