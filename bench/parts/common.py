@@ -122,6 +122,8 @@ class Settings:
         self.scaling_quota = 0.1  # cores per node: 8 nodes use 0.8 of this machine's 2
         self.scaling_replicas = [1, 2, 3]
         self.scaling_mail_conns = 4  # SMTP/POP3 connections per node
+        self.scaling_pop_warmup = 3.0
+        self.scaling_pop_window = 12.0 if quick else 20.0
         self.scaling_clip_video_mbps = 1  # the bench clip's scenes at 1 Mbit/s video
         self.scaling_clip_seconds = 90  # sessions start spread over its first part
         self.scaling_block_payloads = 256  # the default block (337 KB): ~75 per clip

@@ -29,6 +29,7 @@ RPC timeouts).
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -338,8 +339,12 @@ def part_scaling_mail(s: Settings, res: dict[str, Any], errors: list[str]) -> No
                     )
                 label = f"scaled-porcupine-{n}n-pop3"
                 meter = cgroup.CpuMeter(c.groups)
+                # a POP3 session on a 0.1-core node takes seconds (the login's scrypt
+                # alone ~0.5 s): a longer window, so every generator completes several
+                pop = copy.copy(s)
+                pop.mail_warmup, pop.mail_duration = s.scaling_pop_warmup, s.scaling_pop_window
                 try:
-                    row = _spread(s, c, "pop3", label, ["--user-suffix", "@" + DOMAIN], log)
+                    row = _spread(pop, c, "pop3", label, ["--user-suffix", "@" + DOMAIN], log)
                     row.update(_quota_rows(c, meter, label))
                     out["retrieval"][str(n)] = row
                     say(
