@@ -243,13 +243,15 @@ def inputs(run: dict[str, Any] | None = None, path: Path | None = None) -> dict[
 class Clip:
     """One clip's packets and bytes per block per 1 s bin, from the real scheduler."""
 
-    def __init__(self, seed: int, mbps: float, duration: float) -> None:
+    def __init__(
+        self, seed: int, mbps: float, duration: float, block_packets: int = BLOCK_PACKETS
+    ) -> None:
         # vbr_media's mean rate is below its nominal one (blocks at low rates last
         # longer): scale the clock so the mean is the bench clip's, for ``duration``
         k = 1.0
         for _ in range(2):
             rng = random.Random(seed)
-            m = vbr_media(f"c{seed}", rng, mbps * 1e6, duration / k, BLOCK_PACKETS, 0.8, 2.5)
+            m = vbr_media(f"c{seed}", rng, mbps * 1e6, duration / k, block_packets, 0.8, 2.5)
             k = m.size * 8 / m.duration / (mbps * 1e6)
         m = MediaTiming(
             m.name, m.size, m.block_size, tuple(t * k for t in m.block_starts), m.duration * k

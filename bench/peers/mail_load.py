@@ -95,7 +95,7 @@ def smtp_worker(a, stop_at, win0, win1, out, wid):
             s = smtplib.SMTP(a.host, a.port, local_hostname="load.bench", timeout=a.timeout)
             s.ehlo_or_helo_if_needed()
             for _ in range(a.msgs_per_conn):
-                rcpt = "user%03d@%s" % (rng.randint(1, a.users), a.domain)
+                rcpt = "%s%03d@%s" % (a.user_prefix, rng.randint(1, a.users), a.domain)
                 msg = rng.choice(pool)
                 s.sendmail("load@bench.load", [rcpt], msg)
                 t1 = time.monotonic()
@@ -360,6 +360,9 @@ def main():
     ap.add_argument("--domain", default="bench.test")
     ap.add_argument("--password", default="pw")
     ap.add_argument("--user-suffix", default="", help="appended to login names, e.g. @bench.test")
+    ap.add_argument(
+        "--user-prefix", default="user", help="(added) SMTP recipients are PREFIX001..PREFIXU"
+    )
     ap.add_argument("--msgs-per-conn", type=int, default=1)
     ap.add_argument("--fetch", type=int, default=5, help="messages fetched per session")
     ap.add_argument("--maildir-root")

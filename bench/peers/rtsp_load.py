@@ -14,13 +14,19 @@ a many-threaded, overloaded server cannot starve it; a trial whose receive
 loop still stalls > 0.5 s fails.  After each ramp trial it waits until the
 server's CPU is back near idle.
 
-A session "keeps up" when, inside the measurement window (after --warmup):
-  * received / (received + lost)          >= --min-delivery (0.999), and
-  * rate ratio = 1 - lag_growth / window  >= --min-rate     (0.999), where
-    lag = wall time elapsed - media time elapsed; lag_growth compares the
-    smallest lag in the last 0.5 s with the smallest lag in the first 0.5 s of
-    the window (the minimum filters out one-off scheduling jitter; a server
-    that falls behind accumulates lag).
+A trial passes when, over the measurement window (after --warmup), every
+session set up and received packets, and at most --max-bad (0.1 %) of the
+packets all the clients expected were lost or late (added for yimaporc):
+  * lost: a hole in the RTP sequence numbers (in any order with --fanout);
+  * late: arrived more than --late-ms (200 ms) after its scheduled send time.
+    A packet's scheduled time is the session's start plus its media time: the
+    RTP timestamp (extended, clock from a=rtpmap) over the clock rate; the start
+    is the earliest (arrival - media time) of the track so far, so a server that
+    sends on schedule shows only network delay, and one that falls behind real
+    time or stalls shows every packet it sends too late.
+Per session the old figures are printed too (worst_delivery, and worst_rate =
+1 - lag_growth / window, lag_growth comparing the smallest lag of the window's
+last 0.5 s with that of its first 0.5 s).
 
 Modes:
   rtsp_load.py --url rtsp://127.0.0.1:8554/test --sessions 20
@@ -70,8 +76,9 @@ class RtspSession:
     or only the first with all_tracks=False), PLAY, GET_PARAMETER keep-alive,
     TEARDOWN.  RTP/AVP over UDP unicast only."""
 
-    def __init__(self, url, rtp_port, all_tracks=True, timeout=10.0):
+    def __init__(self, url, rtp_port, all_tracks=True, timeout=10.0, start_npt=0.0):
         self.url = url
+        self.start_npt = start_npt  # (added) PLAY Range start, --spread
         u = urlparse(url)
         self.host = u.hostname
         self.port = u.port or 554
@@ -212,7 +219,7 @@ class RtspSession:
         return self
 
     def play(self):
-        st, h, _ = self._send("PLAY", self.aggregate, ["Range: npt=0.000-"])
+        st, h, _ = self._send("PLAY", self.aggregate, ["Range: npt=%.3f-" % self.start_npt])
         if st != 200:
             raise RtspError("PLAY %d" % st)
 
@@ -226,7 +233,7 @@ class RtspSession:
     def teardown(self):
         try:
             if self.sock:
-                self.sock.settimeout(3)
+                self.sock.settimeout(TEARDOWN_S)
                 self._send("TEARDOWN", self.aggregate)
         except Exception:
             pass
@@ -259,6 +266,9 @@ class Stats:
         "fanout",
         "max_seq",
         "w_seen",
+        "anchor",
+        "w_late",
+        "w_late_max",
     )
 
     def __init__(self, clock=90000):
@@ -276,6 +286,28 @@ class Stats:
         self.fanout = False  # granted x-yima-fanout: count by sequence number, any order
         self.max_seq = None  # highest extended sequence number seen
         self.w_seen = set()  # extended sequence numbers received in the window
+        self.anchor = None  # session start: min over packets of (arrival - media time)
+        self.w_late = 0  # packets of the window later than LATE_S after their schedule
+        self.w_late_max = 0.0  # the worst lateness in the window (s)
+
+
+# --teardown-timeout (added for yimaporc)
+TEARDOWN_S = 3.0
+
+# --spread (added for yimaporc): sessions start at points of [0, SPREAD) s of the clip
+SPREAD = 0.0
+
+# --late-ms (added for yimaporc): a packet arriving this long after its scheduled send
+# time (session start + media time from the RTP timestamp) is late
+LATE_S = 0.2
+
+
+def _lateness(st, now, ets):
+    """Seconds after its scheduled send time that this packet arrived (running anchor)."""
+    off = now - ets / st.clock
+    if st.anchor is None or off < st.anchor:
+        st.anchor = off
+    return off - st.anchor
 
 
 def _drain_rtp(sock, st, buf, mv, now, in_win, t_win1):
@@ -302,6 +334,7 @@ def _drain_rtp(sock, st, buf, mv, now, in_win, t_win1):
             else:
                 st.ext_ts -= 0x100000000 - d
         ets = st.ext_ts
+        late = _lateness(st, now, ets)
         lost = 0
         if st.fanout:
             if st.max_seq is None:
@@ -319,6 +352,10 @@ def _drain_rtp(sock, st, buf, mv, now, in_win, t_win1):
                     continue
                 st.w_seen.add(ext)
                 st.w_bytes += plen
+                if late > LATE_S:
+                    st.w_late += 1
+                if late > st.w_late_max:
+                    st.w_late_max = late
                 if st.ts0 is None:
                     st.ts0 = (now, ets)
                 lag = (now - st.ts0[0]) - (ets - st.ts0[1]) / st.clock
@@ -347,6 +384,10 @@ def _drain_rtp(sock, st, buf, mv, now, in_win, t_win1):
             st.w_recv += 1
             st.w_lost += lost
             st.w_bytes += plen
+            if late > LATE_S:
+                st.w_late += 1
+            if late > st.w_late_max:
+                st.w_late_max = late
             if st.ts0 is None:
                 st.ts0 = (now, ets)
             lag = (now - st.ts0[0]) - (ets - st.ts0[1]) / st.clock
@@ -357,6 +398,14 @@ def _drain_rtp(sock, st, buf, mv, now, in_win, t_win1):
                 v = st.lag_last.get(0)
                 if v is None or lag < v:
                     st.lag_last[0] = lag
+
+
+def trial_passes(n, n_ok, silent, lost, late, expected, max_bad, errors=()):
+    """(added) Every session set up and heard in the window, at most ``max_bad`` of the
+    packets the clients expected lost or late, and no set-up error or stall."""
+    if errors or n_ok != n or silent or not expected:
+        return False
+    return (lost + late) <= max_bad * expected
 
 
 def run_trial(
@@ -373,10 +422,22 @@ def run_trial(
     setup_timeout=30.0,
     verbose=True,
     batch_s=0.002,
+    max_bad=0.001,
 ):
     """Set up n sessions (in threads) while already receiving, wait until all
     are playing, then warm up and measure one window."""
-    sessions = [RtspSession(url, port_base + 4 * i, all_tracks) for i in range(n)]
+    # --spread (added): session i starts at the golden-ratio point i of [0, SPREAD) s of
+    # the clip, so the sessions are spread over its blocks (and a cluster's nodes)
+    urls = url if isinstance(url, list) else [url]
+    sessions = [
+        RtspSession(
+            urls[i % len(urls)],
+            port_base + 4 * i,
+            all_tracks,
+            start_npt=(i * 0.6180339887) % 1.0 * SPREAD,
+        )
+        for i in range(n)
+    ]
     errors = []
     ready = queue.SimpleQueue()
 
@@ -503,6 +564,9 @@ def run_trial(
     if starved:
         errors.append("generator stalled %.1f s (machine overloaded)" % max(max_gap, late_start))
     per = []  # one entry per session: worst track decides
+    w_exp = w_late = 0
+    late_max = 0.0
+    silent = 0  # sessions with a track that received nothing in the window
     for s in ok:
         deliv, rate, wbytes, wlost, dups = 1.0, 1.0, 0, 0, 0
         for tr in s.tracks:
@@ -513,6 +577,11 @@ def run_trial(
                 st.w_lost = max(st.w_seen) - min(st.w_seen) + 1 - st.w_recv
             exp = st.w_recv + st.w_lost
             deliv = min(deliv, st.w_recv / exp if exp else 0.0)
+            w_exp += exp
+            w_late += st.w_late
+            late_max = max(late_max, st.w_late_max)
+            if not st.w_recv:
+                silent += 1
             if st.lag_first is not None and 0 in st.lag_last:
                 rate = min(rate, 1.0 - (st.lag_last[0] - st.lag_first) / window)
             else:
@@ -525,6 +594,8 @@ def run_trial(
     granted = sum(1 for s in ok if s.tracks and all(t.stats.fanout for t in s.tracks))
     passed = [p for p in per if p[0] >= min_delivery and p[1] >= min_rate]
     agg_mbps = sum(p[2] for p in per) * 8 / window / 1e6
+    lost_pkts = sum(p[3] for p in per)
+    bad_frac = (lost_pkts + w_late) / w_exp if w_exp else 1.0
     res = {
         "n": n,
         "established": n_ok,
@@ -532,10 +603,14 @@ def run_trial(
         "setup_s": setup_s if setup_s is not None else float("nan"),
         "teardown_s": teardown_s,
         "sessions_ok": len(passed),
-        "pass": n_ok == n and len(passed) == n and not errors,
+        "pass": trial_passes(n, n_ok, silent, lost_pkts, w_late, w_exp, max_bad, errors),
         "worst_delivery": min((p[0] for p in per), default=0.0),
         "worst_rate": min((p[1] for p in per), default=0.0),
-        "lost_pkts": sum(p[3] for p in per),
+        "lost_pkts": lost_pkts,
+        "late_pkts": w_late,
+        "expected_pkts": w_exp,
+        "bad_frac": bad_frac,
+        "late_max_ms": late_max * 1000.0,
         "agg_mbps": agg_mbps,
         "per_session_mbps": agg_mbps / n_ok if n_ok else 0.0,
         "rcvbuf_errors": errs1[0] - errs0[0],
@@ -548,7 +623,8 @@ def run_trial(
         print(
             "  trial N=%(n)d pass=%(pass)s ok=%(sessions_ok)d/%(n)d "
             "worst_delivery=%(worst_delivery).5f worst_rate=%(worst_rate).5f "
-            "lost=%(lost_pkts)d agg_mbps=%(agg_mbps).1f per_session_mbps=%(per_session_mbps).3f "
+            "lost=%(lost_pkts)d late=%(late_pkts)d/%(expected_pkts)d bad=%(bad_frac).5f "
+            "late_max_ms=%(late_max_ms).0f agg_mbps=%(agg_mbps).1f per_session_mbps=%(per_session_mbps).3f "
             "setup_s=%(setup_s).2f teardown_s=%(teardown_s).2f rcvbuf_errors=%(rcvbuf_errors)d "
             "gen_cpu=%(gen_cpu_pct).0f%% sys_cpu_tick=%(sys_cpu_pct).0f%%"
             % res
@@ -595,7 +671,24 @@ def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--url", required=True)
+    ap.add_argument(
+        "--url",
+        required=True,
+        action="append",
+        help="(repeatable, added) session i connects to the (i mod count)-th URL",
+    )
+    ap.add_argument(
+        "--teardown-timeout",
+        type=float,
+        default=3.0,
+        help="(added) seconds a TEARDOWN may take (an overloaded server answers late)",
+    )
+    ap.add_argument(
+        "--quiet-s",
+        type=float,
+        default=30.0,
+        help="(added) ramp: wait at most this long for the server to go idle between trials",
+    )
     ap.add_argument("--sessions", type=int, default=10)
     ap.add_argument(
         "--ramp",
@@ -627,8 +720,33 @@ def main():
     ap.add_argument("--port-base", type=int, default=50000)
     ap.add_argument("--server-pid", type=int, action="append", default=[])
     ap.add_argument("--setup-threads", type=int, default=16)
-    ap.add_argument("--min-delivery", type=float, default=0.999)
-    ap.add_argument("--min-rate", type=float, default=0.999)
+    ap.add_argument("--min-delivery", type=float, default=0.999, help="(per-session diagnostic)")
+    ap.add_argument("--min-rate", type=float, default=0.999, help="(per-session diagnostic)")
+    ap.add_argument(
+        "--max-bad",
+        type=float,
+        default=0.001,
+        help="(added) a trial fails when more than this fraction of the window's packets "
+        "were lost or late at the clients",
+    )
+    ap.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        help="(added) start session i at npt (i x 0.618 mod 1) x SPREAD s instead of 0",
+    )
+    ap.add_argument(
+        "--growth",
+        type=float,
+        default=2.0,
+        help="(added) ramp: the next N is N x GROWTH while trials pass",
+    )
+    ap.add_argument(
+        "--late-ms",
+        type=float,
+        default=200.0,
+        help="(added) a packet is late when it arrives this long after its scheduled send time",
+    )
     ap.add_argument("--label", default="server")
     ap.add_argument(
         "--prio",
@@ -651,8 +769,11 @@ def main():
         help="(added) ask for Yima direct fan-out (x-yima-fanout); count receipt by sequence number",
     )
     a = ap.parse_args()
-    global FANOUT
+    global FANOUT, LATE_S, SPREAD, TEARDOWN_S
     FANOUT = a.fanout
+    TEARDOWN_S = a.teardown_timeout
+    SPREAD = a.spread
+    LATE_S = a.late_ms / 1000.0
     print("  generator priority: %s" % set_priority(a.prio), flush=True)
 
     if not a.ramp:
@@ -668,10 +789,12 @@ def main():
             a.min_rate,
             not a.first_track_only,
             batch_s=a.batch_ms / 1000.0,
+            max_bad=a.max_bad,
         )
         print(
             "RESULT rtsp label=%s sessions=%d pass=%s worst_delivery=%.5f worst_rate=%.5f "
-            "agg_mbps=%.1f server_cpu_pct=%s gen_cpu_pct=%.0f sys_cpu_tick_pct=%.0f"
+            "agg_mbps=%.1f server_cpu_pct=%s gen_cpu_pct=%.0f sys_cpu_tick_pct=%.0f "
+            "late_pkts=%d lost_pkts=%d expected_pkts=%d bad_frac=%.5f late_max_ms=%.0f"
             % (
                 a.label,
                 a.sessions,
@@ -682,6 +805,11 @@ def main():
                 "%.0f" % r["server_cpu_pct"] if "server_cpu_pct" in r else "na",
                 r["gen_cpu_pct"],
                 r["sys_cpu_pct"],
+                r["late_pkts"],
+                r["lost_pkts"],
+                r["expected_pkts"],
+                r["bad_frac"],
+                r["late_max_ms"],
             ),
             flush=True,
         )
@@ -717,13 +845,14 @@ def main():
             a.min_rate,
             not a.first_track_only,
             batch_s=a.batch_ms / 1000.0,
+            max_bad=a.max_bad,
         )
         trials += 1
         time.sleep(a.pause)
-        wait_quiet(a.server_pid, baseline)
+        wait_quiet(a.server_pid, baseline, a.quiet_s)
         if r["pass"]:
             best = r
-            n *= 2
+            n = max(n + 1, int(n * a.growth))
         else:
             fail_n = n
             break
@@ -749,25 +878,35 @@ def main():
             a.min_rate,
             not a.first_track_only,
             batch_s=a.batch_ms / 1000.0,
+            max_bad=a.max_bad,
         )
         trials += 1
         time.sleep(a.pause)
-        wait_quiet(a.server_pid, baseline)
+        wait_quiet(a.server_pid, baseline, a.quiet_s)
         if r["pass"]:
             best, lo = r, mid
         else:
             fail_n = mid
+    # (added) how the ramp ended: converged (a passing N and the first failing one
+    # within --resolution), capped (passed at --max: the limit was not found), or cut
+    # by its time budget, which is a failure of the bench, not a lower bound
+    lo = best["n"] if best else 0
+    converged = fail_n is not None and (fail_n - lo) <= max(1, a.resolution * max(lo, 1))
+    capped = fail_n is None and n > a.max
+    cut = not converged and not capped
+    ended = "budget_cut=%d capped=%d" % (cut, capped)
     if best is None:
         print(
-            "RESULT rtsp label=%s max_sessions=0 first_fail=%s trials=%d"
-            % (a.label, fail_n, trials),
+            "RESULT rtsp label=%s max_sessions=0 first_fail=%s trials=%d %s"
+            % (a.label, fail_n, trials, ended),
             flush=True,
         )
         return 1
     print(
         "RESULT rtsp label=%s max_sessions=%d first_fail=%s agg_mbps=%.1f "
         "per_session_mbps=%.3f server_cpu_pct=%s gen_cpu_pct=%.0f sys_cpu_tick_pct=%.0f "
-        "trials=%d elapsed_s=%.0f"
+        "trials=%d elapsed_s=%.0f late_pkts=%d lost_pkts=%d expected_pkts=%d bad_frac=%.5f "
+        "late_max_ms=%.0f %s"
         % (
             a.label,
             best["n"],
@@ -779,6 +918,12 @@ def main():
             best["sys_cpu_pct"],
             trials,
             time.monotonic() - t_start,
+            best["late_pkts"],
+            best["lost_pkts"],
+            best["expected_pkts"],
+            best["bad_frac"],
+            best["late_max_ms"],
+            ended,
         ),
         flush=True,
     )
