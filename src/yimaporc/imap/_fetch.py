@@ -3,12 +3,16 @@
 FETCH loads message octets only when an item needs them, sets ``\\Seen`` for
 non-PEEK body fetches of a writable mailbox (and then includes FLAGS),
 filters by ``CHANGEDSINCE`` and reports ``VANISHED (EARLIER)`` for UID FETCH
-with QRESYNC.  SEARCH hands the token list to the backend's evaluator and
+with QRESYNC.  The answer is produced in batches (:data:`BATCH_MESSAGES`,
+:data:`BATCH_OCTETS`): each batch is loaded, serialised and flushed, and the
+next one waits for :meth:`CommandRunner.writable`, so one command's output held
+in memory is bounded by a batch plus the transport's buffer.  SEARCH hands the token list to the backend's evaluator and
 answers SEARCH or ESEARCH (RFC 4731).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -84,10 +88,9 @@ def _fetch(runner: CommandRunner, cmd: c.Fetch, uids: list[int]) -> Any:
             marked = set(unseen)
             d = maybeDeferred(box.store, unseen, "+", ("\\Seen",), None)
     bodies_needed = any(_needs_body(i) for i in items)
-    d.addCallback(lambda _: maybeDeferred(box.load, uids) if bodies_needed else {})
 
-    def send(raws: dict[int, bytes]) -> Done:
-        for uid in uids:
+    def send(batch: list[int], raws: dict[int, bytes]) -> None:
+        for uid in batch:
             info = view.info(uid)
             seq = view.seq_of(uid)
             if info is None or seq is None or (bodies_needed and uid not in raws):
@@ -102,9 +105,53 @@ def _fetch(runner: CommandRunner, cmd: c.Fetch, uids: list[int]) -> Any:
             if uid in marked and "FLAGS" not in names:
                 out.append(("FLAGS", flags))
             runner.conn.send(s.fetch(seq, out))
-        return Done()
 
-    return d.addCallback(send)
+    batches = deque(_batches(view, uids, bodies_needed))
+
+    def next_batch(_: object = None) -> Any:
+        # One batch loaded, serialised and written at a time; the next waits until the
+        # transport has room (a client that stops reading stops the FETCH, not the node).
+        if not batches:
+            return Done()
+        batch = batches.popleft()
+        if runner.mailbox is not box:
+            raise ImapError("mailbox closed meanwhile")
+        loaded = maybeDeferred(box.load, batch) if bodies_needed else succeed({})
+
+        def sent(raws: dict[int, bytes]) -> Any:
+            send(batch, raws)
+            if not batches:
+                return Done()
+            runner.flush()
+            return runner.writable().addCallback(next_batch)
+
+        return loaded.addCallback(sent)
+
+    return d.addCallback(next_batch)
+
+
+#: FETCH output is produced in batches of at most this many messages ...
+BATCH_MESSAGES = 256
+#: ... and, when message octets are needed, about this many octets (RFC822.SIZE
+#: sum; a single larger message is one batch of its own).
+BATCH_OCTETS = 1 << 20
+
+
+def _batches(view: Any, uids: list[int], bodies: bool) -> list[list[int]]:
+    out: list[list[int]] = []
+    batch: list[int] = []
+    size = 0
+    for uid in uids:
+        info = view.info(uid)
+        octets = info.size if (bodies and info is not None) else 0
+        if batch and (len(batch) >= BATCH_MESSAGES or size + octets > BATCH_OCTETS):
+            out.append(batch)
+            batch, size = [], 0
+        batch.append(uid)
+        size += octets
+    if batch:
+        out.append(batch)
+    return out
 
 
 def _item(runner: CommandRunner, item: c.FetchItem, info: MessageInfo, flags: tuple[str, ...], raw: bytes | None) -> tuple[str, Any]:  # fmt: skip

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -36,7 +37,7 @@ from ._lexer import DEFAULT_LIMITS, Limits
 from ._machine import State
 from ._serialize import ResponseCode, StatusResponse
 from ._session import CommandRunner
-from .interfaces import IImapBackend, IMessageRenderer
+from .interfaces import IImapBackend, ImapError, IMessageRenderer
 
 #: Capabilities every connection has (the rest depends on state, TLS and the backend).
 BASE_CAPABILITIES = (
@@ -68,7 +69,9 @@ class ImapServerProtocol(Protocol):
     """One IMAP connection.
 
     No new command starts while the transport's write buffer is full (a client
-    that pipelines FETCHes without reading makes the server wait, not buffer).
+    that pipelines FETCHes without reading makes the server wait, not buffer),
+    and a running FETCH produces its next batch only when the buffer has room
+    (:meth:`writable`).
     """
 
     log = Logger()
@@ -84,7 +87,9 @@ class ImapServerProtocol(Protocol):
             self.flush,
             self._start_tls if factory.tls is not None else None,
             self.auth_allowed,
+            self.writable,
         )
+        self._writable: list[Deferred[None]] = []
         self.queue: deque[Event] = deque()
         self._running = False
         self._pumping = False
@@ -130,7 +135,22 @@ class ImapServerProtocol(Protocol):
 
     def _pump_later(self) -> None:
         self._later = None
+        if self._writable and not self._gate.paused:
+            waiting, self._writable = self._writable, []
+            for d in waiting:
+                d.callback(None)
         self._pump()
+
+    def writable(self) -> Deferred[None]:
+        """Fires when the transport's write buffer has room (at once if it has now);
+        fails with :class:`ImapError` if the connection is lost first."""
+        if self._lost:
+            return fail(ImapError("connection closed"))
+        if not self._gate.paused:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._writable.append(d)
+        return d
 
     def _close(self) -> None:
         # A transport holding a paused producer would never finish closing.
@@ -158,6 +178,9 @@ class ImapServerProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._later = None
+        waiting, self._writable = self._writable, []
+        for d in waiting:
+            d.errback(ImapError("connection closed"))
         self.queue.clear()
         self.runner.connection_lost()
         self.factory.connections.discard(self)

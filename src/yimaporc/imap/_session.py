@@ -66,6 +66,7 @@ class CommandRunner:
         flush: Callable[[], None],
         start_tls: Callable[[], bool] | None = None,
         auth_allowed: Callable[[], bool] = lambda: True,
+        writable: Callable[[], Deferred[None]] = lambda: succeed(None),
     ) -> None:
         self.conn = conn
         self.backend = backend
@@ -74,6 +75,9 @@ class CommandRunner:
         self.flush = flush
         self.start_tls = start_tls
         self.auth_allowed = auth_allowed
+        #: A Deferred that fires when the transport can take more output (the shell's
+        #: write buffer is not full); fails with ImapError once the connection is gone.
+        self.writable = writable
         self.session: Any = None
         self.mailbox: Any = None
         self.view: MailboxView | None = None
