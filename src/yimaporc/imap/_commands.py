@@ -274,10 +274,21 @@ class Status:
 
 
 @attrs.frozen
-class Append:
-    """APPEND mailbox [(flags)] [date-time] literal.
+class AppendMessage:
+    """One further message of a MULTIAPPEND (RFC 3502): [(flags)] [date-time] literal."""
 
-    ``date`` is the date-time text as sent (``"17-Jul-1996 02:44:25 -0700"``).
+    message: bytes
+    flags: tuple[str, ...] = ()
+    date: str | None = None
+
+
+@attrs.frozen
+class Append:
+    """APPEND mailbox [(flags)] [date-time] literal *(SP [(flags)] [date-time] literal).
+
+    ``date`` is the date-time text as sent (``"17-Jul-1996 02:44:25 -0700"``);
+    ``more`` holds the further messages of a MULTIAPPEND (RFC 3502), stored
+    together with the first or not at all.
     """
 
     tag: str
@@ -285,6 +296,11 @@ class Append:
     message: bytes
     flags: tuple[str, ...] = ()
     date: str | None = None
+    more: tuple[AppendMessage, ...] = ()
+
+    def messages(self) -> list[AppendMessage]:
+        """Every message of the command, the first included."""
+        return [AppendMessage(self.message, self.flags, self.date), *self.more]
 
 
 @attrs.frozen

@@ -37,13 +37,20 @@ from ._lexer import DEFAULT_LIMITS, Limits
 from ._machine import State
 from ._serialize import ResponseCode, StatusResponse
 from ._session import CommandRunner
-from .interfaces import IImapBackend, ImapError, IMessageRenderer
+from .interfaces import BACKEND_EXTENSIONS, IImapBackend, ImapError, IMessageRenderer
 
 #: Capabilities every connection has (the rest depends on state, TLS and the backend).
 BASE_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS", "MOVE",
     "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "ESEARCH",
 )  # fmt: skip
+
+
+def backend_extensions(backend: IImapBackend) -> list[str]:
+    """The capabilities ``backend`` says it can do (a backend without ``extensions`` has
+    none); names the package does not know are not advertised."""
+    have = {e.upper() for e in getattr(backend, "extensions", ())}
+    return [e for e in BACKEND_EXTENSIONS if e in have]
 
 
 @implementer(IPushProducer)
@@ -113,6 +120,7 @@ class ImapServerProtocol(Protocol):
         """What CAPABILITY says now."""
         caps = list(BASE_CAPABILITIES)
         caps.append(f"APPENDLIMIT={self.factory.limits.max_append}")
+        caps += backend_extensions(self.factory.backend)
         if self.factory.backend.supports_modseq:
             caps += ["CONDSTORE", "QRESYNC"]
         if not authenticated:

@@ -402,18 +402,27 @@ class CommandRunner:
         return maybeDeferred(self.session.status, cmd.mailbox).addCallback(got)
 
     def _do_append(self, cmd: c.Append) -> Any:
-        for f in cmd.flags:
-            _check_storable(f)
-        try:
-            date = parse_date(cmd.date)
-        except ValueError:
-            raise ImapError("bad date-time", status="BAD") from None
-        d = maybeDeferred(self.session.append, cmd.mailbox, cmd.message, cmd.flags, date)
+        items = []
+        for m in cmd.messages():
+            for f in m.flags:
+                _check_storable(f)
+            try:
+                items.append((m.message, m.flags, parse_date(m.date)))
+            except ValueError:
+                raise ImapError("bad date-time", status="BAD") from None
+        if cmd.more:
+            if "MULTIAPPEND" not in self.capabilities(True):
+                raise ImapError("MULTIAPPEND is not supported", status="BAD")
+            d = maybeDeferred(self.session.append_many, cmd.mailbox, items)
+        else:
+            message, flags, date = items[0]
+            d = maybeDeferred(self.session.append, cmd.mailbox, message, flags, date)
+            d.addCallback(lambda r: [r])
 
-        def stored(r: AppendResult) -> Done:
-            return Done(
-                text="APPEND completed", code=ResponseCode.appenduid(r.uidvalidity, str(r.uid))
-            )
+        def stored(results: list[AppendResult]) -> Done:
+            validity = results[0].uidvalidity
+            uids = uid_set_text([r.uid for r in results])
+            return Done(text="APPEND completed", code=ResponseCode.appenduid(validity, uids))
 
         return d.addCallback(stored)
 

@@ -274,6 +274,15 @@ def _append(r: Reader, tag: str, uid: bool) -> c.Append:
     r.sp()
     mailbox = r.mailbox()
     r.sp()
+    first = _append_message(r)
+    more = []
+    while not r.at_end():  # MULTIAPPEND (RFC 3502)
+        r.sp()
+        more.append(_append_message(r))
+    return c.Append(tag, mailbox, first.message, first.flags, first.date, tuple(more))
+
+
+def _append_message(r: Reader) -> c.AppendMessage:
     flags: tuple[str, ...] = ()
     date = None
     if r.peek() == 0x28:
@@ -286,7 +295,7 @@ def _append(r: Reader, tag: str, uid: bool) -> c.Append:
         r.sp()
     if r.peek() != 0x7B:
         raise r.error("APPEND needs the message as a literal")
-    return c.Append(tag, mailbox, r.literal(), flags, date)
+    return c.AppendMessage(r.literal(), flags, date)
 
 
 def _expunge(r: Reader, tag: str, uid: bool) -> c.Expunge:

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from .interfaces import IMailboxManager, IUserManager
 from .values import (
     INBOX,
+    PENDING,
     Digest,
     MailboxExists,
     MailboxInfo,
@@ -636,6 +637,31 @@ class UserMail:
             return self._store_home(mailbox, [msg]).addCallback(lambda ds: ds[0])
 
         return self._reserve(1).addCallback(store)
+
+    def append_many(
+        self, mailbox: str, items: Sequence[tuple[bytes, Sequence[str], float]]
+    ) -> Deferred[list[Digest]]:
+        """MULTIAPPEND: ``(body, flags, date)`` stored on the home fragment in one
+        store (every body written, then the index rows committed together), under
+        consecutive reserved UIDs."""
+
+        def build(first: int) -> list[NewMessage]:
+            return [
+                NewMessage(self.address, mailbox, b, tuple(f), when, _nth_uid(first, i))
+                for i, (b, f, when) in enumerate(items)
+            ]
+
+        return self._reserve(len(items)).addCallback(
+            lambda first: self._store_home(mailbox, build(first))
+        )
+
+
+def _nth_uid(first: int, i: int) -> int:
+    """The UID of the ``i``-th message of a reservation starting at ``first`` (0: the
+    storing node numbers; PENDING stays PENDING)."""
+    if first in (0, PENDING):
+        return first
+    return first + i
 
 
 class RetrievalProxy:

@@ -1,0 +1,102 @@
+"""Extensions whose advertisement depends on the backend, through the shell over the
+in-memory backend: MULTIAPPEND (RFC 3502)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from yimaporc.imap._protocol import ImapServerFactory
+from yimaporc.testing.imap_memory import MemoryBackend, MemoryStore, SimpleRenderer
+
+
+class Client:
+    def __init__(self, factory: ImapServerFactory) -> None:
+        self.proto = factory.buildProtocol(None)
+        self.t = StringTransport()
+        self.proto.makeConnection(self.t)
+        self.greeting = self.take()
+
+    def take(self) -> bytes:
+        out: bytes = self.t.value()
+        self.t.clear()
+        return out
+
+    def run(self, data: bytes) -> bytes:
+        self.proto.dataReceived(data)
+        return self.take()
+
+
+def setup(**backend: Any) -> tuple[MemoryStore, ImapServerFactory]:
+    store = MemoryStore({"alice": "pw"})
+    store.deliver("alice", b"Subject: one\r\n\r\nfirst\r\n")
+    store.deliver("alice", b"Subject: two\r\n\r\nsecond\r\n")
+    return store, ImapServerFactory(MemoryBackend(store, **backend), SimpleRenderer(), Clock())
+
+
+def multiappend(tag: bytes, mailbox: bytes, parts: list[bytes], sync: bool = False) -> bytes:
+    """A MULTIAPPEND command with one literal per part (each part may start with flags)."""
+    plus = b"" if sync else b"+"
+    out = tag + b" APPEND " + mailbox
+    for p in parts:
+        head, _, body = p.rpartition(b"|")
+        out += (b" " + head if head else b"") + b" {%d%s}\r\n" % (len(body), plus) + body
+    return out + b"\r\n"
+
+
+MSGS = [b"(\\Seen)|Subject: a\r\n\r\nA\r\n", b'" 7-Feb-1994 21:52:25 -0800"|Subject: b\r\n\r\nB\r\n',
+        b"Subject: c\r\n\r\nC\r\n"]  # fmt: skip
+
+
+def test_multiappend_stores_every_message_and_answers_one_appenduid() -> None:
+    """MULTIAPPEND with synchronising literals gets one + per literal, stores the three
+    messages with their flags and date under consecutive UIDs (APPENDUID 3:5), and a
+    selected session sees them arrive together (one EXISTS 5)."""
+    store, factory = setup()
+    c, watcher = Client(factory), Client(factory)
+    assert b"MULTIAPPEND" in c.greeting
+    c.run(b"a LOGIN alice pw\r\n")
+    watcher.run(b"w LOGIN alice pw\r\nx SELECT INBOX\r\n")
+    cmd = multiappend(b"b", b"INBOX", MSGS, sync=True)
+    pieces = re.split(rb"(?<=\}\r\n)", cmd)
+    out = b"".join(c.run(p) for p in pieces)
+    assert out.count(b"+ ") == 3
+    m = re.search(rb"b OK \[APPENDUID (\d+) 3:5\]", out)
+    assert m and int(m.group(1)) == store.boxes["alice"]["INBOX"].uidvalidity, out
+    out = watcher.run(b"y NOOP\r\n")
+    assert out.startswith(b"* 5 EXISTS\r\n") and out.count(b"EXISTS") == 1
+    out = c.run(b"c SELECT INBOX\r\nd FETCH 3:5 (FLAGS INTERNALDATE BODY.PEEK[TEXT])\r\n")
+    assert re.search(rb"\* 3 FETCH \(FLAGS \([^)]*\\Seen", out)
+    assert b'INTERNALDATE " 8-Feb-1994 05:52:25 +0000"' in out
+    assert [x for x in re.findall(rb"\{3\}\r\n(\w)\r\n", out)] == [b"A", b"B", b"C"]
+
+
+def test_multiappend_stores_nothing_when_one_message_is_refused() -> None:
+    """A MULTIAPPEND whose third message carries \\Recent, whose second has a bad date, or
+    whose mailbox is missing stores none of its messages."""
+    store, factory = setup()
+    c = Client(factory)
+    c.run(b"a LOGIN alice pw\r\n")
+    out = c.run(multiappend(b"b", b"INBOX", [*MSGS[:2], b"(\\Recent)|x"]))
+    assert b"b BAD" in out
+    bad_date = b'"31-Feb-1994 21:52:25 -0800"|x'
+    assert b"c BAD" in c.run(multiappend(b"c", b"INBOX", [MSGS[0], bad_date, MSGS[2]]))
+    assert b"d NO [TRYCREATE]" in c.run(multiappend(b"d", b"Nope", MSGS))
+    assert len(store.boxes["alice"]["INBOX"].messages) == 2
+    assert "Nope" not in store.boxes["alice"]
+
+
+def test_multiappend_needs_a_backend_that_offers_it() -> None:
+    """A backend without MULTIAPPEND in its extensions: not advertised, a MULTIAPPEND is
+    BAD and stores nothing, a single APPEND still works."""
+    store, factory = setup(extensions=())
+    c = Client(factory)
+    assert b"MULTIAPPEND" not in c.greeting
+    out = c.run(b"a LOGIN alice pw\r\nb CAPABILITY\r\n")
+    assert b"* CAPABILITY " in out and b"MULTIAPPEND" not in out
+    assert b"c BAD" in c.run(multiappend(b"c", b"INBOX", MSGS))
+    assert b"d OK [APPENDUID" in c.run(multiappend(b"d", b"INBOX", MSGS[2:]))
+    assert len(store.boxes["alice"]["INBOX"].messages) == 3
