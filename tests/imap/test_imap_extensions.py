@@ -100,3 +100,49 @@ def test_multiappend_needs_a_backend_that_offers_it() -> None:
     assert b"c BAD" in c.run(multiappend(b"c", b"INBOX", MSGS))
     assert b"d OK [APPENDUID" in c.run(multiappend(b"d", b"INBOX", MSGS[2:]))
     assert len(store.boxes["alice"]["INBOX"].messages) == 3
+
+
+def searchres_client() -> tuple[MemoryStore, Client]:
+    store = MemoryStore({"alice": "pw"})
+    for i in range(1, 7):
+        flags = ("\\Flagged",) if i % 2 == 0 else ()
+        store.deliver("alice", b"Subject: s%d\r\n\r\n%s\r\n" % (i, b"x" * i * 10), flags=flags)
+    factory = ImapServerFactory(MemoryBackend(store), SimpleRenderer(), Clock())
+    c = Client(factory)
+    assert b"SEARCHRES" in c.greeting
+    c.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\n")
+    return store, c
+
+
+def test_searchres_saves_and_reuses_the_result() -> None:
+    """SEARCH RETURN (SAVE) answers nothing untagged and saves the result; FETCH $,
+    UID FETCH $, STORE $, SEARCH $ (even one that saves anew) and SEARCH UID $ use it."""
+    _, c = searchres_client()
+    out = c.run(b"c SEARCH RETURN (SAVE) FLAGGED\r\n")
+    assert out == b"c OK SEARCH completed\r\n"
+    out = c.run(b"d FETCH $ (UID)\r\n")
+    assert re.findall(rb"\* (\d) FETCH \(UID \d\)", out) == [b"2", b"4", b"6"]
+    out = c.run(b"e UID FETCH $ (FLAGS)\r\n")
+    assert out.count(b"FLAGS (\\Flagged)") == 3 and b"e OK" in out
+    out = c.run(b"f SEARCH RETURN (SAVE ALL) $ LARGER 40\r\n")  # the old $ in the keys
+    assert b'* ESEARCH (TAG "f") ALL 4,6\r\n' in out
+    assert b"* SEARCH 4 6\r\n" in c.run(b"g SEARCH UID $\r\n")
+    assert b"* SEARCH 1 2 3 5\r\n" in c.run(b"h SEARCH OR NOT $ SUBJECT $\r\n")
+    out = c.run(b"i STORE $ +FLAGS (\\Seen)\r\nj SEARCH SEEN\r\n")
+    assert b"* SEARCH 4 6\r\n" in out
+
+
+def test_searchres_min_max_expunge_failure_and_reset() -> None:
+    """SAVE with MIN/MAX keeps only those; expunged messages leave $; a failing SEARCH
+    (SAVE) empties it; SELECT empties it; an empty $ matches nothing."""
+    _, c = searchres_client()
+    out = c.run(b"c UID SEARCH RETURN (SAVE MIN MAX) FLAGGED\r\n")
+    assert b'* ESEARCH (TAG "c") UID MIN 2 MAX 6\r\n' in out
+    assert b"* SEARCH 2 6\r\n" in c.run(b"d UID SEARCH $\r\n")
+    out = c.run(b"e UID STORE 2 +FLAGS (\\Deleted)\r\nf EXPUNGE\r\ng UID SEARCH UID $\r\n")
+    assert b"* SEARCH 6\r\n" in out
+    out = c.run(b"h SEARCH RETURN (SAVE) CHARSET KOI8-R ALL\r\ni SEARCH $\r\n")
+    assert b"h NO [BADCHARSET" in out and b"* SEARCH\r\n" in out
+    c.run(b"j SEARCH RETURN (SAVE) ALL\r\n")
+    out = c.run(b"k SELECT INBOX\r\nl FETCH $ (UID)\r\nm SEARCH $\r\n")
+    assert not re.search(rb"\* \d+ FETCH", out) and b"* SEARCH\r\n" in out and b"l OK" in out

@@ -332,3 +332,20 @@ def test_multiappend_is_all_or_none(
     assert b"* 3 EXISTS" in out and b"* 1 EXISTS" not in out and b"* 2 EXISTS" not in out
     out = c.run(b"e SELECT INBOX\r\nf FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
     assert [int(x) for x in re.findall(rb"Subject: m(\d)", out)] == [0, 1, 2]
+
+
+def test_searchres_over_the_porcupine_search(tmp_path: Path) -> None:
+    """SEARCHRES is advertised; $ saved by SEARCH RETURN (SAVE) reaches Porcupine's search
+    evaluator as UIDs (SEARCH $, NOT $) and FETCH $ names the same messages."""
+    svc = make_service(tmp_path)
+    for i in range(4):
+        deliver(svc, b"Subject: %s\r\n\r\nx\r\n" % (b"hit" if i % 2 else b"miss"))
+    c = Client(svc)
+    assert b"SEARCHRES" in c.greeting
+    c.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\n")
+    assert c.run(b"c SEARCH RETURN (SAVE) SUBJECT hit\r\n") == b"c OK SEARCH completed\r\n"
+    out = c.run(
+        b"d SEARCH $\r\ne SEARCH NOT $\r\nf FETCH $ (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n"
+    )
+    assert b"* SEARCH 2 4\r\nd OK" in out and b"* SEARCH 1 3\r\ne OK" in out
+    assert out.count(b"Subject: hit") == 2 and b"miss" not in out

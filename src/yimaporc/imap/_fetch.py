@@ -172,22 +172,31 @@ def _item(runner: CommandRunner, item: c.FetchItem, info: MessageInfo, flags: tu
 
 
 def answer_search(runner: CommandRunner, cmd: c.Search) -> Deferred[Done]:
-    """Send the SEARCH or ESEARCH data of ``cmd``."""
+    """Send the SEARCH or ESEARCH data of ``cmd`` (and keep its result for ``$`` when
+    it says ``RETURN (SAVE)``)."""
     view = runner.view
     assert view is not None and runner.mailbox is not None
+    saving = cmd.returns is not None and "SAVE" in cmd.returns
+    # ``$`` in the keys is the previous result, even in a SEARCH that saves anew.
+    criteria = with_saved_result(cmd.criteria, view.resolve("$", True))
+    if saving:
+        view.saved = []  # a failing SEARCH (SAVE) leaves $ empty (RFC 5182 2.1)
     if cmd.charset is not None and cmd.charset not in ("UTF-8", "US-ASCII"):
         raise ImapError("unsupported charset", ResponseCode("BADCHARSET", ("US-ASCII", "UTF-8")))
-    if cmd.returns is not None and "SAVE" in cmd.returns:
-        raise ImapError("SEARCHRES is not supported", status="BAD")
     messages = list(view.messages)
 
     def got(uids: list[int]) -> Done:
         wanted = set(uids)
-        numbers = [(m.uid if cmd.uid else i + 1) for i, m in enumerate(messages) if m.uid in wanted]
+        found = [(i + 1, m.uid) for i, m in enumerate(messages) if m.uid in wanted]
+        numbers = [uid if cmd.uid else seq for seq, uid in found]
         if cmd.returns is None:
             runner.conn.send(s.search(numbers))
             return Done()
-        opts = cmd.returns or ("ALL",)
+        opts = [o for o in cmd.returns if o != "SAVE"] or ([] if saving else ["ALL"])
+        if saving:
+            view.saved = _saved(found, opts)
+        if not opts:  # RETURN (SAVE) alone: nothing untagged (RFC 5182 2.4)
+            return Done()
         items: list[tuple[str, int | str]] = []
         if "MIN" in opts and numbers:
             items.append(("MIN", min(numbers)))
@@ -200,6 +209,65 @@ def answer_search(runner: CommandRunner, cmd: c.Search) -> Deferred[Done]:
         runner.conn.send(s.esearch(cmd.tag, cmd.uid, items))
         return Done()
 
-    return maybeDeferred(runner.mailbox.search, cmd.criteria, cmd.charset, messages).addCallback(
-        got
-    )
+    return maybeDeferred(runner.mailbox.search, criteria, cmd.charset, messages).addCallback(got)
+
+
+def _saved(found: list[tuple[int, int]], opts: list[str]) -> list[int]:
+    """What ``$`` keeps (RFC 5182 2.4): with MIN and/or MAX alone only those messages,
+    else every message found."""
+    uids = [uid for _, uid in found]
+    if not uids or not opts or {"ALL", "COUNT"} & set(opts):
+        return uids
+    keep = ([uids[0]] if "MIN" in opts else []) + ([uids[-1]] if "MAX" in opts else [])
+    return sorted(set(keep))
+
+
+#: SEARCH keys followed by that many arguments (NOT/OR take keys; HEADER two strings;
+#: MODSEQ one or three, see :func:`with_saved_result`).
+_KEY_ARGS = dict.fromkeys(
+    ("BCC", "BEFORE", "BODY", "CC", "FROM", "KEYWORD", "ON", "SENTBEFORE", "SENTON",
+     "SENTSINCE", "SINCE", "SUBJECT", "TEXT", "TO", "UNKEYWORD", "LARGER", "SMALLER",
+     "OLDER", "YOUNGER"), 1,
+) | {"HEADER": 2}  # fmt: skip
+
+
+def with_saved_result(tokens: tuple[Any, ...], saved: list[int]) -> tuple[Any, ...]:
+    """SEARCH keys with ``$`` and ``UID $`` (SEARCHRES) replaced by the saved UIDs, so the
+    backend's evaluator never sees ``$``; anything else stays as it was."""
+    out: list[Any] = []
+    saved_key: list[Any] = ["UID", uid_set_text(saved)] if saved else ["NOT", "ALL"]
+    i, n = 0, len(tokens)
+
+    def copy(count: int) -> None:
+        nonlocal i
+        out.extend(tokens[i : i + count])
+        i += count
+
+    def key() -> None:
+        nonlocal i
+        tok = tokens[i]
+        if isinstance(tok, list):
+            out.append(list(with_saved_result(tuple(tok), saved)))
+            i += 1
+            return
+        if not isinstance(tok, str):
+            copy(1)
+            return
+        name = tok.upper()
+        if tok == "$" or (name == "UID" and i + 1 < n and tokens[i + 1] == "$"):
+            out.append(saved_key)
+            i += 1 if tok == "$" else 2
+            return
+        copy(1)
+        if name in ("NOT", "OR"):
+            for _ in range(1 if name == "NOT" else 2):
+                if i < n:
+                    key()
+        elif name == "MODSEQ":
+            copy(3 if i < n and isinstance(tokens[i], bytes) else 1)
+        else:
+            copy(_KEY_ARGS.get(name, 1 if name == "UID" else 0))
+
+    while i < n:
+        key()
+    return tuple(out)

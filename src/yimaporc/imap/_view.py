@@ -77,6 +77,9 @@ class MailboxView:
         self.uidnext = snapshot.uidnext
         self.highestmodseq = snapshot.highestmodseq
         self._last: Snapshot | None = snapshot
+        #: SEARCHRES (RFC 5182): the UIDs the last ``SEARCH RETURN (SAVE)`` found; a new
+        #: view (SELECT/EXAMINE) starts empty, expunged UIDs drop out in :meth:`resolve`.
+        self.saved: list[int] = []
         self._reindex()
 
     def _reindex(self) -> None:
@@ -102,8 +105,8 @@ class MailboxView:
         Sequence numbers beyond the view are a client error (BAD); UID ranges
         name the UIDs present (``*`` is the highest, RFC 3501 6.4.8).
         """
-        if text == "$":
-            raise ImapError("SEARCHRES is not supported", status="BAD")
+        if text == "$":  # SEARCHRES: the saved result, less what was expunged since
+            return [u for u in self.saved if u in self._index]
         if uid:
             if not self.messages:
                 return []
