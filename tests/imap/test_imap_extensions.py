@@ -146,3 +146,66 @@ def test_searchres_min_max_expunge_failure_and_reset() -> None:
     c.run(b"j SEARCH RETURN (SAVE) ALL\r\n")
     out = c.run(b"k SELECT INBOX\r\nl FETCH $ (UID)\r\nm SEARCH $\r\n")
     assert not re.search(rb"\* \d+ FETCH", out) and b"* SEARCH\r\n" in out and b"l OK" in out
+
+
+BLOB = bytes(range(256))
+MIME = (
+    b"MIME-Version: 1.0\r\nSubject: bin\r\n"
+    b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe =3D ok\r\n"
+    b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    + __import__("base64").encodebytes(BLOB).replace(b"\n", b"\r\n")
+    + b"--b\r\nContent-Type: application/x-thing\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\n"
+    b"begin 644 x\r\n--b--\r\n"
+)
+
+
+def binary_client(**backend: Any) -> tuple[MemoryStore, Client]:
+    store = MemoryStore({"alice": "pw"})
+    store.deliver("alice", MIME)
+    c = Client(ImapServerFactory(MemoryBackend(store, **backend), SimpleRenderer(), Clock()))
+    c.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\n")
+    return store, c
+
+
+def test_binary_fetch_decodes_parts() -> None:
+    """BINARY.PEEK[1] undoes quoted-printable, BINARY[2] base64, BINARY.SIZE counts decoded octets, a partial cuts the decoded
+    data, every BINARY value is a literal8 (as Dovecot), BINARY[] is the whole message, an unknown encoding is NO [UNKNOWN-CTE], and
+    BINARY without PEEK sets \\Seen."""
+    _, c = binary_client()
+    assert b"BINARY" in c.greeting
+    out = c.run(b"c FETCH 1 (BINARY.PEEK[1] BINARY.SIZE[2] BINARY.PEEK[2]<1.3>)\r\n")
+    assert "BINARY[1] ~{12}\r\nGrüße = ok ".encode() in out
+    assert b"BINARY.SIZE[2] 256" in out
+    assert b"BINARY[2]<1> ~{3}\r\n\x01\x02\x03" in out and b"FLAGS" not in out
+    out = c.run(b"d FETCH 1 (BINARY.PEEK[2])\r\ne FETCH 1 (BINARY.PEEK[] RFC822.SIZE)\r\n")
+    assert b"BINARY[2] ~{256}\r\n" + BLOB + b")" in out
+    assert b"BINARY[] ~{%d}\r\n" % len(MIME) + MIME in out
+    assert b"f NO [UNKNOWN-CTE]" in c.run(b"f FETCH 1 (BINARY.PEEK[3])\r\n")
+    out = c.run(b"g FETCH 1 (BINARY[1])\r\n")
+    assert b"\\Seen" in out and b"g OK" in out
+
+
+def test_binary_append_of_a_literal8_keeps_every_octet() -> None:
+    """APPEND with a ~{n} literal8 (NUL and bare CR/LF inside) stores the octets as sent:
+    RFC822.SIZE and BINARY[] give them back."""
+    store, c = binary_client()
+    raw = b"Subject: raw\r\nContent-Transfer-Encoding: binary\r\n\r\n\x00\x01\n\r\xff\r\n"
+    out = c.run(b"c APPEND INBOX ~{%d}\r\n" % len(raw))
+    assert out.startswith(b"+ ")
+    assert b"c OK [APPENDUID" in c.run(raw + b"\r\n")
+    out = c.run(b"d FETCH 2 (RFC822.SIZE BINARY.PEEK[])\r\n")
+    assert b"RFC822.SIZE %d" % len(raw) in out and b"~{%d}\r\n" % len(raw) + raw in out
+    assert store.boxes["alice"]["INBOX"].messages[1].raw == raw
+
+
+def test_binary_needs_a_backend_that_offers_it() -> None:
+    """A backend without BINARY: not advertised, FETCH BINARY and an APPEND literal8 are
+    BAD (nothing stored), a literal8 anywhere but APPEND is BAD too."""
+    store, c = binary_client(extensions=("MULTIAPPEND",))
+    assert b"BINARY" not in c.greeting
+    assert b"c BAD" in c.run(b"c FETCH 1 (BINARY.PEEK[1])\r\n")
+    assert b"d BAD" in c.run(b"d APPEND INBOX ~{1+}\r\nx\r\n")
+    assert len(store.boxes["alice"]["INBOX"].messages) == 1
+    assert b"e BAD" in c.run(b"e SEARCH SUBJECT ~{1+}\r\nx\r\n")

@@ -296,3 +296,43 @@ def test_mail_app_first_sync_and_resync(target: Target) -> None:
     finally:
         c.close()
         other.close()
+
+
+BLOB = bytes(range(256))
+
+
+def binary_message() -> bytes:
+    import base64
+
+    return (
+        b"MIME-Version: 1.0\r\nSubject: bin\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe =3D ok\r\n"
+        b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(BLOB).replace(b"\n", b"\r\n")
+        + b"--b--\r\n"
+    )
+
+
+def test_binary(target: Target) -> None:
+    """Where BINARY is advertised (memory, Dovecot): BINARY[1] undoes quoted-printable,
+    BINARY[2] base64, BINARY.SIZE and partials count decoded octets, every value a
+    literal8, as Dovecot answers. Porcupine does not advertise it and answers BAD."""
+    c, _, _ = login(target)
+    try:
+        raw = binary_message()
+        c.ok(b"APPEND INBOX " + literal(raw))
+        c.ok(b"SELECT INBOX")
+        if b"BINARY" not in capabilities(c):
+            assert target.name.startswith("porcupine")
+            assert c.cmd(b"FETCH 1 (BINARY.PEEK[1])")[1].split()[1] == b"BAD"
+            return
+        [line] = c.ok(b"FETCH 1 (BINARY.PEEK[1] BINARY.SIZE[2] BINARY.PEEK[2]<1.3>)")
+        assert "BINARY[1] ~{12}\r\nGrüße = ok".encode() in line
+        assert b"BINARY.SIZE[2] 256" in line
+        assert b"BINARY[2]<1> ~{3}\r\n\x01\x02\x03" in line
+        [line] = c.ok(b"FETCH 1 (BINARY.PEEK[2])")
+        assert b"BINARY[2] ~{256}\r\n" + BLOB in line
+    finally:
+        c.close()

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 from . import _commands as c
 from . import _serialize as s
+from ._message import Message, UnknownEncoding, binary_content
 from ._outcome import Done
 from ._serialize import ResponseCode
 from ._view import absent_uids, uid_set_text
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def _needs_body(item: c.FetchItem) -> bool:
-    return isinstance(item, c.BodySection) or item.name in (
+    return isinstance(item, c.BodySection | c.BinarySection) or item.name in (
         "ENVELOPE", "BODY", "BODYSTRUCTURE", "RFC822", "RFC822.HEADER", "RFC822.TEXT",
     )  # fmt: skip
 
@@ -37,6 +38,8 @@ def _needs_body(item: c.FetchItem) -> bool:
 def _sets_seen(item: c.FetchItem) -> bool:
     if isinstance(item, c.BodySection):
         return not item.peek
+    if isinstance(item, c.BinarySection):
+        return not (item.peek or item.size)
     return item.name in ("RFC822", "RFC822.TEXT")
 
 
@@ -59,6 +62,10 @@ def _fetch(runner: CommandRunner, cmd: c.Fetch, uids: list[int]) -> Any:
         raise ImapError("mailbox closed meanwhile")
     uids = [u for u in uids if view.seq_of(u) is not None]
     items = list(cmd.items)
+    if any(isinstance(i, c.BinarySection) for i in items) and "BINARY" not in (
+        runner.capabilities(True)
+    ):
+        raise ImapError("BINARY is not supported", status="BAD")
     names = {i.name for i in items if isinstance(i, c.FetchAtt)}
     if cmd.uid and "UID" not in names:
         items.insert(0, c.FetchAtt("UID"))
@@ -168,7 +175,21 @@ def _item(runner: CommandRunner, item: c.FetchItem, info: MessageInfo, flags: tu
         if name == "MODSEQ":
             return name, info.modseq
     assert raw is not None
+    if isinstance(item, c.BinarySection):
+        return item.echo, _binary(raw, item)
     return item.echo, runner.renderer.render(raw, item, info.internal_date)
+
+
+def _binary(raw: bytes, item: c.BinarySection) -> bytes | int | None:
+    try:
+        data = binary_content(Message(raw).root, item.part)
+    except UnknownEncoding as e:
+        raise ImapError(f"unknown Content-Transfer-Encoding {e}", "UNKNOWN-CTE") from None
+    if item.size:
+        return 0 if data is None else len(data)
+    if data is not None and item.partial is not None:
+        data = data[item.partial[0] : item.partial[0] + item.partial[1]]
+    return data
 
 
 def answer_search(runner: CommandRunner, cmd: c.Search) -> Deferred[Done]:

@@ -403,6 +403,8 @@ class CommandRunner:
 
     def _do_append(self, cmd: c.Append) -> Any:
         items = []
+        if any(m.binary for m in cmd.messages()) and "BINARY" not in self.capabilities(True):
+            raise ImapError("BINARY is not supported", status="BAD")
         for m in cmd.messages():
             for f in m.flags:
                 _check_storable(f)

@@ -279,7 +279,7 @@ def _append(r: Reader, tag: str, uid: bool) -> c.Append:
     while not r.at_end():  # MULTIAPPEND (RFC 3502)
         r.sp()
         more.append(_append_message(r))
-    return c.Append(tag, mailbox, first.message, first.flags, first.date, tuple(more))
+    return c.Append(tag, mailbox, first.message, first.flags, first.date, tuple(more), first.binary)
 
 
 def _append_message(r: Reader) -> c.AppendMessage:
@@ -293,9 +293,10 @@ def _append_message(r: Reader) -> c.AppendMessage:
         if not _DATE_TIME.match(date):
             raise r.error("bad APPEND date-time")
         r.sp()
-    if r.peek() != 0x7B:
+    binary = r.peek() == 0x7E  # literal8 (BINARY)
+    if r.peek() != 0x7B and not binary:
         raise r.error("APPEND needs the message as a literal")
-    return c.AppendMessage(r.literal(), flags, date)
+    return c.AppendMessage(r.literal(allow8=binary), flags, date, binary)
 
 
 def _expunge(r: Reader, tag: str, uid: bool) -> c.Expunge:
@@ -397,10 +398,31 @@ def _fetch_item(r: Reader) -> c.FetchItem:
     upper = name.upper()
     if upper in ("BODY", "BODY.PEEK") and r.peek() == 0x5B:
         return _body_section(r, upper == "BODY.PEEK")
+    if upper in ("BINARY", "BINARY.PEEK", "BINARY.SIZE") and r.peek() == 0x5B:
+        return _binary_section(r, upper)
     if upper in c.FETCH_ATTS:
         return c.FetchAtt(upper)
     r.pos = start
     raise r.error(f"unknown FETCH item {name[:30]}")
+
+
+def _binary_section(r: Reader, name: str) -> c.BinarySection:
+    """``[part]<o.n>`` of BINARY (no HEADER/TEXT/MIME; no partial for BINARY.SIZE)."""
+    r.expect(b"[")
+    part: list[int] = []
+    while r.peek() != 0x5D:
+        part.append(r.nz_number())
+        if r.peek() != 0x5D:
+            r.expect(b".")
+    r.expect(b"]")
+    partial = None
+    if name != "BINARY.SIZE" and r.accept(b"<"):
+        origin = r.number()
+        r.expect(b".")
+        count = r.nz_number()
+        r.expect(b">")
+        partial = (origin, count)
+    return c.BinarySection(name == "BINARY.PEEK", tuple(part), partial, name == "BINARY.SIZE")
 
 
 def _body_section(r: Reader, peek: bool) -> c.BodySection:

@@ -104,7 +104,7 @@ class CopyResult:
 
 
 #: Capabilities a backend may add through ``IImapBackend.extensions``.
-BACKEND_EXTENSIONS = ("MULTIAPPEND",)
+BACKEND_EXTENSIONS = ("MULTIAPPEND", "BINARY")
 
 
 class IImapBackend(Interface):
@@ -114,7 +114,8 @@ class IImapBackend(Interface):
     extensions = Attribute(
         "Optional: the capabilities that need the backend's help and that it has, a subset "
         "of :data:`BACKEND_EXTENSIONS` (``MULTIAPPEND``: its sessions have "
-        ":meth:`IImapSession.append_many`). Missing: none."
+        ":meth:`IImapSession.append_many`; ``BINARY``: APPEND stores ``~{n}`` literal8 "
+        "messages octet for octet). Missing: none."
     )
 
     def login(user: str, password: str) -> Any:
