@@ -1,15 +1,19 @@
 """Extensions whose advertisement depends on the backend, through the shell over the
-in-memory backend: MULTIAPPEND (RFC 3502)."""
+in-memory backend: MULTIAPPEND (RFC 3502), SEARCHRES (RFC 5182), BINARY (RFC 3516),
+UTF8=ACCEPT (RFC 6855)."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from yimaporc.imap._protocol import ImapServerFactory
+from yimaporc.imap._view import mutf7_decode, mutf7_encode, valid_mailbox_name
 from yimaporc.testing.imap_memory import MemoryBackend, MemoryStore, SimpleRenderer
 
 
@@ -209,3 +213,40 @@ def test_binary_needs_a_backend_that_offers_it() -> None:
     assert b"d BAD" in c.run(b"d APPEND INBOX ~{1+}\r\nx\r\n")
     assert len(store.boxes["alice"]["INBOX"].messages) == 1
     assert b"e BAD" in c.run(b"e SEARCH SUBJECT ~{1+}\r\nx\r\n")
+
+
+def test_utf8_accept_mailbox_names_and_utf8_append() -> None:
+    """After ENABLE UTF8=ACCEPT mailbox names are Unicode both ways (stored as modified
+    UTF-7, which a session without it still sees) and APPEND takes UTF8 (~{n}) with raw
+    UTF-8 headers; before ENABLE a raw UTF-8 name is refused and UTF8 (...) is BAD."""
+    store, factory = setup()
+    c, plain = Client(factory), Client(factory)
+    assert b"UTF8=ACCEPT" in c.greeting
+    c.run(b"a LOGIN alice pw\r\n")
+    plain.run(b"p LOGIN alice pw\r\n")
+    name = "Grüße & Co".encode()
+    assert b"b NO" in c.run(b'b CREATE "%s"\r\n' % name)  # not enabled yet
+    assert b"* ENABLED UTF8=ACCEPT\r\nc OK" in c.run(b"c ENABLE UTF8=ACCEPT\r\n")
+    assert b"d OK" in c.run(b'd CREATE "%s"\r\n' % name)
+    assert "Gr&APwA3w-e &- Co" in store.boxes["alice"]
+    out = c.run(b'e LIST "" "Gr*"\r\nf STATUS "%s" (MESSAGES)\r\n' % name)
+    assert b'"/" {%d}\r\n%s\r\n' % (len(name), name) in out
+    assert b"* STATUS {%d}\r\n%s (MESSAGES 0)" % (len(name), name) in out
+    assert b'"Gr&APwA3w-e &- Co"' in plain.run(b'q LIST "" "Gr*"\r\n')
+    raw = "Subject: Grüße\r\nFrom: Jörg <j@example.org>\r\n\r\nhallo\r\n".encode()
+    out = c.run(b'g APPEND "%s" UTF8 (~{%d+}\r\n%s)\r\n' % (name, len(raw), raw))
+    assert b"g OK [APPENDUID" in out
+    out = c.run(b'h SELECT "%s"\r\ni FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n' % name)
+    assert b"* 1 EXISTS" in out and "Subject: Grüße".encode() in out
+    assert b"j OK" in c.run(b'j RENAME "%s" "%s"\r\n' % (name, "Ä".encode()))
+    assert "&AMQ-" in store.boxes["alice"]
+    out = plain.run(b"r APPEND INBOX UTF8 (~{%d+}\r\n%s)\r\n" % (len(raw), raw))
+    assert b"r BAD" in out
+
+
+@given(st.text(st.characters(min_codepoint=32, blacklist_categories=("Cs", "Cc")), max_size=20))
+def test_modified_utf7_round_trip(name: str) -> None:
+    """Any Unicode name encodes to valid modified UTF-7 and decodes back to itself."""
+    encoded = mutf7_encode(name)
+    assert encoded.isascii() and valid_mailbox_name(encoded)
+    assert mutf7_decode(encoded) == name

@@ -349,3 +349,18 @@ def test_searchres_over_the_porcupine_search(tmp_path: Path) -> None:
     )
     assert b"* SEARCH 2 4\r\nd OK" in out and b"* SEARCH 1 3\r\ne OK" in out
     assert out.count(b"Subject: hit") == 2 and b"miss" not in out
+
+
+def test_utf8_accept_names_over_porcupine(tmp_path: Path) -> None:
+    """After ENABLE UTF8=ACCEPT a Unicode CREATE is stored in modified UTF-7 (what a
+    session without it lists), listed and selected back in Unicode."""
+    svc = make_service(tmp_path)
+    c, plain = Client(svc), Client(svc)
+    assert b"UTF8=ACCEPT" in c.greeting
+    c.run(b"a LOGIN alice pw\r\nb ENABLE UTF8=ACCEPT\r\n")
+    plain.run(b"p LOGIN alice pw\r\n")
+    name = "Büro".encode()
+    assert b"c OK" in c.run(b'c CREATE "%s"\r\n' % name)
+    assert b'"B&APw-ro"' in plain.run(b'q LIST "" "B*"\r\n')
+    out = c.run(b'd LIST "" "B*"\r\ne SELECT "%s"\r\n' % name)
+    assert b"{5}\r\n" + name in out and b"e OK" in out

@@ -311,12 +311,14 @@ class Status:
 @attrs.frozen
 class AppendMessage:
     """One further message of a MULTIAPPEND (RFC 3502): [(flags)] [date-time] literal;
-    ``binary`` when sent as a ``~{n}`` literal8 (BINARY, RFC 3516)."""
+    ``binary`` when sent as a ``~{n}`` literal8 (BINARY, RFC 3516); ``utf8`` when
+    sent as ``UTF8 (~{n})`` (UTF8=ACCEPT, RFC 6855)."""
 
     message: bytes
     flags: tuple[str, ...] = ()
     date: str | None = None
     binary: bool = False
+    utf8: bool = False
 
 
 @attrs.frozen
@@ -336,10 +338,12 @@ class Append:
     date: str | None = None
     more: tuple[AppendMessage, ...] = ()
     binary: bool = False
+    utf8: bool = False
 
     def messages(self) -> list[AppendMessage]:
         """Every message of the command, the first included."""
-        return [AppendMessage(self.message, self.flags, self.date, self.binary), *self.more]
+        first = AppendMessage(self.message, self.flags, self.date, self.binary, self.utf8)
+        return [first, *self.more]
 
 
 @attrs.frozen

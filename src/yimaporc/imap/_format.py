@@ -148,7 +148,10 @@ def _body(cmd: c.Command) -> bytes:
                 out += b" " + _flags(m.flags)
             if m.date is not None:
                 out += b' "' + m.date.encode("ascii") + b'"'
-            out += b" %s{%d+}\r\n" % (b"~" if m.binary else b"", len(m.message)) + m.message
+            if m.utf8:
+                out += b" UTF8 (~{%d+}\r\n" % len(m.message) + m.message + b")"
+            else:
+                out += b" %s{%d+}\r\n" % (b"~" if m.binary else b"", len(m.message)) + m.message
         return out
     if isinstance(cmd, c.Expunge):
         return b"EXPUNGE" if cmd.uid_set is None else b"UID EXPUNGE " + cmd.uid_set.encode()

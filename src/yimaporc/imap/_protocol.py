@@ -43,7 +43,7 @@ from .interfaces import BACKEND_EXTENSIONS, IImapBackend, ImapError, IMessageRen
 BASE_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS", "MOVE",
     "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "ESEARCH",
-    "SEARCHRES",
+    "SEARCHRES", "UTF8=ACCEPT",
 )  # fmt: skip
 
 

@@ -279,7 +279,10 @@ def _append(r: Reader, tag: str, uid: bool) -> c.Append:
     while not r.at_end():  # MULTIAPPEND (RFC 3502)
         r.sp()
         more.append(_append_message(r))
-    return c.Append(tag, mailbox, first.message, first.flags, first.date, tuple(more), first.binary)
+    return c.Append(
+        tag, mailbox, first.message, first.flags, first.date, tuple(more), first.binary,
+        first.utf8,
+    )  # fmt: skip
 
 
 def _append_message(r: Reader) -> c.AppendMessage:
@@ -293,6 +296,13 @@ def _append_message(r: Reader) -> c.AppendMessage:
         if not _DATE_TIME.match(date):
             raise r.error("bad APPEND date-time")
         r.sp()
+    if r.data[r.pos : r.pos + 6].upper() == b"UTF8 (":  # UTF8=ACCEPT: UTF8 (literal8)
+        r.pos += 6
+        if r.peek() != 0x7E:
+            raise r.error("UTF8 needs a literal8")
+        message = r.literal(allow8=True)
+        r.expect(b")")
+        return c.AppendMessage(message, flags, date, utf8=True)
     binary = r.peek() == 0x7E  # literal8 (BINARY)
     if r.peek() != 0x7B and not binary:
         raise r.error("APPEND needs the message as a literal")
