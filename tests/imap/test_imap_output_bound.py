@@ -138,3 +138,27 @@ def test_connection_lost_while_a_fetch_waits_for_the_client_ends_it_quietly(
     assert len(loaded) == before
     assert proto.runner.server_errors == 0
     assert proto.runner.session is None and proto.runner.mailbox is None
+
+
+def test_a_client_that_never_reads_is_timed_out() -> None:
+    """A FETCH waiting for a client that neither reads nor sends anything for
+    idle_timeout ends with BYE and the connection closed (it does not hold its batch and
+    its slot forever); one that keeps reading is not timed out meanwhile."""
+    clock = Clock()
+    store = MemoryStore({"alice": "pw"})
+    for i in range(40):
+        store.deliver("alice", b"Subject: m%d\r\n\r\n" % i + b"x" * 200_000 + b"\r\n")
+    factory = ImapServerFactory(MemoryBackend(store), SimpleRenderer(), clock, idle_timeout=60.0)
+    reader, t1 = _connect(factory)
+    stuck, t2 = _connect(factory)
+    for proto in (reader, stuck):
+        proto.dataReceived(b"f FETCH 1:* (BODY.PEEK[])\r\n")
+    clock.advance(0)
+    got = b""
+    for _ in range(18):  # 90 s: the reader reads a batch every 5 s, the other never
+        clock.advance(5.0)
+        got += t1.read()
+        clock.advance(0)
+    assert t2.disconnecting and b"* BYE" in t2.value()
+    assert b"f OK FETCH completed" in got and not t1.disconnecting
+    assert factory.timed_out == 1

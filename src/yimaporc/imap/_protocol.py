@@ -108,6 +108,7 @@ class ImapServerProtocol(Protocol):
         self._gate = _WriteGate(self._write_resumed)
         self._registered = False
         self._last_input = factory.clock.seconds()
+        self._last_drain = self._last_input
         self.tls_active = factory.implicit_tls
         #: Commands run, for tests and counters.
         self.commands_run = 0
@@ -138,6 +139,8 @@ class ImapServerProtocol(Protocol):
     # -- Protocol -----------------------------------------------------------------
 
     def _write_resumed(self) -> None:
+        # The client read what we wrote: progress, as input is (see _check_idle).
+        self._last_drain = self.factory.clock.seconds()
         # Not from inside the transport's write: run the queue on the next turn.
         if not self._lost and self._later is None:
             self._later = self.factory.clock.callLater(0, self._pump_later)
@@ -298,11 +301,14 @@ class ImapServerProtocol(Protocol):
         self._timer = None
         timeout = self.factory.idle_timeout
         assert timeout is not None
-        quiet = self.factory.clock.seconds() - self._last_input
-        waiting_on_client = self.runner._idle is not None or self.runner._sasl is not None
+        quiet = self.factory.clock.seconds() - max(self._last_input, self._last_drain)
+        waiting_on_client = (
+            self.runner._idle is not None or self.runner._sasl is not None or bool(self._writable)
+        )
         if quiet < timeout or (self._running and not waiting_on_client):
             # A command the backend still works on does not time the client out;
-            # a client silent in IDLE or in the middle of AUTHENTICATE does.
+            # a client silent in IDLE or in the middle of AUTHENTICATE does, and so
+            # does one that stopped reading the answer of a FETCH.
             self._arm(max(timeout - quiet, 1.0))
             return
         self.factory.count("timed_out")
