@@ -149,6 +149,31 @@ class ImapBackendContract:
         [m] = result(box.snapshot()).messages
         assert result(box.load([m.uid])) == {m.uid: b"Subject: r\r\n\r\nx\r\n"}
 
+    def test_multiappend_stores_all_or_none(self) -> None:
+        """A backend offering MULTIAPPEND stores every message of append_many under
+        ascending UIDs with their flags and dates, and nothing when the mailbox is missing."""
+        backend, session = self.session()
+        assert "MULTIAPPEND" in backend.extensions
+        msgs = [
+            (b"Subject: m1\r\n\r\none\r\n", ("\\Seen",), None),
+            (b"Subject: m2\r\n\r\ntwo\r\n", ("$Label",), 1_600_000_000.0),
+            (b"Subject: m3\r\n\r\nthree\r\n", (), None),
+        ]
+        out = result(session.append_many("Archive", msgs))
+        assert [type(r) for r in out] == [AppendResult] * 3
+        uids = [r.uid for r in out]
+        assert uids == sorted(uids) and len(set(uids)) == 3
+        box = result(session.select("Archive", False))
+        snap = result(box.snapshot()).messages
+        assert [m.uid for m in snap] == uids
+        assert "\\Seen" in snap[0].flags and "$Label" in snap[1].flags
+        assert snap[1].internal_date == 1_600_000_000.0
+        assert result(box.load(uids)) == {u: m for u, (m, _, _) in zip(uids, msgs, strict=True)}
+        with pytest.raises(ImapError) as err:
+            result(session.append_many("Nope", msgs))
+        assert err.value.code == "TRYCREATE"
+        assert "Nope" not in {m.name for m in result(session.list_mailboxes())}
+
 
 class TestMemoryBackend(ImapBackendContract):
     """The in-memory reference backend keeps the contract."""

@@ -81,6 +81,32 @@ CASES: list[tuple[bytes, c.Command]] = [
         b'a APPEND Sent (\\Seen $Label) " 7-Feb-1994 21:52:25 -0800" {5+}\r\nhel\r\n',
         c.Append("a", "Sent", b"hel\r\n", ("\\Seen", "$Label"), " 7-Feb-1994 21:52:25 -0800"),
     ),
+    (
+        b'a APPEND Sent (\\Seen) {2+}\r\nm1 " 7-Feb-1994 21:52:25 -0800" {2}\r\nm2 {0+}\r\n',
+        c.Append(
+            "a",
+            "Sent",
+            b"m1",
+            ("\\Seen",),
+            None,
+            (c.AppendMessage(b"m2", (), " 7-Feb-1994 21:52:25 -0800"), c.AppendMessage(b"")),
+        ),
+    ),
+    (b"a APPEND INBOX ~{3}\r\na\x00b", c.Append("a", "INBOX", b"a\x00b", binary=True)),
+    (
+        b"a FETCH 1 (BINARY[1.2]<0.10> BINARY.PEEK[] BINARY.SIZE[3])",
+        c.Fetch(
+            "a",
+            False,
+            "1",
+            (
+                c.BinarySection(False, (1, 2), (0, 10)),
+                c.BinarySection(True),
+                c.BinarySection(False, (3,), None, True),
+            ),
+        ),
+    ),
+    (b"a APPEND INBOX UTF8 (~{2}\r\n\xc3\xa4)", c.Append("a", "INBOX", b"\xc3\xa4", utf8=True)),
     (b"a EXPUNGE", c.Expunge("a")),
     (b"a UID EXPUNGE 3:5,9", c.Expunge("a", "3:5,9")),
     (b"a SEARCH ALL", c.Search("a", False, ("ALL",))),
@@ -408,7 +434,13 @@ _section = st.builds(
         else st.just(s)
     )
 )
-_fetch_item = st.one_of(st.sampled_from(sorted(c.FETCH_ATTS)).map(c.FetchAtt), _section)
+_binary = st.one_of(
+    st.builds(c.BinarySection, st.booleans(), st.lists(st.integers(1, 30), max_size=3).map(tuple),
+              st.one_of(st.none(), st.tuples(st.integers(0, 1000), st.integers(1, 1000)))),
+    st.builds(c.BinarySection, st.just(False), st.lists(st.integers(1, 30), max_size=3).map(tuple),
+              st.none(), st.just(True)),
+)  # fmt: skip
+_fetch_item = st.one_of(st.sampled_from(sorted(c.FETCH_ATTS)).map(c.FetchAtt), _section, _binary)
 _search_token: st.SearchStrategy[object] = st.recursive(
     st.one_of(_atom, st.binary(max_size=20).filter(lambda b: b"\r" not in b or True)),
     lambda inner: st.lists(inner, min_size=1, max_size=3),
@@ -421,7 +453,12 @@ COMMANDS = st.one_of(
     st.builds(c.Create, _tag, _mailbox),
     st.builds(c.Rename, _tag, _mailbox, _mailbox),
     st.builds(c.Status, _tag, _mailbox, st.lists(st.sampled_from(["MESSAGES", "UNSEEN", "UIDNEXT"]), min_size=1).map(tuple)),
-    st.builds(c.Append, _tag, _mailbox, st.binary(max_size=200), st.lists(_flag, max_size=3).map(tuple)),
+    st.builds(c.Append, _tag, _mailbox, st.binary(max_size=200), st.lists(_flag, max_size=3).map(tuple),
+              st.none(), st.lists(st.builds(c.AppendMessage, st.binary(max_size=50),
+                                            st.lists(_flag, max_size=2).map(tuple), st.none(),
+                                            st.booleans(), st.booleans())
+                                  .filter(lambda m: not (m.binary and m.utf8)), max_size=3).map(tuple),
+              st.booleans(), st.booleans()).filter(lambda a: not (a.binary and a.utf8)),
     st.builds(c.Fetch, _tag, st.booleans(), _seq, st.lists(_fetch_item, min_size=1, max_size=4).map(tuple),
               st.one_of(st.none(), st.integers(0, 2**63 - 1))),
     st.builds(c.Store, _tag, st.booleans(), _seq, st.sampled_from(["", "+", "-"]),

@@ -291,3 +291,76 @@ def test_sessions_and_commands_counted(tmp_path: Path) -> None:
     p.connectionLost()
     p.connectionLost()  # twice: counted once
     assert errors.seen == {"imap.opened": 1, "imap.command": 3, "imap.closed": 1}
+
+
+def test_multiappend_is_all_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logged_failures: Any
+) -> None:
+    """MULTIAPPEND is advertised; a store failing on the second of three messages leaves
+    none stored (one transaction); without the fault all three are stored, answered with
+    APPENDUID of three UIDs, and a selected session sees them arrive together."""
+    import sqlite3
+
+    from yimaporc.porcupine.fragments import FragmentStore
+
+    svc = make_service(tmp_path)
+    c, watcher = Client(svc), Client(svc)
+    assert b"MULTIAPPEND" in c.greeting
+    c.run(b"a LOGIN alice pw\r\n")
+    watcher.run(b"w LOGIN alice pw\r\nx SELECT INBOX\r\n")
+    msgs = [b"Subject: m%d\r\n\r\nbody %d\r\n" % (i, i) for i in range(3)]
+    cmd = b"b APPEND INBOX" + b"".join(b" {%d+}\r\n%s" % (len(m), m) for m in msgs) + b"\r\n"
+    real = FragmentStore._insert_message
+    calls = []
+
+    def flaky(self: FragmentStore, db: Any, m: Any, key: str) -> Any:
+        calls.append(m)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(self, db, m, key)
+
+    monkeypatch.setattr(FragmentStore, "_insert_message", flaky)
+    out = c.run(cmd)
+    assert b"b NO" in out and len(calls) == 2
+    assert len(logged_failures.take(sqlite3.OperationalError)) == 1
+    assert b"* STATUS INBOX (MESSAGES 0)" in c.run(b"c STATUS INBOX (MESSAGES)\r\n")
+    monkeypatch.setattr(FragmentStore, "_insert_message", real)
+    out = c.run(cmd.replace(b"b APPEND", b"d APPEND"))
+    m = re.search(rb"d OK \[APPENDUID \d+ (\d+):(\d+)\]", out)
+    assert m and int(m.group(2)) - int(m.group(1)) == 2, out
+    out = watcher.run(b"y NOOP\r\n")
+    assert b"* 3 EXISTS" in out and b"* 1 EXISTS" not in out and b"* 2 EXISTS" not in out
+    out = c.run(b"e SELECT INBOX\r\nf FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+    assert [int(x) for x in re.findall(rb"Subject: m(\d)", out)] == [0, 1, 2]
+
+
+def test_searchres_over_the_porcupine_search(tmp_path: Path) -> None:
+    """SEARCHRES is advertised; $ saved by SEARCH RETURN (SAVE) reaches Porcupine's search
+    evaluator as UIDs (SEARCH $, NOT $) and FETCH $ names the same messages."""
+    svc = make_service(tmp_path)
+    for i in range(4):
+        deliver(svc, b"Subject: %s\r\n\r\nx\r\n" % (b"hit" if i % 2 else b"miss"))
+    c = Client(svc)
+    assert b"SEARCHRES" in c.greeting
+    c.run(b"a LOGIN alice pw\r\nb SELECT INBOX\r\n")
+    assert c.run(b"c SEARCH RETURN (SAVE) SUBJECT hit\r\n") == b"c OK SEARCH completed\r\n"
+    out = c.run(
+        b"d SEARCH $\r\ne SEARCH NOT $\r\nf FETCH $ (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n"
+    )
+    assert b"* SEARCH 2 4\r\nd OK" in out and b"* SEARCH 1 3\r\ne OK" in out
+    assert out.count(b"Subject: hit") == 2 and b"miss" not in out
+
+
+def test_utf8_accept_names_over_porcupine(tmp_path: Path) -> None:
+    """After ENABLE UTF8=ACCEPT a Unicode CREATE is stored in modified UTF-7 (what a
+    session without it lists), listed and selected back in Unicode."""
+    svc = make_service(tmp_path)
+    c, plain = Client(svc), Client(svc)
+    assert b"UTF8=ACCEPT" in c.greeting
+    c.run(b"a LOGIN alice pw\r\nb ENABLE UTF8=ACCEPT\r\n")
+    plain.run(b"p LOGIN alice pw\r\n")
+    name = "Büro".encode()
+    assert b"c OK" in c.run(b'c CREATE "%s"\r\n' % name)
+    assert b'"B&APw-ro"' in plain.run(b'q LIST "" "B*"\r\n')
+    out = c.run(b'd LIST "" "B*"\r\ne SELECT "%s"\r\n' % name)
+    assert b"{5}\r\n" + name in out and b"e OK" in out

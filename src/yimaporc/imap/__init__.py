@@ -10,7 +10,7 @@ serializer correct by construction (:mod:`._serialize`), the session state table
 and limits, docs/imap-messages.md for the message rules.
 """
 
-from ._commands import BodySection, Command, FetchAtt, FetchItem
+from ._commands import BinarySection, BodySection, Command, FetchAtt, FetchItem
 from ._connection import ImapConnection
 from ._events import (
     AuthenticateResponse,
@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "AppendResult",
     "AuthenticateResponse",
+    "BinarySection",
     "BodySection",
     "Command",
     "CommandReceived",

@@ -96,7 +96,42 @@ class BodySection:
         return out
 
 
-FetchItem = FetchAtt | BodySection
+@attrs.frozen
+class BinarySection:
+    """``BINARY[part]<partial>``, ``BINARY.PEEK[...]`` or ``BINARY.SIZE[part]`` (RFC 3516):
+    the part's content with its Content-Transfer-Encoding undone."""
+
+    peek: bool = False
+    part: tuple[int, ...] = ()
+    partial: tuple[int, int] | None = None
+    size: bool = False
+
+    @property
+    def section(self) -> str:
+        return ".".join(str(p) for p in self.part)
+
+    @property
+    def echo(self) -> str:
+        """The FETCH response item name."""
+        if self.size:
+            return f"BINARY.SIZE[{self.section}]"
+        out = f"BINARY[{self.section}]"
+        if self.partial is not None:
+            out += f"<{self.partial[0]}>"
+        return out
+
+    @property
+    def request(self) -> str:
+        """The item as a client writes it."""
+        if self.size:
+            return f"BINARY.SIZE[{self.section}]"
+        out = f"BINARY{'.PEEK' if self.peek else ''}[{self.section}]"
+        if self.partial is not None:
+            out += f"<{self.partial[0]}.{self.partial[1]}>"
+        return out
+
+
+FetchItem = FetchAtt | BodySection | BinarySection
 
 
 def _astring_text(name: str) -> str:
@@ -274,10 +309,26 @@ class Status:
 
 
 @attrs.frozen
-class Append:
-    """APPEND mailbox [(flags)] [date-time] literal.
+class AppendMessage:
+    """One further message of a MULTIAPPEND (RFC 3502): [(flags)] [date-time] literal;
+    ``binary`` when sent as a ``~{n}`` literal8 (BINARY, RFC 3516); ``utf8`` when
+    sent as ``UTF8 (~{n})`` (UTF8=ACCEPT, RFC 6855)."""
 
-    ``date`` is the date-time text as sent (``"17-Jul-1996 02:44:25 -0700"``).
+    message: bytes
+    flags: tuple[str, ...] = ()
+    date: str | None = None
+    binary: bool = False
+    utf8: bool = False
+
+
+@attrs.frozen
+class Append:
+    """APPEND mailbox [(flags)] [date-time] literal *(SP [(flags)] [date-time] literal).
+
+    ``date`` is the date-time text as sent (``"17-Jul-1996 02:44:25 -0700"``);
+    ``more`` holds the further messages of a MULTIAPPEND (RFC 3502), stored
+    together with the first or not at all; ``binary``: the first message came
+    as a ``~{n}`` literal8.
     """
 
     tag: str
@@ -285,6 +336,14 @@ class Append:
     message: bytes
     flags: tuple[str, ...] = ()
     date: str | None = None
+    more: tuple[AppendMessage, ...] = ()
+    binary: bool = False
+    utf8: bool = False
+
+    def messages(self) -> list[AppendMessage]:
+        """Every message of the command, the first included."""
+        first = AppendMessage(self.message, self.flags, self.date, self.binary, self.utf8)
+        return [first, *self.more]
 
 
 @attrs.frozen

@@ -143,11 +143,16 @@ def _body(cmd: c.Command) -> bytes:
         return b"STATUS " + astring(cmd.mailbox) + b" " + _paren([i.encode() for i in cmd.items])
     if isinstance(cmd, c.Append):
         out = b"APPEND " + astring(cmd.mailbox)
-        if cmd.flags:
-            out += b" " + _flags(cmd.flags)
-        if cmd.date is not None:
-            out += b' "' + cmd.date.encode("ascii") + b'"'
-        return out + b" {%d+}\r\n" % len(cmd.message) + cmd.message
+        for m in cmd.messages():
+            if m.flags:
+                out += b" " + _flags(m.flags)
+            if m.date is not None:
+                out += b' "' + m.date.encode("ascii") + b'"'
+            if m.utf8:
+                out += b" UTF8 (~{%d+}\r\n" % len(m.message) + m.message + b")"
+            else:
+                out += b" %s{%d+}\r\n" % (b"~" if m.binary else b"", len(m.message)) + m.message
+        return out
     if isinstance(cmd, c.Expunge):
         return b"EXPUNGE" if cmd.uid_set is None else b"UID EXPUNGE " + cmd.uid_set.encode()
     prefix = b"UID " if getattr(cmd, "uid", False) else b""

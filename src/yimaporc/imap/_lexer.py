@@ -301,10 +301,13 @@ class Reader:
         self._count()
         return bytes(out)
 
-    def literal(self) -> bytes:
-        """A literal ``{n}`` or ``{n+}`` (the framing already checked its size)."""
-        if self.peek() == 0x7E:  # literal8 "~{n}" (BINARY) is not accepted
-            raise self.error("binary literals are not supported")
+    def literal(self, allow8: bool = False) -> bytes:
+        """A literal ``{n}`` or ``{n+}`` (the framing already checked its size); with
+        ``allow8`` also a literal8 ``~{n}`` (BINARY: only APPEND takes one)."""
+        if self.peek() == 0x7E:
+            if not allow8:
+                raise self.error("a binary literal is only allowed in APPEND")
+            self.pos += 1
         self.expect(b"{")
         size = self.number(MAX_MODSEQ)
         self.accept(b"+")

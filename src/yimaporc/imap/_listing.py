@@ -89,7 +89,7 @@ def answer_list(runner: CommandRunner, cmd: c.List, lsub: bool = False) -> Defer
                     attrs.append("\\Subscribed")
             out.append((name, tuple(dict.fromkeys(attrs)), extended))
         for name, attrs_, ext in out:
-            conn.send(s.list_item(attrs_, delim, name, lsub=lsub, extended=ext))
+            conn.send(s.list_item(attrs_, delim, runner.shown(name), lsub=lsub, extended=ext))
         if "STATUS" not in cmd.returns:
             return Done()
         selectable = [n for n, a, _ in out if "\\Noselect" not in a and "\\NonExistent" not in a]
@@ -104,7 +104,7 @@ def _statuses(runner: CommandRunner, names: list[str], items: tuple[str, ...]) -
 
         def one(_: object, name: str = name) -> Any:
             def got(st: MailboxStatus) -> None:
-                runner.conn.send(s.status(name, status_items(st, items)))
+                runner.conn.send(s.status(runner.shown(name), status_items(st, items)))
 
             # A mailbox that vanished meanwhile just gets no STATUS line (RFC 5819).
             return maybeDeferred(runner.session.status, name).addCallbacks(got, lambda f: None)

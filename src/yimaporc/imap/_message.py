@@ -280,6 +280,33 @@ def extract(root: Part, section: Section) -> bytes:
     return _header_fields(message, section.fields, section.text == "HEADER.FIELDS.NOT")
 
 
+class UnknownEncoding(ValueError):
+    """BINARY of a part whose Content-Transfer-Encoding is not one we can undo."""
+
+
+def binary_content(root: Part, numbers: tuple[int, ...]) -> bytes | None:
+    """``BINARY[numbers]`` (RFC 3516): the part's body with its Content-Transfer-Encoding
+    undone (7bit/8bit/binary as they are, base64, quoted-printable); ``BINARY[]`` is the
+    whole message, a multipart or message/rfc822 part its body as stored. None when the
+    part does not exist; :class:`UnknownEncoding` for any other encoding."""
+    if not numbers:
+        return root.raw
+    part = _locate(root, numbers)
+    if part is None:
+        return None
+    data = part.body
+    if part.is_multipart or part.embedded is not None:
+        return data
+    encoding = (part.mime(b"content-transfer-encoding") or b"7bit").strip().lower()
+    if encoding in (b"7bit", b"8bit", b"binary"):
+        return data
+    if encoding == b"base64":
+        return _unbase64(data)
+    if encoding == b"quoted-printable":
+        return quopri.decodestring(data)
+    raise UnknownEncoding(encoding.decode("ascii", "replace")[:40])
+
+
 def partial(data: bytes, origin: int, count: int) -> bytes:
     """``BODY[...]<origin.count>``: the octets from ``origin``, at most ``count`` of them."""
     return data[origin : origin + count]

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -36,13 +37,21 @@ from ._lexer import DEFAULT_LIMITS, Limits
 from ._machine import State
 from ._serialize import ResponseCode, StatusResponse
 from ._session import CommandRunner
-from .interfaces import IImapBackend, IMessageRenderer
+from .interfaces import BACKEND_EXTENSIONS, IImapBackend, ImapError, IMessageRenderer
 
 #: Capabilities every connection has (the rest depends on state, TLS and the backend).
 BASE_CAPABILITIES = (
     "IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS", "MOVE",
     "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "ESEARCH",
+    "SEARCHRES", "UTF8=ACCEPT",
 )  # fmt: skip
+
+
+def backend_extensions(backend: IImapBackend) -> list[str]:
+    """The capabilities ``backend`` says it can do (a backend without ``extensions`` has
+    none); names the package does not know are not advertised."""
+    have = {e.upper() for e in getattr(backend, "extensions", ())}
+    return [e for e in BACKEND_EXTENSIONS if e in have]
 
 
 @implementer(IPushProducer)
@@ -68,7 +77,9 @@ class ImapServerProtocol(Protocol):
     """One IMAP connection.
 
     No new command starts while the transport's write buffer is full (a client
-    that pipelines FETCHes without reading makes the server wait, not buffer).
+    that pipelines FETCHes without reading makes the server wait, not buffer),
+    and a running FETCH produces its next batch only when the buffer has room
+    (:meth:`writable`).
     """
 
     log = Logger()
@@ -84,7 +95,9 @@ class ImapServerProtocol(Protocol):
             self.flush,
             self._start_tls if factory.tls is not None else None,
             self.auth_allowed,
+            self.writable,
         )
+        self._writable: list[Deferred[None]] = []
         self.queue: deque[Event] = deque()
         self._running = False
         self._pumping = False
@@ -95,6 +108,7 @@ class ImapServerProtocol(Protocol):
         self._gate = _WriteGate(self._write_resumed)
         self._registered = False
         self._last_input = factory.clock.seconds()
+        self._last_drain = self._last_input
         self.tls_active = factory.implicit_tls
         #: Commands run, for tests and counters.
         self.commands_run = 0
@@ -108,6 +122,7 @@ class ImapServerProtocol(Protocol):
         """What CAPABILITY says now."""
         caps = list(BASE_CAPABILITIES)
         caps.append(f"APPENDLIMIT={self.factory.limits.max_append}")
+        caps += backend_extensions(self.factory.backend)
         if self.factory.backend.supports_modseq:
             caps += ["CONDSTORE", "QRESYNC"]
         if not authenticated:
@@ -124,13 +139,30 @@ class ImapServerProtocol(Protocol):
     # -- Protocol -----------------------------------------------------------------
 
     def _write_resumed(self) -> None:
+        # The client read what we wrote: progress, as input is (see _check_idle).
+        self._last_drain = self.factory.clock.seconds()
         # Not from inside the transport's write: run the queue on the next turn.
         if not self._lost and self._later is None:
             self._later = self.factory.clock.callLater(0, self._pump_later)
 
     def _pump_later(self) -> None:
         self._later = None
+        if self._writable and not self._gate.paused:
+            waiting, self._writable = self._writable, []
+            for d in waiting:
+                d.callback(None)
         self._pump()
+
+    def writable(self) -> Deferred[None]:
+        """Fires when the transport's write buffer has room (at once if it has now);
+        fails with :class:`ImapError` if the connection is lost first."""
+        if self._lost:
+            return fail(ImapError("connection closed"))
+        if not self._gate.paused:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._writable.append(d)
+        return d
 
     def _close(self) -> None:
         # A transport holding a paused producer would never finish closing.
@@ -158,6 +190,9 @@ class ImapServerProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._later = None
+        waiting, self._writable = self._writable, []
+        for d in waiting:
+            d.errback(ImapError("connection closed"))
         self.queue.clear()
         self.runner.connection_lost()
         self.factory.connections.discard(self)
@@ -266,11 +301,14 @@ class ImapServerProtocol(Protocol):
         self._timer = None
         timeout = self.factory.idle_timeout
         assert timeout is not None
-        quiet = self.factory.clock.seconds() - self._last_input
-        waiting_on_client = self.runner._idle is not None or self.runner._sasl is not None
+        quiet = self.factory.clock.seconds() - max(self._last_input, self._last_drain)
+        waiting_on_client = (
+            self.runner._idle is not None or self.runner._sasl is not None or bool(self._writable)
+        )
         if quiet < timeout or (self._running and not waiting_on_client):
             # A command the backend still works on does not time the client out;
-            # a client silent in IDLE or in the middle of AUTHENTICATE does.
+            # a client silent in IDLE or in the middle of AUTHENTICATE does, and so
+            # does one that stopped reading the answer of a FETCH.
             self._arm(max(timeout - quiet, 1.0))
             return
         self.factory.count("timed_out")

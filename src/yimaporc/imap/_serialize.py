@@ -356,6 +356,9 @@ def fetch(seq: int, items: Iterable[tuple[str, Any]]) -> Data:
                 v = b"%d" % value
             elif value is None:
                 v = b"NIL"
+            elif key.startswith("BINARY["):
+                # Always a literal8 (RFC 3516: required when it holds NUL), as Dovecot.
+                v = b"~{%d}\r\n" % len(value) + value
             else:
                 v = b"{%d}\r\n" % len(value) + value if _needs_literal(value) else string(value)
             if "\r" in name or "\n" in name or not name.isascii():

@@ -13,6 +13,7 @@ import datetime as _dt
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,7 +26,14 @@ from ._listing import answer_list
 from ._machine import State
 from ._outcome import Done, _code, status_items
 from ._serialize import ResponseCode
-from ._view import MailboxView, absent_uids, uid_set_text, valid_mailbox_name
+from ._view import (
+    MailboxView,
+    absent_uids,
+    mutf7_decode,
+    mutf7_encode,
+    uid_set_text,
+    valid_mailbox_name,
+)
 from .interfaces import (
     AppendResult,
     CopyResult,
@@ -66,6 +74,7 @@ class CommandRunner:
         flush: Callable[[], None],
         start_tls: Callable[[], bool] | None = None,
         auth_allowed: Callable[[], bool] = lambda: True,
+        writable: Callable[[], Deferred[None]] = lambda: succeed(None),
     ) -> None:
         self.conn = conn
         self.backend = backend
@@ -74,6 +83,9 @@ class CommandRunner:
         self.flush = flush
         self.start_tls = start_tls
         self.auth_allowed = auth_allowed
+        #: A Deferred that fires when the transport can take more output (the shell's
+        #: write buffer is not full); fails with ImapError once the connection is gone.
+        self.writable = writable
         self.session: Any = None
         self.mailbox: Any = None
         self.view: MailboxView | None = None
@@ -106,12 +118,19 @@ class CommandRunner:
             self.conn.complete(cmd, "BAD", bad.text)
             self.flush()
             return succeed(None)
+        if "UTF8=ACCEPT" in self.enabled:
+            cmd = _internal_names(cmd)
         handler = getattr(self, "_do_" + type(cmd).__name__.lower())
         d: Deferred[Any] = maybeDeferred(handler, cmd)
         d.addCallback(lambda done: self._after(cmd, done))
         d.addErrback(self._failed, cmd)
         d.addCallback(lambda done: self._complete(cmd, done))
         return d
+
+    def shown(self, name: str) -> str:
+        """A mailbox name as this client reads it: Unicode after ENABLE UTF8=ACCEPT,
+        else modified UTF-7 as stored."""
+        return mutf7_decode(name) if "UTF8=ACCEPT" in self.enabled else name
 
     def _after(self, cmd: c.Command, done: Done) -> Any:
         if self.mailbox is None or isinstance(cmd, c.Select | c.Logout | c.Idle | c.Fetch):
@@ -269,7 +288,10 @@ class CommandRunner:
 
     def _do_enable(self, cmd: c.Enable) -> Done:
         offered = set(self.capabilities(True))
-        asked = [x for x in cmd.capabilities if x in offered and x in ("CONDSTORE", "QRESYNC")]
+        asked = [
+            x for x in cmd.capabilities
+            if x in offered and x in ("CONDSTORE", "QRESYNC", "UTF8=ACCEPT")
+        ]  # fmt: skip
         # ENABLED names what this command enabled, as asked (RFC 5161); QRESYNC
         # implies CONDSTORE (RFC 7162 3.2.3) without naming it.
         new = list(dict.fromkeys(x for x in asked if x not in self.enabled))
@@ -392,24 +414,37 @@ class CommandRunner:
 
     def _do_status(self, cmd: c.Status) -> Any:
         def got(st: MailboxStatus) -> Done:
-            self.conn.send(s.status(cmd.mailbox, status_items(st, cmd.items)))
+            self.conn.send(s.status(self.shown(cmd.mailbox), status_items(st, cmd.items)))
             return Done()
 
         return maybeDeferred(self.session.status, cmd.mailbox).addCallback(got)
 
     def _do_append(self, cmd: c.Append) -> Any:
-        for f in cmd.flags:
-            _check_storable(f)
-        try:
-            date = parse_date(cmd.date)
-        except ValueError:
-            raise ImapError("bad date-time", status="BAD") from None
-        d = maybeDeferred(self.session.append, cmd.mailbox, cmd.message, cmd.flags, date)
+        items = []
+        if any(m.binary for m in cmd.messages()) and "BINARY" not in self.capabilities(True):
+            raise ImapError("BINARY is not supported", status="BAD")
+        if any(m.utf8 for m in cmd.messages()) and "UTF8=ACCEPT" not in self.enabled:
+            raise ImapError("UTF8 needs ENABLE UTF8=ACCEPT", status="BAD")
+        for m in cmd.messages():
+            for f in m.flags:
+                _check_storable(f)
+            try:
+                items.append((m.message, m.flags, parse_date(m.date)))
+            except ValueError:
+                raise ImapError("bad date-time", status="BAD") from None
+        if cmd.more:
+            if "MULTIAPPEND" not in self.capabilities(True):
+                raise ImapError("MULTIAPPEND is not supported", status="BAD")
+            d = maybeDeferred(self.session.append_many, cmd.mailbox, items)
+        else:
+            message, flags, date = items[0]
+            d = maybeDeferred(self.session.append, cmd.mailbox, message, flags, date)
+            d.addCallback(lambda r: [r])
 
-        def stored(r: AppendResult) -> Done:
-            return Done(
-                text="APPEND completed", code=ResponseCode.appenduid(r.uidvalidity, str(r.uid))
-            )
+        def stored(results: list[AppendResult]) -> Done:
+            validity = results[0].uidvalidity
+            uids = uid_set_text([r.uid for r in results])
+            return Done(text="APPEND completed", code=ResponseCode.appenduid(validity, uids))
 
         return d.addCallback(stored)
 
@@ -548,6 +583,27 @@ class CommandRunner:
 def _pairs(uids: tuple[int, ...]) -> str:
     # COPYUID pairs source and destination UIDs by position: keep the order.
     return ",".join(str(u) for u in uids) if list(uids) != sorted(uids) else uid_set_text(uids)
+
+
+def _internal_names(cmd: c.Command) -> c.Command:
+    """``cmd`` with its Unicode mailbox names (UTF8=ACCEPT) in modified UTF-7, the form
+    backends store and the rest of the package handles."""
+    if isinstance(cmd, c.Rename):
+        return attrs.evolve(cmd, old=mutf7_encode(cmd.old), new=mutf7_encode(cmd.new))
+    if isinstance(cmd, c.List):
+        return attrs.evolve(
+            cmd,
+            reference=mutf7_encode(cmd.reference),
+            patterns=tuple(mutf7_encode(p) for p in cmd.patterns),
+        )
+    if isinstance(cmd, c.Lsub):
+        return attrs.evolve(
+            cmd, reference=mutf7_encode(cmd.reference), pattern=mutf7_encode(cmd.pattern)
+        )
+    name = getattr(cmd, "mailbox", None)
+    if isinstance(name, str) and name != "INBOX":
+        return attrs.evolve(cmd, mailbox=mutf7_encode(name))  # type: ignore[misc,arg-type]
+    return cmd
 
 
 def _check_storable(flag: str) -> None:

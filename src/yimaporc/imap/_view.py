@@ -9,6 +9,7 @@ SEARCH runs (RFC 3501 7.4.1).
 
 from __future__ import annotations
 
+import base64
 import bisect
 from collections.abc import Iterable
 
@@ -77,6 +78,9 @@ class MailboxView:
         self.uidnext = snapshot.uidnext
         self.highestmodseq = snapshot.highestmodseq
         self._last: Snapshot | None = snapshot
+        #: SEARCHRES (RFC 5182): the UIDs the last ``SEARCH RETURN (SAVE)`` found; a new
+        #: view (SELECT/EXAMINE) starts empty, expunged UIDs drop out in :meth:`resolve`.
+        self.saved: list[int] = []
         self._reindex()
 
     def _reindex(self) -> None:
@@ -102,8 +106,8 @@ class MailboxView:
         Sequence numbers beyond the view are a client error (BAD); UID ranges
         name the UIDs present (``*`` is the highest, RFC 3501 6.4.8).
         """
-        if text == "$":
-            raise ImapError("SEARCHRES is not supported", status="BAD")
+        if text == "$":  # SEARCHRES: the saved result, less what was expunged since
+            return [u for u in self.saved if u in self._index]
         if uid:
             if not self.messages:
                 return []
@@ -264,3 +268,48 @@ def valid_mailbox_name(name: str) -> bool:
         if any(" " <= t <= "~" for t in text):
             return False
     return True
+
+
+def mutf7_encode(name: str) -> str:
+    """A Unicode mailbox name as modified UTF-7 (RFC 3501 5.1.3): what the backends
+    store; UTF8=ACCEPT clients send and receive the Unicode form."""
+    out: list[str] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            data = "".join(run).encode("utf-16-be")
+            b64 = base64.b64encode(data).decode("ascii").rstrip("=").replace("/", ",")
+            out.append("&" + b64 + "-")
+            run.clear()
+
+    for ch in name:
+        if " " <= ch <= "~":
+            flush()
+            out.append("&-" if ch == "&" else ch)
+        else:
+            run.append(ch)
+    flush()
+    return "".join(out)
+
+
+def mutf7_decode(name: str) -> str:
+    """A modified UTF-7 mailbox name as Unicode (a name that is not valid modified
+    UTF-7 is returned unchanged)."""
+    if "&" not in name or not valid_mailbox_name(name):
+        return name
+    out: list[str] = []
+    i = 0
+    while i < len(name):
+        ch = name[i]
+        if ch != "&":
+            out.append(ch)
+            i += 1
+            continue
+        end = name.index("-", i + 1)
+        run = name[i + 1 : end].replace(",", "/")
+        out.append(
+            "&" if not run else base64.b64decode(run + "=" * (-len(run) % 4)).decode("utf-16-be")
+        )
+        i = end + 1
+    return "".join(out)

@@ -274,6 +274,18 @@ def _append(r: Reader, tag: str, uid: bool) -> c.Append:
     r.sp()
     mailbox = r.mailbox()
     r.sp()
+    first = _append_message(r)
+    more = []
+    while not r.at_end():  # MULTIAPPEND (RFC 3502)
+        r.sp()
+        more.append(_append_message(r))
+    return c.Append(
+        tag, mailbox, first.message, first.flags, first.date, tuple(more), first.binary,
+        first.utf8,
+    )  # fmt: skip
+
+
+def _append_message(r: Reader) -> c.AppendMessage:
     flags: tuple[str, ...] = ()
     date = None
     if r.peek() == 0x28:
@@ -284,9 +296,17 @@ def _append(r: Reader, tag: str, uid: bool) -> c.Append:
         if not _DATE_TIME.match(date):
             raise r.error("bad APPEND date-time")
         r.sp()
-    if r.peek() != 0x7B:
+    if r.data[r.pos : r.pos + 6].upper() == b"UTF8 (":  # UTF8=ACCEPT: UTF8 (literal8)
+        r.pos += 6
+        if r.peek() != 0x7E:
+            raise r.error("UTF8 needs a literal8")
+        message = r.literal(allow8=True)
+        r.expect(b")")
+        return c.AppendMessage(message, flags, date, utf8=True)
+    binary = r.peek() == 0x7E  # literal8 (BINARY)
+    if r.peek() != 0x7B and not binary:
         raise r.error("APPEND needs the message as a literal")
-    return c.Append(tag, mailbox, r.literal(), flags, date)
+    return c.AppendMessage(r.literal(allow8=binary), flags, date, binary)
 
 
 def _expunge(r: Reader, tag: str, uid: bool) -> c.Expunge:
@@ -388,10 +408,31 @@ def _fetch_item(r: Reader) -> c.FetchItem:
     upper = name.upper()
     if upper in ("BODY", "BODY.PEEK") and r.peek() == 0x5B:
         return _body_section(r, upper == "BODY.PEEK")
+    if upper in ("BINARY", "BINARY.PEEK", "BINARY.SIZE") and r.peek() == 0x5B:
+        return _binary_section(r, upper)
     if upper in c.FETCH_ATTS:
         return c.FetchAtt(upper)
     r.pos = start
     raise r.error(f"unknown FETCH item {name[:30]}")
+
+
+def _binary_section(r: Reader, name: str) -> c.BinarySection:
+    """``[part]<o.n>`` of BINARY (no HEADER/TEXT/MIME; no partial for BINARY.SIZE)."""
+    r.expect(b"[")
+    part: list[int] = []
+    while r.peek() != 0x5D:
+        part.append(r.nz_number())
+        if r.peek() != 0x5D:
+            r.expect(b".")
+    r.expect(b"]")
+    partial = None
+    if name != "BINARY.SIZE" and r.accept(b"<"):
+        origin = r.number()
+        r.expect(b".")
+        count = r.nz_number()
+        r.expect(b">")
+        partial = (origin, count)
+    return c.BinarySection(name == "BINARY.PEEK", tuple(part), partial, name == "BINARY.SIZE")
 
 
 def _body_section(r: Reader, peek: bool) -> c.BodySection:

@@ -103,10 +103,20 @@ class CopyResult:
     dest_uids: tuple[int, ...]
 
 
+#: Capabilities a backend may add through ``IImapBackend.extensions``.
+BACKEND_EXTENSIONS = ("MULTIAPPEND", "BINARY")
+
+
 class IImapBackend(Interface):
     """The mail store behind an IMAP server (for Porcupine: the retrieval proxy)."""
 
     supports_modseq = Attribute("True when snapshots carry MODSEQs (CONDSTORE/QRESYNC).")
+    extensions = Attribute(
+        "Optional: the capabilities that need the backend's help and that it has, a subset "
+        "of :data:`BACKEND_EXTENSIONS` (``MULTIAPPEND``: its sessions have "
+        ":meth:`IImapSession.append_many`; ``BINARY``: APPEND stores ``~{n}`` literal8 "
+        "messages octet for octet). Missing: none."
+    )
 
     def login(user: str, password: str) -> Any:
         """An :class:`IImapSession` for the user, or ``ImapError(code="AUTHENTICATIONFAILED")``
@@ -138,6 +148,11 @@ class IImapSession(Interface):
 
     def append(name: str, message: bytes, flags: tuple[str, ...], date: float | None) -> Any:
         """Store a message: an :class:`AppendResult` (``TRYCREATE`` if ``name`` is missing)."""
+
+    def append_many(name: str, messages: list[tuple[bytes, tuple[str, ...], float | None]]) -> Any:
+        """Only with ``MULTIAPPEND`` in the backend's ``extensions``: store every
+        ``(message, flags, date)`` atomically (all become visible together, or none is
+        stored): a list of :class:`AppendResult`, in order."""
 
     def select(name: str, readonly: bool) -> Any:
         """Open ``name``: an :class:`ISelectedMailbox` (``NONEXISTENT`` if missing)."""

@@ -134,6 +134,8 @@ class PorcupineImapBackend:
     """Logs a connection's user in through the node's (throttled) portal."""
 
     supports_modseq = False
+    #: MULTIAPPEND: :meth:`PorcupineSession.append_many`.
+    extensions = ("MULTIAPPEND",)
 
     def __init__(
         self,
@@ -291,6 +293,30 @@ class PorcupineSession:
                     if box.name == info.name:
                         box.uidnext = max(box.uidnext, digest.uid + 1)
                 return AppendResult(info.uidvalidity, digest.uid)
+
+            return d.addCallbacks(stored, as_imap_error, errbackArgs=("TRYCREATE",))
+
+        return self._info(name, "TRYCREATE").addCallback(store)
+
+    def append_many(
+        self, name: str, messages: list[tuple[bytes, tuple[str, ...], float | None]]
+    ) -> Deferred[list[AppendResult]]:
+        """MULTIAPPEND: one store of every message (bodies written first, then the index
+        rows in one transaction: all visible together, or none; see
+        :meth:`UserMail.append_many`)."""
+        now = self.backend.clock.seconds()
+        items = [(canonical_crlf(m), f, now if d is None else d) for m, f, d in messages]
+
+        def store(info: MailboxInfo) -> Deferred[list[AppendResult]]:
+            d = self.mail.append_many(info.name, items)
+
+            def stored(digests: list[Digest]) -> list[AppendResult]:
+                self.backend.registry.changed(self.mail.address, info.name)
+                top = max((x.uid for x in digests), default=0)
+                for box in self.boxes:
+                    if box.name == info.name:
+                        box.uidnext = max(box.uidnext, top + 1)
+                return [AppendResult(info.uidvalidity, x.uid) for x in digests]
 
             return d.addCallbacks(stored, as_imap_error, errbackArgs=("TRYCREATE",))
 

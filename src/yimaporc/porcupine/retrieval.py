@@ -29,6 +29,7 @@ from .interfaces import IMailboxManager, IUserManager
 from .reconstruct import Horizon
 from .values import (
     INBOX,
+    PENDING,
     Digest,
     MailboxExists,
     MailboxInfo,
@@ -769,6 +770,31 @@ class UserMail:
             return self._store_home(mailbox, [msg]).addCallback(lambda ds: ds[0])
 
         return self._reserve(1).addCallback(store)
+
+    def append_many(
+        self, mailbox: str, items: Sequence[tuple[bytes, Sequence[str], float]]
+    ) -> Deferred[list[Digest]]:
+        """MULTIAPPEND: ``(body, flags, date)`` stored on the home fragment in one
+        store (every body written, then the index rows committed together), under
+        consecutive reserved UIDs."""
+
+        def build(first: int) -> list[NewMessage]:
+            return [
+                NewMessage(self.address, mailbox, b, tuple(f), when, _nth_uid(first, i))
+                for i, (b, f, when) in enumerate(items)
+            ]
+
+        return self._reserve(len(items)).addCallback(
+            lambda first: self._store_home(mailbox, build(first))
+        )
+
+
+def _nth_uid(first: int, i: int) -> int:
+    """The UID of the ``i``-th message of a reservation starting at ``first`` (0: the
+    storing node numbers; PENDING stays PENDING)."""
+    if first in (0, PENDING):
+        return first
+    return first + i
 
 
 class RetrievalProxy:

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from yimaporc.imap._commands import BodySection, FetchAtt
 from yimaporc.imap._view import MailboxView
 from yimaporc.imap.interfaces import (
+    BACKEND_EXTENSIONS,
     AppendResult,
     CopyResult,
     IImapBackend,
@@ -141,8 +142,13 @@ class MemoryBackend:
     supports_modseq = True
 
     def __init__(
-        self, store: MemoryStore, delay: Callable[[Any], Deferred[Any]] | None = None
+        self,
+        store: MemoryStore,
+        delay: Callable[[Any], Deferred[Any]] | None = None,
+        extensions: tuple[str, ...] = BACKEND_EXTENSIONS,
     ) -> None:
+        #: What this backend offers (tests pass fewer to check what is advertised).
+        self.extensions = extensions
         self.store = store
         self.delay = delay or succeed
         self.sessions: list[MemorySession] = []
@@ -225,6 +231,19 @@ class MemorySession:
         uid = box.add(message, flags, self.store.now() if date is None else date)
         box.changed()
         return self._later(AppendResult(box.uidvalidity, uid))
+
+    def append_many(
+        self, name: str, messages: list[tuple[bytes, tuple[str, ...], float | None]]
+    ) -> Deferred[list[AppendResult]]:
+        """MULTIAPPEND: every message added, then one change notice (no other session can
+        run in between), or none when the mailbox is missing."""
+        if "MULTIAPPEND" not in self.backend.extensions:
+            raise ImapError("MULTIAPPEND is not supported", status="BAD")
+        box = self.store.box(self.user, name, "TRYCREATE")
+        now = self.store.now()
+        uids = [box.add(m, f, now if d is None else d) for m, f, d in messages]
+        box.changed()
+        return self._later([AppendResult(box.uidvalidity, uid) for uid in uids])
 
     def select(self, name: str, readonly: bool) -> Deferred[MemorySelected]:
         box = self.store.box(self.user, name)

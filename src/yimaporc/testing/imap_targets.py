@@ -253,13 +253,13 @@ PORTS = {"smtp": 2525, "imap": 1143, "cluster": 7946, "admin": 8080}
 
 
 @contextlib.contextmanager
-def porcupine_target(tmp: Path, count: int) -> Iterator[Target]:
-    """``count`` porcupine nodes on 127.0.130.(10*count+i); clients talk to the last node,
-    mail is delivered over SMTP to every node in turn."""
+def porcupine_target(tmp: Path, count: int, net: str = NET) -> Iterator[Target]:
+    """``count`` porcupine nodes on ``net``.(10*count+i) (``net`` 127.0.130 by default);
+    clients talk to the last node, mail is delivered over SMTP to every node in turn."""
     tmp.mkdir(parents=True, exist_ok=True)
     secret = tmp / "cluster.secret"
     secret.write_text(os.urandom(16).hex())
-    hosts = [f"{NET}.{10 * count + i}" for i in range(1, count + 1)]
+    hosts = [f"{net}.{10 * count + i}" for i in range(1, count + 1)]
     nodes = [
         mail_node(tmp, f"p{i + 1}", h, PORTS, secret, [] if i == 0 else [f"{hosts[0]}:7946"])
         for i, h in enumerate(hosts)
