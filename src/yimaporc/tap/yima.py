@@ -37,6 +37,20 @@ class Options(NodeOptions):
             "bipartite",
             "Delivery design: bipartite (Yima-2) or master-slave (Yima-1).",
         ],
+        [
+            "send-path",
+            None,
+            "auto",
+            "How RTP leaves the node: auto, gso (one sendmsg per batch with UDP_SEGMENT), "
+            "sendmmsg, or sendto (one call per datagram). auto: the first the kernel has.",
+        ],
+        [
+            "block-cache-mb",
+            None,
+            "256",
+            "Memory bound of the delivery block cache in MiB (the cache holds the "
+            "sessions' working set of blocks, up to this).",
+        ],
         *(
             [f"rtsp-{name}", None, default, text]
             for name, _key, default, text, _kind in RTSP_GUARDS
@@ -60,6 +74,17 @@ class Options(NodeOptions):
         super().postOptions()
         if self["mode"] not in ("bipartite", "master-slave"):
             raise usage.UsageError("--mode must be bipartite or master-slave")
+        from ..yima.sendpath import SEND_PATHS
+
+        if self["send-path"] not in SEND_PATHS:
+            raise usage.UsageError(f"--send-path must be one of {', '.join(SEND_PATHS)}")
+        try:
+            cache_mb = int(self["block-cache-mb"])
+        except ValueError:
+            raise usage.UsageError("--block-cache-mb must be a whole number of MiB") from None
+        if cache_mb < 1:
+            raise usage.UsageError("--block-cache-mb must be at least 1")
+        self["cache_bytes"] = cache_mb << 20
         guards: dict[str, Any] = {}
         for name, key, _default, _text, kind in RTSP_GUARDS:
             try:
@@ -90,6 +115,8 @@ def makeService(options: Options) -> IService:
         rtsp_endpoint=options["rtsp"],
         mode=options["mode"],
         rtsp_guards=options["rtsp_guards"],
+        send_path=options["send-path"],
+        cache_bytes=options["cache_bytes"],
     )
     streaming.setServiceParent(node)
     return install_logging(node, options, reactor)

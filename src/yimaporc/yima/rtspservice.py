@@ -71,10 +71,15 @@ from .rtp import (
     serialize_rtcp,
 )
 from .schedule import MediaTiming, Packet
+from .sendpath import DatagramSender
 from .store import BlockKey
 from .streaming import Destination, StreamControl, StreamingNode, StreamNack, StreamStart
 
 START_LEAD = 0.5
+# A delivery tick also takes what falls due within this many seconds: a session's
+# packets then leave in batches of several per system call (one GSO send) instead of
+# one wake-up each; players buffer far more than this (docs/benchmarks.md).
+SEND_AHEAD = 0.01
 # Relayed sessions: the nodes send this far ahead of the playout instant and the relay
 # holds each packet until it is due, so an overdue packet can be asked again of its
 # owner or, the owner being silent, its share served from parity here before the
@@ -279,8 +284,15 @@ class YimaStreamingService(Service):
         mode: str = "bipartite",
         rng: random.Random | None = None,
         rtsp_guards: dict[str, Any] | None = None,
+        send_path: str = "auto",
+        cache_bytes: int = 256 << 20,
+        send_ahead: float = SEND_AHEAD,
     ) -> None:
         self.node = node
+        #: How RTP leaves the data socket (sendpath.SEND_PATHS); the sender is made
+        #: when the socket is bound.
+        self.send_path = send_path
+        self.sender: DatagramSender | None = None
         self.reactor = reactor
         self.storage = storage
         self.rtsp_endpoint = rtsp_endpoint
@@ -312,6 +324,11 @@ class YimaStreamingService(Service):
             read_block=self._read_block,
             packetize=self._packetize_marked,
             send=self._send,
+            template=self._template,
+            send_segments=self._send_segments,
+            flush=self._flush,
+            send_ahead=send_ahead,
+            cache_bytes=cache_bytes,
         )
         self.streaming.register(node.registry)
         self.rtcp_port: IListeningPort | None = None
@@ -334,6 +351,9 @@ class YimaStreamingService(Service):
         # RTCP from players: on its own port (data port + 1 when free), and muxed on the data port.
         self.data_port = self.reactor.listenUDP(0, _Udp(self.feedback.datagram), interface=host)
         _big_buffers(self.data_port)
+        sock = getattr(self.data_port, "socket", None)
+        if isinstance(sock, socket.socket):
+            self.sender = DatagramSender(sock, self.send_path)
         try:
             self.rtcp_port = self.reactor.listenUDP(
                 self.data_port.getHost().port + 1,  # type: ignore[union-attr]
@@ -464,19 +484,29 @@ class YimaStreamingService(Service):
         d: Deferred[list[int]] = self.storage.blocks_of_node(name, self.node.node_id)
         return d
 
-    def _packetize(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes:
+    def _template_for(
+        self, session: str, dest: Destination
+    ) -> tuple[RtpHeaderTemplate, WavFormat | None, int]:
         key = (dest.ssrc, dest.node_index)
         got = self._templates.get(key)
         if got is None:
             if len(self._templates) >= 1024:  # relayed sessions get a new SSRC per seek
                 self._templates.clear()
-            s = self.streaming.scheduler.sessions.get(pkt.session)
+            s = self.streaming.scheduler.sessions.get(session)
             info = self.storage.media_info(s.media.name) if s is not None else None
             wav = info.wav if info is not None and info.kind == KIND_WAV else None
             pt = PT_MP2T if wav is None else l16_payload_type(wav.sample_rate, wav.channels)
             got = self._templates[key] = (RtpHeaderTemplate(pt, dest.ssrc, dest.node_index), wav,
                                           info.block_size if info is not None else 0)  # fmt: skip
-        tpl, wav, block_size = got
+        return got
+
+    def _template(self, session: str, dest: Destination) -> RtpHeaderTemplate | None:
+        """The batched path's header template; None for L16 (converted packet by packet)."""
+        tpl, wav, _ = self._template_for(session, dest)
+        return tpl if wav is None else None
+
+    def _packetize(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes:
+        tpl, wav, block_size = self._template_for(pkt.session, dest)
         if wav is None:
             ts = dest.ts_base + round(pkt.media_time * dest.clock_rate)
             return tpl.build(dest.seq_base + pkt.gseq, ts, payload, pkt.node_seq)
@@ -494,8 +524,21 @@ class YimaStreamingService(Service):
         return mark_retransmission(data) if pkt.retransmission else data
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self.data_port is not None:
+        if self.sender is not None:
+            self.sender.send(data, addr)
+        elif self.data_port is not None:
             self.data_port.write(data, addr)  # type: ignore[attr-defined]
+
+    def _send_segments(self, buf: memoryview, size: int, addr: tuple[str, int]) -> None:
+        if self.sender is not None:
+            self.sender.send_segments(buf, size, addr)
+        elif self.data_port is not None:  # a test's memory port: one write per datagram
+            for at in range(0, len(buf), size):
+                self.data_port.write(bytes(buf[at : at + size]), addr)  # type: ignore[attr-defined]
+
+    def _flush(self) -> None:
+        if self.sender is not None:
+            self.sender.flush()
 
     def _send_rtcp_reply(self, data: bytes, addr: Any) -> None:
         if self.rtcp_port is not None and addr is not None:

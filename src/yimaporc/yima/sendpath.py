@@ -45,6 +45,9 @@ GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 MMSG_MAX = 64
 
+#: What a batch may be given as: a writable buffer is sent without a copy.
+Buffer = bytes | bytearray | memoryview
+
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS)
 
 
@@ -182,7 +185,7 @@ class DatagramSender:
         """One datagram."""
         self.send_segments(data, len(data) or 1, addr)
 
-    def send_segments(self, buf: bytes | bytearray, size: int, addr: tuple[str, int]) -> None:
+    def send_segments(self, buf: Buffer, size: int, addr: tuple[str, int]) -> None:
         """Datagrams of ``size`` bytes cut from ``buf`` (the last may be shorter), in order."""
         if self._pending and not self.flush():
             self._keep(bytes(buf), size, addr)
@@ -214,7 +217,7 @@ class DatagramSender:
 
     # --- the paths: each returns how many bytes (whole datagrams) left ------------------
 
-    def _send(self, buf: bytes | bytearray, size: int, addr: tuple[str, int]) -> int:
+    def _send(self, buf: Buffer, size: int, addr: tuple[str, int]) -> int:
         if self.path == "gso":
             return self._send_gso(buf, size, addr)
         if self.path == "sendmmsg":
@@ -235,7 +238,7 @@ class DatagramSender:
         self.dropped += -(-(buf_len - done) // size)
         return buf_len
 
-    def _send_each(self, buf: bytes | bytearray, size: int, addr: tuple[str, int]) -> int:
+    def _send_each(self, buf: Buffer, size: int, addr: tuple[str, int]) -> int:
         view = memoryview(buf)
         n, at, retries = len(buf), 0, 0
         sendto = self.sock.sendto
@@ -253,7 +256,7 @@ class DatagramSender:
             at += size
         return n
 
-    def _send_gso(self, buf: bytes | bytearray, size: int, addr: tuple[str, int]) -> int:
+    def _send_gso(self, buf: Buffer, size: int, addr: tuple[str, int]) -> int:
         n = len(buf)
         if n <= size:
             return self._send_each(buf, size, addr)
@@ -290,11 +293,11 @@ class DatagramSender:
             at += len(chunk)
         return n
 
-    def _send_mmsg(self, buf: bytes | bytearray, size: int, addr: tuple[str, int]) -> int:
+    def _send_mmsg(self, buf: Buffer, size: int, addr: tuple[str, int]) -> int:
         mm = self._mmsg
         assert mm is not None and _SENDMMSG is not None
         n = len(buf)
-        if isinstance(buf, bytearray):
+        if isinstance(buf, bytearray) or (isinstance(buf, memoryview) and not buf.readonly):
             holder: Any = (ctypes.c_char * n).from_buffer(buf) if n else None
             base = ctypes.addressof(holder) if n else 0
         else:
