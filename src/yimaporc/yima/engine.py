@@ -168,7 +168,9 @@ class DeliveryEngine:
         if deadline is None:
             self._timer = None
             return
-        deadline -= self.send_ahead
+        # Wake at the next deadline itself (not send_ahead before it): that tick then
+        # takes every packet due within send_ahead, so wake-ups are at least that far
+        # apart and each session's packets leave several at a time, never late.
         delay = max(self.min_interval, deadline - now)
         if deadline <= now and not set(self.scheduler.wanted_blocks(now)) <= set(self.cache):
             # A due block is still being read: its arrival calls _run again.
