@@ -37,7 +37,7 @@ from zope.interface import implementer
 from ..cluster.membership import IMembershipListener, View
 from ..cluster.node import CannotStart, ClusterNode, IReady
 from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
-from ..rtsp._machine import ServerSession
+from ..rtsp._machine import ServerSession, send_interleaved_many
 from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
 from ..rtsp.interfaces import PlayReply
 from ..rtsp.sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
@@ -529,6 +529,21 @@ class YimaStreamingService(Service):
         elif self.data_port is not None:
             self.data_port.write(data, addr)  # type: ignore[attr-defined]
 
+    def _send_batch(self, packets: list[bytes], addr: tuple[str, int]) -> None:
+        """Several datagrams to one address: one batch when they are equal-size (the
+        last may be shorter), else one by one."""
+        size = len(packets[0])
+        if (
+            self.sender is None
+            or len(packets) == 1
+            or len(packets[-1]) > size
+            or any(len(d) != size for d in packets[1:-1])
+        ):
+            for data in packets:
+                self._send(data, addr)
+            return
+        self.sender.send_segments(b"".join(packets), size, addr)
+
     def _send_segments(self, buf: memoryview, size: int, addr: tuple[str, int]) -> None:
         if self.sender is not None:
             self.sender.send_segments(buf, size, addr)
@@ -833,12 +848,12 @@ class YimaStreamingService(Service):
             plan.octets += sum(len(d) - _header_length(d) for d in packets)
             plan.last_rtp_ts = int.from_bytes(last[4:8], "big")
             plan.last_sent_at = self.reactor.seconds()
-        for data in packets:
+        if packets:
             if plan.tcp_channel is not None:
-                if plan.session is not None:
-                    plan.session.send_interleaved(plan.tcp_channel, data)
+                if plan.session is not None:  # one transport write for the batch
+                    send_interleaved_many(plan.session, plan.tcp_channel, packets)
             else:
-                self._send(data, (plan.dest_host, plan.dest_port))
+                self._send_batch(packets, (plan.dest_host, plan.dest_port))
         done = plan.relay is not None and plan.total and plan.relay.next >= plan.total
         if done and plan.bye_timer is None and not plan.bye_sent:
             plan.bye_timer = self.reactor.callLater(BYE_GRACE, self._bye, plan)
@@ -861,8 +876,9 @@ class YimaStreamingService(Service):
         if plan is None or plan.relay is None:
             return
         plan.relay_timer = plan.relay_timer_at = None
-        # Packets due within 2 ms go together (one wake-up, not one per packet).
-        self._forward(session_id, plan, plan.relay.tick(self.node.cluster_time() + 0.002))
+        # Packets due within SEND_AHEAD go together (one wake-up and one send, not
+        # one per packet).
+        self._forward(session_id, plan, plan.relay.tick(self.node.cluster_time() + SEND_AHEAD))
 
     def _watch(self, session_id: str) -> None:
         """Look for overdue packets of a relayed session: ask their owner again at once;
