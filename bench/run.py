@@ -702,8 +702,15 @@ def rtsp_ramp(
     cpu = out.get("server_cpu_pct")
     if isinstance(cpu, float) and n:
         out["server_cpu_pct_per_stream"] = cpu / n
+    # Datagrams per core-second of the server (issue 19): the datagrams the clients
+    # received in the window (payload bytes / 1316, one MPEG-TS RTP payload) over the
+    # server's CPU seconds in it (/proc, every process of the cluster).
+    mbps = out.get("agg_mbps")
+    if isinstance(cpu, float) and cpu > 0 and isinstance(mbps, float):
+        out["datagrams_per_core_s"] = mbps * 1e6 / 8 / 1316 / (cpu / 100.0)
     say(
         f"  {label}: max_sessions={'>=' if out['lower_bound'] else ''}{n:.0f} agg_mbps={out.get('agg_mbps')} server_cpu_pct={cpu}"
+        f" datagrams/core-s={out.get('datagrams_per_core_s') or 0:.0f}"
     )
     return out
 
@@ -2014,6 +2021,12 @@ def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
                 )
         if "sendto" in u and "gso" in u:
             say(f"  gso / sendto = {u['gso']['tx_pps'] / u['sendto']['tx_pps']:.2f}")
+        for key, y in sorted(res.get("yima", {}).items()):
+            dpc, gso = val(y, "datagrams_per_core_s"), u.get("gso", {}).get("tx_pps_per_core")
+            if dpc is not None and gso:
+                say(
+                    f"  yima {key}: {dpc / 1e3:.0f}k datagrams per core-second = {dpc / gso:.2f} x gso"
+                )
     m = res.get("model")
     if isinstance(m, dict) and "yima" in m:
         say("")
