@@ -215,5 +215,5 @@ def test_send_path_and_block_cache_options_are_checked(tmp_path: Path) -> None:
     assert o["send-path"] == "sendmmsg" and o["cache_bytes"] == 64 << 20
     for bad in (["--send-path", "splice"], ["--block-cache-mb", "0"],
                 ["--block-cache-mb", "1.5"]):  # fmt: skip
-        with pytest.raises(UsageError, match="send-path|block-cache-mb"):
+        with pytest.raises(UsageError, match=r"send-path|block-cache-mb"):
             Options().parseOptions([*base, *bad])

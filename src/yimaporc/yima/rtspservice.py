@@ -422,6 +422,7 @@ class YimaStreamingService(Service):
                                                  self.streaming.scheduler.late_waits,
                                              "ended_share_lost": self.lost_sessions}}  # fmt: skip
         out["streaming"].update(self._delivery_status())
+        out["streaming"]["send"] = self._send_status()
         relays = sum(1 for p in self.plans.values() if p.relay_port is not None)
         out["rtsp"] = {**self.factory.stats(), "relay_ports": relays}
         fb = self.feedback
@@ -438,6 +439,18 @@ class YimaStreamingService(Service):
         if self.rtsp_port is not None:
             h = self.rtsp_port.getHost()
             out["services"] = {"rtsp": f"rtsp://{h.host}:{h.port}/sample"}  # type: ignore[attr-defined]
+        return out
+
+    def _send_status(self) -> dict[str, Any]:
+        """The data socket's send path and what it did (docs/operations.md)."""
+        snd, engine = self.sender, self.streaming.engine
+        out: dict[str, Any] = {"path": snd.path if snd is not None else "port",
+                               "cache_blocks": len(engine.cache),
+                               "cache_limit": engine.cache_limit,
+                               "cache_bytes": engine.cached_bytes}  # fmt: skip
+        if snd is not None:
+            out.update(datagrams=snd.datagrams, syscalls=snd.syscalls, dropped=snd.dropped,
+                       eagain=snd.eagain, errors=snd.errors, pending_bytes=snd.pending)  # fmt: skip
         return out
 
     def _delivery_status(self) -> dict[str, Any]:
