@@ -118,3 +118,21 @@ def test_send_ahead_batches_a_session_per_wake_up_never_late() -> None:
         assert t >= d0 + (count - 1) * step - 0.1 - 1e-9
     assert len(runs) <= 96 / 3, "several packets per run"
     assert eng.stats.late_packets == 0
+
+
+def test_early_runs_leave_one_timer_not_one_chain_each() -> None:
+    """poke() and block arrivals while a wake-up is pending replace it: one timer in all,
+    so the tick count follows the packets, not the number of sessions started."""
+    clock = Clock()
+    sched = NodeScheduler(prefetch=1.5)
+    eng = DeliveryEngine(clock, clock.seconds, sched, lambda m, b: succeed(block_bytes(b)),
+                         lambda p, data: None)  # fmt: skip
+    for k in range(50):
+        sched.add(f"s{k}", media(3), [0, 1, 2], start_ct=1.0)
+        eng.poke()
+        clock.advance(0.001)
+    assert len(clock.getDelayedCalls()) == 1
+    for _ in range(4000):
+        clock.advance(0.001)
+    assert eng.sent == 50 * 12
+    assert eng.ticks < 200, eng.ticks  # 12 distinct deadlines (+ the pokes), not 50 x that

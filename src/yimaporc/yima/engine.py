@@ -108,6 +108,10 @@ class DeliveryEngine:
         self._timer = None
 
     def _run(self) -> None:
+        # Called early (poke, a block read, a retry): the pending wake-up goes, or every
+        # early call would leave one more timer chain ticking for the rest of the stream.
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
         self._timer = None
         now = self.cluster_time()
         self.ticks += 1
