@@ -182,6 +182,7 @@ def test_runs_match_a_packet_by_packet_walk(
                for p in a.tick(now, ready)]  # fmt: skip
         want = _walk(b, now, ready)
         assert sorted(got) == sorted(want)
+        assert a.next_due == a.next_deadline(), "the pass found the next deadline"
         for sid in ("x", "y"):
             sa, sb = a.sessions[sid], b.sessions[sid]
             assert (sa.node_seq, sa.peek()) == (sb.node_seq, sb.peek())

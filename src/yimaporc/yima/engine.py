@@ -168,7 +168,9 @@ class DeliveryEngine:
     def _reschedule(self, now: float) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        deadline = self.scheduler.next_deadline()
+        # The batched path's tick found the next deadline in its pass over the sessions.
+        batched = self.emit_run is not None
+        deadline = self.scheduler.next_due if batched else self.scheduler.next_deadline()
         if deadline is None:
             self._timer = None
             return

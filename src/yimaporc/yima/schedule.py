@@ -262,6 +262,9 @@ class NodeScheduler:
         self.prefetch = prefetch
         #: Times a due packet waited because its block was not read yet (all sessions).
         self.late_waits = 0
+        #: The earliest deadline left after the last :meth:`tick_runs` (found in the
+        #: same pass: :meth:`next_deadline` without a second walk over the sessions).
+        self.next_due: float | None = None
 
     def add(
         self,
@@ -372,8 +375,12 @@ class NodeScheduler:
         packets of a block are due is computed from the block's packet spacing.
         """
         out: list[Run] = []
+        nxt = None
         for sid, s in self.sessions.items():
-            self._due_runs(sid, s, now, ready, out)
+            d = self._due_runs(sid, s, now, ready, out)
+            if d is not None and (nxt is None or d < nxt):
+                nxt = d
+        self.next_due = nxt
         return out
 
     def _due_runs(
@@ -383,7 +390,9 @@ class NodeScheduler:
         now: float,
         ready: Container[tuple[str, int]] | None,
         out: list[Run],
-    ) -> None:
+    ) -> float | None:
+        """Append ``s``'s due runs to ``out``; its next deadline after them (None: at
+        its end or its pause point)."""
         media, blocks = s.media, s.my_blocks
         starts, steps, counts = media.block_starts, media._steps, media._counts
         deadline = s.deadline
@@ -396,14 +405,14 @@ class NodeScheduler:
                 continue
             start, step = starts[block], steps[block]
             if s.paused and start + step * j >= s.pause_mt:
-                return
+                return None
             d0 = deadline(start + step * j)
             if d0 > now:
-                return
+                return d0
             if ready is not None and (media.name, block) not in ready:
                 s.late += 1
                 self.late_waits += 1
-                return
+                return d0
             end = n
             if step > 0:
                 horizon = s.anchor_mt + (now - s.anchor_ct) * s.speed
@@ -428,8 +437,7 @@ class NodeScheduler:
             s.node_seq += count
             s.cursor_packet = end
             self._trim(s)
-            if end < n:
-                return
+        return None
 
     def _trim(self, s: Session) -> None:
         """Forget runs older than the retransmission window (in slices, not per run)."""
