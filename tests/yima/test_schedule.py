@@ -190,3 +190,20 @@ def test_runs_match_a_packet_by_packet_walk(
         pkt = a.sessions["x"].sent_packet(n, a.retransmit_window)
         assert pkt is not None and pkt.node_seq == n
         assert pkt.length == min(PAYLOAD, m.block_length(pkt.block) - pkt.offset)
+
+
+def test_nack_by_global_seq_finds_this_nodes_numbers_within_the_window() -> None:
+    """A relayed NACK names global seqs: each maps to the node's own number while it is
+    in the retransmission window; others' packets and forgotten ones map to nothing."""
+    s = NodeScheduler(retransmit_window=10)
+    sess = s.add("s", media(6), [1, 3, 4], start_ct=0.0)
+    sent = s.tick(100.0)
+    assert len(sent) == 12
+    by_gseq = {p.gseq: p.node_seq for p in sent}
+    last = sent[-10:]
+    assert sess.node_seqs_of([p.gseq for p in last], 10) == [p.node_seq for p in last]
+    assert sess.node_seqs_of([sent[0].gseq, sent[1].gseq], 10) == [], "out of the window"
+    assert sess.node_seqs_of([0, 1, 8], 10) == [], "block 0 and 2 are another node's"
+    again = s.retransmit("s", [by_gseq[p.gseq] for p in last[:2]])
+    assert [p.gseq for p in again] == [p.gseq for p in last[:2]]
+    assert all(p.retransmission for p in again)

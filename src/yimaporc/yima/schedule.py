@@ -221,15 +221,16 @@ class Session:
         """This node's numbers of the global packets ``gseqs`` it sent (the last
         ``window``); the ones it did not send are left out."""
         ppb = self.media.packets_per_block
+        floor = self.node_seq - window
         by_block: dict[int, list[SentRun]] = {}
         for r in self.sent_runs:
-            if r[0] + r[3] > self.node_seq - window:
+            if r[0] + r[3] > floor:
                 by_block.setdefault(r[1], []).append(r)
         out = []
         for g in gseqs:
             block, j = divmod(g, ppb)
             for ns0, _b, j0, count, _d, _s in by_block.get(block, ()):
-                if j0 <= j < j0 + count:
+                if j0 <= j < j0 + count and ns0 + j - j0 >= floor:
                     out.append(ns0 + j - j0)
         return out
 
