@@ -207,3 +207,30 @@ def test_the_block_cache_follows_the_working_set_within_its_memory_bound() -> No
     eng.cache_bytes = 10 * BLOCK
     clock.advance(0.05)
     assert eng.cached_bytes <= 10 * BLOCK + eng.max_reads * BLOCK
+
+
+def test_a_local_batch_sink_gets_whole_runs_with_the_same_datagrams() -> None:
+    """An in-process relay that takes runs gets, per call, the datagrams the socket would
+    have carried, byte for byte and in order; nothing goes to the socket."""
+    m = MediaTiming("clip", 3 * BLOCK - 100, BLOCK, (0.0, 1.0, 2.0), 3.0)
+    wire: list[tuple[float, bytes, tuple[str, int]]] = []
+    clock = Clock()
+    node = _rtp_node(clock, wire, True, m)
+    node.start("a", "clip", -1.6, 0.0, "127.0.0.9", 5000, 5, 7, 9, 1, False)  # 7 due at once
+    for _ in range(500):
+        clock.advance(0.01)
+    expected = [d for _, d, _ in wire]
+    wire.clear()
+    clock = Clock()
+    node = _rtp_node(clock, wire, True, m)
+    calls: list[list[bytes]] = []
+
+    def sink(view: memoryview, size: int) -> None:
+        calls.append([bytes(view[at : at + size]) for at in range(0, len(view), size)])
+
+    node.local_batch[("127.0.0.9", 5000)] = sink
+    node.start("a", "clip", -1.6, 0.0, "127.0.0.9", 5000, 5, 7, 9, 1, False)  # 7 due at once
+    for _ in range(500):
+        clock.advance(0.01)
+    assert wire == [] and [d for c in calls for d in c] == expected
+    assert len(calls) < len(expected) and node.handed_over == len(expected) == 12

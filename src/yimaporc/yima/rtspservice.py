@@ -398,6 +398,7 @@ class YimaStreamingService(Service):
         super().stopService()
         self.streaming.engine.stop()
         self.streaming.local.clear()
+        self.streaming.local_batch.clear()
         self.factory.stop()
         ports = [p for p in (self.data_port, self.rtcp_port, self.rtsp_port) if p is not None]
         for plan in self.plans.values():
@@ -788,6 +789,9 @@ class YimaStreamingService(Service):
         # This node's own packets skip the socket (two syscalls and a copy each).
         plan.relay_addr = (self.node.config.cluster_host, listening.getHost().port)  # type: ignore[attr-defined]
         self.streaming.local[plan.relay_addr] = lambda data: self._relayed(session_id, data)
+        self.streaming.local_batch[plan.relay_addr] = lambda view, size: self._relayed_many(
+            session_id, view, size
+        )
 
     @staticmethod
     def _destination(plan: _Plan) -> tuple[str, int]:
@@ -821,12 +825,31 @@ class YimaStreamingService(Service):
 
     def _relayed(self, session_id: str, data: bytes) -> None:
         plan = self.plans.get(session_id)
-        if plan is None or plan.relay is None or len(data) < 12:
+        if plan is None or plan.relay is None:
             return
-        if int.from_bytes(data[8:12], "big") != plan.node_ssrc:
-            plan.relay.stats.stale += 1  # sent for the position before a seek
+        self._forward(session_id, plan, self._relay_one(plan, data, self.node.cluster_time()))
+
+    def _relayed_many(self, session_id: str, view: memoryview, size: int) -> None:
+        """A run of this node's own packets for a relayed session, handed over in one
+        call (``size``-byte datagrams, the last may be shorter): pushed in order, then
+        whatever they release is forwarded as one batch."""
+        plan = self.plans.get(session_id)
+        if plan is None or plan.relay is None:
             return
         now = self.node.cluster_time()
+        released: list[bytes] = []
+        for at in range(0, len(view), size):
+            released.extend(self._relay_one(plan, bytes(view[at : at + size]), now))
+        self._forward(session_id, plan, released)
+
+    def _relay_one(self, plan: _Plan, data: bytes, now: float) -> list[bytes]:
+        """One node packet into the session's relay; the packets it releases."""
+        assert plan.relay is not None
+        if len(data) < 12:
+            return []
+        if int.from_bytes(data[8:12], "big") != plan.node_ssrc:
+            plan.relay.stats.stale += 1  # sent for the position before a seek
+            return []
         if len(data) >= 24 and data[12:14] == b"\xbe\xde" and data[16] == 0x14:
             plan.heard[data[17]] = now  # the node index in the Yima extension
         seq16 = int.from_bytes(data[2:4], "big")
@@ -836,8 +859,8 @@ class YimaStreamingService(Service):
         gseq = base + ((gseq - base + 0x8000) & 0xFFFF) - 0x8000
         if gseq < base and data[22:24] == RETRANSMISSION_MARK:
             self._forward_late(plan, data)  # a NACKed packet the relay gave up on
-            return
-        self._forward(session_id, plan, plan.relay.push(gseq, data, now))
+            return []
+        return plan.relay.push(gseq, data, now)
 
     def _to_client(self, plan: _Plan, data: bytes) -> bytes:
         """A node's packet as this session's client gets it: its own sequence numbers
@@ -1451,6 +1474,7 @@ class YimaStreamingService(Service):
         plan = self.plans.pop(session.session_id, None)
         if plan is not None and plan.relay_port is not None:
             self.streaming.local.pop(plan.relay_addr, None)
+            self.streaming.local_batch.pop(plan.relay_addr, None)
             plan.relay_port.stopListening()
             if plan.relay_timer is not None and plan.relay_timer.active():
                 plan.relay_timer.cancel()

@@ -136,6 +136,9 @@ class StreamingNode:
         #: Destinations inside this process (the RTSP node's own relay sockets): a
         #: packet for one is handed over directly instead of through loopback UDP.
         self.local: dict[tuple[str, int], Callable[[bytes], None]] = {}
+        #: The same sinks taking a whole run at once (``view``, datagram ``size``); the
+        #: view is only valid during the call.
+        self.local_batch: dict[tuple[str, int], Callable[[memoryview, int], None]] = {}
         self.handed_over = 0
         #: The batched path (both given): a session's header template (None: that
         #: session goes packet by packet, e.g. WAV's L16 conversion) and the sender
@@ -319,6 +322,11 @@ class StreamingNode:
         size = tpl.header_size + payload
         addr = (dest.host, dest.port)
         with memoryview(self._buf) as whole, whole[:used] as view:
+            batch_sink = self.local_batch.get(addr)
+            if batch_sink is not None:
+                self.handed_over += count
+                batch_sink(view, size)
+                return
             sink = self.local.get(addr)
             if sink is None:
                 self.send_segments(view, size, addr)
