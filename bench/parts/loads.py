@@ -198,9 +198,16 @@ def rtsp_ramp(
     cpu = out.get("server_cpu_pct")
     if isinstance(cpu, float) and n:
         out["server_cpu_pct_per_stream"] = cpu / n
+    # Datagrams per core-second of the server (issue 19): the datagrams the clients
+    # received in the window (payload bytes / 1316, one MPEG-TS RTP payload) over the
+    # server's CPU seconds in it (/proc, every process of the cluster).
+    mbps = out.get("agg_mbps")
+    if isinstance(cpu, float) and cpu > 0 and isinstance(mbps, float):
+        out["datagrams_per_core_s"] = mbps * 1e6 / 8 / 1316 / (cpu / 100.0)
     say(
         f"  {label}: max_sessions={n:.0f} (first failing {out['first_fail']}) "
         f"agg_mbps={out.get('agg_mbps')} server_cpu_pct={cpu} gen_cpu_pct={out.get('gen_cpu_pct')}"
+        f" datagrams/core-s={out.get('datagrams_per_core_s') or 0:.0f}"
     )
     return out
 

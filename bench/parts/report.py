@@ -173,6 +173,12 @@ def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
                 )
         if "sendto" in u and "gso" in u:
             say(f"  gso / sendto = {u['gso']['tx_pps'] / u['sendto']['tx_pps']:.2f}")
+        for key, y in sorted(res.get("yima", {}).items()):
+            dpc, gso = val(y, "datagrams_per_core_s"), u.get("gso", {}).get("tx_pps_per_core")
+            if dpc is not None and gso:
+                say(
+                    f"  yima {key}: {dpc / 1e3:.0f}k datagrams per core-second = {dpc / gso:.2f} x gso"
+                )
     sc = res.get("scaling")
     if isinstance(sc, dict) and sc:
         say("")

@@ -94,6 +94,11 @@ def test_ffmpeg_records_frames_identical_to_source(
     assert got == want[: len(got)]
     sent = [(n.status() or {}).get("streaming", {}).get("packets_sent", 0) for n in bipartite]
     assert sum(1 for s in sent if s > 0) >= 2, f"several nodes sent their own blocks: {sent}"
+    sends = [(n.status() or {}).get("streaming", {}).get("send", {}) for n in bipartite]
+    datagrams = sum(s.get("datagrams", 0) for s in sends)
+    syscalls = sum(s.get("syscalls", 0) for s in sends)
+    assert datagrams > 0 and syscalls < datagrams, f"batched sends: {sends}"
+    assert all(s.get("dropped") == 0 for s in sends), sends
 
 
 def test_ffprobe_sees_streams_and_duration(bipartite: list[NodeProc]) -> None:

@@ -637,3 +637,26 @@ def test_client_protocol_drops_bad_server() -> None:
     proto.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
     assert isinstance(_result(d), Failure)
     assert transport.disconnecting
+
+
+def test_a_batch_of_interleaved_frames_is_one_write_with_the_same_bytes() -> None:
+    """send_interleaved_many writes the frames of a tick in one transport write, the same
+    bytes as frame by frame; a client that does not read gets them only up to the cap."""
+    from yimaporc.rtsp._machine import send_interleaved_many
+
+    s = _server(limits=Limits(max_buffer=4096, max_unread_output=3500))
+    c = s.client
+    s.ask(c.setup(TRACK, TCP))
+    s.send(c.play(URL)[1])
+    session = s.factory.sessions.get(c.session_id or "")
+    assert session is not None
+    writes: list[bytes] = []
+    real = s.transport.write
+    s.transport.write = lambda data: (writes.append(data), real(data))[1]  # type: ignore[method-assign]
+    packets = [bytes([i]) * (996 + i) for i in range(3)]
+    assert send_interleaved_many(session, 0, packets) == 3
+    assert len(writes) == 1
+    assert s.take() == [InterleavedFrame(0, p) for p in packets]
+    s.transport.producer.pauseProducing()
+    assert send_interleaved_many(session, 0, [b"x" * 996] * 5) == 3  # 3 x 1000 <= 3500
+    assert s.factory.stats()["interleaved_dropped"] == 2

@@ -91,3 +91,48 @@ def test_many_sessions_share_wake_ups() -> None:
     assert len(sent) == 40 * 12
     assert all(p.deadline - 1e-9 <= t <= p.deadline + eng.min_interval + 1e-4 for t, p in sent)
     assert eng.ticks < len(sent) / 10, (eng.ticks, len(sent))
+
+
+def test_send_ahead_batches_a_session_per_wake_up_never_late() -> None:
+    """With ``send_ahead`` a tick takes every packet due within it: runs of several
+    packets per call, none sent late or more than ``send_ahead`` early, wake-ups at
+    least that far apart."""
+    clock = Clock()
+    sched = NodeScheduler(prefetch=1.5)
+    runs: list[tuple[float, tuple]] = []  # type: ignore[type-arg]
+    fine = MediaTiming("m", 3 * BLOCK * 8, BLOCK * 8, (0.0, 1.0, 2.0), 3.0)  # 32 pkt/s
+    eng = DeliveryEngine(
+        clock, clock.seconds, sched,
+        lambda m, b: succeed(bytes(BLOCK * 8)),
+        lambda p, data: None,
+        emit_run=lambda run, data: runs.append((clock.seconds(), run)),
+        send_ahead=0.1,
+    )  # fmt: skip
+    sched.add("s", fine, [0, 1, 2], start_ct=1.0)
+    eng.poke()
+    for _ in range(5000):
+        clock.advance(0.001)
+    assert sum(r[3] for _, r in runs) == 96 and eng.sent == 96
+    for t, (_sid, _b, _j, count, _ns, d0, step) in runs:
+        assert d0 - 0.1 - 1e-9 <= t <= d0 + 0.002, "never late, at most send_ahead early"
+        assert t >= d0 + (count - 1) * step - 0.1 - 1e-9
+    assert len(runs) <= 96 / 3, "several packets per run"
+    assert eng.stats.late_packets == 0
+
+
+def test_early_runs_leave_one_timer_not_one_chain_each() -> None:
+    """poke() and block arrivals while a wake-up is pending replace it: one timer in all,
+    so the tick count follows the packets, not the number of sessions started."""
+    clock = Clock()
+    sched = NodeScheduler(prefetch=1.5)
+    eng = DeliveryEngine(clock, clock.seconds, sched, lambda m, b: succeed(block_bytes(b)),
+                         lambda p, data: None)  # fmt: skip
+    for k in range(50):
+        sched.add(f"s{k}", media(3), [0, 1, 2], start_ct=1.0)
+        eng.poke()
+        clock.advance(0.001)
+    assert len(clock.getDelayedCalls()) == 1
+    for _ in range(4000):
+        clock.advance(0.001)
+    assert eng.sent == 50 * 12
+    assert eng.ticks < 200, eng.ticks  # 12 distinct deadlines (+ the pokes), not 50 x that

@@ -200,3 +200,20 @@ def test_resetup_of_a_started_stream_cannot_leak_its_relay() -> None:
         assert c.setup(udp).status == 455
         assert c.ask(c.conn.play(URL)).status == 200
     assert len(reactor.udp) == 1
+
+
+def test_send_path_and_block_cache_options_are_checked(tmp_path: Path) -> None:
+    """--send-path takes auto|gso|sendmmsg|sendto and --block-cache-mb a positive whole
+    number of MiB; anything else is a usage error."""
+    base = ["--node-id", "y1", "--data-dir", str(tmp_path),
+            "--cluster", "tcp:17946:interface=127.0.103.1"]  # fmt: skip
+    o = Options()
+    o.parseOptions(base)
+    assert o["send-path"] == "auto" and o["cache_bytes"] == 256 << 20
+    o = Options()
+    o.parseOptions([*base, "--send-path", "sendmmsg", "--block-cache-mb", "64"])
+    assert o["send-path"] == "sendmmsg" and o["cache_bytes"] == 64 << 20
+    for bad in (["--send-path", "splice"], ["--block-cache-mb", "0"],
+                ["--block-cache-mb", "1.5"]):  # fmt: skip
+        with pytest.raises(UsageError, match=r"send-path|block-cache-mb"):
+            Options().parseOptions([*base, *bad])

@@ -123,3 +123,87 @@ def test_unready_block_waits_and_counts_late() -> None:
     assert s.tick(0.5, ready=set()) == []
     assert sess.late == 1
     assert [p.media_time for p in s.tick(0.5, ready={("m", 0)})] == [0.0, 0.25, 0.5]
+
+
+def _walk(s: NodeScheduler, now: float, ready: set[tuple[str, int]] | None) -> list[tuple]:  # type: ignore[type-arg]
+    """Reference: the packet-by-packet walk (one due packet at a time, per session)."""
+    out = []
+    for sid, sess in s.sessions.items():
+        while (nxt := sess.peek()) is not None:
+            block, j, mt = nxt
+            if sess.paused and mt >= sess.pause_mt:
+                break
+            if sess.deadline(mt) > now:
+                break
+            if ready is not None and (sess.media.name, block) not in ready:
+                break
+            out.append((sid, block * sess.media.packets_per_block + j, sess.node_seq, block, j))
+            sess.node_seq += 1
+            sess.cursor_packet += 1
+    return out
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0.0, 1.5),
+            st.sampled_from(["tick", "pause", "resume", "speed", "unready"]),
+            st.floats(0.25, 4.0),
+        ),
+        max_size=40,
+    ),
+    st.booleans(),
+    st.integers(0, 5 * PAYLOAD - 1),
+)
+def test_runs_match_a_packet_by_packet_walk(
+    steps: list[tuple[float, str, float]], vbr: bool, tail: int
+) -> None:
+    """Runs computed by arithmetic name exactly the packets a per-packet walk would
+    send, under pauses, resumes, speed changes and unread blocks."""
+    m = media(6, vbr=vbr, tail=tail % BLOCK)
+    a, b = NodeScheduler(), NodeScheduler()
+    for sch in (a, b):
+        sch.add("x", m, [0, 2, 3, 5], start_ct=0.3, start_mt=0.2)
+        sch.add("y", m, [1, 4], start_ct=0.0)
+    now = 0.0
+    for dt, action, value in steps:
+        now += dt
+        ready = None
+        for sch in (a, b):
+            if action == "pause":
+                sch.pause("x", now)
+            elif action == "resume":
+                sch.resume("x", now + 0.1)
+            elif action == "speed":
+                sch.set_speed("y", value, now)
+            elif action == "unready":
+                ready = {("m", 0), ("m", 1), ("m", 3)}
+        got = [(p.session, p.gseq, p.node_seq, p.block, p.offset // PAYLOAD)
+               for p in a.tick(now, ready)]  # fmt: skip
+        want = _walk(b, now, ready)
+        assert sorted(got) == sorted(want)
+        assert a.next_due == a.next_deadline(), "the pass found the next deadline"
+        for sid in ("x", "y"):
+            sa, sb = a.sessions[sid], b.sessions[sid]
+            assert (sa.node_seq, sa.peek()) == (sb.node_seq, sb.peek())
+    for n in range(a.sessions["x"].node_seq):
+        pkt = a.sessions["x"].sent_packet(n, a.retransmit_window)
+        assert pkt is not None and pkt.node_seq == n
+        assert pkt.length == min(PAYLOAD, m.block_length(pkt.block) - pkt.offset)
+
+
+def test_nack_by_global_seq_finds_this_nodes_numbers_within_the_window() -> None:
+    """A relayed NACK names global seqs: each maps to the node's own number while it is
+    in the retransmission window; others' packets and forgotten ones map to nothing."""
+    s = NodeScheduler(retransmit_window=10)
+    sess = s.add("s", media(6), [1, 3, 4], start_ct=0.0)
+    sent = s.tick(100.0)
+    assert len(sent) == 12
+    by_gseq = {p.gseq: p.node_seq for p in sent}
+    last = sent[-10:]
+    assert sess.node_seqs_of([p.gseq for p in last], 10) == [p.node_seq for p in last]
+    assert sess.node_seqs_of([sent[0].gseq, sent[1].gseq], 10) == [], "out of the window"
+    assert sess.node_seqs_of([0, 1, 8], 10) == [], "block 0 and 2 are another node's"
+    again = s.retransmit("s", [by_gseq[p.gseq] for p in last[:2]])
+    assert [p.gseq for p in again] == [p.gseq for p in last[:2]]
+    assert all(p.retransmission for p in again)

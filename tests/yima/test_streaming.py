@@ -138,3 +138,99 @@ def test_stream_start_waits_for_the_time_index() -> None:
     assert isinstance(failed, Deferred)
     failed.addErrback(errors.append)
     assert errors and errors[0].check(KeyError) and "t" not in node.scheduler.sessions
+
+
+def _rtp_node(
+    clock: Clock,
+    wire: list[tuple[float, bytes, tuple[str, int]]],
+    batched: bool,
+    media: MediaTiming,
+) -> StreamingNode:
+    """One node sending real RTP (the service's header template), batched or per packet."""
+    from yimaporc.yima.rtp import PT_MP2T, RtpHeaderTemplate
+
+    def tpl(sid: str, d: Destination) -> RtpHeaderTemplate:
+        return RtpHeaderTemplate(PT_MP2T, d.ssrc, d.node_index)
+
+    def packetize(p: Packet, d: Destination, payload: bytes) -> bytes:
+        ts = d.ts_base + round(p.media_time * d.clock_rate)
+        return tpl(p.session, d).build(d.seq_base + p.gseq, ts, payload, p.node_seq)
+
+    def segments(buf: memoryview, size: int, addr: tuple[str, int]) -> None:
+        for at in range(0, len(buf), size):
+            wire.append((clock.seconds(), bytes(buf[at : at + size]), addr))
+
+    data = bytes(range(256)) * (media.size // 256 + 1)
+    return StreamingNode(
+        clock, clock.seconds, timing=lambda name: media,
+        my_blocks=lambda name: list(range(media.blocks)),
+        read_block=lambda name, b: succeed(data[b * media.block_size : (b + 1) * media.block_size]),
+        packetize=packetize,
+        send=lambda d, addr: wire.append((clock.seconds(), d, addr)),
+        template=tpl if batched else None, send_segments=segments if batched else None,
+    )  # fmt: skip
+
+
+def test_batched_runs_put_the_same_rtp_on_the_wire_as_packet_by_packet() -> None:
+    """Packing runs of due packets into one buffer gives byte for byte the datagrams,
+    order and send times of the per-packet path (VBR blocks, a short last packet,
+    two sessions, sequence numbers wrapping)."""
+    starts = (0.0, 0.3, 1.6, 1.7, 3.0)
+    m = MediaTiming("clip", 5 * BLOCK - 500, BLOCK, starts, 3.4)
+    wires: list[list[tuple[float, bytes, tuple[str, int]]]] = [[], []]
+    for batched, wire in ((False, wires[0]), (True, wires[1])):
+        clock = Clock()
+        node = _rtp_node(clock, wire, batched, m)
+        node.start("a", "clip", 1.0, 0.0, "127.0.0.9", 5000, 0xDEADBEEF, 65533, 2**32 - 1000, 3,
+                   False)  # fmt: skip
+        node.start("b", "clip", 1.05, 0.2, "127.0.0.9", 5002, 7, 100, 0, 0, False)
+        for _ in range(600):
+            clock.advance(0.01)
+    per_dest = [{p: [(t, d) for t, d, a in w if a[1] == p] for p in (5000, 5002)} for w in wires]
+    assert per_dest[0] == per_dest[1]
+    assert len(per_dest[0][5000]) == 20 and per_dest[0][5000][-1][1][-1:] != b""
+    assert len(per_dest[0][5000][-1][1]) == 24 + PAYLOAD - 500
+
+
+def test_the_block_cache_follows_the_working_set_within_its_memory_bound() -> None:
+    """The cache keeps every block the sessions' read-ahead wants (more than the old fixed
+    64), and never more bytes than its memory bound."""
+    clock, wire = Clock(), []  # type: ignore[var-annotated]
+    big = MediaTiming("clip", 200 * BLOCK, BLOCK, tuple(i * 0.01 for i in range(200)), 2.0)
+    node = _rtp_node(clock, wire, True, big)
+    node.scheduler.prefetch = 2.0
+    node.start("a", "clip", 0.5, 0.0, "127.0.0.9", 5000, 1, 0, 0, 0, False)
+    clock.advance(0.6)
+    eng = node.engine
+    assert eng.cache_limit >= 2 * 100 and len(eng.cache) > 64
+    assert eng.block_reads == len(eng.cache), "nothing wanted was evicted and read again"
+    eng.cache_bytes = 10 * BLOCK
+    clock.advance(0.05)
+    assert eng.cached_bytes <= 10 * BLOCK + eng.max_reads * BLOCK
+
+
+def test_a_local_batch_sink_gets_whole_runs_with_the_same_datagrams() -> None:
+    """An in-process relay that takes runs gets, per call, the datagrams the socket would
+    have carried, byte for byte and in order; nothing goes to the socket."""
+    m = MediaTiming("clip", 3 * BLOCK - 100, BLOCK, (0.0, 1.0, 2.0), 3.0)
+    wire: list[tuple[float, bytes, tuple[str, int]]] = []
+    clock = Clock()
+    node = _rtp_node(clock, wire, True, m)
+    node.start("a", "clip", -1.6, 0.0, "127.0.0.9", 5000, 5, 7, 9, 1, False)  # 7 due at once
+    for _ in range(500):
+        clock.advance(0.01)
+    expected = [d for _, d, _ in wire]
+    wire.clear()
+    clock = Clock()
+    node = _rtp_node(clock, wire, True, m)
+    calls: list[list[bytes]] = []
+
+    def sink(view: memoryview, size: int) -> None:
+        calls.append([bytes(view[at : at + size]) for at in range(0, len(view), size)])
+
+    node.local_batch[("127.0.0.9", 5000)] = sink
+    node.start("a", "clip", -1.6, 0.0, "127.0.0.9", 5000, 5, 7, 9, 1, False)  # 7 due at once
+    for _ in range(500):
+        clock.advance(0.01)
+    assert wire == [] and [d for c in calls for d in c] == expected
+    assert len(calls) < len(expected) and node.handed_over == len(expected) == 12

@@ -16,7 +16,7 @@ import enum
 import heapq
 import ipaddress
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import attrs
@@ -83,6 +83,18 @@ class InterleavedSink(Protocol):
 
     def send_interleaved(self, channel: int, data: bytes) -> bool:
         """Queue one frame; False if the connection is gone."""
+
+
+def send_interleaved_many(session: ServerSession, channel: int, packets: Sequence[bytes]) -> int:
+    """Frames on one channel of ``session``'s connection in one write where the
+    connection can (``send_interleaved_many``), else one by one; how many went."""
+    sink = session.sender
+    if sink is None:
+        return 0
+    many = getattr(sink, "send_interleaved_many", None)
+    if many is not None:
+        return int(many(channel, packets))
+    return sum(1 for data in packets if sink.send_interleaved(channel, data))
 
 
 @attrs.define(eq=False)

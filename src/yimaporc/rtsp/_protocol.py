@@ -49,6 +49,7 @@ from ._wire import (
     SessionHeader,
     TransportSpec,
     reason_phrase,
+    serialize_interleaved,
     serialize_range,
     serialize_rtp_info,
     serialize_session,
@@ -199,6 +200,32 @@ class RtspServerProtocol(_Shell):
             return True
         self._t.write(frame)
         return True
+
+    def send_interleaved_many(self, channel: int, packets: Sequence[bytes]) -> int:
+        """Frames on one channel with one transport write; how many were taken (the
+        same bounds as :meth:`send_interleaved`, frame by frame: beyond one, that
+        frame and the rest are dropped)."""
+        if self._lost or self.conn.closed:
+            return 0
+        frames = [serialize_interleaved(channel, data) for data in packets]
+        taken = len(frames)
+        if self._gate.paused:
+            room = self.factory.limits.max_unread_output - self._gate.written_while_paused
+            taken = _fitting(frames, room)
+            self.factory.interleaved_dropped += len(frames) - taken
+        if self._held is not None:
+            taken = _fitting(frames[:taken], self.factory.limits.max_buffer - self._held_bytes)
+        if not taken:
+            return 0
+        block = b"".join(frames[:taken])
+        if self._gate.paused:
+            self._gate.written_while_paused += len(block)
+        if self._held is not None:
+            self._held.append(block)
+            self._held_bytes += len(block)
+        else:
+            self._t.write(block)
+        return taken
 
     def dataReceived(self, data: bytes) -> None:
         self.conn.receive_data(data)
@@ -756,3 +783,14 @@ class RtspClientProtocol(_Shell):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._lost = True
         self._fail_all(RtspConnectionLost(str(reason.value)))
+
+
+def _fitting(frames: Sequence[bytes], room: int) -> int:
+    """How many of ``frames``, from the first, fit in ``room`` bytes."""
+    n = 0
+    for frame in frames:
+        room -= len(frame)
+        if room < 0:
+            break
+        n += 1
+    return n

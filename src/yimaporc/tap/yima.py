@@ -39,6 +39,20 @@ class Options(NodeOptions):
             "bipartite",
             "Delivery design: bipartite (Yima-2) or master-slave (Yima-1).",
         ],
+        [
+            "send-path",
+            None,
+            "auto",
+            "How RTP leaves the node: auto, gso (one sendmsg per batch with UDP_SEGMENT), "
+            "sendmmsg, or sendto (one call per datagram). auto: the first the kernel has.",
+        ],
+        [
+            "block-cache-mb",
+            None,
+            "256",
+            "Memory bound of the delivery block cache in MiB (the cache holds the "
+            "sessions' working set of blocks, up to this).",
+        ],
         *(
             [f"rtsp-{name}", None, default, text]
             for name, _key, default, text, _kind in RTSP_GUARDS
@@ -62,6 +76,17 @@ class Options(NodeOptions):
         super().postOptions()
         if self["mode"] not in MODES:
             raise usage.UsageError("--mode must be bipartite or master-slave")
+        from ..yima.sendpath import SEND_PATHS
+
+        if self["send-path"] not in SEND_PATHS:
+            raise usage.UsageError(f"--send-path must be one of {', '.join(SEND_PATHS)}")
+        try:
+            cache_mb = int(self["block-cache-mb"])
+        except ValueError:
+            raise usage.UsageError("--block-cache-mb must be a whole number of MiB") from None
+        if cache_mb < 1:
+            raise usage.UsageError("--block-cache-mb must be at least 1")
+        self["cache_bytes"] = cache_mb << 20
         guards: dict[str, Any] = {}
         for name, key, _default, _text, kind in RTSP_GUARDS:
             try:
@@ -86,6 +111,8 @@ def yima_config(options: Options) -> YimaConfig:
             admin=options["admin"],
             mode=options["mode"],
             rtsp_guards=options["rtsp_guards"],
+            send_path=options["send-path"],
+            cache_bytes=options["cache_bytes"],
         )
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e

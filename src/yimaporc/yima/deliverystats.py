@@ -63,6 +63,20 @@ class DeliveryStats:
             s.late_packets += 1
             s.max_late = max(s.max_late, lateness)
 
+    def sent_run(self, session: str, packets: int, nbytes: int, late: int, max_late: float) -> None:
+        """``packets`` packets of ``session`` (``nbytes`` of payload) went out, ``late``
+        of them more than :data:`LATE_AFTER` after their deadline, the latest by
+        ``max_late`` seconds."""
+        s = self.sessions.get(session)
+        if s is None:
+            s = self.sessions[session] = SessionDelivery()
+        s.packets += packets
+        s.bytes += nbytes
+        if late > 0:
+            self.late_packets += late
+            s.late_packets += late
+            s.max_late = max(s.max_late, max_late)
+
     def read_started(self, key: Hashable) -> None:
         """The engine began reading ``key`` from disk (a miss for the need that asked)."""
         self._reads[key] += 1

@@ -6,10 +6,21 @@ prefetch window through an injected ``read_block`` (which runs off the reactor
 thread), keeps them in a bounded cache, and at each deadline hands every due
 packet with its payload bytes to an injected ``emit`` callable (which builds the
 RTP header and writes the datagram).  One engine, one timer, all sessions.
+
+With ``emit_run`` the hot path has no object per packet: each tick hands over,
+per session and block, one run of due packets (:data:`~.schedule.Run`) with the
+cached block, and the caller packs and sends the run as one batch.
+``send_ahead`` lets a tick take what falls due within that many seconds too,
+so a session gets several packets per system call instead of one wake-up each.
+
+The block cache holds the sessions' working set: the distinct blocks their
+read-ahead windows want (times ``cache_slack``, at least ``cache_blocks``),
+bounded by ``cache_bytes``; least recently used blocks go first.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -19,8 +30,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .deliverystats import DeliveryStats
-from .schedule import NodeScheduler, Packet
+from .deliverystats import LATE_AFTER, DeliveryStats
+from .schedule import NodeScheduler, Packet, Run
 
 BlockKey = tuple[str, int]
 
@@ -38,8 +49,13 @@ class DeliveryEngine:
         read_block: Callable[[str, int], Deferred[bytes]],
         emit: Callable[[Packet, bytes], None],
         *,
+        emit_run: Callable[[Run, bytes], None] | None = None,
+        flush: Callable[[], object] | None = None,
+        send_ahead: float = 0.0,
         max_reads: int = 4,
         cache_blocks: int = 64,
+        cache_bytes: int = 256 << 20,
+        cache_slack: float = 2.0,
         min_interval: float = 0.001,
         prefetch_interval: float = 0.02,
     ) -> None:
@@ -48,8 +64,20 @@ class DeliveryEngine:
         self.scheduler = scheduler
         self.read_block = read_block
         self.emit = emit
+        #: Batched hot path: one call per run of due packets (see module doc).
+        self.emit_run = emit_run
+        #: Called at the start of every tick (a sender sends what EAGAIN kept back).
+        self.flush = flush
+        self.send_ahead = send_ahead
         self.max_reads = max_reads
+        #: The cache holds at least this many blocks, and the working set times
+        #: ``cache_slack``, but never more than ``cache_bytes`` of data.
         self.cache_blocks = cache_blocks
+        self.cache_bytes = cache_bytes
+        self.cache_slack = cache_slack
+        #: The block limit of the last read-ahead scan, and the bytes now held.
+        self.cache_limit = cache_blocks
+        self.cached_bytes = 0
         self.cache: OrderedDict[BlockKey, bytes] = OrderedDict()
         self._reading: set[BlockKey] = set()
         self._timer: IDelayedCall | None = None
@@ -80,14 +108,29 @@ class DeliveryEngine:
         self._timer = None
 
     def _run(self) -> None:
+        # Called early (poke, a block read, a retry): the pending wake-up goes, or every
+        # early call would leave one more timer chain ticking for the rest of the stream.
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
         self._timer = None
         now = self.cluster_time()
         self.ticks += 1
+        if self.flush is not None:
+            self.flush()
         if now >= self._next_prefetch:
             self._prefetch(now)
-        for pkt in self.scheduler.tick(now, ready=set(self.cache)):
-            data = self.cache[(self.scheduler.sessions[pkt.session].media.name, pkt.block)]
-            self.cache.move_to_end((self.scheduler.sessions[pkt.session].media.name, pkt.block))
+        if self.emit_run is not None:
+            self._send_runs(now)
+        else:
+            self._send_packets(now)
+        self._reschedule(now)
+
+    def _send_packets(self, now: float) -> None:
+        sessions, cache = self.scheduler.sessions, self.cache
+        for pkt in self.scheduler.tick(now + self.send_ahead, ready=cache):
+            key = (sessions[pkt.session].media.name, pkt.block)
+            data = cache[key]
+            cache.move_to_end(key)
             try:
                 payload = data[pkt.offset : pkt.offset + pkt.length]
                 self.emit(pkt, payload)
@@ -96,15 +139,44 @@ class DeliveryEngine:
                 self.stats.sent(pkt.session, len(payload), now - pkt.deadline)
             except Exception:
                 self.log.failure("delivery: sending packet {g} failed", g=pkt.gseq)
-        self._reschedule(now)
+
+    def _send_runs(self, now: float) -> None:
+        sessions, cache, emit_run = self.scheduler.sessions, self.cache, self.emit_run
+        assert emit_run is not None
+        for run in self.scheduler.tick_runs(now + self.send_ahead, ready=cache):
+            sid, block, j0, count, _ns, d0, dstep = run
+            media = sessions[sid].media
+            key = (media.name, block)
+            data = cache[key]
+            cache.move_to_end(key)
+            try:
+                emit_run(run, data)
+            except Exception:
+                self.log.failure("delivery: sending packets of block {b} failed", b=block)
+                continue
+            size = media.payload
+            nbytes = min(media.block_length(block), (j0 + count) * size) - j0 * size
+            self.sent += count
+            self.sent_bytes += nbytes
+            late_by = now - d0 - LATE_AFTER
+            if late_by > 0:
+                late = count if dstep <= 0 else min(count, math.ceil(late_by / dstep))
+                self.stats.sent_run(sid, count, nbytes, late, now - d0)
+            else:
+                self.stats.sent_run(sid, count, nbytes, 0, 0.0)
 
     def _reschedule(self, now: float) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        deadline = self.scheduler.next_deadline()
+        # The batched path's tick found the next deadline in its pass over the sessions.
+        batched = self.emit_run is not None
+        deadline = self.scheduler.next_due if batched else self.scheduler.next_deadline()
         if deadline is None:
             self._timer = None
             return
+        # Wake at the next deadline itself (not send_ahead before it): that tick then
+        # takes every packet due within send_ahead, so wake-ups are at least that far
+        # apart and each session's packets leave several at a time, never late.
         delay = max(self.min_interval, deadline - now)
         if deadline <= now and not set(self.scheduler.wanted_blocks(now)) <= set(self.cache):
             # A due block is still being read: its arrival calls _run again.
@@ -127,13 +199,26 @@ class DeliveryEngine:
         self.stats.wanted(
             wanted, lambda k: k in self.cache or k in self._reading, self.scheduler.sessions
         )
-        while len(self.cache) > self.cache_blocks:
-            self.cache.popitem(last=False)
+        self.cache_limit = max(self.cache_blocks, math.ceil(len(set(wanted)) * self.cache_slack))
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop least recently used blocks beyond the block limit or the byte budget."""
+        cache = self.cache
+        while len(cache) > self.cache_limit or (
+            self.cached_bytes > self.cache_bytes and len(cache) > 1
+        ):
+            _, old = cache.popitem(last=False)
+            self.cached_bytes -= len(old)
 
     def _loaded(self, data: bytes, key: BlockKey) -> None:
         self._reading.discard(key)
         self.block_read_bytes += len(data)
+        old = self.cache.pop(key, None)
+        if old is not None:
+            self.cached_bytes -= len(old)
         self.cache[key] = data
+        self.cached_bytes += len(data)  # the read-ahead scan (next, in _run) evicts
         self._next_prefetch = float("-inf")  # keep the read-ahead chain going
         self._run()
 

@@ -62,6 +62,10 @@ class YimaConfig:
     rtsp_guards: Mapping[str, Any] = attrs.field(factory=dict)
     #: Worker threads of the storage service's own pool.
     storage_threads: int = 4
+    #: How datagrams leave (``--send-path``: auto, gso, sendmmsg or sendto).
+    send_path: str = "auto"
+    #: Block cache memory bound in bytes (``--block-cache-mb``); None: the default.
+    cache_bytes: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in MODES:
@@ -124,6 +128,8 @@ class YimaNode:
             mode=config.mode,
             rng=rng,
             rtsp_guards=dict(config.rtsp_guards),
+            send_path=config.send_path,
+            **({"cache_bytes": config.cache_bytes} if config.cache_bytes is not None else {}),
         )
         return cls(
             node,

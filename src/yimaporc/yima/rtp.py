@@ -426,6 +426,57 @@ class RtpHeaderTemplate:
         """One whole packet: :meth:`header` followed by ``payload``."""
         return self.header(sequence, timestamp, node_seq, marker) + payload
 
+    def pack_run(
+        self,
+        buf: bytearray,
+        block: memoryview,
+        j: int,
+        count: int,
+        payload: int,
+        sequence: int,
+        node_seq: int,
+        ts_base: int,
+        start: float,
+        step: float,
+        clock_rate: int,
+    ) -> int:
+        """Packets ``j .. j+count-1`` of a cached ``block`` into ``buf`` (from 0), each
+        header packed in place and followed by its ``payload``-byte slice (the last
+        slice ends at the block's end): equal-size datagrams, only the last may be
+        shorter.  Packet ``k`` carries ``sequence + k``, ``node_seq + k`` and the
+        timestamp of media time ``start + step * (j + k)`` (``ts_base`` + that many
+        seconds at ``clock_rate``, rounded).  Grows ``buf`` if needed; returns the
+        bytes used.
+        """
+        hsz = self.header_size
+        stride = hsz + payload
+        first = j * payload
+        end = min(len(block), first + count * payload)
+        total = (count - 1) * stride + hsz + end - (first + (count - 1) * payload)
+        if len(buf) < total:
+            buf.extend(bytes(total - len(buf)))
+        b0, b1, ssrc, node = self._b0, self._b1, self.ssrc, self._node
+        if self.node_index is None:
+            pack12 = _FIXED.pack_into
+            for k in range(count):
+                o = k * stride
+                ts = ts_base + round((start + step * (j + k)) * clock_rate)
+                pack12(buf, o, b0, b1, (sequence + k) & 0xFFFF, ts & 0xFFFFFFFF, ssrc)
+                p = first + k * payload
+                q = min(end, p + payload)
+                buf[o + hsz : o + hsz + q - p] = block[p:q]
+            return total
+        pack = _YIMA_HEADER.pack_into
+        for k in range(count):
+            o = k * stride
+            ts = ts_base + round((start + step * (j + k)) * clock_rate)
+            pack(buf, o, b0, b1, (sequence + k) & 0xFFFF, ts & 0xFFFFFFFF, ssrc,
+                 ONE_BYTE_PROFILE, 2, _YIMA_ELEM_HEAD, node, (node_seq + k) & 0xFFFFFFFF)  # fmt: skip
+            p = first + k * payload
+            q = min(end, p + payload)
+            buf[o + hsz : o + hsz + q - p] = block[p:q]
+        return total
+
 
 def is_rtcp(data: bytes) -> bool:
     """True when a datagram on a muxed port is RTCP, not RTP (RFC 5761 §4: PT 192..223)."""

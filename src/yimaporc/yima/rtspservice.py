@@ -37,7 +37,7 @@ from zope.interface import implementer
 from ..cluster.membership import IMembershipListener, View
 from ..cluster.node import CannotStart, ClusterNode, IReady
 from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
-from ..rtsp._machine import ServerSession
+from ..rtsp._machine import ServerSession, send_interleaved_many
 from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
 from ..rtsp.interfaces import PlayReply
 from ..rtsp.sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
@@ -72,10 +72,15 @@ from .rtp import (
     serialize_rtcp,
 )
 from .schedule import MediaTiming, Packet
+from .sendpath import DatagramSender
 from .store import BlockKey
 from .streaming import Destination, StreamControl, StreamingNode, StreamNack, StreamStart
 
 START_LEAD = 0.5
+# A delivery tick also takes what falls due within this many seconds: a session's
+# packets then leave in batches of several per system call (one GSO send) instead of
+# one wake-up each; players buffer far more than this (docs/benchmarks.md).
+SEND_AHEAD = 0.01
 # Relayed sessions: the nodes send this far ahead of the playout instant and the relay
 # holds each packet until it is due, so an overdue packet can be asked again of its
 # owner or, the owner being silent, its share served from parity here before the
@@ -280,8 +285,15 @@ class YimaStreamingService(Service):
         mode: str = "bipartite",
         rng: random.Random | None = None,
         rtsp_guards: dict[str, Any] | None = None,
+        send_path: str = "auto",
+        cache_bytes: int = 256 << 20,
+        send_ahead: float = SEND_AHEAD,
     ) -> None:
         self.node = node
+        #: How RTP leaves the data socket (sendpath.SEND_PATHS); the sender is made
+        #: when the socket is bound.
+        self.send_path = send_path
+        self.sender: DatagramSender | None = None
         self.reactor = reactor
         self.storage = storage
         self.rtsp_endpoint = rtsp_endpoint
@@ -313,6 +325,11 @@ class YimaStreamingService(Service):
             read_block=self._read_block,
             packetize=self._packetize_marked,
             send=self._send,
+            template=self._template,
+            send_segments=self._send_segments,
+            flush=self._flush,
+            send_ahead=send_ahead,
+            cache_bytes=cache_bytes,
         )
         self.streaming.register(node.registry)
         self.rtcp_port: IListeningPort | None = None
@@ -335,6 +352,9 @@ class YimaStreamingService(Service):
         # RTCP from players: on its own port (data port + 1 when free), and muxed on the data port.
         self.data_port = self.reactor.listenUDP(0, _Udp(self.feedback.datagram), interface=host)
         _big_buffers(self.data_port)
+        sock = getattr(self.data_port, "socket", None)
+        if isinstance(sock, socket.socket):
+            self.sender = DatagramSender(sock, self.send_path)
         try:
             self.rtcp_port = self.reactor.listenUDP(
                 self.data_port.getHost().port + 1,  # type: ignore[union-attr]
@@ -379,6 +399,7 @@ class YimaStreamingService(Service):
         super().stopService()
         self.streaming.engine.stop()
         self.streaming.local.clear()
+        self.streaming.local_batch.clear()
         self.factory.stop()
         ports = [p for p in (self.data_port, self.rtcp_port, self.rtsp_port) if p is not None]
         for plan in self.plans.values():
@@ -403,6 +424,7 @@ class YimaStreamingService(Service):
                                                  self.streaming.scheduler.late_waits,
                                              "ended_share_lost": self.lost_sessions}}  # fmt: skip
         out["streaming"].update(self._delivery_status())
+        out["streaming"]["send"] = self._send_status()
         relays = sum(1 for p in self.plans.values() if p.relay_port is not None)
         out["rtsp"] = {**self.factory.stats(), "relay_ports": relays}
         fb = self.feedback
@@ -419,6 +441,18 @@ class YimaStreamingService(Service):
         if self.rtsp_port is not None:
             h = self.rtsp_port.getHost()
             out["services"] = {"rtsp": f"rtsp://{h.host}:{h.port}/sample"}  # type: ignore[attr-defined]
+        return out
+
+    def _send_status(self) -> dict[str, Any]:
+        """The data socket's send path and what it did (docs/operations.md)."""
+        snd, engine = self.sender, self.streaming.engine
+        out: dict[str, Any] = {"path": snd.path if snd is not None else "port",
+                               "cache_blocks": len(engine.cache),
+                               "cache_limit": engine.cache_limit,
+                               "cache_bytes": engine.cached_bytes}  # fmt: skip
+        if snd is not None:
+            out.update(datagrams=snd.datagrams, syscalls=snd.syscalls, dropped=snd.dropped,
+                       eagain=snd.eagain, errors=snd.errors, pending_bytes=snd.pending)  # fmt: skip
         return out
 
     def _delivery_status(self) -> dict[str, Any]:
@@ -465,19 +499,29 @@ class YimaStreamingService(Service):
         d: Deferred[list[int]] = self.storage.blocks_of_node(name, self.node.node_id)
         return d
 
-    def _packetize(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes:
+    def _template_for(
+        self, session: str, dest: Destination
+    ) -> tuple[RtpHeaderTemplate, WavFormat | None, int]:
         key = (dest.ssrc, dest.node_index)
         got = self._templates.get(key)
         if got is None:
             if len(self._templates) >= 1024:  # relayed sessions get a new SSRC per seek
                 self._templates.clear()
-            s = self.streaming.scheduler.sessions.get(pkt.session)
+            s = self.streaming.scheduler.sessions.get(session)
             info = self.storage.media_info(s.media.name) if s is not None else None
             wav = info.wav if info is not None and info.kind == KIND_WAV else None
             pt = PT_MP2T if wav is None else l16_payload_type(wav.sample_rate, wav.channels)
             got = self._templates[key] = (RtpHeaderTemplate(pt, dest.ssrc, dest.node_index), wav,
                                           info.block_size if info is not None else 0)  # fmt: skip
-        tpl, wav, block_size = got
+        return got
+
+    def _template(self, session: str, dest: Destination) -> RtpHeaderTemplate | None:
+        """The batched path's header template; None for L16 (converted packet by packet)."""
+        tpl, wav, _ = self._template_for(session, dest)
+        return tpl if wav is None else None
+
+    def _packetize(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes:
+        tpl, wav, block_size = self._template_for(pkt.session, dest)
         if wav is None:
             ts = dest.ts_base + round(pkt.media_time * dest.clock_rate)
             return tpl.build(dest.seq_base + pkt.gseq, ts, payload, pkt.node_seq)
@@ -495,8 +539,36 @@ class YimaStreamingService(Service):
         return mark_retransmission(data) if pkt.retransmission else data
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self.data_port is not None:
+        if self.sender is not None:
+            self.sender.send(data, addr)
+        elif self.data_port is not None:
             self.data_port.write(data, addr)  # type: ignore[attr-defined]
+
+    def _send_batch(self, packets: list[bytes], addr: tuple[str, int]) -> None:
+        """Several datagrams to one address: one batch when they are equal-size (the
+        last may be shorter), else one by one."""
+        size = len(packets[0])
+        if (
+            self.sender is None
+            or len(packets) == 1
+            or len(packets[-1]) > size
+            or any(len(d) != size for d in packets[1:-1])
+        ):
+            for data in packets:
+                self._send(data, addr)
+            return
+        self.sender.send_segments(b"".join(packets), size, addr)
+
+    def _send_segments(self, buf: memoryview, size: int, addr: tuple[str, int]) -> None:
+        if self.sender is not None:
+            self.sender.send_segments(buf, size, addr)
+        elif self.data_port is not None:  # a test's memory port: one write per datagram
+            for at in range(0, len(buf), size):
+                self.data_port.write(bytes(buf[at : at + size]), addr)  # type: ignore[attr-defined]
+
+    def _flush(self) -> None:
+        if self.sender is not None:
+            self.sender.flush()
 
     def _send_rtcp_reply(self, data: bytes, addr: Any) -> None:
         if self.rtcp_port is not None and addr is not None:
@@ -718,6 +790,9 @@ class YimaStreamingService(Service):
         # This node's own packets skip the socket (two syscalls and a copy each).
         plan.relay_addr = (self.node.config.cluster_host, listening.getHost().port)  # type: ignore[attr-defined]
         self.streaming.local[plan.relay_addr] = lambda data: self._relayed(session_id, data)
+        self.streaming.local_batch[plan.relay_addr] = lambda view, size: self._relayed_many(
+            session_id, view, size
+        )
 
     @staticmethod
     def _destination(plan: _Plan) -> tuple[str, int]:
@@ -751,12 +826,31 @@ class YimaStreamingService(Service):
 
     def _relayed(self, session_id: str, data: bytes) -> None:
         plan = self.plans.get(session_id)
-        if plan is None or plan.relay is None or len(data) < 12:
+        if plan is None or plan.relay is None:
             return
-        if int.from_bytes(data[8:12], "big") != plan.node_ssrc:
-            plan.relay.stats.stale += 1  # sent for the position before a seek
+        self._forward(session_id, plan, self._relay_one(plan, data, self.node.cluster_time()))
+
+    def _relayed_many(self, session_id: str, view: memoryview, size: int) -> None:
+        """A run of this node's own packets for a relayed session, handed over in one
+        call (``size``-byte datagrams, the last may be shorter): pushed in order, then
+        whatever they release is forwarded as one batch."""
+        plan = self.plans.get(session_id)
+        if plan is None or plan.relay is None:
             return
         now = self.node.cluster_time()
+        released: list[bytes] = []
+        for at in range(0, len(view), size):
+            released.extend(self._relay_one(plan, bytes(view[at : at + size]), now))
+        self._forward(session_id, plan, released)
+
+    def _relay_one(self, plan: _Plan, data: bytes, now: float) -> list[bytes]:
+        """One node packet into the session's relay; the packets it releases."""
+        assert plan.relay is not None
+        if len(data) < 12:
+            return []
+        if int.from_bytes(data[8:12], "big") != plan.node_ssrc:
+            plan.relay.stats.stale += 1  # sent for the position before a seek
+            return []
         if len(data) >= 24 and data[12:14] == b"\xbe\xde" and data[16] == 0x14:
             plan.heard[data[17]] = now  # the node index in the Yima extension
         seq16 = int.from_bytes(data[2:4], "big")
@@ -766,8 +860,8 @@ class YimaStreamingService(Service):
         gseq = base + ((gseq - base + 0x8000) & 0xFFFF) - 0x8000
         if gseq < base and data[22:24] == RETRANSMISSION_MARK:
             self._forward_late(plan, data)  # a NACKed packet the relay gave up on
-            return
-        self._forward(session_id, plan, plan.relay.push(gseq, data, now))
+            return []
+        return plan.relay.push(gseq, data, now)
 
     def _to_client(self, plan: _Plan, data: bytes) -> bytes:
         """A node's packet as this session's client gets it: its own sequence numbers
@@ -791,12 +885,12 @@ class YimaStreamingService(Service):
             plan.octets += sum(len(d) - _header_length(d) for d in packets)
             plan.last_rtp_ts = int.from_bytes(last[4:8], "big")
             plan.last_sent_at = self.reactor.seconds()
-        for data in packets:
+        if packets:
             if plan.tcp_channel is not None:
-                if plan.session is not None:
-                    plan.session.send_interleaved(plan.tcp_channel, data)
+                if plan.session is not None:  # one transport write for the batch
+                    send_interleaved_many(plan.session, plan.tcp_channel, packets)
             else:
-                self._send(data, (plan.dest_host, plan.dest_port))
+                self._send_batch(packets, (plan.dest_host, plan.dest_port))
         done = plan.relay is not None and plan.total and plan.relay.next >= plan.total
         if done and plan.bye_timer is None and not plan.bye_sent:
             plan.bye_timer = self.reactor.callLater(BYE_GRACE, self._bye, plan)
@@ -819,8 +913,9 @@ class YimaStreamingService(Service):
         if plan is None or plan.relay is None:
             return
         plan.relay_timer = plan.relay_timer_at = None
-        # Packets due within 2 ms go together (one wake-up, not one per packet).
-        self._forward(session_id, plan, plan.relay.tick(self.node.cluster_time() + 0.002))
+        # Packets due within SEND_AHEAD go together (one wake-up and one send, not
+        # one per packet).
+        self._forward(session_id, plan, plan.relay.tick(self.node.cluster_time() + SEND_AHEAD))
 
     def _watch(self, session_id: str) -> None:
         """Look for overdue packets of a relayed session: ask their owner again at once;
@@ -1380,6 +1475,7 @@ class YimaStreamingService(Service):
         plan = self.plans.pop(session.session_id, None)
         if plan is not None and plan.relay_port is not None:
             self.streaming.local.pop(plan.relay_addr, None)
+            self.streaming.local_batch.pop(plan.relay_addr, None)
             plan.relay_port.stopListening()
             if plan.relay_timer is not None and plan.relay_timer.active():
                 plan.relay_timer.cancel()

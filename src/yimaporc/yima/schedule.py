@@ -17,11 +17,9 @@ One :class:`NodeScheduler` serves all sessions of a node with one timer.
 
 from __future__ import annotations
 
-import heapq
 import math
-from bisect import bisect_left
-from collections import OrderedDict
-from collections.abc import Sequence
+from bisect import bisect_left, bisect_right
+from collections.abc import Container, Sequence
 
 import attrs
 
@@ -132,6 +130,14 @@ class MediaTiming:
         """Media time of packet ``j`` of ``block``."""
         return self.block_starts[block] + self._steps[block] * j
 
+    def packet_step(self, block: int) -> float:
+        """Media time between two packets of ``block``."""
+        return self._steps[block]
+
+    def block_length(self, block: int) -> int:
+        """Bytes of ``block`` (the last one may be short)."""
+        return min(self.block_size, self.size - block * self.block_size)
+
 
 @attrs.frozen
 class Packet:
@@ -146,6 +152,23 @@ class Packet:
     media_time: float
     deadline: float
     retransmission: bool = False
+
+
+#: Packets of one session due in one tick, consecutive in one block: ``(session,
+#: block, j, count, node_seq, deadline, step)``: packets ``j .. j+count-1`` of
+#: ``block``, numbered ``node_seq ..`` by this node, the first due at cluster time
+#: ``deadline`` and each next one ``step`` seconds later.  The engine's hot path
+#: works on runs (no object per packet); :meth:`NodeScheduler.run_packets` expands
+#: one into :class:`Packet` values where a caller needs them.
+Run = tuple[str, int, int, int, int, float, float]
+
+#: What the retransmission buffer keeps of a run: ``(node_seq, block, j, count,
+#: deadline, step)``.
+SentRun = tuple[int, int, int, int, float, float]
+
+
+def _run_seq(r: SentRun) -> int:
+    return r[0]
 
 
 @attrs.define
@@ -163,9 +186,53 @@ class Session:
     cursor_block: int = 0
     cursor_packet: int = 0
     node_seq: int = 0
-    sent: OrderedDict[int, Packet] = attrs.field(factory=OrderedDict)
+    #: The retransmission buffer: the runs sent, oldest first (see :data:`SentRun`).
+    sent_runs: list[SentRun] = attrs.field(factory=list)
     resent: set[int] = attrs.field(factory=set)
     late: int = 0
+
+    def sent_packet(self, node_seq: int, window: int) -> Packet | None:
+        """The packet sent as ``node_seq``, if it is among the last ``window`` sent."""
+        if not self.node_seq - window <= node_seq < self.node_seq:
+            return None
+        runs = self.sent_runs
+        i = bisect_right(runs, node_seq, key=_run_seq) - 1
+        if i < 0:
+            return None
+        ns0, block, j0, count, d0, dstep = runs[i]
+        k = node_seq - ns0
+        if k >= count:
+            return None
+        media, j = self.media, j0 + k
+        size = media.payload
+        offset = j * size
+        return Packet(
+            self.session_id,
+            block * media.packets_per_block + j,
+            node_seq,
+            block,
+            offset,
+            min(size, media.block_length(block) - offset),
+            media.packet_time(block, j),
+            d0 + k * dstep,
+        )
+
+    def node_seqs_of(self, gseqs: Sequence[int], window: int) -> list[int]:
+        """This node's numbers of the global packets ``gseqs`` it sent (the last
+        ``window``); the ones it did not send are left out."""
+        ppb = self.media.packets_per_block
+        floor = self.node_seq - window
+        by_block: dict[int, list[SentRun]] = {}
+        for r in self.sent_runs:
+            if r[0] + r[3] > floor:
+                by_block.setdefault(r[1], []).append(r)
+        out = []
+        for g in gseqs:
+            block, j = divmod(g, ppb)
+            for ns0, _b, j0, count, _d, _s in by_block.get(block, ()):
+                if j0 <= j < j0 + count and ns0 + j - j0 >= floor:
+                    out.append(ns0 + j - j0)
+        return out
 
     def deadline(self, media_time: float) -> float:
         """Cluster time at which media time ``media_time`` is due."""
@@ -196,6 +263,9 @@ class NodeScheduler:
         self.prefetch = prefetch
         #: Times a due packet waited because its block was not read yet (all sessions).
         self.late_waits = 0
+        #: The earliest deadline left after the last :meth:`tick_runs` (found in the
+        #: same pass: :meth:`next_deadline` without a second walk over the sessions).
+        self.next_due: float | None = None
 
     def add(
         self,
@@ -212,7 +282,7 @@ class NodeScheduler:
         if old is not None:
             # A seek restarts the session: this node's counter goes on (its packets
             # stay numbered once each) and NACKs may still name what it sent before.
-            s.node_seq, s.sent, s.resent = old.node_seq, old.sent, old.resent
+            s.node_seq, s.sent_runs, s.resent = old.node_seq, old.sent_runs, old.resent
         # Skip what lies before the start position (PLAY with a Range): bisection
         # in the time index, never a walk over the packets.
         block, j = media.first_at(start_mt)
@@ -272,56 +342,115 @@ class NodeScheduler:
         s = self.sessions.get(session_id)
         return s is None or s.peek() is None
 
-    def tick(self, now: float, ready: set[tuple[str, int]] | None = None) -> list[Packet]:
-        """Packets due by ``now``, in deadline order.
+    def tick(self, now: float, ready: Container[tuple[str, int]] | None = None) -> list[Packet]:
+        """Packets due by ``now``, in deadline order (:meth:`tick_runs`, expanded).
 
         ``ready`` holds the ``(media, block)`` pairs whose data is in memory; a
         due packet of a block still being read waits (and counts as late).
         """
-        heap: list[tuple[float, str]] = []
+        out = [p for run in self.tick_runs(now, ready) for p in self.run_packets(run)]
+        out.sort(key=lambda p: (p.deadline, p.session))
+        return out
+
+    def run_packets(self, run: Run) -> list[Packet]:
+        """The packets of one run (see :data:`Run`)."""
+        sid, block, j0, count, ns0, _d0, _step = run
+        s = self.sessions[sid]
+        media = s.media
+        size, gseq0 = media.payload, block * media.packets_per_block
+        blen = media.block_length(block)
+        out = []
+        for j in range(j0, j0 + count):
+            mt = media.packet_time(block, j)
+            length = min(size, blen - j * size)
+            out.append(Packet(sid, gseq0 + j, ns0 + j - j0, block, j * size, length, mt,
+                              s.deadline(mt)))  # fmt: skip
+        return out
+
+    def tick_runs(self, now: float, ready: Container[tuple[str, int]] | None = None) -> list[Run]:
+        """The packets due by ``now`` as runs (one per session and block), taken as sent.
+
+        Per session, in order; a session stops at its first packet not due, at
+        its pause point, or at a due packet whose block is not in ``ready`` (that
+        counts as late, once per session and tick).  The work is per run: how many
+        packets of a block are due is computed from the block's packet spacing.
+        """
+        out: list[Run] = []
+        nxt = None
         for sid, s in self.sessions.items():
-            if (mt := s.next_media_time()) is not None and not (s.paused and mt >= s.pause_mt):
-                heapq.heappush(heap, (s.deadline(mt), sid))
-        out: list[Packet] = []
-        while heap:
-            deadline, sid = heapq.heappop(heap)
-            if deadline > now:
-                break
-            s = self.sessions[sid]
-            nxt = s.peek()
-            if nxt is None:
+            d = self._due_runs(sid, s, now, ready, out)
+            if d is not None and (nxt is None or d < nxt):
+                nxt = d
+        self.next_due = nxt
+        return out
+
+    def _due_runs(
+        self,
+        sid: str,
+        s: Session,
+        now: float,
+        ready: Container[tuple[str, int]] | None,
+        out: list[Run],
+    ) -> float | None:
+        """Append ``s``'s due runs to ``out``; its next deadline after them (None: at
+        its end or its pause point)."""
+        media, blocks = s.media, s.my_blocks
+        starts, steps, counts = media.block_starts, media._steps, media._counts
+        deadline = s.deadline
+        while s.cursor_block < len(blocks):
+            block = blocks[s.cursor_block]
+            n, j = counts[block], s.cursor_packet
+            if j >= n:
+                s.cursor_block += 1
+                s.cursor_packet = 0
                 continue
-            block, j, mt = nxt
-            if ready is not None and (s.media.name, block) not in ready:
+            start, step = starts[block], steps[block]
+            if s.paused and start + step * j >= s.pause_mt:
+                return None
+            d0 = deadline(start + step * j)
+            if d0 > now:
+                return d0
+            if ready is not None and (media.name, block) not in ready:
                 s.late += 1
                 self.late_waits += 1
-                continue
-            size = s.media.payload
-            offset = j * size
-            length = min(
-                size, min(s.media.block_size, s.media.size - block * s.media.block_size) - offset
-            )
-            pkt = Packet(
-                sid,
-                block * s.media.packets_per_block + j,
-                s.node_seq,
-                block,
-                offset,
-                length,
-                mt,
-                deadline,
-            )
-            s.node_seq += 1
-            s.cursor_packet += 1
-            s.sent[pkt.node_seq] = pkt
-            while len(s.sent) > self.retransmit_window:
-                old, _ = s.sent.popitem(last=False)
-                s.resent.discard(old)
-            out.append(pkt)
-            mt2 = s.next_media_time()
-            if mt2 is not None and not (s.paused and mt2 >= s.pause_mt):
-                heapq.heappush(heap, (s.deadline(mt2), sid))
-        return out
+                return d0
+            end = n
+            if step > 0:
+                horizon = s.anchor_mt + (now - s.anchor_ct) * s.speed
+                if s.paused:
+                    horizon = min(horizon, s.pause_mt)
+                end = min(n, max(j + 1, int((horizon - start) / step) + 1))
+                # Settle on the exact comparisons a packet-by-packet walk makes.
+                while end > j + 1 and (
+                    deadline(start + step * (end - 1)) > now
+                    or (s.paused and start + step * (end - 1) >= s.pause_mt)
+                ):
+                    end -= 1
+                while (
+                    end < n
+                    and deadline(start + step * end) <= now
+                    and not (s.paused and start + step * end >= s.pause_mt)
+                ):
+                    end += 1
+            count = end - j
+            out.append((sid, block, j, count, s.node_seq, d0, step / s.speed))
+            s.sent_runs.append((s.node_seq, block, j, count, d0, step / s.speed))
+            s.node_seq += count
+            s.cursor_packet = end
+            self._trim(s)
+        return None
+
+    def _trim(self, s: Session) -> None:
+        """Forget runs older than the retransmission window (in slices, not per run)."""
+        floor = s.node_seq - self.retransmit_window
+        runs = s.sent_runs
+        if len(runs) > 64 and runs[32][0] + runs[32][3] <= floor:
+            k = bisect_right(runs, floor, key=_run_seq)
+            while k > 0 and runs[k - 1][0] + runs[k - 1][3] > floor:
+                k -= 1
+            del runs[:k]
+            if len(s.resent) > 2 * self.retransmit_window:
+                s.resent = {n for n in s.resent if n >= floor}
 
     def wanted_blocks(self, now: float) -> list[tuple[str, int]]:
         """Blocks whose packets fall due within the prefetch window (read them ahead)."""
@@ -353,8 +482,10 @@ class NodeScheduler:
             return []
         out = []
         for n in node_seqs:
-            pkt = s.sent.get(n)
-            if pkt is None or n in s.resent:
+            if n in s.resent:
+                continue
+            pkt = s.sent_packet(n, self.retransmit_window)
+            if pkt is None:
                 continue
             if now is not None and max_age is not None and now - pkt.deadline > max_age:
                 continue

@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 
 from ..cluster.rpc import RpcRegistry
 from .engine import DeliveryEngine
-from .schedule import MediaTiming, NodeScheduler, Packet
+from .rtp import RtpHeaderTemplate
+from .schedule import MediaTiming, NodeScheduler, Packet, Run
 
 
 class StreamStart(amp.Command):
@@ -90,6 +91,9 @@ class Destination:
 
 
 Packetize = Callable[[Packet, Destination, bytes], bytes]
+#: ``send_segments(buffer, size, addr)``: datagrams of ``size`` bytes cut from the
+#: buffer (the last may be shorter), see :class:`~.sendpath.DatagramSender`.
+SendSegments = Callable[[memoryview, int, tuple[str, int]], None]
 
 
 class StreamingNode:
@@ -109,6 +113,11 @@ class StreamingNode:
         send: Callable[[bytes, tuple[str, int]], None],
         retransmit_age: float = 10.0,
         ready: Callable[[str], Deferred[Any]] | None = None,
+        template: Callable[[str, Destination], RtpHeaderTemplate | None] | None = None,
+        send_segments: SendSegments | None = None,
+        flush: Callable[[], object] | None = None,
+        send_ahead: float = 0.0,
+        cache_bytes: int = 256 << 20,
     ) -> None:
         self.timing = timing
         #: Fires once ``timing(media)`` can answer (the media's time index is loaded,
@@ -127,8 +136,23 @@ class StreamingNode:
         #: Destinations inside this process (the RTSP node's own relay sockets): a
         #: packet for one is handed over directly instead of through loopback UDP.
         self.local: dict[tuple[str, int], Callable[[bytes], None]] = {}
+        #: The same sinks taking a whole run at once (``view``, datagram ``size``); the
+        #: view is only valid during the call.
+        self.local_batch: dict[tuple[str, int], Callable[[memoryview, int], None]] = {}
         self.handed_over = 0
-        self.engine = DeliveryEngine(clock, cluster_time, self.scheduler, read_block, self._emit)
+        #: The batched path (both given): a session's header template (None: that
+        #: session goes packet by packet, e.g. WAV's L16 conversion) and the sender
+        #: of a buffer of datagrams; each run of due packets is packed into
+        #: ``_buf`` and sent in one call.
+        self.template = template
+        self.send_segments = send_segments
+        self._buf = bytearray(64 * 1400)
+        batched = template is not None and send_segments is not None
+        self.engine = DeliveryEngine(
+            clock, cluster_time, self.scheduler, read_block, self._emit,
+            emit_run=self._emit_run if batched else None, flush=flush,
+            send_ahead=send_ahead, cache_bytes=cache_bytes,
+        )  # fmt: skip
 
     def register(self, registry: RpcRegistry) -> None:
         """Answer the streaming RPC commands."""
@@ -256,8 +280,7 @@ class StreamingNode:
             return {"resent": 0}
         wanted = list(node_seqs[:512])
         if gseqs:
-            by_gseq = {p.gseq: ns for ns, p in s.sent.items()}
-            wanted.extend(by_gseq[g] for g in gseqs[:512] if g in by_gseq)
+            wanted.extend(s.node_seqs_of(gseqs[:512], self.scheduler.retransmit_window))
         packets = self.scheduler.retransmit(
             session, wanted, now=self.cluster_time(), max_age=self.retransmit_age
         )
@@ -276,6 +299,41 @@ class StreamingNode:
 
     def _resend_failed(self, failure: Failure) -> None:
         self.log.warn("nack: cannot read the block again: {e}", e=failure.getErrorMessage())
+
+    def _emit_run(self, run: Run, data: bytes) -> None:
+        """One run of due packets: packed into one buffer, sent in one call."""
+        sid, block, j0, count, node_seq, _d0, _step = run
+        dest = self.destinations.get(sid)
+        if dest is None:
+            return
+        assert self.template is not None and self.send_segments is not None
+        tpl = self.template(sid, dest)
+        if tpl is None:
+            for pkt in self.scheduler.run_packets(run):
+                self._emit(pkt, data[pkt.offset : pkt.offset + pkt.length])
+            return
+        media = self.scheduler.sessions[sid].media
+        payload = media.payload
+        used = tpl.pack_run(
+            self._buf, memoryview(data)[: media.block_length(block)], j0, count, payload,
+            dest.seq_base + block * media.packets_per_block + j0, node_seq,
+            dest.ts_base, media.block_starts[block], media.packet_step(block), dest.clock_rate,
+        )  # fmt: skip
+        size = tpl.header_size + payload
+        addr = (dest.host, dest.port)
+        with memoryview(self._buf) as whole, whole[:used] as view:
+            batch_sink = self.local_batch.get(addr)
+            if batch_sink is not None:
+                self.handed_over += count
+                batch_sink(view, size)
+                return
+            sink = self.local.get(addr)
+            if sink is None:
+                self.send_segments(view, size, addr)
+                return
+            self.handed_over += count
+            for at in range(0, used, size):
+                sink(bytes(view[at : at + size]))
 
     def _emit(self, pkt: Packet, payload: bytes) -> None:
         dest = self.destinations.get(pkt.session)
