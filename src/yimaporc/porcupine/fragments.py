@@ -6,21 +6,43 @@ Layout (seed §3.3: hard state grouped by user-map bucket)::
     DATA_DIR/mail/buckets/NNN/index.sqlite     mailboxes + messages of the bucket's users
     DATA_DIR/mail/buckets/NNN/<user>/<key>     one file per message body
 
-A body is written to ``tmp``, fsynced, renamed into the user's directory and
-the directory fsynced (Maildir discipline); only then is its index row
-committed (WAL, ``synchronous=FULL``).  The row is what makes a message
-visible, so a crash at any point leaves either nothing or an orphan file,
-which :meth:`FragmentStore.recover` removes at start (only files named
-``*.m``, the ones this module writes).
+Stores are group commits (:meth:`FragmentStore.commit_group`; the order is
+the Maildir discipline, with one durability barrier per step instead of one
+fsync per file):
+
+1. the bodies of the group are written to ``tmp`` and renamed into their
+   users' directories (no fsync each);
+2. **barrier 1** (:mod:`._durable`): one ``syncfs(2)`` of the mail tree's
+   filesystem, so every body, rename and directory entry of the group is on
+   disk; where syncfs is missing, an fsync per body and per directory;
+3. the bucket locks are taken and each bucket's index rows committed in one
+   transaction (WAL; ``synchronous=NORMAL`` under syncfs, FULL otherwise);
+4. **barrier 2**: one more syncfs, so the WAL frames of those commits are on
+   disk; only then are the locks released and the callers told (SMTP 250).
+
+Why that is as durable as an fsync per file: the row is what makes a message
+visible and it is written only after barrier 1, so a row never names a body
+that is not on disk.  A crash before barrier 2 returns leaves, per bucket,
+the whole transaction or nothing (WAL frames are checksummed; SQLite ignores
+a torn tail), and bodies without rows, which :meth:`FragmentStore.recover`
+removes at start (only files named ``*.m``, the ones this module writes).
+None of that group's messages had its 250, and no reader saw them (the bucket
+locks were held), so a sender's retry is the only copy that counts; a
+transaction that did survive is a duplicate of an unacknowledged message,
+as with any MTA that crashes between its fsync and its reply.  After barrier 2
+everything acknowledged is on disk: syncfs waits for write-back of the whole
+filesystem and commits its journal with a cache flush, which is what an fsync
+of each file and directory would do, once.  It reports write-back errors
+(Linux >= 5.8); an error fails the whole group (451, the sender retries).
 
 :class:`FragmentStore` blocks; :class:`MailboxManager` runs it on a thread pool
-and batches concurrent stores into one group commit (one SQLite transaction
-and one directory fsync per batch, every body still fsynced before its
-Deferred fires).
+and forms the groups: a store arriving with no group in flight is committed at
+once (no fixed wait), stores arriving meanwhile form the next group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -29,13 +51,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ._durable import Barrier, default_barrier
 from .interfaces import IMailboxManager
 from .usermap import N_BUCKETS, bucket_dir, bucket_of
 from .values import (
@@ -102,13 +125,27 @@ def _flags(text: str) -> tuple[str, ...]:
 class FragmentStore:
     """The blocking half: call only from a worker thread (it is thread-safe)."""
 
-    def __init__(self, data_dir: Path, node_id: str, now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        node_id: str,
+        now: Callable[[], float],
+        barrier: Barrier | None = None,
+    ) -> None:
         self.root = Path(data_dir) / "mail"
         self.node_id = node_id
         self.now = now
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
         (self.root / "buckets").mkdir(exist_ok=True)
+        #: How group commits make bodies and rows durable (:mod:`._durable`):
+        #: one syncfs per barrier where the platform has it, else fsyncs.
+        self.barrier: Barrier = barrier or default_barrier(
+            self.root, self.tmp, self.root / "buckets"
+        )
+        #: Group commits made, and messages in them (``/metrics``, tests).
+        self.groups = 0
+        self.grouped_messages = 0
         self._dbs: dict[int, sqlite3.Connection] = {}
         self._locks: dict[int, threading.RLock] = {}
         self._open = threading.Lock()
@@ -375,15 +412,17 @@ class FragmentStore:
 
     # --- messages ----------------------------------------------------------
 
-    def write_body(self, body: bytes) -> str:
-        """Phase 1 of a store: write ``tmp/<key>`` and fsync it; returns the key."""
+    def write_body(self, body: bytes, sync: bool = True) -> str:
+        """Phase 1 of a store: write ``tmp/<key>`` (fsynced unless ``sync`` is
+        False: a group commit's barrier makes it durable); returns the key."""
         key = uuid.uuid4().hex + BODY_SUFFIX
         fd = os.open(self.tmp / key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(body)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         return key
@@ -396,67 +435,149 @@ class FragmentStore:
     def commit_bucket(
         self, bucket: int, items: Sequence[tuple[NewMessage, str]]
     ) -> list[Digest | NoSuchMailbox]:
-        """Phase 2, per bucket: rename bodies into place, fsync the directories,
-        then commit their index rows in one transaction.  Nothing is visible
-        before the commit; on failure the bodies are removed again.  A message
-        for a mailbox that does not exist (any more) gets its error in its
-        place in the result, without failing the others."""
-        placed: list[Path] = []
-        try:
-            dirs: set[Path] = set()
-            for m, key in items:
-                if bucket_of(m.user) != bucket:
-                    raise ValueError(f"{m.user} is not in bucket {bucket}")
-                udir = self.user_path(m.user)
-                if udir not in dirs:
-                    udir.mkdir(parents=True, exist_ok=True)
-                    dirs.add(udir)
-                os.rename(self.tmp / key, udir / key)
-                placed.append(udir / key)
-            for d in dirs:
-                _fsync_dir(d)
-            out: list[Digest | NoSuchMailbox] = []
-            with self._lock_for(bucket):
-                db = self._db(bucket)
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    for m, key in items:
-                        try:
-                            out.append(self._insert_message(db, m, key))
-                        except NoSuchMailbox as e:  # this one only: its neighbours go on
-                            out.append(e)
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-            for (m, key), got in zip(items, out):
-                if isinstance(got, NoSuchMailbox):
-                    (self.user_path(m.user) / key).unlink(missing_ok=True)
-        except BaseException:
-            for path in placed:
-                path.unlink(missing_ok=True)
-            self.discard(key for _, key in items)
-            raise
+        """:meth:`commit_group` for messages of one bucket; an error other than a
+        missing mailbox is raised (nothing of the bucket is then stored)."""
+        for m, _ in items:
+            if bucket_of(m.user) != bucket:
+                self.discard(key for _, key in items)
+                raise ValueError(f"{m.user} is not in bucket {bucket}")
+        out: list[Digest | NoSuchMailbox] = []
+        for got in self.commit_group(items):
+            if not isinstance(got, (Digest, NoSuchMailbox)):
+                raise got
+            out.append(got)
         return out
 
-    def store(self, messages: Sequence[NewMessage]) -> list[Digest]:
-        """Both phases in this thread (see :class:`MailboxManager` for the parallel way)."""
-        keys = [self.write_body(m.body) for m in messages]
+    def commit_group(self, items: Sequence[tuple[NewMessage, str]]) -> list[Digest | Exception]:
+        """Phase 2 of a group commit: make bodies written to ``tmp`` (fsynced or
+        not) visible and durable, any number of users and buckets at once.
+
+        1. rename every body into its user's directory;
+        2. **barrier 1** (:attr:`barrier`): bodies and directory entries durable;
+        3. take the buckets' locks (ascending: no deadlock between two groups),
+           commit each bucket's rows in one transaction;
+        4. **barrier 2**: the commits durable; only then the locks are released,
+           so no reader of this node sees a row before it is durable.
+
+        With :class:`~._durable.SyncfsBarrier` that is two ``syncfs`` per group
+        and no fsync at all.  The result has, in each message's place, its
+        Digest or its own error: a missing mailbox fails that message only, a
+        failed bucket transaction that bucket's messages only; bodies of messages
+        not committed are removed again.  An error before any commit (a rename,
+        barrier 1) is raised, with every body removed.
+        """
+        self.groups += 1
+        self.grouped_messages += len(items)
+        out: list[Digest | Exception | None] = [None] * len(items)
         by_bucket: dict[int, list[int]] = {}
-        for i, m in enumerate(messages):
+        for i, (m, _) in enumerate(items):
             by_bucket.setdefault(bucket_of(m.user), []).append(i)
-        out: list[Digest | None] = [None] * len(messages)
+        placed: list[Path | None] = [None] * len(items)
         try:
-            for bucket, idx in by_bucket.items():
-                digests = self.commit_bucket(bucket, [(messages[i], keys[i]) for i in idx])
-                for i, d in zip(idx, digests):
-                    if isinstance(d, NoSuchMailbox):
-                        raise d
-                    out[i] = d
+            dirs: dict[Path, None] = {}
+            for i, (m, key) in enumerate(items):
+                udir = self.user_path(m.user)
+                if udir not in dirs:
+                    if not udir.is_dir():
+                        udir.mkdir(parents=True, exist_ok=True)
+                        # new entries in the bucket dir (and buckets/) to make durable
+                        dirs[udir.parent] = None
+                        dirs[udir.parent.parent] = None
+                    dirs[udir] = None
+                os.rename(self.tmp / key, udir / key)
+                placed[i] = udir / key
+            self.barrier.files([p for p in placed if p is not None], list(dirs))
         except BaseException:
-            self.discard(keys)
+            for path in placed:
+                if path is not None:
+                    path.unlink(missing_ok=True)
+            self.discard(key for _, key in items)
             raise
-        return [d for d in out if d is not None]
+        committed: list[int] = []
+        with contextlib.ExitStack() as locks:
+            for bucket in sorted(by_bucket):
+                locks.enter_context(self._lock_for(bucket))
+            for bucket in sorted(by_bucket):
+                idx = by_bucket[bucket]
+                got: list[Digest | Exception]
+                try:
+                    got = self._commit_rows(bucket, [items[i] for i in idx])
+                except Exception as e:  # this bucket only: the others go on
+                    got = [e] * len(idx)
+                for i, g in zip(idx, got):
+                    out[i] = g
+                    if isinstance(g, Digest):
+                        committed.append(i)
+            if committed:
+                try:
+                    self.barrier.rows()
+                except Exception as e:
+                    # Committed but not known durable: no 250 for them (451, the
+                    # sender retries); the rows stay, and so do their bodies.
+                    for i in committed:
+                        out[i] = e
+        done = set(committed)
+        for i, result in enumerate(out):
+            path = placed[i]
+            if not isinstance(result, Digest) and i not in done and path is not None:
+                path.unlink(missing_ok=True)
+        return [g if g is not None else RuntimeError("not committed") for g in out]
+
+    def _commit_rows(
+        self, bucket: int, items: Sequence[tuple[NewMessage, str]]
+    ) -> list[Digest | Exception]:
+        """One transaction of ``bucket``'s rows (the caller holds its lock); with a
+        barrier that covers rows, without SQLite's own fsync (``synchronous=NORMAL``)."""
+        db = self._db(bucket)
+        relaxed = self.barrier.covers_rows
+        if relaxed:
+            db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            out: list[Digest | Exception] = []
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for m, key in items:
+                    try:
+                        out.append(self._insert_message(db, m, key))
+                    except NoSuchMailbox as e:  # this one only: its neighbours go on
+                        out.append(e)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return out
+        finally:
+            if relaxed:
+                db.execute("PRAGMA synchronous=FULL")
+
+    def store_group(self, messages: Sequence[NewMessage]) -> list[Digest | Exception]:
+        """Write every body (no fsync each) and :meth:`commit_group` them: the
+        whole store of a group in one worker-thread call.  Each message gets its
+        Digest or its own error in its place."""
+        out: list[Digest | Exception | None] = [None] * len(messages)
+        written: list[tuple[int, str]] = []
+        try:
+            for i, m in enumerate(messages):
+                try:
+                    written.append((i, self.write_body(m.body, sync=False)))
+                except OSError as e:  # e.g. disk full: this message fails, not its group
+                    out[i] = e
+            results = self.commit_group([(messages[i], key) for i, key in written])
+        except BaseException:
+            self.discard(key for _, key in written)
+            raise
+        for (i, _), got in zip(written, results):
+            out[i] = got
+        return [g if g is not None else RuntimeError("not stored") for g in out]
+
+    def store(self, messages: Sequence[NewMessage]) -> list[Digest]:
+        """:meth:`store_group` in this thread; the first error is raised."""
+        out: list[Digest] = []
+        for got in self.store_group(messages):
+            if not isinstance(got, Digest):
+                raise got
+            out.append(got)
+        return out
 
     def _insert_message(self, db: sqlite3.Connection, m: NewMessage, key: str) -> Digest:
         name = mailbox_name(m.mailbox)
@@ -1066,12 +1187,15 @@ class FragmentStore:
 class MailboxManager:
     """:class:`FragmentStore` off the reactor thread, with group commit for stores.
 
-    ``store()`` calls arriving while a batch is being written wait and go out
-    together in the next batch.  A batch writes and fsyncs every body in
-    parallel on the pool (concurrent fsyncs share journal commits), then per
-    bucket renames, fsyncs the directories and commits the rows, buckets in
-    parallel.  Each caller's Deferred fires only once all its messages are
-    committed (or with the first failure among them).
+    Group commit "leader/followers" (PostgreSQL with ``commit_delay=0``): a
+    ``store()`` with no group in flight starts one at once (a lone message never
+    waits for company); calls arriving while a group is being written queue and
+    go out together as the next group, so the group size follows the load.  A
+    group is one worker-thread call, :meth:`FragmentStore.store_group`: bodies
+    written, two durability barriers (two ``syncfs``, whatever the group's size
+    and its number of users and buckets) around one transaction per bucket.
+    Each caller's Deferred fires only after the second barrier (its messages are
+    durable), or with the first failure among its messages.
     """
 
     log = Logger()
@@ -1113,6 +1237,8 @@ class MailboxManager:
         return d
 
     def _write_batch(self) -> None:
+        """Start the next group: everything queued (up to ``max_batch`` messages),
+        one worker-thread call (:meth:`FragmentStore.store_group`)."""
         batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
         n = 0
         while self._pending and (not batch or n + len(self._pending[0][0]) <= self.max_batch):
@@ -1121,16 +1247,15 @@ class MailboxManager:
             n += len(item[0])
         self._writing = True
         flat = [(c, m) for c, (msgs, _) in enumerate(batch) for m in msgs]
-        # Phase 1: every body written and fsynced, in parallel on the pool.
-        writes = [self._run(self.fragments.write_body, m.body) for _, m in flat]
-        d = DeferredList(writes, consumeErrors=True)
-        d.addCallback(self._commit, batch, flat)
+        d = self._run(self.fragments.store_group, [m for _, m in flat])
+        d.addCallback(self._stored, batch, flat)
         d.addErrback(self._broken, batch)
 
     def _broken(
         self, f: Failure, batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]]
     ) -> None:
-        """A bug in the batch machinery: fail its callers (451) rather than hang them all."""
+        """The group failed as a whole (a rename or the bodies' barrier, or a bug):
+        fail its callers (451) rather than hang them all; the next group goes on."""
         self.log.failure("group commit failed", f)
         for _, d in batch:
             if not d.called:
@@ -1139,45 +1264,20 @@ class MailboxManager:
         if self._pending:
             self._write_batch()
 
-    def _commit(
+    def _stored(
         self,
-        written: list[tuple[bool, Any]],
+        results: list[Digest | Exception],
         batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]],
         flat: list[tuple[int, NewMessage]],
-    ) -> Deferred[None]:
+    ) -> None:
+        digests: dict[int, Digest] = {}
         failed: dict[int, Failure | Exception] = {}
-        for (c, _), (ok, result) in zip(flat, written):
-            if not ok:
-                failed.setdefault(c, result)
-        by_bucket: dict[int, list[tuple[int, NewMessage, str]]] = {}
-        orphans = []
-        for pos, ((c, m), (ok, key)) in enumerate(zip(flat, written)):
-            if ok and c in failed:
-                orphans.append(key)
-            elif ok:
-                by_bucket.setdefault(bucket_of(m.user), []).append((pos, m, key))
-        if orphans:
-            self._run(self.fragments.discard, orphans).addErrback(
-                lambda f: self.log.failure("discarding bodies failed", f)
-            )
-        # Phase 2: per bucket, rename + directory fsync + one transaction, in parallel.
-        buckets = list(by_bucket.items())
-        commits = [
-            self._run(self.fragments.commit_bucket, b, [(m, k) for _, m, k in items])
-            for b, items in buckets
-        ]
-
-        def done(results: list[tuple[bool, Any]]) -> None:
-            digests: dict[int, Digest] = {}
-            for (_, items), (ok, result) in zip(buckets, results):
-                for (pos, _, _), got in zip(items, result if ok else [result] * len(items)):
-                    if isinstance(got, Digest):
-                        digests[pos] = got
-                    else:
-                        failed.setdefault(flat[pos][0], got if ok else result)
-            self._finish(batch, flat, digests, failed)
-
-        return DeferredList(commits, consumeErrors=True).addCallback(done)
+        for pos, got in enumerate(results):
+            if isinstance(got, Digest):
+                digests[pos] = got
+            else:
+                failed.setdefault(flat[pos][0], got)
+        self._finish(batch, flat, digests, failed)
 
     def _finish(
         self,
