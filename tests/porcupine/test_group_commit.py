@@ -1,18 +1,18 @@
-"""Group commit of deliveries: barriers per group, nothing acknowledged before it is
-durable, no reader sees a row before it is durable, a lone message goes at once."""
+"""Group commit of deliveries without the journal (``journal=False``): two barriers per
+group, nothing acknowledged before it is durable, no reader sees a row before it is
+durable, a lone message goes at once.  The journal way: test_group_journal.py."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from groupcommit_helpers import QueuedPool, reader_blocked
 from mailtest_helpers import ImmediateReactor, result_of
-from twisted.python.failure import Failure
 
 from yimaporc.porcupine._durable import FsyncBarrier, SyncfsBarrier, syncfs_available
 from yimaporc.porcupine.fragments import FragmentStore, MailboxManager
@@ -75,47 +75,6 @@ class RecordingBarrier:
         self.syscalls = self.real.syscalls
 
 
-class QueuedPool:
-    """A ThreadPool stand-in that queues work until the test runs it."""
-
-    def __init__(self) -> None:
-        self.queue: list[
-            tuple[Callable[[bool, Any], None], Callable[..., Any], tuple[Any, ...]]
-        ] = []
-
-    def callInThreadWithCallback(
-        self, on_result: Callable[[bool, Any], None], f: Callable[..., Any], *a: Any
-    ) -> None:
-        self.queue.append((on_result, f, a))
-
-    def run_one(self) -> None:
-        """Run the oldest queued call and deliver its result."""
-        on_result, f, a = self.queue.pop(0)
-        try:
-            result = f(*a)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-def reader_blocked(store: FragmentStore, bucket: int) -> bool:
-    """Would another thread have to wait to read ``bucket`` now?"""
-    out: list[bool] = []
-
-    def probe() -> None:
-        lock = store._lock_for(bucket)
-        got = lock.acquire(blocking=False)
-        if got:
-            lock.release()
-        out.append(not got)
-
-    t = threading.Thread(target=probe)
-    t.start()
-    t.join(10)
-    return out == [True]
-
-
 @pytest.fixture
 def recorded(tmp_path: Path) -> tuple[FragmentStore, RecordingBarrier]:
     """A fragment store whose (real) barrier is recorded."""
@@ -123,7 +82,7 @@ def recorded(tmp_path: Path) -> tuple[FragmentStore, RecordingBarrier]:
     real = SyncfsBarrier(tmp_path / "mail") if syncfs_available() else FsyncBarrier()
     (tmp_path / "mail").mkdir()
     barrier = RecordingBarrier(lambda: holder[0], real, real.covers_rows)
-    holder.append(FragmentStore(tmp_path, "n1", lambda: T0, barrier=barrier))
+    holder.append(FragmentStore(tmp_path, "n1", lambda: T0, barrier=barrier, journal=False))
     return holder[0], barrier
 
 
@@ -136,7 +95,7 @@ def test_syncfs_group_is_two_syscalls_and_no_fsync(
     fsyncs: list[int] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
-    store = FragmentStore(tmp_path, "n1", lambda: T0)
+    store = FragmentStore(tmp_path, "n1", lambda: T0, journal=False)
     assert isinstance(store.barrier, SyncfsBarrier)
     assert len({bucket_of(u) for u in USERS}) > 1
     got = store.store_group([msg(u, f"m{i}".encode()) for i in range(2) for u in USERS])
@@ -154,7 +113,7 @@ def test_syncfs_group_is_two_syscalls_and_no_fsync(
 def test_fsync_fallback_counts_one_per_body_and_directory(tmp_path: Path) -> None:
     """Without syncfs, a group fsyncs each body and each directory it touched once."""
     barrier = FsyncBarrier()
-    store = FragmentStore(tmp_path, "n1", lambda: T0, barrier=barrier)
+    store = FragmentStore(tmp_path, "n1", lambda: T0, barrier=barrier, journal=False)
     store.store_group([msg(USERS[0], b"a")])  # creates the user and bucket dirs
     before = barrier.syscalls
     store.store_group([msg(USERS[0], b"b"), msg(USERS[0], b"c")])
@@ -267,7 +226,7 @@ def test_replica_batch_is_one_group(tmp_path: Path) -> None:
     """A replica applying a batch of new messages for several users commits them as
     one group (two barriers), not one per bucket or per message."""
     barrier = FsyncBarrier()
-    fs = FragmentStore(tmp_path, "a", lambda: T0, barrier=barrier)
+    fs = FragmentStore(tmp_path, "a", lambda: T0, barrier=barrier, journal=False)
     replica = ReplicaObjectStore(tmp_path / "mail" / "replicas.sqlite", fs)
     updates = [
         Update(

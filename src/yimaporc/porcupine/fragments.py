@@ -59,6 +59,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ._durable import Barrier, default_barrier
+from ._journal import Entry, Journal, Record, decode_all, read_records
 from .interfaces import IMailboxManager
 from .usermap import N_BUCKETS, bucket_dir, bucket_of
 from .values import (
@@ -97,6 +98,8 @@ CREATE TABLE IF NOT EXISTS held (
 CREATE TABLE IF NOT EXISTS shown (
     user TEXT NOT NULL, mailbox TEXT NOT NULL, uidvalidity INTEGER NOT NULL,
     uidnext INTEGER NOT NULL, PRIMARY KEY (user, mailbox));
+CREATE TABLE IF NOT EXISTS journal_mark (id INTEGER PRIMARY KEY CHECK (id = 0),
+    seq INTEGER NOT NULL);
 """
 
 
@@ -131,6 +134,7 @@ class FragmentStore:
         node_id: str,
         now: Callable[[], float],
         barrier: Barrier | None = None,
+        journal: bool = True,
     ) -> None:
         self.root = Path(data_dir) / "mail"
         self.node_id = node_id
@@ -143,9 +147,23 @@ class FragmentStore:
         self.barrier: Barrier = barrier or default_barrier(
             self.root, self.tmp, self.root / "buckets"
         )
-        #: Group commits made, and messages in them (``/metrics``, tests).
+        #: The group-commit journal (:mod:`._journal`): one fdatasync per group;
+        #: None: the barrier's way (an fsync per file, or syncfs).
+        self.journal: Journal | None = Journal(self.root / "journal") if journal else None
+        self._seq: int | None = None
+        self._seq_lock = threading.Lock()
+        self._checkpoint_lock = threading.Lock()
+        self._last_checkpoint = now()
+        #: A checkpoint is due after this many records, bytes or seconds.
+        self.checkpoint_records = 1024
+        self.checkpoint_bytes = 32 << 20
+        self.checkpoint_seconds = 2.0
+        #: Group commits made, messages in them, checkpoints (``/metrics``, tests).
         self.groups = 0
         self.grouped_messages = 0
+        self.checkpoints = 0
+        #: Rows redone from the journal by the last :meth:`recover`.
+        self.replayed = 0
         self._dbs: dict[int, sqlite3.Connection] = {}
         self._locks: dict[int, threading.RLock] = {}
         self._open = threading.Lock()
@@ -209,7 +227,9 @@ class FragmentStore:
         self.fences = dict(fences)
 
     def close(self) -> None:
-        """Close every index database."""
+        """Close every index database and the journal."""
+        if self.journal is not None:
+            self.journal.close()
         with self._open:
             for db in self._dbs.values():
                 db.close()
@@ -222,16 +242,19 @@ class FragmentStore:
     # --- start-up ----------------------------------------------------------
 
     def recover(self) -> int:
-        """Remove what a crash left half-stored (tmp files, bodies with no row)."""
+        """Redo what the journal has and a crash lost (rows, bodies), then remove
+        what a crash left half-stored (tmp files, bodies with no row), then
+        checkpoint the journal.  Returns the files removed."""
         removed = 0
+        for p in self.tmp.iterdir():
+            p.unlink(missing_ok=True)
+            removed += 1
+        self.replayed = self._replay()
         for bucket in self._existing_buckets():
             with self._lock_for(bucket):
                 self.pending_users.update(
                     u for (u,) in self._db(bucket).execute("SELECT DISTINCT user FROM pending")
                 )
-        for p in self.tmp.iterdir():
-            p.unlink(missing_ok=True)
-            removed += 1
         for bucket in self._existing_buckets():
             with self._lock_for(bucket):
                 db = self._db(bucket)
@@ -250,6 +273,7 @@ class FragmentStore:
                         if body.name.endswith(BODY_SUFFIX) and body.name not in keys:
                             body.unlink(missing_ok=True)
                             removed += 1
+        self.checkpoint()
         return removed
 
     # --- mailboxes ---------------------------------------------------------
@@ -452,19 +476,23 @@ class FragmentStore:
         """Phase 2 of a group commit: make bodies written to ``tmp`` (fsynced or
         not) visible and durable, any number of users and buckets at once.
 
-        1. rename every body into its user's directory;
-        2. **barrier 1** (:attr:`barrier`): bodies and directory entries durable;
-        3. take the buckets' locks (ascending: no deadlock between two groups),
-           commit each bucket's rows in one transaction;
-        4. **barrier 2**: the commits durable; only then the locks are released,
-           so no reader of this node sees a row before it is durable.
+        1. rename every body into its user's directory (no fsync);
+        2. take the buckets' locks (ascending: no deadlock between two groups),
+           commit each bucket's rows in one transaction, without SQLite's fsync;
+        3. append one record of the group (its rows as committed, its bodies) to
+           the :attr:`journal` and fdatasync it: the group is durable;
+        4. release the locks, so no reader of this node sees a row before it is
+           durable, and return (the callers' 250).
 
-        With :class:`~._durable.SyncfsBarrier` that is two ``syncfs`` per group
-        and no fsync at all.  The result has, in each message's place, its
-        Digest or its own error: a missing mailbox fails that message only, a
-        failed bucket transaction that bucket's messages only; bodies of messages
-        not committed are removed again.  An error before any commit (a rename,
-        barrier 1) is raised, with every body removed.
+        One fdatasync per group, whatever its size and its number of users and
+        buckets.  Without a journal (``journal=False``) the :attr:`barrier` is
+        used instead: bodies and directories made durable before the rows are
+        committed, then the commits (an fsync per file and SQLite FULL, or two
+        syncfs).  The result has, in each message's place, its Digest or its own
+        error: a missing mailbox fails that message only, a failed bucket
+        transaction that bucket's messages only; bodies of messages not
+        committed are removed again.  An error before any commit is raised, with
+        every body removed.
         """
         self.groups += 1
         self.grouped_messages += len(items)
@@ -486,7 +514,8 @@ class FragmentStore:
                     dirs[udir] = None
                 os.rename(self.tmp / key, udir / key)
                 placed[i] = udir / key
-            self.barrier.files([p for p in placed if p is not None], list(dirs))
+            if self.journal is None:
+                self.barrier.files([p for p in placed if p is not None], list(dirs))
         except BaseException:
             for path in placed:
                 if path is not None:
@@ -494,14 +523,17 @@ class FragmentStore:
             self.discard(key for _, key in items)
             raise
         committed: list[int] = []
+        entries: list[Entry] = []
+        relaxed = self.journal is not None or self.barrier.covers_rows
         with contextlib.ExitStack() as locks:
             for bucket in sorted(by_bucket):
                 locks.enter_context(self._lock_for(bucket))
+            seq = self._next_seq() if self.journal is not None else 0
             for bucket in sorted(by_bucket):
                 idx = by_bucket[bucket]
                 got: list[Digest | Exception]
                 try:
-                    got = self._commit_rows(bucket, [items[i] for i in idx])
+                    got = self._commit_rows(bucket, [items[i] for i in idx], relaxed, seq, entries)
                 except Exception as e:  # this bucket only: the others go on
                     got = [e] * len(idx)
                 for i, g in zip(idx, got):
@@ -510,7 +542,10 @@ class FragmentStore:
                         committed.append(i)
             if committed:
                 try:
-                    self.barrier.rows()
+                    if self.journal is not None:
+                        self.journal.append(Record(seq, tuple(entries)))
+                    else:
+                        self.barrier.rows()
                 except Exception as e:
                     # Committed but not known durable: no 250 for them (451, the
                     # sender retries); the rows stay, and so do their bodies.
@@ -524,31 +559,223 @@ class FragmentStore:
         return [g if g is not None else RuntimeError("not committed") for g in out]
 
     def _commit_rows(
-        self, bucket: int, items: Sequence[tuple[NewMessage, str]]
+        self,
+        bucket: int,
+        items: Sequence[tuple[NewMessage, str]],
+        relaxed: bool,
+        seq: int,
+        entries: list[Entry],
     ) -> list[Digest | Exception]:
-        """One transaction of ``bucket``'s rows (the caller holds its lock); with a
-        barrier that covers rows, without SQLite's own fsync (``synchronous=NORMAL``)."""
+        """One transaction of ``bucket``'s rows (the caller holds its lock); when
+        ``relaxed``, without SQLite's own fsync (``synchronous=NORMAL``): the
+        journal record or the barrier makes it durable.  With a journal, the
+        bucket's journal mark is set to ``seq`` in the same transaction and the
+        committed rows are added to ``entries``."""
         db = self._db(bucket)
-        relaxed = self.barrier.covers_rows
         if relaxed:
             db.execute("PRAGMA synchronous=NORMAL")
         try:
             out: list[Digest | Exception] = []
+            mine: list[Entry] = []
             db.execute("BEGIN IMMEDIATE")
             try:
                 for m, key in items:
                     try:
-                        out.append(self._insert_message(db, m, key))
+                        d = self._insert_message(db, m, key)
                     except NoSuchMailbox as e:  # this one only: its neighbours go on
                         out.append(e)
+                        continue
+                    out.append(d)
+                    if self.journal is not None:
+                        name = mailbox_name(m.mailbox)
+                        (validity,) = db.execute(
+                            "SELECT uidvalidity FROM mailboxes WHERE user=? AND name=?",
+                            (m.user, name),
+                        ).fetchone()
+                        mine.append(
+                            Entry(bucket, m.user, name, int(validity), key, d.uid,
+                                  " ".join(d.flags), d.internal_date, m.body)
+                        )  # fmt: skip
+                if self.journal is not None:
+                    db.execute(
+                        "INSERT INTO journal_mark(id, seq) VALUES (0, ?) "
+                        "ON CONFLICT(id) DO UPDATE SET seq=excluded.seq",
+                        (seq,),
+                    )
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            entries.extend(mine)
             return out
         finally:
             if relaxed:
                 db.execute("PRAGMA synchronous=FULL")
+
+    # --- the journal: sequence, checkpoints, recovery -----------------------
+
+    def _mark(self, bucket: int) -> int:
+        """The journal sequence number of the last group committed to ``bucket``."""
+        row = self._db(bucket).execute("SELECT seq FROM journal_mark WHERE id=0").fetchone()
+        return int(row[0]) if row else 0
+
+    def _next_seq(self) -> int:
+        """A group sequence number above every mark and every journal record."""
+        with self._seq_lock:
+            if self._seq is None:
+                top = 0
+                for bucket in self._existing_buckets():
+                    with self._lock_for(bucket):
+                        top = max(top, self._mark(bucket))
+                if self.journal is not None:
+                    for _, records in read_records(self.journal.dir):
+                        top = max([top, *(r.seq for r in records)])
+                self._seq = top
+            self._seq += 1
+            return self._seq
+
+    def checkpoint_due(self) -> bool:
+        """Has the journal grown enough (or aged) for a :meth:`checkpoint`?"""
+        j = self.journal
+        if j is None or j.records == 0:
+            return False
+        return (
+            j.records >= self.checkpoint_records
+            or j.size >= self.checkpoint_bytes
+            or self.now() - self._last_checkpoint >= self.checkpoint_seconds
+        )
+
+    def checkpoint(self) -> int:
+        """Make what the journal's closed files cover durable in place (bodies,
+        directories, databases: one :attr:`barrier`), then delete those files.
+        Returns the records covered.  Off any caller's path; one at a time."""
+        if self.journal is None:
+            return 0
+        with self._checkpoint_lock:
+            self._last_checkpoint = self.now()
+            closed = self.journal.rotate()
+            files: dict[Path, None] = {}
+            dirs: dict[Path, None] = {}
+            n = 0
+            for _, records in [(p, list(decode_all(p.read_bytes()))) for p in closed]:
+                for record in records:
+                    n += 1
+                    for e in record.entries:
+                        udir = self.user_path(e.user)
+                        if (udir / e.key).exists():
+                            files[udir / e.key] = None
+                        dirs[udir] = None
+                        dirs[udir.parent] = None
+                        for suffix in ("", "-wal"):
+                            db = self.bucket_path(e.bucket) / ("index.sqlite" + suffix)
+                            if db.exists():
+                                files[db] = None
+            dirs[self.root / "buckets"] = None
+            existing = [d for d in dirs if d.is_dir()]
+            if closed:
+                self.barrier.files(list(files), existing)
+                for p in closed:
+                    p.unlink(missing_ok=True)
+                self.checkpoints += 1
+            return n
+
+    def _replay(self) -> int:
+        """Redo what a crash lost of the journal's groups (recovery): the rows of a
+        bucket whose mark is below a record's sequence number, then every body
+        a row names that is missing or not whole.  Returns the rows redone."""
+        if self.journal is None:
+            return 0
+        redone = 0
+        for _, records in read_records(self.journal.dir):
+            for record in records:
+                by_bucket: dict[int, list[Entry]] = {}
+                for e in record.entries:
+                    by_bucket.setdefault(e.bucket, []).append(e)
+                for bucket, entries in by_bucket.items():
+                    with self._lock_for(bucket):
+                        db = self._db(bucket)
+                        if self._mark(bucket) >= record.seq:
+                            continue
+                        db.execute("BEGIN IMMEDIATE")
+                        try:
+                            for e in entries:
+                                redone += self._redo_row(db, e)
+                            db.execute(
+                                "INSERT INTO journal_mark(id, seq) VALUES (0, ?) "
+                                "ON CONFLICT(id) DO UPDATE SET seq=excluded.seq",
+                                (record.seq,),
+                            )
+                            db.execute("COMMIT")
+                        except BaseException:
+                            db.execute("ROLLBACK")
+                            raise
+                for e in record.entries:
+                    self._redo_body(e)
+        return redone
+
+    def _redo_row(self, db: sqlite3.Connection, e: Entry) -> int:
+        if self._same_key(db, e.user, e.mailbox, e.key) is not None:
+            return 0
+        if not self._has(db, e.user, e.mailbox):
+            db.execute(
+                "INSERT INTO users(user, last_uidvalidity) VALUES (?, ?) ON CONFLICT(user) "
+                "DO UPDATE SET last_uidvalidity=MAX(last_uidvalidity, excluded.last_uidvalidity)",
+                (e.user, e.uidvalidity),
+            )
+            db.execute(
+                "INSERT INTO mailboxes(user, name, uidvalidity, uidnext) VALUES (?, ?, ?, 1)",
+                (e.user, e.mailbox, e.uidvalidity),
+            )
+        if e.uid == 0:
+            db.execute(
+                "INSERT INTO pending(user, mailbox, key, size, flags, internal_date) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (e.user, e.mailbox, e.key, len(e.body), e.flags, e.internal_date),
+            )
+            self.pending_users.add(e.user)
+        else:
+            db.execute(
+                "INSERT INTO messages(user, mailbox, uid, key, size, flags, internal_date) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (e.user, e.mailbox, e.uid, e.key, len(e.body), e.flags, e.internal_date),
+            )
+            db.execute(
+                "UPDATE mailboxes SET uidnext=MAX(uidnext, ?) WHERE user=? AND name=?",
+                (e.uid + 1, e.user, e.mailbox),
+            )
+        return 1
+
+    def _redo_body(self, e: Entry) -> None:
+        """Rewrite ``e``'s body file if a row names it and it is missing or not whole."""
+        bucket = e.bucket
+        with self._lock_for(bucket):
+            named = (
+                self._db(bucket)
+                .execute(
+                    "SELECT 1 FROM messages WHERE user=? AND key=? "
+                    "UNION SELECT 1 FROM pending WHERE user=? AND key=? "
+                    "UNION SELECT 1 FROM held WHERE user=? AND key=?",
+                    (e.user, e.key, e.user, e.key, e.user, e.key),
+                )
+                .fetchone()
+            )
+            path = self.user_path(e.user) / e.key
+            if named is None:
+                return
+            try:
+                if path.read_bytes() == e.body:
+                    return
+            except FileNotFoundError:
+                pass
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.tmp / e.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(e.body)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(self.tmp / e.key, path)
 
     def store_group(self, messages: Sequence[NewMessage]) -> list[Digest | Exception]:
         """Write every body (no fsync each) and :meth:`commit_group` them: the
@@ -1210,6 +1437,7 @@ class MailboxManager:
         self.max_batch = max_batch
         self._pending: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
         self._writing = False
+        self._checkpointing = False
         self._listeners: list[Callable[[str, str], None]] = []
 
     def _run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
@@ -1303,6 +1531,23 @@ class MailboxManager:
             self._changed(user, box)
         if self._pending:
             self._write_batch()
+        self.maybe_checkpoint()
+
+    def maybe_checkpoint(self) -> Deferred[int] | None:
+        """Start a journal checkpoint on the pool if one is due and none runs (after
+        each group, and periodically from the service for replica-only writes)."""
+        if self._checkpointing or not self.fragments.checkpoint_due():
+            return None
+        self._checkpointing = True
+
+        def done(result: int | Failure) -> int | Failure:
+            self._checkpointing = False
+            if isinstance(result, Failure):
+                self.log.failure("journal checkpoint failed (retried later)", result)
+                return 0
+            return result
+
+        return self._run(self.fragments.checkpoint).addBoth(done)
 
     # --- the rest, straight through the pool --------------------------------
 

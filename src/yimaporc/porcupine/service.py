@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeD
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import imap4
@@ -178,6 +179,10 @@ class MailService(MultiService):
         self.user_map = LocalUserMap(node_id)
         self.fragment_store = FragmentStore(self.data_dir, node_id, now)
         self.mailbox_manager = MailboxManager(reactor, self.pool, self.fragment_store)
+        # the local manager checkpoints the group-commit journal (mailbox_manager may be
+        # wrapped by replication later); also when only replicas write here
+        self._checkpoints = LoopingCall(self._local_boxes_checkpoint, self.mailbox_manager)
+        self._checkpoints.clock = reactor
         self.profiles = ProfileDB(
             reactor, self.pool, self.data_dir / "mail" / "profiles.sqlite", now
         )
@@ -406,8 +411,14 @@ class MailService(MultiService):
             self.log.info("mail: removed {n} half-stored files", n=removed)
         return self.fragment_store.users_with_mail()
 
+    @staticmethod
+    def _local_boxes_checkpoint(manager: MailboxManager) -> None:
+        manager.maybe_checkpoint()
+
     def _listen_all(self, users: list[str]) -> Deferred[None]:
         self.user_manager.seed(self.node_id, users)
+        if not self._checkpoints.running:
+            self._checkpoints.start(1.0, now=False)
         ds = []
         for name, endpoint in self.endpoints.items():
             if endpoint:
@@ -447,6 +458,8 @@ class MailService(MultiService):
     def stopService(self) -> Deferred[None]:
         """Stop listening, then the pool (if ours) and the databases."""
         ports, self.ports = list(self.ports.values()), {}
+        if self._checkpoints.running:
+            self._checkpoints.stop()
         d = DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
         d.addCallback(lambda _: maybeDeferred(super(MailService, self).stopService))
 
