@@ -305,3 +305,36 @@ def test_replica_batch_is_one_journal_append(tmp_path: Path) -> None:
     assert replica.apply_many(updates) == [True] * 6
     assert fs.journal is not None and fs.journal.appends == 1 and fs.groups == 1
     assert all(len(fs.digests(u, INBOX)) == 1 for u in USERS[:6])
+
+
+def test_counters_reach_status_and_metrics(tmp_path: Path) -> None:
+    """The store's group-commit counters are exported as Prometheus counters."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.registry import CollectorRegistry
+
+    from yimaporc.admin.metrics import families
+
+    store = make(tmp_path)
+    store.store_group([msg(u, b"x") for u in USERS[:5]])
+    store.store_group([msg(USERS[0], b"y")])
+    store.checkpoint()
+    stats = store.commit_stats()
+    assert stats == {"groups": 2, "messages": 6, "journal_syncs": 3, "checkpoints": 1}
+    doc = {"node_id": "p1", "kind": "porcupine", "epoch": 1, "members": [], "group_commit": stats}
+
+    class One:
+        def collect(self) -> Any:
+            return families(doc)
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(One())  # type: ignore[arg-type]
+    got = {
+        s.name: s.value
+        for f in text_string_to_metric_families(generate_latest(reg).decode())
+        for s in f.samples
+    }
+    assert got["yimaporc_mail_group_commit_groups_total"] == 2
+    assert got["yimaporc_mail_group_commit_messages_total"] == 6
+    assert got["yimaporc_mail_group_commit_journal_syncs_total"] == 3
+    assert got["yimaporc_mail_group_commit_checkpoints_total"] == 1

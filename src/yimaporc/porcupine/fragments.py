@@ -634,6 +634,18 @@ class FragmentStore:
             self._seq += 1
             return self._seq
 
+    def commit_stats(self) -> dict[str, int]:
+        """Counters of the group commits (``/api/status`` ``group_commit``, ``/metrics``):
+        groups, messages in them, journal syncs (fdatasync + new-file directory fsync),
+        checkpoints."""
+        j = self.journal
+        return {
+            "groups": self.groups,
+            "messages": self.grouped_messages,
+            "journal_syncs": j.syncs if j is not None else 0,
+            "checkpoints": self.checkpoints,
+        }
+
     def checkpoint_due(self) -> bool:
         """Has the journal grown enough (or aged) for a :meth:`checkpoint`?"""
         j = self.journal

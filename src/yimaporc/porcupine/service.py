@@ -481,6 +481,7 @@ class MailService(MultiService):
             "domains": [self.domain, *self.policy.other_domains],
             "mail": {name: self.address_of(name) for name in self.ports},
             "messages_accepted": self.delivered,
+            "group_commit": self.fragment_store.commit_stats(),
             "auth": self.throttle.status(),
             "client_errors": self.client_errors.status(),
             "mail_sessions": self.client_errors.activity(),
