@@ -1,19 +1,22 @@
 """Durability barriers for the mail store's group commit.
 
-A group commit needs two points where "everything written so far is on disk":
-after the bodies of a group are written and renamed into place (before their
-index rows are committed), and after the rows are committed (before any caller
-is told: 250).  A :class:`Barrier` provides both.
+With the journal (the default, :mod:`._journal`) a group is made durable by
+one fdatasync of its journal record; a :class:`Barrier` then serves the
+*checkpoint*, which makes the files the journal covers durable in place before
+dropping it (:meth:`Barrier.files`).  Without the journal (``journal=False``) a
+group needs two points where "everything written so far is on disk": after its
+bodies are written and renamed into place (before their index rows are
+committed), and after the rows are committed (before any caller is told: 250).
 
 - :class:`SyncfsBarrier` (Linux): one ``syncfs(2)`` of the mail tree's
   filesystem per point, whatever the group's size: it writes back every dirty
   page and inode of that filesystem and commits its journal (with a cache flush),
   so it covers the bodies, the renames, the directories and SQLite's WAL.  Since
-  Linux 5.8 it reports write-back errors.  The SQLite commits it covers run with
-  ``synchronous=NORMAL`` (the WAL is written, not fsynced, at COMMIT) and are
-  made durable by the second syncfs, before their bucket locks are released.
+  Linux 5.8 it reports write-back errors.  It also waits for *other* writers'
+  dirty data on that filesystem, which is why it is not on the callers' path by
+  default.
 - :class:`FsyncBarrier` (anywhere): an fsync per body and per directory, and
-  SQLite's own fsync per commit (``synchronous=FULL``): the per-message cost.
+  SQLite's own fsync per commit (``synchronous=FULL``).
 
 Both expose counters (``files_calls``, ``rows_calls``, ``syscalls``) that tests
 and ``/metrics`` read.
