@@ -338,3 +338,20 @@ def test_counters_reach_status_and_metrics(tmp_path: Path) -> None:
     assert got["yimaporc_mail_group_commit_messages_total"] == 6
     assert got["yimaporc_mail_group_commit_journal_syncs_total"] == 3
     assert got["yimaporc_mail_group_commit_checkpoints_total"] == 1
+
+
+def test_sequence_goes_on_across_restarts(tmp_path: Path) -> None:
+    """After a restart with the journal checkpointed away, the next group's sequence
+    number is above every bucket's mark (else a later replay would skip it)."""
+    store = make(tmp_path)
+    store.store([msg(USERS[0], b"a")])
+    store.store([msg(USERS[1], b"b")])
+    top = max(store._mark(bucket_of(u)) for u in USERS[:2])
+    store.checkpoint()
+    store.close()
+    store = make(tmp_path)
+    store.recover()
+    store.store([msg(USERS[0], b"c")])
+    assert store.journal is not None
+    [(_, [record])] = read_records(store.journal.dir)
+    assert record.seq > top and store._mark(bucket_of(USERS[0])) == record.seq

@@ -529,6 +529,8 @@ class FragmentStore:
         committed: list[int] = []
         entries: list[Entry] = []
         relaxed = self.journal is not None or self.barrier.covers_rows
+        if self.journal is not None:
+            self._ensure_seq()
         with contextlib.ExitStack() as locks:
             for bucket in sorted(by_bucket):
                 locks.enter_context(self._lock_for(bucket))
@@ -623,18 +625,26 @@ class FragmentStore:
         row = self._db(bucket).execute("SELECT seq FROM journal_mark WHERE id=0").fetchone()
         return int(row[0]) if row else 0
 
-    def _next_seq(self) -> int:
-        """A group sequence number above every mark and every journal record."""
+    def _ensure_seq(self) -> None:
+        """Start the group sequence above every mark and every journal record (once;
+        call holding no bucket lock: this takes each in turn)."""
+        if self._seq is not None:
+            return
+        top = 0
+        for bucket in self._existing_buckets():
+            with self._lock_for(bucket):
+                top = max(top, self._mark(bucket))
+        if self.journal is not None:
+            for _, records in read_records(self.journal.dir):
+                top = max([top, *(r.seq for r in records)])
         with self._seq_lock:
             if self._seq is None:
-                top = 0
-                for bucket in self._existing_buckets():
-                    with self._lock_for(bucket):
-                        top = max(top, self._mark(bucket))
-                if self.journal is not None:
-                    for _, records in read_records(self.journal.dir):
-                        top = max([top, *(r.seq for r in records)])
                 self._seq = top
+
+    def _next_seq(self) -> int:
+        """The next group sequence number (after :meth:`_ensure_seq`)."""
+        with self._seq_lock:
+            assert self._seq is not None
             self._seq += 1
             return self._seq
 
