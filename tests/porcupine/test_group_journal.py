@@ -355,3 +355,21 @@ def test_sequence_goes_on_across_restarts(tmp_path: Path) -> None:
     assert store.journal is not None
     [(_, [record])] = read_records(store.journal.dir)
     assert record.seq > top and store._mark(bucket_of(USERS[0])) == record.seq
+
+
+def test_stores_made_by_callers_join_one_next_group(tmp_path: Path) -> None:
+    """Sessions that store again as soon as they hear (the next message) form one next
+    group: exactly one group is in flight at a time, never one per session."""
+    store = make(tmp_path)
+    pool = QueuedPool()
+    manager = MailboxManager(ImmediateReactor(), pool, store)  # type: ignore[arg-type]
+    manager._writing = True
+    ds = [manager.store([msg(u, b"1")]) for u in USERS[:4]]
+    manager._writing = False
+    manager._write_batch()
+    for u, d in zip(USERS[:4], ds):
+        d.addCallback(lambda _, u=u: manager.store([msg(u, b"2")]))
+    pool.run_one()
+    assert len(pool.queue) == 1
+    pool.run_one()
+    assert store.groups == 2 and store.grouped_messages == 8

@@ -1540,7 +1540,9 @@ class MailboxManager:
         digests: dict[int, Digest],
         failed: dict[int, Failure | Exception],
     ) -> None:
-        self._writing = False
+        # ``_writing`` stays set while the callers hear: a store they make meanwhile
+        # (the next message of a session) joins the next group instead of starting
+        # a group of its own beside it; exactly one group is in flight at a time.
         mine: dict[int, list[Digest]] = {}
         for pos, (c, _) in enumerate(flat):
             if pos in digests:
@@ -1555,6 +1557,7 @@ class MailboxManager:
                 d.callback(mine.get(c, []))
         for user, box in changed:
             self._changed(user, box)
+        self._writing = False
         if self._pending:
             self._write_batch()
         self.maybe_checkpoint()
