@@ -165,20 +165,20 @@ def test_users_in_bucket(fragment_store: FragmentStore) -> None:
 
 
 def test_group_commit_batches_waiting_stores(mailbox_manager: MailboxManager) -> None:
-    """Stores queued while a batch is in flight go out together: one commit per bucket."""
-    commits: list[int] = []
-    real = mailbox_manager.fragments.commit_bucket
+    """Stores queued while a group is in flight go out together: one group commit."""
+    groups: list[int] = []
+    real = mailbox_manager.fragments.commit_group
 
-    def counting(bucket: int, items: list[tuple[NewMessage, str]]) -> object:
-        commits.append(len(items))
-        return real(bucket, items)
+    def counting(items: list[tuple[NewMessage, str]]) -> object:
+        groups.append(len(items))
+        return real(items)
 
-    mailbox_manager.fragments.commit_bucket = counting  # type: ignore[method-assign]
+    mailbox_manager.fragments.commit_group = counting  # type: ignore[method-assign]
     mailbox_manager._writing = True  # a batch is in flight: the next three wait
     ds = [mailbox_manager.store([msg(A, bytes([65 + i]))]) for i in range(3)]
     mailbox_manager._writing = False
     mailbox_manager._write_batch()
-    assert commits == [3]
+    assert groups == [3]
     assert [result_of(d)[0].uid for d in ds] == [1, 2, 3]
 
 
@@ -208,17 +208,17 @@ def test_change_listener_hears_stores(mailbox_manager: MailboxManager) -> None:
 def test_broken_batch_fails_callers_and_recovers(
     mailbox_manager: MailboxManager, logged_failures: LoggedFailures
 ) -> None:
-    """An unexpected error in the commit phase fails that batch's callers; later stores work."""
-    real = mailbox_manager._commit
+    """An unexpected error of a whole group fails that group's callers; later stores work."""
+    real = mailbox_manager.fragments.store_group
 
     def boom(*a: object) -> None:
         raise RuntimeError("bug")
 
-    mailbox_manager._commit = boom  # type: ignore[method-assign, assignment]
+    mailbox_manager.fragments.store_group = boom  # type: ignore[method-assign, assignment]
     d = mailbox_manager.store([msg(A, b"x")])
     with pytest.raises(RuntimeError):
         result_of(d)
-    mailbox_manager._commit = real  # type: ignore[method-assign]
+    mailbox_manager.fragments.store_group = real  # type: ignore[method-assign]
     assert result_of(mailbox_manager.store([msg(A, b"y")]))[0].uid == 1
     assert len(logged_failures.take(RuntimeError)) == 1  # "group commit failed"
 

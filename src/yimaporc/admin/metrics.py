@@ -241,6 +241,15 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
         "Messages this node accepted for local delivery (SMTP 250).",
         doc.get("messages_accepted"),
     )
+    commits = doc.get("group_commit")
+    if isinstance(commits, dict):
+        for key, help_ in (
+            ("groups", "Group commits of deliveries on this node."),
+            ("messages", "Messages stored through group commits on this node."),
+            ("journal_syncs", "Group-commit journal syncs (one fdatasync per group)."),
+            ("checkpoints", "Group-commit journal checkpoints."),
+        ):
+            out.counter(f"yimaporc_mail_group_commit_{key}", help_, commits.get(key))
     for key, value in sorted((doc.get("client_errors") or {}).items()):
         # "imap.bad_syntax", "pop3.not_authenticated", or older "smtp_bad_arguments"
         sep = "." if "." in str(key) else "_"

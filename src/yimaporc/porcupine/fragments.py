@@ -6,21 +6,47 @@ Layout (seed §3.3: hard state grouped by user-map bucket)::
     DATA_DIR/mail/buckets/NNN/index.sqlite     mailboxes + messages of the bucket's users
     DATA_DIR/mail/buckets/NNN/<user>/<key>     one file per message body
 
-A body is written to ``tmp``, fsynced, renamed into the user's directory and
-the directory fsynced (Maildir discipline); only then is its index row
-committed (WAL, ``synchronous=FULL``).  The row is what makes a message
-visible, so a crash at any point leaves either nothing or an orphan file,
-which :meth:`FragmentStore.recover` removes at start (only files named
-``*.m``, the ones this module writes).
+Stores are group commits (:meth:`FragmentStore.commit_group`), one journal
+fdatasync per group of any size, users and buckets:
+
+1. the bodies of the group are written to ``tmp`` and renamed into their users'
+   directories (no fsync each);
+2. the buckets' locks are taken and each bucket's rows committed in one
+   transaction (WAL, ``synchronous=NORMAL``: no fsync), which also sets the
+   bucket's ``journal_mark`` to the group's sequence number;
+3. one record of the group (:mod:`._journal`: the rows as committed and the
+   bodies) is appended to ``mail/journal/`` and **fdatasynced**;
+4. the locks are released and the callers told (SMTP 250).
+
+Why that is as durable as an fsync per file: after step 3 everything the
+callers were promised can be rebuilt from the journal alone.  At start,
+:meth:`FragmentStore.recover` redoes, for a bucket whose mark is below a
+record's sequence number, that record's rows with their recorded UIDs (WAL
+frames survive as a prefix, so a mark at or above it means the group's own
+commit survived, and anything committed durably later, an expunge say, is
+not undone), then rewrites every body a row names that is missing or not
+byte-identical.  A crash during step 3 leaves a torn record that fails its CRC
+and ends the journal: none of that group had its 250.  A crash between steps 2
+and 3 can leave the rows of unacknowledged messages (a sender's retry may then
+be a duplicate, as with any MTA dying between its fsync and its reply); no
+reader saw them before (the locks).  A *checkpoint*
+(:meth:`FragmentStore.checkpoint`, off the callers' path, every few seconds)
+makes the covered files durable in place (:mod:`._durable`: one syncfs, or an
+fsync each) and only then drops the journal file.  Bodies no row names are
+removed at start (only files named ``*.m``, the ones this module writes).
+
+``journal=False`` keeps the journal-less way (:class:`~._durable.Barrier`):
+bodies and directories made durable before the rows are committed, the
+commits made durable before the locks are released.
 
 :class:`FragmentStore` blocks; :class:`MailboxManager` runs it on a thread pool
-and batches concurrent stores into one group commit (one SQLite transaction
-and one directory fsync per batch, every body still fsynced before its
-Deferred fires).
+and forms the groups: a store arriving with no group in flight is committed at
+once (no fixed wait), stores arriving meanwhile form the next group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -29,13 +55,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ._durable import Barrier, default_barrier
+from ._journal import Entry, Journal, Record, decode_all, read_records
 from .interfaces import IMailboxManager
 from .mailindex import MailIndex, UserIndex
 from .usermap import N_BUCKETS, bucket_dir, bucket_of
@@ -75,6 +103,8 @@ CREATE TABLE IF NOT EXISTS held (
 CREATE TABLE IF NOT EXISTS shown (
     user TEXT NOT NULL, mailbox TEXT NOT NULL, uidvalidity INTEGER NOT NULL,
     uidnext INTEGER NOT NULL, PRIMARY KEY (user, mailbox));
+CREATE TABLE IF NOT EXISTS journal_mark (id INTEGER PRIMARY KEY CHECK (id = 0),
+    seq INTEGER NOT NULL);
 """
 
 
@@ -117,13 +147,42 @@ def _flags(text: str) -> tuple[str, ...]:
 class FragmentStore:
     """The blocking half: call only from a worker thread (it is thread-safe)."""
 
-    def __init__(self, data_dir: Path, node_id: str, now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        node_id: str,
+        now: Callable[[], float],
+        barrier: Barrier | None = None,
+        journal: bool = True,
+    ) -> None:
         self.root = Path(data_dir) / "mail"
         self.node_id = node_id
         self.now = now
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
         (self.root / "buckets").mkdir(exist_ok=True)
+        #: How group commits make bodies and rows durable (:mod:`._durable`):
+        #: one syncfs per barrier where the platform has it, else fsyncs.
+        self.barrier: Barrier = barrier or default_barrier(
+            self.root, self.tmp, self.root / "buckets"
+        )
+        #: The group-commit journal (:mod:`._journal`): one fdatasync per group;
+        #: None: the barrier's way (an fsync per file, or syncfs).
+        self.journal: Journal | None = Journal(self.root / "journal") if journal else None
+        self._seq: int | None = None
+        self._seq_lock = threading.Lock()
+        self._checkpoint_lock = threading.Lock()
+        self._last_checkpoint = now()
+        #: A checkpoint is due after this many records, bytes or seconds.
+        self.checkpoint_records = 1024
+        self.checkpoint_bytes = 32 << 20
+        self.checkpoint_seconds = 2.0
+        #: Group commits made, messages in them, checkpoints (``/metrics``, tests).
+        self.groups = 0
+        self.grouped_messages = 0
+        self.checkpoints = 0
+        #: Rows redone from the journal by the last :meth:`recover`.
+        self.replayed = 0
         self._dbs: dict[int, sqlite3.Connection] = {}
         self._locks: dict[int, threading.RLock] = {}
         self._open = threading.Lock()
@@ -222,7 +281,9 @@ class FragmentStore:
         self.fences = dict(fences)
 
     def close(self) -> None:
-        """Close every index database."""
+        """Close every index database and the journal."""
+        if self.journal is not None:
+            self.journal.close()
         with self._open:
             for db in self._dbs.values():
                 db.close()
@@ -235,16 +296,19 @@ class FragmentStore:
     # --- start-up ----------------------------------------------------------
 
     def recover(self) -> int:
-        """Remove what a crash left half-stored (tmp files, bodies with no row)."""
+        """Redo what the journal has and a crash lost (rows, bodies), then remove
+        what a crash left half-stored (tmp files, bodies with no row), then
+        checkpoint the journal.  Returns the files removed."""
         removed = 0
+        for p in self.tmp.iterdir():
+            p.unlink(missing_ok=True)
+            removed += 1
+        self.replayed = self._replay()
         for bucket in self._existing_buckets():
             with self._lock_for(bucket):
                 self.pending_users.update(
                     u for (u,) in self._db(bucket).execute("SELECT DISTINCT user FROM pending")
                 )
-        for p in self.tmp.iterdir():
-            p.unlink(missing_ok=True)
-            removed += 1
         for bucket in self._existing_buckets():
             with self._lock_for(bucket):
                 db = self._db(bucket)
@@ -263,6 +327,7 @@ class FragmentStore:
                         if body.name.endswith(BODY_SUFFIX) and body.name not in keys:
                             body.unlink(missing_ok=True)
                             removed += 1
+        self.checkpoint()
         return removed
 
     # --- mailboxes ---------------------------------------------------------
@@ -425,15 +490,17 @@ class FragmentStore:
 
     # --- messages ----------------------------------------------------------
 
-    def write_body(self, body: bytes) -> str:
-        """Phase 1 of a store: write ``tmp/<key>`` and fsync it; returns the key."""
+    def write_body(self, body: bytes, sync: bool = True) -> str:
+        """Phase 1 of a store: write ``tmp/<key>`` (fsynced unless ``sync`` is
+        False: a group commit's barrier makes it durable); returns the key."""
         key = uuid.uuid4().hex + BODY_SUFFIX
         fd = os.open(self.tmp / key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(body)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         return key
@@ -446,67 +513,374 @@ class FragmentStore:
     def commit_bucket(
         self, bucket: int, items: Sequence[tuple[NewMessage, str]]
     ) -> list[Digest | NoSuchMailbox]:
-        """Phase 2, per bucket: rename bodies into place, fsync the directories,
-        then commit their index rows in one transaction.  Nothing is visible
-        before the commit; on failure the bodies are removed again.  A message
-        for a mailbox that does not exist (any more) gets its error in its
-        place in the result, without failing the others."""
-        placed: list[Path] = []
-        try:
-            dirs: set[Path] = set()
-            for m, key in items:
-                if bucket_of(m.user) != bucket:
-                    raise ValueError(f"{m.user} is not in bucket {bucket}")
-                udir = self.user_path(m.user)
-                if udir not in dirs:
-                    udir.mkdir(parents=True, exist_ok=True)
-                    dirs.add(udir)
-                os.rename(self.tmp / key, udir / key)
-                placed.append(udir / key)
-            for d in dirs:
-                _fsync_dir(d)
-            out: list[Digest | NoSuchMailbox] = []
-            with self._lock_for(bucket):
-                db = self._db(bucket)
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    for m, key in items:
-                        try:
-                            out.append(self._insert_message(db, m, key))
-                        except NoSuchMailbox as e:  # this one only: its neighbours go on
-                            out.append(e)
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-            for (m, key), got in zip(items, out):
-                if isinstance(got, NoSuchMailbox):
-                    (self.user_path(m.user) / key).unlink(missing_ok=True)
-        except BaseException:
-            for path in placed:
-                path.unlink(missing_ok=True)
-            self.discard(key for _, key in items)
-            raise
+        """:meth:`commit_group` for messages of one bucket; an error other than a
+        missing mailbox is raised (nothing of the bucket is then stored)."""
+        for m, _ in items:
+            if bucket_of(m.user) != bucket:
+                self.discard(key for _, key in items)
+                raise ValueError(f"{m.user} is not in bucket {bucket}")
+        out: list[Digest | NoSuchMailbox] = []
+        for got in self.commit_group(items):
+            if not isinstance(got, (Digest, NoSuchMailbox)):
+                raise got
+            out.append(got)
         return out
 
-    def store(self, messages: Sequence[NewMessage]) -> list[Digest]:
-        """Both phases in this thread (see :class:`MailboxManager` for the parallel way)."""
-        keys = [self.write_body(m.body) for m in messages]
+    def commit_group(self, items: Sequence[tuple[NewMessage, str]]) -> list[Digest | Exception]:
+        """Phase 2 of a group commit: make bodies written to ``tmp`` (fsynced or
+        not) visible and durable, any number of users and buckets at once.
+
+        1. rename every body into its user's directory (no fsync);
+        2. take the buckets' locks (ascending: no deadlock between two groups),
+           commit each bucket's rows in one transaction, without SQLite's fsync;
+        3. append one record of the group (its rows as committed, its bodies) to
+           the :attr:`journal` and fdatasync it: the group is durable;
+        4. release the locks, so no reader of this node sees a row before it is
+           durable, and return (the callers' 250).
+
+        One fdatasync per group, whatever its size and its number of users and
+        buckets.  Without a journal (``journal=False``) the :attr:`barrier` is
+        used instead: bodies and directories made durable before the rows are
+        committed, then the commits (an fsync per file and SQLite FULL, or two
+        syncfs).  The result has, in each message's place, its Digest or its own
+        error: a missing mailbox fails that message only, a failed bucket
+        transaction that bucket's messages only; bodies of messages not
+        committed are removed again.  An error before any commit is raised, with
+        every body removed.
+        """
+        self.groups += 1
+        self.grouped_messages += len(items)
+        out: list[Digest | Exception | None] = [None] * len(items)
         by_bucket: dict[int, list[int]] = {}
-        for i, m in enumerate(messages):
+        for i, (m, _) in enumerate(items):
             by_bucket.setdefault(bucket_of(m.user), []).append(i)
-        out: list[Digest | None] = [None] * len(messages)
+        placed: list[Path | None] = [None] * len(items)
         try:
-            for bucket, idx in by_bucket.items():
-                digests = self.commit_bucket(bucket, [(messages[i], keys[i]) for i in idx])
-                for i, d in zip(idx, digests):
-                    if isinstance(d, NoSuchMailbox):
-                        raise d
-                    out[i] = d
+            dirs: dict[Path, None] = {}
+            for i, (m, key) in enumerate(items):
+                udir = self.user_path(m.user)
+                if udir not in dirs:
+                    if not udir.is_dir():
+                        udir.mkdir(parents=True, exist_ok=True)
+                        # new entries in the bucket dir (and buckets/) to make durable
+                        dirs[udir.parent] = None
+                        dirs[udir.parent.parent] = None
+                    dirs[udir] = None
+                os.rename(self.tmp / key, udir / key)
+                placed[i] = udir / key
+            if self.journal is None:
+                self.barrier.files([p for p in placed if p is not None], list(dirs))
         except BaseException:
-            self.discard(keys)
+            for path in placed:
+                if path is not None:
+                    path.unlink(missing_ok=True)
+            self.discard(key for _, key in items)
             raise
-        return [d for d in out if d is not None]
+        committed: list[int] = []
+        entries: list[Entry] = []
+        relaxed = self.journal is not None or self.barrier.covers_rows
+        if self.journal is not None:
+            self._ensure_seq()
+        with contextlib.ExitStack() as locks:
+            for bucket in sorted(by_bucket):
+                locks.enter_context(self._lock_for(bucket))
+            seq = self._next_seq() if self.journal is not None else 0
+            for bucket in sorted(by_bucket):
+                idx = by_bucket[bucket]
+                got: list[Digest | Exception]
+                try:
+                    got = self._commit_rows(bucket, [items[i] for i in idx], relaxed, seq, entries)
+                except Exception as e:  # this bucket only: the others go on
+                    got = [e] * len(idx)
+                for i, g in zip(idx, got):
+                    out[i] = g
+                    if isinstance(g, Digest):
+                        committed.append(i)
+            if committed:
+                try:
+                    if self.journal is not None:
+                        self.journal.append(Record(seq, tuple(entries)))
+                    else:
+                        self.barrier.rows()
+                except Exception as e:
+                    # Committed but not known durable: no 250 for them (451, the
+                    # sender retries); the rows stay, and so do their bodies.
+                    for i in committed:
+                        out[i] = e
+        done = set(committed)
+        for i, result in enumerate(out):
+            path = placed[i]
+            if not isinstance(result, Digest) and i not in done and path is not None:
+                path.unlink(missing_ok=True)
+        return [g if g is not None else RuntimeError("not committed") for g in out]
+
+    def _commit_rows(
+        self,
+        bucket: int,
+        items: Sequence[tuple[NewMessage, str]],
+        relaxed: bool,
+        seq: int,
+        entries: list[Entry],
+    ) -> list[Digest | Exception]:
+        """One transaction of ``bucket``'s rows (the caller holds its lock); when
+        ``relaxed``, without SQLite's own fsync (``synchronous=NORMAL``): the
+        journal record or the barrier makes it durable.  With a journal, the
+        bucket's journal mark is set to ``seq`` in the same transaction and the
+        committed rows are added to ``entries``."""
+        db = self._db(bucket)
+        if relaxed:
+            db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            out: list[Digest | Exception] = []
+            mine: list[Entry] = []
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for m, key in items:
+                    try:
+                        d = self._insert_message(db, m, key)
+                    except NoSuchMailbox as e:  # this one only: its neighbours go on
+                        out.append(e)
+                        continue
+                    out.append(d)
+                    if self.journal is not None:
+                        name = mailbox_name(m.mailbox)
+                        (validity,) = db.execute(
+                            "SELECT uidvalidity FROM mailboxes WHERE user=? AND name=?",
+                            (m.user, name),
+                        ).fetchone()
+                        mine.append(
+                            Entry(bucket, m.user, name, int(validity), key, d.uid,
+                                  " ".join(d.flags), d.internal_date, m.body)
+                        )  # fmt: skip
+                if self.journal is not None:
+                    db.execute(
+                        "INSERT INTO journal_mark(id, seq) VALUES (0, ?) "
+                        "ON CONFLICT(id) DO UPDATE SET seq=excluded.seq",
+                        (seq,),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            entries.extend(mine)
+            return out
+        finally:
+            if relaxed:
+                db.execute("PRAGMA synchronous=FULL")
+
+    # --- the journal: sequence, checkpoints, recovery -----------------------
+
+    def _mark(self, bucket: int) -> int:
+        """The journal sequence number of the last group committed to ``bucket``."""
+        row = self._db(bucket).execute("SELECT seq FROM journal_mark WHERE id=0").fetchone()
+        return int(row[0]) if row else 0
+
+    def _ensure_seq(self) -> None:
+        """Start the group sequence above every mark and every journal record (once;
+        call holding no bucket lock: this takes each in turn)."""
+        if self._seq is not None:
+            return
+        top = 0
+        for bucket in self._existing_buckets():
+            with self._lock_for(bucket):
+                top = max(top, self._mark(bucket))
+        if self.journal is not None:
+            for _, records in read_records(self.journal.dir):
+                top = max([top, *(r.seq for r in records)])
+        with self._seq_lock:
+            if self._seq is None:
+                self._seq = top
+
+    def _next_seq(self) -> int:
+        """The next group sequence number (after :meth:`_ensure_seq`)."""
+        with self._seq_lock:
+            assert self._seq is not None
+            self._seq += 1
+            return self._seq
+
+    def commit_stats(self) -> dict[str, int]:
+        """Counters of the group commits (``/api/status`` ``group_commit``, ``/metrics``):
+        groups, messages in them, journal syncs (fdatasync + new-file directory fsync),
+        checkpoints."""
+        j = self.journal
+        return {
+            "groups": self.groups,
+            "messages": self.grouped_messages,
+            "journal_syncs": j.syncs if j is not None else 0,
+            "checkpoints": self.checkpoints,
+        }
+
+    def checkpoint_due(self) -> bool:
+        """Has the journal grown enough (or aged) for a :meth:`checkpoint`?"""
+        j = self.journal
+        if j is None or j.records == 0:
+            return False
+        return (
+            j.records >= self.checkpoint_records
+            or j.size >= self.checkpoint_bytes
+            or self.now() - self._last_checkpoint >= self.checkpoint_seconds
+        )
+
+    def checkpoint(self) -> int:
+        """Make what the journal's closed files cover durable in place (bodies,
+        directories, databases: one :attr:`barrier`), then delete those files.
+        Returns the records covered.  Off any caller's path; one at a time."""
+        if self.journal is None:
+            return 0
+        with self._checkpoint_lock:
+            self._last_checkpoint = self.now()
+            closed = self.journal.rotate()
+            files: dict[Path, None] = {}
+            dirs: dict[Path, None] = {}
+            n = 0
+            for _, records in [(p, list(decode_all(p.read_bytes()))) for p in closed]:
+                for record in records:
+                    n += 1
+                    for e in record.entries:
+                        udir = self.user_path(e.user)
+                        if (udir / e.key).exists():
+                            files[udir / e.key] = None
+                        dirs[udir] = None
+                        dirs[udir.parent] = None
+                        for suffix in ("", "-wal"):
+                            db = self.bucket_path(e.bucket) / ("index.sqlite" + suffix)
+                            if db.exists():
+                                files[db] = None
+            dirs[self.root / "buckets"] = None
+            existing = [d for d in dirs if d.is_dir()]
+            if closed:
+                self.barrier.files(list(files), existing)
+                for p in closed:
+                    p.unlink(missing_ok=True)
+                self.checkpoints += 1
+            return n
+
+    def _replay(self) -> int:
+        """Redo what a crash lost of the journal's groups (recovery): the rows of a
+        bucket whose mark is below a record's sequence number, then every body
+        a row names that is missing or not whole.  Returns the rows redone."""
+        if self.journal is None:
+            return 0
+        redone = 0
+        for _, records in read_records(self.journal.dir):
+            for record in records:
+                by_bucket: dict[int, list[Entry]] = {}
+                for e in record.entries:
+                    by_bucket.setdefault(e.bucket, []).append(e)
+                for bucket, entries in by_bucket.items():
+                    with self._lock_for(bucket):
+                        db = self._db(bucket)
+                        if self._mark(bucket) >= record.seq:
+                            continue
+                        db.execute("BEGIN IMMEDIATE")
+                        try:
+                            for e in entries:
+                                redone += self._redo_row(db, e)
+                            db.execute(
+                                "INSERT INTO journal_mark(id, seq) VALUES (0, ?) "
+                                "ON CONFLICT(id) DO UPDATE SET seq=excluded.seq",
+                                (record.seq,),
+                            )
+                            db.execute("COMMIT")
+                        except BaseException:
+                            db.execute("ROLLBACK")
+                            raise
+                for e in record.entries:
+                    self._redo_body(e)
+        return redone
+
+    def _redo_row(self, db: sqlite3.Connection, e: Entry) -> int:
+        if self._same_key(db, e.user, e.mailbox, e.key) is not None:
+            return 0
+        if not self._has(db, e.user, e.mailbox):
+            db.execute(
+                "INSERT INTO users(user, last_uidvalidity) VALUES (?, ?) ON CONFLICT(user) "
+                "DO UPDATE SET last_uidvalidity=MAX(last_uidvalidity, excluded.last_uidvalidity)",
+                (e.user, e.uidvalidity),
+            )
+            db.execute(
+                "INSERT INTO mailboxes(user, name, uidvalidity, uidnext) VALUES (?, ?, ?, 1)",
+                (e.user, e.mailbox, e.uidvalidity),
+            )
+        if e.uid == 0:
+            db.execute(
+                "INSERT INTO pending(user, mailbox, key, size, flags, internal_date) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (e.user, e.mailbox, e.key, len(e.body), e.flags, e.internal_date),
+            )
+            self.pending_users.add(e.user)
+        else:
+            db.execute(
+                "INSERT INTO messages(user, mailbox, uid, key, size, flags, internal_date) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (e.user, e.mailbox, e.uid, e.key, len(e.body), e.flags, e.internal_date),
+            )
+            db.execute(
+                "UPDATE mailboxes SET uidnext=MAX(uidnext, ?) WHERE user=? AND name=?",
+                (e.uid + 1, e.user, e.mailbox),
+            )
+        return 1
+
+    def _redo_body(self, e: Entry) -> None:
+        """Rewrite ``e``'s body file if a row names it and it is missing or not whole."""
+        bucket = e.bucket
+        with self._lock_for(bucket):
+            named = (
+                self._db(bucket)
+                .execute(
+                    "SELECT 1 FROM messages WHERE user=? AND key=? "
+                    "UNION SELECT 1 FROM pending WHERE user=? AND key=? "
+                    "UNION SELECT 1 FROM held WHERE user=? AND key=?",
+                    (e.user, e.key, e.user, e.key, e.user, e.key),
+                )
+                .fetchone()
+            )
+            path = self.user_path(e.user) / e.key
+            if named is None:
+                return
+            try:
+                if path.read_bytes() == e.body:
+                    return
+            except FileNotFoundError:
+                pass
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.tmp / e.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(e.body)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(self.tmp / e.key, path)
+
+    def store_group(self, messages: Sequence[NewMessage]) -> list[Digest | Exception]:
+        """Write every body (no fsync each) and :meth:`commit_group` them: the
+        whole store of a group in one worker-thread call.  Each message gets its
+        Digest or its own error in its place."""
+        out: list[Digest | Exception | None] = [None] * len(messages)
+        written: list[tuple[int, str]] = []
+        try:
+            for i, m in enumerate(messages):
+                try:
+                    written.append((i, self.write_body(m.body, sync=False)))
+                except OSError as e:  # e.g. disk full: this message fails, not its group
+                    out[i] = e
+            results = self.commit_group([(messages[i], key) for i, key in written])
+        except BaseException:
+            self.discard(key for _, key in written)
+            raise
+        for (i, _), got in zip(written, results):
+            out[i] = got
+        return [g if g is not None else RuntimeError("not stored") for g in out]
+
+    def store(self, messages: Sequence[NewMessage]) -> list[Digest]:
+        """:meth:`store_group` in this thread; the first error is raised."""
+        out: list[Digest] = []
+        for got in self.store_group(messages):
+            if not isinstance(got, Digest):
+                raise got
+            out.append(got)
+        return out
 
     def _insert_message(self, db: sqlite3.Connection, m: NewMessage, key: str) -> Digest:
         name = mailbox_name(m.mailbox)
@@ -1157,12 +1531,15 @@ class FragmentStore:
 class MailboxManager:
     """:class:`FragmentStore` off the reactor thread, with group commit for stores.
 
-    ``store()`` calls arriving while a batch is being written wait and go out
-    together in the next batch.  A batch writes and fsyncs every body in
-    parallel on the pool (concurrent fsyncs share journal commits), then per
-    bucket renames, fsyncs the directories and commits the rows, buckets in
-    parallel.  Each caller's Deferred fires only once all its messages are
-    committed (or with the first failure among them).
+    Group commit "leader/followers" (PostgreSQL with ``commit_delay=0``): a
+    ``store()`` with no group in flight starts one at once (a lone message never
+    waits for company); calls arriving while a group is being written queue and
+    go out together as the next group, so the group size follows the load.  A
+    group is one worker-thread call, :meth:`FragmentStore.store_group`: bodies
+    written, two durability barriers (two ``syncfs``, whatever the group's size
+    and its number of users and buckets) around one transaction per bucket.
+    Each caller's Deferred fires only after the second barrier (its messages are
+    durable), or with the first failure among its messages.
     """
 
     log = Logger()
@@ -1185,6 +1562,7 @@ class MailboxManager:
         self.max_batch = max_batch
         self._pending: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
         self._writing = False
+        self._checkpointing = False
         self._listeners: list[Callable[[str, str], None]] = []
 
     def _run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
@@ -1212,6 +1590,8 @@ class MailboxManager:
         return d
 
     def _write_batch(self) -> None:
+        """Start the next group: everything queued (up to ``max_batch`` messages),
+        one worker-thread call (:meth:`FragmentStore.store_group`)."""
         batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
         n = 0
         while self._pending and (not batch or n + len(self._pending[0][0]) <= self.max_batch):
@@ -1220,16 +1600,15 @@ class MailboxManager:
             n += len(item[0])
         self._writing = True
         flat = [(c, m) for c, (msgs, _) in enumerate(batch) for m in msgs]
-        # Phase 1: every body written and fsynced, in parallel on the pool.
-        writes = [self._run(self.fragments.write_body, m.body) for _, m in flat]
-        d = DeferredList(writes, consumeErrors=True)
-        d.addCallback(self._commit, batch, flat)
+        d = self._run(self.fragments.store_group, [m for _, m in flat])
+        d.addCallback(self._stored, batch, flat)
         d.addErrback(self._broken, batch)
 
     def _broken(
         self, f: Failure, batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]]
     ) -> None:
-        """A bug in the batch machinery: fail its callers (451) rather than hang them all."""
+        """The group failed as a whole (a rename or the bodies' barrier, or a bug):
+        fail its callers (451) rather than hang them all; the next group goes on."""
         self.log.failure("group commit failed", f)
         for _, d in batch:
             if not d.called:
@@ -1238,45 +1617,20 @@ class MailboxManager:
         if self._pending:
             self._write_batch()
 
-    def _commit(
+    def _stored(
         self,
-        written: list[tuple[bool, Any]],
+        results: list[Digest | Exception],
         batch: list[tuple[list[NewMessage], Deferred[list[Digest]]]],
         flat: list[tuple[int, NewMessage]],
-    ) -> Deferred[None]:
+    ) -> None:
+        digests: dict[int, Digest] = {}
         failed: dict[int, Failure | Exception] = {}
-        for (c, _), (ok, result) in zip(flat, written):
-            if not ok:
-                failed.setdefault(c, result)
-        by_bucket: dict[int, list[tuple[int, NewMessage, str]]] = {}
-        orphans = []
-        for pos, ((c, m), (ok, key)) in enumerate(zip(flat, written)):
-            if ok and c in failed:
-                orphans.append(key)
-            elif ok:
-                by_bucket.setdefault(bucket_of(m.user), []).append((pos, m, key))
-        if orphans:
-            self._run(self.fragments.discard, orphans).addErrback(
-                lambda f: self.log.failure("discarding bodies failed", f)
-            )
-        # Phase 2: per bucket, rename + directory fsync + one transaction, in parallel.
-        buckets = list(by_bucket.items())
-        commits = [
-            self._run(self.fragments.commit_bucket, b, [(m, k) for _, m, k in items])
-            for b, items in buckets
-        ]
-
-        def done(results: list[tuple[bool, Any]]) -> None:
-            digests: dict[int, Digest] = {}
-            for (_, items), (ok, result) in zip(buckets, results):
-                for (pos, _, _), got in zip(items, result if ok else [result] * len(items)):
-                    if isinstance(got, Digest):
-                        digests[pos] = got
-                    else:
-                        failed.setdefault(flat[pos][0], got if ok else result)
-            self._finish(batch, flat, digests, failed)
-
-        return DeferredList(commits, consumeErrors=True).addCallback(done)
+        for pos, got in enumerate(results):
+            if isinstance(got, Digest):
+                digests[pos] = got
+            else:
+                failed.setdefault(flat[pos][0], got)
+        self._finish(batch, flat, digests, failed)
 
     def _finish(
         self,
@@ -1285,7 +1639,9 @@ class MailboxManager:
         digests: dict[int, Digest],
         failed: dict[int, Failure | Exception],
     ) -> None:
-        self._writing = False
+        # ``_writing`` stays set while the callers hear: a store they make meanwhile
+        # (the next message of a session) joins the next group instead of starting
+        # a group of its own beside it; exactly one group is in flight at a time.
         mine: dict[int, list[Digest]] = {}
         for pos, (c, _) in enumerate(flat):
             if pos in digests:
@@ -1300,8 +1656,26 @@ class MailboxManager:
                 d.callback(mine.get(c, []))
         for user, box in changed:
             self._changed(user, box)
+        self._writing = False
         if self._pending:
             self._write_batch()
+        self.maybe_checkpoint()
+
+    def maybe_checkpoint(self) -> Deferred[int] | None:
+        """Start a journal checkpoint on the pool if one is due and none runs (after
+        each group, and periodically from the service for replica-only writes)."""
+        if self._checkpointing or not self.fragments.checkpoint_due():
+            return None
+        self._checkpointing = True
+
+        def done(result: int | Failure) -> int | Failure:
+            self._checkpointing = False
+            if isinstance(result, Failure):
+                self.log.failure("journal checkpoint failed (retried later)", result)
+                return 0
+            return result
+
+        return self._run(self.fragments.checkpoint).addBoth(done)
 
     # --- the rest, straight through the pool --------------------------------
 

@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeD
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import imap4
@@ -187,6 +188,10 @@ class MailService(MultiService):
         self.mailbox_manager = MailboxManager(
             reactor, self.pool, self.fragment_store, index=self.mail_index
         )
+        # the local manager checkpoints the group-commit journal (mailbox_manager may be
+        # wrapped by replication later); also when only replicas write here
+        self._checkpoints = LoopingCall(self._local_boxes_checkpoint, self.mailbox_manager)
+        self._checkpoints.clock = reactor
         self.profiles = ProfileDB(
             reactor,
             self.pool,
@@ -428,8 +433,14 @@ class MailService(MultiService):
             self.log.info("mail: removed {n} half-stored files", n=removed)
         return self.fragment_store.users_with_mail()
 
+    @staticmethod
+    def _local_boxes_checkpoint(manager: MailboxManager) -> None:
+        manager.maybe_checkpoint()
+
     def _listen_all(self, users: list[str]) -> Deferred[None]:
         self.user_manager.seed(self.node_id, users)
+        if not self._checkpoints.running:
+            self._checkpoints.start(1.0, now=False)
         ds = []
         for name, endpoint in self.endpoints.items():
             if endpoint:
@@ -469,6 +480,8 @@ class MailService(MultiService):
     def stopService(self) -> Deferred[None]:
         """Stop listening, then the pool (if ours) and the databases."""
         ports, self.ports = list(self.ports.values()), {}
+        if self._checkpoints.running:
+            self._checkpoints.stop()
         d = DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
         d.addCallback(lambda _: maybeDeferred(super(MailService, self).stopService))
 
@@ -490,6 +503,7 @@ class MailService(MultiService):
             "domains": [self.domain, *self.policy.other_domains],
             "mail": {name: self.address_of(name) for name in self.ports},
             "messages_accepted": self.delivered,
+            "group_commit": self.fragment_store.commit_stats(),
             "auth": {**self.throttle.status(), **self.profiles.auth_cache.status()},
             "client_errors": self.client_errors.status(),
             "mail_sessions": self.client_errors.activity(),

@@ -251,7 +251,8 @@ class ReplicaObjectStore:
 
     def apply_many(self, updates: Sequence[Update]) -> list[bool]:
         """:meth:`apply` for a batch, in order, with group commit: the bodies of new
-        messages are fsynced, then committed per bucket in one transaction each (flag
+        messages are written, then committed together (:meth:`FragmentStore.commit_group`:
+        two durability barriers, one transaction per bucket; flag
         changes of messages already here too), and the versions of the whole batch
         in one transaction."""
         out: list[bool] = []
@@ -312,24 +313,25 @@ class ReplicaObjectStore:
         return not obj.targets or obj.targets[0] == self.fragments.node_id
 
     def _flush(self, fresh: list[_Item], flagged: list[_Item]) -> None:
-        """Store the batched new messages (bodies, then one commit per bucket) and the
-        batched flag changes (one commit per bucket); then their versions."""
+        """Store the batched new messages (one group commit: bodies, a barrier, one
+        transaction per bucket, a barrier) and the batched flag changes (one commit
+        per bucket); then their versions."""
         fs = self.fragments
-        by_bucket: dict[int, list[_Item]] = {}
-        for item in fresh:
-            _write_file(fs.tmp / key_of(item[2]), item[4].data)
-            by_bucket.setdefault(bucket_of(item[1]), []).append(item)
-        for bucket, items in by_bucket.items():
-            got = fs.commit_bucket(
-                bucket,
+        if fresh:
+            for item in fresh:
+                # no fsync each: the group commit's barriers make them durable
+                _write_file(fs.tmp / key_of(item[2]), item[4].data, sync=False)
+            got = fs.commit_group(
                 [
                     (NewMessage(u, m, o.data, o.flags, o.internal_date, o.uid), key_of(r))
-                    for _, u, r, m, o, _ in items
-                ],
+                    for _, u, r, m, o, _ in fresh
+                ]
             )
-            for (_, user, rid, mailbox, obj, _), result in zip(items, got, strict=True):
+            for (_, user, rid, mailbox, obj, _), result in zip(fresh, got, strict=True):
                 if isinstance(result, NoSuchMailbox):
                     self._store(user, rid, mailbox, obj)  # creates the mailbox
+                elif not isinstance(result, Digest):
+                    raise result
         flags_by_bucket: dict[int, list[_Item]] = {}
         for item in flagged:
             flags_by_bucket.setdefault(bucket_of(item[1]), []).append(item)
@@ -644,7 +646,7 @@ class ReplicaObjectStore:
         key = key_of(rid)
         msg = NewMessage(user, mailbox, obj.data, obj.flags, obj.internal_date, obj.uid)
         for attempt in range(2):
-            _write_file(fs.tmp / key, obj.data)
+            _write_file(fs.tmp / key, obj.data, sync=False)  # commit_bucket's barrier
             got = fs.commit_bucket(bucket_of(user), [(msg, key)])[0]
             if not isinstance(got, NoSuchMailbox):
                 return
@@ -754,13 +756,14 @@ def _record(row: Any) -> ObjectRecord:
     )
 
 
-def _write_file(path: Path, data: bytes) -> None:
+def _write_file(path: Path, data: bytes, sync: bool = True) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
