@@ -17,8 +17,6 @@ APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-lib
 APT_EXTRA_FILES := /usr/lib/x86_64-linux-gnu/girepository-1.0/Gst-1.0.typelib \
   /usr/lib/python3/dist-packages/gi/__init__.py
 PYTEST_ARGS ?=
-# Two pytest-xdist workers: the integration tests in order on one, the unit tier on the other.
-TEST_WORKERS ?= 2
 FUZZ_INPUTS ?= 100000
 FUZZ_TARGET ?= all
 FUZZ_SEED ?= 0
@@ -58,8 +56,9 @@ lint: install
 	$(BIN)/mypy src/yimaporc
 	PYTHONPATH=src $(BIN)/lint-imports
 
+# The unit tier and the integration tier (in order) side by side, one per core.
 test: install lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python tests/run_tiers.py -q $(PYTEST_ARGS)
 
 # Tests marked slow: the long matrices (every player x transport x medium)
 # and the long simulator sweeps (hundreds of seeds).

@@ -17,12 +17,6 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``slow`` (the full player matrix) run only when ``-m`` names them
     (``make test-slow``); otherwise they are deselected, not skipped."""
-    # Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) the real-process
-    # tests share one worker, in order, as they bind fixed loopback addresses; the
-    # CPU-bound unit tier runs beside them on the other core.
-    for item in items:
-        if "tests/integration/" in item.nodeid or item.nodeid.startswith("integration/"):
-            item.add_marker(pytest.mark.xdist_group("integration"))
     if "slow" in (config.getoption("markexpr") or ""):
         return
     slow = [item for item in items if item.get_closest_marker("slow") is not None]
