@@ -250,3 +250,15 @@ def test_modified_utf7_round_trip(name: str) -> None:
     encoded = mutf7_encode(name)
     assert encoded.isascii() and valid_mailbox_name(encoded)
     assert mutf7_decode(encoded) == name
+
+
+def test_saved_result_substitution_is_flat_and_keeps_arguments() -> None:
+    """`$` is replaced as a key (also under NOT/OR and as `UID $`), never as an
+    argument (`SUBJECT $`); a 50,000-deep NOT chain is handled without recursion."""
+    from yimaporc.imap._fetch import with_saved_result
+
+    got = with_saved_result(("OR", "$", "SUBJECT", "$", "NOT", "UID", "$"), [3, 4, 5])
+    assert got == ("OR", ["UID", "3:5"], "SUBJECT", "$", "NOT", ["UID", "3:5"])
+    assert with_saved_result(("$",), []) == (["NOT", "ALL"],)
+    deep = ("NOT",) * 50_000 + ("$",)
+    assert with_saved_result(deep, [7])[-1] == ["UID", "7"]

@@ -281,10 +281,8 @@ def with_saved_result(tokens: tuple[Any, ...], saved: list[int]) -> tuple[Any, .
             return
         copy(1)
         if name in ("NOT", "OR"):
-            for _ in range(1 if name == "NOT" else 2):
-                if i < n:
-                    key()
-        elif name == "MODSEQ":
+            return  # their operands are the keys that follow: the loop reads them
+        if name == "MODSEQ":
             copy(3 if i < n and isinstance(tokens[i], bytes) else 1)
         else:
             copy(_KEY_ARGS.get(name, 1 if name == "UID" else 0))
