@@ -13,6 +13,7 @@ pytest 9 it no longer keeps a group on one worker.)
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,10 +54,12 @@ def main(argv: list[str]) -> int:
                 os.killpg(p.pid, signal.SIGTERM)
         for p, _ in procs.values():
             p.wait()
+        print(f"tiers stopped; their logs are in {logs}", file=sys.stderr)
         raise
     for name, (_, log) in procs.items():
         print(f"===== {name} tier: exit {codes[name]} =====", flush=True)
         sys.stdout.write(log.read_text(errors="replace"))
+    shutil.rmtree(logs, ignore_errors=True)
     elapsed = time.monotonic() - started
     print(
         f"===== both tiers in {elapsed:.0f} s: "
