@@ -80,10 +80,7 @@ START_LEAD = 0.5
 # A delivery tick also takes what falls due within this many seconds: a session's
 # packets then leave in batches of several per system call (one GSO send) instead of
 # one wake-up each; players buffer far more than this (docs/benchmarks.md).
-# 0 for now: with 0.01, seeks over the relay lost packets at the new position in about
-# one run in three (test_seek_while_playing_keeps_seq_continuous_and_plain_rtp,
-# GStreamer's TCP seek); packets due at the same instant still leave as one batch.
-SEND_AHEAD = 0.0
+SEND_AHEAD = 0.01
 # Relayed sessions: the nodes send this far ahead of the playout instant and the relay
 # holds each packet until it is due, so an overdue packet can be asked again of its
 # owner or, the owner being silent, its share served from parity here before the
