@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from ..cluster.node import ConfigError
 from ..yima.node import MODES, YimaConfig, YimaNode
+from ..yima.streaming import DEFAULT_CACHE_BYTES
 from .common import NodeOptions, install_logging, node_config, run_as
 
 # --rtsp-NAME, RtspServerFactory keyword, default, help, type (docs/wire.md, "Sessions
@@ -49,7 +50,7 @@ class Options(NodeOptions):
         [
             "block-cache-mb",
             None,
-            "256",
+            str(DEFAULT_CACHE_BYTES >> 20),
             "Memory bound of the delivery block cache in MiB (the cache holds the "
             "sessions' working set of blocks, up to this).",
         ],

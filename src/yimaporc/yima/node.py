@@ -32,6 +32,7 @@ from ..cluster.listening import ListeningService
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig
 from .rtspservice import YimaStreamingService
 from .storage import YimaStorageService
+from .streaming import DEFAULT_CACHE_BYTES
 
 __all__ = ["MODES", "YimaConfig", "YimaNode"]
 
@@ -64,8 +65,8 @@ class YimaConfig:
     storage_threads: int = 4
     #: How datagrams leave (``--send-path``: auto, gso, sendmmsg or sendto).
     send_path: str = "auto"
-    #: Block cache memory bound in bytes (``--block-cache-mb``); None: the default.
-    cache_bytes: int | None = None
+    #: Block cache memory bound in bytes (``--block-cache-mb``).
+    cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in MODES:
@@ -129,7 +130,7 @@ class YimaNode:
             rng=rng,
             rtsp_guards=dict(config.rtsp_guards),
             send_path=config.send_path,
-            **({"cache_bytes": config.cache_bytes} if config.cache_bytes is not None else {}),
+            cache_bytes=config.cache_bytes,
         )
         return cls(
             node,

@@ -74,7 +74,14 @@ from .rtp import (
 from .schedule import MediaTiming, Packet
 from .sendpath import DatagramSender
 from .store import BlockKey
-from .streaming import Destination, StreamControl, StreamingNode, StreamNack, StreamStart
+from .streaming import (
+    DEFAULT_CACHE_BYTES,
+    Destination,
+    StreamControl,
+    StreamingNode,
+    StreamNack,
+    StreamStart,
+)
 
 START_LEAD = 0.5
 # A delivery tick also takes what falls due within this many seconds: a session's
@@ -286,7 +293,7 @@ class YimaStreamingService(Service):
         rng: random.Random | None = None,
         rtsp_guards: dict[str, Any] | None = None,
         send_path: str = "auto",
-        cache_bytes: int = 256 << 20,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
         send_ahead: float = SEND_AHEAD,
     ) -> None:
         self.node = node

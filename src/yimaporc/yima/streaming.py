@@ -26,6 +26,9 @@ from .engine import DeliveryEngine
 from .rtp import RtpHeaderTemplate
 from .schedule import MediaTiming, NodeScheduler, Packet, Run
 
+#: Default memory bound of the delivery block cache (``--block-cache-mb``).
+DEFAULT_CACHE_BYTES = 256 << 20
+
 
 class StreamStart(amp.Command):
     """Serve this node's share of ``media`` for session ``session``."""
@@ -117,7 +120,7 @@ class StreamingNode:
         send_segments: SendSegments | None = None,
         flush: Callable[[], object] | None = None,
         send_ahead: float = 0.0,
-        cache_bytes: int = 256 << 20,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.timing = timing
         #: Fires once ``timing(media)`` can answer (the media's time index is loaded,
