@@ -248,12 +248,6 @@ GST_SEEK_MPEG2_UDP = (
     "keyframe but reaches EOS 12 frames (0.48 s) before the end (no seek: all 150)"
 )
 
-GST_SEEK_H264_TCP = (
-    "regression since the batched send path (issue 19): over TCP, about one run in three "
-    "decodes corrupt frames right after the seek (packets at the new position missing); "
-    "the same with SEND_AHEAD 0; cause not found yet"
-)
-
 
 def _gst_seek_cases() -> list[object]:
     out = []
@@ -264,8 +258,6 @@ def _gst_seek_cases() -> list[object]:
             marks.append(pytest.mark.xfail(reason=GST_SEEK_OPEN, strict=False))
         elif (name, transport) == ("mpeg2", "udp"):
             marks.append(pytest.mark.xfail(reason=GST_SEEK_MPEG2_UDP, strict=False))
-        elif (name, transport) == ("h264", "tcp"):
-            marks.append(pytest.mark.xfail(reason=GST_SEEK_H264_TCP, strict=False))
         out.append(pytest.param(name, transport, marks=marks, id=p.id))  # type: ignore[attr-defined]
     return out
 

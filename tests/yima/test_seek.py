@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtsp import RtspStatusError
 from yimaporc.rtsp._machine import ServerSession
-from yimaporc.rtsp._wire import NptRange, TransportSpec
+from yimaporc.rtsp._wire import NptRange, TransportSpec, parse_rtp_info
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.placement import LogicalDisk
 from yimaporc.yima.relay import Reorderer, rewrite
@@ -237,7 +237,7 @@ def test_play_seek_pause_play_keeps_seq_continuous_and_rtp_info_exact() -> None:
     marks.append(len(out))
     replies.append(_reply(svc.play(session, None)))
     run(1.0)
-    assert paused.start == pytest.approx(5.0 + 2.0 - 0.5 + 0.05)  # START_LEAD, pause lead
+    assert paused.start == pytest.approx(5.0 + 2.0 - 0.5)  # START_LEAD; the relay stops at once
     for mark, reply in zip(marks, replies, strict=True):
         (info,) = reply.rtp_info
         assert info.url == URL
@@ -342,3 +342,78 @@ def test_relayed_nack_after_a_seek_names_the_right_packets() -> None:
     nack = GenericNack(1, svc.plans["S1"].ssrc, nack_items_from_lost(lost))
     svc.feedback.datagram(serialize_rtcp(nack), None)
     assert asked == [[23, 24]]  # 2.0 s is block 2, packet 0: gseq 20
+
+
+# --- RTSP over TCP interleaved: nothing of the old position after the PAUSE reply ------
+
+
+class _TcpClient:
+    """A player on one RTSP connection (interleaved TCP) to the one-node service: what it
+    reads, in order, as ('reply', method, response) and ('rtp', seq, rtptime) items."""
+
+    def __init__(self, svc: YimaStreamingService) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from yimaporc.rtsp import RtspClientConnection
+
+        self.proto = svc.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.conn = RtspClientConnection()
+        self.seen: list[tuple[Any, ...]] = []
+
+    def send(self, pair: tuple[int, bytes]) -> None:
+        self.proto.dataReceived(pair[1])
+        self.read()
+
+    def read(self) -> None:
+        from yimaporc.rtsp import InterleavedFrame
+
+        data = self.transport.value()
+        self.transport.clear()
+        if data:
+            self.conn.receive_data(data)
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, InterleavedFrame):
+                if event.channel == 0:
+                    rtptime = int.from_bytes(event.data[4:8], "big")
+                    self.seen.append(("rtp", _seq(event.data), rtptime))
+            elif hasattr(event, "response"):
+                self.seen.append(("reply", event.method, event.response))
+            else:
+                return
+
+
+@pytest.mark.parametrize("phase", [k / 100 for k in range(10)])
+def test_no_rtp_of_the_old_position_follows_the_pause_reply_over_tcp(phase: float) -> None:
+    """GStreamer's seek over TCP (PAUSE, then PLAY with Range): no RTP frame reaches the
+    connection after the PAUSE reply (a player flushes at PAUSE and takes a late frame of
+    the old position as the timing base of the new one), whatever the phase of the
+    packet clock; the first frame after the PLAY reply is the one its RTP-Info names, and
+    the sequence numbers go on by one."""
+    svc, reactor, _ = one_node()
+    c = _TcpClient(svc)
+    c.send(c.conn.setup(URL, TransportSpec(lower="TCP", interleaved=(0, 1))))
+    c.send(c.conn.play(URL.rsplit("/", 1)[0]))
+    for _ in range(int((RELAY_LEAD + 0.5 + 1.0 + phase) * 100)):
+        reactor.advance(0.01)
+        c.read()
+    c.send(c.conn.pause(URL.rsplit("/", 1)[0]))
+    for _ in range(50):
+        reactor.advance(0.01)
+        c.read()
+    c.send(c.conn.play(URL.rsplit("/", 1)[0], NptRange(10.0, None)))
+    for _ in range(300):
+        reactor.advance(0.01)
+        c.read()
+    methods = [s[1] for s in c.seen if s[0] == "reply"]
+    assert methods == ["SETUP", "PLAY", "PAUSE", "PLAY"]
+    kinds = [s[1] if s[0] == "reply" else "rtp" for s in c.seen]
+    pause_at = kinds.index("PAUSE")
+    assert kinds[pause_at + 1] == "PLAY", kinds[pause_at - 3 : pause_at + 4]
+    (info,) = parse_rtp_info(c.seen[pause_at + 1][2].headers.get("RTP-Info"))
+    assert c.seen[pause_at + 2] == ("rtp", info.seq, info.rtptime)
+    seqs = [s[1] for s in c.seen if s[0] == "rtp"]
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs)), seqs

@@ -1328,10 +1328,22 @@ class YimaStreamingService(Service):
     def pause(self, session: ServerSession) -> Deferred[NptRange | None]:
         """Pause on every node at one cluster instant; answers the Range from the pause point."""
         plan = self.plans.get(session.session_id)
-        at = self.node.cluster_time() + 0.05
+        now = self.node.cluster_time()
+        at = now + 0.05
         if plan is not None and plan.playing:
-            plan.position = self._media_position(plan, at)
-            plan.playing, plan.paused_ct = False, at
+            if plan.relay is not None:
+                # The relay stops now, before the reply (RFC 2326 §10.6: a PAUSE without
+                # Range halts delivery at once): a player flushes at PAUSE, and GStreamer
+                # takes a frame of the old position that follows the reply as the timing
+                # base of the next PLAY's, corrupting what it decodes after a seek.  What
+                # fell due by now goes first; the nodes stop at ``at`` (the relay holds
+                # what they send meanwhile, a slightly longer lead on resume).
+                plan.position = self._media_position(plan, now)
+                plan.playing, plan.paused_ct = False, now
+                self._forward(session.session_id, plan, plan.relay.tick(now))
+            else:
+                plan.position = self._media_position(plan, at)
+                plan.playing, plan.paused_ct = False, at
 
         def paused(_: Any) -> NptRange | None:
             if plan is None:
