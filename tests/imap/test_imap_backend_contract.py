@@ -97,6 +97,34 @@ class ImapBackendContract:
         result(box.expunge([appended.uid]))
         assert appended.uid not in [m.uid for m in result(box.snapshot()).messages]
 
+    def test_conditional_store_and_tombstones(self) -> None:
+        """With MODSEQs: STATUS HIGHESTMODSEQ covers every message; STORE UNCHANGEDSINCE
+        below a message's MODSEQ leaves it alone and names it, at or above it changes it
+        to a higher MODSEQ; an expunge leaves a tombstone above the MODSEQs before it."""
+        backend, session = self.session()
+        if not backend.supports_modseq:
+            pytest.skip("no MODSEQs")
+        for body in (b"Subject: a\r\n\r\nx\r\n", b"Subject: b\r\n\r\ny\r\n"):
+            result(session.append("INBOX", body, (), None))
+        box = result(session.select("INBOX", False))
+        snap: Snapshot = result(box.snapshot())
+        one, two = snap.messages[-2:]
+        status = result(session.status("INBOX"))
+        assert status.highestmodseq >= max(m.modseq for m in snap.messages) >= 1
+        assert result(box.store([one.uid, two.uid], "+", ("\\Seen",), one.modseq)) == (
+            [two.uid] if two.modseq > one.modseq else []
+        )
+        now = {m.uid: m for m in result(box.snapshot()).messages}
+        assert "\\Seen" in now[one.uid].flags and now[one.uid].modseq > one.modseq
+        if two.modseq > one.modseq:
+            assert "\\Seen" not in now[two.uid].flags and now[two.uid].modseq == two.modseq
+        top = max(m.modseq for m in now.values())
+        result(box.store([two.uid], "+", ("\\Deleted",), None))
+        result(box.expunge([two.uid]))
+        tombs = result(box.tombstones())
+        assert tombs[two.uid] > top
+        assert result(session.status("INBOX")).highestmodseq >= tombs[two.uid]
+
     def test_copy_move_load(self) -> None:
         """COPY and MOVE return pairs of UIDs; load returns the octets."""
         backend, session = self.session()

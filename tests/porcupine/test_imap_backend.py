@@ -99,11 +99,11 @@ def tagged(out: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def test_capabilities_and_special_use(tmp_path: Path) -> None:
-    """No CONDSTORE/QRESYNC (no MODSEQs in the store); a new user gets the five
-    special-use mailboxes with their attributes."""
+    """CONDSTORE and QRESYNC advertised (the store keeps MODSEQs); a new user gets the
+    five special-use mailboxes with their attributes."""
     svc = make_service(tmp_path)
     c = Client(svc)
-    assert b"UIDPLUS" in c.greeting and b"CONDSTORE" not in c.greeting
+    assert b"UIDPLUS" in c.greeting and b"CONDSTORE QRESYNC" in c.greeting
     assert b"AUTH=PLAIN" in c.greeting
     out = c.run(b'a LOGIN alice pw\r\nb LIST "" "*"\r\n')
     assert tagged(out) == [(b"a", b"OK"), (b"b", b"OK")]

@@ -52,10 +52,14 @@ def answer_fetch(runner: CommandRunner, cmd: c.Fetch) -> Deferred[Done]:
     # Other sessions' changes first, so FLAGS are current (Dovecot syncs before FETCH
     # too); the messages fetched get their new flags in their own FETCH response.
     d = runner.refresh(cmd.uid, skip=frozenset(uids) if wants_flags else frozenset())
+    if cmd.vanished and cmd.changed_since is not None and "QRESYNC" in runner.enabled:
+        since = cmd.changed_since
+        d.addCallback(lambda _: runner.expunged_before(since))
+        return d.addCallback(lambda old: _fetch(runner, cmd, uids, old))
     return d.addCallback(lambda _: _fetch(runner, cmd, uids))
 
 
-def _fetch(runner: CommandRunner, cmd: c.Fetch, uids: list[int]) -> Any:
+def _fetch(runner: CommandRunner, cmd: c.Fetch, uids: list[int], old: Any = ()) -> Any:
     view = runner.view
     box = runner.mailbox
     if view is None or box is None:
@@ -76,7 +80,8 @@ def _fetch(runner: CommandRunner, cmd: c.Fetch, uids: list[int]) -> Any:
     if cmd.vanished:
         if "QRESYNC" not in runner.enabled:
             raise ImapError("QRESYNC is not enabled", status="BAD")
-        gone = absent_uids(cmd.sequence_set, [m.uid for m in view.messages], view.uidnext)
+        present = [m.uid for m in view.messages]
+        gone = absent_uids(cmd.sequence_set, present, view.uidnext, old)
         if gone:
             runner.conn.send(s.vanished(gone, earlier=True))
     if cmd.changed_since is not None:

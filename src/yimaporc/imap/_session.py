@@ -186,6 +186,18 @@ class CommandRunner:
 
         return maybeDeferred(box.snapshot).addCallback(got)
 
+    def expunged_before(self, modseq: int) -> Any:
+        """The UIDs the selected mailbox's tombstones show expunged at or before
+        ``modseq`` (QRESYNC leaves them out of ``VANISHED (EARLIER)``); none when the
+        backend keeps no tombstones."""
+        box = self.mailbox
+        tombstones = getattr(box, "tombstones", None)
+        if tombstones is None:
+            return succeed([])
+        return maybeDeferred(tombstones).addCallback(
+            lambda t: [uid for uid, at in t.items() if at <= modseq]
+        )
+
     def connection_lost(self) -> None:
         """Release everything the session holds."""
         # A client gone in IDLE or mid-AUTHENTICATE is ordinary: end them quietly.
@@ -323,7 +335,7 @@ class CommandRunner:
 
         return d.addCallback(opened)
 
-    def _selected(self, cmd: c.Select, box: Any, snap: Snapshot) -> Done:
+    def _selected(self, cmd: c.Select, box: Any, snap: Snapshot) -> Any:
         if self.mailbox is not box:
             raise ImapError("mailbox closed meanwhile")
         view = self.view = MailboxView(snap)
@@ -351,17 +363,23 @@ class CommandRunner:
             send(s.StatusResponse("OK", "highest modseq", code))
         elif self.condstore:
             send(s.StatusResponse("OK", "no modseqs here", ResponseCode("NOMODSEQ")))
-        q = cmd.qresync
-        if q is not None and q.uidvalidity == box.uidvalidity:
-            self._qresync(q, view, snap)
         access = "READ-ONLY" if box.readonly else "READ-WRITE"
-        return Done(
+        done = Done(
             text=f"{'EXAMINE' if cmd.readonly else 'SELECT'} completed", code=ResponseCode(access)
         )
+        q = cmd.qresync
+        if q is not None and q.uidvalidity == box.uidvalidity:
+            d = self.expunged_before(q.modseq)
+            return d.addCallback(lambda old: self._qresync(q, view, snap, old)).addCallback(
+                lambda _: done
+            )
+        return done
 
-    def _qresync(self, q: c.Qresync, view: MailboxView, snap: Snapshot) -> None:
+    def _qresync(self, q: c.Qresync, view: MailboxView, snap: Snapshot, old: list[int]) -> None:
+        if self.mailbox is None or self.view is not view:
+            raise ImapError("mailbox closed meanwhile")
         present = sorted(m.uid for m in snap.messages)
-        gone = absent_uids(q.known_uids or "1:*", present, snap.uidnext)
+        gone = absent_uids(q.known_uids or "1:*", present, snap.uidnext, old)
         if gone:
             self.conn.send(s.vanished(gone, earlier=True))
         for i, m in enumerate(view.messages):

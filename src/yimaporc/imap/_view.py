@@ -33,9 +33,17 @@ def uid_set_text(uids: Iterable[int]) -> str:
     return ",".join(out)
 
 
-def absent_uids(text: str, present: list[int], uidnext: int) -> str:
+def absent_uids(
+    text: str, present: list[int], uidnext: int, gone_before: Iterable[int] = ()
+) -> str:
     """The UIDs a UID set names below ``uidnext`` that are not in ``present`` (sorted),
-    as set text, in O(len(present)) whatever the ranges' width (VANISHED (EARLIER))."""
+    as set text, in O(len(present)) whatever the ranges' width (VANISHED (EARLIER));
+    ``gone_before``: UIDs known to have been expunged before the client's mod-sequence,
+    left out too (QRESYNC reports only what went since; what the backend cannot vouch
+    for is reported, which RFC 7162 allows)."""
+    extra = list(gone_before)
+    if extra:
+        present = sorted({*present, *extra})
     top = uidnext - 1
     gaps: list[tuple[int, int]] = []
     for lo, hi in _ranges(text, top):

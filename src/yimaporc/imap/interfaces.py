@@ -199,6 +199,13 @@ class ISelectedMailbox(Interface):
     def watch(callback: Any) -> None:
         """Call ``callback()`` when the mailbox changes (None: stop); used by IDLE."""
 
+    def tombstones() -> Any:
+        """Optional, with ``supports_modseq``: ``{uid: modseq}`` of expunges the backend
+        remembers (the MODSEQ the mailbox reached by each).  QRESYNC leaves out of
+        ``VANISHED (EARLIER)`` only UIDs shown gone at or before the client's
+        mod-sequence, so a forgotten tombstone means a UID reported again, never an
+        expunge missed.  Missing: every absent UID is reported."""
+
     def close() -> None:
         """The session leaves the mailbox."""
 

@@ -161,20 +161,28 @@ def _profile_in(v: Any) -> Profile | None:
     return None if v is None else Profile(str(v[0]), str(v[1]), int(v[2]), float(v[3]))
 
 
+# MODSEQs ride last, optional: a node without them sends none and reads them as 0.
 def _digest_out(d: Digest) -> list[Any]:
-    return [d.uid, d.key, d.size, list(d.flags), d.internal_date, d.node]
+    return [d.uid, d.key, d.size, list(d.flags), d.internal_date, d.node, d.modseq]
 
 
 def _digest_in(v: Any) -> Digest:
-    return Digest(int(v[0]), str(v[1]), int(v[2]), tuple(v[3]), float(v[4]), str(v[5]))
+    modseq = int(v[6]) if len(v) > 6 else 0
+    return Digest(int(v[0]), str(v[1]), int(v[2]), tuple(v[3]), float(v[4]), str(v[5]), modseq)
 
 
 def _info_out(i: MailboxInfo) -> list[Any]:
-    return [i.name, i.uidvalidity, i.uidnext, i.messages, i.unseen, i.subscribed]
+    return [
+        *(i.name, i.uidvalidity, i.uidnext, i.messages, i.unseen, i.subscribed),
+        *(i.highestmodseq, i.modseq_bound),
+    ]
 
 
 def _info_in(v: Any) -> MailboxInfo:
-    return MailboxInfo(str(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), bool(v[5]))
+    highest, bound = (int(v[6]), int(v[7])) if len(v) > 7 else (0, 0)
+    return MailboxInfo(
+        str(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), bool(v[5]), highest, bound
+    )
 
 
 def pack_messages(messages: Sequence[NewMessage]) -> bytes:
@@ -399,8 +407,22 @@ class MbSetFlags(_Cmd):
     """IMailboxManager.set_flags."""
 
     commandName = b"porcupine.mb.set_flags"
-    arguments = [*_M, (b"uids", Json()), (b"flags", Json()), (b"mode", amp.Integer())]
+    arguments = [
+        *_M,
+        (b"uids", Json()),
+        (b"flags", Json()),
+        (b"mode", amp.Integer()),
+        (b"unchanged_since", amp.Integer(optional=True)),
+    ]
     response = [(b"flags", Json())]
+
+
+class MbTombstones(_Cmd):
+    """IMailboxManager.tombstones (``[[uid, modseq], ...]``)."""
+
+    commandName = b"porcupine.mb.tombstones"
+    arguments = _M
+    response = [(b"tombstones", Json())]
 
 
 class MbCopy(_Cmd):
@@ -518,7 +540,7 @@ COMMANDS: tuple[type[_Cmd], ...] = (
     UmProfile, UmAuthenticate, UmFragments, UmAddFragment, UmRemoveFragment, UmReserveUids,
     UmPlan, UmPending, MbNumber, MbDemote, UidMark, UidHolders,
     MbStore, MbMailboxes, MbCreateMailbox, MbDeleteMailbox, MbRenameMailbox, MbSubscribe,
-    MbDigests, MbFetch, MbSetFlags, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
+    MbDigests, MbFetch, MbSetFlags, MbTombstones, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
     Hints, HintsRequest, ProfilePut, LoadExchange,
 )  # fmt: skip
 
@@ -739,13 +761,31 @@ class RemoteMailboxManager(_Remote):
         return d.addCallback(lambda r: unpack_bodies(r["bodies"]))
 
     def set_flags(
-        self, user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
+        self,
+        user: str,
+        mailbox: str,
+        uids: Sequence[int],
+        flags: Sequence[str],
+        mode: int,
+        unchanged_since: int | None = None,
     ) -> Deferred[dict[int, tuple[str, ...]]]:
         """See :class:`IMailboxManager`."""
+        extra = {} if unchanged_since is None else {"unchanged_since": unchanged_since}
         d = self.call(
-            MbSetFlags, user=user, mailbox=mailbox, uids=list(uids), flags=list(flags), mode=mode
+            MbSetFlags,
+            user=user,
+            mailbox=mailbox,
+            uids=list(uids),
+            flags=list(flags),
+            mode=mode,
+            **extra,
         )
         return d.addCallback(lambda r: {int(u): tuple(f) for u, f in r["flags"]})
+
+    def tombstones(self, user: str, mailbox: str) -> Deferred[dict[int, int]]:
+        """See :class:`IMailboxManager`."""
+        d = self.call(MbTombstones, user=user, mailbox=mailbox)
+        return d.addCallback(lambda r: {int(u): int(m) for u, m in r["tombstones"]})
 
     def copy(
         self, user: str, mailbox: str, uids: Sequence[int], dest: str
@@ -912,6 +952,9 @@ def register_handlers(
     registry.register(MbView, mb("view", view))
     registry.register(
         MbSetFlags, mb("set_flags", lambda f: {"flags": [[u, list(v)] for u, v in f.items()]})
+    )
+    registry.register(
+        MbTombstones, mb("tombstones", lambda t: {"tombstones": [[u, m] for u, m in t.items()]})
     )
     registry.register(MbCopy, mb("copy", lambda xs: {"digests": [_digest_out(x) for x in xs]}))
     registry.register(MbDelete, mb("delete", lambda us: {"uids": list(us)}))
@@ -1484,10 +1527,22 @@ class _CountingMailboxes:
         return self.owner.track(lambda: self.inner.fetch(user, mailbox, uids))
 
     def set_flags(
-        self, user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
+        self,
+        user: str,
+        mailbox: str,
+        uids: Sequence[int],
+        flags: Sequence[str],
+        mode: int,
+        unchanged_since: int | None = None,
     ) -> Deferred[dict[int, tuple[str, ...]]]:
         """Change flags, counted in the load."""
-        return self.owner.track(lambda: self.inner.set_flags(user, mailbox, uids, flags, mode))
+        return self.owner.track(
+            lambda: self.inner.set_flags(user, mailbox, uids, flags, mode, unchanged_since)
+        )
+
+    def tombstones(self, user: str, mailbox: str) -> Deferred[dict[int, int]]:
+        """Expunges remembered (a read: not counted in the load)."""
+        return self.inner.tombstones(user, mailbox)
 
     def delete(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[list[int]]:
         """Delete messages, counted in the load."""

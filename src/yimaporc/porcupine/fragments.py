@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -62,6 +63,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from . import _modseq
 from ._durable import Barrier, default_barrier
 from ._journal import Entry, Journal, Record, decode_all, read_records
 from .interfaces import IMailboxManager
@@ -203,6 +205,10 @@ class FragmentStore:
         #: The in-memory index of users' mailboxes here (None: none); kept exact by
         #: triggers on every bucket connection (:meth:`_watch`).
         self.index: MailIndex | None = None
+        #: Gives out mod-sequences (:mod:`._modseq`); a write drops the user's index
+        #: entry under its lock, so a reader's bound is never below a write it missed.
+        self.modseqs = _modseq.ModseqClock(now)
+        self.modseqs.on_write = self._touched
 
     # --- plumbing ----------------------------------------------------------
 
@@ -234,7 +240,9 @@ class FragmentStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            _modseq.migrate(db)
             self._watch(db)
+            _modseq.install_triggers(db, self.modseqs)
             self._dbs[bucket] = db
         return db
 
@@ -361,21 +369,28 @@ class FragmentStore:
         )
         return MailboxInfo(name, uidvalidity, 1, 0, 0, True)
 
-    def mailboxes(self, user: str) -> list[MailboxInfo]:
-        """Every mailbox of ``user`` here, INBOX created on first sight."""
+    def mailboxes(self, user: str, bounded: bool = False) -> list[MailboxInfo]:
+        """Every mailbox of ``user`` here, INBOX created on first sight; ``bounded``:
+        with a ``modseq_bound`` taken under the bucket lock, which every later change
+        here exceeds."""
         with self._lock_for(bucket_of(user)):
             db = self._db(bucket_of(user))
             self._ensure_inbox(db, user)
             rows = db.execute(
                 "SELECT b.name, b.uidvalidity, b.uidnext, b.subscribed, "
                 "COUNT(m.uid), SUM(CASE WHEN m.uid IS NOT NULL AND "
-                "instr(' ' || m.flags || ' ', ' \\Seen ') = 0 THEN 1 ELSE 0 END) "
+                "instr(' ' || m.flags || ' ', ' \\Seen ') = 0 THEN 1 ELSE 0 END), "
+                "b.highestmodseq "
                 "FROM mailboxes b LEFT JOIN messages m "
                 "ON m.user=b.user AND m.mailbox=b.name WHERE b.user=? "
                 "GROUP BY b.name ORDER BY b.name",
                 (user,),
             ).fetchall()
-        return [MailboxInfo(n, v, u, c, s or 0, bool(sub)) for n, v, u, sub, c, s in rows]
+            bound = self.modseqs.bound() if bounded else 0  # no write in flight now
+        return [
+            MailboxInfo(n, v, u, c, s or 0, bool(sub), h, max(h, bound) if bounded else 0)
+            for n, v, u, sub, c, s, h in rows
+        ]
 
     def create_mailbox(self, user: str, name: str) -> MailboxInfo:
         """Create ``name`` (and missing parents)."""
@@ -1283,16 +1298,18 @@ class FragmentStore:
             if not self._has(db, user, name):
                 raise NoSuchMailbox(f"no mailbox {name}")
             rows = db.execute(
-                "SELECT uid, key, size, flags, internal_date FROM messages "
+                "SELECT uid, key, size, flags, internal_date, modseq FROM messages "
                 "WHERE user=? AND mailbox=? ORDER BY uid",
                 (user, name),
             ).fetchall()
-        return [Digest(u, k, s, _flags(f), d, self.node_id) for u, k, s, f, d in rows]
+        return [Digest(u, k, s, _flags(f), d, self.node_id, m) for u, k, s, f, d, m in rows]
 
-    def load_user(self, user: str) -> UserIndex:
+    def load_user(self, user: str) -> tuple[UserIndex, int]:
         """Everything :meth:`mailboxes` and :meth:`digests` say of ``user`` here, read
         in one go under the bucket lock (INBOX created on first sight), and kept in
-        :attr:`index` unless a write to the user's rows raced the read."""
+        :attr:`index` unless a write to the user's rows raced the read; with a
+        mod-sequence bound taken under the same lock (every change not in the entry
+        gets a MODSEQ above it)."""
         bucket = bucket_of(user)
         with self._lock_for(bucket):
             db = self._db(bucket)
@@ -1300,18 +1317,19 @@ class FragmentStore:
             token = self.index.begin_fill(user) if self.index is not None else 0
             try:
                 boxes = db.execute(
-                    "SELECT name, uidvalidity, uidnext, subscribed FROM mailboxes WHERE user=?",
+                    "SELECT name, uidvalidity, uidnext, subscribed, highestmodseq "
+                    "FROM mailboxes WHERE user=?",
                     (user,),
                 ).fetchall()
                 rows = db.execute(
-                    "SELECT mailbox, uid, key, size, flags, internal_date FROM messages "
+                    "SELECT mailbox, uid, key, size, flags, internal_date, modseq FROM messages "
                     "WHERE user=?",
                     (user,),
                 ).fetchall()
                 me = self.node_id
                 entry = UserIndex.build(
                     boxes,
-                    ((b, Digest(u, k, s, _flags(f), d, me)) for b, u, k, s, f, d in rows),
+                    ((b, Digest(u, k, s, _flags(f), d, me, m)) for b, u, k, s, f, d, m in rows),
                 )
             except BaseException:
                 if self.index is not None:
@@ -1319,7 +1337,8 @@ class FragmentStore:
                 raise
             if self.index is not None:
                 self.index.install(user, token, entry)
-        return entry
+            bound = self.modseqs.bound()
+        return entry, bound
 
     def read_bodies(self, user: str, keys: Mapping[int, str]) -> dict[int, bytes]:
         """Read the bodies of ``keys`` (UID -> body key, e.g. from the index), each
@@ -1355,9 +1374,18 @@ class FragmentStore:
         return out
 
     def set_flags(
-        self, user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
+        self,
+        user: str,
+        mailbox: str,
+        uids: Sequence[int],
+        flags: Sequence[str],
+        mode: int,
+        unchanged_since: int | None = None,
     ) -> dict[int, tuple[str, ...]]:
-        """Replace/add/remove flags, one transaction."""
+        """Replace/add/remove flags, one transaction; the new flags by UID.  A message
+        whose flags stay the same keeps its MODSEQ; with ``unchanged_since``
+        (CONDSTORE), one whose MODSEQ is above it is left alone and out of the
+        answer (as an expunged one is)."""
         name = mailbox_name(mailbox)
         out: dict[int, tuple[str, ...]] = {}
         with self._lock_for(bucket_of(user)):
@@ -1366,10 +1394,12 @@ class FragmentStore:
             try:
                 for uid in sorted(set(uids)):
                     row = db.execute(
-                        "SELECT flags FROM messages WHERE user=? AND mailbox=? AND uid=?",
+                        "SELECT flags, modseq FROM messages WHERE user=? AND mailbox=? AND uid=?",
                         (user, name, uid),
                     ).fetchone()
                     if row is None:
+                        continue
+                    if unchanged_since is not None and row[1] > unchanged_since:
                         continue
                     old = list(_flags(row[0]))
                     if mode == 0:
@@ -1379,10 +1409,11 @@ class FragmentStore:
                     else:
                         gone = {f.lower() for f in flags}
                         new = [f for f in old if f.lower() not in gone]
-                    db.execute(
-                        "UPDATE messages SET flags=? WHERE user=? AND mailbox=? AND uid=?",
-                        (" ".join(new), user, name, uid),
-                    )
+                    if set(new) != set(old):
+                        db.execute(
+                            "UPDATE messages SET flags=? WHERE user=? AND mailbox=? AND uid=?",
+                            (" ".join(new), user, name, uid),
+                        )
                     out[uid] = tuple(new)
                 db.execute("COMMIT")
             except BaseException:
@@ -1442,12 +1473,20 @@ class FragmentStore:
                     "DELETE FROM messages WHERE user=? AND mailbox=? AND uid=?",
                     [(user, name, uid) for uid in keys],
                 )
+                _modseq.prune(db, user, name)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             self._drop_unreferenced(db, user, keys.values())
         return sorted(keys)
+
+    def tombstones(self, user: str, mailbox: str) -> dict[int, int]:
+        """``{uid: modseq}`` of the expunges of ``mailbox`` here still remembered
+        (:mod:`._modseq`)."""
+        name = mailbox_name(mailbox)
+        with self._lock_for(bucket_of(user)):
+            return _modseq.tombstones(self._db(bucket_of(user)), user, name)
 
     def _drop_unreferenced(self, db: sqlite3.Connection, user: str, keys: Iterable[str]) -> None:
         udir = self.user_path(user)
@@ -1685,16 +1724,29 @@ class MailboxManager:
         entry = self.index.lookup(user)
         if entry is not None:
             return entry
+        return self._run(self.fragments.load_user, user).addCallback(lambda got: got[0])
+
+    def _bounded(self, user: str) -> Deferred[tuple[UserIndex, int]]:
+        """``user``'s index entry with a mod-sequence bound taken with it (under the
+        clock's lock, which a write holds while it drops the entry): every change not
+        in the entry gets a MODSEQ above the bound.  A cold entry is filled first,
+        then looked up again the same way (filled anew if a write spoiled it)."""
+        assert self.index is not None
+        clock = self.fragments.modseqs
+        with clock.lock:
+            entry = self.index.lookup(user)
+            if entry is not None:
+                return succeed((entry, clock.bound_locked()))
         return self._run(self.fragments.load_user, user)
+
+    def _tree(self, entry: UserIndex, bound: int) -> list[MailboxInfo]:
+        return [attrs.evolve(i, modseq_bound=max(i.highestmodseq, bound)) for i in entry.tree]
 
     def mailboxes(self, user: str) -> Deferred[list[MailboxInfo]]:
         """See :class:`IMailboxManager` (from the index when it is on)."""
         if self.index is None:
-            return self._run(self.fragments.mailboxes, user)
-        got = self._user(user)
-        if isinstance(got, UserIndex):
-            return succeed(list(got.tree))
-        return got.addCallback(lambda e: list(e.tree))
+            return self._run(self.fragments.mailboxes, user, True)
+        return self._bounded(user).addCallback(lambda got: self._tree(*got))
 
     def create_mailbox(self, user: str, name: str) -> Deferred[MailboxInfo]:
         """See :class:`IMailboxManager`."""
@@ -1737,13 +1789,17 @@ class MailboxManager:
             return fail()
         if self.index is None:
             return self._run(self._view_blocking, user, name)
-        got = self._user(user)
-        if isinstance(got, UserIndex):
-            return succeed(_view_of(got, name))
-        return got.addCallback(_view_of, name)
+
+        def view(got: tuple[UserIndex, int]) -> tuple[list[MailboxInfo], list[Digest] | None]:
+            entry, bound = got
+            return self._tree(entry, bound), _view_of(entry, name)[1]
+
+        return self._bounded(user).addCallback(view)
 
     def _view_blocking(self, user: str, name: str) -> tuple[list[MailboxInfo], list[Digest] | None]:
-        tree = self.fragments.mailboxes(user)
+        # the tree (and its bound) before the digests: a change between the two reads
+        # is listed with a MODSEQ above the bound, never hidden below it
+        tree = self.fragments.mailboxes(user, True)
         try:
             return tree, self.fragments.digests(user, name)
         except NoSuchMailbox:
@@ -1767,10 +1823,22 @@ class MailboxManager:
         return self._run(self.fragments.read_bodies, user, keys)
 
     def set_flags(
-        self, user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
+        self,
+        user: str,
+        mailbox: str,
+        uids: Sequence[int],
+        flags: Sequence[str],
+        mode: int,
+        unchanged_since: int | None = None,
     ) -> Deferred[dict[int, tuple[str, ...]]]:
         """See :class:`IMailboxManager`."""
-        return self._run(self.fragments.set_flags, user, mailbox, list(uids), list(flags), mode)
+        return self._run(
+            self.fragments.set_flags, user, mailbox, list(uids), list(flags), mode, unchanged_since
+        )
+
+    def tombstones(self, user: str, mailbox: str) -> Deferred[dict[int, int]]:
+        """See :class:`IMailboxManager`."""
+        return self._run(self.fragments.tombstones, user, mailbox)
 
     def copy(
         self, user: str, mailbox: str, uids: Sequence[int], dest: str

@@ -15,7 +15,12 @@ login or an unreachable node ``NO [UNAVAILABLE]``; a missing mailbox
 ``NO [UNAVAILABLE]`` (never a smaller mailbox: a syncing client would take the
 missing messages as expunged).
 
-No MODSEQs: the store keeps none, so CONDSTORE/QRESYNC are not advertised.
+MODSEQs come from the fragment store (:mod:`._modseq`): every message has one,
+HIGHESTMODSEQ is the merged value of :func:`.retrieval._merge_trees`, STORE
+``UNCHANGEDSINCE`` is checked by each node inside its flag-change transaction,
+and QRESYNC leaves out of ``VANISHED (EARLIER)`` what the nodes' tombstones
+show went before the client's mod-sequence; so CONDSTORE and QRESYNC are
+advertised (docs/mail.md, "Mod-sequences").
 The special-use mailboxes (Sent, Drafts, Trash, Junk, Archive) are created at
 login when missing, as Dovecot's ``auto = create`` does.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 from twisted.cred import credentials, error
 from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.logger import Logger
@@ -133,7 +139,7 @@ def as_imap_error(f: Failure, missing: str = "NONEXISTENT") -> Failure:
 class PorcupineImapBackend:
     """Logs a connection's user in through the node's (throttled) portal."""
 
-    supports_modseq = False
+    supports_modseq = True
     #: MULTIAPPEND: :meth:`PorcupineSession.append_many`.
     extensions = ("MULTIAPPEND",)
 
@@ -271,7 +277,7 @@ class PorcupineSession:
                 info.uidvalidity,
                 unseen,
                 0,
-                0,
+                max(1, info.highestmodseq),
                 sum(d.size for d in digests),
                 deleted,
             )
@@ -363,6 +369,9 @@ class PorcupineMailbox:
         self.uidnext = info.uidnext
         self.readonly = readonly
         self.digests: dict[int, Digest] = {}
+        #: HIGHESTMODSEQ as SELECT read it (the only place a client is shown it while
+        #: selected; later snapshots list changes by their own MODSEQs).
+        self.highestmodseq = max(1, info.highestmodseq)
         self._last: Snapshot | None = None
         self._watch: Callable[[], None] | None = None
         self.closed = False
@@ -398,12 +407,13 @@ class PorcupineMailbox:
         if digests:
             self.uidnext = max(self.uidnext, digests[-1].uid + 1)
         messages = tuple(
-            MessageInfo(d.uid, tuple(d.flags), d.size, d.internal_date) for d in digests
+            MessageInfo(d.uid, tuple(d.flags), d.size, d.internal_date, max(1, d.modseq))
+            for d in digests
         )
         last = self._last
         if last is not None and last.messages == messages and last.uidnext == self.uidnext:
             return last  # unchanged: the shell skips the diff
-        self._last = Snapshot(messages, self.uidnext)
+        self._last = Snapshot(messages, self.uidnext, self.highestmodseq)
         return self._last
 
     def _known(self, uids: Sequence[int]) -> list[Digest]:
@@ -425,25 +435,30 @@ class PorcupineMailbox:
     def store(
         self, uids: list[int], mode: str, flags: tuple[str, ...], unchanged_since: int | None
     ) -> Deferred[list[int]]:
-        if unchanged_since is not None:
-            raise ImapError("CONDSTORE is not supported here", status="BAD")
         digests = self._known(uids)
         if not digests:
             return succeed([])
         how = {"": 0, "+": 1, "-": -1}[mode]
-        d = self.mail.set_flags(self.name, digests, flags, how)
+        d = self.mail.set_flags(self.name, digests, flags, how, unchanged_since)
 
-        def done(updated: dict[int, tuple[str, ...]]) -> list[int]:
+        def done(updated: dict[int, tuple[str, ...]]) -> Any:
             for uid, new in updated.items():
                 old = self.digests.get(uid)
                 if old is not None:
-                    self.digests[uid] = Digest(
-                        old.uid, old.key, old.size, tuple(new), old.internal_date, old.node
-                    )
+                    self.digests[uid] = attrs.evolve(old, flags=tuple(new))
             self._notify()
-            return []
+            left = [x.uid for x in digests if x.uid not in updated]
+            if unchanged_since is None or not left:
+                return []
+            # left out: changed since (MODIFIED), or expunged meanwhile (not reported)
+            fresh = self.mail.digests(self.name)
+            return fresh.addCallback(lambda now: sorted({x.uid for x in now} & set(left)))
 
         return d.addCallbacks(done, as_imap_error)
+
+    def tombstones(self) -> Deferred[dict[int, int]]:
+        """``{uid: modseq}`` of the expunges the fragment nodes remember (QRESYNC)."""
+        return self.mail.tombstones(self.name).addErrback(as_imap_error)
 
     def expunge(self, uids: list[int] | None) -> Deferred[None]:
         wanted = None if uids is None else set(uids)

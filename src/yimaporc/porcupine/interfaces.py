@@ -98,9 +98,20 @@ class IMailboxManager(Interface):
         """The bodies of those of ``uids`` that exist."""
 
     def set_flags(
-        user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
+        user: str,
+        mailbox: str,
+        uids: Sequence[int],
+        flags: Sequence[str],
+        mode: int,
+        unchanged_since: int | None = None,
     ) -> Deferred[dict[int, tuple[str, ...]]]:
-        """Replace (mode 0), add (1) or remove (-1) flags; the new flags per UID."""
+        """Replace (mode 0), add (1) or remove (-1) flags; the new flags per UID.  With
+        ``unchanged_since`` (CONDSTORE), messages whose MODSEQ is above it are left
+        alone and out of the answer."""
+
+    def tombstones(user: str, mailbox: str) -> Deferred[dict[int, int]]:
+        """``{uid: modseq}`` of the expunges of the mailbox this node remembers
+        (bounded, the oldest forgotten first: see ``porcupine._modseq``)."""
 
     def copy(user: str, mailbox: str, uids: Sequence[int], dest: str) -> Deferred[list[Digest]]:
         """Copy messages into ``dest`` (new UIDs there)."""

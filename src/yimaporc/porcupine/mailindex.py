@@ -61,22 +61,25 @@ class UserIndex:
     @classmethod
     def build(
         cls,
-        mailboxes: Iterable[tuple[str, int, int, bool]],
+        mailboxes: Iterable[tuple[str, int, int, bool] | tuple[str, int, int, bool, int]],
         messages: Iterable[tuple[str, Digest]],
     ) -> UserIndex:
-        """From ``(name, uidvalidity, uidnext, subscribed)`` rows and ``(mailbox,
-        digest)`` rows (any order)."""
+        """From ``(name, uidvalidity, uidnext, subscribed[, highestmodseq])`` rows and
+        ``(mailbox, digest)`` rows (any order)."""
         by_box: dict[str, list[Digest]] = {}
         for box, d in messages:
             by_box.setdefault(box, []).append(d)
         tree = []
         boxes: dict[str, tuple[Digest, ...]] = {}
-        for name, validity, uidnext, subscribed in sorted(mailboxes):
+        for name, validity, uidnext, subscribed, *more in sorted(mailboxes):
+            highest = int(more[0]) if more else 0
             digests = tuple(sorted(by_box.get(name, ()), key=lambda d: d.uid))
             boxes[name] = digests
             unseen = sum(1 for d in digests if SEEN not in d.flags)
             tree.append(
-                MailboxInfo(name, validity, uidnext, len(digests), unseen, bool(subscribed))
+                MailboxInfo(
+                    name, validity, uidnext, len(digests), unseen, bool(subscribed), highest
+                )
             )
         return cls(tuple(tree), boxes)
 

@@ -597,10 +597,16 @@ class UserMail:
         ).addCallback(merge)
 
     def set_flags(
-        self, mailbox: str, digests: Sequence[Digest], flags: Sequence[str], mode: int
+        self,
+        mailbox: str,
+        digests: Sequence[Digest],
+        flags: Sequence[str],
+        mode: int,
+        unchanged_since: int | None = None,
     ) -> Deferred[dict[int, tuple[str, ...]]]:
         """STORE on each node (with replication on one holder per message); the new
-        flags by UID."""
+        flags by UID.  With ``unchanged_since`` (CONDSTORE) each node leaves alone, and
+        out of the answer, its messages whose MODSEQ is above it."""
 
         def merge(parts: list[dict[int, tuple[str, ...]]]) -> dict[int, tuple[str, ...]]:
             out: dict[int, tuple[str, ...]] = {}
@@ -608,17 +614,41 @@ class UserMail:
                 out.update(p)
             return out
 
+        # only when asked: a manager without CONDSTORE keeps its old signature
+        extra = {} if unchanged_since is None else {"unchanged_since": unchanged_since}
         if self.replicated:
             return self._on_one_holder(
                 mailbox,
                 digests,
-                lambda m, uids: m.set_flags(self.address, mailbox, uids, flags, mode),
+                lambda m, uids: m.set_flags(self.address, mailbox, uids, flags, mode, **extra),
             ).addCallback(merge)
         ds = [
-            self.managers(node).set_flags(self.address, mailbox, uids, flags, mode)
+            self.managers(node).set_flags(self.address, mailbox, uids, flags, mode, **extra)
             for node, uids in self._by_node(digests, mailbox).items()
         ]
         return gatherResults(ds, consumeErrors=True).addCallback(merge)
+
+    def tombstones(self, mailbox: str) -> Deferred[dict[int, int]]:
+        """``{uid: modseq}`` of the expunges of ``mailbox`` the fragment nodes remember
+        (for a UID remembered on several nodes, the highest).  A node that does not
+        answer adds nothing: QRESYNC then reports those UIDs as vanished, which is
+        never wrong (see :mod:`._modseq`)."""
+
+        def ask(nodes: list[str]) -> Deferred[dict[int, int]]:
+            ds = [self.managers(n).tombstones(self.address, mailbox) for n in nodes]
+
+            def merge(results: list[tuple[bool, Any]]) -> dict[int, int]:
+                out: dict[int, int] = {}
+                for ok, got in results:
+                    if not ok:
+                        continue
+                    for uid, modseq in got.items():
+                        out[uid] = max(out.get(uid, 0), modseq)
+                return out
+
+            return DeferredList(ds, consumeErrors=True).addCallback(merge)
+
+        return self._nodes().addCallback(ask)
 
     def delete(self, mailbox: str, digests: Sequence[Digest]) -> Deferred[list[int]]:
         """Remove messages; nodes left with nothing of the user leave the fragment list."""
@@ -838,13 +868,20 @@ class RetrievalProxy:
 
 
 def _merge_trees(trees: list[tuple[str, list[MailboxInfo]]]) -> list[MailboxInfo]:
-    """One tree from the fragments': highest UIDNEXT, counts summed, and the lowest
+    """One tree from the fragments': highest UIDNEXT, counts summed, the lowest
     UIDVALIDITY among the nodes holding messages in the mailbox (of all holders if
-    none does), so an empty mailbox on a new home node does not change it."""
+    none does), so an empty mailbox on a new home node does not change it, and as
+    HIGHESTMODSEQ the highest given out, capped by the lowest bound (docs/mail.md,
+    "Mod-sequences": every change made after the listing is above it)."""
     out: dict[str, MailboxInfo] = {}
     validity: dict[str, tuple[bool, int]] = {}
+    highest: dict[str, int] = {}
+    bound: dict[str, int] = {}
     for _, infos in trees:
         for i in infos:
+            highest[i.name] = max(highest.get(i.name, 0), i.highestmodseq)
+            if i.modseq_bound > 0:
+                bound[i.name] = min(bound.get(i.name, i.modseq_bound), i.modseq_bound)
             key = (i.messages == 0, i.uidvalidity)  # holders with messages sort first
             validity[i.name] = min(validity.get(i.name, key), key)
             have = out.get(i.name)
@@ -861,7 +898,14 @@ def _merge_trees(trees: list[tuple[str, list[MailboxInfo]]]) -> list[MailboxInfo
             )
     return [
         MailboxInfo(
-            n, validity[n][1], out[n].uidnext, out[n].messages, out[n].unseen, out[n].subscribed
+            n,
+            validity[n][1],
+            out[n].uidnext,
+            out[n].messages,
+            out[n].unseen,
+            out[n].subscribed,
+            min(highest[n], bound.get(n, highest[n])),
+            bound.get(n, 0),
         )
         for n in sorted(out)
     ]

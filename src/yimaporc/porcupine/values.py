@@ -98,6 +98,8 @@ class Digest:
     flags: tuple[str, ...]
     internal_date: float
     node: str
+    #: The message's mod-sequence on that node (CONDSTORE; 0: a node without them).
+    modseq: int = 0
 
 
 @attrs.frozen
@@ -110,3 +112,9 @@ class MailboxInfo:
     messages: int
     unseen: int
     subscribed: bool = True
+    #: The highest mod-sequence given out in the mailbox (0: a node without them);
+    #: merged over the fragments, what a client is shown (docs/mail.md, "Mod-sequences").
+    highestmodseq: int = 0
+    #: From one node's read: a value every later change of the mailbox there exceeds
+    #: (0: not taken).
+    modseq_bound: int = 0

@@ -74,6 +74,8 @@ class MemoryMailbox:
     messages: list[MemoryMessage] = attrs.Factory(list)
     watchers: list[Callable[[], None]] = attrs.Factory(list)
     cached: Snapshot | None = None
+    #: Tombstones: UID -> the MODSEQ of its expunge (QRESYNC).
+    expunged: dict[int, int] = attrs.Factory(dict)
 
     def snapshot(self) -> Snapshot:
         """The current snapshot; the same object until the next change."""
@@ -87,6 +89,17 @@ class MemoryMailbox:
         self.cached = None
         for w in list(self.watchers):
             w()
+
+    def remove(self, uids: set[int]) -> None:
+        """Expunge ``uids`` at one new MODSEQ, leaving tombstones."""
+        gone = [m.uid for m in self.messages if m.uid in uids]
+        if not gone:
+            return
+        self.modseq += 1
+        self.messages = [m for m in self.messages if m.uid not in uids]
+        for uid in gone:
+            self.expunged[uid] = self.modseq
+        self.changed()
 
     def add(self, raw: bytes, flags: tuple[str, ...], date: float) -> int:
         self.modseq += 1
@@ -201,9 +214,7 @@ class MemorySession:
             target = self.store._new(self.user, new)
             for m in box.messages:
                 target.add(m.raw, tuple(m.flags), m.internal_date)
-            box.messages = []
-            box.modseq += 1
-            box.changed()
+            box.remove({m.uid for m in box.messages})
             return self._later(None)
         del self.store.boxes[self.user][old]
         box.name = new
@@ -303,16 +314,17 @@ class MemorySelected:
         return self._later(modified)
 
     def expunge(self, uids: list[int] | None) -> Deferred[None]:
-        keep = []
-        for m in self.box.messages:
-            if "\\Deleted" in m.flags and (uids is None or m.uid in uids):
-                continue
-            keep.append(m)
-        if len(keep) != len(self.box.messages):
-            self.box.modseq += 1
-            self.box.messages = keep
-            self.box.changed()
+        self.box.remove(
+            {
+                m.uid
+                for m in self.box.messages
+                if "\\Deleted" in m.flags and (uids is None or m.uid in uids)
+            }
+        )
         return self._later(None)
+
+    def tombstones(self) -> Deferred[dict[int, int]]:
+        return self._later(dict(self.box.expunged))
 
     def copy(self, uids: list[int], dest: str) -> Deferred[CopyResult]:
         target = self.session.store.box(self.session.user, dest, "TRYCREATE")
@@ -328,9 +340,7 @@ class MemorySelected:
         target = self.session.store.box(self.session.user, dest, "TRYCREATE")
         result = self.copy(uids, dest)
         if target is not self.box:
-            self.box.messages = [m for m in self.box.messages if m.uid not in uids]
-            self.box.modseq += 1
-            self.box.changed()
+            self.box.remove(set(uids))
         return result
 
     def search(self, criteria: tuple[Any, ...], charset: str | None, view: list[MessageInfo]) -> Deferred[list[int]]:  # fmt: skip

@@ -829,10 +829,16 @@ class ReplicatedMailboxManager:
         return d.addCallback(digests)
 
     def set_flags(
-        self, user: str, mailbox: str, uids: Sequence[int], flags: Sequence[str], mode: int
+        self,
+        user: str,
+        mailbox: str,
+        uids: Sequence[int],
+        flags: Sequence[str],
+        mode: int,
+        unchanged_since: int | None = None,
     ) -> Deferred[dict[int, tuple[str, ...]]]:
         """Flags changed here, then replicated as new versions of the messages."""
-        d = self.inner.set_flags(user, mailbox, uids, flags, mode)
+        d = self.inner.set_flags(user, mailbox, uids, flags, mode, unchanged_since)
 
         def replicate(new: dict[int, tuple[str, ...]]) -> Deferred[Any]:
             if not new:
