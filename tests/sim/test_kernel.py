@@ -9,8 +9,14 @@ import pytest
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IReactorUDP
+from twisted.internet.interfaces import (
+    IReactorFromThreads,
+    IReactorTCP,
+    IReactorTime,
+    IReactorUDP,
+)
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -50,9 +56,9 @@ def pair(kernel: SimKernel) -> tuple[Sink, Sink]:
 
 
 def test_reactor_provides_the_interfaces_the_shells_use(kernel: SimKernel) -> None:
-    """A host's reactor provides IReactorTime, IReactorUDP and IReactorTCP."""
+    """A host's reactor provides IReactorTime, IReactorUDP, IReactorTCP, IReactorFromThreads."""
     reactor = up(kernel, "a", "10.0.0.1").reactor
-    for iface in (IReactorTime, IReactorUDP, IReactorTCP):
+    for iface in (IReactorTime, IReactorUDP, IReactorTCP, IReactorFromThreads):
         assert verifyObject(iface, reactor)
 
 
@@ -181,10 +187,12 @@ def test_crash_kills_timers_and_ports_and_the_disk_survives(kernel: SimKernel) -
     assert b.reactor is not None and sa.transport is not None
     ran: list[str] = []
     b.reactor.callLater(1.0, lambda: ran.append("old boot"))
+    b.reactor.callLater(2.0, lambda: ran.append("old boot, while down"))
     (b.disk / "state").write_text("kept")
     kernel.crash(b)
+    kernel.run_until(2.5)
     sa.transport.write(b"x", ("10.0.0.2", 9))
-    kernel.run_until(0.5)
+    kernel.run_until(3.0)
     reactor = kernel.boot(b)
     reactor.callLater(1.0, lambda: ran.append("new boot"))
     kernel.run_until(5.0)
@@ -303,3 +311,35 @@ def test_same_seed_same_trace() -> None:
     assert _noisy_run(7) == (one, got)
     other, got_other = _noisy_run(8)
     assert other != one and got_other != got
+
+
+def test_thread_pool_jobs_finish_after_a_disk_latency_in_any_order(kernel: SimKernel) -> None:
+    """deferToThreadPool on a host's pool fires after a seeded latency; jobs submitted
+    together finish in some other order; a failing job errbacks."""
+    kernel.faults = Faults(disk_latency=(0.001, 0.01))
+    reactor = up(kernel, "a", "10.0.0.1").reactor
+    assert reactor is not None
+    pool = reactor.getThreadPool()
+    done: list[int] = []
+    for i in range(20):
+        deferToThreadPool(reactor, pool, lambda i=i: i).addCallback(done.append)
+    failed = deferToThreadPool(reactor, pool, lambda: 1 / 0)
+    assert done == []
+    kernel.run_until(0.0009)
+    assert done == []
+    kernel.run_until(0.02)
+    assert sorted(done) == list(range(20)) and done != list(range(20))
+    assert result(failed).check(ZeroDivisionError)
+
+
+def test_a_crash_interrupts_thread_jobs(kernel: SimKernel) -> None:
+    """A job still running when its host crashes never ran (nor does its callback)."""
+    kernel.faults = Faults(disk_latency=(0.01, 0.01))
+    host = up(kernel, "a", "10.0.0.1")
+    assert host.reactor is not None
+    wrote: list[str] = []
+    d = deferToThreadPool(host.reactor, host.reactor.getThreadPool(), wrote.append, "x")
+    kernel.run_until(0.005)
+    kernel.crash(host)
+    kernel.run_until(1.0)
+    assert wrote == [] and not d.called

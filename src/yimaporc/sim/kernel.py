@@ -20,7 +20,9 @@ The fault model, all drawn from one ``random.Random(seed)``:
   are reset) and restart on the same disk (a per-host directory that survives);
 - pauses (SIGSTOP: the host's timers and arriving data wait; on resume its late
   timers run first, then what arrived);
-- clock skew per host (each reactor's ``seconds()`` is true time plus its skew).
+- clock skew per host (each reactor's ``seconds()`` is true time plus its skew);
+- a simulated thread pool per host (``getThreadPool()``, for ``deferToThreadPool``):
+  jobs run on the host after a seeded disk latency, so they finish in any order.
 
 Every event run is folded into a SHA-256 trace (time, host, kind, what, and the
 bytes of every datagram), so a run is identified by :meth:`SimKernel.trace_digest`:
@@ -65,6 +67,8 @@ class Faults:
     duplicate: float = 0.0
     reorder: float = 0.0
     reorder_extra: float = 0.05
+    #: how long one job on a host's simulated thread pool takes (a disk write)
+    disk_latency: tuple[float, float] = (0.0001, 0.002)
 
 
 @attrs.define(eq=False)
@@ -175,6 +179,7 @@ class SimKernel:
         if not host.up:
             return
         host.up = False
+        host.generation += 1  # what the dead process scheduled never runs
         self._record(KERNEL, host.name, "crash")
         reactor, host.reactor = host.reactor, None
         if reactor is not None:

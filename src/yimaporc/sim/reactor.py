@@ -22,6 +22,7 @@ from twisted.internet.interfaces import (
     IConnector,
     IDelayedCall,
     IListeningPort,
+    IReactorFromThreads,
     IReactorTCP,
     IReactorTime,
     IReactorUDP,
@@ -40,7 +41,7 @@ _TIMER = 0
 _IO = 1
 
 
-@implementer(IReactorTime, IReactorUDP, IReactorTCP)
+@implementer(IReactorTime, IReactorUDP, IReactorTCP, IReactorFromThreads)
 class SimReactor:
     """The reactor of one boot of one :class:`SimHost`; dead once the host crashes."""
 
@@ -56,6 +57,7 @@ class SimReactor:
         self._tcp: dict[int, SimTCPPort] = {}
         self._ends: dict[SimStreamTransport, None] = {}
         self._ports = itertools.count(40000)
+        self._pool: SimThreadPool | None = None
 
     # --- IReactorTime ----------------------------------------------------------------
 
@@ -87,6 +89,22 @@ class SimReactor:
     def callWhenRunning(self, callable: Callable[..., Any], *args: Any, **kw: Any) -> None:
         """The simulated reactor is always running: call soon."""
         self.callLater(0, callable, *args, **kw)
+
+    # --- threads (IReactorFromThreads, IReactorThreads) ------------------------------------
+
+    def callFromThread(self, callable: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """Simulated threads run on the reactor: call soon."""
+        self.callLater(0, callable, *args, **kw)
+
+    def getThreadPool(self) -> SimThreadPool:
+        """This host's simulated thread pool (``deferToThreadPool`` works with it)."""
+        if self._pool is None:
+            self._pool = SimThreadPool(self)
+        return self._pool
+
+    def callInThread(self, callable: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """Run ``callable`` on the simulated thread pool."""
+        self.getThreadPool().callInThread(callable, *args, **kw)
 
     def _schedule(self, dc: DelayedCall) -> None:
         due = dc.time
@@ -207,6 +225,54 @@ class SimReactor:
         ends, self._ends = list(self._ends), {}
         for end in ends:
             end.vanish()
+
+
+class SimThreadPool:
+    """A thread pool whose jobs run on the simulated host, each after a seeded disk latency
+    (``Faults.disk_latency``), so jobs submitted together may finish in any order, as
+    concurrent threads do.  A job runs whole at its finishing instant; if the host
+    crashes first it never ran (a write the crash interrupted did not happen)."""
+
+    def __init__(self, reactor: SimReactor) -> None:
+        self.reactor = reactor
+        self.started = True
+        self.jobs = 0
+
+    def callInThreadWithCallback(
+        self,
+        onResult: Callable[[bool, Any], None] | None,
+        func: Callable[..., Any],
+        *args: Any,
+        **kw: Any,
+    ) -> None:
+        """Run ``func`` later on the host; then ``onResult(success, result)``."""
+        kernel = self.reactor.kernel
+
+        def job() -> None:
+            self.jobs += 1
+            kernel.record(self.reactor.host, "job " + getattr(func, "__qualname__", "?"))
+            try:
+                result = func(*args, **kw)
+            except BaseException as e:
+                ok, value = False, Failure(e)
+            else:
+                ok, value = True, result
+            if onResult is not None:
+                onResult(ok, value)
+            elif not ok:
+                self.reactor.log.failure("simulated thread job failed", failure=value)
+
+        self.reactor.at(kernel.rng.uniform(*kernel.faults.disk_latency), job)
+
+    def callInThread(self, func: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """Run ``func`` later on the host."""
+        self.callInThreadWithCallback(None, func, *args, **kw)
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
 
 
 @implementer(IUDPTransport, IListeningPort)
