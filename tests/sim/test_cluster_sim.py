@@ -8,10 +8,13 @@ import subprocess
 import sys
 from typing import Any
 
+from twisted.internet.interfaces import ISSLTransport
+
 from yimaporc.cluster.rpc import Echo, PeerUnavailable
 from yimaporc.cluster.udp import MembershipProtocol
 from yimaporc.sim.cluster import ClusterSim, make_cluster
 from yimaporc.sim.kernel import Faults
+from yimaporc.testing.certs import make_cert
 
 
 def eventful(seed: int) -> tuple[str, list[Any]]:
@@ -100,3 +103,16 @@ def test_rpc_between_nodes_runs_over_stream_links() -> None:
         assert failed.check(PeerUnavailable)
         assert sim.run_until_converged(10.0) is not None
         assert sim.nodes["n0"].view.node_ids == ("n0",)
+
+
+def test_rpc_over_tls_on_the_kernel(tmp_path: Any) -> None:
+    """With --tls-cert/--tls-key the nodes' RPC runs real TLS (mutual certificates) over
+    the kernel's stream links, as listenSSL/connectSSL do on a real reactor."""
+    tls = make_cert(tmp_path)
+    with make_cluster(2, 4, faults=Faults(latency=(0.0002, 0.002)), tls=tls) as sim:
+        assert sim.run_until_converged(30.0) is not None
+        assert rpc(sim, "n1", "n0") == {"payload": b"x" * 1000}
+        node = sim.nodes["n1"].node
+        assert node is not None
+        proto = node.rpc._ready[sim.nodes["n0"].address]
+        assert ISSLTransport.providedBy(proto.transport)

@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import (
     IReactorFromThreads,
+    IReactorSSL,
     IReactorTCP,
     IReactorTime,
     IReactorUDP,
@@ -56,9 +57,10 @@ def pair(kernel: SimKernel) -> tuple[Sink, Sink]:
 
 
 def test_reactor_provides_the_interfaces_the_shells_use(kernel: SimKernel) -> None:
-    """A host's reactor provides IReactorTime, IReactorUDP, IReactorTCP, IReactorFromThreads."""
+    """A host's reactor provides IReactorTime, IReactorUDP, IReactorTCP, IReactorSSL and
+    IReactorFromThreads."""
     reactor = up(kernel, "a", "10.0.0.1").reactor
-    for iface in (IReactorTime, IReactorUDP, IReactorTCP, IReactorFromThreads):
+    for iface in (IReactorTime, IReactorUDP, IReactorTCP, IReactorSSL, IReactorFromThreads):
         assert verifyObject(iface, reactor)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -102,6 +103,7 @@ class ClusterSim:
         kind: str = "porcupine",
         on_view: Callable[[SimMember, View, View], None] | None = None,
         kernel: SimKernel | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.kernel = kernel or SimKernel(seed, faults=faults)
         self.rng = self.kernel.rng
@@ -109,6 +111,8 @@ class ClusterSim:
         self.max_skew = skew
         self.kind = kind
         self.on_view = on_view
+        #: ``(cert, key)`` PEM files every node uses for its RPC (TLS over the kernel)
+        self.tls = tls
         self.nodes: dict[str, SimMember] = {}
         self.epoch_went_back: list[str] = []
 
@@ -152,6 +156,8 @@ class ClusterSim:
             join=m.seeds,
             trm=self.config,
             cluster_name="sim",
+            tls_cert=self.tls[0] if self.tls else None,
+            tls_key=self.tls[1] if self.tls else None,
         )
         node = ClusterNode(
             reactor,

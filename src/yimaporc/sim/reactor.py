@@ -23,6 +23,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
     IReactorFromThreads,
+    IReactorSSL,
     IReactorTCP,
     IReactorTime,
     IReactorUDP,
@@ -30,6 +31,7 @@ from twisted.internet.interfaces import (
     IUDPTransport,
 )
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -41,7 +43,7 @@ _TIMER = 0
 _IO = 1
 
 
-@implementer(IReactorTime, IReactorUDP, IReactorTCP, IReactorFromThreads)
+@implementer(IReactorTime, IReactorUDP, IReactorTCP, IReactorSSL, IReactorFromThreads)
 class SimReactor:
     """The reactor of one boot of one :class:`SimHost`; dead once the host crashes."""
 
@@ -194,6 +196,34 @@ class SimReactor:
         connector = SimConnector(self, host, port, factory, timeout)
         connector.connect()
         return connector
+
+    # --- IReactorSSL: TLS in memory over a stream link ------------------------------------
+
+    def listenSSL(
+        self,
+        port: int,
+        factory: Any,
+        contextFactory: Any,
+        backlog: int = 50,
+        interface: str = "",
+    ) -> SimTCPPort:
+        """Listen for TLS connections: the real TLS protocol (``TLSMemoryBIOFactory``) over
+        a simulated stream port, as Twisted's own reactors do."""
+        wrapped = TLSMemoryBIOFactory(contextFactory, False, factory, clock=self)
+        return self.listenTCP(port, wrapped, backlog, interface)
+
+    def connectSSL(
+        self,
+        host: str,
+        port: int,
+        factory: Any,
+        contextFactory: Any,
+        timeout: float = 30,
+        bindAddress: tuple[str, int] | None = None,
+    ) -> SimConnector:
+        """Open a TLS connection over a simulated stream link."""
+        wrapped = TLSMemoryBIOFactory(contextFactory, True, factory, clock=self)
+        return self.connectTCP(host, port, wrapped, timeout, bindAddress)
 
     # --- helpers ---------------------------------------------------------------------
 
