@@ -104,6 +104,7 @@ class ClusterSim:
         on_view: Callable[[SimMember, View, View], None] | None = None,
         kernel: SimKernel | None = None,
         tls: tuple[Path, Path] | None = None,
+        on_boot: Callable[[SimMember, ClusterNode], None] | None = None,
     ) -> None:
         self.kernel = kernel or SimKernel(seed, faults=faults)
         self.rng = self.kernel.rng
@@ -113,6 +114,9 @@ class ClusterSim:
         self.on_view = on_view
         #: ``(cert, key)`` PEM files every node uses for its RPC (TLS over the kernel)
         self.tls = tls
+        #: Called with each freshly built node before it starts (a scenario adds the
+        #: services a node kind puts on it: bucket map, replication, documents...).
+        self.on_boot = on_boot
         self.nodes: dict[str, SimMember] = {}
         self.epoch_went_back: list[str] = []
 
@@ -168,6 +172,8 @@ class ClusterSim:
         )
         node.subscribe(_Recorder(self, m))
         m.node = node
+        if self.on_boot is not None:
+            self.on_boot(m, node)
         node.startService()
 
     def crash(self, node_id: str) -> None:
