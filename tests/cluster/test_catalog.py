@@ -106,6 +106,23 @@ def test_older_version_is_refused_and_newcomer_catches_up(tmp_path: Path) -> Non
     assert docs[2].value == {"media": ["x"]}
 
 
+def test_a_member_restarted_since_the_last_view_catches_up(tmp_path: Path) -> None:
+    """A member back under a new incarnation before anyone saw it gone gets the records it
+    missed (found by the kernel scenario tests/sim/test_catalog_sim.py)."""
+    net, nodes, docs = cluster(tmp_path, "abc")
+    net.down.add("c:1")
+    docs[0].update(lambda v: {"media": ["x"]})
+    assert docs[2].value == {"media": []}
+    net.down.clear()
+    full = nodes[0].view
+    members = tuple(
+        attrs.evolve(m, incarnation=m.incarnation + 1) if m.node_id == "c" else m
+        for m in full.members
+    )
+    docs[0].membership_changed(full, View(full.epoch + 1, members, "a"))
+    assert docs[2].value == {"media": ["x"]}
+
+
 def deliver(net: Net, order: str) -> None:
     """Deliver the held calls in ``order`` (a string of indexes into ``net.held``)."""
     assert net.held is not None

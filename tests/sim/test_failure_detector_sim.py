@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from yimaporc.sim.network import Faults, SimNetwork, make_cluster
+from yimaporc.sim.cluster import ClusterSim, make_cluster
+from yimaporc.sim.kernel import Faults
 from yimaporc.testing.seeds import sweep
 
 SEEDS = sweep(range(20), 6)  # 6 seeds in `make test`, 20 under `make test-slow`
 
 
-def formed(n: int, seed: int, **kw: object) -> SimNetwork:
+def formed(n: int, seed: int, **kw: object) -> ClusterSim:
     """``n`` nodes converged into one view."""
     net = make_cluster(n, seed, faults=Faults(latency=(0.0002, 0.002)), **kw)
     assert net.run_until_converged(30.0) is not None
@@ -19,7 +20,7 @@ def formed(n: int, seed: int, **kw: object) -> SimNetwork:
     return net
 
 
-def views_since(net: SimNetwork, t: float) -> int:
+def views_since(net: ClusterSim, t: float) -> int:
     """View changes committed by any node after ``t``."""
     return sum(1 for n in net.nodes.values() for when, _ in n.views if when > t)
 
@@ -76,7 +77,7 @@ def test_crash_found_within_about_three_seconds(n: int, seed: int) -> None:
     assert all(x.view.epoch > epoch for x in net.nodes.values() if x.up)
 
 
-def bridge(net: SimNetwork, left: list[int], right: list[int]) -> None:
+def bridge(net: ClusterSim, left: list[int], right: list[int]) -> None:
     """Cut every link between the nodes ``left`` and ``right`` (by index); the rest
     (the bridge) still reaches both sides."""
     ids = sorted(net.nodes)
@@ -85,7 +86,7 @@ def bridge(net: SimNetwork, left: list[int], right: list[int]) -> None:
             net.cut(ids[a], ids[b])
 
 
-def settles(net: SimNetwork) -> tuple[int, int]:
+def settles(net: ClusterSim) -> tuple[int, int]:
     """Views committed in the next 10 s, and in the 60 s after those."""
     t0 = net.now
     net.run_until(t0 + 10.0)

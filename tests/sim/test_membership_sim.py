@@ -11,7 +11,8 @@ import random
 
 import pytest
 
-from yimaporc.sim.network import Faults, SimNetwork, make_cluster
+from yimaporc.sim.cluster import ClusterSim, make_cluster
+from yimaporc.sim.kernel import Faults
 from yimaporc.testing.seeds import sweep
 
 SEEDS = 50  # per test under `make test-slow`
@@ -31,12 +32,12 @@ def faults(seed: int) -> Faults:
     )
 
 
-def cluster(seed: int, n: int = N, **kw: object) -> SimNetwork:
-    """A cluster; every fifth seed runs datagrams through the real wire format."""
-    return make_cluster(n, seed, faults=faults(seed), encode=seed % 5 == 0, **kw)
+def cluster(seed: int, n: int = N, **kw: object) -> ClusterSim:
+    """A cluster of real ``ClusterNode`` shells on the simulation kernel."""
+    return make_cluster(n, seed, faults=faults(seed), **kw)
 
 
-def converge(net: SimNetwork, what: str, seed: int) -> float:
+def converge(net: ClusterSim, what: str, seed: int) -> float:
     t = net.run_until_converged(LIMIT)
     assert t is not None, f"seed {seed}: {what}: no convergence in {LIMIT}s " + repr(
         sorted({(n.view.epoch, n.view.node_ids) for n in net.nodes.values() if n.up})

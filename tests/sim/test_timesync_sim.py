@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from yimaporc.sim.network import Faults, make_cluster
+from yimaporc.sim.cluster import make_cluster
+from yimaporc.sim.kernel import Faults
 
 
 @pytest.mark.parametrize("seed", range(10))
 def test_cluster_time_agrees_despite_skew(seed: int) -> None:
     """After convergence, every node's cluster time is within max one-way latency of the reference's."""
     latency = (0.0005, 0.004)
-    net = make_cluster(10, seed, faults=Faults(latency=latency), skew=5.0, encode=False)
+    net = make_cluster(10, seed, faults=Faults(latency=latency), skew=5.0)
     assert net.run_until_converged(60) is not None
     net.run_until(net.now + 5.0)
     times = []
@@ -23,7 +24,7 @@ def test_cluster_time_agrees_despite_skew(seed: int) -> None:
 
 def test_reference_change_does_not_jump_clock() -> None:
     """When the reference node dies, cluster time moves on without a jump."""
-    net = make_cluster(5, 3, faults=Faults(latency=(0.0005, 0.002)), skew=3.0, encode=False)
+    net = make_cluster(5, 3, faults=Faults(latency=(0.0005, 0.002)), skew=3.0)
     assert net.run_until_converged(60) is not None
     net.run_until(net.now + 5.0)
     ref = min(net.nodes.values(), key=lambda n: n.address)

@@ -232,9 +232,11 @@ class ReplicatedDocument:
         return out
 
     def membership_changed(self, old: View, new: View) -> None:
-        """Send all our records to members we had not seen before."""
-        seen = {m.node_id for m in old.members}
-        fresh = [m.address for m in new.members if m.node_id not in seen]
+        """Send all our records to members we had not seen before, and to members that
+        restarted since the last view (another incarnation: a node back before the
+        failure detector noticed it had gone missed what was pushed meanwhile)."""
+        seen = {m.node_id: m.incarnation for m in old.members}
+        fresh = [m.address for m in new.members if seen.get(m.node_id) != m.incarnation]
         if fresh and self.records:
             self._push(fresh, self.records)
 

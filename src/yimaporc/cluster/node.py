@@ -191,9 +191,13 @@ class ClusterNode(MultiService):
         secret: bytes,
         *,
         rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        #: The wall clock (seconds since 1970) that seeds the incarnation at each boot;
+        #: the simulator passes a simulated one so that a seed replays exactly.
+        self.wall_clock = wall_clock
         self.config = config
         self.secret = secret
         self.rng = rng or random.Random()
@@ -371,7 +375,7 @@ class ClusterNode(MultiService):
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         st = self.state
-        st.incarnation = max(st.incarnation + 1, int(time.time() * 1000))
+        st.incarnation = max(st.incarnation + 1, int(self.wall_clock() * 1000))
         self._save_state()
         self.started_at = float(self.reactor.seconds())
         me = Member(cfg.node_id, cfg.cluster_address, st.incarnation)

@@ -1,5 +1,7 @@
 """Membership figures from the simulator: ``python -m yimaporc.sim.measure``.
 
+The nodes are the shipped ``ClusterNode`` shells on the simulation kernel.
+
 For each cluster size: time to converge at boot, time from a crash to the
 survivors' new view (failure detection + one round), and the protocol
 datagrams (NewGroup, Reply, Commit, Probe) one membership change costs.
@@ -12,7 +14,8 @@ import random
 import statistics
 from collections import Counter
 
-from .network import Faults, make_cluster
+from .cluster import make_cluster
+from .kernel import Faults
 
 ROUND_TYPES = ("NewGroup", "Reply", "Commit", "Probe")
 
@@ -27,7 +30,7 @@ def _sent(net: object) -> Counter[str]:
 
 def measure(n: int, seed: int, loss: float) -> dict[str, float]:
     """One run: boot, settle, crash one node, settle."""
-    net = make_cluster(n, seed, faults=Faults(loss=loss), encode=False)
+    net = make_cluster(n, seed, faults=Faults(loss=loss))
     boot = net.run_until_converged(120)
     if boot is None:
         raise RuntimeError(f"n={n} seed={seed}: no convergence at boot")
@@ -43,6 +46,7 @@ def measure(n: int, seed: int, loss: float) -> dict[str, float]:
     after = _sent(net)
     msgs = sum(after[t] - before[t] for t in ROUND_TYPES)
     assert all(x.view.epoch > epoch0 for x in survivors)
+    net.close()
     return {"boot": boot, "change": change, "msgs": msgs}
 
 

@@ -1,4 +1,8 @@
-"""A deterministic simulated network for cluster protocol cores.
+"""A deterministic simulated network for cluster protocol cores (TRM cores alone).
+
+Superseded by the simulation kernel (:mod:`.kernel`, :mod:`.cluster`), which runs the
+shipped ``ClusterNode`` shells; kept only for the mail simulator
+(:mod:`yimaporc.porcupine.mailsim`) until it moves onto the kernel.
 
 Many nodes run in one process on a virtual clock.  Every datagram can go
 through the real wire format (MAC, replay guard) and suffers seeded latency,

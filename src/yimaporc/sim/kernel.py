@@ -1,0 +1,328 @@
+"""The simulation kernel: many hosts, one virtual time line, one seed.
+
+:class:`SimKernel` holds a single event queue in true (simulated) time and the
+network between its :class:`SimHost` s.  Each host has its own reactor
+(:class:`~yimaporc.sim.reactor.SimReactor`: ``IReactorTime``, ``IReactorUDP``,
+``IReactorTCP``), so the shipped Twisted shells run on it unmodified, FoundationDB
+style: they call ``callLater``, ``listenUDP``, ``connectTCP`` and get simulated
+timers, datagram links and stream links.
+
+The fault model, all drawn from one ``random.Random(seed)``:
+
+- per datagram: latency (uniform range), loss, duplication, reordering
+  (extra delay); per host: receive loss (``rx_loss``, a flooded socket);
+- stream (TCP) links deliver in order after a latency; a write across a cut link
+  breaks the connection (both ends see ``ConnectionLost``), a connect across one
+  times out;
+- partitions (groups), and single cut links for non-transitive connectivity
+  (a bridge host that reaches both sides);
+- crash (the process dies: its timers and ports vanish, its peers' connections
+  are reset) and restart on the same disk (a per-host directory that survives);
+- pauses (SIGSTOP: the host's timers and arriving data wait; on resume its late
+  timers run first, then what arrived);
+- clock skew per host (each reactor's ``seconds()`` is true time plus its skew);
+- a simulated thread pool per host (``getThreadPool()``, for ``deferToThreadPool``):
+  jobs run on the host after a seeded disk latency, so they finish in any order.
+
+Every event run is folded into a SHA-256 trace (time, host, kind, what, and the
+bytes of every datagram), so a run is identified by :meth:`SimKernel.trace_digest`:
+the same seed gives the same digest, which is how a failing seed is shown to replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import random
+import shutil
+import struct
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+
+from .reactor import SimReactor
+
+#: Where host disks go by default: tmpfs when there is one (fsync is then cheap).
+_SHM = Path("/dev/shm")
+
+#: Event kinds: timers of a host, and I/O arriving at a host (runs after its timers
+#: of the same instant when the host was paused).
+TIMER = 0
+IO = 1
+KERNEL = 2
+
+
+@attrs.define
+class Faults:
+    """Network behaviour: latency range (s) and probabilities per datagram."""
+
+    latency: tuple[float, float] = (0.0005, 0.005)
+    loss: float = 0.0
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    reorder_extra: float = 0.05
+    #: how long one job on a host's simulated thread pool takes (a disk write)
+    disk_latency: tuple[float, float] = (0.0001, 0.002)
+
+
+@attrs.define(eq=False)
+class SimHost:
+    """One simulated machine: an address, a clock skew, a disk, and while up a reactor.
+
+    ``generation`` counts boots: events scheduled by an earlier boot's timers are
+    dropped once the host crashed.
+    """
+
+    kernel: SimKernel
+    name: str
+    ip: str
+    skew: float
+    disk: Path
+    generation: int = 0
+    up: bool = False
+    paused_until: float = 0.0
+    rx_loss: float = 0.0
+    reactor: SimReactor | None = None
+
+    def seconds(self) -> float:
+        """This host's local clock."""
+        return self.kernel.now + self.skew
+
+    def wall_time(self) -> float:
+        """A deterministic stand-in for ``time.time()`` on this host."""
+        return self.kernel.wall_epoch + self.seconds()
+
+
+class SimKernel:
+    """Hosts, links and one event queue in true time; ``run_until`` advances it."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        seed: int,
+        *,
+        faults: Faults | None = None,
+        disk_root: Path | None = None,
+        wall_epoch: float = 1_700_000_000.0,
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.faults = faults or Faults()
+        self.wall_epoch = wall_epoch
+        self.now = 0.0
+        self.hosts: dict[str, SimHost] = {}
+        self.by_ip: dict[str, SimHost] = {}
+        self._queue: list[tuple[float, int, Any]] = []
+        self._seq = itertools.count()
+        self._groups: dict[str, int] | None = None
+        self._cut: set[frozenset[str]] = set()
+        self._trace = hashlib.sha256()
+        self.events = 0
+        self.datagrams_sent = 0
+        self.datagrams_delivered = 0
+        self.stream_bytes = 0
+        self._cleanup: Callable[[], object] | None = None
+        if disk_root is None:
+            base = _SHM if _SHM.is_dir() else None
+            self.disk_root = Path(tempfile.mkdtemp(prefix="yimaporc-sim-", dir=base))
+            self._cleanup = weakref.finalize(
+                self, shutil.rmtree, str(self.disk_root), ignore_errors=True
+            )
+        else:
+            self.disk_root = disk_root
+
+    def close(self) -> None:
+        """Remove the host disks this kernel created."""
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def __enter__(self) -> SimKernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- hosts ----------------------------------------------------------------------
+
+    def add_host(self, name: str, ip: str, *, skew: float = 0.0) -> SimHost:
+        """A machine named ``name`` at ``ip`` (down until :meth:`boot`)."""
+        if name in self.hosts or ip in self.by_ip:
+            raise ValueError(f"host {name} / {ip} exists")
+        disk = self.disk_root / name
+        disk.mkdir(parents=True, exist_ok=True)
+        host = SimHost(self, name, ip, skew, disk)
+        self.hosts[name] = host
+        self.by_ip[ip] = host
+        return host
+
+    def boot(self, host: SimHost) -> SimReactor:
+        """Start the host's process: a fresh reactor on the same disk."""
+        if host.up:
+            raise RuntimeError(f"{host.name} is up")
+        host.generation += 1
+        host.up = True
+        host.paused_until = 0.0
+        host.reactor = SimReactor(host)
+        self._record(KERNEL, host.name, "boot")
+        return host.reactor
+
+    def crash(self, host: SimHost) -> None:
+        """Kill the host's process: timers, ports and its ends of connections vanish at
+        once; the other ends of its connections see a reset after a latency."""
+        if not host.up:
+            return
+        host.up = False
+        host.generation += 1  # what the dead process scheduled never runs
+        self._record(KERNEL, host.name, "crash")
+        reactor, host.reactor = host.reactor, None
+        if reactor is not None:
+            reactor.die()
+
+    def pause(self, host: SimHost, seconds: float) -> None:
+        """Stop the host's process for ``seconds`` (SIGSTOP)."""
+        host.paused_until = self.now + seconds
+        self._record(KERNEL, host.name, f"pause {seconds!r}")
+
+    # --- topology -------------------------------------------------------------------
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Only hosts (by name) within the same group can talk; unlisted ones are isolated."""
+        self._groups = {}
+        for i, group in enumerate(groups):
+            for name in group:
+                self._groups[name] = i
+        self._record(KERNEL, "", f"partition {sorted(self._groups.items())}")
+
+    def heal(self) -> None:
+        """Remove every partition and cut link."""
+        self._groups = None
+        self._cut.clear()
+        self._record(KERNEL, "", "heal")
+
+    def cut(self, a: str, b: str) -> None:
+        """Only the link between hosts ``a`` and ``b`` fails (non-transitive connectivity)."""
+        self._cut.add(frozenset((a, b)))
+        self._record(KERNEL, "", f"cut {min(a, b)} {max(a, b)}")
+
+    def connected(self, a: str, b: str) -> bool:
+        """True when hosts ``a`` and ``b`` can exchange packets."""
+        if a == b:
+            return True
+        if frozenset((a, b)) in self._cut:
+            return False
+        if self._groups is None:
+            return True
+        ga, gb = self._groups.get(a), self._groups.get(b)
+        return ga is not None and ga == gb
+
+    def latency(self) -> float:
+        """One packet's one-way delay."""
+        return self.rng.uniform(*self.faults.latency)
+
+    # --- the event queue --------------------------------------------------------------
+
+    def at(
+        self,
+        when: float,
+        fn: Callable[[], None],
+        *,
+        host: SimHost | None = None,
+        kind: int = KERNEL,
+        generation: int | None = None,
+    ) -> None:
+        """Run ``fn`` at true time ``when`` (on ``host``: not while it is paused; with
+        ``generation``: only if the host has not crashed since)."""
+        heapq.heappush(self._queue, (when, next(self._seq), (fn, host, kind, generation)))
+
+    def run_until(self, until: float, stop: Callable[[], bool] | None = None) -> bool:
+        """Advance to true time ``until``; with ``stop``, return early once it holds."""
+        queue = self._queue
+        while queue and queue[0][0] <= until:
+            when, _, (fn, host, kind, generation) = heapq.heappop(queue)
+            self.now = when
+            if host is not None:
+                if generation is not None and host.generation != generation:
+                    continue
+                if host.paused_until > when:
+                    # On resume, late timers first, then what arrived meanwhile.
+                    later = host.paused_until + (1e-6 if kind == IO else 0.0)
+                    self.at(later, fn, host=host, kind=kind, generation=generation)
+                    continue
+            self.events += 1
+            fn()
+            if stop is not None and stop():
+                return True
+        self.now = max(self.now, until)
+        return stop() if stop is not None else False
+
+    def run_for(self, seconds: float, stop: Callable[[], bool] | None = None) -> bool:
+        """Advance by ``seconds`` of true time."""
+        return self.run_until(self.now + seconds, stop)
+
+    def pending(self) -> int:
+        """Events still queued (some may be stale)."""
+        return len(self._queue)
+
+    # --- the trace ----------------------------------------------------------------------
+
+    def _record(self, kind: int, host: str, what: str, data: bytes = b"") -> None:
+        t = self._trace
+        t.update(struct.pack("!dB", self.now, kind))
+        t.update(host.encode())
+        t.update(b"\0")
+        t.update(what.encode())
+        t.update(b"\0")
+        t.update(data)
+
+    def record(self, host: SimHost | None, what: str, data: bytes = b"") -> None:
+        """Fold one observable step into the run's trace."""
+        self._record(IO, host.name if host is not None else "", what, data)
+
+    def trace_digest(self) -> str:
+        """SHA-256 of everything that happened so far (same seed, same digest)."""
+        return self._trace.hexdigest()
+
+    # --- datagrams ---------------------------------------------------------------------
+
+    def send_datagram(
+        self, src: SimHost, src_port: int, data: bytes, addr: tuple[str, int]
+    ) -> None:
+        """Route one datagram from ``src`` through the fault model."""
+        self.datagrams_sent += 1
+        self.record(src, f"udp> {addr[0]}:{addr[1]}", data)
+        dst = self.by_ip.get(addr[0])
+        if dst is None or not self.connected(src.name, dst.name):
+            return
+        f = self.faults
+        rng = self.rng
+        if f.loss and rng.random() < f.loss:
+            return
+        copies = 2 if f.duplicate and rng.random() < f.duplicate else 1
+        source = (src.ip, src_port)
+        for _ in range(copies):
+            delay = rng.uniform(*f.latency)
+            if f.reorder and rng.random() < f.reorder:
+                delay += rng.uniform(0, f.reorder_extra)
+
+            def deliver(dst: SimHost = dst) -> None:
+                self._deliver_datagram(src, dst, addr[1], data, source)
+
+            self.at(self.now + delay, deliver, host=dst, kind=IO)
+
+    def _deliver_datagram(
+        self, src: SimHost, dst: SimHost, port: int, data: bytes, source: tuple[str, int]
+    ) -> None:
+        reactor = dst.reactor
+        if reactor is None or not self.connected(src.name, dst.name):
+            return
+        if dst.rx_loss and self.rng.random() < dst.rx_loss:
+            return  # the host's socket buffer overflowed (a flood)
+        if reactor.deliver_datagram(port, data, source):
+            self.datagrams_delivered += 1
