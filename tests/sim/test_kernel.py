@@ -345,3 +345,17 @@ def test_a_crash_interrupts_thread_jobs(kernel: SimKernel) -> None:
     kernel.crash(host)
     kernel.run_until(1.0)
     assert wrote == [] and not d.called
+
+
+def test_a_server_that_dies_during_the_handshake_refuses(kernel: SimKernel) -> None:
+    """A server host crashing between SYN and SYN-ACK: the connect fails (no half-open link)."""
+    kernel.faults = Faults(latency=(0.01, 0.01))
+    up(kernel, "a", "10.0.0.1")
+    b = up(kernel, "b", "10.0.0.2")
+    assert b.reactor is not None
+    b.reactor.listenTCP(7, Factory.forProtocol(Echo))
+    d = connect(kernel, "a", "10.0.0.2")
+    kernel.run_until(0.015)  # the SYN arrived at b, the SYN-ACK is on its way
+    kernel.crash(b)
+    kernel.run_until(1.0)
+    assert result(d).check(error.ConnectionRefusedError)

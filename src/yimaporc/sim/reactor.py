@@ -440,6 +440,10 @@ class SimConnector:
                 if self.state != "connecting" or self._attempt != attempt:
                     server_end.peer_gone(error.ConnectionLost())
                     return
+                if not server_end.connected:
+                    # the server's process died (or closed) before the SYN-ACK came back
+                    self._failed(attempt, error.ConnectionRefusedError())
+                    return
                 client = self.factory.buildProtocol(remote)
                 if client is None:
                     self.state = "disconnected"
