@@ -359,3 +359,17 @@ def test_a_server_that_dies_during_the_handshake_refuses(kernel: SimKernel) -> N
     kernel.crash(b)
     kernel.run_until(1.0)
     assert result(d).check(error.ConnectionRefusedError)
+
+
+def test_host_disks_live_in_a_temporary_root_removed_on_close(tmp_path: Any) -> None:
+    """Without disk_root the kernel makes a temporary root on first use and close() removes
+    it; a given disk_root is used as it is and kept."""
+    k = SimKernel(1)
+    disk = k.add_host("a", "10.0.0.1").disk
+    assert disk.is_dir() and disk.parent == k.disk_root
+    k.close()
+    assert not disk.exists()
+    given = SimKernel(1, disk_root=tmp_path)
+    assert given.add_host("a", "10.0.0.1").disk == tmp_path / "a"
+    given.close()
+    assert (tmp_path / "a").is_dir()
