@@ -116,3 +116,17 @@ def test_rpc_over_tls_on_the_kernel(tmp_path: Any) -> None:
         assert node is not None
         proto = node.rpc._ready[sim.nodes["n0"].address]
         assert ISSLTransport.providedBy(proto.transport)
+
+
+def test_a_node_stopped_cleanly_is_left_out() -> None:
+    """stopService runs on the kernel (ports closed, RPC closed, nothing logged as a
+    failure); the survivors then commit a view without the node."""
+    with make_cluster(3, 2, faults=Faults(latency=(0.0002, 0.002))) as sim:
+        assert sim.run_until_converged(30.0) is not None
+        assert rpc(sim, "n1", "n2") == {"payload": b"x" * 1000}
+        done: list[object] = []
+        sim.stop("n2").addBoth(done.append)
+        sim.run_until(sim.now + 0.1)
+        assert done == [None] and not sim.nodes["n2"].up
+        assert sim.run_until_converged(10.0) is not None
+        assert sim.nodes["n0"].view.node_ids == ("n0", "n1")

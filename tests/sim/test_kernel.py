@@ -345,3 +345,31 @@ def test_a_crash_interrupts_thread_jobs(kernel: SimKernel) -> None:
     kernel.crash(host)
     kernel.run_until(1.0)
     assert wrote == [] and not d.called
+
+
+def test_a_server_that_dies_during_the_handshake_refuses(kernel: SimKernel) -> None:
+    """A server host crashing between SYN and SYN-ACK: the connect fails (no half-open link)."""
+    kernel.faults = Faults(latency=(0.01, 0.01))
+    up(kernel, "a", "10.0.0.1")
+    b = up(kernel, "b", "10.0.0.2")
+    assert b.reactor is not None
+    b.reactor.listenTCP(7, Factory.forProtocol(Echo))
+    d = connect(kernel, "a", "10.0.0.2")
+    kernel.run_until(0.015)  # the SYN arrived at b, the SYN-ACK is on its way
+    kernel.crash(b)
+    kernel.run_until(1.0)
+    assert result(d).check(error.ConnectionRefusedError)
+
+
+def test_host_disks_live_in_a_temporary_root_removed_on_close(tmp_path: Any) -> None:
+    """Without disk_root the kernel makes a temporary root on first use and close() removes
+    it; a given disk_root is used as it is and kept."""
+    k = SimKernel(1)
+    disk = k.add_host("a", "10.0.0.1").disk
+    assert disk.is_dir() and disk.parent == k.disk_root
+    k.close()
+    assert not disk.exists()
+    given = SimKernel(1, disk_root=tmp_path)
+    assert given.add_host("a", "10.0.0.1").disk == tmp_path / "a"
+    given.close()
+    assert (tmp_path / "a").is_dir()

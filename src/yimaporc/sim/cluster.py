@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from ..cluster.membership import EMPTY_VIEW, IMembershipListener, TrmConfig, View
@@ -181,6 +182,19 @@ class ClusterSim:
         m = self.nodes[node_id]
         self.kernel.crash(m.host)
         m.node = None
+
+    def stop(self, node_id: str) -> Deferred[None]:
+        """Stop a node cleanly (``stopService``: children, RPC, ports), then end its process;
+        fires once it is gone."""
+        m = self.nodes[node_id]
+        node = m.node
+        assert node is not None, f"{node_id} is not running"
+
+        def gone(_: object) -> None:
+            if m.node is node:
+                self.crash(node_id)
+
+        return node.stopService().addCallback(gone)
 
     def partition(self, *groups: Iterable[str]) -> None:
         """Only nodes within the same group can talk; unlisted nodes are isolated."""

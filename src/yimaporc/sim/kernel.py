@@ -129,14 +129,19 @@ class SimKernel:
         self.datagrams_delivered = 0
         self.stream_bytes = 0
         self._cleanup: Callable[[], object] | None = None
-        if disk_root is None:
+        self._disk_root = disk_root
+
+    @property
+    def disk_root(self) -> Path:
+        """Where host disks live: ``disk_root`` if given, else a temporary directory (on
+        tmpfs when there is one) made on first use and removed by :meth:`close`."""
+        if self._disk_root is None:
             base = _SHM if _SHM.is_dir() else None
-            self.disk_root = Path(tempfile.mkdtemp(prefix="yimaporc-sim-", dir=base))
+            self._disk_root = Path(tempfile.mkdtemp(prefix="yimaporc-sim-", dir=base))
             self._cleanup = weakref.finalize(
-                self, shutil.rmtree, str(self.disk_root), ignore_errors=True
+                self, shutil.rmtree, str(self._disk_root), ignore_errors=True
             )
-        else:
-            self.disk_root = disk_root
+        return self._disk_root
 
     def close(self) -> None:
         """Remove the host disks this kernel created."""
