@@ -146,6 +146,10 @@ def test_qresync_resync(target: Target) -> None:
         }
         assert h2 > h1 and all(m > h1 for _, m in changed.values())
 
+        [found] = c.ok(b"UID SEARCH MODSEQ %d" % (h1 + 1))
+        m = re.match(rb"\* SEARCH ([\d ]*?)(?: \(MODSEQ (\d+)\))?$", found)
+        assert m and {int(x) for x in m.group(1).split()} == set(changed), found
+        assert int(m.group(2)) == max(v for _, v in changed.values()), found
         lines = c.ok(b"UID FETCH %s (FLAGS) (CHANGEDSINCE %d VANISHED)" % (known, h1))
         assert vanished(lines, True) == {u[3]}
         assert fetched(lines) == changed

@@ -108,13 +108,17 @@ def resync(connect: Callable[[], Client]) -> list[str]:
     seen.append(re.sub(r"MODSEQ \(\d+\)", "MODSEQ (n)", out))
     out = client.run(f"d UID FETCH 1:* (FLAGS) (CHANGEDSINCE {max(changed.values())})")
     seen.append(out)
+    out = client.run(f"s UID SEARCH MODSEQ {h1 + 1}")
+    assert f"(MODSEQ {max(changed.values())})" in out, out
+    seen.append(out)
+    seen.append(client.run(f"s UID SEARCH RETURN (COUNT) MODSEQ {h1 + 1}"))
     # the other session sees the client's expunge as VANISHED once QRESYNC is on
     other.run("o ENABLE QRESYNC")
     client.run("e UID STORE 5 +FLAGS.SILENT (\\Deleted)")
     client.run("f UID EXPUNGE 5")
     seen.append(re.sub(r"MODSEQ \(\d+\)", "MODSEQ (n)", other.run("o NOOP")))
     seen.append(client.run("g EXAMINE INBOX"))
-    return [re.sub(r"(HIGHESTMODSEQ |UIDVALIDITY |MODSEQ \()\d+", r"\1n", x) for x in seen]
+    return [re.sub(r"(HIGHESTMODSEQ |UIDVALIDITY |MODSEQ \(|MODSEQ )\d+", r"\1n", x) for x in seen]
 
 
 WANT_SELECT = [
@@ -128,7 +132,8 @@ def test_resync_transcript_porcupine_equals_memory(tmp_path: Path) -> None:
     """The scripted QRESYNC resync gives the same lines over Porcupine's store as over the
     in-memory backend: VANISHED (EARLIER) names only what went after the client's
     modseq, the changed messages come with their MODSEQ, UNCHANGEDSINCE answers
-    [MODIFIED] for a message changed since, the other session gets VANISHED."""
+    [MODIFIED] for a message changed since, SEARCH MODSEQ names the highest MODSEQ
+    found, the other session gets VANISHED."""
     mem = resync(memory(tmp_path / "m"))
     porc = resync(porcupine(tmp_path / "p"))
     assert porc == mem
@@ -138,5 +143,7 @@ def test_resync_transcript_porcupine_equals_memory(tmp_path: Path) -> None:
     assert "[MODIFIED 3]" in porc[2]  # UID 3 was flagged after h1; UID 5 changed
     assert "* VANISHED (EARLIER) 4" in porc[4] and "UID 3 " in porc[4]
     assert porc[5] == "d OK FETCH completed\r\n"  # nothing changed since the last MODSEQ
-    assert "* VANISHED 5" in porc[6] and "EXPUNGE" not in porc[6]
-    assert "* OK [CLOSED]" in porc[7]
+    assert "* SEARCH 3 5 (MODSEQ n)" in porc[6]  # the highest MODSEQ found (RFC 7162)
+    assert '* ESEARCH (TAG "s") UID COUNT 2 MODSEQ n' in porc[7]
+    assert "* VANISHED 5" in porc[8] and "EXPUNGE" not in porc[8]
+    assert "* OK [CLOSED]" in porc[9]

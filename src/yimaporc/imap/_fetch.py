@@ -21,6 +21,7 @@ from . import _commands as c
 from . import _serialize as s
 from ._message import Message, UnknownEncoding, binary_content
 from ._outcome import Done
+from ._search import SearchError, compile_search
 from ._serialize import ResponseCode
 from ._view import absent_uids, uid_set_text
 from .interfaces import ImapError, MessageInfo
@@ -210,13 +211,22 @@ def answer_search(runner: CommandRunner, cmd: c.Search) -> Deferred[Done]:
     if cmd.charset is not None and cmd.charset not in ("UTF-8", "US-ASCII"):
         raise ImapError("unsupported charset", ResponseCode("BADCHARSET", ("US-ASCII", "UTF-8")))
     messages = list(view.messages)
+    try:  # a MODSEQ key enables CONDSTORE and adds the highest MODSEQ found (RFC 7162 3.1.5)
+        uses_modseq = compile_search(list(criteria), cmd.charset).uses_modseq
+    except SearchError:
+        uses_modseq = False  # the backend's search answers the error
+    if uses_modseq:
+        runner.condstore = True
 
     def got(uids: list[int]) -> Done:
         wanted = set(uids)
         found = [(i + 1, m.uid) for i, m in enumerate(messages) if m.uid in wanted]
         numbers = [uid if cmd.uid else seq for seq, uid in found]
+        top = None
+        if uses_modseq and found:
+            top = max(m.modseq for m in messages if m.uid in wanted)
         if cmd.returns is None:
-            runner.conn.send(s.search(numbers))
+            runner.conn.send(s.search(numbers, top))
             return Done()
         opts = [o for o in cmd.returns if o != "SAVE"] or ([] if saving else ["ALL"])
         if saving:
@@ -232,6 +242,8 @@ def answer_search(runner: CommandRunner, cmd: c.Search) -> Deferred[Done]:
             items.append(("COUNT", len(numbers)))
         if "ALL" in opts and numbers:
             items.append(("ALL", uid_set_text(numbers)))
+        if top is not None:
+            items.append(("MODSEQ", top))
         runner.conn.send(s.esearch(cmd.tag, cmd.uid, items))
         return Done()
 
