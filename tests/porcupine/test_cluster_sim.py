@@ -434,7 +434,7 @@ def test_load_learned_from_store_replies_and_the_periodic_exchange(net: Net) -> 
     n2.deliver(user, b"x\r\n")  # stored on n1 (remote for n2)
     assert "n1" in chooser.loads
     n3 = net.nodes["n3"]
-    n3.cluster.inflight = 5  # n3 is busy
+    n3.cluster.meter.inflight = 5  # n3 is busy
     n3.cluster._exchange_load()
     for n in ("n1", "n2"):  # 2 peers, fan-out 3: both hear n3's figure
         other = net.nodes[n].cluster.balancer
@@ -442,7 +442,7 @@ def test_load_learned_from_store_replies_and_the_periodic_exchange(net: Net) -> 
     mine = n3.cluster.balancer
     assert isinstance(mine, AffinityChooser)
     assert mine.loads.keys() == {"n1", "n2"}, "answers carry the callee's load"
-    n3.cluster.inflight = 0
+    n3.cluster.meter.inflight = 0
 
 
 def test_copies_on_two_nodes_share_a_uid_listed_once_flagged_and_deleted_on_both(
@@ -554,16 +554,16 @@ def test_load_counts_fetches_deletions_and_flag_changes_in_progress(net: Net) ->
             return op
 
     box.inner = Disk()
-    base = cluster.inflight
+    base = cluster.meter.inflight
     box.fetch("u@example.org", "INBOX", [1])
     box.delete("u@example.org", "INBOX", [2])
     box.set_flags("u@example.org", "INBOX", [3], ["\\Seen"], 1)
     box.copy("u@example.org", "INBOX", [3], "Other")
-    assert cluster.inflight == base + 4 and cluster.load() >= 4
+    assert cluster.meter.inflight == base + 4 and cluster.load() >= 4
     waiting[0].callback({1: b"x"})
     waiting[1].errback(RuntimeError("disk"))
     waiting[1].addErrback(lambda f: None)
-    assert cluster.inflight == base + 2
+    assert cluster.meter.inflight == base + 2
     for d in waiting[2:]:
         d.callback(None)
-    assert cluster.inflight == base
+    assert cluster.meter.inflight == base
