@@ -181,9 +181,6 @@ class RemoteUserManager(_Remote):
         manager sent none)."""
         return self._horizon.get(address.lower())
 
-    #: :meth:`add_fragment` takes ``first`` (DeliveryProxy passes the plan's UID).
-    confirms_allocations = True
-
     def add_fragment(self, address: str, node: str, first: int | None = 0) -> Deferred[None]:
         """See :class:`IUserManager`; ``first``: see :meth:`ClusterUserManager.add_fragment`."""
         kw: dict[str, Any] = {"first": first} if first and first > 0 else {}
@@ -329,7 +326,7 @@ class RemoteMailboxManager(_Remote):
 
 def register_handlers(
     registry: Any,
-    users: Callable[[], Any],
+    users: Callable[[], IUserManager],
     mailboxes: Callable[[], IMailboxManager],
     *,
     load: Callable[[], float] = lambda: 0.0,
@@ -356,18 +353,14 @@ def register_handlers(
 
     def fragments(user: str) -> Deferred[dict[str, Any]]:
         um_ = users()
-        away = getattr(um_, "away_of", None)
-
-        certain = getattr(um_, "certain", None)
-        horizon = getattr(um_, "horizon_of", None)
 
         def out(nodes: tuple[str, ...]) -> dict[str, Any]:
             r = {
                 "nodes": list(nodes),
-                "away": list(away(user)) if away else [],
-                "certain": certain(user) if certain else True,
+                "away": list(um_.away_of(user)),
+                "certain": um_.certain(user),
             }
-            h = horizon(user) if horizon else None
+            h = um_.horizon_of(user)
             if h is not None:
                 r["horizon"] = h.encode()
             return r
@@ -380,39 +373,30 @@ def register_handlers(
     registry.register(UmRemoveFragment, um("remove_fragment", none))
 
     def reserve(user: str, count: int) -> Deferred[dict[str, Any]]:
-        fn = getattr(users(), "reserve_uids", None)
-        d: Deferred[int] = fn(user, count) if fn is not None else succeed(0)
+        d = users().reserve_uids(user, count)
         return d.addCallback(lambda first: {"first": first})
 
     registry.register(UmReserveUids, reserve)
 
     def plan(user: str, count: int, unfenced: bool = False) -> Deferred[dict[str, Any]]:
-        fn = getattr(users(), "delivery_plan", None)
-        if fn is None:
-            d = users().fragments(user).addCallback(lambda nodes: (nodes, 0, ""))
-        else:
-            d = fn(user, count, bool(unfenced))
+        d = users().delivery_plan(user, count, bool(unfenced))
         return d.addCallback(lambda r: {"nodes": list(r[0]), "first": r[1], "fence": r[2]})
 
     registry.register(UmPlan, plan)
 
     def pending(user: str, node: str) -> Deferred[dict[str, Any]]:
-        fn = getattr(users(), "note_pending", None)
-        d: Deferred[Any] = fn(user, node) if fn is not None else succeed(None)
-        return d.addCallback(none)
+        return users().note_pending(user, node).addCallback(none)
 
     registry.register(UmPending, pending)
 
     def number(user: str, fence: str, first: int, count: int) -> Deferred[dict[str, Any]]:
-        d: Deferred[tuple[int, int, int]] = mailboxes().number_pending(  # type: ignore[attr-defined]
-            user, fence, first, count
-        )
+        d = mailboxes().number_pending(user, fence, first, count)
         return d.addCallback(lambda r: {"done": r[0], "left": r[1], "top": r[2]})
 
     registry.register(MbNumber, number)
 
     def demote(user: str, mailbox: str, uid: int, key: str) -> Deferred[dict[str, Any]]:
-        d: Deferred[bool] = mailboxes().demote(user, mailbox, uid, key)  # type: ignore[attr-defined]
+        d = mailboxes().demote(user, mailbox, uid, key)
         return d.addCallback(lambda ok: {"done": ok})
 
     registry.register(MbDemote, demote)

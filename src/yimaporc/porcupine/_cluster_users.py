@@ -209,8 +209,6 @@ class ClusterUserManager(UserManager):
         self._perform(self.core.receive(sender, hint, view, now=self._now()))
         return self.core.hints_received > before
 
-    confirms_allocations = True
-
     def add_fragment(self, address: str, node: str, first: int | None = 0) -> Deferred[None]:
         """See :class:`IUserManager`. A note for a user we do not manage comes from a
         proxy whose map is newer (or older) than ours: it is also kept until our next

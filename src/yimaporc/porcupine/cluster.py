@@ -329,18 +329,14 @@ class MailCluster(Service):
         from the delivery may have gone to a manager that was replaced); how many."""
         users = sorted(self.mail.fragment_store.pending_users)
         for user in users:
-            manager: Any = self.users_for(user)
-            note = getattr(manager, "note_pending", None)
-            if note is not None:
-                note(user, self.me).addErrback(lambda f: None)  # next sweep tries again
+            # the next sweep tries again
+            self.users_for(user).note_pending(user, self.me).addErrback(lambda f: None)
         return len(users)
 
     def _number_on(
         self, node: str, user: str, fence: str, first: int, count: int
     ) -> Deferred[tuple[int, int, int]]:
-        boxes: Any = self.mailboxes_for(node)
-        d: Deferred[tuple[int, int, int]] = boxes.number_pending(user, fence, first, count)
-        return d
+        return self.mailboxes_for(node).number_pending(user, fence, first, count)
 
     def _mark_on(
         self, node: str, bucket: int, fence: str, mark: int, seen: list[int] | None = None

@@ -10,11 +10,15 @@ in-process ones here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
 from .values import Digest, MailboxInfo, NewMessage, Profile
+
+if TYPE_CHECKING:
+    from .reconstruct import Horizon
 
 
 class IProfileDB(Interface):
@@ -61,11 +65,34 @@ class IUserManager(Interface):
     def fragments(address: str) -> Deferred[tuple[str, ...]]:
         """The nodes holding mail for ``address`` (its mailbox fragment list)."""
 
-    def add_fragment(address: str, node: str) -> Deferred[None]:
-        """``node`` now holds mail for ``address``."""
+    def add_fragment(address: str, node: str, first: int | None = 0) -> Deferred[None]:
+        """``node`` now holds mail for ``address``; ``first`` (> 0): the UID a delivery
+        plan allocated is now stored there (it leaves the visibility horizon)."""
 
     def remove_fragment(address: str, node: str) -> Deferred[None]:
         """``node`` holds no more mail for ``address``."""
+
+    def reserve_uids(address: str, count: int) -> Deferred[int]:
+        """The first of ``count`` fresh UIDs for ``address``; 0: the storing node numbers
+        (a cluster of one); :data:`~.values.PENDING`: none may be handed out now."""
+
+    def delivery_plan(
+        address: str, count: int, unfenced: bool = False
+    ) -> Deferred[tuple[tuple[str, ...], int, str]]:
+        """The fragment list, the first of ``count`` reserved UIDs and their fence, in
+        one question (the delivery proxy's); ``unfenced``: a replicated store."""
+
+    def note_pending(address: str, node: str) -> Deferred[None]:
+        """A message for ``address`` was stored unnumbered on ``node``: number it."""
+
+    def away_of(address: str) -> tuple[str, ...]:
+        """Nodes out of reach holding mail for ``address`` (as of the last fragments())."""
+
+    def certain(address: str) -> bool:
+        """Does the manager know every node holding ``address``'s mail?"""
+
+    def horizon_of(address: str) -> Horizon | None:
+        """The visibility horizon that goes with the last fragments() (None: none)."""
 
 
 class IMailboxManager(Interface):
@@ -113,3 +140,16 @@ class IMailboxManager(Interface):
 
     def users_in_bucket(bucket: int) -> Deferred[list[str]]:
         """The users this node holds mail for in ``bucket`` (reconstruction, §3.3)."""
+
+    def view(user: str, mailbox: str) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
+        """:meth:`mailboxes` and :meth:`digests` of ``mailbox`` in one call (None: no
+        such mailbox in this fragment)."""
+
+    def number_pending(
+        user: str, fence: str, first: int, count: int
+    ) -> Deferred[tuple[int, int, int]]:
+        """Number up to ``count`` of ``user``'s unnumbered messages from ``first`` on, if
+        ``fence`` is current; ``(numbered, left, top)``."""
+
+    def demote(user: str, mailbox: str, uid: int, key: str) -> Deferred[bool]:
+        """Message ``key`` under ``uid`` back to unnumbered (two messages under one UID)."""

@@ -134,13 +134,10 @@ class UserMail:
 
         def merge(frags: tuple[str, ...]) -> list[str]:
             nodes = [self.home, *(n for n in frags if n != self.home)]
-            certain = getattr(self.users, "certain", None)
-            self.uncertain = certain is not None and not certain(self.address)
-            horizon_of = getattr(self.users, "horizon_of", None)
-            self.horizon = horizon_of(self.address) if horizon_of is not None else None
-            away_of = getattr(self.users, "away_of", None)
+            self.uncertain = not self.users.certain(self.address)
+            self.horizon = self.users.horizon_of(self.address)
             # Nodes that left the view holding mail: asked too (they fail while away).
-            nodes += [n for n in (away_of(self.address) if away_of else ()) if n not in nodes]
+            nodes += [n for n in self.users.away_of(self.address) if n not in nodes]
             if now is not None:
                 self._node_cache = (nodes, now + self.fragments_ttl)
             return nodes
@@ -208,24 +205,7 @@ class UserMail:
         want = INBOX if mailbox.upper() == INBOX else mailbox
 
         def ask(m: IMailboxManager) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
-            view = getattr(m, "view", None)
-            if view is not None:
-                got: Deferred[tuple[list[MailboxInfo], list[Digest] | None]] = view(
-                    self.address, want
-                )
-                return got
-
-            def missing(f: Failure) -> None:
-                f.trap(NoSuchMailbox)
-                return None
-
-            both: list[Deferred[Any]] = [
-                m.mailboxes(self.address),
-                m.digests(self.address, want).addErrback(missing),
-            ]
-            return gatherResults(both, consumeErrors=True).addCallbacks(
-                lambda r: (r[0], r[1]), _unwrap
-            )
+            return m.view(self.address, want)
 
         def split(
             results: list[tuple[str, tuple[list[MailboxInfo], list[Digest] | None]]],
@@ -518,11 +498,9 @@ class UserMail:
             node=d.node,
         )
         self.renumbered += 1
-        box: Any = self.managers(d.node)
-        note = getattr(self.users, "note_pending", None)
-        dd: Deferred[Any] = box.demote(self.address, mailbox, d.uid, d.key)
-        if note is not None:
-            dd.addCallback(lambda ok: note(self.address, d.node) if ok else None)
+        dd: Deferred[Any] = self.managers(d.node).demote(self.address, mailbox, d.uid, d.key)
+        note = self.users.note_pending
+        dd.addCallback(lambda ok: note(self.address, d.node) if ok else None)
         dd.addErrback(lambda f: self.log.warn("renumbering failed: {e}", e=f.getErrorMessage()))
 
     def _by_node(self, digests: Sequence[Digest], mailbox: str = "") -> dict[str, list[int]]:
