@@ -18,8 +18,8 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from .balancer import LoadBalancer, load_figure
-from .interfaces import IMailboxManager
-from .values import Digest, NewMessage
+from .interfaces import ILocalMailboxes
+from .values import Digest, MailboxInfo, NewMessage
 
 #: Peers each node swaps load figures with per ``load_interval`` (random ones), so
 #: the exchange costs the same per node whatever the cluster's size.
@@ -104,11 +104,11 @@ class NodeLoad:
             )
 
 
-@implementer(IMailboxManager)
+@implementer(ILocalMailboxes)
 class CountingMailboxes:
     """This node's mailbox manager, counting stores in progress (the load figure)."""
 
-    def __init__(self, inner: IMailboxManager, meter: NodeLoad) -> None:
+    def __init__(self, inner: ILocalMailboxes, meter: NodeLoad) -> None:
         self.inner = inner
         self.meter = meter
         self.node_id = inner.node_id
@@ -140,5 +140,56 @@ class CountingMailboxes:
         """Copy messages, counted in the load."""
         return self.meter.track(lambda: self.inner.copy(user, mailbox, uids, dest))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    # --- passed through unchanged ----------------------------------------------------
+
+    def mailboxes(self, user: str) -> Deferred[list[MailboxInfo]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.mailboxes(user)
+
+    def create_mailbox(self, user: str, name: str) -> Deferred[MailboxInfo]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.create_mailbox(user, name)
+
+    def delete_mailbox(self, user: str, name: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.delete_mailbox(user, name)
+
+    def rename_mailbox(self, user: str, old: str, new: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.rename_mailbox(user, old, new)
+
+    def subscribe(self, user: str, name: str, subscribed: bool) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.subscribe(user, name, subscribed)
+
+    def digests(self, user: str, mailbox: str) -> Deferred[list[Digest]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.digests(user, mailbox)
+
+    def view(
+        self, user: str, mailbox: str
+    ) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.view(user, mailbox)
+
+    def remove_user(self, user: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.remove_user(user)
+
+    def users_in_bucket(self, bucket: int) -> Deferred[list[str]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.users_in_bucket(bucket)
+
+    def demote(self, user: str, mailbox: str, uid: int, key: str) -> Deferred[bool]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.demote(user, mailbox, uid, key)
+
+    def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
+        """See :class:`ILocalMailboxes`."""
+        return self.inner.shown(user, marks)
+
+    def number_pending(
+        self, user: str, fence: str, first: int, count: int
+    ) -> Deferred[tuple[int, int, int]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.number_pending(user, fence, first, count)

@@ -153,3 +153,11 @@ class IMailboxManager(Interface):
 
     def demote(user: str, mailbox: str, uid: int, key: str) -> Deferred[bool]:
         """Message ``key`` under ``uid`` back to unnumbered (two messages under one UID)."""
+
+
+class ILocalMailboxes(IMailboxManager):
+    """The mailbox manager of this node's own disk (not one reached over AMP)."""
+
+    def shown(user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
+        """Record the highest UIDNEXT shown per mailbox (``marks``: name ->
+        (UIDVALIDITY, UIDNEXT)); the highest ever recorded per mailbox."""

@@ -23,9 +23,13 @@ from typing import Any
 import attrs
 from twisted.application.service import MultiService
 from twisted.cred import portal
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLContextFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -37,7 +41,7 @@ from zope.interface import implementer
 
 from ..admin.routes import ApiError, Route
 from ..cluster.histogram import Histogram
-from ..cluster.node import IReady
+from ..cluster.listening import CannotStart, IReady, ListeningService
 from ..imap import Limits
 from ._guard import ClientErrors
 from ._pop3 import MailPOP3
@@ -143,6 +147,7 @@ class MailService(MultiService):
         mail_index_rows: int = DEFAULT_MAX_ROWS,
         auth_cache_ttl: float = DEFAULT_TTL,
         auth_cache_size: int = DEFAULT_SIZE,
+        delivery_latency: Histogram | None = None,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -167,6 +172,14 @@ class MailService(MultiService):
             "pop3s": pop3s,
             "imaps": imaps,
         }
+        # Parsed now: a bad endpoint string is a ValueError here, not a failed start.
+        self._parsed: dict[str, IStreamServerEndpoint] = {}
+        for name, description in self.endpoints.items():
+            if description:
+                try:
+                    self._parsed[name] = serverFromString(reactor, description)
+                except (ValueError, KeyError, TypeError, OSError) as e:
+                    raise ValueError(f"--{name} {description!r}: {e}") from e
         if (submission or submissions) and tls_cert is None and not _own_tls(submissions):
             raise ValueError(
                 "--submission/--submissions need --tls-cert/--tls-key (AUTH is TLS-only)"
@@ -255,10 +268,13 @@ class MailService(MultiService):
             ),
         }
         self.ports: dict[str, IListeningPort] = {}
+        #: One :class:`ListeningService` per endpoint, children once the store recovered.
+        self.listeners: dict[str, ListeningService] = {}
         self._ready: Deferred[Any] | None = None
+        self._start_error: Failure | None = None
         self.delivered = 0
-        #: Set by the node wiring (tap): seconds from a message's final dot to its 250.
-        self.delivery_latency: Histogram | None = None
+        #: Seconds from a message's final dot to its 250 (the node's histogram).
+        self.delivery_latency = delivery_latency
 
     # --- wiring ---------------------------------------------------------------------
 
@@ -423,9 +439,10 @@ class MailService(MultiService):
                 "in clear (fine on loopback only; status shows plaintext_passwords)"
             )
         d = deferToThreadPool(self.reactor, self.pool, self._recover)
+        self._start_error = None
         d.addCallback(self._listen_all)
         d.addErrback(self._start_failed)
-        self._ready = d
+        self._ready = d  # never fails: the outcome is in _start_error
 
     def _recover(self) -> list[str]:
         removed = self.fragment_store.recover()
@@ -442,19 +459,26 @@ class MailService(MultiService):
         if not self._checkpoints.running:
             self._checkpoints.start(1.0, now=False)
         ds = []
-        for name, endpoint in self.endpoints.items():
-            if endpoint:
-                d = serverFromString(self.reactor, endpoint).listen(self.factories[name])
-                ds.append(d.addCallback(self._listening, name))
-        return gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
+        if not self.running:  # stopped while recovering
+            return succeed(None)
+        for name, endpoint in self._parsed.items():
+            label = f"--{name} {self.endpoints[name]}"
+            listening = self.listeners[name] = ListeningService(
+                endpoint, self.factories[name], label
+            )
+            listening.setServiceParent(self)  # we are running: it listens now
+            ds.append(listening.when_ready().addCallback(self._listening, name, listening))
+        return gatherResults(ds, consumeErrors=True).addCallbacks(lambda _: None, _first)
 
-    def _listening(self, port: IListeningPort, name: str) -> None:
-        self.ports[name] = port
+    def _listening(self, _: object, name: str, listening: ListeningService) -> None:
+        assert listening.port is not None
+        self.ports[name] = listening.port
         self.log.info("mail: {name} on {addr}", name=name, addr=self.address_of(name))
 
-    def _start_failed(self, f: Failure) -> Failure:
-        self.log.failure("mail: cannot start", f)
-        return f
+    def _start_failed(self, f: Failure) -> None:
+        if not f.check(CannotStart):  # (a port that cannot be bound: logged already)
+            self.log.failure("mail: cannot start", f)
+        self._start_error = f
 
     def when_ready(self) -> Deferred[None]:
         """Fires once every endpoint listens (errback if one cannot)."""
@@ -463,13 +487,13 @@ class MailService(MultiService):
         d: Deferred[None] = Deferred()
 
         def relay(result: object) -> object:
-            if isinstance(result, Failure):
-                d.errback(result)
+            if self._start_error is not None:
+                d.errback(self._start_error)
             else:
                 d.callback(None)
             return result
 
-        self._ready.addBoth(relay)
+        self._ready.addCallback(relay)
         return d
 
     def address_of(self, name: str) -> str:
@@ -478,12 +502,19 @@ class MailService(MultiService):
         return f"{host.host}:{host.port}"  # type: ignore[attr-defined]
 
     def stopService(self) -> Deferred[None]:
-        """Stop listening, then the pool (if ours) and the databases."""
-        ports, self.ports = list(self.ports.values()), {}
+        """Stop listening (the listeners are children), then the pool (if ours) and the
+        databases."""
+        self.ports = {}
         if self._checkpoints.running:
             self._checkpoints.stop()
-        d = DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
-        d.addCallback(lambda _: maybeDeferred(super(MailService, self).stopService))
+        d: Deferred[Any] = maybeDeferred(super().stopService)
+
+        def disown(_: object) -> None:
+            for listening in self.listeners.values():  # the next start makes new ones
+                self.removeService(listening)
+            self.listeners = {}
+
+        d.addCallback(disown)
 
         def close(_: object) -> None:
             if self._own_pool:
