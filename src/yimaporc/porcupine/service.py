@@ -66,7 +66,7 @@ from .outbound import OutboundSender, RetryPolicy, Routes
 from .profiledb import ProfileDB
 from .retrieval import RetrievalProxy
 from .throttle import AuthThrottle, ThrottlePolicy
-from .usermap import BadAddress, LocalUserMap, normalise
+from .usermap import BadAddress, normalise
 from .users import UserManager
 from .values import NoSuchUser, Profile, UserExists
 
@@ -194,7 +194,6 @@ class MailService(MultiService):
         self.pool = threadpool or ThreadPool(minthreads=2, maxthreads=8, name="yimaporc-mail")
         now = reactor.seconds
 
-        self.user_map = LocalUserMap(node_id)
         self.fragment_store = FragmentStore(self.data_dir, node_id, now)
         #: Users' mailboxes here in memory (issue 20), bounded by ``mail_index_rows``.
         self.mail_index = MailIndex(mail_index_rows)
