@@ -34,7 +34,7 @@ from yimaporc.cluster.bucketservice import BucketMapService, pack_commit, unpack
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.cluster.wire import Member
-from yimaporc.porcupine.cluster import Hints, HintsRequest, MailCluster, MbStore
+from yimaporc.porcupine.cluster import Hints, HintsRequest, Json, MailCluster, MbStore
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 
@@ -247,11 +247,21 @@ def test_malformed_hint_requests_are_protocol_errors(tmp_path: Path) -> None:
         net.add(n)
     net.commit(["n1", "n2"])
     n1 = net.nodes["n1"]
-    for junk in ({"a": 1}, ["x"], [N_BUCKETS], [-1], list(range(N_BUCKETS + 1))):
+    for junk in ({"a": 1}, ["x"], [N_BUCKETS], [-1], list(range(N_BUCKETS + 1)), [True]):
         with pytest.raises(amp.UnknownRemoteError):
-            result_of(n1.cluster.call("n2", HintsRequest, sender="n1", buckets=junk))
-    got = result_of(n1.cluster.call("n2", HintsRequest, sender="n1", buckets=[3, 3, 0]))
+            result_of(n1.cluster.call("n2", RawHintsRequest, sender="n1", buckets=junk))
+    got = result_of(n1.cluster.call("n2", RawHintsRequest, sender="n1", buckets=[3, 3, 0]))
     assert [e[0] for e in got["hints"]] == [0, 3]
+    typed = result_of(n1.cluster.call("n2", HintsRequest, sender="n1", buckets=[3, 0]))
+    assert [h.bucket for h in typed["hints"]] == [0, 3]
+
+
+class RawHintsRequest(amp.Command):
+    """``porcupine.hints-request`` with untyped JSON (a broken or hostile peer)."""
+
+    commandName = HintsRequest.commandName
+    arguments = [(b"sender", amp.Unicode()), (b"buckets", Json())]
+    response = [(b"hints", Json())]
 
 
 def test_fragment_note_reaching_a_new_manager_before_its_map_is_kept(tmp_path: Path) -> None:

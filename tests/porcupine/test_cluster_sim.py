@@ -24,7 +24,7 @@ from yimaporc.cluster.buckets import BucketMap
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import PeerUnavailable, RpcRegistry
 from yimaporc.cluster.wire import Member
-from yimaporc.porcupine.cluster import Hints, MailCluster, MbStore, ProfilePut
+from yimaporc.porcupine.cluster import Hints, Json, MailCluster, MbStore, ProfilePut
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 from yimaporc.porcupine.values import INBOX, BadCredentials, Digest
@@ -211,13 +211,15 @@ class Net:
     ) -> Deferred[Any]:
         box = command.makeArguments(kw, None)
         self.bytes[command.commandName.decode()] += len(box.serialize())  # type: ignore[union-attr]
-        args = command.parseArguments(box, None)
         found = self.nodes[address].registry.lookup(command.commandName)  # type: ignore[arg-type]
         assert found is not None, command.commandName
-        d = maybeDeferred(found[1], **args)
+        # As over AMP: the callee parses with its own command class (a malformed box
+        # is an error answer) and makes the answer with it; the caller parses that.
+        served, handler = found
+        d = maybeDeferred(lambda: handler(**served.parseArguments(box, None)))
 
         def ok(resp: dict[str, Any]) -> Any:
-            return command.parseResponse(command.makeResponse(resp, None), None)
+            return command.parseResponse(served.makeResponse(resp, None), None)
 
         def err(f: Failure) -> Failure:
             for cls in command.allErrors:  # type: ignore[attr-defined]
@@ -495,14 +497,30 @@ def test_reconfiguration_cost_per_node_does_not_grow_with_the_cluster(tmp_path: 
     assert figures[30][1] <= figures[3][1], figures
 
 
+class RawHints(amp.Command):
+    """``porcupine.hints`` with untyped JSON: what a broken or hostile peer may send."""
+
+    commandName = Hints.commandName
+    arguments = [(b"sender", amp.Unicode()), (b"hints", Json()), (b"view", amp.Integer(optional=True))]  # fmt: skip
+
+
+class RawProfilePut(amp.Command):
+    """``porcupine.profiles`` with untyped JSON."""
+
+    commandName = ProfilePut.commandName
+    arguments = [(b"records", Json())]
+
+
 def test_malformed_hints_and_profile_pushes_are_refused_or_ignored(net: Net) -> None:
     """Junk from a peer never breaks a node: bad boxes are AMP errors, bad entries skipped."""
     n1 = net.nodes["n1"]
     with pytest.raises(amp.UnknownRemoteError):
-        result_of(n1.cluster.call("n2", Hints, sender="n1", hints={"no": "list"}))
+        result_of(n1.cluster.call("n2", RawHints, sender="n1", hints={"no": "list"}))
     junk = [[1], "x", [999, 1, [], []], [0, "e", 5, 7], [0, 10**9, [[None]], [[1, 2]]]]
-    result_of(n1.cluster.call("n2", Hints, sender="n1", hints=junk))
-    result_of(n1.cluster.call("n2", ProfilePut, records=[[1], "x", ["a@b", 1]]))
+    result_of(n1.cluster.call("n2", RawHints, sender="n1", hints=junk))
+    result_of(n1.cluster.call("n2", RawProfilePut, records=[[1], "x", ["a@b", 1]]))
+    with pytest.raises(amp.UnknownRemoteError):
+        result_of(n1.cluster.call("n2", RawProfilePut, records={"no": "list"}))
     assert net.nodes["n2"].mail.profiles.count() == 0
     user = users_managed_by(net, "n2", 1)[0]
     add_user(net, "n1", user)

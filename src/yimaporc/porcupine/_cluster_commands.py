@@ -12,7 +12,7 @@ from __future__ import annotations
 from twisted.protocols import amp
 
 from ..cluster.rpc import BigBytes
-from ._cluster_wire import ERRORS, Json
+from ._cluster_wire import ERRORS, BucketList, HintList, HolderList, Json, RecordList
 
 # --- commands ---------------------------------------------------------------------
 
@@ -250,7 +250,11 @@ class UidHolders(_Cmd):
     mail, for the manager with ``fence`` (refused like :class:`UidMark`)."""
 
     commandName = b"porcupine.uid-holders"
-    arguments = [(b"bucket", amp.Integer()), (b"fence", amp.Unicode()), (b"holders", Json())]
+    arguments = [
+        (b"bucket", amp.Integer()),
+        (b"fence", amp.Unicode()),
+        (b"holders", HolderList()),
+    ]
     response = [(b"ok", amp.Boolean())]
 
 
@@ -270,7 +274,7 @@ class Hints(_Cmd):
     commandName = b"porcupine.hints"
     arguments = [
         (b"sender", amp.Unicode()),
-        (b"hints", Json()),
+        (b"hints", HintList()),
         (b"view", amp.Integer(optional=True)),
     ]
 
@@ -280,15 +284,15 @@ class HintsRequest(_Cmd):
     asks for the callee's hints of ``buckets`` (same entries as :class:`Hints`)."""
 
     commandName = b"porcupine.hints-request"
-    arguments = [(b"sender", amp.Unicode()), (b"buckets", Json())]
-    response = [(b"hints", Json())]
+    arguments = [(b"sender", amp.Unicode()), (b"buckets", BucketList())]
+    response = [(b"hints", HintList())]
 
 
 class ProfilePut(_Cmd):
     """Profile records (newest ``updated`` wins) pushed by the node that wrote them."""
 
     commandName = b"porcupine.profiles"
-    arguments = [(b"records", Json())]
+    arguments = [(b"records", RecordList())]
 
 
 class LoadExchange(_Cmd):

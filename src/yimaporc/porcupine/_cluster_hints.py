@@ -16,7 +16,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from ..cluster.buckets import BucketMap
@@ -33,7 +32,6 @@ from .reconstruct import (
     PushProfiles,
     SendHints,
     UserHint,
-    decode_hints,
 )
 from .usermap import N_BUCKETS
 
@@ -91,7 +89,7 @@ class HintExchange:
         copy of the profile table per side, not one per node."""
 
         def send(by_bucket: dict[int, list[Record]]) -> Deferred[Any]:
-            records = [list(r) for rs in by_bucket.values() for r in rs]
+            records = [r for rs in by_bucket.values() for r in rs]
             ds = [self.call(n, ProfilePut, records=records) for n in nodes if n != self.me]
             return DeferredList(ds, consumeErrors=True)
 
@@ -184,8 +182,7 @@ class HintExchange:
                 self.reactor.callLater(PULL_RETRY, self._repush, manager, still, view, tries - 1)
             return f
 
-        entries = [h.encode() for h in hints]
-        d = self.call(manager, Hints, sender=self.me, hints=entries, view=view)
+        d = self.call(manager, Hints, sender=self.me, hints=hints, view=view)
         return d.addErrback(failed)
 
     def _repush(self, manager: str, hints: list[BucketHint], view: int, tries: int) -> None:
@@ -203,7 +200,7 @@ class HintExchange:
         um = self.user_manager
 
         def got(r: dict[str, Any]) -> Deferred[Any]:
-            ours = um.core.pulled(peer, decode_hints(r["hints"], N_BUCKETS), buckets)
+            ours = um.core.pulled(peer, r["hints"], buckets)
             return self._apply_hints(peer, ours, um.core.view_epoch)
 
         def failed(f: Failure) -> None:
@@ -216,17 +213,11 @@ class HintExchange:
         d = self.call(peer, HintsRequest, sender=self.me, buckets=list(buckets))
         return d.addCallbacks(got, failed).addCallback(lambda _: None)
 
-    def on_hints_request(self, sender: str, buckets: Any) -> Deferred[dict[str, Any]]:
-        if not isinstance(buckets, list) or len(buckets) > N_BUCKETS:
-            raise amp.MalformedAmpBox("buckets must be a list of bucket numbers")
-        try:
-            wanted = sorted({int(b) for b in buckets})
-        except (TypeError, ValueError) as e:
-            raise amp.MalformedAmpBox("buckets must be a list of bucket numbers") from e
-        if wanted and not (0 <= wanted[0] and wanted[-1] < N_BUCKETS):
-            raise amp.MalformedAmpBox("bucket number out of range")
-        d = self._hint_entries(self.user_manager.state.map, wanted)
-        return d.addCallback(lambda hints: {"hints": [h.encode() for h in hints]})
+    def on_hints_request(self, sender: str, buckets: tuple[int, ...]) -> Deferred[dict[str, Any]]:
+        """``porcupine.hints-request``: our hints of ``buckets`` (checked by
+        :class:`~._cluster_wire.BucketList`)."""
+        d = self._hint_entries(self.user_manager.state.map, list(buckets))
+        return d.addCallback(lambda hints: {"hints": hints})
 
     def _apply_hints(
         self, sender: str, hints: list[BucketHint], view: int | None = None
@@ -243,8 +234,8 @@ class HintExchange:
         return d.addCallback(apply)
 
     def on_hints(
-        self, sender: str, hints: Any, view: int | None = None
+        self, sender: str, hints: list[BucketHint], view: int | None = None
     ) -> Deferred[dict[str, Any]]:
-        if not isinstance(hints, list):
-            raise amp.MalformedAmpBox("hints must be a list")
-        return self._apply_hints(sender, decode_hints(hints, N_BUCKETS), view)
+        """``porcupine.hints``: merge ``sender``'s hints (decoded by
+        :class:`~._cluster_wire.HintList`, malformed entries dropped)."""
+        return self._apply_hints(sender, hints, view)

@@ -94,7 +94,7 @@ class ClusterUserManager(UserManager):
         #: ``mark_on(node, bucket, fence, mark, seen) -> Deferred[bool]`` (MailCluster;
         #: the callee's mark before the call goes into ``seen[0]``, max).
         self.mark_on: Callable[..., Deferred[bool]] | None = None
-        #: ``holders_on(node, bucket, fence, [[user, node]...]) -> Deferred[bool]``.
+        #: ``holders_on(node, bucket, fence, [(user, node)...]) -> Deferred[bool]``.
         self.holders_on: Callable[..., Deferred[bool]] | None = None
         #: holder records being written: their waiters (a second delivery waits too)
         self._recording: dict[tuple[str, str, str], list[Deferred[bool]]] = {}
@@ -366,7 +366,7 @@ class ClusterUserManager(UserManager):
 
         def write(n: str) -> Deferred[bool]:
             assert holders_on is not None
-            return holders_on(n, b, fence, [[address, node]])
+            return holders_on(n, b, fence, [(address, node)])
 
         def recorded(ok: bool) -> bool:
             self._recording.pop(key, None)

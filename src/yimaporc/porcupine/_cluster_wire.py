@@ -2,19 +2,29 @@
 ``cluster.py``): the :class:`Json` AMP argument, the manager errors that cross as
 AMP errors (:data:`ERRORS`), the profile/digest/mailbox-info list forms and the
 packed message and body batches (``MalformedAmpBox`` on junk).
+
+The reconstruction's control plane is typed: :class:`HintList`, :class:`BucketList`,
+:class:`HolderList` and :class:`RecordList` are AMP arguments that carry the same
+JSON as before (mixed-version clusters keep talking) but hand the handler values
+(:class:`~.reconstruct.BucketHint`, bucket numbers, ``(user, node)`` pairs, profile
+records), checked once here: a box that is not the right shape is a
+``MalformedAmpBox`` (the caller gets an error answer), a malformed item inside a
+well-formed list is dropped.  Each has a pure ``encode``/``decode`` pair.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.protocols import amp
 
 from ..cluster.rpc import BigBytes, PeerUnavailable
-from .usermap import BadAddress
+from .profiledb import Record
+from .reconstruct import BucketHint, decode_hints
+from .usermap import N_BUCKETS, BadAddress, normalise
 from .values import (
     BadCredentials,
     Digest,
@@ -44,6 +54,106 @@ class Json(BigBytes):
             objects[key] = json.loads(objects[key])
         except ValueError as e:
             raise amp.MalformedAmpBox(f"bad JSON in {name!r}") from e
+
+
+class _Typed(Json):
+    """A :class:`Json` argument whose value is typed: ``encode(value)`` makes the JSON,
+    ``decode(json)`` the value (``ValueError``/``TypeError``: a malformed box); each
+    subclass defines both."""
+
+    encode: Callable[[Any], Any]
+    decode: Callable[[Any], Any]
+
+    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        key = name.decode("ascii")
+        objects[key] = self.encode(objects[key])
+        super().toBox(name, strings, objects, proto)
+
+    def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        super().fromBox(name, strings, objects, proto)
+        key = name.decode("ascii")
+        try:
+            objects[key] = self.decode(objects[key])
+        except (ValueError, TypeError) as e:
+            raise amp.MalformedAmpBox(f"bad {name.decode('ascii', 'replace')}: {e}") from e
+
+
+class HintList(_Typed):
+    """``list[BucketHint]`` as ``[[bucket, epoch, [[user, has_mail, uidnext,
+    unnumbered]...], [record...], mark, [[user, node]...]]...]``
+    (:meth:`BucketHint.encode`); malformed entries are dropped."""
+
+    @staticmethod
+    def encode(value: Sequence[BucketHint]) -> list[Any]:
+        return [h.encode() for h in value]
+
+    @staticmethod
+    def decode(obj: Any) -> list[BucketHint]:
+        if not isinstance(obj, list):
+            raise ValueError("hints must be a list")
+        return decode_hints(obj, N_BUCKETS)
+
+
+class BucketList(_Typed):
+    """Bucket numbers: a list of at most ``N_BUCKETS`` integers in range; decoded
+    sorted, without repeats."""
+
+    @staticmethod
+    def encode(value: Sequence[int]) -> list[int]:
+        return [int(b) for b in value]
+
+    @staticmethod
+    def decode(obj: Any) -> tuple[int, ...]:
+        if not isinstance(obj, list) or len(obj) > N_BUCKETS:
+            raise ValueError("buckets must be a list of bucket numbers")
+        if any(isinstance(b, bool) or not isinstance(b, int) for b in obj):
+            raise ValueError("buckets must be a list of bucket numbers")
+        wanted = sorted(set(obj))
+        if wanted and not (0 <= wanted[0] and wanted[-1] < N_BUCKETS):
+            raise ValueError("bucket number out of range")
+        return tuple(wanted)
+
+
+class HolderList(_Typed):
+    """``(user, node)`` pairs as ``[[user, node]...]``; a malformed pair is dropped."""
+
+    @staticmethod
+    def encode(value: Sequence[tuple[str, str]]) -> list[list[str]]:
+        return [[u, n] for u, n in value]
+
+    @staticmethod
+    def decode(obj: Any) -> tuple[tuple[str, str], ...]:
+        if not isinstance(obj, list):
+            raise ValueError("holders must be a list")
+        return tuple(
+            (h[0], h[1])
+            for h in obj
+            if isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h)
+        )
+
+
+class RecordList(_Typed):
+    """Profile records (``address, password_hash, replicas, created, updated,
+    deleted``) as lists; a malformed record (or one with a bad address) is dropped."""
+
+    @staticmethod
+    def encode(value: Sequence[Record]) -> list[list[Any]]:
+        return [list(r) for r in value]
+
+    @staticmethod
+    def decode(obj: Any) -> list[Record]:
+        if not isinstance(obj, list):
+            raise ValueError("records must be a list")
+        out: list[Record] = []
+        for rec in obj:
+            try:
+                a, h, r, c, u, d = rec
+                if not all(isinstance(x, str) for x in (a, h)):
+                    continue
+                out.append((normalise(a), h, int(r), float(c), float(u), bool(d)))
+            except (BadAddress, TypeError, ValueError, AttributeError):
+                continue
+        return out
 
 
 class HolderNotRecorded(PeerUnavailable):

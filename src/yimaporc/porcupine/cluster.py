@@ -279,7 +279,7 @@ class MailCluster(Service):
 
     def _push_profiles(self, records: list[Record]) -> Deferred[Any]:
         peers = [n for n in self.live() if n != self.me]
-        ds = [self.call(n, ProfilePut, records=[list(r) for r in records]) for n in peers]
+        ds = [self.call(n, ProfilePut, records=records) for n in peers]
 
         def lost(f: Failure, n: str) -> None:
             self.log.warn("profile push to {n} failed: {e}", n=n, e=f.getErrorMessage())
@@ -288,10 +288,8 @@ class MailCluster(Service):
             d.addErrback(lost, n)
         return DeferredList(ds, consumeErrors=True)
 
-    def _on_profiles(self, records: list[Any]) -> Deferred[dict[str, Any]]:
-        if not isinstance(records, list):
-            raise amp.MalformedAmpBox("records must be a list")
-        # Each record is checked (and a malformed one dropped) by ProfileDB.merge.
+    def _on_profiles(self, records: list[Record]) -> Deferred[dict[str, Any]]:
+        # Checked by RecordList (a malformed record dropped), again by ProfileDB.merge.
         return self.replicator.receive(records).addCallback(lambda _: {})
 
     # --- the lease (pause detection) -------------------------------------------------
@@ -354,21 +352,25 @@ class MailCluster(Service):
         return d.addCallback(got)
 
     def _holders_on(
-        self, node: str, bucket: int, fence: str, holders: list[list[str]]
+        self, node: str, bucket: int, fence: str, holders: Sequence[tuple[str, str]]
     ) -> Deferred[bool]:
         if node == self.me:
             return self._record_holders(bucket, fence, holders)
         d = self.call(node, UidHolders, bucket=bucket, fence=fence, holders=holders)
         return d.addCallback(lambda r: bool(r["ok"]))
 
-    def _record_holders(self, bucket: int, fence: str, holders: Any) -> Deferred[bool]:
-        pairs = [(str(h[0]), str(h[1])) for h in holders if isinstance(h, list) and len(h) == 2]
+    def _record_holders(
+        self, bucket: int, fence: str, holders: Sequence[tuple[str, str]]
+    ) -> Deferred[bool]:
+        pairs = list(holders)
         store = self.mail.fragment_store
         d: Deferred[bool] = self.mail._run_blocking(store.record_holders, bucket, fence, pairs)
         return d
 
-    def _on_holders(self, bucket: int, fence: str, holders: Any) -> Deferred[dict[str, Any]]:
-        if not 0 <= bucket < N_BUCKETS or not isinstance(holders, list):
+    def _on_holders(
+        self, bucket: int, fence: str, holders: tuple[tuple[str, str], ...]
+    ) -> Deferred[dict[str, Any]]:
+        if not 0 <= bucket < N_BUCKETS:  # (the pairs: checked by HolderList)
             raise amp.MalformedAmpBox("bad holders")
         return self._record_holders(bucket, fence, holders).addCallback(lambda ok: {"ok": ok})
 
