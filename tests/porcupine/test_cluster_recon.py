@@ -36,6 +36,7 @@ from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.cluster.wire import Member
 from yimaporc.porcupine.cluster import Hints, HintsRequest, Json, MailCluster, MbStore
 from yimaporc.porcupine.service import MailService
+from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 
 HINTS_REQUEST = HintsRequest.commandName
@@ -53,16 +54,17 @@ class ReconNode(SimNode):
         self.provider: Any = None
         self.listeners: list[Any] = []
         self.buckets = BucketMapService(self, N_BUCKETS)  # type: ignore[arg-type,assignment]
+        storage = MailStorage(net.clock, node_id, tmp_path / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
+        storage.profiles._hash = fast_hash
+        storage.profiles._db.db.execute("PRAGMA synchronous=OFF")
+        unsynced(storage.fragment_store)
+        self.cluster = MailCluster(
+            storage, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
+        )
         self.mail = MailService(
             net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
-            threadpool=SyncPool(),  # type: ignore[arg-type]
+            storage=storage, topology=self.cluster,
         )  # fmt: skip
-        self.mail.profiles._hash = fast_hash
-        self.mail.profiles._db.db.execute("PRAGMA synchronous=OFF")
-        unsynced(self.mail.fragment_store)
-        self.cluster = MailCluster(
-            self.mail, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
-        )
 
     def set_commit_attachment(self, provider: Any) -> None:
         self.provider = provider

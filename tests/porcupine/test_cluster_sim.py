@@ -26,6 +26,7 @@ from yimaporc.cluster.rpc import PeerUnavailable, RpcRegistry
 from yimaporc.cluster.wire import Member
 from yimaporc.porcupine.cluster import Hints, Json, MailCluster, MbStore, ProfilePut
 from yimaporc.porcupine.service import MailService
+from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 from yimaporc.porcupine.values import INBOX, BadCredentials, Digest
 
@@ -123,17 +124,18 @@ class SimNode:
         self.rpc = SimRpc(net, node_id)
         self.view = View(0, (), "")
         self.buckets = SimBuckets()
+        storage = MailStorage(net.clock, node_id, tmp_path / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
+        storage.profiles._hash = fast_hash
+        # no fsync of the profile table in the simulation (speed; durability is not tested here)
+        storage.profiles._db.db.execute("PRAGMA synchronous=OFF")
+        unsynced(storage.fragment_store)
+        self.cluster = MailCluster(
+            storage, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
+        )
         self.mail = MailService(
             net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
-            threadpool=SyncPool(),  # type: ignore[arg-type]
+            storage=storage, topology=self.cluster,
         )  # fmt: skip
-        self.mail.profiles._hash = fast_hash
-        # no fsync of the profile table in the simulation (speed; durability is not tested here)
-        self.mail.profiles._db.db.execute("PRAGMA synchronous=OFF")
-        unsynced(self.mail.fragment_store)
-        self.cluster = MailCluster(
-            self.mail, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
-        )
 
     def deliver(self, user: str, body: bytes) -> list[Digest]:
         digests: list[Digest] = result_of(self.mail.delivery.deliver([user], body))

@@ -27,7 +27,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail
@@ -35,6 +35,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..cluster.buckets import BucketMap
 from ..cluster.rpc import PeerUnavailable
@@ -56,7 +57,7 @@ from ._cluster_remote import RemoteMailboxManager, RemoteUserManager, register_h
 from ._cluster_users import ClusterUserManager, HintEntry
 from ._cluster_wire import ERRORS, HolderNotRecorded, Json, pack_messages, unpack_messages
 from .balancer import LoadBalancer
-from .interfaces import IMailboxManager, IUserManager
+from .interfaces import ILocalMailboxes, IMailboxManager, IMailTopology, IUserManager
 from .profiledb import Record
 from .reconstruct import (
     LEASE,
@@ -68,7 +69,11 @@ from .reconstruct import (
     has_majority,
 )
 from .softstate import bucket_of as _raw_bucket_of
+from .storage import MailStorage
 from .usermap import N_BUCKETS, bucket_of
+
+if TYPE_CHECKING:
+    from .replication.mail import MailReplication
 from .values import (
     Digest,
     NewMessage,
@@ -104,27 +109,30 @@ __all__ = [
 ]
 
 
+@implementer(IMailTopology)
 class MailCluster(Service):
-    """Makes a node's ``MailService`` one part of the cluster's mail service."""
+    """Makes a node's mail one part of the cluster's mail service: the
+    :class:`~.interfaces.IMailTopology` a clustered ``MailService`` is built with."""
 
     log = Logger()
 
     def __init__(
         self,
-        mail: Any,
+        storage: MailStorage,
         node: Any,
         buckets: Any,
         *,
+        replication: MailReplication | None = None,
         balancer: Any = None,
         load_interval: float = 2.0,
         poll_interval: float = 5.0,
         settle_timeout: float = 2.0,
         rng: random.Random | None = None,
     ) -> None:
-        self.mail = mail
+        self.storage = storage
         self.node = node
         self.buckets = buckets
-        self.reactor = mail.reactor
+        self.reactor = storage.reactor
         self.me: str = node.node_id
         self.load_interval = load_interval
         self.rng = rng or random.Random()
@@ -134,12 +142,11 @@ class MailCluster(Service):
         self.meter = NodeLoad(
             self.me, self.reactor, self.balancer, self.live, self._swap_load, self.rng
         )
-        #: More disk work waiting here, counted in the load (replication's queue).
-        self.pending_work: list[Callable[[], int]] = self.meter.pending_work
+        if replication is not None:  # updates waiting to be written here are load too
+            self.meter.pending_work.append(replication.backlog)
         self.user_manager = ClusterUserManager(
-            self.me, mail.profiles, self.reactor, settle_timeout=settle_timeout
+            self.me, storage.profiles, self.reactor, settle_timeout=settle_timeout
         )
-        mail.user_manager = self.user_manager
         self.user_manager.number_on = self._number_on
         self.user_manager.perform_sends = self.perform
         self.user_manager.mark_on = self._mark_on
@@ -155,12 +162,17 @@ class MailCluster(Service):
         self._lease_loop: LoopingCall | None = None
         self._sweep_loop: LoopingCall | None = None
         self.user_manager.lease_ok = self.lease_ok
-        mail.fragment_store.fence_ok = self.lease_ok
-        self._known_path = Path(mail.data_dir) / "mail" / "known-nodes"
+        storage.fragment_store.fence_ok = self.lease_ok
+        self._known_path = Path(storage.data_dir) / "mail" / "known-nodes"
         self.user_manager.known |= self._read_known()
         self._alone = self.user_manager.known <= {self.me}
-        self.replicator = ProfileReplicator(mail.profiles, self._forget, self._push_profiles)
-        self._local_mailboxes = CountingMailboxes(mail.mailbox_manager, self.meter)
+        # With replication, profile writes and this node's mailboxes go through its log.
+        push = replication.push_profiles if replication is not None else self._push_profiles
+        self.replicator = ProfileReplicator(storage.profiles, self._forget, push)
+        self._boxes: ILocalMailboxes = (
+            replication.mailboxes if replication is not None else storage.mailbox_manager
+        )
+        self._local_mailboxes = CountingMailboxes(self._boxes, self.meter)
         self._remote_users: dict[str, RemoteUserManager] = {}
         self._remote_boxes: dict[str, RemoteMailboxManager] = {}
         self._loop: LoopingCall | None = None
@@ -175,9 +187,9 @@ class MailCluster(Service):
             lambda: int(self.node.view.epoch),
             self.user_manager,
             self.replicator,
-            mail.fragment_store,
-            mail.profiles,
-            mail._run_blocking,
+            storage.fragment_store,
+            storage.profiles,
+            storage.run_blocking,
         )
         register_handlers(
             node.registry,
@@ -191,7 +203,6 @@ class MailCluster(Service):
         node.registry.register(ProfilePut, self._on_profiles)
         node.registry.register(LoadExchange, self._on_load)
         buckets.subscribe(self._map_changed)
-        mail.attach_cluster(self)
 
     # --- routing --------------------------------------------------------------
 
@@ -242,6 +253,18 @@ class MailCluster(Service):
         live = self.live()
         return max(live, key=lambda n: _raw_bucket_of(f"{address.lower()}|{n}", 1 << 31))
 
+    def holders_of(self, address: str) -> set[str]:
+        """Every live node: a fragment list may lag (a deletion asks them all)."""
+        return set(self.live())
+
+    def forget(self, address: str) -> None:
+        """A profile changed: drop every cached copy here."""
+        self._forget(address)
+
+    def known_nodes(self) -> set[str]:
+        """Every node ever seen in a view (persisted in ``known-nodes``)."""
+        return set(self.user_manager.known)
+
     def _forget(self, address: str) -> None:
         """A profile changed: drop every cached copy here."""
         self.user_manager.forget(address)
@@ -256,7 +279,7 @@ class MailCluster(Service):
 
     def store_here(self, messages: Sequence[NewMessage]) -> Deferred[list[Digest]]:
         """Store on this node's disk, counting it in the load figure."""
-        return self.track(lambda: self.mail.mailbox_manager.store(messages))
+        return self.track(lambda: self._boxes.store(messages))
 
     def track(self, work: Callable[[], Deferred[Any]]) -> Deferred[Any]:
         """Run ``work`` (disk work on this node), counted in the load while it runs."""
@@ -325,7 +348,7 @@ class MailCluster(Service):
     def remind_pending(self) -> int:
         """Tell the current manager of every user with unnumbered mail here (a note
         from the delivery may have gone to a manager that was replaced); how many."""
-        users = sorted(self.mail.fragment_store.pending_users)
+        users = sorted(self.storage.fragment_store.pending_users)
         for user in users:
             # the next sweep tries again
             self.users_for(user).note_pending(user, self.me).addErrback(lambda f: None)
@@ -363,8 +386,8 @@ class MailCluster(Service):
         self, bucket: int, fence: str, holders: Sequence[tuple[str, str]]
     ) -> Deferred[bool]:
         pairs = list(holders)
-        store = self.mail.fragment_store
-        d: Deferred[bool] = self.mail._run_blocking(store.record_holders, bucket, fence, pairs)
+        store = self.storage.fragment_store
+        d: Deferred[bool] = self.storage.run_blocking(store.record_holders, bucket, fence, pairs)
         return d
 
     def _on_holders(
@@ -375,13 +398,13 @@ class MailCluster(Service):
         return self._record_holders(bucket, fence, holders).addCallback(lambda ok: {"ok": ok})
 
     def _raise_mark(self, bucket: int, fence: str, mark: int) -> Deferred[tuple[bool, int]]:
-        store = self.mail.fragment_store
+        store = self.storage.fragment_store
 
         def raise_() -> tuple[bool, int]:
             before = store.bucket_mark(bucket)
             return store.raise_mark(bucket, fence, mark), before
 
-        d: Deferred[tuple[bool, int]] = self.mail._run_blocking(raise_)
+        d: Deferred[tuple[bool, int]] = self.storage.run_blocking(raise_)
         return d
 
     def _on_mark(self, bucket: int, fence: str, mark: int) -> Deferred[dict[str, Any]]:
@@ -416,7 +439,7 @@ class MailCluster(Service):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
 
-        d = self.mail._run_blocking(write)
+        d = self.storage.run_blocking(write)
         d.addErrback(lambda f: self.log.failure("persisting the known nodes failed", f))
 
     # --- reconstruction ------------------------------------------------------------
@@ -431,7 +454,7 @@ class MailCluster(Service):
                 self._lease_until = float(self.reactor.seconds()) + self.lease
         # Before any hint read (they run later, on the pool): a store fenced by a
         # manager this map no longer names now goes PENDING (fragments.py).
-        self.mail.fragment_store.set_fences({b: fence_of(new, b) for b in range(len(new))})
+        self.storage.fragment_store.set_fences({b: fence_of(new, b) for b in range(len(new))})
         # Away (see BucketMapService.away): booted, or our previous view is not the
         # one the coordinator committed from. A bucket source without that notion
         # (tests) only reports the boot.
@@ -452,9 +475,9 @@ class MailCluster(Service):
         Only with other nodes live; returns how many were polled."""
         if len(self.live()) < 2:
             return 0
-        keys = list(self.mail.registry.boxes)
+        keys = list(self.storage.registry.boxes)
         for user, mailbox in keys:
-            self.mail.registry.changed(user, mailbox)
+            self.storage.registry.changed(user, mailbox)
         return len(keys)
 
     def startService(self) -> None:

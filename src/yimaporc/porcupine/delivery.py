@@ -61,14 +61,17 @@ class DeliveryProxy:
         mailboxes: MailboxManagers,
         live_nodes: Callable[[], Sequence[str]],
         now: Callable[[], float],
+        *,
+        balancer: Any = None,
+        replicated: Callable[..., Deferred[list[Digest]]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.users = users
         self.mailboxes = mailboxes
         self.live_nodes = live_nodes
         self.now = now
-        #: ``balancer.LoadBalancer`` (or the same API) once clustered.
-        self.balancer: Any = None
+        #: ``balancer.LoadBalancer`` (or the same API) in a cluster; None: affinity.
+        self.balancer = balancer
         self.retries = 0
         #: Stores that failed after their request was sent (not retried elsewhere).
         self.unsure = 0
@@ -80,7 +83,7 @@ class DeliveryProxy:
         self.lookups_unavailable = 0
         #: Replication's ``store(nodes, message)`` (``MailReplication``): users with
         #: ``replicas >= 2`` are stored through it, one logged update for all copies.
-        self.replicated: Callable[..., Deferred[list[Digest]]] | None = None
+        self.replicated = replicated
 
     def lookup(self, address: str) -> Deferred[Profile | None]:
         """The recipient's profile (None: no such user)."""

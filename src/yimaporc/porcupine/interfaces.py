@@ -18,7 +18,9 @@ from zope.interface import Interface
 from .values import Digest, MailboxInfo, NewMessage, Profile
 
 if TYPE_CHECKING:
+    from ._cluster_profiles import ProfileReplicator
     from .reconstruct import Horizon
+    from .users import UserManager
 
 
 class IProfileDB(Interface):
@@ -161,3 +163,40 @@ class ILocalMailboxes(IMailboxManager):
     def shown(user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
         """Record the highest UIDNEXT shown per mailbox (``marks``: name ->
         (UIDVALIDITY, UIDNEXT)); the highest ever recorded per mailbox."""
+
+
+class IMailTopology(Interface):
+    """Where a node's mail service finds managers: one node, or the cluster.
+
+    Chosen once, by the composition root (:class:`~.topology.LocalTopology` for a
+    node alone, :class:`~.cluster.MailCluster` in a cluster), and handed to the
+    mail service's constructor; nothing switches it later.
+    """
+
+    #: This node's own user manager (the one of the buckets it manages).
+    user_manager: UserManager
+    #: The one profile write path.
+    replicator: ProfileReplicator
+    #: The delivery proxy's load balancer (None: affinity, then this node).
+    balancer: object
+
+    def users_for(address: str) -> IUserManager:
+        """The user manager of ``address``'s bucket (local, or a proxy to its owner)."""
+
+    def mailboxes_for(node_id: str) -> IMailboxManager:
+        """The mailbox manager of ``node_id`` (``KeyError``: no such node here)."""
+
+    def live() -> list[str]:
+        """Node ids of the current view (this node if alone)."""
+
+    def home_of(address: str) -> str:
+        """The node holding ``address``'s mailbox tree."""
+
+    def holders_of(address: str) -> set[str]:
+        """The nodes that may hold mail for ``address`` (a deletion asks them all)."""
+
+    def forget(address: str) -> None:
+        """A profile changed: drop every cached copy of it here."""
+
+    def known_nodes() -> set[str]:
+        """Every node ever seen in a view (a cluster persists them)."""

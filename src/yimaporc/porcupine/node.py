@@ -41,6 +41,7 @@ from .outbound import RetryPolicy, Routes
 from .replication import ReplicationConfig
 from .replication.mail import DEFAULT_CONFIG, MailReplication
 from .service import DEFAULT_MAX_MESSAGE_SIZE, MailService
+from .storage import MailStorage
 from .throttle import ThrottlePolicy
 
 __all__ = ["PorcupineConfig", "PorcupineNode"]
@@ -140,6 +141,22 @@ class PorcupineNode:
         admin_listening = mount_admin(node, admin, label=f"--admin {config.admin}")
         user_map = BucketMapService(node)
         node.add_status(user_map.status)
+        # The disk first; then the strategies chosen over it (replicated or not, the
+        # cluster); then the mail service built with them. Nothing is swapped later.
+        storage = MailStorage(
+            reactor,
+            node.node_id,
+            config.node.data_dir,
+            mail_index_rows=config.mail_index_rows,
+            auth_cache_ttl=config.auth_cache_ttl,
+            auth_cache_size=config.auth_cache_size,
+        )
+        replication = None
+        if config.replication is not None:
+            replication = MailReplication(storage, node, config=config.replication)
+        cluster = MailCluster(storage, node, user_map, replication=replication)
+        if replication is not None:
+            replication.use_topology(cluster)
         try:
             mail = MailService(
                 reactor,
@@ -154,9 +171,6 @@ class PorcupineNode:
                 routes=config.routes,
                 retry=config.retry,
                 allow_plaintext_auth=config.allow_plaintext_auth,
-                mail_index_rows=config.mail_index_rows,
-                auth_cache_ttl=config.auth_cache_ttl,
-                auth_cache_size=config.auth_cache_size,
                 delivery_latency=node.histograms.get(
                     "yimaporc_mail_delivery_duration_seconds",
                     "Seconds from the end of a message's SMTP DATA to its 250 (stored "
@@ -170,18 +184,22 @@ class PorcupineNode:
                 pop3s=config.pop3s,
                 imap=config.imap,
                 imaps=config.imaps,
+                storage=storage,
+                topology=cluster,
+                replica=replication,
             )
         except ValueError as e:
+            if replication is not None:
+                replication.log_store.close()
+                replication.objects.close()
+            storage.close()
             raise ConfigError(str(e)) from e
+        # Started in this order: mail (recovers the store, then listens), replication
+        # (after the recovery), the cluster wiring.
         mail.setServiceParent(node)
-        replication = None
-        if config.replication is not None:
-            replication = MailReplication(mail, node, config=config.replication)
-            replication.setServiceParent(node)
-        cluster = MailCluster(mail, node, user_map)
-        cluster.setServiceParent(node)
         if replication is not None:
-            replication.attach_cluster(cluster)
+            replication.setServiceParent(node)
+        cluster.setServiceParent(node)
         node.add_status(cluster.status)
         for route in mail.admin_routes():
             node.add_route(route)
