@@ -316,6 +316,7 @@ def test_profile_update_applied_by_replication_flushes(tmp_path: Path) -> None:
     """The replication log's apply hook (a profile/<address> update) flushes the cache."""
     from yimaporc.porcupine.replication.mail import MailReplication
     from yimaporc.porcupine.replication.objects import PROFILE
+    from yimaporc.porcupine.topology import LocalTopology
 
     db, _, _, scrypt = make_db(tmp_path)
     result_of(db.add(A, "pw"))
@@ -323,11 +324,10 @@ def test_profile_update_applied_by_replication_flushes(tmp_path: Path) -> None:
     # The row changes underneath (as the object store's apply does), then the hook runs.
     db._db.set_hash(A, fast_hash("new"))
 
-    class Mail:
+    class Storage:
         profiles = db
-        user_manager = UserManager("n1", db)
 
-        def _run_blocking(self, f: Any, *a: Any) -> Deferred[Any]:
+        def run_blocking(self, f: Any, *a: Any) -> Deferred[Any]:
             return succeed(f(*a))
 
     class Update:
@@ -335,7 +335,8 @@ def test_profile_update_applied_by_replication_flushes(tmp_path: Path) -> None:
         body = b""
 
     shell: Any = MailReplication.__new__(MailReplication)
-    shell.mail, shell.cluster, shell._fragment_known = Mail(), None, set()
+    shell.storage, shell._fragment_known = Storage(), set()
+    shell.topology = LocalTopology("n1", db, None)  # type: ignore[arg-type]
     MailReplication._applied(shell, Update())  # type: ignore[arg-type]
     assert failed(db.verify(A, "pw")) and scrypt.calls == 2
 

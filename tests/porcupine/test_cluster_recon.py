@@ -34,8 +34,9 @@ from yimaporc.cluster.bucketservice import BucketMapService, pack_commit, unpack
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.cluster.wire import Member
-from yimaporc.porcupine.cluster import Hints, HintsRequest, MailCluster, MbStore
+from yimaporc.porcupine.cluster import Hints, HintsRequest, Json, MailCluster, MbStore
 from yimaporc.porcupine.service import MailService
+from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 
 HINTS_REQUEST = HintsRequest.commandName
@@ -53,16 +54,17 @@ class ReconNode(SimNode):
         self.provider: Any = None
         self.listeners: list[Any] = []
         self.buckets = BucketMapService(self, N_BUCKETS)  # type: ignore[arg-type,assignment]
+        storage = MailStorage(net.clock, node_id, tmp_path / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
+        storage.profiles._hash = fast_hash
+        storage.profiles._db.db.execute("PRAGMA synchronous=OFF")
+        unsynced(storage.fragment_store)
+        self.cluster = MailCluster(
+            storage, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
+        )
         self.mail = MailService(
             net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
-            threadpool=SyncPool(),  # type: ignore[arg-type]
+            storage=storage, topology=self.cluster,
         )  # fmt: skip
-        self.mail.profiles._hash = fast_hash
-        self.mail.profiles._db.db.execute("PRAGMA synchronous=OFF")
-        unsynced(self.mail.fragment_store)
-        self.cluster = MailCluster(
-            self.mail, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
-        )
 
     def set_commit_attachment(self, provider: Any) -> None:
         self.provider = provider
@@ -247,11 +249,21 @@ def test_malformed_hint_requests_are_protocol_errors(tmp_path: Path) -> None:
         net.add(n)
     net.commit(["n1", "n2"])
     n1 = net.nodes["n1"]
-    for junk in ({"a": 1}, ["x"], [N_BUCKETS], [-1], list(range(N_BUCKETS + 1))):
+    for junk in ({"a": 1}, ["x"], [N_BUCKETS], [-1], list(range(N_BUCKETS + 1)), [True]):
         with pytest.raises(amp.UnknownRemoteError):
-            result_of(n1.cluster.call("n2", HintsRequest, sender="n1", buckets=junk))
-    got = result_of(n1.cluster.call("n2", HintsRequest, sender="n1", buckets=[3, 3, 0]))
+            result_of(n1.cluster.call("n2", RawHintsRequest, sender="n1", buckets=junk))
+    got = result_of(n1.cluster.call("n2", RawHintsRequest, sender="n1", buckets=[3, 3, 0]))
     assert [e[0] for e in got["hints"]] == [0, 3]
+    typed = result_of(n1.cluster.call("n2", HintsRequest, sender="n1", buckets=[3, 0]))
+    assert [h.bucket for h in typed["hints"]] == [0, 3]
+
+
+class RawHintsRequest(amp.Command):
+    """``porcupine.hints-request`` with untyped JSON (a broken or hostile peer)."""
+
+    commandName = HintsRequest.commandName
+    arguments = [(b"sender", amp.Unicode()), (b"buckets", Json())]
+    response = [(b"hints", Json())]
 
 
 def test_fragment_note_reaching_a_new_manager_before_its_map_is_kept(tmp_path: Path) -> None:

@@ -24,8 +24,9 @@ from yimaporc.cluster.buckets import BucketMap
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import PeerUnavailable, RpcRegistry
 from yimaporc.cluster.wire import Member
-from yimaporc.porcupine.cluster import Hints, MailCluster, MbStore, ProfilePut
+from yimaporc.porcupine.cluster import Hints, Json, MailCluster, MbStore, ProfilePut
 from yimaporc.porcupine.service import MailService
+from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 from yimaporc.porcupine.values import INBOX, BadCredentials, Digest
 
@@ -123,17 +124,18 @@ class SimNode:
         self.rpc = SimRpc(net, node_id)
         self.view = View(0, (), "")
         self.buckets = SimBuckets()
+        storage = MailStorage(net.clock, node_id, tmp_path / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
+        storage.profiles._hash = fast_hash
+        # no fsync of the profile table in the simulation (speed; durability is not tested here)
+        storage.profiles._db.db.execute("PRAGMA synchronous=OFF")
+        unsynced(storage.fragment_store)
+        self.cluster = MailCluster(
+            storage, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
+        )
         self.mail = MailService(
             net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
-            threadpool=SyncPool(),  # type: ignore[arg-type]
+            storage=storage, topology=self.cluster,
         )  # fmt: skip
-        self.mail.profiles._hash = fast_hash
-        # no fsync of the profile table in the simulation (speed; durability is not tested here)
-        self.mail.profiles._db.db.execute("PRAGMA synchronous=OFF")
-        unsynced(self.mail.fragment_store)
-        self.cluster = MailCluster(
-            self.mail, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
-        )
 
     def deliver(self, user: str, body: bytes) -> list[Digest]:
         digests: list[Digest] = result_of(self.mail.delivery.deliver([user], body))
@@ -211,13 +213,15 @@ class Net:
     ) -> Deferred[Any]:
         box = command.makeArguments(kw, None)
         self.bytes[command.commandName.decode()] += len(box.serialize())  # type: ignore[union-attr]
-        args = command.parseArguments(box, None)
         found = self.nodes[address].registry.lookup(command.commandName)  # type: ignore[arg-type]
         assert found is not None, command.commandName
-        d = maybeDeferred(found[1], **args)
+        # As over AMP: the callee parses with its own command class (a malformed box
+        # is an error answer) and makes the answer with it; the caller parses that.
+        served, handler = found
+        d = maybeDeferred(lambda: handler(**served.parseArguments(box, None)))
 
         def ok(resp: dict[str, Any]) -> Any:
-            return command.parseResponse(command.makeResponse(resp, None), None)
+            return command.parseResponse(served.makeResponse(resp, None), None)
 
         def err(f: Failure) -> Failure:
             for cls in command.allErrors:  # type: ignore[attr-defined]
@@ -434,7 +438,7 @@ def test_load_learned_from_store_replies_and_the_periodic_exchange(net: Net) -> 
     n2.deliver(user, b"x\r\n")  # stored on n1 (remote for n2)
     assert "n1" in chooser.loads
     n3 = net.nodes["n3"]
-    n3.cluster.inflight = 5  # n3 is busy
+    n3.cluster.meter.inflight = 5  # n3 is busy
     n3.cluster._exchange_load()
     for n in ("n1", "n2"):  # 2 peers, fan-out 3: both hear n3's figure
         other = net.nodes[n].cluster.balancer
@@ -442,7 +446,7 @@ def test_load_learned_from_store_replies_and_the_periodic_exchange(net: Net) -> 
     mine = n3.cluster.balancer
     assert isinstance(mine, AffinityChooser)
     assert mine.loads.keys() == {"n1", "n2"}, "answers carry the callee's load"
-    n3.cluster.inflight = 0
+    n3.cluster.meter.inflight = 0
 
 
 def test_copies_on_two_nodes_share_a_uid_listed_once_flagged_and_deleted_on_both(
@@ -495,14 +499,30 @@ def test_reconfiguration_cost_per_node_does_not_grow_with_the_cluster(tmp_path: 
     assert figures[30][1] <= figures[3][1], figures
 
 
+class RawHints(amp.Command):
+    """``porcupine.hints`` with untyped JSON: what a broken or hostile peer may send."""
+
+    commandName = Hints.commandName
+    arguments = [(b"sender", amp.Unicode()), (b"hints", Json()), (b"view", amp.Integer(optional=True))]  # fmt: skip
+
+
+class RawProfilePut(amp.Command):
+    """``porcupine.profiles`` with untyped JSON."""
+
+    commandName = ProfilePut.commandName
+    arguments = [(b"records", Json())]
+
+
 def test_malformed_hints_and_profile_pushes_are_refused_or_ignored(net: Net) -> None:
     """Junk from a peer never breaks a node: bad boxes are AMP errors, bad entries skipped."""
     n1 = net.nodes["n1"]
     with pytest.raises(amp.UnknownRemoteError):
-        result_of(n1.cluster.call("n2", Hints, sender="n1", hints={"no": "list"}))
+        result_of(n1.cluster.call("n2", RawHints, sender="n1", hints={"no": "list"}))
     junk = [[1], "x", [999, 1, [], []], [0, "e", 5, 7], [0, 10**9, [[None]], [[1, 2]]]]
-    result_of(n1.cluster.call("n2", Hints, sender="n1", hints=junk))
-    result_of(n1.cluster.call("n2", ProfilePut, records=[[1], "x", ["a@b", 1]]))
+    result_of(n1.cluster.call("n2", RawHints, sender="n1", hints=junk))
+    result_of(n1.cluster.call("n2", RawProfilePut, records=[[1], "x", ["a@b", 1]]))
+    with pytest.raises(amp.UnknownRemoteError):
+        result_of(n1.cluster.call("n2", RawProfilePut, records={"no": "list"}))
     assert net.nodes["n2"].mail.profiles.count() == 0
     user = users_managed_by(net, "n2", 1)[0]
     add_user(net, "n1", user)
@@ -554,16 +574,16 @@ def test_load_counts_fetches_deletions_and_flag_changes_in_progress(net: Net) ->
             return op
 
     box.inner = Disk()
-    base = cluster.inflight
+    base = cluster.meter.inflight
     box.fetch("u@example.org", "INBOX", [1])
     box.delete("u@example.org", "INBOX", [2])
     box.set_flags("u@example.org", "INBOX", [3], ["\\Seen"], 1)
     box.copy("u@example.org", "INBOX", [3], "Other")
-    assert cluster.inflight == base + 4 and cluster.load() >= 4
+    assert cluster.meter.inflight == base + 4 and cluster.load() >= 4
     waiting[0].callback({1: b"x"})
     waiting[1].errback(RuntimeError("disk"))
     waiting[1].addErrback(lambda f: None)
-    assert cluster.inflight == base + 2
+    assert cluster.meter.inflight == base + 2
     for d in waiting[2:]:
         d.callback(None)
-    assert cluster.inflight == base
+    assert cluster.meter.inflight == base

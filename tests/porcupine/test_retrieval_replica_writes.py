@@ -40,8 +40,20 @@ class Users:
     def reserve_uids(self, address: str, count: int) -> Deferred[int]:
         return succeed(self.first_uid)
 
-    def add_fragment(self, address: str, node: str) -> Deferred[None]:
+    def add_fragment(self, address: str, node: str, first: int | None = 0) -> Deferred[None]:
         self.added.append(node)
+        return succeed(None)
+
+    def away_of(self, address: str) -> tuple[str, ...]:
+        return ()
+
+    def certain(self, address: str) -> bool:
+        return True
+
+    def horizon_of(self, address: str) -> None:
+        return None
+
+    def note_pending(self, address: str, node: str) -> Deferred[None]:
         return succeed(None)
 
 

@@ -22,6 +22,18 @@ class Users:
     def fragments(self, address: str) -> Deferred[tuple[str, ...]]:
         return succeed(self.nodes)
 
+    def away_of(self, address: str) -> tuple[str, ...]:
+        return ()
+
+    def certain(self, address: str) -> bool:
+        return True
+
+    def horizon_of(self, address: str) -> None:
+        return None
+
+    def note_pending(self, address: str, node: str) -> Deferred[None]:
+        return succeed(None)
+
 
 class Box:
     """One node's mailbox manager holding the same two messages (replicas)."""

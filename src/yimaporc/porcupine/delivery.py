@@ -61,14 +61,17 @@ class DeliveryProxy:
         mailboxes: MailboxManagers,
         live_nodes: Callable[[], Sequence[str]],
         now: Callable[[], float],
+        *,
+        balancer: Any = None,
+        replicated: Callable[..., Deferred[list[Digest]]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.users = users
         self.mailboxes = mailboxes
         self.live_nodes = live_nodes
         self.now = now
-        #: ``balancer.LoadBalancer`` (or the same API) once clustered.
-        self.balancer: Any = None
+        #: ``balancer.LoadBalancer`` (or the same API) in a cluster; None: affinity.
+        self.balancer = balancer
         self.retries = 0
         #: Stores that failed after their request was sent (not retried elsewhere).
         self.unsure = 0
@@ -80,7 +83,7 @@ class DeliveryProxy:
         self.lookups_unavailable = 0
         #: Replication's ``store(nodes, message)`` (``MailReplication``): users with
         #: ``replicas >= 2`` are stored through it, one logged update for all copies.
-        self.replicated: Callable[..., Deferred[list[Digest]]] | None = None
+        self.replicated = replicated
 
     def lookup(self, address: str) -> Deferred[Profile | None]:
         """The recipient's profile (None: no such user)."""
@@ -113,23 +116,15 @@ class DeliveryProxy:
         def got_profile(profile: Profile | None) -> Deferred[list[Digest]]:
             if profile is None:
                 raise smtp.SMTPServerError(550, f"no such user {address}")
-            plan = getattr(manager, "delivery_plan", None)
-            if plan is not None:  # fragment list, UID and its fence in one question
-                # Copies of a replicated message must share one UID: unfenced.
-                unfenced = self.replicated is not None and profile.replicas > 1
-                d: Deferred[tuple[tuple[str, ...], int, str]] = plan(address, 1, unfenced)
-                return d.addCallback(
-                    lambda p: store_on(
-                        p[1], self.choose_nodes(profile, p[0]), p[0], p[2], profile.replicas
-                    )
+            # Fragment list, UID and its fence in one question. Copies of a
+            # replicated message must share one UID: unfenced.
+            unfenced = self.replicated is not None and profile.replicas > 1
+            d = manager.delivery_plan(address, 1, unfenced)
+            return d.addCallback(
+                lambda p: store_on(
+                    p[1], self.choose_nodes(profile, p[0]), p[0], p[2], profile.replicas
                 )
-            return manager.fragments(address).addCallback(store, profile)
-
-        def store(fragments: tuple[str, ...], profile: Profile) -> Deferred[list[Digest]]:
-            nodes = self.choose_nodes(profile, fragments)
-            reserve = getattr(manager, "reserve_uids", None)
-            first: Deferred[int] = reserve(address, 1) if reserve is not None else succeed(0)
-            return first.addCallback(store_on, nodes, fragments, "", profile.replicas)
+            )
 
         def store_on(
             uid: int,
@@ -156,10 +151,9 @@ class DeliveryProxy:
                 # node): durable, so the 250 stands; the manager of the map we hold
                 # *now* numbers it (a lost note: the storing node's pending sweep and
                 # hints carry the count at the next map change).
-                note = getattr(self.users(address), "note_pending", None)
-                if note is not None:
-                    for n in dict.fromkeys(dig.node for dig in digests if dig.uid == 0):
-                        note(address, n).addErrback(self._note_lost)
+                note = self.users(address).note_pending
+                for n in dict.fromkeys(dig.node for dig in digests if dig.uid == 0):
+                    note(address, n).addErrback(self._note_lost)
                 # No 250 before the holder records are durable: a read elsewhere
                 # would list the mailbox without this message and without saying so
                 # (hidden), and list it later below higher UIDs.
@@ -235,10 +229,7 @@ class DeliveryProxy:
 def _add(manager: IUserManager, address: str, node: str, first: int) -> Deferred[None]:
     """``add_fragment``, telling a cluster manager that the plan's UID ``first`` is
     stored (it leaves the visibility horizon, docs/mail.md)."""
-    if first > 0 and getattr(manager, "confirms_allocations", False):
-        d: Deferred[None] = manager.add_fragment(address, node, first=first)  # type: ignore[call-arg]
-        return d
-    return manager.add_fragment(address, node)
+    return manager.add_fragment(address, node, first)
 
 
 def _first_error(f: Failure) -> Failure:

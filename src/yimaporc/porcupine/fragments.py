@@ -66,7 +66,7 @@ from zope.interface import implementer
 from . import _modseq
 from ._durable import Barrier, default_barrier
 from ._journal import Entry, Journal, Record, decode_all, read_records
-from .interfaces import IMailboxManager
+from .interfaces import ILocalMailboxes
 from .mailindex import MailIndex, UserIndex
 from .usermap import N_BUCKETS, bucket_dir, bucket_of
 from .values import (
@@ -1566,7 +1566,7 @@ class FragmentStore:
         return out
 
 
-@implementer(IMailboxManager)
+@implementer(ILocalMailboxes)
 class MailboxManager:
     """:class:`FragmentStore` off the reactor thread, with group commit for stores.
 

@@ -10,11 +10,17 @@ in-process ones here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
 from .values import Digest, MailboxInfo, NewMessage, Profile
+
+if TYPE_CHECKING:
+    from ._cluster_profiles import ProfileReplicator
+    from .reconstruct import Horizon
+    from .users import UserManager
 
 
 class IProfileDB(Interface):
@@ -61,11 +67,34 @@ class IUserManager(Interface):
     def fragments(address: str) -> Deferred[tuple[str, ...]]:
         """The nodes holding mail for ``address`` (its mailbox fragment list)."""
 
-    def add_fragment(address: str, node: str) -> Deferred[None]:
-        """``node`` now holds mail for ``address``."""
+    def add_fragment(address: str, node: str, first: int | None = 0) -> Deferred[None]:
+        """``node`` now holds mail for ``address``; ``first`` (> 0): the UID a delivery
+        plan allocated is now stored there (it leaves the visibility horizon)."""
 
     def remove_fragment(address: str, node: str) -> Deferred[None]:
         """``node`` holds no more mail for ``address``."""
+
+    def reserve_uids(address: str, count: int) -> Deferred[int]:
+        """The first of ``count`` fresh UIDs for ``address``; 0: the storing node numbers
+        (a cluster of one); :data:`~.values.PENDING`: none may be handed out now."""
+
+    def delivery_plan(
+        address: str, count: int, unfenced: bool = False
+    ) -> Deferred[tuple[tuple[str, ...], int, str]]:
+        """The fragment list, the first of ``count`` reserved UIDs and their fence, in
+        one question (the delivery proxy's); ``unfenced``: a replicated store."""
+
+    def note_pending(address: str, node: str) -> Deferred[None]:
+        """A message for ``address`` was stored unnumbered on ``node``: number it."""
+
+    def away_of(address: str) -> tuple[str, ...]:
+        """Nodes out of reach holding mail for ``address`` (as of the last fragments())."""
+
+    def certain(address: str) -> bool:
+        """Does the manager know every node holding ``address``'s mail?"""
+
+    def horizon_of(address: str) -> Horizon | None:
+        """The visibility horizon that goes with the last fragments() (None: none)."""
 
 
 class IMailboxManager(Interface):
@@ -124,3 +153,61 @@ class IMailboxManager(Interface):
 
     def users_in_bucket(bucket: int) -> Deferred[list[str]]:
         """The users this node holds mail for in ``bucket`` (reconstruction, §3.3)."""
+
+    def view(user: str, mailbox: str) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
+        """:meth:`mailboxes` and :meth:`digests` of ``mailbox`` in one call (None: no
+        such mailbox in this fragment)."""
+
+    def number_pending(
+        user: str, fence: str, first: int, count: int
+    ) -> Deferred[tuple[int, int, int]]:
+        """Number up to ``count`` of ``user``'s unnumbered messages from ``first`` on, if
+        ``fence`` is current; ``(numbered, left, top)``."""
+
+    def demote(user: str, mailbox: str, uid: int, key: str) -> Deferred[bool]:
+        """Message ``key`` under ``uid`` back to unnumbered (two messages under one UID)."""
+
+
+class ILocalMailboxes(IMailboxManager):
+    """The mailbox manager of this node's own disk (not one reached over AMP)."""
+
+    def shown(user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
+        """Record the highest UIDNEXT shown per mailbox (``marks``: name ->
+        (UIDVALIDITY, UIDNEXT)); the highest ever recorded per mailbox."""
+
+
+class IMailTopology(Interface):
+    """Where a node's mail service finds managers: one node, or the cluster.
+
+    Chosen once, by the composition root (:class:`~.topology.LocalTopology` for a
+    node alone, :class:`~.cluster.MailCluster` in a cluster), and handed to the
+    mail service's constructor; nothing switches it later.
+    """
+
+    #: This node's own user manager (the one of the buckets it manages).
+    user_manager: UserManager
+    #: The one profile write path.
+    replicator: ProfileReplicator
+    #: The delivery proxy's load balancer (None: affinity, then this node).
+    balancer: object
+
+    def users_for(address: str) -> IUserManager:
+        """The user manager of ``address``'s bucket (local, or a proxy to its owner)."""
+
+    def mailboxes_for(node_id: str) -> IMailboxManager:
+        """The mailbox manager of ``node_id`` (``KeyError``: no such node here)."""
+
+    def live() -> list[str]:
+        """Node ids of the current view (this node if alone)."""
+
+    def home_of(address: str) -> str:
+        """The node holding ``address``'s mailbox tree."""
+
+    def holders_of(address: str) -> set[str]:
+        """The nodes that may hold mail for ``address`` (a deletion asks them all)."""
+
+    def forget(address: str) -> None:
+        """A profile changed: drop every cached copy of it here."""
+
+    def known_nodes() -> set[str]:
+        """Every node ever seen in a view (a cluster persists them)."""

@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults, succee
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .interfaces import IMailboxManager, IUserManager
+from .interfaces import ILocalMailboxes, IMailboxManager, IUserManager
 from .reconstruct import Horizon
 from .values import (
     INBOX,
@@ -79,6 +79,10 @@ class UserMail:
         #: The serving node (cluster): it records the highest UIDNEXT it showed per
         #: mailbox, so UIDNEXT never goes back while a fragment is out of reach.
         self.local: str | None = None
+        #: That node's record of them (``ILocalMailboxes.shown``; None: not kept).
+        self.shown: Callable[[str, dict[str, tuple[int, int]]], Deferred[dict[str, int]]] | None = (
+            None
+        )
         #: Nodes holding some of this user's mail that did not answer (or that the
         #: manager knows left the view with mail): what is listed is incomplete.
         self.unreachable: set[str] = set()
@@ -134,13 +138,10 @@ class UserMail:
 
         def merge(frags: tuple[str, ...]) -> list[str]:
             nodes = [self.home, *(n for n in frags if n != self.home)]
-            certain = getattr(self.users, "certain", None)
-            self.uncertain = certain is not None and not certain(self.address)
-            horizon_of = getattr(self.users, "horizon_of", None)
-            self.horizon = horizon_of(self.address) if horizon_of is not None else None
-            away_of = getattr(self.users, "away_of", None)
+            self.uncertain = not self.users.certain(self.address)
+            self.horizon = self.users.horizon_of(self.address)
             # Nodes that left the view holding mail: asked too (they fail while away).
-            nodes += [n for n in (away_of(self.address) if away_of else ()) if n not in nodes]
+            nodes += [n for n in self.users.away_of(self.address) if n not in nodes]
             if now is not None:
                 self._node_cache = (nodes, now + self.fragments_ttl)
             return nodes
@@ -208,24 +209,7 @@ class UserMail:
         want = INBOX if mailbox.upper() == INBOX else mailbox
 
         def ask(m: IMailboxManager) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
-            view = getattr(m, "view", None)
-            if view is not None:
-                got: Deferred[tuple[list[MailboxInfo], list[Digest] | None]] = view(
-                    self.address, want
-                )
-                return got
-
-            def missing(f: Failure) -> None:
-                f.trap(NoSuchMailbox)
-                return None
-
-            both: list[Deferred[Any]] = [
-                m.mailboxes(self.address),
-                m.digests(self.address, want).addErrback(missing),
-            ]
-            return gatherResults(both, consumeErrors=True).addCallbacks(
-                lambda r: (r[0], r[1]), _unwrap
-            )
+            return m.view(self.address, want)
 
         def split(
             results: list[tuple[str, tuple[list[MailboxInfo], list[Digest] | None]]],
@@ -304,7 +288,7 @@ class UserMail:
 
     def _monotonic(self, infos: list[MailboxInfo]) -> Deferred[list[MailboxInfo]]:
         """UIDNEXT at least what this node showed before (recorded on its disk)."""
-        shown = getattr(self.managers(self.local), "shown", None) if self.local else None
+        shown = self.shown
         if shown is None:
             return succeed(infos)
 
@@ -518,11 +502,9 @@ class UserMail:
             node=d.node,
         )
         self.renumbered += 1
-        box: Any = self.managers(d.node)
-        note = getattr(self.users, "note_pending", None)
-        dd: Deferred[Any] = box.demote(self.address, mailbox, d.uid, d.key)
-        if note is not None:
-            dd.addCallback(lambda ok: note(self.address, d.node) if ok else None)
+        dd: Deferred[Any] = self.managers(d.node).demote(self.address, mailbox, d.uid, d.key)
+        note = self.users.note_pending
+        dd.addCallback(lambda ok: note(self.address, d.node) if ok else None)
         dd.addErrback(lambda f: self.log.warn("renumbering failed: {e}", e=f.getErrorMessage()))
 
     def _by_node(self, digests: Sequence[Digest], mailbox: str = "") -> dict[str, list[int]]:
@@ -723,8 +705,7 @@ class UserMail:
         )
 
     def _reserve(self, count: int) -> Deferred[int]:
-        reserve = getattr(self.users, "reserve_uids", None)
-        return reserve(self.address, count) if reserve is not None else succeed(0)
+        return self.users.reserve_uids(self.address, count)
 
     def _store_home(self, mailbox: str, msgs: list[NewMessage]) -> Deferred[list[Digest]]:
         """Store at home (a replicated user: on R nodes through the update log);
@@ -835,20 +816,29 @@ class RetrievalProxy:
         node_id: str,
         users: Callable[[str], IUserManager],
         mailboxes: Callable[[str], IMailboxManager],
+        *,
+        home_of: Callable[[str], str] | None = None,
+        now: Callable[[], float] | None = None,
+        replica: Any = None,
+        load_of: Callable[[str], float] | None = None,
+        local: ILocalMailboxes | None = None,
     ) -> None:
         self.node_id = node_id
         self.users = users
         self.mailboxes = mailboxes
-        #: The user's home node (the cluster's choice; this node when None).
-        self.home_of: Callable[[str], str] | None = None
-        self.cluster = False
-        #: A clock for :attr:`UserMail.now` (the cluster sets it).
-        self.now: Callable[[], float] | None = None
-        #: Set by replication (``MailReplication.attach_cluster``); see UserMail.
-        self.replicated = False
-        self.load_of: Callable[[str], float] | None = None
-        #: Replication's hooks for APPEND/COPY and mailbox changes (see UserMail).
-        self.replica: Any = None
+        #: The user's home node: the cluster's choice (``home_of`` given: a cluster,
+        #: fragments merged, UIDs from the user manager), else this node.
+        self.home_of = home_of
+        self.cluster = home_of is not None
+        #: A clock for :attr:`UserMail.now` (fragment lists reused a moment).
+        self.now = now
+        #: Replication's hooks for APPEND/COPY and mailbox changes (``MailReplication``,
+        #: see UserMail); with them each message is read from its least-loaded holder.
+        self.replica = replica
+        self.replicated = replica is not None
+        self.load_of = load_of
+        #: This node's own mailboxes (a cluster: they record the UIDNEXT shown).
+        self.local = local
 
     def authenticate(self, address: str, password: str) -> Deferred[Profile]:
         """The profile, or ``BadCredentials``."""
@@ -864,6 +854,7 @@ class RetrievalProxy:
         mail.replica = self.replica
         if self.cluster:
             mail.local = self.node_id
+            mail.shown = self.local.shown if self.local is not None else None
         return mail
 
 

@@ -9,8 +9,11 @@ its ``status()``.
 
 All disk, SQLite and scrypt work runs on a thread pool (its own unless one is
 passed in).  The managers are reached through ``users_for(address)`` and
-``mailboxes_for(node_id)``: in a cluster of one both answer the local
-managers; the cluster issue puts AMP-backed ones behind the same callables.
+``mailboxes_for(node_id)`` of the :class:`~.interfaces.IMailTopology` the service
+is built with: :class:`~.topology.LocalTopology` (the default, a node alone) or
+:class:`~.cluster.MailCluster` (AMP-backed proxies behind the same calls), chosen
+by the composition root (:mod:`~.node`) together with the :class:`~.storage.MailStorage`
+and replication's hooks; none is replaced later.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from typing import Any
 import attrs
 from twisted.application.service import MultiService
 from twisted.cred import portal
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLContextFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.python.failure import Failure
@@ -37,14 +43,14 @@ from zope.interface import implementer
 
 from ..admin.routes import ApiError, Route
 from ..cluster.histogram import Histogram
-from ..cluster.node import IReady
+from ..cluster.listening import CannotStart, IReady, ListeningService
 from ..imap import Limits
+from ._cluster_profiles import ProfileReplicator
 from ._guard import ClientErrors
 from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
 from .auth import MailRealm, ManagerChecker, SlotWaiters, ThrottledPortal
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL
-from .cluster import ProfileReplicator
 from .delivery import (
     DeliveryProxy,
     OutboundSpool,
@@ -53,17 +59,17 @@ from .delivery import (
     SmtpPolicy,
     with_return_path,
 )
-from .fragments import FragmentStore, MailboxManager
-from .imap_backend import MailboxRegistry, PorcupineImapBackend
+from .fragments import MailboxManager
+from .imap_backend import PorcupineImapBackend
 from .imap_server import PorcupineImapFactory
-from .interfaces import IMailboxManager, IUserManager
-from .mailindex import DEFAULT_MAX_ROWS, MailIndex
+from .interfaces import ILocalMailboxes, IMailboxManager, IMailTopology, IUserManager
+from .mailindex import DEFAULT_MAX_ROWS
 from .outbound import OutboundSender, RetryPolicy, Routes
-from .profiledb import ProfileDB
 from .retrieval import RetrievalProxy
+from .storage import MailStorage
 from .throttle import AuthThrottle, ThrottlePolicy
-from .usermap import BadAddress, LocalUserMap, normalise
-from .users import UserManager
+from .topology import LocalTopology
+from .usermap import BadAddress, normalise
 from .values import NoSuchUser, Profile, UserExists
 
 DEFAULT_MAX_MESSAGE_SIZE = 25 << 20
@@ -143,6 +149,10 @@ class MailService(MultiService):
         mail_index_rows: int = DEFAULT_MAX_ROWS,
         auth_cache_ttl: float = DEFAULT_TTL,
         auth_cache_size: int = DEFAULT_SIZE,
+        delivery_latency: Histogram | None = None,
+        storage: MailStorage | None = None,
+        topology: IMailTopology | None = None,
+        replica: Any = None,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -167,6 +177,14 @@ class MailService(MultiService):
             "pop3s": pop3s,
             "imaps": imaps,
         }
+        # Parsed now: a bad endpoint string is a ValueError here, not a failed start.
+        self._parsed: dict[str, IStreamServerEndpoint] = {}
+        for name, description in self.endpoints.items():
+            if description:
+                try:
+                    self._parsed[name] = serverFromString(reactor, description)
+                except (ValueError, KeyError, TypeError, OSError) as e:
+                    raise ValueError(f"--{name} {description!r}: {e}") from e
         if (submission or submissions) and tls_cert is None and not _own_tls(submissions):
             raise ValueError(
                 "--submission/--submissions need --tls-cert/--tls-key (AUTH is TLS-only)"
@@ -177,38 +195,59 @@ class MailService(MultiService):
         self.allow_plaintext_auth = allow_plaintext_auth
         self.max_message_size = max_message_size
         self.tls = self._tls_options(tls_cert, tls_key) if tls_cert and tls_key else None
-        self._own_pool = threadpool is None
-        self.pool = threadpool or ThreadPool(minthreads=2, maxthreads=8, name="yimaporc-mail")
         now = reactor.seconds
-
-        self.user_map = LocalUserMap(node_id)
-        self.fragment_store = FragmentStore(self.data_dir, node_id, now)
-        #: Users' mailboxes here in memory (issue 20), bounded by ``mail_index_rows``.
-        self.mail_index = MailIndex(mail_index_rows)
-        self.mailbox_manager = MailboxManager(
-            reactor, self.pool, self.fragment_store, index=self.mail_index
-        )
-        # the local manager checkpoints the group-commit journal (mailbox_manager may be
-        # wrapped by replication later); also when only replicas write here
-        self._checkpoints = LoopingCall(self._local_boxes_checkpoint, self.mailbox_manager)
-        self._checkpoints.clock = reactor
-        self.profiles = ProfileDB(
+        #: This node's mail on disk (built here for a node alone; the composition
+        #: root builds it first and passes it, with the strategies over it).
+        self.storage = storage or MailStorage(
             reactor,
-            self.pool,
-            self.data_dir / "mail" / "profiles.sqlite",
-            now,
+            node_id,
+            self.data_dir,
+            threadpool=threadpool,
+            mail_index_rows=mail_index_rows,
             auth_cache_ttl=auth_cache_ttl,
             auth_cache_size=auth_cache_size,
         )
-        self.user_manager: UserManager = UserManager(node_id, self.profiles)
-        #: The one profile write path (pushes to the other nodes once clustered).
-        self.replicator = ProfileReplicator(self.profiles, lambda a: self.user_manager.forget(a))
-        #: The :class:`~.cluster.MailCluster` once :meth:`attach_cluster` ran.
-        self.cluster: Any = None
-        self.delivery = DeliveryProxy(
-            node_id, self.users_for, self.mailboxes_for, self._live_nodes, now
+        self.pool = self.storage.pool
+        self.fragment_store = self.storage.fragment_store
+        self.mail_index = self.storage.mail_index
+        self.profiles = self.storage.profiles
+        self.registry = self.storage.registry
+        #: This node's mailboxes as its users' sessions reach them (replicated or not).
+        self.mailbox_manager: ILocalMailboxes = (
+            replica.mailboxes if replica is not None else self.storage.mailbox_manager
         )
-        self.retrieval = RetrievalProxy(node_id, self.users_for, self.mailboxes_for)
+        # the local manager checkpoints the group-commit journal (also when only
+        # replicas write here)
+        self._checkpoints = LoopingCall(self._local_boxes_checkpoint, self.storage.mailbox_manager)
+        self._checkpoints.clock = reactor
+        #: Where managers are: this node alone, or the cluster (chosen by the caller).
+        self.topology: IMailTopology = topology or LocalTopology(
+            node_id, self.profiles, self.mailbox_manager
+        )
+        self.user_manager = self.topology.user_manager
+        #: The one profile write path (pushed to the other nodes in a cluster).
+        self.replicator: ProfileReplicator = self.topology.replicator
+        balancer = self.topology.balancer
+        self.delivery = DeliveryProxy(
+            node_id,
+            self.topology.users_for,
+            self.topology.mailboxes_for,
+            self.topology.live,
+            now,
+            balancer=balancer,
+            replicated=replica.store if replica is not None else None,
+        )
+        load_of = getattr(balancer, "load_of", None)
+        self.retrieval = RetrievalProxy(
+            node_id,
+            self.topology.users_for,
+            self.topology.mailboxes_for,
+            home_of=self.topology.home_of if topology is not None else None,
+            now=now if topology is not None else None,
+            replica=replica,
+            load_of=(lambda n: load_of(n, now())) if replica is not None and load_of else None,
+            local=self.mailbox_manager,
+        )
         self.spool = OutboundSpool(reactor, self.pool, self.data_dir / "mail" / "outbound")
         self.policy = SmtpPolicy(
             domain=domain,
@@ -230,8 +269,6 @@ class MailService(MultiService):
             retry,
         )
         self.outbound.setServiceParent(self)
-        self.registry = MailboxRegistry()
-        self.mailbox_manager.on_change(self.registry.changed)
         #: POP3/IMAP client mistakes and server errors (``client_errors`` in status).
         self.client_errors = ClientErrors(now)
         realm = MailRealm(self.retrieval, self.delivery, self.policy, now)
@@ -255,10 +292,13 @@ class MailService(MultiService):
             ),
         }
         self.ports: dict[str, IListeningPort] = {}
+        #: One :class:`ListeningService` per endpoint, children once the store recovered.
+        self.listeners: dict[str, ListeningService] = {}
         self._ready: Deferred[Any] | None = None
+        self._start_error: Failure | None = None
         self.delivered = 0
-        #: Set by the node wiring (tap): seconds from a message's final dot to its 250.
-        self.delivery_latency: Histogram | None = None
+        #: Seconds from a message's final dot to its 250 (the node's histogram).
+        self.delivery_latency = delivery_latency
 
     # --- wiring ---------------------------------------------------------------------
 
@@ -266,37 +306,17 @@ class MailService(MultiService):
     def _tls_options(cert: Path | str, key: Path | str) -> Any:
         return _ServerTLS(Path(cert), Path(key))
 
-    def attach_cluster(self, cluster: Any) -> None:
-        """Route managers, profile writes, node choice and homes through ``cluster``."""
-        self.cluster = cluster
-        self.replicator = cluster.replicator
-        self.delivery.balancer = cluster.balancer
-        self.retrieval.home_of = cluster.home_of
-        self.retrieval.cluster = True
-        self.retrieval.now = self.reactor.seconds
-
-    def _live_nodes(self) -> list[str]:
-        return self.cluster.live() if self.cluster is not None else [self.node_id]
-
     def _run_blocking(self, f: Any, *args: Any) -> Deferred[Any]:
         """Run blocking ``f(*args)`` on the service's thread pool."""
-        return deferToThreadPool(self.reactor, self.pool, f, *args)
+        return self.storage.run_blocking(f, *args)
 
     def users_for(self, address: str) -> IUserManager:
         """The user manager of ``address``'s bucket (this node's, or the cluster's choice)."""
-        if self.cluster is not None:
-            manager: IUserManager = self.cluster.users_for(address)
-            return manager
-        return self.user_manager
+        return self.topology.users_for(address)
 
     def mailboxes_for(self, node_id: str) -> IMailboxManager:
-        """The mailbox manager of ``node_id`` (the seam replication plugs into)."""
-        if self.cluster is not None:
-            boxes: IMailboxManager = self.cluster.mailboxes_for(node_id)
-            return boxes
-        if node_id != self.node_id:
-            raise KeyError(f"no mailbox manager for node {node_id} in a cluster of one")
-        return self.mailbox_manager
+        """The mailbox manager of ``node_id`` (``KeyError``: none for that node)."""
+        return self.topology.mailboxes_for(node_id)
 
     def _deliver(self, sender: bytes, recipients: list[Recipient], body: bytes) -> Deferred[object]:
         local = [r.address for r in recipients if not r.relay]
@@ -415,23 +435,17 @@ class MailService(MultiService):
     def startService(self) -> None:
         """Start the pool, recover the store, seed fragment lists, then listen."""
         super().startService()
-        if self._own_pool:
-            self.pool.start()
+        self.storage.start()
         if self.tls is None and any(self.endpoints[n] for n in ("pop3", "imap")):
             self.log.warn(
                 "mail: no --tls-cert/--tls-key: IMAP and POP3 passwords cross the network "
                 "in clear (fine on loopback only; status shows plaintext_passwords)"
             )
-        d = deferToThreadPool(self.reactor, self.pool, self._recover)
+        d = self.storage.recover()
+        self._start_error = None
         d.addCallback(self._listen_all)
         d.addErrback(self._start_failed)
-        self._ready = d
-
-    def _recover(self) -> list[str]:
-        removed = self.fragment_store.recover()
-        if removed:
-            self.log.info("mail: removed {n} half-stored files", n=removed)
-        return self.fragment_store.users_with_mail()
+        self._ready = d  # never fails: the outcome is in _start_error
 
     @staticmethod
     def _local_boxes_checkpoint(manager: MailboxManager) -> None:
@@ -442,19 +456,26 @@ class MailService(MultiService):
         if not self._checkpoints.running:
             self._checkpoints.start(1.0, now=False)
         ds = []
-        for name, endpoint in self.endpoints.items():
-            if endpoint:
-                d = serverFromString(self.reactor, endpoint).listen(self.factories[name])
-                ds.append(d.addCallback(self._listening, name))
-        return gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
+        if not self.running:  # stopped while recovering
+            return succeed(None)
+        for name, endpoint in self._parsed.items():
+            label = f"--{name} {self.endpoints[name]}"
+            listening = self.listeners[name] = ListeningService(
+                endpoint, self.factories[name], label
+            )
+            listening.setServiceParent(self)  # we are running: it listens now
+            ds.append(listening.when_ready().addCallback(self._listening, name, listening))
+        return gatherResults(ds, consumeErrors=True).addCallbacks(lambda _: None, _first)
 
-    def _listening(self, port: IListeningPort, name: str) -> None:
-        self.ports[name] = port
+    def _listening(self, _: object, name: str, listening: ListeningService) -> None:
+        assert listening.port is not None
+        self.ports[name] = listening.port
         self.log.info("mail: {name} on {addr}", name=name, addr=self.address_of(name))
 
-    def _start_failed(self, f: Failure) -> Failure:
-        self.log.failure("mail: cannot start", f)
-        return f
+    def _start_failed(self, f: Failure) -> None:
+        if not f.check(CannotStart):  # (a port that cannot be bound: logged already)
+            self.log.failure("mail: cannot start", f)
+        self._start_error = f
 
     def when_ready(self) -> Deferred[None]:
         """Fires once every endpoint listens (errback if one cannot)."""
@@ -463,13 +484,13 @@ class MailService(MultiService):
         d: Deferred[None] = Deferred()
 
         def relay(result: object) -> object:
-            if isinstance(result, Failure):
-                d.errback(result)
+            if self._start_error is not None:
+                d.errback(self._start_error)
             else:
                 d.callback(None)
             return result
 
-        self._ready.addBoth(relay)
+        self._ready.addCallback(relay)
         return d
 
     def address_of(self, name: str) -> str:
@@ -478,18 +499,22 @@ class MailService(MultiService):
         return f"{host.host}:{host.port}"  # type: ignore[attr-defined]
 
     def stopService(self) -> Deferred[None]:
-        """Stop listening, then the pool (if ours) and the databases."""
-        ports, self.ports = list(self.ports.values()), {}
+        """Stop listening (the listeners are children), then the pool (if ours) and the
+        databases."""
+        self.ports = {}
         if self._checkpoints.running:
             self._checkpoints.stop()
-        d = DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
-        d.addCallback(lambda _: maybeDeferred(super(MailService, self).stopService))
+        d: Deferred[Any] = maybeDeferred(super().stopService)
+
+        def disown(_: object) -> None:
+            for listening in self.listeners.values():  # the next start makes new ones
+                self.removeService(listening)
+            self.listeners = {}
+
+        d.addCallback(disown)
 
         def close(_: object) -> None:
-            if self._own_pool:
-                self.pool.stop()
-            self.fragment_store.close()
-            self.profiles.close()
+            self.storage.close()
 
         return d.addCallback(close)
 
@@ -598,10 +623,7 @@ class MailService(MultiService):
 
         def drop_mail(_: object) -> Deferred[Any]:
             self.user_manager.forget(address)
-            if self.cluster is not None:  # every live node: a fragment list may lag
-                frags = set(self._live_nodes())
-            else:
-                frags = self.user_manager.state.fragment_list(address) | {self.node_id}
+            frags = self.topology.holders_of(address)  # a cluster: every live node
             manager = self.users_for(address)
             ds = [self.mailboxes_for(n).remove_user(address) for n in frags]
             ds += [manager.remove_fragment(address, n) for n in frags]

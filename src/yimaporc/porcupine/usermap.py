@@ -5,16 +5,14 @@ Hard state on disk is grouped by bucket (``DATA_DIR/mail/buckets/NNN/``, seed
 hash is :func:`yimaporc.porcupine.softstate.bucket_of`, the one the cluster's
 reconstruction uses, over :data:`N_BUCKETS` buckets.
 
-:class:`LocalUserMap` is the single-node map (every bucket managed here); the
-cluster version answers :meth:`manager_of` from the replicated bucket map.
+Which node manages a bucket is the cluster's
+:class:`~yimaporc.cluster.bucketservice.BucketMapService` (``MailCluster.users_for``);
+in a cluster of one, this node.
 """
 
 from __future__ import annotations
 
 import re
-
-import attrs
-from zope.interface import Interface, implementer
 
 from ..cluster.buckets import DEFAULT_BUCKETS
 from .softstate import bucket_of as _bucket_of
@@ -47,29 +45,3 @@ def bucket_dir(bucket: int) -> str:
     if not 0 <= bucket < N_BUCKETS:
         raise ValueError(f"bucket {bucket} out of range")
     return f"{bucket:03d}"
-
-
-class IUserMap(Interface):
-    """Which node manages a user (their profile cache and fragment list)."""
-
-    def manager_of(user: str) -> str:
-        """The node id managing ``user``'s bucket."""
-
-    def managed_buckets() -> frozenset[int]:
-        """The buckets this node manages."""
-
-
-@implementer(IUserMap)
-@attrs.frozen
-class LocalUserMap:
-    """A cluster of one: this node manages every bucket."""
-
-    node_id: str
-
-    def manager_of(self, user: str) -> str:
-        """Always this node."""
-        return self.node_id
-
-    def managed_buckets(self) -> frozenset[int]:
-        """All of them."""
-        return frozenset(range(N_BUCKETS))

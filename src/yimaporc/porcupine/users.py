@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from .interfaces import IProfileDB, IUserManager
+from .reconstruct import Horizon
 from .softstate import UserManagerState
 from .usermap import N_BUCKETS
 from .values import Profile
@@ -68,14 +69,36 @@ class UserManager:
         """See :class:`IUserManager`."""
         return succeed(tuple(sorted(self.state.fragment_list(address.lower()))))
 
-    def add_fragment(self, address: str, node: str) -> Deferred[None]:
-        """See :class:`IUserManager`."""
+    def add_fragment(self, address: str, node: str, first: int | None = 0) -> Deferred[None]:
+        """See :class:`IUserManager` (no horizon here: ``first`` is not needed)."""
         self.state.add_fragment(address.lower(), node)
         return succeed(None)
 
     def reserve_uids(self, address: str, count: int) -> Deferred[int]:
         """0: in a cluster of one the storing node numbers messages itself."""
         return succeed(0)
+
+    def delivery_plan(
+        self, address: str, count: int, unfenced: bool = False
+    ) -> Deferred[tuple[tuple[str, ...], int, str]]:
+        """The fragment list, UID 0 (the storing node numbers) and no fence."""
+        return self.fragments(address).addCallback(lambda nodes: (nodes, 0, ""))
+
+    def note_pending(self, address: str, node: str) -> Deferred[None]:
+        """Nothing to do: in a cluster of one nothing is stored unnumbered."""
+        return succeed(None)
+
+    def away_of(self, address: str) -> tuple[str, ...]:
+        """None: a cluster of one has no member out of reach."""
+        return ()
+
+    def certain(self, address: str) -> bool:
+        """Always: every holder is this node."""
+        return True
+
+    def horizon_of(self, address: str) -> Horizon | None:
+        """None: no allocation is ever outstanding here."""
+        return None
 
     def remove_fragment(self, address: str, node: str) -> Deferred[None]:
         """See :class:`IUserManager`."""

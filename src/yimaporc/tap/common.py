@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from .._files import PRIVATE_UMASK, private_dir
-from ..admin.mount import admin_endpoint, mount_admin
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig, parse_cluster_address, parse_join
 from ..cluster.wire import check_scope_name
 from ..logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, node_log_observer, with_log_observer
@@ -160,25 +158,6 @@ def run_as(options: NodeOptions) -> RunAs | None:
         return None
     disks = [Path(path).absolute() for path, _ in options.get("disks", [])]
     return RunAs(account, [options["data-dir"], *disks], _ports(options))
-
-
-def build_node(reactor: Any, options: NodeOptions) -> ClusterNode:
-    """The common :class:`ClusterNode` for parsed ``options``, its admin site mounted.
-
-    With ``--user`` the node gets a :class:`RunAs` child that switches user
-    before the ports are bound.
-    """
-    config, secret = node_config(options)
-    try:
-        node = ClusterNode(reactor, config, secret, rng=random.SystemRandom())
-        switch = run_as(options)
-        if switch is not None:
-            switch.setServiceParent(node)
-        admin = admin_endpoint(reactor, options["admin"]) if options["admin"] else None
-        mount_admin(node, admin, label=f"--admin {options['admin']}")
-    except ConfigError as e:
-        raise usage.UsageError(str(e)) from e
-    return node
 
 
 def _ports(options: Any) -> list[int]:

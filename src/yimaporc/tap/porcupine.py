@@ -1,4 +1,5 @@
-"""``twistd porcupine-node``: options -> service."""
+"""``twistd porcupine-node``: options -> :class:`PorcupineConfig` -> the node built by
+:meth:`PorcupineNode.from_config` (the tap only parses and checks options)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .common import NodeOptions, build_node, install_logging
+from ..cluster.node import ConfigError
+from ..porcupine.node import PorcupineConfig, PorcupineNode
+from .common import NodeOptions, install_logging, node_config, run_as
 
 
 class Options(NodeOptions):
@@ -162,67 +165,46 @@ class Options(NodeOptions):
         self.mail_index_rows = int(rows)
 
 
-def makeService(options: Options) -> IService:
-    """The node, its user map, the mail service and its cluster wiring."""
-    from twisted.internet import reactor
-
-    from ..cluster.bucketservice import BucketMapService
-    from ..cluster.histogram import DELIVERY_BUCKETS
-    from ..porcupine.cluster import MailCluster
-    from ..porcupine.replication.mail import MailReplication
-    from ..porcupine.service import MailService
-
-    node = build_node(reactor, options)
-    user_map = BucketMapService(node)
-    node.add_status(user_map.status)
+def porcupine_config(options: Options) -> PorcupineConfig:
+    """The :class:`PorcupineConfig` of parsed ``options`` (creates the data dir and secret)."""
+    node, secret = node_config(options)
     try:
-        mail = MailService(
-            reactor,
-            node_id=node.node_id,
-            data_dir=node.config.data_dir,
-            domain=options["domain"][0],
-            other_domains=options["domain"][1:],
+        return PorcupineConfig(
+            node,
+            secret,
+            domains=options["domain"],
             smtp=options["smtp"],
-            pop3=options["pop3"],
-            imap=options["imap"],
-            tls_cert=options["tls-cert"],
-            tls_key=options["tls-key"],
-            max_message_size=int(options["max-message-size"]),
-            auth_throttle=options.auth_throttle,
             submission=options["submission"],
             submissions=options["submissions"],
-            routes=options.routes,
-            retry=options.retry,
+            pop3=options["pop3"],
             pop3s=options["pop3s"],
+            imap=options["imap"],
             imaps=options["imaps"],
-            allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
-            mail_index_rows=options.mail_index_rows,
+            admin=options["admin"],
+            max_message_size=int(options["max-message-size"]),
+            replication=options.replication,
+            auth_throttle=options.auth_throttle,
             auth_cache_ttl=options.auth_cache_ttl,
             auth_cache_size=options.auth_cache_size,
+            routes=options.routes,
+            retry=options.retry,
+            allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
+            mail_index_rows=options.mail_index_rows,
         )
-    except ValueError as e:
+    except ConfigError as e:
         raise usage.UsageError(str(e)) from e
-    mail.setServiceParent(node)
-    mail.delivery_latency = node.histograms.get(
-        "yimaporc_mail_delivery_duration_seconds",
-        "Seconds from the end of a message's SMTP DATA to its 250 (stored durably, "
-        "on --acks-before-reply copies).",
-        DELIVERY_BUCKETS,
-    )
-    # Replication first: it replaces mail.mailbox_manager, which the cluster's AMP
-    # mailbox commands then serve.
-    replication = MailReplication(mail, node, config=options.replication)
-    replication.setServiceParent(node)
-    cluster = MailCluster(mail, node, user_map)
-    cluster.setServiceParent(node)
-    replication.attach_cluster(cluster)
-    node.add_status(cluster.status)
-    for route in mail.admin_routes():
-        node.add_route(route)
 
-    def mail_status() -> dict[str, Any]:
-        doc = mail.status()
-        return {**doc, "services": dict(doc.get("mail", {}))}
 
-    node.add_status(mail_status)
-    return install_logging(node, options, reactor)
+def makeService(options: Options) -> IService:
+    """The Porcupine node built by its composition root, with twistd's logging."""
+    from twisted.internet import reactor
+
+    config = porcupine_config(options)
+    switch = run_as(options)
+    try:
+        node = PorcupineNode.from_config(
+            reactor, config, first=[switch] if switch is not None else []
+        )
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from e
+    return install_logging(node.service, options, reactor)

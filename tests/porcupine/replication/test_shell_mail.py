@@ -16,6 +16,7 @@ from yimaporc.cluster.wire import Member
 from yimaporc.porcupine.replication.amp import Replicate, StoreReplicated
 from yimaporc.porcupine.replication.mail import MailReplication
 from yimaporc.porcupine.service import MailService
+from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import bucket_of
 from yimaporc.porcupine.values import INBOX, PENDING, NewMessage
 
@@ -73,15 +74,18 @@ class Box:
 
     def __init__(self, net: Net, node_id: str) -> None:
         self.node = FakeNode(net, node_id)
+        storage = MailStorage(net.reactor, node_id, net.tmp / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
+        storage.profiles._hash = fast_hash
+        self.repl = MailReplication(storage, self.node)  # type: ignore[arg-type]
         self.mail = MailService(
             net.reactor,
             node_id=node_id,
             data_dir=net.tmp / node_id,
             domain="example.org",
-            threadpool=SyncPool(),  # type: ignore[arg-type]
+            storage=storage,
+            replica=self.repl,
         )
-        self.mail.profiles._hash = fast_hash
-        self.repl = MailReplication(self.mail, self.node)  # type: ignore[arg-type]
+        self.repl.use_topology(self.mail.topology)
         self.repl.startService()
 
     def inbox(self) -> list[Any]:

@@ -7,8 +7,9 @@
   over the node's fragment store and profile DB);
 - the :class:`ReplicationService` (frames over AMP, live set from membership,
   status under ``replication`` in ``GET /api/status``);
-- the :class:`ReplicatedMailboxManager` that replaces ``mail.mailbox_manager``,
-  so flag changes and deletions of replicated messages are logged updates;
+- the :class:`ReplicatedMailboxManager` over the node's local mailbox manager,
+  which the mail service and the cluster are built with, so flag changes and
+  deletions of replicated messages are logged updates;
 - :meth:`store`, the delivery proxy's path for a user with ``replicas >= 2``: one
   replica coordinates (this node if it is a target, else the first target over
   AMP :class:`~.amp.StoreReplicated`); the answer (SMTP 250) comes once the
@@ -81,7 +82,7 @@ class MailReplication(MultiService):
 
     def __init__(
         self,
-        mail: Any,
+        storage: Any,
         node: Any,
         *,
         config: ReplicationConfig | None = None,
@@ -91,18 +92,18 @@ class MailReplication(MultiService):
         repair_interval: float = 60.0,
     ) -> None:
         super().__init__()
-        self.mail = mail
+        self.storage = storage
         self.node = node
         self.me: str = node.node_id
-        self.reactor = mail.reactor
+        self.reactor = storage.reactor
         self.profile_replicas = profile_replicas
         self.ack_timeout = ack_timeout
         self.max_retargets = max_retargets
-        root = Path(mail.data_dir) / "mail"
+        root = Path(storage.data_dir) / "mail"
         root.mkdir(parents=True, exist_ok=True)
         self.log_store = SqliteLog(root / "replication.sqlite")
         self.objects = ReplicaObjectStore(
-            root / "replicas.sqlite", mail.fragment_store, mail.profiles._db
+            root / "replicas.sqlite", storage.fragment_store, storage.profiles._db
         )
         self.replication = ReplicationService(
             self.reactor,
@@ -110,20 +111,23 @@ class MailReplication(MultiService):
             self.log_store,
             self.objects,
             node_sender(node),
-            run=mail._run_blocking,
+            run=storage.run_blocking,
             now=node.cluster_time,
             config=config or DEFAULT_CONFIG,
             on_applied=self._applied,
         )
+        #: This node's mailboxes with replicated messages going through the log (the
+        #: mail service and the cluster are built with it).
         self.mailboxes = ReplicatedMailboxManager(
-            mail.mailbox_manager, self.objects, self.replication, mail._run_blocking
+            storage.mailbox_manager, self.objects, self.replication, storage.run_blocking
         )
-        mail.mailbox_manager = self.mailboxes
         register_replicate(node.registry, self.replication)
         node.registry.register(StoreReplicated, self._on_store)
         node.subscribe(self.replication)
         node.add_status(self.status)
-        self.cluster: Any = None
+        #: Where managers are (:meth:`use_topology`): a deleted user's caches, the
+        #: fragment note of a replica applied here, the known nodes.
+        self.topology: Any = None
         #: every node seen in a view since start (the cluster's known-nodes file
         #: keeps them over restarts)
         self._seen: set[str] = {self.me}
@@ -138,7 +142,7 @@ class MailReplication(MultiService):
         self.repairer = Repairer(
             self.me,
             self.objects,
-            mail._run_blocking,
+            storage.run_blocking,
             self._call,
             self.live,
             self.reactor,
@@ -151,31 +155,27 @@ class MailReplication(MultiService):
         self._counting = False
         self._counted_at = float("-inf")
 
-    def attach_cluster(self, cluster: Any) -> None:
-        """Send the cluster's profile writes and multi-replica deliveries through the
-        log; let the retrieval proxy read each message from its least-loaded holder."""
-        self.cluster = cluster
-        cluster.replicator.push = self.push_profiles
-        self.mail.delivery.replicated = self.store
-        self.mail.retrieval.replicated = True
-        self.mail.retrieval.replica = self
-        pending = getattr(cluster, "pending_work", None)
-        if pending is not None:  # updates waiting to be written here are load too
-            pending.append(lambda: len(self.replication._queue))
-        balancer = getattr(cluster, "balancer", None)
-        if balancer is not None and hasattr(balancer, "load_of"):
-            self.mail.retrieval.load_of = lambda n: balancer.load_of(n, self.reactor.seconds())
+    def use_topology(self, topology: Any) -> None:
+        """The node's managers (:class:`~..interfaces.IMailTopology`, built after this
+        service, which it is built with): replicas applied here join the user's
+        fragment list through it, profile changes drop its caches, and its known
+        nodes (a cluster's ``known-nodes``) get profile updates."""
+        self.topology = topology
+
+    def backlog(self) -> int:
+        """Updates waiting to be written here (counted in the node's load)."""
+        return len(self.replication._queue)
 
     def startService(self) -> None:
         """Start the core once the mail service recovered its store (its start-up
         removes half-written files, which must not race the core re-applying its
         log), with the current view as the live set."""
         super().startService()
-        ready = self.mail._ready
+        ready = self.storage.after_recovery()
         if ready is None:
             self._start_core(None)
         else:
-            self.mail.when_ready().addBoth(self._start_core)
+            ready.addCallback(self._start_core)
 
     def _start_core(self, result: object) -> object:
         if not self.running or self.replication.running:
@@ -203,8 +203,8 @@ class MailReplication(MultiService):
 
     def known(self) -> list[str]:
         """Every node this one ever saw in a view (the cluster's ``known-nodes``)."""
-        known = getattr(getattr(self.cluster, "user_manager", None), "known", None)
-        return sorted(set(known or ()) | set(self.live()) | self._seen)
+        known = self.topology.known_nodes() if self.topology is not None else set()
+        return sorted(known | set(self.live()) | self._seen)
 
     def stopService(self) -> Deferred[None]:
         """Stop the core (waiting for its write round), then close the databases."""
@@ -405,7 +405,7 @@ class MailReplication(MultiService):
     def run_digest(self, message: NewMessage, rid: str) -> Deferred[Digest | None]:
         """This node's digest of message ``rid`` (None: not stored here)."""
         mailbox = MessageObject(message.mailbox, b"").mailbox
-        d: Deferred[Digest | None] = self.mail._run_blocking(
+        d: Deferred[Digest | None] = self.storage.run_blocking(
             self.objects.digest, message.user, mailbox, rid
         )
         return d
@@ -416,7 +416,7 @@ class MailReplication(MultiService):
         """Nodes for a message APPENDed or COPYed by a user with ``replicas``: the
         home (it holds the tree) and the least-loaded other live nodes."""
         live = self.live()
-        balancer = getattr(self.mail.delivery, "balancer", None)
+        balancer = self.topology.balancer if self.topology is not None else None
         if balancer is not None:
             chosen = list(balancer.choose(live, [home], replicas, self.reactor.seconds()))
         else:
@@ -440,7 +440,7 @@ class MailReplication(MultiService):
             name, exists, src, dst = op
             oid = box_id(user, name)
             body = BoxObject(exists, src, dst).to_body()
-            d: Deferred[Any] = self.mail._run_blocking(self.objects.version, oid)
+            d: Deferred[Any] = self.storage.run_blocking(self.objects.version, oid)
             return d.addCallback(
                 lambda v: self.replication.submit(oid, body, targets, current=v, acks=1)
             )
@@ -476,18 +476,16 @@ class MailReplication(MultiService):
             user, _ = parse_message_id(oid)
             if update.body is not None and user not in self._fragment_known:
                 self._fragment_known.add(user)
-                d: Deferred[Any] = self.mail.users_for(user).add_fragment(user, self.me)
+                d: Deferred[Any] = self.topology.users_for(user).add_fragment(user, self.me)
                 d.addErrback(lambda f: self._fragment_known.discard(user))
         elif oid.startswith(PROFILE):
             address = oid[len(PROFILE) :]
             self._fragment_known.discard(address)  # a deleted user's mail left here
-            profiles = self.mail.profiles
+            profiles = self.storage.profiles
             profiles.forget(address)  # the auth cache and the verified profile
-            if self.cluster is not None:
-                self.cluster._forget(address)
-            else:
-                self.mail.user_manager.forget(address)
-            self.mail._run_blocking(profiles._db.count).addCallback(
+            if self.topology is not None:
+                self.topology.forget(address)
+            self.storage.run_blocking(profiles._db.count).addCallback(
                 lambda n: setattr(profiles, "_count", n)
             )
 
@@ -521,7 +519,7 @@ class MailReplication(MultiService):
         def done(_: object) -> None:
             self._counting = False
 
-        d = self.mail._run_blocking(self.objects.under_replicated, self.live())
+        d = self.storage.run_blocking(self.objects.under_replicated, self.live())
         d.addCallback(got).addErrback(lambda f: self.log.failure("under-replicated count", f))
         d.addBoth(done)
 

@@ -42,9 +42,9 @@ from zope.interface import implementer
 
 from ..._files import private_sqlite
 from ..fragments import FragmentStore, MailboxManager
-from ..interfaces import IMailboxManager
+from ..interfaces import ILocalMailboxes
 from ..usermap import bucket_of
-from ..values import PENDING, Digest, MailboxExists, NewMessage, NoSuchMailbox
+from ..values import PENDING, Digest, MailboxExists, MailboxInfo, NewMessage, NoSuchMailbox
 from ._values import Timestamp, Update
 from .interfaces import IObjectStore
 from .shell import ReplicationService
@@ -768,7 +768,7 @@ def _write_file(path: Path, data: bytes, sync: bool = True) -> None:
         os.close(fd)
 
 
-@implementer(IMailboxManager)
+@implementer(ILocalMailboxes)
 class ReplicatedMailboxManager:
     """A node's :class:`MailboxManager` whose replicated messages go through the log.
 
@@ -794,8 +794,79 @@ class ReplicatedMailboxManager:
         self.run = run
         self.node_id = inner.node_id
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    # --- passed through unchanged ----------------------------------------------------
+
+    def store(self, messages: Sequence[NewMessage]) -> Deferred[list[Digest]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.store(messages)
+
+    def mailboxes(self, user: str) -> Deferred[list[MailboxInfo]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.mailboxes(user)
+
+    def create_mailbox(self, user: str, name: str) -> Deferred[MailboxInfo]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.create_mailbox(user, name)
+
+    def delete_mailbox(self, user: str, name: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.delete_mailbox(user, name)
+
+    def rename_mailbox(self, user: str, old: str, new: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.rename_mailbox(user, old, new)
+
+    def subscribe(self, user: str, name: str, subscribed: bool) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.subscribe(user, name, subscribed)
+
+    def digests(self, user: str, mailbox: str) -> Deferred[list[Digest]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.digests(user, mailbox)
+
+    def view(
+        self, user: str, mailbox: str
+    ) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.view(user, mailbox)
+
+    def remove_user(self, user: str) -> Deferred[None]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.remove_user(user)
+
+    def users_in_bucket(self, bucket: int) -> Deferred[list[str]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.users_in_bucket(bucket)
+
+    def demote(self, user: str, mailbox: str, uid: int, key: str) -> Deferred[bool]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.demote(user, mailbox, uid, key)
+
+    def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
+        """See :class:`ILocalMailboxes`."""
+        return self.inner.shown(user, marks)
+
+    def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.fetch(user, mailbox, uids)
+
+    def copy(
+        self, user: str, mailbox: str, uids: Sequence[int], dest: str
+    ) -> Deferred[list[Digest]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.copy(user, mailbox, uids, dest)
+
+    def tombstones(self, user: str, mailbox: str) -> Deferred[dict[int, int]]:
+        """See :class:`IMailboxManager`."""
+        return self.inner.tombstones(user, mailbox)
+
+    def on_change(self, listener: Callable[[str, str], None]) -> None:
+        """See :meth:`MailboxManager.on_change`."""
+        self.inner.on_change(listener)
+
+    def maybe_checkpoint(self) -> Deferred[int] | None:
+        """See :meth:`MailboxManager.maybe_checkpoint`."""
+        return self.inner.maybe_checkpoint()
 
     # --- the replicated paths -------------------------------------------------------
 

@@ -1,0 +1,516 @@
+"""The cluster user manager (moved out of ``cluster.py``).
+
+:class:`ClusterUserManager` keeps its buckets' soft state in a
+:class:`~yimaporc.porcupine.softstate.UserManagerState`: on each user-map change
+it installs the new map, and every node sends the new managers of the fresh
+buckets what its hard state says (``porcupine.hints``: users with mail, their
+highest UIDNEXT, the bucket's profile records), one directory read per bucket.
+A fresh bucket is *settling* until every live node has answered for it or
+``settle_timeout`` passed; ``fragments`` and ``reserve_uids`` for its users wait
+for that (profiles never wait: every node holds them all).  Hints carry the
+sender's view epoch: one from a newer view waits for it, others count only on an
+exact (owner, bucket epoch) match.  A node that was *away*
+(:attr:`~yimaporc.cluster.bucketservice.BucketMapService.away`: booted, or its
+previous view is not the one the commit was made from) sends hints for every
+bucket and pulls (``porcupine.hints-request``) the buckets it manages that the
+commit did not restamp from every member (docs/mail.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..cluster.buckets import BucketMap
+from ._cluster_wire import HolderNotRecorded
+from .profiledb import ProfileDB
+from .reconstruct import (
+    HEDGE_DELAY,
+    MARK_TIMEOUT,
+    NODE_ALLOCATION_TTL,
+    Action,
+    BucketHint,
+    Horizon,
+    MajorityWrite,
+    MalformedHint,
+    NeedMark,
+    Number,
+    Reconstruction,
+    Settled,
+    Taken,
+)
+from .usermap import N_BUCKETS, bucket_of
+from .users import UserManager
+from .values import (
+    PENDING,
+)
+
+# The decisions live in the sans-IO core (reconstruct.py); this is its Twisted shell.
+#: One bucket's reconstruction hint as it travels (:meth:`BucketHint.encode`):
+#: ``[bucket, epoch, [[user, has_mail, uidnext, unnumbered]...], [Record...], mark,
+#: [[user, node]...]]``.
+HintEntry = list[Any]
+
+
+class ClusterUserManager(UserManager):
+    """The user manager of this node's buckets: the Twisted shell of a
+    :class:`~yimaporc.porcupine.reconstruct.Reconstruction` core.
+
+    The core holds the fragment lists, the per-user UID counters (rebuilt from
+    hints after every map change), settling, fences, marks and the unnumbered
+    mail to number; this class runs its timers on ``clock``, turns its
+    :class:`~yimaporc.porcupine.reconstruct.NeedMark` and
+    :class:`~yimaporc.porcupine.reconstruct.Number` into calls (``mark_on``,
+    ``holders_on``, ``number_on``, set by :class:`MailCluster`) and answers the
+    :class:`IUserManager` methods with Deferreds that wait while a bucket settles.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        node_id: str,
+        profiles: ProfileDB,
+        clock: Any,
+        *,
+        settle_timeout: float = 2.0,
+    ) -> None:
+        super().__init__(node_id, profiles)
+        self.clock = clock
+        self.core = Reconstruction(node_id, N_BUCKETS, settle_timeout=settle_timeout)
+        self.core.allocation_ttl = NODE_ALLOCATION_TTL
+        self.state = self.core.state
+        self._timer: IDelayedCall | None = None
+        self._waiters: dict[int, list[Deferred[None]]] = {}
+        self._extending: dict[int, list[Deferred[None]]] = {}
+        self.mark_timeout = MARK_TIMEOUT
+        #: ``number_on(node, user, fence, first, count) -> Deferred[(done, left, top)]``.
+        self.number_on: Callable[..., Deferred[tuple[int, int, int]]] | None = None
+        #: ``mark_on(node, bucket, fence, mark, seen) -> Deferred[bool]`` (MailCluster;
+        #: the callee's mark before the call goes into ``seen[0]``, max).
+        self.mark_on: Callable[..., Deferred[bool]] | None = None
+        #: ``holders_on(node, bucket, fence, [(user, node)...]) -> Deferred[bool]``.
+        self.holders_on: Callable[..., Deferred[bool]] | None = None
+        #: holder records being written: their waiters (a second delivery waits too)
+        self._recording: dict[tuple[str, str, str], list[Deferred[bool]]] = {}
+        #: This node's lease (MailCluster's pause detector); True without one.
+        self.lease_ok: Callable[[], bool] = lambda: True
+        #: Sends the core asked for, when no ``perform_sends`` is set (MailCluster
+        #: sets it, to carry them out over AMP).
+        self.outbox: list[Action] = []
+        self.perform_sends: Callable[[list[Action]], None] | None = None
+
+    # The core's state, under the names the status page and tests use.
+    settling = property(lambda self: self.core.settling)
+    missing = property(lambda self: self.core.missing)
+    pending = property(lambda self: self.core.pending)
+    uidnext = property(lambda self: self.core.uidnext)
+    floor = property(lambda self: self.core.floor)
+    granted = property(lambda self: self.core.granted)
+    members = property(lambda self: self.core.members)
+    view_epoch = property(lambda self: self.core.view_epoch)
+    to_pull = property(lambda self: self.core.to_pull)
+    hints_received = property(lambda self: self.core.hints_received)
+    numbered = property(lambda self: self.core.numbered)
+    pending_plans = property(lambda self: self.core.pending_plans)
+
+    @property
+    def known(self) -> set[str]:
+        """Every node ever seen in a view (persisted by MailCluster)."""
+        return self.core.known
+
+    @known.setter
+    def known(self, value: set[str]) -> None:
+        self.core.known = value
+
+    @property
+    def number_retry(self) -> float:
+        """Seconds before numbering is tried again after it could not proceed."""
+        return self.core.number_retry
+
+    @number_retry.setter
+    def number_retry(self, value: float) -> None:
+        self.core.number_retry = value
+
+    def _now(self) -> float:
+        return float(self.clock.seconds())
+
+    def _perform(self, actions: list[Action]) -> None:
+        """Wake what the core released and keep one timer at its next deadline."""
+        for a in actions:
+            if isinstance(a, Settled):
+                for d in self._waiters.pop(a.bucket, []):
+                    d.callback(None)
+            elif isinstance(a, Number):
+                self._number(a)
+            elif self.perform_sends is not None:
+                self.perform_sends([a])
+            else:
+                self.outbox.append(a)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        due = self.core.next_deadline()
+        if self._timer is not None and self._timer.active():
+            if due is not None and self._timer.getTime() == max(due, self._now()):
+                return
+            self._timer.cancel()
+        self._timer = None
+        if due is not None:
+            self._timer = self.clock.callLater(max(0.0, due - self._now()), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        before = {b: set(m) for b, m in self.core.settling.items()}
+        actions = self.core.tick(
+            self._now(), lease=self.lease_ok(), number=self.number_on is not None
+        )
+        for a in actions:
+            if isinstance(a, Settled) and before.get(a.bucket):
+                self.log.info(
+                    "user map: bucket {b} settled without hints from {m}",
+                    b=a.bucket,
+                    m=sorted(before[a.bucket]),
+                )
+        self._perform(actions)
+
+    def install(
+        self, new_map: BucketMap, live: Iterable[str], *, view: int = 0, away: bool = False
+    ) -> set[int]:
+        """Adopt ``new_map`` (committed in view epoch ``view``); the buckets that became
+        ours and fresh start settling; returns the fresh buckets.  What to send
+        lands in :attr:`outbox` (see :meth:`Reconstruction.install`)."""
+        fresh = new_map.fresh(self.core.state.map)
+        self._perform(self.core.install(new_map, live, view=view, away=away, now=self._now()))
+        return fresh
+
+    def take_outbox(self) -> list[Action]:
+        """The sends queued by the last installs (emptied)."""
+        out, self.outbox = self.outbox, []
+        return out
+
+    def apply(self, sender: str, entry: HintEntry, view: int | None = None) -> bool:
+        """Merge one bucket's hint (its JSON form) from ``sender``, sent in view ``view``
+        (see :meth:`Reconstruction.receive`); False if malformed or not counted."""
+        try:
+            hint = BucketHint.decode(entry, N_BUCKETS)
+        except MalformedHint:
+            return False
+        return self.receive(sender, hint, view)
+
+    def receive(self, sender: str, hint: BucketHint, view: int | None = None) -> bool:
+        """Merge one typed hint; True if it counted."""
+        before = self.core.hints_received
+        self._perform(self.core.receive(sender, hint, view, now=self._now()))
+        return self.core.hints_received > before
+
+    def add_fragment(self, address: str, node: str, first: int | None = 0) -> Deferred[None]:
+        """See :class:`IUserManager`. A note for a user we do not manage comes from a
+        proxy whose map is newer (or older) than ours: it is also kept until our next
+        map install, then applied again if the user is ours, so a note that arrives
+        just before we install the map that gives us the bucket (and resets it) is
+        not lost.  ``first`` (> 0): the delivery allocated at ``first`` is stored on
+        ``node`` (numbered there, now in the fragment list, or unnumbered: it will
+        never land under that UID), so it leaves the visibility horizon."""
+        address = address.lower()
+        added = self.core.add_fragment(address, node)
+        if first and first > 0:  # (AMP passes a missing optional argument as None)
+            self.core.confirm(address, first)
+        if added:
+            # A node holds this user's mail for the first time: a majority records
+            # it before the delivery's 250, so a later manager knows it even while
+            # the node is out of reach (reads then say so, they do not shrink).
+            recorded = self._record_holder(address, node)
+            return recorded.addCallback(self._holder_recorded, address, node)
+        return succeed(None)
+
+    def _holder_recorded(self, ok: bool, address: str, node: str) -> None:
+        """Fail :meth:`add_fragment` (the delivery answers 451, not 250) when no
+        majority recorded the holder: the reconstruction would not find it."""
+        if not ok:
+            raise HolderNotRecorded(f"no majority recorded {node} as holder of {address}")
+
+    def settled(self, address: str) -> Deferred[None]:
+        """Fires once ``address``'s bucket is not settling (at once if it is not)."""
+        b = bucket_of(address)
+        if b not in self.core.settling:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.setdefault(b, []).append(d)
+        return d
+
+    def fragments(self, address: str) -> Deferred[tuple[str, ...]]:
+        """See :class:`IUserManager` (waits while the bucket settles)."""
+        return self.settled(address).addCallback(lambda _: super(ClusterUserManager, self)
+                                                 .fragments(address))  # fmt: skip
+
+    def away_of(self, address: str) -> tuple[str, ...]:
+        """Nodes that held ``address``'s mail when they left the view."""
+        return tuple(sorted(self.state.away_list(address.lower())))
+
+    def certain(self, address: str) -> bool:
+        """Do we know every node holding ``address``'s mail?  Only with a majority
+        (the holder records are on one) and every member's hint in; a manager in a
+        minority partition cannot tell what the other side holds."""
+        return self.core.certain(address.lower())
+
+    def horizon_of(self, address: str) -> Horizon:
+        """What a reader may show of ``address``'s mail with the fragment list of this
+        moment (:meth:`Reconstruction.horizon`, issue 14 bug 3)."""
+        return self.core.horizon(address.lower(), self._now())
+
+    def quorum(self) -> bool:
+        """Our view holds a majority of every node ever seen (:attr:`known`)."""
+        return self.core.quorum()
+
+    def may_number(self, address: str) -> bool:
+        """May we hand out UIDs for ``address`` now?  (:meth:`Reconstruction.may_number`)."""
+        return self.core.may_number(address, self.lease_ok())
+
+    def fence(self, address: str) -> str:
+        """The fence our allocations for ``address`` carry."""
+        return self.core.fence(bucket_of(address))
+
+    def _take(
+        self,
+        address: str,
+        count: int,
+        unfenced: bool = False,
+        again: bool = True,
+        numbering: bool = False,
+        track: bool = True,
+    ) -> Deferred[tuple[int, str]]:
+        """``count`` UIDs for ``address`` below the bucket's granted mark (extended
+        first, by a majority, when they would not fit), or PENDING.  ``track``: the
+        allocation holds the visibility horizon back until found or expired."""
+        got = self.core.take(
+            address,
+            count,
+            lease=self.lease_ok(),
+            unfenced=unfenced,
+            again=again,
+            numbering=numbering,
+            now=self._now(),
+            track=track,
+        )
+        if isinstance(got, Taken):
+            return succeed((got.first, got.fence))
+        if not isinstance(got, NeedMark):
+            return succeed((PENDING, ""))
+        d = self._extend(got)
+        return d.addCallback(
+            lambda _: self._take(
+                address, count, unfenced, again=False, numbering=numbering, track=track
+            )
+        )
+
+    def _extend(self, need: NeedMark) -> Deferred[None]:
+        """Raise a bucket's mark on a majority of the known cluster (each member
+        records it durably, if our fence is its current one); fires (never fails)
+        once that is done or has failed."""
+        if not self.core.mark_write(need):
+            out: Deferred[None] = Deferred()
+            self._extending.setdefault(need.bucket, []).append(out)
+            return out
+        waiters: list[Deferred[None]] = []
+        self._extending[need.bucket] = waiters
+        mark_on = self.mark_on
+        seen = [1]  # the marks the asked nodes had (their answers carry them)
+
+        def done(granted: bool) -> None:
+            if not granted:
+                self.log.info(
+                    "bucket {b}: no majority for UID mark {m}", b=need.bucket, m=need.target
+                )
+            self.core.mark_done(need, granted, seen[0])
+            self._extending.pop(need.bucket, None)
+            for d in waiters:
+                d.callback(None)
+
+        if mark_on is None:  # no cluster wiring (a bare manager in tests)
+            done(True)
+            return succeed(None)
+
+        def write(node: str) -> Deferred[bool]:
+            assert mark_on is not None
+            return mark_on(node, need.bucket, need.fence, need.target, seen)
+
+        return self._on_majority(write).addCallback(done)
+
+    def _record_holder(self, address: str, node: str) -> Deferred[bool]:
+        """Have a majority record that ``node`` holds mail for ``address`` (so a later
+        manager knows it even while ``node`` is out of reach); never fails: True once
+        recorded (or not ours to record: the core says when), False when no majority
+        recorded it.  A second caller while the write runs waits for its outcome."""
+        holders_on = self.holders_on
+        if holders_on is None:
+            return succeed(True)
+        key = (address, node, self.core.fence(self.core.bucket(address)))
+        running = self._recording.get(key)
+        if running is not None:
+            waiter: Deferred[bool] = Deferred()
+            running.append(waiter)
+            return waiter
+        todo = self.core.record_holder(address, node, self.lease_ok())
+        if todo is None:  # recorded in this tenure, or we may not number
+            return succeed(True)
+        b, fence = todo
+        key = (address, node, fence)
+        waiters: list[Deferred[bool]] = []
+        self._recording[key] = waiters
+
+        def write(n: str) -> Deferred[bool]:
+            assert holders_on is not None
+            return holders_on(n, b, fence, [(address, node)])
+
+        def recorded(ok: bool) -> bool:
+            self._recording.pop(key, None)
+            self.core.holder_recorded(address, node, fence, ok)  # a failed one: again later
+            for w in waiters:
+                w.callback(ok)
+            return ok
+
+        return self._on_majority(write).addCallback(recorded)
+
+    def _on_majority(self, write: Callable[[str], Deferred[bool]]) -> Deferred[bool]:
+        """``write(node)`` on the nodes a :class:`MajorityWrite` names; fires True once
+        a majority succeeded, False when that can no longer happen or after
+        ``mark_timeout``."""
+        vote = MajorityWrite(self.node_id, self.core.members, self.core.known)
+        first: Deferred[bool] = Deferred()
+
+        def finish() -> None:
+            if vote.result is not None and not first.called:
+                first.callback(vote.result)
+
+        def answer(ok: bool) -> None:
+            nxt = vote.answer(ok)
+            if nxt is not None:
+                ask(nxt)
+            finish()
+
+        def ask(node: str) -> None:
+            write(node).addCallbacks(answer, lambda f: answer(False))
+
+        def expire() -> None:
+            if not first.called:
+                first.callback(False)
+
+        def hedge() -> None:
+            for node in vote.hedge():
+                ask(node)
+
+        timer = self.clock.callLater(self.mark_timeout, expire)
+        hedger = self.clock.callLater(min(HEDGE_DELAY, self.mark_timeout), hedge)
+
+        def cancel(result: bool) -> bool:
+            for t in (timer, hedger):
+                if t.active():
+                    t.cancel()
+            return result
+
+        first.addCallback(cancel)
+        for node in vote.first:
+            ask(node)
+        finish()
+        return first
+
+    def reserve_uids(self, address: str, count: int) -> Deferred[int]:
+        """The first of ``count`` fresh UIDs for ``address``, or PENDING when we may
+        not number (waits while the bucket settles); unfenced (APPEND, COPY)."""
+        address = address.lower()
+        # APPEND/COPY: not tracked in the horizon (their store is to a mailbox a
+        # reader of another one never finds: it would hold that one back).
+        d = self.settled(address).addCallback(lambda _: self._take(address, count, track=False))
+        return d.addCallback(lambda r: r[0])
+
+    def reserve_fenced(self, address: str, count: int) -> Deferred[tuple[int, str]]:
+        """:meth:`reserve_uids` with the fence the stores must carry."""
+        address = address.lower()
+        return self.settled(address).addCallback(lambda _: self._take(address, count, track=False))
+
+    def delivery_plan(
+        self, address: str, count: int, unfenced: bool = False
+    ) -> Deferred[tuple[tuple[str, ...], int, str]]:
+        """The fragment list, the first of ``count`` reserved UIDs (PENDING when we may
+        not number) and their fence (waits while the bucket settles).  ``unfenced``
+        (a replicated store, whose copies must share one UID): a UID from the
+        counter even without a majority, no fence (docs/mail.md: known limits)."""
+        address = address.lower()
+
+        def plan(taken: tuple[int, str]) -> tuple[tuple[str, ...], int, str]:
+            first, fence = taken
+            return tuple(sorted(self.state.fragment_list(address))), first, fence
+
+        d = self.settled(address).addCallback(lambda _: self._take(address, count, unfenced))
+        return d.addCallback(plan)
+
+    # --- numbering what was stored unnumbered --------------------------------
+
+    def note_pending(self, address: str, node: str) -> Deferred[None]:
+        """A message for ``address`` was stored unnumbered on ``node``."""
+        self.core.note_pending(address.lower(), node, self._now())
+        self._rearm()
+        return succeed(None)
+
+    def _number(self, job: Number) -> None:
+        """Record ``job.node`` as a holder on a majority (if not yet in this tenure),
+        take UIDs, have the node number its oldest unnumbered mail with them."""
+        user, node = job.user, job.node
+
+        block: list[int] = []
+
+        def done(r: tuple[int, int, int]) -> None:
+            numbered, left, top = r
+            first = block[0] if block else None
+            if self.core.number_done(user, node, numbered, left, top, self._now(), first=first):
+                self._record_holder(user, node)
+            self._rearm()
+
+        def failed(f: Failure) -> None:
+            self.log.warn(
+                "numbering {u}'s mail on {n} failed: {e}", u=user, n=node, e=f.getErrorMessage()
+            )
+            self.core.number_failed(user, node, self._now())
+            self._rearm()
+
+        def go(taken: tuple[int, str]) -> Deferred[Any] | None:
+            first, fence = taken
+            if first == PENDING:  # lost the right meanwhile (or no majority for a mark)
+                self.core.number_cancelled(user, node, self._now())
+                self._rearm()
+                return None
+            assert self.number_on is not None
+            block.append(first)
+            return self.number_on(node, user, fence, first, job.count).addCallbacks(done, failed)
+
+        def recorded(_: object) -> Deferred[Any] | None:
+            if self.holders_on is not None and not self.core.holder_ok(user, node):
+                # No majority knows this node holds the user's mail: a manager after a
+                # partition could show higher UIDs without waiting for it. Later.
+                self.core.number_cancelled(user, node, self._now())
+                self._rearm()
+                return None
+            return self._take(user, job.count, numbering=True).addCallback(go)
+
+        self._record_holder(user, node).addCallback(recorded)
+
+    def status(self) -> dict[str, Any]:
+        """Counts for the status page."""
+        return {
+            "managed_buckets": len(self.state.map.buckets_of(self.node_id)),
+            "settling_buckets": len(self.core.settling),
+            "users_with_mail": len(self.state.fragments),
+            "hints_received": self.core.hints_received,
+            "early_hints": len(self.core.early),
+            "quorum": self.quorum(),
+            "known_nodes": len(self.core.known | {self.node_id}),
+            "unnumbered": sum(sum(v.values()) for v in self.core.pending.values()),
+            "numbered": self.core.numbered,
+            "pending_plans": self.core.pending_plans,
+        }
