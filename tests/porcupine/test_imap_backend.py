@@ -364,3 +364,25 @@ def test_utf8_accept_names_over_porcupine(tmp_path: Path) -> None:
     assert b'"B&APw-ro"' in plain.run(b'q LIST "" "B*"\r\n')
     out = c.run(b'd LIST "" "B*"\r\ne SELECT "%s"\r\n' % name)
     assert b"{5}\r\n" + name in out and b"e OK" in out
+
+
+def test_binary_append_keeps_octets_plain_append_gets_crlf(tmp_path: Path) -> None:
+    """BINARY is advertised: a ``~{n}`` literal8 APPEND is stored octet for octet (NUL,
+    bare LF and CR kept; RFC822.SIZE is its length), a plain literal with bare LF line
+    ends is stored with CRLF ones (what a client reads is what sizes count)."""
+    svc = make_service(tmp_path)
+    c = Client(svc)
+    assert b" BINARY " in c.greeting
+    raw = b"Subject: bin\r\nContent-Transfer-Encoding: binary\r\n\r\n\x00\x01\nx\ry\r\n"
+    lf = b"Subject: lf\n\nline\n"
+    out = c.run(
+        b"a LOGIN alice pw\r\nb APPEND INBOX ~{%d}\r\n%s\r\nc APPEND INBOX {%d+}\r\n%s\r\n"
+        % (len(raw), raw, len(lf), lf)
+    )
+    assert [s for _, s in tagged(out)] == [b"OK", b"OK", b"OK"], out
+    out = c.run(b"d SELECT INBOX\r\ne FETCH 1:2 (RFC822.SIZE BODY.PEEK[])\r\n")
+    assert b"RFC822.SIZE %d BODY[] {%d}\r\n%s)" % (len(raw), len(raw), raw) in out
+    crlf = lf.replace(b"\n", b"\r\n")
+    assert b"RFC822.SIZE %d BODY[] {%d}\r\n%s)" % (len(crlf), len(crlf), crlf) in out
+    out = c.run(b"f FETCH 1 (BINARY.PEEK[1])\r\n")
+    assert b"~{8}\r\n\x00\x01\nx\ry\r\n" in out, out

@@ -193,3 +193,15 @@ def test_merged_highestmodseq_is_capped_by_the_lowest_bound() -> None:
     assert m.highestmodseq == 700
     [m] = _merge_trees([("a", [info(800, 900)]), ("old", [info(0, 0)])])
     assert m.highestmodseq == 800
+
+
+def test_any_writer_of_flags_raises_modseq(store: FragmentStore) -> None:
+    """A flag change written by other code through the bucket connection (replication
+    applies logged updates so) raises the MODSEQ; writing the same flags does not."""
+    store.store([msg(b"1")])
+    before = modseqs(store)[1]
+    db = store._db(bucket_of(A))
+    db.execute("UPDATE messages SET flags='' WHERE user=? AND uid=1", (A,))
+    assert modseqs(store)[1] == before
+    db.execute("UPDATE messages SET flags='\\Seen' WHERE user=? AND uid=1", (A,))
+    assert modseqs(store)[1] > before and highest(store) == modseqs(store)[1]

@@ -24,6 +24,7 @@ from ._connection import ImapConnection
 from ._fetch import answer_fetch, answer_search
 from ._listing import answer_list
 from ._machine import State
+from ._message import canonical_crlf
 from ._outcome import Done, _code, status_items
 from ._serialize import ResponseCode
 from ._view import (
@@ -446,8 +447,11 @@ class CommandRunner:
         for m in cmd.messages():
             for f in m.flags:
                 _check_storable(f)
+            # Line ends made CRLF (sizes then agree with what clients read, as Dovecot
+            # presents them), except in a literal8: BINARY keeps every octet.
+            raw = m.message if m.binary else canonical_crlf(m.message)
             try:
-                items.append((m.message, m.flags, parse_date(m.date)))
+                items.append((raw, m.flags, parse_date(m.date)))
             except ValueError:
                 raise ImapError("bad date-time", status="BAD") from None
         if cmd.more:

@@ -147,7 +147,9 @@ class IImapSession(Interface):
         """The :class:`MailboxStatus` of ``name``."""
 
     def append(name: str, message: bytes, flags: tuple[str, ...], date: float | None) -> Any:
-        """Store a message: an :class:`AppendResult` (``TRYCREATE`` if ``name`` is missing)."""
+        """Store a message: an :class:`AppendResult` (``TRYCREATE`` if ``name`` is missing).
+        ``message`` is stored as given: the shell has made its line ends CRLF unless it
+        came as a ``~{n}`` literal8 (BINARY)."""
 
     def append_many(name: str, messages: list[tuple[bytes, tuple[str, ...], float | None]]) -> Any:
         """Only with ``MULTIAPPEND`` in the backend's ``extensions``: store every

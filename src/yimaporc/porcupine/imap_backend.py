@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..cluster.rpc import PeerUnavailable
-from ..imap._message import Message, canonical_crlf
+from ..imap._message import Message
 from ..imap._search import Need, Scope, SearchError, View, compile_search
 from ..imap.interfaces import (
     AppendResult,
@@ -140,8 +140,9 @@ class PorcupineImapBackend:
     """Logs a connection's user in through the node's (throttled) portal."""
 
     supports_modseq = True
-    #: MULTIAPPEND: :meth:`PorcupineSession.append_many`.
-    extensions = ("MULTIAPPEND",)
+    #: MULTIAPPEND: :meth:`PorcupineSession.append_many`; BINARY: APPEND stores what
+    #: it is given (the shell makes line ends CRLF except in a ``~{n}`` literal8).
+    extensions = ("MULTIAPPEND", "BINARY")
 
     def __init__(
         self,
@@ -287,7 +288,7 @@ class PorcupineSession:
     def append(
         self, name: str, message: bytes, flags: tuple[str, ...], date: float | None
     ) -> Deferred[AppendResult]:
-        body = canonical_crlf(message)
+        body = message  # line ends made CRLF by the shell unless sent as a literal8
         when = self.backend.clock.seconds() if date is None else date
 
         def store(info: MailboxInfo) -> Deferred[AppendResult]:
@@ -311,7 +312,7 @@ class PorcupineSession:
         rows in one transaction: all visible together, or none; see
         :meth:`UserMail.append_many`)."""
         now = self.backend.clock.seconds()
-        items = [(canonical_crlf(m), f, now if d is None else d) for m, f, d in messages]
+        items = [(m, f, now if d is None else d) for m, f, d in messages]
 
         def store(info: MailboxInfo) -> Deferred[list[AppendResult]]:
             d = self.mail.append_many(info.name, items)
