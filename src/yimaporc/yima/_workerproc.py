@@ -249,7 +249,14 @@ def main() -> None:
     from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
 
     # Plain lines: the main process logs each with its own time stamp.
-    observer = FileLogObserver(sys.stderr, lambda event: (formatEvent(event) or "") + "\n")
+    def line(event: dict[str, Any]) -> str:
+        text = formatEvent(event) or ""
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        return text + "\n"
+
+    observer = FileLogObserver(sys.stderr, line)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     sock = socket.socket(fileno=DATA_FD)
     sock.setblocking(False)

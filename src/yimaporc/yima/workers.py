@@ -745,8 +745,15 @@ class ShardedStreamingNode(StreamingNode):
         streaming["workers"] = {
             "count": self.pool.count,
             "live": len(self.pool.live()),
-            "pids": [w.pid for w in self.pool.live()],
-            "sessions": {str(w.index): len(w.sessions) for w in self.pool.workers},
+            "processes": [
+                {
+                    "index": w.index,
+                    "pid": w.pid,
+                    "live": w.ready and not w.dead,
+                    "sessions": len(w.sessions),
+                }
+                for w in self.pool.workers
+            ],
             "deaths": self.pool.deaths,
             "sessions_moved": self.sessions_moved,
             "spooled_blocks": self.pool.spooled,
