@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.protocols import amp
+from twisted.python.usage import UsageError
 
+from yimaporc.tap.yima import Options, yima_config
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, Packet
 from yimaporc.yima.streaming import Destination
 from yimaporc.yima.workers import (
@@ -19,6 +23,8 @@ from yimaporc.yima.workers import (
     WorkerPool,
     WorkerStart,
     _Packed,
+    default_workers,
+    make_pool,
 )
 
 BLOCK = 4 * PAYLOAD
@@ -236,3 +242,25 @@ def test_worker_control_rejects_unknown_actions_before_forwarding() -> None:
     with pytest.raises(ValueError, match="unknown stream action"):
         node.control("a", "rewind", 0.0, 0.0)
     assert [c for c, _ in w0.calls if c is WorkerControl] == []
+
+
+def test_workers_option_defaults_to_the_cores_and_is_checked(tmp_path: Path) -> None:
+    """--workers is auto (one per core this process may use) or 0..256; else a usage error."""
+    base = ["--node-id", "y1", "--data-dir", str(tmp_path),
+            "--cluster", "tcp:17946:interface=127.0.147.1"]  # fmt: skip
+    o = Options()
+    o.parseOptions(base)
+    assert o["workers_n"] == default_workers() == len(os.sched_getaffinity(0))
+    assert yima_config(o).workers == default_workers()
+    o = Options()
+    o.parseOptions([*base, "--workers", "0"])
+    assert yima_config(o).workers == 0
+    for bad in ("-1", "two", "1.5", "257"):
+        with pytest.raises(UsageError, match="--workers"):
+            Options().parseOptions([*base, "--workers", bad])
+
+
+def test_no_pool_for_zero_or_one_worker() -> None:
+    """0 or 1 worker: delivery stays in process (no pool is made)."""
+    assert make_pool(object(), 0, "auto", 0.0, 1) is None
+    assert make_pool(object(), 1, "auto", 0.0, 1) is None
