@@ -92,6 +92,21 @@ def main() -> int:
         help="node counts of the scaling parts, e.g. 1,2,4,8 (default 1..8; 1,2,4,8 with --quick)",
     )
     ap.add_argument(
+        "--total-s",
+        type=float,
+        help="time budget of the parts before scaling, in seconds (default 150 with --quick, "
+        "else 800): the streaming ramps get what is left of it",
+    )
+    ap.add_argument(
+        "--yima-layouts",
+        help="rtsp-target layouts MODE-N, e.g. bipartite-1,bipartite-fanout-1 (default: all)",
+    )
+    ap.add_argument(
+        "--yima-workers",
+        help="rtsp-target: run each layout once per --workers value, e.g. 1,2 (default: the "
+        "nodes' own default, one worker per core)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="sample the yimaporc targets with py-spy under load (top frames in results.json)",
@@ -119,6 +134,26 @@ def main() -> int:
             print("error: --scaling-nodes must list counts from 1 up to at most 8", file=sys.stderr)
             return 2
         s.scaling_nodes = ns
+    if a.total_s is not None:
+        if a.total_s < 30:
+            print("error: --total-s must be at least 30 seconds", file=sys.stderr)
+            return 2
+        s.total_s = a.total_s
+    if a.yima_layouts:
+        layouts = []
+        for item in a.yima_layouts.split(","):
+            mode, _, n = item.strip().rpartition("-")
+            if mode not in ("bipartite", "bipartite-fanout", "master-slave") or not n.isdigit():
+                print(f"error: --yima-layouts: {item!r} is not MODE-N", file=sys.stderr)
+                return 2
+            layouts.append((mode, int(n)))
+        s.yima_configs = layouts
+    if a.yima_workers:
+        ws = [w.strip() for w in a.yima_workers.split(",") if w.strip()]
+        if not ws or not all(w == "auto" or w.isdigit() for w in ws):
+            print("error: --yima-workers must list auto or whole numbers", file=sys.stderr)
+            return 2
+        s.yima_workers = ws
     t0 = time.monotonic()
 
     def on_signal(signum: int, frame: Any) -> None:
