@@ -737,6 +737,8 @@ class ShardedStreamingNode(StreamingNode):
                     "block_read_errors", "late_waits", "late_packets", "cache_hits"):  # fmt: skip
             if key in streaming:
                 streaming[key] += c.get(key, 0)
+        if "cache_misses" in streaming:
+            streaming["cache_misses"] += c.get("block_reads", 0)
         send = streaming.get("send")
         if isinstance(send, dict):
             for key in ("datagrams", "syscalls", "dropped", "eagain", "errors"):
