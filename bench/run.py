@@ -98,6 +98,12 @@ def main() -> int:
         "else 800): the streaming ramps get what is left of it",
     )
     ap.add_argument(
+        "--rtsp-budget",
+        type=float,
+        help="seconds per streaming ramp (peer and targets; default 25/15 with --quick, "
+        "else 90/60)",
+    )
+    ap.add_argument(
         "--yima-layouts",
         help="rtsp-target layouts MODE-N, e.g. bipartite-1,bipartite-fanout-1 (default: all)",
     )
@@ -139,6 +145,11 @@ def main() -> int:
             print("error: --total-s must be at least 30 seconds", file=sys.stderr)
             return 2
         s.total_s = a.total_s
+    if a.rtsp_budget is not None:
+        if a.rtsp_budget < 10:
+            print("error: --rtsp-budget must be at least 10 seconds", file=sys.stderr)
+            return 2
+        s.rtsp_budget_peer = s.rtsp_budget_target = a.rtsp_budget
     if a.yima_layouts:
         layouts = []
         for item in a.yima_layouts.split(","):

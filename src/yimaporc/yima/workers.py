@@ -560,11 +560,12 @@ class _SchedulerView:
 
     def __init__(self, local: NodeScheduler, mirror: NodeScheduler) -> None:
         self._local = local
-        self._mirror = mirror
+        # The schedulers never replace their dicts: one live view of both serves.
+        self._sessions = _Sessions(local.sessions, mirror.sessions)
 
     @property
     def sessions(self) -> Mapping[str, Session]:
-        return _Sessions(self._local.sessions, self._mirror.sessions)
+        return self._sessions
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._local, name)
