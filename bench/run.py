@@ -104,6 +104,11 @@ def main() -> int:
         "else 90/60)",
     )
     ap.add_argument(
+        "--rtsp-max",
+        type=int,
+        help="largest N a streaming ramp tries (default 256 with --quick, else 512)",
+    )
+    ap.add_argument(
         "--yima-layouts",
         help="rtsp-target layouts MODE-N, e.g. bipartite-1,bipartite-fanout-1 (default: all)",
     )
@@ -150,6 +155,11 @@ def main() -> int:
             print("error: --rtsp-budget must be at least 10 seconds", file=sys.stderr)
             return 2
         s.rtsp_budget_peer = s.rtsp_budget_target = a.rtsp_budget
+    if a.rtsp_max is not None:
+        if not 8 <= a.rtsp_max <= 2048:
+            print("error: --rtsp-max must be between 8 and 2048", file=sys.stderr)
+            return 2
+        s.rtsp_max = a.rtsp_max
     if a.yima_layouts:
         layouts = []
         for item in a.yima_layouts.split(","):
