@@ -40,6 +40,11 @@ def main() -> None:
         help="K/N: serve the blocks b with b %% N == K, one node of an N-node fan-out",
     )
     ap.add_argument("--block-payloads", type=int, default=700, help="RTP payloads per block")
+    ap.add_argument(
+        "--spread",
+        action="store_true",
+        help="sessions start at positions spread over the clip (not all at its start)",
+    )
     a = ap.parse_args()
     k, n_nodes = (int(x) for x in a.share.split("/"))
     block = a.block_payloads * PAYLOAD  # 700: ~0.92 MB, ~2 s at 3.7 Mbit/s
@@ -87,7 +92,8 @@ def main() -> None:
         packetize=packetize, send=send, **kw,
     )  # fmt: skip
     for i in range(a.sessions):
-        node.start(f"s{i}", "clip", 0.1 + i * 0.0007, 0.0, addr[0], addr[1], 1000 + i, 0, 0, 0,
+        at = (i * duration / a.sessions) * 0.5 if a.spread else 0.0
+        node.start(f"s{i}", "clip", 0.1 + i * 0.0007, at, addr[0], addr[1], 1000 + i, 0, 0, 0,
                    False)  # fmt: skip
     t0 = time.process_time()
     while clock.seconds() < a.seconds:
