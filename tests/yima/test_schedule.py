@@ -281,3 +281,57 @@ def test_due_sessions_heap_matches_a_walk_over_every_session(
                 nxt = d
         assert sorted(got) == sorted(want)
         assert a.next_due == nxt
+
+
+def _wanted_walk(s: NodeScheduler, now: float) -> list[tuple[str, int]]:
+    """Reference: every session's blocks from its cursor while they start in the window."""
+    out = []
+    for sid, sess in s.sessions.items():
+        if sess.paused:
+            continue
+        for k in range(sess.cursor_block, len(sess.my_blocks)):
+            block = sess.my_blocks[k]
+            if sess.deadline(sess.media.packet_time(block, 0)) > now + s.prefetch:
+                break
+            out.append((sess.media.name, block))
+    return out
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0.0, 1.5),
+            st.sampled_from(["tick", "pause", "resume", "speed", "remove", "add", "unready"]),
+            st.integers(0, 5),
+            st.floats(0.25, 3.0),
+        ),
+        max_size=50,
+    )
+)
+def test_read_ahead_skips_quiet_sessions_and_wants_the_same_blocks(
+    steps: list[tuple[float, str, int, float]],
+) -> None:
+    """The read-ahead scan, which skips a session until its next block nears, wants
+    exactly the blocks a scan of every session wants, through changes of every kind."""
+    m = media(12, vbr=True)
+    s = NodeScheduler(prefetch=1.0)
+    for k in range(6):
+        s.add(f"s{k}", m, list(range(k % 4, 12, 4)), start_ct=0.4 * k)
+    now = 0.0
+    for dt, action, k, value in steps:
+        now += dt
+        sid = f"s{k}"
+        if action == "pause":
+            s.pause(sid, now)
+        elif action == "resume":
+            s.resume(sid, now + 0.05)
+        elif action == "speed":
+            s.set_speed(sid, value, now)
+        elif action == "remove":
+            s.remove(sid)
+        elif action == "add":
+            s.add(sid, m, list(range(k % 4, 12, 4)), start_ct=now, start_mt=value)
+        assert s.wanted_blocks(now) == _wanted_walk(s, now)
+        ready = {("m", b) for b in range(0, 12, 2)} if action == "unready" else None
+        s.tick_runs(now, ready)
+        assert s.wanted_blocks(now) == _wanted_walk(s, now)

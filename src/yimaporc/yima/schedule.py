@@ -277,11 +277,14 @@ class NodeScheduler:
         self._heap: list[tuple[float, int, str]] = []
         self._entry: dict[str, int] = {}
         self._entries = 0
+        #: Sessions wanting no block until this cluster time (see :meth:`wanted_blocks`).
+        self._quiet: dict[str, float] = {}
 
     def _wake(self, session_id: str, at: float = float("-inf")) -> None:
         """Visit ``session_id`` at the first tick at or after ``at`` (-inf: the next)."""
         self._entries += 1
         self._entry[session_id] = self._entries
+        self._quiet.pop(session_id, None)
         heappush(self._heap, (at, self._entries, session_id))
         if len(self._heap) > 4 * len(self._entry) + 64:  # drop the superseded entries
             self._heap = [e for e in self._heap if self._entry.get(e[2]) == e[1]]
@@ -317,6 +320,7 @@ class NodeScheduler:
         """Stop serving a session."""
         self.sessions.pop(session_id, None)
         self._entry.pop(session_id, None)
+        self._quiet.pop(session_id, None)
 
     def pause(self, session_id: str, at_ct: float | None = None) -> None:
         """Stop at cluster time ``at_ct`` (now if None): pause-resume flow control, RTSP PAUSE.
@@ -489,16 +493,33 @@ class NodeScheduler:
                 s.resent = {n for n in s.resent if n >= floor}
 
     def wanted_blocks(self, now: float) -> list[tuple[str, int]]:
-        """Blocks whose packets fall due within the prefetch window (read them ahead)."""
+        """Blocks whose packets fall due within the prefetch window (read them ahead).
+
+        A session wanting none (its next block starts beyond the window, or it has
+        ended) is not looked at again until that block nears, or until it changes.
+        """
         out: list[tuple[str, int]] = []
-        for s in self.sessions.values():
+        quiet, prefetch = self._quiet, self.prefetch
+        horizon = now + prefetch
+        for sid, s in self.sessions.items():
             if s.paused:
                 continue
-            for k in range(s.cursor_block, len(s.my_blocks)):
-                block = s.my_blocks[k]
-                if s.deadline(s.media.packet_time(block, 0)) > now + self.prefetch:
+            q = quiet.get(sid)
+            if q is not None and q > now:
+                continue
+            blocks, name, times = s.my_blocks, s.media.name, s.media.block_starts
+            k = s.cursor_block
+            while k < len(blocks):
+                d = s.deadline(times[blocks[k]])
+                if d > horizon:
+                    if k == s.cursor_block:
+                        quiet[sid] = d - prefetch
                     break
-                out.append((s.media.name, block))
+                out.append((name, blocks[k]))
+                k += 1
+            else:
+                if k == s.cursor_block:
+                    quiet[sid] = float("inf")  # nothing left to read
         return out
 
     def retransmit(
