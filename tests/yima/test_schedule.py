@@ -286,7 +286,7 @@ def test_due_sessions_heap_matches_a_walk_over_every_session(
 def _wanted_walk(s: NodeScheduler, now: float) -> list[tuple[str, int]]:
     """Reference: every session's blocks from its cursor while they start in the window."""
     out = []
-    for sid, sess in s.sessions.items():
+    for sess in s.sessions.values():
         if sess.paused:
             continue
         for k in range(sess.cursor_block, len(sess.my_blocks)):
