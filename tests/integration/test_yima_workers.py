@@ -267,6 +267,19 @@ def test_a_worker_sends_exactly_what_the_in_process_path_sends(
     assert [d for d, _ in got] == resent
 
 
+def test_a_worker_exits_when_its_main_process_goes(
+    worker: tuple[AmpPipe, socket.socket, socket.socket],
+) -> None:
+    """A worker whose channel closes (the node died, even by SIGKILL) stops by itself:
+    no orphan keeps sending."""
+    pipe, _, _ = worker
+    pipe.call(WorkerSetup, index=0, send_path="sendto", send_ahead=0.0, cache_bytes=1 << 20,
+              offset=0.0)  # fmt: skip
+    assert pipe.proc.stdin is not None
+    pipe.proc.stdin.close()
+    assert pipe.proc.wait(20) == 0
+
+
 # --- a worker killed under a real player ---------------------------------------------
 
 
