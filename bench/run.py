@@ -92,6 +92,32 @@ def main() -> int:
         help="node counts of the scaling parts, e.g. 1,2,4,8 (default 1..8; 1,2,4,8 with --quick)",
     )
     ap.add_argument(
+        "--total-s",
+        type=float,
+        help="time budget of the parts before scaling, in seconds (default 150 with --quick, "
+        "else 800): the streaming ramps get what is left of it",
+    )
+    ap.add_argument(
+        "--rtsp-budget",
+        type=float,
+        help="seconds per streaming ramp (peer and targets; default 25/15 with --quick, "
+        "else 90/60)",
+    )
+    ap.add_argument(
+        "--rtsp-max",
+        type=int,
+        help="largest N a streaming ramp tries (default 256 with --quick, else 512)",
+    )
+    ap.add_argument(
+        "--yima-layouts",
+        help="rtsp-target layouts MODE-N, e.g. bipartite-1,bipartite-fanout-1 (default: all)",
+    )
+    ap.add_argument(
+        "--yima-workers",
+        help="rtsp-target: run each layout once per --workers value, e.g. 1,2 (default: the "
+        "nodes' own default, one worker per core)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="sample the yimaporc targets with py-spy under load (top frames in results.json)",
@@ -119,6 +145,36 @@ def main() -> int:
             print("error: --scaling-nodes must list counts from 1 up to at most 8", file=sys.stderr)
             return 2
         s.scaling_nodes = ns
+    if a.total_s is not None:
+        if a.total_s < 30:
+            print("error: --total-s must be at least 30 seconds", file=sys.stderr)
+            return 2
+        s.total_s = a.total_s
+    if a.rtsp_budget is not None:
+        if a.rtsp_budget < 10:
+            print("error: --rtsp-budget must be at least 10 seconds", file=sys.stderr)
+            return 2
+        s.rtsp_budget_peer = s.rtsp_budget_target = a.rtsp_budget
+    if a.rtsp_max is not None:
+        if not 8 <= a.rtsp_max <= 2048:
+            print("error: --rtsp-max must be between 8 and 2048", file=sys.stderr)
+            return 2
+        s.rtsp_max = a.rtsp_max
+    if a.yima_layouts:
+        layouts = []
+        for item in a.yima_layouts.split(","):
+            mode, _, n = item.strip().rpartition("-")
+            if mode not in ("bipartite", "bipartite-fanout", "master-slave") or not n.isdigit():
+                print(f"error: --yima-layouts: {item!r} is not MODE-N", file=sys.stderr)
+                return 2
+            layouts.append((mode, int(n)))
+        s.yima_configs = layouts
+    if a.yima_workers:
+        ws = [w.strip() for w in a.yima_workers.split(",") if w.strip()]
+        if not ws or not all(w == "auto" or w.isdigit() for w in ws):
+            print("error: --yima-workers must list auto or whole numbers", file=sys.stderr)
+            return 2
+        s.yima_workers = ws
     t0 = time.monotonic()
 
     def on_signal(signum: int, frame: Any) -> None:

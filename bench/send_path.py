@@ -34,9 +34,23 @@ def main() -> None:
     ap.add_argument("--path", default="auto", help="auto|gso|sendmmsg|sendto (batched)")
     ap.add_argument("--packet-by-packet", action="store_true", help="emit() per packet")
     ap.add_argument("--send-ahead", type=float, default=0.01)
+    ap.add_argument(
+        "--share",
+        default="0/1",
+        help="K/N: serve the blocks b with b %% N == K, one node of an N-node fan-out",
+    )
+    ap.add_argument("--block-payloads", type=int, default=700, help="RTP payloads per block")
+    ap.add_argument(
+        "--spread",
+        action="store_true",
+        help="sessions start at positions spread over the clip (not all at its start)",
+    )
     a = ap.parse_args()
-    block = 700 * PAYLOAD  # ~0.92 MB, ~2 s at 3.7 Mbit/s
-    blocks, duration = 10, 20.0
+    k, n_nodes = (int(x) for x in a.share.split("/"))
+    block = a.block_payloads * PAYLOAD  # 700: ~0.92 MB, ~2 s at 3.7 Mbit/s
+    duration = 20.0
+    blocks = round(duration * 3.7e6 / 8 / block)
+    mine = [b for b in range(blocks) if b % n_nodes == k]
     m = MediaTiming("clip", blocks * block, block,
                     tuple(i * duration / blocks for i in range(blocks)), duration)  # fmt: skip
     data = bytes(block)
@@ -73,12 +87,13 @@ def main() -> None:
         kw = dict(template=template, send_segments=sender.send_segments, flush=sender.flush,
                   send_ahead=a.send_ahead)  # fmt: skip
     node = StreamingNode(
-        clock, clock.seconds, timing=lambda n: m, my_blocks=lambda n: list(range(blocks)),
+        clock, clock.seconds, timing=lambda n: m, my_blocks=lambda n: mine,
         read_block=lambda n, b: deferLater(clock, 0.002, lambda: data),
         packetize=packetize, send=send, **kw,
     )  # fmt: skip
     for i in range(a.sessions):
-        node.start(f"s{i}", "clip", 0.1 + i * 0.0007, 0.0, addr[0], addr[1], 1000 + i, 0, 0, 0,
+        at = (i * duration / a.sessions) * 0.5 if a.spread else 0.0
+        node.start(f"s{i}", "clip", 0.1 + i * 0.0007, at, addr[0], addr[1], 1000 + i, 0, 0, 0,
                    False)  # fmt: skip
     t0 = time.process_time()
     while clock.seconds() < a.seconds:
@@ -86,7 +101,7 @@ def main() -> None:
     cpu = time.process_time() - t0
     n = node.engine.sent
     line = (f"packets={n} cpu_s={cpu:.2f} packets_per_cpu_s={n / cpu:.0f} "
-            f"ticks={node.engine.ticks}")  # fmt: skip
+            f"ticks={node.engine.ticks} share={a.share}")  # fmt: skip
     if sender is not None:
         line += f" path={sender.path} send_calls={sender.syscalls}"
     print(line)

@@ -88,11 +88,12 @@ def ratio_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             ("max_sessions", "max streams", True),
             ("server_cpu_pct_per_stream", "CPU %/stream", False),
         ):
-            if metric == "server_cpu_pct_per_stream" and key != "bipartite-1":
+            mode, _, n = key.rpartition("-")
+            # CPU per stream: single-node layouts (bipartite-1, and per --yima-workers run)
+            if metric == "server_cpu_pct_per_stream" and n != "1":
                 continue
             tv = val(y, metric)
             pv = val(gst, metric)
-            mode, _, n = key.rpartition("-")
             rows.append(
                 {
                     "group": "streaming",

@@ -16,8 +16,9 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
     work = WORK / "rtsp"
     work.mkdir(parents=True, exist_ok=True)
     first_error = None
-    for mode, n in s.yima_configs:
-        key = f"{mode}-{n}"
+    runs = [(mode, n, w) for mode, n in s.yima_configs for w in (s.yima_workers or [None])]
+    for mode, n, workers in runs:
+        key = f"{mode}-{n}" if workers is None else f"{mode}-w{workers}-{n}"
         if first_error is not None:
             # the same reason holds for every layout: say it once, do not wait for it again
             out[key] = {"mode": mode, "nodes": n, "error": first_error}
@@ -26,7 +27,10 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
             with scoped():
                 fanout = mode == "bipartite-fanout"
                 node_mode = "bipartite" if fanout else mode
-                c = Cluster("yima", n, WORK / f"yima-{key}", ["--mode", node_mode])
+                flags = ["--mode", node_mode]
+                if workers is not None:
+                    flags += ["--workers", workers]
+                c = Cluster("yima", n, WORK / f"yima-{key}", flags)
                 c.start()
                 t_ingest = time.monotonic()
                 r = c.cli(
@@ -46,13 +50,13 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
                 say(f"  yima {key}: ingested {clip.name} in {time.monotonic() - t_ingest:.1f} s")
                 require_service(c, "rtsp", PORTS["rtsp"])
                 url = f"rtsp://{c.hosts[0]}:{PORTS['rtsp']}/test"
-                row: dict[str, Any] = {"mode": mode, "nodes": n}
+                row: dict[str, Any] = {"mode": mode, "nodes": n, "workers": workers or "auto"}
                 if n > 1:
                     # first, on cold caches: one stream, bytes crossing between nodes
                     row.update(internode_trial(s, url, f"yima-{key}", c.pids, work, fanout))
                 if n == 1 or (mode, n) == s.yima_configs[0]:
                     row.update(ffmpeg_check(url, f"yima-{key}", work))
-                todo = len(s.yima_configs) - s.yima_configs.index((mode, n))
+                todo = len(runs) - runs.index((mode, n, workers))
                 budget = s.rtsp_budget_target * (1.5 if n == 1 and mode == "bipartite" else 1.0)
                 # at least one trial (warm-up + window + ~6 s of set-up, pause and baseline)
                 budget = min(budget, (s.left() - 45.0) / todo - 15.0)

@@ -207,3 +207,131 @@ def test_nack_by_global_seq_finds_this_nodes_numbers_within_the_window() -> None
     again = s.retransmit("s", [by_gseq[p.gseq] for p in last[:2]])
     assert [p.gseq for p in again] == [p.gseq for p in last[:2]]
     assert all(p.retransmission for p in again)
+
+
+def test_a_tick_visits_only_the_sessions_that_are_due() -> None:
+    """With many sessions, a tick looks at the due ones only (a node of an N-node fan-out
+    holds every session but sends for ~1/N of them at a time), not at every session."""
+    m = media(8)
+    s = NodeScheduler()
+    for i in range(200):  # each starts 1 s after the previous: one is due at a time
+        s.add(f"s{i}", m, [0, 4], start_ct=float(i))
+    visited: list[str] = []
+    walk = s._due_runs
+
+    def counting(sid, *args):  # type: ignore[no-untyped-def]
+        visited.append(sid)
+        return walk(sid, *args)
+
+    s._due_runs = counting  # type: ignore[method-assign]
+    s.tick_runs(-1.0)  # the first tick finds every session's next deadline
+    assert len(visited) == 200 and s.next_due == 0.0
+    visited.clear()
+    runs = s.tick_runs(10.5)
+    assert {r[0] for r in runs} == {f"s{i}" for i in range(11)}
+    assert sorted(set(visited)) == sorted(f"s{i}" for i in range(11))
+    visited.clear()
+    s.tick_runs(10.6)
+    assert set(visited) <= {"s10", "s6", "s7", "s8", "s9"}  # only what falls due by 10.6
+    assert s.next_due is not None and s.next_due > 10.6
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0.0, 1.0),
+            st.sampled_from(["tick", "pause", "resume", "speed", "remove", "add", "seek"]),
+            st.integers(0, 5),
+            st.floats(0.25, 3.0),
+        ),
+        max_size=50,
+    )
+)
+def test_due_sessions_heap_matches_a_walk_over_every_session(
+    steps: list[tuple[float, str, int, float]],
+) -> None:
+    """Visiting only due sessions sends exactly what a walk over every session sends,
+    and finds the same next deadline, as sessions come, go, pause, seek and change speed."""
+    m = media(6, vbr=True)
+    a, b = NodeScheduler(), NodeScheduler()
+    for sch in (a, b):
+        for k in range(6):
+            sch.add(f"s{k}", m, [k % 3, 3 + k % 3], start_ct=0.1 * k)
+    now = 0.0
+    for dt, action, k, value in steps:
+        now += dt
+        sid = f"s{k}"
+        for sch in (a, b):
+            if action == "pause":
+                sch.pause(sid, now)
+            elif action == "resume":
+                sch.resume(sid, now + 0.05)
+            elif action == "speed":
+                sch.set_speed(sid, value, now)
+            elif action == "remove":
+                sch.remove(sid)
+            elif action in ("add", "seek"):
+                sch.add(sid, m, [k % 3, 3 + k % 3], start_ct=now, start_mt=value)
+        got = a.tick_runs(now)
+        want: list[tuple] = []  # type: ignore[type-arg]
+        nxt = None
+        for wsid, sess in b.sessions.items():  # the reference: every session, every tick
+            d = b._due_runs(wsid, sess, now, None, want)
+            if d is not None and (nxt is None or d < nxt):
+                nxt = d
+        assert sorted(got) == sorted(want)
+        assert a.next_due == nxt
+
+
+def _wanted_walk(s: NodeScheduler, now: float) -> list[tuple[str, int]]:
+    """Reference: every session's blocks from its cursor while they start in the window."""
+    out = []
+    for sess in s.sessions.values():
+        if sess.paused:
+            continue
+        for k in range(sess.cursor_block, len(sess.my_blocks)):
+            block = sess.my_blocks[k]
+            if sess.deadline(sess.media.packet_time(block, 0)) > now + s.prefetch:
+                break
+            out.append((sess.media.name, block))
+    return out
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0.0, 1.5),
+            st.sampled_from(["tick", "pause", "resume", "speed", "remove", "add", "unready"]),
+            st.integers(0, 5),
+            st.floats(0.25, 3.0),
+        ),
+        max_size=50,
+    )
+)
+def test_read_ahead_skips_quiet_sessions_and_wants_the_same_blocks(
+    steps: list[tuple[float, str, int, float]],
+) -> None:
+    """The read-ahead scan, which skips a session until its next block nears, wants
+    exactly the blocks a scan of every session wants, through changes of every kind."""
+    m = media(12, vbr=True)
+    s = NodeScheduler(prefetch=1.0)
+    for k in range(6):
+        s.add(f"s{k}", m, list(range(k % 4, 12, 4)), start_ct=0.4 * k)
+    now = 0.0
+    for dt, action, k, value in steps:
+        now += dt
+        sid = f"s{k}"
+        if action == "pause":
+            s.pause(sid, now)
+        elif action == "resume":
+            s.resume(sid, now + 0.05)
+        elif action == "speed":
+            s.set_speed(sid, value, now)
+        elif action == "remove":
+            s.remove(sid)
+        elif action == "add":
+            s.add(sid, m, list(range(k % 4, 12, 4)), start_ct=now, start_mt=value)
+        assert s.wanted_blocks(now) == _wanted_walk(s, now)
+        ready = {("m", b) for b in range(0, 12, 2)} if action == "unready" else None
+        s.tick_runs(now, ready)
+        assert s.wanted_blocks(now) == _wanted_walk(s, now)

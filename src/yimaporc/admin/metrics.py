@@ -588,6 +588,14 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
         ("early_handovers", "early_handovers", "Shares taken over at a player's HANDOVER."),
     ):
         out.counter(f"yimaporc_yima_{name}", text, streaming.get(key))
+    workers = streaming.get("workers") or {}
+    out.gauge("yimaporc_yima_workers_live", "Delivery worker processes running (--workers).",
+              workers.get("live"))  # fmt: skip
+    for key, text in (
+        ("deaths", "Delivery worker processes that died (their sessions moved)."),
+        ("sessions_moved", "Sessions moved from a dead delivery worker to another."),
+    ):
+        out.counter(f"yimaporc_yima_worker_{key}", text, workers.get(key))
     relay = streaming.get("relay") or {}
     for key, text in (
         ("forwarded", "Packets the relays forwarded to standard players."),

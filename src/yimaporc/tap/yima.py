@@ -10,6 +10,7 @@ from twisted.python import usage
 from ..cluster.node import ConfigError
 from ..yima.node import MODES, YimaConfig, YimaNode
 from ..yima.streaming import DEFAULT_CACHE_BYTES
+from ..yima.workers import default_workers
 from .common import NodeOptions, install_logging, node_config, run_as
 
 # --rtsp-NAME, RtspServerFactory keyword, default, help, type (docs/wire.md, "Sessions
@@ -54,6 +55,14 @@ class Options(NodeOptions):
             "Memory bound of the delivery block cache in MiB (the cache holds the "
             "sessions' working set of blocks, up to this).",
         ],
+        [
+            "workers",
+            None,
+            "auto",
+            "Delivery worker processes: sessions are sharded over N processes that "
+            "schedule and send their packets (auto: one per core; 0 or 1: in this "
+            "process).",
+        ],
         *(
             [f"rtsp-{name}", None, default, text]
             for name, _key, default, text, _kind in RTSP_GUARDS
@@ -88,6 +97,15 @@ class Options(NodeOptions):
         if cache_mb < 1:
             raise usage.UsageError("--block-cache-mb must be at least 1")
         self["cache_bytes"] = cache_mb << 20
+        if self["workers"] == "auto":
+            self["workers_n"] = default_workers()
+        else:
+            try:
+                self["workers_n"] = int(self["workers"])
+            except ValueError:
+                raise usage.UsageError("--workers must be auto or a whole number") from None
+            if not 0 <= self["workers_n"] <= 256:
+                raise usage.UsageError("--workers must be auto or 0..256")
         guards: dict[str, Any] = {}
         for name, key, _default, _text, kind in RTSP_GUARDS:
             try:
@@ -114,6 +132,7 @@ def yima_config(options: Options) -> YimaConfig:
             rtsp_guards=options["rtsp_guards"],
             send_path=options["send-path"],
             cache_bytes=options["cache_bytes"],
+            workers=options["workers_n"],
         )
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e

@@ -33,6 +33,7 @@ from ..cluster.node import ClusterNode, ConfigError, NodeConfig
 from .rtspservice import YimaStreamingService
 from .storage import YimaStorageService
 from .streaming import DEFAULT_CACHE_BYTES
+from .workers import default_workers
 
 __all__ = ["MODES", "YimaConfig", "YimaNode"]
 
@@ -67,12 +68,16 @@ class YimaConfig:
     send_path: str = "auto"
     #: Block cache memory bound in bytes (``--block-cache-mb``).
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    #: Delivery worker processes (``--workers``; 0 or 1: delivery in this process).
+    workers: int = attrs.field(factory=default_workers)
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode {self.mode!r}: must be bipartite or master-slave")
         if self.storage_threads < 1:
             raise ConfigError("the storage service needs at least one thread")
+        if self.workers < 0:
+            raise ConfigError("--workers must be 0 or more")
 
 
 class YimaNode:
@@ -131,6 +136,7 @@ class YimaNode:
             rtsp_guards=dict(config.rtsp_guards),
             send_path=config.send_path,
             cache_bytes=config.cache_bytes,
+            workers=config.workers,
         )
         return cls(
             node,

@@ -82,6 +82,7 @@ from .streaming import (
     StreamNack,
     StreamStart,
 )
+from .workers import ShardedStreamingNode, make_pool
 
 START_LEAD = 0.5
 # A delivery tick also takes what falls due within this many seconds: a session's
@@ -295,6 +296,7 @@ class YimaStreamingService(Service):
         send_path: str = "auto",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         send_ahead: float = SEND_AHEAD,
+        workers: int = 0,
     ) -> None:
         self.node = node
         #: How RTP leaves the data socket (sendpath.SEND_PATHS); the sender is made
@@ -323,7 +325,12 @@ class YimaStreamingService(Service):
         self._start_error: CannotStart | None = None
         # Session caps and timeouts (RtspServerFactory keywords; --rtsp-* options).
         self.factory = RtspServerFactory(self, reactor, self.rng, **(rtsp_guards or {}))
-        self.streaming = StreamingNode(
+        # --workers N (N >= 2): delivery sharded over N processes (yima/workers.py).
+        self.workers = make_pool(self, workers, send_path, send_ahead, cache_bytes)
+        extra: dict[str, Any] = {}
+        if self.workers is not None:
+            extra = dict(pool=self.workers, eligible=self._worker_eligible)
+        self.streaming = (StreamingNode if self.workers is None else ShardedStreamingNode)(
             reactor,
             node.cluster_time,
             timing=lambda name: media_timing(self.storage.media_info(name)),
@@ -337,6 +344,7 @@ class YimaStreamingService(Service):
             flush=self._flush,
             send_ahead=send_ahead,
             cache_bytes=cache_bytes,
+            **extra,
         )
         self.streaming.register(node.registry)
         self.rtcp_port: IListeningPort | None = None
@@ -362,6 +370,8 @@ class YimaStreamingService(Service):
         sock = getattr(self.data_port, "socket", None)
         if isinstance(sock, socket.socket):
             self.sender = DatagramSender(sock, self.send_path)
+            if self.workers is not None:
+                self.reactor.callWhenRunning(self.workers.start, sock.fileno())
         try:
             self.rtcp_port = self.reactor.listenUDP(
                 self.data_port.getHost().port + 1,  # type: ignore[union-attr]
@@ -405,6 +415,8 @@ class YimaStreamingService(Service):
         """Stop sending and listening."""
         super().stopService()
         self.streaming.engine.stop()
+        if self.workers is not None:
+            self.workers.stop()
         self.streaming.local.clear()
         self.streaming.local_batch.clear()
         self.factory.stop()
@@ -432,6 +444,8 @@ class YimaStreamingService(Service):
                                              "ended_share_lost": self.lost_sessions}}  # fmt: skip
         out["streaming"].update(self._delivery_status())
         out["streaming"]["send"] = self._send_status()
+        if isinstance(self.streaming, ShardedStreamingNode):
+            self.streaming.merge_status(out["streaming"])
         relays = sum(1 for p in self.plans.values() if p.relay_port is not None)
         out["rtsp"] = {**self.factory.stats(), "relay_ports": relays}
         fb = self.feedback
@@ -500,6 +514,13 @@ class YimaStreamingService(Service):
         elif info.kind != KIND_TS:
             raise RtspStatusError(415, f"{name}: only MPEG-TS and WAV are streamed ({info.kind})")
         return info
+
+    def _worker_eligible(self, name: str) -> bool:
+        """A session of ``name`` may run in a worker (MPEG-TS: packed in runs)."""
+        try:
+            return self.storage.media_info(name).kind == KIND_TS
+        except KeyError:
+            return False
 
     def _my_blocks(self, name: str) -> Deferred[list[int]]:
         # From the storage's cached layout (computed off the reactor on a miss).

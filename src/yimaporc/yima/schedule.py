@@ -12,7 +12,11 @@ Flow control (seed §3.1) re-anchors the schedule: ``deadline(t) = anchor_ct +
 packet; delta-p changes ``speed`` (1.0 = real time).  Feedback carries the
 cluster time at which it takes effect, so every node applies it identically.
 
-One :class:`NodeScheduler` serves all sessions of a node with one timer.
+One :class:`NodeScheduler` serves all sessions of a node with one timer.  A tick
+visits only the sessions whose next packet is due (a heap of their next deadlines):
+a node of an N-node fan-out holds every session but sends for about 1/N of them at
+any time, and a walk over all of them at every tick made each node's cost grow with
+the cluster's sessions instead of its share.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Container, Sequence
+from heapq import heappop, heappush
 
 import attrs
 
@@ -266,6 +271,24 @@ class NodeScheduler:
         #: The earliest deadline left after the last :meth:`tick_runs` (found in the
         #: same pass: :meth:`next_deadline` without a second walk over the sessions).
         self.next_due: float | None = None
+        #: The sessions by next deadline: ``(deadline, entry, session)``; an entry is
+        #: current while ``_entry[session]`` names it (older ones are skipped).  A
+        #: session out of the heap (ended, or at its pause point) is back on change.
+        self._heap: list[tuple[float, int, str]] = []
+        self._entry: dict[str, int] = {}
+        self._entries = 0
+        #: Sessions wanting no block until this cluster time (see :meth:`wanted_blocks`).
+        self._quiet: dict[str, float] = {}
+
+    def _wake(self, session_id: str, at: float = float("-inf")) -> None:
+        """Visit ``session_id`` at the first tick at or after ``at`` (-inf: the next)."""
+        self._entries += 1
+        self._entry[session_id] = self._entries
+        self._quiet.pop(session_id, None)
+        heappush(self._heap, (at, self._entries, session_id))
+        if len(self._heap) > 4 * len(self._entry) + 64:  # drop the superseded entries
+            self._heap = [e for e in self._heap if self._entry.get(e[2]) == e[1]]
+            self._heap.sort()
 
     def add(
         self,
@@ -290,11 +313,14 @@ class NodeScheduler:
         if s.cursor_block < len(blocks) and blocks[s.cursor_block] == block:
             s.cursor_packet = j
         self.sessions[session_id] = s
+        self._wake(session_id)
         return s
 
     def remove(self, session_id: str) -> None:
         """Stop serving a session."""
         self.sessions.pop(session_id, None)
+        self._entry.pop(session_id, None)
+        self._quiet.pop(session_id, None)
 
     def pause(self, session_id: str, at_ct: float | None = None) -> None:
         """Stop at cluster time ``at_ct`` (now if None): pause-resume flow control, RTSP PAUSE.
@@ -311,6 +337,7 @@ class NodeScheduler:
         else:
             s.pause_mt = s.anchor_mt + (at_ct - s.anchor_ct) * s.speed
         s.paused = True
+        self._wake(session_id)
 
     def resume(self, session_id: str, at_ct: float) -> None:
         """Continue from the media position of the pause, due at cluster time ``at_ct``."""
@@ -318,6 +345,7 @@ class NodeScheduler:
         if s is None or not s.paused:
             return
         s.paused = False
+        self._wake(session_id)
         s.anchor_ct, s.anchor_mt = at_ct, s.pause_mt
 
     def set_speed(self, session_id: str, speed: float, at_ct: float) -> None:
@@ -327,6 +355,7 @@ class NodeScheduler:
             return
         mt_at = s.anchor_mt + (at_ct - s.anchor_ct) * s.speed
         s.anchor_ct, s.anchor_mt, s.speed = at_ct, mt_at, speed
+        self._wake(session_id)
 
     def next_deadline(self) -> float | None:
         """The earliest deadline over all sessions."""
@@ -370,18 +399,29 @@ class NodeScheduler:
     def tick_runs(self, now: float, ready: Container[tuple[str, int]] | None = None) -> list[Run]:
         """The packets due by ``now`` as runs (one per session and block), taken as sent.
 
+        Only the sessions whose next deadline is due are visited (earliest first).
         Per session, in order; a session stops at its first packet not due, at
         its pause point, or at a due packet whose block is not in ``ready`` (that
         counts as late, once per session and tick).  The work is per run: how many
         packets of a block are due is computed from the block's packet spacing.
         """
         out: list[Run] = []
-        nxt = None
-        for sid, s in self.sessions.items():
-            d = self._due_runs(sid, s, now, ready, out)
-            if d is not None and (nxt is None or d < nxt):
-                nxt = d
-        self.next_due = nxt
+        heap, entry, sessions = self._heap, self._entry, self.sessions
+        again: list[tuple[str, float]] = []
+        while heap and heap[0][0] <= now:
+            _, n, sid = heappop(heap)
+            if entry.get(sid) != n:
+                continue  # superseded by a later change
+            d = self._due_runs(sid, sessions[sid], now, ready, out)
+            if d is None:
+                del entry[sid]  # ended, or at its pause point: back on a change
+            else:
+                again.append((sid, d))  # d <= now: a block still being read
+        for sid, d in again:
+            self._wake(sid, d)
+        while heap and entry.get(heap[0][2]) != heap[0][1]:
+            heappop(heap)
+        self.next_due = heap[0][0] if heap else None
         return out
 
     def _due_runs(
@@ -453,16 +493,33 @@ class NodeScheduler:
                 s.resent = {n for n in s.resent if n >= floor}
 
     def wanted_blocks(self, now: float) -> list[tuple[str, int]]:
-        """Blocks whose packets fall due within the prefetch window (read them ahead)."""
+        """Blocks whose packets fall due within the prefetch window (read them ahead).
+
+        A session wanting none (its next block starts beyond the window, or it has
+        ended) is not looked at again until that block nears, or until it changes.
+        """
         out: list[tuple[str, int]] = []
-        for s in self.sessions.values():
+        quiet, prefetch = self._quiet, self.prefetch
+        horizon = now + prefetch
+        for sid, s in self.sessions.items():
             if s.paused:
                 continue
-            for k in range(s.cursor_block, len(s.my_blocks)):
-                block = s.my_blocks[k]
-                if s.deadline(s.media.packet_time(block, 0)) > now + self.prefetch:
+            q = quiet.get(sid)
+            if q is not None and q > now:
+                continue
+            blocks, name, times = s.my_blocks, s.media.name, s.media.block_starts
+            k = s.cursor_block
+            while k < len(blocks):
+                d = s.deadline(times[blocks[k]])
+                if d > horizon:
+                    if k == s.cursor_block:
+                        quiet[sid] = d - prefetch
                     break
-                out.append((s.media.name, block))
+                out.append((name, blocks[k]))
+                k += 1
+            else:
+                if k == s.cursor_block:
+                    quiet[sid] = float("inf")  # nothing left to read
         return out
 
     def retransmit(

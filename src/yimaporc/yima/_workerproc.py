@@ -1,0 +1,271 @@
+"""One delivery worker process (see :mod:`.workers`): ``python -m yimaporc.yima._workerproc``.
+
+stdin/stdout carry AMP with the node's main process, stderr its log; fd 3 is the
+node's RTP socket, which it only sends on.  It runs a :class:`StreamingNode` with
+the same header template and send path as the main process's, so a session's
+packets are byte for byte what the in-process path sends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from .feedback import mark_retransmission
+from .rtp import PT_MP2T, RtpHeaderTemplate
+from .schedule import MediaTiming, Packet
+from .sendpath import DatagramSender
+from .streaming import Destination, StreamingNode
+from .workers import (
+    STATE_PAGE,
+    WorkerBlockPath,
+    WorkerBlockSpool,
+    WorkerControl,
+    WorkerNack,
+    WorkerSetup,
+    WorkerStart,
+    WorkerState,
+    apply_state,
+)
+
+DATA_FD = 3
+
+
+class BlockMissingHere(Exception):
+    """No local copy of the block of the right length."""
+
+
+def read_first(paths: list[str], expect: int) -> bytes:
+    """The first of ``paths`` that holds ``expect`` bytes (thread pool)."""
+    for p in paths:
+        try:
+            data = Path(p).read_bytes()
+        except OSError:
+            continue
+        if len(data) == expect:
+            return data
+    raise BlockMissingHere(", ".join(paths) or "no local place")
+
+
+def read_spool(path: str) -> bytes:
+    """A spool file's bytes; the file is removed (thread pool)."""
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    finally:
+        p.unlink(missing_ok=True)
+
+
+class WorkerDelivery(amp.CommandLocator):
+    """The worker's side of the channel: sessions served by one :class:`StreamingNode`."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, sock: socket.socket) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.sock = sock
+        self.offset = 0.0
+        self.main: amp.AMP | None = None
+        self.node: StreamingNode | None = None
+        self.sender: DatagramSender | None = None
+        self.timings: dict[str, MediaTiming] = {}
+        self.generations: dict[str, int] = {}
+        self.spooled = 0
+        self._templates: dict[tuple[int, int], RtpHeaderTemplate] = {}
+
+    def cluster_time(self) -> float:
+        """The cluster clock: this host's clock plus the main process's offset."""
+        return float(self.reactor.seconds()) + self.offset
+
+    # --- the node's collaborators ------------------------------------------------------
+
+    def _template(self, session: str, dest: Destination) -> RtpHeaderTemplate:
+        key = (dest.ssrc, dest.node_index)
+        tpl = self._templates.get(key)
+        if tpl is None:
+            if len(self._templates) >= 1024:
+                self._templates.clear()
+            tpl = self._templates[key] = RtpHeaderTemplate(PT_MP2T, dest.ssrc, dest.node_index)
+        return tpl
+
+    def _packetize(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes:
+        tpl = self._template(pkt.session, dest)
+        ts = dest.ts_base + round(pkt.media_time * dest.clock_rate)
+        data = tpl.build(dest.seq_base + pkt.gseq, ts, payload, pkt.node_seq)
+        return mark_retransmission(data) if pkt.retransmission else data
+
+    def _read_block(self, media: str, index: int) -> Deferred[bytes]:
+        assert self.main is not None
+        expect = self.timings[media].block_length(index)
+        pool = self.reactor.getThreadPool()
+        d = self.main.callRemote(WorkerBlockPath, media=media, index=index)
+        d.addCallback(lambda a: deferToThreadPool(self.reactor, pool, read_first, a["paths"],
+                                                  expect))  # fmt: skip
+
+        def elsewhere(f: Failure) -> Deferred[bytes]:
+            f.trap(BlockMissingHere)
+            assert self.main is not None
+            self.spooled += 1
+            s = self.main.callRemote(WorkerBlockSpool, media=media, index=index)
+            return s.addCallback(
+                lambda a: deferToThreadPool(self.reactor, pool, read_spool, a["path"])
+            )
+
+        return d.addErrback(elsewhere)
+
+    # --- commands ----------------------------------------------------------------------
+
+    @WorkerSetup.responder
+    def setup(
+        self, index: int, send_path: str, send_ahead: float, cache_bytes: int, offset: float
+    ) -> dict[str, Any]:
+        self.offset = offset
+        self.sender = sender = DatagramSender(self.sock, send_path)
+        self.node = StreamingNode(
+            self.reactor,
+            self.cluster_time,
+            timing=self.timings.__getitem__,
+            my_blocks=lambda media: [],
+            read_block=self._read_block,
+            packetize=self._packetize,
+            send=sender.send,
+            template=self._template,
+            send_segments=sender.send_segments,
+            flush=sender.flush,
+            send_ahead=send_ahead,
+            cache_bytes=cache_bytes,
+        )
+        return {"pid": os.getpid(), "path": sender.path}
+
+    @WorkerStart.responder
+    def start(self, session: str, generation: int, media: str, size: int, block_size: int,
+              block_starts: list[float], duration: float, payload: int, clock_rate: int,
+              blocks: list[int], start_ct: float, start_mt: float, host: str, port: int,
+              ssrc: int, seq_base: int, ts_base: int, node_index: int, offset: float,
+              state: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
+        assert self.node is not None
+        self.offset = offset
+        timing = self.timings.get(media)
+        if timing is None or (timing.size, timing.block_size, timing.block_starts) != (
+            size,
+            block_size,
+            tuple(block_starts),
+        ):
+            timing = self.timings[media] = MediaTiming(
+                media, size, block_size, tuple(block_starts), duration, payload, clock_rate
+            )
+        self.generations[session] = generation
+        node = self.node
+        node.destinations[session] = Destination(
+            host, port, ssrc, seq_base, ts_base, node_index, timing.clock_rate,
+            start_ct=start_ct, start_mt=start_mt,
+        )  # fmt: skip
+        s = node.scheduler.add(session, timing, blocks, start_ct, start_mt)
+        if state is not None:
+            apply_state(s, state)
+        node.engine.poke()
+        return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}
+
+    @WorkerControl.responder
+    def control(
+        self, session: str, action: str, at: float, value: float, offset: float
+    ) -> dict[str, Any]:
+        assert self.node is not None
+        self.offset = offset
+        if action == "stop":
+            self.generations.pop(session, None)
+        return self.node.control(session, action, at, value)
+
+    @WorkerNack.responder
+    def nack(self, session: str, node_seqs: list[int], gseqs: list[int] | None = None) -> Any:
+        assert self.node is not None
+        return self.node.nack(session, node_seqs, gseqs)
+
+    @WorkerState.responder
+    def state(self, start: int, offset: float) -> dict[str, Any]:
+        self.offset = offset
+        node = self.node
+        if node is None:
+            return {"sessions": [], "next": -1, "counters": []}
+        sessions = node.scheduler.sessions
+        names = sorted(sessions)[start : start + STATE_PAGE]
+        rows = [
+            {"session": sid, "generation": self.generations.get(sid, 0),
+             "cursor_block": sessions[sid].cursor_block,
+             "cursor_packet": sessions[sid].cursor_packet,
+             "node_seq": sessions[sid].node_seq}
+            for sid in names
+        ]  # fmt: skip
+        nxt = start + STATE_PAGE if start + STATE_PAGE < len(sessions) else -1
+        engine, snd = node.engine, self.sender
+        counters = {
+            "packets_sent": engine.sent,
+            "bytes_sent": engine.sent_bytes,
+            "block_reads": engine.block_reads,
+            "block_read_bytes": engine.block_read_bytes,
+            "block_read_errors": engine.read_errors,
+            "late_waits": node.scheduler.late_waits,
+            "late_packets": engine.stats.late_packets,
+            "cache_hits": engine.stats.cache_hits,
+            "resent": node.resent,
+            "spooled": self.spooled,
+        }
+        if snd is not None:
+            counters.update(datagrams=snd.datagrams, syscalls=snd.syscalls, dropped=snd.dropped,
+                            eagain=snd.eagain, errors=snd.errors)  # fmt: skip
+        return {
+            "sessions": rows,
+            "next": nxt,
+            "counters": [{"name": k, "value": int(v)} for k, v in counters.items()],
+        }
+
+
+class _Channel(amp.AMP):
+    """The worker's end of the AMP channel: the reactor stops when the main process goes."""
+
+    def __init__(self, delivery: WorkerDelivery, reactor: Any) -> None:
+        super().__init__(locator=delivery)
+        self.reactor = reactor
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def main() -> None:
+    """Run one worker until the main process closes the channel."""
+    from twisted.internet import reactor, stdio
+    from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
+
+    # Plain lines: the main process logs each with its own time stamp.
+    def line(event: dict[str, Any]) -> str:
+        text = formatEvent(event) or ""
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        return text + "\n"
+
+    observer = FileLogObserver(sys.stderr, line)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    sock = socket.socket(fileno=DATA_FD)
+    sock.setblocking(False)
+    delivery = WorkerDelivery(reactor, sock)
+    channel = _Channel(delivery, reactor)
+    delivery.main = channel
+    stdio.StandardIO(channel, reactor=reactor)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()
