@@ -44,6 +44,8 @@ from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
 from .auth import MailRealm, ManagerChecker, SlotWaiters, ThrottledPortal
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL
+from .bodycache import DEFAULT_MAX_BYTES as DEFAULT_BODY_CACHE_BYTES
+from .bodycache import BodyCache
 from .cluster import ProfileReplicator
 from .delivery import (
     DeliveryProxy,
@@ -141,6 +143,7 @@ class MailService(MultiService):
         allow_plaintext_auth: bool = False,
         other_domains: Sequence[str] = (),
         mail_index_rows: int = DEFAULT_MAX_ROWS,
+        mail_body_cache_bytes: int = DEFAULT_BODY_CACHE_BYTES,
         auth_cache_ttl: float = DEFAULT_TTL,
         auth_cache_size: int = DEFAULT_SIZE,
     ) -> None:
@@ -185,8 +188,10 @@ class MailService(MultiService):
         self.fragment_store = FragmentStore(self.data_dir, node_id, now)
         #: Users' mailboxes here in memory (issue 20), bounded by ``mail_index_rows``.
         self.mail_index = MailIndex(mail_index_rows)
+        #: Bodies read or stored recently, bounded by ``mail_body_cache_bytes``.
+        self.body_cache = BodyCache(mail_body_cache_bytes)
         self.mailbox_manager = MailboxManager(
-            reactor, self.pool, self.fragment_store, index=self.mail_index
+            reactor, self.pool, self.fragment_store, index=self.mail_index, bodies=self.body_cache
         )
         # the local manager checkpoints the group-commit journal (mailbox_manager may be
         # wrapped by replication later); also when only replicas write here
@@ -509,6 +514,7 @@ class MailService(MultiService):
             "mail_sessions": self.client_errors.activity(),
             "imap_open_mailboxes": self.registry.count(),
             "mail_index": self.mail_index.status(),
+            "mail_body_cache": self.body_cache.status(),
             "outbound": self.outbound.status(),
             # No certificate: IMAP LOGIN, POP3 USER/PASS (and SMTP AUTH is off) in clear.
             "plaintext_passwords": self.tls is None,
