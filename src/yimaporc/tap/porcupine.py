@@ -177,6 +177,7 @@ def makeService(options: Options) -> IService:
 
     from ..cluster.bucketservice import BucketMapService
     from ..cluster.histogram import DELIVERY_BUCKETS
+    from ..cluster.routes import Route
     from ..porcupine.cluster import MailCluster
     from ..porcupine.replication.mail import MailReplication
     from ..porcupine.service import MailService
@@ -184,6 +185,7 @@ def makeService(options: Options) -> IService:
     node = build_node(reactor, options)
     user_map = BucketMapService(node)
     node.add_status(user_map.status)
+    node.add_route(Route("GET", "/api/buckets", user_map.owners))
     try:
         mail = MailService(
             reactor,
