@@ -291,6 +291,63 @@ def _spread(
     return out
 
 
+def spread_prefix(owners: list[str], nodes: list[str], users: int) -> tuple[str, list[int]]:
+    """A login prefix P whose users P001..PUSERS have their managers (the bucket owners in
+    ``owners``) and their homes (rendezvous over ``nodes``, as ``MailCluster.home_of``)
+    spread as evenly as the count allows, so no node carries more of the retrieval
+    path than its share (pop001..pop010 put 4 of 10 managers on one node of 8).  The
+    first of ``pop``, ``pa``..``pz``, ``paa``..``pzz`` that is as even as possible, else
+    the most even; with it, the users per node (managers)."""
+    import itertools
+    import string
+
+    from yimaporc.porcupine.softstate import bucket_of as raw_bucket_of
+    from yimaporc.porcupine.usermap import bucket_of
+
+    best: tuple[int, str, list[int]] | None = None
+    floor = 2 * -(-users // len(nodes))
+    letters = string.ascii_lowercase
+    candidates = itertools.chain(
+        ["pop"],
+        ("p" + a for a in letters),
+        ("p" + a + b for a in letters for b in letters),
+    )
+    for prefix in candidates:
+        managers = dict.fromkeys(nodes, 0)
+        homes = dict.fromkeys(nodes, 0)
+        for u in range(1, users + 1):
+            address = f"{prefix}{u:03d}@{DOMAIN}"
+            owner = owners[bucket_of(address)]
+            managers[owner] = managers.get(owner, 0) + 1
+            home = max(nodes, key=lambda n, a=address: raw_bucket_of(f"{a}|{n}", 1 << 31))
+            homes[home] += 1
+        score = max(managers.values()) + max(homes.values())
+        if best is None or score < best[0]:
+            best = (score, prefix, [managers[n] for n in nodes])
+        if score <= floor:
+            break
+    assert best is not None
+    return best[1], best[2]
+
+
+def _bucket_owners(c: Cluster, nodes: list[str], wait: float = 60.0) -> list[str]:
+    """The bucket map as node 1 knows it (``GET /api/buckets``), once every node of
+    ``nodes`` manages some buckets (the last join's map installed), or after ``wait`` s."""
+    import json
+    import urllib.request
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(c.admin(0) + "/api/buckets", timeout=10) as f:
+                owners = [str(o) for o in json.load(f)["owners"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PartFailed(f"GET /api/buckets failed: {e!r}") from e
+        if set(nodes) <= set(owners) or time.monotonic() > deadline:
+            return owners
+        time.sleep(0.5)
+
+
 def part_scaling_mail(s: Settings, res: dict[str, Any], errors: list[str]) -> None:
     out = res.setdefault("scaling", {}).setdefault("porcupine", {})
     out["quota"] = s.scaling_quota
@@ -317,8 +374,14 @@ def part_scaling_mail(s: Settings, res: dict[str, Any], errors: list[str]) -> No
                 require_service(c, "pop3", PORTS["pop3"])
                 for r in reps:
                     add_users(c, [f"r{r}u{u}" for u in users], r)
-                add_users(c, [f"pop{u}" for u in users])
-                deliver_for_retrieval(s, c.hosts)
+                # logins spread over the managers and homes (not pop001..: see spread_prefix)
+                ids = [f"pb{i}" for i in range(1, n + 1)]
+                prefix, per_node = spread_prefix(_bucket_owners(c, ids), ids, s.mail_users)
+                say(f"  porcupine {n}: retrieval users {prefix}001.., managers per node {per_node}")
+                out["retrieval_users"] = out.get("retrieval_users", {})
+                out["retrieval_users"][str(n)] = {"prefix": prefix, "managers": per_node}
+                add_users(c, [f"{prefix}{u}" for u in users])
+                deliver_for_retrieval(s, c.hosts, prefix)
                 say(f"  porcupine {n}: started, users made in {time.monotonic() - t0:.1f} s")
                 c.limit()
                 for r in reps:
@@ -344,7 +407,8 @@ def part_scaling_mail(s: Settings, res: dict[str, Any], errors: list[str]) -> No
                 pop = copy.copy(s)
                 pop.mail_warmup, pop.mail_duration = s.scaling_pop_warmup, s.scaling_pop_window
                 try:
-                    row = _spread(pop, c, "pop3", label, ["--user-suffix", "@" + DOMAIN], log)
+                    pop_args = ["--user-suffix", "@" + DOMAIN, "--login-prefix", prefix]
+                    row = _spread(pop, c, "pop3", label, pop_args, log)
                     row.update(_quota_rows(c, meter, label))
                     out["retrieval"][str(n)] = row
                     say(

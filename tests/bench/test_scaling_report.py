@@ -117,3 +117,24 @@ def test_plot_writes_a_png(scaling: ModuleType, measured: dict[str, Any], tmp_pa
     out = tmp_path / "scaling.png"
     scaling.plot(measured, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_retrieval_users_spread_over_managers(scaling: ModuleType) -> None:
+    """spread_prefix picks login names whose managers (bucket owners) and homes are spread:
+    on an 8-node map of contiguous ranges no node manages more than 2 of 10 users (pop001..
+    puts 3 on one), and each user is counted once; one node takes the default prefix."""
+    from yimaporc.cluster.buckets import BucketMap
+    from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
+
+    nodes = [f"pb{i}" for i in range(1, 9)]
+    m = BucketMap.empty(N_BUCKETS)
+    for k in range(1, 9):
+        m = m.reassign(nodes[:k], k)
+    owners = list(m.owners)
+    naive = [owners[bucket_of(f"pop{u:03d}@bench.test")] for u in range(1, 11)]
+    assert max(naive.count(n) for n in nodes) >= 3
+    prefix, per_node = scaling.spread_prefix(owners, nodes, 10)
+    assert sum(per_node) == 10 and max(per_node) <= 2
+    managed = [owners[bucket_of(f"{prefix}{u:03d}@bench.test")] for u in range(1, 11)]
+    assert [managed.count(n) for n in nodes] == per_node
+    assert scaling.spread_prefix(["pb1"] * N_BUCKETS, nodes[:1], 10) == ("pop", [10])

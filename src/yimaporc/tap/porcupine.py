@@ -185,7 +185,7 @@ def makeService(options: Options) -> IService:
     node = build_node(reactor, options)
     user_map = BucketMapService(node)
     node.add_status(user_map.status)
-    node.add_route(Route("GET", "/api/buckets", user_map.owners))
+    node.add_route(Route("GET", "/api/buckets", user_map.owners, mutates=False))
     try:
         mail = MailService(
             reactor,
