@@ -213,3 +213,36 @@ def test_view_falls_back_to_two_calls_on_an_older_peer(net: Net) -> None:
         assert result_of(old.view(user, box)) == want
     assert want[1] is None and want[0]
     assert asked == [MB + "view", MB + "mailboxes", MB + "digests"] * 2
+
+
+def test_logins_through_a_proxy_are_remembered_briefly(net: Net) -> None:
+    """POP3 logins at a node that is not the user's manager: the first asks the manager
+    (authenticate RPC), the next ones within profile_ttl do not; a wrong password, a
+    passwd (the new profile reaches the proxy) or the TTL running out ask again, and the
+    old password then fails."""
+    user = next(
+        u
+        for u in (f"px{i}@{DOMAIN}" for i in range(10_000))
+        if net.map.owners[bucket_of(u)] == "n1"
+    )
+    add_user(net, "n1", user)
+    auth = "porcupine.um.authenticate"
+    net.calls.clear()
+    for _ in range(3):
+        assert pop3(net, "n2", user, b"QUIT")[1][0].startswith(b"+OK")
+    assert net.calls[auth] == 1
+    p = net.nodes["n2"].mail._pop3_protocol()
+    t = StringTransport()
+    p.makeConnection(t)
+    p.dataReceived(b"USER " + user.encode() + b"\r\nPASS wrong\r\n")
+    assert b"-ERR" in t.value() and net.calls[auth] == 2
+    net.clock.advance(10)  # past profile_ttl
+    assert pop3(net, "n2", user, b"QUIT")[1][0].startswith(b"+OK")
+    assert net.calls[auth] == 3
+    result_of(net.nodes["n1"].mail.replicator.set_password(user, "new"))
+    t = StringTransport()
+    p = net.nodes["n2"].mail._pop3_protocol()
+    p.makeConnection(t)
+    p.dataReceived(b"USER " + user.encode() + b"\r\nPASS pw\r\n")
+    net.clock.advance(1)  # the failure throttle answers a second failure late
+    assert b"-ERR" in t.value() and net.calls[auth] == 4
