@@ -120,21 +120,26 @@ def test_plot_writes_a_png(scaling: ModuleType, measured: dict[str, Any], tmp_pa
 
 
 def test_retrieval_users_spread_over_managers(scaling: ModuleType) -> None:
-    """spread_prefix picks login names whose managers (bucket owners) and homes are spread:
-    on an 8-node map of contiguous ranges no node manages more than 2 of 10 users (pop001..
-    puts 3 on one), and each user is counted once; one node takes the default prefix."""
+    """spread_users picks retrieval users whose managers (bucket owners) and homes are
+    spread: on an 8-node map of contiguous ranges no node manages more than 2 of 10 users
+    (pop001.. puts 3 on one; no other prefix can help, CRC-32 is affine), on 2 nodes 5 and
+    5 (pop001..: 7 and 3); one node takes pop001.."""
     from yimaporc.cluster.buckets import BucketMap
     from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 
-    nodes = [f"pb{i}" for i in range(1, 9)]
-    m = BucketMap.empty(N_BUCKETS)
-    for k in range(1, 9):
-        m = m.reassign(nodes[:k], k)
-    owners = list(m.owners)
-    naive = [owners[bucket_of(f"pop{u:03d}@bench.test")] for u in range(1, 11)]
-    assert max(naive.count(n) for n in nodes) >= 3
-    prefix, per_node = scaling.spread_prefix(owners, nodes, 10)
-    assert sum(per_node) == 10 and max(per_node) <= 2
-    managed = [owners[bucket_of(f"{prefix}{u:03d}@bench.test")] for u in range(1, 11)]
-    assert [managed.count(n) for n in nodes] == per_node
-    assert scaling.spread_prefix(["pb1"] * N_BUCKETS, nodes[:1], 10) == ("pop", [10])
+    def owners_of(nodes: list[str]) -> list[str]:
+        m = BucketMap.empty(N_BUCKETS)
+        for k in range(1, len(nodes) + 1):
+            m = m.reassign(nodes[:k], k)
+        return list(m.owners)
+
+    for n, most in ((8, 2), (2, 5)):
+        nodes = [f"pb{i}" for i in range(1, n + 1)]
+        owners = owners_of(nodes)
+        naive = [owners[bucket_of(f"pop{u:03d}@bench.test")] for u in range(1, 11)]
+        assert max(naive.count(x) for x in nodes) > most
+        first, per_node = scaling.spread_users(owners, nodes, 10)
+        assert sum(per_node) == 10 and max(per_node) <= most
+        managed = [owners[bucket_of(f"pop{first + u:03d}@bench.test")] for u in range(1, 11)]
+        assert [managed.count(x) for x in nodes] == per_node
+    assert scaling.spread_users(["pb1"] * N_BUCKETS, ["pb1"], 10) == (0, [10])
