@@ -155,6 +155,29 @@ def test_delete_drops_the_users_bodies_even_from_a_racing_read(
     assert bodies.get(A, d1.key) is None and bodies.bytes == 0
 
 
+def test_cache_is_off_without_the_index_or_with_a_zero_bound(tmp_path: Path) -> None:
+    """With the index off (its keys are what the cache is looked up by) or a bound of 0,
+    every fetch reads the file on the pool, and gives the same bytes."""
+    for index, bodies in ((MailIndex(0), BodyCache(1 << 20)), (MailIndex(), BodyCache(0))):
+        store = FragmentStore(tmp_path / str(id(index)), "n1", lambda: T0)
+        pool = CountingPool()
+        manager = MailboxManager(
+            ImmediateReactor(),  # type: ignore[arg-type]
+            pool,  # type: ignore[arg-type]
+            store,
+            index=index,
+            bodies=bodies,
+        )
+        assert manager.bodies is None
+        (d,) = result_of(manager.store([NewMessage(A, INBOX, b"one\r\n", (), T0)]))
+        result_of(manager.mailboxes(A))
+        pool.jobs.clear()
+        for _ in range(2):
+            assert result_of(manager.fetch(A, INBOX, [d.uid])) == {d.uid: b"one\r\n"}
+        assert len(pool.jobs) == 2
+        store.close()
+
+
 def test_mail_body_cache_option_fails_fast_and_reaches_status(tmp_path: Path) -> None:
     """--mail-body-cache-bytes takes a whole number (0 off); bad values are UsageErrors; the
     service's status and /metrics show the cache's counters."""

@@ -1563,9 +1563,8 @@ class MailboxManager:
         store.index = self.index
         #: Recently read or stored bodies (:mod:`.bodycache`); None or a bound of 0: off.
         #: Used with the index only (the keys of a fetch come from it).
-        self.bodies = bodies if bodies is not None and bodies.enabled and self.index else None
-        #: Pool jobs started (tests count the round trips a session costs).
-        self.pool_jobs = 0
+        on = bodies is not None and bodies.enabled and self.index is not None
+        self.bodies = bodies if on else None
         self.node_id = store.node_id
         self.max_batch = max_batch
         self._pending: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
@@ -1574,7 +1573,6 @@ class MailboxManager:
         self._listeners: list[Callable[[str, str], None]] = []
 
     def _run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
-        self.pool_jobs += 1
         return deferToThreadPool(self.reactor, self.pool, f, *args)
 
     def on_change(self, listener: Callable[[str, str], None]) -> None:
