@@ -23,8 +23,9 @@ from parts.common import (
 from parts.loads import mail_load
 
 
-def deliver_for_retrieval(s: Settings, hosts: list[str]) -> None:
-    """pop001..popU get per_user messages over SMTP (the same 4-8 KB shape as populate)."""
+def deliver_for_retrieval(s: Settings, hosts: list[str], first: int = 0) -> None:
+    """pop(F+1)..pop(F+U) (pop001..popU) get per_user messages over SMTP (the same
+    4-8 KB shape as populate)."""
     sys.path.insert(0, str(PEERS))
     import random
 
@@ -34,7 +35,7 @@ def deliver_for_retrieval(s: Settings, hosts: list[str]) -> None:
     jobs = []
     for u in range(1, s.mail_users + 1):
         for i in range(s.mail_per_user):
-            rcpt = f"pop{u:03d}@{DOMAIN}"
+            rcpt = f"pop{first + u:03d}@{DOMAIN}"
             msg = mail_load.make_message(rng, rng.randint(4096, 8192), "load@bench.load", rcpt, i)
             jobs.append((hosts[len(jobs) % len(hosts)], rcpt, msg))
     lock = threading.Lock()

@@ -291,6 +291,57 @@ def _spread(
     return out
 
 
+def spread_users(owners: list[str], nodes: list[str], users: int) -> tuple[int, list[int]]:
+    """F such that the retrieval users pop(F+1)..pop(F+USERS) have their managers (the
+    bucket owners in ``owners``) and their homes (rendezvous over ``nodes``, as
+    ``MailCluster.home_of``) spread as evenly as the count allows, so no node carries
+    more of the retrieval path than its share (pop001..pop010 put 7 of 10 managers on
+    one node of 2, 3 on one of 8).  Not a prefix: the bucket hash is CRC-32, affine
+    over GF(2), so a different prefix only XORs every bucket with one constant and
+    keeps the counts per range; other numbers change them.  The first F from 0 that
+    is as even as possible, else the most even of F < 3000; with it, the users per
+    node (managers)."""
+    from yimaporc.porcupine.softstate import bucket_of as raw_bucket_of
+    from yimaporc.porcupine.usermap import bucket_of
+
+    best: tuple[int, int, list[int]] | None = None
+    floor = 2 * -(-users // len(nodes))
+    for first in range(0, 3000):
+        managers = dict.fromkeys(nodes, 0)
+        homes = dict.fromkeys(nodes, 0)
+        for u in range(first + 1, first + users + 1):
+            address = f"pop{u:03d}@{DOMAIN}"
+            owner = owners[bucket_of(address)]
+            managers[owner] = managers.get(owner, 0) + 1
+            home = max(nodes, key=lambda n, a=address: raw_bucket_of(f"{a}|{n}", 1 << 31))
+            homes[home] += 1
+        score = max(managers.values()) + max(homes.values())
+        if best is None or score < best[0]:
+            best = (score, first, [managers[n] for n in nodes])
+        if score <= floor:
+            break
+    assert best is not None
+    return best[1], best[2]
+
+
+def _bucket_owners(c: Cluster, nodes: list[str], wait: float = 60.0) -> list[str]:
+    """The bucket map as node 1 knows it (``GET /api/buckets``), once every node of
+    ``nodes`` manages some buckets (the last join's map installed), or after ``wait`` s."""
+    import json
+    import urllib.request
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(c.admin(0) + "/api/buckets", timeout=10) as f:
+                owners = [str(o) for o in json.load(f)["owners"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PartFailed(f"GET /api/buckets failed: {e!r}") from e
+        if set(nodes) <= set(owners) or time.monotonic() > deadline:
+            return owners
+        time.sleep(0.5)
+
+
 def part_scaling_mail(s: Settings, res: dict[str, Any], errors: list[str]) -> None:
     out = res.setdefault("scaling", {}).setdefault("porcupine", {})
     out["quota"] = s.scaling_quota
@@ -317,8 +368,14 @@ def part_scaling_mail(s: Settings, res: dict[str, Any], errors: list[str]) -> No
                 require_service(c, "pop3", PORTS["pop3"])
                 for r in reps:
                     add_users(c, [f"r{r}u{u}" for u in users], r)
-                add_users(c, [f"pop{u}" for u in users])
-                deliver_for_retrieval(s, c.hosts)
+                # logins spread over the managers and homes (not pop001..: see spread_users)
+                ids = [f"pb{i}" for i in range(1, n + 1)]
+                first, per_node = spread_users(_bucket_owners(c, ids), ids, s.mail_users)
+                say(f"  porcupine {n}: retrieval users pop{first + 1:03d}.., managers {per_node}")
+                out["retrieval_users"] = out.get("retrieval_users", {})
+                out["retrieval_users"][str(n)] = {"first": first, "managers": per_node}
+                add_users(c, [f"pop{first + int(u):03d}" for u in users])
+                deliver_for_retrieval(s, c.hosts, first)
                 say(f"  porcupine {n}: started, users made in {time.monotonic() - t0:.1f} s")
                 c.limit()
                 for r in reps:
@@ -344,7 +401,8 @@ def part_scaling_mail(s: Settings, res: dict[str, Any], errors: list[str]) -> No
                 pop = copy.copy(s)
                 pop.mail_warmup, pop.mail_duration = s.scaling_pop_warmup, s.scaling_pop_window
                 try:
-                    row = _spread(pop, c, "pop3", label, ["--user-suffix", "@" + DOMAIN], log)
+                    pop_args = ["--user-suffix", "@" + DOMAIN, "--login-first", str(first)]
+                    row = _spread(pop, c, "pop3", label, pop_args, log)
                     row.update(_quota_rows(c, meter, label))
                     out["retrieval"][str(n)] = row
                     say(

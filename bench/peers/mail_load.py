@@ -127,7 +127,7 @@ def pop3_worker(a, stop_at, win0, win1, out, wid):
     while time.monotonic() < stop_at:
         t0 = time.monotonic()
         try:
-            user = "pop%03d" % rng.randint(1, a.users)
+            user = "%s%03d" % (a.login_prefix, a.login_first + rng.randint(1, a.users))
             p = poplib.POP3(a.host, a.port, timeout=a.timeout)
             p.user(user + a.user_suffix)
             p.pass_(a.password)
@@ -164,7 +164,7 @@ def imap_worker(a, stop_at, win0, win1, out, wid):
     while time.monotonic() < stop_at:
         t0 = time.monotonic()
         try:
-            user = "pop%03d" % rng.randint(1, a.users)
+            user = "%s%03d" % (a.login_prefix, a.login_first + rng.randint(1, a.users))
             m = imaplib.IMAP4(a.host, a.port, timeout=a.timeout)
             m.login(user + a.user_suffix, a.password)
             typ, data = m.select("INBOX", readonly=True)
@@ -320,7 +320,7 @@ def populate(a):
     host = socket.gethostname()
     n = 0
     for u in range(1, a.users + 1):
-        user = "pop%03d" % u
+        user = "%s%03d" % (a.login_prefix, a.login_first + u)
         d = os.path.join(a.maildir_root, user)
         for sub in ("cur", "new", "tmp"):
             os.makedirs(os.path.join(d, sub), exist_ok=True)
@@ -362,6 +362,12 @@ def main():
     ap.add_argument("--user-suffix", default="", help="appended to login names, e.g. @bench.test")
     ap.add_argument(
         "--user-prefix", default="user", help="(added) SMTP recipients are PREFIX001..PREFIXU"
+    )
+    ap.add_argument(
+        "--login-prefix", default="pop", help="(added) POP3/IMAP logins are PREFIX001..PREFIXU"
+    )
+    ap.add_argument(
+        "--login-first", type=int, default=0, help="(added) logins are PREFIX(F+1)..PREFIX(F+U)"
     )
     ap.add_argument("--msgs-per-conn", type=int, default=1)
     ap.add_argument("--fetch", type=int, default=5, help="messages fetched per session")

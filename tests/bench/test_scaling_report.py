@@ -117,3 +117,29 @@ def test_plot_writes_a_png(scaling: ModuleType, measured: dict[str, Any], tmp_pa
     out = tmp_path / "scaling.png"
     scaling.plot(measured, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_retrieval_users_spread_over_managers(scaling: ModuleType) -> None:
+    """spread_users picks retrieval users whose managers (bucket owners) and homes are
+    spread: on an 8-node map of contiguous ranges no node manages more than 2 of 10 users
+    (pop001.. puts 3 on one; no other prefix can help, CRC-32 is affine), on 2 nodes 5 and
+    5 (pop001..: 7 and 3); one node takes pop001.."""
+    from yimaporc.cluster.buckets import BucketMap
+    from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
+
+    def owners_of(nodes: list[str]) -> list[str]:
+        m = BucketMap.empty(N_BUCKETS)
+        for k in range(1, len(nodes) + 1):
+            m = m.reassign(nodes[:k], k)
+        return list(m.owners)
+
+    for n, most in ((8, 2), (2, 5)):
+        nodes = [f"pb{i}" for i in range(1, n + 1)]
+        owners = owners_of(nodes)
+        naive = [owners[bucket_of(f"pop{u:03d}@bench.test")] for u in range(1, 11)]
+        assert max(naive.count(x) for x in nodes) > most
+        first, per_node = scaling.spread_users(owners, nodes, 10)
+        assert sum(per_node) == 10 and max(per_node) <= most
+        managed = [owners[bucket_of(f"pop{first + u:03d}@bench.test")] for u in range(1, 11)]
+        assert [managed.count(x) for x in nodes] == per_node
+    assert scaling.spread_users(["pb1"] * N_BUCKETS, ["pb1"], 10) == (0, [10])

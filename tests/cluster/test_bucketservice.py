@@ -65,3 +65,16 @@ def test_map_survives_restart_from_data_dir(tmp_path: Path) -> None:
     s.membership_changed(View(0, (), ""), View(3, ms, "a", node.provider(View(0, (), ""), ms, 3)))
     again = BucketMapService(FakeNode(tmp_path), 64)  # type: ignore[arg-type]
     assert again.map == s.map
+
+
+def test_owners_lists_every_buckets_manager(tmp_path: Path) -> None:
+    """GET /api/buckets's handler gives the owner of each bucket, in bucket order, as the
+    installed map has them."""
+    node = FakeNode(tmp_path / "a")
+    service = BucketMapService(node, 8)  # type: ignore[arg-type]
+    ms = members("a", "b")
+    attachment = node.provider(View(1, ms[:1], "a"), ms, 2)
+    service.membership_changed(View(1, ms[:1], "a"), View(2, ms, "a", attachment))
+    owners = service.owners({}, {})["owners"]
+    assert owners == list(service.map.owners) and sorted(set(owners)) == ["a", "b"]  # type: ignore[arg-type]
+    assert [service.owner(b) for b in range(8)] == owners

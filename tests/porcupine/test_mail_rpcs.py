@@ -110,7 +110,7 @@ def test_sessions_make_no_rpc_when_everything_is_local(net: Net) -> None:
 
 def test_remote_fragment_is_asked_once_per_command(net: Net) -> None:
     """Mail on another node: a POP3 login asks it once (view, was mailboxes + digests),
-    each RETR once (fetch); an IMAP LOGIN once (mailboxes, special-use folders created
+    RETR 1 once (fetch, reading the next messages ahead) and RETR 2 not at all; an IMAP LOGIN once (mailboxes, special-use folders created
     without asking again per folder), SELECT once (view), STATUS once (view) besides the
     selected mailbox's refresh, a FETCH of several messages once besides that refresh."""
     user = local_user(net, "n1")
@@ -126,7 +126,7 @@ def test_remote_fragment_is_asked_once_per_command(net: Net) -> None:
     assert mb_calls(net) == Counter({MB + "view": 1}), "login: one view of the remote node"
     net.calls.clear()
     pop3(net, "n1", user, b"STAT", b"LIST", b"RETR 1", b"RETR 2", b"QUIT")
-    assert mb_calls(net) == Counter({MB + "view": 1, MB + "fetch": 2})
+    assert mb_calls(net) == Counter({MB + "view": 1, MB + "fetch": 1}), "RETR 2 read ahead"
     session = Imap(net, "n1")
     for command, want in (
         (b"LOGIN " + user.encode() + b" pw", {MB + "mailboxes": 1}),
@@ -146,8 +146,8 @@ def test_remote_fragment_is_asked_once_per_command(net: Net) -> None:
 
 def test_warm_index_serves_listings_without_the_pool(net: Net) -> None:
     """With the user's index warm, IMAP UID FETCH FLAGS, NOOP, STATUS, LIST take no
-    thread-pool job at all, and a POP3 session's only mail-store job is its RETR's file
-    read (its login's password check aside)."""
+    thread-pool job at all, and a POP3 session none either (bodies delivered here are in
+    the body cache); with that cache cold, its RETRs read the files in one job."""
     user = local_user(net, "n1")
     add_user(net, "n1", user)
     for i in range(3):
@@ -172,8 +172,17 @@ def test_warm_index_serves_listings_without_the_pool(net: Net) -> None:
     assert replies[2][0].startswith(b"+OK 3 ")
     jobs.clear()
     replies = pop3(net, "n1", user, b"STAT", b"LIST", b"RETR 1")
-    # the login's own jobs (profile, password) aside: the mail store only reads the file
+    # the login's own jobs (profile, password) aside: bodies delivered here are in the
+    # body cache, so no mail-store job at all
     store_jobs = set(dir(FragmentStore)) | set(dir(MailboxManager))
+    assert [j for j in jobs if j in store_jobs] == [], jobs
+    net.nodes["n1"].mail.body_cache.forget_user(user)
+    jobs.clear()
+    replies = pop3(net, "n1", user, b"RETR 1", b"RETR 2", b"RETR 3")
+    assert [r[0] for r in replies[2:5]] == [
+        b"+OK " + b"%d octets" % (len(b"Subject: %d\r\n\r\nbody\r\n" % i)) for i in range(3)
+    ], replies
+    # cold: the three files are read in one job (RETR 1 reads ahead), then cached
     assert [j for j in jobs if j in store_jobs] == ["read_bodies"], jobs
 
 
@@ -204,3 +213,36 @@ def test_view_falls_back_to_two_calls_on_an_older_peer(net: Net) -> None:
         assert result_of(old.view(user, box)) == want
     assert want[1] is None and want[0]
     assert asked == [MB + "view", MB + "mailboxes", MB + "digests"] * 2
+
+
+def test_logins_through_a_proxy_are_remembered_briefly(net: Net) -> None:
+    """POP3 logins at a node that is not the user's manager: the first asks the manager
+    (authenticate RPC), the next ones within profile_ttl do not; a wrong password, a
+    passwd (the new profile reaches the proxy) or the TTL running out ask again, and the
+    old password then fails."""
+    user = next(
+        u
+        for u in (f"px{i}@{DOMAIN}" for i in range(10_000))
+        if net.map.owners[bucket_of(u)] == "n1"
+    )
+    add_user(net, "n1", user)
+    auth = "porcupine.um.authenticate"
+    net.calls.clear()
+    for _ in range(3):
+        assert pop3(net, "n2", user, b"QUIT")[1][0].startswith(b"+OK")
+    assert net.calls[auth] == 1
+    p = net.nodes["n2"].mail._pop3_protocol()
+    t = StringTransport()
+    p.makeConnection(t)
+    p.dataReceived(b"USER " + user.encode() + b"\r\nPASS wrong\r\n")
+    assert b"-ERR" in t.value() and net.calls[auth] == 2
+    net.clock.advance(10)  # past profile_ttl
+    assert pop3(net, "n2", user, b"QUIT")[1][0].startswith(b"+OK")
+    assert net.calls[auth] == 3
+    result_of(net.nodes["n1"].mail.replicator.set_password(user, "new"))
+    t = StringTransport()
+    p = net.nodes["n2"].mail._pop3_protocol()
+    p.makeConnection(t)
+    p.dataReceived(b"USER " + user.encode() + b"\r\nPASS pw\r\n")
+    net.clock.advance(1)  # the failure throttle answers a second failure late
+    assert b"-ERR" in t.value() and net.calls[auth] == 4

@@ -304,6 +304,18 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
         index.get("rows"),
     )
     out.gauge("yimaporc_mail_index_users", "Users in the in-memory index.", index.get("users"))
+    bodies = doc.get("mail_body_cache") or {}
+    for key, text in (
+        ("hits", "Message bodies answered from the in-memory body cache (no file read)."),
+        ("misses", "Message bodies not in the body cache (read from their files)."),
+        ("evictions", "Bodies dropped from the body cache to stay within its bound."),
+    ):
+        out.counter(f"yimaporc_mail_body_cache_{key}", text, bodies.get(key))
+    out.gauge(
+        "yimaporc_mail_body_cache_bytes",
+        "Bytes of message bodies held in the body cache.",
+        bodies.get("bytes"),
+    )
     out.gauge(
         "yimaporc_mail_plaintext_passwords",
         "1 if this node takes passwords without TLS (no certificate configured).",

@@ -89,6 +89,11 @@ class BucketMapService:
         """``buckets``: node id -> number of buckets it manages."""
         return {"buckets": self.map.counts()}
 
+    def owners(self, body: dict[str, object], query: dict[str, str]) -> dict[str, object]:
+        """``GET /api/buckets``: ``{"owners": [node id of bucket 0, 1, ...]}`` as this node
+        knows the map (a bench or an operator finds which node manages a user)."""
+        return {"owners": list(self.map.owners)}
+
     def _compute(self, old: View, members: tuple[Member, ...], epoch: int) -> bytes:
         return pack_commit(old, self.map.reassign([m.node_id for m in members], epoch))
 

@@ -56,6 +56,7 @@ from ._cluster_wire import (
     unpack_bodies,
     unpack_messages,
 )
+from .authcache import AuthCache
 from .interfaces import IMailboxManager, IUserManager
 from .reconstruct import (
     Horizon,
@@ -92,6 +93,10 @@ class RemoteUserManager(_Remote):
 
     Profiles found are kept for ``profile_ttl`` seconds (SMTP asks at RCPT and
     again at delivery); :meth:`forget` drops one when a newer record arrives.
+    A login the manager accepted is remembered the same ``profile_ttl`` seconds
+    (:class:`~.authcache.AuthCache`, keyed on the hash the manager verified
+    against; dropped by :meth:`forget`), so a client's next logins through this
+    node make no ``authenticate`` RPC (:meth:`cached_login`).
     """
 
     def __init__(
@@ -108,10 +113,26 @@ class RemoteUserManager(_Remote):
         self._away: dict[str, tuple[str, ...]] = {}
         self._uncertain: dict[str, bool] = {}
         self._horizon: dict[str, Horizon | None] = {}
+        self._logins = AuthCache(now, profile_ttl) if now is not None else None
+        self._verified: dict[str, tuple[Profile, float]] = {}
 
     def forget(self, address: str) -> None:
-        """Drop the cached profile of ``address``."""
+        """Drop the cached profile and logins of ``address``."""
         self._profiles.pop(address.lower(), None)
+        self._verified.pop(address.lower(), None)
+        if self._logins is not None:
+            self._logins.forget(address.lower())
+
+    def cached_login(self, address: str, password: str) -> Profile | None:
+        """The profile if the manager accepted this password for ``address`` less than
+        ``profile_ttl`` seconds ago and no newer profile was heard of since, else None."""
+        address = address.lower()
+        hit = self._verified.get(address)
+        if hit is None or self._logins is None or self.now is None or hit[1] <= self.now():
+            return None
+        profile = hit[0]
+        ok = self._logins.check(address, profile.password_hash, password, count_miss=False)
+        return profile if ok else None
 
     def profile(self, address: str) -> Deferred[Profile | None]:
         """See :class:`IUserManager`."""
@@ -150,6 +171,12 @@ class RemoteUserManager(_Remote):
             p = _profile_in(r["profile"])
             if p is None:
                 raise BadCredentials("bad user name or password")
+            if self._logins is not None and self.now is not None:
+                if len(self._verified) > 10_000:
+                    self._verified.clear()
+                    self._logins.clear()
+                self._verified[address.lower()] = (p, self.now() + self.profile_ttl)
+                self._logins.remember(address.lower(), p.password_hash, password)
             return p
 
         return self.call(UmAuthenticate, user=address, password=password).addCallback(got)

@@ -66,6 +66,7 @@ from zope.interface import implementer
 from . import _modseq
 from ._durable import Barrier, default_barrier
 from ._journal import Entry, Journal, Record, decode_all, read_records
+from .bodycache import BodyCache
 from .interfaces import ILocalMailboxes
 from .mailindex import MailIndex, UserIndex
 from .usermap import N_BUCKETS, bucket_dir, bucket_of
@@ -81,6 +82,7 @@ from .values import (
 )
 
 T = TypeVar("T")
+_R = TypeVar("_R")
 
 #: Body files end with this, so recovery never touches files it did not write.
 BODY_SUFFIX = ".m"
@@ -1590,6 +1592,7 @@ class MailboxManager:
         store: FragmentStore,
         max_batch: int = 256,
         index: MailIndex | None = None,
+        bodies: BodyCache | None = None,
     ) -> None:
         self.reactor = reactor
         self.pool = threadpool
@@ -1597,6 +1600,10 @@ class MailboxManager:
         #: The in-memory mailbox index (:mod:`.mailindex`); None or a bound of 0: off.
         self.index = index if index is not None and index.enabled else None
         store.index = self.index
+        #: Recently read or stored bodies (:mod:`.bodycache`); None or a bound of 0: off.
+        #: Used with the index only (the keys of a fetch come from it).
+        on = bodies is not None and bodies.enabled and self.index is not None
+        self.bodies = bodies if on else None
         self.node_id = store.node_id
         self.max_batch = max_batch
         self._pending: list[tuple[list[NewMessage], Deferred[list[Digest]]]] = []
@@ -1688,6 +1695,12 @@ class MailboxManager:
         changed = dict.fromkeys(
             (flat[pos][1].user, mailbox_name(flat[pos][1].mailbox)) for pos in digests
         )
+        if self.bodies is not None:
+            # what was just written is what the next read of these keys returns
+            for pos, dig in digests.items():
+                m = flat[pos][1]
+                if dig.node == self.node_id:
+                    self.bodies.put(m.user, dig.key, m.body)
         for c, (_, d) in enumerate(batch):
             if c in failed:
                 d.errback(Failure(failed[c]) if isinstance(failed[c], Exception) else failed[c])
@@ -1807,7 +1820,8 @@ class MailboxManager:
 
     def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
         """See :class:`IMailboxManager`.  With the user's index warm, the body keys
-        come from memory and the pool only reads the files."""
+        come from memory, bodies in the body cache (:mod:`.bodycache`) are answered
+        at once, and the pool reads the other files, all in one job (then cached)."""
         entry = self.index.lookup(user) if self.index is not None else None
         if entry is None:
             return self._run(self.fragments.fetch, user, mailbox, list(uids))
@@ -1820,7 +1834,28 @@ class MailboxManager:
         keys = {d.uid: d.key for d in box if d.uid in wanted}
         if not keys:
             return succeed({})
-        return self._run(self.fragments.read_bodies, user, keys)
+        cache = self.bodies
+        if cache is None:
+            return self._run(self.fragments.read_bodies, user, keys)
+        found: dict[int, bytes] = {}
+        missing: dict[int, str] = {}
+        for uid, key in keys.items():
+            body = cache.get(user, key)
+            if body is None:
+                missing[uid] = key
+            else:
+                found[uid] = body
+        if not missing:
+            return succeed(found)
+        generation = cache.generation(user)
+
+        def keep(read: dict[int, bytes]) -> dict[int, bytes]:
+            for uid, body in read.items():
+                cache.put(user, missing[uid], body, generation)
+            found.update(read)
+            return found
+
+        return self._run(self.fragments.read_bodies, user, missing).addCallback(keep)
 
     def set_flags(
         self,
@@ -1854,12 +1889,26 @@ class MailboxManager:
         return d.addCallback(notify)
 
     def delete(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[list[int]]:
-        """See :class:`IMailboxManager`."""
-        return self._run(self.fragments.delete, user, mailbox, list(uids))
+        """See :class:`IMailboxManager` (the user's cached bodies are dropped)."""
+        self._forget_bodies(user)
+        d = self._run(self.fragments.delete, user, mailbox, list(uids))
+        return d.addBoth(self._forget_bodies_then, user)
 
     def remove_user(self, user: str) -> Deferred[None]:
-        """See :class:`IMailboxManager`."""
-        return self._run(self.fragments.remove_user, user)
+        """See :class:`IMailboxManager` (the user's cached bodies are dropped)."""
+        self._forget_bodies(user)
+        d = self._run(self.fragments.remove_user, user)
+        return d.addBoth(self._forget_bodies_then, user)
+
+    def _forget_bodies(self, user: str) -> None:
+        if self.bodies is not None:
+            self.bodies.forget_user(user)
+
+    def _forget_bodies_then(self, result: _R, user: str) -> _R:
+        """Drop them again once the files are gone: a read that began in between
+        is not kept (:meth:`BodyCache.put`'s generation)."""
+        self._forget_bodies(user)
+        return result
 
     def users_in_bucket(self, bucket: int) -> Deferred[list[str]]:
         """See :class:`IMailboxManager`."""

@@ -34,7 +34,9 @@ from ..cluster.bucketservice import BucketMapService
 from ..cluster.histogram import DELIVERY_BUCKETS
 from ..cluster.listening import ListeningService
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig
+from ..cluster.routes import Route
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL
+from .bodycache import DEFAULT_MAX_BYTES as DEFAULT_BODY_CACHE_BYTES
 from .cluster import MailCluster
 from .mailindex import DEFAULT_MAX_ROWS
 from .outbound import RetryPolicy, Routes
@@ -84,6 +86,7 @@ class PorcupineConfig:
     retry: RetryPolicy | None = None
     allow_plaintext_auth: bool = False
     mail_index_rows: int = DEFAULT_MAX_ROWS
+    mail_body_cache_bytes: int = DEFAULT_BODY_CACHE_BYTES
 
     def __attrs_post_init__(self) -> None:
         if not self.domains:
@@ -141,6 +144,7 @@ class PorcupineNode:
         admin_listening = mount_admin(node, admin, label=f"--admin {config.admin}")
         user_map = BucketMapService(node)
         node.add_status(user_map.status)
+        node.add_route(Route("GET", "/api/buckets", user_map.owners, mutates=False))
         # The disk first; then the strategies chosen over it (replicated or not, the
         # cluster); then the mail service built with them. Nothing is swapped later.
         storage = MailStorage(
@@ -148,6 +152,7 @@ class PorcupineNode:
             node.node_id,
             config.node.data_dir,
             mail_index_rows=config.mail_index_rows,
+            mail_body_cache_bytes=config.mail_body_cache_bytes,
             auth_cache_ttl=config.auth_cache_ttl,
             auth_cache_size=config.auth_cache_size,
         )

@@ -51,6 +51,7 @@ from ._pop3 import MailPOP3
 from ._smtp import MailESMTP
 from .auth import MailRealm, ManagerChecker, SlotWaiters, ThrottledPortal
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL
+from .bodycache import DEFAULT_MAX_BYTES as DEFAULT_BODY_CACHE_BYTES
 from .delivery import (
     DeliveryProxy,
     OutboundSpool,
@@ -147,6 +148,7 @@ class MailService(MultiService):
         allow_plaintext_auth: bool = False,
         other_domains: Sequence[str] = (),
         mail_index_rows: int = DEFAULT_MAX_ROWS,
+        mail_body_cache_bytes: int = DEFAULT_BODY_CACHE_BYTES,
         auth_cache_ttl: float = DEFAULT_TTL,
         auth_cache_size: int = DEFAULT_SIZE,
         delivery_latency: Histogram | None = None,
@@ -204,12 +206,14 @@ class MailService(MultiService):
             self.data_dir,
             threadpool=threadpool,
             mail_index_rows=mail_index_rows,
+            mail_body_cache_bytes=mail_body_cache_bytes,
             auth_cache_ttl=auth_cache_ttl,
             auth_cache_size=auth_cache_size,
         )
         self.pool = self.storage.pool
         self.fragment_store = self.storage.fragment_store
         self.mail_index = self.storage.mail_index
+        self.body_cache = self.storage.body_cache
         self.profiles = self.storage.profiles
         self.registry = self.storage.registry
         #: This node's mailboxes as its users' sessions reach them (replicated or not).
@@ -534,6 +538,7 @@ class MailService(MultiService):
             "mail_sessions": self.client_errors.activity(),
             "imap_open_mailboxes": self.registry.count(),
             "mail_index": self.mail_index.status(),
+            "mail_body_cache": self.body_cache.status(),
             "outbound": self.outbound.status(),
             # No certificate: IMAP LOGIN, POP3 USER/PASS (and SMTP AUTH is off) in clear.
             "plaintext_passwords": self.tls is None,

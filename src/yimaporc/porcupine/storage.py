@@ -21,6 +21,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL
+from .bodycache import DEFAULT_MAX_BYTES as DEFAULT_BODY_CACHE_BYTES
+from .bodycache import BodyCache
 from .fragments import FragmentStore, MailboxManager
 from .imap_backend import MailboxRegistry
 from .mailindex import DEFAULT_MAX_ROWS, MailIndex
@@ -42,6 +44,7 @@ class MailStorage:
         *,
         threadpool: ThreadPool | None = None,
         mail_index_rows: int = DEFAULT_MAX_ROWS,
+        mail_body_cache_bytes: int = DEFAULT_BODY_CACHE_BYTES,
         auth_cache_ttl: float = DEFAULT_TTL,
         auth_cache_size: int = DEFAULT_SIZE,
     ) -> None:
@@ -54,9 +57,11 @@ class MailStorage:
         self.fragment_store = FragmentStore(self.data_dir, node_id, now)
         #: Users' mailboxes here in memory (issue 20), bounded by ``mail_index_rows``.
         self.mail_index = MailIndex(mail_index_rows)
+        #: Bodies read or stored recently, bounded by ``mail_body_cache_bytes``.
+        self.body_cache = BodyCache(mail_body_cache_bytes)
         #: This node's own mailbox manager (replication wraps it, never replaces it).
         self.mailbox_manager = MailboxManager(
-            reactor, self.pool, self.fragment_store, index=self.mail_index
+            reactor, self.pool, self.fragment_store, index=self.mail_index, bodies=self.body_cache
         )
         self.profiles = ProfileDB(
             reactor,

@@ -52,6 +52,9 @@ class Options(NodeOptions):
         ["mail-index-rows", None, "200000",
          "Bound of the in-memory mailbox index: messages plus mailboxes over all users "
          "(about 350 bytes each; least recently used users dropped first; 0 turns it off)."],
+        ["mail-body-cache-bytes", None, str(64 << 20),
+         "Bound of the in-memory cache of message bodies read or stored recently, in bytes "
+         "(least recently used first out; needs the mailbox index; 0 turns it off)."],
     ]  # fmt: skip
 
     optFlags: list[list[Any]] = [
@@ -163,6 +166,12 @@ class Options(NodeOptions):
                 "--mail-index-rows must be a whole number from 0 (off) to 100000000"
             )
         self.mail_index_rows = int(rows)
+        body = str(self["mail-body-cache-bytes"]).strip()
+        if not body.isdigit() or int(body) > 16 << 30:
+            raise usage.UsageError(
+                "--mail-body-cache-bytes must be a whole number from 0 (off) to 17179869184"
+            )
+        self.mail_body_cache_bytes = int(body)
 
 
 def porcupine_config(options: Options) -> PorcupineConfig:
@@ -190,6 +199,7 @@ def porcupine_config(options: Options) -> PorcupineConfig:
             retry=options.retry,
             allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
             mail_index_rows=options.mail_index_rows,
+            mail_body_cache_bytes=options.mail_body_cache_bytes,
         )
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e
