@@ -115,9 +115,9 @@ class DeliveryProxy:
                 raise smtp.SMTPServerError(550, f"no such user {address}")
             plan = getattr(manager, "delivery_plan", None)
             if plan is not None:  # fragment list, UID and its fence in one question
-                # Copies of a replicated message must share one UID: unfenced.
-                unfenced = self.replicated is not None and profile.replicas > 1
-                d: Deferred[tuple[tuple[str, ...], int, str]] = plan(address, 1, unfenced)
+                # Fenced for replicated users too (issue 14 bug 2): the coordinator's
+                # copy is checked like an R=1 store and the copies follow it.
+                d: Deferred[tuple[tuple[str, ...], int, str]] = plan(address, 1, False)
                 return d.addCallback(
                     lambda p: store_on(
                         p[1], self.choose_nodes(profile, p[0]), p[0], p[2], profile.replicas
