@@ -77,6 +77,7 @@ from .reconstruct import (
     MARK_TIMEOUT,
     PAUSE_GRACE,
     PULL_TRIES,
+    READ_RENEW,
     SWEEP_INTERVAL,
     Action,
     BucketHint,
@@ -366,6 +367,10 @@ class MailSim:
         #: the other copies follow it (held until it is numbered).  False: the old
         #: path, an unfenced UID even without a majority, every copy stored alike.
         self.fenced_replicas = True
+        #: Reads are certain only under a read lease from a majority, and a node that
+        #: confirmed one records no mark for another view's map until it ran out
+        #: (:data:`~yimaporc.porcupine.reconstruct.READ_LEASE`); False: the old rule.
+        self.read_leases = True
         #: Copies whose UID was taken there by another message (should stay 0).
         self.copy_collisions = 0
         self._pushing: set[tuple[Any, ...]] = set()
@@ -403,6 +408,8 @@ class MailSim:
         m.up = True
         m.core = Reconstruction(node_id, self.config.n_buckets)
         m.core.known |= m.known
+        if self.read_leases:
+            m.core.booted(self.net.now)
         m.fences = {}
         m.lb = LoadBalancer(node_id, spread_limit=self.config.spread_limit)
         m.waiting, m.extending = {}, {}
@@ -755,6 +762,7 @@ class MailSim:
         purpose: str,
         write: Callable[[MailNode], bool],
         done: Callable[[bool], None],
+        disk: bool = True,
     ) -> None:
         """``write`` on a majority of ``m``'s known cluster (:class:`MajorityWrite`),
         ``done(granted)`` once decided or after MARK_TIMEOUT."""
@@ -777,7 +785,10 @@ class MailSim:
 
         def ask(node: str) -> None:
             def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
-                self._disk(dst, lambda: respond(write(dst)))
+                if disk:
+                    self._disk(dst, lambda: respond(write(dst)))
+                else:
+                    respond(write(dst))
 
             # The shell's call times out after RpcClient's 10 s, longer than the vote's
             # MARK_TIMEOUT: a slow member is not replaced by a spare (that would only
@@ -848,6 +859,10 @@ class MailSim:
             seen[0] = max(seen[0], dst.marks.get(b, 1))
             if dst.fences.get(b) != need.fence or not self.lease_ok(dst):
                 return False
+            if self.read_leases and (
+                dst.core is None or not dst.core.may_record_mark(b, self.net.now)
+            ):
+                return False  # a read lease it confirmed for another view may run
             dst.marks[b] = max(dst.marks.get(b, 1), need.target)
             return True
 
@@ -1467,7 +1482,7 @@ class MailSim:
                     (
                         sorted(core.state.fragment_list(user)),
                         sorted(core.state.away_list(user)),
-                        core.certain(user),
+                        core.certain(user, self.net.now if self.read_leases else None),
                         core.horizon(user, self.net.now),
                         self.net.now,
                     )
@@ -1507,6 +1522,27 @@ class MailSim:
                 m.exchanging = m.incarnation
                 self._exchange(n, m.incarnation)
                 self._later(m, SWEEP_INTERVAL, functools.partial(self._remind, n, m.incarnation))
+                if self.read_leases:
+                    self._renew_read_lease(n, m.incarnation)
+
+    def _renew_read_lease(self, node_id: str, inc: int) -> None:
+        """Every READ_RENEW s: a majority confirms our view (the read lease)."""
+        m = self.mail[node_id]
+        if not m.up or m.incarnation != inc:
+            return
+        core = m.core
+        if core is not None and not core.alone():
+            view, asked = core.view_id(), self.net.now
+
+            def grant(dst: MailNode) -> bool:
+                return dst.core is not None and dst.core.grant_read(view, self.net.now)
+
+            def done(ok: bool) -> None:
+                if ok and m.core is core:
+                    core.read_granted(view, asked)
+
+            self._majority(m, "lease", grant, done, disk=False)
+        self._later(m, READ_RENEW, lambda: self._renew_read_lease(node_id, inc))
 
     def converge(self, limit: float = 60.0) -> float:
         """Run until membership has converged; the time it took."""

@@ -75,6 +75,17 @@ MARK_BLOCK = 256
 LEASE = 1.0
 PAUSE_GRACE = 5.0
 
+#: The read lease (issue 14, the last sweep seeds): a manager answers reads as
+#: ``certain`` only while a majority of the known cluster confirmed, less than
+#: READ_LEASE before (counted from when it asked), that they still have its view
+#: (:meth:`Reconstruction.grant_read`); a node that confirmed records no UID mark
+#: for a map of another view until READ_LEASE after its confirmation, nor for
+#: READ_LEASE after it boots (it may have confirmed before a crash).  So no manager
+#: of a newer view hands out a UID while a reader of an older one (a manager cut off
+#: before failure detection) may still list.  Renewed every READ_RENEW.
+READ_LEASE = 1.0
+READ_RENEW = READ_LEASE / 4
+
 #: Every this many seconds a node reminds managers of its unnumbered mail.
 SWEEP_INTERVAL = 3.0
 
@@ -505,6 +516,13 @@ class Reconstruction:
         self.hints_received = 0
         self.numbered = 0
         self.pending_plans = 0
+        #: The read lease (:data:`READ_LEASE`): certain until then; the views we
+        #: confirmed to others, until when; no marks before ``marks_from`` (boot).
+        self.read_until = 0.0
+        #: view -> (until, bucket owners of that view's map).
+        self.promises: dict[tuple[int, tuple[str, ...]], tuple[float, tuple[str, ...]]] = {}
+        self.marks_from = 0.0
+        self.marks_delayed = 0
 
     # --- reading -----------------------------------------------------------------
 
@@ -520,10 +538,70 @@ class Reconstruction:
         """Our view holds a majority of every node ever seen (:attr:`known`)."""
         return has_majority(self.members | {self.me}, self.known | {self.me})
 
-    def certain(self, user: str) -> bool:
-        """Do we know every node holding ``user``'s mail (majority, every hint in)?"""
+    def certain(self, user: str, now: float | None = None) -> bool:
+        """Do we know every node holding ``user``'s mail (majority, every hint in)?
+        With ``now``: also our read lease holds (:meth:`read_lease`)."""
         b = self.bucket(user)
-        return self.quorum() and b not in self.settling and not self.missing.get(b)
+        return (
+            self.quorum()
+            and b not in self.settling
+            and not self.missing.get(b)
+            and (now is None or self.read_lease(now))
+        )
+
+    # --- the read lease ------------------------------------------------------------
+
+    def view_id(self) -> tuple[int, tuple[str, ...]]:
+        """Our installed view: its epoch and members (two sides of a partition can
+        commit the same epoch number with different members)."""
+        return self.view_epoch, tuple(sorted(self.members))
+
+    def alone(self) -> bool:
+        """Alone in our known cluster: nobody can have replaced us."""
+        return self.known <= {self.me}
+
+    def read_lease(self, now: float) -> bool:
+        """May an answer given at ``now`` be listed as complete?  Our lease must hold
+        until the reader's listing is done (it drops answers older than
+        :data:`HORIZON_AGE`)."""
+        return self.alone() or now + HORIZON_AGE <= self.read_until
+
+    def read_granted(self, view: tuple[int, tuple[str, ...]], asked_at: float) -> None:
+        """A majority confirmed ``view`` to a round we started at ``asked_at``."""
+        if view == self.view_id():
+            self.read_until = max(self.read_until, asked_at + READ_LEASE)
+
+    def grant_read(self, view: tuple[int, tuple[str, ...]], now: float) -> bool:
+        """A manager asks whether we have its ``view``: if so we promise to record no
+        mark for a map of another view before ``now + READ_LEASE``."""
+        if view != self.view_id():
+            return False
+        self.promises[view] = (now + READ_LEASE, tuple(self.state.map.owners))
+        return True
+
+    def booted(self, now: float) -> None:
+        """The node (re)started at ``now``: promises made before are lost, so no
+        mark is recorded for :data:`READ_LEASE`."""
+        self.marks_from = max(self.marks_from, now + READ_LEASE)
+
+    def may_record_mark(self, bucket: int, now: float) -> bool:
+        """May we record a UID mark for ``bucket`` (for our current map) now?  Not
+        while a read lease we confirmed for another view, in whose map another node
+        managed ``bucket``, can still be running (a manager that kept the bucket
+        knows its own allocations: no wait)."""
+        if self.alone():
+            return True  # nobody else can hold a read lease
+        for view, (until, _) in list(self.promises.items()):
+            if until <= now:
+                del self.promises[view]
+        here = self.view_id()
+        owner = self.state.map.owners[bucket]
+        if now < self.marks_from or any(
+            v != here and owners[bucket] != owner for v, (_, owners) in self.promises.items()
+        ):
+            self.marks_delayed += 1
+            return False
+        return True
 
     def may_number(self, user: str, lease: bool) -> bool:
         """May we hand out UIDs for ``user`` now?  As its manager, with a majority, the
