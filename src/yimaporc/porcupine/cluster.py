@@ -65,6 +65,8 @@ from .reconstruct import (
     LEASE,
     MARK_TIMEOUT,
     NODE_ALLOCATION_TTL,
+    NODE_ANSWER_TTL,
+    NODE_READ_LEASE,
     PAUSE_GRACE,
     PULL_RETRY,
     PULL_TRIES,
@@ -458,6 +460,16 @@ class UidMark(_Cmd):
     # ``seen``: the callee's mark before this call (also when refused): the manager
     # starts its UIDs at or above it (Reconstruction.mark_done).
     response = [(b"ok", amp.Boolean()), (b"seen", amp.Integer(optional=True))]
+
+
+class ReadLease(_Cmd):
+    """Does the callee have the caller's view (``epoch`` and ``members``)?  If so it
+    promises to record no UID mark for a bucket that moved in another view's map for
+    the read lease's length (the caller answers reads as certain meanwhile)."""
+
+    commandName = b"porcupine.read-lease"
+    arguments = [(b"epoch", amp.Integer()), (b"members", amp.ListOf(amp.Unicode()))]
+    response = [(b"ok", amp.Boolean())]
 
 
 class UidHolders(_Cmd):
@@ -959,6 +971,8 @@ class ClusterUserManager(UserManager):
         self.clock = clock
         self.core = Reconstruction(node_id, N_BUCKETS, settle_timeout=settle_timeout)
         self.core.allocation_ttl = NODE_ALLOCATION_TTL
+        self.core.read_lease_s = NODE_READ_LEASE
+        self.core.answer_ttl = NODE_ANSWER_TTL
         self.state = self.core.state
         self._timer: IDelayedCall | None = None
         self._waiters: dict[int, list[Deferred[None]]] = {}
@@ -1132,9 +1146,10 @@ class ClusterUserManager(UserManager):
 
     def certain(self, address: str) -> bool:
         """Do we know every node holding ``address``'s mail?  Only with a majority
-        (the holder records are on one) and every member's hint in; a manager in a
-        minority partition cannot tell what the other side holds."""
-        return self.core.certain(address.lower())
+        (the holder records are on one), every member's hint in, and our read lease
+        holding; a manager in a minority partition cannot tell what the other side
+        holds, also before its failure detection noticed."""
+        return self.core.certain(address.lower(), float(self.clock.seconds()))
 
     def horizon_of(self, address: str) -> Horizon:
         """What a reader may show of ``address``'s mail with the fragment list of this
@@ -1545,6 +1560,8 @@ class MailCluster(Service):
         self.user_manager.holders_on = self._holders_on
         node.registry.register(UidHolders, self._on_holders)
         node.registry.register(UidMark, self._on_mark)
+        node.registry.register(ReadLease, self._on_read_lease)
+        self.read_renewals = 0
         self.lease = LEASE
         self.pause_grace = PAUSE_GRACE
         self._lease_until = float("inf")  # no detector before startService
@@ -1557,6 +1574,7 @@ class MailCluster(Service):
         mail.fragment_store.fence_ok = self.lease_ok
         self._known_path = Path(mail.data_dir) / "mail" / "known-nodes"
         self.user_manager.known |= self._read_known()
+        self.user_manager.core.booted(float(self.reactor.seconds()))
         self._alone = self.user_manager.known <= {self.me}
         self.replicator = ProfileReplicator(mail.profiles, self._forget, self._push_profiles)
         self._local_mailboxes = _CountingMailboxes(mail.mailbox_manager, self)
@@ -1730,6 +1748,36 @@ class MailCluster(Service):
             return
         self._paused_at = None
         self._lease_until = now + self.lease
+        self._renew_read_lease(now)
+
+    def _renew_read_lease(self, now: float) -> None:
+        """Have a majority confirm our view: the read lease (reconstruct.READ_LEASE)."""
+        um = self.user_manager
+        core = um.core
+        if core.alone():
+            return
+        view = core.view_id()
+        epoch, members = view
+
+        def ask(node: str) -> Deferred[bool]:
+            if node == self.me:
+                return succeed(self._grant_read(epoch, list(members)))
+            d = self.call(node, ReadLease, epoch=epoch, members=list(members))
+            return d.addCallback(lambda r: bool(r["ok"]))
+
+        def done(ok: bool) -> None:
+            if ok:
+                self.read_renewals += 1
+                core.read_granted(view, now)
+
+        um._on_majority(ask).addCallback(done)
+
+    def _grant_read(self, epoch: int, members: list[str]) -> bool:
+        view = (int(epoch), tuple(sorted(str(m) for m in members)))
+        return self.user_manager.core.grant_read(view, float(self.reactor.seconds()))
+
+    def _on_read_lease(self, epoch: int, members: list[str]) -> dict[str, Any]:
+        return {"ok": self._grant_read(epoch, members)}
 
     # --- numbering --------------------------------------------------------------------
 
@@ -1798,6 +1846,10 @@ class MailCluster(Service):
     def _on_mark(self, bucket: int, fence: str, mark: int) -> Deferred[dict[str, Any]]:
         if not 0 <= bucket < N_BUCKETS:
             raise amp.MalformedAmpBox("bucket number out of range")
+        if not self.user_manager.core.may_record_mark(bucket, float(self.reactor.seconds())):
+            # a read lease we confirmed for another view may still run (a reader of
+            # the bucket's old manager may still list): no UIDs for its new one yet
+            return succeed({"ok": False})
         d = self._raise_mark(bucket, fence, mark)
         return d.addCallback(lambda r: {"ok": r[0], "seen": r[1]})
 
@@ -2069,6 +2121,11 @@ class MailCluster(Service):
                 **self.user_manager.status(),
                 "pauses": self.pauses,
                 "lease": self.lease_ok(),
+                "read_lease": {
+                    "holds": self.user_manager.core.read_lease(float(self.reactor.seconds())),
+                    "renewals": self.read_renewals,
+                    "marks_delayed": self.user_manager.core.marks_delayed,
+                },
                 "rpc_calls": dict(self.calls),
                 "load": self.load(),
                 "balancer": self.balancer.status(),

@@ -86,6 +86,12 @@ PAUSE_GRACE = 5.0
 READ_LEASE = 1.0
 READ_RENEW = READ_LEASE / 4
 
+#: The node's read lease is longer: its readers (``retrieval.UserMail``) keep a
+#: manager's answer for ``fragments_ttl`` (1 s) within a session, so the manager is
+#: certain only while its lease outlives that (:attr:`Reconstruction.answer_ttl`).
+NODE_READ_LEASE = 2.0
+NODE_ANSWER_TTL = 1.0
+
 #: Every this many seconds a node reminds managers of its unnumbered mail.
 SWEEP_INTERVAL = 3.0
 
@@ -519,6 +525,10 @@ class Reconstruction:
         #: The read lease (:data:`READ_LEASE`): certain until then; the views we
         #: confirmed to others, until when; no marks before ``marks_from`` (boot).
         self.read_until = 0.0
+        #: The lease a majority's confirmation gives, and how long a reader may keep
+        #: an answer (:data:`HORIZON_AGE` in mailsim; the node's session reuse).
+        self.read_lease_s = READ_LEASE
+        self.answer_ttl = HORIZON_AGE
         #: view -> (until, bucket owners of that view's map).
         self.promises: dict[tuple[int, tuple[str, ...]], tuple[float, tuple[str, ...]]] = {}
         self.marks_from = 0.0
@@ -564,25 +574,27 @@ class Reconstruction:
         """May an answer given at ``now`` be listed as complete?  Our lease must hold
         until the reader's listing is done (it drops answers older than
         :data:`HORIZON_AGE`)."""
-        return self.alone() or now + HORIZON_AGE <= self.read_until
+        return self.alone() or now + self.answer_ttl <= self.read_until
 
     def read_granted(self, view: tuple[int, tuple[str, ...]], asked_at: float) -> None:
         """A majority confirmed ``view`` to a round we started at ``asked_at``."""
         if view == self.view_id():
-            self.read_until = max(self.read_until, asked_at + READ_LEASE)
+            self.read_until = max(self.read_until, asked_at + self.read_lease_s)
 
     def grant_read(self, view: tuple[int, tuple[str, ...]], now: float) -> bool:
         """A manager asks whether we have its ``view``: if so we promise to record no
         mark for a map of another view before ``now + READ_LEASE``."""
         if view != self.view_id():
             return False
-        self.promises[view] = (now + READ_LEASE, tuple(self.state.map.owners))
+        self.promises[view] = (now + self.read_lease_s, tuple(self.state.map.owners))
         return True
 
     def booted(self, now: float) -> None:
-        """The node (re)started at ``now``: promises made before are lost, so no
-        mark is recorded for :data:`READ_LEASE`."""
-        self.marks_from = max(self.marks_from, now + READ_LEASE)
+        """The node (re)started at ``now`` with :attr:`known` read from its disk:
+        promises made before a restart are lost, so no mark is recorded for the
+        lease's length (a first start, knowing no other node, promised nothing)."""
+        if not self.alone():
+            self.marks_from = max(self.marks_from, now + self.read_lease_s)
 
     def may_record_mark(self, bucket: int, now: float) -> bool:
         """May we record a UID mark for ``bucket`` (for our current map) now?  Not
