@@ -67,6 +67,7 @@ from .reconstruct import (
     NODE_ALLOCATION_TTL,
     NODE_ANSWER_TTL,
     NODE_READ_LEASE,
+    NODE_TIMED_ALLOCATION_TTL,
     PAUSE_GRACE,
     PULL_RETRY,
     PULL_TRIES,
@@ -89,6 +90,7 @@ from .reconstruct import (
     decode_hints,
     fence_of,
     has_majority,
+    timed_fence,
 )
 from .softstate import bucket_of as _raw_bucket_of
 from .usermap import N_BUCKETS, BadAddress, bucket_of
@@ -973,6 +975,8 @@ class ClusterUserManager(UserManager):
         self.core.allocation_ttl = NODE_ALLOCATION_TTL
         self.core.read_lease_s = NODE_READ_LEASE
         self.core.answer_ttl = NODE_ANSWER_TTL
+        #: This node's synced cluster time, None while not synced (MailCluster).
+        self.cluster_now: Callable[[], float | None] = lambda: None
         self.state = self.core.state
         self._timer: IDelayedCall | None = None
         self._waiters: dict[int, list[Deferred[None]]] = {}
@@ -1176,6 +1180,7 @@ class ClusterUserManager(UserManager):
         again: bool = True,
         numbering: bool = False,
         track: bool = True,
+        ttl: float | None = None,
     ) -> Deferred[tuple[int, str]]:
         """``count`` UIDs for ``address`` below the bucket's granted mark (extended
         first, by a majority, when they would not fit), or PENDING.  ``track``: the
@@ -1189,6 +1194,7 @@ class ClusterUserManager(UserManager):
             numbering=numbering,
             now=self._now(),
             track=track,
+            ttl=ttl,
         )
         if isinstance(got, Taken):
             return succeed((got.first, got.fence))
@@ -1197,7 +1203,7 @@ class ClusterUserManager(UserManager):
         d = self._extend(got)
         return d.addCallback(
             lambda _: self._take(
-                address, count, unfenced, again=False, numbering=numbering, track=track
+                address, count, unfenced, again=False, numbering=numbering, track=track, ttl=ttl
             )
         )
 
@@ -1334,12 +1340,21 @@ class ClusterUserManager(UserManager):
         (a replicated store, whose copies must share one UID): a UID from the
         counter even without a majority, no fence (docs/mail.md: known limits)."""
         address = address.lower()
+        # With a synced cluster clock the allocation carries its time: stores check
+        # its age, so it leaves the horizon after NODE_TIMED_ALLOCATION_TTL.
+        timed = not unfenced and self.cluster_now() is not None
+        ttl = NODE_TIMED_ALLOCATION_TTL if timed else None
 
         def plan(taken: tuple[int, str]) -> tuple[tuple[str, ...], int, str]:
             first, fence = taken
+            at = self.cluster_now() if timed and fence else None  # the take's own turn
+            if at is not None:
+                fence = timed_fence(fence, at)
             return tuple(sorted(self.state.fragment_list(address))), first, fence
 
-        d = self.settled(address).addCallback(lambda _: self._take(address, count, unfenced))
+        d = self.settled(address).addCallback(
+            lambda _: self._take(address, count, unfenced, ttl=ttl)
+        )
         return d.addCallback(plan)
 
     # --- numbering what was stored unnumbered --------------------------------
@@ -1572,6 +1587,8 @@ class MailCluster(Service):
         self._sweep_loop: LoopingCall | None = None
         self.user_manager.lease_ok = self.lease_ok
         mail.fragment_store.fence_ok = self.lease_ok
+        self.user_manager.cluster_now = self.cluster_now
+        mail.fragment_store.cluster_now = self.cluster_now
         self._known_path = Path(mail.data_dir) / "mail" / "known-nodes"
         self.user_manager.known |= self._read_known()
         self.user_manager.core.booted(float(self.reactor.seconds()))
@@ -1729,6 +1746,15 @@ class MailCluster(Service):
         if self._alone:  # a plain bool: read from the commit threads too
             return True
         return float(self.reactor.seconds()) <= self._lease_until
+
+    def cluster_now(self) -> float | None:
+        """The cluster's common time (timesync) while this node is synced to its
+        reference, else None (thread-safe: reads)."""
+        core = getattr(self.node, "core", None)
+        sync = getattr(core, "clock_sync", None)
+        if sync is None or not sync.synced:
+            return None
+        return float(self.node.cluster_time())
 
     def _tick(self) -> None:
         """Renew the lease; a gap since the last tick means we were paused."""

@@ -36,6 +36,8 @@ from .values import PENDING
 __all__ = [
     "HORIZON_AGE",
     "NODE_ALLOCATION_TTL",
+    "NODE_PLAN_TTL",
+    "NODE_TIMED_ALLOCATION_TTL",
     "BucketHint",
     "Horizon",
     "MajorityWrite",
@@ -50,8 +52,11 @@ __all__ = [
     "Taken",
     "UserHint",
     "admit_fenced",
+    "admit_timed",
     "fence_of",
     "has_majority",
+    "split_fence",
+    "timed_fence",
 ]
 
 #: With other nodes live, a rebuilt UID counter starts this far above the highest
@@ -172,6 +177,41 @@ ALLOCATION_TTL = PLAN_TTL
 #: connect timeout, and some slack.  Readers find most allocations present well
 #: before that; this only bounds how long a lost delivery holds the horizon back.
 NODE_ALLOCATION_TTL = 15.0
+
+#: A delivery's allocation in the node carries the manager's cluster time (timesync)
+#: in its fence, ``"owner@epoch/at"`` (:func:`timed_fence`): the storing node admits
+#: it numbered only while its own synced cluster clock says it is at most
+#: NODE_PLAN_TTL old (:func:`admit_timed`; no synced clock: unnumbered), so the
+#: manager holds it in the horizon only NODE_TIMED_ALLOCATION_TTL, not
+#: NODE_ALLOCATION_TTL: the rest is room for the two clocks' error (the best
+#: round trip to the time reference) and for the commit that follows the check.
+NODE_PLAN_TTL = 1.0
+NODE_TIMED_ALLOCATION_TTL = 3.0
+
+
+def timed_fence(fence: str, at: float) -> str:
+    """``fence`` with the allocation's cluster time ``at``."""
+    return f"{fence}/{at:.3f}"
+
+
+def split_fence(fence: str) -> tuple[str, float | None]:
+    """``(fence, at)`` of a possibly timed fence (``at`` None: untimed or junk)."""
+    base, sep, at = fence.partition("/")
+    if not sep:
+        return fence, None
+    try:
+        when = float(at)
+    except ValueError:
+        return base, float("-inf")  # junk: as if very old (stored unnumbered)
+    return base, when if when == when else float("-inf")
+
+
+def admit_timed(at: float | None, cluster_now: float | None) -> bool:
+    """May a store numbered under an allocation made at cluster time ``at`` be
+    written at ``cluster_now`` (None: this node's clock is not synced)?"""
+    if at is None:
+        return True
+    return cluster_now is not None and cluster_now - at <= NODE_PLAN_TTL
 
 
 @attrs.frozen
@@ -951,6 +991,7 @@ class Reconstruction:
         numbering: bool = False,
         now: float = 0.0,
         track: bool = True,
+        ttl: float | None = None,
     ) -> Taken | NeedMark | int:
         """``count`` UIDs for ``user`` below the bucket's granted mark, PENDING when we
         may not number, or :class:`NeedMark` (``again`` False: PENDING instead).
@@ -961,7 +1002,8 @@ class Reconstruction:
 
         Every UID range handed out is *outstanding* (:meth:`horizon`) until
         :meth:`confirm`, a numbering's answer, or :attr:`allocation_ttl` after ``now``
-        (``track`` False: not at all; the node's APPEND/COPY, docs/mail.md)."""
+        (``track`` False: not at all; the node's APPEND/COPY, docs/mail.md; ``ttl``:
+        another expiry, for allocations whose age the store checks)."""
         b = self.bucket(user)
         if not numbering and not unfenced and any(u == user for u, _ in self.numbering):
             self.pending_plans += 1
@@ -971,7 +1013,7 @@ class Reconstruction:
                 first = max(self.uidnext.get(user, 1), self.floor.get(b, 1))
                 self.uidnext[user] = first + max(1, count)
                 if track:
-                    self._allocate(user, first, first + max(1, count), now)
+                    self._allocate(user, first, first + max(1, count), now, ttl)
                 return Taken(first, "")
             self.pending_plans += 1
             return PENDING
@@ -980,15 +1022,18 @@ class Reconstruction:
         if end <= self.granted.get(b, 0):
             self.uidnext[user] = end
             if track:
-                self._allocate(user, first, end, now)
+                self._allocate(user, first, end, now, ttl)
             return Taken(first, "" if unfenced else self.fence(b))
         if not again:
             self.pending_plans += 1
             return PENDING
         return NeedMark(b, self.fence(b), end + MARK_BLOCK)
 
-    def _allocate(self, user: str, first: int, end: int, now: float) -> None:
-        self.allocated.setdefault(user, {})[first] = (end, now + self.allocation_ttl)
+    def _allocate(
+        self, user: str, first: int, end: int, now: float, ttl: float | None = None
+    ) -> None:
+        life = self.allocation_ttl if ttl is None else ttl
+        self.allocated.setdefault(user, {})[first] = (end, now + life)
 
     def confirm(self, user: str, first: int) -> None:
         """The allocation starting at ``first`` landed (its store answered) or never
