@@ -446,3 +446,14 @@ def test_a_node_that_confirmed_a_read_lease_records_no_mark_for_another_view() -
     assert y.may_record_mark(0, 10.0 + READ_LEASE)
     y.booted(20.0)
     assert not y.may_record_mark(1, 20.5) and y.may_record_mark(1, 20.0 + READ_LEASE)
+
+
+def test_marks_blocked_says_while_a_promise_for_another_view_runs() -> None:
+    """``marks_blocked`` (status, and the test harness's settled check) is true while
+    a confirmed lease of another view or a restart's wait may refuse a mark."""
+    y = _settled_core("n2", ["n1", "n2", "n3"], 4, now=10.0)
+    assert not y.marks_blocked(10.0)
+    y.grant_read(y.view_id(), now=10.0)
+    assert not y.marks_blocked(10.1), "a promise for the current view blocks nothing"
+    y.install(all_to("n3", 5), ["n2", "n3"], view=5, now=10.2)
+    assert y.marks_blocked(10.5) and not y.marks_blocked(10.0 + READ_LEASE)

@@ -2151,6 +2151,9 @@ class MailCluster(Service):
                     "holds": self.user_manager.core.read_lease(float(self.reactor.seconds())),
                     "renewals": self.read_renewals,
                     "marks_delayed": self.user_manager.core.marks_delayed,
+                    "marks_blocked": self.user_manager.core.marks_blocked(
+                        float(self.reactor.seconds())
+                    ),
                 },
                 "rpc_calls": dict(self.calls),
                 "load": self.load(),

@@ -636,6 +636,17 @@ class Reconstruction:
         if not self.alone():
             self.marks_from = max(self.marks_from, now + self.read_lease_s)
 
+    def marks_blocked(self, now: float) -> bool:
+        """Could a mark be refused now (a restart's wait, or a lease we confirmed for
+        another view still running)?  For status and tests waiting for a settled
+        cluster."""
+        if self.alone():
+            return False
+        here = self.view_id()
+        return now < self.marks_from or any(
+            v != here and until > now for v, (until, _) in self.promises.items()
+        )
+
     def may_record_mark(self, bucket: int, now: float) -> bool:
         """May we record a UID mark for ``bucket`` (for our current map) now?  Not
         while a read lease we confirmed for another view, in whose map another node
