@@ -467,3 +467,40 @@ def test_manager_cut_off_before_failure_detection_stops_answering_certain(
     check.check_all(["n1", "n2", "n3"])
     assert net.nodes["n3"].cluster.status()["mail_cluster"]["read_lease"]["holds"]
     net.stop()
+
+
+def test_append_allocation_holds_the_horizon_until_its_store_lands(tmp_path: Path) -> None:
+    """Issue 14 item 4: an APPEND's UID is a fenced allocation the manager tracks like a
+    delivery's: while its store is in flight readers show nothing at or above it (the
+    horizon's bound), and the store's holder note confirms it; the APPENDed message is
+    then listed above every UID shown before, at every node."""
+    net = PartNet(tmp_path)
+    for n in ("n1", "n2", "n3"):
+        net.add(n)
+    net.commit(["n1", "n2", "n3"])
+    net.start()
+    user = users_managed_by(net, "n3", 1)[0]
+    add_user(net, "n1", user)
+    check = Checker(net)
+    net.run(0.5)
+    for i in range(3):
+        check.deliver("n1", user, b"delivered %d\r\n" % i)
+    check.check_all(["n1", "n2", "n3"])
+    shown = check.top_shown[user]
+    manager = net.nodes["n3"].cluster.user_manager
+    mail = net.nodes["n2"].mail.retrieval.open(user)
+    net.hold.add(MbStore.commandName)  # type: ignore[arg-type]
+    appended = mail.append(INBOX, b"appended\r\n", (), 0.0)
+    net.hold.discard(MbStore.commandName)  # type: ignore[arg-type]
+    done: list[Any] = []
+    appended.addBoth(lambda r: done.append(r) or r)
+    assert net.held and not done, "its store is held"
+    horizon = manager.horizon_of(user)
+    assert horizon.outstanding and horizon.bound([]) <= shown + 1, "held back meanwhile"
+    net.release()
+    digest = result_of(appended)
+    assert digest.uid > shown
+    assert not manager.horizon_of(user).outstanding, "confirmed by the holder note"
+    check.acked[user].append(b"appended\r\n")
+    check.check_all(["n1", "n2", "n3"])
+    net.stop()

@@ -650,11 +650,17 @@ class ReplicaObjectStore:
         or waits (held) for the one it is numbered with; a second call for the same
         message (a re-target) finds the row and answers it."""
         key = key_of(rid)
-        _write_file(self.fragments.tmp / key, message.body, sync=False)  # the barrier
-        got = self.fragments.commit_bucket(bucket_of(message.user), [(message, key)])[0]
-        if isinstance(got, NoSuchMailbox):
-            raise got
-        return got
+        for attempt in range(2):
+            _write_file(self.fragments.tmp / key, message.body, sync=False)  # the barrier
+            got = self.fragments.commit_bucket(bucket_of(message.user), [(message, key)])[0]
+            if not isinstance(got, NoSuchMailbox):
+                return got
+            if attempt == 0:  # APPEND/COPY to a mailbox another fragment holds
+                try:
+                    self.fragments.create_mailbox(message.user, message.mailbox)
+                except MailboxExists:
+                    pass
+        raise NoSuchMailbox(f"no mailbox {message.mailbox}")
 
     def _store(self, user: str, rid: str, mailbox: str, obj: MessageObject) -> None:
         fs = self.fragments
