@@ -457,3 +457,21 @@ def test_marks_blocked_says_while_a_promise_for_another_view_runs() -> None:
     assert not y.marks_blocked(10.1), "a promise for the current view blocks nothing"
     y.install(all_to("n3", 5), ["n2", "n3"], view=5, now=10.2)
     assert y.marks_blocked(10.5) and not y.marks_blocked(10.0 + READ_LEASE)
+
+
+def test_recorded_holder_in_view_without_its_own_hint_is_away_until_it_comes() -> None:
+    """A hint carries a majority's record that n3 holds a user's mail, n3 is in our
+    view but its own hint has not come (a bridge kept it from us while we kept the
+    bucket; mailsim seed 197): n3 is away (reads refused, its hint pulled) until its
+    hint arrives; a holder whose hint came first is not marked."""
+    c = _settled_core("n1", ["n1", "n2", "n3"], 4, now=10.0)
+    c.install(all_to("n1", 4), ["n1", "n2", "n3"], view=5, now=10.5)  # kept, nobody new
+    user = users_of(0)[0]
+    c.receive("n2", BucketHint(0, 4, (), (), 1, ((user, "n3"),)), 5, now=11.0)
+    assert c.state.away_list(user) == {"n3"}
+    pulls = [a for a in c.tick(11.0, lease=True) if isinstance(a, PullHints)]
+    assert pulls and pulls[0].peer == "n3" and 0 in pulls[0].buckets
+    c.receive("n3", BucketHint(0, 4, (UserHint(user, True, 9, 0),)), 5, now=11.1)
+    assert c.state.away_list(user) == set() and "n3" in c.state.fragment_list(user)
+    c.receive("n2", BucketHint(0, 4, (), (), 1, ((user, "n3"),)), 5, now=11.2)
+    assert c.state.away_list(user) == set(), "its hint came: not away again"

@@ -16,8 +16,6 @@ import pytest
 
 from yimaporc.porcupine.mailsim import (
     UID_FAULTS,
-    MailConfig,
-    MailSim,
     uid_seed,
     uid_sweep,
     violation_kind,
@@ -81,27 +79,17 @@ def test_unfenced_replicated_uids_break_the_invariants() -> None:
     assert {"two messages under one UID", "one message under two UIDs"} <= kinds
 
 
-@pytest.mark.parametrize("seed", [117, 432])
+@pytest.mark.parametrize("seed", [117, 197, 432])
 def test_cut_off_manager_stops_answering_certain(seed: int) -> None:
-    """The two seeds the 500-seed sweep left (a manager in a minority partition, its
-    view not changed yet, answered reads as certain and a reader at its side listed
-    the mailbox without mail the majority side had numbered and shown): with the
-    read lease, every message once shown stays listed under its UID."""
+    """The seeds the 500-seed sweeps left: 117 and 432 (a manager in a minority
+    partition, its view not changed yet, answered reads as certain and a reader at its
+    side listed the mailbox without mail the majority side had numbered and shown),
+    197 (with the read lease: a manager that kept its bucket through a bridge listed
+    without a recorded holder in its view whose own hint never reached it): every
+    message once shown stays listed under its UID."""
     sim, log, problems = uid_seed(seed)
     assert not problems, f"seed {seed}: {problems[:5]} after {log}"
     assert sim.checker.reads > 50
-
-
-def test_without_the_read_lease_seed_117_hides_a_shown_message() -> None:
-    """The replay fails without the read lease: seed 117 shows m112 as UID 258 and a
-    later read at n2 lists the mailbox without it."""
-    sim = MailSim(5, 117, MailConfig(users_per_node=4))
-    sim.read_leases = False
-    sim.converge()
-    sim.chaos(30.0, 20.0, max_add=0, kinds=UID_FAULTS)
-    sim.heal_all()
-    kinds = {violation_kind(p) for p in sim.final_problems()}
-    assert "UID changed or message hidden" in kinds
 
 
 def test_default_seeds_exercise_every_fault_kind() -> None:

@@ -559,6 +559,8 @@ class Reconstruction:
         self.allocation_ttl = ALLOCATION_TTL
         #: user -> nodes a majority recorded as holders (from hints: any tenure).
         self.holders_seen: dict[str, set[str]] = {}
+        #: bucket -> members whose own hint for it arrived since our last install.
+        self.hint_from: dict[int, set[str]] = {}
         self.hints_received = 0
         self.numbered = 0
         self.pending_plans = 0
@@ -712,6 +714,7 @@ class Reconstruction:
         alive = set(live)
         booted = self.prev_live is None
         old_map = self.state.map
+        self.hint_from.clear()
         fresh = self.state.install(new_map, alive)
         self.view_epoch, self.members = view, alive
         out: list[Action] = []
@@ -873,10 +876,25 @@ class Reconstruction:
                 self.pending.get(u.user, {}).pop(sender, None)
         self.floor[b] = max(self.floor.get(b, 1), hint.mark)
         everyone = self.members | {self.me}
+        heard = self.hint_from.setdefault(b, set())
+        heard.add(sender)
         for user, node in hint.holders:
             if self.bucket(user) == b:
                 self.state.note_holder(user, node, everyone)
                 self.holders_seen.setdefault(user, set()).add(node)
+                if (
+                    node in everyone
+                    and node != self.me
+                    and node not in heard
+                    and node not in self.state.fragment_list(user)
+                ):
+                    # A recorded holder in our view whose own hint has not come (a
+                    # bridge can keep it from us while we kept the bucket: it stored
+                    # and numbered under another side's manager, mailsim seed 197):
+                    # away until its hint arrives, which we pull.
+                    self.state.away.setdefault(user, set()).add(node)
+                    if self.pull_missing_at is None:
+                        self.pull_missing_at = now
         out: list[Action] = []
         late = self.missing.get(b)
         if late is not None:
