@@ -191,3 +191,18 @@ def test_timed_plan_leaves_the_horizon_after_the_short_ttl(tmp_path: Path) -> No
     assert um.horizon_of(USER).bound([]) == second, "untimed: the long TTL"
     clock.advance(NODE_ALLOCATION_TTL)
     assert um.horizon_of(USER).bound([]) == second + 1
+
+
+def test_recovery_keeps_the_body_of_a_held_copy(tmp_path: Path) -> None:
+    """A replica's held copy (waiting for the UID its coordinator's copy gets) keeps its
+    body through a restart's recovery, so its promotion later is readable (the chaos
+    run found index rows without bodies: recovery removed held bodies as orphans)."""
+    s = store_at(tmp_path)
+    key = "c0ffee.m"
+    (s.tmp / key).write_bytes(b"held\r\n")
+    s.hold(NewMessage(USER, INBOX, b"held\r\n", (), 5.0), key)
+    s.recover()
+    assert s.is_held(USER, key)
+    assert s.promote(USER, key, 12)
+    (d,) = s.digests(USER, INBOX)
+    assert d.uid == 12 and s.fetch(USER, INBOX, [12]) == {12: b"held\r\n"}

@@ -325,8 +325,10 @@ class FragmentStore:
                         k
                         for (k,) in db.execute(
                             "SELECT key FROM messages WHERE user=? "
-                            "UNION SELECT key FROM pending WHERE user=?",
-                            (udir.name, udir.name),
+                            "UNION SELECT key FROM pending WHERE user=? "
+                            # a replica's held copy (waiting for its UID) is a body too
+                            "UNION SELECT key FROM held WHERE user=?",
+                            (udir.name, udir.name, udir.name),
                         )
                     }
                     for body in udir.iterdir():
