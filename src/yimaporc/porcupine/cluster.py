@@ -975,6 +975,7 @@ class ClusterUserManager(UserManager):
         self.core.allocation_ttl = NODE_ALLOCATION_TTL
         self.core.read_lease_s = NODE_READ_LEASE
         self.core.answer_ttl = NODE_ANSWER_TTL
+        self.core.read_leases = False  # MailCluster.startService turns it on
         #: This node's synced cluster time, None while not synced (MailCluster).
         self.cluster_now: Callable[[], float | None] = lambda: None
         self.state = self.core.state
@@ -2128,6 +2129,7 @@ class MailCluster(Service):
         self._poll.start(self.poll_interval, now=False)
         self._lease_loop = LoopingCall(self._tick)
         self._lease_loop.clock = self.reactor
+        self.user_manager.core.read_leases = True  # renewed by the tick from now on
         self._lease_loop.start(self.lease / 4, now=True)
         self._sweep_loop = LoopingCall(self.remind_pending)
         self._sweep_loop.clock = self.reactor

@@ -571,6 +571,9 @@ class Reconstruction:
         #: an answer (:data:`HORIZON_AGE` in mailsim; the node's session reuse).
         self.read_lease_s = READ_LEASE
         self.answer_ttl = HORIZON_AGE
+        #: False: ``certain`` does not ask for the lease (a shell whose renewal loop
+        #: does not run: MailCluster before startService, like its pause lease).
+        self.read_leases = True
         #: view -> (until, bucket owners of that view's map).
         self.promises: dict[tuple[int, tuple[str, ...]], tuple[float, tuple[str, ...]]] = {}
         self.marks_from = 0.0
@@ -598,7 +601,7 @@ class Reconstruction:
             self.quorum()
             and b not in self.settling
             and not self.missing.get(b)
-            and (now is None or self.read_lease(now))
+            and (now is None or not self.read_leases or self.read_lease(now))
         )
 
     # --- the read lease ------------------------------------------------------------
