@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from yimaporc.porcupine.mailsim import CpuCost, MailConfig, MailSim
+from yimaporc.porcupine.reconstruct import READ_LEASE
 from yimaporc.yima.placement import ScalingHistory, disks_of
 from yimaporc.yima.player.sim import vbr_media
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, NodeScheduler
@@ -376,6 +377,9 @@ def porcupine_rate(n: int, replicas: int, inp: dict[str, Any], seed: int, window
     )
     sim = MailSim(n, seed, cfg)
     sim.converge()
+    # The read lease: for READ_LEASE after a view change, buckets that moved get no
+    # UID mark (a reader of the old view may still list); the steady rate is after it.
+    sim.net.run_until(sim.net.now + READ_LEASE)
     # Warm-up 1 s: the UID scheme's one-time writes (each bucket's first mark and each
     # (user, node) holder record, on a majority of the nodes) are made before the
     # measured window, which is the steady rate; with 0.3 s they fell into the window

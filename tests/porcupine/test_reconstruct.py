@@ -17,8 +17,10 @@ from yimaporc.porcupine.cluster import ClusterUserManager
 from yimaporc.porcupine.profiledb import ProfileDB
 from yimaporc.porcupine.reconstruct import (
     ALLOCATION_TTL,
+    HORIZON_AGE,
     MAX_OUTSTANDING,
     PLAN_TTL,
+    READ_LEASE,
     BucketHint,
     Horizon,
     MajorityWrite,
@@ -396,3 +398,80 @@ def test_a_kept_bucket_takes_a_fresh_mark_after_every_view_change() -> None:
     c.mark_done(again, granted=True, seen=774)
     taken = c.take(user, 1, lease=True, now=2.3)
     assert isinstance(taken, Taken) and taken.first >= 774, taken
+
+
+def _settled_core(me: str, members: list[str], view: int, now: float) -> Reconstruction:
+    c = Reconstruction(me, NB)
+    c.prev_live = set(members)
+    c.known |= set(members)
+    c.install(all_to(me, view), members, view=view, now=now)
+    for b in range(NB):
+        for n in members:
+            c.receive(n, BucketHint(b, view), view, now=now)
+    return c
+
+
+def test_read_lease_certain_only_while_a_majority_confirmed_our_view() -> None:
+    """A manager with a majority view and every hint in is certain only while a
+    majority confirmed its view less than READ_LEASE ago (counted from asking, with
+    room for the reader's listing): cut off before failure detection, it stops."""
+    c = _settled_core("n1", ["n1", "n2", "n3"], 4, now=10.0)
+    user = USERS[0]
+    assert c.certain(user) and not c.certain(user, now=10.0), "no lease yet"
+    c.read_granted(c.view_id(), asked_at=10.0)
+    assert c.certain(user, now=10.5)
+    assert not c.certain(user, now=10.0 + READ_LEASE - HORIZON_AGE + 0.01)
+    c.read_granted((3, ("n1", "n2", "n3")), asked_at=11.0)  # an answer for an old view
+    assert not c.certain(user, now=11.0)
+    alone = _settled_core("n9", ["n9"], 1, now=0.0)
+    assert alone.certain(users_of(0)[0], now=50.0), "alone in its known cluster: no lease"
+
+
+def test_a_node_that_confirmed_a_read_lease_records_no_mark_for_another_view() -> None:
+    """A node confirms only its own view (epoch and members: both sides of a
+    partition may commit one epoch); having confirmed, it records no UID mark for a
+    map of another view, for a bucket another node managed there, until READ_LEASE
+    after that, nor for READ_LEASE after a boot."""
+    half = BucketMap(("n1", "n2") * (NB // 2), (4,) * NB)
+    y = Reconstruction("n2", NB)
+    y.known |= {"n1", "n2", "n3"}
+    y.install(half, ["n1", "n2", "n3"], view=4, now=10.0)
+    assert not y.grant_read((4, ("n1", "n2")), now=10.0), "same epoch, other members"
+    assert y.grant_read(y.view_id(), now=10.0)
+    assert y.may_record_mark(0, 10.1), "marks for the view it confirmed are fine"
+    moved = BucketMap(("n3", "n2") * (NB // 2), (5, 4) * (NB // 2))
+    y.install(moved, ["n2", "n3"], view=5, now=10.2)
+    assert not y.may_record_mark(0, 10.5) and y.marks_delayed == 1, "n1's bucket moved"
+    assert y.may_record_mark(1, 10.5), "n2 kept bucket 1: it knows its own allocations"
+    assert y.may_record_mark(0, 10.0 + READ_LEASE)
+    y.booted(20.0)
+    assert not y.may_record_mark(1, 20.5) and y.may_record_mark(1, 20.0 + READ_LEASE)
+
+
+def test_marks_blocked_says_while_a_promise_for_another_view_runs() -> None:
+    """``marks_blocked`` (status, and the test harness's settled check) is true while
+    a confirmed lease of another view or a restart's wait may refuse a mark."""
+    y = _settled_core("n2", ["n1", "n2", "n3"], 4, now=10.0)
+    assert not y.marks_blocked(10.0)
+    y.grant_read(y.view_id(), now=10.0)
+    assert not y.marks_blocked(10.1), "a promise for the current view blocks nothing"
+    y.install(all_to("n3", 5), ["n2", "n3"], view=5, now=10.2)
+    assert y.marks_blocked(10.5) and not y.marks_blocked(10.0 + READ_LEASE)
+
+
+def test_recorded_holder_in_view_without_its_own_hint_is_away_until_it_comes() -> None:
+    """A hint carries a majority's record that n3 holds a user's mail, n3 is in our
+    view but its own hint has not come (a bridge kept it from us while we kept the
+    bucket; mailsim seed 197): n3 is away (reads refused, its hint pulled) until its
+    hint arrives; a holder whose hint came first is not marked."""
+    c = _settled_core("n1", ["n1", "n2", "n3"], 4, now=10.0)
+    c.install(all_to("n1", 4), ["n1", "n2", "n3"], view=5, now=10.5)  # kept, nobody new
+    user = users_of(0)[0]
+    c.receive("n2", BucketHint(0, 4, (), (), 1, ((user, "n3"),)), 5, now=11.0)
+    assert c.state.away_list(user) == {"n3"}
+    pulls = [a for a in c.tick(11.0, lease=True) if isinstance(a, PullHints)]
+    assert pulls and pulls[0].peer == "n3" and 0 in pulls[0].buckets
+    c.receive("n3", BucketHint(0, 4, (UserHint(user, True, 9, 0),)), 5, now=11.1)
+    assert c.state.away_list(user) == set() and "n3" in c.state.fragment_list(user)
+    c.receive("n2", BucketHint(0, 4, (), (), 1, ((user, "n3"),)), 5, now=11.2)
+    assert c.state.away_list(user) == set(), "its hint came: not away again"

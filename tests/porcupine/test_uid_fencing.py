@@ -12,6 +12,13 @@ from yimaporc.cluster.buckets import BucketMap
 from yimaporc.porcupine.cluster import ClusterUserManager, has_majority
 from yimaporc.porcupine.fragments import FragmentStore
 from yimaporc.porcupine.profiledb import ProfileDB
+from yimaporc.porcupine.reconstruct import (
+    NODE_ALLOCATION_TTL,
+    NODE_PLAN_TTL,
+    NODE_TIMED_ALLOCATION_TTL,
+    split_fence,
+    timed_fence,
+)
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 from yimaporc.porcupine.values import INBOX, PENDING, NewMessage
 
@@ -137,3 +144,65 @@ def test_manager_without_majority_or_settled_hints_answers_pending(tmp_path: Pat
     assert not um.quorum() and result_of(um.delivery_plan(USER, 1))[1] == PENDING
     assert has_majority(["n1", "n2"], ["n1", "n2", "n3"])
     assert not has_majority(["n1", "n4"], ["n1", "n2", "n3", "n4"])
+
+
+def test_timed_fence_is_numbered_only_while_young_by_the_synced_cluster_clock(
+    tmp_path: Path,
+) -> None:
+    """A delivery's allocation carries the manager's cluster time in its fence
+    (``owner@epoch/at``): the storing node numbers it only while its own synced
+    cluster clock says it is at most NODE_PLAN_TTL old; too old, no synced clock, or
+    a junk time: stored unnumbered (never listed below UIDs shown meanwhile)."""
+    s = store_at(tmp_path)
+    now: list[float | None] = [100.4]
+    s.cluster_now = lambda: now[0]
+    assert [d.uid for d in s.store([new(b"a\r\n", 5, fence=timed_fence("n2@5", 100.0))])] == [5]
+    now[0] = 100.0 + NODE_PLAN_TTL + 0.01
+    assert [d.uid for d in s.store([new(b"b\r\n", 6, fence=timed_fence("n2@5", 100.0))])] == [0]
+    now[0] = None  # not synced to the time reference (yet)
+    assert [d.uid for d in s.store([new(b"c\r\n", 7, fence=timed_fence("n2@5", 100.0))])] == [0]
+    now[0] = 100.1
+    assert [d.uid for d in s.store([new(b"d\r\n", 8, fence="n2@5/soon")])] == [0]
+    assert [d.uid for d in s.store([new(b"e\r\n", 9, fence=timed_fence("n3@4", 100.0))])] == [0]
+    assert s.late_allocations == 3 and s.pending(USER) == 4
+    assert [d.uid for d in s.store([new(b"f\r\n", 10, fence="n2@5")])] == [10], "untimed"
+
+
+def test_timed_plan_leaves_the_horizon_after_the_short_ttl(tmp_path: Path) -> None:
+    """With a synced cluster clock, the manager's plan carries a timed fence and the
+    allocation holds readers back NODE_TIMED_ALLOCATION_TTL (a lost delivery hides
+    newer mail that long, not NODE_ALLOCATION_TTL); without one, the long TTL."""
+    clock = ImmediateReactor()
+    profiles = ProfileDB(clock, SyncPool(), tmp_path / "p.sqlite", clock.seconds)  # type: ignore[arg-type]
+    um = ClusterUserManager("n1", profiles, clock)
+    um.install(BucketMap(("n1",) * N_BUCKETS, (2,) * N_BUCKETS), ["n1"])
+    um.apply("n1", [B, 2, [], [], 1, []])
+    clock.advance(1.0)
+    um.cluster_now = lambda: 500.0 + clock.seconds()
+    _, first, fence = result_of(um.delivery_plan(USER, 1))
+    assert split_fence(fence) == ("n1@2", 500.0 + clock.seconds())
+    assert um.horizon_of(USER).bound([]) == first, "outstanding"
+    clock.advance(NODE_TIMED_ALLOCATION_TTL + 0.01)
+    assert um.horizon_of(USER).bound([]) == first + 1, "expired: no store admits it now"
+    um.cluster_now = lambda: None
+    _, second, fence = result_of(um.delivery_plan(USER, 1))
+    assert fence == "n1@2"
+    clock.advance(NODE_TIMED_ALLOCATION_TTL + 0.01)
+    assert um.horizon_of(USER).bound([]) == second, "untimed: the long TTL"
+    clock.advance(NODE_ALLOCATION_TTL)
+    assert um.horizon_of(USER).bound([]) == second + 1
+
+
+def test_recovery_keeps_the_body_of_a_held_copy(tmp_path: Path) -> None:
+    """A replica's held copy (waiting for the UID its coordinator's copy gets) keeps its
+    body through a restart's recovery, so its promotion later is readable (the chaos
+    run found index rows without bodies: recovery removed held bodies as orphans)."""
+    s = store_at(tmp_path)
+    key = "c0ffee.m"
+    (s.tmp / key).write_bytes(b"held\r\n")
+    s.hold(NewMessage(USER, INBOX, b"held\r\n", (), 5.0), key)
+    s.recover()
+    assert s.is_held(USER, key)
+    assert s.promote(USER, key, 12)
+    (d,) = s.digests(USER, INBOX)
+    assert d.uid == 12 and s.fetch(USER, INBOX, [12]) == {12: b"held\r\n"}

@@ -259,6 +259,16 @@ class UidMark(_Cmd):
     response = [(b"ok", amp.Boolean()), (b"seen", amp.Integer(optional=True))]
 
 
+class ReadLease(_Cmd):
+    """Does the callee have the caller's view (``epoch`` and ``members``)?  If so it
+    promises to record no UID mark for a bucket that moved in another view's map for
+    the read lease's length (the caller answers reads as certain meanwhile)."""
+
+    commandName = b"porcupine.read-lease"
+    arguments = [(b"epoch", amp.Integer()), (b"members", amp.ListOf(amp.Unicode()))]
+    response = [(b"ok", amp.Boolean())]
+
+
 class UidHolders(_Cmd):
     """Record durably that ``holders`` (``[[user, node]...]``) of ``bucket`` hold
     mail, for the manager with ``fence`` (refused like :class:`UidMark`)."""

@@ -33,6 +33,9 @@ from .reconstruct import (
     HEDGE_DELAY,
     MARK_TIMEOUT,
     NODE_ALLOCATION_TTL,
+    NODE_ANSWER_TTL,
+    NODE_READ_LEASE,
+    NODE_TIMED_ALLOCATION_TTL,
     Action,
     BucketHint,
     Horizon,
@@ -43,6 +46,7 @@ from .reconstruct import (
     Reconstruction,
     Settled,
     Taken,
+    timed_fence,
 )
 from .usermap import N_BUCKETS, bucket_of
 from .users import UserManager
@@ -84,6 +88,11 @@ class ClusterUserManager(UserManager):
         self.clock = clock
         self.core = Reconstruction(node_id, N_BUCKETS, settle_timeout=settle_timeout)
         self.core.allocation_ttl = NODE_ALLOCATION_TTL
+        self.core.read_lease_s = NODE_READ_LEASE
+        self.core.answer_ttl = NODE_ANSWER_TTL
+        self.core.read_leases = False  # MailCluster.startService turns it on
+        #: This node's synced cluster time, None while not synced (MailCluster).
+        self.cluster_now: Callable[[], float | None] = lambda: None
         self.state = self.core.state
         self._timer: IDelayedCall | None = None
         self._waiters: dict[int, list[Deferred[None]]] = {}
@@ -255,9 +264,10 @@ class ClusterUserManager(UserManager):
 
     def certain(self, address: str) -> bool:
         """Do we know every node holding ``address``'s mail?  Only with a majority
-        (the holder records are on one) and every member's hint in; a manager in a
-        minority partition cannot tell what the other side holds."""
-        return self.core.certain(address.lower())
+        (the holder records are on one), every member's hint in, and our read lease
+        holding; a manager in a minority partition cannot tell what the other side
+        holds, also before its failure detection noticed."""
+        return self.core.certain(address.lower(), float(self.clock.seconds()))
 
     def horizon_of(self, address: str) -> Horizon:
         """What a reader may show of ``address``'s mail with the fragment list of this
@@ -284,6 +294,7 @@ class ClusterUserManager(UserManager):
         again: bool = True,
         numbering: bool = False,
         track: bool = True,
+        ttl: float | None = None,
     ) -> Deferred[tuple[int, str]]:
         """``count`` UIDs for ``address`` below the bucket's granted mark (extended
         first, by a majority, when they would not fit), or PENDING.  ``track``: the
@@ -297,6 +308,7 @@ class ClusterUserManager(UserManager):
             numbering=numbering,
             now=self._now(),
             track=track,
+            ttl=ttl,
         )
         if isinstance(got, Taken):
             return succeed((got.first, got.fence))
@@ -305,7 +317,7 @@ class ClusterUserManager(UserManager):
         d = self._extend(got)
         return d.addCallback(
             lambda _: self._take(
-                address, count, unfenced, again=False, numbering=numbering, track=track
+                address, count, unfenced, again=False, numbering=numbering, track=track, ttl=ttl
             )
         )
 
@@ -442,12 +454,21 @@ class ClusterUserManager(UserManager):
         (a replicated store, whose copies must share one UID): a UID from the
         counter even without a majority, no fence (docs/mail.md: known limits)."""
         address = address.lower()
+        # With a synced cluster clock the allocation carries its time: stores check
+        # its age, so it leaves the horizon after NODE_TIMED_ALLOCATION_TTL.
+        timed = not unfenced and self.cluster_now() is not None
+        ttl = NODE_TIMED_ALLOCATION_TTL if timed else None
 
         def plan(taken: tuple[int, str]) -> tuple[tuple[str, ...], int, str]:
             first, fence = taken
+            at = self.cluster_now() if timed and fence else None  # the take's own turn
+            if at is not None:
+                fence = timed_fence(fence, at)
             return tuple(sorted(self.state.fragment_list(address))), first, fence
 
-        d = self.settled(address).addCallback(lambda _: self._take(address, count, unfenced))
+        d = self.settled(address).addCallback(
+            lambda _: self._take(address, count, unfenced, ttl=ttl)
+        )
         return d.addCallback(plan)
 
     # --- numbering what was stored unnumbered --------------------------------

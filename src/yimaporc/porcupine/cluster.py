@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -47,6 +47,7 @@ from ._cluster_commands import (
     MbStore,
     MbView,
     ProfilePut,
+    ReadLease,
     UidHolders,
     UidMark,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "NodeLoad",
     "ProfilePut",
     "ProfileReplicator",
+    "ReadLease",
     "RemoteMailboxManager",
     "RemoteUserManager",
     "UidHolders",
@@ -153,6 +155,8 @@ class MailCluster(Service):
         self.user_manager.holders_on = self._holders_on
         node.registry.register(UidHolders, self._on_holders)
         node.registry.register(UidMark, self._on_mark)
+        node.registry.register(ReadLease, self._on_read_lease)
+        self.read_renewals = 0
         self.lease = LEASE
         self.pause_grace = PAUSE_GRACE
         self._lease_until = float("inf")  # no detector before startService
@@ -163,8 +167,11 @@ class MailCluster(Service):
         self._sweep_loop: LoopingCall | None = None
         self.user_manager.lease_ok = self.lease_ok
         storage.fragment_store.fence_ok = self.lease_ok
+        self.user_manager.cluster_now = self.cluster_now
+        storage.fragment_store.cluster_now = self.cluster_now
         self._known_path = Path(storage.data_dir) / "mail" / "known-nodes"
         self.user_manager.known |= self._read_known()
+        self.user_manager.core.booted(float(self.reactor.seconds()))
         self._alone = self.user_manager.known <= {self.me}
         # With replication, profile writes and this node's mailboxes go through its log.
         push = replication.push_profiles if replication is not None else self._push_profiles
@@ -324,6 +331,15 @@ class MailCluster(Service):
             return True
         return float(self.reactor.seconds()) <= self._lease_until
 
+    def cluster_now(self) -> float | None:
+        """The cluster's common time (timesync) while this node is synced to its
+        reference, else None (thread-safe: reads)."""
+        core = getattr(self.node, "core", None)
+        sync = getattr(core, "clock_sync", None)
+        if sync is None or not sync.synced:
+            return None
+        return float(self.node.cluster_time())
+
     def _tick(self) -> None:
         """Renew the lease; a gap since the last tick means we were paused."""
         now = float(self.reactor.seconds())
@@ -342,6 +358,36 @@ class MailCluster(Service):
             return
         self._paused_at = None
         self._lease_until = now + self.lease
+        self._renew_read_lease(now)
+
+    def _renew_read_lease(self, now: float) -> None:
+        """Have a majority confirm our view: the read lease (reconstruct.READ_LEASE)."""
+        um = self.user_manager
+        core = um.core
+        if core.alone():
+            return
+        view = core.view_id()
+        epoch, members = view
+
+        def ask(node: str) -> Deferred[bool]:
+            if node == self.me:
+                return succeed(self._grant_read(epoch, list(members)))
+            d = self.call(node, ReadLease, epoch=epoch, members=list(members))
+            return d.addCallback(lambda r: bool(r["ok"]))
+
+        def done(ok: bool) -> None:
+            if ok:
+                self.read_renewals += 1
+                core.read_granted(view, now)
+
+        um._on_majority(ask).addCallback(done)
+
+    def _grant_read(self, epoch: int, members: list[str]) -> bool:
+        view = (int(epoch), tuple(sorted(str(m) for m in members)))
+        return self.user_manager.core.grant_read(view, float(self.reactor.seconds()))
+
+    def _on_read_lease(self, epoch: int, members: list[str]) -> dict[str, Any]:
+        return {"ok": self._grant_read(epoch, members)}
 
     # --- numbering --------------------------------------------------------------------
 
@@ -410,6 +456,10 @@ class MailCluster(Service):
     def _on_mark(self, bucket: int, fence: str, mark: int) -> Deferred[dict[str, Any]]:
         if not 0 <= bucket < N_BUCKETS:
             raise amp.MalformedAmpBox("bucket number out of range")
+        if not self.user_manager.core.may_record_mark(bucket, float(self.reactor.seconds())):
+            # a read lease we confirmed for another view may still run (a reader of
+            # the bucket's old manager may still list): no UIDs for its new one yet
+            return succeed({"ok": False})
         d = self._raise_mark(bucket, fence, mark)
         return d.addCallback(lambda r: {"ok": r[0], "seen": r[1]})
 
@@ -491,6 +541,7 @@ class MailCluster(Service):
         self._poll.start(self.poll_interval, now=False)
         self._lease_loop = LoopingCall(self._tick)
         self._lease_loop.clock = self.reactor
+        self.user_manager.core.read_leases = True  # renewed by the tick from now on
         self._lease_loop.start(self.lease / 4, now=True)
         self._sweep_loop = LoopingCall(self.remind_pending)
         self._sweep_loop.clock = self.reactor
@@ -510,6 +561,14 @@ class MailCluster(Service):
                 **self.user_manager.status(),
                 "pauses": self.pauses,
                 "lease": self.lease_ok(),
+                "read_lease": {
+                    "holds": self.user_manager.core.read_lease(float(self.reactor.seconds())),
+                    "renewals": self.read_renewals,
+                    "marks_delayed": self.user_manager.core.marks_delayed,
+                    "marks_blocked": self.user_manager.core.marks_blocked(
+                        float(self.reactor.seconds())
+                    ),
+                },
                 "rpc_calls": dict(self.calls),
                 "load": self.load(),
                 "balancer": self.balancer.status(),

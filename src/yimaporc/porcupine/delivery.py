@@ -116,10 +116,10 @@ class DeliveryProxy:
         def got_profile(profile: Profile | None) -> Deferred[list[Digest]]:
             if profile is None:
                 raise smtp.SMTPServerError(550, f"no such user {address}")
-            # Fragment list, UID and its fence in one question. Copies of a
-            # replicated message must share one UID: unfenced.
-            unfenced = self.replicated is not None and profile.replicas > 1
-            d = manager.delivery_plan(address, 1, unfenced)
+            # Fragment list, UID and its fence in one question. Fenced for replicated
+            # users too (issue 14 bug 2): the coordinator's copy is checked like an
+            # R=1 store and the copies follow it.
+            d = manager.delivery_plan(address, 1, False)
             return d.addCallback(
                 lambda p: store_on(
                     p[1], self.choose_nodes(profile, p[0]), p[0], p[2], profile.replicas

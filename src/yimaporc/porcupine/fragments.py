@@ -69,6 +69,7 @@ from ._journal import Entry, Journal, Record, decode_all, read_records
 from .bodycache import BodyCache
 from .interfaces import ILocalMailboxes
 from .mailindex import MailIndex, UserIndex
+from .reconstruct import admit_timed, split_fence
 from .usermap import N_BUCKETS, bucket_dir, bucket_of
 from .values import (
     DELIMITER,
@@ -199,6 +200,11 @@ class FragmentStore:
         #: The node's lease (``MailCluster.lease_ok``): lapsed after a pause, when
         #: fenced stores and numbering are refused (stored PENDING instead).
         self.fence_ok: Callable[[], bool] = lambda: True
+        #: This node's cluster time (timesync), None while not synced: a timed fence's
+        #: age is checked with it (MailCluster sets it).
+        self.cluster_now: Callable[[], float | None] = lambda: None
+        #: Timed allocations stored unnumbered because they were too old (or no clock).
+        self.late_allocations = 0
         #: Users with unnumbered mail here (filled by :meth:`recover` and by stores;
         #: the cluster reminds their managers of them).
         self.pending_users: set[str] = set()
@@ -329,8 +335,10 @@ class FragmentStore:
                         k
                         for (k,) in db.execute(
                             "SELECT key FROM messages WHERE user=? "
-                            "UNION SELECT key FROM pending WHERE user=?",
-                            (udir.name, udir.name),
+                            "UNION SELECT key FROM pending WHERE user=? "
+                            # a replica's held copy (waiting for its UID) is a body too
+                            "UNION SELECT key FROM held WHERE user=?",
+                            (udir.name, udir.name, udir.name),
                         )
                     }
                     for body in udir.iterdir():
@@ -915,9 +923,7 @@ class FragmentStore:
         ).fetchone()
         if row is None:
             raise NoSuchMailbox(f"no mailbox {name}")
-        if m.uid == PENDING or (
-            m.fence and (self.fences.get(bucket_of(m.user)) != m.fence or not self.fence_ok())
-        ):
+        if m.uid == PENDING or (m.fence and not self._fence_admits(m.user, m.fence)):
             return self._insert_pending(db, m, name, key)
         if m.fence and m.uid < row[0]:
             # A fenced allocation below what this mailbox already numbered (a store
@@ -946,6 +952,18 @@ class FragmentStore:
             (m.user, name, uid, key, len(m.body), flags, date),
         )
         return Digest(uid, key, len(m.body), _flags(flags), date, self.node_id)
+
+    def _fence_admits(self, user: str, fence: str) -> bool:
+        """A fenced UID may be stored numbered: our map's fence of the user's bucket,
+        our lease, and for a timed fence (``owner@epoch/at``) an allocation young
+        enough by our synced cluster clock (reconstruct.admit_timed)."""
+        base, at = split_fence(fence)
+        if self.fences.get(bucket_of(user)) != base or not self.fence_ok():
+            return False
+        if not admit_timed(at, self.cluster_now() if at is not None else None):
+            self.late_allocations += 1
+            return False
+        return True
 
     def _same_key(self, db: sqlite3.Connection, user: str, name: str, key: str) -> Digest | None:
         """The digest of ``user``'s message ``key`` in mailbox ``name`` if it is

@@ -77,6 +77,7 @@ from .reconstruct import (
     MARK_TIMEOUT,
     PAUSE_GRACE,
     PULL_TRIES,
+    READ_RENEW,
     SWEEP_INTERVAL,
     Action,
     BucketHint,
@@ -118,6 +119,9 @@ class MailConfig:
     users_per_node: int = 20
     spread_limit: int = 2
     replicas: int = 1
+    #: Per-user R instead of ``replicas``: user i gets ``replica_mix[i % len]``
+    #: (mixed ``--replicas 1/2/3`` as the chaos run has them).
+    replica_mix: tuple[int, ...] = ()
     rpc_latency: tuple[float, float] = (0.0003, 0.002)
     rpc_timeout: float = 0.3
     store_attempts: int = 3
@@ -158,9 +162,12 @@ class UidChecker:
             bad(f"{user} at {node}: UIDNEXT went down {before} -> {uidnext}")
         self.uidnext[(node, user)] = max(before, uidnext)
         by_uid: dict[int, str] = {}
+        by_msg: dict[str, int] = {}
         for msg, uid in listing:
             if by_uid.setdefault(uid, msg) != msg:
                 bad(f"{user} at {node}: two messages under UID {uid}: {by_uid[uid]}, {msg}")
+            if by_msg.setdefault(msg, uid) != uid:
+                bad(f"{user} at {node}: {msg} listed under two UIDs {by_msg[msg]} and {uid}")
             if not 0 < uid < uidnext:
                 bad(f"{user} at {node}: UID {uid} outside 1..UIDNEXT {uidnext}")
         seen = self.pairs.setdefault(user, set())
@@ -199,6 +206,14 @@ class MailNode:
     marks: dict[int, int] = attrs.field(factory=dict)  # bucket -> UID mark recorded here
     holders: dict[int, set[tuple[str, str]]] = attrs.field(factory=dict)
     known: set[str] = attrs.field(factory=set)  # every node ever seen in a view
+    #: Replicated copies waiting for the UID their numbering copy gets elsewhere
+    #: (FragmentStore's ``held`` table): user -> ids; never listed, never numbered here.
+    held: dict[str, set[str]] = attrs.field(factory=dict)
+    #: The replica set of each replicated message this node numbers (its log object).
+    copies: dict[tuple[str, str], tuple[str, ...]] = attrs.field(factory=dict)
+    #: UID versions still to push to replicas (the update log: durable, retried):
+    #: (target, user, id, uid; 0: a held copy to store).
+    outbox: list[tuple[str, str, str, int]] = attrs.field(factory=list)
     map: BucketMap = attrs.field(default=BucketMap.empty(N_BUCKETS))  # cached on disk
     core: Reconstruction | None = None
     fences: dict[int, str] = attrs.field(factory=dict)
@@ -346,6 +361,19 @@ class MailSim:
         #: A numbered store goes to a fragment node no majority recorded as a holder
         #: only after its record (:meth:`Reconstruction.unrecorded`); False: the old rule.
         self.record_first = True
+        #: Replicated users' UIDs under the same fence as R=1 (issue 14 bug 2): the
+        #: plan is fenced, the first replica (the coordinator of the message's log
+        #: object) decides numbered or unnumbered under the store's fence check and
+        #: the other copies follow it (held until it is numbered).  False: the old
+        #: path, an unfenced UID even without a majority, every copy stored alike.
+        self.fenced_replicas = True
+        #: Reads are certain only under a read lease from a majority, and a node that
+        #: confirmed one records no mark for another view's map until it ran out
+        #: (:data:`~yimaporc.porcupine.reconstruct.READ_LEASE`); False: the old rule.
+        self.read_leases = True
+        #: Copies whose UID was taken there by another message (should stay 0).
+        self.copy_collisions = 0
+        self._pushing: set[tuple[Any, ...]] = set()
         self.faults_done: Counter[str] = Counter()
         #: (user, node) a proxy recorded as a holder, no store there answered yet.
         self.recorded_unstored: set[tuple[str, str]] = set()
@@ -380,6 +408,8 @@ class MailSim:
         m.up = True
         m.core = Reconstruction(node_id, self.config.n_buckets)
         m.core.known |= m.known
+        if self.read_leases:
+            m.core.booted(self.net.now)
         m.fences = {}
         m.lb = LoadBalancer(node_id, spread_limit=self.config.spread_limit)
         m.waiting, m.extending = {}, {}
@@ -459,10 +489,13 @@ class MailSim:
         on_reply: Callable[[Any], None],
         on_fail: Callable[[], None],
         timeout: float | None = None,
+        on_arrive: Callable[[], None] | None = None,
     ) -> None:
         """Call ``work`` at ``dst_id``; it answers through its callback; replies carry load.
         ``timeout``: longer than ``rpc_timeout`` for calls the callee answers only after
-        a majority write (plans, holder notes: up to MARK_TIMEOUT)."""
+        a majority write (plans, holder notes: up to MARK_TIMEOUT).  ``on_arrive``: the
+        request reached ``dst_id`` (its TCP delivered it; a paused callee runs it on
+        waking), so a timeout is no proof it will not be done."""
         inc = src.incarnation
         state = {"done": False}
         dst = self.mail.get(dst_id)
@@ -492,6 +525,8 @@ class MailSim:
         def arrive() -> None:
             if dst is None or not dst.up or not self.net.connected(src.node_id, dst_id):
                 return
+            if on_arrive is not None:
+                on_arrive()
             dinc = dst.incarnation
 
             def respond(result: Any) -> None:
@@ -727,6 +762,7 @@ class MailSim:
         purpose: str,
         write: Callable[[MailNode], bool],
         done: Callable[[bool], None],
+        disk: bool = True,
     ) -> None:
         """``write`` on a majority of ``m``'s known cluster (:class:`MajorityWrite`),
         ``done(granted)`` once decided or after MARK_TIMEOUT."""
@@ -749,7 +785,10 @@ class MailSim:
 
         def ask(node: str) -> None:
             def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
-                self._disk(dst, lambda: respond(write(dst)))
+                if disk:
+                    self._disk(dst, lambda: respond(write(dst)))
+                else:
+                    respond(write(dst))
 
             # The shell's call times out after RpcClient's 10 s, longer than the vote's
             # MARK_TIMEOUT: a slow member is not replaced by a spare (that would only
@@ -820,6 +859,10 @@ class MailSim:
             seen[0] = max(seen[0], dst.marks.get(b, 1))
             if dst.fences.get(b) != need.fence or not self.lease_ok(dst):
                 return False
+            if self.read_leases and (
+                dst.core is None or not dst.core.may_record_mark(b, self.net.now)
+            ):
+                return False  # a read lease it confirmed for another view may run
             dst.marks[b] = max(dst.marks.get(b, 1), need.target)
             return True
 
@@ -929,8 +972,13 @@ class MailSim:
                 dst.uids[user][msg] = uid
                 dst.uidnext[user] = uid + 1
                 waiting.remove(msg)
+                for t in dst.copies.get((user, msg), ()):
+                    if t != dst.node_id:  # its UID version, through the log
+                        dst.outbox.append((t, user, msg, uid))
                 uid += 1
                 done += 1
+        if done and dst.outbox:
+            self._flush_outbox(dst)
         top = max(dst.uidnext.get(user, 1), dst.shown.get(user, 1))
         return done, len(waiting), top
 
@@ -985,6 +1033,7 @@ class MailSim:
         for user in sorted(u for u, w in m.unnumbered.items() if w):
             manager = m.map.owners[self._bucket(user)]
             self._tell_manager(m, manager, user, node_id, "pending", lambda _: None)
+        self._flush_outbox(m)
         self._later(m, SWEEP_INTERVAL, lambda: self._remind(node_id, inc))
 
     def _fragments_of(self, dst: MailNode, user: str) -> list[str] | None:
@@ -993,6 +1042,13 @@ class MailSim:
         return sorted(dst.um.fragment_list(user))
 
     # --- delivery and retrieval --------------------------------------------------
+
+    def replicas_of(self, user: str) -> int:
+        """``user``'s R (:attr:`MailConfig.replica_mix`, else ``replicas``)."""
+        mix = self.config.replica_mix
+        if not mix:
+            return self.config.replicas
+        return mix[self.users.index(user) % len(mix)] if user in self.users else mix[0]
 
     def pick_user(self) -> str:
         """A recipient: uniform, or ``hot_share`` of the time one of the first ``hot_users``."""
@@ -1013,7 +1069,7 @@ class MailSim:
         self._next_msg += 1
         d = _Delivery(user, f"m{self._next_msg}", proxy, p.incarnation, done=done)
         self.deliveries += 1
-        unfenced = self.config.replicas > 1
+        unfenced = self.replicas_of(user) > 1 and not self.fenced_replicas
 
         def got(plan: tuple[list[str], int, str, float, set[str]] | None) -> None:
             if plan is not None:
@@ -1054,7 +1110,9 @@ class MailSim:
             self._give_up(d)
             return
         d.attempts += 1
-        targets = p.lb.choose(self.live(p.node_id), d.fragments, self.config.replicas, self.net.now)
+        targets = p.lb.choose(
+            self.live(p.node_id), d.fragments, self.replicas_of(d.user), self.net.now
+        )
         if not targets:
             self._give_up(d)
             return
@@ -1087,7 +1145,10 @@ class MailSim:
         p = self.mail[d.proxy]
         if not p.up or p.incarnation != d.incarnation:
             return
-        replicated = self.config.replicas > 1
+        replicated = self.replicas_of(d.user) > 1
+        if replicated and self.fenced_replicas and len(targets) > 1:
+            self._store_replicated(d, targets)
+            return
         cpu = self.config.cpu
         cpu_s = (cpu.store + (cpu.log if replicated else 0.0)) if cpu else 0.0
         attempt: dict[str, Any] = {
@@ -1099,7 +1160,7 @@ class MailSim:
         uid = d.uid if d.uid > 0 else PENDING
 
         def work(dst: MailNode, respond: Callable[[Any], None]) -> None:
-            attempt["reached"].add(dst.node_id)
+            attempt["reached"].add(dst.node_id)  # (also for a call to itself)
 
             def write() -> None:
                 age = self.net.now - d.planned_at
@@ -1138,11 +1199,157 @@ class MailSim:
                     p.lb.failed(target, self.net.now)
                 self._store(d)
 
-            self._rpc(p, target, "delivery", work, functools.partial(ok, target), failed)
+            self._rpc(
+                p,
+                target,
+                "delivery",
+                work,
+                functools.partial(ok, target),
+                failed,
+                on_arrive=functools.partial(attempt["reached"].add, target),
+            )
 
-    def _noted(self, d: _Delivery, got: dict[str, int]) -> None:
+    def _store_replicated(self, d: _Delivery, targets: list[str]) -> None:
+        """MailReplication's path under the fence (issue 14 bug 2): the coordinator
+        (``targets[0]``, the first replica of the message's log object) stores its
+        copy under the store's fence check (numbered, or unnumbered: a stale fence, a
+        lapsed lease, an allocation too old), and logs the message with *that*
+        outcome; the other replicas store their copy under the same UID, or hold it
+        (never listed, never numbered there) until the coordinator's copy is
+        numbered and the UID version reaches them.  The answer waits for every copy
+        that answers in time; the log brings the others theirs later."""
+        p = self.mail[d.proxy]
+        if not p.up or p.incarnation != d.incarnation:
+            return
+        coord, others = targets[0], targets[1:]
+        cpu = self.config.cpu
+        cpu_s = (cpu.store + cpu.log) if cpu else 0.0
+        uid = d.uid if d.uid > 0 else PENDING
+        reached: set[str] = set()
+
+        def coordinate(dst: MailNode, respond: Callable[[Any], None]) -> None:
+            reached.add(dst.node_id)
+
+            def write() -> None:
+                age = self.net.now - d.planned_at
+                got = self._store_here(dst, d.user, d.msg_id, uid, d.fence, age)
+                dst.copies[(d.user, d.msg_id)] = tuple(targets)
+                dst.stores += 1
+                self._disk(dst, lambda: push(dst, got, respond), self.config.log_disk_time)
+
+            self._cpu(dst, cpu_s, lambda: self._disk(dst, write))
+
+        def push(c: MailNode, got: int, respond: Callable[[Any], None]) -> None:
+            results = {c.node_id: got}
+            left = {"n": len(others)}
+
+            def one(target: str, result: int | None) -> None:
+                if result is None:  # the log pushes it again later
+                    c.outbox.append((target, d.user, d.msg_id, got))
+                else:
+                    results[target] = result
+                left["n"] -= 1
+                if left["n"] == 0:
+                    respond(results)
+
+            for t in others:
+
+                def work(dst: MailNode, respond_copy: Callable[[Any], None]) -> None:
+                    def write() -> None:
+                        r = self._copy_here(dst, d.user, d.msg_id, got)
+                        dst.stores += 1  # the replica's log entry is durable too
+                        self._disk(dst, lambda: respond_copy(r), self.config.log_disk_time)
+
+                    self._cpu(dst, cpu_s, lambda: self._disk(dst, write))
+
+                self._rpc(
+                    c,
+                    t,
+                    "delivery",
+                    work,
+                    functools.partial(one, t),
+                    functools.partial(one, t, None),
+                )
+
+        def ok(results: dict[str, int]) -> None:
+            self.recorded_unstored.discard((d.user, coord))
+            for t in results:
+                self.recorded_unstored.discard((d.user, t))
+            self._noted(d, results, numbering=coord)
+
+        def failed() -> None:
+            d.timeouts += 1
+            if coord in reached:
+                self.unsure_stores += 1  # MailReplication._via: never a second coordinator
+                self._give_up(d)
+                return
+            if p.lb is not None:
+                p.lb.failed(coord, self.net.now)
+            self._store(d)
+
+        self._rpc(
+            p,
+            coord,
+            "delivery",
+            coordinate,
+            ok,
+            failed,
+            self._slow_rpc,
+            on_arrive=functools.partial(reached.add, coord),
+        )
+
+    def _copy_here(self, dst: MailNode, user: str, msg: str, uid: int) -> int:
+        """A replica applies the logged copy of ``msg``: under ``uid`` (the UID its
+        coordinator's copy got), or held (``uid`` 0) until that copy is numbered."""
+        b = self._bucket(user)
+        dst.mail.setdefault(b, {}).setdefault(user, set()).add(msg)
+        ids = dst.uids.setdefault(user, {})
+        if ids.get(msg, 0) > 0:
+            return ids[msg]
+        held = dst.held.setdefault(user, set())
+        if uid > 0:
+            if any(u == uid for m, u in ids.items() if m != msg):
+                self.copy_collisions += 1
+                ids[msg] = 0
+                held.add(msg)
+                return 0
+            ids[msg] = uid
+            dst.uidnext[user] = max(dst.uidnext.get(user, 1), uid + 1)
+            held.discard(msg)
+            waiting = dst.unnumbered.get(user, [])
+            if msg in waiting:
+                waiting.remove(msg)
+            return uid
+        if msg not in ids and msg not in dst.unnumbered.get(user, []):
+            ids[msg] = 0
+            held.add(msg)
+        return 0
+
+    def _flush_outbox(self, m: MailNode) -> None:
+        """Push the UID versions and copies ``m``'s log still owes (retried each sweep)."""
+        for entry in list(m.outbox):
+            key = (m.node_id, *entry)
+            if key in self._pushing:
+                continue
+            self._pushing.add(key)
+            target = entry[0]
+
+            def work(dst: MailNode, respond: Callable[[Any], None], e: Any = entry) -> None:
+                self._disk(dst, lambda: respond(self._copy_here(dst, e[1], e[2], e[3])))
+
+            def done(_: Any, e: Any = entry, k: Any = key) -> None:
+                self._pushing.discard(k)
+                if e in m.outbox:
+                    m.outbox.remove(e)
+
+            self._rpc(
+                m, target, "delivery", work, done, functools.partial(self._pushing.discard, key)
+            )
+
+    def _noted(self, d: _Delivery, got: dict[str, int], numbering: str = "") -> None:
         """DeliveryProxy's ``noted``: new fragment nodes to the plan's manager, copies
-        stored unnumbered to the manager of the proxy's current map; then the 250."""
+        stored unnumbered to the manager of the proxy's current map (a replicated
+        message: only the copy of ``numbering``, the others are held); then the 250."""
         p = self.mail[d.proxy]
         notes: list[tuple[str, str, str]] = []
         for node in sorted(got):
@@ -1150,7 +1357,8 @@ class MailSim:
                 notes.append((d.plan_from, node, "add"))
         current = p.map.owners[self._bucket(d.user)]
         for node in sorted(n for n, uid in got.items() if uid == 0):
-            notes.append((current, node, "pending"))
+            if not numbering or node == numbering:
+                notes.append((current, node, "pending"))
         left = {"n": len(notes)}
 
         def ack() -> None:
@@ -1274,7 +1482,7 @@ class MailSim:
                     (
                         sorted(core.state.fragment_list(user)),
                         sorted(core.state.away_list(user)),
-                        core.certain(user),
+                        core.certain(user, self.net.now if self.read_leases else None),
                         core.horizon(user, self.net.now),
                         self.net.now,
                     )
@@ -1314,6 +1522,27 @@ class MailSim:
                 m.exchanging = m.incarnation
                 self._exchange(n, m.incarnation)
                 self._later(m, SWEEP_INTERVAL, functools.partial(self._remind, n, m.incarnation))
+                if self.read_leases:
+                    self._renew_read_lease(n, m.incarnation)
+
+    def _renew_read_lease(self, node_id: str, inc: int) -> None:
+        """Every READ_RENEW s: a majority confirms our view (the read lease)."""
+        m = self.mail[node_id]
+        if not m.up or m.incarnation != inc:
+            return
+        core = m.core
+        if core is not None and not core.alone():
+            view, asked = core.view_id(), self.net.now
+
+            def grant(dst: MailNode) -> bool:
+                return dst.core is not None and dst.core.grant_read(view, self.net.now)
+
+            def done(ok: bool) -> None:
+                if ok and m.core is core:
+                    core.read_granted(view, asked)
+
+            self._majority(m, "lease", grant, done, disk=False)
+        self._later(m, READ_RENEW, lambda: self._renew_read_lease(node_id, inc))
 
     def converge(self, limit: float = 60.0) -> float:
         """Run until membership has converged; the time it took."""
@@ -1547,14 +1776,14 @@ class MailSim:
             n = boxes[u][msg]
             if n == 0:
                 out.append(f"{u} {msg}: acknowledged but not listed")
-            elif n > self.config.replicas and timeouts == 0:
+            elif n > self.replicas_of(u) and timeouts == 0:
                 out.append(f"{u} {msg}: {n} copies without a retried store")
         return out
 
     def duplicates(self) -> int:
         """Acknowledged messages stored more than once (a store's reply was lost)."""
         boxes = {u: self.mailbox(u) for u in {u for u, _ in self.acked}}
-        return sum(1 for (u, msg) in self.acked if boxes[u][msg] > self.config.replicas)
+        return sum(1 for (u, msg) in self.acked if boxes[u][msg] > self.replicas_of(u))
 
     def spread(self) -> dict[str, int]:
         """For each user, how many nodes hold its mail."""
@@ -1575,6 +1804,7 @@ UID_FAULTS = ("crash", "restart", "partition", "bridge", "pause", "pause", "heal
 #: Violation classes, by the words of :class:`UidChecker` and :meth:`MailSim.final_problems`.
 VIOLATION_KINDS = {
     "two messages under UID": "two messages under one UID",
+    "listed under two UIDs": "one message under two UIDs",
     "reused": "UID reused",
     "now missing or changed": "UID changed or message hidden",
     "newly visible": "newly visible below a UID shown",
@@ -1601,11 +1831,15 @@ def uid_seed(
     duration: float = 30.0,
     rate: float = 20.0,
     kinds: Sequence[str] = UID_FAULTS,
+    replica_mix: tuple[int, ...] = (),
+    fenced_replicas: bool = True,
 ) -> tuple[MailSim, list[str], list[str]]:
-    """One seed: ``nodes`` nodes, 4 users each, ``rate`` deliveries/s (and a quarter
-    of that in checked reads) for ``duration`` s of faults of ``kinds``; then heal,
-    restart, wait, read everything everywhere.  (sim, fault log, problems)."""
-    sim = MailSim(nodes, seed, MailConfig(users_per_node=4))
+    """One seed: ``nodes`` nodes, 4 users each (``replica_mix``: their R in turn),
+    ``rate`` deliveries/s (and a quarter of that in checked reads) for ``duration`` s
+    of faults of ``kinds``; then heal, restart, wait, read everything everywhere.
+    (sim, fault log, problems)."""
+    sim = MailSim(nodes, seed, MailConfig(users_per_node=4, replica_mix=replica_mix))
+    sim.fenced_replicas = fenced_replicas
     sim.converge()
     log = sim.chaos(duration, rate, max_add=0, kinds=kinds)
     sim.heal_all()
@@ -1689,7 +1923,11 @@ def measure(n: int, seed: int) -> dict[str, float]:
     }
 
 
-def uid_sweep(seeds: Iterable[int], out: Callable[[str], None] = print) -> dict[str, Any]:
+def uid_sweep(
+    seeds: Iterable[int],
+    out: Callable[[str], None] = print,
+    replica_mix: tuple[int, ...] = (),
+) -> dict[str, Any]:
     """Run :func:`uid_seed` over ``seeds``; print and return the figures."""
     started = time.perf_counter()
     bad: dict[int, list[str]] = {}
@@ -1697,7 +1935,7 @@ def uid_sweep(seeds: Iterable[int], out: Callable[[str], None] = print) -> dict[
     faults: Counter[str] = Counter()
     acked = reads = refusals = n = 0
     for seed in seeds:
-        sim, _, problems = uid_seed(seed)
+        sim, _, problems = uid_seed(seed, replica_mix=replica_mix)
         n += 1
         acked += len(sim.acked)
         reads += sim.checker.reads
@@ -1735,9 +1973,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="N",
         help="instead: run uid_seed for seeds 0..N-1, print seeds/minute and violations",
     )
+    p.add_argument(
+        "--replica-mix",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="R",
+        help="with --uid-seeds: users' replicas in turn (e.g. 1 2 3; default all 1)",
+    )
     args = p.parse_args(argv)
+    if any(r < 1 for r in args.replica_mix):
+        p.error("--replica-mix: replicas are at least 1")
     if args.uid_seeds:
-        uid_sweep(range(args.uid_seeds))
+        uid_sweep(range(args.uid_seeds), replica_mix=tuple(args.replica_mix))
         return
     cfg = MailConfig()
     print(

@@ -36,6 +36,8 @@ from .values import PENDING
 __all__ = [
     "HORIZON_AGE",
     "NODE_ALLOCATION_TTL",
+    "NODE_PLAN_TTL",
+    "NODE_TIMED_ALLOCATION_TTL",
     "BucketHint",
     "Horizon",
     "MajorityWrite",
@@ -50,8 +52,11 @@ __all__ = [
     "Taken",
     "UserHint",
     "admit_fenced",
+    "admit_timed",
     "fence_of",
     "has_majority",
+    "split_fence",
+    "timed_fence",
 ]
 
 #: With other nodes live, a rebuilt UID counter starts this far above the highest
@@ -74,6 +79,23 @@ MARK_BLOCK = 256
 #: been replaced meanwhile; a new view tells it).
 LEASE = 1.0
 PAUSE_GRACE = 5.0
+
+#: The read lease (issue 14, the last sweep seeds): a manager answers reads as
+#: ``certain`` only while a majority of the known cluster confirmed, less than
+#: READ_LEASE before (counted from when it asked), that they still have its view
+#: (:meth:`Reconstruction.grant_read`); a node that confirmed records no UID mark
+#: for a map of another view until READ_LEASE after its confirmation, nor for
+#: READ_LEASE after it boots (it may have confirmed before a crash).  So no manager
+#: of a newer view hands out a UID while a reader of an older one (a manager cut off
+#: before failure detection) may still list.  Renewed every READ_RENEW.
+READ_LEASE = 1.0
+READ_RENEW = READ_LEASE / 4
+
+#: The node's read lease is longer: its readers (``retrieval.UserMail``) keep a
+#: manager's answer for ``fragments_ttl`` (1 s) within a session, so the manager is
+#: certain only while its lease outlives that (:attr:`Reconstruction.answer_ttl`).
+NODE_READ_LEASE = 2.0
+NODE_ANSWER_TTL = 1.0
 
 #: Every this many seconds a node reminds managers of its unnumbered mail.
 SWEEP_INTERVAL = 3.0
@@ -155,6 +177,41 @@ ALLOCATION_TTL = PLAN_TTL
 #: connect timeout, and some slack.  Readers find most allocations present well
 #: before that; this only bounds how long a lost delivery holds the horizon back.
 NODE_ALLOCATION_TTL = 15.0
+
+#: A delivery's allocation in the node carries the manager's cluster time (timesync)
+#: in its fence, ``"owner@epoch/at"`` (:func:`timed_fence`): the storing node admits
+#: it numbered only while its own synced cluster clock says it is at most
+#: NODE_PLAN_TTL old (:func:`admit_timed`; no synced clock: unnumbered), so the
+#: manager holds it in the horizon only NODE_TIMED_ALLOCATION_TTL, not
+#: NODE_ALLOCATION_TTL: the rest is room for the two clocks' error (the best
+#: round trip to the time reference) and for the commit that follows the check.
+NODE_PLAN_TTL = 1.0
+NODE_TIMED_ALLOCATION_TTL = 3.0
+
+
+def timed_fence(fence: str, at: float) -> str:
+    """``fence`` with the allocation's cluster time ``at``."""
+    return f"{fence}/{at:.3f}"
+
+
+def split_fence(fence: str) -> tuple[str, float | None]:
+    """``(fence, at)`` of a possibly timed fence (``at`` None: untimed or junk)."""
+    base, sep, at = fence.partition("/")
+    if not sep:
+        return fence, None
+    try:
+        when = float(at)
+    except ValueError:
+        return base, float("-inf")  # junk: as if very old (stored unnumbered)
+    return base, when if when == when else float("-inf")
+
+
+def admit_timed(at: float | None, cluster_now: float | None) -> bool:
+    """May a store numbered under an allocation made at cluster time ``at`` be
+    written at ``cluster_now`` (None: this node's clock is not synced)?"""
+    if at is None:
+        return True
+    return cluster_now is not None and cluster_now - at <= NODE_PLAN_TTL
 
 
 @attrs.frozen
@@ -502,9 +559,25 @@ class Reconstruction:
         self.allocation_ttl = ALLOCATION_TTL
         #: user -> nodes a majority recorded as holders (from hints: any tenure).
         self.holders_seen: dict[str, set[str]] = {}
+        #: bucket -> members whose own hint for it arrived since our last install.
+        self.hint_from: dict[int, set[str]] = {}
         self.hints_received = 0
         self.numbered = 0
         self.pending_plans = 0
+        #: The read lease (:data:`READ_LEASE`): certain until then; the views we
+        #: confirmed to others, until when; no marks before ``marks_from`` (boot).
+        self.read_until = 0.0
+        #: The lease a majority's confirmation gives, and how long a reader may keep
+        #: an answer (:data:`HORIZON_AGE` in mailsim; the node's session reuse).
+        self.read_lease_s = READ_LEASE
+        self.answer_ttl = HORIZON_AGE
+        #: False: ``certain`` does not ask for the lease (a shell whose renewal loop
+        #: does not run: MailCluster before startService, like its pause lease).
+        self.read_leases = True
+        #: view -> (until, bucket owners of that view's map).
+        self.promises: dict[tuple[int, tuple[str, ...]], tuple[float, tuple[str, ...]]] = {}
+        self.marks_from = 0.0
+        self.marks_delayed = 0
 
     # --- reading -----------------------------------------------------------------
 
@@ -520,10 +593,83 @@ class Reconstruction:
         """Our view holds a majority of every node ever seen (:attr:`known`)."""
         return has_majority(self.members | {self.me}, self.known | {self.me})
 
-    def certain(self, user: str) -> bool:
-        """Do we know every node holding ``user``'s mail (majority, every hint in)?"""
+    def certain(self, user: str, now: float | None = None) -> bool:
+        """Do we know every node holding ``user``'s mail (majority, every hint in)?
+        With ``now``: also our read lease holds (:meth:`read_lease`)."""
         b = self.bucket(user)
-        return self.quorum() and b not in self.settling and not self.missing.get(b)
+        return (
+            self.quorum()
+            and b not in self.settling
+            and not self.missing.get(b)
+            and (now is None or not self.read_leases or self.read_lease(now))
+        )
+
+    # --- the read lease ------------------------------------------------------------
+
+    def view_id(self) -> tuple[int, tuple[str, ...]]:
+        """Our installed view: its epoch and members (two sides of a partition can
+        commit the same epoch number with different members)."""
+        return self.view_epoch, tuple(sorted(self.members))
+
+    def alone(self) -> bool:
+        """Alone in our known cluster: nobody can have replaced us."""
+        return self.known <= {self.me}
+
+    def read_lease(self, now: float) -> bool:
+        """May an answer given at ``now`` be listed as complete?  Our lease must hold
+        until the reader's listing is done (it drops answers older than
+        :data:`HORIZON_AGE`)."""
+        return self.alone() or now + self.answer_ttl <= self.read_until
+
+    def read_granted(self, view: tuple[int, tuple[str, ...]], asked_at: float) -> None:
+        """A majority confirmed ``view`` to a round we started at ``asked_at``."""
+        if view == self.view_id():
+            self.read_until = max(self.read_until, asked_at + self.read_lease_s)
+
+    def grant_read(self, view: tuple[int, tuple[str, ...]], now: float) -> bool:
+        """A manager asks whether we have its ``view``: if so we promise to record no
+        mark for a map of another view before ``now + READ_LEASE``."""
+        if view != self.view_id():
+            return False
+        self.promises[view] = (now + self.read_lease_s, tuple(self.state.map.owners))
+        return True
+
+    def booted(self, now: float) -> None:
+        """The node (re)started at ``now`` with :attr:`known` read from its disk:
+        promises made before a restart are lost, so no mark is recorded for the
+        lease's length (a first start, knowing no other node, promised nothing)."""
+        if not self.alone():
+            self.marks_from = max(self.marks_from, now + self.read_lease_s)
+
+    def marks_blocked(self, now: float) -> bool:
+        """Could a mark be refused now (a restart's wait, or a lease we confirmed for
+        another view still running)?  For status and tests waiting for a settled
+        cluster."""
+        if self.alone():
+            return False
+        here = self.view_id()
+        return now < self.marks_from or any(
+            v != here and until > now for v, (until, _) in self.promises.items()
+        )
+
+    def may_record_mark(self, bucket: int, now: float) -> bool:
+        """May we record a UID mark for ``bucket`` (for our current map) now?  Not
+        while a read lease we confirmed for another view, in whose map another node
+        managed ``bucket``, can still be running (a manager that kept the bucket
+        knows its own allocations: no wait)."""
+        if self.alone():
+            return True  # nobody else can hold a read lease
+        for view, (until, _) in list(self.promises.items()):
+            if until <= now:
+                del self.promises[view]
+        here = self.view_id()
+        owner = self.state.map.owners[bucket]
+        if now < self.marks_from or any(
+            v != here and owners[bucket] != owner for v, (_, owners) in self.promises.items()
+        ):
+            self.marks_delayed += 1
+            return False
+        return True
 
     def may_number(self, user: str, lease: bool) -> bool:
         """May we hand out UIDs for ``user`` now?  As its manager, with a majority, the
@@ -571,6 +717,7 @@ class Reconstruction:
         alive = set(live)
         booted = self.prev_live is None
         old_map = self.state.map
+        self.hint_from.clear()
         fresh = self.state.install(new_map, alive)
         self.view_epoch, self.members = view, alive
         out: list[Action] = []
@@ -732,10 +879,25 @@ class Reconstruction:
                 self.pending.get(u.user, {}).pop(sender, None)
         self.floor[b] = max(self.floor.get(b, 1), hint.mark)
         everyone = self.members | {self.me}
+        heard = self.hint_from.setdefault(b, set())
+        heard.add(sender)
         for user, node in hint.holders:
             if self.bucket(user) == b:
                 self.state.note_holder(user, node, everyone)
                 self.holders_seen.setdefault(user, set()).add(node)
+                if (
+                    node in everyone
+                    and node != self.me
+                    and node not in heard
+                    and node not in self.state.fragment_list(user)
+                ):
+                    # A recorded holder in our view whose own hint has not come (a
+                    # bridge can keep it from us while we kept the bucket: it stored
+                    # and numbered under another side's manager, mailsim seed 197):
+                    # away until its hint arrives, which we pull.
+                    self.state.away.setdefault(user, set()).add(node)
+                    if self.pull_missing_at is None:
+                        self.pull_missing_at = now
         out: list[Action] = []
         late = self.missing.get(b)
         if late is not None:
@@ -861,6 +1023,7 @@ class Reconstruction:
         numbering: bool = False,
         now: float = 0.0,
         track: bool = True,
+        ttl: float | None = None,
     ) -> Taken | NeedMark | int:
         """``count`` UIDs for ``user`` below the bucket's granted mark, PENDING when we
         may not number, or :class:`NeedMark` (``again`` False: PENDING instead).
@@ -871,7 +1034,8 @@ class Reconstruction:
 
         Every UID range handed out is *outstanding* (:meth:`horizon`) until
         :meth:`confirm`, a numbering's answer, or :attr:`allocation_ttl` after ``now``
-        (``track`` False: not at all; the node's APPEND/COPY, docs/mail.md)."""
+        (``track`` False: not at all; the node's APPEND/COPY, docs/mail.md; ``ttl``:
+        another expiry, for allocations whose age the store checks)."""
         b = self.bucket(user)
         if not numbering and not unfenced and any(u == user for u, _ in self.numbering):
             self.pending_plans += 1
@@ -881,7 +1045,7 @@ class Reconstruction:
                 first = max(self.uidnext.get(user, 1), self.floor.get(b, 1))
                 self.uidnext[user] = first + max(1, count)
                 if track:
-                    self._allocate(user, first, first + max(1, count), now)
+                    self._allocate(user, first, first + max(1, count), now, ttl)
                 return Taken(first, "")
             self.pending_plans += 1
             return PENDING
@@ -890,15 +1054,18 @@ class Reconstruction:
         if end <= self.granted.get(b, 0):
             self.uidnext[user] = end
             if track:
-                self._allocate(user, first, end, now)
+                self._allocate(user, first, end, now, ttl)
             return Taken(first, "" if unfenced else self.fence(b))
         if not again:
             self.pending_plans += 1
             return PENDING
         return NeedMark(b, self.fence(b), end + MARK_BLOCK)
 
-    def _allocate(self, user: str, first: int, end: int, now: float) -> None:
-        self.allocated.setdefault(user, {})[first] = (end, now + self.allocation_ttl)
+    def _allocate(
+        self, user: str, first: int, end: int, now: float, ttl: float | None = None
+    ) -> None:
+        life = self.allocation_ttl if ttl is None else ttl
+        self.allocated.setdefault(user, {})[first] = (end, now + life)
 
     def confirm(self, user: str, first: int) -> None:
         """The allocation starting at ``first`` landed (its store answered) or never

@@ -692,36 +692,58 @@ class UserMail:
         if not items:
             return succeed([])
 
-        def build(first: int) -> list[NewMessage]:
+        def build(first: int, fence: str) -> list[NewMessage]:
             return [
                 NewMessage(
-                    self.address, dest, b, d.flags, d.internal_date, first + i if first else 0
+                    self.address, dest, b, d.flags, d.internal_date, _nth_uid(first, i), fence
                 )
                 for i, (d, b) in enumerate(items)
             ]
 
         return self._reserve(len(items)).addCallback(
-            lambda first: self._store_home(dest, build(first))
+            lambda r: self._store_home(dest, build(*r), r[0])
         )
 
-    def _reserve(self, count: int) -> Deferred[int]:
-        return self.users.reserve_uids(self.address, count)
+    def _reserve(self, count: int) -> Deferred[tuple[int, str]]:
+        """UIDs for APPEND/COPY: ``(first, fence)``.  In a cluster, a fenced (and, with
+        a synced clock, timed) allocation the manager tracks in the visibility horizon
+        until the store's holder note confirms it (issue 14 item 4), like a delivery's;
+        a node alone (its plan says "the storing node numbers": UID 0, no fence) takes
+        them from the plain counter, unfenced."""
+        d = self.users.delivery_plan(self.address, count)
 
-    def _store_home(self, mailbox: str, msgs: list[NewMessage]) -> Deferred[list[Digest]]:
+        def got(p: tuple[tuple[str, ...], int, str]) -> Any:
+            if p[1] == 0 and not p[2]:
+                return self.users.reserve_uids(self.address, count).addCallback(lambda f: (f, ""))
+            return (p[1], p[2])
+
+        return d.addCallback(got)
+
+    def _confirm(self, node: str, first: int) -> Deferred[Any]:
+        """``add_fragment`` that also confirms the allocation starting at ``first``
+        (it leaves the horizon), where the manager takes confirmations."""
+        if first > 0 and getattr(self.users, "confirms_allocations", False):
+            return self.users.add_fragment(self.address, node, first=first)  # type: ignore[call-arg]
+        return self.users.add_fragment(self.address, node)
+
+    def _store_home(
+        self, mailbox: str, msgs: list[NewMessage], first: int = 0
+    ) -> Deferred[list[Digest]]:
         """Store at home (a replicated user: on R nodes through the update log);
-        a mailbox another fragment has is created at home first."""
+        a mailbox another fragment has is created at home first.  ``first``: the
+        reservation, confirmed to the manager with the holder note."""
         if self.replica is None or not self.cluster:
-            return self._store_plain(mailbox, msgs)
+            return self._store_plain(mailbox, msgs, first)
 
         def go(r: int) -> Deferred[list[Digest]]:
             if r < 2:
-                return self._store_plain(mailbox, msgs)
-            return self._store_replicated(mailbox, msgs, r)
+                return self._store_plain(mailbox, msgs, first)
+            return self._store_replicated(mailbox, msgs, r, first)
 
         return self._replicas_of().addCallback(go)
 
     def _store_replicated(
-        self, mailbox: str, msgs: list[NewMessage], replicas: int
+        self, mailbox: str, msgs: list[NewMessage], replicas: int, first: int = 0
     ) -> Deferred[list[Digest]]:
         """APPEND/COPY of a replicated user: each message one logged object on R nodes
         (the home first), answered once every live one of them holds it."""
@@ -738,7 +760,7 @@ class UserMail:
         def stored(parts: list[list[Digest]]) -> Deferred[list[Digest]]:
             self._node_cache = None
             holders = dict.fromkeys(d.node for p in parts for d in p)
-            adds = [self.users.add_fragment(self.address, n) for n in holders]
+            adds = [self._confirm(n, first) for n in holders]
             firsts = [p[0] for p in parts if p]
             return DeferredList(adds, consumeErrors=True).addCallback(lambda _: firsts)
 
@@ -746,7 +768,9 @@ class UserMail:
             return check([self.home])
         return self._holders(mailbox).addCallback(check)
 
-    def _store_plain(self, mailbox: str, msgs: list[NewMessage]) -> Deferred[list[Digest]]:
+    def _store_plain(
+        self, mailbox: str, msgs: list[NewMessage], first: int = 0
+    ) -> Deferred[list[Digest]]:
 
         def missing(f: Failure) -> Deferred[list[Digest]]:
             f.trap(NoSuchMailbox)
@@ -766,7 +790,7 @@ class UserMail:
 
         def stored(digests: list[Digest]) -> Deferred[list[Digest]]:
             self._node_cache = None
-            d: Deferred[Any] = self.users.add_fragment(self.address, self.home)
+            d: Deferred[Any] = self._confirm(self.home, first)
             return d.addCallback(lambda _: digests)
 
         return d.addCallback(stored)
@@ -776,9 +800,10 @@ class UserMail:
     ) -> Deferred[Digest]:
         """APPEND: stored on the home fragment."""
 
-        def store(first: int) -> Deferred[Digest]:
-            msg = NewMessage(self.address, mailbox, body, tuple(flags), date, first)
-            return self._store_home(mailbox, [msg]).addCallback(lambda ds: ds[0])
+        def store(r: tuple[int, str]) -> Deferred[Digest]:
+            first, fence = r
+            msg = NewMessage(self.address, mailbox, body, tuple(flags), date, first, fence)
+            return self._store_home(mailbox, [msg], first).addCallback(lambda ds: ds[0])
 
         return self._reserve(1).addCallback(store)
 
@@ -789,14 +814,14 @@ class UserMail:
         store (every body written, then the index rows committed together), under
         consecutive reserved UIDs."""
 
-        def build(first: int) -> list[NewMessage]:
+        def build(first: int, fence: str) -> list[NewMessage]:
             return [
-                NewMessage(self.address, mailbox, b, tuple(f), when, _nth_uid(first, i))
+                NewMessage(self.address, mailbox, b, tuple(f), when, _nth_uid(first, i), fence)
                 for i, (b, f, when) in enumerate(items)
             ]
 
         return self._reserve(len(items)).addCallback(
-            lambda first: self._store_home(mailbox, build(first))
+            lambda r: self._store_home(mailbox, build(*r), r[0])
         )
 
 

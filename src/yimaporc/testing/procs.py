@@ -216,13 +216,17 @@ def yima_cluster(
 
 
 def mail_settled(nodes: list[NodeProc]) -> bool:
-    """Every node sees exactly ``nodes``, each with buckets, and none is settling."""
+    """Every node sees exactly ``nodes``, each with buckets, none is settling, and
+    none holds back UID marks for a read lease of an earlier view (docs/mail.md:
+    buckets that moved get their first UIDs up to one lease after a view change)."""
     want = {n.node_id for n in nodes}
     for n in nodes:
         doc = n.status()
         if doc is None or {m["node_id"] for m in doc["members"]} != want:
             return False
         if set(doc.get("buckets", {})) != want or doc["mail_cluster"]["settling_buckets"]:
+            return False
+        if doc["mail_cluster"].get("read_lease", {}).get("marks_blocked"):
             return False
     return True
 

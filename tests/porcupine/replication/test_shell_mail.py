@@ -471,3 +471,64 @@ def test_store_replicated_answers_a_declared_error(tmp_path: Path, outcome: str)
     a.repl._on_store(**kw).addBoth(got.append)
     assert got and got[0].check(CoordinatorUnsure) and got[0].value.maybe_done
     assert CoordinatorUnsure in StoreReplicated.errors
+
+
+def fenced(uid: int, fence: str) -> NewMessage:
+    """A message for alice carrying a manager's fenced UID."""
+    return NewMessage(ALICE, INBOX, b"Subject: f\r\n\r\nfenced\r\n", (), T0, uid, fence)
+
+
+def test_fenced_replicated_message_has_the_coordinators_uid_on_every_copy(
+    tmp_path: Path,
+) -> None:
+    """Issue 14 bug 2: a replicated delivery's UID is fenced like an R=1 one; with the
+    fence current at the coordinator, every copy is listed under that one UID."""
+    net = Net(tmp_path, "abc")
+    a, b = net.boxes["a"], net.boxes["b"]
+    for box in net.boxes.values():
+        box.mail.fragment_store.set_fences({bucket_of(ALICE): "f@1"})
+    got = settled(net, a.repl.store(["a", "b"], fenced(7, "f@1")))
+    assert {(d.node, d.uid) for d in got} == {("a", 7), ("b", 7)}
+    assert [d.uid for d in a.inbox()] == [7] and [d.uid for d in b.inbox()] == [7]
+    assert a.repl.mailboxes.fenced_stores == 1 and a.repl.mailboxes.fenced_refused == 0
+
+
+def test_stale_fenced_replicated_message_waits_then_gets_one_uid_everywhere(
+    tmp_path: Path,
+) -> None:
+    """A replicated delivery whose fence is stale at its coordinator (a paused or
+    cut-off manager, or the coordinator installed a newer map) is acknowledged
+    unnumbered on every copy, also where the fence would pass (the copies follow the
+    coordinator, never number on their own); the current manager numbers the
+    coordinator's copy and the other copy takes exactly that UID."""
+    net = Net(tmp_path, "abc")
+    a, b, c = net.boxes["a"], net.boxes["b"], net.boxes["c"]
+    bucket = bucket_of(ALICE)
+    a.mail.fragment_store.set_fences({bucket: "g@2"})  # a installed the newer map
+    b.mail.fragment_store.set_fences({bucket: "f@1"})  # b still has the old one
+    # c asks a to coordinate (over StoreReplicated, the fence on the wire)
+    got = settled(net, c.repl.store(["a", "b"], fenced(7, "f@1")))
+    assert {d.uid for d in got} == {0}, "acknowledged unnumbered"
+    assert a.inbox() == [] and b.inbox() == []
+    assert a.mail.fragment_store.pending(ALICE) == 1 and b.mail.fragment_store.pending(ALICE) == 0
+    assert b.mail.fragment_store.is_held(ALICE, got[0].key)
+    assert a.repl.mailboxes.fenced_refused == 1
+    b.mail.fragment_store.set_fences({bucket: "g@2"})
+    assert settled(net, a.mail.mailbox_manager.number_pending(ALICE, "g@2", 12, 5))[0] == 1
+    net.settle(0.05)
+    assert [d.uid for d in a.inbox()] == [12] and [d.uid for d in b.inbox()] == [12]
+
+
+def test_fenced_replicated_uid_below_the_coordinators_uidnext_is_not_reused(
+    tmp_path: Path,
+) -> None:
+    """A fenced UID the coordinator's mailbox already passed (an overtaken store) is
+    never a second message under that UID on any copy: unnumbered, numbered later."""
+    net = Net(tmp_path, "ab")
+    a, b = net.boxes["a"], net.boxes["b"]
+    for box in net.boxes.values():
+        box.mail.fragment_store.set_fences({bucket_of(ALICE): "f@1"})
+    settled(net, a.repl.store(["a", "b"], fenced(9, "f@1")))
+    got = settled(net, a.repl.store(["a", "b"], fenced(8, "f@1")))
+    assert {d.uid for d in got} == {0}
+    assert [d.uid for d in a.inbox()] == [9] and [d.uid for d in b.inbox()] == [9]

@@ -136,6 +136,8 @@ class StoreReplicated(amp.Command):
         (b"targets", amp.ListOf(amp.Unicode())),
         # copies before the answer (the live targets; absent: the configured default)
         (b"acks", amp.Integer(optional=True)),
+        # the UID's fence (issue 14 bug 2): checked by the coordinator for its copy
+        (b"fence", amp.Unicode(optional=True)),
     ]
     response = [
         (b"uid", amp.Integer()),
@@ -164,7 +166,7 @@ def digest_in(r: dict[str, Any], node: str) -> Digest:
 
 def message_args(rid: str, message: NewMessage, targets: list[str]) -> dict[str, Any]:
     """The arguments of :class:`StoreReplicated`."""
-    return {
+    args = {
         "rid": rid,
         "user": message.user,
         "mailbox": message.mailbox,
@@ -174,11 +176,20 @@ def message_args(rid: str, message: NewMessage, targets: list[str]) -> dict[str,
         "uid": message.uid,
         "targets": targets,
     }
+    if message.fence:
+        args["fence"] = message.fence
+    return args
 
 
 def message_in(kw: dict[str, Any]) -> tuple[str, NewMessage, list[str]]:
     """``(rid, message, targets)`` from the arguments of :class:`StoreReplicated`."""
     msg = NewMessage(
-        kw["user"], kw["mailbox"], kw["body"], tuple(kw["flags"]), kw["date"], kw["uid"]
+        kw["user"],
+        kw["mailbox"],
+        kw["body"],
+        tuple(kw["flags"]),
+        kw["date"],
+        kw["uid"],
+        str(kw.get("fence") or ""),
     )
     return kw["rid"], msg, list(kw["targets"])

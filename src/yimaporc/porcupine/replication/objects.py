@@ -641,6 +641,27 @@ class ReplicaObjectStore:
             ).fetchone()
         return row is not None and bool(row[0]) and float(row[1]) * 1e6 >= ts.wallclock
 
+    def commit_fenced(self, message: NewMessage, rid: str) -> Digest:
+        """The coordinator's own copy of a replicated delivery whose UID is fenced
+        (issue 14 bug 2), committed before the message is logged: numbered under
+        ``message.uid`` only if the store's fence check admits it (inside the
+        bucket's transaction, as for an R=1 store), else unnumbered.  The logged
+        object then carries *that* outcome, so every copy has the coordinator's UID
+        or waits (held) for the one it is numbered with; a second call for the same
+        message (a re-target) finds the row and answers it."""
+        key = key_of(rid)
+        for attempt in range(2):
+            _write_file(self.fragments.tmp / key, message.body, sync=False)  # the barrier
+            got = self.fragments.commit_bucket(bucket_of(message.user), [(message, key)])[0]
+            if not isinstance(got, NoSuchMailbox):
+                return got
+            if attempt == 0:  # APPEND/COPY to a mailbox another fragment holds
+                try:
+                    self.fragments.create_mailbox(message.user, message.mailbox)
+                except MailboxExists:
+                    pass
+        raise NoSuchMailbox(f"no mailbox {message.mailbox}")
+
     def _store(self, user: str, rid: str, mailbox: str, obj: MessageObject) -> None:
         fs = self.fragments
         key = key_of(rid)
@@ -793,6 +814,10 @@ class ReplicatedMailboxManager:
         self.replication = replication
         self.run = run
         self.node_id = inner.node_id
+        #: Replicated deliveries with a fenced UID, and those the fence check stored
+        #: unnumbered at the coordinator (stale fence, lapsed lease, late UID).
+        self.fenced_stores = 0
+        self.fenced_refused = 0
 
     # --- passed through unchanged ----------------------------------------------------
 
@@ -877,6 +902,24 @@ class ReplicatedMailboxManager:
         coordinating); fires with one digest per target once acknowledged."""
         if not _RID.match(rid):
             raise MalformedObject(f"bad message id {rid!r}")
+        if message.fence and message.uid > 0:
+            # Fenced (issue 14 bug 2): this node's copy first, under the fence check;
+            # the object carries its outcome (the UID, or PENDING: numbered later
+            # here, the other copies held until then).
+            first = self.run(self.objects.commit_fenced, message, rid)
+
+            def decided(dig: Digest) -> Deferred[list[Digest]]:
+                self.fenced_stores += 1
+                if not dig.uid:
+                    self.fenced_refused += 1
+                uid = dig.uid if dig.uid > 0 else PENDING
+                plain = attrs.evolve(message, uid=uid, fence="")
+                d = self.store_replicated(rid, plain, targets, acks)
+                if uid == PENDING:
+                    d.addCallback(self._numbered_meanwhile, message.user, rid)
+                return d
+
+            return first.addCallback(decided)
         replicas = tuple(dict.fromkeys([self.node_id, *targets]))
         obj = MessageObject(
             _mailbox(message.mailbox),
@@ -963,6 +1006,25 @@ class ReplicatedMailboxManager:
             return gatherResults(ds, consumeErrors=True).addCallback(done)
 
         return found.addCallback(go)
+
+    def _numbered_meanwhile(self, digests: list[Digest], user: str, rid: str) -> Any:
+        """A fenced copy refused here was logged PENDING; if a numbering took it
+        before its object was recorded (so :meth:`number_pending` published no UID
+        version for it), publish that version now: the held copies take its UID."""
+        oid = message_id(user, rid)
+        rec = self.run(self.objects.record, oid)
+
+        def check(record: ObjectRecord | None) -> Any:
+            if record is None:
+                return digests
+            found = self.run(self.objects.numbered, user, [rid])
+            found.addCallback(self._publish_uids, user, {rid: record})
+            found.addErrback(
+                lambda f: self.log.failure("replication: UID version of {u}", f, u=user)
+            )
+            return found.addCallback(lambda _: digests)
+
+        return rec.addCallback(check)
 
     def number_pending(
         self, user: str, fence: str, first: int, count: int
