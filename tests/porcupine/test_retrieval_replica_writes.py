@@ -40,6 +40,12 @@ class Users:
     def reserve_uids(self, address: str, count: int) -> Deferred[int]:
         return succeed(self.first_uid)
 
+    def delivery_plan(
+        self, address: str, count: int, unfenced: bool = False
+    ) -> Deferred[tuple[tuple[str, ...], int, str]]:
+        # as a node alone answers: the storing node numbers (APPEND then reserves)
+        return succeed((("n1", "n2"), 0, ""))
+
     def add_fragment(self, address: str, node: str, first: int | None = 0) -> Deferred[None]:
         self.added.append(node)
         return succeed(None)

@@ -721,10 +721,8 @@ class UserMail:
 
     def _confirm(self, node: str, first: int) -> Deferred[Any]:
         """``add_fragment`` that also confirms the allocation starting at ``first``
-        (it leaves the horizon), where the manager takes confirmations."""
-        if first > 0 and getattr(self.users, "confirms_allocations", False):
-            return self.users.add_fragment(self.address, node, first=first)  # type: ignore[call-arg]
-        return self.users.add_fragment(self.address, node)
+        (it leaves the horizon; a manager with no horizon ignores ``first``)."""
+        return self.users.add_fragment(self.address, node, first=first if first > 0 else 0)
 
     def _store_home(
         self, mailbox: str, msgs: list[NewMessage], first: int = 0
