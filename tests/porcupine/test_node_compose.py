@@ -101,3 +101,35 @@ def test_replication_tunables_reach_the_replication_service(tmp_path: Path) -> N
         assert built.replication.replication.config is tunables
     finally:
         _close(built)
+
+
+def test_the_tap_only_turns_options_into_a_config(tmp_path: Path) -> None:
+    """twistd porcupine-node options -> PorcupineConfig, field by field (the tap builds
+    nothing itself: makeService hands this to PorcupineNode.from_config)."""
+    import os
+
+    from yimaporc.tap.porcupine import Options, porcupine_config
+
+    options = Options()
+    options.parseOptions(
+        ["--node-id", "p7", "--data-dir", str(tmp_path / "d"), "--cluster", f"{HOST}:7946",
+         "--domain", "Example.org", "--domain", "b.example", "--smtp", f"tcp:0:interface={HOST}",
+         "--imap", f"tcp:0:interface={HOST}", "--acks-before-reply", "1",
+         "--mail-index-rows", "0", "--max-message-size", "4096", "--auth-cache-ttl", "0"]
+    )  # fmt: skip
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        config = porcupine_config(options)
+    finally:
+        os.umask(umask)  # node_config sets the node's private umask
+    assert (config.node.node_id, config.node.cluster_port) == ("p7", 7946)
+    assert config.domains == ("example.org", "b.example")
+    assert (config.smtp, config.imap, config.pop3) == (f"tcp:0:interface={HOST}",) * 2 + (None,)
+    assert config.replication is not None and config.replication.acks_before_reply == 1
+    assert (config.mail_index_rows, config.max_message_size, config.auth_cache_ttl) == (
+        0,
+        4096,
+        0.0,
+    )
+    assert (tmp_path / "d" / "cluster.secret").exists() and len(config.secret) >= 16

@@ -380,8 +380,8 @@ def register_handlers(
 ) -> None:
     """Answer the manager commands on ``registry`` with this node's local managers.
 
-    ``users()`` and ``mailboxes()`` are looked up per call (the service may swap
-    them); ``stores`` (default: ``mailboxes().store``) lets the caller count load.
+    ``users()`` and ``mailboxes()`` are called per command (tests hand in fakes that
+    way); ``stores`` (default: ``mailboxes().store``) lets the caller count load.
     """
 
     def um(method: str, out: Callable[[Any], dict[str, Any]]) -> Callable[..., Any]:

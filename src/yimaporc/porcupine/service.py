@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from ..admin.routes import ApiError, Route
+from ..admin.routes import Route
 from ..cluster.histogram import Histogram
 from ..cluster.listening import CannotStart, IReady, ListeningService
 from ..imap import Limits
@@ -64,14 +64,15 @@ from .fragments import MailboxManager
 from .imap_backend import PorcupineImapBackend
 from .imap_server import PorcupineImapFactory
 from .interfaces import ILocalMailboxes, IMailboxManager, IMailTopology, IUserManager
+from .mailadmin import MailAdmin
 from .mailindex import DEFAULT_MAX_ROWS
 from .outbound import OutboundSender, RetryPolicy, Routes
 from .retrieval import RetrievalProxy
 from .storage import MailStorage
 from .throttle import AuthThrottle, ThrottlePolicy
 from .topology import LocalTopology
-from .usermap import BadAddress, normalise
-from .values import NoSuchUser, Profile, UserExists
+from .usermap import normalise
+from .values import Profile
 
 DEFAULT_MAX_MESSAGE_SIZE = 25 << 20
 _DOMAIN = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)*$")
@@ -545,107 +546,12 @@ class MailService(MultiService):
         }
 
     def admin_routes(self) -> list[Route]:
-        """``GET/POST /api/mail/users``, ``POST /api/mail/users/delete`` and ``.../passwd``."""
-        return [
-            Route("GET", "/api/mail/users", self._list_users),
-            Route("POST", "/api/mail/users", self._add_user),
-            Route("POST", "/api/mail/users/delete", self._delete_user),
-            Route("POST", "/api/mail/users/passwd", self._passwd),
-            Route("GET", "/api/mail/queue", self._queue_list),
-            Route("POST", "/api/mail/queue/flush", self._queue_flush),
-            Route("POST", "/api/mail/queue/delete", self._queue_delete),
-        ]
-
-    def _queue_list(self, body: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
-        return {"queue": self.outbound.listing(), **self.outbound.status()}
-
-    def _queue_flush(self, body: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:
-        ident = body.get("id")
-        if ident is not None and not isinstance(ident, str):
-            raise ApiError("id must be a string")
-        return {"flushed": self.outbound.flush(ident)}
-
-    def _queue_delete(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
-        ident = body.get("id")
-        if not isinstance(ident, str):
-            raise ApiError("id is required")
-
-        def done(found: bool) -> dict[str, Any]:
-            if not found:
-                raise ApiError(f"no queued message {ident}", 404)
-            return {"deleted": ident}
-
-        return self.outbound.delete(ident).addCallback(done)
-
-    def _address(self, body: dict[str, Any]) -> str:
-        address = body.get("address")
-        if not isinstance(address, str):
-            raise ApiError("address is required")
-        try:
-            address = normalise(address)
-        except BadAddress as e:
-            raise ApiError(str(e)) from None
-        if not self.policy.is_local(address.split("@", 1)[1]):
-            domains = ", ".join((self.domain, *self.policy.other_domains))
-            raise ApiError(f"address must be in one of this node's domains: {domains}")
-        return address
-
-    @staticmethod
-    def _password(body: dict[str, Any]) -> str:
-        password = body.get("password")
-        if not isinstance(password, str) or not password:
-            raise ApiError("password must be a non-empty string")
-        if len(password) > 1024:
-            raise ApiError("password too long")
-        return password
+        """``/api/mail/users...`` and ``/api/mail/queue...`` (:class:`~.mailadmin.MailAdmin`)."""
+        return MailAdmin(self).routes()
 
     def add_user(self, address: str, password: str, replicas: int = 1) -> Deferred[Profile]:
         """Create a user (cluster-wide when attached to a cluster); fails with UserExists."""
         return self.replicator.add(normalise(address), password, replicas)
-
-    def _list_users(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
-        return self.profiles.users().addCallback(
-            lambda users: {"users": [p.public() for p in users]}
-        )
-
-    def _add_user(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
-        address, password = self._address(body), self._password(body)
-        replicas = body.get("replicas", 1)
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 16:
-            raise ApiError("replicas must be an integer from 1 to 16")
-
-        def exists(f: Failure) -> None:
-            f.trap(UserExists)
-            raise ApiError(str(f.value), 409)
-
-        d = self.replicator.add(address, password, replicas)
-        return d.addCallbacks(lambda p: {"created": address, "replicas": p.replicas}, exists)
-
-    def _delete_user(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
-        address = self._address(body)
-        self.user_manager.forget(address)
-        d = self.replicator.remove(address)
-
-        def drop_mail(_: object) -> Deferred[Any]:
-            self.user_manager.forget(address)
-            frags = self.topology.holders_of(address)  # a cluster: every live node
-            manager = self.users_for(address)
-            ds = [self.mailboxes_for(n).remove_user(address) for n in frags]
-            ds += [manager.remove_fragment(address, n) for n in frags]
-            return gatherResults(ds, consumeErrors=True)
-
-        return d.addCallback(drop_mail).addCallbacks(lambda _: {"deleted": address}, _no_user)
-
-    def _passwd(self, body: dict[str, Any], query: dict[str, str]) -> Deferred[Any]:
-        address, password = self._address(body), self._password(body)
-        self.user_manager.forget(address)
-        d = self.replicator.set_password(address, password)
-        return d.addCallbacks(lambda _: {"updated": address}, _no_user)
-
-
-def _no_user(f: Failure) -> None:
-    f.trap(NoSuchUser)
-    raise ApiError(str(f.value), 404)
 
 
 def _first(f: Failure) -> Failure:
