@@ -542,7 +542,7 @@ class YimaStreamingService(Service):
         hi = min(at + len(payload), wav.data_offset + wav.data_size)
         pcm = payload[lo - at : hi - at] if hi > lo else b""
         ts = dest.ts_base + (max(0, lo - wav.data_offset) // wav.frame_size)
-        return tpl.build(dest.seq_base + pkt.gseq, ts & 0xFFFFFFFF, to_l16(pcm, wav.bits),
+        return tpl.build(dest.seq_base + pkt.gseq, ts & 0xFFFFFFFF, to_l16(pcm, wav.bits, wav.encoding),
                          pkt.node_seq)  # fmt: skip
 
     def _packetize_marked(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes:
