@@ -30,6 +30,12 @@ WAVS = {
     "ffmpeg-s32-3ch": "ffmpeg -f lavfi -i sine=f=440:d=2 -ac 3 -ar 16000 -c:a pcm_s32le {out}",
     "sox-s16": "sox -n -r 48000 -c 2 -b 16 {out} synth 2 sine 300",
     "sox-s24-mono": "sox -n -r 44100 -c 1 -b 24 {out} synth 2 sine 300",
+    "sox-u8-8ch": "sox -n -r 22050 -c 8 -b 8 {out} synth 2 sine 300",
+    "sox-s24-4ch": "sox -n -r 48000 -c 4 -b 24 {out} synth 2 sine 300",
+    "sox-s32-6ch": "sox -n -r 48000 -c 6 -b 32 {out} synth 2 sine 300",
+    "sox-f32-stereo": "sox -n -r 44100 -c 2 -b 32 -e floating-point {out} synth 2 sine 300",
+    "sox-f64-mono": "sox -n -r 16000 -c 1 -b 64 -e floating-point {out} synth 2 sine 300",
+    "ffmpeg-f32-stereo": "ffmpeg -f lavfi -i sine=f=440:d=2 -ac 2 -ar 44100 -c:a pcm_f32le {out}",
 }
 
 
@@ -57,7 +63,8 @@ def run(command: str) -> None:
 def test_wav_as_written_by_ffmpeg_and_sox_plays_sample_exact(
     nodes: list[NodeProc], tmp_path: Path, kind: str
 ) -> None:
-    """Every PCM layout streams as L16; ffmpeg gets the file's samples (24/32/8-bit as 16-bit)."""
+    """Every PCM layout ffmpeg and sox write (8/16/24/32-bit integer, 32/64-bit float, 1-8
+    channels) streams as L16; ffmpeg gets the file's samples as it converts them to 16-bit."""
     wav = tmp_path / "in.wav"
     run(WAVS[kind].format(out=wav).replace("ffmpeg ", "ffmpeg -hide_banner -loglevel error -y ", 1))
     name = kind.replace(".", "")

@@ -236,33 +236,7 @@ def test_gstreamer_playbin_plays_every_frame(
         assert doc["audio_frames"] == WAV_SECONDS * rate
 
 
-GST_SEEK_OPEN = (
-    "open: after a flushing seek GStreamer's jitter buffer declares the first ~0.55 s of "
-    "L16 lost (the data starts START_LEAD = 0.5 s after the PLAY answer; its latency is "
-    "500 ms here)"
-)
-
-
-GST_SEEK_MPEG2_UDP = (
-    "open: GStreamer over UDP after a seek of the 2 Mbit/s MPEG-2 clip starts on the "
-    "keyframe but reaches EOS 12 frames (0.48 s) before the end (no seek: all 150)"
-)
-
-
-def _gst_seek_cases() -> list[object]:
-    out = []
-    for p in _cases("gst", {("h264", "tcp")}):
-        name, transport = p.values  # type: ignore[attr-defined]
-        marks = list(p.marks)  # type: ignore[attr-defined]
-        if name not in VIDEO:
-            marks.append(pytest.mark.xfail(reason=GST_SEEK_OPEN, strict=False))
-        elif (name, transport) == ("mpeg2", "udp"):
-            marks.append(pytest.mark.xfail(reason=GST_SEEK_MPEG2_UDP, strict=False))
-        out.append(pytest.param(name, transport, marks=marks, id=p.id))  # type: ignore[attr-defined]
-    return out
-
-
-@pytest.mark.parametrize(("name", "transport"), _gst_seek_cases())
+@pytest.mark.parametrize(("name", "transport"), _cases("gst", {("h264", "tcp")}))
 def test_gstreamer_playbin_seeks_to_the_keyframe(
     cluster: list[NodeProc], media: dict[str, Path], tmp_path: Path, name: str, transport: str
 ) -> None:

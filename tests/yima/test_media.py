@@ -184,6 +184,30 @@ def test_l16_conversion() -> None:
         to_l16(b"\x00\x00", 12)
 
 
+def test_float_wav_is_parsed_and_converted_as_ffmpeg_does() -> None:
+    """IEEE float WAV (format tag 3, as ``sox -e floating-point`` and ffmpeg pcm_f32le/f64le
+    write it; plain or WAVE_FORMAT_EXTENSIBLE) is streamable: 32/64-bit samples become L16
+    as round(x * 32768), half to even, clipped; NaN is silence; other widths are refused."""
+    fmt = struct.pack("<HHIIHH", 3, 2, 48000, 48000 * 8, 8, 32)
+    wav = b"RIFF\x00\x00\x00\x00WAVEfmt " + struct.pack("<I", 16) + fmt + b"data"
+    wav += struct.pack("<I", 16) + struct.pack("<4f", 0.5, -1.0, 2.0, 1.5 / 32768)
+    got = parse_wav(wav, len(wav))
+    assert (got.bits, got.channels, got.encoding, got.frame_size) == (32, 2, "float", 8)
+    ext = struct.pack("<HHIIHHHHI", 0xFFFE, 1, 8000, 64000, 8, 64, 22, 64, 4)
+    ext += struct.pack("<H", 3) + bytes(14)
+    wav64 = b"RIFF\x00\x00\x00\x00WAVEfmt " + struct.pack("<I", 40) + ext + b"data\x00\x00\x00\x00"
+    assert parse_wav(wav64, len(wav64)).encoding == "float"
+    pcm = struct.pack("<5f", 0.5, -1.0, 2.0, 1.5 / 32768, float("nan"))
+    assert to_l16(pcm, 32, "float") == struct.pack(">5h", 16384, -32768, 32767, 2, 0)
+    assert to_l16(struct.pack("<2d", -0.25, 2.5 / 32768), 64, "float") == struct.pack(
+        ">2h", -8192, 2
+    )
+    bad = b"RIFF\x00\x00\x00\x00WAVEfmt " + struct.pack("<I", 16)
+    bad += struct.pack("<HHIIHH", 3, 1, 8000, 16000, 2, 16) + b"data\x00\x00\x00\x00"
+    with pytest.raises(MalformedMedia, match="float 1 ch, 8000 Hz, 16 bits unsupported"):
+        parse_wav(bad, len(bad))
+
+
 def test_opaque_files_are_flagged() -> None:
     """Anything else is stored as opaque blocks with a clear not-streamable message."""
     info = analyse_bytes("notes.txt", b"hello world" * 100, seed=5)

@@ -237,7 +237,8 @@ def test_play_seek_pause_play_keeps_seq_continuous_and_rtp_info_exact() -> None:
     marks.append(len(out))
     replies.append(_reply(svc.play(session, None)))
     run(1.0)
-    assert paused.start == pytest.approx(5.0 + 2.0 - 0.5)  # START_LEAD; the relay stops at once
+    # The relay plays out from the reply (the lead is sent at once) and stops at PAUSE.
+    assert paused.start == pytest.approx(5.0 + 2.0 + RELAY_LEAD)
     for mark, reply in zip(marks, replies, strict=True):
         (info,) = reply.rtp_info
         assert info.url == URL
@@ -248,9 +249,14 @@ def test_play_seek_pause_play_keeps_seq_continuous_and_rtp_info_exact() -> None:
     assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs)), seqs
     assert all(p[0] == 0x80 and p[8:12] == plan.ssrc.to_bytes(4, "big") for p in out)
     assert all(len(p) == 12 + PAYLOAD for p in out)
-    # Media time follows each seek: 2 s from 2.0, then from 20.0, then from 5.0.
-    ts = [(int.from_bytes(p[4:8], "big") - plan.ts_base) & 0xFFFFFFFF for p in out]
-    assert [round(ts[m] / 90000, 2) for m in marks[:3]] == [2.0, 20.0, 5.0]
+    # RTP timestamps never go back, a backward seek included (they go on with wall
+    # time across a seek); within a position they follow the media time from RTP-Info.
+    ts = [int.from_bytes(p[4:8], "big") for p in out]
+    assert all(0 < (b - a) & 0xFFFFFFFF < 0x80000000 for a, b in itertools.pairwise(ts)), ts
+    for mark, end, reply in zip(marks[:3], marks[1:4], replies[:3], strict=True):
+        rtptime, t0 = reply.rtp_info[0].rtptime, reply.range.start
+        times = [t0 + ((t - rtptime) & 0xFFFFFFFF) / 90000 for t in ts[mark:end]]
+        assert times == pytest.approx([t0 + 0.1 * k for k in range(end - mark)])
 
 
 def test_packets_of_the_old_position_are_dropped_after_a_seek() -> None:
@@ -417,3 +423,29 @@ def test_no_rtp_of_the_old_position_follows_the_pause_reply_over_tcp(phase: floa
     assert c.seen[pause_at + 2] == ("rtp", info.seq, info.rtptime)
     seqs = [s[1] for s in c.seen if s[0] == "rtp"]
     assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs)), seqs
+
+
+def test_relayed_play_starts_at_the_reply_with_the_full_lead() -> None:
+    """A relayed PLAY (and a seek): the first packet reaches the player right after the
+    reply, not START_LEAD + RELAY_LEAD later, while the nodes' schedule is anchored
+    RELAY_LEAD before the playout (the lead is sent at once), so every later packet is
+    still held RELAY_LEAD; nothing is NACKed or skipped meanwhile."""
+    svc, reactor, _ = one_node()
+    c = _TcpClient(svc)
+    c.send(c.conn.setup(URL, TransportSpec(lower="TCP", interleaved=(0, 1))))
+    for start in (None, NptRange(12.0, None)):
+        c.seen.clear()
+        c.send(c.conn.play(URL.rsplit("/", 1)[0], start))
+        reactor.advance(0)
+        c.read()
+        kinds = [s[0] if s[0] == "rtp" else s[1] for s in c.seen]
+        assert kinds[:2] == ["PLAY", "rtp"], kinds
+        plan = svc.plans[next(iter(svc.plans))]
+        own = svc.streaming.scheduler.sessions[next(iter(svc.plans))]
+        assert own.anchor_ct == pytest.approx(plan.started_ct - RELAY_LEAD)
+        assert plan.started_ct == reactor.seconds() and plan.lead == pytest.approx(RELAY_LEAD)
+        for _ in range(300):
+            reactor.advance(0.01)
+            c.read()
+    assert plan.relay is not None and plan.relay.stats.gaps_skipped == 0
+    assert plan.relay.stats.overdue_nacked == 0 and plan.nacked == {}

@@ -241,6 +241,8 @@ class _Plan:
     # Media position at cluster time started_ct (the last PLAY or resume).
     position: float = 0.0
     started_ct: float = 0.0
+    # A PLAY started the nodes (started_ct holds then).
+    played: bool = False
     playing: bool = False
     # Node ids in node-index order at PLAY; local sessions serving departed nodes' shares.
     members: tuple[str, ...] = ()
@@ -259,6 +261,8 @@ class _Plan:
     # (packet times), the overdue watch, NACKs sent for overdue packets (gseq -> when),
     # when each node index was last heard, and block -> owning node (primary place).
     lead: float = 0.0
+    # The overdue watch starts here (a relayed PLAY: once every node has started).
+    watch_from: float = 0.0
     paused_ct: float = 0.0
     # Delivery speed of a relayed session (YIMA feedback from a client that opted in).
     speed: float = 1.0
@@ -559,7 +563,7 @@ class YimaStreamingService(Service):
         hi = min(at + len(payload), wav.data_offset + wav.data_size)
         pcm = payload[lo - at : hi - at] if hi > lo else b""
         ts = dest.ts_base + (max(0, lo - wav.data_offset) // wav.frame_size)
-        return tpl.build(dest.seq_base + pkt.gseq, ts & 0xFFFFFFFF, to_l16(pcm, wav.bits),
+        return tpl.build(dest.seq_base + pkt.gseq, ts & 0xFFFFFFFF, to_l16(pcm, wav.bits, wav.encoding),
                          pkt.node_seq)  # fmt: skip
 
     def _packetize_marked(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes:
@@ -703,7 +707,7 @@ class YimaStreamingService(Service):
             elif action == "pause" and plan.playing:
                 plan.position = self._media_position(plan, at)
                 plan.playing, plan.paused_ct = False, at
-            elif action == "resume" and not plan.playing and plan.started_ct:
+            elif action == "resume" and not plan.playing and plan.played:
                 plan.started_ct, plan.playing = at, True
         for m in self.node.view.members:
             if m.node_id == self.node.node_id:
@@ -775,7 +779,7 @@ class YimaStreamingService(Service):
         """Record where this session's packets go (the relay opens at PLAY)."""
         info = self._media(url)
         old = self.plans.get(session.session_id)
-        if old is not None and (old.started_ct or old.relay_port is not None):
+        if old is not None and (old.played or old.relay_port is not None):
             # Re-planning a started stream would orphan its relay socket and node shares.
             raise RtspStatusError(455, headers=(("Allow", "PLAY, PAUSE, TEARDOWN"),))
         ssrc = self.rng.getrandbits(32)
@@ -953,9 +957,9 @@ class YimaStreamingService(Service):
         if plan is None or plan.relay is None or plan.bye_sent:
             return
         plan.watch_timer = self.reactor.callLater(WATCH_INTERVAL, self._watch, session_id)
-        if not plan.playing or plan.timing is None:
-            return
         now = self.node.cluster_time()
+        if not plan.playing or plan.timing is None or now < plan.watch_from:
+            return
         # Every packet the nodes should have sent more than OVERDUE ago.
         horizon = plan.position + plan.lead + (now - plan.started_ct - OVERDUE) * plan.speed
         upto = min(plan.timing.first_gseq_at(horizon), plan.total)
@@ -1104,7 +1108,7 @@ class YimaStreamingService(Service):
             self._open_relay(sid, plan)
         at = self.node.cluster_time() + START_LEAD
         seek = range is not None and range.start is not None
-        if plan.started_ct and not seek:
+        if plan.played and not seek:
             d: Deferred[Any] = succeed(None)
             if not plan.playing:  # resume where PAUSE stopped
                 plan.started_ct, plan.playing = at, True
@@ -1119,7 +1123,7 @@ class YimaStreamingService(Service):
             raise RtspStatusError(
                 457, f"Invalid Range: npt={start_mt:g}- starts past the end ({duration:.3f} s)"
             )
-        if plan.started_ct and plan.relay is not None:
+        if plan.played and plan.relay is not None:
             # Seeking a started stream: the client gets nothing more of the old position
             # while the keyframe is looked up (its numbers go on from relay.next).
             plan.node_ssrc = (plan.node_ssrc + 1 + self.rng.getrandbits(31)) & 0xFFFFFFFF
@@ -1145,19 +1149,26 @@ class YimaStreamingService(Service):
         ``keyframe`` names (``(gseq, media time of the keyframe)``)."""
         if self.plans.get(sid) is not plan:
             raise RtspStatusError(454, "session torn down while seeking")
-        at = self.node.cluster_time() + START_LEAD
+        now = self.node.cluster_time()
+        at = now + START_LEAD
         shown: float | None = None
         if keyframe is not None:
             first, shown = keyframe
             start_mt = timing.gseq_time(first)  # the nodes' first packet is exactly ``first``
         else:
             first = timing.first_gseq_at(start_mt)
-        seeking = bool(plan.started_ct)
+        seeking = plan.played
         if plan.relay is not None:
-            # The nodes send RELAY_LEAD ahead of playout; the relay holds that much.
-            plan.lead = RELAY_LEAD
-            at += plan.lead
-        plan.position, plan.started_ct, plan.playing = start_mt, at, True
+            # Quick start with the full lead: the nodes' schedule is anchored RELAY_LEAD
+            # in the past, so they send the first RELAY_LEAD seconds at once (a burst to
+            # the relay) and the rest RELAY_LEAD ahead of playout; the relay plays out
+            # from the PLAY reply (``started`` moves the playout instant there: every
+            # node has started by then), not RELAY_LEAD + START_LEAD after it.  Until
+            # the reply, the playout instant is the latest it can be (``at``) and the
+            # overdue watch waits (``watch_from``).
+            plan.lead = at - (now - RELAY_LEAD)
+            plan.watch_from = float("inf")
+        plan.position, plan.started_ct, plan.playing, plan.played = start_mt, at, True, True
         plan.speed = 1.0  # the nodes start the new position at real time
         plan.total = timing.total
         plan.clock_rate = timing.clock_rate
@@ -1170,6 +1181,16 @@ class YimaStreamingService(Service):
             if seeking:
                 # The client's numbers go on by one from the last the relay handed it.
                 plan.seq_offset += plan.relay.next - first
+                if plan.last_rtp_ts is not None:
+                    # Its RTP timestamps go on with wall time (as live555's and
+                    # gst-rtsp-server's do), never back: a packet of the old position
+                    # read after the player's flush (UDP) then precedes the new clock
+                    # base, where GStreamer would take it as media played past the new
+                    # start and end the stream that much early (its NPT-stop estimate).
+                    since = max(0.0, self.reactor.seconds() - plan.last_sent_at)
+                    step = max(1, round(since * timing.clock_rate))
+                    now_first = rtp_time(info, timing, first, plan.ts_base)
+                    plan.ts_base = (plan.ts_base + plan.last_rtp_ts + step - now_first) & 0xFFFFFFFF
                 plan.node_ssrc = (plan.node_ssrc + 1 + self.rng.getrandbits(31)) & 0xFFFFFFFF
                 if plan.relay_timer is not None and plan.relay_timer.active():
                     plan.relay_timer.cancel()
@@ -1190,9 +1211,25 @@ class YimaStreamingService(Service):
             for f in failed:
                 self.log.warn("rtsp: a node did not start {s}: {e}", s=sid,
                               e=f.getErrorMessage())  # fmt: skip
+            if plan.relay is not None and plan.started_ct == at and plan.playing:
+                self._play_out_now(sid, plan)
             return self._play_reply(plan, info, timing, first, shown)
 
         return d.addCallback(started)
+
+    def _play_out_now(self, sid: str, plan: _Plan) -> None:
+        """Every node has started a relayed PLAY: the relay's playout starts now (the
+        lead shrinks by what is left of the provisional wait, to RELAY_LEAD plus the
+        time the nodes took to start) and the overdue watch begins.  The relay's next
+        release is a timer, so it follows the PLAY reply."""
+        now = self.node.cluster_time()
+        if now < plan.started_ct:
+            plan.lead -= plan.started_ct - now
+            plan.started_ct = now
+        # The burst (everything the nodes' schedule has due by now) is overdue OVERDUE
+        # after the nodes started, like any packet OVERDUE after its send time.
+        plan.watch_from = now + OVERDUE
+        self._forward(sid, plan, [])  # re-arms the relay timer for the new deadline
 
     @inlineCallbacks
     def _keyframe_start(
@@ -1405,7 +1442,7 @@ class YimaStreamingService(Service):
                               s=session)  # fmt: skip
                 self.streaming.control(session, "stop", 0.0, 0.0)
         for sid, plan in list(self.plans.items()):
-            if not plan.started_ct or plan.bye_sent:
+            if not plan.played or plan.bye_sent:
                 continue
             for node_id in sorted(gone & set(plan.members)):
                 if self.mode != "bipartite":
@@ -1428,7 +1465,7 @@ class YimaStreamingService(Service):
         HANDOVER): serve that node's share here, from parity, from that packet on,
         without waiting for the membership to notice."""
         for sid, plan in list(self.plans.items()):
-            if plan.ssrc != media_ssrc or not plan.fanout or not plan.started_ct:
+            if plan.ssrc != media_ssrc or not plan.fanout or not plan.played:
                 continue
             if plan.bye_sent or plan.timing is None or not 0 <= gseq < plan.timing.total:
                 continue
@@ -1528,7 +1565,7 @@ class YimaStreamingService(Service):
             for timer in (plan.sr_timer, plan.bye_timer, plan.watch_timer):
                 if timer is not None and timer.active():
                     timer.cancel()
-            if not plan.started_ct:
+            if not plan.played:
                 return succeed(None)  # never played: no node has anything to stop
         return self._control(session.session_id, "stop", 0.0)
 

@@ -70,8 +70,8 @@ def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _wav_from_json(obj: Mapping[str, int] | None) -> WavFormat | None:
-    return None if obj is None else WavFormat(**obj)
+def _wav_from_json(obj: Mapping[str, int | str] | None) -> WavFormat | None:
+    return None if obj is None else WavFormat(**obj)  # type: ignore[arg-type]
 
 
 @attrs.frozen

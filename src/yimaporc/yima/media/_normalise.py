@@ -86,7 +86,9 @@ def _plan_wav(head: bytes, size: int) -> Rewrite | None:
     except MalformedMedia:
         return None
     warnings = []
-    if fmt.bits != 16:
+    if fmt.encoding == "float":
+        warnings.append(f"{fmt.bits}-bit float PCM is served as 16-bit L16 (RFC 3551)")
+    elif fmt.bits != 16:
         warnings.append(f"{fmt.bits}-bit PCM is served as 16-bit L16 (RFC 3551)")
     whole = fmt.data_size - fmt.data_size % fmt.frame_size
     if whole != fmt.data_size:

@@ -15,6 +15,7 @@ import attrs
 from ._ts import MalformedMedia
 
 WAVE_FORMAT_PCM = 1
+WAVE_FORMAT_IEEE_FLOAT = 3
 WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 # How much of a file's start may precede the data chunk.
 MAX_HEADER = 1 << 20
@@ -34,6 +35,8 @@ class WavFormat:
     bits: int
     data_offset: int
     data_size: int
+    #: "int" (PCM: 8-bit unsigned, 16/24/32-bit signed) or "float" (IEEE 32/64-bit).
+    encoding: str = "int"
 
     @property
     def frame_size(self) -> int:
@@ -72,17 +75,22 @@ def parse_wav(head: bytes, file_size: int) -> WavFormat:
             )
             if tag == WAVE_FORMAT_EXTENSIBLE and size >= 40 and body + 26 <= len(head):
                 (tag,) = struct.unpack_from("<H", head, body + 24)
-            if tag != WAVE_FORMAT_PCM:
+            if tag not in (WAVE_FORMAT_PCM, WAVE_FORMAT_IEEE_FLOAT):
                 raise MalformedMedia(f"WAV format tag {tag:#x} is not uncompressed PCM")
-            if channels < 1 or rate < 1 or bits not in (8, 16, 24, 32):
-                raise MalformedMedia(f"WAV PCM {channels} ch, {rate} Hz, {bits} bits unsupported")
-            fmt = (channels, rate, bits, 0)
+            floating = tag == WAVE_FORMAT_IEEE_FLOAT
+            if channels < 1 or rate < 1 or bits not in ((32, 64) if floating else (8, 16, 24, 32)):
+                kind = "float" if floating else "PCM"
+                raise MalformedMedia(
+                    f"WAV {kind} {channels} ch, {rate} Hz, {bits} bits unsupported"
+                )
+            fmt = (channels, rate, bits, int(floating))
         elif cid == b"data":
             if fmt is None:
                 raise MalformedMedia("WAV data chunk before fmt chunk")
             available = file_size - body
             data_size = available if size in (0, 0xFFFFFFFF) else min(size, available)
-            return WavFormat(fmt[0], fmt[1], fmt[2], body, max(0, data_size))
+            encoding = "float" if fmt[3] else "int"
+            return WavFormat(fmt[0], fmt[1], fmt[2], body, max(0, data_size), encoding)
         at = body + size + (size & 1)
     raise MalformedMedia("WAV data chunk not found in the first MiB")
 
@@ -93,8 +101,11 @@ def packet_bytes(fmt: WavFormat, ptime: float = 0.02, max_out: int = 1400) -> in
     return frames * fmt.frame_size
 
 
-def to_l16(pcm: bytes, bits: int = 16) -> bytes:
-    """WAV PCM samples as RTP L16 (16-bit big-endian); 8/24/32-bit are converted."""
+def to_l16(pcm: bytes, bits: int = 16, encoding: str = "int") -> bytes:
+    """WAV PCM samples as RTP L16 (16-bit big-endian); 8/24/32-bit are converted, and
+    32/64-bit float as ffmpeg converts it (x * 32768 rounded to even, clipped)."""
+    if encoding == "float":
+        return _float_to_l16(pcm, bits)
     if bits == 16:
         if len(pcm) % 2:
             raise MalformedMedia("16-bit PCM with an odd number of bytes")
@@ -117,3 +128,21 @@ def to_l16(pcm: bytes, bits: int = 16) -> bytes:
         out[1::2] = pcm[width - 2 :: width]
         return bytes(out)
     raise MalformedMedia(f"cannot convert {bits}-bit PCM to L16")
+
+
+def _float_to_l16(pcm: bytes, bits: int) -> bytes:
+    if bits not in (32, 64):
+        raise MalformedMedia(f"cannot convert {bits}-bit float PCM to L16")
+    width = bits // 8
+    if len(pcm) % width:
+        raise MalformedMedia(f"{bits}-bit float PCM with a partial sample")
+    values = array("f" if bits == 32 else "d", pcm)
+    if sys.byteorder == "big":
+        values.byteswap()
+    out = array("h")
+    for x in values:
+        v = round(x * 32768.0) if x == x else 0  # NaN is silence
+        out.append(32767 if v > 32767 else -32768 if v < -32768 else v)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()
