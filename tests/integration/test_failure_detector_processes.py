@@ -82,11 +82,25 @@ def hold(seconds: float) -> None:
 
 
 def settled_view(nodes: list[NodeProc]) -> tuple[int, list[int]]:
-    """The common epoch and each node's number of committed views so far."""
-    docs = [wait_for(n.status, 10, f"{n.node_id} status") for n in nodes]
-    epochs = {d["epoch"] for d in docs}
-    assert len(epochs) == 1, epochs
-    return epochs.pop(), [view_changes(n) for n in nodes]
+    """The common epoch and each node's number of committed views so far, once every
+    node has shown the same full view for 1.5 s (a view formed at start-up can still
+    be followed by the lowest-id node taking over as coordinator: one more round)."""
+    want = {n.node_id for n in nodes}
+    stable: tuple[int, float] | None = None
+    end = time.monotonic() + 20.0
+    while time.monotonic() < end:
+        docs = [wait_for(n.status, 10, f"{n.node_id} status") for n in nodes]
+        views = {(d["epoch"], frozenset(m["node_id"] for m in d["members"])) for d in docs}
+        (epoch, members), *others = views
+        now = time.monotonic()
+        if others or members != want:
+            stable = None
+        elif stable is None or stable[0] != epoch:
+            stable = (epoch, now)
+        elif now - stable[1] >= 1.5:
+            return epoch, [view_changes(n) for n in nodes]
+        hold(0.1)
+    raise AssertionError(f"no stable full view within 20 s: {views}")
 
 
 def watch_views(nodes: list[NodeProc], epoch: int, seconds: float) -> list[str]:

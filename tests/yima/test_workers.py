@@ -244,12 +244,16 @@ def test_worker_control_rejects_unknown_actions_before_forwarding() -> None:
     assert [c for c, _ in w0.calls if c is WorkerControl] == []
 
 
-def test_workers_option_defaults_to_the_cores_and_is_checked(tmp_path: Path) -> None:
-    """--workers is auto (one per core this process may use) or 0..256; else a usage error."""
+def test_workers_option_defaults_to_in_process_and_is_checked(tmp_path: Path) -> None:
+    """--workers defaults to 1 (in-process); auto is one per core this process may use;
+    0..256; else a usage error."""
     base = ["--node-id", "y1", "--data-dir", str(tmp_path),
             "--cluster", "tcp:17946:interface=127.0.147.1"]  # fmt: skip
     o = Options()
     o.parseOptions(base)
+    assert yima_config(o).workers == 1
+    o = Options()
+    o.parseOptions([*base, "--workers", "auto"])
     assert o["workers_n"] == default_workers() == len(os.sched_getaffinity(0))
     assert yima_config(o).workers == default_workers()
     o = Options()

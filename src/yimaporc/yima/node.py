@@ -33,7 +33,6 @@ from ..cluster.node import ClusterNode, ConfigError, NodeConfig
 from .rtspservice import YimaStreamingService
 from .storage import YimaStorageService
 from .streaming import DEFAULT_CACHE_BYTES
-from .workers import default_workers
 
 __all__ = ["MODES", "YimaConfig", "YimaNode"]
 
@@ -69,7 +68,7 @@ class YimaConfig:
     #: Block cache memory bound in bytes (``--block-cache-mb``).
     cache_bytes: int = DEFAULT_CACHE_BYTES
     #: Delivery worker processes (``--workers``; 0 or 1: delivery in this process).
-    workers: int = attrs.field(factory=default_workers)
+    workers: int = 1
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in MODES:

@@ -191,6 +191,8 @@ class ReplicationService(Service):
             self.receive(sender, frame)
 
     def _start_failed(self, f: Failure) -> None:
+        if not self.running:
+            return  # stopped while loading (a node that could not listen): the store is closed
         self.wipe_required = f"cannot load the replication log: {f.getErrorMessage()}"
         self.log.failure("replication: cannot start", f)
 
