@@ -113,6 +113,28 @@ def test_datagrams_arrive_after_a_latency_from_the_sender_address(kernel: SimKer
     assert kernel.datagrams_sent == 3 and kernel.datagrams_delivered == 1
 
 
+def test_connected_udp_sends_to_its_peer_and_hears_only_it(kernel: SimKernel) -> None:
+    """A connected port writes to its peer without an address, refuses another one, and
+    drops datagrams from anyone but its peer (as a connected socket does)."""
+    sa, sb = pair(kernel)
+    c = up(kernel, "c", "10.0.0.3")
+    sc = Sink()
+    assert c.reactor is not None and sa.transport is not None and sb.transport is not None
+    c.reactor.listenUDP(9, sc)
+    sb.transport.connect("10.0.0.1", 9)
+    with pytest.raises(error.InvalidAddressError):
+        sa.transport.connect("a.example", 9)
+    with pytest.raises(ValueError):
+        sb.transport.write(b"elsewhere", ("10.0.0.3", 9))
+    sb.transport.write(b"to a")
+    sa.transport.write(b"from a", ("10.0.0.2", 9))
+    assert sc.transport is not None
+    sc.transport.write(b"from c", ("10.0.0.2", 9))
+    kernel.run_until(1.0)
+    assert [d for _, d, _ in sa.got] == [b"to a"]
+    assert [(d, addr) for _, d, addr in sb.got] == [(b"from a", ("10.0.0.1", 9))]
+
+
 def test_loss_duplication_and_reordering_are_seeded(kernel: SimKernel) -> None:
     """Loss 1 drops all; duplication 1 doubles all; reordering delays some past later ones."""
     sa, sb = pair(kernel)

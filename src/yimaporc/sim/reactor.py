@@ -12,6 +12,7 @@ real reactor does (the test suite's plugin then fails the test).
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -165,6 +166,8 @@ class SimReactor:
         if udp is None:
             return False
         self.kernel.record(self.host, f"udp< {port}", data)
+        if udp.peer is not None and tuple(source) != udp.peer:
+            return True  # a connected port hears its peer only
         try:
             udp.protocol.datagramReceived(data, source)
         except Exception:
@@ -316,11 +319,18 @@ class SimUDPPort:
         self.port = port
         self.protocol = protocol
         self.open = True
+        #: The peer of a connected port (``connect``): its default destination and
+        #: the only source it receives from, as with a connected socket.
+        self.peer: tuple[str, int] | None = None
 
     def write(self, packet: bytes, addr: tuple[str, int] | None = None) -> None:
-        """Send one datagram to ``addr``."""
+        """Send one datagram to ``addr`` (a connected port: to its peer)."""
         if addr is None:
-            raise ValueError("a simulated UDP port needs an address")
+            addr = self.peer
+        elif self.peer is not None and tuple(addr) != self.peer:
+            raise ValueError("a connected UDP port sends only to its peer")
+        if addr is None:
+            raise ValueError("a simulated UDP port that is not connected needs an address")
         if self.open and self.reactor.alive:
             self.reactor.kernel.send_datagram(self.reactor.host, self.port, packet, addr)
 
@@ -340,8 +350,15 @@ class SimUDPPort:
         """Bound at creation."""
 
     def connect(self, host: str, port: int) -> None:
-        """Connected UDP is not simulated."""
-        raise NotImplementedError("connected UDP is not simulated")
+        """Connect to ``host:port`` (an IP address, as Twisted requires): the default
+        destination of :meth:`write`, and datagrams from anyone else are dropped."""
+        if self.peer is not None:
+            raise RuntimeError("already connected, reconnecting is not currently supported")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise error.InvalidAddressError(host, "not an IP address") from None
+        self.peer = (host, int(port))
 
     def getBroadcastAllowed(self) -> bool:
         return False

@@ -65,7 +65,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from .schedule import MediaTiming, NodeScheduler, Session
-from .streaming import Destination, StreamingNode
+from .streaming import Destination, StreamControl, StreamingNode, StreamNack
 
 __all__ = [
     "POLL_INTERVAL",
@@ -176,26 +176,17 @@ class WorkerControl(amp.Command):
     """StreamControl for a session of this worker."""
 
     commandName = b"yima.worker-control"
-    arguments = [
-        (b"session", amp.Unicode()),
-        (b"action", amp.Unicode()),
-        (b"at", amp.Float()),
-        (b"value", amp.Float()),
-        (b"offset", amp.Float()),
-    ]
-    response = []  # type: ignore[var-annotated]
+    # StreamControl's arguments plus the cluster clock offset
+    arguments = [*StreamControl.arguments, (b"offset", amp.Float())]
+    response = StreamControl.response
 
 
 class WorkerNack(amp.Command):
     """StreamNack for a session of this worker."""
 
     commandName = b"yima.worker-nack"
-    arguments = [
-        (b"session", amp.Unicode()),
-        (b"node_seqs", amp.ListOf(amp.Integer())),
-        (b"gseqs", amp.ListOf(amp.Integer(), optional=True)),
-    ]
-    response = [(b"resent", amp.Integer())]
+    arguments = StreamNack.arguments
+    response = StreamNack.response
 
 
 class WorkerState(amp.Command):
