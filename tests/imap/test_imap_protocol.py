@@ -196,6 +196,19 @@ def test_logout_releases_session_and_mailbox() -> None:
     assert cl.t.disconnecting
 
 
+def test_closed_only_when_a_select_replaces_the_mailbox() -> None:
+    """Under QRESYNC, [CLOSED] answers a SELECT over a selected mailbox (RFC 7162
+    3.2.11), not LOGOUT (it followed the BYE)."""
+    _, factory, _ = setup()
+    cl = Client(factory)
+    out = cl.run(b"a LOGIN alice pw\r\nb ENABLE QRESYNC\r\nc SELECT INBOX\r\n")
+    assert b"[CLOSED]" not in out
+    out = cl.run(b"d EXAMINE INBOX\r\n")
+    assert out.count(b"[CLOSED]") == 1 and out.index(b"[CLOSED]") < out.index(b"d OK")
+    out = cl.run(b"e LOGOUT\r\n")
+    assert b"* BYE" in out and b"[CLOSED]" not in out
+
+
 def test_connection_lost_mid_command_releases() -> None:
     """A connection lost while a command waits on the backend releases everything, and the
     late answer is dropped without error."""

@@ -212,12 +212,14 @@ class CommandRunner:
             except Exception:
                 log.failure("imap: logout failed")
 
-    def _deselect(self) -> None:
+    def _deselect(self, announce: bool = False) -> None:
+        """Close the selected mailbox; ``announce``: a SELECT/EXAMINE replaces it, so a
+        QRESYNC client is told (RFC 7162 3.2.11), not on LOGOUT or a dropped line."""
         box, self.mailbox, self.view = self.mailbox, None, None
         if box is not None:
             box.watch(None)
             box.close()
-            if self.conn.state is State.SELECTED and "QRESYNC" in self.enabled:
+            if announce and self.conn.state is State.SELECTED and "QRESYNC" in self.enabled:
                 self.conn.send(
                     s.StatusResponse("OK", "previous mailbox closed", ResponseCode("CLOSED"))
                 )
@@ -323,7 +325,7 @@ class CommandRunner:
     def _do_select(self, cmd: c.Select) -> Any:
         if cmd.qresync is not None and "QRESYNC" not in self.enabled:
             raise ImapError("QRESYNC is not enabled", status="BAD")
-        self._deselect()
+        self._deselect(announce=True)
         if cmd.condstore:
             self.condstore = True
         d = maybeDeferred(self.session.select, cmd.mailbox, cmd.readonly)
