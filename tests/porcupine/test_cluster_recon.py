@@ -35,6 +35,7 @@ from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.cluster.wire import Member
 from yimaporc.porcupine.cluster import Hints, HintsRequest, Json, MailCluster, MbStore
+from yimaporc.porcupine.retrieval import Fragmented
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
@@ -64,6 +65,7 @@ class ReconNode(SimNode):
         self.mail = MailService(
             net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
             storage=storage, topology=self.cluster,
+            layout=Fragmented(self.cluster.home_of, now=net.clock.seconds),
         )  # fmt: skip
 
     def set_commit_attachment(self, provider: Any) -> None:

@@ -25,6 +25,7 @@ from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import PeerUnavailable, RpcRegistry
 from yimaporc.cluster.wire import Member
 from yimaporc.porcupine.cluster import Hints, Json, MailCluster, MbStore, ProfilePut
+from yimaporc.porcupine.retrieval import Fragmented
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
@@ -73,7 +74,7 @@ class AffinityChooser:
 
 
 class SimBuckets:
-    """BucketMapService's face: the map, owner(), subscribe()."""
+    """BucketMapService's face (IBucketMap): the map, owner(), subscribe(), was_away()."""
 
     def __init__(self) -> None:
         self.map = BucketMap.empty(N_BUCKETS)
@@ -84,6 +85,9 @@ class SimBuckets:
 
     def owner(self, bucket: int) -> str:
         return self.map.owners[bucket]
+
+    def was_away(self) -> bool:
+        return False  # only the boot counts as away here
 
     def install(self, new: BucketMap) -> None:
         old, self.map = self.map, new
@@ -135,6 +139,7 @@ class SimNode:
         self.mail = MailService(
             net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
             storage=storage, topology=self.cluster,
+            layout=Fragmented(self.cluster.home_of, now=net.clock.seconds),
         )  # fmt: skip
 
     def deliver(self, user: str, body: bytes) -> list[Digest]:

@@ -12,7 +12,7 @@ from mailtest_helpers import ImmediateReactor, SyncPool, result_of
 from yimaporc.porcupine import _modseq
 from yimaporc.porcupine.fragments import FragmentStore, MailboxManager
 from yimaporc.porcupine.mailindex import MailIndex
-from yimaporc.porcupine.retrieval import _merge_trees
+from yimaporc.porcupine.retrieval import merge_trees
 from yimaporc.porcupine.usermap import bucket_dir, bucket_of
 from yimaporc.porcupine.values import INBOX, MailboxInfo, NewMessage
 
@@ -187,11 +187,11 @@ def test_merged_highestmodseq_is_capped_by_the_lowest_bound() -> None:
     def info(h: int, bound: int) -> MailboxInfo:
         return MailboxInfo(INBOX, 1, 5, 1, 0, True, h, bound)
 
-    [m] = _merge_trees([("a", [info(500, 900)]), ("b", [info(100, 700)])])
+    [m] = merge_trees([("a", [info(500, 900)]), ("b", [info(100, 700)])])
     assert m.highestmodseq == 500 and m.modseq_bound == 700
-    [m] = _merge_trees([("a", [info(800, 900)]), ("b", [info(100, 700)])])
+    [m] = merge_trees([("a", [info(800, 900)]), ("b", [info(100, 700)])])
     assert m.highestmodseq == 700
-    [m] = _merge_trees([("a", [info(800, 900)]), ("old", [info(0, 0)])])
+    [m] = merge_trees([("a", [info(800, 900)]), ("old", [info(0, 0)])])
     assert m.highestmodseq == 800
 
 

@@ -15,6 +15,7 @@ from yimaporc.porcupine.cluster import MailCluster
 from yimaporc.porcupine.node import PorcupineConfig, PorcupineNode
 from yimaporc.porcupine.replication import ReplicationConfig
 from yimaporc.porcupine.replication.mail import MailReplication
+from yimaporc.porcupine.retrieval import Fragmented, ReplicatedCopies, SingleCopies
 from yimaporc.porcupine.service import MailService
 
 HOST = "127.0.145.9"
@@ -133,3 +134,38 @@ def test_the_tap_only_turns_options_into_a_config(tmp_path: Path) -> None:
         0.0,
     )
     assert (tmp_path / "d" / "cluster.secret").exists() and len(config.secret) >= 16
+
+
+def test_from_config_chooses_fragments_and_copies_read_from_the_least_loaded(
+    tmp_path: Path,
+) -> None:
+    """A clustered node with replication: fragments over the cluster (home from the
+    cluster, replication's hooks, this node's UIDNEXT record) and replicated copies read
+    in the order of the cluster balancer's load figures."""
+    reactor = MemoryReactorClock()
+    built = PorcupineNode.from_config(reactor, _config(tmp_path))
+    try:
+        retrieval = built.mail.retrieval
+        layout, copies = retrieval.layout, retrieval.copy_policy
+        assert isinstance(layout, Fragmented) and layout.replica is built.replication
+        assert isinstance(copies, ReplicatedCopies)
+        mail = retrieval.open("ann@example.org")
+        assert mail.home == built.cluster.home_of("ann@example.org")
+        assert mail.local == "p1" and mail.shown is not None and mail.now is not None
+        built.cluster.balancer.observe("p2", 9.0, reactor.seconds())
+        built.cluster.balancer.observe("p3", 1.0, reactor.seconds())
+        assert copies.read_order(mail, ["p2", "p3"]) == ["p3", "p2"]
+    finally:
+        _close(built)
+
+
+def test_from_config_without_replication_keeps_single_copies(tmp_path: Path) -> None:
+    """replication=None: fragments over the cluster without replication's hooks, and
+    one copy of each message (changes go to every node listing it)."""
+    built = PorcupineNode.from_config(MemoryReactorClock(), _config(tmp_path, replication=None))
+    try:
+        layout = built.mail.retrieval.layout
+        assert isinstance(layout, Fragmented) and layout.replica is None
+        assert isinstance(built.mail.retrieval.copy_policy, SingleCopies)
+    finally:
+        _close(built)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, succeed
 
-from yimaporc.porcupine.retrieval import UserMail
+from yimaporc.porcupine.retrieval import Fragmented, UserMail
 from yimaporc.porcupine.values import (
     INBOX,
     PENDING,
@@ -120,9 +120,9 @@ def result(d: Deferred[Any]) -> Any:
 def setup(replicas: int, first_uid: int = 40) -> tuple[UserMail, dict[str, Box], Replica, Users]:
     boxes = {"n1": Box("n1", [INBOX, "Work"]), "n2": Box("n2", [INBOX])}
     users = Users(replicas, first_uid)
-    mail = UserMail(USER, "n1", users, lambda n: boxes[n], cluster=True)  # type: ignore[arg-type]
     replica = Replica()
-    mail.replica = replica
+    layout = Fragmented(lambda a: "n1", replica=replica)
+    mail = UserMail(USER, "n1", users, lambda n: boxes[n], layout)  # type: ignore[arg-type]
     return mail, boxes, replica, users
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 
-from yimaporc.porcupine.retrieval import UserMail
+from yimaporc.porcupine.retrieval import Fragmented, ReplicatedCopies, UserMail
 from yimaporc.porcupine.values import INBOX, Digest, MailboxInfo
 
 USER = "dora@example.org"
@@ -94,9 +94,8 @@ def result(d: Deferred[Any]) -> Any:
 
 def setup(loads: dict[str, float]) -> tuple[UserMail, dict[str, Box], list[Digest]]:
     boxes = {n: Box(n) for n in ("a", "b")}
-    mail = UserMail(USER, "a", Users(("a", "b")), boxes.__getitem__, cluster=True)  # type: ignore[arg-type]
-    mail.replicated = True
-    mail.load_of = loads.__getitem__
+    layout, copies = Fragmented(lambda a: "a"), ReplicatedCopies(loads.__getitem__)
+    mail = UserMail(USER, "a", Users(("a", "b")), boxes.__getitem__, layout, copies)  # type: ignore[arg-type]
     digests = result(mail.digests(INBOX))
     return mail, boxes, digests
 

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .buckets import DEFAULT_BUCKETS, BucketMap, MalformedMap
+from .interfaces import IBucketMap
 from .membership import View
 from .node import ClusterNode, IMembershipListener
 from .wire import Member
@@ -59,7 +60,7 @@ def unpack_commit(data: bytes) -> tuple[tuple[int, str] | None, BucketMap]:
     return previous, BucketMap.parse(data[13 + n :])
 
 
-@implementer(IMembershipListener)
+@implementer(IMembershipListener, IBucketMap)
 class BucketMapService:
     """The bucket map as this node knows it, updated on every committed view."""
 
@@ -80,6 +81,10 @@ class BucketMapService:
     def subscribe(self, listener: FreshListener) -> None:
         """Call ``listener(old_map, new_map, fresh_buckets)`` after each change."""
         self._listeners.append(listener)
+
+    def was_away(self) -> bool:
+        """See :class:`IBucketMap`: :attr:`away`."""
+        return self.away
 
     def owner(self, bucket: int) -> str:
         """The node managing ``bucket`` ("" if none)."""

@@ -9,7 +9,7 @@ Provided by :class:`~yimaporc.cluster.node.ClusterNode` and by the shipped fake
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -17,7 +17,10 @@ from zope.interface import Attribute, Interface
 from .membership import IMembershipListener
 from .routes import Route
 
-__all__ = ["IClusterNode", "IRpcCaller"]
+if TYPE_CHECKING:
+    from .buckets import BucketMap
+
+__all__ = ["IBucketMap", "IClusterNode", "IRpcCaller"]
 
 
 class IRpcCaller(Interface):
@@ -58,3 +61,21 @@ class IClusterNode(Interface):
 
     def when_ready() -> Deferred[None]:
         """Fires once every port listens; errbacks with ``CannotStart`` if one cannot."""
+
+
+class IBucketMap(Interface):
+    """The user-map buckets as this node knows them, as the services over it use them.
+
+    Provided by :class:`~yimaporc.cluster.bucketservice.BucketMapService`.
+    """
+
+    def owner(bucket: int) -> str:
+        """The node managing ``bucket`` ("" if none)."""
+
+    def subscribe(listener: Callable[[BucketMap, BucketMap, set[int]], None]) -> None:
+        """Call ``listener(old_map, new_map, fresh_buckets)`` after each change."""
+
+    def was_away() -> bool:
+        """Did the last installed view say this node was away (booted, or its previous
+        view is not the one the coordinator committed from)?  Subscribers then resend
+        and re-ask what they may have missed."""

@@ -17,8 +17,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from .balancer import LoadBalancer, load_figure
-from .interfaces import ILocalMailboxes
+from .balancer import load_figure
+from .interfaces import ILoadBalancer, ILocalMailboxes
 from .values import Digest, MailboxInfo, NewMessage
 
 #: Peers each node swaps load figures with per ``load_interval`` (random ones), so
@@ -38,7 +38,7 @@ class NodeLoad:
         self,
         me: str,
         clock: Any,
-        balancer: LoadBalancer,
+        balancer: ILoadBalancer,
         live: Callable[[], list[str]],
         exchange_with: Callable[[str, float], Deferred[float]],
         rng: random.Random,

@@ -32,6 +32,10 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+from zope.interface import implementer
+
+from .interfaces import ILoadBalancer
+
 #: How much lighter a node must be, in absolute pending operations, before
 #: imbalance widens a user's spread (keeps tiny loads from counting as skew).
 IMBALANCE_SLACK = 4.0
@@ -55,6 +59,7 @@ def load_figure(pending: int, recent_rate: float = 0.0) -> float:
     return max(0, pending) + RATE_WEIGHT * max(0.0, recent_rate)
 
 
+@implementer(ILoadBalancer)
 class LoadBalancer:
     """One node's view of everyone's load, and the store-node choice for deliveries."""
 

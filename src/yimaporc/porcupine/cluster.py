@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..cluster.buckets import BucketMap
+from ..cluster.interfaces import IBucketMap
 from ..cluster.rpc import PeerUnavailable
 from ._cluster_commands import (
     COMMANDS,
@@ -58,7 +59,13 @@ from ._cluster_remote import RemoteMailboxManager, RemoteUserManager, register_h
 from ._cluster_users import ClusterUserManager, HintEntry
 from ._cluster_wire import ERRORS, HolderNotRecorded, Json, pack_messages, unpack_messages
 from .balancer import LoadBalancer
-from .interfaces import ILocalMailboxes, IMailboxManager, IMailTopology, IUserManager
+from .interfaces import (
+    ILoadBalancer,
+    ILocalMailboxes,
+    IMailboxManager,
+    IMailTopology,
+    IUserManager,
+)
 from .profiledb import Record
 from .reconstruct import (
     LEASE,
@@ -122,10 +129,10 @@ class MailCluster(Service):
         self,
         storage: MailStorage,
         node: Any,
-        buckets: Any,
+        buckets: IBucketMap,
         *,
         replication: MailReplication | None = None,
-        balancer: Any = None,
+        balancer: ILoadBalancer | None = None,
         load_interval: float = 2.0,
         poll_interval: float = 5.0,
         settle_timeout: float = 2.0,
@@ -139,7 +146,7 @@ class MailCluster(Service):
         self.load_interval = load_interval
         self.rng = rng or random.Random()
         self.calls: Counter[str] = Counter()
-        self.balancer = balancer if balancer is not None else LoadBalancer(self.me)
+        self.balancer: ILoadBalancer = balancer if balancer is not None else LoadBalancer(self.me)
         #: This node's load figure and its periodic exchange.
         self.meter = NodeLoad(
             self.me, self.reactor, self.balancer, self.live, self._swap_load, self.rng
@@ -505,11 +512,10 @@ class MailCluster(Service):
         # Before any hint read (they run later, on the pool): a store fenced by a
         # manager this map no longer names now goes PENDING (fragments.py).
         self.storage.fragment_store.set_fences({b: fence_of(new, b) for b in range(len(new))})
-        # Away (see BucketMapService.away): booted, or our previous view is not the
-        # one the coordinator committed from. A bucket source without that notion
-        # (tests) only reports the boot.
+        # Away (IBucketMap.was_away): booted, or our previous view is not the one
+        # the coordinator committed from.
         um = self.user_manager
-        away = um.core.prev_live is None or bool(getattr(self.buckets, "away", False))
+        away = um.core.prev_live is None or self.buckets.was_away()
         um.install(new, live, view=view, away=away)
         self.perform(um.take_outbox())
 

@@ -42,7 +42,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..cluster.rpc import PeerUnavailable
-from .interfaces import IMailboxManager, IUserManager
+from .interfaces import ILoadBalancer, IMailboxManager, IUserManager
 from .usermap import BadAddress, normalise
 from .values import INBOX, Digest, MailError, NewMessage, Profile
 
@@ -62,7 +62,7 @@ class DeliveryProxy:
         live_nodes: Callable[[], Sequence[str]],
         now: Callable[[], float],
         *,
-        balancer: Any = None,
+        balancer: ILoadBalancer | None = None,
         replicated: Callable[..., Deferred[list[Digest]]] | None = None,
     ) -> None:
         self.node_id = node_id

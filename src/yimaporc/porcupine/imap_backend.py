@@ -16,7 +16,7 @@ login or an unreachable node ``NO [UNAVAILABLE]``; a missing mailbox
 missing messages as expunged).
 
 MODSEQs come from the fragment store (:mod:`._modseq`): every message has one,
-HIGHESTMODSEQ is the merged value of :func:`.retrieval._merge_trees`, STORE
+HIGHESTMODSEQ is the merged value of :func:`.retrieval.merge_trees`, STORE
 ``UNCHANGEDSINCE`` is checked by each node inside its flag-change transaction,
 and QRESYNC leaves out of ``VANISHED (EARLIER)`` what the nodes' tombstones
 show went before the client's mod-sequence; so CONDSTORE and QRESYNC are

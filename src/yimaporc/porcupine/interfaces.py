@@ -10,7 +10,7 @@ in-process ones here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
@@ -176,6 +176,29 @@ class ILocalMailboxes(IMailboxManager):
         (UIDVALIDITY, UIDNEXT)); the highest ever recorded per mailbox."""
 
 
+class ILoadBalancer(Interface):
+    """The choice of store nodes (seed §5) from the nodes' load figures
+    (:class:`~.balancer.LoadBalancer`)."""
+
+    def observe(node: str, load: float, now: float) -> None:
+        """``node`` reported ``load`` at ``now``; it is reachable."""
+
+    def failed(node: str, now: float) -> None:
+        """A call to ``node`` failed at ``now``: avoid it a while."""
+
+    def load_of(node: str, now: float) -> float:
+        """The load assumed for ``node`` (a replicated message is read from the least
+        loaded of its holders)."""
+
+    def choose(
+        live: Sequence[str], fragments: Sequence[str], replicas: int, now: float
+    ) -> list[str]:
+        """The ``replicas`` nodes to store the next message of a user on, best first."""
+
+    def status() -> dict[str, Any]:
+        """Counters for ``/api/status``."""
+
+
 class IMailTopology(Interface):
     """Where a node's mail service finds managers: one node, or the cluster.
 
@@ -189,7 +212,7 @@ class IMailTopology(Interface):
     #: The one profile write path.
     replicator: ProfileReplicator
     #: The delivery proxy's load balancer (None: affinity, then this node).
-    balancer: object
+    balancer: ILoadBalancer | None
 
     def users_for(address: str) -> IUserManager:
         """The user manager of ``address``'s bucket (local, or a proxy to its owner)."""

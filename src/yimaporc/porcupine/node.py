@@ -42,6 +42,7 @@ from .mailindex import DEFAULT_MAX_ROWS
 from .outbound import RetryPolicy, Routes
 from .replication import ReplicationConfig
 from .replication.mail import DEFAULT_CONFIG, MailReplication
+from .retrieval import Fragmented, ICopyPolicy, ReplicatedCopies, SingleCopies
 from .service import DEFAULT_MAX_MESSAGE_SIZE, MailService
 from .storage import MailStorage
 from .throttle import ThrottlePolicy
@@ -162,6 +163,14 @@ class PorcupineNode:
         cluster = MailCluster(storage, node, user_map, replication=replication)
         if replication is not None:
             replication.use_topology(cluster)
+        # How logins see their mail: fragments over the cluster (the tree at the home
+        # the cluster chooses); with replication, each message read from its least
+        # loaded holder and changed on one holder.
+        layout = Fragmented(cluster.home_of, now=reactor.seconds, replica=replication)
+        copy_policy: ICopyPolicy = SingleCopies()
+        if replication is not None:
+            balancer = cluster.balancer
+            copy_policy = ReplicatedCopies(lambda n: balancer.load_of(n, reactor.seconds()))
         try:
             mail = MailService(
                 reactor,
@@ -192,6 +201,8 @@ class PorcupineNode:
                 storage=storage,
                 topology=cluster,
                 replica=replication,
+                layout=layout,
+                copy_policy=copy_policy,
             )
         except ValueError as e:
             if replication is not None:

@@ -67,7 +67,7 @@ from .interfaces import ILocalMailboxes, IMailboxManager, IMailTopology, IUserMa
 from .mailadmin import MailAdmin
 from .mailindex import DEFAULT_MAX_ROWS
 from .outbound import OutboundSender, RetryPolicy, Routes
-from .retrieval import RetrievalProxy
+from .retrieval import ICopyPolicy, IMailLayout, RetrievalProxy
 from .storage import MailStorage
 from .throttle import AuthThrottle, ThrottlePolicy
 from .topology import LocalTopology
@@ -156,6 +156,8 @@ class MailService(MultiService):
         storage: MailStorage | None = None,
         topology: IMailTopology | None = None,
         replica: Any = None,
+        layout: IMailLayout | None = None,
+        copy_policy: ICopyPolicy | None = None,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -242,15 +244,16 @@ class MailService(MultiService):
             balancer=balancer,
             replicated=replica.store if replica is not None else None,
         )
-        load_of = getattr(balancer, "load_of", None)
+        #: Logins open their mail with the strategies the caller chose (default: this
+        #: node alone, one copy of each message; the composition root chooses the
+        #: cluster's :class:`~.retrieval.Fragmented` and, with replication,
+        #: :class:`~.retrieval.ReplicatedCopies`).
         self.retrieval = RetrievalProxy(
             node_id,
             self.topology.users_for,
             self.topology.mailboxes_for,
-            home_of=self.topology.home_of if topology is not None else None,
-            now=now if topology is not None else None,
-            replica=replica,
-            load_of=(lambda n: load_of(n, now())) if replica is not None and load_of else None,
+            layout=layout,
+            copy_policy=copy_policy,
             local=self.mailbox_manager,
         )
         self.spool = OutboundSpool(reactor, self.pool, self.data_dir / "mail" / "outbound")

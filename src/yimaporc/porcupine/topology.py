@@ -10,7 +10,7 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from ._cluster_profiles import ProfileReplicator
-from .interfaces import ILocalMailboxes, IMailTopology
+from .interfaces import ILoadBalancer, ILocalMailboxes, IMailTopology
 from .profiledb import ProfileDB
 from .users import UserManager
 
@@ -22,7 +22,7 @@ class LocalTopology:
     """One node: its own user manager and mailbox manager for everything."""
 
     #: No load balancing: deliveries keep affinity, then this node.
-    balancer = None
+    balancer: ILoadBalancer | None = None
 
     def __init__(self, node_id: str, profiles: ProfileDB, mailboxes: ILocalMailboxes) -> None:
         self.me = node_id

@@ -15,6 +15,7 @@ from yimaporc.cluster.rpc import PeerUnavailable, RpcRegistry
 from yimaporc.cluster.wire import Member
 from yimaporc.porcupine.replication.amp import Replicate, StoreReplicated
 from yimaporc.porcupine.replication.mail import MailReplication
+from yimaporc.porcupine.retrieval import ReplicatedCopies
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import bucket_of
@@ -84,6 +85,7 @@ class Box:
             domain="example.org",
             storage=storage,
             replica=self.repl,
+            copy_policy=ReplicatedCopies(),
         )
         self.repl.use_topology(self.mail.topology)
         self.repl.startService()
