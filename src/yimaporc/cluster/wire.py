@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import hashlib
 import hmac
 import re
 import struct
@@ -89,9 +90,13 @@ class MsgType(enum.IntEnum):
     INDIRECT_ACK = 10
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class Member:
-    """A cluster member: its id, its cluster address ``host:port`` and its boot number."""
+    """A cluster member: its id, its cluster address ``host:port`` and its boot number.
+
+    Members are hashed and sorted on every datagram a node handles (views are sets and
+    sorted tuples of them), so the hash is cached and the sort key memoised.
+    """
 
     node_id: str
     address: str
@@ -100,11 +105,18 @@ class Member:
     @property
     def sort_key(self) -> tuple[tuple[int, ...], int, str]:
         """Address order (numeric IPv4 when possible, then port), as TRM pings use it."""
-        return (*address_key(self.address), self.node_id)
+        return _sort_key(self.address, self.node_id)
 
 
+@functools.lru_cache(maxsize=4096)
+def _sort_key(address: str, node_id: str) -> tuple[tuple[int, ...], int, str]:
+    return (*address_key(address), node_id)
+
+
+@functools.lru_cache(maxsize=4096)
 def address_key(address: str) -> tuple[tuple[int, ...], int]:
-    """Sort key of ``host:port``: dotted quads numerically, others by code points."""
+    """Sort key of ``host:port``: dotted quads numerically, others by code points
+    (memoised: a pure function of the string, asked for on every sort of a view)."""
     host, _, port = address.rpartition(":")
     try:
         parts = tuple(int(x) for x in host.split("."))
@@ -325,8 +337,17 @@ def _body_from_obj(kind: MsgType, obj: c.Container) -> Body:
     return TimeResp(obj.t1, obj.t2, obj.t3)
 
 
+@functools.lru_cache(maxsize=64)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """HMAC-SHA256 with ``key`` and no data: copying it skips the key schedule (two
+    SHA-256 blocks) that every datagram would otherwise pay again."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
 def _mac(key: bytes, data: bytes) -> bytes:
-    return hmac.digest(key, data, "sha256")[:MAC_SIZE]
+    h = _keyed(key).copy()
+    h.update(data)
+    return h.digest()[:MAC_SIZE]
 
 
 # --- the specification: construct, slow and obviously right ----------------------
