@@ -106,8 +106,8 @@ class Reorderer:
         self.next = self._whole = first
 
     def tick(self, now: float) -> list[bytes]:
-        """Release what is due; give up gaps whose next packet is due (paced) or has
-        waited ``hold`` seconds."""
+        """Release what is due; give up gaps whose next packet is due and which were
+        held until ``hold_until`` (paced), or whose next packet waited ``hold`` seconds."""
         out = self._release(now)
         while self._heap and now >= self._give_up_at(self._heap[0]):
             out.extend(self._skip_gap(now))
