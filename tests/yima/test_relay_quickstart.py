@@ -81,7 +81,9 @@ class _Rpc:
 class TwoNodes:
     """``a`` (the RTSP node, even blocks) and the fake ``b`` (odd blocks)."""
 
-    def __init__(self, parity_group: int = 0) -> None:
+    def __init__(
+        self, parity_group: int = 0, solo: bool = False, block_us: int = 1_000_000
+    ) -> None:
         self.reactor = _Reactor()
         self.rpc = _Rpc()
         a = SimpleNamespace(node_id="a", address="127.0.0.1:7946")
@@ -89,17 +91,17 @@ class TwoNodes:
         node = SimpleNamespace(
             registry=RpcRegistry(), cluster_time=self.reactor.seconds,
             add_status=lambda f: None, subscribe=lambda s: None, node_id="a",
-            view=SimpleNamespace(members=[a, b]), rpc=self.rpc,
+            view=SimpleNamespace(members=[a] if solo else [a, b]), rpc=self.rpc,
             config=SimpleNamespace(cluster_host="127.0.0.1"),
         )  # fmt: skip
         self.info = MediaInfo("clip", KIND_TS, SIZE, BLOCK, 1, parity_group=parity_group,
                               streamable=True, duration=30.0,
-                              block_times=tuple(i * 1_000_000 for i in range(30)))  # fmt: skip
+                              block_times=tuple(i * block_us for i in range(30)))  # fmt: skip
         self.data = bytes(range(256)) * (SIZE // 256 + 1)
         info = self.info
 
         def owner(block: int) -> str:
-            return "a" if block % 2 == 0 else "b"
+            return "a" if solo or block % 2 == 0 else "b"
 
         storage = SimpleNamespace(
             media_info=lambda name: info,
@@ -289,3 +291,27 @@ def test_a_slow_keyframe_lookup_while_playing_asks_for_nothing_and_takes_over_no
     t.run(2.0)
     (info,) = got[0].rtp_info
     assert _seq(t.out[marks[0]]) == info.seq and _continuous(t.out)
+
+
+@pytest.mark.parametrize("phase", [k / 2000 for k in range(8)])
+def test_play_after_pause_names_a_packet_not_yet_forwarded(phase: float) -> None:
+    """PAUSE lands just after a relay tick that forwarded packets falling due within
+    SEND_AHEAD (dense media: a packet every 5 ms); PLAY resumes, and RTP-Info names the
+    next packet the client gets, never one it already got before the PAUSE (a client
+    waiting for that packet would wait until its session timed out)."""
+    t = TwoNodes(solo=True, block_us=50_000)  # 10 packets per 50 ms block, 1.5 s
+    t.play(0.0)
+    t.run(0.5, step=0.001)
+    t.run(phase, step=0.0005)
+    t.svc.pause(t.session)
+    t.run(0.2)
+    mark = len(t.out)
+    reply = t.play(None)
+    t.run(0.6, step=0.001)
+    (info,) = reply.rtp_info
+    assert info.seq not in [_seq(p) for p in t.out[:mark]]
+    assert (_seq(t.out[mark]), int.from_bytes(t.out[mark][4:8], "big")) == (
+        info.seq,
+        info.rtptime,
+    )
+    assert _continuous(t.out)

@@ -1118,8 +1118,11 @@ class YimaStreamingService(Service):
                 plan.started_ct, plan.playing = at, True
                 d = self._control(sid, "resume", at)
             if plan.relay is not None:
-                # The next packet the relay forwards (it stopped at PAUSE, or goes on).
+                # The next packet the relay forwards (it stopped at PAUSE, or goes on);
+                # its timer, idle while paused, is armed for it (the nodes may have
+                # nothing more to send: the rest of the title is held already).
                 first = plan.relay.next
+                self._forward(sid, plan, [])
             else:
                 first = timing.first_gseq_at(self._media_position(plan, at))
             return d.addCallback(lambda _: self._play_reply(plan, info, timing, first))
