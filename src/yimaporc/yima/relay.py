@@ -10,10 +10,14 @@ than what was already forwarded are dropped.
 
 Paced (``due`` given): the nodes send a relayed session *ahead* of its playout
 by the session's lead, and the relay holds every packet until its due instant,
-in order.  A gap is then given up only when the packet after it falls due: the
+in order.  A gap is then given up only when the packet after it falls due and
+the gap has been waited for as long as the session's lead (``hold_until``): the
 relay's hold is the session's lead, and meanwhile the RTSP node asks the owner
 again or rebuilds the share from parity (:meth:`Reorderer.missing` names what
-is overdue).
+is overdue).  In steady state the packet after a gap falls due last; at the
+start of a burst (a PLAY: the nodes send the whole lead at once, all of it due
+at the reply) ``hold_until`` is what keeps a share still on its way from being
+skipped.
 """
 
 from __future__ import annotations
@@ -49,12 +53,16 @@ class Reorderer:
         hold: float = 0.2,
         limit: int = 4096,
         due: Callable[[int], float] | None = None,
+        hold_until: Callable[[int], float] | None = None,
     ) -> None:
         self.next = first
         self.hold = hold
         self.limit = limit
         #: Paced: ``due(gseq)`` is the instant a packet may go (``inf`` while paused).
         self.due = due
+        #: Paced: ``hold_until(gseq)`` is the earliest instant a missing ``gseq`` may be
+        #: given up (however due the packets after it are).
+        self.hold_until = hold_until
         self.stats = RelayStats()
         self._heap: list[tuple[int, float, bytes]] = []
         self._held: set[int] = set()
@@ -98,8 +106,8 @@ class Reorderer:
         self.next = self._whole = first
 
     def tick(self, now: float) -> list[bytes]:
-        """Release what is due; give up gaps whose next packet is due (paced) or has
-        waited ``hold`` seconds."""
+        """Release what is due; give up gaps whose next packet is due and which were
+        held until ``hold_until`` (paced), or whose next packet waited ``hold`` seconds."""
         out = self._release(now)
         while self._heap and now >= self._give_up_at(self._heap[0]):
             out.extend(self._skip_gap(now))
@@ -117,7 +125,10 @@ class Reorderer:
         return entry[1] if self.due is None else self.due(entry[0])
 
     def _give_up_at(self, entry: tuple[int, float, bytes]) -> float:
-        return entry[1] + self.hold if self.due is None else self.due(entry[0])
+        if self.due is None:
+            return entry[1] + self.hold
+        t = self.due(entry[0])
+        return t if self.hold_until is None else max(t, self.hold_until(self.next))
 
     def _skip_gap(self, now: float) -> list[bytes]:
         gseq = self._heap[0][0]

@@ -263,6 +263,9 @@ class _Plan:
     lead: float = 0.0
     # The overdue watch starts here (a relayed PLAY: once every node has started).
     watch_from: float = 0.0
+    # A relayed PLAY's burst: a missing packet is waited for until this instant at
+    # least (the nodes' start plus the lead), however due the packets after it are.
+    hold_gaps_until: float = 0.0
     paused_ct: float = 0.0
     # Delivery speed of a relayed session (YIMA feedback from a client that opted in).
     speed: float = 1.0
@@ -816,7 +819,8 @@ class YimaStreamingService(Service):
             listening = self.reactor.listenUDP(0, proto, interface=self.node.config.cluster_host)
         except CannotListenError as exc:
             raise RtspStatusError(503, f"no relay port: {exc}") from None
-        plan.relay = Reorderer(first=0, hold=0.3, due=lambda g: self._relay_due(plan, g))
+        plan.relay = Reorderer(first=0, hold=0.3, due=lambda g: self._relay_due(plan, g),
+                               hold_until=lambda g: plan.hold_gaps_until)  # fmt: skip
         plan.relay_port = listening
         _big_buffers(listening)
         # This node's own packets skip the socket (two syscalls and a copy each).
@@ -1113,7 +1117,14 @@ class YimaStreamingService(Service):
             if not plan.playing:  # resume where PAUSE stopped
                 plan.started_ct, plan.playing = at, True
                 d = self._control(sid, "resume", at)
-            first = timing.first_gseq_at(self._media_position(plan, at))
+            if plan.relay is not None:
+                # The next packet the relay forwards (it stopped at PAUSE, or goes on);
+                # its timer, idle while paused, is armed for it (the nodes may have
+                # nothing more to send: the rest of the title is held already).
+                first = plan.relay.next
+                self._forward(sid, plan, [])
+            else:
+                first = timing.first_gseq_at(self._media_position(plan, at))
             return d.addCallback(lambda _: self._play_reply(plan, info, timing, first))
         start_mt = range.start if range is not None and range.start is not None else 0.0
         if info.kind == KIND_TS and lavf_quirk(session.user_agent):
@@ -1130,6 +1141,11 @@ class YimaStreamingService(Service):
             plan.relay.reset(plan.relay.next)
             if plan.relay_timer is not None and plan.relay_timer.active():
                 plan.relay_timer.cancel()
+            # Nor is anything of it overdue: the watch waits for the new position's
+            # nodes (it would otherwise ask the owners for the whole old lead, and take
+            # over every node it no longer hears, the old packets being stale now).
+            plan.watch_from = float("inf")
+            plan.nacked.clear()
         if info.kind == KIND_TS and start_mt > 0:
             found = self._keyframe_start(info, timing, start_mt)
         else:
@@ -1168,6 +1184,9 @@ class YimaStreamingService(Service):
             # overdue watch waits (``watch_from``).
             plan.lead = at - (now - RELAY_LEAD)
             plan.watch_from = float("inf")
+            # A gap in the burst (a share still on its way) is held the whole lead,
+            # never given up because the packets after it are all due at once.
+            plan.hold_gaps_until = at + plan.lead
         plan.position, plan.started_ct, plan.playing, plan.played = start_mt, at, True, True
         plan.speed = 1.0  # the nodes start the new position at real time
         plan.total = timing.total
@@ -1226,6 +1245,8 @@ class YimaStreamingService(Service):
         if now < plan.started_ct:
             plan.lead -= plan.started_ct - now
             plan.started_ct = now
+        # A gap in the burst is waited for as long as any packet: the lead from now.
+        plan.hold_gaps_until = now + plan.lead
         # The burst (everything the nodes' schedule has due by now) is overdue OVERDUE
         # after the nodes started, like any packet OVERDUE after its send time.
         plan.watch_from = now + OVERDUE

@@ -1,0 +1,317 @@
+"""The relay's quick start on two nodes: gaps in the PLAY burst, seeks while playing.
+
+The RTSP node ``a`` runs the real :class:`YimaStreamingService` on a
+:class:`task.Clock` with in-memory UDP ports and serves the even blocks itself; node
+``b`` (odd blocks) is a fake behind a recording RPC: the test builds its packets
+exactly as a node does and hands them to the relay when (and in the order) it
+chooses.  A quick start sends the whole lead at once, so the first packets of
+``b``'s share may arrive after ``a``'s later ones: the relay must wait for them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.task import Clock, deferLater
+
+from yimaporc.cluster.rpc import RpcRegistry
+from yimaporc.rtsp._machine import ServerSession
+from yimaporc.rtsp._wire import NptRange, TransportSpec
+from yimaporc.yima.feedback import mark_retransmission
+from yimaporc.yima.media import KIND_TS, MediaInfo
+from yimaporc.yima.placement import LogicalDisk
+from yimaporc.yima.rtp import PT_MP2T, RtpHeaderTemplate
+from yimaporc.yima.rtspservice import OVERDUE, RELAY_LEAD, YimaStreamingService
+from yimaporc.yima.schedule import PAYLOAD
+from yimaporc.yima.streaming import StreamControl, StreamNack, StreamStart
+
+SIZE = 300 * PAYLOAD  # 30 blocks of 10 packets, 1 s each: 30 s
+BLOCK = 10 * PAYLOAD
+URL = "rtsp://127.0.0.1:8554/clip/track1"
+CLIENT = 5000
+
+
+class _Port:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.socket = None
+
+    def getHost(self) -> Any:
+        return SimpleNamespace(host="127.0.0.1", port=self.port)
+
+    def stopListening(self) -> None:
+        pass
+
+    def write(self, data: bytes, addr: Any) -> None:
+        pass
+
+
+class _Reactor(Clock):
+    """A Clock with in-memory UDP ports."""
+
+    ports = 6000
+
+    def listenUDP(self, port: int, proto: Any, interface: str = "") -> _Port:
+        self.ports += 2
+        return _Port(port or self.ports)
+
+
+class _Rpc:
+    """Node ``b`` as the RTSP node sees it: every call recorded, answered at once (or
+    by ``answer``, a Deferred the test fires)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, dict[str, Any]]] = []
+        self.answer: Deferred[Any] | None = None
+
+    def call(self, address: str, command: Any, **kwargs: Any) -> Deferred[Any]:
+        self.calls.append((address, command, kwargs))
+        if command is StreamStart and self.answer is not None:
+            return self.answer
+        return succeed({})
+
+    def of(self, command: Any) -> list[dict[str, Any]]:
+        return [kw for _, c, kw in self.calls if c is command]
+
+
+class TwoNodes:
+    """``a`` (the RTSP node, even blocks) and the fake ``b`` (odd blocks)."""
+
+    def __init__(
+        self, parity_group: int = 0, solo: bool = False, block_us: int = 1_000_000
+    ) -> None:
+        self.reactor = _Reactor()
+        self.rpc = _Rpc()
+        a = SimpleNamespace(node_id="a", address="127.0.0.1:7946")
+        b = SimpleNamespace(node_id="b", address="127.0.0.2:7946")
+        node = SimpleNamespace(
+            registry=RpcRegistry(), cluster_time=self.reactor.seconds,
+            add_status=lambda f: None, subscribe=lambda s: None, node_id="a",
+            view=SimpleNamespace(members=[a] if solo else [a, b]), rpc=self.rpc,
+            config=SimpleNamespace(cluster_host="127.0.0.1"),
+        )  # fmt: skip
+        self.info = MediaInfo("clip", KIND_TS, SIZE, BLOCK, 1, parity_group=parity_group,
+                              streamable=True, duration=30.0,
+                              block_times=tuple(i * block_us for i in range(30)))  # fmt: skip
+        self.data = bytes(range(256)) * (SIZE // 256 + 1)
+        info = self.info
+
+        def owner(block: int) -> str:
+            return "a" if solo or block % 2 == 0 else "b"
+
+        storage = SimpleNamespace(
+            media_info=lambda name: info,
+            read_block=lambda name, b: succeed(self.data[b * BLOCK : (b + 1) * BLOCK]),
+            read=lambda name, key, avoid=frozenset(): succeed(
+                self.data[key.index * BLOCK : (key.index + 1) * BLOCK]
+            ),
+            time_index=lambda name: succeed(info), run_blocking=maybeDeferred,
+            places=lambda info, key: [LogicalDisk(f"d{owner(key.index)}", owner(key.index), "p")],
+            blocks_of_node=lambda name, node_id: succeed(
+                [i for i in range(info.blocks) if owner(i) == node_id]
+            ),
+        )  # fmt: skip
+        self.svc = YimaStreamingService(node, self.reactor, storage, rtsp_endpoint=None)  # type: ignore[arg-type]
+        #: What the client got, in order.
+        self.out: list[bytes] = []
+        self.svc._send = self._capture  # type: ignore[method-assign]
+        self.session = ServerSession("S1", 60.0, 0.0, peer="127.0.0.1")
+        spec = TransportSpec(client_port=(CLIENT, CLIENT + 1))
+        self.session.streams[URL] = spec
+        self.svc.setup(URL, spec, self.session)
+        self.plan = self.svc.plans["S1"]
+        self._b_seq = 0
+
+    def _capture(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr[1] == CLIENT:
+            self.out.append(data)
+
+    def play(self, start: float | None) -> Any:
+        """PLAY (with ``Range: npt=start-`` unless None); the reply, answered at once."""
+        got: list[Any] = []
+        rng = None if start is None else NptRange(start, None)
+        self.svc.play(self.session, rng).addBoth(got.append)
+        assert got, "answered at once"
+        if hasattr(got[0], "raiseException"):
+            got[0].raiseException()
+        return got[0]
+
+    def b_packets(self, gseqs: range | list[int], retransmission: bool = False) -> list[bytes]:
+        """``b``'s packets ``gseqs`` as it sends them after its last StreamStart."""
+        start = self.rpc.of(StreamStart)[-1]
+        tpl = RtpHeaderTemplate(PT_MP2T, start["ssrc"], start["node_index"])
+        timing = self.plan.timing
+        assert timing is not None
+        out = []
+        for g in gseqs:
+            ts = (start["ts_base"] + round(timing.gseq_time(g) * 90000)) & 0xFFFFFFFF
+            payload = self.data[g * PAYLOAD : (g + 1) * PAYLOAD]
+            data = tpl.build(start["seq_base"] + g, ts, payload, self._b_seq)
+            self._b_seq += 1
+            out.append(mark_retransmission(data) if retransmission else data)
+        return out
+
+    def from_b(self, gseqs: range | list[int], retransmission: bool = False) -> None:
+        for data in self.b_packets(gseqs, retransmission):
+            self.svc._relayed("S1", data)
+
+    def run(self, seconds: float, step: float = 0.01) -> None:
+        for _ in range(round(seconds / step)):
+            self.reactor.advance(step)
+
+
+def _seq(p: bytes) -> int:
+    return int.from_bytes(p[2:4], "big")
+
+
+def _continuous(out: list[bytes]) -> bool:
+    return all((_seq(b) - _seq(a)) & 0xFFFF == 1 for a, b in itertools.pairwise(out))
+
+
+def _b_gseqs(first: int, upto: int) -> list[int]:
+    """``b``'s packets (odd blocks of 10) in [first, upto)."""
+    return [g for g in range(first, upto) if (g // 10) % 2 == 1]
+
+
+def test_a_gap_at_the_head_of_the_burst_is_held_until_the_share_arrives() -> None:
+    """PLAY Range whose first packet is b's: a's later share of the burst arrives at
+    once, b's 0.7 s later (after a's first packet falls due); the first packet the client
+    gets is still the one RTP-Info names, and nothing is skipped."""
+    t = TwoNodes()
+    reply = t.play(3.5)  # 3.5 s: gseq 35, block 3, b's
+    (info,) = reply.rtp_info
+    t.run(0.7)
+    assert t.out == [] and t.plan.relay is not None and t.plan.relay.stats.gaps_skipped == 0
+    t.from_b(_b_gseqs(35, 52))  # b's burst, late: 35-39, 50, 51
+    t.run(0.3)
+    assert t.out, "released once the gap is filled"
+    assert (_seq(t.out[0]), int.from_bytes(t.out[0][4:8], "big")) == (info.seq, info.rtptime)
+    t.from_b(_b_gseqs(52, 80))
+    t.run(3.0)
+    assert _continuous(t.out) and len(t.out) > 30
+    assert t.plan.relay.stats.gaps_skipped == 0
+
+
+def test_a_gap_inside_the_burst_is_held_and_asked_of_its_owner_only() -> None:
+    """PLAY from a's block: a's packets go, then b's block is missing; it is asked
+    again of b alone (once overdue), held while b answers the re-request, and the
+    client's numbers go on by one."""
+    t = TwoNodes()
+    reply = t.play(2.0)  # gseq 20, a's block 2; b's 30-39 follow
+    t.run(OVERDUE + 0.5)  # b's whole block is overdue (the burst went at the reply)
+    nacks = [(addr, kw["gseqs"]) for addr, c, kw in t.rpc.calls if c is StreamNack]
+    assert nacks and {addr for addr, _ in nacks} == {"127.0.0.2:7946"}
+    asked = sorted(g for _, gs in nacks for g in gs)
+    assert asked[:10] == list(range(30, 40))
+    t.run(1.0)  # b's block 3 is due 1 s after the reply: still held
+    t.from_b(asked, retransmission=True)  # b answers the re-request
+    t.from_b(_b_gseqs(40, 80))
+    t.run(3.0)
+    assert _seq(t.out[0]) == reply.rtp_info[0].seq and _continuous(t.out)
+    assert t.plan.relay is not None and t.plan.relay.stats.gaps_skipped == 0
+
+
+def test_a_share_that_never_comes_is_given_up_within_the_lead_not_stalled() -> None:
+    """b never sends (no parity to rebuild from): the relay gives the gap up one lead
+    after the reply at the latest, counts it, and a's packets flow on."""
+    t = TwoNodes()
+    t.play(3.5)
+    t.run(RELAY_LEAD + 0.2)
+    assert t.out, "not stalled"
+    assert t.plan.relay is not None and t.plan.relay.stats.gaps_skipped >= 5
+    assert _seq(t.out[0]) == (t.plan.seq_offset + 40) & 0xFFFF
+    n = len(t.out)
+    t.run(2.0)
+    assert len(t.out) > n
+
+
+@pytest.mark.parametrize("start", [None, 12.0])
+def test_first_packet_after_every_play_is_the_one_rtp_info_names(start: float | None) -> None:
+    """PLAY, PAUSE, then PLAY with or without Range, and PLAY without Range while
+    playing: the first packet the client gets after each reply is the one RTP-Info
+    names, with b's share arriving after a's."""
+    t = TwoNodes()
+    marks = [0]
+    replies = [t.play(2.0)]
+    t.from_b(_b_gseqs(20, 40))
+    t.run(1.0)
+    t.from_b(_b_gseqs(40, 60))
+    t.run(1.0)
+    t.svc.pause(t.session)
+    t.run(0.5)
+    marks.append(len(t.out))
+    replies.append(t.play(start))
+    first = replies[-1].rtp_info[0].seq - t.plan.seq_offset & 0xFFFF
+    t.run(0.6)
+    t.from_b(_b_gseqs(first, first + 40))
+    t.run(1.0)
+    marks.append(len(t.out))
+    replies.append(t.play(None))  # while playing: the stream goes on
+    t.from_b(_b_gseqs(first + 40, first + 80))
+    t.run(1.0)
+    for mark, reply in zip(marks, replies, strict=True):
+        (info,) = reply.rtp_info
+        assert (_seq(t.out[mark]), int.from_bytes(t.out[mark][4:8], "big")) == (
+            info.seq,
+            info.rtptime,
+        )
+    assert _continuous(t.out)
+
+
+def test_a_slow_keyframe_lookup_while_playing_asks_for_nothing_and_takes_over_nobody() -> None:
+    """A seek while playing whose keyframe lookup takes 1 s (a loaded disk): the old
+    position's packets are stale from the PLAY on, yet no node is asked for them nor
+    taken over as silent (b, the media having parity, would be stopped and read
+    around); the new position starts on both nodes and plays from RTP-Info's packet."""
+    t = TwoNodes(parity_group=2)
+    t.play(2.0)
+    t.from_b(_b_gseqs(20, 60))
+    t.run(1.5)
+    calls = len(t.rpc.calls)
+    t.svc._keyframe_start = lambda info, timing, target: deferLater(  # type: ignore[method-assign]
+        t.reactor, 1.0, lambda: None
+    )
+    got: list[Any] = []
+    marks: list[int] = []
+    d = t.svc.play(t.session, NptRange(12.0, None)).addBoth(got.append)
+    d.addCallback(lambda _: marks.append(len(t.out)))
+    t.run(1.2)
+    assert got and not hasattr(got[0], "raiseException"), got
+    during = [c for _, c, _ in t.rpc.calls[calls:]]
+    assert StreamStart in during, f"b not restarted: {during}"
+    during = during[: during.index(StreamStart)]  # before the new position started
+    assert StreamNack not in during and StreamControl not in during, during
+    assert not t.plan.takeovers and not t.svc.suspects
+    assert t.rpc.of(StreamStart)[-1]["start_mt"] == pytest.approx(12.0)
+    t.from_b(_b_gseqs(120, 160))
+    t.run(2.0)
+    (info,) = got[0].rtp_info
+    assert _seq(t.out[marks[0]]) == info.seq and _continuous(t.out)
+
+
+@pytest.mark.parametrize("phase", [k / 2000 for k in range(8)])
+def test_play_after_pause_names_a_packet_not_yet_forwarded(phase: float) -> None:
+    """PAUSE lands just after a relay tick that forwarded packets falling due within
+    SEND_AHEAD (dense media: a packet every 5 ms); PLAY resumes, and RTP-Info names the
+    next packet the client gets, never one it already got before the PAUSE (a client
+    waiting for that packet would wait until its session timed out)."""
+    t = TwoNodes(solo=True, block_us=50_000)  # 10 packets per 50 ms block, 1.5 s
+    t.play(0.0)
+    t.run(0.5, step=0.001)
+    t.run(phase, step=0.0005)
+    t.svc.pause(t.session)
+    t.run(0.2)
+    mark = len(t.out)
+    reply = t.play(None)
+    t.run(0.6, step=0.001)
+    (info,) = reply.rtp_info
+    assert info.seq not in [_seq(p) for p in t.out[:mark]]
+    assert (_seq(t.out[mark]), int.from_bytes(t.out[mark][4:8], "big")) == (
+        info.seq,
+        info.rtptime,
+    )
+    assert _continuous(t.out)
