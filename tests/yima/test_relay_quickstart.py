@@ -315,3 +315,24 @@ def test_play_after_pause_names_a_packet_not_yet_forwarded(phase: float) -> None
         info.rtptime,
     )
     assert _continuous(t.out)
+
+
+def test_a_pause_overtaking_a_plays_start_leaves_the_overdue_watch_working() -> None:
+    """A PAUSE handled while b has not yet answered the PLAY's start: after PLAY resumes,
+    b's missing block is still asked of b (the watch runs again) and the client gets
+    the packet RTP-Info names first."""
+    t = TwoNodes()
+    t.rpc.answer = Deferred()
+    got: list[Any] = []
+    t.svc.play(t.session, NptRange(2.0, None)).addBoth(got.append)
+    t.svc.pause(t.session)
+    t.rpc.answer.callback({})
+    t.rpc.answer = None
+    assert got and not hasattr(got[0], "raiseException"), got
+    t.run(0.3)
+    before = len(t.rpc.of(StreamNack))
+    mark = len(t.out)
+    reply = t.play(None)
+    t.run(1.5)
+    assert len(t.rpc.of(StreamNack)) > before  # b's block 3 is overdue: asked of b
+    assert _seq(t.out[mark]) == reply.rtp_info[0].seq

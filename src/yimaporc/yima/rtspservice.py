@@ -1116,6 +1116,8 @@ class YimaStreamingService(Service):
             d: Deferred[Any] = succeed(None)
             if not plan.playing:  # resume where PAUSE stopped
                 plan.started_ct, plan.playing = at, True
+                # (A PAUSE that overtook a PLAY's start left the overdue watch waiting.)
+                plan.watch_from = min(plan.watch_from, at + OVERDUE)
                 d = self._control(sid, "resume", at)
             if plan.relay is not None:
                 # The next packet the relay forwards (it stopped at PAUSE, or goes on);
