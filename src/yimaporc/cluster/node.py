@@ -544,7 +544,8 @@ class ClusterNode(MultiService):
 
     def _save_state(self) -> None:
         tmp = self._state_path.with_suffix(".tmp")
-        data = json.dumps(attrs.asdict(self.state)).encode()
+        # Flat fields (``known`` is a list of str): no recursive asdict per save.
+        data = json.dumps(attrs.asdict(self.state, recurse=False)).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)

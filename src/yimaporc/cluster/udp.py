@@ -134,8 +134,13 @@ class MembershipProtocol(DatagramProtocol):
 
     def _reschedule(self) -> None:
         deadline = self.core.next_deadline()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        timer = self._timer
+        if timer is not None and timer.active():
+            if deadline == self._deadline and self.transport is not None:
+                # Already set for that instant: most datagrams move no deadline, and a
+                # new DelayedCall per datagram is what the reactor would pay for it.
+                return
+            timer.cancel()
         self._timer = None
         if deadline is not None and self.transport is not None:
             self._deadline = deadline
