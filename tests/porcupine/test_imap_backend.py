@@ -36,9 +36,8 @@ def make_service(tmp_path: Path, **kw: Any) -> MailService:
         node_id="n1",
         data_dir=tmp_path,
         domain="example.org",
-        threadpool=SyncPool(),  # type: ignore[arg-type]
         auth_throttle=ThrottlePolicy(delay=0.0, max_delay=0.0),
-        **kw,
+        **{"threadpool": SyncPool(), **kw},
     )
     svc.profiles._hash = fast_hash  # type: ignore[method-assign]
     result_of(svc.replicator.add("alice@example.org", "pw", 1))
@@ -110,6 +109,56 @@ def test_capabilities_and_special_use(tmp_path: Path) -> None:
     for name, attr in (("Sent", "Sent"), ("Drafts", "Drafts"), ("Trash", "Trash"),
                        ("Junk", "Junk"), ("Archive", "Archive")):  # fmt: skip
         assert re.search(rb"\* LIST \([^)]*\\" + attr.encode() + rb"[^)]*\) \"/\" \"?" + name.encode(), out)  # fmt: skip
+
+
+class HoldingPool(SyncPool):
+    """SyncPool that holds jobs while ``hold`` is set, counting them by function name."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.held: list[Any] = []
+        self.names: list[str] = []
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *a: Any, **kw: Any) -> None:
+        self.names.append(getattr(f, "__name__", ""))
+        if self.hold:
+            self.held.append((on_result, f, a, kw))
+        else:
+            super().callInThreadWithCallback(on_result, f, *a, **kw)
+
+    def drain(self) -> None:
+        """Run the held jobs a round at a time (jobs they start wait for the next round,
+        as concurrent logins' jobs interleave on a real pool), until none is left."""
+        while self.held:
+            held, self.held = self.held, []
+            for on_result, f, a, kw in held:
+                super().callInThreadWithCallback(on_result, f, *a, **kw)
+        self.hold = False
+
+
+def test_concurrent_first_logins_create_the_special_use_mailboxes_once(
+    tmp_path: Path,
+) -> None:
+    """Three connections of a new user logging in at once: the five special-use mailboxes
+    are created once (five create jobs, no MailboxExists warning), every login is OK and
+    sees them; a later login creates nothing."""
+    pool = HoldingPool()
+    svc = make_service(tmp_path, threadpool=pool)
+    clients = [Client(svc) for _ in range(3)]
+    pool.hold = True
+    pool.names.clear()
+    for i, c in enumerate(clients):
+        c.proto.dataReceived(b"a%d LOGIN alice pw\r\n" % i)
+    pool.drain()
+    outs = [c.take() for c in clients]
+    assert [tagged(o) for o in outs] == [[(b"a%d" % i, b"OK")] for i in range(3)]
+    assert pool.names.count("create_mailbox") == 5
+    listing = clients[2].run(b'b LIST "" "*"\r\n')
+    assert all(n.encode() in listing for n in ("Sent", "Drafts", "Trash", "Junk", "Archive"))
+    assert svc.registry.autocreating == {}
+    pool.names.clear()
+    assert tagged(Client(svc).run(b"c LOGIN alice pw\r\n")) == [(b"c", b"OK")]
+    assert "create_mailbox" not in pool.names
 
 
 def test_login_failure_codes(tmp_path: Path) -> None:

@@ -89,6 +89,9 @@ class MailboxRegistry:
 
     def __init__(self) -> None:
         self.boxes: dict[tuple[str, str], set[PorcupineMailbox]] = {}
+        #: Users whose special-use mailboxes a login is checking or creating now: the
+        #: logins waiting for it (concurrent first logins create each mailbox once).
+        self.autocreating: dict[str, list[Deferred[None]]] = {}
 
     def open(self, box: PorcupineMailbox) -> None:
         self.boxes.setdefault((box.mail.address, box.name), set()).add(box)
@@ -198,12 +201,28 @@ class PorcupineSession:
         self.boxes: list[PorcupineMailbox] = []
 
     def autocreate(self) -> Deferred[None]:
-        """Create the missing special-use mailboxes (best effort: a failure is logged)."""
+        """Create the missing special-use mailboxes (best effort: a failure is logged).
+        A login of a user whose check is running on this node waits for that one."""
+        address = self.mail.address
+        running = self.backend.registry.autocreating
+        waiting = running.get(address)
+        if waiting is not None:
+            joined: Deferred[None] = Deferred()
+            waiting.append(joined)
+            return joined
+        running[address] = []
+
+        def exists(f: Failure) -> None:
+            f.trap(MailboxExists)  # made meanwhile (another node's login): as wanted
 
         def create(infos: list[MailboxInfo]) -> Deferred[Any]:
             have = {i.name for i in infos}
             # the merged tree just read lacks them: no fragment asked again per name
-            ds = [self.mail.create(n, absent=True) for n in SPECIAL_USE if n not in have]
+            ds = [
+                self.mail.create(n, absent=True).addErrback(exists)
+                for n in SPECIAL_USE
+                if n not in have
+            ]
             return gatherResults(ds, consumeErrors=True) if ds else succeed(None)
 
         def failed(f: Failure) -> None:
@@ -213,8 +232,12 @@ class PorcupineSession:
                 e=f.getErrorMessage(),
             )
 
+        def land(_: None) -> None:
+            for joined in running.pop(address, []):
+                joined.callback(None)
+
         d = self.mail.mailboxes().addCallback(create)
-        return d.addCallbacks(lambda _: None, failed)
+        return d.addCallbacks(lambda _: None, failed).addCallback(land)
 
     def _info(self, name: str, missing: str = "NONEXISTENT") -> Deferred[MailboxInfo]:
         want = _canonical(name)
