@@ -161,6 +161,43 @@ def test_concurrent_first_logins_create_the_special_use_mailboxes_once(
     assert "create_mailbox" not in pool.names
 
 
+def test_special_use_check_is_remembered_until_a_delete_or_the_ttl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a login found the special-use mailboxes, the next logins on the node do not
+    read the mailbox tree for them; a DELETE through the node, or SPECIAL_USE_TTL seconds,
+    makes the next login check (and re-create) again."""
+    from yimaporc.porcupine import imap_backend
+    from yimaporc.porcupine.retrieval import UserMail
+
+    svc = make_service(tmp_path)
+    reads: list[str] = []
+    real = UserMail.mailboxes
+
+    def counted(self: UserMail) -> Any:
+        reads.append(self.address)
+        return real(self)
+
+    monkeypatch.setattr(UserMail, "mailboxes", counted)
+
+    def login(tag: bytes, then: bytes = b"") -> bytes:
+        return Client(svc).run(b"%s LOGIN alice pw\r\n%s" % (tag, then))
+
+    assert tagged(login(b"a")) == [(b"a", b"OK")] and len(reads) == 1
+    assert tagged(login(b"b")) == [(b"b", b"OK")] and len(reads) == 1
+    out = login(b"c", b"d DELETE Sent\r\n")
+    assert tagged(out) == [(b"c", b"OK"), (b"d", b"OK")]
+    reads.clear()
+    out = login(b"e", b'f LIST "" "Sent"\r\n')
+    assert tagged(out) == [(b"e", b"OK"), (b"f", b"OK")] and b"Sent" in out and reads
+    reads.clear()
+    login(b"g")
+    assert reads == []
+    svc.reactor.advance(imap_backend.SPECIAL_USE_TTL)
+    login(b"h")
+    assert len(reads) == 1
+
+
 def test_login_failure_codes(tmp_path: Path) -> None:
     """A wrong password is NO [AUTHENTICATIONFAILED]; after the connection's failures
     the throttle answers NO [UNAVAILABLE]."""
