@@ -198,6 +198,30 @@ def test_special_use_check_is_remembered_until_a_delete_or_the_ttl(
     assert len(reads) == 1
 
 
+def test_a_failing_special_use_check_holds_no_later_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If reading the tree for the special-use mailboxes raises, the login still
+    answers OK (best effort, logged) and the user's next login is not left waiting."""
+    from yimaporc.porcupine.retrieval import UserMail
+
+    svc = make_service(tmp_path)
+    real = UserMail.mailboxes
+    calls: list[int] = []
+
+    def broken_once(self: UserMail) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        return real(self)
+
+    monkeypatch.setattr(UserMail, "mailboxes", broken_once)
+    assert tagged(Client(svc).run(b"a LOGIN alice pw\r\n")) == [(b"a", b"OK")]
+    assert svc.registry.autocreating == {}
+    out = Client(svc).run(b'b LOGIN alice pw\r\nc LIST "" "Sent"\r\n')
+    assert tagged(out) == [(b"b", b"OK"), (b"c", b"OK")] and b"Sent" in out
+
+
 def test_login_failure_codes(tmp_path: Path) -> None:
     """A wrong password is NO [AUTHENTICATIONFAILED]; after the connection's failures
     the throttle answers NO [UNAVAILABLE]."""

@@ -33,7 +33,7 @@ from typing import Any
 
 import attrs
 from twisted.cred import credentials, error
-from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -274,7 +274,8 @@ class PorcupineSession:
             for joined in running.pop(address, []):
                 joined.callback(None)
 
-        d = self.mail.mailboxes().addCallback(create)
+        # maybeDeferred: a raise must not leave the waiters of this user waiting for ever
+        d = maybeDeferred(self.mail.mailboxes).addCallback(create)
         return d.addCallbacks(lambda _: None, failed).addCallback(land)
 
     def _info(self, name: str, missing: str = "NONEXISTENT") -> Deferred[MailboxInfo]:
