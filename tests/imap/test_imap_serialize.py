@@ -223,6 +223,29 @@ def test_refuses_what_cannot_be_written(bad: Any) -> None:
         bad()
 
 
+def test_capability_code_is_checked_once_per_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CAPABILITY list built again (every greeting, every LOGIN) is not checked atom by
+    atom again; a list with a bad atom is refused every time, a non-string too."""
+    calls: list[str] = []
+    real = s._check_atom
+
+    def counted(value: str, extra: str = "") -> bytes:
+        calls.append(value)
+        return real(value, extra)
+
+    monkeypatch.setattr(s, "_check_atom", counted)
+    names = ("IMAP4rev1", "AUTH=PLAIN", "X-CACHE-TEST")
+    for _ in range(50):
+        code = ResponseCode("CAPABILITY", names)
+        assert code.to_bytes() == b"[CAPABILITY IMAP4rev1 AUTH=PLAIN X-CACHE-TEST]"
+    assert len(calls) == len(names)
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            ResponseCode("CAPABILITY", ("X-CACHE-TEST", "bad atom"))
+        with pytest.raises((ValueError, AttributeError)):
+            ResponseCode("CAPABILITY", ("X-CACHE-TEST", 7))
+
+
 def test_data_responses() -> None:
     """The untagged data responses are spelled as in RFC 3501/9051 and their extensions."""
     cases = [

@@ -360,6 +360,73 @@ def test_status_and_metrics_count_hits_and_misses(tmp_path: Path) -> None:
     text = generate_latest(registry).decode()
     assert "yimaporc_mail_auth_cache_hits_total 2" in text
     assert "yimaporc_mail_auth_cache_misses_total 1" in text
+    assert "yimaporc_mail_auth_cache_shared_total 0" in text
+
+
+def test_concurrent_logins_with_one_password_share_one_check(tmp_path: Path) -> None:
+    """Logins of one address with the same password while its check runs wait for that
+    check: one pool job and one scrypt for all, each gets the profile; the next is a hit."""
+    db, _, pool, scrypt = make_db(tmp_path)
+    result_of(db.add(A, "pw"))
+    jobs = pool.jobs
+    pool.hold = True
+    outs: list[list[Any]] = []
+    for who in (A, A.upper(), A):
+        out: list[Any] = []
+        db.verify(who, "pw").addBoth(out.append)
+        outs.append(out)
+    assert pool.jobs == jobs + 1 and outs == [[], [], []]
+    pool.hold = False
+    pool.release()
+    assert [o[0].address for o in outs] == [A, A, A] and scrypt.calls == 1
+    status = db.auth_cache.status()
+    assert (status["cache_misses"], status["cache_shared"], status["cache_hits"]) == (1, 2, 0)
+    assert result_of(db.verify(A, "pw")).address == A and scrypt.calls == 1
+    assert not db._flights
+
+
+def test_a_shared_check_is_never_shared_across_passwords_users_or_changes(
+    tmp_path: Path,
+) -> None:
+    """Only the same address, the same password and no profile change in between share a
+    check: another password (a wrong one fails alone), another user, or a passwd while the
+    check runs each get their own scrypt; waiters of a failed check fail with it."""
+    db, _, pool, scrypt = make_db(tmp_path)
+    result_of(db.add(A, "pw"))
+    result_of(db.add(B, "pw"))
+    pool.hold = True
+    out: dict[str, list[Any]] = {}
+    for name, who, pw in [
+        ("a", A, "pw"), ("a_wrong", A, "bad"), ("a_wrong2", A, "bad"), ("b", B, "pw")
+    ]:  # fmt: skip
+        out[name] = []
+        db.verify(who, pw).addBoth(out[name].append)
+    assert pool.jobs - 2 == 3  # two adds, then a, a_wrong (a_wrong2 waits on it), b
+    pool.hold = False
+    result_of(db.set_password(A, "pw"))  # a change while a's check is held
+    pool.hold = True
+    late: list[Any] = []
+    db.verify(A, "pw").addBoth(late.append)  # after the change: not joined to the old check
+    assert len(pool.held) == 4
+    pool.hold = False
+    pool.release()
+    assert out["a"][0].address == A and out["b"][0].address == B and late[0].address == A
+    for name in ("a_wrong", "a_wrong2"):
+        assert isinstance(out[name][0], Failure) and out[name][0].check(BadCredentials)
+    assert scrypt.calls == 4 and db.auth_cache.shared == 1
+
+
+def test_zero_ttl_shares_nothing(tmp_path: Path) -> None:
+    """With the cache off (--auth-cache-ttl 0) concurrent logins each run their own check."""
+    db, _, pool, scrypt = make_db(tmp_path, ttl=0)
+    result_of(db.add(A, "pw"))
+    pool.hold = True
+    outs: list[list[Any]] = [[], []]
+    for out in outs:
+        db.verify(A, "pw").addBoth(out.append)
+    pool.hold = False
+    pool.release()
+    assert [o[0].address for o in outs] == [A, A] and scrypt.calls == 2
 
 
 # --- behind the throttle ----------------------------------------------------------------

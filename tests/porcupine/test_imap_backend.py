@@ -36,9 +36,8 @@ def make_service(tmp_path: Path, **kw: Any) -> MailService:
         node_id="n1",
         data_dir=tmp_path,
         domain="example.org",
-        threadpool=SyncPool(),  # type: ignore[arg-type]
         auth_throttle=ThrottlePolicy(delay=0.0, max_delay=0.0),
-        **kw,
+        **{"threadpool": SyncPool(), **kw},
     )
     svc.profiles._hash = fast_hash  # type: ignore[method-assign]
     result_of(svc.replicator.add("alice@example.org", "pw", 1))
@@ -110,6 +109,117 @@ def test_capabilities_and_special_use(tmp_path: Path) -> None:
     for name, attr in (("Sent", "Sent"), ("Drafts", "Drafts"), ("Trash", "Trash"),
                        ("Junk", "Junk"), ("Archive", "Archive")):  # fmt: skip
         assert re.search(rb"\* LIST \([^)]*\\" + attr.encode() + rb"[^)]*\) \"/\" \"?" + name.encode(), out)  # fmt: skip
+
+
+class HoldingPool(SyncPool):
+    """SyncPool that holds jobs while ``hold`` is set, counting them by function name."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.held: list[Any] = []
+        self.names: list[str] = []
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *a: Any, **kw: Any) -> None:
+        self.names.append(getattr(f, "__name__", ""))
+        if self.hold:
+            self.held.append((on_result, f, a, kw))
+        else:
+            super().callInThreadWithCallback(on_result, f, *a, **kw)
+
+    def drain(self) -> None:
+        """Run the held jobs a round at a time (jobs they start wait for the next round,
+        as concurrent logins' jobs interleave on a real pool), until none is left."""
+        while self.held:
+            held, self.held = self.held, []
+            for on_result, f, a, kw in held:
+                super().callInThreadWithCallback(on_result, f, *a, **kw)
+        self.hold = False
+
+
+def test_concurrent_first_logins_create_the_special_use_mailboxes_once(
+    tmp_path: Path,
+) -> None:
+    """Three connections of a new user logging in at once: the five special-use mailboxes
+    are created once (five create jobs, no MailboxExists warning), every login is OK and
+    sees them; a later login creates nothing."""
+    pool = HoldingPool()
+    svc = make_service(tmp_path, threadpool=pool)
+    clients = [Client(svc) for _ in range(3)]
+    pool.hold = True
+    pool.names.clear()
+    for i, c in enumerate(clients):
+        c.proto.dataReceived(b"a%d LOGIN alice pw\r\n" % i)
+    pool.drain()
+    outs = [c.take() for c in clients]
+    assert [tagged(o) for o in outs] == [[(b"a%d" % i, b"OK")] for i in range(3)]
+    assert pool.names.count("create_mailbox") == 5
+    listing = clients[2].run(b'b LIST "" "*"\r\n')
+    assert all(n.encode() in listing for n in ("Sent", "Drafts", "Trash", "Junk", "Archive"))
+    assert svc.registry.autocreating == {}
+    pool.names.clear()
+    assert tagged(Client(svc).run(b"c LOGIN alice pw\r\n")) == [(b"c", b"OK")]
+    assert "create_mailbox" not in pool.names
+
+
+def test_special_use_check_is_remembered_until_a_delete_or_the_ttl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a login found the special-use mailboxes, the next logins on the node do not
+    read the mailbox tree for them; a DELETE through the node, or SPECIAL_USE_TTL seconds,
+    makes the next login check (and re-create) again."""
+    from yimaporc.porcupine import imap_backend
+    from yimaporc.porcupine.retrieval import UserMail
+
+    svc = make_service(tmp_path)
+    reads: list[str] = []
+    real = UserMail.mailboxes
+
+    def counted(self: UserMail) -> Any:
+        reads.append(self.address)
+        return real(self)
+
+    monkeypatch.setattr(UserMail, "mailboxes", counted)
+
+    def login(tag: bytes, then: bytes = b"") -> bytes:
+        return Client(svc).run(b"%s LOGIN alice pw\r\n%s" % (tag, then))
+
+    assert tagged(login(b"a")) == [(b"a", b"OK")] and len(reads) == 1
+    assert tagged(login(b"b")) == [(b"b", b"OK")] and len(reads) == 1
+    out = login(b"c", b"d DELETE Sent\r\n")
+    assert tagged(out) == [(b"c", b"OK"), (b"d", b"OK")]
+    reads.clear()
+    out = login(b"e", b'f LIST "" "Sent"\r\n')
+    assert tagged(out) == [(b"e", b"OK"), (b"f", b"OK")] and b"Sent" in out and reads
+    reads.clear()
+    login(b"g")
+    assert reads == []
+    svc.reactor.advance(imap_backend.SPECIAL_USE_TTL)
+    login(b"h")
+    assert len(reads) == 1
+
+
+def test_a_failing_special_use_check_holds_no_later_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If reading the tree for the special-use mailboxes raises, the login still
+    answers OK (best effort, logged) and the user's next login is not left waiting."""
+    from yimaporc.porcupine.retrieval import UserMail
+
+    svc = make_service(tmp_path)
+    real = UserMail.mailboxes
+    calls: list[int] = []
+
+    def broken_once(self: UserMail) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        return real(self)
+
+    monkeypatch.setattr(UserMail, "mailboxes", broken_once)
+    assert tagged(Client(svc).run(b"a LOGIN alice pw\r\n")) == [(b"a", b"OK")]
+    assert svc.registry.autocreating == {}
+    out = Client(svc).run(b'b LOGIN alice pw\r\nc LIST "" "Sent"\r\n')
+    assert tagged(out) == [(b"b", b"OK"), (b"c", b"OK")] and b"Sent" in out
 
 
 def test_login_failure_codes(tmp_path: Path) -> None:

@@ -331,6 +331,7 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
         ("locks", "Throttle locks set (account/address pairs, addresses, accounts)."),
         ("cache_hits", "Logins answered by the verified-credential cache (no scrypt)."),
         ("cache_misses", "Logins the verified-credential cache could not answer (scrypt ran)."),
+        ("cache_shared", "Logins that waited for the same password check already running."),
     ):
         out.counter(f"yimaporc_mail_auth_{key}", text, auth.get(key))
     for key, value in sorted(auth.items()):

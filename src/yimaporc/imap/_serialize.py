@@ -10,6 +10,7 @@ are validated.  A value that cannot be written correctly raises ``ValueError``
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,6 +42,17 @@ def _check_atom(value: str, extra: str = "") -> bytes:
     if not data or (rest and any(chr(b) not in extra for b in rest)):
         raise ValueError(f"not an atom: {value!r}")
     return data
+
+
+@functools.lru_cache(maxsize=64)
+def _capability_body(names: tuple[Any, ...]) -> bytes:
+    """``CAPABILITY name ...``, checked; a connection's list is one of a few, built for
+    every greeting and LOGIN: remembered."""
+    return _atom_list(names)
+
+
+def _atom_list(names: tuple[Any, ...]) -> bytes:
+    return b"CAPABILITY " + b" ".join(_check_atom(x, "=") for x in names)
 
 
 def flag_bytes(flag: str) -> bytes:
@@ -96,7 +108,7 @@ class ResponseCode:
         elif name == "BADCHARSET":
             body = b"BADCHARSET" + (b" (" + b" ".join(astring(x) for x in a) + b")" if a else b"")
         elif name == "CAPABILITY" and a:
-            body = b"CAPABILITY " + b" ".join(_check_atom(x, "=") for x in a)
+            body = _capability_body(a) if all(type(x) is str for x in a) else _atom_list(a)
         elif name == "APPENDUID" and len(a) == 2 and _is_uint(a[0]):
             body = b"APPENDUID %d %s" % (a[0], _seq_set(a[1]))
         elif name == "COPYUID" and len(a) == 3 and _is_uint(a[0]):

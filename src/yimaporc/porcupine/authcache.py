@@ -68,6 +68,8 @@ class AuthCache:
         self._by_address: dict[str, set[bytes]] = {}
         self.hits = 0
         self.misses = 0
+        #: Logins that waited for an identical check already running (no scrypt of their own).
+        self.shared = 0
 
     @property
     def enabled(self) -> bool:
@@ -83,6 +85,13 @@ class AuthCache:
             data = part.encode("utf-8", "surrogatepass")
             h.update(len(data).to_bytes(4, "big"))  # unambiguous framing
             h.update(data)
+        return h.digest()
+
+    def key_of(self, password: str) -> bytes:
+        """A keyed digest of ``password`` alone (what identical checks in flight are
+        matched on; like the entries, useless without this process's key)."""
+        h = hashlib.blake2b(key=self._key, digest_size=32, person=b"in-flight")
+        h.update(password.encode("utf-8", "surrogatepass"))
         return h.digest()
 
     def check(self, address: str, stored_hash: str, password: str, count_miss: bool = True) -> bool:
@@ -144,6 +153,7 @@ class AuthCache:
         return {
             "cache_hits": self.hits,
             "cache_misses": self.misses,
+            "cache_shared": self.shared,
             "cache_entries": len(self._entries),
             "cache_ttl": self.ttl,
         }

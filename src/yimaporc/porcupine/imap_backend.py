@@ -27,12 +27,13 @@ login when missing, as Dovecot's ``auto = create`` does.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 from twisted.cred import credentials, error
-from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -80,6 +81,11 @@ SPECIAL_USE = {
 PERMANENT_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
 #: Messages loaded at once by a SEARCH that reads headers or bodies.
 SEARCH_BATCH = 200
+#: Seconds a login's finding that a user has every special-use mailbox spares the
+#: next logins on this node the check (:meth:`MailboxRegistry.special_use_known`).
+SPECIAL_USE_TTL = 60.0
+#: Users remembered so at most (least recently marked dropped first).
+SPECIAL_USE_MAX = 100_000
 
 
 class MailboxRegistry:
@@ -89,6 +95,36 @@ class MailboxRegistry:
 
     def __init__(self) -> None:
         self.boxes: dict[tuple[str, str], set[PorcupineMailbox]] = {}
+        #: Users whose special-use mailboxes a login is checking or creating now: the
+        #: logins waiting for it (concurrent first logins create each mailbox once).
+        self.autocreating: dict[str, list[Deferred[None]]] = {}
+        #: Users whose special-use mailboxes a login here found or made, until when
+        #: (seconds on the clock): their next logins do not read the tree for them.
+        #: A DELETE or RENAME through this node drops the user at once; one through
+        #: another node is noticed at the first login after the mark runs out.
+        self.special_use_seen: OrderedDict[str, float] = OrderedDict()
+
+    def special_use_known(self, user: str, now: float) -> bool:
+        """Whether ``user``'s special-use mailboxes were seen here less than
+        :data:`SPECIAL_USE_TTL` ago."""
+        until = self.special_use_seen.get(user)
+        if until is None:
+            return False
+        if until <= now:
+            del self.special_use_seen[user]
+            return False
+        return True
+
+    def special_use_found(self, user: str, now: float) -> None:
+        """``user`` has every special-use mailbox (a login just found or made them)."""
+        self.special_use_seen.pop(user, None)
+        self.special_use_seen[user] = now + SPECIAL_USE_TTL
+        while len(self.special_use_seen) > SPECIAL_USE_MAX:
+            self.special_use_seen.popitem(last=False)
+
+    def special_use_changed(self, user: str) -> None:
+        """A mailbox of ``user`` was deleted or renamed through this node."""
+        self.special_use_seen.pop(user, None)
 
     def open(self, box: PorcupineMailbox) -> None:
         self.boxes.setdefault((box.mail.address, box.name), set()).add(box)
@@ -198,13 +234,34 @@ class PorcupineSession:
         self.boxes: list[PorcupineMailbox] = []
 
     def autocreate(self) -> Deferred[None]:
-        """Create the missing special-use mailboxes (best effort: a failure is logged)."""
+        """Create the missing special-use mailboxes (best effort: a failure is logged).
+        A login of a user whose check is running on this node waits for that one."""
+        address = self.mail.address
+        registry = self.backend.registry
+        clock = self.backend.clock
+        if registry.special_use_known(address, clock.seconds()):
+            return succeed(None)
+        running = registry.autocreating
+        waiting = running.get(address)
+        if waiting is not None:
+            joined: Deferred[None] = Deferred()
+            waiting.append(joined)
+            return joined
+        running[address] = []
+
+        def exists(f: Failure) -> None:
+            f.trap(MailboxExists)  # made meanwhile (another node's login): as wanted
 
         def create(infos: list[MailboxInfo]) -> Deferred[Any]:
             have = {i.name for i in infos}
             # the merged tree just read lacks them: no fragment asked again per name
-            ds = [self.mail.create(n, absent=True) for n in SPECIAL_USE if n not in have]
-            return gatherResults(ds, consumeErrors=True) if ds else succeed(None)
+            ds = [
+                self.mail.create(n, absent=True).addErrback(exists)
+                for n in SPECIAL_USE
+                if n not in have
+            ]
+            d = gatherResults(ds, consumeErrors=True) if ds else succeed(None)
+            return d.addCallback(lambda _: registry.special_use_found(address, clock.seconds()))
 
         def failed(f: Failure) -> None:
             log.warn(
@@ -213,8 +270,13 @@ class PorcupineSession:
                 e=f.getErrorMessage(),
             )
 
-        d = self.mail.mailboxes().addCallback(create)
-        return d.addCallbacks(lambda _: None, failed)
+        def land(_: None) -> None:
+            for joined in running.pop(address, []):
+                joined.callback(None)
+
+        # maybeDeferred: a raise must not leave the waiters of this user waiting for ever
+        d = maybeDeferred(self.mail.mailboxes).addCallback(create)
+        return d.addCallbacks(lambda _: None, failed).addCallback(land)
 
     def _info(self, name: str, missing: str = "NONEXISTENT") -> Deferred[MailboxInfo]:
         want = _canonical(name)
@@ -246,9 +308,11 @@ class PorcupineSession:
         return self.mail.create(name).addCallbacks(lambda _: None, as_imap_error)
 
     def delete(self, name: str) -> Deferred[None]:
+        self.backend.registry.special_use_changed(self.mail.address)
         return self.mail.delete_mailbox(name).addErrback(as_imap_error)
 
     def rename(self, old: str, new: str) -> Deferred[None]:
+        self.backend.registry.special_use_changed(self.mail.address)
         return self.mail.rename(_canonical(old), new.rstrip(DELIMITER)).addErrback(as_imap_error)
 
     def subscribe(self, name: str, on: bool) -> Deferred[None]:

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -236,6 +237,9 @@ class ProfileDB:
         #: Moves on every :meth:`forget`: a check that started before a change
         #: does not cache what it read.
         self._generation = 0
+        #: Checks running now, by (address, generation, keyed digest of the password):
+        #: the logins waiting for the same outcome (:meth:`verify`).
+        self._flights: dict[tuple[str, int, bytes], list[Deferred[Profile]]] = {}
 
     def _run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, f, *args)
@@ -325,11 +329,24 @@ class ProfileDB:
         address = address.lower()
         cache = self.auth_cache
         known = self._verified_profile(address)
-        if known is None:
-            cache.miss()
-        elif cache.check(address, known.password_hash, password):
+        if known is not None and cache.check(
+            address, known.password_hash, password, count_miss=False
+        ):
             return succeed(known)
         generation = self._generation
+        flight = None
+        if cache.enabled:
+            # The same password for the same address already being checked (16
+            # connections of one client logging in at once): wait for that check.
+            flight = (address, generation, cache.key_of(password))
+            waiting = self._flights.get(flight)
+            if waiting is not None:
+                cache.shared += 1
+                joined: Deferred[Profile] = Deferred()
+                waiting.append(joined)
+                return joined
+            self._flights[flight] = []
+        cache.miss()
         check = self._check
 
         def work() -> Profile:
@@ -349,7 +366,19 @@ class ProfileDB:
                 cache.remember(address, profile.password_hash, password)
             return profile
 
-        return self._run(work).addCallback(remember)
+        d = self._run(work).addCallback(remember)
+        if flight is not None:
+            d.addBoth(self._land, flight)
+        return d
+
+    def _land(self, result: Profile | Failure, flight: tuple[str, int, bytes]) -> Any:
+        """Give a finished check's outcome to the logins that waited for it."""
+        for joined in self._flights.pop(flight, []):
+            if isinstance(result, Failure):
+                joined.errback(result)
+            else:
+                joined.callback(result)
+        return result
 
     def users(self) -> Deferred[list[Profile]]:
         """Every profile."""
