@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -113,7 +114,12 @@ class SimReactor:
 
     def _schedule(self, dc: DelayedCall) -> None:
         due = dc.time
-        true = max(self.kernel.now, due - self.host.skew)
+        skew = self.host.skew
+        true = max(self.kernel.now, due - skew)
+        while true + skew < due:
+            # rounding: at the instant it fires, the host's clock must read ``due``
+            # (a LoopingCall seeing itself early reschedules at once, for ever)
+            true = math.nextafter(true, math.inf)
         self.kernel.at(
             true,
             lambda: self._fire(dc, due),
