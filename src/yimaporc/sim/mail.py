@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     seeds = args.seed or list(range(args.first, args.first + args.seeds))
     failed = 0
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     for seed in seeds:
         out = run_seed(seed, scenario)
         failed += bool(out.problems)
@@ -539,8 +539,10 @@ def main(argv: list[str] | None = None) -> int:
             for problem in out.problems[:20]:
                 print(f"    {problem}", flush=True)
     elapsed = time.monotonic() - started
+    cpu = time.process_time() - cpu_started
     print(
-        f"{len(seeds)} seeds, {failed} failing, {60 * len(seeds) / max(elapsed, 1e-9):.1f} seeds/min",
+        f"{len(seeds)} seeds, {failed} failing, {60 * len(seeds) / max(elapsed, 1e-9):.1f} "
+        f"seeds/min ({60 * len(seeds) / max(cpu, 1e-9):.1f} per CPU minute)",
         file=sys.stderr,
     )
     return 1 if failed else 0
