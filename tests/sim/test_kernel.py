@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -441,3 +442,26 @@ def test_a_looping_call_on_a_skewed_host_keeps_its_period(
     # nine periods; LoopingCall's own float arithmetic may add a tick a hair late
     assert 9 <= len(ticks) <= 11
     assert ticks[-1] == pytest.approx(start + skew + 9.0)
+
+
+def test_a_delay_below_the_clock_resolution_still_lets_time_move_on(kernel: SimKernel) -> None:
+    """callLater with a positive delay too small to change the float clock fires at a
+    later instant (a shell re-arming for a deadline an ulp ahead, on a clock with an
+    offset, reaches it instead of firing at one instant for ever)."""
+    host = up(kernel, "a", "10.0.0.1", skew=0.3)
+    reactor = host.reactor
+    assert reactor is not None
+    kernel.run_until(15.85)  # the host's clock reads 16.15, above 16: coarser floats
+    offset = -0.25  # like cluster_time: the reactor's clock plus an offset, below 16
+    deadline = math.nextafter(reactor.seconds() + offset, math.inf)
+    fired: list[float] = []
+
+    def tick() -> None:
+        now = reactor.seconds() + offset
+        fired.append(now)
+        if now < deadline:
+            reactor.callLater(max(0.0, deadline - now), tick)
+
+    reactor.callLater(max(0.0, deadline - (reactor.seconds() + offset)), tick)
+    assert not kernel.run_until(17.0, stop=lambda: len(fired) > 1000)
+    assert fired[-1] >= deadline and len(fired) <= 4

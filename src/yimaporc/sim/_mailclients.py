@@ -221,6 +221,15 @@ def parse_imap(replies: list[bytes]) -> tuple[list[tuple[str, int]], int] | None
     return listing, int(m.group(1))
 
 
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+
+
+def parse_uidvalidity(replies: list[bytes]) -> int | None:
+    """The INBOX's UIDVALIDITY from the SELECT reply of an :func:`imap_steps` run."""
+    m = _UIDVALIDITY.search(replies[2]) if len(replies) >= 3 else None
+    return int(m.group(1)) if m is not None else None
+
+
 def parse_uidl(replies: list[bytes]) -> list[str] | None:
     """The unique ids of a complete :func:`pop3_steps` run."""
     if len(replies) < 4:

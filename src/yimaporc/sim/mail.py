@@ -51,6 +51,7 @@ from ._mailclients import (
     imap_steps,
     parse_imap,
     parse_uidl,
+    parse_uidvalidity,
     pop3_steps,
     smtp_steps,
 )
@@ -163,6 +164,8 @@ class MailKernelSim:
         self.sent: dict[str, str] = {}
         self.acked: dict[str, str] = {}
         self.fault_log: list[str] = []
+        #: user -> the INBOX's UIDVALIDITY once a client was shown messages in it
+        self.validity: dict[str, int] = {}
         self._cut: list[tuple[str, str]] = []
 
     def close(self) -> None:
@@ -275,12 +278,26 @@ class MailKernelSim:
                 self.kernel.record(None, f"imap {node_id} {user} refused")
             else:
                 listing, uidnext = parsed
-                self.kernel.record(None, f"imap {node_id} {user} {listing} {uidnext}")
+                validity = parse_uidvalidity(replies)
+                self.kernel.record(None, f"imap {node_id} {user} {listing} {uidnext} {validity}")
                 self.checker.read(node_id, user, listing, uidnext)
+                self._validity(node_id, user, validity, bool(listing))
             if answer is not None:
                 answer(parsed)
 
         self.converse(node_id, IMAP_PORT, imap_steps(user, PASSWORD), done)
+
+    def _validity(self, node_id: str, user: str, validity: int | None, shown: bool) -> None:
+        """Once messages were shown in the INBOX under a UIDVALIDITY, every later SELECT
+        anywhere gives the same one (nothing here deletes or recreates a mailbox, so a
+        change tells a client to drop every UID it cached)."""
+        before = self.validity.get(user)
+        if before is not None and validity != before:
+            self.checker.violations.append(
+                f"{user} at {node_id}: UIDVALIDITY {validity}, messages were shown under {before}"
+            )
+        elif before is None and shown and validity is not None:
+            self.validity[user] = validity
 
     def pop_ids(self, node_id: str, user: str, answer: Callable[[Any], None]) -> None:
         """A POP3 client lists ``user``'s message ids at ``node_id``."""

@@ -74,9 +74,16 @@ class SimReactor:
     def callLater(
         self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
     ) -> IDelayedCall:
-        """Run ``callable`` after ``delay`` seconds of this host's clock."""
+        """Run ``callable`` after ``delay`` seconds of this host's clock.  A positive
+        delay too small to change the clock's float still fires at a later instant, as
+        it would on a real clock, which moves on meanwhile (a shell re-arming for a
+        deadline a few ulps ahead must not spin at one instant for ever)."""
+        now = self.seconds()
+        when = now + delay
+        if delay > 0 and when <= now:
+            when = math.nextafter(now, math.inf)
         dc = DelayedCall(
-            self.seconds() + delay,
+            when,
             callable,
             args,
             kw,
