@@ -85,7 +85,13 @@ class Scenario:
     #: how long the run may take after the heal to satisfy the final invariants
     settle: float = 90.0
     client_timeout: float = 30.0
+    #: a run that needs more events than this is stuck (:class:`Livelock`)
+    max_events: int = 2_000_000
     latency: tuple[float, float] = (0.0005, 0.004)
+
+
+class Livelock(RuntimeError):
+    """The run kept executing events without reaching its end (time stood still)."""
 
 
 @attrs.define(eq=False)
@@ -309,6 +315,19 @@ class MailKernelSim:
 
     # --- the run ----------------------------------------------------------------------
 
+    def run_for(self, seconds: float, stop: Callable[[], bool] | None = None) -> bool:
+        """Advance the kernel by ``seconds``; with ``stop``, return early once it holds.
+        Raises :class:`Livelock` past the scenario's event budget (events that keep time
+        from moving on: a bug to replay with the seed, not a run to wait for)."""
+        kernel, budget = self.kernel, self.scenario.max_events
+
+        def check() -> bool:
+            if kernel.events > budget:
+                raise Livelock(f"seed {self.seed}: over {budget} events at t={kernel.now:.6f}")
+            return stop() if stop is not None else False
+
+        return kernel.run_for(seconds, check)
+
     def boot_all(self, limit: float = 60.0) -> None:
         """Start every node, wait until all listen and see each other, add the users."""
         for node_id in self.hosts:
@@ -321,7 +340,7 @@ class MailKernelSim:
                     return False
             return True
 
-        if not self.kernel.run_for(limit, formed):
+        if not self.run_for(limit, formed):
             raise RuntimeError(f"seed {self.seed}: the cluster did not form in {limit} s")
         added: list[object] = []
         first = self.hosts["p0"].node
@@ -330,13 +349,13 @@ class MailKernelSim:
             replicas = 1 + i % min(2, len(self.hosts))
             d = first.mail.add_user(user, PASSWORD, replicas)
             d.addBoth(added.append)
-        if not self.kernel.run_for(limit, lambda: len(added) == len(self.users)):
+        if not self.run_for(limit, lambda: len(added) == len(self.users)):
             raise RuntimeError(f"seed {self.seed}: users not added in {limit} s: {added}")
         bad = [a for a in added if not hasattr(a, "address")]
         if bad:
             raise RuntimeError(f"seed {self.seed}: adding users failed: {bad}")
         # every node knows every profile before the workload starts
-        self.kernel.run_for(2.0)
+        self.run_for(2.0)
 
     def schedule(self) -> None:
         """Deliveries, reads and faults at seeded instants within the window."""
@@ -415,7 +434,7 @@ class MailKernelSim:
             problems = self._check_round()
             if not problems or self.now >= deadline:
                 return list(self.checker.violations) + problems
-            self.kernel.run_for(5.0)
+            self.run_for(5.0)
 
     def _check_round(self) -> list[str]:
         results: dict[tuple[str, str, str], Any] = {}
@@ -425,7 +444,7 @@ class MailKernelSim:
                 for proto, fn in (("imap", self.read), ("pop3", self.pop_ids)):
                     key = (proto, node_id, user)
                     fn(node_id, user, functools.partial(results.__setitem__, key))
-                    self.kernel.run_for(
+                    self.run_for(
                         self.scenario.client_timeout + 1.0,
                         functools.partial(results.__contains__, key),
                     )
@@ -467,7 +486,7 @@ class MailKernelSim:
         with seeded_uuid4(random.Random(self.rng.getrandbits(64))):
             self.boot_all()
             self.schedule()
-            self.kernel.run_for(self.scenario.window + 10.0)
+            self.run_for(self.scenario.window + 10.0)
             self.heal_all()
             self._note("heal all")
             problems = self.final_problems()
@@ -541,7 +560,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     started, cpu_started = time.monotonic(), time.process_time()
     for seed in seeds:
-        out = run_seed(seed, scenario)
+        try:
+            out = run_seed(seed, scenario)
+        except Livelock as e:
+            failed += 1
+            print(f"seed {seed}: LIVELOCK {e}", flush=True)
+            continue
         failed += bool(out.problems)
         if args.json:
             print(json.dumps(out.as_json()), flush=True)
