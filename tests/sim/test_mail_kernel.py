@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import attrs
 import pytest
@@ -89,32 +90,27 @@ HARD = Scenario(nodes=5, users=4, messages=30, faults=8, reads=16)
 #: user's manager gives nothing (a partition, a fresh manager) ``UserMail._inbox_validity``
 #: shows the home fragment's own value instead, so a client sees UIDVALIDITY flip (2 and
 #: 3 in turn in seed 200) and must drop every UID it cached each time.
+#: Seed 28 of the 3-node shape finds it too.
 UIDVALIDITY_BUG = {200, 216}
 
 
-@pytest.mark.parametrize(
-    "seed",
-    [
-        pytest.param(
-            s,
-            id=str(s),
-            marks=(pytest.mark.slow,)
-            + (
-                (pytest.mark.xfail(strict=True, reason="UIDVALIDITY flips"),)
-                if s in UIDVALIDITY_BUG
-                else ()
-            ),
-        )
-        for s in range(200, 220)
-    ],
-)
+def _known(params: list[Any], failing: set[int]) -> list[Any]:
+    """``params`` with the seeds in ``failing`` expected to fail (strict: a fix shows)."""
+    flip = pytest.mark.xfail(strict=True, reason="UIDVALIDITY flips (UIDVALIDITY_BUG)")
+    return [
+        pytest.param(*p.values, marks=(*p.marks, flip), id=p.id) if p.values[0] in failing else p
+        for p in params
+    ]
+
+
+@pytest.mark.parametrize("seed", _known(sweep(range(200, 220), default=0), UIDVALIDITY_BUG))
 def test_five_nodes_under_heavier_faults(seed: int) -> None:
     """Five nodes, four users, 30 messages, 8 faults: the same invariants (slow tier)."""
     out = run_seed(seed, HARD)
     assert out.problems == [], (out.faults, out.problems)
 
 
-@pytest.mark.parametrize("seed", sweep(range(40), default=3))
+@pytest.mark.parametrize("seed", _known(sweep(range(40), default=3), {28}))
 def test_faults_keep_every_acknowledged_message_and_the_uid_rules(seed: int) -> None:
     """Partitions, bridges, pauses, crash/restarts and skew on a seeded schedule: after
     the heal every acknowledged message is readable exactly once from every node, and no
