@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from twisted.internet.interfaces import (
     IReactorUDP,
 )
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
@@ -395,3 +397,71 @@ def test_host_disks_live_in_a_temporary_root_removed_on_close(tmp_path: Any) -> 
     assert given.add_host("a", "10.0.0.1").disk == tmp_path / "a"
     given.close()
     assert (tmp_path / "a").is_dir()
+
+
+class Greeter(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"220 hello\r\n")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_greeting_written_on_connect_reaches_the_client(seed: int) -> None:
+    """A server writing in connectionMade (SMTP, POP3, IMAP greetings) is heard by the
+    client even when its bytes arrive the instant the SYN-ACK does."""
+    with SimKernel(seed, faults=Faults(latency=(0.001, 0.002))) as k:
+        up(k, "a", "10.0.0.1")
+        b = up(k, "b", "10.0.0.2")
+        assert b.reactor is not None
+        b.reactor.listenTCP(7, Factory.forProtocol(Greeter))
+        d = connect(k, "a", "10.0.0.2")
+        k.run_until(0.1)
+        assert result(d).data == b"220 hello\r\n"
+
+
+@pytest.mark.parametrize(
+    ("skew", "start"), [(-0.471, 0.0233), (-0.031, 0.0123), (-0.221, 0.0458), (0.3, 0.01)]
+)
+def test_a_looping_call_on_a_skewed_host_keeps_its_period(
+    kernel: SimKernel, skew: float, start: float
+) -> None:
+    """A LoopingCall on a host whose clock is skewed fires about once per interval and
+    time moves on: at the true instant a timer fires, its host's clock reads at least
+    the timer's due time (else the call sees itself early and reschedules at once,
+    for ever)."""
+    host = up(kernel, "a", "10.0.0.1", skew=skew)
+    reactor = host.reactor
+    assert reactor is not None
+    ticks: list[float] = []
+    loop = LoopingCall(lambda: ticks.append(reactor.seconds()))
+    loop.clock = reactor
+    kernel.run_until(start)
+    loop.start(1.0, now=False)
+    assert not kernel.run_until(start + 9.5, stop=lambda: kernel.events > 10_000)
+    loop.stop()
+    # nine periods; LoopingCall's own float arithmetic may add a tick a hair late
+    assert 9 <= len(ticks) <= 11
+    assert ticks[-1] == pytest.approx(start + skew + 9.0)
+
+
+def test_a_delay_below_the_clock_resolution_still_lets_time_move_on(kernel: SimKernel) -> None:
+    """callLater with a positive delay too small to change the float clock fires at a
+    later instant (a shell re-arming for a deadline an ulp ahead, on a clock with an
+    offset, reaches it instead of firing at one instant for ever)."""
+    host = up(kernel, "a", "10.0.0.1", skew=0.3)
+    reactor = host.reactor
+    assert reactor is not None
+    kernel.run_until(15.85)  # the host's clock reads 16.15, above 16: coarser floats
+    offset = -0.25  # like cluster_time: the reactor's clock plus an offset, below 16
+    deadline = math.nextafter(reactor.seconds() + offset, math.inf)
+    fired: list[float] = []
+
+    def tick() -> None:
+        now = reactor.seconds() + offset
+        fired.append(now)
+        if now < deadline:
+            reactor.callLater(max(0.0, deadline - now), tick)
+
+    reactor.callLater(max(0.0, deadline - (reactor.seconds() + offset)), tick)
+    assert not kernel.run_until(17.0, stop=lambda: len(fired) > 1000)
+    assert fired[-1] >= deadline and len(fired) <= 4

@@ -21,13 +21,15 @@ stops the reactor (only the tap does).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import attrs
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
+from twisted.python.threadpool import ThreadPool
 
 from ..admin.mount import admin_endpoint, mount_admin
 from ..cluster.bucketservice import BucketMapService
@@ -130,16 +132,26 @@ class PorcupineNode:
         *,
         rng: random.Random | None = None,
         first: Iterable[IService] = (),
+        threadpool: ThreadPool | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> PorcupineNode:
         """Build the whole node from ``config`` (raises :class:`ConfigError` on bad
         input, before anything listens).
 
-        ``rng`` seeds the node (default: the system's random source); ``first``
-        are services started before any port is bound.
+        ``rng`` seeds the node, each part drawing its own generator from it (default:
+        the system's random source); ``first`` are services started before any port is
+        bound; ``threadpool`` runs the disk, SQLite and scrypt work (default: the mail
+        storage's own pool); ``wall_clock`` seeds the membership incarnation.
         """
         rng = rng or random.SystemRandom()
         admin = admin_endpoint(reactor, config.admin) if config.admin else None
-        node = ClusterNode(reactor, config.node, config.secret, rng=rng)
+        node = ClusterNode(
+            reactor,
+            config.node,
+            config.secret,
+            rng=random.Random(rng.getrandbits(64)),
+            wall_clock=wall_clock,
+        )
         for service in first:
             service.setServiceParent(node)
         admin_listening = mount_admin(node, admin, label=f"--admin {config.admin}")
@@ -152,6 +164,7 @@ class PorcupineNode:
             reactor,
             node.node_id,
             config.node.data_dir,
+            threadpool=threadpool,
             mail_index_rows=config.mail_index_rows,
             mail_body_cache_bytes=config.mail_body_cache_bytes,
             auth_cache_ttl=config.auth_cache_ttl,
@@ -159,8 +172,12 @@ class PorcupineNode:
         )
         replication = None
         if config.replication is not None:
-            replication = MailReplication(storage, node, config=config.replication)
-        cluster = MailCluster(storage, node, user_map, replication=replication)
+            replication = MailReplication(
+                storage, node, config=config.replication, rng=random.Random(rng.getrandbits(64))
+            )
+        cluster = MailCluster(
+            storage, node, user_map, replication=replication, rng=random.Random(rng.getrandbits(64))
+        )
         if replication is not None:
             replication.use_topology(cluster)
         # How logins see their mail: fragments over the cluster (the tree at the home

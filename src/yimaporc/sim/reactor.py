@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -73,9 +74,16 @@ class SimReactor:
     def callLater(
         self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
     ) -> IDelayedCall:
-        """Run ``callable`` after ``delay`` seconds of this host's clock."""
+        """Run ``callable`` after ``delay`` seconds of this host's clock.  A positive
+        delay too small to change the clock's float still fires at a later instant, as
+        it would on a real clock, which moves on meanwhile (a shell re-arming for a
+        deadline a few ulps ahead must not spin at one instant for ever)."""
+        now = self.seconds()
+        when = now + delay
+        if delay > 0 and when <= now:
+            when = math.nextafter(now, math.inf)
         dc = DelayedCall(
-            self.seconds() + delay,
+            when,
             callable,
             args,
             kw,
@@ -113,7 +121,12 @@ class SimReactor:
 
     def _schedule(self, dc: DelayedCall) -> None:
         due = dc.time
-        true = max(self.kernel.now, due - self.host.skew)
+        skew = self.host.skew
+        true = max(self.kernel.now, due - skew)
+        while true + skew < due:
+            # rounding: at the instant it fires, the host's clock must read ``due``
+            # (a LoopingCall seeing itself early reschedules at once, for ever)
+            true = math.nextafter(true, math.inf)
         self.kernel.at(
             true,
             lambda: self._fire(dc, due),

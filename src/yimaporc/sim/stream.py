@@ -79,9 +79,10 @@ class SimConnector:
             client_end = SimStreamTransport(reactor, local, remote, connector=self)
             server_end.peer, client_end.peer = client_end, server_end
             synack = kernel.latency()
-            # nothing the server writes may overtake the SYN-ACK
+            # nothing the server writes may overtake the SYN-ACK: its bytes arrive no
+            # earlier, and the SYN-ACK is queued first (a greeting written in
+            # connectionMade, arriving the same instant, then finds the client there)
             server_end.last_arrival = kernel.now + synack
-            server_end.attach(proto)
 
             def established() -> None:
                 if self.state != "connecting" or self._attempt != attempt:
@@ -101,6 +102,7 @@ class SimConnector:
                 client_end.attach(client)
 
             reactor.at(synack, established)
+            server_end.attach(proto)
 
         reactor.at(kernel.latency(), syn, host=dst)
 

@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +91,7 @@ class MailReplication(MultiService):
         ack_timeout: float = 3.0,
         max_retargets: int = 3,
         repair_interval: float = 60.0,
+        rng: random.Random | None = None,
     ) -> None:
         super().__init__()
         self.storage = storage
@@ -114,6 +116,7 @@ class MailReplication(MultiService):
             run=storage.run_blocking,
             now=node.cluster_time,
             config=config or DEFAULT_CONFIG,
+            rng=rng,
             on_applied=self._applied,
         )
         #: This node's mailboxes with replicated messages going through the log (the
