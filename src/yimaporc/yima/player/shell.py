@@ -27,17 +27,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import ClientFactory, DatagramProtocol
 from twisted.logger import Logger
 
-from ...rtsp import (
-    RtspClientProtocol,
-    RtspStatusError,
-    TransportSpec,
-    parse_rtp_info,
-    parse_transport,
-    parse_url,
-)
-from ...rtsp.sdp import parse_sdp
-from ..feedback import RETRANSMISSION_MARK, ProbeReply, parse_probe, probe_request
-from ..rtp import (
+from ...rtp import (
     App,
     GenericNack,
     MalformedPacket,
@@ -49,6 +39,16 @@ from ..rtp import (
     parse_rtp,
     serialize_rtcp,
 )
+from ...rtsp import (
+    RtspClientProtocol,
+    RtspStatusError,
+    TransportSpec,
+    parse_rtp_info,
+    parse_transport,
+    parse_url,
+)
+from ...rtsp.sdp import parse_sdp
+from ..feedback import RETRANSMISSION_MARK, ProbeReply, parse_probe, probe_request
 from ..schedule import PAYLOAD
 from .core import (
     Action,
