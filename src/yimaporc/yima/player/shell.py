@@ -109,6 +109,10 @@ class ShellConfig:
     duration: float | None = None
     idle_timeout: float = 10.0
     probe_wait: float = 1.0
+    #: NACK what is lost (selective retransmission) and trim per-node pacing; off only
+    #: to measure what they save (the simulator's control runs)
+    retransmit: bool = True
+    trim: bool = True
 
 
 class PacketDropper(Dropper):
@@ -233,6 +237,8 @@ class PlayerSession:
                 flow=self.config.flow,
                 prebuffer=self.config.prebuffer,
                 packets_per_block=s.packets_per_block or None,
+                **({} if self.config.retransmit else {"retransmit": None}),
+                **({} if self.config.trim else {"trim": None}),
             )
             dropper = PacketDropper(self.config.drop, self.config.seed, str(i))
             self.droppers[s.name] = dropper
@@ -396,10 +402,15 @@ class PlayerSession:
         self._timer = self.clock.callLater(max(0.0, t - now), self._tick)
 
     def _tick(self) -> None:
+        armed_for = self._timer_at
         self._timer = None
         self._timer_at = None
         assert self.presentation is not None
         now = self.now()
+        if armed_for is not None and now < armed_for:
+            # Due now: local clock + offset may round a few ulps short of the instant the
+            # timer was armed for, and re-arming for it would spin until the clock moves.
+            now = armed_for
         self._run(self.presentation.handle_timer(now))
         if self.presentation.done:
             self.finish()
