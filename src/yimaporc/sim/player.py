@@ -3,7 +3,7 @@
 Every part that runs is shipped code on a :class:`~yimaporc.sim.reactor.SimReactor`:
 
 - the client host runs the player shell as ``yimaporc play`` does
-  (:class:`~yimaporc.yima.player.shell.Client`): RTSP over a simulated stream link
+  (:class:`~yimaporc.yima.player.client.Client`): RTSP over a simulated stream link
   (DESCRIBE, SETUP with ``x-yima-fanout``, PLAY, TEARDOWN), its UDP port pair, the
   start-up ``YIMT`` probes, then :class:`~yimaporc.yima.player.shell.PlayerSession`
   with the player core, NACKs and flow-control feedback as RTCP datagrams;
@@ -66,7 +66,8 @@ from ..rtsp import (
 )
 from ..rtsp.sdp import mp2t_track, presentation_sdp
 from ..yima.feedback import FeedbackReceiver, mark_retransmission
-from ..yima.player.shell import Client, ShellConfig
+from ..yima.player.client import Client
+from ..yima.player.shell import ShellConfig
 from ..yima.schedule import PAYLOAD, MediaTiming, Packet
 from ..yima.streaming import Destination, StreamingNode
 from .kernel import IO, Faults, SimHost, SimKernel

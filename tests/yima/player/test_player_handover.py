@@ -10,11 +10,13 @@ from twisted.internet.task import Clock
 
 from yimaporc.rtp import GenericNack, RtpHeaderTemplate, YimaFeedback, YimaKind, parse_rtcp
 from yimaporc.yima.player.core import (
-    PacketArrived,
     PlayerConfig,
+    StreamPlayer,
+)
+from yimaporc.yima.player.events import (
+    PacketArrived,
     RequestHandover,
     SetSpeed,
-    StreamPlayer,
 )
 from yimaporc.yima.player.shell import PlayerSession, ShellConfig
 
