@@ -30,19 +30,27 @@ from ._machine import (
     complete,
     prepare,
 )
+from ._messages import (
+    Headers,
+    InterleavedFrame,
+    Limits,
+    Request,
+    Response,
+    serialize_interleaved,
+    serialize_request,
+    serialize_response,
+)
 from ._protocol import (
     RtspClientProtocol,
     RtspConnectionLost,
     RtspServerFactory,
     RtspServerProtocol,
 )
+from ._status import (
+    reason_phrase,
+)
 from ._wire import (
-    Headers,
-    InterleavedFrame,
-    Limits,
     NptRange,
-    Request,
-    Response,
     RtpInfo,
     RtspUrl,
     SessionHeader,
@@ -53,11 +61,7 @@ from ._wire import (
     parse_session,
     parse_transport,
     parse_url,
-    reason_phrase,
-    serialize_interleaved,
     serialize_range,
-    serialize_request,
-    serialize_response,
     serialize_rtp_info,
     serialize_session,
     serialize_transport,

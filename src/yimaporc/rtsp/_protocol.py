@@ -38,18 +38,22 @@ from ._machine import (
     complete,
     prepare,
 )
-from ._wire import (
+from ._messages import (
     DEFAULT_LIMITS,
     Headers,
     InterleavedFrame,
     Limits,
-    NptRange,
     Request,
     Response,
+    serialize_interleaved,
+)
+from ._status import (
+    reason_phrase,
+)
+from ._wire import (
+    NptRange,
     SessionHeader,
     TransportSpec,
-    reason_phrase,
-    serialize_interleaved,
     serialize_range,
     serialize_rtp_info,
     serialize_session,
