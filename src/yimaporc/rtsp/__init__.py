@@ -3,6 +3,7 @@
 See docs/wire.md ("RTSP") for the limits, the state table and the Yima opt-in.
 """
 
+from ._client import RtspClientProtocol, RtspConnectionLost
 from ._connection import RtspClientConnection, RtspServerConnection, status_response
 from ._errors import (
     LocalProtocolError,
@@ -18,6 +19,7 @@ from ._events import (
     RequestReceived,
     ResponseReceived,
 )
+from ._factory import RtspServerFactory
 from ._machine import (
     PUBLIC,
     TRANSITIONS,
@@ -40,12 +42,7 @@ from ._messages import (
     serialize_request,
     serialize_response,
 )
-from ._protocol import (
-    RtspClientProtocol,
-    RtspConnectionLost,
-    RtspServerFactory,
-    RtspServerProtocol,
-)
+from ._protocol import RtspServerProtocol
 from ._status import (
     reason_phrase,
 )
