@@ -223,3 +223,9 @@ def test_client_clock_offset_is_estimated_by_the_probes() -> None:
     assert st["clock_offset_s"] == pytest.approx(-100.0, abs=0.01)
     assert st["packets_missing_at_playout"] == 0
     assert sim.delivered_digest(STREAM) == sim.source_digest("s0")
+
+
+def test_an_event_budget_ends_a_spinning_run() -> None:
+    """A run over its event budget fails with an error instead of running on."""
+    with pytest.raises(RuntimeError, match="more than 500 events"):
+        run(seed=1, duration=4.0, max_events=500)

@@ -130,6 +130,8 @@ class SimConfig:
     #: the client host's clock offset from the cluster's (the probes estimate it)
     client_skew: float = 0.0
     session_lead: float = 0.3
+    #: a run that takes more kernel events fails (a timer spinning at one instant)
+    max_events: int = 2_000_000
 
 
 def vbr_media(
@@ -463,7 +465,13 @@ class PlayerSim:
         d.addCallbacks(self._done, self._failed)
         longest = max(m.duration for m in self.media.values())
         limit = self.kernel.now + longest * 1.5 + 15.0
-        self.kernel.run_until(limit, lambda: self.stats is not None or self.error is not None)
+        budget = self.kernel.events + self.config.max_events
+        self.kernel.run_until(
+            limit,
+            lambda: self.stats is not None or self.error is not None or self.kernel.events > budget,
+        )
+        if self.kernel.events > budget:
+            raise RuntimeError(f"more than {self.config.max_events} events by t={self.kernel.now}")
         self.kernel.run_for(1.0)  # the TEARDOWNs reach the front
         if self.error is not None:
             raise self.error
