@@ -9,7 +9,7 @@ constants).  Pure Python, no network, no processes; seeded, so it replays.
 
 Yima (the real scheduler and placement, costs added per 1 s bin):
     one clip timing per pool entry (a synthetic 4 Mbit/s VBR clip of 256-payload
-    blocks, ``yimaporc.yima.player.sim.vbr_media``) is run through the real
+    blocks, ``yimaporc.sim.player.vbr_media``) is run through the real
     ``NodeScheduler`` (1 s ticks), which gives each block's packets and bytes per
     second; the real SCADDAR placement (``placement.disks_of``) puts the blocks on
     N nodes.  Sessions are added one by one, each a pool clip at a random
@@ -44,8 +44,8 @@ from typing import Any
 
 from yimaporc.porcupine.mailsim import CpuCost, MailConfig, MailSim
 from yimaporc.porcupine.reconstruct import READ_LEASE
+from yimaporc.sim.player import vbr_media
 from yimaporc.yima.placement import ScalingHistory, disks_of
-from yimaporc.yima.player.sim import vbr_media
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, NodeScheduler
 
 HERE = Path(__file__).resolve().parent

@@ -22,7 +22,7 @@ from typing import Any
 
 from twisted.internet.task import Clock, deferLater
 
-from yimaporc.yima.rtp import PT_MP2T, RtpHeaderTemplate
+from yimaporc.rtp import PT_MP2T, RtpHeaderTemplate
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming
 from yimaporc.yima.streaming import StreamingNode
 

@@ -25,12 +25,12 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
+from yimaporc.rtp import MP2T_CLOCK, PT_MP2T, Bye, build_rtp, serialize_rtcp
 from yimaporc.rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, ServerSession
 from yimaporc.rtsp._wire import NptRange, RtpInfo, TransportSpec
 from yimaporc.rtsp.interfaces import PlayReply
 from yimaporc.rtsp.sdp import mp2t_track, presentation_sdp, serialize_sdp
 from yimaporc.yima.media import RTP_PAYLOAD, MediaInfo, analyse_bytes
-from yimaporc.yima.rtp import MP2T_CLOCK, PT_MP2T, Bye, build_rtp, serialize_rtcp
 
 
 @attrs.define

@@ -14,14 +14,14 @@ from parts.common import PORTS, PY, WORK, PartFailed, Settings, run, say, scoped
 
 def part_retransmit(s: Settings, res: dict[str, Any], errors: list[str], clip: Path) -> None:
     """Packets missing at playout vs loss rate, with and without retransmission: the
-    protocol in the deterministic simulator (3 nodes, real schedulers and player core),
+    protocol in the deterministic simulator (the kernel: 3 nodes' send path, the player shell),
     then the real player (``yimaporc play --drop RATE``) against 3 bipartite nodes."""
     out = res.setdefault("retransmit", {})
     r = run(
         [
             PY,
             "-c",
-            "import json, sys; from yimaporc.yima.player.sim import loss_table; "
+            "import json, sys; from yimaporc.sim.player import loss_table; "
             "print(json.dumps(loss_table(range(int(sys.argv[1])), "
             "[float(x) for x in sys.argv[2].split(',')], float(sys.argv[3]))))",
             str(s.retx_seeds),

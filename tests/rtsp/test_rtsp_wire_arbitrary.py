@@ -10,13 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from yimaporc.rtsp._errors import MalformedHeader, RemoteProtocolError
-from yimaporc.rtsp._wire import (
+from yimaporc.rtsp._messages import (
     DEFAULT_LIMITS,
     MessageReader,
     ReceiveBuffer,
-    YimaNode,
     _check_field,
     parse_cseq,
+)
+from yimaporc.rtsp._wire import (
+    YimaNode,
     parse_range,
     parse_rtp_info,
     parse_session,

@@ -33,7 +33,11 @@ from yimaporc.rtsp import (
     serialize_session,
     serialize_transport,
 )
-from yimaporc.rtsp._wire import DEFAULT_LIMITS, MessageReader, ReceiveBuffer
+from yimaporc.rtsp._messages import (
+    DEFAULT_LIMITS,
+    MessageReader,
+    ReceiveBuffer,
+)
 
 SETUP = (
     b"SETUP rtsp://127.0.2.1:8554/sample/trackID=0 RTSP/1.0\r\n"

@@ -12,19 +12,19 @@ from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 from yimaporc.cluster.rpc import RpcRegistry
-from yimaporc.rtsp._machine import ServerSession
-from yimaporc.rtsp._wire import NptRange, TransportSpec
-from yimaporc.yima.feedback import FeedbackReceiver, StreamPorts
-from yimaporc.yima.media import KIND_TS, MediaInfo
-from yimaporc.yima.placement import LogicalDisk
-from yimaporc.yima.relay import Reorderer
-from yimaporc.yima.rtp import (
+from yimaporc.rtp import (
     GenericNack,
     YimaFeedback,
     YimaKind,
     nack_items_from_lost,
     serialize_rtcp,
 )
+from yimaporc.rtsp._machine import ServerSession
+from yimaporc.rtsp._wire import NptRange, TransportSpec
+from yimaporc.yima.feedback import FeedbackReceiver, StreamPorts
+from yimaporc.yima.media import KIND_TS, MediaInfo
+from yimaporc.yima.placement import LogicalDisk
+from yimaporc.yima.relay import Reorderer
 from yimaporc.yima.rtspservice import RELAY_LEAD, YimaStreamingService
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming
 from yimaporc.yima.streaming import StreamControl, StreamingNode, StreamNack, StreamStart

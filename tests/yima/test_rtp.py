@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from yimaporc.yima import rtp
-from yimaporc.yima.rtp import (
+from yimaporc import rtp
+from yimaporc.rtp import (
     App,
     Bye,
     GenericNack,

@@ -18,13 +18,13 @@ from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 from yimaporc.cluster.rpc import RpcRegistry
+from yimaporc.rtp import RtpHeaderTemplate
 from yimaporc.rtsp import RtspStatusError
 from yimaporc.rtsp._machine import ServerSession
 from yimaporc.rtsp._wire import NptRange, TransportSpec, parse_rtp_info
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.placement import LogicalDisk
 from yimaporc.yima.relay import Reorderer, rewrite
-from yimaporc.yima.rtp import RtpHeaderTemplate
 from yimaporc.yima.rtspservice import RELAY_LEAD, YimaStreamingService
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, NodeScheduler
 
@@ -331,7 +331,7 @@ def test_seek_restarts_a_taken_over_share_with_its_index_and_blocks() -> None:
 def test_relayed_nack_after_a_seek_names_the_right_packets() -> None:
     """A standard client's NACK (its own, renumbered seqs) after a backward seek is mapped
     back to the global packets of the new position."""
-    from yimaporc.yima.rtp import GenericNack, nack_items_from_lost, serialize_rtcp
+    from yimaporc.rtp import GenericNack, nack_items_from_lost, serialize_rtcp
 
     svc, reactor, _ = one_node()
     session = _session(svc)

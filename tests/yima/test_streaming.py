@@ -147,7 +147,7 @@ def _rtp_node(
     media: MediaTiming,
 ) -> StreamingNode:
     """One node sending real RTP (the service's header template), batched or per packet."""
-    from yimaporc.yima.rtp import PT_MP2T, RtpHeaderTemplate
+    from yimaporc.rtp import PT_MP2T, RtpHeaderTemplate
 
     def tpl(sid: str, d: Destination) -> RtpHeaderTemplate:
         return RtpHeaderTemplate(PT_MP2T, d.ssrc, d.node_index)

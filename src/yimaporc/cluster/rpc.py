@@ -20,14 +20,11 @@ round trip without extra framing.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -39,189 +36,38 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._rpc_commands import (
+    CHUNK,
+    AuthFailed,
+    BigBytes,
+    Echo,
+    Hello,
+    PeerUnavailable,
+    Prove,
+    Unauthenticated,
+    _proof,
+)
+from ._rpc_guard import RpcGuard, RpcLimits, RpcRegistry
 from .interfaces import IRpcCaller
 from .rpcstats import RpcCallStats
 from .wire import Scope
 
-CHUNK = 0xFFFF
-
-
-class BigBytes(amp.Argument):
-    """Bytes of any length, split over keys ``name``, ``name.1``, ``name.2``..."""
-
-    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
-        value = objects.pop(name.decode("ascii"))
-        if not isinstance(value, bytes | bytearray | memoryview):
-            raise TypeError(f"{name!r} must be bytes")
-        value = bytes(value)
-        chunks = [value[i : i + CHUNK] for i in range(0, len(value), CHUNK)] or [b""]
-        strings[name] = chunks[0]
-        if len(chunks) > 1:
-            strings[name + b".n"] = str(len(chunks)).encode("ascii")
-            for i, chunk in enumerate(chunks[1:], 1):
-                strings[name + b".%d" % i] = chunk
-
-    def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
-        """Join the chunks; a missing chunk or a bad count is :class:`amp.MalformedAmpBox`."""
-        try:
-            parts = [strings.pop(name)]
-            count = int(strings.pop(name + b".n", b"1"))
-        except (KeyError, ValueError) as e:
-            raise amp.MalformedAmpBox(f"bad or missing {name!r}") from e
-        if not 1 <= count <= 100_000:
-            raise amp.MalformedAmpBox(f"bad chunk count for {name!r}")
-        for i in range(1, count):
-            chunk = strings.pop(name + b".%d" % i, None)
-            if chunk is None:
-                raise amp.MalformedAmpBox(f"chunk {i} of {count} of {name!r} missing")
-            parts.append(chunk)
-        objects[name.decode("ascii")] = b"".join(parts)
-
-
-class AuthFailed(Exception):
-    """The peer does not know the cluster secret."""
-
-
-class Unauthenticated(Exception):
-    """A command arrived before the connection was authenticated."""
-
-
-class PeerUnavailable(Exception):
-    """The peer could not be reached or did not answer in time.
-
-    ``maybe_done``: the request had been sent when the call failed (a timeout or a
-    connection lost while waiting), so the peer may have run it, or may still run
-    it when TCP delivers the request late (after a partition heals): a caller must
-    not redo a non-idempotent request elsewhere (issue 14: a store retried on a
-    second node listed a message twice).
-    """
-
-    maybe_done = False
-
-
-class Hello(amp.Command):
-    """Step 1 of the handshake: the client's id and nonce; the server proves itself."""
-
-    commandName = b"yimaporc.hello"
-
-    arguments = [
-        (b"node_id", amp.Unicode()),
-        (b"nonce", amp.String()),
-        (b"cluster", amp.Unicode()),
-        (b"kind", amp.Unicode()),
-    ]
-    response = [
-        (b"node_id", amp.Unicode()),
-        (b"nonce", amp.String()),
-        (b"proof", amp.String()),
-        (b"cluster", amp.Unicode()),
-        (b"kind", amp.Unicode()),
-    ]
-    errors = {AuthFailed: b"AUTH_FAILED"}
-    fatalErrors = {AuthFailed: b"AUTH_FAILED"}
-
-
-class Prove(amp.Command):
-    """Step 2 of the handshake: the client proves it knows the key."""
-
-    commandName = b"yimaporc.prove"
-
-    arguments = [(b"proof", amp.String())]
-    response = []  # type: ignore[var-annotated]
-    errors = {AuthFailed: b"AUTH_FAILED"}
-    fatalErrors = {AuthFailed: b"AUTH_FAILED"}
-
-
-class Echo(amp.Command):
-    """Round-trip check; returns its payload (any size)."""
-
-    commandName = b"yimaporc.echo"
-
-    arguments = [(b"payload", BigBytes())]
-    response = [(b"payload", BigBytes())]
-
-
-def _proof(key: bytes, scope: Scope, role: bytes, a: bytes, b: bytes, node_id: str) -> bytes:
-    where = f"{scope.kind}\0{scope.cluster}".encode("ascii")
-    msg = role + b"|" + where + b"|" + a + b"|" + b + b"|" + node_id.encode("utf-8")
-    return hmac.new(key, msg, hashlib.sha256).digest()
-
-
-@attrs.frozen
-class RpcLimits:
-    """What one RPC connection may make this node buffer (bytes, seconds, counts).
-
-    ``preauth_box`` and ``preauth_total`` bound a connection whose peer has not
-    yet proven the cluster key (the handshake boxes are ~200 bytes);
-    ``max_box`` bounds any box afterwards (the largest mail fetch or media block
-    batch plus AMP framing); each key/value pair counts ``entry_overhead`` extra
-    bytes for the Python objects that hold it.
-    """
-
-    preauth_box: int = 4096
-    preauth_total: int = 16384
-    max_box: int = 256 << 20
-    entry_overhead: int = 128
-    handshake_timeout: float = 10.0
-    max_unauthenticated: int = 128
-
-
-class RpcGuard:
-    """Limits, counters and the rate-limited warning shared by a node's RPC connections."""
-
-    log = Logger()
-
-    def __init__(self, clock: IReactorTime | None = None, limits: RpcLimits | None = None) -> None:
-        self.clock = clock
-        self.limits = limits or RpcLimits()
-        self.stats: Counter[str] = Counter()
-        self.unauthenticated = 0
-        self._last_warning = -1e9
-
-    def note(self, proto: NodeAMP, counter: str, what: str) -> None:
-        """Count ``counter`` and warn ``what`` (one line, at most every 5 s for the node)."""
-        self.stats[counter] += 1
-        now = self.clock.seconds() if self.clock is not None else 0.0
-        if self.clock is None or now - self._last_warning >= 5.0:
-            self._last_warning = now
-            peer = proto.transport.getPeer() if proto.transport is not None else None
-            self.log.warn(
-                "rpc: {what} from {peer} ({count} so far)",
-                what=what,
-                peer=peer,
-                count=self.stats[counter],
-            )
-
-    def refuse(self, proto: NodeAMP, why: str) -> None:
-        """Count ``why``, warn (at most every 5 s) and drop ``proto``'s connection now."""
-        self.note(proto, "dropped_" + why, f"dropped connection: {why}")
-        transport = proto.transport
-        if transport is not None:
-            abort = getattr(transport, "abortConnection", None)
-            if abort is not None:
-                abort()
-            else:
-                transport.loseConnection()
-
-
-class RpcRegistry:
-    """Commands this node answers, by AMP command name."""
-
-    def __init__(self) -> None:
-        self._handlers: dict[bytes, tuple[type[amp.Command], Callable[..., Any]]] = {}
-        self.register(Echo, lambda payload: {"payload": payload})
-
-    def register(self, command: type[amp.Command], handler: Callable[..., Any]) -> None:
-        """Answer ``command`` with ``handler(**arguments)`` (a dict or a Deferred of one)."""
-        name = command.commandName
-        assert isinstance(name, bytes)
-        if name in self._handlers or name in (Hello.commandName, Prove.commandName):
-            raise ValueError(f"command {name!r} registered twice (or reserved)")
-        self._handlers[name] = (command, handler)
-
-    def lookup(self, name: bytes) -> tuple[type[amp.Command], Callable[..., Any]] | None:
-        """The command class and handler registered under ``name``."""
-        return self._handlers.get(name)
+__all__ = [
+    "CHUNK",
+    "AuthFailed",
+    "BigBytes",
+    "Echo",
+    "Hello",
+    "NodeAMP",
+    "PeerUnavailable",
+    "Prove",
+    "RpcClient",
+    "RpcGuard",
+    "RpcLimits",
+    "RpcRegistry",
+    "RpcServerFactory",
+    "Unauthenticated",
+]
 
 
 class NodeAMP(amp.AMP):

@@ -3,6 +3,7 @@
 See docs/wire.md ("RTSP") for the limits, the state table and the Yima opt-in.
 """
 
+from ._client import RtspClientProtocol, RtspConnectionLost
 from ._connection import RtspClientConnection, RtspServerConnection, status_response
 from ._errors import (
     LocalProtocolError,
@@ -18,6 +19,7 @@ from ._events import (
     RequestReceived,
     ResponseReceived,
 )
+from ._factory import RtspServerFactory
 from ._machine import (
     PUBLIC,
     TRANSITIONS,
@@ -30,19 +32,22 @@ from ._machine import (
     complete,
     prepare,
 )
-from ._protocol import (
-    RtspClientProtocol,
-    RtspConnectionLost,
-    RtspServerFactory,
-    RtspServerProtocol,
-)
-from ._wire import (
+from ._messages import (
     Headers,
     InterleavedFrame,
     Limits,
-    NptRange,
     Request,
     Response,
+    serialize_interleaved,
+    serialize_request,
+    serialize_response,
+)
+from ._protocol import RtspServerProtocol
+from ._status import (
+    reason_phrase,
+)
+from ._wire import (
+    NptRange,
     RtpInfo,
     RtspUrl,
     SessionHeader,
@@ -53,11 +58,7 @@ from ._wire import (
     parse_session,
     parse_transport,
     parse_url,
-    reason_phrase,
-    serialize_interleaved,
     serialize_range,
-    serialize_request,
-    serialize_response,
     serialize_rtp_info,
     serialize_session,
     serialize_transport,

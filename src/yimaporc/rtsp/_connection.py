@@ -16,24 +16,28 @@ from ._events import (
     ResponseReceived,
     ServerEvent,
 )
-from ._wire import (
+from ._messages import (
     DEFAULT_LIMITS,
     Headers,
     InterleavedFrame,
     Limits,
     MessageReader,
-    NptRange,
     ReceiveBuffer,
     Request,
     Response,
+    serialize_interleaved,
+    serialize_request,
+    serialize_response,
+)
+from ._status import (
+    reason_phrase,
+)
+from ._wire import (
+    NptRange,
     SessionHeader,
     TransportSpec,
     parse_session,
-    reason_phrase,
-    serialize_interleaved,
     serialize_range,
-    serialize_request,
-    serialize_response,
     serialize_transport,
 )
 

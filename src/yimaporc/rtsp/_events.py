@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import attrs
 
-from ._wire import InterleavedFrame, Request, Response
+from ._messages import (
+    InterleavedFrame,
+    Request,
+    Response,
+)
 
 
 @attrs.frozen

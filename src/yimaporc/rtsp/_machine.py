@@ -22,7 +22,16 @@ from typing import Protocol
 import attrs
 
 from ._errors import MalformedHeader, RtspStatusError
-from ._wire import NptRange, Request, TransportSpec, parse_range, parse_session, parse_transport
+from ._messages import (
+    Request,
+)
+from ._wire import (
+    NptRange,
+    TransportSpec,
+    parse_range,
+    parse_session,
+    parse_transport,
+)
 
 
 class SessionState(enum.Enum):

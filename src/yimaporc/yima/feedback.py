@@ -30,7 +30,7 @@ import attrs
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from .rtp import (
+from ..rtp import (
     App,
     GenericNack,
     MalformedPacket,

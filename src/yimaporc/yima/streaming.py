@@ -22,8 +22,8 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from ..cluster.rpc import RpcRegistry
+from ..rtp import RtpHeaderTemplate
 from .engine import DeliveryEngine
-from .rtp import RtpHeaderTemplate
 from .schedule import MediaTiming, NodeScheduler, Packet, Run
 
 #: Default memory bound of the delivery block cache (``--block-cache-mb``).

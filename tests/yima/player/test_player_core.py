@@ -8,20 +8,24 @@ import random
 import pytest
 
 from yimaporc.yima.player.core import (
-    Deliver,
     Dropper,
+    PlayerConfig,
+    StreamPlayer,
+)
+from yimaporc.yima.player.events import (
+    Deliver,
     PacketArrived,
     Pause,
-    PlayerConfig,
-    Presentation,
     ProbeAnswered,
     Resume,
     SendNack,
     SendProbe,
     SetSpeed,
-    StreamPlayer,
 )
 from yimaporc.yima.player.flow import BandsConfig, PauseResumeConfig
+from yimaporc.yima.player.presentation import (
+    Presentation,
+)
 
 CONTRACT_KEYS = {
     "packets_expected",

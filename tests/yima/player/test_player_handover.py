@@ -8,15 +8,17 @@ from typing import Any
 from test_shell import ADDRS, LATENCY, FakeNodes, pump
 from twisted.internet.task import Clock
 
+from yimaporc.rtp import GenericNack, RtpHeaderTemplate, YimaFeedback, YimaKind, parse_rtcp
 from yimaporc.yima.player.core import (
-    PacketArrived,
     PlayerConfig,
-    RequestHandover,
-    SetSpeed,
     StreamPlayer,
 )
+from yimaporc.yima.player.events import (
+    PacketArrived,
+    RequestHandover,
+    SetSpeed,
+)
 from yimaporc.yima.player.shell import PlayerSession, ShellConfig
-from yimaporc.yima.rtp import GenericNack, RtpHeaderTemplate, YimaFeedback, YimaKind, parse_rtcp
 
 
 def arrive(g: int, node: int | None = None, ns: int | None = None) -> PacketArrived:

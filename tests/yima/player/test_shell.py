@@ -7,6 +7,14 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
+from yimaporc.rtp import (
+    App,
+    GenericNack,
+    RtpHeaderTemplate,
+    YimaFeedback,
+    YimaKind,
+    parse_rtcp,
+)
 from yimaporc.yima.feedback import ProbeReply, mark_retransmission, parse_probe, probe_reply
 from yimaporc.yima.player.shell import (
     PacketDropper,
@@ -14,14 +22,6 @@ from yimaporc.yima.player.shell import (
     PlayerSession,
     ShellConfig,
     StreamInfo,
-)
-from yimaporc.yima.rtp import (
-    App,
-    GenericNack,
-    RtpHeaderTemplate,
-    YimaFeedback,
-    YimaKind,
-    parse_rtcp,
 )
 
 OFFSET = 1000.0  # cluster time = local time + OFFSET

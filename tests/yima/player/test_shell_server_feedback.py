@@ -8,13 +8,7 @@ from typing import Any
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
-from yimaporc.yima.feedback import (
-    FeedbackReceiver,
-    ProbeReply,
-    parse_probe,
-    probe_request,
-)
-from yimaporc.yima.rtp import (
+from yimaporc.rtp import (
     App,
     GenericNack,
     YimaFeedback,
@@ -22,6 +16,12 @@ from yimaporc.yima.rtp import (
     nack_items_from_lost,
     parse_rtcp,
     serialize_rtcp,
+)
+from yimaporc.yima.feedback import (
+    FeedbackReceiver,
+    ProbeReply,
+    parse_probe,
+    probe_request,
 )
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, Packet
 from yimaporc.yima.streaming import Destination, StreamingNode
@@ -209,8 +209,8 @@ def test_owner_resends_by_global_seq() -> None:
 
 def test_retransmission_mark_keeps_header_and_tag() -> None:
     """The mark fills the extension's padding: 24-byte header, Yima tag intact, ID 2 = 1."""
+    from yimaporc.rtp import RtpHeaderTemplate, parse_one_byte_extension, parse_rtp
     from yimaporc.yima.feedback import is_retransmission, mark_retransmission
-    from yimaporc.yima.rtp import RtpHeaderTemplate, parse_one_byte_extension, parse_rtp
 
     data = RtpHeaderTemplate(33, 5, 2).build(7, 9, b"x" * 188, 1234)
     marked = mark_retransmission(data)

@@ -9,9 +9,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from yimaporc.cluster.rpc import RpcRegistry
-from yimaporc.yima.feedback import mark_retransmission
-from yimaporc.yima.relay import Reorderer
-from yimaporc.yima.rtp import (
+from yimaporc.rtp import (
     GenericNack,
     RtpHeaderTemplate,
     YimaFeedback,
@@ -19,6 +17,8 @@ from yimaporc.yima.rtp import (
     nack_items_from_lost,
     serialize_rtcp,
 )
+from yimaporc.yima.feedback import mark_retransmission
+from yimaporc.yima.relay import Reorderer
 from yimaporc.yima.rtspservice import YimaStreamingService, _Plan
 from yimaporc.yima.streaming import StreamControl, StreamNack
 

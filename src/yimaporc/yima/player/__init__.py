@@ -7,21 +7,25 @@ they return; see docs/player.md.
 
 from .buffer import Buffered, PlayoutBuffer
 from .core import (
+    Dropper,
+    PlayerConfig,
+    StreamPlayer,
+)
+from .events import (
     Action,
     Deliver,
-    Dropper,
     PacketArrived,
     Pause,
-    PlayerConfig,
-    Presentation,
     ProbeAnswered,
     Resume,
     SendNack,
     SendProbe,
     SetSpeed,
-    StreamPlayer,
 )
 from .flow import BandsConfig, PauseResumeConfig, ScheduleMirror, TrimConfig
+from .presentation import (
+    Presentation,
+)
 from .retransmit import RetransmitConfig
 from .seq import SeqExtender, extend_seq, seq_lt
 from .sync import SkewMeter, SyncConfig, SyncController

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .shell import Client, PlayError, ShellConfig
+from .client import Client
+from .shell import PlayError, ShellConfig
 
 
 def register(sub: Any, make_client: Callable[..., Any], admin: argparse.ArgumentParser) -> None:

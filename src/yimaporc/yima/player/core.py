@@ -1,28 +1,37 @@
 """The presentation player's sans-IO core: events in, actions out.
 
 A shell (RTP/RTCP over UDP, RTSP) turns datagrams into events and performs the
-actions; the simulator (:mod:`.sim`) does the same on a virtual network.  The
+actions (the simulator, :mod:`yimaporc.sim.player`, runs that shell on the kernel).  The
 core never reads a clock: every call takes ``now`` in cluster time (the shell
 converts with the cluster's time sync), and :meth:`StreamPlayer.get_timer`
 says when :meth:`StreamPlayer.handle_timer` must run next.
 
-Events:   :class:`PacketArrived`, :class:`ProbeAnswered`.
-Actions:  :class:`Deliver` (to the decoder / ``--out``), :class:`SendNack`
-          (unicast to one node), :class:`Pause`, :class:`Resume`,
-          :class:`SetSpeed` (one per serving node, equal ``at_ct`` for a
-          stream-wide change), :class:`SendProbe`.
+Events and actions: :mod:`.events`.  One stream: :class:`StreamPlayer` (here);
+several on one clock: :class:`~.presentation.Presentation`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import attrs
 
 from ..schedule import PAYLOAD
 from .buffer import Buffered, PlayoutBuffer
+from .events import (
+    Action,
+    Deliver,
+    PacketArrived,
+    Pause,
+    ProbeAnswered,
+    RequestHandover,
+    Resume,
+    SendNack,
+    SendProbe,
+    SetSpeed,
+)
 from .flow import (
     BandsConfig,
     DeltaP,
@@ -33,114 +42,6 @@ from .flow import (
     TrimConfig,
 )
 from .retransmit import RetransmitConfig, Retransmitter
-from .sync import SkewMeter, SyncConfig, SyncController
-
-# --- events ------------------------------------------------------------------------
-
-
-@attrs.frozen
-class PacketArrived:
-    """One RTP packet (first transmission or retransmission) as the shell decoded it.
-
-    ``gseq`` is already extended past 16 bits (:func:`.seq.extend_seq`).
-    """
-
-    stream: str
-    node: int
-    gseq: int
-    node_seq: int
-    media_time: float
-    size: int
-    retransmission: bool = False
-    payload: bytes = b""
-
-
-@attrs.frozen
-class ProbeAnswered:
-    """The answer to :class:`SendProbe` ``token`` came back from ``node``."""
-
-    stream: str
-    node: int
-    token: int
-
-
-# --- actions -----------------------------------------------------------------------
-
-
-@attrs.frozen
-class Deliver:
-    """Hand one packet to the decoder (in global order, at its playout instant)."""
-
-    stream: str
-    gseq: int
-    media_time: float
-    payload: bytes
-
-
-@attrs.frozen
-class SendNack:
-    """Ask ``node`` (only) to resend its packets ``node_seqs`` (RTCP Generic NACK)."""
-
-    stream: str
-    node: int
-    node_seqs: tuple[int, ...]
-
-
-@attrs.frozen
-class Pause:
-    """Pause-resume: ``node`` stops this stream's schedule at cluster time ``at_ct``.
-
-    Every node gets the same ``at_ct``, so all stop at the same media position
-    of the common schedule (a node whose packets were due later simply has
-    not sent them yet).
-    """
-
-    stream: str
-    node: int
-    at_ct: float
-
-
-@attrs.frozen
-class Resume:
-    """Pause-resume: the schedule restarts at cluster time ``at_ct`` where it was stopped."""
-
-    stream: str
-    node: int
-    at_ct: float
-
-
-@attrs.frozen
-class SetSpeed:
-    """Delta p: ``node`` delivers at ``speed`` x real time from cluster time ``at_ct`` on."""
-
-    stream: str
-    node: int
-    speed: float
-    at_ct: float
-
-
-@attrs.frozen
-class SendProbe:
-    """Measure the round trip to ``node`` (answered by :class:`ProbeAnswered`)."""
-
-    stream: str
-    node: int
-    token: int
-
-
-@attrs.frozen
-class RequestHandover:
-    """Packets of ``node`` are overdue and it is silent (``node`` -1: owner unknown, the
-    whole stream is silent): ask the stream's other nodes to serve the share holding
-    global packet ``gseq`` from there on (YIMA HANDOVER, docs/wire.md)."""
-
-    stream: str
-    node: int
-    gseq: int
-
-
-Action = Deliver | SendNack | Pause | Resume | SetSpeed | SendProbe | RequestHandover
-
 
 # --- configuration -----------------------------------------------------------------
 
@@ -541,121 +442,3 @@ class StreamPlayer:
         low = self.buffer.next_gseq // ppb - 1
         for b in [b for b in self._block_ref if b < low]:
             del self._block_ref[b]
-
-
-# --- a presentation of several streams ---------------------------------------------
-
-
-class Presentation:
-    """Several streams started at one cluster instant and played against one clock."""
-
-    def __init__(
-        self,
-        players: Sequence[StreamPlayer],
-        sync: SyncConfig | None = None,
-        sync_interval: float = 0.5,
-        coarse_sync: bool = True,
-    ) -> None:
-        starts = {p.playout_start for p in players}
-        if len(starts) != 1:
-            raise ValueError("streams of a presentation share one playout clock")
-        self.players = {p.stream: p for p in players}
-        self.sync = SyncController(sync)
-        self.skew = SkewMeter()
-        self.sync_interval = sync_interval
-        self.coarse_sync = coarse_sync
-        self.max_level_spread = 0.0
-        self.playout_start = starts.pop()
-        self._next_sync = self.playout_start
-        self._now = 0.0
-
-    def start(self, now: float) -> list[Action]:
-        """Start every stream."""
-        return [a for p in self.players.values() for a in p.start(now)]
-
-    def receive(self, event: PacketArrived | ProbeAnswered, now: float) -> list[Action]:
-        """Route one event to its stream."""
-        player = self.players.get(event.stream)
-        if player is None:
-            return []
-        out = player.receive(event, now)
-        self._now = now
-        self._measure()
-        return out
-
-    def handle_timer(self, now: float) -> list[Action]:
-        """Timers of every stream, then coarse synchronisation."""
-        out: list[Action] = []
-        for p in self.players.values():
-            out.extend(p.handle_timer(now))
-        self._now = now
-        self._measure()
-        if len(self.players) > 1 and now >= self._next_sync:
-            self._next_sync = now + self.sync_interval
-            levels = {sid: p.buffer.level_seconds(now) for sid, p in self.players.items()}
-            if now >= self.playout_start + self.sync_interval and not self.done:
-                spread = max(levels.values()) - min(levels.values())
-                self.max_level_spread = max(self.max_level_spread, spread)
-            if self.coarse_sync:
-                for sid, trim in self.sync.update(levels).items():
-                    out.extend(self.players[sid].set_sync_trim(trim, now))
-        return out
-
-    def get_timer(self, now: float) -> float | None:
-        """The earliest timer over all streams."""
-        times = [t for p in self.players.values() if (t := p.get_timer(now)) is not None]
-        if len(self.players) > 1 and times:
-            times.append(self._next_sync)
-        return min(times, default=None)
-
-    @property
-    def done(self) -> bool:
-        """True once every stream has been played to its end."""
-        return all(p.buffer.done for p in self.players.values())
-
-    def finish(self) -> None:
-        """End the session."""
-        for p in self.players.values():
-            p.finish()
-
-    def _measure(self) -> None:
-        self.skew.sample({sid: p.buffer.presented_mt(self._now) for sid, p in self.players.items()})
-
-    def stats(self) -> dict[str, Any]:
-        """CONTRACT §3 stats over all streams, with per-stream detail under ``streams``."""
-        per = {sid: p.stats() for sid, p in self.players.items()}
-        out: dict[str, Any] = {}
-        for key in (
-            "packets_expected",
-            "packets_received",
-            "packets_dropped_simulated",
-            "nacks_sent",
-            "nack_messages",
-            "nacks_given_up_late",
-            "retransmissions_received",
-            "packets_missing_at_playout",
-            "late_packets",
-            "duplicates",
-            "underflows",
-            "speed_changes",
-            "pauses",
-            "band_changes",
-        ):
-            out[key] = sum(s[key] for s in per.values())
-        out["max_sync_skew_ms"] = round(self.skew.max_skew * 1000, 3)
-        out["mean_sync_skew_ms"] = round(self.skew.mean_skew * 1000, 3)
-        out["max_level_spread_s"] = round(self.max_level_spread, 4)
-        out["nodes_seen"] = sorted({n for s in per.values() for n in s["nodes_seen"]})
-        out["buffer_levels"] = _sum_levels([s["buffer_levels"] for s in per.values()])
-        out["streams"] = {
-            sid: {k: v for k, v in s.items() if k != "buffer_levels"} for sid, s in per.items()
-        }
-        return out
-
-
-def _sum_levels(series: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
-    """Add per-stream [t, bytes] samples taken at (about) the same instants."""
-    if len(series) == 1:
-        return [list(x) for x in series[0]]
-    n = min((len(s) for s in series), default=0)
-    return [[series[0][i][0], sum(s[i][1] for s in series)] for i in range(n)]

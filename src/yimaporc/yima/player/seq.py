@@ -1,12 +1,12 @@
 """The player's view of RTP sequence numbers: extended to unbounded ones per source.
 
-The RFC 1982 arithmetic itself is :mod:`yimaporc.yima.rtp`'s (one implementation for
+The RFC 1982 arithmetic itself is :mod:`yimaporc.rtp`'s (one implementation for
 the server and the player).
 """
 
 from __future__ import annotations
 
-from ..rtp import SEQ_MOD, seq_lt, unwrap_seq
+from ...rtp import SEQ_MOD, seq_lt, unwrap_seq
 
 __all__ = ["SeqExtender", "extend_seq", "seq_lt"]
 
