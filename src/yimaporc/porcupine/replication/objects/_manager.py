@@ -9,11 +9,10 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
-from zope.interface import implementer
 
+from ..._passthrough import PassThroughMailboxes
 from ...fragments import MailboxManager
-from ...interfaces import ILocalMailboxes
-from ...values import PENDING, Digest, MailboxInfo, NewMessage
+from ...values import PENDING, Digest, NewMessage
 from .._values import Update
 from ..shell import ReplicationService
 from ._ids import (
@@ -29,8 +28,7 @@ from ._ids import (
 from ._store import ReplicaObjectStore
 
 
-@implementer(ILocalMailboxes)
-class ReplicatedMailboxManager:
+class ReplicatedMailboxManager(PassThroughMailboxes):
     """A node's :class:`MailboxManager` whose replicated messages go through the log.
 
     ``store_replicated`` is the delivery path for users with replicas; flag
@@ -49,81 +47,17 @@ class ReplicatedMailboxManager:
         replication: ReplicationService,
         run: Callable[..., Deferred[Any]],
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
+        self.inner: MailboxManager = inner
         self.objects = objects
         self.replication = replication
         self.run = run
-        self.node_id = inner.node_id
         #: Replicated deliveries with a fenced UID, and those the fence check stored
         #: unnumbered at the coordinator (stale fence, lapsed lease, late UID).
         self.fenced_stores = 0
         self.fenced_refused = 0
 
-    # --- passed through unchanged ----------------------------------------------------
-
-    def store(self, messages: Sequence[NewMessage]) -> Deferred[list[Digest]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.store(messages)
-
-    def mailboxes(self, user: str) -> Deferred[list[MailboxInfo]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.mailboxes(user)
-
-    def create_mailbox(self, user: str, name: str) -> Deferred[MailboxInfo]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.create_mailbox(user, name)
-
-    def delete_mailbox(self, user: str, name: str) -> Deferred[None]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.delete_mailbox(user, name)
-
-    def rename_mailbox(self, user: str, old: str, new: str) -> Deferred[None]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.rename_mailbox(user, old, new)
-
-    def subscribe(self, user: str, name: str, subscribed: bool) -> Deferred[None]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.subscribe(user, name, subscribed)
-
-    def digests(self, user: str, mailbox: str) -> Deferred[list[Digest]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.digests(user, mailbox)
-
-    def view(
-        self, user: str, mailbox: str
-    ) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.view(user, mailbox)
-
-    def remove_user(self, user: str) -> Deferred[None]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.remove_user(user)
-
-    def users_in_bucket(self, bucket: int) -> Deferred[list[str]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.users_in_bucket(bucket)
-
-    def demote(self, user: str, mailbox: str, uid: int, key: str) -> Deferred[bool]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.demote(user, mailbox, uid, key)
-
-    def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
-        """See :class:`ILocalMailboxes`."""
-        return self.inner.shown(user, marks)
-
-    def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.fetch(user, mailbox, uids)
-
-    def copy(
-        self, user: str, mailbox: str, uids: Sequence[int], dest: str
-    ) -> Deferred[list[Digest]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.copy(user, mailbox, uids, dest)
-
-    def tombstones(self, user: str, mailbox: str) -> Deferred[dict[int, int]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.tombstones(user, mailbox)
+    # --- the wrapped manager's own hooks ---------------------------------------------
 
     def on_change(self, listener: Callable[[str, str], None]) -> None:
         """See :meth:`MailboxManager.on_change`."""

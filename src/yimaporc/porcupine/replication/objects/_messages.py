@@ -4,10 +4,9 @@ and tombstones applied in place (blocking)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
+from ...fragments import write_file
 from ...usermap import bucket_of
 from ...values import PENDING, Digest, MailboxExists, NewMessage, NoSuchMailbox
 from .._values import Timestamp, Update
@@ -25,18 +24,6 @@ from ._versions import ObjectVersions
 
 #: A batched message update: ``(update, user, rid, mailbox, object, (mailbox, uid) here)``.
 _Item = tuple[Update, str, str, str, "MessageObject", list[tuple[str, int]]]
-
-
-def _write_file(path: Path, data: bytes, sync: bool = True) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MessageObjects(ObjectVersions):
@@ -75,7 +62,7 @@ class MessageObjects(ObjectVersions):
             self._put(Update(update.object_id, update.timestamp, None), user, mailbox, rid, ())
             return
         elif obj.uid == PENDING and not self._numbers_here(obj):
-            _write_file(fs.tmp / key, obj.data)
+            write_file(fs.tmp / key, obj.data, sync=True)
             fs.hold(NewMessage(user, mailbox, obj.data, obj.flags, obj.internal_date), key)
         elif obj.uid > 0 and fs.is_held(user, key):
             if not fs.promote(user, key, obj.uid):
@@ -120,7 +107,7 @@ class MessageObjects(ObjectVersions):
         if fresh:
             for item in fresh:
                 # no fsync each: the group commit's barriers make them durable
-                _write_file(fs.tmp / key_of(item[2]), item[4].data, sync=False)
+                write_file(fs.tmp / key_of(item[2]), item[4].data, sync=False)
             got = fs.commit_group(
                 [
                     (NewMessage(u, m, o.data, o.flags, o.internal_date, o.uid), key_of(r))
@@ -211,7 +198,7 @@ class MessageObjects(ObjectVersions):
         message (a re-target) finds the row and answers it."""
         key = key_of(rid)
         for attempt in range(2):
-            _write_file(self.fragments.tmp / key, message.body, sync=False)  # the barrier
+            write_file(self.fragments.tmp / key, message.body, sync=False)  # the barrier
             got = self.fragments.commit_bucket(bucket_of(message.user), [(message, key)])[0]
             if not isinstance(got, NoSuchMailbox):
                 return got
@@ -227,7 +214,7 @@ class MessageObjects(ObjectVersions):
         key = key_of(rid)
         msg = NewMessage(user, mailbox, obj.data, obj.flags, obj.internal_date, obj.uid)
         for attempt in range(2):
-            _write_file(fs.tmp / key, obj.data, sync=False)  # commit_bucket's barrier
+            write_file(fs.tmp / key, obj.data, sync=False)  # commit_bucket's barrier
             got = fs.commit_bucket(bucket_of(user), [(msg, key)])[0]
             if not isinstance(got, NoSuchMailbox):
                 return
