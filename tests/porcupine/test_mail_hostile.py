@@ -33,7 +33,7 @@ from yimaporc.porcupine.imap_backend import (
 )
 from yimaporc.porcupine.imap_server import PorcupineImapFactory
 from yimaporc.porcupine.profiledb import ProfileDB
-from yimaporc.porcupine.retrieval import UserMail
+from yimaporc.porcupine.retrieval import HomeOnly, SingleCopies, UserMail
 from yimaporc.porcupine.users import UserManager
 from yimaporc.porcupine.values import INBOX, NewMessage
 from yimaporc.testing.pytest_plugin import LoggedFailures
@@ -102,7 +102,9 @@ class Mail:
         result_of(self.users.add_fragment(ALICE, "n1"))
 
     def usermail(self) -> UserMail:
-        return UserMail(ALICE, "n1", self.users, lambda n: self.manager)  # type: ignore[arg-type,return-value]
+        return UserMail(
+            ALICE, "n1", self.users, lambda n: self.manager, HomeOnly("n1"), SingleCopies()
+        )  # type: ignore[arg-type,return-value]
 
     def login(self, creds: Any, mind: Any, *ifaces: Any) -> Deferred[Any]:
         """The portal: any password opens alice's mail."""
@@ -521,7 +523,7 @@ def pop3(m: Mail, logged_in: bool) -> tuple[MailPOP3, StringTransport]:
     t = StringTransport()
     p.makeConnection(t)
     if logged_in:
-        mail = UserMail(ALICE, "n1", m.users, lambda n: m.manager)  # type: ignore[arg-type,return-value]
+        mail = UserMail(ALICE, "n1", m.users, lambda n: m.manager, HomeOnly("n1"), SingleCopies())  # type: ignore[arg-type,return-value]
         p.mbox = Pop3Mailbox(mail, 1, result_of(mail.digests(INBOX)))
     t.clear()
     return p, t

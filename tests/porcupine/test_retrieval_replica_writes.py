@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, succeed
 
-from yimaporc.porcupine.retrieval import Fragmented, UserMail
+from yimaporc.porcupine.retrieval import Fragmented, SingleCopies, UserMail
 from yimaporc.porcupine.values import (
     INBOX,
     PENDING,
@@ -122,7 +122,7 @@ def setup(replicas: int, first_uid: int = 40) -> tuple[UserMail, dict[str, Box],
     users = Users(replicas, first_uid)
     replica = Replica()
     layout = Fragmented(lambda a: "n1", replica=replica)
-    mail = UserMail(USER, "n1", users, lambda n: boxes[n], layout)  # type: ignore[arg-type]
+    mail = UserMail(USER, "n1", users, lambda n: boxes[n], layout, SingleCopies())  # type: ignore[arg-type]
     return mail, boxes, replica, users
 
 

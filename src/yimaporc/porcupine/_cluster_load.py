@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from zope.interface import implementer
 
+from ._passthrough import PassThroughMailboxes
 from .balancer import load_figure
 from .interfaces import ILoadBalancer, ILocalMailboxes
-from .values import Digest, MailboxInfo, NewMessage
+from .values import Digest, NewMessage
 
 #: Peers each node swaps load figures with per ``load_interval`` (random ones), so
 #: the exchange costs the same per node whatever the cluster's size.
@@ -104,21 +104,20 @@ class NodeLoad:
             )
 
 
-@implementer(ILocalMailboxes)
-class CountingMailboxes:
+class CountingMailboxes(PassThroughMailboxes):
     """This node's mailbox manager, counting stores in progress (the load figure)."""
 
     def __init__(self, inner: ILocalMailboxes, meter: NodeLoad) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.meter = meter
-        self.node_id = inner.node_id
 
     def store(self, messages: Sequence[NewMessage]) -> Deferred[list[Digest]]:
         """Store, counting it in :attr:`NodeLoad.inflight`."""
         return self.meter.track(lambda: self.inner.store(messages))
 
     # Retrievals, deletions and flag changes are disk work too (seed §5's load):
-    # counted like stores while they run.
+    # counted like stores while they run.  Everything else (the tree, listings,
+    # expunge tombstones) passes through uncounted.
 
     def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
         """Read bodies, counted in the load."""
@@ -138,10 +137,6 @@ class CountingMailboxes:
             lambda: self.inner.set_flags(user, mailbox, uids, flags, mode, unchanged_since)
         )
 
-    def tombstones(self, user: str, mailbox: str) -> Deferred[dict[int, int]]:
-        """Expunges remembered (a read: not counted in the load)."""
-        return self.inner.tombstones(user, mailbox)
-
     def delete(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[list[int]]:
         """Delete messages, counted in the load."""
         return self.meter.track(lambda: self.inner.delete(user, mailbox, uids))
@@ -151,57 +146,3 @@ class CountingMailboxes:
     ) -> Deferred[list[Digest]]:
         """Copy messages, counted in the load."""
         return self.meter.track(lambda: self.inner.copy(user, mailbox, uids, dest))
-
-    # --- passed through unchanged ----------------------------------------------------
-
-    def mailboxes(self, user: str) -> Deferred[list[MailboxInfo]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.mailboxes(user)
-
-    def create_mailbox(self, user: str, name: str) -> Deferred[MailboxInfo]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.create_mailbox(user, name)
-
-    def delete_mailbox(self, user: str, name: str) -> Deferred[None]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.delete_mailbox(user, name)
-
-    def rename_mailbox(self, user: str, old: str, new: str) -> Deferred[None]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.rename_mailbox(user, old, new)
-
-    def subscribe(self, user: str, name: str, subscribed: bool) -> Deferred[None]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.subscribe(user, name, subscribed)
-
-    def digests(self, user: str, mailbox: str) -> Deferred[list[Digest]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.digests(user, mailbox)
-
-    def view(
-        self, user: str, mailbox: str
-    ) -> Deferred[tuple[list[MailboxInfo], list[Digest] | None]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.view(user, mailbox)
-
-    def remove_user(self, user: str) -> Deferred[None]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.remove_user(user)
-
-    def users_in_bucket(self, bucket: int) -> Deferred[list[str]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.users_in_bucket(bucket)
-
-    def demote(self, user: str, mailbox: str, uid: int, key: str) -> Deferred[bool]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.demote(user, mailbox, uid, key)
-
-    def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
-        """See :class:`ILocalMailboxes`."""
-        return self.inner.shown(user, marks)
-
-    def number_pending(
-        self, user: str, fence: str, first: int, count: int
-    ) -> Deferred[tuple[int, int, int]]:
-        """See :class:`IMailboxManager`."""
-        return self.inner.number_pending(user, fence, first, count)

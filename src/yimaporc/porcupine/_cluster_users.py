@@ -54,7 +54,7 @@ from .values import (
     PENDING,
 )
 
-# The decisions live in the sans-IO core (reconstruct.py); this is its Twisted shell.
+# The decisions live in the sans-IO core (the reconstruct package); this is its Twisted shell.
 #: One bucket's reconstruction hint as it travels (:meth:`BucketHint.encode`):
 #: ``[bucket, epoch, [[user, has_mail, uidnext, unnumbered]...], [Record...], mark,
 #: [[user, node]...]]``.

@@ -44,8 +44,8 @@ and forms the groups: a store arriving with no group in flight is committed at
 once (no fixed wait), stores arriving meanwhile form the next group.
 """
 
-from ._buckets import BODY_SUFFIX, mailbox_name
+from ._buckets import BODY_SUFFIX, mailbox_name, write_file
 from ._manager import MailboxManager
 from ._store import FragmentStore
 
-__all__ = ["BODY_SUFFIX", "FragmentStore", "MailboxManager", "mailbox_name"]
+__all__ = ["BODY_SUFFIX", "FragmentStore", "MailboxManager", "mailbox_name", "write_file"]

@@ -69,6 +69,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_file(path: Path, data: bytes, *, sync: bool, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path``, created (``exclusive``: never an existing file) or
+    truncated, mode 0600, and fsynced if ``sync``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _read_file(path: Path) -> bytes:
     """The whole file, read into one buffer of its ``fstat`` size (no growing buffer,
     no second copy unless the file grew meanwhile)."""
@@ -233,15 +247,7 @@ class BucketFiles:
         """Phase 1 of a store: write ``tmp/<key>`` (fsynced unless ``sync`` is
         False: a group commit's barrier makes it durable); returns the key."""
         key = uuid.uuid4().hex + BODY_SUFFIX
-        fd = os.open(self.tmp / key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view) :]
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_file(self.tmp / key, body, sync=sync, exclusive=True)
         return key
 
     def discard(self, keys: Iterable[str]) -> None:

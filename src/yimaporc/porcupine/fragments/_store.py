@@ -18,7 +18,7 @@ from ..values import (
     NewMessage,
     NoSuchMailbox,
 )
-from ._buckets import BODY_SUFFIX, mailbox_name
+from ._buckets import BODY_SUFFIX, mailbox_name, write_file
 from ._numbering import Numbering
 
 
@@ -467,11 +467,5 @@ class FragmentStore(Numbering):
             except FileNotFoundError:
                 pass
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.tmp / e.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                view = memoryview(e.body)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
+            write_file(self.tmp / e.key, e.body, sync=False)
             os.rename(self.tmp / e.key, path)

@@ -14,8 +14,6 @@ from twisted.logger import Logger
 from ..interfaces import IMailboxManager, IUserManager
 from ..reconstruct import Horizon
 from ..values import PENDING, Digest, MailboxInfo, NewMessage, Profile
-from ._copies import SingleCopies
-from ._home import HomeOnly
 from .interfaces import ICopyPolicy, IMailLayout
 
 __all__ = ["UserMail", "nth_uid"]
@@ -32,17 +30,17 @@ class UserMail:
         home: str,
         users: IUserManager,
         mailboxes: Callable[[str], IMailboxManager],
-        layout: IMailLayout | None = None,
-        copy_policy: ICopyPolicy | None = None,
+        layout: IMailLayout,
+        copy_policy: ICopyPolicy,
     ) -> None:
         self.address = address
         self.home = home
         self.users = users
         self.managers = mailboxes
         #: Where the mail is (:class:`~.HomeOnly`: this node alone).
-        self.layout: IMailLayout = layout if layout is not None else HomeOnly()
+        self.layout = layout
         #: How many copies a message has (:class:`~.SingleCopies`: one).
-        self.copy_policy: ICopyPolicy = copy_policy if copy_policy is not None else SingleCopies()
+        self.copy_policy = copy_policy
         #: (mailbox, uid) -> further nodes holding a copy under the same UID
         self.twins: dict[tuple[str, int], list[str]] = {}
         #: With a clock, the fragment list is reused for ``fragments_ttl`` seconds
