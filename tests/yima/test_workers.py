@@ -13,6 +13,7 @@ from twisted.protocols import amp
 from twisted.python.usage import UsageError
 
 from yimaporc.tap.yima import Options, yima_config
+from yimaporc.yima.node import YimaConfig
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, Packet
 from yimaporc.yima.streaming import Destination
 from yimaporc.yima.workers import (
@@ -244,18 +245,23 @@ def test_worker_control_rejects_unknown_actions_before_forwarding() -> None:
     assert [c for c, _ in w0.calls if c is WorkerControl] == []
 
 
-def test_workers_option_defaults_to_in_process_and_is_checked(tmp_path: Path) -> None:
-    """--workers defaults to 1 (in-process); auto is one per core this process may use;
-    0..256; else a usage error."""
+def test_workers_option_defaults_to_the_cores_and_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers defaults to auto: one per core this process may use, at most 8 (1 on a
+    single core: in process); 0..256; else a usage error."""
     base = ["--node-id", "y1", "--data-dir", str(tmp_path),
             "--cluster", "tcp:17946:interface=127.0.147.1"]  # fmt: skip
     o = Options()
     o.parseOptions(base)
-    assert yima_config(o).workers == 1
-    o = Options()
-    o.parseOptions([*base, "--workers", "auto"])
-    assert o["workers_n"] == default_workers() == len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
+    assert o["workers_n"] == default_workers() == min(8, cores)
     assert yima_config(o).workers == default_workers()
+    assert YimaConfig(node=yima_config(o).node, secret=b"k").workers == default_workers()
+    for affinity, expected in ((1, 1), (2, 2), (6, 6), (64, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=affinity: set(range(n)))
+        assert default_workers() == expected
+    monkeypatch.undo()
     o = Options()
     o.parseOptions([*base, "--workers", "0"])
     assert yima_config(o).workers == 0

@@ -1,7 +1,8 @@
 """One delivery worker process (see :mod:`.workers`): ``python -m yimaporc.yima._workerproc``.
 
 stdin/stdout carry AMP with the node's main process, stderr its log; fd 3 is the
-node's RTP socket, which it only sends on.  It runs a :class:`StreamingNode` with
+node's RTP socket, which it only sends on; fd 4 (when the setup says so) is the
+shared :class:`~.workerboard.Board` its counters and sessions are published on.  It runs a :class:`StreamingNode` with
 the same header template and send path as the main process's, so a session's
 packets are byte for byte what the in-process path sends.
 """
@@ -20,15 +21,18 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from .deliverystats import DeliveryStats
 from .feedback import mark_retransmission
 from .rtp import PT_MP2T, RtpHeaderTemplate
 from .schedule import MediaTiming, Packet
 from .sendpath import DatagramSender
 from .streaming import Destination, StreamingNode
+from .workerboard import Board, BoardRow, session_key
 from .workers import (
     STATE_PAGE,
     WorkerBlockPath,
     WorkerBlockSpool,
+    WorkerClock,
     WorkerControl,
     WorkerNack,
     WorkerSetup,
@@ -38,6 +42,7 @@ from .workers import (
 )
 
 DATA_FD = 3
+BOARD_FD = 4
 
 
 class BlockMissingHere(Exception):
@@ -65,6 +70,22 @@ def read_spool(path: str) -> bytes:
         p.unlink(missing_ok=True)
 
 
+class _TrackedStats(DeliveryStats):
+    """DeliveryStats that note which sessions sent (their board rows are rewritten)."""
+
+    def __init__(self, dirty: set[str]) -> None:
+        super().__init__()
+        self.dirty = dirty
+
+    def sent(self, session: str, nbytes: int, lateness: float) -> None:
+        self.dirty.add(session)
+        super().sent(session, nbytes, lateness)
+
+    def sent_run(self, session: str, packets: int, nbytes: int, late: int, max_late: float) -> None:
+        self.dirty.add(session)
+        super().sent_run(session, packets, nbytes, late, max_late)
+
+
 class WorkerDelivery(amp.CommandLocator):
     """The worker's side of the channel: sessions served by one :class:`StreamingNode`."""
 
@@ -82,6 +103,10 @@ class WorkerDelivery(amp.CommandLocator):
         self.generations: dict[str, int] = {}
         self.spooled = 0
         self._templates: dict[tuple[int, int], RtpHeaderTemplate] = {}
+        #: The shared board (None: the main process reads counters by WorkerState only).
+        self.board: Board | None = None
+        self._dirty: set[str] = set()
+        self._keys: dict[str, int] = {}
 
     def cluster_time(self) -> float:
         """The cluster clock: this host's clock plus the main process's offset."""
@@ -127,9 +152,17 @@ class WorkerDelivery(amp.CommandLocator):
 
     @WorkerSetup.responder
     def setup(
-        self, index: int, send_path: str, send_ahead: float, cache_bytes: int, offset: float
+        self,
+        index: int,
+        send_path: str,
+        send_ahead: float,
+        cache_bytes: int,
+        offset: float,
+        board_rows: int | None = None,
     ) -> dict[str, Any]:
         self.offset = offset
+        if board_rows and self.board is None:
+            self.board = Board(BOARD_FD, board_rows)
         self.sender = sender = DatagramSender(self.sock, send_path)
         self.node = StreamingNode(
             self.reactor,
@@ -145,7 +178,59 @@ class WorkerDelivery(amp.CommandLocator):
             send_ahead=send_ahead,
             cache_bytes=cache_bytes,
         )
+        self.node.engine.stats = _TrackedStats(self._dirty)
+        self.node.engine.after_tick = self.publish
+        self.publish()
         return {"pid": os.getpid(), "path": sender.path}
+
+    # --- the board ---------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """The worker's monotonic counters (workerboard.COUNTERS)."""
+        node, snd = self.node, self.sender
+        if node is None:
+            return {}
+        engine = node.engine
+        out = {
+            "packets_sent": engine.sent,
+            "bytes_sent": engine.sent_bytes,
+            "block_reads": engine.block_reads,
+            "block_read_bytes": engine.block_read_bytes,
+            "block_read_errors": engine.read_errors,
+            "late_waits": node.scheduler.late_waits,
+            "late_packets": engine.stats.late_packets,
+            "cache_hits": engine.stats.cache_hits,
+            "resent": node.resent,
+            "spooled": self.spooled,
+        }
+        if snd is not None:
+            out.update(datagrams=snd.datagrams, syscalls=snd.syscalls, dropped=snd.dropped,
+                       eagain=snd.eagain, errors=snd.errors)  # fmt: skip
+        return out
+
+    def publish(self) -> None:
+        """Write the counters and the changed sessions' rows to the board."""
+        board, node = self.board, self.node
+        if board is None or node is None:
+            self._dirty.clear()
+            return
+        sessions, stats = node.scheduler.sessions, node.engine.stats.sessions
+        rows = []
+        for sid in self._dirty:
+            s = sessions.get(sid)
+            if s is None:
+                continue
+            st = stats.get(sid)
+            key = self._keys.get(sid)
+            if key is None:
+                key = self._keys[sid] = session_key(sid)
+            rows.append((sid, BoardRow(
+                key, self.generations.get(sid, 0) & 0xFFFFFFFF, s.cursor_block,
+                s.cursor_packet, s.node_seq, st.packets if st else 0, st.bytes if st else 0,
+                st.late_packets if st else 0, st.max_late if st else 0.0,
+            )))  # fmt: skip
+        self._dirty.clear()
+        board.publish(self.counters(), rows)
 
     @WorkerStart.responder
     def start(self, session: str, generation: int, media: str, size: int, block_size: int,
@@ -173,6 +258,7 @@ class WorkerDelivery(amp.CommandLocator):
         s = node.scheduler.add(session, timing, blocks, start_ct, start_mt)
         if state is not None:
             apply_state(s, state)
+        self._dirty.add(session)
         node.engine.poke()
         return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}
 
@@ -182,14 +268,26 @@ class WorkerDelivery(amp.CommandLocator):
     ) -> dict[str, Any]:
         assert self.node is not None
         self.offset = offset
+        answer = self.node.control(session, action, at, value)
         if action == "stop":
             self.generations.pop(session, None)
-        return self.node.control(session, action, at, value)
+            self._keys.pop(session, None)
+            self._dirty.discard(session)
+            if self.board is not None:
+                self.board.forget(session)
+        return answer
+
+    @WorkerClock.responder
+    def clock(self, offset: float) -> dict[str, Any]:
+        self.offset = offset
+        return {}
 
     @WorkerNack.responder
     def nack(self, session: str, node_seqs: list[int], gseqs: list[int] | None = None) -> Any:
         assert self.node is not None
-        return self.node.nack(session, node_seqs, gseqs)
+        answer = self.node.nack(session, node_seqs, gseqs)
+        self.publish()
+        return answer
 
     @WorkerState.responder
     def state(self, start: int, offset: float) -> dict[str, Any]:
@@ -207,22 +305,7 @@ class WorkerDelivery(amp.CommandLocator):
             for sid in names
         ]  # fmt: skip
         nxt = start + STATE_PAGE if start + STATE_PAGE < len(sessions) else -1
-        engine, snd = node.engine, self.sender
-        counters = {
-            "packets_sent": engine.sent,
-            "bytes_sent": engine.sent_bytes,
-            "block_reads": engine.block_reads,
-            "block_read_bytes": engine.block_read_bytes,
-            "block_read_errors": engine.read_errors,
-            "late_waits": node.scheduler.late_waits,
-            "late_packets": engine.stats.late_packets,
-            "cache_hits": engine.stats.cache_hits,
-            "resent": node.resent,
-            "spooled": self.spooled,
-        }
-        if snd is not None:
-            counters.update(datagrams=snd.datagrams, syscalls=snd.syscalls, dropped=snd.dropped,
-                            eagain=snd.eagain, errors=snd.errors)  # fmt: skip
+        counters = self.counters()
         return {
             "sessions": rows,
             "next": nxt,

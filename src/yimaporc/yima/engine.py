@@ -96,6 +96,8 @@ class DeliveryEngine:
         self.block_read_bytes = 0
         #: Late packets, per-session rates and block-cache hits (for operators).
         self.stats = DeliveryStats()
+        #: Called at the end of every tick (a delivery worker publishes its counters).
+        self.after_tick: Callable[[], object] | None = None
 
     def poke(self) -> None:
         """Re-plan now (a session was added, paused, resumed or changed)."""
@@ -124,6 +126,8 @@ class DeliveryEngine:
         else:
             self._send_packets(now)
         self._reschedule(now)
+        if self.after_tick is not None:
+            self.after_tick()
 
     def _send_packets(self, now: float) -> None:
         sessions, cache = self.scheduler.sessions, self.cache
