@@ -185,17 +185,13 @@ class Board:
     def read(self) -> tuple[dict[str, int], dict[int, BoardRow]]:
         """A consistent copy: the counters, and the rows by session key."""
         mm = self.mm
-        raw = b""
+        # A writer that never finishes (it died mid-write): the last copy is taken.
         for _ in range(_READ_TRIES):
             (seq,) = _SEQ.unpack_from(mm, 0)
-            if seq & 1:
-                continue
             used = min(self.rows, _USED.unpack_from(mm, _USED_AT)[0])
             raw = mm[: _HEADER.size + used * _ROW.size]
-            if _SEQ.unpack_from(mm, 0)[0] == seq:
+            if not seq & 1 and _SEQ.unpack_from(mm, 0)[0] == seq:
                 break
-        else:  # a writer that never finishes (it died mid-write): the last copy
-            raw = raw or mm[: _HEADER.size]
         head = _HEADER.unpack_from(raw, 0)
         counters = dict(zip(COUNTERS, head[1:-1], strict=True))
         rows: dict[int, BoardRow] = {}

@@ -363,14 +363,6 @@ class _Worker(protocol.ProcessProtocol):
             return fail(RuntimeError(f"worker {self.index} is gone"))
         return self.amp.callRemote(command, **kwargs)  # type: ignore[no-any-return]
 
-    def read_board(self) -> tuple[dict[str, int], dict[int, BoardRow]] | None:
-        """The board's counters and rows now (None: no board); the counters are kept."""
-        if self.board is None:
-            return None
-        counters, rows = self.board.read()
-        self.counters = counters
-        return counters, rows
-
 
 class _MainResponder(amp.CommandLocator):
     """What the main process answers its workers."""
@@ -511,9 +503,9 @@ class WorkerPool:
             return
         self.deaths += 1
         # The board survives its writer: the very last counters and cursors.
-        got = w.read_board()
-        if got is not None and self.on_board is not None:
-            self.on_board(w, got[1])
+        rows = self._read(w)
+        if rows is not None and self.on_board is not None:
+            self.on_board(w, rows)
         if w.board is not None:
             w.board.close()
             w.board = None
@@ -587,18 +579,25 @@ class WorkerPool:
     def refresh(self) -> None:
         """Read every worker's board now: counters kept, rows to ``on_board``."""
         for w in self.workers:
-            if w.dead or getattr(w, "board", None) is None:
-                continue
-            got = w.read_board()
-            if got is not None and self.on_board is not None:
-                self.on_board(w, got[1])
+            rows = None if w.dead else self._read(w)
+            if rows is not None and self.on_board is not None:
+                self.on_board(w, rows)
 
-    def counters(self) -> dict[str, int]:
-        """The workers' counters now (the dead ones' included), summed."""
+    def _read(self, w: _Worker) -> dict[int, BoardRow] | None:
+        """``w``'s board now: its counters kept, its rows (None: no board)."""
+        board = getattr(w, "board", None)
+        if board is None:
+            return None
+        w.counters, rows = board.read()
+        return rows
+
+    def counters(self, fresh: bool = True) -> dict[str, int]:
+        """The workers' counters (the dead ones' included), summed; ``fresh``: read
+        from the boards now (else as last read)."""
         out = dict(self.retired)
         for w in self.workers:
-            if not w.dead and getattr(w, "board", None) is not None:
-                w.read_board()
+            if fresh and not w.dead:
+                self._read(w)
             for k, v in w.counters.items():
                 out[k] = out.get(k, 0) + v
         return out
@@ -843,7 +842,7 @@ class ShardedStreamingNode(StreamingNode):
         """Add the workers' counters and sessions to the node's ``streaming`` status
         (read from their boards now), and their own."""
         self.pool.refresh()
-        c = self.pool.counters()
+        c = self.pool.counters(fresh=False)
         if "running" in streaming:
             merged = [*streaming["running"], *self.running()]
             merged.sort(key=lambda r: (-int(r["bytes"]), str(r["session"])))  # type: ignore[call-overload]
