@@ -32,9 +32,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-import attrs
+from typing import Any, NamedTuple
 
 __all__ = ["COUNTERS", "MAX_ROWS", "Board", "BoardRow", "session_key"]
 
@@ -78,9 +76,8 @@ def board_size(rows: int = MAX_ROWS) -> int:
     return _HEADER.size + rows * _ROW.size
 
 
-@attrs.frozen
-class BoardRow:
-    """One session as its worker last published it."""
+class BoardRow(NamedTuple):
+    """One session as its worker last published it (a tuple: packed as it is)."""
 
     key: int
     generation: int
@@ -144,7 +141,7 @@ class Board:
         for sid, row in rows:
             at = self._slot(sid)
             if at is not None:
-                _ROW.pack_into(mm, _HEADER.size + at * _ROW.size, *attrs.astuple(row))
+                _ROW.pack_into(mm, _HEADER.size + at * _ROW.size, *row)
         values = [int(counters.get(name, 0)) for name in COUNTERS]
         values[-1] = self.overflow
         self._seq += 1
@@ -194,10 +191,8 @@ class Board:
                 break
         head = _HEADER.unpack_from(raw, 0)
         counters = dict(zip(COUNTERS, head[1:-1], strict=True))
-        rows: dict[int, BoardRow] = {}
-        for values in _ROW.iter_unpack(raw[_HEADER.size :]):
-            if values[0]:
-                rows[values[0]] = BoardRow(*values)
+        make = BoardRow._make
+        rows = {v[0]: make(v) for v in _ROW.iter_unpack(raw[_HEADER.size :]) if v[0]}
         return counters, rows
 
 
