@@ -21,7 +21,6 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from .deliverystats import DeliveryStats
 from .feedback import mark_retransmission
 from .rtp import PT_MP2T, RtpHeaderTemplate
 from .schedule import MediaTiming, Packet
@@ -43,6 +42,9 @@ from .workers import (
 
 DATA_FD = 3
 BOARD_FD = 4
+#: After a tick the board is written at most this often (a trailing write follows the
+#: last tick): what the main process reads is at most this far behind.
+PUBLISH_EVERY = 0.05
 
 
 class BlockMissingHere(Exception):
@@ -70,22 +72,6 @@ def read_spool(path: str) -> bytes:
         p.unlink(missing_ok=True)
 
 
-class _TrackedStats(DeliveryStats):
-    """DeliveryStats that note which sessions sent (their board rows are rewritten)."""
-
-    def __init__(self, dirty: set[str]) -> None:
-        super().__init__()
-        self.dirty = dirty
-
-    def sent(self, session: str, nbytes: int, lateness: float) -> None:
-        self.dirty.add(session)
-        super().sent(session, nbytes, lateness)
-
-    def sent_run(self, session: str, packets: int, nbytes: int, late: int, max_late: float) -> None:
-        self.dirty.add(session)
-        super().sent_run(session, packets, nbytes, late, max_late)
-
-
 class WorkerDelivery(amp.CommandLocator):
     """The worker's side of the channel: sessions served by one :class:`StreamingNode`."""
 
@@ -105,8 +91,11 @@ class WorkerDelivery(amp.CommandLocator):
         self._templates: dict[tuple[int, int], RtpHeaderTemplate] = {}
         #: The shared board (None: the main process reads counters by WorkerState only).
         self.board: Board | None = None
-        self._dirty: set[str] = set()
+        #: What was last written of each session (only changed rows are written again).
+        self._written: dict[str, BoardRow] = {}
         self._keys: dict[str, int] = {}
+        self._published_at = float("-inf")
+        self._trailing: Any = None
 
     def cluster_time(self) -> float:
         """The cluster clock: this host's clock plus the main process's offset."""
@@ -178,8 +167,7 @@ class WorkerDelivery(amp.CommandLocator):
             send_ahead=send_ahead,
             cache_bytes=cache_bytes,
         )
-        self.node.engine.stats = _TrackedStats(self._dirty)
-        self.node.engine.after_tick = self.publish
+        self.node.engine.after_tick = self._ticked
         self.publish()
         return {"pid": os.getpid(), "path": sender.path}
 
@@ -208,28 +196,39 @@ class WorkerDelivery(amp.CommandLocator):
                        eagain=snd.eagain, errors=snd.errors)  # fmt: skip
         return out
 
+    def _ticked(self) -> None:
+        """After a tick: publish, or make sure a write follows within PUBLISH_EVERY."""
+        wait = self._published_at + PUBLISH_EVERY - float(self.reactor.seconds())
+        if wait <= 0:
+            self.publish()
+        elif self._trailing is None and self.board is not None:
+            self._trailing = self.reactor.callLater(wait, self.publish)
+
     def publish(self) -> None:
         """Write the counters and the changed sessions' rows to the board."""
+        if self._trailing is not None:
+            if self._trailing.active():
+                self._trailing.cancel()
+            self._trailing = None
+        self._published_at = float(self.reactor.seconds())
         board, node = self.board, self.node
         if board is None or node is None:
-            self._dirty.clear()
             return
-        sessions, stats = node.scheduler.sessions, node.engine.stats.sessions
+        stats, written, keys = node.engine.stats.sessions, self._written, self._keys
         rows = []
-        for sid in self._dirty:
-            s = sessions.get(sid)
-            if s is None:
-                continue
+        for sid, s in node.scheduler.sessions.items():
             st = stats.get(sid)
-            key = self._keys.get(sid)
+            key = keys.get(sid)
             if key is None:
-                key = self._keys[sid] = session_key(sid)
-            rows.append((sid, BoardRow(
+                key = keys[sid] = session_key(sid)
+            row = BoardRow(
                 key, self.generations.get(sid, 0) & 0xFFFFFFFF, s.cursor_block,
                 s.cursor_packet, s.node_seq, st.packets if st else 0, st.bytes if st else 0,
                 st.late_packets if st else 0, st.max_late if st else 0.0,
-            )))  # fmt: skip
-        self._dirty.clear()
+            )  # fmt: skip
+            if written.get(sid) != row:
+                written[sid] = row
+                rows.append((sid, row))
         board.publish(self.counters(), rows)
 
     @WorkerStart.responder
@@ -258,8 +257,8 @@ class WorkerDelivery(amp.CommandLocator):
         s = node.scheduler.add(session, timing, blocks, start_ct, start_mt)
         if state is not None:
             apply_state(s, state)
-        self._dirty.add(session)
         node.engine.poke()
+        self.publish()
         return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}
 
     @WorkerControl.responder
@@ -272,9 +271,10 @@ class WorkerDelivery(amp.CommandLocator):
         if action == "stop":
             self.generations.pop(session, None)
             self._keys.pop(session, None)
-            self._dirty.discard(session)
+            self._written.pop(session, None)
             if self.board is not None:
                 self.board.forget(session)
+        self.publish()
         return answer
 
     @WorkerClock.responder

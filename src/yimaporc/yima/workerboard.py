@@ -4,10 +4,12 @@ Each worker (:mod:`._workerproc`) writes its counters and one row per session
 (cursor, node sequence number, packets, bytes, late packets) into a
 :class:`Board`, a small shared memory file (``memfd``) the main process created
 and hands to the worker as an inherited file descriptor.  The worker publishes
-after every delivery tick, NACK, start and stop, writing only the rows of the
-sessions that changed; the main process reads the board whenever it needs the
-numbers (a status request, ``GET /metrics``, a worker's death): what it reports
-is what the worker has sent, as in process, without a message on the pipe.  The
+after its delivery ticks (at most every 50 ms, a trailing write after the last
+tick) and at once on a session's start, stop and NACK, writing only the rows
+that changed; the main process reads the board whenever it needs the numbers (a
+status request, ``GET /metrics``, a worker's death): what it reports is what the
+worker has sent (at most 50 ms behind; exact once a session stopped), without a
+message on the pipe.  The
 board outlives the worker's death (the main process holds its own mapping), so
 a dead worker's sessions are adopted from their very last cursor.
 

@@ -36,11 +36,12 @@ Clock and schedule
 Counters and sessions in the status
     Each worker publishes its counters and one row per session (cursor, per-node
     sequence number, packets, bytes, late packets) on a shared memory
-    :class:`~.workerboard.Board` (fd 4) after every tick, NACK, start and stop.
-    The main process reads the boards when it reports (``/api/status``,
-    ``/metrics``, the dashboard): a worker's sessions are listed in
-    ``streaming.running`` with the same fields as in-process ones, and the
-    totals are what the workers have sent, with no poll lag and no message on
+    :class:`~.workerboard.Board` (fd 4) after its ticks (at most every 50 ms,
+    ``_workerproc.PUBLISH_EVERY``) and at once on a start, stop and NACK.  The
+    main process reads the boards when it reports (``/api/status``, ``/metrics``,
+    the dashboard): a worker's sessions are listed in ``streaming.running`` with
+    the same fields as in-process ones, and the totals are what the workers have
+    sent (at most 50 ms behind, exact once a session stopped), with no message on
     the pipes.  Every :data:`POLL_INTERVAL` the boards also refresh the mirrors'
     cursors (which RTCP NACK handling unwraps sequence numbers against).
 
