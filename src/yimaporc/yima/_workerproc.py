@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -45,6 +47,22 @@ BOARD_FD = 4
 #: After a tick the board is written at most this often (a trailing write follows the
 #: last tick): what the main process reads is at most this far behind.
 PUBLISH_EVERY = 0.05
+#: A worker holds delivery when its main process is stopped (SIGSTOP: looked at this
+#: often) or has said nothing for MAIN_SILENT seconds (it speaks every 0.25 s).
+WATCH_EVERY = 0.1
+MAIN_SILENT = 1.5
+
+
+def parent_stopped() -> bool:
+    """The process that spawned this one is stopped (SIGSTOP, a debugger)."""
+    ppid = os.getppid()
+    if ppid <= 1:
+        return False  # it is gone: the channel's EOF ends this worker
+    try:
+        with open(f"/proc/{ppid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 class BlockMissingHere(Exception):
@@ -96,6 +114,11 @@ class WorkerDelivery(amp.CommandLocator):
         self._keys: dict[str, int] = {}
         self._published_at = float("-inf")
         self._trailing: Any = None
+        #: When the main process last spoke; delivery held while it is stopped or silent.
+        self.last_heard = float(reactor.seconds())
+        self.held = False
+        self.stopped_parent: Callable[[], bool] = parent_stopped
+        self._watch: LoopingCall | None = None
 
     def cluster_time(self) -> float:
         """The cluster clock: this host's clock plus the main process's offset."""
@@ -169,7 +192,34 @@ class WorkerDelivery(amp.CommandLocator):
         )
         self.node.engine.after_tick = self._ticked
         self.publish()
+        if self._watch is None:
+            self._watch = LoopingCall(self.watch)
+            self._watch.clock = self.reactor
+            self._watch.start(WATCH_EVERY, now=False)
         return {"pid": os.getpid(), "path": sender.path}
+
+    # --- the main process's health -----------------------------------------------------
+
+    def heard(self) -> None:
+        """The main process spoke: delivery goes on if it was held."""
+        self.last_heard = float(self.reactor.seconds())
+        if self.held and self.node is not None:
+            self.held = self.node.engine.held = False
+            self.log.info("main process back: delivery goes on")
+            self.node.engine.poke()
+
+    def watch(self) -> None:
+        """Hold delivery while the main process is stopped or silent: its node is
+        frozen for the cluster (which may take its shares over), so this process
+        sends nothing either, as the in-process engine would."""
+        if self.held or self.node is None:
+            return
+        silent = float(self.reactor.seconds()) - self.last_heard > MAIN_SILENT
+        if silent or self.stopped_parent():
+            self.held = self.node.engine.held = True
+            self.node.engine.stop()
+            self.log.warn("main process {why}: delivery held",
+                          why="silent" if silent else "stopped")  # fmt: skip
 
     # --- the board ---------------------------------------------------------------------
 
@@ -319,6 +369,11 @@ class _Channel(amp.AMP):
     def __init__(self, delivery: WorkerDelivery, reactor: Any) -> None:
         super().__init__(locator=delivery)
         self.reactor = reactor
+        self.delivery = delivery
+
+    def dataReceived(self, data: bytes) -> None:
+        self.delivery.heard()
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)

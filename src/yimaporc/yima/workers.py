@@ -29,8 +29,11 @@ Clock and schedule
     Each :class:`WorkerStart` carries the whole plan (the media timing, this
     node's blocks, the start instant and position, the RTP bases); every
     message carries the cluster clock offset (cluster time = the system clock +
-    offset), pushed again (:class:`WorkerClock`, no answer) when it moved, looked
-    at every :data:`POLL_INTERVAL`.  Flow control (:class:`WorkerControl`) and
+    offset), pushed again every :data:`POLL_INTERVAL` (:class:`WorkerClock`, no
+    answer), which is also the main process's heartbeat: a worker holds delivery
+    while its main process is stopped (SIGSTOP; it looks every 0.1 s) or silent
+    for 1.5 s, as the in-process engine of a frozen node would send nothing, and
+    goes on when it speaks again.  Flow control (:class:`WorkerControl`) and
     NACKs (:class:`WorkerNack`) are forwarded to the owning worker.
 
 Counters and sessions in the status
@@ -101,8 +104,6 @@ __all__ = [
 #: How often the main process refreshes its mirrors from the boards and looks at the
 #: cluster clock offset (pushed to the workers when it moved).
 POLL_INTERVAL = 0.25
-#: The offset is pushed again when it moved by more than this (seconds).
-OFFSET_PUSH = 0.0002
 #: The cap of ``--workers auto``.
 AUTO_MAX = 8
 #: Sessions per :class:`WorkerState` answer (an AMP value holds at most 64 KiB).
@@ -222,7 +223,7 @@ class WorkerNack(amp.Command):
 
 
 class WorkerClock(amp.Command):
-    """The cluster clock offset moved (no answer)."""
+    """The cluster clock offset, and the main process's heartbeat (no answer)."""
 
     commandName = b"yima.worker-clock"
     arguments = [(b"offset", amp.Float())]
@@ -572,9 +573,9 @@ class WorkerPool:
         self.refresh()
         offset = self.offset()
         for w in self.live():
-            if abs(offset - w.offset) > OFFSET_PUSH:
-                w.offset = offset
-                w.call(WorkerClock, offset=offset)
+            # Also the heartbeat: a worker whose main process is silent holds delivery.
+            w.offset = offset
+            w.call(WorkerClock, offset=offset)
         self._poll = self.reactor.callLater(POLL_INTERVAL, self._refresh_all)
 
     def refresh(self) -> None:
