@@ -115,7 +115,8 @@ class Board:
         size = board_size(rows)
         memfd = getattr(os, "memfd_create", None)
         if memfd is not None:
-            fd = memfd("yimaporc-worker-board", 0)
+            # close-on-exec: only the worker it is mapped to (fd 4) inherits it
+            fd = memfd("yimaporc-worker-board", getattr(os, "MFD_CLOEXEC", 1))
         else:  # pragma: no cover (not Linux)
             base = "/dev/shm" if os.path.isdir("/dev/shm") else None
             fd, path = tempfile.mkstemp(prefix="yimaporc-board-", dir=base)
