@@ -434,7 +434,9 @@ class WorkerPool:
         """Spawn the workers, each sending on ``data_fd`` (the node's RTP socket)."""
         self._fd = data_fd
         self._running = True
-        self.workers = [self._spawn(i) for i in range(self.count)]
+        # One at a time (the next once this one is set up): a worker's start-up (its
+        # imports, ~0.25 s of CPU) competes with the main process only one by one.
+        self.workers = [self._spawn(0)]
         self._poll = self.reactor.callLater(POLL_INTERVAL, self._refresh_all)
 
     def stop(self) -> None:
@@ -485,8 +487,14 @@ class WorkerPool:
         d.addCallbacks(self._set_up, self._setup_failed, callbackArgs=(w,), errbackArgs=(w,))
         return w
 
+    def _next(self) -> None:
+        """Start the next of the first workers, if any is left to start."""
+        if self._running and len(self.workers) < self.count:
+            self.workers.append(self._spawn(len(self.workers)))
+
     def _set_up(self, answer: dict[str, Any], w: _Worker) -> None:
         w.ready = True
+        self._next()
         self.log.info(
             "delivery worker {i} (pid {pid}) sends by {path}",
             i=w.index,
@@ -495,6 +503,7 @@ class WorkerPool:
         )
 
     def _setup_failed(self, failure: Failure, w: _Worker) -> None:
+        self._next()
         if not w.dead:
             self.log.error(
                 "delivery worker {i}: setup failed: {e}", i=w.index, e=failure.getErrorMessage()
