@@ -25,15 +25,24 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 
-from yimaporc.testing.procs import NodeProc, ffmpeg_record, framemd5, views_agree, wait_for
+from yimaporc.testing.procs import (
+    NodeProc,
+    assert_lag_small,
+    ffmpeg_record,
+    framemd5,
+    views_agree,
+    wait_for,
+)
 from yimaporc.yima.feedback import mark_retransmission
 from yimaporc.yima.media.sample import make_sample_ts
 from yimaporc.yima.rtp import PT_MP2T, RtpHeaderTemplate
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, Packet
 from yimaporc.yima.streaming import Destination, StreamingNode
+from yimaporc.yima.workerboard import MAX_ROWS, Board, session_key
 from yimaporc.yima.workers import (
     WorkerBlockPath,
     WorkerBlockSpool,
+    WorkerControl,
     WorkerNack,
     WorkerSetup,
     WorkerStart,
@@ -182,20 +191,31 @@ def in_process(timing: MediaTiming, files: dict[int, Path]) -> tuple[list[bytes]
 
 
 @pytest.fixture
-def worker(tmp_path: Path) -> Iterator[tuple[AmpPipe, socket.socket, socket.socket]]:
-    """A worker process sending from ``tx`` (its fd 3), and a receiving socket."""
+def board() -> Iterator[Board]:
+    """The shared board a worker publishes on (its fd 4)."""
+    b = Board.create()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def worker(tmp_path: Path, board: Board) -> Iterator[tuple[AmpPipe, socket.socket, socket.socket]]:
+    """A worker process sending from ``tx`` (its fd 3) and publishing on ``board`` (fd 4),
+    and a receiving socket."""
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     rx.bind((f"{NET}.20", 0))
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tx.bind((f"{NET}.21", 0))
     boot = (
-        "import os, runpy, sys; os.dup2(int(sys.argv[1]), 3); "
+        "import os, runpy, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
         "runpy.run_module('yimaporc.yima._workerproc', run_name='__main__')"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", boot, str(tx.fileno())], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, pass_fds=(tx.fileno(),),
+        [sys.executable, "-c", boot, str(tx.fileno()), str(board.fd)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, pass_fds=(tx.fileno(), board.fd),
     )  # fmt: skip
     pipe = AmpPipe(proc, lambda box: {})
     try:
@@ -208,11 +228,12 @@ def worker(tmp_path: Path) -> Iterator[tuple[AmpPipe, socket.socket, socket.sock
 
 
 def test_a_worker_sends_exactly_what_the_in_process_path_sends(
-    worker: tuple[AmpPipe, socket.socket, socket.socket], tmp_path: Path
+    worker: tuple[AmpPipe, socket.socket, socket.socket], board: Board, tmp_path: Path
 ) -> None:
     """Given the plan, a worker process puts on the wire byte for byte the datagrams
     (and NACK resends) the in-process StreamingNode builds, from the node's own socket;
-    a block with no local copy is read through the spool and the spool file removed."""
+    a block with no local copy is read through the spool and the spool file removed;
+    its shared board says what it sent, without asking it."""
     pipe, rx, tx = worker
     timing = _timing()
     files = _blocks(tmp_path)
@@ -242,7 +263,7 @@ def test_a_worker_sends_exactly_what_the_in_process_path_sends(
     pipe.others = [rx]
     pipe.on_ready = lambda s: got.append(s.recvfrom(65536))
     setup = pipe.call(WorkerSetup, index=0, send_path="auto", send_ahead=0.01,
-                      cache_bytes=1 << 24, offset=-5.0)  # fmt: skip
+                      cache_bytes=1 << 24, offset=-5.0, board_rows=MAX_ROWS)  # fmt: skip
     assert setup["path"] in ("gso", "sendmmsg", "sendto")
     # Start 0.3 s from now on a cluster clock 5 s behind this host's.
     start_ct = time.time() - 5.0 + 0.3
@@ -261,10 +282,20 @@ def test_a_worker_sends_exactly_what_the_in_process_path_sends(
     counters = {c["name"]: c["value"] for c in state["counters"]}
     assert counters["packets_sent"] == 37 and counters["spooled"] == 1
     assert state["sessions"][0]["node_seq"] == 37
+    # The board: the same counters, and the session's row (cursor past its last block).
+    on_board, rows = board.read()
+    assert {k: on_board[k] for k in counters if k in on_board} == counters
+    row = rows[session_key("s")]
+    assert (row.generation, row.node_seq, row.packets) == (1, 37, 37)
+    assert row.late_packets == counters["late_packets"]  # its only session
+    assert row.bytes == sum(timing.block_length(b) for b in MINE)
     got.clear()
     assert pipe.call(WorkerNack, session="s", node_seqs=[1, 5, 30], gseqs=None) == {"resent": 3}
     wait_for(lambda: pipe.serve(0.05) or len(got) >= 3, 10, "the resends")
     assert [d for d, _ in got] == resent
+    assert board.read()[0]["resent"] == 3
+    pipe.call(WorkerControl, session="s", action="stop", at=0.0, value=0.0, offset=-5.0)
+    assert board.read()[1] == {}
 
 
 def test_a_worker_exits_when_its_main_process_goes(
@@ -334,7 +365,20 @@ def test_sigkill_of_a_worker_mid_stream_the_recording_completes(
     try:
         pid = wait_for(lambda: _owner_pid(y2), 20, "node 2's worker to serve the share")
         wait_for(lambda: (y2.status() or {})["streaming"]["packets_sent"] > 60, 20, "3 s of play")
+        # The worker's session is listed like an in-process one, its numbers current.
+        before = (y2.status() or {})["streaming"]
+        (listed,) = before["running"]
+        assert listed["media"] == "clip" and listed["packets"] > 0
+        assert set(listed) == {"session", "media", "packets", "bytes", "late_packets",
+                               "max_late_ms"}  # fmt: skip
         os.kill(pid, signal.SIGKILL)
+        # Moved: still listed (its packets counted on), served by the other worker.
+        wait_for(lambda: (y2.status() or {})["streaming"]["workers"]["sessions_moved"] == 1, 20,
+                 "the move")  # fmt: skip
+        after = (y2.status() or {})["streaming"]
+        assert [r["session"] for r in after["running"]] == [listed["session"]]
+        assert after["running"][0]["packets"] >= listed["packets"]
+        assert after["packets_sent"] >= before["packets_sent"]
         assert rec.wait(90) == 0, rec.stderr.read() if rec.stderr else ""
     finally:
         if rec.poll() is None:
@@ -350,5 +394,44 @@ def test_sigkill_of_a_worker_mid_stream_the_recording_completes(
     assert got == want[: len(got)]
     # A replacement worker was started.
     wait_for(lambda: (y2.status() or {})["streaming"]["workers"]["live"] == 2, 20, "a new worker")
+    assert y2.status()["streaming"]["workers"]["restarts"] == 1  # type: ignore[index]
+    # The main processes' reactors kept up meanwhile (the house bound of the other
+    # process tests: this machine is shared).
+    assert_lag_small([y1, y2])
     log = y2.log_path.read_text()
     assert "died" in log and "moved" in log
+
+
+# --- the node's end ends its workers -------------------------------------------------------
+
+
+def _gone(pid: int) -> bool:
+    """``pid`` exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_the_workers_end_with_their_node(tmp_path: Path, sig: int) -> None:
+    """A node stopped by SIGTERM ends its workers; one killed by SIGKILL leaves none
+    behind either (each worker's control pipe reaches EOF and it exits by itself)."""
+    node = NodeProc("yima", "w1", "127.0.151.1", tmp_path / "w1" / "data", 17946, 18080,
+                    extra=["--rtsp", "tcp:18554:interface=127.0.151.1", "--workers", "2"])  # fmt: skip
+    node.start()
+    try:
+
+        def pids() -> list[int] | None:
+            w = ((node.status() or {}).get("streaming") or {}).get("workers") or {}
+            if w.get("live") != 2:
+                return None
+            return [int(p["pid"]) for p in w["processes"]]
+
+        workers = wait_for(pids, 30, "2 live workers")
+        assert all(not _gone(p) for p in workers)
+        node.kill(sig)
+        wait_for(lambda: all(_gone(p) for p in workers), 20, "the workers to exit")
+    finally:
+        node.kill(signal.SIGKILL)

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 
 from yimaporc.tap.yima import Options, yima_config
+from yimaporc.yima.deliverystats import DeliveryStats
+from yimaporc.yima.node import YimaConfig
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, Packet
 from yimaporc.yima.streaming import Destination
+from yimaporc.yima.workerboard import Board, BoardRow, session_key
 from yimaporc.yima.workers import (
+    RESPAWN_DELAY,
     STATE_FIELDS,
     ShardedStreamingNode,
     WorkerControl,
@@ -39,6 +46,7 @@ class FakeWorker:
         self.index = index
         self.ready = True
         self.dead = False
+        self.pid = 4000 + index
         self.sessions: set[str] = set()
         self.counters: dict[str, int] = {}
         self.calls: list[tuple[type[amp.Command], dict[str, Any]]] = []
@@ -244,18 +252,23 @@ def test_worker_control_rejects_unknown_actions_before_forwarding() -> None:
     assert [c for c, _ in w0.calls if c is WorkerControl] == []
 
 
-def test_workers_option_defaults_to_in_process_and_is_checked(tmp_path: Path) -> None:
-    """--workers defaults to 1 (in-process); auto is one per core this process may use;
-    0..256; else a usage error."""
+def test_workers_option_defaults_to_the_cores_and_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers defaults to auto: one per core this process may use, at most 8 (1 on a
+    single core: in process); 0..256; else a usage error."""
     base = ["--node-id", "y1", "--data-dir", str(tmp_path),
             "--cluster", "tcp:17946:interface=127.0.147.1"]  # fmt: skip
     o = Options()
     o.parseOptions(base)
-    assert yima_config(o).workers == 1
-    o = Options()
-    o.parseOptions([*base, "--workers", "auto"])
-    assert o["workers_n"] == default_workers() == len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
+    assert o["workers_n"] == default_workers() == min(8, cores)
     assert yima_config(o).workers == default_workers()
+    assert YimaConfig(node=yima_config(o).node, secret=b"k").workers == default_workers()
+    for affinity, expected in ((1, 1), (2, 2), (6, 6), (64, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=affinity: set(range(n)))
+        assert default_workers() == expected
+    monkeypatch.undo()
     o = Options()
     o.parseOptions([*base, "--workers", "0"])
     assert yima_config(o).workers == 0
@@ -268,3 +281,96 @@ def test_no_pool_for_zero_or_one_worker() -> None:
     """0 or 1 worker: delivery stays in process (no pool is made)."""
     assert make_pool(object(), 0, "auto", 0.0, 1) is None
     assert make_pool(object(), 1, "auto", 0.0, 1) is None
+
+
+def _boards(fakes: list[FakeWorker]) -> None:
+    for f in fakes:
+        f.board = Board.create(rows=16)  # type: ignore[attr-defined]
+
+
+def _published(w: FakeWorker, counters: dict[str, int], *rows: tuple[str, int, int]) -> None:
+    """``w`` publishes as a worker does: rows of (session, generation, packets sent)."""
+    w.board.publish(counters, [  # type: ignore[attr-defined]
+        (sid, BoardRow(session_key(sid), gen, packets // 4, packets % 4, packets, packets,
+                       packets * PAYLOAD, 1, 0.08))
+        for sid, gen, packets in rows
+    ])  # fmt: skip
+
+
+def _streaming(local_running: list[dict[str, object]]) -> dict[str, Any]:
+    return {"packets_sent": 5, "bytes_sent": 5 * PAYLOAD, "late_packets": 0,
+            "running": local_running, "send": {"datagrams": 5}}  # fmt: skip
+
+
+def test_worker_sessions_are_listed_in_status_like_in_process_ones() -> None:
+    """A worker's sessions appear in streaming.running with the in-process fields and the
+    worker's current numbers (read from its board at the status request, no poll); the
+    totals add the workers' counters; a session that sent nothing yet is not listed."""
+    clock = Clock()
+    node, fakes, _ = make(clock)
+    _boards(fakes)
+    w0, w1 = fakes
+    start(node, "a")
+    start(node, "b")
+    assert node.owner["a"] is w0 and node.owner["b"] is w1  # type: ignore[comparison-overlap]
+    local = DeliveryStats()
+    local.sent_run("here", 5, 5 * PAYLOAD, 0, 0.0)
+    in_process = local.running(["here"], lambda sid: "clip")
+    _published(w0, {"packets_sent": 30, "bytes_sent": 30 * PAYLOAD, "late_packets": 1,
+                    "datagrams": 30}, ("a", 1, 30))  # fmt: skip
+    doc = _streaming(in_process)
+    node.merge_status(doc)
+    assert doc["packets_sent"] == 35 and doc["late_packets"] == 1
+    assert doc["send"]["datagrams"] == 35
+    listed = {r["session"]: r for r in doc["running"]}
+    a = listed[hashlib.sha256(b"a").hexdigest()[:10]]
+    assert set(a) == set(in_process[0])
+    assert a == {"session": a["session"], "media": "clip", "packets": 30,
+                 "bytes": 30 * PAYLOAD, "late_packets": 1, "max_late_ms": 80.0}  # fmt: skip
+    assert len(doc["running"]) == 2 and doc["running"][0] is a  # busiest first
+    # The mirror's cursor follows the board (RTCP NACKs unwrap against it).
+    s = node.mirror.sessions["a"]
+    assert (s.cursor_block, s.cursor_packet, s.node_seq) == (7, 2, 30)
+    # Current, not polled: the next status sees what was published since.
+    _published(w0, {"packets_sent": 31, "bytes_sent": 31 * PAYLOAD}, ("a", 1, 31))
+    doc = _streaming([])
+    node.merge_status(doc)
+    assert doc["packets_sent"] == 36 and doc["running"][0]["packets"] == 31
+    # A row from before a seek (generation 1 after the seek made it 2) moves nothing.
+    node.start("a", "clip", 3.0, 0.0, "127.0.147.9", 5000, 77, 100, 0, 0, False)
+    _published(w0, {"packets_sent": 40}, ("a", 1, 40))
+    node.merge_status(_streaming([]))
+    assert node.mirror.sessions["a"].node_seq == 31
+    node.control("a", "stop", 0.0, 0.0)
+    doc = _streaming([])
+    node.merge_status(doc)
+    assert doc["running"] == []
+
+
+def test_a_dead_worker_board_gives_the_last_cursor_and_its_numbers_carry_on() -> None:
+    """When a worker dies its board (still mapped here) gives each session's very last
+    cursor: the heir starts from there, the session's packets keep counting across the
+    move, the dead worker's totals stay in the node's, and a replacement is started."""
+    clock = Clock()
+    node, fakes, _ = make(clock)
+    _boards(fakes)
+    w0, w1 = fakes
+    pool = node.pool
+    pool._running = True
+    pool._spawn = lambda i: FakeWorker(i)  # type: ignore[method-assign,assignment,return-value]
+    start(node, "a")
+    _published(w0, {"packets_sent": 6}, ("a", 1, 6))
+    w0.dead = True
+    pool._ended(w0, Failure(ProcessTerminated(signal=9)))  # type: ignore[arg-type]
+    assert node.owner["a"] is w1 and pool.deaths == 1  # type: ignore[comparison-overlap]
+    state = dict(zip(STATE_FIELDS, w1.starts()[-1]["state"], strict=True))
+    assert (state["cursor_block"], state["cursor_packet"], state["node_seq"]) == (1, 2, 6)
+    _published(w1, {"packets_sent": 4}, ("a", 2, 4))
+    doc = _streaming([])
+    node.merge_status(doc)
+    assert doc["packets_sent"] == 5 + 6 + 4 and doc["running"][0]["packets"] == 10
+    assert doc["workers"]["deaths"] == 1 and doc["workers"]["sessions_moved"] == 1
+    clock.advance(RESPAWN_DELAY)
+    assert pool.restarts == 1 and pool.workers[0] is not w0
+    node.merge_status(doc := _streaming([]))
+    assert doc["workers"]["restarts"] == 1

@@ -144,6 +144,7 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
               workers.get("live"))  # fmt: skip
     for key, text in (
         ("deaths", "Delivery worker processes that died (their sessions moved)."),
+        ("restarts", "Replacement delivery worker processes started after deaths."),
         ("sessions_moved", "Sessions moved from a dead delivery worker to another."),
     ):
         out.counter(f"yimaporc_yima_worker_{key}", text, workers.get(key))

@@ -58,10 +58,10 @@ class Options(NodeOptions):
         [
             "workers",
             None,
-            "1",
+            "auto",
             "Delivery worker processes: sessions are sharded over N processes that "
-            "schedule and send their packets (auto: one per core; 0 or 1, the default: "
-            "in this process).",
+            "schedule and send their packets (auto, the default: one per core, at most 8, "
+            "so 1 on a single core; 0 or 1: in this process).",
         ],
         *(
             [f"rtsp-{name}", None, default, text]

@@ -1,7 +1,8 @@
 """One delivery worker process (see :mod:`.workers`): ``python -m yimaporc.yima._workerproc``.
 
 stdin/stdout carry AMP with the node's main process, stderr its log; fd 3 is the
-node's RTP socket, which it only sends on.  It runs a :class:`StreamingNode` with
+node's RTP socket, which it only sends on; fd 4 (when the setup says so) is the
+shared :class:`~.workerboard.Board` its counters and sessions are published on.  It runs a :class:`StreamingNode` with
 the same header template and send path as the main process's, so a session's
 packets are byte for byte what the in-process path sends.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -25,10 +28,12 @@ from .rtp import PT_MP2T, RtpHeaderTemplate
 from .schedule import MediaTiming, Packet
 from .sendpath import DatagramSender
 from .streaming import Destination, StreamingNode
+from .workerboard import Board, BoardRow, session_key
 from .workers import (
     STATE_PAGE,
     WorkerBlockPath,
     WorkerBlockSpool,
+    WorkerClock,
     WorkerControl,
     WorkerNack,
     WorkerSetup,
@@ -38,6 +43,26 @@ from .workers import (
 )
 
 DATA_FD = 3
+BOARD_FD = 4
+#: After a tick the board is written at most this often (a trailing write follows the
+#: last tick): what the main process reads is at most this far behind.
+PUBLISH_EVERY = 0.05
+#: A worker holds delivery when its main process is stopped (SIGSTOP: looked at this
+#: often) or has said nothing for MAIN_SILENT seconds (it speaks every 0.25 s).
+WATCH_EVERY = 0.1
+MAIN_SILENT = 1.5
+
+
+def parent_stopped() -> bool:
+    """The process that spawned this one is stopped (SIGSTOP, a debugger)."""
+    ppid = os.getppid()
+    if ppid <= 1:
+        return False  # it is gone: the channel's EOF ends this worker
+    try:
+        with open(f"/proc/{ppid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 class BlockMissingHere(Exception):
@@ -82,6 +107,18 @@ class WorkerDelivery(amp.CommandLocator):
         self.generations: dict[str, int] = {}
         self.spooled = 0
         self._templates: dict[tuple[int, int], RtpHeaderTemplate] = {}
+        #: The shared board (None: the main process reads counters by WorkerState only).
+        self.board: Board | None = None
+        #: What was last written of each session (only changed rows are written again).
+        self._written: dict[str, BoardRow] = {}
+        self._keys: dict[str, int] = {}
+        self._published_at = float("-inf")
+        self._trailing: Any = None
+        #: When the main process last spoke; delivery held while it is stopped or silent.
+        self.last_heard = float(reactor.seconds())
+        self.held = False
+        self.stopped_parent: Callable[[], bool] = parent_stopped
+        self._watch: LoopingCall | None = None
 
     def cluster_time(self) -> float:
         """The cluster clock: this host's clock plus the main process's offset."""
@@ -127,9 +164,17 @@ class WorkerDelivery(amp.CommandLocator):
 
     @WorkerSetup.responder
     def setup(
-        self, index: int, send_path: str, send_ahead: float, cache_bytes: int, offset: float
+        self,
+        index: int,
+        send_path: str,
+        send_ahead: float,
+        cache_bytes: int,
+        offset: float,
+        board_rows: int | None = None,
     ) -> dict[str, Any]:
         self.offset = offset
+        if board_rows and self.board is None:
+            self.board = Board(BOARD_FD, board_rows)
         self.sender = sender = DatagramSender(self.sock, send_path)
         self.node = StreamingNode(
             self.reactor,
@@ -145,7 +190,96 @@ class WorkerDelivery(amp.CommandLocator):
             send_ahead=send_ahead,
             cache_bytes=cache_bytes,
         )
+        self.node.engine.after_tick = self._ticked
+        self.publish()
+        if self._watch is None:
+            self._watch = LoopingCall(self.watch)
+            self._watch.clock = self.reactor
+            self._watch.start(WATCH_EVERY, now=False)
         return {"pid": os.getpid(), "path": sender.path}
+
+    # --- the main process's health -----------------------------------------------------
+
+    def heard(self) -> None:
+        """The main process spoke: delivery goes on if it was held."""
+        self.last_heard = float(self.reactor.seconds())
+        if self.held and self.node is not None:
+            self.held = self.node.engine.held = False
+            self.log.info("main process back: delivery goes on")
+            self.node.engine.poke()
+
+    def watch(self) -> None:
+        """Hold delivery while the main process is stopped or silent: its node is
+        frozen for the cluster (which may take its shares over), so this process
+        sends nothing either, as the in-process engine would."""
+        if self.held or self.node is None:
+            return
+        silent = float(self.reactor.seconds()) - self.last_heard > MAIN_SILENT
+        if silent or self.stopped_parent():
+            self.held = self.node.engine.held = True
+            self.node.engine.stop()
+            self.log.warn("main process {why}: delivery held",
+                          why="silent" if silent else "stopped")  # fmt: skip
+
+    # --- the board ---------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """The worker's monotonic counters (workerboard.COUNTERS)."""
+        node, snd = self.node, self.sender
+        if node is None:
+            return {}
+        engine = node.engine
+        out = {
+            "packets_sent": engine.sent,
+            "bytes_sent": engine.sent_bytes,
+            "block_reads": engine.block_reads,
+            "block_read_bytes": engine.block_read_bytes,
+            "block_read_errors": engine.read_errors,
+            "late_waits": node.scheduler.late_waits,
+            "late_packets": engine.stats.late_packets,
+            "cache_hits": engine.stats.cache_hits,
+            "resent": node.resent,
+            "spooled": self.spooled,
+        }
+        if snd is not None:
+            out.update(datagrams=snd.datagrams, syscalls=snd.syscalls, dropped=snd.dropped,
+                       eagain=snd.eagain, errors=snd.errors)  # fmt: skip
+        return out
+
+    def _ticked(self) -> None:
+        """After a tick: publish, or make sure a write follows within PUBLISH_EVERY."""
+        wait = self._published_at + PUBLISH_EVERY - float(self.reactor.seconds())
+        if wait <= 0:
+            self.publish()
+        elif self._trailing is None and self.board is not None:
+            self._trailing = self.reactor.callLater(wait, self.publish)
+
+    def publish(self) -> None:
+        """Write the counters and the changed sessions' rows to the board."""
+        if self._trailing is not None:
+            if self._trailing.active():
+                self._trailing.cancel()
+            self._trailing = None
+        self._published_at = float(self.reactor.seconds())
+        board, node = self.board, self.node
+        if board is None or node is None:
+            return
+        stats, written, keys = node.engine.stats.sessions, self._written, self._keys
+        rows = []
+        for sid, s in node.scheduler.sessions.items():
+            st = stats.get(sid)
+            key = keys.get(sid)
+            if key is None:
+                key = keys[sid] = session_key(sid)
+            row = BoardRow(
+                key, self.generations.get(sid, 0) & 0xFFFFFFFF, s.cursor_block,
+                s.cursor_packet, s.node_seq, st.packets if st else 0, st.bytes if st else 0,
+                st.late_packets if st else 0, st.max_late if st else 0.0,
+            )  # fmt: skip
+            if written.get(sid) != row:
+                written[sid] = row
+                rows.append((sid, row))
+        board.publish(self.counters(), rows)
 
     @WorkerStart.responder
     def start(self, session: str, generation: int, media: str, size: int, block_size: int,
@@ -174,6 +308,7 @@ class WorkerDelivery(amp.CommandLocator):
         if state is not None:
             apply_state(s, state)
         node.engine.poke()
+        self.publish()
         return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}
 
     @WorkerControl.responder
@@ -182,14 +317,27 @@ class WorkerDelivery(amp.CommandLocator):
     ) -> dict[str, Any]:
         assert self.node is not None
         self.offset = offset
+        answer = self.node.control(session, action, at, value)
         if action == "stop":
             self.generations.pop(session, None)
-        return self.node.control(session, action, at, value)
+            self._keys.pop(session, None)
+            self._written.pop(session, None)
+            if self.board is not None:
+                self.board.forget(session)
+        self.publish()
+        return answer
+
+    @WorkerClock.responder
+    def clock(self, offset: float) -> dict[str, Any]:
+        self.offset = offset
+        return {}
 
     @WorkerNack.responder
     def nack(self, session: str, node_seqs: list[int], gseqs: list[int] | None = None) -> Any:
         assert self.node is not None
-        return self.node.nack(session, node_seqs, gseqs)
+        answer = self.node.nack(session, node_seqs, gseqs)
+        self.publish()
+        return answer
 
     @WorkerState.responder
     def state(self, start: int, offset: float) -> dict[str, Any]:
@@ -207,22 +355,7 @@ class WorkerDelivery(amp.CommandLocator):
             for sid in names
         ]  # fmt: skip
         nxt = start + STATE_PAGE if start + STATE_PAGE < len(sessions) else -1
-        engine, snd = node.engine, self.sender
-        counters = {
-            "packets_sent": engine.sent,
-            "bytes_sent": engine.sent_bytes,
-            "block_reads": engine.block_reads,
-            "block_read_bytes": engine.block_read_bytes,
-            "block_read_errors": engine.read_errors,
-            "late_waits": node.scheduler.late_waits,
-            "late_packets": engine.stats.late_packets,
-            "cache_hits": engine.stats.cache_hits,
-            "resent": node.resent,
-            "spooled": self.spooled,
-        }
-        if snd is not None:
-            counters.update(datagrams=snd.datagrams, syscalls=snd.syscalls, dropped=snd.dropped,
-                            eagain=snd.eagain, errors=snd.errors)  # fmt: skip
+        counters = self.counters()
         return {
             "sessions": rows,
             "next": nxt,
@@ -236,6 +369,11 @@ class _Channel(amp.AMP):
     def __init__(self, delivery: WorkerDelivery, reactor: Any) -> None:
         super().__init__(locator=delivery)
         self.reactor = reactor
+        self.delivery = delivery
+
+    def dataReceived(self, data: bytes) -> None:
+        self.delivery.heard()
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)

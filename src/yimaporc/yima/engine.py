@@ -96,6 +96,11 @@ class DeliveryEngine:
         self.block_read_bytes = 0
         #: Late packets, per-session rates and block-cache hits (for operators).
         self.stats = DeliveryStats()
+        #: Called at the end of every tick (a delivery worker publishes its counters).
+        self.after_tick: Callable[[], object] | None = None
+        #: True: nothing is sent (a delivery worker whose node's main process is
+        #: stopped or silent); :meth:`poke` after clearing it goes on.
+        self.held = False
 
     def poke(self) -> None:
         """Re-plan now (a session was added, paused, resumed or changed)."""
@@ -113,6 +118,8 @@ class DeliveryEngine:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self.held:
+            return
         now = self.cluster_time()
         self.ticks += 1
         if self.flush is not None:
@@ -124,6 +131,8 @@ class DeliveryEngine:
         else:
             self._send_packets(now)
         self._reschedule(now)
+        if self.after_tick is not None:
+            self.after_tick()
 
     def _send_packets(self, now: float) -> None:
         sessions, cache = self.scheduler.sessions, self.cache

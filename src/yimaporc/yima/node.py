@@ -33,6 +33,7 @@ from ..cluster.node import ClusterNode, ConfigError, NodeConfig
 from .rtspservice import YimaStreamingService
 from .storage import YimaStorageService
 from .streaming import DEFAULT_CACHE_BYTES
+from .workers import default_workers
 
 __all__ = ["MODES", "YimaConfig", "YimaNode"]
 
@@ -67,8 +68,9 @@ class YimaConfig:
     send_path: str = "auto"
     #: Block cache memory bound in bytes (``--block-cache-mb``).
     cache_bytes: int = DEFAULT_CACHE_BYTES
-    #: Delivery worker processes (``--workers``; 0 or 1: delivery in this process).
-    workers: int = 1
+    #: Delivery worker processes (``--workers``, default auto: one per core, at most 8;
+    #: 0 or 1: delivery in this process).
+    workers: int = attrs.field(factory=default_workers)
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in MODES:

@@ -29,24 +29,48 @@ Clock and schedule
     Each :class:`WorkerStart` carries the whole plan (the media timing, this
     node's blocks, the start instant and position, the RTP bases); every
     message carries the cluster clock offset (cluster time = the system clock +
-    offset), refreshed every :data:`POLL_INTERVAL`.  Flow control
-    (:class:`WorkerControl`) and NACKs (:class:`WorkerNack`) are forwarded to the
-    owning worker.
+    offset), pushed again every :data:`POLL_INTERVAL` (:class:`WorkerClock`, no
+    answer), which is also the main process's heartbeat: a worker holds delivery
+    while its main process is stopped (SIGSTOP; it looks every 0.1 s) or silent
+    for 1.5 s, as the in-process engine of a frozen node would send nothing, and
+    goes on when it speaks again.  Flow control (:class:`WorkerControl`) and
+    NACKs (:class:`WorkerNack`) are forwarded to the owning worker.
+
+Counters and sessions in the status
+    Each worker publishes its counters and one row per session (cursor, per-node
+    sequence number, packets, bytes, late packets) on a shared memory
+    :class:`~.workerboard.Board` (fd 4) after its ticks (at most every 50 ms,
+    ``_workerproc.PUBLISH_EVERY``) and at once on a start, stop and NACK.  The
+    main process reads the boards when it reports (``/api/status``, ``/metrics``,
+    the dashboard): a worker's sessions are listed in ``streaming.running`` with
+    the same fields as in-process ones, and the totals are what the workers have
+    sent (at most 50 ms behind, exact once a session stopped), with no message on
+    the pipes.  Every :data:`POLL_INTERVAL` the boards also refresh the mirrors'
+    cursors (which RTCP NACK handling unwraps sequence numbers against).
 
 A worker's death
     The main process mirrors each worker session (its plan and every control
-    applied, in a :class:`~.schedule.NodeScheduler` that is never ticked) and
-    polls each worker's cursors every :data:`POLL_INTERVAL`.  When a worker
-    exits, its sessions are adopted by the live worker with the fewest sessions
-    (the main process when none is left) from the last cursor polled, with the
-    same per-node sequence numbers: the packets sent since then go again
-    (duplicates, which players and relays drop) and the rest on schedule; a
-    replacement worker is started.  Counted in ``workers.deaths`` and
-    ``workers.sessions_moved`` of the node status, and logged.
+    applied, in a :class:`~.schedule.NodeScheduler` that is never ticked).
+    When a worker exits (a crash, SIGKILL, OOM), its board, still mapped here,
+    gives each of its sessions' last published cursor; the sessions are adopted
+    by the live worker with the fewest sessions (the main process when none is
+    left) from there, with the same per-node sequence numbers: at most the
+    packets of the tick the worker died in go again (duplicates, which players
+    and relays drop) and the rest on schedule, so players see a gap of about the
+    time the death takes to notice (the pipe's EOF: milliseconds).  A
+    replacement worker is started :data:`RESPAWN_DELAY` later.  Counted in
+    ``workers.deaths``, ``workers.sessions_moved`` and ``workers.restarts`` of the
+    node status (``yimaporc_yima_worker_*`` in ``/metrics``), and logged.
+
+The node's end
+    Workers end when the node stops (SIGTERM to each), and by themselves when the
+    main process is gone however it ended (SIGKILL included): their stdin, the
+    control channel, reaches EOF and the worker's reactor stops.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import sys
@@ -64,8 +88,10 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from .deliverystats import MAX_LISTED
 from .schedule import MediaTiming, NodeScheduler, Session
 from .streaming import Destination, StreamControl, StreamingNode, StreamNack
+from .workerboard import MAX_ROWS, Board, BoardRow, session_key
 
 __all__ = [
     "POLL_INTERVAL",
@@ -75,8 +101,11 @@ __all__ = [
     "make_pool",
 ]
 
-#: How often the main process polls each worker's cursors and pushes the clock offset.
+#: How often the main process refreshes its mirrors from the boards and looks at the
+#: cluster clock offset (pushed to the workers when it moved).
 POLL_INTERVAL = 0.25
+#: The cap of ``--workers auto``.
+AUTO_MAX = 8
 #: Sessions per :class:`WorkerState` answer (an AMP value holds at most 64 KiB).
 STATE_PAGE = 200
 #: A dead worker's replacement starts this long after its death.
@@ -84,11 +113,13 @@ RESPAWN_DELAY = 1.0
 
 
 def default_workers() -> int:
-    """The default ``--workers``: the cores this process may run on."""
+    """``--workers auto``, the default: the cores this process may run on, at most
+    :data:`AUTO_MAX` (1 on a single core: delivery stays in process)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover (not Linux)
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, min(AUTO_MAX, cores))
 
 
 # --- values that do not fit one AMP value ----------------------------------------------
@@ -138,6 +169,8 @@ class WorkerSetup(amp.Command):
         (b"send_ahead", amp.Float()),
         (b"cache_bytes", amp.Integer()),
         (b"offset", amp.Float()),
+        # Rows of the shared board on fd 4 (workerboard.py); none: no board.
+        (b"board_rows", amp.Integer(optional=True)),
     ]
     response = [(b"pid", amp.Integer()), (b"path", amp.Unicode())]
 
@@ -187,6 +220,14 @@ class WorkerNack(amp.Command):
     commandName = b"yima.worker-nack"
     arguments = StreamNack.arguments
     response = StreamNack.response
+
+
+class WorkerClock(amp.Command):
+    """The cluster clock offset, and the main process's heartbeat (no answer)."""
+
+    commandName = b"yima.worker-clock"
+    arguments = [(b"offset", amp.Float())]
+    requiresAnswer = False
 
 
 class WorkerState(amp.Command):
@@ -290,7 +331,10 @@ class _Worker(protocol.ProcessProtocol):
         self.pid: int | None = None
         self.ready = False
         self.dead = False
-        self.polling = False
+        #: The shared board this worker publishes on (None: none, counters by WorkerState).
+        self.board: Board | None = None
+        #: The offset last pushed.
+        self.offset = 0.0
         self._err = b""
 
     def connectionMade(self) -> None:
@@ -372,8 +416,10 @@ class WorkerPool:
         self.executable = executable
         self.workers: list[_Worker] = []
         self.on_death: Callable[[_Worker], None] | None = None
-        self.on_state: Callable[[_Worker, list[dict[str, Any]]], None] | None = None
+        self.on_board: Callable[[_Worker, dict[int, BoardRow]], None] | None = None
         self.deaths = 0
+        #: Replacement workers started after deaths.
+        self.restarts = 0
         self.spooled = 0
         #: The last counters of workers that died (the node's totals keep them).
         self.retired: dict[str, int] = {}
@@ -388,8 +434,10 @@ class WorkerPool:
         """Spawn the workers, each sending on ``data_fd`` (the node's RTP socket)."""
         self._fd = data_fd
         self._running = True
-        self.workers = [self._spawn(i) for i in range(self.count)]
-        self._poll = self.reactor.callLater(POLL_INTERVAL, self._poll_all)
+        # One at a time (the next once this one is set up): a worker's start-up (its
+        # imports, ~0.25 s of CPU) competes with the main process only one by one.
+        self.workers = [self._spawn(0)]
+        self._poll = self.reactor.callLater(POLL_INTERVAL, self._refresh_all)
 
     def stop(self) -> None:
         """Stop polling and end every worker (closing its stdin ends it)."""
@@ -402,6 +450,9 @@ class WorkerPool:
                     w.transport.signalProcess("TERM")
                 except Exception:  # already gone
                     pass
+            if w.board is not None:
+                w.board.close()
+                w.board = None
         if self._spool_dir is not None:
             for f in self._spool_dir.glob("*"):
                 f.unlink(missing_ok=True)
@@ -413,24 +464,37 @@ class WorkerPool:
     def _spawn(self, index: int) -> _Worker:
         assert self._fd is not None
         w = _Worker(self, index)
+        w.board = Board.create()
         argv = [self.executable, "-m", "yimaporc.yima._workerproc"]
-        self.reactor.spawnProcess(
-            w, self.executable, argv, env=dict(os.environ),
-            childFDs={0: "w", 1: "r", 2: "r", 3: self._fd},
-        )  # fmt: skip
+        try:
+            self.reactor.spawnProcess(
+                w, self.executable, argv, env=dict(os.environ),
+                childFDs={0: "w", 1: "r", 2: "r", 3: self._fd, 4: w.board.fd},
+            )  # fmt: skip
+        except Exception:
+            w.board.close()
+            raise
+        w.offset = self.offset()
         d = w.call(
             WorkerSetup,
             index=index,
             send_path=self.send_path,
             send_ahead=self.send_ahead,
             cache_bytes=max(1 << 20, self.cache_bytes // max(1, self.count)),
-            offset=self.offset(),
+            offset=w.offset,
+            board_rows=MAX_ROWS,
         )
         d.addCallbacks(self._set_up, self._setup_failed, callbackArgs=(w,), errbackArgs=(w,))
         return w
 
+    def _next(self) -> None:
+        """Start the next of the first workers, if any is left to start."""
+        if self._running and len(self.workers) < self.count:
+            self.workers.append(self._spawn(len(self.workers)))
+
     def _set_up(self, answer: dict[str, Any], w: _Worker) -> None:
         w.ready = True
+        self._next()
         self.log.info(
             "delivery worker {i} (pid {pid}) sends by {path}",
             i=w.index,
@@ -439,6 +503,7 @@ class WorkerPool:
         )
 
     def _setup_failed(self, failure: Failure, w: _Worker) -> None:
+        self._next()
         if not w.dead:
             self.log.error(
                 "delivery worker {i}: setup failed: {e}", i=w.index, e=failure.getErrorMessage()
@@ -448,6 +513,13 @@ class WorkerPool:
         if not self._running:
             return
         self.deaths += 1
+        # The board survives its writer: the very last counters and cursors.
+        rows = self._read(w)
+        if rows is not None and self.on_board is not None:
+            self.on_board(w, rows)
+        if w.board is not None:
+            w.board.close()
+            w.board = None
         for k, v in w.counters.items():
             self.retired[k] = self.retired.get(k, 0) + v
         w.counters = {}
@@ -465,6 +537,7 @@ class WorkerPool:
 
     def _respawn(self, w: _Worker) -> None:
         if self._running and w in self.workers:
+            self.restarts += 1
             self.workers[self.workers.index(w)] = self._spawn(w.index)
 
     # --- choice ------------------------------------------------------------------------
@@ -501,41 +574,41 @@ class WorkerPool:
 
     # --- state -------------------------------------------------------------------------
 
-    def _poll_all(self) -> None:
+    def _refresh_all(self) -> None:
+        """Every POLL_INTERVAL: the mirrors from the boards; the offset where it moved."""
         self._poll = None
         if not self._running:
             return
+        self.refresh()
+        offset = self.offset()
         for w in self.live():
-            if not w.polling:
-                w.polling = True
-                self._poll_one(w, 0, [])
-        self._poll = self.reactor.callLater(POLL_INTERVAL, self._poll_all)
+            # Also the heartbeat: a worker whose main process is silent holds delivery.
+            w.offset = offset
+            w.call(WorkerClock, offset=offset)
+        self._poll = self.reactor.callLater(POLL_INTERVAL, self._refresh_all)
 
-    def _poll_one(self, w: _Worker, start: int, got: list[dict[str, Any]]) -> None:
-        d = w.call(WorkerState, start=start, offset=self.offset())
+    def refresh(self) -> None:
+        """Read every worker's board now: counters kept, rows to ``on_board``."""
+        for w in self.workers:
+            rows = None if w.dead else self._read(w)
+            if rows is not None and self.on_board is not None:
+                self.on_board(w, rows)
 
-        def answered(answer: dict[str, Any]) -> None:
-            got.extend(answer["sessions"])
-            if answer["next"] >= 0:
-                self._poll_one(w, answer["next"], got)
-                return
-            w.polling = False
-            w.counters = {c["name"]: c["value"] for c in answer["counters"]}
-            if self.on_state is not None:
-                self.on_state(w, got)
+    def _read(self, w: _Worker) -> dict[int, BoardRow] | None:
+        """``w``'s board now: its counters kept, its rows (None: no board)."""
+        board = getattr(w, "board", None)
+        if board is None:
+            return None
+        w.counters, rows = board.read()
+        return rows
 
-        def failed(failure: Failure) -> None:
-            w.polling = False
-            if not w.dead:
-                self.log.warn("worker {i}: state poll failed: {e}", i=w.index,
-                              e=failure.getErrorMessage())  # fmt: skip
-
-        d.addCallbacks(answered, failed)
-
-    def counters(self) -> dict[str, int]:
-        """The workers' last polled counters (the dead ones' included), summed."""
+    def counters(self, fresh: bool = True) -> dict[str, int]:
+        """The workers' counters (the dead ones' included), summed; ``fresh``: read
+        from the boards now (else as last read)."""
         out = dict(self.retired)
         for w in self.workers:
+            if fresh and not w.dead:
+                self._read(w)
             for k, v in w.counters.items():
                 out[k] = out.get(k, 0) + v
         return out
@@ -583,8 +656,13 @@ class ShardedStreamingNode(StreamingNode):
         self.generation: dict[str, int] = {}
         self.sessions_moved = 0
         self.worker_resent = 0
+        #: Board keys of the workers' sessions, and each one's last published row.
+        self.keys: dict[str, int] = {}
+        self.rows: dict[str, BoardRow] = {}
+        #: What dead workers had sent of a session that moved (packets, bytes, late, max late).
+        self.carried: dict[str, tuple[int, int, int, float]] = {}
         pool.on_death = self._worker_died
-        pool.on_state = self._worker_state
+        pool.on_board = self._worker_board
 
     # --- where a session runs ----------------------------------------------------------
 
@@ -623,6 +701,8 @@ class ShardedStreamingNode(StreamingNode):
         """Give a session to worker ``w`` (from its start, or from ``state``)."""
         self.owner[session] = w
         w.sessions.add(session)
+        if session not in self.keys:
+            self.keys[session] = session_key(session)
         gen = self.generation[session] = self.generation.get(session, 0) + 1
         t = s.media
         d = w.call(
@@ -657,6 +737,9 @@ class ShardedStreamingNode(StreamingNode):
             self.origins.pop(session, None)
             self.owner.pop(session, None)
             self.generation.pop(session, None)
+            self.keys.pop(session, None)
+            self.rows.pop(session, None)
+            self.carried.pop(session, None)
             w.sessions.discard(session)
         else:
             raise ValueError(f"unknown stream action {action!r}")
@@ -686,6 +769,20 @@ class ShardedStreamingNode(StreamingNode):
 
     # --- the workers' news -------------------------------------------------------------
 
+    def _worker_board(self, w: _Worker, rows: dict[int, BoardRow]) -> None:
+        """A worker's board as read: each of its sessions' row kept, its mirror moved."""
+        found = []
+        for sid in w.sessions:
+            key = self.keys.get(sid)
+            row = rows.get(key) if key is not None else None
+            if row is None or row.generation != self.generation.get(sid, 0) & 0xFFFFFFFF:
+                continue  # not published yet, or from before a seek or an adoption
+            self.rows[sid] = row
+            found.append({"session": sid, "generation": self.generation.get(sid, 0),
+                          "cursor_block": row.cursor_block, "cursor_packet": row.cursor_packet,
+                          "node_seq": row.node_seq})  # fmt: skip
+        self._worker_state(w, found)
+
     def _worker_state(self, w: _Worker, sessions: list[dict[str, Any]]) -> None:
         for row in sessions:
             sid = row["session"]
@@ -702,6 +799,11 @@ class ShardedStreamingNode(StreamingNode):
         w.sessions.clear()
         for sid in moved:
             del self.owner[sid]
+            row = self.rows.pop(sid, None)
+            if row is not None:  # what it sent of the session goes on counting
+                p, b, late, worst = self.carried.get(sid, (0, 0, 0, 0.0))
+                self.carried[sid] = (p + row.packets, b + row.bytes, late + row.late_packets,
+                                     max(worst, row.max_late))  # fmt: skip
             s, dest = self.mirror.sessions.get(sid), self.destinations.get(sid)
             if s is None or dest is None:
                 continue
@@ -713,8 +815,13 @@ class ShardedStreamingNode(StreamingNode):
                 continue
             # No worker left: served here, from the same state.
             self.mirror.remove(sid)
+            self.keys.pop(sid, None)
             local = self.local_scheduler.add(sid, s.media, s.my_blocks, s.anchor_ct, s.anchor_mt)
             apply_state(local, state)
+            carried = self.carried.pop(sid, None)
+            if carried is not None:
+                p, b, late, worst = carried
+                self.engine.stats.sent_run(sid, p, b, late, worst)
         if moved:
             self.log.warn("{n} sessions of dead worker {i} moved, from their last cursor",
                           n=len(moved), i=w.index)  # fmt: skip
@@ -722,9 +829,35 @@ class ShardedStreamingNode(StreamingNode):
 
     # --- status ------------------------------------------------------------------------
 
+    def running(self) -> list[dict[str, object]]:
+        """The workers' sessions as ``streaming.running`` lists them (read the boards first)."""
+        out = []
+        for sid in self.owner:
+            row = self.rows.get(sid)
+            p, b, late, worst = self.carried.get(sid, (0, 0, 0, 0.0))
+            if row is not None:
+                p, b, late = p + row.packets, b + row.bytes, late + row.late_packets
+                worst = max(worst, row.max_late)
+            if not p:
+                continue  # nothing sent yet: not listed, as in process
+            s = self.mirror.sessions.get(sid)
+            out.append({
+                "session": hashlib.sha256(sid.encode()).hexdigest()[:10],
+                "media": s.media.name if s is not None else "",
+                "packets": p, "bytes": b, "late_packets": late,
+                "max_late_ms": round(worst * 1e3, 1),
+            })  # fmt: skip
+        return out
+
     def merge_status(self, streaming: dict[str, Any]) -> None:
-        """Add the workers' counters to the node's ``streaming`` status, and their own."""
-        c = self.pool.counters()
+        """Add the workers' counters and sessions to the node's ``streaming`` status
+        (read from their boards now), and their own."""
+        self.pool.refresh()
+        c = self.pool.counters(fresh=False)
+        if "running" in streaming:
+            merged = [*streaming["running"], *self.running()]
+            merged.sort(key=lambda r: (-int(r["bytes"]), str(r["session"])))  # type: ignore[call-overload]
+            streaming["running"] = merged[:MAX_LISTED]
         for key in ("packets_sent", "bytes_sent", "block_reads", "block_read_bytes",
                     "block_read_errors", "late_waits", "late_packets", "cache_hits"):  # fmt: skip
             if key in streaming:
@@ -749,6 +882,7 @@ class ShardedStreamingNode(StreamingNode):
                 for w in self.pool.workers
             ],
             "deaths": self.pool.deaths,
+            "restarts": self.pool.restarts,
             "sessions_moved": self.sessions_moved,
             "spooled_blocks": self.pool.spooled,
             "packets_sent": c.get("packets_sent", 0),
