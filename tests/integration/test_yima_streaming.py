@@ -288,7 +288,7 @@ def test_relay_sends_rtcp_sender_reports_and_paces_vbr(bipartite: list[NodeProc]
     Pacing: each packet's arrival, against its RTP timestamp (media time),
     leads or lags the first packet's by at most the relay's reorder hold.
     """
-    from yimaporc.yima.rtp import Bye, SenderReport, SourceDescription, parse_rtcp
+    from yimaporc.rtp import Bye, SenderReport, SourceDescription, parse_rtcp
 
     url = f"rtsp://127.0.31.1:{RTSP}/clip"
     with socket.create_connection(("127.0.31.1", RTSP), timeout=10) as sock:

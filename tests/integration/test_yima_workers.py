@@ -25,6 +25,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 
+from yimaporc.rtp import PT_MP2T, RtpHeaderTemplate
 from yimaporc.testing.procs import (
     NodeProc,
     assert_lag_small,
@@ -35,7 +36,6 @@ from yimaporc.testing.procs import (
 )
 from yimaporc.yima.feedback import mark_retransmission
 from yimaporc.yima.media.sample import make_sample_ts
-from yimaporc.yima.rtp import PT_MP2T, RtpHeaderTemplate
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, Packet
 from yimaporc.yima.streaming import Destination, StreamingNode
 from yimaporc.yima.workerboard import MAX_ROWS, Board, session_key

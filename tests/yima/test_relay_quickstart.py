@@ -19,12 +19,12 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock, deferLater
 
 from yimaporc.cluster.rpc import RpcRegistry
+from yimaporc.rtp import PT_MP2T, RtpHeaderTemplate
 from yimaporc.rtsp._machine import ServerSession
 from yimaporc.rtsp._wire import NptRange, TransportSpec
 from yimaporc.yima.feedback import mark_retransmission
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.placement import LogicalDisk
-from yimaporc.yima.rtp import PT_MP2T, RtpHeaderTemplate
 from yimaporc.yima.rtspservice import OVERDUE, RELAY_LEAD, YimaStreamingService
 from yimaporc.yima.schedule import PAYLOAD
 from yimaporc.yima.streaming import StreamControl, StreamNack, StreamStart

@@ -23,8 +23,8 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from ..rtp import PT_MP2T, RtpHeaderTemplate
 from .feedback import mark_retransmission
-from .rtp import PT_MP2T, RtpHeaderTemplate
 from .schedule import MediaTiming, Packet
 from .sendpath import DatagramSender
 from .streaming import Destination, StreamingNode

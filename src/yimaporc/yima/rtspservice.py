@@ -36,6 +36,18 @@ from zope.interface import implementer
 
 from ..cluster.membership import IMembershipListener, View
 from ..cluster.node import CannotStart, ClusterNode, IReady
+from ..rtp import (
+    PT_MP2T,
+    Bye,
+    RtpHeaderTemplate,
+    SdesChunk,
+    SdesItem,
+    SenderReport,
+    SourceDescription,
+    l16_payload_type,
+    ntp_timestamp,
+    serialize_rtcp,
+)
 from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
 from ..rtsp._machine import ServerSession, send_interleaved_many
 from ..rtsp._wire import NptRange, RtpInfo, TransportSpec
@@ -59,18 +71,6 @@ from .media import (
     to_l16,
 )
 from .relay import RelayStats, Reorderer, rewrite
-from .rtp import (
-    PT_MP2T,
-    Bye,
-    RtpHeaderTemplate,
-    SdesChunk,
-    SdesItem,
-    SenderReport,
-    SourceDescription,
-    l16_payload_type,
-    ntp_timestamp,
-    serialize_rtcp,
-)
 from .schedule import MediaTiming, Packet
 from .sendpath import DatagramSender
 from .store import BlockKey
