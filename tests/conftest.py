@@ -1,5 +1,6 @@
 """Shared pytest configuration."""
 
+import gc
 import os
 
 import pytest
@@ -23,3 +24,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collection left alive (modules, test items, parameters) into the
+    permanent GC generation.
+
+    The safety-net plugin runs a full ``gc.collect()`` after every test so that an
+    unhandled Deferred error is logged inside the test that left it; without the freeze
+    each collection walks every imported module's objects again (about 35 ms a test,
+    5.6 of the 6.6 CPU seconds of tests/rtsp).  Objects made by tests are created
+    after the freeze, so they are still collected and their errors still reported.
+    """
+    gc.collect()
+    gc.freeze()
