@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 pytest_plugins = ["pytester"]
 
@@ -72,3 +74,16 @@ def test_frozen_collection_still_reports_errors_left_in_cycles(pytester: pytest.
 def test_the_suite_runs_with_collection_frozen() -> None:
     """tests/conftest.py froze the collected objects, so the per-test collection stays cheap."""
     assert gc.get_freeze_count() > 1000
+
+
+def test_hypothesis_profiles_keep_the_default_run_short_and_fuzz_long() -> None:
+    """The default profiles (ci, dev) cap examples at 60; `fuzz` (make test-slow) runs 1000."""
+    assert settings.get_profile("ci").max_examples <= 60
+    assert settings.get_profile("dev").max_examples <= 60
+    assert settings.get_profile("fuzz").max_examples >= 1000
+    assert (
+        settings().max_examples
+        == settings.get_profile(
+            os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+        ).max_examples
+    )
