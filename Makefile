@@ -61,9 +61,11 @@ test: install lint
 	$(BIN)/python tests/run_tiers.py -q $(PYTEST_ARGS)
 
 # Tests marked slow: the long matrices (every player x transport x medium)
-# and the long simulator sweeps (hundreds of seeds).
+# and the long simulator sweeps (hundreds of seeds); then every hypothesis test of
+# the unit tier under the `fuzz` profile (1000 examples where a test sets no count).
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -m hypothesis --ignore=tests/integration $(PYTEST_ARGS)
 
 unit: install
 	$(BIN)/python -m pytest -q --ignore=tests/integration $(PYTEST_ARGS)

@@ -16,7 +16,7 @@ from yimaporc.sim.kernel import Faults
 from yimaporc.testing.seeds import sweep
 
 SEEDS = 50  # per test under `make test-slow`
-DEFAULT = 12  # per test in `make test`
+DEFAULT = 4  # per test in `make test` (the unit tier under 4 minutes)
 N = 30
 LIMIT = 60.0
 

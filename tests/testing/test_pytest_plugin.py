@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import os
+from pathlib import Path
+
 import pytest
+from hypothesis import settings
 
 pytest_plugins = ["pytester"]
 
@@ -42,3 +47,43 @@ def test_logged_failures_fail_the_test(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=4, errors=2)
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_logs_a_failure*"])
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaves_an_unhandled_deferred_error*"])
+
+
+_CYCLE_TEST = """
+from twisted.internet.defer import fail
+
+def test_leaves_an_error_in_a_cycle():
+    d = fail(ValueError("only the cycle collector sees this"))
+    holder = {"d": d}
+    holder["self"] = holder
+    d.addCallback(lambda _, h=holder: h)
+"""
+
+
+def test_frozen_collection_still_reports_errors_left_in_cycles(pytester: pytest.Pytester) -> None:
+    """With the project conftest (GC freeze after collection), an unhandled Deferred error
+    kept alive only by a reference cycle still fails the test that left it."""
+    conftest = Path(__file__).resolve().parents[1] / "conftest.py"
+    pytester.makeconftest(conftest.read_text())
+    pytester.makepyfile(test_cycle=_CYCLE_TEST)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaves_an_error_in_a_cycle*"])
+
+
+def test_the_suite_runs_with_collection_frozen() -> None:
+    """tests/conftest.py froze the collected objects, so the per-test collection stays cheap."""
+    assert gc.get_freeze_count() > 1000
+
+
+def test_hypothesis_profiles_keep_the_default_run_short_and_fuzz_long() -> None:
+    """The default profiles (ci, dev) cap examples at 60; `fuzz` (make test-slow) runs 1000."""
+    assert settings.get_profile("ci").max_examples <= 60
+    assert settings.get_profile("dev").max_examples <= 60
+    assert settings.get_profile("fuzz").max_examples >= 1000
+    assert (
+        settings().max_examples
+        == settings.get_profile(
+            os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+        ).max_examples
+    )
