@@ -10,6 +10,7 @@ import os
 import sqlite3
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -97,6 +98,18 @@ def _read_file(path: Path) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def _weakly(method: Callable[[object], None]) -> Callable[[object], None]:
+    """``method`` called through a weak reference to its object (SQLite functions)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(arg: object) -> None:
+        m = ref()
+        if m is not None:
+            m(arg)
+
+    return call
+
+
 def _flags(text: str) -> tuple[str, ...]:
     return tuple(text.split()) if text else ()
 
@@ -120,7 +133,7 @@ class BucketFiles:
         #: Gives out mod-sequences (:mod:`.._modseq`); a write drops the user's index
         #: entry under its lock, so a reader's bound is never below a write it missed.
         self.modseqs = _modseq.ModseqClock(now)
-        self.modseqs.on_write = self._touched
+        self.modseqs.on_write = _weakly(self._touched)
 
     # --- plumbing ----------------------------------------------------------
 
@@ -163,8 +176,11 @@ class BucketFiles:
         rows, by whichever code writes through this connection, drops that user
         from :attr:`index`; a change to their ``shown`` rows drops those (see
         :mod:`..mailindex`)."""
-        db.create_function("mailindex_touch", 1, self._touched, deterministic=False)
-        db.create_function("mailindex_shown", 1, self._shown_touched, deterministic=False)
+        # Weak: a bound method here would tie the store and its connections in a
+        # cycle through SQLite's C object that the collector cannot break, so a
+        # store never closed would never be freed.
+        db.create_function("mailindex_touch", 1, _weakly(self._touched), deterministic=False)
+        db.create_function("mailindex_shown", 1, _weakly(self._shown_touched), deterministic=False)
         for table, fn in (
             ("messages", "mailindex_touch"),
             ("mailboxes", "mailindex_touch"),
