@@ -6,9 +6,12 @@ the user's manager of now, not the one it found at login."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
+from mailtest_helpers import result_of
+from test_cluster_sim import DOMAIN, Net, add_user
 from twisted.internet.defer import Deferred, fail, succeed
 
 from yimaporc.cluster.rpc import PeerUnavailable
@@ -16,6 +19,7 @@ from yimaporc.imap import ImapError
 from yimaporc.porcupine.imap_backend import as_imap_error
 from yimaporc.porcupine.retrieval import Fragmented, RetrievalProxy, UserMail
 from yimaporc.porcupine.retrieval._listing import inbox_uidvalidity
+from yimaporc.porcupine.usermap import bucket_of
 from yimaporc.porcupine.values import INBOX, MailboxInfo, MailUnavailable, Profile
 
 USER = "erin@example.org"
@@ -149,3 +153,31 @@ def test_a_session_asks_the_manager_of_now_not_the_one_at_login() -> None:
     assert old.asked["profile"] == 1, "the old manager is not asked again"
     assert proxy.counts["validity_unknown"] == 1
     assert proxy.open(USER).counts is proxy.counts
+
+
+def test_a_session_opened_before_buckets_move_reads_everything_after(tmp_path: Path) -> None:
+    """MailClusters on a simulated network: sessions opened at n1 before n4 joins and
+    takes buckets over keep working after the move (SELECT complete, mail delivered
+    after the move listed, one UIDVALIDITY), where the manager found at login now
+    answers uncertain ([UNAVAILABLE])."""
+    net = Net(tmp_path)
+    for n in ("n1", "n2", "n3"):
+        net.add(n)
+    net.commit(["n1", "n2", "n3"])
+    users = [f"s{i}@{DOMAIN}" for i in range(16)]
+    before = {u: net.map.owners[bucket_of(u)] for u in users}
+    for u in users:
+        add_user(net, "n2", u)
+        net.nodes["n3"].deliver(u, b"before " + u.encode() + b"\r\n")
+    sessions = {u: net.nodes["n1"].mail.retrieval.open(u) for u in users}
+    validity = {u: inbox_validity(m) for u, m in sessions.items()}
+    net.add("n4")
+    net.commit(["n1", "n2", "n3", "n4"])
+    moved = [u for u in users if net.map.owners[bucket_of(u)] != before[u]]
+    assert moved, "some buckets moved"
+    for u in moved:
+        net.nodes["n4"].deliver(u, b"after " + u.encode() + b"\r\n")
+        infos, digests = result_of(sessions[u].open_mailbox(INBOX, complete=True))
+        assert len(digests) == 2, u
+        assert [i.uidvalidity for i in infos if i.name == INBOX] == [validity[u]]
+    assert net.nodes["n1"].mail.status()["mail_refusals"] == {}
