@@ -43,6 +43,7 @@ PORCUPINE_STATUS: dict[str, Any] = {
     "buckets": {"p1": 128, "p2": 128},
     "messages_accepted": 42,
     "client_errors": {"smtp_bad_arguments": 2, "imap.bad_syntax": 1},
+    "mail_refusals": {"validity_unknown": 6},
     "imap_open_mailboxes": 3,
     "plaintext_passwords": True,
     "auth": {
@@ -185,6 +186,7 @@ def test_porcupine_status_becomes_conventional_metrics() -> None:
         (("error", "bad_arguments"), ("protocol", "smtp")): 2,
         (("error", "bad_syntax"), ("protocol", "imap")): 1,
     }
+    assert got["yimaporc_mail_refusals_total"] == {(("reason", "validity_unknown"),): 6}
     assert got["yimaporc_mail_auth_failures_total"] == {(): 2}
     assert got["yimaporc_mail_imap_open_mailboxes"] == {(): 3}
     assert got["yimaporc_mail_plaintext_passwords"] == {(): 1}

@@ -45,6 +45,14 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
             protocol=_label_value(protocol),
             error=_label_value(error or "other"),
         )
+    for key, value in sorted((doc.get("mail_refusals") or {}).items()):
+        out.counter(
+            "yimaporc_mail_refusals",
+            "IMAP/POP3 commands refused with a transient [UNAVAILABLE] for what this node "
+            "could not know (validity_unknown: the user's profile, hence INBOX UIDVALIDITY).",
+            value,
+            reason=_label_value(str(key)),
+        )
     sessions = doc.get("mail_sessions")
     if isinstance(sessions, dict):
         for proto in sorted(set(MAIL_PROTOCOLS) | set(sessions)):

@@ -267,9 +267,10 @@ class ClusterUserManager(UserManager):
         (the holder records are on one), every member's hint in, and our read lease
         holding; a manager in a minority partition cannot tell what the other side
         holds, also before its failure detection noticed.  Nor can a node that does not
-        manage the address's bucket under its map: a session keeps the manager it found
-        at login, and once the map moved the bucket away this node's soft state for it
-        is empty (sim.mail seeds 203, 214 of the 5-node shape: an INBOX shown empty)."""
+        manage the address's bucket under its map: a session looks its manager up on
+        every call (``UserMail.users``), but a call resolved just before the map moved
+        the bucket away lands here, where the soft state for it is empty (sim.mail
+        seeds 203, 214 of the 5-node shape: an INBOX shown empty)."""
         user = address.lower()
         return self.core.state.manages(user) and self.core.certain(
             user, float(self.clock.seconds())

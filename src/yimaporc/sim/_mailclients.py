@@ -207,11 +207,13 @@ _SUBJECT = re.compile(rb"Subject: *(\S+)", re.I)
 
 
 def parse_imap(replies: list[bytes]) -> tuple[list[tuple[str, int]], int] | None:
-    """``((subject, uid) pairs, UIDNEXT)`` from a complete :func:`imap_steps` run."""
+    """``((subject, uid) pairs, UIDNEXT)`` from a complete :func:`imap_steps` run; None
+    when SELECT or the FETCH was refused (``a3 NO [UNAVAILABLE]``: a node holding the
+    mail is out of reach), which is a refusal, not a listing of nothing."""
     if len(replies) < 4:
         return None
     m = _UIDNEXT.search(replies[2])
-    if m is None:
+    if m is None or not _tagged_ok(replies[3], b"a3"):
         return None
     listing: list[tuple[str, int]] = []
     for chunk in _FETCH.split(replies[3])[1:]:
@@ -219,6 +221,11 @@ def parse_imap(replies: list[bytes]) -> tuple[list[tuple[str, int]], int] | None
         if uid is not None:
             listing.append((subject.group(1).decode() if subject else "?", int(uid.group(1))))
     return listing, int(m.group(1))
+
+
+def _tagged_ok(reply: bytes, tag: bytes) -> bool:
+    """``reply`` ends with ``TAG OK ...`` (the command completed)."""
+    return re.search(rb"(?:^|\r\n)" + re.escape(tag) + rb" OK\b", reply) is not None
 
 
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
@@ -232,7 +239,7 @@ def parse_uidvalidity(replies: list[bytes]) -> int | None:
 
 def parse_uidl(replies: list[bytes]) -> list[str] | None:
     """The unique ids of a complete :func:`pop3_steps` run."""
-    if len(replies) < 4:
-        return None
+    if len(replies) < 4 or not replies[3].startswith(b"+OK"):
+        return None  # -ERR [SYS/TEMP]: refused, not an empty mailbox
     lines = replies[3].split(b"\r\n")[1:]
     return [line.split(b" ", 1)[1].decode() for line in lines if line and line != b"."]

@@ -24,6 +24,7 @@ __all__ = [
     "ask_all",
     "check_complete",
     "fresh_if_held",
+    "inbox_uidvalidity",
     "merge_parts",
     "merged_digests",
     "merged_tree",
@@ -79,16 +80,33 @@ def merged_tree(
     return d.addCallback(lambda infos: _monotonic(mail, infos))
 
 
+def inbox_uidvalidity(profile: Profile) -> int:
+    """INBOX's UIDVALIDITY for the incarnation of the user ``profile`` describes: its
+    creation second (an RFC 3501 nz-number, so at least 1: a clock near the epoch, as
+    in the simulator, or a profile without its creation time, gives 1).  Every node
+    holds the same record, so every node shows the same value."""
+    return max(1, int(profile.created))
+
+
 def _inbox_validity(mail: UserMail, infos: list[MailboxInfo]) -> Deferred[list[MailboxInfo]]:
     """INBOX's UIDVALIDITY is the profile's creation second, the same on every node
     whichever fragments answer (a fragment's own value depends on when and where
-    its INBOX row was made, and on that node's clock)."""
+    its INBOX row was made, and on that node's clock, so it is never shown: the
+    merged lowest would change with the fragments in reach).  Without the profile
+    (the user's manager has no record yet, e.g. a new manager before its hints
+    arrived, or the user was removed meanwhile) the value cannot be known: the
+    command is refused with a transient [UNAVAILABLE] (counted) rather than answered
+    with another value."""
 
     def fix(profile: Profile | None) -> list[MailboxInfo]:
         mail.copy_policy.profile_seen(mail, profile)
-        if profile is None or profile.created < 1:
-            return infos
-        v = int(profile.created)
+        if profile is None:
+            mail.counts["validity_unknown"] += 1
+            mail.log.info("{u}: no profile from the manager, UIDVALIDITY unknown", u=mail.address)
+            raise MailUnavailable(
+                "[UNAVAILABLE] the account's record is out of reach, try again later"
+            )
+        v = inbox_uidvalidity(profile)
         return [attrs.evolve(i, uidvalidity=v) if i.name == INBOX else i for i in infos]
 
     return mail.users.profile(mail.address).addCallback(fix)

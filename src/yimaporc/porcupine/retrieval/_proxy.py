@@ -4,6 +4,7 @@ strategies."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
@@ -42,13 +43,16 @@ class RetrievalProxy:
         self.copy_policy: ICopyPolicy = copy_policy if copy_policy is not None else SingleCopies()
         #: This node's own mailboxes (a cluster: they record the UIDNEXT shown).
         self.local = local
+        #: What the node's sessions were refused, by reason (``UserMail.counts``).
+        self.counts: Counter[str] = Counter()
 
     def authenticate(self, address: str, password: str) -> Deferred[Profile]:
         """The profile, or ``BadCredentials``."""
         return self.users(address).authenticate(address, password)
 
     def open(self, address: str) -> UserMail:
-        """The mail of an (already authenticated) user."""
+        """The mail of an (already authenticated) user; its manager is looked up on
+        every use (the bucket may move to another node while the session lasts)."""
         mail = UserMail(
             address,
             self.layout.home_of(address),
@@ -56,6 +60,8 @@ class RetrievalProxy:
             self.mailboxes,
             self.layout,
             self.copy_policy,
+            users_for=self.users,
+            counts=self.counts,
         )
         self.layout.opened(mail, self.node_id, self.local)
         return mail

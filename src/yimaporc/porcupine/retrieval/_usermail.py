@@ -5,6 +5,7 @@ has are its two strategies (:mod:`.interfaces`)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,11 +33,20 @@ class UserMail:
         mailboxes: Callable[[str], IMailboxManager],
         layout: IMailLayout,
         copy_policy: ICopyPolicy,
+        *,
+        users_for: Callable[[str], IUserManager] | None = None,
+        counts: Counter[str] | None = None,
     ) -> None:
         self.address = address
         self.home = home
-        self.users = users
+        #: The manager found at login; with ``users_for`` it is looked up again on
+        #: every use (:attr:`users`).
+        self._users = users
+        self._users_for = users_for
         self.managers = mailboxes
+        #: Node-wide counters of what sessions were refused (shared by the node's
+        #: sessions through :class:`~.RetrievalProxy`): ``validity_unknown``.
+        self.counts: Counter[str] = counts if counts is not None else Counter()
         #: Where the mail is (:class:`~.HomeOnly`: this node alone).
         self.layout = layout
         #: How many copies a message has (:class:`~.SingleCopies`: one).
@@ -77,6 +87,15 @@ class UserMail:
         #: With replication, the user's copies per message (from the profile): fewer
         #: holders out of reach than that leave every message a reachable copy.
         self.replicas = 1
+
+    @property
+    def users(self) -> IUserManager:
+        """The user's manager now: the bucket's owner may change while a session lasts
+        (a view change moves buckets), and a manager that lost the bucket answers
+        [UNAVAILABLE] (``certain()``) where the new one answers (issue 18)."""
+        if self._users_for is not None:
+            return self._users_for(self.address)
+        return self._users
 
     def incomplete(self, mailbox: str | None = None) -> list[str]:
         """Why the last listing (of ``mailbox``) may lack messages ([]: complete)."""
