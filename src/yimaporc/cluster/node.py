@@ -235,13 +235,12 @@ class ClusterNode(MultiService):
         self.view_changes = 0
         self._state_path = config.data_dir / "membership.json"
         self.state = self._load_state()
-        #: ``membership.json``, written off the reactor (ordered, coalesced, fsynced).
-        self.state_file = StateFile(
-            reactor,
-            threadpool if threadpool is not None else (lambda: reactor.getThreadPool()),
-            self._state_path,
-            durable=True,
+        self._pool: Pool | Callable[[], Pool] = (
+            threadpool if threadpool is not None else (lambda: reactor.getThreadPool())
         )
+        self._state_files: dict[str, StateFile] = {}
+        #: ``membership.json``, written off the reactor (ordered, coalesced, fsynced).
+        self.state_file = self.state_file_for("membership", self._state_path, durable=True)
         self._start_error: CannotStart | None = None
         self._state_durable: Deferred[None] = succeed(None)
         #: Histograms services keep for /metrics (yimaporc.admin.metrics exports them).
@@ -329,6 +328,14 @@ class ClusterNode(MultiService):
         offset = self.core.clock_sync.offset if self.core is not None else 0.0
         return float(self.reactor.seconds()) + offset
 
+    def state_file_for(self, name: str, path: Path, *, durable: bool) -> StateFile:
+        """A :class:`StateFile` for ``path`` written by this node's pool, reported as
+        ``state_files.NAME`` in the status and flushed when the node stops."""
+        if name in self._state_files:
+            raise ValueError(f"state file {name!r} exists already")
+        f = self._state_files[name] = StateFile(self.reactor, self._pool, path, durable=durable)
+        return f
+
     def add_route(self, route: Route) -> None:
         """Mount an admin API route."""
         self.routes.append(route)
@@ -359,7 +366,7 @@ class ClusterNode(MultiService):
             "membership": self._membership_status(),
             "reactor_lag": self.lag_monitor.summary().as_status(),
             "rpc": {**self.rpc_guard.stats, "unauthenticated": self.rpc_guard.unauthenticated},
-            "state_files": {"membership": dict(self.state_file.stats)},
+            "state_files": {name: dict(f.stats) for name, f in self._state_files.items()},
         }
         for provider in self.status_providers:
             doc.update(provider())
@@ -480,7 +487,8 @@ class ClusterNode(MultiService):
 
         def flushed(_: object) -> Deferred[None]:
             # A failed write was logged and counted already; stopping goes on.
-            return self.state_file.when_saved().addErrback(lambda _: None)
+            saved = [f.when_saved() for f in self._state_files.values()]
+            return DeferredList(saved, consumeErrors=True).addCallback(lambda _: None)
 
         return d.addCallback(close).addCallback(flushed)
 

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 from twisted.python.failure import Failure
 
-__all__ = ["ImmediatePool", "Job", "RecordingPool"]
+__all__ = ["CallsNow", "ImmediatePool", "Job", "RecordingPool"]
 
 OnResult = Callable[[bool, Any], None] | None
 
@@ -28,6 +28,14 @@ def _run(on_result: OnResult, func: Callable[..., Any], args: Any, kw: Any) -> N
         return
     if on_result is not None:
         on_result(True, result)
+
+
+class CallsNow:
+    """The one reactor method a pool's result needs: ``callFromThread``, at once."""
+
+    def callFromThread(self, f: Callable[..., object], *args: Any, **kw: Any) -> None:
+        """Call ``f`` now."""
+        f(*args, **kw)
 
 
 class ImmediatePool:
