@@ -11,9 +11,12 @@ import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 
+from yimaporc.cluster.buckets import BucketMap
+from yimaporc.cluster.bucketservice import BucketMapService, pack_commit
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.node import CannotStart, ClusterNode, NodeConfig
 from yimaporc.cluster.statefile import StateFile
+from yimaporc.cluster.wire import Member
 from yimaporc.testing.pools import RecordingPool
 from yimaporc.testing.pytest_plugin import LoggedFailures
 
@@ -212,3 +215,25 @@ def test_state_file_waiters_fire_in_order_and_see_failures(
     assert f.stats == {"writes": 2, "failed": 1, "coalesced": 0}
     assert _fired(f.when_saved()) == [None]
     assert len(logged_failures.take()) == 1
+
+
+def test_the_bucket_map_cache_is_written_in_the_pool_too(tmp_path: Path) -> None:
+    """BucketMapService saves its map through the node's pool: nothing on the reactor thread, counted under state_files.bucketmap."""
+    _, pool, node = _node(tmp_path)
+    buckets = BucketMapService(node, 16)
+    node.startService()
+    pool.run_all()
+    assert (tmp_path / "bucketmap.bin").exists()  # the boot's group of one
+    before = (tmp_path / "bucketmap.bin").read_bytes()
+    old = node.view
+    me = old.members
+    other = Member("n2", "127.0.159.2:7946", 1)
+    grown = buckets.map.reassign(["n1", "n2"], old.epoch + 1)
+    attachment = pack_commit(old, grown)
+    node._view_changed(old, View(old.epoch + 1, (*me, other), "n1", attachment))
+    assert buckets.map == grown
+    assert (tmp_path / "bucketmap.bin").read_bytes() == before
+    pool.run_all()
+    assert BucketMap.parse((tmp_path / "bucketmap.bin").read_bytes()) == grown
+    assert node.status()["state_files"]["bucketmap"]["writes"] == 2
+    node.stopService()
