@@ -509,14 +509,6 @@ class ClusterNode(MultiService):
             members=list(new.node_ids),
         )
         self._log_joins_and_leaves(old, new)
-        # Services act on a view only once its epoch is on disk (as when the write was
-        # inline), so a node that crashes meanwhile restarts where its services were.
-        # Waits fire in order, so listeners see every transition in order; a failed
-        # write (logged and counted) does not hold them back.
-        saved = self.state_file.when_saved()
-        saved.addBoth(lambda _: self._notify(old, new))
-
-    def _notify(self, old: View, new: View) -> None:
         for listener in list(self._listeners):
             try:
                 listener.membership_changed(old, new)
