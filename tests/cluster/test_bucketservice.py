@@ -9,7 +9,9 @@ import attrs
 
 from yimaporc.cluster.bucketservice import BucketMapService, unpack_commit
 from yimaporc.cluster.membership import View
+from yimaporc.cluster.statefile import StateFile
 from yimaporc.cluster.wire import Member
+from yimaporc.testing.pools import CallsNow, ImmediatePool
 
 
 @attrs.define
@@ -29,6 +31,9 @@ class FakeNode:
 
     def subscribe(self, listener: Any) -> None:
         self.listeners.append(listener)
+
+    def state_file_for(self, name: str, path: Path, *, durable: bool) -> StateFile:
+        return StateFile(CallsNow(), ImmediatePool(), path, durable=durable)
 
 
 def members(*ids: str) -> tuple[Member, ...]:

@@ -15,6 +15,7 @@ from zope.interface import implementer
 from yimaporc.admin.mount import admin_endpoint, mount_admin
 from yimaporc.cluster.node import CannotStart, ClusterNode, IReady, NodeConfig
 from yimaporc.tap.common import StopIfCannotStart
+from yimaporc.testing.pools import ImmediatePool
 from yimaporc.testing.pytest_plugin import LoggedFailures
 
 
@@ -25,6 +26,9 @@ class BusyPortReactor(MemoryReactorClock):
         super().__init__()
         self.busy = busy
         self.stopped = False
+
+    def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
+        f(*args, **kw)
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
         if port == self.busy:
@@ -53,7 +57,7 @@ class _UdpPort:
 
 def _node(tmp_path: Path, reactor: BusyPortReactor, admin: str | None) -> ClusterNode:
     cfg = NodeConfig("n1", "yima", tmp_path, "127.0.0.1", 7946)
-    node = ClusterNode(reactor, cfg, b"s" * 32, rng=random.Random(1))
+    node = ClusterNode(reactor, cfg, b"s" * 32, rng=random.Random(1), threadpool=ImmediatePool())
     endpoint = admin_endpoint(reactor, admin) if admin else None
     mount_admin(node, endpoint, label=f"--admin {admin}")
     return node

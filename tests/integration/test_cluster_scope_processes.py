@@ -78,7 +78,8 @@ def no_traceback(node: NodeProc) -> bool:
 def start(nodes: list[NodeProc], node: NodeProc) -> NodeProc:
     nodes.append(node)
     node.start()
-    wait_for(node.status, 30, f"{node.node_id} up")
+    # Up: its first view (a group of one) committed, which follows the start-up write.
+    wait_for(lambda: node.node_id in (node.members() or set()), 30, f"{node.node_id} up")
     return node
 
 
@@ -112,6 +113,14 @@ def test_replayed_datagram_of_a_mail_cluster_does_not_join_a_media_cluster(
         y_before, p_before = y1.status(), p1.status()
         assert y_before is not None and p_before is not None
         assert y_before["cluster"] == "yima" and p_before["cluster"] == "porcupine"
+        # The view's write runs in the node's pool: wait until it holds that epoch.
+        wait_for(
+            lambda: (
+                json.loads((ydata / "membership.json").read_bytes())["epoch"] == y_before["epoch"]
+            ),
+            10,
+            "y1's first view on disk",
+        )
         state_before = (ydata / "membership.json").read_bytes()
         assert json.loads(state_before)["known"] == []  # the pre-fix addresses are forgotten
         # The same datagram relabelled as yima's keeps porcupine's MAC: bad MAC.

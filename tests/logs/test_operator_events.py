@@ -22,6 +22,7 @@ from yimaporc.cluster.bucketservice import BucketMapService, pack_commit
 from yimaporc.cluster.membership import EMPTY_VIEW, Membership, View
 from yimaporc.cluster.node import ClusterNode, NodeConfig
 from yimaporc.cluster.wire import Member
+from yimaporc.testing.pools import RecordingPool
 from yimaporc.yima import store as store_module
 from yimaporc.yima.disks import PhysicalDisk
 from yimaporc.yima.events import ParityWatch
@@ -46,7 +47,8 @@ def of(events: list[LogEvent], kind: str) -> list[str]:
 
 def make_node(tmp_path: Path, node_id: str = "a") -> ClusterNode:
     cfg = NodeConfig(node_id, "porcupine", tmp_path / node_id, "127.0.0.1", 7946)
-    node = ClusterNode(Clock(), cfg, b"s" * 32, rng=random.Random(1))
+    # State files go to a pool that never runs: these tests read logs, not files.
+    node = ClusterNode(Clock(), cfg, b"s" * 32, rng=random.Random(1), threadpool=RecordingPool())
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     node.core = Membership(Member(node_id, "127.0.0.1:7946", 1), seeds=(), rng=random.Random(2))
     return node

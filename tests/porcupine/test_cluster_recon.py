@@ -33,12 +33,14 @@ from yimaporc.cluster.buckets import BucketMap, MalformedMap
 from yimaporc.cluster.bucketservice import BucketMapService, pack_commit, unpack_commit
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import RpcRegistry
+from yimaporc.cluster.statefile import StateFile
 from yimaporc.cluster.wire import Member
 from yimaporc.porcupine.cluster import Hints, HintsRequest, Json, MailCluster, MbStore
 from yimaporc.porcupine.retrieval import Fragmented
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
+from yimaporc.testing.pools import CallsNow, ImmediatePool
 
 HINTS_REQUEST = HintsRequest.commandName
 
@@ -54,6 +56,9 @@ class ReconNode(SimNode):
         self.config = SimpleNamespace(data_dir=tmp_path / f"{node_id}.cluster")
         self.provider: Any = None
         self.listeners: list[Any] = []
+        self.state_file_for = lambda name, path, durable: StateFile(
+            CallsNow(), ImmediatePool(), path, durable=durable
+        )
         self.buckets = BucketMapService(self, N_BUCKETS)  # type: ignore[arg-type,assignment]
         storage = MailStorage(net.clock, node_id, tmp_path / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
         storage.profiles._hash = fast_hash

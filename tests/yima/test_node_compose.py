@@ -125,7 +125,7 @@ def test_bad_configuration_fails_before_anything_is_built(tmp_path: Path) -> Non
 def _started(tmp_path: Path, reactor: _Reactor) -> YimaNode:
     node = ClusterNode(
         reactor, NodeConfig("y1", "yima", tmp_path / "data", HOST, 7946), b"s" * 32,
-        rng=random.Random(1),
+        rng=random.Random(1), threadpool=SynchronousThreadPool(),
     )  # fmt: skip
     storage = YimaStorageService(node, reactor, SynchronousThreadPool(), [(tmp_path / "d0", None)])
     streaming = YimaStreamingService(

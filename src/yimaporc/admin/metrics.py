@@ -164,6 +164,21 @@ def _common(out: _Families, doc: Mapping[str, Any], view_changes: int | None) ->
         "Admin connections closed at once because of the connection caps.",
         admin.get("refused_connections"),
     )
+    files = doc.get("state_files") or {}
+    for name, stats in sorted(files.items()):
+        for outcome, key in (
+            ("written", "writes"),
+            ("failed", "failed"),
+            ("coalesced", "coalesced"),
+        ):
+            out.counter(
+                "yimaporc_state_file_writes",
+                "Node state file saves (membership, bucket map) by outcome: written, failed, "
+                "or coalesced into a newer save.",
+                stats.get(key, 0),
+                file=_label_value(str(name)),
+                outcome=outcome,
+            )
     lag = doc.get("reactor_lag") or {}
     for key, stat in (("max_ms", "max"), ("p99_ms", "p99")):
         value = _number(lag.get(key))

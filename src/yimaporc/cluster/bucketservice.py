@@ -17,7 +17,6 @@ without this).
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +69,8 @@ class BucketMapService:
         self.node = node
         self.path: Path = node.config.data_dir / "bucketmap.bin"
         self.map = self._load(n_buckets)
+        # A cache (a lost write costs a few bucket moves): atomic, not fsynced, off the reactor.
+        self.file = node.state_file_for("bucketmap", self.path, durable=False)
         self._listeners: list[FreshListener] = []
         #: True while the last installed view says this node was away (see the module
         #: docstring); a boot's group of one counts as away.
@@ -163,7 +164,4 @@ class BucketMapService:
             return BucketMap.empty(n)
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(self.map.serialize())
-        os.replace(tmp, self.path)
+        self.file.save(self.map.serialize)  # the map is immutable: serialised in the pool

@@ -12,7 +12,6 @@ applications can embed a node directly.
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import time
@@ -46,6 +45,7 @@ from .listening import IReady as IReady
 from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
 from .routes import Route
 from .rpc import Echo, RpcClient, RpcGuard, RpcRegistry, RpcServerFactory
+from .statefile import Pool, StateFile
 from .udp import MembershipProtocol
 from .wire import Member, Scope
 
@@ -192,7 +192,10 @@ class ClusterNode(MultiService):
         *,
         rng: random.Random | None = None,
         wall_clock: Callable[[], float] = time.time,
+        threadpool: Pool | None = None,
     ) -> None:
+        """``threadpool`` writes the node's state files (default: the reactor's pool,
+        asked for at the first write); the simulator passes its host's pool."""
         super().__init__()
         self.reactor = reactor
         #: The wall clock (seconds since 1970) that seeds the incarnation at each boot;
@@ -232,6 +235,14 @@ class ClusterNode(MultiService):
         self.view_changes = 0
         self._state_path = config.data_dir / "membership.json"
         self.state = self._load_state()
+        self._pool: Pool | Callable[[], Pool] = (
+            threadpool if threadpool is not None else (lambda: reactor.getThreadPool())
+        )
+        self._state_files: dict[str, StateFile] = {}
+        #: ``membership.json``, written off the reactor (ordered, coalesced, fsynced).
+        self.state_file = self.state_file_for("membership", self._state_path, durable=True)
+        self._start_error: CannotStart | None = None
+        self._state_durable: Deferred[None] = succeed(None)
         #: Histograms services keep for /metrics (yimaporc.admin.metrics exports them).
         self.histograms = Histograms()
         lag = self.histograms.get(
@@ -317,6 +328,14 @@ class ClusterNode(MultiService):
         offset = self.core.clock_sync.offset if self.core is not None else 0.0
         return float(self.reactor.seconds()) + offset
 
+    def state_file_for(self, name: str, path: Path, *, durable: bool) -> StateFile:
+        """A :class:`StateFile` for ``path`` written by this node's pool, reported as
+        ``state_files.NAME`` in the status and flushed when the node stops."""
+        if name in self._state_files:
+            raise ValueError(f"state file {name!r} exists already")
+        f = self._state_files[name] = StateFile(self.reactor, self._pool, path, durable=durable)
+        return f
+
     def add_route(self, route: Route) -> None:
         """Mount an admin API route."""
         self.routes.append(route)
@@ -347,6 +366,7 @@ class ClusterNode(MultiService):
             "membership": self._membership_status(),
             "reactor_lag": self.lag_monitor.summary().as_status(),
             "rpc": {**self.rpc_guard.stats, "unauthenticated": self.rpc_guard.unauthenticated},
+            "state_files": {name: dict(f.stats) for name, f in self._state_files.items()},
         }
         for provider in self.status_providers:
             doc.update(provider())
@@ -354,7 +374,9 @@ class ClusterNode(MultiService):
 
     def _rpc_timed_out(self, address: str) -> None:
         """An RPC to ``address`` timed out: the failure detector hears of it."""
-        if self.core is None or self.protocol is None or self.protocol.transport is None:
+        if self.core is None or self.protocol is None or self.protocol.held:
+            return
+        if self.protocol.transport is None:
             return
         self.protocol.perform(self.core.rpc_timeout(address, float(self.reactor.seconds())))
 
@@ -376,7 +398,12 @@ class ClusterNode(MultiService):
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         st = self.state
         st.incarnation = max(st.incarnation + 1, int(self.wall_clock() * 1000))
+        # The new incarnation is on disk before the node announces itself: the ports
+        # bind now (a busy port still raises here), the membership protocol starts
+        # once the write is done.  A write that fails fails when_ready().
         self._save_state()
+        self._start_error = None
+        self._state_durable = self.state_file.when_saved().addErrback(self._state_unsaved)
         self.started_at = float(self.reactor.seconds())
         me = Member(cfg.node_id, cfg.cluster_address, st.incarnation)
         self.core = Membership(
@@ -390,7 +417,12 @@ class ClusterNode(MultiService):
             attachment_for=self._attachment_for,
         )
         self.protocol = MembershipProtocol(
-            self.core, self.membership_key, self.reactor, self._view_changed, scope=self.scope
+            self.core,
+            self.membership_key,
+            self.reactor,
+            self._view_changed,
+            scope=self.scope,
+            start_when=self.state_file.when_saved(),
         )
         self.rpc.on_timeout = self._rpc_timed_out
         rpc_factory = RpcServerFactory(
@@ -423,13 +455,29 @@ class ClusterNode(MultiService):
         cluster port is bound synchronously in :meth:`startService` and raises
         there).  Call it after the node has started.
         """
-        ds = [child.when_ready() for child in self if IReady.providedBy(child)]
+        own: Deferred[None] = Deferred()
+
+        def relay(result: object) -> object:
+            if self._start_error is not None:
+                own.errback(self._start_error)
+            else:
+                own.callback(None)
+            return result
+
+        self._state_durable.addCallback(relay)
+        ds = [own] + [child.when_ready() for child in self if IReady.providedBy(child)]
         return gatherResults(ds, consumeErrors=True).addCallbacks(
             lambda _: None, lambda f: f.value.subFailure if isinstance(f.value, FirstError) else f
         )
 
+    def _state_unsaved(self, failure: Any) -> None:
+        """The start-up write of the state failed (already logged by the state file)."""
+        self._start_error = CannotStart(
+            f"cannot write {self._state_path}: {failure.getErrorMessage()}"
+        )
+
     def stopService(self) -> Deferred[Any]:
-        """Stop children first, then the ports."""
+        """Stop children first, then the ports; fires once the state is on disk."""
         d = maybeDeferred(super().stopService)
 
         def close(_: object) -> Deferred[Any]:
@@ -437,7 +485,12 @@ class ClusterNode(MultiService):
             ports, self._ports = self._ports, []
             return DeferredList([maybeDeferred(p.stopListening) for p in ports], consumeErrors=True)
 
-        return d.addCallback(close)
+        def flushed(_: object) -> Deferred[None]:
+            # A failed write was logged and counted already; stopping goes on.
+            saved = [f.when_saved() for f in self._state_files.values()]
+            return DeferredList(saved, consumeErrors=True).addCallback(lambda _: None)
+
+        return d.addCallback(close).addCallback(flushed)
 
     # --- membership ---------------------------------------------------------------
 
@@ -507,8 +560,9 @@ class ClusterNode(MultiService):
             )
 
     # --- persistence ----------------------------------------------------------------
-    # A few hundred bytes written only on view changes; fsynced so that a
-    # node's epoch never goes back across a crash.
+    # A few hundred bytes written only on view changes, off the reactor through
+    # :attr:`state_file` (one write at a time, the newest state wins); fsynced so that
+    # a node's epoch never goes back across a crash.
 
     def _load_state(self) -> _Persisted:
         scope = self.scope
@@ -543,13 +597,9 @@ class ClusterNode(MultiService):
         return state
 
     def _save_state(self) -> None:
-        tmp = self._state_path.with_suffix(".tmp")
+        """Queue the current state for writing (snapshot now, serialise and write in
+        the pool)."""
         # Flat fields (``known`` is a list of str): no recursive asdict per save.
-        data = json.dumps(attrs.asdict(self.state, recurse=False)).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._state_path)
+        snapshot = attrs.asdict(self.state, recurse=False)
+        snapshot["known"] = list(snapshot["known"])
+        self.state_file.save(lambda: json.dumps(snapshot).encode())

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -32,8 +33,14 @@ class MembershipProtocol(DatagramProtocol):
         on_view: Callable[[View, View], None],
         *,
         scope: wire.Scope,
+        start_when: Deferred[None] | None = None,
     ) -> None:
+        """``start_when``: boot the core only once it fires (the node's new incarnation
+        is on disk); datagrams before that are dropped as ``starting``."""
         self.core = core
+        self.start_when = start_when
+        #: True until ``start_when`` fired and the core booted.
+        self.held = start_when is not None
         self.key = key
         self.scope = scope
         self.clock = clock
@@ -47,7 +54,17 @@ class MembershipProtocol(DatagramProtocol):
         self._accused = self._stalls = 0
 
     def startProtocol(self) -> None:
-        """Boot the core as soon as the port is bound."""
+        """Boot the core as soon as the port is bound (and ``start_when`` fired)."""
+        if self.start_when is None:
+            self._perform(self.core.start(self.clock.seconds()))
+            return
+        # A failed start_when is reported by whoever made it (the node's when_ready).
+        self.start_when.addCallbacks(lambda _: self._boot(), lambda _: None)
+
+    def _boot(self) -> None:
+        if not self.held or self.transport is None:
+            return
+        self.held = False
         self._perform(self.core.start(self.clock.seconds()))
 
     def stopProtocol(self) -> None:
@@ -59,6 +76,10 @@ class MembershipProtocol(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         """Verify, de-duplicate and hand one datagram to the core."""
         self.stats["received"] += 1
+        if self.held:
+            # Expected for a moment at each start: counted, not logged.
+            self.stats["dropped_starting"] += 1
+            return
         try:
             dgram = wire.parse(self.key, self.scope, data)
         except wire.WrongScope:
@@ -97,7 +118,8 @@ class MembershipProtocol(DatagramProtocol):
     def perform(self, actions: list[Action]) -> None:
         """Carry out actions the core returned outside a datagram or tick (an RPC
         timeout fed to the detector)."""
-        self._perform(actions)
+        if not self.held:
+            self._perform(actions)
 
     def _perform(self, actions: list[Action]) -> None:
         detector = self.core.detector

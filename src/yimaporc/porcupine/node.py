@@ -151,6 +151,7 @@ class PorcupineNode:
             config.secret,
             rng=random.Random(rng.getrandbits(64)),
             wall_clock=wall_clock,
+            threadpool=threadpool,
         )
         for service in first:
             service.setServiceParent(node)

@@ -170,6 +170,7 @@ class ClusterSim:
             SECRET,
             rng=random.Random(self.rng.getrandbits(64)),
             wall_clock=m.host.wall_time,
+            threadpool=reactor.getThreadPool(),
         )
         node.subscribe(_Recorder(self, m))
         m.node = node

@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from ..admin.mount import admin_endpoint, mount_admin
 from ..cluster.listening import ListeningService
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig
+from ..cluster.statefile import Pool
 from .rtspservice import YimaStreamingService
 from .storage import YimaStorageService
 from .streaming import DEFAULT_CACHE_BYTES
@@ -115,15 +116,17 @@ class YimaNode:
         *,
         rng: random.Random | None = None,
         first: Iterable[IService] = (),
+        threadpool: Pool | None = None,
     ) -> YimaNode:
         """Build the whole node from ``config`` (raises :class:`ConfigError` on bad input).
 
         ``rng`` seeds the node (default: the system's random source); ``first``
-        are services started before any port is bound.
+        are services started before any port is bound; ``threadpool`` writes the
+        node's state files (default: the reactor's pool).
         """
         rng = rng or random.SystemRandom()
         admin = admin_endpoint(reactor, config.admin) if config.admin else None
-        node = ClusterNode(reactor, config.node, config.secret, rng=rng)
+        node = ClusterNode(reactor, config.node, config.secret, rng=rng, threadpool=threadpool)
         storage = YimaStorageService.from_config(
             node, reactor, config.disks, threads=config.storage_threads
         )
