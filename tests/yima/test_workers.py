@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 
 from yimaporc.tap.yima import Options, yima_config
+from yimaporc.yima._workerchannel import _Packed
 from yimaporc.yima.deliverystats import DeliveryStats
 from yimaporc.yima.node import YimaConfig
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, Packet
@@ -29,7 +30,6 @@ from yimaporc.yima.workers import (
     WorkerNack,
     WorkerPool,
     WorkerStart,
-    _Packed,
     default_workers,
     make_pool,
 )

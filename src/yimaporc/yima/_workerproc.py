@@ -24,12 +24,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from ..rtp import PT_MP2T, RtpHeaderTemplate
-from .feedback import mark_retransmission
-from .schedule import MediaTiming, Packet
-from .sendpath import DatagramSender
-from .streaming import Destination, StreamingNode
-from .workerboard import Board, BoardRow, session_key
-from .workers import (
+from ._workerchannel import (
     STATE_PAGE,
     WorkerBlockPath,
     WorkerBlockSpool,
@@ -41,6 +36,11 @@ from .workers import (
     WorkerState,
     apply_state,
 )
+from .feedback import mark_retransmission
+from .schedule import MediaTiming, Packet
+from .sendpath import DatagramSender
+from .streaming import Destination, StreamingNode
+from .workerboard import Board, BoardRow, session_key
 
 DATA_FD = 3
 BOARD_FD = 4
