@@ -20,11 +20,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from ._imap_registry import MailboxRegistry
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL
 from .bodycache import DEFAULT_MAX_BYTES as DEFAULT_BODY_CACHE_BYTES
 from .bodycache import BodyCache
 from .fragments import FragmentStore, MailboxManager
-from .imap_backend import MailboxRegistry
 from .mailindex import DEFAULT_MAX_ROWS, MailIndex
 from .profiledb import ProfileDB
 
