@@ -1,0 +1,371 @@
+# mypy: disable-error-code="misc"
+# (the methods take ``self: YimaStreamingService``, the class they are mixed into,
+# which mypy reports as "erased type of self is not a supertype": that, and only
+# that, is what this silences)
+"""The relay of a non-fan-out session: the nodes' packets put in global order,
+paced and forwarded to the client (UDP or interleaved), the overdue watch and,
+when a node goes silent or leaves, its share taken over from parity here.
+
+A mixin of :class:`~.rtspservice.YimaStreamingService` (its methods, moved here
+unchanged)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+from twisted.internet.error import CannotListenError
+
+from ..cluster.membership import View
+from ..rtsp import RtspStatusError
+from ..rtsp._machine import send_interleaved_many
+from ._rtsp_plan import (
+    BYE_GRACE,
+    OVERDUE,
+    RETRY,
+    SEND_AHEAD,
+    SILENT,
+    SUSPECT_FOR,
+    WATCH_INTERVAL,
+    _big_buffers,
+    _header_length,
+    _Plan,
+    _Udp,
+)
+from .feedback import RETRANSMISSION_MARK
+from .relay import Reorderer, rewrite
+from .streaming import StreamControl
+
+if TYPE_CHECKING:
+    from .rtspservice import YimaStreamingService
+
+
+class RelayMixin:
+    """The relay and share takeover of :class:`~.rtspservice.YimaStreamingService`."""
+
+    def _open_relay(self: YimaStreamingService, session_id: str, plan: _Plan) -> None:
+        proto = _Udp(lambda data, addr: self._relayed(session_id, data))
+        try:
+            listening = self.reactor.listenUDP(0, proto, interface=self.node.config.cluster_host)
+        except CannotListenError as exc:
+            raise RtspStatusError(503, f"no relay port: {exc}") from None
+        plan.relay = Reorderer(first=0, hold=0.3, due=lambda g: self._relay_due(plan, g),
+                               hold_until=lambda g: plan.hold_gaps_until)  # fmt: skip
+        plan.relay_port = listening
+        _big_buffers(listening)
+        # This node's own packets skip the socket (two syscalls and a copy each).
+        plan.relay_addr = (self.node.config.cluster_host, listening.getHost().port)  # type: ignore[attr-defined]
+        self.streaming.local[plan.relay_addr] = lambda data: self._relayed(session_id, data)
+        self.streaming.local_batch[plan.relay_addr] = lambda view, size: self._relayed_many(
+            session_id, view, size
+        )
+
+    @staticmethod
+    def _destination(plan: _Plan) -> tuple[str, int]:
+        """Where the nodes send a session's packets: its relay here, or the client."""
+        return plan.relay_addr if plan.relay_port is not None else (plan.dest_host, plan.dest_port)
+
+    def relay_stats(self: YimaStreamingService) -> dict[str, int]:
+        """What the relays did (sessions torn down and live): forwarded, given up
+        (``skipped``), asked again, shares taken over early, duplicates, late, stale."""
+        total = attrs.asdict(self.relay_totals)
+        for plan in self.plans.values():
+            if plan.relay is not None:
+                for k, v in attrs.asdict(plan.relay.stats).items():
+                    total[k] += v
+        return {"forwarded": total["forwarded"], "skipped": total["gaps_skipped"],
+                "overdue_nacked": total["overdue_nacked"],
+                "early_takeovers": total["early_takeovers"],
+                "duplicates": total["duplicates"], "too_late": total["too_late"],
+                "stale": total["stale"]}  # fmt: skip
+
+    @staticmethod
+    def _relay_due(plan: _Plan, gseq: int) -> float:
+        """Cluster instant at which the relay forwards packet ``gseq`` (inf while paused)."""
+        if plan.timing is None:
+            return float("inf")
+        t = plan.timing.gseq_time(gseq)
+        if plan.playing:
+            return plan.started_ct + (t - plan.position) / plan.speed
+        # Paused (at paused_ct, at media position ``position``): what played before goes.
+        return plan.paused_ct + (t - plan.position) if t < plan.position else float("inf")
+
+    def _relayed(self: YimaStreamingService, session_id: str, data: bytes) -> None:
+        plan = self.plans.get(session_id)
+        if plan is None or plan.relay is None:
+            return
+        self._forward(session_id, plan, self._relay_one(plan, data, self.node.cluster_time()))
+
+    def _relayed_many(
+        self: YimaStreamingService, session_id: str, view: memoryview, size: int
+    ) -> None:
+        """A run of this node's own packets for a relayed session, handed over in one
+        call (``size``-byte datagrams, the last may be shorter): pushed in order, then
+        whatever they release is forwarded as one batch."""
+        plan = self.plans.get(session_id)
+        if plan is None or plan.relay is None:
+            return
+        now = self.node.cluster_time()
+        released: list[bytes] = []
+        for at in range(0, len(view), size):
+            released.extend(self._relay_one(plan, bytes(view[at : at + size]), now))
+        self._forward(session_id, plan, released)
+
+    def _relay_one(self: YimaStreamingService, plan: _Plan, data: bytes, now: float) -> list[bytes]:
+        """One node packet into the session's relay; the packets it releases."""
+        assert plan.relay is not None
+        if len(data) < 12:
+            return []
+        if int.from_bytes(data[8:12], "big") != plan.node_ssrc:
+            plan.relay.stats.stale += 1  # sent for the position before a seek
+            return []
+        if len(data) >= 24 and data[12:14] == b"\xbe\xde" and data[16] == 0x14:
+            plan.heard[data[17]] = now  # the node index in the Yima extension
+        seq16 = int.from_bytes(data[2:4], "big")
+        gseq = (seq16 - plan.seq_base) & 0xFFFF
+        # Unwrap against what the relay expects next.
+        base = plan.relay.next
+        gseq = base + ((gseq - base + 0x8000) & 0xFFFF) - 0x8000
+        if gseq < base and data[22:24] == RETRANSMISSION_MARK:
+            self._forward_late(plan, data)  # a NACKed packet the relay gave up on
+            return []
+        return plan.relay.push(gseq, data, now)
+
+    def _to_client(self: YimaStreamingService, plan: _Plan, data: bytes) -> bytes:
+        """A node's packet as this session's client gets it: its own sequence numbers
+        and SSRC; the Yima extension only if it opted in."""
+        seq = int.from_bytes(data[2:4], "big") - plan.seq_base + plan.seq_offset
+        return rewrite(data, seq, plan.ssrc.to_bytes(4, "big"), plan.extension)
+
+    def _forward_late(self: YimaStreamingService, plan: _Plan, data: bytes) -> None:
+        data = self._to_client(plan, data)
+        if plan.tcp_channel is not None:
+            if plan.session is not None:
+                plan.session.send_interleaved(plan.tcp_channel, data)
+        else:
+            self._send(data, (plan.dest_host, plan.dest_port))
+
+    def _forward(
+        self: YimaStreamingService, session_id: str, plan: _Plan, packets: list[bytes]
+    ) -> None:
+        packets = [self._to_client(plan, d) for d in packets]
+        if packets:
+            last = packets[-1]
+            plan.packets += len(packets)
+            plan.octets += sum(len(d) - _header_length(d) for d in packets)
+            plan.last_rtp_ts = int.from_bytes(last[4:8], "big")
+            plan.last_sent_at = self.reactor.seconds()
+        if packets:
+            if plan.tcp_channel is not None:
+                if plan.session is not None:  # one transport write for the batch
+                    send_interleaved_many(plan.session, plan.tcp_channel, packets)
+            else:
+                self._send_batch(packets, (plan.dest_host, plan.dest_port))
+        done = plan.relay is not None and plan.total and plan.relay.next >= plan.total
+        if done and plan.bye_timer is None and not plan.bye_sent:
+            plan.bye_timer = self.reactor.callLater(BYE_GRACE, self._bye, plan)
+        if plan.relay is not None:
+            deadline = plan.relay.next_deadline()
+            active = plan.relay_timer is not None and plan.relay_timer.active()
+            if active and deadline is not None and plan.relay_timer_at is not None:
+                if plan.relay_timer_at <= deadline:
+                    return  # the timer set runs first anyway
+            if active:
+                plan.relay_timer.cancel()  # type: ignore[union-attr]
+            plan.relay_timer = plan.relay_timer_at = None
+            if deadline is not None:
+                delay = max(0.0, deadline - self.node.cluster_time())
+                plan.relay_timer_at = deadline
+                plan.relay_timer = self.reactor.callLater(delay, self._relay_tick, session_id)
+
+    def _relay_tick(self: YimaStreamingService, session_id: str) -> None:
+        plan = self.plans.get(session_id)
+        if plan is None or plan.relay is None:
+            return
+        plan.relay_timer = plan.relay_timer_at = None
+        # Packets due within SEND_AHEAD go together (one wake-up and one send, not
+        # one per packet).
+        self._forward(session_id, plan, plan.relay.tick(self.node.cluster_time() + SEND_AHEAD))
+
+    def _watch(self: YimaStreamingService, session_id: str) -> None:
+        """Look for overdue packets of a relayed session: ask their owner again at once;
+        an owner still silent after that has its share served here, from parity, before
+        the membership notices it is gone (and it is told to stop, should it wake up)."""
+        plan = self.plans.get(session_id)
+        if plan is None or plan.relay is None or plan.bye_sent:
+            return
+        plan.watch_timer = self.reactor.callLater(WATCH_INTERVAL, self._watch, session_id)
+        now = self.node.cluster_time()
+        if not plan.playing or plan.timing is None or now < plan.watch_from:
+            return
+        # Every packet the nodes should have sent more than OVERDUE ago.
+        horizon = plan.position + plan.lead + (now - plan.started_ct - OVERDUE) * plan.speed
+        upto = min(plan.timing.first_gseq_at(horizon), plan.total)
+        missing = plan.relay.missing(upto)
+        for g in [g for g in plan.nacked if g < plan.relay.next]:
+            del plan.nacked[g]
+        if not missing:
+            return
+        fresh = [g for g in missing if g not in plan.nacked]
+        if fresh:
+            for g in fresh:
+                plan.nacked[g] = now
+            plan.relay.stats.overdue_nacked += len(fresh)
+            self._nack_owners(session_id, plan, fresh)
+        if self.mode != "bipartite":
+            return
+        info = self.storage.media_info(plan.media)
+        if not info.parity_group:
+            return  # nothing to rebuild from: the membership decides (BYE)
+        for g in missing:
+            if now - plan.nacked[g] < RETRY:
+                continue
+            node_id = self._owner(plan, g)
+            if node_id is None or node_id == self.node.node_id or node_id in plan.takeovers:
+                continue
+            if node_id not in plan.members:
+                continue
+            heard = plan.heard.get(plan.members.index(node_id))
+            if heard is not None and now - heard < SILENT:
+                continue
+            self.log.warn("rtsp: {n} is silent on {s} ({k} packets overdue): serving its "
+                          "share from parity", n=node_id, s=session_id, k=len(missing))  # fmt: skip
+            self.suspects[node_id] = now + SUSPECT_FOR
+            plan.relay.stats.early_takeovers += 1
+            self._take_over(session_id, plan, node_id, early=True)
+
+    def _share_lost(self: YimaStreamingService, sid: str, plan: _Plan, node_id: str) -> None:
+        """A node left and its blocks have no parity: say so (RTCP BYE with the reason,
+        so players end the stream rather than play one with holes) and stop every node."""
+        self.lost_sessions += 1
+        self.log.warn("rtsp: {n} left and {m} has no parity: ending {s}",
+                      n=node_id, m=plan.media, s=sid)  # fmt: skip
+        self._bye(plan, f"node {node_id} left; {plan.media} has no parity".encode())
+        self._control(sid, "stop", 0.0)
+
+    def membership_changed(self: YimaStreamingService, old: View, new: View) -> None:
+        """Serve the remaining share of every node that left a session this node planned.
+
+        Bipartite mode only (a master reads a lost slave's blocks through parity
+        anyway): this node schedules the departed node's blocks from the current
+        media position, reading them with parity recovery, under the departed
+        node's index.  Packets it would have sent between its death and the new
+        view are lost (the player's retransmission cannot reach a dead node).
+        """
+        gone = {m.node_id for m in old.members} - {m.node_id for m in new.members}
+        if not gone:
+            return
+        for node_id in gone:
+            self.suspects.pop(node_id, None)  # gone for good: reads skip it anyway
+        # Shares of sessions whose RTSP node left: nobody relays or plans them any more.
+        for session, origin in list(self.streaming.origins.items()):
+            if origin in gone:
+                self.orphans_stopped += 1
+                self.log.info("rtsp: {o} left; stopping its session {s} here", o=origin,
+                              s=session)  # fmt: skip
+                self.streaming.control(session, "stop", 0.0, 0.0)
+        for sid, plan in list(self.plans.items()):
+            if not plan.played or plan.bye_sent:
+                continue
+            for node_id in sorted(gone & set(plan.members)):
+                if self.mode != "bipartite":
+                    # The master reads a lost slave's blocks through parity; without
+                    # parity the stream cannot go on whole: the same BYE as bipartite.
+                    if not self.storage.media_info(plan.media).parity_group:
+                        self._share_lost(sid, plan, node_id)
+                        break
+                    continue
+                if node_id not in plan.takeovers:
+                    try:
+                        self._take_over(sid, plan, node_id)
+                    except Exception:
+                        self.log.failure("rtsp: taking over {n}'s share of {s} failed",
+                                         n=node_id, s=sid)  # fmt: skip
+
+    def handover(self: YimaStreamingService, media_ssrc: int, node_index: int, gseq: int) -> None:
+        """A fan-out player hears nothing from the node holding global packet ``gseq``
+        (node ``node_index``; 0xFFFFFFFF: it does not know) while it is overdue (YIMA
+        HANDOVER): serve that node's share here, from parity, from that packet on,
+        without waiting for the membership to notice."""
+        for sid, plan in list(self.plans.items()):
+            if plan.ssrc != media_ssrc or not plan.fanout or not plan.played:
+                continue
+            if plan.bye_sent or plan.timing is None or not 0 <= gseq < plan.timing.total:
+                continue
+            node_id = self._owner(plan, gseq)
+            if node_id is None and 0 <= node_index < len(plan.members):
+                node_id = plan.members[node_index]
+            if node_id is None or node_id == self.node.node_id or node_id in plan.takeovers:
+                continue
+            if node_id not in plan.members:
+                continue
+            if self.mode != "bipartite" or not self.storage.media_info(plan.media).parity_group:
+                continue
+            self.log.warn("rtsp: the player of {s} hears nothing from {n}: serving its share "
+                          "from parity", s=sid, n=node_id)  # fmt: skip
+            self.suspects[node_id] = self.node.cluster_time() + SUSPECT_FOR
+            self.early_handovers += 1
+            self._take_over(sid, plan, node_id, early=True,
+                            from_mt=plan.timing.gseq_time(gseq))  # fmt: skip
+
+    def _take_over(
+        self: YimaStreamingService, sid: str, plan: _Plan, node_id: str, early: bool = False,
+        from_mt: float | None = None,
+    ) -> None:  # fmt: skip
+        info = self.storage.media_info(plan.media)
+        if info.parity_group == 0:
+            self._share_lost(sid, plan, node_id)
+            return
+        # The taken share gets a node index of its own (past the members' and earlier
+        # takeovers'), so its per-node numbering starts afresh for the player.
+        plan.takeover_index.setdefault(node_id, len(plan.members) + len(plan.takeover_index))
+        plan.takeovers[node_id] = f"{sid}+{node_id}"
+        if early:
+            # Silent, not (yet) gone: should it wake up, it stops sending this share.
+            for m in self.node.view.members:
+                if m.node_id == node_id:
+                    d = self.node.rpc.call(m.address, StreamControl, session=sid,
+                                           action="stop", at=0.0, value=0.0)  # fmt: skip
+                    d.addErrback(lambda f: None)
+        # The dead node's blocks, from the cached layout (computed off the reactor on a miss).
+        d = self.storage.blocks_of_node(plan.media, node_id)
+        d.addCallback(lambda blocks: self._serve_share(sid, plan, node_id, blocks, from_mt))
+        d.addErrback(lambda f: self.log.failure("rtsp: taking over {n}'s share of {s} failed",
+                                                f, n=node_id, s=sid))  # fmt: skip
+
+    def _serve_share(
+        self: YimaStreamingService, sid: str, plan: _Plan, node_id: str, blocks: list[int],
+        from_mt: float | None = None,
+    ) -> None:  # fmt: skip
+        """Schedule ``node_id``'s blocks here, on the session's own schedule, from the
+        first packet the relay (or the fan-out player) still lacks: what is overdue goes
+        at once (rebuilt from parity), the rest when due."""
+        if self.plans.get(sid) is not plan or plan.bye_sent:
+            return  # torn down meanwhile
+        now = self.node.cluster_time()
+        if from_mt is not None:
+            mt = from_mt
+        elif plan.relay is not None and plan.timing is not None:
+            mt = plan.timing.gseq_time(plan.relay.next)
+        else:
+            # A fan-out player buffers ahead: resend a little of what was lost.
+            mt = max(0.0, self._media_position(plan, now) - (0.5 if plan.fanout else 0.0))
+        own = self.streaming.scheduler.sessions.get(sid)
+        if own is not None and not own.paused:
+            start_ct, speed = own.deadline(mt), own.speed  # this node's live schedule
+        else:
+            start_ct, speed = plan.started_ct - plan.lead + (mt - plan.position), 1.0
+        host, port = self._destination(plan)
+        local = f"{sid}+{node_id}"
+        plan.takeovers[node_id] = local
+        self.streaming.start(session=local, media=plan.media, start_ct=start_ct, start_mt=mt,
+                             host=host, port=port, ssrc=plan.node_ssrc, seq_base=plan.seq_base,
+                             ts_base=plan.ts_base, node_index=plan.takeover_index[node_id],
+                             all_blocks=False, blocks=blocks)  # fmt: skip
+        if speed != 1.0:
+            self.streaming.control(local, "speed", now, speed)
+        if not plan.playing:
+            self.streaming.control(local, "pause", 0.0, 0.0)
+        self.log.info("rtsp: {me} serves {n}'s {k} blocks of {s} from {mt:.1f} s as node {i}",
+                      n=node_id, me=self.node.node_id, k=len(blocks), s=sid, mt=mt,
+                      i=plan.takeover_index[node_id])  # fmt: skip
