@@ -302,6 +302,21 @@ def test_fewer_live_nodes_than_r_gives_r_copies_once_they_are_back(tmp_path: Pat
     assert repl_status(net, a)["under_replicated"] == 0 and repl_status(net, a)["log_length"] == 0
 
 
+def test_a_plan_naming_fewer_than_r_live_nodes_gets_r_copies_now(tmp_path: Path) -> None:
+    """R=2, a plan naming only a while b and c are live (its manager saw fewer members):
+    a second live node gets a copy now; one copy alone would be hidden, not refused,
+    when a is out of reach (a reader counts fewer than R holders away as harmless)."""
+    net = Net(tmp_path, "abc")
+    a = net.boxes["a"]
+    d = a.repl.store(["a"], message(9), replicas=2)
+    net.settle(0.5)
+    holders = sorted(x.node for x in result_of(d))
+    assert holders[0] == "a" and len(holders) == 2 and holders[1] in ("b", "c")
+    copies = [n for n, box in net.boxes.items() if [x.uid for x in box.inbox()] == [9]]
+    assert sorted(copies) == holders
+    assert repl_status(net, a)["under_replicated"] == 0
+
+
 def test_replication_timeout_answers_with_the_durable_copy(tmp_path: Path) -> None:
     """A replica that stays silent and no spare node: after the retargets the delivery
     is answered with the copy durable here (a 4xx would make the client send it again,

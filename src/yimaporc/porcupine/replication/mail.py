@@ -237,10 +237,15 @@ class MailReplication(MultiService):
         """Store ``message`` replicated on ``nodes``; one digest per replica (the ones
         down now get their copy when they are back).
 
-        With ``replicas`` (the user's R) and fewer than R live ``nodes``, the replica
-        set is filled up with known nodes that are down now: the update stays in the
-        log for them and reaches them when they are back (R copies as soon as they
-        are reachable).  The answer waits for a copy on every live target.
+        With ``replicas`` (the user's R) and fewer than R ``nodes``, the replica set
+        is filled up first with live nodes not named (a plan made while its manager
+        saw fewer members: R copies now), then with known nodes that are down now:
+        the update stays in the log for them and reaches them when they are back (R
+        copies as soon as they are reachable).  Never fewer than R targets while R
+        nodes are known: a reader takes fewer than R holders out of reach as leaving
+        every message a reachable copy (``UserMail.incomplete``), so a message stored
+        on fewer would be hidden, not refused (sim.mail seed 33).  The answer waits
+        for a copy on every live target.
         """
         rid = uuid.uuid4().hex
         if not message.internal_date:
@@ -250,6 +255,8 @@ class MailReplication(MultiService):
         targets = list(dict.fromkeys(nodes))
         live = set(self.live())
         want = replicas if replicas is not None else len(targets)
+        if len(targets) < want:
+            targets += self._spare_live(targets, want - len(targets))
         if len(targets) < want:
             targets += [n for n in self.known() if n not in live and n not in targets][
                 : want - len(targets)
@@ -263,6 +270,17 @@ class MailReplication(MultiService):
         if not order:
             return fail(PeerUnavailable("no replica of the message is reachable"))
         return self._via(rid, message, targets, order, acks)
+
+    def _spare_live(self, targets: Sequence[str], count: int) -> list[str]:
+        """Up to ``count`` live nodes not in ``targets``, least loaded first."""
+        others = [n for n in self.live() if n not in targets]
+        if not others:
+            return []
+        balancer = self.topology.balancer if self.topology is not None else None
+        if balancer is not None:
+            chosen = balancer.choose(others, list(targets), count, self.reactor.seconds())
+            return [n for n in chosen if n in others][:count]
+        return sorted(others)[:count]
 
     def _via(
         self,
