@@ -21,6 +21,7 @@ from yimaporc.rtp import (
 )
 from yimaporc.rtsp._machine import ServerSession
 from yimaporc.rtsp._wire import NptRange, TransportSpec
+from yimaporc.testing.yima import UdpClock
 from yimaporc.yima.feedback import FeedbackReceiver, StreamPorts
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.placement import LogicalDisk
@@ -92,28 +93,6 @@ BLOCK = 5 * PAYLOAD  # 5 packets of 0.1 s per 0.5 s block: 20 s
 URL = "rtsp://127.0.0.1:8554/clip/track1"
 
 
-class _Port:
-    def __init__(self, port: int) -> None:
-        self.port, self.socket = port, None
-
-    def getHost(self) -> Any:
-        return SimpleNamespace(host="127.0.0.1", port=self.port)
-
-    def stopListening(self) -> None:
-        pass
-
-    def write(self, data: bytes, addr: Any) -> None:
-        pass
-
-
-class _Reactor(Clock):
-    ports = 6000
-
-    def listenUDP(self, port: int, proto: Any, interface: str = "") -> _Port:
-        self.ports += 2
-        return _Port(port or self.ports)
-
-
 def owner(block: int) -> str:
     """Blocks alternate between nodes a and b; c holds only parity."""
     return "ab"[block % 2]
@@ -121,9 +100,9 @@ def owner(block: int) -> str:
 
 def three_nodes(
     mode: str = "bipartite", parity: int = 2
-) -> tuple[YimaStreamingService, _Reactor, list[bytes], list[tuple[Any, ...]]]:
+) -> tuple[YimaStreamingService, UdpClock, list[bytes], list[tuple[Any, ...]]]:
     """Node a of members a, b, c (b and c only answer RPCs), its client's packets in a list."""
-    reactor = _Reactor()
+    reactor = UdpClock()
     members = [SimpleNamespace(node_id=n, address=f"10.0.0.{i}:7946")
                for i, n in enumerate("abc", 1)]  # fmt: skip
     calls: list[tuple[Any, ...]] = []

@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import deferLater
 
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtp import PT_MP2T, RtpHeaderTemplate
 from yimaporc.rtsp._machine import ServerSession
 from yimaporc.rtsp._wire import NptRange, TransportSpec
+from yimaporc.testing.yima import UdpClock
 from yimaporc.yima.feedback import mark_retransmission
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.placement import LogicalDisk
@@ -33,31 +34,6 @@ SIZE = 300 * PAYLOAD  # 30 blocks of 10 packets, 1 s each: 30 s
 BLOCK = 10 * PAYLOAD
 URL = "rtsp://127.0.0.1:8554/clip/track1"
 CLIENT = 5000
-
-
-class _Port:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.socket = None
-
-    def getHost(self) -> Any:
-        return SimpleNamespace(host="127.0.0.1", port=self.port)
-
-    def stopListening(self) -> None:
-        pass
-
-    def write(self, data: bytes, addr: Any) -> None:
-        pass
-
-
-class _Reactor(Clock):
-    """A Clock with in-memory UDP ports."""
-
-    ports = 6000
-
-    def listenUDP(self, port: int, proto: Any, interface: str = "") -> _Port:
-        self.ports += 2
-        return _Port(port or self.ports)
 
 
 class _Rpc:
@@ -84,7 +60,7 @@ class TwoNodes:
     def __init__(
         self, parity_group: int = 0, solo: bool = False, block_us: int = 1_000_000
     ) -> None:
-        self.reactor = _Reactor()
+        self.reactor = UdpClock()
         self.rpc = _Rpc()
         a = SimpleNamespace(node_id="a", address="127.0.0.1:7946")
         b = SimpleNamespace(node_id="b", address="127.0.0.2:7946")

@@ -15,13 +15,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import maybeDeferred, succeed
-from twisted.internet.task import Clock
 
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtp import RtpHeaderTemplate
 from yimaporc.rtsp import RtspStatusError
 from yimaporc.rtsp._machine import ServerSession
 from yimaporc.rtsp._wire import NptRange, TransportSpec, parse_rtp_info
+from yimaporc.testing.yima import UdpClock
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.placement import LogicalDisk
 from yimaporc.yima.relay import Reorderer, rewrite
@@ -137,33 +137,8 @@ BLOCK = 10 * PAYLOAD
 URL = "rtsp://127.0.0.1:8554/clip/track1"
 
 
-class _Port:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.socket = None
-
-    def getHost(self) -> Any:
-        return SimpleNamespace(host="127.0.0.1", port=self.port)
-
-    def stopListening(self) -> None:
-        pass
-
-    def write(self, data: bytes, addr: Any) -> None:
-        pass
-
-
-class _Reactor(Clock):
-    """A Clock with in-memory UDP ports."""
-
-    ports = 6000
-
-    def listenUDP(self, port: int, proto: Any, interface: str = "") -> _Port:
-        self.ports += 2
-        return _Port(port or self.ports)
-
-
-def one_node() -> tuple[YimaStreamingService, _Reactor, list[bytes]]:
-    reactor = _Reactor()
+def one_node() -> tuple[YimaStreamingService, UdpClock, list[bytes]]:
+    reactor = UdpClock()
     member = SimpleNamespace(node_id="a", address="127.0.0.1:7946")
     node = SimpleNamespace(
         registry=RpcRegistry(), cluster_time=reactor.seconds, add_status=lambda f: None,

@@ -5,14 +5,20 @@ from memory: each file is cut into blocks and block ``i`` lives on node
 ``nodes[i % len(nodes)]``.  It passes the same contract tests as the real
 :class:`~yimaporc.yima.storage.YimaStorageService`
 (``tests/yima/test_storage_contract.py``).
+
+:class:`UdpClock` is a :class:`~twisted.internet.task.Clock` whose ``listenUDP``
+hands out in-memory ports (writes are dropped), for the streaming service's
+protocol tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from ..yima.interfaces import IMediaStorage
@@ -20,7 +26,34 @@ from ..yima.media import KIND_OPAQUE, MediaInfo
 from ..yima.placement import LogicalDisk
 from ..yima.store import BlockKey, BlockMissing
 
-__all__ = ["MemoryMediaStorage"]
+__all__ = ["MemoryMediaStorage", "MemoryUdpPort", "UdpClock"]
+
+
+class MemoryUdpPort:
+    """A listening UDP port that is only a number: writes go nowhere."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.socket = None
+
+    def getHost(self) -> Any:
+        return SimpleNamespace(host="127.0.0.1", port=self.port)
+
+    def stopListening(self) -> None:
+        pass
+
+    def write(self, data: bytes, addr: Any) -> None:
+        pass
+
+
+class UdpClock(Clock):
+    """A Clock with in-memory UDP ports (numbered from 6002 up, two apart)."""
+
+    ports = 6000
+
+    def listenUDP(self, port: int, proto: Any, interface: str = "") -> MemoryUdpPort:
+        self.ports += 2
+        return MemoryUdpPort(port or self.ports)
 
 
 @implementer(IMediaStorage)
