@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, NodeScheduler
@@ -308,6 +308,7 @@ def _wanted_walk(s: NodeScheduler, now: float) -> list[tuple[str, int]]:
         max_size=50,
     )
 )
+@example(steps=[(0.0, "tick", 0, 1.0), (1.4999999999999998, "tick", 0, 1.0)])
 def test_read_ahead_skips_quiet_sessions_and_wants_the_same_blocks(
     steps: list[tuple[float, str, int, float]],
 ) -> None:

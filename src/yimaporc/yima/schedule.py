@@ -277,7 +277,8 @@ class NodeScheduler:
         self._heap: list[tuple[float, int, str]] = []
         self._entry: dict[str, int] = {}
         self._entries = 0
-        #: Sessions wanting no block until this cluster time (see :meth:`wanted_blocks`).
+        #: Sessions wanting no block until the window reaches this deadline (see
+        #: :meth:`wanted_blocks`).
         self._quiet: dict[str, float] = {}
 
     def _wake(self, session_id: str, at: float = float("-inf")) -> None:
@@ -505,7 +506,7 @@ class NodeScheduler:
             if s.paused:
                 continue
             q = quiet.get(sid)
-            if q is not None and q > now:
+            if q is not None and q > horizon:
                 continue
             blocks, name, times = s.my_blocks, s.media.name, s.media.block_starts
             k = s.cursor_block
@@ -513,7 +514,10 @@ class NodeScheduler:
                 d = s.deadline(times[blocks[k]])
                 if d > horizon:
                     if k == s.cursor_block:
-                        quiet[sid] = d - prefetch
+                        # Kept as the deadline and compared with the same horizon as
+                        # below: ``d - prefetch > now`` rounds differently and could
+                        # skip a block that falls due (hypothesis found one).
+                        quiet[sid] = d
                     break
                 out.append((name, blocks[k]))
                 k += 1
