@@ -35,6 +35,7 @@ from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.cluster.statefile import StateFile
 from yimaporc.cluster.wire import Member
+from yimaporc.porcupine.balancer import FAIL_AVOID
 from yimaporc.porcupine.cluster import Hints, HintsRequest, Json, MailCluster, MbStore
 from yimaporc.porcupine.retrieval import Fragmented
 from yimaporc.porcupine.service import MailService
@@ -127,10 +128,19 @@ class ReconNet(Net):
 
 
 def mail_on(net: Net, user: str, body: bytes, store_on: str) -> None:
-    """Deliver at ``store_on`` with every other node refusing stores: stored there."""
-    net.refuse = {(n, MbStore.commandName) for n in net.nodes if n != store_on}  # type: ignore[misc]
+    """Deliver at ``store_on`` with every other node refusing stores and avoided by the
+    proxy's balancer (so no store is tried there, and no holder recorded first): stored
+    there."""
+    delivery = net.nodes[store_on].mail.delivery
+    others = [n for n in net.nodes if n != store_on]
+    now = delivery.now()
+    for n in others:
+        delivery.balancer.failed(n, now)
+    net.refuse = {(n, MbStore.commandName) for n in others}  # type: ignore[misc]
     digests = net.nodes[store_on].deliver(user, body)
     net.refuse = set()
+    for n in others:  # usable again
+        delivery.balancer.failed(n, now - 2 * FAIL_AVOID)
     assert [d.node for d in digests] == [store_on]
 
 

@@ -103,6 +103,19 @@ def test_inbox_uidvalidity_never_changes_in_the_seeds_that_saw_it_flip(
     assert out.problems == [], (out.faults, out.problems)
 
 
+def test_a_numbered_store_never_lands_on_a_holder_no_majority_recorded() -> None:
+    """Seed 65: the old manager of u2, cut off a moment ago and not yet aware of it,
+    plans UID 2 for a delivery it takes itself, on itself, a node not yet holding u2's
+    mail.  The store used to come first and the holder record (which fails: no
+    majority) after it, so the SMTP client got 451 while the copy stayed numbered; the
+    majority side's manager showed UID 258, and after the heal the message appeared as
+    UID 2 below it.  Now a new holder is recorded before a numbered store, and the
+    message is stored unnumbered when that fails (numbered above 258 after the heal)."""
+    out = run_seed(65, Scenario())
+    assert out.problems == [], (out.faults, out.problems)
+    assert any("partition ['p2']|['p0', 'p1']" in f for f in out.faults), out.faults
+
+
 @pytest.mark.parametrize("seed", sweep(range(200, 220), default=0))
 def test_five_nodes_under_heavier_faults(seed: int) -> None:
     """Five nodes, four users, 30 messages, 8 faults: the same invariants (slow tier)."""

@@ -44,7 +44,7 @@ from zope.interface import implementer
 from ..cluster.rpc import PeerUnavailable
 from .interfaces import ILoadBalancer, IMailboxManager, IUserManager
 from .usermap import BadAddress, normalise
-from .values import INBOX, Digest, MailError, NewMessage, Profile
+from .values import INBOX, PENDING, Digest, MailError, NewMessage, Profile
 
 MailboxManagers = Callable[[str], IMailboxManager]
 
@@ -79,6 +79,9 @@ class DeliveryProxy:
         self.holder_retries = 0
         #: Pending notes (note_pending) that failed (the storing node repeats them).
         self.notes_lost = 0
+        #: Numbered deliveries stored unnumbered because a new holder could not be
+        #: recorded on a majority first (:meth:`_recorded_first`).
+        self.unrecorded_holders = 0
         #: RCPT lookups answered 451 because the user's manager was out of reach.
         self.lookups_unavailable = 0
         #: Replication's ``store(nodes, message)`` (``MailReplication``): users with
@@ -159,17 +162,47 @@ class DeliveryProxy:
                 # (hidden), and list it later below higher UIDs.
                 return adds.addCallback(lambda _: digests)
 
-            if self.replicated is not None and replicas > 1:
-                # Also with one node in reach: the log completes the R copies later
-                # (a plain store would stay a single copy for good).
-                return self.replicated(nodes, msg, replicas).addCallback(noted)
-            tried = set(nodes)
-            stores = [self._store(n, msg, tried, fragments) for n in nodes]
-            return DeferredList(stores, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
-                lambda results: noted([dig for _, got in results for dig in got]), _first_error
-            )
+            def go(msg: NewMessage) -> Deferred[list[Digest]]:
+                if self.replicated is not None and replicas > 1:
+                    # Also with one node in reach: the log completes the R copies later
+                    # (a plain store would stay a single copy for good).
+                    return self.replicated(nodes, msg, replicas).addCallback(noted)
+                tried = set(nodes)
+                stores = [self._store(n, msg, tried, fragments, manager) for n in nodes]
+                return DeferredList(stores, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+                    lambda results: noted([dig for _, got in results for dig in got]),
+                    _first_error,
+                )
+
+            return self._recorded_first(manager, msg, nodes, fragments).addCallback(go)
 
         return d.addCallback(got_profile)
+
+    def _recorded_first(
+        self,
+        manager: IUserManager,
+        msg: NewMessage,
+        nodes: Sequence[str],
+        fragments: Sequence[str],
+    ) -> Deferred[NewMessage]:
+        """``msg`` as planned if every node it goes to is a holder a majority recorded
+        (the plan's fragment list names only those), after recording the others;
+        unnumbered (UID pending, no fence) if a record fails.  A numbered message on a
+        node no majority knows of would be missed by a manager on the other side of a
+        partition, which then shows higher UIDs; after the heal it would appear below
+        them (docs/mail.md, "UIDs under partitions and pauses")."""
+        new = [n for n in dict.fromkeys(nodes) if n not in fragments]
+        if msg.uid <= 0 or not new:
+            return succeed(msg)
+        ds = [manager.add_fragment(msg.user, n, 0) for n in new]
+
+        def outcome(results: list[tuple[bool, Any]]) -> NewMessage:
+            if all(ok for ok, _ in results):
+                return msg
+            self.unrecorded_holders += 1
+            return attrs.evolve(msg, uid=PENDING, fence="")
+
+        return DeferredList(ds, consumeErrors=True).addCallback(outcome)
 
     def _add_fragments(
         self, manager: IUserManager, address: str, nodes: Sequence[str], first: int = 0
@@ -196,7 +229,12 @@ class DeliveryProxy:
         self.notes_lost += 1
 
     def _store(
-        self, node: str, msg: NewMessage, tried: set[str], fragments: Sequence[str]
+        self,
+        node: str,
+        msg: NewMessage,
+        tried: set[str],
+        fragments: Sequence[str],
+        manager: IUserManager | None = None,
     ) -> Deferred[list[Digest]]:
         """Store on ``node``; if it fails before the request reached ``node``, on
         another live node. A store that timed out after it was sent may still happen
@@ -217,7 +255,10 @@ class DeliveryProxy:
             pick = self.balancer.choose(others, list(fragments), 1, self.now()) or others[:1]
             tried.add(pick[0])
             self.retries += 1
-            return self._store(pick[0], msg, tried, fragments)
+            if manager is None:
+                return self._store(pick[0], msg, tried, fragments)
+            d = self._recorded_first(manager, msg, pick[:1], fragments)
+            return d.addCallback(lambda m: self._store(pick[0], m, tried, fragments, manager))
 
         try:
             d = self.mailboxes(node).store([msg])
