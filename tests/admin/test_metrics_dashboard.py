@@ -42,6 +42,7 @@ PORCUPINE_STATUS: dict[str, Any] = {
     "users": 5,
     "buckets": {"p1": 128, "p2": 128},
     "messages_accepted": 42,
+    "delivery": {"unrecorded_holders": 3, "store_retries": 1},
     "client_errors": {"smtp_bad_arguments": 2, "imap.bad_syntax": 1},
     "mail_refusals": {"validity_unknown": 6},
     "imap_open_mailboxes": 3,
@@ -187,6 +188,10 @@ def test_porcupine_status_becomes_conventional_metrics() -> None:
         (("error", "bad_syntax"), ("protocol", "imap")): 1,
     }
     assert got["yimaporc_mail_refusals_total"] == {(("reason", "validity_unknown"),): 6}
+    assert got["yimaporc_mail_delivery_events_total"] == {
+        (("event", "store_retries"),): 1,
+        (("event", "unrecorded_holders"),): 3,
+    }
     assert got["yimaporc_mail_auth_failures_total"] == {(): 2}
     assert got["yimaporc_mail_imap_open_mailboxes"] == {(): 3}
     assert got["yimaporc_mail_plaintext_passwords"] == {(): 1}

@@ -53,6 +53,14 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
             value,
             reason=_label_value(str(key)),
         )
+    for key, value in sorted((doc.get("delivery") or {}).items()):
+        out.counter(
+            "yimaporc_mail_delivery_events",
+            "Delivery proxy events on this node, by kind (store_retries, unsure_stores, "
+            "holder_retries, unrecorded_holders, notes_lost, lookups_unavailable).",
+            value,
+            event=_label_value(str(key)),
+        )
     sessions = doc.get("mail_sessions")
     if isinstance(sessions, dict):
         for proto in sorted(set(MAIL_PROTOCOLS) | set(sessions)):

@@ -88,6 +88,17 @@ class DeliveryProxy:
         #: ``replicas >= 2`` are stored through it, one logged update for all copies.
         self.replicated = replicated
 
+    def status(self) -> dict[str, int]:
+        """The proxy's counters (``/api/status`` ``delivery``)."""
+        return {
+            "store_retries": self.retries,
+            "unsure_stores": self.unsure,
+            "holder_retries": self.holder_retries,
+            "unrecorded_holders": self.unrecorded_holders,
+            "notes_lost": self.notes_lost,
+            "lookups_unavailable": self.lookups_unavailable,
+        }
+
     def lookup(self, address: str) -> Deferred[Profile | None]:
         """The recipient's profile (None: no such user)."""
         return self.users(address).profile(address)

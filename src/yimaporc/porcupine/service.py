@@ -536,6 +536,7 @@ class MailService(MultiService):
             "domains": [self.domain, *self.policy.other_domains],
             "mail": {name: self.address_of(name) for name in self.ports},
             "messages_accepted": self.delivered,
+            "delivery": self.delivery.status(),
             "group_commit": self.fragment_store.commit_stats(),
             "auth": {**self.throttle.status(), **self.profiles.auth_cache.status()},
             "client_errors": self.client_errors.status(),
