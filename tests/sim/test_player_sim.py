@@ -109,29 +109,28 @@ def test_vbr_buffer_level_stays_inside_the_thresholds(flow: str, seed: int) -> N
         assert min(lv) < pr.high and max(lv) > pr.low
 
 
-@pytest.mark.parametrize(
-    "flow",
-    [
-        "delta-p",
-        pytest.param(
-            "pause-resume",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="on the shipped node path (StreamingNode + NodeScheduler.pause/resume) a "
-                "node pacing at 90% still sends ~20% of its packets late under pause-resume "
-                "flow; the core-only simulator (pause = speed ~0) did not show it",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("flow", ["delta-p", "pause-resume"])
 def test_slow_node_is_corrected_by_delta_p(flow: str) -> None:
-    """A node pacing at 90% of the schedule: late packets without the per-node trim, none with."""
+    """A node pacing at 90% of the schedule: late packets without the per-node trim (under
+    delta-p), none with it, under either flow control."""
     sim, st = run(seed=3, flow=flow, slow_node=1, slow_factor=0.9, duration=40.0)
     assert st["late_packets"] == 0
     trim = sim.player.players[STREAM].node_trim
-    assert trim is not None and trim.factor[1] > 1.05
-    sim, st = run(seed=3, flow=flow, slow_node=1, slow_factor=0.9, duration=40.0, trim=False)
-    assert st["late_packets"] > 100
+    assert trim is not None and 1.05 < trim.factor[1] < 1.2
+    if flow == "delta-p":
+        sim, st = run(seed=3, flow=flow, slow_node=1, slow_factor=0.9, duration=40.0, trim=False)
+        assert st["late_packets"] > 100
+
+
+def test_pause_resume_brings_a_slow_node_back_in_step() -> None:
+    """Under pause-resume every PAUSE names the common schedule's position, so a slow node
+    resumes in step with the others: no late packet even without the trim (the pause used
+    to be each node's own position: the slow node carried its lag over every pause, and
+    with the trim ~1,900 packets were late, the trim saturating at +25 %)."""
+    sim, st = run(seed=3, flow="pause-resume", slow_node=1, slow_factor=0.9, duration=40.0,
+                  trim=False)  # fmt: skip
+    assert st["pauses"] >= 2
+    assert st["late_packets"] == 0 and st["packets_missing_at_playout"] == 0
 
 
 def test_node_with_a_long_path_is_moved_ahead() -> None:

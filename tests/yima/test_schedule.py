@@ -87,6 +87,32 @@ def test_pause_at_common_instant_keeps_nodes_aligned() -> None:
     assert after and all(abs(p.deadline - (20.0 + p.media_time - 3.1)) < 1e-9 for p in after)
 
 
+def test_pause_at_a_named_position_resumes_a_drifted_node_in_step() -> None:
+    """A node whose schedule runs slow (speed 0.9 where the others run 1.0) paused at the
+    common position stops there, sends what is due before it, and resumes exactly on the
+    common schedule; paused at its own position it would resume ~0.3 s behind."""
+    slow, common = NodeScheduler(), NodeScheduler()
+    for n, speed in ((slow, 0.9), (common, 1.0)):
+        n.add("s", media(8), range(8), start_ct=0.0)
+        n.set_speed("s", speed, 0.0)
+        n.tick(2.9)
+    slow.pause("s", at_ct=3.0, at_mt=3.0)
+    common.pause("s", at_ct=3.0)
+    assert slow.sessions["s"].pause_mt == common.sessions["s"].pause_mt == 3.0
+    caught_up = slow.tick(9.0)
+    assert caught_up and max(p.media_time for p in caught_up) < 3.0
+    for n in (slow, common):
+        n.set_speed("s", 1.0, 9.0)
+        n.resume("s", at_ct=20.0)
+    a, b = slow.tick(20.5), common.tick(20.5)
+    assert [(p.gseq, p.deadline) for p in a] == [(p.gseq, p.deadline) for p in b] != []
+    drifted = NodeScheduler()
+    drifted.add("s", media(8), range(8), start_ct=0.0)
+    drifted.set_speed("s", 0.9, 0.0)
+    drifted.pause("s", at_ct=3.0)
+    assert abs(drifted.sessions["s"].pause_mt - 2.7) < 1e-9
+
+
 def test_range_start_skips_earlier_packets() -> None:
     """PLAY from npt=2 starts at the packet of media time 2 s."""
     s = NodeScheduler()

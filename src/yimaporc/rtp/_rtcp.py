@@ -198,7 +198,8 @@ class YimaFeedback:
     """APP "YIMA": the player's flow-control feedback to the nodes serving a stream.
 
     ``at_us`` is the cluster-clock instant (microseconds) from which the change
-    applies (0: on receipt).  ``value``: SPEED -- speed in millionths (1_000_000
+    applies (0: on receipt).  ``value``: PAUSE -- the media position to stop at in
+    milliseconds (0: the node's own position at ``at_us``); SPEED -- speed in millionths (1_000_000
     = real time); DELTA_P -- inter-packet delay in microseconds; BUFFER -- the
     buffer level in bytes (``aux``: buffered media in milliseconds).
     """

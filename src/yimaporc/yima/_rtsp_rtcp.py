@@ -116,7 +116,7 @@ class RtcpMixin:
                 plan.position, plan.started_ct = self._media_position(plan, at), at
                 plan.speed = value
             elif action == "pause" and plan.playing:
-                plan.position = self._media_position(plan, at)
+                plan.position = value if value > 0 else self._media_position(plan, at)
                 plan.playing, plan.paused_ct = False, at
             elif action == "resume" and not plan.playing and plan.played:
                 plan.started_ct, plan.playing = at, True

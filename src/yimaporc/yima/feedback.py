@@ -253,7 +253,7 @@ class FeedbackReceiver:
         now = self.cluster_time()
         at = fb.at_us / 1e6 if fb.at_us else now
         if fb.kind == YimaKind.PAUSE:
-            action, value = "pause", 0.0
+            action, value = "pause", fb.value / 1000  # the position to stop at (0: none)
         elif fb.kind == YimaKind.RESUME:
             action, value = "resume", 0.0
         elif fb.kind == YimaKind.SPEED and fb.value > 0:

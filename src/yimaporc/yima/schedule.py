@@ -323,16 +323,24 @@ class NodeScheduler:
         self._entry.pop(session_id, None)
         self._quiet.pop(session_id, None)
 
-    def pause(self, session_id: str, at_ct: float | None = None) -> None:
+    def pause(
+        self, session_id: str, at_ct: float | None = None, at_mt: float | None = None
+    ) -> None:
         """Stop at cluster time ``at_ct`` (now if None): pause-resume flow control, RTSP PAUSE.
 
         Every node is told the same instant, so all stop at the same media
-        position and a later :meth:`resume` restarts them together.
+        position and a later :meth:`resume` restarts them together.  ``at_mt``:
+        the media position to stop at, the common schedule's at ``at_ct`` (the
+        player's): what is due before it still goes out, and :meth:`resume`
+        restarts from it, so a node whose own schedule drifted (trimmed, slow)
+        resumes in step with the others instead of carrying its lag on.
         """
         s = self.sessions.get(session_id)
         if s is None or s.paused:
             return
-        if at_ct is None:
+        if at_mt is not None and at_mt >= 0:
+            s.pause_mt = at_mt
+        elif at_ct is None:
             mt = s.next_media_time()
             s.pause_mt = mt if mt is not None else s.media.duration
         else:

@@ -258,9 +258,10 @@ class StreamingNode:
         return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}
 
     def control(self, session: str, action: str, at: float, value: float) -> dict[str, Any]:
-        """StreamControl: pause / resume / speed / stop."""
+        """StreamControl: pause / resume / speed / stop (a pause's ``value`` > 0: the
+        media position to stop at)."""
         if action == "pause":
-            self.scheduler.pause(session, at if at > 0 else None)
+            self.scheduler.pause(session, at if at > 0 else None, value if value > 0 else None)
         elif action == "resume":
             self.scheduler.resume(session, at)
         elif action == "speed":

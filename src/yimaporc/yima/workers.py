@@ -243,7 +243,7 @@ class ShardedStreamingNode(StreamingNode):
         if w is None:
             return super().control(session, action, at, value)
         if action == "pause":
-            self.mirror.pause(session, at if at > 0 else None)
+            self.mirror.pause(session, at if at > 0 else None, value if value > 0 else None)
         elif action == "resume":
             self.mirror.resume(session, at)
         elif action == "speed":

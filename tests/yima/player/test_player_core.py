@@ -102,7 +102,11 @@ def test_pause_then_resume_every_node_at_thresholds() -> None:
     for g in range(70):
         p.receive(arrive(g), 10.2)
     acts = p.handle_timer(10.5)
-    assert sorted(a.node for a in acts if isinstance(a, Pause)) == [0, 1, 2]
+    pauses = [a for a in acts if isinstance(a, Pause)]
+    assert sorted(a.node for a in pauses) == [0, 1, 2]
+    at = pauses[0].at_ct
+    assert {(a.at_ct, a.media_time) for a in pauses} == {(at, p.mirror.position(at))}
+    assert pauses[0].media_time > 0, "the common schedule's position at the instant"
     acts = p.handle_timer(11.45)
     resumes = [a for a in acts if isinstance(a, Resume)]
     assert sorted(a.node for a in resumes) == [0, 1, 2]

@@ -135,6 +135,17 @@ def test_feedback_speed_pause_resume_at_cluster_instant() -> None:
     assert t.rx.feedback_applied == 3
 
 
+def test_feedback_pause_names_the_position_to_stop_at() -> None:
+    """A PAUSE whose value names a media position (ms) stops there, not at the node's own
+    position at the instant (a node whose schedule drifted resumes in step)."""
+    t = Setup()
+    t.start()
+    t.run(1.5)
+    t.rx.datagram(fb(YimaKind.PAUSE, 1, 2.5, 1_480), ("h", 1))
+    s = t.node.scheduler.sessions["s1"]
+    assert s.paused and abs(s.pause_mt - 1.48) < 1e-9
+
+
 def test_feedback_delta_p_is_a_speed() -> None:
     """DELTA_P (absolute inter-packet delay) becomes speed = nominal delay / delta p."""
     t = Setup()

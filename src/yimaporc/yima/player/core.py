@@ -342,7 +342,8 @@ class StreamPlayer:
         if self.pause_resume is not None:
             decision = self.pause_resume.update(level)
             if decision == "pause":
-                out.extend(Pause(self.stream, n, at) for n in self.nodes)
+                where = self.mirror.position(at)
+                out.extend(Pause(self.stream, n, at, where) for n in self.nodes)
                 self.mirror.set_speed(0.0, at)
             elif decision == "resume":
                 self.mirror.set_speed(self._common_speed(), at)

@@ -66,14 +66,17 @@ class SendNack:
 class Pause:
     """Pause-resume: ``node`` stops this stream's schedule at cluster time ``at_ct``.
 
-    Every node gets the same ``at_ct``, so all stop at the same media position
-    of the common schedule (a node whose packets were due later simply has
-    not sent them yet).
+    Every node gets the same ``at_ct`` and the common schedule's position there,
+    ``media_time``, so all stop at the same media position and resume from it
+    together, also a node whose own schedule drifted (a slow node resumes in
+    step instead of carrying its lag over every pause). 0: not given (the
+    node's own position at ``at_ct``).
     """
 
     stream: str
     node: int
     at_ct: float
+    media_time: float = 0.0
 
 
 @attrs.frozen

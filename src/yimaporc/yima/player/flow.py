@@ -145,6 +145,11 @@ class ScheduleMirror:
         self._segs.append((at_ct, mt_at, speed))
         self._mts.append(mt_at)
 
+    def position(self, at_ct: float) -> float:
+        """The media position of the common schedule at cluster time ``at_ct``."""
+        ct, mt, sp = self._segs[-1]
+        return mt + max(0.0, at_ct - ct) * sp
+
     def deadline(self, media_time: float) -> float | None:
         """When the nodes were to send ``media_time`` (None while it is paused)."""
         i = max(0, bisect.bisect_right(self._mts, media_time) - 1)

@@ -364,7 +364,9 @@ class PlayerSession:
             elif isinstance(a, Pause | Resume | SetSpeed):
                 self.feedback_seq += 1
                 kind, value = YimaKind.PAUSE, 0
-                if isinstance(a, Resume):
+                if isinstance(a, Pause):
+                    value = max(0, round(a.media_time * 1000)) & 0xFFFFFFFF
+                elif isinstance(a, Resume):
                     kind = YimaKind.RESUME
                 elif isinstance(a, SetSpeed):
                     kind, value = YimaKind.SPEED, round(a.speed * 1_000_000)
