@@ -127,8 +127,8 @@ def test_pause_resume_brings_a_slow_node_back_in_step() -> None:
     resumes in step with the others: no late packet even without the trim (the pause used
     to be each node's own position: the slow node carried its lag over every pause, and
     with the trim ~1,900 packets were late, the trim saturating at +25 %)."""
-    sim, st = run(seed=3, flow="pause-resume", slow_node=1, slow_factor=0.9, duration=40.0,
-                  trim=False)  # fmt: skip
+    _, st = run(seed=3, flow="pause-resume", slow_node=1, slow_factor=0.9, duration=40.0,
+                trim=False)  # fmt: skip
     assert st["pauses"] >= 2
     assert st["late_packets"] == 0 and st["packets_missing_at_playout"] == 0
 
