@@ -25,8 +25,9 @@ Yima (the real scheduler and placement, costs added per 1 s bin):
                           over the nodes) also receives and forwards the other
                           nodes' packets, ``relay`` CPU each
 
-Porcupine (the real cluster simulator ``yimaporc.porcupine.mailsim``: TRM
-cores, user map, user managers, LoadBalancer; with its CPU cost model): 16
+Porcupine (the mail cost model ``bench/mailmodel/mailsim.py``: the real TRM
+cores, user map, user managers, LoadBalancer on a cores-only network, with a CPU
+cost per operation; the shipped nodes' simulation is ``yimaporc.sim.mail``): 16
 closed-loop SMTP clients per node, deliveries/s at saturation for replicas
 R = 1, 2, 3 (R copies, each a durable write plus an update-log write).
 """
@@ -37,16 +38,20 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from yimaporc.porcupine.mailsim import CpuCost, MailConfig, MailSim
 from yimaporc.porcupine.reconstruct import READ_LEASE
 from yimaporc.sim.player import vbr_media
 from yimaporc.yima.placement import ScalingHistory, disks_of
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, NodeScheduler
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests, parts)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mailmodel.mailsim import CpuCost, MailConfig, MailSim
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "results.json"

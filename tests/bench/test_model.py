@@ -14,8 +14,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from mailmodel.mailsim import CpuCost, MailConfig, MailSim
 
-from yimaporc.porcupine.mailsim import CpuCost, MailConfig, MailSim
 from yimaporc.porcupine.reconstruct import READ_LEASE
 
 MODEL = Path(__file__).resolve().parents[2] / "bench" / "model.py"

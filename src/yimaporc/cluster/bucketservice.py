@@ -11,7 +11,7 @@ member whose own previous view differs was *away* (it rebooted, sat in another
 partition, or installed a commit that coordinator never saw): what it and the
 others know about each other may differ although no bucket moved, so
 :attr:`BucketMapService.away` tells subscribers to resend and re-ask (the
-mail simulator, :mod:`yimaporc.porcupine.mailsim`, found lost soft state
+mail simulator, ``mailsim`` (now the bench's mail cost model, ``bench/mailmodel``), found lost soft state
 without this).
 """
 

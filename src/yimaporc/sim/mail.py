@@ -12,7 +12,7 @@ the wall clock and ``uuid4`` are the kernel's.
 
 Clients are scripted line clients (:mod:`._mailclients`) on a client host that is
 never cut off: SMTP deliveries to any node, IMAP reads (UIDs and subjects) fed to
-mailsim's :class:`~yimaporc.porcupine.mailsim.UidChecker`, POP3 ``UIDL`` listings.
+:class:`~yimaporc.sim.uidcheck.UidChecker`, POP3 ``UIDL`` listings.
 Faults come on a seeded schedule from the kernel's model: partitions (cut links
 between the two sides), bridges (one node reaches both sides), pauses, crashes
 with a restart on the same disk, and per-host clock skew.
@@ -42,7 +42,6 @@ import attrs
 
 from ..cluster.membership import TrmConfig
 from ..cluster.node import NodeConfig
-from ..porcupine.mailsim import UidChecker
 from ..porcupine.node import PorcupineConfig, PorcupineNode
 from ..porcupine.replication import ReplicationConfig
 from ._mailclients import (
@@ -57,6 +56,7 @@ from ._mailclients import (
 )
 from .kernel import Faults, SimHost, SimKernel
 from .reactor import SimReactor
+from .uidcheck import UidChecker
 
 SECRET = b"m" * 32
 DOMAIN = "example.org"

@@ -2,7 +2,7 @@
 
 One core, run by the node (:class:`~yimaporc.porcupine.cluster.ClusterUserManager`
 and :class:`~yimaporc.porcupine.cluster.MailCluster` perform its actions over
-AMP) and by the simulator (:mod:`yimaporc.porcupine.mailsim` performs them over
+AMP) and by the simulator (the bench's mail cost model (``bench/mailmodel/mailsim.py``) performs them over
 simulated RPCs).  docs/mail.md ("User managers and reconstruction", "UIDs under
 partitions and pauses") gives the design; this module holds every decision:
 

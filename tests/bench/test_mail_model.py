@@ -9,9 +9,9 @@ from __future__ import annotations
 import statistics
 
 import pytest
+from mailmodel.mailsim import MailConfig, MailSim, main, measure
 
 from yimaporc.cluster.buckets import BucketMap
-from yimaporc.porcupine.mailsim import MailConfig, MailSim, main, measure
 from yimaporc.testing.seeds import sweep
 
 N = 30
@@ -129,7 +129,7 @@ def test_reconfiguration_cost_per_node_does_not_grow() -> None:
 
 
 def test_measure_cli_prints_a_row_per_size(capsys: pytest.CaptureFixture[str]) -> None:
-    """``python -m yimaporc.porcupine.mailsim`` prints the header and one row per size."""
+    """``python -m mailmodel.mailsim`` (from bench/) prints the header and one row per size."""
     main(["--nodes", "3", "--seeds", "1"])
     out = capsys.readouterr().out.splitlines()
     assert out[1].startswith("nodes  msgs/delivery")

@@ -1,8 +1,8 @@
 """A deterministic simulated network for cluster protocol cores (TRM cores alone).
 
-Superseded by the simulation kernel (:mod:`.kernel`, :mod:`.cluster`), which runs the
-shipped ``ClusterNode`` shells; kept only for the mail simulator
-(:mod:`yimaporc.porcupine.mailsim`) until it moves onto the kernel.
+The package's simulation kernel (:mod:`yimaporc.sim.kernel`, :mod:`yimaporc.sim.cluster`)
+runs the shipped ``ClusterNode`` shells; this older network of cores alone serves only the
+bench's mail cost model (:mod:`.mailsim`).
 
 Many nodes run in one process on a virtual clock.  Every datagram can go
 through the real wire format (MAC, replay guard) and suffers seeded latency,
@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from ..cluster import wire
-from ..cluster.membership import EMPTY_VIEW, Membership, Send, TrmConfig, View, ViewChanged
+from yimaporc.cluster import wire
+from yimaporc.cluster.membership import EMPTY_VIEW, Membership, Send, TrmConfig, View, ViewChanged
 
 
 @attrs.define

@@ -13,13 +13,13 @@ two UIDs" is checked since replicated users run here too (``replica_mix``).
 from __future__ import annotations
 
 import pytest
-
-from yimaporc.porcupine.mailsim import (
+from mailmodel.mailsim import (
     UID_FAULTS,
     uid_seed,
     uid_sweep,
     violation_kind,
 )
+
 from yimaporc.testing.seeds import sweep
 
 #: Violation classes the core now rules out (see the module docstring).
