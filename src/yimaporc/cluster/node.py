@@ -328,6 +328,14 @@ class ClusterNode(MultiService):
         offset = self.core.clock_sync.offset if self.core is not None else 0.0
         return float(self.reactor.seconds()) + offset
 
+    def synced_cluster_time(self) -> float | None:
+        """:meth:`cluster_time` while synced to the reference (see :mod:`.timesync`),
+        else None (thread-safe: reads only)."""
+        core = self.core
+        if core is None or not core.clock_sync.synced:
+            return None
+        return self.cluster_time()
+
     def state_file_for(self, name: str, path: Path, *, durable: bool) -> StateFile:
         """A :class:`StateFile` for ``path`` written by this node's pool, reported as
         ``state_files.NAME`` in the status and flushed when the node stops."""

@@ -42,6 +42,7 @@ from ._rpc_commands import (
     BigBytes,
     Echo,
     Hello,
+    PeerMaybeDone,
     PeerUnavailable,
     Prove,
     Unauthenticated,
@@ -59,6 +60,7 @@ __all__ = [
     "Echo",
     "Hello",
     "NodeAMP",
+    "PeerMaybeDone",
     "PeerUnavailable",
     "Prove",
     "RpcClient",
@@ -471,8 +473,8 @@ class RpcClient:
                 self._drop(address)
                 if self.on_timeout is not None and f.check(TimeoutError, DeferTimeout):
                     self.on_timeout(address)
-                err = PeerUnavailable(f"{address}: {f.getErrorMessage()}")
-                err.maybe_done = sent
+                kind = PeerMaybeDone if sent else PeerUnavailable
+                err = kind(f"{address}: {f.getErrorMessage()}")
                 return Failure(err)
             if f.check(AuthFailed):
                 self._drop(address)

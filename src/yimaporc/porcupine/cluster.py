@@ -341,11 +341,7 @@ class MailCluster(Service):
     def cluster_now(self) -> float | None:
         """The cluster's common time (timesync) while this node is synced to its
         reference, else None (thread-safe: reads)."""
-        core = getattr(self.node, "core", None)
-        sync = getattr(core, "clock_sync", None)
-        if sync is None or not sync.synced:
-            return None
-        return float(self.node.cluster_time())
+        return self.node.synced_cluster_time()
 
     def _tick(self) -> None:
         """Renew the lease; a gap since the last tick means we were paused."""

@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.protocols import amp
 
-from ...cluster.rpc import BigBytes, PeerUnavailable, RpcRegistry
+from ...cluster.rpc import BigBytes, PeerMaybeDone, PeerUnavailable, RpcRegistry
 from ..values import Digest, NewMessage, NoSuchMailbox
 from ._values import NodeId
 from ._wire import MalformedMessage, from_bytes
@@ -107,12 +107,10 @@ def node_sender(node: Any) -> Any:
     return send
 
 
-class CoordinatorUnsure(PeerUnavailable):
+class CoordinatorUnsure(PeerMaybeDone):
     """The coordinator could not complete a replicated store (its peers out of reach,
     or it is stopping) but may have logged it: the caller must not coordinate it
     again elsewhere (a second copy under another UID)."""
-
-    maybe_done = True
 
 
 class StoreReplicated(amp.Command):

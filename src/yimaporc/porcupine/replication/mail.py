@@ -42,7 +42,7 @@ from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ...cluster.rpc import PeerUnavailable
+from ...cluster.rpc import PeerMaybeDone, PeerUnavailable
 from ..values import Digest, MailError, NewMessage
 from ._manager import ReplicationConfig
 from ._values import Update
@@ -307,7 +307,7 @@ class MailReplication(MultiService):
         def failed(f: Failure) -> Deferred[list[Digest]]:
             if f.check(MailError) or len(order) < 2:
                 return fail(f)
-            if not f.check(PeerUnavailable) or getattr(f.value, "maybe_done", False):
+            if not f.check(PeerUnavailable) or f.check(PeerMaybeDone):
                 # The request reached the coordinator (it timed out or the connection
                 # was lost after it was sent, or the coordinator answered an error):
                 # it may have logged and numbered the message already, or still will
