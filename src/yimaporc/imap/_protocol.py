@@ -48,9 +48,9 @@ BASE_CAPABILITIES = (
 
 
 def backend_extensions(backend: IImapBackend) -> list[str]:
-    """The capabilities ``backend`` says it can do (a backend without ``extensions`` has
-    none); names the package does not know are not advertised."""
-    have = {e.upper() for e in getattr(backend, "extensions", ())}
+    """The capabilities ``backend`` says it can do (its ``extensions``); names the
+    package does not know are not advertised."""
+    have = {e.upper() for e in backend.extensions}
     return [e for e in BACKEND_EXTENSIONS if e in have]
 
 

@@ -192,10 +192,9 @@ class CommandRunner:
         ``modseq`` (QRESYNC leaves them out of ``VANISHED (EARLIER)``); none when the
         backend keeps no tombstones."""
         box = self.mailbox
-        tombstones = getattr(box, "tombstones", None)
-        if tombstones is None:
+        if box is None:
             return succeed([])
-        return maybeDeferred(tombstones).addCallback(
+        return maybeDeferred(box.tombstones).addCallback(
             lambda t: [uid for uid, at in t.items() if at <= modseq]
         )
 

@@ -78,18 +78,8 @@ class ReplicationStopped(Exception):
 
 
 def write_log_ops(log: ILogStore, ops: Sequence[LogOp]) -> None:
-    """Perform log writes in order; one transaction if the store offers ``write_many``."""
-    many = getattr(log, "write_many", None)
-    if many is not None:
-        many(ops)
-        return
-    for op in ops:
-        if isinstance(op, PersistLog):
-            log.put(op.entry)
-        elif isinstance(op, DropLog):
-            log.drop(op.object_id, op.timestamp)
-        else:
-            log.mark_alive(op.wallclock)
+    """Perform log writes in order, as one transaction (``write_many``)."""
+    log.write_many(ops)
 
 
 class ReplicationService(Service):
@@ -338,20 +328,16 @@ class ReplicationService(Service):
         if log_ops:
             write_log_ops(self.log_store, log_ops)
         applied: list[Update] = []
-        many = getattr(self.object_store, "apply_many", None)
+        many = self.object_store.apply_many
         run: list[Update] = []  # consecutive Applies go to apply_many together
         for op in [*store_ops, None]:
-            if isinstance(op, Apply) and many is not None:
+            if isinstance(op, Apply):
                 run.append(op.update)
                 continue
             if run:
-                assert many is not None
                 applied.extend(u for u, ok in zip(run, many(run), strict=True) if ok)
                 run = []
-            if isinstance(op, Apply):
-                if self.object_store.apply(op.update):
-                    applied.append(op.update)
-            elif op is not None:
+            if op is not None:
                 self.object_store.purge_tombstones(op.before)
         return applied
 
