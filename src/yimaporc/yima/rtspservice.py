@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
@@ -74,6 +74,9 @@ from .sendpath import DatagramSender
 from .store import BlockKey
 from .streaming import DEFAULT_CACHE_BYTES, Destination, StreamingNode
 from .workers import ShardedStreamingNode, make_pool
+
+if TYPE_CHECKING:
+    from ._rtsp_host import StreamingHost
 
 # The names tests and embedders import from here (they live in _rtsp_plan).
 __all__ = [
@@ -558,3 +561,10 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         """Client RTCP over TCP: keeps the session alive; NACKs and feedback as over UDP."""
         if channel % 2:
             self.feedback.datagram(data, None)
+
+
+if TYPE_CHECKING:
+
+    def _provides_host(service: YimaStreamingService) -> StreamingHost:
+        """mypy checks here that the service is what its mixins expect."""
+        return service
