@@ -56,10 +56,10 @@ def answer_append(runner: CommandRunner, cmd: c.Append) -> Any:
     if cmd.more:
         if "MULTIAPPEND" not in runner.capabilities(True):
             raise ImapError("MULTIAPPEND is not supported", status="BAD")
-        d = maybeDeferred(runner.session.append_many, cmd.mailbox, items)
+        d = maybeDeferred(runner.authed.append_many, cmd.mailbox, items)
     else:
         message, flags, date = items[0]
-        d = maybeDeferred(runner.session.append, cmd.mailbox, message, flags, date)
+        d = maybeDeferred(runner.authed.append, cmd.mailbox, message, flags, date)
         d.addCallback(lambda r: [r])
 
     def stored(results: list[AppendResult]) -> Done:

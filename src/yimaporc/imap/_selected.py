@@ -13,7 +13,7 @@ from ._append import check_storable
 from ._outcome import Done
 from ._serialize import ResponseCode
 from ._view import MailboxView, absent_uids, uid_set_text
-from .interfaces import CopyResult, ImapError, Snapshot
+from .interfaces import CopyResult, ImapError, ISelectedMailbox, Snapshot
 
 if TYPE_CHECKING:
     from ._session import CommandRunner
@@ -27,9 +27,9 @@ def answer_select(runner: CommandRunner, cmd: c.Select) -> Any:
     runner._deselect(announce=True)
     if cmd.condstore:
         runner.condstore = True
-    d = maybeDeferred(runner.session.select, cmd.mailbox, cmd.readonly)
+    d = maybeDeferred(runner.authed.select, cmd.mailbox, cmd.readonly)
 
-    def opened(box: Any) -> Any:
+    def opened(box: ISelectedMailbox) -> Any:
         runner.mailbox = box
         return maybeDeferred(box.snapshot).addCallback(
             lambda snap: _selected(runner, cmd, box, snap)
@@ -38,7 +38,7 @@ def answer_select(runner: CommandRunner, cmd: c.Select) -> Any:
     return d.addCallback(opened)
 
 
-def _selected(runner: CommandRunner, cmd: c.Select, box: Any, snap: Snapshot) -> Any:
+def _selected(runner: CommandRunner, cmd: c.Select, box: ISelectedMailbox, snap: Snapshot) -> Any:
     if runner.mailbox is not box:
         raise ImapError("mailbox closed meanwhile")
     view = runner.view = MailboxView(snap)
@@ -96,7 +96,7 @@ def answer_store(runner: CommandRunner, cmd: c.Store) -> Any:
     uids = runner.view.resolve(cmd.sequence_set, cmd.uid)
     if cmd.unchanged_since is not None:
         runner.condstore = True
-    box = runner.mailbox
+    box = runner.selected
     d = maybeDeferred(box.store, uids, cmd.mode, cmd.flags, cmd.unchanged_since)
 
     def stored(modified: list[int]) -> Any:
@@ -129,7 +129,8 @@ def answer_copy(runner: CommandRunner, cmd: c.Copy | c.Move) -> Any:
     uids = runner.view.resolve(cmd.sequence_set, cmd.uid)
     if not uids:
         return Done(text="no messages")
-    op = runner.mailbox.move if isinstance(cmd, c.Move) else runner.mailbox.copy
+    box = runner.selected
+    op = box.move if isinstance(cmd, c.Move) else box.copy
 
     def done(r: CopyResult) -> Any:
         code = None

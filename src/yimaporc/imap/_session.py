@@ -35,8 +35,10 @@ from ._view import (
 )
 from .interfaces import (
     IImapBackend,
+    IImapSession,
     ImapError,
     IMessageRenderer,
+    ISelectedMailbox,
     MailboxStatus,
     Snapshot,
 )
@@ -77,8 +79,8 @@ class CommandRunner:
         #: A Deferred that fires when the transport can take more output (the shell's
         #: write buffer is not full); fails with ImapError once the connection is gone.
         self.writable = writable
-        self.session: Any = None
-        self.mailbox: Any = None
+        self.session: IImapSession | None = None
+        self.mailbox: ISelectedMailbox | None = None
         self.view: MailboxView | None = None
         self.enabled: set[str] = set()
         self.condstore = False
@@ -92,6 +94,22 @@ class CommandRunner:
         self.server_errors = 0
         #: Called with the counter's name each time one moves (an embedder's metrics).
         self.on_count: Callable[[str], None] | None = None
+
+    @property
+    def authed(self) -> IImapSession:
+        """The logged-in user's session (the state machine admits the commands that
+        use it only once there is one)."""
+        if self.session is None:
+            raise ImapError("not authenticated", status="BAD")
+        return self.session
+
+    @property
+    def selected(self) -> ISelectedMailbox:
+        """The selected mailbox (the state machine admits the commands that use it only
+        in the selected state)."""
+        if self.mailbox is None:
+            raise ImapError("no mailbox selected", status="BAD")
+        return self.mailbox
 
     def _count(self, name: str) -> None:
         setattr(self, name, getattr(self, name) + 1)
@@ -308,23 +326,23 @@ class CommandRunner:
         return Done()
 
     def _do_namespace(self, cmd: c.Namespace) -> Done:
-        self.conn.send(s.namespace((("", self.session.delimiter),), None, None))
+        self.conn.send(s.namespace((("", self.authed.delimiter),), None, None))
         return Done()
 
     def _do_create(self, cmd: c.Create) -> Any:
-        name = cmd.mailbox.rstrip(self.session.delimiter)
+        name = cmd.mailbox.rstrip(self.authed.delimiter)
         if name == "INBOX":
             raise ImapError("INBOX exists", "ALREADYEXISTS")
         if not valid_mailbox_name(name):
             raise ImapError("mailbox name is not valid modified UTF-7", "CANNOT")
-        return maybeDeferred(self.session.create, name, cmd.special_use).addCallback(
+        return maybeDeferred(self.authed.create, name, cmd.special_use).addCallback(
             lambda _: Done()
         )
 
     def _do_delete(self, cmd: c.Delete) -> Any:
         if cmd.mailbox == "INBOX":
             raise ImapError("INBOX cannot be deleted", "CANNOT")
-        return maybeDeferred(self.session.delete, cmd.mailbox).addCallback(lambda _: Done())
+        return maybeDeferred(self.authed.delete, cmd.mailbox).addCallback(lambda _: Done())
 
     def _do_rename(self, cmd: c.Rename) -> Any:
         # RENAME INBOX is the backend's (RFC 3501 6.3.5: its messages move, INBOX stays
@@ -333,15 +351,13 @@ class CommandRunner:
             raise ImapError("INBOX exists", "ALREADYEXISTS")
         if not valid_mailbox_name(cmd.new):
             raise ImapError("mailbox name is not valid modified UTF-7", "CANNOT")
-        return maybeDeferred(self.session.rename, cmd.old, cmd.new).addCallback(lambda _: Done())
+        return maybeDeferred(self.authed.rename, cmd.old, cmd.new).addCallback(lambda _: Done())
 
     def _do_subscribe(self, cmd: c.Subscribe) -> Any:
-        return maybeDeferred(self.session.subscribe, cmd.mailbox, True).addCallback(
-            lambda _: Done()
-        )
+        return maybeDeferred(self.authed.subscribe, cmd.mailbox, True).addCallback(lambda _: Done())
 
     def _do_unsubscribe(self, cmd: c.Unsubscribe) -> Any:
-        return maybeDeferred(self.session.subscribe, cmd.mailbox, False).addCallback(
+        return maybeDeferred(self.authed.subscribe, cmd.mailbox, False).addCallback(
             lambda _: Done()
         )
 
@@ -358,7 +374,7 @@ class CommandRunner:
             self.conn.send(s.status(self.shown(cmd.mailbox), status_items(st, cmd.items)))
             return Done()
 
-        return maybeDeferred(self.session.status, cmd.mailbox).addCallback(got)
+        return maybeDeferred(self.authed.status, cmd.mailbox).addCallback(got)
 
     def _do_select(self, cmd: c.Select) -> Any:
         return answer_select(self, cmd)
@@ -406,7 +422,7 @@ class CommandRunner:
         return Done()
 
     def _do_close(self, cmd: c.Close) -> Any:
-        box = self.mailbox
+        box = self.selected
         d = succeed(None) if box.readonly else maybeDeferred(box.expunge, None)
 
         def closed(_: object) -> Done:
@@ -419,20 +435,20 @@ class CommandRunner:
         return d.addCallback(closed)
 
     def _do_unselect(self, cmd: c.Unselect) -> Done:
-        box, self.mailbox, self.view = self.mailbox, None, None
+        box, self.mailbox, self.view = self.selected, None, None
         box.watch(None)
         box.close()
         return Done()
 
     def _writable(self) -> None:
-        if self.mailbox.readonly:
+        if self.selected.readonly:
             raise ImapError("mailbox is read-only")
 
     def _do_expunge(self, cmd: c.Expunge) -> Any:
         self._writable()
         assert self.view is not None
         uids = None if cmd.uid_set is None else self.view.resolve(cmd.uid_set, True)
-        return maybeDeferred(self.mailbox.expunge, uids).addCallback(lambda _: Done())
+        return maybeDeferred(self.selected.expunge, uids).addCallback(lambda _: Done())
 
     def _do_search(self, cmd: c.Search) -> Any:
         return answer_search(self, cmd)

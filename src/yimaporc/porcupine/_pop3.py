@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.mail import pop3
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -183,7 +184,7 @@ class MailPOP3(GatedLines, pop3.POP3):
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         context_factory: Any = None,
         errors: ClientErrors | None = None,
         allow_plaintext: bool = False,

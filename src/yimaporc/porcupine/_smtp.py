@@ -42,7 +42,7 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import imap4, smtp
 from twisted.python.failure import Failure
@@ -190,7 +190,7 @@ class MailESMTP(smtp.ESMTP):
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         policy: SmtpPolicy,
         deliver: Deliver,
         chal: Any = None,

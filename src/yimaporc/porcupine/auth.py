@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.cred import credentials, error, portal
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.mail import pop3, smtp
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -100,7 +101,7 @@ class SlotWaiters:
     woken one per released slot, oldest first, instead of polling.  Shared by a
     node's :class:`ThrottledPortal` instances; reactor thread only."""
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self._queues: dict[str, deque[_Waiter]] = {}
 
@@ -163,7 +164,7 @@ class ThrottledPortal:
         self,
         portal: portal.Portal,
         throttle: AuthThrottle,
-        clock: Any,
+        clock: IReactorTime,
         peer: str,
         domain: str,
         close: Callable[[], object],

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -82,7 +83,7 @@ class PorcupineImapFactory(ImapServerFactory):
         backend: PorcupineImapBackend,
         portal_for: Callable[[Any, Any], Any],
         errors: ClientErrors,
-        clock: Any,
+        clock: IReactorTime,
         **kw: Any,
     ) -> None:
         self.errors = errors

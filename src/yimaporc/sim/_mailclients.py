@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
@@ -43,7 +43,7 @@ Done = Callable[[list[bytes], bool], None]
 class Conversation(Protocol):
     """Send the steps one by one; ``done(replies, ok)`` once (end, refusal, loss)."""
 
-    def __init__(self, steps: list[Step], done: Done, clock: Any, timeout: float) -> None:
+    def __init__(self, steps: list[Step], done: Done, clock: IReactorTime, timeout: float) -> None:
         self.steps = steps
         self.done = done
         self.clock = clock
@@ -145,7 +145,7 @@ class Conversation(Protocol):
 class ConversationFactory(ClientFactory):
     """Builds one :class:`Conversation`; a failed connect ends it too."""
 
-    def __init__(self, steps: list[Step], done: Done, clock: Any, timeout: float) -> None:
+    def __init__(self, steps: list[Step], done: Done, clock: IReactorTime, timeout: float) -> None:
         self.steps = steps
         self.done = done
         self.clock = clock

@@ -32,7 +32,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
+from ...cluster.view import IMembershipListener, View
 from ._manager import ReplicationConfig, ReplicationManager
 from ._values import (
     Acknowledge,
@@ -82,6 +84,7 @@ def write_log_ops(log: ILogStore, ops: Sequence[LogOp]) -> None:
     log.write_many(ops)
 
 
+@implementer(IMembershipListener)
 class ReplicationService(Service):
     """Runs the replication core on the reactor; see the module docstring."""
 
@@ -254,7 +257,7 @@ class ReplicationService(Service):
         if self.core is not None:
             self._perform(self.core.set_live(self._live, self.now()))
 
-    def membership_changed(self, old: Any, new: Any) -> None:
+    def membership_changed(self, old: View, new: View) -> None:
         """``IMembershipListener``: pass the committed view's members to the core.
 
         A member whose incarnation changed restarted in between: it is passed as
