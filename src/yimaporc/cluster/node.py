@@ -33,6 +33,7 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..secret import cluster_key
@@ -60,7 +61,7 @@ from .wire import Member
 UDP_RCVBUF = 4 * 1024 * 1024
 
 
-def grow_receive_buffer(port: Any, size: int) -> int:
+def grow_receive_buffer(port: IListeningPort, size: int) -> int:
     """Best effort: give a UDP port's socket a ``size``-byte receive buffer, so a burst of
     junk does not push genuine pings out; the size the kernel granted (0 if unknown)."""
     sock = getattr(port, "socket", None)
@@ -397,7 +398,7 @@ class ClusterNode(MultiService):
             lambda _: None, lambda f: f.value.subFailure if isinstance(f.value, FirstError) else f
         )
 
-    def _state_unsaved(self, failure: Any) -> None:
+    def _state_unsaved(self, failure: Failure) -> None:
         """The start-up write of the state failed (already logged by the state file)."""
         self._start_error = CannotStart(
             f"cannot write {self._state_path}: {failure.getErrorMessage()}"

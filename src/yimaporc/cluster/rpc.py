@@ -29,7 +29,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -371,7 +371,7 @@ class RpcServerFactory(Factory):
         self.scope = scope
         self.guard = guard or RpcGuard()
 
-    def buildProtocol(self, addr: Any) -> NodeAMP:
+    def buildProtocol(self, addr: IAddress | None) -> NodeAMP:
         """A connection that must authenticate before anything else."""
         return NodeAMP(
             self.registry, self.key, self.node_id, scope=self.scope, guard=self.guard, server=True
@@ -382,7 +382,7 @@ class _ClientFactory(Factory):
     def __init__(self, client: RpcClient) -> None:
         self.client = client
 
-    def buildProtocol(self, addr: Any) -> NodeAMP:
+    def buildProtocol(self, addr: IAddress | None) -> NodeAMP:
         c = self.client
         return NodeAMP(c.registry, c.key, c.node_id, scope=c.scope, guard=c.guard)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -369,7 +369,7 @@ class ImapServerFactory(Factory):
         if self.on_count is not None:
             self.on_count(name)
 
-    def buildProtocol(self, addr: Any) -> ImapServerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ImapServerProtocol:
         p = ImapServerProtocol(self)
         self.connections.add(p)
         return p

@@ -233,7 +233,7 @@ class MailPOP3(GatedLines, pop3.POP3):
         self.failResponse(b"line too long")
         self._t.loseConnection()
 
-    def _ebMailbox(self, failure: Any) -> Any:
+    def _ebMailbox(self, failure: Failure) -> Any:
         """RFC 3206 codes: ``[AUTH]`` for bad credentials, ``[SYS/TEMP]`` when throttled."""
         from twisted.cred.error import LoginDenied, LoginFailed, UnauthorizedLogin
 
@@ -475,7 +475,7 @@ class MailPOP3(GatedLines, pop3.POP3):
             # three pieces, no joined copy of the message here (the transport buffers them)
             self._t.writeSequence([head, dot_stuff(body, lines), b".\r\n"])
 
-        def failed(f: Any) -> None:
+        def failed(f: Failure) -> None:
             self.failResponse(b"cannot read message")
 
         d = box.body_of(n).addCallbacks(send, failed)
@@ -501,7 +501,7 @@ class MailPOP3(GatedLines, pop3.POP3):
             self.successResponse(b"bye")
             self._t.loseConnection()
 
-        def failed(f: Any) -> None:
+        def failed(f: Failure) -> None:
             self.failResponse(b"some deleted messages not removed")
             self._t.loseConnection()
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.cred import credentials, error, portal
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.mail import pop3, smtp
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -93,7 +93,7 @@ class _Waiter:
     def __init__(self, wake: Callable[[], None], expire: Callable[[], None]) -> None:
         self.wake = wake
         self.expire = expire
-        self.timer: Any = None
+        self.timer: IDelayedCall | None = None
 
 
 class SlotWaiters:

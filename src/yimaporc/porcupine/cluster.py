@@ -81,6 +81,7 @@ from .storage import MailStorage
 from .usermap import N_BUCKETS, bucket_of
 
 if TYPE_CHECKING:
+    from ..cluster.interfaces import IClusterNode
     from .replication.mail import MailReplication
 from .values import (
     Digest,
@@ -128,7 +129,7 @@ class MailCluster(Service):
     def __init__(
         self,
         storage: MailStorage,
-        node: Any,
+        node: IClusterNode,
         buckets: IBucketMap,
         *,
         replication: MailReplication | None = None,

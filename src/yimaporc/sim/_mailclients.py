@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
@@ -153,12 +152,12 @@ class ConversationFactory(ClientFactory):
         self.protocol_made: Conversation | None = None
         self._failed = False
 
-    def buildProtocol(self, addr: Any) -> Conversation:
+    def buildProtocol(self, addr: IAddress | None) -> Conversation:
         proto = Conversation(self.steps, self.done, self.clock, self.timeout)
         self.protocol_made = proto
         return proto
 
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         if self.protocol_made is None and not self._failed:
             self._failed = True
             self.done([], False)

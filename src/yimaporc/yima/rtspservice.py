@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..cluster.membership import IMembershipListener
@@ -203,7 +204,7 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
     def _listening(self, port: IListeningPort) -> None:
         self.rtsp_port = port
 
-    def _cannot_listen(self, failure: Any) -> None:
+    def _cannot_listen(self, failure: Failure) -> None:
         error = CannotStart(
             f"cannot listen on --rtsp {self.rtsp_endpoint}: {failure.getErrorMessage()}"
         )
