@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, IServiceCollection, MultiService
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
     ILogObserver,
@@ -262,7 +262,7 @@ class _WithLogObserver(MultiService):
         self.observer = observer
         child.setServiceParent(self)
 
-    def setServiceParent(self, parent: Any) -> None:
+    def setServiceParent(self, parent: IServiceCollection) -> None:
         """Join ``parent``; if it is the application, become its log observer."""
         if isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self.observer)

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
 from yimaporc.admin.metrics import NodeMetrics, families, histogram_families
 from yimaporc.cluster.histogram import LAG_BUCKETS, Histogram, Histograms
@@ -26,6 +27,7 @@ from yimaporc.porcupine._smtp import MailESMTP
 from yimaporc.porcupine.delivery import Recipient, SmtpPolicy
 from yimaporc.porcupine.imap_backend import MailboxRegistry, PorcupineImapBackend
 from yimaporc.porcupine.imap_server import PorcupineImapFactory
+from yimaporc.porcupine.interfaces import ISmtpDelivery
 from yimaporc.yima.deliverystats import DeliveryStats
 from yimaporc.yima.engine import DeliveryEngine
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, NodeScheduler, Packet
@@ -122,8 +124,11 @@ def test_suspicions_are_always_exported_and_move() -> None:
 POLICY = SmtpPolicy("example.org", "mx.example.org", max_message_size=4000)
 
 
+@implementer(ISmtpDelivery)
 class AcceptAll:
     """An IMessageDelivery taking every sender and recipient (into the session's DATA)."""
+
+    authenticated_as: str | None = None
 
     def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> bytes:
         return b"Received: from " + helo[0]

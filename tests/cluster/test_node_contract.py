@@ -18,10 +18,12 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from yimaporc.cluster.interfaces import IClusterNode, IRpcCaller
-from yimaporc.cluster.membership import IMembershipListener, View
+from yimaporc.cluster.membership import IMembershipListener, Membership, View
 from yimaporc.cluster.node import ClusterNode, NodeConfig
 from yimaporc.cluster.routes import Route
 from yimaporc.cluster.rpc import PeerUnavailable
+from yimaporc.cluster.timesync import TimeSample
+from yimaporc.cluster.wire import Member
 from yimaporc.testing.cluster import MemoryClusterNode, MemoryNetwork
 
 
@@ -81,6 +83,40 @@ def test_cluster_time_follows_the_injected_clock(made: tuple[Any, Any]) -> None:
     t0 = node.cluster_time()
     clock.advance(12.5)
     assert node.cluster_time() - t0 == pytest.approx(12.5)
+
+
+def test_synced_cluster_time_is_none_until_synced(made: tuple[Any, Any]) -> None:
+    """A node not (yet) synced to the cluster's time reference has no synced time."""
+    node, _ = made
+    assert node.synced_cluster_time() is None
+
+
+def test_real_node_synced_time_follows_its_clock_sync(tmp_path: Path) -> None:
+    """ClusterNode: synced alone (it is the reference), unsynced after a lower-address
+    reference appears, synced again with that reference's offset once sampled."""
+    clock = MemoryReactorClock()
+    clock.advance(100)
+    node = _real(tmp_path, clock)
+    me = Member("n1", "127.0.139.1:7946", 1)
+    node.core = Membership(me, rng=random.Random(1))
+    assert node.synced_cluster_time() == 100
+    ref = Member("n0", "127.0.139.0:7946", 1)
+    node.core.clock_sync.set_members((ref, me), 100.0)
+    assert node.synced_cluster_time() is None
+    node.core.clock_sync.samples.append(TimeSample(2.5, 0.01))
+    node.core.clock_sync.offset = 2.5
+    assert node.synced_cluster_time() == pytest.approx(102.5) == node.cluster_time()
+
+
+def test_fake_node_synced_time_is_the_clock_while_synced(tmp_path: Path) -> None:
+    """MemoryClusterNode: synced_cluster_time() is the clock's time while ``synced``."""
+    clock = Clock()
+    clock.advance(7)
+    node = MemoryClusterNode("n1", clock, data_dir=tmp_path / "n1")
+    node.synced = True
+    assert node.synced_cluster_time() == 7
+    node.synced = False
+    assert node.synced_cluster_time() is None
 
 
 def test_ready_without_ports(made: tuple[Any, Any]) -> None:

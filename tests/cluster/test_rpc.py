@@ -18,6 +18,7 @@ from yimaporc.cluster.rpc import (
     AuthFailed,
     Echo,
     NodeAMP,
+    PeerMaybeDone,
     PeerUnavailable,
     RpcClient,
     RpcRegistry,
@@ -153,8 +154,8 @@ def test_client_peer_down_is_peer_unavailable() -> None:
 
 
 def test_peer_unavailable_says_whether_the_request_was_sent() -> None:
-    """A timeout after the request went out is ``maybe_done`` (the peer may run it);
-    a refused connection is not."""
+    """A timeout after the request went out is a PeerMaybeDone (the peer may run it);
+    a refused connection is a plain PeerUnavailable."""
     server_registry = RpcRegistry()
     server_registry.register(Slow, lambda: Deferred())
     reactor, endpoint, completer = memory_peer(server_registry)
@@ -168,9 +169,9 @@ def test_peer_unavailable_says_whether_the_request_was_sent() -> None:
     reactor.advance(5.1)
     with pytest.raises(PeerUnavailable) as sent:
         result_of(d)
-    assert sent.value.maybe_done
+    assert isinstance(sent.value, PeerMaybeDone) and sent.value.maybe_done
     refused = client.call("10.0.0.9:7946", Slow)
     completer.failOnce(Failure(ConnectionRefusedError()))
     with pytest.raises(PeerUnavailable) as unsent:
         result_of(refused)
-    assert not unsent.value.maybe_done
+    assert not isinstance(unsent.value, PeerMaybeDone) and not unsent.value.maybe_done

@@ -142,6 +142,10 @@ class SimNode:
             layout=Fragmented(self.cluster.home_of, now=net.clock.seconds),
         )  # fmt: skip
 
+    def synced_cluster_time(self) -> float | None:
+        """Never synced to a time reference (no timesync here: no read leases)."""
+        return None
+
     def deliver(self, user: str, body: bytes) -> list[Digest]:
         digests: list[Digest] = result_of(self.mail.delivery.deliver([user], body))
         return digests

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from yimaporc.cluster.rpc import PeerUnavailable
+from yimaporc.cluster.rpc import PeerMaybeDone, PeerUnavailable
 from yimaporc.porcupine.cluster import MbStore
 
 
@@ -31,9 +31,7 @@ class LostAnswers(Net):
         if address == self.lose_to and command is MbStore:
 
             def lost(_: Any) -> Failure:
-                err = PeerUnavailable(f"{address}: timed out")
-                err.maybe_done = True
-                return Failure(err)
+                return Failure(PeerMaybeDone(f"{address}: timed out"))
 
             d.addBoth(lost)
         return d

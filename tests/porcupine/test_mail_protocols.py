@@ -8,16 +8,21 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.mail import smtp
+from zope.interface import implementer
 
 from yimaporc.porcupine._pop3 import dot_stuff
 from yimaporc.porcupine._smtp import MailESMTP
 from yimaporc.porcupine.delivery import Recipient, SmtpPolicy
+from yimaporc.porcupine.interfaces import ISmtpDelivery
 
 POLICY = SmtpPolicy("example.org", "n1.example.org", max_message_size=2000)
 
 
+@implementer(ISmtpDelivery)
 class SlowDelivery:
     """validateTo answers only when the test fires it."""
+
+    authenticated_as: str | None = None
 
     def __init__(self) -> None:
         self.pending: list[tuple[Deferred[Any], smtp.User]] = []

@@ -14,16 +14,21 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.mail import imap4, smtp
+from zope.interface import implementer
 
 from yimaporc.porcupine._smtp import MailESMTP
 from yimaporc.porcupine.delivery import Recipient, SmtpPolicy
+from yimaporc.porcupine.interfaces import ISmtpDelivery
 from yimaporc.porcupine.throttle import LoginThrottled
 
 POLICY = SmtpPolicy("example.org", "n1.example.org", max_message_size=4000)
 
 
+@implementer(ISmtpDelivery)
 class AcceptAll:
     """An IMessageDelivery that accepts every sender and recipient at once."""
+
+    authenticated_as: str | None = None
 
     def __init__(self, hold: bool = False) -> None:
         self.hold = hold

@@ -354,7 +354,7 @@ class AdminSite(Site):
     def _status(self) -> dict[str, Any]:
         return {"admin": {"connections": sum(self.open.values()), **self.stats}}
 
-    def buildProtocol(self, addr: IAddress) -> AdminChannel | None:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress | None) -> AdminChannel | None:  # type: ignore[override]
         """A channel, or None (the connection is closed) past the caps."""
         host = str(getattr(addr, "host", ""))
         if sum(self.open.values()) >= self.max_connections or self.open[host] >= self.max_per_peer:

@@ -61,10 +61,17 @@ class PeerUnavailable(Exception):
     connection lost while waiting), so the peer may have run it, or may still run
     it when TCP delivers the request late (after a partition heals): a caller must
     not redo a non-idempotent request elsewhere (issue 14: a store retried on a
-    second node listed a message twice).
+    second node listed a message twice).  Such failures are :class:`PeerMaybeDone`.
     """
 
     maybe_done = False
+
+
+class PeerMaybeDone(PeerUnavailable):
+    """The peer did not answer, but the request had been sent: it may have run it, or
+    still will (see :class:`PeerUnavailable`); never redo it elsewhere."""
+
+    maybe_done = True
 
 
 class Hello(amp.Command):

@@ -46,6 +46,10 @@ class IClusterNode(Interface):
     def cluster_time() -> float:
         """Seconds on the cluster's common clock."""
 
+    def synced_cluster_time() -> float | None:
+        """:meth:`cluster_time` while this node is synced to the cluster's time
+        reference, else None (thread-safe: reads only)."""
+
     def subscribe(listener: IMembershipListener) -> None:
         """Call ``listener.membership_changed(old, new)`` on every new view."""
 

@@ -33,59 +33,35 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..secret import cluster_key
+
+# Re-exported: node kinds, the taps and tests import them from here.
+from ._nodeconfig import ConfigError as ConfigError
+from ._nodeconfig import NodeConfig as NodeConfig
+from ._nodeconfig import load_ca as load_ca
+from ._nodeconfig import load_tls as load_tls
+from ._nodeconfig import parse_cluster_address as parse_cluster_address
+from ._nodeconfig import parse_join as parse_join
 from .catalog import PutRecords
 from .histogram import LAG_BUCKETS, Histograms
 from .interfaces import IClusterNode
 from .lag import ReactorLagMonitor
 from .listening import CannotStart as CannotStart  # re-exported: services import it here
 from .listening import IReady as IReady
-from .membership import AttachmentFor, IMembershipListener, Membership, TrmConfig, View
+from .membership import AttachmentFor, IMembershipListener, Membership, View
 from .routes import Route
 from .rpc import Echo, RpcClient, RpcGuard, RpcRegistry, RpcServerFactory
 from .statefile import Pool, StateFile
 from .udp import MembershipProtocol
-from .wire import Member, Scope
-
-
-class ConfigError(Exception):
-    """A node option is wrong (the message is user-facing)."""
-
-
-def parse_cluster_address(value: str) -> tuple[str, int]:
-    """``tcp:7946:interface=127.0.1.1``, ``udp:...`` or ``HOST:PORT`` -> (host, port)."""
-    parts = value.split(":")
-    if parts[0] in ("tcp", "udp"):
-        if len(parts) < 2 or not parts[1].isdigit():
-            raise ConfigError(f"--cluster {value!r}: expected tcp:PORT:interface=IP")
-        port = int(parts[1])
-        opts = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
-        unknown = set(opts) - {"interface"}
-        if unknown:
-            raise ConfigError(
-                f"--cluster {value!r}: unknown option(s) {', '.join(sorted(unknown))}"
-            )
-        host = opts.get("interface", "")
-        if not host or host in ("0.0.0.0", "::"):
-            raise ConfigError(
-                f"--cluster {value!r}: give interface=IP so peers can reach this node"
-            )
-    else:
-        host, sep, p = value.rpartition(":")
-        if not sep or not host or not p.isdigit():
-            raise ConfigError(f"--cluster {value!r}: expected HOST:PORT or tcp:PORT:interface=IP")
-        port = int(p)
-    if not 0 < port < 65536:
-        raise ConfigError(f"--cluster {value!r}: port out of range")
-    return host, port
-
+from .wire import Member
 
 UDP_RCVBUF = 4 * 1024 * 1024
 
 
-def grow_receive_buffer(port: Any, size: int) -> int:
+def grow_receive_buffer(port: IListeningPort, size: int) -> int:
     """Best effort: give a UDP port's socket a ``size``-byte receive buffer, so a burst of
     junk does not push genuine pings out; the size the kernel granted (0 if unknown)."""
     sock = getattr(port, "socket", None)
@@ -104,62 +80,6 @@ def grow_receive_buffer(port: Any, size: int) -> int:
         return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
     except OSError:
         return 0
-
-
-def parse_join(value: str) -> str:
-    """Check a ``--join HOST:PORT`` seed."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--join {value!r}: expected HOST:PORT")
-    return f"{host}:{int(port)}"
-
-
-@attrs.frozen
-class NodeConfig:
-    """Options every node kind shares."""
-
-    node_id: str
-    kind: str
-    data_dir: Path
-    cluster_host: str
-    cluster_port: int
-    join: tuple[str, ...] = ()
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    trm: TrmConfig = attrs.field(factory=TrmConfig)
-    cluster_name: str = ""
-    tls_ca: Path | None = None
-
-    @property
-    def cluster_address(self) -> str:
-        """``host:port`` peers use for datagrams and RPC."""
-        return f"{self.cluster_host}:{self.cluster_port}"
-
-    @property
-    def scope(self) -> Scope:
-        """The cluster this node belongs to: its name (default: the kind) and its kind."""
-        try:
-            return Scope(self.cluster_name or self.kind, self.kind)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-
-
-def load_tls(cert: Path | None, key: Path | None) -> ssl.PrivateCertificate | None:
-    """The node's certificate and key (PEM files), if configured."""
-    if cert is None or key is None:
-        return None
-    try:
-        return ssl.PrivateCertificate.loadPEM(cert.read_text() + "\n" + key.read_text())
-    except (OSError, ValueError, Exception) as e:
-        raise ConfigError(f"cannot load --tls-cert/--tls-key: {e}") from e
-
-
-def load_ca(path: Path) -> ssl.Certificate:
-    """The CA certificate (PEM) that signs every member's cluster certificate."""
-    try:
-        return ssl.Certificate.loadPEM(path.read_bytes())
-    except (OSError, ValueError, Exception) as e:
-        raise ConfigError(f"cannot load --tls-ca {path}: {e}") from e
 
 
 @attrs.define
@@ -328,6 +248,14 @@ class ClusterNode(MultiService):
         offset = self.core.clock_sync.offset if self.core is not None else 0.0
         return float(self.reactor.seconds()) + offset
 
+    def synced_cluster_time(self) -> float | None:
+        """:meth:`cluster_time` while synced to the reference (see :mod:`.timesync`),
+        else None (thread-safe: reads only)."""
+        core = self.core
+        if core is None or not core.clock_sync.synced:
+            return None
+        return self.cluster_time()
+
     def state_file_for(self, name: str, path: Path, *, durable: bool) -> StateFile:
         """A :class:`StateFile` for ``path`` written by this node's pool, reported as
         ``state_files.NAME`` in the status and flushed when the node stops."""
@@ -470,7 +398,7 @@ class ClusterNode(MultiService):
             lambda _: None, lambda f: f.value.subFailure if isinstance(f.value, FirstError) else f
         )
 
-    def _state_unsaved(self, failure: Any) -> None:
+    def _state_unsaved(self, failure: Failure) -> None:
         """The start-up write of the state failed (already logged by the state file)."""
         self._start_error = CannotStart(
             f"cannot write {self._state_path}: {failure.getErrorMessage()}"

@@ -29,7 +29,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -42,6 +42,7 @@ from ._rpc_commands import (
     BigBytes,
     Echo,
     Hello,
+    PeerMaybeDone,
     PeerUnavailable,
     Prove,
     Unauthenticated,
@@ -59,6 +60,7 @@ __all__ = [
     "Echo",
     "Hello",
     "NodeAMP",
+    "PeerMaybeDone",
     "PeerUnavailable",
     "Prove",
     "RpcClient",
@@ -369,7 +371,7 @@ class RpcServerFactory(Factory):
         self.scope = scope
         self.guard = guard or RpcGuard()
 
-    def buildProtocol(self, addr: Any) -> NodeAMP:
+    def buildProtocol(self, addr: IAddress | None) -> NodeAMP:
         """A connection that must authenticate before anything else."""
         return NodeAMP(
             self.registry, self.key, self.node_id, scope=self.scope, guard=self.guard, server=True
@@ -380,7 +382,7 @@ class _ClientFactory(Factory):
     def __init__(self, client: RpcClient) -> None:
         self.client = client
 
-    def buildProtocol(self, addr: Any) -> NodeAMP:
+    def buildProtocol(self, addr: IAddress | None) -> NodeAMP:
         c = self.client
         return NodeAMP(c.registry, c.key, c.node_id, scope=c.scope, guard=c.guard)
 
@@ -471,8 +473,8 @@ class RpcClient:
                 self._drop(address)
                 if self.on_timeout is not None and f.check(TimeoutError, DeferTimeout):
                     self.on_timeout(address)
-                err = PeerUnavailable(f"{address}: {f.getErrorMessage()}")
-                err.maybe_done = sent
+                kind = PeerMaybeDone if sent else PeerUnavailable
+                err = kind(f"{address}: {f.getErrorMessage()}")
                 return Failure(err)
             if f.check(AuthFailed):
                 self._drop(address)

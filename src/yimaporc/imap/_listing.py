@@ -28,7 +28,7 @@ _SPECIAL_USE = frozenset(
 
 def answer_list(runner: CommandRunner, cmd: c.List, lsub: bool = False) -> Deferred[Done]:
     """Send the LIST/LSUB data of ``cmd``."""
-    session = runner.session
+    session = runner.authed
     delim: str = session.delimiter
     conn = runner.conn
     if not lsub and cmd.patterns == ("",) and not cmd.selection:
@@ -107,7 +107,7 @@ def _statuses(runner: CommandRunner, names: list[str], items: tuple[str, ...]) -
                 runner.conn.send(s.status(runner.shown(name), status_items(st, items)))
 
             # A mailbox that vanished meanwhile just gets no STATUS line (RFC 5819).
-            return maybeDeferred(runner.session.status, name).addCallbacks(got, lambda f: None)
+            return maybeDeferred(runner.authed.status, name).addCallbacks(got, lambda f: None)
 
         d.addCallback(one)
     return d.addCallback(lambda _: Done())

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,9 +48,9 @@ BASE_CAPABILITIES = (
 
 
 def backend_extensions(backend: IImapBackend) -> list[str]:
-    """The capabilities ``backend`` says it can do (a backend without ``extensions`` has
-    none); names the package does not know are not advertised."""
-    have = {e.upper() for e in getattr(backend, "extensions", ())}
+    """The capabilities ``backend`` says it can do (its ``extensions``); names the
+    package does not know are not advertised."""
+    have = {e.upper() for e in backend.extensions}
     return [e for e in BACKEND_EXTENSIONS if e in have]
 
 
@@ -369,7 +369,7 @@ class ImapServerFactory(Factory):
         if self.on_count is not None:
             self.on_count(name)
 
-    def buildProtocol(self, addr: Any) -> ImapServerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ImapServerProtocol:
         p = ImapServerProtocol(self)
         self.connections.add(p)
         return p

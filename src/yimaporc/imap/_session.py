@@ -9,7 +9,6 @@ anywhere) and the tagged response, and turns failures into ``NO``/``BAD``.
 
 from __future__ import annotations
 
-import datetime as _dt
 from collections.abc import Callable
 from typing import Any
 
@@ -20,47 +19,40 @@ from twisted.python.failure import Failure
 
 from . import _commands as c
 from . import _serialize as s
+from ._append import SYSTEM_FLAGS, answer_append, check_storable, parse_date
 from ._connection import ImapConnection
 from ._fetch import answer_fetch, answer_search
 from ._listing import answer_list
 from ._machine import State
-from ._message import canonical_crlf
 from ._outcome import Done, _code, status_items
+from ._selected import answer_copy, answer_select, answer_store
 from ._serialize import ResponseCode
 from ._view import (
     MailboxView,
-    absent_uids,
     mutf7_decode,
     mutf7_encode,
-    uid_set_text,
     valid_mailbox_name,
 )
 from .interfaces import (
-    AppendResult,
-    CopyResult,
     IImapBackend,
+    IImapSession,
     ImapError,
     IMessageRenderer,
+    ISelectedMailbox,
     MailboxStatus,
     Snapshot,
 )
 
 log = Logger()
 
-SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
-_STORABLE_SYSTEM = frozenset(f.upper() for f in SYSTEM_FLAGS)
+#: Kept importable from here (they live in ``_append``).
+__all__ = ["SYSTEM_FLAGS", "CommandRunner", "check_storable", "parse_date"]
+
 #: FETCH items that set \Seen unless PEEKed.
 _SETS_SEEN = frozenset({"RFC822", "RFC822.TEXT"})
 _CONTENT = frozenset(
     {"ENVELOPE", "BODY", "BODYSTRUCTURE", "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
 )
-
-
-def parse_date(text: str | None) -> float | None:
-    """APPEND date-time -> POSIX time."""
-    if text is None:
-        return None
-    return _dt.datetime.strptime(text.strip(), "%d-%b-%Y %H:%M:%S %z").timestamp()
 
 
 class CommandRunner:
@@ -87,8 +79,8 @@ class CommandRunner:
         #: A Deferred that fires when the transport can take more output (the shell's
         #: write buffer is not full); fails with ImapError once the connection is gone.
         self.writable = writable
-        self.session: Any = None
-        self.mailbox: Any = None
+        self.session: IImapSession | None = None
+        self.mailbox: ISelectedMailbox | None = None
         self.view: MailboxView | None = None
         self.enabled: set[str] = set()
         self.condstore = False
@@ -102,6 +94,22 @@ class CommandRunner:
         self.server_errors = 0
         #: Called with the counter's name each time one moves (an embedder's metrics).
         self.on_count: Callable[[str], None] | None = None
+
+    @property
+    def authed(self) -> IImapSession:
+        """The logged-in user's session (the state machine admits the commands that
+        use it only once there is one)."""
+        if self.session is None:
+            raise ImapError("not authenticated", status="BAD")
+        return self.session
+
+    @property
+    def selected(self) -> ISelectedMailbox:
+        """The selected mailbox (the state machine admits the commands that use it only
+        in the selected state)."""
+        if self.mailbox is None:
+            raise ImapError("no mailbox selected", status="BAD")
+        return self.mailbox
 
     def _count(self, name: str) -> None:
         setattr(self, name, getattr(self, name) + 1)
@@ -192,10 +200,9 @@ class CommandRunner:
         ``modseq`` (QRESYNC leaves them out of ``VANISHED (EARLIER)``); none when the
         backend keeps no tombstones."""
         box = self.mailbox
-        tombstones = getattr(box, "tombstones", None)
-        if tombstones is None:
+        if box is None:
             return succeed([])
-        return maybeDeferred(tombstones).addCallback(
+        return maybeDeferred(box.tombstones).addCallback(
             lambda t: [uid for uid, at in t.items() if at <= modseq]
         )
 
@@ -319,92 +326,23 @@ class CommandRunner:
         return Done()
 
     def _do_namespace(self, cmd: c.Namespace) -> Done:
-        self.conn.send(s.namespace((("", self.session.delimiter),), None, None))
+        self.conn.send(s.namespace((("", self.authed.delimiter),), None, None))
         return Done()
 
-    def _do_select(self, cmd: c.Select) -> Any:
-        if cmd.qresync is not None and "QRESYNC" not in self.enabled:
-            raise ImapError("QRESYNC is not enabled", status="BAD")
-        self._deselect(announce=True)
-        if cmd.condstore:
-            self.condstore = True
-        d = maybeDeferred(self.session.select, cmd.mailbox, cmd.readonly)
-
-        def opened(box: Any) -> Any:
-            self.mailbox = box
-            return maybeDeferred(box.snapshot).addCallback(
-                lambda snap: self._selected(cmd, box, snap)
-            )
-
-        return d.addCallback(opened)
-
-    def _selected(self, cmd: c.Select, box: Any, snap: Snapshot) -> Any:
-        if self.mailbox is not box:
-            raise ImapError("mailbox closed meanwhile")
-        view = self.view = MailboxView(snap)
-        send = self.conn.send
-        send(s.flags(box.flags))
-        perm = () if box.readonly else (*box.permanent_flags, "\\*")
-        send(s.StatusResponse("OK", "flags permitted", ResponseCode("PERMANENTFLAGS", perm)))
-        send(s.exists(len(view)))
-        send(s.recent(0))
-        unseen = next((i + 1 for i, m in enumerate(view.messages) if "\\Seen" not in m.flags), None)
-        if unseen is not None:
-            send(s.StatusResponse("OK", "first unseen", ResponseCode.number("UNSEEN", unseen)))
-        send(
-            s.StatusResponse(
-                "OK", "UIDs valid", ResponseCode.number("UIDVALIDITY", box.uidvalidity)
-            )
-        )
-        send(
-            s.StatusResponse(
-                "OK", "predicted next UID", ResponseCode.number("UIDNEXT", snap.uidnext)
-            )
-        )
-        if self.backend.supports_modseq:
-            code = ResponseCode.number("HIGHESTMODSEQ", max(1, snap.highestmodseq))
-            send(s.StatusResponse("OK", "highest modseq", code))
-        elif self.condstore:
-            send(s.StatusResponse("OK", "no modseqs here", ResponseCode("NOMODSEQ")))
-        access = "READ-ONLY" if box.readonly else "READ-WRITE"
-        done = Done(
-            text=f"{'EXAMINE' if cmd.readonly else 'SELECT'} completed", code=ResponseCode(access)
-        )
-        q = cmd.qresync
-        if q is not None and q.uidvalidity == box.uidvalidity:
-            d = self.expunged_before(q.modseq)
-            return d.addCallback(lambda old: self._qresync(q, view, snap, old)).addCallback(
-                lambda _: done
-            )
-        return done
-
-    def _qresync(self, q: c.Qresync, view: MailboxView, snap: Snapshot, old: list[int]) -> None:
-        if self.mailbox is None or self.view is not view:
-            raise ImapError("mailbox closed meanwhile")
-        present = sorted(m.uid for m in snap.messages)
-        gone = absent_uids(q.known_uids or "1:*", present, snap.uidnext, old)
-        if gone:
-            self.conn.send(s.vanished(gone, earlier=True))
-        for i, m in enumerate(view.messages):
-            if m.modseq > q.modseq:
-                self.conn.send(
-                    s.fetch(i + 1, [("UID", m.uid), ("FLAGS", m.flags), ("MODSEQ", m.modseq)])
-                )
-
     def _do_create(self, cmd: c.Create) -> Any:
-        name = cmd.mailbox.rstrip(self.session.delimiter)
+        name = cmd.mailbox.rstrip(self.authed.delimiter)
         if name == "INBOX":
             raise ImapError("INBOX exists", "ALREADYEXISTS")
         if not valid_mailbox_name(name):
             raise ImapError("mailbox name is not valid modified UTF-7", "CANNOT")
-        return maybeDeferred(self.session.create, name, cmd.special_use).addCallback(
+        return maybeDeferred(self.authed.create, name, cmd.special_use).addCallback(
             lambda _: Done()
         )
 
     def _do_delete(self, cmd: c.Delete) -> Any:
         if cmd.mailbox == "INBOX":
             raise ImapError("INBOX cannot be deleted", "CANNOT")
-        return maybeDeferred(self.session.delete, cmd.mailbox).addCallback(lambda _: Done())
+        return maybeDeferred(self.authed.delete, cmd.mailbox).addCallback(lambda _: Done())
 
     def _do_rename(self, cmd: c.Rename) -> Any:
         # RENAME INBOX is the backend's (RFC 3501 6.3.5: its messages move, INBOX stays
@@ -413,15 +351,13 @@ class CommandRunner:
             raise ImapError("INBOX exists", "ALREADYEXISTS")
         if not valid_mailbox_name(cmd.new):
             raise ImapError("mailbox name is not valid modified UTF-7", "CANNOT")
-        return maybeDeferred(self.session.rename, cmd.old, cmd.new).addCallback(lambda _: Done())
+        return maybeDeferred(self.authed.rename, cmd.old, cmd.new).addCallback(lambda _: Done())
 
     def _do_subscribe(self, cmd: c.Subscribe) -> Any:
-        return maybeDeferred(self.session.subscribe, cmd.mailbox, True).addCallback(
-            lambda _: Done()
-        )
+        return maybeDeferred(self.authed.subscribe, cmd.mailbox, True).addCallback(lambda _: Done())
 
     def _do_unsubscribe(self, cmd: c.Unsubscribe) -> Any:
-        return maybeDeferred(self.session.subscribe, cmd.mailbox, False).addCallback(
+        return maybeDeferred(self.authed.subscribe, cmd.mailbox, False).addCallback(
             lambda _: Done()
         )
 
@@ -438,39 +374,13 @@ class CommandRunner:
             self.conn.send(s.status(self.shown(cmd.mailbox), status_items(st, cmd.items)))
             return Done()
 
-        return maybeDeferred(self.session.status, cmd.mailbox).addCallback(got)
+        return maybeDeferred(self.authed.status, cmd.mailbox).addCallback(got)
+
+    def _do_select(self, cmd: c.Select) -> Any:
+        return answer_select(self, cmd)
 
     def _do_append(self, cmd: c.Append) -> Any:
-        items = []
-        if any(m.binary for m in cmd.messages()) and "BINARY" not in self.capabilities(True):
-            raise ImapError("BINARY is not supported", status="BAD")
-        if any(m.utf8 for m in cmd.messages()) and "UTF8=ACCEPT" not in self.enabled:
-            raise ImapError("UTF8 needs ENABLE UTF8=ACCEPT", status="BAD")
-        for m in cmd.messages():
-            for f in m.flags:
-                _check_storable(f)
-            # Line ends made CRLF (sizes then agree with what clients read, as Dovecot
-            # presents them), except in a literal8: BINARY keeps every octet.
-            raw = m.message if m.binary else canonical_crlf(m.message)
-            try:
-                items.append((raw, m.flags, parse_date(m.date)))
-            except ValueError:
-                raise ImapError("bad date-time", status="BAD") from None
-        if cmd.more:
-            if "MULTIAPPEND" not in self.capabilities(True):
-                raise ImapError("MULTIAPPEND is not supported", status="BAD")
-            d = maybeDeferred(self.session.append_many, cmd.mailbox, items)
-        else:
-            message, flags, date = items[0]
-            d = maybeDeferred(self.session.append, cmd.mailbox, message, flags, date)
-            d.addCallback(lambda r: [r])
-
-        def stored(results: list[AppendResult]) -> Done:
-            validity = results[0].uidvalidity
-            uids = uid_set_text([r.uid for r in results])
-            return Done(text="APPEND completed", code=ResponseCode.appenduid(validity, uids))
-
-        return d.addCallback(stored)
+        return answer_append(self, cmd)
 
     def _do_idle(self, cmd: c.Idle) -> Any:
         self._idle = Deferred()
@@ -512,7 +422,7 @@ class CommandRunner:
         return Done()
 
     def _do_close(self, cmd: c.Close) -> Any:
-        box = self.mailbox
+        box = self.selected
         d = succeed(None) if box.readonly else maybeDeferred(box.expunge, None)
 
         def closed(_: object) -> Done:
@@ -525,20 +435,20 @@ class CommandRunner:
         return d.addCallback(closed)
 
     def _do_unselect(self, cmd: c.Unselect) -> Done:
-        box, self.mailbox, self.view = self.mailbox, None, None
+        box, self.mailbox, self.view = self.selected, None, None
         box.watch(None)
         box.close()
         return Done()
 
     def _writable(self) -> None:
-        if self.mailbox.readonly:
+        if self.selected.readonly:
             raise ImapError("mailbox is read-only")
 
     def _do_expunge(self, cmd: c.Expunge) -> Any:
         self._writable()
         assert self.view is not None
         uids = None if cmd.uid_set is None else self.view.resolve(cmd.uid_set, True)
-        return maybeDeferred(self.mailbox.expunge, uids).addCallback(lambda _: Done())
+        return maybeDeferred(self.selected.expunge, uids).addCallback(lambda _: Done())
 
     def _do_search(self, cmd: c.Search) -> Any:
         return answer_search(self, cmd)
@@ -547,66 +457,12 @@ class CommandRunner:
         return answer_fetch(self, cmd)
 
     def _do_store(self, cmd: c.Store) -> Any:
-        self._writable()
-        for f in cmd.flags:
-            _check_storable(f)
-        assert self.view is not None
-        uids = self.view.resolve(cmd.sequence_set, cmd.uid)
-        if cmd.unchanged_since is not None:
-            self.condstore = True
-        box = self.mailbox
-        d = maybeDeferred(box.store, uids, cmd.mode, cmd.flags, cmd.unchanged_since)
-
-        def stored(modified: list[int]) -> Any:
-            silent = frozenset(uids) if cmd.silent else frozenset()
-            r = self.refresh(cmd.uid, silent)
-            if modified:
-                assert self.view is not None
-                if cmd.uid:
-                    text = uid_set_text(modified)
-                else:
-                    text = uid_set_text(q for q in (self.view.seq_of(u) for u in modified) if q)
-                if text:
-                    return r.addCallback(
-                        lambda _: Done(
-                            "OK",
-                            "some messages changed meanwhile",
-                            ResponseCode("MODIFIED", (text,)),
-                        )
-                    )
-            return r.addCallback(lambda _: Done())
-
-        return d.addCallback(stored)
+        return answer_store(self, cmd)
 
     def _do_copy(self, cmd: c.Copy | c.Move) -> Any:
-        if isinstance(cmd, c.Move):
-            self._writable()
-        assert self.view is not None
-        uids = self.view.resolve(cmd.sequence_set, cmd.uid)
-        if not uids:
-            return Done(text="no messages")
-        op = self.mailbox.move if isinstance(cmd, c.Move) else self.mailbox.copy
-
-        def done(r: CopyResult) -> Any:
-            code = None
-            if r.source_uids:
-                code = ResponseCode.copyuid(
-                    r.uidvalidity, uid_set_text(r.source_uids), _pairs(r.dest_uids)
-                )
-            if isinstance(cmd, c.Move):
-                if code is not None:
-                    self.conn.send(s.StatusResponse("OK", "moved", code))
-                return self.refresh(True).addCallback(lambda _: Done())
-            return Done(code=code)
-
-        return maybeDeferred(op, uids, cmd.mailbox).addCallback(done)
+        return answer_copy(self, cmd)
 
     _do_move = _do_copy
-
-
-def _pairs(uids: tuple[int, ...]) -> str:
-    # COPYUID pairs source and destination UIDs by position: keep the order.
-    return ",".join(str(u) for u in uids) if list(uids) != sorted(uids) else uid_set_text(uids)
 
 
 def _internal_names(cmd: c.Command) -> c.Command:
@@ -628,8 +484,3 @@ def _internal_names(cmd: c.Command) -> c.Command:
     if isinstance(name, str) and name != "INBOX":
         return attrs.evolve(cmd, mailbox=mutf7_encode(name))  # type: ignore[misc,arg-type]
     return cmd
-
-
-def _check_storable(flag: str) -> None:
-    if flag.startswith("\\") and flag.upper() not in _STORABLE_SYSTEM:
-        raise ImapError(f"flag {flag} cannot be stored", status="BAD")

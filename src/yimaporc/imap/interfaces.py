@@ -112,10 +112,10 @@ class IImapBackend(Interface):
 
     supports_modseq = Attribute("True when snapshots carry MODSEQs (CONDSTORE/QRESYNC).")
     extensions = Attribute(
-        "Optional: the capabilities that need the backend's help and that it has, a subset "
+        "The capabilities that need the backend's help and that it has, a subset "
         "of :data:`BACKEND_EXTENSIONS` (``MULTIAPPEND``: its sessions have "
         ":meth:`IImapSession.append_many`; ``BINARY``: APPEND stores ``~{n}`` literal8 "
-        "messages octet for octet). Missing: none."
+        "messages octet for octet); ``()``: none."
     )
 
     def login(user: str, password: str) -> Any:
@@ -202,11 +202,11 @@ class ISelectedMailbox(Interface):
         """Call ``callback()`` when the mailbox changes (None: stop); used by IDLE."""
 
     def tombstones() -> Any:
-        """Optional, with ``supports_modseq``: ``{uid: modseq}`` of expunges the backend
-        remembers (the MODSEQ the mailbox reached by each).  QRESYNC leaves out of
+        """``{uid: modseq}`` of expunges the backend remembers (the MODSEQ the mailbox
+        reached by each; used with ``supports_modseq``).  QRESYNC leaves out of
         ``VANISHED (EARLIER)`` only UIDs shown gone at or before the client's
         mod-sequence, so a forgotten tombstone means a UID reported again, never an
-        expunge missed.  Missing: every absent UID is reported."""
+        expunge missed.  ``{}`` (none remembered): every absent UID is reported."""
 
     def close() -> None:
         """The session leaves the mailbox."""

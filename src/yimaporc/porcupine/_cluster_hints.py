@@ -12,9 +12,10 @@ sends and answers both commands; the decisions are the reconstruction core's
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -35,6 +36,9 @@ from .reconstruct import (
 )
 from .usermap import N_BUCKETS
 
+if TYPE_CHECKING:
+    from .fragments import FragmentStore
+
 
 class HintExchange:
     """Sends this node's hints, pulls others', pushes profile records for
@@ -50,13 +54,13 @@ class HintExchange:
     def __init__(
         self,
         me: str,
-        clock: Any,
+        clock: IReactorTime,
         call: Callable[..., Deferred[Any]],
         live: Callable[[], list[str]],
         view_epoch: Callable[[], int],
         user_manager: ClusterUserManager,
         replicator: ProfileReplicator,
-        fragment_store: Any,
+        fragment_store: FragmentStore,
         profiles: ProfileDB,
         run_blocking: Callable[..., Deferred[Any]],
     ) -> None:

@@ -9,7 +9,7 @@ likewise; :func:`register_handlers` answers the commands with this node's manage
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.protocols import amp
@@ -61,6 +61,10 @@ from .interfaces import IMailboxManager, IUserManager
 from .reconstruct import (
     Horizon,
 )
+
+if TYPE_CHECKING:
+    from ..cluster.rpc import RpcRegistry
+
 from .values import (
     BadCredentials,
     Digest,
@@ -371,7 +375,7 @@ class RemoteMailboxManager(_Remote):
 
 
 def register_handlers(
-    registry: Any,
+    registry: RpcRegistry,
     users: Callable[[], IUserManager],
     mailboxes: Callable[[], IMailboxManager],
     *,

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.mail import pop3
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -183,7 +184,7 @@ class MailPOP3(GatedLines, pop3.POP3):
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         context_factory: Any = None,
         errors: ClientErrors | None = None,
         allow_plaintext: bool = False,
@@ -232,7 +233,7 @@ class MailPOP3(GatedLines, pop3.POP3):
         self.failResponse(b"line too long")
         self._t.loseConnection()
 
-    def _ebMailbox(self, failure: Any) -> Any:
+    def _ebMailbox(self, failure: Failure) -> Any:
         """RFC 3206 codes: ``[AUTH]`` for bad credentials, ``[SYS/TEMP]`` when throttled."""
         from twisted.cred.error import LoginDenied, LoginFailed, UnauthorizedLogin
 
@@ -474,7 +475,7 @@ class MailPOP3(GatedLines, pop3.POP3):
             # three pieces, no joined copy of the message here (the transport buffers them)
             self._t.writeSequence([head, dot_stuff(body, lines), b".\r\n"])
 
-        def failed(f: Any) -> None:
+        def failed(f: Failure) -> None:
             self.failResponse(b"cannot read message")
 
         d = box.body_of(n).addCallbacks(send, failed)
@@ -500,7 +501,7 @@ class MailPOP3(GatedLines, pop3.POP3):
             self.successResponse(b"bye")
             self._t.loseConnection()
 
-        def failed(f: Any) -> None:
+        def failed(f: Failure) -> None:
             self.failResponse(b"some deleted messages not removed")
             self._t.loseConnection()
 

@@ -42,7 +42,7 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import imap4, smtp
 from twisted.python.failure import Failure
@@ -51,6 +51,7 @@ from zope.interface import implementer
 from ..cluster.rpc import PeerUnavailable
 from ._guard import ClientErrors
 from .delivery import Recipient, SmtpPolicy
+from .interfaces import ISmtpDelivery
 from .replication.shell import ReplicationStopped
 from .throttle import LoginThrottled
 
@@ -189,7 +190,7 @@ class MailESMTP(smtp.ESMTP):
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         policy: SmtpPolicy,
         deliver: Deliver,
         chal: Any = None,
@@ -499,7 +500,8 @@ class MailESMTP(smtp.ESMTP):
             self.sendCode(530, b"5.7.0 Authentication required")
             return False
         m = self.mail_re.match(rest)
-        owner = getattr(self.delivery, "authenticated_as", None)
+        delivery: ISmtpDelivery | None = self.delivery
+        owner = delivery.authenticated_as if delivery is not None else None
         if m is None or owner is None:
             return True  # stock answers the syntax error
         try:

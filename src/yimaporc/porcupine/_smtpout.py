@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 from twisted.internet import error as netError
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IConnector
 from twisted.internet.protocol import ClientFactory
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -119,12 +120,12 @@ class _Factory(ClientFactory):
         self.pool = pool
         self.dest = dest
 
-    def buildProtocol(self, addr: Any) -> _Client:
+    def buildProtocol(self, addr: IAddress | None) -> _Client:
         p = _Client(self.pool, self.dest, self.pool.auth_for(self.dest), self.pool.context)
         p.factory = self
         return p
 
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.pool.closed(self.dest, reason.value)
 
 

@@ -11,14 +11,15 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.cred import credentials, error, portal
-from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.mail import pop3, smtp
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from ._pop3 import Pop3Mailbox
 from .delivery import DeliveryProxy, SmtpDelivery, SmtpPolicy
+from .interfaces import ICachingChecker
 from .retrieval import RetrievalProxy
 from .throttle import AuthThrottle, LoginThrottled, source_key
 from .usermap import BadAddress, normalise
@@ -31,7 +32,7 @@ def login_address(username: str | bytes, domain: str) -> str:
     return normalise(name if "@" in name else f"{name}@{domain}")
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICachingChecker)
 class ManagerChecker:
     """Checks a user name and password through the user manager (scrypt)."""
 
@@ -51,8 +52,7 @@ class ManagerChecker:
             address = login_address(creds.username, self.domain)
         except (BadAddress, UnicodeDecodeError, AttributeError):
             return None
-        cached = getattr(self.retrieval.users(address), "cached_login", None)
-        profile = cached(address, password) if cached is not None else None
+        profile = self.retrieval.users(address).cached_login(address, password)
         return profile.address.encode("utf-8") if profile is not None else None
 
     def requestAvatarId(self, creds: Any) -> Deferred[bytes | tuple[()]]:
@@ -93,7 +93,7 @@ class _Waiter:
     def __init__(self, wake: Callable[[], None], expire: Callable[[], None]) -> None:
         self.wake = wake
         self.expire = expire
-        self.timer: Any = None
+        self.timer: IDelayedCall | None = None
 
 
 class SlotWaiters:
@@ -101,7 +101,7 @@ class SlotWaiters:
     woken one per released slot, oldest first, instead of polling.  Shared by a
     node's :class:`ThrottledPortal` instances; reactor thread only."""
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self._queues: dict[str, deque[_Waiter]] = {}
 
@@ -164,7 +164,7 @@ class ThrottledPortal:
         self,
         portal: portal.Portal,
         throttle: AuthThrottle,
-        clock: Any,
+        clock: IReactorTime,
         peer: str,
         domain: str,
         close: Callable[[], object],
@@ -259,10 +259,11 @@ class ThrottledPortal:
         are asked first (a locked account stays locked), no slot is taken (no scrypt
         runs), so such logins never wait behind other users' password checks."""
         checker, realm = self._split(creds)
-        cached = getattr(checker, "cached_avatar_id", None)
-        if cached is None or self.throttle.locked(now, self.peer, account):
+        if not ICachingChecker.providedBy(checker):
             return False
-        avatar_id = cached(creds)
+        if self.throttle.locked(now, self.peer, account):
+            return False
+        avatar_id = checker.cached_avatar_id(creds)
         if avatar_id is None:
             return False
         self.throttle.admit(now, self.peer, account, slot=False)  # counts the attempt
@@ -337,13 +338,11 @@ class ThrottledPortal:
     def _split(self, creds: Any) -> tuple[Any, Any]:
         """(checker, realm) of a real :class:`~twisted.cred.portal.Portal` for
         ``creds``, as ``Portal.login`` picks them; (None, None) otherwise."""
-        checkers = getattr(self.portal, "checkers", None)
-        realm = getattr(self.portal, "realm", None)
-        if not isinstance(checkers, dict) or realm is None:
+        if not isinstance(self.portal, portal.Portal):
             return None, None
-        for iface, checker in checkers.items():
+        for iface, checker in self.portal.checkers.items():
             if iface.providedBy(creds):
-                return checker, realm
+                return checker, self.portal.realm
         return None, None
 
 

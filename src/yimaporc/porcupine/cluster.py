@@ -81,6 +81,7 @@ from .storage import MailStorage
 from .usermap import N_BUCKETS, bucket_of
 
 if TYPE_CHECKING:
+    from ..cluster.interfaces import IClusterNode
     from .replication.mail import MailReplication
 from .values import (
     Digest,
@@ -128,7 +129,7 @@ class MailCluster(Service):
     def __init__(
         self,
         storage: MailStorage,
-        node: Any,
+        node: IClusterNode,
         buckets: IBucketMap,
         *,
         replication: MailReplication | None = None,
@@ -341,11 +342,7 @@ class MailCluster(Service):
     def cluster_now(self) -> float | None:
         """The cluster's common time (timesync) while this node is synced to its
         reference, else None (thread-safe: reads)."""
-        core = getattr(self.node, "core", None)
-        sync = getattr(core, "clock_sync", None)
-        if sync is None or not sync.synced:
-            return None
-        return float(self.node.cluster_time())
+        return self.node.synced_cluster_time()
 
     def _tick(self) -> None:
         """Renew the lease; a gap since the last tick means we were paused."""

@@ -41,8 +41,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from ..cluster.rpc import PeerUnavailable
-from .interfaces import ILoadBalancer, IMailboxManager, IUserManager
+from ..cluster.rpc import PeerMaybeDone, PeerUnavailable
+from .interfaces import ILoadBalancer, IMailboxManager, ISmtpDelivery, IUserManager
 from .usermap import BadAddress, normalise
 from .values import INBOX, PENDING, Digest, MailError, NewMessage, Profile
 
@@ -256,7 +256,7 @@ class DeliveryProxy:
         def failed(f: Failure) -> Deferred[list[Digest]]:
             if f.check(MailError) or self.balancer is None:
                 return fail(f)
-            if getattr(f.value, "maybe_done", False):
+            if f.check(PeerMaybeDone):
                 self.unsure += 1
                 return fail(f)
             self.balancer.failed(node, self.now())
@@ -370,7 +370,7 @@ class Recipient:
     relay: bool
 
 
-@implementer(smtp.IMessageDelivery)
+@implementer(ISmtpDelivery)
 class SmtpDelivery:
     """twisted.mail's ``IMessageDelivery``: validates MAIL/RCPT, builds Received."""
 

@@ -33,6 +33,7 @@ from typing import Any
 import attrs
 from twisted.cred import credentials, error
 from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -125,7 +126,7 @@ class PorcupineImapBackend:
         self,
         portal: Any,
         registry: MailboxRegistry,
-        clock: Any,
+        clock: IReactorTime,
         errors: ClientErrors | None = None,
         interface: Any = None,
     ) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -82,7 +83,7 @@ class PorcupineImapFactory(ImapServerFactory):
         backend: PorcupineImapBackend,
         portal_for: Callable[[Any, Any], Any],
         errors: ClientErrors,
-        clock: Any,
+        clock: IReactorTime,
         **kw: Any,
     ) -> None:
         self.errors = errors
@@ -93,7 +94,7 @@ class PorcupineImapFactory(ImapServerFactory):
     def _count(self, name: str) -> None:
         self.errors.counts[f"imap.{_FACTORY_COUNTERS[name]}"] += 1
 
-    def buildProtocol(self, addr: Any) -> ImapServerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ImapServerProtocol:
         p = PorcupineImapProtocol(self)
         self.connections.add(p)
         shared = self.backend

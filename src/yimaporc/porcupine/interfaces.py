@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred
-from zope.interface import Interface
+from twisted.mail.smtp import IMessageDelivery
+from zope.interface import Attribute, Interface
 
 from .values import Digest, MailboxInfo, NewMessage, Profile
 
@@ -64,6 +66,11 @@ class IUserManager(Interface):
     def authenticate(address: str, password: str) -> Deferred[Profile]:
         """The profile if the password is right; fails with ``BadCredentials``."""
 
+    def cached_login(address: str, password: str) -> Profile | None:
+        """The profile if this node's auth cache vouches for ``password`` now (memory
+        only: no RPC, no pool job, no scrypt), else None: then :meth:`authenticate`
+        decides."""
+
     def fragments(address: str) -> Deferred[tuple[str, ...]]:
         """The nodes holding mail for ``address`` (its mailbox fragment list)."""
 
@@ -95,6 +102,24 @@ class IUserManager(Interface):
 
     def horizon_of(address: str) -> Horizon | None:
         """The visibility horizon that goes with the last fragments() (None: none)."""
+
+
+class ICachingChecker(ICredentialsChecker):
+    """A credentials checker that can vouch for credentials from memory (the login
+    then takes no throttle slot: no scrypt runs)."""
+
+    def cached_avatar_id(credentials: Any) -> bytes | None:
+        """The avatar id if a cache vouches for ``credentials`` now, else None (then
+        ``requestAvatarId`` decides)."""
+
+
+class ISmtpDelivery(IMessageDelivery):
+    """The ``IMessageDelivery`` of one SMTP session, as the session's own checks use it."""
+
+    authenticated_as: str | None = Attribute(
+        "The address the session authenticated as (SMTP AUTH), None if it did not: "
+        "a submission session may only send as that address."
+    )
 
 
 class IMailboxManager(Interface):

@@ -37,6 +37,7 @@ from twisted.internet.defer import (
     inlineCallbacks,
     succeed,
 )
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -292,7 +293,7 @@ class OutboundSender(Service):
             PER_DESTINATION,
             CONCURRENT,
         )
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._loaded: Deferred[Any] | None = None
         self.counts = {"delivered": 0, "bounced": 0, "deferred": 0, "attempts": 0}
 

@@ -19,9 +19,9 @@ and replication's hooks; none is replaced later.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import MultiService
@@ -29,6 +29,7 @@ from twisted.cred import portal
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
+    IAddress,
     IListeningPort,
     IOpenSSLContextFactory,
     IStreamServerEndpoint,
@@ -74,21 +75,24 @@ from .topology import LocalTopology
 from .usermap import normalise
 from .values import Profile
 
+if TYPE_CHECKING:
+    from .replication.mail import MailReplication
+
 DEFAULT_MAX_MESSAGE_SIZE = 25 << 20
 _DOMAIN = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)*$")
 
 
 class _ProtocolFactory(Factory):
-    def __init__(self, build: Any) -> None:
+    def __init__(self, build: Callable[[IAddress | None], Protocol]) -> None:
         self.build = build
 
-    def buildProtocol(self, addr: Any) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         p: Protocol = self.build(addr)
         p.factory = self
         return p
 
 
-def _peer_host(addr: Any) -> str:
+def _peer_host(addr: IAddress | None) -> str:
     host = getattr(addr, "host", None)
     return host if isinstance(host, str) else str(addr)
 
@@ -155,7 +159,7 @@ class MailService(MultiService):
         delivery_latency: Histogram | None = None,
         storage: MailStorage | None = None,
         topology: IMailTopology | None = None,
-        replica: Any = None,
+        replica: MailReplication | None = None,
         layout: IMailLayout | None = None,
         copy_policy: ICopyPolicy | None = None,
     ) -> None:
@@ -348,7 +352,7 @@ class MailService(MultiService):
             return {}
         return {b"LOGIN": imap4.LOGINCredentials, b"PLAIN": imap4.PLAINCredentials}
 
-    def _portal_for(self, p: Protocol, addr: Any) -> Any:
+    def _portal_for(self, p: Protocol, addr: IAddress | None) -> Any:
         """This connection's throttled way to the portal (closes it after repeated failures)."""
 
         def close() -> None:
@@ -394,7 +398,9 @@ class MailService(MultiService):
 
         return TLSMemoryBIOFactory(self.tls, False, factory)  # type: ignore[return-value]
 
-    def _smtp_protocol(self, addr: Any = None, policy: SmtpPolicy | None = None) -> MailESMTP:
+    def _smtp_protocol(
+        self, addr: IAddress | None = None, policy: SmtpPolicy | None = None
+    ) -> MailESMTP:
         policy = policy or self.policy
         p = MailESMTP(
             self.reactor,
@@ -414,7 +420,7 @@ class MailService(MultiService):
         if self.delivery_latency is not None:
             self.delivery_latency.observe(seconds)
 
-    def _pop3_protocol(self, addr: Any = None) -> MailPOP3:
+    def _pop3_protocol(self, addr: IAddress | None = None) -> MailPOP3:
         p = MailPOP3(self.reactor, self.tls, self.client_errors, self.allow_plaintext_auth)
         p.portal = self._portal_for(p, addr)
         return p

@@ -93,17 +93,17 @@ class InterleavedSink(Protocol):
     def send_interleaved(self, channel: int, data: bytes) -> bool:
         """Queue one frame; False if the connection is gone."""
 
+    def send_interleaved_many(self, channel: int, packets: Sequence[bytes]) -> int:
+        """Queue frames on one channel in one write; how many went."""
+
 
 def send_interleaved_many(session: ServerSession, channel: int, packets: Sequence[bytes]) -> int:
-    """Frames on one channel of ``session``'s connection in one write where the
-    connection can (``send_interleaved_many``), else one by one; how many went."""
+    """Frames on one channel of ``session``'s connection in one write; how many went
+    (none once the connection is gone)."""
     sink = session.sender
     if sink is None:
         return 0
-    many = getattr(sink, "send_interleaved_many", None)
-    if many is not None:
-        return int(many(channel, packets))
-    return sum(1 for data in packets if sink.send_interleaved(channel, data))
+    return sink.send_interleaved_many(channel, packets)
 
 
 @attrs.define(eq=False)

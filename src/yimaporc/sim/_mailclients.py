@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
@@ -43,7 +42,7 @@ Done = Callable[[list[bytes], bool], None]
 class Conversation(Protocol):
     """Send the steps one by one; ``done(replies, ok)`` once (end, refusal, loss)."""
 
-    def __init__(self, steps: list[Step], done: Done, clock: Any, timeout: float) -> None:
+    def __init__(self, steps: list[Step], done: Done, clock: IReactorTime, timeout: float) -> None:
         self.steps = steps
         self.done = done
         self.clock = clock
@@ -145,7 +144,7 @@ class Conversation(Protocol):
 class ConversationFactory(ClientFactory):
     """Builds one :class:`Conversation`; a failed connect ends it too."""
 
-    def __init__(self, steps: list[Step], done: Done, clock: Any, timeout: float) -> None:
+    def __init__(self, steps: list[Step], done: Done, clock: IReactorTime, timeout: float) -> None:
         self.steps = steps
         self.done = done
         self.clock = clock
@@ -153,12 +152,12 @@ class ConversationFactory(ClientFactory):
         self.protocol_made: Conversation | None = None
         self._failed = False
 
-    def buildProtocol(self, addr: Any) -> Conversation:
+    def buildProtocol(self, addr: IAddress | None) -> Conversation:
         proto = Conversation(self.steps, self.done, self.clock, self.timeout)
         self.protocol_made = proto
         return proto
 
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         if self.protocol_made is None and not self._failed:
             self._failed = True
             self.done([], False)

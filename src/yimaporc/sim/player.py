@@ -41,6 +41,7 @@ import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..rtp import (
@@ -491,7 +492,7 @@ class PlayerSim:
     def _done(self, stats: dict[str, Any]) -> None:
         self.stats = stats
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         self.error = failure.value
 
 

@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
+    IProtocolFactory,
     IReactorFromThreads,
     IReactorSSL,
     IReactorTCP,
@@ -32,6 +33,7 @@ from twisted.internet.interfaces import (
     IReactorUDP,
     IUDPTransport,
 )
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -159,7 +161,7 @@ class SimReactor:
     def listenUDP(
         self,
         port: int,
-        protocol: Any,
+        protocol: DatagramProtocol,
         interface: str = "",
         maxPacketSize: int = 8192,
     ) -> SimUDPPort:
@@ -190,7 +192,7 @@ class SimReactor:
     # --- IReactorTCP -----------------------------------------------------------------
 
     def listenTCP(
-        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+        self, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = ""
     ) -> SimTCPPort:
         """Listen for stream connections on this host (``port`` 0 picks one)."""
         self._check_interface(interface, port)
@@ -327,7 +329,7 @@ class SimThreadPool:
 class SimUDPPort:
     """A bound datagram port; ``write`` hands datagrams to the kernel."""
 
-    def __init__(self, reactor: SimReactor, port: int, protocol: Any) -> None:
+    def __init__(self, reactor: SimReactor, port: int, protocol: DatagramProtocol) -> None:
         self.reactor = reactor
         self.port = port
         self.protocol = protocol
@@ -388,7 +390,7 @@ class SimUDPPort:
 class SimTCPPort:
     """A listening stream port: the kernel builds server protocols from its factory."""
 
-    def __init__(self, reactor: SimReactor, port: int, factory: Any) -> None:
+    def __init__(self, reactor: SimReactor, port: int, factory: IProtocolFactory) -> None:
         self.reactor = reactor
         self.port = port
         self.factory = factory

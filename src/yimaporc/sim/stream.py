@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IConnector, ITCPTransport
+from twisted.internet.interfaces import (
+    IConnector,
+    IProtocol,
+    IPullProducer,
+    IPushProducer,
+    ITCPTransport,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -160,13 +166,13 @@ class SimStreamTransport:
         self.remote = remote
         self.connector = connector
         self.peer: SimStreamTransport | None = None
-        self.protocol: Any = None
+        self.protocol: IProtocol | None = None
         self.connected = False
         #: When the last byte written here reaches the peer (keeps the link FIFO).
         self.last_arrival = 0.0
-        self.producer: Any = None
+        self.producer: IPushProducer | IPullProducer | None = None
 
-    def attach(self, protocol: Any) -> None:
+    def attach(self, protocol: IProtocol) -> None:
         """The connection is established at this end."""
         self.protocol = protocol
         self.connected = True
@@ -209,8 +215,10 @@ class SimStreamTransport:
         if not self.kernel.connected(self.reactor.host.name, peer.reactor.host.name):
             self._break()
             return
+        protocol = self.protocol
+        assert protocol is not None  # data flows only once attached
         try:
-            self.protocol.dataReceived(data)
+            protocol.dataReceived(data)
         except Exception:
             self.reactor.log.failure("simulated dataReceived failed; closing")
             self.abortConnection()
@@ -260,7 +268,7 @@ class SimStreamTransport:
 
     # --- producers (a link is never full) ------------------------------------------------
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
+    def registerProducer(self, producer: IPushProducer | IPullProducer, streaming: bool) -> None:
         """Accept a producer; a pull producer is asked for data until it unregisters."""
         self.producer = producer
         if not streaming:
@@ -324,8 +332,10 @@ class SimStreamTransport:
         self.disconnecting = True
         self.reactor._ends.pop(self, None)
         failure = Failure(reason)
+        protocol = self.protocol
+        assert protocol is not None  # connected: attached
         try:
-            self.protocol.connectionLost(failure)
+            protocol.connectionLost(failure)
         except Exception:
             self.reactor.log.failure("simulated connectionLost failed")
         if self.connector is not None:

@@ -112,6 +112,9 @@ class MemoryClusterNode:
         self.status_providers: list[Callable[[], dict[str, Any]]] = []
         self.listeners: list[IMembershipListener] = []
         self.view = View(0, (), "")
+        #: Is this node synced to the cluster's time reference (set it to play one
+        #: that is, or one that lost it)?
+        self.synced = False
         self.network.nodes[self.config.cluster_address] = self
 
     @property
@@ -128,6 +131,10 @@ class MemoryClusterNode:
     def cluster_time(self) -> float:
         """The clock's seconds (one clock: no offset to estimate)."""
         return float(self.reactor.seconds())
+
+    def synced_cluster_time(self) -> float | None:
+        """:meth:`cluster_time` while :attr:`synced`, else None."""
+        return self.cluster_time() if self.synced else None
 
     def subscribe(self, listener: IMembershipListener) -> None:
         """Call ``listener.membership_changed`` on every new view."""

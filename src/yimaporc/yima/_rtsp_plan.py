@@ -121,7 +121,7 @@ def _last_keyframe(info: MediaInfo, data: bytes, target: float) -> tuple[int, fl
     return None
 
 
-def _big_buffers(port: Any, size: int = 4 << 20) -> None:
+def _big_buffers(port: IListeningPort, size: int = 4 << 20) -> None:
     """A few MB of socket buffer: the default 208 KB is ~0.2 s of one stream (bench finding)."""
     sock = getattr(port, "socket", None)
     if sock is None:

@@ -1,12 +1,8 @@
-# mypy: disable-error-code="misc"
-# (the methods take ``self: YimaStreamingService``, the class they are mixed into,
-# which mypy reports as "erased type of self is not a supertype": that, and only
-# that, is what this silences)
 """Session planning: PLAY (start instant, seek, keyframe search, RTP-Info), PAUSE
 and the media position of a session.
 
 A mixin of :class:`~.rtspservice.YimaStreamingService` (its methods, moved here
-unchanged)."""
+unchanged), typed against :class:`~._rtsp_host.StreamingHost`."""
 
 from __future__ import annotations
 
@@ -53,13 +49,13 @@ from .streaming import (
 )
 
 if TYPE_CHECKING:
-    from .rtspservice import YimaStreamingService
+    from ._rtsp_host import StreamingHost
 
 
 class PlayMixin:
     """Session planning of :class:`~.rtspservice.YimaStreamingService`: PLAY, seek, PAUSE."""
 
-    def _timing_ready(self: YimaStreamingService, name: str) -> Deferred[MediaTiming]:
+    def _timing_ready(self: StreamingHost, name: str) -> Deferred[MediaTiming]:
         """The media's time index loaded (from disk or a peer) and its timing computed,
         both off the reactor (the timing is computed once per catalog entry)."""
 
@@ -81,7 +77,7 @@ class PlayMixin:
         return loaded.addCallback(computed)
 
     def play(
-        self: YimaStreamingService, session: ServerSession, range: NptRange | None
+        self: StreamingHost, session: ServerSession, range: NptRange | None
     ) -> Deferred[PlayReply]:
         """Start, resume, or seek (a Range with a start, in Ready or Playing) on every node.
 
@@ -109,7 +105,7 @@ class PlayMixin:
         return self._play(session, range, now[0])
 
     def _play(
-        self: YimaStreamingService,
+        self: StreamingHost,
         session: ServerSession,
         range: NptRange | None,
         timing: MediaTiming,
@@ -166,7 +162,7 @@ class PlayMixin:
         return found.addCallback(lambda kf: self._seek(sid, plan, info, timing, start_mt, kf))
 
     def _seek(
-        self: YimaStreamingService,
+        self: StreamingHost,
         sid: str,
         plan: _Plan,
         info: MediaInfo,
@@ -249,7 +245,7 @@ class PlayMixin:
 
         return d.addCallback(started)
 
-    def _play_out_now(self: YimaStreamingService, sid: str, plan: _Plan) -> None:
+    def _play_out_now(self: StreamingHost, sid: str, plan: _Plan) -> None:
         """Every node has started a relayed PLAY: the relay's playout starts now (the
         lead shrinks by what is left of the provisional wait, to RELAY_LEAD plus the
         time the nodes took to start) and the overdue watch begins.  The relay's next
@@ -267,7 +263,7 @@ class PlayMixin:
 
     @inlineCallbacks
     def _keyframe_start(
-        self: YimaStreamingService, info: MediaInfo, timing: MediaTiming, target: float
+        self: StreamingHost, info: MediaInfo, timing: MediaTiming, target: float
     ) -> Generator[Deferred[Any], Any, tuple[int, float] | None]:
         """The packet to start an MPEG-TS seek to ``target`` from: the last PAT before the
         last random access point of the PCR PID whose PTS is at or before ``target``
@@ -323,7 +319,7 @@ class PlayMixin:
         return default
 
     def _start_everywhere(
-        self: YimaStreamingService, sid: str, plan: _Plan, at: float, start_mt: float
+        self: StreamingHost, sid: str, plan: _Plan, at: float, start_mt: float
     ) -> list[Deferred[Any]]:
         """StreamStart on every node of the session (and its local takeovers), from ``start_mt``.
 
@@ -370,7 +366,7 @@ class PlayMixin:
         return calls
 
     def _play_reply(
-        self: YimaStreamingService,
+        self: StreamingHost,
         plan: _Plan,
         info: MediaInfo,
         timing: MediaTiming,
@@ -393,7 +389,7 @@ class PlayMixin:
         return PlayReply(NptRange(round(start, 3), duration),
                          (RtpInfo(self._track_url(plan), (first + offset) & 0xFFFF, rtptime),))  # fmt: skip
 
-    def _track_url(self: YimaStreamingService, plan: _Plan) -> str:
+    def _track_url(self: StreamingHost, plan: _Plan) -> str:
         """The stream's absolute URL as the client set it up (players match RTP-Info
         against their control URL and ignore a relative one)."""
         if plan.session is not None and plan.session.streams:
@@ -404,9 +400,7 @@ class PlayMixin:
         host = f"[{host}]" if ":" in host else host
         return f"rtsp://{host}:{port}/{plan.media}/{TRACK}"
 
-    def _control(
-        self: YimaStreamingService, session_id: str, action: str, at: float
-    ) -> Deferred[Any]:
+    def _control(self: StreamingHost, session_id: str, action: str, at: float) -> Deferred[Any]:
         plan = self.plans.get(session_id)
         for local in plan.takeovers.values() if plan is not None else ():
             self.streaming.control(local, action, at, 0.0)
@@ -419,7 +413,7 @@ class PlayMixin:
                                                 action=action, at=at, value=0.0))  # fmt: skip
         return DeferredList(calls, consumeErrors=True)
 
-    def pause(self: YimaStreamingService, session: ServerSession) -> Deferred[NptRange | None]:
+    def pause(self: StreamingHost, session: ServerSession) -> Deferred[NptRange | None]:
         """Pause on every node at one cluster instant; answers the Range from the pause point."""
         plan = self.plans.get(session.session_id)
         now = self.node.cluster_time()

@@ -1,13 +1,9 @@
-# mypy: disable-error-code="misc"
-# (the methods take ``self: YimaStreamingService``, the class they are mixed into,
-# which mypy reports as "erased type of self is not a supertype": that, and only
-# that, is what this silences)
 """The relay of a non-fan-out session: the nodes' packets put in global order,
 paced and forwarded to the client (UDP or interleaved), the overdue watch and,
 when a node goes silent or leaves, its share taken over from parity here.
 
 A mixin of :class:`~.rtspservice.YimaStreamingService` (its methods, moved here
-unchanged)."""
+unchanged), typed against :class:`~._rtsp_host.StreamingHost`."""
 
 from __future__ import annotations
 
@@ -37,13 +33,13 @@ from .relay import Reorderer, rewrite
 from .streaming import StreamControl
 
 if TYPE_CHECKING:
-    from .rtspservice import YimaStreamingService
+    from ._rtsp_host import StreamingHost
 
 
 class RelayMixin:
     """The relay and share takeover of :class:`~.rtspservice.YimaStreamingService`."""
 
-    def _open_relay(self: YimaStreamingService, session_id: str, plan: _Plan) -> None:
+    def _open_relay(self: StreamingHost, session_id: str, plan: _Plan) -> None:
         proto = _Udp(lambda data, addr: self._relayed(session_id, data))
         try:
             listening = self.reactor.listenUDP(0, proto, interface=self.node.config.cluster_host)
@@ -65,7 +61,7 @@ class RelayMixin:
         """Where the nodes send a session's packets: its relay here, or the client."""
         return plan.relay_addr if plan.relay_port is not None else (plan.dest_host, plan.dest_port)
 
-    def relay_stats(self: YimaStreamingService) -> dict[str, int]:
+    def relay_stats(self: StreamingHost) -> dict[str, int]:
         """What the relays did (sessions torn down and live): forwarded, given up
         (``skipped``), asked again, shares taken over early, duplicates, late, stale."""
         total = attrs.asdict(self.relay_totals)
@@ -90,15 +86,13 @@ class RelayMixin:
         # Paused (at paused_ct, at media position ``position``): what played before goes.
         return plan.paused_ct + (t - plan.position) if t < plan.position else float("inf")
 
-    def _relayed(self: YimaStreamingService, session_id: str, data: bytes) -> None:
+    def _relayed(self: StreamingHost, session_id: str, data: bytes) -> None:
         plan = self.plans.get(session_id)
         if plan is None or plan.relay is None:
             return
         self._forward(session_id, plan, self._relay_one(plan, data, self.node.cluster_time()))
 
-    def _relayed_many(
-        self: YimaStreamingService, session_id: str, view: memoryview, size: int
-    ) -> None:
+    def _relayed_many(self: StreamingHost, session_id: str, view: memoryview, size: int) -> None:
         """A run of this node's own packets for a relayed session, handed over in one
         call (``size``-byte datagrams, the last may be shorter): pushed in order, then
         whatever they release is forwarded as one batch."""
@@ -111,7 +105,7 @@ class RelayMixin:
             released.extend(self._relay_one(plan, bytes(view[at : at + size]), now))
         self._forward(session_id, plan, released)
 
-    def _relay_one(self: YimaStreamingService, plan: _Plan, data: bytes, now: float) -> list[bytes]:
+    def _relay_one(self: StreamingHost, plan: _Plan, data: bytes, now: float) -> list[bytes]:
         """One node packet into the session's relay; the packets it releases."""
         assert plan.relay is not None
         if len(data) < 12:
@@ -131,13 +125,13 @@ class RelayMixin:
             return []
         return plan.relay.push(gseq, data, now)
 
-    def _to_client(self: YimaStreamingService, plan: _Plan, data: bytes) -> bytes:
+    def _to_client(self: StreamingHost, plan: _Plan, data: bytes) -> bytes:
         """A node's packet as this session's client gets it: its own sequence numbers
         and SSRC; the Yima extension only if it opted in."""
         seq = int.from_bytes(data[2:4], "big") - plan.seq_base + plan.seq_offset
         return rewrite(data, seq, plan.ssrc.to_bytes(4, "big"), plan.extension)
 
-    def _forward_late(self: YimaStreamingService, plan: _Plan, data: bytes) -> None:
+    def _forward_late(self: StreamingHost, plan: _Plan, data: bytes) -> None:
         data = self._to_client(plan, data)
         if plan.tcp_channel is not None:
             if plan.session is not None:
@@ -145,9 +139,7 @@ class RelayMixin:
         else:
             self._send(data, (plan.dest_host, plan.dest_port))
 
-    def _forward(
-        self: YimaStreamingService, session_id: str, plan: _Plan, packets: list[bytes]
-    ) -> None:
+    def _forward(self: StreamingHost, session_id: str, plan: _Plan, packets: list[bytes]) -> None:
         packets = [self._to_client(plan, d) for d in packets]
         if packets:
             last = packets[-1]
@@ -178,7 +170,7 @@ class RelayMixin:
                 plan.relay_timer_at = deadline
                 plan.relay_timer = self.reactor.callLater(delay, self._relay_tick, session_id)
 
-    def _relay_tick(self: YimaStreamingService, session_id: str) -> None:
+    def _relay_tick(self: StreamingHost, session_id: str) -> None:
         plan = self.plans.get(session_id)
         if plan is None or plan.relay is None:
             return
@@ -187,7 +179,7 @@ class RelayMixin:
         # one per packet).
         self._forward(session_id, plan, plan.relay.tick(self.node.cluster_time() + SEND_AHEAD))
 
-    def _watch(self: YimaStreamingService, session_id: str) -> None:
+    def _watch(self: StreamingHost, session_id: str) -> None:
         """Look for overdue packets of a relayed session: ask their owner again at once;
         an owner still silent after that has its share served here, from parity, before
         the membership notices it is gone (and it is told to stop, should it wake up)."""
@@ -234,7 +226,7 @@ class RelayMixin:
             plan.relay.stats.early_takeovers += 1
             self._take_over(session_id, plan, node_id, early=True)
 
-    def _share_lost(self: YimaStreamingService, sid: str, plan: _Plan, node_id: str) -> None:
+    def _share_lost(self: StreamingHost, sid: str, plan: _Plan, node_id: str) -> None:
         """A node left and its blocks have no parity: say so (RTCP BYE with the reason,
         so players end the stream rather than play one with holes) and stop every node."""
         self.lost_sessions += 1
@@ -243,7 +235,7 @@ class RelayMixin:
         self._bye(plan, f"node {node_id} left; {plan.media} has no parity".encode())
         self._control(sid, "stop", 0.0)
 
-    def membership_changed(self: YimaStreamingService, old: View, new: View) -> None:
+    def membership_changed(self: StreamingHost, old: View, new: View) -> None:
         """Serve the remaining share of every node that left a session this node planned.
 
         Bipartite mode only (a master reads a lost slave's blocks through parity
@@ -282,7 +274,7 @@ class RelayMixin:
                         self.log.failure("rtsp: taking over {n}'s share of {s} failed",
                                          n=node_id, s=sid)  # fmt: skip
 
-    def handover(self: YimaStreamingService, media_ssrc: int, node_index: int, gseq: int) -> None:
+    def handover(self: StreamingHost, media_ssrc: int, node_index: int, gseq: int) -> None:
         """A fan-out player hears nothing from the node holding global packet ``gseq``
         (node ``node_index``; 0xFFFFFFFF: it does not know) while it is overdue (YIMA
         HANDOVER): serve that node's share here, from parity, from that packet on,
@@ -309,7 +301,7 @@ class RelayMixin:
                             from_mt=plan.timing.gseq_time(gseq))  # fmt: skip
 
     def _take_over(
-        self: YimaStreamingService, sid: str, plan: _Plan, node_id: str, early: bool = False,
+        self: StreamingHost, sid: str, plan: _Plan, node_id: str, early: bool = False,
         from_mt: float | None = None,
     ) -> None:  # fmt: skip
         info = self.storage.media_info(plan.media)
@@ -334,7 +326,7 @@ class RelayMixin:
                                                 f, n=node_id, s=sid))  # fmt: skip
 
     def _serve_share(
-        self: YimaStreamingService, sid: str, plan: _Plan, node_id: str, blocks: list[int],
+        self: StreamingHost, sid: str, plan: _Plan, node_id: str, blocks: list[int],
         from_mt: float | None = None,
     ) -> None:  # fmt: skip
         """Schedule ``node_id``'s blocks here, on the session's own schedule, from the

@@ -1,12 +1,8 @@
-# mypy: disable-error-code="misc"
-# (the methods take ``self: YimaStreamingService``, the class they are mixed into,
-# which mypy reports as "erased type of self is not a supertype": that, and only
-# that, is what this silences)
 """RTCP of relayed sessions: client feedback (NACK, flow control) routed to the
 nodes that own the packets, and the sender reports and BYE this node sends.
 
 A mixin of :class:`~.rtspservice.YimaStreamingService` (its methods, moved here
-unchanged)."""
+unchanged), typed against :class:`~._rtsp_host.StreamingHost`."""
 
 from __future__ import annotations
 
@@ -32,24 +28,24 @@ from .streaming import (
 )
 
 if TYPE_CHECKING:
-    from .rtspservice import YimaStreamingService
+    from ._rtsp_host import StreamingHost
 
 
 class RtcpMixin:
     """RTCP of :class:`~.rtspservice.YimaStreamingService`: feedback routing, SR, BYE."""
 
-    def _send_rtcp_reply(self: YimaStreamingService, data: bytes, addr: Any) -> None:
+    def _send_rtcp_reply(self: StreamingHost, data: bytes, addr: Any) -> None:
         if self.rtcp_port is not None and addr is not None:
             self.rtcp_port.write(data, addr)  # type: ignore[attr-defined]
 
-    def session_for(self: YimaStreamingService, media_ssrc: int) -> str | None:
+    def session_for(self: StreamingHost, media_ssrc: int) -> str | None:
         """The relayed session (client did not opt in to fan-out) with this SSRC."""
         for sid, plan in self.plans.items():
             if plan.ssrc == media_ssrc and not plan.fanout:
                 return sid
         return None
 
-    def nack(self: YimaStreamingService, session: str, gseqs: list[int]) -> None:
+    def nack(self: StreamingHost, session: str, gseqs: list[int]) -> None:
         """Forward a NACK of 16-bit global seqs to the nodes (each resends what it sent)."""
         plan = self.plans.get(session)
         if plan is None or plan.relay is None:
@@ -61,9 +57,7 @@ class RtcpMixin:
             full.append(base + ((g - base + 0x8000) & 0xFFFF) - 0x8000)
         self._nack_owners(session, plan, full)
 
-    def _nack_owners(
-        self: YimaStreamingService, session: str, plan: _Plan, gseqs: list[int]
-    ) -> None:
+    def _nack_owners(self: StreamingHost, session: str, plan: _Plan, gseqs: list[int]) -> None:
         """Ask each packet's owner (the node whose share holds its block; this node for
         a share it took over) to resend it; nobody else is bothered."""
         by_owner: dict[str | None, list[int]] = {}
@@ -86,7 +80,7 @@ class RtcpMixin:
                                            node_seqs=[], gseqs=some)  # fmt: skip
                     d.addErrback(lambda f: None)
 
-    def _owner(self: YimaStreamingService, plan: _Plan, gseq: int) -> str | None:
+    def _owner(self: StreamingHost, plan: _Plan, gseq: int) -> str | None:
         """The node whose share holds global packet ``gseq`` (its block's first place)."""
         if plan.timing is None or self.mode != "bipartite":
             return self.node.node_id if self.mode != "bipartite" else None
@@ -103,9 +97,7 @@ class RtcpMixin:
             plan.owners[block] = got
         return got or None
 
-    def control(
-        self: YimaStreamingService, session: str, action: str, at: float, value: float
-    ) -> None:
+    def control(self: StreamingHost, session: str, action: str, at: float, value: float) -> None:
         """Forward flow-control feedback to every node of the session (and its takeovers)."""
         plan = self.plans.get(session)
         for local in plan.takeovers.values() if plan is not None else ():
@@ -128,20 +120,20 @@ class RtcpMixin:
                                        at=at, value=value)  # fmt: skip
                 d.addErrback(lambda f: None)
 
-    def touch(self: YimaStreamingService, session: str) -> None:
+    def touch(self: StreamingHost, session: str) -> None:
         """Client RTCP keeps its RTSP session alive."""
         self.factory.touch(session)
 
     # --- IRtspHandler -------------------------------------------------------------
 
-    def _send_rtcp(self: YimaStreamingService, plan: _Plan, data: bytes) -> None:
+    def _send_rtcp(self: StreamingHost, plan: _Plan, data: bytes) -> None:
         if plan.tcp_channel is not None:
             if plan.session is not None:
                 plan.session.send_interleaved(plan.tcp_channel + 1, data)
         else:
             self._send(data, (plan.dest_host, plan.dest_port + 1))
 
-    def _sender_report(self: YimaStreamingService, plan: _Plan) -> bytes:
+    def _sender_report(self: StreamingHost, plan: _Plan) -> bytes:
         """SR + SDES CNAME (a compound packet, RFC 3550 §6.1) for the relayed stream.
 
         The RTP timestamp is the last forwarded packet's, advanced by the wall
@@ -158,7 +150,7 @@ class RtcpMixin:
             SourceDescription((SdesChunk(plan.ssrc, ((SdesItem.CNAME, cname),)),)),
         ))  # fmt: skip
 
-    def _sr_tick(self: YimaStreamingService, session_id: str) -> None:
+    def _sr_tick(self: StreamingHost, session_id: str) -> None:
         plan = self.plans.get(session_id)
         if plan is None or plan.bye_sent:
             return
@@ -169,7 +161,7 @@ class RtcpMixin:
                 self.log.failure("rtsp: sender report for {s} failed", s=session_id)
         plan.sr_timer = self.reactor.callLater(SR_INTERVAL, self._sr_tick, session_id)
 
-    def _bye(self: YimaStreamingService, plan: _Plan, reason: bytes = b"end of stream") -> None:
+    def _bye(self: StreamingHost, plan: _Plan, reason: bytes = b"end of stream") -> None:
         """RTCP BYE (after the last packet, or when the stream cannot go on), so
         players end the stream."""
         if plan.bye_sent:

@@ -14,11 +14,11 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -26,6 +26,10 @@ from twisted.python.failure import Failure
 
 from ._workerchannel import WorkerBlockPath, WorkerBlockSpool, WorkerClock, WorkerSetup
 from .workerboard import MAX_ROWS, Board, BoardRow
+
+if TYPE_CHECKING:
+    from .interfaces import IMediaStorage
+    from .rtspservice import YimaStreamingService
 
 __all__ = [
     "AUTO_MAX",
@@ -59,7 +63,7 @@ def default_workers() -> int:
 class _PipeTransport:
     """What AMP writes to: the child's stdin."""
 
-    def __init__(self, process: Any) -> None:
+    def __init__(self, process: IProcessTransport) -> None:
         self.process = process
 
     def write(self, data: bytes) -> None:
@@ -375,7 +379,7 @@ class WorkerPool:
         return out
 
 
-def local_block_paths(storage: Any, node_id: str, media: str, index: int) -> list[str]:
+def local_block_paths(storage: IMediaStorage, node_id: str, media: str, index: int) -> list[str]:
     """Paths of data block ``index`` of ``media`` on this node's disks, in read order
     (none: no local place, or a storage without local files)."""
     from .store import BlockKey
@@ -400,7 +404,7 @@ def local_block_paths(storage: Any, node_id: str, media: str, index: int) -> lis
 
 
 def make_pool(
-    service: Any, workers: int, send_path: str, send_ahead: float, cache_bytes: int
+    service: YimaStreamingService, workers: int, send_path: str, send_ahead: float, cache_bytes: int
 ) -> WorkerPool | None:
     """The :class:`WorkerPool` of a :class:`~.rtspservice.YimaStreamingService` for
     ``--workers`` (None for 0 or 1: delivery in process)."""

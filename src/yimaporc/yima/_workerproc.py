@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -113,7 +114,7 @@ class WorkerDelivery(amp.CommandLocator):
         self._written: dict[str, BoardRow] = {}
         self._keys: dict[str, int] = {}
         self._published_at = float("-inf")
-        self._trailing: Any = None
+        self._trailing: IDelayedCall | None = None
         #: When the main process last spoke; delivery held while it is stopped or silent.
         self.last_heard = float(reactor.seconds())
         self.held = False

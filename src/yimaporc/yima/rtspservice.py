@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..cluster.membership import IMembershipListener
@@ -74,6 +75,9 @@ from .sendpath import DatagramSender
 from .store import BlockKey
 from .streaming import DEFAULT_CACHE_BYTES, Destination, StreamingNode
 from .workers import ShardedStreamingNode, make_pool
+
+if TYPE_CHECKING:
+    from ._rtsp_host import StreamingHost
 
 # The names tests and embedders import from here (they live in _rtsp_plan).
 __all__ = [
@@ -200,7 +204,7 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
     def _listening(self, port: IListeningPort) -> None:
         self.rtsp_port = port
 
-    def _cannot_listen(self, failure: Any) -> None:
+    def _cannot_listen(self, failure: Failure) -> None:
         error = CannotStart(
             f"cannot listen on --rtsp {self.rtsp_endpoint}: {failure.getErrorMessage()}"
         )
@@ -558,3 +562,10 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         """Client RTCP over TCP: keeps the session alive; NACKs and feedback as over UDP."""
         if channel % 2:
             self.feedback.datagram(data, None)
+
+
+if TYPE_CHECKING:
+
+    def _provides_host(service: YimaStreamingService) -> StreamingHost:
+        """mypy checks here that the service is what its mixins expect."""
+        return service

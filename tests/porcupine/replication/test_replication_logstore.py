@@ -17,6 +17,7 @@ from yimaporc.porcupine.replication import (
     Timestamp,
     Update,
 )
+from yimaporc.porcupine.replication._values import DropLog, MarkAlive, PersistLog
 from yimaporc.porcupine.replication.sqlite_log import SqliteLog
 
 
@@ -74,6 +75,21 @@ def test_alive_mark_and_wipe(log: ILogStore) -> None:
     assert log.last_alive() is None
 
 
+def test_write_many_is_each_op_in_order(log: ILogStore) -> None:
+    """write_many performs puts, drops and alive marks in order, as one call each would."""
+    log.write_many(
+        [
+            PersistLog(entry("m1", 1)),
+            PersistLog(entry("m2", 2)),
+            DropLog("m1", Timestamp(1, "a")),
+            PersistLog(entry("m1", 3)),
+            MarkAlive(44),
+        ]
+    )
+    got = sorted((e.object_id, e.timestamp.wallclock) for e in log.load())
+    assert got == [("m1", 3), ("m2", 2)] and log.last_alive() == 44
+
+
 def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     """Entries, bodies, tombstones and the alive mark survive closing and reopening."""
     path = tmp_path / "log.sqlite"
@@ -117,6 +133,19 @@ def test_memory_object_store_newest_wins() -> None:
     assert store.purge_tombstones(3) == 0
     assert store.purge_tombstones(4) == 1
     assert store.version("o") is None
+
+
+def test_memory_object_store_apply_many_is_apply_in_order() -> None:
+    """apply_many answers as apply would, one by one in order (newest wins within it)."""
+    store = MemoryObjectStore()
+    ups = [
+        Update("o", Timestamp(2, "a"), b"v2"),
+        Update("o", Timestamp(1, "z"), b"v1"),
+        Update("p", Timestamp(1, "a"), b"p"),
+        Update("o", Timestamp(3, "a"), b"v3"),
+    ]
+    assert store.apply_many(ups) == [True, False, True, True]
+    assert (store.get("o"), store.applied, store.discarded) == (b"v3", 3, 1)
 
 
 def test_core_recovers_from_reopened_sqlite_log(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from mailtest_helpers import ImmediateReactor, SyncPool, fast_hash, result_of
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 
 from yimaporc.cluster.membership import View
-from yimaporc.cluster.rpc import PeerUnavailable, RpcRegistry
+from yimaporc.cluster.rpc import PeerMaybeDone, PeerUnavailable, RpcRegistry
 from yimaporc.cluster.wire import Member
 from yimaporc.porcupine.replication.amp import Replicate, StoreReplicated
 from yimaporc.porcupine.replication.mail import MailReplication
@@ -445,8 +445,7 @@ def test_coordinator_timing_out_after_the_request_is_not_replaced(tmp_path: Path
         if command is not StoreReplicated:
             return sent
         sent.addErrback(lambda f: None)  # b runs it; its answer is lost
-        err = PeerUnavailable(f"{address}: (10.0, 'Deferred')")
-        err.maybe_done = True
+        err = PeerMaybeDone(f"{address}: (10.0, 'Deferred')")
         late: Deferred[Any] = Deferred()
         net.reactor.callLater(0.0005, late.errback, err)
         return late

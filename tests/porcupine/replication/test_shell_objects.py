@@ -11,11 +11,18 @@ from typing import Any
 import pytest
 from mailtest_helpers import ImmediateReactor, SyncPool, fast_hash, result_of
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from zope.interface.verify import verifyObject
 
 from yimaporc.cluster.rpc import PeerUnavailable
 from yimaporc.porcupine.fragments import FragmentStore, MailboxManager
 from yimaporc.porcupine.profiledb import ProfileDB
-from yimaporc.porcupine.replication import MemoryLog, ReplicationConfig, Timestamp, Update
+from yimaporc.porcupine.replication import (
+    IObjectStore,
+    MemoryLog,
+    ReplicationConfig,
+    Timestamp,
+    Update,
+)
 from yimaporc.porcupine.replication.objects import (
     MalformedObject,
     MessageObject,
@@ -48,6 +55,11 @@ def store(tmp_path: Path) -> ReplicaObjectStore:
     """A replica object store over a fresh fragment store."""
     fs = FragmentStore(tmp_path, "a", lambda: T0)
     return ReplicaObjectStore(tmp_path / "mail" / "replicas.sqlite", fs)
+
+
+def test_replica_store_provides_iobjectstore(store: ReplicaObjectStore) -> None:
+    """verifyObject: the replica store provides IObjectStore, apply_many included."""
+    assert verifyObject(IObjectStore, store)
 
 
 def test_message_lands_once_under_its_shared_key(store: ReplicaObjectStore) -> None:

@@ -10,17 +10,20 @@ so a node cannot speak for another.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.protocols import amp
 
-from ...cluster.rpc import BigBytes, PeerUnavailable, RpcRegistry
+from ...cluster.rpc import BigBytes, PeerMaybeDone, PeerUnavailable, RpcRegistry
 from ..values import Digest, NewMessage, NoSuchMailbox
 from ._values import NodeId
 from ._wire import MalformedMessage, from_bytes
 from .objects import MalformedObject
-from .shell import ReplicationRefused, ReplicationService
+from .shell import ReplicationRefused, ReplicationService, Send
+
+if TYPE_CHECKING:
+    from ...cluster.interfaces import IClusterNode
 
 
 class PeerNode(amp.Argument):
@@ -94,7 +97,7 @@ def register(registry: RpcRegistry, service: ReplicationService) -> None:
     registry.register(Replicate, responder(service))
 
 
-def node_sender(node: Any) -> Any:
+def node_sender(node: IClusterNode) -> Send:
     """``send(node_id, frame)`` over ``node.rpc`` to the address in the current view."""
 
     def send(to: NodeId, frames: list[bytes]) -> Deferred[Any]:
@@ -107,12 +110,10 @@ def node_sender(node: Any) -> Any:
     return send
 
 
-class CoordinatorUnsure(PeerUnavailable):
+class CoordinatorUnsure(PeerMaybeDone):
     """The coordinator could not complete a replicated store (its peers out of reach,
     or it is stopping) but may have logged it: the caller must not coordinate it
     again elsewhere (a second copy under another UID)."""
-
-    maybe_done = True
 
 
 class StoreReplicated(amp.Command):

@@ -8,9 +8,11 @@ before starting the next.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from zope.interface import Interface
 
-from ._values import LogEntry, Timestamp, Update
+from ._values import DropLog, LogEntry, MarkAlive, PersistLog, Timestamp, Update
 
 
 class ILogStore(Interface):
@@ -31,6 +33,10 @@ class ILogStore(Interface):
     def mark_alive(wallclock: int) -> None:
         """Durably record that this node was up at ``wallclock``."""
 
+    def write_many(ops: Sequence[PersistLog | DropLog | MarkAlive]) -> None:
+        """:meth:`put`, :meth:`drop` and :meth:`mark_alive` for each of ``ops`` in order,
+        durable together (one transaction where the store has them)."""
+
     def wipe() -> None:
         """Forget every entry and the alive mark (a node rejoining after a wipe)."""
 
@@ -47,6 +53,10 @@ class IObjectStore(Interface):
 
     def apply(update: Update) -> bool:
         """Durably apply ``update`` if newer than the current version; True if applied."""
+
+    def apply_many(updates: Sequence[Update]) -> list[bool]:
+        """:meth:`apply` for each of ``updates`` in order (group-committed where the
+        store can); one answer per update."""
 
     def purge_tombstones(before: int) -> int:
         """Forget tombstones whose wallclock is older than ``before``; how many."""

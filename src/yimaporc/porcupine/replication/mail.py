@@ -34,15 +34,17 @@ import random
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from ...cluster.rpc import PeerUnavailable
+from ...cluster.rpc import PeerMaybeDone, PeerUnavailable
+from ...cluster.view import IMembershipListener
 from ..values import Digest, MailError, NewMessage
 from ._manager import ReplicationConfig
 from ._values import Update
@@ -72,10 +74,17 @@ from .repair import register as register_repair
 from .shell import ReplicationService, ReplicationStopped
 from .sqlite_log import SqliteLog
 
+if TYPE_CHECKING:
+    from ...cluster.interfaces import IClusterNode
+    from ...cluster.view import View
+    from ..interfaces import IMailTopology
+    from ..storage import MailStorage
+
 #: acks_before_reply=2: the 250 waits for a second durable copy (see docs).
 DEFAULT_CONFIG = ReplicationConfig(acks_before_reply=2)
 
 
+@implementer(IMembershipListener)
 class MailReplication(MultiService):
     """The replication manager of one porcupine node (see the module docstring)."""
 
@@ -83,8 +92,8 @@ class MailReplication(MultiService):
 
     def __init__(
         self,
-        storage: Any,
-        node: Any,
+        storage: MailStorage,
+        node: IClusterNode,
         *,
         config: ReplicationConfig | None = None,
         profile_replicas: int | None = None,
@@ -130,7 +139,7 @@ class MailReplication(MultiService):
         node.add_status(self.status)
         #: Where managers are (:meth:`use_topology`): a deleted user's caches, the
         #: fragment note of a replica applied here, the known nodes.
-        self.topology: Any = None
+        self.topology: IMailTopology | None = None
         #: every node seen in a view since start (the cluster's known-nodes file
         #: keeps them over restarts)
         self._seen: set[str] = {self.me}
@@ -158,7 +167,7 @@ class MailReplication(MultiService):
         self._counting = False
         self._counted_at = float("-inf")
 
-    def use_topology(self, topology: Any) -> None:
+    def use_topology(self, topology: IMailTopology) -> None:
         """The node's managers (:class:`~..interfaces.IMailTopology`, built after this
         service, which it is built with): replicas applied here join the user's
         fragment list through it, profile changes drop its caches, and its known
@@ -191,7 +200,7 @@ class MailReplication(MultiService):
         self.repairer.start()
         return None
 
-    def membership_changed(self, old: Any, new: Any) -> None:
+    def membership_changed(self, old: View, new: View) -> None:
         """``IMembershipListener``: remember every node seen; a (re)joined peer starts
         a re-replication round."""
         self._seen.update(new.node_ids)
@@ -307,7 +316,7 @@ class MailReplication(MultiService):
         def failed(f: Failure) -> Deferred[list[Digest]]:
             if f.check(MailError) or len(order) < 2:
                 return fail(f)
-            if not f.check(PeerUnavailable) or getattr(f.value, "maybe_done", False):
+            if not f.check(PeerUnavailable) or f.check(PeerMaybeDone):
                 # The request reached the coordinator (it timed out or the connection
                 # was lost after it was sent, or the coordinator answered an error):
                 # it may have logged and numbered the message already, or still will
@@ -495,9 +504,11 @@ class MailReplication(MultiService):
         if oid.startswith(MSG):
             self.mailboxes.applied(update)
             user, _ = parse_message_id(oid)
-            if update.body is not None and user not in self._fragment_known:
+            topology = self.topology
+            known = user in self._fragment_known
+            if update.body is not None and not known and topology is not None:
                 self._fragment_known.add(user)
-                d: Deferred[Any] = self.topology.users_for(user).add_fragment(user, self.me)
+                d: Deferred[Any] = topology.users_for(user).add_fragment(user, self.me)
                 d.addErrback(lambda f: self._fragment_known.discard(user))
         elif oid.startswith(PROFILE):
             address = oid[len(PROFILE) :]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 from zope.interface import implementer
 
-from ._values import LogEntry, Timestamp, Update
+from ._values import DropLog, LogEntry, MarkAlive, PersistLog, Timestamp, Update
 from .interfaces import ILogStore, IObjectStore
 
 
@@ -41,6 +43,16 @@ class MemoryLog:
         """Record the alive mark."""
         self.alive = wallclock
 
+    def write_many(self, ops: Sequence[PersistLog | DropLog | MarkAlive]) -> None:
+        """Each op in order."""
+        for op in ops:
+            if isinstance(op, PersistLog):
+                self.put(op.entry)
+            elif isinstance(op, DropLog):
+                self.drop(op.object_id, op.timestamp)
+            else:
+                self.mark_alive(op.wallclock)
+
     def wipe(self) -> None:
         """Forget everything."""
         self.entries.clear()
@@ -75,6 +87,10 @@ class MemoryObjectStore:
         self.objects[update.object_id] = update
         self.applied += 1
         return True
+
+    def apply_many(self, updates: Sequence[Update]) -> list[bool]:
+        """:meth:`apply` each, in order."""
+        return [self.apply(u) for u in updates]
 
     def purge_tombstones(self, before: int) -> int:
         """Drop tombstones older than ``before``."""

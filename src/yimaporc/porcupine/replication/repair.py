@@ -22,18 +22,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from ...cluster.rpc import BigBytes
+from ...cluster.rpc import BigBytes, RpcRegistry
 from ._values import Timestamp, Update
 from ._wire import MalformedMessage, Push, from_bytes, to_bytes
 from .amp import PeerNode, pack_frames, unpack_frames
+
+if TYPE_CHECKING:
+    from ...cluster.view import View
+    from .objects import ReplicaObjectStore
 
 #: Objects fetched per call (bodies may be large: the call's size stays bounded).
 FETCH_BATCH = 16
@@ -101,7 +105,7 @@ class Repairer:
     def __init__(
         self,
         me: str,
-        objects: Any,
+        objects: ReplicaObjectStore,
         run: Callable[..., Deferred[Any]],
         call: Callable[..., Deferred[Any]],
         peers: Callable[[], Sequence[str]],
@@ -126,7 +130,7 @@ class Repairer:
         #: object ids the last inventories named that this node lacks (per peer)
         self._missing: dict[str, set[str]] = {}
         self._busy: dict[str, Deferred[int]] = {}
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self.running = False
 
     # --- the answering side ---------------------------------------------------------
@@ -175,7 +179,7 @@ class Repairer:
         d = self.round()
         d.addBoth(lambda _: self._schedule(self.interval))
 
-    def membership_changed(self, old: Any, new: Any) -> None:
+    def membership_changed(self, old: View, new: View) -> None:
         """A peer (re)joined: it may have lost its disk, or we may lack what it holds."""
         before = {(m.node_id, m.incarnation) for m in old.members}
         if any((m.node_id, m.incarnation) not in before for m in new.members):
@@ -291,7 +295,7 @@ class Repairer:
         }
 
 
-def register(registry: Any, repairer: Repairer) -> None:
+def register(registry: RpcRegistry, repairer: Repairer) -> None:
     """Answer :class:`Inventory` and :class:`FetchObjects` on this node's RPC server."""
     registry.register(Inventory, repairer.on_inventory)
     registry.register(FetchObjects, repairer.on_fetch)

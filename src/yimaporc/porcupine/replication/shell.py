@@ -32,7 +32,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
+from ...cluster.view import IMembershipListener, View
 from ._manager import ReplicationConfig, ReplicationManager
 from ._values import (
     Acknowledge,
@@ -78,20 +80,11 @@ class ReplicationStopped(Exception):
 
 
 def write_log_ops(log: ILogStore, ops: Sequence[LogOp]) -> None:
-    """Perform log writes in order; one transaction if the store offers ``write_many``."""
-    many = getattr(log, "write_many", None)
-    if many is not None:
-        many(ops)
-        return
-    for op in ops:
-        if isinstance(op, PersistLog):
-            log.put(op.entry)
-        elif isinstance(op, DropLog):
-            log.drop(op.object_id, op.timestamp)
-        else:
-            log.mark_alive(op.wallclock)
+    """Perform log writes in order, as one transaction (``write_many``)."""
+    log.write_many(ops)
 
 
+@implementer(IMembershipListener)
 class ReplicationService(Service):
     """Runs the replication core on the reactor; see the module docstring."""
 
@@ -264,7 +257,7 @@ class ReplicationService(Service):
         if self.core is not None:
             self._perform(self.core.set_live(self._live, self.now()))
 
-    def membership_changed(self, old: Any, new: Any) -> None:
+    def membership_changed(self, old: View, new: View) -> None:
         """``IMembershipListener``: pass the committed view's members to the core.
 
         A member whose incarnation changed restarted in between: it is passed as
@@ -338,20 +331,16 @@ class ReplicationService(Service):
         if log_ops:
             write_log_ops(self.log_store, log_ops)
         applied: list[Update] = []
-        many = getattr(self.object_store, "apply_many", None)
+        many = self.object_store.apply_many
         run: list[Update] = []  # consecutive Applies go to apply_many together
         for op in [*store_ops, None]:
-            if isinstance(op, Apply) and many is not None:
+            if isinstance(op, Apply):
                 run.append(op.update)
                 continue
             if run:
-                assert many is not None
                 applied.extend(u for u, ok in zip(run, many(run), strict=True) if ok)
                 run = []
-            if isinstance(op, Apply):
-                if self.object_store.apply(op.update):
-                    applied.append(op.update)
-            elif op is not None:
+            if op is not None:
                 self.object_store.purge_tombstones(op.before)
         return applied
 

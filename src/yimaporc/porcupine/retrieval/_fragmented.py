@@ -38,6 +38,7 @@ from .interfaces import IMailLayout
 
 if TYPE_CHECKING:
     from ..interfaces import ILocalMailboxes
+    from ..replication.mail import MailReplication
     from ._usermail import UserMail
 
 __all__ = ["Fragmented"]
@@ -55,7 +56,7 @@ class Fragmented:
         home_of: Callable[[str], str],
         *,
         now: Callable[[], float] | None = None,
-        replica: Any = None,
+        replica: MailReplication | None = None,
     ) -> None:
         self._home_of = home_of
         #: A clock for :attr:`UserMail.now` (fragment lists reused a moment).
@@ -250,6 +251,7 @@ class Fragmented:
         """APPEND/COPY of a replicated user: each message one logged object on R nodes
         (the home first), answered once every live one of them holds it."""
         replica = self.replica
+        assert replica is not None  # store() comes here only with replication
 
         # Without a UID now (no majority: PENDING) the copies are stored unnumbered:
         # only the coordinator's is numbered later, the others take its UID.

@@ -13,9 +13,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IReactorTime,
+)
 from twisted.internet.protocol import ClientFactory, DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ...rtsp import (
     RtspClientProtocol,
@@ -42,12 +48,12 @@ class _RtspFactory(ClientFactory):
         self.clock = clock
         self.connected: Deferred[RtspClientProtocol] = Deferred()
 
-    def buildProtocol(self, addr: Any) -> RtspClientProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> RtspClientProtocol:
         proto = RtspClientProtocol(clock=self.clock, timeout=10.0)
         proto.ready.chainDeferred(self.connected)
         return proto
 
-    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.connected.errback(reason)
 
 

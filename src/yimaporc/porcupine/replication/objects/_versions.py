@@ -8,7 +8,7 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
@@ -24,6 +24,9 @@ from ._ids import (
     message_id,
 )
 
+if TYPE_CHECKING:
+    from ...profiledb import _Profiles
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     object_id TEXT PRIMARY KEY, wallclock INTEGER NOT NULL, ts_node TEXT NOT NULL,
@@ -38,7 +41,9 @@ class ObjectVersions:
 
     log = Logger()
 
-    def __init__(self, path: Path, fragments: FragmentStore, profiles: Any | None = None) -> None:
+    def __init__(
+        self, path: Path, fragments: FragmentStore, profiles: _Profiles | None = None
+    ) -> None:
         private_sqlite(path)
         self.fragments = fragments
         #: ``profiledb._Profiles`` (the blocking half; it has ``merge(records)``).
