@@ -142,12 +142,21 @@ def _header_length(data: bytes) -> int:
 
 
 class _Udp(DatagramProtocol):
-    def __init__(self, on_datagram: Any = None) -> None:
+    def __init__(self, on_datagram: Any = None, on_run: Any = None) -> None:
         self.on_datagram = on_datagram
+        self.on_run = on_run
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         if self.on_datagram is not None:
             self.on_datagram(data, addr)
+
+    def datagramsReceived(self, data: bytes, size: int, addr: Any) -> None:
+        """A run of ``size``-byte datagrams in one read (:mod:`.recvpath`, UDP GRO)."""
+        if self.on_run is not None:
+            self.on_run(data, size, addr)
+        else:
+            for at in range(0, len(data), size):
+                self.datagramReceived(data[at : at + size], addr)
 
 
 @attrs.define
