@@ -242,6 +242,7 @@ class RelayMixin:
         info = self.storage.media_info(plan.media)
         if not info.parity_group:
             return  # nothing to rebuild from: the membership decides (BYE)
+        alive: dict[str, bool] = {}
         for g in missing:
             if now - plan.nacked[g] < RETRY:
                 continue
@@ -250,14 +251,29 @@ class RelayMixin:
                 continue
             if node_id not in plan.members:
                 continue
-            heard = plan.heard.get(plan.members.index(node_id))
-            if heard is not None and now - heard < SILENT:
-                continue
+            if node_id not in alive:
+                alive[node_id] = self._heard_lately(node_id, now)
+            if alive[node_id]:
+                continue  # late on this session, but alive: the lead still covers it
             self.log.warn("rtsp: {n} is silent on {s} ({k} packets overdue): serving its "
                           "share from parity", n=node_id, s=session_id, k=len(missing))  # fmt: skip
             self.suspects[node_id] = now + SUSPECT_FOR
             plan.relay.stats.early_takeovers += 1
             self._take_over(session_id, plan, node_id, early=True)
+
+    def _heard_lately(self: YimaStreamingService, node_id: str, now: float) -> bool:
+        """Whether any relay of this node heard ``node_id`` within :data:`SILENT`.
+
+        A node sends a session's packets a block at a time, so on one session it is
+        quiet for most of the time by design; across the sessions it serves, a live node
+        is heard all the time.  Asked only when a share is overdue (not per packet).
+        """
+        for p in self.plans.values():
+            if node_id in p.members:
+                heard = p.heard.get(p.members.index(node_id))
+                if heard is not None and now - heard < SILENT:
+                    return True
+        return False
 
     def _share_lost(self: YimaStreamingService, sid: str, plan: _Plan, node_id: str) -> None:
         """A node left and its blocks have no parity: say so (RTCP BYE with the reason,
