@@ -357,3 +357,20 @@ def test_an_owner_late_on_one_session_but_heard_on_another_is_not_taken_over() -
     assert plan.relay.stats.gaps_skipped == 0 and len(out) == BLOCKS * 5
     seqs = [int.from_bytes(p[2:4], "big") for p in out]
     assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs))
+
+
+def test_a_watch_that_ran_late_takes_nothing_over_until_it_runs_on_time() -> None:
+    """Node b is silent.  Once its packets are NACKed, this node stalls for 0.5 s (one
+    clock step): the watch that runs after the stall takes no share over (the missing
+    packets could be unread in its sockets) and counts the stall; the next watches,
+    on time with b still silent, take b's share over."""
+    svc, reactor, _out, calls = three_nodes()
+    play(svc)
+    plan = svc.plans["S1"]
+    while not [c for c in calls if c[1] is StreamNack]:
+        reactor.advance(0.01)
+    reactor.advance(0.5)
+    assert plan.takeovers == {} and svc.suspects == {}
+    assert svc.status()["streaming"]["relay"]["watch_stalls"] == 1
+    run(reactor, 0.3)
+    assert plan.takeovers == {"b": "S1+b"}

@@ -39,6 +39,10 @@ WATCH_INTERVAL = 0.05
 OVERDUE = 0.15
 RETRY = 0.25
 SILENT = 0.3
+# A watch that runs this much later than WATCH_INTERVAL after the one before found this
+# node stalled (its own CPU, a throttled CPU group): the packets it misses may wait
+# unread in its sockets, so it NACKs but takes no share over in that run.
+WATCH_STALL = 0.1
 # A node that went silent is read around (parity) for this long, unless it is heard again.
 SUSPECT_FOR = 30.0
 # A TS seek looks this many blocks back for a keyframe (GOPs longer than this many
@@ -218,6 +222,7 @@ class _Plan:
     speed: float = 1.0
     timing: MediaTiming | None = None
     watch_timer: IDelayedCall | None = None
+    watch_last: float | None = None  # reactor time of the watch's last run
     relay_timer_at: float | None = None
     nacked: dict[int, float] = attrs.field(factory=dict)
     heard: dict[int, float] = attrs.field(factory=dict)

@@ -27,6 +27,7 @@ from ._rtsp_plan import (
     SILENT,
     SUSPECT_FOR,
     WATCH_INTERVAL,
+    WATCH_STALL,
     _big_buffers,
     _header_length,
     _Plan,
@@ -85,7 +86,8 @@ class RelayMixin:
                 "early_takeovers": total["early_takeovers"],
                 "duplicates": total["duplicates"], "too_late": total["too_late"],
                 "stale": total["stale"], "received": total["received"],
-                "receive_reads": total["receive_reads"]}  # fmt: skip
+                "receive_reads": total["receive_reads"],
+                "watch_stalls": total["watch_stalls"]}  # fmt: skip
 
     @staticmethod
     def _relay_due(plan: _Plan, gseq: int) -> float:
@@ -220,6 +222,8 @@ class RelayMixin:
         if plan is None or plan.relay is None or plan.bye_sent:
             return
         plan.watch_timer = self.reactor.callLater(WATCH_INTERVAL, self._watch, session_id)
+        ran, plan.watch_last = plan.watch_last, self.reactor.seconds()
+        stalled = ran is not None and plan.watch_last - ran > WATCH_INTERVAL + WATCH_STALL
         now = self.node.cluster_time()
         if not plan.playing or plan.timing is None or now < plan.watch_from:
             return
@@ -238,6 +242,11 @@ class RelayMixin:
             plan.relay.stats.overdue_nacked += len(fresh)
             self._nack_owners(session_id, plan, fresh)
         if self.mode != "bipartite":
+            return
+        if stalled:
+            # this node ran late: what it misses may be unread in its sockets (as the
+            # membership's failure detector, it decides after reading them)
+            plan.relay.stats.watch_stalls += 1
             return
         info = self.storage.media_info(plan.media)
         if not info.parity_group:

@@ -46,6 +46,8 @@ class RelayStats:
     #: them (a read brings a whole run where the kernel has UDP GRO, see .recvpath).
     received: int = 0
     receive_reads: int = 0
+    #: Overdue watches that ran late (this node stalled) and so took no share over.
+    watch_stalls: int = 0
 
 
 class Reorderer:
