@@ -327,3 +327,50 @@ def test_feedback_by_ssrc_reaches_every_session_of_the_stream() -> None:
     n = len(sent)
     fb.datagram(serialize_rtcp(GenericNack(1, 77, nack_items_from_lost([0]))), None)
     assert sorted(d for d, _ in sent[n:]) == [0, 3]  # node_seq 0 of each share, resent
+
+
+def test_an_owner_late_on_one_session_but_heard_on_another_is_not_taken_over() -> None:
+    """Node b sends session S1's share 0.5 s late (past OVERDUE + RETRY, within the
+    lead) while it serves S2 on time: b is alive, so S1's overdue packets are asked of b
+    but its share is not rebuilt from parity, and S1's client still gets every packet in
+    order, none skipped."""
+    svc, reactor, out, calls = three_nodes()
+    play(svc)
+    s2 = ServerSession("S2", 60.0, 0.0, peer="127.0.0.1")
+    spec = TransportSpec(client_port=(5002, 5003))
+    s2.streams[URL] = spec
+    svc.setup(URL, spec, s2)
+    svc.play(s2, NptRange(0.0, None))
+    b_blocks = [b for b in range(BLOCKS) if owner(b) == "b"]
+    for sid, late in (("S1", 0.5), ("S2", 0.0)):
+        plan = svc.plans[sid]
+        svc.streaming.start(session=f"b-{sid}", media="clip",
+                            start_ct=plan.started_ct - RELAY_LEAD + late, start_mt=0.0,
+                            host=plan.relay_addr[0], port=plan.relay_addr[1],
+                            ssrc=plan.node_ssrc, seq_base=plan.seq_base, ts_base=plan.ts_base,
+                            node_index=1, all_blocks=False, blocks=b_blocks)  # fmt: skip
+    run(reactor, BLOCKS * 0.5 + 3)
+    plan = svc.plans["S1"]
+    assert [kw["session"] for _, c, kw in calls if c is StreamNack] != [], "S1 was late"
+    assert plan.takeovers == {} and svc.suspects == {}
+    assert plan.relay is not None and plan.relay.stats.early_takeovers == 0
+    assert plan.relay.stats.gaps_skipped == 0 and len(out) == BLOCKS * 5
+    seqs = [int.from_bytes(p[2:4], "big") for p in out]
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs))
+
+
+def test_a_watch_that_ran_late_takes_nothing_over_until_it_runs_on_time() -> None:
+    """Node b is silent.  Once its packets are NACKed, this node stalls for 0.5 s (one
+    clock step): the watch that runs after the stall takes no share over (the missing
+    packets could be unread in its sockets) and counts the stall; the next watches,
+    on time with b still silent, take b's share over."""
+    svc, reactor, _out, calls = three_nodes()
+    play(svc)
+    plan = svc.plans["S1"]
+    while not [c for c in calls if c[1] is StreamNack]:
+        reactor.advance(0.01)
+    reactor.advance(0.5)
+    assert plan.takeovers == {} and svc.suspects == {}
+    assert svc.status()["streaming"]["relay"]["watch_stalls"] == 1
+    run(reactor, 0.3)
+    assert plan.takeovers == {"b": "S1+b"}

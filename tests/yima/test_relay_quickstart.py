@@ -312,3 +312,34 @@ def test_a_pause_overtaking_a_plays_start_leaves_the_overdue_watch_working() -> 
     t.run(1.5)
     assert len(t.rpc.of(StreamNack)) > before  # b's block 3 is overdue: asked of b
     assert _seq(t.out[mark]) == reply.rtp_info[0].seq
+
+
+def _relay_port_protocol(t: TwoNodes) -> Any:
+    return t.reactor.protocols[t.plan.relay_addr[1]]
+
+
+def test_the_relay_takes_a_run_in_one_read_as_it_takes_its_datagrams() -> None:
+    """b's share handed to the relay socket's protocol as GRO runs (one per block) gives
+    the client the same packets, in order, as one datagram per read; the relay counts
+    each run as one read of its datagrams."""
+    outs = []
+    for batched in (False, True):
+        t = TwoNodes()
+        t.play(2.0)
+        proto = _relay_port_protocol(t)
+        for block in range(3, 8, 2):  # b's blocks 3, 5, 7: one run each
+            packets = t.b_packets(_b_gseqs(block * 10, block * 10 + 10))
+            if batched:
+                proto.datagramsReceived(b"".join(packets), len(packets[0]), ("127.0.0.2", 1))
+            else:
+                for p in packets:
+                    proto.datagramReceived(p, ("127.0.0.2", 1))
+        t.run(5.0)
+        assert t.plan.relay is not None
+        stats = t.svc.relay_stats()
+        assert stats["received"] == 30
+        assert stats["receive_reads"] == (3 if batched else 30)
+        assert stats["skipped"] == 0
+        assert _continuous(t.out)
+        outs.append([p[12:] for p in t.out])  # the payloads (SSRC, numbers are random)
+    assert outs[0] == outs[1] and len(outs[0]) >= 50

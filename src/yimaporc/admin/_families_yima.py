@@ -157,6 +157,9 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
         ("duplicates", "Duplicate packets the relays dropped."),
         ("too_late", "Packets that reached a relay after it had given them up."),
         ("stale", "Packets of a position before a seek, dropped by the relays."),
+        ("received", "Datagrams the relay sockets received from the nodes."),
+        ("receive_reads", "Reads that brought them (one per run of datagrams with UDP GRO)."),
+        ("watch_stalls", "Overdue watches that ran late (a stall here) and took no share over."),
     ):
         out.counter(f"yimaporc_yima_relay_{key}", text, relay.get(key))
     rtsp = doc.get("rtsp") or {}

@@ -52,8 +52,14 @@ class UdpClock(Clock):
 
     ports = 6000
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: The protocol of every port opened, by port number.
+        self.protocols: dict[int, DatagramProtocol] = {}
+
     def listenUDP(self, port: int, proto: DatagramProtocol, interface: str = "") -> MemoryUdpPort:
         self.ports += 2
+        self.protocols[port or self.ports] = proto
         return MemoryUdpPort(port or self.ports)
 
 

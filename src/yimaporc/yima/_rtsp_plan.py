@@ -39,6 +39,10 @@ WATCH_INTERVAL = 0.05
 OVERDUE = 0.15
 RETRY = 0.25
 SILENT = 0.3
+# A watch that runs this much later than WATCH_INTERVAL after the one before found this
+# node stalled (its own CPU, a throttled CPU group): the packets it misses may wait
+# unread in its sockets, so it NACKs but takes no share over in that run.
+WATCH_STALL = 0.1
 # A node that went silent is read around (parity) for this long, unless it is heard again.
 SUSPECT_FOR = 30.0
 # A TS seek looks this many blocks back for a keyframe (GOPs longer than this many
@@ -142,12 +146,21 @@ def _header_length(data: bytes) -> int:
 
 
 class _Udp(DatagramProtocol):
-    def __init__(self, on_datagram: Any = None) -> None:
+    def __init__(self, on_datagram: Any = None, on_run: Any = None) -> None:
         self.on_datagram = on_datagram
+        self.on_run = on_run
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         if self.on_datagram is not None:
             self.on_datagram(data, addr)
+
+    def datagramsReceived(self, data: bytes, size: int, addr: Any) -> None:
+        """A run of ``size``-byte datagrams in one read (:mod:`.recvpath`, UDP GRO)."""
+        if self.on_run is not None:
+            self.on_run(data, size, addr)
+        else:
+            for at in range(0, len(data), size):
+                self.datagramReceived(data[at : at + size], addr)
 
 
 @attrs.define
@@ -209,6 +222,7 @@ class _Plan:
     speed: float = 1.0
     timing: MediaTiming | None = None
     watch_timer: IDelayedCall | None = None
+    watch_last: float | None = None  # reactor time of the watch's last run
     relay_timer_at: float | None = None
     nacked: dict[int, float] = attrs.field(factory=dict)
     heard: dict[int, float] = attrs.field(factory=dict)

@@ -23,12 +23,14 @@ from ._rtsp_plan import (
     SILENT,
     SUSPECT_FOR,
     WATCH_INTERVAL,
+    WATCH_STALL,
     _big_buffers,
     _header_length,
     _Plan,
     _Udp,
 )
 from .feedback import RETRANSMISSION_MARK
+from .recvpath import listen_udp_batched
 from .relay import Reorderer, rewrite
 from .streaming import StreamControl
 
@@ -40,9 +42,15 @@ class RelayMixin:
     """The relay and share takeover of :class:`~.rtspservice.YimaStreamingService`."""
 
     def _open_relay(self: StreamingHost, session_id: str, plan: _Plan) -> None:
-        proto = _Udp(lambda data, addr: self._relayed(session_id, data))
+        proto = _Udp(
+            lambda data, addr: self._relayed_read(session_id, data),
+            lambda data, size, addr: self._relayed_run(session_id, data, size),
+        )
         try:
-            listening = self.reactor.listenUDP(0, proto, interface=self.node.config.cluster_host)
+            # a run of a node's datagrams arrives in one read where the kernel has UDP GRO
+            listening = listen_udp_batched(
+                self.reactor, proto, interface=self.node.config.cluster_host
+            )
         except CannotListenError as exc:
             raise RtspStatusError(503, f"no relay port: {exc}") from None
         plan.relay = Reorderer(first=0, hold=0.3, due=lambda g: self._relay_due(plan, g),
@@ -73,7 +81,9 @@ class RelayMixin:
                 "overdue_nacked": total["overdue_nacked"],
                 "early_takeovers": total["early_takeovers"],
                 "duplicates": total["duplicates"], "too_late": total["too_late"],
-                "stale": total["stale"]}  # fmt: skip
+                "stale": total["stale"], "received": total["received"],
+                "receive_reads": total["receive_reads"],
+                "watch_stalls": total["watch_stalls"]}  # fmt: skip
 
     @staticmethod
     def _relay_due(plan: _Plan, gseq: int) -> float:
@@ -86,13 +96,32 @@ class RelayMixin:
         # Paused (at paused_ct, at media position ``position``): what played before goes.
         return plan.paused_ct + (t - plan.position) if t < plan.position else float("inf")
 
+    def _relayed_read(self: StreamingHost, session_id: str, data: bytes) -> None:
+        """One datagram read from the relay socket."""
+        plan = self.plans.get(session_id)
+        if plan is not None and plan.relay is not None:
+            plan.relay.stats.received += 1
+            plan.relay.stats.receive_reads += 1
+        self._relayed(session_id, data)
+
+    def _relayed_run(self: StreamingHost, session_id: str, data: bytes, size: int) -> None:
+        """A run of ``size``-byte datagrams read from the relay socket at once (GRO)."""
+        plan = self.plans.get(session_id)
+        if plan is not None and plan.relay is not None:
+            plan.relay.stats.received += -(-len(data) // size)
+            plan.relay.stats.receive_reads += 1
+        with memoryview(data) as view:
+            self._relayed_many(session_id, view, size)
+
     def _relayed(self: StreamingHost, session_id: str, data: bytes) -> None:
         plan = self.plans.get(session_id)
         if plan is None or plan.relay is None:
             return
         self._forward(session_id, plan, self._relay_one(plan, data, self.node.cluster_time()))
 
-    def _relayed_many(self: StreamingHost, session_id: str, view: memoryview, size: int) -> None:
+    def _relayed_many(
+        self: StreamingHost, session_id: str, view: memoryview, size: int
+    ) -> None:
         """A run of this node's own packets for a relayed session, handed over in one
         call (``size``-byte datagrams, the last may be shorter): pushed in order, then
         whatever they release is forwarded as one batch."""
@@ -139,7 +168,9 @@ class RelayMixin:
         else:
             self._send(data, (plan.dest_host, plan.dest_port))
 
-    def _forward(self: StreamingHost, session_id: str, plan: _Plan, packets: list[bytes]) -> None:
+    def _forward(
+        self: StreamingHost, session_id: str, plan: _Plan, packets: list[bytes]
+    ) -> None:
         packets = [self._to_client(plan, d) for d in packets]
         if packets:
             last = packets[-1]
@@ -187,6 +218,8 @@ class RelayMixin:
         if plan is None or plan.relay is None or plan.bye_sent:
             return
         plan.watch_timer = self.reactor.callLater(WATCH_INTERVAL, self._watch, session_id)
+        ran, plan.watch_last = plan.watch_last, self.reactor.seconds()
+        stalled = ran is not None and plan.watch_last - ran > WATCH_INTERVAL + WATCH_STALL
         now = self.node.cluster_time()
         if not plan.playing or plan.timing is None or now < plan.watch_from:
             return
@@ -206,9 +239,15 @@ class RelayMixin:
             self._nack_owners(session_id, plan, fresh)
         if self.mode != "bipartite":
             return
+        if stalled:
+            # this node ran late: what it misses may be unread in its sockets (as the
+            # membership's failure detector, it decides after reading them)
+            plan.relay.stats.watch_stalls += 1
+            return
         info = self.storage.media_info(plan.media)
         if not info.parity_group:
             return  # nothing to rebuild from: the membership decides (BYE)
+        alive: dict[str, bool] = {}
         for g in missing:
             if now - plan.nacked[g] < RETRY:
                 continue
@@ -217,14 +256,29 @@ class RelayMixin:
                 continue
             if node_id not in plan.members:
                 continue
-            heard = plan.heard.get(plan.members.index(node_id))
-            if heard is not None and now - heard < SILENT:
-                continue
+            if node_id not in alive:
+                alive[node_id] = self._heard_lately(node_id, now)
+            if alive[node_id]:
+                continue  # late on this session, but alive: the lead still covers it
             self.log.warn("rtsp: {n} is silent on {s} ({k} packets overdue): serving its "
                           "share from parity", n=node_id, s=session_id, k=len(missing))  # fmt: skip
             self.suspects[node_id] = now + SUSPECT_FOR
             plan.relay.stats.early_takeovers += 1
             self._take_over(session_id, plan, node_id, early=True)
+
+    def _heard_lately(self: StreamingHost, node_id: str, now: float) -> bool:
+        """Whether any relay of this node heard ``node_id`` within :data:`SILENT`.
+
+        A node sends a session's packets a block at a time, so on one session it is
+        quiet for most of the time by design; across the sessions it serves, a live node
+        is heard all the time.  Asked only when a share is overdue (not per packet).
+        """
+        for p in self.plans.values():
+            if node_id in p.members:
+                heard = p.heard.get(p.members.index(node_id))
+                if heard is not None and now - heard < SILENT:
+                    return True
+        return False
 
     def _share_lost(self: StreamingHost, sid: str, plan: _Plan, node_id: str) -> None:
         """A node left and its blocks have no parity: say so (RTCP BYE with the reason,

@@ -42,6 +42,12 @@ class RelayStats:
     overdue_nacked: int = 0
     #: Node shares taken over before the membership noticed (the owner went silent).
     early_takeovers: int = 0
+    #: Datagrams the relay socket received from the nodes, and the reads that brought
+    #: them (a read brings a whole run where the kernel has UDP GRO, see .recvpath).
+    received: int = 0
+    receive_reads: int = 0
+    #: Overdue watches that ran late (this node stalled) and so took no share over.
+    watch_stalls: int = 0
 
 
 class Reorderer:

@@ -247,6 +247,7 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         """``services.rtsp`` (a URL prefix) once listening, and live session counts."""
         out: dict[str, Any] = {"streaming": {"mode": self.mode, "sessions": len(self.plans),
                                              "packets_sent": self.streaming.engine.sent,
+                                             "engine_ticks": self.streaming.engine.ticks,
                                              "bytes_sent": self.streaming.engine.sent_bytes,
                                              "handed_to_relay": self.streaming.handed_over,
                                              "block_reads": self.streaming.engine.block_reads,
