@@ -84,6 +84,6 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
         except PartFailed as e:
             msg = str(e)
             errors.append(f"target yima {mode} {n} node(s): {msg}")
-            out[key] = {"mode": mode, "nodes": n, "error": msg}
+            out[key] = {"mode": mode, "nodes": n, **e.row()}
             if "yet" in msg:
                 first_error = msg
