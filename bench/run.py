@@ -125,6 +125,11 @@ def main() -> int:
         "nodes' own default, one worker per core)",
     )
     ap.add_argument(
+        "--yima-send-ahead",
+        help="rtsp-target: and once per yima-node --send-ahead-ms value, e.g. 10,40 (default: "
+        "the nodes' own, 10 ms)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="sample the yimaporc targets with py-spy under load (top frames in results.json)",
@@ -191,6 +196,12 @@ def main() -> int:
             print("error: --yima-workers must list auto or whole numbers", file=sys.stderr)
             return 2
         s.yima_workers = ws
+    if a.yima_send_ahead:
+        sas = [x.strip() for x in a.yima_send_ahead.split(",") if x.strip()]
+        if not sas or not all(x.isdigit() and int(x) <= 200 for x in sas):
+            print("error: --yima-send-ahead must list milliseconds 0..200", file=sys.stderr)
+            return 2
+        s.yima_send_ahead = sas
     t0 = time.monotonic()
 
     def on_signal(signum: int, frame: Any) -> None:

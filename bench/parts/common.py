@@ -136,6 +136,8 @@ class Settings:
         # --yima-workers 1,2: each rtsp-target layout once per setting, side by side (keys
         # MODE-wW-N); empty: the nodes' default (one delivery worker per core)
         self.yima_workers: list[str] = []
+        # --yima-send-ahead 10,40: and once per yima-node --send-ahead-ms (keys MODE-saS-N)
+        self.yima_send_ahead: list[str] = []
         # scaling (bench/parts/scaling.py): scaled-down nodes, each in its own CPU group
         self.scaling_nodes = [1, 2, 4, 8] if quick else list(range(1, 9))
         self.scaling_quota = 0.1  # cores per node: 8 nodes use 0.8 of this machine's 2
