@@ -471,13 +471,6 @@ def plots(res: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
         made.append("model_scaling.png")
 
     # 4c. scaling measured with scaled-down nodes, beside the model
-    tg = single_node_targets(res)
-    if tg:
-        say("")
-        say("== issue 19, one node: targets (ratios of this run)")
-        for t in tg:
-            met = "met" if t["met"] else "NOT met"
-            say(f"  {t['name']:58s} {fmt(t['value'], 'n/a'):>8}  target {t['target']}  {met}")
     sc = res.get("scaling")
     if isinstance(sc, dict) and sc:
         scaling.plot(sc, scaling.PLOT)
