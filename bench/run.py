@@ -109,6 +109,13 @@ def main() -> int:
         help="largest N a streaming ramp tries (default 256 with --quick, else 512)",
     )
     ap.add_argument(
+        "--rtsp-peer-start",
+        type=int,
+        help="first N of GStreamer's ramp (default 128 with --quick, else 32); give its last "
+        "known limit: from a start given here the ramp grows x1.25 per passing trial instead "
+        "of x2, then bisects, so it finds the limit in fewer, cheaper trials",
+    )
+    ap.add_argument(
         "--yima-layouts",
         help="rtsp-target layouts MODE-N, e.g. bipartite-1,bipartite-fanout-1 (default: all)",
     )
@@ -116,6 +123,11 @@ def main() -> int:
         "--yima-workers",
         help="rtsp-target: run each layout once per --workers value, e.g. 1,2 (default: the "
         "nodes' own default, one worker per core)",
+    )
+    ap.add_argument(
+        "--yima-send-ahead",
+        help="rtsp-target: and once per yima-node --send-ahead-ms value, e.g. 10,40 (default: "
+        "the nodes' own, 10 ms)",
     )
     ap.add_argument(
         "--profile",
@@ -160,6 +172,15 @@ def main() -> int:
             print("error: --rtsp-max must be between 8 and 2048", file=sys.stderr)
             return 2
         s.rtsp_max = a.rtsp_max
+    if a.rtsp_peer_start is not None:
+        if not 1 <= a.rtsp_peer_start <= s.rtsp_max:
+            print(
+                f"error: --rtsp-peer-start must be between 1 and --rtsp-max ({s.rtsp_max})",
+                file=sys.stderr,
+            )
+            return 2
+        s.rtsp_start_peer = a.rtsp_peer_start
+        s.rtsp_growth_peer = 1.25
     if a.yima_layouts:
         layouts = []
         for item in a.yima_layouts.split(","):
@@ -175,6 +196,12 @@ def main() -> int:
             print("error: --yima-workers must list auto or whole numbers", file=sys.stderr)
             return 2
         s.yima_workers = ws
+    if a.yima_send_ahead:
+        sas = [x.strip() for x in a.yima_send_ahead.split(",") if x.strip()]
+        if not sas or not all(x.isdigit() and int(x) <= 200 for x in sas):
+            print("error: --yima-send-ahead must list milliseconds 0..200", file=sys.stderr)
+            return 2
+        s.yima_send_ahead = sas
     t0 = time.monotonic()
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -61,7 +61,19 @@ ALIASES = {"scaling": ["scaling-yima", "scaling-mail"]}
 
 
 class PartFailed(Exception):
-    """A server did not start or serve; the message is the user-facing reason."""
+    """A server did not start or serve; the message is the user-facing reason.
+
+    ``figures``: what was measured before it failed and still holds on its own (a ramp
+    that did not find its limit still measured CPU per stream at its last passing N);
+    never the figure the failure withholds (that ramp's capacity)."""
+
+    def __init__(self, msg: str, figures: dict[str, Any] | None = None) -> None:
+        super().__init__(msg)
+        self.figures = dict(figures or {})
+
+    def row(self) -> dict[str, Any]:
+        """The part's result row: the reason and the figures that hold."""
+        return {**self.figures, "error": str(self)}
 
 
 def say(msg: str) -> None:
@@ -96,6 +108,10 @@ class Settings:
         self.rtsp_budget_peer = 25.0 if quick else 90.0
         self.rtsp_budget_target = 15.0 if quick else 60.0
         self.rtsp_start_peer = 128 if quick else 32
+        # x this per passing trial; 1.25 from a start given near GStreamer's known limit
+        # (--rtsp-peer-start): a GStreamer trial far above its limit costs a minute of
+        # set-up and teardown (384 sessions: 24 s and 18 s), so the ramp overshoots little
+        self.rtsp_growth_peer = 2.0
         self.rtsp_start_target = 24 if quick else 16
         # a trial of many hundred sessions costs a minute of set-up and teardown on an
         # overloaded machine: above this the capacity is reported as ">= max"
@@ -120,6 +136,8 @@ class Settings:
         # --yima-workers 1,2: each rtsp-target layout once per setting, side by side (keys
         # MODE-wW-N); empty: the nodes' default (one delivery worker per core)
         self.yima_workers: list[str] = []
+        # --yima-send-ahead 10,40: and once per yima-node --send-ahead-ms (keys MODE-saS-N)
+        self.yima_send_ahead: list[str] = []
         # scaling (bench/parts/scaling.py): scaled-down nodes, each in its own CPU group
         self.scaling_nodes = [1, 2, 4, 8] if quick else list(range(1, 9))
         self.scaling_quota = 0.1  # cores per node: 8 nodes use 0.8 of this machine's 2

@@ -116,6 +116,33 @@ def mail_load(
     return out
 
 
+# figures of a ramp's last passing trial that hold whether or not the ramp found its limit
+PER_STREAM_KEYS = (
+    "server_cpu_pct",
+    "server_cpu_pct_per_stream",
+    "datagrams_per_core_s",
+    "agg_mbps",
+    "gen_cpu_pct",
+    "sys_cpu_tick_pct",
+)
+
+
+def per_stream_figures(out: dict[str, Any]) -> dict[str, float]:
+    """CPU % per stream and datagrams per core-second of the last passing trial (from
+    rtsp_load's RESULT: ``max_sessions``, ``server_cpu_pct`` over its window, ``agg_mbps``).
+
+    Datagrams per core-second (issue 19): the datagrams the clients received in the window
+    (payload bytes / 1316, one MPEG-TS RTP payload) over the server's CPU seconds in it
+    (/proc, every process of the server)."""
+    got: dict[str, float] = {}
+    n, cpu, mbps = out.get("max_sessions"), out.get("server_cpu_pct"), out.get("agg_mbps")
+    if isinstance(cpu, float) and isinstance(n, float) and n:
+        got["server_cpu_pct_per_stream"] = cpu / n
+    if isinstance(cpu, float) and cpu > 0 and isinstance(mbps, float):
+        got["datagrams_per_core_s"] = mbps * 1e6 / 8 / 1316 / (cpu / 100.0)
+    return got
+
+
 def rtsp_ramp(
     s: Settings,
     url: str,
@@ -185,25 +212,30 @@ def rtsp_ramp(
         raise PartFailed(f"{label} at {url}: not one session kept real time ({why})")
     n = out["max_sessions"]
     out["first_fail"] = kv.get("first_fail")
-    if kv.get("budget_cut") == "1":
-        raise PartFailed(
-            f"{label}: the ramp ran out of its time budget ({budget:.0f} s) with {n:.0f} passing "
-            f"and the first failure at {kv.get('first_fail')}: the limit was not found "
-            "(a failure of the bench, not a lower bound)"
+    out.update(per_stream_figures(out))
+    if kv.get("budget_cut") == "1" or kv.get("capped") == "1":
+        # what the last passing trial measured holds (CPU per stream, datagrams per
+        # core-second at N streams); its N is not the capacity, so it is not kept as one
+        held = {k: out[k] for k in PER_STREAM_KEYS if k in out}
+        held["passing_sessions"] = n
+        held["first_fail"] = out["first_fail"]
+        say(
+            f"  {label}: limit not found; at its last passing N={n:.0f}: "
+            f"server_cpu_pct={out.get('server_cpu_pct')} "
+            f"CPU %/stream={out.get('server_cpu_pct_per_stream') or 0:.3f}"
         )
-    if kv.get("capped") == "1":
+        if kv.get("budget_cut") == "1":
+            raise PartFailed(
+                f"{label}: the ramp ran out of its time budget ({budget:.0f} s) with {n:.0f} "
+                f"passing and the first failure at {kv.get('first_fail')}: the limit was not "
+                "found (a failure of the bench, not a lower bound)",
+                held,
+            )
         raise PartFailed(
-            f"{label}: passed at the ramp's maximum ({n:.0f} sessions): the limit was not found"
+            f"{label}: passed at the ramp's maximum ({n:.0f} sessions): the limit was not found",
+            held,
         )
     cpu = out.get("server_cpu_pct")
-    if isinstance(cpu, float) and n:
-        out["server_cpu_pct_per_stream"] = cpu / n
-    # Datagrams per core-second of the server (issue 19): the datagrams the clients
-    # received in the window (payload bytes / 1316, one MPEG-TS RTP payload) over the
-    # server's CPU seconds in it (/proc, every process of the cluster).
-    mbps = out.get("agg_mbps")
-    if isinstance(cpu, float) and cpu > 0 and isinstance(mbps, float):
-        out["datagrams_per_core_s"] = mbps * 1e6 / 8 / 1316 / (cpu / 100.0)
     say(
         f"  {label}: max_sessions={n:.0f} (first failing {out['first_fail']}) "
         f"agg_mbps={out.get('agg_mbps')} server_cpu_pct={cpu} gen_cpu_pct={out.get('gen_cpu_pct')}"

@@ -94,6 +94,13 @@ def ratio_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             tv = val(y, metric)
             pv = val(gst, metric)
+            # CPU per stream at the last passing trial holds even where that ramp did not
+            # find its limit (then its N is not a capacity and no streams ratio is made)
+            unfound = [
+                side
+                for side, d in (("yimaporc", y), ("gstreamer", gst))
+                if metric == "server_cpu_pct_per_stream" and val(d, "passing_sessions")
+            ]
             rows.append(
                 {
                     "group": "streaming",
@@ -105,9 +112,59 @@ def ratio_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                     "higher_is_better": higher,
                     "yimaporc_note": None if tv is not None else why(y),
                     "peer_note": None if pv is not None else why(gst),
+                    **(
+                        {
+                            "note": "at the last passing N of "
+                            + " and ".join(unfound)
+                            + " (limit not found)"
+                        }
+                        if unfound and tv is not None and pv
+                        else {}
+                    ),
                 }
             )
     return rows
+
+
+def single_node_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 19's one-node targets, per one-node yima layout of this run: streams and CPU %
+    per stream against GStreamer's, datagrams per core-second against the udp part's GSO
+    figure (name, value, target text, met); a ratio only where both sides were measured."""
+    gst = res.get("rtsp", {}).get("gstreamer")
+    gso = val(res.get("udp"), "gso", "tx_pps_per_core")
+    rows: list[dict[str, Any]] = []
+    for key, y in sorted(res.get("yima", {}).items()):
+        if not key.endswith("-1"):
+            continue
+        name = key[:-2]
+        streams = _ratio(val(y, "max_sessions"), val(gst, "max_sessions"))
+        cpu = _ratio(val(y, "server_cpu_pct_per_stream"), val(gst, "server_cpu_pct_per_stream"))
+        dpc = _ratio(val(y, "datagrams_per_core_s"), gso)
+        rows += [
+            {
+                "name": f"{name}: streams / GStreamer's",
+                "value": streams,
+                "target": ">= 2.0",
+                "met": streams is not None and streams >= 2.0,
+            },
+            {
+                "name": f"{name}: CPU %/stream / GStreamer's",
+                "value": cpu,
+                "target": "<= 0.5",
+                "met": cpu is not None and cpu <= 0.5,
+            },
+            {
+                "name": f"{name}: datagrams per core-s / udp gso's",
+                "value": dpc,
+                "target": ">= 0.5",
+                "met": dpc is not None and dpc >= 0.5,
+            },
+        ]
+    return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -180,6 +237,13 @@ def print_table(res: dict[str, Any], rows: list[dict[str, Any]]) -> None:
                 say(
                     f"  yima {key}: {dpc / 1e3:.0f}k datagrams per core-second = {dpc / gso:.2f} x gso"
                 )
+    tg = single_node_targets(res)
+    if tg:
+        say("")
+        say("== issue 19, one node: targets (ratios of this run)")
+        for t in tg:
+            met = "met" if t["met"] else "NOT met"
+            say(f"  {t['name']:58s} {fmt(t['value'], 'n/a'):>8}  target {t['target']}  {met}")
     sc = res.get("scaling")
     if isinstance(sc, dict) and sc:
         say("")

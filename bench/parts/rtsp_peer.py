@@ -59,9 +59,10 @@ def part_rtsp_peer(s: Settings, res: dict[str, Any], errors: list[str], clip: Pa
                     ),
                     s.rtsp_start_peer,
                     work / "load.log",
+                    extra=["--growth", str(s.rtsp_growth_peer)],
                 )
             )
             out["gstreamer"] = r
     except PartFailed as e:
         errors.append(f"peer gstreamer: {e}")
-        out["gstreamer"] = {"error": str(e)}
+        out["gstreamer"] = e.row()

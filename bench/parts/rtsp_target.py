@@ -16,9 +16,19 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
     work = WORK / "rtsp"
     work.mkdir(parents=True, exist_ok=True)
     first_error = None
-    runs = [(mode, n, w) for mode, n in s.yima_configs for w in (s.yima_workers or [None])]
-    for mode, n, workers in runs:
-        key = f"{mode}-{n}" if workers is None else f"{mode}-w{workers}-{n}"
+    runs = [
+        (mode, n, w, sa)
+        for mode, n in s.yima_configs
+        for w in (s.yima_workers or [None])
+        for sa in (s.yima_send_ahead or [None])
+    ]
+    for mode, n, workers, ahead in runs:
+        key = (
+            mode
+            + ("" if workers is None else f"-w{workers}")
+            + ("" if ahead is None else f"-sa{ahead}")
+            + f"-{n}"
+        )
         if first_error is not None:
             # the same reason holds for every layout: say it once, do not wait for it again
             out[key] = {"mode": mode, "nodes": n, "error": first_error}
@@ -30,6 +40,8 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
                 flags = ["--mode", node_mode]
                 if workers is not None:
                     flags += ["--workers", workers]
+                if ahead is not None:
+                    flags += ["--send-ahead-ms", ahead]
                 c = Cluster("yima", n, WORK / f"yima-{key}", flags)
                 c.start()
                 t_ingest = time.monotonic()
@@ -51,12 +63,13 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
                 require_service(c, "rtsp", PORTS["rtsp"])
                 url = f"rtsp://{c.hosts[0]}:{PORTS['rtsp']}/test"
                 row: dict[str, Any] = {"mode": mode, "nodes": n, "workers": workers or "auto"}
+                row["send_ahead_ms"] = ahead or "default"
                 if n > 1:
                     # first, on cold caches: one stream, bytes crossing between nodes
                     row.update(internode_trial(s, url, f"yima-{key}", c.pids, work, fanout))
                 if n == 1 or (mode, n) == s.yima_configs[0]:
                     row.update(ffmpeg_check(url, f"yima-{key}", work))
-                todo = len(runs) - runs.index((mode, n, workers))
+                todo = len(runs) - runs.index((mode, n, workers, ahead))
                 budget = s.rtsp_budget_target * (1.5 if n == 1 and mode == "bipartite" else 1.0)
                 # at least one trial (warm-up + window + ~6 s of set-up, pause and baseline)
                 budget = min(budget, (s.left() - 45.0) / todo - 15.0)
@@ -84,6 +97,6 @@ def part_rtsp_target(s: Settings, res: dict[str, Any], errors: list[str], clip: 
         except PartFailed as e:
             msg = str(e)
             errors.append(f"target yima {mode} {n} node(s): {msg}")
-            out[key] = {"mode": mode, "nodes": n, "error": msg}
+            out[key] = {"mode": mode, "nodes": n, **e.row()}
             if "yet" in msg:
                 first_error = msg

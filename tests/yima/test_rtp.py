@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -133,6 +134,72 @@ def test_template_matches_generic_serializer() -> None:
     plain = RtpHeaderTemplate(10, 1)
     assert plain.build(1, 2, b"ab") == serialize_rtp(RtpPacket(10, 1, 2, 1, b"ab"))
     assert plain.header_size == 12
+
+
+def plain_run(
+    t: RtpHeaderTemplate, block: bytes, j: int, count: int, payload: int, sequence: int,
+    node_seq: int, ts_base: int, start: float, step: float, clock_rate: int, end: int,
+) -> bytes:  # fmt: skip
+    """pack_run's datagrams built one by one with the per-packet packer (header + payload)."""
+    out = []
+    for k in range(count):
+        p = (j + k) * payload
+        ts = ts_base + round((start + step * (j + k)) * clock_rate)
+        out.append(t.header(sequence + k, ts, node_seq + k) + block[p : min(end, p + payload)])
+    return b"".join(out)
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> dict[str, object]:
+    payload = draw(st.integers(1, 90))
+    packets = draw(st.integers(1, 150))  # beyond 64: more than one struct call
+    end = (packets - 1) * payload + draw(st.integers(1, payload))
+    j = draw(st.integers(0, packets - 1))
+    return {
+        "node": draw(st.one_of(st.none(), u8)),
+        "ssrc": draw(u32),
+        "payload": payload,
+        "end": end,
+        "block": draw(st.binary(min_size=end, max_size=end)),
+        "trailer": draw(st.binary(max_size=8)),  # bytes of a longer cached block past `end`
+        "j": j,
+        "count": draw(st.integers(1, packets - j)),
+        "sequence": draw(st.integers(0, 1 << 20)),
+        "node_seq": draw(st.integers(0, 1 << 34)),
+        "ts_base": draw(u32),
+        "start": draw(st.floats(0, 1e5)),
+        "step": draw(st.floats(0, 0.1)),
+        "clock_rate": draw(st.sampled_from([90000, 48000, 8000])),
+        "kind": draw(st.sampled_from([bytes, bytearray, memoryview])),
+    }
+
+
+@given(runs())
+def test_pack_run_writes_what_the_per_packet_packer_writes(r: dict[str, Any]) -> None:
+    """pack_run (one struct call per 64 packets, or packet by packet for a memoryview
+    block) writes byte for byte header() + payload per packet, over a dirty buffer."""
+    t = RtpHeaderTemplate(33, r["ssrc"], r["node"])
+    args = (r["j"], r["count"], r["payload"], r["sequence"], r["node_seq"], r["ts_base"],
+            r["start"], r["step"], r["clock_rate"])  # fmt: skip
+    want = plain_run(t, r["block"], *args, r["end"])
+    cached = r["kind"](r["block"] + r["trailer"])
+    buf = bytearray(b"\xa5" * 70000)  # what an earlier run left
+    used = t.pack_run(buf, cached, *args, r["end"] if r["trailer"] else None)
+    assert bytes(buf[:used]) == want
+
+
+def test_pack_run_grows_the_buffer_and_wraps_the_counters() -> None:
+    """An empty buffer grows to the run; sequence, per-node sequence and timestamp wrap."""
+    t = RtpHeaderTemplate(33, 7, node_index=2)
+    block = bytes(range(200)) * 10
+    buf = bytearray()
+    args = (3, 5, 100, 65534, (1 << 32) - 2, (1 << 32) - 1, 0.0, 0.01, 90000)
+    used = t.pack_run(buf, block, *args)
+    assert used == len(buf) == 5 * 124
+    seqs = [parse_rtp(bytes(buf[o : o + 124])) for o in range(0, used, 124)]
+    assert [p.sequence for p in seqs] == [65534, 65535, 0, 1, 2]
+    assert [p.yima.node_seq for p in seqs if p.yima] == [(1 << 32) - 2, (1 << 32) - 1, 0, 1, 2]
+    assert seqs[0].timestamp == (2700 - 1) and seqs[0].payload == block[300:400]
 
 
 def test_yima_element_among_others() -> None:

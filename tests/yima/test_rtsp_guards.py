@@ -12,13 +12,14 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.usage import UsageError
 
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtsp import Response, RtspClientConnection
 from yimaporc.tap.yima import Options
 from yimaporc.yima.media import KIND_TS, MediaInfo
+from yimaporc.yima.node import YimaNode
 from yimaporc.yima.rtspservice import YimaStreamingService
 from yimaporc.yima.streaming import StreamControl, StreamStart
 
@@ -216,4 +217,25 @@ def test_send_path_and_block_cache_options_are_checked(tmp_path: Path) -> None:
     for bad in (["--send-path", "splice"], ["--block-cache-mb", "0"],
                 ["--block-cache-mb", "1.5"]):  # fmt: skip
         with pytest.raises(UsageError, match=r"send-path|block-cache-mb"):
+            Options().parseOptions([*base, *bad])
+
+
+def test_send_ahead_option_reaches_the_delivery_engine(tmp_path: Path) -> None:
+    """--send-ahead-ms (default 10, 0..200) becomes the node config's send_ahead and the
+    in-process delivery engine's look-ahead; anything else is a usage error."""
+    from yimaporc.tap.yima import yima_config
+
+    base = ["--node-id", "y1", "--data-dir", str(tmp_path),
+            "--cluster", "tcp:17946:interface=127.0.173.1", "--workers", "0"]  # fmt: skip
+    o = Options()
+    o.parseOptions(base)
+    assert o["send_ahead"] == pytest.approx(0.01)
+    o = Options()
+    o.parseOptions([*base, "--send-ahead-ms", "40"])
+    config = yima_config(o)
+    assert config.send_ahead == pytest.approx(0.04)
+    node = YimaNode.from_config(MemoryReactorClock(), config)
+    assert node.streaming.streaming.engine.send_ahead == pytest.approx(0.04)
+    for bad in (["--send-ahead-ms", "-1"], ["--send-ahead-ms", "201"], ["--send-ahead-ms", "x"]):
+        with pytest.raises(UsageError, match=r"send-ahead-ms"):
             Options().parseOptions([*base, *bad])

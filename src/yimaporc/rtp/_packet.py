@@ -4,7 +4,7 @@ and the hot path's precompiled header template."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -235,7 +235,17 @@ class RtpHeaderTemplate:
     unbounded global and per-node counters.
     """
 
-    __slots__ = ("_b0", "_b1", "_node", "node_index", "payload_type", "ssrc")
+    __slots__ = (
+        "_b0",
+        "_b1",
+        "_c2",
+        "_hsz",
+        "_node",
+        "_tail",
+        "node_index",
+        "payload_type",
+        "ssrc",
+    )
 
     def __init__(self, payload_type: int, ssrc: int, node_index: int | None = None) -> None:
         if not 0 <= payload_type <= 127:
@@ -250,11 +260,21 @@ class RtpHeaderTemplate:
         self._b0 = 0x90 if node_index is not None else 0x80
         self._b1 = payload_type
         self._node = node_index or 0
+        self._hsz = YIMA_HEADER_SIZE if node_index is not None else 12
+        # pack_run's constant header bytes (see _RUN_YIMA, _RUN_PLAIN)
+        self._c2 = bytes((self._b0, self._b1))
+        self._tail = (
+            _U32.pack(ssrc)
+            + _EXT_HEAD.pack(ONE_BYTE_PROFILE, 2)
+            + bytes((_YIMA_ELEM_HEAD, self._node))
+            if node_index is not None
+            else _U32.pack(ssrc)
+        )
 
     @property
     def header_size(self) -> int:
         """Bytes of header this template writes."""
-        return YIMA_HEADER_SIZE if self.node_index is not None else 12
+        return self._hsz
 
     def header(
         self, sequence: int, timestamp: int, node_seq: int = 0, marker: bool = False
@@ -285,7 +305,7 @@ class RtpHeaderTemplate:
     def pack_run(
         self,
         buf: bytearray,
-        block: memoryview,
+        block: bytes | bytearray | memoryview,
         j: int,
         count: int,
         payload: int,
@@ -295,43 +315,172 @@ class RtpHeaderTemplate:
         start: float,
         step: float,
         clock_rate: int,
+        length: int | None = None,
     ) -> int:
         """Packets ``j .. j+count-1`` of a cached ``block`` into ``buf`` (from 0), each
         header packed in place and followed by its ``payload``-byte slice (the last
-        slice ends at the block's end): equal-size datagrams, only the last may be
-        shorter.  Packet ``k`` carries ``sequence + k``, ``node_seq + k`` and the
-        timestamp of media time ``start + step * (j + k)`` (``ts_base`` + that many
-        seconds at ``clock_rate``, rounded).  Grows ``buf`` if needed; returns the
-        bytes used.
+        slice ends at the block's end, ``length`` bytes when given): equal-size
+        datagrams, only the last may be shorter.  Packet ``k`` carries ``sequence + k``,
+        ``node_seq + k`` and the timestamp of media time ``start + step * (j + k)``
+        (``ts_base`` + that many seconds at ``clock_rate``, rounded).  Grows ``buf`` if
+        needed; returns the bytes used.
+
+        With ``block`` as ``bytes``/``bytearray`` (the block cache's), up to 64 packets,
+        headers and payloads, are written by one precompiled ``struct`` call (the
+        constant header bytes as two ``s`` fields, the payloads as ``s`` fields): the
+        Python work left per packet is one timestamp and one argument tuple.  A
+        ``memoryview`` block is packed packet by packet; both write the same bytes as
+        :meth:`header` followed by the payload.
         """
-        hsz = self.header_size
+        hsz = self._hsz
         stride = hsz + payload
         first = j * payload
-        end = min(len(block), first + count * payload)
-        total = (count - 1) * stride + hsz + end - (first + (count - 1) * payload)
+        end = first + count * payload
+        size = len(block)
+        if length is not None and length < size:
+            size = length
+        if end > size:
+            end = size
+        last = end - (first + (count - 1) * payload)
+        total = (count - 1) * stride + hsz + last
         if len(buf) < total:
             buf.extend(bytes(total - len(buf)))
-        b0, b1, ssrc, node = self._b0, self._b1, self.ssrc, self._node
-        if self.node_index is None:
-            pack12 = _FIXED.pack_into
-            for k in range(count):
-                o = k * stride
-                ts = ts_base + round((start + step * (j + k)) * clock_rate)
-                pack12(buf, o, b0, b1, (sequence + k) & 0xFFFF, ts & 0xFFFFFFFF, ssrc)
-                p = first + k * payload
-                q = min(end, p + payload)
-                buf[o + hsz : o + hsz + q - p] = block[p:q]
-            return total
-        pack = _YIMA_HEADER.pack_into
-        for k in range(count):
-            o = k * stride
-            ts = ts_base + round((start + step * (j + k)) * clock_rate)
-            pack(buf, o, b0, b1, (sequence + k) & 0xFFFF, ts & 0xFFFFFFFF, ssrc,
-                 ONE_BYTE_PROFILE, 2, _YIMA_ELEM_HEAD, node, (node_seq + k) & 0xFFFFFFFF)  # fmt: skip
-            p = first + k * payload
+        if count > _RUN_CHUNK or isinstance(block, memoryview):
+            return self._pack_chunks(buf, block, j, first, end, payload, sequence, node_seq,
+                                     ts_base, start, step, clock_rate, total)  # fmt: skip
+        # the common case, one struct call; the loop below is _pack_chunks' inner loop
+        pack = _run_packers.get((hsz, count, payload, last)) or _run_packer(
+            hsz, count, payload, last
+        )
+        c2, tail, i = self._c2, self._tail, j
+        args: list[object] = []
+        add = args.extend
+        if hsz == YIMA_HEADER_SIZE:
+            for at in range(first, end, payload):
+                add((c2, sequence & 0xFFFF,
+                     (ts_base + round((start + step * i) * clock_rate)) & 0xFFFFFFFF,
+                     tail, node_seq & 0xFFFFFFFF, block[at : at + payload]))  # fmt: skip
+                sequence += 1
+                node_seq += 1
+                i += 1
+        else:
+            for at in range(first, end, payload):
+                add((c2, sequence & 0xFFFF,
+                     (ts_base + round((start + step * i) * clock_rate)) & 0xFFFFFFFF,
+                     tail, block[at : at + payload]))  # fmt: skip
+                sequence += 1
+                i += 1
+        pack(buf, 0, *args)
+        return total
+
+    def _pack_chunks(
+        self,
+        buf: bytearray,
+        block: bytes | bytearray | memoryview,
+        j: int,
+        first: int,
+        end: int,
+        payload: int,
+        sequence: int,
+        node_seq: int,
+        ts_base: int,
+        start: float,
+        step: float,
+        clock_rate: int,
+        total: int,
+    ) -> int:
+        """:meth:`pack_run` of a long run (a struct call per 64 packets) or of a
+        ``memoryview`` block (``struct``'s ``s`` fields take only ``bytes``: one packet
+        at a time)."""
+        if isinstance(block, memoryview):
+            return self._pack_each(buf, block, j, first, end, payload, sequence, node_seq,
+                                   ts_base, start, step, clock_rate, total)  # fmt: skip
+        hsz = self._hsz
+        stride = hsz + payload
+        c2, tail = self._c2, self._tail
+        i, o, p = j, 0, first
+        while p < end:
+            n = min(_RUN_CHUNK, -(-(end - p) // payload))
+            q = p + n * payload
+            pack = _run_packer(hsz, n, payload, min(q, end) - (q - payload))
+            args: list[object] = []
+            add = args.extend
+            for at in range(p, q, payload):
+                if hsz == YIMA_HEADER_SIZE:
+                    add((c2, sequence & 0xFFFF,
+                         (ts_base + round((start + step * i) * clock_rate)) & 0xFFFFFFFF,
+                         tail, node_seq & 0xFFFFFFFF, block[at : at + payload]))  # fmt: skip
+                else:
+                    add((c2, sequence & 0xFFFF,
+                         (ts_base + round((start + step * i) * clock_rate)) & 0xFFFFFFFF,
+                         tail, block[at : at + payload]))  # fmt: skip
+                sequence += 1
+                node_seq += 1
+                i += 1
+            pack(buf, o, *args)
+            o += n * stride
+            p = q
+        return total
+
+    def _pack_each(
+        self,
+        buf: bytearray,
+        block: memoryview,
+        j: int,
+        first: int,
+        end: int,
+        payload: int,
+        sequence: int,
+        node_seq: int,
+        ts_base: int,
+        start: float,
+        step: float,
+        clock_rate: int,
+        total: int,
+    ) -> int:
+        """:meth:`pack_run` one packet at a time (a ``memoryview`` block: ``struct``'s
+        ``s`` fields take only ``bytes``)."""
+        hsz = self._hsz
+        stride = hsz + payload
+        c2, tail = self._c2, self._tail
+        yima = self.node_index is not None
+        pack = (_RUN_YIMA if yima else _RUN_PLAIN).pack_into
+        o, k = 0, 0
+        for p in range(first, end, payload):
+            ts = (ts_base + round((start + step * (j + k)) * clock_rate)) & 0xFFFFFFFF
+            if yima:
+                pack(buf, o, c2, (sequence + k) & 0xFFFF, ts, tail, (node_seq + k) & 0xFFFFFFFF)
+            else:
+                pack(buf, o, c2, (sequence + k) & 0xFFFF, ts, tail)
             q = min(end, p + payload)
             buf[o + hsz : o + hsz + q - p] = block[p:q]
+            o += stride
+            k += 1
         return total
+
+
+#: Packets per ``struct`` call of :meth:`RtpHeaderTemplate.pack_run` (GSO's segment limit).
+_RUN_CHUNK = 64
+# One header with its constant bytes as ``s`` fields: the first two bytes, then (Yima)
+# SSRC + extension header + element head + node index (10 bytes) before the per-node
+# sequence and 2 padding bytes, or (plain) the SSRC (4 bytes).
+_RUN_YIMA = struct.Struct(">2sHI10sI2x")
+_RUN_PLAIN = struct.Struct(">2sHI4s")
+_run_packers: dict[tuple[int, int, int, int], Callable[..., None]] = {}
+
+
+def _run_packer(hsz: int, count: int, payload: int, last: int) -> Callable[..., None]:
+    """``pack_into`` of a ``struct`` for ``count`` packets (headers and payloads, the
+    last payload ``last`` bytes), compiled once per shape."""
+    key = (hsz, count, payload, last)
+    pack = _run_packers.get(key)
+    if pack is None:
+        if len(_run_packers) >= 512:
+            _run_packers.clear()
+        one = (_RUN_YIMA if hsz == YIMA_HEADER_SIZE else _RUN_PLAIN).format[1:]
+        fmt = ">" + f"{one}{payload}s" * (count - 1) + f"{one}{last}s"
+        pack = _run_packers[key] = struct.Struct(fmt).pack_into
+    return pack
 
 
 def is_rtcp(data: bytes) -> bool:

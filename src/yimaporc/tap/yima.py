@@ -8,7 +8,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from ..cluster.node import ConfigError
-from ..yima.node import MODES, YimaConfig, YimaNode
+from ..yima.node import MAX_SEND_AHEAD, MODES, YimaConfig, YimaNode
 from ..yima.streaming import DEFAULT_CACHE_BYTES
 from ..yima.workers import default_workers
 from .common import NodeOptions, install_logging, node_config, run_as
@@ -47,6 +47,13 @@ class Options(NodeOptions):
             "auto",
             "How RTP leaves the node: auto, gso (one sendmsg per batch with UDP_SEGMENT), "
             "sendmmsg, or sendto (one call per datagram). auto: the first the kernel has.",
+        ],
+        [
+            "send-ahead-ms",
+            None,
+            "10",
+            "Milliseconds a delivery tick looks ahead: a session's packets due within it "
+            "leave together in one send (GSO), none more than this early (0..200).",
         ],
         [
             "block-cache-mb",
@@ -97,6 +104,15 @@ class Options(NodeOptions):
         if cache_mb < 1:
             raise usage.UsageError("--block-cache-mb must be at least 1")
         self["cache_bytes"] = cache_mb << 20
+        try:
+            ahead_ms = float(self["send-ahead-ms"])
+        except ValueError:
+            raise usage.UsageError("--send-ahead-ms must be a number of milliseconds") from None
+        if not 0 <= ahead_ms <= MAX_SEND_AHEAD * 1000:
+            raise usage.UsageError(
+                f"--send-ahead-ms must be 0..{MAX_SEND_AHEAD * 1000:.0f} milliseconds"
+            )
+        self["send_ahead"] = ahead_ms / 1000.0
         if self["workers"] == "auto":
             self["workers_n"] = default_workers()
         else:
@@ -133,6 +149,7 @@ def yima_config(options: Options) -> YimaConfig:
             send_path=options["send-path"],
             cache_bytes=options["cache_bytes"],
             workers=options["workers_n"],
+            send_ahead=options["send_ahead"],
         )
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e

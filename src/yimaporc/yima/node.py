@@ -31,6 +31,7 @@ from ..admin.mount import admin_endpoint, mount_admin
 from ..cluster.listening import ListeningService
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig
 from ..cluster.statefile import Pool
+from ._rtsp_plan import SEND_AHEAD
 from .rtspservice import YimaStreamingService
 from .storage import YimaStorageService
 from .streaming import DEFAULT_CACHE_BYTES
@@ -72,6 +73,9 @@ class YimaConfig:
     #: Delivery worker processes (``--workers``, default auto: one per core, at most 8;
     #: 0 or 1: delivery in this process).
     workers: int = attrs.field(factory=default_workers)
+    #: Seconds a delivery tick looks ahead (``--send-ahead-ms``): a session's packets
+    #: due within it leave together, in one send; none leaves more than this early.
+    send_ahead: float = SEND_AHEAD
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +84,16 @@ class YimaConfig:
             raise ConfigError("the storage service needs at least one thread")
         if self.workers < 0:
             raise ConfigError("--workers must be 0 or more")
+        if not 0.0 <= self.send_ahead <= MAX_SEND_AHEAD:
+            raise ConfigError(
+                f"--send-ahead-ms must be 0..{MAX_SEND_AHEAD * 1000:.0f} ms, "
+                f"not {self.send_ahead * 1000:g}"
+            )
+
+
+#: The largest ``--send-ahead-ms``: a player's buffer holds far more (the relay's lead is
+#: 1.5 s), but a session's burst grows with it (docs/operations.md, "The send path").
+MAX_SEND_AHEAD = 0.2
 
 
 class YimaNode:
@@ -140,6 +154,7 @@ class YimaNode:
             rtsp_guards=dict(config.rtsp_guards),
             send_path=config.send_path,
             cache_bytes=config.cache_bytes,
+            send_ahead=config.send_ahead,
             workers=config.workers,
         )
         return cls(

@@ -319,9 +319,10 @@ class StreamingNode:
         media = self.scheduler.sessions[sid].media
         payload = media.payload
         used = tpl.pack_run(
-            self._buf, memoryview(data)[: media.block_length(block)], j0, count, payload,
+            self._buf, data, j0, count, payload,
             dest.seq_base + block * media.packets_per_block + j0, node_seq,
             dest.ts_base, media.block_starts[block], media.packet_step(block), dest.clock_rate,
+            media.block_length(block),
         )  # fmt: skip
         size = tpl.header_size + payload
         addr = (dest.host, dest.port)
