@@ -119,9 +119,7 @@ class RelayMixin:
             return
         self._forward(session_id, plan, self._relay_one(plan, data, self.node.cluster_time()))
 
-    def _relayed_many(
-        self: StreamingHost, session_id: str, view: memoryview, size: int
-    ) -> None:
+    def _relayed_many(self: StreamingHost, session_id: str, view: memoryview, size: int) -> None:
         """A run of this node's own packets for a relayed session, handed over in one
         call (``size``-byte datagrams, the last may be shorter): pushed in order, then
         whatever they release is forwarded as one batch."""
@@ -168,9 +166,7 @@ class RelayMixin:
         else:
             self._send(data, (plan.dest_host, plan.dest_port))
 
-    def _forward(
-        self: StreamingHost, session_id: str, plan: _Plan, packets: list[bytes]
-    ) -> None:
+    def _forward(self: StreamingHost, session_id: str, plan: _Plan, packets: list[bytes]) -> None:
         packets = [self._to_client(plan, d) for d in packets]
         if packets:
             last = packets[-1]
