@@ -45,7 +45,7 @@ from zope.interface import implementer
 from ..admin.routes import Route
 from ..cluster.histogram import Histogram
 from ..cluster.listening import CannotStart, IReady, ListeningService
-from ..imap import Limits
+from ..imap import ImapServerProtocol, Limits
 from ._cluster_profiles import ProfileReplicator
 from ._guard import ClientErrors
 from ._pop3 import MailPOP3
@@ -358,9 +358,8 @@ class MailService(MultiService):
         def close() -> None:
             if p.transport is None:
                 return
-            shell_close = getattr(p, "_close", None)  # IMAP: unregisters its producer first
-            if shell_close is not None:
-                shell_close()
+            if isinstance(p, ImapServerProtocol):
+                p.close()  # unregisters its producer first
             else:
                 p.transport.loseConnection()
 
