@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
     IOpenSSLContextFactory,
+    IResolver,
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
@@ -146,7 +147,7 @@ class MailService(MultiService):
         submission: str | None = None,
         submissions: str | None = None,
         routes: Routes | None = None,
-        resolver: Any = None,
+        resolver: IResolver | None = None,
         retry: RetryPolicy | None = None,
         pop3s: str | None = None,
         imaps: str | None = None,
