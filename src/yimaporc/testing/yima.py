@@ -18,7 +18,6 @@ from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
@@ -52,7 +51,7 @@ class UdpClock(Clock):
 
     ports = 6000
 
-    def listenUDP(self, port: int, proto: DatagramProtocol, interface: str = "") -> MemoryUdpPort:
+    def listenUDP(self, port: int, proto: Any, interface: str = "") -> MemoryUdpPort:
         self.ports += 2
         return MemoryUdpPort(port or self.ports)
 
