@@ -20,7 +20,12 @@ from yimaporc.porcupine._cluster_remote import RemoteUserManager
 from yimaporc.porcupine._cluster_users import ClusterUserManager
 from yimaporc.porcupine.auth import ManagerChecker, ThrottledPortal
 from yimaporc.porcupine.delivery import SmtpDelivery, SmtpPolicy
-from yimaporc.porcupine.interfaces import ICachingChecker, ISmtpDelivery, IUserManager
+from yimaporc.porcupine.interfaces import (
+    ICachingChecker,
+    ISmtpDelivery,
+    ISmtpSession,
+    IUserManager,
+)
 from yimaporc.porcupine.replication.amp import CoordinatorUnsure
 from yimaporc.porcupine.retrieval import RetrievalProxy
 from yimaporc.porcupine.throttle import AuthThrottle, ThrottlePolicy
@@ -102,6 +107,14 @@ def test_smtp_deliveries_provide_ismtpdelivery() -> None:
     real = SmtpDelivery(None, policy, lambda: 0.0, "alice@example.org")  # type: ignore[arg-type]
     assert verifyObject(ISmtpDelivery, real) and real.authenticated_as == "alice@example.org"
     assert verifyObject(ISmtpDelivery, AcceptAll())
+
+
+def test_the_smtp_session_provides_ismtpsession() -> None:
+    """MailESMTP provides ISmtpSession (policy, startedTLS, message_for), what its
+    delivery reads of it (the listener's policy, the Received protocol)."""
+    p, _, _, _ = server()
+    assert verifyObject(ISmtpSession, p)
+    assert p.policy.domain == "example.org" and p.startedTLS is False
 
 
 def test_submission_sends_only_as_the_authenticated_address() -> None:

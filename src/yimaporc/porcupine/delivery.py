@@ -42,7 +42,13 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..cluster.rpc import PeerMaybeDone, PeerUnavailable
-from .interfaces import ILoadBalancer, IMailboxManager, ISmtpDelivery, IUserManager
+from .interfaces import (
+    ILoadBalancer,
+    IMailboxManager,
+    ISmtpDelivery,
+    ISmtpSession,
+    IUserManager,
+)
 from .usermap import BadAddress, normalise
 from .values import INBOX, PENDING, Digest, MailError, NewMessage, Profile
 
@@ -382,7 +388,8 @@ class SmtpDelivery:
         auth = f" (authenticated as {self.authenticated_as})" if self.authenticated_as else ""
         # RFC 3848: ESMTP, plus S under TLS and A when authenticated.
         users = list(recipients or [])
-        tls = bool(users) and bool(getattr(users[0].protocol, "startedTLS", False))
+        session = users[0].protocol if users else None
+        tls = ISmtpSession.providedBy(session) and bool(session.startedTLS)
         protocol = "ESMTP" + ("S" if tls else "") + ("A" if self.authenticated_as else "")
         # RFC 5321 4.4: "for" names the recipient only when there is one.
         one = f"\r\n\tfor <{users[0].dest}>" if len(users) == 1 else ""
@@ -401,7 +408,8 @@ class SmtpDelivery:
         domain = user.dest.domain.decode("ascii", "replace").lower()
         local = user.dest.local.decode("utf-8", "replace")
         # The listener's policy (submission or MX), not the one this avatar was made with.
-        policy: SmtpPolicy = getattr(user.protocol, "policy", self.policy)
+        session = user.protocol
+        policy: SmtpPolicy = session.policy if ISmtpSession.providedBy(session) else self.policy
         if not self.policy.is_local(domain):
             if self.authenticated_as and (policy.submission or domain in policy.relay_domains):
                 return succeed(self._factory(user, Recipient(f"{local}@{domain}", True)))
