@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from ..cluster.rpc import PeerMaybeDone, PeerUnavailable
+from ..cluster.rpc import PeerUnavailable, may_have_run
 from .interfaces import (
     ILoadBalancer,
     IMailboxManager,
@@ -251,7 +251,7 @@ class DeliveryProxy:
         def failed(f: Failure) -> Deferred[list[Digest]]:
             if f.check(MailError) or self.balancer is None:
                 return fail(f)
-            if f.check(PeerMaybeDone):
+            if may_have_run(f):
                 self.unsure += 1
                 return fail(f)
             self.balancer.failed(node, self.now())
