@@ -34,6 +34,7 @@ from twisted.logger import (
     jsonFileLogObserver,
     textFileLogObserver,
 )
+from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
@@ -199,7 +200,7 @@ class RateLimitedObserver:
 
 
 def node_log_observer(
-    options: Any,
+    options: usage.Options,
     reactor: Any,
     *,
     log_format: str = "text",

@@ -13,14 +13,20 @@ from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.mail import imap4
+from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from yimaporc.cluster.rpc import PeerMaybeDone, PeerUnavailable
+from yimaporc.cluster.rpc import PeerMaybeDone, PeerUnavailable, may_have_run
 from yimaporc.porcupine._cluster_remote import RemoteUserManager
 from yimaporc.porcupine._cluster_users import ClusterUserManager
 from yimaporc.porcupine.auth import ManagerChecker, ThrottledPortal
 from yimaporc.porcupine.delivery import SmtpDelivery, SmtpPolicy
-from yimaporc.porcupine.interfaces import ICachingChecker, ISmtpDelivery, IUserManager
+from yimaporc.porcupine.interfaces import (
+    ICachingChecker,
+    ISmtpDelivery,
+    ISmtpSession,
+    IUserManager,
+)
 from yimaporc.porcupine.replication.amp import CoordinatorUnsure
 from yimaporc.porcupine.retrieval import RetrievalProxy
 from yimaporc.porcupine.throttle import AuthThrottle, ThrottlePolicy
@@ -104,6 +110,14 @@ def test_smtp_deliveries_provide_ismtpdelivery() -> None:
     assert verifyObject(ISmtpDelivery, AcceptAll())
 
 
+def test_the_smtp_session_provides_ismtpsession() -> None:
+    """MailESMTP provides ISmtpSession (policy, startedTLS, message_for), what its
+    delivery reads of it (the listener's policy, the Received protocol)."""
+    p, _, _, _ = server()
+    assert verifyObject(ISmtpSession, p)
+    assert p.policy.domain == "example.org" and p.startedTLS is False
+
+
 def test_submission_sends_only_as_the_authenticated_address() -> None:
     """On a submission listener MAIL FROM must be the address the session authenticated
     as (553 otherwise), read from the delivery's authenticated_as."""
@@ -117,9 +131,12 @@ def test_submission_sends_only_as_the_authenticated_address() -> None:
     assert codes(t) == [b"250", b"553", b"250"]
 
 
-def test_maybe_done_is_an_exception_type() -> None:
-    """A failure after the request was sent is a PeerMaybeDone (a PeerUnavailable);
-    CoordinatorUnsure is one too; a plain PeerUnavailable is not."""
+def test_maybe_done_is_declared_and_has_an_exception_type() -> None:
+    """maybe_done is a declared attribute of PeerUnavailable (False); PeerMaybeDone, the
+    failure after the request was sent, and CoordinatorUnsure set it."""
     assert issubclass(PeerMaybeDone, PeerUnavailable)
     assert issubclass(CoordinatorUnsure, PeerMaybeDone)
     assert PeerMaybeDone("x").maybe_done and not PeerUnavailable("x").maybe_done
+    assert may_have_run(Failure(PeerMaybeDone("x"))) and may_have_run(Failure(CoordinatorUnsure()))
+    assert not may_have_run(Failure(PeerUnavailable("x")))
+    assert not may_have_run(Failure(ValueError("x")))

@@ -328,7 +328,16 @@ def test_horizon_decode_rejects_junk_and_collapses_conservatively() -> None:
     """Junk decodes to None (the reader then shows what it finds, as from an older
     manager); more than MAX_OUTSTANDING ranges collapse into one range up to the
     counter, so the bound can only go down, never up."""
-    for junk in (None, [], [1, 2], ["x"], [1, "a", 3], {"a": 1}):
+    for junk in (
+        None,
+        [],
+        [1, 2],
+        ["x"],
+        [1, "a", 3],
+        {"a": 1},
+        [float("inf")],
+        [1, 2, float("nan")],
+    ):
         assert Horizon.decode(junk) is None
     many = [(i * 2, i * 2 + 1) for i in range(1, MAX_OUTSTANDING + 50)]
     top = many[-1][1] + 10

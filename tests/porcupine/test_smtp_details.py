@@ -7,8 +7,10 @@ from typing import Any
 
 from test_smtp_hostile import POLICY, AcceptAll, codes, replies, server
 from twisted.mail import smtp
+from zope.interface import implementer
 
 from yimaporc.porcupine.delivery import SmtpDelivery, SmtpPolicy, with_return_path
+from yimaporc.porcupine.interfaces import ISmtpSession
 
 ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 
@@ -56,9 +58,16 @@ def test_bare_lf_in_the_body_is_stored_as_crlf() -> None:
     assert re.search(rb"[^\r]\n", body) is None and re.search(rb"\r[^\n]", body) is None
 
 
+@implementer(ISmtpSession)
 class _Proto:
+    """A session over TLS or not, on the MX listener (its messages are not used here)."""
+
     def __init__(self, tls: bool) -> None:
         self.startedTLS = tls
+        self.policy = SmtpPolicy("example.org", "n1.example.org", 1 << 20)
+
+    def message_for(self, rcpt: Any) -> Any:
+        raise AssertionError("no DATA in these tests")
 
 
 def _user(address: str, tls: bool) -> Any:

@@ -233,14 +233,10 @@ class NodeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """The node's families, from its status as of now."""
-        changes = getattr(self.node, "view_changes", None)
-        yield from families(self.node.status(), view_changes=changes)
-        stats = getattr(getattr(self.node, "rpc", None), "calls", None)
-        if stats is not None:
-            yield from rpc_families(stats)
-        histograms = getattr(self.node, "histograms", None)
-        if histograms is not None:
-            yield from histogram_families(histograms)
+        node = self.node
+        yield from families(node.status(), view_changes=node.view_changes)
+        yield from rpc_families(node.rpc.calls)
+        yield from histogram_families(node.histograms)
 
 
 class NodeMetrics:

@@ -8,6 +8,7 @@ import hmac
 from typing import Any
 
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from .wire import Scope
 
@@ -61,10 +62,20 @@ class PeerUnavailable(Exception):
     connection lost while waiting), so the peer may have run it, or may still run
     it when TCP delivers the request late (after a partition heals): a caller must
     not redo a non-idempotent request elsewhere (issue 14: a store retried on a
-    second node listed a message twice).  Such failures are :class:`PeerMaybeDone`.
+    second node listed a message twice).  The RPC client raises those as
+    :class:`PeerMaybeDone`; callers read the declared ``maybe_done`` of any
+    ``PeerUnavailable`` (subclasses answered by a peer set it too).
     """
 
-    maybe_done = False
+    #: The request may have run at the peer (declared here, True in subclasses).
+    maybe_done: bool = False
+
+
+def may_have_run(failure: Failure) -> bool:
+    """Did the request that failed with ``failure`` perhaps run at the peer (a
+    :class:`PeerUnavailable` with ``maybe_done`` set)?"""
+    value = failure.value
+    return isinstance(value, PeerUnavailable) and value.maybe_done
 
 
 class PeerMaybeDone(PeerUnavailable):

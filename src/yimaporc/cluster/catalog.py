@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    FirstError,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -333,8 +340,7 @@ def _encode(records: Mapping[str, Record]) -> bytes:
 
 
 def _first_error(failure: Failure) -> Failure:
-    inner = getattr(failure.value, "subFailure", None)
-    return inner if isinstance(inner, Failure) else failure
+    return failure.value.subFailure if isinstance(failure.value, FirstError) else failure
 
 
 def _file_of(key: str) -> str:

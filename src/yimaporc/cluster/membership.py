@@ -34,7 +34,7 @@ answers are still in its socket buffer) or when no relay answered its
 ``PingReq`` (its own receive path is losing datagrams); down by one per
 answered ping.  Every node also pings its predecessor (its monitor) each
 interval, so a node whose receive path is flooded, which loses its monitor's
-pings, still shows it is alive.
+pings, still shows it is alive.  Its methods live in :mod:`._detector` (a mixin).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from collections.abc import Iterable
 
 import attrs
 
+from ._detector import FailureDetection, _Relay
 from .timesync import ClockSync
 from .view import (
     EMPTY_VIEW,
@@ -96,14 +97,6 @@ class _CoordinatorRound:
 
 
 @attrs.define
-class _Relay:
-    requester: str
-    nonce: int
-    target: str
-    deadline: float
-
-
-@attrs.define
 class _Waiting:
     key: tuple[int, str]
     deadline: float
@@ -113,7 +106,7 @@ def _sorted(members: Iterable[Member]) -> tuple[Member, ...]:
     return tuple(sorted(members, key=lambda m: m.sort_key))
 
 
-class Membership:
+class Membership(FailureDetection):
     """One node's TRM state machine."""
 
     def __init__(
@@ -387,48 +380,6 @@ class Membership:
             self._send(out, sender.address, Probe(self.view.epoch, self.view.members))
         self._ahead_seen = ahead
 
-    def _on_ping_req(self, sender: Member, msg: PingReq, now: float, out: list[Action]) -> None:
-        if msg.target_id == self.me.node_id or len(self._relays) >= 64:
-            return
-        self._ping_nonce += 1
-        deadline = now + self.config.relay_timeout
-        self._relays[self._ping_nonce] = _Relay(sender.address, msg.nonce, msg.target_id, deadline)
-        self._send(out, msg.target_address, Ping(self.view.epoch, self._ping_nonce))
-
-    def _on_indirect_ack(
-        self, sender: Member, msg: IndirectAck, now: float, out: list[Action]
-    ) -> None:
-        target = self._ping_target
-        if target is None or msg.target_id != target.node_id or msg.nonce < self._suspect_nonce:
-            return
-        self._relay_answered = True
-        if msg.ok:
-            self.detector["indirect_ok"] += 1
-            self._good_relay = (target.node_id, sender.node_id)
-            self._alive()
-        else:
-            self.detector["indirect_nack"] += 1
-
-    def _alive(self) -> None:
-        """The target showed a sign of life: the current ping counts as answered."""
-        self._ping_outstanding = False
-        self._suspect_since = None
-
-    def _stalled(self, now: float, late: float) -> None:
-        """Our own timer ran ``late`` s late: that much of the silence we saw is ours."""
-        self.detector["stalls"] += 1
-        self.health = min(self.config.max_health, self.health + 1)
-        self._ping_sent_at += late
-        if self._suspect_since is not None:
-            self._suspect_since += late
-        self._indirect_asked = False
-        # replies may be waiting in the socket buffer: read them before deciding
-        grace = now + self.config.round_timeout / 4
-        if self._round is not None:
-            self._round.deadline = max(self._round.deadline, grace)
-        if self._waiting is not None:
-            self._waiting.deadline = max(self._waiting.deadline, grace)
-
     # --- actions ----------------------------------------------------------------
 
     def _trigger(self, now: float, extra: Iterable[Member], out: list[Action]) -> None:
@@ -508,13 +459,6 @@ class Membership:
             self._next_ping = now + self.config.ping_interval
         out.append(ViewChanged(old, view))
 
-    def _neighbour(self) -> Member | None:
-        members = self.view.members
-        if len(members) < 2:
-            return None
-        i = members.index(self.me)
-        return members[(i + 1) % len(members)]
-
     def _probe(self, now: float, out: list[Action]) -> None:
         ttl = self.config.known_ttl
         for address, seen in list(self._known.items()):
@@ -524,77 +468,6 @@ class Membership:
         probe = Probe(self.view.epoch, self.view.members)
         for address in sorted((self.seeds | set(self._known)) - inside):
             self._send(out, address, probe)
-
-    def _ping(self, now: float, out: list[Action]) -> None:
-        target = self._ping_target
-        assert target is not None
-        cfg = self.config
-        self._next_ping = now + cfg.ping_interval
-        if not self._ping_outstanding:
-            self.health = max(0, self.health - 1)
-        else:
-            if self._suspect_since is None:
-                self._suspect_since = self._ping_sent_at
-                self._suspect_nonce = self._ping_nonce
-                self.detector["suspected"] += 1
-            if self._indirect_asked and not self._relay_answered:
-                # nobody answered our PingReq, not even "no": our own receive path is failing
-                self.health = min(cfg.max_health, self.health + 1)
-            timeout = cfg.suspect_timeout * (1 + self.health)
-            if now - self._suspect_since >= timeout - 1e-6:
-                self.detector["accused"] += 1
-                self.last_accused = target.node_id
-                self._ping_outstanding = False
-                self._suspect_since = None
-                self._indirect_asked = False
-                if self._idle and now >= self._next_trigger:
-                    # Leave the silent neighbour out: the round then needs no timeout.
-                    self._start_round(now, {}, out, exclude=target.node_id)
-                else:
-                    self._trigger(now, (), out)
-                return
-        self._ping_nonce += 1
-        self._ping_outstanding = True
-        self._ping_sent_at = now
-        self._send(out, target.address, Ping(self.view.epoch, self._ping_nonce))
-        self._indirect_asked = self._relay_answered = False
-        if self._suspect_since is not None:
-            self._ask_relays(target, out)
-        before = self._predecessor()
-        if before is not None and before != target:
-            # our monitor hears from us even when its pings are lost in our socket buffer
-            self._send(out, before.address, Ping(self.view.epoch, 0))
-
-    def _ask_relays(self, target: Member, out: list[Action]) -> None:
-        others = [
-            m for m in self.view.members if m.node_id not in (self.me.node_id, target.node_id)
-        ]
-        # Go round the other members in a shuffled order, so that over a suspicion every
-        # one of them is asked (in a bridge only some can reach the target).
-        if set(self._relay_cycle) != set(others):
-            self._relay_cycle = self.rng.sample(others, len(others))
-            self._relay_next = 0
-        # The last relay that reached this target comes first (in a bridge, the bridge).
-        good_for, good = self._good_relay
-        relays = [m for m in others if m.node_id == good and good_for == target.node_id]
-        for _ in range(len(others)):
-            if len(relays) >= self.config.indirect_probes:
-                break
-            m = self._relay_cycle[self._relay_next % len(others)]
-            self._relay_next += 1
-            if m not in relays:
-                relays.append(m)
-        for relay in relays:
-            self._send(
-                out, relay.address, PingReq(self._ping_nonce, target.node_id, target.address)
-            )
-        self._indirect_asked = bool(relays)
-
-    def _predecessor(self) -> Member | None:
-        members = self.view.members
-        if len(members) < 2:
-            return None
-        return members[members.index(self.me) - 1]
 
     def _send(self, out: list[Action], address: str, body: Body) -> None:
         self.lamport += 1

@@ -47,6 +47,7 @@ from ._rpc_commands import (
     Prove,
     Unauthenticated,
     _proof,
+    may_have_run,
 )
 from ._rpc_guard import RpcGuard, RpcLimits, RpcRegistry
 from .interfaces import IRpcCaller
@@ -69,6 +70,7 @@ __all__ = [
     "RpcRegistry",
     "RpcServerFactory",
     "Unauthenticated",
+    "may_have_run",
 ]
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -77,7 +78,7 @@ class StateFile:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         pool: Pool | Callable[[], Pool],
         path: Path,
         *,

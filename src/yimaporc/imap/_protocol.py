@@ -164,8 +164,12 @@ class ImapServerProtocol(Protocol):
         self._writable.append(d)
         return d
 
+    def close(self) -> None:
+        """Close the connection (the write gate unregistered first: a transport holding
+        a paused producer would never finish closing)."""
+        self._close()
+
     def _close(self) -> None:
-        # A transport holding a paused producer would never finish closing.
         if self._registered:
             self._registered = False
             self._t.unregisterProducer()

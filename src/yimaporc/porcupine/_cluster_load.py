@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from ._passthrough import PassThroughMailboxes
 from .balancer import load_figure
@@ -37,7 +38,7 @@ class NodeLoad:
     def __init__(
         self,
         me: str,
-        clock: Any,
+        clock: IReactorTime,
         balancer: ILoadBalancer,
         live: Callable[[], list[str]],
         exchange_with: Callable[[str, float], Deferred[float]],

@@ -51,7 +51,7 @@ from zope.interface import implementer
 from ..cluster.rpc import PeerUnavailable
 from ._guard import ClientErrors
 from .delivery import Recipient, SmtpPolicy
-from .interfaces import ISmtpDelivery
+from .interfaces import ISmtpDelivery, ISmtpSession
 from .replication.shell import ReplicationStopped
 from .throttle import LoginThrottled
 
@@ -179,6 +179,7 @@ class _RecipientMessage:
         self.txn.abort()
 
 
+@implementer(ISmtpSession)
 class MailESMTP(smtp.ESMTP):
     """ESMTP with the limits and fixes in the module docstring."""
 

@@ -41,8 +41,14 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from ..cluster.rpc import PeerMaybeDone, PeerUnavailable
-from .interfaces import ILoadBalancer, IMailboxManager, ISmtpDelivery, IUserManager
+from ..cluster.rpc import PeerUnavailable, may_have_run
+from .interfaces import (
+    ILoadBalancer,
+    IMailboxManager,
+    ISmtpDelivery,
+    ISmtpSession,
+    IUserManager,
+)
 from .usermap import BadAddress, normalise
 from .values import INBOX, PENDING, Digest, MailError, NewMessage, Profile
 
@@ -256,7 +262,7 @@ class DeliveryProxy:
         def failed(f: Failure) -> Deferred[list[Digest]]:
             if f.check(MailError) or self.balancer is None:
                 return fail(f)
-            if f.check(PeerMaybeDone):
+            if may_have_run(f):
                 self.unsure += 1
                 return fail(f)
             self.balancer.failed(node, self.now())
@@ -393,7 +399,8 @@ class SmtpDelivery:
         auth = f" (authenticated as {self.authenticated_as})" if self.authenticated_as else ""
         # RFC 3848: ESMTP, plus S under TLS and A when authenticated.
         users = list(recipients or [])
-        tls = bool(users) and bool(getattr(users[0].protocol, "startedTLS", False))
+        session = users[0].protocol if users else None
+        tls = ISmtpSession.providedBy(session) and bool(session.startedTLS)
         protocol = "ESMTP" + ("S" if tls else "") + ("A" if self.authenticated_as else "")
         # RFC 5321 4.4: "for" names the recipient only when there is one.
         one = f"\r\n\tfor <{users[0].dest}>" if len(users) == 1 else ""
@@ -412,7 +419,8 @@ class SmtpDelivery:
         domain = user.dest.domain.decode("ascii", "replace").lower()
         local = user.dest.local.decode("utf-8", "replace")
         # The listener's policy (submission or MX), not the one this avatar was made with.
-        policy: SmtpPolicy = getattr(user.protocol, "policy", self.policy)
+        session = user.protocol
+        policy: SmtpPolicy = session.policy if ISmtpSession.providedBy(session) else self.policy
         if not self.policy.is_local(domain):
             if self.authenticated_as and (policy.submission or domain in policy.relay_domains):
                 return succeed(self._factory(user, Recipient(f"{local}@{domain}", True)))

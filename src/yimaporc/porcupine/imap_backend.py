@@ -28,7 +28,7 @@ login when missing, as Dovecot's ``auto = create`` does.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.cred import credentials, error
@@ -36,7 +36,7 @@ from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDef
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from ..cluster.rpc import PeerUnavailable
 from ..imap._message import Message
@@ -70,6 +70,12 @@ from .values import (
     MessageTooLarge,
     NoSuchMailbox,
 )
+
+if TYPE_CHECKING:
+    from twisted.cred.portal import Portal
+
+    from .auth import ThrottledPortal
+
 
 log = Logger()
 
@@ -124,11 +130,11 @@ class PorcupineImapBackend:
 
     def __init__(
         self,
-        portal: Any,
+        portal: ThrottledPortal | Portal,
         registry: MailboxRegistry,
         clock: IReactorTime,
         errors: ClientErrors | None = None,
-        interface: Any = None,
+        interface: type[Interface] | None = None,
     ) -> None:
         from .auth import IImapUser
 

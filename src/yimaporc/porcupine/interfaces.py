@@ -122,6 +122,18 @@ class ISmtpDelivery(IMessageDelivery):
     )
 
 
+class ISmtpSession(Interface):
+    """One SMTP session as its delivery sees it (``smtp.User.protocol``): the
+    :class:`~._smtp.MailESMTP` that took the recipient."""
+
+    policy = Attribute("The listener's SmtpPolicy (the MX one or a submission one).")
+    startedTLS: bool = Attribute("True once the session runs over TLS (STARTTLS or 465).")
+
+    def message_for(rcpt: Any) -> Any:
+        """The ``smtp.IMessage`` that takes this session's DATA for ``rcpt`` (a
+        validated ``delivery.Recipient``)."""
+
+
 class IMailboxManager(Interface):
     """The mailbox fragments stored on one node's disk."""
 

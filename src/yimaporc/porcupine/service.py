@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
     IOpenSSLContextFactory,
+    IResolver,
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
@@ -45,7 +46,7 @@ from zope.interface import implementer
 from ..admin.routes import Route
 from ..cluster.histogram import Histogram
 from ..cluster.listening import CannotStart, IReady, ListeningService
-from ..imap import Limits
+from ..imap import ImapServerProtocol, Limits
 from ._cluster_profiles import ProfileReplicator
 from ._guard import ClientErrors
 from ._pop3 import MailPOP3
@@ -146,7 +147,7 @@ class MailService(MultiService):
         submission: str | None = None,
         submissions: str | None = None,
         routes: Routes | None = None,
-        resolver: Any = None,
+        resolver: IResolver | None = None,
         retry: RetryPolicy | None = None,
         pop3s: str | None = None,
         imaps: str | None = None,
@@ -358,9 +359,8 @@ class MailService(MultiService):
         def close() -> None:
             if p.transport is None:
                 return
-            shell_close = getattr(p, "_close", None)  # IMAP: unregisters its producer first
-            if shell_close is not None:
-                shell_close()
+            if isinstance(p, ImapServerProtocol):
+                p.close()  # unregisters its producer first
             else:
                 p.transport.loseConnection()
 

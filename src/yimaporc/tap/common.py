@@ -160,7 +160,7 @@ def run_as(options: NodeOptions) -> RunAs | None:
     return RunAs(account, [options["data-dir"], *disks], _ports(options))
 
 
-def _ports(options: Any) -> list[int]:
+def _ports(options: NodeOptions) -> list[int]:
     """Every TCP/UDP port number the node's options name (for the bind capability)."""
     ports = [int(options["cluster-port"])]
     for name in ("admin", "smtp", "pop3", "imap", "rtsp"):

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
@@ -55,9 +54,9 @@ class UdpClock(Clock):
     def __init__(self) -> None:
         super().__init__()
         #: The protocol of every port opened, by port number.
-        self.protocols: dict[int, DatagramProtocol] = {}
+        self.protocols: dict[int, Any] = {}
 
-    def listenUDP(self, port: int, proto: DatagramProtocol, interface: str = "") -> MemoryUdpPort:
+    def listenUDP(self, port: int, proto: Any, interface: str = "") -> MemoryUdpPort:
         self.ports += 2
         self.protocols[port or self.ports] = proto
         return MemoryUdpPort(port or self.ports)

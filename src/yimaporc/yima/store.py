@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, FirstError, gatherResults, inlineCallbacks
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -309,8 +309,7 @@ class BlockStore:
             return reconstruct(key.index, others, blocks[-1], info.block_length(key.index))
 
         def unwrap(f: Failure) -> Failure:
-            inner = getattr(f.value, "subFailure", None)
-            return inner if isinstance(inner, Failure) else f
+            return f.value.subFailure if isinstance(f.value, FirstError) else f
 
         return fetched.addCallbacks(rebuild, unwrap)
 

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,7 +45,7 @@ class MailboxManager:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         threadpool: ThreadPool,
         store: FragmentStore,
         max_batch: int = 256,

@@ -63,7 +63,7 @@ class BucketHint:
             raise MalformedHint("a hint entry is a list of at least 3 items")
         try:
             bucket, epoch = int(obj[0]), int(obj[1])
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # Infinity: OverflowError
             raise MalformedHint("bucket and epoch must be integers") from e
         if not 0 <= bucket < n_buckets or not isinstance(obj[2], list):
             raise MalformedHint("bucket out of range or users not a list")
@@ -72,7 +72,7 @@ class BucketHint:
             try:
                 user, has_mail, uidnext = str(item[0]), bool(item[1]), int(item[2])
                 unnumbered = int(item[3]) if len(item) > 3 else 0
-            except (IndexError, TypeError, ValueError, KeyError):
+            except (IndexError, TypeError, ValueError, KeyError, OverflowError):
                 continue
             if bucket_of(user, n_buckets) == bucket:
                 users.append(UserHint(user, has_mail, uidnext, unnumbered))
@@ -81,7 +81,7 @@ class BucketHint:
         if len(obj) > 4:
             try:
                 mark = int(obj[4])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 mark = 1
         holders: list[tuple[str, str]] = []
         if len(obj) > 5 and isinstance(obj[5], list):

@@ -53,7 +53,7 @@ class Horizon:
             return None
         try:
             nums = [int(x) for x in obj]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # Infinity: OverflowError
             return None
         pairs = [(nums[i], nums[i + 1]) for i in range(1, len(nums), 2) if nums[i] < nums[i + 1]]
         return cls(_collapse(pairs, nums[0]), nums[0])

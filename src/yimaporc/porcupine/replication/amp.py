@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, fail
 from twisted.protocols import amp
 
-from ...cluster.rpc import BigBytes, PeerMaybeDone, PeerUnavailable, RpcRegistry
+from ...cluster.rpc import BigBytes, NodeAMP, PeerMaybeDone, PeerUnavailable, RpcRegistry
 from ..values import Digest, NewMessage, NoSuchMailbox
 from ._values import NodeId
 from ._wire import MalformedMessage, from_bytes
@@ -36,8 +36,8 @@ class PeerNode(amp.Argument):
         objects.pop(name.decode("ascii"), None)
 
     def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
-        peer = getattr(proto, "peer_id", None)
-        if not getattr(proto, "authenticated", False) or not isinstance(peer, str):
+        peer = proto.peer_id if isinstance(proto, NodeAMP) else None
+        if peer is None or not proto.authenticated:
             raise amp.RemoteAmpError(b"UNAUTHENTICATED", "replication frame before handshake")
         objects[name.decode("ascii")] = peer
 

@@ -43,7 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ...cluster.rpc import PeerMaybeDone, PeerUnavailable
+from ...cluster.rpc import PeerUnavailable, may_have_run
 from ...cluster.view import IMembershipListener
 from ..values import Digest, MailError, NewMessage
 from ._manager import ReplicationConfig
@@ -316,7 +316,7 @@ class MailReplication(MultiService):
         def failed(f: Failure) -> Deferred[list[Digest]]:
             if f.check(MailError) or len(order) < 2:
                 return fail(f)
-            if not f.check(PeerUnavailable) or f.check(PeerMaybeDone):
+            if not f.check(PeerUnavailable) or may_have_run(f):
                 # The request reached the coordinator (it timed out or the connection
                 # was lost after it was sent, or the coordinator answered an error):
                 # it may have logged and numbered the message already, or still will
