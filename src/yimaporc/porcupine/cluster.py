@@ -70,6 +70,7 @@ from .profiledb import Record
 from .reconstruct import (
     LEASE,
     PAUSE_GRACE,
+    READ_WAIT,
     SWEEP_INTERVAL,
     UID_GAP,
     Action,
@@ -137,6 +138,7 @@ class MailCluster(Service):
         poll_interval: float = 5.0,
         settle_timeout: float = 2.0,
         rng: random.Random | None = None,
+        read_wait: float = READ_WAIT,
     ) -> None:
         self.storage = storage
         self.node = node
@@ -156,6 +158,7 @@ class MailCluster(Service):
         self.user_manager = ClusterUserManager(
             self.me, storage.profiles, self.reactor, settle_timeout=settle_timeout
         )
+        self.user_manager.read_wait = read_wait
         self.user_manager.number_on = self._number_on
         self.user_manager.perform_sends = self.perform
         self.user_manager.mark_on = self._mark_on
@@ -386,6 +389,7 @@ class MailCluster(Service):
             if ok:
                 self.read_renewals += 1
                 core.read_granted(view, now)
+                um.read_renewed()
 
         um._on_majority(ask).addCallback(done)
 
@@ -570,6 +574,8 @@ class MailCluster(Service):
                 "read_lease": {
                     "holds": self.user_manager.core.read_lease(float(self.reactor.seconds())),
                     "renewals": self.read_renewals,
+                    "reads_waited": self.user_manager.read_waits,
+                    "reads_lapsed": self.user_manager.read_wait_lapsed,
                     "marks_delayed": self.user_manager.core.marks_delayed,
                     "marks_blocked": self.user_manager.core.marks_blocked(
                         float(self.reactor.seconds())
