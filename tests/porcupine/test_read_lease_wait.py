@@ -76,3 +76,23 @@ def test_read_at_a_cut_off_manager_is_refused_after_the_wait(tmp_path: Path) -> 
     assert (um.read_waits, um.read_wait_lapsed) == (1, 1)
     net.sides = []
     net.stop()
+
+
+def test_a_lagging_reactor_keeps_its_read_lease_through_the_pause_grace(tmp_path: Path) -> None:
+    """A tick 0.6 s late (a loaded reactor looks paused): no numbering for the pause
+    grace, as before, but the read lease is still renewed by majority rounds, so reads
+    stay certain instead of being refused for those 5 s."""
+    net, user = started(tmp_path)
+    cluster = net.nodes["n3"].cluster
+    loop = cluster._lease_loop
+    assert loop is not None
+    loop.stop()
+    net.run(0.75)
+    loop.start(cluster.lease / 4, now=True)
+    assert cluster.pauses == 1 and not cluster.lease_ok()
+    net.run(NODE_READ_LEASE + 1.0)
+    assert not cluster.lease_ok(), "still in the pause grace"
+    assert cluster.user_manager.certain(user)
+    out = listing(net, "n3", user)
+    assert len(out) == 1 and not isinstance(out[0], Failure)
+    net.stop()

@@ -363,8 +363,13 @@ class MailCluster(Service):
                 t=now - last,
                 g=self.pause_grace,
             )
+            # The read lease stays renewed: each round is a majority confirming our
+            # view after we asked (a loaded reactor's lag looks like a pause; without
+            # renewals every read would be refused for the whole grace).
+            self._renew_read_lease(now)
             return
         if self._paused_at is not None and now < self._paused_at + self.pause_grace:
+            self._renew_read_lease(now)
             return
         self._paused_at = None
         self._lease_until = now + self.lease
