@@ -80,6 +80,8 @@ class ReconNode(SimNode):
             storage=storage, topology=self.cluster,
             layout=Fragmented(self.cluster.home_of, now=net.clock.seconds),
         )  # fmt: skip
+        if net.forwarding:  # hand R=1 deliveries to the manager's node (see Net)
+            self.mail.delivery.forward = self.cluster.forward_delivery
 
     def set_commit_attachment(self, provider: Any) -> None:
         self.provider = provider

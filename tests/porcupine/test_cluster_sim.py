@@ -53,9 +53,15 @@ class AffinityChooser:
         self.failures[node] = now
 
     def choose(
-        self, live: Sequence[str], fragments: Sequence[str], replicas: int, now: float
+        self,
+        live: Sequence[str],
+        fragments: Sequence[str],
+        replicas: int,
+        now: float,
+        prefer: str | None = None,
     ) -> list[str]:
-        """Existing fragments first (least loaded), then the least loaded others."""
+        """Existing fragments first (least loaded), then the least loaded others
+        (``prefer`` is not honoured: these tests place mail by name)."""
 
         def load(n: str) -> tuple[bool, float, str]:
             failed = now - self.failures.get(n, -1e9) < 10.0
@@ -148,6 +154,8 @@ class SimNode:
             storage=storage, topology=self.cluster,
             layout=Fragmented(self.cluster.home_of, now=net.clock.seconds),
         )  # fmt: skip
+        if net.forwarding:  # hand R=1 deliveries to the manager's node (off by default)
+            self.mail.delivery.forward = self.cluster.forward_delivery
 
     def deliver(self, user: str, body: bytes) -> list[Digest]:
         digests: list[Digest] = result_of(self.mail.delivery.deliver([user], body))
@@ -160,7 +168,13 @@ class SimNode:
 
 
 class Net:
-    """Nodes, the calls between them, cut-off nodes and committed views."""
+    """Nodes, the calls between them, cut-off nodes and committed views.
+
+    ``forwarding`` (set before adding nodes): deliveries of R=1 users are handed to
+    their manager's node (``DeliveryProxy.forward``; off by default, as on real
+    nodes: the receiving node's proxy places the mail where a test says)."""
+
+    forwarding = False
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path

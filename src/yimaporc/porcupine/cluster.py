@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.mail import smtp
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -42,6 +43,7 @@ from ..cluster.interfaces import IBucketMap
 from ..cluster.rpc import PeerUnavailable
 from ._cluster_commands import (
     COMMANDS,
+    DlDeliver,
     Hints,
     HintsRequest,
     LoadExchange,
@@ -57,7 +59,17 @@ from ._cluster_load import LOAD_FANOUT, CountingMailboxes, NodeLoad
 from ._cluster_profiles import ProfileReplicator
 from ._cluster_remote import RemoteMailboxManager, RemoteUserManager, register_handlers
 from ._cluster_users import ClusterUserManager, HintEntry
-from ._cluster_wire import ERRORS, HolderNotRecorded, Json, pack_messages, unpack_messages
+from ._cluster_wire import (
+    ERRORS,
+    DeliveryDeferred,
+    DeliveryRefused,
+    HolderNotRecorded,
+    Json,
+    _digest_in,
+    _digest_out,
+    pack_messages,
+    unpack_messages,
+)
 from .balancer import LoadBalancer
 from .interfaces import (
     ILoadBalancer,
@@ -79,7 +91,7 @@ from .reconstruct import (
 )
 from .softstate import bucket_of as _raw_bucket_of
 from .storage import MailStorage
-from .usermap import N_BUCKETS, bucket_of
+from .usermap import N_BUCKETS, bucket_of, normalise
 
 if TYPE_CHECKING:
     from .replication.mail import MailReplication
@@ -153,6 +165,8 @@ class MailCluster(Service):
         self.meter = NodeLoad(
             self.me, self.reactor, self.balancer, self.live, self._swap_load, self.rng
         )
+        if isinstance(self.balancer, LoadBalancer):  # its own load: read live, exact
+            self.balancer.own_load = self.meter.load
         if replication is not None:  # updates waiting to be written here are load too
             self.meter.pending_work.append(replication.backlog)
         self.user_manager = ClusterUserManager(
@@ -287,6 +301,37 @@ class MailCluster(Service):
         self.user_manager.forget(address)
         for proxy in self._remote_users.values():
             proxy.forget(address)
+
+    # --- deliveries handed to the manager ---------------------------------------
+
+    def forward_delivery(
+        self, node: str, address: str, body: bytes, when: float
+    ) -> Deferred[list[Digest]]:
+        """Have ``node`` (``address``'s manager) deliver ``body`` (``DlDeliver``)."""
+        d = self.call(node, DlDeliver, user=address, body=body, when=when)
+        return d.addCallback(lambda r: [_digest_in(v) for v in r["digests"]])
+
+    def serve_deliveries(self, deliver: Callable[[str, bytes, float], Deferred[Any]]) -> None:
+        """Answer ``DlDeliver`` with ``deliver(address, body, when)`` (the node's
+        ``DeliveryProxy.deliver_forwarded``); its SMTP refusals and failed calls cross
+        as :class:`DeliveryRefused` and :class:`DeliveryDeferred`."""
+
+        def failed(f: Failure) -> Failure:
+            err: Any = f.value
+            if f.check(smtp.SMTPServerError):
+                resp = (
+                    err.resp.decode("utf-8", "replace") if isinstance(err.resp, bytes) else err.resp
+                )
+                return Failure(DeliveryRefused(f"{err.code} {resp}"))
+            if f.check(PeerUnavailable) and not f.check(HolderNotRecorded, DeliveryDeferred):
+                return Failure(DeliveryDeferred(f.getErrorMessage()))
+            return f
+
+        def handler(user: str, body: bytes, when: float) -> Deferred[dict[str, Any]]:
+            d = maybeDeferred(lambda: deliver(normalise(user), body, when))
+            return d.addCallbacks(lambda got: {"digests": [_digest_out(x) for x in got]}, failed)
+
+        self.node.registry.register(DlDeliver, handler)
 
     # --- load -------------------------------------------------------------------
 

@@ -158,6 +158,7 @@ class MailService(MultiService):
         replica: Any = None,
         layout: IMailLayout | None = None,
         copy_policy: ICopyPolicy | None = None,
+        forward_deliveries: bool = False,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -243,7 +244,16 @@ class MailService(MultiService):
             now,
             balancer=balancer,
             replicated=replica.store if replica is not None else None,
+            # Handing R=1 deliveries to the manager's node (one call instead of
+            # plan, store and add_fragment) is off: with it, sim.mail seed 49 showed
+            # a UID shown and later missing (docs/benchmarks.md, "The hand-over").
+            forward=getattr(self.topology, "forward_delivery", None)
+            if forward_deliveries
+            else None,
         )
+        serve = getattr(self.topology, "serve_deliveries", None)
+        if serve is not None:  # a cluster: answer nodes that hand deliveries over
+            serve(self.delivery.deliver_forwarded)
         #: Logins open their mail with the strategies the caller chose (default: this
         #: node alone, one copy of each message; the composition root chooses the
         #: cluster's :class:`~.retrieval.Fragmented` and, with replication,
