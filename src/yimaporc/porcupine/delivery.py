@@ -13,7 +13,10 @@ all fragments, and a node that fails before the request reached it is
 replaced by another live node (one that may have stored it is not: 451).  The
 250 waits until the user manager has every holder of the new message recorded
 on a majority (:meth:`DeliveryProxy._add_fragments`), so a later manager finds
-the message even while its holder is out of reach (issue 14).
+the message even while its holder is out of reach (issue 14).  For R=1 users the
+balancer is asked to prefer this node (a store here is no call).  With ``forward``
+(built, off on real nodes: docs/mail.md, "The hand-over") an R=1 delivery whose
+manager is another node is run by that node's proxy instead (one call).
 
 :class:`SmtpDelivery` is what twisted.mail's ESMTP talks to: one per
 connection (anonymous) or per authenticated login.  Local recipients must
