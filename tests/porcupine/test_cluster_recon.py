@@ -79,9 +79,8 @@ class ReconNode(SimNode):
             net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
             storage=storage, topology=self.cluster,
             layout=Fragmented(self.cluster.home_of, now=net.clock.seconds),
+            forward_deliveries=net.forwarding,
         )  # fmt: skip
-        if net.forwarding:  # hand R=1 deliveries to the manager's node (see Net)
-            self.mail.delivery.forward = self.cluster.forward_delivery
 
     def set_commit_attachment(self, provider: Any) -> None:
         self.provider = provider

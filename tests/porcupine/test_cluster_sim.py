@@ -153,9 +153,8 @@ class SimNode:
             net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
             storage=storage, topology=self.cluster,
             layout=Fragmented(self.cluster.home_of, now=net.clock.seconds),
+            forward_deliveries=net.forwarding,
         )  # fmt: skip
-        if net.forwarding:  # hand R=1 deliveries to the manager's node (off by default)
-            self.mail.delivery.forward = self.cluster.forward_delivery
 
     def deliver(self, user: str, body: bytes) -> list[Digest]:
         digests: list[Digest] = result_of(self.mail.delivery.deliver([user], body))
@@ -171,8 +170,8 @@ class Net:
     """Nodes, the calls between them, cut-off nodes and committed views.
 
     ``forwarding`` (set before adding nodes): deliveries of R=1 users are handed to
-    their manager's node (``DeliveryProxy.forward``; off by default, as on real
-    nodes: the receiving node's proxy places the mail where a test says)."""
+    their manager's node (``DeliveryProxy.forward``), as real nodes do; off by
+    default here, so the receiving node's proxy places the mail where a test says."""
 
     forwarding = False
 

@@ -294,7 +294,7 @@ def chaos(tmp_path: Path, seed: int, steps: int = 12, forwarding: bool = False) 
     random nodes, and between them pauses (SIGSTOP 0.5-4 s; the others move on after
     2 s), clean partitions (each side commits its view) and heals; then everything
     heals.  The checker asserts the invariants on every read as it goes.
-    ``forwarding``: deliveries handed to the user's manager node (off on real nodes)."""
+    ``forwarding``: deliveries handed to the user's manager node (as real nodes do)."""
     rng = random.Random(seed)
     net = PartNet(tmp_path / f"s{seed}")
     net.forwarding = forwarding
