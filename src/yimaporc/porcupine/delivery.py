@@ -15,7 +15,7 @@ replaced by another live node (one that may have stored it is not: 451).  The
 on a majority (:meth:`DeliveryProxy._add_fragments`), so a later manager finds
 the message even while its holder is out of reach (issue 14).  For R=1 users the
 balancer is asked to prefer this node (a store here is no call).  With ``forward``
-(built, off on real nodes: docs/mail.md, "The hand-over") an R=1 delivery whose
+(on by default: docs/mail.md, "The hand-over") an R=1 delivery whose
 manager is another node is run by that node's proxy instead (one call).
 
 :class:`SmtpDelivery` is what twisted.mail's ESMTP talks to: one per
