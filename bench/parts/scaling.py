@@ -266,7 +266,9 @@ def _spread(
                 port,
                 f"{label}-{host}",
                 c.pids if i == 0 else [],
-                extra,
+                # each generator its own users' draw (one seed for all: the N generators
+                # would log in as, or deliver to, the same user at the same moment)
+                [*extra, "--seed", str(i + 1)],
                 s.scaling_mail_conns,
                 1,
                 log,

@@ -80,7 +80,7 @@ def msg_pool(seed, count=64, lo=4096, hi=8192):
 
 # ---------------------------------------------------------------- workers
 def smtp_worker(a, stop_at, win0, win1, out, wid):
-    rng = random.Random(wid)
+    rng = random.Random(a.seed * 1000 + wid)
     pool = msg_pool(wid)
     ok = err = byt = 0
     w_ok = w_byt = 0
@@ -119,7 +119,7 @@ def smtp_worker(a, stop_at, win0, win1, out, wid):
 
 
 def pop3_worker(a, stop_at, win0, win1, out, wid):
-    rng = random.Random(wid)
+    rng = random.Random(a.seed * 1000 + wid)
     sess = err = msgs = byt = 0
     w_sess = w_msgs = w_byt = 0
     lat = []
@@ -156,7 +156,7 @@ def pop3_worker(a, stop_at, win0, win1, out, wid):
 
 
 def imap_worker(a, stop_at, win0, win1, out, wid):
-    rng = random.Random(wid)
+    rng = random.Random(a.seed * 1000 + wid)
     sess = err = msgs = byt = 0
     w_sess = w_msgs = w_byt = 0
     lat = []
@@ -368,6 +368,13 @@ def main():
     )
     ap.add_argument(
         "--login-first", type=int, default=0, help="(added) logins are PREFIX(F+1)..PREFIX(F+U)"
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="(added) seed of the users' draw: generators run side by side each take "
+        "their own, as independent clients would (the same seed: the same users at once)",
     )
     ap.add_argument("--msgs-per-conn", type=int, default=1)
     ap.add_argument("--fetch", type=int, default=5, help="messages fetched per session")

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from yimaporc.porcupine.balancer import FAIL_AVOID, LoadBalancer, load_figure
+from yimaporc.porcupine.balancer import FAIL_AVOID, IMBALANCE_SLACK, LoadBalancer, load_figure
 
 NODES = [f"n{i:02d}" for i in range(10)]
 
@@ -220,3 +220,37 @@ def test_deterministic() -> None:
         return [lb.choose(NODES, [], 2, 0.0) for _ in range(20)]
 
     assert run() == run()
+
+
+def test_prefer_takes_a_free_place_and_goes_first_within_the_slack() -> None:
+    """The delivering node (``prefer``) fills a free place of a new user's spread and is
+    chosen while its load is within IMBALANCE_SLACK of the lightest candidate's."""
+    lb = LoadBalancer("n05")
+    even(lb)
+    lb.own_load = lambda: 1.0 + IMBALANCE_SLACK
+    assert lb.choose(NODES, [], 1, 0.0, prefer="n05") == ["n05"]
+    assert lb.choose(NODES, ["n03"], 1, 0.0, prefer="n05") == ["n05"], "the 2nd place"
+    assert lb.preferred == 2
+    assert lb.choose(NODES, [], 1, 0.0) != ["n05"], "not preferred: the lighter nodes"
+
+
+def test_prefer_yields_to_load_and_to_a_full_spread() -> None:
+    """An overloaded delivering node is not chosen, nor one outside a user's full spread."""
+    lb = LoadBalancer("n05", spread_limit=2)
+    even(lb)
+    lb.own_load = lambda: 1.0 + IMBALANCE_SLACK + 0.5
+    assert lb.choose(NODES, ["n03"], 1, 0.0, prefer="n05") == ["n03"]
+    lb.own_load = lambda: 0.0
+    assert lb.choose(NODES, ["n03", "n07"], 1, 0.0, prefer="n05") in (["n03"], ["n07"])
+
+
+def test_own_load_is_read_live_without_picks() -> None:
+    """With ``own_load`` the node's own figure is that function's (its stores in progress
+    are counted there), not a report plus the picks since."""
+    lb = LoadBalancer("n00")
+    even(lb, load=3.0)
+    for _ in range(5):
+        lb.choose(["n00"], [], 1, 0.0)
+    assert lb.load_of("n00", 0.0) == 8.0
+    lb.own_load = lambda: 0.5
+    assert lb.load_of("n00", 0.0) == 0.5

@@ -65,13 +65,21 @@ class ReconNode(SimNode):
         storage.profiles._hash = fast_hash
         storage.profiles._db.db.execute("PRAGMA synchronous=OFF")
         unsynced(storage.fragment_store)
+        # read_wait=0: a read a lapsed read lease makes uncertain is refused at that
+        # instant (these tests read without running the clock; the wait has its own test)
         self.cluster = MailCluster(
-            storage, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
+            storage,
+            self,
+            self.buckets,
+            balancer=AffinityChooser(node_id),
+            settle_timeout=2.0,
+            read_wait=0.0,
         )
         self.mail = MailService(
             net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
             storage=storage, topology=self.cluster,
             layout=Fragmented(self.cluster.home_of, now=net.clock.seconds),
+            forward_deliveries=net.forwarding,
         )  # fmt: skip
 
     def set_commit_attachment(self, provider: Any) -> None:

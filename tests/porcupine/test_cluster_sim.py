@@ -53,9 +53,15 @@ class AffinityChooser:
         self.failures[node] = now
 
     def choose(
-        self, live: Sequence[str], fragments: Sequence[str], replicas: int, now: float
+        self,
+        live: Sequence[str],
+        fragments: Sequence[str],
+        replicas: int,
+        now: float,
+        prefer: str | None = None,
     ) -> list[str]:
-        """Existing fragments first (least loaded), then the least loaded others."""
+        """Existing fragments first (least loaded), then the least loaded others
+        (``prefer`` is not honoured: these tests place mail by name)."""
 
         def load(n: str) -> tuple[bool, float, str]:
             failed = now - self.failures.get(n, -1e9) < 10.0
@@ -133,13 +139,21 @@ class SimNode:
         # no fsync of the profile table in the simulation (speed; durability is not tested here)
         storage.profiles._db.db.execute("PRAGMA synchronous=OFF")
         unsynced(storage.fragment_store)
+        # read_wait=0: a read a lapsed read lease makes uncertain is refused at that
+        # instant (these tests read without running the clock; the wait has its own test)
         self.cluster = MailCluster(
-            storage, self, self.buckets, balancer=AffinityChooser(node_id), settle_timeout=2.0
+            storage,
+            self,
+            self.buckets,
+            balancer=AffinityChooser(node_id),
+            settle_timeout=2.0,
+            read_wait=0.0,
         )
         self.mail = MailService(
             net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
             storage=storage, topology=self.cluster,
             layout=Fragmented(self.cluster.home_of, now=net.clock.seconds),
+            forward_deliveries=net.forwarding,
         )  # fmt: skip
 
     def synced_cluster_time(self) -> float | None:
@@ -157,7 +171,13 @@ class SimNode:
 
 
 class Net:
-    """Nodes, the calls between them, cut-off nodes and committed views."""
+    """Nodes, the calls between them, cut-off nodes and committed views.
+
+    ``forwarding`` (set before adding nodes): deliveries of R=1 users are handed to
+    their manager's node (``DeliveryProxy.forward``), as real nodes do; off by
+    default here, so the receiving node's proxy places the mail where a test says."""
+
+    forwarding = False
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path

@@ -289,13 +289,15 @@ def test_new_manager_starts_above_uids_stored_only_on_nodes_it_cannot_reach(
     net.stop()
 
 
-def chaos(tmp_path: Path, seed: int, steps: int = 12) -> Checker:
+def chaos(tmp_path: Path, seed: int, steps: int = 12, forwarding: bool = False) -> Checker:
     """A seeded schedule on 5 nodes: deliveries at random nodes, reads by clients at
     random nodes, and between them pauses (SIGSTOP 0.5-4 s; the others move on after
     2 s), clean partitions (each side commits its view) and heals; then everything
-    heals.  The checker asserts the invariants on every read as it goes."""
+    heals.  The checker asserts the invariants on every read as it goes.
+    ``forwarding``: deliveries handed to the user's manager node (as real nodes do)."""
     rng = random.Random(seed)
     net = PartNet(tmp_path / f"s{seed}")
+    net.forwarding = forwarding
     nodes = ["n1", "n2", "n3", "n4", "n5"]
     for n in nodes:
         net.add(n)
@@ -381,12 +383,16 @@ def chaos(tmp_path: Path, seed: int, steps: int = 12) -> Checker:
     return check
 
 
+@pytest.mark.parametrize("forwarding", [False, True], ids=["placed-here", "handed-to-manager"])
 @pytest.mark.parametrize("seed", range(6))
-def test_seeded_pauses_and_partitions_keep_the_uid_invariants(tmp_path: Path, seed: int) -> None:
+def test_seeded_pauses_and_partitions_keep_the_uid_invariants(
+    tmp_path: Path, seed: int, forwarding: bool
+) -> None:
     """Seeded schedules of deliveries, reads, pauses and clean partitions over the real
-    cores: on every read no UID twice, none changed, newly visible ones above all
+    cores, with deliveries placed by the receiving node or handed to the user's manager
+    node: on every read no UID twice, none changed, newly visible ones above all
     shown, UIDNEXT and UIDVALIDITY steady; after the heal every 250 once everywhere."""
-    check = chaos(tmp_path, seed)
+    check = chaos(tmp_path, seed, forwarding=forwarding)
     assert sum(len(v) for v in check.acked.values()) > 20
 
 

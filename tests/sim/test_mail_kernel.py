@@ -110,10 +110,18 @@ def test_a_numbered_store_never_lands_on_a_holder_no_majority_recorded() -> None
     majority) after it, so the SMTP client got 451 while the copy stayed numbered; the
     majority side's manager showed UID 258, and after the heal the message appeared as
     UID 2 below it.  Now a new holder is recorded before a numbered store, and the
-    message is stored unnumbered when that fails (numbered above 258 after the heal)."""
-    out = run_seed(65, Scenario())
+    message is stored unnumbered when that fails (numbered above 258 after the heal).
+    (Placed by the receiving node, as when it was found: handed to the manager's node
+    no seed of 0-99 needs the rule.  Other deliveries move the schedule: the rule is
+    pinned by its counter, not by which node the partition cuts.)"""
+    with MailKernelSim(65, Scenario(handover=False)) as sim:
+        out = sim.run()
+        unrecorded = sum(
+            m.node.mail.delivery.unrecorded_holders for m in sim.hosts.values() if m.node
+        )
     assert out.problems == [], (out.faults, out.problems)
-    assert any("partition ['p2']|['p0', 'p1']" in f for f in out.faults), out.faults
+    assert any("partition" in f for f in out.faults), out.faults
+    assert unrecorded >= 1, "a numbered delivery went unnumbered: its holder not recorded"
 
 
 @pytest.mark.parametrize("seed", sweep(range(200, 220), default=0))

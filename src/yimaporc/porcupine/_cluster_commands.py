@@ -107,6 +107,18 @@ class UmPending(_Cmd):
     arguments = [*_U, (b"node", amp.Unicode())]
 
 
+class DlDeliver(_Cmd):
+    """A delivery for an R=1 user handed to the node that manages the user, which runs
+    the delivery proxy itself (plan, store, holder records all local when it stores
+    the message on its own disk): one call in place of plan, store and add_fragment
+    (``DeliveryProxy.forward``).  The reply is the stored copies' digests, sent once
+    the message is durable and its holder recorded, as a local delivery's 250."""
+
+    commandName = b"porcupine.dl.deliver"
+    arguments = [*_U, (b"body", BigBytes()), (b"when", amp.Float())]
+    response = [(b"digests", Json())]
+
+
 _M: list[tuple[bytes, amp.Argument]] = [(b"user", amp.Unicode()), (b"mailbox", amp.Unicode())]
 
 
@@ -332,5 +344,5 @@ COMMANDS: tuple[type[_Cmd], ...] = (
     UmPlan, UmPending, MbNumber, MbDemote, UidMark, UidHolders,
     MbStore, MbMailboxes, MbCreateMailbox, MbDeleteMailbox, MbRenameMailbox, MbSubscribe,
     MbDigests, MbFetch, MbSetFlags, MbTombstones, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
-    Hints, HintsRequest, ProfilePut, LoadExchange,
+    Hints, HintsRequest, ProfilePut, LoadExchange, DlDeliver,
 )  # fmt: skip

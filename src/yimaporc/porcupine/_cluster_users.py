@@ -113,6 +113,16 @@ class ClusterUserManager(UserManager):
         #: sets it, to carry them out over AMP).
         self.outbox: list[Action] = []
         self.perform_sends: Callable[[list[Action]], None] | None = None
+        #: A read that finds only the read lease lapsed (a majority, the bucket
+        #: settled, every hint in) waits up to this many seconds for the next
+        #: renewal (:meth:`read_renewed`) instead of answering ``certain=False`` at
+        #: once: on a loaded node a renewal's round trip can outlast the lease's
+        #: margin, and a refused session is worse than a slower one.  0: no wait.
+        self.read_wait = 0.0
+        #: Reads that waited for a renewal, and those still uncertain after it.
+        self.read_waits = 0
+        self.read_wait_lapsed = 0
+        self._lease_waiters: list[Deferred[None]] = []
 
     # The core's state, under the names the status page and tests use.
     settling = property(lambda self: self.core.settling)
@@ -254,9 +264,53 @@ class ClusterUserManager(UserManager):
         return d
 
     def fragments(self, address: str) -> Deferred[tuple[str, ...]]:
-        """See :class:`IUserManager` (waits while the bucket settles)."""
-        return self.settled(address).addCallback(lambda _: super(ClusterUserManager, self)
-                                                 .fragments(address))  # fmt: skip
+        """See :class:`IUserManager` (waits while the bucket settles, then for a read
+        lease renewal if only the lease keeps the answer from being certain)."""
+        d = self.settled(address).addCallback(lambda _: self._leased(address))
+        return d.addCallback(lambda _: super(ClusterUserManager, self)
+                             .fragments(address))  # fmt: skip
+
+    def _leased(self, address: str) -> Deferred[None]:
+        """Fires at once unless only a lapsed read lease would make the answer about
+        ``address`` uncertain; then at the next renewal or after :attr:`read_wait`
+        (the answer is judged then, as at any other moment: no weaker)."""
+        user = address.lower()
+        now = self._now()
+        core = self.core
+        if (
+            self.read_wait <= 0
+            or not core.read_leases
+            or core.read_lease(now)
+            or not core.state.manages(user)
+            or not core.certain(user)
+        ):
+            return succeed(None)
+        self.read_waits += 1
+        d: Deferred[None] = Deferred()
+        self._lease_waiters.append(d)
+
+        def expire() -> None:
+            if d in self._lease_waiters:
+                self._lease_waiters.remove(d)
+                self.read_wait_lapsed += 1
+                d.callback(None)
+
+        timer = self.clock.callLater(self.read_wait, expire)
+
+        def cancel(r: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return r
+
+        return d.addCallback(cancel)
+
+    def read_renewed(self) -> None:
+        """A read lease round succeeded: the reads waiting for it go on, if it holds."""
+        if not self._lease_waiters or not self.core.read_lease(self._now()):
+            return
+        waiters, self._lease_waiters = self._lease_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def away_of(self, address: str) -> tuple[str, ...]:
         """Nodes that held ``address``'s mail when they left the view."""

@@ -161,8 +161,23 @@ class HolderNotRecorded(PeerUnavailable):
     temporary error: the reconstruction would not find the message)."""
 
 
+class DeliveryRefused(Exception):
+    """A delivery handed to the user's manager node was refused there with a
+    permanent SMTP reply (its text: ``"CODE reply"``, e.g. ``"550 no such user"``)."""
+
+
+class DeliveryDeferred(PeerUnavailable):
+    """A delivery handed to the user's manager node failed there on a call between
+    nodes: the message may be stored (``maybe_done``), so the receiving node answers
+    a temporary error and does not try elsewhere."""
+
+    maybe_done = True
+
+
 ERRORS: dict[type[Exception], bytes] = {
     HolderNotRecorded: b"HOLDER_NOT_RECORDED",
+    DeliveryRefused: b"DELIVERY_REFUSED",
+    DeliveryDeferred: b"DELIVERY_DEFERRED",
     NoSuchUser: b"NO_SUCH_USER",
     BadCredentials: b"BAD_CREDENTIALS",
     NoSuchMailbox: b"NO_SUCH_MAILBOX",

@@ -29,7 +29,7 @@ between two load reports does not pile onto one node.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from zope.interface import implementer
@@ -85,6 +85,12 @@ class LoadBalancer:
         self._calls = 0
         self.widened_imbalance = 0
         self.widened_failure = 0
+        #: This node's own load figure, read when choosing (``NodeLoad.load``: its
+        #: stores in progress are counted there, so none are added as picks); None:
+        #: known like any other node's (reports, else the average, plus picks).
+        self.own_load: Callable[[], float] | None = None
+        #: Choices where ``prefer`` went first though another candidate was lighter.
+        self.preferred = 0
 
     def observe(self, node: str, load: float, now: float) -> None:
         """``node`` reported ``load`` (see :func:`load_figure`) at ``now``; it is reachable."""
@@ -99,6 +105,8 @@ class LoadBalancer:
     def load_of(self, node: str, now: float) -> float:
         """The load assumed for ``node``: its report (unknown or stale: the average of
         fresh reports) plus the messages we sent it since."""
+        if node == self.me and self.own_load is not None:
+            return max(0.0, float(self.own_load()))
         entry = self._loads.get(node)
         if entry is not None and now - entry[1] <= self.stale_after:
             base = entry[0]
@@ -115,12 +123,22 @@ class LoadBalancer:
         return until is None or now >= until
 
     def choose(
-        self, live: Sequence[str], fragments: Sequence[str], replicas: int, now: float
+        self,
+        live: Sequence[str],
+        fragments: Sequence[str],
+        replicas: int,
+        now: float,
+        prefer: str | None = None,
     ) -> list[str]:
         """The ``replicas`` nodes to store the next message of a user on, best first.
 
         ``live`` are the current members, ``fragments`` the user's fragment list.
         Returns fewer nodes only if fewer live nodes exist (an empty list if none).
+        ``prefer`` (the delivering node itself): it takes a free place of the spread
+        before the least loaded others, unless imbalance would widen the spread
+        against it, and it is chosen first among the candidates while its load is
+        within :data:`IMBALANCE_SLACK` of the least loaded one's (a store there
+        needs no call between nodes).
         """
         self._calls += 1
         members = list(dict.fromkeys(live))
@@ -145,18 +163,33 @@ class LoadBalancer:
         lost = sum(1 for n in held if n not in usable_set)
         others = sorted((n for n in usable if n not in candidates), key=key)
         room = want - len(candidates)
+        fits = prefer is not None and prefer in usable_set
         if room > 0:
-            if lost and len(held) + min(room, len(others)) > want:
+            fill = others[:room]
+            if (
+                fits
+                and prefer in others
+                and prefer not in fill
+                and load[prefer] <= self.imbalance * load[others[0]] + IMBALANCE_SLACK
+            ):
+                fill = [prefer, *others[: room - 1]]
+            if lost and len(held) + len(fill) > want:
                 self.widened_failure += 1
-            candidates += others[:room]
-            others = others[room:]
+            candidates += fill
+            others = [n for n in others if n not in fill]
         if candidates and others:
             best = min(load[n] for n in candidates)
             floor = load[others[0]]
             if best > self.imbalance * floor + IMBALANCE_SLACK:
                 self.widened_imbalance += 1
                 candidates += [n for n in others[:replicas] if load[n] < best]
-        chosen = sorted(candidates, key=key)[:replicas]
+        ranked = sorted(candidates, key=key)
+        if fits and prefer in ranked and ranked[0] != prefer:
+            if load[prefer] <= load[ranked[0]] + IMBALANCE_SLACK:
+                ranked.remove(prefer)
+                ranked.insert(0, prefer)
+                self.preferred += 1
+        chosen = ranked[:replicas]
         for n in chosen:
             self._picks[n] = self._picks.get(n, 0) + 1
         return chosen
@@ -176,4 +209,5 @@ class LoadBalancer:
             "avoiding": {n: until for n, until in sorted(self._failed.items())},
             "widened_imbalance": self.widened_imbalance,
             "widened_failure": self.widened_failure,
+            "preferred": self.preferred,
         }

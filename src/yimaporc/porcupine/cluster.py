@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.mail import smtp
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -42,6 +43,7 @@ from ..cluster.interfaces import IBucketMap
 from ..cluster.rpc import PeerUnavailable
 from ._cluster_commands import (
     COMMANDS,
+    DlDeliver,
     Hints,
     HintsRequest,
     LoadExchange,
@@ -57,7 +59,17 @@ from ._cluster_load import LOAD_FANOUT, CountingMailboxes, NodeLoad
 from ._cluster_profiles import ProfileReplicator
 from ._cluster_remote import RemoteMailboxManager, RemoteUserManager, register_handlers
 from ._cluster_users import ClusterUserManager, HintEntry
-from ._cluster_wire import ERRORS, HolderNotRecorded, Json, pack_messages, unpack_messages
+from ._cluster_wire import (
+    ERRORS,
+    DeliveryDeferred,
+    DeliveryRefused,
+    HolderNotRecorded,
+    Json,
+    _digest_in,
+    _digest_out,
+    pack_messages,
+    unpack_messages,
+)
 from .balancer import LoadBalancer
 from .interfaces import (
     ILoadBalancer,
@@ -70,6 +82,7 @@ from .profiledb import Record
 from .reconstruct import (
     LEASE,
     PAUSE_GRACE,
+    READ_WAIT,
     SWEEP_INTERVAL,
     UID_GAP,
     Action,
@@ -78,7 +91,7 @@ from .reconstruct import (
 )
 from .softstate import bucket_of as _raw_bucket_of
 from .storage import MailStorage
-from .usermap import N_BUCKETS, bucket_of
+from .usermap import N_BUCKETS, bucket_of, normalise
 
 if TYPE_CHECKING:
     from ..cluster.interfaces import IClusterNode
@@ -138,6 +151,7 @@ class MailCluster(Service):
         poll_interval: float = 5.0,
         settle_timeout: float = 2.0,
         rng: random.Random | None = None,
+        read_wait: float = READ_WAIT,
     ) -> None:
         self.storage = storage
         self.node = node
@@ -152,11 +166,14 @@ class MailCluster(Service):
         self.meter = NodeLoad(
             self.me, self.reactor, self.balancer, self.live, self._swap_load, self.rng
         )
+        if isinstance(self.balancer, LoadBalancer):  # its own load: read live, exact
+            self.balancer.own_load = self.meter.load
         if replication is not None:  # updates waiting to be written here are load too
             self.meter.pending_work.append(replication.backlog)
         self.user_manager = ClusterUserManager(
             self.me, storage.profiles, self.reactor, settle_timeout=settle_timeout
         )
+        self.user_manager.read_wait = read_wait
         self.user_manager.number_on = self._number_on
         self.user_manager.perform_sends = self.perform
         self.user_manager.mark_on = self._mark_on
@@ -286,6 +303,37 @@ class MailCluster(Service):
         for proxy in self._remote_users.values():
             proxy.forget(address)
 
+    # --- deliveries handed to the manager ---------------------------------------
+
+    def forward_delivery(
+        self, node: str, address: str, body: bytes, when: float
+    ) -> Deferred[list[Digest]]:
+        """Have ``node`` (``address``'s manager) deliver ``body`` (``DlDeliver``)."""
+        d = self.call(node, DlDeliver, user=address, body=body, when=when)
+        return d.addCallback(lambda r: [_digest_in(v) for v in r["digests"]])
+
+    def serve_deliveries(self, deliver: Callable[[str, bytes, float], Deferred[Any]]) -> None:
+        """Answer ``DlDeliver`` with ``deliver(address, body, when)`` (the node's
+        ``DeliveryProxy.deliver_forwarded``); its SMTP refusals and failed calls cross
+        as :class:`DeliveryRefused` and :class:`DeliveryDeferred`."""
+
+        def failed(f: Failure) -> Failure:
+            err: Any = f.value
+            if f.check(smtp.SMTPServerError):
+                resp = (
+                    err.resp.decode("utf-8", "replace") if isinstance(err.resp, bytes) else err.resp
+                )
+                return Failure(DeliveryRefused(f"{err.code} {resp}"))
+            if f.check(PeerUnavailable) and not f.check(HolderNotRecorded, DeliveryDeferred):
+                return Failure(DeliveryDeferred(f.getErrorMessage()))
+            return f
+
+        def handler(user: str, body: bytes, when: float) -> Deferred[dict[str, Any]]:
+            d = maybeDeferred(lambda: deliver(normalise(user), body, when))
+            return d.addCallbacks(lambda got: {"digests": [_digest_out(x) for x in got]}, failed)
+
+        self.node.registry.register(DlDeliver, handler)
+
     # --- load -------------------------------------------------------------------
 
     def load(self) -> float:
@@ -357,8 +405,13 @@ class MailCluster(Service):
                 t=now - last,
                 g=self.pause_grace,
             )
+            # The read lease stays renewed: each round is a majority confirming our
+            # view after we asked (a loaded reactor's lag looks like a pause; without
+            # renewals every read would be refused for the whole grace).
+            self._renew_read_lease(now)
             return
         if self._paused_at is not None and now < self._paused_at + self.pause_grace:
+            self._renew_read_lease(now)
             return
         self._paused_at = None
         self._lease_until = now + self.lease
@@ -383,6 +436,7 @@ class MailCluster(Service):
             if ok:
                 self.read_renewals += 1
                 core.read_granted(view, now)
+                um.read_renewed()
 
         um._on_majority(ask).addCallback(done)
 
@@ -567,6 +621,8 @@ class MailCluster(Service):
                 "read_lease": {
                     "holds": self.user_manager.core.read_lease(float(self.reactor.seconds())),
                     "renewals": self.read_renewals,
+                    "reads_waited": self.user_manager.read_waits,
+                    "reads_lapsed": self.user_manager.read_wait_lapsed,
                     "marks_delayed": self.user_manager.core.marks_delayed,
                     "marks_blocked": self.user_manager.core.marks_blocked(
                         float(self.reactor.seconds())

@@ -13,7 +13,10 @@ all fragments, and a node that fails before the request reached it is
 replaced by another live node (one that may have stored it is not: 451).  The
 250 waits until the user manager has every holder of the new message recorded
 on a majority (:meth:`DeliveryProxy._add_fragments`), so a later manager finds
-the message even while its holder is out of reach (issue 14).
+the message even while its holder is out of reach (issue 14).  For R=1 users the
+balancer is asked to prefer this node (a store here is no call).  With ``forward``
+(on by default: docs/mail.md, "The hand-over") an R=1 delivery whose
+manager is another node is run by that node's proxy instead (one call).
 
 :class:`SmtpDelivery` is what twisted.mail's ESMTP talks to: one per
 connection (anonymous) or per authenticated login.  Local recipients must
@@ -37,11 +40,13 @@ from twisted.internet.defer import Deferred, DeferredList, FirstError, fail, suc
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..cluster.rpc import PeerUnavailable, may_have_run
+from ._cluster_wire import DeliveryDeferred, DeliveryRefused, HolderNotRecorded
 from .interfaces import (
     ILoadBalancer,
     IMailboxManager,
@@ -53,6 +58,8 @@ from .usermap import BadAddress, normalise
 from .values import INBOX, PENDING, Digest, MailError, NewMessage, Profile
 
 MailboxManagers = Callable[[str], IMailboxManager]
+#: ``forward(node, address, body, when)``: run one user's delivery on ``node``.
+Forward = Callable[[str, str, bytes, float], Deferred[list[Digest]]]
 
 _log = Logger()
 
@@ -70,6 +77,7 @@ class DeliveryProxy:
         *,
         balancer: ILoadBalancer | None = None,
         replicated: Callable[..., Deferred[list[Digest]]] | None = None,
+        forward: Forward | None = None,
     ) -> None:
         self.node_id = node_id
         self.users = users
@@ -93,6 +101,15 @@ class DeliveryProxy:
         #: Replication's ``store(nodes, message)`` (``MailReplication``): users with
         #: ``replicas >= 2`` are stored through it, one logged update for all copies.
         self.replicated = replicated
+        #: ``forward(node, address, body, when)`` (``MailCluster.forward_delivery``):
+        #: an R=1 delivery whose manager is another node is handed to that node, which
+        #: runs this same proxy there (:meth:`deliver_forwarded`): one call in place
+        #: of plan, store and add_fragment when it stores the message itself.
+        self.forward = forward
+        #: Deliveries handed to the user's manager node, and those that came back
+        #: before reaching it (then delivered from here, the usual way).
+        self.forwarded = 0
+        self.forward_fallbacks = 0
 
     def status(self) -> dict[str, int]:
         """The proxy's counters (``/api/status`` ``delivery``)."""
@@ -103,6 +120,8 @@ class DeliveryProxy:
             "unrecorded_holders": self.unrecorded_holders,
             "notes_lost": self.notes_lost,
             "lookups_unavailable": self.lookups_unavailable,
+            "forwarded": self.forwarded,
+            "forward_fallbacks": self.forward_fallbacks,
         }
 
     def lookup(self, address: str) -> Deferred[Profile | None]:
@@ -113,7 +132,11 @@ class DeliveryProxy:
         """Nodes to store on: keep affinity with existing fragments, then this node."""
         live = list(self.live_nodes())
         if self.balancer is not None:
-            chosen = self.balancer.choose(live, list(fragments), profile.replicas, self.now())
+            # R=1: this node first while the balance allows (a store here is no call)
+            prefer = self.node_id if profile.replicas <= 1 else None
+            chosen = self.balancer.choose(
+                live, list(fragments), profile.replicas, self.now(), prefer=prefer
+            )
             return list(chosen) or live[:1]
         order = [n for n in fragments if n in live]
         if self.node_id in live and self.node_id not in order:
@@ -129,13 +152,50 @@ class DeliveryProxy:
             lambda results: [d for _, got in results for d in got], _first_error
         )
 
-    def _one(self, address: str, body: bytes, when: float) -> Deferred[list[Digest]]:
+    def deliver_forwarded(self, address: str, body: bytes, when: float) -> Deferred[list[Digest]]:
+        """Deliver ``body`` to one user for another node's proxy (:attr:`forward`): here,
+        the usual way, never handed on again (the nodes' maps may disagree)."""
+        return self._one(address.lower(), body, when, forwarded=True)
+
+    def _forward(self, node: str, address: str, body: bytes, when: float) -> Deferred[list[Digest]]:
+        """Hand the delivery to ``node`` (the user's manager); if the call failed before
+        it reached ``node``, deliver from here.  One that reached it and failed there
+        (or may have) fails: the message may be stored (SMTP 451, as a store's)."""
+        assert self.forward is not None
+        self.forwarded += 1
+
+        def failed(f: Failure) -> Deferred[list[Digest]]:
+            if (
+                f.check(PeerUnavailable)
+                and not f.check(HolderNotRecorded, DeliveryDeferred)
+                and not getattr(f.value, "maybe_done", False)
+            ) or f.check(amp.UnhandledCommand):  # (a node without the command)
+                self.forward_fallbacks += 1
+                return self._one(address, body, when, forwarded=True)
+            if f.check(DeliveryRefused):
+                code, _, text = str(f.value).partition(" ")
+                return fail(smtp.SMTPServerError(int(code) if code.isdigit() else 550, text))
+            return fail(f)
+
+        return self.forward(node, address, body, when).addErrback(failed)
+
+    def _one(
+        self, address: str, body: bytes, when: float, forwarded: bool = False
+    ) -> Deferred[list[Digest]]:
         manager = self.users(address)
         d = manager.profile(address)
 
         def got_profile(profile: Profile | None) -> Deferred[list[Digest]]:
             if profile is None:
                 raise smtp.SMTPServerError(550, f"no such user {address}")
+            owner = getattr(manager, "node_id", self.node_id)
+            if (
+                self.forward is not None
+                and not forwarded
+                and profile.replicas <= 1
+                and owner != self.node_id
+            ):
+                return self._forward(owner, address, body, when)
             # Fragment list, UID and its fence in one question. Fenced for replicated
             # users too (issue 14 bug 2): the coordinator's copy is checked like an
             # R=1 store and the copies follow it.

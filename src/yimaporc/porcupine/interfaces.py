@@ -228,9 +228,14 @@ class ILoadBalancer(Interface):
         loaded of its holders)."""
 
     def choose(
-        live: Sequence[str], fragments: Sequence[str], replicas: int, now: float
+        live: Sequence[str],
+        fragments: Sequence[str],
+        replicas: int,
+        now: float,
+        prefer: str | None = None,
     ) -> list[str]:
-        """The ``replicas`` nodes to store the next message of a user on, best first."""
+        """The ``replicas`` nodes to store the next message of a user on, best first
+        (``prefer``: the delivering node, first while the balance allows it)."""
 
     def status() -> dict[str, Any]:
         """Counters for ``/api/status``."""

@@ -88,6 +88,8 @@ class PorcupineConfig:
     routes: Routes | None = None
     retry: RetryPolicy | None = None
     allow_plaintext_auth: bool = False
+    #: Hand R=1 deliveries to the user's manager node (docs/mail.md, "The hand-over").
+    forward_deliveries: bool = True
     mail_index_rows: int = DEFAULT_MAX_ROWS
     mail_body_cache_bytes: int = DEFAULT_BODY_CACHE_BYTES
 
@@ -203,6 +205,7 @@ class PorcupineNode:
                 routes=config.routes,
                 retry=config.retry,
                 allow_plaintext_auth=config.allow_plaintext_auth,
+                forward_deliveries=config.forward_deliveries,
                 delivery_latency=node.histograms.get(
                     "yimaporc_mail_delivery_duration_seconds",
                     "Seconds from the end of a message's SMTP DATA to its 250 (stored "

@@ -163,6 +163,7 @@ class MailService(MultiService):
         replica: MailReplication | None = None,
         layout: IMailLayout | None = None,
         copy_policy: ICopyPolicy | None = None,
+        forward_deliveries: bool = True,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()
@@ -248,7 +249,15 @@ class MailService(MultiService):
             now,
             balancer=balancer,
             replicated=replica.store if replica is not None else None,
+            # A cluster hands R=1 deliveries to the user's manager node: one call
+            # instead of plan, store and add_fragment (docs/mail.md, "The hand-over").
+            forward=getattr(self.topology, "forward_delivery", None)
+            if forward_deliveries
+            else None,
         )
+        serve = getattr(self.topology, "serve_deliveries", None)
+        if serve is not None:  # a cluster: answer nodes that hand deliveries over
+            serve(self.delivery.deliver_forwarded)
         #: Logins open their mail with the strategies the caller chose (default: this
         #: node alone, one copy of each message; the composition root chooses the
         #: cluster's :class:`~.retrieval.Fragmented` and, with replication,

@@ -88,6 +88,9 @@ class Scenario:
     #: a run that needs more events than this is stuck (:class:`Livelock`)
     max_events: int = 2_000_000
     latency: tuple[float, float] = (0.0005, 0.004)
+    #: nodes hand R=1 deliveries to the user's manager node (False: the receiving
+    #: node places them, the placement regression seeds were found with)
+    handover: bool = True
 
 
 class Livelock(RuntimeError):
@@ -213,6 +216,7 @@ class MailKernelSim:
             imap=f"tcp:{IMAP_PORT}:interface={ip}",
             replication=REPLICATION,
             allow_plaintext_auth=True,
+            forward_deliveries=self.scenario.handover,
         )
         node = PorcupineNode.from_config(
             reactor,

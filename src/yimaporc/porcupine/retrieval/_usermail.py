@@ -128,18 +128,24 @@ class UserMail:
             self.nodes_cached = True
             return succeed(list(self.node_cache[0]))
         self.nodes_cached = False
+        # The manager asked is the one whose certainty, horizon and away list count:
+        # ``self.users`` looked up again when the answer comes may be the bucket's new
+        # owner after a map change (a proxy never asked: certain by default), which
+        # made an old owner's empty, uncertain answer a complete listing (sim.mail
+        # seed 49 with deliveries handed to managers).
+        users = self.users
 
         def merge(frags: tuple[str, ...]) -> list[str]:
             nodes = [self.home, *(n for n in frags if n != self.home)]
-            self.uncertain = not self.users.certain(self.address)
-            self.horizon = self.users.horizon_of(self.address)
+            self.uncertain = not users.certain(self.address)
+            self.horizon = users.horizon_of(self.address)
             # Nodes that left the view holding mail: asked too (they fail while away).
-            nodes += [n for n in self.users.away_of(self.address) if n not in nodes]
+            nodes += [n for n in users.away_of(self.address) if n not in nodes]
             if now is not None:
                 self.node_cache = (nodes, now + self.fragments_ttl)
             return nodes
 
-        return self.users.fragments(self.address).addCallback(merge)
+        return users.fragments(self.address).addCallback(merge)
 
     def replicas_of(self) -> Deferred[int]:
         """The user's R (from the profile)."""
