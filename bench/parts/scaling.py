@@ -363,7 +363,13 @@ def part_scaling_mail(s: Settings, res: dict[str, Any], errors: list[str]) -> No
         reps = [r for r in s.scaling_replicas if r <= n]
         try:
             with scoped():
-                c = Cluster("porcupine", n, WORK / f"scaling-porcupine-{n}", quota=s.scaling_quota)
+                c = Cluster(
+                    "porcupine",
+                    n,
+                    WORK / f"scaling-porcupine-{n}",
+                    quota=s.scaling_quota,
+                    extra=["--forward-deliveries"],  # the hand-over (docs/mail.md)
+                )
                 t0 = time.monotonic()
                 c.start()
                 require_service(c, "smtp", PORTS["smtp"])

@@ -116,7 +116,8 @@ def test_the_tap_only_turns_options_into_a_config(tmp_path: Path) -> None:
         ["--node-id", "p7", "--data-dir", str(tmp_path / "d"), "--cluster", f"{HOST}:7946",
          "--domain", "Example.org", "--domain", "b.example", "--smtp", f"tcp:0:interface={HOST}",
          "--imap", f"tcp:0:interface={HOST}", "--acks-before-reply", "1",
-         "--mail-index-rows", "0", "--max-message-size", "4096", "--auth-cache-ttl", "0"]
+         "--mail-index-rows", "0", "--max-message-size", "4096", "--auth-cache-ttl", "0",
+         "--forward-deliveries"]
     )  # fmt: skip
     umask = os.umask(0o022)
     os.umask(umask)
@@ -134,6 +135,7 @@ def test_the_tap_only_turns_options_into_a_config(tmp_path: Path) -> None:
         0.0,
     )
     assert (tmp_path / "d" / "cluster.secret").exists() and len(config.secret) >= 16
+    assert config.forward_deliveries, "--forward-deliveries (off by default)"
 
 
 def test_from_config_chooses_fragments_and_copies_read_from_the_least_loaded(

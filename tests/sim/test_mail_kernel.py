@@ -141,6 +141,15 @@ def test_faults_keep_every_acknowledged_message_and_the_uid_rules(seed: int) -> 
     assert out.faults and out.reads > 0
 
 
+@pytest.mark.parametrize("seed", sweep(range(300, 340), default=2))
+def test_the_hand_over_keeps_every_acknowledged_message_and_the_uid_rules(seed: int) -> None:
+    """With ``--forward-deliveries`` (an R=1 delivery handed to the user's manager node):
+    the same invariants under the same faults."""
+    out = run_seed(seed, Scenario(handover=True))
+    assert out.problems == [], (out.faults, out.problems)
+    assert out.faults and out.reads > 0
+
+
 def test_same_seed_same_trace_other_seed_differs() -> None:
     """A run's trace digest, faults and outcome depend on the seed alone."""
     first = run_seed(7, TINY)

@@ -89,7 +89,7 @@ class PorcupineConfig:
     retry: RetryPolicy | None = None
     allow_plaintext_auth: bool = False
     #: Hand R=1 deliveries to the user's manager node (docs/mail.md, "The hand-over").
-    forward_deliveries: bool = True
+    forward_deliveries: bool = False
     mail_index_rows: int = DEFAULT_MAX_ROWS
     mail_body_cache_bytes: int = DEFAULT_BODY_CACHE_BYTES
 

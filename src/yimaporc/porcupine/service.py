@@ -163,7 +163,7 @@ class MailService(MultiService):
         replica: MailReplication | None = None,
         layout: IMailLayout | None = None,
         copy_policy: ICopyPolicy | None = None,
-        forward_deliveries: bool = True,
+        forward_deliveries: bool = False,
     ) -> None:
         super().__init__()
         domain = domain.strip().lower()

@@ -90,7 +90,7 @@ class Scenario:
     latency: tuple[float, float] = (0.0005, 0.004)
     #: nodes hand R=1 deliveries to the user's manager node (False: the receiving
     #: node places them, the placement regression seeds were found with)
-    handover: bool = True
+    handover: bool = False
 
 
 class Livelock(RuntimeError):
