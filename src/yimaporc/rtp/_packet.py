@@ -345,33 +345,11 @@ class RtpHeaderTemplate:
         total = (count - 1) * stride + hsz + last
         if len(buf) < total:
             buf.extend(bytes(total - len(buf)))
-        if count > _RUN_CHUNK or isinstance(block, memoryview):
-            return self._pack_chunks(buf, block, j, first, end, payload, sequence, node_seq,
-                                     ts_base, start, step, clock_rate, total)  # fmt: skip
-        # the common case, one struct call; the loop below is _pack_chunks' inner loop
-        pack = _run_packers.get((hsz, count, payload, last)) or _run_packer(
-            hsz, count, payload, last
-        )
-        c2, tail, i = self._c2, self._tail, j
-        args: list[object] = []
-        add = args.extend
-        if hsz == YIMA_HEADER_SIZE:
-            for at in range(first, end, payload):
-                add((c2, sequence & 0xFFFF,
-                     (ts_base + round((start + step * i) * clock_rate)) & 0xFFFFFFFF,
-                     tail, node_seq & 0xFFFFFFFF, block[at : at + payload]))  # fmt: skip
-                sequence += 1
-                node_seq += 1
-                i += 1
-        else:
-            for at in range(first, end, payload):
-                add((c2, sequence & 0xFFFF,
-                     (ts_base + round((start + step * i) * clock_rate)) & 0xFFFFFFFF,
-                     tail, block[at : at + payload]))  # fmt: skip
-                sequence += 1
-                i += 1
-        pack(buf, 0, *args)
-        return total
+        if isinstance(block, memoryview):  # struct's s fields take only bytes
+            return self._pack_each(buf, block, j, first, end, payload, sequence, node_seq,
+                                   ts_base, start, step, clock_rate, total)  # fmt: skip
+        return self._pack_chunks(buf, block, j, first, end, payload, sequence, node_seq,
+                                 ts_base, start, step, clock_rate, total)  # fmt: skip
 
     def _pack_chunks(
         self,
@@ -389,12 +367,8 @@ class RtpHeaderTemplate:
         clock_rate: int,
         total: int,
     ) -> int:
-        """:meth:`pack_run` of a long run (a struct call per 64 packets) or of a
-        ``memoryview`` block (``struct``'s ``s`` fields take only ``bytes``: one packet
-        at a time)."""
-        if isinstance(block, memoryview):
-            return self._pack_each(buf, block, j, first, end, payload, sequence, node_seq,
-                                   ts_base, start, step, clock_rate, total)  # fmt: skip
+        """:meth:`pack_run` of a ``bytes``/``bytearray`` block: one struct call per 64
+        packets (one for the common short run)."""
         hsz = self._hsz
         stride = hsz + payload
         c2, tail = self._c2, self._tail
@@ -402,21 +376,25 @@ class RtpHeaderTemplate:
         while p < end:
             n = min(_RUN_CHUNK, -(-(end - p) // payload))
             q = p + n * payload
-            pack = _run_packer(hsz, n, payload, min(q, end) - (q - payload))
+            last = min(q, end) - (q - payload)
+            pack = _run_packer(hsz, n, payload, last)
             args: list[object] = []
             add = args.extend
-            for at in range(p, q, payload):
-                if hsz == YIMA_HEADER_SIZE:
+            if hsz == YIMA_HEADER_SIZE:
+                for at in range(p, q, payload):
                     add((c2, sequence & 0xFFFF,
                          (ts_base + round((start + step * i) * clock_rate)) & 0xFFFFFFFF,
                          tail, node_seq & 0xFFFFFFFF, block[at : at + payload]))  # fmt: skip
-                else:
+                    sequence += 1
+                    node_seq += 1
+                    i += 1
+            else:
+                for at in range(p, q, payload):
                     add((c2, sequence & 0xFFFF,
                          (ts_base + round((start + step * i) * clock_rate)) & 0xFFFFFFFF,
                          tail, block[at : at + payload]))  # fmt: skip
-                sequence += 1
-                node_seq += 1
-                i += 1
+                    sequence += 1
+                    i += 1
             pack(buf, o, *args)
             o += n * stride
             p = q
