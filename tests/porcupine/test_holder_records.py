@@ -17,6 +17,12 @@ from yimaporc.cluster.buckets import BucketMap
 from yimaporc.cluster.rpc import PeerUnavailable
 from yimaporc.porcupine.cluster import ClusterUserManager, HolderNotRecorded, UidHolders
 from yimaporc.porcupine.profiledb import ProfileDB
+from yimaporc.porcupine.reconstruct import (
+    NODE_PLAN_TTL,
+    NODE_TIMED_ALLOCATION_TTL,
+    admit_timed,
+    split_fence,
+)
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 
 USER = "ulla@example.org"
@@ -119,3 +125,68 @@ def test_second_record_of_one_holder_waits_for_the_running_write(tmp_path: Path)
     assert result_of(third) is None
     writes.clear()
     assert result_of(um.add_fragment(USER, "n2")) is None and writes == []
+
+
+def _timed_manager(
+    tmp_path: Path,
+) -> tuple[ClusterUserManager, ImmediateReactor, list[Deferred[bool]]]:
+    """n1 manages every bucket of a 3-node cluster, its clock synced (timed fences);
+    holder records wait until the test answers them."""
+    clock = ImmediateReactor()
+    clock.advance(1_700_000_000)
+    profiles = ProfileDB(clock, SyncPool(), tmp_path / "p.sqlite", clock.seconds)  # type: ignore[arg-type]
+    um = ClusterUserManager("n1", profiles, clock)
+    um.cluster_now = clock.seconds
+    um.known = {"n1", "n2", "n3"}
+    um.install(BucketMap(("n1",) * N_BUCKETS, (2,) * N_BUCKETS), ["n1", "n2", "n3"])
+    for n in ("n1", "n2", "n3"):
+        um.apply(n, [B, 2, [], [], 1, []])
+    writes: list[Deferred[bool]] = []
+
+    def holders_on(node: str, bucket: int, fence: str, holders: list[list[str]]) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        writes.append(d)
+        return d
+
+    um.holders_on = holders_on
+    return um, clock, writes
+
+
+def test_a_slow_holder_record_renews_the_plans_allocation(tmp_path: Path) -> None:
+    """The first message on a new holder waits for its record; a record slower than
+    the store's age limit (1 s, NODE_PLAN_TTL) does not cost the plan's UID: the
+    manager renews the allocation and answers a fence with a fresh time (without it
+    the store went unnumbered and was numbered above: a UID gap)."""
+    um, clock, writes = _timed_manager(tmp_path)
+    _, first, fence = result_of(um.delivery_plan(USER, 1))
+    assert first > 0 and split_fence(fence)[1] == clock.seconds()
+    clock.advance(0.5)  # the plan's way back, a loaded proxy
+    got = um.add_holder(USER, "n2", first, fence)
+    clock.advance(0.9)  # the record (within MARK_TIMEOUT): the plan is past NODE_PLAN_TTL
+    assert not admit_timed(split_fence(fence)[1], clock.seconds())
+    for d in list(writes):
+        d.callback(True)
+    renewed = result_of(got)
+    base, at = split_fence(renewed)
+    assert base == split_fence(fence)[0] and at == clock.seconds()
+    assert admit_timed(at, clock.seconds() + NODE_PLAN_TTL)
+    clock.advance(2.5)  # the renewed allocation still holds the horizon back
+    assert first in _outstanding(um)
+    assert um.core.horizon(USER, clock.seconds()).outstanding[0][0] == first
+
+
+def test_an_expired_allocation_is_not_renewed(tmp_path: Path) -> None:
+    """A record slower than the manager's own hold (3 s): readers may have been shown
+    UIDs above the allocation, so it is not renewed (the store goes unnumbered)."""
+    um, clock, writes = _timed_manager(tmp_path)
+    _, first, fence = result_of(um.delivery_plan(USER, 1))
+    clock.advance(NODE_TIMED_ALLOCATION_TTL - 0.1)
+    got = um.add_holder(USER, "n2", first, fence)
+    clock.advance(0.6)
+    for d in list(writes):
+        d.callback(True)
+    assert result_of(got) == ""
+
+
+def _outstanding(um: ClusterUserManager) -> set[int]:
+    return set(um.core.allocated.get(USER, {}))

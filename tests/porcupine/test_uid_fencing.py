@@ -52,13 +52,17 @@ def test_stale_fence_or_lapsed_lease_stores_unnumbered_never_listed(tmp_path: Pa
 
 
 def test_fenced_uid_below_uidnext_is_never_a_second_message_under_it(tmp_path: Path) -> None:
-    """A fenced UID at or below what the mailbox already numbered (an overtaken store)
-    goes unnumbered, never under a UID taken or below one a client may have seen."""
+    """A fenced UID below what the mailbox already numbered (a store overtaken by a
+    later one: concurrent deliveries) keeps its UID, young as its fence says (the
+    manager's horizon holds readers below it meanwhile), so no UID is lost; a UID
+    taken already goes unnumbered (numbered afresh later), never a second message."""
     s = store_at(tmp_path)
     s.store([new(b"late\r\n", 12)])
-    assert [d.uid for d in s.store([new(b"early\r\n", 10)])] == [0]
+    assert [d.uid for d in s.store([new(b"early\r\n", 10)])] == [10]
     assert [d.uid for d in s.store([new(b"dup\r\n", 12)])] == [0]
-    assert [d.uid for d in s.digests(USER, INBOX)] == [12]
+    assert [d.uid for d in s.store([new(b"again\r\n", 10)])] == [0]
+    assert [d.uid for d in s.digests(USER, INBOX)] == [10, 12]
+    assert [d.uid for d in s.store([new(b"next\r\n", 13)])] == [13], "UIDNEXT not moved back"
 
 
 def test_number_pending_only_with_the_current_fence_oldest_first_above_uidnext(

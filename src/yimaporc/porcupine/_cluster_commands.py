@@ -65,6 +65,21 @@ class UmAddFragment(_Cmd):
     arguments = [*_U, (b"node", amp.Unicode()), (b"first", amp.Integer(optional=True))]
 
 
+class UmAddHolder(_Cmd):
+    """IUserManager.add_holder: record ``node`` as a holder on a majority, then renew
+    the plan's allocation at ``first`` (a delivery's first message on ``node``);
+    ``fence``: the one to store under, empty when the allocation is gone."""
+
+    commandName = b"porcupine.um.add_holder"
+    arguments = [
+        *_U,
+        (b"node", amp.Unicode()),
+        (b"first", amp.Integer()),
+        (b"fence", amp.Unicode()),
+    ]
+    response = [(b"fence", amp.Unicode())]
+
+
 class UmRemoveFragment(_Cmd):
     """IUserManager.remove_fragment."""
 
@@ -340,8 +355,8 @@ class LoadExchange(_Cmd):
 
 
 COMMANDS: tuple[type[_Cmd], ...] = (
-    UmProfile, UmAuthenticate, UmFragments, UmAddFragment, UmRemoveFragment, UmReserveUids,
-    UmPlan, UmPending, MbNumber, MbDemote, UidMark, UidHolders,
+    UmProfile, UmAuthenticate, UmFragments, UmAddFragment, UmAddHolder, UmRemoveFragment,
+    UmReserveUids, UmPlan, UmPending, MbNumber, MbDemote, UidMark, UidHolders,
     MbStore, MbMailboxes, MbCreateMailbox, MbDeleteMailbox, MbRenameMailbox, MbSubscribe,
     MbDigests, MbFetch, MbSetFlags, MbTombstones, MbCopy, MbDelete, MbRemoveUser, MbUsersInBucket,
     Hints, HintsRequest, ProfilePut, LoadExchange, DlDeliver,

@@ -35,6 +35,7 @@ from ._cluster_commands import (
     MbUsersInBucket,
     MbView,
     UmAddFragment,
+    UmAddHolder,
     UmAuthenticate,
     UmFragments,
     UmPending,
@@ -218,6 +219,11 @@ class RemoteUserManager(_Remote):
         kw: dict[str, Any] = {"first": first} if first and first > 0 else {}
         d = self.call(UmAddFragment, user=address, node=node, **kw)
         return d.addCallback(lambda _: None)
+
+    def add_holder(self, address: str, node: str, first: int, fence: str) -> Deferred[str]:
+        """See :meth:`ClusterUserManager.add_holder`."""
+        d = self.call(UmAddHolder, user=address, node=node, first=first, fence=fence)
+        return d.addCallback(lambda r: str(r["fence"]))
 
     def remove_fragment(self, address: str, node: str) -> Deferred[None]:
         """See :class:`IUserManager`."""
@@ -421,6 +427,12 @@ def register_handlers(
     registry.register(UmFragments, fragments)
     registry.register(UmAddFragment, um("add_fragment", none))
     registry.register(UmRemoveFragment, um("remove_fragment", none))
+
+    def add_holder(user: str, node: str, first: int, fence: str) -> Deferred[dict[str, Any]]:
+        d = users().add_holder(user, node, first, fence)
+        return d.addCallback(lambda f: {"fence": f})
+
+    registry.register(UmAddHolder, add_holder)
 
     def reserve(user: str, count: int) -> Deferred[dict[str, Any]]:
         d = users().reserve_uids(user, count)

@@ -46,6 +46,7 @@ from .reconstruct import (
     Reconstruction,
     Settled,
     Taken,
+    split_fence,
     timed_fence,
 )
 from .usermap import N_BUCKETS, bucket_of
@@ -247,6 +248,31 @@ class ClusterUserManager(UserManager):
             recorded = self._record_holder(address, node)
             return recorded.addCallback(self._holder_recorded, address, node)
         return succeed(None)
+
+    def add_holder(self, address: str, node: str, first: int, fence: str) -> Deferred[str]:
+        """See :class:`IUserManager`: :meth:`add_fragment`, then the plan's timed
+        allocation at ``first`` renewed with a fresh time in its fence (the record
+        can outlast NODE_PLAN_TTL under load, and the store would then take it
+        unnumbered: a UID gap).  Empty when the allocation expired or the bucket's
+        fence changed meanwhile (the store goes unnumbered, as without a record)."""
+        address = address.lower()
+
+        def renewed(_: object) -> str:
+            base, at = split_fence(fence)
+            if not base:
+                return fence
+            if not self.state.manages(address) or base != self.core.fence(bucket_of(address)):
+                return ""
+            if at is None:
+                return fence
+            now = self.cluster_now()
+            if now is None or not self.core.renew(
+                address, first, self._now(), NODE_TIMED_ALLOCATION_TTL
+            ):
+                return ""
+            return timed_fence(base, now)
+
+        return self.add_fragment(address, node, 0).addCallback(renewed)
 
     def _holder_recorded(self, ok: bool, address: str, node: str) -> None:
         """Fail :meth:`add_fragment` (the delivery answers 451, not 250) when no

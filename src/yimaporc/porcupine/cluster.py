@@ -617,6 +617,8 @@ class MailCluster(Service):
             "mail_cluster": {
                 **self.user_manager.status(),
                 "pauses": self.pauses,
+                # stores of a plan older than NODE_PLAN_TTL here (kept unnumbered)
+                "late_allocations": self.storage.fragment_store.late_allocations,
                 "lease": self.lease_ok(),
                 "read_lease": {
                     "holds": self.user_manager.core.read_lease(float(self.reactor.seconds())),

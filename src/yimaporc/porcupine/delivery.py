@@ -271,11 +271,14 @@ class DeliveryProxy:
         new = [n for n in dict.fromkeys(nodes) if n not in fragments]
         if msg.uid <= 0 or not new:
             return succeed(msg)
-        ds = [manager.add_fragment(msg.user, n, 0) for n in new]
+        # The manager renews the allocation once the record is written: its age is
+        # checked at the store, and a record can outlast it under load (a UID gap).
+        ds = [manager.add_holder(msg.user, n, msg.uid, msg.fence) for n in new]
 
         def outcome(results: list[tuple[bool, Any]]) -> NewMessage:
-            if all(ok for ok, _ in results):
-                return msg
+            fences = [got for ok, got in results if ok and (got or not msg.fence)]
+            if len(fences) == len(results):
+                return attrs.evolve(msg, fence=fences[-1])
             self.unrecorded_holders += 1
             return attrs.evolve(msg, uid=PENDING, fence="")
 

@@ -78,6 +78,12 @@ class IUserManager(Interface):
         """``node`` now holds mail for ``address``; ``first`` (> 0): the UID a delivery
         plan allocated is now stored there (it leaves the visibility horizon)."""
 
+    def add_holder(address: str, node: str, first: int, fence: str) -> Deferred[str]:
+        """Record ``node`` as a holder of ``address``'s mail (on a majority, in a
+        cluster), then renew the delivery plan's allocation at ``first``: a first
+        message on a new holder waits for that record, and the allocation must not
+        age meanwhile.  The fence to store under; empty: store unnumbered."""
+
     def remove_fragment(address: str, node: str) -> Deferred[None]:
         """``node`` holds no more mail for ``address``."""
 

@@ -74,6 +74,10 @@ class UserManager:
         self.state.add_fragment(address.lower(), node)
         return succeed(None)
 
+    def add_holder(self, address: str, node: str, first: int, fence: str) -> Deferred[str]:
+        """See :class:`IUserManager` (nothing ages here: the fence as given)."""
+        return self.add_fragment(address, node).addCallback(lambda _: fence)
+
     def reserve_uids(self, address: str, count: int) -> Deferred[int]:
         """0: in a cluster of one the storing node numbers messages itself."""
         return succeed(0)

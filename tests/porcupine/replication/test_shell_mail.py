@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from mailtest_helpers import ImmediateReactor, SyncPool, fast_hash, result_of
 from twisted.internet.defer import Deferred, fail, maybeDeferred
@@ -538,13 +539,17 @@ def test_stale_fenced_replicated_message_waits_then_gets_one_uid_everywhere(
 def test_fenced_replicated_uid_below_the_coordinators_uidnext_is_not_reused(
     tmp_path: Path,
 ) -> None:
-    """A fenced UID the coordinator's mailbox already passed (an overtaken store) is
-    never a second message under that UID on any copy: unnumbered, numbered later."""
+    """A fenced UID the coordinator's mailbox already passed (an overtaken store, its
+    allocation still young) keeps that UID on every copy; a UID taken already is never
+    a second message under it on any copy: unnumbered, numbered later."""
     net = Net(tmp_path, "ab")
     a, b = net.boxes["a"], net.boxes["b"]
     for box in net.boxes.values():
         box.mail.fragment_store.set_fences({bucket_of(ALICE): "f@1"})
     settled(net, a.repl.store(["a", "b"], fenced(9, "f@1")))
     got = settled(net, a.repl.store(["a", "b"], fenced(8, "f@1")))
+    assert {d.uid for d in got} == {8}
+    other = attrs.evolve(fenced(9, "f@1"), body=b"Subject: g\r\n\r\nanother\r\n")
+    got = settled(net, a.repl.store(["a", "b"], other))
     assert {d.uid for d in got} == {0}
-    assert [d.uid for d in a.inbox()] == [9] and [d.uid for d in b.inbox()] == [9]
+    assert [d.uid for d in a.inbox()] == [8, 9] and [d.uid for d in b.inbox()] == [8, 9]

@@ -87,20 +87,22 @@ class Numbering(MailboxRows):
             raise NoSuchMailbox(f"no mailbox {name}")
         if m.uid == PENDING or (m.fence and not self._fence_admits(m.user, m.fence)):
             return self._insert_pending(db, m, name, key)
-        if m.fence and m.uid < row[0]:
-            # A fenced allocation below what this mailbox already numbered (a store
-            # overtaken by a later one): never a second message under one UID, never
-            # a UID below one a client may have seen here: numbered afresh later.
-            return self._insert_pending(db, m, name, key)
-        uid = max(row[0], m.uid)
-        if (
+        taken = (
             0 < m.uid < row[0]
-            and not db.execute(
+            and db.execute(
                 "SELECT 1 FROM messages WHERE user=? AND mailbox=? AND uid=?", (m.user, name, m.uid)
             ).fetchone()
-        ):
-            # A cluster-allocated UID arriving late (a replica catching up applies a
-            # later message first): keep it, so every copy of the message has one UID.
+        )
+        if m.fence and taken:
+            # Never two messages under one UID: numbered afresh later.
+            return self._insert_pending(db, m, name, key)
+        uid = max(row[0], m.uid)
+        if 0 < m.uid < row[0] and not taken:
+            # A cluster-allocated UID arriving late: a fenced store overtaken by a
+            # later one (concurrent deliveries; its allocation is young, so the
+            # manager's visibility horizon still holds every reader below it), or a
+            # replica catching up that applied a later message first. It keeps its
+            # UID, so every copy of the message has one UID.
             uid = m.uid
         else:
             db.execute(

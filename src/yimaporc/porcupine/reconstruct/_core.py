@@ -73,6 +73,17 @@ class Reconstruction(HintReconstruction):
         life = self.allocation_ttl if ttl is None else ttl
         self.allocated.setdefault(user, {})[first] = (end, now + life)
 
+    def renew(self, user: str, first: int, now: float, ttl: float) -> bool:
+        """Keep the allocation at ``first`` outstanding ``ttl`` from ``now`` (its
+        delivery waited for a holder record); False if it is gone or expired (then
+        a reader may have been shown UIDs above it: it must not land)."""
+        mine = self.allocated.get(user)
+        got = mine.get(first) if mine else None
+        if mine is None or got is None or got[1] < now:
+            return False
+        mine[first] = (got[0], now + ttl)
+        return True
+
     def confirm(self, user: str, first: int) -> None:
         """The allocation starting at ``first`` landed (its store answered) or never
         will (abandoned): it no longer holds ``user``'s horizon back."""
