@@ -216,8 +216,20 @@ class RelayMixin:
         plan.watch_timer = self.reactor.callLater(WATCH_INTERVAL, self._watch, session_id)
         ran, plan.watch_last = plan.watch_last, self.reactor.seconds()
         stalled = ran is not None and plan.watch_last - ran > WATCH_INTERVAL + WATCH_STALL
+        self._look(session_id, plan, stalled)
+
+    def _look_again(self: StreamingHost, session_id: str) -> None:
+        """A stalled watch's second look, after one pass of the reactor's I/O has read
+        what waited in the sockets (what is still missing then is missing)."""
+        plan = self.plans.get(session_id)
+        if plan is None or plan.relay is None or plan.bye_sent:
+            return
+        self._look(session_id, plan, False)
+
+    def _look(self: StreamingHost, session_id: str, plan: _Plan, stalled: bool) -> None:
+        """:meth:`_watch`'s look at ``plan``'s overdue packets."""
         now = self.node.cluster_time()
-        if not plan.playing or plan.timing is None or now < plan.watch_from:
+        if plan.relay is None or not plan.playing or plan.timing is None or now < plan.watch_from:
             return
         # Every packet the nodes should have sent more than OVERDUE ago.
         horizon = plan.position + plan.lead + (now - plan.started_ct - OVERDUE) * plan.speed
@@ -237,8 +249,12 @@ class RelayMixin:
             return
         if stalled:
             # this node ran late: what it misses may be unread in its sockets (as the
-            # membership's failure detector, it decides after reading them)
+            # membership's failure detector, it decides after reading them: a second
+            # look once the reactor has read them, not at the next watch, which on a
+            # loaded machine is as late and would leave every takeover to the
+            # membership)
             plan.relay.stats.watch_stalls += 1
+            self.reactor.callLater(0, self._look_again, session_id)
             return
         info = self.storage.media_info(plan.media)
         if not info.parity_group:
