@@ -17,6 +17,7 @@ from yimaporc.porcupine.cluster import ClusterUserManager
 from yimaporc.porcupine.profiledb import ProfileDB
 from yimaporc.porcupine.reconstruct import (
     ALLOCATION_TTL,
+    AWAY_HOLD,
     HORIZON_AGE,
     MAX_OUTSTANDING,
     PLAN_TTL,
@@ -312,6 +313,34 @@ def test_allocations_leave_the_horizon_when_confirmed_numbered_or_expired() -> N
     assert isinstance(e, Taken) and c.allocated
     c.install(all_to("n1", 5), ["n0", "n1", "n2"], view=2, now=3.1)
     assert not c.allocated and c.horizon(user, 3.1).outstanding == ()
+
+
+def test_an_expired_allocation_waits_for_a_holder_that_went_away_meanwhile() -> None:
+    """A holder that goes away while an allocation is outstanding may be the node that
+    stored it numbered and died before anyone confirmed it (a replicated delivery's
+    coordinator): past its expiry the allocation still holds readers below it until
+    that holder's hint is in.  A holder away already when the allocation was made
+    did not store it: that allocation expires as before."""
+    user = users_of(3)[0]
+    c = numbering_core(user)
+    a = c.take(user, 1, lease=True, now=1.0)
+    assert isinstance(a, Taken)
+    c.state.note_holder(user, "n2", ["n0", "n1"])  # n2 killed mid-delivery
+    later = 1.0 + ALLOCATION_TTL + 5.0
+    assert c.horizon(user, later).outstanding == ((a.first, a.first + 1),)
+    b = c.take(user, 1, lease=True, now=later)  # made while n2 is away
+    assert isinstance(b, Taken)
+    again = later + ALLOCATION_TTL + 0.01
+    assert c.horizon(user, again).outstanding == ((a.first, a.first + 1),), "b expired"
+    c.state.back(c.bucket(user), "n2")  # n2's hint arrived: its copies are known
+    assert c.horizon(user, again).outstanding == ()
+    # A holder lost for good hides the user's newer mail at most AWAY_HOLD.
+    d = c.take(user, 1, lease=True, now=again)
+    assert isinstance(d, Taken)
+    c.state.note_holder(user, "n1", ["n0", "n2"])
+    end = again + ALLOCATION_TTL
+    assert c.horizon(user, end + AWAY_HOLD).outstanding == ((d.first, d.first + 1),)
+    assert c.horizon(user, end + AWAY_HOLD + 0.01).outstanding == ()
 
 
 @given(

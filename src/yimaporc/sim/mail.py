@@ -91,6 +91,8 @@ class Scenario:
     #: nodes hand R=1 deliveries to the user's manager node (False: the receiving
     #: node places them, the placement regression seeds were found with)
     handover: bool = False
+    #: users get 1, 2, ... up to this many replicas in turn (at most one per node)
+    max_replicas: int = 2
 
 
 class Livelock(RuntimeError):
@@ -350,7 +352,7 @@ class MailKernelSim:
         first = self.hosts["p0"].node
         assert first is not None
         for i, user in enumerate(self.users):
-            replicas = 1 + i % min(2, len(self.hosts))
+            replicas = 1 + i % min(self.scenario.max_replicas, len(self.hosts))
             d = first.mail.add_user(user, PASSWORD, replicas)
             d.addBoth(added.append)
         if not self.run_for(limit, lambda: len(added) == len(self.users)):
@@ -545,11 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", type=int, default=default.faults)
     p.add_argument("--reads", type=int, default=default.reads)
     p.add_argument("--window", type=float, default=default.window, help="seconds (simulated)")
+    p.add_argument("--max-replicas", type=int, default=default.max_replicas,
+                   help="users get 1..this many replicas in turn")  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON object per seed")
     args = p.parse_args(argv)
-    for name in ("seeds", "nodes", "users", "messages"):
+    for name in ("seeds", "nodes", "users", "messages", "max_replicas"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.faults < 0 or args.reads < 0 or args.window <= 0:
         p.error("--faults and --reads must not be negative, --window must be positive")
     scenario = Scenario(
@@ -559,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         faults=args.faults,
         reads=args.reads,
         window=args.window,
+        max_replicas=args.max_replicas,
     )
     seeds = args.seed or list(range(args.first, args.first + args.seeds))
     failed = 0

@@ -45,6 +45,7 @@ from ._core import (
 )
 from ._fences import (
     ALLOCATION_TTL,
+    AWAY_HOLD,
     HEDGE_DELAY,
     HEDGE_MAX,
     LEASE,
@@ -89,6 +90,7 @@ from ._horizon import (
 
 __all__ = [
     "ALLOCATION_TTL",
+    "AWAY_HOLD",
     "HEDGE_DELAY",
     "HEDGE_MAX",
     "HORIZON_AGE",

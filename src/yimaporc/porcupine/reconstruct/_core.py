@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..values import PENDING
 from ._actions import Action, NeedMark, Number, PullHints, Taken
 from ._fences import (
+    AWAY_HOLD,
     MARK_BLOCK,
     NUMBER_BATCH,
 )
@@ -71,7 +72,8 @@ class Reconstruction(HintReconstruction):
         self, user: str, first: int, end: int, now: float, ttl: float | None = None
     ) -> None:
         life = self.allocation_ttl if ttl is None else ttl
-        self.allocated.setdefault(user, {})[first] = (end, now + life)
+        away = frozenset(self.state.away.get(user, ()))
+        self.allocated.setdefault(user, {})[first] = (end, now + life, away)
 
     def renew(self, user: str, first: int, now: float, ttl: float) -> bool:
         """Keep the allocation at ``first`` outstanding ``ttl`` from ``now`` (its
@@ -81,7 +83,7 @@ class Reconstruction(HintReconstruction):
         got = mine.get(first) if mine else None
         if mine is None or got is None or got[1] < now:
             return False
-        mine[first] = (got[0], now + ttl)
+        mine[first] = (got[0], now + ttl, got[2])
         return True
 
     def confirm(self, user: str, first: int) -> None:
@@ -95,15 +97,25 @@ class Reconstruction(HintReconstruction):
 
     def horizon(self, user: str, now: float) -> Horizon:
         """What a reader may show of ``user``'s mail (:class:`Horizon`), with the
-        fragment list of the same moment; expired allocations are dropped."""
+        fragment list of the same moment; expired allocations are dropped.
+
+        Except while a holder of the user's mail that went away after the allocation
+        was made is still away (back in the view is not enough: until its hint is
+        in): it may be the node that stored the message numbered and died before
+        anyone confirmed it (a replicated delivery's coordinator, SIGKILLed). Its copy
+        comes back under this UID, so readers stay below it until then (the chaos
+        test's below_seen of unacknowledged mail; readers of a replicated user go on
+        while fewer than R holders are away), or for at most AWAY_HOLD (a node lost
+        for good)."""
         mine = self.allocated.get(user)
         if mine:
-            for first, (_, expires) in list(mine.items()):
-                if expires < now:
+            away = self.state.away.get(user, set())
+            for first, (_, expires, then) in list(mine.items()):
+                if expires < now and (not (away - then) or expires + AWAY_HOLD < now):
                     del mine[first]
             if not mine:
                 del self.allocated[user]
-        ranges = [(f, e) for f, (e, _) in (mine or {}).items()]
+        ranges = [(f, e) for f, (e, _, _) in (mine or {}).items()]
         top = self.uidnext.get(user, 1)
         return Horizon(_collapse(ranges, top), top)
 

@@ -171,6 +171,13 @@ NODE_PLAN_TTL = 1.0
 NODE_TIMED_ALLOCATION_TTL = 3.0
 
 
+#: An expired allocation is held this much longer while a holder of its user that
+#: went away after it was made is still away (``Reconstruction.horizon``): long enough
+#: for a killed or paused node's restart, short enough that a node lost for good
+#: hides its users' newer mail only this long.
+AWAY_HOLD = 300.0
+
+
 def timed_fence(fence: str, at: float) -> str:
     """``fence`` with the allocation's cluster time ``at``."""
     return f"{fence}/{at:.3f}"

@@ -67,9 +67,10 @@ class ManagerState:
         self.recorded: set[tuple[str, str, str]] = set()
         self.confirmed: set[tuple[str, str, str]] = set()
         self.to_pull: list[int] = []
-        #: user -> first UID -> (end, expiry): allocations that may still land
-        #: (:class:`Horizon`); a numbering's block is keyed the same way.
-        self.allocated: dict[str, dict[int, tuple[int, float]]] = {}
+        #: user -> first UID -> (end, expiry, holders away when made): allocations
+        #: that may still land (:class:`Horizon`); a numbering's block is keyed the
+        #: same way.
+        self.allocated: dict[str, dict[int, tuple[int, float, frozenset[str]]]] = {}
         self.allocation_ttl = ALLOCATION_TTL
         #: user -> nodes a majority recorded as holders (from hints: any tenure).
         self.holders_seen: dict[str, set[str]] = {}
