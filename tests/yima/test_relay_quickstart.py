@@ -343,3 +343,61 @@ def test_the_relay_takes_a_run_in_one_read_as_it_takes_its_datagrams() -> None:
         assert _continuous(t.out)
         outs.append([p[12:] for p in t.out])  # the payloads (SSRC, numbers are random)
     assert outs[0] == outs[1] and len(outs[0]) >= 50
+
+
+class _Sender:
+    """A DatagramSender's batch call as the relay uses it, recorded (single datagrams
+    go through the service's ``_send``, which TwoNodes captures)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[bytes, int]] = []
+
+    def send_segments(self, buf: Any, size: int, addr: tuple[str, int]) -> None:
+        self.batches.append((bytes(buf), size))
+
+    def flush(self) -> bool:
+        return True
+
+
+def test_a_release_of_n_packets_is_one_segmented_send_of_the_rewritten_run() -> None:
+    """The relay forwards what one release gives as one send_segments call (one GSO
+    sendmsg) of the packets rewritten back to back, byte for byte what the per-packet
+    rewrite gave; packets of mixed sizes go one by one."""
+    t = TwoNodes()
+    t.play(2.0)
+    sender = _Sender()
+    t.svc.sender = sender  # type: ignore[assignment]
+    packets = t.b_packets(range(30, 36))
+    t.svc._forward("S1", t.plan, packets)
+    want = [t.svc._to_client(t.plan, p) for p in packets]
+    assert sender.batches == [(b"".join(want), len(want[0]))]
+    assert t.plan.packets >= 6
+    short = [*packets[:2], packets[2][:-100], packets[3]]  # a short one in the middle
+    mark = len(t.out)
+    t.svc._forward("S1", t.plan, short)
+    assert len(sender.batches) == 1  # no batch: one _send (captured in t.out) each
+    assert t.out[mark:] == [t.svc._to_client(t.plan, p) for p in short]
+
+
+@pytest.mark.parametrize("playing", [True, False])
+@pytest.mark.parametrize("position", [0.0, 3.3, 7.0])
+def test_due_upto_is_the_first_packet_due_says_is_not_due(playing: bool, position: float) -> None:
+    """_relay_due_upto(plan, now) is exactly the first gseq for which _relay_due(plan, g)
+    > now (all of them once the end is due), playing (at two speeds) and paused, at
+    every instant around the packets'."""
+    t = TwoNodes()
+    t.play(position)
+    plan = t.plan
+    timing = plan.timing
+    assert timing is not None
+    for speed in (1.0, 1.37):
+        plan.speed = speed
+        if not playing:
+            plan.playing, plan.paused_ct = False, plan.started_ct + 1.5
+        # past the last packet (gseq total and on) due() is the end's instant
+        due = [t.svc._relay_due(plan, g) for g in range(timing.total + 1)]
+        instants = {d + e for d in due if d != float("inf") for e in (-1e-9, 0.0, 1e-9)}
+        for now in sorted(instants | {-5.0, 1e9}):
+            want = next((g for g, d in enumerate(due) if d > now), None)
+            got = t.svc._relay_due_upto(plan, now)
+            assert got == (want if want is not None else 1 << 62), (speed, now)
