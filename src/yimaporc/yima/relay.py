@@ -165,20 +165,26 @@ class Reorderer:
     def _release(self, now: float, force: bool = False) -> list[bytes]:
         out: list[bytes] = []
         heap, held, due, nxt = self._heap, self._held, self.due, self.next
-        # Every packet before ``bound`` is due: asked of ``due`` for the head, then (when
-        # the head is due and more may be) of ``due_upto`` once for the rest.
+        # Every packet before ``bound`` is due: ``due`` is asked packet by packet, and
+        # past the first few of a release ``due_upto`` once for the rest of it.
         if due is None:
             bound = 1 << 62  # unpaced: whatever is in order goes
         else:
             bound = nxt + 1 if force else nxt  # forced: the head goes unasked
+        upto, asked = self.due_upto, 0
         pop, discard, append = heapq.heappop, held.discard, out.append
         while heap and heap[0][0] == nxt:
             if nxt >= bound:
                 assert due is not None
-                if due(nxt) > now:
-                    break
-                upto = self.due_upto
-                bound = max(nxt + 1, upto(now)) if upto is not None else nxt + 1
+                if upto is not None and asked >= ASK_EACH:
+                    bound = max(nxt, upto(now))
+                    if nxt >= bound:
+                        break
+                else:
+                    if due(nxt) > now:
+                        break
+                    asked += 1
+                    bound = nxt + 1
             discard(nxt)
             append(pop(heap)[2])
             nxt += 1
@@ -186,6 +192,11 @@ class Reorderer:
         self._released_at = now  # nothing else is due at ``now`` (see ``push``)
         self.stats.forwarded += len(out)
         return out
+
+
+#: A release asks ``due`` about this many packets one by one before it asks ``due_upto``
+#: (which costs a few ``due`` calls) for the rest.
+ASK_EACH = 4
 
 
 def rewrite(data: bytes, seq: int, ssrc: bytes, keep_extension: bool) -> bytes:
