@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..rtsp._machine import ServerSession
     from ..rtsp._wire import NptRange
     from ..rtsp.interfaces import PlayReply
+    from ._relay_clock import RelayClock
     from ._rtsp_plan import _Plan
     from .interfaces import IMediaStorage
     from .media import MediaInfo
@@ -53,6 +54,7 @@ class StreamingHost(Protocol):
     rtsp_port: IListeningPort | None
     rtcp_port: IListeningPort | None
     sender: DatagramSender | None
+    relay_clock: RelayClock
     _ends: dict[str, tuple[MediaInfo, float]]
 
     # --- the service's own methods ------------------------------------------------

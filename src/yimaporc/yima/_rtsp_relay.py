@@ -271,10 +271,9 @@ class RelayMixin:
             if active:
                 plan.relay_timer.cancel()  # type: ignore[union-attr]
             plan.relay_timer = plan.relay_timer_at = None
-            if deadline is not None:
-                delay = max(0.0, deadline - self.node.cluster_time())
+            if deadline is not None:  # one reactor timer for every relayed session
                 plan.relay_timer_at = deadline
-                plan.relay_timer = self.reactor.callLater(delay, self._relay_tick, session_id)
+                plan.relay_timer = self.relay_clock.arm(session_id, deadline)
 
     def _relay_tick(self: StreamingHost, session_id: str) -> None:
         plan = self.plans.get(session_id)
