@@ -453,3 +453,41 @@ def test_runs_with_duplicates_stale_and_late_packets_come_out_as_one_by_one(seed
     assert outs[0] == outs[1] and len(outs[0]) > 100
     assert stats[0] == stats[1]
     assert stats[0]["stale"] and stats[0]["duplicates"] and stats[0]["skipped"]
+
+
+@pytest.mark.parametrize("ahead", [0.01, 0.04])
+def test_a_release_takes_what_falls_due_within_the_relay_send_ahead_and_no_more(
+    ahead: float,
+) -> None:
+    """With --relay-send-ahead-ms 10 or 40, every packet reaches the client no earlier
+    than that before it is due and no later than one clock step after; 40 ms sends the
+    same packets in fewer, larger batches."""
+    t = TwoNodes(block_us=100_000)  # 100 packets/s
+    t.svc.relay_send_ahead = t.svc.relay_clock.slack = ahead
+    sent: list[tuple[float, bytes, int]] = []
+
+    class _Timed:
+        def send_segments(self, buf: Any, size: int, addr: tuple[str, int]) -> None:
+            sent.extend((t.reactor.seconds(), bytes(buf[i : i + size]), len(buf) // size)
+                        for i in range(0, len(buf), size))  # fmt: skip
+
+        def send(self, data: bytes, addr: tuple[str, int]) -> None:
+            if addr[1] == CLIENT:  # not RTCP
+                sent.append((t.reactor.seconds(), bytes(data), 1))
+
+        def flush(self) -> bool:
+            return True
+
+    t.svc.sender = _Timed()  # type: ignore[assignment]
+    t.svc._send = lambda data, addr: t.svc.sender.send(data, addr)  # type: ignore[method-assign,union-attr]
+    t.play(0.0)
+    t.from_b(_b_gseqs(0, 300))
+    t.run(6.0, step=0.001)
+    plan = t.plan
+    assert len(sent) >= 250
+    for at, p, _ in sent:
+        gseq = (_seq(p) - plan.seq_offset) & 0xFFFF
+        due = t.svc._relay_due(plan, gseq)
+        assert due - ahead - 1e-6 <= at <= due + 0.0011, (gseq, at, due)
+    batch = sum(n for _, _, n in sent) / len(sent)
+    assert batch > (3.0 if ahead == 0.04 else 1.0)

@@ -55,6 +55,7 @@ class StreamingHost(Protocol):
     rtcp_port: IListeningPort | None
     sender: DatagramSender | None
     relay_clock: RelayClock
+    relay_send_ahead: float
     _ends: dict[str, tuple[MediaInfo, float]]
 
     # --- the service's own methods ------------------------------------------------

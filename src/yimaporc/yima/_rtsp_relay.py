@@ -21,7 +21,6 @@ from ._rtsp_plan import (
     BYE_GRACE,
     OVERDUE,
     RETRY,
-    SEND_AHEAD,
     SILENT,
     SUSPECT_FOR,
     WATCH_INTERVAL,
@@ -280,9 +279,10 @@ class RelayMixin:
         if plan is None or plan.relay is None:
             return
         plan.relay_timer = plan.relay_timer_at = None
-        # Packets due within SEND_AHEAD go together (one wake-up and one send, not
-        # one per packet).
-        self._forward(session_id, plan, plan.relay.tick(self.node.cluster_time() + SEND_AHEAD))
+        # Packets due within --relay-send-ahead-ms (10 ms) go together (one wake-up and
+        # one send, not one per packet).
+        ahead = self.relay_send_ahead
+        self._forward(session_id, plan, plan.relay.tick(self.node.cluster_time() + ahead))
 
     def _watch(self: StreamingHost, session_id: str) -> None:
         """Look for overdue packets of a relayed session: ask their owner again at once;

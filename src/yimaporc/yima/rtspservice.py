@@ -111,6 +111,7 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         send_path: str = "auto",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         send_ahead: float = SEND_AHEAD,
+        relay_send_ahead: float = SEND_AHEAD,
         workers: int = 0,
     ) -> None:
         self.node = node
@@ -124,9 +125,14 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         self.mode = mode
         self.rng = rng or random.SystemRandom()
         self.plans: dict[str, _Plan] = {}
-        #: The relayed sessions' releases, on one reactor timer (._relay_clock).
+        #: A relay release takes what falls due within this (``--relay-send-ahead-ms``);
+        #: the relayed sessions' releases share one reactor timer (._relay_clock).
+        self.relay_send_ahead = relay_send_ahead
         self.relay_clock = RelayClock(
-            reactor, lambda: self.node.cluster_time(), lambda sid: self._relay_tick(sid), SEND_AHEAD
+            reactor,
+            lambda: self.node.cluster_time(),
+            lambda sid: self._relay_tick(sid),
+            relay_send_ahead,
         )
         self.lost_sessions = 0
         #: Nodes that went silent on a relayed session (node id -> until when, cluster
