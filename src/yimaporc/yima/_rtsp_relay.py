@@ -2,8 +2,10 @@
 paced and forwarded to the client (UDP or interleaved), the overdue watch and,
 when a node goes silent or leaves, its share taken over from parity here.
 
-A mixin of :class:`~.rtspservice.YimaStreamingService` (its methods, moved here
-unchanged), typed against :class:`~._rtsp_host.StreamingHost`."""
+A mixin of :class:`~.rtspservice.YimaStreamingService`, typed against
+:class:`~._rtsp_host.StreamingHost`.  A read's run of datagrams is pushed in one loop,
+a release is rewritten into one buffer (:func:`.relay.rewrite_run`) and sent as one
+batch, and every session's releases share one reactor timer (:mod:`._relay_clock`)."""
 
 from __future__ import annotations
 
