@@ -11,6 +11,7 @@ chooses.  A quick start sends the whole lead at once, so the first packets of
 from __future__ import annotations
 
 import itertools
+import random
 from types import SimpleNamespace
 from typing import Any
 
@@ -343,3 +344,150 @@ def test_the_relay_takes_a_run_in_one_read_as_it_takes_its_datagrams() -> None:
         assert _continuous(t.out)
         outs.append([p[12:] for p in t.out])  # the payloads (SSRC, numbers are random)
     assert outs[0] == outs[1] and len(outs[0]) >= 50
+
+
+class _Sender:
+    """A DatagramSender's batch call as the relay uses it, recorded (single datagrams
+    go through the service's ``_send``, which TwoNodes captures)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[bytes, int]] = []
+
+    def send_segments(self, buf: Any, size: int, addr: tuple[str, int]) -> None:
+        self.batches.append((bytes(buf), size))
+
+    def flush(self) -> bool:
+        return True
+
+
+def test_a_release_of_n_packets_is_one_segmented_send_of_the_rewritten_run() -> None:
+    """The relay forwards what one release gives as one send_segments call (one GSO
+    sendmsg) of the packets rewritten back to back, byte for byte what the per-packet
+    rewrite gave; packets of mixed sizes go one by one."""
+    t = TwoNodes()
+    t.play(2.0)
+    sender = _Sender()
+    t.svc.sender = sender  # type: ignore[assignment]
+    packets = t.b_packets(range(30, 36))
+    t.svc._forward("S1", t.plan, packets)
+    want = [t.svc._to_client(t.plan, p) for p in packets]
+    assert sender.batches == [(b"".join(want), len(want[0]))]
+    assert t.plan.packets >= 6
+    short = [*packets[:2], packets[2][:-100], packets[3]]  # a short one in the middle
+    mark = len(t.out)
+    t.svc._forward("S1", t.plan, short)
+    assert len(sender.batches) == 1  # no batch: one _send (captured in t.out) each
+    assert t.out[mark:] == [t.svc._to_client(t.plan, p) for p in short]
+
+
+@pytest.mark.parametrize("playing", [True, False])
+@pytest.mark.parametrize("position", [0.0, 3.3, 7.0])
+def test_due_upto_is_the_first_packet_due_says_is_not_due(playing: bool, position: float) -> None:
+    """_relay_due_upto(plan, now) is exactly the first gseq for which _relay_due(plan, g)
+    > now (all of them once the end is due), playing (at two speeds) and paused, at
+    every instant around the packets'."""
+    t = TwoNodes()
+    t.play(position)
+    plan = t.plan
+    timing = plan.timing
+    assert timing is not None
+    for speed in (1.0, 1.37):
+        plan.speed = speed
+        if not playing:
+            plan.playing, plan.paused_ct = False, plan.started_ct + 1.5
+        # past the last packet (gseq total and on) due() is the end's instant
+        due = [t.svc._relay_due(plan, g) for g in range(timing.total + 1)]
+        instants = {d + e for d in due if d != float("inf") for e in (-1e-9, 0.0, 1e-9)}
+        for now in sorted(instants | {-5.0, 1e9}):
+            want = next((g for g, d in enumerate(due) if d > now), None)
+            got = t.svc._relay_due_upto(plan, now)
+            assert got == (want if want is not None else 1 << 62), (speed, now)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_runs_with_duplicates_stale_and_late_packets_come_out_as_one_by_one(seed: int) -> None:
+    """b's share in shuffled runs with duplicates, packets of a stale SSRC, late
+    retransmissions and some never sent, at random instants: handed to the relay as
+    GRO runs, the client gets the same packets (numbers relative to the first, payloads)
+    and the relay counts the same as with one datagram per read."""
+    outs, stats = [], []
+    for batched in (False, True):
+        rng = random.Random(seed)
+        t = TwoNodes()
+        t.play(2.0)
+        proto = _relay_port_protocol(t)
+
+        def give(packets: list[bytes], proto: Any = proto, batched: bool = batched) -> None:
+            if packets and batched:
+                proto.datagramsReceived(b"".join(packets), len(packets[0]), ("127.0.0.2", 1))
+            elif packets:
+                for p in packets:
+                    proto.datagramReceived(p, ("127.0.0.2", 1))
+
+        upto, dropped = 20, []
+        while upto < 300:
+            t.run(rng.choice([0.0, 0.01, 0.3, 0.8]))
+            gseqs = _b_gseqs(upto, upto + rng.randint(1, 12))
+            upto += 12
+            dropped += [g for g in gseqs if rng.random() < 0.1]
+            gseqs = [g for g in gseqs if g not in dropped]
+            rng.shuffle(gseqs) if rng.random() < 0.3 else None
+            if gseqs and rng.random() < 0.3:
+                gseqs.insert(rng.randrange(len(gseqs)), rng.choice(gseqs))  # a duplicate
+            again = rng.random() < 0.3  # some dropped ones resent: in time, or too late
+            if again:
+                gseqs, dropped = dropped[:3], dropped[3:]
+            packets = t.b_packets(gseqs, retransmission=again)
+            if packets and rng.random() < 0.2:  # one with another SSRC (before a seek)
+                k = rng.randrange(len(packets))
+                packets[k] = packets[k][:8] + b"\x00\x00\x00\x01" + packets[k][12:]
+            give(packets)
+        t.run(30.0)
+        give(t.b_packets(dropped, retransmission=True))  # answers to NACKs given up on
+        t.run(1.0)
+        first = _seq(t.out[0])
+        outs.append([((_seq(p) - first) & 0xFFFF, p[12:]) for p in t.out])
+        got = t.svc.relay_stats()
+        del got["receive_reads"]
+        stats.append(got)
+    assert outs[0] == outs[1] and len(outs[0]) > 100
+    assert stats[0] == stats[1]
+    assert stats[0]["stale"] and stats[0]["duplicates"] and stats[0]["skipped"]
+
+
+@pytest.mark.parametrize("ahead", [0.01, 0.04])
+def test_a_release_takes_what_falls_due_within_the_relay_send_ahead_and_no_more(
+    ahead: float,
+) -> None:
+    """With --relay-send-ahead-ms 10 or 40, every packet reaches the client no earlier
+    than that before it is due and no later than one clock step after; 40 ms sends the
+    same packets in fewer, larger batches."""
+    t = TwoNodes(block_us=100_000)  # 100 packets/s
+    t.svc.relay_send_ahead = t.svc.relay_clock.slack = ahead
+    sent: list[tuple[float, bytes, int]] = []
+
+    class _Timed:
+        def send_segments(self, buf: Any, size: int, addr: tuple[str, int]) -> None:
+            sent.extend((t.reactor.seconds(), bytes(buf[i : i + size]), len(buf) // size)
+                        for i in range(0, len(buf), size))  # fmt: skip
+
+        def send(self, data: bytes, addr: tuple[str, int]) -> None:
+            if addr[1] == CLIENT:  # not RTCP
+                sent.append((t.reactor.seconds(), bytes(data), 1))
+
+        def flush(self) -> bool:
+            return True
+
+    t.svc.sender = _Timed()  # type: ignore[assignment]
+    t.svc._send = lambda data, addr: t.svc.sender.send(data, addr)  # type: ignore[method-assign,union-attr]
+    t.play(0.0)
+    t.from_b(_b_gseqs(0, 300))
+    t.run(6.0, step=0.001)
+    plan = t.plan
+    assert len(sent) >= 250
+    for at, p, _ in sent:
+        gseq = (_seq(p) - plan.seq_offset) & 0xFFFF
+        due = t.svc._relay_due(plan, gseq)
+        assert due - ahead - 1e-6 <= at <= due + 0.0011, (gseq, at, due)
+    batch = sum(n for _, _, n in sent) / len(sent)
+    assert batch > (3.0 if ahead == 0.04 else 1.0)

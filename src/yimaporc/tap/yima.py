@@ -56,6 +56,13 @@ class Options(NodeOptions):
             "leave together in one send (GSO), none more than this early (0..200).",
         ],
         [
+            "relay-send-ahead-ms",
+            None,
+            "10",
+            "Milliseconds a relay release looks ahead: a relayed session's packets due "
+            "within it are forwarded in one send (GSO), none more than this early (0..200).",
+        ],
+        [
             "block-cache-mb",
             None,
             str(DEFAULT_CACHE_BYTES >> 20),
@@ -113,6 +120,17 @@ class Options(NodeOptions):
                 f"--send-ahead-ms must be 0..{MAX_SEND_AHEAD * 1000:.0f} milliseconds"
             )
         self["send_ahead"] = ahead_ms / 1000.0
+        try:
+            relay_ms = float(self["relay-send-ahead-ms"])
+        except ValueError:
+            raise usage.UsageError(
+                "--relay-send-ahead-ms must be a number of milliseconds"
+            ) from None
+        if not 0 <= relay_ms <= MAX_SEND_AHEAD * 1000:
+            raise usage.UsageError(
+                f"--relay-send-ahead-ms must be 0..{MAX_SEND_AHEAD * 1000:.0f} milliseconds"
+            )
+        self["relay_send_ahead"] = relay_ms / 1000.0
         if self["workers"] == "auto":
             self["workers_n"] = default_workers()
         else:
@@ -150,6 +168,7 @@ def yima_config(options: Options) -> YimaConfig:
             cache_bytes=options["cache_bytes"],
             workers=options["workers_n"],
             send_ahead=options["send_ahead"],
+            relay_send_ahead=options["relay_send_ahead"],
         )
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e

@@ -23,11 +23,13 @@ if TYPE_CHECKING:
     from ..rtsp._machine import ServerSession
     from ..rtsp._wire import NptRange
     from ..rtsp.interfaces import PlayReply
+    from ._relay_clock import RelayClock
     from ._rtsp_plan import _Plan
     from .interfaces import IMediaStorage
     from .media import MediaInfo
     from .relay import RelayStats
     from .schedule import MediaTiming
+    from .sendpath import DatagramSender
     from .streaming import StreamingNode
 
 
@@ -51,6 +53,9 @@ class StreamingHost(Protocol):
     early_handovers: int
     rtsp_port: IListeningPort | None
     rtcp_port: IListeningPort | None
+    sender: DatagramSender | None
+    relay_clock: RelayClock
+    relay_send_ahead: float
     _ends: dict[str, tuple[MediaInfo, float]]
 
     # --- the service's own methods ------------------------------------------------
@@ -115,6 +120,9 @@ class StreamingHost(Protocol):
     @staticmethod
     def _relay_due(plan: _Plan, gseq: int) -> float: ...
 
+    @staticmethod
+    def _relay_due_upto(plan: _Plan, now: float) -> int: ...
+
     def _relayed(self, session_id: str, data: bytes) -> None: ...
 
     def _relayed_read(self, session_id: str, data: bytes) -> None: ...
@@ -132,6 +140,8 @@ class StreamingHost(Protocol):
     def _forward_late(self, plan: _Plan, data: bytes) -> None: ...
 
     def _forward(self, session_id: str, plan: _Plan, packets: list[bytes]) -> None: ...
+
+    def _send_run(self, buf: bytearray, lengths: list[int], addr: tuple[str, int]) -> None: ...
 
     def _relay_tick(self, session_id: str) -> None: ...
 

@@ -12,6 +12,7 @@ from twisted.internet.protocol import DatagramProtocol
 
 from ..rtsp import RtspStatusError
 from ..rtsp._machine import ServerSession
+from ._relay_clock import RelayWake
 from .media import (
     KIND_WAV,
     PTS_WRAP,
@@ -178,7 +179,7 @@ class _Plan:
     relay: Reorderer | None = None
     relay_port: IListeningPort | None = None
     relay_addr: tuple[str, int] = ("", 0)  # where the nodes send this session's packets
-    relay_timer: IDelayedCall | None = None
+    relay_timer: IDelayedCall | RelayWake | None = None  # its next release
     bye_timer: IDelayedCall | None = None
     # The client opted in to the Yima extension (x-yima-fanout): relayed packets keep it.
     extension: bool = False

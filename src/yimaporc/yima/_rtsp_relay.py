@@ -2,11 +2,15 @@
 paced and forwarded to the client (UDP or interleaved), the overdue watch and,
 when a node goes silent or leaves, its share taken over from parity here.
 
-A mixin of :class:`~.rtspservice.YimaStreamingService` (its methods, moved here
-unchanged), typed against :class:`~._rtsp_host.StreamingHost`."""
+A mixin of :class:`~.rtspservice.YimaStreamingService`, typed against
+:class:`~._rtsp_host.StreamingHost`.  A read's run of datagrams is pushed in one loop,
+a release is rewritten into one buffer (:func:`.relay.rewrite_run`) and sent as one
+batch, and every session's releases share one reactor timer (:mod:`._relay_clock`)."""
 
 from __future__ import annotations
 
+import struct
+from functools import partial
 from typing import TYPE_CHECKING
 
 import attrs
@@ -19,23 +23,23 @@ from ._rtsp_plan import (
     BYE_GRACE,
     OVERDUE,
     RETRY,
-    SEND_AHEAD,
     SILENT,
     SUSPECT_FOR,
     WATCH_INTERVAL,
     WATCH_STALL,
     _big_buffers,
-    _header_length,
     _Plan,
     _Udp,
 )
 from .feedback import RETRANSMISSION_MARK
 from .recvpath import listen_udp_batched
-from .relay import Reorderer, rewrite
+from .relay import Reorderer, rewrite, rewrite_run
 from .streaming import StreamControl
 
 if TYPE_CHECKING:
     from ._rtsp_host import StreamingHost
+
+_SEQ_SSRC = struct.Struct(">2xH4xI")  # a node packet's sequence number and SSRC
 
 
 class RelayMixin:
@@ -53,8 +57,9 @@ class RelayMixin:
             )
         except CannotListenError as exc:
             raise RtspStatusError(503, f"no relay port: {exc}") from None
-        plan.relay = Reorderer(first=0, hold=0.3, due=lambda g: self._relay_due(plan, g),
-                               hold_until=lambda g: plan.hold_gaps_until)  # fmt: skip
+        plan.relay = Reorderer(first=0, hold=0.3, due=partial(self._relay_due, plan),
+                               hold_until=lambda g: plan.hold_gaps_until,
+                               due_upto=partial(self._relay_due_upto, plan))  # fmt: skip
         plan.relay_port = listening
         _big_buffers(listening)
         # This node's own packets skip the socket (two syscalls and a copy each).
@@ -88,13 +93,41 @@ class RelayMixin:
     @staticmethod
     def _relay_due(plan: _Plan, gseq: int) -> float:
         """Cluster instant at which the relay forwards packet ``gseq`` (inf while paused)."""
-        if plan.timing is None:
+        timing = plan.timing
+        if timing is None:
             return float("inf")
-        t = plan.timing.gseq_time(gseq)
+        if gseq < timing.total:  # timing.gseq_time(gseq), asked for at every release
+            block, j = divmod(gseq, timing.packets_per_block)
+            t = timing.packet_time(block, j)
+        else:
+            t = timing.gseq_time(gseq)
         if plan.playing:
             return plan.started_ct + (t - plan.position) / plan.speed
         # Paused (at paused_ct, at media position ``position``): what played before goes.
         return plan.paused_ct + (t - plan.position) if t < plan.position else float("inf")
+
+    @staticmethod
+    def _relay_due_upto(plan: _Plan, now: float) -> int:
+        """The first gseq :meth:`_relay_due` does not give as due at ``now`` (every one
+        before it is: packet times never decrease along gseq): found by bisection over
+        the block times, then settled by :meth:`_relay_due` itself, so it agrees with
+        asking packet by packet."""
+        timing, due = plan.timing, RelayMixin._relay_due
+        if timing is None:
+            return 0
+        if plan.playing:
+            horizon = plan.position + (now - plan.started_ct) * plan.speed
+        else:
+            horizon = min(plan.position, plan.position + now - plan.paused_ct)
+        total = timing.total
+        if due(plan, total) <= now:
+            return 1 << 62  # past the end: every packet (and any beyond) is due
+        g = timing.first_gseq_at(horizon)
+        while g < total and due(plan, g) <= now:
+            g += 1
+        while g > 0 and due(plan, g - 1) > now:
+            g -= 1
+        return g
 
     def _relayed_read(self: StreamingHost, session_id: str, data: bytes) -> None:
         """One datagram read from the relay socket."""
@@ -120,16 +153,42 @@ class RelayMixin:
         self._forward(session_id, plan, self._relay_one(plan, data, self.node.cluster_time()))
 
     def _relayed_many(self: StreamingHost, session_id: str, view: memoryview, size: int) -> None:
-        """A run of this node's own packets for a relayed session, handed over in one
-        call (``size``-byte datagrams, the last may be shorter): pushed in order, then
-        whatever they release is forwarded as one batch."""
+        """A run of ``size``-byte datagrams for a relayed session, handed over in one
+        call (``size``-byte datagrams, the last may be shorter): each pushed in order as
+        :meth:`_relay_one` does, then whatever they release is forwarded as one batch."""
         plan = self.plans.get(session_id)
         if plan is None or plan.relay is None:
             return
         now = self.node.cluster_time()
         released: list[bytes] = []
-        for at in range(0, len(view), size):
-            released.extend(self._relay_one(plan, bytes(view[at : at + size]), now))
+        n = len(view)
+        if size < 24:  # too short to carry the extension: the general path
+            for at in range(0, n, size):
+                released.extend(self._relay_one(plan, bytes(view[at : at + size]), now))
+            self._forward(session_id, plan, released)
+            return
+        relay, heard, node_ssrc, seq_base = plan.relay, plan.heard, plan.node_ssrc, plan.seq_base
+        push, unpack, extend = relay.push, _SEQ_SSRC.unpack_from, released.extend
+        settled = False  # after the run's first push, only its next packet releases more
+        for at in range(0, n, size):
+            data = bytes(view[at : at + size])
+            if len(data) < 24:  # the run's last, short one: the general path
+                extend(self._relay_one(plan, data, now))
+                settled = False
+                continue
+            seq16, ssrc = unpack(data)
+            if ssrc != node_ssrc:
+                relay.stats.stale += 1  # sent for the position before a seek
+                continue
+            if data[12] == 0xBE and data[13] == 0xDE and data[16] == 0x14:
+                heard[data[17]] = now  # the node index in the Yima extension
+            base = relay.next  # unwrap against what the relay expects next
+            gseq = base + ((((seq16 - seq_base) & 0xFFFF) - base + 0x8000) & 0xFFFF) - 0x8000
+            if gseq < base and data[22:24] == RETRANSMISSION_MARK:
+                self._forward_late(plan, data)  # a NACKed packet the relay gave up on
+                continue
+            extend(push(gseq, data, now, settled))
+            settled = True
         self._forward(session_id, plan, released)
 
     def _relay_one(self: StreamingHost, plan: _Plan, data: bytes, now: float) -> list[bytes]:
@@ -166,20 +225,41 @@ class RelayMixin:
         else:
             self._send(data, (plan.dest_host, plan.dest_port))
 
+    def _send_run(
+        self: StreamingHost, buf: bytearray, lengths: list[int], addr: tuple[str, int]
+    ) -> None:
+        """Datagrams of ``lengths`` back to back in ``buf`` to ``addr``: one batch of the
+        sender (one ``sendmsg`` with GSO) when they are of one size (the last may be
+        shorter), else one by one."""
+        size = lengths[0]
+        if (
+            self.sender is not None
+            and len(lengths) > 1
+            and lengths[-1] <= size
+            and lengths.count(size) == len(lengths) - (lengths[-1] != size)
+        ):
+            self.sender.send_segments(buf, size, addr)
+            return
+        for data in _split(buf, lengths):
+            self._send(data, addr)
+
     def _forward(self: StreamingHost, session_id: str, plan: _Plan, packets: list[bytes]) -> None:
-        packets = [self._to_client(plan, d) for d in packets]
         if packets:
-            last = packets[-1]
-            plan.packets += len(packets)
-            plan.octets += sum(len(d) - _header_length(d) for d in packets)
-            plan.last_rtp_ts = int.from_bytes(last[4:8], "big")
+            # rewritten together into one buffer (relay.rewrite_run), sent as one batch
+            buf, lengths, octets = rewrite_run(
+                packets, plan.seq_offset - plan.seq_base, plan.ssrc.to_bytes(4, "big"),
+                plan.extension,
+            )  # fmt: skip
+            plan.packets += len(lengths)
+            plan.octets += octets
+            last = len(buf) - lengths[-1]
+            plan.last_rtp_ts = int.from_bytes(buf[last + 4 : last + 8], "big")
             plan.last_sent_at = self.reactor.seconds()
-        if packets:
             if plan.tcp_channel is not None:
                 if plan.session is not None:  # one transport write for the batch
-                    send_interleaved_many(plan.session, plan.tcp_channel, packets)
+                    send_interleaved_many(plan.session, plan.tcp_channel, _split(buf, lengths))
             else:
-                self._send_batch(packets, (plan.dest_host, plan.dest_port))
+                self._send_run(buf, lengths, (plan.dest_host, plan.dest_port))
         done = plan.relay is not None and plan.total and plan.relay.next >= plan.total
         if done and plan.bye_timer is None and not plan.bye_sent:
             plan.bye_timer = self.reactor.callLater(BYE_GRACE, self._bye, plan)
@@ -192,19 +272,19 @@ class RelayMixin:
             if active:
                 plan.relay_timer.cancel()  # type: ignore[union-attr]
             plan.relay_timer = plan.relay_timer_at = None
-            if deadline is not None:
-                delay = max(0.0, deadline - self.node.cluster_time())
+            if deadline is not None:  # one reactor timer for every relayed session
                 plan.relay_timer_at = deadline
-                plan.relay_timer = self.reactor.callLater(delay, self._relay_tick, session_id)
+                plan.relay_timer = self.relay_clock.arm(session_id, deadline)
 
     def _relay_tick(self: StreamingHost, session_id: str) -> None:
         plan = self.plans.get(session_id)
         if plan is None or plan.relay is None:
             return
         plan.relay_timer = plan.relay_timer_at = None
-        # Packets due within SEND_AHEAD go together (one wake-up and one send, not
-        # one per packet).
-        self._forward(session_id, plan, plan.relay.tick(self.node.cluster_time() + SEND_AHEAD))
+        # Packets due within --relay-send-ahead-ms (10 ms) go together (one wake-up and
+        # one send, not one per packet).
+        ahead = self.relay_send_ahead
+        self._forward(session_id, plan, plan.relay.tick(self.node.cluster_time() + ahead))
 
     def _watch(self: StreamingHost, session_id: str) -> None:
         """Look for overdue packets of a relayed session: ask their owner again at once;
@@ -427,3 +507,12 @@ class RelayMixin:
         self.log.info("rtsp: {me} serves {n}'s {k} blocks of {s} from {mt:.1f} s as node {i}",
                       n=node_id, me=self.node.node_id, k=len(blocks), s=sid, mt=mt,
                       i=plan.takeover_index[node_id])  # fmt: skip
+
+
+def _split(buf: bytearray, lengths: list[int]) -> list[bytes]:
+    """The datagrams of ``lengths`` back to back in ``buf``, each as bytes."""
+    out, at = [], 0
+    for n in lengths:
+        out.append(bytes(buf[at : at + n]))
+        at += n
+    return out

@@ -76,6 +76,9 @@ class YimaConfig:
     #: Seconds a delivery tick looks ahead (``--send-ahead-ms``): a session's packets
     #: due within it leave together, in one send; none leaves more than this early.
     send_ahead: float = SEND_AHEAD
+    #: Seconds a relay release looks ahead (``--relay-send-ahead-ms``): a relayed
+    #: session's packets due within it are forwarded together, none more than this early.
+    relay_send_ahead: float = SEND_AHEAD
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in MODES:
@@ -88,6 +91,11 @@ class YimaConfig:
             raise ConfigError(
                 f"--send-ahead-ms must be 0..{MAX_SEND_AHEAD * 1000:.0f} ms, "
                 f"not {self.send_ahead * 1000:g}"
+            )
+        if not 0.0 <= self.relay_send_ahead <= MAX_SEND_AHEAD:
+            raise ConfigError(
+                f"--relay-send-ahead-ms must be 0..{MAX_SEND_AHEAD * 1000:.0f} ms, "
+                f"not {self.relay_send_ahead * 1000:g}"
             )
 
 
@@ -155,6 +163,7 @@ class YimaNode:
             send_path=config.send_path,
             cache_bytes=config.cache_bytes,
             send_ahead=config.send_ahead,
+            relay_send_ahead=config.relay_send_ahead,
             workers=config.workers,
         )
         return cls(

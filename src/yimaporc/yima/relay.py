@@ -23,7 +23,8 @@ skipped.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -60,6 +61,7 @@ class Reorderer:
         limit: int = 4096,
         due: Callable[[int], float] | None = None,
         hold_until: Callable[[int], float] | None = None,
+        due_upto: Callable[[float], int] | None = None,
     ) -> None:
         self.next = first
         self.hold = hold
@@ -69,23 +71,39 @@ class Reorderer:
         #: Paced: ``hold_until(gseq)`` is the earliest instant a missing ``gseq`` may be
         #: given up (however due the packets after it are).
         self.hold_until = hold_until
+        #: Paced, optional: ``due_upto(now)`` is the first gseq not due at ``now`` (every
+        #: one before it is): a release asks it once instead of ``due`` per packet.
+        self.due_upto = due_upto
         self.stats = RelayStats()
         self._heap: list[tuple[int, float, bytes]] = []
         self._held: set[int] = set()
         #: Every packet in [next, _whole) is held: :meth:`missing` starts there.
         self._whole = first
+        #: The ``now`` of the last release (everything due then went).
+        self._released_at: float | None = None
 
-    def push(self, gseq: int, data: bytes, now: float) -> list[bytes]:
-        """Accept one packet; return whatever can now be forwarded, in order."""
+    def push(self, gseq: int, data: bytes, now: float, settled: bool = False) -> list[bytes]:
+        """Accept one packet; return whatever can now be forwarded, in order.
+
+        ``settled``: ``due`` has not changed since the caller's last push (a run's later
+        packets, pushed in one go): if that push released at this same ``now``, only
+        this packet, if it is the next one, can release more, so ``due`` is not asked
+        again (the same outcome)."""
         if gseq < self.next or gseq in self._held:
             if gseq < self.next:
                 self.stats.too_late += 1
             else:
                 self.stats.duplicates += 1
             return []
-        heapq.heappush(self._heap, (gseq, now, data))
+        heap = self._heap
+        heapq.heappush(heap, (gseq, now, data))
         self._held.add(gseq)
-        out = self._release(now)
+        # Nothing goes while the head is a gap (``_release`` would stop there at once).
+        head = heap[0][0]
+        if head != self.next or (settled and head != gseq and self._released_at == now):
+            out = []
+        else:
+            out = self._release(now)
         while len(self._heap) > self.limit:
             out.extend(self._skip_gap(now))
         return out
@@ -110,6 +128,7 @@ class Reorderer:
         self._heap.clear()
         self._held.clear()
         self.next = self._whole = first
+        self._released_at = None
 
     def tick(self, now: float) -> list[bytes]:
         """Release what is due; give up gaps whose next packet is due and which were
@@ -144,17 +163,40 @@ class Reorderer:
         return self._release(now, force=True)
 
     def _release(self, now: float, force: bool = False) -> list[bytes]:
-        out = []
-        while self._heap and self._heap[0][0] == self.next:
-            if not force and self.due is not None and self.due(self.next) > now:
-                break
-            force = False
-            gseq, _, data = heapq.heappop(self._heap)
-            self._held.discard(gseq)
-            out.append(data)
-            self.next += 1
+        out: list[bytes] = []
+        heap, held, due, nxt = self._heap, self._held, self.due, self.next
+        # Every packet before ``bound`` is due: ``due`` is asked packet by packet, and
+        # past the first few of a release ``due_upto`` once for the rest of it.
+        if due is None:
+            bound = 1 << 62  # unpaced: whatever is in order goes
+        else:
+            bound = nxt + 1 if force else nxt  # forced: the head goes unasked
+        upto, asked = self.due_upto, 0
+        pop, discard, append = heapq.heappop, held.discard, out.append
+        while heap and heap[0][0] == nxt:
+            if nxt >= bound:
+                assert due is not None
+                if upto is not None and asked >= ASK_EACH:
+                    bound = max(nxt, upto(now))
+                    if nxt >= bound:
+                        break
+                else:
+                    if due(nxt) > now:
+                        break
+                    asked += 1
+                    bound = nxt + 1
+            discard(nxt)
+            append(pop(heap)[2])
+            nxt += 1
+        self.next = nxt
+        self._released_at = now  # nothing else is due at ``now`` (see ``push``)
         self.stats.forwarded += len(out)
         return out
+
+
+#: A release asks ``due`` about this many packets one by one before it asks ``due_upto``
+#: (which costs a few ``due`` calls) for the rest.
+ASK_EACH = 4
 
 
 def rewrite(data: bytes, seq: int, ssrc: bytes, keep_extension: bool) -> bytes:
@@ -174,3 +216,58 @@ def rewrite(data: bytes, seq: int, ssrc: bytes, keep_extension: bool) -> bytes:
     end = fixed + 4 + 4 * int.from_bytes(data[fixed + 2 : fixed + 4], "big")
     return (bytes((data[0] & 0xEF,)) + data[1:2] + seq_bytes + data[4:8] + ssrc
             + data[12:fixed] + data[end:])  # fmt: skip
+
+
+_FIXED = struct.Struct(">BBHI4s")  # the 12-byte fixed header as forwarded
+_NODE = struct.Struct(">BBHIIHH")  # a node's fixed header and extension header (16 bytes)
+
+
+def rewrite_run(
+    packets: Sequence[bytes], seq_delta: int, ssrc: bytes, keep_extension: bool
+) -> tuple[bytearray, list[int], int]:
+    """:func:`rewrite` over a run of a node's packets at once, into one buffer.
+
+    Each packet's sequence number becomes its own plus ``seq_delta`` (mod 2**16); the
+    rest is :func:`rewrite`'s, byte for byte.  Returns the packets back to back, their
+    lengths (in order) and their payload bytes (after the fixed header, CSRCs and any
+    extension kept): what the relay sends as one batch and counts in RTCP.
+    """
+    buf = bytearray()
+    lengths: list[int] = []
+    octets = 0
+    fixed, node = _FIXED, _NODE
+    for d in packets:
+        n = len(d)
+        if n < 16 or d[0] & 0x0F:  # short, or CSRCs: the general case
+            seq = (int.from_bytes(d[2:4], "big") + seq_delta) & 0xFFFF
+            r = rewrite(d, seq, ssrc, keep_extension)
+            buf += r
+            lengths.append(len(r))
+            hl = 12 + 4 * (r[0] & 0x0F)
+            if r[0] & 0x10 and len(r) >= hl + 4:
+                hl += 4 + 4 * int.from_bytes(r[hl + 2 : hl + 4], "big")
+            octets += len(r) - min(hl, len(r))
+            continue
+        b0, b1, seq, ts, _, _, words = node.unpack_from(d)
+        seq = (seq + seq_delta) & 0xFFFF
+        end = 16 + 4 * words
+        if not b0 & 0x10:  # plain RTP already: new numbers only
+            at = len(buf)
+            buf += d
+            fixed.pack_into(buf, at, b0, b1, seq, ts, ssrc)
+            lengths.append(n)
+            octets += n - 12
+        elif keep_extension:
+            at = len(buf)
+            buf += d
+            fixed.pack_into(buf, at, b0, b1, seq, ts, ssrc)
+            lengths.append(n)
+            octets += n - min(end, n)
+        else:  # the Yima extension stripped: X clear, fixed header, payload
+            buf += fixed.pack(b0 & 0xEF, b1, seq, ts, ssrc)
+            if end < n:
+                buf += memoryview(d)[end:]
+            m = 12 + max(0, n - end)
+            lengths.append(m)
+            octets += m - 12
+    return buf, lengths, octets

@@ -42,6 +42,7 @@ from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
 from ..rtsp._machine import ServerSession
 from ..rtsp._wire import TransportSpec
 from ..rtsp.sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
+from ._relay_clock import RelayClock
 from ._rtsp_plan import (
     OVERDUE,
     RELAY_LEAD,
@@ -110,6 +111,7 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         send_path: str = "auto",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         send_ahead: float = SEND_AHEAD,
+        relay_send_ahead: float = SEND_AHEAD,
         workers: int = 0,
     ) -> None:
         self.node = node
@@ -123,6 +125,15 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         self.mode = mode
         self.rng = rng or random.SystemRandom()
         self.plans: dict[str, _Plan] = {}
+        #: A relay release takes what falls due within this (``--relay-send-ahead-ms``);
+        #: the relayed sessions' releases share one reactor timer (._relay_clock).
+        self.relay_send_ahead = relay_send_ahead
+        self.relay_clock = RelayClock(
+            reactor,
+            lambda: self.node.cluster_time(),
+            lambda sid: self._relay_tick(sid),
+            relay_send_ahead,
+        )
         self.lost_sessions = 0
         #: Nodes that went silent on a relayed session (node id -> until when, cluster
         #: time): their blocks are rebuilt from parity instead of asked of them.
@@ -233,6 +244,7 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
             self.workers.stop()
         self.streaming.local.clear()
         self.streaming.local_batch.clear()
+        self.relay_clock.stop()
         self.factory.stop()
         ports = [p for p in (self.data_port, self.rtcp_port, self.rtsp_port) if p is not None]
         for plan in self.plans.values():
