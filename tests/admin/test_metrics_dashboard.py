@@ -73,6 +73,10 @@ PORCUPINE_STATUS: dict[str, Any] = {
         "users_with_mail": 2,
         "load": 0.5,
         "rpc_calls": {"deliver": 9},
+        "unnumbered": 4,
+        "numbered": 11,
+        "pending_plans": 5,
+        "late_allocations": 2,
     },
     "replication": {
         "state": "running",
@@ -191,6 +195,12 @@ def test_porcupine_status_becomes_conventional_metrics() -> None:
     assert got["yimaporc_mail_delivery_events_total"] == {
         (("event", "store_retries"),): 1,
         (("event", "unrecorded_holders"),): 3,
+    }
+    assert got["yimaporc_mail_unnumbered"] == {(): 4}
+    assert got["yimaporc_mail_uid_events_total"] == {
+        (("event", "numbered"),): 11,
+        (("event", "pending_plans"),): 5,
+        (("event", "late_allocations"),): 2,
     }
     assert got["yimaporc_mail_auth_failures_total"] == {(): 2}
     assert got["yimaporc_mail_imap_open_mailboxes"] == {(): 3}

@@ -194,6 +194,19 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
     out.gauge(
         "yimaporc_mail_load", "This node's load as the balancer sees it.", cluster.get("load")
     )
+    out.gauge(
+        "yimaporc_mail_unnumbered",
+        "Messages stored here without a UID, waiting for their manager to number them.",
+        cluster.get("unnumbered"),
+    )
+    for key in ("numbered", "pending_plans", "late_allocations"):
+        out.counter(
+            "yimaporc_mail_uid_events",
+            "UID events: messages numbered late by their manager, deliveries that got "
+            "no UID, stores whose allocation was too old here.",
+            cluster.get(key),
+            event=key,
+        )
     for command, value in sorted((cluster.get("rpc_calls") or {}).items()):
         out.counter(
             "yimaporc_mail_cluster_rpc_calls",
