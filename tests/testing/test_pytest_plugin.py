@@ -71,6 +71,53 @@ def test_frozen_collection_still_reports_errors_left_in_cycles(pytester: pytest.
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaves_an_error_in_a_cycle*"])
 
 
+_LATE_TESTS = """
+import gc
+from twisted.internet.defer import fail
+
+KEPT = []
+
+def test_keeps_objects_alive():
+    KEPT.extend(object() for _ in range(1000))
+    KEPT.append({"cycle": KEPT})
+
+def test_a_later_test_still_sees_its_own_error_in_a_cycle():
+    d = fail(ValueError("left by the second test"))
+    holder = {"d": d}
+    holder["self"] = holder
+    d.addCallback(lambda _, h=holder: h)
+
+def test_keeps_an_error_past_its_teardown():
+    d = fail(KeyError("outlives its test"))
+    holder = {"d": d}
+    holder["self"] = holder
+    d.addCallback(lambda _, h=holder: h)
+    KEPT.append(holder)
+
+def test_lets_it_go():
+    KEPT.clear()
+"""
+
+
+def test_survivors_are_frozen_after_each_test_and_errors_still_fail(
+    pytester: pytest.Pytester,
+) -> None:
+    """With the project conftest (survivors frozen after each teardown): a later test's
+    error in a cycle still fails that test; an error kept past its test's teardown and
+    dropped later into a cycle fails the run at the final collection."""
+    conftest = Path(__file__).resolve().parents[1] / "conftest.py"
+    pytester.makeconftest(conftest.read_text())
+    pytester.makepyfile(test_late=_LATE_TESTS)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*ERROR at teardown of test_a_later_test_still_sees_its_own_error_in_a_cycle*"]
+    )
+    result.stdout.fnmatch_lines(["*logged failures found by the final collection*"])
+    result.stdout.fnmatch_lines(["*KeyError*outlives its test*"])
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
 def test_the_suite_runs_with_collection_frozen() -> None:
     """tests/conftest.py froze the collected objects, so the per-test collection stays cheap."""
     assert gc.get_freeze_count() > 1000
