@@ -27,6 +27,7 @@ from yimaporc.porcupine.cluster import MbStore
 from yimaporc.porcupine.reconstruct import NODE_READ_LEASE
 from yimaporc.porcupine.usermap import bucket_of
 from yimaporc.porcupine.values import INBOX, Digest, MailUnavailable
+from yimaporc.testing.seeds import sweep
 
 DEBUG = False
 
@@ -385,7 +386,7 @@ def chaos(tmp_path: Path, seed: int, steps: int = 12, forwarding: bool = False) 
 
 
 @pytest.mark.parametrize("forwarding", [False, True], ids=["placed-here", "handed-to-manager"])
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", sweep(range(6), 3))  # 3 in `make test`, 6 under `make test-slow`
 def test_seeded_pauses_and_partitions_keep_the_uid_invariants(
     tmp_path: Path, seed: int, forwarding: bool
 ) -> None:
