@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -134,3 +137,39 @@ def test_hypothesis_profiles_keep_the_default_run_short_and_fuzz_long() -> None:
             os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
         ).max_examples
     )
+
+
+def _root_conftest() -> Any:
+    """A fresh copy of tests/conftest.py as a module (its helpers, not its hooks)."""
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location("root_conftest_copy", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unit_tier_tmp_path_goes_to_tmpfs_only_with_room_and_without_integration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tmpfs for tmp_path when the run has no integration test, no chosen root and room;
+    on disk for any run with an integration test, a chosen root or too little room."""
+    conftest = _root_conftest()
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(conftest, "TMPFS", shm)
+    monkeypatch.setattr(conftest, "TMPFS_ROOM", 1)
+    monkeypatch.delenv("PYTEST_DEBUG_TEMPROOT", raising=False)
+    tests = Path(conftest.__file__).parent
+    unit = SimpleNamespace(path=tests / "yima" / "test_rtp.py")
+    integration = SimpleNamespace(path=tests / "integration" / "test_mail_roundtrip.py")
+    assert conftest.tmpfs_root([unit]) == shm
+    assert conftest.tmpfs_root([unit, integration]) is None
+    monkeypatch.setattr(conftest, "TMPFS_ROOM", 1 << 60)
+    assert conftest.tmpfs_root([unit]) is None, "too little room"
+    monkeypatch.setattr(conftest, "TMPFS_ROOM", 1)
+    monkeypatch.setattr(conftest, "TMPFS", tmp_path / "missing")
+    assert conftest.tmpfs_root([unit]) is None, "no tmpfs"
+    monkeypatch.setattr(conftest, "TMPFS", shm)
+    monkeypatch.setenv("PYTEST_DEBUG_TEMPROOT", str(tmp_path))
+    assert conftest.tmpfs_root([unit]) is None, "a root chosen by the user"
