@@ -14,7 +14,6 @@ driven by one ``random.Random(seed)``, so a failing seed replays exactly.
 from __future__ import annotations
 
 import functools
-import heapq
 import random
 from collections.abc import Callable, Iterable
 
@@ -22,6 +21,7 @@ import attrs
 
 from yimaporc.cluster import wire
 from yimaporc.cluster.membership import EMPTY_VIEW, Membership, Send, TrmConfig, View, ViewChanged
+from yimaporc.simloop import CoreNet
 
 
 @attrs.define
@@ -73,8 +73,9 @@ class SimNode:
         return self.core.view if self.core is not None else EMPTY_VIEW
 
 
-class SimNetwork:
-    """Nodes, links and a virtual clock; ``run_until`` advances time."""
+class SimNetwork(CoreNet):
+    """Nodes, links and a virtual clock (:class:`~yimaporc.simloop.CoreNet`: the event
+    queue, partitions and cut links, the datagram draws); ``run_until`` advances time."""
 
     def __init__(
         self,
@@ -86,7 +87,7 @@ class SimNetwork:
         encode: bool = True,
         on_view: Callable[[SimNode, View, View], None] | None = None,
     ) -> None:
-        self.rng = random.Random(seed)
+        super().__init__(seed)
         self.faults = faults or Faults()
         self.config = config or TrmConfig()
         self.max_skew = skew
@@ -94,13 +95,8 @@ class SimNetwork:
         self.on_view = on_view
         self.key = b"k" * 32
         self.scope = wire.Scope("sim", "porcupine")
-        self.now = 0.0
         self.nodes: dict[str, SimNode] = {}
         self.by_address: dict[str, SimNode] = {}
-        self._queue: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = 0
-        self._groups: dict[str, int] | None = None
-        self._cut: set[frozenset[str]] = set()
         self.datagrams_sent = 0
         self.datagrams_delivered = 0
         self.rejected = 0
@@ -140,35 +136,10 @@ class SimNetwork:
         node.core = None
         node.timer_gen += 1
 
-    def partition(self, *groups: Iterable[str]) -> None:
-        """Only nodes within the same group can talk; unlisted nodes are isolated."""
-        self._groups = {}
-        for i, group in enumerate(groups):
-            for node_id in group:
-                self._groups[node_id] = i
-
-    def heal(self) -> None:
-        """Remove every partition and cut link."""
-        self._groups = None
-        self._cut.clear()
-
-    def cut(self, a: str, b: str) -> None:
-        """Only the link between ``a`` and ``b`` fails (non-transitive connectivity)."""
-        self._cut.add(frozenset((a, b)))
-
     def pause(self, node_id: str, seconds: float) -> None:
         """Stop a node's process for ``seconds`` (SIGSTOP): its timers and the datagrams
         it receives wait; on resume its late timers run first, then the queued datagrams."""
         self.nodes[node_id].paused_until = self.now + seconds
-
-    def connected(self, a: str, b: str) -> bool:
-        """True when ``a`` and ``b`` can exchange datagrams."""
-        if frozenset((a, b)) in self._cut:
-            return False
-        if self._groups is None:
-            return True
-        ga, gb = self._groups.get(a), self._groups.get(b)
-        return ga is not None and ga == gb
 
     def components(self) -> list[set[str]]:
         """The live nodes, grouped by who can reach whom."""
@@ -200,21 +171,6 @@ class SimNetwork:
 
     def _local(self, node: SimNode) -> float:
         return self.now + node.skew
-
-    def _at(self, when: float, fn: Callable[[], None]) -> None:
-        self._seq += 1
-        heapq.heappush(self._queue, (when, self._seq, fn))
-
-    def run_until(self, until: float, stop: Callable[[], bool] | None = None) -> bool:
-        """Advance to ``until`` (true time); with ``stop``, return early once it holds."""
-        while self._queue and self._queue[0][0] <= until:
-            when, _, fn = heapq.heappop(self._queue)
-            self.now = when
-            fn()
-            if stop is not None and stop():
-                return True
-        self.now = max(self.now, until)
-        return stop() if stop is not None else False
 
     def run_until_converged(self, limit: float) -> float | None:
         """Run until converged (checked as events happen); the time it took, or None."""
@@ -284,13 +240,7 @@ class SimNetwork:
         if dst is None or not self.connected(src.node_id, dst.node_id):
             return
         f = self.faults
-        if self.rng.random() < f.loss:
-            return
-        copies = 2 if self.rng.random() < f.duplicate else 1
-        for _ in range(copies):
-            delay = self.rng.uniform(*f.latency)
-            if self.rng.random() < f.reorder:
-                delay += self.rng.uniform(0, f.reorder_extra)
+        for delay in self._delays(f.latency, f.loss, f.duplicate, (f.reorder, f.reorder_extra)):
             self._at(self.now + delay, functools.partial(self._deliver, src.node_id, dst, payload))
 
     def _deliver(self, src: str, dst: SimNode, payload: bytes | wire.Datagram) -> None:

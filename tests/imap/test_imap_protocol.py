@@ -537,7 +537,6 @@ def test_create_and_rename_refuse_names_that_are_not_modified_utf7() -> None:
 
 
 @given(st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=40))
-@settings(max_examples=200)
 def test_modified_utf7_names_from_a_client_encoder_are_valid(name: str) -> None:
     """Every name imapclient's modified-UTF-7 encoder produces is accepted; the raw
     text is accepted only when it is printable ASCII with no lone ``&``."""

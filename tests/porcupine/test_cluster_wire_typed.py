@@ -70,7 +70,7 @@ def test_hints_round_trip_through_a_box(hints: list[BucketHint], view: int) -> N
     assert HintList.decode(HintList.encode(hints)) == hints
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)  # examples from the profile (fuzz: 1000)
 @given(JSON)
 @example([[False, float("inf"), None]])  # JSON's Infinity as the epoch: int() overflows
 @example([[1, 2, [["u", True, float("-inf")]], [], float("inf")]])
@@ -94,7 +94,7 @@ def test_buckets_round_trip_sorted_without_repeats(buckets: set[int]) -> None:
     assert BucketList.decode(BucketList.encode([*buckets, *buckets])) == tuple(sorted(buckets))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)  # examples from the profile (fuzz: 1000)
 @given(JSON)
 def test_bucket_garbage_is_a_malformed_box(junk: Any) -> None:
     """Anything but a short list of in-range integers is refused as a whole."""
@@ -119,7 +119,7 @@ def test_holders_round_trip(pairs: list[tuple[str, str]]) -> None:
     assert got["holders"] == tuple(pairs) and HolderList.decode(HolderList.encode(pairs)) == tuple(pairs)  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)  # examples from the profile (fuzz: 1000)
 @given(JSON)
 def test_holder_garbage_is_a_malformed_box_or_dropped_pairs(junk: Any) -> None:
     """Not a list: refused; a list: only its [str, str] items kept."""
@@ -149,7 +149,7 @@ def test_profile_records_round_trip(records: list[Any]) -> None:
     assert RecordList.decode(RecordList.encode(records)) == records
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)  # examples from the profile (fuzz: 1000)
 @given(JSON)
 def test_record_garbage_is_a_malformed_box_or_dropped_records(junk: Any) -> None:
     """Not a list: refused; a list: only well-formed records with a valid address kept."""

@@ -478,7 +478,7 @@ def reference_match(pattern: str, name: str, delim: str) -> bool:
     return bool(name) and name[0] == c and reference_match(pattern[1:], name[1:], delim)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(deadline=None)  # examples from the profile (fuzz: 1000)
 @given(
     st.text(alphabet="ab/*%", max_size=8),
     st.text(alphabet="ab/", max_size=8),

@@ -368,7 +368,7 @@ def _stuff_by_lines(body: bytes) -> bytes:
     return b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)  # examples from the profile (fuzz: 1000)
 @given(
     st.lists(
         st.sampled_from([b"\r\n", b".", b"..", b"\r", b"\n", b"a", b"\r\n.", b" "]), max_size=30

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cluster_sim import add_user, users_managed_by
 from test_uids_partition import PartNet
 from twisted.python.failure import Failure
 
@@ -19,13 +18,7 @@ from yimaporc.porcupine.values import INBOX, MailUnavailable
 
 def started(tmp_path: Path) -> tuple[PartNet, str]:
     """Three started nodes, a user managed by n3 with one message; n3 waits for renewals."""
-    net = PartNet(tmp_path)
-    for n in ("n1", "n2", "n3"):
-        net.add(n)
-    net.commit(["n1", "n2", "n3"])
-    net.start()
-    user = users_managed_by(net, "n3", 1)[0]
-    add_user(net, "n1", user)
+    net, user = PartNet.with_user(tmp_path, ["n1", "n2", "n3"], "n3")
     net.run(0.5)
     net.nodes["n1"].deliver(user, b"hello\r\n")
     net.nodes["n3"].cluster.user_manager.read_wait = READ_WAIT

@@ -46,6 +46,7 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
+from ..simloop import Links
 from .reactor import SimReactor
 
 #: Where host disks go by default: tmpfs when there is one (fsync is then cheap).
@@ -101,8 +102,9 @@ class SimHost:
         return self.kernel.wall_epoch + self.seconds()
 
 
-class SimKernel:
-    """Hosts, links and one event queue in true time; ``run_until`` advances it."""
+class SimKernel(Links):
+    """Hosts, links (:class:`~yimaporc.simloop.Links`) and one event queue in true time;
+    ``run_until`` advances it."""
 
     log = Logger()
 
@@ -114,6 +116,7 @@ class SimKernel:
         disk_root: Path | None = None,
         wall_epoch: float = 1_700_000_000.0,
     ) -> None:
+        super().__init__()
         self.seed = seed
         self.rng = random.Random(seed)
         self.faults = faults or Faults()
@@ -123,8 +126,6 @@ class SimKernel:
         self.by_ip: dict[str, SimHost] = {}
         self._queue: list[tuple[float, int, Any]] = []
         self._seq = itertools.count()
-        self._groups: dict[str, int] | None = None
-        self._cut: set[frozenset[str]] = set()
         self._trace = hashlib.sha256()
         self.events = 0
         self.datagrams_sent = 0
@@ -201,33 +202,24 @@ class SimKernel:
 
     def partition(self, *groups: Iterable[str]) -> None:
         """Only hosts (by name) within the same group can talk; unlisted ones are isolated."""
-        self._groups = {}
-        for i, group in enumerate(groups):
-            for name in group:
-                self._groups[name] = i
+        super().partition(*groups)
+        assert self._groups is not None
         self._record(KERNEL, "", f"partition {sorted(self._groups.items())}")
 
     def heal(self) -> None:
         """Remove every partition and cut link."""
-        self._groups = None
-        self._cut.clear()
+        super().heal()
         self._record(KERNEL, "", "heal")
 
     def cut(self, a: str, b: str) -> None:
         """Only the link between hosts ``a`` and ``b`` fails (non-transitive connectivity)."""
-        self._cut.add(frozenset((a, b)))
+        super().cut(a, b)
         self._record(KERNEL, "", f"cut {min(a, b)} {max(a, b)}")
 
     def connected(self, a: str, b: str) -> bool:
-        """True when hosts ``a`` and ``b`` can exchange packets."""
-        if a == b:
-            return True
-        if self._cut and frozenset((a, b)) in self._cut:
-            return False
-        if self._groups is None:
-            return True
-        ga, gb = self._groups.get(a), self._groups.get(b)
-        return ga is not None and ga == gb
+        """True when hosts ``a`` and ``b`` can exchange packets (a host always reaches
+        itself)."""
+        return a == b or super().connected(a, b)
 
     def latency(self) -> float:
         """One packet's one-way delay."""

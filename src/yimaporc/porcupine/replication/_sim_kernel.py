@@ -4,10 +4,10 @@ the links, crashes and partitions, and the convergence checks."""
 
 from __future__ import annotations
 
-import heapq
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
+from ...simloop import CoreNet
 from ._manager import ReplicationConfig, ReplicationManager
 from ._sim_model import SIM_CONFIG, CrashPlan, Faults, SimNode, Submission
 from ._values import (
@@ -23,8 +23,9 @@ from ._values import (
 from ._wire import Message, Push, from_bytes
 
 
-class ReplicationSim:
-    """Nodes, links and a virtual clock; ``run_until`` advances true time."""
+class ReplicationSim(CoreNet):
+    """Nodes, links and a virtual clock (:class:`~yimaporc.simloop.CoreNet`: the event
+    queue, partitions, the message draws); ``run_until`` advances true time."""
 
     def __init__(
         self,
@@ -39,20 +40,16 @@ class ReplicationSim:
         encode: bool = True,
         disk_time: float = 0.0,
     ) -> None:
-        self.rng = random.Random(seed)
+        super().__init__(seed, start=start)
         self.faults = faults or Faults()
         self.config = config
         self.detect_delay = detect_delay
         self.encode = encode
         self.disk_time = disk_time
-        self.now = start
         self.nodes: dict[str, SimNode] = {}
         self.plans: list[CrashPlan] = []
         self.submissions: list[Submission] = []
         self._pending: dict[tuple[str, int], Submission] = {}
-        self._queue: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = 0
-        self._groups: dict[str, int] | None = None
         self.sent: dict[str, int] = {"Push": 0, "Ack": 0, "Retire": 0}
         self.regressions: list[tuple[str, str]] = []
         self.crashes = 0
@@ -154,41 +151,24 @@ class ReplicationSim:
         node.high.clear()
 
     def partition(self, *groups: Iterable[str]) -> None:
-        """Only nodes in the same group can talk."""
-        self._groups = {}
-        for i, group in enumerate(groups):
-            for node_id in group:
-                self._groups[node_id] = i
+        """Only nodes in the same group can talk (the live sets follow)."""
+        super().partition(*groups)
         self._membership_changed()
 
     def heal(self) -> None:
-        """Remove every partition."""
-        self._groups = None
+        """Remove every partition and cut link (the live sets follow)."""
+        super().heal()
         self._membership_changed()
 
-    def connected(self, a: str, b: str) -> bool:
-        """True when ``a`` and ``b`` can exchange messages."""
-        if self._groups is None:
-            return True
-        ga, gb = self._groups.get(a), self._groups.get(b)
-        return ga is not None and ga == gb
+    def cut(self, a: str, b: str) -> None:
+        """Only the link between ``a`` and ``b`` fails (the live sets follow)."""
+        super().cut(a, b)
+        self._membership_changed()
 
     # --- time -------------------------------------------------------------------
 
     def _local(self, node: SimNode) -> float:
         return self.now + node.skew
-
-    def _at(self, when: float, fn: Callable[[], None]) -> None:
-        self._seq += 1
-        heapq.heappush(self._queue, (when, self._seq, fn))
-
-    def run_until(self, until: float) -> None:
-        """Advance true time to ``until``."""
-        while self._queue and self._queue[0][0] <= until:
-            when, _, fn = heapq.heappop(self._queue)
-            self.now = when
-            fn()
-        self.now = max(self.now, until)
 
     def run_until_quiet(self, limit: float, step: float = 0.25) -> float | None:
         """Run until every log is empty and every agent answered; the time taken, or None."""
@@ -359,11 +339,7 @@ class ReplicationSim:
         if dst is None or not self.connected(src.node_id, dst.node_id):
             return
         f = self.faults
-        if self.rng.random() < f.loss:
-            return
-        copies = 2 if self.rng.random() < f.duplicate else 1
-        for _ in range(copies):
-            delay = self.rng.uniform(*f.latency)
+        for delay in self._delays(f.latency, f.loss, f.duplicate):
             self._at(
                 self.now + delay,
                 lambda p=payload: self._deliver(src.node_id, dst, p),  # type: ignore[misc]

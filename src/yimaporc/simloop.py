@@ -1,0 +1,113 @@
+"""The event loop of the simulators that drive protocol cores directly, without a reactor.
+
+Two simulators run cores (not shells) on one virtual clock: the replication simulator
+(:mod:`yimaporc.porcupine.replication.sim`, beside its core, so it may not import
+:mod:`yimaporc.sim`) and the bench's membership network (``bench/mailmodel/simnet.py``,
+under the mail cost model).  :class:`CoreNet` is what they share: one seeded
+``random.Random``, a queue of callables in (time, order of scheduling) order, the links
+(:class:`Links`: partitions into groups, single cut links) and the seeded fate of one
+datagram (loss, duplication, latency, reordering).  A seed replays exactly: the random
+draws happen in a fixed order.
+
+The kernel that runs the shipped Twisted shells (:mod:`yimaporc.sim.kernel`) uses the
+same :class:`Links` but keeps its own queue: its events carry a host and a kind (timer
+or I/O) and are folded into a trace digest.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable, Iterable
+
+
+class Links:
+    """Who can talk to whom: partitions into groups and single cut links, by name."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, int] | None = None
+        self._cut: set[frozenset[str]] = set()
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Only nodes within the same group can talk; unlisted nodes are isolated."""
+        self._groups = {}
+        for i, group in enumerate(groups):
+            for node_id in group:
+                self._groups[node_id] = i
+
+    def heal(self) -> None:
+        """Remove every partition and cut link."""
+        self._groups = None
+        self._cut.clear()
+
+    def cut(self, a: str, b: str) -> None:
+        """Only the link between ``a`` and ``b`` fails (non-transitive connectivity)."""
+        self._cut.add(frozenset((a, b)))
+
+    def connected(self, a: str, b: str) -> bool:
+        """True when ``a`` and ``b`` can exchange messages."""
+        if self._cut and frozenset((a, b)) in self._cut:
+            return False
+        if self._groups is None:
+            return True
+        ga, gb = self._groups.get(a), self._groups.get(b)
+        return ga is not None and ga == gb
+
+
+class CoreNet(Links):
+    """A virtual clock, its event queue, the links between nodes and the random draws.
+
+    ``now`` is true (simulated) time; :meth:`run_until` advances it, running each
+    scheduled callable at its time, ties in the order they were scheduled.
+    """
+
+    def __init__(self, seed: int, *, start: float = 0.0) -> None:
+        super().__init__()
+        self.rng = random.Random(seed)
+        self.now = start
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = 0
+
+    # --- time -------------------------------------------------------------------
+
+    def _at(self, when: float, fn: Callable[[], None]) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, (when, self._seq, fn))
+
+    def run_until(self, until: float, stop: Callable[[], bool] | None = None) -> bool:
+        """Advance to ``until`` (true time); with ``stop``, return early once it holds
+        (checked after each event; True when it held)."""
+        queue = self._queue
+        while queue and queue[0][0] <= until:
+            when, _, fn = heapq.heappop(queue)
+            self.now = when
+            fn()
+            if stop is not None and stop():
+                return True
+        self.now = max(self.now, until)
+        return stop() if stop is not None else False
+
+    # --- datagrams --------------------------------------------------------------
+
+    def _delays(
+        self,
+        latency: tuple[float, float],
+        loss: float,
+        duplicate: float,
+        reorder: tuple[float, float] | None = None,
+    ) -> list[float]:
+        """When each copy of one datagram arrives, from now: none when it is lost, two
+        when it is duplicated; ``reorder`` (probability, largest extra delay) holds a
+        copy back.  The draws: loss, duplication, then per copy the latency (and the
+        reordering when a model has one)."""
+        rng = self.rng
+        if rng.random() < loss:
+            return []
+        copies = 2 if rng.random() < duplicate else 1
+        delays = []
+        for _ in range(copies):
+            delay = rng.uniform(*latency)
+            if reorder is not None and rng.random() < reorder[0]:
+                delay += rng.uniform(0, reorder[1])
+            delays.append(delay)
+        return delays
