@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
-import pytest
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
-from twisted.python.usage import UsageError
 
-from yimaporc.tap.yima import Options, yima_config
 from yimaporc.yima._relay_clock import RelayClock
-from yimaporc.yima.node import YimaNode
 
 
 class _Sessions:
@@ -88,26 +82,3 @@ def test_no_session_is_released_earlier_than_its_instant_less_the_slack() -> Non
         for at, ran in zip(times, got[sid], strict=True):
             assert at - 0.01 - 1e-9 <= ran <= at + 1e-9
     assert s.rc.wakeups < s.rc.releases  # shared: fewer wake-ups than releases
-
-
-def test_relay_send_ahead_option_reaches_the_relay(tmp_path: Path) -> None:
-    """--relay-send-ahead-ms (default 10, 0..200) becomes the node config's
-    relay_send_ahead, the relay's look-ahead and its clock's slack; anything else is a
-    usage error."""
-    base = ["--node-id", "y1", "--data-dir", str(tmp_path),
-            "--cluster", "tcp:17946:interface=127.0.176.1", "--workers", "0"]  # fmt: skip
-    o = Options()
-    o.parseOptions(base)
-    assert o["relay_send_ahead"] == pytest.approx(0.01)
-    o = Options()
-    o.parseOptions([*base, "--relay-send-ahead-ms", "40"])
-    config = yima_config(o)
-    assert config.relay_send_ahead == pytest.approx(0.04) and config.send_ahead == 0.01
-    node = YimaNode.from_config(MemoryReactorClock(), config)
-    assert node.streaming.relay_send_ahead == pytest.approx(0.04)
-    assert node.streaming.relay_clock.slack == pytest.approx(0.04)
-    bad_values = (["--relay-send-ahead-ms", "-1"], ["--relay-send-ahead-ms", "201"],
-                  ["--relay-send-ahead-ms", "x"])  # fmt: skip
-    for bad in bad_values:
-        with pytest.raises(UsageError, match=r"relay-send-ahead-ms"):
-            Options().parseOptions([*base, *bad])

@@ -220,22 +220,39 @@ def test_send_path_and_block_cache_options_are_checked(tmp_path: Path) -> None:
             Options().parseOptions([*base, *bad])
 
 
-def test_send_ahead_option_reaches_the_delivery_engine(tmp_path: Path) -> None:
-    """--send-ahead-ms (default 10, 0..200) becomes the node config's send_ahead and the
-    in-process delivery engine's look-ahead; anything else is a usage error."""
+@pytest.mark.parametrize(
+    ("flag", "key", "reached"),
+    [
+        ("--send-ahead-ms", "send_ahead", lambda n: [n.streaming.streaming.engine.send_ahead]),
+        (
+            "--relay-send-ahead-ms",
+            "relay_send_ahead",
+            lambda n: [n.streaming.relay_send_ahead, n.streaming.relay_clock.slack],
+        ),
+    ],
+)
+def test_send_ahead_options_reach_the_engine_and_the_relay(
+    tmp_path: Path, flag: str, key: str, reached: Any
+) -> None:
+    """--send-ahead-ms and --relay-send-ahead-ms (default 10, 0..200) become the node
+    config's send_ahead / relay_send_ahead: the in-process delivery engine's look-ahead /
+    the relay's look-ahead and its clock's slack; each leaves the other at its default;
+    anything else is a usage error."""
     from yimaporc.tap.yima import yima_config
 
     base = ["--node-id", "y1", "--data-dir", str(tmp_path),
             "--cluster", "tcp:17946:interface=127.0.173.1", "--workers", "0"]  # fmt: skip
     o = Options()
     o.parseOptions(base)
-    assert o["send_ahead"] == pytest.approx(0.01)
+    assert o[key] == pytest.approx(0.01)
     o = Options()
-    o.parseOptions([*base, "--send-ahead-ms", "40"])
+    o.parseOptions([*base, flag, "40"])
     config = yima_config(o)
-    assert config.send_ahead == pytest.approx(0.04)
+    other = "relay_send_ahead" if key == "send_ahead" else "send_ahead"
+    assert getattr(config, key) == pytest.approx(0.04)
+    assert getattr(config, other) == pytest.approx(0.01)
     node = YimaNode.from_config(MemoryReactorClock(), config)
-    assert node.streaming.streaming.engine.send_ahead == pytest.approx(0.04)
-    for bad in (["--send-ahead-ms", "-1"], ["--send-ahead-ms", "201"], ["--send-ahead-ms", "x"]):
-        with pytest.raises(UsageError, match=r"send-ahead-ms"):
-            Options().parseOptions([*base, *bad])
+    assert reached(node) == [pytest.approx(0.04)] * len(reached(node))
+    for bad in ("-1", "201", "x"):
+        with pytest.raises(UsageError, match=flag.lstrip("-")):
+            Options().parseOptions([*base, flag, bad])
