@@ -150,6 +150,19 @@ def test_the_hand_over_keeps_every_acknowledged_message_and_the_uid_rules(seed: 
     assert out.faults and out.reads > 0
 
 
+@pytest.mark.parametrize("seed", sweep(range(400, 440), default=1))
+def test_users_with_three_replicas_under_crashes_only(seed: int) -> None:
+    """Five nodes, users with 1, 2 and 3 replicas, every fault a crash and restart (the
+    chaos test's unacknowledged-copy case: a replicated delivery's coordinator killed):
+    the same invariants; the faults drawn are crashes only."""
+    sc = Scenario(nodes=5, users=6, messages=20, faults=4, reads=10, window=20.0,
+                  max_replicas=3, fault_kinds=("crash",))  # fmt: skip
+    out = run_seed(seed, sc)
+    assert out.problems == [], (out.faults, out.problems)
+    kinds = {f.split(" ")[1] for f in out.faults}
+    assert "crash" in kinds and kinds <= {"crash", "restart", "heal"}, out.faults
+
+
 def test_same_seed_same_trace_other_seed_differs() -> None:
     """A run's trace digest, faults and outcome depend on the seed alone."""
     first = run_seed(7, TINY)

@@ -93,6 +93,8 @@ class Scenario:
     handover: bool = False
     #: users get 1, 2, ... up to this many replicas in turn (at most one per node)
     max_replicas: int = 2
+    #: the fault kinds drawn from (each equally likely)
+    fault_kinds: tuple[str, ...] = ("partition", "bridge", "pause", "crash")
 
 
 class Livelock(RuntimeError):
@@ -385,7 +387,7 @@ class MailKernelSim:
 
     def _fault(self) -> None:
         rng, nodes = self.rng, sorted(self.hosts)
-        kind = rng.choice(["partition", "bridge", "pause", "crash"])
+        kind = rng.choice(list(self.scenario.fault_kinds))
         duration = rng.uniform(1.0, 8.0)
         if kind in ("partition", "bridge") and len(nodes) >= 2:
             shuffled = rng.sample(nodes, len(nodes))
