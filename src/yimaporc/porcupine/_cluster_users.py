@@ -261,7 +261,9 @@ class ClusterUserManager(UserManager):
             base, at = split_fence(fence)
             if not base:
                 return fence
-            if not self.state.manages(address) or base != self.core.fence(bucket_of(address)):
+            if not self.state.manages(address) or base != self.core.fence(
+                self.core.bucket(address)
+            ):
                 return ""
             if at is None:
                 return fence

@@ -276,8 +276,9 @@ class DeliveryProxy:
         ds = [manager.add_holder(msg.user, n, msg.uid, msg.fence) for n in new]
 
         def outcome(results: list[tuple[bool, Any]]) -> NewMessage:
-            fences = [got for ok, got in results if ok and (got or not msg.fence)]
-            if len(fences) == len(results):
+            # every record written, and (for a fenced plan) every renewal granted
+            fences = [got for ok, got in results if ok]
+            if len(fences) == len(results) and (all(fences) or not msg.fence):
                 return attrs.evolve(msg, fence=fences[-1])
             self.unrecorded_holders += 1
             return attrs.evolve(msg, uid=PENDING, fence="")
