@@ -184,6 +184,12 @@ def test_user_manager_proxy(peer: Peer) -> None:
     assert peer.result(users.fragments(USER)) == ("n1",)
     assert peer.result(users.reserve_uids(USER, 3)) == 1
     assert peer.result(users.delivery_plan(USER, 1)) == (("n1",), 4, "n2@1")
+    assert peer.result(users.delivery_plan(USER, 1, False, 3)) == (("n1",), 5, "n2@1")
+    held = {f: e for f, (_, e, _) in peer.users.core.allocated[USER].items()}
+    # the replica count crossed the wire: that allocation is held longer
+    assert held[5] - held[4] == pytest.approx(
+        peer.users.replicated_ttl - peer.users.core.allocation_ttl
+    )
     with pytest.raises(NoSuchUser):
         peer.result(peer.profiles.remove("nobody@example.org"))
 

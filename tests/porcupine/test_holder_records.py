@@ -15,11 +15,13 @@ from twisted.python.failure import Failure
 
 from yimaporc.cluster.buckets import BucketMap
 from yimaporc.cluster.rpc import PeerUnavailable
+from yimaporc.cluster.view import TrmConfig
 from yimaporc.porcupine.cluster import ClusterUserManager, HolderNotRecorded, UidHolders
 from yimaporc.porcupine.profiledb import ProfileDB
 from yimaporc.porcupine.reconstruct import (
     NODE_PLAN_TTL,
     NODE_TIMED_ALLOCATION_TTL,
+    REPLICATED_ALLOCATION_TTL,
     admit_timed,
     split_fence,
 )
@@ -77,7 +79,7 @@ def test_failed_holder_record_after_the_store_fails_the_delivery(tmp_path: Path)
     um.core.holders_seen.pop(user, None)
     # the plan still names the node (as a node the soft list had recorded)
     plan = um.delivery_plan
-    um.delivery_plan = lambda a, c, u=False: plan(a, c, u).addCallback(  # type: ignore[method-assign]
+    um.delivery_plan = lambda a, c, u=False, r=1: plan(a, c, u, r).addCallback(  # type: ignore[method-assign]
         lambda p: ((dig.node,), p[1], p[2])
     )
     for n in ("n1", "n2"):
@@ -190,3 +192,40 @@ def test_an_expired_allocation_is_not_renewed(tmp_path: Path) -> None:
 
 def _outstanding(um: ClusterUserManager) -> set[int]:
     return set(um.core.allocated.get(USER, {}))
+
+
+def test_a_replicated_users_allocation_outlasts_failure_detection(tmp_path: Path) -> None:
+    """A replicated delivery's coordinator paused right after committing its copy
+    (docs/chaos.md, case B): a reader's call after the plain 3 s hold but before the
+    failure detector drops the coordinator must not let readers past its UID; once
+    the coordinator is away, the away hold keeps it.  An R=1 plan expires at 3 s."""
+    um, clock, _ = _timed_manager(tmp_path)
+    _, single, _ = result_of(um.delivery_plan(USER, 1))
+    _, first, fence = result_of(um.delivery_plan(USER, 1, False, 3))
+    assert first > single > 0 and fence
+    detected = TrmConfig().detection_bound
+    assert REPLICATED_ALLOCATION_TTL >= detected > NODE_TIMED_ALLOCATION_TTL
+    clock.advance(NODE_TIMED_ALLOCATION_TTL + 0.5)  # a reader, the coordinator unnoticed
+    assert um.core.horizon(USER, clock.seconds()).outstanding == ((first, first + 1),)
+    clock.advance(detected - NODE_TIMED_ALLOCATION_TTL - 0.6)  # just before the drop
+    assert um.core.horizon(USER, clock.seconds()).outstanding == ((first, first + 1),)
+    um.core.state.note_holder(USER, "n2", ["n1", "n3"])  # the detector dropped n2
+    clock.advance(REPLICATED_ALLOCATION_TTL + 60.0)
+    assert um.core.horizon(USER, clock.seconds()).outstanding == ((first, first + 1),)
+    um.core.state.back(um.core.bucket(USER), "n2")  # its hint is in: its copy is known
+    assert um.core.horizon(USER, clock.seconds()).outstanding == ()
+
+
+def test_renewal_never_shortens_a_replicated_hold(tmp_path: Path) -> None:
+    """A new holder's record renews the plan for the store's age limit only: a
+    replicated user's longer hold stays as it was."""
+    um, clock, writes = _timed_manager(tmp_path)
+    _, first, fence = result_of(um.delivery_plan(USER, 1, False, 2))
+    got = um.add_holder(USER, "n2", first, fence)
+    for d in list(writes):
+        d.callback(True)
+    assert result_of(got)
+    clock.advance(REPLICATED_ALLOCATION_TTL - 0.1)
+    assert um.core.horizon(USER, clock.seconds()).outstanding == ((first, first + 1),)
+    clock.advance(0.2)
+    assert um.core.horizon(USER, clock.seconds()).outstanding == ()

@@ -41,7 +41,7 @@ class Users:
         return succeed(self.first_uid)
 
     def delivery_plan(
-        self, address: str, count: int, unfenced: bool = False
+        self, address: str, count: int, unfenced: bool = False, replicas: int = 1
     ) -> Deferred[tuple[tuple[str, ...], int, str]]:
         # as a node alone answers: the storing node numbers (APPEND then reserves)
         return succeed((("n1", "n2"), 0, ""))

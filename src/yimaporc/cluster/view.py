@@ -30,6 +30,15 @@ class TrmConfig:
     known_ttl: float = 600.0
     member_probe_factor: float = 4.0
 
+    @property
+    def detection_bound(self) -> float:
+        """The longest live members take to drop a silent member from the view: the
+        next ping, the suspect timeout at the highest health multiplier, then the
+        three rounds and the commit (Porcupine holds some UIDs this long)."""
+        suspect = self.suspect_timeout * (1 + self.max_health)
+        rounds = self.trigger_backoff + 3 * self.round_timeout + self.commit_timeout
+        return self.ping_interval + suspect + rounds
+
 
 @attrs.frozen
 class View:

@@ -99,14 +99,16 @@ class UmPlan(_Cmd):
     """``fragments`` and ``reserve_uids`` in one round trip (the delivery proxy's
     question).  ``first`` is :data:`~.values.PENDING` when the manager may not number
     (no majority, or its bucket is not settled with every member's hint); ``fence``
-    is the allocation's fence, checked by the storing node.  ``unfenced``: a
-    replicated store (its copies apply one UID; see docs/mail.md)."""
+    is the allocation's fence, checked by the storing node.  ``unfenced``: no
+    fence; ``replicas``: the user's replica count (a replicated delivery's
+    allocation is held longer; absent from an older node: 1)."""
 
     commandName = b"porcupine.um.plan"
     arguments = [
         *_U,
         (b"count", amp.Integer()),
         (b"unfenced", amp.Boolean(optional=True)),
+        (b"replicas", amp.Integer(optional=True)),
     ]
     response = [
         (b"nodes", amp.ListOf(amp.Unicode())),

@@ -157,10 +157,10 @@ class RemoteUserManager(_Remote):
         return self.call(UmProfile, user=address).addCallback(got)
 
     def delivery_plan(
-        self, address: str, count: int, unfenced: bool = False
+        self, address: str, count: int, unfenced: bool = False, replicas: int = 1
     ) -> Deferred[tuple[tuple[str, ...], int, str]]:
         """See :meth:`ClusterUserManager.delivery_plan`."""
-        d = self.call(UmPlan, user=address, count=count, unfenced=unfenced)
+        d = self.call(UmPlan, user=address, count=count, unfenced=unfenced, replicas=replicas)
         return d.addCallback(
             lambda r: (tuple(r["nodes"]), int(r["first"]), str(r.get("fence") or ""))
         )
@@ -440,8 +440,10 @@ def register_handlers(
 
     registry.register(UmReserveUids, reserve)
 
-    def plan(user: str, count: int, unfenced: bool = False) -> Deferred[dict[str, Any]]:
-        d = users().delivery_plan(user, count, bool(unfenced))
+    def plan(
+        user: str, count: int, unfenced: bool = False, replicas: int = 1
+    ) -> Deferred[dict[str, Any]]:
+        d = users().delivery_plan(user, count, bool(unfenced), max(1, min(replicas, 64)))
         return d.addCallback(lambda r: {"nodes": list(r[0]), "first": r[1], "fence": r[2]})
 
     registry.register(UmPlan, plan)

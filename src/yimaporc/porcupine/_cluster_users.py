@@ -36,6 +36,7 @@ from .reconstruct import (
     NODE_ANSWER_TTL,
     NODE_READ_LEASE,
     NODE_TIMED_ALLOCATION_TTL,
+    REPLICATED_ALLOCATION_TTL,
     Action,
     BucketHint,
     Horizon,
@@ -89,6 +90,9 @@ class ClusterUserManager(UserManager):
         self.clock = clock
         self.core = Reconstruction(node_id, N_BUCKETS, settle_timeout=settle_timeout)
         self.core.allocation_ttl = NODE_ALLOCATION_TTL
+        #: The least hold of a replicated user's allocation (its coordinator may be
+        #: paused with its copy committed until the failure detector drops it).
+        self.replicated_ttl = REPLICATED_ALLOCATION_TTL
         self.core.read_lease_s = NODE_READ_LEASE
         self.core.answer_ttl = NODE_ANSWER_TTL
         self.core.read_leases = False  # MailCluster.startService turns it on
@@ -536,17 +540,21 @@ class ClusterUserManager(UserManager):
         return self.settled(address).addCallback(lambda _: self._take(address, count, track=False))
 
     def delivery_plan(
-        self, address: str, count: int, unfenced: bool = False
+        self, address: str, count: int, unfenced: bool = False, replicas: int = 1
     ) -> Deferred[tuple[tuple[str, ...], int, str]]:
         """The fragment list, the first of ``count`` reserved UIDs (PENDING when we may
-        not number) and their fence (waits while the bucket settles).  ``unfenced``
-        (a replicated store, whose copies must share one UID): a UID from the
-        counter even without a majority, no fence (docs/mail.md: known limits)."""
+        not number) and their fence (waits while the bucket settles).  ``unfenced``:
+        a UID from the counter even without a majority, no fence (docs/mail.md:
+        known limits).  ``replicas`` > 1 (a replicated user's delivery): the
+        allocation holds readers back at least REPLICATED_ALLOCATION_TTL."""
         address = address.lower()
         # With a synced cluster clock the allocation carries its time: stores check
-        # its age, so it leaves the horizon after NODE_TIMED_ALLOCATION_TTL.
+        # its age, so it leaves the horizon after NODE_TIMED_ALLOCATION_TTL, unless
+        # the copies of a replicated delivery may still follow the first one.
         timed = not unfenced and self.cluster_now() is not None
         ttl = NODE_TIMED_ALLOCATION_TTL if timed else None
+        if replicas > 1:
+            ttl = max(ttl or self.core.allocation_ttl, self.replicated_ttl)
 
         def plan(taken: tuple[int, str]) -> tuple[tuple[str, ...], int, str]:
             first, fence = taken

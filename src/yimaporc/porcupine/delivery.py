@@ -199,7 +199,7 @@ class DeliveryProxy:
             # Fragment list, UID and its fence in one question. Fenced for replicated
             # users too (issue 14 bug 2): the coordinator's copy is checked like an
             # R=1 store and the copies follow it.
-            d = manager.delivery_plan(address, 1, False)
+            d = manager.delivery_plan(address, 1, False, profile.replicas)
             return d.addCallback(
                 lambda p: store_on(
                     p[1], self.choose_nodes(profile, p[0]), p[0], p[2], profile.replicas

@@ -92,10 +92,11 @@ class IUserManager(Interface):
         (a cluster of one); :data:`~.values.PENDING`: none may be handed out now."""
 
     def delivery_plan(
-        address: str, count: int, unfenced: bool = False
+        address: str, count: int, unfenced: bool = False, replicas: int = 1
     ) -> Deferred[tuple[tuple[str, ...], int, str]]:
         """The fragment list, the first of ``count`` reserved UIDs and their fence, in
-        one question (the delivery proxy's); ``unfenced``: a replicated store."""
+        one question (the delivery proxy's); ``unfenced``: no fence (the storing node
+        numbers it as given); ``replicas``: the user's replica count."""
 
     def note_pending(address: str, node: str) -> Deferred[None]:
         """A message for ``address`` was stored unnumbered on ``node``: number it."""

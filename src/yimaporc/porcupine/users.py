@@ -83,7 +83,7 @@ class UserManager:
         return succeed(0)
 
     def delivery_plan(
-        self, address: str, count: int, unfenced: bool = False
+        self, address: str, count: int, unfenced: bool = False, replicas: int = 1
     ) -> Deferred[tuple[tuple[str, ...], int, str]]:
         """The fragment list, UID 0 (the storing node numbers) and no fence."""
         return self.fragments(address).addCallback(lambda nodes: (nodes, 0, ""))

@@ -83,7 +83,7 @@ class Reconstruction(HintReconstruction):
         got = mine.get(first) if mine else None
         if mine is None or got is None or got[1] < now:
             return False
-        mine[first] = (got[0], now + ttl, got[2])
+        mine[first] = (got[0], max(got[1], now + ttl), got[2])  # never shortened
         return True
 
     def confirm(self, user: str, first: int) -> None:

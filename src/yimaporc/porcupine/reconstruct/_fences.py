@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ...cluster.buckets import BucketMap
+from ...cluster.view import TrmConfig
 from ..values import PENDING
 
 #: With other nodes live, a rebuilt UID counter starts this far above the highest
@@ -169,6 +170,15 @@ NODE_PLAN_TTL = 1.0
 
 
 NODE_TIMED_ALLOCATION_TTL = 3.0
+
+
+#: A replicated user's delivery holds its allocation at least this long: until the
+#: failure detector has dropped a coordinator paused (SIGSTOP, a stall) right after
+#: committing its own copy numbered.  Expiring sooner, a reader's call before that
+#: drop would let readers of the other replicas show higher UIDs, and the copy,
+#: acknowledged after the pause, would come back below them (docs/chaos.md, case
+#: B); once the coordinator is away, :data:`AWAY_HOLD` takes over.
+REPLICATED_ALLOCATION_TTL = max(NODE_TIMED_ALLOCATION_TTL, TrmConfig().detection_bound)
 
 
 #: An expired allocation is held this much longer while a holder of its user that
