@@ -204,9 +204,17 @@ class Client:
             await self._probe()
             self.session.start()
             self._keepalive = self.reactor.callLater(20.0, self._keep_alive)
-            return await self.session.done
-        finally:
+            stats = await self.session.done
+        except GeneratorExit:
+            # Abandoned mid-session (the caller dropped it, garbage collection closes
+            # it): a closing coroutine may not wait, so the teardown goes on alone.
+            ensureDeferred(self._teardown()).addErrback(lambda f: None)
+            raise
+        except BaseException:
             await self._teardown()
+            raise
+        await self._teardown()
+        return stats
 
     async def _probe(self) -> None:
         assert self.session is not None
