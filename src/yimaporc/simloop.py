@@ -1,17 +1,14 @@
-"""The event loop of the simulators that drive protocol cores directly, without a reactor.
+"""Links between named nodes, and the event loop of the bench's core-only network model.
 
-Two simulators run cores (not shells) on one virtual clock: the replication simulator
-(:mod:`yimaporc.porcupine.replication.sim`, beside its core, so it may not import
-:mod:`yimaporc.sim`) and the bench's membership network (``bench/mailmodel/simnet.py``,
-under the mail cost model).  :class:`CoreNet` is what they share: one seeded
-``random.Random``, a queue of callables in (time, order of scheduling) order, the links
-(:class:`Links`: partitions into groups, single cut links) and the seeded fate of one
-datagram (loss, duplication, latency, reordering).  A seed replays exactly: the random
-draws happen in a fixed order.
-
-The kernel that runs the shipped Twisted shells (:mod:`yimaporc.sim.kernel`) uses the
-same :class:`Links` but keeps its own queue: its events carry a host and a kind (timer
-or I/O) and are folded into a trace digest.
+:class:`Links` (partitions into groups, single cut links) is what the simulation
+kernel (:mod:`yimaporc.sim.kernel`) uses for its topology.  :class:`CoreNet` is the
+event loop of the one simulator left that drives protocol cores directly, without a
+reactor: the bench's membership network under the mail cost model
+(``bench/mailmodel/simnet.py``): one seeded ``random.Random``, a queue of callables in
+(time, order of scheduling) order and the seeded fate of one datagram (loss,
+duplication, latency, reordering).  A seed replays exactly: the random draws happen in
+a fixed order.  (The replication crash-point simulator runs the shipped shell on the
+kernel now: :mod:`yimaporc.sim.replication`.)
 """
 
 from __future__ import annotations
