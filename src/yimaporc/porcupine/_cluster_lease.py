@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from .._reactor import IClockThreads
 from ._cluster_commands import ReadLease
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ class ClusterLease:
     """Pause detection and the read lease (``reconstruct.READ_LEASE``); the known nodes."""
 
     log: Logger
-    reactor: Any
+    reactor: IClockThreads
     node: IClusterNode
     me: str
     storage: MailStorage
