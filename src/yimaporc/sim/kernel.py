@@ -55,7 +55,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..simloop import Links
+from .links import Links
 from .reactor import SimReactor
 
 #: Where host disks go by default: tmpfs when there is one (fsync is then cheap).
@@ -133,7 +133,7 @@ class SimHost:
 
 
 class SimKernel(Links):
-    """Hosts, links (:class:`~yimaporc.simloop.Links`) and one event queue in true time;
+    """Hosts, links (:class:`~yimaporc.sim.links.Links`) and one event queue in true time;
     ``run_until`` advances it."""
 
     log = Logger()
