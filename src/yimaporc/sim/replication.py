@@ -50,7 +50,7 @@ from ..porcupine.replication import (
 )
 from ..porcupine.replication._wire import from_bytes
 from ..porcupine.replication.interfaces import ILogStore, IObjectStore
-from ..porcupine.replication.shell import ReplicationService
+from ..porcupine.replication.shell import ReplicationService, Send
 from .kernel import CrashPoint, Faults, SimHost, SimKernel
 from .reactor import SimReactor
 
@@ -419,7 +419,7 @@ class ReplicationSim:
             ]
             node.service.set_live(live)
 
-    def _sender(self, node: SimNode) -> Any:
+    def _sender(self, node: SimNode) -> Send:
         host = node.host
 
         def send(to: str, frames: list[bytes]) -> Deferred[Any]:

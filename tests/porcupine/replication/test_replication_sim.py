@@ -92,8 +92,7 @@ def test_crash_at_every_step(step: str, seed: int) -> None:
     sim.submit_at(t + 0.5, PROBE, b"first", ["n0", "n1", "n2"], via="n0")
     sim.run_until(t + 10)
     finish(sim)
-    # with loss a participant may time out and retire the probe before the coordinator can
-    assert plan.fired or sim.faults.loss > 0
+    assert plan.fired  # every step is reached, whatever the seed's loss
 
 
 @pytest.mark.parametrize("seed", range(12))
