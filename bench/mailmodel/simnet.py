@@ -21,7 +21,8 @@ import attrs
 
 from yimaporc.cluster import wire
 from yimaporc.cluster.membership import EMPTY_VIEW, Membership, Send, TrmConfig, View, ViewChanged
-from yimaporc.simloop import CoreNet
+
+from .coreloop import CoreNet
 
 
 @attrs.define
@@ -74,7 +75,7 @@ class SimNode:
 
 
 class SimNetwork(CoreNet):
-    """Nodes, links and a virtual clock (:class:`~yimaporc.simloop.CoreNet`: the event
+    """Nodes, links and a virtual clock (:class:`~.coreloop.CoreNet`: the event
     queue, partitions and cut links, the datagram draws); ``run_until`` advances time."""
 
     def __init__(

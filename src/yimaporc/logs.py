@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 from twisted.application.service import IService, IServiceCollection, MultiService
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import (
     ILogObserver,
     LogEvent,
@@ -38,6 +38,8 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
+
+from ._reactor import IClockThreads
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -201,7 +203,7 @@ class RateLimitedObserver:
 
 def node_log_observer(
     options: usage.Options,
-    reactor: Any,
+    reactor: IClockThreads,
     *,
     log_format: str = "text",
     max_bytes: int = DEFAULT_MAX_BYTES,
@@ -237,14 +239,15 @@ def node_log_observer(
         return inner
 
     def schedule(delay: float, f: Callable[[], None]) -> object:
-        return reactor.callFromThread(reactor.callLater, delay, f)
+        reactor.callFromThread(reactor.callLater, delay, f)
+        return None
 
     return RateLimitedObserver(
         inner, reactor, per_key=rate, total=max(TOTAL, rate), schedule=schedule
     )
 
 
-def _rotate_on_sigusr1(log_file: LogFile, reactor: Any) -> None:
+def _rotate_on_sigusr1(log_file: LogFile, reactor: IReactorFromThreads) -> None:
     """As twistd does: SIGUSR1 rotates the file (unless someone else handles it)."""
     if signal.getsignal(signal.SIGUSR1):
         return

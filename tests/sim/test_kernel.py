@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from yimaporc.sim.kernel import Faults, SimHost, SimKernel
+from yimaporc.sim.kernel import CrashPoint, Faults, SimHost, SimKernel
 
 
 @pytest.fixture
@@ -465,3 +465,85 @@ def test_a_delay_below_the_clock_resolution_still_lets_time_move_on(kernel: SimK
     reactor.callLater(max(0.0, deadline - (reactor.seconds() + offset)), tick)
     assert not kernel.run_until(17.0, stop=lambda: len(fired) > 1000)
     assert fired[-1] >= deadline and len(fired) <= 4
+
+
+def test_a_crash_point_stops_a_host_before_the_nth_matching_step(kernel: SimKernel) -> None:
+    """kernel.step lets a process go on until the nth matching step: then the host is
+    down, the step refused, later steps refused too, and the program reboots it after
+    down_for; a point on another host or not matching counts nothing."""
+    boots: list[float] = []
+    a = kernel.add_host("a", "10.0.0.1")
+    a.program = lambda reactor: boots.append(kernel.now)
+    kernel.start(a)
+    seen: list[tuple[str, Any]] = []
+    point = CrashPoint("a", lambda h, s: seen.append((h, s)) is None and s == "write", 2, 1.5)
+    other = CrashPoint("b", lambda h, s: True)
+    kernel.crash_points.extend([other, point])
+    assert kernel.step(a, "write") and kernel.step(a, "send")
+    assert point.seen == 1 and not point.fired and a.up
+    assert not kernel.step(a, "write")
+    assert point.fired and not a.up and a.reactor is None
+    assert not kernel.step(a, "send") and point.seen == 2 and other.seen == 0
+    kernel.run_until(1.4)
+    assert not a.up and boots == [0.0]
+    kernel.run_until(1.6)
+    assert a.up and boots == [0.0, 1.5]
+    assert kernel.step(a, "write")  # a fired point stays fired
+
+
+def test_calls_answer_after_two_latencies_or_fail(kernel: SimKernel) -> None:
+    """kernel.call runs the handler in the peer's process after a latency and answers
+    the caller after another; an error comes back as a failure; a cut link or a down
+    peer fails the call; a crashed caller never hears the answer."""
+    a, b = up(kernel, "a", "10.0.0.1"), up(kernel, "b", "10.0.0.2")
+    ran: list[tuple[float, str]] = []
+
+    def handler(reactor: Any) -> str:
+        ran.append((kernel.now, reactor.host.name))
+        return "pong"
+
+    got: list[Any] = []
+    answered: list[float] = []
+    kernel.call(a, "b", handler).addBoth(got.append).addBoth(lambda _: answered.append(kernel.now))
+    kernel.run_until(1.0)
+    assert got == ["pong"] and len(ran) == 1 and ran[0][1] == "b"
+    assert 0.001 <= ran[0][0] <= 0.002 and ran[0][0] + 0.001 <= answered[0] <= ran[0][0] + 0.002
+    kernel.call(a, "b", lambda r: 1 // 0).addBoth(got.append)
+    kernel.run_until(1.5)
+    kernel.cut("a", "b")
+    kernel.call(a, "b", handler).addBoth(got.append)
+    kernel.run_until(2.0)
+    assert got[1].check(ZeroDivisionError) and got[2].check(error.ConnectionLost)
+    kernel.heal()
+    kernel.crash(b)
+    kernel.call(a, "b", handler).addBoth(got.append)
+    kernel.run_until(3.0)
+    assert got[3].check(error.ConnectionLost) and len(ran) == 1
+    kernel.start(b)
+    kernel.call(a, "b", handler)
+    kernel.crash(a)
+    kernel.run_until(4.0)
+    assert len(ran) == 2 and len(got) == 4
+
+
+def test_lost_and_duplicated_calls_are_seeded() -> None:
+    """With loss a call fails after the call timeout; with duplication its handler runs
+    twice and the caller gets one answer; the same seed draws the same fates."""
+
+    def run(seed: int) -> tuple[list[str], int]:
+        with SimKernel(seed, faults=Faults(loss=0.3, duplicate=0.3, call_timeout=0.5)) as k:
+            a, _ = up(k, "a", "10.0.0.1"), up(k, "b", "10.0.0.2")
+            runs: list[int] = []
+            fates: list[str] = []
+            for i in range(40):
+                d = k.call(a, "b", lambda r, i=i: runs.append(i))  # type: ignore[misc]
+                d.addCallbacks(
+                    lambda _: fates.append("ok"), lambda f: fates.append(f.type.__name__)
+                )
+            k.run_until(5.0)
+            return fates, len(runs)
+
+    fates, runs = run(5)
+    assert len(fates) == 40 and "TimeoutError" in fates and "ok" in fates
+    assert runs > fates.count("ok")  # some requests ran twice
+    assert run(5) == (fates, runs) and run(6) != (fates, runs)

@@ -21,9 +21,9 @@ import pytest
 from yimaporc.porcupine.replication import MemoryLog, MemoryObjectStore, Timestamp
 from yimaporc.porcupine.replication.amp import node_sender, register
 from yimaporc.porcupine.replication.shell import ReplicationService
-from yimaporc.porcupine.replication.sim import SIM_CONFIG
 from yimaporc.sim.cluster import ClusterSim
 from yimaporc.sim.kernel import Faults
+from yimaporc.sim.replication import SIM_CONFIG
 from yimaporc.testing.seeds import sweep
 
 

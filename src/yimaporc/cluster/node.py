@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .._reactor import INodeReactor
 from ..secret import cluster_key
 
 # Re-exported: node kinds, the taps and tests import them from here.
@@ -106,7 +107,7 @@ class ClusterNode(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         config: NodeConfig,
         secret: bytes,
         *,

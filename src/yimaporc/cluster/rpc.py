@@ -36,6 +36,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .._reactor import INodeReactor
 from ._rpc_commands import (
     CHUNK,
     AuthFailed,
@@ -397,7 +398,7 @@ class RpcClient:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         key: bytes,
         node_id: str,
         *,

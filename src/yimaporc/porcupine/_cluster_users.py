@@ -24,9 +24,9 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from ..cluster.buckets import BucketMap
+from ._cluster_numbering import PendingNumbering
 from ._cluster_wire import HolderNotRecorded
 from .profiledb import ProfileDB
 from .reconstruct import (
@@ -63,7 +63,7 @@ from .values import (
 HintEntry = list[Any]
 
 
-class ClusterUserManager(UserManager):
+class ClusterUserManager(PendingNumbering, UserManager):
     """The user manager of this node's buckets: the Twisted shell of a
     :class:`~yimaporc.porcupine.reconstruct.Reconstruction` core.
 
@@ -574,56 +574,6 @@ class ClusterUserManager(UserManager):
             lambda _: self._take(address, count, unfenced, ttl=ttl)
         )
         return d.addCallback(plan)
-
-    # --- numbering what was stored unnumbered --------------------------------
-
-    def note_pending(self, address: str, node: str) -> Deferred[None]:
-        """A message for ``address`` was stored unnumbered on ``node``."""
-        self.core.note_pending(address.lower(), node, self._now())
-        self._rearm()
-        return succeed(None)
-
-    def _number(self, job: Number) -> None:
-        """Record ``job.node`` as a holder on a majority (if not yet in this tenure),
-        take UIDs, have the node number its oldest unnumbered mail with them."""
-        user, node = job.user, job.node
-
-        block: list[int] = []
-
-        def done(r: tuple[int, int, int]) -> None:
-            numbered, left, top = r
-            first = block[0] if block else None
-            if self.core.number_done(user, node, numbered, left, top, self._now(), first=first):
-                self._record_holder(user, node)
-            self._rearm()
-
-        def failed(f: Failure) -> None:
-            self.log.warn(
-                "numbering {u}'s mail on {n} failed: {e}", u=user, n=node, e=f.getErrorMessage()
-            )
-            self.core.number_failed(user, node, self._now())
-            self._rearm()
-
-        def go(taken: tuple[int, str]) -> Deferred[Any] | None:
-            first, fence = taken
-            if first == PENDING:  # lost the right meanwhile (or no majority for a mark)
-                self.core.number_cancelled(user, node, self._now())
-                self._rearm()
-                return None
-            assert self.number_on is not None
-            block.append(first)
-            return self.number_on(node, user, fence, first, job.count).addCallbacks(done, failed)
-
-        def recorded(_: object) -> Deferred[Any] | None:
-            if self.holders_on is not None and not self.core.holder_ok(user, node):
-                # No majority knows this node holds the user's mail: a manager after a
-                # partition could show higher UIDs without waiting for it. Later.
-                self.core.number_cancelled(user, node, self._now())
-                self._rearm()
-                return None
-            return self._take(user, job.count, numbering=True).addCallback(go)
-
-        self._record_holder(user, node).addCallback(recorded)
 
     def status(self) -> dict[str, Any]:
         """Counts for the status page."""

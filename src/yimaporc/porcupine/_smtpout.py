@@ -23,6 +23,8 @@ from twisted.internet.protocol import ClientFactory
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
+from .._reactor import INodeReactor
+
 CONNECT_TIMEOUT = 30.0
 SMTP_TIMEOUT = 120.0
 
@@ -134,7 +136,7 @@ class SmtpPool:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         identity: bytes,
         context: Any,
         auth_for: Callable[[Destination], tuple[bytes, bytes] | None] = lambda d: None,

@@ -13,16 +13,16 @@ modules, re-exported here:
 - ``_cluster_users``: :class:`ClusterUserManager`, the Twisted shell of the
   reconstruction core (soft state rebuilt from hints after every map change);
 - ``_cluster_profiles``: :class:`ProfileReplicator`, the one profile write path;
-- ``_cluster_load``: this node's load figure and its periodic exchange.
+- ``_cluster_load``: this node's load figure and its periodic exchange;
+- ``_cluster_lease``: :class:`ClusterLease` (mixed into :class:`MailCluster`): the
+  lease (pause detection), the read lease and the nodes ever seen.
 
-This module routes (``users_for``, ``mailboxes_for``, ``home_of``), runs the lease
-(pause detection), carries out the reconstruction core's sends (hints, pulls,
+This module routes (``users_for``, ``mailboxes_for``, ``home_of``), carries out the reconstruction core's sends (hints, pulls,
 profile anti-entropy) and persists the nodes ever seen.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -55,6 +55,7 @@ from ._cluster_commands import (
     UidMark,
 )
 from ._cluster_hints import HintExchange
+from ._cluster_lease import ClusterLease
 from ._cluster_load import LOAD_FANOUT, CountingMailboxes, NodeLoad
 from ._cluster_profiles import ProfileReplicator
 from ._cluster_remote import RemoteMailboxManager, RemoteUserManager, register_handlers
@@ -133,7 +134,7 @@ __all__ = [
 
 
 @implementer(IMailTopology)
-class MailCluster(Service):
+class MailCluster(ClusterLease, Service):
     """Makes a node's mail one part of the cluster's mail service: the
     :class:`~.interfaces.IMailTopology` a clustered ``MailService`` is built with."""
 
@@ -378,75 +379,6 @@ class MailCluster(Service):
         # Checked by RecordList (a malformed record dropped), again by ProfileDB.merge.
         return self.replicator.receive(records).addCallback(lambda _: {})
 
-    # --- the lease (pause detection) -------------------------------------------------
-
-    def lease_ok(self) -> bool:
-        """May this node number and accept fenced stores now (thread-safe: a read)?
-        Alone in the known cluster nobody can have replaced us: always."""
-        if self._alone:  # a plain bool: read from the commit threads too
-            return True
-        return float(self.reactor.seconds()) <= self._lease_until
-
-    def cluster_now(self) -> float | None:
-        """The cluster's common time (timesync) while this node is synced to its
-        reference, else None (thread-safe: reads)."""
-        return self.node.synced_cluster_time()
-
-    def _tick(self) -> None:
-        """Renew the lease; a gap since the last tick means we were paused."""
-        now = float(self.reactor.seconds())
-        last, self._last_tick = self._last_tick, now
-        if last is not None and now - last > self.lease / 2:
-            self.pauses += 1
-            self._paused_at = now
-            self._lease_until = now - 1.0
-            self.log.warn(
-                "paused for {t:.2f}s: no numbering until a new view or {g}s",
-                t=now - last,
-                g=self.pause_grace,
-            )
-            # The read lease stays renewed: each round is a majority confirming our
-            # view after we asked (a loaded reactor's lag looks like a pause; without
-            # renewals every read would be refused for the whole grace).
-            self._renew_read_lease(now)
-            return
-        if self._paused_at is not None and now < self._paused_at + self.pause_grace:
-            self._renew_read_lease(now)
-            return
-        self._paused_at = None
-        self._lease_until = now + self.lease
-        self._renew_read_lease(now)
-
-    def _renew_read_lease(self, now: float) -> None:
-        """Have a majority confirm our view: the read lease (reconstruct.READ_LEASE)."""
-        um = self.user_manager
-        core = um.core
-        if core.alone():
-            return
-        view = core.view_id()
-        epoch, members = view
-
-        def ask(node: str) -> Deferred[bool]:
-            if node == self.me:
-                return succeed(self._grant_read(epoch, list(members)))
-            d = self.call(node, ReadLease, epoch=epoch, members=list(members))
-            return d.addCallback(lambda r: bool(r["ok"]))
-
-        def done(ok: bool) -> None:
-            if ok:
-                self.read_renewals += 1
-                core.read_granted(view, now)
-                um.read_renewed()
-
-        um._on_majority(ask).addCallback(done)
-
-    def _grant_read(self, epoch: int, members: list[str]) -> bool:
-        view = (int(epoch), tuple(sorted(str(m) for m in members)))
-        return self.user_manager.core.grant_read(view, float(self.reactor.seconds()))
-
-    def _on_read_lease(self, epoch: int, members: list[str]) -> dict[str, Any]:
-        return {"ok": self._grant_read(epoch, members)}
-
     # --- numbering --------------------------------------------------------------------
 
     def remind_pending(self) -> int:
@@ -520,35 +452,6 @@ class MailCluster(Service):
             return succeed({"ok": False})
         d = self._raise_mark(bucket, fence, mark)
         return d.addCallback(lambda r: {"ok": r[0], "seen": r[1]})
-
-    def _read_known(self) -> set[str]:
-        """The nodes this node has ever seen in a view (read once, at start)."""
-        try:
-            text = self._known_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return set()
-        return {line.strip() for line in text.splitlines() if line.strip()}
-
-    def _remember(self, live: set[str]) -> None:
-        """Grow the known cluster with ``live`` and persist it (off the reactor)."""
-        known = self.user_manager.known
-        if live <= known:
-            return
-        known |= live
-        self._alone = known <= {self.me}
-        text = "".join(f"{n}\n" for n in sorted(known))
-        path = self._known_path
-
-        def write() -> None:
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-
-        d = self.storage.run_blocking(write)
-        d.addErrback(lambda f: self.log.failure("persisting the known nodes failed", f))
 
     # --- reconstruction ------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from .._reactor import IClockThreads
 from ..cluster.rpc import PeerUnavailable, may_have_run
 from ._cluster_wire import DeliveryDeferred, DeliveryRefused, HolderNotRecorded
 from .interfaces import (
@@ -369,7 +370,7 @@ class OutboundSpool:
     to tmp, fsynced and renamed like the mailbox bodies.
     """
 
-    def __init__(self, reactor: Any, threadpool: ThreadPool, root: Path) -> None:
+    def __init__(self, reactor: IClockThreads, threadpool: ThreadPool, root: Path) -> None:
         self.reactor = reactor
         self.pool = threadpool
         self.root = root

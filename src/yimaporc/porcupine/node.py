@@ -31,6 +31,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 
+from .._reactor import INodeReactor
 from ..admin.mount import admin_endpoint, mount_admin
 from ..cluster.bucketservice import BucketMapService
 from ..cluster.histogram import DELIVERY_BUCKETS
@@ -129,7 +130,7 @@ class PorcupineNode:
     @classmethod
     def from_config(
         cls,
-        reactor: Any,
+        reactor: INodeReactor,
         config: PorcupineConfig,
         *,
         rng: random.Random | None = None,

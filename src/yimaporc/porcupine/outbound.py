@@ -46,6 +46,7 @@ from twisted.names import error as dnsError
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from .._reactor import INodeReactor
 from ._smtpout import SmtpPool
 
 log = Logger()
@@ -259,7 +260,7 @@ class OutboundSender(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         pool: ThreadPool,
         root: Path,
         hostname: str,

@@ -35,6 +35,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .._files import private_sqlite
+from .._reactor import IClockThreads
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL, AuthCache
 from .interfaces import IProfileDB
 from .usermap import BadAddress, bucket_of, normalise
@@ -214,7 +215,7 @@ class ProfileDB:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IClockThreads,
         threadpool: ThreadPool,
         path: Path,
         now: Callable[[], float],

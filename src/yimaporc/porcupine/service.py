@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from .._reactor import INodeReactor
 from ..admin.routes import Route
 from ..cluster.histogram import Histogram
 from ..cluster.listening import CannotStart, IReady, ListeningService
@@ -130,7 +131,7 @@ class MailService(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         *,
         node_id: str,
         data_dir: Path | str,

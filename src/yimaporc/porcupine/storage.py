@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from .._reactor import IClockThreads
 from ._imap_registry import MailboxRegistry
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL
 from .bodycache import DEFAULT_MAX_BYTES as DEFAULT_BODY_CACHE_BYTES
@@ -38,7 +39,7 @@ class MailStorage:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IClockThreads,
         node_id: str,
         data_dir: Path | str,
         *,

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from twisted.internet.threads import blockingCallFromThread
 
+from .._reactor import node_reactor
 from .service import MailService
 
 T = TypeVar("T")
@@ -101,7 +102,7 @@ def serve(argv: list[str]) -> None:
 
     data_dir, domain, *users = argv
     svc = MailService(
-        reactor,
+        node_reactor(reactor),
         node_id="n1",
         data_dir=Path(data_dir),
         domain=domain,

@@ -20,6 +20,12 @@ The fault model, all drawn from one ``random.Random(seed)``:
   are reset) and restart on the same disk (a per-host directory that survives);
 - pauses (SIGSTOP: the host's timers and arriving data wait; on resume its late
   timers run first, then what arrived);
+- crash points: a :class:`CrashPoint` stops a host just before the n-th step of its
+  process that matches (a shell's collaborators report each action they are about to
+  perform through :meth:`SimKernel.step`), and restarts it later (:attr:`SimHost.program`
+  is what a boot runs);
+- request/response links (:meth:`SimKernel.call`: an RPC's one exchange, with latency,
+  loss as a failed call and duplication as a resent request);
 - clock skew per host (each reactor's ``seconds()`` is true time plus its skew);
 - a simulated thread pool per host (``getThreadPool()``, for ``deferToThreadPool``):
   jobs run on the host after a seeded disk latency, so they finish in any order.
@@ -41,12 +47,15 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
+from twisted.internet import error
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from ..simloop import Links
+from .links import Links
 from .reactor import SimReactor
 
 #: Where host disks go by default: tmpfs when there is one (fsync is then cheap).
@@ -60,6 +69,8 @@ TIMER = 0
 IO = 1
 KERNEL = 2
 
+T = TypeVar("T")
+
 
 @attrs.define
 class Faults:
@@ -72,6 +83,22 @@ class Faults:
     reorder_extra: float = 0.05
     #: how long one job on a host's simulated thread pool takes (a disk write)
     disk_latency: tuple[float, float] = (0.0001, 0.002)
+    #: how long a caller waits for the answer of a lost request (:meth:`SimKernel.call`)
+    call_timeout: float = 0.5
+
+
+@attrs.define
+class CrashPoint:
+    """Crash host ``host`` just before the ``nth`` step of its process that ``when``
+    matches (``when(host_name, step)``); restart it ``down_for`` seconds later (never,
+    if None).  ``seen`` counts the matching steps, ``fired`` says it happened."""
+
+    host: str
+    when: Callable[[str, Any], bool]
+    nth: int = 1
+    down_for: float | None = 0.5
+    seen: int = 0
+    fired: bool = False
 
 
 @attrs.define(eq=False)
@@ -92,6 +119,9 @@ class SimHost:
     paused_until: float = 0.0
     rx_loss: float = 0.0
     reactor: SimReactor | None = None
+    #: What each boot's process runs (:meth:`SimKernel.start`): builds the shells on
+    #: the fresh reactor.
+    program: Callable[[SimReactor], object] | None = None
 
     def seconds(self) -> float:
         """This host's local clock."""
@@ -103,7 +133,7 @@ class SimHost:
 
 
 class SimKernel(Links):
-    """Hosts, links (:class:`~yimaporc.simloop.Links`) and one event queue in true time;
+    """Hosts, links (:class:`~yimaporc.sim.links.Links`) and one event queue in true time;
     ``run_until`` advances it."""
 
     log = Logger()
@@ -133,6 +163,9 @@ class SimKernel(Links):
         self.stream_bytes = 0
         self._cleanup: Callable[[], object] | None = None
         self._disk_root = disk_root
+        #: Crash points armed (:meth:`step` checks them in order).
+        self.crash_points: list[CrashPoint] = []
+        self._watchers: list[Callable[[str, SimHost], None]] = []
 
     @property
     def disk_root(self) -> Path:
@@ -177,9 +210,36 @@ class SimKernel(Links):
         host.generation += 1
         host.up = True
         host.paused_until = 0.0
-        host.reactor = SimReactor(host)
+        host.reactor = reactor = SimReactor(host)
         self._record(KERNEL, host.name, "boot")
-        return host.reactor
+        self._notify("boot", host)
+        return reactor
+
+    def start(self, host: SimHost) -> SimReactor | None:
+        """Boot the host and run its :attr:`~SimHost.program` on the fresh reactor
+        (nothing if it is up already); the reactor, or None."""
+        if host.up:
+            return None
+        reactor = self.boot(host)
+        if host.program is not None:
+            host.program(reactor)
+        return reactor
+
+    def restart_after(self, host: SimHost, delay: float) -> None:
+        """:meth:`start` the host ``delay`` seconds from now (if it is down then)."""
+
+        def start() -> None:
+            self.start(host)
+
+        self.at(self.now + delay, start)
+
+    def watch(self, fn: Callable[[str, SimHost], None]) -> None:
+        """Call ``fn("boot" | "crash", host)`` after each boot and crash."""
+        self._watchers.append(fn)
+
+    def _notify(self, what: str, host: SimHost) -> None:
+        for fn in self._watchers:
+            fn(what, host)
 
     def crash(self, host: SimHost) -> None:
         """Kill the host's process: timers, ports and its ends of connections vanish at
@@ -192,6 +252,28 @@ class SimKernel(Links):
         reactor, host.reactor = host.reactor, None
         if reactor is not None:
             reactor.die()
+        self._notify("crash", host)
+
+    def step(self, host: SimHost, what: Any) -> bool:
+        """A process on ``host`` is about to perform ``what`` (one action of its core);
+        False when it must not: the host is down, or a :class:`CrashPoint` fired and
+        crashed it just now (and scheduled its restart).  The caller performs ``what``
+        only on True; the process's code that runs on after a crash affects nothing
+        (its timers, writes through the caller and sends are dropped)."""
+        if not host.up:
+            return False
+        for point in self.crash_points:
+            if point.fired or point.host != host.name or not point.when(host.name, what):
+                continue
+            point.seen += 1
+            if point.seen >= point.nth:
+                point.fired = True
+                self._record(KERNEL, host.name, f"crash point {type(what).__name__}")
+                self.crash(host)
+                if point.down_for is not None:
+                    self.restart_after(host, point.down_for)
+                return False
+        return True
 
     def pause(self, host: SimHost, seconds: float) -> None:
         """Stop the host's process for ``seconds`` (SIGSTOP)."""
@@ -224,6 +306,63 @@ class SimKernel(Links):
     def latency(self) -> float:
         """One packet's one-way delay."""
         return self.rng.uniform(*self.faults.latency)
+
+    def call(
+        self, src: SimHost, dst: str, fn: Callable[[SimReactor], T], data: bytes = b""
+    ) -> Deferred[T]:
+        """One request/response exchange (an RPC) from ``src`` to host ``dst``.
+
+        The request arrives after a latency and runs ``fn(reactor)`` in ``dst``'s
+        process; its result (or exception) comes back after another latency.  A lost
+        request fails the call after ``Faults.call_timeout`` (``TimeoutError``); a
+        duplicated one runs twice (a resent request; the first answer counts); a cut
+        link or a host that is down fails it after a latency (``ConnectionLost``).
+        The answer reaches only the boot of ``src`` that called.  ``data`` (the
+        request's bytes) goes into the trace.
+        """
+        self.record(src, f"call> {dst}", data)
+        d: Deferred[T] = Deferred()
+        target = self.hosts.get(dst)
+        generation = src.generation
+        f = self.faults
+        rng = self.rng
+
+        def answer(result: T | Failure) -> None:
+            if not d.called:
+                d.callback(result)  # type: ignore[arg-type]
+
+        def back(result: T | Failure, delay: float) -> None:
+            self.at(
+                self.now + delay,
+                lambda: answer(result),
+                host=src,
+                kind=IO,
+                generation=generation,
+            )
+
+        if target is None or not self.connected(src.name, dst):
+            back(Failure(error.ConnectionLost(f"no route to {dst}")), rng.uniform(*f.latency))
+            return d
+        if f.loss and rng.random() < f.loss:
+            back(Failure(error.TimeoutError(f"call to {dst} timed out")), f.call_timeout)
+            return d
+        copies = 2 if f.duplicate and rng.random() < f.duplicate else 1
+
+        def arrive() -> None:
+            reactor = target.reactor
+            if reactor is None or not self.connected(src.name, dst):
+                back(Failure(error.ConnectionLost(f"{dst} is gone")), rng.uniform(*f.latency))
+                return
+            self.record(target, f"call< {src.name}")
+            try:
+                result: T | Failure = fn(reactor)
+            except Exception:
+                result = Failure()
+            back(result, rng.uniform(*f.latency))
+
+        for _ in range(copies):
+            self.at(self.now + rng.uniform(*f.latency), arrive, host=target, kind=IO)
+        return d
 
     # --- the event queue --------------------------------------------------------------
 

@@ -23,27 +23,25 @@ acknowledged message readable exactly once from every node (IMAP, and as many
 POP3 ids), no message shown that was never sent, every node showing the same
 messages, and no UID violation seen on the way.  The run's identity is the kernel's
 trace digest: the same seed replays the same run.
+
+The run's shape (:class:`Scenario`), its outcome and the node records are in
+:mod:`._mailmodel` (re-exported here).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import random
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-
-import attrs
 
 from ..cluster.membership import TrmConfig
 from ..cluster.node import NodeConfig
 from ..porcupine.node import PorcupineConfig, PorcupineNode
-from ..porcupine.replication import ReplicationConfig
 from ._mailclients import (
     ConversationFactory,
     Step,
@@ -54,102 +52,38 @@ from ._mailclients import (
     pop3_steps,
     smtp_steps,
 )
-from .kernel import Faults, SimHost, SimKernel
+from ._mailmodel import (
+    CLIENT_IP,
+    CLUSTER_PORT,
+    DOMAIN,
+    IMAP_PORT,
+    PASSWORD,
+    POP3_PORT,
+    REPLICATION,
+    SECRET,
+    SMTP_PORT,
+    Livelock,
+    MailHost,
+    Outcome,
+    Scenario,
+    close_files,
+    refusal_reason,
+    seeded_uuid4,
+)
+from .kernel import Faults, SimKernel
 from .reactor import SimReactor
 from .uidcheck import UidChecker
 
-SECRET = b"m" * 32
-DOMAIN = "example.org"
-PASSWORD = "pw-sim"
-CLUSTER_PORT, SMTP_PORT, POP3_PORT, IMAP_PORT = 7946, 25, 110, 143
-CLIENT_IP = "10.0.9.1"
-
-#: Replication tuned for minutes, not days: pushes retried within seconds.
-REPLICATION = ReplicationConfig(
-    acks_before_reply=2, push_initial=0.2, push_max=4.0, stall_timeout=10.0, alive_interval=30.0
-)
-
-
-@attrs.define
-class Scenario:
-    """One run's shape (all times in simulated seconds)."""
-
-    nodes: int = 3
-    users: int = 3
-    messages: int = 12
-    #: deliveries and reads are spread over this window, so are the faults
-    window: float = 30.0
-    faults: int = 4
-    reads: int = 8
-    skew: float = 0.2
-    #: how long the run may take after the heal to satisfy the final invariants
-    settle: float = 90.0
-    client_timeout: float = 30.0
-    #: a run that needs more events than this is stuck (:class:`Livelock`)
-    max_events: int = 2_000_000
-    latency: tuple[float, float] = (0.0005, 0.004)
-    #: nodes hand R=1 deliveries to the user's manager node (False: the receiving
-    #: node places them, the placement regression seeds were found with)
-    handover: bool = False
-    #: users get 1, 2, ... up to this many replicas in turn (at most one per node)
-    max_replicas: int = 2
-    #: the fault kinds drawn from (each equally likely)
-    fault_kinds: tuple[str, ...] = ("partition", "bridge", "pause", "crash")
-
-
-class Livelock(RuntimeError):
-    """The run kept executing events without reaching its end (time stood still)."""
-
-
-@attrs.define(eq=False)
-class MailHost:
-    """One node's host (and disk) and, while up, the node built on it."""
-
-    node_id: str
-    host: SimHost
-    seeds: tuple[str, ...]
-    node: PorcupineNode | None = None
-    boots: int = 0
-
-    @property
-    def ip(self) -> str:
-        return self.host.ip
-
-
-@attrs.define
-class Outcome:
-    """What one run did and found."""
-
-    seed: int
-    digest: str
-    problems: list[str]
-    acked: int
-    sent: int
-    reads: int
-    refusals: int
-    faults: list[str]
-    events: int
-    sim_seconds: float
-    cpu_seconds: float
-
-    def as_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-
-@contextlib.contextmanager
-def seeded_uuid4(rng: random.Random) -> Iterator[None]:
-    """``uuid.uuid4`` draws from ``rng`` while the run lasts (file and request names
-    made by the shells are then the same on every replay)."""
-    original = uuid.uuid4
-
-    def uuid4() -> uuid.UUID:
-        return uuid.UUID(int=rng.getrandbits(128), version=4)
-
-    uuid.uuid4 = uuid4  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        uuid.uuid4 = original  # type: ignore[assignment]
+__all__ = [
+    "IMAP_PORT",
+    "Livelock",
+    "MailHost",
+    "MailKernelSim",
+    "Outcome",
+    "Scenario",
+    "main",
+    "run_seed",
+]
 
 
 class MailKernelSim:
@@ -240,7 +174,7 @@ class MailKernelSim:
         node, m.node = m.node, None
         self.kernel.crash(m.host)
         if node is not None:
-            _close_files(node)
+            close_files(node)
 
     def up(self) -> list[str]:
         """The nodes running now."""
@@ -288,7 +222,7 @@ class MailKernelSim:
             parsed = parse_imap(replies) if ok or len(replies) >= 4 else None
             if parsed is None:
                 self.checker.refusals += 1
-                self.checker.refused_why[_why(replies)] += 1
+                self.checker.refused_why[refusal_reason(replies)] += 1
                 self.kernel.record(None, f"imap {node_id} {user} refused")
             else:
                 listing, uidnext = parsed
@@ -511,23 +445,6 @@ class MailKernelSim:
             sim_seconds=round(self.now, 3),
             cpu_seconds=round(time.process_time() - cpu, 3),
         )
-
-
-def _close_files(node: PorcupineNode) -> None:
-    """What the OS does for a killed process: its database handles are closed."""
-    storage = node.mail.storage
-    if node.replication is not None:
-        node.replication.log_store.close()
-        node.replication.objects.close()
-    storage.fragment_store.close()
-    storage.profiles.close()
-
-
-def _why(replies: list[bytes]) -> str:
-    if not replies:
-        return "no connection"
-    last = replies[-1].strip().splitlines()[-1] if replies[-1].strip() else b""
-    return last[:60].decode("ascii", "replace")
 
 
 def run_seed(seed: int, scenario: Scenario | None = None) -> Outcome:

@@ -26,11 +26,6 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
     IProtocolFactory,
-    IReactorFromThreads,
-    IReactorSSL,
-    IReactorTCP,
-    IReactorTime,
-    IReactorUDP,
     IUDPTransport,
 )
 from twisted.internet.protocol import DatagramProtocol
@@ -39,6 +34,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .._reactor import INodeReactor
 from .stream import SimConnector, SimStreamTransport
 
 if TYPE_CHECKING:
@@ -49,7 +45,7 @@ _TIMER = 0
 _IO = 1
 
 
-@implementer(IReactorTime, IReactorUDP, IReactorTCP, IReactorSSL, IReactorFromThreads)
+@implementer(INodeReactor)
 class SimReactor:
     """The reactor of one boot of one :class:`SimHost`; dead once the host crashes."""
 
@@ -111,7 +107,7 @@ class SimReactor:
         """Simulated threads run on the reactor: call soon."""
         self.callLater(0, callable, *args, **kw)
 
-    def getThreadPool(self) -> SimThreadPool:
+    def getThreadPool(self) -> SimThreadPool:  # type: ignore[override]  # duck-typed pool
         """This host's simulated thread pool (``deferToThreadPool`` works with it)."""
         if self._pool is None:
             self._pool = SimThreadPool(self)
@@ -120,6 +116,9 @@ class SimReactor:
     def callInThread(self, callable: Callable[..., Any], *args: Any, **kw: Any) -> None:
         """Run ``callable`` on the simulated thread pool."""
         self.getThreadPool().callInThread(callable, *args, **kw)
+
+    def suggestThreadPoolSize(self, size: int) -> None:
+        """The simulated pool has no threads to size."""
 
     def _schedule(self, dc: DelayedCall) -> None:
         due = dc.time

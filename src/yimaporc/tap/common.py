@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, Service
+from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from .._files import PRIVATE_UMASK, private_dir
+from .._reactor import node_reactor
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig, parse_cluster_address, parse_join
 from ..cluster.wire import check_scope_name
 from ..logs import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, node_log_observer, with_log_observer
@@ -182,7 +184,7 @@ class StopIfCannotStart(Service):
 
     log = Logger()
 
-    def __init__(self, node: ClusterNode, reactor: Any) -> None:
+    def __init__(self, node: ClusterNode, reactor: IReactorCore) -> None:
         self.node = node
         self.reactor = reactor
 
@@ -198,11 +200,11 @@ class StopIfCannotStart(Service):
         self.reactor.callWhenRunning(self.reactor.stop)
 
 
-def install_logging(service: IService, options: NodeOptions, reactor: Any) -> IService:
+def install_logging(service: IService, options: NodeOptions, reactor: IReactorCore) -> IService:
     """``service`` set up so that twistd logs per ``--log-format``/``--log-max-*``."""
     observer = node_log_observer(
         options,
-        reactor,
+        node_reactor(reactor),
         log_format=options["log-format"],
         max_bytes=options["log-max-bytes"],
         max_files=options["log-max-files"],

@@ -8,6 +8,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
+from .._reactor import node_reactor
 from ..cluster.node import ConfigError
 from ..porcupine.node import PorcupineConfig, PorcupineNode
 from .common import NodeOptions, install_logging, node_config, run_as
@@ -218,7 +219,7 @@ def makeService(options: Options) -> IService:
     switch = run_as(options)
     try:
         node = PorcupineNode.from_config(
-            reactor, config, first=[switch] if switch is not None else []
+            node_reactor(reactor), config, first=[switch] if switch is not None else []
         )
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e

@@ -7,6 +7,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
+from .._reactor import node_reactor
 from ..cluster.node import ConfigError
 from ..yima.node import MAX_SEND_AHEAD, MODES, YimaConfig, YimaNode
 from ..yima.streaming import DEFAULT_CACHE_BYTES
@@ -181,7 +182,9 @@ def makeService(options: Options) -> IService:
     config = yima_config(options)
     switch = run_as(options)
     try:
-        node = YimaNode.from_config(reactor, config, first=[switch] if switch is not None else [])
+        node = YimaNode.from_config(
+            node_reactor(reactor), config, first=[switch] if switch is not None else []
+        )
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e
     return install_logging(node.service, options, reactor)

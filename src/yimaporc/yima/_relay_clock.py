@@ -23,6 +23,8 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
+
 __all__ = ["RelayClock", "RelayWake"]
 
 
@@ -51,7 +53,7 @@ class RelayClock:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         now: Callable[[], float],
         release: Callable[[str], None],
         slack: float,

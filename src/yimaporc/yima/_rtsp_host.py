@@ -17,6 +17,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from .._reactor import INodeReactor
+
 if TYPE_CHECKING:
     from ..cluster.node import ClusterNode
     from ..rtsp import RtspServerFactory
@@ -39,7 +41,7 @@ class StreamingHost(Protocol):
     # --- collaborators and state (set by YimaStreamingService.__init__) ------------
     log: Logger
     node: ClusterNode
-    reactor: Any
+    reactor: INodeReactor
     storage: IMediaStorage
     mode: str
     rng: random.Random

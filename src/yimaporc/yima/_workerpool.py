@@ -14,16 +14,17 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from .._reactor import INodeReactor
 from ._workerchannel import WorkerBlockPath, WorkerBlockSpool, WorkerClock, WorkerSetup
 from .workerboard import MAX_ROWS, Board, BoardRow
 
@@ -159,7 +160,7 @@ class WorkerPool:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         count: int,
         *,
         locate: Callable[[str, int], list[str]],
@@ -232,7 +233,7 @@ class WorkerPool:
         w.board = Board.create()
         argv = [self.executable, "-m", "yimaporc.yima._workerproc"]
         try:
-            self.reactor.spawnProcess(
+            cast(IReactorProcess, self.reactor).spawnProcess(
                 w, self.executable, argv, env=dict(os.environ),
                 childFDs={0: "w", 1: "r", 2: "r", 3: self._fd, 4: w.board.fd},
             )  # fmt: skip

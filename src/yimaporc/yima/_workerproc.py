@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorCore
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from .._reactor import INodeReactor, node_reactor
 from ..rtp import PT_MP2T, RtpHeaderTemplate
 from ._workerchannel import (
     STATE_PAGE,
@@ -96,7 +97,7 @@ class WorkerDelivery(amp.CommandLocator):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, sock: socket.socket) -> None:
+    def __init__(self, reactor: INodeReactor, sock: socket.socket) -> None:
         super().__init__()
         self.reactor = reactor
         self.sock = sock
@@ -367,7 +368,7 @@ class WorkerDelivery(amp.CommandLocator):
 class _Channel(amp.AMP):
     """The worker's end of the AMP channel: the reactor stops when the main process goes."""
 
-    def __init__(self, delivery: WorkerDelivery, reactor: Any) -> None:
+    def __init__(self, delivery: WorkerDelivery, reactor: IReactorCore) -> None:
         super().__init__(locator=delivery)
         self.reactor = reactor
         self.delivery = delivery
@@ -399,7 +400,7 @@ def main() -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     sock = socket.socket(fileno=DATA_FD)
     sock.setblocking(False)
-    delivery = WorkerDelivery(reactor, sock)
+    delivery = WorkerDelivery(node_reactor(reactor), sock)
     channel = _Channel(delivery, reactor)
     delivery.main = channel
     stdio.StandardIO(channel, reactor=reactor)

@@ -27,6 +27,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamServerEndpoint
 
+from .._reactor import INodeReactor
 from ..admin.mount import admin_endpoint, mount_admin
 from ..cluster.listening import ListeningService
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig
@@ -133,7 +134,7 @@ class YimaNode:
     @classmethod
     def from_config(
         cls,
-        reactor: Any,
+        reactor: INodeReactor,
         config: YimaConfig,
         *,
         rng: random.Random | None = None,

@@ -29,6 +29,8 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from .._reactor import INodeReactor
+
 __all__ = ["SOL_UDP", "UDP_GRO", "BatchUdpPort", "enable_gro", "listen_udp_batched",
            "segment_size"]  # fmt: skip
 
@@ -72,7 +74,11 @@ class BatchUdpPort(udp.Port):
     log = Logger()
 
     def __init__(
-        self, port: int, proto: DatagramProtocol, interface: str = "", reactor: Any = None
+        self,
+        port: int,
+        proto: DatagramProtocol,
+        interface: str = "",
+        reactor: INodeReactor | None = None,
     ) -> None:
         super().__init__(port, proto, interface, MAX_READ, reactor)
         #: True once the kernel took UDP_GRO on this socket.
@@ -122,7 +128,7 @@ class BatchUdpPort(udp.Port):
 
 
 def listen_udp_batched(
-    reactor: Any, proto: DatagramProtocol, port: int = 0, interface: str = ""
+    reactor: INodeReactor, proto: DatagramProtocol, port: int = 0, interface: str = ""
 ) -> IListeningPort:
     """A :class:`BatchUdpPort` on a POSIX reactor, else ``reactor.listenUDP``."""
     if isinstance(reactor, PosixReactorBase):

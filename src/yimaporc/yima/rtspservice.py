@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .._reactor import INodeReactor
 from ..cluster.membership import IMembershipListener
 from ..cluster.node import CannotStart, ClusterNode, IReady
 from ..rtp import PT_MP2T, RtpHeaderTemplate, l16_payload_type
@@ -101,7 +102,7 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
     def __init__(
         self,
         node: ClusterNode,
-        reactor: Any,
+        reactor: INodeReactor,
         storage: IMediaStorage,
         *,
         rtsp_endpoint: str | None,

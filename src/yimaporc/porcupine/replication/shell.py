@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ..._reactor import IClockThreads
 from ...cluster.view import IMembershipListener, View
 from ._manager import ReplicationConfig, ReplicationManager
 from ._values import (
@@ -92,7 +93,7 @@ class ReplicationService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IClockThreads,
         node_id: NodeId,
         log_store: ILogStore,
         object_store: IObjectStore,

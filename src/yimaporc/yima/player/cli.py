@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from ..._reactor import node_reactor
 from .client import Client
 from .shell import PlayError, ShellConfig
 
@@ -119,7 +120,7 @@ def _play(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred, ensureDeferred
 
-    client = Client(reactor, args.urls, config, outputs.deliver, bind=args.bind)
+    client = Client(node_reactor(reactor), args.urls, config, outputs.deliver, bind=args.bind)
     result: dict[str, Any] = {}
 
     def stop(_: object) -> None:

@@ -23,6 +23,7 @@ from twisted.internet.protocol import ClientFactory, DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..._reactor import INodeReactor
 from ...rtsp import (
     RtspClientProtocol,
     RtspStatusError,
@@ -75,7 +76,7 @@ class Client:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         urls: Sequence[str],
         config: ShellConfig,
         deliver: Callable[[str, bytes], None],

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from ..._reactor import IClockThreads
 from ...cluster.catalog import ReplicatedDocument
 from ...cluster.node import ClusterNode
 from ..store import BlockStore, SynchronousThreadPool
@@ -26,7 +27,7 @@ class StorageContext:
     """Shared by the storage parts; :attr:`catalog` is replaced on every catalog change."""
 
     node: ClusterNode
-    reactor: Any
+    reactor: IClockThreads
     pool: ThreadPool | SynchronousThreadPool
     store: BlockStore
     log: Logger

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ..._reactor import INodeReactor
 from ...cluster.catalog import ReplicatedDocument
 from ...cluster.node import ClusterNode
 from ..disks import MergePolicy, PhysicalDisk, initial_history
@@ -73,7 +74,7 @@ class YimaStorageService(Service):
     def __init__(
         self,
         node: ClusterNode,
-        reactor: Any,
+        reactor: INodeReactor,
         threadpool: ThreadPool | SynchronousThreadPool,
         disks: Sequence[tuple[str | Path, int | None]],
         *,
@@ -142,7 +143,7 @@ class YimaStorageService(Service):
     def from_config(
         cls,
         node: ClusterNode,
-        reactor: Any,
+        reactor: INodeReactor,
         disks: Sequence[tuple[str | Path, int | None]],
         threads: int = 4,
     ) -> YimaStorageService:

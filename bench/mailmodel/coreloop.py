@@ -1,57 +1,21 @@
-"""The event loop of the simulators that drive protocol cores directly, without a reactor.
+"""The event loop of the bench's core-only network model (:mod:`.simnet`).
 
-Two simulators run cores (not shells) on one virtual clock: the replication simulator
-(:mod:`yimaporc.porcupine.replication.sim`, beside its core, so it may not import
-:mod:`yimaporc.sim`) and the bench's membership network (``bench/mailmodel/simnet.py``,
-under the mail cost model).  :class:`CoreNet` is what they share: one seeded
+:class:`CoreNet` drives protocol cores directly, without a reactor: one seeded
 ``random.Random``, a queue of callables in (time, order of scheduling) order, the links
-(:class:`Links`: partitions into groups, single cut links) and the seeded fate of one
+(:class:`~yimaporc.sim.links.Links`: partitions, cut links) and the seeded fate of one
 datagram (loss, duplication, latency, reordering).  A seed replays exactly: the random
-draws happen in a fixed order.
-
-The kernel that runs the shipped Twisted shells (:mod:`yimaporc.sim.kernel`) uses the
-same :class:`Links` but keeps its own queue: its events carry a host and a kind (timer
-or I/O) and are folded into a trace digest.
+draws happen in a fixed order.  (It was ``yimaporc.simloop``; the package's one kernel,
+:mod:`yimaporc.sim.kernel`, runs the shipped shells, and the replication crash-point
+simulator is a scenario on it, :mod:`yimaporc.sim.replication`.)
 """
 
 from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
-
-class Links:
-    """Who can talk to whom: partitions into groups and single cut links, by name."""
-
-    def __init__(self) -> None:
-        self._groups: dict[str, int] | None = None
-        self._cut: set[frozenset[str]] = set()
-
-    def partition(self, *groups: Iterable[str]) -> None:
-        """Only nodes within the same group can talk; unlisted nodes are isolated."""
-        self._groups = {}
-        for i, group in enumerate(groups):
-            for node_id in group:
-                self._groups[node_id] = i
-
-    def heal(self) -> None:
-        """Remove every partition and cut link."""
-        self._groups = None
-        self._cut.clear()
-
-    def cut(self, a: str, b: str) -> None:
-        """Only the link between ``a`` and ``b`` fails (non-transitive connectivity)."""
-        self._cut.add(frozenset((a, b)))
-
-    def connected(self, a: str, b: str) -> bool:
-        """True when ``a`` and ``b`` can exchange messages."""
-        if self._cut and frozenset((a, b)) in self._cut:
-            return False
-        if self._groups is None:
-            return True
-        ga, gb = self._groups.get(a), self._groups.get(b)
-        return ga is not None and ga == gb
+from yimaporc.sim.links import Links
 
 
 class CoreNet(Links):

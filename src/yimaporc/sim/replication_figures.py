@@ -1,35 +1,11 @@
-"""A deterministic simulator for the replication core: many nodes, one seed.
-
-Nodes run :class:`ReplicationManager` cores on a virtual clock, each with a
-skewed local clock and a "disk" (a :class:`MemoryLog` and a
-:class:`MemoryObjectStore`) that survives crashes.  Messages go through the
-real byte encoding and suffer seeded latency, loss, duplication and
-partitions.  The shell here performs each batch of actions strictly in order,
-and a :class:`CrashPlan` can stop a node just before any chosen action: before
-the log write, between log write and apply, between apply and push, in the
-middle of a push or of a retire.  Live sets come from an oracle (who is up and
-reachable), delivered after a detection delay, as the membership service would.
-Everything is driven by one ``random.Random(seed)``: a failing seed replays.
-
-Its parts: ``_sim_model`` (tunables, faults, nodes, crash plans, submissions) and
-``_sim_kernel`` (:class:`ReplicationSim`); this module holds the workloads and the
-figures ``python -m yimaporc.porcupine.replication.sim`` prints, and re-exports
-the names.
-"""
+"""Workloads for the replication scenario (:mod:`.replication`) and the figures quoted in
+docs/replication.md (``python -m yimaporc.sim.replication_figures`` prints them)."""
 
 from __future__ import annotations
 
-from ._sim_kernel import ReplicationSim
-from ._sim_model import SIM_CONFIG, CrashPlan, Disk, Faults, SimNode, Submission
+from .replication import Faults, ReplicationSim
 
 __all__ = [
-    "SIM_CONFIG",
-    "CrashPlan",
-    "Disk",
-    "Faults",
-    "ReplicationSim",
-    "SimNode",
-    "Submission",
     "catch_up_time",
     "main",
     "messages_per_update",
