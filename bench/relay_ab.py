@@ -3,6 +3,7 @@
     cd TREE && flock /tmp/yimaporc-bench.lock env PYTHONPATH=TREE/src \\
         YIMAPORC_BENCH_WORK=/tmp/bench-relay .venv/bin/python bench/relay_ab.py \\
         [--nodes 8] [--sessions 32] [--rounds 2] [--quota 0.1] [--node-flag=--relay-send-ahead-ms=40]
+        [--profile]
 
 The scaling part's layout (bench/parts/scaling.py): N bipartite ``yima-node``s, each in
 its own CPU group of ``--quota`` cores, the 90 s, 1 Mbit/s-video bench clip, the load
@@ -15,6 +16,9 @@ the same ratio at each design's own limit; a fixed S below both limits measures 
 stream at the same load, in two minutes.  Prints per trial the nodes' counters (packets
 sent, send system calls, relay reads, NACKs: the difference over the trial, from
 ``/api/status``) and their user and system CPU ticks, then the medians and their ratio.
+``--profile``: py-spy samples two nodes over every trial and prints their top frames (own
+and inclusive); its sampling costs CPU, so a profiled run's figures are not the ones to
+report.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from parts import cgroup
+from parts import cgroup, common
 from parts.clip import make_clip
 from parts.cluster import Cluster, admin_status, require_service
-from parts.common import PEERS, PORTS, PY, WORK, Settings, parse_result, run, scoped
+from parts.common import PEERS, PORTS, PY, WORK, Profiler, Settings, parse_result, run, scoped
 from parts.scaling import _ingest, _node_flags
 
 
@@ -72,7 +76,10 @@ def main() -> int:
     ap.add_argument("--quota", type=float, default=0.1)
     ap.add_argument("--node-flag", action="append", default=[],
                     help="an extra yima-node flag, e.g. --node-flag=--relay-send-ahead-ms=40")  # fmt: skip
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy two nodes over every trial (their figures then include it)")  # fmt: skip
     a = ap.parse_args()
+    common.PROFILE = a.profile
     s = Settings(True)
     clip = make_clip(s, s.scaling_clip_video_mbps, s.scaling_clip_seconds)
     flags = [x for f in a.node_flag for x in f.split("=", 1)]
@@ -94,7 +101,12 @@ def main() -> int:
                         *(["--fanout"] if design == "fanout" else []),
                         *[x for h in c.hosts for x in ("--url", f"rtsp://{h}:{PORTS['rtsp']}/test")],
                         *[x for p in c.pids for x in ("--server-pid", str(p))]]  # fmt: skip
-                out = run(argv, 240)
+                profiles: dict[str, Any] = {}
+                with Profiler(f"{design}-{r}", c.pids[:2], profiles):
+                    out = run(argv, 240)
+                for sm in profiles.get("profiles", {}).get(f"{design}-{r}", []):
+                    for fn, pct in sm["top_inclusive"][:15]:
+                        print(f"      incl {pct:5.1f}%  {fn}")
                 cores = [row["cores"] for row in meter.stop()]
                 t1, n1 = cpu_ticks(c.pids), counters(c)
                 kv = parse_result(out.stdout, "rtsp") or {}

@@ -28,7 +28,8 @@ from twisted.python.usage import UsageError
 from yimaporc.rtsp._machine import ServerSession
 from yimaporc.rtsp._wire import TransportSpec
 from yimaporc.tap.yima import Options, yima_config
-from yimaporc.yima._rtsp_relay import RELAY_BATCH
+from yimaporc.yima._rtsp_plan import SILENT
+from yimaporc.yima._rtsp_relay import MAX_RELAY_BATCH, RELAY_BATCH
 from yimaporc.yima._workerchannel import WorkerStart
 from yimaporc.yima.engine import DeliveryEngine
 from yimaporc.yima.node import YimaNode
@@ -247,7 +248,7 @@ def test_a_relayed_play_asks_every_node_for_runs_and_a_fan_out_play_does_not() -
     assert f.svc.streaming.scheduler.sessions["S2"].ahead == 0.0
 
 
-@pytest.mark.parametrize("batch", [0.1, 0.3])
+@pytest.mark.parametrize("batch", [0.1, 0.25])
 def test_the_relay_releases_runs_sent_early_at_their_due_instants(batch: float) -> None:
     """Both nodes send their shares in runs of ``batch`` (this node's engine and the other
     node's schedule, replayed from its StreamStart): the client still gets every packet,
@@ -298,7 +299,7 @@ def test_the_relay_releases_runs_sent_early_at_their_due_instants(batch: float) 
 
 
 def test_relay_batch_option_is_checked_and_reaches_the_rtsp_service(tmp_path: Path) -> None:
-    """--relay-batch-ms (default 100, 0..500) becomes the node config's relay_batch and
+    """--relay-batch-ms (default 100, 0..250) becomes the node config's relay_batch and
     the streaming service's; anything else is a usage error."""
     base = ["--node-id", "y1", "--data-dir", str(tmp_path),
             "--cluster", "tcp:17946:interface=127.0.180.1", "--workers", "0"]  # fmt: skip
@@ -311,9 +312,12 @@ def test_relay_batch_option_is_checked_and_reaches_the_rtsp_service(tmp_path: Pa
     assert config.relay_batch == pytest.approx(0.25)
     node = YimaNode.from_config(MemoryReactorClock(), config)
     assert node.streaming.relay_batch == pytest.approx(0.25)
-    for bad in ("-1", "501", "x", "nan"):
+    for bad in ("-1", "251", "x", "nan"):
         with pytest.raises(UsageError, match="relay-batch-ms"):
             Options().parseOptions([*base, "--relay-batch-ms", bad])
+    # a node sending a session's block is heard by the relay within the early takeover's
+    # silence whatever the batch
+    assert MAX_RELAY_BATCH < SILENT
 
 
 def test_destination_batch_defaults_to_none() -> None:

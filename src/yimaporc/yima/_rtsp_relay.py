@@ -47,8 +47,11 @@ _SEQ_SSRC = struct.Struct(">2xH4xI")  # a node packet's sequence number and SSRC
 #: relay fewer reads, and change nothing the player sees (docs/benchmarks.md, "The
 #: relay's cost per stream").
 RELAY_BATCH = 0.1
-#: The largest ``--relay-batch-ms``: the relay holds a session's lead plus this.
-MAX_RELAY_BATCH = 0.5
+#: The largest ``--relay-batch-ms``: below SILENT, so a node sending a session's block is
+#: heard by its relay more often than the early takeover's silence (a longer batch could
+#: take a live node's share over after one lost packet); the relay holds a session's lead
+#: plus one batch, and the nodes' runs must fit its socket buffer (_big_buffers).
+MAX_RELAY_BATCH = 0.25
 
 
 class RelayMixin:
