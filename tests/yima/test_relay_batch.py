@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_relay_quickstart import CLIENT, URL, TwoNodes, _b_gseqs, _seq
+from test_relay_quickstart import CLIENT, URL, TwoNodes, _b_gseqs, _continuous, _seq
 from test_workers import make
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
@@ -323,3 +324,22 @@ def test_relay_batch_option_is_checked_and_reaches_the_rtsp_service(tmp_path: Pa
 def test_destination_batch_defaults_to_none() -> None:
     """A Destination made without a batch (fan-out, older callers) has none."""
     assert Destination("h", 1, 1, 0, 0, 0).batch == 0.0
+
+
+def test_a_share_taken_over_for_a_relay_is_sent_in_runs_too() -> None:
+    """When the other node leaves, the share this node serves in its place (from parity,
+    to its own relay) gets the relay's batch as well; the relay still gets every packet
+    from where it stood, in order."""
+    t = TwoNodes(parity_group=2, block_us=100_000)
+    t.play(0.0)
+    t.from_b(_b_gseqs(0, 100))
+    t.run(1.0)
+    old = SimpleNamespace(members=t.svc.node.view.members)
+    new = SimpleNamespace(members=[m for m in old.members if m.node_id != "b"])
+    t.svc.membership_changed(old, new)  # type: ignore[arg-type]
+    taken = t.svc.streaming.scheduler.sessions["S1+b"]
+    assert taken.ahead == pytest.approx(RELAY_BATCH - t.svc.streaming.engine.send_ahead)
+    assert t.svc.streaming.destinations["S1+b"].batch == RELAY_BATCH
+    t.run(3.0)
+    assert t.plan.relay is not None and t.plan.relay.stats.gaps_skipped == 0
+    assert len(t.out) >= 280 and _continuous(t.out)
