@@ -88,7 +88,8 @@ class RelayMixin:
 
     def relay_stats(self: StreamingHost) -> dict[str, int]:
         """What the relays did (sessions torn down and live): forwarded, given up
-        (``skipped``), asked again, shares taken over early, duplicates, late, stale."""
+        (``skipped``), asked again, shares taken over early, duplicates, late, stale;
+        the shared release timer's wake-ups and releases."""
         total = attrs.asdict(self.relay_totals)
         for plan in self.plans.values():
             if plan.relay is not None:
@@ -100,7 +101,10 @@ class RelayMixin:
                 "duplicates": total["duplicates"], "too_late": total["too_late"],
                 "stale": total["stale"], "received": total["received"],
                 "receive_reads": total["receive_reads"],
-                "watch_stalls": total["watch_stalls"]}  # fmt: skip
+                "watch_stalls": total["watch_stalls"],
+                # the shared release timer: its wake-ups, and the releases they made
+                "clock_wakeups": self.relay_clock.wakeups,
+                "releases": self.relay_clock.releases}  # fmt: skip
 
     @staticmethod
     def _relay_due(plan: _Plan, gseq: int) -> float:
