@@ -3,6 +3,7 @@
     cd TREE && flock /tmp/yimaporc-bench.lock env PYTHONPATH=TREE/src \\
         YIMAPORC_BENCH_WORK=/tmp/bench-relay .venv/bin/python bench/relay_ab.py \\
         [--nodes 8] [--sessions 32] [--rounds 2] [--quota 0.1] [--node-flag=--relay-send-ahead-ms=40]
+        [--profile]
 
 The scaling part's layout (bench/parts/scaling.py): N bipartite ``yima-node``s, each in
 its own CPU group of ``--quota`` cores, the 90 s, 1 Mbit/s-video bench clip, the load
@@ -15,13 +16,18 @@ the same ratio at each design's own limit; a fixed S below both limits measures 
 stream at the same load, in two minutes.  Prints per trial the nodes' counters (packets
 sent, send system calls, relay reads, NACKs: the difference over the trial, from
 ``/api/status``) and their user and system CPU ticks, then the medians and their ratio.
+``--profile``: py-spy samples every node at 1 kHz over every trial and prints the top
+frames of all of them together (own and inclusive, idle left out); its sampling costs
+CPU, so a profiled run's figures are not the ones to report.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import signal
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parts import cgroup
 from parts.clip import make_clip
 from parts.cluster import Cluster, admin_status, require_service
-from parts.common import PEERS, PORTS, PY, WORK, Settings, parse_result, run, scoped
+from parts.common import (
+    PEERS,
+    PORTS,
+    PY,
+    VENV_BIN,
+    WORK,
+    Settings,
+    parse_result,
+    profile_summary,
+    run,
+    scoped,
+)
 from parts.scaling import _ingest, _node_flags
 
 
@@ -64,6 +81,43 @@ def counters(c: Cluster) -> dict[str, float]:
     return total
 
 
+def _spy(pids: list[int], name: str) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """py-spy (1 kHz, raw stacks, idle left out) on every pid, until :func:`_spied`."""
+    out = WORK / "relay-ab-profiles"
+    out.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for pid in pids:
+        path = out / f"{name}-{pid}.txt"
+        argv = [str(VENV_BIN / "py-spy"), "record", "-p", str(pid), "-r", "1000", "--format",
+                "raw", "--nonblocking", "-o", str(path)]  # fmt: skip
+        spies.append((subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL), path))  # fmt: skip
+    return spies
+
+
+def _spied(spies: list[tuple[subprocess.Popen[bytes], Path]], name: str) -> None:
+    """Stop the spies; print the top frames over all of them (one merged profile)."""
+    for p, _ in spies:
+        p.send_signal(signal.SIGINT)
+    for p, _ in spies:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    if not spies:
+        return
+    merged = spies[0][1].with_name(f"{name}-all.txt")
+    merged.write_text("".join(path.read_text(errors="replace") for _, path in spies
+                              if path.exists()))  # fmt: skip
+    sm = profile_summary(merged)
+    print(f"    profile {name}: {sm['samples']} samples ({merged})")
+    for kind in ("top_self", "top_inclusive"):
+        for fn, pct in sm[kind]:
+            if "twisted/scripts" in fn or "twisted/application" in fn or "(twistd)" in fn:
+                continue
+            print(f"      {kind[4:]:4s} {pct:5.1f}%  {fn}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", type=int, default=8)
@@ -72,6 +126,8 @@ def main() -> int:
     ap.add_argument("--quota", type=float, default=0.1)
     ap.add_argument("--node-flag", action="append", default=[],
                     help="an extra yima-node flag, e.g. --node-flag=--relay-send-ahead-ms=40")  # fmt: skip
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy every node over every trial (their figures then include it)")  # fmt: skip
     a = ap.parse_args()
     s = Settings(True)
     clip = make_clip(s, s.scaling_clip_video_mbps, s.scaling_clip_seconds)
@@ -94,7 +150,9 @@ def main() -> int:
                         *(["--fanout"] if design == "fanout" else []),
                         *[x for h in c.hosts for x in ("--url", f"rtsp://{h}:{PORTS['rtsp']}/test")],
                         *[x for p in c.pids for x in ("--server-pid", str(p))]]  # fmt: skip
+                spies = _spy(c.pids, f"{design}-{r}") if a.profile else []
                 out = run(argv, 240)
+                _spied(spies, f"{design}-{r}")
                 cores = [row["cores"] for row in meter.stop()]
                 t1, n1 = cpu_ticks(c.pids), counters(c)
                 kv = parse_result(out.stdout, "rtsp") or {}

@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from .._reactor import node_reactor
 from ..cluster.node import ConfigError
+from ..yima._rtsp_relay import MAX_RELAY_BATCH, RELAY_BATCH
 from ..yima.node import MAX_SEND_AHEAD, MODES, YimaConfig, YimaNode
 from ..yima.streaming import DEFAULT_CACHE_BYTES
 from ..yima.workers import default_workers
@@ -62,6 +63,14 @@ class Options(NodeOptions):
             "10",
             "Milliseconds a relay release looks ahead: a relayed session's packets due "
             "within it are forwarded in one send (GSO), none more than this early (0..200).",
+        ],
+        [
+            "relay-batch-ms",
+            None,
+            f"{RELAY_BATCH * 1000:g}",
+            "Milliseconds of a relayed session's packets the nodes send at once (the "
+            "sessions this node relays: the relay holds each to its due instant anyway); "
+            f"0: the nodes' own send-ahead (0..{MAX_RELAY_BATCH * 1000:.0f}).",
         ],
         [
             "block-cache-mb",
@@ -132,6 +141,15 @@ class Options(NodeOptions):
                 f"--relay-send-ahead-ms must be 0..{MAX_SEND_AHEAD * 1000:.0f} milliseconds"
             )
         self["relay_send_ahead"] = relay_ms / 1000.0
+        try:
+            batch_ms = float(self["relay-batch-ms"])
+        except ValueError:
+            raise usage.UsageError("--relay-batch-ms must be a number of milliseconds") from None
+        if not 0 <= batch_ms <= MAX_RELAY_BATCH * 1000:
+            raise usage.UsageError(
+                f"--relay-batch-ms must be 0..{MAX_RELAY_BATCH * 1000:.0f} milliseconds"
+            )
+        self["relay_batch"] = batch_ms / 1000.0
         if self["workers"] == "auto":
             self["workers_n"] = default_workers()
         else:
@@ -170,6 +188,7 @@ def yima_config(options: Options) -> YimaConfig:
             workers=options["workers_n"],
             send_ahead=options["send_ahead"],
             relay_send_ahead=options["relay_send_ahead"],
+            relay_batch=options["relay_batch"],
         )
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e

@@ -58,6 +58,7 @@ class StreamingHost(Protocol):
     sender: DatagramSender | None
     relay_clock: RelayClock
     relay_send_ahead: float
+    relay_batch: float
     _ends: dict[str, tuple[MediaInfo, float]]
 
     # --- the service's own methods ------------------------------------------------

@@ -335,6 +335,10 @@ class PlayMixin:
                                       start_mt=start_mt, host=dest_host, port=dest_port,
                                       ssrc=plan.node_ssrc, seq_base=plan.seq_base,
                                       ts_base=plan.ts_base)  # fmt: skip
+        if plan.relay_port is not None and self.relay_batch > 0:
+            # Relayed: the relay holds every packet to its due instant, so the nodes
+            # send it in runs of --relay-batch-ms (fewer sends and relay reads).
+            common["batch"] = self.relay_batch
         calls: list[Deferred[Any]] = []
         for i, node_id in enumerate(plan.members):
             m = members.get(node_id)

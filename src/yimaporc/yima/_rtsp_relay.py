@@ -41,6 +41,18 @@ if TYPE_CHECKING:
 
 _SEQ_SSRC = struct.Struct(">2xH4xI")  # a node packet's sequence number and SSRC
 
+#: Seconds of a relayed session's packets a node sends at once (``--relay-batch-ms``,
+#: StreamStart's ``batch``): the relay holds each packet to its due instant anyway (the
+#: nodes run RELAY_LEAD ahead of it), so longer runs cost the nodes fewer sends and the
+#: relay fewer reads, and change nothing the player sees (docs/benchmarks.md, "The
+#: relay's cost per stream").
+RELAY_BATCH = 0.1
+#: The largest ``--relay-batch-ms``: below SILENT, so a node sending a session's block is
+#: heard by its relay more often than the early takeover's silence (a longer batch could
+#: take a live node's share over after one lost packet); the relay holds a session's lead
+#: plus one batch, and the nodes' runs must fit its socket buffer (_big_buffers).
+MAX_RELAY_BATCH = 0.25
+
 
 class RelayMixin:
     """The relay and share takeover of :class:`~.rtspservice.YimaStreamingService`."""
@@ -76,7 +88,8 @@ class RelayMixin:
 
     def relay_stats(self: StreamingHost) -> dict[str, int]:
         """What the relays did (sessions torn down and live): forwarded, given up
-        (``skipped``), asked again, shares taken over early, duplicates, late, stale."""
+        (``skipped``), asked again, shares taken over early, duplicates, late, stale;
+        the shared release timer's wake-ups and releases."""
         total = attrs.asdict(self.relay_totals)
         for plan in self.plans.values():
             if plan.relay is not None:
@@ -88,7 +101,10 @@ class RelayMixin:
                 "duplicates": total["duplicates"], "too_late": total["too_late"],
                 "stale": total["stale"], "received": total["received"],
                 "receive_reads": total["receive_reads"],
-                "watch_stalls": total["watch_stalls"]}  # fmt: skip
+                "watch_stalls": total["watch_stalls"],
+                # the shared release timer: its wake-ups, and the releases they made
+                "clock_wakeups": self.relay_clock.wakeups,
+                "releases": self.relay_clock.releases}  # fmt: skip
 
     @staticmethod
     def _relay_due(plan: _Plan, gseq: int) -> float:
@@ -499,7 +515,8 @@ class RelayMixin:
         self.streaming.start(session=local, media=plan.media, start_ct=start_ct, start_mt=mt,
                              host=host, port=port, ssrc=plan.node_ssrc, seq_base=plan.seq_base,
                              ts_base=plan.ts_base, node_index=plan.takeover_index[node_id],
-                             all_blocks=False, blocks=blocks)  # fmt: skip
+                             all_blocks=False, blocks=blocks,
+                             batch=self.relay_batch if plan.relay_port is not None else None)  # fmt: skip
         if speed != 1.0:
             self.streaming.control(local, "speed", now, speed)
         if not plan.playing:

@@ -116,6 +116,8 @@ class WorkerStart(amp.Command):
         (b"offset", amp.Float()),
         # An adoption (the owner died): the whole scheduler state to go on from.
         (b"state", amp.ListOf(amp.Float(), optional=True)),
+        # StreamStart's ``batch``: seconds of a relayed session's packets sent at once.
+        (b"batch", amp.Float(optional=True)),
     ]
     response = [(b"packets", amp.Integer())]
 

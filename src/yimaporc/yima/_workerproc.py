@@ -288,7 +288,8 @@ class WorkerDelivery(amp.CommandLocator):
               block_starts: list[float], duration: float, payload: int, clock_rate: int,
               blocks: list[int], start_ct: float, start_mt: float, host: str, port: int,
               ssrc: int, seq_base: int, ts_base: int, node_index: int, offset: float,
-              state: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
+              state: list[float] | None = None,
+              batch: float | None = None) -> dict[str, Any]:  # fmt: skip
         assert self.node is not None
         self.offset = offset
         timing = self.timings.get(media)
@@ -304,9 +305,10 @@ class WorkerDelivery(amp.CommandLocator):
         node = self.node
         node.destinations[session] = Destination(
             host, port, ssrc, seq_base, ts_base, node_index, timing.clock_rate,
-            start_ct=start_ct, start_mt=start_mt,
+            start_ct=start_ct, start_mt=start_mt, batch=batch or 0.0,
         )  # fmt: skip
-        s = node.scheduler.add(session, timing, blocks, start_ct, start_mt)
+        s = node.scheduler.add(session, timing, blocks, start_ct, start_mt,
+                               node.ahead(batch or 0.0))  # fmt: skip
         if state is not None:
             apply_state(s, state)
         node.engine.poke()

@@ -33,6 +33,7 @@ from ..cluster.listening import ListeningService
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig
 from ..cluster.statefile import Pool
 from ._rtsp_plan import SEND_AHEAD
+from ._rtsp_relay import MAX_RELAY_BATCH, RELAY_BATCH
 from .rtspservice import YimaStreamingService
 from .storage import YimaStorageService
 from .streaming import DEFAULT_CACHE_BYTES
@@ -80,6 +81,9 @@ class YimaConfig:
     #: Seconds a relay release looks ahead (``--relay-send-ahead-ms``): a relayed
     #: session's packets due within it are forwarded together, none more than this early.
     relay_send_ahead: float = SEND_AHEAD
+    #: Seconds of a relayed session's packets the nodes send at once
+    #: (``--relay-batch-ms``, for the sessions this node relays; 0: their send-ahead).
+    relay_batch: float = RELAY_BATCH
 
     def __attrs_post_init__(self) -> None:
         if self.mode not in MODES:
@@ -97,6 +101,11 @@ class YimaConfig:
             raise ConfigError(
                 f"--relay-send-ahead-ms must be 0..{MAX_SEND_AHEAD * 1000:.0f} ms, "
                 f"not {self.relay_send_ahead * 1000:g}"
+            )
+        if not 0.0 <= self.relay_batch <= MAX_RELAY_BATCH:
+            raise ConfigError(
+                f"--relay-batch-ms must be 0..{MAX_RELAY_BATCH * 1000:.0f} ms, "
+                f"not {self.relay_batch * 1000:g}"
             )
 
 
@@ -165,6 +174,7 @@ class YimaNode:
             cache_bytes=config.cache_bytes,
             send_ahead=config.send_ahead,
             relay_send_ahead=config.relay_send_ahead,
+            relay_batch=config.relay_batch,
             workers=config.workers,
         )
         return cls(

@@ -58,7 +58,7 @@ from ._rtsp_plan import (
     rtp_time,
 )
 from ._rtsp_play import PlayMixin
-from ._rtsp_relay import RelayMixin
+from ._rtsp_relay import RELAY_BATCH, RelayMixin
 from ._rtsp_rtcp import RtcpMixin
 from .feedback import FeedbackReceiver, StreamPorts, mark_retransmission
 from .interfaces import IMediaStorage
@@ -113,6 +113,7 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         send_ahead: float = SEND_AHEAD,
         relay_send_ahead: float = SEND_AHEAD,
+        relay_batch: float = RELAY_BATCH,
         workers: int = 0,
     ) -> None:
         self.node = node
@@ -129,6 +130,9 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         #: A relay release takes what falls due within this (``--relay-send-ahead-ms``);
         #: the relayed sessions' releases share one reactor timer (._relay_clock).
         self.relay_send_ahead = relay_send_ahead
+        #: Seconds of a relayed session's packets the nodes send at once
+        #: (``--relay-batch-ms``, told them in StreamStart); 0: their own send-ahead.
+        self.relay_batch = relay_batch
         self.relay_clock = RelayClock(
             reactor,
             lambda: self.node.cluster_time(),

@@ -195,6 +195,12 @@ class Session:
     sent_runs: list[SentRun] = attrs.field(factory=list)
     resent: set[int] = attrs.field(factory=set)
     late: int = 0
+    #: Seconds beyond a tick's horizon this session's packets are taken (a relayed
+    #: session's run, ``--relay-batch-ms``): each wake-up at its next deadline sends
+    #: what falls due within the tick's horizon plus this, so its packets leave in
+    #: runs that much longer, none later than without it (the first of a run at its
+    #: deadline, as before).  0: the tick's horizon alone (fan-out sessions).
+    ahead: float = 0.0
 
     def sent_packet(self, node_seq: int, window: int) -> Packet | None:
         """The packet sent as ``node_seq``, if it is among the last ``window`` sent."""
@@ -298,10 +304,16 @@ class NodeScheduler:
         my_blocks: Sequence[int],
         start_ct: float,
         start_mt: float = 0.0,
+        ahead: float = 0.0,
     ) -> Session:
-        """Serve ``my_blocks`` of ``media`` from media time ``start_mt`` at cluster time ``start_ct``."""
+        """Serve ``my_blocks`` of ``media`` from media time ``start_mt`` at cluster time ``start_ct``.
+
+        ``ahead``: see :attr:`Session.ahead` (0: every packet within the tick's horizon).
+        """
         blocks = tuple(sorted(my_blocks))
-        s = Session(session_id, media, blocks, anchor_ct=start_ct, anchor_mt=start_mt)
+        s = Session(
+            session_id, media, blocks, anchor_ct=start_ct, anchor_mt=start_mt, ahead=max(0.0, ahead)
+        )
         old = self.sessions.get(session_id)
         if old is not None:
             # A seek restarts the session: this node's counter goes on (its packets
@@ -409,9 +421,11 @@ class NodeScheduler:
         """The packets due by ``now`` as runs (one per session and block), taken as sent.
 
         Only the sessions whose next deadline is due are visited (earliest first).
-        Per session, in order; a session stops at its first packet not due, at
-        its pause point, or at a due packet whose block is not in ``ready`` (that
-        counts as late, once per session and tick).  The work is per run: how many
+        Per session, in order; a session stops at its first packet not due (due by
+        ``now`` plus its :attr:`~Session.ahead`: a session with one is still woken at its
+        next deadline, and then takes that much more), at its pause point, or at a
+        packet whose block is not in ``ready`` (that counts as late, once per session
+        and tick, if the packet is due by ``now`` itself).  The work is per run: how many
         packets of a block are due is computed from the block's packet spacing.
         """
         out: list[Run] = []
@@ -421,7 +435,8 @@ class NodeScheduler:
             _, n, sid = heappop(heap)
             if entry.get(sid) != n:
                 continue  # superseded by a later change
-            d = self._due_runs(sid, sessions[sid], now, ready, out)
+            s = sessions[sid]
+            d = self._due_runs(sid, s, now, ready, out, now + s.ahead if s.ahead else None)
             if d is None:
                 del entry[sid]  # ended, or at its pause point: back on a change
             else:
@@ -440,9 +455,14 @@ class NodeScheduler:
         now: float,
         ready: Container[tuple[str, int]] | None,
         out: list[Run],
+        upto: float | None = None,
     ) -> float | None:
-        """Append ``s``'s due runs to ``out``; its next deadline after them (None: at
-        its end or its pause point)."""
+        """Append ``s``'s runs due by ``upto`` (default ``now``) to ``out``; its next
+        deadline after them (None: at its end or its pause point).  A packet due by
+        ``now`` whose block is not ready is late; one due later (taken ahead) just waits
+        for its block."""
+        if upto is None:
+            upto = now
         media, blocks = s.media, s.my_blocks
         starts, steps, counts = media.block_starts, media._steps, media._counts
         deadline = s.deadline
@@ -457,27 +477,28 @@ class NodeScheduler:
             if s.paused and start + step * j >= s.pause_mt:
                 return None
             d0 = deadline(start + step * j)
-            if d0 > now:
+            if d0 > upto:
                 return d0
             if ready is not None and (media.name, block) not in ready:
-                s.late += 1
-                self.late_waits += 1
+                if d0 <= now:
+                    s.late += 1
+                    self.late_waits += 1
                 return d0
             end = n
             if step > 0:
-                horizon = s.anchor_mt + (now - s.anchor_ct) * s.speed
+                horizon = s.anchor_mt + (upto - s.anchor_ct) * s.speed
                 if s.paused:
                     horizon = min(horizon, s.pause_mt)
                 end = min(n, max(j + 1, int((horizon - start) / step) + 1))
                 # Settle on the exact comparisons a packet-by-packet walk makes.
                 while end > j + 1 and (
-                    deadline(start + step * (end - 1)) > now
+                    deadline(start + step * (end - 1)) > upto
                     or (s.paused and start + step * (end - 1) >= s.pause_mt)
                 ):
                     end -= 1
                 while (
                     end < n
-                    and deadline(start + step * end) <= now
+                    and deadline(start + step * end) <= upto
                     and not (s.paused and start + step * end >= s.pause_mt)
                 ):
                     end += 1

@@ -49,6 +49,10 @@ class StreamStart(amp.Command):
         # The RTSP node that planned the session: should it leave the cluster, every
         # node stops its share (nobody relays or plans it any more).
         (b"origin", amp.Unicode(optional=True)),
+        # Seconds of the session's packets sent at once (a relayed session: its relay
+        # holds them to their due instants anyway, ``--relay-batch-ms``); none or 0:
+        # the node's own send-ahead, as for a fan-out player.
+        (b"batch", amp.Float(optional=True)),
     ]
     response = [(b"packets", amp.Integer())]
 
@@ -91,6 +95,9 @@ class Destination:
     clock_rate: int = 90000
     start_ct: float = 0.0
     start_mt: float = 0.0
+    #: Seconds of packets sent at once (see :class:`StreamStart`'s ``batch``); 0: the
+    #: engine's send-ahead.
+    batch: float = 0.0
 
 
 Packetize = Callable[[Packet, Destination, bytes], bytes]
@@ -157,6 +164,11 @@ class StreamingNode:
             send_ahead=send_ahead, cache_bytes=cache_bytes,
         )  # fmt: skip
 
+    def ahead(self, batch: float) -> float:
+        """A session's :attr:`~.schedule.Session.ahead` for runs of ``batch`` seconds:
+        what the batch adds to the engine's own send-ahead (0: none)."""
+        return max(0.0, batch - self.engine.send_ahead)
+
     def register(self, registry: RpcRegistry) -> None:
         """Answer the streaming RPC commands."""
         registry.register(StreamStart, self.start)
@@ -178,8 +190,13 @@ class StreamingNode:
         all_blocks: bool,
         blocks: list[int] | None = None,
         origin: str | None = None,
+        batch: float | None = None,
     ) -> dict[str, Any] | Deferred[dict[str, Any]]:
         """StreamStart: schedule our blocks (or all, for a master; or ``blocks``, locally).
+
+        ``batch``: seconds of the session's packets to send at once (a relayed
+        session's runs; see :attr:`.schedule.Session.ahead`); none: the engine's
+        send-ahead.
 
         Again for a session this node serves (a seek): the same blocks, from the new
         position, the per-node sequence counter going on.  ``my_blocks`` may answer
@@ -187,7 +204,7 @@ class StreamingNode:
         then waits for it, as it waits for the media's time index to be loaded.
         """
         args = (session, media, start_ct, start_mt, host, port, ssrc, seq_base, ts_base,
-                node_index, all_blocks, blocks, origin)  # fmt: skip
+                node_index, all_blocks, blocks, origin, batch or 0.0)  # fmt: skip
         if self.ready is not None:
             loaded = self.ready(media)
             if not loaded.called:
@@ -214,6 +231,7 @@ class StreamingNode:
         all_blocks: bool,
         blocks: list[int] | None,
         origin: str | None,
+        batch: float = 0.0,
     ) -> dict[str, Any] | Deferred[dict[str, Any]]:
         timing = self.timing(media)
         if origin is not None:
@@ -230,9 +248,9 @@ class StreamingNode:
             else:
                 mine = self.my_blocks(media)
                 if isinstance(mine, Deferred):
-                    return mine.addCallback(lambda b: self._start(*args, timing, b))
+                    return mine.addCallback(lambda b: self._start(*args, timing, b, batch))
                 blocks = mine
-        return self._start(*args, timing, blocks)
+        return self._start(*args, timing, blocks, batch)
 
     def _start(
         self,
@@ -248,12 +266,13 @@ class StreamingNode:
         node_index: int,
         timing: MediaTiming,
         blocks: list[int],
+        batch: float = 0.0,
     ) -> dict[str, Any]:
         self.destinations[session] = Destination(
             host, port, ssrc, seq_base, ts_base, node_index, timing.clock_rate,
-            start_ct=start_ct, start_mt=start_mt,
+            start_ct=start_ct, start_mt=start_mt, batch=batch,
         )  # fmt: skip
-        s = self.scheduler.add(session, timing, blocks, start_ct, start_mt)
+        s = self.scheduler.add(session, timing, blocks, start_ct, start_mt, self.ahead(batch))
         self.engine.poke()
         return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}
 

@@ -197,6 +197,7 @@ class ShardedStreamingNode(StreamingNode):
         node_index: int,
         timing: MediaTiming,
         blocks: list[int],
+        batch: float = 0.0,
     ) -> dict[str, Any]:
         w = self.owner.get(session)
         if w is None and session not in self.local_scheduler.sessions:
@@ -204,11 +205,11 @@ class ShardedStreamingNode(StreamingNode):
                 w = self.pool.pick()
         if w is None:
             return super()._start(session, media, start_ct, start_mt, host, port, ssrc,
-                                  seq_base, ts_base, node_index, timing, blocks)  # fmt: skip
+                                  seq_base, ts_base, node_index, timing, blocks, batch)  # fmt: skip
         dest = Destination(host, port, ssrc, seq_base, ts_base, node_index, timing.clock_rate,
-                           start_ct=start_ct, start_mt=start_mt)  # fmt: skip
+                           start_ct=start_ct, start_mt=start_mt, batch=batch)  # fmt: skip
         self.destinations[session] = dest
-        s = self.mirror.add(session, timing, blocks, start_ct, start_mt)
+        s = self.mirror.add(session, timing, blocks, start_ct, start_mt, self.ahead(batch))
         self._hand(w, session, dest, s, None)
         return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}
 
@@ -229,6 +230,7 @@ class ShardedStreamingNode(StreamingNode):
             start_ct=s.anchor_ct, start_mt=s.anchor_mt, host=dest.host, port=dest.port,
             ssrc=dest.ssrc, seq_base=dest.seq_base, ts_base=dest.ts_base,
             node_index=dest.node_index, offset=self.pool.offset(), state=state,
+            batch=dest.batch or None,
         )  # fmt: skip
         d.addErrback(self._lost_call, w, "start", session)
 
@@ -333,7 +335,8 @@ class ShardedStreamingNode(StreamingNode):
             # No worker left: served here, from the same state.
             self.mirror.remove(sid)
             self.keys.pop(sid, None)
-            local = self.local_scheduler.add(sid, s.media, s.my_blocks, s.anchor_ct, s.anchor_mt)
+            local = self.local_scheduler.add(sid, s.media, s.my_blocks, s.anchor_ct,
+                                             s.anchor_mt, s.ahead)  # fmt: skip
             apply_state(local, state)
             carried = self.carried.pop(sid, None)
             if carried is not None:
