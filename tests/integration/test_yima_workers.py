@@ -34,6 +34,7 @@ from yimaporc.testing.procs import (
     views_agree,
     wait_for,
 )
+from yimaporc.yima.control import StreamAction
 from yimaporc.yima.feedback import mark_retransmission
 from yimaporc.yima.media.sample import make_sample_ts
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, Packet
@@ -294,7 +295,7 @@ def test_a_worker_sends_exactly_what_the_in_process_path_sends(
     wait_for(lambda: pipe.serve(0.05) or len(got) >= 3, 10, "the resends")
     assert [d for d, _ in got] == resent
     assert board.read()[0]["resent"] == 3
-    pipe.call(WorkerControl, session="s", action="stop", at=0.0, value=0.0, offset=-5.0)
+    pipe.call(WorkerControl, session="s", action=StreamAction.STOP, at=0.0, value=0.0, offset=-5.0)
     assert board.read()[1] == {}
 
 

@@ -36,6 +36,7 @@ from yimaporc.porcupine.values import (
     NoSuchMailbox,
     NoSuchUser,
 )
+from yimaporc.testing.hints import apply_hint
 
 KEY = b"k" * 32
 SCOPE = Scope("test", "porcupine")
@@ -66,7 +67,7 @@ class Peer:
         # holds the matching fences.
         self.users.install(BucketMap(("n2",) * N_BUCKETS, (1,) * N_BUCKETS), ["n2"])
         for b in range(N_BUCKETS):
-            self.users.apply("n2", [b, 1, [], []])
+            apply_hint(self.users, "n2", [b, 1, [], []])
         store.set_fences(dict.fromkeys(range(N_BUCKETS), "n2@1"))
         registry = RpcRegistry()
         register_handlers(registry, lambda: self.users, lambda: self.mailboxes, load=lambda: 3.0)
@@ -234,6 +235,6 @@ def test_rebuilt_uid_counter_skips_a_gap_only_with_other_nodes(
     d = um.reserve_uids(USER, 1)
     assert not d.called, "waits while the bucket settles"
     for sender in live:
-        um.apply(sender, [b, 3, [[USER, sender == "n2", 10]], []])
+        apply_hint(um, sender, [b, 3, [[USER, sender == "n2", 10]], []])
     assert result_of(d) == first
     assert result_of(um.fragments(USER)) == ("n2",)

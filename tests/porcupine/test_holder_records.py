@@ -26,6 +26,7 @@ from yimaporc.porcupine.reconstruct import (
     split_fence,
 )
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
+from yimaporc.testing.hints import apply_hint
 
 USER = "ulla@example.org"
 B = bucket_of(USER)
@@ -98,7 +99,7 @@ def test_second_record_of_one_holder_waits_for_the_running_write(tmp_path: Path)
     um.known = {"n1", "n2", "n3"}
     um.install(BucketMap(("n1",) * N_BUCKETS, (2,) * N_BUCKETS), ["n1", "n2", "n3"])
     for n in ("n1", "n2", "n3"):
-        um.apply(n, [B, 2, [], [], 1, []])
+        apply_hint(um, n, [B, 2, [], [], 1, []])
     assert um.may_number(USER)
     writes: list[tuple[str, Deferred[bool]]] = []
 
@@ -142,7 +143,7 @@ def _timed_manager(
     um.known = {"n1", "n2", "n3"}
     um.install(BucketMap(("n1",) * N_BUCKETS, (2,) * N_BUCKETS), ["n1", "n2", "n3"])
     for n in ("n1", "n2", "n3"):
-        um.apply(n, [B, 2, [], [], 1, []])
+        apply_hint(um, n, [B, 2, [], [], 1, []])
     writes: list[Deferred[bool]] = []
 
     def holders_on(node: str, bucket: int, fence: str, holders: list[list[str]]) -> Deferred[bool]:

@@ -38,6 +38,7 @@ from yimaporc.porcupine.reconstruct import (
     decode_hints,
 )
 from yimaporc.porcupine.softstate import bucket_of
+from yimaporc.testing.hints import apply_hint
 
 NB = 8
 USERS = [f"p{i * 2654435761 % 1000003}@example.org" for i in range(200)]
@@ -213,7 +214,7 @@ def test_numbering_waits_for_a_majority_holder_record(tmp_path: Path) -> None:
     b = bucket_of(user, 256)
     um.install(BucketMap(("n1",) * 256, (2,) * 256), ["n1", "n2", "n3"], view=2)
     for n in ("n1", "n2", "n3"):
-        um.apply(n, [b, 2, [[user, n == "n2", 1, int(n == "n2")]], [], 1, []])
+        apply_hint(um, n, [b, 2, [[user, n == "n2", 1, int(n == "n2")]], [], 1, []])
     numbered: list[tuple[Any, ...]] = []
     accept = {"ok": False}
 

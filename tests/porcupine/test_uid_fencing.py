@@ -21,6 +21,7 @@ from yimaporc.porcupine.reconstruct import (
 )
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 from yimaporc.porcupine.values import INBOX, PENDING, NewMessage
+from yimaporc.testing.hints import apply_hint
 
 USER = "ulla@example.org"
 B = bucket_of(USER)
@@ -133,11 +134,11 @@ def test_manager_without_majority_or_settled_hints_answers_pending(tmp_path: Pat
     um = ClusterUserManager("n1", profiles, clock)
     um.known = {"n1", "n2", "n3"}
     um.install(BucketMap(("n1",) * N_BUCKETS, (2,) * N_BUCKETS), ["n1", "n2"])
-    um.apply("n1", [B, 2, [], [], 1, []])
+    apply_hint(um, "n1", [B, 2, [], [], 1, []])
     clock.advance(2.0)  # settled by timeout: n2's hint missing
     assert um.missing[B] == {"n2"}
     assert result_of(um.delivery_plan(USER, 1))[1] == PENDING
-    um.apply("n2", [B, 2, [[USER, True, 40, 3]], [], 700, [[USER, "n3"]]])
+    apply_hint(um, "n2", [B, 2, [[USER, True, 40, 3]], [], 700, [[USER, "n3"]]])
     assert um.pending[USER] == {"n2": 3} and um.away_of(USER) == ("n3",)
     nodes, first, fence = result_of(um.delivery_plan(USER, 1))
     assert (nodes, first, fence) == (("n2",), 700, "n1@2"), "above the mark from the hints"
@@ -180,7 +181,7 @@ def test_timed_plan_leaves_the_horizon_after_the_short_ttl(tmp_path: Path) -> No
     profiles = ProfileDB(clock, SyncPool(), tmp_path / "p.sqlite", clock.seconds)  # type: ignore[arg-type]
     um = ClusterUserManager("n1", profiles, clock)
     um.install(BucketMap(("n1",) * N_BUCKETS, (2,) * N_BUCKETS), ["n1"])
-    um.apply("n1", [B, 2, [], [], 1, []])
+    apply_hint(um, "n1", [B, 2, [], [], 1, []])
     clock.advance(1.0)
     um.cluster_now = lambda: 500.0 + clock.seconds()
     _, first, fence = result_of(um.delivery_plan(USER, 1))

@@ -22,6 +22,7 @@ from yimaporc.rtp import (
 from yimaporc.rtsp._machine import ServerSession
 from yimaporc.rtsp._wire import NptRange, TransportSpec
 from yimaporc.testing.yima import UdpClock
+from yimaporc.yima.control import StreamAction
 from yimaporc.yima.feedback import FeedbackReceiver, StreamPorts
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.placement import LogicalDisk
@@ -227,8 +228,8 @@ def test_relay_follows_a_speed_change_of_its_session() -> None:
                         blocks=[b for b in range(BLOCKS) if owner(b) == "b"])  # fmt: skip
     run(reactor, 4.0)
     at = reactor.seconds() + 0.1
-    svc.control("S1", "speed", at, 2.0)
-    svc.streaming.control("b", "speed", at, 2.0)
+    svc.control("S1", StreamAction.SPEED, at, 2.0)
+    svc.streaming.control("b", StreamAction.SPEED, at, 2.0)
     assert plan.speed == 2.0
     assert svc._relay_due(plan, 100) - svc._relay_due(plan, 50) == 2.5  # 5 s of media at x2
     run(reactor, BLOCKS * 0.25 + 2)

@@ -8,6 +8,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from yimaporc.yima.control import StreamAction
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, Packet
 from yimaporc.yima.streaming import Destination, StreamingNode
 
@@ -77,16 +78,16 @@ def test_pause_resume_stop_and_nack() -> None:
     clock.advance(1.3)
     n0 = len(wire)
     for n in nodes:
-        n.control("s1", "pause", 0.0, 0.0)
+        n.control("s1", StreamAction.PAUSE, 0.0, 0.0)
     clock.advance(5.0)
     assert len(wire) == n0
     for n in nodes:
-        n.control("s1", "resume", clock.seconds() + 0.1, 0.0)
+        n.control("s1", StreamAction.RESUME, clock.seconds() + 0.1, 0.0)
     clock.advance(0.5)
     assert len(wire) > n0
     assert nodes[0].nack("s1", [0, 0, 1]) == {"resent": 2}
     for n in nodes:
-        n.control("s1", "stop", 0.0, 0.0)
+        n.control("s1", StreamAction.STOP, 0.0, 0.0)
     before = len(wire)
     clock.advance(20)
     assert len(wire) == before

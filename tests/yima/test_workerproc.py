@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 
 from yimaporc.yima import _workerproc
 from yimaporc.yima._workerproc import MAIN_SILENT, PUBLISH_EVERY, WorkerDelivery
+from yimaporc.yima.control import StreamAction
 from yimaporc.yima.schedule import PAYLOAD
 from yimaporc.yima.workerboard import MAX_ROWS, Board, session_key
 
@@ -77,7 +78,7 @@ def test_the_board_follows_the_ticks_within_the_publish_interval(worker: Setup) 
     row = rows[session_key("s")]
     assert counters["packets_sent"] == row.packets == row.node_seq == len(worker.sent) > 0
     assert row.generation == 1
-    worker.delivery.control("s", "stop", 0.0, 0.0, 0.0)
+    worker.delivery.control("s", StreamAction.STOP, 0.0, 0.0, 0.0)
     assert worker.board.read()[1] == {}
 
 

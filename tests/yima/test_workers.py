@@ -17,6 +17,7 @@ from twisted.python.usage import UsageError
 
 from yimaporc.tap.yima import Options, yima_config
 from yimaporc.yima._workerchannel import _Packed
+from yimaporc.yima.control import StreamAction
 from yimaporc.yima.deliverystats import DeliveryStats
 from yimaporc.yima.node import YimaConfig
 from yimaporc.yima.schedule import PAYLOAD, MediaTiming, Packet
@@ -141,7 +142,7 @@ def test_control_and_nack_go_to_the_owner_and_the_mirror_follows() -> None:
     clock = Clock()
     node, (w0, w1), _ = make(clock)
     start(node, "a")
-    node.control("a", "speed", 2.0, 2.0)
+    node.control("a", StreamAction.SPEED, 2.0, 2.0)
     mirror = node.mirror.sessions["a"]
     assert (mirror.speed, mirror.anchor_ct, mirror.anchor_mt) == (2.0, 2.0, 1.0)
     got: list[Any] = []
@@ -149,7 +150,7 @@ def test_control_and_nack_go_to_the_owner_and_the_mirror_follows() -> None:
     assert isinstance(d, Deferred)
     d.addCallback(got.append)
     assert got == [{"resent": 3}] and node.resent == 3
-    node.control("a", "stop", 0.0, 0.0)
+    node.control("a", StreamAction.STOP, 0.0, 0.0)
     kinds = [(c.commandName, kw.get("action")) for c, kw in w0.calls]
     assert kinds == [
         (b"yima.worker-start", None), (b"yima.worker-control", "speed"),
@@ -191,7 +192,7 @@ def test_a_dead_workers_sessions_are_adopted_from_their_last_cursor() -> None:
     node, (w0, w1), _ = make(clock)
     start(node, "a")
     start(node, "b")
-    node.control("a", "speed", 2.0, 1.5)
+    node.control("a", StreamAction.SPEED, 2.0, 1.5)
     row = {"session": "a", "generation": 1, "cursor_block": 1, "cursor_packet": 2, "node_seq": 6}
     node._worker_state(w0, [row])  # type: ignore[arg-type]
     w0.dead = True
@@ -341,7 +342,7 @@ def test_worker_sessions_are_listed_in_status_like_in_process_ones() -> None:
     _published(w0, {"packets_sent": 40}, ("a", 1, 40))
     node.merge_status(_streaming([]))
     assert node.mirror.sessions["a"].node_seq == 31
-    node.control("a", "stop", 0.0, 0.0)
+    node.control("a", StreamAction.STOP, 0.0, 0.0)
     doc = _streaming([])
     node.merge_status(doc)
     assert doc["running"] == []

@@ -85,6 +85,16 @@ class PeerMaybeDone(PeerUnavailable):
     maybe_done = True
 
 
+class UnknownValue(ValueError):
+    """A well-formed argument whose value this node does not know (an enum member a
+    newer node sent, say).  Raised by an argument's ``fromString``: the call gets an
+    error answer :attr:`code` (the connection stays, the guard counts
+    ``refused_unknown_value``), never a traceback; a command lists it in ``errors``
+    so the caller gets this exception back."""
+
+    code = b"UNKNOWN_VALUE"
+
+
 class Hello(amp.Command):
     """Step 1 of the handshake: the client's id and nonce; the server proves itself."""
 

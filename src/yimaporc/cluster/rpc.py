@@ -47,6 +47,7 @@ from ._rpc_commands import (
     PeerUnavailable,
     Prove,
     Unauthenticated,
+    UnknownValue,
     _proof,
     may_have_run,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "RpcRegistry",
     "RpcServerFactory",
     "Unauthenticated",
+    "UnknownValue",
     "may_have_run",
 ]
 
@@ -238,11 +240,18 @@ class NodeAMP(amp.AMP):
         """AMP's responder wrapper, except that arguments that do not parse drop the peer.
 
         (AMP would log the parse error as an unhandled failure: a traceback per box.)
+        An argument that parses to a value this node does not know (:class:`UnknownValue`,
+        an enum member of a newer node) gets an ``UNKNOWN_VALUE`` error answer and a
+        counter; the connection stays.
         """
 
         def doit(box: amp.AmpBox) -> Deferred[Any]:
             try:
                 kw = command.parseArguments(box, self)
+            except UnknownValue as e:  # well-formed, not known here: answered, kept
+                name = command.commandName.decode("ascii", "replace")  # type: ignore[union-attr]
+                self.guard.note(self, "refused_unknown_value", f"{name}: {e}")
+                return fail(amp.RemoteAmpError(UnknownValue.code, str(e)))
             except Exception as e:
                 self._drop("malformed_arguments")
                 return fail(amp.RemoteAmpError(b"MALFORMED", f"{type(e).__name__}", fatal=True))

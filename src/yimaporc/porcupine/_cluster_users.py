@@ -41,7 +41,6 @@ from .reconstruct import (
     BucketHint,
     Horizon,
     MajorityWrite,
-    MalformedHint,
     NeedMark,
     Number,
     Reconstruction,
@@ -57,10 +56,6 @@ from .values import (
 )
 
 # The decisions live in the sans-IO core (the reconstruct package); this is its Twisted shell.
-#: One bucket's reconstruction hint as it travels (:meth:`BucketHint.encode`):
-#: ``[bucket, epoch, [[user, has_mail, uidnext, unnumbered]...], [Record...], mark,
-#: [[user, node]...]]``.
-HintEntry = list[Any]
 
 
 class ClusterUserManager(PendingNumbering, UserManager):
@@ -218,17 +213,11 @@ class ClusterUserManager(PendingNumbering, UserManager):
         out, self.outbox = self.outbox, []
         return out
 
-    def apply(self, sender: str, entry: HintEntry, view: int | None = None) -> bool:
-        """Merge one bucket's hint (its JSON form) from ``sender``, sent in view ``view``
-        (see :meth:`Reconstruction.receive`); False if malformed or not counted."""
-        try:
-            hint = BucketHint.decode(entry, N_BUCKETS)
-        except MalformedHint:
-            return False
-        return self.receive(sender, hint, view)
-
     def receive(self, sender: str, hint: BucketHint, view: int | None = None) -> bool:
-        """Merge one typed hint; True if it counted."""
+        """Merge one bucket's hint (decoded by the ``porcupine.hints`` command's
+        :class:`~._cluster_wire.HintList`) from ``sender``, sent in view ``view`` (see
+        :meth:`Reconstruction.receive`); True if it counted.  (Tests that write hints
+        as they travel: :func:`yimaporc.testing.hints.apply_hint`.)"""
         before = self.core.hints_received
         self._perform(self.core.receive(sender, hint, view, now=self._now()))
         return self.core.hints_received > before

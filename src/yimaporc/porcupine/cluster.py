@@ -59,7 +59,7 @@ from ._cluster_lease import ClusterLease
 from ._cluster_load import LOAD_FANOUT, CountingMailboxes, NodeLoad
 from ._cluster_profiles import ProfileReplicator
 from ._cluster_remote import RemoteMailboxManager, RemoteUserManager, register_handlers
-from ._cluster_users import ClusterUserManager, HintEntry
+from ._cluster_users import ClusterUserManager
 from ._cluster_wire import (
     ERRORS,
     DeliveryDeferred,
@@ -108,7 +108,6 @@ __all__ = [
     "LOAD_FANOUT",
     "UID_GAP",
     "ClusterUserManager",
-    "HintEntry",
     "Hints",
     "HintsRequest",
     "HolderNotRecorded",

@@ -66,6 +66,7 @@ from ..rtsp import (
     YimaNode,
 )
 from ..rtsp.sdp import mp2t_track, presentation_sdp
+from ..yima.control import StreamAction
 from ..yima.feedback import FeedbackReceiver, mark_retransmission
 from ..yima.player.client import Client
 from ..yima.player.shell import ShellConfig
@@ -200,8 +201,10 @@ class _SlowStreaming(StreamingNode):
         self.scheduler.set_speed(args[0], self.factor, args[2])
         return out
 
-    def control(self, session: str, action: str, at: float, value: float) -> dict[str, Any]:
-        if action == "speed":
+    def control(
+        self, session: str, action: StreamAction, at: float, value: float
+    ) -> dict[str, Any]:
+        if action == StreamAction.SPEED:
             value *= self.factor
         return super().control(session, action, at, value)
 
@@ -363,7 +366,7 @@ class Planner:
             return
         sid = session.session_id
         for n in self.sim.nodes:
-            self._rpc(n, lambda n=n: n.streaming.control(sid, "stop", 0.0, 0.0))
+            self._rpc(n, lambda n=n: n.streaming.control(sid, StreamAction.STOP, 0.0, 0.0))
 
     def get_parameter(self, session: ServerSession | None, body: bytes) -> Any:
         return b""

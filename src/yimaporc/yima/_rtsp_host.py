@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..rtsp.interfaces import PlayReply
     from ._relay_clock import RelayClock
     from ._rtsp_plan import _Plan
+    from .control import StreamAction
     from .interfaces import IMediaStorage
     from .media import MediaInfo
     from .relay import RelayStats
@@ -109,7 +110,7 @@ class StreamingHost(Protocol):
 
     def _track_url(self, plan: _Plan) -> str: ...
 
-    def _control(self, session_id: str, action: str, at: float) -> Deferred[Any]: ...
+    def _control(self, session_id: str, action: StreamAction, at: float) -> Deferred[Any]: ...
 
     @staticmethod
     def _media_position(plan: _Plan, at: float) -> float: ...

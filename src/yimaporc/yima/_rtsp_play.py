@@ -32,6 +32,7 @@ from ._rtsp_plan import (
     lavf_quirk,
     rtp_time,
 )
+from .control import StreamAction
 from .media import (
     KIND_TS,
     PCR_HZ,
@@ -125,7 +126,7 @@ class PlayMixin:
                 plan.started_ct, plan.playing = at, True
                 # (A PAUSE that overtook a PLAY's start left the overdue watch waiting.)
                 plan.watch_from = min(plan.watch_from, at + OVERDUE)
-                d = self._control(sid, "resume", at)
+                d = self._control(sid, StreamAction.RESUME, at)
             if plan.relay is not None:
                 # The next packet the relay forwards (it stopped at PAUSE, or goes on);
                 # its timer, idle while paused, is armed for it (the nodes may have
@@ -404,7 +405,9 @@ class PlayMixin:
         host = f"[{host}]" if ":" in host else host
         return f"rtsp://{host}:{port}/{plan.media}/{TRACK}"
 
-    def _control(self: StreamingHost, session_id: str, action: str, at: float) -> Deferred[Any]:
+    def _control(
+        self: StreamingHost, session_id: str, action: StreamAction, at: float
+    ) -> Deferred[Any]:
         plan = self.plans.get(session_id)
         for local in plan.takeovers.values() if plan is not None else ():
             self.streaming.control(local, action, at, 0.0)
@@ -443,7 +446,7 @@ class PlayMixin:
             duration = self.storage.media_info(plan.media).duration
             return NptRange(round(plan.position, 3), duration)
 
-        return self._control(session.session_id, "pause", at).addCallback(paused)
+        return self._control(session.session_id, StreamAction.PAUSE, at).addCallback(paused)
 
     @staticmethod
     def _media_position(plan: _Plan, at: float) -> float:

@@ -31,6 +31,7 @@ from ._rtsp_plan import (
     _Plan,
     _Udp,
 )
+from .control import StreamAction
 from .feedback import RETRANSMISSION_MARK
 from .recvpath import listen_udp_batched
 from .relay import Reorderer, rewrite, rewrite_run
@@ -395,7 +396,7 @@ class RelayMixin:
         self.log.warn("rtsp: {n} left and {m} has no parity: ending {s}",
                       n=node_id, m=plan.media, s=sid)  # fmt: skip
         self._bye(plan, f"node {node_id} left; {plan.media} has no parity".encode())
-        self._control(sid, "stop", 0.0)
+        self._control(sid, StreamAction.STOP, 0.0)
 
     def membership_changed(self: StreamingHost, old: View, new: View) -> None:
         """Serve the remaining share of every node that left a session this node planned.
@@ -417,7 +418,7 @@ class RelayMixin:
                 self.orphans_stopped += 1
                 self.log.info("rtsp: {o} left; stopping its session {s} here", o=origin,
                               s=session)  # fmt: skip
-                self.streaming.control(session, "stop", 0.0, 0.0)
+                self.streaming.control(session, StreamAction.STOP, 0.0, 0.0)
         for sid, plan in list(self.plans.items()):
             if not plan.played or plan.bye_sent:
                 continue
@@ -479,7 +480,7 @@ class RelayMixin:
             for m in self.node.view.members:
                 if m.node_id == node_id:
                     d = self.node.rpc.call(m.address, StreamControl, session=sid,
-                                           action="stop", at=0.0, value=0.0)  # fmt: skip
+                                           action=StreamAction.STOP, at=0.0, value=0.0)  # fmt: skip
                     d.addErrback(lambda f: None)
         # The dead node's blocks, from the cached layout (computed off the reactor on a miss).
         d = self.storage.blocks_of_node(plan.media, node_id)
@@ -518,9 +519,9 @@ class RelayMixin:
                              all_blocks=False, blocks=blocks,
                              batch=self.relay_batch if plan.relay_port is not None else None)  # fmt: skip
         if speed != 1.0:
-            self.streaming.control(local, "speed", now, speed)
+            self.streaming.control(local, StreamAction.SPEED, now, speed)
         if not plan.playing:
-            self.streaming.control(local, "pause", 0.0, 0.0)
+            self.streaming.control(local, StreamAction.PAUSE, 0.0, 0.0)
         self.log.info("rtsp: {me} serves {n}'s {k} blocks of {s} from {mt:.1f} s as node {i}",
                       n=node_id, me=self.node.node_id, k=len(blocks), s=sid, mt=mt,
                       i=plan.takeover_index[node_id])  # fmt: skip

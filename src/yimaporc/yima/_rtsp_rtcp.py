@@ -21,6 +21,7 @@ from ._rtsp_plan import (
     SR_INTERVAL,
     _Plan,
 )
+from .control import StreamAction
 from .store import BlockKey
 from .streaming import (
     StreamControl,
@@ -97,20 +98,22 @@ class RtcpMixin:
             plan.owners[block] = got
         return got or None
 
-    def control(self: StreamingHost, session: str, action: str, at: float, value: float) -> None:
+    def control(
+        self: StreamingHost, session: str, action: StreamAction, at: float, value: float
+    ) -> None:
         """Forward flow-control feedback to every node of the session (and its takeovers)."""
         plan = self.plans.get(session)
         for local in plan.takeovers.values() if plan is not None else ():
             self.streaming.control(local, action, at, value)
         if plan is not None and plan.relay is not None:
             # The relay plays out on the nodes' schedule: it follows the same change.
-            if action == "speed" and value > 0 and plan.playing:
+            if action == StreamAction.SPEED and value > 0 and plan.playing:
                 plan.position, plan.started_ct = self._media_position(plan, at), at
                 plan.speed = value
-            elif action == "pause" and plan.playing:
+            elif action == StreamAction.PAUSE and plan.playing:
                 plan.position = value if value > 0 else self._media_position(plan, at)
                 plan.playing, plan.paused_ct = False, at
-            elif action == "resume" and not plan.playing and plan.played:
+            elif action == StreamAction.RESUME and not plan.playing and plan.played:
                 plan.started_ct, plan.playing = at, True
         for m in self.node.view.members:
             if m.node_id == self.node.node_id:

@@ -38,6 +38,7 @@ from ._workerchannel import (
     WorkerState,
     apply_state,
 )
+from .control import StreamAction
 from .feedback import mark_retransmission
 from .schedule import MediaTiming, Packet
 from .sendpath import DatagramSender
@@ -317,12 +318,12 @@ class WorkerDelivery(amp.CommandLocator):
 
     @WorkerControl.responder
     def control(
-        self, session: str, action: str, at: float, value: float, offset: float
+        self, session: str, action: StreamAction, at: float, value: float, offset: float
     ) -> dict[str, Any]:
         assert self.node is not None
         self.offset = offset
         answer = self.node.control(session, action, at, value)
-        if action == "stop":
+        if action == StreamAction.STOP:
             self.generations.pop(session, None)
             self._keys.pop(session, None)
             self._written.pop(session, None)

@@ -41,6 +41,7 @@ from ..rtp import (
     serialize_rtcp,
     unwrap_seq,
 )
+from .control import StreamAction
 from .streaming import StreamingNode
 
 PROBE_NAME = b"YIMT"
@@ -140,7 +141,7 @@ class Relay(Protocol):
     def nack(self, session: str, gseqs: list[int]) -> None:
         """Forward a NACK of global sequence numbers to the owning nodes."""
 
-    def control(self, session: str, action: str, at: float, value: float) -> None:
+    def control(self, session: str, action: StreamAction, at: float, value: float) -> None:
         """Forward flow-control feedback to every node of the session."""
 
     def touch(self, session: str) -> None:
@@ -253,18 +254,18 @@ class FeedbackReceiver:
         now = self.cluster_time()
         at = fb.at_us / 1e6 if fb.at_us else now
         if fb.kind == YimaKind.PAUSE:
-            action, value = "pause", fb.value / 1000  # the position to stop at (0: none)
+            action, value = StreamAction.PAUSE, fb.value / 1000  # the position to stop at (0: none)
         elif fb.kind == YimaKind.RESUME:
-            action, value = "resume", 0.0
+            action, value = StreamAction.RESUME, 0.0
         elif fb.kind == YimaKind.SPEED and fb.value > 0:
-            action, value = "speed", fb.speed
+            action, value = StreamAction.SPEED, fb.speed
         elif fb.kind == YimaKind.DELTA_P and fb.value > 0:
             s = self.streaming.scheduler.sessions.get(sid)
             if s is None:
                 return
             total = s.media.total
             step = s.media.duration / max(1, total)  # delta p at real time
-            action, value = "speed", step / (fb.value / 1e6)
+            action, value = StreamAction.SPEED, step / (fb.value / 1e6)
         else:
             return  # BUFFER reports change nothing
         self.last_feedback[sid] = fb.feedback_seq

@@ -60,6 +60,7 @@ from ._rtsp_plan import (
 from ._rtsp_play import PlayMixin
 from ._rtsp_relay import RELAY_BATCH, RelayMixin
 from ._rtsp_rtcp import RtcpMixin
+from .control import StreamAction
 from .feedback import FeedbackReceiver, StreamPorts, mark_retransmission
 from .interfaces import IMediaStorage
 from .media import (
@@ -559,14 +560,16 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
             for k, v in attrs.asdict(plan.relay.stats).items():
                 setattr(self.relay_totals, k, getattr(self.relay_totals, k) + v)
         for local in plan.takeovers.values() if plan is not None else ():
-            self.streaming.control(local, "stop", 0.0, 0.0)  # shares served here for others
+            self.streaming.control(
+                local, StreamAction.STOP, 0.0, 0.0
+            )  # shares served here for others
         if plan is not None:
             for timer in (plan.sr_timer, plan.bye_timer, plan.watch_timer):
                 if timer is not None and timer.active():
                     timer.cancel()
             if not plan.played:
                 return succeed(None)  # never played: no node has anything to stop
-        return self._control(session.session_id, "stop", 0.0)
+        return self._control(session.session_id, StreamAction.STOP, 0.0)
 
     def get_parameter(self, session: ServerSession | None, body: bytes) -> bytes:
         """Keep-alive."""

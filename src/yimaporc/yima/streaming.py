@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from ..cluster.rpc import RpcRegistry
 from ..rtp import RtpHeaderTemplate
+from .control import StreamAction, StreamActionArgument, UnknownValue
 from .engine import DeliveryEngine
 from .schedule import MediaTiming, NodeScheduler, Packet, Run
 
@@ -58,16 +59,19 @@ class StreamStart(amp.Command):
 
 
 class StreamControl(amp.Command):
-    """``pause``, ``resume`` (at cluster time ``at``), ``speed`` (``value`` from ``at``) or ``stop``."""
+    """A :class:`~.control.StreamAction`: ``pause``, ``resume`` (at cluster time ``at``),
+    ``speed`` (``value`` from ``at``) or ``stop``; an action word this node does not
+    know is an ``UNKNOWN_VALUE`` error answer (:class:`~.control.UnknownValue`)."""
 
     commandName = b"yima.stream-control"
     arguments = [
         (b"session", amp.Unicode()),
-        (b"action", amp.Unicode()),
+        (b"action", StreamActionArgument()),
         (b"at", amp.Float()),
         (b"value", amp.Float()),
     ]
     response = []  # type: ignore[var-annotated]
+    errors = {UnknownValue: UnknownValue.code}
 
 
 class StreamNack(amp.Command):
@@ -276,16 +280,18 @@ class StreamingNode:
         self.engine.poke()
         return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}
 
-    def control(self, session: str, action: str, at: float, value: float) -> dict[str, Any]:
+    def control(
+        self, session: str, action: StreamAction, at: float, value: float
+    ) -> dict[str, Any]:
         """StreamControl: pause / resume / speed / stop (a pause's ``value`` > 0: the
         media position to stop at)."""
-        if action == "pause":
+        if action == StreamAction.PAUSE:
             self.scheduler.pause(session, at if at > 0 else None, value if value > 0 else None)
-        elif action == "resume":
+        elif action == StreamAction.RESUME:
             self.scheduler.resume(session, at)
-        elif action == "speed":
+        elif action == StreamAction.SPEED:
             self.scheduler.set_speed(session, value, at)
-        elif action == "stop":
+        elif action == StreamAction.STOP:
             self.scheduler.remove(session)
             self.destinations.pop(session, None)
             self.origins.pop(session, None)

@@ -102,6 +102,7 @@ from ._workerpool import (
     local_block_paths,
     make_pool,
 )
+from .control import StreamAction
 from .deliverystats import MAX_LISTED
 from .schedule import MediaTiming, NodeScheduler, Session
 from .streaming import Destination, StreamingNode
@@ -239,18 +240,20 @@ class ShardedStreamingNode(StreamingNode):
             self.log.failure("worker {i}: {what} of {s} failed", failure, i=w.index, what=what,
                              s=session)  # fmt: skip
 
-    def control(self, session: str, action: str, at: float, value: float) -> dict[str, Any]:
+    def control(
+        self, session: str, action: StreamAction, at: float, value: float
+    ) -> dict[str, Any]:
         """StreamControl: to the owning worker (and its mirror here), else as before."""
         w = self.owner.get(session)
         if w is None:
             return super().control(session, action, at, value)
-        if action == "pause":
+        if action == StreamAction.PAUSE:
             self.mirror.pause(session, at if at > 0 else None, value if value > 0 else None)
-        elif action == "resume":
+        elif action == StreamAction.RESUME:
             self.mirror.resume(session, at)
-        elif action == "speed":
+        elif action == StreamAction.SPEED:
             self.mirror.set_speed(session, value, at)
-        elif action == "stop":
+        elif action == StreamAction.STOP:
             self.mirror.remove(session)
             self.destinations.pop(session, None)
             self.origins.pop(session, None)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import attrs
 
+from ..control import StreamAction
 from ..schedule import PAYLOAD
 from .buffer import Buffered, PlayoutBuffer
 from .events import (
@@ -341,11 +342,11 @@ class StreamPlayer:
         at = now + self.config.lead
         if self.pause_resume is not None:
             decision = self.pause_resume.update(level)
-            if decision == "pause":
+            if decision is StreamAction.PAUSE:
                 where = self.mirror.position(at)
                 out.extend(Pause(self.stream, n, at, where) for n in self.nodes)
                 self.mirror.set_speed(0.0, at)
-            elif decision == "resume":
+            elif decision is StreamAction.RESUME:
                 self.mirror.set_speed(self._common_speed(), at)
                 out.extend(Resume(self.stream, n, at) for n in self.nodes)
                 self._quiet_until = at + self.config.tail_timeout

@@ -24,6 +24,8 @@ import statistics
 
 import attrs
 
+from ..control import StreamAction
+
 
 @attrs.frozen
 class PauseResumeConfig:
@@ -41,22 +43,22 @@ class PauseResumeConfig:
 
 
 class PauseResume:
-    """Max/min threshold switch: returns ``"pause"``, ``"resume"`` or None."""
+    """Max/min threshold switch: returns :attr:`StreamAction.PAUSE`, ``RESUME`` or None."""
 
     def __init__(self, config: PauseResumeConfig) -> None:
         self.config = config
         self.paused = False
         self.pauses = 0
 
-    def update(self, level: float) -> str | None:
+    def update(self, level: float) -> StreamAction | None:
         """Decision for the current buffer level."""
         if not self.paused and level >= self.config.high:
             self.paused = True
             self.pauses += 1
-            return "pause"
+            return StreamAction.PAUSE
         if self.paused and level <= self.config.low:
             self.paused = False
-            return "resume"
+            return StreamAction.RESUME
         return None
 
 
