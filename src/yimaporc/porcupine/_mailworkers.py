@@ -233,6 +233,7 @@ class MailWorkers(Service):
         self.registry.register(WkReplicaStore, self._replica_store)
         self.registry.register(WkBoxOps, self._box_ops)
         self._registries: dict[str, RpcRegistry] = {}
+        self._fds: dict[str, tuple[int, int]] = {}
         self.children: list[_Child] = []
         self.channels: list[MainChannel] = []
         self.deaths = 0
@@ -392,7 +393,7 @@ class MailWorkers(Service):
     def _joined(self, channel: MainChannel) -> None:
         """A worker proved the token: it serves now (it adopts the sockets on the
         live members we send)."""
-        if channel.transport is None or not channel.transport.connected:  # type: ignore[attr-defined]
+        if channel.closed:
             return
         self.channels.append(channel)
         channel.callRemote(WkLive, nodes=sorted(self.topology.live())).addErrback(lambda _: None)

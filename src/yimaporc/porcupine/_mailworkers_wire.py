@@ -55,6 +55,8 @@ FORWARD_ERRORS: dict[type[Exception], bytes] = {
     PeerUnavailable: b"WK_PEER_UNAVAILABLE",
 }
 _REVERSE = {code: kind for kind, code in FORWARD_ERRORS.items()}
+#: The code of an unexpected failure in the main (the worker sees UnknownRemoteError).
+INTERNAL = b"WK_INTERNAL"
 
 
 class _Wk(amp.Command):
@@ -112,6 +114,8 @@ class MainChannel(NodeAMP):
         self._registry_for = registry_for
         self._target: str | None = None
         self.on_lost: Any = None
+        #: The connection is gone.
+        self.closed = False
 
     def ampBoxReceived(self, box: amp.AmpBox) -> None:
         """Note the box's target node (if any) for :meth:`locateResponder`, then AMP."""
@@ -144,10 +148,16 @@ class MainChannel(NodeAMP):
 
         def doit(box: amp.AmpBox) -> Deferred[Any]:
             def forwarded(f: Failure) -> Failure:
-                key = f.check(*FORWARD_ERRORS)
-                if key is None:
+                if f.check(amp.RemoteAmpError):  # the command's own errors
                     return f
-                return Failure(amp.RemoteAmpError(FORWARD_ERRORS[key], str(f.value)))
+                key = f.check(*FORWARD_ERRORS)
+                if key is not None:
+                    return Failure(amp.RemoteAmpError(FORWARD_ERRORS[key], str(f.value)))
+                # Anything else: logged here, an error answer there; the channel (and
+                # every session of the worker) stays.
+                self.guard.stats["internal_errors"] += 1
+                self.log.failure("mail worker call {name}", f, name=command.commandName)
+                return Failure(amp.RemoteAmpError(INTERNAL, f.getErrorMessage()))
 
             d: Deferred[Any] = inner(box)
             return d.addErrback(forwarded)
@@ -156,6 +166,7 @@ class MainChannel(NodeAMP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """AMP's clean-up, then tell the owner."""
+        self.closed = True
         super().connectionLost(reason)
         if self.on_lost is not None:
             self.on_lost(self)
@@ -185,7 +196,11 @@ def call_on(
             return Failure(PeerMaybeDone(f"main process: {f.getErrorMessage()}"))
         return f
 
-    return sent.addCallback(command.parseResponse, proto).addErrback(massage)
+    # A fresh Deferred: AMP appends its own errback to the one it made when the answer
+    # arrives (an error still unhandled there would drop the channel).
+    out: Deferred[Any] = Deferred()
+    sent.addCallbacks(out.callback, out.errback)
+    return out.addCallback(command.parseResponse, proto).addErrback(massage)
 
 
 def _lost() -> tuple[type[Exception], ...]:
