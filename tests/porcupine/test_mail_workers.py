@@ -12,10 +12,10 @@ import attrs
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
-from twisted.internet.testing import StringTransport
 
 from yimaporc.cluster.rpc import AuthFailed, PeerUnavailable
 from yimaporc.porcupine._mailworker_proc import MailWorker, WorkerChannel
@@ -194,7 +194,7 @@ def test_the_token_admits_a_worker_and_it_gets_the_live_members(tmp_path: Path) 
     on which it starts serving."""
     clock = Clock()
     hub = make_hub(tmp_path, clock)
-    worker, server, pump, d = connect(hub, clock)
+    worker, _server, _pump, d = connect(hub, clock)
     result_of(d)
     assert hub.live() == 1
     assert worker.front.live == ["n1", "n2"]
@@ -206,7 +206,7 @@ def test_a_wrong_token_is_refused_and_counted(tmp_path: Path) -> None:
     ``refused_bad_proof`` counts it."""
     clock = Clock()
     hub = make_hub(tmp_path, clock)
-    worker, server, pump, d = connect(hub, clock, token=b"x" * 32)
+    _worker, _server, _pump, d = connect(hub, clock, token=b"x" * 32)
     failure_of(d).trap(AuthFailed)  # the main's proof does not match its token either
     assert hub.live() == 0
     clock.advance(hub.guard.limits.handshake_timeout + 1)
@@ -225,7 +225,7 @@ def test_garbage_on_the_socket_is_a_counter_not_a_crash(tmp_path: Path) -> None:
     proto.dataReceived(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n" * 50)
     assert any(k.startswith("dropped_") for k in hub.guard.stats), hub.guard.stats
     assert hub.live() == 0
-    worker, server, pump, d = connect(hub, clock)
+    _worker, _server, _pump, d = connect(hub, clock)
     result_of(d)
     assert hub.live() == 1
 
@@ -237,7 +237,7 @@ def test_a_worker_login_and_listing_go_to_the_managers(tmp_path: Path) -> None:
     an unknown node is refused and counted."""
     clock = Clock()
     hub = make_hub(tmp_path, clock)
-    worker, server, pump, d = connect(hub, clock)
+    worker, _server, pump, _d = connect(hub, clock)
     front = worker.front
 
     got = front.retrieval.authenticate("alice@example.org", "pw")
@@ -282,7 +282,7 @@ def test_a_pop3_login_opens_the_inbox_through_the_main(tmp_path: Path) -> None:
 
     clock = Clock()
     hub = make_hub(tmp_path, clock)
-    worker, server, pump, d = connect(hub, clock)
+    worker, _server, pump, _d = connect(hub, clock)
     login = worker.front.portal.login(UsernamePassword(b"alice", b"pw"), None, pop3.IMailbox)
     for _ in range(5):
         pump.flush()
@@ -395,7 +395,7 @@ def test_the_main_watches_its_workers(tmp_path: Path) -> None:
 
     assert json.loads(env[CONFIG_ENV])["listeners"] == {"pop3": [3, 2], "imap": [4, 2]}
 
-    worker, server, pump, d = connect(hub, clock)
+    _worker, server, pump, d = connect(hub, clock)
     result_of(d)
     assert hub.live() == 1 and not ports["pop3"].reading and not ports["imap"].reading
     assert hub.status()["mail_workers"]["main_accepts"] is False
