@@ -431,3 +431,46 @@ def test_mail_workers_option_fails_fast(tmp_path: Path) -> None:
             Options().parseOptions([*base, "--pop3", "tcp:0", "--mail-workers", bad])
     with pytest.raises(usage.UsageError, match="--mail-workers needs"):
         Options().parseOptions([*base, "--mail-workers", "2"])
+
+
+def test_bodies_held_here_are_read_from_their_files(tmp_path: Path) -> None:
+    """A worker reads a body the main's listing says this node holds from its file
+    (no call); a file gone is left out; a UID without a listed key, a key of another
+    node or a malformed key is asked of the main."""
+    from yimaporc.porcupine._mailworker_proc import LocalBodies
+    from yimaporc.porcupine.usermap import bucket_dir, bucket_of
+
+    user = "alice@example.org"
+    udir = tmp_path / "mail" / "buckets" / bucket_dir(bucket_of(user)) / user
+    udir.mkdir(parents=True)
+    k1, k2, k3 = "a" * 32 + ".m", "b" * 32 + ".m", "c" * 32 + ".m"
+    (udir / k1).write_bytes(b"one")
+    (udir / k3).write_bytes(b"three")
+
+    class Remote:
+        def __init__(self) -> None:
+            self.fetched: list[list[int]] = []
+
+        def view(self, user: str, mailbox: str) -> Deferred[Any]:
+            digests = [
+                Digest(1, k1, 3, (), 0.0, "n1"),
+                Digest(2, k2, 3, (), 0.0, "n1"),  # expunged meanwhile: no file
+                Digest(3, k3, 5, (), 0.0, "n2"),  # another node's copy
+                Digest(4, "../../etc/passwd", 5, (), 0.0, "n1"),
+            ]
+            return succeed(([MailboxInfo(INBOX, 7, 5, 4, 0)], digests))
+
+        def fetch(self, user: str, mailbox: str, uids: list[int]) -> Deferred[dict[int, bytes]]:
+            self.fetched.append(list(uids))
+            return succeed({u: b"from main" for u in uids})
+
+    remote = Remote()
+    bodies = LocalBodies(remote, "n1", tmp_path, lambda f, *a: succeed(f(*a)))  # type: ignore[arg-type]
+    assert result_of(bodies.fetch(user, INBOX, [1])) == {1: b"from main"}  # no listing yet
+    result_of(bodies.view(user, INBOX))
+    assert result_of(bodies.fetch(user, INBOX, [1, 2])) == {1: b"one"}
+    assert remote.fetched == [[1]]
+    for uid in (3, 4, 9):
+        assert result_of(bodies.fetch(user, INBOX, [uid])) == {uid: b"from main"}
+    assert remote.fetched == [[1], [3], [4], [9]]
+    assert (bodies.read_here, bodies.asked) == (2, 4)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.cred import portal as cred_portal
 from twisted.internet.defer import Deferred
@@ -50,12 +51,14 @@ from ._mailworkers_wire import (
 from ._pop3 import MailPOP3
 from .auth import MailRealm, ManagerChecker, SlotWaiters, ThrottledPortal
 from .delivery import SmtpPolicy
+from .fragments import BODY_SUFFIX
 from .imap_backend import PorcupineImapBackend
 from .imap_server import PorcupineImapFactory
 from .interfaces import IMailboxManager, IUserManager
 from .retrieval import Fragmented, ReplicatedCopies, RetrievalProxy, SingleCopies
-from .softstate import bucket_of
+from .softstate import bucket_of as rendezvous
 from .throttle import AuthThrottle, ThrottlePolicy
+from .usermap import bucket_dir, bucket_of
 from .values import Digest, NewMessage
 
 __all__ = ["MailWorker", "WorkerFront", "WorkerRegistry", "main"]
@@ -116,6 +119,88 @@ class _MainReplica:
         return self._call(WkBoxOps, user=user, ops=[list(o) for o in ops], nodes=list(nodes))
 
 
+_KEY = re.compile(r"^[0-9a-f]{32}" + re.escape(BODY_SUFFIX) + "$")
+#: Mailboxes whose UID -> body key map a worker keeps at most (then it starts over).
+MAX_LISTINGS = 20_000
+
+
+class LocalBodies:
+    """The main node's mailbox manager as a worker uses it: every call goes to the
+    main (:class:`RemoteMailboxManager`), except that message bodies listed as held by
+    this node are read from their files here, on the worker's thread pool.
+
+    A body file is never rewritten (its key is a fresh uuid4, the file renamed into
+    place once complete and removed once no message refers to it), so a key from a
+    listing names the same bytes for as long as the file exists; a file gone (the
+    message expunged meanwhile) is left out, as the main's own read does, and a UID
+    without a known key is asked of the main.  The keys come from the main's own
+    answers to ``view`` and ``digests`` (never from a client)."""
+
+    def __init__(
+        self,
+        remote: RemoteMailboxManager,
+        node_id: str,
+        data_dir: Path,
+        read: Callable[..., Deferred[Any]],
+    ) -> None:
+        self.remote = remote
+        self.node_id = node_id
+        self.root = Path(data_dir) / "mail" / "buckets"
+        self._read = read
+        self.keys: dict[tuple[str, str], dict[int, str]] = {}
+        #: Bodies read here, and asked of the main (``fetch``).
+        self.read_here = 0
+        self.asked = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.remote, name)
+
+    def _note(self, user: str, mailbox: str, digests: Sequence[Digest] | None) -> None:
+        if digests is None:
+            return
+        if len(self.keys) >= MAX_LISTINGS:
+            self.keys.clear()
+        self.keys[(user, mailbox)] = {
+            d.uid: d.key for d in digests if d.node == self.node_id and _KEY.match(d.key)
+        }
+
+    def view(self, user: str, mailbox: str) -> Deferred[Any]:
+        def note(r: Any) -> Any:
+            self._note(user, mailbox, r[1])
+            return r
+
+        return self.remote.view(user, mailbox).addCallback(note)
+
+    def digests(self, user: str, mailbox: str) -> Deferred[list[Digest]]:
+        def note(r: list[Digest]) -> list[Digest]:
+            self._note(user, mailbox, r)
+            return r
+
+        return self.remote.digests(user, mailbox).addCallback(note)
+
+    def fetch(self, user: str, mailbox: str, uids: Sequence[int]) -> Deferred[dict[int, bytes]]:
+        known = self.keys.get((user, mailbox), {})
+        keys = {u: known[u] for u in uids if u in known}
+        if not keys or len(keys) < len(set(uids)):
+            self.asked += len(uids)
+            return self.remote.fetch(user, mailbox, uids)
+        udir = self.root / bucket_dir(bucket_of(user)) / user
+        self.read_here += len(keys)
+        return self._read(_read_bodies, udir, keys)
+
+
+def _read_bodies(udir: Path, keys: dict[int, str]) -> dict[int, bytes]:
+    """The bodies of ``keys`` (UID -> key) under ``udir``; a file gone is left out."""
+    out = {}
+    for uid, key in keys.items():
+        try:
+            with open(udir / key, "rb") as f:
+                out[uid] = f.read()
+        except FileNotFoundError:
+            continue
+    return out
+
+
 class _MainLocal:
     """The main's own mailboxes as :class:`~.retrieval.Fragmented` uses them (the
     UIDNEXT shown is recorded there)."""
@@ -164,7 +249,7 @@ class WorkerFront:
         # No caches of profiles or logins here: the main's answer each time (its auth
         # cache, dropped cluster-wide on passwd/deluser, stays the one to trust).
         self.users = RemoteUserManager(self.node_id, lambda _n, c, **kw: main_call(c, **kw))
-        self._boxes: dict[str, RemoteMailboxManager] = {}
+        self._boxes: dict[str, Any] = {}
         replica = (
             _MainReplica(main_call, lambda: list(self.live)) if config["replication"] else None
         )
@@ -221,13 +306,24 @@ class WorkerFront:
         if proxy is None:
             if len(self._boxes) > 1024:
                 self._boxes.clear()
-            proxy = self._boxes[node_id] = RemoteMailboxManager(node_id, self._call)
-        return proxy
+            remote = RemoteMailboxManager(node_id, self._call)
+            if node_id == self.node_id and self.config.get("data_dir"):
+                proxy = LocalBodies(remote, node_id, Path(self.config["data_dir"]), self._read)
+            else:
+                proxy = remote
+            self._boxes[node_id] = proxy
+        return cast(IMailboxManager, proxy)
+
+    def _read(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Blocking file reads, on the reactor's thread pool."""
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
     def home_of(self, address: str) -> str:
         """As :meth:`~.cluster.MailCluster.home_of`, over the live members the main sent."""
         live = self.live or [self.node_id]
-        return max(live, key=lambda n: bucket_of(f"{address.lower()}|{n}", 1 << 31))
+        return max(live, key=lambda n: rendezvous(f"{address.lower()}|{n}", 1 << 31))
 
     def set_live(self, nodes: list[str]) -> None:
         self.live = list(nodes) or [self.node_id]
@@ -397,13 +493,24 @@ class MailWorker:
 def main() -> None:
     """The worker process's entry point."""
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
 
     from ._mailworkers import CONFIG_ENV
 
     config = json.loads(os.environ.pop(CONFIG_ENV))
     token = bytes.fromhex(os.environ.pop(TOKEN_ENV))
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # Warnings and errors only: the main relays each line into the node's log (a line
+    # per connection there would cost the main more than the session itself).
+    observer = FilteringLogObserver(
+        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)]
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     worker = MailWorker(reactor, config, token)
     reactor.callWhenRunning(worker.start)
     reactor.run()  # type: ignore[attr-defined]

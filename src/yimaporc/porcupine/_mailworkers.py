@@ -370,6 +370,8 @@ class MailWorkers(Service):
             "allow_plaintext_auth": mail.allow_plaintext_auth,
             "auth_throttle": attrs.asdict(policy),
             "replication": self.replication is not None,
+            # bodies held here are read from their files by the workers
+            "data_dir": str(self.mail.data_dir),
         }
 
     def _tls_files(self) -> tuple[str, str]:
