@@ -409,6 +409,14 @@ def test_the_main_watches_its_workers(tmp_path: Path) -> None:
     clock.advance(BACKOFF[1] + 0.01)
     assert len(clock.spawned) == 3
     assert hub.status()["mail_workers"]["restarts"] == 1
+    from yimaporc.admin.metrics import families
+
+    samples = {
+        s.name: s.value for f in families({"kind": "porcupine", **hub.status()}) for s in f.samples
+    }
+    assert samples["yimaporc_mail_workers_live"] == 0
+    assert samples["yimaporc_mail_worker_deaths_total"] == 1
+    assert samples["yimaporc_mail_worker_restarts_total"] == 1
     hub.stopService()
 
 
