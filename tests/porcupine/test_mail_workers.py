@@ -65,6 +65,7 @@ class FakeUsers:
         return succeed(Profile(address, "hash", 1, 0.0))
 
     def fragments(self, address: str) -> Deferred[tuple[str, ...]]:
+        self.calls.append(("fragments", address))
         return succeed(("n1",))
 
     def away_of(self, address: str) -> tuple[str, ...]:
@@ -246,7 +247,7 @@ def test_a_worker_login_and_listing_go_to_the_managers(tmp_path: Path) -> None:
     bad = front.retrieval.authenticate("alice@example.org", "nope")
     pump.flush()
     failure_of(bad).trap(BadCredentials)
-    assert hub.topology.users.calls == [  # type: ignore[attr-defined]
+    assert [c for c in hub.topology.users.calls if c[0] == "authenticate"] == [  # type: ignore[attr-defined]
         ("authenticate", "alice@example.org"),
         ("authenticate", "alice@example.org"),
     ]
@@ -482,3 +483,37 @@ def test_bodies_held_here_are_read_from_their_files(tmp_path: Path) -> None:
         assert result_of(bodies.fetch(user, INBOX, [uid])) == {uid: b"from main"}
     assert remote.fetched == [[1], [3], [4], [9]]
     assert (bodies.read_here, bodies.asked) == (2, 4)
+
+
+def test_a_login_asks_the_fragment_list_in_the_same_round_trip(tmp_path: Path) -> None:
+    """authenticate sends fragments along; the login's first listing within the
+    window uses that answer (no second call); later ones, or after a refused login,
+    ask again."""
+    clock = Clock()
+    hub = make_hub(tmp_path, clock)
+    worker, _server, pump, _d = connect(hub, clock)
+    users = worker.front.users
+    calls = hub.topology.users.calls  # type: ignore[attr-defined]
+    calls.clear()
+    login = users.authenticate("alice@example.org", "pw")
+    first = users.fragments("alice@example.org")  # before the answers: waits for it
+    pump.flush()
+    assert result_of(login).address == "alice@example.org"
+    assert result_of(first) == ("n1",)
+    assert calls == [("authenticate", "alice@example.org"), ("fragments", "alice@example.org")]
+    again = users.fragments("alice@example.org")
+    pump.flush()
+    assert result_of(again) == ("n1",) and len(calls) == 3  # consumed: asked again
+    second = users.authenticate("alice@example.org", "pw")
+    pump.flush()
+    result_of(second)
+    clock.advance(5.0)  # the window passed
+    late = users.fragments("alice@example.org")
+    pump.flush()
+    assert result_of(late) == ("n1",) and len(calls) == 6
+    bad = users.authenticate("alice@example.org", "nope")
+    pump.flush()
+    failure_of(bad).trap(BadCredentials)
+    users.fragments("alice@example.org")
+    pump.flush()
+    assert len(calls) == 9 and users.early_used == 1

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from twisted.cred import portal as cred_portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
@@ -50,6 +50,7 @@ from ._mailworkers_wire import (
 )
 from ._pop3 import MailPOP3
 from .auth import MailRealm, ManagerChecker, SlotWaiters, ThrottledPortal
+from .bodycache import BodyCache
 from .delivery import SmtpPolicy
 from .fragments import BODY_SUFFIX
 from .imap_backend import PorcupineImapBackend
@@ -59,7 +60,7 @@ from .retrieval import Fragmented, ReplicatedCopies, RetrievalProxy, SingleCopie
 from .softstate import bucket_of as rendezvous
 from .throttle import AuthThrottle, ThrottlePolicy
 from .usermap import bucket_dir, bucket_of
-from .values import Digest, NewMessage
+from .values import Digest, NewMessage, Profile
 
 __all__ = ["MailWorker", "WorkerFront", "WorkerRegistry", "main"]
 
@@ -142,8 +143,11 @@ class LocalBodies:
         node_id: str,
         data_dir: Path,
         read: Callable[..., Deferred[Any]],
+        cache: BodyCache | None = None,
     ) -> None:
         self.remote = remote
+        #: Bodies read here lately, by key (a key's bytes never change: always exact).
+        self.cache = cache if cache is not None else BodyCache(0)
         self.node_id = node_id
         self.root = Path(data_dir) / "mail" / "buckets"
         self._read = read
@@ -184,9 +188,26 @@ class LocalBodies:
         if not keys or len(keys) < len(set(uids)):
             self.asked += len(uids)
             return self.remote.fetch(user, mailbox, uids)
-        udir = self.root / bucket_dir(bucket_of(user)) / user
         self.read_here += len(keys)
-        return self._read(_read_bodies, udir, keys)
+        found: dict[int, bytes] = {}
+        missing: dict[int, str] = {}
+        for uid, key in keys.items():
+            body = self.cache.get(user, key)
+            if body is None:
+                missing[uid] = key
+            else:
+                found[uid] = body
+        if not missing:
+            return succeed(found)
+        udir = self.root / bucket_dir(bucket_of(user)) / user
+
+        def keep(read: dict[int, bytes]) -> dict[int, bytes]:
+            for uid, body in read.items():
+                self.cache.put(user, missing[uid], body)
+            found.update(read)
+            return found
+
+        return self._read(_read_bodies, udir, missing).addCallback(keep)
 
 
 def _read_bodies(udir: Path, keys: dict[int, str]) -> dict[int, bytes]:
@@ -199,6 +220,63 @@ def _read_bodies(udir: Path, keys: dict[int, str]) -> dict[int, bytes]:
         except FileNotFoundError:
             continue
     return out
+
+
+#: Seconds a fragment list asked together with a login is used for that login's
+#: first listing (after that the listing asks again).
+EARLY_WINDOW = 1.0
+
+
+class PipelinedUsers(RemoteUserManager):
+    """The user managers through the main, no caches (the main's answer each time),
+    with one round trip fewer per login: ``authenticate`` asks the user's fragment
+    list in the same write, and the login's first ``fragments`` (within
+    :data:`EARLY_WINDOW` s) takes that answer, as fresh as a call made then."""
+
+    def __init__(self, node_id: str, call: Callable[..., Deferred[Any]], clock: Any) -> None:
+        super().__init__(node_id, call)
+        self.clock = clock
+        #: address -> (asked at, [result] once in, waiters)
+        self._early: dict[str, tuple[float, list[Any], list[Deferred[Any]]]] = {}
+        self.early_used = 0
+
+    def authenticate(self, address: str, password: str) -> Deferred[Profile]:
+        key = address.lower()
+        now = self.clock.seconds()
+        if len(self._early) > 1000:
+            self._early = {k: v for k, v in self._early.items() if v[0] > now - EARLY_WINDOW}
+        entry: tuple[float, list[Any], list[Deferred[Any]]] = (now, [], [])
+        self._early[key] = entry
+
+        def arrived(result: Any) -> None:
+            entry[1].append(result)
+            waiters = list(entry[2])
+            entry[2].clear()
+            for w in waiters:
+                (w.errback if isinstance(result, Failure) else w.callback)(result)
+
+        d = super().authenticate(address, password)
+        super().fragments(address).addBoth(arrived)
+
+        def refused(f: Failure) -> Failure:
+            if self._early.get(key) is entry:
+                del self._early[key]
+            return f
+
+        return d.addErrback(refused)
+
+    def fragments(self, address: str) -> Deferred[tuple[str, ...]]:
+        entry = self._early.pop(address.lower(), None)
+        if entry is None or entry[0] < self.clock.seconds() - EARLY_WINDOW:
+            return super().fragments(address)
+        self.early_used += 1
+        _asked, result, waiters = entry
+        if result:
+            r = result[0]
+            return fail(r) if isinstance(r, Failure) else succeed(r)
+        d: Deferred[tuple[str, ...]] = Deferred()
+        waiters.append(d)
+        return d
 
 
 class _MainLocal:
@@ -248,7 +326,7 @@ class WorkerFront:
         main_call = self.call_main
         # No caches of profiles or logins here: the main's answer each time (its auth
         # cache, dropped cluster-wide on passwd/deluser, stays the one to trust).
-        self.users = RemoteUserManager(self.node_id, lambda _n, c, **kw: main_call(c, **kw))
+        self.users = PipelinedUsers(self.node_id, lambda _n, c, **kw: main_call(c, **kw), reactor)
         self._boxes: dict[str, Any] = {}
         replica = (
             _MainReplica(main_call, lambda: list(self.live)) if config["replication"] else None
@@ -308,7 +386,10 @@ class WorkerFront:
                 self._boxes.clear()
             remote = RemoteMailboxManager(node_id, self._call)
             if node_id == self.node_id and self.config.get("data_dir"):
-                proxy = LocalBodies(remote, node_id, Path(self.config["data_dir"]), self._read)
+                cache = BodyCache(int(self.config.get("body_cache_bytes", 0)))
+                proxy = LocalBodies(
+                    remote, node_id, Path(self.config["data_dir"]), self._read, cache
+                )
             else:
                 proxy = remote
             self._boxes[node_id] = proxy

@@ -372,7 +372,14 @@ class MailWorkers(Service):
             "replication": self.replication is not None,
             # bodies held here are read from their files by the workers
             "data_dir": str(self.mail.data_dir),
+            # each worker's share of --mail-body-cache-bytes (bodies by key)
+            "body_cache_bytes": self._body_cache_share(),
         }
+
+    def _body_cache_share(self) -> int:
+        cache = getattr(self.mail, "body_cache", None)
+        total = int(getattr(cache, "max_bytes", 0) or 0)
+        return total // max(1, self.count) if total else 0
 
     def _tls_files(self) -> tuple[str, str]:
         files = self.mail.tls_files
