@@ -517,3 +517,50 @@ def test_a_login_asks_the_fragment_list_in_the_same_round_trip(tmp_path: Path) -
     users.fragments("alice@example.org")
     pump.flush()
     assert len(calls) == 9 and users.early_used == 1
+
+
+def test_replicated_appends_and_mailbox_changes_run_in_the_main(tmp_path: Path) -> None:
+    """With replication, a worker's APPEND/COPY store and its mailbox-change log go to
+    the main's replication (message and answer intact); the UIDNEXT shown is recorded
+    by the main's own mailboxes; the replica set starts at the home."""
+    from yimaporc.porcupine.values import NewMessage
+
+    clock = Clock()
+    hub = make_hub(tmp_path, clock)
+    seen: list[Any] = []
+
+    class Replication:
+        def store(self, nodes: list[str], m: NewMessage, replicas: int) -> Deferred[Any]:
+            seen.append(("store", nodes, m, replicas))
+            return succeed([Digest(9, "k9", len(m.body), m.flags, 0.0, n) for n in nodes])
+
+        def box_ops(self, user: str, ops: list[Any], nodes: list[str]) -> Deferred[None]:
+            seen.append(("box_ops", user, ops, nodes))
+            return succeed(None)
+
+    hub.replication = Replication()  # type: ignore[assignment]
+    worker = MailWorker(clock, {**worker_config(), "replication": True}, TOKEN)
+    worker.on_exit = lambda: None
+    factory = _ChannelFactory(hub)
+    client, _server, pump = connectedServerAndClient(
+        lambda: factory.buildProtocol(None), lambda: WorkerChannel(worker)
+    )
+    worker.proto = client
+    client.authenticate().addCallback(lambda p: setattr(p, "authenticated", True))
+    pump.flush()
+    clock.advance(0)
+    pump.flush()
+    replica = worker.front.retrieval.layout.replica  # type: ignore[attr-defined]
+    assert replica.choose("n2", 2) == ["n2", "n1"]
+    msg = NewMessage("alice@example.org", "Sent", b"body\r\n", ("\\Seen",), 5.0, 9, "f")
+    stored = replica.store(["n2", "n1"], msg, 2)
+    pump.flush()
+    assert [d.node for d in result_of(stored)] == ["n2", "n1"]
+    assert seen[0] == ("store", ["n2", "n1"], msg, 2)
+    ops = replica.box_ops("alice@example.org", [("Sent", True, None, None)], ["n1", "n2"])
+    pump.flush()
+    result_of(ops)
+    assert seen[1] == ("box_ops", "alice@example.org", [("Sent", True, None, None)], ["n1", "n2"])
+    shown = worker.front.retrieval.local.shown("alice@example.org", {INBOX: (7, 12)})  # type: ignore[union-attr]
+    pump.flush()
+    assert result_of(shown) == {INBOX: 12}
