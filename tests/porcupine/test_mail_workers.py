@@ -564,3 +564,24 @@ def test_replicated_appends_and_mailbox_changes_run_in_the_main(tmp_path: Path) 
     shown = worker.front.retrieval.local.shown("alice@example.org", {INBOX: (7, 12)})  # type: ignore[union-attr]
     pump.flush()
     assert result_of(shown) == {INBOX: 12}
+
+
+def test_a_call_the_main_never_answers_times_out(tmp_path: Path) -> None:
+    """A worker's call to a main that does not answer fails with PeerMaybeDone after
+    the timeout (a session waits on a stalled main for a bounded time)."""
+    from yimaporc.cluster.rpc import PeerMaybeDone
+    from yimaporc.porcupine._cluster_commands import UmProfile
+    from yimaporc.porcupine._mailworkers_wire import CALL_TIMEOUT, call_on
+
+    clock = Clock()
+    proto = amp.AMP()
+    proto.makeConnection(StringTransport())  # nothing ever answers
+    d = call_on(proto, None, UmProfile, clock=clock, user="alice@example.org")
+    clock.advance(CALL_TIMEOUT - 1)
+    assert not d.called
+    clock.advance(2)
+    failure_of(d).trap(PeerMaybeDone)
+    # the answer arriving late is dropped, the channel stays
+    tag = next(iter(proto._outstandingRequests))
+    proto.ampBoxReceived(amp.AmpBox({b"_answer": tag, b"profile": b"null"}))
+    assert proto.transport.disconnecting is False  # type: ignore[union-attr]

@@ -516,7 +516,7 @@ class MailWorker:
 
     def call(self, node: str | None, command: type[amp.Command], /, **kw: Any) -> Deferred[Any]:
         """``command`` to the main (``node``: the mailbox manager it is meant for)."""
-        return call_on(self.proto, node, command, **kw)
+        return call_on(self.proto, node, command, clock=self.reactor, **kw)
 
     def start(self) -> Deferred[Any]:
         """Connect to the main's socket and prove the token."""

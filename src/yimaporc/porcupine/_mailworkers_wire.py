@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -55,6 +56,9 @@ FORWARD_ERRORS: dict[type[Exception], bytes] = {
     PeerUnavailable: b"WK_PEER_UNAVAILABLE",
 }
 _REVERSE = {code: kind for kind, code in FORWARD_ERRORS.items()}
+#: Seconds a worker waits for the main's answer (the main's own calls to other nodes
+#: time out sooner: this bounds a stalled main).
+CALL_TIMEOUT = 30.0
 #: The code of an unexpected failure in the main (the worker sees UnknownRemoteError).
 INTERNAL = b"WK_INTERNAL"
 
@@ -173,11 +177,19 @@ class MainChannel(NodeAMP):
 
 
 def call_on(
-    proto: amp.AMP | None, node: str | None, command: type[amp.Command], /, **kw: Any
+    proto: amp.AMP | None,
+    node: str | None,
+    command: type[amp.Command],
+    /,
+    *,
+    clock: IReactorTime | None = None,
+    timeout: float = CALL_TIMEOUT,
+    **kw: Any,
 ) -> Deferred[Any]:
     """Send ``command`` over ``proto`` (``node``: the mailbox manager it is for) and
     parse the answer as ``callRemote`` would, with :data:`FORWARD_ERRORS` mapped back
-    to their exceptions; no channel: :class:`PeerUnavailable`."""
+    to their exceptions; no channel: :class:`PeerUnavailable`; no answer within
+    ``timeout`` s (with a ``clock``): :class:`PeerMaybeDone`."""
     if proto is None or proto.transport is None:
         return fail(PeerUnavailable("the node's main process is not reachable"))
     box = command.makeArguments(kw, proto)
@@ -199,14 +211,22 @@ def call_on(
     # A fresh Deferred: AMP appends its own errback to the one it made when the answer
     # arrives (an error still unhandled there would drop the channel).
     out: Deferred[Any] = Deferred()
-    sent.addCallbacks(out.callback, out.errback)
+
+    def relay(result: Any) -> None:
+        if not out.called:  # (timed out already: a late answer is dropped)
+            (out.errback if isinstance(result, Failure) else out.callback)(result)
+
+    sent.addBoth(relay)
+    if clock is not None:
+        out.addTimeout(timeout, clock)
     return out.addCallback(command.parseResponse, proto).addErrback(massage)
 
 
 def _lost() -> tuple[type[Exception], ...]:
+    from twisted.internet.defer import CancelledError, TimeoutError
     from twisted.internet.error import ConnectionClosed
 
-    return (ConnectionClosed,)
+    return (ConnectionClosed, TimeoutError, CancelledError)
 
 
 _LOST = _lost()
