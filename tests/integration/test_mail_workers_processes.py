@@ -75,6 +75,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def owner_of(session: poplib.POP3, pids: list[int]) -> int | None:
+    """The worker process holding the server end of ``session``'s connection."""
+    port = session.sock.getsockname()[1]
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for row in f.readlines()[1:]:
+            cols = row.split()
+            if int(cols[2].rsplit(":", 1)[1], 16) == port:  # remote end: our client
+                inodes.add(cols[9])
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return pid
+    return None
+
+
 def send(n: int, first: int = 0) -> list[str]:
     ids = []
     with smtplib.SMTP(HOST, PORTS["smtp"], timeout=30) as s:
@@ -175,17 +195,17 @@ def test_sessions_in_workers_and_a_worker_killed(
         sessions.append(s)
     before = workers(node)
     assert before is not None
-    victim = before["pids"][0]
+    owners = [owner_of(s, before["pids"]) for s in sessions]
+    victim = owners[0]
+    assert victim in before["pids"]
     os.kill(victim, signal.SIGKILL)
-    survivors = 0
-    for s in sessions:  # those on the dead worker see their connection go
-        try:
+    for s, owner in zip(sessions, owners, strict=True):
+        try:  # those on the dead worker see their connection go
             s.rset()
             s.quit()  # QUIT with nothing deleted
-            survivors += 1
+            assert owner != victim
         except (OSError, poplib.error_proto, EOFError):
-            pass
-    assert survivors < len(sessions)  # the victim held some of them
+            assert owner == victim
     # the node keeps serving at once (the other worker, or the main)
     p = pop3()
     assert p.stat()[0] == 6
