@@ -225,6 +225,8 @@ def _read_bodies(udir: Path, keys: dict[int, str]) -> dict[int, bytes]:
 #: Seconds a fragment list asked together with a login is used for that login's
 #: first listing (after that the listing asks again).
 EARLY_WINDOW = 1.0
+#: Seconds a worker reuses a user's profile (replicas, creation time).
+PROFILE_TTL = 2.0
 
 
 class PipelinedUsers(RemoteUserManager):
@@ -234,11 +236,18 @@ class PipelinedUsers(RemoteUserManager):
     :data:`EARLY_WINDOW` s) takes that answer, as fresh as a call made then."""
 
     def __init__(self, node_id: str, call: Callable[..., Deferred[Any]], clock: Any) -> None:
-        super().__init__(node_id, call)
+        # Profiles (R, the INBOX UIDVALIDITY) are kept PROFILE_TTL s, as any member's
+        # stub keeps them; logins are never answered here (cached_login below).
+        super().__init__(node_id, call, clock.seconds, profile_ttl=PROFILE_TTL)
         self.clock = clock
         #: address -> (asked at, [result] once in, waiters)
         self._early: dict[str, tuple[float, list[Any], list[Deferred[Any]]]] = {}
         self.early_used = 0
+
+    def cached_login(self, address: str, password: str) -> Profile | None:
+        """Never: every login is checked by the main (its auth cache is the one
+        flushed cluster-wide on passwd/deluser)."""
+        return None
 
     def authenticate(self, address: str, password: str) -> Deferred[Profile]:
         key = address.lower()

@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -177,6 +178,7 @@ class _ChannelFactory(Factory):
         )
         p.hub = hub
         p.on_lost = hub._left
+        p.calls = hub.calls
         return p
 
 
@@ -234,6 +236,8 @@ class MailWorkers(Service):
         self.registry.register(WkBoxOps, self._box_ops)
         self._registries: dict[str, RpcRegistry] = {}
         self._fds: dict[str, tuple[int, int]] = {}
+        #: The workers' calls answered, by command.
+        self.calls: Counter[str] = Counter()
         self.children: list[_Child] = []
         self.channels: list[MainChannel] = []
         self.deaths = 0
@@ -515,5 +519,6 @@ class MailWorkers(Service):
                 "pids": [c.pid for c in self.children if not c.dead],
                 "main_accepts": not self._paused,
                 "channel": dict(self.guard.stats),
+                "calls": dict(self.calls),
             }
         }

@@ -18,6 +18,7 @@ end with that the command does not declare (the peer down) cross as
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -120,6 +121,8 @@ class MainChannel(NodeAMP):
         self.on_lost: Any = None
         #: The connection is gone.
         self.closed = False
+        #: Commands answered, by name (shared by the owner's channels).
+        self.calls: Counter[str] = Counter()
 
     def ampBoxReceived(self, box: amp.AmpBox) -> None:
         """Note the box's target node (if any) for :meth:`locateResponder`, then AMP."""
@@ -149,8 +152,11 @@ class MainChannel(NodeAMP):
 
     def _wrapWithSerialization(self, aCallable: Any, command: type[amp.Command]) -> Any:
         inner = super()._wrapWithSerialization(aCallable, command)
+        name = command.commandName.decode("ascii", "replace")  # type: ignore[union-attr]
 
         def doit(box: amp.AmpBox) -> Deferred[Any]:
+            self.calls[name] += 1
+
             def forwarded(f: Failure) -> Failure:
                 if f.check(amp.RemoteAmpError):  # the command's own errors
                     return f
