@@ -585,3 +585,43 @@ def test_a_call_the_main_never_answers_times_out(tmp_path: Path) -> None:
     tag = next(iter(proto._outstandingRequests))
     proto.ampBoxReceived(amp.AmpBox({b"_answer": tag, b"profile": b"null"}))
     assert proto.transport.disconnecting is False  # type: ignore[union-attr]
+
+
+def test_the_workers_sessions_count_in_the_node_status(tmp_path: Path) -> None:
+    """Each worker's session, client-error and login counters reach the main; the
+    node's mail_sessions, client_errors and auth add them (a dead worker's counters
+    stay counted, its sessions no longer open)."""
+    from yimaporc.porcupine._mailworkers import merge_worker_totals
+
+    clock = Clock()
+    hub = make_hub(tmp_path, clock)
+    a, server_a, pump_a, _ = connect(hub, clock, index=0)
+    b, _, pump_b, _ = connect(hub, clock, index=1)
+    a.front.client_errors.opened("pop3")
+    a.front.client_errors.command("pop3")
+    a.front.client_errors.client("pop3", "bad_command")
+    b.front.client_errors.opened("pop3")
+    b.front.client_errors.opened("imap")
+    a.front.throttle.counters["attempts"] += 3
+    a.front.send_stats()
+    b.front.send_stats()
+    pump_a.flush()
+    pump_b.flush()
+    doc = {
+        "mail_sessions": {"pop3": {"sessions": 10, "open": 1, "commands": 7}},
+        "client_errors": {"pop3.bad_command": 2},
+        "auth": {"attempts": 5, "cache_hits": 4},
+    }
+    merged = merge_worker_totals(doc, hub.totals())
+    assert merged["mail_sessions"]["pop3"] == {"sessions": 12, "open": 3, "commands": 8}
+    assert merged["mail_sessions"]["imap"]["sessions"] == 1
+    assert merged["client_errors"]["pop3.bad_command"] == 3
+    assert merged["auth"]["attempts"] == 8 and merged["auth"]["cache_hits"] == 4
+    server_a.transport.loseConnection()  # worker a gone
+    pump_a.flush()
+    after = hub.totals()
+    assert after["sessions"]["pop3"]["sessions"] == 2
+    assert after["sessions"]["pop3"]["open"] == 1  # b's only
+    assert after["client_errors"]["pop3.bad_command"] == 1
+    hub._got_stats({"id": "not-a-worker", "sessions": {"pop3": {"sessions": 99}}})
+    assert hub.totals()["sessions"]["pop3"]["sessions"] == 2  # only proven workers count

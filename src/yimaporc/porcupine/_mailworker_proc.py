@@ -46,6 +46,7 @@ from ._mailworkers_wire import (
     WkLive,
     WkReplicaStore,
     WkShown,
+    WkStats,
     call_on,
 )
 from ._pop3 import MailPOP3
@@ -66,6 +67,8 @@ __all__ = ["MailWorker", "WorkerFront", "WorkerRegistry", "main"]
 
 #: Seconds between the IMAP poll of mailboxes open here (with other nodes live).
 POLL_INTERVAL = 5.0
+#: Seconds between a worker's counters sent to the main (WkStats).
+STATS_INTERVAL = 2.0
 
 
 class WorkerRegistry(MailboxRegistry):
@@ -332,6 +335,7 @@ class WorkerFront:
         self.node_id: str = config["node_id"]
         self._call = call
         self.live: list[str] = [self.node_id]
+        self.worker_id = "worker"
         main_call = self.call_main
         # No caches of profiles or logins here: the main's answer each time (its auth
         # cache, dropped cluster-wide on passwd/deluser, stays the one to trust).
@@ -377,6 +381,8 @@ class WorkerFront:
         }
         self._poll = LoopingCall(self.poll_open_mailboxes)
         self._poll.clock = reactor
+        self._stats = LoopingCall(self.send_stats)
+        self._stats.clock = reactor
 
     # --- the managers, as a proxied session of another member sees them -----------
 
@@ -475,13 +481,28 @@ class WorkerFront:
             greeting=f"{self.policy.hostname} yimaporc IMAP4rev1",
         )
 
+    def stats(self) -> dict[str, Any]:
+        """This worker's counters, as the main adds them to the node's status."""
+        return {
+            "id": self.worker_id,
+            "sessions": self.client_errors.activity(),
+            "client_errors": self.client_errors.status(),
+            "auth": self.throttle.status(),
+        }
+
+    def send_stats(self) -> None:
+        self.call_main(WkStats, stats=self.stats()).addErrback(lambda _: None)
+
     def start_polling(self) -> None:
         if not self._poll.running:
             self._poll.start(POLL_INTERVAL, now=False)
+        if not self._stats.running:
+            self._stats.start(STATS_INTERVAL, now=False)
 
     def stop_polling(self) -> None:
-        if self._poll.running:
-            self._poll.stop()
+        for loop in (self._poll, self._stats):
+            if loop.running:
+                loop.stop()
 
 
 class WorkerChannel(NodeAMP):
@@ -491,7 +512,7 @@ class WorkerChannel(NodeAMP):
         registry = RpcRegistry()
         registry.register(WkChanged, worker.on_changed)
         registry.register(WkLive, worker.on_live)
-        super().__init__(registry, worker.token, f"worker-{worker.index}", scope=SCOPE)
+        super().__init__(registry, worker.token, worker.worker_id, scope=SCOPE)
         self.worker = worker
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -517,8 +538,11 @@ class MailWorker:
         self.config = config
         self.token = token
         self.index = int(config.get("index", 0))
+        #: How the main knows this worker (its Hello, its counters).
+        self.worker_id = f"worker-{self.index}-{os.getpid()}"
         self.proto: WorkerChannel | None = None
         self.front = WorkerFront(reactor, config, self.call)
+        self.front.worker_id = self.worker_id
         self.ports: dict[str, Any] = {}
         self.on_exit: Callable[[], None] = self._stop
         self._stopping = False

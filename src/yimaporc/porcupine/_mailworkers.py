@@ -49,6 +49,7 @@ from ._mailworkers_wire import (
     WkLive,
     WkReplicaStore,
     WkShown,
+    WkStats,
 )
 from .interfaces import IUserManager
 from .reconstruct import Horizon
@@ -59,7 +60,14 @@ if TYPE_CHECKING:
     from .replication.mail import MailReplication
     from .service import MailService
 
-__all__ = ["CONFIG_ENV", "MAX_WORKERS", "SOCKET_NAME", "MailWorkers", "UserRouter"]
+__all__ = [
+    "CONFIG_ENV",
+    "MAX_WORKERS",
+    "SOCKET_NAME",
+    "MailWorkers",
+    "UserRouter",
+    "merge_worker_totals",
+]
 
 #: Environment variable with the worker's configuration (JSON).
 CONFIG_ENV = "YIMAPORC_MAILWORKER_CONFIG"
@@ -231,6 +239,7 @@ class MailWorkers(Service):
             self.registry, lambda: router, lambda: topology.mailboxes_for(self.node_id)
         )
         self.registry.register(WkShown, self._shown)
+        self.registry.register(WkStats, self._got_stats)
         self.registry.register(WkChanged, self._worker_changed)
         self.registry.register(WkReplicaStore, self._replica_store)
         self.registry.register(WkBoxOps, self._box_ops)
@@ -238,6 +247,9 @@ class MailWorkers(Service):
         self._fds: dict[str, tuple[int, int]] = {}
         #: The workers' calls answered, by command.
         self.calls: Counter[str] = Counter()
+        #: Each live worker's last counters (WkStats), and the sums of those gone.
+        self._stats: dict[str, dict[str, Any]] = {}
+        self._retired: dict[str, Any] = {}
         self.children: list[_Child] = []
         self.channels: list[MainChannel] = []
         self.deaths = 0
@@ -295,6 +307,22 @@ class MailWorkers(Service):
         return self.replication.box_ops(user, parsed, [str(n) for n in nodes]).addCallback(
             lambda _: {}
         )
+
+    def _got_stats(self, stats: Any) -> dict[str, Any]:
+        """A worker's counters (by the id it proved the token under)."""
+        if isinstance(stats, dict):
+            key = str(stats.get("id"))
+            if key in {str(ch.peer_id) for ch in self.channels}:
+                self._stats[key] = stats
+        return {}
+
+    def totals(self) -> dict[str, Any]:
+        """The workers' ``sessions``, ``client_errors`` and ``auth`` counters summed
+        (those of workers gone included; ``open`` only of the live ones)."""
+        out: dict[str, Any] = _empty_totals()
+        for doc in [self._retired, *self._stats.values()]:
+            _add_totals(out, doc)
+        return out
 
     # --- pushes -------------------------------------------------------------------
 
@@ -417,6 +445,13 @@ class MailWorkers(Service):
         accepts itself again."""
         if channel in self.channels:
             self.channels.remove(channel)
+        last = self._stats.pop(str(channel.peer_id), None)
+        if last is not None:  # its counters stay counted; its sessions are closed
+            closed = {p: {**row, "open": 0} for p, row in dict(last.get("sessions", {})).items()}
+            merged = _empty_totals()
+            _add_totals(merged, self._retired)
+            _add_totals(merged, {**last, "sessions": closed})
+            self._retired = merged
         if not self.channels and self.running:
             self._resume_main()
 
@@ -520,5 +555,44 @@ class MailWorkers(Service):
                 "main_accepts": not self._paused,
                 "channel": dict(self.guard.stats),
                 "calls": dict(self.calls),
+                **self.totals(),
             }
         }
+
+
+def _empty_totals() -> dict[str, Any]:
+    return {"sessions": {}, "client_errors": {}, "auth": {}}
+
+
+def _add_totals(out: dict[str, Any], doc: dict[str, Any]) -> None:
+    """Add the numbers of a worker's counters ``doc`` into ``out`` (malformed parts
+    are skipped: they come from our own children, but never crash the status)."""
+    for proto, row in dict(doc.get("sessions") or {}).items():
+        if isinstance(row, dict):
+            mine = out["sessions"].setdefault(str(proto), {})
+            for k, v in row.items():
+                if isinstance(v, int | float):
+                    mine[str(k)] = mine.get(str(k), 0) + v
+    for part in ("client_errors", "auth"):
+        for k, v in dict(doc.get(part) or {}).items():
+            if isinstance(v, int | float):
+                out[part][str(k)] = out[part].get(str(k), 0) + v
+
+
+def merge_worker_totals(doc: dict[str, Any], totals: dict[str, Any]) -> dict[str, Any]:
+    """The mail status ``doc`` with the workers' ``totals`` added to its
+    ``mail_sessions``, ``client_errors`` and ``auth`` numbers."""
+    out = dict(doc)
+    sessions: dict[str, Any] = {p: dict(r) for p, r in dict(doc.get("mail_sessions") or {}).items()}
+    for proto, row in totals.get("sessions", {}).items():
+        mine = sessions.setdefault(proto, {})
+        for k, v in row.items():
+            mine[k] = mine.get(k, 0) + v
+    out["mail_sessions"] = sessions
+    for part, key in (("client_errors", "client_errors"), ("auth", "auth")):
+        merged = dict(doc.get(key) or {})
+        for k, v in totals.get(part, {}).items():
+            if isinstance(merged.get(k, 0), int | float):
+                merged[k] = merged.get(k, 0) + v
+        out[key] = merged
+    return out

@@ -42,6 +42,7 @@ __all__ = [
     "WkLive",
     "WkReplicaStore",
     "WkShown",
+    "WkStats",
     "call_on",
 ]
 
@@ -88,6 +89,14 @@ class WkLive(_Wk):
 
     commandName = b"porcupine.wk.live"
     arguments = [(b"nodes", amp.ListOf(amp.Unicode()))]
+
+
+class WkStats(_Wk):
+    """Worker -> main, every few seconds: its sessions, client errors and login
+    throttle counters (the node's status adds them to its own)."""
+
+    commandName = b"porcupine.wk.stats"
+    arguments = [(b"stats", Json())]
 
 
 class WkReplicaStore(_Wk):

@@ -38,7 +38,7 @@ from ..cluster.listening import ListeningService
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig
 from ..cluster.routes import Route
 from ._mailworkers import MAX_WORKERS as MAX_MAIL_WORKERS
-from ._mailworkers import MailWorkers
+from ._mailworkers import MailWorkers, merge_worker_totals
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL
 from .bodycache import DEFAULT_MAX_BYTES as DEFAULT_BODY_CACHE_BYTES
 from .cluster import MailCluster
@@ -259,6 +259,8 @@ class PorcupineNode:
 
         def mail_status() -> dict[str, Any]:
             doc = mail.status()
+            if workers is not None:  # the sessions the workers served count too
+                doc = merge_worker_totals(doc, workers.totals())
             return {**doc, "services": dict(doc.get("mail", {}))}
 
         node.add_status(mail_status)
