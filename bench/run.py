@@ -130,6 +130,12 @@ def main() -> int:
         "the nodes' own, 10 ms)",
     )
     ap.add_argument(
+        "--mail-workers",
+        type=int,
+        help="mail-target: run the node with porcupine-node --mail-workers N (default 0: "
+        "the main process serves POP3/IMAP)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="sample the yimaporc targets with py-spy under load (top frames in results.json)",
@@ -190,6 +196,11 @@ def main() -> int:
                 return 2
             layouts.append((mode, int(n)))
         s.yima_configs = layouts
+    if a.mail_workers is not None:
+        if not 0 <= a.mail_workers <= 64:
+            print("error: --mail-workers must be 0 to 64", file=sys.stderr)
+            return 2
+        s.mail_workers = a.mail_workers
     if a.yima_workers:
         ws = [w.strip() for w in a.yima_workers.split(",") if w.strip()]
         if not ws or not all(w == "auto" or w.isdigit() for w in ws):

@@ -136,6 +136,8 @@ class Settings:
         # --yima-workers 1,2: each rtsp-target layout once per setting, side by side (keys
         # MODE-wW-N); empty: the nodes' default (one delivery worker per core)
         self.yima_workers: list[str] = []
+        #: porcupine-node --mail-workers of the mail-target part (0: none).
+        self.mail_workers = 0
         # --yima-send-ahead 10,40: and once per yima-node --send-ahead-ms (keys MODE-saS-N)
         self.yima_send_ahead: list[str] = []
         # scaling (bench/parts/scaling.py): scaled-down nodes, each in its own CPU group

@@ -64,7 +64,8 @@ def part_mail_target(s: Settings, res: dict[str, Any], errors: list[str]) -> Non
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
         with scoped():
-            c = Cluster("porcupine", 1, WORK / "porcupine-1")
+            extra = ["--mail-workers", str(s.mail_workers)] if s.mail_workers else []
+            c = Cluster("porcupine", 1, WORK / "porcupine-1", extra)
             c.start()
             host = c.hosts[0]
             require_service(c, "smtp", PORTS["smtp"])
@@ -87,6 +88,7 @@ def part_mail_target(s: Settings, res: dict[str, Any], errors: list[str]) -> Non
                         ["--user-suffix", "@" + DOMAIN],
                         log=log,
                     )
+            r["mail_workers"] = s.mail_workers
             mail["porcupine"] = r
     except PartFailed as e:
         errors.append(f"target porcupine-node: {e}")

@@ -84,6 +84,25 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
                 row.get("commands", 0),
                 protocol=label,
             )
+    workers = doc.get("mail_workers")
+    if isinstance(workers, dict):
+        out.gauge(
+            "yimaporc_mail_workers_live",
+            "POP3/IMAP worker processes connected and serving (--mail-workers).",
+            workers.get("live"),
+        )
+        for key, text in (
+            ("deaths", "POP3/IMAP worker processes that ended (their sessions were cut)."),
+            ("restarts", "Replacement POP3/IMAP worker processes started after deaths."),
+        ):
+            out.counter(f"yimaporc_mail_worker_{key}", text, workers.get(key))
+        for key, value in sorted((workers.get("channel") or {}).items()):
+            out.counter(
+                "yimaporc_mail_worker_channel_refusals",
+                "Boxes or connections the workers' unix socket refused, by reason.",
+                value,
+                reason=_label_value(str(key)),
+            )
     out.gauge(
         "yimaporc_mail_imap_open_mailboxes",
         "Mailboxes IMAP sessions hold selected.",

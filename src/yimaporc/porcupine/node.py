@@ -38,6 +38,8 @@ from ..cluster.histogram import DELIVERY_BUCKETS
 from ..cluster.listening import ListeningService
 from ..cluster.node import ClusterNode, ConfigError, NodeConfig
 from ..cluster.routes import Route
+from ._mailworkers import MAX_WORKERS as MAX_MAIL_WORKERS
+from ._mailworkers import MailWorkers, merge_worker_totals
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL
 from .bodycache import DEFAULT_MAX_BYTES as DEFAULT_BODY_CACHE_BYTES
 from .cluster import MailCluster
@@ -93,10 +95,14 @@ class PorcupineConfig:
     forward_deliveries: bool = False
     mail_index_rows: int = DEFAULT_MAX_ROWS
     mail_body_cache_bytes: int = DEFAULT_BODY_CACHE_BYTES
+    #: POP3/IMAP worker processes (``--mail-workers``; 0: the main serves them).
+    mail_workers: int = 0
 
     def __attrs_post_init__(self) -> None:
         if not self.domains:
             raise ConfigError("--domain is required")
+        if not 0 <= self.mail_workers <= MAX_MAIL_WORKERS:
+            raise ConfigError(f"--mail-workers must be 0 to {MAX_MAIL_WORKERS}")
         if (self.node.tls_cert is None) != (self.node.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
 
@@ -119,8 +125,11 @@ class PorcupineNode:
         replication: MailReplication | None = None,
         *,
         admin: ListeningService | None = None,
+        workers: MailWorkers | None = None,
     ) -> None:
         self.node = node
+        #: The POP3/IMAP worker processes (``--mail-workers``), if any.
+        self.workers = workers
         self.user_map = user_map
         self.mail = mail
         self.cluster = cluster
@@ -235,6 +244,13 @@ class PorcupineNode:
         # Started in this order: mail (recovers the store, then listens), replication
         # (after the recovery), the cluster wiring.
         mail.setServiceParent(node)
+        workers = None
+        if config.mail_workers:
+            workers = MailWorkers(
+                reactor, mail, cluster, config.mail_workers, replication=replication
+            )
+            workers.setServiceParent(node)  # after the mail service: its ports first
+            node.add_status(workers.status)
         if replication is not None:
             replication.setServiceParent(node)
         cluster.setServiceParent(node)
@@ -244,10 +260,14 @@ class PorcupineNode:
 
         def mail_status() -> dict[str, Any]:
             doc = mail.status()
+            if workers is not None:  # the sessions the workers served count too
+                doc = merge_worker_totals(doc, workers.totals())
             return {**doc, "services": dict(doc.get("mail", {}))}
 
         node.add_status(mail_status)
-        return cls(node, user_map, mail, cluster, replication, admin=admin_listening)
+        return cls(
+            node, user_map, mail, cluster, replication, admin=admin_listening, workers=workers
+        )
 
     @property
     def service(self) -> ClusterNode:

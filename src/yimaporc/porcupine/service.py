@@ -207,6 +207,8 @@ class MailService(MultiService):
         self.allow_plaintext_auth = allow_plaintext_auth
         self.max_message_size = max_message_size
         self.tls = self._tls_options(tls_cert, tls_key) if tls_cert and tls_key else None
+        #: The certificate and key files (mail workers load them again).
+        self.tls_files = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
         now = reactor.seconds
         #: This node's mail on disk (built here for a node alone; the composition
         #: root builds it first and passes it, with the strategies over it).

@@ -53,6 +53,9 @@ class Options(NodeOptions):
         ["mail-index-rows", None, "200000",
          "Bound of the in-memory mailbox index: messages plus mailboxes over all users "
          "(about 350 bytes each; least recently used users dropped first; 0 turns it off)."],
+        ["mail-workers", None, "0",
+         "POP3/IMAP worker processes sharing the --pop3/--imap sockets (0: the main "
+         "process serves them); see docs/operations.md."],
         ["mail-body-cache-bytes", None, str(64 << 20),
          "Bound of the in-memory cache of message bodies read or stored recently, in bytes "
          "(least recently used first out; needs the mailbox index; 0 turns it off)."],
@@ -177,6 +180,14 @@ class Options(NodeOptions):
                 "--mail-body-cache-bytes must be a whole number from 0 (off) to 17179869184"
             )
         self.mail_body_cache_bytes = int(body)
+        from ..porcupine._mailworkers import MAX_WORKERS
+
+        workers = str(self["mail-workers"]).strip()
+        if not workers.isdigit() or int(workers) > MAX_WORKERS:
+            raise usage.UsageError(f"--mail-workers must be a whole number from 0 to {MAX_WORKERS}")
+        if int(workers) and not (self["pop3"] or self["imap"]):
+            raise usage.UsageError("--mail-workers needs --pop3 or --imap")
+        self.mail_workers = int(workers)
 
 
 def porcupine_config(options: Options) -> PorcupineConfig:
@@ -206,6 +217,7 @@ def porcupine_config(options: Options) -> PorcupineConfig:
             forward_deliveries=bool(options["forward-deliveries"]),
             mail_index_rows=options.mail_index_rows,
             mail_body_cache_bytes=options.mail_body_cache_bytes,
+            mail_workers=options.mail_workers,
         )
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e
