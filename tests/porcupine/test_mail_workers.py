@@ -446,7 +446,7 @@ def test_bodies_held_here_are_read_from_their_files(tmp_path: Path) -> None:
     """A worker reads a body the main's listing says this node holds from its file
     (no call); a file gone is left out; a UID without a listed key, a key of another
     node or a malformed key is asked of the main."""
-    from yimaporc.porcupine._mailworker_proc import LocalBodies
+    from yimaporc.porcupine._mailworker_bodies import LocalBodies
     from yimaporc.porcupine.usermap import bucket_dir, bucket_of
 
     user = "alice@example.org"
