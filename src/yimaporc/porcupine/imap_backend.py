@@ -64,6 +64,7 @@ from .values import (
     INBOX,
     Digest,
     MailboxExists,
+    MailboxHasChildren,
     MailboxInfo,
     MailError,
     MailUnavailable,
@@ -107,6 +108,8 @@ def as_imap_error(f: Failure, missing: str = "NONEXISTENT") -> Failure:
         raise ImapError("no such mailbox", missing)
     if isinstance(e, MailboxExists):
         raise ImapError("mailbox already exists", "ALREADYEXISTS")
+    if isinstance(e, MailboxHasChildren):
+        raise ImapError(str(e), "INUSE")  # RFC 5530: a branch someone sits on
     if isinstance(e, MailUnavailable):
         text = str(e).removeprefix("[UNAVAILABLE] ")
         raise ImapError(text, "UNAVAILABLE")

@@ -15,6 +15,7 @@ from ..values import (
     INBOX,
     Digest,
     MailboxExists,
+    MailboxHasChildren,
     MailboxInfo,
     NoSuchMailbox,
 )
@@ -82,7 +83,9 @@ class MailboxRows(BucketFiles):
                 "SELECT 1 FROM mailboxes WHERE user=? AND substr(name, 1, ?)=?",
                 (user, len(name) + 1, name + DELIMITER),
             ).fetchone():
-                raise NoSuchMailbox(f"mailbox {name} has mailboxes below it")
+                raise MailboxHasChildren(
+                    f"mailbox {name} has mailboxes below it, delete them first"
+                )
             keys = [k for (k,) in db.execute(
                 "SELECT key FROM messages WHERE user=? AND mailbox=?", (user, name))]  # fmt: skip
             db.execute("BEGIN IMMEDIATE")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from zope.interface import implementer
 
 from ...usermap import bucket_of
-from ...values import MailboxExists, NoSuchMailbox
+from ...values import MailboxExists, MailboxHasChildren, NoSuchMailbox
 from .._values import Timestamp, Update
 from ..interfaces import IObjectStore
 from ._ids import (
@@ -138,7 +138,7 @@ class ReplicaObjectStore(MessageObjects):
             elif name in has and name != "INBOX":
                 self._forget_mailbox(user, name)
                 fs.delete_mailbox(user, name)
-        except (NoSuchMailbox, MailboxExists) as e:
+        except (NoSuchMailbox, MailboxExists, MailboxHasChildren) as e:
             # e.g. a DELETE of a mailbox that has mailboxes below it here: left as is
             self.log.info("replication: {oid} not applied here: {e}", oid=update.object_id, e=e)
         self._put(update, user, name, "", ())
