@@ -41,6 +41,7 @@ from twisted.mail import pop3
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..cluster.rpc import PeerUnavailable
 from ._guard import ClientErrors, GatedLines
 from .retrieval import UserMail
 from .values import INBOX, Digest
@@ -240,7 +241,8 @@ class MailPOP3(GatedLines, pop3.POP3):
         self._t.loseConnection()
 
     def _ebMailbox(self, failure: Failure) -> Any:
-        """RFC 3206 codes: ``[AUTH]`` for bad credentials, ``[SYS/TEMP]`` when throttled."""
+        """RFC 3206 codes: ``[AUTH]`` for bad credentials, ``[SYS/TEMP]`` when throttled
+        or the mail is out of reach."""
         from twisted.cred.error import LoginDenied, LoginFailed, UnauthorizedLogin
 
         from .throttle import LoginThrottled
@@ -250,6 +252,12 @@ class MailPOP3(GatedLines, pop3.POP3):
             self.failResponse(b"[SYS/TEMP] Too many failed logins, try again later")
         elif failure.check(MailUnavailable):
             self.failResponse(b"[SYS/TEMP] Part of the mailbox is out of reach, try again later")
+        elif failure.check(PeerUnavailable):
+            # The user's home node (or its disk: StorageFull) does not answer: a count
+            # and a warning, as for commands; stock answered "Server error" with a
+            # logged traceback.
+            self.errors.server("pop3", failure, "login")
+            self.failResponse(b"[SYS/TEMP] The mailbox is out of reach, try again later")
         elif failure.check(UnauthorizedLogin, LoginDenied, LoginFailed):
             self.failResponse(b"[AUTH] Authentication failed")
         else:
