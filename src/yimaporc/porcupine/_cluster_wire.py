@@ -174,7 +174,7 @@ class StorageFull(PeerUnavailable):
     maybe_done = True
 
 
-def storage_full(e: BaseException) -> bool:
+def storage_full(e: BaseException | None) -> bool:
     """Is ``e`` the disk (or a quota) being full, as OS and SQLite report it?"""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
