@@ -35,6 +35,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .._files import private_sqlite
+from ._sqlite import rollback
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL, AuthCache
 from .interfaces import IProfileDB
 from .usermap import BadAddress, bucket_of, normalise
@@ -199,7 +200,7 @@ class _Profiles:
                     changed.append(rec[0])
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                rollback(self.db)
                 raise
         return changed, self.count()
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from zope.interface import implementer
 
+from ..._sqlite import rollback
 from ...usermap import bucket_of
 from ...values import MailboxExists, MailboxHasChildren, NoSuchMailbox
 from .._values import Timestamp, Update
@@ -86,7 +87,7 @@ class ReplicaObjectStore(MessageObjects):
                 self._flush(fresh, flagged)
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                rollback(self.db)
                 raise
         return out
 
