@@ -170,3 +170,17 @@ def test_unqualified_recipients_get_the_mail_domain_not_the_host_name() -> None:
         "bob@other.org",
         "carol@n1.example.org",
     ]
+
+
+def test_rcpt_parameters_are_refused_as_mail_parameters_are() -> None:
+    """RCPT TO:<u@example.org> NOTIFY=NEVER (DSN is not offered) is 555 like an unknown
+    MAIL parameter (RFC 5321 4.1.1.11), not silently accepted: the client would count on
+    a delivery notice that never comes; without parameters RCPT goes on."""
+    p, t, _, counters = server()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.org>\r\n")
+    t.clear()
+    for line in (b"RCPT TO:<u@example.org> NOTIFY=NEVER", b"RCPT TO:<u@example.org> ORCPT=rfc822;u@x",
+                 b"RCPT TO:<u@example.org>"):  # fmt: skip
+        p.dataReceived(line + b"\r\n")
+    assert codes(t) == [b"555", b"555", b"250"]
+    assert counters["smtp_bad_arguments"] == 2

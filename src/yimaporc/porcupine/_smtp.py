@@ -526,6 +526,13 @@ class MailESMTP(smtp.ESMTP):
         if len(self._to) >= self.policy.max_recipients:
             self.sendCode(452, b"4.5.3 Too many recipients")
             return
+        m = self.rcpt_re.match(rest)
+        if m is not None and (m.group("opts") or b"").strip():
+            # No RCPT extension is offered (no DSN): RFC 5321 4.1.1.11.
+            key = m.group("opts").split()[0].partition(b"=")[0].upper()
+            self.counters["smtp_bad_arguments"] += 1
+            self.sendCode(555, b"5.5.4 Unsupported RCPT parameter " + key[:32])
+            return
         bare = _UNQUALIFIED.fullmatch(rest)
         if bare is not None:  # (twisted would add the host name: alice@n1.example.org)
             domain = self.policy.domain.encode("ascii", "replace")
