@@ -57,13 +57,13 @@ def send(host: str, *subjects: str) -> None:
             s.sendmail("x@y.org", [ALICE], f"Subject: {subject}\r\n\r\nbody\r\n".encode())
 
 
-def fetchmail(tmp_path: Path, host: str, options: str) -> tuple[int, list[str]]:
+def fetchmail(tmp_path: Path, host: str, options: str, uidl: bool = True) -> tuple[int, list[str]]:
     """Run fetchmail once with an rc file (its manual's syntax); exit code and the
-    subjects its MDA received so far."""
+    subjects its MDA received so far.  ``uidl=False``: fetchmail's default poll line."""
     mbox = tmp_path / "mbox"
     rc = tmp_path / "fetchmailrc"
     rc.write_text(
-        f"set no syslog\npoll {host} protocol pop3 port {PORTS['pop3']} uidl\n"
+        f"set no syslog\npoll {host} protocol pop3 port {PORTS['pop3']}{' uidl' if uidl else ''}\n"
         f'  user "{ALICE}" there with password "{PW}" is "root" here\n'
         f"  {options}\n  mda \"/bin/sh -c 'cat >> {mbox}'\"\n"
     )
@@ -119,5 +119,24 @@ def test_stls_with_a_certificate(tmp_path: Path) -> None:
         send(node.host, "secret")
         code, got = fetchmail(tmp_path, node.host, "sslproto tls1.2+ no sslcertck keep")
         assert code == 0 and got == ["secret"]
+    finally:
+        node.kill(signal.SIGTERM)
+
+
+def test_keep_mode_with_fetchmail_defaults_fetches_each_message_once(tmp_path: Path) -> None:
+    """fetchmail --keep with its default poll line (no ``uidl``) asks LAST first: the node
+    refuses it, so fetchmail tracks messages by UIDL and a second poll fetches nothing
+    (LAST's "+OK 0" made every poll fetch every kept message again)."""
+    node = start(tmp_path, "127.0.183.21", tls=False)
+    try:
+        send(node.host, "one", "two")
+        code, got = fetchmail(tmp_path, node.host, "sslproto '' keep", uidl=False)
+        assert code == 0 and got == ["one", "two"]
+        code, got = fetchmail(tmp_path, node.host, "sslproto '' keep", uidl=False)
+        assert code == 1 and got == ["one", "two"]
+        send(node.host, "three")
+        code, got = fetchmail(tmp_path, node.host, "sslproto '' keep", uidl=False)
+        assert code == 0 and got == ["one", "two", "three"]
+        assert stat(node.host)[0] == 3
     finally:
         node.kill(signal.SIGTERM)

@@ -12,6 +12,7 @@ from yimaporc.porcupine.usermap import N_BUCKETS, BadAddress, bucket_dir, bucket
 from yimaporc.porcupine.values import (
     INBOX,
     MailboxExists,
+    MailboxHasChildren,
     NewMessage,
     NoSuchMailbox,
 )
@@ -120,7 +121,7 @@ def test_mailbox_tree_operations(fragment_store: FragmentStore) -> None:
     fragment_store.create_mailbox(A, "a/b/c")
     with pytest.raises(MailboxExists):
         fragment_store.create_mailbox(A, "a/b")
-    with pytest.raises(NoSuchMailbox):
+    with pytest.raises(MailboxHasChildren):
         fragment_store.delete_mailbox(A, "a")
     fragment_store.rename_mailbox(A, "a", "z")
     assert [m.name for m in fragment_store.mailboxes(A)] == [INBOX, "z", "z/b", "z/b/c"]

@@ -3,6 +3,8 @@ manager are on the serving node; one per remote fragment node per command otherw
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -246,3 +248,46 @@ def test_logins_through_a_proxy_are_remembered_briefly(net: Net) -> None:
     p.dataReceived(b"USER " + user.encode() + b"\r\nPASS pw\r\n")
     net.clock.advance(1)  # the failure throttle answers a second failure late
     assert b"-ERR" in t.value() and net.calls[auth] == 4
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        sqlite3.OperationalError("database or disk is full"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+)
+def test_a_full_disk_at_the_users_home_is_unavailable_not_a_server_bug(
+    net: Net, error: Exception
+) -> None:
+    """The user's home node has a full data disk and cannot open the user's index:
+    sessions on other nodes get NO [UNAVAILABLE] (the home is out of reach for that
+    call) and POP3 -ERR [SYS/TEMP], never NO [SERVERBUG] with an unknown-error
+    traceback on both nodes; once there is room again the same session reads the mail."""
+    user = local_user(net, "n1")  # its home (where new mail goes) is n1
+    add_user(net, "n1", user)
+    (d,) = net.nodes["n1"].deliver(user, b"Subject: home\r\n\r\nbody\r\n")
+    assert d.node == "n1"
+    store = net.nodes["n1"].cluster.storage.fragment_store
+    store.index = None  # nothing cached: every listing opens the bucket's index
+    full = [True]
+    real = store.load_user
+
+    def load_user(u: str) -> Any:
+        if full[0]:
+            raise error
+        return real(u)
+
+    store.load_user = load_user
+    session = Imap(net, "n2")
+    assert b" OK " in session(b"LOGIN " + user.encode() + b" pw")
+    for command in (b'LIST "" *', b"SELECT INBOX", b"STATUS INBOX (MESSAGES)"):
+        reply = session(command)
+        assert b"NO [UNAVAILABLE]" in reply, (command, reply)
+    replies = pop3(net, "n2", user)
+    assert replies[-1][0].startswith(b"-ERR [SYS/TEMP]"), replies
+    counts = net.nodes["n2"].mail.client_errors.counts
+    assert counts["pop3.peer_unavailable"] == 1 and counts["imap.command_refused"] == 3, counts
+    full[0] = False
+    assert b" OK " in session(b"SELECT INBOX")
+    assert b"* 1 EXISTS" in session.t.value()

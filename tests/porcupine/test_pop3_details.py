@@ -110,3 +110,16 @@ def test_cleartext_logins_refused_when_a_certificate_is_configured() -> None:
     assert portal.logins == []
     p2, t2, _ = session(tls_configured=True, allow_plaintext=True)
     assert talk(p2, t2, b"USER alice", b"PASS pw")[-1].startswith(b"+OK")
+
+
+def test_last_is_refused_so_keep_mode_clients_use_uidl() -> None:
+    """LAST (RFC 1460, dropped by RFC 1939) is -ERR, also after a DELE: fetchmail's default
+    keep mode asks LAST first and, told "+OK 0", fetched every kept message again on every
+    poll; on -ERR it tracks messages by UIDL, as with Dovecot."""
+    p, t, _ = session()
+    talk(p, t, b"USER alice", b"PASS pw")
+    assert talk(p, t, b"LAST")[0].startswith(b"-ERR")
+    talk(p, t, b"DELE 2")
+    assert talk(p, t, b"LAST")[0].startswith(b"-ERR")
+    assert p.errors.counts["pop3.unknown_command"] == 2, p.errors.counts
+    assert talk(p, t, b"STAT") == [b"+OK 2 400"]

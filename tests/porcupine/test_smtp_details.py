@@ -144,3 +144,43 @@ def test_rcpt_while_the_user_manager_is_unreachable_is_a_counted_451() -> None:
     p.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.org>\r\n")
     assert replies(t)[-1].startswith(b"451 4.4.0")
     assert proxy.lookups_unavailable == 1 and stored == []
+
+
+def test_unqualified_recipients_get_the_mail_domain_not_the_host_name() -> None:
+    """RCPT TO:<alice> and RFC 5321's RCPT TO:<Postmaster> name users of the node's mail
+    domain (alice@example.org), as Postfix's myorigin does; twisted qualified them with
+    the host name (alice@n1.example.org: relaying denied on the MX, and a submission
+    queued it outbound to a domain that does not exist, to bounce)."""
+    seen: list[str] = []
+
+    class Recording(AcceptAll):
+        def validateTo(self, user: smtp.User) -> Any:
+            seen.append(str(user.dest))
+            return super().validateTo(user)
+
+    p, t, _, _ = server(Recording())
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.org>\r\n")
+    t.clear()
+    for rcpt in (b"<alice>", b"<Postmaster>", b"<bob@other.org>", b"<carol@n1.example.org>"):
+        p.dataReceived(b"RCPT TO:" + rcpt + b"\r\n")
+    assert codes(t) == [b"250"] * 4
+    assert seen == [
+        "alice@example.org",
+        "Postmaster@example.org",
+        "bob@other.org",
+        "carol@n1.example.org",
+    ]
+
+
+def test_rcpt_parameters_are_refused_as_mail_parameters_are() -> None:
+    """RCPT TO:<u@example.org> NOTIFY=NEVER (DSN is not offered) is 555 like an unknown
+    MAIL parameter (RFC 5321 4.1.1.11), not silently accepted: the client would count on
+    a delivery notice that never comes; without parameters RCPT goes on."""
+    p, t, _, counters = server()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.org>\r\n")
+    t.clear()
+    for line in (b"RCPT TO:<u@example.org> NOTIFY=NEVER", b"RCPT TO:<u@example.org> ORCPT=rfc822;u@x",
+                 b"RCPT TO:<u@example.org>"):  # fmt: skip
+        p.dataReceived(line + b"\r\n")
+    assert codes(t) == [b"555", b"555", b"250"]
+    assert counters["smtp_bad_arguments"] == 2

@@ -63,6 +63,10 @@ def answer_append(runner: CommandRunner, cmd: c.Append) -> Any:
         d.addCallback(lambda r: [r])
 
     def stored(results: list[AppendResult]) -> Done:
+        if not all(r.uid > 0 for r in results):
+            # Stored, but not numbered yet (Porcupine's mail held through a partition):
+            # RFC 4315 has no way to say so but to leave APPENDUID out.
+            return Done(text="APPEND completed")
         validity = results[0].uidvalidity
         uids = uid_set_text([r.uid for r in results])
         return Done(text="APPEND completed", code=ResponseCode.appenduid(validity, uids))

@@ -134,7 +134,8 @@ def answer_copy(runner: CommandRunner, cmd: c.Copy | c.Move) -> Any:
 
     def done(r: CopyResult) -> Any:
         code = None
-        if r.source_uids:
+        if r.source_uids and all(u > 0 for u in r.dest_uids):
+            # (copies not numbered yet, as APPEND's: no COPYUID rather than a bad one)
             code = ResponseCode.copyuid(
                 r.uidvalidity, uid_set_text(r.source_uids), _pairs(r.dest_uids)
             )

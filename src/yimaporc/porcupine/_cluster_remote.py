@@ -46,6 +46,7 @@ from ._cluster_commands import (
     _Cmd,
 )
 from ._cluster_wire import (
+    StorageFull,
     _digest_in,
     _digest_out,
     _info_in,
@@ -54,6 +55,7 @@ from ._cluster_wire import (
     _profile_out,
     pack_bodies,
     pack_messages,
+    storage_full,
     unpack_bodies,
     unpack_messages,
 )
@@ -392,7 +394,14 @@ def register_handlers(
 
     ``users()`` and ``mailboxes()`` are called per command (tests hand in fakes that
     way); ``stores`` (default: ``mailboxes().store``) lets the caller count load.
+    A mailbox command that fails on a full disk answers :class:`StorageFull` (the
+    caller sees this node out of reach for it), not an unknown error.
     """
+
+    def full(f: Failure) -> Failure:
+        if storage_full(f.value):
+            return Failure(StorageFull(f"mail storage full: {f.getErrorMessage()}"))
+        return f
 
     def um(method: str, out: Callable[[Any], dict[str, Any]]) -> Callable[..., Any]:
         def handler(user: str, **kw: Any) -> Deferred[dict[str, Any]]:
@@ -468,7 +477,9 @@ def register_handlers(
     def store(messages: bytes) -> Deferred[dict[str, Any]]:
         batch = unpack_messages(messages)
         d = stores(batch) if stores is not None else mailboxes().store(batch)
-        return d.addCallback(lambda ds: {"digests": [_digest_out(x) for x in ds], "load": load()})
+        return d.addCallbacks(
+            lambda ds: {"digests": [_digest_out(x) for x in ds], "load": load()}, full
+        )
 
     registry.register(MbStore, store)
 
@@ -477,7 +488,7 @@ def register_handlers(
             for wire, arg in rename.items():
                 kw[arg] = kw.pop(wire)
             d: Deferred[Any] = getattr(mailboxes(), method)(**kw)
-            return d.addCallback(out)
+            return d.addCallbacks(out, full)
 
         return handler
 

@@ -14,7 +14,9 @@ well-formed list is dropped.  Each has a pure ``encode``/``decode`` pair.
 
 from __future__ import annotations
 
+import errno
 import json
+import sqlite3
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +31,7 @@ from .values import (
     BadCredentials,
     Digest,
     MailboxExists,
+    MailboxHasChildren,
     MailboxInfo,
     MessageTooLarge,
     NewMessage,
@@ -161,6 +164,26 @@ class HolderNotRecorded(PeerUnavailable):
     temporary error: the reconstruction would not find the message)."""
 
 
+class StorageFull(PeerUnavailable):
+    """The called node's mail storage is full: it could not open or write what the
+    call needed (``ENOSPC``, SQLite's "database or disk is full").  To the caller the
+    node is out of reach for this call (IMAP ``NO [UNAVAILABLE]``, POP3 ``-ERR
+    [SYS/TEMP]``, SMTP 451), not a server bug; ``maybe_done``: a write may have
+    partly run there."""
+
+    maybe_done = True
+
+
+def storage_full(e: BaseException | None) -> bool:
+    """Is ``e`` the disk (or a quota) being full, as OS and SQLite report it?"""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, sqlite3.OperationalError) and (
+        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or "database or disk is full" in str(e)
+    )
+
+
 class DeliveryRefused(Exception):
     """A delivery handed to the user's manager node was refused there with a
     permanent SMTP reply (its text: ``"CODE reply"``, e.g. ``"550 no such user"``)."""
@@ -182,8 +205,10 @@ ERRORS: dict[type[Exception], bytes] = {
     BadCredentials: b"BAD_CREDENTIALS",
     NoSuchMailbox: b"NO_SUCH_MAILBOX",
     MailboxExists: b"MAILBOX_EXISTS",
+    MailboxHasChildren: b"MAILBOX_HAS_CHILDREN",
     UserExists: b"USER_EXISTS",
     MessageTooLarge: b"MESSAGE_TOO_LARGE",
+    StorageFull: b"STORAGE_FULL",
     BadAddress: b"BAD_ADDRESS",
 }
 

@@ -17,6 +17,8 @@ Changes to the stock protocol (26.10):
   lists SASL, RESP-CODES, AUTH-RESP-CODE and PIPELINING;
 - with a certificate configured, USER/PASS/AUTH before STLS are refused
   (``-ERR [AUTH]``) unless plaintext logins are allowed;
+- no LAST (stock: ``+OK 0`` always, which made fetchmail's keep mode fetch every
+  message again on each poll; ``-ERR`` makes it use UIDL);
 - 512-octet command lines (``-ERR`` and close), no APOP timestamp (passwords
   are scrypt hashes); idle timeouts on the injected clock;
 - hostile input (issue 13): commands are checked (known, allowed in this
@@ -39,6 +41,7 @@ from twisted.mail import pop3
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..cluster.rpc import PeerUnavailable
 from ._guard import ClientErrors, GatedLines
 from .retrieval import UserMail
 from .values import INBOX, Digest
@@ -170,8 +173,12 @@ class Pop3Mailbox:
 _ARITY: dict[bytes, tuple[int, int | None]] = {
     b"CAPA": (0, 0), b"USER": (1, 1), b"PASS": (1, None), b"AUTH": (0, 2), b"QUIT": (0, 0),
     b"STLS": (0, 0), b"STAT": (0, 0), b"LIST": (0, 1), b"UIDL": (0, 1), b"RETR": (1, 1),
-    b"TOP": (2, 2), b"DELE": (1, 1), b"NOOP": (0, 0), b"RSET": (0, 0), b"LAST": (0, 0),
+    b"TOP": (2, 2), b"DELE": (1, 1), b"NOOP": (0, 0), b"RSET": (0, 0),
 }  # fmt: skip
+# No LAST (RFC 1460, dropped by RFC 1939; Dovecot has none): stock answered "+OK 0"
+# whatever was read before, so fetchmail's default keep mode, which asks LAST before
+# UIDL, fetched every kept message again on every poll.  Unknown, it is -ERR and
+# fetchmail tracks messages by UIDL.
 
 
 class MailPOP3(GatedLines, pop3.POP3):
@@ -234,7 +241,8 @@ class MailPOP3(GatedLines, pop3.POP3):
         self._t.loseConnection()
 
     def _ebMailbox(self, failure: Failure) -> Any:
-        """RFC 3206 codes: ``[AUTH]`` for bad credentials, ``[SYS/TEMP]`` when throttled."""
+        """RFC 3206 codes: ``[AUTH]`` for bad credentials, ``[SYS/TEMP]`` when throttled
+        or the mail is out of reach."""
         from twisted.cred.error import LoginDenied, LoginFailed, UnauthorizedLogin
 
         from .throttle import LoginThrottled
@@ -244,6 +252,12 @@ class MailPOP3(GatedLines, pop3.POP3):
             self.failResponse(b"[SYS/TEMP] Too many failed logins, try again later")
         elif failure.check(MailUnavailable):
             self.failResponse(b"[SYS/TEMP] Part of the mailbox is out of reach, try again later")
+        elif failure.check(PeerUnavailable):
+            # The user's home node (or its disk: StorageFull) does not answer: a count
+            # and a warning, as for commands; stock answered "Server error" with a
+            # logged traceback.
+            self.errors.server("pop3", failure, "login")
+            self.failResponse(b"[SYS/TEMP] The mailbox is out of reach, try again later")
         elif failure.check(UnauthorizedLogin, LoginDenied, LoginFailed):
             self.failResponse(b"[AUTH] Authentication failed")
         else:

@@ -62,6 +62,11 @@ _SIZE = re.compile(rb"(?:^|\s)SIZE=(\d+)", re.I)
 _HELO_ARG = re.compile(rb"[\x21-\x7e]{1,255}")
 #: Control characters (C0 and DEL) have no place in a MAIL or RCPT argument.
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+#: ``RCPT TO:<local>`` without a domain (RFC 5321's ``<Postmaster>``, or a user typing
+#: just a name): qualified with the node's mail domain, as Postfix's myorigin does.
+_UNQUALIFIED = re.compile(
+    rb"(?P<head>\s*TO:\s*<)(?P<local>[^<>@\s\"\\]+)(?P<tail>>.*)", re.I | re.S
+)
 _ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3}( |$)")
 # RFC 2034/3463 codes for replies that carry none, by (code, command); then by code.
 _DEFAULT_ENHANCED = {
@@ -521,6 +526,17 @@ class MailESMTP(smtp.ESMTP):
         if len(self._to) >= self.policy.max_recipients:
             self.sendCode(452, b"4.5.3 Too many recipients")
             return
+        m = self.rcpt_re.match(rest)
+        if m is not None and (m.group("opts") or b"").strip():
+            # No RCPT extension is offered (no DSN): RFC 5321 4.1.1.11.
+            key = m.group("opts").split()[0].partition(b"=")[0].upper()
+            self.counters["smtp_bad_arguments"] += 1
+            self.sendCode(555, b"5.5.4 Unsupported RCPT parameter " + key[:32])
+            return
+        bare = _UNQUALIFIED.fullmatch(rest)
+        if bare is not None:  # (twisted would add the host name: alice@n1.example.org)
+            domain = self.policy.domain.encode("ascii", "replace")
+            rest = bare["head"] + bare["local"] + b"@" + domain + bare["tail"]
         super().do_RCPT(rest)
 
     def do_DATA(self, rest: bytes) -> None:

@@ -53,6 +53,7 @@ from ..imap.interfaces import (
     MessageInfo,
     Snapshot,
 )
+from ._cluster_wire import storage_full
 from ._guard import ClientErrors
 from ._imap_registry import SPECIAL_USE_MAX as SPECIAL_USE_MAX  # re-exported
 from ._imap_registry import SPECIAL_USE_TTL as SPECIAL_USE_TTL  # re-exported
@@ -64,6 +65,7 @@ from .values import (
     INBOX,
     Digest,
     MailboxExists,
+    MailboxHasChildren,
     MailboxInfo,
     MailError,
     MailUnavailable,
@@ -107,6 +109,8 @@ def as_imap_error(f: Failure, missing: str = "NONEXISTENT") -> Failure:
         raise ImapError("no such mailbox", missing)
     if isinstance(e, MailboxExists):
         raise ImapError("mailbox already exists", "ALREADYEXISTS")
+    if isinstance(e, MailboxHasChildren):
+        raise ImapError(str(e), "INUSE")  # RFC 5530: a branch someone sits on
     if isinstance(e, MailUnavailable):
         text = str(e).removeprefix("[UNAVAILABLE] ")
         raise ImapError(text, "UNAVAILABLE")
@@ -114,6 +118,8 @@ def as_imap_error(f: Failure, missing: str = "NONEXISTENT") -> Failure:
         raise ImapError("message too large", "TOOBIG")
     if isinstance(e, PeerUnavailable):
         raise ImapError("a node holding this mail is out of reach, try again later", "UNAVAILABLE")
+    if storage_full(e):  # this node's own disk (a remote one answers StorageFull)
+        raise ImapError("mail storage is full here, try again later", "UNAVAILABLE")
     if isinstance(e, MailError):
         raise ImapError(str(e) or type(e).__name__, "CANNOT")
     return f

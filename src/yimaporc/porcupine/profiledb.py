@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from .._files import private_sqlite
 from .._reactor import IClockThreads
+from ._sqlite import rollback
 from .authcache import DEFAULT_SIZE, DEFAULT_TTL, AuthCache
 from .interfaces import IProfileDB
 from .usermap import BadAddress, bucket_of, normalise
@@ -200,7 +201,7 @@ class _Profiles:
                     changed.append(rec[0])
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                rollback(self.db)
                 raise
         return changed, self.count()
 

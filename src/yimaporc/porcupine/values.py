@@ -36,6 +36,11 @@ class MailboxExists(MailError):
     """``CREATE`` or ``RENAME`` onto a name in use."""
 
 
+class MailboxHasChildren(MailError):
+    """``DELETE`` of a mailbox with mailboxes below it (IMAP ``NO [INUSE]``): the
+    mailbox exists and stays; its children must be deleted first."""
+
+
 class MessageTooLarge(MailError):
     """A message over the configured size limit."""
 

@@ -465,11 +465,17 @@ def test_coordinator_timing_out_after_the_request_is_not_replaced(tmp_path: Path
     assert c.inbox() == []
 
 
-@pytest.mark.parametrize("outcome", ["superseded", "stopped", "unreachable"])
+@pytest.mark.parametrize(
+    "outcome", ["superseded", "stopped", "unreachable", "disk-full", "db-full"]
+)
 def test_store_replicated_answers_a_declared_error(tmp_path: Path, outcome: str) -> None:
     """StoreReplicated's responder answers CoordinatorUnsure (declared, maybe_done) for
-    a superseded store, a stopping service or unreachable peers: never an undeclared
-    error (AMP logs those at critical level) nor an IndexError (issue 14)."""
+    a superseded store, a stopping service, unreachable peers or a full disk here:
+    never an undeclared error (AMP logs those at critical level on both nodes, the
+    caller an unknown error) nor an IndexError (issue 14)."""
+    import errno
+    import sqlite3
+
     from twisted.internet.defer import succeed
 
     from yimaporc.porcupine.replication.amp import CoordinatorUnsure, message_args
@@ -481,6 +487,8 @@ def test_store_replicated_answers_a_declared_error(tmp_path: Path, outcome: str)
         "superseded": lambda: succeed([]),
         "stopped": lambda: fail(ReplicationStopped("replication stopped")),
         "unreachable": lambda: fail(PeerUnavailable("no second replica acknowledged in time")),
+        "disk-full": lambda: fail(OSError(errno.ENOSPC, "No space left on device")),
+        "db-full": lambda: fail(sqlite3.OperationalError("database or disk is full")),
     }
     a.repl.mailboxes.store_replicated = lambda *args, **kw: results[outcome]()  # type: ignore[method-assign]
     kw = message_args("0123456789abcdef0123456789abcdef", message(3), ["a", "b"])

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from .. import _modseq
+from .._sqlite import rollback
 from ..mailindex import MailIndex
 from ..usermap import N_BUCKETS, bucket_dir, bucket_of
 from ..values import (
@@ -233,7 +234,7 @@ class BucketFiles:
                 self._insert_mailbox(db, user, INBOX)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            rollback(db)
             raise
 
     def _insert_mailbox(self, db: sqlite3.Connection, user: str, name: str) -> MailboxInfo:

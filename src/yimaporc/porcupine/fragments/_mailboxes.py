@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from .. import _modseq
+from .._sqlite import rollback
 from ..mailindex import UserIndex
 from ..usermap import bucket_of
 from ..values import (
@@ -15,6 +16,7 @@ from ..values import (
     INBOX,
     Digest,
     MailboxExists,
+    MailboxHasChildren,
     MailboxInfo,
     NoSuchMailbox,
 )
@@ -65,7 +67,7 @@ class MailboxRows(BucketFiles):
                 info = self._insert_mailbox(db, user, name)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
         return info
 
@@ -82,7 +84,9 @@ class MailboxRows(BucketFiles):
                 "SELECT 1 FROM mailboxes WHERE user=? AND substr(name, 1, ?)=?",
                 (user, len(name) + 1, name + DELIMITER),
             ).fetchone():
-                raise NoSuchMailbox(f"mailbox {name} has mailboxes below it")
+                raise MailboxHasChildren(
+                    f"mailbox {name} has mailboxes below it, delete them first"
+                )
             keys = [k for (k,) in db.execute(
                 "SELECT key FROM messages WHERE user=? AND mailbox=?", (user, name))]  # fmt: skip
             db.execute("BEGIN IMMEDIATE")
@@ -91,7 +95,7 @@ class MailboxRows(BucketFiles):
                 db.execute("DELETE FROM mailboxes WHERE user=? AND name=?", (user, name))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
             self._drop_unreferenced(db, user, keys)
 
@@ -135,7 +139,7 @@ class MailboxRows(BucketFiles):
                     )
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
 
     def subscribe(self, user: str, name: str, subscribed: bool) -> None:
@@ -268,7 +272,7 @@ class MailboxRows(BucketFiles):
                     out[uid] = tuple(new)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
         return out
 
@@ -306,7 +310,7 @@ class MailboxRows(BucketFiles):
                     out.append(Digest(nuid, key, size, _flags(flags), date, self.node_id))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
         return out
 
@@ -327,7 +331,7 @@ class MailboxRows(BucketFiles):
                 _modseq.prune(db, user, name)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
             self._drop_unreferenced(db, user, keys.values())
         return sorted(keys)
@@ -362,7 +366,7 @@ class MailboxRows(BucketFiles):
                 ).fetchall()
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
             if self.index is not None:  # under the bucket lock: no other write in between
                 self.index.set_shown(user, {m: (int(v), int(n)) for m, v, n in rows})
@@ -379,7 +383,7 @@ class MailboxRows(BucketFiles):
                     db.execute(f"DELETE FROM {table} WHERE user=?", (user,))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
             # under the bucket lock: two removals at once (the admin's and a replicated
             # profile tombstone's) must not trip over each other's files

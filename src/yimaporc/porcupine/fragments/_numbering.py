@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .._sqlite import rollback
 from ..reconstruct import admit_timed, split_fence
 from ..usermap import bucket_of
 from ..values import (
@@ -216,7 +217,7 @@ class Numbering(MailboxRows):
                             changed.append(mailbox)
                     db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    rollback(db)
                     raise
             (left,) = db.execute("SELECT COUNT(*) FROM pending WHERE user=?", (user,)).fetchone()
             if not left:
@@ -262,7 +263,7 @@ class Numbering(MailboxRows):
                 )
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
             self.pending_users.add(user)
         return True
@@ -342,7 +343,7 @@ class Numbering(MailboxRows):
                 cur = db.execute("DELETE FROM pending WHERE user=? AND key=?", (user, key))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
         return cur.rowcount > 0
 
@@ -387,7 +388,7 @@ class Numbering(MailboxRows):
                 )
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
         return True
 

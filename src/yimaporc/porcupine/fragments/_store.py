@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .._durable import Barrier, default_barrier
 from .._journal import Entry, Journal, Record, decode_all, read_records
+from .._sqlite import rollback
 from ..usermap import bucket_of
 from ..values import (
     Digest,
@@ -283,7 +284,7 @@ class FragmentStore(Numbering):
                     )
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
             entries.extend(mine)
             return out
@@ -406,7 +407,7 @@ class FragmentStore(Numbering):
                             )
                             db.execute("COMMIT")
                         except BaseException:
-                            db.execute("ROLLBACK")
+                            rollback(db)
                             raise
                 for e in record.entries:
                     self._redo_body(e)

@@ -45,6 +45,7 @@ from zope.interface import implementer
 
 from ...cluster.rpc import PeerUnavailable, may_have_run
 from ...cluster.view import IMembershipListener
+from .._cluster_wire import storage_full
 from ..values import Digest, MailError, NewMessage
 from ._manager import ReplicationConfig
 from ._values import Update
@@ -344,9 +345,10 @@ class MailReplication(MultiService):
         d = self._coordinate(rid, message, targets, kw.get("acks"))
 
         def unsure(f: Failure) -> Failure:
-            # Peers out of reach, or this node stopping: an expected answer to the
-            # caller (declared, so AMP logs no unknown error), never retried elsewhere.
-            if f.check(PeerUnavailable, ReplicationStopped):
+            # Peers out of reach, this node stopping or its disk full: an expected
+            # answer to the caller (declared, so AMP logs no unknown error), never
+            # retried elsewhere.
+            if f.check(PeerUnavailable, ReplicationStopped) or storage_full(f.value):
                 return Failure(CoordinatorUnsure(f.getErrorMessage()))
             return f
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from zope.interface import implementer
 
 from ..._files import private_sqlite
+from .._sqlite import rollback
 from ._values import DropLog, LogEntry, MarkAlive, PersistLog, Timestamp, Update
 from .interfaces import ILogStore
 
@@ -108,7 +109,7 @@ class SqliteLog:
                     self.mark_alive(op.wallclock)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            rollback(db)
             raise
 
     def last_alive(self) -> int | None:

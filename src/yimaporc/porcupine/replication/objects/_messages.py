@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..._sqlite import rollback
 from ...fragments import write_file
 from ...usermap import bucket_of
 from ...values import PENDING, Digest, MailboxExists, NewMessage, NoSuchMailbox
@@ -135,7 +136,7 @@ class MessageObjects(ObjectVersions):
                         )
                     db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    rollback(db)
                     raise
         for update, user, rid, mailbox, obj, _ in (*fresh, *flagged):
             self._put(update, user, mailbox, rid, obj.targets)

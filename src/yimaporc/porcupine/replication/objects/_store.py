@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 from zope.interface import implementer
 
+from ..._sqlite import rollback
 from ...usermap import bucket_of
-from ...values import MailboxExists, NoSuchMailbox
+from ...values import MailboxExists, MailboxHasChildren, NoSuchMailbox
 from .._values import Timestamp, Update
 from ..interfaces import IObjectStore
 from ._ids import (
@@ -86,7 +87,7 @@ class ReplicaObjectStore(MessageObjects):
                 self._flush(fresh, flagged)
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                rollback(self.db)
                 raise
         return out
 
@@ -138,7 +139,7 @@ class ReplicaObjectStore(MessageObjects):
             elif name in has and name != "INBOX":
                 self._forget_mailbox(user, name)
                 fs.delete_mailbox(user, name)
-        except (NoSuchMailbox, MailboxExists) as e:
+        except (NoSuchMailbox, MailboxExists, MailboxHasChildren) as e:
             # e.g. a DELETE of a mailbox that has mailboxes below it here: left as is
             self.log.info("replication: {oid} not applied here: {e}", oid=update.object_id, e=e)
         self._put(update, user, name, "", ())
