@@ -240,7 +240,7 @@ class WorkerFront:
         replica = (
             _MainReplica(main_call, lambda: list(self.live)) if config["replication"] else None
         )
-        layout = Fragmented(self.home_of, now=reactor.seconds, replica=replica)  # type: ignore[arg-type]
+        layout = Fragmented(self.home_of, now=reactor.seconds, replica=replica, clock=reactor)  # type: ignore[arg-type]
         copies = ReplicatedCopies(lambda n: 0.0) if config["replication"] else SingleCopies()
         self.retrieval = RetrievalProxy(
             self.node_id,

@@ -196,7 +196,9 @@ class PorcupineNode:
         # How logins see their mail: fragments over the cluster (the tree at the home
         # the cluster chooses); with replication, each message read from its least
         # loaded holder and changed on one holder.
-        layout = Fragmented(cluster.home_of, now=reactor.seconds, replica=replication)
+        layout = Fragmented(
+            cluster.home_of, now=reactor.seconds, replica=replication, clock=reactor
+        )
         copy_policy: ICopyPolicy = SingleCopies()
         if replication is not None:
             balancer = cluster.balancer

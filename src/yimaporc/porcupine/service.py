@@ -559,7 +559,8 @@ class MailService(MultiService):
             "auth": {**self.throttle.status(), **self.profiles.auth_cache.status()},
             "client_errors": self.client_errors.status(),
             "mail_sessions": self.client_errors.activity(),
-            # commands refused for the session's sake, by reason (validity_unknown)
+            # commands refused for the session's sake, by reason (validity_unknown,
+            # reserve_wait_lapsed), and APPEND/COPY waits for a new manager (reserve_waits)
             "mail_refusals": dict(self.retrieval.counts),
             "imap_open_mailboxes": self.registry.count(),
             "mail_index": self.mail_index.status(),

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -57,10 +58,13 @@ class Fragmented:
         *,
         now: Callable[[], float] | None = None,
         replica: MailReplication | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self._home_of = home_of
         #: A clock for :attr:`UserMail.now` (fragment lists reused a moment).
         self.now = now
+        #: A reactor for :attr:`UserMail.clock` (reservations wait out a lost manager).
+        self.clock = clock
         #: Replication's hooks for APPEND/COPY and mailbox changes (``MailReplication``);
         #: None: plain stores at home, mailbox changes not logged.
         self.replica = replica
@@ -73,6 +77,7 @@ class Fragmented:
         """See :class:`IMailLayout`: the clock, and this node's record of the UIDNEXT
         it showed."""
         mail.now = self.now
+        mail.clock = self.clock
         mail.local = node_id
         mail.shown = local.shown if local is not None else None
 

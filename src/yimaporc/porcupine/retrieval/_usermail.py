@@ -10,14 +10,26 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from ...cluster.rpc import PeerUnavailable
 from ..interfaces import IMailboxManager, IUserManager
 from ..reconstruct import Horizon
 from ..values import PENDING, Digest, MailboxInfo, NewMessage, Profile
 from .interfaces import ICopyPolicy, IMailLayout
 
-__all__ = ["UserMail", "nth_uid"]
+__all__ = ["RESERVE_RETRY", "RESERVE_WAIT", "UserMail", "nth_uid"]
+
+#: APPEND/COPY whose user manager is out of reach ask again this often, for at most
+#: RESERVE_WAIT seconds (about the failure detector's time to replace a silent
+#: manager on a quiet cluster) before answering [UNAVAILABLE]: clients such as mbsync
+#: take a NO to APPEND as final and never upload that message again.  mbsync's own
+#: command timeout is 20 s.
+RESERVE_RETRY = 0.5
+RESERVE_WAIT = 10.0
 
 
 class UserMail:
@@ -56,6 +68,9 @@ class UserMail:
         #: With a clock, the fragment list is reused for ``fragments_ttl`` seconds
         #: (one IMAP command asks for mailboxes, then digests).
         self.now: Callable[[], float] | None = None
+        #: With a reactor, a reservation whose manager is out of reach is asked again
+        #: (:data:`RESERVE_WAIT`); ``counts["reserve_waits"]`` counts those waits.
+        self.clock: IReactorTime | None = None
         self.fragments_ttl = 1.0
         self.node_cache: tuple[list[str], float] | None = None
         #: The last :meth:`nodes` answer came from ``node_cache`` (with its horizon).
@@ -329,14 +344,31 @@ class UserMail:
         until the store's holder note confirms it (issue 14 item 4), like a delivery's;
         a node alone (its plan says "the storing node numbers": UID 0, no fence) takes
         them from the plain counter, unfenced."""
-        d = self.users.delivery_plan(self.address, count)
+        clock = self.clock
+        deadline = clock.seconds() + RESERVE_WAIT if clock is not None else 0.0
 
         def got(p: tuple[tuple[str, ...], int, str]) -> Any:
             if p[1] == 0 and not p[2]:
                 return self.users.reserve_uids(self.address, count).addCallback(lambda f: (f, ""))
             return (p[1], p[2])
 
-        return d.addCallback(got)
+        def attempt() -> Deferred[Any]:
+            d: Deferred[Any] = self.users.delivery_plan(self.address, count).addCallback(got)
+            return d.addErrback(again)
+
+        def again(f: Failure) -> Any:
+            # The manager is out of reach (killed, paused, cut off): the view change
+            # gives the bucket a new one, which :attr:`users` finds.  A plan that did
+            # reach it only allocated UIDs, which expire unused: asking again is safe.
+            if clock is None or not f.check(PeerUnavailable):
+                return f
+            if clock.seconds() + RESERVE_RETRY > deadline:
+                self.counts["reserve_wait_lapsed"] += 1
+                return f
+            self.counts["reserve_waits"] += 1
+            return deferLater(clock, RESERVE_RETRY, attempt)
+
+        return attempt()
 
     def confirm(self, node: str, first: int) -> Deferred[Any]:
         """``add_fragment`` that also confirms the allocation starting at ``first``
