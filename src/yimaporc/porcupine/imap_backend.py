@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.cred import credentials, error
-from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,8 +53,8 @@ from ..imap.interfaces import (
     MessageInfo,
     Snapshot,
 )
-from ._cluster_wire import storage_full
 from ._guard import ClientErrors
+from ._imap_errors import as_imap_error as as_imap_error  # re-exported
 from ._imap_registry import SPECIAL_USE_MAX as SPECIAL_USE_MAX  # re-exported
 from ._imap_registry import SPECIAL_USE_TTL as SPECIAL_USE_TTL  # re-exported
 from ._imap_registry import MailboxRegistry
@@ -65,12 +65,7 @@ from .values import (
     INBOX,
     Digest,
     MailboxExists,
-    MailboxHasChildren,
     MailboxInfo,
-    MailError,
-    MailUnavailable,
-    MessageTooLarge,
-    NoSuchMailbox,
 )
 
 if TYPE_CHECKING:
@@ -96,33 +91,6 @@ SEARCH_BATCH = 200
 
 def _canonical(name: str) -> str:
     return INBOX if name.upper() == INBOX else name
-
-
-def as_imap_error(f: Failure, missing: str = "NONEXISTENT") -> Failure:
-    """A store failure as the ``ImapError`` the client sees (others pass unchanged)."""
-    e = f.value
-    while isinstance(e, FirstError):  # gatherResults over several nodes
-        e = e.subFailure.value
-    if isinstance(e, ImapError):
-        return f
-    if isinstance(e, NoSuchMailbox):
-        raise ImapError("no such mailbox", missing)
-    if isinstance(e, MailboxExists):
-        raise ImapError("mailbox already exists", "ALREADYEXISTS")
-    if isinstance(e, MailboxHasChildren):
-        raise ImapError(str(e), "INUSE")  # RFC 5530: a branch someone sits on
-    if isinstance(e, MailUnavailable):
-        text = str(e).removeprefix("[UNAVAILABLE] ")
-        raise ImapError(text, "UNAVAILABLE")
-    if isinstance(e, MessageTooLarge):
-        raise ImapError("message too large", "TOOBIG")
-    if isinstance(e, PeerUnavailable):
-        raise ImapError("a node holding this mail is out of reach, try again later", "UNAVAILABLE")
-    if storage_full(e):  # this node's own disk (a remote one answers StorageFull)
-        raise ImapError("mail storage is full here, try again later", "UNAVAILABLE")
-    if isinstance(e, MailError):
-        raise ImapError(str(e) or type(e).__name__, "CANNOT")
-    return f
 
 
 @implementer(IImapBackend)
