@@ -256,3 +256,19 @@ def test_send_ahead_options_reach_the_engine_and_the_relay(
     for bad in ("-1", "201", "x"):
         with pytest.raises(UsageError, match=flag.lstrip("-")):
             Options().parseOptions([*base, flag, bad])
+
+
+def test_setup_of_a_track_the_presentation_lacks_is_404() -> None:
+    """SETUP names the presentation or its one track (track1); any other stream of it is
+    404 with the reason (no plan, no session), as is a control URL with more path."""
+    svc, _reactor, _calls = service()
+    for url in (URL + "/track9", URL + "/track-1", URL + "/track1/x", URL + "/track10"):
+        c = Client(svc)
+        r = c.ask(c.conn.request("SETUP", url, [("Transport", "RTP/AVP;client_port=5000-5001")]))
+        assert r.status == 404 and "clip has no stream" in r.reason, url
+    assert svc.plans == {} and len(svc.factory.sessions) == 0
+    for url in (URL, URL + "/", URL + "/track1", URL + "/track1?x=1"):
+        c = Client(svc)
+        r = c.ask(c.conn.request("SETUP", url, [("Transport", "RTP/AVP;client_port=5000-5001")]))
+        assert r.status == 200, url
+

@@ -509,6 +509,9 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
     ) -> Deferred[TransportSpec]:
         """Record where this session's packets go (the relay opens at PLAY)."""
         info = self._media(url)
+        stream = _stream_of(url)
+        if stream not in ("", TRACK):
+            raise RtspStatusError(404, f"{info.name} has no stream {stream!r}")
         old = self.plans.get(session.session_id)
         if old is not None and (old.played or old.relay_port is not None):
             # Re-planning a started stream would orphan its relay socket and node shares.
@@ -575,6 +578,13 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         """Client RTCP over TCP: keeps the session alive; NACKs and feedback as over UDP."""
         if channel % 2:
             self.feedback.datagram(data, None)
+
+
+def _stream_of(url: str) -> str:
+    """What follows the media name in a request URL (no query, no trailing slash): "" for
+    the presentation, ``track1`` for its one stream."""
+    path = url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else url
+    return path.split("?")[0].partition("/")[2].rstrip("/")
 
 
 if TYPE_CHECKING:
