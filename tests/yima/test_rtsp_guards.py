@@ -272,3 +272,13 @@ def test_setup_of_a_track_the_presentation_lacks_is_404() -> None:
         r = c.ask(c.conn.request("SETUP", url, [("Transport", "RTP/AVP;client_port=5000-5001")]))
         assert r.status == 200, url
 
+
+def test_udp_client_port_zero_is_refused() -> None:
+    """client_port=0 is no port a player listens on (the node's sends would all fail): 461
+    with the reason, no plan; a TCP alternative after it still wins."""
+    svc, reactor, calls = service()
+    c = Client(svc)
+    r = c.setup("RTP/AVP;unicast;client_port=0-1")
+    assert r.status == 461 and "client_port" in r.reason
+    assert svc.plans == {} and reactor.udp == [] and calls == []
+    assert c.setup("RTP/AVP;unicast;client_port=0-1,RTP/AVP/TCP;unicast").status == 200
