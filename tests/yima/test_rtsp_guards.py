@@ -282,3 +282,22 @@ def test_udp_client_port_zero_is_refused() -> None:
     assert r.status == 461 and "client_port" in r.reason
     assert svc.plans == {} and reactor.udp == [] and calls == []
     assert c.setup("RTP/AVP;unicast;client_port=0-1,RTP/AVP/TCP;unicast").status == 200
+
+
+def test_every_refusal_counts_by_status() -> None:
+    """Each error answer (request refused, or framing broken: 400 and the connection
+    closed) counts in status()["rtsp"]["refused"] under its status code."""
+    svc, _reactor, _calls = service()
+    c = Client(svc)
+    assert c.setup("RTP/AVP;unicast;client_port=0-1").status == 461
+    assert (
+        c.ask(c.conn.request("SETUP", URL + "/track9", [("Transport", "RTP/AVP/TCP")])).status
+        == 404
+    )
+    assert c.ask(c.conn.request("PLAY", URL, [("Session", "nope")])).status == 454
+    assert c.ask(c.conn.request("FOO", URL)).status == 501
+    assert c.ask(c.conn.options(URL)).status == 200
+    bad = Client(svc)
+    bad.proto.dataReceived(b"OPTIONS " + URL.encode() + b" RTSP/1.0\r\n\r\n")  # no CSeq
+    assert bad.transport.value().startswith(b"RTSP/1.0 400 ")
+    assert svc.status()["rtsp"]["refused"] == {"400": 1, "404": 1, "454": 1, "461": 1, "501": 1}

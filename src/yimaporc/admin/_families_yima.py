@@ -177,6 +177,8 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
         ("interleaved_dropped", "Interleaved frames dropped (client not reading)."),
     ):
         out.counter(f"yimaporc_rtsp_{key}", text, rtsp.get(key))
+    for status, n in sorted((rtsp.get("refused") or {}).items()):
+        out.counter("yimaporc_rtsp_refused", "RTSP error answers, by status.", n, status=status)
     rtcp = streaming.get("rtcp") or {}
     for key, text in (
         ("received", "RTCP packets received."),

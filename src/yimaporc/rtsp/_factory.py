@@ -10,6 +10,7 @@ sessions a bounded batch at a time with one timer on the injected ``clock``.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Any, cast
 
 import attrs
@@ -134,6 +135,9 @@ class RtspServerFactory(Factory):
         self.idle_closed = 0
         self.refused_destinations = 0
         self.interleaved_dropped = 0
+        #: Error answers by status: requests refused, and broken framing (400, 413, 414,
+        #: 505; the connection then closes).
+        self.refused: Counter[int] = Counter()
         self._refusal_logged_at = float("-inf")
         self._refusals_unlogged = 0
 
@@ -144,8 +148,8 @@ class RtspServerFactory(Factory):
 
     # --- sessions ---------------------------------------------------------------------
 
-    def stats(self) -> dict[str, int]:
-        """Counters for ``/api/status`` (``rtsp``)."""
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``/api/status`` (``rtsp``); ``refused``: error answers by status."""
         return {
             "sessions": len(self.sessions),
             "connections": len(self.protocols),
@@ -154,6 +158,7 @@ class RtspServerFactory(Factory):
             "reaped": self.reaped,
             "idle_closed": self.idle_closed,
             "interleaved_dropped": self.interleaved_dropped,
+            "refused": {str(k): v for k, v in sorted(self.refused.items())},
         }
 
     def touch(self, session_id: str) -> bool:
@@ -298,6 +303,8 @@ class RtspServerFactory(Factory):
                 ("Session", serialize_session(SessionHeader(session.session_id, timeout)))
             )
         fields += done.headers
+        if done.status >= 400:
+            self.refused[done.status] += 1
         reason = done.reason or reason_phrase(done.status)
         return Response(done.status, reason, Headers(tuple(fields)), done.body)
 
