@@ -424,3 +424,18 @@ def test_relayed_play_starts_at_the_reply_with_the_full_lead() -> None:
             c.read()
     assert plan.relay is not None and plan.relay.stats.gaps_skipped == 0
     assert plan.relay.stats.overdue_nacked == 0 and plan.nacked == {}
+
+
+def test_pause_and_resume_answer_the_same_range_end_as_play() -> None:
+    """Once DESCRIBE found the presentation's end (the last frame's PTS, past the PCR
+    duration), PLAY, PAUSE and the resuming PLAY all answer it as the Range end: a
+    player that takes the end for its stop (GStreamer) keeps the last frames."""
+    svc, reactor, _out = one_node()
+    info = svc.storage.media_info("clip")
+    svc._ends["clip"] = (info, 30.7)
+    session = _session(svc)
+    assert _reply(svc.play(session, NptRange(2.0, None))).range.end == 30.7
+    for _ in range(200):
+        reactor.advance(0.01)
+    assert _reply(svc.pause(session)).end == 30.7
+    assert _reply(svc.play(session, None)).range.end == 30.7
