@@ -301,3 +301,26 @@ def test_every_refusal_counts_by_status() -> None:
     bad.proto.dataReceived(b"OPTIONS " + URL.encode() + b" RTSP/1.0\r\n\r\n")  # no CSeq
     assert bad.transport.value().startswith(b"RTSP/1.0 400 ")
     assert svc.status()["rtsp"]["refused"] == {"400": 1, "404": 1, "454": 1, "461": 1, "501": 1}
+
+
+def test_connections_of_one_client_are_capped() -> None:
+    """Past max_connections_per_client (default: its session cap + 64) a client's new
+    connection gets 503 with the reason and is closed, counted; a slot freed is reusable
+    and other addresses are not affected."""
+    assert service()[0].factory.max_connections_per_client == 64 + 64
+    svc, _reactor, _calls = service(max_connections_per_client=3)
+    held = [Client(svc) for _ in range(3)]
+    extra = Client(svc)
+    assert extra.transport.value().startswith(
+        b"RTSP/1.0 503 Service Unavailable: too many connections from 127.0.103.10\r\n"
+    )
+    assert extra.transport.disconnecting
+    other = Client(svc, host="127.0.103.11")
+    assert other.ask(other.conn.options(URL)).status == 200
+    assert all(c.ask(c.conn.options(URL)).status == 200 for c in held)
+    held[0].proto.connectionLost()
+    again = Client(svc)
+    assert again.ask(again.conn.options(URL)).status == 200
+    rtsp = svc.status()["rtsp"]
+    assert rtsp["refused_connections"] == 1 and rtsp["refused"] == {"503": 1}
+    assert rtsp["connections"] == 4
