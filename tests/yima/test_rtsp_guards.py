@@ -324,3 +324,17 @@ def test_connections_of_one_client_are_capped() -> None:
     rtsp = svc.status()["rtsp"]
     assert rtsp["refused_connections"] == 1 and rtsp["refused"] == {"503": 1}
     assert rtsp["connections"] == 4
+
+
+def test_client_port_of_a_cluster_members_own_port_is_refused() -> None:
+    """A client on a member's host naming that member's cluster port (RTP or RTCP) would
+    turn the stream into a flood of datagrams at its membership socket: 461, no plan."""
+    svc, reactor, calls = service()
+    c = Client(svc, host="127.0.103.2")  # member b's host; b listens on 7946
+    for ports in ("7946-7947", "7945-7946"):
+        r = c.setup(f"RTP/AVP;unicast;client_port={ports}")
+        assert r.status == 461 and "cluster port" in r.reason, ports
+    assert svc.plans == {} and reactor.udp == [] and calls == []
+    assert c.setup("RTP/AVP;unicast;client_port=5000-5001").status == 200
+    other = Client(svc, host="127.0.103.50")  # not a member's host: its own port 7946
+    assert other.setup("RTP/AVP;unicast;client_port=7946-7947").status == 200

@@ -39,7 +39,7 @@ from ..cluster.membership import IMembershipListener
 from ..cluster.node import CannotStart, ClusterNode, IReady
 from ..rtp import PT_MP2T, RtpHeaderTemplate, l16_payload_type
 from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
-from ..rtsp._machine import ServerSession
+from ..rtsp._machine import ServerSession, same_host
 from ..rtsp._wire import TransportSpec
 from ..rtsp.sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
 from ._relay_clock import RelayClock
@@ -528,6 +528,10 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
             # refused a foreign ``destination``): never to a host that did not ask.
             if session.peer is None:
                 raise RtspStatusError(461, "UDP transport needs the client's address")
+            if self._cluster_port(session.peer, transport.client_port):
+                # A client on a member's host would aim the stream at that member's
+                # membership socket (a flood of datagrams it must check and drop).
+                raise RtspStatusError(461, "Unsupported Transport (client_port is a cluster port)")
             plan = _Plan(info.name, session.peer, transport.client_port[0],
                          transport.yima_fanout, None, ssrc, self.rng.getrandbits(16),
                          self.rng.getrandbits(32))  # fmt: skip
@@ -543,6 +547,15 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         return self._node_ports().addCallback(
             lambda nodes: attrs.evolve(reply, yima_fanout=True, yima_nodes=tuple(nodes))
         )
+
+    def _cluster_port(self, host: str, ports: tuple[int, int]) -> bool:
+        """True if ``host`` at one of ``ports`` is a member's cluster (membership/RPC)
+        address."""
+        for m in self.node.view.members:
+            mhost, _, mport = m.address.rpartition(":")
+            if mport.isdigit() and int(mport) in ports and same_host(mhost.strip("[]"), host):
+                return True
+        return False
 
     def teardown(self, session: ServerSession) -> Deferred[Any]:
         """Stop every node's share and free the relay."""
