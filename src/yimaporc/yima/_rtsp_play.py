@@ -138,7 +138,9 @@ class PlayMixin:
         start_mt = range.start if range is not None and range.start is not None else 0.0
         if info.kind == KIND_TS and lavf_quirk(session.user_agent):
             start_mt = lavf_npt(info, start_mt)
-        duration = info.duration or timing.duration
+        # Past the end the SDP announced (the last frame's, after the last PCR) is 457;
+        # short of it a seek starts at the keyframe before, as anywhere else.
+        duration = self._range_end(info, info.duration or timing.duration) or 0.0
         if duration > 0 and start_mt > duration:
             raise RtspStatusError(
                 457, f"Invalid Range: npt={start_mt:g}- starts past the end ({duration:.3f} s)"
