@@ -131,10 +131,12 @@ YIMA_STATUS: dict[str, Any] = {
         "connections": 3,
         "refused_sessions": 1,
         "refused_destinations": 0,
+        "refused_connections": 5,
         "reaped": 4,
         "idle_closed": 0,
         "interleaved_dropped": 0,
         "relay_ports": 1,
+        "refused": {"404": 2, "461": 1},
     },
     "streaming": {
         "mode": "bipartite",
@@ -241,6 +243,8 @@ def test_yima_status_becomes_metrics_and_absent_lag_is_absent() -> None:
     assert got["yimaporc_rtsp_connections"] == {(): 3}
     assert got["yimaporc_rtsp_refused_sessions_total"] == {(): 1}
     assert got["yimaporc_rtsp_reaped_total"] == {(): 4}
+    assert got["yimaporc_rtsp_refused_connections_total"] == {(): 5}
+    assert got["yimaporc_rtsp_refused_total"] == {(("status", "404"),): 2, (("status", "461"),): 1}
     assert got["yimaporc_membership_coordinator"] == {(): 0}
     assert got["yimaporc_rpc_unauthenticated_connections"] == {(): 1}
     assert not any(name.startswith("yimaporc_reactor_lag") for name in got)

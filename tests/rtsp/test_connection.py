@@ -72,13 +72,13 @@ def test_server_eof_mid_message_is_an_error() -> None:
 
 
 def test_server_missing_cseq_and_error_answer() -> None:
-    """A request without CSeq is fatal; the answer says Connection: close."""
+    """A request without CSeq is fatal; the answer says why and Connection: close."""
     conn = RtspServerConnection()
     conn.receive_data(b"OPTIONS * RTSP/1.0\r\n\r\n")
     with pytest.raises(RemoteProtocolError) as info:
         conn.next_event()
     data = conn.send_error(info.value)
-    assert data.startswith(b"RTSP/1.0 400 Bad Request\r\n")
+    assert data.startswith(b"RTSP/1.0 400 Bad Request: request without a valid CSeq\r\n")
     assert b"Connection: close" in data
     assert conn.closed
     assert isinstance(conn.next_event(), ConnectionClosed)
@@ -91,8 +91,22 @@ def test_error_answer_carries_cseq() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         conn.next_event()
     assert conn.send_error(info.value).startswith(
-        b"RTSP/1.0 505 RTSP Version not supported\r\nCSeq: 4\r\n"
+        b"RTSP/1.0 505 RTSP Version not supported: version RTSP/2.0\r\nCSeq: 4\r\n"
     )
+
+
+def test_error_answer_detail_is_printable_ascii_and_bounded() -> None:
+    """The detail of a framing error goes in the status line only as printable ASCII
+    (a client's bytes are escaped), at most 200 characters."""
+    conn = RtspServerConnection()
+    conn.receive_data("OPTIONS * RTSP/1.0\r\nCSeq: 1\r\nb\u00e9d header\r\n\r\n".encode())
+    with pytest.raises(RemoteProtocolError) as info:
+        conn.next_event()
+    line = conn.send_error(info.value).split(b"\r\n")[0]
+    assert line == b"RTSP/1.0 400 Bad Request: bad header line 'b\\xe9d header'"
+    err = RemoteProtocolError(400, "x" * 500)
+    line = RtspServerConnection().send_error(err).split(b"\r\n")[0]
+    assert len(line) == len(b"RTSP/1.0 400 ") + 200 and line.endswith(b"...")
 
 
 def test_client_requests_and_session_tracking() -> None:

@@ -183,6 +183,8 @@ def test_choose_transport() -> None:
         "RTP/AVP;multicast",
         "RTP/AVP;unicast",
         'RTP/AVP;client_port=1-2;mode="RECORD"',
+        "RTP/AVP;unicast;client_port=0-1",
+        "RTP/AVP;unicast;client_port=5000-0",
     ]:
         with pytest.raises(RtspStatusError) as info:
             choose_transport(bad)

@@ -136,3 +136,18 @@ def test_due_upto_and_settled_pushes_release_what_asking_every_packet_released(s
         assert slow.next == fast.next
     assert slow.stats == fast.stats
     assert slow.stats.forwarded + slow.stats.gaps_skipped >= n - 1
+
+
+def test_skipped_gaps_are_remembered_once_and_bounded() -> None:
+    """take_skipped is true once per given-up gseq, false for forwarded ones; it keeps at
+    most ``limit`` of them however large the gap."""
+    r = Reorderer(hold=0.1, limit=4)
+    r.push(0, b"a", 0.0)
+    r.push(10, b"k", 0.0)
+    assert r.tick(1.0) == [b"k"]
+    assert r.stats.gaps_skipped == 9
+    assert [g for g in range(12) if r.take_skipped(g)] == [6, 7, 8, 9]
+    assert not r.take_skipped(9), "only once"
+    assert r.stats.too_late == 12 - 4 + 1
+    r.reset(0)
+    assert not r.take_skipped(7)

@@ -256,3 +256,85 @@ def test_send_ahead_options_reach_the_engine_and_the_relay(
     for bad in ("-1", "201", "x"):
         with pytest.raises(UsageError, match=flag.lstrip("-")):
             Options().parseOptions([*base, flag, bad])
+
+
+def test_setup_of_a_track_the_presentation_lacks_is_404() -> None:
+    """SETUP names the presentation or its one track (track1); any other stream of it is
+    404 with the reason (no plan, no session), as is a control URL with more path."""
+    svc, _reactor, _calls = service()
+    for url in (URL + "/track9", URL + "/track-1", URL + "/track1/x", URL + "/track10"):
+        c = Client(svc)
+        r = c.ask(c.conn.request("SETUP", url, [("Transport", "RTP/AVP;client_port=5000-5001")]))
+        assert r.status == 404 and "clip has no stream" in r.reason, url
+    assert svc.plans == {} and len(svc.factory.sessions) == 0
+    for url in (URL, URL + "/", URL + "/track1", URL + "/track1?x=1"):
+        c = Client(svc)
+        r = c.ask(c.conn.request("SETUP", url, [("Transport", "RTP/AVP;client_port=5000-5001")]))
+        assert r.status == 200, url
+
+
+def test_udp_client_port_zero_is_refused() -> None:
+    """client_port=0 is no port a player listens on (the node's sends would all fail): 461
+    with the reason, no plan; a TCP alternative after it still wins."""
+    svc, reactor, calls = service()
+    c = Client(svc)
+    r = c.setup("RTP/AVP;unicast;client_port=0-1")
+    assert r.status == 461 and "client_port" in r.reason
+    assert svc.plans == {} and reactor.udp == [] and calls == []
+    assert c.setup("RTP/AVP;unicast;client_port=0-1,RTP/AVP/TCP;unicast").status == 200
+
+
+def test_every_refusal_counts_by_status() -> None:
+    """Each error answer (request refused, or framing broken: 400 and the connection
+    closed) counts in status()["rtsp"]["refused"] under its status code."""
+    svc, _reactor, _calls = service()
+    c = Client(svc)
+    assert c.setup("RTP/AVP;unicast;client_port=0-1").status == 461
+    assert (
+        c.ask(c.conn.request("SETUP", URL + "/track9", [("Transport", "RTP/AVP/TCP")])).status
+        == 404
+    )
+    assert c.ask(c.conn.request("PLAY", URL, [("Session", "nope")])).status == 454
+    assert c.ask(c.conn.request("FOO", URL)).status == 501
+    assert c.ask(c.conn.options(URL)).status == 200
+    bad = Client(svc)
+    bad.proto.dataReceived(b"OPTIONS " + URL.encode() + b" RTSP/1.0\r\n\r\n")  # no CSeq
+    assert bad.transport.value().startswith(b"RTSP/1.0 400 ")
+    assert svc.status()["rtsp"]["refused"] == {"400": 1, "404": 1, "454": 1, "461": 1, "501": 1}
+
+
+def test_connections_of_one_client_are_capped() -> None:
+    """Past max_connections_per_client (default: its session cap + 64) a client's new
+    connection gets 503 with the reason and is closed, counted; a slot freed is reusable
+    and other addresses are not affected."""
+    assert service()[0].factory.max_connections_per_client == 64 + 64
+    svc, _reactor, _calls = service(max_connections_per_client=3)
+    held = [Client(svc) for _ in range(3)]
+    extra = Client(svc)
+    assert extra.transport.value().startswith(
+        b"RTSP/1.0 503 Service Unavailable: too many connections from 127.0.103.10\r\n"
+    )
+    assert extra.transport.disconnecting
+    other = Client(svc, host="127.0.103.11")
+    assert other.ask(other.conn.options(URL)).status == 200
+    assert all(c.ask(c.conn.options(URL)).status == 200 for c in held)
+    held[0].proto.connectionLost()
+    again = Client(svc)
+    assert again.ask(again.conn.options(URL)).status == 200
+    rtsp = svc.status()["rtsp"]
+    assert rtsp["refused_connections"] == 1 and rtsp["refused"] == {"503": 1}
+    assert rtsp["connections"] == 4
+
+
+def test_client_port_of_a_cluster_members_own_port_is_refused() -> None:
+    """A client on a member's host naming that member's cluster port (RTP or RTCP) would
+    turn the stream into a flood of datagrams at its membership socket: 461, no plan."""
+    svc, reactor, calls = service()
+    c = Client(svc, host="127.0.103.2")  # member b's host; b listens on 7946
+    for ports in ("7946-7947", "7945-7946"):
+        r = c.setup(f"RTP/AVP;unicast;client_port={ports}")
+        assert r.status == 461 and "cluster port" in r.reason, ports
+    assert svc.plans == {} and reactor.udp == [] and calls == []
+    assert c.setup("RTP/AVP;unicast;client_port=5000-5001").status == 200
+    other = Client(svc, host="127.0.103.50")  # not a member's host: its own port 7946
+    assert other.setup("RTP/AVP;unicast;client_port=7946-7947").status == 200

@@ -424,3 +424,30 @@ def test_relayed_play_starts_at_the_reply_with_the_full_lead() -> None:
             c.read()
     assert plan.relay is not None and plan.relay.stats.gaps_skipped == 0
     assert plan.relay.stats.overdue_nacked == 0 and plan.nacked == {}
+
+
+def test_pause_and_resume_answer_the_same_range_end_as_play() -> None:
+    """Once DESCRIBE found the presentation's end (the last frame's PTS, past the PCR
+    duration), PLAY, PAUSE and the resuming PLAY all answer it as the Range end: a
+    player that takes the end for its stop (GStreamer) keeps the last frames."""
+    svc, reactor, _out = one_node()
+    info = svc.storage.media_info("clip")
+    svc._ends["clip"] = (info, 30.7)
+    session = _session(svc)
+    assert _reply(svc.play(session, NptRange(2.0, None))).range.end == 30.7
+    for _ in range(200):
+        reactor.advance(0.01)
+    assert _reply(svc.pause(session)).end == 30.7
+    assert _reply(svc.play(session, None)).range.end == 30.7
+
+
+def test_a_seek_within_the_announced_range_is_served() -> None:
+    """The SDP's range ends with the last frame (past the PCR duration): a seek between
+    the two starts at the end's keyframe instead of 457; only past that end is 457."""
+    svc, _reactor, _out = one_node()
+    svc._ends["clip"] = (svc.storage.media_info("clip"), 30.7)
+    session = _session(svc)
+    assert _reply(svc.play(session, NptRange(30.5, None))).range.end == 30.7
+    with pytest.raises(RtspStatusError) as info:
+        _reply(svc.play(session, NptRange(30.8, None)))
+    assert info.value.status == 457 and "30.700" in info.value.reason

@@ -172,11 +172,14 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
     for key, text in (
         ("refused_sessions", "SETUPs refused by the session caps (453/503)."),
         ("refused_destinations", "SETUPs refused for naming another destination (461)."),
+        ("refused_connections", "Connections refused past a client's cap (503)."),
         ("reaped", "Sessions closed after their client went quiet."),
         ("idle_closed", "RTSP connections closed as idle."),
         ("interleaved_dropped", "Interleaved frames dropped (client not reading)."),
     ):
         out.counter(f"yimaporc_rtsp_{key}", text, rtsp.get(key))
+    for status, n in sorted((rtsp.get("refused") or {}).items()):
+        out.counter("yimaporc_rtsp_refused", "RTSP error answers, by status.", n, status=status)
     rtcp = streaming.get("rtcp") or {}
     for key, text in (
         ("received", "RTCP packets received."),

@@ -140,7 +140,13 @@ class RtspServerConnection(_Connection):
         if error.cseq is not None:
             fields.append(("CSeq", str(error.cseq)))
         fields += [("Server", SERVER_NAME), ("Connection", "close")]
-        return serialize_response(Response(error.status, error.reason, Headers(tuple(fields))))
+        # Why, in the status line (players print it): printable ASCII only (a client's
+        # bytes in the detail are escaped), at most 200 characters.
+        detail = error.detail.encode("ascii", "backslashreplace").decode("ascii")
+        detail = "".join(ch if " " <= ch < "\x7f" else "?" for ch in detail)
+        reason = f"{error.reason}: {detail}" if detail else error.reason
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        return serialize_response(Response(error.status, reason, Headers(tuple(fields))))
 
 
 class RtspClientConnection(_Connection):

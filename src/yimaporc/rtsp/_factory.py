@@ -10,12 +10,13 @@ sessions a bounded batch at a time with one timer on the injected ``clock``.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -37,6 +38,7 @@ from ._messages import (
     Limits,
     Request,
     Response,
+    serialize_response,
 )
 from ._protocol import RtspServerProtocol
 from ._status import (
@@ -56,6 +58,20 @@ from .sdp import SessionDescription, serialize_sdp
 
 #: Seconds between two log lines about refused sessions (the counters count them all).
 REFUSAL_LOG_INTERVAL = 10.0
+
+
+class _TooManyConnections(Protocol):
+    """A connection past its client's cap: one 503 with the reason, then closed."""
+
+    def __init__(self, peer: str, server_name: str) -> None:
+        self.peer, self.server_name = peer, server_name
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        reason = f"{reason_phrase(503)}: too many connections from {self.peer}"
+        fields = (("Server", self.server_name), ("Connection", "close"))
+        self.transport.write(serialize_response(Response(503, reason, Headers(fields))))
+        self.transport.loseConnection()
 
 
 @attrs.frozen
@@ -106,6 +122,7 @@ class RtspServerFactory(Factory):
         limits: Limits = DEFAULT_LIMITS,
         max_sessions: int = 1024,
         max_sessions_per_client: int | None = 64,
+        max_connections_per_client: int | None = None,
         setup_timeout: float | None = 15.0,
         detached_timeout: float | None = 10.0,
         idle_timeout: float | None = 30.0,
@@ -129,31 +146,53 @@ class RtspServerFactory(Factory):
         self.reap_batch = max(1, reap_batch)
         self.max_requests_per_turn = max(1, max_requests_per_turn)
         self.protocols: set[RtspServerProtocol] = set()
+        # Open connections per client address, capped (default: its session cap + 64, so
+        # a player's DESCRIBE-only and keep-alive connections fit) so that one client
+        # cannot take the node's file descriptors (1000 idle connections from one address
+        # were all accepted; with the usual 1024 fd limit the node hit EMFILE).
+        if max_connections_per_client is None and max_sessions_per_client is not None:
+            max_connections_per_client = max_sessions_per_client + 64
+        self.max_connections_per_client = max_connections_per_client
+        self.per_client: Counter[str] = Counter()
+        self.refused_connections = 0
         self._reaper: IDelayedCall | None = None
         self.reaped = 0
         self.idle_closed = 0
         self.refused_destinations = 0
         self.interleaved_dropped = 0
+        #: Error answers by status: requests refused, and broken framing (400, 413, 414,
+        #: 505; the connection then closes).
+        self.refused: Counter[int] = Counter()
         self._refusal_logged_at = float("-inf")
         self._refusals_unlogged = 0
 
-    def buildProtocol(self, addr: IAddress | None) -> RtspServerProtocol:
-        proto = RtspServerProtocol(self, getattr(addr, "host", None))
+    def buildProtocol(self, addr: IAddress | None) -> RtspServerProtocol | Protocol:  # type: ignore[override]
+        peer = getattr(addr, "host", None)
+        cap = self.max_connections_per_client
+        if peer is not None and cap is not None and self.per_client[peer] >= cap:
+            self.refused_connections += 1
+            self.refused[503] += 1
+            return _TooManyConnections(peer, self.server_name)
+        proto = RtspServerProtocol(self, peer)
         self.protocols.add(proto)
+        if peer is not None:
+            self.per_client[peer] += 1
         return proto
 
     # --- sessions ---------------------------------------------------------------------
 
-    def stats(self) -> dict[str, int]:
-        """Counters for ``/api/status`` (``rtsp``)."""
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``/api/status`` (``rtsp``); ``refused``: error answers by status."""
         return {
             "sessions": len(self.sessions),
             "connections": len(self.protocols),
             "refused_sessions": self.sessions.refused,
             "refused_destinations": self.refused_destinations,
+            "refused_connections": self.refused_connections,
             "reaped": self.reaped,
             "idle_closed": self.idle_closed,
             "interleaved_dropped": self.interleaved_dropped,
+            "refused": {str(k): v for k, v in sorted(self.refused.items())},
         }
 
     def touch(self, session_id: str) -> bool:
@@ -210,6 +249,10 @@ class RtspServerFactory(Factory):
     def connection_lost(self, proto: RtspServerProtocol) -> None:
         """A connection closed: its interleaved sessions end; UDP ones are detached and
         end ``detached_timeout`` s later unless a request on another connection names them."""
+        if proto in self.protocols and proto.peer is not None:
+            self.per_client[proto.peer] -= 1
+            if self.per_client[proto.peer] <= 0:
+                del self.per_client[proto.peer]
         self.protocols.discard(proto)
         now = self.clock.seconds()
         for session in list(proto.owned):
@@ -298,6 +341,8 @@ class RtspServerFactory(Factory):
                 ("Session", serialize_session(SessionHeader(session.session_id, timeout)))
             )
         fields += done.headers
+        if done.status >= 400:
+            self.refused[done.status] += 1
         reason = done.reason or reason_phrase(done.status)
         return Response(done.status, reason, Headers(tuple(fields)), done.body)
 

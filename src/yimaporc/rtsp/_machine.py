@@ -342,7 +342,7 @@ def choose_transport(
         specs = parse_transport(value)
     except MalformedHeader:
         raise RtspStatusError(461) from None
-    foreign = False
+    foreign = port_zero = False
     for spec in specs:
         if spec.profile not in SUPPORTED_PROFILES or not spec.unicast:
             continue
@@ -351,6 +351,9 @@ def choose_transport(
         if spec.lower == "UDP" and spec.client_port is not None:
             if spec.destination is not None and not same_host(spec.destination, peer):
                 foreign = True
+                continue
+            if 0 in spec.client_port:  # no player listens there: every send would fail
+                port_zero = True
                 continue
             return spec
         if spec.lower == "TCP":
@@ -364,6 +367,8 @@ def choose_transport(
             return attrs.evolve(spec, interleaved=(n, n + 1))
     if foreign:
         raise ForeignDestination()
+    if port_zero:
+        raise RtspStatusError(461, "Unsupported Transport (client_port 0)")
     raise RtspStatusError(461)
 
 

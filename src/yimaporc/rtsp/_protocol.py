@@ -226,6 +226,7 @@ class RtspServerProtocol(_Shell):
                     event = self.conn.next_event()
                 except RemoteProtocolError as exc:
                     self.log.warn("rtsp: {peer}: {error}", peer=self.peer, error=exc)
+                    self.factory.refused[exc.status] += 1
                     self._t.write(self.conn.send_error(exc))
                     self._close()
                     return

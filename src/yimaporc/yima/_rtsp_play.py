@@ -139,7 +139,9 @@ class PlayMixin:
         start_mt = range.start if range is not None and range.start is not None else 0.0
         if info.kind == KIND_TS and lavf_quirk(session.user_agent):
             start_mt = lavf_npt(info, start_mt)
-        duration = info.duration or timing.duration
+        # Past the end the SDP announced (the last frame's, after the last PCR) is 457;
+        # short of it a seek starts at the keyframe before, as anywhere else.
+        duration = self._range_end(info, info.duration or timing.duration) or 0.0
         if duration > 0 and start_mt > duration:
             raise RtspStatusError(
                 457, f"Invalid Range: npt={start_mt:g}- starts past the end ({duration:.3f} s)"
@@ -384,15 +386,19 @@ class PlayMixin:
         number (as the client gets it) and timestamp."""
         duration = info.duration or timing.duration
         start = min(timing.gseq_time(first), duration) if first < timing.total else duration
-        end = self._ends.get(info.name)
-        if end is not None and end[0] is info:
-            duration = end[1]
+        duration = self._range_end(info, duration) or duration
         if shown is not None:
             start = min(shown, duration)
         offset = plan.seq_base if plan.relay is None else plan.seq_offset
         rtptime = rtp_time(info, timing, first, plan.ts_base)
         return PlayReply(NptRange(round(start, 3), duration),
                          (RtpInfo(self._track_url(plan), (first + offset) & 0xFFFF, rtptime),))  # fmt: skip
+
+    def _range_end(self: StreamingHost, info: MediaInfo, duration: float | None) -> float | None:
+        """The end every Range answer names: the presentation's end DESCRIBE found (the
+        SDP's ``a=range``) when known for this catalog entry, else ``duration``."""
+        end = self._ends.get(info.name)
+        return end[1] if end is not None and end[0] is info else duration
 
     def _track_url(self: StreamingHost, plan: _Plan) -> str:
         """The stream's absolute URL as the client set it up (players match RTP-Info
@@ -443,8 +449,8 @@ class PlayMixin:
         def paused(_: Any) -> NptRange | None:
             if plan is None:
                 return None
-            duration = self.storage.media_info(plan.media).duration
-            return NptRange(round(plan.position, 3), duration)
+            info = self.storage.media_info(plan.media)
+            return NptRange(round(plan.position, 3), self._range_end(info, info.duration))
 
         return self._control(session.session_id, StreamAction.PAUSE, at).addCallback(paused)
 

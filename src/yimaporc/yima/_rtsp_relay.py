@@ -202,7 +202,7 @@ class RelayMixin:
             base = relay.next  # unwrap against what the relay expects next
             gseq = base + ((((seq16 - seq_base) & 0xFFFF) - base + 0x8000) & 0xFFFF) - 0x8000
             if gseq < base and data[22:24] == RETRANSMISSION_MARK:
-                self._forward_late(plan, data)  # a NACKed packet the relay gave up on
+                self._forward_late(plan, data, gseq)  # a NACKed packet the relay gave up on
                 continue
             extend(push(gseq, data, now, settled))
             settled = True
@@ -224,7 +224,7 @@ class RelayMixin:
         base = plan.relay.next
         gseq = base + ((gseq - base + 0x8000) & 0xFFFF) - 0x8000
         if gseq < base and data[22:24] == RETRANSMISSION_MARK:
-            self._forward_late(plan, data)  # a NACKed packet the relay gave up on
+            self._forward_late(plan, data, gseq)  # a NACKed packet the relay gave up on
             return []
         return plan.relay.push(gseq, data, now)
 
@@ -234,13 +234,17 @@ class RelayMixin:
         seq = int.from_bytes(data[2:4], "big") - plan.seq_base + plan.seq_offset
         return rewrite(data, seq, plan.ssrc.to_bytes(4, "big"), plan.extension)
 
-    def _forward_late(self: StreamingHost, plan: _Plan, data: bytes) -> None:
-        data = self._to_client(plan, data)
+    def _forward_late(self: StreamingHost, plan: _Plan, data: bytes, gseq: int) -> None:
+        """A retransmission behind the relay: to a UDP player if its gap was given up
+        (its jitter buffer may still place it), once. Never one the player got already
+        (a node woken from a stall answers old NACKs), nor over TCP interleaved, which
+        the player reads in order (an old packet there is taken as the next one)."""
+        assert plan.relay is not None
         if plan.tcp_channel is not None:
-            if plan.session is not None:
-                plan.session.send_interleaved(plan.tcp_channel, data)
-        else:
-            self._send(data, (plan.dest_host, plan.dest_port))
+            plan.relay.stats.too_late += 1
+            return
+        if plan.relay.take_skipped(gseq):
+            self._send(self._to_client(plan, data), (plan.dest_host, plan.dest_port))
 
     def _send_run(
         self: StreamingHost, buf: bytearray, lengths: list[int], addr: tuple[str, int]

@@ -81,6 +81,9 @@ class Reorderer:
         self._whole = first
         #: The ``now`` of the last release (everything due then went).
         self._released_at: float | None = None
+        #: Gaps given up and never forwarded (the latest ``limit``): the only packets a
+        #: late retransmission may still bring to the player (:meth:`take_skipped`).
+        self._skipped: dict[int, None] = {}
 
     def push(self, gseq: int, data: bytes, now: float, settled: bool = False) -> list[bytes]:
         """Accept one packet; return whatever can now be forwarded, in order.
@@ -123,10 +126,20 @@ class Reorderer:
                     break
         return out
 
+    def take_skipped(self, gseq: int) -> bool:
+        """True once for a ``gseq`` whose gap was given up (never forwarded): a late
+        retransmission of it may still go to the player, out of order. False for what
+        was forwarded already or is unknown (counted as too late)."""
+        if self._skipped.pop(gseq, False) is None:
+            return True
+        self.stats.too_late += 1
+        return False
+
     def reset(self, first: int) -> None:
         """Start over at ``first`` (a seek): whatever is held is dropped."""
         self._heap.clear()
         self._held.clear()
+        self._skipped.clear()
         self.next = self._whole = first
         self._released_at = None
 
@@ -159,6 +172,10 @@ class Reorderer:
         gseq = self._heap[0][0]
         if gseq > self.next:
             self.stats.gaps_skipped += gseq - self.next
+            skipped = self._skipped
+            skipped.update(dict.fromkeys(range(max(self.next, gseq - self.limit), gseq)))
+            while len(skipped) > self.limit:
+                del skipped[next(iter(skipped))]
             self.next = gseq
         return self._release(now, force=True)
 

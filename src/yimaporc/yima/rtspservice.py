@@ -40,7 +40,7 @@ from ..cluster.membership import IMembershipListener
 from ..cluster.node import CannotStart, ClusterNode, IReady
 from ..rtp import PT_MP2T, RtpHeaderTemplate, l16_payload_type
 from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
-from ..rtsp._machine import ServerSession
+from ..rtsp._machine import ServerSession, same_host
 from ..rtsp._wire import TransportSpec
 from ..rtsp.sdp import l16_track, mp2t_track, presentation_sdp, serialize_sdp
 from ._relay_clock import RelayClock
@@ -515,6 +515,9 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
     ) -> Deferred[TransportSpec]:
         """Record where this session's packets go (the relay opens at PLAY)."""
         info = self._media(url)
+        stream = _stream_of(url)
+        if stream not in ("", TRACK):
+            raise RtspStatusError(404, f"{info.name} has no stream {stream!r}")
         old = self.plans.get(session.session_id)
         if old is not None and (old.played or old.relay_port is not None):
             # Re-planning a started stream would orphan its relay socket and node shares.
@@ -531,6 +534,10 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
             # refused a foreign ``destination``): never to a host that did not ask.
             if session.peer is None:
                 raise RtspStatusError(461, "UDP transport needs the client's address")
+            if self._cluster_port(session.peer, transport.client_port):
+                # A client on a member's host would aim the stream at that member's
+                # membership socket (a flood of datagrams it must check and drop).
+                raise RtspStatusError(461, "Unsupported Transport (client_port is a cluster port)")
             plan = _Plan(info.name, session.peer, transport.client_port[0],
                          transport.yima_fanout, None, ssrc, self.rng.getrandbits(16),
                          self.rng.getrandbits(32))  # fmt: skip
@@ -546,6 +553,15 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         return self._node_ports().addCallback(
             lambda nodes: attrs.evolve(reply, yima_fanout=True, yima_nodes=tuple(nodes))
         )
+
+    def _cluster_port(self, host: str, ports: tuple[int, int]) -> bool:
+        """True if ``host`` at one of ``ports`` is a member's cluster (membership/RPC)
+        address."""
+        for m in self.node.view.members:
+            mhost, _, mport = m.address.rpartition(":")
+            if mport.isdigit() and int(mport) in ports and same_host(mhost.strip("[]"), host):
+                return True
+        return False
 
     def teardown(self, session: ServerSession) -> Deferred[Any]:
         """Stop every node's share and free the relay."""
@@ -583,6 +599,13 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, Service):
         """Client RTCP over TCP: keeps the session alive; NACKs and feedback as over UDP."""
         if channel % 2:
             self.feedback.datagram(data, None)
+
+
+def _stream_of(url: str) -> str:
+    """What follows the media name in a request URL (no query, no trailing slash): "" for
+    the presentation, ``track1`` for its one stream."""
+    path = url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else url
+    return path.split("?")[0].partition("/")[2].rstrip("/")
 
 
 if TYPE_CHECKING:

@@ -144,3 +144,21 @@ def test_shell_hands_over_a_dead_nodes_share_and_plays_everything() -> None:
     assert s.streams["0:clip"].nodes[3] == _DyingNode1.NEW
     assert 3 in stats["node_indices"]
     assert not [a for p, a in nodes.rtcp if isinstance(p, GenericNack) and a == _DyingNode1.NEW]
+
+
+def test_a_slow_stream_is_not_taken_for_a_silent_node() -> None:
+    """A low-bitrate stream (a 25 kbit/s audio TS: one packet per 0.4 s of media) from one
+    node, on time: neither a hand-over nor a NACK for the packet not yet due."""
+    cfg = PlayerConfig.for_rate(1316 / 0.4, flow="none", prebuffer=1.0, packets_per_block=40)
+    p = StreamPlayer("s", [0, 1, 2], start_ct=10.0, config=cfg, total=40)
+    p.start(9.0)
+    acts: list[Any] = []
+    t = 9.0
+    for g in range(40):
+        arrival = 10.0 + g * 0.4  # the first one at the start: no interval measured yet
+        while t < arrival:
+            acts += p.handle_timer(t)
+            t += 0.05
+        acts += p.receive(PacketArrived("s", 0, g, g, g * 0.4, 1316), arrival)
+    assert not [a for a in acts if isinstance(a, RequestHandover)]
+    assert p.stats()["nacks_sent"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,6 +18,7 @@ from yimaporc.rtp import (
     nack_items_from_lost,
     serialize_rtcp,
 )
+from yimaporc.rtsp._machine import ServerSession
 from yimaporc.yima.feedback import mark_retransmission
 from yimaporc.yima.relay import Reorderer
 from yimaporc.yima.rtspservice import YimaStreamingService, _Plan
@@ -95,11 +97,65 @@ def test_fanout_session_is_not_relayed() -> None:
 
 
 def test_late_retransmission_reaches_the_player_directly() -> None:
-    """A retransmission for a gap the relay already gave up on is forwarded out of order."""
+    """A retransmission for a gap the relay gave up on is forwarded out of order, once."""
     svc, calls = service()
     tpl = RtpHeaderTemplate(33, SSRC, 1)
-    late = tpl.build(SEQ_BASE + 10, 0, b"x" * 188, 4)
-    svc._relayed("s1", late)
-    assert not [c for c in calls if c[0] == "send"], "a late first transmission is dropped"
-    svc._relayed("s1", mark_retransmission(late))
-    assert [c[2] for c in calls if c[0] == "send"] == [("127.0.0.9", 5000)]
+    pkt = {g: tpl.build(SEQ_BASE + g, 0, b"x" * 188, 4) for g in (30, 31, 32)}
+    svc._relayed("s1", pkt[30])
+    svc._relayed("s1", pkt[32])
+    plan = svc.plans["s1"]
+    assert plan.relay is not None
+    svc._forward("s1", plan, plan.relay.tick(100.0))  # 31 given up, 32 forwarded
+    sent = len([c for c in calls if c[0] == "send"])
+    svc._relayed("s1", pkt[31])
+    assert len([c for c in calls if c[0] == "send"]) == sent, "a late first transmission is dropped"
+    svc._relayed("s1", mark_retransmission(pkt[31]))
+    late = [c for c in calls if c[0] == "send"][sent:]
+    assert [c[2] for c in late] == [("127.0.0.9", 5000)]
+    svc._relayed("s1", mark_retransmission(pkt[31]))
+    assert len([c for c in calls if c[0] == "send"]) == sent + 1, "forwarded late only once"
+
+
+def test_retransmission_of_a_forwarded_packet_is_not_sent_again() -> None:
+    """A node woken from a stall answers old NACKs: what the player already got (say from
+    parity) is dropped, not sent a second time out of order (duplicate frames)."""
+    svc, calls = service()
+    tpl = RtpHeaderTemplate(33, SSRC, 1)
+    pkt = {g: tpl.build(SEQ_BASE + g, 0, b"x" * 188, 4) for g in (30, 31, 32)}
+    for g in (30, 31, 32):
+        svc._relayed("s1", pkt[g])
+    sent = len([c for c in calls if c[0] == "send"])
+    assert sent == 3
+    svc._relayed("s1", mark_retransmission(pkt[31]))
+    assert len([c for c in calls if c[0] == "send"]) == sent
+    assert svc.plans["s1"].relay.stats.too_late == 1  # type: ignore[union-attr]
+
+
+def test_late_retransmission_never_goes_to_a_tcp_player() -> None:
+    """Over TCP interleaved the player reads in order: a packet behind the ones already
+    written would be taken as the next one (corrupt frames), so it is dropped."""
+    svc, _calls = service()
+    plan = svc.plans["s1"]
+    written: list[tuple[int, bytes]] = []
+    plan.tcp_channel = 0
+
+    class Sink:
+        def send_interleaved(self, channel: int, data: bytes) -> bool:
+            written.append((channel, data))
+            return True
+
+        def send_interleaved_many(self, channel: int, packets: Sequence[bytes]) -> int:
+            written.extend((channel, d) for d in packets)
+            return len(packets)
+
+    plan.session = ServerSession("s1", 60.0, 0.0, sender=Sink())
+    tpl = RtpHeaderTemplate(33, SSRC, 1)
+    pkt = {g: tpl.build(SEQ_BASE + g, 0, b"x" * 188, 4) for g in (30, 31, 32)}
+    svc._relayed("s1", pkt[30])
+    svc._relayed("s1", pkt[32])
+    assert plan.relay is not None
+    svc._forward("s1", plan, plan.relay.tick(100.0))
+    assert len(written) == 2
+    svc._relayed("s1", mark_retransmission(pkt[31]))
+    assert len(written) == 2
+    assert plan.relay.stats.too_late == 1

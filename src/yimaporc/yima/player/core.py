@@ -44,6 +44,9 @@ from .flow import (
 )
 from .retransmit import RetransmitConfig, Retransmitter
 
+#: The longest packet interval of a stream the silence checks make room for (seconds).
+MAX_INTERVAL = 5.0
+
 # --- configuration -----------------------------------------------------------------
 
 
@@ -70,6 +73,9 @@ class PlayerConfig:
     #: hand-over; asked again after ``handover_retry`` while still overdue.
     handover_after: float = 0.3
     handover_retry: float = 1.0
+    #: Media seconds between packets expected from the stream's mean rate (0: unknown),
+    #: until packets measure it: a slow stream's next packet is not overdue before then.
+    packet_interval: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         if self.flow == "delta-p" and self.bands is None:
@@ -94,6 +100,7 @@ class PlayerConfig:
         retx = kw.pop("retransmit", RetransmitConfig())
         if retx is not None:
             retx = attrs.evolve(retx, rate=max(retx.rate, 0.1 * bytes_per_second / PAYLOAD))
+        kw.setdefault("packet_interval", PAYLOAD / bytes_per_second if bytes_per_second else 0.0)
         return cls(
             flow=flow,
             prebuffer=prebuffer,
@@ -179,6 +186,11 @@ class StreamPlayer:
         self._hole_seen: dict[int, float] = {}
         self._handover_sent: dict[tuple[int, int], float] = {}
         self._last_arrival: float | None = None
+        #: Media seconds between consecutive packets of the stream (smoothed) and the
+        #: highest (gseq, media time) seen: a low-bitrate stream (one packet per 0.4 s of
+        #: a 25 kbit/s audio TS) is that quiet between packets without a node being dead.
+        self._interval = min(MAX_INTERVAL, config.packet_interval)
+        self._top: tuple[int, float] | None = None
         self.handovers_requested = 0
 
     # --- public face -------------------------------------------------------------
@@ -217,6 +229,13 @@ class StreamPlayer:
         self.arrivals += 1
         self.nodes_seen.add(event.node)
         self._last_arrival = now
+        top = self._top
+        if top is None or event.gseq > top[0]:
+            if top is not None and event.media_time > top[1]:
+                step = min(MAX_INTERVAL, (event.media_time - top[1]) / (event.gseq - top[0]))
+                i = self._interval
+                self._interval = step if i == 0.0 else 0.875 * i + 0.125 * step
+            self._top = (event.gseq, event.media_time)
         if event.node not in self.nodes:
             # A node index announced by its first packet (a share taken over): it gets
             # NACKs, probes and the stream's speed like the others.
@@ -374,9 +393,11 @@ class StreamPlayer:
         after, ppb = self.config.handover_after, self.config.packets_per_block
         total = self.buffer.total
 
+        slack = 2 * self._interval  # a slow stream's next packet is not due yet
+
         def silent(node: int) -> bool:
             st = self.retx.nodes.get(node) if self.retx is not None else None
-            return st is None or st.last_arrival is None or now - st.last_arrival >= after
+            return st is None or st.last_arrival is None or now - st.last_arrival >= after + slack
 
         holes = self.buffer.holes(limit=256)
         seen = {g: self._hole_seen.get(g, now) for g in holes}
@@ -387,7 +408,7 @@ class StreamPlayer:
             ref = self._block_ref.get(top // ppb)
             if ref is not None and silent(ref[1]) and (top + 1) % ppb:
                 overdue.append(top + 1)  # the rest of a silent node's block
-            elif now - self._last_arrival >= 2 * after and now >= self.playout_start - 1.0:
+            elif now - self._last_arrival >= 2 * after + slack and now >= self.playout_start - 1.0:
                 overdue.append(top + 1)  # nothing from anybody: whoever owns what comes next
         out: list[Action] = []
         for g in overdue:
@@ -438,7 +459,8 @@ class StreamPlayer:
                 continue
             g0, node, ns0, mt0 = ref
             st = self.retx.node(node)
-            if st.last_arrival is None or now - st.last_arrival < self.config.tail_timeout:
+            quiet = self.config.tail_timeout + 2 * self._interval  # its next one not due yet
+            if st.last_arrival is None or now - st.last_arrival < quiet:
                 continue
             self.retx.add_tail_gap(node, ns0 + (g - g0), mt0, now)
         low = self.buffer.next_gseq // ppb - 1
