@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,17 @@ class NodeOptions(usage.Options):
                     f"--user {self['user']} cannot read {', '.join(unreadable)}: Python and "
                     "yimaporc must be installed where that user can read them"
                 )
+
+
+#: What the disk can refuse while a node is built (a full or read-only data disk,
+#: a directory it may not write): the node then exits with one line that says so.
+DISK_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.Error)
+
+
+def cannot_start(kind: str, error: BaseException) -> SystemExit:
+    """The exit of a node that could not be built from its data directory (a full
+    disk at start, for one): twistd prints this line and exits 1, no traceback."""
+    return SystemExit(f"{kind}-node cannot start: {error}")
 
 
 def node_config(options: NodeOptions) -> tuple[NodeConfig, bytes]:

@@ -11,7 +11,7 @@ from twisted.python import usage
 from .._reactor import node_reactor
 from ..cluster.node import ConfigError
 from ..porcupine.node import PorcupineConfig, PorcupineNode
-from .common import NodeOptions, install_logging, node_config, run_as
+from .common import DISK_ERRORS, NodeOptions, cannot_start, install_logging, node_config, run_as
 
 
 class Options(NodeOptions):
@@ -227,12 +227,14 @@ def makeService(options: Options) -> IService:
     """The Porcupine node built by its composition root, with twistd's logging."""
     from twisted.internet import reactor
 
-    config = porcupine_config(options)
-    switch = run_as(options)
     try:
+        config = porcupine_config(options)
+        switch = run_as(options)
         node = PorcupineNode.from_config(
             node_reactor(reactor), config, first=[switch] if switch is not None else []
         )
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e
+    except DISK_ERRORS as e:
+        raise cannot_start("porcupine", e) from e
     return install_logging(node.service, options, reactor)

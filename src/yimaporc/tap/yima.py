@@ -13,7 +13,7 @@ from ..yima._rtsp_relay import MAX_RELAY_BATCH, RELAY_BATCH
 from ..yima.node import MAX_SEND_AHEAD, MODES, YimaConfig, YimaNode
 from ..yima.streaming import DEFAULT_CACHE_BYTES
 from ..yima.workers import default_workers
-from .common import NodeOptions, install_logging, node_config, run_as
+from .common import DISK_ERRORS, NodeOptions, cannot_start, install_logging, node_config, run_as
 
 # --rtsp-NAME, RtspServerFactory keyword, default, help, type (docs/wire.md, "Sessions
 # under load").
@@ -198,12 +198,14 @@ def makeService(options: Options) -> IService:
     """The Yima node built by its composition root, with twistd's logging."""
     from twisted.internet import reactor
 
-    config = yima_config(options)
-    switch = run_as(options)
     try:
+        config = yima_config(options)
+        switch = run_as(options)
         node = YimaNode.from_config(
             node_reactor(reactor), config, first=[switch] if switch is not None else []
         )
     except ConfigError as e:
         raise usage.UsageError(str(e)) from e
+    except DISK_ERRORS as e:
+        raise cannot_start("yima", e) from e
     return install_logging(node.service, options, reactor)
