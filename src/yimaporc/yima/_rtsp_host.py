@@ -21,6 +21,7 @@ from .._reactor import INodeReactor
 
 if TYPE_CHECKING:
     from ..cluster.node import ClusterNode
+    from ..rtp import RtpHeaderTemplate
     from ..rtsp import RtspServerFactory
     from ..rtsp._machine import ServerSession
     from ..rtsp._wire import NptRange
@@ -29,11 +30,11 @@ if TYPE_CHECKING:
     from ._rtsp_plan import _Plan
     from .control import StreamAction
     from .interfaces import IMediaStorage
-    from .media import MediaInfo
+    from .media import MediaInfo, WavFormat
     from .relay import RelayStats
-    from .schedule import MediaTiming
+    from .schedule import MediaTiming, Packet
     from .sendpath import DatagramSender
-    from .streaming import StreamingNode
+    from .streaming import Destination, StreamingNode
 
 
 class StreamingHost(Protocol):
@@ -57,6 +58,8 @@ class StreamingHost(Protocol):
     rtsp_port: IListeningPort | None
     rtcp_port: IListeningPort | None
     sender: DatagramSender | None
+    data_port: IListeningPort | None
+    _templates: dict[tuple[int, int], tuple[RtpHeaderTemplate, WavFormat | None, int]]
     relay_clock: RelayClock
     relay_send_ahead: float
     relay_batch: float
@@ -68,6 +71,13 @@ class StreamingHost(Protocol):
     def _send(self, data: bytes, addr: tuple[str, int]) -> None: ...
 
     def _send_batch(self, packets: list[bytes], addr: tuple[str, int]) -> None: ...
+
+    # --- SendMixin ----------------------------------------------------------------
+    def _template_for(
+        self, session: str, dest: Destination
+    ) -> tuple[RtpHeaderTemplate, WavFormat | None, int]: ...
+
+    def _packetize(self, pkt: Packet, dest: Destination, payload: bytes) -> bytes: ...
 
     # --- PlayMixin ----------------------------------------------------------------
     def _timing_ready(self, name: str) -> Deferred[MediaTiming]: ...
