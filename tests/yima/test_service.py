@@ -74,7 +74,7 @@ def test_ingest_wav_and_opaque_read_back_identical(tmp_path: Path) -> None:
     out = _result(reactor, service.ingest(io.BytesIO(wav), "tone", block_size=20_000))
     assert out["kind"] == "wav" and out["streamable"] and out["parity_group"] == 3
     _check_all(reactor, service, "tone", wav)
-    blob = os.urandom(100_000)
+    blob = os.urandom(100_000).replace(b"\x47", b"\x48")  # no TS sync byte: never MPEG-TS
     with pytest.raises(ApiError, match="cannot be streamed: not MPEG-TS or WAV; not stored"):
         _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=8192))
     out = _result(reactor, service.ingest(io.BytesIO(blob), "blob", block_size=8192, opaque=True))
