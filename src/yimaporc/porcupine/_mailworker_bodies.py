@@ -87,14 +87,7 @@ class LocalBodies:
             self.asked += len(uids)
             return self.remote.fetch(user, mailbox, uids)
         self.read_here += len(keys)
-        found: dict[int, bytes] = {}
-        missing: dict[int, str] = {}
-        for uid, key in keys.items():
-            body = self.cache.get(user, key)
-            if body is None:
-                missing[uid] = key
-            else:
-                found[uid] = body
+        found, missing = self.cache.split(user, keys)
         if not missing:
             return succeed(found)
         udir = self.root / bucket_dir(bucket_of(user)) / user

@@ -57,6 +57,7 @@ from .imap_backend import PorcupineImapBackend
 from .imap_server import PorcupineImapFactory
 from .interfaces import IMailboxManager, IUserManager
 from .retrieval import Fragmented, ReplicatedCopies, RetrievalProxy, SingleCopies
+from .service import _peer_host, _ProtocolFactory
 from .softstate import bucket_of as rendezvous
 from .throttle import AuthThrottle, ThrottlePolicy
 from .values import Digest, NewMessage, Profile
@@ -197,21 +198,6 @@ class _MainLocal:
     def shown(self, user: str, marks: dict[str, tuple[int, int]]) -> Deferred[dict[str, int]]:
         d = self._call(WkShown, user=user, marks={k: list(v) for k, v in marks.items()})
         return d.addCallback(lambda r: {str(k): int(v) for k, v in dict(r["marks"]).items()})
-
-
-class _ProtocolFactory(Factory):
-    def __init__(self, build: Callable[[IAddress | None], Protocol]) -> None:
-        self.build = build
-
-    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        p: Protocol = self.build(addr)
-        p.factory = self
-        return p
-
-
-def _peer_host(addr: IAddress | None) -> str:
-    host = getattr(addr, "host", None)
-    return host if isinstance(host, str) else str(addr)
 
 
 class WorkerFront:

@@ -72,6 +72,19 @@ class BodyCache:
         self.hits += 1
         return body
 
+    def split(self, user: str, keys: dict[int, str]) -> tuple[dict[int, bytes], dict[int, str]]:
+        """``keys`` (UID -> key) as the bodies held here (UID -> body) and the keys
+        still to read (UID -> key), each look-up counted as :meth:`get` counts it."""
+        found: dict[int, bytes] = {}
+        missing: dict[int, str] = {}
+        for uid, key in keys.items():
+            body = self.get(user, key)
+            if body is None:
+                missing[uid] = key
+            else:
+                found[uid] = body
+        return found, missing
+
     def put(self, user: str, key: str, body: bytes, generation: int | None = None) -> None:
         """Keep ``body`` (the file ``key`` of ``user``).  With ``generation`` (from
         :meth:`generation` when the read began), nothing is kept if ``user``'s entries

@@ -295,14 +295,7 @@ class MailboxManager:
         cache = self.bodies
         if cache is None:
             return self._run(self.fragments.read_bodies, user, keys)
-        found: dict[int, bytes] = {}
-        missing: dict[int, str] = {}
-        for uid, key in keys.items():
-            body = cache.get(user, key)
-            if body is None:
-                missing[uid] = key
-            else:
-                found[uid] = body
+        found, missing = cache.split(user, keys)
         if not missing:
             return succeed(found)
         generation = cache.generation(user)
