@@ -369,6 +369,7 @@ class MailSim:
         m.up = True
         m.core = Reconstruction(node_id, self.config.n_buckets)
         m.core.known |= m.known
+        m.core.read_leases = self.read_leases
         if self.read_leases:
             m.core.booted(self.net.now)
         m.fences = {}

@@ -79,6 +79,7 @@ def test_mailsim_replicas_store_every_copy_and_keep_invariants() -> None:
     cfg = MailConfig(replicas=2, cpu=CpuCost(smtp=0.001, rpc=0.0005, store=0.001, log=0.0002))
     sim = MailSim(4, 3, cfg)
     sim.converge()
+    sim.start_exchange()  # as MailCluster.startService: the read lease is renewed from boot
     sim.net.run_until(sim.net.now + READ_LEASE)  # moved buckets wait for old read leases
     per_s = sim.closed_loop(20, 0.5, warmup=0.1)
     sim.net.run_until(sim.net.now + 1.0)

@@ -27,6 +27,7 @@ from yimaporc.porcupine.reconstruct import (
     MajorityWrite,
     MalformedHint,
     NeedMark,
+    Number,
     PullHints,
     PushProfiles,
     Reconstruction,
@@ -38,6 +39,7 @@ from yimaporc.porcupine.reconstruct import (
     decode_hints,
 )
 from yimaporc.porcupine.softstate import bucket_of
+from yimaporc.porcupine.values import PENDING
 from yimaporc.testing.hints import apply_hint
 
 NB = 8
@@ -267,6 +269,7 @@ def numbering_core(user: str) -> Reconstruction:
     for n in ("n0", "n1", "n2"):
         c.receive(n, BucketHint(b, 4, (UserHint(user, True, 5),), (), 1), 1, now=0.0)
     c.granted[b] = 1000
+    c.read_until = float("inf")  # a majority keeps confirming our view
     return c
 
 
@@ -464,6 +467,35 @@ def test_read_lease_certain_only_while_a_majority_confirmed_our_view() -> None:
     assert not c.certain(user, now=11.0)
     alone = _settled_core("n9", ["n9"], 1, now=0.0)
     assert alone.certain(users_of(0)[0], now=50.0), "alone in its known cluster: no lease"
+
+
+def test_no_uids_without_a_majority_confirmed_read_lease() -> None:
+    """Regression (chaos seed 56): a manager cut off by a partition and then a bridge
+    kept its granted mark and numbered 8 waiting messages under it after the majority
+    had raised the bucket's mark twice without it; readers had shown higher UIDs.  A
+    manager hands out UIDs (deliveries and numbering) only while a majority confirmed
+    its view; with the lease lapsed it answers PENDING and numbers nothing."""
+    user = USERS[0]
+    c = _settled_core("n1", ["n1", "n2", "n3"], 4, now=10.0)
+    c.granted[c.bucket(user)] = 1000
+    c.pending[user] = {"n2": 3}
+    assert c.may_number(user, True), "a majority view, settled, the pause lease holds"
+    assert c.take(user, 1, lease=True, now=10.0) == PENDING, "no read lease yet"
+    c.kick(10.0)
+    assert not [a for a in c.tick(10.0, lease=True) if isinstance(a, Number)]
+    c.read_granted(c.view_id(), asked_at=10.0)
+    assert isinstance(c.take(user, 1, lease=True, now=10.5), Taken)
+    c.kick(10.5)
+    assert [a for a in c.tick(10.5, lease=True) if isinstance(a, Number)]
+    lapsed = 10.0 + READ_LEASE + 0.01
+    assert c.take(user, 1, lease=True, now=lapsed) == PENDING
+    c.numbering.clear()
+    c.kick(lapsed)
+    assert not [a for a in c.tick(lapsed, lease=True) if isinstance(a, Number)]
+    off = _settled_core("n1", ["n1", "n2", "n3"], 4, now=10.0)
+    off.read_leases = False  # a shell without the renewal loop (MailCluster unstarted)
+    off.granted[off.bucket(user)] = 1000
+    assert isinstance(off.take(user, 1, lease=True, now=10.0), Taken)
 
 
 def test_a_node_that_confirmed_a_read_lease_records_no_mark_for_another_view() -> None:

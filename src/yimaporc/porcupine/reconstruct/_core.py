@@ -47,7 +47,7 @@ class Reconstruction(HintReconstruction):
         if not numbering and not unfenced and any(u == user for u, _ in self.numbering):
             self.pending_plans += 1
             return PENDING
-        if not self.may_number(user, lease):
+        if not self.may_number(user, lease) or not self.numbers_leased(now):
             if unfenced and self.state.manages(user):
                 first = max(self.uidnext.get(user, 1), self.floor.get(b, 1))
                 self.uidnext[user] = first + max(1, count)
@@ -176,7 +176,11 @@ class Reconstruction(HintReconstruction):
                 for node, n in list(self.pending.get(user, {}).items()):
                     if any(u == user for u, _ in self.numbering):
                         continue  # one numbering per user at a time (blocks in order)
-                    if node not in self.members or not self.may_number(user, lease):
+                    if (
+                        node not in self.members
+                        or not self.may_number(user, lease)
+                        or not self.numbers_leased(now)
+                    ):
                         blocked = True
                         continue
                     self.numbering.add((user, node))

@@ -131,6 +131,13 @@ class ManagerState:
             and lease
         )
 
+    def numbers_leased(self, now: float) -> bool:
+        """May UIDs be handed out at ``now``?  Only under a read lease a majority
+        confirmed for our view (or alone, or with read leases off): a manager cut off by
+        a partition or a bridge keeps its old granted mark, and numbering under it
+        after the majority moved on reuses UIDs readers were shown (chaos seed 56)."""
+        return not self.read_leases or self.alone() or now <= self.read_until
+
     def next_deadline(self) -> float | None:
         """When :meth:`tick` has work next (None: nothing timed)."""
         times = list(self.settle_at.values())
