@@ -19,12 +19,12 @@ from yimaporc.testing.chaos import PREFIX, Chaos, schedule, table, unavailable
 #: The fault kinds the short schedule runs (the full schedule passes every kind since
 #: the uidfence branch; skew and the rolling restart are left to ``make chaos``: slow).
 SHORT = ["partition", "bridge", "pause", "kill"]
-#: Invariants known bugs still break under these fault kinds: printed in the table,
-#: not asserted here (``make chaos`` fails on them).  ``below_seen`` is asserted like
-#: the rest since the visibility horizon; ``below_seen_unacked`` (a message that never
-#: got a 250, of a replicated user whose coordinator was killed, reappearing below the
-#: UIDs shown meanwhile; about one run in four or five here) is the known hole in
-#: docs/chaos.md, "A known hole".
+#: Invariants not asserted here (printed in the table; ``make chaos`` fails on them).
+#: ``below_seen`` is asserted like the rest since the visibility horizon;
+#: ``below_seen_unacked`` (a message that never got a 250 reappearing below UIDs shown
+#: meanwhile, after its coordinator was killed or paused past its allocation) is the
+#: trade-off in docs/mail.md, "A holder that goes away meanwhile": acknowledged mail
+#: stays readable while a node is down, and such a message was never acknowledged.
 KNOWN_BROKEN: tuple[str, ...] = ("below_seen_unacked",)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from yimaporc.porcupine.reconstruct import NODE_READ_LEASE, NODE_TIMED_ALLOCATION_TTL
+from yimaporc.porcupine.reconstruct import NODE_READ_LEASE, REPLICATED_ALLOCATION_TTL
 from yimaporc.testing.procs import NodeProc, mail_node, mail_settled, three_nodes, wait_for
 
 pytestmark = pytest.mark.integration
@@ -135,11 +135,11 @@ def copies_on_disk(tmp_path: Path) -> Counter[int]:
 
 
 #: The visibility horizon (docs/mail.md) may hold mail back after a node died holding
-#: an unconfirmed allocation: its stores check the allocation's age (timed fences), so
-#: for NODE_TIMED_ALLOCATION_TTL (3 s, was 15 s before they did); a bucket that moved
-#: gets no UID mark for up to NODE_READ_LEASE (2 s) while an old read lease may run;
-#: plus a numbering round and slack for a loaded machine.
-HORIZON_GRACE = NODE_TIMED_ALLOCATION_TTL + NODE_READ_LEASE + 4.0
+#: an unconfirmed allocation: a replicated user's for REPLICATED_ALLOCATION_TTL (6 s;
+#: it used to stay held until the dead node came back, up to 300 s); a bucket that
+#: moved gets no UID mark for up to NODE_READ_LEASE (2 s) while an old read lease may
+#: run; plus a numbering round and slack for a loaded machine.
+HORIZON_GRACE = REPLICATED_ALLOCATION_TTL + NODE_READ_LEASE + 4.0
 
 #: The longest a reader waited for acknowledged mail to show (printed by the test).
 WAITED: list[float] = []

@@ -6,6 +6,7 @@ fails), and a delivery whose record failed after the store answers a temporary e
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mailtest_helpers import ImmediateReactor, SyncPool, result_of
@@ -15,8 +16,12 @@ from twisted.python.failure import Failure
 
 from yimaporc.cluster.buckets import BucketMap
 from yimaporc.cluster.rpc import PeerUnavailable
-from yimaporc.cluster.view import TrmConfig
-from yimaporc.porcupine.cluster import ClusterUserManager, HolderNotRecorded, UidHolders
+from yimaporc.porcupine.cluster import (
+    AllocationLapsed,
+    ClusterUserManager,
+    HolderNotRecorded,
+    UidHolders,
+)
 from yimaporc.porcupine.profiledb import ProfileDB
 from yimaporc.porcupine.reconstruct import (
     NODE_PLAN_TTL,
@@ -88,6 +93,34 @@ def test_failed_holder_record_after_the_store_fails_the_delivery(tmp_path: Path)
     with pytest.raises(PeerUnavailable):
         net.nodes["n2"].deliver(user, b"second\r\n")
     assert net.nodes["n2"].mail.delivery.holder_retries == 1
+
+
+def test_a_lapsed_allocation_fails_the_delivery_over_the_wire(tmp_path: Path) -> None:
+    """Over AMP (Net): the plan's allocation leaves the horizon expired before the
+    proxy's holder note (a reader past it while the proxy was paused): the delivery
+    raises AllocationLapsed (SMTP 451), is not retried, and the copy stays recorded."""
+    net = Net(tmp_path)
+    for i in (1, 2, 3):
+        net.add(f"n{i}")
+    net.commit(["n1", "n2", "n3"])
+    user = users_managed_by(net, "n3", 1)[0]
+    add_user(net, "n1", user)
+    net.nodes["n2"].deliver(user, b"first\r\n")  # holders recorded: one note, no record
+    um = net.nodes["n3"].cluster.user_manager
+    plan = um.delivery_plan
+
+    def lapse_after(a: str, c: int, u: bool = False, r: int = 1) -> Deferred[Any]:
+        def expired(p: Any) -> Any:
+            um.core.horizon(a.lower(), um._now() + 1000.0)  # a reader, much later
+            return p
+
+        return plan(a, c, u, r).addCallback(expired)
+
+    um.delivery_plan = lapse_after  # type: ignore[method-assign]
+    with pytest.raises(AllocationLapsed):
+        net.nodes["n2"].deliver(user, b"second\r\n")
+    assert net.nodes["n2"].mail.delivery.holder_retries == 0
+    assert um.status()["lapsed_notes"] == 1
 
 
 def test_second_record_of_one_holder_waits_for_the_running_write(tmp_path: Path) -> None:
@@ -195,26 +228,39 @@ def _outstanding(um: ClusterUserManager) -> set[int]:
     return set(um.core.allocated.get(USER, {}))
 
 
-def test_a_replicated_users_allocation_outlasts_failure_detection(tmp_path: Path) -> None:
+def test_a_holder_note_after_the_allocation_lapsed_gets_no_250(tmp_path: Path) -> None:
     """A replicated delivery's coordinator paused right after committing its copy
-    (docs/chaos.md, case B): a reader's call after the plain 3 s hold but before the
-    failure detector drops the coordinator must not let readers past its UID; once
-    the coordinator is away, the away hold keeps it.  An R=1 plan expires at 3 s."""
-    um, clock, _ = _timed_manager(tmp_path)
+    (docs/chaos.md, case B): a reader after the allocation's expiry is shown UIDs
+    above it; the coordinator's holder note after SIGCONT is refused with
+    AllocationLapsed (the proxy answers 451, so the copy that then appears below
+    those UIDs was never acknowledged).  The holder is recorded all the same (the
+    copy is stored).  A note in time confirms; an R=1 plan expires sooner."""
+    um, clock, writes = _timed_manager(tmp_path)
     _, single, _ = result_of(um.delivery_plan(USER, 1))
     _, first, fence = result_of(um.delivery_plan(USER, 1, False, 3))
-    assert first > single > 0 and fence
-    detected = TrmConfig().detection_bound
-    assert REPLICATED_ALLOCATION_TTL >= detected > NODE_TIMED_ALLOCATION_TTL
-    clock.advance(NODE_TIMED_ALLOCATION_TTL + 0.5)  # a reader, the coordinator unnoticed
-    assert um.core.horizon(USER, clock.seconds()).outstanding == ((first, first + 1),)
-    clock.advance(detected - NODE_TIMED_ALLOCATION_TTL - 0.6)  # just before the drop
-    assert um.core.horizon(USER, clock.seconds()).outstanding == ((first, first + 1),)
-    um.core.state.note_holder(USER, "n2", ["n1", "n3"])  # the detector dropped n2
-    clock.advance(REPLICATED_ALLOCATION_TTL + 60.0)
-    assert um.core.horizon(USER, clock.seconds()).outstanding == ((first, first + 1),)
-    um.core.state.back(um.core.bucket(USER), "n2")  # its hint is in: its copy is known
-    assert um.core.horizon(USER, clock.seconds()).outstanding == ()
+    _, kept, _ = result_of(um.delivery_plan(USER, 1, False, 3))
+    assert kept > first > single > 0 and fence
+    assert REPLICATED_ALLOCATION_TTL > NODE_TIMED_ALLOCATION_TTL
+    clock.advance(NODE_TIMED_ALLOCATION_TTL + 0.5)
+    assert um.core.horizon(USER, clock.seconds()).outstanding == (
+        (first, first + 1),
+        (kept, kept + 1),
+    ), "the R=1 plan expired, the replicated ones hold"
+    ok = um.add_fragment(USER, "n1", kept)  # in time: the 250 stands
+    for d in list(writes):
+        d.callback(True)
+    writes.clear()
+    result_of(ok)
+    clock.advance(REPLICATED_ALLOCATION_TTL)  # the coordinator is still paused
+    assert um.core.horizon(USER, clock.seconds()).outstanding == ()  # a reader goes on
+    late = um.add_fragment(USER, "n2", first)  # SIGCONT: its note
+    for d in list(writes):
+        d.callback(True)
+    with pytest.raises(AllocationLapsed) as lapsed:
+        result_of(late)
+    assert isinstance(lapsed.value, HolderNotRecorded)  # not tried elsewhere either
+    assert "n2" in um.state.fragments.get(USER, set()), "the copy is recorded"
+    assert um.status()["lapsed_notes"] == 1
 
 
 def test_renewal_never_shortens_a_replicated_hold(tmp_path: Path) -> None:

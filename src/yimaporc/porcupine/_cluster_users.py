@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from ..cluster.buckets import BucketMap
 from ._cluster_numbering import PendingNumbering
-from ._cluster_wire import HolderNotRecorded
+from ._cluster_wire import AllocationLapsed, HolderNotRecorded
 from .profiledb import ProfileDB
 from .reconstruct import (
     HEDGE_DELAY,
@@ -232,15 +232,26 @@ class ClusterUserManager(PendingNumbering, UserManager):
         never land under that UID), so it leaves the visibility horizon."""
         address = address.lower()
         added = self.core.add_fragment(address, node)
-        if first and first > 0:  # (AMP passes a missing optional argument as None)
-            self.core.confirm(address, first)
+        # (AMP passes a missing optional argument as None.)  A note after the
+        # allocation lapsed: the copy is recorded all the same (it is stored, and
+        # visible), but the delivery answers 451, not 250.
+        late = bool(first and first > 0 and not self.core.confirm(address, first))
+        done: Deferred[None] = succeed(None)
         if added:
             # A node holds this user's mail for the first time: a majority records
             # it before the delivery's 250, so a later manager knows it even while
             # the node is out of reach (reads then say so, they do not shrink).
             recorded = self._record_holder(address, node)
-            return recorded.addCallback(self._holder_recorded, address, node)
-        return succeed(None)
+            done = recorded.addCallback(self._holder_recorded, address, node)
+        if late:
+            done.addCallback(self._lapsed, address, first)
+        return done
+
+    @staticmethod
+    def _lapsed(_: object, address: str, first: int | None) -> None:
+        raise AllocationLapsed(
+            f"the allocation of UID {first} for {address} lapsed before its holder note"
+        )
 
     def add_holder(self, address: str, node: str, first: int, fence: str) -> Deferred[str]:
         """See :class:`IUserManager`: :meth:`add_fragment`, then the plan's timed
@@ -577,4 +588,6 @@ class ClusterUserManager(PendingNumbering, UserManager):
             "unnumbered": sum(sum(v.values()) for v in self.core.pending.values()),
             "numbered": self.core.numbered,
             "pending_plans": self.core.pending_plans,
+            # holder notes after their allocation lapsed (the delivery answered 451)
+            "lapsed_notes": self.core.lapsed_notes,
         }

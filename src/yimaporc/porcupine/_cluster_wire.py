@@ -164,6 +164,13 @@ class HolderNotRecorded(PeerUnavailable):
     temporary error: the reconstruction would not find the message)."""
 
 
+class AllocationLapsed(HolderNotRecorded):
+    """A delivery's holder note came after its UID allocation had left the
+    visibility horizon expired (its coordinator paused, or a very slow delivery):
+    readers may have been shown higher UIDs, so the copy stored under it is not
+    acknowledged (SMTP 451; the client's retry is its own message)."""
+
+
 class StorageFull(PeerUnavailable):
     """The called node's mail storage is full: it could not open or write what the
     call needed (``ENOSPC``, SQLite's "database or disk is full").  To the caller the
@@ -198,6 +205,7 @@ class DeliveryDeferred(PeerUnavailable):
 
 
 ERRORS: dict[type[Exception], bytes] = {
+    AllocationLapsed: b"ALLOCATION_LAPSED",
     HolderNotRecorded: b"HOLDER_NOT_RECORDED",
     DeliveryRefused: b"DELIVERY_REFUSED",
     DeliveryDeferred: b"DELIVERY_DEFERRED",

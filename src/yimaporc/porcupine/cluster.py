@@ -62,6 +62,7 @@ from ._cluster_remote import RemoteMailboxManager, RemoteUserManager, register_h
 from ._cluster_users import ClusterUserManager
 from ._cluster_wire import (
     ERRORS,
+    AllocationLapsed,
     DeliveryDeferred,
     DeliveryRefused,
     HolderNotRecorded,
@@ -107,6 +108,7 @@ __all__ = [
     "ERRORS",
     "LOAD_FANOUT",
     "UID_GAP",
+    "AllocationLapsed",
     "ClusterUserManager",
     "Hints",
     "HintsRequest",

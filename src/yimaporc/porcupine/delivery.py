@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from .._reactor import IClockThreads
 from ..cluster.rpc import PeerUnavailable, may_have_run
-from ._cluster_wire import DeliveryDeferred, DeliveryRefused, HolderNotRecorded
+from ._cluster_wire import AllocationLapsed, DeliveryDeferred, DeliveryRefused, HolderNotRecorded
 from .interfaces import (
     ILoadBalancer,
     IMailboxManager,
@@ -295,6 +295,8 @@ class DeliveryProxy:
 
         def one(node: str) -> Deferred[None]:
             def again(f: Failure) -> Deferred[None]:
+                if f.check(AllocationLapsed):
+                    return fail(f)  # as late the second time: no 250 under that UID
                 self.holder_retries += 1
                 return _add(manager, address, node, first)
 

@@ -45,9 +45,10 @@ from ._core import (
 )
 from ._fences import (
     ALLOCATION_TTL,
-    AWAY_HOLD,
     HEDGE_DELAY,
     HEDGE_MAX,
+    LAPSED_PER_USER,
+    LAPSED_USERS,
     LEASE,
     MARK_BLOCK,
     MARK_TIMEOUT,
@@ -91,10 +92,11 @@ from ._horizon import (
 
 __all__ = [
     "ALLOCATION_TTL",
-    "AWAY_HOLD",
     "HEDGE_DELAY",
     "HEDGE_MAX",
     "HORIZON_AGE",
+    "LAPSED_PER_USER",
+    "LAPSED_USERS",
     "LEASE",
     "MARK_BLOCK",
     "MARK_TIMEOUT",

@@ -6,7 +6,8 @@ from __future__ import annotations
 from ..values import PENDING
 from ._actions import Action, NeedMark, Number, PullHints, Taken
 from ._fences import (
-    AWAY_HOLD,
+    LAPSED_PER_USER,
+    LAPSED_USERS,
     MARK_BLOCK,
     NUMBER_BATCH,
 )
@@ -86,33 +87,44 @@ class Reconstruction(HintReconstruction):
         mine[first] = (got[0], max(got[1], now + ttl), got[2])  # never shortened
         return True
 
-    def confirm(self, user: str, first: int) -> None:
+    def confirm(self, user: str, first: int) -> bool:
         """The allocation starting at ``first`` landed (its store answered) or never
-        will (abandoned): it no longer holds ``user``'s horizon back."""
+        will (abandoned): it no longer holds ``user``'s horizon back.  False when the
+        horizon had already dropped it expired: readers may have been shown higher
+        UIDs, so a delivery stored under it gets no 250 (docs/mail.md, "A holder note
+        after the allocation lapsed"); the answer stays False for that UID."""
+        if first in self.lapsed.get(user, ()):
+            self.lapsed_notes += 1
+            return False
         mine = self.allocated.get(user)
         if mine is not None:
             mine.pop(first, None)
             if not mine:
                 del self.allocated[user]
+        return True
+
+    def _lapse(self, user: str, first: int) -> None:
+        """Remember that ``user``'s allocation at ``first`` left the horizon expired."""
+        firsts = self.lapsed.setdefault(user, {})
+        firsts[first] = None
+        while len(firsts) > LAPSED_PER_USER:
+            del firsts[next(iter(firsts))]
+        while len(self.lapsed) > LAPSED_USERS:
+            del self.lapsed[next(iter(self.lapsed))]
 
     def horizon(self, user: str, now: float) -> Horizon:
         """What a reader may show of ``user``'s mail (:class:`Horizon`), with the
-        fragment list of the same moment; expired allocations are dropped.
-
-        Except while a holder of the user's mail that went away after the allocation
-        was made is still away (back in the view is not enough: until its hint is
-        in): it may be the node that stored the message numbered and died before
-        anyone confirmed it (a replicated delivery's coordinator, SIGKILLed). Its copy
-        comes back under this UID, so readers stay below it until then (the chaos
-        test's below_seen of unacknowledged mail; readers of a replicated user go on
-        while fewer than R holders are away), or for at most AWAY_HOLD (a node lost
-        for good)."""
+        fragment list of the same moment; expired allocations are dropped (and
+        remembered as lapsed: a holder note for one of them gets no 250, see
+        :meth:`confirm`).  A delivery whose coordinator died holding one (SIGKILL)
+        holds newer mail back only until the expiry, never until that node returns:
+        acknowledged mail stays readable while a node is down."""
         mine = self.allocated.get(user)
         if mine:
-            away = self.state.away.get(user, set())
-            for first, (_, expires, then) in list(mine.items()):
-                if expires < now and (not (away - then) or expires + AWAY_HOLD < now):
+            for first, (_, expires, _then) in list(mine.items()):
+                if expires < now:
                     del mine[first]
+                    self._lapse(user, first)
             if not mine:
                 del self.allocated[user]
         ranges = [(f, e) for f, (e, _, _) in (mine or {}).items()]

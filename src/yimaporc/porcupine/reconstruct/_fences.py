@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ...cluster.buckets import BucketMap
-from ...cluster.view import TrmConfig
 from ..values import PENDING
 
 #: With other nodes live, a rebuilt UID counter starts this far above the highest
@@ -172,20 +171,19 @@ NODE_PLAN_TTL = 1.0
 NODE_TIMED_ALLOCATION_TTL = 3.0
 
 
-#: A replicated user's delivery holds its allocation at least this long: until the
-#: failure detector has dropped a coordinator paused (SIGSTOP, a stall) right after
-#: committing its own copy numbered.  Expiring sooner, a reader's call before that
-#: drop would let readers of the other replicas show higher UIDs, and the copy,
-#: acknowledged after the pause, would come back below them (docs/chaos.md, case
-#: B); once the coordinator is away, :data:`AWAY_HOLD` takes over.
-REPLICATED_ALLOCATION_TTL = max(NODE_TIMED_ALLOCATION_TTL, TrmConfig().detection_bound)
+#: A replicated user's delivery holds its allocation this long: its copies are
+#: replicated before the holder note that confirms it, which takes longer than an
+#: R=1 store.  A note that comes after the allocation left the horizon expired gets
+#: no 250 (``Reconstruction.confirm``; a coordinator paused after committing its
+#: copy, docs/chaos.md case B), so this bounds only how long a lost delivery holds
+#: newer mail back, and how slow a replicated delivery may be before it answers 451.
+REPLICATED_ALLOCATION_TTL = 2 * NODE_TIMED_ALLOCATION_TTL
 
 
-#: An expired allocation is held this much longer while a holder of its user that
-#: went away after it was made is still away (``Reconstruction.horizon``): long enough
-#: for a killed or paused node's restart, short enough that a node lost for good
-#: hides its users' newer mail only this long.
-AWAY_HOLD = 300.0
+#: How many lapsed allocations (expired before their holder note) a manager
+#: remembers per user, and for how many users (oldest forgotten first).
+LAPSED_PER_USER = 64
+LAPSED_USERS = 4096
 
 
 def timed_fence(fence: str, at: float) -> str:

@@ -72,6 +72,11 @@ class ManagerState:
         #: same way.
         self.allocated: dict[str, dict[int, tuple[int, float, frozenset[str]]]] = {}
         self.allocation_ttl = ALLOCATION_TTL
+        #: user -> first UIDs of allocations the horizon dropped expired (a reader
+        #: may since have been shown UIDs above them): a holder note for one of them
+        #: comes too late for a 250 (:meth:`Reconstruction.confirm`).  Bounded.
+        self.lapsed: dict[str, dict[int, None]] = {}
+        self.lapsed_notes = 0
         #: user -> nodes a majority recorded as holders (from hints: any tenure).
         self.holders_seen: dict[str, set[str]] = {}
         #: bucket -> members whose own hint for it arrived since our last install.
