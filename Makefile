@@ -9,7 +9,7 @@ APT_IMAP_TOOLS := mbsync:isync offlineimap:offlineimap3 dovecot:dovecot-imapd
 # for the dashboard).
 APT_TOOLS := ffmpeg:ffmpeg curl:curl swaks:swaks gst-launch-1.0:gstreamer1.0-tools sox:sox \
   msmtp:msmtp mutt:mutt fetchmail:fetchmail chromium:chromium prometheus:prometheus \
-  mpv:mpv cvlc:vlc-bin faketime:faketime
+  mpv:mpv cvlc:vlc-bin faketime:faketime iptables:iptables ip:iproute2
 # Packages without a command of their own (checked by file below): VLC's demuxers and
 # decoders, and PyGObject with GStreamer's introspection data for the playbin client.
 APT_EXTRA := gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav \
