@@ -123,6 +123,38 @@ def test_a_lapsed_allocation_fails_the_delivery_over_the_wire(tmp_path: Path) ->
     assert um.status()["lapsed_notes"] == 1
 
 
+def test_a_manager_paused_during_its_own_delivery_gets_no_250(tmp_path: Path) -> None:
+    """Case A (docs/chaos.md): the node that plans a delivery as the user's manager
+    loses its read lease before the 250 (paused: another manager may have numbered
+    above the plan's UID meanwhile): the numbered copy gets a 451 (AllocationLapsed),
+    counted as ``lease_lost``; with the lease held the 250 stands."""
+    net = Net(tmp_path)
+    for i in (1, 2, 3):
+        net.add(f"n{i}")
+    net.commit(["n1", "n2", "n3"])
+    user = users_managed_by(net, "n2", 1)[0]
+    add_user(net, "n1", user)
+    node = net.nodes["n2"]
+    core = node.cluster.user_manager.core
+    core.read_leases, core.read_until = True, float("inf")
+    [dig] = node.deliver(user, b"first\r\n")
+    assert dig.uid > 0, "planned and numbered here, lease held: 250"
+    um = node.cluster.user_manager
+    plan = um.delivery_plan
+
+    def paused_after(a: str, c: int, u: bool = False, r: int = 1) -> Deferred[Any]:
+        def lapse(p: Any) -> Any:
+            core.read_until = 0.0  # the pause outlasted the lease; no renewal since
+            return p
+
+        return plan(a, c, u, r).addCallback(lapse)
+
+    um.delivery_plan = paused_after  # type: ignore[method-assign]
+    with pytest.raises(AllocationLapsed):
+        node.deliver(user, b"second\r\n")
+    assert node.mail.delivery.status()["lease_lost"] == 1
+
+
 def test_second_record_of_one_holder_waits_for_the_running_write(tmp_path: Path) -> None:
     """While a holder record is being written, another add_fragment for the same
     holder does not fire at once; both fail when no majority recorded it."""

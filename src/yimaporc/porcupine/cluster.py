@@ -307,6 +307,18 @@ class MailCluster(ClusterLease, Service):
 
     # --- deliveries handed to the manager ---------------------------------------
 
+    def manager_lease(self, address: str) -> bool | None:
+        """None unless this node manages ``address``; then whether it may hand out
+        its UIDs now (the majority-confirmed read lease,
+        ``ManagerState.numbers_leased``).  A delivery planned here checks it again
+        before its 250 (``DeliveryProxy``): paused in between, another manager may
+        have numbered above the plan's UID and readers shown it."""
+        um = self.user_manager
+        user = address.lower()
+        if not um.state.manages(user):
+            return None
+        return um.core.numbers_leased(float(self.reactor.seconds()))
+
     def forward_delivery(
         self, node: str, address: str, body: bytes, when: float
     ) -> Deferred[list[Digest]]:

@@ -79,6 +79,7 @@ class DeliveryProxy:
         balancer: ILoadBalancer | None = None,
         replicated: Callable[..., Deferred[list[Digest]]] | None = None,
         forward: Forward | None = None,
+        manager_lease: Callable[[str], bool | None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.users = users
@@ -111,6 +112,12 @@ class DeliveryProxy:
         #: before reaching it (then delivered from here, the usual way).
         self.forwarded = 0
         self.forward_fallbacks = 0
+        #: ``manager_lease(address)`` (``MailCluster.manager_lease``): None unless this
+        #: node is the user's manager, else whether its UIDs are still leased.
+        self.manager_lease = manager_lease
+        #: Deliveries planned by this node as the user's manager whose lease was gone
+        #: by their 250 (paused in between): answered 451 (docs/chaos.md, case A).
+        self.lease_lost = 0
 
     def status(self) -> dict[str, int]:
         """The proxy's counters (``/api/status`` ``delivery``)."""
@@ -123,6 +130,7 @@ class DeliveryProxy:
             "lookups_unavailable": self.lookups_unavailable,
             "forwarded": self.forwarded,
             "forward_fallbacks": self.forward_fallbacks,
+            "lease_lost": self.lease_lost,
         }
 
     def lookup(self, address: str) -> Deferred[Profile | None]:
@@ -200,12 +208,14 @@ class DeliveryProxy:
             # Fragment list, UID and its fence in one question. Fenced for replicated
             # users too (issue 14 bug 2): the coordinator's copy is checked like an
             # R=1 store and the copies follow it.
+            local = self.manager_lease is not None and self.manager_lease(address) is True
             d = manager.delivery_plan(address, 1, False, profile.replicas)
-            return d.addCallback(
+            stored = d.addCallback(
                 lambda p: store_on(
                     p[1], self.choose_nodes(profile, p[0]), p[0], p[2], profile.replicas
                 )
             )
+            return stored.addCallback(self._still_leased, address) if local else stored
 
         def store_on(
             uid: int,
@@ -255,6 +265,21 @@ class DeliveryProxy:
             return self._recorded_first(manager, msg, nodes, fragments).addCallback(go)
 
         return d.addCallback(got_profile)
+
+    def _still_leased(self, digests: list[Digest], address: str) -> list[Digest]:
+        """A delivery this node planned as ``address``'s manager: its numbered copies
+        get a 250 only if the node still manages the user under a read lease.  Paused
+        in between (SIGSTOP, a stall), a new manager may have numbered above the
+        plan's UID and readers shown it; the copy now below them was never
+        acknowledged (451), and an unnumbered one is numbered later, above."""
+        if any(d.uid > 0 for d in digests):
+            assert self.manager_lease is not None
+            if self.manager_lease(address) is not True:
+                self.lease_lost += 1
+                raise AllocationLapsed(
+                    f"this node's lease on {address}'s UIDs lapsed during the delivery"
+                )
+        return digests
 
     def _recorded_first(
         self,

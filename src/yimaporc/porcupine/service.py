@@ -257,6 +257,7 @@ class MailService(MultiService):
             forward=getattr(self.topology, "forward_delivery", None)
             if forward_deliveries
             else None,
+            manager_lease=getattr(self.topology, "manager_lease", None),
         )
         serve = getattr(self.topology, "serve_deliveries", None)
         if serve is not None:  # a cluster: answer nodes that hand deliveries over
