@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from yimaporc.cluster.buckets import BucketMap
+from yimaporc.porcupine.softstate import bucket_of as raw_bucket_of
 from yimaporc.porcupine.usermap import bucket_of
 from yimaporc.testing.procs import (
     NodeProc,
@@ -231,3 +232,68 @@ def test_manager_paused_while_mail_arrives_every_acknowledged_message_once_every
         f"members seen by p{others[0]} during the pause: min {min(views)}; reads refused "
         f"{refused[0]}, highest UID shown {top}"
     )
+
+
+def home(user: str, live: list[int]) -> int:
+    """The node holding ``user``'s mailbox tree (``MailCluster.home_of``)."""
+    return max(live, key=lambda n: raw_bucket_of(f"{user.lower()}|p{n}", 1 << 31))
+
+
+def test_append_while_the_manager_is_paused_waits_and_succeeds(
+    cluster: tuple[list[NodeProc], Path], tmp_path: Path
+) -> None:
+    """An IMAP client logged in at a third node APPENDs while the user's manager is
+    SIGSTOPped (mbsync takes a NO to APPEND as final and never uploads that message
+    again): the command waits for the failure detector to replace the manager and
+    answers OK within mbsync's 20 s command timeout; after SIGCONT the message is
+    listed exactly once at every node.  (The home node, where APPEND stores, is
+    another node: a paused home may have the store and still answers NO.)"""
+    nodes, secret = cluster
+    wait_for(lambda: views_agree(nodes), 30, "3 nodes to agree")
+    wait_for(lambda: mail_settled(nodes), 20, "buckets on 3 nodes")
+    bmap = BucketMap.parse((tmp_path / "p1" / "data" / "bucketmap.bin").read_bytes())
+    user = next(
+        u
+        for u in (f"apu{i}@example.org" for i in range(500))
+        if home(u, [1, 2, 3]) != int(bmap.owners[bucket_of(u)][1:])
+    )
+    boss, keeper = int(bmap.owners[bucket_of(user)][1:]), home(user, [1, 2, 3])
+    (served,) = {1, 2, 3} - {boss, keeper}
+    cli = [sys.executable, "-m", "yimaporc.cli", "mail", "adduser", user, "--password", PASSWORD,
+           "--admin", nodes[0].admin_url, "--secret-file", str(secret)]  # fmt: skip
+    subprocess.run(cli, check=True, capture_output=True)
+    wait_for(lambda: all((n.status() or {}).get("users") == 1 for n in nodes), 10, "profiles")
+    m = imaplib.IMAP4(host(served), IMAP, timeout=25)
+    m.login(user, PASSWORD)
+    body = f"From: a@x.org\r\nTo: {user}\r\nSubject: m1\r\n\r\nappended while paused\r\n"
+    victim = nodes[boss - 1].process
+    assert victim is not None
+    victim.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        typ, data = m.append("INBOX", None, None, body.encode())
+        took = time.monotonic() - started
+    finally:
+        victim.send_signal(signal.SIGCONT)
+    m.logout()
+    print(f"APPEND with p{boss} (manager) paused: {typ} {data} after {took:.1f} s")
+    assert typ == "OK", f"APPEND answered {typ} {data} after {took:.1f} s"
+    assert took < 20.0, "within mbsync's command timeout"
+    refusals = (nodes[served - 1].status() or {}).get("mail_refusals", {})
+    assert refusals.get("append_waits", 0) + refusals.get("reserve_waits", 0) > 0, refusals
+    wait_for(lambda: mail_settled(nodes), 30, f"p{boss} back")
+
+    def listed(node: int) -> list[int]:
+        c = imaplib.IMAP4(host(node), IMAP, timeout=30)
+        try:
+            c.login(user, PASSWORD)
+            if c.select("INBOX", readonly=True)[0] != "OK":
+                return []
+            _, got = c.uid("FETCH", "1:*", "(UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            return [int(x.group(1)) for it in got if isinstance(it, tuple)
+                    for x in [SUBJECT.search(it[1])] if x]  # fmt: skip
+        finally:
+            c.logout()
+
+    for node in (1, 2, 3):
+        wait_for(lambda node=node: listed(node) == [1], 30, f"the message once at p{node}")  # type: ignore[misc]

@@ -11,9 +11,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from yimaporc.cluster.rpc import PeerUnavailable
-from yimaporc.porcupine.retrieval import Fragmented, SingleCopies, UserMail
-from yimaporc.porcupine.retrieval._usermail import RESERVE_RETRY, RESERVE_WAIT
+from yimaporc.cluster.rpc import PeerMaybeDone, PeerUnavailable
+from yimaporc.porcupine.imap_backend import _store_retry
+from yimaporc.porcupine.retrieval import Fragmented, Retry, SingleCopies, UserMail
+from yimaporc.porcupine.retrieval._usermail import APPEND_WAIT, RESERVE_RETRY, RESERVE_WAIT
+from yimaporc.porcupine.values import MailUnavailable
 
 USER = "erin@example.org"
 
@@ -93,3 +95,54 @@ def test_other_failures_and_a_layout_without_a_clock_do_not_wait() -> None:
     mail = _mail(Clock(), [refusing])
     got = _outcome(mail.reserve(1))
     assert len(got) == 1 and got[0].check(ValueError) and refusing.plans == 1
+
+
+def test_a_whole_append_is_tried_again_while_nothing_was_written() -> None:
+    """A paused manager: the APPEND's mailbox look-up times out (a read: safe to redo),
+    then fails at once until the failure detector replaces the manager; the whole
+    attempt is made again every RESERVE_RETRY s and the APPEND succeeds (mbsync takes
+    a NO to APPEND as final).  The deadline is shared with the reservation."""
+    clock = Clock()
+    mail = _mail(clock, [Manager("n2", up=True)])
+    deadlines: list[float] = []
+    answers: list[Any] = [
+        PeerMaybeDone("n2: no answer in 10 s"),
+        PeerUnavailable("n2 is out of reach"),
+        "stored",
+    ]
+
+    def attempt(deadline: float) -> Deferred[Any]:
+        deadlines.append(deadline)
+        got = answers.pop(0)
+        if isinstance(got, Exception):
+            return fail(Retry(Failure(got)))
+        return succeed(got)
+
+    out = _outcome(mail.failover(attempt))
+    clock.advance(RESERVE_RETRY)
+    assert out == []
+    clock.advance(RESERVE_RETRY)
+    assert out == ["stored"] and mail.counts["append_waits"] == 2
+    assert deadlines == [APPEND_WAIT] * 3, "one deadline for the whole command"
+
+
+def test_an_append_gives_up_and_never_retries_a_store_that_may_have_run() -> None:
+    """The wait is bounded (the last failure, unwrapped, becomes the NO); a failure
+    that is not marked Retry (a store that timed out after its request left: it may
+    have been written) is answered at once."""
+    clock = Clock()
+    mail = _mail(clock, [Manager("n2", up=True)])
+    out = _outcome(mail.failover(lambda d: fail(Retry(Failure(PeerUnavailable("n2"))))))
+    clock.pump([RESERVE_RETRY] * int(APPEND_WAIT / RESERVE_RETRY + 2))
+    assert len(out) == 1 and out[0].check(PeerUnavailable) and not out[0].check(Retry)
+    assert mail.counts["append_wait_lapsed"] == 1
+    assert APPEND_WAIT < 20.0, "below mbsync's command timeout"
+    sent = Failure(PeerMaybeDone("store timed out"))
+    assert _store_retry(sent) is sent, "may have been stored: never redone"
+    for f in (Failure(PeerUnavailable("refused")), Failure(MailUnavailable("[UNAVAILABLE] x"))):
+        try:
+            _store_retry(f)
+        except Retry as e:
+            assert e.failure is f
+        else:
+            raise AssertionError(f"{f} not retried")

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from ..cluster.rpc import PeerUnavailable
+from ..cluster.rpc import PeerUnavailable, may_have_run
 from ..imap._message import Message
 from ..imap._search import Need, Scope, SearchError, View, compile_search
 from ..imap.interfaces import (
@@ -58,7 +58,7 @@ from ._imap_errors import as_imap_error as as_imap_error  # re-exported
 from ._imap_registry import SPECIAL_USE_MAX as SPECIAL_USE_MAX  # re-exported
 from ._imap_registry import SPECIAL_USE_TTL as SPECIAL_USE_TTL  # re-exported
 from ._imap_registry import MailboxRegistry
-from .retrieval import UserMail
+from .retrieval import Retry, UserMail
 from .throttle import LoginThrottled
 from .values import (
     DELIMITER,
@@ -66,6 +66,7 @@ from .values import (
     Digest,
     MailboxExists,
     MailboxInfo,
+    MailUnavailable,
 )
 
 if TYPE_CHECKING:
@@ -277,19 +278,41 @@ class PorcupineSession:
         body = message  # line ends made CRLF by the shell unless sent as a literal8
         when = self.backend.clock.seconds() if date is None else date
 
-        def store(info: MailboxInfo) -> Deferred[AppendResult]:
-            d = self.mail.append(info.name, body, flags, when)
+        def attempt(deadline: float) -> Deferred[tuple[MailboxInfo, Digest]]:
+            def store(info: MailboxInfo) -> Deferred[tuple[MailboxInfo, Digest]]:
+                d = self.mail.append(info.name, body, flags, when, deadline)
+                return d.addCallbacks(lambda got: (info, got), _store_retry)
 
-            def stored(digest: Digest) -> AppendResult:
-                self.backend.registry.changed(self.mail.address, info.name)
-                for box in self.boxes:
-                    if box.name == info.name:
-                        box.uidnext = max(box.uidnext, digest.uid + 1)
-                return AppendResult(info.uidvalidity, digest.uid)
+            return self._info_retry(name).addCallback(store)
 
-            return d.addCallbacks(stored, as_imap_error, errbackArgs=("TRYCREATE",))
+        def stored(got: tuple[MailboxInfo, Digest]) -> AppendResult:
+            info, digest = got
+            self.backend.registry.changed(self.mail.address, info.name)
+            for box in self.boxes:
+                if box.name == info.name:
+                    box.uidnext = max(box.uidnext, digest.uid + 1)
+            return AppendResult(info.uidvalidity, digest.uid)
 
-        return self._info(name, "TRYCREATE").addCallback(store)
+        d = self.mail.failover(attempt)
+        return d.addCallbacks(stored, as_imap_error, errbackArgs=("TRYCREATE",))
+
+    def _info_retry(self, name: str) -> Deferred[MailboxInfo]:
+        """:meth:`_info` for APPEND: a node out of reach while looking the mailbox up
+        (a read: redone safely, even after a timeout) may be retried."""
+        want = _canonical(name)
+
+        def find(infos: list[MailboxInfo]) -> MailboxInfo:
+            for i in infos:
+                if i.name == want:
+                    return i
+            raise ImapError(f"no mailbox {name}", "TRYCREATE")
+
+        def unreachable(f: Failure) -> Failure:
+            if f.check(PeerUnavailable, MailUnavailable):
+                raise Retry(f)
+            return f
+
+        return self.mail.mailboxes().addCallbacks(find, unreachable)
 
     def append_many(
         self, name: str, messages: list[tuple[bytes, tuple[str, ...], float | None]]
@@ -300,20 +323,24 @@ class PorcupineSession:
         now = self.backend.clock.seconds()
         items = [(m, f, now if d is None else d) for m, f, d in messages]
 
-        def store(info: MailboxInfo) -> Deferred[list[AppendResult]]:
-            d = self.mail.append_many(info.name, items)
+        def attempt(deadline: float) -> Deferred[tuple[MailboxInfo, list[Digest]]]:
+            def store(info: MailboxInfo) -> Deferred[tuple[MailboxInfo, list[Digest]]]:
+                d = self.mail.append_many(info.name, items, deadline)
+                return d.addCallbacks(lambda got: (info, got), _store_retry)
 
-            def stored(digests: list[Digest]) -> list[AppendResult]:
-                self.backend.registry.changed(self.mail.address, info.name)
-                top = max((x.uid for x in digests), default=0)
-                for box in self.boxes:
-                    if box.name == info.name:
-                        box.uidnext = max(box.uidnext, top + 1)
-                return [AppendResult(info.uidvalidity, x.uid) for x in digests]
+            return self._info_retry(name).addCallback(store)
 
-            return d.addCallbacks(stored, as_imap_error, errbackArgs=("TRYCREATE",))
+        def stored(got: tuple[MailboxInfo, list[Digest]]) -> list[AppendResult]:
+            info, digests = got
+            self.backend.registry.changed(self.mail.address, info.name)
+            top = max((x.uid for x in digests), default=0)
+            for box in self.boxes:
+                if box.name == info.name:
+                    box.uidnext = max(box.uidnext, top + 1)
+            return [AppendResult(info.uidvalidity, x.uid) for x in digests]
 
-        return self._info(name, "TRYCREATE").addCallback(store)
+        d = self.mail.failover(attempt)
+        return d.addCallbacks(stored, as_imap_error, errbackArgs=("TRYCREATE",))
 
     def select(self, name: str, readonly: bool) -> Deferred[PorcupineMailbox]:
         def opened(got: tuple[MailboxInfo, list[Digest]]) -> PorcupineMailbox:
@@ -567,3 +594,12 @@ def _header_end(raw: bytes) -> int:
         if at >= 0:
             return at + len(sep)
     return len(raw)
+
+
+def _store_retry(f: Failure) -> Failure:
+    """An APPEND store that failed before anything was written (the node refused the
+    connection, or part of the mail was out of reach when looked up) may be retried;
+    one that timed out after its request left may have been stored: never twice."""
+    if f.check(MailUnavailable) or (f.check(PeerUnavailable) and not may_have_run(f)):
+        raise Retry(f)
+    return f

@@ -24,7 +24,7 @@ from ._fragmented import Fragmented
 from ._home import HomeOnly
 from ._merge import merge_trees
 from ._proxy import RetrievalProxy
-from ._usermail import UserMail
+from ._usermail import Retry, UserMail
 from .interfaces import ICopyPolicy, IMailLayout
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "IMailLayout",
     "ReplicatedCopies",
     "RetrievalProxy",
+    "Retry",
     "SingleCopies",
     "UserMail",
     "merge_trees",

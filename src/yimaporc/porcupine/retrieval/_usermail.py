@@ -21,7 +21,7 @@ from ..reconstruct import Horizon
 from ..values import PENDING, Digest, MailboxInfo, NewMessage, Profile
 from .interfaces import ICopyPolicy, IMailLayout
 
-__all__ = ["RESERVE_RETRY", "RESERVE_WAIT", "UserMail", "nth_uid"]
+__all__ = ["APPEND_WAIT", "RESERVE_RETRY", "RESERVE_WAIT", "Retry", "UserMail", "nth_uid"]
 
 #: APPEND/COPY whose user manager is out of reach ask again this often, for at most
 #: RESERVE_WAIT seconds (about the failure detector's time to replace a silent
@@ -30,6 +30,22 @@ __all__ = ["RESERVE_RETRY", "RESERVE_WAIT", "UserMail", "nth_uid"]
 #: command timeout is 20 s.
 RESERVE_RETRY = 0.5
 RESERVE_WAIT = 10.0
+
+#: A whole APPEND (the mailbox look-up, the reservation, the store) is tried again
+#: for at most this long, counted from the command, while it fails before anything
+#: was written (:meth:`UserMail.failover`): a paused manager costs a 10 s call
+#: timeout, and the failure detector replaces it a few seconds later.  Below
+#: mbsync's 20 s command timeout.
+APPEND_WAIT = 16.0
+
+
+class Retry(Exception):
+    """``failure`` happened before anything was written: the attempt may be made
+    again (:meth:`UserMail.failover`)."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.getErrorMessage())
+        self.failure = failure
 
 
 class UserMail:
@@ -338,14 +354,39 @@ class UserMail:
 
     # --- APPEND: UIDs reserved, stored as the layout says ------------------------------
 
-    def reserve(self, count: int) -> Deferred[tuple[int, str]]:
+    def failover(self, attempt: Callable[[float], Deferred[Any]]) -> Deferred[Any]:
+        """``attempt(deadline)`` again every RESERVE_RETRY s, until APPEND_WAIT after
+        the first, while it fails with :class:`Retry` (nothing written: a node out of
+        reach that the failure detector will replace); other failures, and the last
+        one, pass unwrapped.  Counts ``append_waits`` / ``append_wait_lapsed``."""
+        clock = self.clock
+        if clock is None:
+            return attempt(0.0).addErrback(_unwrap)
+        deadline = clock.seconds() + APPEND_WAIT
+
+        def go() -> Deferred[Any]:
+            return attempt(deadline).addErrback(again)
+
+        def again(f: Failure) -> Any:
+            if not f.check(Retry):
+                return f
+            if clock.seconds() + RESERVE_RETRY > deadline:
+                self.counts["append_wait_lapsed"] += 1
+                return _unwrap(f)
+            self.counts["append_waits"] += 1
+            return deferLater(clock, RESERVE_RETRY, go)
+
+        return go()
+
+    def reserve(self, count: int, deadline: float | None = None) -> Deferred[tuple[int, str]]:
         """UIDs for APPEND/COPY: ``(first, fence)``.  In a cluster, a fenced (and, with
         a synced clock, timed) allocation the manager tracks in the visibility horizon
         until the store's holder note confirms it (issue 14 item 4), like a delivery's;
         a node alone (its plan says "the storing node numbers": UID 0, no fence) takes
         them from the plain counter, unfenced."""
         clock = self.clock
-        deadline = clock.seconds() + RESERVE_WAIT if clock is not None else 0.0
+        if deadline is None:
+            deadline = clock.seconds() + RESERVE_WAIT if clock is not None else 0.0
 
         def got(p: tuple[tuple[str, ...], int, str]) -> Any:
             if p[1] == 0 and not p[2]:
@@ -387,7 +428,12 @@ class UserMail:
         return d.addCallback(stored)
 
     def append(
-        self, mailbox: str, body: bytes, flags: Sequence[str], date: float
+        self,
+        mailbox: str,
+        body: bytes,
+        flags: Sequence[str],
+        date: float,
+        deadline: float | None = None,
     ) -> Deferred[Digest]:
         """APPEND: stored on the home fragment."""
 
@@ -396,10 +442,13 @@ class UserMail:
             msg = NewMessage(self.address, mailbox, body, tuple(flags), date, first, fence)
             return self.layout.store(self, mailbox, [msg], first).addCallback(lambda ds: ds[0])
 
-        return self.reserve(1).addCallback(store)
+        return self.reserve(1, deadline).addCallback(store)
 
     def append_many(
-        self, mailbox: str, items: Sequence[tuple[bytes, Sequence[str], float]]
+        self,
+        mailbox: str,
+        items: Sequence[tuple[bytes, Sequence[str], float]],
+        deadline: float | None = None,
     ) -> Deferred[list[Digest]]:
         """MULTIAPPEND: ``(body, flags, date)`` stored on the home fragment in one
         store (every body written, then the index rows committed together), under
@@ -411,9 +460,13 @@ class UserMail:
                 for i, (b, f, when) in enumerate(items)
             ]
 
-        return self.reserve(len(items)).addCallback(
+        return self.reserve(len(items), deadline).addCallback(
             lambda r: self.layout.store(self, mailbox, build(*r), r[0])
         )
+
+
+def _unwrap(f: Failure) -> Failure:
+    return f.value.failure if isinstance(f.value, Retry) else f
 
 
 def nth_uid(first: int, i: int) -> int:
