@@ -616,6 +616,37 @@ def test_a_request_dribbled_in_does_not_keep_its_connection() -> None:
     assert factory.stats()["connections"] == 0
 
 
+def test_a_closed_connection_whose_client_does_not_read_is_aborted() -> None:
+    """A connection the server closes (idle, or broken framing) is aborted CLOSE_LINGER s
+    later if its client has not taken the output queued for it (loseConnection waits
+    for that forever, holding the descriptor and a place under the caps), counted in
+    aborted_unread; one whose transport finished closing in time is not."""
+    from yimaporc.rtsp._protocol import CLOSE_LINGER
+
+    factory = RtspServerFactory(FakeHandler(), Clock(), random.Random(3), idle_timeout=30.0)
+    deaf = _connect(factory, "127.0.191.30")
+    broken = _connect(factory, "127.0.191.31")
+    polite = _connect(factory, "127.0.191.32")
+    assert deaf.ask(deaf.client.describe(URL)).status == 200
+    broken.proto.dataReceived(b"OPTIONS " + URL.encode() + b" RTSP/1.0\r\n\r\n")  # no CSeq
+    assert broken.transport.disconnecting and broken.transport.value().startswith(b"RTSP/1.0 400")
+    clock = deaf.clock
+    clock.advance(CLOSE_LINGER - 0.5)
+    assert not broken.transport.disconnected
+    clock.advance(0.5)
+    assert broken.transport.disconnected and factory.stats()["aborted_unread"] == 1
+    clock.advance(30 - CLOSE_LINGER)
+    assert deaf.transport.disconnecting and polite.transport.disconnecting
+    assert factory.stats()["idle_closed"] == 2  # not the broken one again
+    polite.proto.connectionLost()  # its output drained: the transport closed
+    clock.advance(CLOSE_LINGER)
+    assert deaf.transport.disconnected and not polite.transport.disconnected
+    assert factory.stats()["aborted_unread"] == 2
+    for s in (deaf, broken):
+        s.proto.connectionLost()
+    assert factory.stats()["connections"] == 0 and not factory.clock.getDelayedCalls()
+
+
 # --- the Twisted client against the server -----------------------------------------------
 
 

@@ -177,6 +177,7 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
         ("refused_server_connections", "Connections refused past the node's cap in all (503)."),
         ("reaped", "Sessions closed after their client went quiet."),
         ("idle_closed", "RTSP connections closed as idle."),
+        ("aborted_unread", "Closed RTSP connections aborted with output still unread."),
         ("interleaved_dropped", "Interleaved frames dropped (client not reading)."),
     ):
         out.counter(f"yimaporc_rtsp_{key}", text, rtsp.get(key))

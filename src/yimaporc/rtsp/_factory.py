@@ -196,6 +196,9 @@ class RtspServerFactory(Factory):
         self._reaper: IDelayedCall | None = None
         self.reaped = 0
         self.idle_closed = 0
+        #: Connections the server closed whose client had not read the output queued
+        #: for it CLOSE_LINGER s later, aborted (see :data:`._protocol.CLOSE_LINGER`).
+        self.aborted_unread = 0
         self.refused_destinations = 0
         self.interleaved_dropped = 0
         #: Error answers by status: requests refused, and broken framing (400, 413, 414,
@@ -236,6 +239,7 @@ class RtspServerFactory(Factory):
             "refused_server_connections": self.refused_server_connections,
             "reaped": self.reaped,
             "idle_closed": self.idle_closed,
+            "aborted_unread": self.aborted_unread,
             "interleaved_dropped": self.interleaved_dropped,
             "refused": {str(k): v for k, v in sorted(self.refused.items())},
         }
