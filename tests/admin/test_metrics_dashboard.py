@@ -132,8 +132,11 @@ YIMA_STATUS: dict[str, Any] = {
         "refused_sessions": 1,
         "refused_destinations": 0,
         "refused_connections": 5,
+        "max_connections": 448,
+        "refused_server_connections": 6,
         "reaped": 4,
         "idle_closed": 0,
+        "aborted_unread": 7,
         "interleaved_dropped": 0,
         "relay_ports": 1,
         "refused": {"404": 2, "461": 1},
@@ -244,6 +247,9 @@ def test_yima_status_becomes_metrics_and_absent_lag_is_absent() -> None:
     assert got["yimaporc_rtsp_refused_sessions_total"] == {(): 1}
     assert got["yimaporc_rtsp_reaped_total"] == {(): 4}
     assert got["yimaporc_rtsp_refused_connections_total"] == {(): 5}
+    assert got["yimaporc_rtsp_refused_server_connections_total"] == {(): 6}
+    assert got["yimaporc_rtsp_max_connections"] == {(): 448}
+    assert got["yimaporc_rtsp_aborted_unread_total"] == {(): 7}
     assert got["yimaporc_rtsp_refused_total"] == {(("status", "404"),): 2, (("status", "461"),): 1}
     assert got["yimaporc_membership_coordinator"] == {(): 0}
     assert got["yimaporc_rpc_unauthenticated_connections"] == {(): 1}

@@ -552,6 +552,101 @@ def test_idle_connection_is_closed_but_one_with_a_live_session_is_kept() -> None
     assert busy.transport.disconnecting
 
 
+def test_connections_in_all_are_capped_whatever_their_addresses() -> None:
+    """Past max_connections open connections (each from its own address, under every
+    per-client cap) the next one gets 503 with the reason and is closed, counted apart
+    from the per-client refusals; the open ones and their sessions go on; a closed one
+    frees its slot."""
+    factory = RtspServerFactory(FakeHandler(), Clock(), random.Random(3), max_connections=3)
+    held = [_connect(factory, f"127.0.191.{i}") for i in range(1, 4)]
+    assert held[0].ask(held[0].client.setup(TRACK, UDP)).status == 200
+    extra = _connect(factory, "127.0.191.4")
+    assert extra.transport.value() == (
+        b"RTSP/1.0 503 Service Unavailable: too many connections to this server\r\n"
+        b"Server: " + factory.server_name.encode() + b"\r\nConnection: close\r\n\r\n"
+    )
+    assert extra.transport.disconnecting and not isinstance(extra.proto, RtspServerProtocol)
+    assert all(h.ask(h.client.options(URL)).status == 200 for h in held)
+    assert held[0].ask(held[0].client.play(URL)).status == 200
+    assert len(factory.sessions) == 1
+    held[1].proto.connectionLost()
+    again = _connect(factory, "127.0.191.4")
+    assert again.ask(again.client.options(URL)).status == 200
+    stats = factory.stats()
+    assert stats["refused_server_connections"] == 1 and stats["refused_connections"] == 0
+    assert stats["max_connections"] == 3 and stats["connections"] == 3
+    assert stats["refused"] == {"503": 1}
+
+
+def test_default_connection_cap_follows_the_open_file_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without max_connections a factory (an embedder's too) takes half of the soft
+    RLIMIT_NOFILE less 128 for other descriptors, at least 16; no limit counts as 65536."""
+    import resource
+
+    from yimaporc.rtsp._factory import default_max_connections
+
+    assert default_max_connections(1024) == 448
+    assert default_max_connections(65536) == 32704
+    assert default_max_connections(100) == 16
+    assert default_max_connections(resource.RLIM_INFINITY) == 32704
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
+    factory = RtspServerFactory(FakeHandler(), Clock(), random.Random(3))
+    assert factory.max_connections == 448 and factory.stats()["max_connections"] == 448
+
+
+def test_a_request_dribbled_in_does_not_keep_its_connection() -> None:
+    """Slowloris: bytes of a request that never completes do not count as a request, so
+    the connection is closed idle_timeout s after its last complete request (or its
+    start), counted in idle_closed."""
+    factory = RtspServerFactory(FakeHandler(), Clock(), random.Random(3), idle_timeout=30.0)
+    slow = _connect(factory, "127.0.191.20")
+    head = b"OPTIONS " + URL.encode() + b" RTSP/1.0\r\nCSeq: 1\r\n"
+    for i in range(29):
+        slow.proto.dataReceived(head[i : i + 1])
+        slow.clock.advance(1)
+    assert not slow.transport.disconnecting
+    slow.proto.dataReceived(head[29:30])
+    slow.clock.advance(1)
+    assert slow.transport.disconnecting and slow.transport.value() == b""
+    assert factory.stats()["idle_closed"] == 1
+    assert factory.stats()["connections"] == 1  # until the transport reports the loss
+    slow.proto.connectionLost()
+    assert factory.stats()["connections"] == 0
+
+
+def test_a_closed_connection_whose_client_does_not_read_is_aborted() -> None:
+    """A connection the server closes (idle, or broken framing) is aborted CLOSE_LINGER s
+    later if its client has not taken the output queued for it (loseConnection waits
+    for that forever, holding the descriptor and a place under the caps), counted in
+    aborted_unread; one whose transport finished closing in time is not."""
+    from yimaporc.rtsp._protocol import CLOSE_LINGER
+
+    factory = RtspServerFactory(FakeHandler(), Clock(), random.Random(3), idle_timeout=30.0)
+    deaf = _connect(factory, "127.0.191.30")
+    broken = _connect(factory, "127.0.191.31")
+    polite = _connect(factory, "127.0.191.32")
+    assert deaf.ask(deaf.client.describe(URL)).status == 200
+    broken.proto.dataReceived(b"OPTIONS " + URL.encode() + b" RTSP/1.0\r\n\r\n")  # no CSeq
+    assert broken.transport.disconnecting and broken.transport.value().startswith(b"RTSP/1.0 400")
+    clock = deaf.clock
+    clock.advance(CLOSE_LINGER - 0.5)
+    assert not broken.transport.disconnected
+    clock.advance(0.5)
+    assert broken.transport.disconnected and factory.stats()["aborted_unread"] == 1
+    clock.advance(30 - CLOSE_LINGER)
+    assert deaf.transport.disconnecting and polite.transport.disconnecting
+    assert factory.stats()["idle_closed"] == 2  # not the broken one again
+    polite.proto.connectionLost()  # its output drained: the transport closed
+    clock.advance(CLOSE_LINGER)
+    assert deaf.transport.disconnected and not polite.transport.disconnected
+    assert factory.stats()["aborted_unread"] == 2
+    for s in (deaf, broken):
+        s.proto.connectionLost()
+    assert factory.stats()["connections"] == 0 and not factory.clock.getDelayedCalls()
+
+
 # --- the Twisted client against the server -----------------------------------------------
 
 

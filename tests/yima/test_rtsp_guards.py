@@ -188,6 +188,49 @@ def test_rtsp_guard_options_are_checked(tmp_path: Path) -> None:
             Options().parseOptions([*base, *bad])
 
 
+def test_rtsp_max_connections_option(tmp_path: Path) -> None:
+    """--rtsp-max-connections N caps the node's RTSP connections in all; auto (the
+    default) leaves the factory's default, from the open-file limit; anything but a
+    positive whole number or auto is a usage error."""
+    from yimaporc.rtsp._factory import default_max_connections
+
+    base = ["--node-id", "y1", "--data-dir", str(tmp_path),
+            "--cluster", "tcp:17946:interface=127.0.191.1"]  # fmt: skip
+    o = Options()
+    o.parseOptions(base)
+    assert "max_connections" not in o["rtsp_guards"]
+    assert service(**o["rtsp_guards"])[0].factory.max_connections == default_max_connections()
+    o = Options()
+    o.parseOptions([*base, "--rtsp-max-connections", "500"])
+    assert o["rtsp_guards"]["max_connections"] == 500
+    assert service(**o["rtsp_guards"])[0].factory.max_connections == 500
+    for bad in ("0", "-3", "many", "1.5"):
+        with pytest.raises(UsageError, match="rtsp-max-connections"):
+            Options().parseOptions([*base, "--rtsp-max-connections", bad])
+
+
+def test_connections_of_all_clients_are_capped() -> None:
+    """Past max_connections in all, from as many addresses as there are connections, a
+    new connection gets 503 and is closed, counted in status (rtsp) apart from the
+    per-client refusals; a freed slot is reusable, a session in progress goes on."""
+    svc, _reactor, _calls = service(max_connections=3)
+    held = [Client(svc, host=f"127.0.191.{i}") for i in range(1, 4)]
+    assert held[0].setup("RTP/AVP;unicast;client_port=5000-5001").status == 200
+    extra = Client(svc, host="127.0.191.4")
+    assert extra.transport.value().startswith(
+        b"RTSP/1.0 503 Service Unavailable: too many connections to this server\r\n"
+    )
+    assert extra.transport.disconnecting
+    assert held[0].ask(held[0].conn.play(URL)).status == 200
+    held[2].proto.connectionLost()
+    again = Client(svc, host="127.0.191.5")
+    assert again.ask(again.conn.options(URL)).status == 200
+    rtsp = svc.status()["rtsp"]
+    assert rtsp["refused_server_connections"] == 1 and rtsp["refused_connections"] == 0
+    assert rtsp["max_connections"] == 3 and rtsp["connections"] == 3
+    assert rtsp["refused"] == {"503": 1} and rtsp["sessions"] == 1
+
+
 def test_resetup_of_a_started_stream_cannot_leak_its_relay() -> None:
     """SETUP again on a played session is 455: SETUP+PLAY loops cannot pile up relay
     sockets; an unplayed session may be set up again (nothing to leak)."""

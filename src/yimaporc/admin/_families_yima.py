@@ -167,14 +167,17 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
         ("sessions", "RTSP sessions open on this node."),
         ("connections", "RTSP connections open on this node."),
         ("relay_ports", "Relay sockets open for sessions of this node."),
+        ("max_connections", "The cap on RTSP connections of this node in all."),
     ):
         out.gauge(f"yimaporc_rtsp_{key}", text, rtsp.get(key))
     for key, text in (
         ("refused_sessions", "SETUPs refused by the session caps (453/503)."),
         ("refused_destinations", "SETUPs refused for naming another destination (461)."),
         ("refused_connections", "Connections refused past a client's cap (503)."),
+        ("refused_server_connections", "Connections refused past the node's cap in all (503)."),
         ("reaped", "Sessions closed after their client went quiet."),
         ("idle_closed", "RTSP connections closed as idle."),
+        ("aborted_unread", "Closed RTSP connections aborted with output still unread."),
         ("interleaved_dropped", "Interleaved frames dropped (client not reading)."),
     ):
         out.counter(f"yimaporc_rtsp_{key}", text, rtsp.get(key))

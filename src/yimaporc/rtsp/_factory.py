@@ -10,6 +10,7 @@ sessions a bounded batch at a time with one timer on the injected ``clock``.
 from __future__ import annotations
 
 import random
+import resource
 from collections import Counter
 from typing import Any, cast
 
@@ -59,16 +60,41 @@ from .sdp import SessionDescription, serialize_sdp
 #: Seconds between two log lines about refused sessions (the counters count them all).
 REFUSAL_LOG_INTERVAL = 10.0
 
+#: File descriptors the default total connection cap leaves to the rest of the node
+#: (disk files, cluster links and their listeners, admin connections, logs, worker
+#: pipes) before it takes half of what is left: the other half is for the relay
+#: sockets of played sessions (one each) and whatever else the node opens per session.
+FD_RESERVE = 128
+#: The smallest default total cap, however low the file descriptor limit.
+MIN_CONNECTIONS = 16
+#: The file descriptor limit assumed when there is none (RLIM_INFINITY).
+UNLIMITED_NOFILE = 1 << 16
+
+
+def default_max_connections(nofile: int | None = None) -> int:
+    """The default cap on a server's RTSP connections in all: half of the soft
+    RLIMIT_NOFILE (``nofile``, read from the process when None) less
+    :data:`FD_RESERVE`, at least :data:`MIN_CONNECTIONS` (1024 -> 448, 65536 -> 32704)."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile < 0 or nofile == resource.RLIM_INFINITY:
+        nofile = UNLIMITED_NOFILE
+    return max(MIN_CONNECTIONS, (nofile - FD_RESERVE) // 2)
+
 
 class _TooManyConnections(Protocol):
-    """A connection past its client's cap: one 503 with the reason, then closed."""
+    """A connection past a cap (its client's, or ``peer`` None: the server's in all):
+    one 503 with the reason, then closed."""
 
-    def __init__(self, peer: str, server_name: str) -> None:
+    def __init__(self, peer: str | None, server_name: str) -> None:
         self.peer, self.server_name = peer, server_name
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        reason = f"{reason_phrase(503)}: too many connections from {self.peer}"
+        if self.peer is None:
+            reason = f"{reason_phrase(503)}: too many connections to this server"
+        else:
+            reason = f"{reason_phrase(503)}: too many connections from {self.peer}"
         fields = (("Server", self.server_name), ("Connection", "close"))
         self.transport.write(serialize_response(Response(503, reason, Headers(fields))))
         self.transport.loseConnection()
@@ -107,7 +133,10 @@ class RtspServerFactory(Factory):
     connection without a request for ``idle_timeout`` s and without a live
     session is closed; at most ``reap_batch`` sessions are torn down per
     reactor turn and ``max_requests_per_turn`` requests of one connection
-    handled per turn.
+    handled per turn.  Open connections are capped per client address
+    (``max_connections_per_client``) and in all (``max_connections``, default
+    :func:`default_max_connections`, from the file descriptor limit): a
+    connection beyond either gets 503 and is closed.
     """
 
     log = Logger()
@@ -123,6 +152,7 @@ class RtspServerFactory(Factory):
         max_sessions: int = 1024,
         max_sessions_per_client: int | None = 64,
         max_connections_per_client: int | None = None,
+        max_connections: int | None = None,
         setup_timeout: float | None = 15.0,
         detached_timeout: float | None = 10.0,
         idle_timeout: float | None = 30.0,
@@ -155,9 +185,20 @@ class RtspServerFactory(Factory):
         self.max_connections_per_client = max_connections_per_client
         self.per_client: Counter[str] = Counter()
         self.refused_connections = 0
+        # Open connections in all, capped so that many addresses (a botnet, an IPv6
+        # /64) cannot take the node's file descriptors either; None: from RLIMIT_NOFILE.
+        if max_connections is None:
+            max_connections = default_max_connections()
+        self.max_connections = max_connections
+        self.refused_server_connections = 0
+        self._full_logged_at = float("-inf")
+        self._full_unlogged = 0
         self._reaper: IDelayedCall | None = None
         self.reaped = 0
         self.idle_closed = 0
+        #: Connections the server closed whose client had not read the output queued
+        #: for it CLOSE_LINGER s later, aborted (see :data:`._protocol.CLOSE_LINGER`).
+        self.aborted_unread = 0
         self.refused_destinations = 0
         self.interleaved_dropped = 0
         #: Error answers by status: requests refused, and broken framing (400, 413, 414,
@@ -168,6 +209,11 @@ class RtspServerFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> RtspServerProtocol | Protocol:  # type: ignore[override]
         peer = getattr(addr, "host", None)
+        if len(self.protocols) >= self.max_connections:
+            self.refused_server_connections += 1
+            self.refused[503] += 1
+            self._log_full(peer)
+            return _TooManyConnections(None, self.server_name)
         cap = self.max_connections_per_client
         if peer is not None and cap is not None and self.per_client[peer] >= cap:
             self.refused_connections += 1
@@ -189,8 +235,11 @@ class RtspServerFactory(Factory):
             "refused_sessions": self.sessions.refused,
             "refused_destinations": self.refused_destinations,
             "refused_connections": self.refused_connections,
+            "max_connections": self.max_connections,
+            "refused_server_connections": self.refused_server_connections,
             "reaped": self.reaped,
             "idle_closed": self.idle_closed,
+            "aborted_unread": self.aborted_unread,
             "interleaved_dropped": self.interleaved_dropped,
             "refused": {str(k): v for k, v in sorted(self.refused.items())},
         }
@@ -328,6 +377,20 @@ class RtspServerFactory(Factory):
             peer=peer,
         )
         self._refusal_logged_at, self._refusals_unlogged = now, 0
+
+    def _log_full(self, peer: str | None) -> None:
+        # As for sessions: one line, then at most one summary per REFUSAL_LOG_INTERVAL.
+        self._full_unlogged += 1
+        now = self.clock.seconds()
+        if now - self._full_logged_at < REFUSAL_LOG_INTERVAL:
+            return
+        self.log.warn(
+            "rtsp: refused {n} connection(s): {cap} open, the server's cap (last from {peer})",
+            n=self._full_unlogged,
+            cap=self.max_connections,
+            peer=peer,
+        )
+        self._full_logged_at, self._full_unlogged = now, 0
 
     def _after(self, response: Response) -> Response:
         self._schedule_reap()

@@ -35,6 +35,12 @@ from ._wire import (
 if TYPE_CHECKING:
     from ._factory import RtspServerFactory
 
+#: Seconds a connection the server closes (idle, broken framing, the client's
+#: ``Connection: close``) may take to deliver the output still queued for it before it
+#: is aborted: a client that never reads would otherwise hold its descriptor, and its
+#: place under the connection caps, forever (loseConnection waits for the buffer).
+CLOSE_LINGER = 10.0
+
 
 @implementer(IPushProducer)
 class _WriteGate:
@@ -83,6 +89,7 @@ class RtspServerProtocol(_Shell):
         self._last_request = factory.clock.seconds()
         self._idle: IDelayedCall | None = None
         self._later: IDelayedCall | None = None
+        self._linger: IDelayedCall | None = None
         self._busy = False
         self._pumping = False
         self._reading_paused = False
@@ -102,7 +109,7 @@ class RtspServerProtocol(_Shell):
         self._arm_idle(self.factory.idle_timeout)
 
     def _arm_idle(self, delay: float | None) -> None:
-        if delay is not None and not self._lost:
+        if delay is not None and not self._lost and self._linger is None:
             self._idle = self.factory.clock.callLater(delay, self._idle_check)
 
     def _idle_check(self) -> None:
@@ -143,6 +150,17 @@ class RtspServerProtocol(_Shell):
             self._registered = False
             self._t.unregisterProducer()
         self._t.loseConnection()
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        if self._linger is None and not self._lost:
+            self._linger = self.factory.clock.callLater(CLOSE_LINGER, self._abort)
+
+    def _abort(self) -> None:
+        """The closed connection's output was not read within CLOSE_LINGER: drop it."""
+        self._linger = None
+        self.factory.aborted_unread += 1
+        self._t.abortConnection()
 
     def used_channels(self) -> frozenset[int]:
         """Interleaved channels already bound on this connection."""
@@ -291,10 +309,10 @@ class RtspServerProtocol(_Shell):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._lost = True
-        for call in (self._idle, self._later):
+        for call in (self._idle, self._later, self._linger):
             if call is not None and call.active():
                 call.cancel()
-        self._idle = self._later = None
+        self._idle = self._later = self._linger = None
         self.factory.connection_lost(self)
 
 

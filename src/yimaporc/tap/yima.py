@@ -16,7 +16,7 @@ from ..yima.workers import default_workers
 from .common import DISK_ERRORS, NodeOptions, cannot_start, install_logging, node_config, run_as
 
 # --rtsp-NAME, RtspServerFactory keyword, default, help, type (docs/wire.md, "Sessions
-# under load").
+# under load"); "auto" leaves the keyword out (the factory's default).
 RTSP_GUARDS: list[tuple[str, str, str, str, type]] = [
     ("max-sessions", "max_sessions", "1024", "RTSP sessions of this node in all (503 beyond).",
      int),
@@ -27,6 +27,9 @@ RTSP_GUARDS: list[tuple[str, str, str, str, type]] = [
     ("idle-timeout", "idle_timeout", "30",
      "Seconds an RTSP connection without a request and without a live session stays open.",
      float),
+    ("max-connections", "max_connections", "auto",
+     "RTSP connections of this node in all (503 beyond; auto: half the open-file limit "
+     "less 128, at least 16).", int),
 ]  # fmt: skip
 
 
@@ -160,11 +163,14 @@ class Options(NodeOptions):
             if not 0 <= self["workers_n"] <= 256:
                 raise usage.UsageError("--workers must be auto or 0..256")
         guards: dict[str, Any] = {}
-        for name, key, _default, _text, kind in RTSP_GUARDS:
+        for name, key, default, _text, kind in RTSP_GUARDS:
+            if self[f"rtsp-{name}"] == "auto" == default:
+                continue
             try:
                 value = kind(self[f"rtsp-{name}"])
             except ValueError:
-                raise usage.UsageError(f"--rtsp-{name} must be a number") from None
+                what = "a number or auto" if default == "auto" else "a number"
+                raise usage.UsageError(f"--rtsp-{name} must be {what}") from None
             if not value > 0:
                 raise usage.UsageError(f"--rtsp-{name} must be positive")
             guards[key] = value
