@@ -30,8 +30,8 @@ def mail(tmp_path: Path) -> Iterator[RunningMail]:
 class Raw:
     """A line-oriented raw client."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=10)
         self.f = self.sock.makefile("rwb")
 
     def send(self, data: bytes) -> None:
@@ -168,6 +168,31 @@ def test_pipelined_replies_in_order(mail: RunningMail) -> None:
                      b"250", b"250", b"354", b"250", b"221"]  # fmt: skip
     c.close()
     assert stored(mail) == 2
+
+
+def test_smtp_smuggling_over_a_socket(tmp_path: Path) -> None:
+    """LF "." LF ends no DATA over a real connection: the would-be second transaction is
+    text, the whole message refused 550 with nothing stored; a bare LF in a command is
+    500 and a close."""
+    m = RunningMail(tmp_path / "data", max_message_size=LIMIT, host="127.0.190.1")
+    try:
+        m.add_user(ALICE, PW)
+        c = Raw(m.port("smtp"), m.host)
+        c.line()
+        c.send(
+            b"EHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+            b"Subject: a\r\n\r\nhi\n.\nMAIL FROM:<ceo@example.org>\r\n"
+            b"RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: forged\r\n\r\nx\r\n.\r\n"
+        )
+        assert [c.reply()[:4] for _ in range(5)] == [b"250 ", b"250 ", b"250 ", b"354 ", b"550 "]
+        assert stored(m) == 0
+        c.send(b"NOOP\nQUIT\r\n")
+        assert c.reply().startswith(b"500 5.5.2")
+        assert c.line() == b""
+        c.close()
+        assert m.service.client_errors.status().get("smtp_bare_newlines") == 2
+    finally:
+        m.stop()
 
 
 def test_pop3_bad_input(mail: RunningMail) -> None:

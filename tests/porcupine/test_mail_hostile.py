@@ -247,6 +247,24 @@ def test_imap_append_to_missing_mailbox_trycreate(
     assert not failures
 
 
+def test_imap_keyword_flood_is_limit_and_counted(
+    mail: Mail, failures: list[dict[str, Any]]
+) -> None:
+    """STORE 1:* +FLAGS with thousands of keywords is NO [LIMIT] (imap.keyword_limit),
+    nothing stored on any message; PERMANENTFLAGS offers \\* while keywords can be made."""
+    p, t = mail.imap()
+    out = send(mail, p, t, b"s SELECT INBOX")
+    assert b"\\*)] " in out
+    flood = b" ".join(b"k%d" % i for i in range(4000))
+    out = send(mail, p, t, b"a STORE 1:* +FLAGS (" + flood + b")")
+    assert tagged(out).startswith(b"NO [LIMIT]")
+    assert mail.errors.counts["imap.keyword_limit"] == 1
+    assert mail.errors.counts["imap.command_refused"] == 1
+    out = send(mail, p, t, b"a FETCH 1:* FLAGS")
+    assert tagged(out).startswith(b"OK") and b"k0" not in out
+    assert not failures
+
+
 def test_imap_pipelined_fetches_in_order(mail: Mail, failures: list[dict[str, Any]]) -> None:
     """Two FETCHes and a NOOP in one packet are answered in order (stock crashed on _oldTimeout)."""
     p, t = mail.imap()

@@ -388,3 +388,21 @@ def test_a_message_file_removed_by_hand_is_dropped_from_the_queue(tmp_path: Path
     reactor, s, _ = sender_for(tmp_path, Routes({"remote.test": ("10.9.9.9", 25)}))
     assert s.entries == {} and reactor.tcpClients == []
     assert not (tmp_path / "outbound" / "m1.json").exists()
+
+
+def test_a_dot_line_at_a_chunk_start_is_stuffed_and_smuggles_nothing(tmp_path: Path) -> None:
+    """A "." line where the client's 16 KiB send chunks meet is still dot-stuffed (stock
+    stuffed each chunk alone: the remote took it as the end of DATA and the rest as
+    commands, an SMTP smuggling route), and a bare CR goes out as CRLF."""
+    head = b"Subject: hi\r\n\r\n"
+    filler = b"x" * (16384 - len(head.replace(b"\r\n", b"\n")) - 1) + b"\r\n"
+    smuggled = b"MAIL FROM:<ceo@example.org>\r\nRCPT TO:<bob@remote.test>\r\nDATA\r\nforged\r\n"
+    body = head + filler + b".\r\n" + smuggled + b".\r\nlast\rline\r\n"
+    spool(tmp_path / "outbound", "m1", "alice@example.org", ["bob@remote.test"], body)
+    reactor, s, bounces = sender_for(tmp_path, Routes({"remote.test": ("10.9.9.9", 2525)}))
+    mx = RemoteMX()
+    serve(reactor, mx, ("10.9.9.9", 2525))
+    assert len(mx.got) == 1  # one message, not a second one made of the smuggled lines
+    got = mx.got[0][1]
+    assert b"\n.\nMAIL FROM:<ceo@example.org>\n" in got and b"\nforged\n.\nlast\nline" in got
+    assert s.status()["delivered"] == 1 and bounces == []

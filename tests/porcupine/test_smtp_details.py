@@ -47,15 +47,16 @@ def test_unknown_body_values_and_mail_parameters_are_refused() -> None:
     assert codes(t) == [b"501", b"555", b"250", b"250", b"250"]
 
 
-def test_bare_lf_in_the_body_is_stored_as_crlf() -> None:
-    """A body with bare LF (and CR) line ends inside CRLF lines is stored with CRLF only."""
-    p, t, stored, _ = server()
-    p.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n")
-    p.dataReceived(b"Subject: s\nX-A: 1\r\n\r\nline one\nline two\rthree\r\n.\r\n")
-    assert codes(t)[-1] == b"250"
-    body = stored[0]
-    assert b"Subject: s\r\nX-A: 1\r\n\r\nline one\r\nline two\r\nthree\r\n" in body
-    assert re.search(rb"[^\r]\n", body) is None and re.search(rb"\r[^\n]", body) is None
+def test_bare_lf_or_cr_in_the_body_refuses_the_message() -> None:
+    """A body with bare LF or CR line ends inside CRLF lines is refused at the final dot
+    (550 5.6.0, counted), nothing stored; the session goes on."""
+    for bare in (b"Subject: s\nX-A: 1\r\n", b"Subject: s\r\n\r\nline two\rthree\r\n"):
+        p, t, stored, counters = server()
+        p.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n")
+        p.dataReceived(bare + b"more\r\n.\r\nNOOP\r\n")
+        assert codes(t)[-2:] == [b"550", b"250"] and stored == []
+        assert replies(t)[-2].startswith(b"550 5.6.0 Bare <CR> or <LF>")
+        assert counters["smtp_bare_newlines"] == 1
 
 
 @implementer(ISmtpSession)

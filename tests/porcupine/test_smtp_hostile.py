@@ -101,17 +101,19 @@ def codes(t: StringTransport) -> list[bytes]:
 
 
 def test_ehlo_with_cr_is_refused_and_forges_nothing() -> None:
-    """EHLO carrying CR (the header-injection vector) is 501, counted; no Received from it."""
+    """EHLO carrying CR (the header-injection vector) is 500 and a close, counted; no
+    Received from it; a new session's clean EHLO is used."""
     delivery = AcceptAll()
     p, t, stored, counters = server(delivery)
     p.dataReceived(b"EHLO evil\rX-Injected: yes\r\n")
-    assert codes(t) == [b"501"]
-    assert counters["smtp_bad_arguments"] == 1
+    assert codes(t) == [b"500"] and t.disconnecting
+    assert counters["smtp_bare_newlines"] == 1
+    p, t, stored, counters = server(delivery)
     p.dataReceived(
         b"EHLO good.example\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n"
         b"Subject: s\r\n\r\nbody\r\n.\r\n"
     )
-    assert codes(t) == [b"501", b"250", b"250", b"250", b"354", b"250"]
+    assert codes(t) == [b"250", b"250", b"250", b"354", b"250"]
     assert delivery.helos == [b"good.example"]
     assert stored and b"X-Injected" not in stored[0]
 
@@ -119,7 +121,6 @@ def test_ehlo_with_cr_is_refused_and_forges_nothing() -> None:
 def test_helo_arguments_must_be_printable_ascii_without_spaces() -> None:
     """Controls, NUL, DEL, 8-bit, inner spaces and empty HELO/EHLO get 501; valid ones 250."""
     bad = [
-        b"HELO a\nb",
         b"HELO a\x00b",
         b"EHLO a\x7fb",
         b"EHLO caf\xc3\xa9.example",
@@ -139,11 +140,12 @@ def test_helo_arguments_must_be_printable_ascii_without_spaces() -> None:
 
 
 def test_mail_and_rcpt_with_control_characters_are_501() -> None:
-    """MAIL/RCPT arguments with CR, NUL, tab or DEL get 501 and are counted; clean ones pass."""
+    """MAIL/RCPT arguments with ESC, NUL, tab or DEL get 501 and are counted; clean ones
+    pass (CR and LF: test_bare_newlines_in_commands_are_500_and_close)."""
     p, t, _, counters = server()
     p.dataReceived(b"EHLO x\r\n")
     t.clear()
-    p.dataReceived(b"MAIL FROM:<a@b.org>\rX: y\r\n")
+    p.dataReceived(b"MAIL FROM:<a@b.org>\x1bX: y\r\n")
     p.dataReceived(b"MAIL FROM:<a\x00@b.org>\r\n")
     p.dataReceived(b"MAIL FROM:<a@b.org>\r\n")
     p.dataReceived(b"RCPT TO:<u@example.org>\x7f\r\n")
@@ -151,6 +153,71 @@ def test_mail_and_rcpt_with_control_characters_are_501() -> None:
     p.dataReceived(b"RCPT TO:<u@example.org>\r\n")
     assert codes(t) == [b"501", b"501", b"250", b"501", b"501", b"250"]
     assert counters["smtp_bad_arguments"] == 4
+
+
+HEAD = b"EHLO c\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.org>\r\nDATA\r\n"
+SMUGGLED = (
+    b"MAIL FROM:<ceo@example.org>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+    b"Subject: forged\r\n\r\nforged\r\n.\r\n"
+)
+# SMTP smuggling (2023): ends of DATA some receivers accepted besides CRLF.CRLF.
+SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\n..\n"]
+
+
+def _feed(p: MailESMTP, wire: bytes, step: int) -> None:
+    for at in range(0, len(wire), step or len(wire)):
+        p.dataReceived(wire[at : at + (step or len(wire))])
+
+
+def test_smtp_smuggling_ends_no_data_and_the_message_is_refused() -> None:
+    """DATA ends only at CRLF.CRLF: after the smuggling sequences the would-be second
+    transaction is message text, and the bare CR/LF refuses the whole message (550 5.6.0,
+    counted), nothing stored, in any TCP cut; the session goes on in step."""
+    for seq in SMUGGLING:
+        for step in (0, 1, 7):
+            p, t, stored, counters = server()
+            wire = HEAD + b"Subject: a\r\n\r\nhello" + seq + SMUGGLED
+            _feed(p, wire + HEAD[8:] + b"Subject: ok\r\n\r\nfine\r\n.\r\nQUIT\r\n", step)
+            refused, good = [b"250", b"250", b"250", b"354", b"550"], [b"250", b"250", b"354"]
+            assert codes(t) == [*refused, *good, b"250", b"221"], (seq, step)
+            assert counters["smtp_bare_newlines"] == 1
+            assert len(stored) == 1 and b"forged" not in stored[0] and b"fine" in stored[0]
+
+
+def test_a_clean_dot_line_in_the_text_still_needs_its_stuffing() -> None:
+    """The client's '..' line is stored as '.', and only CRLF.CRLF ends the text."""
+    p, t, stored, counters = server()
+    p.dataReceived(HEAD + b"Subject: a\r\n\r\nhello\r\n..\r\n" + SMUGGLED[:-3])
+    assert codes(t) == [b"250", b"250", b"250", b"354"] and not stored
+    p.dataReceived(b".\r\n")
+    assert codes(t)[-1] == b"250" and counters["smtp_bare_newlines"] == 0
+    assert b"\r\nhello\r\n.\r\nMAIL FROM:<ceo@example.org>\r\n" in stored[0]
+
+
+def test_bare_newlines_in_commands_are_500_and_close() -> None:
+    """A command line with a bare LF or CR (the client frames lines otherwise than we do)
+    is 500 5.5.2 and a close, counted; nothing after it runs."""
+    for wire in (
+        b"MAIL FROM:<a@b.org>\nRCPT TO:<u@example.org>\r\n",
+        b"MAIL FROM:<a@b.org>\n\r\n",
+        b"NOOP\nRSET\r\n",
+        b"RSET\rMAIL FROM:<x@y.org>\r\n",
+        b"DATA\nSubject: x\r\n",
+        b"QUIT\n\r\n",
+    ):
+        p, t, stored, counters = server()
+        p.dataReceived(b"EHLO c\r\n" + wire + b"NOOP\r\n")
+        assert codes(t) == [b"250", b"500"] and t.disconnecting, wire
+        assert replies(t)[-1].startswith(b"500 5.5.2 Bare <CR> or <LF>")
+        assert counters["smtp_bare_newlines"] == 1 and not stored
+    # in a transaction, and in a pipeline held behind a RCPT whose answer waits
+    delivery = AcceptAll(hold=True)
+    p, t, stored, counters = server(delivery)
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<u@example.org>\r\n")
+    p.dataReceived(b"RCPT TO:<v@example.org>\nDATA\r\nNOOP\r\n")
+    assert codes(t) == [b"250", b"250"]
+    delivery.pending[0].callback(lambda: p.message_for(Recipient("u@example.org", False)))
+    assert codes(t) == [b"250", b"250", b"250", b"500"] and t.disconnecting
 
 
 def test_pipelined_backlog_is_capped_in_bytes() -> None:

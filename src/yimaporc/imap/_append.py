@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import maybeDeferred
 
 from . import _commands as c
+from ._keywords import check_mailbox, check_new
 from ._message import canonical_crlf
 from ._outcome import Done
 from ._serialize import ResponseCode
@@ -36,6 +37,26 @@ def check_storable(flag: str) -> None:
         raise ImapError(f"flag {flag} cannot be stored", status="BAD")
 
 
+def _check_keywords(runner: CommandRunner, cmd: c.Append) -> None:
+    """``NO [LIMIT]`` (counted) for keywords past a bound; the mailbox bound only when
+    ``cmd`` appends to the selected mailbox (another one's keywords are not at hand)."""
+    limits = runner.keyword_limits
+    try:
+        new: set[str] = set()
+        for m in cmd.messages():
+            new |= check_new(limits, m.flags)
+        box, view = runner.mailbox, runner.view
+        if box is not None and view is not None and _same(box.name, cmd.mailbox):
+            check_mailbox(limits, new, view.messages)
+    except ImapError:
+        runner._count("keyword_limit")
+        raise
+
+
+def _same(a: str, b: str) -> bool:
+    return a == b or a.upper() == b.upper() == "INBOX"
+
+
 def answer_append(runner: CommandRunner, cmd: c.Append) -> Any:
     """APPEND (one message, or several with MULTIAPPEND), answered with APPENDUID."""
     items = []
@@ -46,6 +67,8 @@ def answer_append(runner: CommandRunner, cmd: c.Append) -> Any:
     for m in cmd.messages():
         for f in m.flags:
             check_storable(f)
+    _check_keywords(runner, cmd)
+    for m in cmd.messages():
         # Line ends made CRLF (sizes then agree with what clients read, as Dovecot
         # presents them), except in a literal8: BINARY keeps every octet.
         raw = m.message if m.binary else canonical_crlf(m.message)

@@ -10,6 +10,7 @@ from twisted.internet.defer import maybeDeferred
 from . import _commands as c
 from . import _serialize as s
 from ._append import check_storable
+from ._keywords import check_store, may_create
 from ._outcome import Done
 from ._serialize import ResponseCode
 from ._view import MailboxView, absent_uids, uid_set_text
@@ -44,7 +45,9 @@ def _selected(runner: CommandRunner, cmd: c.Select, box: ISelectedMailbox, snap:
     view = runner.view = MailboxView(snap)
     send = runner.conn.send
     send(s.flags(box.flags))
-    perm = () if box.readonly else (*box.permanent_flags, "\\*")
+    perm: tuple[str, ...] = () if box.readonly else tuple(box.permanent_flags)
+    if not box.readonly and may_create(runner.keyword_limits, view.messages):
+        perm = (*perm, "\\*")  # RFC 9051 7.1: while new keywords can be made
     send(s.StatusResponse("OK", "flags permitted", ResponseCode("PERMANENTFLAGS", perm)))
     send(s.exists(len(view)))
     send(s.recent(0))
@@ -94,6 +97,13 @@ def answer_store(runner: CommandRunner, cmd: c.Store) -> Any:
         check_storable(f)
     assert runner.view is not None
     uids = runner.view.resolve(cmd.sequence_set, cmd.uid)
+    view = runner.view
+    targets = [m for m in map(view.info, uids) if m is not None]
+    try:
+        check_store(runner.keyword_limits, cmd.mode, cmd.flags, targets, view.messages)
+    except ImapError:
+        runner._count("keyword_limit")
+        raise
     if cmd.unchanged_since is not None:
         runner.condstore = True
     box = runner.selected

@@ -22,6 +22,7 @@ from . import _serialize as s
 from ._append import SYSTEM_FLAGS, answer_append, check_storable, parse_date
 from ._connection import ImapConnection
 from ._fetch import answer_fetch, answer_search
+from ._keywords import DEFAULT_KEYWORD_LIMITS
 from ._listing import answer_list
 from ._machine import State
 from ._outcome import Done, _code, status_items
@@ -92,6 +93,9 @@ class CommandRunner:
         #: Commands answered NO/BAD by a handler, and handler failures (our bugs).
         self.failed = 0
         self.server_errors = 0
+        #: Of the failed: STORE/APPEND refused ``NO [LIMIT]`` for keywords (_keywords.py).
+        self.keyword_limit = 0
+        self.keyword_limits = DEFAULT_KEYWORD_LIMITS
         #: Called with the counter's name each time one moves (an embedder's metrics).
         self.on_count: Callable[[str], None] | None = None
 

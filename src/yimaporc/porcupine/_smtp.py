@@ -19,6 +19,10 @@ Changes to the stock protocol (26.10):
   arguments free of control characters (CR, LF, NUL, ...): otherwise 501
   and the ``smtp_bad_arguments`` counter (stock copies the HELO text into
   the stored ``Received:`` line, so ``EHLO x\rX-Forged: 1`` forged a header);
+- a bare CR or LF (SMTP smuggling's ``<LF>.<LF>`` and kin): lines split on CRLF
+  only, so DATA ends only at CRLF.CRLF; message text with a bare one is read to
+  there and refused (550 5.6.0, nothing stored), a command line with one is 500
+  and a close; both counted (``smtp_bare_newlines``); stock stored it as sent;
 - a malformed AUTH response is 501 (stock raises and drops the connection),
   AUTH failures are 535 5.7.8, throttled logins 454 4.7.0;
 - bounded: 2,048-octet command lines (500), 64 KiB lines in DATA or the
@@ -30,7 +34,7 @@ Changes to the stock protocol (26.10):
   un-dot-stuffed and stored with a few C-speed passes over the chunk instead
   of a Python call chain per line (:meth:`MailESMTP.dataReceived`); a chunk
   with anything unusual (bare CR or LF, an over-long line, the size limit
-  reached) goes line by line through the stock code as before.
+  reached) goes line by line through the stock code.
 """
 
 from __future__ import annotations
@@ -134,7 +138,8 @@ class Transaction:
             # bytes: stock sends ``datafailed.resp`` as it is at the final dot
             raise smtp.SMTPServerError(552, b"5.3.4 Message size exceeds fixed limit")
         if b"\n" in line or b"\r" in line:
-            # Bare LF or CR inside a CRLF line: stored with CRLF line ends (RFC 5322).
+            # Only the Received: line (folded) gets here with them: client text with a
+            # bare CR or LF is refused (MailESMTP._bare_data). CRLF line ends (RFC 5322).
             line = line.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
         self.chunks.append(line)
 
@@ -308,6 +313,12 @@ class MailESMTP(smtp.ESMTP):
             self._held.append(line)
             return
         in_data = self.mode == smtp.DATA
+        if b"\n" in line or b"\r" in line:  # lines split on CRLF only: this one is bare
+            if not in_data:
+                self._bare_command()
+                return
+            if not self.datafailed:
+                self._bare_data()
         if not in_data and len(line) > self.MAX_COMMAND:
             self.sendCode(500, b"5.5.2 Line too long")
             return
@@ -324,6 +335,26 @@ class MailESMTP(smtp.ESMTP):
             self._data_begun = True
         if expects_reply and not self._replied and not self._t.disconnecting:
             self._held = []
+
+    def _bare_command(self) -> None:
+        """A command line with a bare CR or LF: the client frames lines otherwise than
+        we do (what it sends next may be meant as other commands), so 500 and close,
+        as Postfix's ``smtpd_forbid_bare_newline = yes``."""
+        self.counters["smtp_bare_newlines"] += 1
+        self._command = b""
+        self.sendCode(500, b"5.5.2 Bare <CR> or <LF> received, closing")
+        self._t.loseConnection()
+
+    def _bare_data(self) -> None:
+        """Message text with a bare CR or LF (smuggling's ``<LF>.<LF>`` and kin, or a
+        broken client): the rest is read to CRLF.CRLF, as always, then the message
+        is refused with nothing stored (stock sends ``datafailed`` at the dot)."""
+        self.counters["smtp_bare_newlines"] += 1
+        if self._txn is not None:
+            self._txn.abort()
+        self.datafailed = smtp.SMTPServerError(
+            550, b"5.6.0 Bare <CR> or <LF> in message text; lines must end with CRLF"
+        )
 
     # --- message text in bulk -----------------------------------------------------------
 

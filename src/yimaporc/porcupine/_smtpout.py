@@ -37,6 +37,14 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def wire_body(body: bytes) -> bytes:
+    """``body`` as DATA sends it: every line end CRLF (a bare CR or LF too, so no
+    remote can take LF "." LF or CR "." CR for the end), lines starting with "."
+    stuffed (RFC 5321 4.5.2); the final "." is the client's."""
+    text = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    return (b"\r\n" + text).replace(b"\r\n.", b"\r\n..")[2:]
+
+
 @attrs.define(eq=False)
 class Job:
     """One message for one destination; ``done`` fires with the raw RCPT replies
@@ -85,7 +93,13 @@ class _Client(smtp.ESMTPClient):
 
     def getMailData(self) -> io.BytesIO:
         assert self.job is not None
-        return io.BytesIO(self.job.body.replace(b"\r\n", b"\n"))  # sent with CRLF again
+        return io.BytesIO(wire_body(self.job.body))
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        """The chunk as :meth:`getMailData` made it (stock stuffs each 16 KiB chunk
+        alone and misses a "." line at a chunk's start: the remote ends DATA there)."""
+        self.resetTimeout()
+        return chunk
 
     def sentMail(self, code: int, resp: bytes, numOk: int, addresses: Any, log: Any) -> None:
         self.sent += 1

@@ -133,7 +133,8 @@ class PorcupineImapProtocol(ImapServerProtocol):
 class CountingRunner(CommandRunner):
     """The shell's command runner, its counters kept in the node's ClientErrors too:
     commands answered NO/BAD (``imap.command_refused``) and handler failures
-    (``imap.server_error``, our bugs)."""
+    (``imap.server_error``, our bugs); of the refused, keywords past a bound
+    (``imap.keyword_limit``)."""
 
     def __init__(self, errors: ClientErrors, *args: Any) -> None:
         self.errors = errors
@@ -143,6 +144,8 @@ class CountingRunner(CommandRunner):
     def _counted(self, name: str) -> None:
         if name == "failed":
             self.errors.client("imap", "command_refused")
+        elif name == "keyword_limit":
+            self.errors.client("imap", "keyword_limit")
         else:
             self.errors.counts["imap.server_error"] += 1
 
