@@ -496,3 +496,55 @@ def test_binary_append_keeps_octets_plain_append_gets_crlf(tmp_path: Path) -> No
     assert b"RFC822.SIZE %d BODY[] {%d}\r\n%s)" % (len(crlf), len(crlf), crlf) in out
     out = c.run(b"f FETCH 1 (BINARY.PEEK[1])\r\n")
     assert b"~{8}\r\n\x00\x01\nx\ry\r\n" in out, out
+
+
+def test_copy_and_append_wait_while_the_mailbox_look_up_is_out_of_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's manager paused: the look-up before COPY/APPEND fails (a read, safe
+    to redo, even after a timeout); both commands are tried again every RESERVE_RETRY
+    s instead of NO [UNAVAILABLE] (mbsync takes a NO to APPEND as final), and answer
+    once the look-up works; the waits are counted."""
+    from twisted.internet.defer import fail
+    from twisted.internet.task import Clock
+
+    from yimaporc.cluster.rpc import PeerMaybeDone
+    from yimaporc.porcupine.retrieval import UserMail
+    from yimaporc.porcupine.retrieval._usermail import RESERVE_RETRY
+
+    clock = Clock()
+    real_init, real_boxes = UserMail.__init__, UserMail.mailboxes
+    out_of_reach = [0]
+
+    def init(self: UserMail, *a: Any, **kw: Any) -> None:
+        real_init(self, *a, **kw)
+        self.clock = clock
+
+    def boxes(self: UserMail) -> Any:
+        if out_of_reach[0]:
+            out_of_reach[0] -= 1
+            return fail(PeerMaybeDone("n2: no answer in 10 s"))
+        return real_boxes(self)
+
+    monkeypatch.setattr(UserMail, "__init__", init)
+    monkeypatch.setattr(UserMail, "mailboxes", boxes)
+    svc = make_service(tmp_path)
+    deliver(svc, MSG1)
+    c = Client(svc)
+    c.run(b"a LOGIN alice pw\r\nb CREATE Archive\r\nc SELECT INBOX\r\n")
+    out_of_reach[0] = 2
+    assert tagged(c.run(b"d COPY 1 Archive\r\n")) == []
+    clock.advance(RESERVE_RETRY)
+    assert tagged(c.take()) == []
+    clock.advance(RESERVE_RETRY)
+    out = c.take()
+    assert tagged(out) == [(b"d", b"OK")] and b"COPYUID" in out, out
+    out_of_reach[0] = 1
+    assert tagged(c.run(b"e APPEND Archive {11}\r\n")) == []
+    assert tagged(c.run(b"hello world\r\n")) == []
+    clock.advance(RESERVE_RETRY)
+    out = c.take()
+    assert tagged(out) == [(b"e", b"OK")] and b"APPENDUID" in out, out
+    assert svc.retrieval.counts["append_waits"] == 3
+    out = c.run(b"f STATUS Archive (MESSAGES)\r\n")
+    assert b"MESSAGES 2" in out

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from ..cluster.rpc import PeerUnavailable, may_have_run
+from ..cluster.rpc import PeerUnavailable
 from ..imap._message import Message
 from ..imap._search import Need, Scope, SearchError, View, compile_search
 from ..imap.interfaces import (
@@ -488,30 +488,35 @@ class PorcupineMailbox:
         d: Deferred[None] = self.mail.digests(self.name, complete=True).addCallback(remove)
         return d.addErrback(as_imap_error)
 
-    def _dest(self, dest: str) -> Deferred[MailboxInfo]:
-        return self.session._info(dest, "TRYCREATE")
-
     def copy(self, uids: list[int], dest: str) -> Deferred[CopyResult]:
+        """COPY; like APPEND, tried again while it fails before anything was written
+        (the user's manager paused: :meth:`UserMail.failover`)."""
         digests = self._known(uids)
 
-        def run(info: MailboxInfo) -> Deferred[CopyResult]:
+        def attempt(deadline: float) -> Deferred[tuple[MailboxInfo, list[Digest]]]:
+            def run(info: MailboxInfo) -> Deferred[tuple[MailboxInfo, list[Digest]]]:
+                if not digests:
+                    return succeed((info, []))
+                d = self.mail.copy(self.name, digests, info.name, deadline)
+                return d.addCallbacks(lambda new: (info, new), _store_retry)
+
+            return self.session._info_retry(dest).addCallback(run)
+
+        def done(got: tuple[MailboxInfo, list[Digest]]) -> CopyResult:
+            info, new = got
             if not digests:
-                return succeed(CopyResult(info.uidvalidity, (), ()))
-            d = self.mail.copy(self.name, digests, info.name)
+                return CopyResult(info.uidvalidity, (), ())
+            self._notify(info.name)
+            # Copies are made in the order of the sources, UIDs ascending.
+            pairs = list(zip(digests, sorted(new, key=lambda x: x.uid), strict=False))
+            return CopyResult(
+                info.uidvalidity,
+                tuple(s.uid for s, _ in pairs),
+                tuple(n.uid for _, n in pairs),
+            )
 
-            def done(new: list[Digest]) -> CopyResult:
-                self._notify(info.name)
-                # Copies are made in the order of the sources, UIDs ascending.
-                pairs = list(zip(digests, sorted(new, key=lambda x: x.uid), strict=False))
-                return CopyResult(
-                    info.uidvalidity,
-                    tuple(s.uid for s, _ in pairs),
-                    tuple(n.uid for _, n in pairs),
-                )
-
-            return d.addCallbacks(done, as_imap_error, errbackArgs=("TRYCREATE",))
-
-        return self._dest(dest).addCallback(run)
+        d = self.mail.failover(attempt)
+        return d.addCallbacks(done, as_imap_error, errbackArgs=("TRYCREATE",))
 
     def move(self, uids: list[int], dest: str) -> Deferred[CopyResult]:
         if _canonical(dest) == self.name:
@@ -597,9 +602,10 @@ def _header_end(raw: bytes) -> int:
 
 
 def _store_retry(f: Failure) -> Failure:
-    """An APPEND store that failed before anything was written (the node refused the
-    connection, or part of the mail was out of reach when looked up) may be retried;
-    one that timed out after its request left may have been stored: never twice."""
-    if f.check(MailUnavailable) or (f.check(PeerUnavailable) and not may_have_run(f)):
+    """An APPEND/COPY that failed before its store was sent (part of the mail out of
+    reach when looked up or read: ``MailUnavailable``) may be tried again.  A store
+    that failed is not, even refused at once: a replicated store may have logged
+    its copy here before a peer failed it, and a timed-out one may still land."""
+    if f.check(MailUnavailable):
         raise Retry(f)
     return f

@@ -210,13 +210,25 @@ class Fragmented:
     # --- COPY and APPEND: stored at home under UIDs from the user manager --------------
 
     def copy(
-        self, mail: UserMail, mailbox: str, digests: Sequence[Digest], dest: str
+        self,
+        mail: UserMail,
+        mailbox: str,
+        digests: Sequence[Digest],
+        dest: str,
+        deadline: float | None = None,
     ) -> Deferred[list[Digest]]:
         """See :class:`IMailLayout`: read, then store at home under fresh UIDs."""
-        return mail.fetch(mailbox, digests).addCallback(self._copy_to_home, mail, digests, dest)
+        return mail.fetch(mailbox, digests).addCallback(
+            self._copy_to_home, mail, digests, dest, deadline
+        )
 
     def _copy_to_home(
-        self, bodies: dict[int, bytes], mail: UserMail, digests: Sequence[Digest], dest: str
+        self,
+        bodies: dict[int, bytes],
+        mail: UserMail,
+        digests: Sequence[Digest],
+        dest: str,
+        deadline: float | None = None,
     ) -> Deferred[list[Digest]]:
         items = [(d, bodies[d.uid]) for d in digests if d.uid in bodies]
         if not items:
@@ -230,7 +242,7 @@ class Fragmented:
                 for i, (d, b) in enumerate(items)
             ]
 
-        return mail.reserve(len(items)).addCallback(
+        return mail.reserve(len(items), deadline).addCallback(
             lambda r: self.store(mail, dest, build(*r), r[0])
         )
 

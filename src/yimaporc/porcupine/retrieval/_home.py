@@ -73,9 +73,14 @@ class HomeOnly:
         return mail.home_manager().subscribe(mail.address, name, on)
 
     def copy(
-        self, mail: UserMail, mailbox: str, digests: Sequence[Digest], dest: str
+        self,
+        mail: UserMail,
+        mailbox: str,
+        digests: Sequence[Digest],
+        dest: str,
+        deadline: float | None = None,
     ) -> Deferred[list[Digest]]:
-        """See :class:`IMailLayout`: within each node's fragment."""
+        """See :class:`IMailLayout`: within each node's fragment (no reservation)."""
         ds = [
             mail.managers(node).copy(mail.address, mailbox, uids, dest)
             for node, uids in mail.by_node(digests).items()

@@ -226,10 +226,13 @@ class UserMail:
         of reach (a syncing client would take the missing ones as expunged)."""
         return self.layout.digests(self, mailbox, complete)
 
-    def copy(self, mailbox: str, digests: Sequence[Digest], dest: str) -> Deferred[list[Digest]]:
+    def copy(
+        self, mailbox: str, digests: Sequence[Digest], dest: str, deadline: float | None = None
+    ) -> Deferred[list[Digest]]:
         """COPY within each node's fragment (in a cluster: read, then store at home
-        under fresh UIDs from the user manager)."""
-        return self.layout.copy(self, mailbox, digests, dest)
+        under fresh UIDs from the user manager, whose reservation waits at most until
+        ``deadline``)."""
+        return self.layout.copy(self, mailbox, digests, dest, deadline)
 
     # --- messages: one holder per message --------------------------------------------
 

@@ -67,9 +67,14 @@ class IMailLayout(Interface):
         """SUBSCRIBE / UNSUBSCRIBE."""
 
     def copy(
-        mail: UserMail, mailbox: str, digests: Sequence[Digest], dest: str
+        mail: UserMail,
+        mailbox: str,
+        digests: Sequence[Digest],
+        dest: str,
+        deadline: float | None = None,
     ) -> Deferred[list[Digest]]:
-        """COPY ``digests`` of ``mailbox`` into ``dest``."""
+        """COPY ``digests`` of ``mailbox`` into ``dest`` (a UID reservation waits for
+        its manager at most until ``deadline``)."""
 
     def store(
         mail: UserMail, mailbox: str, msgs: list[NewMessage], first: int
