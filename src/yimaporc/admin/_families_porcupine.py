@@ -50,8 +50,9 @@ def _porcupine(out: _Families, doc: Mapping[str, Any]) -> None:
             "yimaporc_mail_refusals",
             "IMAP/POP3 commands refused with a transient [UNAVAILABLE] for what this node "
             "could not know (validity_unknown: the user's profile, hence INBOX UIDVALIDITY; "
-            "reserve_wait_lapsed: APPEND/COPY with the user's manager out of reach 10 s), "
-            "and reserve_waits: APPEND/COPY retries while it was.",
+            "reserve_wait_lapsed: APPEND/COPY with the user's manager out of reach 10 s; "
+            "append_wait_lapsed: an APPEND/COPY still failing before anything was written "
+            "after 16 s), and reserve_waits/append_waits: their retries meanwhile.",
             value,
             reason=_label_value(str(key)),
         )
