@@ -308,3 +308,32 @@ def test_renewal_never_shortens_a_replicated_hold(tmp_path: Path) -> None:
     assert um.core.horizon(USER, clock.seconds()).outstanding == ((first, first + 1),)
     clock.advance(0.2)
     assert um.core.horizon(USER, clock.seconds()).outstanding == ()
+
+
+def test_a_full_disk_refuses_holder_records_and_marks_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """A node whose disk (SQLite) is full cannot write a holder record or a UID mark:
+    asked over AMP it answers *not recorded* (the majority round's own answer), counted
+    in ``full_disk_refusals``; before, the sqlite3 error went back as an undeclared AMP
+    error, logged with a traceback on both nodes."""
+    import sqlite3
+
+    net = Net(tmp_path)
+    for i in (1, 2, 3):
+        net.add(f"n{i}")
+    net.commit(["n1", "n2", "n3"])
+    full = net.nodes["n1"].cluster
+    store = full.storage.fragment_store
+
+    def disk_full(*a: Any) -> Any:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    store.record_holders = disk_full  # type: ignore[method-assign]
+    store.raise_mark = disk_full  # type: ignore[method-assign]
+    asker = net.nodes["n2"].cluster
+    fence = asker.user_manager.core.fence(5)
+    got = result_of(asker._holders_on("n1", 5, fence, [("u@example.org", "n2")]))
+    assert got is False
+    assert result_of(asker._mark_on("n1", 5, fence, 500)) is False
+    assert full.status()["mail_cluster"]["full_disk_refusals"] == 2

@@ -70,6 +70,7 @@ from ._cluster_wire import (
     _digest_in,
     _digest_out,
     pack_messages,
+    storage_full,
     unpack_messages,
 )
 from .balancer import LoadBalancer
@@ -190,6 +191,7 @@ class MailCluster(ClusterLease, Service):
         self._last_tick: float | None = None
         self._paused_at: float | None = None
         self.pauses = 0
+        self.full_disk_refusals = 0
         self._lease_loop: LoopingCall | None = None
         self._sweep_loop: LoopingCall | None = None
         self.user_manager.lease_ok = self.lease_ok
@@ -437,7 +439,7 @@ class MailCluster(ClusterLease, Service):
         pairs = list(holders)
         store = self.storage.fragment_store
         d: Deferred[bool] = self.storage.run_blocking(store.record_holders, bucket, fence, pairs)
-        return d
+        return d.addErrback(self._full_disk, False)
 
     def _on_holders(
         self, bucket: int, fence: str, holders: tuple[tuple[str, str], ...]
@@ -454,7 +456,17 @@ class MailCluster(ClusterLease, Service):
             return store.raise_mark(bucket, fence, mark), before
 
         d: Deferred[tuple[bool, int]] = self.storage.run_blocking(raise_)
-        return d
+        return d.addErrback(self._full_disk, (False, 0))
+
+    def _full_disk(self, f: Failure, answer: Any) -> Any:
+        """A holder record or UID mark this node cannot write (its disk or SQLite is
+        full) is *not recorded*, an answer the majority round expects, not an
+        undeclared error (a traceback at both ends); counted as ``full_disk_refusals``."""
+        if not storage_full(f.value):
+            return f
+        self.full_disk_refusals += 1
+        self.log.warn("cannot record a holder or UID mark: {e}", e=f.getErrorMessage())
+        return answer
 
     def _on_mark(self, bucket: int, fence: str, mark: int) -> Deferred[dict[str, Any]]:
         if not 0 <= bucket < N_BUCKETS:
@@ -533,6 +545,8 @@ class MailCluster(ClusterLease, Service):
             "mail_cluster": {
                 **self.user_manager.status(),
                 "pauses": self.pauses,
+                # holder records and UID marks refused because this node's disk is full
+                "full_disk_refusals": self.full_disk_refusals,
                 # stores of a plan older than NODE_PLAN_TTL here (kept unnumbered)
                 "late_allocations": self.storage.fragment_store.late_allocations,
                 "lease": self.lease_ok(),
