@@ -264,7 +264,11 @@ def evaluate(h: History, final: Final, count: int, users: list[str]) -> dict[str
         "by_kind": by_kind,
         "total": total,
         "violations": violations,
-        "ok": all(total[c] == 0 for c in counters[2:]),
+        # below_seen_unacked is counted but allowed: a message no client got a 250
+        # for, back below UIDs shown after its coordinator died or lapsed (the
+        # client's retry is its own message; docs/mail.md, "A holder that goes away
+        # meanwhile").  Every other invariant must hold.
+        "ok": all(total[c] == 0 for c in counters[2:] if c != "below_seen_unacked"),
     }
 
 
