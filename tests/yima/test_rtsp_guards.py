@@ -381,3 +381,15 @@ def test_client_port_of_a_cluster_members_own_port_is_refused() -> None:
     assert c.setup("RTP/AVP;unicast;client_port=5000-5001").status == 200
     other = Client(svc, host="127.0.103.50")  # not a member's host: its own port 7946
     assert other.setup("RTP/AVP;unicast;client_port=7946-7947").status == 200
+
+
+def test_refusal_log_lines_are_budgeted() -> None:
+    """A flood of refusals logs the first, then one summary per REFUSAL_LOG_INTERVAL
+    with the count since the last line (shared by session and connection refusals)."""
+    from yimaporc.rtsp._factory import REFUSAL_LOG_INTERVAL, _LogBudget
+
+    budget = _LogBudget()
+    assert budget.due(100.0) == 1
+    assert [budget.due(100.0 + i) for i in range(1, 5)] == [0, 0, 0, 0]
+    assert budget.due(100.0 + REFUSAL_LOG_INTERVAL) == 5
+    assert budget.due(100.0 + REFUSAL_LOG_INTERVAL + 0.1) == 0

@@ -60,6 +60,24 @@ from .sdp import SessionDescription, serialize_sdp
 #: Seconds between two log lines about refused sessions (the counters count them all).
 REFUSAL_LOG_INTERVAL = 10.0
 
+
+class _LogBudget:
+    """A flood of refusals must not become a flood of log lines: :meth:`due` counts
+    one and says how many to log now (the first, then at most one summary per
+    REFUSAL_LOG_INTERVAL; 0: not yet)."""
+
+    def __init__(self) -> None:
+        self.unlogged = 0
+        self.logged_at = float("-inf")
+
+    def due(self, now: float) -> int:
+        self.unlogged += 1
+        if now - self.logged_at < REFUSAL_LOG_INTERVAL:
+            return 0
+        n, self.unlogged, self.logged_at = self.unlogged, 0, now
+        return n
+
+
 #: File descriptors the default total connection cap leaves to the rest of the node
 #: (disk files, cluster links and their listeners, admin connections, logs, worker
 #: pipes) before it takes half of what is left: the other half is for the relay
@@ -191,8 +209,7 @@ class RtspServerFactory(Factory):
             max_connections = default_max_connections()
         self.max_connections = max_connections
         self.refused_server_connections = 0
-        self._full_logged_at = float("-inf")
-        self._full_unlogged = 0
+        self._full_log = _LogBudget()
         self._reaper: IDelayedCall | None = None
         self.reaped = 0
         self.idle_closed = 0
@@ -204,8 +221,7 @@ class RtspServerFactory(Factory):
         #: Error answers by status: requests refused, and broken framing (400, 413, 414,
         #: 505; the connection then closes).
         self.refused: Counter[int] = Counter()
-        self._refusal_logged_at = float("-inf")
-        self._refusals_unlogged = 0
+        self._refusal_log = _LogBudget()
 
     def buildProtocol(self, addr: IAddress | None) -> RtspServerProtocol | Protocol:  # type: ignore[override]
         peer = getattr(addr, "host", None)
@@ -364,33 +380,25 @@ class RtspServerFactory(Factory):
         return d.addCallbacks(ok, failed).addCallback(self._after)
 
     def _log_refusal(self, now: float, peer: str | None, exc: RtspStatusError) -> None:
-        # A flood of SETUPs must not become a flood of log lines: one line, then at most
-        # one summary per REFUSAL_LOG_INTERVAL.
-        self._refusals_unlogged += 1
-        if now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
-            return
-        self.log.warn(
-            "rtsp: refused {n} new session(s) ({status} {reason}; last from {peer})",
-            n=self._refusals_unlogged,
-            status=exc.status,
-            reason=exc.reason,
-            peer=peer,
-        )
-        self._refusal_logged_at, self._refusals_unlogged = now, 0
+        n = self._refusal_log.due(now)
+        if n:
+            self.log.warn(
+                "rtsp: refused {n} new session(s) ({status} {reason}; last from {peer})",
+                n=n,
+                status=exc.status,
+                reason=exc.reason,
+                peer=peer,
+            )
 
     def _log_full(self, peer: str | None) -> None:
-        # As for sessions: one line, then at most one summary per REFUSAL_LOG_INTERVAL.
-        self._full_unlogged += 1
-        now = self.clock.seconds()
-        if now - self._full_logged_at < REFUSAL_LOG_INTERVAL:
-            return
-        self.log.warn(
-            "rtsp: refused {n} connection(s): {cap} open, the server's cap (last from {peer})",
-            n=self._full_unlogged,
-            cap=self.max_connections,
-            peer=peer,
-        )
-        self._full_logged_at, self._full_unlogged = now, 0
+        n = self._full_log.due(self.clock.seconds())
+        if n:
+            self.log.warn(
+                "rtsp: refused {n} connection(s): {cap} open, the server's cap (last from {peer})",
+                n=n,
+                cap=self.max_connections,
+                peer=peer,
+            )
 
     def _after(self, response: Response) -> Response:
         self._schedule_reap()
