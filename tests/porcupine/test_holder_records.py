@@ -5,6 +5,7 @@ fails), and a delivery whose record failed after the store answers a temporary e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +46,42 @@ def holders_on_majority(net: Net, user: str, node: str) -> int:
     )
 
 
+def _three_nodes(tmp_path: Path) -> Net:
+    net = Net(tmp_path)
+    for i in (1, 2, 3):
+        net.add(f"n{i}")
+    net.commit(["n1", "n2", "n3"])
+    return net
+
+
+def _cluster_with_user(tmp_path: Path, manager: str) -> tuple[Net, str]:
+    """Three nodes and a user (added on n1) whose bucket ``manager`` manages."""
+    net = _three_nodes(tmp_path)
+    user = users_managed_by(net, manager, 1)[0]
+    add_user(net, "n1", user)
+    return net, user
+
+
+def _after_plan(um: ClusterUserManager, then: Callable[[str], object]) -> None:
+    """Have ``then(address)`` run right after each delivery plan ``um`` answers."""
+    plan = um.delivery_plan
+
+    def hooked(a: str, c: int, u: bool = False, r: int = 1) -> Deferred[Any]:
+        def run(p: Any) -> Any:
+            then(a)
+            return p
+
+        return plan(a, c, u, r).addCallback(run)
+
+    um.delivery_plan = hooked  # type: ignore[method-assign]
+
+
 def test_a_holder_no_majority_recorded_gets_the_message_unnumbered(tmp_path: Path) -> None:
     """Holder records refused by the other nodes: the new holder cannot be recorded
     before the numbered store, so the message is stored unnumbered (durable: 250; the
     manager numbers it once it can record the holder).  Once they answer, the next
     delivery records the holder on a majority before its numbered store."""
-    net = Net(tmp_path)
-    for i in (1, 2, 3):
-        net.add(f"n{i}")
-    net.commit(["n1", "n2", "n3"])
-    user = users_managed_by(net, "n3", 1)[0]
-    add_user(net, "n1", user)
+    net, user = _cluster_with_user(tmp_path, "n3")
     for n in ("n1", "n2"):
         net.refuse.add((n, UidHolders.commandName))
     [first] = net.nodes["n2"].deliver(user, b"first\r\n")
@@ -71,12 +97,7 @@ def test_a_holder_no_majority_recorded_gets_the_message_unnumbered(tmp_path: Pat
 def test_failed_holder_record_after_the_store_fails_the_delivery(tmp_path: Path) -> None:
     """A holder the plan named as recorded whose record is gone by the store's note (a
     record that failed meanwhile): no 250 (PeerUnavailable, one retry)."""
-    net = Net(tmp_path)
-    for i in (1, 2, 3):
-        net.add(f"n{i}")
-    net.commit(["n1", "n2", "n3"])
-    user = users_managed_by(net, "n3", 1)[0]
-    add_user(net, "n1", user)
+    net, user = _cluster_with_user(tmp_path, "n3")
     [dig] = net.nodes["n2"].deliver(user, b"first\r\n")
     um = net.nodes["n3"].cluster.user_manager
     fence = um.core.fence(bucket_of(user))
@@ -99,24 +120,11 @@ def test_a_lapsed_allocation_fails_the_delivery_over_the_wire(tmp_path: Path) ->
     """Over AMP (Net): the plan's allocation leaves the horizon expired before the
     proxy's holder note (a reader past it while the proxy was paused): the delivery
     raises AllocationLapsed (SMTP 451), is not retried, and the copy stays recorded."""
-    net = Net(tmp_path)
-    for i in (1, 2, 3):
-        net.add(f"n{i}")
-    net.commit(["n1", "n2", "n3"])
-    user = users_managed_by(net, "n3", 1)[0]
-    add_user(net, "n1", user)
+    net, user = _cluster_with_user(tmp_path, "n3")
     net.nodes["n2"].deliver(user, b"first\r\n")  # holders recorded: one note, no record
     um = net.nodes["n3"].cluster.user_manager
-    plan = um.delivery_plan
-
-    def lapse_after(a: str, c: int, u: bool = False, r: int = 1) -> Deferred[Any]:
-        def expired(p: Any) -> Any:
-            um.core.horizon(a.lower(), um._now() + 1000.0)  # a reader, much later
-            return p
-
-        return plan(a, c, u, r).addCallback(expired)
-
-    um.delivery_plan = lapse_after  # type: ignore[method-assign]
+    # a reader, much later: the allocation left the horizon expired
+    _after_plan(um, lambda a: um.core.horizon(a.lower(), um._now() + 1000.0))
     with pytest.raises(AllocationLapsed):
         net.nodes["n2"].deliver(user, b"second\r\n")
     assert net.nodes["n2"].mail.delivery.holder_retries == 0
@@ -128,28 +136,15 @@ def test_a_manager_paused_during_its_own_delivery_gets_no_250(tmp_path: Path) ->
     loses its read lease before the 250 (paused: another manager may have numbered
     above the plan's UID meanwhile): the numbered copy gets a 451 (AllocationLapsed),
     counted as ``lease_lost``; with the lease held the 250 stands."""
-    net = Net(tmp_path)
-    for i in (1, 2, 3):
-        net.add(f"n{i}")
-    net.commit(["n1", "n2", "n3"])
-    user = users_managed_by(net, "n2", 1)[0]
-    add_user(net, "n1", user)
+    net, user = _cluster_with_user(tmp_path, "n2")
     node = net.nodes["n2"]
     core = node.cluster.user_manager.core
     core.read_leases, core.read_until = True, float("inf")
     [dig] = node.deliver(user, b"first\r\n")
     assert dig.uid > 0, "planned and numbered here, lease held: 250"
     um = node.cluster.user_manager
-    plan = um.delivery_plan
-
-    def paused_after(a: str, c: int, u: bool = False, r: int = 1) -> Deferred[Any]:
-        def lapse(p: Any) -> Any:
-            core.read_until = 0.0  # the pause outlasted the lease; no renewal since
-            return p
-
-        return plan(a, c, u, r).addCallback(lapse)
-
-    um.delivery_plan = paused_after  # type: ignore[method-assign]
+    # the pause outlasted the lease; no renewal since
+    _after_plan(um, lambda a: setattr(core, "read_until", 0.0))
     with pytest.raises(AllocationLapsed):
         node.deliver(user, b"second\r\n")
     assert node.mail.delivery.status()["lease_lost"] == 1
@@ -319,10 +314,7 @@ def test_a_full_disk_refuses_holder_records_and_marks_without_a_traceback(
     error, logged with a traceback on both nodes."""
     import sqlite3
 
-    net = Net(tmp_path)
-    for i in (1, 2, 3):
-        net.add(f"n{i}")
-    net.commit(["n1", "n2", "n3"])
+    net = _three_nodes(tmp_path)
     full = net.nodes["n1"].cluster
     store = full.storage.fragment_store
 
