@@ -29,7 +29,7 @@ from yimaporc.porcupine.retrieval import Fragmented
 from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
-from yimaporc.porcupine.values import INBOX, BadCredentials, Digest
+from yimaporc.porcupine.values import INBOX, BadCredentials, Digest, NoSuchMailbox
 
 DOMAIN = "example.org"
 
@@ -616,3 +616,32 @@ def test_load_counts_fetches_deletions_and_flag_changes_in_progress(net: Net) ->
     for d in waiting[2:]:
         d.callback(None)
     assert cluster.meter.inflight == base
+
+
+def test_a_mailbox_created_while_its_home_was_away_is_selectable_after(net: Net) -> None:
+    """Found with offlineimap and mbsync (a paused home node): a folder created while
+    the user's home was out of the view went to the then home; once the home was
+    back LIST showed it, SELECT/STATUS said NONEXISTENT and CREATE ALREADYEXISTS, so
+    every sync run failed and the folder's local mail was never uploaded.  Opening
+    it now gives the home the mailbox (counted) and works, with one UIDVALIDITY."""
+    user = users_managed_by(net, "n3", 1)[0]
+    add_user(net, "n1", user)
+    home = net.nodes["n1"].cluster.home_of(user)
+    other = next(n for n in ("n1", "n2", "n3") if n != home)
+    made = result_of(net.nodes[other].mail.mailbox_manager.create_mailbox(user, "Phantom"))
+    # that node holds some of the user's mail (its fragment is listed)
+    result_of(net.nodes["n3"].cluster.user_manager.add_fragment(user, other))
+    mail = net.nodes["n1"].mail.retrieval.open(user)
+    assert "Phantom" in [i.name for i in result_of(mail.mailboxes())], "listed"
+    infos, digests = result_of(mail.open_mailbox("Phantom"))
+    assert digests == []
+    (box,) = [i for i in infos if i.name == "Phantom"]
+    assert box.uidvalidity == made.uidvalidity, "the home's empty copy changes nothing"
+    at_home = result_of(net.nodes[home].mail.mailbox_manager.mailboxes(user))
+    assert "Phantom" in [i.name for i in at_home]
+    assert mail.counts["home_mailbox_repairs"] == 1
+    again = net.nodes["n2"].mail.retrieval.open(user)
+    result_of(again.open_mailbox("Phantom"))
+    assert again.counts["home_mailbox_repairs"] == 0, "repaired once"
+    with pytest.raises(NoSuchMailbox):
+        result_of(again.open_mailbox("Nowhere"))

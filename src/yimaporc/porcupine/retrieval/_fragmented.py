@@ -100,19 +100,35 @@ class Fragmented:
             results: list[tuple[str, tuple[list[MailboxInfo], list[Digest] | None]]],
         ) -> Deferred[tuple[list[MailboxInfo], list[Digest]]]:
             parts = []
+            home_lacks = False
             for node, (_, digests) in results:
                 if digests is None:
-                    if node == mail.home:
-                        raise NoSuchMailbox(f"no mailbox {want}")
+                    home_lacks = home_lacks or node == mail.home
                     digests = []  # a fragment node may lack a mailbox the home has
                 parts.append((node, digests))
+            if home_lacks and all(d is None for _, (_, d) in results):
+                raise NoSuchMailbox(f"no mailbox {want}")
             merged = merge_parts(mail, want, parts)
 
             def both(infos: list[MailboxInfo]) -> tuple[list[MailboxInfo], list[Digest]]:
                 # after the tree: it notes mailboxes shown shorter than before
                 return infos, check_complete(mail, merged, want) if complete else merged
 
-            return merged_tree(mail, [(n, t) for n, (t, _) in results]).addCallback(both)
+            def tree(_: object = None) -> Deferred[tuple[list[MailboxInfo], list[Digest]]]:
+                return merged_tree(
+                    mail, [(n, t) for n, (t, _) in results], (want, merged)
+                ).addCallback(both)
+
+            if not home_lacks:
+                return tree()
+            # Created on another node while the home was out of the view (that node
+            # was home then), listed since but unselectable here, and CREATE answered
+            # ALREADYEXISTS: clients such as mbsync and offlineimap then failed every
+            # run and never uploaded that folder's mail.  The home gets it now (an
+            # empty mailbox there does not change the merged UIDVALIDITY).
+            mail.counts["home_mailbox_repairs"] += 1
+            d = mail.home_manager().create_mailbox(mail.address, want)
+            return d.addErrback(lambda g: g.trap(MailboxExists)).addCallback(tree)
 
         return fresh_if_held(mail, lambda: ask_all(mail, ask).addCallback(split))
 

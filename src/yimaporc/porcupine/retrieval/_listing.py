@@ -72,12 +72,29 @@ def trees(mail: UserMail) -> Deferred[list[tuple[str, list[MailboxInfo]]]]:
 
 
 def merged_tree(
-    mail: UserMail, per_node: list[tuple[str, list[MailboxInfo]]]
+    mail: UserMail,
+    per_node: list[tuple[str, list[MailboxInfo]]],
+    listed: tuple[str, list[Digest]] | None = None,
 ) -> Deferred[list[MailboxInfo]]:
-    """The merged tree shown to the client, from each node's tree."""
+    """The merged tree shown to the client, from each node's tree; ``listed``: a
+    mailbox's merged listing shown with it, whose top UID UIDNEXT stays above."""
     d = _inbox_validity(mail, merge_trees(per_node))
     d.addCallback(lambda infos: _below_horizon_next(mail, infos))
+    if listed is not None:
+        d.addCallback(_above_listed, *listed)
     return d.addCallback(lambda infos: _monotonic(mail, infos))
+
+
+def _above_listed(infos: list[MailboxInfo], name: str, digests: list[Digest]) -> list[MailboxInfo]:
+    """UIDNEXT above the top UID listed (a fragment's tree can lag its messages):
+    before :func:`_monotonic` records it, so a STATUS or SELECT that shows a
+    listed UID's successor never shows less later (a chaos run saw 3859, then
+    3857, at one node).  The listing is already below the horizon."""
+    top = max((d.uid for d in digests), default=0)
+    return [
+        attrs.evolve(i, uidnext=top + 1) if i.name == name and i.uidnext <= top else i
+        for i in infos
+    ]
 
 
 def inbox_uidvalidity(profile: Profile) -> int:
