@@ -187,7 +187,7 @@ def test_user_manager_proxy(peer: Peer) -> None:
     assert peer.result(users.delivery_plan(USER, 1)) == (("n1",), 4, "n2@1")
     peer.users.replicated_ttl = peer.users.core.allocation_ttl + 5.0  # to tell them apart
     assert peer.result(users.delivery_plan(USER, 1, False, 3)) == (("n1",), 5, "n2@1")
-    held = {f: e for f, (_, e, _) in peer.users.core.allocated[USER].items()}
+    held = {f: e for f, (_, e) in peer.users.core.allocated[USER].items()}
     # the replica count crossed the wire: that allocation is held longer
     assert held[5] - held[4] == pytest.approx(
         peer.users.replicated_ttl - peer.users.core.allocation_ttl

@@ -73,8 +73,7 @@ class Reconstruction(HintReconstruction):
         self, user: str, first: int, end: int, now: float, ttl: float | None = None
     ) -> None:
         life = self.allocation_ttl if ttl is None else ttl
-        away = frozenset(self.state.away.get(user, ()))
-        self.allocated.setdefault(user, {})[first] = (end, now + life, away)
+        self.allocated.setdefault(user, {})[first] = (end, now + life)
 
     def renew(self, user: str, first: int, now: float, ttl: float) -> bool:
         """Keep the allocation at ``first`` outstanding ``ttl`` from ``now`` (its
@@ -84,7 +83,7 @@ class Reconstruction(HintReconstruction):
         got = mine.get(first) if mine else None
         if mine is None or got is None or got[1] < now:
             return False
-        mine[first] = (got[0], max(got[1], now + ttl), got[2])  # never shortened
+        mine[first] = (got[0], max(got[1], now + ttl))  # never shortened
         return True
 
     def confirm(self, user: str, first: int) -> bool:
@@ -121,13 +120,13 @@ class Reconstruction(HintReconstruction):
         acknowledged mail stays readable while a node is down."""
         mine = self.allocated.get(user)
         if mine:
-            for first, (_, expires, _then) in list(mine.items()):
+            for first, (_, expires) in list(mine.items()):
                 if expires < now:
                     del mine[first]
                     self._lapse(user, first)
             if not mine:
                 del self.allocated[user]
-        ranges = [(f, e) for f, (e, _, _) in (mine or {}).items()]
+        ranges = [(f, e) for f, (e, _) in (mine or {}).items()]
         top = self.uidnext.get(user, 1)
         return Horizon(_collapse(ranges, top), top)
 

@@ -67,10 +67,9 @@ class ManagerState:
         self.recorded: set[tuple[str, str, str]] = set()
         self.confirmed: set[tuple[str, str, str]] = set()
         self.to_pull: list[int] = []
-        #: user -> first UID -> (end, expiry, holders away when made): allocations
-        #: that may still land (:class:`Horizon`); a numbering's block is keyed the
-        #: same way.
-        self.allocated: dict[str, dict[int, tuple[int, float, frozenset[str]]]] = {}
+        #: user -> first UID -> (end, expiry): allocations that may still land
+        #: (:class:`Horizon`); a numbering's block is keyed the same way.
+        self.allocated: dict[str, dict[int, tuple[int, float]]] = {}
         self.allocation_ttl = ALLOCATION_TTL
         #: user -> first UIDs of allocations the horizon dropped expired (a reader
         #: may since have been shown UIDs above them): a holder note for one of them
