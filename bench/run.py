@@ -92,6 +92,12 @@ def main() -> int:
         help="node counts of the scaling parts, e.g. 1,2,4,8 (default 1..8; 1,2,4,8 with --quick)",
     )
     ap.add_argument(
+        "--scaling-yima-s",
+        type=float,
+        help="time budget of the Yima scaling ramps, in seconds (default 540 with --quick, "
+        "else 2400): a ramp cut by it is a failed row, so give the 1- and 8-node ramps enough",
+    )
+    ap.add_argument(
         "--total-s",
         type=float,
         help="time budget of the parts before scaling, in seconds (default 150 with --quick, "
@@ -163,6 +169,11 @@ def main() -> int:
             print("error: --scaling-nodes must list counts from 1 up to at most 8", file=sys.stderr)
             return 2
         s.scaling_nodes = ns
+    if a.scaling_yima_s is not None:
+        if a.scaling_yima_s < 60:
+            print("error: --scaling-yima-s must be at least 60 seconds", file=sys.stderr)
+            return 2
+        s.scaling_yima_total_s = a.scaling_yima_s
     if a.total_s is not None:
         if a.total_s < 30:
             print("error: --total-s must be at least 30 seconds", file=sys.stderr)

@@ -46,6 +46,7 @@ from parts.common import (
     VENV_BIN,
     WORK,
     PartFailed,
+    Profiler,
     Settings,
     fmt,
     model_module,
@@ -390,7 +391,8 @@ def part_scaling_mail(s: Settings, res: dict[str, Any], errors: list[str]) -> No
                     label = f"scaled-porcupine-{n}n-r{r}"
                     meter = cgroup.CpuMeter(c.groups)
                     try:
-                        row = _spread(s, c, "smtp", label, ["--user-prefix", f"r{r}u"], log)
+                        with Profiler(label, c.pids, out):  # --profile: py-spy on every node
+                            row = _spread(s, c, "smtp", label, ["--user-prefix", f"r{r}u"], log)
                         row.update(_quota_rows(c, meter, label))
                     except PartFailed as e:
                         errors.append(f"scaling porcupine {n} node(s) replicas {r}: {e}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorCore
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -369,11 +369,12 @@ class WorkerDelivery(amp.CommandLocator):
 
 
 class _Channel(amp.AMP):
-    """The worker's end of the AMP channel: the reactor stops when the main process goes."""
+    """The worker's end of the AMP channel: ``on_lost`` runs when the main process
+    goes (the process entry, :func:`main`, stops its reactor then)."""
 
-    def __init__(self, delivery: WorkerDelivery, reactor: IReactorCore) -> None:
+    def __init__(self, delivery: WorkerDelivery, on_lost: Callable[[], None]) -> None:
         super().__init__(locator=delivery)
-        self.reactor = reactor
+        self.on_lost = on_lost
         self.delivery = delivery
 
     def dataReceived(self, data: bytes) -> None:
@@ -382,8 +383,7 @@ class _Channel(amp.AMP):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)
-        if self.reactor.running:
-            self.reactor.stop()
+        self.on_lost()
 
 
 def main() -> None:
@@ -404,7 +404,12 @@ def main() -> None:
     sock = socket.socket(fileno=DATA_FD)
     sock.setblocking(False)
     delivery = WorkerDelivery(node_reactor(reactor), sock)
-    channel = _Channel(delivery, reactor)
+
+    def stop() -> None:
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined]
+
+    channel = _Channel(delivery, stop)
     delivery.main = channel
     stdio.StandardIO(channel, reactor=reactor)
     reactor.run()  # type: ignore[attr-defined]
