@@ -141,6 +141,48 @@ def test_stream_start_waits_for_the_time_index() -> None:
     assert errors and errors[0].check(KeyError) and "t" not in node.scheduler.sessions
 
 
+def test_a_start_that_waited_is_dropped_if_its_session_was_stopped_meanwhile() -> None:
+    """A STOP that arrives while a StreamStart waits (the time index loading, or the
+    layout computed off the reactor) wins: the start, when it resumes, schedules
+    nothing (counted), so no session streams to nobody until its title ends.  A start
+    after the STOP (a seek that starts the session again) is not affected."""
+    clock = Clock()
+    load: Deferred[None] = Deferred()
+    layout: list[Deferred[list[int]]] = []
+
+    def my_blocks(name: str) -> list[int] | Deferred[list[int]]:
+        if name == "cold":
+            layout.append(Deferred())
+            return layout[-1]
+        return [0, 1]
+
+    node = StreamingNode(
+        clock, clock.seconds, timing=lambda name: M, my_blocks=my_blocks,
+        read_block=lambda name, b: succeed(bytes([b]) * BLOCK), packetize=packetize,
+        send=lambda data, addr: None,
+        ready=lambda name: load if name == "loading" else succeed(None),
+    )  # fmt: skip
+    args = dict(start_ct=1.0, start_mt=0.0, host="h", port=1, ssrc=1, seq_base=0,
+                ts_base=0, node_index=0, all_blocks=False)  # fmt: skip
+    from yimaporc.yima.control import StreamAction
+
+    waiting = node.start(session="a", media="loading", **args)  # type: ignore[arg-type]
+    node.control("a", StreamAction.STOP, 0.0, 0.0)
+    load.callback(None)
+    got: list[object] = []
+    waiting.addBoth(got.append)  # type: ignore[union-attr]
+    assert got == [{"packets": 0}] and "a" not in node.scheduler.sessions
+    cold = node.start(session="b", media="cold", **args)  # type: ignore[arg-type]
+    node.control("b", StreamAction.STOP, 0.0, 0.0)
+    layout[0].callback([0, 1])
+    cold.addBoth(got.append)  # type: ignore[union-attr]
+    assert got[-1] == {"packets": 0} and "b" not in node.scheduler.sessions
+    assert node.late_starts_dropped == 2
+    # started again after its STOP: runs
+    node.start(session="a", media="clip", **args)  # type: ignore[arg-type]
+    assert "a" in node.scheduler.sessions and node.late_starts_dropped == 2
+
+
 def _rtp_node(
     clock: Clock,
     wire: list[tuple[float, bytes, tuple[str, int]]],

@@ -288,6 +288,7 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, SendMixin, Service)
         out["streaming"].update(
             relay=self.relay_stats(),
             orphans_stopped=self.orphans_stopped,
+            late_starts_dropped=self.streaming.late_starts_dropped,
             early_handovers=self.early_handovers,
             shares_served=len(self.streaming.scheduler.sessions),
         )

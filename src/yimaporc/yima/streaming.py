@@ -29,6 +29,8 @@ from .schedule import MediaTiming, NodeScheduler, Packet, Run
 
 #: Default memory bound of the delivery block cache (``--block-cache-mb``).
 DEFAULT_CACHE_BYTES = 256 << 20
+#: How many stopped sessions a node remembers (:attr:`StreamingNode.stopped`).
+STOPPED_KEPT = 4096
 
 
 class StreamStart(amp.Command):
@@ -154,6 +156,14 @@ class StreamingNode:
         #: view is only valid during the call.
         self.local_batch: dict[tuple[str, int], Callable[[memoryview, int], None]] = {}
         self.handed_over = 0
+        #: Session -> the STOP count when it was last stopped here (the newest
+        #: :data:`STOPPED_KEPT`): a StreamStart that waited (the media's time index
+        #: loading, a layout computed off the reactor) while a STOP for its session came
+        #: must not start it afterwards, or it streams to nobody until the title ends.
+        self.stopped: dict[str, int] = {}
+        self.stops = 0
+        #: StreamStarts dropped that way.
+        self.late_starts_dropped = 0
         #: The batched path (both given): a session's header template (None: that
         #: session goes packet by packet, e.g. WAV's L16 conversion) and the sender
         #: of a buffer of datagrams; each run of due packets is packed into
@@ -208,7 +218,7 @@ class StreamingNode:
         then waits for it, as it waits for the media's time index to be loaded.
         """
         args = (session, media, start_ct, start_mt, host, port, ssrc, seq_base, ts_base,
-                node_index, all_blocks, blocks, origin, batch or 0.0)  # fmt: skip
+                node_index, all_blocks, blocks, origin, batch or 0.0, self.stops)  # fmt: skip
         if self.ready is not None:
             loaded = self.ready(media)
             if not loaded.called:
@@ -236,7 +246,10 @@ class StreamingNode:
         blocks: list[int] | None,
         origin: str | None,
         batch: float = 0.0,
+        mark: int | None = None,
     ) -> dict[str, Any] | Deferred[dict[str, Any]]:
+        if mark is not None and self._stopped_since(session, mark):
+            return {"packets": 0}
         timing = self.timing(media)
         if origin is not None:
             self.origins[session] = origin
@@ -252,7 +265,13 @@ class StreamingNode:
             else:
                 mine = self.my_blocks(media)
                 if isinstance(mine, Deferred):
-                    return mine.addCallback(lambda b: self._start(*args, timing, b, batch))
+
+                    def got(b: list[int]) -> dict[str, Any]:
+                        if mark is not None and self._stopped_since(session, mark):
+                            return {"packets": 0}
+                        return self._start(*args, timing, b, batch)
+
+                    return mine.addCallback(got)
                 blocks = mine
         return self._start(*args, timing, blocks, batch)
 
@@ -280,6 +299,22 @@ class StreamingNode:
         self.engine.poke()
         return {"packets": sum(timing.packet_count(b) for b in s.my_blocks)}
 
+    def _stopped_since(self, session: str, mark: int) -> bool:
+        """Was ``session`` stopped here after the STOP count ``mark`` (counted)?"""
+        if self.stopped.get(session, 0) > mark:
+            self.late_starts_dropped += 1
+            self.log.info("{s} was stopped while its start waited: not started", s=session)
+            return True
+        return False
+
+    def note_stop(self, session: str) -> None:
+        """Remember a STOP of ``session`` (see :attr:`stopped`)."""
+        self.stops += 1
+        self.stopped.pop(session, None)
+        self.stopped[session] = self.stops
+        while len(self.stopped) > STOPPED_KEPT:
+            del self.stopped[next(iter(self.stopped))]
+
     def control(
         self, session: str, action: StreamAction, at: float, value: float
     ) -> dict[str, Any]:
@@ -292,6 +327,7 @@ class StreamingNode:
         elif action == StreamAction.SPEED:
             self.scheduler.set_speed(session, value, at)
         elif action == StreamAction.STOP:
+            self.note_stop(session)
             self.scheduler.remove(session)
             self.destinations.pop(session, None)
             self.origins.pop(session, None)

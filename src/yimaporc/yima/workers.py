@@ -254,6 +254,7 @@ class ShardedStreamingNode(StreamingNode):
         elif action == StreamAction.SPEED:
             self.mirror.set_speed(session, value, at)
         elif action == StreamAction.STOP:
+            self.note_stop(session)
             self.mirror.remove(session)
             self.destinations.pop(session, None)
             self.origins.pop(session, None)
