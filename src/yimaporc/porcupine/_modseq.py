@@ -129,7 +129,15 @@ def migrate(db: sqlite3.Connection) -> None:
         have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if column not in have:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-    db.executescript(SCHEMA)
+    run_script(db, SCHEMA)
+
+
+def run_script(db: sqlite3.Connection, script: str) -> None:
+    """The statements of ``script`` (no ``;`` inside one), inside the caller's
+    transaction if there is one (``executescript`` would commit it first)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
 
 
 def install_triggers(db: sqlite3.Connection, clock: ModseqClock) -> None:

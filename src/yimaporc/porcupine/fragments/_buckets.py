@@ -165,10 +165,19 @@ class BucketFiles:
             )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_SCHEMA)
-            _modseq.migrate(db)
-            self._watch(db)
-            _modseq.install_triggers(db, self.modseqs)
+            # One transaction (one commit) for the schema, its migration and the
+            # triggers: statement by statement, a new bucket's file cost ~5 ms of CPU.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                _modseq.run_script(db, _SCHEMA)
+                _modseq.migrate(db)
+                self._watch(db)
+                _modseq.install_triggers(db, self.modseqs)
+                db.execute("COMMIT")
+            except BaseException:
+                rollback(db)
+                db.close()
+                raise
             self._dbs[bucket] = db
         return db
 
