@@ -215,6 +215,31 @@ def test_owner_that_answers_is_not_taken_over() -> None:
     assert plan.relay.stats.gaps_skipped == 0 and len(out) == BLOCKS * 5
 
 
+def test_share_of_a_node_outside_the_view_at_play_is_served_here() -> None:
+    """b still holds its blocks but is not in a's view when the session starts (a
+    membership split that has not healed): nobody is told to send b's share, and no
+    NACK or silence brings it (b is not one of the session's nodes). The relay serves
+    it here at once (parity), so the client still gets every packet, in order."""
+    svc, reactor, out, calls = three_nodes()
+    svc.node.view = SimpleNamespace(members=[m for m in svc.node.view.members if m.node_id != "b"])
+    play(svc)
+    plan = svc.plans["S1"]
+    assert plan.members == ("a", "c")
+    assert {a for a, c, _ in calls if c is StreamStart} == {"10.0.0.3:7946"}
+    run(reactor, 1.0)
+    assert plan.takeovers == {"b": "S1+b"}, "served here well within the lead"
+    run(reactor, BLOCKS * 0.5 + 2)
+    assert plan.relay is not None and plan.relay.stats.gaps_skipped == 0
+    seqs = [int.from_bytes(p[2:4], "big") for p in out]
+    assert len(seqs) == BLOCKS * 5
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs))
+    status = svc.status()["streaming"]["relay"]
+    assert status["unplanned_takeovers"] == 1 and status["early_takeovers"] == 0
+    assert "b" not in svc.suspects, "not marked silent: it may be alive beyond the split"
+    assert ("10.0.0.2:7946", StreamControl,
+            {"session": "S1", "action": "stop", "at": 0.0, "value": 0.0}) not in calls  # fmt: skip
+
+
 def test_relay_follows_a_speed_change_of_its_session() -> None:
     """YIMA SPEED x2 for a relayed session (from its client): the nodes and the relay
     switch at one instant, so packets keep arriving ahead and nothing is NACKed or lost."""
@@ -271,6 +296,26 @@ def test_fanout_handover_request_serves_the_share_under_a_new_index() -> None:
     taken = svc.streaming.scheduler.sessions["S1+b"]
     assert taken.peek() is not None and taken.peek()[0] == 3  # type: ignore[index]
     assert svc.streaming.destinations["S1+b"].node_index == 3
+
+
+def test_fanout_handover_for_a_node_outside_the_view_at_play_serves_its_share() -> None:
+    """A fan-out session started while b was outside a's view (b still holds its
+    blocks): the player's HANDOVER for b's packet is served here, not ignored."""
+    svc, reactor, _out, _calls = three_nodes()
+    svc.node.view = SimpleNamespace(members=[m for m in svc.node.view.members if m.node_id != "b"])
+    session = ServerSession("S1", 60.0, 0.0, peer="127.0.0.1")
+    spec = TransportSpec(client_port=(5000, 5001), yima_fanout=True)
+    session.streams[URL] = spec
+    svc.setup(URL, spec, session)
+    svc.play(session, NptRange(0.0, None))
+    plan = svc.plans["S1"]
+    assert plan.members == ("a", "c")
+    run(reactor, 2.0)
+    fb = YimaFeedback(YimaKind.HANDOVER, 1, plan.ssrc, 7, 0, 0xFFFFFFFF, 15)  # block 3: b's
+    svc.feedback.datagram(serialize_rtcp(fb), None)
+    assert plan.takeovers == {"b": "S1+b"} and svc.early_handovers == 1
+    assert "b" not in svc.suspects
+    assert svc.streaming.destinations["S1+b"].node_index == 2
 
 
 # --- the nodes' side --------------------------------------------------------------------

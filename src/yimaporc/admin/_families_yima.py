@@ -160,6 +160,7 @@ def _yima(out: _Families, doc: Mapping[str, Any]) -> None:
         ("received", "Datagrams the relay sockets received from the nodes."),
         ("receive_reads", "Reads that brought them (one per run of datagrams with UDP GRO)."),
         ("watch_stalls", "Overdue watches that ran late (a stall here) and took no share over."),
+        ("unplanned_takeovers", "Shares of nodes not in the view at PLAY, served here."),
     ):
         out.counter(f"yimaporc_yima_relay_{key}", text, relay.get(key))
     rtsp = doc.get("rtsp") or {}

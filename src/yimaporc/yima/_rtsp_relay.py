@@ -103,6 +103,7 @@ class RelayMixin:
                 "stale": total["stale"], "received": total["received"],
                 "receive_reads": total["receive_reads"],
                 "watch_stalls": total["watch_stalls"],
+                "unplanned_takeovers": total["unplanned_takeovers"],
                 # the shared release timer: its wake-ups, and the releases they made
                 "clock_wakeups": self.relay_clock.wakeups,
                 "releases": self.relay_clock.releases}  # fmt: skip
@@ -362,12 +363,21 @@ class RelayMixin:
             return  # nothing to rebuild from: the membership decides (BYE)
         alive: dict[str, bool] = {}
         for g in missing:
-            if now - plan.nacked[g] < RETRY:
-                continue
             node_id = self._owner(plan, g)
             if node_id is None or node_id == self.node.node_id or node_id in plan.takeovers:
                 continue
             if node_id not in plan.members:
+                # Nobody was asked for this share: its node was not in this node's view
+                # when the session started (a membership split that has not healed, a
+                # node that joined since), so no NACK or silence will bring it: it is
+                # served here at once (read from parity when that node is unreachable).
+                self.log.warn("rtsp: {n} holds blocks of {s} but is not among its nodes "
+                              "({k} packets overdue): serving its share here", n=node_id,
+                              s=session_id, k=len(missing))  # fmt: skip
+                plan.relay.stats.unplanned_takeovers += 1
+                self._take_over(session_id, plan, node_id)
+                continue
+            if now - plan.nacked[g] < RETRY:
                 continue
             if node_id not in alive:
                 alive[node_id] = self._heard_lately(node_id, now)
@@ -456,13 +466,14 @@ class RelayMixin:
                 node_id = plan.members[node_index]
             if node_id is None or node_id == self.node.node_id or node_id in plan.takeovers:
                 continue
-            if node_id not in plan.members:
-                continue
             if self.mode != "bipartite" or not self.storage.media_info(plan.media).parity_group:
                 continue
             self.log.warn("rtsp: the player of {s} hears nothing from {n}: serving its share "
                           "from parity", s=sid, n=node_id)  # fmt: skip
-            self.suspects[node_id] = self.node.cluster_time() + SUSPECT_FOR
+            if node_id in plan.members:
+                # silent; one not among the session's nodes (outside the view when it
+                # started) was never asked for its share: nothing says it is silent
+                self.suspects[node_id] = self.node.cluster_time() + SUSPECT_FOR
             self.early_handovers += 1
             self._take_over(sid, plan, node_id, early=True,
                             from_mt=plan.timing.gseq_time(gseq))  # fmt: skip

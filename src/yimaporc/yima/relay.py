@@ -49,6 +49,9 @@ class RelayStats:
     receive_reads: int = 0
     #: Overdue watches that ran late (this node stalled) and so took no share over.
     watch_stalls: int = 0
+    #: Shares of a node that is not among the session's nodes (outside this node's view
+    #: when it started: nobody was asked to send them), served here once found missing.
+    unplanned_takeovers: int = 0
 
 
 class Reorderer:
