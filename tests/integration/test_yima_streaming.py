@@ -82,7 +82,8 @@ def play(url: str, out: Path, transport: str) -> None:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
+# TCP in the default tier through test_yima_seek's ffmpeg -ss over TCP; here under `make test-slow`
+@pytest.mark.parametrize("transport", ["udp", pytest.param("tcp", marks=pytest.mark.slow)])
 def test_ffmpeg_records_frames_identical_to_source(
     bipartite: list[NodeProc], clip: Path, tmp_path: Path, transport: str
 ) -> None:
@@ -218,7 +219,8 @@ def test_stream_stays_complete_while_a_disk_is_added(
     assert len(got) >= len(want) - 1 and got == want[: len(got)]
 
 
-@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+# UDP in the default tier (GStreamer over TCP: test_yima_players' playbin seek); TCP slow
+@pytest.mark.parametrize("protocol", [pytest.param("tcp", marks=pytest.mark.slow), "udp"])
 def test_gstreamer_rtspsrc_records_byte_identical(
     bipartite: list[NodeProc], clip: Path, tmp_path: Path, protocol: str
 ) -> None:
