@@ -263,3 +263,40 @@ def test_rpc_timeout_to_a_member_not_monitored_here_is_only_counted() -> None:
     assert a.rpc_timeout(C.address, 0.2) == []
     assert a.rpc_timeout("10.9.9.9:1", 0.2) == []
     assert a.detector["rpc_timeouts"] == 1 and a.detector["suspected"] == 0
+
+
+D = Member("d", "10.0.0.4:7946", 1)
+
+
+def starved(core: Membership, start: float, until: float, every: float = 1.0) -> None:
+    """Tick ``core`` only every ``every`` s (its process frozen in between): each tick
+    runs well past ``late_tolerance`` late, so each one is a stall."""
+    t = start
+    while t < until:
+        t = round(t + every, 6)
+        core.tick(t)
+
+
+def test_a_starved_member_stops_waiting_for_a_commit_that_never_comes() -> None:
+    """c answered a's NewGroup, then a committed without it (c answered too late) and
+    c's every timer runs late: c waits once the grace of a stall, not for ever, and the
+    next Probe from outside its view starts its own round.  Before, every stall pushed
+    the wait past the next wake-up: c ignored every Probe and probed nobody (a node
+    starved of CPU, as yb3 was in the 0.05 core scaling bench)."""
+    c = in_view(C)
+    c.receive(hdr(A, 2), NewGroup(50), 1.0)
+    assert c.in_round
+    starved(c, 1.0, 4.0)
+    assert c.detector["stalls"] >= 2
+    assert not c.in_round
+    out = c.receive(hdr(D), Probe(60, (A, B, D)), 4.0)
+    assert D.address in {s.address for s in sends(out, NewGroup)}
+
+
+def test_a_starved_coordinator_commits_its_round() -> None:
+    """A round whose coordinator stalls at every tick commits after one grace."""
+    a = in_view(A)
+    out = a.receive(hdr(D), Probe(9, (D,)), 1.0)  # a non-member: a starts a round
+    assert sends(out, NewGroup) and a.in_round
+    starved(a, 1.0, 4.0)
+    assert not a.in_round and a.view.epoch > 5

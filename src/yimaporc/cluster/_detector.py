@@ -105,12 +105,19 @@ class FailureDetection:
         if self._suspect_since is not None:
             self._suspect_since += late
         self._indirect_asked = False
-        # replies may be waiting in the socket buffer: read them before deciding
+        # Replies may be waiting in the socket buffer: read them before deciding.  Once
+        # per round: a node starved of CPU (every timer late, e.g. a cgroup quota) woke
+        # up for less than the grace each time, so pushing the deadline at every stall
+        # kept it in the round, or waiting for a commit that was never coming (it had
+        # been left out), for ever: deaf to every Probe, probing nobody, it never rejoined.
         grace = now + self.config.round_timeout / 4
-        if self._round is not None:
-            self._round.deadline = max(self._round.deadline, grace)
-        if self._waiting is not None:
-            self._waiting.deadline = max(self._waiting.deadline, grace)
+        rnd, waiting = self._round, self._waiting
+        if rnd is not None and not rnd.extended:
+            rnd.deadline = max(rnd.deadline, grace)
+            rnd.extended = True
+        if waiting is not None and not waiting.extended:
+            waiting.deadline = max(waiting.deadline, grace)
+            waiting.extended = True
 
     def _neighbour(self) -> Member | None:
         members = self.view.members

@@ -94,12 +94,15 @@ class _CoordinatorRound:
     deadline: float
     excluded: Member | None = None
     resend_at: float | None = None
+    #: the deadline was pushed back once for a local stall (never twice: see _stalled)
+    extended: bool = False
 
 
 @attrs.define
 class _Waiting:
     key: tuple[int, str]
     deadline: float
+    extended: bool = False
 
 
 def _sorted(members: Iterable[Member]) -> tuple[Member, ...]:
