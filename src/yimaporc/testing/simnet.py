@@ -23,11 +23,12 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from ..cluster.rpc import PeerMaybeDone, PeerUnavailable
+from ..cluster.rpc import NodeAMP, PeerMaybeDone, PeerUnavailable, RpcRegistry
+from ..cluster.wire import Scope
 from ..sim.kernel import Faults, SimHost, SimKernel
 from ..sim.reactor import SimReactor
 
-__all__ = ["T0", "SimNet", "Watched"]
+__all__ = ["T0", "SimNet", "Watched", "authenticated_end"]
 
 #: Where the harnesses' clocks start (true time of the kernel; hosts have no skew).
 T0 = 1_700_000_000.0
@@ -43,6 +44,13 @@ def _peer_error(f: Failure, dst: str) -> Failure:
     if f.check(error.TimeoutError):
         return Failure(PeerMaybeDone(f"{dst}: {f.getErrorMessage()}"))
     return f
+
+
+def authenticated_end(node_id: str, peer_id: str) -> NodeAMP:
+    """``node_id``'s end of an RPC connection whose handshake proved ``peer_id``."""
+    end = NodeAMP(RpcRegistry(), b"", node_id, scope=Scope("sim", "node"), server=True)
+    end.peer_id, end.authenticated = peer_id, True
+    return end
 
 
 class _RemoteError(Exception):
@@ -160,12 +168,14 @@ class SimNet:
         command: type[amp.Command],
         kw: dict[str, Any],
         box: amp.AmpBox | None = None,
+        proto: Any = None,
     ) -> Deferred[Any]:
         """``command`` with arguments ``kw`` from ``src`` to ``dst``, as over AMP: the
         callee parses the box with its own command class (``lookup``; a malformed box
         is an error answer) and makes the answer with it, the caller parses that; an
         error becomes one ``command`` declares or ``UnknownRemoteError``.  ``box``: the
-        encoded arguments when the caller made them already."""
+        encoded arguments when the caller made them already; ``proto``: the callee's
+        end of the connection (:func:`authenticated_end`), for arguments taken from it."""
         if box is None:
             box = command.makeArguments(kw, None)
 
@@ -173,7 +183,7 @@ class SimNet:
             found = lookup(command.commandName)  # type: ignore[arg-type]
             assert found is not None, command.commandName
             served, handler = found
-            d = maybeDeferred(lambda: handler(**served.parseArguments(box, None)))
+            d = maybeDeferred(lambda: handler(**served.parseArguments(box, proto)))
 
             def err(f: Failure) -> Failure:
                 for cls in command.allErrors:  # type: ignore[attr-defined]
@@ -181,7 +191,7 @@ class SimNet:
                         return Failure(_RemoteError(Failure(cls(str(f.value)))))
                 return Failure(_RemoteError(Failure(amp.UnknownRemoteError(f.getErrorMessage()))))
 
-            return d.addCallbacks(lambda resp: served.makeResponse(resp, None), err)
+            return d.addCallbacks(lambda resp: served.makeResponse(resp, proto), err)
 
         def unwrap(f: Failure) -> Failure:
             return f.value.failure if isinstance(f.value, _RemoteError) else f
