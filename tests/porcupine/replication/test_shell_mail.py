@@ -138,7 +138,7 @@ def test_answer_waits_for_the_second_replica(tmp_path: Path) -> None:
     """R=2 coordinated here: the delivery fires only once b holds the message too."""
     net = Net(tmp_path, "abc")
     d = net.boxes["a"].repl.store(["a", "b"], message(3))
-    assert not d.called
+    assert not net.sim.fired(d)
     net.settle(0.01)
     digests = net.result_of(d)
     assert sorted(x.node for x in digests) == ["a", "b"]
