@@ -8,37 +8,58 @@ from typing import Any
 
 import attrs
 import pytest
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred
 
 from yimaporc.cluster.catalog import PutRecords, ReplicatedDocument, read_document
 from yimaporc.cluster.membership import View
-from yimaporc.cluster.rpc import PeerUnavailable
 from yimaporc.cluster.wire import Member
+from yimaporc.testing.simnet import SimNet, Watched
 
 
 @attrs.define
 class Net:
+    """The documents' nodes, each a host (named by its address) of one simulation kernel;
+    a PutRecords call is a kernel call, through the command's AMP encoding."""
+
+    sim: SimNet = attrs.field(factory=SimNet)
     nodes: dict[str, FakeNode] = attrs.field(factory=dict)
-    down: set[str] = attrs.field(factory=set)
+    #: Addresses cut off (a kernel partition).
+    down: set[str] = attrs.field(init=False)
     # When not None, calls wait here until the test delivers them.
-    held: list[tuple[str, dict[str, Any], Deferred[Any]]] | None = None
+    held: list[tuple[str, str, dict[str, Any], Deferred[Any]]] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.down = Watched(lambda down: self.sim.set_topology(down))
+
+    def put(self, src: str, address: str, kw: dict[str, Any]) -> Deferred[Any]:
+        """PutRecords from ``src`` to ``address`` over the kernel."""
+
+        def offer(name: str, body: bytes) -> Deferred[dict[str, int]]:
+            doc = self.nodes[address].documents[name]
+            return doc.offer(body).addCallback(lambda n: {"accepted": n})
+
+        def lookup(name: bytes) -> Any:
+            return PutRecords, offer
+
+        return self.sim.amp_call(src, address, lookup, PutRecords, kw)
+
+    def flush(self) -> None:
+        """Carry every call (and its answer) that is due now."""
+        self.sim.flush()
 
 
 @attrs.define
 class FakeRpc:
     net: Net
+    me: str
 
     def call(self, address: str, command: Any, **kw: Any) -> Deferred[Any]:
         assert command is PutRecords
-        if address in self.net.down:
-            return fail(PeerUnavailable(address))
-        if self.net.held is not None:
+        if self.net.held is not None and address not in self.net.down:
             d: Deferred[Any] = Deferred()
-            self.net.held.append((address, kw, d))
+            self.net.held.append((self.me, address, kw, d))
             return d
-        target = self.net.nodes[address]
-        doc = target.documents[kw["name"]]
-        return maybeDeferred(doc.offer, kw["body"]).addCallback(lambda n: {"accepted": n})
+        return self.net.put(self.me, address, kw)
 
 
 @attrs.define
@@ -62,7 +83,7 @@ class FakeNode:
 
     @property
     def rpc(self) -> FakeRpc:
-        return FakeRpc(self.net)
+        return FakeRpc(self.net, self.cluster_address)
 
     def subscribe(self, listener: Any) -> None:
         self.listeners.append(listener)
@@ -75,15 +96,17 @@ def cluster(tmp_path: Path, ids: str) -> tuple[Net, list[FakeNode], list[Replica
     for n in nodes:
         n.view = View(1, members, nodes[0].node_id)
         net.nodes[n.cluster_address] = n
+        net.sim.host(n.cluster_address)
     docs = [ReplicatedDocument(n, "catalog", {"media": []}) for n in nodes]  # type: ignore[arg-type]
     return net, nodes, docs
 
 
 def test_update_anywhere_reaches_everyone(tmp_path: Path) -> None:
     """An update made on any node is held by all, and persisted."""
-    _, _, docs = cluster(tmp_path, "abc")
+    net, _, docs = cluster(tmp_path, "abc")
     counts: list[int] = []
     docs[1].update(lambda v: {**v, "media": ["clip"]}).addCallback(counts.append)
+    net.flush()
     assert counts == [3]
     assert all(d.value == {"media": ["clip"]} and d.version == (1, "b") for d in docs)
     again = ReplicatedDocument(FakeNode("c", tmp_path / "c", Net()), "catalog", {})  # type: ignore[arg-type]
@@ -96,6 +119,7 @@ def test_older_version_is_refused_and_newcomer_catches_up(tmp_path: Path) -> Non
     net.down.add("c:1")
     counts: list[int] = []
     docs[0].update(lambda v: {"media": ["x"]}).addCallback(counts.append)
+    net.flush()
     assert counts == [2] and docs[2].value == {"media": []}
     taken: list[int] = []
     docs[1].offer(b'[["", 0, "z", {"media": ["old"]}]]').addCallback(taken.append)
@@ -103,6 +127,7 @@ def test_older_version_is_refused_and_newcomer_catches_up(tmp_path: Path) -> Non
     net.down.clear()
     full = nodes[0].view
     docs[0].membership_changed(View(2, full.members[:2], "a"), View(3, full.members, "a"))
+    net.flush()
     assert docs[2].value == {"media": ["x"]}
 
 
@@ -112,6 +137,7 @@ def test_a_member_restarted_since_the_last_view_catches_up(tmp_path: Path) -> No
     net, nodes, docs = cluster(tmp_path, "abc")
     net.down.add("c:1")
     docs[0].update(lambda v: {"media": ["x"]})
+    net.flush()
     assert docs[2].value == {"media": []}
     net.down.clear()
     full = nodes[0].view
@@ -120,6 +146,7 @@ def test_a_member_restarted_since_the_last_view_catches_up(tmp_path: Path) -> No
         for m in full.members
     )
     docs[0].membership_changed(full, View(full.epoch + 1, members, "a"))
+    net.flush()
     assert docs[2].value == {"media": ["x"]}
 
 
@@ -127,9 +154,9 @@ def deliver(net: Net, order: str) -> None:
     """Deliver the held calls in ``order`` (a string of indexes into ``net.held``)."""
     assert net.held is not None
     for i in order:
-        address, kw, d = net.held[int(i)]
-        doc = net.nodes[address].documents[kw["name"]]
-        doc.offer(kw["body"]).addCallback(lambda n, d=d: d.callback({"accepted": n}))
+        src, address, kw, d = net.held[int(i)]
+        net.put(src, address, kw).chainDeferred(d)
+        net.flush()
 
 
 @pytest.mark.parametrize("order", ["0123", "2301", "0213", "3120", "1032"])
@@ -147,6 +174,7 @@ def test_concurrent_claims_at_most_one_wins(tmp_path: Path, order: str) -> None:
 
     claim(docs[0], "a")
     claim(docs[1], "b")
+    net.flush()
     assert len(net.held) == 4  # each writer offers to the two others
     deliver(net, order)
     assert sorted(won) == ["a", "b"]
@@ -159,9 +187,10 @@ def test_concurrent_claims_at_most_one_wins(tmp_path: Path, order: str) -> None:
 
 def test_uncontested_claim_wins(tmp_path: Path) -> None:
     """Alone, a claim wins and every member holds it."""
-    _, _, docs = cluster(tmp_path, "abc")
+    net, _, docs = cluster(tmp_path, "abc")
     won: list[bool] = []
     docs[2].claim(lambda v: {**v, "pending": "c"}).addCallback(won.append)
+    net.flush()
     assert won == [True] and all(d.value["pending"] == "c" for d in docs)
 
 
@@ -241,11 +270,12 @@ def test_only_changed_records_travel_and_are_written(tmp_path: Path) -> None:
     """Changing one record pushes and writes that record alone, not the document."""
     net, docs = record_cluster(tmp_path, "ab")
     docs[0].update(lambda v: {"top": 1, "m": {"big": list(range(1000)), "small": 1}})
+    net.flush()
     writes = docs[1].writes
     net.held = []
     docs[0].put({"m/small": 2})
     assert len(net.held) == 1
-    sent = json.loads(net.held[0][1]["body"])
+    sent = json.loads(net.held[0][2]["body"])
     assert sent == [["m/small", 2, "a", 2]]
     deliver(net, "0")
     assert docs[1].value == {"top": 1, "m": {"big": list(range(1000)), "small": 2}}
@@ -267,13 +297,16 @@ def test_removal_travels_as_a_tombstone_and_newcomers_catch_up(tmp_path: Path) -
     """A removed record is removed everywhere, also on a node that was down meanwhile."""
     net, docs = record_cluster(tmp_path, "abc")
     docs[0].put({"top": 5, "m/x": 1, "m/y": 2})
+    net.flush()
     net.down.add("c:1")
     docs[1].update(lambda v: {**v, "m": {"y": 3}})
+    net.flush()
     assert docs[0].value == {"top": 5, "m": {"y": 3}}
     assert docs[2].value == {"top": 5, "m": {"x": 1, "y": 2}}
     net.down.clear()
     full = docs[0].node.view  # type: ignore[attr-defined]
     docs[0].membership_changed(View(2, full.members[:2], "a"), View(3, full.members, "a"))
+    net.flush()
     assert docs[2].value == {"top": 5, "m": {"y": 3}}
     again = ReplicatedDocument(FakeNode("c", tmp_path / "c", Net()), "cat", {}, split=_split,
                                join=_join)  # type: ignore[arg-type]  # fmt: skip

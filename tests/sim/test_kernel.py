@@ -526,6 +526,32 @@ def test_calls_answer_after_two_latencies_or_fail(kernel: SimKernel) -> None:
     assert len(ran) == 2 and len(got) == 4
 
 
+def test_a_call_whose_handler_answers_later_answers_once_it_fires(kernel: SimKernel) -> None:
+    """A handler returning a Deferred: the answer leaves when it fires (a latency later
+    it reaches the caller); a peer that crashed meanwhile gives ConnectionLost."""
+    a, b = up(kernel, "a", "10.0.0.1"), up(kernel, "b", "10.0.0.2")
+    pending: list[Deferred[str]] = []
+
+    def handler(reactor: Any) -> Deferred[str]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    got: list[Any] = []
+    kernel.call(a, "b", handler).addBoth(got.append)
+    kernel.run_until(1.0)
+    assert len(pending) == 1 and got == []
+    pending[0].callback("late")
+    assert got == []
+    kernel.run_until(1.1)
+    assert got == ["late"]
+    kernel.call(a, "b", handler).addBoth(got.append)
+    kernel.run_until(2.0)
+    kernel.crash(b)
+    pending[1].callback("from the dead")
+    kernel.run_until(3.0)
+    assert got[1].check(error.ConnectionLost)
+
+
 def test_lost_and_duplicated_calls_are_seeded() -> None:
     """With loss a call fails after the call timeout; with duplication its handler runs
     twice and the caller gets one answer; the same seed draws the same fates."""

@@ -308,12 +308,17 @@ class SimKernel(Links):
         return self.rng.uniform(*self.faults.latency)
 
     def call(
-        self, src: SimHost, dst: str, fn: Callable[[SimReactor], T], data: bytes = b""
+        self,
+        src: SimHost,
+        dst: str,
+        fn: Callable[[SimReactor], T | Deferred[T]],
+        data: bytes = b"",
     ) -> Deferred[T]:
         """One request/response exchange (an RPC) from ``src`` to host ``dst``.
 
         The request arrives after a latency and runs ``fn(reactor)`` in ``dst``'s
-        process; its result (or exception) comes back after another latency.  A lost
+        process; its result (or exception) comes back after another latency (a
+        Deferred result: once it fires, as ``ConnectionLost`` if ``dst`` crashed meanwhile).  A lost
         request fails the call after ``Faults.call_timeout`` (``TimeoutError``); a
         duplicated one runs twice (a resent request; the first answer counts); a cut
         link or a host that is down fails it after a latency (``ConnectionLost``).
@@ -355,10 +360,20 @@ class SimKernel(Links):
                 return
             self.record(target, f"call< {src.name}")
             try:
-                result: T | Failure = fn(reactor)
+                result: T | Failure | Deferred[T] = fn(reactor)
             except Exception:
                 result = Failure()
-            back(result, rng.uniform(*f.latency))
+            if not isinstance(result, Deferred):
+                back(result, rng.uniform(*f.latency))
+                return
+            served = target.generation
+
+            def answered(late: T | Failure) -> None:
+                if target.generation != served:  # dst crashed meanwhile: no answer
+                    late = Failure(error.ConnectionLost(f"{dst} is gone"))
+                back(late, rng.uniform(*f.latency))
+
+            result.addBoth(answered)
 
         for _ in range(copies):
             self.at(self.now + rng.uniform(*f.latency), arrive, host=target, kind=IO)

@@ -1,4 +1,5 @@
-"""MailReplication on real MailServices (synchronous pool), nodes joined by a fake RPC."""
+"""MailReplication on real MailServices (synchronous pool), each node a host of one
+simulation kernel, its RPCs kernel calls through the commands' AMP encoding."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any
 
 import attrs
 import pytest
-from mailtest_helpers import ImmediateReactor, SyncPool, fast_hash, result_of
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from mailtest_helpers import SyncPool, fast_hash
+from twisted.internet.defer import Deferred, fail
 
 from yimaporc.cluster.membership import View
 from yimaporc.cluster.rpc import PeerMaybeDone, PeerUnavailable, RpcRegistry
@@ -21,9 +22,9 @@ from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import bucket_of
 from yimaporc.porcupine.values import INBOX, PENDING, NewMessage
+from yimaporc.testing.simnet import T0, SimNet, authenticated_end
 
 ALICE = "alice@example.org"
-T0 = 1_700_000_000.0
 
 
 class FakeNode:
@@ -42,7 +43,7 @@ class FakeNode:
         return self.net.view
 
     def cluster_time(self) -> float:
-        return float(self.net.reactor.seconds())
+        return self.net.sim.seconds()
 
     def subscribe(self, listener: Any) -> None:
         self.listeners.append(listener)
@@ -51,24 +52,15 @@ class FakeNode:
         self.statuses.append(provider)
 
     def call(self, address: str, command: Any, **kw: Any) -> Deferred[Any]:
-        target = self.net.by_address(address)
-        if target is None:
+        n = address.split(":")[0]
+        if n not in self.net.boxes:
             return fail(PeerUnavailable(address))
-        found = target.node.registry.lookup(command.commandName)
-        assert found is not None
-        _, handler = found
         if command is Replicate or any(n == b"sender" for n, _ in command.arguments):
             kw["sender"] = self.node_id  # the authenticated peer id (PeerNode)
-        d: Deferred[Any] = Deferred()
-
-        def deliver() -> None:
-            if self.net.by_address(address) is None:
-                d.errback(PeerUnavailable(address))
-                return
-            maybeDeferred(handler, **kw).chainDeferred(d)
-
-        self.net.reactor.callLater(0.001, deliver)
-        return d
+        # the registry of the callee's running process (a killed one answers nothing)
+        lookup = lambda name: self.net.boxes[n].node.registry.lookup(name)  # noqa: E731
+        end = authenticated_end(n, self.node_id)
+        return self.net.sim.amp_call(self.node_id, n, lookup, command, kw, proto=end)
 
 
 class Box:
@@ -76,11 +68,12 @@ class Box:
 
     def __init__(self, net: Net, node_id: str) -> None:
         self.node = FakeNode(net, node_id)
-        storage = MailStorage(net.reactor, node_id, net.tmp / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
+        reactor = net.sim.reactor(node_id)
+        storage = MailStorage(reactor, node_id, net.tmp / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
         storage.profiles._hash = fast_hash
         self.repl = MailReplication(storage, self.node)  # type: ignore[arg-type]
         self.mail = MailService(
-            net.reactor,
+            reactor,
             node_id=node_id,
             data_dir=net.tmp / node_id,
             domain="example.org",
@@ -96,12 +89,11 @@ class Box:
 
 
 class Net:
-    """Nodes, a view, and who is up."""
+    """Nodes (hosts of one kernel: 0.5 ms each way), a view, and who is up."""
 
     def __init__(self, tmp: Path, ids: str) -> None:
         self.tmp = tmp
-        self.reactor = ImmediateReactor()
-        self.reactor.advance(T0)
+        self.sim = SimNet(latency=0.0005, start=T0)
         self.up = set(ids)
         self.view = View(1, tuple(Member(n, f"{n}:1", 1) for n in ids), ids[0])
         self.boxes = {n: Box(self, n) for n in ids}
@@ -114,17 +106,14 @@ class Net:
             for listener in self.boxes[n].node.listeners:
                 listener.membership_changed(old, self.view)
 
-    def by_address(self, address: str) -> Box | None:
-        n = address.split(":")[0]
-        return self.boxes[n] if n in self.up else None
-
     def kill(self, n: str) -> None:
+        """``n``'s process dies (its host crashes: timers and answers gone)."""
         self.up.discard(n)
-        self.boxes[n].repl.replication.running = False
-        self.boxes[n].repl.repairer.stop()
+        self.sim.kernel.crash(self.sim.host(n))
 
     def restart(self, n: str, wipe: bool = False) -> Box:
         """``n`` comes back (from its disk, or an empty one) and joins the view."""
+        self.sim.kernel.crash(self.sim.kernel.hosts[n])  # a new process
         if wipe:
             shutil.rmtree(self.tmp / n)
         self.boxes[n] = Box(self, n)
@@ -133,8 +122,11 @@ class Net:
         return self.boxes[n]
 
     def settle(self, seconds: float) -> None:
-        for _ in range(int(seconds / 0.001)):
-            self.reactor.advance(0.001)
+        self.sim.advance(seconds)
+
+    def result_of(self, d: Deferred[Any]) -> Any:
+        """``d``'s result once what is due now ran."""
+        return self.sim.result_of(d)
 
 
 def message(uid: int = 0) -> NewMessage:
@@ -146,9 +138,9 @@ def test_answer_waits_for_the_second_replica(tmp_path: Path) -> None:
     """R=2 coordinated here: the delivery fires only once b holds the message too."""
     net = Net(tmp_path, "abc")
     d = net.boxes["a"].repl.store(["a", "b"], message(3))
-    assert not d.called
+    assert not net.sim.fired(d)
     net.settle(0.01)
-    digests = result_of(d)
+    digests = net.result_of(d)
     assert sorted(x.node for x in digests) == ["a", "b"]
     assert [x.uid for x in net.boxes["b"].inbox()] == [3]
     net.settle(0.05)
@@ -165,7 +157,7 @@ def test_dead_coordinator_is_replaced_by_the_next_target(tmp_path: Path) -> None
     net.kill("a")
     d = net.boxes["c"].repl.store(["a", "b"], message())
     net.settle(0.05)
-    assert sorted(x.node for x in result_of(d)) == ["a", "b", "c"]
+    assert sorted(x.node for x in net.result_of(d)) == ["a", "b", "c"]
     assert len(net.boxes["b"].inbox()) == 1 and len(net.boxes["c"].inbox()) == 1
     assert net.boxes["c"].repl.retries == 1
 
@@ -179,7 +171,7 @@ def test_silent_participant_is_retargeted(tmp_path: Path) -> None:
     net.settle(1.0)
     assert not d.called  # no second copy yet: no answer
     net.settle(3.0)
-    assert sorted(x.node for x in result_of(d)) == ["a", "b", "c"]
+    assert sorted(x.node for x in net.result_of(d)) == ["a", "b", "c"]
     assert len(net.boxes["c"].inbox()) == 1
     assert net.boxes["a"].repl.retargets == 1
     net.boxes["b"] = Box(net, "b")  # b comes back: still a target, it gets the message
@@ -195,11 +187,11 @@ def test_flag_change_reaches_a_replica_that_was_down(tmp_path: Path) -> None:
     net = Net(tmp_path, "ab")
     d = net.boxes["a"].repl.store(["a", "b"], message(1))
     net.settle(0.05)
-    result_of(d)
+    net.result_of(d)
     net.kill("b")
     net.set_view("a")
     mm = net.boxes["a"].mail.mailbox_manager
-    result_of(mm.set_flags(ALICE, INBOX, [1], ["\\Seen"], 1))
+    net.result_of(mm.set_flags(ALICE, INBOX, [1], ["\\Seen"], 1))
     net.settle(0.05)
     assert net.boxes["a"].repl.status()["replication"]["awaiting"] == {"b": 1}
     net.boxes["b"] = Box(net, "b")  # restart from its disk
@@ -214,12 +206,12 @@ def test_profiles_travel_through_the_log(tmp_path: Path) -> None:
     """push_profiles logs a profile object per record; every live node merges it."""
     net = Net(tmp_path, "abc")
     a = net.boxes["a"]
-    result_of(a.mail.profiles.add(ALICE, "pw", 2))
-    rec = result_of(a.mail.profiles.record(ALICE))
-    result_of(a.repl.push_profiles([rec]))
+    net.result_of(a.mail.profiles.add(ALICE, "pw", 2))
+    rec = net.result_of(a.mail.profiles.record(ALICE))
+    net.result_of(a.repl.push_profiles([rec]))
     net.settle(0.05)
     for n in "bc":
-        got = result_of(net.boxes[n].mail.profiles.get(ALICE))
+        got = net.result_of(net.boxes[n].mail.profiles.get(ALICE))
         assert got is not None and got.replicas == 2
         assert net.boxes[n].mail.profiles.count() == 1
 
@@ -227,14 +219,15 @@ def test_profiles_travel_through_the_log(tmp_path: Path) -> None:
 def settled(net: Net, d: Deferred[Any]) -> Any:
     """The result of ``d`` once the network had 50 ms to carry the messages."""
     net.settle(0.05)
-    return result_of(d)
+    return net.result_of(d)
 
 
 def repl_status(net: Net, box: Box) -> dict[str, Any]:
     """The box's replication status (the under-replicated count refreshed first: it
     runs at most once a second, in the synchronous pool)."""
-    net.reactor.advance(1.0)
+    net.settle(1.0)
     box.repl.status()
+    net.sim.flush()  # the pool's answer comes through callFromThread
     doc: dict[str, Any] = box.repl.status()["replication"]
     return doc
 
@@ -293,7 +286,7 @@ def test_fewer_live_nodes_than_r_gives_r_copies_once_they_are_back(tmp_path: Pat
     a = net.boxes["a"]
     d = a.repl.store(["a"], message(7), replicas=2)
     net.settle(0.01)
-    assert sorted(x.node for x in result_of(d)) == ["a", "b"]  # b: a replica, later
+    assert sorted(x.node for x in net.result_of(d)) == ["a", "b"]  # b: a replica, later
     assert [x.uid for x in a.inbox()] == [7]
     st = repl_status(net, a)
     assert st["awaiting"] == {"b": 1} and st["under_replicated"] == 1
@@ -311,7 +304,7 @@ def test_a_plan_naming_fewer_than_r_live_nodes_gets_r_copies_now(tmp_path: Path)
     a = net.boxes["a"]
     d = a.repl.store(["a"], message(9), replicas=2)
     net.settle(0.5)
-    holders = sorted(x.node for x in result_of(d))
+    holders = sorted(x.node for x in net.result_of(d))
     assert holders[0] == "a" and len(holders) == 2 and holders[1] in ("b", "c")
     copies = [n for n, box in net.boxes.items() if [x.uid for x in box.inbox()] == [9]]
     assert sorted(copies) == holders
@@ -327,7 +320,7 @@ def test_replication_timeout_answers_with_the_durable_copy(tmp_path: Path) -> No
     a = net.boxes["a"]
     d = a.repl.store(["a", "b"], message(5), replicas=2)
     net.settle(a.repl.ack_timeout * (a.repl.max_retargets + 1) + 0.1)
-    assert [x.uid for x in result_of(d)] == [5]
+    assert [x.uid for x in net.result_of(d)] == [5]
     assert a.repl.short_acks == 1
     b = net.restart("b")
     net.settle(0.5)
@@ -340,22 +333,22 @@ def test_deluser_reaches_a_node_that_was_down(tmp_path: Path) -> None:
     drops the user's mail, also a message whose push to c was still pending."""
     net = Net(tmp_path, "abc")
     a, b = net.boxes["a"], net.boxes["b"]
-    result_of(a.mail.profiles.add(ALICE, "pw", 2))
-    settled(net, a.repl.push_profiles([result_of(a.mail.profiles.record(ALICE))]))
+    net.result_of(a.mail.profiles.add(ALICE, "pw", 2))
+    settled(net, a.repl.push_profiles([net.result_of(a.mail.profiles.record(ALICE))]))
     settled(net, b.repl.store(["b", "c"], message(1)))
     net.settle(0.05)
     assert len(net.boxes["c"].inbox()) == 1
     net.kill("c")
     net.set_view("ab")
     settled(net, b.repl.store(["b", "c"], message(2), replicas=2))  # pending for c
-    result_of(a.mail.profiles.remove(ALICE))
-    settled(net, a.repl.push_profiles([result_of(a.mail.profiles.record(ALICE))]))
+    net.result_of(a.mail.profiles.remove(ALICE))
+    settled(net, a.repl.push_profiles([net.result_of(a.mail.profiles.record(ALICE))]))
     net.settle(0.05)
     assert b.inbox() == []  # applying the tombstone removed the mail on b
     c = net.restart("c")
     net.settle(0.5)
     assert c.mail.fragment_store.users_with_mail() == []
-    assert result_of(c.mail.profiles.get(ALICE)) is None
+    assert net.result_of(c.mail.profiles.get(ALICE)) is None
     assert all(repl_status(net, net.boxes[n])["log_length"] == 0 for n in "abc")
     assert all(repl_status(net, net.boxes[n])["under_replicated"] == 0 for n in "abc")
 
@@ -448,7 +441,7 @@ def test_coordinator_timing_out_after_the_request_is_not_replaced(tmp_path: Path
         sent.addErrback(lambda f: None)  # b runs it; its answer is lost
         err = PeerMaybeDone(f"{address}: (10.0, 'Deferred')")
         late: Deferred[Any] = Deferred()
-        net.reactor.callLater(0.0005, late.errback, err)
+        net.sim.reactor("c").callLater(0.0005, late.errback, err)
         return late
 
     c.node.call = lossy  # type: ignore[method-assign]

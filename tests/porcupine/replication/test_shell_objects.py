@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from mailtest_helpers import ImmediateReactor, SyncPool, fast_hash, result_of
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from zope.interface.verify import verifyObject
 
 from yimaporc.cluster.rpc import PeerUnavailable
@@ -34,6 +34,7 @@ from yimaporc.porcupine.replication.objects import (
 )
 from yimaporc.porcupine.replication.shell import ReplicationService
 from yimaporc.porcupine.values import INBOX, NewMessage
+from yimaporc.testing.simnet import SimNet
 
 ALICE = "alice@example.org"
 RID = "0123456789abcdef0123456789abcdef"
@@ -149,11 +150,11 @@ def test_profile_records_merge(tmp_path: Path) -> None:
 
 
 class Net:
-    """Nodes whose frames are delivered by the test's Clock."""
+    """Nodes, each a host of one simulation kernel; frames go by kernel calls (0.5 ms
+    each way)."""
 
     def __init__(self, tmp_path: Path, ids: str, config: ReplicationConfig) -> None:
-        self.reactor = ImmediateReactor()
-        self.reactor.advance(T0)
+        self.sim = SimNet(latency=0.0005, start=T0)
         self.tmp = tmp_path
         self.config = config
         self.logs = {n: MemoryLog() for n in ids}
@@ -169,13 +170,14 @@ class Net:
         fs = FragmentStore(self.tmp / n, n, lambda: T0)
         objects = ReplicaObjectStore(self.tmp / n / "mail" / "replicas.sqlite", fs)
         self.stores[n] = objects
-        inner = MailboxManager(self.reactor, SyncPool(), fs)  # type: ignore[arg-type]
+        reactor = self.sim.reactor(n)
+        inner = MailboxManager(reactor, SyncPool(), fs)  # type: ignore[arg-type]
 
         def send(to: str, frames: list[bytes]) -> Deferred[Any]:
             return self.send(n, to, frames)
 
         svc = ReplicationService(
-            self.reactor,
+            reactor,
             n,
             self.logs[n],
             objects,
@@ -191,23 +193,22 @@ class Net:
         return mm
 
     def crash(self, n: str) -> None:
-        mm = self.nodes[n]
-        assert mm is not None
-        mm.replication.running = False
+        assert self.nodes[n] is not None
+        self.sim.kernel.crash(self.sim.host(n))
         self.nodes[n] = None
 
     def send(self, a: str, b: str, frames: list[bytes]) -> Deferred[Any]:
-        if self.nodes.get(b) is None:
+        if b not in self.nodes:
             return fail(PeerUnavailable(b))
 
-        def deliver() -> None:
-            mm = self.nodes.get(b)
-            if mm is not None:
-                for frame in frames:
-                    mm.replication.receive(a, frame)
+        def deliver(reactor: Any) -> dict[str, Any]:
+            mm = self.nodes[b]
+            assert mm is not None  # the kernel delivers only to a running process
+            for frame in frames:
+                mm.replication.receive(a, frame)
+            return {}
 
-        self.reactor.callLater(0.001, deliver)
-        return succeed({})
+        return self.sim.call(a, b, deliver, b"".join(frames))
 
     def live(self, ids: str) -> None:
         for mm in self.nodes.values():
@@ -215,8 +216,11 @@ class Net:
                 mm.replication.set_live(list(ids))
 
     def settle(self, seconds: float = 1.0) -> None:
-        for _ in range(int(seconds / 0.001)):
-            self.reactor.advance(0.001)
+        self.sim.advance(seconds)
+
+    def result_of(self, d: Deferred[Any]) -> Any:
+        """``d``'s result once what is due now ran."""
+        return self.sim.result_of(d)
 
     def mm(self, n: str) -> ReplicatedMailboxManager:
         mm = self.nodes[n]
@@ -230,21 +234,21 @@ def test_replicated_message_flags_and_deletion_reach_every_replica(tmp_path: Pat
     net = Net(tmp_path, "abc", ReplicationConfig(acks_before_reply=2))
     net.live("abc")
     d = net.mm("a").store_replicated(RID, NewMessage(ALICE, INBOX, b"M\r\n", (), T0, 5), ["b"])
-    assert not d.called  # acks_before_reply=2: b must hold it first
+    assert not net.sim.fired(d)  # acks_before_reply=2: b must hold it first
     net.settle(0.01)
-    digests = result_of(d)
+    digests = net.result_of(d)
     assert sorted(x.node for x in digests) == ["a", "b"] and {x.uid for x in digests} == {5}
     net.settle(0.05)
     for n in "ab":
         (got,) = net.stores[n].fragments.digests(ALICE, INBOX)
         assert got.key == key_of(RID) and got.uid == 5
     assert net.stores["c"].fragments.users_with_mail() == []
-    result_of(net.mm("b").set_flags(ALICE, INBOX, [5], ["\\Seen"], 1))
+    net.result_of(net.mm("b").set_flags(ALICE, INBOX, [5], ["\\Seen"], 1))
     net.settle(0.05)
     assert net.stores["a"].fragments.digests(ALICE, INBOX)[0].flags == ("\\Seen",)
     net.crash("b")
     net.live("ac")
-    assert result_of(net.mm("a").delete(ALICE, INBOX, [5])) == [5]
+    assert net.result_of(net.mm("a").delete(ALICE, INBOX, [5])) == [5]
     assert net.stores["a"].fragments.digests(ALICE, INBOX) == []
     net.settle(0.05)
     assert net.mm("a").replication.status()["replication"]["awaiting"] == {"b": 1}
