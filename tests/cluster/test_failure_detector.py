@@ -389,3 +389,42 @@ def test_an_outsider_that_answered_late_gets_longer_next_round() -> None:
     assert a._round is not None
     a.receive(hdr(D, 6000), Reply(a._round.key[0], "a", 9, (D,)), 3.2)
     assert a.view.node_ids == ("a", "b", "c", "d")
+
+
+def test_status_shows_the_open_round_and_its_deadline() -> None:
+    """Core status: the round this node coordinates or waits in, its deadline from now,
+    and the round counters (docs/operations.md)."""
+    a = in_view(A)
+    idle = a.status(0.5)
+    assert idle["round"] is None and idle["views_installed"] == 2  # boot, then the commit
+    _round_for_outsider(a, 1.0)
+    _answer(a, B, 1.01)
+    _answer(a, C, 1.01)
+    st = a.status(1.1)
+    assert st["round"] == {
+        "role": "coordinator",
+        "proposal": a._round.key[0] if a._round else None,
+        "coordinator": "a",
+        "deadline_in": 0.3,
+        "asked": 3,
+        "answered": 2,
+        "extended": False,
+    }
+    assert st["rounds_started"] == 1 and st["received_by_type"] == {
+        "Commit": 1,
+        "Probe": 1,
+        "Reply": 2,
+    }
+    run(a, 2.0)
+    st = a.status(2.0)
+    assert st["round"] is None and st["rounds_unchanged"] == 1
+    assert st["deferring_probes_of"] == ["d"]
+    b = in_view(B)
+    b.receive(hdr(A, 3), NewGroup(50), 1.0)
+    assert b.status(1.5)["round"] == {
+        "role": "waiting",
+        "proposal": 50,
+        "coordinator": "a",
+        "deadline_in": 1.0,
+        "extended": False,
+    }

@@ -259,7 +259,7 @@ def test_a_crash_before_the_view_is_on_disk_restarts_above_it(tmp_path: Path) ->
 
 def test_an_epoch_jump_past_the_reservation_on_disk_is_written_at_once(tmp_path: Path) -> None:
     """A view far above what membership.json reserves writes membership.floor on the reactor before listeners hear of it; a crash then restarts above it."""
-    _, pool, node = _started(tmp_path)
+    _, _, node = _started(tmp_path)
     reserved = _on_disk(tmp_path)["reserved"]
     _change_view(node, reserved + 5)
     assert node.floor_writes == 1
@@ -270,3 +270,20 @@ def test_an_epoch_jump_past_the_reservation_on_disk_is_written_at_once(tmp_path:
     again = _restarted(tmp_path)  # the pool's write of membership.json never ran
     assert again.view.epoch > reserved + 6
     again.stopService()
+
+
+def test_status_shows_the_membership_state(tmp_path: Path) -> None:
+    """/api/status membership: datagram counters, the round state, the timer's punctuality
+    and the epoch reservation writes (docs/operations.md)."""
+    reactor, _, node = _started(tmp_path)
+    reactor.advance(0.0)
+    mem = node.status()["membership"]
+    assert mem["round"] is None and mem["held"] is False
+    assert mem["views_installed"] == 1 and mem["rounds_started"] == 0
+    assert mem["sent_by_type"] == {"Probe": 1} and mem["sent"] == 1
+    assert mem["epoch_floor_writes"] == 0
+    assert mem["next_tick_in"] is not None and mem["next_tick_in"] >= 0
+    reactor.advance(mem["next_tick_in"] + 0.3)  # the timer ran 0.3 s late
+    mem = node.status()["membership"]
+    assert mem["last_tick_ago"] == 0.0 and mem["last_tick_late"] == mem["max_tick_late"] == 0.3
+    node.stopService()

@@ -160,6 +160,8 @@ class Membership(FailureDetection):
         self.health = 0
         self._last_input = 0.0
         self.sent: Counter[str] = Counter()
+        #: Authenticated datagrams handed to :meth:`receive`, by type.
+        self.received: Counter[str] = Counter()
         self.detector: Counter[str] = Counter()
         #: The last member this node accused of not answering (why it left the view).
         self.last_accused: str | None = None
@@ -167,6 +169,8 @@ class Membership(FailureDetection):
         #: Rounds that ended with the current view (a candidate did not answer in time)
         #: and so committed nothing (see _commit).
         self.rounds_unchanged = 0
+        #: Views this node committed or installed.
+        self.views_installed = 0
         #: Start times of this node's recent rounds, to time late replies.
         self._round_starts: dict[tuple[int, str], float] = {}
         #: node id -> how long its last reply to one of our rounds took.
@@ -189,6 +193,7 @@ class Membership(FailureDetection):
         out: list[Action] = []
         if header.sender == self.me.node_id:
             return out
+        self.received[type(body).__name__] += 1
         self._last_input = max(self._last_input, now)
         self.lamport = max(self.lamport, header.lamport) + 1
         self._known[header.address] = now
@@ -319,6 +324,40 @@ class Membership(FailureDetection):
     def in_round(self) -> bool:
         """True while a round this node coordinates or takes part in is open."""
         return not self._idle
+
+    def status(self, now: float) -> dict[str, object]:
+        """The core's state for ``/api/status`` (docs/operations.md): the open round,
+        if any, with its deadline relative to ``now``, and the round counters."""
+        rnd, waiting = self._round, self._waiting
+        current: dict[str, object] | None = None
+        if rnd is not None:
+            current = {
+                "role": "coordinator",
+                "proposal": rnd.key[0],
+                "coordinator": rnd.key[1],
+                "deadline_in": round(rnd.deadline - now, 3),
+                "asked": len(rnd.candidates),
+                "answered": len(rnd.replies),
+                "extended": rnd.extended,
+            }
+        elif waiting is not None:
+            current = {
+                "role": "waiting",
+                "proposal": waiting.key[0],
+                "coordinator": waiting.key[1],
+                "deadline_in": round(waiting.deadline - now, 3),
+                "extended": waiting.extended,
+            }
+        return {
+            "round": current,
+            "rounds_started": self.rounds_started,
+            "rounds_unchanged": self.rounds_unchanged,
+            "views_installed": self.views_installed,
+            "deferring_probes_of": sorted(n for n, (_, t) in self._shy.items() if now < t),
+            "lamport": self.lamport,
+            "sent_by_type": dict(self.sent),
+            "received_by_type": dict(self.received),
+        }
 
     def known_addresses(self) -> list[str]:
         """Addresses this node would probe (seeds and nodes heard from recently)."""
@@ -520,6 +559,7 @@ class Membership(FailureDetection):
 
     def _install(self, view: View, now: float, out: list[Action]) -> None:
         old, self.view = self.view, view
+        self.views_installed += 1
         for m in view.members:
             if m.node_id != self.me.node_id:
                 self._known[m.address] = now

@@ -327,10 +327,12 @@ class ClusterNode(MultiService):
         if self.protocol is None or self.core is None:
             return {}
         return {
-            **self.protocol.stats,
+            **self.protocol.status(),
             **{"detector_" + k: v for k, v in self.core.detector.items()},
             "local_health": self.core.health,
             "udp_rcvbuf": self.udp_rcvbuf,
+            "epoch_floor_writes": self.floor_writes,
+            "epoch_floor_write_failures": self.floor_write_failures,
         }
 
     # --- service ------------------------------------------------------------------
