@@ -428,3 +428,16 @@ def test_status_shows_the_open_round_and_its_deadline() -> None:
         "deadline_in": 1.0,
         "extended": False,
     }
+
+
+def test_a_restarted_outsider_is_not_shy() -> None:
+    """The node that missed a round restarted (a new incarnation): its probes start a
+    round at once, as a new node's do."""
+    a = in_view(A)
+    _round_for_outsider(a, 1.0)
+    _answer(a, B, 1.01)
+    _answer(a, C, 1.01)
+    run(a, 1.5)
+    reborn = Member("d", D.address, 2)
+    out = a.receive(hdr(reborn, 3000), Probe(1, (reborn,)), 2.0)  # D shy until 2.4
+    assert D.address in {s.address for s in sends(out, NewGroup)}

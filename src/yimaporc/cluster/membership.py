@@ -175,8 +175,9 @@ class Membership(FailureDetection):
         self._round_starts: dict[tuple[int, str], float] = {}
         #: node id -> how long its last reply to one of our rounds took.
         self._reply_delay: dict[str, float] = {}
-        #: node id -> (rounds it missed in a row, until when its probes start none).
-        self._shy: dict[str, tuple[int, float]] = {}
+        #: node id -> (rounds it missed in a row, until when its probes start none, the
+        #: incarnation that missed them: a restarted node is not shy).
+        self._shy: dict[str, tuple[int, float, int]] = {}
 
     # --- inputs ---------------------------------------------------------------
 
@@ -353,7 +354,7 @@ class Membership(FailureDetection):
             "rounds_started": self.rounds_started,
             "rounds_unchanged": self.rounds_unchanged,
             "views_installed": self.views_installed,
-            "deferring_probes_of": sorted(n for n, (_, t) in self._shy.items() if now < t),
+            "deferring_probes_of": sorted(n for n, (_, t, _) in self._shy.items() if now < t),
             "lamport": self.lamport,
             "sent_by_type": dict(self.sent),
             "received_by_type": dict(self.received),
@@ -369,7 +370,12 @@ class Membership(FailureDetection):
         if self.view.member(sender.node_id) == sender and probe.epoch == self.view.epoch:
             return
         shy = self._shy.get(sender.node_id)
-        if shy is not None and now < shy[1] and self.view.member(sender.node_id) is None:
+        if (
+            shy is not None
+            and now < shy[1]
+            and sender.incarnation <= shy[2]
+            and self.view.member(sender.node_id) is None
+        ):
             # It missed our last rounds (too slow to answer, e.g. starved of CPU): a
             # round for it now would only be another round without it.
             self.detector["probes_deferred"] += 1
@@ -548,12 +554,13 @@ class Membership(FailureDetection):
         """Candidates that did not answer in time back off: their probes start no
         round of ours for 1, 2, 4 ... 32 s (a starved node's probes otherwise made
         a round without it every second, each a new view: a livelock)."""
-        for node_id in rnd.candidates:
+        for node_id, m in rnd.candidates.items():
             if node_id in rnd.replies:
                 self._shy.pop(node_id, None)
             elif rnd.excluded is None or node_id != rnd.excluded.node_id:
-                missed = self._shy.get(node_id, (0, 0.0))[0] + 1
-                self._shy[node_id] = (missed, now + min(32.0, 2.0 ** (missed - 1)))
+                missed = self._shy.get(node_id, (0, 0.0, 0))[0] + 1
+                until = now + min(32.0, 2.0 ** (missed - 1))
+                self._shy[node_id] = (missed, until, m.incarnation)
         while len(self._shy) > 1024:
             del self._shy[next(iter(self._shy))]
 
