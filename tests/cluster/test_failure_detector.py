@@ -300,3 +300,144 @@ def test_a_starved_coordinator_commits_its_round() -> None:
     assert sends(out, NewGroup) and a.in_round
     starved(a, 1.0, 4.0)
     assert not a.in_round and a.view.epoch > 5
+
+
+def _round_for_outsider(a: Membership, now: float) -> list[object]:
+    """D, outside {a, b, c}, probes a: a starts a round asking b, c and d."""
+    out = a.receive(hdr(D, now_seq(now)), Probe(9, (D,)), now)
+    assert {s.address for s in sends(out, NewGroup)} == {B.address, C.address, D.address}
+    return out
+
+
+def now_seq(now: float) -> int:
+    return int(now * 1000) + 1
+
+
+def _answer(a: Membership, m: Member, now: float) -> list[object]:
+    assert a._round is not None
+    proposal = a._round.key[0]
+    return a.receive(hdr(m, now_seq(now)), Reply(proposal, "a", a.view.epoch, a.view.members), now)
+
+
+def test_a_round_that_ends_with_the_current_view_commits_nothing() -> None:
+    """Every member answers with the current view, the outsider that probed does not in
+    time: no new epoch; the members' wait is released with the view they have."""
+    a = in_view(A)
+    _round_for_outsider(a, 1.0)
+    _answer(a, B, 1.01)
+    _answer(a, C, 1.01)
+    out = run(a, 2.0)
+    assert a.view.epoch == 5 and a.rounds_unchanged == 1 and not a.in_round
+    assert {s.address for s in sends(out, Commit)} == {B.address, C.address}
+    assert all(s.body == Commit(5, (A, B, C)) for s in sends(out, Commit))
+    b = in_view(B)
+    b.receive(hdr(A, 3), NewGroup(50), 1.0)
+    assert b.in_round
+    b.receive(hdr(A, 4), Commit(5, (A, B, C)), 1.5)  # the release
+    assert not b.in_round and b.view.epoch == 5
+
+
+def test_a_round_where_a_member_is_behind_still_commits() -> None:
+    """A member that answers with another epoch needs the commit even when nobody new joined."""
+    a = in_view(A)
+    _round_for_outsider(a, 1.0)
+    _answer(a, B, 1.01)
+    assert a._round is not None
+    a.receive(hdr(C, 2000), Reply(a._round.key[0], "a", 4, (A, B, C)), 1.01)
+    run(a, 2.0)
+    assert a.view.epoch > 5 and a.rounds_unchanged == 0
+
+
+def test_an_outsider_that_missed_a_round_is_not_given_another_at_once() -> None:
+    """Its probes start no round for 1 s, then 2 s, ... (a node too starved to answer a
+    round made one per probe, each a new view without it: a livelock)."""
+    a = in_view(A)
+    _round_for_outsider(a, 1.0)
+    _answer(a, B, 1.01)
+    _answer(a, C, 1.01)
+    run(a, 1.5)
+    assert not a.in_round
+    out = a.receive(hdr(D, 3000), Probe(9, (D,)), 1.6)
+    assert not sends(out, NewGroup) and a.detector["probes_deferred"] == 1
+    run(a, 2.6)
+    _round_for_outsider(a, 2.6)  # after the second: another try
+    _answer(a, B, 2.61)
+    _answer(a, C, 2.61)
+    run(a, 3.5)
+    out = a.receive(hdr(D, 4000), Probe(9, (D,)), 4.0)  # missed twice: 2 s now
+    assert not sends(out, NewGroup)
+
+
+def test_an_outsider_that_answered_late_gets_longer_next_round() -> None:
+    """D's reply came 0.6 s into a 0.4 s round: the next round waits 1.5 times that for it
+    (within the members' commit wait), and D gets in."""
+    a = in_view(A)
+    _round_for_outsider(a, 1.0)
+    assert a._round is not None
+    proposal = a._round.key[0]
+    _answer(a, B, 1.01)
+    _answer(a, C, 1.01)
+    run(a, 1.6)
+    a.receive(hdr(D, 5000), Reply(proposal, "a", 9, (D,)), 1.6)  # too late
+    assert a.detector["late_replies"] == 1 and a.view.epoch == 5
+    run(a, 2.6)
+    _round_for_outsider(a, 2.6)
+    _answer(a, B, 2.61)
+    _answer(a, C, 2.61)
+    run(a, 3.1)
+    assert a.in_round, "still waiting for D past the 0.4 s round"
+    assert a._round is not None
+    a.receive(hdr(D, 6000), Reply(a._round.key[0], "a", 9, (D,)), 3.2)
+    assert a.view.node_ids == ("a", "b", "c", "d")
+
+
+def test_status_shows_the_open_round_and_its_deadline() -> None:
+    """Core status: the round this node coordinates or waits in, its deadline from now,
+    and the round counters (docs/operations.md)."""
+    a = in_view(A)
+    idle = a.status(0.5)
+    assert idle["round"] is None and idle["views_installed"] == 2  # boot, then the commit
+    _round_for_outsider(a, 1.0)
+    _answer(a, B, 1.01)
+    _answer(a, C, 1.01)
+    st = a.status(1.1)
+    assert st["round"] == {
+        "role": "coordinator",
+        "proposal": a._round.key[0] if a._round else None,
+        "coordinator": "a",
+        "deadline_in": 0.3,
+        "asked": 3,
+        "answered": 2,
+        "extended": False,
+    }
+    assert st["rounds_started"] == 1 and st["received_by_type"] == {
+        "Commit": 1,
+        "Probe": 1,
+        "Reply": 2,
+    }
+    run(a, 2.0)
+    st = a.status(2.0)
+    assert st["round"] is None and st["rounds_unchanged"] == 1
+    assert st["deferring_probes_of"] == ["d"]
+    b = in_view(B)
+    b.receive(hdr(A, 3), NewGroup(50), 1.0)
+    assert b.status(1.5)["round"] == {
+        "role": "waiting",
+        "proposal": 50,
+        "coordinator": "a",
+        "deadline_in": 1.0,
+        "extended": False,
+    }
+
+
+def test_a_restarted_outsider_is_not_shy() -> None:
+    """The node that missed a round restarted (a new incarnation): its probes start a
+    round at once, as a new node's do."""
+    a = in_view(A)
+    _round_for_outsider(a, 1.0)
+    _answer(a, B, 1.01)
+    _answer(a, C, 1.01)
+    run(a, 1.5)
+    reborn = Member("d", D.address, 2)
+    out = a.receive(hdr(reborn, 3000), Probe(1, (reborn,)), 2.0)  # D shy until 2.4
+    assert D.address in {s.address for s in sends(out, NewGroup)}

@@ -237,3 +237,53 @@ def test_the_bucket_map_cache_is_written_in_the_pool_too(tmp_path: Path) -> None
     assert BucketMap.parse((tmp_path / "bucketmap.bin").read_bytes()) == grown
     assert node.status()["state_files"]["bucketmap"]["writes"] == 2
     node.stopService()
+
+
+def _restarted(tmp_path: Path) -> ClusterNode:
+    """A new process on the same data dir, booted (its start-up write done)."""
+    _, pool, node = _node(tmp_path)
+    node.startService()
+    pool.run_all()
+    return node
+
+
+def test_a_crash_before_the_view_is_on_disk_restarts_above_it(tmp_path: Path) -> None:
+    """A node killed after a view change but before the pool wrote it restarts with a higher epoch, not the one on disk."""
+    _, pool, node = _started(tmp_path)
+    _change_view(node, 7)
+    assert pool.pending and _on_disk(tmp_path)["epoch"] < 7  # crash now: the write is lost
+    again = _restarted(tmp_path)
+    assert again.view.epoch > 7
+    again.stopService()
+
+
+def test_an_epoch_jump_past_the_reservation_on_disk_is_written_at_once(tmp_path: Path) -> None:
+    """A view far above what membership.json reserves writes membership.floor on the reactor before listeners hear of it; a crash then restarts above it."""
+    _, _, node = _started(tmp_path)
+    reserved = _on_disk(tmp_path)["reserved"]
+    _change_view(node, reserved + 5)
+    assert node.floor_writes == 1
+    floor = json.loads((tmp_path / "membership.floor").read_text())["reserved"]
+    assert floor > reserved + 5
+    _change_view(node, reserved + 6)  # covered by the floor: no second write
+    assert node.floor_writes == 1
+    again = _restarted(tmp_path)  # the pool's write of membership.json never ran
+    assert again.view.epoch > reserved + 6
+    again.stopService()
+
+
+def test_status_shows_the_membership_state(tmp_path: Path) -> None:
+    """/api/status membership: datagram counters, the round state, the timer's punctuality
+    and the epoch reservation writes (docs/operations.md)."""
+    reactor, _, node = _started(tmp_path)
+    reactor.advance(0.0)
+    mem = node.status()["membership"]
+    assert mem["round"] is None and mem["held"] is False
+    assert mem["views_installed"] == 1 and mem["rounds_started"] == 0
+    assert mem["sent_by_type"] == {"Probe": 1} and mem["sent"] == 1
+    assert mem["epoch_floor_writes"] == 0
+    assert mem["next_tick_in"] is not None and mem["next_tick_in"] >= 0
+    reactor.advance(mem["next_tick_in"] + 0.3)  # the timer ran 0.3 s late
+    mem = node.status()["membership"]
+    assert mem["last_tick_ago"] == 0.0 and mem["last_tick_late"] == mem["max_tick_late"] == 0.3
+    node.stopService()

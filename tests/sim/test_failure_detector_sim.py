@@ -14,9 +14,9 @@ from yimaporc.testing.seeds import sweep
 SEEDS = sweep(range(20), 6)  # 6 seeds in `make test`, 20 under `make test-slow`
 
 
-def formed(n: int, seed: int, **kw: object) -> ClusterSim:
+def formed(n: int, seed: int, faults: Faults | None = None, **kw: object) -> ClusterSim:
     """``n`` nodes converged into one view."""
-    net = make_cluster(n, seed, faults=Faults(latency=(0.0002, 0.002)), **kw)
+    net = make_cluster(n, seed, faults=faults or Faults(latency=(0.0002, 0.002)), **kw)
     assert net.run_until_converged(30.0) is not None
     net.run_until(net.now + 2.0)
     return net
@@ -182,3 +182,65 @@ def test_node_starved_of_cpu_is_out_for_seconds_not_for_good(seed: int) -> None:
     assert max(stretches, default=0.0) < 30.0, stretches
     took = net.run_until_converged(10.0)
     assert took is not None and took <= 5.0, took
+
+
+def starve_behind_a_backlog(
+    net: ClusterSim, victim: str, seconds: float, rx_delay: float, seed: int
+) -> tuple[float, float]:
+    """``victim`` frozen 10 s (so the others leave it out), then for ``seconds`` frozen
+    95 ms of every 100 ms, each datagram it receives read ``rx_delay`` late and 10 %
+    of them lost (a node of 0.05 core behind a backlog of work).  Returns when the
+    starvation began and when ``victim`` was last seen out of the others' view."""
+    r = random.Random(seed * 131)
+    k = net.kernel
+    host = net.nodes[victim].host
+    net.pause(victim, 10.0)
+    begin = net.now + 10.0
+    end = begin + seconds
+
+    def cycle() -> None:
+        if net.now < end:
+            net.pause(victim, 0.095)
+            k.at(net.now + 0.1, cycle)
+
+    k.at(begin + r.uniform(0.0, 0.1), cycle)
+    host.rx_delay, host.rx_loss = rx_delay, 0.1
+    other = net.nodes[min(n for n in net.nodes if n != victim)]
+    last_out = net.now
+    while net.now < end:
+        net.run_until(net.now + 0.25)
+        if victim not in other.view.node_ids or net.nodes[victim].view != other.view:
+            last_out = net.now
+    host.rx_delay, host.rx_loss = 0.0, 0.0
+    return begin, last_out
+
+
+@pytest.mark.parametrize("seed", sweep(range(12), 2))
+def test_node_answering_late_but_within_the_commit_wait_is_let_back_in(seed: int) -> None:
+    """A starved node that reads every datagram 0.6 s late (beyond the 0.4 s round) is
+    back in the view within 15 s of its freeze, while still starved, and stays in.
+
+    Before, each round for it committed without it (its reply came after the round):
+    out for the whole minute, the others re-forming a view every few seconds."""
+    net = formed(8, seed, faults=Faults(latency=(0.0002, 0.002), loss=0.02))
+    begin, last_out = starve_behind_a_backlog(net, "n3", 60.0, 0.6, seed)
+    assert last_out - begin < 15.0, last_out - begin
+    assert views_since(net, begin + 15.0) == 0
+
+
+@pytest.mark.parametrize("seed", sweep(range(12), 2))
+def test_node_answering_too_late_causes_no_endless_reformation(seed: int) -> None:
+    """A starved node that reads every datagram 1.5 s late cannot answer a round in time:
+    it stays out while starved, but its probes no longer make the others commit a new
+    view (without it) every few seconds, and once it runs again all 8 are one view.
+
+    Before, its every probe started a round that committed without it (about 160 views
+    in the starved minute, the epoch climbing: the livelock of the 0.05 core bench)."""
+    net = formed(8, seed, faults=Faults(latency=(0.0002, 0.002), loss=0.02))
+    begin, _ = starve_behind_a_backlog(net, "n3", 60.0, 1.5, seed)
+    # At most two views each: a round for it that races another can cost a healthy
+    # member one exclusion and one merge (seeds 3 and 11); before, 130-140.
+    assert views_since(net, begin + 5.0) <= 16
+    took = net.run_until_converged(10.0)
+    assert took is not None and took <= 5.0, took
+    assert len(net.nodes["n0"].view.members) == 8

@@ -96,6 +96,10 @@ class _CoordinatorRound:
     resend_at: float | None = None
     #: the deadline was pushed back once for a local stall (never twice: see _stalled)
     extended: bool = False
+    started: float = 0.0
+    #: a reply showed another epoch or view: the round must commit even if the members
+    #: it ends with are those of the current view
+    changed: bool = False
 
 
 @attrs.define
@@ -156,10 +160,24 @@ class Membership(FailureDetection):
         self.health = 0
         self._last_input = 0.0
         self.sent: Counter[str] = Counter()
+        #: Authenticated datagrams handed to :meth:`receive`, by type.
+        self.received: Counter[str] = Counter()
         self.detector: Counter[str] = Counter()
         #: The last member this node accused of not answering (why it left the view).
         self.last_accused: str | None = None
         self.rounds_started = 0
+        #: Rounds that ended with the current view (a candidate did not answer in time)
+        #: and so committed nothing (see _commit).
+        self.rounds_unchanged = 0
+        #: Views this node committed or installed.
+        self.views_installed = 0
+        #: Start times of this node's recent rounds, to time late replies.
+        self._round_starts: dict[tuple[int, str], float] = {}
+        #: node id -> how long its last reply to one of our rounds took.
+        self._reply_delay: dict[str, float] = {}
+        #: node id -> (rounds it missed in a row, until when its probes start none, the
+        #: incarnation that missed them: a restarted node is not shy).
+        self._shy: dict[str, tuple[int, float, int]] = {}
 
     # --- inputs ---------------------------------------------------------------
 
@@ -176,6 +194,7 @@ class Membership(FailureDetection):
         out: list[Action] = []
         if header.sender == self.me.node_id:
             return out
+        self.received[type(body).__name__] += 1
         self._last_input = max(self._last_input, now)
         self.lamport = max(self.lamport, header.lamport) + 1
         self._known[header.address] = now
@@ -307,6 +326,40 @@ class Membership(FailureDetection):
         """True while a round this node coordinates or takes part in is open."""
         return not self._idle
 
+    def status(self, now: float) -> dict[str, object]:
+        """The core's state for ``/api/status`` (docs/operations.md): the open round,
+        if any, with its deadline relative to ``now``, and the round counters."""
+        rnd, waiting = self._round, self._waiting
+        current: dict[str, object] | None = None
+        if rnd is not None:
+            current = {
+                "role": "coordinator",
+                "proposal": rnd.key[0],
+                "coordinator": rnd.key[1],
+                "deadline_in": round(rnd.deadline - now, 3),
+                "asked": len(rnd.candidates),
+                "answered": len(rnd.replies),
+                "extended": rnd.extended,
+            }
+        elif waiting is not None:
+            current = {
+                "role": "waiting",
+                "proposal": waiting.key[0],
+                "coordinator": waiting.key[1],
+                "deadline_in": round(waiting.deadline - now, 3),
+                "extended": waiting.extended,
+            }
+        return {
+            "round": current,
+            "rounds_started": self.rounds_started,
+            "rounds_unchanged": self.rounds_unchanged,
+            "views_installed": self.views_installed,
+            "deferring_probes_of": sorted(n for n, (_, t, _) in self._shy.items() if now < t),
+            "lamport": self.lamport,
+            "sent_by_type": dict(self.sent),
+            "received_by_type": dict(self.received),
+        }
+
     def known_addresses(self) -> list[str]:
         """Addresses this node would probe (seeds and nodes heard from recently)."""
         return sorted(self.seeds | set(self._known))
@@ -315,6 +368,17 @@ class Membership(FailureDetection):
 
     def _on_probe(self, sender: Member, probe: Probe, now: float, out: list[Action]) -> None:
         if self.view.member(sender.node_id) == sender and probe.epoch == self.view.epoch:
+            return
+        shy = self._shy.get(sender.node_id)
+        if (
+            shy is not None
+            and now < shy[1]
+            and sender.incarnation <= shy[2]
+            and self.view.member(sender.node_id) is None
+        ):
+            # It missed our last rounds (too slow to answer, e.g. starved of CPU): a
+            # round for it now would only be another round without it.
+            self.detector["probes_deferred"] += 1
             return
         self._trigger(now, (sender, *probe.members), out)
 
@@ -335,8 +399,17 @@ class Membership(FailureDetection):
 
     def _on_reply(self, sender: Member, msg: Reply, now: float, out: list[Action]) -> None:
         rnd = self._round
-        if rnd is None or (msg.proposal, msg.coordinator) != rnd.key:
+        key = (msg.proposal, msg.coordinator)
+        started = self._round_starts.get(key)
+        if started is not None and msg.coordinator == self.me.node_id:
+            self._reply_delay[sender.node_id] = now - started
+        if rnd is None or key != rnd.key:
+            if started is not None:
+                self.detector["late_replies"] += 1
             return
+        if msg.epoch != self.view.epoch or not set(self.view.members) <= set(msg.members):
+            # (Members it names beyond ours are asked: they change the view by answering.)
+            rnd.changed = True
         rnd.candidates[sender.node_id] = sender
         rnd.replies[sender.node_id] = (sender, msg.epoch)
         # the member we found dead is still in the others' views: do not wait for it
@@ -346,6 +419,13 @@ class Membership(FailureDetection):
 
     def _on_commit(self, sender: Member, msg: Commit, now: float, out: list[Action]) -> None:
         if msg.epoch <= self.view.epoch:
+            waiting = self._waiting
+            if (
+                waiting is not None
+                and waiting.key[1] == sender.node_id
+                and (msg.epoch, msg.members) == (self.view.epoch, self.view.members)
+            ):
+                self._waiting = None  # the round ended with our view: nothing to install
             return
         if self.me not in msg.members:
             self._trigger(now, msg.members, out)
@@ -410,7 +490,12 @@ class Membership(FailureDetection):
         key = (self.lamport, self.me.node_id)
         self.rounds_started += 1
         timeout = self.config.round_timeout
-        self._round = _CoordinatorRound(key, {}, {}, now + timeout, resend_at=now + timeout / 2)
+        self._round = _CoordinatorRound(
+            key, {}, {}, now + timeout, resend_at=now + timeout / 2, started=now
+        )
+        self._round_starts[key] = now
+        while len(self._round_starts) > 8:
+            del self._round_starts[next(iter(self._round_starts))]
         self._round.excluded = next((m for m in self.view.members if m.node_id == exclude), None)
         self._ask(now, candidates.values(), out)
         if not candidates:
@@ -428,12 +513,30 @@ class Membership(FailureDetection):
                 continue
             rnd.candidates[m.node_id] = m
             self._send(out, m.address, NewGroup(rnd.key[0]))
+            delay = self._reply_delay.get(m.node_id)
+            if delay is not None and delay > self.config.round_timeout / 2:
+                # It answered our last round late: give it that long and half again,
+                # within the time members wait for the commit.
+                patience = min(1.5 * delay, 0.75 * self.config.commit_timeout)
+                rnd.deadline = max(rnd.deadline, rnd.started + patience)
 
     def _commit(self, now: float, out: list[Action]) -> None:
         rnd = self._round
         assert rnd is not None
         self._round = None
         members = _sorted([self.me, *(m for m, _ in rnd.replies.values())])
+        self._count_missed(rnd, now)
+        if not rnd.changed and members == self.view.members:
+            # Every member answered with this very view and nobody else did in time
+            # (a node outside too slow to answer): a commit would only raise the epoch.
+            # Release the members' wait with the view they have.
+            self.rounds_unchanged += 1
+            commit = Commit(self.view.epoch, members, self.view.attachment)
+            for m in members:
+                if m.node_id != self.me.node_id:
+                    self._send(out, m.address, commit)
+            self._next_trigger = now + self.config.trigger_backoff * (1 + self.rng.random())
+            return
         epoch = max([rnd.key[0], self.view.epoch + 1, *(e + 1 for _, e in rnd.replies.values())])
         self.lamport = max(self.lamport, epoch)
         attachment = b""
@@ -447,8 +550,23 @@ class Membership(FailureDetection):
         self._next_trigger = now + self.config.trigger_backoff * (1 + self.rng.random())
         self._next_probe = now + self.config.probe_interval * self.rng.random()
 
+    def _count_missed(self, rnd: _CoordinatorRound, now: float) -> None:
+        """Candidates that did not answer in time back off: their probes start no
+        round of ours for 1, 2, 4 ... 32 s (a starved node's probes otherwise made
+        a round without it every second, each a new view: a livelock)."""
+        for node_id, m in rnd.candidates.items():
+            if node_id in rnd.replies:
+                self._shy.pop(node_id, None)
+            elif rnd.excluded is None or node_id != rnd.excluded.node_id:
+                missed = self._shy.get(node_id, (0, 0.0, 0))[0] + 1
+                until = now + min(32.0, 2.0 ** (missed - 1))
+                self._shy[node_id] = (missed, until, m.incarnation)
+        while len(self._shy) > 1024:
+            del self._shy[next(iter(self._shy))]
+
     def _install(self, view: View, now: float, out: list[Action]) -> None:
         old, self.view = self.view, view
+        self.views_installed += 1
         for m in view.members:
             if m.node_id != self.me.node_id:
                 self._known[m.address] = now

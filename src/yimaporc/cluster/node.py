@@ -55,11 +55,15 @@ from .listening import IReady as IReady
 from .membership import AttachmentFor, IMembershipListener, Membership, View
 from .routes import Route
 from .rpc import Echo, RpcClient, RpcGuard, RpcRegistry, RpcServerFactory
-from .statefile import Pool, StateFile
+from .statefile import Pool, StateFile, write_atomically
 from .udp import MembershipProtocol
 from .wire import Member
 
 UDP_RCVBUF = 4 * 1024 * 1024
+#: How far above its view's epoch a node's state file reserves: a node restarts above
+#: the reservation, so its epoch never goes back even when it crashed between a view
+#: change and the (off-reactor) write of that epoch (see :meth:`ClusterNode._view_changed`).
+EPOCH_HEADROOM = 1000
 
 
 def grow_receive_buffer(port: IListeningPort, size: int) -> int:
@@ -92,6 +96,9 @@ class _Persisted:
     # Which cluster the known addresses belong to ("" in files written before).
     cluster: str = ""
     kind: str = ""
+    #: No view of this node had an epoch above this (``epoch`` + EPOCH_HEADROOM when
+    #: written): a restart begins above it.  0 in files written before.
+    reserved: int = 0
 
 
 @implementer(IClusterNode)
@@ -155,7 +162,14 @@ class ClusterNode(MultiService):
         self.started_at = 0.0
         self.view_changes = 0
         self._state_path = config.data_dir / "membership.json"
+        #: Written on the reactor, rarely: when a view's epoch passes the reservation
+        #: known to be on disk (a jump of EPOCH_HEADROOM within one write).
+        self._floor_path = config.data_dir / "membership.floor"
         self.state = self._load_state()
+        #: The highest ``reserved`` known to be on disk (membership.json or the floor).
+        self._durable_reserved = 0
+        #: Synchronous writes of membership.floor (and how many failed).
+        self.floor_writes = self.floor_write_failures = 0
         self._pool: Pool | Callable[[], Pool] = (
             threadpool if threadpool is not None else (lambda: reactor.getThreadPool())
         )
@@ -313,10 +327,12 @@ class ClusterNode(MultiService):
         if self.protocol is None or self.core is None:
             return {}
         return {
-            **self.protocol.stats,
+            **self.protocol.status(),
             **{"detector_" + k: v for k, v in self.core.detector.items()},
             "local_health": self.core.health,
             "udp_rcvbuf": self.udp_rcvbuf,
+            "epoch_floor_writes": self.floor_writes,
+            "epoch_floor_write_failures": self.floor_write_failures,
         }
 
     # --- service ------------------------------------------------------------------
@@ -327,6 +343,9 @@ class ClusterNode(MultiService):
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         st = self.state
         st.incarnation = max(st.incarnation + 1, int(self.wall_clock() * 1000))
+        # The last run may have installed views up to its reservation without having
+        # written their epoch: begin above it (epochs never go back, docs/cluster.md).
+        st.epoch = max(st.epoch, st.reserved)
         # The new incarnation is on disk before the node announces itself: the ports
         # bind now (a busy port still raises here), the membership protocol starts
         # once the write is done.  A write that fails fails when_ready().
@@ -427,6 +446,8 @@ class ClusterNode(MultiService):
         assert self.core is not None
         self.view_changes += 1
         st = self.state
+        if new.epoch > self._durable_reserved:
+            self._write_floor(new.epoch + EPOCH_HEADROOM)
         st.epoch = new.epoch
         st.lamport = self.core.lamport
         st.known = self.core.known_addresses()
@@ -495,6 +516,7 @@ class ClusterNode(MultiService):
 
     def _load_state(self) -> _Persisted:
         scope = self.scope
+        floor = self._load_floor()
         try:
             raw = json.loads(self._state_path.read_text())
             state = _Persisted(
@@ -504,9 +526,10 @@ class ClusterNode(MultiService):
                 [str(a) for a in raw["known"]],
                 str(raw.get("cluster", "")),
                 str(raw.get("kind", "")),
+                max(int(raw.get("reserved", 0)), floor),
             )
         except FileNotFoundError:
-            return _Persisted(cluster=scope.cluster, kind=scope.kind)
+            return _Persisted(cluster=scope.cluster, kind=scope.kind, reserved=floor)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{self._state_path} is corrupt ({e}); move it away to reset") from e
         if state.kind and state.kind != scope.kind:
@@ -528,7 +551,42 @@ class ClusterNode(MultiService):
     def _save_state(self) -> None:
         """Queue the current state for writing (snapshot now, serialise and write in
         the pool)."""
+        st = self.state
+        st.reserved = max(st.reserved, st.epoch + EPOCH_HEADROOM)
         # Flat fields (``known`` is a list of str): no recursive asdict per save.
-        snapshot = attrs.asdict(self.state, recurse=False)
+        snapshot = attrs.asdict(st, recurse=False)
         snapshot["known"] = list(snapshot["known"])
         self.state_file.save(lambda: json.dumps(snapshot).encode())
+        reserved = st.reserved
+
+        def durable(_: object) -> None:
+            self._durable_reserved = max(self._durable_reserved, reserved)
+
+        # (A failed write is logged and counted by the state file.)
+        self.state_file.when_saved().addCallbacks(durable, lambda _: None)
+
+    def _load_floor(self) -> int:
+        try:
+            return int(json.loads(self._floor_path.read_text())["reserved"])
+        except FileNotFoundError:
+            return 0
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{self._floor_path} is corrupt ({e}); move it away to reset") from e
+
+    def _write_floor(self, reserved: int) -> None:
+        """Reserve epochs up to ``reserved`` on disk now, on the reactor thread.
+
+        Only when a view's epoch passes every reservation known to be durable: the
+        epoch jumped by more than EPOCH_HEADROOM while a write was in flight (or
+        the writes fail).  A node that crashes before the pool's write would
+        otherwise restart below an epoch its listeners saw."""
+        self.floor_writes += 1
+        data = json.dumps({"reserved": reserved}).encode()
+        try:
+            write_atomically(self._floor_path, data, durable=True)
+        except OSError:
+            self.floor_write_failures += 1
+            self.log.failure("cannot write {path}", path=str(self._floor_path))
+            return
+        self._durable_reserved = max(self._durable_reserved, reserved)
+        self.state.reserved = max(self.state.reserved, reserved)

@@ -52,6 +52,11 @@ class MembershipProtocol(DatagramProtocol):
         self._deadline = 0.0
         self._last_warning = -1e9
         self._accused = self._stalls = 0
+        #: Local time of the last timer tick, and how late it ran after its deadline.
+        self.last_tick: float | None = None
+        self.last_tick_late = 0.0
+        #: The latest any tick ran (a starved process shows it here).
+        self.max_tick_late = 0.0
 
     def startProtocol(self) -> None:
         """Boot the core as soon as the port is bound (and ``start_when`` fired)."""
@@ -113,7 +118,28 @@ class MembershipProtocol(DatagramProtocol):
         self._timer = None
         # never tick before the deadline because of float rounding
         now = max(self.clock.seconds(), self._deadline)
+        self.last_tick = now
+        self.last_tick_late = now - self._deadline
+        self.max_tick_late = max(self.max_tick_late, self.last_tick_late)
         self._perform(self.core.tick(now))
+
+    def status(self) -> dict[str, Any]:
+        """Datagram counters, the core's round state and the timer's punctuality."""
+        now = self.clock.seconds()
+        last = self.last_tick
+        return {
+            **self.stats,
+            **self.core.status(now),
+            "held": self.held,
+            "last_tick_ago": None if last is None else round(now - last, 3),
+            "last_tick_late": round(self.last_tick_late, 3),
+            "max_tick_late": round(self.max_tick_late, 3),
+            "next_tick_in": (
+                round(self._deadline - now, 3)
+                if self._timer is not None and self._timer.active()
+                else None
+            ),
+        }
 
     def perform(self, actions: list[Action]) -> None:
         """Carry out actions the core returned outside a datagram or tick (an RPC

@@ -10,7 +10,8 @@ timers, datagram links and stream links.
 The fault model, all drawn from one ``random.Random(seed)``:
 
 - per datagram: latency (uniform range), loss, duplication, reordering
-  (extra delay); per host: receive loss (``rx_loss``, a flooded socket);
+  (extra delay); per host: receive loss (``rx_loss``, a flooded socket) and receive
+  delay (``rx_delay``, a process draining its socket behind a backlog);
 - stream (TCP) links deliver in order after a latency; a write across a cut link
   breaks the connection (both ends see ``ConnectionLost``), a connect across one
   times out;
@@ -118,6 +119,9 @@ class SimHost:
     up: bool = False
     paused_until: float = 0.0
     rx_loss: float = 0.0
+    #: How long each arriving datagram waits before the process sees it (a process
+    #: that drains its socket behind a backlog of work, e.g. starved of CPU).
+    rx_delay: float = 0.0
     reactor: SimReactor | None = None
     #: What each boot's process runs (:meth:`SimKernel.start`): builds the shells on
     #: the fresh reactor.
@@ -460,6 +464,7 @@ class SimKernel(Links):
             delay = rng.uniform(*f.latency)
             if f.reorder and rng.random() < f.reorder:
                 delay += rng.uniform(0, f.reorder_extra)
+            delay += dst.rx_delay
 
             def deliver(dst: SimHost = dst) -> None:
                 self._deliver_datagram(src, dst, addr[1], data, source)
