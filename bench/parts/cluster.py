@@ -145,7 +145,14 @@ class Cluster:
                     self.check_alive()
                     time.sleep(0.1)
         self.token = admin_token(self.secret)
-        end = time.monotonic() + timeout
+        self.wait_full_view(timeout)
+
+    def wait_full_view(self, timeout: float = 60.0) -> float:
+        """Wait until every node's view holds all N nodes at one epoch; the seconds it
+        took. PartFailed (naming each node's view) if that does not happen in time: a
+        ramp on a split cluster would measure the split, not the design."""
+        t0 = time.monotonic()
+        end = t0 + timeout
         want = self.n
         while True:
             self.check_alive()
@@ -154,11 +161,20 @@ class Cluster:
                 epochs = {v["epoch"] for v in views if v is not None}
                 if len(epochs) == 1:
                     self.status = views[0] or {}
-                    return
+                    return time.monotonic() - t0
             if time.monotonic() > end:
+                seen = "; ".join(
+                    f"{self.hosts[i]}: "
+                    + (
+                        "no answer"
+                        if v is None
+                        else f"epoch {v.get('epoch')} {len(v.get('members', []))} members"
+                    )
+                    for i, v in enumerate(views)
+                )
                 raise PartFailed(
                     f"{self.n} {self.kind} nodes did not agree on membership in {timeout:.0f} s "
-                    f"(logs in {self.work / 'logs'})"
+                    f"({seen}; logs in {self.work / 'logs'})"
                 )
             time.sleep(0.3)
 

@@ -151,8 +151,11 @@ class Settings:
         self.scaling_pop_warmup = 3.0
         self.scaling_pop_window = 12.0 if quick else 20.0
         self.scaling_clip_video_mbps = 1  # the bench clip's scenes at 1 Mbit/s video
-        self.scaling_clip_seconds = 90  # sessions start spread over its first part
-        self.scaling_block_payloads = 256  # the default block (337 KB): ~75 per clip
+        # sessions start spread over its first part (all but the last ~55 s): 240 s puts
+        # ~150 blocks in play, so each of 8 nodes serves close to 1/8 of the load (over
+        # the ~30 blocks of a 90 s clip the busiest node of 8 had ~1.5x the mean)
+        self.scaling_clip_seconds = 240
+        self.scaling_block_payloads = 256  # the default block (337 KB): ~200 per clip
         self.scaling_growth = 1.5  # ramp steps while trials pass (then bisection)
         # a node held to 0.1 core is throttled for up to 90 ms of each 100 ms CFS period:
         # its packets are late by that much at any load, so late = 500 ms here

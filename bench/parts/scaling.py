@@ -124,8 +124,11 @@ def _yima_ramp(
     # sessions start spread over the clip (its blocks, so the nodes), each with time to
     # set up and play its warm-up and window before the clip ends
     spread = max(0.0, s.scaling_clip_seconds - s.rtsp_warmup - s.rtsp_window - 45.0)
+    # every ramp starts on one full view (an earlier ramp's overload may have split it)
+    waited = c.wait_full_view(60.0)
     meter = cgroup.CpuMeter(c.groups)
-    row: dict[str, Any] = {"design": design, "nodes": n, "spread_s": spread}
+    row: dict[str, Any] = {"design": design, "nodes": n, "spread_s": spread,
+                           "full_view_wait_s": round(waited, 1)}  # fmt: skip
     row.update(
         rtsp_ramp(
             s,

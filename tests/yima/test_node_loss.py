@@ -11,6 +11,7 @@ import attrs
 from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 
+from yimaporc.cluster.membership import Member
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtp import (
     GenericNack,
@@ -104,7 +105,7 @@ def three_nodes(
 ) -> tuple[YimaStreamingService, UdpClock, list[bytes], list[tuple[Any, ...]]]:
     """Node a of members a, b, c (b and c only answer RPCs), its client's packets in a list."""
     reactor = UdpClock()
-    members = [SimpleNamespace(node_id=n, address=f"10.0.0.{i}:7946")
+    members = [Member(n, f"10.0.0.{i}:7946")
                for i, n in enumerate("abc", 1)]  # fmt: skip
     calls: list[tuple[Any, ...]] = []
 

@@ -19,6 +19,7 @@ import pytest
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 
+from yimaporc.cluster.membership import Member
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtp import PT_MP2T, RtpHeaderTemplate
 from yimaporc.rtsp._machine import ServerSession
@@ -63,8 +64,8 @@ class TwoNodes:
     ) -> None:
         self.reactor = UdpClock()
         self.rpc = _Rpc()
-        a = SimpleNamespace(node_id="a", address="127.0.0.1:7946")
-        b = SimpleNamespace(node_id="b", address="127.0.0.2:7946")
+        a = Member("a", "127.0.0.1:7946")
+        b = Member("b", "127.0.0.2:7946")
         node = SimpleNamespace(
             registry=RpcRegistry(), cluster_time=self.reactor.seconds,
             add_status=lambda f: None, subscribe=lambda s: None, node_id="a",

@@ -15,9 +15,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.usage import UsageError
 
+from yimaporc.cluster.membership import Member
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtsp import Response, RtspClientConnection
 from yimaporc.tap.yima import Options
+from yimaporc.yima.feedback import StreamPorts
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.node import YimaNode
 from yimaporc.yima.rtspservice import YimaStreamingService
@@ -58,7 +60,7 @@ class FakeReactor(Clock):
 def service(**guards: Any) -> tuple[YimaStreamingService, FakeReactor, list[tuple[Any, ...]]]:
     reactor = FakeReactor()
     calls: list[tuple[Any, ...]] = []
-    members = [SimpleNamespace(node_id=n, address=f"127.0.103.{i}:7946")
+    members = [Member(n, f"127.0.103.{i}:7946")
                for i, n in enumerate("abc", 1)]  # fmt: skip
 
     def call(address: str, command: Any, **kw: Any) -> Any:
@@ -148,6 +150,33 @@ def test_fanout_nodes_send_to_the_rtsp_peer() -> None:
     starts += [rest[-1] for kind, *rest in calls if kind == "rpc" and rest[1] is StreamStart]
     assert len(starts) == 3 and {(s["host"], s["port"]) for s in starts} == {(CLIENT, 5000)}
     assert reactor.udp == []
+
+
+def test_fanout_setups_ask_each_member_for_its_ports_once_per_boot() -> None:
+    """x-yima-nodes comes from StreamPorts answers kept per member: a second fan-out
+    SETUP asks nobody; a member back with a new boot number is asked again."""
+    svc, _reactor, calls = service()
+
+    def ports_asked() -> list[str]:
+        return [rest[0] for kind, *rest in calls if kind == "rpc" and rest[1] is StreamPorts]
+
+    spec = "RTP/AVP;unicast;client_port=5000-5001;x-yima-fanout"
+    first = Client(svc).setup(spec)
+    assert first.status == 200 and sorted(ports_asked()) == ["127.0.103.2:7946", "127.0.103.3:7946"]
+    second = Client(svc).setup(spec)
+    assert second.status == 200 and len(ports_asked()) == 2
+    assert nodes_of(second) == nodes_of(first) and "6970-6971" in nodes_of(first)
+    assert svc.status()["streaming"]["port_answers_reused"] == 2
+    members = svc.node.view.members
+    members[2] = Member("c", "127.0.103.3:7946", incarnation=2)  # c rebooted
+    assert Client(svc).setup(spec).status == 200
+    assert ports_asked()[2:] == ["127.0.103.3:7946"]
+
+
+def nodes_of(r: Response) -> str:
+    """The x-yima-nodes parameter of a SETUP answer's Transport."""
+    t = r.headers.get("Transport") or ""
+    return next(p for p in t.split(";") if p.startswith("x-yima-nodes="))
 
 
 def test_unplayed_setups_cost_no_socket_and_no_rpc_when_reaped() -> None:

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import maybeDeferred, succeed
 
+from yimaporc.cluster.membership import Member
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtp import RtpHeaderTemplate
 from yimaporc.rtsp import RtspStatusError
@@ -139,7 +140,7 @@ URL = "rtsp://127.0.0.1:8554/clip/track1"
 
 def one_node() -> tuple[YimaStreamingService, UdpClock, list[bytes]]:
     reactor = UdpClock()
-    member = SimpleNamespace(node_id="a", address="127.0.0.1:7946")
+    member = Member("a", "127.0.0.1:7946")
     node = SimpleNamespace(
         registry=RpcRegistry(), cluster_time=reactor.seconds, add_status=lambda f: None,
         subscribe=lambda s: None, node_id="a", view=SimpleNamespace(members=[member]),

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._reactor import INodeReactor
-from ..cluster.membership import IMembershipListener
+from ..cluster.membership import IMembershipListener, Member
 from ..cluster.node import CannotStart, ClusterNode, IReady
 from ..rtp import RtpHeaderTemplate
 from ..rtsp import IRtspHandler, RtspServerFactory, RtspStatusError, YimaNode
@@ -185,6 +185,10 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, SendMixin, Service)
         self._templates: dict[tuple[int, int], tuple[RtpHeaderTemplate, WavFormat | None, int]] = {}
         # Per media name: (catalog entry, end of its presentation), see _presentation_end.
         self._ends: dict[str, tuple[MediaInfo, float]] = {}
+        #: StreamPorts answers per member (:meth:`_node_ports`), and how often one
+        #: was used instead of asking again.
+        self._member_ports: dict[Member, dict[str, int]] = {}
+        self.port_answers_reused = 0
         node.add_status(self.status)
         node.subscribe(self)
 
@@ -289,6 +293,7 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, SendMixin, Service)
             relay=self.relay_stats(),
             orphans_stopped=self.orphans_stopped,
             late_starts_dropped=self.streaming.late_starts_dropped,
+            port_answers_reused=self.port_answers_reused,
             early_handovers=self.early_handovers,
             shares_served=len(self.streaming.scheduler.sessions),
         )
@@ -367,15 +372,28 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, SendMixin, Service)
         return {"rtp": rtp, "rtcp": rtcp}
 
     def _node_ports(self) -> Deferred[list[YimaNode]]:
-        """Every member's index, host and RTP/RTCP ports (asked over RPC, 2 s at most)."""
+        """Every member's index, host and RTP/RTCP ports (asked over RPC, 2 s at most).
+
+        A member's answer is kept for that member (id, address and boot number: its
+        ports do not change while it runs), so a fan-out SETUP asks only members not
+        asked yet, instead of every node once per session.
+        """
         members = list(self.node.view.members)
+        known = self._member_ports
+        if len(known) > 4 * len(members) + 16:  # members gone or rebooted
+            for old in set(known) - set(members):
+                del known[old]
         calls: list[Deferred[Any]] = []
         for m in members:
             if m.node_id == self.node.node_id:
                 calls.append(maybeDeferred(self._ports))
+            elif m in known:
+                self.port_answers_reused += 1
+                calls.append(succeed(known[m]))
             else:
                 d = self.node.rpc.call(m.address, StreamPorts)
                 d.addTimeout(2.0, self.reactor)
+                d.addCallback(self._keep_ports, m)
                 calls.append(d)
 
         def done(results: list[tuple[bool, Any]]) -> list[YimaNode]:
@@ -386,6 +404,11 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, SendMixin, Service)
             return out
 
         return DeferredList(calls, consumeErrors=True).addCallback(done)
+
+    def _keep_ports(self, answer: dict[str, int], member: Member) -> dict[str, int]:
+        if answer.get("rtp"):  # a node without its data port yet is asked again
+            self._member_ports[member] = answer
+        return answer
 
     # --- client RTCP of relayed sessions (feedback.Relay) ---------------------------
 

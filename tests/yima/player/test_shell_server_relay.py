@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
+from yimaporc.cluster.membership import Member
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtp import (
     GenericNack,
@@ -31,7 +32,7 @@ SEQ_BASE = 65500
 def service() -> tuple[YimaStreamingService, list[tuple[Any, ...]]]:
     clock = Clock()
     calls: list[tuple[Any, ...]] = []
-    members = [SimpleNamespace(node_id=n, address=f"127.0.0.{i}:7946")
+    members = [Member(n, f"127.0.0.{i}:7946")
                for i, n in enumerate("abc", 1)]  # fmt: skip
 
     def call(address: str, command: Any, **kw: Any) -> Any:
