@@ -2,7 +2,7 @@
 hints whose bucket epoch went back at a partition merge (the two bugs ``mailsim``
 found; see docs/mail.md, "Load balancing and the cluster simulator").
 
-The simulated cluster of ``test_cluster_sim`` (in-memory AMP, Clock), but every
+The simulated cluster of ``test_cluster_sim`` (AMP encoding over one SimKernel), but every
 node runs the real ``BucketMapService``: a commit's attachment is what the
 coordinator's service computes from *its* map and view, and each member installs
 it as ``ClusterNode`` would, so views and maps of different histories can be
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from mailtest_helpers import SyncPool, fast_hash, result_of
+from mailtest_helpers import SyncPool, fast_hash
 from test_cluster_sim import (
     DOMAIN,
     AffinityChooser,
@@ -50,6 +50,7 @@ class ReconNode(SimNode):
     """``SimNode`` with the real BucketMapService and ClusterNode's listener plumbing."""
 
     def __init__(self, net: Net, node_id: str, tmp_path: Path) -> None:
+        self.net = net
         self.node_id = node_id
         self.registry = RpcRegistry()
         self.rpc = SimRpc(net, node_id)
@@ -61,7 +62,8 @@ class ReconNode(SimNode):
             CallsNow(), ImmediatePool(), path, durable=durable
         )
         self.buckets = BucketMapService(self, N_BUCKETS)  # type: ignore[arg-type,assignment]
-        storage = MailStorage(net.clock, node_id, tmp_path / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
+        clock = net.sim.reactor(node_id)
+        storage = MailStorage(clock, node_id, tmp_path / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
         storage.profiles._hash = fast_hash
         storage.profiles._db.db.execute("PRAGMA synchronous=OFF")
         unsynced(storage.fragment_store)
@@ -76,9 +78,9 @@ class ReconNode(SimNode):
             read_wait=0.0,
         )
         self.mail = MailService(
-            net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
+            clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
             storage=storage, topology=self.cluster,
-            layout=Fragmented(self.cluster.home_of, now=net.clock.seconds),
+            layout=Fragmented(self.cluster.home_of, now=clock.seconds),
             forward_deliveries=net.forwarding,
         )  # fmt: skip
 
@@ -100,6 +102,8 @@ class ReconNet(Net):
 
     def add(self, node_id: str) -> SimNode:
         node = self.nodes[node_id] = ReconNode(self, node_id, self.tmp_path)
+        self._topology()
+        self.flush()  # the boot's reads from disk land first
         return node
 
     def node(self, node_id: str) -> ReconNode:
@@ -121,6 +125,7 @@ class ReconNet(Net):
             on if on is not None else [coord.node_id, *(x for x in live if x != coord.node_id)]
         ):
             self.node(n).install(view)
+            self.flush()  # what it sets off lands before the next installs
         self.map = coord.buckets.map
 
     def restart(self, node_id: str) -> ReconNode:
@@ -128,10 +133,13 @@ class ReconNet(Net):
         old = self.node(node_id)
         old.mail.fragment_store.close()
         old.mail.profiles.close()
+        self.sim.kernel.crash(self.sim.host(node_id))  # its timers end with it
         node = ReconNode(self, node_id, self.tmp_path)
         self.nodes[node_id] = node
+        self.flush()  # the boot's reads from disk land first
         self.epoch += 1
         node.install(View(self.epoch, (Member(node_id, node_id),), node_id))
+        self.flush()
         return node
 
 
@@ -182,7 +190,7 @@ def test_manager_restarting_within_failure_detection_pulls_its_users_fragments(
             want[u].add(c)
     expected = {u: ("n1", "n2", "n3") if i % 2 else ("n1", "n3") for i, u in enumerate(users)}
     um = net.node("n2").cluster.user_manager
-    assert {u: result_of(um.fragments(u)) for u in users} == expected
+    assert {u: net.result_of(um.fragments(u)) for u in users} == expected
     top = {u: max(d.uid for d in check_mailbox(net, "n3", u, want[u])) for u in users}
     before = net.calls["porcupine.hints"]
 
@@ -190,7 +198,7 @@ def test_manager_restarting_within_failure_detection_pulls_its_users_fragments(
     net.commit(["n1", "n2", "n3"])  # n1 coordinates: same members, same map
     assert net.map.fresh(net.node("n1").buckets.map) == set()
     um = n2.cluster.user_manager
-    assert {u: result_of(um.fragments(u)) for u in users} == expected
+    assert {u: net.result_of(um.fragments(u)) for u in users} == expected
     assert um.settling == {}, "both pulls answered: settled"
     assert net.calls["porcupine.hints"] - before == 2, "only n2 pushes (to n1 and n3)"
     assert net.calls["porcupine.hints-request"] == 2, "n2 asked n1 and n3"
@@ -238,7 +246,7 @@ def test_hint_from_merged_view_with_an_older_bucket_epoch_waits_for_that_view(
     assert n2.buckets.map.owners[b] == "n2" and n2.buckets.map.epochs[b] < high
     um = n2.cluster.user_manager
     net.clock.advance(3.0)  # the refused pulls give up; the bucket settles
-    assert result_of(um.fragments(user)) == ("n3",)
+    assert net.result_of(um.fragments(user)) == ("n3",)
     assert n2.buckets.away, "n2's previous view was not n1's"
     net.refuse = set()
     check_mailbox(net, "n1", user, {b"kept on n3\r\n"})
@@ -276,10 +284,10 @@ def test_malformed_hint_requests_are_protocol_errors(tmp_path: Path) -> None:
     n1 = net.nodes["n1"]
     for junk in ({"a": 1}, ["x"], [N_BUCKETS], [-1], list(range(N_BUCKETS + 1)), [True]):
         with pytest.raises(amp.UnknownRemoteError):
-            result_of(n1.cluster.call("n2", RawHintsRequest, sender="n1", buckets=junk))
-    got = result_of(n1.cluster.call("n2", RawHintsRequest, sender="n1", buckets=[3, 3, 0]))
+            net.result_of(n1.cluster.call("n2", RawHintsRequest, sender="n1", buckets=junk))
+    got = net.result_of(n1.cluster.call("n2", RawHintsRequest, sender="n1", buckets=[3, 3, 0]))
     assert [e[0] for e in got["hints"]] == [0, 3]
-    typed = result_of(n1.cluster.call("n2", HintsRequest, sender="n1", buckets=[3, 0]))
+    typed = net.result_of(n1.cluster.call("n2", HintsRequest, sender="n1", buckets=[3, 0]))
     assert [h.bucket for h in typed["hints"]] == [0, 3]
 
 
@@ -310,9 +318,10 @@ def test_fragment_note_reaching_a_new_manager_before_its_map_is_kept(tmp_path: P
     add_user(net, "n1", user)
     mail_on(net, user, b"early\r\n", "n1")
     n4.install(net.node("n1").view)
+    net.flush()
     um = n4.cluster.user_manager
     assert um.settling == {}, "the others' hints, sent before, were kept for this view"
-    assert result_of(um.fragments(user)) == ("n1",)
+    assert net.result_of(um.fragments(user)) == ("n1",)
     # n1 asked n4 for a UID before n4 managed the bucket: stored unnumbered, and the
     # pending note (kept like the fragment note) has n4 number it once it may.
     net.clock.advance(0)
@@ -340,4 +349,4 @@ def test_failed_hint_push_is_resent_while_the_map_stands(tmp_path: Path) -> None
     net.refuse = set()
     net.clock.advance(0.5)
     assert um.settling == {}, "resent and settled before the 2 s timeout"
-    assert result_of(um.fragments(user)) == ("n1",)
+    assert net.result_of(um.fragments(user)) == ("n1",)

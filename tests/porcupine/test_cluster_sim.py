@@ -1,8 +1,11 @@
-"""Several MailServices wired by MailCluster over a simulated network (Clock-driven).
+"""Several MailServices wired by MailCluster over a simulated network: each node a host
+of one simulation kernel (its clock the host's reactor), each call a kernel call.
 
 Every call crosses the AMP command's own serialisation (arguments, response and
-error codes) but no sockets; a node can be cut off (its calls fail with
-PeerUnavailable) and views are committed by the test, as TRM would.
+error codes) but no sockets; a node can be cut off (a kernel partition: its calls
+fail with PeerUnavailable) and views are committed by the test, as TRM would.
+Messages take no time (zero latency): what a call sets off happens at the instant
+it is made, once the kernel runs (``net.flush()``, ``net.result_of(d)``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from mailtest_helpers import ImmediateReactor, SyncPool, fast_hash, result_of
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from mailtest_helpers import SyncPool, fast_hash
+from twisted.internet.defer import Deferred, fail
 from twisted.protocols import amp
-from twisted.python.failure import Failure
 
 from yimaporc.cluster.buckets import BucketMap
 from yimaporc.cluster.membership import View
@@ -30,6 +32,7 @@ from yimaporc.porcupine.service import MailService
 from yimaporc.porcupine.storage import MailStorage
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 from yimaporc.porcupine.values import INBOX, BadCredentials, Digest, NoSuchMailbox
+from yimaporc.testing.simnet import SimNet, Watched
 
 DOMAIN = "example.org"
 
@@ -129,12 +132,14 @@ class SimNode:
     """ClusterNode's face as MailCluster uses it."""
 
     def __init__(self, net: Net, node_id: str, tmp_path: Path) -> None:
+        self.net = net
         self.node_id = node_id
         self.registry = RpcRegistry()
         self.rpc = SimRpc(net, node_id)
         self.view = View(0, (), "")
         self.buckets = SimBuckets()
-        storage = MailStorage(net.clock, node_id, tmp_path / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
+        clock = net.sim.reactor(node_id)
+        storage = MailStorage(clock, node_id, tmp_path / node_id, threadpool=SyncPool())  # type: ignore[arg-type]
         storage.profiles._hash = fast_hash
         # no fsync of the profile table in the simulation (speed; durability is not tested here)
         storage.profiles._db.db.execute("PRAGMA synchronous=OFF")
@@ -150,9 +155,9 @@ class SimNode:
             read_wait=0.0,
         )
         self.mail = MailService(
-            net.clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
+            clock, node_id=node_id, data_dir=tmp_path / node_id, domain=DOMAIN,
             storage=storage, topology=self.cluster,
-            layout=Fragmented(self.cluster.home_of, now=net.clock.seconds),
+            layout=Fragmented(self.cluster.home_of, now=clock.seconds),
             forward_deliveries=net.forwarding,
         )  # fmt: skip
 
@@ -161,13 +166,26 @@ class SimNode:
         return None
 
     def deliver(self, user: str, body: bytes) -> list[Digest]:
-        digests: list[Digest] = result_of(self.mail.delivery.deliver([user], body))
+        digests: list[Digest] = self.net.result_of(self.mail.delivery.deliver([user], body))
         return digests
 
     def read(self, user: str) -> tuple[list[Digest], dict[int, bytes]]:
         mail = self.mail.retrieval.open(user)
-        digests = result_of(mail.digests(INBOX))
-        return digests, result_of(mail.fetch(INBOX, digests))
+        digests = self.net.result_of(mail.digests(INBOX))
+        return digests, self.net.result_of(mail.fetch(INBOX, digests))
+
+
+class Clock:
+    """The kernel's time as the tests move it (every host's clock shows it)."""
+
+    def __init__(self, sim: SimNet) -> None:
+        self.sim = sim
+
+    def seconds(self) -> float:
+        return self.sim.seconds()
+
+    def advance(self, seconds: float) -> None:
+        self.sim.advance(seconds)
 
 
 class Net:
@@ -181,10 +199,12 @@ class Net:
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.clock = ImmediateReactor()
-        self.clock.advance(1_700_000_000)
+        self.sim = SimNet(start=1_700_000_000)
+        self.clock = Clock(self.sim)
         self.nodes: dict[str, SimNode] = {}
-        self.down: set[str] = set()
+        #: cut-off nodes and sides of a partition, kept as the kernel's topology
+        self.down: set[str] = Watched(lambda _: self._topology())
+        self._sides: list[set[str]] = []
         self.epoch = 0
         self.map = BucketMap.empty(N_BUCKETS)
         self.calls: Counter[str] = Counter()
@@ -193,8 +213,35 @@ class Net:
         self.hold: set[bytes] = set()
         self.refuse: set[tuple[str, bytes]] = set()
 
+    @property
+    def sides(self) -> list[set[str]]:
+        """Sides of a partition: nodes in different ones cannot talk."""
+        return self._sides
+
+    @sides.setter
+    def sides(self, sides: list[set[str]]) -> None:
+        self._sides = sides
+        self._topology()
+
+    def _topology(self) -> None:
+        self.sim.set_topology(self.down, self._sides)
+
+    def flush(self) -> None:
+        """Run what is due now: every call made and answered."""
+        self.sim.flush()
+
+    def fired(self, d: Deferred[Any]) -> bool:
+        """Has ``d`` fired once what is due now ran?"""
+        return self.sim.fired(d)
+
+    def result_of(self, d: Deferred[Any], within: float = 0.0) -> Any:
+        """``d``'s result, the kernel run until it fires (by now, unless ``within``)."""
+        return self.sim.result_of(d, within)
+
     def add(self, node_id: str) -> SimNode:
         node = self.nodes[node_id] = SimNode(self, node_id, self.tmp_path)
+        self._topology()
+        self.flush()  # the boot's reads from disk land first
         return node
 
     def commit(self, live: list[str], *, on: list[str] | None = None) -> None:
@@ -206,6 +253,7 @@ class Net:
         for n in on if on is not None else live:
             self.nodes[n].view = view
             self.nodes[n].buckets.install(self.map)
+            self.flush()  # what it sets off lands before the next installs
 
     def alone(self, node_id: str) -> None:
         """``node_id`` cut off: its own view holds only itself."""
@@ -214,51 +262,43 @@ class Net:
         node = self.nodes[node_id]
         node.view = View(self.epoch, (Member(node_id, node_id),), node_id)
         node.buckets.install(m)
+        self.flush()
 
     def dispatch(
         self, src: str, address: str, command: type[amp.Command], kw: dict[str, Any]
     ) -> Deferred[Any]:
         name = command.commandName.decode()  # type: ignore[union-attr]
         self.calls[name] += 1
-        if (
-            address in self.down
-            or src in self.down
-            or (address, command.commandName) in self.refuse
-        ):
-            return fail(PeerUnavailable(f"{address} is down"))
+        if (address, command.commandName) in self.refuse:
+            return self.sim.call(src, address, self._refused)
         if command.commandName in self.hold:
             d: Deferred[Any] = Deferred()
             self.held.append((src, address, command, kw, d))
             return d
-        return self._deliver(address, command, kw)
+        return self._deliver(src, address, command, kw)
+
+    @staticmethod
+    def _refused(reactor: Any) -> None:
+        raise PeerUnavailable(f"{reactor.host.name} refuses")
 
     def release(self) -> None:
         held, self.held = self.held, []
-        for _, address, command, kw, d in held:
-            self._deliver(address, command, kw).chainDeferred(d)
+        for src, address, command, kw, d in held:
+            self._deliver(src, address, command, kw).chainDeferred(d)
+        self.flush()
 
     def _deliver(
-        self, address: str, command: type[amp.Command], kw: dict[str, Any]
+        self, src: str, address: str, command: type[amp.Command], kw: dict[str, Any]
     ) -> Deferred[Any]:
         box = command.makeArguments(kw, None)
         self.bytes[command.commandName.decode()] += len(box.serialize())  # type: ignore[union-attr]
-        found = self.nodes[address].registry.lookup(command.commandName)  # type: ignore[arg-type]
-        assert found is not None, command.commandName
-        # As over AMP: the callee parses with its own command class (a malformed box
-        # is an error answer) and makes the answer with it; the caller parses that.
-        served, handler = found
-        d = maybeDeferred(lambda: handler(**served.parseArguments(box, None)))
+        if address not in self.nodes:
+            return fail(PeerUnavailable(f"{address} is unknown"))
 
-        def ok(resp: dict[str, Any]) -> Any:
-            return command.parseResponse(served.makeResponse(resp, None), None)
+        def lookup(name: bytes) -> Any:  # the callee's registry when the call arrives
+            return self.nodes[address].registry.lookup(name)
 
-        def err(f: Failure) -> Failure:
-            for cls in command.allErrors:  # type: ignore[attr-defined]
-                if f.check(cls):
-                    return Failure(cls(str(f.value)))
-            return Failure(amp.UnknownRemoteError(f.getErrorMessage()))
-
-        return d.addCallbacks(ok, err)
+        return self.sim.amp_call(src, address, lookup, command, kw, box=box)
 
 
 def users_managed_by(net: Net, node: str, n: int, avoid: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
@@ -282,7 +322,7 @@ def net(tmp_path: Path) -> Net:
 
 
 def add_user(net: Net, via: str, user: str, pw: str = "pw") -> None:
-    result_of(net.nodes[via].mail.replicator.add(user, pw, 1))
+    net.result_of(net.nodes[via].mail.replicator.add(user, pw, 1))
 
 
 def check_mailbox(net: Net, at: str, user: str, want: set[bytes]) -> list[Digest]:
@@ -308,13 +348,13 @@ def test_user_added_on_one_node_gets_mail_read_at_every_node(net: Net) -> None:
     for at in ("n1", "n2", "n3"):
         check_mailbox(net, at, user, want)
         mail = net.nodes[at].mail.retrieval.open(user)
-        (inbox,) = [i for i in result_of(mail.mailboxes()) if i.name == INBOX]
+        (inbox,) = [i for i in net.result_of(mail.mailboxes()) if i.name == INBOX]
         validity.add(inbox.uidvalidity)
         assert inbox.messages == 12
     assert len(validity) == 1, "one UIDVALIDITY whichever node answers"
-    assert result_of(net.nodes["n2"].mail.retrieval.authenticate(user, "pw")).address == user
+    assert net.result_of(net.nodes["n2"].mail.retrieval.authenticate(user, "pw")).address == user
     with pytest.raises(BadCredentials):
-        result_of(net.nodes["n2"].mail.retrieval.authenticate(user, "nope"))
+        net.result_of(net.nodes["n2"].mail.retrieval.authenticate(user, "nope"))
 
 
 def test_failed_store_retries_elsewhere_and_uids_ascend_over_fragments(net: Net) -> None:
@@ -334,12 +374,12 @@ def test_failed_store_retries_elsewhere_and_uids_ascend_over_fragments(net: Net)
     digests = check_mailbox(net, "n1", user, want)
     assert {d.node for d in digests} == first | later
     manager = net.nodes["n3"].cluster.user_manager
-    assert result_of(manager.fragments(user)) == tuple(sorted(first | later))
+    assert net.result_of(manager.fragments(user)) == tuple(sorted(first | later))
     mail = net.nodes["n2"].mail.retrieval.open(user)
     (other,) = later
     gone = [d for d in digests if d.node == other]
-    result_of(mail.delete(INBOX, gone))
-    assert result_of(manager.fragments(user)) == ("n1",)
+    net.result_of(mail.delete(INBOX, gone))
+    assert net.result_of(manager.fragments(user)) == ("n1",)
     check_mailbox(net, "n2", user, {b"a%d\r\n" % i for i in range(4)})
     nxt = net.nodes["n1"].deliver(user, b"c\r\n")[0]
     assert nxt.uid > max(d.uid for d in digests), "UIDs never go back"
@@ -365,7 +405,9 @@ def test_fourth_node_rebuilds_moved_managers_from_hints(net: Net) -> None:
         net.nodes[via].deliver(u, body)
         want[u].add(body)
     net.refuse.clear()
-    assert all(len(result_of(net.nodes["n1"].mail.users_for(u).fragments(u))) == 2 for u in users)
+    assert all(
+        len(net.result_of(net.nodes["n1"].mail.users_for(u).fragments(u))) == 2 for u in users
+    )
     n4 = net.add("n4")
     before = net.calls["porcupine.hints"]
     net.commit(["n1", "n2", "n3", "n4"])
@@ -376,7 +418,7 @@ def test_fourth_node_rebuilds_moved_managers_from_hints(net: Net) -> None:
     for u in users:
         holders = {n for n, node in net.nodes.items() if u in node.mail.fragment_store.users_with_mail()}  # fmt: skip
         manager = net.nodes[net.map.owners[bucket_of(u)]].cluster.user_manager
-        assert set(result_of(manager.fragments(u))) == holders, u
+        assert set(net.result_of(manager.fragments(u))) == holders, u
         digests = check_mailbox(net, rng.choice(["n1", "n2", "n3", "n4"]), u, want[u])
         new = n4.deliver(u, b"after\r\n")[0]
         assert new.uid > max(d.uid for d in digests)
@@ -396,11 +438,11 @@ def test_failed_node_leaves_lists_and_a_returning_node_resends(net: Net) -> None
     net.alone("n2")
     net.commit(["n1", "n3"])
     manager = net.nodes[net.map.owners[bucket_of(user)]].cluster.user_manager
-    assert result_of(manager.fragments(user)) == ()
+    assert net.result_of(manager.fragments(user)) == ()
     net.down.discard("n2")
     net.commit(["n1", "n2", "n3"])
     manager = net.nodes[net.map.owners[bucket_of(user)]].cluster.user_manager
-    assert result_of(manager.fragments(user)) == ("n2",)
+    assert net.result_of(manager.fragments(user)) == ("n2",)
     check_mailbox(net, "n3", user, {b"on n2\r\n"})
 
 
@@ -415,17 +457,17 @@ def test_profiles_converge_newest_wins_with_tombstones(net: Net) -> None:
     net.clock.advance(1)
     add_user(net, "n1", a, "old")
     net.clock.advance(1)
-    result_of(net.nodes["n2"].mail.replicator.set_password(a, "new"))
+    net.result_of(net.nodes["n2"].mail.replicator.set_password(a, "new"))
     net.clock.advance(1)
-    result_of(net.nodes["n2"].mail.replicator.remove(b))
+    net.result_of(net.nodes["n2"].mail.replicator.remove(b))
     assert net.nodes["n3"].mail.profiles.count() == 1, "n3 missed all three"
     net.down.discard("n3")
     net.commit(["n1", "n2", "n3"])
     p3 = net.nodes["n3"].mail.profiles
-    assert p3.count() == 1 and result_of(p3.get(b)) is None
-    assert result_of(p3.verify(a, "new")).address == a
+    assert p3.count() == 1 and net.result_of(p3.get(b)) is None
+    assert net.result_of(p3.verify(a, "new")).address == a
     for n in ("n1", "n2"):
-        assert result_of(net.nodes[n].mail.profiles.get(b)) is None, "no resurrection"
+        assert net.result_of(net.nodes[n].mail.profiles.get(b)) is None, "no resurrection"
 
 
 def test_requests_for_a_settling_bucket_wait_for_hints_or_the_timeout(net: Net) -> None:
@@ -442,16 +484,16 @@ def test_requests_for_a_settling_bucket_wait_for_hints_or_the_timeout(net: Net) 
     probe = users[0]
     manager = n4.cluster.user_manager
     d = manager.fragments(probe)
-    assert not d.called, "held hints: the bucket is settling"
+    assert not net.fired(d), "held hints: the bucket is settling"
     net.release()
-    assert result_of(d) == ()
+    assert net.result_of(d) == ()
     net.hold.add(Hints.commandName)  # type: ignore[arg-type]
     net.commit(["n1", "n2", "n3"])  # n4 leaves: its buckets move back
     mgr = net.nodes[net.map.owners[bucket_of(probe)]].cluster.user_manager
     d = mgr.fragments(probe)
-    assert not d.called
+    assert not net.fired(d)
     net.clock.advance(2.0)
-    assert result_of(d) == (), "answered from what is known after the timeout"
+    assert net.result_of(d) == (), "answered from what is known after the timeout"
     net.release()  # late hints for an old epoch are ignored
     assert owner
 
@@ -469,6 +511,7 @@ def test_load_learned_from_store_replies_and_the_periodic_exchange(net: Net) -> 
     n3 = net.nodes["n3"]
     n3.cluster.meter.inflight = 5  # n3 is busy
     n3.cluster._exchange_load()
+    net.flush()
     for n in ("n1", "n2"):  # 2 peers, fan-out 3: both hear n3's figure
         other = net.nodes[n].cluster.balancer
         assert isinstance(other, AffinityChooser) and other.loads["n3"][0] == 5.0
@@ -484,21 +527,21 @@ def test_copies_on_two_nodes_share_a_uid_listed_once_flagged_and_deleted_on_both
     """A user with replicas=2: each message is stored on two nodes under one UID; the
     mailbox lists it once, and STORE/EXPUNGE reach both copies."""
     user = users_managed_by(net, "n2", 1)[0]
-    result_of(net.nodes["n1"].mail.replicator.add(user, "pw", 2))
+    net.result_of(net.nodes["n1"].mail.replicator.add(user, "pw", 2))
     digests = net.nodes["n3"].deliver(user, b"twice\r\n")
     assert len(digests) == 2 and len({d.uid for d in digests}) == 1
     assert len({d.node for d in digests}) == 2
     mail = net.nodes["n1"].mail.retrieval.open(user)
-    (one,) = result_of(mail.digests(INBOX))
-    assert result_of(mail.set_flags(INBOX, [one], ["\\Seen"], 1)) == {one.uid: ("\\Seen",)}
+    (one,) = net.result_of(mail.digests(INBOX))
+    assert net.result_of(mail.set_flags(INBOX, [one], ["\\Seen"], 1)) == {one.uid: ("\\Seen",)}
     for d in digests:
-        flags = result_of(net.nodes[d.node].mail.mailbox_manager.digests(user, INBOX))[0].flags
+        flags = net.result_of(net.nodes[d.node].mail.mailbox_manager.digests(user, INBOX))[0].flags
         assert flags == ("\\Seen",), f"flag on the copy at {d.node}"
-    assert result_of(mail.delete(INBOX, [one])) == [one.uid]
+    assert net.result_of(mail.delete(INBOX, [one])) == [one.uid]
     for d in digests:
-        assert result_of(net.nodes[d.node].mail.mailbox_manager.digests(user, INBOX)) == []
+        assert net.result_of(net.nodes[d.node].mail.mailbox_manager.digests(user, INBOX)) == []
     manager = net.nodes["n2"].cluster.user_manager
-    assert result_of(manager.fragments(user)) in ((), (mail.home,))
+    assert net.result_of(manager.fragments(user)) in ((), (mail.home,))
 
 
 def test_reconfiguration_cost_per_node_does_not_grow_with_the_cluster(tmp_path: Path) -> None:
@@ -546,12 +589,12 @@ def test_malformed_hints_and_profile_pushes_are_refused_or_ignored(net: Net) -> 
     """Junk from a peer never breaks a node: bad boxes are AMP errors, bad entries skipped."""
     n1 = net.nodes["n1"]
     with pytest.raises(amp.UnknownRemoteError):
-        result_of(n1.cluster.call("n2", RawHints, sender="n1", hints={"no": "list"}))
+        net.result_of(n1.cluster.call("n2", RawHints, sender="n1", hints={"no": "list"}))
     junk = [[1], "x", [999, 1, [], []], [0, "e", 5, 7], [0, 10**9, [[None]], [[1, 2]]]]
-    result_of(n1.cluster.call("n2", RawHints, sender="n1", hints=junk))
-    result_of(n1.cluster.call("n2", RawProfilePut, records=[[1], "x", ["a@b", 1]]))
+    net.result_of(n1.cluster.call("n2", RawHints, sender="n1", hints=junk))
+    net.result_of(n1.cluster.call("n2", RawProfilePut, records=[[1], "x", ["a@b", 1]]))
     with pytest.raises(amp.UnknownRemoteError):
-        result_of(n1.cluster.call("n2", RawProfilePut, records={"no": "list"}))
+        net.result_of(n1.cluster.call("n2", RawProfilePut, records={"no": "list"}))
     assert net.nodes["n2"].mail.profiles.count() == 0
     user = users_managed_by(net, "n2", 1)[0]
     add_user(net, "n1", user)
@@ -628,20 +671,20 @@ def test_a_mailbox_created_while_its_home_was_away_is_selectable_after(net: Net)
     add_user(net, "n1", user)
     home = net.nodes["n1"].cluster.home_of(user)
     other = next(n for n in ("n1", "n2", "n3") if n != home)
-    made = result_of(net.nodes[other].mail.mailbox_manager.create_mailbox(user, "Phantom"))
+    made = net.result_of(net.nodes[other].mail.mailbox_manager.create_mailbox(user, "Phantom"))
     # that node holds some of the user's mail (its fragment is listed)
-    result_of(net.nodes["n3"].cluster.user_manager.add_fragment(user, other))
+    net.result_of(net.nodes["n3"].cluster.user_manager.add_fragment(user, other))
     mail = net.nodes["n1"].mail.retrieval.open(user)
-    assert "Phantom" in [i.name for i in result_of(mail.mailboxes())], "listed"
-    infos, digests = result_of(mail.open_mailbox("Phantom"))
+    assert "Phantom" in [i.name for i in net.result_of(mail.mailboxes())], "listed"
+    infos, digests = net.result_of(mail.open_mailbox("Phantom"))
     assert digests == []
     (box,) = [i for i in infos if i.name == "Phantom"]
     assert box.uidvalidity == made.uidvalidity, "the home's empty copy changes nothing"
-    at_home = result_of(net.nodes[home].mail.mailbox_manager.mailboxes(user))
+    at_home = net.result_of(net.nodes[home].mail.mailbox_manager.mailboxes(user))
     assert "Phantom" in [i.name for i in at_home]
     assert mail.counts["home_mailbox_repairs"] == 1
     again = net.nodes["n2"].mail.retrieval.open(user)
-    result_of(again.open_mailbox("Phantom"))
+    net.result_of(again.open_mailbox("Phantom"))
     assert again.counts["home_mailbox_repairs"] == 0, "repaired once"
     with pytest.raises(NoSuchMailbox):
-        result_of(again.open_mailbox("Nowhere"))
+        net.result_of(again.open_mailbox("Nowhere"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mailtest_helpers import result_of
 from test_cluster_sim import Net, add_user, users_managed_by
 from twisted.internet.defer import fail
 from twisted.mail import smtp
@@ -39,8 +38,8 @@ def forwarding_net(tmp_path: Path, n: int = 3) -> Net:
 def smtp_delivery(net: Net, at: str, user: str, body: bytes) -> list[str]:
     """RCPT TO (the profile lookup) then the delivery at ``at``; the storing nodes."""
     proxy = net.nodes[at].mail.delivery
-    assert result_of(proxy.lookup(user)) is not None
-    return [d.node for d in result_of(proxy.deliver([user], body))]
+    assert net.result_of(proxy.lookup(user)) is not None
+    return [d.node for d in net.result_of(proxy.deliver([user], body))]
 
 
 def test_delivery_elsewhere_is_one_call_to_the_manager_which_stores_it(tmp_path: Path) -> None:
@@ -123,6 +122,7 @@ def test_a_hand_over_that_may_have_reached_the_manager_fails_without_a_second_co
     proxy.forward = lambda *a: fail(err)
     out: list[object] = []
     proxy.deliver([user], b"hello\r\n").addBoth(out.append)
+    net.flush()
     (f,) = out
     assert isinstance(f, Failure) and f.check(PeerUnavailable)
     assert proxy.forward_fallbacks == 0
@@ -136,6 +136,7 @@ def test_a_refusal_at_the_manager_is_the_same_smtp_reply_here(tmp_path: Path) ->
     proxy = net.nodes["n1"].mail.delivery
     out: list[object] = []
     proxy._forward("n3", "nobody@example.org", b"x\r\n", 0.0).addBoth(out.append)
+    net.flush()
     (f,) = out
     assert isinstance(f, Failure)
     with pytest.raises(smtp.SMTPServerError) as e:

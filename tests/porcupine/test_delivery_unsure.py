@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mailtest_helpers import result_of
 from test_cluster_sim import Net, add_user, check_mailbox, users_managed_by
 from twisted.internet.defer import Deferred
 from twisted.protocols import amp
@@ -64,4 +63,4 @@ def test_store_timed_out_after_sending_is_not_stored_again_elsewhere(
         assert net.nodes["n2"].mail.delivery.retries >= 1
     net.lose_to = ""
     check_mailbox(net, "n1", user, {b"first\r\n", b"second\r\n"})
-    result_of(net.nodes["n1"].mail.retrieval.open(user).digests("INBOX"))
+    net.result_of(net.nodes["n1"].mail.retrieval.open(user).digests("INBOX"))

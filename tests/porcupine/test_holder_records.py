@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mailtest_helpers import ImmediateReactor, SyncPool, result_of
+from mailtest_helpers import SyncPool
 from test_cluster_sim import Net, add_user, users_managed_by
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -33,6 +33,7 @@ from yimaporc.porcupine.reconstruct import (
 )
 from yimaporc.porcupine.usermap import N_BUCKETS, bucket_of
 from yimaporc.testing.hints import apply_hint
+from yimaporc.testing.simnet import SimNet
 
 USER = "ulla@example.org"
 B = bucket_of(USER)
@@ -150,56 +151,17 @@ def test_a_manager_paused_during_its_own_delivery_gets_no_250(tmp_path: Path) ->
     assert node.mail.delivery.status()["lease_lost"] == 1
 
 
-def test_second_record_of_one_holder_waits_for_the_running_write(tmp_path: Path) -> None:
-    """While a holder record is being written, another add_fragment for the same
-    holder does not fire at once; both fail when no majority recorded it."""
-    clock = ImmediateReactor()
+def _manager(
+    tmp_path: Path, *, timed: bool = False
+) -> tuple[ClusterUserManager, SimNet, list[Deferred[bool]]]:
+    """n1 manages every bucket of a 3-node cluster, on a kernel host's clock (``timed``:
+    synced, so its fences are timed); holder records wait until the test answers them."""
+    sim = SimNet()
+    clock = sim.reactor("n1")
     profiles = ProfileDB(clock, SyncPool(), tmp_path / "p.sqlite", clock.seconds)  # type: ignore[arg-type]
     um = ClusterUserManager("n1", profiles, clock)
-    um.known = {"n1", "n2", "n3"}
-    um.install(BucketMap(("n1",) * N_BUCKETS, (2,) * N_BUCKETS), ["n1", "n2", "n3"])
-    for n in ("n1", "n2", "n3"):
-        apply_hint(um, n, [B, 2, [], [], 1, []])
-    assert um.may_number(USER)
-    writes: list[tuple[str, Deferred[bool]]] = []
-
-    def holders_on(node: str, bucket: int, fence: str, holders: list[list[str]]) -> Deferred[bool]:
-        d: Deferred[bool] = Deferred()
-        writes.append((node, d))
-        return d
-
-    um.holders_on = holders_on
-    first = um.add_fragment(USER, "n2")
-    second = um.add_fragment(USER, "n2")
-    got: list[object] = []
-    for d in (first, second):
-        d.addBoth(got.append)
-    assert got == [], "no answer before the majority write ends"
-    while any(not d.called for _, d in writes):
-        for _, d in list(writes):
-            if not d.called:
-                d.callback(False)
-    assert len(got) == 2
-    assert all(isinstance(f, Failure) and f.check(HolderNotRecorded) for f in got)
-    writes.clear()
-    third = um.add_fragment(USER, "n2")
-    for _, d in list(writes):
-        d.callback(True)
-    assert result_of(third) is None
-    writes.clear()
-    assert result_of(um.add_fragment(USER, "n2")) is None and writes == []
-
-
-def _timed_manager(
-    tmp_path: Path,
-) -> tuple[ClusterUserManager, ImmediateReactor, list[Deferred[bool]]]:
-    """n1 manages every bucket of a 3-node cluster, its clock synced (timed fences);
-    holder records wait until the test answers them."""
-    clock = ImmediateReactor()
-    clock.advance(1_700_000_000)
-    profiles = ProfileDB(clock, SyncPool(), tmp_path / "p.sqlite", clock.seconds)  # type: ignore[arg-type]
-    um = ClusterUserManager("n1", profiles, clock)
-    um.cluster_now = clock.seconds
+    if timed:
+        um.cluster_now = clock.seconds
     um.known = {"n1", "n2", "n3"}
     um.install(BucketMap(("n1",) * N_BUCKETS, (2,) * N_BUCKETS), ["n1", "n2", "n3"])
     for n in ("n1", "n2", "n3"):
@@ -212,7 +174,37 @@ def _timed_manager(
         return d
 
     um.holders_on = holders_on
-    return um, clock, writes
+    sim.flush()
+    return um, sim, writes
+
+
+def test_second_record_of_one_holder_waits_for_the_running_write(tmp_path: Path) -> None:
+    """While a holder record is being written, another add_fragment for the same
+    holder does not fire at once; both fail when no majority recorded it."""
+    um, sim, writes = _manager(tmp_path)
+    assert um.may_number(USER)
+    first = um.add_fragment(USER, "n2")
+    second = um.add_fragment(USER, "n2")
+    got: list[object] = []
+    for d in (first, second):
+        d.addBoth(got.append)
+    sim.flush()
+    assert got == [], "no answer before the majority write ends"
+    while any(not d.called for d in writes):
+        for d in list(writes):
+            if not d.called:
+                d.callback(False)
+        sim.flush()
+    assert len(got) == 2
+    assert all(isinstance(f, Failure) and f.check(HolderNotRecorded) for f in got)
+    writes.clear()
+    third = um.add_fragment(USER, "n2")
+    sim.flush()
+    for d in list(writes):
+        d.callback(True)
+    assert sim.result_of(third) is None
+    writes.clear()
+    assert sim.result_of(um.add_fragment(USER, "n2")) is None and writes == []
 
 
 def test_a_slow_holder_record_renews_the_plans_allocation(tmp_path: Path) -> None:
@@ -220,35 +212,35 @@ def test_a_slow_holder_record_renews_the_plans_allocation(tmp_path: Path) -> Non
     the store's age limit (1 s, NODE_PLAN_TTL) does not cost the plan's UID: the
     manager renews the allocation and answers a fence with a fresh time (without it
     the store went unnumbered and was numbered above: a UID gap)."""
-    um, clock, writes = _timed_manager(tmp_path)
-    _, first, fence = result_of(um.delivery_plan(USER, 1))
-    assert first > 0 and split_fence(fence)[1] == clock.seconds()
-    clock.advance(0.5)  # the plan's way back, a loaded proxy
+    um, sim, writes = _manager(tmp_path, timed=True)
+    _, first, fence = sim.result_of(um.delivery_plan(USER, 1))
+    assert first > 0 and split_fence(fence)[1] == sim.seconds()
+    sim.advance(0.5)  # the plan's way back, a loaded proxy
     got = um.add_holder(USER, "n2", first, fence)
-    clock.advance(0.9)  # the record (within MARK_TIMEOUT): the plan is past NODE_PLAN_TTL
-    assert not admit_timed(split_fence(fence)[1], clock.seconds())
+    sim.advance(0.9)  # the record (within MARK_TIMEOUT): the plan is past NODE_PLAN_TTL
+    assert not admit_timed(split_fence(fence)[1], sim.seconds())
     for d in list(writes):
         d.callback(True)
-    renewed = result_of(got)
+    renewed = sim.result_of(got)
     base, at = split_fence(renewed)
-    assert base == split_fence(fence)[0] and at == clock.seconds()
-    assert admit_timed(at, clock.seconds() + NODE_PLAN_TTL)
-    clock.advance(2.5)  # the renewed allocation still holds the horizon back
+    assert base == split_fence(fence)[0] and at == sim.seconds()
+    assert admit_timed(at, sim.seconds() + NODE_PLAN_TTL)
+    sim.advance(2.5)  # the renewed allocation still holds the horizon back
     assert first in _outstanding(um)
-    assert um.core.horizon(USER, clock.seconds()).outstanding[0][0] == first
+    assert um.core.horizon(USER, sim.seconds()).outstanding[0][0] == first
 
 
 def test_an_expired_allocation_is_not_renewed(tmp_path: Path) -> None:
     """A record slower than the manager's own hold (3 s): readers may have been shown
     UIDs above the allocation, so it is not renewed (the store goes unnumbered)."""
-    um, clock, writes = _timed_manager(tmp_path)
-    _, first, fence = result_of(um.delivery_plan(USER, 1))
-    clock.advance(NODE_TIMED_ALLOCATION_TTL - 0.1)
+    um, sim, writes = _manager(tmp_path, timed=True)
+    _, first, fence = sim.result_of(um.delivery_plan(USER, 1))
+    sim.advance(NODE_TIMED_ALLOCATION_TTL - 0.1)
     got = um.add_holder(USER, "n2", first, fence)
-    clock.advance(0.6)
+    sim.advance(0.6)
     for d in list(writes):
         d.callback(True)
-    assert result_of(got) == ""
+    assert sim.result_of(got) == ""
 
 
 def _outstanding(um: ClusterUserManager) -> set[int]:
@@ -262,14 +254,14 @@ def test_a_holder_note_after_the_allocation_lapsed_gets_no_250(tmp_path: Path) -
     AllocationLapsed (the proxy answers 451, so the copy that then appears below
     those UIDs was never acknowledged).  The holder is recorded all the same (the
     copy is stored).  A note in time confirms; an R=1 plan expires sooner."""
-    um, clock, writes = _timed_manager(tmp_path)
-    _, single, _ = result_of(um.delivery_plan(USER, 1))
-    _, first, fence = result_of(um.delivery_plan(USER, 1, False, 3))
-    _, kept, _ = result_of(um.delivery_plan(USER, 1, False, 3))
+    um, sim, writes = _manager(tmp_path, timed=True)
+    _, single, _ = sim.result_of(um.delivery_plan(USER, 1))
+    _, first, fence = sim.result_of(um.delivery_plan(USER, 1, False, 3))
+    _, kept, _ = sim.result_of(um.delivery_plan(USER, 1, False, 3))
     assert kept > first > single > 0 and fence
     assert REPLICATED_ALLOCATION_TTL > NODE_TIMED_ALLOCATION_TTL
-    clock.advance(NODE_TIMED_ALLOCATION_TTL + 0.5)
-    assert um.core.horizon(USER, clock.seconds()).outstanding == (
+    sim.advance(NODE_TIMED_ALLOCATION_TTL + 0.5)
+    assert um.core.horizon(USER, sim.seconds()).outstanding == (
         (first, first + 1),
         (kept, kept + 1),
     ), "the R=1 plan expired, the replicated ones hold"
@@ -277,14 +269,14 @@ def test_a_holder_note_after_the_allocation_lapsed_gets_no_250(tmp_path: Path) -
     for d in list(writes):
         d.callback(True)
     writes.clear()
-    result_of(ok)
-    clock.advance(REPLICATED_ALLOCATION_TTL)  # the coordinator is still paused
-    assert um.core.horizon(USER, clock.seconds()).outstanding == ()  # a reader goes on
+    sim.result_of(ok)
+    sim.advance(REPLICATED_ALLOCATION_TTL)  # the coordinator is still paused
+    assert um.core.horizon(USER, sim.seconds()).outstanding == ()  # a reader goes on
     late = um.add_fragment(USER, "n2", first)  # SIGCONT: its note
     for d in list(writes):
         d.callback(True)
     with pytest.raises(AllocationLapsed) as lapsed:
-        result_of(late)
+        sim.result_of(late)
     assert isinstance(lapsed.value, HolderNotRecorded)  # not tried elsewhere either
     assert "n2" in um.state.fragments.get(USER, set()), "the copy is recorded"
     assert um.status()["lapsed_notes"] == 1
@@ -293,16 +285,16 @@ def test_a_holder_note_after_the_allocation_lapsed_gets_no_250(tmp_path: Path) -
 def test_renewal_never_shortens_a_replicated_hold(tmp_path: Path) -> None:
     """A new holder's record renews the plan for the store's age limit only: a
     replicated user's longer hold stays as it was."""
-    um, clock, writes = _timed_manager(tmp_path)
-    _, first, fence = result_of(um.delivery_plan(USER, 1, False, 2))
+    um, sim, writes = _manager(tmp_path, timed=True)
+    _, first, fence = sim.result_of(um.delivery_plan(USER, 1, False, 2))
     got = um.add_holder(USER, "n2", first, fence)
     for d in list(writes):
         d.callback(True)
-    assert result_of(got)
-    clock.advance(REPLICATED_ALLOCATION_TTL - 0.1)
-    assert um.core.horizon(USER, clock.seconds()).outstanding == ((first, first + 1),)
-    clock.advance(0.2)
-    assert um.core.horizon(USER, clock.seconds()).outstanding == ()
+    assert sim.result_of(got)
+    sim.advance(REPLICATED_ALLOCATION_TTL - 0.1)
+    assert um.core.horizon(USER, sim.seconds()).outstanding == ((first, first + 1),)
+    sim.advance(0.2)
+    assert um.core.horizon(USER, sim.seconds()).outstanding == ()
 
 
 def test_a_full_disk_refuses_holder_records_and_marks_without_a_traceback(
@@ -325,7 +317,7 @@ def test_a_full_disk_refuses_holder_records_and_marks_without_a_traceback(
     store.raise_mark = disk_full  # type: ignore[method-assign]
     asker = net.nodes["n2"].cluster
     fence = asker.user_manager.core.fence(5)
-    got = result_of(asker._holders_on("n1", 5, fence, [("u@example.org", "n2")]))
+    got = net.result_of(asker._holders_on("n1", 5, fence, [("u@example.org", "n2")]))
     assert got is False
-    assert result_of(asker._mark_on("n1", 5, fence, 500)) is False
+    assert net.result_of(asker._mark_on("n1", 5, fence, 500)) is False
     assert full.status()["mail_cluster"]["full_disk_refusals"] == 2

@@ -6,11 +6,11 @@ the user's manager of now, not the one it found at login."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mailtest_helpers import result_of
 from test_cluster_sim import DOMAIN, Net, add_user
 from twisted.internet.defer import Deferred, fail, succeed
 
@@ -83,7 +83,7 @@ def result(d: Deferred[Any]) -> Any:
     return out[0]
 
 
-def inbox_validity(mail: UserMail) -> int:
+def inbox_validity(mail: UserMail, result: Callable[[Deferred[Any]], Any] = result) -> int:
     (inbox,) = [i for i in result(mail.mailboxes()) if i.name == INBOX]
     return int(inbox.uidvalidity)
 
@@ -172,14 +172,14 @@ def test_a_session_opened_before_buckets_move_reads_everything_after(tmp_path: P
         add_user(net, "n2", u)
         net.nodes["n3"].deliver(u, b"before " + u.encode() + b"\r\n")
     sessions = {u: net.nodes["n1"].mail.retrieval.open(u) for u in users}
-    validity = {u: inbox_validity(m) for u, m in sessions.items()}
+    validity = {u: inbox_validity(m, net.result_of) for u, m in sessions.items()}
     net.add("n4")
     net.commit(["n1", "n2", "n3", "n4"])
     moved = [u for u in users if net.map.owners[bucket_of(u)] != before[u]]
     assert moved, "some buckets moved"
     for u in moved:
         net.nodes["n4"].deliver(u, b"after " + u.encode() + b"\r\n")
-        infos, digests = result_of(sessions[u].open_mailbox(INBOX, complete=True))
+        infos, digests = net.result_of(sessions[u].open_mailbox(INBOX, complete=True))
         assert len(digests) == 2, u
         assert [i.uidvalidity for i in infos if i.name == INBOX] == [validity[u]]
     assert net.nodes["n1"].mail.status()["mail_refusals"] == {}

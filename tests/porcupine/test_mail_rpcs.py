@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mailtest_helpers import result_of
 from test_cluster_sim import DOMAIN, Net, add_user
 from twisted.internet.testing import StringTransport
 
@@ -49,6 +48,7 @@ def pop3(net: Net, node: str, user: str, *commands: bytes) -> list[list[bytes]]:
     for line in (b"USER " + user.encode(), b"PASS pw", *commands):
         t.clear()
         p.dataReceived(line + b"\r\n")
+        net.flush()
         out.append([x for x in t.value().split(b"\r\n") if x])
     return out
 
@@ -57,6 +57,7 @@ class Imap:
     """An IMAP connection to one node, on a memory transport."""
 
     def __init__(self, net: Net, node: str) -> None:
+        self.net = net
         self.p: Any = net.nodes[node].mail._imap_factory(False).buildProtocol(None)
         self.t = StringTransport()
         self.p.makeConnection(self.t)
@@ -68,6 +69,7 @@ class Imap:
         tag = b"a%d " % self.n
         self.t.clear()
         self.p.dataReceived(tag + line + b"\r\n")
+        self.net.flush()
         (done,) = [x for x in self.t.value().split(b"\r\n") if x.startswith(tag)]
         return done
 
@@ -211,8 +213,8 @@ def test_view_falls_back_to_two_calls_on_an_older_peer(net: Net) -> None:
     old = RemoteMailboxManager("n2", call)
     new = net.nodes["n1"].cluster.mailboxes_for("n2")
     for box in ("INBOX", "Nope"):
-        want = result_of(new.view(user, box))
-        assert result_of(old.view(user, box)) == want
+        want = net.result_of(new.view(user, box))
+        assert net.result_of(old.view(user, box)) == want
     assert want[1] is None and want[0]
     assert asked == [MB + "view", MB + "mailboxes", MB + "digests"] * 2
 
@@ -237,11 +239,12 @@ def test_logins_through_a_proxy_are_remembered_briefly(net: Net) -> None:
     t = StringTransport()
     p.makeConnection(t)
     p.dataReceived(b"USER " + user.encode() + b"\r\nPASS wrong\r\n")
+    net.flush()
     assert b"-ERR" in t.value() and net.calls[auth] == 2
     net.clock.advance(10)  # past profile_ttl
     assert pop3(net, "n2", user, b"QUIT")[1][0].startswith(b"+OK")
     assert net.calls[auth] == 3
-    result_of(net.nodes["n1"].mail.replicator.set_password(user, "new"))
+    net.result_of(net.nodes["n1"].mail.replicator.set_password(user, "new"))
     t = StringTransport()
     p = net.nodes["n2"].mail._pop3_protocol()
     p.makeConnection(t)

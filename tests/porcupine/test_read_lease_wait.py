@@ -26,10 +26,12 @@ def started(tmp_path: Path) -> tuple[PartNet, str]:
 
 
 def listing(net: PartNet, at: str, user: str) -> list[Any]:
-    """A complete INBOX listing started at ``at`` (its outcome lands in the list)."""
+    """A complete INBOX listing started at ``at`` (its outcome lands in the list), and
+    what is due now run."""
     out: list[Any] = []
     mail = net.nodes[at].mail.retrieval.open(user)
     mail.digests(INBOX, complete=True).addBoth(out.append)
+    net.flush()
     return out
 
 

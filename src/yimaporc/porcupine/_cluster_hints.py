@@ -75,6 +75,11 @@ class HintExchange:
         self.profiles = profiles
         self.run_blocking = run_blocking
         self.hint_rounds: list[dict[str, Any]] = []
+        #: (peer, bucket, view) of pulls in flight, and the buckets not asked again
+        #: because one was (the core asks again for away holders at once, while the
+        #: install's pull of the same buckets is unanswered).
+        self.pulling: set[tuple[str, int, int]] = set()
+        self.pulls_joined = 0
 
     def perform(self, actions: list[Action]) -> None:
         """Carry out the reconstruction core's sends over AMP."""
@@ -200,22 +205,34 @@ class HintExchange:
     ) -> Deferred[None]:
         """Ask ``peer`` for its hints of ``buckets`` (ours; we were away) and merge the
         answer as a hint for our current map. Retried (``PULL_TRIES`` times,
-        ``PULL_RETRY`` s apart) while ``peer`` is a member and the view is ``view``."""
+        ``PULL_RETRY`` s apart) while ``peer`` is a member and the view is ``view``.
+        Buckets whose pull from ``peer`` in ``view`` is in flight are not asked again:
+        that answer (or its failure's retry) serves them."""
         um = self.user_manager
+        asked = [b for b in buckets if (peer, b, view) not in self.pulling]
+        self.pulls_joined += len(buckets) - len(asked)
+        if not asked:
+            return succeed(None)
+        keys = {(peer, b, view) for b in asked}
+        self.pulling |= keys
 
         def got(r: dict[str, Any]) -> Deferred[Any]:
-            ours = um.core.pulled(peer, r["hints"], buckets)
+            ours = um.core.pulled(peer, r["hints"], asked)
             return self._apply_hints(peer, ours, um.core.view_epoch)
 
         def failed(f: Failure) -> None:
-            still = um.core.pull_again(peer, buckets, view)
+            still = um.core.pull_again(peer, asked, view)
             if tries > 1 and still:
                 self.reactor.callLater(PULL_RETRY, self.pull_hints, peer, still, view, tries - 1)
             else:
                 self.log.warn("pulling hints from {p} failed: {e}", p=peer, e=f.getErrorMessage())
 
-        d = self.call(peer, HintsRequest, sender=self.me, buckets=list(buckets))
-        return d.addCallbacks(got, failed).addCallback(lambda _: None)
+        def landed(result: Any) -> Any:
+            self.pulling -= keys
+            return result
+
+        d = self.call(peer, HintsRequest, sender=self.me, buckets=asked)
+        return d.addCallbacks(got, failed).addBoth(landed).addCallback(lambda _: None)
 
     def on_hints_request(self, sender: str, buckets: tuple[int, ...]) -> Deferred[dict[str, Any]]:
         """``porcupine.hints-request``: our hints of ``buckets`` (checked by

@@ -564,5 +564,7 @@ class MailCluster(ClusterLease, Service):
                 "load": self.load(),
                 "balancer": self.balancer.status(),
                 "hint_rounds": self.hints.hint_rounds[-5:],
+                # buckets not pulled again while their pull was in flight
+                "pulls_joined": self.hints.pulls_joined,
             }
         }
