@@ -22,7 +22,7 @@ from yimaporc.rtp import (
 )
 from yimaporc.rtsp._machine import ServerSession
 from yimaporc.rtsp._wire import NptRange, TransportSpec
-from yimaporc.testing.yima import UdpClock, unbatched
+from yimaporc.testing.yima import UdpClock
 from yimaporc.yima.control import StreamAction
 from yimaporc.yima.feedback import FeedbackReceiver, StreamPorts
 from yimaporc.yima.media import KIND_TS, MediaInfo
@@ -117,7 +117,7 @@ def three_nodes(
     node = SimpleNamespace(
         registry=RpcRegistry(), cluster_time=reactor.seconds, add_status=lambda f: None,
         subscribe=lambda s: None, node_id="a", view=SimpleNamespace(members=members),
-        rpc=SimpleNamespace(call=unbatched(call)), config=SimpleNamespace(cluster_host="127.0.0.1"),
+        rpc=SimpleNamespace(call=call), config=SimpleNamespace(cluster_host="127.0.0.1"),
     )  # fmt: skip
     info = MediaInfo("clip", KIND_TS, BLOCKS * BLOCK, BLOCK, 1, streamable=True,
                      duration=BLOCKS * 0.5, parity_group=parity,

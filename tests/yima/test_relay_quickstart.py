@@ -24,7 +24,7 @@ from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtp import PT_MP2T, RtpHeaderTemplate
 from yimaporc.rtsp._machine import ServerSession
 from yimaporc.rtsp._wire import NptRange, TransportSpec
-from yimaporc.testing.yima import UdpClock, unbatched
+from yimaporc.testing.yima import UdpClock
 from yimaporc.yima.feedback import mark_retransmission
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.placement import LogicalDisk
@@ -47,9 +47,6 @@ class _Rpc:
         self.answer: Deferred[Any] | None = None
 
     def call(self, address: str, command: Any, **kwargs: Any) -> Deferred[Any]:
-        return unbatched(self._call)(address, command, **kwargs)
-
-    def _call(self, address: str, command: Any, **kwargs: Any) -> Deferred[Any]:
         self.calls.append((address, command, kwargs))
         if command is StreamStart and self.answer is not None:
             return self.answer

@@ -19,7 +19,6 @@ from yimaporc.cluster.membership import Member
 from yimaporc.cluster.rpc import RpcRegistry
 from yimaporc.rtsp import Response, RtspClientConnection
 from yimaporc.tap.yima import Options
-from yimaporc.testing.yima import unbatched
 from yimaporc.yima.feedback import StreamPorts
 from yimaporc.yima.media import KIND_TS, MediaInfo
 from yimaporc.yima.node import YimaNode
@@ -71,7 +70,7 @@ def service(**guards: Any) -> tuple[YimaStreamingService, FakeReactor, list[tupl
     node = SimpleNamespace(
         registry=RpcRegistry(), cluster_time=reactor.seconds, add_status=lambda f: None,
         subscribe=lambda s: None, node_id="a", view=SimpleNamespace(members=members),
-        rpc=SimpleNamespace(call=unbatched(call)), config=SimpleNamespace(cluster_host="127.0.103.1"),
+        rpc=SimpleNamespace(call=call), config=SimpleNamespace(cluster_host="127.0.103.1"),
     )  # fmt: skip
     info = MediaInfo("clip", KIND_TS, 2 * 13160, 13160, 1, streamable=True, duration=1.0,
                      block_times=(0, 500_000))  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -277,56 +277,3 @@ def test_a_local_batch_sink_gets_whole_runs_with_the_same_datagrams() -> None:
         clock.advance(0.01)
     assert wire == [] and [d for c in calls for d in c] == expected
     assert len(calls) < len(expected) and node.handed_over == len(expected) == 12
-
-
-def test_batched_starts_and_controls_over_amp_boxes() -> None:
-    """StreamStartBatch and StreamControlBatch, parsed and answered as AMP boxes: each
-    item runs as its own StreamStart / StreamControl, one result each, in order; an
-    item that fails answers its error and does not stop the others."""
-    from twisted.protocols import amp
-
-    from yimaporc.cluster.rpc import RpcRegistry
-    from yimaporc.yima.streaming import StreamControlBatch, StreamStartBatch
-
-    clock = Clock()
-
-    def timing(name: str) -> MediaTiming:
-        if name != "clip":
-            raise KeyError(f"no media {name!r}")
-        return M
-
-    node = StreamingNode(
-        clock, clock.seconds, timing=timing, my_blocks=lambda name: [0, 2],
-        read_block=lambda name, b: succeed(bytes([b]) * BLOCK), packetize=packetize,
-        send=lambda data, addr: None,
-    )  # fmt: skip
-    registry = RpcRegistry()
-    node.register(registry)
-
-    def over_amp(command: type[amp.Command], **kw: object) -> dict[str, object]:
-        box = command.makeArguments(kw, None)
-        found = registry.lookup(command.commandName)  # type: ignore[arg-type]
-        assert found is not None
-        served, handler = found
-        got: list[object] = []
-        maybeDeferred(handler, **served.parseArguments(box, None)).addBoth(got.append)
-        answer = command.parseResponse(served.makeResponse(got[0], None), None)
-        return answer  # type: ignore[no-any-return]
-
-    def start(session: str, media: str) -> dict[str, object]:
-        return dict(session=session, media=media, start_ct=1.0, start_mt=0.0, host="h", port=1,
-                    ssrc=1, seq_base=0, ts_base=0, node_index=0, all_blocks=False,
-                    origin="n1")  # fmt: skip
-
-    answer = over_amp(StreamStartBatch, starts=[start("a", "clip"), start("b", "gone"),
-                                                start("c", "clip")])  # fmt: skip
-    results = answer["results"]
-    assert [r["packets"] for r in results] == [8, 0, 8]  # type: ignore[index]
-    assert [bool(r.get("error")) for r in results] == [False, True, False]  # type: ignore[union-attr]
-    assert "gone" in results[1]["error"]  # type: ignore[index]
-    assert set(node.scheduler.sessions) == {"a", "c"} and node.origins["c"] == "n1"
-    stop = dict(action=StreamAction.STOP, at=0.0, value=0.0)
-    answer = over_amp(StreamControlBatch, controls=[dict(stop, session="a"),
-                                                    dict(stop, session="nobody")])  # fmt: skip
-    assert [r.get("error") for r in answer["results"]] == [None, None]  # type: ignore[attr-defined]
-    assert set(node.scheduler.sessions) == {"c"} and node.stopped.keys() >= {"a", "nobody"}

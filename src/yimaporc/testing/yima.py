@@ -26,7 +26,7 @@ from ..yima.media import KIND_OPAQUE, MediaInfo
 from ..yima.placement import LogicalDisk
 from ..yima.store import BlockKey, BlockMissing
 
-__all__ = ["MemoryMediaStorage", "MemoryUdpPort", "UdpClock", "unbatched"]
+__all__ = ["MemoryMediaStorage", "MemoryUdpPort", "UdpClock"]
 
 
 class MemoryUdpPort:
@@ -125,35 +125,3 @@ class MemoryMediaStorage:
     def run_blocking(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """``f(*args)`` inline."""
         return maybeDeferred(f, *args)
-
-
-def unbatched(call: Callable[..., Any]) -> Callable[..., Deferred[Any]]:
-    """A fake RPC ``call(address, command, **kw)`` that also answers the streaming
-    service's batches: each item of a StreamStartBatch or StreamControlBatch goes to
-    ``call`` as its own StreamStart or StreamControl (so a fake records and answers
-    single commands), and the answers come back as the batch's ``results``."""
-    from twisted.internet.defer import DeferredList
-
-    from ..yima.streaming import StreamControl, StreamControlBatch, StreamStart, StreamStartBatch
-
-    singles: dict[Any, tuple[Any, str]] = {
-        StreamStartBatch: (StreamStart, "starts"),
-        StreamControlBatch: (StreamControl, "controls"),
-    }
-
-    def wrapped(address: str, command: Any, **kw: Any) -> Deferred[Any]:
-        if command not in singles:
-            return maybeDeferred(call, address, command, **kw)
-        single, arg = singles[command]
-        each = [maybeDeferred(call, address, single, **item) for item in kw[arg]]
-
-        def results(done: list[tuple[bool, Any]]) -> dict[str, Any]:
-            out = [
-                dict(r or {}) if ok else {"error": r.getErrorMessage() or "failed"}
-                for ok, r in done
-            ]
-            return {"results": out}
-
-        return DeferredList(each, consumeErrors=True).addCallback(results)
-
-    return wrapped

@@ -20,7 +20,6 @@ from twisted.logger import Logger
 from .._reactor import INodeReactor
 
 if TYPE_CHECKING:
-    from ..cluster.batching import CallBatcher
     from ..cluster.node import ClusterNode
     from ..rtp import RtpHeaderTemplate
     from ..rtsp import RtspServerFactory
@@ -65,7 +64,6 @@ class StreamingHost(Protocol):
     relay_send_ahead: float
     relay_batch: float
     _ends: dict[str, tuple[MediaInfo, float]]
-    batcher: CallBatcher
 
     # --- the service's own methods ------------------------------------------------
     def _media(self, url: str) -> MediaInfo: ...

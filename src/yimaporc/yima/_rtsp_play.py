@@ -44,6 +44,10 @@ from .media import (
 )
 from .schedule import MediaTiming
 from .store import BlockKey
+from .streaming import (
+    StreamControl,
+    StreamStart,
+)
 
 if TYPE_CHECKING:
     from ._rtsp_host import StreamingHost
@@ -351,7 +355,7 @@ class PlayMixin:
                 calls.append(maybeDeferred(self.streaming.start, **kwargs))
             else:
                 # The RTSP node's id: should it leave, the node stops this share.
-                calls.append(self.batcher.call(m.address, "start", dict(kwargs, origin=me)))
+                calls.append(self.node.rpc.call(m.address, StreamStart, origin=me, **kwargs))
         for node_id, local in plan.takeovers.items():
             served = self.streaming.scheduler.sessions.get(local)
             if served is not None:
@@ -418,8 +422,8 @@ class PlayMixin:
             if m.node_id == self.node.node_id:
                 self.streaming.control(session_id, action, at, 0.0)
             elif self.mode == "bipartite":
-                calls.append(self.batcher.call(m.address, "control", dict(
-                    session=session_id, action=action, at=at, value=0.0)))  # fmt: skip
+                calls.append(self.node.rpc.call(m.address, StreamControl, session=session_id,
+                                                action=action, at=at, value=0.0))  # fmt: skip
         return DeferredList(calls, consumeErrors=True)
 
     def pause(self: StreamingHost, session: ServerSession) -> Deferred[NptRange | None]:

@@ -35,6 +35,7 @@ from .control import StreamAction
 from .feedback import RETRANSMISSION_MARK
 from .recvpath import listen_udp_batched
 from .relay import Reorderer, rewrite, rewrite_run
+from .streaming import StreamControl
 
 if TYPE_CHECKING:
     from ._rtsp_host import StreamingHost
@@ -493,9 +494,9 @@ class RelayMixin:
             # Silent, not (yet) gone: should it wake up, it stops sending this share.
             for m in self.node.view.members:
                 if m.node_id == node_id:
-                    stop = self.batcher.call(m.address, "control", dict(
-                        session=sid, action=StreamAction.STOP, at=0.0, value=0.0))  # fmt: skip
-                    stop.addErrback(lambda f: None)
+                    d = self.node.rpc.call(m.address, StreamControl, session=sid,
+                                           action=StreamAction.STOP, at=0.0, value=0.0)  # fmt: skip
+                    d.addErrback(lambda f: None)
         # The dead node's blocks, from the cached layout (computed off the reactor on a miss).
         d = self.storage.blocks_of_node(plan.media, node_id)
         d.addCallback(lambda blocks: self._serve_share(sid, plan, node_id, blocks, from_mt))

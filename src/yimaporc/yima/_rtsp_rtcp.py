@@ -24,6 +24,7 @@ from ._rtsp_plan import (
 from .control import StreamAction
 from .store import BlockKey
 from .streaming import (
+    StreamControl,
     StreamNack,
 )
 
@@ -118,8 +119,8 @@ class RtcpMixin:
             if m.node_id == self.node.node_id:
                 self.streaming.control(session, action, at, value)
             elif self.mode == "bipartite":
-                d = self.batcher.call(m.address, "control", dict(
-                    session=session, action=action, at=at, value=value))  # fmt: skip
+                d = self.node.rpc.call(m.address, StreamControl, session=session, action=action,
+                                       at=at, value=value)  # fmt: skip
                 d.addErrback(lambda f: None)
 
     def touch(self: StreamingHost, session: str) -> None:

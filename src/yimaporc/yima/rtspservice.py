@@ -36,7 +36,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._reactor import INodeReactor
-from ..cluster.batching import CallBatcher
 from ..cluster.membership import IMembershipListener, Member
 from ..cluster.node import CannotStart, ClusterNode, IReady
 from ..rtp import RtpHeaderTemplate
@@ -76,12 +75,7 @@ from .media import (
 from .relay import RelayStats
 from .sendpath import DatagramSender
 from .store import BlockKey
-from .streaming import (
-    DEFAULT_CACHE_BYTES,
-    StreamControlBatch,
-    StreamingNode,
-    StreamStartBatch,
-)
+from .streaming import DEFAULT_CACHE_BYTES, StreamingNode
 from .workers import ShardedStreamingNode, make_pool
 
 if TYPE_CHECKING:
@@ -195,9 +189,6 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, SendMixin, Service)
         #: was used instead of asking again.
         self._member_ports: dict[Member, dict[str, int]] = {}
         self.port_answers_reused = 0
-        #: Starts and controls for the other nodes, batched per node while one is out.
-        self.batcher = CallBatcher(node.rpc, {"start": (StreamStartBatch, "starts"),
-                                              "control": (StreamControlBatch, "controls")})  # fmt: skip
         node.add_status(self.status)
         node.subscribe(self)
 
@@ -303,7 +294,6 @@ class YimaStreamingService(PlayMixin, RelayMixin, RtcpMixin, SendMixin, Service)
             orphans_stopped=self.orphans_stopped,
             late_starts_dropped=self.streaming.late_starts_dropped,
             port_answers_reused=self.port_answers_reused,
-            batches={"calls": self.batcher.calls, "items": self.batcher.items},
             early_handovers=self.early_handovers,
             shares_served=len(self.streaming.scheduler.sessions),
         )

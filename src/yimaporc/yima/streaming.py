@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -73,29 +73,6 @@ class StreamControl(amp.Command):
         (b"value", amp.Float()),
     ]
     response = []  # type: ignore[var-annotated]
-    errors = {UnknownValue: UnknownValue.code}
-
-
-#: One result per item of a batch, in order: a non-empty ``error`` fails that item.
-_STARTED = [(b"packets", amp.Integer()), (b"error", amp.Unicode(optional=True))]
-_DONE = [(b"error", amp.Unicode(optional=True))]
-
-
-class StreamStartBatch(amp.Command):
-    """StreamStart for several sessions at once (:class:`~..cluster.batching.CallBatcher`:
-    what came while the previous batch to this node was out)."""
-
-    commandName = b"yima.stream-start-batch"
-    arguments = [(b"starts", amp.AmpList(StreamStart.arguments))]
-    response = [(b"results", amp.AmpList(_STARTED))]
-
-
-class StreamControlBatch(amp.Command):
-    """StreamControl for several sessions at once (as :class:`StreamStartBatch`)."""
-
-    commandName = b"yima.stream-control-batch"
-    arguments = [(b"controls", amp.AmpList(StreamControl.arguments))]
-    response = [(b"results", amp.AmpList(_DONE))]
     errors = {UnknownValue: UnknownValue.code}
 
 
@@ -210,38 +187,7 @@ class StreamingNode:
         """Answer the streaming RPC commands."""
         registry.register(StreamStart, self.start)
         registry.register(StreamControl, self.control)
-        registry.register(StreamStartBatch, self.start_batch)
-        registry.register(StreamControlBatch, self.control_batch)
         registry.register(StreamNack, self.nack)
-
-    def start_batch(self, starts: list[dict[str, Any]]) -> Deferred[dict[str, Any]]:
-        """StreamStartBatch: :meth:`start` each item; one result each, in order (an
-        item that fails answers its error; the others start)."""
-        calls = [maybeDeferred(self.start, **item) for item in starts]
-
-        def results(done: list[tuple[bool, Any]]) -> dict[str, Any]:
-            out: list[dict[str, Any]] = []
-            for ok, r in done:
-                if ok:
-                    out.append({"packets": int(r.get("packets", 0))})
-                else:
-                    self.log.warn("a batched start failed: {e}", e=r.getErrorMessage())
-                    out.append({"packets": 0, "error": r.getErrorMessage() or repr(r.value)})
-            return {"results": out}
-
-        return DeferredList(calls, consumeErrors=True).addCallback(results)
-
-    def control_batch(self, controls: list[dict[str, Any]]) -> dict[str, Any]:
-        """StreamControlBatch: :meth:`control` each item; one result each, in order."""
-        out: list[dict[str, Any]] = []
-        for item in controls:
-            try:
-                self.control(**item)
-                out.append({})
-            except Exception as e:
-                self.log.failure("a batched stream control failed")
-                out.append({"error": str(e) or type(e).__name__})
-        return {"results": out}
 
     def start(
         self,

@@ -20,7 +20,6 @@ from yimaporc.rtp import (
     serialize_rtcp,
 )
 from yimaporc.rtsp._machine import ServerSession
-from yimaporc.testing.yima import unbatched
 from yimaporc.yima.feedback import mark_retransmission
 from yimaporc.yima.relay import Reorderer
 from yimaporc.yima.rtspservice import YimaStreamingService, _Plan
@@ -43,7 +42,7 @@ def service() -> tuple[YimaStreamingService, list[tuple[Any, ...]]]:
     node = SimpleNamespace(
         registry=RpcRegistry(), cluster_time=clock.seconds, add_status=lambda f: None,
         subscribe=lambda s: None, node_id="a", view=SimpleNamespace(members=members),
-        rpc=SimpleNamespace(call=unbatched(call)), config=SimpleNamespace(cluster_host="127.0.0.1"),
+        rpc=SimpleNamespace(call=call), config=SimpleNamespace(cluster_host="127.0.0.1"),
     )  # fmt: skip
     storage = SimpleNamespace(read_block=lambda name, b: succeed(b""))
     svc = YimaStreamingService(node, clock, storage, rtsp_endpoint=None)  # type: ignore[arg-type]
