@@ -136,3 +136,32 @@ def test_early_runs_leave_one_timer_not_one_chain_each() -> None:
         clock.advance(0.001)
     assert eng.sent == 50 * 12
     assert eng.ticks < 200, eng.ticks  # 12 distinct deadlines (+ the pokes), not 50 x that
+
+
+def test_a_block_read_ahead_waits_for_the_timer_and_a_waited_for_one_goes_at_once() -> None:
+    """A block that arrives ahead of its packets runs no tick of its own (the timer's
+    tick sends them, whole); one that due packets wait for is sent on arrival."""
+    clock = Clock()
+    sched = NodeScheduler(prefetch=1.5)
+    reads: dict[int, Deferred[bytes]] = {}
+
+    def read(m: str, b: int) -> Deferred[bytes]:
+        reads[b] = Deferred()
+        return reads[b]
+
+    sent: list[tuple[float, Packet]] = []
+    eng = DeliveryEngine(clock, clock.seconds, sched, read,
+                         lambda p, data: sent.append((clock.seconds(), p)))  # fmt: skip
+    sched.add("s", media(3), [0, 1, 2], start_ct=1.0)
+    eng.poke()
+    clock.advance(0.5)
+    ticks = eng.ticks
+    reads[0].callback(block_bytes(0))  # 0.5 s before its first packet: read ahead
+    assert eng.ticks == ticks and sent == []
+    clock.advance(0.5)  # the timer, at the first deadline
+    assert [p.gseq for _, p in sent] == [0]
+    clock.advance(1.0)  # block 1's packets are due from 2.0: it is still being read
+    assert [p.gseq for _, p in sent] == [0, 1, 2, 3]
+    late = clock.seconds()
+    reads[1].callback(block_bytes(1))  # waited for: its due packet goes now
+    assert sent[-1] == (late, sent[-1][1]) and sent[-1][1].gseq == 4

@@ -81,6 +81,8 @@ class DeliveryEngine:
         self.cache: OrderedDict[BlockKey, bytes] = OrderedDict()
         self._reading: set[BlockKey] = set()
         self._timer: IDelayedCall | None = None
+        #: The pending wake-up is the retry for a due block still being read.
+        self._blocked = False
         #: Wake-ups are at least this far apart (epoll has 1 ms resolution anyway):
         #: at high packet rates one tick sends every packet due, instead of one
         #: wake-up (and one pass over all sessions) per packet.
@@ -187,9 +189,11 @@ class DeliveryEngine:
         # takes every packet due within send_ahead, so wake-ups are at least that far
         # apart and each session's packets leave several at a time, never late.
         delay = max(self.min_interval, deadline - now)
+        self._blocked = False
         if deadline <= now and not set(self.scheduler.wanted_blocks(now)) <= set(self.cache):
             # A due block is still being read: its arrival calls _run again.
             delay = 0.05
+            self._blocked = True
         self._timer = self.clock.callLater(delay, self._run)
 
     def _prefetch(self, now: float) -> None:
@@ -227,9 +231,15 @@ class DeliveryEngine:
         if old is not None:
             self.cached_bytes -= len(old)
         self.cache[key] = data
-        self.cached_bytes += len(data)  # the read-ahead scan (next, in _run) evicts
+        self.cached_bytes += len(data)  # the read-ahead scan (next) evicts
         self._next_prefetch = float("-inf")  # keep the read-ahead chain going
-        self._run()
+        if self._blocked or self._timer is None or self.held:
+            # Packets wait for a block (this one, perhaps): send what is due now.
+            self._run()
+        else:
+            # Read ahead of its packets: the timer's tick sends them, as planned (a
+            # tick per arriving block would cut every session's run short).
+            self._prefetch(self.cluster_time())
 
     def _failed(self, failure: Failure, key: BlockKey) -> Any:
         self._reading.discard(key)
