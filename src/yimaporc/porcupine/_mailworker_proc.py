@@ -415,7 +415,13 @@ class MailWorker:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, config: dict[str, Any], token: bytes) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: dict[str, Any],
+        token: bytes,
+        on_exit: Callable[[], None] = lambda: None,
+    ) -> None:
         self.reactor = reactor
         self.config = config
         self.token = token
@@ -426,8 +432,9 @@ class MailWorker:
         self.front = WorkerFront(reactor, config, self.call)
         self.front.worker_id = self.worker_id
         self.ports: dict[str, Any] = {}
-        self.on_exit: Callable[[], None] = self._stop
-        self._stopping = False
+        #: Called when the worker must end (no channel, or the main went): the
+        #: process entry (:func:`main`) stops its reactor then; nothing here does.
+        self.on_exit = on_exit
 
     def call(self, node: str | None, command: type[amp.Command], /, **kw: Any) -> Deferred[Any]:
         """``command`` to the main (``node``: the mailbox manager it is meant for)."""
@@ -474,11 +481,6 @@ class MailWorker:
             self.ports[name] = port
         self.front.start_polling()
 
-    def _stop(self) -> None:
-        if not self._stopping:
-            self._stopping = True
-            self.reactor.callLater(0, self.reactor.stop)
-
     def channel_lost(self, reason: Failure) -> None:
         """The main is gone or dropped us: stop (the main starts a new worker)."""
         self.proto = None
@@ -507,7 +509,14 @@ def main() -> None:
         textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)]
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    worker = MailWorker(reactor, config, token)
+    stopping: list[bool] = []
+
+    def stop() -> None:
+        if not stopping:
+            stopping.append(True)
+            reactor.callLater(0, reactor.stop)  # type: ignore[attr-defined]
+
+    worker = MailWorker(reactor, config, token, on_exit=stop)
     reactor.callWhenRunning(worker.start)
     reactor.run()  # type: ignore[attr-defined]
 
