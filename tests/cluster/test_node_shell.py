@@ -1,4 +1,4 @@
-"""The Twisted shells (UDP membership, admin API, CLI) with a Clock and memory transports."""
+"""The Twisted shells (UDP membership, admin API, CLI): nodes on simulation-kernel hosts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import succeed
-from twisted.internet.task import Clock
+from twisted.internet.protocol import DatagramProtocol
 from twisted.web.test.requesthelper import DummyRequest
 
 from yimaporc import cli
@@ -20,61 +20,40 @@ from yimaporc.cluster.membership import Membership, View
 from yimaporc.cluster.node import ClusterNode, ConfigError, NodeConfig, parse_cluster_address
 from yimaporc.cluster.udp import MembershipProtocol
 from yimaporc.secret import admin_token
+from yimaporc.testing.simnet import SimNet
 
 KEY = b"m" * 32
 SCOPE = wire.Scope("test", "porcupine")
 
 
-class Router:
-    """Delivers datagrams between in-memory 'UDP ports' by address."""
-
-    def __init__(self) -> None:
-        self.ports: dict[tuple[str, int], MembershipProtocol] = {}
-        self.log: list[tuple[tuple[str, int], bytes]] = []
-
-    def attach(self, address: tuple[str, int], proto: MembershipProtocol) -> None:
-        router = self
-
-        class Transport:
-            def write(self, data: bytes, addr: tuple[str, int]) -> None:
-                router.log.append((addr, data))
-
-        self.ports[address] = proto
-        proto.transport = Transport()  # type: ignore[assignment]
-        self._from = address
-
-    def pump(self) -> int:
-        n = 0
-        while self.log:
-            batch, self.log = self.log, []
-            for addr, data in batch:
-                if addr in self.ports:
-                    self.ports[addr].datagramReceived(data, ("127.0.0.1", 1))
-                    n += 1
-        return n
-
-
-def make(
-    router: Router, clock: Clock, i: int, seeds: list[str]
-) -> tuple[MembershipProtocol, list[View]]:
+def make(net: SimNet, i: int, seeds: list[str]) -> tuple[MembershipProtocol, list[View]]:
+    """Node ``n{i}`` on kernel host 10.0.0.{i}: its shell bound on the host's UDP port 7946
+    (binding it starts the protocol, as on a real reactor)."""
     views: list[View] = []
     me = wire.Member(f"n{i}", f"10.0.0.{i}:7946", 1)
     core = Membership(me, seeds=seeds, rng=random.Random(i))
-    proto = MembershipProtocol(core, KEY, clock, lambda old, new: views.append(new), scope=SCOPE)
-    router.attach((f"10.0.0.{i}", 7946), proto)
+    reactor = net.kernel.boot(net.kernel.add_host(f"n{i}", f"10.0.0.{i}"))
+    proto = MembershipProtocol(core, KEY, reactor, lambda old, new: views.append(new), scope=SCOPE)
+    reactor.listenUDP(7946, proto)
     return proto, views
 
 
+class Sink(DatagramProtocol):
+    """A stranger's UDP port: keeps what it hears."""
+
+    def __init__(self) -> None:
+        self.heard: list[bytes] = []
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.heard.append(datagram)
+
+
 def test_two_shells_converge_on_a_clock() -> None:
-    """Two UDP shells on a Clock find each other through a seed and commit one view."""
-    clock, router = Clock(), Router()
-    a, va = make(router, clock, 1, [])
-    b, vb = make(router, clock, 2, ["10.0.0.1:7946"])
-    a.startProtocol()
-    b.startProtocol()
-    for _ in range(40):
-        clock.advance(0.1)
-        router.pump()
+    """Two UDP shells on kernel hosts find each other through a seed and commit one view."""
+    net = SimNet(latency=0.001)
+    a, va = make(net, 1, [])
+    _, vb = make(net, 2, ["10.0.0.1:7946"])
+    net.advance(4.0)
     assert va[-1] == vb[-1]
     assert va[-1].node_ids == ("n1", "n2")
     assert a.stats["accepted"] > 0 and a.stats.get("dropped_bad_mac", 0) == 0
@@ -82,13 +61,15 @@ def test_two_shells_converge_on_a_clock() -> None:
 
 def test_shell_counts_garbage_and_keeps_going() -> None:
     """Garbage and replayed datagrams are counted as dropped; the shell keeps working."""
-    clock, router = Clock(), Router()
-    a, _ = make(router, clock, 1, [])
-    a.startProtocol()
-    a.datagramReceived(b"\x00" * 40, ("1.2.3.4", 5))
+    net = SimNet(latency=0.001)
+    a, _ = make(net, 1, [])
+    stranger = net.kernel.boot(net.kernel.add_host("z", "10.0.0.9"))
+    port = stranger.listenUDP(7946, Sink())
+    port.write(b"\x00" * 40, ("10.0.0.1", 7946))
     good = wire.serialize(KEY, SCOPE, wire.Header("z", "10.0.0.9:7946", 1, 1, 1), wire.Ping(0, 1))
-    a.datagramReceived(good, ("1.2.3.4", 5))
-    a.datagramReceived(good, ("1.2.3.4", 5))
+    port.write(good, ("10.0.0.1", 7946))
+    port.write(good, ("10.0.0.1", 7946))
+    net.advance(0.01)
     assert a.stats["dropped_malformed"] == 1
     assert a.stats["dropped_replayed"] == 1
     assert a.stats["accepted"] == 1
@@ -121,7 +102,7 @@ def test_cluster_address_errors(value: str) -> None:
 
 def node(tmp_path: Path) -> ClusterNode:
     cfg = NodeConfig("n1", "porcupine", tmp_path, "127.0.0.1", 7946)
-    return ClusterNode(Clock(), cfg, b"s" * 32, rng=random.Random(1))
+    return ClusterNode(SimNet().reactor("n1"), cfg, b"s" * 32, rng=random.Random(1))
 
 
 def render(
