@@ -1,4 +1,4 @@
-"""ReplicationService: the core on a Clock, frames over in-memory AMP (iosim)."""
+"""ReplicationService: nodes on simulation-kernel hosts, frames over AMP on its stream links."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail, maybeDeferred
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.test.iosim import IOPump, connectedServerAndClient
 
-from yimaporc.cluster.rpc import NodeAMP, PeerUnavailable, RpcRegistry
+from yimaporc.cluster.rpc import PeerUnavailable, RpcClient, RpcRegistry, RpcServerFactory
 from yimaporc.cluster.wire import Scope
 from yimaporc.porcupine.replication import (
     Ack,
@@ -30,10 +28,12 @@ from yimaporc.porcupine.replication.amp import Replicate, pack_frames, responder
 from yimaporc.porcupine.replication.shell import ReplicationRefused, ReplicationService
 from yimaporc.porcupine.replication.sqlite_log import SqliteLog
 from yimaporc.testing.pytest_plugin import LoggedFailures
+from yimaporc.testing.simnet import T0, SimNet
 
 KEY = b"k" * 32
 SCOPE = Scope("test", "porcupine")
-T0 = 1_700_000_000.0
+#: where each node listens for RPC on its host
+PORT = 7000
 
 
 def sync_run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -42,29 +42,34 @@ def sync_run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
 
 
 class Node:
-    """One node: its durable disk (log + store) survives restarts of its service."""
+    """One node on a kernel host: its durable disk (log + store) survives restarts of its
+    process; each boot listens for RPC on the host and calls peers with its own client."""
 
     def __init__(self, mesh: Mesh, node_id: str) -> None:
         self.mesh = mesh
         self.node_id = node_id
+        self.address = f"{mesh.net.host(node_id).ip}:{PORT}"
         self.log = MemoryLog()
         self.store = MemoryObjectStore()
         self.registry = RpcRegistry()
         self.service: ReplicationService | None = None
+        self.rpc: RpcClient | None = None
         self.registry.register(Replicate, self._handle)
 
     def _handle(self, frames: bytes, sender: str) -> dict[str, Any]:
-        if self.service is None:
-            raise PeerUnavailable("down")
+        assert self.service is not None
         return responder(self.service)(frames=frames, sender=sender)  # type: ignore[no-any-return]
 
     def start(self) -> ReplicationService:
+        reactor = self.mesh.net.reactor(self.node_id)  # boots the host if it is down
+        reactor.listenTCP(PORT, RpcServerFactory(self.registry, KEY, self.node_id, scope=SCOPE))
+        rpc = self.rpc = RpcClient(reactor, KEY, self.node_id, scope=SCOPE, registry=self.registry)
         svc = ReplicationService(
-            self.mesh.clock,
+            reactor,
             self.node_id,
             self.log,
             self.store,
-            lambda to, frames: self.mesh.send(self.node_id, to, frames),
+            lambda to, frames: self.mesh.send(self.node_id, rpc, to, frames),
             run=self.mesh.run,
             config=self.mesh.config,
             rng=random.Random(self.node_id),
@@ -74,16 +79,20 @@ class Node:
         return svc
 
     def crash(self) -> None:
+        """The process vanishes: its host crashes (timers, ports, connections gone), and
+        its peers' ends of its connections are reset (at once: zero latency)."""
         assert self.service is not None
-        self.service.running = False  # no clean stop: the process just vanishes
-        if self.service._timer is not None and self.service._timer.active():
-            self.service._timer.cancel()
+        self.service.running = False  # nor does a write the test releases later run on
         self.service = None
+        self.mesh.net.kernel.crash(self.mesh.net.host(self.node_id))
         self.mesh.disconnect(self.node_id)
+        self.mesh.net.flush()
 
 
 class Mesh:
-    """N nodes, one authenticated AMP connection per ordered pair, pumped by hand."""
+    """N nodes on hosts of one kernel, Replicate calls over its stream links (the shipped
+    RpcClient and NodeAMP, authenticated); calls on a held pair wait for the next flush
+    after it is released."""
 
     def __init__(
         self,
@@ -91,53 +100,45 @@ class Mesh:
         config: ReplicationConfig | None = None,
         run: Callable[..., Deferred[Any]] = sync_run,
     ) -> None:
-        self.clock = Clock()
-        self.clock.advance(T0)
+        self.net = SimNet(start=T0)
         self.config = config or ReplicationConfig()
         self.run = run
         self.nodes = {i: Node(self, i) for i in ids}
-        self.links: dict[tuple[str, str], tuple[NodeAMP, IOPump]] = {}
+        #: the ordered pairs whose first node called the second
+        self.links: dict[tuple[str, str], RpcClient] = {}
         self.held: set[tuple[str, str]] = set()
+        self._waiting: list[tuple[str, str, RpcClient, bytes, Deferred[Any]]] = []
         #: (a, b) -> how many of a's next calls to b fail in transit
         self.fail_calls: dict[tuple[str, str], int] = {}
-
-    def link(self, a: str, b: str) -> tuple[NodeAMP, IOPump]:
-        got = self.links.get((a, b))
-        if got is None:
-            na, nb = self.nodes[a], self.nodes[b]
-            client, _server, pump = connectedServerAndClient(
-                lambda: NodeAMP(nb.registry, KEY, b, scope=SCOPE),
-                lambda: NodeAMP(na.registry, KEY, a, scope=SCOPE),
-            )
-            done: list[object] = []
-            client.authenticate().addCallback(done.append)
-            pump.flush()
-            assert done == [client]
-            got = self.links[(a, b)] = (client, pump)
-        return got
 
     def disconnect(self, node: str) -> None:
         for pair in [p for p in self.links if node in p]:
             del self.links[pair]
+        self._waiting = [w for w in self._waiting if w[0] != node]  # a dead process's
 
-    def send(self, a: str, b: str, frames: list[bytes]) -> Deferred[Any]:
-        if self.nodes[b].service is None:
-            return fail(PeerUnavailable(f"{b} is down"))
+    def send(self, a: str, rpc: RpcClient, b: str, frames: list[bytes]) -> Deferred[Any]:
         if self.fail_calls.get((a, b), 0) > 0:
             self.fail_calls[(a, b)] -= 1
             return fail(PeerUnavailable(f"{a} -> {b} lost"))
-        client, _ = self.link(a, b)
-        d: Deferred[Any] = client.callRemote(Replicate, frames=pack_frames(frames))
+        self.links[(a, b)] = rpc
+        d: Deferred[Any] = Deferred()
+        self._waiting.append((a, b, rpc, pack_frames(frames), d))
+        self._release()
         return d
 
+    def _release(self) -> bool:
+        """Make the calls of pairs not held, in order; True if there were any."""
+        go = [w for w in self._waiting if (w[0], w[1]) not in self.held]
+        self._waiting = [w for w in self._waiting if (w[0], w[1]) in self.held]
+        for _, b, rpc, blob, d in go:
+            rpc.call(self.nodes[b].address, Replicate, frames=blob).chainDeferred(d)
+        return bool(go)
+
     def flush(self) -> None:
-        """Deliver everything in flight (except held links) until quiet."""
+        """Deliver everything in flight (except held pairs' calls) until quiet."""
         for _ in range(100):
-            moved = False
-            for pair, (_, pump) in list(self.links.items()):
-                if pair not in self.held:
-                    moved = pump.pump() or moved
-            if not moved:
+            self.net.flush()
+            if not self._release():
                 return
         raise AssertionError("mesh does not settle")
 
@@ -160,7 +161,7 @@ class Mesh:
     def advance(self, seconds: float, step: float = 0.25) -> None:
         t = 0.0
         while t < seconds:
-            self.clock.advance(step)
+            self.net.advance(step)
             self.flush()
             t += step
 
@@ -448,12 +449,12 @@ def test_malformed_frame_is_a_protocol_error() -> None:
     """Garbage in a Replicate call is answered with REPLICATION_MALFORMED."""
     mesh = Mesh("ab")
     mesh.start_all()
-    client, _ = mesh.link("a", "b")
+    rpc = mesh.nodes["a"].rpc
+    assert rpc is not None
     errors: list[Failure] = []
     good = Ack("m", Timestamp(1, "a")).to_bytes()
-    client.callRemote(Replicate, frames=pack_frames([good, b"YPR1\x09junk"])).addErrback(
-        errors.append
-    )
+    blob = pack_frames([good, b"YPR1\x09junk"])
+    rpc.call(mesh.nodes["b"].address, Replicate, frames=blob).addErrback(errors.append)
     mesh.flush()
     assert errors and errors[0].check(MalformedMessage)  # mapped from REPLICATION_MALFORMED
 
