@@ -199,3 +199,14 @@ def test_cli_reports_each_seed_and_refuses_bad_flags(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exit_info:
         main(["--seeds", "0"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("seed", sweep(range(500, 540), default=2))
+def test_clock_steps_and_rolling_restarts_keep_every_acknowledged_message(seed: int) -> None:
+    """The real chaos run's other faults on the kernel: a node restarted with its clock
+    stepped (+20, -15 or +45 s for that boot) and every node stopped gracefully and
+    started again in turn, among the others: the same invariants."""
+    kinds = ("partition", "bridge", "pause", "crash", "clockstep", "rolling")
+    out = run_seed(seed, Scenario(fault_kinds=kinds))
+    assert out.problems == [], (out.faults, out.problems)
+    assert out.faults and out.reads > 0

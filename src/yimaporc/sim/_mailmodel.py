@@ -68,6 +68,8 @@ class MailHost:
     seeds: tuple[str, ...]
     node: PorcupineNode | None = None
     boots: int = 0
+    #: The host's own clock skew (a "clockstep" restart adds to it for one boot).
+    skew: float = 0.0
 
     @property
     def ip(self) -> str:

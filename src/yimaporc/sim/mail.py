@@ -39,6 +39,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import maybeDeferred
+
 from ..cluster.membership import TrmConfig
 from ..cluster.node import NodeConfig
 from ..porcupine.node import PorcupineConfig, PorcupineNode
@@ -74,7 +76,11 @@ from .kernel import Faults, SimKernel
 from .reactor import SimReactor
 from .uidcheck import UidChecker
 
+#: The steps of the "clockstep" fault (the real chaos run's faketime restarts).
+CLOCK_STEPS = (20.0, -15.0, 45.0)
+
 __all__ = [
+    "CLOCK_STEPS",
     "IMAP_PORT",
     "Livelock",
     "MailHost",
@@ -102,7 +108,7 @@ class MailKernelSim:
             node_id = f"p{i}"
             host = self.kernel.add_host(node_id, ip, skew=skew)
             seeds = tuple(f"{other}:{CLUSTER_PORT}" for other in ips if other != ip)[:2]
-            self.hosts[node_id] = MailHost(node_id, host, seeds)
+            self.hosts[node_id] = MailHost(node_id, host, seeds, skew=skew)
         self.client_host = self.kernel.add_host("client", CLIENT_IP)
         self.client: SimReactor = self.kernel.boot(self.client_host)
         self.users = [f"u{i}@{DOMAIN}" for i in range(sc.users)]
@@ -339,23 +345,53 @@ class MailKernelSim:
             node = rng.choice(nodes)
             self.kernel.pause(self.hosts[node].host, duration)
             self._note(f"pause {node} {duration:.1f}s")
+        elif kind == "rolling":
+            # Every node in turn: a graceful stop (SIGTERM), back 1.5 s later.
+            for i, node in enumerate(self.up()):
+                self.kernel.at(self.now + 5.0 * i, functools.partial(self._roll, node))
+            self._note("rolling restart of every node, 5 s apart")
         else:
             alive = self.up()
             if not alive:
                 return
             node = rng.choice(alive)
+            step = rng.choice(CLOCK_STEPS) if kind == "clockstep" else 0.0
             self.crash(node)
-            self._note(f"crash {node}, restart after {duration:.1f}s")
-            self.kernel.at(self.now + duration, lambda: self._restart(node))
+            self._note(f"crash {node}, restart after {duration:.1f}s"
+                       + (f" with its clock {step:+.0f}s" if step else ""))  # fmt: skip
+            self.kernel.at(self.now + duration, lambda: self._restart(node, step))
 
     def _heal_one(self) -> None:
         self.heal()
         self._note("heal")
 
-    def _restart(self, node_id: str) -> None:
-        if self.hosts[node_id].node is None:
+    def _restart(self, node_id: str, step: float = 0.0) -> None:
+        m = self.hosts[node_id]
+        if m.node is None:
+            # A clock step lasts for that boot (faketime on one run of the process).
+            m.host.skew = m.skew + step
             self.start(node_id)
             self._note(f"restart {node_id}")
+
+    def _roll(self, node_id: str) -> None:
+        """SIGTERM: the node's services stop (up to 5 s), then the process exits."""
+        m = self.hosts[node_id]
+        node = m.node
+        if node is None:
+            return
+        boots = m.boots
+        exited: list[bool] = []
+
+        def exit_(_: object = None) -> None:
+            if not exited and m.node is node and m.boots == boots:
+                exited.append(True)
+                self.crash(node_id)
+                self._note(f"{node_id} stopped, restart after 1.5s")
+                self.kernel.at(self.now + 1.5, lambda: self._restart(node_id))
+
+        d = maybeDeferred(node.service.stopService)
+        d.addBoth(exit_)
+        self.kernel.at(self.now + 5.0, exit_)  # a stop that hangs is killed
 
     def _note(self, what: str) -> None:
         self.fault_log.append(f"{self.now:.2f} {what}")
