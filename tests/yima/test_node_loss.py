@@ -282,19 +282,30 @@ def test_relayed_client_nack_goes_to_the_owner_only() -> None:
     assert rpcs == [("10.0.0.2:7946", [6, 7])]
 
 
-def test_fanout_handover_request_serves_the_share_under_a_new_index() -> None:
-    """YIMA HANDOVER from a fan-out player for a packet of b's: served here from that
-    packet's media time on, as node 3; asked twice, taken over once."""
-    svc, reactor, _out, _calls = three_nodes()
+def play_fanout(svc: YimaStreamingService) -> Any:
+    """SETUP (x-yima-fanout) and PLAY of session S1 from 0; its plan."""
     session = ServerSession("S1", 60.0, 0.0, peer="127.0.0.1")
     spec = TransportSpec(client_port=(5000, 5001), yima_fanout=True)
     session.streams[URL] = spec
     svc.setup(URL, spec, session)
     svc.play(session, NptRange(0.0, None))
-    plan = svc.plans["S1"]
-    run(reactor, 2.0)
-    fb = YimaFeedback(YimaKind.HANDOVER, 1, plan.ssrc, 7, 0, 0xFFFFFFFF, 15)  # block 3: b's
+    return svc.plans["S1"]
+
+
+def handover_for_b(svc: YimaStreamingService, plan: Any) -> YimaFeedback:
+    """The player's YIMA HANDOVER for a packet of block 3 (b's), sent once; it."""
+    fb = YimaFeedback(YimaKind.HANDOVER, 1, plan.ssrc, 7, 0, 0xFFFFFFFF, 15)
     svc.feedback.datagram(serialize_rtcp(fb), None)
+    return fb
+
+
+def test_fanout_handover_request_serves_the_share_under_a_new_index() -> None:
+    """YIMA HANDOVER from a fan-out player for a packet of b's: served here from that
+    packet's media time on, as node 3; asked twice, taken over once."""
+    svc, reactor, _out, _calls = three_nodes()
+    plan = play_fanout(svc)
+    run(reactor, 2.0)
+    fb = handover_for_b(svc, plan)
     svc.feedback.datagram(serialize_rtcp(attrs.evolve(fb, feedback_seq=8)), None)
     assert plan.takeovers == {"b": "S1+b"} and svc.early_handovers == 1
     taken = svc.streaming.scheduler.sessions["S1+b"]
@@ -307,16 +318,10 @@ def test_fanout_handover_for_a_node_outside_the_view_at_play_serves_its_share() 
     blocks): the player's HANDOVER for b's packet is served here, not ignored."""
     svc, reactor, _out, _calls = three_nodes()
     svc.node.view = SimpleNamespace(members=[m for m in svc.node.view.members if m.node_id != "b"])
-    session = ServerSession("S1", 60.0, 0.0, peer="127.0.0.1")
-    spec = TransportSpec(client_port=(5000, 5001), yima_fanout=True)
-    session.streams[URL] = spec
-    svc.setup(URL, spec, session)
-    svc.play(session, NptRange(0.0, None))
-    plan = svc.plans["S1"]
+    plan = play_fanout(svc)
     assert plan.members == ("a", "c")
     run(reactor, 2.0)
-    fb = YimaFeedback(YimaKind.HANDOVER, 1, plan.ssrc, 7, 0, 0xFFFFFFFF, 15)  # block 3: b's
-    svc.feedback.datagram(serialize_rtcp(fb), None)
+    handover_for_b(svc, plan)
     assert plan.takeovers == {"b": "S1+b"} and svc.early_handovers == 1
     assert "b" not in svc.suspects
     assert svc.streaming.destinations["S1+b"].node_index == 2

@@ -329,26 +329,19 @@ class Membership(FailureDetection):
     def status(self, now: float) -> dict[str, object]:
         """The core's state for ``/api/status`` (docs/operations.md): the open round,
         if any, with its deadline relative to ``now``, and the round counters."""
-        rnd, waiting = self._round, self._waiting
+        rnd = self._round
+        open_ = rnd or self._waiting
         current: dict[str, object] | None = None
-        if rnd is not None:
+        if open_ is not None:
             current = {
-                "role": "coordinator",
-                "proposal": rnd.key[0],
-                "coordinator": rnd.key[1],
-                "deadline_in": round(rnd.deadline - now, 3),
-                "asked": len(rnd.candidates),
-                "answered": len(rnd.replies),
-                "extended": rnd.extended,
+                "role": "coordinator" if rnd is not None else "waiting",
+                "proposal": open_.key[0],
+                "coordinator": open_.key[1],
+                "deadline_in": round(open_.deadline - now, 3),
+                "extended": open_.extended,
             }
-        elif waiting is not None:
-            current = {
-                "role": "waiting",
-                "proposal": waiting.key[0],
-                "coordinator": waiting.key[1],
-                "deadline_in": round(waiting.deadline - now, 3),
-                "extended": waiting.extended,
-            }
+            if rnd is not None:
+                current.update(asked=len(rnd.candidates), answered=len(rnd.replies))
         return {
             "round": current,
             "rounds_started": self.rounds_started,

@@ -379,12 +379,9 @@ class MailKernelSim:
         node = m.node
         if node is None:
             return
-        boots = m.boots
-        exited: list[bool] = []
 
         def exit_(_: object = None) -> None:
-            if not exited and m.node is node and m.boots == boots:
-                exited.append(True)
+            if m.node is node:  # not yet gone (the stop's end and the 5 s kill both call)
                 self.crash(node_id)
                 self._note(f"{node_id} stopped, restart after 1.5s")
                 self.kernel.at(self.now + 1.5, lambda: self._restart(node_id))
